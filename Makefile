@@ -1,0 +1,45 @@
+# Entry points everyone relies on: setup (idempotent), demo, test, bench.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+APT_PKGS := iproute2 iptables conntrack
+
+.PHONY: setup demo test bench apt clean
+
+setup: $(VENV)/.installed node_modules/.installed apt
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+node_modules/.installed: package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+# The NAT lab tests need ip/iptables/conntrack; install them when root and missing, else say so.
+apt:
+	@missing=""; \
+	command -v ip >/dev/null || missing="$$missing iproute2"; \
+	command -v iptables >/dev/null || missing="$$missing iptables"; \
+	command -v conntrack >/dev/null || missing="$$missing conntrack"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing:$$missing"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "not root: lab tests will skip (missing:$$missing)"; fi; \
+	fi
+
+demo: setup
+	$(PY) -m scripts.demo
+
+# pytest exit code 5 means "no tests collected": not a failure for CI.
+test: setup
+	$(PY) -m pytest -q -ra; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; fi; exit $$rc
+
+bench: setup
+	@for f in bench/*.py; do echo "== $$f"; $(PY) $$f || exit $$?; done
+
+clean:
+	rm -rf $(VENV) node_modules .pytest_cache

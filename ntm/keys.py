@@ -1,0 +1,148 @@
+"""secp256k1 identities: node IDs, low-s recoverable signatures, ECDH, keystore files.
+
+A node ID is the Ethereum address of the node key (keccak256(pubkey)[12:]), so the chain's
+`ecrecover` and Python agree on who signed what, and an ID certifies its own public key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import coincurve
+from eth_account import Account
+from eth_utils import keccak, to_checksum_address
+
+from ntm.errors import KeystoreError, SignatureError
+
+# Order of the secp256k1 group; a signature with s > N/2 is the malleable twin of a valid one.
+SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
+HALF_N = SECP256K1_N // 2
+
+NODE_ID_LEN = 20
+SIGNATURE_LEN = 65  # r (32) || s (32) || v (1, 27 or 28), as Ethereum writes it
+PUBKEY_LEN = 65  # uncompressed SEC1: 0x04 || x || y
+
+
+def generate() -> coincurve.PrivateKey:
+    """A fresh random private key."""
+    return coincurve.PrivateKey()
+
+
+def private_key(secret: bytes) -> coincurve.PrivateKey:
+    """Private key from its 32 secret bytes."""
+    return coincurve.PrivateKey(secret)
+
+
+def public_bytes(key: coincurve.PrivateKey) -> bytes:
+    """Uncompressed 65-byte public key of a private key."""
+    return key.public_key.format(compressed=False)
+
+
+def parse_public(data: bytes) -> coincurve.PublicKey:
+    """Public key from SEC1 bytes; raises SignatureError for bytes that are not a curve point."""
+    try:
+        return coincurve.PublicKey(bytes(data))
+    except (ValueError, TypeError) as exc:
+        raise SignatureError(f"not a secp256k1 public key: {exc}") from None
+
+
+def node_id(public: bytes | coincurve.PublicKey) -> bytes:
+    """Node ID (20 bytes) of a public key: keccak256 of the 64-byte uncompressed point, last 20 bytes."""
+    point = public if isinstance(public, coincurve.PublicKey) else parse_public(public)
+    return keccak(point.format(compressed=False)[1:])[12:]
+
+
+def node_id_of(key: coincurve.PrivateKey) -> bytes:
+    """Node ID of a private key."""
+    return node_id(key.public_key)
+
+
+def checksum(nid: bytes) -> str:
+    """Human form of a node ID or DC address (EIP-55 mixed-case hex)."""
+    return to_checksum_address(nid)
+
+
+def parse_node_id(text: str) -> bytes:
+    """Node ID from its 0x hex form (any case); raises ValueError with a readable message."""
+    raw = text[2:] if text[:2] in ("0x", "0X") else text
+    try:
+        nid = bytes.fromhex(raw)
+    except ValueError:
+        raise ValueError(f"node ID {text!r} is not hex") from None
+    if len(nid) != NODE_ID_LEN:
+        raise ValueError(f"node ID {text!r} is {len(nid)} bytes, expected {NODE_ID_LEN}")
+    return nid
+
+
+def sign_digest(key: coincurve.PrivateKey, digest: bytes) -> bytes:
+    """65-byte r||s||v signature of a 32-byte digest; libsecp256k1 always yields low s."""
+    sig = key.sign_recoverable(digest, hasher=None)
+    return sig[:64] + bytes([sig[64] + 27])
+
+
+def recover(digest: bytes, signature: bytes) -> coincurve.PublicKey:
+    """Public key that made `signature` over `digest`.
+
+    Refuses what the contract refuses: wrong length, v not 27/28, r or s zero or out of
+    range, and high s (the malleable twin), so Python never accepts a signature the chain rejects.
+    """
+    if len(signature) != SIGNATURE_LEN:
+        raise SignatureError(f"signature is {len(signature)} bytes, expected {SIGNATURE_LEN}")
+    r = int.from_bytes(signature[:32], "big")
+    s = int.from_bytes(signature[32:64], "big")
+    v = signature[64]
+    if v not in (27, 28):
+        raise SignatureError(f"signature v is {v}, expected 27 or 28")
+    if not 0 < r < SECP256K1_N or not 0 < s < SECP256K1_N:
+        raise SignatureError("signature r or s out of range")
+    if s > HALF_N:
+        raise SignatureError("signature has high s (malleable form refused)")
+    try:
+        return coincurve.PublicKey.from_signature_and_message(
+            signature[:64] + bytes([v - 27]), digest, hasher=None
+        )
+    except ValueError as exc:
+        raise SignatureError(f"signature does not recover: {exc}") from None
+
+
+def recover_node_id(digest: bytes, signature: bytes) -> bytes:
+    """Node ID of the key that signed `digest`."""
+    return node_id(recover(digest, signature))
+
+
+def ecdh(key: coincurve.PrivateKey, peer_public: bytes) -> bytes:
+    """32-byte ECDH secret: SHA-256 of the compressed shared point (libsecp256k1's default)."""
+    return key.ecdh(parse_public(peer_public).format(compressed=True))
+
+
+def save_keystore(key: coincurve.PrivateKey, path: Path, passphrase: str = "") -> None:
+    """Write the key as Web3 Secret Storage JSON (eth-account keystore), mode 0600, atomically."""
+    blob = Account.encrypt(key.secret, passphrase)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(blob, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def load_keystore(path: Path, passphrase: str = "") -> coincurve.PrivateKey:
+    """Read a keystore; KeystoreError for a missing/corrupt file or a wrong passphrase."""
+    try:
+        blob = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise KeystoreError(f"no key file at {path} (create one with `ntm keygen`)") from None
+    except (OSError, ValueError) as exc:
+        raise KeystoreError(f"key file {path} is unreadable: {exc}") from None
+    try:
+        secret = Account.decrypt(blob, passphrase)
+    except ValueError as exc:
+        if "MAC mismatch" in str(exc):
+            raise KeystoreError(f"wrong passphrase for {path}") from None
+        raise KeystoreError(f"key file {path} is invalid: {exc}") from None
+    return coincurve.PrivateKey(bytes(secret))
