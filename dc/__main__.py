@@ -1,0 +1,108 @@
+"""`ntm-dc` / `python -m dc`: wire the DC's parts together and run until SIGINT/SIGTERM.
+
+On start it prints one JSON line on stdout ({"event": "ready", ...}) with the bound ports, for
+scripts and tests; everything else is logged to stderr, one line per event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from aiohttp import web
+
+from dc import config as dc_config
+from dc.cache import RegistryCache
+from dc.coordinator import Coordinator
+from dc.presence import KeepaliveProtocol
+from dc.server import make_app, udp_socket
+from dc.store import Store
+from ntm import keys
+from ntm.errors import NtmError
+from ntm.registry import Registry
+
+
+def load_deployment(path: Path) -> dict:
+    try:
+        dep = json.loads(path.read_text())
+        return {"chain_id": int(dep["chain_id"]), "registry": dep["registry"], "block": int(dep.get("block", 0))}
+    except FileNotFoundError:
+        raise NtmError(f"deployment file {path} not found (run scripts/deploy.py)") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise NtmError(f"deployment file {path} is invalid: {exc}") from None
+
+
+async def serve(cfg: dc_config.DcConfig, stop: asyncio.Event) -> None:
+    key = keys.load_keystore(cfg.key_file, os.environ.get(dc_config.PASSPHRASE_ENV, ""))
+    dep = load_deployment(cfg.deployment)
+    registry = await Registry.connect(cfg.rpc_url, dep["registry"], key.secret)
+    if registry.chain_id != dep["chain_id"]:
+        raise NtmError(f"chain at {cfg.rpc_url} has id {registry.chain_id}, deployment says {dep['chain_id']}")
+    store = Store(cfg.db, keys.node_id_of(key))
+    cache = RegistryCache(registry, dep["block"])
+    await cache.load()
+    sock = udp_socket(cfg.udp_host, cfg.udp_port)
+    coord = Coordinator(key, registry, store, cache, cfg.hostname, cfg.relays, sock.getsockname()[1])
+    if not cache.is_active_dc(coord.address):
+        logging.warning("DC %s is not active in the registry: registrations will be refused until it is admitted",
+                        keys.checksum(coord.address))
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.create_datagram_endpoint(lambda: KeepaliveProtocol(coord.presence), sock=sock)
+    tasks = [asyncio.create_task(cache.run(), name="cache"), asyncio.create_task(coord.submitter.run(), name="submitter")]
+    runner = web.AppRunner(make_app(coord), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, cfg.http_host, cfg.http_port)
+    await site.start()
+    http_port = site._server.sockets[0].getsockname()[1]
+    pending = store.count_outbox("pending")
+    if pending:
+        logging.info("resubmitting %d pending outbox records", pending)
+        coord.submitter.wake()
+    ready = {"event": "ready", "dc": keys.checksum(coord.address), "hostname": cfg.hostname,
+             "http": f"http://{cfg.http_host}:{http_port}", "udp_port": coord.keepalive_port,
+             "chain_id": registry.chain_id, "registry": keys.checksum(registry.address), "pid": os.getpid()}
+    print(json.dumps(ready), flush=True)
+    logging.info("DC %s serving on %s (keepalive udp %d)", ready["dc"], ready["http"], coord.keepalive_port)
+    try:
+        await stop.wait()
+    finally:
+        logging.info("shutting down")
+        for t in tasks:
+            t.cancel()
+        await runner.cleanup()
+        transport.close()
+        await coord.federation.close()
+        store.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = dc_config.parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        cfg = dc_config.load(args)
+    except ValueError as exc:
+        print(f"ntm-dc: {exc}", file=sys.stderr)
+        return 2
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+        await serve(cfg, stop)
+
+    try:
+        asyncio.run(run())
+    except (NtmError, OSError) as exc:
+        print(f"ntm-dc: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

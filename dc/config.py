@@ -1,0 +1,73 @@
+"""DC configuration: a TOML file, overridden by command-line flags. Every field has a default
+except the key, the chain URL and the deployment file."""
+
+from __future__ import annotations
+
+import argparse
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+DEFAULT_HTTP_PORT = 8330  # NTM's tunnel port is 4330; 8330 keeps the family resemblance for HTTP
+DEFAULT_UDP_PORT = 4331  # keepalives: next to the tunnel port 4330
+PASSPHRASE_ENV = "NTM_DC_PASSPHRASE"
+
+
+@dataclass
+class DcConfig:
+    key_file: Path
+    rpc_url: str
+    deployment: Path
+    hostname: str = "localhost"
+    http_host: str = "127.0.0.1"
+    http_port: int = DEFAULT_HTTP_PORT
+    udp_host: str = "0.0.0.0"
+    udp_port: int = DEFAULT_UDP_PORT
+    db: Path = Path("dc.sqlite")
+    relays: list[str] = field(default_factory=list)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ntm-dc",
+        description="Run a Direction Coordinator: registers nodes on the shared chain registry, "
+        "answers peer DCs, keeps node sessions.",
+    )
+    p.add_argument("--config", type=Path, help="TOML file with any of the options below (flags win)")
+    p.add_argument("--key-file", type=Path, help=f"DC chain key (keystore JSON; passphrase from ${PASSPHRASE_ENV})")
+    p.add_argument("--rpc-url", help="Ethereum JSON-RPC URL of the chain")
+    p.add_argument("--deployment", type=Path, help="deployment JSON written by scripts/deploy.py")
+    p.add_argument("--hostname", help="name this DC is known by (as admitted on chain)")
+    p.add_argument("--http-host", help="HTTP listen address (default 127.0.0.1)")
+    p.add_argument("--http-port", type=int, help=f"HTTP port (default {DEFAULT_HTTP_PORT}; 0 = any)")
+    p.add_argument("--udp-host", help="keepalive UDP listen address (default 0.0.0.0; '::' for dual-stack)")
+    p.add_argument("--udp-port", type=int, help=f"keepalive UDP port (default {DEFAULT_UDP_PORT}; 0 = any)")
+    p.add_argument("--db", type=Path, help="SQLite file (default dc.sqlite)")
+    p.add_argument("--relay", dest="relays", action="append", help="relay server ip:port (repeatable)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def load(args: argparse.Namespace) -> DcConfig:
+    """Merge file and flags; ValueError naming what is missing or unknown."""
+    values: dict = {}
+    if args.config:
+        try:
+            values = tomllib.loads(args.config.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ValueError(f"config file {args.config}: {exc}") from None
+    known = {f.name for f in fields(DcConfig)}
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"unknown config keys: {', '.join(sorted(unknown))}")
+    for name in known:
+        flag = getattr(args, name, None)
+        if flag is not None:
+            values[name] = flag
+    missing = [n for n in ("key_file", "rpc_url", "deployment") if n not in values]
+    if missing:
+        raise ValueError("missing: " + ", ".join("--" + m.replace("_", "-") for m in missing))
+    for name in ("key_file", "deployment", "db"):
+        if name in values:
+            values[name] = Path(values[name])
+    return DcConfig(**values)

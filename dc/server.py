@@ -1,0 +1,185 @@
+"""HTTP, WebSocket and UDP adapters of the DC: JSON in, Coordinator calls, JSON out.
+
+Every refusal is a JSON body {"error": code, "message": text} with a fitting status, and changes
+nothing: the handlers parse and validate before they touch the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+
+from aiohttp import WSMsgType, web
+
+from dc.coordinator import Coordinator, NodeLookupError
+from dc.federation import FederationError
+from ntm import keys, session_auth
+from ntm.errors import NtmError, ParseError, SignatureError
+from ntm.registration import RegistrationError, parse_request
+
+log = logging.getLogger("ntm.dc.http")
+
+# Largest request body: a Registration Request is ~600 bytes; 16 KiB leaves room for growth
+# while a flood of huge bodies cannot exhaust memory.
+MAX_BODY = 16 * 1024
+# A node must answer the session challenge quickly; slow clients hold a socket for nothing.
+AUTH_TIMEOUT_S = 10.0
+
+COORDINATOR = web.AppKey("coordinator", Coordinator)
+
+
+def error(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": code, "message": message}, status=status)
+
+
+async def read_json(request: web.Request):
+    try:
+        return json.loads(await request.read())
+    except web.HTTPRequestEntityTooLarge:
+        raise
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ParseError(f"body is not JSON: {exc}") from None
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler):
+    """Map the project's exceptions to JSON errors in one place."""
+    try:
+        return await handler(request)
+    except web.HTTPRequestEntityTooLarge:
+        return error(413, "too_large", f"request body exceeds {MAX_BODY} bytes")
+    except ParseError as exc:
+        return error(400, "malformed", str(exc))
+    except RegistrationError as exc:
+        status = {"revoked": 403, "stale": 409, "dc_inactive": 503}.get(exc.code, 400)
+        return error(status, exc.code, str(exc))
+    except SignatureError as exc:
+        return error(403, "forbidden", str(exc))
+    except NodeLookupError as exc:
+        return error(404 if exc.code == "unknown_node" else 502, exc.code, str(exc))
+    except FederationError as exc:
+        return error(502, "federation", str(exc))
+
+
+async def handle_info(request: web.Request) -> web.Response:
+    return web.json_response(request.app[COORDINATOR].info())
+
+
+async def handle_register(request: web.Request) -> web.Response:
+    body = await read_json(request)
+    req = parse_request(body)
+    wait = isinstance(body, dict) and body.get("wait") == "confirmed"
+    return web.json_response(await request.app[COORDINATOR].register(req, wait))
+
+
+async def handle_whois(request: web.Request) -> web.Response:
+    try:
+        node = keys.parse_node_id(request.match_info["node"])
+    except ValueError as exc:
+        raise ParseError(str(exc)) from None
+    info = await request.app[COORDINATOR].whois(node)
+    info.pop("local_addrs", None)  # addresses go only to DCs and, later, in route directions
+    info.pop("observed", None)
+    return web.json_response(info)
+
+
+async def handle_ntm_info(request: web.Request) -> web.Response:
+    return web.json_response(request.app[COORDINATOR].answer_ntm_info(await read_json(request)))
+
+
+async def handle_health(request: web.Request) -> web.Response:
+    c = request.app[COORDINATOR]
+    ok = c.cache.is_active_dc(c.address)
+    return web.json_response({"ok": ok, "block": c.cache.block}, status=200 if ok else 503)
+
+
+async def handle_metrics(request: web.Request) -> web.Response:
+    c = request.app[COORDINATOR]
+    gauges = {
+        "ntm_dc_nodes_stored": c.store.node_count(),
+        "ntm_dc_outbox_pending": c.store.count_outbox("pending"),
+        "ntm_dc_outbox_confirmed": c.store.count_outbox("confirmed"),
+        "ntm_dc_outbox_rejected": c.store.count_outbox("rejected"),
+        "ntm_dc_sessions": len(c.presence.sessions),
+        "ntm_dc_registry_block": c.cache.block,
+        "ntm_dc_registry_nodes": len(c.cache.nodes),
+        "ntm_dc_chain_tx_sent_total": c.submitter.sent_tx,
+        "ntm_dc_chain_failures_total": c.submitter.failures,
+        "ntm_dc_keepalives_dropped_total": c.presence.dropped_keepalives,
+        **{f"ntm_dc_{k}_total": v for k, v in c.counters.items()},
+    }
+    text = "".join(f"# TYPE {k} {'counter' if k.endswith('_total') else 'gauge'}\n{k} {v}\n" for k, v in gauges.items())
+    return web.Response(text=text, content_type="text/plain")
+
+
+async def handle_session(request: web.Request) -> web.WebSocketResponse:
+    """Node session: challenge → signed answer → welcome with keepalive token → pushes."""
+    c = request.app[COORDINATOR]
+    ws = web.WebSocketResponse(heartbeat=30.0, max_msg_size=MAX_BODY)
+    await ws.prepare(request)
+    challenge = os.urandom(session_auth.CHALLENGE_LEN)
+    await ws.send_json({"type": "challenge", "dc": keys.checksum(c.address), "challenge": challenge.hex()})
+    try:
+        msg = await asyncio.wait_for(ws.receive(), AUTH_TIMEOUT_S)
+        auth = json.loads(msg.data) if msg.type == WSMsgType.TEXT else None
+        node = keys.parse_node_id(auth["node"])
+        session_auth.verify(node, c.address, challenge, bytes.fromhex(auth["signature"]))
+    except (asyncio.TimeoutError, ValueError, TypeError, KeyError, NtmError) as exc:
+        await ws.send_json({"type": "error", "error": "auth_failed", "message": f"session refused: {exc}"})
+        await ws.close()
+        return ws
+    _, revoked = c.latest(node)
+    stored = c.store.node(node)
+    if revoked or stored is None:
+        reason = "node is revoked" if revoked else "node is not registered at this DC"
+        await ws.send_json({"type": "error", "error": "not_home", "message": reason})
+        await ws.close()
+        return ws
+    session = c.presence.open(node, ws.send_json)
+    log.info("session open: %s", keys.checksum(node))
+    await ws.send_json({"type": "welcome", "token": session.token.hex(), "keepalive_port": c.keepalive_port})
+    try:
+        async for msg in ws:
+            if msg.type != WSMsgType.TEXT:
+                continue
+            try:
+                req = json.loads(msg.data)
+                kind = req["type"]
+            except (ValueError, TypeError, KeyError):
+                await ws.send_json({"type": "error", "error": "malformed", "message": "expected JSON with a type"})
+                continue
+            if kind == "status":
+                await ws.send_json({"type": "status", "observed": session.observed, **session.counters})
+            else:
+                await ws.send_json({"type": "error", "error": "unknown_type", "message": f"unknown type {kind!r}"})
+    finally:
+        c.presence.close(session)
+        log.info("session closed: %s", keys.checksum(node))
+    return ws
+
+
+def make_app(coordinator: Coordinator) -> web.Application:
+    app = web.Application(client_max_size=MAX_BODY, middlewares=[errors_middleware])
+    app[COORDINATOR] = coordinator
+    app.router.add_get("/v1/info", handle_info)
+    app.router.add_post("/v1/register", handle_register)
+    app.router.add_get("/v1/nodes/{node}", handle_whois)
+    app.router.add_post("/v1/federation/ntm-info", handle_ntm_info)
+    app.router.add_get("/v1/session", handle_session)
+    app.router.add_get("/healthz", handle_health)
+    app.router.add_get("/metrics", handle_metrics)
+    return app
+
+
+def udp_socket(host: str, port: int) -> socket.socket:
+    """Keepalive socket: dual-stack on '::' so IPv4 and IPv6 nodes reach the same port."""
+    if ":" in host:
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    else:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((host, port))
+    return sock

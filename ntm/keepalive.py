@@ -1,0 +1,65 @@
+"""UDP keepalive from a node's tunnel socket to its DC ("keep NAT table", docs/PROTOCOL.md §5).
+
+It keeps the node's NAT mapping open and tells the DC the node's public (NAT-mapped) address.
+Only the session holder knows the 32-byte token, and `seq` strictly increases, so a third party can
+neither forge a keepalive nor replay one from another address to move the node.
+
+    request  = 0x20 | node (20) | seq (8, big-endian) | HMAC-SHA256(token, first 29 bytes)[:16]
+    reply    = 0x21 | seq (8) | family (1: 4 or 6) | port (2) | ip (4 or 16)   (what the DC observed)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import struct
+
+from ntm.errors import ParseError
+
+KEEPALIVE = 0x20
+KEEPALIVE_REPLY = 0x21
+TOKEN_LEN = 32
+MAC_LEN = 16
+REQUEST_LEN = 1 + 20 + 8 + MAC_LEN
+# 25 s: below the common 30 s UDP timeout of NAT routers, as WireGuard's persistent keepalive.
+KEEPALIVE_INTERVAL_S = 25.0
+
+
+def _mac(token: bytes, head: bytes) -> bytes:
+    return hmac.new(token, head, hashlib.sha256).digest()[:MAC_LEN]
+
+
+def encode_request(node: bytes, seq: int, token: bytes) -> bytes:
+    head = bytes([KEEPALIVE]) + node + struct.pack(">Q", seq)
+    return head + _mac(token, head)
+
+
+def parse_request(data: bytes) -> tuple[bytes, int, bytes, bytes]:
+    """(node, seq, head, mac) of a keepalive; ParseError if it is not one."""
+    if len(data) != REQUEST_LEN or data[0] != KEEPALIVE:
+        raise ParseError("not a keepalive")
+    head = data[: REQUEST_LEN - MAC_LEN]
+    return data[1:21], struct.unpack(">Q", data[21:29])[0], head, data[29:]
+
+
+def mac_ok(token: bytes, head: bytes, mac: bytes) -> bool:
+    return hmac.compare_digest(_mac(token, head), mac)
+
+
+def encode_reply(seq: int, ip: str, port: int) -> bytes:
+    addr = ipaddress.ip_address(ip)
+    if addr.version == 6 and addr.ipv4_mapped:
+        addr = addr.ipv4_mapped
+    return struct.pack(">BQBH", KEEPALIVE_REPLY, seq, addr.version, port) + addr.packed
+
+
+def parse_reply(data: bytes) -> tuple[int, str, int]:
+    """(seq, observed ip, observed port); ParseError otherwise."""
+    if len(data) < 12 or data[0] != KEEPALIVE_REPLY:
+        raise ParseError("not a keepalive reply")
+    _, seq, family, port = struct.unpack(">BQBH", data[:12])
+    size = {4: 4, 6: 16}.get(family)
+    if size is None or len(data) != 12 + size:
+        raise ParseError("bad keepalive reply address")
+    return seq, str(ipaddress.ip_address(data[12:])), port
