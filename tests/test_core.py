@@ -1,0 +1,198 @@
+"""Sans-I/O core: keys, registration checks, DC envelopes, keepalives. Negative cases first."""
+
+import pytest
+from hypothesis import given, strategies as st
+
+from ntm import envelope, keepalive, keys, session_auth
+from ntm.errors import KeystoreError, ParseError, SignatureError
+from ntm.record import MAX_FUTURE_MS, Domain, NodeTransaction
+from ntm.registration import RegistrationError, RegistrationRequest, check_request, parse_request
+
+DOMAIN = Domain(31337, b"\x11" * 20)
+DC = b"\x22" * 20
+NOW = 1_800_000_000_000
+
+
+def signed(key, ts=NOW, dc=DC, revoked=False, domain=DOMAIN):
+    rec = NodeTransaction(keys.node_id_of(key), dc, ts, revoked)
+    return RegistrationRequest(rec, rec.sign(key, domain), keys.public_bytes(key), ("10.0.0.1:4330",))
+
+
+def high_s(sig: bytes) -> bytes:
+    s = int.from_bytes(sig[32:64], "big")
+    return sig[:32] + (keys.SECP256K1_N - s).to_bytes(32, "big") + bytes([55 - sig[64]])
+
+
+def test_high_s_twin_is_refused_though_it_recovers_the_same_key():
+    key = keys.generate()
+    digest = b"\x05" * 32
+    sig = keys.sign_digest(key, digest)
+    assert keys.recover_node_id(digest, sig) == keys.node_id_of(key)
+    with pytest.raises(SignatureError, match="high s"):
+        keys.recover(digest, high_s(sig))
+
+
+@pytest.mark.parametrize("bad", [b"", b"\0" * 65, b"\1" * 64 + b"\x1d", b"\1" * 66])
+def test_malformed_signatures_are_refused(bad):
+    with pytest.raises(SignatureError):
+        keys.recover(b"\x05" * 32, bad)
+
+
+def test_keystore_roundtrip_and_wrong_passphrase(tmp_path):
+    key = keys.generate()
+    keys.save_keystore(key, tmp_path / "k.json", "secret")
+    assert (tmp_path / "k.json").stat().st_mode & 0o777 == 0o600
+    assert keys.load_keystore(tmp_path / "k.json", "secret").secret == key.secret
+    with pytest.raises(KeystoreError, match="wrong passphrase"):
+        keys.load_keystore(tmp_path / "k.json", "nope")
+    with pytest.raises(KeystoreError, match="no key file"):
+        keys.load_keystore(tmp_path / "missing.json")
+
+
+def test_ecdh_is_symmetric():
+    a, b = keys.generate(), keys.generate()
+    assert keys.ecdh(a, keys.public_bytes(b)) == keys.ecdh(b, keys.public_bytes(a))
+
+
+class TestRegistrationCheck:
+    key = keys.generate()
+
+    def check(self, req, latest=0, revoked=False):
+        check_request(req, DC, DOMAIN, NOW, latest, revoked)
+
+    def test_good_request_passes(self):
+        self.check(signed(self.key))
+
+    @pytest.mark.parametrize("code,make", [
+        ("bad_signature", lambda k: signed(k, domain=Domain(1, b"\x11" * 20))),
+        ("bad_signature", lambda k: signed(k, domain=Domain(31337, b"\x12" * 20))),
+        ("wrong_dc", lambda k: signed(k, dc=b"\x33" * 20)),
+        ("future", lambda k: signed(k, ts=NOW + MAX_FUTURE_MS + 1)),
+    ])
+    def test_refusals(self, code, make):
+        with pytest.raises(RegistrationError) as exc:
+            self.check(make(self.key))
+        assert exc.value.code == code
+
+    def test_signature_by_another_key(self):
+        req = signed(self.key)
+        forged = RegistrationRequest(req.record, signed(keys.generate()).signature, req.pubkey, ())
+        with pytest.raises(RegistrationError, match="bad signature"):
+            self.check(forged)
+
+    def test_high_s_signature(self):
+        req = signed(self.key)
+        with pytest.raises(RegistrationError, match="high s"):
+            self.check(RegistrationRequest(req.record, high_s(req.signature), req.pubkey, ()))
+
+    def test_pubkey_of_another_node(self):
+        req = signed(self.key)
+        with pytest.raises(RegistrationError, match="public key"):
+            self.check(RegistrationRequest(req.record, req.signature, keys.public_bytes(keys.generate()), ()))
+
+    def test_replay_and_revoked(self):
+        with pytest.raises(RegistrationError, match="not newer"):
+            self.check(signed(self.key), latest=NOW)
+        with pytest.raises(RegistrationError, match="revoked"):
+            self.check(signed(self.key), latest=1, revoked=True)
+
+    def test_parse_roundtrip_and_errors(self):
+        req = signed(self.key)
+        assert parse_request(req.to_json()) == req
+        for bad in ([], {"record": {}}, {**req.to_json(), "local_addrs": ["nothost:1"]},
+                    {**req.to_json(), "local_addrs": ["1.2.3.4:5"] * 9},
+                    {**req.to_json(), "signature": "zz"}):
+            with pytest.raises(ParseError):
+                parse_request(bad)
+
+
+class TestEnvelope:
+    dc_key = keys.generate()
+    trusted = staticmethod(lambda addr: addr == keys.node_id_of(TestEnvelope.dc_key))
+
+    def test_roundtrip(self):
+        env = envelope.seal(self.dc_key, "k", {"x": 1}, NOW)
+        assert envelope.open_envelope(env, "k", NOW, self.trusted).body == {"x": 1}
+
+    def test_untrusted_sender(self):
+        env = envelope.seal(keys.generate(), "k", {"x": 1}, NOW)
+        with pytest.raises(SignatureError, match="not an active DC"):
+            envelope.open_envelope(env, "k", NOW, self.trusted)
+
+    def test_tampered_body_and_forged_sender(self):
+        env = envelope.seal(self.dc_key, "k", {"x": 1}, NOW)
+        with pytest.raises(SignatureError):
+            envelope.open_envelope({**env, "body": {"x": 2}}, "k", NOW, self.trusted)
+        other = envelope.seal(keys.generate(), "k", {"x": 1}, NOW)
+        with pytest.raises(SignatureError):
+            envelope.open_envelope({**other, "from": env["from"]}, "k", NOW, self.trusted)
+
+    def test_stale_wrong_kind_replayed(self):
+        env = envelope.seal(self.dc_key, "k", {}, NOW)
+        with pytest.raises(SignatureError, match="freshness"):
+            envelope.open_envelope(env, "k", NOW + envelope.MAX_SKEW_MS + 1, self.trusted)
+        with pytest.raises(ParseError):
+            envelope.open_envelope(env, "other", NOW, self.trusted)
+        guard = envelope.ReplayGuard()
+        envelope.open_envelope(env, "k", NOW, self.trusted, guard)
+        with pytest.raises(SignatureError, match="replayed"):
+            envelope.open_envelope(env, "k", NOW, self.trusted, guard)
+
+
+def test_session_answer_is_bound_to_dc_and_challenge():
+    key = keys.generate()
+    nid = keys.node_id_of(key)
+    sig = session_auth.answer(key, DC, b"c" * 32)
+    session_auth.verify(nid, DC, b"c" * 32, sig)
+    with pytest.raises(SignatureError):
+        session_auth.verify(nid, b"\x99" * 20, b"c" * 32, sig)
+    with pytest.raises(SignatureError):
+        session_auth.verify(nid, DC, b"d" * 32, sig)
+
+
+def test_keepalive_roundtrip_and_mac():
+    token = b"t" * 32
+    pkt = keepalive.encode_request(b"n" * 20, 7, token)
+    node, seq, head, mac = keepalive.parse_request(pkt)
+    assert (node, seq) == (b"n" * 20, 7) and keepalive.mac_ok(token, head, mac)
+    assert not keepalive.mac_ok(b"u" * 32, head, mac)
+    assert keepalive.parse_reply(keepalive.encode_reply(7, "198.18.0.11", 40000)) == (7, "198.18.0.11", 40000)
+    assert keepalive.parse_reply(keepalive.encode_reply(1, "2001:db8::5", 1)) == (1, "2001:db8::5", 1)
+    assert keepalive.parse_reply(keepalive.encode_reply(1, "::ffff:10.0.0.1", 9))[1] == "10.0.0.1"
+
+
+def test_presence_refuses_wrong_token_and_replay():
+    from dc.presence import Presence
+    p = Presence()
+    s = p.open(b"n" * 20, lambda m: None)
+    assert p.on_keepalive(keepalive.encode_request(b"n" * 20, 1, b"x" * 32), ("1.1.1.1", 5)) is None
+    assert p.observed(b"n" * 20) is None
+    good = keepalive.encode_request(b"n" * 20, 1, s.token)
+    assert p.on_keepalive(good, ("198.18.0.11", 5)) is not None
+    assert p.on_keepalive(good, ("198.18.0.66", 6)) is None  # replay from elsewhere moves nothing
+    assert p.observed(b"n" * 20) == "198.18.0.11:5" and p.dropped_keepalives == 2
+
+
+@given(st.binary(max_size=200))
+def test_keepalive_parsers_raise_only_parse_error(data):
+    for parse in (keepalive.parse_request, keepalive.parse_reply):
+        try:
+            parse(data)
+        except ParseError:
+            pass
+
+
+@given(st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=70),
+                    lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=12), c, max_size=6),
+                    max_leaves=20))
+def test_json_parsers_raise_only_parse_error(obj):
+    for parse in (parse_request, envelope.parse):
+        try:
+            parse(obj)
+        except ParseError:
+            pass
+    if isinstance(obj, dict):
+        try:
+            parse_request({**signed(TestRegistrationCheck.key).to_json(), **obj})
+        except ParseError:
+            pass
