@@ -1,0 +1,66 @@
+"""Gas cost of NodeRegistry registration paths, measured on a real anvil (total tx gas).
+
+Prints one `metric: value` line per figure:
+  gas_first_registration   register(): a node's first record (new storage slot)
+  gas_update               register(): a newer record for an existing node
+  gas_revoke               register(): a revoking record
+  gas_batchN_per_record    registerBatch() of N new nodes: tx gas / N
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ntm import keys, record  # noqa: E402
+from ntm.registry import Registry  # noqa: E402
+from scripts.anvil import Anvil  # noqa: E402
+
+
+def _signed(reg: Registry, dc: bytes, key, ts: int, revoked: bool = False):
+    rec = record.NodeTransaction(keys.node_id_of(key), dc, ts, revoked)
+    return rec, rec.sign(key, reg.domain)
+
+
+async def measure(url: str, owner_key: bytes, dc_key: bytes) -> dict[str, int]:
+    owner = await Registry.deploy(url, owner_key)
+    dc = await Registry.connect(url, owner.address, dc_key)
+    try:
+        await owner.admit_dc(dc.sender, "dc1.example", "https://dc1.example:8443")
+        now = int(time.time() * 1000)
+        out: dict[str, int] = {}
+        key = keys.generate()
+        out["gas_first_registration"] = (await dc.register([_signed(dc, dc.sender, key, now)])).gas_used
+        out["gas_update"] = (await dc.register([_signed(dc, dc.sender, key, now + 1)])).gas_used
+        out["gas_revoke"] = (await dc.register([_signed(dc, dc.sender, key, now + 2, True)])).gas_used
+        for n in (1, 10, 50):
+            items = [_signed(dc, dc.sender, keys.generate(), now) for _ in range(n)]
+            res = await dc.register(items) if n > 1 else None
+            if n == 1:  # register() takes a single item; time registerBatch([x]) explicitly
+                data = dc._abi.encode("registerBatch", [dc.encode_record(*items[0])])
+                receipt = await dc._transact(data, dc.address, "registerBatch")
+                gas = receipt["gasUsed"]
+            else:
+                assert res.accepted == n, res
+                gas = res.gas_used
+            out[f"gas_batch{n}_per_record"] = gas // n
+        return out
+    finally:
+        await dc.close()
+        await owner.close()
+
+
+def main() -> int:
+    with Anvil() as chain:
+        results = asyncio.run(measure(chain.url, chain.keys[0], chain.keys[1]))
+    for name, value in results.items():
+        print(f"{name}: {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
