@@ -1,0 +1,303 @@
+"""Tunnel handshake (docs/PROTOCOL.md §6): Tunnel Request / Tunnel Response, one round trip.
+
+Noise-KK shape on secp256k1 with HKDF-SHA256 and AES-256-GCM:
+
+    pre-messages:  -> s   <- s          (both statics known: the DC delivered them, IDs check them)
+    Request:       -> e, es, ss, {timestamp}
+    Response:      <- e, ee, se, {}
+
+The static-static ECDH is NTMobile's "end key"; the ephemeral terms add forward secrecy. The
+prologue binds the path ID and both node IDs. Sans-I/O: no sockets, no clock reads (callers pass
+`now`, Unix seconds), randomness injectable (`rand(n) -> bytes`) for test vectors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+from dataclasses import dataclass
+from typing import Callable
+
+import coincurve
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from ntm import keys
+from ntm.errors import NtmError, ParseError, SignatureError
+from ntm.packet import PATH_ID_LEN, HandshakeRequest, HandshakeResponse
+
+PROTOCOL_NAME = b"NTM1_Noise_KK_secp256k1_AESGCM_SHA256"
+PROLOGUE_LABEL = b"NTMobile tunnel v1"
+ZERO_NONCE = bytes(12)  # each handshake AEAD key encrypts exactly once
+#: Pending attempts an initiator remembers: it sends a fresh Request on every retransmission
+#: (a repeated one would be refused as a replay), and a late Response to any of the last few
+#: must still complete the handshake.
+MAX_PENDING_ATTEMPTS = 8
+#: Minimum spacing of accepted Requests per path (WireGuard's 50/s): bounds the work a flood of
+#: valid-but-stale-looking initiations can cause; retransmissions are 250 ms apart.
+HANDSHAKE_MIN_INTERVAL = 0.02
+
+Rand = Callable[[int], bytes]
+
+
+class HandshakeError(NtmError):
+    """A Tunnel Request/Response that must be refused."""
+
+
+class PeerIdentityError(HandshakeError):
+    """The public key offered for a peer does not hash to the node ID we expected."""
+
+
+class HandshakeAuthError(HandshakeError):
+    """AEAD tag check failed: wrong keys, tampered message, or not for this handshake."""
+
+
+class HandshakeReplayError(HandshakeError):
+    """A Request whose timestamp is not newer than the last accepted one."""
+
+
+class HandshakeRateError(HandshakeError):
+    """A valid Request arriving less than HANDSHAKE_MIN_INTERVAL after the previous one."""
+
+
+class UnknownPathError(HandshakeError):
+    """A message for a path ID this handshake does not serve."""
+
+
+class NoPendingHandshakeError(HandshakeError):
+    """A Response arrived but this side has no Request outstanding."""
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """Result of a handshake: two directional AES-256-GCM keys and the transcript hash."""
+
+    send: bytes
+    recv: bytes
+    initiator: bool  # True on the side that sent the Request
+    handshake_hash: bytes  # final h: channel binding, equal on both sides
+    timestamp: int  # the Request's timestamp (ns)
+
+
+def _hkdf(salt: bytes, ikm: bytes, info: bytes, length: int = 64) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info).derive(ikm)
+
+
+class _Symmetric:
+    """Noise SymmetricState: chaining key ck, handshake hash h, current key k."""
+
+    __slots__ = ("ck", "h", "k")
+
+    def __init__(self, ck: bytes, h: bytes, k: bytes | None = None) -> None:
+        self.ck, self.h, self.k = ck, h, k
+
+    def copy(self) -> _Symmetric:
+        return _Symmetric(self.ck, self.h, self.k)
+
+    def mix_hash(self, data: bytes) -> None:
+        self.h = hashlib.sha256(self.h + data).digest()
+
+    def mix_key(self, dh: bytes, label: bytes) -> None:
+        out = _hkdf(self.ck, dh, b"ntm1 " + label)
+        self.ck, self.k = out[:32], out[32:]
+
+    def encrypt_and_hash(self, plaintext: bytes) -> bytes:
+        ct = AESGCM(self.k).encrypt(ZERO_NONCE, plaintext, self.h)
+        self.mix_hash(ct)
+        return ct
+
+    def decrypt_and_hash(self, ciphertext: bytes) -> bytes:
+        try:
+            pt = AESGCM(self.k).decrypt(ZERO_NONCE, ciphertext, self.h)
+        except InvalidTag:
+            raise HandshakeAuthError("handshake message failed authentication") from None
+        self.mix_hash(ciphertext)
+        return pt
+
+    def split(self) -> tuple[bytes, bytes]:
+        out = _hkdf(self.ck, b"", b"ntm1 transport")
+        return out[:32], out[32:]  # (initiator -> responder, responder -> initiator)
+
+
+def _checked_peer(peer_id: bytes, peer_pub: bytes) -> bytes:
+    """Uncompressed peer key, after checking it hashes to the node ID we asked for."""
+    try:
+        point = keys.parse_public(peer_pub)
+    except SignatureError as exc:
+        raise PeerIdentityError(f"peer public key is invalid: {exc}") from None
+    got = keys.node_id(point)
+    if got != bytes(peer_id):
+        raise PeerIdentityError(
+            f"peer key belongs to {keys.checksum(got)}, expected {keys.checksum(bytes(peer_id))}"
+        )
+    return point.format(compressed=False)
+
+
+def initial_state(path_id: bytes, init_id: bytes, init_pub: bytes, resp_id: bytes, resp_pub: bytes) -> _Symmetric:
+    """State after protocol name, prologue (label || path ID || both node IDs) and both statics."""
+    h = hashlib.sha256(PROTOCOL_NAME).digest()
+    st = _Symmetric(h, h)
+    st.mix_hash(PROLOGUE_LABEL + path_id + init_id + resp_id)
+    st.mix_hash(init_pub)
+    st.mix_hash(resp_pub)
+    return st
+
+
+def _ephemeral(rand: Rand) -> coincurve.PrivateKey:
+    while True:
+        try:
+            return coincurve.PrivateKey(rand(32))
+        except ValueError:  # zero or >= group order: draw again (probability ~2^-128)
+            continue
+
+
+def _check_path(path_id: bytes) -> bytes:
+    path_id = bytes(path_id)
+    if len(path_id) != PATH_ID_LEN:
+        raise ValueError(f"path ID must be {PATH_ID_LEN} bytes")
+    return path_id
+
+
+class Initiator:
+    """Sends Tunnel Requests for one path and completes on the matching Tunnel Response.
+
+    Long-lived per path: call `request(now)` for every (re)transmission and every rekey.
+    """
+
+    def __init__(
+        self,
+        static_key: coincurve.PrivateKey,
+        peer_id: bytes,
+        peer_pub: bytes,
+        path_id: bytes,
+        *,
+        rand: Rand = os.urandom,
+    ) -> None:
+        self.path_id = _check_path(path_id)
+        self.static_key = static_key
+        self.local_pub = keys.public_bytes(static_key)
+        self.local_id = keys.node_id(self.local_pub)
+        self.peer_id = bytes(peer_id)
+        self.peer_pub = _checked_peer(peer_id, peer_pub)
+        self._rand = rand
+        self._base = initial_state(self.path_id, self.local_id, self.local_pub, self.peer_id, self.peer_pub)
+        self._ss = keys.ecdh(static_key, self.peer_pub)
+        self.last_timestamp = 0
+        self._pending: list[tuple[coincurve.PrivateKey, _Symmetric, int, float]] = []
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._pending)
+
+    def cancel(self) -> None:
+        """Forget outstanding Requests (the peer's own initiation won a collision)."""
+        self._pending.clear()
+
+    def sent_at(self) -> float | None:
+        """`now` of the oldest outstanding Request (for the handshake RTT)."""
+        return self._pending[0][3] if self._pending else None
+
+    def request(self, now: float) -> bytes:
+        """A fresh Tunnel Request (new ephemeral key, timestamp > every earlier one)."""
+        ts = max(int(now * 1_000_000_000), self.last_timestamp + 1)
+        self.last_timestamp = ts
+        e = _ephemeral(self._rand)
+        e_pub = e.public_key.format(compressed=True)
+        st = self._base.copy()
+        st.mix_hash(e_pub)
+        st.mix_key(keys.ecdh(e, self.peer_pub), b"es")
+        st.mix_key(self._ss, b"ss")
+        sealed = st.encrypt_and_hash(struct.pack("!Q", ts))
+        self._pending.append((e, st, ts, now))
+        del self._pending[:-MAX_PENDING_ATTEMPTS]
+        return HandshakeRequest(self.path_id, e_pub, sealed).encode()
+
+    def response(self, data: bytes) -> Keys:
+        """Keys from a Tunnel Response to one of the outstanding Requests; HandshakeError otherwise."""
+        try:
+            msg = HandshakeResponse.parse(data)
+        except ParseError as exc:
+            raise HandshakeError(f"malformed Tunnel Response: {exc}") from None
+        if msg.path_id != self.path_id:
+            raise UnknownPathError(f"Tunnel Response for path {msg.path_id.hex()}, expected {self.path_id.hex()}")
+        if not self._pending:
+            raise NoPendingHandshakeError("Tunnel Response but no Request outstanding")
+        for e, st0, ts, _ in reversed(self._pending):
+            st = st0.copy()
+            st.mix_hash(msg.ephemeral)
+            st.mix_key(keys.ecdh(e, msg.ephemeral), b"ee")
+            st.mix_key(keys.ecdh(self.static_key, msg.ephemeral), b"se")
+            try:
+                st.decrypt_and_hash(msg.sealed_empty)
+            except HandshakeAuthError:
+                continue
+            self._pending.clear()
+            send, recv = st.split()
+            return Keys(send, recv, True, st.h, ts)
+        raise HandshakeAuthError("Tunnel Response failed authentication (tampered, or wrong responder key)")
+
+
+class Responder:
+    """Answers Tunnel Requests for one path. Long-lived per path: keeps the last accepted
+    timestamp so a replayed Request is refused."""
+
+    def __init__(
+        self,
+        static_key: coincurve.PrivateKey,
+        peer_id: bytes,
+        peer_pub: bytes,
+        path_id: bytes,
+        *,
+        rand: Rand = os.urandom,
+        last_timestamp: int = 0,
+    ) -> None:
+        self.path_id = _check_path(path_id)
+        self.static_key = static_key
+        self.local_pub = keys.public_bytes(static_key)
+        self.local_id = keys.node_id(self.local_pub)
+        self.peer_id = bytes(peer_id)
+        self.peer_pub = _checked_peer(peer_id, peer_pub)
+        self._rand = rand
+        self._base = initial_state(self.path_id, self.peer_id, self.peer_pub, self.local_id, self.local_pub)
+        self._ss = keys.ecdh(static_key, self.peer_pub)
+        self.last_timestamp = last_timestamp
+        self.last_accepted: float | None = None
+
+    def respond(self, data: bytes, now: float) -> tuple[bytes, Keys]:
+        """(Tunnel Response bytes, Keys) for a valid fresh Request; HandshakeError otherwise.
+
+        Checks, in order: length/type/curve point (parse), path ID, AEAD tag (proves the
+        initiator's static key), timestamp strictly newer, rate limit. Nothing is stored
+        unless all pass.
+        """
+        try:
+            msg = HandshakeRequest.parse(data)
+        except ParseError as exc:
+            raise HandshakeError(f"malformed Tunnel Request: {exc}") from None
+        if msg.path_id != self.path_id:
+            raise UnknownPathError(f"Tunnel Request for path {msg.path_id.hex()}, expected {self.path_id.hex()}")
+        st = self._base.copy()
+        st.mix_hash(msg.ephemeral)
+        st.mix_key(keys.ecdh(self.static_key, msg.ephemeral), b"es")
+        st.mix_key(self._ss, b"ss")
+        try:
+            (ts,) = struct.unpack("!Q", st.decrypt_and_hash(msg.sealed_timestamp))
+        except HandshakeAuthError:
+            raise HandshakeAuthError("Tunnel Request failed authentication (tampered, or not from the expected peer)") from None
+        if ts <= self.last_timestamp:
+            raise HandshakeReplayError(f"Tunnel Request timestamp {ts} is not newer than {self.last_timestamp}")
+        if self.last_accepted is not None and 0 <= now - self.last_accepted < HANDSHAKE_MIN_INTERVAL:
+            raise HandshakeRateError("Tunnel Requests arriving faster than the per-path limit")
+        e = _ephemeral(self._rand)
+        e_pub = e.public_key.format(compressed=True)
+        st.mix_hash(e_pub)
+        st.mix_key(keys.ecdh(e, msg.ephemeral), b"ee")
+        st.mix_key(keys.ecdh(e, self.peer_pub), b"se")
+        sealed = st.encrypt_and_hash(b"")
+        self.last_timestamp = ts
+        self.last_accepted = now
+        i2r, r2i = st.split()
+        return HandshakeResponse(self.path_id, e_pub, sealed).encode(), Keys(r2i, i2r, False, st.h, ts)

@@ -1,0 +1,634 @@
+"""Tunnel data-plane session (docs/PROTOCOL.md §7), sans-I/O in the style of h11/aioquic.
+
+One `Session` per path: it runs the handshake (ntm.handshake), encrypts and decrypts transport
+packets (AES-256-GCM, header as associated data), keeps the replay window, rekeys on time or
+count, sends keepalives, falls back to a relay, and follows the peer's address (roaming) only on
+authenticated, fresh packets. It never touches a socket or a clock:
+
+    session.start(now)                          begin (sends Requests if initiating)
+    session.encrypt(payload, now) -> bytes      a DATA packet for session.peer_addr
+    session.receive(datagram, addr, now)        -> list[Event]; never raises on bad input
+    session.poll(now) -> list[(bytes, addr)]    run timers and drain everything queued to send
+    session.next_timer() -> float | None        when poll() wants to run next
+
+Drops are counted in `session.stats` by reason and never raise out of `receive`.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import coincurve
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from ntm import keys
+from ntm.errors import NtmError
+from ntm.handshake import (
+    HandshakeAuthError,
+    HandshakeError,
+    HandshakeRateError,
+    HandshakeReplayError,
+    Initiator,
+    Keys,
+    NoPendingHandshakeError,
+    Rand,
+    Responder,
+    UnknownPathError,
+)
+from ntm.packet import (
+    HEADER,
+    HEADER_LEN,
+    KEEPALIVE_LEN,
+    MAX_DATAGRAM,
+    MIN_TRANSPORT_LEN,
+    PATH_ID_LEN,
+    PING_ID_LEN,
+    PREFIX_LEN,
+    TOKEN_LEN,
+    TYPE_DATA,
+    TYPE_HANDSHAKE_REQUEST,
+    TYPE_HANDSHAKE_RESPONSE,
+    TYPE_KEEPALIVE,
+    TYPE_PING,
+    TYPE_PONG,
+    TYPE_RELAY_BIND_ACK,
+    RelayBind,
+)
+
+# --- constants (each injectable through TunnelConfig) -----------------------------------------
+#: Replay window in packets: WireGuard's 2048-bit bitmap; absorbs reordering of a whole burst
+#: at multi-Gbit/s while costing one 256-byte integer per key.
+REPLAY_WINDOW = 2048
+#: Start a new handshake when the current keys are this old (WireGuard REKEY_AFTER_TIME).
+REKEY_AFTER_TIME = 120.0
+#: The side that answered the current handshake waits this much longer before rekeying itself,
+#: so the two sides do not usually start rekeys at the same moment.
+REKEY_RESPONDER_EXTRA = 10.0
+#: Keys older than this are never used again (WireGuard REJECT_AFTER_TIME): bounds exposure
+#: if a rekey keeps failing.
+REJECT_AFTER_TIME = 180.0
+#: Rekey after this many packets sent with one key: 2^36 packets of at most 2^12 AES blocks
+#: stay under 2^48 blocks per key, far inside AES-GCM's confidentiality bound.
+REKEY_AFTER_MESSAGES = 2**36
+#: Hard stop for a key's counter (never reached in practice; keeps the 64-bit nonce unique).
+REJECT_AFTER_MESSAGES = 2**64 - 2**13 - 1
+#: Previous keys still decrypt for this long after a rekey, for packets already in flight.
+PREVIOUS_KEY_GRACE = 10.0
+#: Send a keepalive after this long without sending: below the common 30 s UDP NAT timeout.
+KEEPALIVE_INTERVAL = 25.0
+#: Retransmit the Tunnel Request this often while no keys exist (fast connection setup).
+HANDSHAKE_RETRANSMIT = 0.25
+#: Retransmit interval of a rekey Request (traffic still flows on the current keys).
+REKEY_RETRANSMIT = 1.0
+#: Without a completed handshake after this long, also try the relay (if the DC gave one).
+RELAY_FALLBACK_AFTER = 1.5
+
+NONCE_PREFIX = b"\x00\x00\x00\x00"
+_Q = struct.Struct("!Q")
+
+Addr = Any  # (host, port) tuple as the socket layer gives it
+
+
+class TunnelError(NtmError):
+    """A tunnel operation that cannot be done now (e.g. sending before a handshake)."""
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelConfig:
+    replay_window: int = REPLAY_WINDOW
+    rekey_after_time: float = REKEY_AFTER_TIME
+    rekey_responder_extra: float = REKEY_RESPONDER_EXTRA
+    reject_after_time: float = REJECT_AFTER_TIME
+    rekey_after_messages: int = REKEY_AFTER_MESSAGES
+    reject_after_messages: int = REJECT_AFTER_MESSAGES
+    previous_key_grace: float = PREVIOUS_KEY_GRACE
+    keepalive_interval: float = KEEPALIVE_INTERVAL
+    handshake_retransmit: float = HANDSHAKE_RETRANSMIT
+    rekey_retransmit: float = REKEY_RETRANSMIT
+    relay_fallback_after: float = RELAY_FALLBACK_AFTER
+
+
+@dataclass(frozen=True, slots=True)
+class RelayInfo:
+    """Relay endpoint from the DC's Relay Direction: address, 32-byte token, our side (0/1)."""
+
+    addr: Addr
+    token: bytes
+    side: int
+
+    def __post_init__(self) -> None:
+        if len(self.token) != TOKEN_LEN or self.side not in (0, 1):
+            raise ValueError("relay token must be 32 bytes and side 0 or 1")
+
+
+# --- events -------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Data:
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class HandshakeDone:
+    """Keys usable for sending. `rekey` is False for the first handshake of the session."""
+
+    rekey: bool
+    addr: Addr
+    via: str  # "candidate:<i>", "relay", "peer" (answered a Request) or "rekey"
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointChanged:
+    addr: Addr
+    previous: Addr
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    rtt: float
+
+
+@dataclass(frozen=True, slots=True)
+class RelayBound:
+    addr: Addr
+
+
+Event = Data | HandshakeDone | EndpointChanged | Pong | RelayBound
+
+
+# --- replay window ------------------------------------------------------------------------------
+class ReplayWindow:
+    """Sliding window over packet counters (RFC 6479 idea with a Python int as the bitmap).
+
+    Bit i of `bits` is set when counter `top - i` has been accepted. `check` is run before
+    decryption (cheap reject), `update` only after the tag verified.
+    """
+
+    __slots__ = ("size", "top", "bits", "mask")
+
+    def __init__(self, size: int = REPLAY_WINDOW) -> None:
+        self.size = size
+        self.top = -1
+        self.bits = 0
+        self.mask = (1 << size) - 1
+
+    def check(self, n: int) -> str | None:
+        """None if `n` may be new, else the drop reason ("replay" or "too_old")."""
+        if n > self.top:
+            return None
+        off = self.top - n
+        if off >= self.size:
+            return "too_old"
+        if (self.bits >> off) & 1:
+            return "replay"
+        return None
+
+    def update(self, n: int) -> bool:
+        """Mark `n` seen (after check passed); True if it is the highest counter so far."""
+        if n > self.top:
+            shift = n - self.top
+            self.bits = 1 if shift >= self.size else ((self.bits << shift) | 1) & self.mask
+            self.top = n
+            return True
+        self.bits |= 1 << (self.top - n)
+        return False
+
+
+class _KeyPair:
+    __slots__ = ("send", "recv", "counter", "window", "created", "initiator", "expires", "send_ok")
+
+    def __init__(self, k: Keys, now: float, window: int) -> None:
+        self.send = AESGCM(k.send)
+        self.recv = AESGCM(k.recv)
+        self.counter = 0
+        self.window = ReplayWindow(window)
+        self.created = now
+        self.initiator = k.initiator
+        self.expires: float | None = None  # set when demoted to "previous"
+        self.send_ok = k.initiator  # a responder sends only after the initiator confirmed
+
+
+STAT_KEYS = (
+    "rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "rx_data", "tx_data", "rx_keepalive", "tx_keepalive",
+    "handshakes", "rekeys", "requests_sent", "responses_sent", "endpoint_changes", "relay_binds_sent",
+    "relay_acks", "drop_truncated", "drop_unknown_type", "drop_unknown_path", "drop_replay", "drop_too_old",
+    "drop_bad_tag", "drop_no_keys", "drop_expired_key", "drop_handshake_malformed", "drop_handshake_auth",
+    "drop_handshake_replay", "drop_handshake_rate", "drop_handshake_collision", "drop_unexpected_response",
+    "drop_malformed",
+)
+
+
+class Session:
+    """One tunnel (path ID) with one peer.
+
+    role: "initiate" sends Requests to `candidates`; "wait" only answers; "punch" does both, and
+    when both sides' Requests meet, the side with the lower node ID wins (its Request is
+    answered, the other side's Requests just opened its NAT). The same tie-break settles
+    simultaneous rekeys.
+    """
+
+    def __init__(
+        self,
+        static_key: coincurve.PrivateKey,
+        peer_id: bytes,
+        peer_pub: bytes,
+        path_id: bytes,
+        *,
+        role: str = "initiate",
+        candidates: Sequence[Addr] = (),
+        relay: RelayInfo | None = None,
+        config: TunnelConfig | None = None,
+        rand: Rand = os.urandom,
+    ) -> None:
+        if role not in ("initiate", "wait", "punch"):
+            raise ValueError(f"role must be initiate, wait or punch, not {role!r}")
+        self.config = config or TunnelConfig()
+        self.path_id = bytes(path_id)
+        self.role = role
+        self.initiator = Initiator(static_key, peer_id, peer_pub, path_id, rand=rand)
+        self.responder = Responder(static_key, peer_id, peer_pub, path_id, rand=rand)
+        self.local_id = self.initiator.local_id
+        self.peer_id = bytes(peer_id)
+        self.wins_collisions = self.local_id < self.peer_id
+        self.candidates = list(candidates)
+        self.relay = relay
+        self.relay_active = False
+        self.peer_addr: Addr | None = None
+        self.via: str | None = None
+        self.rtt: float | None = None
+        self.stats: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)
+        self.current: _KeyPair | None = None
+        self.previous: _KeyPair | None = None
+        self.next: _KeyPair | None = None
+        self._outbox: list[tuple[bytes, Addr]] = []
+        self._started: float | None = None
+        self._hs_next: float | None = None  # next Request (re)transmission, when handshaking
+        self._bind_next: float | None = None
+        self.last_sent = 0.0
+        self.last_received: float | None = None
+        self._pings: dict[bytes, float] = {}
+        self._ping_seq = 0
+        self._rekey_started = False
+
+    # --- state ---------------------------------------------------------------------------------
+    @property
+    def established(self) -> bool:
+        """Keys exist that this side may send with."""
+        return self.current is not None and self.current.send_ok
+
+    def _count(self, reason: str) -> None:
+        self.stats[reason] = self.stats.get(reason, 0) + 1
+
+    # --- handshake driving ---------------------------------------------------------------------
+    def start(self, now: float) -> None:
+        """Begin: queue the first Requests (initiate/punch). Call poll() to get them."""
+        self._started = now
+        self.last_sent = now
+        if self.role in ("initiate", "punch"):
+            self._hs_next = now
+
+    def _request_targets(self) -> list[Addr]:
+        if self.current is not None and self.peer_addr is not None:
+            return [self.peer_addr]  # rekey: the peer is where the current keys reach it
+        targets = list(self.candidates)
+        if self.peer_addr is not None and self.peer_addr not in targets:
+            targets.insert(0, self.peer_addr)
+        if self.relay_active and self.relay is not None:
+            targets.append(self.relay.addr)
+        return targets
+
+    def _send_requests(self, now: float) -> None:
+        targets = self._request_targets()
+        if not targets:
+            self._hs_next = now + self.config.handshake_retransmit
+            return
+        req = self.initiator.request(now)
+        for addr in targets:
+            self._outbox.append((req, addr))
+            self.stats["requests_sent"] += 1
+        self.last_sent = now
+        interval = self.config.rekey_retransmit if self.current is not None else self.config.handshake_retransmit
+        self._hs_next = now + interval
+
+    def _send_bind(self, now: float) -> None:
+        assert self.relay is not None
+        self._outbox.append((RelayBind(self.path_id, self.relay.token, self.relay.side).encode(), self.relay.addr))
+        self.stats["relay_binds_sent"] += 1
+        interval = self.config.keepalive_interval if self.established else self.config.handshake_retransmit
+        self._bind_next = now + interval
+
+    def rekey(self, now: float) -> None:
+        """Start a rekey handshake now (normally the timers do this)."""
+        if self._hs_next is None:
+            self._rekey_started = True
+            self._send_requests(now)
+
+    def local_address_changed(self, now: float) -> None:
+        """Our socket moved: tell the peer (and the relay) at once with authenticated packets."""
+        if self.relay_active and self.relay is not None:
+            self._send_bind(now)
+        if self.established and self.peer_addr is not None:
+            self._outbox.append((self._seal(TYPE_KEEPALIVE, b"", now), self.peer_addr))
+            self.stats["tx_keepalive"] += 1
+
+    def _rekey_due(self, now: float) -> float | None:
+        cur = self.current
+        if cur is None:
+            return None
+        after = self.config.rekey_after_time
+        if not cur.initiator:
+            after += self.config.rekey_responder_extra
+        return cur.created + after
+
+    # --- timers --------------------------------------------------------------------------------
+    def next_timer(self) -> float | None:
+        """Earliest time poll() has something to do (None: nothing scheduled)."""
+        if self._outbox:
+            return 0.0
+        times = []
+        if self._hs_next is not None:
+            times.append(self._hs_next)
+        if self._bind_next is not None and self.relay_active:
+            times.append(self._bind_next)
+        if self.relay is not None and not self.relay_active and self._started is not None and self.current is None:
+            times.append(self._started + self.config.relay_fallback_after)
+        if self.established:
+            times.append(self.last_sent + self.config.keepalive_interval)
+            due = self._rekey_due(0.0)
+            if due is not None and self._hs_next is None:
+                times.append(due)
+            times.append(self.current.created + self.config.reject_after_time)  # type: ignore[union-attr]
+        if self.previous is not None and self.previous.expires is not None:
+            times.append(self.previous.expires)
+        return min(times) if times else None
+
+    def poll(self, now: float) -> list[tuple[bytes, Addr]]:
+        """Run due timers; return (and forget) every datagram queued to send, with its address."""
+        cfg = self.config
+        if self._started is not None:
+            if (
+                self.relay is not None
+                and not self.relay_active
+                and self.current is None
+                and now - self._started >= cfg.relay_fallback_after
+            ):
+                self.relay_active = True
+                self._send_bind(now)
+                if self.role != "wait":
+                    self._hs_next = now  # send a Request through the relay right away
+            elif self.relay_active and self._bind_next is not None and now >= self._bind_next:
+                if self.current is None or self.peer_addr == self.relay.addr:  # type: ignore[union-attr]
+                    self._send_bind(now)
+                else:
+                    self._bind_next = None  # direct path won: stop refreshing the relay binding
+            cur = self.current
+            if cur is not None and now - cur.created >= cfg.reject_after_time:
+                self.current = None  # too old: back to handshaking from scratch
+                self._count("keys_expired")
+                if self._hs_next is None and self.role != "wait":
+                    self._hs_next = now
+            if self.previous is not None and self.previous.expires is not None and now >= self.previous.expires:
+                self.previous = None
+            due = self._rekey_due(now)
+            if due is not None and now >= due and self._hs_next is None and self.established:
+                self._rekey_started = True
+                self._hs_next = now
+            if self._hs_next is not None and now >= self._hs_next:
+                self._send_requests(now)
+            if self.established and now - self.last_sent >= cfg.keepalive_interval and self.peer_addr is not None:
+                self._outbox.append((self._seal(TYPE_KEEPALIVE, b"", now), self.peer_addr))
+                self.stats["tx_keepalive"] += 1
+        out, self._outbox = self._outbox, []
+        return out
+
+    def datagrams_to_send(self) -> list[tuple[bytes, Addr]]:
+        """Drain the outbox without running timers."""
+        out, self._outbox = self._outbox, []
+        return out
+
+    # --- sending -------------------------------------------------------------------------------
+    def _seal(self, kind: int, payload: bytes, now: float) -> bytes:
+        k = self.current
+        if k is None or not k.send_ok:
+            raise TunnelError("no tunnel keys yet (handshake not complete)")
+        n = k.counter
+        if n >= self.config.reject_after_messages or now - k.created >= self.config.reject_after_time:
+            raise TunnelError("tunnel keys exhausted; waiting for a rekey")
+        k.counter = n + 1
+        header = HEADER.pack(kind, self.path_id, n)
+        self.last_sent = now
+        if n + 1 >= self.config.rekey_after_messages and self._hs_next is None:
+            self._rekey_started = True
+            self._send_requests(now)
+        return header + k.send.encrypt(NONCE_PREFIX + header[9:], payload, header)
+
+    def encrypt(self, payload: bytes, now: float) -> bytes:
+        """A DATA packet carrying `payload`, to be sent to `self.peer_addr`. TunnelError if no keys."""
+        if len(payload) > MAX_DATAGRAM - MIN_TRANSPORT_LEN:
+            raise TunnelError(f"payload of {len(payload)} bytes does not fit one datagram")
+        pkt = self._seal(TYPE_DATA, payload, now)
+        st = self.stats
+        st["tx_data"] += 1
+        st["tx_packets"] += 1
+        st["tx_bytes"] += len(payload)
+        return pkt
+
+    def ping(self, now: float) -> bytes:
+        """A PING packet (to `self.peer_addr`); the matching PONG yields a Pong(rtt) event."""
+        self._ping_seq += 1
+        pid = _Q.pack(self._ping_seq)
+        self._pings[pid] = now
+        if len(self._pings) > 16:
+            self._pings.pop(next(iter(self._pings)))
+        return self._seal(TYPE_PING, pid, now)
+
+    # --- receiving -----------------------------------------------------------------------------
+    def receive(self, datagram: bytes, addr: Addr, now: float) -> list[Event]:
+        """Process one datagram from `addr`. Bad input is counted in stats and yields []."""
+        n = len(datagram)
+        if n < PREFIX_LEN:
+            self.stats["drop_truncated"] += 1
+            return []
+        kind = datagram[0]
+        if kind == TYPE_DATA or kind == TYPE_KEEPALIVE or kind == TYPE_PING or kind == TYPE_PONG:
+            return self._receive_transport(kind, datagram, addr, now)
+        if datagram[1:PREFIX_LEN] != self.path_id:
+            self.stats["drop_unknown_path"] += 1
+            return []
+        if kind == TYPE_HANDSHAKE_REQUEST:
+            return self._receive_request(datagram, addr, now)
+        if kind == TYPE_HANDSHAKE_RESPONSE:
+            return self._receive_response(datagram, addr, now)
+        if kind == TYPE_RELAY_BIND_ACK:
+            if self.relay is not None and addr == self.relay.addr and n == PREFIX_LEN + 1:
+                self.stats["relay_acks"] += 1
+                return [RelayBound(addr)]
+            self.stats["drop_malformed"] += 1
+            return []
+        self.stats["drop_unknown_type"] += 1
+        return []
+
+    def _handshake_drop(self, exc: HandshakeError) -> list[Event]:
+        if isinstance(exc, HandshakeReplayError):
+            self.stats["drop_handshake_replay"] += 1
+        elif isinstance(exc, HandshakeRateError):
+            self.stats["drop_handshake_rate"] += 1
+        elif isinstance(exc, HandshakeAuthError):
+            self.stats["drop_handshake_auth"] += 1
+        elif isinstance(exc, NoPendingHandshakeError):
+            self.stats["drop_unexpected_response"] += 1
+        elif isinstance(exc, UnknownPathError):
+            self.stats["drop_unknown_path"] += 1
+        else:
+            self.stats["drop_handshake_malformed"] += 1
+        return []
+
+    def _set_peer(self, addr: Addr) -> list[Event]:
+        old = self.peer_addr
+        if addr == old:
+            return []
+        self.peer_addr = addr
+        if old is None:
+            return []
+        self.stats["endpoint_changes"] += 1
+        return [EndpointChanged(addr, old)]
+
+    def _receive_request(self, datagram: bytes, addr: Addr, now: float) -> list[Event]:
+        if self.initiator.pending and self.wins_collisions:
+            # Both sides initiated: ours wins; the peer will answer it. Its Request opened its NAT.
+            self.stats["drop_handshake_collision"] += 1
+            return []
+        try:
+            resp, k = self.responder.respond(datagram, now)
+        except HandshakeError as exc:
+            return self._handshake_drop(exc)
+        self.initiator.cancel()
+        self._hs_next = None
+        # The Request is authenticated by the peer's static key and fresh (timestamp): it may move us.
+        events = self._set_peer(addr)
+        self.next = _KeyPair(k, now, self.config.replay_window)
+        self._outbox.append((resp, addr))
+        self.stats["responses_sent"] += 1
+        self._resp_sent_at = now
+        self.last_sent = now
+        return events
+
+    def _receive_response(self, datagram: bytes, addr: Addr, now: float) -> list[Event]:
+        sent_at = self.initiator.sent_at()
+        try:
+            k = self.initiator.response(datagram)
+        except HandshakeError as exc:
+            return self._handshake_drop(exc)
+        rekey = self.current is not None
+        self._install(_KeyPair(k, now, self.config.replay_window), now)
+        self.next = None
+        self._hs_next = None
+        self._rekey_started = False
+        events = self._set_peer(addr)
+        if sent_at is not None:
+            self.rtt = now - sent_at if self.rtt is None else self.rtt
+        if rekey:
+            via = "rekey"
+        elif self.relay is not None and addr == self.relay.addr:
+            via = "relay"
+        elif addr in self.candidates:
+            via = f"candidate:{self.candidates.index(addr)}"
+        else:
+            via = "peer"
+        self.via = via if not rekey else self.via
+        # Confirm the keys to the responder right away (it sends only after seeing them used).
+        self._outbox.append((self._seal(TYPE_KEEPALIVE, b"", now), addr))
+        self.stats["tx_keepalive"] += 1
+        events.append(HandshakeDone(rekey, addr, via))
+        return events
+
+    def _install(self, kp: _KeyPair, now: float) -> None:
+        kp.send_ok = True
+        if self.current is not None:
+            self.current.expires = now + self.config.previous_key_grace
+            self.previous = self.current
+            self.stats["rekeys"] += 1
+        self.current = kp
+        self.stats["handshakes"] += 1
+
+    def _receive_transport(self, kind: int, datagram: bytes, addr: Addr, now: float) -> list[Event]:
+        st = self.stats
+        n = len(datagram)
+        if n < MIN_TRANSPORT_LEN:
+            st["drop_truncated"] += 1
+            return []
+        if n > MAX_DATAGRAM:
+            st["drop_malformed"] += 1
+            return []
+        _, path, counter = HEADER.unpack_from(datagram)
+        if path != self.path_id:
+            st["drop_unknown_path"] += 1
+            return []
+        if counter >= self.config.reject_after_messages:
+            st["drop_too_old"] += 1
+            return []
+        header = datagram[:HEADER_LEN]
+        nonce = NONCE_PREFIX + datagram[9:HEADER_LEN]
+        body = datagram[HEADER_LEN:]
+        reason = None
+        plain = None
+        kp = None
+        for cand in (self.current, self.next, self.previous):
+            if cand is None:
+                continue
+            r = cand.window.check(counter)
+            if r is not None:
+                reason = reason or r
+                continue
+            try:
+                plain = cand.recv.decrypt(nonce, body, header)
+            except InvalidTag:
+                continue
+            kp = cand
+            break
+        if kp is None:
+            if self.current is None and self.next is None and self.previous is None:
+                st["drop_no_keys"] += 1
+            else:
+                st["drop_" + (reason or "bad_tag")] += 1
+            return []
+        if now - kp.created >= self.config.reject_after_time:
+            st["drop_expired_key"] += 1
+            return []
+        if kp is self.previous and kp.expires is not None and now >= kp.expires:
+            st["drop_expired_key"] += 1
+            return []
+        newest = kp.window.update(counter)
+        events: list[Event] = []
+        if kp is self.next:  # first packet on keys we answered for: the initiator has them
+            rekey = self.current is not None
+            self._install(kp, now)
+            self.next = None
+            if not rekey and self.rtt is None and getattr(self, "_resp_sent_at", None) is not None:
+                self.rtt = now - self._resp_sent_at
+            if not rekey:
+                self.via = "relay" if (self.relay is not None and addr == self.relay.addr) else "peer"
+            events.append(HandshakeDone(rekey, addr, "rekey" if rekey else self.via))
+        if addr != self.peer_addr and newest:
+            # Roaming: only an authenticated packet that is the newest seen may move the peer.
+            events.extend(self._set_peer(addr))
+        self.last_received = now
+        st["rx_packets"] += 1
+        if kind == TYPE_DATA:
+            st["rx_data"] += 1
+            st["rx_bytes"] += len(plain)
+            events.append(Data(plain))
+        elif kind == TYPE_KEEPALIVE:
+            st["rx_keepalive"] += 1
+        elif kind == TYPE_PING:
+            if len(plain) == PING_ID_LEN and self.established:
+                self._outbox.append((self._seal(TYPE_PONG, plain, now), addr))
+        elif kind == TYPE_PONG:
+            sent = self._pings.pop(plain, None)
+            if sent is not None:
+                self.rtt = now - sent
+                events.append(Pong(self.rtt))
+        return events
