@@ -78,6 +78,7 @@ async def serve(cfg: dc_config.DcConfig, stop: asyncio.Event) -> None:
         transport.close()
         await coord.federation.close()
         store.close()
+        await registry.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -79,7 +79,7 @@ class Submitter:
             rejected, tx, block = {items[0].record.node}, None, None
         else:
             self.sent_tx += 1
-            rejected, tx, block = set(res.rejected), res.tx_hash, res.block
+            rejected, tx, block = set(res.rejected), "0x" + bytes(res.tx_hash).hex(), res.block_number
             log.info("tx %s block %s: %d records, %d rejected", tx, block, len(items), len(rejected))
         results = []
         for item in items:

@@ -1,0 +1,99 @@
+"""Child processes of the system (DCs, relays) for tests, benchmarks and the devnet.
+
+Each child prints one JSON "ready" line on stdout once it serves; `start()` waits for it and the
+process is stopped by its own PID. Logs go to a file next to the child's data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# Starting a DC connects to the chain and replays registry events; 20 s covers a slow CI machine.
+READY_TIMEOUT_S = 20.0
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    """A port free right now on 127.0.0.1 (tiny race window; fine for tests and the devnet)."""
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Child:
+    """A Python module run as a child process that announces readiness with a JSON line."""
+
+    def __init__(self, module: str, args: list[str], log_path: Path, env: dict | None = None,
+                 prefix: list[str] | None = None) -> None:
+        self.module, self.args, self.log_path = module, args, Path(log_path)
+        self.env = {**os.environ, **(env or {})}
+        self.prefix = prefix or []  # e.g. ["ip", "netns", "exec", "ns1"] to run inside a namespace
+        self.proc: subprocess.Popen | None = None
+        self.ready: dict = {}
+
+    def start(self, timeout: float = READY_TIMEOUT_S) -> "Child":
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [*self.prefix, sys.executable, "-m", self.module, *self.args],
+            stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, env=self.env,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        line = b""
+        while not line.endswith(b"\n"):
+            left = deadline - time.monotonic()
+            if left <= 0 or self.proc.poll() is not None:
+                self.stop()
+                raise RuntimeError(f"{self.module} did not start; log {self.log_path}:\n{self.log_tail()}")
+            if select.select([self.proc.stdout], [], [], min(left, 0.2))[0]:
+                chunk = os.read(self.proc.stdout.fileno(), 4096)
+                if not chunk:
+                    continue
+                line += chunk
+        self.ready = json.loads(line.split(b"\n")[0])
+        return self
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log_tail(self, n: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """SIGTERM, then SIGKILL if it does not exit in time."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def kill(self) -> None:
+        """SIGKILL: the crash test's way to stop a process."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def dc_child(workdir: Path, name: str, key_file: Path, rpc_url: str, deployment: Path, http_port: int,
+             relays: list[str] = (), extra: list[str] = (), prefix: list[str] | None = None,
+             http_host: str = "127.0.0.1", udp_host: str = "127.0.0.1") -> Child:
+    args = ["--key-file", str(key_file), "--rpc-url", rpc_url, "--deployment", str(deployment),
+            "--hostname", name, "--http-host", http_host, "--http-port", str(http_port),
+            "--udp-host", udp_host, "--udp-port", "0", "--db", str(workdir / f"{name}.sqlite"), *extra]
+    for r in relays:
+        args += ["--relay", r]
+    return Child("dc", args, workdir / f"{name}.log", prefix=prefix)

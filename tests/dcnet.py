@@ -1,0 +1,74 @@
+"""A federation for integration tests: anvil, a deployed registry, DC keystores and DC processes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ntm import keys
+from ntm.registry import Registry
+from scripts.anvil import DEV_KEYS, Anvil
+from scripts.procs import Child, dc_child, free_port
+
+
+@dataclass
+class DcNet:
+    """anvil + registry + DCs; `start_dc(i)` (re)starts DC i from its key, port and SQLite file."""
+
+    workdir: Path
+    chain: Anvil
+    registry_address: bytes = b""
+    deployment: Path = Path()
+    dc_keys: list = field(default_factory=list)
+    ports: list[int] = field(default_factory=list)
+    dcs: list[Child | None] = field(default_factory=list)
+
+    @property
+    def urls(self) -> list[str]:
+        return [f"http://127.0.0.1:{p}" for p in self.ports]
+
+    async def deploy(self, n_dcs: int) -> None:
+        reg = await Registry.deploy(self.chain.url, DEV_KEYS[0])
+        self.registry_address = reg.address
+        for i in range(n_dcs):
+            key = keys.private_key(DEV_KEYS[1 + i])
+            self.dc_keys.append(key)
+            keys.save_keystore(key, self.workdir / f"dc{i + 1}.key.json")
+            self.ports.append(free_port())
+            await reg.admit_dc(keys.node_id_of(key), f"dc{i + 1}", f"http://127.0.0.1:{self.ports[-1]}")
+        self.deployment = self.workdir / "deployment.json"
+        self.deployment.write_text(json.dumps({"chain_id": reg.chain_id, "registry": keys.checksum(reg.address),
+                                               "block": 0}))
+        await reg.close()
+        self.dcs = [None] * n_dcs
+
+    def start_dc(self, i: int) -> Child:
+        child = dc_child(self.workdir, f"dc{i + 1}", self.workdir / f"dc{i + 1}.key.json", self.chain.url,
+                         self.deployment, self.ports[i]).start()
+        self.dcs[i] = child
+        return child
+
+    def stop(self) -> None:
+        for child in self.dcs:
+            if child is not None:
+                child.stop()
+
+    async def registry(self) -> Registry:
+        return await Registry.connect(self.chain.url, self.registry_address)
+
+
+async def until(predicate, timeout: float = 10.0, interval: float = 0.05):
+    """Poll an async or sync predicate until truthy; returns its value or raises AssertionError."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if loop.time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(interval)

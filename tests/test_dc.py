@@ -1,0 +1,199 @@
+"""DC integration: real anvil, real DC processes on loopback, real SQLite files, the real `ntm` CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import subprocess
+import sys
+import time
+
+import aiohttp
+import pytest
+
+from dc.federation import FederationClient, FederationError
+from node.dc_client import DcClient, DcError
+from ntm import envelope, keepalive, keys
+from ntm.record import Domain, NodeTransaction
+from ntm.registration import RegistrationRequest
+from scripts.anvil import Anvil
+from tests.dcnet import DcNet, until
+
+
+def ntm(home, *args, check=True):
+    """Run the real CLI; returns parsed --json output (or the CompletedProcess when check=False)."""
+    proc = subprocess.run([sys.executable, "-m", "node.cli", "--home", str(home), "--json", *args],
+                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    if not check:
+        return proc
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+@pytest.fixture
+async def net(tmp_path):
+    with Anvil() as chain:
+        dcnet = DcNet(tmp_path, chain)
+        await dcnet.deploy(2)
+        dcnet.start_dc(0)
+        dcnet.start_dc(1)
+        try:
+            yield dcnet
+        finally:
+            dcnet.stop()
+
+
+def make_node(tmp_path, name):
+    home = tmp_path / name
+    out = ntm(home, "keygen")
+    return home, keys.parse_node_id(out["node"])
+
+
+async def test_two_dcs_federation(net, tmp_path):
+    a_home, a = make_node(tmp_path, "a")
+    b_home, b = make_node(tmp_path, "b")
+    ra = ntm(a_home, "register", "--dc", net.urls[0], "--addr", "10.1.0.2:4330")
+    rb = ntm(b_home, "register", "--dc", net.urls[1], "--addr", "10.2.0.2:4330")
+    assert ra["status"] == rb["status"] == "confirmed"
+
+    async with DcClient(net.urls[0]) as dc1:
+        # DC1 learns B's home from its registry cache, then asks DC2 over the federation.
+        seen = await until(lambda: _whois_or_none(dc1, b))
+    assert seen["home_dc"] == keys.checksum(net.dc_keys[1].public_key.format(False) and keys.node_id_of(net.dc_keys[1]))
+    assert keys.node_id(bytes.fromhex(seen["pubkey"])) == b
+
+    # The federation request itself, signed by DC1's chain key, returns B's key and addresses.
+    guard = envelope.ReplayGuard()
+    reg = await net.registry()
+    fed = FederationClient(net.dc_keys[0], lambda addr: True, guard)
+    info = await fed.ntm_info(net.urls[1], keys.node_id_of(net.dc_keys[1]), b)
+    await fed.close()
+    assert info["local_addrs"] == ["10.2.0.2:4330"] and keys.node_id(bytes.fromhex(info["pubkey"])) == b
+
+    # An unknown key signing a federation request is refused, and so is a replay of a good one.
+    stranger = FederationClient(keys.generate(), lambda addr: True, guard)
+    with pytest.raises(FederationError, match="not an active DC"):
+        await stranger.ntm_info(net.urls[1], keys.node_id_of(net.dc_keys[1]), b)
+    await stranger.close()
+    good = envelope.seal(net.dc_keys[0], "ntm-info-request",
+                        {"node": keys.checksum(b), "to": keys.checksum(keys.node_id_of(net.dc_keys[1]))},
+                        int(time.time() * 1000))
+    async with aiohttp.ClientSession() as http:
+        first = await http.post(net.urls[1] + "/v1/federation/ntm-info", json=good)
+        again = await http.post(net.urls[1] + "/v1/federation/ntm-info", json=good)
+        assert first.status == 200 and again.status == 403
+        assert "replayed" in (await again.json())["message"]
+    await reg.close()
+
+
+async def _whois_or_none(dc, node):
+    try:
+        return await dc.whois(node)
+    except DcError:
+        return None
+
+
+async def test_node_moves_between_dcs_within_one_block(net, tmp_path):
+    home, n = make_node(tmp_path, "m")
+    ntm(home, "register", "--dc", net.urls[0])
+    moved = ntm(home, "register", "--dc", net.urls[1])
+    assert moved["status"] == "confirmed"
+    dc2 = keys.checksum(keys.node_id_of(net.dc_keys[1]))
+    reg = await net.registry()
+    assert (await reg.lookup(n)).dc == keys.node_id_of(net.dc_keys[1])
+    # Both DCs' caches reflect the move by the time the chain has one more block.
+    async with DcClient(net.urls[0]) as dc1, DcClient(net.urls[1]) as dc2c:
+        for dc in (dc1, dc2c):
+            seen = await until(lambda: _whois_or_none(dc, n), timeout=5)
+            assert seen["home_dc"] == dc2
+    assert await reg.block_number() <= moved["block"] + 1
+    # The old DC's stale record can no longer reach the chain, and `ntm status` shows the new home.
+    status = ntm(home, "status")
+    assert status["home_dc"] == dc2 and status["confirmed"]
+    await reg.close()
+
+
+async def test_bad_input_is_refused_and_changes_nothing(net, tmp_path):
+    url = net.urls[0]
+    dc1 = keys.node_id_of(net.dc_keys[0])
+    key = keys.generate()
+    nid = keys.node_id_of(key)
+    async with DcClient(url) as client:
+        info = await client.info()
+        domain = Domain(info["chain_id"], keys.parse_node_id(info["registry"]))
+
+        def req(ts, dc=dc1, revoked=False, signer=key):
+            rec = NodeTransaction(nid, dc, ts, revoked)
+            sig = keys.sign_digest(signer, rec.digest(domain))
+            return RegistrationRequest(rec, sig, keys.public_bytes(key), ())
+
+        async with aiohttp.ClientSession() as http:
+            async def post(body, raw=False):
+                data = body if raw else json.dumps(body)
+                async with http.post(url + "/v1/register", data=data) as r:
+                    return r.status, await r.json()
+
+            async def stored():
+                async with http.get(url + "/metrics") as r:
+                    text = await r.text()
+                return int(text.split("\nntm_dc_nodes_stored ")[1].split()[0])
+
+            now = int(time.time() * 1000)
+            assert (await post("{not json", raw=True))[0] == 400
+            assert (await post("x" * 100_000, raw=True))[0] == 413
+            status, body = await post(req(now, signer=keys.generate()).to_json())
+            assert (status, body["error"]) == (400, "bad_signature")
+            status, body = await post(req(now, dc=b"\x42" * 20).to_json())
+            assert (status, body["error"]) == (400, "wrong_dc")
+            assert await stored() == 0
+
+            good = req(now).to_json()
+            assert (await post({**good, "wait": "confirmed"}))[1]["status"] == "confirmed"
+            status, body = await post(good)  # replay of the exact same record
+            assert (status, body["error"]) == (409, "stale")
+            revoke = req(now + 1, revoked=True).to_json()
+            assert (await post({**revoke, "wait": "confirmed"}))[1]["status"] == "confirmed"
+            status, body = await post(req(now + 2).to_json())
+            assert (status, body["error"]) == (403, "revoked")
+            assert await stored() == 1
+
+    # The CLI says so in words.
+    home, _ = make_node(tmp_path, "r")
+    ntm(home, "register", "--dc", url)
+    ntm(home, "revoke", "--dc", url, "--yes")
+    proc = ntm(home, "register", "--dc", url, check=False)
+    assert proc.returncode == 1 and "revoked" in proc.stderr
+
+
+async def test_session_and_keepalive_token(net, tmp_path):
+    home, n = make_node(tmp_path, "k")
+    ntm(home, "register", "--dc", net.urls[0])
+    key = keys.load_keystore(home / "key.json")
+    async with DcClient(net.urls[0]) as client:
+        ws, welcome = await client.open_session(key)
+        token, port = bytes.fromhex(welcome["token"]), welcome["keepalive_port"]
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.settimeout(2)
+            s.sendto(keepalive.encode_request(n, 1, b"\x00" * 32), ("127.0.0.1", port))  # wrong token
+            s.sendto(keepalive.encode_request(n, 2, token), ("127.0.0.1", port))
+            seq, ip, observed_port = keepalive.parse_reply(s.recv(100))
+            assert (seq, ip, observed_port) == (2, "127.0.0.1", s.getsockname()[1])
+        await ws.send_json({"type": "status"})
+        status = await ws.receive_json()
+        assert status["observed"] == f"127.0.0.1:{observed_port}" and status["keepalives"] == 1
+        await ws.close()
+        # A stranger cannot open a session for a node it does not hold the key of.
+        with pytest.raises(DcError, match="not registered|refused"):
+            await client.open_session(keys.generate())
+
+
+async def test_cli_errors_are_readable(net, tmp_path):
+    home, _ = make_node(tmp_path, "e")
+    proc = ntm(home, "register", "--dc", "127.0.0.1:1", check=False)
+    assert proc.returncode == 1 and "cannot reach DC" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "node.cli", "--home", str(home), "id"],
+                          capture_output=True, text=True, env={"NTM_PASSPHRASE": "wrong", "PATH": ""})
+    assert proc.returncode == 2 and "wrong passphrase" in proc.stderr
+    proc = ntm(tmp_path / "nobody", "id", check=False)
+    assert proc.returncode == 2 and "ntm keygen" in proc.stderr
