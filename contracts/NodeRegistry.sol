@@ -33,14 +33,18 @@ contract NodeRegistry {
     uint8 internal constant STALE_TIMESTAMP = 3;
     uint8 internal constant FUTURE_TIMESTAMP = 4;
     uint8 internal constant NODE_REVOKED = 5;
+    uint8 internal constant MALFORMED = 6; // a field out of its ABI range (dirty address/uint64/bool)
 
     /// How far (ms) a record's timestamp may be ahead of chain time (PROTOCOL.md §2 rule 4).
     uint256 public constant MAX_FUTURE_MS = 600_000;
 
     bytes32 internal constant DOMAIN_TYPEHASH =
         keccak256("EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)");
-    bytes32 internal constant RECORD_TYPEHASH =
-        keccak256("NodeTransaction(address node,address dc,uint64 timestamp,bool revoked)");
+    // Literal constants so inline assembly can use them; the constructor checks each one.
+    bytes32 internal constant RECORD_TYPEHASH = 0xc6ec4b3aa28c3b7599eab461c23c62b0eab6df493f45a1e1de599670722bc6f8;
+    bytes32 internal constant REGISTERED_TOPIC = 0xc65318a717c5d5cc9d68e41cb59cefc6990e04dc3a4fb45769fe8f49041970f2;
+    bytes32 internal constant REVOKED_TOPIC = 0x8377cd0f5fa7e435aca755d57d0a16d03a640f0db5d5a101ae213c7f6a0da700;
+    bytes32 internal constant REJECTED_TOPIC = 0x6ef0a6a001ed314d6e74d6317e8140e73907d3859a7f9bbc8f4ec25135dca4e5;
     bytes32 internal constant NAME_HASH = keccak256("NTMobile NodeRegistry");
     bytes32 internal constant VERSION_HASH = keccak256("1");
     uint256 internal constant HALF_N = 0x7FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF5D576E7357A4501DDFE92F46681B20A0;
@@ -66,6 +70,10 @@ contract NodeRegistry {
     event OwnershipTransferred(address indexed previousOwner, address indexed newOwner);
 
     constructor() {
+        assert(RECORD_TYPEHASH == keccak256("NodeTransaction(address node,address dc,uint64 timestamp,bool revoked)"));
+        assert(REGISTERED_TOPIC == NodeRegistered.selector);
+        assert(REVOKED_TOPIC == NodeRevoked.selector);
+        assert(REJECTED_TOPIC == RecordRejected.selector);
         owner = msg.sender;
         _cachedChainId = block.chainid;
         _cachedDomainSeparator = _buildDomainSeparator();
@@ -89,7 +97,7 @@ contract NodeRegistry {
         bytes32 typehash = RECORD_TYPEHASH;
         assembly ("memory-safe") {
             let p := mload(0x40)
-            mstore(p, typehash)
+            mstore(p, RECORD_TYPEHASH)
             mstore(add(p, 0x20), node)
             mstore(add(p, 0x40), dc)
             mstore(add(p, 0x60), ts)
@@ -108,51 +116,103 @@ contract NodeRegistry {
     }
 
     // ------------------------------------------------------------------ records
+    //
+    // The hot path is written in assembly: in Solidity, ABI-decoding and validating each calldata
+    // struct field, the ecrecover builtin and event encoding cost ~2,300 gas per record of pure
+    // overhead (measured: 776 opcodes per record), about 8% of a batch.
 
-    /// Checks one record submitted by `dc` against the stored state. Returns a reason code
-    /// (OK = 0) and, when OK, the packed slot value to store. Shared by register and registerBatch.
-    function _check(SignedRecord calldata rec, address dc) private view returns (uint8 reason, uint256 packed) {
-        address node = rec.node;
-        uint64 timestamp = rec.timestamp;
-        bool revoked = rec.revoked;
-        uint256 stored = _records[node];
-        if (stored >> 224 != 0) return (NODE_REVOKED, 0);
-        if (timestamp <= uint64(stored >> 160)) return (STALE_TIMESTAMP, 0);
-        if (timestamp > block.timestamp * 1000 + MAX_FUTURE_MS) return (FUTURE_TIMESTAMP, 0);
-        uint256 vs = uint256(rec.vs);
-        uint256 s = vs & S_MASK;
-        if (s > HALF_N) return (HIGH_S, 0);
-        address signer = ecrecover(_digest(node, dc, timestamp, revoked), uint8((vs >> 255) + 27), rec.r, bytes32(s));
-        if (signer == address(0) || signer != node) return (BAD_SIGNATURE, 0);
-        packed = uint256(uint160(dc)) | (uint256(timestamp) << 160) | (revoked ? (1 << 224) : 0);
-        return (OK, packed);
-    }
-
-    function _store(address node, uint256 packed, address dc, uint64 timestamp, bool revoked) private {
-        _records[node] = packed;
-        if (revoked) emit NodeRevoked(node, dc, timestamp);
-        else emit NodeRegistered(node, dc, timestamp);
+    /// Checks the record at calldata offset `rec` (a SignedRecord) submitted by `dc` and, if it
+    /// passes, stores it and emits NodeRegistered / NodeRevoked. Returns a reason code (OK = 0:
+    /// stored; else nothing changed). The one check shared by register() and registerBatch().
+    function _apply(uint256 rec, address dc, bytes32 sep) private returns (uint256 reason) {
+        assembly ("memory-safe") {
+            let node := calldataload(rec)
+            let ts := calldataload(add(rec, 0x20))
+            let revoked := calldataload(add(rec, 0x40))
+            mstore(0x00, node)
+            mstore(0x20, _records.slot)
+            let slot := keccak256(0x00, 0x40)
+            let stored := sload(slot)
+            // Order: malformed, revoked, stale, future, high s, signature (cheap checks first).
+            for {} 1 {} {
+                if or(or(shr(160, node), shr(64, ts)), gt(revoked, 1)) {
+                    reason := 6 // MALFORMED: not a valid ABI encoding of the struct
+                    break
+                }
+                if shr(224, stored) {
+                    reason := 5 // NODE_REVOKED
+                    break
+                }
+                if iszero(gt(ts, and(shr(160, stored), 0xffffffffffffffff))) {
+                    reason := 3 // STALE_TIMESTAMP
+                    break
+                }
+                if gt(ts, add(mul(timestamp(), 1000), 600000)) {
+                    reason := 4 // FUTURE_TIMESTAMP
+                    break
+                }
+                let vs := calldataload(add(rec, 0x80))
+                let s := and(vs, 0x7fffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff)
+                if gt(s, 0x7FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF5D576E7357A4501DDFE92F46681B20A0) {
+                    reason := 2 // HIGH_S
+                    break
+                }
+                let p := mload(0x40)
+                mstore(p, RECORD_TYPEHASH)
+                mstore(add(p, 0x20), node)
+                mstore(add(p, 0x40), dc)
+                mstore(add(p, 0x60), ts)
+                mstore(add(p, 0x80), revoked)
+                let structHash := keccak256(p, 0xa0)
+                mstore(p, 0x1901000000000000000000000000000000000000000000000000000000000000)
+                mstore(add(p, 0x02), sep)
+                mstore(add(p, 0x22), structHash)
+                let d := keccak256(p, 0x42)
+                mstore(p, d)
+                mstore(add(p, 0x20), add(shr(255, vs), 27))
+                calldatacopy(add(p, 0x40), add(rec, 0x60), 0x20) // r
+                mstore(add(p, 0x60), s)
+                mstore(0x00, 0)
+                // ecrecover returns nothing (0x00 stays zero) for an invalid signature
+                pop(staticcall(gas(), 0x01, p, 0x80, 0x00, 0x20))
+                let signer := mload(0x00)
+                if or(iszero(signer), iszero(eq(signer, node))) {
+                    reason := 1 // BAD_SIGNATURE
+                    break
+                }
+                sstore(slot, or(dc, or(shl(160, ts), shl(224, revoked))))
+                mstore(0x00, ts)
+                let topic := REGISTERED_TOPIC
+                if revoked { topic := REVOKED_TOPIC }
+                log3(0x00, 0x20, topic, node, dc)
+                break
+            }
+        }
     }
 
     function _requireActiveDC() private view {
         require(_dcs[msg.sender].active, "NodeRegistry: not an active DC");
     }
 
-    function _revertReason(uint8 reason) private pure {
+    function _revertReason(uint256 reason) private pure {
         if (reason == BAD_SIGNATURE) revert("NodeRegistry: bad signature");
         if (reason == HIGH_S) revert("NodeRegistry: high s");
         if (reason == STALE_TIMESTAMP) revert("NodeRegistry: stale timestamp");
         if (reason == FUTURE_TIMESTAMP) revert("NodeRegistry: timestamp too far in future");
         if (reason == NODE_REVOKED) revert("NodeRegistry: node revoked");
+        revert("NodeRegistry: malformed record");
     }
 
     /// Store one node-signed record; the caller (an active DC) is the record's DC. Reverts with a
     /// readable reason when the record is refused.
     function register(SignedRecord calldata rec) external {
         _requireActiveDC();
-        (uint8 reason, uint256 packed) = _check(rec, msg.sender);
+        uint256 p;
+        assembly ("memory-safe") {
+            p := rec
+        }
+        uint256 reason = _apply(p, msg.sender, domainSeparator());
         if (reason != OK) _revertReason(reason);
-        _store(rec.node, packed, msg.sender, rec.timestamp, rec.revoked);
     }
 
     /// Store many records in one transaction. The caller is checked once (reverts if not an
@@ -161,17 +221,26 @@ contract NodeRegistry {
     /// landed through another DC) and must not sink the other records. Returns how many were stored.
     function registerBatch(SignedRecord[] calldata recs) external returns (uint256 accepted) {
         _requireActiveDC();
-        uint256 n = recs.length;
-        for (uint256 i; i < n; ) {
-            SignedRecord calldata rec = recs[i];
-            (uint8 reason, uint256 packed) = _check(rec, msg.sender);
-            if (reason == OK) {
-                _store(rec.node, packed, msg.sender, rec.timestamp, rec.revoked);
-                unchecked { ++accepted; }
-            } else {
-                emit RecordRejected(rec.node, reason);
+        bytes32 sep = domainSeparator();
+        uint256 p;
+        uint256 end;
+        assembly ("memory-safe") {
+            p := recs.offset
+            end := add(p, mul(recs.length, 0xa0)) // the ABI decoder checked it lies in calldata
+        }
+        for (; p < end; ) {
+            uint256 reason = _apply(p, msg.sender, sep);
+            assembly ("memory-safe") {
+                switch reason
+                case 0 {
+                    accepted := add(accepted, 1)
+                }
+                default {
+                    mstore(0x00, reason)
+                    log2(0x00, 0x20, REJECTED_TOPIC, calldataload(p))
+                }
+                p := add(p, 0xa0)
             }
-            unchecked { ++i; }
         }
     }
 

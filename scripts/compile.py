@@ -92,7 +92,7 @@ def compile_artifact(source: Path = SOURCE) -> dict:
         try:
             out = solcx.compile_standard(input_data, solc_binary=solc)
         except solcx.exceptions.SolcError as exc:
-            raise CompileError(str(exc)) from None
+            raise CompileError(str(exc).split("\n> command")[0].strip()) from None
         version = solcx.wrapper.get_version_str_from_solc_binary(solc)
     contract = out["contracts"][source.name][CONTRACT]
     return {
