@@ -1,0 +1,91 @@
+"""Nothing acknowledged is lost: kill -9 of a DC before the chain confirms, and a chain restart."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+
+from ntm import keys
+from ntm.record import Domain, NodeTransaction
+from ntm.registration import RegistrationRequest
+from scripts.anvil import Anvil
+from tests.dcnet import DcNet, until
+
+
+async def register_many(url: str, n: int) -> list[bytes]:
+    """n fresh nodes register concurrently, not waiting for the chain; all must be acknowledged."""
+    async with aiohttp.ClientSession() as http:
+        async with http.get(url + "/v1/info") as r:
+            info = await r.json()
+        domain = Domain(info["chain_id"], keys.parse_node_id(info["registry"]))
+        dc = keys.parse_node_id(info["dc"])
+        now = int(time.time() * 1000)
+        bodies, nodes = [], []
+        for _ in range(n):
+            key = keys.generate()
+            rec = NodeTransaction(keys.node_id_of(key), dc, now)
+            bodies.append(RegistrationRequest(rec, rec.sign(key, domain), keys.public_bytes(key), ()).to_json())
+            nodes.append(rec.node)
+
+        async def post(body):
+            async with http.post(url + "/v1/register", json=body) as r:
+                assert r.status == 200, await r.text()
+                return (await r.json())["status"]
+
+        statuses = await asyncio.gather(*(post(b) for b in bodies))
+    assert set(statuses) == {"durable"}
+    return nodes
+
+
+async def all_on_chain(net: DcNet, nodes: list[bytes], dc: bytes, timeout: float = 30) -> None:
+    reg = await net.registry()
+    try:
+        async def check():
+            records = [await reg.lookup(n) for n in nodes]
+            return all(r is not None and r.dc == dc for r in records)
+        await until(check, timeout=timeout, interval=0.5)
+    finally:
+        await reg.close()
+
+
+async def test_kill9_after_ack_before_confirmation(tmp_path):
+    # Blocks every 2 s: acknowledged registrations sit unconfirmed long enough to crash the DC.
+    with Anvil(block_time=2) as chain:
+        net = DcNet(tmp_path, chain)
+        await net.deploy(1)
+        dc = net.start_dc(0)
+        try:
+            nodes = await register_many(net.urls[0], 25)
+            dc.kill()
+            reg = await net.registry()
+            unconfirmed = [n for n in nodes if await reg.lookup(n) is None]
+            await reg.close()
+            assert unconfirmed, "the chain confirmed before the crash; the test proves nothing"
+            net.start_dc(0)
+            await all_on_chain(net, nodes, keys.node_id_of(net.dc_keys[0]))
+        finally:
+            net.stop()
+
+
+async def test_chain_restart_with_state_keeps_everything(tmp_path):
+    state = tmp_path / "chain-state.json"
+    chain = Anvil(state_path=state).start()
+    port = chain.port
+    net = DcNet(tmp_path, chain)
+    try:
+        await net.deploy(1)
+        net.start_dc(0)
+        dc_addr = keys.node_id_of(net.dc_keys[0])
+        before = await register_many(net.urls[0], 5)
+        await all_on_chain(net, before, dc_addr)
+        chain.stop()  # chain goes away (state dumped on SIGTERM)
+        during = await register_many(net.urls[0], 10)  # the DC still acknowledges: durable in SQLite
+        net.dcs[0].kill()  # and crashes while the chain is down
+        chain = net.chain = Anvil(state_path=state, port=port).start()
+        net.start_dc(0)
+        await all_on_chain(net, before + during, dc_addr)
+    finally:
+        net.stop()
+        chain.stop()
