@@ -193,6 +193,7 @@ class Registry:
         self.url = url
         self.address = address
         self.chain_id = chain_id
+        self.deploy_block: int | None = None  # set by deploy()
         self._account = Account.from_key(key) if key is not None else None
         self.sender: bytes | None = bytes.fromhex(self._account.address[2:]) if self._account else None
         self._abi = _Abi(artifact["abi"])

@@ -1,0 +1,157 @@
+"""Deploy the NodeRegistry (or reuse the one in --out) and admit DCs; write deployment JSON.
+
+    python -m scripts.deploy --rpc http://127.0.0.1:8545 --key HEX \\
+        --dc 0xDC1ADDR,dc1.example,https://dc1.example:8443 --dc ... --out deployment.json
+    ntm-deploy ...   (same, as a console script)
+
+Idempotent: if --out exists and its registry has code on that chain, it is reused; DCs already
+admitted with the same hostname/endpoint are skipped, changed ones are updated. Any failure is one
+readable line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+
+from eth_account import Account
+
+from ntm import keys
+from ntm.errors import NtmError
+from ntm.registry import Registry, RegistryError, load_artifact
+
+
+class DeployError(NtmError):
+    pass
+
+
+def parse_dc(spec: str) -> tuple[bytes, str, str]:
+    parts = spec.split(",", 2)
+    if len(parts) != 3 or not parts[1] or not parts[2]:
+        raise DeployError(f"bad --dc {spec!r}: expected ADDRESS,HOSTNAME,ENDPOINT")
+    try:
+        address = keys.parse_node_id(parts[0].strip())
+    except ValueError as exc:
+        raise DeployError(f"bad --dc {spec!r}: {exc}") from None
+    return address, parts[1].strip(), parts[2].strip()
+
+
+def load_key(args: argparse.Namespace) -> bytes:
+    if args.key:
+        raw = args.key[2:] if args.key[:2] in ("0x", "0X") else args.key
+        try:
+            key = bytes.fromhex(raw)
+        except ValueError:
+            raise DeployError("--key is not hex") from None
+        if len(key) != 32:
+            raise DeployError(f"--key is {len(key)} bytes, expected 32")
+        return key
+    passphrase = os.environ.get("NTM_KEY_PASSPHRASE", "")
+    return keys.load_keystore(Path(args.key_file), passphrase).secret
+
+
+def write_atomic(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=2)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+async def _existing(out: Path, rpc: str, key: bytes) -> tuple[Registry, int] | None:
+    """The registry named in an existing --out file, if it is live on this chain."""
+    if not out.exists():
+        return None
+    try:
+        dep = json.loads(out.read_text())
+        address, chain_id, block = dep["registry"], int(dep["chain_id"]), int(dep.get("block", 0))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DeployError(f"existing {out} is unreadable ({exc}); move it away to deploy afresh") from None
+    try:
+        reg = await Registry.connect(rpc, address, key)
+    except RegistryError as exc:
+        if "cannot reach" in str(exc):
+            raise
+        return None  # e.g. a fresh devnet: the old address has no code -> deploy again
+    if reg.chain_id != chain_id:
+        await reg.close()
+        return None
+    return reg, block
+
+
+async def run(args: argparse.Namespace) -> dict:
+    dcs = [parse_dc(s) for s in args.dc]
+    key = load_key(args)
+    load_artifact()  # fail early and clearly if it is missing
+    deployer = Account.from_key(key).address
+    out = Path(args.out)
+    found = await _existing(out, args.rpc, key)
+    if found:
+        reg, block = found
+        action = "reused"
+    else:
+        probe = Registry._w3(args.rpc)
+        try:
+            chain_id = await Registry._chain_id(probe, args.rpc)
+            balance = await probe.eth.get_balance(deployer)
+        finally:
+            await probe.provider.disconnect()
+        if balance == 0:
+            raise DeployError(f"account {deployer} has insufficient funds (balance 0) on chain {chain_id}")
+        reg = await Registry.deploy(args.rpc, key)
+        block, action = reg.deploy_block, "deployed"
+    try:
+        print(f"registry {keys.checksum(reg.address)} on chain {reg.chain_id}: {action}")
+        for address, hostname, endpoint in dcs:
+            info = await reg.dc(address)
+            if info and (info.hostname, info.endpoint) == (hostname, endpoint):
+                print(f"DC {keys.checksum(address)} already admitted")
+            elif info:
+                await reg.update_dc(hostname, endpoint, address=address)
+                print(f"DC {keys.checksum(address)} updated: {hostname} {endpoint}")
+            else:
+                await reg.admit_dc(address, hostname, endpoint)
+                print(f"DC {keys.checksum(address)} admitted: {hostname} {endpoint}")
+        all_dcs = await reg.dcs()
+        deployment = {
+            "chain_id": reg.chain_id,
+            "registry": keys.checksum(reg.address),
+            "block": block,
+            "deployer": deployer,
+            "dcs": [{"address": keys.checksum(d.address), "hostname": d.hostname, "endpoint": d.endpoint}
+                    for d in all_dcs],
+        }
+    finally:
+        await reg.close()
+    write_atomic(out, deployment)
+    print(f"wrote {out}")
+    return deployment
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="ntm-deploy", description=__doc__.splitlines()[0])
+    ap.add_argument("--rpc", required=True, help="chain JSON-RPC URL")
+    who = ap.add_mutually_exclusive_group(required=True)
+    who.add_argument("--key", help="deployer private key (hex)")
+    who.add_argument("--key-file", help="deployer keystore (passphrase from $NTM_KEY_PASSPHRASE)")
+    ap.add_argument("--dc", action="append", default=[], metavar="ADDRESS,HOSTNAME,ENDPOINT",
+                    help="admit this DC (repeatable)")
+    ap.add_argument("--out", default="deployment.json", help="deployment file (reused if live)")
+    args = ap.parse_args(argv)
+    try:
+        asyncio.run(run(args))
+    except NtmError as exc:  # RegistryError, DeployError, KeystoreError
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
