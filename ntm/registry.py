@@ -275,9 +275,13 @@ class Registry:
             reason = _revert_reason(exc)
             return RegistryError(f"{what} reverted: {reason}", reason=reason)
         text = str(getattr(exc, "message", None) or exc)
+        if isinstance(exc, Web3RPCError) and isinstance(exc.rpc_response, dict):
+            err = exc.rpc_response.get("error")
+            if isinstance(err, dict) and err.get("message"):
+                text = str(err["message"])
         if "insufficient funds" in text.lower():
             who = self._account.address if self._account else "the sender"
-            return RegistryError(f"account {who} has insufficient funds for gas on chain {self.chain_id}: {text}")
+            return RegistryError(f"account {who} has insufficient funds for gas on chain {self.chain_id} ({text})")
         if isinstance(exc, (aiohttp.ClientError, OSError, asyncio.TimeoutError)):
             return RegistryError(f"cannot reach the chain RPC at {self.url}: {exc}")
         return RegistryError(f"{what} failed: {text}")
