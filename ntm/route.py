@@ -1,0 +1,87 @@
+"""Route decision: given what the DCs know about two nodes, how should they build their tunnel?
+
+Pure function of its inputs, table-tested (tests/test_route.py). docs/PROTOCOL.md §8.1.
+
+NAT kinds come from the node's keepalives: the DC listens on two UDP ports; a node whose two
+observed mappings differ is behind a symmetric NAT (the mapping depends on the destination), one
+whose observed address is one of its own local addresses is not behind a NAT at all.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from typing import Literal
+
+from ntm.registration import parse_endpoint
+
+NatKind = Literal["none", "eim", "symmetric", "unknown"]
+RouteKind = Literal["direct", "nat_initiates", "punch", "relay"]
+
+
+@dataclass(frozen=True)
+class Reach:
+    """One node's reachability as its home DC sees it."""
+
+    local: tuple[str, ...] = ()  # endpoints the node announced ("ip:port")
+    observed: str | None = None  # its public mapping, as seen by the DC's first keepalive port
+    observed_alt: str | None = None  # the mapping seen by the DC's second keepalive port
+
+    @property
+    def nat(self) -> NatKind:
+        if self.observed is None:
+            return "unknown"
+        if self.observed in self.local:
+            return "none"
+        if self.observed_alt is not None and self.observed_alt != self.observed:
+            return "symmetric"
+        return "eim"
+
+    def families(self) -> set[int]:
+        eps = list(self.local) + ([self.observed] if self.observed else [])
+        return {ipaddress.ip_address(parse_endpoint(e)[0]).version for e in eps}
+
+    def candidates(self, peer: "Reach") -> list[str]:
+        """Where the peer should send to reach this node, best first.
+
+        Behind the same public address (same NAT) the LAN address comes first: many NATs do not
+        hairpin. Otherwise the public mapping, then the local addresses (which also serve two
+        nodes on one LAN with different uplinks).
+        """
+        public = [self.observed] if self.observed else []
+        local = [e for e in self.local if e not in public]
+        same_nat = self.observed and peer.observed and _ip(self.observed) == _ip(peer.observed)
+        ordered = local + public if same_nat else public + local
+        families = peer.families()
+        return [e for e in ordered if _family(e) in families] or ordered
+
+
+def _ip(endpoint: str) -> str:
+    return parse_endpoint(endpoint)[0]
+
+
+def _family(endpoint: str) -> int:
+    return ipaddress.ip_address(_ip(endpoint)).version
+
+
+@dataclass(frozen=True)
+class Route:
+    kind: RouteKind
+    initiator: Literal["a", "b", "both", None]
+    reason: str
+
+
+def decide(a: Reach, b: Reach) -> Route:
+    """How A (the requester) and B connect. Relay when no direct path can work."""
+    if not a.families() & b.families():
+        return Route("relay", None, "no common address family (IPv4-only vs IPv6-only)")
+    na, nb = a.nat, b.nat
+    if "symmetric" in (na, nb) and not ({na, nb} & {"none"}):
+        return Route("relay", None, "symmetric NAT on one side and a NAT on the other: no punch possible")
+    if na == "none" and nb == "none":
+        return Route("direct", "a", "both public")
+    if nb == "none":
+        return Route("nat_initiates", "a", f"B is public, A is behind a {na} NAT")
+    if na == "none":
+        return Route("nat_initiates", "b", f"A is public, B is behind a {nb} NAT")
+    return Route("punch", "both", f"both behind NATs ({na}, {nb}): simultaneous hole punch")

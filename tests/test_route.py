@@ -1,0 +1,53 @@
+"""The route decision table (docs/PROTOCOL.md §8.1)."""
+
+import pytest
+
+from ntm.route import Reach, decide
+
+PUB_A = Reach(("198.18.0.20:4330",), "198.18.0.20:4330", "198.18.0.20:4330")
+PUB_B = Reach(("198.18.0.21:4330",), "198.18.0.21:4330", "198.18.0.21:4330")
+EIM_A = Reach(("10.1.0.2:4330",), "198.18.0.11:4330", "198.18.0.11:4330")
+EIM_B = Reach(("10.2.0.2:4330",), "198.18.0.12:4330", "198.18.0.12:4330")
+SYM_A = Reach(("10.1.0.2:4330",), "198.18.0.11:31000", "198.18.0.11:42000")
+SYM_B = Reach(("10.2.0.2:4330",), "198.18.0.12:31000", "198.18.0.12:42000")
+V6_A = Reach(("[2001:db8:0:1::30]:4330",), "[2001:db8:0:1::30]:4330", "[2001:db8:0:1::30]:4330")
+V6_B = Reach(("[2001:db8:0:1::31]:4330",), "[2001:db8:0:1::31]:4330", "[2001:db8:0:1::31]:4330")
+UNKNOWN = Reach(("10.3.0.2:4330",))
+
+TABLE = [
+    (PUB_A, PUB_B, "direct", "a"),
+    (EIM_A, PUB_B, "nat_initiates", "a"),
+    (PUB_A, EIM_B, "nat_initiates", "b"),
+    (SYM_A, PUB_B, "nat_initiates", "a"),
+    (PUB_A, SYM_B, "nat_initiates", "b"),
+    (EIM_A, EIM_B, "punch", "both"),
+    (EIM_A, SYM_B, "relay", None),
+    (SYM_A, EIM_B, "relay", None),
+    (SYM_A, SYM_B, "relay", None),
+    (V6_A, V6_B, "direct", "a"),
+    (V6_A, PUB_B, "relay", None),
+    (EIM_A, V6_B, "relay", None),
+    (UNKNOWN, EIM_B, "punch", "both"),
+]
+
+
+@pytest.mark.parametrize("a,b,kind,initiator", TABLE)
+def test_route_table(a, b, kind, initiator):
+    route = decide(a, b)
+    assert (route.kind, route.initiator) == (kind, initiator), route.reason
+
+
+def test_nat_kinds():
+    assert [r.nat for r in (PUB_A, EIM_A, SYM_A, UNKNOWN)] == ["none", "eim", "symmetric", "unknown"]
+
+
+def test_candidates_prefer_lan_behind_the_same_nat():
+    a = Reach(("10.1.0.2:4330",), "198.18.0.11:5000")
+    b = Reach(("10.1.0.3:4330",), "198.18.0.11:6000")
+    assert a.candidates(b) == ["10.1.0.2:4330", "198.18.0.11:5000"]
+    assert a.candidates(EIM_B) == ["198.18.0.11:5000", "10.1.0.2:4330"]
+
+
+def test_candidates_keep_the_peers_family():
+    dual = Reach(("10.1.0.2:4330", "[2001:db8:0:1::40]:4330"), "198.18.0.11:4330")
+    assert dual.candidates(V6_B) == ["[2001:db8:0:1::40]:4330"]
