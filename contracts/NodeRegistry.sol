@@ -172,8 +172,9 @@ contract NodeRegistry {
                 mstore(add(p, 0x20), add(shr(255, vs), 27))
                 calldatacopy(add(p, 0x40), add(rec, 0x60), 0x20) // r
                 mstore(add(p, 0x60), s)
+                // 0x00 still holds `node` from the slot hash: clear it, since ecrecover returns
+                // nothing (0x00 stays zero) for a signature it cannot recover.
                 mstore(0x00, 0)
-                // ecrecover returns nothing (0x00 stays zero) for an invalid signature
                 pop(staticcall(gas(), 0x01, p, 0x80, 0x00, 0x20))
                 let signer := mload(0x00)
                 if or(iszero(signer), iszero(eq(signer, node))) {

@@ -32,7 +32,7 @@ CONTRACT = "NodeRegistry"
 
 SETTINGS = {
     "optimizer": {"enabled": True, "runs": 10000},
-    "evmVersion": "cancun",
+    "evmVersion": "cancun", "viaIR": True,
     "metadata": {"bytecodeHash": "none"},
     "outputSelection": {"*": {"*": ["abi", "evm.bytecode.object", "evm.deployedBytecode.object"]}},
 }

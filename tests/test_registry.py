@@ -103,6 +103,9 @@ async def test_high_s_refused(registry_net):
         await dc1.register([(rec, high)])
     assert info.value.reason == "NodeRegistry: high s"
     assert await dc1.lookup(nid) is None
+    # A signature ecrecover cannot recover (r = 0) must not be mistaken for the node's.
+    with pytest.raises(RegistryError, match="bad signature"):
+        await dc1.register([(rec, bytes(32) + sig[32:])])
     await dc1.register([(rec, sig)])  # the low-s original still works
     assert (await dc1.lookup(nid)).timestamp == rec.timestamp
 
