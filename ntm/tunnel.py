@@ -44,6 +44,7 @@ from ntm.packet import (
     HEADER_LEN,
     KEEPALIVE_LEN,
     MAX_DATAGRAM,
+    MAX_PAYLOAD,
     MIN_TRANSPORT_LEN,
     PATH_ID_LEN,
     PING_ID_LEN,
@@ -89,6 +90,7 @@ RELAY_FALLBACK_AFTER = 1.5
 
 NONCE_PREFIX = b"\x00\x00\x00\x00"
 _Q = struct.Struct("!Q")
+_HEADER_UNPACK = HEADER.unpack_from
 
 Addr = Any  # (host, port) tuple as the socket layer gives it
 
@@ -126,8 +128,10 @@ class RelayInfo:
 
 
 # --- events -------------------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Data:
+    """Decrypted payload of a DATA packet (not frozen: built per packet, kept cheap)."""
+
     payload: bytes
 
 
@@ -198,9 +202,14 @@ class ReplayWindow:
 
 
 class _KeyPair:
-    __slots__ = ("send", "recv", "counter", "window", "created", "initiator", "expires", "send_ok")
+    __slots__ = ("send", "recv", "counter", "window", "created", "initiator", "expires", "send_ok",
+                 "reject_time", "soft_limit", "rekey_time")
 
-    def __init__(self, k: Keys, now: float, window: int) -> None:
+    def __init__(self, k: Keys, now: float, window: int, cfg: TunnelConfig | None = None) -> None:
+        cfg = cfg or TunnelConfig()
+        self.reject_time = now + cfg.reject_after_time
+        self.rekey_time = now + cfg.rekey_after_time
+        self.soft_limit = cfg.rekey_after_messages - 1  # fast-path bound on the send counter
         self.send = AESGCM(k.send)
         self.recv = AESGCM(k.recv)
         self.counter = 0
@@ -212,7 +221,7 @@ class _KeyPair:
 
 
 STAT_KEYS = (
-    "rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "rx_data", "tx_data", "rx_keepalive", "tx_keepalive",
+    "rx_keepalive", "tx_keepalive",
     "handshakes", "rekeys", "requests_sent", "responses_sent", "endpoint_changes", "relay_binds_sent",
     "relay_acks", "drop_truncated", "drop_unknown_type", "drop_unknown_path", "drop_replay", "drop_too_old",
     "drop_bad_tag", "drop_no_keys", "drop_expired_key", "drop_handshake_malformed", "drop_handshake_auth",
@@ -259,7 +268,11 @@ class Session:
         self.peer_addr: Addr | None = None
         self.via: str | None = None
         self.rtt: float | None = None
-        self.stats: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)
+        self._stats: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)
+        # hot-path counters live in attributes (cheaper than dict updates); see `stats`
+        self.tx_data = self.tx_bytes = self.rx_data = self.rx_bytes = 0
+        self._reject_msgs = self.config.reject_after_messages
+        self._data_prefix = bytes([TYPE_DATA]) + self.path_id
         self.current: _KeyPair | None = None
         self.previous: _KeyPair | None = None
         self.next: _KeyPair | None = None
@@ -272,6 +285,7 @@ class Session:
         self._pings: dict[bytes, float] = {}
         self._ping_seq = 0
         self._rekey_started = False
+        self._resp_sent_at: float | None = None
 
     # --- state ---------------------------------------------------------------------------------
     @property
@@ -279,8 +293,15 @@ class Session:
         """Keys exist that this side may send with."""
         return self.current is not None and self.current.send_ok
 
+    @property
+    def stats(self) -> dict[str, int]:
+        """Counters: traffic, handshakes, and every drop by reason (a fresh dict)."""
+        d = dict(self._stats)
+        d.update(tx_data=self.tx_data, tx_bytes=self.tx_bytes, rx_data=self.rx_data, rx_bytes=self.rx_bytes)
+        return d
+
     def _count(self, reason: str) -> None:
-        self.stats[reason] = self.stats.get(reason, 0) + 1
+        self._stats[reason] = self._stats.get(reason, 0) + 1
 
     # --- handshake driving ---------------------------------------------------------------------
     def start(self, now: float) -> None:
@@ -308,7 +329,7 @@ class Session:
         req = self.initiator.request(now)
         for addr in targets:
             self._outbox.append((req, addr))
-            self.stats["requests_sent"] += 1
+            self._stats["requests_sent"] += 1
         self.last_sent = now
         interval = self.config.rekey_retransmit if self.current is not None else self.config.handshake_retransmit
         self._hs_next = now + interval
@@ -316,7 +337,7 @@ class Session:
     def _send_bind(self, now: float) -> None:
         assert self.relay is not None
         self._outbox.append((RelayBind(self.path_id, self.relay.token, self.relay.side).encode(), self.relay.addr))
-        self.stats["relay_binds_sent"] += 1
+        self._stats["relay_binds_sent"] += 1
         interval = self.config.keepalive_interval if self.established else self.config.handshake_retransmit
         self._bind_next = now + interval
 
@@ -332,7 +353,7 @@ class Session:
             self._send_bind(now)
         if self.established and self.peer_addr is not None:
             self._outbox.append((self._seal(TYPE_KEEPALIVE, b"", now), self.peer_addr))
-            self.stats["tx_keepalive"] += 1
+            self._stats["tx_keepalive"] += 1
 
     def _rekey_due(self, now: float) -> float | None:
         cur = self.current
@@ -358,7 +379,7 @@ class Session:
         if self.established:
             times.append(self.last_sent + self.config.keepalive_interval)
             due = self._rekey_due(0.0)
-            if due is not None and self._hs_next is None:
+            if due is not None and self._hs_next is None and self.next is None:
                 times.append(due)
             times.append(self.current.created + self.config.reject_after_time)  # type: ignore[union-attr]
         if self.previous is not None and self.previous.expires is not None:
@@ -393,14 +414,14 @@ class Session:
             if self.previous is not None and self.previous.expires is not None and now >= self.previous.expires:
                 self.previous = None
             due = self._rekey_due(now)
-            if due is not None and now >= due and self._hs_next is None and self.established:
+            if due is not None and now >= due and self._hs_next is None and self.next is None and self.established:
                 self._rekey_started = True
                 self._hs_next = now
             if self._hs_next is not None and now >= self._hs_next:
                 self._send_requests(now)
             if self.established and now - self.last_sent >= cfg.keepalive_interval and self.peer_addr is not None:
                 self._outbox.append((self._seal(TYPE_KEEPALIVE, b"", now), self.peer_addr))
-                self.stats["tx_keepalive"] += 1
+                self._stats["tx_keepalive"] += 1
         out, self._outbox = self._outbox, []
         return out
 
@@ -420,20 +441,33 @@ class Session:
         k.counter = n + 1
         header = HEADER.pack(kind, self.path_id, n)
         self.last_sent = now
-        if n + 1 >= self.config.rekey_after_messages and self._hs_next is None:
+        if n + 1 >= self.config.rekey_after_messages and self._hs_next is None and self.next is None:
             self._rekey_started = True
             self._send_requests(now)
         return header + k.send.encrypt(NONCE_PREFIX + header[9:], payload, header)
 
     def encrypt(self, payload: bytes, now: float) -> bytes:
         """A DATA packet carrying `payload`, to be sent to `self.peer_addr`. TunnelError if no keys."""
-        if len(payload) > MAX_DATAGRAM - MIN_TRANSPORT_LEN:
+        k = self.current
+        if k is None or not k.send_ok or now >= k.rekey_time or len(payload) > MAX_PAYLOAD:
+            return self._encrypt_slow(payload, now)
+        n = k.counter
+        if n >= k.soft_limit:
+            return self._encrypt_slow(payload, now)
+        k.counter = n + 1
+        ctr = _Q.pack(n)
+        header = self._data_prefix + ctr
+        self.last_sent = now
+        self.tx_data += 1
+        self.tx_bytes += len(payload)
+        return header + k.send.encrypt(NONCE_PREFIX + ctr, payload, header)
+
+    def _encrypt_slow(self, payload: bytes, now: float) -> bytes:
+        if len(payload) > MAX_PAYLOAD:
             raise TunnelError(f"payload of {len(payload)} bytes does not fit one datagram")
         pkt = self._seal(TYPE_DATA, payload, now)
-        st = self.stats
-        st["tx_data"] += 1
-        st["tx_packets"] += 1
-        st["tx_bytes"] += len(payload)
+        self.tx_data += 1
+        self.tx_bytes += len(payload)
         return pkt
 
     def ping(self, now: float) -> bytes:
@@ -450,13 +484,13 @@ class Session:
         """Process one datagram from `addr`. Bad input is counted in stats and yields []."""
         n = len(datagram)
         if n < PREFIX_LEN:
-            self.stats["drop_truncated"] += 1
+            self._stats["drop_truncated"] += 1
             return []
         kind = datagram[0]
         if kind == TYPE_DATA or kind == TYPE_KEEPALIVE or kind == TYPE_PING or kind == TYPE_PONG:
             return self._receive_transport(kind, datagram, addr, now)
         if datagram[1:PREFIX_LEN] != self.path_id:
-            self.stats["drop_unknown_path"] += 1
+            self._stats["drop_unknown_path"] += 1
             return []
         if kind == TYPE_HANDSHAKE_REQUEST:
             return self._receive_request(datagram, addr, now)
@@ -464,26 +498,26 @@ class Session:
             return self._receive_response(datagram, addr, now)
         if kind == TYPE_RELAY_BIND_ACK:
             if self.relay is not None and addr == self.relay.addr and n == PREFIX_LEN + 1:
-                self.stats["relay_acks"] += 1
+                self._stats["relay_acks"] += 1
                 return [RelayBound(addr)]
-            self.stats["drop_malformed"] += 1
+            self._stats["drop_malformed"] += 1
             return []
-        self.stats["drop_unknown_type"] += 1
+        self._stats["drop_unknown_type"] += 1
         return []
 
     def _handshake_drop(self, exc: HandshakeError) -> list[Event]:
         if isinstance(exc, HandshakeReplayError):
-            self.stats["drop_handshake_replay"] += 1
+            self._stats["drop_handshake_replay"] += 1
         elif isinstance(exc, HandshakeRateError):
-            self.stats["drop_handshake_rate"] += 1
+            self._stats["drop_handshake_rate"] += 1
         elif isinstance(exc, HandshakeAuthError):
-            self.stats["drop_handshake_auth"] += 1
+            self._stats["drop_handshake_auth"] += 1
         elif isinstance(exc, NoPendingHandshakeError):
-            self.stats["drop_unexpected_response"] += 1
+            self._stats["drop_unexpected_response"] += 1
         elif isinstance(exc, UnknownPathError):
-            self.stats["drop_unknown_path"] += 1
+            self._stats["drop_unknown_path"] += 1
         else:
-            self.stats["drop_handshake_malformed"] += 1
+            self._stats["drop_handshake_malformed"] += 1
         return []
 
     def _set_peer(self, addr: Addr) -> list[Event]:
@@ -493,13 +527,13 @@ class Session:
         self.peer_addr = addr
         if old is None:
             return []
-        self.stats["endpoint_changes"] += 1
+        self._stats["endpoint_changes"] += 1
         return [EndpointChanged(addr, old)]
 
     def _receive_request(self, datagram: bytes, addr: Addr, now: float) -> list[Event]:
         if self.initiator.pending and self.wins_collisions:
             # Both sides initiated: ours wins; the peer will answer it. Its Request opened its NAT.
-            self.stats["drop_handshake_collision"] += 1
+            self._stats["drop_handshake_collision"] += 1
             return []
         try:
             resp, k = self.responder.respond(datagram, now)
@@ -509,9 +543,9 @@ class Session:
         self._hs_next = None
         # The Request is authenticated by the peer's static key and fresh (timestamp): it may move us.
         events = self._set_peer(addr)
-        self.next = _KeyPair(k, now, self.config.replay_window)
+        self.next = _KeyPair(k, now, self.config.replay_window, self.config)
         self._outbox.append((resp, addr))
-        self.stats["responses_sent"] += 1
+        self._stats["responses_sent"] += 1
         self._resp_sent_at = now
         self.last_sent = now
         return events
@@ -523,7 +557,7 @@ class Session:
         except HandshakeError as exc:
             return self._handshake_drop(exc)
         rekey = self.current is not None
-        self._install(_KeyPair(k, now, self.config.replay_window), now)
+        self._install(_KeyPair(k, now, self.config.replay_window, self.config), now)
         self.next = None
         self._hs_next = None
         self._rekey_started = False
@@ -541,7 +575,7 @@ class Session:
         self.via = via if not rekey else self.via
         # Confirm the keys to the responder right away (it sends only after seeing them used).
         self._outbox.append((self._seal(TYPE_KEEPALIVE, b"", now), addr))
-        self.stats["tx_keepalive"] += 1
+        self._stats["tx_keepalive"] += 1
         events.append(HandshakeDone(rekey, addr, via))
         return events
 
@@ -550,12 +584,61 @@ class Session:
         if self.current is not None:
             self.current.expires = now + self.config.previous_key_grace
             self.previous = self.current
-            self.stats["rekeys"] += 1
+            self._stats["rekeys"] += 1
         self.current = kp
-        self.stats["handshakes"] += 1
+        self._stats["handshakes"] += 1
+
+    def _decrypt_other_keys(self, counter: int, nonce: bytes, body: bytes, header: bytes):
+        """Slow path: try the unconfirmed next keys and the previous keys; count the drop."""
+        reason = None
+        for cand in (self.current, self.next, self.previous):
+            if cand is None:
+                continue
+            r = cand.window.check(counter)
+            if r is not None:
+                reason = reason or r
+                continue
+            if cand is self.current:
+                continue  # already tried by the fast path
+            try:
+                return cand, cand.recv.decrypt(nonce, body, header)
+            except InvalidTag:
+                continue
+        st = self._stats
+        if self.current is None and self.next is None and self.previous is None:
+            st["drop_no_keys"] += 1
+        else:
+            st["drop_" + (reason or "bad_tag")] += 1
+        return None, None
 
     def _receive_transport(self, kind: int, datagram: bytes, addr: Addr, now: float) -> list[Event]:
-        st = self.stats
+        # Fast path: DATA from the known peer on the current keys (same checks as below, inlined).
+        kp = self.current
+        if kind == TYPE_DATA and kp is not None and addr == self.peer_addr and len(datagram) >= MIN_TRANSPORT_LEN:
+            _, path, counter = _HEADER_UNPACK(datagram)
+            if path == self.path_id and counter < self._reject_msgs and now < kp.reject_time:
+                w = kp.window
+                top = w.top
+                if counter > top or (top - counter < w.size and not (w.bits >> (top - counter)) & 1):
+                    try:
+                        plain = kp.recv.decrypt(NONCE_PREFIX + datagram[9:17], datagram[17:], datagram[:17])
+                    except InvalidTag:
+                        pass  # the slow path counts it
+                    else:
+                        if counter > top:
+                            shift = counter - top
+                            w.bits = 1 if shift >= w.size else ((w.bits << shift) | 1) & w.mask
+                            w.top = counter
+                        else:
+                            w.bits |= 1 << (top - counter)
+                        self.last_received = now
+                        self.rx_data += 1
+                        self.rx_bytes += len(plain)
+                        return [Data(plain)]
+        return self._receive_transport_slow(kind, datagram, addr, now)
+
+    def _receive_transport_slow(self, kind: int, datagram: bytes, addr: Addr, now: float) -> list[Event]:
+        st = self._stats
         n = len(datagram)
         if n < MIN_TRANSPORT_LEN:
             st["drop_truncated"] += 1
@@ -573,28 +656,19 @@ class Session:
         header = datagram[:HEADER_LEN]
         nonce = NONCE_PREFIX + datagram[9:HEADER_LEN]
         body = datagram[HEADER_LEN:]
-        reason = None
         plain = None
-        kp = None
-        for cand in (self.current, self.next, self.previous):
-            if cand is None:
-                continue
-            r = cand.window.check(counter)
-            if r is not None:
-                reason = reason or r
-                continue
+        kp = self.current
+        if kp is not None and kp.window.check(counter) is None:
             try:
-                plain = cand.recv.decrypt(nonce, body, header)
+                plain = kp.recv.decrypt(nonce, body, header)
             except InvalidTag:
-                continue
-            kp = cand
-            break
+                kp = None
+        else:
+            kp = None
         if kp is None:
-            if self.current is None and self.next is None and self.previous is None:
-                st["drop_no_keys"] += 1
-            else:
-                st["drop_" + (reason or "bad_tag")] += 1
-            return []
+            kp, plain = self._decrypt_other_keys(counter, nonce, body, header)
+            if kp is None:
+                return []
         if now - kp.created >= self.config.reject_after_time:
             st["drop_expired_key"] += 1
             return []
@@ -607,7 +681,7 @@ class Session:
             rekey = self.current is not None
             self._install(kp, now)
             self.next = None
-            if not rekey and self.rtt is None and getattr(self, "_resp_sent_at", None) is not None:
+            if not rekey and self.rtt is None and self._resp_sent_at is not None:
                 self.rtt = now - self._resp_sent_at
             if not rekey:
                 self.via = "relay" if (self.relay is not None and addr == self.relay.addr) else "peer"
@@ -616,10 +690,9 @@ class Session:
             # Roaming: only an authenticated packet that is the newest seen may move the peer.
             events.extend(self._set_peer(addr))
         self.last_received = now
-        st["rx_packets"] += 1
         if kind == TYPE_DATA:
-            st["rx_data"] += 1
-            st["rx_bytes"] += len(plain)
+            self.rx_data += 1
+            self.rx_bytes += len(plain)
             events.append(Data(plain))
         elif kind == TYPE_KEEPALIVE:
             st["rx_keepalive"] += 1

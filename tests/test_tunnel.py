@@ -1,0 +1,369 @@
+"""Sans-I/O tunnel session (docs/PROTOCOL.md §7): drops, replay window, rekey, roaming, relay."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from ntm import keys
+from ntm.packet import (
+    TYPE_HANDSHAKE_REQUEST,
+    TYPE_KEEPALIVE,
+    TYPE_RELAY_BIND,
+    RelayBind,
+    TransportPacket,
+)
+from ntm.tunnel import (
+    KEEPALIVE_INTERVAL,
+    REPLAY_WINDOW,
+    Data,
+    EndpointChanged,
+    HandshakeDone,
+    Pong,
+    RelayInfo,
+    ReplayWindow,
+    Session,
+    TunnelConfig,
+    TunnelError,
+)
+
+KA, KB = keys.generate(), keys.generate()
+PA, PB = keys.public_bytes(KA), keys.public_bytes(KB)
+IDA, IDB = keys.node_id(PA), keys.node_id(PB)
+PATH = os.urandom(8)
+ADDR_A, ADDR_B, ADDR_A2, EVIL = ("10.0.0.1", 4330), ("10.0.0.2", 4330), ("10.9.9.9", 5555), ("6.6.6.6", 666)
+RELAY = ("192.0.2.1", 4330)
+T0 = 1700000000.0
+
+
+class Net:
+    """Delivers queued datagrams between two sessions; A's source address can move."""
+
+    def __init__(self, a: Session, b: Session) -> None:
+        self.a, self.b = a, b
+        self.addr_a = ADDR_A
+        self.events = {"a": [], "b": []}
+
+    def pump(self, now: float, rounds: int = 10) -> None:
+        for _ in range(rounds):
+            moved = False
+            for data, dst in self.a.poll(now):
+                if dst == ADDR_B:
+                    self.events["b"] += self.b.receive(data, self.addr_a, now)
+                    moved = True
+            for data, dst in self.b.poll(now):
+                if dst == self.addr_a:
+                    self.events["a"] += self.a.receive(data, ADDR_B, now)
+                    moved = True
+            if not moved:
+                return
+
+
+def connect(config=None, role_a="initiate", role_b="wait"):
+    a = Session(KA, IDB, PB, PATH, role=role_a, candidates=[ADDR_B], config=config)
+    b = Session(KB, IDA, PA, PATH, role=role_b, candidates=[ADDR_A] if role_b == "punch" else [], config=config)
+    net = Net(a, b)
+    a.start(T0)
+    b.start(T0)
+    net.pump(T0)
+    assert a.established and b.established
+    return a, b, net
+
+
+def data_of(events):
+    return [e.payload for e in events if isinstance(e, Data)]
+
+
+def test_handshake_and_data_both_ways():
+    a, b, net = connect()
+    assert a.via == "candidate:0" and a.peer_addr == ADDR_B and b.peer_addr == ADDR_A
+    assert any(isinstance(e, HandshakeDone) and not e.rekey for e in net.events["a"])
+    assert any(isinstance(e, HandshakeDone) for e in net.events["b"])
+    assert b.receive(a.encrypt(b"ping", T0), ADDR_A, T0) == [Data(b"ping")]
+    assert a.receive(b.encrypt(b"pong", T0), ADDR_B, T0) == [Data(b"pong")]
+    assert a.stats["handshakes"] == b.stats["handshakes"] == 1
+
+
+def test_send_before_handshake_raises_and_receive_without_keys_drops():
+    a = Session(KA, IDB, PB, PATH, candidates=[ADDR_B])
+    with pytest.raises(TunnelError):
+        a.encrypt(b"x", T0)
+    x, _, _ = connect()
+    assert a.receive(x.encrypt(b"x", T0), ADDR_B, T0) == []
+    assert a.stats["drop_no_keys"] == 1
+
+
+def test_responder_waits_for_confirmation_before_sending():
+    a = Session(KA, IDB, PB, PATH, candidates=[ADDR_B])
+    b = Session(KB, IDA, PA, PATH, role="wait")
+    a.start(T0)
+    b.start(T0)
+    (req, _), = a.poll(T0)
+    b.receive(req, ADDR_A, T0)
+    assert not b.established  # response may be lost: do not send on unconfirmed keys
+    with pytest.raises(TunnelError):
+        b.encrypt(b"x", T0)
+    (resp, _), = b.poll(T0)
+    assert a.receive(resp, ADDR_B, T0)[-1].rekey is False
+    out = a.poll(T0)
+    assert [d[0] for d, _ in out] == [TYPE_KEEPALIVE]  # immediate key confirmation
+    b.receive(out[0][0], ADDR_A, T0)
+    assert b.established
+
+
+def test_replay_dropped_and_counted():
+    a, b, _ = connect()
+    pkt = a.encrypt(b"once", T0)
+    assert data_of(b.receive(pkt, ADDR_A, T0)) == [b"once"]
+    for _ in range(3):
+        assert b.receive(pkt, ADDR_A, T0) == []
+    assert b.stats["drop_replay"] == 3
+    assert data_of(b.receive(a.encrypt(b"next", T0), ADDR_A, T0)) == [b"next"]
+
+
+def test_reordering_within_window_accepted():
+    a, b, _ = connect()
+    pkts = [a.encrypt(str(i).encode(), T0) for i in range(REPLAY_WINDOW)]
+    got = []
+    for p in reversed(pkts):  # worst reordering the window allows
+        got += data_of(b.receive(p, ADDR_A, T0))
+    assert len(got) == REPLAY_WINDOW and sorted(got) == sorted(str(i).encode() for i in range(REPLAY_WINDOW))
+    stats = b.stats
+    assert not any(v for k, v in stats.items() if k.startswith("drop_"))
+
+
+def test_reordered_beyond_window_dropped():
+    a, b, _ = connect()
+    pkts = [a.encrypt(b"%d" % i, T0) for i in range(REPLAY_WINDOW + 5)]
+    assert data_of(b.receive(pkts[-1], ADDR_A, T0))  # newest first
+    assert b.receive(pkts[0], ADDR_A, T0) == []  # 2052 behind: outside the window
+    assert b.receive(pkts[4], ADDR_A, T0) == []  # exactly WINDOW behind
+    assert b.stats["drop_too_old"] == 2
+    assert data_of(b.receive(pkts[5], ADDR_A, T0)) == [b"5"]  # WINDOW-1 behind: still inside
+    assert data_of(b.receive(a.encrypt(b"more", T0), ADDR_A, T0)) == [b"more"]
+
+
+def test_truncated_dropped():
+    a, b, _ = connect()
+    pkt = a.encrypt(b"hello world", T0)
+    for n in (0, 1, 8, 9, 16, 17, 32):
+        assert b.receive(pkt[:n], ADDR_A, T0) == []
+    assert b.stats["drop_truncated"] == 7
+    # cut inside the ciphertext: authenticates as nothing
+    assert b.receive(pkt[:-1], ADDR_A, T0) == []
+    assert b.stats["drop_bad_tag"] == 1
+    assert data_of(b.receive(pkt, ADDR_A, T0)) == [b"hello world"]  # the real one is still fresh
+
+
+def test_every_bit_flip_dropped_and_window_untouched():
+    a, b, _ = connect()
+    pkt = a.encrypt(b"payload", T0)
+    for pos in range(len(pkt)):
+        for bit in (0x01, 0x80):
+            bad = bytearray(pkt)
+            bad[pos] ^= bit
+            assert data_of(b.receive(bytes(bad), ADDR_A, T0)) == []
+    drops = sum(v for k, v in b.stats.items() if k.startswith("drop_"))
+    assert drops == 2 * len(pkt)
+    # a forged packet with a huge counter must not have advanced the window
+    assert data_of(b.receive(pkt, ADDR_A, T0)) == [b"payload"]
+    assert b.peer_addr == ADDR_A
+
+
+def test_unknown_path_dropped():
+    a, b, _ = connect()
+    other = Session(KA, IDB, PB, b"\x00" * 8, candidates=[ADDR_B])
+    pkt = bytearray(a.encrypt(b"x", T0))
+    pkt[1:9] = b"\x00" * 8
+    assert b.receive(bytes(pkt), ADDR_A, T0) == []
+    other.start(T0)
+    (req, _), = other.poll(T0)
+    assert b.receive(req, ADDR_A, T0) == []  # Request for a path this session does not serve
+    assert b.stats["drop_unknown_path"] == 2
+
+
+def test_rekey_by_count_keeps_traffic_flowing():
+    cfg = TunnelConfig(rekey_after_messages=8)
+    a, b, net = connect(cfg)
+    got = []
+    for i in range(50):
+        pkt = a.encrypt(b"%d" % i, T0 + i * 0.05)
+        got += data_of(b.receive(pkt, net.addr_a, T0 + i * 0.05))
+        net.pump(T0 + i * 0.05)
+    assert got == [b"%d" % i for i in range(50)]
+    assert a.stats["rekeys"] >= 5 and b.stats["rekeys"] >= 5
+    assert a.stats["handshakes"] == b.stats["handshakes"]
+
+
+def test_rekey_by_time_with_inflight_old_key_packets():
+    cfg = TunnelConfig(rekey_after_time=10.0, previous_key_grace=2.0)
+    a, b, net = connect(cfg)
+    inflight = [a.encrypt(b"old%d" % i, T0 + 9) for i in range(3)]
+    late = a.encrypt(b"too-late", T0 + 9)
+    t = T0 + 10.5
+    out = a.poll(t)
+    assert [d[0] for d, _ in out] == [TYPE_HANDSHAKE_REQUEST]
+    for d, _ in out:
+        net.events["b"] += b.receive(d, ADDR_A, t)
+    net.pump(t)
+    assert a.stats["rekeys"] == 1 and b.stats["rekeys"] == 1
+    assert data_of(b.receive(a.encrypt(b"new", t), ADDR_A, t)) == [b"new"]
+    assert data_of(a.receive(b.encrypt(b"new-b", t), ADDR_B, t)) == [b"new-b"]
+    # old-key packets still in flight decrypt during the grace period
+    assert [data_of(b.receive(p, ADDR_A, t + 1)) for p in inflight] == [[b"old0"], [b"old1"], [b"old2"]]
+    # after the grace period they do not
+    b.poll(t + 3)
+    assert b.receive(late, ADDR_A, t + 3) == []
+    assert data_of(b.receive(a.encrypt(b"after", t + 3), ADDR_A, t + 3)) == [b"after"]
+
+
+def test_simultaneous_rekey_collision_resolves():
+    cfg = TunnelConfig(rekey_after_time=10.0, rekey_responder_extra=0.0)
+    a, b, net = connect(cfg)
+    t = T0 + 11
+    reqs_a, reqs_b = a.poll(t), b.poll(t)  # both time out at once
+    assert reqs_a and reqs_b
+    for d, _ in reqs_a:
+        net.events["b"] += b.receive(d, ADDR_A, t)
+    for d, _ in reqs_b:
+        net.events["a"] += a.receive(d, ADDR_B, t)
+    net.pump(t)
+    net.pump(t + 1.5)
+    loser = b if IDA < IDB else a
+    assert loser.stats["drop_handshake_collision"] == 0
+    assert (a if IDA < IDB else b).stats["drop_handshake_collision"] == 1
+    assert a.stats["rekeys"] == b.stats["rekeys"] == 1
+    assert data_of(b.receive(a.encrypt(b"x", t + 2), ADDR_A, t + 2)) == [b"x"]
+    assert data_of(a.receive(b.encrypt(b"y", t + 2), ADDR_B, t + 2)) == [b"y"]
+
+
+def test_punch_both_initiate_one_handshake():
+    a = Session(KA, IDB, PB, PATH, role="punch", candidates=[ADDR_B])
+    b = Session(KB, IDA, PA, PATH, role="punch", candidates=[ADDR_A])
+    a.start(T0)
+    b.start(T0)
+    out_a, out_b = a.poll(T0), b.poll(T0)  # both Requests cross on the wire
+    for d, _ in out_a:
+        b.receive(d, ADDR_A, T0)
+    for d, _ in out_b:
+        a.receive(d, ADDR_B, T0)
+    Net(a, b).pump(T0)
+    assert a.established and b.established
+    assert a.stats["handshakes"] == b.stats["handshakes"] == 1
+    winner, loser = (a, b) if IDA < IDB else (b, a)
+    assert winner.stats["drop_handshake_collision"] == 1 and loser.stats["drop_handshake_collision"] == 0
+    assert winner.current.initiator and not loser.current.initiator
+    assert data_of(b.receive(a.encrypt(b"x", T0), ADDR_A, T0)) == [b"x"]
+
+
+def test_roaming_only_on_authenticated_fresh_packets():
+    a, b, _ = connect()
+    p1, p2, p3 = (a.encrypt(b"%d" % i, T0) for i in range(3))
+    assert data_of(b.receive(p1, ADDR_A, T0)) == [b"0"]
+    # replayed from a new address: dropped, endpoint unchanged
+    assert b.receive(p1, EVIL, T0) == []
+    # forged (bit-flipped) from a new address: dropped, unchanged
+    assert b.receive(p2[:-1] + bytes([p2[-1] ^ 1]), EVIL, T0) == []
+    # garbage and a forged Request from a new address: unchanged
+    b.receive(os.urandom(80), EVIL, T0)
+    assert b.peer_addr == ADDR_A
+    # authenticated, newest packet from a new address: the peer roamed
+    ev = b.receive(p3, ADDR_A2, T0)
+    assert Data(b"2") in ev and EndpointChanged(ADDR_A2, ADDR_A) in ev
+    assert b.peer_addr == ADDR_A2
+    # an older (reordered) but authentic packet from the old address does not move it back
+    assert data_of(b.receive(p2, ADDR_A, T0)) == [b"1"]
+    assert b.peer_addr == ADDR_A2
+    assert b.stats["endpoint_changes"] == 1
+
+
+def test_replayed_handshake_request_from_new_address_does_not_move():
+    a = Session(KA, IDB, PB, PATH, candidates=[ADDR_B])
+    b = Session(KB, IDA, PA, PATH, role="wait")
+    a.start(T0)
+    b.start(T0)
+    net = Net(a, b)
+    (req, _), = a.poll(T0)
+    b.receive(req, ADDR_A, T0)
+    for d, _ in b.poll(T0):
+        a.receive(d, ADDR_B, T0)
+    net.pump(T0)
+    assert b.receive(req, EVIL, T0 + 1) == []
+    assert b.stats["drop_handshake_replay"] == 1 and b.peer_addr == ADDR_A
+
+
+def test_keepalive_when_idle_and_none_when_busy():
+    a, b, _ = connect()
+    assert a.poll(T0 + 1) == []
+    t = T0 + KEEPALIVE_INTERVAL + 0.1
+    out = a.poll(t)
+    assert len(out) == 1 and out[0][0][0] == TYPE_KEEPALIVE and out[0][1] == ADDR_B
+    assert b.receive(out[0][0], ADDR_A, t) == []
+    assert b.stats["rx_keepalive"] >= 1
+    assert a.next_timer() == pytest.approx(t + KEEPALIVE_INTERVAL)
+    a.encrypt(b"busy", t + 20)
+    assert a.poll(t + KEEPALIVE_INTERVAL + 1) == []  # sent data 6 s ago: no keepalive
+
+
+def test_ping_pong_rtt():
+    a, b, _ = connect()
+    ping = a.ping(T0)
+    b.receive(ping, ADDR_A, T0 + 0.010)
+    (pong, dst), = b.poll(T0 + 0.010)
+    assert dst == ADDR_A
+    ev = a.receive(pong, ADDR_B, T0 + 0.020)
+    assert ev == [Pong(pytest.approx(0.020))]
+    assert a.rtt == pytest.approx(0.020)
+
+
+def test_request_retransmitted_to_all_candidates_then_relay_fallback():
+    token = os.urandom(32)
+    cands = [("10.1.1.1", 1), ("10.1.1.2", 2)]
+    a = Session(KA, IDB, PB, PATH, candidates=cands, relay=RelayInfo(RELAY, token, 0))
+    b = Session(KB, IDA, PA, PATH, role="wait", relay=RelayInfo(RELAY, token, 1))
+    a.start(T0)
+    b.start(T0)
+    first = a.poll(T0)
+    assert [dst for _, dst in first] == cands and first[0][0] == first[1][0]
+    assert a.poll(T0 + 0.1) == []
+    again = a.poll(T0 + 0.26)
+    assert [dst for _, dst in again] == cands and again[0][0] != first[0][0]  # a fresh Request
+    assert b.poll(T0 + 1.0) == []
+    # 1.5 s: both sides bind at the relay; A also sends its Request there
+    t = T0 + 1.5
+    out_a, out_b = a.poll(t), b.poll(t)
+    bind_b = [d for d, dst in out_b if dst == RELAY]
+    assert RelayBind.parse(bind_b[0]) == RelayBind(PATH, token, 1)
+    kinds_a = [(d[0], dst) for d, dst in out_a]
+    assert (TYPE_RELAY_BIND, RELAY) in kinds_a and (TYPE_HANDSHAKE_REQUEST, RELAY) in kinds_a
+    # relay forwards A's Request to B, B's answer to A; both see the relay as the peer
+    for d, dst in out_a:
+        if dst == RELAY and d[0] == TYPE_HANDSHAKE_REQUEST:
+            b.receive(d, RELAY, t)
+    for d, dst in b.poll(t):
+        ev = a.receive(d, RELAY, t)
+    assert ev[-1] == HandshakeDone(False, RELAY, "relay")
+    for d, dst in a.poll(t):
+        b.receive(d, RELAY, t)
+    assert a.established and b.established and a.via == b.via == "relay"
+    assert data_of(b.receive(a.encrypt(b"via relay", t), RELAY, t)) == [b"via relay"]
+    # on the relay, the bind is refreshed with the keepalive period
+    out = b.poll(t + KEEPALIVE_INTERVAL + 1)
+    assert any(d[0] == TYPE_RELAY_BIND for d, _ in out)
+
+
+def test_replay_window_unit():
+    w = ReplayWindow(8)
+    assert w.check(0) is None and w.update(0)
+    assert w.check(0) == "replay"
+    assert w.update(5) and w.check(3) is None and not w.update(3)
+    assert w.check(3) == "replay"
+    w.update(100)
+    assert w.check(92) == "too_old" and w.check(93) is None and w.check(100) == "replay"
+
+
+def test_transport_packet_roundtrip():
+    a, _, _ = connect()
+    p = TransportPacket.parse(a.encrypt(b"abc", T0))
+    assert p.path_id == PATH and p.counter == a.current.counter - 1 and len(p.ciphertext) == 3 + 16
