@@ -1,0 +1,199 @@
+"""node/endpoint.py on real loopback UDP sockets: data, roaming by rebind, garbage, relay fallback."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+
+import pytest
+
+from node.endpoint import Endpoint, normalize_addr
+from ntm import keys
+from ntm.handshake import PeerIdentityError
+from ntm.packet import FORWARDED_TYPES, TYPE_RELAY_BIND, RelayBind, RelayBindAck
+from ntm.tunnel import RelayInfo, TunnelConfig, TunnelError
+
+KA, KB, KC = keys.generate(), keys.generate(), keys.generate()
+PA, PB, PC = (keys.public_bytes(k) for k in (KA, KB, KC))
+IDA, IDB = keys.node_id(PA), keys.node_id(PB)
+
+
+async def endpoints(host_a="127.0.0.1", host_b="127.0.0.1", config=None):
+    ea = await Endpoint.create(KA, host_a, 0, config=config)
+    eb = await Endpoint.create(KB, host_b, 0, config=config)
+    return ea, eb
+
+
+async def open_pair(ea, eb, path=None, role_a="initiate", role_b="wait", **kw):
+    path = path or os.urandom(8)
+    b_addr = ("127.0.0.1", eb.local_addr[1])
+    a_addr = ("127.0.0.1", ea.local_addr[1])
+    cb, ca = await asyncio.gather(
+        eb.open(path, IDA, PA, candidates=[a_addr] if role_b == "punch" else [], role=role_b, relay=kw.get("relay_b")),
+        ea.open(path, IDB, PB, candidates=kw.get("cands_a", [b_addr]), role=role_a, relay=kw.get("relay_a")),
+    )
+    return ca, cb
+
+
+async def recv_n(ch, n, timeout=3.0):
+    return [await asyncio.wait_for(ch.recv(), timeout) for _ in range(n)]
+
+
+async def test_exchange_both_ways_dual_stack():
+    ea = await Endpoint.create(KA, None, 0)  # wildcard, dual-stack when available
+    eb = await Endpoint.create(KB, "127.0.0.1", 0)
+    try:
+        ca, cb = await open_pair(ea, eb)
+        assert ca.via == "candidate:0" and ca.rtt is not None and cb.rtt is not None
+        for i in range(50):
+            await ca.send(b"a%d" % i)
+            await cb.send(b"b%d" % i)
+        assert await recv_n(cb, 50) == [b"a%d" % i for i in range(50)]
+        assert await recv_n(ca, 50) == [b"b%d" % i for i in range(50)]
+        assert await ca.ping() > 0
+        assert ca.stats["handshakes"] == cb.stats["handshakes"] == 1
+    finally:
+        await ea.close()
+        await eb.close()
+
+
+async def test_rebind_roams_without_new_handshake():
+    ea, eb = await endpoints()
+    try:
+        ca, cb = await open_pair(ea, eb)
+        for i in range(100):
+            await ca.send(b"%d" % i)
+        assert len(await recv_n(cb, 100)) == 100
+        old = ea.local_addr
+        await ea.rebind("127.0.0.2", 0)
+        new = ea.local_addr
+        assert new[0] == "127.0.0.2" and new != old
+        # the rebind sent an authenticated keepalive: B follows before A sends any data
+        for _ in range(100):
+            if cb.peer_addr == new:
+                break
+            await asyncio.sleep(0.01)
+        assert cb.peer_addr == new
+        for i in range(100):
+            await cb.send(b"to-new-%d" % i)
+            await ca.send(b"from-new-%d" % i)
+        assert await recv_n(ca, 100) == [b"to-new-%d" % i for i in range(100)]
+        assert await recv_n(cb, 100) == [b"from-new-%d" % i for i in range(100)]
+        assert ca.stats["handshakes"] == cb.stats["handshakes"] == 1
+        assert cb.stats["endpoint_changes"] == 1
+        assert ea.stats["rebinds"] == 1
+    finally:
+        await ea.close()
+        await eb.close()
+
+
+async def test_garbage_counted_and_ignored():
+    ea, eb = await endpoints()
+    try:
+        ca, cb = await open_pair(ea, eb)
+        raw = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        dest = ("127.0.0.1", eb.local_addr[1])
+        garbage = [b"", b"\x03", os.urandom(5), b"\x77" + os.urandom(40), b"\x03" + os.urandom(60)]
+        forged = bytes([3]) + cb.path_id + os.urandom(40)  # right path, no key
+        for g in garbage + [forged] * 3:
+            raw.sendto(g, dest)
+        raw.close()
+        await ca.send(b"still works")
+        assert await recv_n(cb, 1) == [b"still works"]
+        st = eb.stats
+        assert st["drop_short"] >= 3 and st["drop_unknown_type"] + st["drop_unknown_path"] >= 2
+        assert cb.stats["drop_bad_tag"] == 3
+        assert cb.peer_addr == ("127.0.0.1", ea.local_addr[1])
+    finally:
+        await ea.close()
+        await eb.close()
+
+
+async def test_open_times_out_and_wrong_key_refused():
+    ea, eb = await endpoints()
+    try:
+        with pytest.raises(TunnelError):
+            await ea.open(os.urandom(8), IDB, PB, candidates=[("127.0.0.1", eb.local_addr[1])], timeout=0.6)
+        assert not ea.sessions
+        with pytest.raises(PeerIdentityError):
+            await ea.open(os.urandom(8), IDB, PC, candidates=[("127.0.0.1", eb.local_addr[1])])
+    finally:
+        await ea.close()
+        await eb.close()
+
+
+async def test_punch_on_sockets():
+    ea, eb = await endpoints()
+    try:
+        ca, cb = await open_pair(ea, eb, role_a="punch", role_b="punch")
+        await cb.send(b"hi")
+        assert await recv_n(ca, 1) == [b"hi"]
+        assert ca.stats["handshakes"] == cb.stats["handshakes"] == 1
+    finally:
+        await ea.close()
+        await eb.close()
+
+
+class ToyRelay(asyncio.DatagramProtocol):
+    """Minimal relay per docs/PROTOCOL.md §7 (the real one lives in rs/)."""
+
+    def __init__(self, path: bytes, token: bytes) -> None:
+        self.path, self.token = path, token
+        self.sides: dict[int, tuple] = {}
+        self.forwarded = 0
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr) -> None:
+        if len(data) < 9 or data[1:9] != self.path:
+            return
+        if data[0] == TYPE_RELAY_BIND:
+            bind = RelayBind.parse(data)
+            if bind.token == self.token:
+                self.sides[bind.side] = addr
+                self.transport.sendto(RelayBindAck(self.path, bind.side).encode(), addr)
+            return
+        if data[0] in FORWARDED_TYPES:
+            for side, a in self.sides.items():
+                if a == addr and 1 - side in self.sides:
+                    self.transport.sendto(data, self.sides[1 - side])
+                    self.forwarded += 1
+
+
+async def test_relay_fallback_when_direct_fails():
+    path, token = os.urandom(8), os.urandom(32)
+    loop = asyncio.get_running_loop()
+    relay = ToyRelay(path, token)
+    rt, _ = await loop.create_datagram_endpoint(lambda: relay, local_addr=("127.0.0.1", 0))
+    blackhole = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    blackhole.bind(("127.0.0.1", 0))  # a candidate that never answers (e.g. filtered by a NAT)
+    raddr = rt.get_extra_info("sockname")
+    ea, eb = await endpoints(config=TunnelConfig(relay_fallback_after=0.3))
+    try:
+        t0 = loop.time()
+        ca, cb = await open_pair(
+            ea, eb, path, cands_a=[blackhole.getsockname()],
+            relay_a=RelayInfo(raddr, token, 0), relay_b=RelayInfo(raddr, token, 1),
+        )
+        assert loop.time() - t0 >= 0.3
+        assert ca.via == "relay" and cb.via == "relay"
+        assert ca.peer_addr == raddr and cb.peer_addr == raddr
+        await ca.send(b"over the relay")
+        await cb.send(b"and back")
+        assert await recv_n(cb, 1) == [b"over the relay"]
+        assert await recv_n(ca, 1) == [b"and back"]
+        assert relay.forwarded >= 4 and set(relay.sides) == {0, 1}
+        assert ca.stats["relay_acks"] >= 1
+    finally:
+        await ea.close()
+        await eb.close()
+        rt.close()
+        blackhole.close()
+
+
+def test_normalize_addr():
+    assert normalize_addr(("127.0.0.1", 1), socket.AF_INET6) == ("::ffff:127.0.0.1", 1)
+    assert normalize_addr(("::ffff:127.0.0.1", 1), socket.AF_INET) == ("127.0.0.1", 1)
+    assert normalize_addr(("::1", 1), socket.AF_INET6) == ("::1", 1)
