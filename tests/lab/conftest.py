@@ -5,6 +5,8 @@
   work, or when iptables / conntrack are missing; sweeps namespaces left by dead runs.
 * ``lab`` (function): a fresh ``topology.Lab`` (internet bridge + ``lab.server``), always torn
   down after the test, pass or fail.  Building takes ~0.1 s plus ~0.05 s per site.
+* ``lab_shared`` (module): one Lab for a whole test module (for expensive setups such as a
+  chain + DCs); tests must then not depend on each other's sites.
 * ``probe``: a function ``probe(ns, *args, **popen_kw)`` starting ``tests/lab/probe.py`` in a
   namespace with the venv interpreter.
 """
@@ -12,7 +14,9 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 
 import pytest
 
@@ -34,11 +38,30 @@ def lab_env():
     if reason:
         pytest.skip(reason)
     sweep_stale()
-    return True
+    # SIGTERM (CI timeout, kill PID) would skip atexit: turn it into KeyboardInterrupt so the
+    # fixtures' finally blocks tear the namespaces down.
+    old = None
+    if threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        def _term(signum, frame):
+            raise KeyboardInterrupt("SIGTERM")
+        old = signal.signal(signal.SIGTERM, _term)
+    yield True
+    if old is not None:
+        signal.signal(signal.SIGTERM, old)
 
 
 @pytest.fixture
 def lab(lab_env):
+    lab = Lab()
+    try:
+        yield lab
+    finally:
+        lab.teardown()
+
+
+@pytest.fixture(scope="module")
+def lab_shared(lab_env):
     lab = Lab()
     try:
         yield lab

@@ -56,12 +56,15 @@ Mobility
 
 Typical use::
 
+    import sys
     from .topology import Lab, expect
     with Lab() as lab:
-        a = lab.add_site("a", "eim").host
-        srv = lab.server
-        p = lab.run(srv, [sys.executable, "-m", "rs", "--port", "4330"])
-        lab.exec(a, ["ping", "-c1", srv.addr4])
+        a = lab.add_site("a", "eim").host              # 10.1.0.2 behind 198.18.0.101
+        b = lab.add_site("b", "symmetric").host        # 10.2.0.2 behind 198.18.0.102
+        rs = lab.add_public_host("rs")                 # 198.18.0.11 + 2001:db8:0:1::11
+        p = lab.run(rs, [sys.executable, "-m", "rs", "--listen", "[::]:4330"])
+        lab.exec(a, [sys.executable, "-c", "print('hi from', 'a')"]).stdout
+        lab.move(a, "b")                               # a now 10.2.0.3 behind 198.18.0.102
 """
 
 from __future__ import annotations
