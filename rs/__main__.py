@@ -1,0 +1,132 @@
+"""`ntm-rs` / `python -m rs`: run a Relay Server until SIGINT/SIGTERM.
+
+On start it prints one JSON line on stdout ({"event": "ready", "udp_port", "http", "relay", "pid", ...})
+for scripts and tests; everything else is logged to stderr, one line per event (path added,
+side bound or moved, path removed, direction refused).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from aiohttp import web
+
+from ntm import keys
+from ntm.errors import NtmError
+from ntm.registry import Registry
+from rs.relay import MAX_PATHS, RelayTable
+from rs.server import Relay, RelayProtocol, default_advertise, housekeeping, make_app, udp_socket
+from rs.trust import DcTrust
+
+DEFAULT_UDP_PORT = 4340  # next to the tunnel port 4330
+DEFAULT_HTTP_PORT = 8340  # control API; the DC's is 8330
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ntm-rs",
+        description="Run a Relay Server: relays tunnel datagrams between two nodes on paths that "
+        "active DCs (checked on chain) ask for; never holds a tunnel key.",
+    )
+    p.add_argument("--rpc-url", required=True, help="Ethereum JSON-RPC URL of the chain")
+    p.add_argument("--deployment", type=Path, required=True, help="deployment JSON written by scripts/deploy.py")
+    p.add_argument("--udp-host", default="::",
+                   help="relay UDP listen address (default '::', dual-stack: IPv4 and IPv6 nodes on one port; "
+                   "'0.0.0.0' on machines without IPv6)")
+    p.add_argument("--udp-port", type=int, default=DEFAULT_UDP_PORT, help=f"relay UDP port (default {DEFAULT_UDP_PORT}; 0 = any)")
+    p.add_argument("--http-host", default="127.0.0.1", help="control API listen address (default 127.0.0.1)")
+    p.add_argument("--http-port", type=int, default=DEFAULT_HTTP_PORT, help=f"control API port (default {DEFAULT_HTTP_PORT}; 0 = any)")
+    p.add_argument("--advertise", action="append", metavar="IP:PORT",
+                   help="relay endpoint told to DCs and nodes (repeatable; '[v6]:port' for IPv6; "
+                   "default: derived from the bound address)")
+    p.add_argument("--max-paths", type=int, default=MAX_PATHS, help=f"bound on simultaneous paths (default {MAX_PATHS})")
+    p.add_argument("--capture", type=Path, metavar="FILE",
+                   help="DEBUG ONLY: append every forwarded datagram, hex, one per line, to FILE "
+                   "(used by tests to show the relay only ever sees ciphertext)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def load_deployment(path: Path) -> dict:
+    try:
+        dep = json.loads(path.read_text())
+        return {"chain_id": int(dep["chain_id"]), "registry": dep["registry"]}
+    except FileNotFoundError:
+        raise NtmError(f"deployment file {path} not found (run scripts/deploy.py)") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise NtmError(f"deployment file {path} is invalid: {exc}") from None
+
+
+def _http_url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
+    dep = load_deployment(args.deployment)
+    registry = await Registry.connect(args.rpc_url, dep["registry"])
+    try:
+        if registry.chain_id != dep["chain_id"]:
+            raise NtmError(f"chain at {args.rpc_url} has id {registry.chain_id}, deployment says {dep['chain_id']}")
+        sock = udp_socket(args.udp_host, args.udp_port)
+        udp_port = sock.getsockname()[1]
+        advertise = args.advertise or default_advertise(sock)
+        if not args.advertise and sock.getsockname()[0] in ("::", "0.0.0.0"):
+            logging.warning("no --advertise given: telling DCs %s (guessed from routes)", ", ".join(advertise))
+        relay = Relay(RelayTable(max_paths=args.max_paths), DcTrust.from_registry(registry), advertise, udp_port,
+                      chain_id=registry.chain_id, registry=registry.address, family=sock.family, capture=args.capture)
+        if args.capture:
+            logging.warning("--capture %s: every forwarded datagram is written to disk (debug only)", args.capture)
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_datagram_endpoint(lambda: RelayProtocol(relay), sock=sock)
+        sweeper = asyncio.create_task(housekeeping(relay), name="housekeeping")
+        runner = web.AppRunner(make_app(relay), access_log=None)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, args.http_host, args.http_port)
+            await site.start()
+            http_port = site._server.sockets[0].getsockname()[1]
+            ready = {"event": "ready", "udp_port": udp_port, "http": _http_url(args.http_host, http_port),
+                     "relay": advertise, "chain_id": registry.chain_id,
+                     "registry": keys.checksum(registry.address), "pid": os.getpid()}
+            print(json.dumps(ready), flush=True)
+            logging.info("relay serving udp %s port %d (advertised %s), control %s", args.udp_host, udp_port,
+                         ", ".join(advertise), ready["http"])
+            await stop.wait()
+        finally:
+            logging.info("shutting down (%d paths)", len(relay.table.paths))
+            sweeper.cancel()
+            await runner.cleanup()
+            transport.close()
+            relay.close()
+    finally:
+        await registry.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+        await serve(args, stop)
+
+    try:
+        asyncio.run(run())
+    except (NtmError, OSError) as exc:
+        print(f"ntm-rs: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

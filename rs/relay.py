@@ -1,0 +1,241 @@
+"""The relay table, sans-I/O (docs/PROTOCOL.md §8.2): datagrams in, (datagram, address) pairs out.
+
+A path is created by a DC's Relay Direction (`add_path`) with a 32-byte token that the DC gives
+both nodes. Each node sends RELAY_BIND (type | path | token | side) from its tunnel socket; the
+relay remembers that side's address (a later bind from a new address moves the side: roaming)
+and answers RELAY_BIND_ACK. Tunnel packets (types in `packet.FORWARDED_TYPES`) arriving from one
+bound side's current address go unchanged to the other side's current address. Nothing else is
+forwarded, and the relay reads nothing but the clear `type | path ID` prefix of a forwarded
+packet: it has no key and needs none.
+
+Addresses are opaque hashable values here (the server normalises them); time is the caller's
+monotonic clock in seconds. No sockets, no clock reads.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Hashable
+
+from ntm import packet
+from ntm.errors import NtmError, ParseError
+
+Addr = Hashable
+
+# Idle expiry: a path that forwarded nothing (and saw no valid bind) for this long is removed.
+# Nodes send a tunnel keepalive every 25 s (docs/PROTOCOL.md §7), so a live path is never idle
+# for more than ~25 s; 90 s tolerates two lost keepalives plus jitter before tearing it down.
+RELAY_IDLE_S = 90.0
+# Bound on simultaneous paths: ~100k paths × ~400 bytes of Python objects ≈ 40 MB, which a
+# small relay VM holds; beyond that new directions are refused (DCs pick another relay).
+MAX_PATHS = 100_000
+# Longest lifetime and largest byte budget one path may get, whatever the DC asks: the DC sends
+# a fresh Relay Direction to extend a path it still wants.
+MAX_LIFETIME_S = 24 * 3600.0
+MAX_PATH_BYTES = 64 * 1024**3
+
+DROP_REASONS = (
+    "malformed",  # shorter than the prefix or unknown type
+    "unknown_path",  # no such path (never added, or already removed)
+    "bad_token",  # RELAY_BIND with the wrong token
+    "bad_bind",  # RELAY_BIND of the wrong length or side
+    "same_address",  # a bind from the address the other side is bound to
+    "unexpected_type",  # a type the relay does not forward (e.g. RELAY_BIND_ACK from a node)
+    "unknown_sender",  # tunnel packet from an address bound to neither side (spoofed, or stale)
+    "peer_unbound",  # sender is bound, the other side not yet
+    "byte_cap",  # the path's byte budget is spent (the path is removed)
+    "expired",  # the path outlived its lifetime or went idle (the path is removed)
+)
+
+
+class PathError(NtmError):
+    """`add_path` refused: code "conflict" (path ID taken with another token/owner) or "full"."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class RelayPath:
+    path_id: bytes
+    token: bytes
+    expires_at: float
+    max_bytes: int
+    created: float
+    owner: bytes | None = None  # the DC that asked for the path
+    nodes: tuple = ()
+    last_active: float = 0.0
+    addrs: list = field(default_factory=lambda: [None, None])
+    bytes: list = field(default_factory=lambda: [0, 0])  # forwarded from side i to the other side
+    packets: list = field(default_factory=lambda: [0, 0])
+    binds: int = 0
+
+    @property
+    def total_bytes(self) -> int:
+        return self.bytes[0] + self.bytes[1]
+
+    def stats(self) -> dict:
+        """Public view (never the token)."""
+        return {
+            "path": self.path_id.hex(),
+            "bound": [a is not None for a in self.addrs],
+            "bytes": list(self.bytes),
+            "packets": list(self.packets),
+            "binds": self.binds,
+            "max_bytes": self.max_bytes,
+        }
+
+
+@dataclass(frozen=True)
+class Event:
+    """Something worth one log line: kind in {"added", "bound", "moved", "removed"}."""
+
+    kind: str
+    path_id: bytes
+    side: int | None = None
+    addr: Addr | None = None
+    reason: str | None = None
+
+
+class RelayTable:
+    def __init__(self, max_paths: int = MAX_PATHS, idle_s: float = RELAY_IDLE_S) -> None:
+        self.paths: dict[bytes, RelayPath] = {}
+        self.max_paths = max_paths
+        self.idle_s = idle_s
+        self.dropped: Counter[str] = Counter()
+        self.removed: Counter[str] = Counter()
+        self.forwarded_packets = 0
+        self.forwarded_bytes = 0
+        self.binds = 0
+        self.paths_added = 0
+        self.events: deque[Event] = deque(maxlen=10_000)  # drained by the adapter for logging
+
+    # ------------------------------------------------------------------ control plane
+
+    def add_path(self, path_id: bytes, token: bytes, expires_at: float, max_bytes: int, now: float,
+                 owner: bytes | None = None, nodes: tuple = ()) -> tuple[RelayPath, bool]:
+        """Create a path; returns (path, created). The same path ID with the same token (and
+        owner) again is idempotent: the existing path is returned unchanged except that its
+        lifetime and byte budget are raised to the new values if larger (a DC extending it).
+        Raises PathError("conflict") for another token/owner, PathError("full") at the bound,
+        ValueError for bad arguments."""
+        if len(path_id) != packet.PATH_ID_LEN or len(token) != packet.TOKEN_LEN:
+            raise ValueError("path ID must be 8 bytes and token 32 bytes")
+        if max_bytes <= 0 or expires_at <= now:
+            raise ValueError("path must have a positive byte budget and expire in the future")
+        expires_at = min(expires_at, now + MAX_LIFETIME_S)
+        max_bytes = min(max_bytes, MAX_PATH_BYTES)
+        existing = self.paths.get(path_id)
+        if existing is not None and not self._gone(existing, now):
+            if not hmac.compare_digest(existing.token, token) or existing.owner != owner:
+                raise PathError("conflict", f"path {path_id.hex()} exists with another token")
+            existing.expires_at = max(existing.expires_at, expires_at)
+            existing.max_bytes = max(existing.max_bytes, max_bytes)
+            return existing, False
+        if existing is not None:
+            self._remove(existing, "expired")
+        if len(self.paths) >= self.max_paths:
+            self.expire(now)
+            if len(self.paths) >= self.max_paths:
+                raise PathError("full", f"relay table is full ({self.max_paths} paths)")
+        path = RelayPath(path_id, bytes(token), expires_at, max_bytes, now, owner, tuple(nodes), last_active=now)
+        self.paths[path_id] = path
+        self.paths_added += 1
+        self.events.append(Event("added", path_id))
+        return path, True
+
+    def expire(self, now: float) -> int:
+        """Housekeeping: remove paths past their lifetime or idle; returns how many."""
+        gone = [p for p in self.paths.values() if self._gone(p, now)]
+        for p in gone:
+            self._remove(p, "lifetime" if now >= p.expires_at else "idle")
+        return len(gone)
+
+    def remove(self, path_id: bytes, reason: str = "removed") -> bool:
+        path = self.paths.get(path_id)
+        if path is None:
+            return False
+        self._remove(path, reason)
+        return True
+
+    def _gone(self, path: RelayPath, now: float) -> bool:
+        return now >= path.expires_at or now - path.last_active >= self.idle_s
+
+    def _remove(self, path: RelayPath, reason: str) -> None:
+        del self.paths[path.path_id]
+        self.removed[reason] += 1
+        self.events.append(Event("removed", path.path_id, reason=reason))
+
+    # ------------------------------------------------------------------ data plane
+
+    def _drop(self, reason: str) -> list:
+        self.dropped[reason] += 1
+        return []
+
+    def on_datagram(self, data: bytes, addr: Addr, now: float) -> list[tuple[bytes, Addr]]:
+        """One datagram from `addr`: what to send, to where. Never raises on any input bytes."""
+        try:
+            kind, path_id = packet.peek(data)
+        except ParseError:
+            return self._drop("malformed")
+        path = self.paths.get(path_id)
+        if path is None:
+            return self._drop("unknown_path")
+        if self._gone(path, now):
+            self._remove(path, "lifetime" if now >= path.expires_at else "idle")
+            return self._drop("expired")
+        if kind == packet.TYPE_RELAY_BIND:
+            return self._bind(path, data, addr, now)
+        if kind not in packet.FORWARDED_TYPES:
+            return self._drop("unexpected_type")
+        if addr == path.addrs[0]:
+            side = 0
+        elif addr == path.addrs[1]:
+            side = 1
+        else:
+            return self._drop("unknown_sender")
+        dest = path.addrs[1 - side]
+        if dest is None:
+            return self._drop("peer_unbound")
+        size = len(data)
+        if path.total_bytes + size > path.max_bytes:
+            self._remove(path, "byte_cap")
+            return self._drop("byte_cap")
+        path.bytes[side] += size
+        path.packets[side] += 1
+        path.last_active = now
+        self.forwarded_packets += 1
+        self.forwarded_bytes += size
+        return [(data, dest)]
+
+    def _bind(self, path: RelayPath, data: bytes, addr: Addr, now: float) -> list[tuple[bytes, Addr]]:
+        try:
+            bind = packet.RelayBind.parse(data)
+        except ParseError:
+            return self._drop("bad_bind")
+        if not hmac.compare_digest(bind.token, path.token):
+            return self._drop("bad_token")
+        side = bind.side
+        if path.addrs[1 - side] == addr:
+            return self._drop("same_address")
+        old = path.addrs[side]
+        if old != addr:
+            path.addrs[side] = addr
+            self.events.append(Event("bound" if old is None else "moved", path.path_id, side, addr))
+        path.binds += 1
+        path.last_active = now
+        self.binds += 1
+        return [(packet.RelayBindAck(path.path_id, side).encode(), addr)]
+
+    # ------------------------------------------------------------------ views
+
+    def pop_events(self) -> list[Event]:
+        out = list(self.events)
+        self.events.clear()
+        return out
+
+    def bound_paths(self) -> int:
+        return sum(1 for p in self.paths.values() if p.addrs[0] is not None and p.addrs[1] is not None)

@@ -1,0 +1,356 @@
+"""Adapters of the Relay Server: the UDP socket around `RelayTable` and the HTTP control API.
+
+HTTP (docs/PROTOCOL.md §8.2):
+  POST /v1/relay-directions   DC-signed envelope of kind "relay-direction" → 200 {path, relay, ...}
+  GET  /v1/paths/{path}       byte/packet counters of one path (never its token)
+  GET  /v1/info, /healthz, /metrics (Prometheus text)
+Every refusal is a JSON body {"error": code, "message": text} and changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import logging
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from aiohttp import web
+
+from ntm import envelope, keys, packet
+from ntm.errors import ParseError, SignatureError
+from rs.relay import PathError, RelayTable
+from rs.trust import DcTrust, TrustError
+
+log = logging.getLogger("ntm.rs")
+
+KIND = "relay-direction"
+# A Relay Direction is ~700 bytes; 16 KiB leaves room while a flood of big bodies cannot hurt.
+MAX_BODY = 16 * 1024
+# How often idle and expired paths are swept (they are also dropped lazily on their next packet).
+HOUSEKEEPING_S = 5.0
+
+
+def error(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": code, "message": message}, status=status)
+
+
+# ---------------------------------------------------------------------- addresses
+
+
+def normalise(addr: tuple) -> tuple:
+    """Canonical key of a UDP peer address as given by recvfrom on our socket.
+
+    On a dual-stack AF_INET6 socket an IPv4 peer is `::ffff:a.b.c.d`; that form is kept (it is what
+    sendto on the same socket needs), but in one canonical spelling, and flow info is dropped so
+    the same peer always yields the same key. The scope ID is kept only for link-local peers.
+    """
+    host, port = addr[0], addr[1]
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return (host, port)
+    if ip.version == 6:
+        scope = addr[3] if len(addr) > 3 else 0
+        if ip.is_link_local and scope:
+            return (str(ip), port, 0, scope)
+    return (str(ip), port)
+
+
+def display(addr: tuple | None) -> str | None:
+    """Human form: `1.2.3.4:5` for IPv4 (also when mapped), `[::1]:5` for IPv6."""
+    if addr is None:
+        return None
+    host, port = addr[0], addr[1]
+    try:
+        ip = ipaddress.ip_address(host)
+        if ip.version == 6 and ip.ipv4_mapped is not None:
+            return f"{ip.ipv4_mapped}:{port}"
+        return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+    except ValueError:
+        return f"{host}:{port}"
+
+
+def udp_socket(host: str, port: int) -> socket.socket:
+    """The relay socket: dual-stack on '::' (IPV6_V6ONLY=0) so IPv4-only and IPv6-only nodes meet
+    on one port; an IPv4 host ('0.0.0.0') gives an IPv4-only socket for machines without IPv6."""
+    if ":" in host:
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    else:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((host, port))
+    return sock
+
+
+def default_advertise(sock: socket.socket) -> list[str]:
+    """Endpoints to tell DCs when --advertise is not given: the bound address, or for a wildcard
+    bind the host's addresses on its default routes (found with an unsent UDP connect), else loopback."""
+    host, port = sock.getsockname()[:2]
+    ip = ipaddress.ip_address(host)
+    if not ip.is_unspecified:
+        return [display((host, port))]
+    found = []
+    probes = [(socket.AF_INET, "192.0.2.1")]
+    if sock.family == socket.AF_INET6:
+        probes.append((socket.AF_INET6, "2001:db8::1"))
+    for family, target in probes:
+        try:
+            with socket.socket(family, socket.SOCK_DGRAM) as s:
+                s.connect((target, 9))
+                found.append(display((s.getsockname()[0], port)))
+        except OSError:
+            pass
+    if not found:
+        found = [f"127.0.0.1:{port}"] + ([f"[::1]:{port}"] if sock.family == socket.AF_INET6 else [])
+    return found
+
+
+# ---------------------------------------------------------------------- relay state
+
+
+@dataclass
+class Relay:
+    """Everything the handlers share: the table, the trust check, the advertised endpoints."""
+
+    table: RelayTable
+    trust: DcTrust
+    advertise: list[str]
+    udp_port: int
+    chain_id: int = 0
+    registry: bytes = b""
+    family: int = socket.AF_INET6
+    capture: Path | None = None
+    guard: envelope.ReplayGuard = field(default_factory=envelope.ReplayGuard)
+    clock: Callable[[], float] = time.monotonic  # the table's clock (monotonic seconds)
+    wall_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000
+    started: float = field(default_factory=time.monotonic)
+    directions: dict = field(default_factory=lambda: {"accepted": 0, "refused": 0})
+    refused: dict = field(default_factory=dict)
+    udp_received: int = 0
+    udp_errors: int = 0
+    _capture_fh: object = None
+
+    def refuse(self, status: int, code: str, message: str) -> web.Response:
+        self.directions["refused"] += 1
+        self.refused[code] = self.refused.get(code, 0) + 1
+        log.info("relay direction refused (%s): %s", code, message)
+        return error(status, code, message)
+
+    def log_events(self) -> None:
+        for ev in self.table.pop_events():
+            if ev.kind == "added":
+                p = self.table.paths.get(ev.path_id)
+                who = ", ".join(keys.checksum(n) for n in p.nodes) if p and p.nodes else "?"
+                log.info("path %s added (nodes %s)", ev.path_id.hex(), who)
+            elif ev.kind in ("bound", "moved"):
+                log.info("path %s side %d %s %s", ev.path_id.hex(), ev.side, ev.kind, display(ev.addr))
+            else:
+                log.info("path %s removed (%s)", ev.path_id.hex(), ev.reason)
+
+    def captured(self, data: bytes) -> None:
+        """Debug aid (--capture): append each forwarded datagram as one hex line."""
+        if self._capture_fh is None:
+            self._capture_fh = open(self.capture, "a", buffering=1)
+        self._capture_fh.write(data.hex() + "\n")
+
+    def close(self) -> None:
+        if self._capture_fh is not None:
+            self._capture_fh.close()
+            self._capture_fh = None
+
+
+def parse_body(body: dict, now_ms: int) -> dict:
+    """Validate a Relay Direction body; ParseError naming the bad field."""
+    try:
+        if set(body) != {"path", "token", "nodes", "expires_ms", "max_bytes"}:
+            raise ValueError("body must have exactly path, token, nodes, expires_ms, max_bytes")
+        path_id = bytes.fromhex(body["path"])
+        token = bytes.fromhex(body["token"])
+        if len(path_id) != packet.PATH_ID_LEN:
+            raise ValueError("path must be 8 bytes hex")
+        if len(token) != packet.TOKEN_LEN:
+            raise ValueError("token must be 32 bytes hex")
+        nodes = body["nodes"]
+        if not isinstance(nodes, list) or len(nodes) != 2:
+            raise ValueError("nodes must be a list of two node IDs")
+        nodes = tuple(keys.parse_node_id(n) for n in nodes)
+        exp, cap = body["expires_ms"], body["max_bytes"]
+        for name, v in (("expires_ms", exp), ("max_bytes", cap)):
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise ValueError(f"{name} must be an integer")
+        if exp <= now_ms:
+            raise ValueError("expires_ms is in the past")
+        if cap <= 0:
+            raise ValueError("max_bytes must be positive")
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise ParseError(f"malformed relay direction: {exc}") from None
+    return {"path_id": path_id, "token": token, "nodes": nodes, "expires_ms": exp, "max_bytes": cap}
+
+
+# ---------------------------------------------------------------------- HTTP
+
+RELAY = web.AppKey("relay", Relay)
+
+
+async def handle_direction(request: web.Request) -> web.Response:
+    relay = request.app[RELAY]
+    try:
+        obj = json.loads(await request.read())
+    except web.HTTPRequestEntityTooLarge:
+        return relay.refuse(413, "too_large", f"request body exceeds {MAX_BODY} bytes")
+    except (ValueError, UnicodeDecodeError) as exc:
+        return relay.refuse(400, "malformed", f"body is not JSON: {exc}")
+    now_ms = relay.wall_ms()
+    try:
+        # Kind, signature and freshness first (cheap, local); the chain is asked only about a
+        # signer that really signed; the nonce is remembered only for trusted, fresh envelopes.
+        env = envelope.open_envelope(obj, KIND, now_ms, lambda _a: True, None)
+    except ParseError as exc:
+        return relay.refuse(400, "malformed", str(exc))
+    except SignatureError as exc:
+        return relay.refuse(403, "forbidden", str(exc))
+    try:
+        trusted = await relay.trust.is_active(env.sender)
+    except TrustError as exc:
+        return relay.refuse(503, "chain_unavailable", str(exc))
+    if not trusted:
+        return relay.refuse(403, "untrusted_dc", f"{keys.checksum(env.sender)} is not an active DC on chain")
+    try:
+        relay.guard.check_and_add(env, now_ms)
+    except SignatureError as exc:
+        return relay.refuse(403, "replayed", str(exc))
+    try:
+        d = parse_body(env.body, now_ms)
+    except ParseError as exc:
+        return relay.refuse(400, "malformed", str(exc))
+    now = relay.clock()
+    try:
+        path, created = relay.table.add_path(
+            d["path_id"], d["token"], now + (d["expires_ms"] - now_ms) / 1000, d["max_bytes"], now,
+            owner=env.sender, nodes=d["nodes"])
+    except PathError as exc:
+        return relay.refuse(409 if exc.code == "conflict" else 503, exc.code, str(exc))
+    relay.directions["accepted"] += 1
+    relay.log_events()
+    return web.json_response({
+        "path": path.path_id.hex(),
+        "relay": relay.advertise,
+        "created": created,
+        "expires_ms": now_ms + int((path.expires_at - now) * 1000),
+        "max_bytes": path.max_bytes,
+    })
+
+
+async def handle_path(request: web.Request) -> web.Response:
+    relay = request.app[RELAY]
+    try:
+        path_id = bytes.fromhex(request.match_info["path"])
+    except ValueError:
+        return error(400, "malformed", "path must be hex")
+    path = relay.table.paths.get(path_id)
+    if path is None:
+        return error(404, "unknown_path", f"no path {path_id.hex()}")
+    return web.json_response(path.stats())
+
+
+async def handle_info(request: web.Request) -> web.Response:
+    relay = request.app[RELAY]
+    return web.json_response({
+        "relay": relay.advertise,
+        "udp_port": relay.udp_port,
+        "paths": len(relay.table.paths),
+        "max_paths": relay.table.max_paths,
+        "idle_s": relay.table.idle_s,
+        "chain_id": relay.chain_id,
+        "registry": keys.checksum(relay.registry) if relay.registry else None,
+    })
+
+
+async def handle_health(request: web.Request) -> web.Response:
+    relay = request.app[RELAY]
+    return web.json_response({"ok": True, "paths": len(relay.table.paths)})
+
+
+def _labelled(name: str, label: str, counts: dict) -> str:
+    lines = [f"# TYPE {name} counter\n"]
+    lines += [f'{name}{{{label}="{k}"}} {v}\n' for k, v in sorted(counts.items())]
+    return "".join(lines)
+
+
+async def handle_metrics(request: web.Request) -> web.Response:
+    relay = request.app[RELAY]
+    t = relay.table
+    plain = {
+        "ntm_rs_paths": len(t.paths),
+        "ntm_rs_paths_bound": t.bound_paths(),
+        "ntm_rs_paths_added_total": t.paths_added,
+        "ntm_rs_binds_total": t.binds,
+        "ntm_rs_forwarded_packets_total": t.forwarded_packets,
+        "ntm_rs_forwarded_bytes_total": t.forwarded_bytes,
+        "ntm_rs_udp_received_total": relay.udp_received,
+        "ntm_rs_udp_send_errors_total": relay.udp_errors,
+        "ntm_rs_directions_accepted_total": relay.directions["accepted"],
+        "ntm_rs_trust_chain_calls_total": relay.trust.chain_calls,
+    }
+    text = "".join(f"# TYPE {k} {'counter' if k.endswith('_total') else 'gauge'}\n{k} {v}\n" for k, v in plain.items())
+    text += _labelled("ntm_rs_dropped_total", "reason", dict(t.dropped))
+    text += _labelled("ntm_rs_paths_removed_total", "reason", dict(t.removed))
+    text += _labelled("ntm_rs_directions_refused_total", "reason", relay.refused)
+    return web.Response(text=text, content_type="text/plain")
+
+
+def make_app(relay: Relay) -> web.Application:
+    app = web.Application(client_max_size=MAX_BODY)
+    app[RELAY] = relay
+    app.router.add_post("/v1/relay-directions", handle_direction)
+    app.router.add_get("/v1/paths/{path}", handle_path)
+    app.router.add_get("/v1/info", handle_info)
+    app.router.add_get("/healthz", handle_health)
+    app.router.add_get("/metrics", handle_metrics)
+    return app
+
+
+# ---------------------------------------------------------------------- UDP
+
+
+class RelayProtocol(asyncio.DatagramProtocol):
+    """Feeds every datagram to the table and sends what it answers."""
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr) -> None:
+        relay = self.relay
+        relay.udp_received += 1
+        out = relay.table.on_datagram(data, normalise(addr), relay.clock())
+        for payload, dest in out:
+            if relay.capture is not None and payload is data:
+                relay.captured(data)
+            try:
+                self.transport.sendto(payload, dest)
+            except OSError as exc:
+                relay.udp_errors += 1
+                log.debug("send to %s failed: %s", display(dest), exc)
+        if relay.table.events:
+            relay.log_events()
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP unreachable from a departed peer: not fatal for a relay.
+        self.relay.udp_errors += 1
+        log.debug("udp error: %s", exc)
+
+
+async def housekeeping(relay: Relay) -> None:
+    while True:
+        await asyncio.sleep(HOUSEKEEPING_S)
+        relay.table.expire(relay.clock())
+        relay.log_events()

@@ -1,0 +1,283 @@
+"""RelayTable, sans-I/O: binds, forwarding both ways, every drop reason, caps and expiry; the
+trust cache with an injected clock; random bytes never make on_datagram raise."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ntm import packet
+from rs.relay import MAX_LIFETIME_S, RELAY_IDLE_S, PathError, RelayTable
+from rs.server import display, normalise
+from rs.trust import DcTrust, TrustError
+
+PATH = bytes.fromhex("0102030405060708")
+TOKEN = bytes(range(32))
+A = ("192.0.2.1", 4330)
+B = ("2001:db8::2", 4330)
+A2 = ("198.51.100.7", 50000)  # A after a move
+EVIL = ("203.0.113.66", 4330)
+T0 = 1000.0
+
+
+def bind(side: int, token: bytes = TOKEN, path: bytes = PATH) -> bytes:
+    return packet.RelayBind(path, token, side).encode()
+
+
+def data(payload: bytes = b"x" * 40, path: bytes = PATH, counter: int = 0) -> bytes:
+    return packet.TransportPacket(packet.TYPE_DATA, path, counter, payload + b"\0" * 16).encode()
+
+
+def ack(side: int) -> bytes:
+    return packet.RelayBindAck(PATH, side).encode()
+
+
+def table_with_path(max_bytes: int = 10**6, lifetime: float = 600.0, **kw) -> RelayTable:
+    t = RelayTable(**kw)
+    t.add_path(PATH, TOKEN, T0 + lifetime, max_bytes, T0)
+    return t
+
+
+def bound_table(**kw) -> RelayTable:
+    t = table_with_path(**kw)
+    assert t.on_datagram(bind(0), A, T0) == [(ack(0), A)]
+    assert t.on_datagram(bind(1), B, T0) == [(ack(1), B)]
+    return t
+
+
+def test_bind_and_forward_both_ways():
+    t = bound_table()
+    p1, p2 = data(b"a" * 50), data(b"b" * 70, counter=1)
+    assert t.on_datagram(p1, A, T0 + 1) == [(p1, B)]
+    assert t.on_datagram(p2, B, T0 + 1) == [(p2, A)]
+    for kind in packet.FORWARDED_TYPES:
+        pkt = bytes([kind]) + PATH + os.urandom(30)
+        assert t.on_datagram(pkt, B, T0 + 2) == [(pkt, A)]  # prefix only: bodies are never parsed
+    path = t.paths[PATH]
+    assert path.bytes[0] == len(p1) and path.packets[0] == 1
+    assert path.packets[1] == 1 + len(packet.FORWARDED_TYPES)
+    assert t.forwarded_packets == 2 + len(packet.FORWARDED_TYPES)
+    assert [e.kind for e in t.pop_events()] == ["added", "bound", "bound"]
+    assert "token" not in path.stats() and path.stats()["bound"] == [True, True]
+
+
+def test_forwarded_datagram_is_unchanged_object():
+    t = bound_table()
+    p = data(b"secret")
+    [(out, dest)] = t.on_datagram(p, A, T0)
+    assert out is p and dest == B
+
+
+def test_wrong_token_changes_nothing():
+    t = table_with_path()
+    t.on_datagram(bind(0), A, T0)
+    bad = bytes(32)
+    assert t.on_datagram(bind(0, bad), EVIL, T0) == []  # cannot hijack side 0
+    assert t.on_datagram(bind(1, bad), EVIL, T0) == []  # cannot take side 1
+    assert t.dropped["bad_token"] == 2
+    assert t.paths[PATH].addrs == [A, None]
+    assert t.paths[PATH].binds == 1
+
+
+def test_unbound_sender_and_peer_unbound():
+    t = table_with_path()
+    assert t.on_datagram(data(), A, T0) == []
+    assert t.dropped["unknown_sender"] == 1
+    t.on_datagram(bind(0), A, T0)
+    assert t.on_datagram(data(), A, T0) == []
+    assert t.dropped["peer_unbound"] == 1
+
+
+def test_spoofed_source_address_dropped():
+    t = bound_table()
+    assert t.on_datagram(data(), EVIL, T0) == []
+    assert t.on_datagram(data(), (A[0], A[1] + 1), T0) == []  # right IP, wrong port
+    assert t.dropped["unknown_sender"] == 2
+    assert t.forwarded_packets == 0
+
+
+def test_rebind_moves_side():
+    t = bound_table()
+    t.pop_events()
+    assert t.on_datagram(bind(0), A2, T0 + 5) == [(ack(0), A2)]
+    assert t.paths[PATH].addrs == [A2, B]
+    p = data()
+    assert t.on_datagram(p, B, T0 + 6) == [(p, A2)]  # goes to the new address
+    assert t.on_datagram(p, A, T0 + 6) == []  # the old address is no longer side 0
+    assert t.on_datagram(p, A2, T0 + 6) == [(p, B)]
+    assert [(e.kind, e.side) for e in t.pop_events()] == [("moved", 0)]
+    # a repeated bind from the same address is acked but is not an event
+    assert t.on_datagram(bind(0), A2, T0 + 7) == [(ack(0), A2)]
+    assert t.pop_events() == []
+
+
+def test_bind_from_other_sides_address_refused():
+    t = bound_table()
+    assert t.on_datagram(bind(1), A, T0) == []
+    assert t.dropped["same_address"] == 1
+    assert t.paths[PATH].addrs == [A, B]
+
+
+def test_malformed_unknown_and_unexpected():
+    t = bound_table()
+    assert t.on_datagram(b"", A, T0) == []
+    assert t.on_datagram(b"\x03" + PATH[:4], A, T0) == []
+    assert t.on_datagram(b"\x7f" + PATH + b"zz", A, T0) == []
+    assert t.dropped["malformed"] == 3
+    assert t.on_datagram(data(path=bytes(8)), A, T0) == []
+    assert t.dropped["unknown_path"] == 1
+    assert t.on_datagram(ack(0), A, T0) == []
+    assert t.dropped["unexpected_type"] == 1
+    assert t.on_datagram(bind(0)[:-1], A, T0) == []
+    assert t.on_datagram(bind(0)[:-1] + b"\x02", A, T0) == []
+    assert t.dropped["bad_bind"] == 2
+    assert t.forwarded_packets == 0
+
+
+def test_byte_cap_removes_path():
+    p = data(b"z" * 100)
+    t = bound_table(max_bytes=3 * len(p) + 10)
+    for _ in range(3):
+        assert t.on_datagram(p, A, T0) == [(p, B)]
+    assert t.on_datagram(p, B, T0) == []  # the 4th would exceed the budget (both directions count)
+    assert t.dropped["byte_cap"] == 1 and t.removed["byte_cap"] == 1
+    assert PATH not in t.paths
+    assert t.on_datagram(p, A, T0) == []
+    assert t.dropped["unknown_path"] == 1
+
+
+def test_lifetime():
+    t = bound_table(lifetime=60.0)
+    p = data()
+    # keep it busy so it is never idle: it still dies at its lifetime
+    for s in range(0, 60, 10):
+        assert t.on_datagram(p, A, T0 + s) == [(p, B)]
+    assert t.on_datagram(p, A, T0 + 60) == []
+    assert t.dropped["expired"] == 1 and t.removed["lifetime"] == 1 and PATH not in t.paths
+
+
+def test_lifetime_capped_by_relay_policy():
+    t = RelayTable()
+    path, _ = t.add_path(PATH, TOKEN, T0 + 10 * MAX_LIFETIME_S, 10, T0)
+    assert path.expires_at == T0 + MAX_LIFETIME_S
+
+
+def test_idle_expiry_and_keepalive_keeps_alive():
+    assert RELAY_IDLE_S > 2 * 25  # must outlast the tunnel keepalive interval with margin
+    t = bound_table(lifetime=3600.0)
+    ka = packet.TransportPacket(packet.TYPE_KEEPALIVE, PATH, 1, bytes(16)).encode()
+    now = T0
+    for _ in range(10):  # keepalives every 25 s keep the path for 250 s, far past RELAY_IDLE_S
+        now += 25
+        assert t.on_datagram(ka, A, now) == [(ka, B)]
+        assert t.expire(now) == 0
+    assert t.expire(now + RELAY_IDLE_S - 0.1) == 0
+    assert t.expire(now + RELAY_IDLE_S) == 1
+    assert t.removed["idle"] == 1 and PATH not in t.paths
+
+
+def test_wrong_token_binds_do_not_keep_path_alive():
+    t = table_with_path(lifetime=3600.0)
+    for s in range(0, int(RELAY_IDLE_S), 10):
+        assert t.on_datagram(bind(0, bytes(32)), EVIL, T0 + s) == []
+    assert t.paths[PATH].last_active == T0
+    assert t.expire(T0 + RELAY_IDLE_S) == 1
+
+
+def test_add_path_idempotent_conflict_and_extend():
+    t = RelayTable()
+    owner = b"\x11" * 20
+    p, created = t.add_path(PATH, TOKEN, T0 + 60, 1000, T0, owner=owner)
+    assert created
+    p2, created = t.add_path(PATH, TOKEN, T0 + 120, 500, T0 + 1, owner=owner)
+    assert p2 is p and not created and p.expires_at == T0 + 120 and p.max_bytes == 1000
+    with pytest.raises(PathError) as e:
+        t.add_path(PATH, bytes(32), T0 + 60, 1000, T0, owner=owner)
+    assert e.value.code == "conflict"
+    with pytest.raises(PathError) as e:
+        t.add_path(PATH, TOKEN, T0 + 60, 1000, T0, owner=b"\x22" * 20)  # another DC
+    assert e.value.code == "conflict"
+    with pytest.raises(ValueError):
+        t.add_path(PATH, TOKEN, T0 - 1, 1000, T0)
+    with pytest.raises(ValueError):
+        t.add_path(PATH[:4], TOKEN, T0 + 1, 1000, T0)
+    # an expired path's ID can be reused with a new token
+    _, created = t.add_path(PATH, bytes(32), T0 + 500, 1000, T0 + 200, owner=owner)
+    assert created and t.removed["expired"] == 1
+
+
+def test_table_bound():
+    t = RelayTable(max_paths=3)
+    for i in range(3):
+        t.add_path(bytes([i]) * 8, TOKEN, T0 + 60 + i, 100, T0)
+    with pytest.raises(PathError) as e:
+        t.add_path(b"\x09" * 8, TOKEN, T0 + 60, 100, T0)
+    assert e.value.code == "full" and len(t.paths) == 3
+    # once one has expired there is room again (the sweep runs on demand)
+    t.add_path(b"\x09" * 8, TOKEN, T0 + 200, 100, T0 + 60.5)
+    assert len(t.paths) == 3 and b"\x00" * 8 not in t.paths
+
+
+def test_address_normalisation():
+    assert normalise(("::ffff:127.0.0.1", 5, 0, 0)) == normalise(("::FFFF:7f00:1", 5, 7, 0))
+    assert normalise(("::1", 5, 3, 0)) == normalise(("0:0::1", 5, 0, 0))
+    assert normalise(("fe80::1", 5, 0, 2)) == ("fe80::1", 5, 0, 2)
+    assert normalise(("127.0.0.1", 5)) == ("127.0.0.1", 5)
+    assert display(normalise(("::ffff:10.0.0.1", 9, 0, 0))) == "10.0.0.1:9"
+    assert display(("::1", 9)) == "[::1]:9"
+
+
+async def test_trust_cache_ttl_and_coalescing():
+    now = [0.0]
+    answers = {b"\x01" * 20: True}
+    calls = []
+
+    async def lookup(addr):
+        calls.append(addr)
+        await asyncio.sleep(0.01)
+        return answers.get(addr, False)
+
+    trust = DcTrust(lookup, ttl=10.0, clock=lambda: now[0])
+    dc, other = b"\x01" * 20, b"\x02" * 20
+    assert await asyncio.gather(*(trust.is_active(dc) for _ in range(5))) == [True] * 5
+    assert len(calls) == 1  # concurrent look-ups share one chain call
+    assert not await trust.is_active(other)
+    answers[dc] = False  # removed on chain
+    now[0] = 9.9
+    assert await trust.is_active(dc)  # still cached
+    now[0] = 10.0
+    assert not await trust.is_active(dc)
+    assert len(calls) == 3
+
+    async def broken(addr):
+        from ntm.registry import RegistryError
+        raise RegistryError("rpc down")
+
+    with pytest.raises(TrustError):
+        await DcTrust(broken).is_active(dc)
+
+
+kinds = st.sampled_from(sorted(packet.KNOWN_TYPES | {0x00, 0x12, 0xFF}))
+addrs = st.sampled_from([A, B, A2, EVIL])
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.tuples(kinds, st.booleans(), st.binary(max_size=80), addrs, st.floats(0, 200)), max_size=40))
+def test_random_datagrams_never_raise(events):
+    t = bound_table(max_bytes=2000, lifetime=150.0)
+    for kind, known_path, tail, addr, dt in events:
+        dgram = bytes([kind]) + (PATH if known_path else tail[:8]) + tail
+        out = t.on_datagram(dgram, addr, T0 + dt)
+        assert isinstance(out, list)
+        for payload, dest in out:
+            assert payload is dgram or payload[0] == packet.TYPE_RELAY_BIND_ACK
+        t.expire(T0 + dt)
+    for raw in (b"", b"\x10", os.urandom(9)):
+        t.on_datagram(raw, A, T0)
+    path = t.paths.get(PATH)
+    if path is not None:
+        assert path.total_bytes <= path.max_bytes
