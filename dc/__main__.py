@@ -46,13 +46,15 @@ async def serve(cfg: dc_config.DcConfig, stop: asyncio.Event) -> None:
     store = Store(cfg.db, keys.node_id_of(key))
     cache = RegistryCache(registry, dep["block"])
     await cache.load()
-    sock = udp_socket(cfg.udp_host, cfg.udp_port)
-    coord = Coordinator(key, registry, store, cache, cfg.hostname, cfg.relays, sock.getsockname()[1])
+    socks = (udp_socket(cfg.udp_host, cfg.udp_port), udp_socket(cfg.udp_host, 0))
+    ports = (socks[0].getsockname()[1], socks[1].getsockname()[1])
+    coord = Coordinator(key, registry, store, cache, cfg.hostname, cfg.relays, ports)
     if not cache.is_active_dc(coord.address):
         logging.warning("DC %s is not active in the registry: registrations will be refused until it is admitted",
                         keys.checksum(coord.address))
     loop = asyncio.get_running_loop()
-    transport, _ = await loop.create_datagram_endpoint(lambda: KeepaliveProtocol(coord.presence), sock=sock)
+    transports = [(await loop.create_datagram_endpoint(lambda alt=alt: KeepaliveProtocol(coord.presence, alt),
+                                                       sock=sock))[0] for alt, sock in ((False, socks[0]), (True, socks[1]))]
     tasks = [asyncio.create_task(cache.run(), name="cache"), asyncio.create_task(coord.submitter.run(), name="submitter")]
     runner = web.AppRunner(make_app(coord), access_log=None)
     await runner.setup()
@@ -64,10 +66,10 @@ async def serve(cfg: dc_config.DcConfig, stop: asyncio.Event) -> None:
         logging.info("resubmitting %d pending outbox records", pending)
         coord.submitter.wake()
     ready = {"event": "ready", "dc": keys.checksum(coord.address), "hostname": cfg.hostname,
-             "http": f"http://{cfg.http_host}:{http_port}", "udp_port": coord.keepalive_port,
+             "http": f"http://{cfg.http_host}:{http_port}", "udp_ports": list(ports),
              "chain_id": registry.chain_id, "registry": keys.checksum(registry.address), "pid": os.getpid()}
     print(json.dumps(ready), flush=True)
-    logging.info("DC %s serving on %s (keepalive udp %d)", ready["dc"], ready["http"], coord.keepalive_port)
+    logging.info("DC %s serving on %s (keepalive udp %d, %d)", ready["dc"], ready["http"], *ports)
     try:
         await stop.wait()
     finally:
@@ -75,7 +77,8 @@ async def serve(cfg: dc_config.DcConfig, stop: asyncio.Event) -> None:
         for t in tasks:
             t.cancel()
         await runner.cleanup()
-        transport.close()
+        for t in transports:
+            t.close()
         await coord.federation.close()
         store.close()
         await registry.close()

@@ -13,6 +13,7 @@ import coincurve
 from dc.cache import RegistryCache
 from dc.federation import INFO_REQUEST, INFO_RESPONSE, FederationClient, now_ms
 from dc.presence import Presence
+from dc.signaling import Signaling
 from dc.store import Store
 from dc.submitter import Submitter
 from ntm import envelope, keys
@@ -44,7 +45,7 @@ class Coordinator:
         cache: RegistryCache,
         hostname: str,
         relays: list[str],
-        keepalive_port: int,
+        keepalive_ports: tuple[int, int],
     ) -> None:
         self.key = key
         self.address = keys.node_id_of(key)
@@ -53,11 +54,12 @@ class Coordinator:
         self.cache = cache
         self.hostname = hostname
         self.relays = relays
-        self.keepalive_port = keepalive_port
+        self.keepalive_ports = keepalive_ports
         self.presence = Presence()
         self.submitter = Submitter(store, registry)
         self.guard = envelope.ReplayGuard()
         self.federation = FederationClient(key, cache.is_active_dc, self.guard)
+        self.signaling = Signaling(self)
         self.counters = {"registrations_accepted": 0, "registrations_refused": 0,
                          "federation_requests_served": 0, "federation_requests_refused": 0}
 
@@ -67,7 +69,7 @@ class Coordinator:
             "hostname": self.hostname,
             "chain_id": self.registry.chain_id,
             "registry": keys.checksum(self.registry.address),
-            "keepalive_port": self.keepalive_port,
+            "keepalive_ports": list(self.keepalive_ports),
             "relays": self.relays,
             "active": self.cache.is_active_dc(self.address),
         }
@@ -121,7 +123,8 @@ class Coordinator:
             "timestamp": stored.timestamp,
             "revoked": stored.revoked,
             "local_addrs": list(stored.local_addrs),
-            "observed": self.presence.observed(node),
+            "observed": self.presence.observed(node)[0],
+            "observed_alt": self.presence.observed(node)[1],
             "online": self.presence.online(node),
         }
 

@@ -22,7 +22,12 @@ FEDERATION_TIMEOUT_S = 3.0
 
 
 class FederationError(NtmError):
-    """A peer DC could not be reached or gave an answer that does not verify."""
+    """A peer DC could not be reached or gave an answer that does not verify; `code` is the
+    peer's error code when it answered with one."""
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def now_ms() -> int:
@@ -40,18 +45,29 @@ class FederationClient:
         if self._http is not None:
             await self._http.close()
 
-    async def ntm_info(self, endpoint: str, home_dc: bytes, node: bytes) -> dict:
-        """Ask `home_dc` (at HTTP base URL `endpoint`) about `node`; the verified response body."""
+    @property
+    def http(self) -> aiohttp.ClientSession:
         if self._http is None:
             self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=FEDERATION_TIMEOUT_S))
-        req = envelope.seal(self.key, INFO_REQUEST, {"node": keys.checksum(node), "to": keys.checksum(home_dc)}, now_ms())
+        return self._http
+
+    async def post(self, url: str, body: dict, who: str) -> dict:
+        """POST JSON to a peer (DC or relay); FederationError unless it answers 200 with JSON."""
         try:
-            async with self._http.post(f"{endpoint.rstrip('/')}/v1/federation/ntm-info", json=req) as resp:
+            async with self.http.post(url, json=body) as resp:
                 data = await resp.json(content_type=None)
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            raise FederationError(f"home DC {keys.checksum(home_dc)} at {endpoint} unreachable: {exc}") from None
+            raise FederationError(f"{who} unreachable: {exc or type(exc).__name__}") from None
         if resp.status != 200:
-            raise FederationError(f"home DC {keys.checksum(home_dc)} refused: {data.get('message', resp.status)}")
+            msg = data.get("message", resp.status) if isinstance(data, dict) else resp.status
+            raise FederationError(f"{who} refused: {msg}", data.get("error") if isinstance(data, dict) else None)
+        return data
+
+    async def ntm_info(self, endpoint: str, home_dc: bytes, node: bytes) -> dict:
+        """Ask `home_dc` (at HTTP base URL `endpoint`) about `node`; the verified response body."""
+        req = envelope.seal(self.key, INFO_REQUEST, {"node": keys.checksum(node), "to": keys.checksum(home_dc)}, now_ms())
+        data = await self.post(f"{endpoint.rstrip('/')}/v1/federation/ntm-info", req,
+                               f"home DC {keys.checksum(home_dc)} at {endpoint}")
         env = envelope.open_envelope(data, INFO_RESPONSE, now_ms(), self.is_trusted, self.guard)
         if env.sender != home_dc or env.body.get("node") != keys.checksum(node):
             raise FederationError("NTM information response is from the wrong DC or about another node")

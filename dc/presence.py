@@ -2,7 +2,9 @@
 
 A node proves key possession on its WebSocket (ntm/session_auth.py) and gets a keepalive token.
 Keepalives (ntm/keepalive.py) sent from the node's tunnel socket tell the DC the node's public,
-NAT-mapped address; one with a wrong MAC or an old sequence number changes nothing.
+NAT-mapped address; one with a wrong MAC or an old sequence number changes nothing. The DC listens
+on two UDP ports: a NAT that maps the node's socket to different ports for the two is symmetric
+(ntm/route.py). One sequence counter spans both ports, so a keepalive cannot be replayed to the other.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ class Session:
     token: bytes
     send: Callable[[dict], Any]  # pushes one JSON message on the node's WebSocket
     seq: int = 0
-    observed: str | None = None  # "ip:port" seen on the last good keepalive
+    observed: str | None = None  # "ip:port" seen on the last good keepalive to the first port
+    observed_alt: str | None = None  # ... and to the second port
     counters: dict = field(default_factory=lambda: {"keepalives": 0})
 
 
@@ -48,12 +51,14 @@ class Presence:
     def online(self, node: bytes) -> bool:
         return node in self.sessions
 
-    def observed(self, node: bytes) -> str | None:
+    def observed(self, node: bytes) -> tuple[str | None, str | None]:
+        """The node's mappings as seen by the first and the second keepalive port."""
         s = self.sessions.get(node)
-        return s.observed if s else None
+        return (s.observed, s.observed_alt) if s else (None, None)
 
-    def on_keepalive(self, data: bytes, addr: tuple) -> bytes | None:
-        """Apply a keepalive datagram; returns the reply to send, or None if it was refused."""
+    def on_keepalive(self, data: bytes, addr: tuple, alt: bool = False) -> bytes | None:
+        """Apply a keepalive that arrived on the first (or, `alt`, the second) port; returns the
+        reply to send, or None if it was refused."""
         try:
             node, seq, head, mac = keepalive.parse_request(data)
         except ParseError:
@@ -70,7 +75,9 @@ class Presence:
         if ip.startswith("::ffff:"):
             ip = ip[7:]
         endpoint = format_endpoint(ip, port)
-        if endpoint != s.observed:
+        if alt:
+            s.observed_alt = endpoint
+        elif endpoint != s.observed:
             log.info("node %s observed at %s", keys.checksum(node), endpoint)
             s.observed = endpoint
         return keepalive.encode_reply(seq, ip, port)
@@ -79,14 +86,15 @@ class Presence:
 class KeepaliveProtocol(asyncio.DatagramProtocol):
     """Thin UDP adapter around Presence.on_keepalive."""
 
-    def __init__(self, presence: Presence) -> None:
+    def __init__(self, presence: Presence, alt: bool = False) -> None:
         self.presence = presence
+        self.alt = alt
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport) -> None:
         self.transport = transport
 
     def datagram_received(self, data: bytes, addr) -> None:
-        reply = self.presence.on_keepalive(data, addr)
+        reply = self.presence.on_keepalive(data, addr, self.alt)
         if reply is not None and self.transport is not None:
             self.transport.sendto(reply, addr)

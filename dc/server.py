@@ -16,6 +16,7 @@ from aiohttp import WSMsgType, web
 
 from dc.coordinator import Coordinator, NodeLookupError
 from dc.federation import FederationError
+from dc.signaling import DirectionError
 from ntm import keys, session_auth
 from ntm.errors import NtmError, ParseError, SignatureError
 from ntm.registration import RegistrationError, parse_request
@@ -62,6 +63,8 @@ async def errors_middleware(request: web.Request, handler):
         return error(404 if exc.code == "unknown_node" else 502, exc.code, str(exc))
     except FederationError as exc:
         return error(502, "federation", str(exc))
+    except DirectionError as exc:
+        return error(404, exc.code, str(exc))
 
 
 async def handle_info(request: web.Request) -> web.Response:
@@ -90,6 +93,10 @@ async def handle_ntm_info(request: web.Request) -> web.Response:
     return web.json_response(request.app[COORDINATOR].answer_ntm_info(await read_json(request)))
 
 
+async def handle_route_direction(request: web.Request) -> web.Response:
+    return web.json_response(await request.app[COORDINATOR].signaling.accept_delivery(await read_json(request)))
+
+
 async def handle_health(request: web.Request) -> web.Response:
     c = request.app[COORDINATOR]
     ok = c.cache.is_active_dc(c.address)
@@ -109,7 +116,7 @@ async def handle_metrics(request: web.Request) -> web.Response:
         "ntm_dc_chain_tx_sent_total": c.submitter.sent_tx,
         "ntm_dc_chain_failures_total": c.submitter.failures,
         "ntm_dc_keepalives_dropped_total": c.presence.dropped_keepalives,
-        **{f"ntm_dc_{k}_total": v for k, v in c.counters.items()},
+        **{f"ntm_dc_{k}_total": v for k, v in {**c.counters, **c.signaling.counters}.items()},
     }
     text = "".join(f"# TYPE {k} {'counter' if k.endswith('_total') else 'gauge'}\n{k} {v}\n" for k, v in gauges.items())
     return web.Response(text=text, content_type="text/plain")
@@ -140,7 +147,7 @@ async def handle_session(request: web.Request) -> web.WebSocketResponse:
         return ws
     session = c.presence.open(node, ws.send_json)
     log.info("session open: %s", keys.checksum(node))
-    await ws.send_json({"type": "welcome", "token": session.token.hex(), "keepalive_port": c.keepalive_port})
+    await ws.send_json({"type": "welcome", "token": session.token.hex(), "keepalive_ports": list(c.keepalive_ports)})
     try:
         async for msg in ws:
             if msg.type != WSMsgType.TEXT:
@@ -152,13 +159,30 @@ async def handle_session(request: web.Request) -> web.WebSocketResponse:
                 await ws.send_json({"type": "error", "error": "malformed", "message": "expected JSON with a type"})
                 continue
             if kind == "status":
-                await ws.send_json({"type": "status", "observed": session.observed, **session.counters})
+                await ws.send_json({"type": "status", "observed": session.observed,
+                                    "observed_alt": session.observed_alt, **session.counters})
+            elif kind == "direction-request":
+                asyncio.create_task(direction_request(c, ws, node, req))
             else:
                 await ws.send_json({"type": "error", "error": "unknown_type", "message": f"unknown type {kind!r}"})
     finally:
         c.presence.close(session)
         log.info("session closed: %s", keys.checksum(node))
     return ws
+
+
+async def direction_request(c: Coordinator, ws: web.WebSocketResponse, node: bytes, req: dict) -> None:
+    """Serve one Direction Request from a session; the answer carries the request's id."""
+    reply = {"type": "direction-result", "id": req.get("id")}
+    try:
+        peer = keys.parse_node_id(str(req.get("peer")))
+        reply.update(ok=True, **await c.signaling.request(node, peer))
+    except DirectionError as exc:
+        reply.update(ok=False, error=exc.code, message=str(exc))
+    except (ValueError, NtmError) as exc:
+        reply.update(ok=False, error="bad_request", message=str(exc))
+    if not ws.closed:
+        await ws.send_json(reply)
 
 
 def make_app(coordinator: Coordinator) -> web.Application:
@@ -168,6 +192,7 @@ def make_app(coordinator: Coordinator) -> web.Application:
     app.router.add_post("/v1/register", handle_register)
     app.router.add_get("/v1/nodes/{node}", handle_whois)
     app.router.add_post("/v1/federation/ntm-info", handle_ntm_info)
+    app.router.add_post("/v1/federation/route-direction", handle_route_direction)
     app.router.add_get("/v1/session", handle_session)
     app.router.add_get("/healthz", handle_health)
     app.router.add_get("/metrics", handle_metrics)

@@ -53,14 +53,15 @@ class Reach:
         same_nat = self.observed and peer.observed and _ip(self.observed) == _ip(peer.observed)
         ordered = local + public if same_nat else public + local
         families = peer.families()
-        return [e for e in ordered if _family(e) in families] or ordered
+        return [e for e in ordered if family(e) in families] or ordered
 
 
 def _ip(endpoint: str) -> str:
     return parse_endpoint(endpoint)[0]
 
 
-def _family(endpoint: str) -> int:
+def family(endpoint: str) -> int:
+    """4 or 6: the IP version of an `ip:port` endpoint."""
     return ipaddress.ip_address(_ip(endpoint)).version
 
 

@@ -166,11 +166,13 @@ def test_presence_refuses_wrong_token_and_replay():
     p = Presence()
     s = p.open(b"n" * 20, lambda m: None)
     assert p.on_keepalive(keepalive.encode_request(b"n" * 20, 1, b"x" * 32), ("1.1.1.1", 5)) is None
-    assert p.observed(b"n" * 20) is None
+    assert p.observed(b"n" * 20) == (None, None)
     good = keepalive.encode_request(b"n" * 20, 1, s.token)
     assert p.on_keepalive(good, ("198.18.0.11", 5)) is not None
     assert p.on_keepalive(good, ("198.18.0.66", 6)) is None  # replay from elsewhere moves nothing
-    assert p.observed(b"n" * 20) == "198.18.0.11:5" and p.dropped_keepalives == 2
+    assert p.observed(b"n" * 20) == ("198.18.0.11:5", None) and p.dropped_keepalives == 2
+    assert p.on_keepalive(keepalive.encode_request(b"n" * 20, 2, s.token), ("198.18.0.11", 7), alt=True)
+    assert p.observed(b"n" * 20) == ("198.18.0.11:5", "198.18.0.11:7")
 
 
 @given(st.binary(max_size=200))

@@ -172,7 +172,7 @@ async def test_session_and_keepalive_token(net, tmp_path):
     key = keys.load_keystore(home / "key.json")
     async with DcClient(net.urls[0]) as client:
         ws, welcome = await client.open_session(key)
-        token, port = bytes.fromhex(welcome["token"]), welcome["keepalive_port"]
+        token, port = bytes.fromhex(welcome["token"]), welcome["keepalive_ports"][0]
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.settimeout(2)
             s.sendto(keepalive.encode_request(n, 1, b"\x00" * 32), ("127.0.0.1", port))  # wrong token
