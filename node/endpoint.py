@@ -102,7 +102,7 @@ class _Proto(asyncio.DatagramProtocol):
         self.endpoint = endpoint
 
     def error_received(self, exc: Exception) -> None:
-        self.endpoint.stats["socket_errors"] += 1
+        self.endpoint._stats["socket_errors"] += 1
 
 
 class Channel:
@@ -208,11 +208,12 @@ class Endpoint:
         self.clock = clock  # Unix seconds: Request timestamps must grow across restarts
         self.sessions: dict[bytes, Session] = {}
         self.channels: dict[bytes, Channel] = {}
-        self.stats: dict[str, int] = dict.fromkeys(
-            ("rx_datagrams", "tx_datagrams", "drop_short", "drop_unknown_type", "drop_unknown_path",
+        self._stats: dict[str, int] = dict.fromkeys(
+            ("tx_control", "drop_short", "drop_unknown_type", "drop_unknown_path",
              "socket_errors", "send_errors", "rebinds"),
             0,
         )
+        self.rx_datagrams = 0  # hot counter, merged into `stats`
         self.transport: asyncio.DatagramTransport | None = None
         self.family = socket.AF_INET
         self._wake: asyncio.Event | None = None
@@ -247,6 +248,11 @@ class Endpoint:
             old.close()
 
     @property
+    def stats(self) -> dict[str, int]:
+        """Endpoint counters: datagrams received, control datagrams sent, drops before a session."""
+        return {**self._stats, "rx_datagrams": self.rx_datagrams}
+
+    @property
     def local_addr(self) -> Addr:
         assert self.transport is not None
         return self.transport.get_extra_info("sockname")[:2]
@@ -258,7 +264,7 @@ class Endpoint:
         when on the relay) from the new socket, so peers follow without a new handshake.
         """
         await self._bind(host, port)
-        self.stats["rebinds"] += 1
+        self._stats["rebinds"] += 1
         now = self.clock()
         for s in self.sessions.values():
             self._renormalize(s)
@@ -337,9 +343,9 @@ class Endpoint:
     def _sendto(self, data: bytes, addr: Addr) -> None:
         try:
             self._sendto_raw(data, addr)
-            self.stats["tx_datagrams"] += 1
+            self._stats["tx_control"] += 1
         except (OSError, ValueError, TypeError):
-            self.stats["send_errors"] += 1
+            self._stats["send_errors"] += 1
 
     def _flush(self, out: list[tuple[bytes, Addr]]) -> None:
         for data, addr in out:
@@ -356,13 +362,14 @@ class Endpoint:
             self._wake.set()
 
     def _on_datagram(self, data: bytes, addr: Addr) -> None:
-        self.stats["rx_datagrams"] += 1
-        if len(data) < PREFIX_LEN:
-            self.stats["drop_short"] += 1
-            return
-        s = self.sessions.get(data[1:PREFIX_LEN])
+        self.rx_datagrams += 1
+        pid = data[1:PREFIX_LEN]
+        s = self.sessions.get(pid)
         if s is None:
-            self.stats["drop_unknown_type" if data[0] not in KNOWN_TYPES else "drop_unknown_path"] += 1
+            if len(data) < PREFIX_LEN:
+                self._stats["drop_short"] += 1
+            else:
+                self._stats["drop_unknown_type" if data[0] not in KNOWN_TYPES else "drop_unknown_path"] += 1
             return
         if len(addr) > 2:
             addr = addr[:2]
@@ -371,8 +378,11 @@ class Endpoint:
             self._flush(s.datagrams_to_send())
         if not events:
             return
-        ch = self.channels.get(s.path_id)
+        ch = self.channels.get(pid)
         if ch is None:
+            return
+        if len(events) == 1 and type(events[0]) is Data:  # the common case
+            ch._deliver(events[0].payload)
             return
         for ev in events:
             if type(ev) is Data:
