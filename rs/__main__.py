@@ -22,11 +22,18 @@ from ntm import keys
 from ntm.errors import NtmError
 from ntm.registry import Registry
 from rs.relay import MAX_PATHS, RelayTable
-from rs.server import Relay, RelayProtocol, default_advertise, housekeeping, make_app, udp_socket
+from rs.server import Relay, RelayProtocol, default_advertise, parse_endpoint, housekeeping, make_app, udp_socket
 from rs.trust import DcTrust
 
 DEFAULT_UDP_PORT = 4340  # next to the tunnel port 4330
 DEFAULT_HTTP_PORT = 8340  # control API; the DC's is 8330
+
+
+def _endpoint(text: str) -> str:
+    try:
+        return parse_endpoint(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def parser() -> argparse.ArgumentParser:
@@ -43,7 +50,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--udp-port", type=int, default=DEFAULT_UDP_PORT, help=f"relay UDP port (default {DEFAULT_UDP_PORT}; 0 = any)")
     p.add_argument("--http-host", default="127.0.0.1", help="control API listen address (default 127.0.0.1)")
     p.add_argument("--http-port", type=int, default=DEFAULT_HTTP_PORT, help=f"control API port (default {DEFAULT_HTTP_PORT}; 0 = any)")
-    p.add_argument("--advertise", action="append", metavar="IP:PORT",
+    p.add_argument("--advertise", action="append", metavar="IP:PORT", type=_endpoint,
                    help="relay endpoint told to DCs and nodes (repeatable; '[v6]:port' for IPv6; "
                    "default: derived from the bound address)")
     p.add_argument("--max-paths", type=int, default=MAX_PATHS, help=f"bound on simultaneous paths (default {MAX_PATHS})")

@@ -75,6 +75,22 @@ def display(addr: tuple | None) -> str | None:
         return f"{host}:{port}"
 
 
+def parse_endpoint(text: str) -> str:
+    """Check an advertised endpoint `a.b.c.d:port` or `[v6]:port`; returns it canonical (ValueError)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"endpoint {text!r} is not ip:port")
+    if host.startswith("[") and host.endswith("]"):
+        ip = ipaddress.ip_address(host[1:-1])
+        if ip.version != 6:
+            raise ValueError(f"endpoint {text!r}: brackets are for IPv6")
+    else:
+        ip = ipaddress.ip_address(host)
+        if ip.version != 4:
+            raise ValueError(f"endpoint {text!r}: write IPv6 as [addr]:port")
+    return display((str(ip), int(port)))
+
+
 def udp_socket(host: str, port: int) -> socket.socket:
     """The relay socket: dual-stack on '::' (IPV6_V6ONLY=0) so IPv4-only and IPv6-only nodes meet
     on one port; an IPv4 host ('0.0.0.0') gives an IPv4-only socket for machines without IPv6."""
