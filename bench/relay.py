@@ -1,0 +1,125 @@
+"""Relay benchmark; prints `metric: value` lines.
+
+  table_ops_per_s       RelayTable.on_datagram forwarding decisions per second (in process, no I/O)
+  relay_goodput_mbps    payload delivered A -> real `python -m rs` process -> B over loopback UDP,
+                        windows of WINDOW datagrams (next window when the previous arrived or
+                        after LOSS_WAIT), IPv4 sender to IPv6 receiver through the dual-stack socket
+  relay_pps             datagrams per second delivered in the same run
+  direction_ms_p50      POST /v1/relay-directions round trip (signature + cached trust check)
+
+usage: python bench/relay.py [--seconds 2.5] [--payload 1200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import aiohttp  # noqa: E402
+
+from ntm import keys, packet  # noqa: E402
+from ntm.registry import Registry  # noqa: E402
+from rs.client import send_relay_direction  # noqa: E402
+from rs.relay import RelayTable  # noqa: E402
+from scripts.anvil import DEV_KEYS, Anvil  # noqa: E402
+from scripts.procs import Child  # noqa: E402
+
+WINDOW = 64
+LOSS_WAIT = 0.05
+
+
+def table_ops(seconds: float) -> float:
+    t = RelayTable()
+    path, token = os.urandom(8), os.urandom(32)
+    t.add_path(path, token, 1e9, 1 << 60, 0.0)
+    a, b = ("192.0.2.1", 1), ("2001:db8::1", 2)
+    t.on_datagram(packet.RelayBind(path, token, 0).encode(), a, 0.0)
+    t.on_datagram(packet.RelayBind(path, token, 1).encode(), b, 0.0)
+    dgram = bytes([packet.TYPE_DATA]) + path + os.urandom(1200)
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for _ in range(10_000):
+            t.on_datagram(dgram, a, 1.0)
+        n += 10_000
+    return n / (time.perf_counter() - start)
+
+
+async def through_process(seconds: float, payload: int) -> dict:
+    out: dict = {}
+    with tempfile.TemporaryDirectory() as tmp, Anvil() as chain:
+        owner = await Registry.deploy(chain.url, DEV_KEYS[0])
+        dc_key = keys.private_key(DEV_KEYS[1])
+        await owner.admit_dc(keys.node_id_of(dc_key), "dc1", "http://127.0.0.1:1")
+        dep = Path(tmp) / "deployment.json"
+        dep.write_text(json.dumps({"chain_id": owner.chain_id, "registry": keys.checksum(owner.address)}))
+        await owner.close()
+        rs = Child("rs", ["--rpc-url", chain.url, "--deployment", str(dep), "--udp-port", "0", "--http-port", "0"],
+                   Path(tmp) / "rs.log").start()
+        try:
+            port = rs.ready["udp_port"]
+            nodes = [keys.node_id_of(keys.generate()) for _ in range(2)]
+            times = []
+            async with aiohttp.ClientSession() as http:
+                for _ in range(50):
+                    t0 = time.perf_counter()
+                    await send_relay_direction(http, rs.ready["http"], dc_key, os.urandom(8), os.urandom(32), nodes,
+                                               time.time_ns() // 1_000_000 + 600_000, 1 << 40)
+                    times.append((time.perf_counter() - t0) * 1000)
+                path, token = os.urandom(8), os.urandom(32)
+                await send_relay_direction(http, rs.ready["http"], dc_key, path, token, nodes,
+                                           time.time_ns() // 1_000_000 + 600_000, 1 << 40)
+            out["direction_ms_p50"] = statistics.median(times[1:])
+            a = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            a.bind(("127.0.0.1", 0))
+            b = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+            b.bind(("::1", 0))
+            b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+            for s, side, dst in ((a, 0, ("127.0.0.1", port)), (b, 1, ("::1", port))):
+                s.settimeout(2)
+                s.sendto(packet.RelayBind(path, token, side).encode(), dst)
+                s.recv(100)
+            dgram = bytes([packet.TYPE_DATA]) + path + os.urandom(payload)
+            b.settimeout(LOSS_WAIT)
+            got = 0
+            start = time.perf_counter()
+            while time.perf_counter() - start < seconds:
+                for _ in range(WINDOW):
+                    a.sendto(dgram, ("127.0.0.1", port))
+                for _ in range(WINDOW):
+                    try:
+                        b.recv(payload + 100)
+                        got += 1
+                    except (socket.timeout, TimeoutError):
+                        break
+            elapsed = time.perf_counter() - start
+            out["relay_pps"] = got / elapsed
+            out["relay_goodput_mbps"] = got * payload * 8 / elapsed / 1e6
+            a.close()
+            b.close()
+        finally:
+            rs.stop()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=float, default=2.5)
+    ap.add_argument("--payload", type=int, default=1200)
+    args = ap.parse_args()
+    print(f"table_ops_per_s: {table_ops(min(args.seconds, 1.0)):.0f}")
+    for k, v in asyncio.run(through_process(args.seconds, args.payload)).items():
+        print(f"{k}: {v:.2f}")
+
+
+if __name__ == "__main__":
+    main()
