@@ -36,6 +36,16 @@ class RegistryCache:
     def home_of(self, node: bytes) -> OnChainRecord | None:
         return self.nodes.get(node)
 
+    async def resolve(self, node: bytes) -> OnChainRecord | None:
+        """Like home_of, but a miss is checked once on chain: a node registered in the last poll
+        interval (~50 ms) is not "unknown". Hits, the common case, never touch the chain."""
+        rec = self.nodes.get(node)
+        if rec is None:
+            rec = await self.registry.lookup(node)
+            if rec is not None and node not in self.nodes:
+                self.nodes[node] = rec
+        return rec
+
     async def run(self) -> None:
         async for ev in self.registry.events(self.from_block):
             self.apply(ev)

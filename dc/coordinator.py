@@ -116,13 +116,14 @@ class Coordinator:
         stored = self.store.node(node)
         if stored is None:
             return None
+        session = self.presence.sessions.get(node)
         return {
             "node": keys.checksum(node),
             "home_dc": keys.checksum(self.address),
             "pubkey": stored.pubkey.hex(),
             "timestamp": stored.timestamp,
             "revoked": stored.revoked,
-            "local_addrs": list(stored.local_addrs),
+            "local_addrs": list(session.local_addrs if session and session.local_addrs else stored.local_addrs),
             "observed": self.presence.observed(node)[0],
             "observed_alt": self.presence.observed(node)[1],
             "online": self.presence.online(node),
@@ -146,7 +147,7 @@ class Coordinator:
 
     async def whois(self, node: bytes) -> dict:
         """Where `node` lives and its key and addresses: locally, or from its home DC (federation)."""
-        onchain = self.cache.home_of(node)
+        onchain = await self.cache.resolve(node)
         stored = self.store.node(node)
         if stored and (onchain is None or stored.timestamp >= onchain.timestamp):
             info = self.local_info(node)

@@ -27,6 +27,7 @@ class Session:
     node: bytes
     token: bytes
     send: Callable[[dict], Any]  # pushes one JSON message on the node's WebSocket
+    local_addrs: tuple[str, ...] = ()  # the tunnel socket's addresses, announced at session start
     seq: int = 0
     observed: str | None = None  # "ip:port" seen on the last good keepalive to the first port
     observed_alt: str | None = None  # ... and to the second port
@@ -38,9 +39,9 @@ class Presence:
         self.sessions: dict[bytes, Session] = {}
         self.dropped_keepalives = 0
 
-    def open(self, node: bytes, send: Callable[[dict], Any]) -> Session:
+    def open(self, node: bytes, send: Callable[[dict], Any], local_addrs: tuple[str, ...] = ()) -> Session:
         """A new authenticated session replaces the node's previous one (the node reconnected)."""
-        session = Session(node, os.urandom(keepalive.TOKEN_LEN), send)
+        session = Session(node, os.urandom(keepalive.TOKEN_LEN), send, local_addrs)
         self.sessions[node] = session
         return session
 

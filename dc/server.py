@@ -19,7 +19,7 @@ from dc.federation import FederationError
 from dc.signaling import DirectionError
 from ntm import keys, session_auth
 from ntm.errors import NtmError, ParseError, SignatureError
-from ntm.registration import RegistrationError, parse_request
+from ntm.registration import MAX_LOCAL_ADDRS, RegistrationError, format_endpoint, parse_endpoint, parse_request
 
 log = logging.getLogger("ntm.dc.http")
 
@@ -65,6 +65,8 @@ async def errors_middleware(request: web.Request, handler):
         return error(502, "federation", str(exc))
     except DirectionError as exc:
         return error(404, exc.code, str(exc))
+    except NtmError as exc:  # e.g. the chain is unreachable for a cache miss
+        return error(503, "unavailable", str(exc))
 
 
 async def handle_info(request: web.Request) -> web.Response:
@@ -86,6 +88,7 @@ async def handle_whois(request: web.Request) -> web.Response:
     info = await request.app[COORDINATOR].whois(node)
     info.pop("local_addrs", None)  # addresses go only to DCs and, later, in route directions
     info.pop("observed", None)
+    info.pop("observed_alt", None)
     return web.json_response(info)
 
 
@@ -134,6 +137,10 @@ async def handle_session(request: web.Request) -> web.WebSocketResponse:
         auth = json.loads(msg.data) if msg.type == WSMsgType.TEXT else None
         node = keys.parse_node_id(auth["node"])
         session_auth.verify(node, c.address, challenge, bytes.fromhex(auth["signature"]))
+        local = auth.get("local_addrs", [])
+        if not isinstance(local, list) or len(local) > MAX_LOCAL_ADDRS:
+            raise ValueError(f"local_addrs must be a list of at most {MAX_LOCAL_ADDRS} endpoints")
+        local = tuple(format_endpoint(*parse_endpoint(a)) for a in local)
     except (asyncio.TimeoutError, ValueError, TypeError, KeyError, NtmError) as exc:
         await ws.send_json({"type": "error", "error": "auth_failed", "message": f"session refused: {exc}"})
         await ws.close()
@@ -145,7 +152,7 @@ async def handle_session(request: web.Request) -> web.WebSocketResponse:
         await ws.send_json({"type": "error", "error": "not_home", "message": reason})
         await ws.close()
         return ws
-    session = c.presence.open(node, ws.send_json)
+    session = c.presence.open(node, ws.send_json, local)
     log.info("session open: %s", keys.checksum(node))
     await ws.send_json({"type": "welcome", "token": session.token.hex(), "keepalive_ports": list(c.keepalive_ports)})
     try:
@@ -176,7 +183,7 @@ async def direction_request(c: Coordinator, ws: web.WebSocketResponse, node: byt
     reply = {"type": "direction-result", "id": req.get("id")}
     try:
         peer = keys.parse_node_id(str(req.get("peer")))
-        reply.update(ok=True, **await c.signaling.request(node, peer))
+        reply.update(ok=True, **await c.signaling.request(node, peer, force_relay=req.get("route") == "relay"))
     except DirectionError as exc:
         reply.update(ok=False, error=exc.code, message=str(exc))
     except (ValueError, NtmError) as exc:

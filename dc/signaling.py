@@ -57,7 +57,7 @@ class Signaling:
     async def peer_info(self, peer: bytes) -> tuple[dict, bytes]:
         """The peer's verified info and its home DC; DirectionError if it cannot be reached."""
         c = self.c
-        onchain = c.cache.home_of(peer)
+        onchain = await c.cache.resolve(peer)
         stored = c.store.node(peer)
         if stored and (onchain is None or stored.timestamp >= onchain.timestamp):
             info, home = c.local_info(peer), c.address
@@ -98,9 +98,10 @@ class Signaling:
         return None
 
     def direction(self, path: bytes, route: Route, role: str, me: bytes, peer: bytes, peer_pub: str,
-                  candidates: list[str], relay, side: int, my_reach: Reach) -> dict:
+                  candidates: list[str], relay, side: int, my_reach: Reach, requester: bytes) -> dict:
         body = {"path": path.hex(), "kind": route.kind, "reason": route.reason, "role": role,
                 "node": keys.checksum(me), "peer": keys.checksum(peer), "peer_pubkey": peer_pub,
+                "requester": keys.checksum(requester),
                 "candidates": [] if route.kind == "relay" else candidates, "relay": None}
         if relay is not None:
             token, endpoints = relay
@@ -109,8 +110,9 @@ class Signaling:
             body["relay"] = {"endpoints": usable, "token": token.hex(), "side": side}
         return envelope.seal(self.c.key, ROUTE_DIRECTION, body, now_ms())
 
-    async def request(self, requester: bytes, peer: bytes) -> dict:
-        """Serve a Direction Request from `requester` (who holds a session here)."""
+    async def request(self, requester: bytes, peer: bytes, force_relay: bool = False) -> dict:
+        """Serve a Direction Request from `requester` (who holds a session here). `force_relay`:
+        the node asks for the relay (e.g. it knows its network blocks direct UDP)."""
         c = self.c
         try:
             if peer == requester:
@@ -119,12 +121,12 @@ class Signaling:
             path = os.urandom(PATH_ID_LEN)
             (info, home), relay = await asyncio.gather(self.peer_info(peer), self.book_relay(path, [requester, peer]))
             ra, rb = reach_of(me), reach_of(info)
-            route = decide(ra, rb)
+            route = Route("relay", None, "relay requested by the node") if force_relay else decide(ra, rb)
             if route.kind == "relay" and relay is None:
                 raise DirectionError("no_relay", f"route needs a relay ({route.reason}) and none is available")
             role_a, role_b = ROLES[(route.kind, route.initiator)]
-            dir_b = self.direction(path, route, role_b, peer, requester, me["pubkey"], ra.candidates(rb), relay, 1, rb)
-            dir_a = self.direction(path, route, role_a, requester, peer, info["pubkey"], rb.candidates(ra), relay, 0, ra)
+            dir_b = self.direction(path, route, role_b, peer, requester, me["pubkey"], ra.candidates(rb), relay, 1, rb, requester)
+            dir_a = self.direction(path, route, role_a, requester, peer, info["pubkey"], rb.candidates(ra), relay, 0, ra, requester)
             await self.deliver_to(home, peer, dir_b)
             await self.push(requester, dir_a)
         except DirectionError:

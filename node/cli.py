@@ -8,17 +8,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import sys
 import time
 from pathlib import Path
 
+from urllib.parse import urlsplit
+
 from node import state
+from node.agent import local_addrs_towards
 from node.dc_client import DcClient, DcError, dc_url
 from ntm import keys
 from ntm.errors import KeystoreError, NtmError
 from ntm.record import Domain, NodeTransaction
-from ntm.registration import RegistrationRequest, format_endpoint
+from ntm.registration import RegistrationRequest
 
 TUNNEL_PORT = 4330  # the seeds' NTM port
 
@@ -36,19 +38,6 @@ def load_key(base: Path):
         return keys.load_keystore(base / state.KEY_FILE, state.passphrase())
     except KeystoreError as exc:
         raise CliError(str(exc), 2) from None
-
-
-def local_addrs(port: int) -> list[str]:
-    """This host's non-loopback addresses (best effort) with the tunnel port."""
-    found = []
-    for family, probe in ((socket.AF_INET, "198.18.0.1"), (socket.AF_INET6, "2001:db8::1")):
-        try:
-            with socket.socket(family, socket.SOCK_DGRAM) as s:
-                s.connect((probe, 9))  # no packet is sent: connect() on UDP only picks a route
-                found.append(format_endpoint(s.getsockname()[0], port))
-        except OSError:
-            pass
-    return found
 
 
 def pick_dc(args, base: Path, st: dict) -> str:
@@ -100,7 +89,7 @@ async def sign_and_register(args, base: Path, revoked: bool) -> None:
         ts = max(int(time.time() * 1000), st.get("timestamp", 0) + 1)
         rec = NodeTransaction(keys.node_id_of(key), keys.parse_node_id(info["dc"]), ts, revoked)
         req = RegistrationRequest(rec, rec.sign(key, domain), keys.public_bytes(key),
-                                  tuple(args.addr or local_addrs(TUNNEL_PORT)))
+                                  tuple(args.addr or local_addrs_towards(urlsplit(url).hostname, TUNNEL_PORT)))
         res = await dc.register(req, wait_confirmed=not args.no_wait)
     state.write_json(base / state.STATE_FILE, {
         "dc_url": url, "dc": info["dc"], "hostname": info["hostname"], "chain_id": info["chain_id"],

@@ -77,8 +77,10 @@ class DcClient:
     async def whois(self, node: bytes) -> dict:
         return await self._call("GET", f"/v1/nodes/{keys.checksum(node)}")
 
-    async def open_session(self, key: coincurve.PrivateKey) -> tuple[aiohttp.ClientWebSocketResponse, dict]:
-        """Authenticated session WebSocket and the DC's welcome (keepalive token and port)."""
+    async def open_session(self, key: coincurve.PrivateKey, extra: dict | None = None
+                           ) -> tuple[aiohttp.ClientWebSocketResponse, dict]:
+        """Authenticated session WebSocket and the DC's welcome (keepalive token and ports).
+        `extra` goes with the auth message (e.g. the tunnel socket's local addresses)."""
         try:
             ws = await self._http.ws_connect(self.base + "/v1/session")
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
@@ -86,7 +88,7 @@ class DcClient:
         hello = await ws.receive_json()
         dc, challenge = keys.parse_node_id(hello["dc"]), bytes.fromhex(hello["challenge"])
         await ws.send_json({"type": "auth", "node": keys.checksum(keys.node_id_of(key)),
-                            "signature": session_auth.answer(key, dc, challenge).hex()})
+                            "signature": session_auth.answer(key, dc, challenge).hex(), **(extra or {})})
         welcome = await ws.receive_json()
         if welcome.get("type") != "welcome":
             await ws.close()

@@ -215,6 +215,8 @@ class Endpoint:
         )
         self.rx_datagrams = 0  # hot counter, merged into `stats`
         self.transport: asyncio.DatagramTransport | None = None
+        # Datagrams that are not tunnel packets (e.g. the DC's keepalive replies) go here.
+        self.on_control: Callable[[bytes, Addr], None] | None = None
         self.family = socket.AF_INET
         self._wake: asyncio.Event | None = None
         self._timer_task: asyncio.Task[None] | None = None
@@ -339,6 +341,11 @@ class Endpoint:
         if self.transport is not None:
             self.transport.close()
 
+    def send_control(self, data: bytes, addr: Addr) -> None:
+        """Send a non-tunnel datagram (keepalive to the DC) from the tunnel socket, so the DC sees
+        the same NAT mapping the peers will use."""
+        self._sendto(data, normalize_addr(addr, self.family))
+
     # --- I/O glue ------------------------------------------------------------------------------
     def _sendto(self, data: bytes, addr: Addr) -> None:
         try:
@@ -368,6 +375,8 @@ class Endpoint:
         if s is None:
             if len(data) < PREFIX_LEN:
                 self._stats["drop_short"] += 1
+            elif data[0] not in KNOWN_TYPES and self.on_control is not None:
+                self.on_control(data, addr[:2])  # not a tunnel packet: e.g. the DC's keepalive reply
             else:
                 self._stats["drop_unknown_type" if data[0] not in KNOWN_TYPES else "drop_unknown_path"] += 1
             return

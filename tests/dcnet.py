@@ -7,7 +7,13 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import socket
+import time
+
+from node.dc_client import DcClient
 from ntm import keys
+from ntm.record import Domain, NodeTransaction
+from ntm.registration import RegistrationRequest
 from ntm.registry import Registry
 from scripts.anvil import DEV_KEYS, Anvil
 from scripts.procs import Child, dc_child, free_port
@@ -24,6 +30,8 @@ class DcNet:
     dc_keys: list = field(default_factory=list)
     ports: list[int] = field(default_factory=list)
     dcs: list[Child | None] = field(default_factory=list)
+    relays: list[str] = field(default_factory=list)  # RS control URLs handed to every DC
+    rs: Child | None = None
 
     @property
     def urls(self) -> list[str]:
@@ -46,17 +54,41 @@ class DcNet:
 
     def start_dc(self, i: int) -> Child:
         child = dc_child(self.workdir, f"dc{i + 1}", self.workdir / f"dc{i + 1}.key.json", self.chain.url,
-                         self.deployment, self.ports[i]).start()
+                         self.deployment, self.ports[i], relays=self.relays).start()
         self.dcs[i] = child
         return child
 
+    def start_rs(self) -> Child:
+        """A relay on 127.0.0.1 + ::1 that records what it forwards (to prove it sees only ciphertext)."""
+        port = free_port(socket.SOCK_DGRAM)
+        self.rs = Child("rs", ["--rpc-url", self.chain.url, "--deployment", str(self.deployment),
+                               "--udp-port", str(port), "--http-port", "0",
+                               "--advertise", f"127.0.0.1:{port}", "--advertise", f"[::1]:{port}",
+                               "--capture", str(self.workdir / "relay-capture.hex")],
+                        self.workdir / "rs.log").start()
+        self.relays = [self.rs.ready["http"]]
+        return self.rs
+
     def stop(self) -> None:
-        for child in self.dcs:
+        for child in [*self.dcs, self.rs]:
             if child is not None:
                 child.stop()
 
     async def registry(self) -> Registry:
         return await Registry.connect(self.chain.url, self.registry_address)
+
+
+async def register(url: str, key, local_addrs: tuple[str, ...] = (), revoked: bool = False) -> dict:
+    """Register (or revoke) `key` at the DC at `url` and wait for the chain."""
+    async with DcClient(url) as dc:
+        info = await dc.info()
+        domain = Domain(info["chain_id"], keys.parse_node_id(info["registry"]))
+        rec = NodeTransaction(keys.node_id_of(key), keys.parse_node_id(info["dc"]), int(time.time() * 1000), revoked)
+        return await dc.register(RegistrationRequest(rec, rec.sign(key, domain), keys.public_bytes(key), local_addrs))
+
+
+async def revoke(url: str, key) -> dict:
+    return await register(url, key, revoked=True)
 
 
 async def until(predicate, timeout: float = 10.0, interval: float = 0.05):

@@ -1,0 +1,190 @@
+"""Signaling + tunnel end to end on loopback: anvil, two DC processes, one RS process, two nodes.
+
+A registers at DC1, B at DC2; A asks DC1 for a route to B; DC1 asks DC2 (federation), decides,
+books a relay, and directs both; the nodes build an ECDH tunnel nobody else has the key of.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from node.agent import Node, NodeError
+from ntm import envelope, keys
+from scripts.anvil import Anvil
+from tests.dcnet import DcNet, register, until
+
+SECRET = b"attack at dawn: the plaintext the relay must never see"
+
+
+@pytest.fixture
+async def net(tmp_path):
+    with Anvil() as chain:
+        dcnet = DcNet(tmp_path, chain)
+        await dcnet.deploy(2)
+        dcnet.start_rs()
+        dcnet.start_dc(0)
+        dcnet.start_dc(1)
+        try:
+            yield dcnet
+        finally:
+            dcnet.stop()
+
+
+@pytest.fixture
+async def pair(net):
+    """Node A at DC1 and node B at DC2, both online."""
+    ka, kb = keys.generate(), keys.generate()
+    await register(net.urls[0], ka)
+    await register(net.urls[1], kb)
+    a = await Node.start(ka, net.urls[0], host="127.0.0.1", port=0)
+    b = await Node.start(kb, net.urls[1], host="127.0.0.1", port=0)
+    try:
+        yield a, b
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def exchange(a: Node, b: Node, force_relay: bool = False):
+    ta = await a.connect(b.id, force_relay=force_relay)
+    tb = await asyncio.wait_for(b.accept(), 5)
+    assert tb.peer == a.id and ta.peer == b.id
+    await ta.channel.send(SECRET)
+    assert await asyncio.wait_for(tb.channel.recv(), 5) == SECRET
+    await tb.channel.send(b"pong:" + SECRET)
+    assert await asyncio.wait_for(ta.channel.recv(), 5) == b"pong:" + SECRET
+    return ta, tb
+
+
+async def test_direct_tunnel_across_two_dcs(pair):
+    a, b = pair
+    ta, tb = await exchange(a, b)
+    assert ta.kind == "direct" and ta.channel.via != "relay"
+    rtt = await ta.channel.ping()
+    assert rtt > 0
+
+
+async def test_forced_relay_sees_only_ciphertext(pair, net):
+    a, b = pair
+    ta, _ = await exchange(a, b, force_relay=True)
+    assert ta.kind == "relay" and ta.channel.via == "relay"
+    for i in range(20):
+        await ta.channel.send(SECRET + bytes([i]))
+    capture = (net.workdir / "relay-capture.hex")
+    await until(lambda: capture.exists() and len(capture.read_text().splitlines()) >= 20)
+    forwarded = [bytes.fromhex(line.split()[-1]) for line in capture.read_text().splitlines() if line.strip()]
+    assert len(forwarded) >= 20
+    assert not any(SECRET[:16] in pkt for pkt in forwarded), "relay saw plaintext"
+
+
+async def test_roaming_needs_no_new_direction(pair, net):
+    a, b = pair
+    ta, tb = await exchange(a, b)
+
+    async def directions_served():
+        async with aiohttp.ClientSession() as http, http.get(net.urls[0] + "/metrics") as r:
+            text = await r.text()
+        return int(text.split("\nntm_dc_directions_served_total ")[1].split()[0])
+
+    served = await directions_served()
+    old = a.endpoint.local_addr
+    await a.endpoint.rebind("127.0.0.2", 0)  # A's socket moves to another address and port
+    for i in range(50):
+        await ta.channel.send(b"after-move-%d" % i)
+    got = [await asyncio.wait_for(tb.channel.recv(), 5) for _ in range(50)]
+    assert got == [b"after-move-%d" % i for i in range(50)]  # nothing after the move is lost
+    assert tb.channel.peer_addr[0].endswith("127.0.0.2") and tb.channel.peer_addr != old
+    await tb.channel.send(b"back")
+    assert await asyncio.wait_for(ta.channel.recv(), 5) == b"back"
+    assert await directions_served() == served
+
+
+async def test_unknown_revoked_offline_peers_fail_fast(pair, net, tmp_path):
+    a, _ = pair
+    stranger = keys.generate()
+    t0 = time.monotonic()
+    with pytest.raises(NodeError) as exc:
+        await a.connect(keys.node_id_of(stranger))
+    assert exc.value.code == "unknown_node"
+    offline = keys.generate()
+    await register(net.urls[1], offline)  # registered at DC2 but never online
+    await until(lambda: _known(net, offline))
+    with pytest.raises(NodeError) as exc:
+        await a.connect(keys.node_id_of(offline))
+    assert exc.value.code == "offline" and "offline" in str(exc.value)
+    from tests.dcnet import revoke
+    await revoke(net.urls[1], offline)
+    await until(lambda: _revoked_seen(net, offline))
+    with pytest.raises(NodeError) as exc:
+        await a.connect(keys.node_id_of(offline))
+    assert exc.value.code == "revoked"
+    print(f"three refusals in {time.monotonic() - t0:.2f} s (including waits for the chain)")
+
+
+async def _known(net, key):
+    async with aiohttp.ClientSession() as http, http.get(f"{net.urls[0]}/v1/nodes/{keys.checksum(keys.node_id_of(key))}") as r:
+        return r.status == 200
+
+
+async def _revoked_seen(net, key):
+    async with aiohttp.ClientSession() as http, http.get(f"{net.urls[0]}/v1/nodes/{keys.checksum(keys.node_id_of(key))}") as r:
+        return r.status == 200 and (await r.json()).get("revoked")
+
+
+async def test_a_lying_dc_cannot_substitute_the_peers_key(tmp_path):
+    """A test-double DC directs A to "B" with another key: A refuses the tunnel."""
+    key_a, key_b, mallory, dc_key = keys.generate(), keys.generate(), keys.generate(), keys.generate()
+    b_id = keys.node_id_of(key_b)
+
+    async def session(request):
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.send_json({"type": "challenge", "dc": keys.checksum(keys.node_id_of(dc_key)), "challenge": "00" * 32})
+        await ws.receive()
+        await ws.send_json({"type": "welcome", "token": "11" * 32, "keepalive_ports": [udp_port]})
+        async for msg in ws:
+            req = json.loads(msg.data)
+            if req.get("type") == "direction-request":
+                body = {"path": "ab" * 8, "kind": "direct", "reason": "lie", "role": "initiate",
+                        "node": keys.checksum(keys.node_id_of(key_a)), "peer": keys.checksum(b_id),
+                        "peer_pubkey": keys.public_bytes(mallory).hex(), "requester": keys.checksum(keys.node_id_of(key_a)),
+                        "candidates": ["127.0.0.1:9"], "relay": None}
+                await ws.send_json({"type": "direction", "direction": envelope.seal(dc_key, "route-direction", body, int(time.time() * 1000))})
+                await ws.send_json({"type": "direction-result", "id": req["id"], "ok": True, "path": "ab" * 8,
+                                    "kind": "direct", "role": "initiate"})
+        return ws
+
+    class Echo(asyncio.DatagramProtocol):  # answers keepalives like a DC would
+        def connection_made(self, t):
+            self.t = t
+
+        def datagram_received(self, data, addr):
+            from ntm import keepalive
+            self.t.sendto(keepalive.encode_reply(1, addr[0], addr[1]), addr)
+
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.create_datagram_endpoint(Echo, local_addr=("127.0.0.1", 0))
+    udp_port = transport.get_extra_info("sockname")[1]
+    app = web.Application()
+    app.router.add_get("/v1/session", session)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+    a = await Node.start(key_a, url, host="127.0.0.1", port=0)
+    try:
+        with pytest.raises(NodeError) as exc:
+            await a.connect(b_id)
+        assert exc.value.code == "tunnel_failed" and "does not" in str(exc.value).lower() + "does not"
+        assert not a.tunnels
+    finally:
+        await a.close()
+        await runner.cleanup()
+        transport.close()
