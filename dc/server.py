@@ -73,6 +73,13 @@ async def handle_info(request: web.Request) -> web.Response:
     return web.json_response(request.app[COORDINATOR].info())
 
 
+async def handle_dcs(request: web.Request) -> web.Response:
+    """Active DCs from the registry cache: where a node may re-register if its DC fails."""
+    c = request.app[COORDINATOR]
+    return web.json_response({"dcs": [{"dc": keys.checksum(d.address), "hostname": d.hostname, "endpoint": d.endpoint}
+                                      for d in c.cache.dcs.values() if d.active]})
+
+
 async def handle_register(request: web.Request) -> web.Response:
     body = await read_json(request)
     req = parse_request(body)
@@ -196,6 +203,7 @@ def make_app(coordinator: Coordinator) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY, middlewares=[errors_middleware])
     app[COORDINATOR] = coordinator
     app.router.add_get("/v1/info", handle_info)
+    app.router.add_get("/v1/dcs", handle_dcs)
     app.router.add_post("/v1/register", handle_register)
     app.router.add_get("/v1/nodes/{node}", handle_whois)
     app.router.add_post("/v1/federation/ntm-info", handle_ntm_info)

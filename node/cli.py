@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -15,7 +17,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from node import state
-from node.agent import local_addrs_towards
+from node.agent import Node, Tunnel, local_addrs_towards
 from node.dc_client import DcClient, DcError, dc_url
 from ntm import keys
 from ntm.errors import KeystoreError, NtmError
@@ -23,6 +25,7 @@ from ntm.record import Domain, NodeTransaction
 from ntm.registration import RegistrationRequest
 
 TUNNEL_PORT = 4330  # the seeds' NTM port
+AGENT_STALE_S = 5.0  # `ntm listen` rewrites its status every second; older means it is gone
 
 
 class CliError(Exception):
@@ -137,6 +140,16 @@ async def cmd_status(args, base: Path) -> None:
         lines.append(f"record    {state_word}, home DC {data['home_dc']}, online: {'yes' if data['online'] else 'no'}")
     elif "dc_error" in data:
         lines.append(f"record    unknown ({data['dc_error']})")
+    agent = state.read_json(base / state.AGENT_FILE)
+    if agent and time.time() - agent.get("updated", 0) < AGENT_STALE_S:
+        data["agent"] = agent
+        lines.append(f"agent     pid {agent['pid']}, tunnel socket {agent['local']}, public {agent['observed']}")
+        for t in agent["tunnels"]:
+            rtt = f"{t['rtt_ms']} ms" if t.get("rtt_ms") is not None else "-"
+            lines.append(f"tunnel    {t['peer']} {t['route']} via {t['via']}, rtt {rtt}, "
+                         f"{t.get('rx_bytes', 0)} B in / {t.get('tx_bytes', 0)} B out")
+    else:
+        lines.append("agent     not running (`ntm listen` keeps the node online)")
     out(args, data, "\n".join(lines))
 
 
@@ -151,6 +164,145 @@ async def cmd_whois(args, base: Path) -> None:
     flags = "revoked" if info.get("revoked") else ("online" if info.get("online") else "offline")
     out(args, info, f"{info['node']}: home DC {info['home_dc']}, {flags}"
         + (f"\npublic key {info['pubkey']}" if info.get("pubkey") else ""))
+
+
+async def start_agent(args, base: Path) -> Node:
+    """The node agent at this node's registered DC (tunnel socket on --host/--port)."""
+    key = load_key(base)
+    st = state.read_json(base / state.STATE_FILE)
+    if not st or st.get("revoked"):
+        raise CliError("this node is not registered (run `ntm register --dc HOST` first)", 2)
+    try:
+        return await Node.start(key, st["dc_url"], host=args.host, port=args.port)
+    except (asyncio.TimeoutError, OSError) as exc:
+        raise CliError(f"could not start the node at {st['dc_url']}: {exc or type(exc).__name__}") from None
+
+
+def describe(t: Tunnel) -> str:
+    via = t.channel.via or "?"
+    return f"route {t.kind} via {via} (path {t.channel.path_id.hex()})"
+
+
+async def open_tunnel(args, base: Path) -> tuple[Node, Tunnel]:
+    try:
+        peer = keys.parse_node_id(args.node)
+    except ValueError as exc:
+        raise CliError(str(exc), 2) from None
+    node = await start_agent(args, base)
+    try:
+        tunnel = await node.connect(peer, force_relay=args.relay)
+    except BaseException:
+        await node.close()
+        raise
+    if not args.json:
+        print(f"tunnel to {keys.checksum(peer)}: {describe(tunnel)}", flush=True)
+    return node, tunnel
+
+
+async def cmd_ping(args, base: Path) -> None:
+    node, tunnel = await open_tunnel(args, base)
+    rtts = []
+    try:
+        for i in range(args.count):
+            if i:
+                await asyncio.sleep(args.interval)
+            try:
+                rtt = await tunnel.channel.ping(timeout=2.0) * 1000
+            except (asyncio.TimeoutError, NtmError):
+                if not args.json:
+                    print(f"seq={i} timeout", flush=True)
+                continue
+            rtts.append(rtt)
+            if not args.json:
+                print(f"seq={i} rtt={rtt:.2f} ms", flush=True)
+    finally:
+        await node.close()
+    summary = {"peer": args.node, "route": tunnel.kind, "via": tunnel.channel.via, "sent": args.count,
+               "received": len(rtts), "rtt_ms": [round(r, 3) for r in rtts]}
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    elif rtts:
+        print(f"{len(rtts)}/{args.count} replies, rtt min/avg/max {min(rtts):.2f}/{sum(rtts) / len(rtts):.2f}/{max(rtts):.2f} ms")
+    if not rtts:
+        raise CliError("no ping replies over the tunnel")
+
+
+async def cmd_send(args, base: Path) -> None:
+    node, tunnel = await open_tunnel(args, base)
+    try:
+        await tunnel.channel.send(args.message.encode())
+        reply = None
+        if args.wait_reply > 0:
+            try:
+                reply = (await asyncio.wait_for(tunnel.channel.recv(), args.wait_reply)).decode(errors="replace")
+            except asyncio.TimeoutError:
+                pass
+    finally:
+        await node.close()
+    out(args, {"peer": args.node, "route": tunnel.kind, "via": tunnel.channel.via, "sent": args.message, "reply": reply},
+        f"sent {len(args.message.encode())} bytes" + (f"\nreply: {reply}" if reply is not None else ""))
+
+
+async def cmd_connect(args, base: Path) -> None:
+    """stdin → tunnel, tunnel → stdout, until stdin closes."""
+    node, tunnel = await open_tunnel(args, base)
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+
+    async def pump_out():
+        while True:
+            sys.stdout.buffer.write(await tunnel.channel.recv())
+            sys.stdout.buffer.flush()
+
+    printer = asyncio.create_task(pump_out())
+    try:
+        while line := await reader.readline():
+            await tunnel.channel.send(line)
+        await asyncio.sleep(0.5)  # let the last replies arrive
+    finally:
+        printer.cancel()
+        await node.close()
+
+
+async def cmd_listen(args, base: Path) -> None:
+    """Serve incoming tunnels until SIGINT/SIGTERM; print (and with --echo return) what arrives."""
+    node = await start_agent(args, base)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    emit = (lambda ev: print(json.dumps(ev), flush=True)) if args.json else None
+    say = emit or (lambda ev: print(ev["text"], flush=True))
+    say({"event": "listening", "node": keys.checksum(node.id), "dc": node.dc_url, "observed": node.observed,
+         "text": f"listening as {keys.checksum(node.id)} at {node.dc_url} (public address {node.observed})"})
+
+    async def serve(t: Tunnel) -> None:
+        peer = keys.checksum(t.peer)
+        say({"event": "tunnel", "peer": peer, "route": t.kind, "text": f"tunnel from {peer}: {describe(t)}"})
+        while True:
+            data = await t.channel.recv()
+            say({"event": "message", "peer": peer, "data": data.decode(errors="replace"),
+                 "text": f"{peer}: {data.decode(errors='replace')}"})
+            if args.echo:
+                await t.channel.send(data)
+
+    async def accept_loop() -> None:
+        while True:
+            asyncio.create_task(serve(await node.accept()))
+
+    async def status_loop() -> None:
+        while True:
+            state.write_json(base / state.AGENT_FILE, {"pid": os.getpid(), "updated": time.time(), **node.status()})
+            await asyncio.sleep(1.0)
+
+    tasks = [asyncio.create_task(accept_loop()), asyncio.create_task(status_loop())]
+    await stop.wait()
+    for t in tasks:
+        t.cancel()
+    (base / state.AGENT_FILE).unlink(missing_ok=True)
+    await node.close()
+    say({"event": "stopped", "text": "stopped"})
 
 
 def parser() -> argparse.ArgumentParser:
@@ -172,6 +324,27 @@ def parser() -> argparse.ArgumentParser:
             s.add_argument("--yes", action="store_true", help="confirm the permanent revocation")
         s.set_defaults(func=func)
     sub.add_parser("status", help="registration state as this node's DC sees it").set_defaults(func=cmd_status)
+    def tunnel_cmd(name: str, func, hlp: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=hlp)
+        sp.add_argument("node", help="peer node ID (0x…)")
+        sp.add_argument("--relay", action="store_true", help="ask for the relay instead of a direct path")
+        sp.add_argument("--host", help="local address for the tunnel socket (default: all, dual-stack)")
+        sp.add_argument("--port", type=int, default=0, help="local tunnel UDP port (default: any)")
+        sp.set_defaults(func=func)
+        return sp
+
+    s = tunnel_cmd("ping", cmd_ping, "measure round trips over a tunnel to a node")
+    s.add_argument("-c", "--count", type=int, default=4, help="pings to send (default 4)")
+    s.add_argument("-i", "--interval", type=float, default=0.2, help="seconds between pings (default 0.2)")
+    s = tunnel_cmd("send", cmd_send, "send one message over a tunnel and print the reply")
+    s.add_argument("message", help="text to send")
+    s.add_argument("--wait-reply", type=float, default=2.0, help="seconds to wait for a reply (0: none)")
+    tunnel_cmd("connect", cmd_connect, "pipe stdin/stdout through a tunnel to a node")
+    s = sub.add_parser("listen", help="stay online and accept tunnels, printing what arrives")
+    s.add_argument("--echo", action="store_true", help="send every message back")
+    s.add_argument("--host", help="local address for the tunnel socket (default: all, dual-stack)")
+    s.add_argument("--port", type=int, default=TUNNEL_PORT, help=f"tunnel UDP port (default {TUNNEL_PORT})")
+    s.set_defaults(func=cmd_listen)
     s = sub.add_parser("whois", help="look a node up through the DC federation")
     s.add_argument("node", help="node ID (0x…)")
     s.add_argument("--dc", help="DC to ask (default: this node's DC)")

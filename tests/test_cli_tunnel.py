@@ -1,0 +1,62 @@
+"""The `ntm` tunnel commands as a user runs them: listen, ping, send, status — real processes."""
+
+from __future__ import annotations
+
+import json
+import select
+import subprocess
+import sys
+
+import pytest
+
+from scripts.anvil import Anvil
+from tests.dcnet import DcNet
+from tests.test_dc import ntm
+
+
+def read_json_line(proc: subprocess.Popen, timeout: float = 20.0) -> dict:
+    """First line only: later lines may sit in the text wrapper's buffer where select cannot see them."""
+    if not select.select([proc.stdout], [], [], timeout)[0]:
+        raise AssertionError("no output from ntm listen")
+    return json.loads(proc.stdout.readline())
+
+
+@pytest.fixture
+async def net(tmp_path):
+    with Anvil() as chain:
+        dcnet = DcNet(tmp_path, chain)
+        await dcnet.deploy(2)
+        dcnet.start_rs()
+        dcnet.start_dc(0)
+        dcnet.start_dc(1)
+        try:
+            yield dcnet
+        finally:
+            dcnet.stop()
+
+
+async def test_listen_ping_send_status(net, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a_id = ntm(a, "keygen")["node"]
+    ntm(b, "keygen")
+    ntm(a, "register", "--dc", net.urls[0])
+    ntm(b, "register", "--dc", net.urls[1])
+    listener = subprocess.Popen(
+        [sys.executable, "-m", "node.cli", "--home", str(a), "--json", "listen", "--echo", "--host", "127.0.0.1", "--port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    try:
+        assert read_json_line(listener)["event"] == "listening"
+        ping = ntm(b, "ping", a_id, "-c", "3", "--host", "127.0.0.1")
+        assert ping["received"] == 3 and ping["route"] == "direct"
+        sent = ntm(b, "send", a_id, "hello over the tunnel", "--relay", "--host", "127.0.0.1")
+        assert sent["reply"] == "hello over the tunnel" and sent["route"] == "relay"
+        status = ntm(a, "status")
+        assert status["confirmed"] and len(status["agent"]["tunnels"]) == 2
+        assert {t["route"] for t in status["agent"]["tunnels"]} == {"direct", "relay"}
+    finally:
+        listener.terminate()
+        rest, _ = listener.communicate(timeout=10)
+    events = [json.loads(line) for line in rest.splitlines()]
+    assert [e["event"] for e in events] == ["tunnel", "tunnel", "message", "stopped"]
+    assert events[2]["data"] == "hello over the tunnel"
+    assert listener.returncode == 0 and not (a / "agent.json").exists()
