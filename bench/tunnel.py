@@ -7,6 +7,10 @@ arrived). Goodput = payload bytes delivered / elapsed time.
   udp_goodput_mbps     plain asyncio DatagramProtocol -> DatagramProtocol
   tunnel_goodput_mbps  Channel.send_nowait -> Endpoint -> Session (AES-256-GCM, replay window)
   handshake_ms_p50     Endpoint.open on both sides until both report the handshake done
+  signal_same_dc_p50_ms / signal_cross_dc_p50_ms
+                       real anvil + two DC processes + RS: Node.connect (Direction Request) until
+                       the peer has decrypted the first byte, peer at the same DC / another DC
+  relay_rtt_overhead_ms  ping RTT over a relayed tunnel minus over a direct one
 
 usage: python bench/tunnel.py [--seconds 2.5] [--payload 1200]
 """
@@ -143,8 +147,61 @@ async def main() -> None:
     print(f"tunnel_goodput_mbps: {tun_mbps:.1f}")
     print(f"tunnel_pps: {tun_pps:.0f}")
     print(f"tunnel_goodput_ratio_vs_udp: {med(ratios):.3f}")
-    print(f"tunnel_goodput_ratio_per_round: {' '.join(f'{r:.3f}' for r in ratios)}")
+    print(f"# goodput ratio per round: {' '.join(f'{r:.3f}' for r in ratios)}", file=sys.stderr)
     print(f"handshake_ms_p50: {hs_ms:.2f}")
+    for name, value in (await bench_signaling()).items():
+        print(f"{name}: {value:.2f}")
+
+
+SIGNAL_SAMPLES = 30
+
+
+async def bench_signaling() -> dict[str, float]:
+    """Direction Request → first decrypted byte, through real DCs; and the relay's RTT cost."""
+    import tempfile
+
+    from node.agent import Node
+    from scripts.anvil import Anvil
+    from tests.dcnet import DcNet, register
+
+    with tempfile.TemporaryDirectory() as tmp, Anvil() as chain:
+        net = DcNet(Path(tmp), chain)
+        await net.deploy(2)
+        net.start_rs()
+        net.start_dc(0)
+        net.start_dc(1)
+        nodes = []
+        try:
+            for url in (net.urls[0], net.urls[0], net.urls[1]):  # A and C at DC1, B at DC2
+                key = keys.generate()
+                await register(url, key)
+                nodes.append(await Node.start(key, url, host="127.0.0.1", port=0))
+            a, c, b = nodes
+
+            async def first_byte(peer: Node, force_relay: bool = False) -> float:
+                t0 = time.perf_counter()
+                tunnel = await a.connect(peer.id, force_relay=force_relay)
+                await tunnel.channel.send(b"x")
+                incoming = await peer.accept()
+                await incoming.channel.recv()
+                return (time.perf_counter() - t0) * 1000, tunnel
+
+            same = [(await first_byte(c))[0] for _ in range(SIGNAL_SAMPLES)]
+            cross = [(await first_byte(b))[0] for _ in range(SIGNAL_SAMPLES)]
+            _, direct = await first_byte(b)
+            _, relayed = await first_byte(b, force_relay=True)
+            rtt_direct = statistics.median([await direct.channel.ping() for _ in range(20)]) * 1000
+            rtt_relay = statistics.median([await relayed.channel.ping() for _ in range(20)]) * 1000
+        finally:
+            for n in nodes:
+                await n.close()
+            net.stop()
+    return {
+        "signal_same_dc_p50_ms": statistics.median(same),
+        "signal_cross_dc_p50_ms": statistics.median(cross),
+        "signal_cross_dc_p95_ms": statistics.quantiles(cross, n=20)[18],
+        "relay_rtt_overhead_ms": rtt_relay - rtt_direct,
+    }
 
 
 if __name__ == "__main__":
