@@ -349,6 +349,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("node", help="node ID (0x…)")
     s.add_argument("--dc", help="DC to ask (default: this node's DC)")
     s.set_defaults(func=cmd_whois)
+    from scripts import devnet  # `ntm devnet`: the whole local federation, see scripts/devnet.py
+    s = sub.add_parser("devnet", help="run a local federation (anvil chain, 2 DCs, 1 relay) until Ctrl-C")
+    devnet.add_arguments(s)
+    s.set_defaults(func=devnet.cli_command)
     return p
 
 
