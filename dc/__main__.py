@@ -10,9 +10,7 @@ import asyncio
 import json
 import logging
 import os
-import signal
 import sys
-from pathlib import Path
 
 from aiohttp import web
 
@@ -20,29 +18,15 @@ from dc import config as dc_config
 from dc.cache import RegistryCache
 from dc.coordinator import Coordinator
 from dc.presence import KeepaliveProtocol
-from dc.server import make_app, udp_socket
+from dc.server import make_app
 from dc.store import Store
-from ntm import keys
-from ntm.errors import NtmError
-from ntm.registry import Registry
-
-
-def load_deployment(path: Path) -> dict:
-    try:
-        dep = json.loads(path.read_text())
-        return {"chain_id": int(dep["chain_id"]), "registry": dep["registry"], "block": int(dep.get("block", 0))}
-    except FileNotFoundError:
-        raise NtmError(f"deployment file {path} not found (run scripts/deploy.py)") from None
-    except (ValueError, KeyError, TypeError) as exc:
-        raise NtmError(f"deployment file {path} is invalid: {exc}") from None
+from ntm import keys, service
+from ntm.service import udp_socket
 
 
 async def serve(cfg: dc_config.DcConfig, stop: asyncio.Event) -> None:
     key = keys.load_keystore(cfg.key_file, os.environ.get(dc_config.PASSPHRASE_ENV, ""))
-    dep = load_deployment(cfg.deployment)
-    registry = await Registry.connect(cfg.rpc_url, dep["registry"], key.secret)
-    if registry.chain_id != dep["chain_id"]:
-        raise NtmError(f"chain at {cfg.rpc_url} has id {registry.chain_id}, deployment says {dep['chain_id']}")
+    registry, dep = await service.connect_registry(cfg.rpc_url, cfg.deployment, key.secret)
     store = Store(cfg.db, keys.node_id_of(key))
     cache = RegistryCache(registry, dep["block"])
     await cache.load()
@@ -86,26 +70,13 @@ async def serve(cfg: dc_config.DcConfig, stop: asyncio.Event) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = dc_config.parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    service.setup_logging(args.verbose)
     try:
         cfg = dc_config.load(args)
     except ValueError as exc:
         print(f"ntm-dc: {exc}", file=sys.stderr)
         return 2
-
-    async def run() -> None:
-        stop = asyncio.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-        await serve(cfg, stop)
-
-    try:
-        asyncio.run(run())
-    except (NtmError, OSError) as exc:
-        print(f"ntm-dc: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return service.run("ntm-dc", lambda stop: serve(cfg, stop))
 
 
 if __name__ == "__main__":

@@ -10,13 +10,12 @@ import asyncio
 import json
 import logging
 import os
-import socket
 
 from aiohttp import WSMsgType, web
 
 from dc.coordinator import Coordinator, NodeLookupError
 from dc.federation import FederationError
-from dc.signaling import DirectionError
+from dc.signaling import PATH_ID_LEN, DirectionError
 from ntm import keys, session_auth
 from ntm.errors import NtmError, ParseError, SignatureError
 from ntm.registration import MAX_LOCAL_ADDRS, RegistrationError, format_endpoint, parse_endpoint, parse_request
@@ -190,10 +189,14 @@ async def direction_request(c: Coordinator, ws: web.WebSocketResponse, node: byt
     reply = {"type": "direction-result", "id": req.get("id")}
     try:
         peer = keys.parse_node_id(str(req.get("peer")))
-        reply.update(ok=True, **await c.signaling.request(node, peer, force_relay=req.get("route") == "relay"))
+        resume = bytes.fromhex(req["resume"]) if req.get("resume") is not None else None
+        if resume is not None and len(resume) != PATH_ID_LEN:
+            raise ValueError("resume must be a path ID (8 bytes hex)")
+        reply.update(ok=True, **await c.signaling.request(node, peer, force_relay=req.get("route") == "relay",
+                                                         resume=resume))
     except DirectionError as exc:
         reply.update(ok=False, error=exc.code, message=str(exc))
-    except (ValueError, NtmError) as exc:
+    except (ValueError, TypeError, NtmError) as exc:
         reply.update(ok=False, error="bad_request", message=str(exc))
     if not ws.closed:
         await ws.send_json(reply)
@@ -212,14 +215,3 @@ def make_app(coordinator: Coordinator) -> web.Application:
     app.router.add_get("/healthz", handle_health)
     app.router.add_get("/metrics", handle_metrics)
     return app
-
-
-def udp_socket(host: str, port: int) -> socket.socket:
-    """Keepalive socket: dual-stack on '::' so IPv4 and IPv6 nodes reach the same port."""
-    if ":" in host:
-        sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-    else:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind((host, port))
-    return sock

@@ -98,11 +98,14 @@ class Signaling:
         return None
 
     def direction(self, path: bytes, route: Route, role: str, me: bytes, peer: bytes, peer_pub: str,
-                  candidates: list[str], relay, side: int, my_reach: Reach, requester: bytes) -> dict:
+                  candidates: list[str], relay, side: int, my_reach: Reach, requester: bytes,
+                  resume: bytes | None = None) -> dict:
         body = {"path": path.hex(), "kind": route.kind, "reason": route.reason, "role": role,
                 "node": keys.checksum(me), "peer": keys.checksum(peer), "peer_pubkey": peer_pub,
                 "requester": keys.checksum(requester),
                 "candidates": [] if route.kind == "relay" else candidates, "relay": None}
+        if resume is not None:
+            body["resume"] = resume.hex()
         if relay is not None:
             token, endpoints = relay
             fams = my_reach.families()
@@ -110,9 +113,12 @@ class Signaling:
             body["relay"] = {"endpoints": usable, "token": token.hex(), "side": side}
         return envelope.seal(self.c.key, ROUTE_DIRECTION, body, now_ms())
 
-    async def request(self, requester: bytes, peer: bytes, force_relay: bool = False) -> dict:
+    async def request(self, requester: bytes, peer: bytes, force_relay: bool = False,
+                      resume: bytes | None = None) -> dict:
         """Serve a Direction Request from `requester` (who holds a session here). `force_relay`:
-        the node asks for the relay (e.g. it knows its network blocks direct UDP)."""
+        the node asks for the relay (e.g. it knows its network blocks direct UDP). `resume`: the
+        path ID of a tunnel between the two that stopped working; both directions carry it so
+        both nodes move that tunnel onto the new path (§8.3)."""
         c = self.c
         try:
             if peer == requester:
@@ -125,8 +131,10 @@ class Signaling:
             if route.kind == "relay" and relay is None:
                 raise DirectionError("no_relay", f"route needs a relay ({route.reason}) and none is available")
             role_a, role_b = ROLES[(route.kind, route.initiator)]
-            dir_b = self.direction(path, route, role_b, peer, requester, me["pubkey"], ra.candidates(rb), relay, 1, rb, requester)
-            dir_a = self.direction(path, route, role_a, requester, peer, info["pubkey"], rb.candidates(ra), relay, 0, ra, requester)
+            dir_b = self.direction(path, route, role_b, peer, requester, me["pubkey"], ra.candidates(rb), relay, 1, rb,
+                                   requester, resume)
+            dir_a = self.direction(path, route, role_a, requester, peer, info["pubkey"], rb.candidates(ra), relay, 0, ra,
+                                   requester, resume)
             await self.deliver_to(home, peer, dir_b)
             await self.push(requester, dir_a)
         except DirectionError:

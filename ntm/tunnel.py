@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import os
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import coincurve
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from ntm import keys
 from ntm.errors import NtmError
 from ntm.handshake import (
     HandshakeAuthError,
@@ -42,11 +41,9 @@ from ntm.handshake import (
 from ntm.packet import (
     HEADER,
     HEADER_LEN,
-    KEEPALIVE_LEN,
     MAX_DATAGRAM,
     MAX_PAYLOAD,
     MIN_TRANSPORT_LEN,
-    PATH_ID_LEN,
     PING_ID_LEN,
     PREFIX_LEN,
     TOKEN_LEN,
@@ -355,6 +352,11 @@ class Session:
             self._outbox.append((self._seal(TYPE_KEEPALIVE, b"", now), self.peer_addr))
             self._stats["tx_keepalive"] += 1
 
+    def _relay_after(self) -> float:
+        """Delay before using the relay: none when there is no direct candidate to try first
+        (a relay route), else RELAY_FALLBACK_AFTER."""
+        return self.config.relay_fallback_after if self.candidates else 0.0
+
     def _rekey_due(self, now: float) -> float | None:
         cur = self.current
         if cur is None:
@@ -375,7 +377,7 @@ class Session:
         if self._bind_next is not None and self.relay_active:
             times.append(self._bind_next)
         if self.relay is not None and not self.relay_active and self._started is not None and self.current is None:
-            times.append(self._started + self.config.relay_fallback_after)
+            times.append(self._started + self._relay_after())
         if self.established:
             times.append(self.last_sent + self.config.keepalive_interval)
             due = self._rekey_due(0.0)
@@ -394,7 +396,7 @@ class Session:
                 self.relay is not None
                 and not self.relay_active
                 and self.current is None
-                and now - self._started >= cfg.relay_fallback_after
+                and now - self._started >= self._relay_after()
             ):
                 self.relay_active = True
                 self._send_bind(now)

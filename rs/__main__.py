@@ -12,17 +12,15 @@ import asyncio
 import json
 import logging
 import os
-import signal
 import sys
 from pathlib import Path
 
 from aiohttp import web
 
-from ntm import keys
-from ntm.errors import NtmError
-from ntm.registry import Registry
+from ntm import keys, service
+from ntm.service import udp_socket
 from rs.relay import MAX_PATHS, RelayTable
-from rs.server import Relay, RelayProtocol, default_advertise, parse_endpoint, housekeeping, make_app, udp_socket
+from rs.server import Relay, RelayProtocol, default_advertise, parse_endpoint, housekeeping, make_app
 from rs.trust import DcTrust
 
 DEFAULT_UDP_PORT = 4340  # next to the tunnel port 4330
@@ -61,26 +59,13 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_deployment(path: Path) -> dict:
-    try:
-        dep = json.loads(path.read_text())
-        return {"chain_id": int(dep["chain_id"]), "registry": dep["registry"]}
-    except FileNotFoundError:
-        raise NtmError(f"deployment file {path} not found (run scripts/deploy.py)") from None
-    except (ValueError, KeyError, TypeError) as exc:
-        raise NtmError(f"deployment file {path} is invalid: {exc}") from None
-
-
 def _http_url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
-    dep = load_deployment(args.deployment)
-    registry = await Registry.connect(args.rpc_url, dep["registry"])
+    registry, _ = await service.connect_registry(args.rpc_url, args.deployment)
     try:
-        if registry.chain_id != dep["chain_id"]:
-            raise NtmError(f"chain at {args.rpc_url} has id {registry.chain_id}, deployment says {dep['chain_id']}")
         sock = udp_socket(args.udp_host, args.udp_port)
         udp_port = sock.getsockname()[1]
         advertise = args.advertise or default_advertise(sock)
@@ -118,21 +103,8 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-
-    async def run() -> None:
-        stop = asyncio.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-        await serve(args, stop)
-
-    try:
-        asyncio.run(run())
-    except (NtmError, OSError) as exc:
-        print(f"ntm-rs: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    service.setup_logging(args.verbose)
+    return service.run("ntm-rs", lambda stop: serve(args, stop))
 
 
 if __name__ == "__main__":

@@ -91,18 +91,6 @@ def parse_endpoint(text: str) -> str:
     return display((str(ip), int(port)))
 
 
-def udp_socket(host: str, port: int) -> socket.socket:
-    """The relay socket: dual-stack on '::' (IPV6_V6ONLY=0) so IPv4-only and IPv6-only nodes meet
-    on one port; an IPv4 host ('0.0.0.0') gives an IPv4-only socket for machines without IPv6."""
-    if ":" in host:
-        sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-    else:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind((host, port))
-    return sock
-
-
 def default_advertise(sock: socket.socket) -> list[str]:
     """Endpoints to tell DCs when --advertise is not given: the bound address, or for a wildcard
     bind the host's addresses on its default routes (found with an unsent UDP connect), else loopback."""

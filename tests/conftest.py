@@ -39,3 +39,20 @@ async def registry_net(anvil):
     finally:
         for reg in (owner, *clients):
             await reg.close()
+
+
+@pytest.fixture
+async def net(tmp_path):
+    """Real processes on loopback: a fresh anvil, the registry, one RS, DC1 and DC2 (tests/dcnet.py)."""
+    from tests.dcnet import DcNet
+
+    with Anvil() as chain:
+        net = DcNet(tmp_path, chain)
+        await net.deploy(2)
+        net.start_rs()
+        net.start_dc(0)
+        net.start_dc(1)
+        try:
+            yield net
+        finally:
+            net.stop()

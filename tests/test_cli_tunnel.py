@@ -7,10 +7,7 @@ import select
 import subprocess
 import sys
 
-import pytest
 
-from scripts.anvil import Anvil
-from tests.dcnet import DcNet
 from tests.test_dc import ntm
 
 
@@ -19,20 +16,6 @@ def read_json_line(proc: subprocess.Popen, timeout: float = 20.0) -> dict:
     if not select.select([proc.stdout], [], [], timeout)[0]:
         raise AssertionError("no output from ntm listen")
     return json.loads(proc.stdout.readline())
-
-
-@pytest.fixture
-async def net(tmp_path):
-    with Anvil() as chain:
-        dcnet = DcNet(tmp_path, chain)
-        await dcnet.deploy(2)
-        dcnet.start_rs()
-        dcnet.start_dc(0)
-        dcnet.start_dc(1)
-        try:
-            yield dcnet
-        finally:
-            dcnet.stop()
 
 
 async def test_listen_ping_send_status(net, tmp_path):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import socket
 import subprocess
@@ -17,8 +16,7 @@ from node.dc_client import DcClient, DcError
 from ntm import envelope, keepalive, keys
 from ntm.record import Domain, NodeTransaction
 from ntm.registration import RegistrationRequest
-from scripts.anvil import Anvil
-from tests.dcnet import DcNet, until
+from tests.dcnet import until
 
 
 def ntm(home, *args, check=True):
@@ -29,19 +27,6 @@ def ntm(home, *args, check=True):
         return proc
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
-
-
-@pytest.fixture
-async def net(tmp_path):
-    with Anvil() as chain:
-        dcnet = DcNet(tmp_path, chain)
-        await dcnet.deploy(2)
-        dcnet.start_dc(0)
-        dcnet.start_dc(1)
-        try:
-            yield dcnet
-        finally:
-            dcnet.stop()
 
 
 def make_node(tmp_path, name):

@@ -16,24 +16,9 @@ from aiohttp import web
 
 from node.agent import Node, NodeError
 from ntm import envelope, keys
-from scripts.anvil import Anvil
-from tests.dcnet import DcNet, register, until
+from tests.dcnet import register, until
 
 SECRET = b"attack at dawn: the plaintext the relay must never see"
-
-
-@pytest.fixture
-async def net(tmp_path):
-    with Anvil() as chain:
-        dcnet = DcNet(tmp_path, chain)
-        await dcnet.deploy(2)
-        dcnet.start_rs()
-        dcnet.start_dc(0)
-        dcnet.start_dc(1)
-        try:
-            yield dcnet
-        finally:
-            dcnet.stop()
 
 
 @pytest.fixture
