@@ -321,7 +321,7 @@ def test_request_retransmitted_to_all_candidates_then_relay_fallback():
     token = os.urandom(32)
     cands = [("10.1.1.1", 1), ("10.1.1.2", 2)]
     a = Session(KA, IDB, PB, PATH, candidates=cands, relay=RelayInfo(RELAY, token, 0))
-    b = Session(KB, IDA, PA, PATH, role="wait", relay=RelayInfo(RELAY, token, 1))
+    b = Session(KB, IDA, PA, PATH, role="wait", candidates=[ADDR_A], relay=RelayInfo(RELAY, token, 1))
     a.start(T0)
     b.start(T0)
     first = a.poll(T0)
@@ -351,6 +351,21 @@ def test_request_retransmitted_to_all_candidates_then_relay_fallback():
     # on the relay, the bind is refreshed with the keepalive period
     out = b.poll(t + KEEPALIVE_INTERVAL + 1)
     assert any(d[0] == TYPE_RELAY_BIND for d, _ in out)
+
+
+def test_relay_route_without_candidates_binds_at_once():
+    """A relay route (the DC gave no direct candidates) uses the relay from the start: nothing
+    direct to wait 1.5 s for (found by the NAT lab: every relayed tunnel took >= 1.5 s)."""
+    token = os.urandom(32)
+    a = Session(KA, IDB, PB, PATH, relay=RelayInfo(RELAY, token, 0))
+    b = Session(KB, IDA, PA, PATH, role="wait", relay=RelayInfo(RELAY, token, 1))
+    a.start(T0)
+    b.start(T0)
+    assert a.next_timer() == T0 and b.next_timer() == T0
+    out_a, out_b = a.poll(T0), b.poll(T0)
+    assert (TYPE_RELAY_BIND, RELAY) in [(d[0], dst) for d, dst in out_a]
+    assert (TYPE_HANDSHAKE_REQUEST, RELAY) in [(d[0], dst) for d, dst in out_a]
+    assert [(d[0], dst) for d, dst in out_b] == [(TYPE_RELAY_BIND, RELAY)]
 
 
 def test_replay_window_unit():
