@@ -1,0 +1,39 @@
+"""ntm-dc configuration: TOML file, flags win, clear errors for unknown or missing keys."""
+
+from pathlib import Path
+
+import pytest
+
+from dc import config
+
+
+def load(argv):
+    return config.load(config.parser().parse_args(argv))
+
+
+def test_file_and_flags(tmp_path):
+    f = tmp_path / "dc.toml"
+    f.write_text('key_file = "k.json"\nrpc_url = "http://chain:8545"\ndeployment = "d.json"\n'
+                 'hostname = "dc1"\nhttp_port = 9000\nrelays = ["http://rs:8340"]\n')
+    cfg = load(["--config", str(f), "--http-port", "9100", "--relay", "http://rs2:8340"])
+    assert cfg.key_file == Path("k.json") and cfg.hostname == "dc1"
+    assert cfg.http_port == 9100 and cfg.relays == ["http://rs2:8340"]
+    assert cfg.udp_port == config.DEFAULT_UDP_PORT and cfg.db == Path("dc.sqlite")
+
+
+def test_errors(tmp_path):
+    with pytest.raises(ValueError, match="missing: --key-file, --rpc-url, --deployment"):
+        load([])
+    f = tmp_path / "dc.toml"
+    f.write_text('key_file = "k"\nrpc_url = "u"\ndeployment = "d"\nhttp_prot = 1\n')
+    with pytest.raises(ValueError, match="unknown config keys: http_prot"):
+        load(["--config", str(f)])
+    f.write_text("not toml [")
+    with pytest.raises(ValueError, match="config file"):
+        load(["--config", str(f)])
+
+
+def test_cli_exits_2_with_a_readable_line(capsys):
+    from dc.__main__ import main
+    assert main([]) == 2
+    assert "ntm-dc: missing: --key-file" in capsys.readouterr().err
