@@ -161,7 +161,24 @@ def _check_path(path_id: bytes) -> bytes:
     return path_id
 
 
-class Initiator:
+class _Party:
+    """What both ends of a handshake hold: identities checked, transcript base, static-static ECDH."""
+
+    def __init__(self, static_key: coincurve.PrivateKey, peer_id: bytes, peer_pub: bytes, path_id: bytes,
+                 rand: Rand, initiator: bool) -> None:
+        self.path_id = _check_path(path_id)
+        self.static_key = static_key
+        self.local_pub = keys.public_bytes(static_key)
+        self.local_id = keys.node_id(self.local_pub)
+        self.peer_id = bytes(peer_id)
+        self.peer_pub = _checked_peer(peer_id, peer_pub)
+        self._rand = rand
+        me, peer = (self.local_id, self.local_pub), (self.peer_id, self.peer_pub)
+        self._base = initial_state(self.path_id, *(me + peer if initiator else peer + me))
+        self._ss = keys.ecdh(static_key, self.peer_pub)
+
+
+class Initiator(_Party):
     """Sends Tunnel Requests for one path and completes on the matching Tunnel Response.
 
     Long-lived per path: call `request(now)` for every (re)transmission and every rekey.
@@ -176,15 +193,7 @@ class Initiator:
         *,
         rand: Rand = os.urandom,
     ) -> None:
-        self.path_id = _check_path(path_id)
-        self.static_key = static_key
-        self.local_pub = keys.public_bytes(static_key)
-        self.local_id = keys.node_id(self.local_pub)
-        self.peer_id = bytes(peer_id)
-        self.peer_pub = _checked_peer(peer_id, peer_pub)
-        self._rand = rand
-        self._base = initial_state(self.path_id, self.local_id, self.local_pub, self.peer_id, self.peer_pub)
-        self._ss = keys.ecdh(static_key, self.peer_pub)
+        super().__init__(static_key, peer_id, peer_pub, path_id, rand, initiator=True)
         self.last_timestamp = 0
         self._pending: list[tuple[coincurve.PrivateKey, _Symmetric, int, float]] = []
 
@@ -240,7 +249,7 @@ class Initiator:
         raise HandshakeAuthError("Tunnel Response failed authentication (tampered, or wrong responder key)")
 
 
-class Responder:
+class Responder(_Party):
     """Answers Tunnel Requests for one path. Long-lived per path: keeps the last accepted
     timestamp so a replayed Request is refused."""
 
@@ -254,15 +263,7 @@ class Responder:
         rand: Rand = os.urandom,
         last_timestamp: int = 0,
     ) -> None:
-        self.path_id = _check_path(path_id)
-        self.static_key = static_key
-        self.local_pub = keys.public_bytes(static_key)
-        self.local_id = keys.node_id(self.local_pub)
-        self.peer_id = bytes(peer_id)
-        self.peer_pub = _checked_peer(peer_id, peer_pub)
-        self._rand = rand
-        self._base = initial_state(self.path_id, self.peer_id, self.peer_pub, self.local_id, self.local_pub)
-        self._ss = keys.ecdh(static_key, self.peer_pub)
+        super().__init__(static_key, peer_id, peer_pub, path_id, rand, initiator=False)
         self.last_timestamp = last_timestamp
         self.last_accepted: float | None = None
 

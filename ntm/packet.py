@@ -72,6 +72,18 @@ def _check_point(raw: bytes) -> None:
         raise ParseError("ephemeral key is not on secp256k1") from None
 
 
+def _parse_handshake(data: bytes, kind: int, length: int, name: str) -> tuple[bytes, bytes, bytes]:
+    """(path ID, ephemeral key, sealed part) of a Tunnel Request or Response of exact `length`."""
+    data = bytes(data)
+    if len(data) != length:
+        raise ParseError(f"{name} is {len(data)} bytes, expected {length}")
+    if data[0] != kind:
+        raise ParseError(f"type 0x{data[0]:02x} is not a {name}")
+    eph = data[PREFIX_LEN : PREFIX_LEN + EPHEMERAL_LEN]
+    _check_point(eph)
+    return data[1:PREFIX_LEN], eph, data[PREFIX_LEN + EPHEMERAL_LEN :]
+
+
 def peek(datagram: bytes) -> tuple[int, bytes]:
     """(type, path ID) of any tunnel datagram, from the clear prefix only (relays, demultiplexers)."""
     if len(datagram) < PREFIX_LEN:
@@ -95,14 +107,7 @@ class HandshakeRequest:
 
     @classmethod
     def parse(cls, data: bytes) -> HandshakeRequest:
-        data = bytes(data)
-        if len(data) != REQUEST_LEN:
-            raise ParseError(f"Tunnel Request is {len(data)} bytes, expected {REQUEST_LEN}")
-        if data[0] != TYPE_HANDSHAKE_REQUEST:
-            raise ParseError(f"type 0x{data[0]:02x} is not a Tunnel Request")
-        eph = data[PREFIX_LEN : PREFIX_LEN + EPHEMERAL_LEN]
-        _check_point(eph)
-        return cls(data[1:PREFIX_LEN], eph, data[PREFIX_LEN + EPHEMERAL_LEN :])
+        return cls(*_parse_handshake(data, TYPE_HANDSHAKE_REQUEST, REQUEST_LEN, "Tunnel Request"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,14 +123,7 @@ class HandshakeResponse:
 
     @classmethod
     def parse(cls, data: bytes) -> HandshakeResponse:
-        data = bytes(data)
-        if len(data) != RESPONSE_LEN:
-            raise ParseError(f"Tunnel Response is {len(data)} bytes, expected {RESPONSE_LEN}")
-        if data[0] != TYPE_HANDSHAKE_RESPONSE:
-            raise ParseError(f"type 0x{data[0]:02x} is not a Tunnel Response")
-        eph = data[PREFIX_LEN : PREFIX_LEN + EPHEMERAL_LEN]
-        _check_point(eph)
-        return cls(data[1:PREFIX_LEN], eph, data[PREFIX_LEN + EPHEMERAL_LEN :])
+        return cls(*_parse_handshake(data, TYPE_HANDSHAKE_RESPONSE, RESPONSE_LEN, "Tunnel Response"))
 
 
 @dataclass(frozen=True, slots=True)
