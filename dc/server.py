@@ -16,7 +16,7 @@ from aiohttp import WSMsgType, web
 from dc.coordinator import Coordinator, NodeLookupError
 from dc.federation import FederationError
 from dc.signaling import PATH_ID_LEN, DirectionError
-from ntm import keys, session_auth
+from ntm import keys, service, session_auth
 from ntm.errors import NtmError, ParseError, SignatureError
 from ntm.registration import MAX_LOCAL_ADDRS, RegistrationError, format_endpoint, parse_endpoint, parse_request
 
@@ -127,8 +127,7 @@ async def handle_metrics(request: web.Request) -> web.Response:
         "ntm_dc_keepalives_dropped_total": c.presence.dropped_keepalives,
         **{f"ntm_dc_{k}_total": v for k, v in {**c.counters, **c.signaling.counters}.items()},
     }
-    text = "".join(f"# TYPE {k} {'counter' if k.endswith('_total') else 'gauge'}\n{k} {v}\n" for k, v in gauges.items())
-    return web.Response(text=text, content_type="text/plain")
+    return web.Response(text=service.prometheus_text(gauges), content_type="text/plain")
 
 
 async def handle_session(request: web.Request) -> web.WebSocketResponse:

@@ -47,6 +47,11 @@ def run(name: str, serve: Callable[[asyncio.Event], Awaitable[None]]) -> int:
     return 0
 
 
+def prometheus_text(metrics: dict[str, int | float]) -> str:
+    """Prometheus exposition format; names ending in _total are counters, the rest gauges."""
+    return "".join(f"# TYPE {k} {'counter' if k.endswith('_total') else 'gauge'}\n{k} {v}\n" for k, v in metrics.items())
+
+
 def udp_socket(host: str, port: int) -> socket.socket:
     """A bound UDP socket: dual-stack on '::' (IPV6_V6ONLY=0) so IPv4-only and IPv6-only hosts reach
     the same port; an IPv4 host ('0.0.0.0') gives an IPv4-only socket for machines without IPv6."""

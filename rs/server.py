@@ -21,7 +21,7 @@ from typing import Callable
 
 from aiohttp import web
 
-from ntm import envelope, keys, packet
+from ntm import envelope, keys, packet, service
 from ntm.errors import ParseError, SignatureError
 from rs.relay import PathError, RelayTable
 from rs.trust import DcTrust, TrustError
@@ -301,7 +301,7 @@ async def handle_metrics(request: web.Request) -> web.Response:
         "ntm_rs_directions_accepted_total": relay.directions["accepted"],
         "ntm_rs_trust_chain_calls_total": relay.trust.chain_calls,
     }
-    text = "".join(f"# TYPE {k} {'counter' if k.endswith('_total') else 'gauge'}\n{k} {v}\n" for k, v in plain.items())
+    text = service.prometheus_text(plain)
     text += _labelled("ntm_rs_dropped_total", "reason", dict(t.dropped))
     text += _labelled("ntm_rs_paths_removed_total", "reason", dict(t.removed))
     text += _labelled("ntm_rs_directions_refused_total", "reason", relay.refused)
