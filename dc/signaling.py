@@ -135,8 +135,12 @@ class Signaling:
                                    requester, resume)
             dir_a = self.direction(path, route, role_a, requester, peer, info["pubkey"], rb.candidates(ra), relay, 0, ra,
                                    requester, resume)
-            await self.deliver_to(home, peer, dir_b)
-            await self.push(requester, dir_a)
+            if role_b == "initiate":  # the peer starts the handshake: the requester listens first
+                await self.push(requester, dir_a)
+                await self.deliver_to(home, peer, dir_b)
+            else:  # the requester starts (or both punch): the peer listens first
+                await self.deliver_to(home, peer, dir_b)
+                await self.push(requester, dir_a)
         except DirectionError:
             self.counters["directions_failed"] += 1
             raise

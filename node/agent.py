@@ -328,10 +328,11 @@ class Node:
         self.endpoint.on_control = self._on_control
         self._reader = asyncio.create_task(self._read_session(ws))
         self._last_reply_at = time.time()
-        for delay in QUICK_KEEPALIVES_S:
-            await asyncio.sleep(delay)
-            self.send_keepalives()
-        await asyncio.wait_for(self._observed_event.wait(), OBSERVED_TIMEOUT_S)
+        quick = asyncio.create_task(self._quick_keepalives())
+        try:
+            await asyncio.wait_for(self._observed_event.wait(), OBSERVED_TIMEOUT_S)
+        finally:
+            quick.cancel()
         self.counters["sessions"] += 1
         self._session_up.set()
 
@@ -384,7 +385,10 @@ class Node:
         if self.ws is not None and not self.ws.closed and self._session_up.is_set():
             log.info("restarting the DC session: %s", why)
             self._session_up.clear()
-            asyncio.create_task(self.ws.close())
+            # A fresh HTTP client: the old one's pooled connections (and the WebSocket) were made
+            # from the old address and may hang until TCP gives up; closing it aborts them all.
+            old, self.dc = self.dc, DcClient(self.dc_url)
+            asyncio.create_task(old.close())
 
     async def _fail_over(self) -> bool:
         """Register at the first other known DC that answers, on our chain, and open a session
@@ -440,6 +444,20 @@ class Node:
             pkt = keepalive.encode_request(self.id, next(self._seq), self.token)
             self.endpoint.send_control(pkt, (self.dc_host, port))
 
+    async def _quick_keepalives(self) -> None:
+        for delay in QUICK_KEEPALIVES_S:
+            await asyncio.sleep(delay)
+            self.send_keepalives()
+
+    async def check_address(self, timeout: float = 0.3) -> None:
+        """Send keepalives now and wait (briefly) for a reply: if we moved, the reply shows the
+        new public address and the session is reopened from here (see _on_control)."""
+        seq = self._last_reply_seq
+        self.send_keepalives()
+        end = time.time() + timeout
+        while self._last_reply_seq == seq and time.time() < end:
+            await asyncio.sleep(0.01)
+
     async def _keepalive_loop(self) -> None:
         while True:
             await asyncio.sleep(self.keepalive_interval)
@@ -456,6 +474,8 @@ class Node:
         if seq < self._last_reply_seq:
             return  # a late reply to a keepalive sent before a newer one: not where we are now
         self._last_reply_seq, self._last_reply_at = seq, time.time()
+        if self.keepalive_ports and addr[1] != self.keepalive_ports[0]:
+            return  # the second port's view differs behind a symmetric NAT; ours is the first's
         observed = format_endpoint(ip, port)
         if observed != self.observed:
             moved = self.observed is not None
@@ -617,8 +637,8 @@ class Node:
         The resulting direction is attached to the Link in _follow (on both ends)."""
         started = time.time()
         log.info("tunnel %s to %s silent: asking for a new direction", t.id.hex(), keys.checksum(t.peer))
-        self.send_keepalives()  # if we moved, the DC learns our new mapping before it decides
         try:
+            await self.check_address()  # if we moved: new session, and the DC learns our new mapping
             while not t.channel.closed and time.time() - started < RECOVERY_GIVE_UP_S:
                 if time.time() - t.channel.last_heard() < PROBE_AFTER_S:
                     return  # the old path came back (the peer roamed, or a resume from its side)

@@ -1,0 +1,195 @@
+"""The whole system inside a NAT lab: anvil, DCs and a relay in the server namespace, and node
+driver processes (tests/lab/nodectl.py) in the node namespaces.
+
+    with Lab() as lab:
+        fed = Federation(lab, workdir, n_dcs=3)        # anvil + deploy + DC1..3 + RS in lab.server
+        a = fed.node(lab.add_site("a", "eim").host, dc=0)
+        b = fed.node(lab.add_site("b", "public").host, dc=1)
+        t = a.call("connect", peer=b.id)               # {"tunnel", "kind", "via", "peer_addr", ...}
+        a.call("exchange", tunnel=t["tunnel"], count=3)
+
+Server side (all in ``lab.server``, 198.18.0.10 + 2001:db8:0:1::10):
+  * anvil on 127.0.0.1:8545 (only the server namespace talks to the chain);
+  * DC i: HTTP on port 8331+i on every address (IPv4 and IPv6: the IPv6-only site reaches it),
+    keepalive UDP on '::' dual-stack; admitted on chain with endpoint http://198.18.0.10:PORT
+    (the URL peer DCs and failing-over nodes use: IPv4, so failover needs an IPv4 node);
+  * RS: UDP on '::' port 4340, advertised as 198.18.0.10:4340 and [2001:db8:0:1::10]:4340.
+Nodes register from inside their own namespace, so the DC sees their real local addresses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from scripts.anvil import anvil_binary
+from scripts.procs import Child, dc_child
+
+from .topology import Host, Lab
+
+ROOT = Path(__file__).resolve().parents[2]
+NODECTL = Path(__file__).with_name("nodectl.py")
+ANVIL_PORT = 8545
+DC_BASE_PORT = 8331
+RS_UDP_PORT = 4340
+RS_HTTP_PORT = 8340
+
+
+def url_of(ip: str, port: int) -> str:
+    return f"http://[{ip}]:{port}" if ":" in ip else f"http://{ip}:{port}"
+
+
+class Federation:
+    """anvil + registry + DCs + RS inside ``lab.server``; `node()` starts a node driver."""
+
+    def __init__(self, lab: Lab, workdir: Path, n_dcs: int = 2, keepalive_s: float = 2.0) -> None:
+        self.lab, self.workdir, self.keepalive_s = lab, Path(workdir), keepalive_s
+        self.srv = lab.server
+        self.prefix = ["ip", "netns", "exec", self.srv.ns]
+        self.env = {"PYTHONPATH": str(ROOT)}
+        self.rpc = f"http://127.0.0.1:{ANVIL_PORT}"
+        self.dcs: list[Child | None] = [None] * n_dcs
+        self.nodes: list[NodeProc] = []
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.anvil = lab.run(self.srv, [str(anvil_binary()), "--host", "127.0.0.1", "--port", str(ANVIL_PORT)],
+                             stdout=open(self.workdir / "anvil.log", "wb"), stderr=subprocess.STDOUT, text=False)
+        r = lab.exec(self.srv, [sys.executable, "-m", "tests.lab.fedsetup", "--rpc", self.rpc, "--workdir",
+                                str(self.workdir), "--dcs", str(n_dcs), "--host", self.srv.addr4,
+                                "--base-port", str(DC_BASE_PORT)], cwd=str(ROOT), timeout=60,
+                     env={**os.environ, **self.env})
+        if r.returncode != 0:
+            raise RuntimeError(f"deploy in the lab failed:\n{r.stdout}\n{r.stderr}")
+        self.deployment = self.workdir / "deployment.json"
+        self.rs = Child("rs", ["--rpc-url", self.rpc, "--deployment", str(self.deployment), "--udp-host", "::",
+                               "--udp-port", str(RS_UDP_PORT), "--http-host", "127.0.0.1",
+                               "--http-port", str(RS_HTTP_PORT),
+                               "--advertise", f"{self.srv.addr4}:{RS_UDP_PORT}",
+                               "--advertise", f"[{self.srv.addr6}]:{RS_UDP_PORT}"],
+                        self.workdir / "rs.log", env=self.env, prefix=self.prefix).start()
+        for i in range(n_dcs):
+            self.start_dc(i)
+
+    @property
+    def relay_ips(self) -> set[str]:
+        return {self.srv.addr4, self.srv.addr6}
+
+    def dc_port(self, i: int) -> int:
+        return DC_BASE_PORT + i
+
+    def dc_url(self, i: int, family: int = 4) -> str:
+        return url_of(self.srv.addr6 if family == 6 else self.srv.addr4, self.dc_port(i))
+
+    def start_dc(self, i: int) -> Child:
+        child = dc_child(self.workdir, f"dc{i + 1}", self.workdir / f"dc{i + 1}.key.json", self.rpc, self.deployment,
+                         self.dc_port(i), relays=[f"http://127.0.0.1:{RS_HTTP_PORT}"], prefix=self.prefix,
+                         http_host="", udp_host="::")
+        child.env.update(self.env)
+        self.dcs[i] = child.start()
+        return child
+
+    def kill_dc(self, i: int) -> None:
+        """SIGKILL DC i (a crash: no goodbye to its sessions beyond what the kernel does)."""
+        self.dcs[i].kill()
+
+    def node(self, host: Host, dc: int, name: str | None = None, keepalive_s: float | None = None) -> "NodeProc":
+        """A node driver in `host`'s namespace, registered at DC `dc` (over IPv6 if the host has
+        no IPv4)."""
+        family = 4 if host.addr4 else 6
+        argv = [str(NODECTL), "--dc", self.dc_url(dc, family), "--keepalive", str(keepalive_s or self.keepalive_s),
+                "--name", name or host.name]
+        proc = self.lab.python(host, *argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=open(self.workdir / f"node-{name or host.name}.log", "ab"), cwd=str(ROOT),
+                               env={**os.environ, **self.env}, text=False)
+        node = NodeProc(proc, name or host.name, host)
+        self.nodes.append(node)
+        return node
+
+    def stop(self) -> None:
+        for n in self.nodes:
+            n.quit()
+        for c in [*self.dcs, self.rs]:
+            if c is not None:
+                c.stop()
+        self.lab.kill(self.anvil)
+
+
+class NodeProc:
+    """Test-side handle of one nodectl process: JSON commands in, JSON answers and events out."""
+
+    def __init__(self, proc: subprocess.Popen, name: str, host: Host, ready_timeout: float = 30.0) -> None:
+        self.proc, self.name, self.host = proc, name, host
+        self._answers: dict[int, dict] = {}
+        self._cond = threading.Condition()
+        self.events: queue.Queue = queue.Queue()
+        self._ids = iter(range(1, 1 << 30))
+        self._lines: list[str] = []
+        threading.Thread(target=self._pump, daemon=True).start()
+        self.ready = self.next_event("ready", ready_timeout)
+        self.id = self.ready["node"]
+
+    def _pump(self) -> None:
+        for line in self.proc.stdout:
+            line = line.strip()
+            if not line:
+                continue
+            self._lines.append(line)
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                continue
+            if "id" in msg and "event" not in msg:
+                with self._cond:
+                    self._answers[msg["id"]] = msg
+                    self._cond.notify_all()
+            else:
+                self.events.put(msg)
+        self.events.put({"event": "eof"})
+        with self._cond:
+            self._cond.notify_all()
+
+    def next_event(self, kind: str, timeout: float = 10.0, **match) -> dict:
+        """The next event of `kind` whose fields equal `match` (others are dropped)."""
+        end = time.monotonic() + timeout
+        while True:
+            try:
+                ev = self.events.get(timeout=max(0.01, end - time.monotonic()))
+            except queue.Empty:
+                raise TimeoutError(f"{self.name}: no {kind!r} event in {timeout} s; output {self._lines[-10:]}") from None
+            if ev.get("event") == kind and all(ev.get(k) == v for k, v in match.items()):
+                return ev
+            if ev.get("event") == "eof":
+                raise EOFError(f"{self.name} exited; output {self._lines[-10:]}")
+
+    def call(self, cmd: str, timeout: float = 20.0, **args) -> dict:
+        """Send one command; its answer (raises on error answers and timeouts)."""
+        rid = next(self._ids)
+        self.proc.stdin.write((json.dumps({"id": rid, "cmd": cmd, **args}) + "\n").encode())
+        self.proc.stdin.flush()
+        end = time.monotonic() + timeout
+        with self._cond:
+            while rid not in self._answers:
+                left = end - time.monotonic()
+                if left <= 0 or self.proc.poll() is not None:
+                    raise TimeoutError(f"{self.name}: {cmd} not answered in {timeout} s; output {self._lines[-10:]}")
+                self._cond.wait(min(left, 0.2))
+            ans = self._answers.pop(rid)
+        if not ans.get("ok"):
+            raise RuntimeError(f"{self.name}: {cmd} {args} failed: {ans.get('error')}")
+        return ans
+
+    def quit(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.call("quit", timeout=3)
+            except (TimeoutError, RuntimeError, BrokenPipeError, OSError):
+                pass
+            try:
+                self.proc.wait(3)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
