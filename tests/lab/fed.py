@@ -19,6 +19,7 @@ Nodes register from inside their own namespace, so the DC sees their real local 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import queue
@@ -39,6 +40,72 @@ ANVIL_PORT = 8545
 DC_BASE_PORT = 8331
 RS_UDP_PORT = 4340
 RS_HTTP_PORT = 8340
+
+
+KINDS = ("public", "eim", "symmetric", "ipv6only")
+# The route decision (ntm/route.py) for requester kind × peer kind. Public hosts are dual-stack,
+# NAT sites IPv4-only: public–ipv6only share IPv6 and go direct; a NAT site and an IPv6-only host
+# share no family and meet at the dual-stack relay.
+EXPECTED = {
+    ("public", "public"): "direct",
+    ("public", "eim"): "nat_initiates", ("eim", "public"): "nat_initiates",
+    ("public", "symmetric"): "nat_initiates", ("symmetric", "public"): "nat_initiates",
+    ("public", "ipv6only"): "direct", ("ipv6only", "public"): "direct",
+    ("eim", "eim"): "punch",
+    ("eim", "symmetric"): "relay", ("symmetric", "eim"): "relay", ("symmetric", "symmetric"): "relay",
+    ("eim", "ipv6only"): "relay", ("ipv6only", "eim"): "relay",
+    ("symmetric", "ipv6only"): "relay", ("ipv6only", "symmetric"): "relay",
+    ("ipv6only", "ipv6only"): "direct",
+}
+
+
+def ip_of(endpoint: str) -> str:
+    return endpoint.rsplit(":", 1)[0].strip("[]")
+
+
+def open_tunnel(a, b, **kw) -> tuple[dict, dict]:
+    """A connects to B; returns (A's answer, B's accepted event)."""
+    ta = a.call("connect", peer=b.id, **kw)
+    tb = b.next_event("accepted", tunnel=ta["tunnel"])
+    return ta, tb
+
+
+def grid_rows(fed: "Federation", nodes: dict, rounds: int) -> list[dict]:
+    """Every ordered pair of KINDS: A = nodes[kind_a, 1] (at DC1) connects to B = nodes[kind_b, 2]
+    (at DC2) `rounds` times with fresh tunnels; data both ways; one row per tunnel with the route
+    kind, the way A's handshake completed (`via`), the address that carried A's data (`peer_addr`:
+    the relay's or B's own) and whether all of it matches EXPECTED."""
+    rows = []
+    for ka, kb in itertools.product(KINDS, KINDS):
+        a, b = nodes[ka, 1], nodes[kb, 2]
+        peer_ips = {b.host.public4, b.host.public6} - {None}
+        for _ in range(rounds):
+            ta, tb = open_tunnel(a, b)
+            ex_a = a.call("exchange", tunnel=ta["tunnel"], count=2)
+            b.call("exchange", tunnel=tb["tunnel"], count=1)
+            want = EXPECTED[ka, kb]
+            ok = ta["kind"] == want == tb["kind"]
+            if want == "relay":
+                ok = ok and ta["via"] == "relay" and ip_of(ex_a["peer_addr"]) in fed.relay_ips
+            else:
+                ok = ok and ta["via"] != "relay" and ip_of(ex_a["peer_addr"]) in peer_ips
+            rows.append({"a": ka, "b": kb, "kind": ta["kind"], "via": ta["via"], "b_via": tb["via"],
+                         "peer_addr": ex_a["peer_addr"], "setup_ms": ta["setup_ms"],
+                         "rtt_ms": ex_a["rtt_ms"][-1], "ok": ok, "a_answer": ta})
+            a.call("close", tunnel=ta["tunnel"])
+            b.call("close", tunnel=tb["tunnel"])
+    return rows
+
+
+def grid_table(rows: list[dict]) -> str:
+    lines = [f"{'A (requester)':14} {'B (peer)':10} {'route':14} {'via (A)':12} {'path A→B':28} "
+             f"{'setup ms med/max':>17} {'ok':>4}"]
+    for (ka, kb), group in itertools.groupby(rows, key=lambda r: (r["a"], r["b"])):
+        g = list(group)
+        setups = sorted(r["setup_ms"] for r in g)
+        lines.append(f"{ka:14} {kb:10} {g[0]['kind']:14} {g[0]['via']:12} {g[0]['peer_addr']:28} "
+                     f"{setups[len(setups) // 2]:8.1f}/{setups[-1]:<8.1f} {sum(r['ok'] for r in g)}/{len(g)}")
+    return "\n".join(lines)
 
 
 def url_of(ip: str, port: int) -> str:

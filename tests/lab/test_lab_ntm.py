@@ -8,35 +8,17 @@ the lab: KEEPALIVE_S (the agent's default is 25 s). Run with -s to see the table
 
 from __future__ import annotations
 
-import itertools
 import json
 import time
 
 import pytest
 
-from .fed import Federation
+from .fed import KINDS, Federation, grid_rows, grid_table, ip_of, open_tunnel
 
 pytestmark = pytest.mark.lab
 
 KEEPALIVE_S = 2.0
 N_PER_PAIR = 5
-KINDS = ("public", "eim", "symmetric", "ipv6only")
-# The route decision (ntm/route.py) for requester kind × peer kind. Public hosts are dual-stack,
-# NAT sites IPv4-only: public–ipv6only share IPv6 and go direct; a NAT site and an IPv6-only host
-# share no family and meet at the dual-stack relay.
-EXPECTED = {
-    ("public", "public"): "direct",
-    ("public", "eim"): "nat_initiates", ("eim", "public"): "nat_initiates",
-    ("public", "symmetric"): "nat_initiates", ("symmetric", "public"): "nat_initiates",
-    ("public", "ipv6only"): "direct", ("ipv6only", "public"): "direct",
-    ("eim", "eim"): "punch",
-    ("eim", "symmetric"): "relay", ("symmetric", "eim"): "relay", ("symmetric", "symmetric"): "relay",
-    ("eim", "ipv6only"): "relay", ("ipv6only", "eim"): "relay",
-    ("symmetric", "ipv6only"): "relay", ("ipv6only", "symmetric"): "relay",
-    ("ipv6only", "ipv6only"): "direct",
-}
-
-
 @pytest.fixture(scope="module")
 def fed(lab_shared, tmp_path_factory):
     f = Federation(lab_shared, tmp_path_factory.mktemp("federation"), n_dcs=3, keepalive_s=KEEPALIVE_S)
@@ -51,17 +33,6 @@ def results(tmp_path_factory):
     return tmp_path_factory.mktemp("lab-results")
 
 
-def ip_of(endpoint: str) -> str:
-    return endpoint.rsplit(":", 1)[0].strip("[]")
-
-
-def open_tunnel(a, b, **kw) -> tuple[dict, dict]:
-    """A connects to B; returns (A's answer, B's accepted event)."""
-    ta = a.call("connect", peer=b.id, **kw)
-    tb = b.next_event("accepted", tunnel=ta["tunnel"])
-    return ta, tb
-
-
 # --------------------------------------------------------------------------------------- grid
 def test_nat_type_grid(fed, results):
     """All 16 ordered pairs: the requester's kind and the peer's differ in role (who initiates,
@@ -74,27 +45,8 @@ def test_nat_type_grid(fed, results):
         for i in (1, 2):
             host = lab.add_site(f"g{kind[:3]}{i}", kind).host
             nodes[kind, i] = fed.node(host, dc=i - 1)
-    rows, failures = [], []
-    for ka, kb in itertools.product(KINDS, KINDS):
-        a, b = nodes[ka, 1], nodes[kb, 2]
-        peer_ips = {b.host.public4, b.host.public6} - {None}
-        for n in range(N_PER_PAIR):
-            ta, tb = open_tunnel(a, b)
-            ex_a = a.call("exchange", tunnel=ta["tunnel"], count=2)
-            ex_b = b.call("exchange", tunnel=tb["tunnel"], count=1)
-            want = EXPECTED[ka, kb]
-            ok = ta["kind"] == want == tb["kind"]
-            if want == "relay":
-                ok &= ta["via"] == "relay" and ip_of(ex_a["peer_addr"]) in fed.relay_ips
-            else:
-                ok &= ta["via"] != "relay" and ip_of(ex_a["peer_addr"]) in peer_ips
-            if not ok:
-                failures.append((ka, kb, n, ta, tb, ex_a))
-            rows.append({"a": ka, "b": kb, "kind": ta["kind"], "via": ta["via"], "b_via": tb["via"],
-                         "peer_addr": ex_a["peer_addr"], "setup_ms": ta["setup_ms"],
-                         "rtt_ms": ex_a["rtt_ms"][-1], "ok": ok})
-            a.call("close", tunnel=ta["tunnel"])
-            b.call("close", tunnel=tb["tunnel"])
+    rows = grid_rows(fed, nodes, N_PER_PAIR)
+    failures = [r for r in rows if not r["ok"]]
     table = grid_table(rows)
     print("\n" + table)
     (results / "grid.txt").write_text(table + "\n")
@@ -105,17 +57,6 @@ def test_nat_type_grid(fed, results):
     # cost a 250 ms retransmission per tunnel before dc/signaling.py ordered the deliveries).
     slow = sorted(r["setup_ms"] for r in rows if r["kind"] == "nat_initiates" and r["a"] == "public")
     assert slow[len(slow) // 2] < 150, slow
-
-
-def grid_table(rows: list[dict]) -> str:
-    lines = [f"{'A (requester)':14} {'B (peer)':10} {'route':14} {'via (A)':12} {'path A→B':28} "
-             f"{'setup ms med/max':>17} {'ok':>4}"]
-    for (ka, kb), group in itertools.groupby(rows, key=lambda r: (r["a"], r["b"])):
-        g = list(group)
-        setups = sorted(r["setup_ms"] for r in g)
-        lines.append(f"{ka:14} {kb:10} {g[0]['kind']:14} {g[0]['via']:12} {g[0]['peer_addr']:28} "
-                     f"{setups[len(setups) // 2]:8.1f}/{setups[-1]:<8.1f} {sum(r['ok'] for r in g)}/{len(g)}")
-    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------- mobility

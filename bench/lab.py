@@ -1,0 +1,150 @@
+"""NAT lab benchmark: the real system through real NATs in network namespaces; `metric: value` lines.
+
+  setup_<route>_ms        median time of Node.connect (Direction Request → tunnel up) over ROUNDS
+                          fresh tunnels, for direct (public–public), nat_initiates (public → EIM),
+                          punch (EIM–EIM) and relay (symmetric–symmetric)
+  goodput_<route>_mbps    payload delivered in BLAST_S of an unpaced 1200-byte datagram flood (one
+                          Python sender; the receiver counts what arrived)
+  handover_s              longest gap between delivered chunks of a reliable transfer while the
+                          sender moves NAT → public → NAT (roaming, no new direction)
+  handover_redirect_s     same, the sender moving public → NAT while its peer sits behind a NAT
+                          with a home-router firewall (needs a new direction through the DCs)
+  failover_s              home DC SIGKILLed → a node at another DC has a tunnel to the node again
+  keepalive_s             keepalive interval used in the lab (agent default: 25 s)
+  grid_pairs_ok           ordered NAT-kind pairs whose route and carrying path match the table
+                          (the grid itself is printed as `#` lines)
+Targets: handover_s ≤ 1; failover_s ≤ 2 × keepalive_s. Needs root (skips with a message otherwise).
+
+usage: sudo .venv/bin/python bench/lab.py [--rounds 5] [--blast 1.0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests.lab.fed import KINDS, Federation, grid_rows, grid_table  # noqa: E402
+from tests.lab.topology import Lab, lab_available, sweep_stale  # noqa: E402
+
+KEEPALIVE_S = 2.0
+
+
+def metric(name: str, value) -> None:
+    print(f"{name}: {value}", flush=True)
+
+
+def open_tunnel(a, b):
+    ta = a.call("connect", peer=b.id)
+    tb = b.next_event("accepted", tunnel=ta["tunnel"])
+    return ta, tb
+
+
+def setup_and_goodput(a, b, route: str, rounds: int, blast_s: float) -> None:
+    setups = []
+    for _ in range(rounds):
+        ta, tb = open_tunnel(a, b)
+        assert ta["kind"] == route, (route, ta)
+        setups.append(ta["setup_ms"])
+        a.call("exchange", tunnel=ta["tunnel"], count=1)
+        a.call("close", tunnel=ta["tunnel"])
+        b.call("close", tunnel=tb["tunnel"])
+    metric(f"setup_{route}_ms", round(statistics.median(setups), 2))
+    ta, tb = open_tunnel(a, b)
+    sent = a.call("blast", tunnel=ta["tunnel"], seconds=blast_s, size=1200, timeout=blast_s + 10)
+    time.sleep(0.2)
+    rx = b.call("received", tunnel=tb["tunnel"])
+    mbps = rx["blast_bytes"] * 8 / max(rx["blast_s"], sent["elapsed"]) / 1e6  # delivered / time sending
+    metric(f"goodput_{route}_mbps", round(mbps, 1))
+    print(f"# {route}: via {ta['via']}, path {ta['peer_addr']}", flush=True)
+
+
+def handover(fed, lab, mover, peer, moves) -> float:
+    ta, tb = open_tunnel(mover, peer)
+    mover.call("transfer", tunnel=ta["tunnel"], chunks=2500, size=1000, rate=1000.0)
+    t0 = time.monotonic()
+    for at, fn in moves:
+        time.sleep(max(0.0, at - (time.monotonic() - t0)))
+        fn()
+    res = mover.call("transfer_result", tunnel=ta["tunnel"], timeout=60)
+    rx = peer.call("received", tunnel=tb["tunnel"])
+    assert rx["done"] and rx["sha256"] == res["sha256"], "transfer corrupted"
+    return rx["max_gap"]
+
+
+def failover(fed, lab) -> float:
+    f = fed.node(lab.add_site("fo", "eim").host, dc=2)
+    p = fed.node(lab.add_public_host("fop"), dc=1)
+    t0 = time.monotonic()
+    fed.kill_dc(2)
+    while time.monotonic() - t0 < 20:
+        try:
+            t = p.call("connect", peer=f.id, timeout=10)
+            f.next_event("accepted", tunnel=t["tunnel"])
+            return time.monotonic() - t0
+        except RuntimeError:
+            time.sleep(0.1)
+    raise RuntimeError("node not reachable again within 20 s")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--blast", type=float, default=1.0)
+    args = ap.parse_args()
+    reason = lab_available()
+    if reason:
+        print(f"bench/lab.py skipped: {reason}")
+        return 0
+    sweep_stale()
+    t_start = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="ntm-bench-lab-") as tmp, Lab() as lab:
+        fed = Federation(lab, Path(tmp), n_dcs=3, keepalive_s=KEEPALIVE_S)
+        try:
+            metric("keepalive_s", KEEPALIVE_S)
+            pub1 = fed.node(lab.add_site("pub1", "public").host, dc=0)
+            pub2 = fed.node(lab.add_site("pub2", "public").host, dc=1)
+            eim1 = fed.node(lab.add_site("eim1", "eim").host, dc=0)
+            eim2 = fed.node(lab.add_site("eim2", "eim").host, dc=1)
+            sym1 = fed.node(lab.add_site("sym1", "symmetric").host, dc=0)
+            sym2 = fed.node(lab.add_site("sym2", "symmetric").host, dc=1)
+            setup_and_goodput(pub1, pub2, "direct", args.rounds, args.blast)
+            setup_and_goodput(pub1, eim2, "nat_initiates", args.rounds, args.blast)
+            setup_and_goodput(eim1, eim2, "punch", args.rounds, args.blast)
+            setup_and_goodput(sym1, sym2, "relay", args.rounds, args.blast)
+            v61 = fed.node(lab.add_site("v61", "ipv6only").host, dc=0)
+            v62 = fed.node(lab.add_site("v62", "ipv6only").host, dc=1)
+            nodes = {("public", 1): pub1, ("public", 2): pub2, ("eim", 1): eim1, ("eim", 2): eim2,
+                     ("symmetric", 1): sym1, ("symmetric", 2): sym2, ("ipv6only", 1): v61, ("ipv6only", 2): v62}
+            rows = grid_rows(fed, nodes, 1)
+            print("# NAT-type grid (one tunnel per ordered pair; tests/lab runs 5):")
+            print("\n".join("# " + line for line in grid_table(rows).splitlines()), flush=True)
+            metric("grid_pairs_ok", f"{sum(r['ok'] for r in rows)}/{len(rows)}")
+            assert len(rows) == len(KINDS) ** 2
+
+            lab.add_site("mna", "eim")
+            lab.add_site("mnb", "eim")
+            mob = fed.node(lab.add_host("mob1", "mna"), dc=0)
+            gap = handover(fed, lab, mob, pub2, [(0.8, lambda: lab.move("mob1", None)),
+                                                 (1.6, lambda: lab.move("mob1", "mnb"))])
+            metric("handover_s", round(gap, 3))
+            lab.add_site("mnc", "eim")
+            mob2 = fed.node(lab.add_public_host("mob2"), dc=0)
+            gap = handover(fed, lab, mob2, eim2, [(0.8, lambda: lab.move("mob2", "mnc"))])
+            metric("handover_redirect_s", round(gap, 3))
+            metric("failover_s", round(failover(fed, lab), 3))
+        finally:
+            fed.stop()
+    print(f"# lab bench took {time.monotonic() - t_start:.1f} s; namespaces left: "
+          f"{sum(1 for _ in os.popen('ip netns list'))}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
