@@ -13,11 +13,15 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
-from tests.test_dc import ntm
-
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def ntm(home: Path, *args: str) -> dict:
+    """The real CLI with --json; asserts success."""
+    proc = subprocess.run([sys.executable, "-m", "node.cli", "--home", str(home), "--json", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
 
 
 def start(data: Path, home: Path, *extra: str) -> tuple[subprocess.Popen, dict]:
