@@ -165,8 +165,12 @@ class Channel:
         return await self._queue.get()
 
     def set_receiver(self, callback: Callable[[bytes], None] | None) -> None:
-        """Deliver payloads to `callback` instead of the recv() queue (fast path)."""
+        """Deliver payloads to `callback` instead of the recv() queue (fast path). Payloads that
+        arrived before the callback was set (the peer may send the moment the handshake is
+        done) are handed to it first, in order."""
         self._receiver = callback
+        while callback is not None and not self._queue.empty():
+            callback(self._queue.get_nowait())
 
     async def ping(self, timeout: float = 2.0) -> float:
         """Send a PING and wait for its PONG; returns the RTT in seconds."""

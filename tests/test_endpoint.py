@@ -197,3 +197,28 @@ def test_normalize_addr():
     assert normalize_addr(("127.0.0.1", 1), socket.AF_INET6) == ("::ffff:127.0.0.1", 1)
     assert normalize_addr(("::ffff:127.0.0.1", 1), socket.AF_INET) == ("127.0.0.1", 1)
     assert normalize_addr(("::1", 1), socket.AF_INET6) == ("::1", 1)
+
+
+async def test_data_before_set_receiver_reaches_the_receiver():
+    """The peer may send the moment its handshake completes, before our side attaches a receiver:
+    those payloads go to the receiver first, in order, not stranded in the recv() queue."""
+    ea, eb = await endpoints()
+    try:
+        ca, cb = await open_pair(ea, eb)
+        for i in range(3):
+            await ca.send(b"early%d" % i)
+        while cb._queue.qsize() < 3:
+            await asyncio.sleep(0.01)
+        got = []
+        cb.set_receiver(got.append)
+        await ca.send(b"late")
+        await asyncio.wait_for(_until(lambda: len(got) == 4), 3)
+        assert got == [b"early0", b"early1", b"early2", b"late"]
+    finally:
+        await ea.close()
+        await eb.close()
+
+
+async def _until(predicate):
+    while not predicate():
+        await asyncio.sleep(0.01)
