@@ -36,6 +36,8 @@ async def test_listen_ping_send_status(net, tmp_path):
         status = ntm(a, "status")
         assert status["confirmed"] and len(status["agent"]["tunnels"]) == 2
         assert {t["route"] for t in status["agent"]["tunnels"]} == {"direct", "relay"}
+        relayed = [t for t in status["agent"]["tunnels"] if t["route"] == "relay"][0]
+        assert relayed["rx_bytes"] == relayed["tx_bytes"] == len("hello over the tunnel")
     finally:
         listener.terminate()
         rest, _ = listener.communicate(timeout=10)
