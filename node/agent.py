@@ -26,6 +26,7 @@ import itertools
 import logging
 import socket
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 from urllib.parse import urlsplit
@@ -67,6 +68,8 @@ RECONNECT_BACKOFF_S = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2)
 FAILOVER_AFTER_FAILURES = 3
 # One session attempt (TCP + challenge + welcome) may take this long before it counts as failed.
 SESSION_OPEN_TIMEOUT_S = 3.0
+# Ended tunnels kept for `ntm status`: enough to see what just happened, bounded for a long run.
+ENDED_TUNNELS_KEPT = 16
 # Tunnel liveness, checked this often for every Link.
 LIVENESS_TICK_S = 0.05
 # A Link counts as in use if the application sent or received within this window; only links in
@@ -173,7 +176,10 @@ class Link:
     async def recv(self) -> bytes:
         if self.closed and self._queue.empty():
             raise TunnelError("tunnel is closed")
-        return await self._queue.get()
+        payload = await self._queue.get()
+        if payload is None:  # peer_closed() woke us
+            raise TunnelError("the peer closed the tunnel")
+        return payload
 
     def set_receiver(self, callback: Callable[[bytes], None] | None) -> None:
         self._receiver = callback
@@ -185,6 +191,11 @@ class Link:
         self.closed = True
         for ch in self.channels:
             await ch.close()
+
+    def peer_closed(self) -> None:
+        """The peer closed the current path on purpose: the Link ends; a waiting recv() wakes."""
+        self.closed = True
+        self._queue.put_nowait(None)
 
     def _deliver(self, payload: bytes) -> None:
         self.last_app = time.time()
@@ -239,6 +250,7 @@ class Node:
         self.chain: tuple[int, str] | None = None  # (chain id, registry) of the DC we registered at
         self.known_dcs: list[dict] = []  # from GET /v1/dcs while healthy: where to go if our DC dies
         self.tunnels: dict[bytes, Tunnel] = {}  # by tunnel ID
+        self.ended: deque[dict] = deque(maxlen=ENDED_TUNNELS_KEPT)  # for status output
         self.counters = {"sessions": 0, "session_drops": 0, "failovers": 0, "address_changes": 0}
         self._seq = itertools.count(int(time.time() * 1000))  # keepalive seq grows across restarts
         self._last_reply_seq = 0
@@ -599,8 +611,12 @@ class Node:
     def _check(self, t: Tunnel, now: float) -> None:
         """Probe a silent tunnel in use; start a re-direction when probing did not help."""
         link = t.channel
+        if link.current.closed_by_peer and not link.closed:
+            log.info("tunnel %s closed by %s", t.id.hex(), keys.checksum(t.peer))
+            link.peer_closed()
         if link.closed:
-            self.tunnels.pop(t.id, None)
+            if self.tunnels.pop(t.id, None) is not None:
+                self.ended.append(self._tunnel_status(t, "closed"))
             return
         self._drop_old_paths(link, now)
         if t.recovering is not None or now - link.last_app > ACTIVE_WINDOW_S:
@@ -655,14 +671,17 @@ class Node:
         finally:
             t.recovering = None
 
+    @staticmethod
+    def _tunnel_status(t: Tunnel, state: str) -> dict:
+        return {"peer": keys.checksum(t.peer), "id": t.id.hex(), "path": t.channel.path_id.hex(), "state": state,
+                "route": t.kind, "via": t.channel.via, "redirects": t.redirects,
+                "rtt_ms": round(t.channel.rtt * 1000, 2) if t.channel.rtt else None, **t.channel.stats}
+
     def status(self) -> dict:
         return {
             "node": keys.checksum(self.id), "dc": self.dc_url, "observed": self.observed,
             "local": format_endpoint(*self.endpoint.local_addr[:2]), **self.counters,
-            "tunnels": [{"peer": keys.checksum(t.peer), "id": t.id.hex(), "path": t.channel.path_id.hex(),
-                         "route": t.kind, "via": t.channel.via, "redirects": t.redirects,
-                         "rtt_ms": round(t.channel.rtt * 1000, 2) if t.channel.rtt else None, **t.channel.stats}
-                        for t in self.tunnels.values()],
+            "tunnels": [self._tunnel_status(t, "open") for t in self.tunnels.values()] + list(self.ended),
         }
 
 

@@ -23,6 +23,7 @@ from ntm import keys
 from ntm.errors import KeystoreError, NtmError
 from ntm.record import Domain, NodeTransaction
 from ntm.registration import RegistrationRequest
+from ntm.tunnel import TunnelError
 
 TUNNEL_PORT = 4330  # the seeds' NTM port
 AGENT_STALE_S = 5.0  # `ntm listen` rewrites its status every second; older means it is gone
@@ -147,7 +148,7 @@ async def cmd_status(args, base: Path) -> None:
         for t in agent["tunnels"]:
             rtt = f"{t['rtt_ms']} ms" if t.get("rtt_ms") is not None else "-"
             lines.append(f"tunnel    {t['peer']} {t['route']} via {t['via']}, rtt {rtt}, "
-                         f"{t.get('rx_bytes', 0)} B in / {t.get('tx_bytes', 0)} B out")
+                         f"{t.get('rx_bytes', 0)} B in / {t.get('tx_bytes', 0)} B out ({t['state']})")
     else:
         lines.append("agent     not running (`ntm listen` keeps the node online)")
     out(args, data, "\n".join(lines))
@@ -281,7 +282,11 @@ async def cmd_listen(args, base: Path) -> None:
         peer = keys.checksum(t.peer)
         say({"event": "tunnel", "peer": peer, "route": t.kind, "text": f"tunnel from {peer}: {describe(t)}"})
         while True:
-            data = await t.channel.recv()
+            try:
+                data = await t.channel.recv()
+            except TunnelError as exc:
+                say({"event": "closed", "peer": peer, "text": f"tunnel from {peer} ended: {exc}"})
+                return
             say({"event": "message", "peer": peer, "data": data.decode(errors="replace"),
                  "text": f"{peer}: {data.decode(errors='replace')}"})
             if args.echo:

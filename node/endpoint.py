@@ -30,6 +30,7 @@ from ntm.tunnel import (
     Data,
     EndpointChanged,
     HandshakeDone,
+    PeerClosed,
     Pong,
     RelayBound,
     RelayInfo,
@@ -116,6 +117,7 @@ class Channel:
         self._ready: asyncio.Future[HandshakeDone] = asyncio.get_running_loop().create_future()
         self._pongs: list[asyncio.Future[float]] = []
         self.closed = False
+        self.closed_by_peer = False
 
     # -- info --
     @property
@@ -161,8 +163,11 @@ class Channel:
     async def recv(self) -> bytes:
         """Next payload received (in arrival order)."""
         if self.closed and self._queue.empty():
-            raise TunnelError("channel is closed")
-        return await self._queue.get()
+            raise TunnelError("the peer closed the tunnel" if self.closed_by_peer else "channel is closed")
+        payload = await self._queue.get()
+        if payload is None:  # the wake-up _peer_closed leaves for a waiting recv()
+            raise TunnelError("the peer closed the tunnel")
+        return payload
 
     def set_receiver(self, callback: Callable[[bytes], None] | None) -> None:
         """Deliver payloads to `callback` instead of the recv() queue (fast path). Payloads that
@@ -170,7 +175,9 @@ class Channel:
         done) are handed to it first, in order."""
         self._receiver = callback
         while callback is not None and not self._queue.empty():
-            callback(self._queue.get_nowait())
+            payload = self._queue.get_nowait()
+            if payload is not None:
+                callback(payload)
 
     async def ping(self, timeout: float = 2.0) -> float:
         """Send a PING and wait for its PONG; returns the RTT in seconds."""
@@ -185,8 +192,16 @@ class Channel:
                 self._pongs.remove(fut)
 
     async def close(self) -> None:
+        """Close the tunnel and tell the peer (authenticated CLOSE), so it does not try to repair it."""
+        if not self.closed:
+            self.endpoint._send_close(self.session)
         self.endpoint._remove(self.session.path_id)
         self.closed = True
+
+    def _peer_closed(self) -> None:
+        self.closed = self.closed_by_peer = True
+        if self._receiver is None:
+            self._queue.put_nowait(None)  # wakes a recv() that is waiting
 
     def _deliver(self, payload: bytes) -> None:
         if self._receiver is not None:
@@ -340,10 +355,16 @@ class Endpoint:
                 await self._timer_task
             except asyncio.CancelledError:
                 pass
-        for pid in list(self.sessions):
+        for pid, s in list(self.sessions.items()):
+            self._send_close(s)
             self._remove(pid)
         if self.transport is not None:
             self.transport.close()
+
+    def _send_close(self, s: Session) -> None:
+        pkt = s.close_packet(self.clock())
+        if pkt is not None:
+            self._sendto(pkt, s.peer_addr)
 
     def send_control(self, data: bytes, addr: Addr) -> None:
         """Send a non-tunnel datagram (keepalive to the DC) from the tunnel socket, so the DC sees
@@ -409,6 +430,9 @@ class Endpoint:
                     if not fut.done():
                         fut.set_result(ev.rtt)
                 ch._pongs.clear()
+            elif type(ev) is PeerClosed:
+                self._remove(pid)
+                ch._peer_closed()
             elif type(ev) is EndpointChanged or type(ev) is RelayBound:
                 pass  # visible in session.peer_addr / stats
 

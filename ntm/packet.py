@@ -9,6 +9,7 @@ node's endpoint) and a relay can find the path without any key. Parsers raise
     0x03 DATA                type | path | counter (8) | AEAD(payload) (len + 16)       >= 33 bytes
     0x04 KEEPALIVE           type | path | counter (8) | AEAD(empty) (16)               33 bytes
     0x05 PING / 0x06 PONG    type | path | counter (8) | AEAD(ping id (8)) (24)         41 bytes
+    0x07 CLOSE               type | path | counter (8) | AEAD(empty) (16)               33 bytes
     0x10 RELAY_BIND          type | path | token (32) | side (1)                        42 bytes
     0x11 RELAY_BIND_ACK      type | path | side (1)                                     10 bytes
     0x12..0x1f               reserved for relay control
@@ -29,16 +30,17 @@ TYPE_DATA = 0x03
 TYPE_KEEPALIVE = 0x04
 TYPE_PING = 0x05
 TYPE_PONG = 0x06
+TYPE_CLOSE = 0x07  # the sender closed the tunnel on purpose: the peer ends it, no repair
 TYPE_RELAY_BIND = 0x10
 TYPE_RELAY_BIND_ACK = 0x11
 RELAY_RESERVED = range(0x12, 0x20)
 
 #: Types carried by a relay unchanged between the two bound endpoints of a path.
 FORWARDED_TYPES = frozenset(
-    {TYPE_HANDSHAKE_REQUEST, TYPE_HANDSHAKE_RESPONSE, TYPE_DATA, TYPE_KEEPALIVE, TYPE_PING, TYPE_PONG}
+    {TYPE_HANDSHAKE_REQUEST, TYPE_HANDSHAKE_RESPONSE, TYPE_DATA, TYPE_KEEPALIVE, TYPE_PING, TYPE_PONG, TYPE_CLOSE}
 )
 #: Types whose body is `counter (8) || AEAD ciphertext` (transport packets).
-TRANSPORT_TYPES = frozenset({TYPE_DATA, TYPE_KEEPALIVE, TYPE_PING, TYPE_PONG})
+TRANSPORT_TYPES = frozenset({TYPE_DATA, TYPE_KEEPALIVE, TYPE_PING, TYPE_PONG, TYPE_CLOSE})
 KNOWN_TYPES = FORWARDED_TYPES | {TYPE_RELAY_BIND, TYPE_RELAY_BIND_ACK}
 
 PATH_ID_LEN = 8
@@ -152,8 +154,8 @@ class TransportPacket:
         kind, path_id, counter = HEADER.unpack_from(data)
         if kind not in TRANSPORT_TYPES:
             raise ParseError(f"type 0x{kind:02x} is not a transport packet")
-        if kind == TYPE_KEEPALIVE and len(data) != KEEPALIVE_LEN:
-            raise ParseError("keepalive carries a payload")
+        if kind in (TYPE_KEEPALIVE, TYPE_CLOSE) and len(data) != KEEPALIVE_LEN:
+            raise ParseError("keepalive or close carries a payload")
         if kind in (TYPE_PING, TYPE_PONG) and len(data) != MIN_TRANSPORT_LEN + PING_ID_LEN:
             raise ParseError("ping/pong payload is not 8 bytes")
         return cls(kind, path_id, counter, data[HEADER_LEN:])
@@ -219,6 +221,7 @@ _PARSERS = {
     TYPE_KEEPALIVE: TransportPacket.parse,
     TYPE_PING: TransportPacket.parse,
     TYPE_PONG: TransportPacket.parse,
+    TYPE_CLOSE: TransportPacket.parse,
     TYPE_RELAY_BIND: RelayBind.parse,
     TYPE_RELAY_BIND_ACK: RelayBindAck.parse,
 }

@@ -47,6 +47,7 @@ from ntm.packet import (
     PING_ID_LEN,
     PREFIX_LEN,
     TOKEN_LEN,
+    TYPE_CLOSE,
     TYPE_DATA,
     TYPE_HANDSHAKE_REQUEST,
     TYPE_HANDSHAKE_RESPONSE,
@@ -157,7 +158,12 @@ class RelayBound:
     addr: Addr
 
 
-Event = Data | HandshakeDone | EndpointChanged | Pong | RelayBound
+@dataclass(frozen=True, slots=True)
+class PeerClosed:
+    """The peer closed the tunnel on purpose (authenticated CLOSE): end it, do not repair it."""
+
+
+Event = Data | HandshakeDone | EndpointChanged | Pong | RelayBound | PeerClosed
 
 
 # --- replay window ------------------------------------------------------------------------------
@@ -472,6 +478,13 @@ class Session:
         self.tx_bytes += len(payload)
         return pkt
 
+    def close_packet(self, now: float) -> bytes | None:
+        """A CLOSE packet for `self.peer_addr`, or None if there are no keys to authenticate it."""
+        try:
+            return self._seal(TYPE_CLOSE, b"", now) if self.peer_addr is not None else None
+        except TunnelError:
+            return None
+
     def ping(self, now: float) -> bytes:
         """A PING packet (to `self.peer_addr`); the matching PONG yields a Pong(rtt) event."""
         self._ping_seq += 1
@@ -489,7 +502,7 @@ class Session:
             self._stats["drop_truncated"] += 1
             return []
         kind = datagram[0]
-        if kind == TYPE_DATA or kind == TYPE_KEEPALIVE or kind == TYPE_PING or kind == TYPE_PONG:
+        if kind == TYPE_DATA or kind == TYPE_KEEPALIVE or kind == TYPE_PING or kind == TYPE_PONG or kind == TYPE_CLOSE:
             return self._receive_transport(kind, datagram, addr, now)
         if datagram[1:PREFIX_LEN] != self.path_id:
             self._stats["drop_unknown_path"] += 1
@@ -706,4 +719,6 @@ class Session:
             if sent is not None:
                 self.rtt = now - sent
                 events.append(Pong(self.rtt))
+        elif kind == TYPE_CLOSE:
+            events.append(PeerClosed())
         return events

@@ -36,12 +36,15 @@ async def test_listen_ping_send_status(net, tmp_path):
         status = ntm(a, "status")
         assert status["confirmed"] and len(status["agent"]["tunnels"]) == 2
         assert {t["route"] for t in status["agent"]["tunnels"]} == {"direct", "relay"}
+        assert {t["state"] for t in status["agent"]["tunnels"]} == {"closed"}  # both commands exited
         relayed = [t for t in status["agent"]["tunnels"] if t["route"] == "relay"][0]
         assert relayed["rx_bytes"] == relayed["tx_bytes"] == len("hello over the tunnel")
     finally:
         listener.terminate()
         rest, _ = listener.communicate(timeout=10)
     events = [json.loads(line) for line in rest.splitlines()]
-    assert [e["event"] for e in events] == ["tunnel", "tunnel", "message", "stopped"]
-    assert events[2]["data"] == "hello over the tunnel"
+    # Each short-lived command closes its tunnel on exit (CLOSE), so the listener ends it
+    # instead of trying to repair it.
+    assert [e["event"] for e in events] == ["tunnel", "closed", "tunnel", "message", "closed", "stopped"]
+    assert events[3]["data"] == "hello over the tunnel"
     assert listener.returncode == 0 and not (a / "agent.json").exists()

@@ -222,3 +222,18 @@ async def test_data_before_set_receiver_reaches_the_receiver():
 async def _until(predicate):
     while not predicate():
         await asyncio.sleep(0.01)
+
+
+async def test_close_tells_the_peer():
+    ea, eb = await endpoints()
+    try:
+        ca, cb = await open_pair(ea, eb)
+        waiting = asyncio.create_task(cb.recv())
+        await asyncio.sleep(0.05)
+        await ca.close()
+        with pytest.raises(TunnelError, match="peer closed"):
+            await asyncio.wait_for(waiting, 3)
+        assert cb.closed_by_peer and cb.path_id not in eb.sessions
+    finally:
+        await ea.close()
+        await eb.close()

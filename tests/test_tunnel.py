@@ -20,6 +20,7 @@ from ntm.tunnel import (
     Data,
     EndpointChanged,
     HandshakeDone,
+    PeerClosed,
     Pong,
     RelayInfo,
     ReplayWindow,
@@ -315,6 +316,19 @@ def test_ping_pong_rtt():
     ev = a.receive(pong, ADDR_B, T0 + 0.020)
     assert ev == [Pong(pytest.approx(0.020))]
     assert a.rtt == pytest.approx(0.020)
+
+
+def test_close_is_authenticated_and_not_replayable():
+    a, b, _ = connect()
+    close = a.close_packet(T0)
+    forged = bytearray(close)
+    forged[-1] ^= 1
+    assert b.receive(bytes(forged), ADDR_A, T0) == []  # a flipped bit is no CLOSE
+    assert b.stats["drop_bad_tag"] == 1
+    assert b.receive(close, ADDR_A, T0) == [PeerClosed()]
+    assert b.receive(close, ADDR_A, T0) == []  # replayed: dropped by the window
+    assert b.stats["drop_replay"] == 1
+    assert Session(KA, IDB, PB, PATH, candidates=[ADDR_B]).close_packet(T0) is None  # no keys, no CLOSE
 
 
 def test_request_retransmitted_to_all_candidates_then_relay_fallback():

@@ -15,6 +15,7 @@ import pytest
 from aiohttp import web
 
 from node.agent import Node, NodeError
+from ntm.tunnel import TunnelError
 from ntm import envelope, keys
 from tests.dcnet import register, until
 
@@ -72,12 +73,7 @@ async def test_roaming_needs_no_new_direction(pair, net):
     a, b = pair
     ta, tb = await exchange(a, b)
 
-    async def directions_served():
-        async with aiohttp.ClientSession() as http, http.get(net.urls[0] + "/metrics") as r:
-            text = await r.text()
-        return int(text.split("\nntm_dc_directions_served_total ")[1].split()[0])
-
-    served = await directions_served()
+    served = await directions_served(net.urls[0])
     old = a.endpoint.local_addr
     await a.endpoint.rebind("127.0.0.2", 0)  # A's socket moves to another address and port
     for i in range(50):
@@ -87,7 +83,13 @@ async def test_roaming_needs_no_new_direction(pair, net):
     assert tb.channel.peer_addr[0].endswith("127.0.0.2") and tb.channel.peer_addr != old
     await tb.channel.send(b"back")
     assert await asyncio.wait_for(ta.channel.recv(), 5) == b"back"
-    assert await directions_served() == served
+    assert await directions_served(net.urls[0]) == served
+
+
+async def directions_served(dc_url: str) -> int:
+    async with aiohttp.ClientSession() as http, http.get(dc_url + "/metrics") as r:
+        text = await r.text()
+    return int(text.split("\nntm_dc_directions_served_total ")[1].split()[0])
 
 
 async def test_unknown_revoked_offline_peers_fail_fast(pair, net, tmp_path):
@@ -173,3 +175,25 @@ async def test_a_lying_dc_cannot_substitute_the_peers_key(tmp_path):
         await a.close()
         await runner.cleanup()
         transport.close()
+
+
+async def test_a_closed_peer_ends_the_tunnel_without_repair(net):
+    """B's process exits (closing its node): A's tunnel ends at once and A does not ask the DCs
+    to repair it, unlike a peer that went silent because it moved."""
+    ka, kb = keys.generate(), keys.generate()
+    await register(net.urls[0], ka)
+    await register(net.urls[1], kb)
+    a = await Node.start(ka, net.urls[0], host="127.0.0.1", port=0)
+    b = await Node.start(kb, net.urls[1], host="127.0.0.1", port=0)
+    try:
+        ta, _ = await exchange(a, b)
+        served = await directions_served(net.urls[0])
+        waiting = asyncio.create_task(ta.channel.recv())
+        await ta.channel.send(b"keep the link in use")  # a silent link in use would be repaired
+        await b.close()
+        with pytest.raises(TunnelError, match="peer closed"):
+            await asyncio.wait_for(waiting, 3)
+        await asyncio.sleep(1.0)  # longer than the agent's dead-path timeout
+        assert not a.tunnels and await directions_served(net.urls[0]) == served
+    finally:
+        await a.close()
