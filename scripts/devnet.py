@@ -38,7 +38,7 @@ from ntm import keys
 from ntm.errors import NtmError
 from scripts import deploy as deploy_mod
 from scripts.anvil import DEV_KEYS, Anvil, AnvilError
-from scripts.procs import Child, dc_child, free_port
+from scripts.procs import Child, dc_child, free_port, pid_alive
 
 CHAIN_ID = 31337  # anvil's default: wallets and tools know it as "localhost"
 DATA_DIR_ENV = "NTM_DEVNET_DIR"
@@ -115,16 +115,6 @@ def _ipv6_loopback() -> bool:
         return True
     except OSError:
         return False
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _run_async(coro):
@@ -249,7 +239,7 @@ class Devnet:
                 other = int(pid_file.read_text().strip())
             except ValueError:
                 other = 0
-            if other and other != os.getpid() and _pid_alive(other):
+            if other and other != os.getpid() and pid_alive(other):
                 raise DevnetError(f"a devnet (pid {other}) already runs with data dir {self.data_dir}; "
                                   f"stop it first or use another --data-dir")
         pid_file.write_text(f"{os.getpid()}\n")

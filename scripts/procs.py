@@ -20,6 +20,17 @@ from pathlib import Path
 READY_TIMEOUT_S = 20.0
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this PID exists (signal 0 probes without sending anything)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
     """A port free right now on 127.0.0.1 (tiny race window; fine for tests and the devnet)."""
     with socket.socket(socket.AF_INET, kind) as s:

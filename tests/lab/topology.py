@@ -82,7 +82,9 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Sequence
+
+from scripts.procs import pid_alive
 
 __all__ = [
     "Lab", "Host", "Site", "Router", "LabError", "expect", "lab_available",
@@ -159,16 +161,6 @@ def _detect_iptables(ns: str) -> str | None:
     return None
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _netns_list() -> list[str]:
     r = _run(["ip", "netns", "list"], check=False)
     return [ln.split()[0] for ln in r.stdout.splitlines() if ln.strip()]
@@ -193,7 +185,7 @@ def sweep_stale() -> list[str]:
     removed = []
     for ns in _netns_list():
         m = _STALE_RE.match(ns)
-        if m and not _pid_alive(int(m.group(1))):
+        if m and not pid_alive(int(m.group(1))):
             _kill_ns_pids(ns)
             _run(["ip", "netns", "del", ns], check=False)
             removed.append(ns)
