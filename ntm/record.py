@@ -6,6 +6,7 @@ wallets can show what is being signed. Spec and test vector: docs/PROTOCOL.md §
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import coincurve
@@ -41,7 +42,8 @@ class Domain:
     chain_id: int
     registry: bytes  # 20-byte contract address
 
-    def separator(self) -> bytes:
+    @functools.cached_property
+    def _separator(self) -> bytes:
         return keccak(
             DOMAIN_TYPEHASH
             + keccak(DOMAIN_NAME.encode())
@@ -49,6 +51,10 @@ class Domain:
             + _word(self.chain_id)
             + _word(self.registry)
         )
+
+    def separator(self) -> bytes:
+        """The EIP-712 domain separator (computed once per Domain: it is on every verification)."""
+        return self._separator
 
 
 @dataclass(frozen=True)
