@@ -38,7 +38,7 @@ from ntm import keys
 from ntm.errors import NtmError
 from scripts import deploy as deploy_mod
 from scripts.anvil import DEV_KEYS, Anvil, AnvilError
-from scripts.procs import Child, dc_child, free_port, pid_alive
+from scripts.procs import Child, dc_child, free_port, has_ipv6_loopback, pid_alive
 
 CHAIN_ID = 31337  # anvil's default: wallets and tools know it as "localhost"
 DATA_DIR_ENV = "NTM_DEVNET_DIR"
@@ -106,15 +106,6 @@ class _Anvil(Anvil):
 
 def _setsid() -> list[str]:
     return ["setsid"] if shutil.which("setsid") else []
-
-
-def _ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
 
 
 def _run_async(coro):
@@ -279,7 +270,7 @@ class Devnet:
         if deploy_only:
             return
         dep_path = self.data_dir / "deployment.json"
-        v6 = _ipv6_loopback()
+        v6 = has_ipv6_loopback()
         advertise = [f"127.0.0.1:{self.ports.rs_udp}"] + ([f"[::1]:{self.ports.rs_udp}"] if v6 else [])
         rs_args = ["--rpc-url", self.rpc_url, "--deployment", str(dep_path),
                    "--udp-host", "::" if v6 else "0.0.0.0", "--udp-port", str(self.ports.rs_udp),

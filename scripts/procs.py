@@ -31,6 +31,16 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def has_ipv6_loopback() -> bool:
+    """Whether ::1 can be bound (some containers run without IPv6)."""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
     """A port free right now on 127.0.0.1 (tiny race window; fine for tests and the devnet)."""
     with socket.socket(socket.AF_INET, kind) as s:

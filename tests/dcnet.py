@@ -16,7 +16,7 @@ from ntm.record import Domain, NodeTransaction
 from ntm.registration import RegistrationRequest
 from ntm.registry import Registry
 from scripts.anvil import DEV_KEYS, Anvil
-from scripts.procs import Child, dc_child, free_port
+from scripts.procs import Child, dc_child, free_port, has_ipv6_loopback
 
 
 @dataclass
@@ -63,7 +63,8 @@ class DcNet:
         port = free_port(socket.SOCK_DGRAM)
         self.rs = Child("rs", ["--rpc-url", self.chain.url, "--deployment", str(self.deployment),
                                "--udp-port", str(port), "--http-port", "0",
-                               "--advertise", f"127.0.0.1:{port}", "--advertise", f"[::1]:{port}",
+                               "--advertise", f"127.0.0.1:{port}",
+                               *(["--advertise", f"[::1]:{port}"] if has_ipv6_loopback() else []),
                                "--capture", str(self.workdir / "relay-capture.hex")],
                         self.workdir / "rs.log").start()
         self.relays = [self.rs.ready["http"]]

@@ -19,18 +19,9 @@ from ntm import envelope, handshake, keys, packet
 from ntm.registry import Registry
 from rs.client import RelayDirectionError, send_relay_direction
 from scripts.anvil import DEV_KEYS, Anvil
-from scripts.procs import Child, free_port
+from scripts.procs import Child, free_port, has_ipv6_loopback
 
 PLAINTEXT = b"attack at dawn: the relay must never see this sentence"
-
-
-def has_ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
 
 
 @pytest.fixture
@@ -153,6 +144,7 @@ async def test_ipv4_ipv6_bridge_with_real_handshake(net):
     id_a, id_b = keys.node_id_of(key_a), keys.node_id_of(key_b)
     path, token = os.urandom(8), os.urandom(32)
     ans = await send_relay_direction(net.http, net.url, net.dc_key, path, token, [id_a, id_b], future_ms(), 10**6)
+    assert ans["created"] and ans["path"] == path.hex()
     relay_v4 = ("127.0.0.1", net.udp_port)
     relay_v6 = ("::1", net.udp_port)
     a = udp(socket.AF_INET, "127.0.0.1")  # an IPv4-only node
