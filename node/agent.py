@@ -38,7 +38,6 @@ from node.dc_client import DcClient, DcError
 from node.endpoint import DEFAULT_PORT, Channel, Endpoint
 from ntm import envelope, keepalive, keys
 from ntm.errors import NtmError, ParseError
-from ntm.record import Domain, NodeTransaction
 from ntm.registration import RegistrationRequest, format_endpoint, parse_endpoint
 from ntm.tunnel import RelayInfo, TunnelConfig, TunnelError
 
@@ -227,13 +226,6 @@ def endpoint_addr(text: str) -> tuple[str, int]:
     return parse_endpoint(text)
 
 
-def registration(key: coincurve.PrivateKey, info: dict, local_addrs: list[str], timestamp: int) -> RegistrationRequest:
-    """A signed Registration Request naming the DC described by `info` (its GET /v1/info)."""
-    domain = Domain(info["chain_id"], keys.parse_node_id(info["registry"]))
-    rec = NodeTransaction(keys.node_id_of(key), keys.parse_node_id(info["dc"]), timestamp, False)
-    return RegistrationRequest(rec, rec.sign(key, domain), keys.public_bytes(key), tuple(local_addrs))
-
-
 class Node:
     def __init__(self, key: coincurve.PrivateKey, dc_url: str, endpoint: Endpoint,
                  keepalive_interval: float = KEEPALIVE_INTERVAL_S, local_addrs: list[str] | None = None) -> None:
@@ -353,7 +345,7 @@ class Node:
         try:
             info = await self.dc.info()
             self.chain = (info["chain_id"], info["registry"])
-            self.known_dcs = (await self.dc._call("GET", "/v1/dcs"))["dcs"]
+            self.known_dcs = await self.dc.dcs()
         except (DcError, KeyError, TypeError) as exc:
             log.info("could not refresh the DC list from %s: %s", self.dc_url, exc)
 
@@ -416,7 +408,7 @@ class Node:
                 info = await self.dc.info()
                 if self.chain and (info["chain_id"], info["registry"]) != self.chain:
                     raise DcError("wrong_chain", f"{url} serves another chain")
-                req = registration(self.key, info, self.local_addrs(), int(time.time() * 1000))
+                req = RegistrationRequest.signed(self.key, info, int(time.time() * 1000), self.local_addrs())
                 await self.dc.register(req, wait_confirmed=True)
                 await self._open_session()
             except Exception as exc:  # noqa: BLE001 - try the next DC whatever went wrong here

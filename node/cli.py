@@ -21,7 +21,6 @@ from node.agent import Node, Tunnel, local_addrs_towards
 from node.dc_client import DcClient, DcError, dc_url
 from ntm import keys
 from ntm.errors import KeystoreError, NtmError
-from ntm.record import Domain, NodeTransaction
 from ntm.registration import RegistrationRequest
 from ntm.tunnel import TunnelError
 
@@ -88,12 +87,10 @@ async def sign_and_register(args, base: Path, revoked: bool) -> None:
                 f"DC at {url} is on chain {info['chain_id']} registry {info['registry']}, but this node is "
                 f"registered on chain {st['chain_id']} registry {st['registry']}"
             )
-        domain = Domain(info["chain_id"], keys.parse_node_id(info["registry"]))
         # Strictly increasing even if the clock stepped back or two commands ran in one millisecond.
         ts = max(int(time.time() * 1000), st.get("timestamp", 0) + 1)
-        rec = NodeTransaction(keys.node_id_of(key), keys.parse_node_id(info["dc"]), ts, revoked)
-        req = RegistrationRequest(rec, rec.sign(key, domain), keys.public_bytes(key),
-                                  tuple(args.addr or local_addrs_towards(urlsplit(url).hostname, TUNNEL_PORT)))
+        req = RegistrationRequest.signed(key, info, ts, args.addr or local_addrs_towards(urlsplit(url).hostname, TUNNEL_PORT),
+                                         revoked)
         res = await dc.register(req, wait_confirmed=not args.no_wait)
     state.write_json(base / state.STATE_FILE, {
         "dc_url": url, "dc": info["dc"], "hostname": info["hostname"], "chain_id": info["chain_id"],

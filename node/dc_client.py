@@ -74,6 +74,10 @@ class DcClient:
             body["wait"] = "confirmed"
         return await self._call("POST", "/v1/register", body)
 
+    async def dcs(self) -> list[dict]:
+        """The active DCs on chain ({dc, hostname, endpoint}), for failover."""
+        return (await self._call("GET", "/v1/dcs"))["dcs"]
+
     async def whois(self, node: bytes) -> dict:
         return await self._call("GET", f"/v1/nodes/{keys.checksum(node)}")
 

@@ -11,6 +11,8 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Any
 
+import coincurve
+
 from ntm import keys
 from ntm.errors import NtmError, ParseError, SignatureError
 from ntm.record import MAX_FUTURE_MS, Domain, NodeTransaction
@@ -34,6 +36,14 @@ class RegistrationRequest:
     signature: bytes
     pubkey: bytes
     local_addrs: tuple[str, ...]
+
+    @classmethod
+    def signed(cls, key: coincurve.PrivateKey, info: dict, timestamp: int, local_addrs: tuple[str, ...] = (),
+               revoked: bool = False) -> "RegistrationRequest":
+        """A request signed by the node `key`, naming the DC that `info` (its GET /v1/info) describes."""
+        domain = Domain(info["chain_id"], keys.parse_node_id(info["registry"]))
+        rec = NodeTransaction(keys.node_id_of(key), keys.parse_node_id(info["dc"]), timestamp, revoked)
+        return cls(rec, rec.sign(key, domain), keys.public_bytes(key), tuple(local_addrs))
 
     def to_json(self) -> dict:
         return {

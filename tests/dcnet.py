@@ -12,7 +12,6 @@ import time
 
 from node.dc_client import DcClient
 from ntm import keys
-from ntm.record import Domain, NodeTransaction
 from ntm.registration import RegistrationRequest
 from ntm.registry import Registry
 from scripts.anvil import DEV_KEYS, Anvil
@@ -82,10 +81,8 @@ class DcNet:
 async def register(url: str, key, local_addrs: tuple[str, ...] = (), revoked: bool = False) -> dict:
     """Register (or revoke) `key` at the DC at `url` and wait for the chain."""
     async with DcClient(url) as dc:
-        info = await dc.info()
-        domain = Domain(info["chain_id"], keys.parse_node_id(info["registry"]))
-        rec = NodeTransaction(keys.node_id_of(key), keys.parse_node_id(info["dc"]), int(time.time() * 1000), revoked)
-        return await dc.register(RegistrationRequest(rec, rec.sign(key, domain), keys.public_bytes(key), local_addrs))
+        req = RegistrationRequest.signed(key, await dc.info(), int(time.time() * 1000), local_addrs, revoked)
+        return await dc.register(req)
 
 
 async def revoke(url: str, key) -> dict:
