@@ -243,6 +243,7 @@ class Node:
         self.known_dcs: list[dict] = []  # from GET /v1/dcs while healthy: where to go if our DC dies
         self.tunnels: dict[bytes, Tunnel] = {}  # by tunnel ID
         self.ended: deque[dict] = deque(maxlen=ENDED_TUNNELS_KEPT)  # for status output
+        self.home: dict | None = None  # set by a failover: the new registration, for the CLI's state
         self.counters = {"sessions": 0, "session_drops": 0, "failovers": 0, "address_changes": 0}
         self._seq = itertools.count(int(time.time() * 1000))  # keepalive seq grows across restarts
         self._last_reply_seq = 0
@@ -410,6 +411,8 @@ class Node:
                     raise DcError("wrong_chain", f"{url} serves another chain")
                 req = RegistrationRequest.signed(self.key, info, int(time.time() * 1000), self.local_addrs())
                 await self.dc.register(req, wait_confirmed=True)
+                self.home = {"dc_url": url, "dc": info["dc"], "hostname": info["hostname"],
+                             "timestamp": req.record.timestamp, "status": "confirmed"}
                 await self._open_session()
             except Exception as exc:  # noqa: BLE001 - try the next DC whatever went wrong here
                 log.info("failover to %s failed: %s", url, exc)

@@ -296,6 +296,9 @@ async def cmd_listen(args, base: Path) -> None:
     async def status_loop() -> None:
         while True:
             state.write_json(base / state.AGENT_FILE, {"pid": os.getpid(), "updated": time.time(), **node.status()})
+            st = state.read_json(base / state.STATE_FILE)
+            if node.home and st.get("timestamp", 0) < node.home["timestamp"]:  # the agent failed over
+                state.write_json(base / state.STATE_FILE, {**st, **node.home})
             await asyncio.sleep(1.0)
 
     tasks = [asyncio.create_task(accept_loop()), asyncio.create_task(status_loop())]

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import select
 import subprocess
 import sys
 
-
+from node import state
+from ntm import keys
+from tests.dcnet import until
 from tests.test_dc import ntm
 
 
@@ -48,3 +51,25 @@ async def test_listen_ping_send_status(net, tmp_path):
     assert [e["event"] for e in events] == ["tunnel", "closed", "tunnel", "message", "closed", "stopped"]
     assert events[3]["data"] == "hello over the tunnel"
     assert listener.returncode == 0 and not (a / "agent.json").exists()
+
+
+async def test_listen_fails_over_and_the_cli_follows(net, tmp_path):
+    """kill -9 of the node's DC: `ntm listen` re-registers at the other DC, and the node's state
+    (what `ntm status` and a later `ntm register` use) names the new DC."""
+    a = tmp_path / "a"
+    ntm(a, "keygen")
+    ntm(a, "register", "--dc", net.urls[0])
+    listener = subprocess.Popen(
+        [sys.executable, "-m", "node.cli", "--home", str(a), "--json", "listen", "--host", "127.0.0.1", "--port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    try:
+        assert read_json_line(listener)["event"] == "listening"
+        await asyncio.sleep(0.5)  # the agent learns the DC list once its session is up
+        net.dcs[0].kill()
+        await until(lambda: state.read_json(a / "state.json").get("dc_url") == net.urls[1], timeout=20)
+        status = ntm(a, "status")
+        dc2 = keys.checksum(keys.node_id_of(net.dc_keys[1]))
+        assert status["home_dc"] == dc2 and status["confirmed"] and status["online"]
+    finally:
+        listener.terminate()
+        listener.communicate(timeout=10)
