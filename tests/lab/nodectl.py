@@ -36,7 +36,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from node.agent import Node, Tunnel, local_addrs_towards, registration  # noqa: E402
+from node.agent import Node, Tunnel, local_addrs_towards  # noqa: E402
+from ntm.registration import RegistrationRequest  # noqa: E402
 from node.dc_client import DcClient  # noqa: E402
 from ntm import keys  # noqa: E402
 from ntm.errors import NtmError  # noqa: E402
@@ -240,7 +241,8 @@ async def register(key, dc_url: str) -> None:
     async with DcClient(dc_url) as dc:
         info = await dc.info()
         host = dc_url.split("//")[1].rsplit(":", 1)[0].strip("[]")
-        await dc.register(registration(key, info, local_addrs_towards(host, 4330, (4, 6)), int(time.time() * 1000)))
+        await dc.register(RegistrationRequest.signed(key, info, int(time.time() * 1000),
+                                                     local_addrs_towards(host, 4330, (4, 6))))
 
 
 async def main() -> None:
