@@ -177,23 +177,16 @@ async def test_a_lying_dc_cannot_substitute_the_peers_key(tmp_path):
         transport.close()
 
 
-async def test_a_closed_peer_ends_the_tunnel_without_repair(net):
+async def test_a_closed_peer_ends_the_tunnel_without_repair(pair, net):
     """B's process exits (closing its node): A's tunnel ends at once and A does not ask the DCs
     to repair it, unlike a peer that went silent because it moved."""
-    ka, kb = keys.generate(), keys.generate()
-    await register(net.urls[0], ka)
-    await register(net.urls[1], kb)
-    a = await Node.start(ka, net.urls[0], host="127.0.0.1", port=0)
-    b = await Node.start(kb, net.urls[1], host="127.0.0.1", port=0)
-    try:
-        ta, _ = await exchange(a, b)
-        served = await directions_served(net.urls[0])
-        waiting = asyncio.create_task(ta.channel.recv())
-        await ta.channel.send(b"keep the link in use")  # a silent link in use would be repaired
-        await b.close()
-        with pytest.raises(TunnelError, match="peer closed"):
-            await asyncio.wait_for(waiting, 3)
-        await asyncio.sleep(1.0)  # longer than the agent's dead-path timeout
-        assert not a.tunnels and await directions_served(net.urls[0]) == served
-    finally:
-        await a.close()
+    a, b = pair
+    ta, _ = await exchange(a, b)
+    served = await directions_served(net.urls[0])
+    waiting = asyncio.create_task(ta.channel.recv())
+    await ta.channel.send(b"keep the link in use")  # a silent link in use would be repaired
+    await b.close()
+    with pytest.raises(TunnelError, match="peer closed"):
+        await asyncio.wait_for(waiting, 3)
+    await asyncio.sleep(1.0)  # longer than the agent's dead-path timeout
+    assert not a.tunnels and await directions_served(net.urls[0]) == served
