@@ -18,6 +18,8 @@ RUN npm ci --no-audit --no-fund --loglevel=error
 COPY pyproject.toml README.md ./
 COPY contracts ./contracts
 COPY ntm ./ntm
+COPY chain ./chain
+COPY daemon ./daemon
 COPY dc ./dc
 COPY rs ./rs
 COPY node ./node

@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ntm import keys, record  # noqa: E402
-from ntm.registry import Registry  # noqa: E402
+from chain.registry import Registry  # noqa: E402
 from scripts.anvil import Anvil  # noqa: E402
 
 

@@ -27,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import aiohttp  # noqa: E402
 
-from ntm import keys, packet  # noqa: E402
-from ntm.registry import Registry  # noqa: E402
-from rs.client import send_relay_direction  # noqa: E402
+from ntm import envelope, keys, messages, packet  # noqa: E402
+from chain.registry import Registry  # noqa: E402
+from dc.federation import FederationClient  # noqa: E402
 from rs.relay import RelayTable  # noqa: E402
 from scripts.anvil import DEV_KEYS, Anvil  # noqa: E402
 from scripts.procs import Child  # noqa: E402
@@ -69,15 +69,19 @@ async def through_process(seconds: float, payload: int) -> dict:
             port = rs.ready["udp_port"]
             nodes = [keys.node_id_of(keys.generate()) for _ in range(2)]
             times = []
+            ids = [keys.checksum(n) for n in nodes]
+
+            def direction(path: bytes, token: bytes) -> messages.RelayDirection:
+                return messages.RelayDirection(path.hex(), token.hex(), ids, time.time_ns() // 1_000_000 + 600_000, 1 << 40)
+
             async with aiohttp.ClientSession() as http:
+                fed = FederationClient(dc_key, lambda _a: True, envelope.ReplayGuard(), http=http)
                 for _ in range(50):
                     t0 = time.perf_counter()
-                    await send_relay_direction(http, rs.ready["http"], dc_key, os.urandom(8), os.urandom(32), nodes,
-                                               time.time_ns() // 1_000_000 + 600_000, 1 << 40)
+                    await fed.book_relay(rs.ready["http"], direction(os.urandom(8), os.urandom(32)))
                     times.append((time.perf_counter() - t0) * 1000)
                 path, token = os.urandom(8), os.urandom(32)
-                await send_relay_direction(http, rs.ready["http"], dc_key, path, token, nodes,
-                                           time.time_ns() // 1_000_000 + 600_000, 1 << 40)
+                await fed.book_relay(rs.ready["http"], direction(path, token))
             out["direction_ms_p50"] = statistics.median(times[1:])
             a = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             a.bind(("127.0.0.1", 0))

@@ -10,13 +10,13 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from ntm.registry import DcInfo, OnChainRecord, Registry
+from ntm.registry import DcInfo, OnChainRecord, RegistryView
 
 log = logging.getLogger("ntm.dc.cache")
 
 
 class RegistryCache:
-    def __init__(self, registry: Registry, from_block: int = 0) -> None:
+    def __init__(self, registry: RegistryView, from_block: int = 0) -> None:
         self.registry = registry
         self.from_block = from_block
         self.nodes: dict[bytes, OnChainRecord] = {}

@@ -1,6 +1,8 @@
 """The Direction Coordinator's logic, free of HTTP: registration, lookups, federation answers.
 
-dc/server.py turns HTTP/WebSocket/UDP into calls on this object.
+dc/server.py turns HTTP/WebSocket/UDP into calls on this object. Its collaborators come in from
+outside (registry, store, cache, federation client, clock), so tests run it against in-memory
+fakes (tests/fakes.py) as well as a real chain.
 """
 
 from __future__ import annotations
@@ -11,15 +13,17 @@ import logging
 import coincurve
 
 from dc.cache import RegistryCache
-from dc.federation import INFO_REQUEST, INFO_RESPONSE, FederationClient, now_ms
+from dc.errors import NodeLookupError
+from dc.federation import FederationClient, FederationError
 from dc.presence import Presence
 from dc.signaling import Signaling
 from dc.store import Store
 from dc.submitter import Submitter
-from ntm import envelope, keys
+from ntm import envelope, keys, messages
+from ntm.clock import SYSTEM, Clock
 from ntm.errors import NtmError
 from ntm.registration import RegistrationError, RegistrationRequest, check_request
-from ntm.registry import Registry
+from ntm.registry import RegistryView
 
 log = logging.getLogger("ntm.dc")
 
@@ -28,24 +32,19 @@ log = logging.getLogger("ntm.dc")
 CONFIRM_WAIT_S = 15.0
 
 
-class NodeLookupError(NtmError):
-    """A node the registry does not know, or that cannot be reached; `code` says which."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
 class Coordinator:
     def __init__(
         self,
         key: coincurve.PrivateKey,
-        registry: Registry,
+        registry: RegistryView,
         store: Store,
         cache: RegistryCache,
         hostname: str,
         relays: list[str],
         keepalive_ports: tuple[int, int],
+        *,
+        clock: Clock = SYSTEM,
+        federation: FederationClient | None = None,
     ) -> None:
         self.key = key
         self.address = keys.node_id_of(key)
@@ -55,24 +54,19 @@ class Coordinator:
         self.hostname = hostname
         self.relays = relays
         self.keepalive_ports = keepalive_ports
+        self.clock = clock
         self.presence = Presence()
         self.submitter = Submitter(store, registry)
         self.guard = envelope.ReplayGuard()
-        self.federation = FederationClient(key, cache.is_active_dc, self.guard)
+        self.federation = federation or FederationClient(key, cache.is_active_dc, self.guard, clock)
         self.signaling = Signaling(self)
         self.counters = {"registrations_accepted": 0, "registrations_refused": 0,
                          "federation_requests_served": 0, "federation_requests_refused": 0}
 
-    def info(self) -> dict:
-        return {
-            "dc": keys.checksum(self.address),
-            "hostname": self.hostname,
-            "chain_id": self.registry.chain_id,
-            "registry": keys.checksum(self.registry.address),
-            "keepalive_ports": list(self.keepalive_ports),
-            "relays": self.relays,
-            "active": self.cache.is_active_dc(self.address),
-        }
+    def info(self) -> messages.DcInfoReply:
+        return messages.DcInfoReply(keys.checksum(self.address), self.hostname, self.registry.chain_id,
+                                    keys.checksum(self.registry.address), list(self.keepalive_ports), self.relays,
+                                    self.cache.is_active_dc(self.address))
 
     def latest(self, node: bytes) -> tuple[int, bool]:
         """Newest timestamp and revoked flag of `node` known here, on chain or still pending."""
@@ -82,13 +76,13 @@ class Coordinator:
         revoked = bool((onchain and onchain.revoked) or (stored and stored.revoked))
         return ts, revoked
 
-    async def register(self, req: RegistrationRequest, wait_confirmed: bool) -> dict:
+    async def register(self, req: RegistrationRequest, wait_confirmed: bool) -> messages.RegisterResult:
         """Validate, store durably, queue for the chain; optionally wait for confirmation."""
         if not self.cache.is_active_dc(self.address):
             raise RegistrationError("dc_inactive", "this DC is not an active member of the registry")
         latest, revoked = self.latest(req.record.node)
         try:
-            check_request(req, self.address, self.registry.domain, now_ms(), latest, revoked)
+            check_request(req, self.address, self.registry.domain, self.clock.wall_ms(), latest, revoked)
         except RegistrationError:
             self.counters["registrations_refused"] += 1
             raise
@@ -98,71 +92,71 @@ class Coordinator:
         rec = req.record
         log.info("%s %s (ts %d): durable", "revocation" if rec.revoked else "registration",
                  keys.checksum(rec.node), rec.timestamp)
-        result = {"node": keys.checksum(rec.node), "dc": keys.checksum(self.address),
-                  "timestamp": rec.timestamp, "status": "durable"}
+        result = messages.RegisterResult(keys.checksum(rec.node), keys.checksum(self.address), rec.timestamp, "durable")
         if wait_confirmed:
             try:
                 state, tx, block, reason = await asyncio.wait_for(
                     self.submitter.confirmed(rec.node, rec.timestamp), CONFIRM_WAIT_S)
             except asyncio.TimeoutError:
                 return result
-            result.update(status=state, tx=tx, block=block)
-            if reason:
-                result["reason"] = reason
+            result = messages.RegisterResult(result.node, result.dc, result.timestamp, state, tx, block, reason)  # type: ignore[arg-type]
         return result
 
-    def local_info(self, node: bytes) -> dict | None:
+    def local_info(self, node: bytes) -> messages.NodeInfo | None:
         """What this DC knows of a node it is home to (for federation answers and whois)."""
         stored = self.store.node(node)
         if stored is None:
             return None
         session = self.presence.sessions.get(node)
-        return {
-            "node": keys.checksum(node),
-            "home_dc": keys.checksum(self.address),
-            "pubkey": stored.pubkey.hex(),
-            "timestamp": stored.timestamp,
-            "revoked": stored.revoked,
-            "local_addrs": list(session.local_addrs if session and session.local_addrs else stored.local_addrs),
-            "observed": self.presence.observed(node)[0],
-            "observed_alt": self.presence.observed(node)[1],
-            "online": self.presence.online(node),
-        }
+        observed, observed_alt = self.presence.observed(node)
+        return messages.NodeInfo(
+            node=keys.checksum(node), home_dc=keys.checksum(self.address), timestamp=stored.timestamp,
+            revoked=stored.revoked, online=self.presence.online(node), pubkey=stored.pubkey.hex(),
+            local_addrs=list(session.local_addrs if session and session.local_addrs else stored.local_addrs),
+            observed=observed, observed_alt=observed_alt)
 
     def answer_ntm_info(self, request: dict) -> dict:
         """Serve a signed NTM Information Request from a peer DC; returns the signed response."""
         try:
-            env = envelope.open_envelope(request, INFO_REQUEST, now_ms(), self.cache.is_active_dc, self.guard)
-            node = keys.parse_node_id(str(env.body.get("node")))
-            if env.body.get("to") != keys.checksum(self.address):
+            env = envelope.open_envelope(request, messages.INFO_REQUEST, self.clock.wall_ms(), self.cache.is_active_dc,
+                                         self.guard)
+            req = messages.decode(messages.InfoRequest, env.body)
+            if keys.parse_node_id(req.to) != self.address:
                 raise NodeLookupError("wrong_dc", "request is addressed to another DC")
-        except (NtmError, ValueError):
+        except NtmError:
             self.counters["federation_requests_refused"] += 1
             raise
-        info = self.local_info(node)
+        info = self.local_info(keys.parse_node_id(req.node))
         if info is None:
-            raise NodeLookupError("unknown_node", f"{keys.checksum(node)} is not registered at this DC")
+            raise NodeLookupError("unknown_node", f"{req.node} is not registered at this DC")
         self.counters["federation_requests_served"] += 1
-        return envelope.seal(self.key, INFO_RESPONSE, info, now_ms())
+        return self.federation.seal(messages.INFO_RESPONSE, info)
 
-    async def whois(self, node: bytes) -> dict:
-        """Where `node` lives and its key and addresses: locally, or from its home DC (federation)."""
+    async def lookup(self, node: bytes) -> tuple[messages.NodeInfo, bytes]:
+        """Where `node` lives and what its home DC knows of it: from here if we are its home (or
+        hold a newer record than the chain), else by an NTM Information Request to its home DC.
+        Returns (info, home DC address). A revoked record is returned with revoked=True; a node
+        nobody can answer for raises NodeLookupError."""
         onchain = await self.cache.resolve(node)
         stored = self.store.node(node)
         if stored and (onchain is None or stored.timestamp >= onchain.timestamp):
             info = self.local_info(node)
-            info["confirmed"] = bool(onchain and onchain.timestamp == stored.timestamp)
-            return info
+            assert info is not None
+            info.confirmed = bool(onchain and onchain.timestamp == stored.timestamp)
+            return info, self.address
         if onchain is None:
-            raise NodeLookupError("unknown_node", f"{keys.checksum(node)} is not registered on chain")
-        home = self.cache.dcs.get(onchain.dc)
+            raise NodeLookupError("unknown_node", f"{keys.checksum(node)} is not registered")
         if onchain.revoked:
-            return {"node": keys.checksum(node), "home_dc": keys.checksum(onchain.dc),
-                    "timestamp": onchain.timestamp, "revoked": True, "online": False, "confirmed": True}
+            return messages.NodeInfo(keys.checksum(node), keys.checksum(onchain.dc), onchain.timestamp, True, False,
+                                     confirmed=True), onchain.dc
+        home = self.cache.dcs.get(onchain.dc)
         if home is None or not home.active:
             raise NodeLookupError("home_dc_inactive", f"home DC {keys.checksum(onchain.dc)} is not active")
-        info = await self.federation.ntm_info(home.endpoint, onchain.dc, node)
-        if keys.node_id(bytes.fromhex(info["pubkey"])) != node:
-            raise NodeLookupError("bad_pubkey", "home DC returned a public key that is not the node's")
-        info["confirmed"] = True
-        return info
+        try:
+            info = await self.federation.ntm_info(home.endpoint, onchain.dc, node)
+        except FederationError as exc:
+            raise NodeLookupError("home_dc_unreachable", str(exc)) from None
+        if info.pubkey is None or keys.node_id(bytes.fromhex(info.pubkey)) != node:
+            raise NodeLookupError("bad_pubkey", "the home DC returned a public key that is not the node's")
+        info.confirmed = True
+        return info, onchain.dc

@@ -1,48 +1,51 @@
-"""DC-to-DC requests: an NTM Information Request asks a node's home DC for its key and addresses.
+"""DC-to-DC and DC-to-RS requests, each a DC-signed envelope (ntm/envelope.py) over HTTP.
 
-Both directions are envelopes signed by the DCs' chain keys (ntm/envelope.py); each side accepts
-only envelopes from DCs active in its registry cache, so an unknown or removed DC learns nothing.
+An NTM Information Request asks a node's home DC for its key and addresses; a Route Direction is
+handed to a node's home DC for delivery; a Relay Direction books a relayed path at an RS. Each
+receiver accepts only envelopes from DCs active in its registry, so an unknown or removed DC
+learns nothing. Message bodies: ntm/messages.py; spec: docs/PROTOCOL.md §4, §8.
 """
 
 from __future__ import annotations
 
-import time
+from typing import Callable, TypeVar
 
 import aiohttp
 import coincurve
 
-from ntm import envelope, keys
-from ntm.errors import NtmError
+from ntm import envelope, keys, messages
+from ntm.clock import SYSTEM, Clock
+from ntm.errors import NtmError, ParseError
 
-INFO_REQUEST = "ntm-info-request"
-INFO_RESPONSE = "ntm-info-response"
 # A peer DC on loopback or a LAN answers in milliseconds; 3 s marks it as down without stalling a
-# node's request for long.
+# node's request for long. A relay answers from memory after at most one chain call.
 FEDERATION_TIMEOUT_S = 3.0
+
+T = TypeVar("T")
 
 
 class FederationError(NtmError):
-    """A peer DC could not be reached or gave an answer that does not verify; `code` is the
-    peer's error code when it answered with one."""
+    """A peer DC or relay could not be reached or gave an answer that does not verify. `code` is
+    the peer's error code when it answered with one, `status` its HTTP status (0: no answer)."""
 
-    def __init__(self, message: str, code: str | None = None) -> None:
+    def __init__(self, message: str, code: str | None = None, status: int = 0) -> None:
         super().__init__(message)
         self.code = code
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
+        self.status = status
 
 
 class FederationClient:
-    def __init__(self, key: coincurve.PrivateKey, is_trusted, guard: envelope.ReplayGuard) -> None:
+    def __init__(self, key: coincurve.PrivateKey, is_trusted: Callable[[bytes], bool], guard: envelope.ReplayGuard,
+                 clock: Clock = SYSTEM, http: aiohttp.ClientSession | None = None) -> None:
         self.key = key
         self.is_trusted = is_trusted
         self.guard = guard
-        self._http: aiohttp.ClientSession | None = None
+        self.clock = clock
+        self._http = http
+        self._own_http = http is None
 
     async def close(self) -> None:
-        if self._http is not None:
+        if self._http is not None and self._own_http:
             await self._http.close()
 
     @property
@@ -51,24 +54,43 @@ class FederationClient:
             self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=FEDERATION_TIMEOUT_S))
         return self._http
 
-    async def post(self, url: str, body: dict, who: str) -> dict:
-        """POST JSON to a peer (DC or relay); FederationError unless it answers 200 with JSON."""
+    def seal(self, kind: str, body: messages.Message) -> dict:
+        """`body` signed by this DC as an envelope of `kind`."""
+        return envelope.seal(self.key, kind, messages.encode(body), self.clock.wall_ms())
+
+    async def post(self, url: str, body: dict, who: str, answer: type[T] = dict) -> T:
+        """POST JSON to a peer (DC or relay); FederationError unless it answers 200 with `answer`."""
         try:
             async with self.http.post(url, json=body) as resp:
                 data = await resp.json(content_type=None)
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             raise FederationError(f"{who} unreachable: {exc or type(exc).__name__}") from None
-        if resp.status != 200:
-            msg = data.get("message", resp.status) if isinstance(data, dict) else resp.status
-            raise FederationError(f"{who} refused: {msg}", data.get("error") if isinstance(data, dict) else None)
-        return data
+        try:
+            if resp.status != 200:
+                err = messages.decode(messages.ErrorBody, data)
+                raise FederationError(f"{who} refused: {err.message or err.error}", err.error, resp.status)
+            return messages.decode(answer, data)
+        except ParseError as exc:
+            raise FederationError(f"{who} answered {resp.status}: {exc}", None, resp.status) from None
 
-    async def ntm_info(self, endpoint: str, home_dc: bytes, node: bytes) -> dict:
+    async def ntm_info(self, endpoint: str, home_dc: bytes, node: bytes) -> messages.NodeInfo:
         """Ask `home_dc` (at HTTP base URL `endpoint`) about `node`; the verified response body."""
-        req = envelope.seal(self.key, INFO_REQUEST, {"node": keys.checksum(node), "to": keys.checksum(home_dc)}, now_ms())
+        req = self.seal(messages.INFO_REQUEST, messages.InfoRequest(keys.checksum(node), keys.checksum(home_dc)))
         data = await self.post(f"{endpoint.rstrip('/')}/v1/federation/ntm-info", req,
                                f"home DC {keys.checksum(home_dc)} at {endpoint}")
-        env = envelope.open_envelope(data, INFO_RESPONSE, now_ms(), self.is_trusted, self.guard)
-        if env.sender != home_dc or env.body.get("node") != keys.checksum(node):
+        env = envelope.open_envelope(data, messages.INFO_RESPONSE, self.clock.wall_ms(), self.is_trusted, self.guard)
+        info = messages.decode(messages.NodeInfo, env.body)
+        if env.sender != home_dc or keys.parse_node_id(info.node) != node:
             raise FederationError("NTM information response is from the wrong DC or about another node")
-        return env.body
+        return info
+
+    async def deliver_direction(self, endpoint: str, home_dc: bytes, direction: dict) -> None:
+        """Hand a signed Route Direction to the node's home DC, which pushes it on its session."""
+        await self.post(f"{endpoint.rstrip('/')}/v1/federation/route-direction", direction,
+                        f"home DC {keys.checksum(home_dc)}")
+
+    async def book_relay(self, url: str, direction: messages.RelayDirection) -> messages.RelayBooking:
+        """Send a signed Relay Direction to the RS at `url` (its control API). Idempotent for the
+        same path and token; FederationError (with the RS's code and status) if refused."""
+        return await self.post(f"{url.rstrip('/')}/v1/relay-directions", self.seal(messages.RELAY_DIRECTION, direction),
+                               f"relay {url}", messages.RelayBooking)

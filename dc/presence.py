@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from ntm import keepalive, keys
 from ntm.errors import ParseError
-from ntm.registration import format_endpoint
+from ntm.addr import format_endpoint
 
 log = logging.getLogger("ntm.dc.presence")
 
@@ -72,16 +72,13 @@ class Presence:
             return None
         s.seq = seq
         s.counters["keepalives"] += 1
-        ip, port = addr[0], addr[1]
-        if ip.startswith("::ffff:"):
-            ip = ip[7:]
-        endpoint = format_endpoint(ip, port)
+        endpoint = format_endpoint(addr[0], addr[1])
         if alt:
             s.observed_alt = endpoint
         elif endpoint != s.observed:
             log.info("node %s observed at %s", keys.checksum(node), endpoint)
             s.observed = endpoint
-        return keepalive.encode_reply(seq, ip, port)
+        return keepalive.encode_reply(seq, addr[0], addr[1])
 
 
 class KeepaliveProtocol(asyncio.DatagramProtocol):

@@ -13,12 +13,14 @@ import os
 
 from aiohttp import WSMsgType, web
 
-from dc.coordinator import Coordinator, NodeLookupError
+from daemon import service
+from dc.coordinator import Coordinator
+from dc.errors import DirectionError, NodeLookupError
 from dc.federation import FederationError
-from dc.signaling import PATH_ID_LEN, DirectionError
-from ntm import keys, service, session_auth
+from ntm import keys, messages, session_auth
+from ntm.addr import format_endpoint, parse_endpoint
 from ntm.errors import NtmError, ParseError, SignatureError
-from ntm.registration import MAX_LOCAL_ADDRS, RegistrationError, format_endpoint, parse_endpoint, parse_request
+from ntm.registration import RegistrationError, parse_request
 
 log = logging.getLogger("ntm.dc.http")
 
@@ -32,7 +34,11 @@ COORDINATOR = web.AppKey("coordinator", Coordinator)
 
 
 def error(status: int, code: str, message: str) -> web.Response:
-    return web.json_response({"error": code, "message": message}, status=status)
+    return reply(messages.ErrorBody(code, message), status)
+
+
+def reply(msg: messages.Message, status: int = 200) -> web.Response:
+    return web.json_response(messages.encode(msg), status=status)
 
 
 async def read_json(request: web.Request):
@@ -69,21 +75,19 @@ async def errors_middleware(request: web.Request, handler):
 
 
 async def handle_info(request: web.Request) -> web.Response:
-    return web.json_response(request.app[COORDINATOR].info())
+    return reply(request.app[COORDINATOR].info())
 
 
 async def handle_dcs(request: web.Request) -> web.Response:
     """Active DCs from the registry cache: where a node may re-register if its DC fails."""
     c = request.app[COORDINATOR]
-    return web.json_response({"dcs": [{"dc": keys.checksum(d.address), "hostname": d.hostname, "endpoint": d.endpoint}
-                                      for d in c.cache.dcs.values() if d.active]})
+    return reply(messages.DcList([messages.DcEntry(keys.checksum(d.address), d.hostname, d.endpoint)
+                                  for d in c.cache.dcs.values() if d.active]))
 
 
 async def handle_register(request: web.Request) -> web.Response:
-    body = await read_json(request)
-    req = parse_request(body)
-    wait = isinstance(body, dict) and body.get("wait") == "confirmed"
-    return web.json_response(await request.app[COORDINATOR].register(req, wait))
+    req, wait = parse_request(await read_json(request))
+    return reply(await request.app[COORDINATOR].register(req, wait))
 
 
 async def handle_whois(request: web.Request) -> web.Response:
@@ -91,11 +95,10 @@ async def handle_whois(request: web.Request) -> web.Response:
         node = keys.parse_node_id(request.match_info["node"])
     except ValueError as exc:
         raise ParseError(str(exc)) from None
-    info = await request.app[COORDINATOR].whois(node)
-    info.pop("local_addrs", None)  # addresses go only to DCs and, later, in route directions
-    info.pop("observed", None)
-    info.pop("observed_alt", None)
-    return web.json_response(info)
+    info, _ = await request.app[COORDINATOR].lookup(node)
+    # addresses go only to DCs and, later, in route directions
+    info.local_addrs, info.observed, info.observed_alt = [], None, None
+    return reply(info)
 
 
 async def handle_ntm_info(request: web.Request) -> web.Response:
@@ -135,70 +138,73 @@ async def handle_session(request: web.Request) -> web.WebSocketResponse:
     c = request.app[COORDINATOR]
     ws = web.WebSocketResponse(heartbeat=30.0, max_msg_size=MAX_BODY)
     await ws.prepare(request)
+
+    async def send(msg: messages.Message) -> None:
+        await ws.send_json(messages.encode(msg))
+
     challenge = os.urandom(session_auth.CHALLENGE_LEN)
-    await ws.send_json({"type": "challenge", "dc": keys.checksum(c.address), "challenge": challenge.hex()})
+    await send(messages.Challenge(keys.checksum(c.address), challenge.hex()))
     try:
         msg = await asyncio.wait_for(ws.receive(), AUTH_TIMEOUT_S)
-        auth = json.loads(msg.data) if msg.type == WSMsgType.TEXT else None
-        node = keys.parse_node_id(auth["node"])
-        session_auth.verify(node, c.address, challenge, bytes.fromhex(auth["signature"]))
-        local = auth.get("local_addrs", [])
-        if not isinstance(local, list) or len(local) > MAX_LOCAL_ADDRS:
-            raise ValueError(f"local_addrs must be a list of at most {MAX_LOCAL_ADDRS} endpoints")
-        local = tuple(format_endpoint(*parse_endpoint(a)) for a in local)
-    except (asyncio.TimeoutError, ValueError, TypeError, KeyError, NtmError) as exc:
-        await ws.send_json({"type": "error", "error": "auth_failed", "message": f"session refused: {exc}"})
+        if msg.type != WSMsgType.TEXT:
+            raise ParseError("expected the auth message")
+        auth = messages.decode(messages.Auth, msg.data)
+        node = keys.parse_node_id(auth.node)
+        session_auth.verify(node, c.address, challenge, bytes.fromhex(auth.signature))
+        local = tuple(format_endpoint(*parse_endpoint(a)) for a in auth.local_addrs)
+    except (asyncio.TimeoutError, NtmError) as exc:
+        await send(messages.SessionError("auth_failed", f"session refused: {exc}"))
         await ws.close()
         return ws
     _, revoked = c.latest(node)
-    stored = c.store.node(node)
-    if revoked or stored is None:
-        reason = "node is revoked" if revoked else "node is not registered at this DC"
-        await ws.send_json({"type": "error", "error": "not_home", "message": reason})
+    if revoked or c.store.node(node) is None:
+        await send(messages.SessionError("not_home", "node is revoked" if revoked else "node is not registered at this DC"))
         await ws.close()
         return ws
     session = c.presence.open(node, ws.send_json, local)
     log.info("session open: %s", keys.checksum(node))
-    await ws.send_json({"type": "welcome", "token": session.token.hex(), "keepalive_ports": list(c.keepalive_ports)})
+    await send(messages.Welcome(session.token.hex(), list(c.keepalive_ports)))
+    tasks: set[asyncio.Task] = set()
     try:
         async for msg in ws:
             if msg.type != WSMsgType.TEXT:
                 continue
             try:
-                req = json.loads(msg.data)
-                kind = req["type"]
-            except (ValueError, TypeError, KeyError):
-                await ws.send_json({"type": "error", "error": "malformed", "message": "expected JSON with a type"})
+                req = messages.decode(messages.NodeToDc, msg.data)
+            except ParseError as exc:
+                await send(messages.SessionError("malformed", str(exc)))
                 continue
-            if kind == "status":
-                await ws.send_json({"type": "status", "observed": session.observed,
-                                    "observed_alt": session.observed_alt, **session.counters})
-            elif kind == "direction-request":
-                asyncio.create_task(direction_request(c, ws, node, req))
+            if isinstance(req, messages.StatusQuery):
+                await send(messages.StatusReply(session.observed, session.observed_alt, session.counters["keepalives"]))
+            elif isinstance(req, messages.DirectionRequest):
+                task = asyncio.create_task(direction_request(c, send, node, req))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
             else:
-                await ws.send_json({"type": "error", "error": "unknown_type", "message": f"unknown type {kind!r}"})
+                await send(messages.SessionError("unexpected", f"unexpected {type(req).__name__} in a session"))
     finally:
         c.presence.close(session)
+        for task in tasks:
+            task.cancel()
         log.info("session closed: %s", keys.checksum(node))
     return ws
 
 
-async def direction_request(c: Coordinator, ws: web.WebSocketResponse, node: bytes, req: dict) -> None:
+async def direction_request(c: Coordinator, send, node: bytes, req: messages.DirectionRequest) -> None:
     """Serve one Direction Request from a session; the answer carries the request's id."""
-    reply = {"type": "direction-result", "id": req.get("id")}
     try:
-        peer = keys.parse_node_id(str(req.get("peer")))
-        resume = bytes.fromhex(req["resume"]) if req.get("resume") is not None else None
-        if resume is not None and len(resume) != PATH_ID_LEN:
-            raise ValueError("resume must be a path ID (8 bytes hex)")
-        reply.update(ok=True, **await c.signaling.request(node, peer, force_relay=req.get("route") == "relay",
-                                                         resume=resume))
+        resume = bytes.fromhex(req.resume) if req.resume is not None else None
+        result = await c.signaling.request(node, keys.parse_node_id(req.peer), force_relay=req.route == "relay",
+                                           resume=resume)
+        result.id = req.id
     except DirectionError as exc:
-        reply.update(ok=False, error=exc.code, message=str(exc))
-    except (ValueError, TypeError, NtmError) as exc:
-        reply.update(ok=False, error="bad_request", message=str(exc))
-    if not ws.closed:
-        await ws.send_json(reply)
+        result = messages.DirectionResult(req.id, False, error=exc.code, message=str(exc))
+    except NtmError as exc:
+        result = messages.DirectionResult(req.id, False, error="bad_request", message=str(exc))
+    try:
+        await send(result)
+    except ConnectionError:
+        pass  # the session ended meanwhile
 
 
 def make_app(coordinator: Coordinator) -> web.Application:

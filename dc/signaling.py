@@ -11,16 +11,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from typing import TYPE_CHECKING
 
-from dc.federation import FederationError, now_ms
-from ntm import envelope, keys
-from ntm.errors import NtmError
-from ntm.route import Reach, Route, decide, family
+from dc.errors import DirectionError, NodeLookupError
+from dc.federation import FederationError
+from ntm import envelope, keys, messages
+from ntm.addr import family
+from ntm.route import Reach, Route, decide
+
+if TYPE_CHECKING:
+    from dc.coordinator import Coordinator
 
 log = logging.getLogger("ntm.dc.signaling")
 
-ROUTE_DIRECTION = "route-direction"
-RELAY_DIRECTION = "relay-direction"
 PATH_ID_LEN = 8
 RELAY_TOKEN_LEN = 32
 # A relayed path lives at most an hour and carries at most 1 GiB; the nodes ask again after that.
@@ -28,16 +31,8 @@ RELAY_LIFETIME_MS = 3600 * 1000
 RELAY_MAX_BYTES = 1 << 30
 
 
-class DirectionError(NtmError):
-    """A Direction Request that cannot be served; `code`: unknown_node, revoked, offline, ..."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def reach_of(info: dict) -> Reach:
-    return Reach(tuple(info.get("local_addrs") or ()), info.get("observed"), info.get("observed_alt"))
+def reach_of(info: messages.NodeInfo) -> Reach:
+    return Reach(tuple(info.local_addrs), info.observed, info.observed_alt)
 
 
 ROLES = {  # route kind and initiator → (requester's role, peer's role)
@@ -48,82 +43,70 @@ ROLES = {  # route kind and initiator → (requester's role, peer's role)
     ("relay", None): ("initiate", "wait"),
 }
 
+RelayBooking = tuple[bytes, list[str]]  # (path token, the relay's UDP endpoints)
+
 
 class Signaling:
-    def __init__(self, coordinator) -> None:
+    def __init__(self, coordinator: Coordinator) -> None:
         self.c = coordinator
         self.counters = {"directions_served": 0, "directions_failed": 0, "directions_delivered": 0}
 
-    async def peer_info(self, peer: bytes) -> tuple[dict, bytes]:
+    async def peer_info(self, peer: bytes) -> tuple[messages.NodeInfo, bytes]:
         """The peer's verified info and its home DC; DirectionError if it cannot be reached."""
-        c = self.c
-        onchain = await c.cache.resolve(peer)
-        stored = c.store.node(peer)
-        if stored and (onchain is None or stored.timestamp >= onchain.timestamp):
-            info, home = c.local_info(peer), c.address
-        elif onchain is None:
-            raise DirectionError("unknown_node", f"{keys.checksum(peer)} is not registered")
-        elif onchain.revoked:
+        try:
+            info, home = await self.c.lookup(peer)
+        except NodeLookupError as exc:
+            raise DirectionError(exc.code, str(exc)) from None
+        if info.revoked:
             raise DirectionError("revoked", f"{keys.checksum(peer)} is revoked")
-        else:
-            dc = c.cache.dcs.get(onchain.dc)
-            if dc is None or not dc.active:
-                raise DirectionError("home_dc_inactive", f"home DC {keys.checksum(onchain.dc)} is not active")
-            try:
-                info = await c.federation.ntm_info(dc.endpoint, onchain.dc, peer)
-            except FederationError as exc:
-                raise DirectionError("home_dc_unreachable", str(exc)) from None
-            home = onchain.dc
-        if info.get("revoked"):
-            raise DirectionError("revoked", f"{keys.checksum(peer)} is revoked")
-        if not info.get("online"):
+        if not info.online:
             raise DirectionError("offline", f"{keys.checksum(peer)} is offline (no session at its DC)")
-        if keys.node_id(bytes.fromhex(info["pubkey"])) != peer:
-            raise DirectionError("bad_pubkey", "the peer's home DC returned a key that is not the peer's")
         return info, home
 
-    async def book_relay(self, path: bytes, nodes: list[bytes]) -> tuple[bytes, list[str]] | None:
+    async def book_relay(self, path: bytes, nodes: list[bytes]) -> RelayBooking | None:
         """Book a relay path at the first relay that accepts; (token, relay UDP endpoints) or None."""
         token = os.urandom(RELAY_TOKEN_LEN)
-        body = {"path": path.hex(), "token": token.hex(), "nodes": [keys.checksum(n) for n in nodes],
-                "expires_ms": now_ms() + RELAY_LIFETIME_MS, "max_bytes": RELAY_MAX_BYTES}
+        body = messages.RelayDirection(path.hex(), token.hex(), [keys.checksum(n) for n in nodes],
+                                       self.c.clock.wall_ms() + RELAY_LIFETIME_MS, RELAY_MAX_BYTES)
         for url in self.c.relays:
-            env = envelope.seal(self.c.key, RELAY_DIRECTION, body, now_ms())
             try:
-                answer = await self.c.federation.post(f"{url.rstrip('/')}/v1/relay-directions", env, f"relay {url}")
+                answer = await self.c.federation.book_relay(url, body)
             except FederationError as exc:
                 log.warning("relay %s refused path: %s", url, exc)
                 continue
-            return token, list(answer.get("relay") or [])
+            return token, list(answer.relay)
         return None
 
     def direction(self, path: bytes, route: Route, role: str, me: bytes, peer: bytes, peer_pub: str,
-                  candidates: list[str], relay, side: int, my_reach: Reach, requester: bytes,
+                  candidates: list[str], relay: RelayBooking | None, side: int, my_reach: Reach, requester: bytes,
                   resume: bytes | None = None) -> dict:
-        body = {"path": path.hex(), "kind": route.kind, "reason": route.reason, "role": role,
-                "node": keys.checksum(me), "peer": keys.checksum(peer), "peer_pubkey": peer_pub,
-                "requester": keys.checksum(requester),
-                "candidates": [] if route.kind == "relay" else candidates, "relay": None}
-        if resume is not None:
-            body["resume"] = resume.hex()
+        """The signed Route Direction for `me` (one end of the path)."""
+        grant = None
         if relay is not None:
             token, endpoints = relay
             fams = my_reach.families()
             usable = [e for e in endpoints if family(e) in fams] or endpoints
-            body["relay"] = {"endpoints": usable, "token": token.hex(), "side": side}
-        return envelope.seal(self.c.key, ROUTE_DIRECTION, body, now_ms())
+            grant = messages.RelayGrant(usable, token.hex(), side)  # type: ignore[arg-type]
+        body = messages.RouteDirection(
+            path=path.hex(), kind=route.kind, reason=route.reason, role=role,  # type: ignore[arg-type]
+            node=keys.checksum(me), peer=keys.checksum(peer), peer_pubkey=peer_pub, requester=keys.checksum(requester),
+            candidates=[] if route.kind == "relay" else candidates, relay=grant,
+            resume=resume.hex() if resume is not None else None)
+        return self.c.federation.seal(messages.ROUTE_DIRECTION, body)
 
     async def request(self, requester: bytes, peer: bytes, force_relay: bool = False,
-                      resume: bytes | None = None) -> dict:
+                      resume: bytes | None = None) -> messages.DirectionResult:
         """Serve a Direction Request from `requester` (who holds a session here). `force_relay`:
         the node asks for the relay (e.g. it knows its network blocks direct UDP). `resume`: the
         path ID of a tunnel between the two that stopped working; both directions carry it so
-        both nodes move that tunnel onto the new path (§8.3)."""
+        both nodes move that tunnel onto the new path (§8.3). The result's `id` is the caller's."""
         c = self.c
         try:
             if peer == requester:
                 raise DirectionError("self", "a node cannot open a tunnel to itself")
             me = c.local_info(requester)
+            if me is None:
+                raise DirectionError("not_home", "the requester is not registered at this DC")
             path = os.urandom(PATH_ID_LEN)
             (info, home), relay = await asyncio.gather(self.peer_info(peer), self.book_relay(path, [requester, peer]))
             ra, rb = reach_of(me), reach_of(info)
@@ -131,9 +114,10 @@ class Signaling:
             if route.kind == "relay" and relay is None:
                 raise DirectionError("no_relay", f"route needs a relay ({route.reason}) and none is available")
             role_a, role_b = ROLES[(route.kind, route.initiator)]
-            dir_b = self.direction(path, route, role_b, peer, requester, me["pubkey"], ra.candidates(rb), relay, 1, rb,
+            assert me.pubkey is not None and info.pubkey is not None
+            dir_b = self.direction(path, route, role_b, peer, requester, me.pubkey, ra.candidates(rb), relay, 1, rb,
                                    requester, resume)
-            dir_a = self.direction(path, route, role_a, requester, peer, info["pubkey"], rb.candidates(ra), relay, 0, ra,
+            dir_a = self.direction(path, route, role_a, requester, peer, info.pubkey, rb.candidates(ra), relay, 0, ra,
                                    requester, resume)
             if role_b == "initiate":  # the peer starts the handshake: the requester listens first
                 await self.push(requester, dir_a)
@@ -147,13 +131,13 @@ class Signaling:
         self.counters["directions_served"] += 1
         log.info("route %s → %s: %s (%s), path %s", keys.checksum(requester), keys.checksum(peer),
                  route.kind, route.reason, path.hex())
-        return {"path": path.hex(), "kind": route.kind, "reason": route.reason, "role": role_a}
+        return messages.DirectionResult(None, True, path.hex(), route.kind, route.reason, role_a)
 
     async def push(self, node: bytes, direction: dict) -> None:
         session = self.c.presence.sessions.get(node)
         if session is None:
             raise DirectionError("offline", f"{keys.checksum(node)} has no session at this DC")
-        await session.send({"type": "direction", "direction": direction})
+        await session.send(messages.encode(messages.DirectionPush(direction)))
         self.counters["directions_delivered"] += 1
 
     async def deliver_to(self, home: bytes, node: bytes, direction: dict) -> None:
@@ -163,14 +147,14 @@ class Signaling:
             return
         dc = self.c.cache.dcs[home]
         try:
-            await self.c.federation.post(f"{dc.endpoint.rstrip('/')}/v1/federation/route-direction", direction,
-                                         f"home DC {keys.checksum(home)}")
+            await self.c.federation.deliver_direction(dc.endpoint, home, direction)
         except FederationError as exc:
             raise DirectionError(exc.code or "home_dc_unreachable", str(exc)) from None
 
     async def accept_delivery(self, obj: dict) -> dict:
         """A peer DC hands us a Route Direction for one of our nodes: verify, then push it."""
-        env = envelope.open_envelope(obj, ROUTE_DIRECTION, now_ms(), self.c.cache.is_active_dc, self.c.guard)
-        node = keys.parse_node_id(str(env.body.get("node")))
-        await self.push(node, obj)
+        env = envelope.open_envelope(obj, messages.ROUTE_DIRECTION, self.c.clock.wall_ms(), self.c.cache.is_active_dc,
+                                     self.c.guard)
+        body = messages.decode(messages.RouteDirection, env.body)
+        await self.push(keys.parse_node_id(body.node), obj)
         return {"delivered": True}

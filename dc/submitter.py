@@ -15,7 +15,7 @@ from collections import defaultdict
 
 from dc.store import OutboxItem, Store
 from ntm.errors import NtmError
-from ntm.registry import Registry, RegistryError
+from ntm.registry import RegistryError, RegistryView
 
 log = logging.getLogger("ntm.dc.submitter")
 
@@ -26,7 +26,7 @@ RETRY_MIN_S, RETRY_MAX_S = 0.1, 5.0
 
 
 class Submitter:
-    def __init__(self, store: Store, registry: Registry) -> None:
+    def __init__(self, store: Store, registry: RegistryView) -> None:
         self.store = store
         self.registry = registry
         self._wake = asyncio.Event()

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 from node import state
 from node.agent import Node, Tunnel, local_addrs_towards
 from node.dc_client import DcClient, DcError, dc_url
-from ntm import keys
+from ntm import keys, messages
 from ntm.errors import KeystoreError, NtmError
 from ntm.registration import RegistrationRequest
 from ntm.tunnel import TunnelError
@@ -82,9 +82,9 @@ async def sign_and_register(args, base: Path, revoked: bool) -> None:
     url = pick_dc(args, base, st)
     async with DcClient(url) as dc:
         info = await dc.info()
-        if st.get("chain_id") and (st["chain_id"], st["registry"]) != (info["chain_id"], info["registry"]):
+        if st.get("chain_id") and (st["chain_id"], st["registry"]) != (info.chain_id, info.registry):
             raise CliError(
-                f"DC at {url} is on chain {info['chain_id']} registry {info['registry']}, but this node is "
+                f"DC at {url} is on chain {info.chain_id} registry {info.registry}, but this node is "
                 f"registered on chain {st['chain_id']} registry {st['registry']}"
             )
         # Strictly increasing even if the clock stepped back or two commands ran in one millisecond.
@@ -93,15 +93,15 @@ async def sign_and_register(args, base: Path, revoked: bool) -> None:
                                          revoked)
         res = await dc.register(req, wait_confirmed=not args.no_wait)
     state.write_json(base / state.STATE_FILE, {
-        "dc_url": url, "dc": info["dc"], "hostname": info["hostname"], "chain_id": info["chain_id"],
-        "registry": info["registry"], "timestamp": ts, "revoked": revoked, "status": res["status"],
-        "block": res.get("block"), "tx": res.get("tx"),
+        "dc_url": url, "dc": info.dc, "hostname": info.hostname, "chain_id": info.chain_id,
+        "registry": info.registry, "timestamp": ts, "revoked": revoked, "status": res.status,
+        "block": res.block, "tx": res.tx,
     })
     what = "revoked" if revoked else "registered"
-    where = f"block {res['block']}" if res.get("block") is not None else "chain confirmation pending"
-    out(args, {**res, "dc_url": url, "hostname": info["hostname"]},
-        f"{what} {res['node']} at DC {info['hostname']} ({info['dc']}, {url})\n"
-        f"status: {res['status']} ({where})")
+    where = f"block {res.block}" if res.block is not None else "chain confirmation pending"
+    out(args, {**messages.encode(res), "dc_url": url, "hostname": info.hostname},
+        f"{what} {res.node} at DC {info.hostname} ({info.dc}, {url})\n"
+        f"status: {res.status} ({where})")
 
 
 async def cmd_register(args, base: Path) -> None:
@@ -125,8 +125,8 @@ async def cmd_status(args, base: Path) -> None:
     async with DcClient(st["dc_url"]) as dc:
         try:
             seen = await dc.whois(nid)
-            data.update(dc_reachable=True, confirmed=seen.get("confirmed"), online=seen.get("online"),
-                        revoked=seen.get("revoked", False), home_dc=seen.get("home_dc"))
+            data.update(dc_reachable=True, confirmed=seen.confirmed, online=seen.online,
+                        revoked=seen.revoked, home_dc=seen.home_dc)
         except DcError as exc:
             data.update(dc_reachable=exc.code != "unreachable", dc_error=str(exc))
     lines = [f"node ID   {data['node']}",
@@ -159,9 +159,9 @@ async def cmd_whois(args, base: Path) -> None:
     url = pick_dc(args, base, state.read_json(base / state.STATE_FILE))
     async with DcClient(url) as dc:
         info = await dc.whois(nid)
-    flags = "revoked" if info.get("revoked") else ("online" if info.get("online") else "offline")
-    out(args, info, f"{info['node']}: home DC {info['home_dc']}, {flags}"
-        + (f"\npublic key {info['pubkey']}" if info.get("pubkey") else ""))
+    flags = "revoked" if info.revoked else ("online" if info.online else "offline")
+    out(args, messages.encode(info), f"{info.node}: home DC {info.home_dc}, {flags}"
+        + (f"\npublic key {info.pubkey}" if info.pubkey else ""))
 
 
 async def start_agent(args, base: Path) -> Node:
@@ -354,16 +354,27 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("node", help="node ID (0x…)")
     s.add_argument("--dc", help="DC to ask (default: this node's DC)")
     s.set_defaults(func=cmd_whois)
-    from scripts import devnet  # `ntm devnet`: the whole local federation, see scripts/devnet.py
-    s = sub.add_parser("devnet", help="run a local federation (anvil chain, 2 DCs, 1 relay) until Ctrl-C")
-    devnet.add_arguments(s)
-    s.set_defaults(func=devnet.cli_command)
+    sub.add_parser("devnet", add_help=False,
+                   help="run a local federation (anvil chain, 2 DCs, 1 relay) until Ctrl-C (--help: its flags)")
     return p
 
 
+def exec_devnet(args, base: Path, devnet_args: list[str]) -> None:
+    """`ntm devnet ...` is scripts/devnet.py, a separate program (the node's CLI does not import
+    the developer scripts): replace this process with it, so signals and output are its own."""
+    argv = ["--home", str(base), *(["--json"] if args.json else []), *devnet_args]
+    code = "import sys; from scripts.devnet import main; sys.exit(main(sys.argv[1:], prog='ntm devnet'))"
+    os.execv(sys.executable, [sys.executable, "-c", code, *argv])
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args, rest = p.parse_known_args(argv)
     base = args.home or state.home()
+    if args.command == "devnet":
+        exec_devnet(args, base, rest)
+    if rest:
+        p.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         asyncio.run(args.func(args, base))
     except CliError as exc:

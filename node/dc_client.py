@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
-import json
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
 import coincurve
 
-from ntm import keys, session_auth
-from ntm.errors import NtmError
+from ntm import keys, messages, session_auth
+from ntm.errors import NtmError, ParseError
 from ntm.registration import RegistrationRequest
 
 DEFAULT_DC_PORT = 8330
 # Registration waits for chain confirmation on the DC side (up to 15 s there); allow a bit more.
 REQUEST_TIMEOUT_S = 20.0
+
+T = TypeVar("T")
 
 
 class DcError(NtmError):
@@ -51,50 +53,56 @@ class DcClient:
     async def close(self) -> None:
         await self._http.close()
 
-    async def _call(self, method: str, path: str, body: dict | None = None) -> dict:
+    async def _call(self, method: str, path: str, answer: type[T], body: dict | None = None) -> T:
         try:
             async with self._http.request(method, self.base + path, json=body) as resp:
                 text = await resp.text()
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise DcError("unreachable", f"cannot reach DC at {self.base}: {exc or type(exc).__name__}") from None
         try:
-            data = json.loads(text)
-        except ValueError:
-            raise DcError("bad_response", f"DC at {self.base} answered {resp.status} with non-JSON") from None
-        if resp.status != 200:
-            raise DcError(data.get("error", str(resp.status)), data.get("message", text))
-        return data
+            if resp.status != 200:
+                err = messages.decode(messages.ErrorBody, text)
+                raise DcError(err.error, err.message or text)
+            return messages.decode(answer, text)
+        except ParseError as exc:
+            raise DcError("bad_response", f"DC at {self.base} answered {resp.status}: {exc}") from None
 
-    async def info(self) -> dict:
-        return await self._call("GET", "/v1/info")
+    async def info(self) -> messages.DcInfoReply:
+        return await self._call("GET", "/v1/info", messages.DcInfoReply)
 
-    async def register(self, req: RegistrationRequest, wait_confirmed: bool = True) -> dict:
+    async def register(self, req: RegistrationRequest, wait_confirmed: bool = True) -> messages.RegisterResult:
         body = req.to_json()
         if wait_confirmed:
             body["wait"] = "confirmed"
-        return await self._call("POST", "/v1/register", body)
+        return await self._call("POST", "/v1/register", messages.RegisterResult, body)
 
-    async def dcs(self) -> list[dict]:
-        """The active DCs on chain ({dc, hostname, endpoint}), for failover."""
-        return (await self._call("GET", "/v1/dcs"))["dcs"]
+    async def dcs(self) -> list[messages.DcEntry]:
+        """The active DCs on chain, for failover."""
+        return (await self._call("GET", "/v1/dcs", messages.DcList)).dcs
 
-    async def whois(self, node: bytes) -> dict:
-        return await self._call("GET", f"/v1/nodes/{keys.checksum(node)}")
+    async def whois(self, node: bytes) -> messages.NodeInfo:
+        return await self._call("GET", f"/v1/nodes/{keys.checksum(node)}", messages.NodeInfo)
 
-    async def open_session(self, key: coincurve.PrivateKey, extra: dict | None = None
-                           ) -> tuple[aiohttp.ClientWebSocketResponse, dict]:
+    async def open_session(self, key: coincurve.PrivateKey, local_addrs: list[str] | None = None
+                           ) -> tuple[aiohttp.ClientWebSocketResponse, messages.Welcome]:
         """Authenticated session WebSocket and the DC's welcome (keepalive token and ports).
-        `extra` goes with the auth message (e.g. the tunnel socket's local addresses)."""
+        `local_addrs`: the tunnel socket's addresses, announced with the answer."""
         try:
             ws = await self._http.ws_connect(self.base + "/v1/session")
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise DcError("unreachable", f"cannot open a session at {self.base}: {exc}") from None
-        hello = await ws.receive_json()
-        dc, challenge = keys.parse_node_id(hello["dc"]), bytes.fromhex(hello["challenge"])
-        await ws.send_json({"type": "auth", "node": keys.checksum(keys.node_id_of(key)),
-                            "signature": session_auth.answer(key, dc, challenge).hex(), **(extra or {})})
-        welcome = await ws.receive_json()
-        if welcome.get("type") != "welcome":
+        try:
+            hello = messages.decode(messages.Challenge, await ws.receive_str())
+            dc, challenge = keys.parse_node_id(hello.dc), bytes.fromhex(hello.challenge)
+            auth = messages.Auth(keys.checksum(keys.node_id_of(key)),
+                                 session_auth.answer(key, dc, challenge).hex(), list(local_addrs or []))
+            await ws.send_json(messages.encode(auth))
+            welcome = messages.decode(messages.DcToNode, await ws.receive_str())
+        except (ParseError, TypeError, aiohttp.ClientError) as exc:
             await ws.close()
-            raise DcError(welcome.get("error", "refused"), welcome.get("message", "session refused"))
+            raise DcError("bad_response", f"session at {self.base} failed: {exc}") from None
+        if not isinstance(welcome, messages.Welcome):
+            await ws.close()
+            err = welcome if isinstance(welcome, messages.SessionError) else messages.SessionError("refused")
+            raise DcError(err.error, err.message or "session refused")
         return ws, welcome

@@ -1,9 +1,10 @@
-"""Tunnel endpoint: the thin asyncio UDP adapter around ntm.tunnel.Session.
+"""Tunnel endpoint: the thin asyncio adapter around ntm.tunnel.Session.
 
-One unconnected UDP socket bound to a wildcard address (default `[::]:4330` dual-stack with
+One unconnected datagram socket bound to a wildcard address (default `[::]:4330` dual-stack with
 IPV6_V6ONLY=0, else `0.0.0.0:4330`); many sessions multiplexed by the cleartext path ID; one
 timer task that calls `Session.poll`. A connect()ed socket would break on address change, so
-every send names its destination.
+every send names its destination. The socket is behind the `Bind` interface: tests run
+endpoints on an in-memory network (tests/fakes.py) as wireguard-go's conn/bindtest does.
 
     ep = await Endpoint.create(static_key, port=0)
     ch = await ep.open(path_id, peer_id, peer_pub, candidates=[("203.0.113.7", 4330)],
@@ -14,30 +15,20 @@ every send names its destination.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import os
 import socket
-import time
 from dataclasses import replace
-from typing import Any, Callable, Sequence
+from typing import Awaitable, Callable, Protocol, Sequence
 
 import coincurve
 
+from daemon.service import udp_socket
+from node.channel import Channel
+from ntm.addr import Addr, for_socket
+from ntm.clock import SYSTEM, Clock
 from ntm.handshake import Rand
 from ntm.packet import KNOWN_TYPES, PREFIX_LEN
-from ntm.tunnel import (
-    Addr,
-    Data,
-    EndpointChanged,
-    HandshakeDone,
-    PeerClosed,
-    Pong,
-    RelayBound,
-    RelayInfo,
-    Session,
-    TunnelConfig,
-    TunnelError,
-)
+from ntm.tunnel import Data, HandshakeDone, PeerClosed, Pong, RelayInfo, Session, TunnelConfig, TunnelError
 
 DEFAULT_PORT = 4330  # the NTM port of the NTMobile papers
 #: Default time open() waits for a handshake (direct attempts, then the relay from 1.5 s on).
@@ -47,171 +38,54 @@ SOCKET_BUFFER = 4 * 1024 * 1024
 #: Longest sleep of the timer task (it is also woken whenever a session is added).
 MAX_TIMER_SLEEP = 1.0
 
-
-def _make_socket(host: str | None, port: int) -> socket.socket:
-    if host is None or host == "::":
-        try:
-            sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-            try:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            except (OSError, AttributeError):
-                pass
-            sock.bind(("::", port))
-        except OSError:
-            if host == "::":
-                raise
-            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            sock.bind(("0.0.0.0", port))
-    else:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_DGRAM)
-        sock.bind((host, port))
-    for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
-        except OSError:
-            pass
-    sock.setblocking(False)
-    return sock
+Receive = Callable[[bytes, Addr], None]
 
 
-def normalize_addr(addr: Addr, family: int) -> Addr:
-    """(host, port) in the form a socket of `family` sends to and reports as source.
+class Bind(Protocol):
+    """A bound datagram socket as the endpoint uses it. `sendto` may raise OSError."""
 
-    On a dual-stack AF_INET6 socket IPv4 peers appear as `::ffff:a.b.c.d`; on an AF_INET socket
-    such mapped addresses are unwrapped again.
-    """
-    host, port = addr[0], addr[1]
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return (host, port)
-    if family == socket.AF_INET6:
-        if ip.version == 4:
-            return (f"::ffff:{ip}", port)
-        return (str(ip), port)
-    if ip.version == 6 and ip.ipv4_mapped is not None:
-        return (str(ip.ipv4_mapped), port)
-    return (str(ip), port)
+    family: int
+    local_addr: Addr
+    sendto: Callable[[bytes, Addr], None]
+
+    def close(self) -> None: ...
+
+
+Binder = Callable[[str | None, int, Receive, Callable[[], None]], Awaitable[Bind]]
 
 
 class _Proto(asyncio.DatagramProtocol):
-    """Per-socket protocol: forwards to the endpoint (so a rebind can swap sockets)."""
-
-    def __init__(self, endpoint: Endpoint) -> None:
-        self.datagram_received = endpoint._on_datagram  # type: ignore[method-assign]
-        self.endpoint = endpoint
+    def __init__(self, receive: Receive, on_error: Callable[[], None]) -> None:
+        self.datagram_received = receive  # type: ignore[method-assign]
+        self._on_error = on_error
 
     def error_received(self, exc: Exception) -> None:
-        self.endpoint._stats["socket_errors"] += 1
+        self._on_error()
 
 
-class Channel:
-    """Application side of one tunnel."""
+class UdpBind:
+    """The real Bind: an asyncio datagram transport on a (dual-stack) UDP socket."""
 
-    def __init__(self, endpoint: Endpoint, session: Session) -> None:
-        self.endpoint = endpoint
-        self.session = session
-        self._queue: asyncio.Queue[bytes] = asyncio.Queue()
-        self._receiver: Callable[[bytes], None] | None = None
-        self._ready: asyncio.Future[HandshakeDone] = asyncio.get_running_loop().create_future()
-        self._pongs: list[asyncio.Future[float]] = []
-        self.closed = False
-        self.closed_by_peer = False
+    def __init__(self, transport: asyncio.DatagramTransport, family: int) -> None:
+        self.transport = transport
+        self.family = family
+        self.sendto = transport.sendto  # the hot path: no wrapper call per packet
+        self.local_addr = transport.get_extra_info("sockname")[:2]
 
-    # -- info --
-    @property
-    def path_id(self) -> bytes:
-        return self.session.path_id
+    @classmethod
+    async def open(cls, host: str | None, port: int, receive: Receive, on_error: Callable[[], None]) -> UdpBind:
+        sock = udp_socket(host, port, SOCKET_BUFFER)
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_datagram_endpoint(lambda: _Proto(receive, on_error), sock=sock)
+        return cls(transport, sock.family)  # type: ignore[arg-type]
 
-    @property
-    def peer_id(self) -> bytes:
-        return self.session.peer_id
-
-    @property
-    def peer_addr(self) -> Addr | None:
-        return self.session.peer_addr
-
-    @property
-    def via(self) -> str | None:
-        """Which way the first handshake completed: "candidate:<i>", "relay" or "peer"."""
-        return self.session.via
-
-    @property
-    def rtt(self) -> float | None:
-        """Last round-trip time in seconds (handshake, then each ping)."""
-        return self.session.rtt
-
-    @property
-    def stats(self) -> dict[str, int]:
-        return self.session.stats
-
-    @property
-    def established(self) -> bool:
-        return self.session.established
-
-    # -- data --
-    def send_nowait(self, data: bytes) -> None:
-        """Encrypt and send one datagram now; TunnelError if the tunnel has no keys."""
-        if self.closed:
-            raise TunnelError("channel is closed")
-        self.endpoint._send_data(self.session, data)
-
-    async def send(self, data: bytes) -> None:
-        self.send_nowait(data)
-
-    async def recv(self) -> bytes:
-        """Next payload received (in arrival order)."""
-        if self.closed and self._queue.empty():
-            raise TunnelError("the peer closed the tunnel" if self.closed_by_peer else "channel is closed")
-        payload = await self._queue.get()
-        if payload is None:  # the wake-up _peer_closed leaves for a waiting recv()
-            raise TunnelError("the peer closed the tunnel")
-        return payload
-
-    def set_receiver(self, callback: Callable[[bytes], None] | None) -> None:
-        """Deliver payloads to `callback` instead of the recv() queue (fast path). Payloads that
-        arrived before the callback was set (the peer may send the moment the handshake is
-        done) are handed to it first, in order."""
-        self._receiver = callback
-        while callback is not None and not self._queue.empty():
-            payload = self._queue.get_nowait()
-            if payload is not None:
-                callback(payload)
-
-    async def ping(self, timeout: float = 2.0) -> float:
-        """Send a PING and wait for its PONG; returns the RTT in seconds."""
-        fut: asyncio.Future[float] = asyncio.get_running_loop().create_future()
-        self._pongs.append(fut)
-        pkt = self.session.ping(self.endpoint.clock())
-        self.endpoint._sendto(pkt, self.session.peer_addr)
-        try:
-            return await asyncio.wait_for(fut, timeout)
-        finally:
-            if fut in self._pongs:
-                self._pongs.remove(fut)
-
-    async def close(self) -> None:
-        """Close the tunnel and tell the peer (authenticated CLOSE), so it does not try to repair it."""
-        if not self.closed:
-            self.endpoint._send_close(self.session)
-        self.endpoint._remove(self.session.path_id)
-        self.closed = True
-
-    def _peer_closed(self) -> None:
-        self.closed = self.closed_by_peer = True
-        if self._receiver is None:
-            self._queue.put_nowait(None)  # wakes a recv() that is waiting
-
-    def _deliver(self, payload: bytes) -> None:
-        if self._receiver is not None:
-            self._receiver(payload)
-        else:
-            self._queue.put_nowait(payload)
+    def close(self) -> None:
+        self.transport.close()
 
 
 class Endpoint:
-    """One UDP socket, many tunnels keyed by path ID."""
+    """One datagram socket, many tunnels keyed by path ID."""
 
     def __init__(
         self,
@@ -219,12 +93,15 @@ class Endpoint:
         *,
         config: TunnelConfig | None = None,
         rand: Rand = os.urandom,
-        clock: Callable[[], float] = time.time,
+        clock: Clock = SYSTEM,
+        binder: Binder = UdpBind.open,
     ) -> None:
         self.static_key = static_key
         self.config = config or TunnelConfig()
         self.rand = rand
-        self.clock = clock  # Unix seconds: Request timestamps must grow across restarts
+        self.clock = clock
+        self.now = clock.now  # every timer runs on the monotonic clock
+        self.binder = binder
         self.sessions: dict[bytes, Session] = {}
         self.channels: dict[bytes, Channel] = {}
         self._stats: dict[str, int] = dict.fromkeys(
@@ -233,7 +110,7 @@ class Endpoint:
             0,
         )
         self.rx_datagrams = 0  # hot counter, merged into `stats`
-        self.transport: asyncio.DatagramTransport | None = None
+        self.bind: Bind | None = None
         # Datagrams that are not tunnel packets (e.g. the DC's keepalive replies) go here.
         self.on_control: Callable[[bytes, Addr], None] | None = None
         self.family = socket.AF_INET
@@ -249,24 +126,26 @@ class Endpoint:
         *,
         config: TunnelConfig | None = None,
         rand: Rand = os.urandom,
-        clock: Callable[[], float] = time.time,
+        clock: Clock = SYSTEM,
+        binder: Binder = UdpBind.open,
     ) -> Endpoint:
         """Bind (host None: `[::]` dual-stack, else `0.0.0.0`) and start the timer task."""
-        ep = cls(static_key, config=config, rand=rand, clock=clock)
+        ep = cls(static_key, config=config, rand=rand, clock=clock, binder=binder)
         await ep._bind(host, port)
         ep._wake = asyncio.Event()
         ep._timer_task = asyncio.get_running_loop().create_task(ep._timer_loop())
         return ep
 
     async def _bind(self, host: str | None, port: int) -> None:
-        sock = _make_socket(host, port)
-        loop = asyncio.get_running_loop()
-        transport, _ = await loop.create_datagram_endpoint(lambda: _Proto(self), sock=sock)
-        old, self.transport = self.transport, transport  # type: ignore[assignment]
-        self.family = sock.family
-        self._sendto_raw = transport.sendto
+        bind = await self.binder(host, port, self._on_datagram, self._socket_error)
+        old, self.bind = self.bind, bind
+        self.family = bind.family
+        self._sendto_raw = bind.sendto
         if old is not None:
             old.close()
+
+    def _socket_error(self) -> None:
+        self._stats["socket_errors"] += 1
 
     @property
     def stats(self) -> dict[str, int]:
@@ -275,8 +154,8 @@ class Endpoint:
 
     @property
     def local_addr(self) -> Addr:
-        assert self.transport is not None
-        return self.transport.get_extra_info("sockname")[:2]
+        assert self.bind is not None
+        return self.bind.local_addr
 
     async def rebind(self, host: str | None = None, port: int = 0) -> None:
         """Move to a new local socket, keeping every session (keys, counters, peers).
@@ -286,7 +165,7 @@ class Endpoint:
         """
         await self._bind(host, port)
         self._stats["rebinds"] += 1
-        now = self.clock()
+        now = self.now()
         for s in self.sessions.values():
             self._renormalize(s)
             s.local_address_changed(now)
@@ -295,10 +174,10 @@ class Endpoint:
     def _renormalize(self, s: Session) -> None:
         fam = self.family
         if s.peer_addr is not None:
-            s.peer_addr = normalize_addr(s.peer_addr, fam)
-        s.candidates = [normalize_addr(a, fam) for a in s.candidates]
+            s.peer_addr = for_socket(s.peer_addr, fam)
+        s.candidates = [for_socket(a, fam) for a in s.candidates]
         if s.relay is not None:
-            s.relay = replace(s.relay, addr=normalize_addr(s.relay.addr, fam))
+            s.relay = replace(s.relay, addr=for_socket(s.relay.addr, fam))
 
     async def open(
         self,
@@ -323,26 +202,27 @@ class Endpoint:
             raise TunnelError(f"path {path_id.hex()} is already open")
         s = Session(
             self.static_key, peer_id, peer_pub, path_id, role=role, candidates=list(candidates),
-            relay=relay, config=self.config, rand=self.rand,
+            relay=relay, config=self.config, rand=self.rand, wall=self.clock.wall,
         )
         self._renormalize(s)
         ch = Channel(self, s)
         self.sessions[path_id] = s
         self.channels[path_id] = ch
-        s.start(self.clock())
-        self._flush(s.poll(self.clock()))
+        s.start(self.now())
+        self._flush(s.poll(self.now()))
         self._kick()
         try:
-            await asyncio.wait_for(asyncio.shield(ch._ready), timeout)
+            await asyncio.wait_for(asyncio.shield(ch.ready), timeout)
         except (asyncio.TimeoutError, TimeoutError):
-            self._remove(path_id)
+            self.remove(path_id)
             raise TunnelError(f"no tunnel handshake on path {path_id.hex()} within {timeout} s") from None
         except BaseException:
-            self._remove(path_id)
+            self.remove(path_id)
             raise
         return ch
 
-    def _remove(self, path_id: bytes) -> None:
+    def remove(self, path_id: bytes) -> None:
+        """Forget a path (its channel counts as closed); its packets are dropped from now on."""
         self.sessions.pop(path_id, None)
         ch = self.channels.pop(path_id, None)
         if ch is not None:
@@ -356,20 +236,30 @@ class Endpoint:
             except asyncio.CancelledError:
                 pass
         for pid, s in list(self.sessions.items()):
-            self._send_close(s)
-            self._remove(pid)
-        if self.transport is not None:
-            self.transport.close()
+            self.send_close(s)
+            self.remove(pid)
+        if self.bind is not None:
+            self.bind.close()
 
-    def _send_close(self, s: Session) -> None:
-        pkt = s.close_packet(self.clock())
+    # --- what channels ask for ------------------------------------------------------------------
+    def send_data(self, s: Session, data: bytes) -> None:
+        pkt = s.encrypt(data, self.now())
+        self._sendto_raw(pkt, s.peer_addr)
+        if s.has_output:  # a count-triggered rekey Request
+            self._flush(s.datagrams_to_send())
+
+    def send_ping(self, s: Session) -> None:
+        self._sendto(s.ping(self.now()), s.peer_addr)
+
+    def send_close(self, s: Session) -> None:
+        pkt = s.close_packet(self.now())
         if pkt is not None:
             self._sendto(pkt, s.peer_addr)
 
     def send_control(self, data: bytes, addr: Addr) -> None:
         """Send a non-tunnel datagram (keepalive to the DC) from the tunnel socket, so the DC sees
         the same NAT mapping the peers will use."""
-        self._sendto(data, normalize_addr(addr, self.family))
+        self._sendto(data, for_socket(addr, self.family))
 
     # --- I/O glue ------------------------------------------------------------------------------
     def _sendto(self, data: bytes, addr: Addr) -> None:
@@ -382,12 +272,6 @@ class Endpoint:
     def _flush(self, out: list[tuple[bytes, Addr]]) -> None:
         for data, addr in out:
             self._sendto(data, addr)
-
-    def _send_data(self, s: Session, data: bytes) -> None:
-        pkt = s.encrypt(data, self.clock())
-        self._sendto_raw(pkt, s.peer_addr)
-        if s._outbox:  # a count-triggered rekey Request
-            self._flush(s.datagrams_to_send())
 
     def _kick(self) -> None:
         if self._wake is not None:
@@ -407,8 +291,8 @@ class Endpoint:
             return
         if len(addr) > 2:
             addr = addr[:2]
-        events = s.receive(data, addr, self.clock())
-        if s._outbox:
+        events = s.receive(data, addr, self.now())
+        if s.has_output:
             self._flush(s.datagrams_to_send())
         if not events:
             return
@@ -416,30 +300,25 @@ class Endpoint:
         if ch is None:
             return
         if len(events) == 1 and type(events[0]) is Data:  # the common case
-            ch._deliver(events[0].payload)
+            ch.inbox.deliver(events[0].payload)
             return
         for ev in events:
             if type(ev) is Data:
-                ch._deliver(ev.payload)
+                ch.inbox.deliver(ev.payload)
             elif type(ev) is HandshakeDone:
-                if not ch._ready.done():
-                    ch._ready.set_result(ev)
+                ch.handshake_done(ev)
                 self._kick()
             elif type(ev) is Pong:
-                for fut in ch._pongs:
-                    if not fut.done():
-                        fut.set_result(ev.rtt)
-                ch._pongs.clear()
+                ch.pong(ev.rtt)
             elif type(ev) is PeerClosed:
-                self._remove(pid)
-                ch._peer_closed()
-            elif type(ev) is EndpointChanged or type(ev) is RelayBound:
-                pass  # visible in session.peer_addr / stats
+                self.remove(pid)
+                ch.peer_closed()
+            # EndpointChanged / RelayBound: visible in session.peer_addr and stats
 
     async def _timer_loop(self) -> None:
         assert self._wake is not None
         while True:
-            now = self.clock()
+            now = self.now()
             nxt: float | None = None
             for s in list(self.sessions.values()):
                 t = s.next_timer()
@@ -456,5 +335,4 @@ class Endpoint:
                 pass
 
 
-__all__ = ["Channel", "DEFAULT_PORT", "Endpoint", "RelayInfo", "TunnelConfig", "TunnelError", "normalize_addr"]
-_ = Any
+__all__ = ["Bind", "Channel", "DEFAULT_PORT", "Endpoint", "RelayInfo", "TunnelConfig", "TunnelError", "UdpBind"]

@@ -8,7 +8,7 @@ Noise-KK shape on secp256k1 with HKDF-SHA256 and AES-256-GCM:
 
 The static-static ECDH is NTMobile's "end key"; the ephemeral terms add forward secrecy. The
 prologue binds the path ID and both node IDs. Sans-I/O: no sockets, no clock reads (callers pass
-`now`, Unix seconds), randomness injectable (`rand(n) -> bytes`) for test vectors.
+`now`, monotonic seconds, and the wall time for the Request timestamp), randomness injectable (`rand(n) -> bytes`) for test vectors.
 """
 
 from __future__ import annotations
@@ -209,9 +209,12 @@ class Initiator(_Party):
         """`now` of the oldest outstanding Request (for the handshake RTT)."""
         return self._pending[0][3] if self._pending else None
 
-    def request(self, now: float) -> bytes:
-        """A fresh Tunnel Request (new ephemeral key, timestamp > every earlier one)."""
-        ts = max(int(now * 1_000_000_000), self.last_timestamp + 1)
+    def request(self, now: float, wall: float | None = None) -> bytes:
+        """A fresh Tunnel Request (new ephemeral key, timestamp > every earlier one).
+
+        `now` (monotonic) dates the attempt for the RTT; `wall` (Unix seconds, default `now`) is
+        the timestamp on the wire, which must grow across restarts of the initiator."""
+        ts = max(int((now if wall is None else wall) * 1_000_000_000), self.last_timestamp + 1)
         self.last_timestamp = ts
         e = _ephemeral(self._rand)
         e_pub = e.public_key.format(compressed=True)

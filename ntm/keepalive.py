@@ -15,6 +15,7 @@ import hmac
 import ipaddress
 import struct
 
+from ntm.addr import unmapped
 from ntm.errors import ParseError
 
 KEEPALIVE = 0x20
@@ -48,9 +49,7 @@ def mac_ok(token: bytes, head: bytes, mac: bytes) -> bool:
 
 
 def encode_reply(seq: int, ip: str, port: int) -> bytes:
-    addr = ipaddress.ip_address(ip)
-    if addr.version == 6 and addr.ipv4_mapped:
-        addr = addr.ipv4_mapped
+    addr = ipaddress.ip_address(unmapped(ip))
     return struct.pack(">BQBH", KEEPALIVE_REPLY, seq, addr.version, port) + addr.packed
 
 

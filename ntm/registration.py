@@ -7,19 +7,19 @@ addresses are well-formed. Spec: docs/PROTOCOL.md §5.
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import coincurve
 
-from ntm import keys
-from ntm.errors import NtmError, ParseError, SignatureError
+from ntm import keys, messages
+from ntm.addr import format_endpoint, parse_endpoint
+from ntm.errors import NtmError, SignatureError
 from ntm.record import MAX_FUTURE_MS, Domain, NodeTransaction
 
-# A node reports at most this many local addresses: enough for dual-stack multi-homing, small
-# enough that one request cannot bloat the DC's store.
-MAX_LOCAL_ADDRS = 8
+# A node reports at most this many local addresses (messages.MAX_ENDPOINTS): enough for
+# dual-stack multi-homing, small enough that one request cannot bloat the DC's store.
+MAX_LOCAL_ADDRS = messages.MAX_ENDPOINTS
 
 
 class RegistrationError(NtmError):
@@ -38,11 +38,11 @@ class RegistrationRequest:
     local_addrs: tuple[str, ...]
 
     @classmethod
-    def signed(cls, key: coincurve.PrivateKey, info: dict, timestamp: int, local_addrs: tuple[str, ...] = (),
-               revoked: bool = False) -> "RegistrationRequest":
+    def signed(cls, key: coincurve.PrivateKey, info: messages.DcInfoReply, timestamp: int,
+               local_addrs: Sequence[str] = (), revoked: bool = False) -> "RegistrationRequest":
         """A request signed by the node `key`, naming the DC that `info` (its GET /v1/info) describes."""
-        domain = Domain(info["chain_id"], keys.parse_node_id(info["registry"]))
-        rec = NodeTransaction(keys.node_id_of(key), keys.parse_node_id(info["dc"]), timestamp, revoked)
+        domain = Domain(info.chain_id, keys.parse_node_id(info.registry))
+        rec = NodeTransaction(keys.node_id_of(key), keys.parse_node_id(info.dc), timestamp, revoked)
         return cls(rec, rec.sign(key, domain), keys.public_bytes(key), tuple(local_addrs))
 
     def to_json(self) -> dict:
@@ -54,38 +54,15 @@ class RegistrationRequest:
         }
 
 
-def parse_endpoint(text: str) -> tuple[str, int]:
-    """`ip:port` or `[ipv6]:port` → (ip, port); ValueError if not an IP literal with a valid port."""
-    if text.startswith("["):
-        host, sep, port = text[1:].partition("]:")
-    else:
-        host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"endpoint {text!r} is not ip:port")
-    return str(ipaddress.ip_address(host)), int(port)
-
-
-def format_endpoint(ip: str, port: int) -> str:
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
-
-
-def parse_request(obj: Any) -> RegistrationRequest:
-    """Registration Request from decoded JSON; ParseError with a readable reason otherwise."""
-    try:
-        if not isinstance(obj, dict):
-            raise ValueError("request must be a JSON object")
-        record = NodeTransaction.from_json(obj["record"])
-        signature = bytes.fromhex(obj["signature"])
-        pubkey = bytes.fromhex(obj["pubkey"])
-        addrs = obj.get("local_addrs", [])
-        if not isinstance(addrs, list) or len(addrs) > MAX_LOCAL_ADDRS:
-            raise ValueError(f"local_addrs must be a list of at most {MAX_LOCAL_ADDRS} endpoints")
-        local = tuple(format_endpoint(*parse_endpoint(a)) for a in addrs)
-    except KeyError as exc:
-        raise ParseError(f"missing field {exc}") from None
-    except (ValueError, TypeError, AttributeError) as exc:
-        raise ParseError(str(exc)) from None
-    return RegistrationRequest(record, signature, pubkey, local)
+def parse_request(obj: Any) -> tuple[RegistrationRequest, bool]:
+    """Registration Request from decoded JSON (or JSON text), and whether the node asked to wait
+    for confirmation; ParseError with a readable reason otherwise."""
+    body = messages.decode(messages.RegisterBody, obj)
+    r = body.record
+    record = NodeTransaction(keys.parse_node_id(r.node), keys.parse_node_id(r.dc), r.timestamp, r.revoked)
+    local = tuple(format_endpoint(*parse_endpoint(a)) for a in body.local_addrs)
+    req = RegistrationRequest(record, bytes.fromhex(body.signature), bytes.fromhex(body.pubkey), local)
+    return req, body.wait == "confirmed"
 
 
 def check_request(

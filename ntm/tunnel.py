@@ -11,20 +11,26 @@ authenticated, fresh packets. It never touches a socket or a clock:
     session.poll(now) -> list[(bytes, addr)]    run timers and drain everything queued to send
     session.next_timer() -> float | None        when poll() wants to run next
 
+`now` is monotonic seconds (timers). The one wall-clock value, the handshake timestamp that must
+grow across restarts, comes from the injected `wall` callable.
+
 Drops are counted in `session.stats` by reason and never raise out of `receive`.
 """
 
 from __future__ import annotations
 
+import enum
 import os
 import struct
+import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Callable, Sequence
 
 import coincurve
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from ntm.addr import Addr
 from ntm.errors import NtmError
 from ntm.handshake import (
     HandshakeAuthError,
@@ -89,8 +95,6 @@ RELAY_FALLBACK_AFTER = 1.5
 NONCE_PREFIX = b"\x00\x00\x00\x00"
 _Q = struct.Struct("!Q")
 _HEADER_UNPACK = HEADER.unpack_from
-
-Addr = Any  # (host, port) tuple as the socket layer gives it
 
 
 class TunnelError(NtmError):
@@ -233,6 +237,12 @@ STAT_KEYS = (
 )
 
 
+class Phase(enum.Enum):
+    NEW = "new"  # created; start() not called yet
+    HANDSHAKE = "handshake"  # no keys to send with: Requests (or waiting for the peer's)
+    ESTABLISHED = "established"  # current keys confirmed; rekeys happen underneath
+
+
 class Session:
     """One tunnel (path ID) with one peer.
 
@@ -254,12 +264,15 @@ class Session:
         relay: RelayInfo | None = None,
         config: TunnelConfig | None = None,
         rand: Rand = os.urandom,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         if role not in ("initiate", "wait", "punch"):
             raise ValueError(f"role must be initiate, wait or punch, not {role!r}")
         self.config = config or TunnelConfig()
         self.path_id = bytes(path_id)
         self.role = role
+        self.phase = Phase.NEW
+        self._wall = wall
         self.initiator = Initiator(static_key, peer_id, peer_pub, path_id, rand=rand)
         self.responder = Responder(static_key, peer_id, peer_pub, path_id, rand=rand)
         self.local_id = self.initiator.local_id
@@ -281,20 +294,24 @@ class Session:
         self.next: _KeyPair | None = None
         self._outbox: list[tuple[bytes, Addr]] = []
         self._started: float | None = None
-        self._hs_next: float | None = None  # next Request (re)transmission, when handshaking
-        self._bind_next: float | None = None
+        self._hs_next: float | None = None  # next Request (re)transmission, while one is wanted
+        self._bind_next: float | None = None  # next relay bind refresh, while on the relay
         self.last_sent = 0.0
         self.last_received: float | None = None
         self._pings: dict[bytes, float] = {}
         self._ping_seq = 0
-        self._rekey_started = False
         self._resp_sent_at: float | None = None
 
     # --- state ---------------------------------------------------------------------------------
     @property
     def established(self) -> bool:
         """Keys exist that this side may send with."""
-        return self.current is not None and self.current.send_ok
+        return self.phase is Phase.ESTABLISHED
+
+    @property
+    def has_output(self) -> bool:
+        """Datagrams are queued (drain them with datagrams_to_send() or poll())."""
+        return bool(self._outbox)
 
     @property
     def stats(self) -> dict[str, int]:
@@ -311,6 +328,7 @@ class Session:
         """Begin: queue the first Requests (initiate/punch). Call poll() to get them."""
         self._started = now
         self.last_sent = now
+        self.phase = Phase.HANDSHAKE
         if self.role in ("initiate", "punch"):
             self._hs_next = now
 
@@ -329,7 +347,7 @@ class Session:
         if not targets:
             self._hs_next = now + self.config.handshake_retransmit
             return
-        req = self.initiator.request(now)
+        req = self.initiator.request(now, self._wall())
         for addr in targets:
             self._outbox.append((req, addr))
             self._stats["requests_sent"] += 1
@@ -344,12 +362,6 @@ class Session:
         interval = self.config.keepalive_interval if self.established else self.config.handshake_retransmit
         self._bind_next = now + interval
 
-    def rekey(self, now: float) -> None:
-        """Start a rekey handshake now (normally the timers do this)."""
-        if self._hs_next is None:
-            self._rekey_started = True
-            self._send_requests(now)
-
     def local_address_changed(self, now: float) -> None:
         """Our socket moved: tell the peer (and the relay) at once with authenticated packets."""
         if self.relay_active and self.relay is not None:
@@ -363,7 +375,9 @@ class Session:
         (a relay route), else RELAY_FALLBACK_AFTER."""
         return self.config.relay_fallback_after if self.candidates else 0.0
 
-    def _rekey_due(self, now: float) -> float | None:
+    def _rekey_due(self) -> float | None:
+        """When the current keys should be replaced; the side that answered waits a little longer
+        so both sides do not usually start rekeys at the same moment."""
         cur = self.current
         if cur is None:
             return None
@@ -372,64 +386,104 @@ class Session:
             after += self.config.rekey_responder_extra
         return cur.created + after
 
-    # --- timers --------------------------------------------------------------------------------
+    # --- timers: one table of named deadlines ------------------------------------------------
+    # Each timer is (name, when it is due given the state or None, what to do). next_timer() is
+    # the earliest due time; poll() runs the due ones in this order, re-reading each deadline
+    # after the previous handler ran (a due rekey sets the Request deadline to now).
+    def _due_relay_fallback(self) -> float | None:
+        if self.relay is None or self.relay_active or self.phase is not Phase.HANDSHAKE:
+            return None
+        return self._started + self._relay_after()  # type: ignore[operator]
+
+    def _on_relay_fallback(self, now: float) -> None:
+        self.relay_active = True
+        self._send_bind(now)
+        if self.role != "wait":
+            self._hs_next = now  # send a Request through the relay right away
+
+    def _due_relay_bind(self) -> float | None:
+        return self._bind_next if self.relay_active else None
+
+    def _on_relay_bind(self, now: float) -> None:
+        if self.current is None or self.peer_addr == self.relay.addr:  # type: ignore[union-attr]
+            self._send_bind(now)
+        else:
+            self._bind_next = None  # direct path won: stop refreshing the relay binding
+
+    def _due_keys_expire(self) -> float | None:
+        return self.current.reject_time if self.current is not None else None
+
+    def _on_keys_expire(self, now: float) -> None:
+        self.current = None  # too old: back to handshaking from scratch
+        self.phase = Phase.HANDSHAKE
+        self._count("keys_expired")
+        if self._hs_next is None and self.role != "wait":
+            self._hs_next = now
+
+    def _due_previous_expire(self) -> float | None:
+        return self.previous.expires if self.previous is not None else None
+
+    def _on_previous_expire(self, now: float) -> None:
+        self.previous = None
+
+    def _due_rekey(self) -> float | None:
+        if self.phase is not Phase.ESTABLISHED or self._hs_next is not None or self.next is not None:
+            return None
+        return self._rekey_due()
+
+    def _on_rekey(self, now: float) -> None:
+        self._hs_next = now
+
+    def _due_request(self) -> float | None:
+        return self._hs_next
+
+    def _on_request(self, now: float) -> None:
+        self._send_requests(now)
+
+    def _due_keepalive(self) -> float | None:
+        if self.phase is not Phase.ESTABLISHED or self.peer_addr is None:
+            return None
+        return self.last_sent + self.config.keepalive_interval
+
+    def _on_keepalive(self, now: float) -> None:
+        self._outbox.append((self._seal(TYPE_KEEPALIVE, b"", now), self.peer_addr))
+        self._stats["tx_keepalive"] += 1
+
+    TIMERS = (
+        ("relay_fallback", _due_relay_fallback, _on_relay_fallback),
+        ("relay_bind", _due_relay_bind, _on_relay_bind),
+        ("keys_expire", _due_keys_expire, _on_keys_expire),
+        ("previous_expire", _due_previous_expire, _on_previous_expire),
+        ("rekey", _due_rekey, _on_rekey),
+        ("request", _due_request, _on_request),
+        ("keepalive", _due_keepalive, _on_keepalive),
+    )
+
+    def deadlines(self) -> dict[str, float]:
+        """Every armed timer by name (for status and tests)."""
+        out = {}
+        for name, due, _ in self.TIMERS:
+            t = due(self)
+            if t is not None:
+                out[name] = t
+        return out
+
     def next_timer(self) -> float | None:
         """Earliest time poll() has something to do (None: nothing scheduled)."""
         if self._outbox:
             return 0.0
-        times = []
-        if self._hs_next is not None:
-            times.append(self._hs_next)
-        if self._bind_next is not None and self.relay_active:
-            times.append(self._bind_next)
-        if self.relay is not None and not self.relay_active and self._started is not None and self.current is None:
-            times.append(self._started + self._relay_after())
-        if self.established:
-            times.append(self.last_sent + self.config.keepalive_interval)
-            due = self._rekey_due(0.0)
-            if due is not None and self._hs_next is None and self.next is None:
-                times.append(due)
-            times.append(self.current.created + self.config.reject_after_time)  # type: ignore[union-attr]
-        if self.previous is not None and self.previous.expires is not None:
-            times.append(self.previous.expires)
+        if self.phase is Phase.NEW:
+            return None
+        times = self.deadlines().values()
         return min(times) if times else None
 
     def poll(self, now: float) -> list[tuple[bytes, Addr]]:
         """Run due timers; return (and forget) every datagram queued to send, with its address."""
-        cfg = self.config
-        if self._started is not None:
-            if (
-                self.relay is not None
-                and not self.relay_active
-                and self.current is None
-                and now - self._started >= self._relay_after()
-            ):
-                self.relay_active = True
-                self._send_bind(now)
-                if self.role != "wait":
-                    self._hs_next = now  # send a Request through the relay right away
-            elif self.relay_active and self._bind_next is not None and now >= self._bind_next:
-                if self.current is None or self.peer_addr == self.relay.addr:  # type: ignore[union-attr]
-                    self._send_bind(now)
-                else:
-                    self._bind_next = None  # direct path won: stop refreshing the relay binding
-            cur = self.current
-            if cur is not None and now - cur.created >= cfg.reject_after_time:
-                self.current = None  # too old: back to handshaking from scratch
-                self._count("keys_expired")
-                if self._hs_next is None and self.role != "wait":
-                    self._hs_next = now
-            if self.previous is not None and self.previous.expires is not None and now >= self.previous.expires:
-                self.previous = None
-            due = self._rekey_due(now)
-            if due is not None and now >= due and self._hs_next is None and self.next is None and self.established:
-                self._rekey_started = True
-                self._hs_next = now
-            if self._hs_next is not None and now >= self._hs_next:
-                self._send_requests(now)
-            if self.established and now - self.last_sent >= cfg.keepalive_interval and self.peer_addr is not None:
-                self._outbox.append((self._seal(TYPE_KEEPALIVE, b"", now), self.peer_addr))
-                self._stats["tx_keepalive"] += 1
+        if self.phase is not Phase.NEW:
+            for _, due, run in self.TIMERS:
+                t = due(self)
+                if t is not None and now >= t:
+                    run(self, now)
         out, self._outbox = self._outbox, []
         return out
 
@@ -450,7 +504,6 @@ class Session:
         header = HEADER.pack(kind, self.path_id, n)
         self.last_sent = now
         if n + 1 >= self.config.rekey_after_messages and self._hs_next is None and self.next is None:
-            self._rekey_started = True
             self._send_requests(now)
         return header + k.send.encrypt(NONCE_PREFIX + header[9:], payload, header)
 
@@ -575,7 +628,6 @@ class Session:
         self._install(_KeyPair(k, now, self.config.replay_window, self.config), now)
         self.next = None
         self._hs_next = None
-        self._rekey_started = False
         events = self._set_peer(addr)
         if sent_at is not None:
             self.rtt = now - sent_at if self.rtt is None else self.rtt
@@ -601,6 +653,7 @@ class Session:
             self.previous = self.current
             self._stats["rekeys"] += 1
         self.current = kp
+        self.phase = Phase.ESTABLISHED
         self._stats["handshakes"] += 1
 
     def _decrypt_other_keys(self, counter: int, nonce: bytes, body: bytes, header: bytes):

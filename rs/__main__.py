@@ -17,10 +17,13 @@ from pathlib import Path
 
 from aiohttp import web
 
-from ntm import keys, service
-from ntm.service import udp_socket
+from chain.registry import connect_registry
+from daemon import service
+from ntm import keys
+from daemon.service import udp_socket
 from rs.relay import MAX_PATHS, RelayTable
-from rs.server import Relay, RelayProtocol, default_advertise, parse_endpoint, housekeeping, make_app
+from ntm.addr import format_endpoint, parse_endpoint
+from rs.server import Relay, RelayProtocol, default_advertise, housekeeping, make_app
 from rs.trust import DcTrust
 
 DEFAULT_UDP_PORT = 4340  # next to the tunnel port 4330
@@ -29,7 +32,7 @@ DEFAULT_HTTP_PORT = 8340  # control API; the DC's is 8330
 
 def _endpoint(text: str) -> str:
     try:
-        return parse_endpoint(text)
+        return format_endpoint(*parse_endpoint(text))
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -64,7 +67,7 @@ def _http_url(host: str, port: int) -> str:
 
 
 async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
-    registry, _ = await service.connect_registry(args.rpc_url, args.deployment)
+    registry, _ = await connect_registry(args.rpc_url, args.deployment)
     try:
         sock = udp_socket(args.udp_host, args.udp_port)
         udp_port = sock.getsockname()[1]

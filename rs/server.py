@@ -21,14 +21,15 @@ from typing import Callable
 
 from aiohttp import web
 
-from ntm import envelope, keys, packet, service
+from daemon import service
+from ntm import envelope, keys, messages
+from ntm.addr import display, for_socket, format_endpoint
 from ntm.errors import ParseError, SignatureError
 from rs.relay import PathError, RelayTable
 from rs.trust import DcTrust, TrustError
 
 log = logging.getLogger("ntm.rs")
 
-KIND = "relay-direction"
 # A Relay Direction is ~700 bytes; 16 KiB leaves room while a flood of big bodies cannot hurt.
 MAX_BODY = 16 * 1024
 # How often idle and expired paths are swept (they are also dropped lazily on their next packet).
@@ -42,76 +43,16 @@ def error(status: int, code: str, message: str) -> web.Response:
 # ---------------------------------------------------------------------- addresses
 
 
-def normalise(addr: tuple) -> tuple:
-    """Canonical key of a UDP peer address as given by recvfrom on our socket.
-
-    On a dual-stack AF_INET6 socket an IPv4 peer is `::ffff:a.b.c.d`; that form is kept (it is what
-    sendto on the same socket needs), but in one canonical spelling, and flow info is dropped so
-    the same peer always yields the same key. The scope ID is kept only for link-local peers.
-    """
-    host, port = addr[0], addr[1]
-    try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return (host, port)
-    if ip.version == 6:
-        scope = addr[3] if len(addr) > 3 else 0
-        if ip.is_link_local and scope:
-            return (str(ip), port, 0, scope)
-    return (str(ip), port)
-
-
-def display(addr: tuple | None) -> str | None:
-    """Human form: `1.2.3.4:5` for IPv4 (also when mapped), `[::1]:5` for IPv6."""
-    if addr is None:
-        return None
-    host, port = addr[0], addr[1]
-    try:
-        ip = ipaddress.ip_address(host)
-        if ip.version == 6 and ip.ipv4_mapped is not None:
-            return f"{ip.ipv4_mapped}:{port}"
-        return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
-    except ValueError:
-        return f"{host}:{port}"
-
-
-def parse_endpoint(text: str) -> str:
-    """Check an advertised endpoint `a.b.c.d:port` or `[v6]:port`; returns it canonical (ValueError)."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"endpoint {text!r} is not ip:port")
-    if host.startswith("[") and host.endswith("]"):
-        ip = ipaddress.ip_address(host[1:-1])
-        if ip.version != 6:
-            raise ValueError(f"endpoint {text!r}: brackets are for IPv6")
-    else:
-        ip = ipaddress.ip_address(host)
-        if ip.version != 4:
-            raise ValueError(f"endpoint {text!r}: write IPv6 as [addr]:port")
-    return display((str(ip), int(port)))
-
-
 def default_advertise(sock: socket.socket) -> list[str]:
     """Endpoints to tell DCs when --advertise is not given: the bound address, or for a wildcard
-    bind the host's addresses on its default routes (found with an unsent UDP connect), else loopback."""
+    bind the host's addresses on its default routes, else loopback."""
     host, port = sock.getsockname()[:2]
-    ip = ipaddress.ip_address(host)
-    if not ip.is_unspecified:
-        return [display((host, port))]
-    found = []
-    probes = [(socket.AF_INET, "192.0.2.1")]
-    if sock.family == socket.AF_INET6:
-        probes.append((socket.AF_INET6, "2001:db8::1"))
-    for family, target in probes:
-        try:
-            with socket.socket(family, socket.SOCK_DGRAM) as s:
-                s.connect((target, 9))
-                found.append(display((s.getsockname()[0], port)))
-        except OSError:
-            pass
-    if not found:
-        found = [f"127.0.0.1:{port}"] + ([f"[::1]:{port}"] if sock.family == socket.AF_INET6 else [])
-    return found
+    if not ipaddress.ip_address(host).is_unspecified:
+        return [format_endpoint(host, port)]
+    versions = (4, 6) if sock.family == socket.AF_INET6 else (4,)
+    found = [format_endpoint(ip, port) for ip in map(service.source_address, (service.ROUTE_PROBES[v] for v in versions))
+             if ip is not None]
+    return found or [format_endpoint(lo, port) for lo in ("127.0.0.1", "::1")[:len(versions)]]
 
 
 # ---------------------------------------------------------------------- relay state
@@ -168,34 +109,6 @@ class Relay:
             self._capture_fh = None
 
 
-def parse_body(body: dict, now_ms: int) -> dict:
-    """Validate a Relay Direction body; ParseError naming the bad field."""
-    try:
-        if set(body) != {"path", "token", "nodes", "expires_ms", "max_bytes"}:
-            raise ValueError("body must have exactly path, token, nodes, expires_ms, max_bytes")
-        path_id = bytes.fromhex(body["path"])
-        token = bytes.fromhex(body["token"])
-        if len(path_id) != packet.PATH_ID_LEN:
-            raise ValueError("path must be 8 bytes hex")
-        if len(token) != packet.TOKEN_LEN:
-            raise ValueError("token must be 32 bytes hex")
-        nodes = body["nodes"]
-        if not isinstance(nodes, list) or len(nodes) != 2:
-            raise ValueError("nodes must be a list of two node IDs")
-        nodes = tuple(keys.parse_node_id(n) for n in nodes)
-        exp, cap = body["expires_ms"], body["max_bytes"]
-        for name, v in (("expires_ms", exp), ("max_bytes", cap)):
-            if not isinstance(v, int) or isinstance(v, bool):
-                raise ValueError(f"{name} must be an integer")
-        if exp <= now_ms:
-            raise ValueError("expires_ms is in the past")
-        if cap <= 0:
-            raise ValueError("max_bytes must be positive")
-    except (ValueError, TypeError, AttributeError) as exc:
-        raise ParseError(f"malformed relay direction: {exc}") from None
-    return {"path_id": path_id, "token": token, "nodes": nodes, "expires_ms": exp, "max_bytes": cap}
-
-
 # ---------------------------------------------------------------------- HTTP
 
 RELAY = web.AppKey("relay", Relay)
@@ -213,7 +126,7 @@ async def handle_direction(request: web.Request) -> web.Response:
     try:
         # Kind, signature and freshness first (cheap, local); the chain is asked only about a
         # signer that really signed; the nonce is remembered only for trusted, fresh envelopes.
-        env = envelope.open_envelope(obj, KIND, now_ms, lambda _a: True, None)
+        env = envelope.open_envelope(obj, messages.RELAY_DIRECTION, now_ms, lambda _a: True, None)
     except ParseError as exc:
         return relay.refuse(400, "malformed", str(exc))
     except SignatureError as exc:
@@ -229,25 +142,22 @@ async def handle_direction(request: web.Request) -> web.Response:
     except SignatureError as exc:
         return relay.refuse(403, "replayed", str(exc))
     try:
-        d = parse_body(env.body, now_ms)
+        d = messages.decode(messages.RelayDirection, env.body)
+        if d.expires_ms <= now_ms:
+            raise ParseError("malformed relay direction: expires_ms is in the past")
     except ParseError as exc:
         return relay.refuse(400, "malformed", str(exc))
     now = relay.clock()
     try:
         path, created = relay.table.add_path(
-            d["path_id"], d["token"], now + (d["expires_ms"] - now_ms) / 1000, d["max_bytes"], now,
-            owner=env.sender, nodes=d["nodes"])
+            bytes.fromhex(d.path), bytes.fromhex(d.token), now + (d.expires_ms - now_ms) / 1000, d.max_bytes, now,
+            owner=env.sender, nodes=tuple(keys.parse_node_id(n) for n in d.nodes))
     except PathError as exc:
         return relay.refuse(409 if exc.code == "conflict" else 503, exc.code, str(exc))
     relay.directions["accepted"] += 1
     relay.log_events()
-    return web.json_response({
-        "path": path.path_id.hex(),
-        "relay": relay.advertise,
-        "created": created,
-        "expires_ms": now_ms + int((path.expires_at - now) * 1000),
-        "max_bytes": path.max_bytes,
-    })
+    return web.json_response(messages.encode(messages.RelayBooking(
+        path.path_id.hex(), relay.advertise, created, now_ms + int((path.expires_at - now) * 1000), path.max_bytes)))
 
 
 async def handle_path(request: web.Request) -> web.Response:
@@ -335,7 +245,7 @@ class RelayProtocol(asyncio.DatagramProtocol):
     def datagram_received(self, data: bytes, addr) -> None:
         relay = self.relay
         relay.udp_received += 1
-        out = relay.table.on_datagram(data, normalise(addr), relay.clock())
+        out = relay.table.on_datagram(data, for_socket(addr, relay.family), relay.clock())
         for payload, dest in out:
             if relay.capture is not None and payload is data:
                 relay.captured(data)

@@ -1,4 +1,4 @@
-"""Compile contracts/NodeRegistry.sol into the committed artifact ntm/artifacts/NodeRegistry.json.
+"""Compile contracts/NodeRegistry.sol into the committed artifact chain/artifacts/NodeRegistry.json.
 
     python -m scripts.compile           # (re)write the artifact
     python -m scripts.compile --check   # exit 1 if the committed artifact is stale
@@ -25,7 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE = ROOT / "contracts" / "NodeRegistry.sol"
-ARTIFACT = ROOT / "ntm" / "artifacts" / "NodeRegistry.json"
+ARTIFACT = ROOT / "chain" / "artifacts" / "NodeRegistry.json"
 SOLCJS = ROOT / "node_modules" / "solc" / "solc.js"
 SOLC_VERSION = "0.8.28"
 CONTRACT = "NodeRegistry"

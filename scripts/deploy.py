@@ -17,12 +17,13 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Callable
 
 from eth_account import Account
 
 from ntm import keys
 from ntm.errors import NtmError
-from ntm.registry import Registry, RegistryError, load_artifact
+from chain.registry import Registry, RegistryError, load_artifact
 
 
 class DeployError(NtmError):
@@ -40,9 +41,10 @@ def parse_dc(spec: str) -> tuple[bytes, str, str]:
     return address, parts[1].strip(), parts[2].strip()
 
 
-def load_key(args: argparse.Namespace) -> bytes:
-    if args.key:
-        raw = args.key[2:] if args.key[:2] in ("0x", "0X") else args.key
+def load_key(hex_key: str | None = None, key_file: str | Path | None = None) -> bytes:
+    """The deployer key from hex, or from a keystore (passphrase from $NTM_KEY_PASSPHRASE)."""
+    if hex_key:
+        raw = hex_key[2:] if hex_key[:2] in ("0x", "0X") else hex_key
         try:
             key = bytes.fromhex(raw)
         except ValueError:
@@ -51,7 +53,7 @@ def load_key(args: argparse.Namespace) -> bytes:
             raise DeployError(f"--key is {len(key)} bytes, expected 32")
         return key
     passphrase = os.environ.get("NTM_KEY_PASSPHRASE", "")
-    return keys.load_keystore(Path(args.key_file), passphrase).secret
+    return keys.load_keystore(Path(key_file), passphrase).secret  # type: ignore[arg-type]
 
 
 def write_atomic(path: Path, obj: dict) -> None:
@@ -86,39 +88,41 @@ async def _existing(out: Path, rpc: str, key: bytes) -> tuple[Registry, int] | N
     return reg, block
 
 
-async def run(args: argparse.Namespace) -> dict:
-    dcs = [parse_dc(s) for s in args.dc]
-    key = load_key(args)
+async def deploy(rpc: str, key: bytes, out: Path, dcs: list[tuple[bytes, str, str]],
+                 report: Callable[[str], None] = print) -> dict:
+    """Deploy the registry (or reuse the live one named in `out`), admit or update `dcs`
+    (address, hostname, endpoint), write `out`. Returns the deployment, with "action" saying
+    whether the registry was "deployed" or "reused". Progress lines go to `report`."""
     load_artifact()  # fail early and clearly if it is missing
     deployer = Account.from_key(key).address
-    out = Path(args.out)
-    found = await _existing(out, args.rpc, key)
+    out = Path(out)
+    found = await _existing(out, rpc, key)
     if found:
         reg, block = found
         action = "reused"
     else:
-        probe = Registry._w3(args.rpc)
+        probe = Registry._w3(rpc)
         try:
-            chain_id = await Registry._chain_id(probe, args.rpc)
+            chain_id = await Registry._chain_id(probe, rpc)
             balance = await probe.eth.get_balance(deployer)
         finally:
             await probe.provider.disconnect()
         if balance == 0:
             raise DeployError(f"account {deployer} has insufficient funds (balance 0) on chain {chain_id}")
-        reg = await Registry.deploy(args.rpc, key)
+        reg = await Registry.deploy(rpc, key)
         block, action = reg.deploy_block, "deployed"
     try:
-        print(f"registry {keys.checksum(reg.address)} on chain {reg.chain_id}: {action}")
+        report(f"registry {keys.checksum(reg.address)} on chain {reg.chain_id}: {action}")
         for address, hostname, endpoint in dcs:
             info = await reg.dc(address)
             if info and (info.hostname, info.endpoint) == (hostname, endpoint):
-                print(f"DC {keys.checksum(address)} already admitted")
+                report(f"DC {keys.checksum(address)} already admitted")
             elif info:
                 await reg.update_dc(hostname, endpoint, address=address)
-                print(f"DC {keys.checksum(address)} updated: {hostname} {endpoint}")
+                report(f"DC {keys.checksum(address)} updated: {hostname} {endpoint}")
             else:
                 await reg.admit_dc(address, hostname, endpoint)
-                print(f"DC {keys.checksum(address)} admitted: {hostname} {endpoint}")
+                report(f"DC {keys.checksum(address)} admitted: {hostname} {endpoint}")
         all_dcs = await reg.dcs()
         deployment = {
             "chain_id": reg.chain_id,
@@ -131,8 +135,8 @@ async def run(args: argparse.Namespace) -> dict:
     finally:
         await reg.close()
     write_atomic(out, deployment)
-    print(f"wrote {out}")
-    return deployment
+    report(f"wrote {out}")
+    return {**deployment, "action": action}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="deployment.json", help="deployment file (reused if live)")
     args = ap.parse_args(argv)
     try:
-        asyncio.run(run(args))
+        asyncio.run(deploy(args.rpc, load_key(args.key, args.key_file), Path(args.out), [parse_dc(d) for d in args.dc]))
     except NtmError as exc:  # RegistryError, DeployError, KeystoreError
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
-import contextlib
-import io
 import json
 import os
 import shutil
@@ -34,6 +32,7 @@ from pathlib import Path
 
 from eth_account import Account
 
+from node import state
 from ntm import keys
 from ntm.errors import NtmError
 from scripts import deploy as deploy_mod
@@ -175,17 +174,14 @@ async def deploy_and_fund(rpc: str, deployer_key: bytes, data_dir: Path, dcs: li
     funding. A fresh registry makes the DCs' SQLite files stale: they are removed."""
     out = data_dir / "deployment.json"
     before = json.loads(out.read_text())["registry"] if out.exists() else None
-    ns = argparse.Namespace(rpc=rpc, key=deployer_key.hex(), key_file=None, out=str(out),
-                            dc=[f"{keys.checksum(addr)},{name},{endpoint}" for name, addr, endpoint in dcs])
-    log = io.StringIO()
-    with contextlib.redirect_stdout(log):
-        dep = await deploy_mod.run(ns)
+    log: list[str] = []
+    dep = await deploy_mod.deploy(rpc, deployer_key, out, [(addr, name, endpoint) for name, addr, endpoint in dcs],
+                                  report=log.append)
     if before and before != dep["registry"]:
         for name, _, _ in dcs:
             (data_dir / f"{name}.sqlite").unlink(missing_ok=True)
     funded = await fund(rpc, deployer_key, [addr for _, addr, _ in dcs])
-    action = "reused" if ": reused" in log.getvalue() else "deployed"
-    return {**dep, "action": action, "funded": funded, "deploy_log": log.getvalue()}
+    return {**dep, "funded": funded, "deploy_log": "\n".join(log)}
 
 
 # ---------------------------------------------------------------------------------------------- devnet
@@ -298,8 +294,6 @@ class Devnet:
             raise DevnetError(f"{name} did not start: {exc}") from None
 
     def write_network(self) -> Path:
-        from node import state
-
         path = self.home / state.NETWORK_FILE
         state.write_json(path, {"dcs": self.dc_urls(), "chain_id": self.deployment["chain_id"],
                                 "registry": self.deployment["registry"], "rpc_url": self.rpc_url,
@@ -398,9 +392,9 @@ def _ports(args, data_dir: Path) -> Ports:
 
 def _deployer_key(args) -> bytes | None:
     if args.deployer_key_file:
-        return deploy_mod.load_key(argparse.Namespace(key=None, key_file=args.deployer_key_file))
+        return deploy_mod.load_key(key_file=args.deployer_key_file)
     if os.environ.get(DEPLOYER_KEY_ENV):
-        return deploy_mod.load_key(argparse.Namespace(key=os.environ[DEPLOYER_KEY_ENV], key_file=None))
+        return deploy_mod.load_key(hex_key=os.environ[DEPLOYER_KEY_ENV])
     if args.chain:
         raise DevnetError(f"--chain needs a funded deployer key: --deployer-key-file FILE or ${DEPLOYER_KEY_ENV}=HEX")
     return None
@@ -451,19 +445,17 @@ def run(args: argparse.Namespace, home: Path) -> None:
     print(json.dumps({"event": "stopped"}) if args.json else "stopped", flush=True)
 
 
-async def cli_command(args: argparse.Namespace, base: Path) -> None:
-    """`ntm devnet` (node/cli.py): runs in the main thread, so signal handlers work."""
-    run(args, base)
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m scripts.devnet", description=__doc__.splitlines()[0])
+def parser(prog: str = "python -m scripts.devnet") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     p.add_argument("--home", type=Path, help="node home that gets network.json (default $NTM_HOME or ~/.ntm)")
     p.add_argument("--json", action="store_true", help="one JSON line when ready (and one when stopped)")
     add_arguments(p)
-    args = p.parse_args(argv)
-    from node import state
+    return p
 
+
+def main(argv: list[str] | None = None, prog: str = "python -m scripts.devnet") -> int:
+    p = parser(prog)
+    args = p.parse_args(argv)
     try:
         run(args, args.home or state.home())
     except NtmError as exc:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from ntm.registry import Registry
+from chain.registry import Registry
 from scripts.anvil import Anvil
 
 

@@ -13,7 +13,7 @@ import time
 from node.dc_client import DcClient
 from ntm import keys
 from ntm.registration import RegistrationRequest
-from ntm.registry import Registry
+from chain.registry import Registry
 from scripts.anvil import DEV_KEYS, Anvil
 from scripts.procs import Child, dc_child, free_port, has_ipv6_loopback
 

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.skipif(not solc.SOLCJS.exists() and solc._native_solc()
 
 def test_artifact_is_fresh():
     problems = solc.check()
-    assert not problems, f"stale ntm/artifacts/NodeRegistry.json: {problems}; run `python -m scripts.compile`"
+    assert not problems, f"stale chain/artifacts/NodeRegistry.json: {problems}; run `python -m scripts.compile`"
 
 
 def test_artifact_contents():

@@ -60,8 +60,8 @@ def parse_with_real_parser(cmd: list[str]):
         from node.cli import parser
         return None if args == ["--help"] else parser().parse_args(args)
     if prog == "ntm-devnet":
-        from node.cli import parser
-        return parser().parse_args(["devnet", *args])
+        from scripts.devnet import parser
+        return parser().parse_args(args)
     if prog == "anvil":
         return None
     raise AssertionError(f"no parser known for {cmd}")

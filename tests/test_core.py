@@ -98,7 +98,8 @@ class TestRegistrationCheck:
 
     def test_parse_roundtrip_and_errors(self):
         req = signed(self.key)
-        assert parse_request(req.to_json()) == req
+        assert parse_request(req.to_json()) == (req, False)
+        assert parse_request({**req.to_json(), "wait": "confirmed"}) == (req, True)
         for bad in ([], {"record": {}}, {**req.to_json(), "local_addrs": ["nothost:1"]},
                     {**req.to_json(), "local_addrs": ["1.2.3.4:5"] * 9},
                     {**req.to_json(), "signature": "zz"}):

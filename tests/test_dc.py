@@ -45,8 +45,8 @@ async def test_two_dcs_federation(net, tmp_path):
     async with DcClient(net.urls[0]) as dc1:
         # DC1 learns B's home from its registry cache, then asks DC2 over the federation.
         seen = await until(lambda: _whois_or_none(dc1, b))
-    assert seen["home_dc"] == keys.checksum(net.dc_keys[1].public_key.format(False) and keys.node_id_of(net.dc_keys[1]))
-    assert keys.node_id(bytes.fromhex(seen["pubkey"])) == b
+    assert seen.home_dc == keys.checksum(net.dc_keys[1].public_key.format(False) and keys.node_id_of(net.dc_keys[1]))
+    assert keys.node_id(bytes.fromhex(seen.pubkey)) == b
 
     # The federation request itself, signed by DC1's chain key, returns B's key and addresses.
     guard = envelope.ReplayGuard()
@@ -54,7 +54,7 @@ async def test_two_dcs_federation(net, tmp_path):
     fed = FederationClient(net.dc_keys[0], lambda addr: True, guard)
     info = await fed.ntm_info(net.urls[1], keys.node_id_of(net.dc_keys[1]), b)
     await fed.close()
-    assert info["local_addrs"] == ["10.2.0.2:4330"] and keys.node_id(bytes.fromhex(info["pubkey"])) == b
+    assert info.local_addrs == ["10.2.0.2:4330"] and keys.node_id(bytes.fromhex(info.pubkey)) == b
 
     # An unknown key signing a federation request is refused, and so is a replay of a good one.
     stranger = FederationClient(keys.generate(), lambda addr: True, guard)
@@ -91,7 +91,7 @@ async def test_node_moves_between_dcs_within_one_block(net, tmp_path):
     async with DcClient(net.urls[0]) as dc1, DcClient(net.urls[1]) as dc2c:
         for dc in (dc1, dc2c):
             seen = await until(lambda: _whois_or_none(dc, n), timeout=5)
-            assert seen["home_dc"] == dc2
+            assert seen.home_dc == dc2
     assert await reg.block_number() <= moved["block"] + 1
     # The old DC's stale record can no longer reach the chain, and `ntm status` shows the new home.
     status = ntm(home, "status")
@@ -106,7 +106,7 @@ async def test_bad_input_is_refused_and_changes_nothing(net, tmp_path):
     nid = keys.node_id_of(key)
     async with DcClient(url) as client:
         info = await client.info()
-        domain = Domain(info["chain_id"], keys.parse_node_id(info["registry"]))
+        domain = Domain(info.chain_id, keys.parse_node_id(info.registry))
 
         def req(ts, dc=dc1, revoked=False, signer=key):
             rec = NodeTransaction(nid, dc, ts, revoked)
@@ -157,7 +157,7 @@ async def test_session_and_keepalive_token(net, tmp_path):
     key = keys.load_keystore(home / "key.json")
     async with DcClient(net.urls[0]) as client:
         ws, welcome = await client.open_session(key)
-        token, port = bytes.fromhex(welcome["token"]), welcome["keepalive_ports"][0]
+        token, port = bytes.fromhex(welcome.token), welcome.keepalive_ports[0]
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.settimeout(2)
             s.sendto(keepalive.encode_request(n, 1, b"\x00" * 32), ("127.0.0.1", port))  # wrong token

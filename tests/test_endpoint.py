@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import time
 
 import pytest
 
-from node.endpoint import Endpoint, normalize_addr
+from node.channel import Link
+from node.endpoint import Endpoint
+from ntm.addr import for_socket
 from ntm import keys
 from ntm.handshake import PeerIdentityError
 from ntm.packet import FORWARDED_TYPES, TYPE_RELAY_BIND, RelayBind, RelayBindAck
@@ -193,24 +196,27 @@ async def test_relay_fallback_when_direct_fails():
         blackhole.close()
 
 
-def test_normalize_addr():
-    assert normalize_addr(("127.0.0.1", 1), socket.AF_INET6) == ("::ffff:127.0.0.1", 1)
-    assert normalize_addr(("::ffff:127.0.0.1", 1), socket.AF_INET) == ("127.0.0.1", 1)
-    assert normalize_addr(("::1", 1), socket.AF_INET6) == ("::1", 1)
+def test_for_socket():
+    assert for_socket(("127.0.0.1", 1), socket.AF_INET6) == ("::ffff:127.0.0.1", 1)
+    assert for_socket(("::ffff:127.0.0.1", 1), socket.AF_INET) == ("127.0.0.1", 1)
+    assert for_socket(("::1", 1), socket.AF_INET6) == ("::1", 1)
 
 
-async def test_data_before_set_receiver_reaches_the_receiver():
+@pytest.mark.parametrize("wrap", ["channel", "link"])
+async def test_data_before_set_receiver_reaches_the_receiver(wrap):
     """The peer may send the moment its handshake completes, before our side attaches a receiver:
-    those payloads go to the receiver first, in order, not stranded in the recv() queue."""
+    those payloads go to the receiver first, in order, not stranded in the recv() queue. Both
+    implementations of the tunnel interface: the plain Channel and the agent's surviving Link
+    (whose copy of set_receiver once kept them queued forever)."""
     ea, eb = await endpoints()
     try:
         ca, cb = await open_pair(ea, eb)
+        app = cb if wrap == "channel" else Link(cb, time.monotonic)
         for i in range(3):
             await ca.send(b"early%d" % i)
-        while cb._queue.qsize() < 3:
-            await asyncio.sleep(0.01)
+        await asyncio.wait_for(_until(lambda: cb.stats["rx_data"] == 3), 3)
         got = []
-        cb.set_receiver(got.append)
+        app.set_receiver(got.append)
         await ca.send(b"late")
         await asyncio.wait_for(_until(lambda: len(got) == 4), 3)
         assert got == [b"early0", b"early1", b"early2", b"late"]

@@ -1,4 +1,4 @@
-"""NodeRegistry on a real anvil: every rule of docs/PROTOCOL.md §2–3, through ntm.registry."""
+"""NodeRegistry on a real anvil: every rule of docs/PROTOCOL.md §2–3, through chain.registry."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from eth_account import Account
 
 from ntm import keys, record
-from ntm.registry import DcInfo, OnChainRecord, Registry, RegistryError
+from chain.registry import DcInfo, OnChainRecord, Registry, RegistryError
 from scripts.anvil import DEV_KEYS
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 
 import pytest
 from hypothesis import given, settings
@@ -12,7 +13,7 @@ from hypothesis import strategies as st
 
 from ntm import packet
 from rs.relay import MAX_LIFETIME_S, RELAY_IDLE_S, PathError, RelayTable
-from rs.server import display, normalise
+from ntm.addr import display, for_socket
 from rs.trust import DcTrust, TrustError
 
 PATH = bytes.fromhex("0102030405060708")
@@ -223,11 +224,12 @@ def test_table_bound():
 
 
 def test_address_normalisation():
-    assert normalise(("::ffff:127.0.0.1", 5, 0, 0)) == normalise(("::FFFF:7f00:1", 5, 7, 0))
-    assert normalise(("::1", 5, 3, 0)) == normalise(("0:0::1", 5, 0, 0))
-    assert normalise(("fe80::1", 5, 0, 2)) == ("fe80::1", 5, 0, 2)
-    assert normalise(("127.0.0.1", 5)) == ("127.0.0.1", 5)
-    assert display(normalise(("::ffff:10.0.0.1", 9, 0, 0))) == "10.0.0.1:9"
+    v6 = socket.AF_INET6
+    assert for_socket(("::ffff:127.0.0.1", 5, 0, 0), v6) == for_socket(("::FFFF:7f00:1", 5, 7, 0), v6)
+    assert for_socket(("::1", 5, 3, 0), v6) == for_socket(("0:0::1", 5, 0, 0), v6)
+    assert for_socket(("fe80::1", 5, 0, 2), v6) == ("fe80::1", 5, 0, 2)
+    assert for_socket(("127.0.0.1", 5), socket.AF_INET) == ("127.0.0.1", 5)
+    assert display(for_socket(("::ffff:10.0.0.1", 9, 0, 0), v6)) == "10.0.0.1:9"
     assert display(("::1", 9)) == "[::1]:9"
 
 
@@ -254,7 +256,7 @@ async def test_trust_cache_ttl_and_coalescing():
     assert len(calls) == 3
 
     async def broken(addr):
-        from ntm.registry import RegistryError
+        from chain.registry import RegistryError
         raise RegistryError("rpc down")
 
     with pytest.raises(TrustError):

@@ -15,13 +15,21 @@ import aiohttp
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from ntm import envelope, handshake, keys, packet
-from ntm.registry import Registry
-from rs.client import RelayDirectionError, send_relay_direction
+from ntm import envelope, handshake, keys, messages, packet
+from chain.registry import Registry
+from dc.federation import FederationClient, FederationError as RelayDirectionError
 from scripts.anvil import DEV_KEYS, Anvil
 from scripts.procs import Child, free_port, has_ipv6_loopback
 
 PLAINTEXT = b"attack at dawn: the relay must never see this sentence"
+
+
+async def send_relay_direction(http, url: str, dc_key, path: bytes, token: bytes, nodes, expires_ms: int,
+                               max_bytes: int) -> dict:
+    """The DC's booking call (dc/federation.py) against the relay under test."""
+    fed = FederationClient(dc_key, lambda _a: True, envelope.ReplayGuard(), http=http)
+    body = messages.RelayDirection(path.hex(), token.hex(), [keys.checksum(n) for n in nodes], expires_ms, max_bytes)
+    return messages.encode(await fed.book_relay(url, body))
 
 
 @pytest.fixture

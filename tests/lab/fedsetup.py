@@ -16,7 +16,7 @@ import urllib.request
 from pathlib import Path
 
 from ntm import keys
-from ntm.registry import Registry
+from chain.registry import Registry
 from scripts.anvil import DEV_KEYS
 
 

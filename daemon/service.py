@@ -1,21 +1,18 @@
 """Process plumbing shared by the daemons (ntm-dc, ntm-rs): logging, signals, exit codes, sockets.
 
-The one I/O module in ntm/: it lives here because dc/ and rs/ must not import each other.
+Its own package at the edge: dc/ and rs/ must not import each other, and ntm/ stays free of I/O.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import signal
 import socket
 import sys
-from pathlib import Path
 from typing import Awaitable, Callable
 
 from ntm.errors import NtmError
-from ntm.registry import Registry
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -52,34 +49,42 @@ def prometheus_text(metrics: dict[str, int | float]) -> str:
     return "".join(f"# TYPE {k} {'counter' if k.endswith('_total') else 'gauge'}\n{k} {v}\n" for k, v in metrics.items())
 
 
-def udp_socket(host: str, port: int) -> socket.socket:
-    """A bound UDP socket: dual-stack on '::' (IPV6_V6ONLY=0) so IPv4-only and IPv6-only hosts reach
-    the same port; an IPv4 host ('0.0.0.0') gives an IPv4-only socket for machines without IPv6."""
-    if ":" in host:
+def udp_socket(host: str | None, port: int, buffer: int | None = None) -> socket.socket:
+    """A bound UDP socket. `host` "::" is dual-stack (IPV6_V6ONLY=0) so IPv4-only and IPv6-only
+    hosts reach the same port; None is the same, falling back to IPv4 on a host without IPv6; an
+    IPv4 host ("0.0.0.0") gives an IPv4-only socket. `buffer`: SO_RCVBUF/SO_SNDBUF, best effort."""
+    if host is None or ":" in host:
         sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        try:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.bind((host or "::", port))
+        except OSError:
+            sock.close()
+            if host is not None:
+                raise
+            sock = udp_socket("0.0.0.0", port)
     else:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind((host, port))
+        sock.bind((host, port))
+    for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF) if buffer else ():
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, buffer)
+        except OSError:
+            pass
     return sock
 
 
-def load_deployment(path: Path) -> dict:
-    """The deployment file written by scripts/deploy.py: chain id, registry address, deploy block."""
+# Documentation addresses, routed by the default route: what the host would use "towards the
+# Internet" for each IP version (a UDP connect() to them sends nothing).
+ROUTE_PROBES = {4: "192.0.2.1", 6: "2001:db8::1"}
+
+
+def source_address(target: str) -> str | None:
+    """The local IP the OS would send from towards `target` (an IP or a name), or None if no route."""
     try:
-        dep = json.loads(Path(path).read_text())
-        return {"chain_id": int(dep["chain_id"]), "registry": dep["registry"], "block": int(dep.get("block", 0))}
-    except FileNotFoundError:
-        raise NtmError(f"deployment file {path} not found (run scripts/deploy.py)") from None
-    except (ValueError, KeyError, TypeError) as exc:
-        raise NtmError(f"deployment file {path} is invalid: {exc}") from None
-
-
-async def connect_registry(rpc_url: str, deployment: Path, key: bytes | None = None) -> tuple[Registry, dict]:
-    """The registry of a deployment, refusing a chain whose id differs from the deployment's."""
-    dep = load_deployment(deployment)
-    registry = await Registry.connect(rpc_url, dep["registry"], key)
-    if registry.chain_id != dep["chain_id"]:
-        await registry.close()
-        raise NtmError(f"chain at {rpc_url} has id {registry.chain_id}, deployment says {dep['chain_id']}")
-    return registry, dep
+        info = socket.getaddrinfo(target, 9, type=socket.SOCK_DGRAM)[0]
+        with socket.socket(info[0], socket.SOCK_DGRAM) as s:
+            s.connect(info[4])  # UDP connect sends nothing; it only picks the route
+            return s.getsockname()[0]
+    except OSError:
+        return None

@@ -1,0 +1,469 @@
+"""Async client of the NodeRegistry contract (docs/PROTOCOL.md §3): a thin adapter, no policy.
+
+Built on web3 8 `AsyncWeb3(AsyncHTTPProvider)` with NO middleware (the default onion adds
+eth_chainId round trips for validation and a gas-estimate layer we do ourselves) and with the
+provider's own retries off (an unreachable URL fails at once; `events()` retries by itself).
+Calls are ABI-encoded with eth_abi from the committed artifact; transactions are signed locally
+with an eth-account key, the nonce is kept locally and sends are serialized with an asyncio.Lock,
+so concurrent `register()` calls pipeline without nonce collisions.
+
+Errors: every failure surfaces as `RegistryError` with a readable message; a contract revert
+carries the contract's reason string in `.reason` (e.g. "NodeRegistry: stale timestamp").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from importlib import resources
+from pathlib import Path
+from typing import Any, AsyncIterator, Iterable
+
+import aiohttp
+import eth_abi
+from eth_account import Account
+from eth_utils import (
+    event_abi_to_log_topic,
+    function_abi_to_4byte_selector,
+    get_abi_input_types,
+    get_abi_output_types,
+    to_checksum_address,
+)
+from web3 import AsyncHTTPProvider, AsyncWeb3
+from web3.exceptions import ContractLogicError, TransactionNotFound, Web3Exception, Web3RPCError
+
+from ntm import record
+from ntm.errors import NtmError
+from ntm.registry import DcInfo, OnChainRecord, RegistryError, RegistryEvent, SubmitResult
+
+ARTIFACT_NAME = "NodeRegistry.json"
+
+# RecordRejected reason codes (NodeRegistry.sol) -> the revert string register() would give.
+REJECT_REASONS: dict[int, str] = {
+    1: "NodeRegistry: bad signature",
+    2: "NodeRegistry: high s",
+    3: "NodeRegistry: stale timestamp",
+    4: "NodeRegistry: timestamp too far in future",
+    5: "NodeRegistry: node revoked",
+}
+
+EVENT_KINDS = ("NodeRegistered", "NodeRevoked", "DCAdmitted", "DCUpdated", "DCRemoved")
+_ERROR_SELECTOR = bytes.fromhex("08c379a0")  # Error(string)
+_GAS_MARGIN = 1.25
+_TIP_WEI = 10**9
+
+
+# Gas limit of a registerBatch transaction, so it need not be estimated first: measured ~30k per
+# new record plus ~25k per transaction (bench/gas.py); 50% headroom, only gas used is paid.
+BATCH_GAS_BASE = 60_000
+BATCH_GAS_PER_RECORD = 45_000
+
+
+def load_artifact() -> dict:
+    try:
+        text = resources.files("chain").joinpath("artifacts", ARTIFACT_NAME).read_text()
+    except FileNotFoundError:
+        raise RegistryError(f"contract artifact chain/artifacts/{ARTIFACT_NAME} is missing: run `python -m scripts.compile`") from None
+    return json.loads(text)
+
+
+class _Abi:
+    """Selectors, types and topics of the artifact's functions and events."""
+
+    def __init__(self, abi: list[dict]) -> None:
+        self.functions: dict[str, tuple[bytes, list[str], list[str]]] = {}
+        self.events: dict[bytes, tuple[str, list[dict]]] = {}
+        self.topics: dict[str, bytes] = {}
+        for item in abi:
+            if item["type"] == "function":
+                self.functions[item["name"]] = (
+                    function_abi_to_4byte_selector(item),
+                    list(get_abi_input_types(item)),
+                    list(get_abi_output_types(item)),
+                )
+            elif item["type"] == "event":
+                topic = event_abi_to_log_topic(item)
+                self.events[topic] = (item["name"], item["inputs"])
+                self.topics[item["name"]] = topic
+
+    def encode(self, name: str, *args: Any) -> bytes:
+        selector, types, _ = self.functions[name]
+        return selector + eth_abi.encode(types, args)
+
+    def decode(self, name: str, data: bytes) -> tuple:
+        return eth_abi.decode(self.functions[name][2], data)
+
+    def decode_log(self, log: dict) -> tuple[str, dict] | None:
+        topics = [bytes(t) for t in log["topics"]]
+        if not topics or topics[0] not in self.events:
+            return None
+        name, inputs = self.events[topics[0]]
+        indexed = [i for i in inputs if i["indexed"]]
+        plain = [i for i in inputs if not i["indexed"]]
+        values: dict[str, Any] = {}
+        for inp, topic in zip(indexed, topics[1:]):
+            values[inp["name"]] = eth_abi.decode([inp["type"]], topic)[0]
+        for inp, val in zip(plain, eth_abi.decode([i["type"] for i in plain], bytes(log["data"]))):
+            values[inp["name"]] = val
+        return name, values
+
+
+def _addr(value: bytes | str) -> bytes:
+    if isinstance(value, (bytes, bytearray)):
+        if len(value) != 20:
+            raise ValueError("address must be 20 bytes")
+        return bytes(value)
+    raw = value[2:] if value[:2] in ("0x", "0X") else value
+    out = bytes.fromhex(raw)
+    if len(out) != 20:
+        raise ValueError(f"address {value!r} is not 20 bytes")
+    return out
+
+
+def _cs(a: bytes) -> str:
+    return to_checksum_address(a)
+
+
+def _revert_reason(exc: ContractLogicError) -> str:
+    """The Error(string) of a revert, from the data if present, else from web3's message."""
+    data = exc.data
+    if isinstance(data, dict):
+        data = data.get("data")
+    if isinstance(data, str) and data.startswith("0x"):
+        raw = bytes.fromhex(data[2:])
+        if raw[:4] == _ERROR_SELECTOR:
+            try:
+                return eth_abi.decode(["string"], raw[4:])[0]
+            except Exception:
+                pass
+    msg = exc.message or str(exc)
+    return msg.removeprefix("execution reverted: ").removeprefix("execution reverted")
+
+
+class Registry:
+    """One NodeRegistry deployment, seen through one RPC endpoint, optionally with a sending key."""
+
+    def __init__(self, w3: AsyncWeb3, url: str, address: bytes, chain_id: int, key: bytes | None, artifact: dict) -> None:
+        self.w3 = w3
+        self.url = url
+        self.address = address
+        self.chain_id = chain_id
+        self.deploy_block: int | None = None  # set by deploy()
+        self._account = Account.from_key(key) if key is not None else None
+        self.sender: bytes | None = bytes.fromhex(self._account.address[2:]) if self._account else None
+        self._abi = _Abi(artifact["abi"])
+        self._lock = asyncio.Lock()
+        self._nonce: int | None = None
+        self._fee: tuple[float, int] | None = None  # (fetched at, gas price)
+
+    # ------------------------------------------------------------------ construction
+
+    @staticmethod
+    def _w3(rpc_url: str) -> AsyncWeb3:
+        provider = AsyncHTTPProvider(rpc_url, exception_retry_configuration=None, request_kwargs={"timeout": 30})
+        return AsyncWeb3(provider, middleware=[])
+
+    @classmethod
+    async def _chain_id(cls, w3: AsyncWeb3, rpc_url: str) -> int:
+        try:
+            return await w3.eth.chain_id
+        except Exception as exc:
+            await w3.provider.disconnect()
+            raise RegistryError(f"cannot reach the chain RPC at {rpc_url}: {exc}") from None
+
+    @classmethod
+    async def deploy(cls, rpc_url: str, deployer_key: bytes) -> "Registry":
+        """Deploy a fresh NodeRegistry; the deployer becomes its owner."""
+        artifact = load_artifact()
+        w3 = cls._w3(rpc_url)
+        chain_id = await cls._chain_id(w3, rpc_url)
+        reg = cls(w3, rpc_url, b"\0" * 20, chain_id, deployer_key, artifact)
+        try:
+            receipt = await reg._transact(bytes.fromhex(artifact["bytecode"][2:]), to=None)
+        except BaseException:
+            await reg.close()
+            raise
+        reg.address = _addr(receipt["contractAddress"])
+        reg.deploy_block = receipt["blockNumber"]
+        return reg
+
+    @classmethod
+    async def connect(cls, rpc_url: str, address: bytes | str, key: bytes | None = None) -> "Registry":
+        """Attach to an existing deployment; checks that a NodeRegistry with our EIP-712 domain is there."""
+        artifact = load_artifact()
+        address = _addr(address)
+        w3 = cls._w3(rpc_url)
+        chain_id = await cls._chain_id(w3, rpc_url)
+        reg = cls(w3, rpc_url, address, chain_id, key, artifact)
+        try:
+            code = await w3.eth.get_code(_cs(address))
+            if not code:
+                raise RegistryError(f"no contract at {_cs(address)} on chain {chain_id} ({rpc_url})")
+            try:
+                sep = await reg._call("domainSeparator")
+            except RegistryError:
+                sep = (None,)
+            if sep[0] != reg.domain.separator():
+                raise RegistryError(f"the contract at {_cs(address)} on chain {chain_id} is not a compatible NodeRegistry")
+        except BaseException:
+            await reg.close()
+            raise
+        return reg
+
+    async def close(self) -> None:
+        await self.w3.provider.disconnect()
+
+    async def __aenter__(self) -> "Registry":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    @property
+    def domain(self) -> record.Domain:
+        return record.Domain(self.chain_id, self.address)
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _wrap(self, exc: BaseException, what: str) -> RegistryError:
+        if isinstance(exc, ContractLogicError):
+            reason = _revert_reason(exc)
+            return RegistryError(f"{what} reverted: {reason}", reason=reason)
+        text = str(getattr(exc, "message", None) or exc)
+        if isinstance(exc, Web3RPCError) and isinstance(exc.rpc_response, dict):
+            err = exc.rpc_response.get("error")
+            if isinstance(err, dict) and err.get("message"):
+                text = str(err["message"])
+        if "insufficient funds" in text.lower():
+            who = self._account.address if self._account else "the sender"
+            return RegistryError(f"account {who} has insufficient funds for gas on chain {self.chain_id} ({text})")
+        if isinstance(exc, (aiohttp.ClientError, OSError, asyncio.TimeoutError)):
+            return RegistryError(f"cannot reach the chain RPC at {self.url}: {exc}")
+        return RegistryError(f"{what} failed: {text}")
+
+    async def _call(self, fn: str, *args: Any) -> tuple:
+        data = self._abi.encode(fn, *args)
+        try:
+            out = await self.w3.eth.call({"to": _cs(self.address), "data": data})
+        except (Web3Exception, aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+            raise self._wrap(exc, fn) from None
+        return self._abi.decode(fn, bytes(out))
+
+    async def _gas_price(self) -> int:
+        now = time.monotonic()
+        if self._fee is None or now - self._fee[0] > 2.0:
+            self._fee = (now, await self.w3.eth.gas_price)
+        return self._fee[1]
+
+    async def _transact(self, data: bytes, to: bytes | None, what: str = "transaction",
+                        gas_limit: int | None = None) -> dict:
+        """Estimate (surfacing a revert reason without spending gas), sign, send, wait for the receipt.
+
+        With `gas_limit` the estimate is skipped: registerBatch never reverts for a bad record (it
+        skips it), and estimating would execute the whole batch once more before sending it."""
+        if self._account is None:
+            raise RegistryError(f"{what} needs a key: connect with key=...")
+        tx: dict[str, Any] = {"from": self._account.address, "data": data, "chainId": self.chain_id}
+        if to is not None:
+            tx["to"] = _cs(to)
+        try:
+            gas = gas_limit or int(await self.w3.eth.estimate_gas(tx) * _GAS_MARGIN) + 10_000
+            price = await self._gas_price()
+            tx.update(gas=gas, maxFeePerGas=2 * price + _TIP_WEI,
+                      maxPriorityFeePerGas=_TIP_WEI, type=2)
+            async with self._lock:
+                if self._nonce is None:
+                    self._nonce = await self.w3.eth.get_transaction_count(self._account.address, "pending")
+                tx["nonce"] = self._nonce
+                signed = self._account.sign_transaction(tx)
+                try:
+                    tx_hash = await self.w3.eth.send_raw_transaction(signed.raw_transaction)
+                except BaseException:
+                    self._nonce = None  # unknown whether it was taken: re-read next time
+                    raise
+                self._nonce += 1
+            receipt = await self._receipt(bytes(tx_hash))
+        except RegistryError:
+            raise
+        except (Web3Exception, aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+            raise self._wrap(exc, what) from None
+        if receipt["status"] != 1:
+            reason = None
+            try:  # replay on the current state to learn why (e.g. a race with another DC)
+                await self.w3.eth.call({k: v for k, v in tx.items() if k in ("from", "to", "data")})
+            except ContractLogicError as exc:
+                reason = _revert_reason(exc)
+            except Exception:
+                pass
+            raise RegistryError(f"{what} reverted on chain: {reason or 'no reason given'}", reason=reason)
+        return receipt
+
+    async def _receipt(self, tx_hash: bytes, timeout: float = 120.0) -> dict:
+        delay, deadline = 0.002, time.monotonic() + timeout
+        while True:
+            try:
+                return await self.w3.eth.get_transaction_receipt(tx_hash)
+            except TransactionNotFound:
+                pass
+            if time.monotonic() > deadline:
+                raise RegistryError(f"transaction 0x{tx_hash.hex()} not mined within {timeout} s")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.1)
+
+    # ------------------------------------------------------------------ writes
+
+    async def admit_dc(self, address: bytes | str, hostname: str, endpoint: str) -> SubmitResult:
+        return await self._simple("admitDC", _cs(_addr(address)), hostname, endpoint)
+
+    async def update_dc(self, hostname: str, endpoint: str, address: bytes | str | None = None) -> SubmitResult:
+        """Update a DC's hostname/endpoint: our own (default), or `address`'s when we are the owner."""
+        target = _addr(address) if address is not None else self.sender
+        if target is None:
+            raise RegistryError("update_dc needs a key: connect with key=...")
+        return await self._simple("updateDC", _cs(target), hostname, endpoint)
+
+    async def remove_dc(self, address: bytes | str) -> SubmitResult:
+        return await self._simple("removeDC", _cs(_addr(address)))
+
+    async def transfer_ownership(self, new_owner: bytes | str) -> SubmitResult:
+        return await self._simple("transferOwnership", _cs(_addr(new_owner)))
+
+    async def _simple(self, fn: str, *args: Any) -> SubmitResult:
+        receipt = await self._transact(self._abi.encode(fn, *args), self.address, fn)
+        return SubmitResult(bytes(receipt["transactionHash"]), receipt["blockNumber"], receipt["gasUsed"], 0)
+
+    @staticmethod
+    def encode_record(rec: record.NodeTransaction, signature: bytes) -> tuple:
+        r, vs = record.to_compact(signature)
+        return (_cs(rec.node), rec.timestamp, rec.revoked, r, vs)
+
+    async def register(self, items: list[tuple[record.NodeTransaction, bytes]]) -> SubmitResult:
+        """Submit node-signed records with this client's key as the DC (the records must name it).
+
+        One item -> `register` (a refusal raises RegistryError with the reason); several ->
+        `registerBatch` (refused items are skipped and listed in `rejected`/`reasons`)."""
+        if not items:
+            raise ValueError("nothing to register")
+        encoded = [self.encode_record(rec, sig) for rec, sig in items]
+        if len(items) == 1:
+            data = self._abi.encode("register", encoded[0])
+            what = "register"
+        else:
+            data = self._abi.encode("registerBatch", encoded)
+            what = "registerBatch"
+        gas_limit = None if len(items) == 1 else BATCH_GAS_BASE + BATCH_GAS_PER_RECORD * len(items)
+        receipt = await self._transact(data, self.address, what, gas_limit)
+        rejected, reasons = [], []
+        topic = self._abi.topics["RecordRejected"]
+        for log in receipt["logs"]:
+            if log["topics"] and bytes(log["topics"][0]) == topic:
+                _, vals = self._abi.decode_log(log)
+                rejected.append(_addr(vals["node"]))
+                reasons.append(REJECT_REASONS.get(vals["reason"], f"reason {vals['reason']}"))
+        return SubmitResult(bytes(receipt["transactionHash"]), receipt["blockNumber"], receipt["gasUsed"],
+                            len(items) - len(rejected), rejected, reasons)
+
+    # ------------------------------------------------------------------ reads
+
+    async def lookup(self, node: bytes | str) -> OnChainRecord | None:
+        dc, timestamp, revoked = await self._call("lookup", _cs(_addr(node)))
+        if timestamp == 0 and int(dc, 16) == 0:
+            return None
+        return OnChainRecord(_addr(dc), timestamp, revoked)
+
+    async def digest(self, rec: record.NodeTransaction) -> bytes:
+        """The contract's own EIP-712 digest of a record (equals rec.digest(self.domain))."""
+        return bytes((await self._call("digest", _cs(rec.node), _cs(rec.dc), rec.timestamp, rec.revoked))[0])
+
+    async def owner(self) -> bytes:
+        return _addr((await self._call("owner"))[0])
+
+    async def dc(self, address: bytes | str) -> DcInfo | None:
+        address = _addr(address)
+        active, hostname, endpoint = await self._call("getDC", _cs(address))
+        if not active:
+            return None
+        return DcInfo(address, active, hostname, endpoint)
+
+    async def dcs(self) -> list[DcInfo]:
+        (addrs,) = await self._call("dcList")
+        infos = await asyncio.gather(*(self.dc(a) for a in addrs))
+        return [i for i in infos if i is not None]
+
+    async def block_number(self) -> int:
+        try:
+            return await self.w3.eth.block_number
+        except (Web3Exception, aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+            raise self._wrap(exc, "eth_blockNumber") from None
+
+    # ------------------------------------------------------------------ events
+
+    def parse_log(self, log: dict) -> RegistryEvent | None:
+        decoded = self._abi.decode_log(log)
+        if decoded is None:
+            return None
+        kind, v = decoded
+        node = _addr(v["node"]) if "node" in v else None
+        dc = _addr(v["dc"]) if "dc" in v else None
+        return RegistryEvent(kind=kind, block=log["blockNumber"], log_index=log["logIndex"],
+                             tx_hash=bytes(log["transactionHash"]), node=node, dc=dc,
+                             timestamp=v.get("timestamp"), hostname=v.get("hostname"),
+                             endpoint=v.get("endpoint"), reason=v.get("reason"))
+
+    async def get_events(self, from_block: int, to_block: int, kinds: Iterable[str] = EVENT_KINDS) -> list[RegistryEvent]:
+        """Events of the given kinds in [from_block, to_block], in chain order."""
+        topics = [self._abi.topics[k] for k in kinds]
+        logs = await self.w3.eth.get_logs({
+            "address": _cs(self.address), "fromBlock": from_block, "toBlock": to_block,
+            "topics": [topics],
+        })
+        events = [e for e in map(self.parse_log, logs) if e is not None]
+        events.sort(key=lambda e: (e.block, e.log_index))
+        return events
+
+    async def events(self, from_block: int, poll_interval: float = 0.05, kinds: Iterable[str] = EVENT_KINDS,
+                     chunk: int = 2000, max_backoff: float = 5.0) -> AsyncIterator[RegistryEvent]:
+        """Every event of `kinds` from `from_block` on, forever, in order. Polls eth_getLogs when
+        the head moves; an RPC error is retried with backoff on the same block range (no gaps)."""
+        kinds = tuple(kinds)
+        next_block = from_block
+        backoff = poll_interval
+        while True:
+            try:
+                head = await self.w3.eth.block_number
+                if head < next_block:
+                    await asyncio.sleep(poll_interval)
+                    continue
+                to_block = min(head, next_block + chunk - 1)
+                batch = await self.get_events(next_block, to_block, kinds)
+            except (Web3Exception, aiohttp.ClientError, OSError, asyncio.TimeoutError):
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, max_backoff)
+                continue
+            backoff = poll_interval
+            for ev in batch:
+                yield ev
+            next_block = to_block + 1
+
+
+def load_deployment(path: Path) -> dict:
+    """The deployment file written by scripts/deploy.py: chain id, registry address, deploy block."""
+    try:
+        dep = json.loads(Path(path).read_text())
+        return {"chain_id": int(dep["chain_id"]), "registry": dep["registry"], "block": int(dep.get("block", 0))}
+    except FileNotFoundError:
+        raise NtmError(f"deployment file {path} not found (run scripts/deploy.py)") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise NtmError(f"deployment file {path} is invalid: {exc}") from None
+
+
+async def connect_registry(rpc_url: str, deployment: Path, key: bytes | None = None) -> tuple[Registry, dict]:
+    """The registry of a deployment, refusing a chain whose id differs from the deployment's."""
+    dep = load_deployment(deployment)
+    registry = await Registry.connect(rpc_url, dep["registry"], key)
+    if registry.chain_id != dep["chain_id"]:
+        await registry.close()
+        raise NtmError(f"chain at {rpc_url} has id {registry.chain_id}, deployment says {dep['chain_id']}")
+    return registry, dep

@@ -1,0 +1,21 @@
+"""The DC's refusals: each carries a stable `code` that the HTTP/WS adapters put in the answer."""
+
+from __future__ import annotations
+
+from ntm.errors import NtmError
+
+
+class CodedError(NtmError):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class NodeLookupError(CodedError):
+    """A node the registry does not know, or that cannot be reached: unknown_node, home_dc_inactive,
+    home_dc_unreachable, bad_pubkey, wrong_dc."""
+
+
+class DirectionError(CodedError):
+    """A Direction Request that cannot be served: the lookup codes, plus revoked, offline, self,
+    not_home, no_relay."""

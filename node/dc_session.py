@@ -1,0 +1,362 @@
+"""The node's session with its DC: authenticate, keep the NAT mapping open, learn where we are,
+ask for directions, and keep the session alive across moves and DC failures (§5, §8.3).
+
+  * keepalives go from the tunnel socket (so the DC sees the mapping peers will use) to the DC's
+    two UDP ports; their replies tell us our public address;
+  * the session is re-opened with backoff when it drops or when the replies show a new public
+    address (the node moved; its old TCP connection is dead even if nobody said so);
+  * when the home DC stays unreachable, the node signs a newer Node Transaction naming another
+    DC from the list it keeps (`GET /v1/dcs`), registers there and opens its session there.
+
+Route Directions pushed by the DC go to `on_direction`; an address change to `on_moved`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import itertools
+import logging
+import socket
+from typing import Any, Callable
+from urllib.parse import urlsplit
+
+import aiohttp
+import coincurve
+
+from daemon.service import ROUTE_PROBES, source_address
+from node import liveness
+from node.dc_client import DcClient, DcError
+from node.endpoint import Endpoint
+from ntm import keepalive, keys, messages
+from ntm.addr import format_endpoint
+from ntm.clock import Clock
+from ntm.errors import NtmError, ParseError
+from ntm.registration import RegistrationRequest
+
+log = logging.getLogger("ntm.node")
+
+# How long a Direction Request may take: the DCs answer in milliseconds; a dead peer DC takes
+# the federation timeout (3 s) to be declared unreachable.
+DIRECTION_TIMEOUT_S = 8.0
+# The first keepalives of a session go out quickly: the first may race the NAT's mapping setup,
+# and the DC must know our public address before it can direct anyone to us.
+QUICK_KEEPALIVES_S = (0.0, 0.1, 0.3)
+# How long a new session waits for the DC to report our public address.
+OBSERVED_TIMEOUT_S = 5.0
+# One session attempt (TCP + challenge + welcome) may take this long before it counts as failed.
+SESSION_OPEN_TIMEOUT_S = 3.0
+
+
+class NodeError(NtmError):
+    """A connection the node could not make; `code` is the DC's reason when it gave one."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class DcSession:
+    def __init__(self, key: coincurve.PrivateKey, dc_url: str, endpoint: Endpoint, clock: Clock,
+                 keepalive_interval: float, local_addrs: list[str] | None,
+                 on_direction: Callable[[dict[str, Any]], None], on_moved: Callable[[], None]) -> None:
+        self.key = key
+        self.id = keys.node_id_of(key)
+        self.endpoint = endpoint
+        self.clock = clock
+        self.keepalive_interval = keepalive_interval
+        self.fixed_local_addrs = local_addrs  # given by the caller: announced as is, never recomputed
+        self.on_direction = on_direction
+        self.on_moved = on_moved
+        self._set_dc(dc_url)
+        self.ws: aiohttp.ClientWebSocketResponse | None = None
+        self.keepalive_ports: list[int] = []
+        self.token = b""
+        self.observed: str | None = None
+        self.chain: tuple[int, str] | None = None  # (chain id, registry) of the DC we registered at
+        self.known_dcs: list[messages.DcEntry] = []  # from GET /v1/dcs while healthy: where to go if our DC dies
+        self.home: dict | None = None  # set by a failover: the new registration, for the CLI's state
+        self.counters = {"sessions": 0, "session_drops": 0, "failovers": 0, "address_changes": 0}
+        self._seq = itertools.count(clock.wall_ms())  # keepalive seq is on the wire: grows across restarts
+        self._last_reply_seq = 0
+        self._last_reply_at = clock.now()
+        self._req_ids = itertools.count(1)
+        self._results: dict[int, asyncio.Future[messages.DirectionResult]] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._reader: asyncio.Task | None = None
+        self._observed_event = asyncio.Event()
+        self._session_up = asyncio.Event()
+        self._closing = False
+
+    def spawn(self, coro) -> asyncio.Task:
+        """Start a background task and keep a reference until it ends (asyncio keeps only weak ones)."""
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def start(self) -> None:
+        """First session (errors propagate), then the loops that keep it alive."""
+        await self._open_session()
+        await self._learn_federation()
+        self.spawn(self._session_loop())
+        self.spawn(self._keepalive_loop())
+
+    async def close(self) -> None:
+        self._closing = True
+        tasks = [*self._tasks, *([self._reader] if self._reader else [])]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self.ws is not None:
+            try:
+                await asyncio.wait_for(self.ws.close(), 1.0)  # the DC may be gone
+            except (asyncio.TimeoutError, OSError, aiohttp.ClientError):
+                pass
+        await self.dc.close()
+
+    # --- the session --------------------------------------------------------------------------
+    def _set_dc(self, dc_url: str) -> None:
+        self.dc_url = dc_url
+        self.dc = DcClient(dc_url)
+        self.dc_host = urlsplit(dc_url).hostname
+
+    def local_addrs(self) -> list[str]:
+        """The tunnel socket's addresses to announce: what the caller fixed, or the bound address,
+        or (wildcard socket) our address towards the DC plus one per other reachable family."""
+        if self.fixed_local_addrs:
+            return list(self.fixed_local_addrs)
+        host, port = self.endpoint.local_addr[:2]
+        if host not in ("::", "0.0.0.0"):
+            return [format_endpoint(host, port)]
+        families = (4, 6) if self.endpoint.family == socket.AF_INET6 else (4,)
+        return local_addrs_towards(self.dc_host, port, families)
+
+    async def _open_session(self) -> None:
+        """One session attempt at the current DC: authenticate, learn the keepalive token, and wait
+        until the DC has seen our public address (it cannot direct anyone to us before)."""
+        self._observed_event.clear()
+        ws, welcome = await asyncio.wait_for(
+            self.dc.open_session(self.key, self.local_addrs()), SESSION_OPEN_TIMEOUT_S)
+        self.ws = ws
+        self.token = bytes.fromhex(welcome.token)
+        self.keepalive_ports = list(welcome.keepalive_ports)
+        self.endpoint.on_control = self._on_control
+        self._reader = asyncio.create_task(self._read_session(ws))
+        self._last_reply_at = self.clock.now()
+        quick = asyncio.create_task(self._quick_keepalives())
+        try:
+            await asyncio.wait_for(self._observed_event.wait(), OBSERVED_TIMEOUT_S)
+        finally:
+            quick.cancel()
+        self.counters["sessions"] += 1
+        self._session_up.set()
+
+    async def _learn_federation(self) -> None:
+        """Remember our chain and the active DCs, for failover. Best effort while healthy."""
+        try:
+            info = await self.dc.info()
+            self.chain = (info.chain_id, info.registry)
+            self.known_dcs = await self.dc.dcs()
+        except DcError as exc:
+            log.info("could not refresh the DC list from %s: %s", self.dc_url, exc)
+
+    async def _session_loop(self) -> None:
+        """Keep a session open: wait for the current one to end, then reconnect with backoff;
+        after FAILOVER_AFTER_FAILURES failures in a row, move to another DC."""
+        failures = 0
+        while not self._closing:
+            if self._reader is not None:
+                await asyncio.gather(self._reader, return_exceptions=True)
+                self._reader = None
+                self._session_up.clear()
+                self.counters["session_drops"] += 1
+                log.info("session with %s ended; reconnecting", self.dc_url)
+            try:
+                await self._open_session()
+                failures = 0
+                await self._learn_federation()
+                continue
+            except Exception as exc:  # noqa: BLE001 - whatever broke the attempt, the loop must go on
+                failures += 1
+                log.info("session attempt %d at %s failed: %s", failures, self.dc_url, exc)
+                self._abandon_ws()
+            if liveness.should_fail_over(failures) and await self._fail_over():
+                failures = 0
+                continue
+            await asyncio.sleep(liveness.reconnect_delay(failures))
+
+    def _abandon_ws(self) -> None:
+        """Drop the current WebSocket without waiting for the DC (it may be unreachable)."""
+        ws, self.ws = self.ws, None
+        if self._reader is not None:
+            self._reader.cancel()
+            self._reader = None
+        if ws is not None and not ws.closed:
+            self.spawn(ws.close())
+
+    def restart(self, why: str) -> None:
+        """Close the session so the session loop opens a fresh one (new local addresses, new TCP
+        connection from where we are now)."""
+        if self.ws is not None and not self.ws.closed and self._session_up.is_set():
+            log.info("restarting the DC session: %s", why)
+            self._session_up.clear()
+            # A fresh HTTP client: the old one's pooled connections (and the WebSocket) were made
+            # from the old address and may hang until TCP gives up; closing it aborts them all.
+            old, self.dc = self.dc, DcClient(self.dc_url)
+            self.spawn(old.close())
+
+    async def _fail_over(self) -> bool:
+        """Register at the first other known DC that answers, on our chain, and open a session
+        there. The newer Node Transaction names the new DC, so every DC's registry cache (fed by
+        chain events) sends our peers there."""
+        for d in self.known_dcs:
+            url = d.endpoint.rstrip("/")
+            if not url or url == self.dc_url.rstrip("/"):
+                continue
+            old_url, old_dc = self.dc_url, self.dc
+            self._set_dc(url)
+            try:
+                info = await self.dc.info()
+                if self.chain and (info.chain_id, info.registry) != self.chain:
+                    raise DcError("wrong_chain", f"{url} serves another chain")
+                req = RegistrationRequest.signed(self.key, info, self.clock.wall_ms(),
+                                                 self.local_addrs())
+                await self.dc.register(req, wait_confirmed=True)
+                self.home = {"dc_url": url, "dc": info.dc, "hostname": info.hostname,
+                             "timestamp": req.record.timestamp, "status": "confirmed"}
+                await self._open_session()
+            except Exception as exc:  # noqa: BLE001 - try the next DC whatever went wrong here
+                log.info("failover to %s failed: %s", url, exc)
+                self._abandon_ws()
+                await self.dc.close()
+                self.dc_url, self.dc, self.dc_host = old_url, old_dc, urlsplit(old_url).hostname
+                continue
+            await old_dc.close()
+            self.counters["failovers"] += 1
+            log.info("failed over from %s to %s", old_url, url)
+            return True
+        return False
+
+    async def _read_session(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        async for msg in ws:
+            if msg.type != aiohttp.WSMsgType.TEXT:
+                continue
+            try:
+                m = messages.decode(messages.DcToNode, msg.data)
+            except ParseError as exc:
+                log.warning("ignoring a malformed message from the DC: %s", exc)
+                continue
+            if isinstance(m, messages.DirectionPush):
+                self.on_direction(m.direction)
+            elif isinstance(m, messages.DirectionResult):
+                fut = self._results.pop(m.id, None) if m.id is not None else None
+                if fut is not None and not fut.done():
+                    fut.set_result(m)
+        for fut in self._results.values():
+            if not fut.done():
+                fut.set_exception(NodeError("dc_lost", f"session with DC {self.dc_url} closed"))
+        self._results.clear()
+
+    # --- keepalives: keep the NAT mapping open and tell the DC where we are -------------------
+    def send_keepalives(self) -> None:
+        for port in self.keepalive_ports:
+            pkt = keepalive.encode_request(self.id, next(self._seq), self.token)
+            self.endpoint.send_control(pkt, (self.dc_host, port))
+
+    async def _quick_keepalives(self) -> None:
+        for delay in QUICK_KEEPALIVES_S:
+            await asyncio.sleep(delay)
+            self.send_keepalives()
+
+    async def check_address(self, timeout: float = 0.3) -> None:
+        """Send keepalives now and wait (briefly) for a reply: if we moved, the reply shows the
+        new public address and the session is reopened from here (see _on_control)."""
+        seq = self._last_reply_seq
+        self.send_keepalives()
+        end = self.clock.now() + timeout
+        while self._last_reply_seq == seq and self.clock.now() < end:
+            await asyncio.sleep(0.01)
+
+    async def _keepalive_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.keepalive_interval)
+            self.send_keepalives()
+            now = self.clock.now()
+            if liveness.session_dead(now, self._last_reply_at, self.keepalive_interval):
+                self.restart(f"no keepalive reply for {now - self._last_reply_at:.1f} s")
+
+    def _on_control(self, data: bytes, addr) -> None:
+        try:
+            seq, ip, port = keepalive.parse_reply(data)
+        except ParseError:
+            return
+        if seq < self._last_reply_seq:
+            return  # a late reply to a keepalive sent before a newer one: not where we are now
+        self._last_reply_seq, self._last_reply_at = seq, self.clock.now()
+        if self.keepalive_ports and addr[1] != self.keepalive_ports[0]:
+            return  # the second port's view differs behind a symmetric NAT; ours is the first's
+        observed = format_endpoint(ip, port)
+        if observed != self.observed:
+            moved = self.observed is not None
+            log.info("DC sees us at %s", observed)
+            self.observed = observed
+            if moved:
+                self.network_changed("public address changed")
+        self._observed_event.set()
+
+    def network_changed(self, why: str = "network changed") -> None:
+        """Our address changed (seen by the DC, or told by the OS/application): reopen the DC
+        session from here and let the tunnels probe their peers."""
+        self.counters["address_changes"] += 1
+        self.send_keepalives()
+        self.restart(why)
+        self.on_moved()
+
+    # --- Direction Requests -------------------------------------------------------------------
+    async def direction(self, peer: bytes, force_relay: bool = False, resume: bytes | None = None) -> bytes:
+        """Send a Direction Request on the session (waiting for one if it is being reopened);
+        returns the new path ID once the DC has directed both ends."""
+        try:
+            await asyncio.wait_for(self._session_up.wait(), DIRECTION_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise NodeError("dc_lost", f"no session with a DC (last {self.dc_url})") from None
+        rid = next(self._req_ids)
+        fut: asyncio.Future[messages.DirectionResult] = asyncio.get_running_loop().create_future()
+        self._results[rid] = fut
+        req = messages.DirectionRequest(rid, keys.checksum(peer), "relay" if force_relay else None,
+                                        resume.hex() if resume is not None else None)
+        try:
+            await self.ws.send_json(messages.encode(req))  # type: ignore[union-attr]
+            res = await asyncio.wait_for(fut, DIRECTION_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise NodeError("timeout", f"DC did not answer the direction request for {keys.checksum(peer)}") from None
+        except (ConnectionError, AttributeError, RuntimeError) as exc:
+            raise NodeError("dc_lost", f"session with DC {self.dc_url} lost: {exc}") from None
+        finally:
+            self._results.pop(rid, None)
+        if not res.ok or res.path is None:
+            raise NodeError(res.error or "refused", res.message or "direction refused")
+        return bytes.fromhex(res.path)
+
+    def status(self) -> dict:
+        return {"dc": self.dc_url, "observed": self.observed, **self.counters}
+
+
+def local_addrs_towards(host: str | None, port: int, families: tuple[int, ...] = ()) -> list[str]:
+    """The local address the OS would use to reach `host` (the DC), then, for each other IP
+    version in `families`, the one it would use towards the Internet: with the tunnel port."""
+    try:
+        host_family = ipaddress.ip_address(host).version if host else None
+    except ValueError:
+        host_family = None  # a name: its own family is whatever getaddrinfo picks
+    targets = [host] if host else []
+    targets += [ROUTE_PROBES[f] for f in families if f != host_family]
+    out: list[str] = []
+    for ip in map(source_address, targets):
+        if ip is None or ipaddress.ip_address(ip).is_link_local:
+            continue
+        ep = format_endpoint(ip, port)
+        if ep not in out:
+            out.append(ep)
+    return out

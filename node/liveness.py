@@ -1,0 +1,74 @@
+"""When a node repairs things: pure decisions over monotonic times, no I/O (tested without sockets).
+
+The agent asks these functions every tick and does what they answer: probe a silent tunnel,
+ask the DCs for a new path, drop an old path, reopen the DC session, move to another DC.
+docs/PROTOCOL.md §8.3.
+"""
+
+from __future__ import annotations
+
+import enum
+
+# A Link counts as in use if the application sent or received within this window; only links in
+# use are probed (an idle tunnel is kept open by keepalives, not by probes).
+ACTIVE_WINDOW_S = 1.0
+# In use and nothing authenticated heard for this long: send a PING (it also lets the peer roam
+# to our new address, the cheap repair).
+PROBE_AFTER_S = 0.15
+# ... and for this long: the path is dead, ask the DCs for a new one. Handover target is 1 s.
+DEAD_AFTER_S = 0.45
+# After a switch, the old path keeps delivering what is still in flight; it is closed once it has
+# been silent this long.
+OLD_PATH_GRACE_S = 10.0
+# The DC session counts as dead after this many keepalive intervals without any reply (a DC whose
+# host vanished closes no TCP connection).
+KEEPALIVE_MISSES = 3
+# Session reconnect backoff: a moved node reconnects within tens of ms; a dead DC is not hammered.
+RECONNECT_BACKOFF_S = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2)
+# Consecutive failed session attempts after which the home DC is given up for another one
+# (~0.35 s of "connection refused" with the backoff above).
+FAILOVER_AFTER_FAILURES = 3
+
+
+class LinkAction(enum.Enum):
+    NONE = "none"
+    PROBE = "probe"  # PING from where we are now
+    REDIRECT = "redirect"  # ask the DCs for a new path to the same peer
+
+
+def link_action(now: float, last_app: float, last_heard: float, recovering: bool) -> LinkAction:
+    """What to do with a tunnel: nothing while idle or already recovering; probe it when it has
+    been silent a little while in use; re-direct it when probing did not bring anything back."""
+    if recovering or now - last_app > ACTIVE_WINDOW_S:
+        return LinkAction.NONE
+    silent = now - last_heard
+    if silent >= DEAD_AFTER_S:
+        return LinkAction.REDIRECT
+    if silent >= PROBE_AFTER_S:
+        return LinkAction.PROBE
+    return LinkAction.NONE
+
+
+def old_path_expired(now: float, last_heard: float) -> bool:
+    """An old path (not the one we send on) that has been silent past its grace period."""
+    return now - last_heard > OLD_PATH_GRACE_S
+
+
+def recovered(now: float, last_heard: float) -> bool:
+    """While re-directing: the old path came back (the peer roamed, or resumed from its side)."""
+    return now - last_heard < PROBE_AFTER_S
+
+
+def session_dead(now: float, last_reply: float, keepalive_interval: float) -> bool:
+    """No keepalive reply from the DC for KEEPALIVE_MISSES intervals."""
+    return now - last_reply > KEEPALIVE_MISSES * keepalive_interval
+
+
+def reconnect_delay(failures: int) -> float:
+    """Backoff before the next session attempt after `failures` failures in a row (≥ 1)."""
+    return RECONNECT_BACKOFF_S[min(max(failures, 1), len(RECONNECT_BACKOFF_S)) - 1]
+
+
+def should_fail_over(failures: int) -> bool:
+    """Give the home DC up for another known DC."""
+    return failures >= FAILOVER_AFTER_FAILURES

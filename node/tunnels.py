@@ -1,0 +1,253 @@
+"""The node's tunnel table: follow Route Directions, hand tunnels to connect()/accept(), keep
+them alive (probe, re-direct), and remember the ones that ended (§8.1, §8.3).
+
+A tunnel is a `Link` whose send/recv survive path changes: while it carries traffic and nothing
+authenticated comes back, it is probed (a PING from wherever we are now lets the peer roam to
+us); if that fails, the node asks the DCs for a new direction to the same peer ("resume": the
+tunnel's ID) and both ends move the Link onto the new path. What to do when is decided by
+node/liveness.py; this module does it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+from node import liveness
+from node.channel import Channel, Link
+from node.dc_session import NodeError
+from node.endpoint import Endpoint
+from ntm import envelope, keys, messages
+from ntm.addr import parse_endpoint
+from ntm.clock import Clock
+from ntm.errors import NtmError, ParseError
+from ntm.tunnel import RelayInfo
+
+log = logging.getLogger("ntm.node")
+
+# How long the tunnel handshake may take once directed: direct attempts, then the relay from
+# 1.5 s on (node/endpoint.py), with room for a few relay retries.
+TUNNEL_TIMEOUT_S = 8.0
+# Ended tunnels kept for `ntm status`: enough to see what just happened, bounded for a long run.
+ENDED_TUNNELS_KEPT = 16
+# Tunnel liveness, checked this often for every Link.
+LIVENESS_TICK_S = 0.05
+# A re-direction that failed (peer also moving, DC session reconnecting) is retried this often,
+# for at most RECOVERY_GIVE_UP_S.
+RECOVERY_RETRY_S = 0.3
+RECOVERY_GIVE_UP_S = 60.0
+
+# Asks the DCs for a path to a peer: (peer, force_relay, resume) → new path ID (DcSession.direction).
+AskDirection = Callable[[bytes, bool, "bytes | None"], Awaitable[bytes]]
+
+
+@dataclass
+class Tunnel:
+    """A tunnel to `peer`: its Link (`channel`), how it was made, and how it was repaired.
+
+    `id` is the first path ID; both ends know it, and a re-direction names it to move the tunnel.
+    """
+
+    peer: bytes
+    channel: Link
+    kind: str
+    role: str
+    opened_at: float
+    id: bytes = b""
+    redirects: int = 0  # new paths the DCs gave this tunnel after the old one died
+    probes: int = 0  # liveness PINGs sent while the path was silent
+    recovering: asyncio.Task | None = field(default=None, repr=False)
+
+    def status(self, state: str) -> dict:
+        ch = self.channel
+        return {"peer": keys.checksum(self.peer), "id": self.id.hex(), "path": ch.path_id.hex(), "state": state,
+                "route": self.kind, "via": ch.via, "redirects": self.redirects,
+                "rtt_ms": round(ch.rtt * 1000, 2) if ch.rtt else None, **ch.stats}
+
+
+def open_direction(obj: Any) -> messages.RouteDirection:
+    """The body of a DC-signed Route Direction; ParseError if malformed or not signed by its DC.
+
+    Which DC signed does not matter to the node's security: the peer's key is checked against the
+    peer ID in the handshake (a lying DC cannot get in the middle)."""
+    env, sig = envelope.parse(obj)
+    if env.kind != messages.ROUTE_DIRECTION:
+        raise ParseError(f"expected a route direction, got {env.kind!r}")
+    if keys.recover_node_id(env.digest(), sig) != env.sender:
+        raise ParseError("route direction signature does not match its DC")
+    return messages.decode(messages.RouteDirection, env.body)
+
+
+class Tunnels:
+    def __init__(self, my_id: bytes, endpoint: Endpoint, clock: Clock, ask: AskDirection,
+                 check_address: Callable[[], Awaitable[None]]) -> None:
+        self.my_id = my_id
+        self.endpoint = endpoint
+        self.clock = clock
+        self.ask = ask
+        self.check_address = check_address
+        self.table: dict[bytes, Tunnel] = {}  # by tunnel ID
+        self.ended: deque[dict] = deque(maxlen=ENDED_TUNNELS_KEPT)  # for status output
+        self._opening: dict[bytes, asyncio.Future[Tunnel]] = {}
+        self._incoming: asyncio.Queue[Tunnel] = asyncio.Queue()
+        self._tasks: set[asyncio.Task] = set()
+
+    def spawn(self, coro) -> asyncio.Task:
+        """Start a background task and keep a reference until it ends."""
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def start(self) -> None:
+        self.spawn(self._liveness_loop())
+
+    async def close(self) -> None:
+        tasks = list(self._tasks)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # --- opening ------------------------------------------------------------------------------
+    def _opening_future(self, path: bytes) -> asyncio.Future[Tunnel]:
+        if path not in self._opening:
+            self._opening[path] = asyncio.get_running_loop().create_future()
+        return self._opening[path]
+
+    def on_direction(self, obj: dict[str, Any]) -> None:
+        """A Route Direction pushed by the DC: open its path in the background."""
+        self.spawn(self.follow(obj))
+
+    async def follow(self, obj: dict[str, Any]) -> None:
+        """Open the tunnel a Route Direction describes; hand it to connect(), accept(), or (with
+        "resume") to the existing tunnel it repairs."""
+        try:
+            d = open_direction(obj)
+            path, peer = bytes.fromhex(d.path), keys.parse_node_id(d.peer)
+            relay = None
+            if d.relay is not None:
+                relay = RelayInfo(parse_endpoint(d.relay.endpoints[0]), bytes.fromhex(d.relay.token), d.relay.side)
+            candidates = [parse_endpoint(c) for c in d.candidates]
+            resume = bytes.fromhex(d.resume) if d.resume else None
+        except (ParseError, ValueError) as exc:
+            log.warning("ignoring malformed route direction: %s", exc)
+            return
+        fut = self._opening_future(path)
+        try:
+            ch = await self.endpoint.open(path, peer, bytes.fromhex(d.peer_pubkey), candidates, d.role, relay,
+                                          TUNNEL_TIMEOUT_S)
+        except NtmError as exc:  # includes PeerIdentityError: the key is not the peer's
+            log.warning("tunnel to %s failed: %s", keys.checksum(peer), exc)
+            if not fut.done():
+                fut.set_exception(NodeError("tunnel_failed", f"tunnel to {keys.checksum(peer)} failed: {exc}"))
+            return
+        tunnel = self._place(ch, d, path, peer, resume)
+        if keys.parse_node_id(d.requester) == self.my_id:
+            if not fut.done():
+                fut.set_result(tunnel)
+        else:
+            self._opening.pop(path, None)
+            if tunnel.id == path:
+                self._incoming.put_nowait(tunnel)
+
+    def _place(self, ch: Channel, d: messages.RouteDirection, path: bytes, peer: bytes,
+               resume: bytes | None) -> Tunnel:
+        """Attach a new path to the tunnel it resumes, or make it a new tunnel."""
+        old = self.table.get(resume) if resume is not None else None
+        if old is not None and old.peer == peer and not old.channel.closed:
+            old.channel.attach(ch)
+            old.kind, old.role = d.kind, d.role
+            old.redirects += 1
+            log.info("tunnel %s to %s moved to path %s: %s via %s", old.id.hex(), keys.checksum(peer),
+                     path.hex(), d.kind, ch.via)
+            return old
+        tunnel = Tunnel(peer, Link(ch, self.clock.now), d.kind, d.role, self.clock.wall(), id=path)
+        self.table[path] = tunnel
+        log.info("tunnel to %s up: %s via %s", keys.checksum(peer), d.kind, ch.via)
+        return tunnel
+
+    async def _directed(self, peer: bytes, force_relay: bool, resume: bytes | None) -> Tunnel:
+        path = await self.ask(peer, force_relay, resume)
+        try:
+            return await asyncio.wait_for(self._opening_future(path), TUNNEL_TIMEOUT_S + 2)
+        finally:
+            self._opening.pop(path, None)
+
+    async def connect(self, peer: bytes, force_relay: bool = False) -> Tunnel:
+        """Ask the DC for a route to `peer` and build the tunnel; NodeError with the reason if not."""
+        return await self._directed(peer, force_relay, None)
+
+    async def accept(self) -> Tunnel:
+        """The next tunnel a peer opened to us."""
+        return await self._incoming.get()
+
+    # --- liveness and repair ------------------------------------------------------------------
+    async def _liveness_loop(self) -> None:
+        while True:
+            await asyncio.sleep(LIVENESS_TICK_S)
+            now = self.clock.now()
+            for t in list(self.table.values()):
+                self._check(t, now)
+
+    def _check(self, t: Tunnel, now: float) -> None:
+        link = t.channel
+        if link.current.closed_by_peer and not link.closed:
+            log.info("tunnel %s closed by %s", t.id.hex(), keys.checksum(t.peer))
+            link.peer_closed()
+        if link.closed:
+            if self.table.pop(t.id, None) is not None:
+                self.ended.append(t.status("closed"))
+            return
+        for ch in list(link.channels):
+            if ch is not link.current and liveness.old_path_expired(now, ch.last_heard):
+                link.detach(ch)
+                self.spawn(ch.close())
+        action = liveness.link_action(now, link.last_app, link.last_heard, t.recovering is not None)
+        if action is liveness.LinkAction.REDIRECT:
+            t.recovering = self.spawn(self._redirect(t))
+        elif action is liveness.LinkAction.PROBE:
+            self.probe(t)
+
+    def probe(self, t: Tunnel) -> None:
+        """A PING from our current address: the answer proves the path; the PING itself moves the
+        peer to our new address if we roamed (authenticated-address update)."""
+        ch = t.channel.current
+        if ch.established and not ch.closed:
+            t.probes += 1
+            self.spawn(self._ping_quietly(ch))
+
+    def probe_all(self) -> None:
+        for t in self.table.values():
+            self.probe(t)
+
+    @staticmethod
+    async def _ping_quietly(ch: Channel) -> None:
+        try:
+            await ch.ping(liveness.DEAD_AFTER_S)
+        except (asyncio.TimeoutError, NtmError):
+            pass
+
+    async def _redirect(self, t: Tunnel) -> None:
+        """Ask the DCs for a new path to the same peer, naming the tunnel, until one works.
+        The resulting direction is attached to the Link in follow() (on both ends)."""
+        started = self.clock.now()
+        log.info("tunnel %s to %s silent: asking for a new direction", t.id.hex(), keys.checksum(t.peer))
+        try:
+            await self.check_address()  # if we moved: new session, and the DC learns our new mapping
+            while not t.channel.closed and self.clock.now() - started < RECOVERY_GIVE_UP_S:
+                if liveness.recovered(self.clock.now(), t.channel.last_heard):
+                    return
+                try:
+                    await self._directed(t.peer, False, t.id)
+                    return
+                except (NodeError, asyncio.TimeoutError) as exc:
+                    log.info("re-direction for tunnel %s failed: %s", t.id.hex(), exc)
+                    await asyncio.sleep(RECOVERY_RETRY_S)
+        finally:
+            t.recovering = None
+
+    def status(self) -> list[dict]:
+        return [t.status("open") for t in self.table.values()] + list(self.ended)

@@ -1,0 +1,274 @@
+"""Every JSON message between node, DC and RS: one typed definition and one parser each.
+
+Messages are msgspec Structs: `decode(Type, obj_or_text)` validates types, field names (unknown
+fields are refused), hex lengths and endpoint syntax in one call and raises ParseError; `encode`
+gives the JSON-ready dict. Both ends use the same class, so a field is named in one place.
+msgspec over hand-written checks: one declaration instead of one validator per message, at the same
+cost (measured here: a Route Direction with three endpoints decodes in ~44 µs against ~40 µs for
+the hand-written code it replaces; both are dominated by `ipaddress` parsing the endpoints).
+Wire formats: docs/PROTOCOL.md §5 and §8.
+
+Session messages (the node↔DC WebSocket) carry a `type` tag; envelope bodies are untagged (the
+envelope's `kind` names them, see ntm/envelope.py).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, TypeVar, Union
+
+import msgspec
+from msgspec import Meta, Struct
+
+from ntm import addr, keys
+from ntm.errors import ParseError
+
+# Limits that keep one message small: at most this many endpoints in any list.
+MAX_ENDPOINTS = 8
+
+NodeId = Annotated[str, Meta(pattern=r"^(0[xX])?[0-9a-fA-F]{40}$")]
+Hex8 = Annotated[str, Meta(pattern=r"^[0-9a-fA-F]{16}$")]  # path IDs
+Hex16 = Annotated[str, Meta(pattern=r"^[0-9a-fA-F]{32}$")]  # envelope nonces
+Hex32 = Annotated[str, Meta(pattern=r"^[0-9a-fA-F]{64}$")]  # tokens, challenges
+Hex33 = Annotated[str, Meta(pattern=r"^[0-9a-fA-F]{66}$")]  # compressed public keys
+Hex65 = Annotated[str, Meta(pattern=r"^[0-9a-fA-F]{130}$")]  # signatures r||s||v
+PubKeyHex = Annotated[str, Meta(pattern=r"^[0-9a-fA-F]{66}([0-9a-fA-F]{64})?$")]  # 33 or 65 bytes
+Endpoint = Annotated[str, Meta(max_length=64)]
+Endpoints = Annotated[list[Endpoint], Meta(max_length=MAX_ENDPOINTS)]
+Port = Annotated[int, Meta(ge=0, le=65535)]
+Ms = Annotated[int, Meta(ge=0)]
+
+
+class Message(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """Base: unknown fields are refused; defaults are left out of the encoding."""
+
+
+def _check_endpoints(endpoints: list[str] | tuple[str, ...]) -> None:
+    for e in endpoints:
+        addr.parse_endpoint(e)  # ValueError → ParseError in decode()
+
+
+# --- node ↔ DC session (WebSocket), tagged by "type" -----------------------------------------
+class Challenge(Message, tag="challenge", tag_field="type"):
+    dc: NodeId
+    challenge: Hex32
+
+
+class Auth(Message, tag="auth", tag_field="type"):
+    node: NodeId
+    signature: Hex65
+    local_addrs: Endpoints = []
+
+    def __post_init__(self) -> None:
+        _check_endpoints(self.local_addrs)
+
+
+class Welcome(Message, tag="welcome", tag_field="type"):
+    token: Hex32
+    keepalive_ports: Annotated[list[Port], Meta(max_length=2)]
+
+
+class SessionError(Message, tag="error", tag_field="type"):
+    error: str
+    message: str = ""
+
+
+class StatusQuery(Message, tag="status", tag_field="type"):
+    pass
+
+
+class StatusReply(Message, tag="status", tag_field="type"):
+    observed: str | None = None
+    observed_alt: str | None = None
+    keepalives: int = 0
+
+
+class DirectionRequest(Message, tag="direction-request", tag_field="type"):
+    id: int
+    peer: NodeId
+    route: Literal["relay"] | None = None  # "relay": the node asks for the relay on purpose
+    resume: Hex8 | None = None  # the tunnel (first path ID) a re-direction repairs
+
+
+class DirectionResult(Message, tag="direction-result", tag_field="type"):
+    id: int | None
+    ok: bool
+    path: Hex8 | None = None
+    kind: str | None = None
+    reason: str | None = None
+    role: str | None = None
+    error: str | None = None
+    message: str | None = None
+
+
+class DirectionPush(Message, tag="direction", tag_field="type"):
+    direction: dict[str, Any]  # a DC-signed envelope of kind ROUTE_DIRECTION
+
+
+NodeToDc = Union[Auth, StatusQuery, DirectionRequest]
+DcToNode = Union[Challenge, Welcome, SessionError, StatusReply, DirectionResult, DirectionPush]
+
+
+# --- envelope bodies (the envelope's kind names them) -----------------------------------------
+ROUTE_DIRECTION = "route-direction"
+RELAY_DIRECTION = "relay-direction"
+INFO_REQUEST = "ntm-info-request"
+INFO_RESPONSE = "ntm-info-response"
+
+Role = Literal["initiate", "wait", "punch"]
+
+
+class RelayGrant(Message):
+    """Where and how a node binds at the relay: its side (0/1) and the path token."""
+
+    endpoints: Annotated[list[Endpoint], Meta(min_length=1, max_length=MAX_ENDPOINTS)]
+    token: Hex32
+    side: Literal[0, 1]
+
+    def __post_init__(self) -> None:
+        _check_endpoints(self.endpoints)
+
+
+class RouteDirection(Message):
+    """A DC tells `node` how to build path `path` to `peer` (§8.1)."""
+
+    path: Hex8
+    kind: Literal["direct", "nat_initiates", "punch", "relay"]
+    reason: str
+    role: Role
+    node: NodeId
+    peer: NodeId
+    peer_pubkey: PubKeyHex
+    requester: NodeId
+    candidates: Endpoints = []
+    relay: RelayGrant | None = None
+    resume: Hex8 | None = None
+
+    def __post_init__(self) -> None:
+        _check_endpoints(self.candidates)
+
+
+class RelayDirection(Message):
+    """A DC books a relayed path at an RS (§8.2)."""
+
+    path: Hex8
+    token: Hex32
+    nodes: Annotated[list[NodeId], Meta(min_length=2, max_length=2)]
+    expires_ms: Ms
+    max_bytes: Annotated[int, Meta(gt=0)]
+
+
+class RelayBooking(Message):
+    """The RS's answer to a Relay Direction: its UDP endpoints and what it granted."""
+
+    path: Hex8
+    relay: Endpoints
+    created: bool
+    expires_ms: Ms
+    max_bytes: int
+
+
+class InfoRequest(Message):
+    """NTM Information Request: one DC asks `to` (the node's home DC) about `node`."""
+
+    node: NodeId
+    to: NodeId
+
+
+class NodeInfo(Message):
+    """What a home DC knows of its node: the NTM Information Response body, and whois."""
+
+    node: NodeId
+    home_dc: NodeId
+    timestamp: Ms
+    revoked: bool
+    online: bool
+    pubkey: PubKeyHex | None = None
+    local_addrs: Endpoints = []
+    observed: Endpoint | None = None
+    observed_alt: Endpoint | None = None
+    confirmed: bool | None = None
+
+
+# --- HTTP -------------------------------------------------------------------------------------
+class ErrorBody(Message):
+    error: str
+    message: str = ""
+
+
+class DcInfoReply(Message):
+    """GET /v1/info."""
+
+    dc: NodeId
+    hostname: str
+    chain_id: int
+    registry: NodeId
+    keepalive_ports: list[Port]
+    relays: list[str]
+    active: bool
+
+
+class DcEntry(Message):
+    dc: NodeId
+    hostname: str
+    endpoint: str
+
+
+class DcList(Message):
+    """GET /v1/dcs: the active DCs on chain, where a node may re-register if its DC fails."""
+
+    dcs: list[DcEntry]
+
+
+class RecordJson(Message):
+    node: NodeId
+    dc: NodeId
+    timestamp: Ms
+    revoked: bool = False
+
+
+class RegisterBody(Message):
+    """POST /v1/register: a Registration Request (§5)."""
+
+    record: RecordJson
+    signature: Hex65
+    pubkey: PubKeyHex
+    local_addrs: Endpoints = []
+    wait: Literal["confirmed"] | None = None
+
+    def __post_init__(self) -> None:
+        _check_endpoints(self.local_addrs)
+
+
+class RegisterResult(Message):
+    node: NodeId
+    dc: NodeId
+    timestamp: Ms
+    status: Literal["durable", "confirmed", "rejected"]
+    tx: str | None = None
+    block: int | None = None
+    reason: str | None = None
+
+
+# --- one parser, one encoder ------------------------------------------------------------------
+T = TypeVar("T")
+
+
+def decode(kind: type[T] | Any, obj: Any) -> T:
+    """Validate `obj` (decoded JSON, or JSON text/bytes) as `kind`; ParseError naming the field."""
+    try:
+        if isinstance(obj, (str, bytes, bytearray, memoryview)):
+            return msgspec.json.decode(obj, type=kind)
+        return msgspec.convert(obj, kind)
+    except (msgspec.ValidationError, msgspec.DecodeError, ValueError, TypeError) as exc:
+        name = getattr(kind, "__name__", "message")
+        raise ParseError(f"malformed {name}: {exc}") from None
+
+
+def encode(msg: Message) -> dict:
+    """The JSON-ready dict of a message (tag included for session messages)."""
+    return msgspec.to_builtins(msg)
+
+
+def node_id(text: str) -> bytes:
+    """Bytes of a NodeId field (already checked by its pattern)."""
+    return keys.parse_node_id(text)
