@@ -1,4 +1,5 @@
-"""Process plumbing shared by the daemons (ntm-dc, ntm-rs): logging, signals, exit codes, sockets.
+"""Process plumbing shared by the daemons (ntm-dc, ntm-rs) and the node: logging, signals, exit
+codes, sockets.
 
 Its own package at the edge: dc/ and rs/ must not import each other, and ntm/ stays free of I/O.
 """

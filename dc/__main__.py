@@ -22,12 +22,13 @@ from dc.server import make_app
 from dc.store import Store
 from chain.registry import connect_registry
 from daemon import service
+from daemon import keystore
 from ntm import keys
 from daemon.service import udp_socket
 
 
 async def serve(cfg: dc_config.DcConfig, stop: asyncio.Event) -> None:
-    key = keys.load_keystore(cfg.key_file, os.environ.get(dc_config.PASSPHRASE_ENV, ""))
+    key = keystore.load_keystore(cfg.key_file, os.environ.get(dc_config.PASSPHRASE_ENV, ""))
     registry, dep = await connect_registry(cfg.rpc_url, cfg.deployment, key.secret)
     store = Store(cfg.db, keys.node_id_of(key))
     cache = RegistryCache(registry, dep["block"])

@@ -1,8 +1,8 @@
 """The Direction Coordinator's logic, free of HTTP: registration, lookups, federation answers.
 
-dc/server.py turns HTTP/WebSocket/UDP into calls on this object. Its collaborators come in from
-outside (registry, store, cache, federation client, clock), so tests run it against in-memory
-fakes (tests/fakes.py) as well as a real chain.
+dc/server.py turns HTTP/WebSocket/UDP into calls on this object. Its edges come in from outside
+(registry, store, cache, federation transport, clock), so tests run it against in-memory fakes
+(tests/fakes.py) as well as against a real chain and real processes.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import coincurve
 
 from dc.cache import RegistryCache
 from dc.errors import NodeLookupError
-from dc.federation import FederationClient, FederationError
+from dc.federation import FederationClient, FederationError, Transport
 from dc.presence import Presence
 from dc.signaling import Signaling
 from dc.store import Store
@@ -44,8 +44,9 @@ class Coordinator:
         keepalive_ports: tuple[int, int],
         *,
         clock: Clock = SYSTEM,
-        federation: FederationClient | None = None,
+        transport: Transport | None = None,
     ) -> None:
+        """`transport`: how federation requests leave (HTTP unless a test routes them in-process)."""
         self.key = key
         self.address = keys.node_id_of(key)
         self.registry = registry
@@ -58,7 +59,7 @@ class Coordinator:
         self.presence = Presence()
         self.submitter = Submitter(store, registry)
         self.guard = envelope.ReplayGuard()
-        self.federation = federation or FederationClient(key, cache.is_active_dc, self.guard, clock)
+        self.federation = FederationClient(key, cache.is_active_dc, self.guard, clock, transport=transport)
         self.signaling = Signaling(self)
         self.counters = {"registrations_accepted": 0, "registrations_refused": 0,
                          "federation_requests_served": 0, "federation_requests_refused": 0}

@@ -8,7 +8,7 @@ learns nothing. Message bodies: ntm/messages.py; spec: docs/PROTOCOL.md §4, §8
 
 from __future__ import annotations
 
-from typing import Callable, TypeVar
+from typing import Any, Awaitable, Callable, TypeVar
 
 import aiohttp
 import coincurve
@@ -22,6 +22,9 @@ from ntm.errors import NtmError, ParseError
 FEDERATION_TIMEOUT_S = 3.0
 
 T = TypeVar("T")
+# How a request leaves: POST JSON to a URL, get (HTTP status, decoded JSON). aiohttp by default;
+# the fast tests route it to in-process handlers (tests/fakes.py FederationRouter).
+Transport = Callable[[str, dict], Awaitable[tuple[int, Any]]]
 
 
 class FederationError(NtmError):
@@ -36,13 +39,15 @@ class FederationError(NtmError):
 
 class FederationClient:
     def __init__(self, key: coincurve.PrivateKey, is_trusted: Callable[[bytes], bool], guard: envelope.ReplayGuard,
-                 clock: Clock = SYSTEM, http: aiohttp.ClientSession | None = None) -> None:
+                 clock: Clock = SYSTEM, http: aiohttp.ClientSession | None = None,
+                 transport: Transport | None = None) -> None:
         self.key = key
         self.is_trusted = is_trusted
         self.guard = guard
         self.clock = clock
         self._http = http
         self._own_http = http is None
+        self.transport: Transport = transport or self._http_post
 
     async def close(self) -> None:
         if self._http is not None and self._own_http:
@@ -58,20 +63,23 @@ class FederationClient:
         """`body` signed by this DC as an envelope of `kind`."""
         return envelope.seal(self.key, kind, messages.encode(body), self.clock.wall_ms())
 
+    async def _http_post(self, url: str, body: dict) -> tuple[int, Any]:
+        async with self.http.post(url, json=body) as resp:
+            return resp.status, await resp.json(content_type=None)
+
     async def post(self, url: str, body: dict, who: str, answer: type[T] = dict) -> T:
         """POST JSON to a peer (DC or relay); FederationError unless it answers 200 with `answer`."""
         try:
-            async with self.http.post(url, json=body) as resp:
-                data = await resp.json(content_type=None)
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            status, data = await self.transport(url, body)
+        except (aiohttp.ClientError, TimeoutError, ValueError, OSError) as exc:
             raise FederationError(f"{who} unreachable: {exc or type(exc).__name__}") from None
         try:
-            if resp.status != 200:
+            if status != 200:
                 err = messages.decode(messages.ErrorBody, data)
-                raise FederationError(f"{who} refused: {err.message or err.error}", err.error, resp.status)
+                raise FederationError(f"{who} refused: {err.message or err.error}", err.error, status)
             return messages.decode(answer, data)
         except ParseError as exc:
-            raise FederationError(f"{who} answered {resp.status}: {exc}", None, resp.status) from None
+            raise FederationError(f"{who} answered {status}: {exc}", None, status) from None
 
     async def ntm_info(self, endpoint: str, home_dc: bytes, node: bytes) -> messages.NodeInfo:
         """Ask `home_dc` (at HTTP base URL `endpoint`) about `node`; the verified response body."""

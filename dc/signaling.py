@@ -11,16 +11,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from typing import TYPE_CHECKING
+from typing import Protocol
 
+from dc.cache import RegistryCache
 from dc.errors import DirectionError, NodeLookupError
-from dc.federation import FederationError
+from dc.federation import FederationClient, FederationError
+from dc.presence import Presence
 from ntm import envelope, keys, messages
 from ntm.addr import family
+from ntm.clock import Clock
 from ntm.route import Reach, Route, decide
-
-if TYPE_CHECKING:
-    from dc.coordinator import Coordinator
 
 log = logging.getLogger("ntm.dc.signaling")
 
@@ -46,8 +46,24 @@ ROLES = {  # route kind and initiator → (requester's role, peer's role)
 RelayBooking = tuple[bytes, list[str]]  # (path token, the relay's UDP endpoints)
 
 
+class Directory(Protocol):
+    """What signaling needs from its DC (dc/coordinator.py's Coordinator)."""
+
+    address: bytes
+    relays: list[str]
+    clock: Clock
+    cache: RegistryCache
+    presence: Presence
+    federation: FederationClient
+    guard: envelope.ReplayGuard
+
+    def local_info(self, node: bytes) -> messages.NodeInfo | None: ...
+
+    async def lookup(self, node: bytes) -> tuple[messages.NodeInfo, bytes]: ...
+
+
 class Signaling:
-    def __init__(self, coordinator: Coordinator) -> None:
+    def __init__(self, coordinator: Directory) -> None:
         self.c = coordinator
         self.counters = {"directions_served": 0, "directions_failed": 0, "directions_delivered": 0}
 

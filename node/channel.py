@@ -9,14 +9,20 @@ one `Inbox`, so a fix to delivery is made once.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import Callable, Protocol
 
 from ntm.tunnel import Addr, HandshakeDone, Session, TunnelError
 
-if TYPE_CHECKING:
-    from node.endpoint import Endpoint
-
 Receiver = Callable[[bytes], None]
+
+
+class PathSender(Protocol):
+    """What a Channel asks of its endpoint (node/endpoint.py's Endpoint)."""
+
+    def send_data(self, s: Session, data: bytes) -> None: ...
+    def send_ping(self, s: Session) -> None: ...
+    def send_close(self, s: Session) -> None: ...
+    def remove(self, path_id: bytes) -> None: ...
 
 
 class TunnelChannel(Protocol):
@@ -89,7 +95,7 @@ class Inbox:
 class Channel:
     """One path: the application side of one Session on the endpoint's socket."""
 
-    def __init__(self, endpoint: Endpoint, session: Session) -> None:
+    def __init__(self, endpoint: PathSender, session: Session) -> None:
         self.endpoint = endpoint
         self.session = session
         self.inbox = Inbox()

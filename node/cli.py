@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 from node import state
 from node.agent import Node, Tunnel, local_addrs_towards
 from node.dc_client import DcClient, DcError, dc_url
+from daemon import keystore
 from ntm import keys, messages
 from ntm.errors import KeystoreError, NtmError
 from ntm.registration import RegistrationRequest
@@ -38,7 +39,7 @@ class CliError(Exception):
 
 def load_key(base: Path):
     try:
-        return keys.load_keystore(base / state.KEY_FILE, state.passphrase())
+        return keystore.load_keystore(base / state.KEY_FILE, state.passphrase())
     except KeystoreError as exc:
         raise CliError(str(exc), 2) from None
 
@@ -62,7 +63,7 @@ async def cmd_keygen(args, base: Path) -> None:
     if path.exists() and not args.force:
         raise CliError(f"{path} exists; use --force to replace it (the old node ID is lost)", 2)
     key = keys.generate()
-    keys.save_keystore(key, path, state.passphrase())
+    keystore.save_keystore(key, path, state.passphrase())
     nid = keys.checksum(keys.node_id_of(key))
     out(args, {"node": nid, "key_file": str(path)}, f"new node key in {path}\nnode ID {nid}")
 

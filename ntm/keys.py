@@ -6,15 +6,10 @@ A node ID is the Ethereum address of the node key (keccak256(pubkey)[12:]), so t
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
-
 import coincurve
-from eth_account import Account
 from eth_utils import keccak, to_checksum_address
 
-from ntm.errors import KeystoreError, SignatureError
+from ntm.errors import SignatureError
 
 # Order of the secp256k1 group; a signature with s > N/2 is the malleable twin of a valid one.
 SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
@@ -115,34 +110,3 @@ def recover_node_id(digest: bytes, signature: bytes) -> bytes:
 def ecdh(key: coincurve.PrivateKey, peer_public: bytes) -> bytes:
     """32-byte ECDH secret: SHA-256 of the compressed shared point (libsecp256k1's default)."""
     return key.ecdh(parse_public(peer_public).format(compressed=True))
-
-
-def save_keystore(key: coincurve.PrivateKey, path: Path, passphrase: str = "") -> None:
-    """Write the key as Web3 Secret Storage JSON (eth-account keystore), mode 0600, atomically."""
-    blob = Account.encrypt(key.secret, passphrase)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(blob, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def load_keystore(path: Path, passphrase: str = "") -> coincurve.PrivateKey:
-    """Read a keystore; KeystoreError for a missing/corrupt file or a wrong passphrase."""
-    try:
-        blob = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise KeystoreError(f"no key file at {path} (create one with `ntm keygen`)") from None
-    except (OSError, ValueError) as exc:
-        raise KeystoreError(f"key file {path} is unreadable: {exc}") from None
-    try:
-        secret = Account.decrypt(blob, passphrase)
-    except ValueError as exc:
-        if "MAC mismatch" in str(exc):
-            raise KeystoreError(f"wrong passphrase for {path}") from None
-        raise KeystoreError(f"key file {path} is invalid: {exc}") from None
-    return coincurve.PrivateKey(bytes(secret))

@@ -9,11 +9,10 @@ whose observed address is one of its own local addresses is not behind a NAT at 
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
 from typing import Literal
 
-from ntm.registration import parse_endpoint
+from ntm.addr import family, parse_endpoint
 
 NatKind = Literal["none", "eim", "symmetric", "unknown"]
 RouteKind = Literal["direct", "nat_initiates", "punch", "relay"]
@@ -39,7 +38,7 @@ class Reach:
 
     def families(self) -> set[int]:
         eps = list(self.local) + ([self.observed] if self.observed else [])
-        return {ipaddress.ip_address(parse_endpoint(e)[0]).version for e in eps}
+        return {family(e) for e in eps}
 
     def candidates(self, peer: "Reach") -> list[str]:
         """Where the peer should send to reach this node, best first.
@@ -58,11 +57,6 @@ class Reach:
 
 def _ip(endpoint: str) -> str:
     return parse_endpoint(endpoint)[0]
-
-
-def family(endpoint: str) -> int:
-    """4 or 6: the IP version of an `ip:port` endpoint."""
-    return ipaddress.ip_address(_ip(endpoint)).version
 
 
 @dataclass(frozen=True)

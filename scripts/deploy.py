@@ -21,6 +21,7 @@ from typing import Callable
 
 from eth_account import Account
 
+from daemon import keystore
 from ntm import keys
 from ntm.errors import NtmError
 from chain.registry import Registry, RegistryError, load_artifact
@@ -53,7 +54,7 @@ def load_key(hex_key: str | None = None, key_file: str | Path | None = None) -> 
             raise DeployError(f"--key is {len(key)} bytes, expected 32")
         return key
     passphrase = os.environ.get("NTM_KEY_PASSPHRASE", "")
-    return keys.load_keystore(Path(key_file), passphrase).secret  # type: ignore[arg-type]
+    return keystore.load_keystore(Path(key_file), passphrase).secret  # type: ignore[arg-type]
 
 
 def write_atomic(path: Path, obj: dict) -> None:

@@ -33,6 +33,7 @@ from pathlib import Path
 from eth_account import Account
 
 from node import state
+from daemon import keystore
 from ntm import keys
 from ntm.errors import NtmError
 from scripts import deploy as deploy_mod
@@ -133,8 +134,8 @@ def dc_key(data_dir: Path, name: str):
     path = data_dir / f"{name}.key.json"
     passphrase = os.environ.get(DC_PASSPHRASE_ENV, "")
     if not path.exists():
-        keys.save_keystore(keys.generate(), path, passphrase)
-    return path, keys.load_keystore(path, passphrase)
+        keystore.save_keystore(keys.generate(), path, passphrase)
+    return path, keystore.load_keystore(path, passphrase)
 
 
 async def fund(rpc: str, deployer_key: bytes, addresses: list[bytes], amount: int = FUND_WEI) -> list[str]:

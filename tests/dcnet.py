@@ -11,6 +11,7 @@ import socket
 import time
 
 from node.dc_client import DcClient
+from daemon import keystore
 from ntm import keys
 from ntm.registration import RegistrationRequest
 from chain.registry import Registry
@@ -42,7 +43,7 @@ class DcNet:
         for i in range(n_dcs):
             key = keys.private_key(DEV_KEYS[1 + i])
             self.dc_keys.append(key)
-            keys.save_keystore(key, self.workdir / f"dc{i + 1}.key.json")
+            keystore.save_keystore(key, self.workdir / f"dc{i + 1}.key.json")
             self.ports.append(free_port())
             await reg.admit_dc(keys.node_id_of(key), f"dc{i + 1}", f"http://127.0.0.1:{self.ports[-1]}")
         self.deployment = self.workdir / "deployment.json"

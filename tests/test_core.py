@@ -3,6 +3,7 @@
 import pytest
 from hypothesis import given, strategies as st
 
+from daemon import keystore
 from ntm import envelope, keepalive, keys, session_auth
 from ntm.errors import KeystoreError, ParseError, SignatureError
 from ntm.record import MAX_FUTURE_MS, Domain, NodeTransaction
@@ -40,13 +41,13 @@ def test_malformed_signatures_are_refused(bad):
 
 def test_keystore_roundtrip_and_wrong_passphrase(tmp_path):
     key = keys.generate()
-    keys.save_keystore(key, tmp_path / "k.json", "secret")
+    keystore.save_keystore(key, tmp_path / "k.json", "secret")
     assert (tmp_path / "k.json").stat().st_mode & 0o777 == 0o600
-    assert keys.load_keystore(tmp_path / "k.json", "secret").secret == key.secret
+    assert keystore.load_keystore(tmp_path / "k.json", "secret").secret == key.secret
     with pytest.raises(KeystoreError, match="wrong passphrase"):
-        keys.load_keystore(tmp_path / "k.json", "nope")
+        keystore.load_keystore(tmp_path / "k.json", "nope")
     with pytest.raises(KeystoreError, match="no key file"):
-        keys.load_keystore(tmp_path / "missing.json")
+        keystore.load_keystore(tmp_path / "missing.json")
 
 
 def test_ecdh_is_symmetric():

@@ -13,6 +13,7 @@ import pytest
 
 from dc.federation import FederationClient, FederationError
 from node.dc_client import DcClient, DcError
+from daemon import keystore
 from ntm import envelope, keepalive, keys
 from ntm.record import Domain, NodeTransaction
 from ntm.registration import RegistrationRequest
@@ -154,7 +155,7 @@ async def test_bad_input_is_refused_and_changes_nothing(net, tmp_path):
 async def test_session_and_keepalive_token(net, tmp_path):
     home, n = make_node(tmp_path, "k")
     ntm(home, "register", "--dc", net.urls[0])
-    key = keys.load_keystore(home / "key.json")
+    key = keystore.load_keystore(home / "key.json")
     async with DcClient(net.urls[0]) as client:
         ws, welcome = await client.open_session(key)
         token, port = bytes.fromhex(welcome.token), welcome.keepalive_ports[0]

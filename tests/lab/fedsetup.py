@@ -15,6 +15,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from daemon import keystore
 from ntm import keys
 from chain.registry import Registry
 from scripts.anvil import DEV_KEYS
@@ -39,7 +40,7 @@ async def deploy(a) -> None:
     workdir = Path(a.workdir)
     for i in range(a.dcs):
         key = keys.private_key(DEV_KEYS[1 + i])
-        keys.save_keystore(key, workdir / f"dc{i + 1}.key.json")
+        keystore.save_keystore(key, workdir / f"dc{i + 1}.key.json")
         await reg.admit_dc(keys.node_id_of(key), f"dc{i + 1}", f"http://{a.host}:{a.base_port + i}")
     (workdir / "deployment.json").write_text(json.dumps({"chain_id": reg.chain_id, "registry": keys.checksum(reg.address),
                                                          "block": 0}))

@@ -1,0 +1,196 @@
+"""The DC's logic without a chain, sockets or HTTP: two Coordinators on a FakeChain, federation
+requests routed in-process, node sessions as lists of pushed messages (tests/fakes.py). The same
+behaviour is tested against real processes and anvil in test_dc.py and test_tunnel_e2e.py."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+import pytest
+
+from dc.cache import RegistryCache
+from dc.coordinator import Coordinator
+from dc.errors import DirectionError, NodeLookupError
+from dc.federation import FederationClient, FederationError
+from dc.server import error_for
+from dc.store import Store
+from ntm import envelope, keepalive, keys, messages
+from ntm.registration import RegistrationError, RegistrationRequest
+from tests.fakes import FakeChain, FakeClock, FakeRegistry, FederationRouter
+
+RS_URL = "http://rs.test:8340"
+RS_ENDPOINT = "198.18.0.100:4340"
+
+
+@dataclass
+class Fed:
+    clock: FakeClock
+    chain: FakeChain
+    router: FederationRouter
+    dcs: list[Coordinator]
+    tasks: list[asyncio.Task] = field(default_factory=list)
+
+
+@pytest.fixture
+async def fed(tmp_path):
+    clock = FakeClock()
+    chain = FakeChain(clock=clock)
+    router = FederationRouter(error_for)
+    dc_keys = [keys.generate() for _ in range(2)]
+    for i, k in enumerate(dc_keys):
+        chain.admit(keys.node_id_of(k), f"dc{i + 1}", f"http://dc{i + 1}.test:8330")
+    f = Fed(clock, chain, router, [])
+    for i, k in enumerate(dc_keys):
+        addr = keys.node_id_of(k)
+        reg = FakeRegistry(chain, addr)
+        cache = RegistryCache(reg)
+        await cache.load()
+        c = Coordinator(k, reg, Store(tmp_path / f"dc{i + 1}.sqlite", addr), cache, f"dc{i + 1}", [RS_URL],
+                        (4331, 4332), clock=clock, transport=router.post)
+        url = f"http://dc{i + 1}.test:8330"
+
+        async def ntm_info(body: dict, c: Coordinator = c) -> dict:
+            return c.answer_ntm_info(body)
+
+        router.route(url + "/v1/federation/ntm-info", ntm_info)
+        router.route(url + "/v1/federation/route-direction", c.signaling.accept_delivery)
+        f.tasks += [asyncio.create_task(cache.run()), asyncio.create_task(c.submitter.run())]
+        f.dcs.append(c)
+
+    async def relay(body: dict) -> dict:  # an RS that trusts the chain's active DCs
+        env = envelope.open_envelope(body, messages.RELAY_DIRECTION, clock.wall_ms(),
+                                     lambda a: a in chain.dcs and chain.dcs[a].active)
+        d = messages.decode(messages.RelayDirection, env.body)
+        return messages.encode(messages.RelayBooking(d.path, [RS_ENDPOINT], True, d.expires_ms, d.max_bytes))
+
+    router.route(RS_URL + "/v1/relay-directions", relay)
+    try:
+        yield f
+    finally:
+        for t in f.tasks:
+            t.cancel()
+        await asyncio.gather(*f.tasks, return_exceptions=True)
+        for c in f.dcs:
+            c.store.close()
+
+
+@dataclass
+class FakeNode:
+    key: object
+    id: bytes
+    pushed: list[dict] = field(default_factory=list)
+
+    async def send(self, msg: dict) -> None:
+        self.pushed.append(msg)
+
+    def directions(self) -> list[messages.RouteDirection]:
+        return [messages.decode(messages.RouteDirection, m["direction"]["body"]) for m in self.pushed
+                if m.get("type") == "direction"]
+
+
+async def register(fed: Fed, dc: Coordinator, local: str = "10.0.0.2:4330", revoked: bool = False,
+                   node: FakeNode | None = None) -> FakeNode:
+    n = node or FakeNode(*(lambda k: (k, keys.node_id_of(k)))(keys.generate()))
+    fed.clock.advance(0.01)
+    req = RegistrationRequest.signed(n.key, dc.info(), fed.clock.wall_ms(), (local,), revoked)
+    res = await dc.register(req, wait_confirmed=True)
+    assert res.status == "confirmed", res
+    for other in fed.dcs:  # every DC's cache follows the chain's events
+        await other.cache.wait_for(lambda: n.id in other.cache.nodes, 2)
+    return n
+
+
+def go_online(dc: Coordinator, n: FakeNode, local: str, observed: tuple[str, int],
+              observed_alt: tuple[str, int] | None = None) -> None:
+    """A session (pushes land in n.pushed) and keepalives from `observed` (and `observed_alt`)."""
+    s = dc.presence.open(n.id, n.send, (local,))
+    assert dc.presence.on_keepalive(keepalive.encode_request(n.id, 1, s.token), observed) is not None
+    dc.presence.on_keepalive(keepalive.encode_request(n.id, 2, s.token), observed_alt or observed, alt=True)
+
+
+async def test_registration_confirms_and_every_dc_learns_the_home(fed):
+    a = await register(fed, fed.dcs[0])
+    assert fed.chain.nodes[a.id].dc == fed.dcs[0].address
+    info, home = await fed.dcs[1].lookup(a.id)  # through the other DC: NTM Information Request
+    assert home == fed.dcs[0].address and info.pubkey == keys.public_bytes(a.key).hex() and info.confirmed
+    assert fed.router.calls == ["http://dc1.test:8330/v1/federation/ntm-info"]
+
+
+async def test_stale_and_revoked_records_are_refused_before_the_chain(fed):
+    a = await register(fed, fed.dcs[0])
+    stale = RegistrationRequest.signed(a.key, fed.dcs[0].info(), fed.chain.nodes[a.id].timestamp, ())
+    with pytest.raises(RegistrationError, match="not newer"):
+        await fed.dcs[0].register(stale, wait_confirmed=False)
+    await register(fed, fed.dcs[0], revoked=True, node=a)
+    with pytest.raises(RegistrationError) as exc:
+        await register(fed, fed.dcs[1], node=a)
+    assert exc.value.code == "revoked"
+
+
+async def test_cross_dc_direction_between_two_nats_is_a_punch(fed):
+    a, b = await register(fed, fed.dcs[0]), await register(fed, fed.dcs[1])
+    go_online(fed.dcs[0], a, "10.1.0.2:4330", ("198.18.1.1", 50000))
+    go_online(fed.dcs[1], b, "10.2.0.2:4330", ("198.18.2.1", 50001))
+    result = await fed.dcs[0].signaling.request(a.id, b.id)
+    assert (result.ok, result.kind, result.role) == (True, "punch", "punch")
+    [da], [db] = a.directions(), b.directions()  # B's went through its home DC (dc2)
+    assert da.path == db.path == result.path
+    assert (da.peer, db.peer) == (keys.checksum(b.id), keys.checksum(a.id))
+    assert da.peer_pubkey == keys.public_bytes(b.key).hex() and db.peer_pubkey == keys.public_bytes(a.key).hex()
+    assert da.candidates[0] == "198.18.2.1:50001" and db.candidates[0] == "198.18.1.1:50000"
+    assert (da.relay.side, db.relay.side) == (0, 1) and da.relay.token == db.relay.token
+    assert da.relay.endpoints == [RS_ENDPOINT]
+
+
+async def test_symmetric_nat_gets_the_relay_and_no_candidates(fed):
+    a, b = await register(fed, fed.dcs[0]), await register(fed, fed.dcs[1])
+    go_online(fed.dcs[0], a, "10.1.0.2:4330", ("198.18.1.1", 50000))
+    go_online(fed.dcs[1], b, "10.2.0.2:4330", ("198.18.2.1", 50001), observed_alt=("198.18.2.1", 50999))
+    result = await fed.dcs[0].signaling.request(a.id, b.id)
+    assert result.kind == "relay"
+    assert a.directions()[0].candidates == [] and b.directions()[0].candidates == []
+
+
+@pytest.mark.parametrize("case", ["self", "unknown_node", "offline", "revoked"])
+async def test_direction_refusals(fed, case):
+    a = await register(fed, fed.dcs[0])
+    go_online(fed.dcs[0], a, "10.1.0.2:4330", ("198.18.1.1", 50000))
+    peer = {"self": lambda: a.id, "unknown_node": lambda: keys.node_id_of(keys.generate())}.get(case)
+    if peer is None:
+        b = await register(fed, fed.dcs[1])
+        if case == "revoked":
+            await register(fed, fed.dcs[1], revoked=True, node=b)
+        peer = lambda: b.id  # noqa: E731
+    with pytest.raises(DirectionError) as exc:
+        await fed.dcs[0].signaling.request(a.id, peer())
+    assert exc.value.code == case
+    assert a.directions() == []
+
+
+async def test_federation_refuses_strangers_and_replays(fed):
+    b = await register(fed, fed.dcs[1])
+    home = fed.dcs[1].address
+    stranger = FederationClient(keys.generate(), lambda _a: True, envelope.ReplayGuard(), fed.clock,
+                                transport=fed.router.post)
+    with pytest.raises(FederationError, match="not an active DC") as exc:
+        await stranger.ntm_info("http://dc2.test:8330", home, b.id)
+    assert exc.value.status == 403
+    req = fed.dcs[0].federation.seal(messages.INFO_REQUEST, messages.InfoRequest(keys.checksum(b.id), keys.checksum(home)))
+    assert fed.dcs[1].answer_ntm_info(req)
+    with pytest.raises(Exception, match="replayed"):
+        fed.dcs[1].answer_ntm_info(req)
+    wrong = fed.dcs[0].federation.seal(messages.INFO_REQUEST,
+                                       messages.InfoRequest(keys.checksum(b.id), keys.checksum(fed.dcs[0].address)))
+    with pytest.raises(NodeLookupError) as lookup:
+        fed.dcs[1].answer_ntm_info(wrong)
+    assert lookup.value.code == "wrong_dc"
+
+
+async def test_a_removed_home_dc_makes_its_nodes_unreachable(fed):
+    b = await register(fed, fed.dcs[1])
+    fed.chain.remove(fed.dcs[1].address)
+    await fed.dcs[0].cache.wait_for(lambda: not fed.dcs[0].cache.is_active_dc(fed.dcs[1].address), 2)
+    with pytest.raises(NodeLookupError) as exc:
+        await fed.dcs[0].lookup(b.id)
+    assert exc.value.code == "home_dc_inactive"

@@ -1,0 +1,136 @@
+"""The node's logic without sockets or a DC: liveness decisions as a table, and the tunnel table
+(follow Route Directions, connect/accept, repair by re-direction) on an in-memory network with a
+clock the test moves (tests/fakes.py). Real-socket and real-NAT versions: test_tunnel_e2e.py,
+tests/lab/."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+
+from node import liveness
+from node.dc_session import NodeError
+from node.endpoint import Endpoint
+from node.liveness import LinkAction
+from node.tunnels import Tunnels
+from ntm import envelope, keys, messages
+from tests.fakes import FakeClock, MemoryNetwork
+
+DC_KEY = keys.generate()
+
+
+@pytest.mark.parametrize("now, last_app, last_heard, recovering, want", [
+    (10.0, 9.9, 9.95, False, LinkAction.NONE),  # in use, heard just now
+    (10.0, 9.9, 9.8, False, LinkAction.PROBE),  # in use, silent 0.2 s
+    (10.0, 9.9, 9.5, False, LinkAction.REDIRECT),  # in use, silent 0.5 s
+    (10.0, 8.5, 1.0, False, LinkAction.NONE),  # idle: keepalives keep it, no probing
+    (10.0, 9.9, 1.0, True, LinkAction.NONE),  # already recovering
+])
+def test_link_action(now, last_app, last_heard, recovering, want):
+    assert liveness.link_action(now, last_app, last_heard, recovering) is want
+
+
+def test_session_and_failover_decisions():
+    assert not liveness.session_dead(100.0, 30.0, 25.0) and liveness.session_dead(100.0, 24.0, 25.0)
+    assert [liveness.reconnect_delay(n) for n in (1, 2, 7, 50)] == [0.05, 0.1, 3.2, 3.2]
+    assert not liveness.should_fail_over(2) and liveness.should_fail_over(3)
+    assert liveness.old_path_expired(20.0, 9.0) and not liveness.old_path_expired(20.0, 11.0)
+
+
+class FakeDcs:
+    """Plays the DCs for two tunnel tables: a Direction Request becomes one signed Route Direction
+    for each end (peer first), with each other's in-memory address as the candidate."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+        self.ends: dict[bytes, tuple[Tunnels, tuple[str, int], bytes]] = {}
+        self.forge_peer_key = False
+        self.requests = 0
+
+    def direction(self, me: bytes, peer: bytes, path: bytes, role: str, requester: bytes, resume: bytes | None) -> dict:
+        _, peer_addr, peer_pub = self.ends[peer]
+        if self.forge_peer_key:
+            peer_pub = keys.public_bytes(keys.generate())
+        body = messages.RouteDirection(path.hex(), "direct", "test", role, keys.checksum(me), keys.checksum(peer),  # type: ignore[arg-type]
+                                       peer_pub.hex(), keys.checksum(requester), [f"{peer_addr[0]}:{peer_addr[1]}"],
+                                       None, resume.hex() if resume else None)
+        return envelope.seal(DC_KEY, messages.ROUTE_DIRECTION, messages.encode(body), self.clock.wall_ms())
+
+    def asker(self, me: bytes):
+        async def ask(peer: bytes, force_relay: bool, resume: bytes | None) -> bytes:
+            self.requests += 1
+            path = os.urandom(8)
+            self.ends[peer][0].on_direction(self.direction(peer, me, path, "wait", me, resume))
+            self.ends[me][0].on_direction(self.direction(me, peer, path, "initiate", me, resume))
+            return path
+        return ask
+
+
+@pytest.fixture
+async def pair():
+    clock, net = FakeClock(), MemoryNetwork()
+    dcs = FakeDcs(clock)
+    made = []
+    for ip in ("198.18.1.2", "198.18.2.2"):
+        key = keys.generate()
+        ep = await Endpoint.create(key, ip, 0, clock=clock, binder=net.binder(ip))
+        nid = keys.node_id_of(key)
+
+        async def no_move() -> None:
+            return None
+
+        t = Tunnels(nid, ep, clock, dcs.asker(nid), no_move)
+        dcs.ends[nid] = (t, ep.local_addr, keys.public_bytes(key))
+        made.append((t, ep, nid))
+    try:
+        yield clock, net, dcs, made
+    finally:
+        for t, ep, _ in made:
+            await t.close()
+            await ep.close()
+
+
+async def test_connect_accept_and_exchange(pair):
+    clock, net, dcs, [(ta, _, ida), (tb, _, idb)] = pair
+    a = await asyncio.wait_for(ta.connect(idb), 2)
+    b = await asyncio.wait_for(tb.accept(), 2)
+    assert (a.peer, b.peer, a.id) == (idb, ida, b.id)
+    await a.channel.send(b"ping")
+    assert await asyncio.wait_for(b.channel.recv(), 1) == b"ping"
+    await b.channel.send(b"pong")
+    assert await asyncio.wait_for(a.channel.recv(), 1) == b"pong"
+
+
+async def test_a_lying_dc_cannot_hand_over_another_key(pair):
+    clock, net, dcs, [(ta, _, _), (_, _, idb)] = pair
+    dcs.forge_peer_key = True
+    with pytest.raises(NodeError) as exc:
+        await asyncio.wait_for(ta.connect(idb), 2)
+    assert exc.value.code == "tunnel_failed" and not ta.table
+
+
+async def test_a_direction_not_signed_by_its_dc_is_ignored(pair):
+    clock, net, dcs, [(ta, _, ida), (_, _, idb)] = pair
+    obj = dcs.direction(ida, idb, os.urandom(8), "initiate", idb, None)
+    obj["body"]["role"] = "wait"  # tampered after signing
+    await ta.follow(obj)
+    assert not ta.table and not net.sent
+
+
+async def test_a_dead_path_is_repaired_by_redirection_on_both_ends(pair):
+    clock, net, dcs, [(ta, _, _), (tb, _, idb)] = pair
+    a = await asyncio.wait_for(ta.connect(idb), 2)
+    b = await asyncio.wait_for(tb.accept(), 2)
+    old = a.channel.path_id
+    net.drop = lambda src, dst, data: data[1:9] == old  # the old path goes dark both ways
+    await a.channel.send(b"lost")  # in use ...
+    clock.advance(liveness.DEAD_AFTER_S + 0.01)  # ... and silent past the dead-path time
+    ta._check(a, clock.now())
+    assert a.recovering is not None
+    await asyncio.wait_for(a.recovering, 2)
+    assert a.redirects == b.redirects == 1 and a.channel.path_id == b.channel.path_id != old
+    assert ta.table.keys() == {a.id} and dcs.requests == 2  # the same tunnel, moved: no new one
+    await a.channel.send(b"after the move")
+    assert await asyncio.wait_for(b.channel.recv(), 1) == b"after the move"
