@@ -52,7 +52,14 @@ REJECT_REASONS: dict[int, str] = {
 EVENT_KINDS = ("NodeRegistered", "NodeRevoked", "DCAdmitted", "DCUpdated", "DCRemoved")
 _ERROR_SELECTOR = bytes.fromhex("08c379a0")  # Error(string)
 _GAS_MARGIN = 1.25
+# Priority fee: 1 gwei gets a transaction into the next block on a private chain.
 _TIP_WEI = 10**9
+
+
+def fee_fields(gas_price: int) -> dict[str, int]:
+    """The EIP-1559 fee fields of every transaction we send: up to twice the current base price
+    plus the tip, so a rising base fee does not leave it stuck (only what is used is paid)."""
+    return {"maxFeePerGas": 2 * gas_price + _TIP_WEI, "maxPriorityFeePerGas": _TIP_WEI, "type": 2}
 
 
 # Gas limit of a registerBatch transaction, so it need not be estimated first: measured ~30k per
@@ -271,8 +278,7 @@ class Registry:
         try:
             gas = gas_limit or int(await self.w3.eth.estimate_gas(tx) * _GAS_MARGIN) + 10_000
             price = await self._gas_price()
-            tx.update(gas=gas, maxFeePerGas=2 * price + _TIP_WEI,
-                      maxPriorityFeePerGas=_TIP_WEI, type=2)
+            tx.update(gas=gas, **fee_fields(price))
             async with self._lock:
                 if self._nonce is None:
                     self._nonce = await self.w3.eth.get_transaction_count(self._account.address, "pending")

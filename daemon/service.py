@@ -6,16 +6,27 @@ Its own package at the edge: dc/ and rs/ must not import each other, and ntm/ st
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import signal
 import socket
 import sys
+from pathlib import Path
 from typing import Awaitable, Callable
 
 from ntm.errors import NtmError
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def daemon_parser(prog: str, description: str, chain_required: bool) -> argparse.ArgumentParser:
+    """The flags every daemon shares: where the chain is, which deployment, and -v."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--rpc-url", required=chain_required, help="Ethereum JSON-RPC URL of the chain")
+    p.add_argument("--deployment", type=Path, required=chain_required, help="deployment JSON written by scripts/deploy.py")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
 
 
 def setup_logging(verbose: bool) -> None:

@@ -8,6 +8,8 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from daemon.service import daemon_parser
+
 DEFAULT_HTTP_PORT = 8330  # NTM's tunnel port is 4330; 8330 keeps the family resemblance for HTTP
 DEFAULT_UDP_PORT = 4331  # keepalives: next to the tunnel port 4330
 PASSPHRASE_ENV = "NTM_DC_PASSPHRASE"
@@ -28,15 +30,10 @@ class DcConfig:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="ntm-dc",
-        description="Run a Direction Coordinator: registers nodes on the shared chain registry, "
-        "answers peer DCs, keeps node sessions.",
-    )
+    p = daemon_parser("ntm-dc", "Run a Direction Coordinator: registers nodes on the shared chain registry, "
+                      "answers peer DCs, keeps node sessions.", chain_required=False)
     p.add_argument("--config", type=Path, help="TOML file with any of the options below (flags win)")
     p.add_argument("--key-file", type=Path, help=f"DC chain key (keystore JSON; passphrase from ${PASSPHRASE_ENV})")
-    p.add_argument("--rpc-url", help="Ethereum JSON-RPC URL of the chain")
-    p.add_argument("--deployment", type=Path, help="deployment JSON written by scripts/deploy.py")
     p.add_argument("--hostname", help="name this DC is known by (as admitted on chain)")
     p.add_argument("--http-host", help="HTTP listen address (default 127.0.0.1)")
     p.add_argument("--http-port", type=int, help=f"HTTP port (default {DEFAULT_HTTP_PORT}; 0 = any)")
@@ -44,7 +41,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--udp-port", type=int, help=f"keepalive UDP port (default {DEFAULT_UDP_PORT}; 0 = any)")
     p.add_argument("--db", type=Path, help="SQLite file (default dc.sqlite)")
     p.add_argument("--relay", dest="relays", action="append", help="relay server ip:port (repeatable)")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
 

@@ -148,8 +148,8 @@ class Coordinator:
         if onchain is None:
             raise NodeLookupError("unknown_node", f"{keys.checksum(node)} is not registered")
         if onchain.revoked:
-            return messages.NodeInfo(keys.checksum(node), keys.checksum(onchain.dc), onchain.timestamp, True, False,
-                                     confirmed=True), onchain.dc
+            return messages.NodeInfo(node=keys.checksum(node), home_dc=keys.checksum(onchain.dc),
+                                     timestamp=onchain.timestamp, revoked=True, online=False, confirmed=True), onchain.dc
         home = self.cache.dcs.get(onchain.dc)
         if home is None or not home.active:
             raise NodeLookupError("home_dc_inactive", f"home DC {keys.checksum(onchain.dc)} is not active")

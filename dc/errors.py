@@ -2,13 +2,7 @@
 
 from __future__ import annotations
 
-from ntm.errors import NtmError
-
-
-class CodedError(NtmError):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
+from ntm.errors import CodedError
 
 
 class NodeLookupError(CodedError):

@@ -31,6 +31,7 @@ MAX_BODY = 16 * 1024
 AUTH_TIMEOUT_S = 10.0
 
 COORDINATOR = web.AppKey("coordinator", Coordinator)
+ROUTES = web.RouteTableDef()
 
 
 def error(status: int, code: str, message: str) -> web.Response:
@@ -85,10 +86,12 @@ async def errors_middleware(request: web.Request, handler):
         return web.json_response(body, status=status)
 
 
+@ROUTES.get("/v1/info")
 async def handle_info(request: web.Request) -> web.Response:
     return reply(request.app[COORDINATOR].info())
 
 
+@ROUTES.get("/v1/dcs")
 async def handle_dcs(request: web.Request) -> web.Response:
     """Active DCs from the registry cache: where a node may re-register if its DC fails."""
     c = request.app[COORDINATOR]
@@ -96,11 +99,13 @@ async def handle_dcs(request: web.Request) -> web.Response:
                                   for d in c.cache.dcs.values() if d.active]))
 
 
+@ROUTES.post("/v1/register")
 async def handle_register(request: web.Request) -> web.Response:
     req, wait = parse_request(await read_json(request))
     return reply(await request.app[COORDINATOR].register(req, wait))
 
 
+@ROUTES.get("/v1/nodes/{node}")
 async def handle_whois(request: web.Request) -> web.Response:
     try:
         node = keys.parse_node_id(request.match_info["node"])
@@ -112,20 +117,24 @@ async def handle_whois(request: web.Request) -> web.Response:
     return reply(info)
 
 
+@ROUTES.post("/v1/federation/ntm-info")
 async def handle_ntm_info(request: web.Request) -> web.Response:
     return web.json_response(request.app[COORDINATOR].answer_ntm_info(await read_json(request)))
 
 
+@ROUTES.post("/v1/federation/route-direction")
 async def handle_route_direction(request: web.Request) -> web.Response:
     return web.json_response(await request.app[COORDINATOR].signaling.accept_delivery(await read_json(request)))
 
 
+@ROUTES.get("/healthz")
 async def handle_health(request: web.Request) -> web.Response:
     c = request.app[COORDINATOR]
     ok = c.cache.is_active_dc(c.address)
     return web.json_response({"ok": ok, "block": c.cache.block}, status=200 if ok else 503)
 
 
+@ROUTES.get("/metrics")
 async def handle_metrics(request: web.Request) -> web.Response:
     c = request.app[COORDINATOR]
     gauges = {
@@ -144,6 +153,7 @@ async def handle_metrics(request: web.Request) -> web.Response:
     return web.Response(text=service.prometheus_text(gauges), content_type="text/plain")
 
 
+@ROUTES.get("/v1/session")
 async def handle_session(request: web.Request) -> web.WebSocketResponse:
     """Node session: challenge → signed answer → welcome with keepalive token → pushes."""
     c = request.app[COORDINATOR]
@@ -205,13 +215,13 @@ async def direction_request(c: Coordinator, send, node: bytes, req: messages.Dir
     """Serve one Direction Request from a session; the answer carries the request's id."""
     try:
         resume = bytes.fromhex(req.resume) if req.resume is not None else None
-        result = await c.signaling.request(node, keys.parse_node_id(req.peer), force_relay=req.route == "relay",
-                                           resume=resume)
-        result.id = req.id
+        route = await c.signaling.request(node, keys.parse_node_id(req.peer), force_relay=req.route == "relay",
+                                          resume=resume)
+        result = messages.DirectionResult(req.id, route=route)
     except DirectionError as exc:
-        result = messages.DirectionResult(req.id, False, error=exc.code, message=str(exc))
+        result = messages.DirectionResult(req.id, error=messages.ErrorBody(exc.code, str(exc)))
     except NtmError as exc:
-        result = messages.DirectionResult(req.id, False, error="bad_request", message=str(exc))
+        result = messages.DirectionResult(req.id, error=messages.ErrorBody("bad_request", str(exc)))
     try:
         await send(result)
     except ConnectionError:
@@ -221,13 +231,5 @@ async def direction_request(c: Coordinator, send, node: bytes, req: messages.Dir
 def make_app(coordinator: Coordinator) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY, middlewares=[errors_middleware])
     app[COORDINATOR] = coordinator
-    app.router.add_get("/v1/info", handle_info)
-    app.router.add_get("/v1/dcs", handle_dcs)
-    app.router.add_post("/v1/register", handle_register)
-    app.router.add_get("/v1/nodes/{node}", handle_whois)
-    app.router.add_post("/v1/federation/ntm-info", handle_ntm_info)
-    app.router.add_post("/v1/federation/route-direction", handle_route_direction)
-    app.router.add_get("/v1/session", handle_session)
-    app.router.add_get("/healthz", handle_health)
-    app.router.add_get("/metrics", handle_metrics)
+    app.add_routes(ROUTES)
     return app

@@ -111,11 +111,11 @@ class Signaling:
         return self.c.federation.seal(messages.ROUTE_DIRECTION, body)
 
     async def request(self, requester: bytes, peer: bytes, force_relay: bool = False,
-                      resume: bytes | None = None) -> messages.DirectionResult:
+                      resume: bytes | None = None) -> messages.RouteChoice:
         """Serve a Direction Request from `requester` (who holds a session here). `force_relay`:
         the node asks for the relay (e.g. it knows its network blocks direct UDP). `resume`: the
         path ID of a tunnel between the two that stopped working; both directions carry it so
-        both nodes move that tunnel onto the new path (§8.3). The result's `id` is the caller's."""
+        both nodes move that tunnel onto the new path (§8.3)."""
         c = self.c
         try:
             if peer == requester:
@@ -147,7 +147,7 @@ class Signaling:
         self.counters["directions_served"] += 1
         log.info("route %s → %s: %s (%s), path %s", keys.checksum(requester), keys.checksum(peer),
                  route.kind, route.reason, path.hex())
-        return messages.DirectionResult(None, True, path.hex(), route.kind, route.reason, role_a)
+        return messages.RouteChoice(path.hex(), route.kind, route.reason, role_a)
 
     async def push(self, node: bytes, direction: dict) -> None:
         session = self.c.presence.sessions.get(node)

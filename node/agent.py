@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import coincurve
 
+from node.channel import forward
 from node.dc_session import DcSession, NodeError, local_addrs_towards
 from node.endpoint import DEFAULT_PORT, Binder, Endpoint, UdpBind
 from node.tunnels import Tunnel, Tunnels
@@ -45,14 +46,16 @@ class Node:
     async def start(cls, key: coincurve.PrivateKey, dc_url: str, host: str | None = None,
                     port: int = DEFAULT_PORT, local_addrs: list[str] | None = None,
                     keepalive_interval: float = KEEPALIVE_INTERVAL_S, clock: Clock = SYSTEM,
-                    binder: Binder = UdpBind.open) -> "Node":
+                    binder: Binder = UdpBind.open, last_timestamp: int = 0) -> "Node":
         """Bind the tunnel socket, open the DC session, start keepalives; ready to connect/accept.
 
         `keepalive_interval` paces both the DC keepalives and idle-tunnel keepalives: it must stay
-        below the shortest NAT UDP timeout on the way."""
+        below the shortest NAT UDP timeout on the way. `last_timestamp`: of the node's newest
+        record, so a record signed by a DC failover is newer still."""
         ep = await Endpoint.create(key, host, port, config=TunnelConfig(keepalive_interval=keepalive_interval),
                                    clock=clock, binder=binder)
         node = cls(key, dc_url, ep, clock, keepalive_interval, local_addrs)
+        node.session.last_timestamp = last_timestamp
         try:
             await node.session.start()
         except BaseException:
@@ -92,24 +95,10 @@ class Node:
         probe every tunnel, so peers that can still hear us roam to us."""
         self.session.network_changed(why)
 
-    @property
-    def tunnels(self) -> dict[bytes, Tunnel]:
-        """Open tunnels by tunnel ID."""
-        return self.tunnel_table.table
-
-    @property
-    def dc_url(self) -> str:
-        return self.session.dc_url
-
-    @property
-    def observed(self) -> str | None:
-        """Our public address as the DC sees it."""
-        return self.session.observed
-
-    @property
-    def home(self) -> dict | None:
-        """Set by a DC failover: the new registration, for the CLI's state."""
-        return self.session.home
+    tunnels = forward("tunnel_table", "table", "Open tunnels by tunnel ID.")
+    dc_url = forward("session", "dc_url")
+    observed = forward("session", "observed", "Our public address as the DC sees it.")
+    home = forward("session", "home", "Set by a DC failover: the new registration, for the CLI's state.")
 
     def local_addrs(self) -> list[str]:
         return self.session.local_addrs()

@@ -9,11 +9,16 @@ one `Inbox`, so a fix to delivery is made once.
 from __future__ import annotations
 
 import asyncio
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 from ntm.tunnel import Addr, HandshakeDone, Session, TunnelError
 
 Receiver = Callable[[bytes], None]
+
+
+def forward(to: str, name: str, doc: str | None = None) -> Any:
+    """A read-only property giving `self.<to>.<name>`: what a wrapper shows of the part it wraps."""
+    return property(lambda self: getattr(getattr(self, to), name), doc=doc)
 
 
 class PathSender(Protocol):
@@ -104,36 +109,14 @@ class Channel:
         self.closed = False
         self.closed_by_peer = False
 
-    # -- info --
-    @property
-    def path_id(self) -> bytes:
-        return self.session.path_id
-
-    @property
-    def peer_id(self) -> bytes:
-        return self.session.peer_id
-
-    @property
-    def peer_addr(self) -> Addr | None:
-        return self.session.peer_addr
-
-    @property
-    def via(self) -> str | None:
-        """Which way the first handshake completed: "candidate:<i>", "relay" or "peer"."""
-        return self.session.via
-
-    @property
-    def rtt(self) -> float | None:
-        """Last round-trip time in seconds (handshake, then each ping)."""
-        return self.session.rtt
-
-    @property
-    def stats(self) -> dict[str, int]:
-        return self.session.stats
-
-    @property
-    def established(self) -> bool:
-        return self.session.established
+    # -- info (TunnelChannel): read from the session --
+    path_id = forward("session", "path_id")
+    peer_id = forward("session", "peer_id")
+    peer_addr = forward("session", "peer_addr")
+    via = forward("session", "via", 'Which way the first handshake completed: "candidate:<i>", "relay" or "peer".')
+    rtt = forward("session", "rtt", "Last round-trip time in seconds (handshake, then each ping).")
+    stats = forward("session", "stats")
+    established = forward("session", "established")
 
     @property
     def last_heard(self) -> float:
@@ -228,34 +211,14 @@ class Link:
         """When an authenticated packet last arrived on any path (or the last switch)."""
         return max([self.switched_at, *(c.last_heard for c in self.channels)])
 
-    # -- TunnelChannel --
-    @property
-    def path_id(self) -> bytes:
-        return self.current.path_id
-
-    @property
-    def peer_id(self) -> bytes:
-        return self.current.peer_id
-
-    @property
-    def peer_addr(self) -> Addr | None:
-        return self.current.peer_addr
-
-    @property
-    def via(self) -> str | None:
-        return self.current.via
-
-    @property
-    def rtt(self) -> float | None:
-        return self.current.rtt
-
-    @property
-    def stats(self) -> dict[str, int]:
-        return self.current.stats
-
-    @property
-    def established(self) -> bool:
-        return self.current.established
+    # -- TunnelChannel: info of the current path --
+    path_id = forward("current", "path_id")
+    peer_id = forward("current", "peer_id")
+    peer_addr = forward("current", "peer_addr")
+    via = forward("current", "via")
+    rtt = forward("current", "rtt")
+    stats = forward("current", "stats")
+    established = forward("current", "established")
 
     def send_nowait(self, data: bytes) -> None:
         if self.closed:

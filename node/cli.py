@@ -20,7 +20,7 @@ from node import state
 from node.agent import Node, Tunnel, local_addrs_towards
 from node.dc_client import DcClient, DcError, dc_url
 from daemon import keystore
-from ntm import keys, messages
+from ntm import keys, messages, record
 from ntm.errors import KeystoreError, NtmError
 from ntm.registration import RegistrationRequest
 from ntm.tunnel import TunnelError
@@ -88,8 +88,7 @@ async def sign_and_register(args, base: Path, revoked: bool) -> None:
                 f"DC at {url} is on chain {info.chain_id} registry {info.registry}, but this node is "
                 f"registered on chain {st['chain_id']} registry {st['registry']}"
             )
-        # Strictly increasing even if the clock stepped back or two commands ran in one millisecond.
-        ts = max(int(time.time() * 1000), st.get("timestamp", 0) + 1)
+        ts = record.next_timestamp(int(time.time() * 1000), st.get("timestamp", 0))
         req = RegistrationRequest.signed(key, info, ts, args.addr or local_addrs_towards(urlsplit(url).hostname, TUNNEL_PORT),
                                          revoked)
         res = await dc.register(req, wait_confirmed=not args.no_wait)
@@ -172,7 +171,8 @@ async def start_agent(args, base: Path) -> Node:
     if not st or st.get("revoked"):
         raise CliError("this node is not registered (run `ntm register --dc HOST` first)", 2)
     try:
-        return await Node.start(key, st["dc_url"], host=args.host, port=args.port)
+        return await Node.start(key, st["dc_url"], host=args.host, port=args.port,
+                                last_timestamp=st.get("timestamp", 0))
     except (asyncio.TimeoutError, OSError) as exc:
         raise CliError(f"could not start the node at {st['dc_url']}: {exc or type(exc).__name__}") from None
 
@@ -290,9 +290,13 @@ async def cmd_listen(args, base: Path) -> None:
             if args.echo:
                 await t.channel.send(data)
 
+    serving: set[asyncio.Task] = set()
+
     async def accept_loop() -> None:
         while True:
-            asyncio.create_task(serve(await node.accept()))
+            task = asyncio.create_task(serve(await node.accept()))
+            serving.add(task)
+            task.add_done_callback(serving.discard)
 
     async def status_loop() -> None:
         while True:

@@ -9,7 +9,7 @@ import aiohttp
 import coincurve
 
 from ntm import keys, messages, session_auth
-from ntm.errors import NtmError, ParseError
+from ntm.errors import CodedError, ParseError
 from ntm.registration import RegistrationRequest
 
 DEFAULT_DC_PORT = 8330
@@ -19,12 +19,8 @@ REQUEST_TIMEOUT_S = 20.0
 T = TypeVar("T")
 
 
-class DcError(NtmError):
+class DcError(CodedError):
     """The DC refused a request (`code` from its JSON error) or could not be reached."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 def dc_url(spec: str) -> str:

@@ -28,10 +28,10 @@ from daemon.service import ROUTE_PROBES, source_address
 from node import liveness
 from node.dc_client import DcClient, DcError
 from node.endpoint import Endpoint
-from ntm import keepalive, keys, messages
+from ntm import keepalive, keys, messages, record
 from ntm.addr import format_endpoint
 from ntm.clock import Clock
-from ntm.errors import NtmError, ParseError
+from ntm.errors import CodedError, ParseError
 from ntm.registration import RegistrationRequest
 
 log = logging.getLogger("ntm.node")
@@ -48,12 +48,8 @@ OBSERVED_TIMEOUT_S = 5.0
 SESSION_OPEN_TIMEOUT_S = 3.0
 
 
-class NodeError(NtmError):
+class NodeError(CodedError):
     """A connection the node could not make; `code` is the DC's reason when it gave one."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 class DcSession:
@@ -76,6 +72,7 @@ class DcSession:
         self.chain: tuple[int, str] | None = None  # (chain id, registry) of the DC we registered at
         self.known_dcs: list[messages.DcEntry] = []  # from GET /v1/dcs while healthy: where to go if our DC dies
         self.home: dict | None = None  # set by a failover: the new registration, for the CLI's state
+        self.last_timestamp = 0  # of our newest record: a failover's record must be newer
         self.counters = {"sessions": 0, "session_drops": 0, "failovers": 0, "address_changes": 0}
         self._seq = itertools.count(clock.wall_ms())  # keepalive seq is on the wire: grows across restarts
         self._last_reply_seq = 0
@@ -220,9 +217,10 @@ class DcSession:
                 info = await self.dc.info()
                 if self.chain and (info.chain_id, info.registry) != self.chain:
                     raise DcError("wrong_chain", f"{url} serves another chain")
-                req = RegistrationRequest.signed(self.key, info, self.clock.wall_ms(),
-                                                 self.local_addrs())
+                ts = record.next_timestamp(self.clock.wall_ms(), self.last_timestamp)
+                req = RegistrationRequest.signed(self.key, info, ts, self.local_addrs())
                 await self.dc.register(req, wait_confirmed=True)
+                self.last_timestamp = ts
                 self.home = {"dc_url": url, "dc": info.dc, "hostname": info.hostname,
                              "timestamp": req.record.timestamp, "status": "confirmed"}
                 await self._open_session()
@@ -250,7 +248,7 @@ class DcSession:
             if isinstance(m, messages.DirectionPush):
                 self.on_direction(m.direction)
             elif isinstance(m, messages.DirectionResult):
-                fut = self._results.pop(m.id, None) if m.id is not None else None
+                fut = self._results.pop(m.id, None)
                 if fut is not None and not fut.done():
                     fut.set_result(m)
         for fut in self._results.values():
@@ -335,9 +333,10 @@ class DcSession:
             raise NodeError("dc_lost", f"session with DC {self.dc_url} lost: {exc}") from None
         finally:
             self._results.pop(rid, None)
-        if not res.ok or res.path is None:
-            raise NodeError(res.error or "refused", res.message or "direction refused")
-        return bytes.fromhex(res.path)
+        if res.route is None:
+            err = res.error or messages.ErrorBody("refused", "direction refused")
+            raise NodeError(err.error, err.message)
+        return bytes.fromhex(res.route.path)
 
     def status(self) -> dict:
         return {"dc": self.dc_url, "observed": self.observed, **self.counters}

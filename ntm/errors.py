@@ -15,3 +15,11 @@ class SignatureError(NtmError):
 
 class KeystoreError(NtmError):
     """A keystore that cannot be read or a passphrase that does not open it."""
+
+
+class CodedError(NtmError):
+    """A refusal with a stable machine-readable `code` (what goes into a JSON error body)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code

@@ -17,7 +17,7 @@ import hashlib
 import os
 import struct
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, ClassVar, TypeVar
 
 import coincurve
 from cryptography.exceptions import InvalidTag
@@ -161,11 +161,17 @@ def _check_path(path_id: bytes) -> bytes:
     return path_id
 
 
-class _Party:
-    """What both ends of a handshake hold: identities checked, transcript base, static-static ECDH."""
+M = TypeVar("M", HandshakeRequest, HandshakeResponse)
 
-    def __init__(self, static_key: coincurve.PrivateKey, peer_id: bytes, peer_pub: bytes, path_id: bytes,
-                 rand: Rand, initiator: bool) -> None:
+
+class _Party:
+    """What both ends of a handshake hold: identities checked, transcript base, static-static ECDH,
+    and the newest timestamp (sent by an initiator, accepted by a responder). Long-lived per path."""
+
+    INITIATOR: ClassVar[bool]
+
+    def __init__(self, static_key: coincurve.PrivateKey, peer_id: bytes, peer_pub: bytes, path_id: bytes, *,
+                 rand: Rand = os.urandom) -> None:
         self.path_id = _check_path(path_id)
         self.static_key = static_key
         self.local_pub = keys.public_bytes(static_key)
@@ -174,27 +180,31 @@ class _Party:
         self.peer_pub = _checked_peer(peer_id, peer_pub)
         self._rand = rand
         me, peer = (self.local_id, self.local_pub), (self.peer_id, self.peer_pub)
-        self._base = initial_state(self.path_id, *(me + peer if initiator else peer + me))
+        self._base = initial_state(self.path_id, *(me + peer if self.INITIATOR else peer + me))
         self._ss = keys.ecdh(static_key, self.peer_pub)
+        self.last_timestamp = 0
+
+    def _parse(self, kind: type[M], data: bytes) -> M:
+        """The message if well-formed and for this path; HandshakeError otherwise."""
+        try:
+            msg = kind.parse(data)
+        except ParseError as exc:
+            raise HandshakeError(f"malformed {kind.NAME}: {exc}") from None
+        if msg.path_id != self.path_id:
+            raise UnknownPathError(f"{kind.NAME} for path {msg.path_id.hex()}, expected {self.path_id.hex()}")
+        return msg
 
 
 class Initiator(_Party):
     """Sends Tunnel Requests for one path and completes on the matching Tunnel Response.
 
-    Long-lived per path: call `request(now)` for every (re)transmission and every rekey.
+    Call `request(now, wall)` for every (re)transmission and every rekey.
     """
 
-    def __init__(
-        self,
-        static_key: coincurve.PrivateKey,
-        peer_id: bytes,
-        peer_pub: bytes,
-        path_id: bytes,
-        *,
-        rand: Rand = os.urandom,
-    ) -> None:
-        super().__init__(static_key, peer_id, peer_pub, path_id, rand, initiator=True)
-        self.last_timestamp = 0
+    INITIATOR = True
+
+    def __init__(self, *args, **kw) -> None:  # noqa: ANN002, ANN003 - as _Party
+        super().__init__(*args, **kw)
         self._pending: list[tuple[coincurve.PrivateKey, _Symmetric, int, float]] = []
 
     @property
@@ -229,12 +239,7 @@ class Initiator(_Party):
 
     def response(self, data: bytes) -> Keys:
         """Keys from a Tunnel Response to one of the outstanding Requests; HandshakeError otherwise."""
-        try:
-            msg = HandshakeResponse.parse(data)
-        except ParseError as exc:
-            raise HandshakeError(f"malformed Tunnel Response: {exc}") from None
-        if msg.path_id != self.path_id:
-            raise UnknownPathError(f"Tunnel Response for path {msg.path_id.hex()}, expected {self.path_id.hex()}")
+        msg = self._parse(HandshakeResponse, data)
         if not self._pending:
             raise NoPendingHandshakeError("Tunnel Response but no Request outstanding")
         for e, st0, ts, _ in reversed(self._pending):
@@ -243,7 +248,7 @@ class Initiator(_Party):
             st.mix_key(keys.ecdh(e, msg.ephemeral), b"ee")
             st.mix_key(keys.ecdh(self.static_key, msg.ephemeral), b"se")
             try:
-                st.decrypt_and_hash(msg.sealed_empty)
+                st.decrypt_and_hash(msg.sealed)
             except HandshakeAuthError:
                 continue
             self._pending.clear()
@@ -256,18 +261,10 @@ class Responder(_Party):
     """Answers Tunnel Requests for one path. Long-lived per path: keeps the last accepted
     timestamp so a replayed Request is refused."""
 
-    def __init__(
-        self,
-        static_key: coincurve.PrivateKey,
-        peer_id: bytes,
-        peer_pub: bytes,
-        path_id: bytes,
-        *,
-        rand: Rand = os.urandom,
-        last_timestamp: int = 0,
-    ) -> None:
-        super().__init__(static_key, peer_id, peer_pub, path_id, rand, initiator=False)
-        self.last_timestamp = last_timestamp
+    INITIATOR = False
+
+    def __init__(self, *args, **kw) -> None:  # noqa: ANN002, ANN003 - as _Party
+        super().__init__(*args, **kw)
         self.last_accepted: float | None = None
 
     def respond(self, data: bytes, now: float) -> tuple[bytes, Keys]:
@@ -277,18 +274,13 @@ class Responder(_Party):
         initiator's static key), timestamp strictly newer, rate limit. Nothing is stored
         unless all pass.
         """
-        try:
-            msg = HandshakeRequest.parse(data)
-        except ParseError as exc:
-            raise HandshakeError(f"malformed Tunnel Request: {exc}") from None
-        if msg.path_id != self.path_id:
-            raise UnknownPathError(f"Tunnel Request for path {msg.path_id.hex()}, expected {self.path_id.hex()}")
+        msg = self._parse(HandshakeRequest, data)
         st = self._base.copy()
         st.mix_hash(msg.ephemeral)
         st.mix_key(keys.ecdh(self.static_key, msg.ephemeral), b"es")
         st.mix_key(self._ss, b"ss")
         try:
-            (ts,) = struct.unpack("!Q", st.decrypt_and_hash(msg.sealed_timestamp))
+            (ts,) = struct.unpack("!Q", st.decrypt_and_hash(msg.sealed))
         except HandshakeAuthError:
             raise HandshakeAuthError("Tunnel Request failed authentication (tampered, or not from the expected peer)") from None
         if ts <= self.last_timestamp:

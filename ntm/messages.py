@@ -47,6 +47,13 @@ def _check_endpoints(endpoints: list[str] | tuple[str, ...]) -> None:
         addr.parse_endpoint(e)  # ValueError → ParseError in decode()
 
 
+class ErrorBody(Message):
+    """A refusal: a stable code and a readable message (HTTP error bodies, failed directions)."""
+
+    error: str
+    message: str = ""
+
+
 # --- node ↔ DC session (WebSocket), tagged by "type" -----------------------------------------
 class Challenge(Message, tag="challenge", tag_field="type"):
     dc: NodeId
@@ -89,15 +96,21 @@ class DirectionRequest(Message, tag="direction-request", tag_field="type"):
     resume: Hex8 | None = None  # the tunnel (first path ID) a re-direction repairs
 
 
+class RouteChoice(Message):
+    """What the DC decided for a Direction Request: the new path, its kind, the requester's role."""
+
+    path: Hex8
+    kind: str
+    reason: str
+    role: str
+
+
 class DirectionResult(Message, tag="direction-result", tag_field="type"):
-    id: int | None
-    ok: bool
-    path: Hex8 | None = None
-    kind: str | None = None
-    reason: str | None = None
-    role: str | None = None
-    error: str | None = None
-    message: str | None = None
+    """The answer to DirectionRequest `id`: the route, or why there is none."""
+
+    id: int
+    route: RouteChoice | None = None
+    error: ErrorBody | None = None
 
 
 class DirectionPush(Message, tag="direction", tag_field="type"):
@@ -174,27 +187,22 @@ class InfoRequest(Message):
     to: NodeId
 
 
-class NodeInfo(Message):
+class NodeInfo(Message, kw_only=True):
     """What a home DC knows of its node: the NTM Information Response body, and whois."""
 
     node: NodeId
     home_dc: NodeId
     timestamp: Ms
+    pubkey: PubKeyHex | None = None  # None for a revoked record known only from the chain
     revoked: bool
-    online: bool
-    pubkey: PubKeyHex | None = None
     local_addrs: Endpoints = []
-    observed: Endpoint | None = None
-    observed_alt: Endpoint | None = None
-    confirmed: bool | None = None
+    online: bool
+    observed: Endpoint | None = None  # the NAT mapping seen by the DC's first keepalive port
+    observed_alt: Endpoint | None = None  # ... and by its second port (differs: symmetric NAT)
+    confirmed: bool | None = None  # whois only: the DC's record is the chain's
 
 
 # --- HTTP -------------------------------------------------------------------------------------
-class ErrorBody(Message):
-    error: str
-    message: str = ""
-
-
 class DcInfoReply(Message):
     """GET /v1/info."""
 

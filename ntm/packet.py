@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import ClassVar, Self
 
 import coincurve
 
@@ -74,13 +75,27 @@ def _check_point(raw: bytes) -> None:
         raise ParseError("ephemeral key is not on secp256k1") from None
 
 
-def _parse_handshake(data: bytes, kind: int, length: int, name: str) -> tuple[bytes, bytes, bytes]:
-    """(path ID, ephemeral key, sealed part) of a Tunnel Request or Response of exact `length`."""
+def _exact(data: bytes, kind: int, length: int, name: str) -> bytes:
+    """`data` as bytes if it is a `name` message: exactly `length` bytes starting with type `kind`."""
     data = bytes(data)
     if len(data) != length:
         raise ParseError(f"{name} is {len(data)} bytes, expected {length}")
     if data[0] != kind:
         raise ParseError(f"type 0x{data[0]:02x} is not a {name}")
+    return data
+
+
+def _side(data: bytes, name: str) -> int:
+    """The relay side (0 or 1) in the last byte of a relay message."""
+    side = data[-1]
+    if side not in (0, 1):
+        raise ParseError(f"{name} side is {side}, expected 0 or 1")
+    return side
+
+
+def _parse_handshake(data: bytes, kind: int, length: int, name: str) -> tuple[bytes, bytes, bytes]:
+    """(path ID, ephemeral key, sealed part) of a Tunnel Request or Response of exact `length`."""
+    data = _exact(data, kind, length, name)
     eph = data[PREFIX_LEN : PREFIX_LEN + EPHEMERAL_LEN]
     _check_point(eph)
     return data[1:PREFIX_LEN], eph, data[PREFIX_LEN + EPHEMERAL_LEN :]
@@ -97,35 +112,36 @@ def peek(datagram: bytes) -> tuple[int, bytes]:
 
 
 @dataclass(frozen=True, slots=True)
-class HandshakeRequest:
-    """Tunnel Request: initiator's ephemeral key and its AEAD-sealed timestamp."""
+class _Handshake:
+    """type | path ID | sender's ephemeral key (33-byte compressed point) | AEAD-sealed part."""
 
-    path_id: bytes
-    ephemeral: bytes  # 33-byte compressed point
-    sealed_timestamp: bytes  # 8-byte ciphertext + 16-byte tag
-
-    def encode(self) -> bytes:
-        return bytes([TYPE_HANDSHAKE_REQUEST]) + self.path_id + self.ephemeral + self.sealed_timestamp
-
-    @classmethod
-    def parse(cls, data: bytes) -> HandshakeRequest:
-        return cls(*_parse_handshake(data, TYPE_HANDSHAKE_REQUEST, REQUEST_LEN, "Tunnel Request"))
-
-
-@dataclass(frozen=True, slots=True)
-class HandshakeResponse:
-    """Tunnel Response: responder's ephemeral key and an AEAD tag over the transcript."""
-
+    TYPE: ClassVar[int]
+    LEN: ClassVar[int]
+    NAME: ClassVar[str]
     path_id: bytes
     ephemeral: bytes
-    sealed_empty: bytes  # 16-byte tag
+    sealed: bytes
 
     def encode(self) -> bytes:
-        return bytes([TYPE_HANDSHAKE_RESPONSE]) + self.path_id + self.ephemeral + self.sealed_empty
+        return bytes([self.TYPE]) + self.path_id + self.ephemeral + self.sealed
 
     @classmethod
-    def parse(cls, data: bytes) -> HandshakeResponse:
-        return cls(*_parse_handshake(data, TYPE_HANDSHAKE_RESPONSE, RESPONSE_LEN, "Tunnel Response"))
+    def parse(cls, data: bytes) -> Self:
+        return cls(*_parse_handshake(data, cls.TYPE, cls.LEN, cls.NAME))
+
+
+class HandshakeRequest(_Handshake):
+    """Tunnel Request: sealed = the initiator's timestamp (8-byte ciphertext + 16-byte tag)."""
+
+    __slots__ = ()
+    TYPE, LEN, NAME = TYPE_HANDSHAKE_REQUEST, REQUEST_LEN, "Tunnel Request"
+
+
+class HandshakeResponse(_Handshake):
+    """Tunnel Response: sealed = an AEAD tag over the transcript (16 bytes)."""
+
+    __slots__ = ()
+    TYPE, LEN, NAME = TYPE_HANDSHAKE_RESPONSE, RESPONSE_LEN, "Tunnel Response"
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,15 +192,8 @@ class RelayBind:
 
     @classmethod
     def parse(cls, data: bytes) -> RelayBind:
-        data = bytes(data)
-        if len(data) != RELAY_BIND_LEN:
-            raise ParseError(f"relay bind is {len(data)} bytes, expected {RELAY_BIND_LEN}")
-        if data[0] != TYPE_RELAY_BIND:
-            raise ParseError(f"type 0x{data[0]:02x} is not a relay bind")
-        side = data[-1]
-        if side not in (0, 1):
-            raise ParseError(f"relay bind side is {side}, expected 0 or 1")
-        return cls(data[1:PREFIX_LEN], data[PREFIX_LEN : PREFIX_LEN + TOKEN_LEN], side)
+        data = _exact(data, TYPE_RELAY_BIND, RELAY_BIND_LEN, "relay bind")
+        return cls(data[1:PREFIX_LEN], data[PREFIX_LEN : PREFIX_LEN + TOKEN_LEN], _side(data, "relay bind"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,15 +210,8 @@ class RelayBindAck:
 
     @classmethod
     def parse(cls, data: bytes) -> RelayBindAck:
-        data = bytes(data)
-        if len(data) != RELAY_BIND_ACK_LEN:
-            raise ParseError(f"relay bind ack is {len(data)} bytes, expected {RELAY_BIND_ACK_LEN}")
-        if data[0] != TYPE_RELAY_BIND_ACK:
-            raise ParseError(f"type 0x{data[0]:02x} is not a relay bind ack")
-        side = data[-1]
-        if side not in (0, 1):
-            raise ParseError(f"relay bind ack side is {side}, expected 0 or 1")
-        return cls(data[1:PREFIX_LEN], side)
+        data = _exact(data, TYPE_RELAY_BIND_ACK, RELAY_BIND_ACK_LEN, "relay bind ack")
+        return cls(data[1:PREFIX_LEN], _side(data, "relay bind ack"))
 
 
 Packet = HandshakeRequest | HandshakeResponse | TransportPacket | RelayBind | RelayBindAck

@@ -28,6 +28,13 @@ MAX_FUTURE_MS = 10 * 60 * 1000
 UINT64_MAX = 2**64 - 1
 
 
+def next_timestamp(now_ms: int, previous: int) -> int:
+    """The timestamp of a node's next record: now, yet strictly newer than its previous record
+    (the chain refuses anything else) even if the clock stepped back or two records are made in
+    one millisecond."""
+    return max(now_ms, previous + 1)
+
+
 def _word(value: int | bytes) -> bytes:
     """One 32-byte ABI word: an int big-endian, or an address left-padded."""
     if isinstance(value, bytes):

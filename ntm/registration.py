@@ -14,7 +14,7 @@ import coincurve
 
 from ntm import keys, messages
 from ntm.addr import format_endpoint, parse_endpoint
-from ntm.errors import NtmError, SignatureError
+from ntm.errors import CodedError, SignatureError
 from ntm.record import MAX_FUTURE_MS, Domain, NodeTransaction
 
 # A node reports at most this many local addresses (messages.MAX_ENDPOINTS): enough for
@@ -22,12 +22,8 @@ from ntm.record import MAX_FUTURE_MS, Domain, NodeTransaction
 MAX_LOCAL_ADDRS = messages.MAX_ENDPOINTS
 
 
-class RegistrationError(NtmError):
+class RegistrationError(CodedError):
     """A Registration Request the DC refuses; `code` is a stable machine-readable reason."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass(frozen=True)

@@ -252,20 +252,10 @@ class Session:
     simultaneous rekeys.
     """
 
-    def __init__(
-        self,
-        static_key: coincurve.PrivateKey,
-        peer_id: bytes,
-        peer_pub: bytes,
-        path_id: bytes,
-        *,
-        role: str = "initiate",
-        candidates: Sequence[Addr] = (),
-        relay: RelayInfo | None = None,
-        config: TunnelConfig | None = None,
-        rand: Rand = os.urandom,
-        wall: Callable[[], float] = time.time,
-    ) -> None:
+    def __init__(self, static_key: coincurve.PrivateKey, peer_id: bytes, peer_pub: bytes, path_id: bytes, *,
+                 role: str = "initiate", candidates: Sequence[Addr] = (), relay: RelayInfo | None = None,
+                 config: TunnelConfig | None = None, rand: Rand = os.urandom,
+                 wall: Callable[[], float] = time.time) -> None:
         if role not in ("initiate", "wait", "punch"):
             raise ValueError(f"role must be initiate, wait or punch, not {role!r}")
         self.config = config or TunnelConfig()

@@ -38,13 +38,9 @@ def _endpoint(text: str) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="ntm-rs",
-        description="Run a Relay Server: relays tunnel datagrams between two nodes on paths that "
-        "active DCs (checked on chain) ask for; never holds a tunnel key.",
-    )
-    p.add_argument("--rpc-url", required=True, help="Ethereum JSON-RPC URL of the chain")
-    p.add_argument("--deployment", type=Path, required=True, help="deployment JSON written by scripts/deploy.py")
+    p = service.daemon_parser("ntm-rs", "Run a Relay Server: relays tunnel datagrams between two nodes on paths "
+                              "that active DCs (checked on chain) ask for; never holds a tunnel key.",
+                              chain_required=True)
     p.add_argument("--udp-host", default="::",
                    help="relay UDP listen address (default '::', dual-stack: IPv4 and IPv6 nodes on one port; "
                    "'0.0.0.0' on machines without IPv6)")
@@ -58,7 +54,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--capture", type=Path, metavar="FILE",
                    help="DEBUG ONLY: append every forwarded datagram, hex, one per line, to FILE "
                    "(used by tests to show the relay only ever sees ciphertext)")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
 

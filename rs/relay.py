@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Hashable
 
 from ntm import packet
-from ntm.errors import NtmError, ParseError
+from ntm.errors import CodedError, ParseError
 
 Addr = Hashable
 
@@ -50,12 +50,8 @@ DROP_REASONS = (
 )
 
 
-class PathError(NtmError):
+class PathError(CodedError):
     """`add_path` refused: code "conflict" (path ID taken with another token/owner) or "full"."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass
@@ -153,13 +149,6 @@ class RelayTable:
         for p in gone:
             self._remove(p, "lifetime" if now >= p.expires_at else "idle")
         return len(gone)
-
-    def remove(self, path_id: bytes, reason: str = "removed") -> bool:
-        path = self.paths.get(path_id)
-        if path is None:
-            return False
-        self._remove(path, reason)
-        return True
 
     def _gone(self, path: RelayPath, now: float) -> bool:
         return now >= path.expires_at or now - path.last_active >= self.idle_s

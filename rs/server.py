@@ -112,8 +112,10 @@ class Relay:
 # ---------------------------------------------------------------------- HTTP
 
 RELAY = web.AppKey("relay", Relay)
+ROUTES = web.RouteTableDef()
 
 
+@ROUTES.post("/v1/relay-directions")
 async def handle_direction(request: web.Request) -> web.Response:
     relay = request.app[RELAY]
     try:
@@ -160,6 +162,7 @@ async def handle_direction(request: web.Request) -> web.Response:
         path.path_id.hex(), relay.advertise, created, now_ms + int((path.expires_at - now) * 1000), path.max_bytes)))
 
 
+@ROUTES.get("/v1/paths/{path}")
 async def handle_path(request: web.Request) -> web.Response:
     relay = request.app[RELAY]
     try:
@@ -172,6 +175,7 @@ async def handle_path(request: web.Request) -> web.Response:
     return web.json_response(path.stats())
 
 
+@ROUTES.get("/v1/info")
 async def handle_info(request: web.Request) -> web.Response:
     relay = request.app[RELAY]
     return web.json_response({
@@ -185,6 +189,7 @@ async def handle_info(request: web.Request) -> web.Response:
     })
 
 
+@ROUTES.get("/healthz")
 async def handle_health(request: web.Request) -> web.Response:
     relay = request.app[RELAY]
     return web.json_response({"ok": True, "paths": len(relay.table.paths)})
@@ -196,6 +201,7 @@ def _labelled(name: str, label: str, counts: dict) -> str:
     return "".join(lines)
 
 
+@ROUTES.get("/metrics")
 async def handle_metrics(request: web.Request) -> web.Response:
     relay = request.app[RELAY]
     t = relay.table
@@ -221,11 +227,7 @@ async def handle_metrics(request: web.Request) -> web.Response:
 def make_app(relay: Relay) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY)
     app[RELAY] = relay
-    app.router.add_post("/v1/relay-directions", handle_direction)
-    app.router.add_get("/v1/paths/{path}", handle_path)
-    app.router.add_get("/v1/info", handle_info)
-    app.router.add_get("/healthz", handle_health)
-    app.router.add_get("/metrics", handle_metrics)
+    app.add_routes(ROUTES)
     return app
 
 

@@ -36,6 +36,7 @@ from node import state
 from daemon import keystore
 from ntm import keys
 from ntm.errors import NtmError
+from chain.registry import fee_fields
 from scripts import deploy as deploy_mod
 from scripts.anvil import DEV_KEYS, Anvil, AnvilError
 from scripts.procs import Child, dc_child, free_port, has_ipv6_loopback, pid_alive
@@ -154,8 +155,7 @@ async def fund(rpc: str, deployer_key: bytes, addresses: list[bytes], amount: in
                 continue
             price = await w3.eth.gas_price
             tx = {"from": acct.address, "to": to, "value": amount - balance, "gas": 21_000, "chainId": chain_id,
-                  "maxFeePerGas": 2 * price + 10**9, "maxPriorityFeePerGas": 10**9, "type": 2,
-                  "nonce": await w3.eth.get_transaction_count(acct.address, "pending")}
+                  **fee_fields(price), "nonce": await w3.eth.get_transaction_count(acct.address, "pending")}
             tx_hash = await w3.eth.send_raw_transaction(acct.sign_transaction(tx).raw_transaction)
             receipt = await w3.eth.wait_for_transaction_receipt(tx_hash, timeout=120)
             if receipt["status"] != 1:

@@ -143,8 +143,8 @@ async def test_a_lying_dc_cannot_substitute_the_peers_key(tmp_path):
                         "peer_pubkey": keys.public_bytes(mallory).hex(), "requester": keys.checksum(keys.node_id_of(key_a)),
                         "candidates": ["127.0.0.1:9"], "relay": None}
                 await ws.send_json({"type": "direction", "direction": envelope.seal(dc_key, "route-direction", body, int(time.time() * 1000))})
-                await ws.send_json({"type": "direction-result", "id": req["id"], "ok": True, "path": "ab" * 8,
-                                    "kind": "direct", "role": "initiate"})
+                await ws.send_json({"type": "direction-result", "id": req["id"], "route": {
+                    "path": "ab" * 8, "kind": "direct", "reason": "lie", "role": "initiate"}})
         return ws
 
     class Echo(asyncio.DatagramProtocol):  # answers keepalives like a DC would
