@@ -1,0 +1,156 @@
+"""What an attacker could do if a security check were missing: one test per check that mutation
+testing found untested (`make mutate`, scripts/mutate.py). Each fails with the check removed.
+
+Tunnel tests drive two sans-I/O sessions by hand and never call poll() between the moment keys
+expire and the moment the attacker's packet arrives: a check that only the timers enforce would
+let it through.
+"""
+
+from __future__ import annotations
+
+import os
+
+import coincurve
+import pytest
+
+from ntm import envelope, keys, record
+from ntm.errors import SignatureError
+from ntm.packet import PREFIX_LEN, TYPE_RELAY_BIND_ACK, RelayBindAck
+from ntm.tunnel import REJECT_AFTER_TIME, Data, RelayBound, RelayInfo, Session, TunnelConfig
+from tests.test_tunnel import ADDR_A, ADDR_A2, ADDR_B, IDA, IDB, KA, KB, PA, PATH, PB, T0, connect, data_of
+
+NOW_MS = 1_700_000_000_000
+
+
+# --- keys.recover: only v = 27/28, like the contract's ecrecover ------------------------------
+def _small_r_signature(digest: bytes) -> bytes:
+    """A low-s signature (r, s) whose r + n is an x-coordinate on the curve, so recovery id 2
+    (v = 29) yields a key: a second "signer" for the same r, s that ecrecover would never accept."""
+    s = 12345
+    for r in range(1, 200):
+        try:
+            coincurve.PublicKey.from_signature_and_message(
+                r.to_bytes(32, "big") + s.to_bytes(32, "big") + b"\x02", digest, hasher=None)
+        except ValueError:
+            continue
+        return r.to_bytes(32, "big") + s.to_bytes(32, "big")
+    raise AssertionError("no small r with a recovery id 2 point found")
+
+
+@pytest.mark.parametrize("v", [29, 30, 0, 1])
+def test_a_signature_with_v_outside_27_28_is_refused(v):
+    digest = os.urandom(32)
+    rs = _small_r_signature(digest)
+    with pytest.raises(SignatureError, match="v is"):
+        keys.recover(digest, rs + bytes([v]))
+
+
+# --- NodeTransaction.sign: a key signs only its own node's records ----------------------------
+def test_a_key_cannot_sign_a_record_for_another_node():
+    victim = keys.node_id_of(keys.generate())
+    rec = record.NodeTransaction(victim, b"\x22" * 20, NOW_MS)
+    with pytest.raises(ValueError, match="does not belong"):
+        rec.sign(keys.generate(), record.Domain(31337, b"\x5f" * 20))
+
+
+# --- envelopes: freshness both ways, and the replay guard covers the whole window --------------
+DC = keys.generate()
+TRUSTED = staticmethod(lambda a: a == keys.node_id_of(DC))
+
+
+@pytest.mark.parametrize("offset_ms, fresh", [(envelope.MAX_SKEW_MS + 1, False), (envelope.MAX_SKEW_MS, True),
+                                              (-envelope.MAX_SKEW_MS - 1, False)])
+def test_an_envelope_dated_too_far_ahead_or_behind_is_refused(offset_ms, fresh):
+    env = envelope.seal(DC, "k", {}, NOW_MS + offset_ms)
+    if fresh:
+        envelope.open_envelope(env, "k", NOW_MS, TRUSTED)
+    else:
+        with pytest.raises(SignatureError, match="freshness"):
+            envelope.open_envelope(env, "k", NOW_MS, TRUSTED)
+
+
+def test_a_replay_is_refused_for_as_long_as_the_envelope_is_fresh():
+    """Dated at the future edge when first seen, an envelope stays fresh for two windows: the
+    guard must remember its nonce that long, or the replay at the end of the window gets in."""
+    env = envelope.seal(DC, "k", {}, NOW_MS + envelope.MAX_SKEW_MS)
+    guard = envelope.ReplayGuard()
+    envelope.open_envelope(env, "k", NOW_MS, TRUSTED, guard)
+    later = NOW_MS + 2 * envelope.MAX_SKEW_MS - 1
+    with pytest.raises(SignatureError, match="replayed"):
+        envelope.open_envelope(env, "k", later, TRUSTED, guard)
+
+
+# --- tunnel keys: expired keys, previous keys after the grace, replays during the grace --------
+def test_packets_on_keys_past_reject_after_time_are_dropped_on_both_paths():
+    a, b, _ = connect()
+    fast = a.encrypt(b"from the same address", T0 + 1)
+    slow = a.encrypt(b"from a new address", T0 + 1)
+    late = T0 + REJECT_AFTER_TIME + 1  # b's timers have not run: only the receive check stands
+    assert b.receive(fast, ADDR_A, late) == []  # fast path: DATA from the known peer
+    assert b.receive(slow, ADDR_A2, late) == []  # slow path: would also roam the peer away
+    assert b.stats["drop_expired_key"] == 2 and b.peer_addr == ADDR_A
+
+
+def _rekeyed_pair(grace: float):
+    cfg = TunnelConfig(rekey_after_time=10.0, previous_key_grace=grace)
+    a, b, net = connect(cfg)
+    held = [a.encrypt(b"old%d" % i, T0 + 9) for i in range(2)]
+    t = T0 + 10.5
+    for d, _ in a.poll(t):
+        b.receive(d, ADDR_A, t)
+    net.pump(t)
+    assert a.stats["rekeys"] == b.stats["rekeys"] == 1
+    return a, b, held, t
+
+
+def test_previous_keys_stop_working_after_their_grace_period():
+    _, b, held, t = _rekeyed_pair(grace=2.0)
+    assert b.receive(held[0], ADDR_A, t + 2.5) == []  # no poll() in between
+    assert b.stats["drop_expired_key"] == 1
+
+
+def test_a_packet_on_previous_keys_is_accepted_once_during_the_grace_period():
+    _, b, held, t = _rekeyed_pair(grace=5.0)
+    assert data_of(b.receive(held[0], ADDR_A, t + 1)) == [b"old0"]
+    assert b.receive(held[0], ADDR_A, t + 1) == []
+    assert b.stats["drop_replay"] == 1
+
+
+# --- the responder never sends on keys the initiator has not confirmed -------------------------
+def test_a_lost_rekey_response_does_not_cut_the_responders_traffic():
+    """B answers A's rekey Request, and the Response is lost (dropped by an on-path attacker).
+    B must keep sending on the keys A has; had it switched, A could not read anything from B."""
+    a, b, _ = connect(TunnelConfig(rekey_after_time=10.0))
+    t = T0 + 10.5
+    requests = [d for d, _ in a.poll(t)]
+    for d in requests:
+        b.receive(d, ADDR_A, t)
+    b.poll(t)  # the Response: lost
+    assert data_of(a.receive(b.encrypt(b"still readable", t), ADDR_B, t)) == [b"still readable"]
+
+
+def test_the_responder_cannot_send_before_the_initiator_confirms():
+    a = Session(KA, IDB, PB, PATH, candidates=[ADDR_B])
+    b = Session(KB, IDA, PA, PATH, role="wait")
+    a.start(T0)
+    b.start(T0)
+    (req, _), = a.poll(T0)
+    b.receive(req, ADDR_A, T0)
+    assert not b.established and b.close_packet(T0) is None
+
+
+# --- relay: a bind acknowledgement counts only from the relay ----------------------------------
+def test_a_relay_bind_ack_from_anyone_but_the_relay_is_ignored():
+    relay = ("192.0.2.1", 4340)
+    s = Session(KA, IDB, PB, PATH, relay=RelayInfo(relay, os.urandom(32), 0))
+    s.start(T0)
+    ack = RelayBindAck(PATH, 0).encode()
+    assert len(ack) == PREFIX_LEN + 1 and ack[0] == TYPE_RELAY_BIND_ACK
+    assert s.receive(ack, ("203.0.113.66", 4340), T0) == []
+    assert s.stats["relay_acks"] == 0
+    assert s.receive(ack, relay, T0) == [RelayBound(relay)]
+
+
+def test_data_events_are_plain_payloads():
+    """Guards the helper the tests above rely on (a broken data_of would make them vacuous)."""
+    assert data_of([Data(b"x"), RelayBound(("1.2.3.4", 1))]) == [b"x"]
