@@ -95,7 +95,9 @@ class _Symmetric:
         self.ck, self.h, self.k = ck, h, k
 
     def copy(self) -> _Symmetric:
-        return _Symmetric(self.ck, self.h, self.k)
+        """A branch of the transcript for one message: chaining key and hash. Every message mixes
+        a new key (mix_key) before it encrypts, so the cipher key is not carried over."""
+        return _Symmetric(self.ck, self.h)
 
     def mix_hash(self, data: bytes) -> None:
         self.h = hashlib.sha256(self.h + data).digest()
@@ -133,7 +135,7 @@ def _checked_peer(peer_id: bytes, peer_pub: bytes) -> bytes:
         raise PeerIdentityError(
             f"peer key belongs to {keys.checksum(got)}, expected {keys.checksum(bytes(peer_id))}"
         )
-    return point.format(compressed=False)
+    return point.format(False)
 
 
 def initial_state(path_id: bytes, init_id: bytes, init_pub: bytes, resp_id: bytes, resp_pub: bytes) -> _Symmetric:

@@ -32,7 +32,7 @@ def private_key(secret: bytes) -> coincurve.PrivateKey:
 
 def public_bytes(key: coincurve.PrivateKey) -> bytes:
     """Uncompressed 65-byte public key of a private key."""
-    return key.public_key.format(compressed=False)
+    return key.public_key.format(False)
 
 
 def parse_public(data: bytes) -> coincurve.PublicKey:
@@ -46,7 +46,7 @@ def parse_public(data: bytes) -> coincurve.PublicKey:
 def node_id(public: bytes | coincurve.PublicKey) -> bytes:
     """Node ID (20 bytes) of a public key: keccak256 of the 64-byte uncompressed point, last 20 bytes."""
     point = public if isinstance(public, coincurve.PublicKey) else parse_public(public)
-    return keccak(point.format(compressed=False)[1:])[12:]
+    return keccak(point.format(False)[1:])[12:]
 
 
 def node_id_of(key: coincurve.PrivateKey) -> bytes:
@@ -85,8 +85,8 @@ def recover(digest: bytes, signature: bytes) -> coincurve.PublicKey:
     """
     if len(signature) != SIGNATURE_LEN:
         raise SignatureError(f"signature is {len(signature)} bytes, expected {SIGNATURE_LEN}")
-    r = int.from_bytes(signature[:32], "big")
-    s = int.from_bytes(signature[32:64], "big")
+    r = int.from_bytes(signature[:32])
+    s = int.from_bytes(signature[32:64])
     v = signature[64]
     if v not in (27, 28):
         raise SignatureError(f"signature v is {v}, expected 27 or 28")
@@ -109,4 +109,4 @@ def recover_node_id(digest: bytes, signature: bytes) -> bytes:
 
 def ecdh(key: coincurve.PrivateKey, peer_public: bytes) -> bytes:
     """32-byte ECDH secret: SHA-256 of the compressed shared point (libsecp256k1's default)."""
-    return key.ecdh(parse_public(peer_public).format(compressed=True))
+    return key.ecdh(parse_public(peer_public).format())

@@ -39,7 +39,7 @@ def _word(value: int | bytes) -> bytes:
     """One 32-byte ABI word: an int big-endian, or an address left-padded."""
     if isinstance(value, bytes):
         return value.rjust(32, b"\0")
-    return value.to_bytes(32, "big")
+    return value.to_bytes(32)
 
 
 @dataclass(frozen=True)
@@ -112,26 +112,12 @@ class NodeTransaction:
             "revoked": self.revoked,
         }
 
-    @classmethod
-    def from_json(cls, obj: dict) -> "NodeTransaction":
-        """Parse the JSON form; ValueError/TypeError/KeyError are turned into ParseError by callers."""
-        revoked = obj.get("revoked", False)
-        timestamp = obj["timestamp"]
-        if not isinstance(revoked, bool) or not isinstance(timestamp, int) or isinstance(timestamp, bool):
-            raise ValueError("timestamp must be an integer and revoked a boolean")
-        return cls(
-            node=keys.parse_node_id(obj["node"]),
-            dc=keys.parse_node_id(obj["dc"]),
-            timestamp=timestamp,
-            revoked=revoked,
-        )
-
 
 def to_compact(signature: bytes) -> tuple[bytes, bytes]:
     """EIP-2098 compact form (r, yParity<<255 | s) that the contract takes: 64 bytes of calldata, not 96."""
     if len(signature) != keys.SIGNATURE_LEN:
         raise SignatureError("signature must be 65 bytes")
-    r, s, v = signature[:32], int.from_bytes(signature[32:64], "big"), signature[64]
+    r, s, v = signature[:32], int.from_bytes(signature[32:64]), signature[64]
     if v not in (27, 28):
         raise SignatureError("signature v must be 27 or 28")
-    return r, ((v - 27) << 255 | s).to_bytes(32, "big")
+    return r, ((v - 27) << 255 | s).to_bytes(32)
