@@ -396,7 +396,8 @@ def test_relay_table_accounts_for_everything_exactly():
     assert t.on_datagram(bind(0), A, 1.0) == [(RelayBindAck_(0), A)]
     assert t.on_datagram(bind(1), B, 1.0) == [(RelayBindAck_(1), B)]
     assert t.on_datagram(bind(1), C, 2.0) == [(RelayBindAck_(1), C)]  # side 1 roamed
-    assert [(e.kind, e.side, e.addr) for e in t.pop_events()] == [("bound", 0, A), ("bound", 1, B), ("moved", 1, C)]
+    assert [(e.kind, e.path_id, e.side, e.addr) for e in t.pop_events()] == [
+        ("bound", PATH, 0, A), ("bound", PATH, 1, B), ("moved", PATH, 1, C)]
     assert (t.binds, path.binds, t.bound_paths()) == (3, 3, 1)
     pkt = TransportPacket(TYPE_DATA, PATH, 1, b"\x00" * 100).encode()
     assert t.on_datagram(pkt, A, 3.0) == [(pkt, C)] and t.on_datagram(pkt, C, 3.0) == [(pkt, A)]
@@ -410,7 +411,7 @@ def test_relay_table_accounts_for_everything_exactly():
     assert len(exact) == rest and t.on_datagram(exact, A, 4.0) == [(exact, C)]
     assert t.on_datagram(pkt, A, 4.0) == [] and PATH not in t.paths
     assert t.dropped == {"byte_cap": 1} and t.removed == {"byte_cap": 1}
-    assert [(e.kind, e.reason) for e in t.pop_events()] == [("removed", "byte_cap")]
+    assert [(e.kind, e.path_id, e.reason) for e in t.pop_events()] == [("removed", PATH, "byte_cap")]
 
 
 def RelayBindAck_(side: int) -> bytes:
@@ -450,3 +451,36 @@ def test_relay_expiry_reasons():
     t.add_path(PATH, TOKEN, 500.0, 10, 100.0)
     assert t.on_datagram(RelayBind(PATH, TOKEN, 0).encode(), A, 130.0) == []  # idle since 100
     assert t.removed["idle"] == 2 and t.dropped == {"expired": 2}
+
+
+def test_relay_counts_paths_and_bound_pairs_and_bounds_its_event_log():
+    t = RelayTable()
+    for i in range(3):
+        t.add_path(bytes([i]) * 8, TOKEN, 100.0, 10, 0.0)
+    assert t.paths_added == 3 and t.bound_paths() == 0
+    t.on_datagram(RelayBind(b"\x00" * 8, TOKEN, 0).encode(), A, 1.0)  # one side of path 0
+    t.on_datagram(RelayBind(b"\x01" * 8, TOKEN, 1).encode(), B, 1.0)  # the other side of path 1
+    assert t.bound_paths() == 0
+    t.on_datagram(RelayBind(b"\x00" * 8, TOKEN, 1).encode(), B, 1.0)
+    assert t.bound_paths() == 1
+    for _ in range(10_100):
+        t.on_datagram(RelayBind(b"\x02" * 8, TOKEN, 0).encode(), (A[0], 1000 + _), 2.0)
+    assert len(t.events) == 10_000  # a relay that is never drained does not grow without bound
+
+
+def test_replay_guard_forgets_the_oldest_first():
+    guard = envelope.ReplayGuard()
+    old, new = (envelope.Envelope("k", DC_ID, NOW_MS, bytes([i]) * 16, {}) for i in (1, 2))
+    guard.check_and_add(old, NOW_MS)
+    guard.check_and_add(new, NOW_MS + envelope.MAX_SKEW_MS)
+    guard.check_and_add(envelope.Envelope("k", DC_ID, NOW_MS, b"\x03" * 16, {}), NOW_MS + 2 * envelope.MAX_SKEW_MS + 1)
+    guard.check_and_add(old, NOW_MS + 2 * envelope.MAX_SKEW_MS + 1)  # expired: forgotten
+    with raises(SignatureError, "envelope replayed"):
+        guard.check_and_add(new, NOW_MS + 2 * envelope.MAX_SKEW_MS + 1)  # not yet: remembered
+
+
+def test_the_handshake_rate_limit_boundary_is_exact():
+    i, r = _pair()
+    r.respond(i.request(0.0), 0.0)
+    r.respond(i.request(0.02), 0.02)  # exactly HANDSHAKE_MIN_INTERVAL later: accepted
+    assert HANDSHAKE_MIN_INTERVAL == 0.02

@@ -1,0 +1,225 @@
+"""Tunnel Session edges: exact boundaries of key lifetimes and counters, the replay window on the
+fast receive path under reordering, counters that must count every occurrence, and where
+Requests go. Complements test_tunnel.py (behaviour) and test_tunnel_trace.py (golden trace)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from ntm import keys
+from ntm.packet import MAX_PAYLOAD, TYPE_HANDSHAKE_REQUEST, TYPE_KEEPALIVE, RelayBindAck
+from ntm.tunnel import RelayInfo, Session, TunnelConfig, TunnelError
+from tests.test_tunnel import ADDR_A, ADDR_A2, ADDR_B, IDA, IDB, KA, KB, PA, PATH, PB, T0, connect, data_of
+
+RELAY = ("192.0.2.1", 4340)
+
+
+def test_reordered_packets_on_the_fast_path_are_accepted_once():
+    a, b, _ = connect()
+    pkts = [a.encrypt(b"p%d" % i, T0) for i in range(8)]
+    for i in (5, 3, 0, 7, 1):
+        assert data_of(b.receive(pkts[i], ADDR_A, T0)) == [b"p%d" % i]
+    for i in (5, 3, 0, 7, 1):
+        assert b.receive(pkts[i], ADDR_A, T0) == []  # each a replay now
+    for i in (2, 4, 6):  # the gaps are still open
+        assert data_of(b.receive(pkts[i], ADDR_A, T0)) == [b"p%d" % i]
+    assert b.stats["drop_replay"] == 5
+
+
+def test_key_lifetimes_end_exactly_at_their_deadline():
+    a, b, _ = connect()
+    end = b.current.reject_time
+    assert end == b.current.created + a.config.reject_after_time
+    fast, slow = a.encrypt(b"x", T0), a.encrypt(b"y", T0)
+    assert b.receive(fast, ADDR_A, end) == []  # fast path, at the deadline
+    assert b.receive(slow, ADDR_A2, end) == []  # slow path, at the deadline
+    with pytest.raises(TunnelError, match="^tunnel keys exhausted; waiting for a rekey$"):
+        a.close_packet(a.current.reject_time) or a._seal(TYPE_KEEPALIVE, b"", a.current.reject_time)
+
+
+def test_previous_keys_end_exactly_at_the_grace_deadline():
+    cfg = TunnelConfig(rekey_after_time=10.0, previous_key_grace=2.0)
+    a, b, net = connect(cfg)
+    held = a.encrypt(b"old", T0 + 9)
+    t = T0 + 10.5
+    for d, _ in a.poll(t):
+        b.receive(d, ADDR_A, t)
+    net.pump(t)
+    assert b.receive(held, ADDR_A, b.previous.expires) == []
+    assert b.stats["drop_expired_key"] == 1
+
+
+def test_an_old_packet_with_a_counter_the_new_keys_already_used_still_decrypts():
+    """The new keys' window saying "seen" for a counter must not stop the previous keys from
+    being tried: their counters are independent."""
+    cfg = TunnelConfig(rekey_after_time=10.0, previous_key_grace=5.0)
+    a, b, net = connect(cfg)
+    held = [a.encrypt(b"old%d" % i, T0 + 9) for i in range(3)]
+    t = T0 + 10.5
+    for d, _ in a.poll(t):
+        b.receive(d, ADDR_A, t)
+    net.pump(t)
+    for i in range(5):
+        b.receive(a.encrypt(b"new%d" % i, t), ADDR_A, t)
+    assert [data_of(b.receive(p, ADDR_A, t + 1)) for p in held] == [[b"old0"], [b"old1"], [b"old2"]]
+
+
+def test_a_rekey_starts_on_exactly_the_packet_that_reaches_the_count():
+    cfg = TunnelConfig(rekey_after_messages=20)
+    a, b, _ = connect(cfg)
+    sent_before, requests = a.current.counter, a.stats["requests_sent"]  # the handshake used some
+    for _ in range(20 - 1 - sent_before):
+        a.encrypt(b"x", T0)
+    assert not a.has_output and a.stats["requests_sent"] == requests
+    a.encrypt(b"x", T0)  # counter 19: the 20th packet on these keys
+    assert [d[0] for d, _ in a.datagrams_to_send()] == [TYPE_HANDSHAKE_REQUEST]
+
+
+def test_the_largest_payload_fits_and_one_more_byte_does_not():
+    a, b, _ = connect()
+    big = b"\x00" * MAX_PAYLOAD
+    assert data_of(b.receive(a.encrypt(big, T0), ADDR_A, T0)) == [big]
+    a.current.rekey_time = T0  # force the slow send path
+    assert data_of(b.receive(a.encrypt(big, T0 + 1), ADDR_A, T0 + 1)) == [big]
+    with pytest.raises(TunnelError, match=f"^payload of {MAX_PAYLOAD + 1} bytes does not fit one datagram$"):
+        a.encrypt(big + b"\x00", T0)
+
+
+def test_every_drop_is_counted_each_time():
+    a, b, _ = connect()
+    good = a.encrypt(b"g", T0)
+    b.receive(good, ADDR_A, T0)
+    req = Session(KA, IDB, PB, PATH, candidates=[ADDR_B])
+    req.start(T0)
+    request = req.poll(T0)[0][0]
+    other = os.urandom(8)
+    cases = {
+        "drop_unknown_type": b"\x7f" + PATH + b"\x00" * 40,
+        "drop_too_old": good[:9] + (2**64 - 1).to_bytes(8) + good[17:],
+        "drop_unknown_path": bytes([TYPE_HANDSHAKE_REQUEST]) + other + request[9:],
+        "drop_handshake_auth": request[:-1] + bytes([request[-1] ^ 1]),
+        "relay_acks": None,
+    }
+    for stat, data in cases.items():
+        if data is None:
+            continue
+        for _ in range(2):
+            b.receive(data, ADDR_A, T0 + 1)
+        assert b.stats[stat] == 2, stat
+    fresh = Session(KB, IDA, PA, PATH, role="wait")
+    fresh.start(T0)
+    for _ in range(2):
+        fresh.receive(good, ADDR_A, T0)
+    assert fresh.stats["drop_no_keys"] == 2
+    relay = Session(KA, IDB, PB, PATH, relay=RelayInfo(RELAY, os.urandom(32), 0))
+    relay.start(T0)
+    for _ in range(2):
+        relay.receive(RelayBindAck(PATH, 0).encode(), RELAY, T0)
+    assert relay.stats["relay_acks"] == 2
+
+
+def test_handshake_drops_are_counted_each_time():
+    cfg = TunnelConfig()
+    a = Session(KA, IDB, PB, PATH, candidates=[ADDR_B], config=cfg)
+    b = Session(KB, IDA, PA, PATH, role="wait", config=cfg)
+    a.start(T0)
+    b.start(T0)
+    r1 = a.poll(T0)[0][0]
+    r2 = a.poll(T0 + 0.25)[0][0]
+    r3 = a.poll(T0 + 0.5)[0][0]
+    b.receive(r2, ADDR_A, T0 + 1)
+    for r in (r1, r1):  # older than the accepted one
+        b.receive(r, ADDR_A, T0 + 2)
+    assert b.stats["drop_handshake_replay"] == 2
+    b.receive(r3, ADDR_A, T0 + 1.001)  # too soon after r2
+    assert b.stats["drop_handshake_rate"] == 1
+    resp = b.poll(T0 + 1)[0][0]
+    for _ in range(2):
+        b.receive(resp, ADDR_A, T0 + 3)  # a Response to a responder that sent no Request
+    assert b.stats["drop_unexpected_response"] == 2
+    for _ in range(2):
+        a.receive(resp[:-1] + bytes([resp[-1] ^ 1]), ADDR_B, T0 + 3)
+    assert a.stats["drop_handshake_auth"] == 2
+    other = bytes(8)
+    for _ in range(2):
+        a.receive(resp[:1] + other + resp[9:], ADDR_B, T0 + 3)
+    assert a.stats["drop_unknown_path"] == 2
+
+
+def test_punch_collisions_are_counted_each_time():
+    lo_key, hi_key = sorted([KA, KB], key=keys.node_id_of)
+    lo = Session(lo_key, keys.node_id_of(hi_key), keys.public_bytes(hi_key), PATH, role="punch", candidates=[ADDR_B])
+    hi = Session(hi_key, keys.node_id_of(lo_key), keys.public_bytes(lo_key), PATH, role="punch", candidates=[ADDR_A])
+    lo.start(T0)
+    hi.start(T0)
+    lo.poll(T0)
+    for t in (T0, T0 + 0.25):
+        for d, _ in hi.poll(t):
+            lo.receive(d, ADDR_B, t)
+    assert lo.wins_collisions and not hi.wins_collisions
+    assert lo.stats["drop_handshake_collision"] == 2
+
+
+def test_keys_expire_each_time_and_only_an_initiating_side_starts_over():
+    cfg = TunnelConfig(reject_after_time=5.0, rekey_after_time=100.0)
+    for round_ in (1, 2):
+        a, b, net = connect(cfg)
+        if round_ == 2:  # expire, handshake again, expire again: two expiries on one session
+            net.pump(T0 + 5.0)
+            assert a.established and b.established
+            a.poll(T0 + 10.1)
+            b.poll(T0 + 10.1)
+            assert a.stats["keys_expired"] == b.stats["keys_expired"] == 2
+    a, b, _ = connect(TunnelConfig(reject_after_time=5.0, rekey_after_time=100.0), role_b="wait")
+    b.candidates = [ADDR_A]  # a waiting side that knows where the peer is still does not initiate
+    assert [d[0] for d, _ in a.poll(T0 + 5)] == [TYPE_HANDSHAKE_REQUEST]
+    assert b.poll(T0 + 5) == [] and "request" not in b.deadlines()
+
+
+def test_where_requests_go():
+    a = Session(KA, IDB, PB, PATH)  # no candidates, no relay: nothing to send to, retry later
+    a.start(T0)
+    assert a.poll(T0) == [] and a.deadlines()["request"] == T0 + a.config.handshake_retransmit
+    c = Session(KA, IDB, PB, PATH, candidates=[("10.0.0.5", 1), ADDR_B])
+    c.start(T0)
+    c.peer_addr = ADDR_A2  # learned from the peer before any keys: tried first
+    assert [dst for _, dst in c.poll(T0)] == [ADDR_A2, ("10.0.0.5", 1), ADDR_B]
+    a2, b2, _ = connect(TunnelConfig(rekey_after_time=10.0))
+    a2.candidates = [("10.0.0.5", 1)]
+    assert [dst for _, dst in a2.poll(T0 + 10.5)] == [ADDR_B]  # a rekey goes where the keys work
+
+
+def test_a_response_from_an_unlisted_address_is_via_peer():
+    a = Session(KA, IDB, PB, PATH, candidates=[ADDR_B])
+    b = Session(KB, IDA, PA, PATH, role="wait")
+    a.start(T0)
+    b.start(T0)
+    b.receive(a.poll(T0)[0][0], ADDR_A, T0)
+    events = a.receive(b.poll(T0)[0][0], ADDR_A2, T0)  # answered from another address (NAT rebinding)
+    assert a.via == "peer" and events[-1].via == "peer"
+
+
+def test_moving_tells_only_those_who_should_hear():
+    token = os.urandom(32)
+    a, b, _ = connect()
+    a.relay = RelayInfo(RELAY, token, 0)  # a relay is known, but not in use
+    a.local_address_changed(T0)
+    assert [(d[0], dst) for d, dst in a.datagrams_to_send()] == [(TYPE_KEEPALIVE, ADDR_B)]
+    c = Session(KA, IDB, PB, PATH, candidates=[ADDR_B], relay=RelayInfo(RELAY, token, 0))
+    c.start(T0)
+    c.peer_addr = ADDR_B
+    c.local_address_changed(T0)  # no keys yet: nothing to authenticate a keepalive with
+    assert c.datagrams_to_send() == []
+
+
+@pytest.mark.parametrize("token, side", [(b"\x00" * 31, 0), (b"\x00" * 32, 2)])
+def test_relay_info_must_be_well_formed(token, side):
+    with pytest.raises(ValueError, match="^relay token must be 32 bytes and side 0 or 1$"):
+        RelayInfo(RELAY, token, side)
+
+
+def test_a_session_role_must_be_known():
+    with pytest.raises(ValueError, match="^role must be initiate, wait or punch, not 'listen'$"):
+        Session(KA, IDB, PB, PATH, role="listen")
