@@ -42,7 +42,6 @@ from ntm.handshake import (
     NoPendingHandshakeError,
     Rand,
     Responder,
-    UnknownPathError,
 )
 from ntm.packet import (
     HEADER,
@@ -564,6 +563,8 @@ class Session:
         return []
 
     def _handshake_drop(self, exc: HandshakeError) -> list[Event]:
+        """Count a refused handshake message by reason. (A wrong path ID never gets here:
+        receive() drops it as drop_unknown_path before the handshake sees it.)"""
         if isinstance(exc, HandshakeReplayError):
             self._stats["drop_handshake_replay"] += 1
         elif isinstance(exc, HandshakeRateError):
@@ -572,8 +573,6 @@ class Session:
             self._stats["drop_handshake_auth"] += 1
         elif isinstance(exc, NoPendingHandshakeError):
             self._stats["drop_unexpected_response"] += 1
-        elif isinstance(exc, UnknownPathError):
-            self._stats["drop_unknown_path"] += 1
         else:
             self._stats["drop_handshake_malformed"] += 1
         return []

@@ -223,3 +223,68 @@ def test_relay_info_must_be_well_formed(token, side):
 def test_a_session_role_must_be_known():
     with pytest.raises(ValueError, match="^role must be initiate, wait or punch, not 'listen'$"):
         Session(KA, IDB, PB, PATH, role="listen")
+
+
+def test_drops_on_the_slow_path_are_counted_each_time_and_bounded_exactly():
+    cfg = TunnelConfig(reject_after_messages=1000, previous_key_grace=2.0, rekey_after_time=10.0)
+    a, b, net = connect(cfg)
+    at_limit = a.encrypt(b"x", T0)[:9] + (1000).to_bytes(8) + b"\x00" * 32  # counter == the limit
+    below = a.encrypt(b"x", T0)[:9] + (999).to_bytes(8) + b"\x00" * 32
+    oversize = below[:17] + b"\x00" * 65_500
+    for _ in range(2):
+        b.receive(at_limit, ADDR_A, T0)
+        b.receive(oversize, ADDR_A, T0)
+    b.receive(below, ADDR_A, T0)
+    assert (b.stats["drop_too_old"], b.stats["drop_malformed"], b.stats["drop_bad_tag"]) == (2, 2, 1)
+    biggest = a.encrypt(b"\x00" * MAX_PAYLOAD, T0)  # a datagram of exactly the maximum size
+    assert data_of(b.receive(biggest, ADDR_A2, T0)) == [b"\x00" * MAX_PAYLOAD]  # via the slow path (new address)
+    held = [a.encrypt(b"old", T0 + 9) for _ in range(2)]
+    rtt = b.rtt
+    t = T0 + 10.5
+    for d, _ in a.poll(t):
+        b.receive(d, ADDR_A2, t)
+    net.addr_a = ADDR_A2
+    net.pump(t)
+    assert b.stats["rekeys"] == 1 and b.rtt == rtt  # a rekey does not overwrite the measured RTT
+    for p in held:
+        assert b.receive(p, ADDR_A2, b.previous.expires + 1) == []
+    assert b.stats["drop_expired_key"] == 2
+
+
+def test_data_after_the_keys_expired_is_dropped_not_raised():
+    a, b, _ = connect(TunnelConfig(reject_after_time=5.0, rekey_after_time=100.0))
+    late = a.encrypt(b"x", T0 + 1)
+    b.poll(T0 + 6)  # b's keys are gone; it still knows where the peer is
+    assert b.current is None and b.peer_addr == ADDR_A
+    assert b.receive(late, ADDR_A, T0 + 6) == [] and b.stats["drop_no_keys"] == 1
+
+
+def test_during_a_second_rekey_two_generations_of_keys_are_tried():
+    """B holds current keys, unconfirmed next keys (it answered a new Request) and previous keys
+    in their grace period: a packet on the previous keys still decrypts."""
+    cfg = TunnelConfig(rekey_after_time=10.0, rekey_after_messages=30, previous_key_grace=5.0)
+    a, b, net = connect(cfg)
+    held = a.encrypt(b"two generations", T0 + 9)
+    t = T0 + 10.5
+    for d, _ in a.poll(t):
+        b.receive(d, ADDR_A, t)
+    net.pump(t)
+    while not a.has_output:  # a count rekey: a sends a new Request from the send path
+        b.receive(a.encrypt(b"n", t), ADDR_A, t)
+    for d, _ in a.datagrams_to_send():
+        if d[0] == TYPE_HANDSHAKE_REQUEST:
+            b.receive(d, ADDR_A, t + 0.1)
+    assert b.next is not None and b.previous is not None
+    assert data_of(b.receive(held, ADDR_A, t + 0.2)) == [b"two generations"]
+
+
+def test_handshake_rate_drops_are_counted_each_time():
+    a = Session(KA, IDB, PB, PATH, candidates=[ADDR_B])
+    b = Session(KB, IDA, PA, PATH, role="wait")
+    a.start(T0)
+    b.start(T0)
+    reqs = [a.poll(T0 + 0.25 * i)[0][0] for i in range(3)]
+    b.receive(reqs[0], ADDR_A, T0 + 1)
+    b.receive(reqs[1], ADDR_A, T0 + 1.001)
+    b.receive(reqs[2], ADDR_A, T0 + 1.002)
+    assert b.stats["drop_handshake_rate"] == 2
