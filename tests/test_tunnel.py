@@ -72,6 +72,18 @@ def connect(config=None, role_a="initiate", role_b="wait"):
     return a, b, net
 
 
+def rekeyed(cfg, held: int = 0, at: float = T0 + 10.5):
+    """A connected pair after one rekey by time at `at` (A initiates it), with `held` packets A
+    sealed on the old keys just before, not yet delivered."""
+    a, b, net = connect(cfg)
+    old = [a.encrypt(b"old%d" % i, at - 1.5) for i in range(held)]
+    for d, _ in a.poll(at):
+        b.receive(d, ADDR_A, at)
+    net.pump(at)
+    assert a.stats["rekeys"] == b.stats["rekeys"] == 1
+    return a, b, net, old
+
+
 def data_of(events):
     return [e.payload for e in events if isinstance(e, Data)]
 
@@ -105,6 +117,7 @@ def test_responder_waits_for_confirmation_before_sending():
     assert not b.established  # response may be lost: do not send on unconfirmed keys
     with pytest.raises(TunnelError):
         b.encrypt(b"x", T0)
+    assert b.close_packet(T0) is None
     (resp, _), = b.poll(T0)
     assert a.receive(resp, ADDR_B, T0)[-1].rekey is False
     out = a.poll(T0)

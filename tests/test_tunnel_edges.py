@@ -11,7 +11,7 @@ import pytest
 from ntm import keys
 from ntm.packet import MAX_PAYLOAD, TYPE_HANDSHAKE_REQUEST, TYPE_KEEPALIVE, RelayBindAck
 from ntm.tunnel import RelayInfo, Session, TunnelConfig, TunnelError
-from tests.test_tunnel import ADDR_A, ADDR_A2, ADDR_B, IDA, IDB, KA, KB, PA, PATH, PB, T0, connect, data_of
+from tests.test_tunnel import ADDR_A, ADDR_A2, ADDR_B, IDA, IDB, KA, KB, PA, PATH, PB, T0, connect, data_of, rekeyed
 
 RELAY = ("192.0.2.1", 4340)
 
@@ -40,13 +40,7 @@ def test_key_lifetimes_end_exactly_at_their_deadline():
 
 
 def test_previous_keys_end_exactly_at_the_grace_deadline():
-    cfg = TunnelConfig(rekey_after_time=10.0, previous_key_grace=2.0)
-    a, b, net = connect(cfg)
-    held = a.encrypt(b"old", T0 + 9)
-    t = T0 + 10.5
-    for d, _ in a.poll(t):
-        b.receive(d, ADDR_A, t)
-    net.pump(t)
+    _, b, _, [held] = rekeyed(TunnelConfig(rekey_after_time=10.0, previous_key_grace=2.0), held=1)
     assert b.receive(held, ADDR_A, b.previous.expires) == []
     assert b.stats["drop_expired_key"] == 1
 
@@ -54,13 +48,8 @@ def test_previous_keys_end_exactly_at_the_grace_deadline():
 def test_an_old_packet_with_a_counter_the_new_keys_already_used_still_decrypts():
     """The new keys' window saying "seen" for a counter must not stop the previous keys from
     being tried: their counters are independent."""
-    cfg = TunnelConfig(rekey_after_time=10.0, previous_key_grace=5.0)
-    a, b, net = connect(cfg)
-    held = [a.encrypt(b"old%d" % i, T0 + 9) for i in range(3)]
+    a, b, _, held = rekeyed(TunnelConfig(rekey_after_time=10.0, previous_key_grace=5.0), held=3)
     t = T0 + 10.5
-    for d, _ in a.poll(t):
-        b.receive(d, ADDR_A, t)
-    net.pump(t)
     for i in range(5):
         b.receive(a.encrypt(b"new%d" % i, t), ADDR_A, t)
     assert [data_of(b.receive(p, ADDR_A, t + 1)) for p in held] == [[b"old0"], [b"old1"], [b"old2"]]
@@ -262,20 +251,16 @@ def test_data_after_the_keys_expired_is_dropped_not_raised():
 def test_during_a_second_rekey_two_generations_of_keys_are_tried():
     """B holds current keys, unconfirmed next keys (it answered a new Request) and previous keys
     in their grace period: a packet on the previous keys still decrypts."""
-    cfg = TunnelConfig(rekey_after_time=10.0, rekey_after_messages=30, previous_key_grace=5.0)
-    a, b, net = connect(cfg)
-    held = a.encrypt(b"two generations", T0 + 9)
+    a, b, _, [held] = rekeyed(TunnelConfig(rekey_after_time=10.0, rekey_after_messages=30, previous_key_grace=5.0),
+                              held=1)
     t = T0 + 10.5
-    for d, _ in a.poll(t):
-        b.receive(d, ADDR_A, t)
-    net.pump(t)
     while not a.has_output:  # a count rekey: a sends a new Request from the send path
         b.receive(a.encrypt(b"n", t), ADDR_A, t)
     for d, _ in a.datagrams_to_send():
         if d[0] == TYPE_HANDSHAKE_REQUEST:
             b.receive(d, ADDR_A, t + 0.1)
     assert b.next is not None and b.previous is not None
-    assert data_of(b.receive(held, ADDR_A, t + 0.2)) == [b"two generations"]
+    assert data_of(b.receive(held, ADDR_A, t + 0.2)) == [b"old0"]
 
 
 def test_handshake_rate_drops_are_counted_each_time():
