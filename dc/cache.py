@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Callable
 
 from ntm.registry import DcInfo, OnChainRecord, RegistryView
 
@@ -23,6 +24,9 @@ class RegistryCache:
         self.dcs: dict[bytes, DcInfo] = {}
         self.block = -1
         self._changed = asyncio.Condition()
+        # Called with a node ID when a revocation of it arrives from the chain (the DC ends the
+        # node's session here at once).
+        self.on_revoked: Callable[[bytes], object] | None = None
 
     async def load(self) -> None:
         """Prime the DC list directly (so a DC can trust its peers before events catch up)."""
@@ -57,6 +61,8 @@ class RegistryCache:
             old = self.nodes.get(ev.node)
             if old is None or ev.timestamp > old.timestamp:
                 self.nodes[ev.node] = OnChainRecord(ev.dc, ev.timestamp, ev.kind == "NodeRevoked")
+            if ev.kind == "NodeRevoked" and self.on_revoked is not None:
+                self.on_revoked(ev.node)
         elif ev.kind in ("DCAdmitted", "DCUpdated"):
             self.dcs[ev.dc] = DcInfo(ev.dc, True, ev.hostname, ev.endpoint)
         elif ev.kind == "DCRemoved":

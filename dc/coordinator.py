@@ -61,6 +61,7 @@ class Coordinator:
         self.guard = envelope.ReplayGuard()
         self.federation = FederationClient(key, cache.is_active_dc, self.guard, clock, transport=transport)
         self.signaling = Signaling(self)
+        cache.on_revoked = self.presence.revoke  # a revocation from the chain ends the session here
         self.counters = {"registrations_accepted": 0, "registrations_refused": 0,
                          "federation_requests_served": 0, "federation_requests_refused": 0}
 
@@ -89,6 +90,8 @@ class Coordinator:
             raise
         await self.store.add(req)
         self.counters["registrations_accepted"] += 1
+        if req.record.revoked:  # durable here: the node's authority ends now, not at confirmation
+            self.presence.revoke(req.record.node)
         self.submitter.wake()
         rec = req.record
         log.info("%s %s (ts %d): durable", "revocation" if rec.revoked else "registration",

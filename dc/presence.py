@@ -32,6 +32,9 @@ class Session:
     observed: str | None = None  # "ip:port" seen on the last good keepalive to the first port
     observed_alt: str | None = None  # ... and to the second port
     counters: dict = field(default_factory=lambda: {"keepalives": 0})
+    # Ends the session from the DC's side (closes the WebSocket, telling the node why).
+    end: Callable[[str], None] = field(default=lambda reason: None, repr=False)
+    ended: str | None = None  # why the DC ended it; an ended session is served nothing more
 
 
 class Presence:
@@ -39,11 +42,38 @@ class Presence:
         self.sessions: dict[bytes, Session] = {}
         self.dropped_keepalives = 0
 
-    def open(self, node: bytes, send: Callable[[dict], Any], local_addrs: tuple[str, ...] = ()) -> Session:
-        """A new authenticated session replaces the node's previous one (the node reconnected)."""
+    def open(self, node: bytes, send: Callable[[dict], Any], local_addrs: tuple[str, ...] = (),
+             end: Callable[[str], None] | None = None) -> Session:
+        """A new authenticated session replaces the node's previous one, which the DC ends: one
+        live session per node, so whoever held the old one (a thief of an earlier connection,
+        or the node's own dead TCP connection) loses its authority at once."""
         session = Session(node, os.urandom(keepalive.TOKEN_LEN), send, local_addrs)
+        if end is not None:
+            session.end = end
+        old = self.sessions.get(node)
         self.sessions[node] = session
+        if old is not None:
+            self._end(old, "superseded by a newer session of this node")
         return session
+
+    def revoke(self, node: bytes) -> bool:
+        """The node is revoked: end its session here, if it has one. True if one was ended."""
+        session = self.sessions.pop(node, None)
+        if session is None:
+            return False
+        self._end(session, "node revoked")
+        return True
+
+    @staticmethod
+    def _end(session: Session, reason: str) -> None:
+        if session.ended is None:
+            session.ended = reason
+            log.info("session of %s ended: %s", keys.checksum(session.node), reason)
+            session.end(reason)
+
+    def is_live(self, session: Session) -> bool:
+        """Still the node's current session (not superseded, not revoked)."""
+        return session.ended is None and self.sessions.get(session.node) is session
 
     def close(self, session: Session) -> None:
         if self.sessions.get(session.node) is session:

@@ -182,12 +182,28 @@ async def handle_session(request: web.Request) -> web.WebSocketResponse:
         await send(messages.SessionError("not_home", "node is revoked" if revoked else "node is not registered at this DC"))
         await ws.close()
         return ws
-    session = c.presence.open(node, ws.send_json, local)
+    tasks: set[asyncio.Task] = set()
+
+    def spawn(coro) -> None:
+        task = asyncio.create_task(coro)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    async def end_session(reason: str) -> None:
+        """The DC ends the session (superseded, revoked): say why, then close."""
+        try:
+            await send(messages.SessionError("session_ended", reason))
+        except (ConnectionError, RuntimeError):
+            pass
+        await ws.close()
+
+    session = c.presence.open(node, ws.send_json, local, end=lambda reason: spawn(end_session(reason)))
     log.info("session open: %s", keys.checksum(node))
     await send(messages.Welcome(session.token.hex(), list(c.keepalive_ports)))
-    tasks: set[asyncio.Task] = set()
     try:
         async for msg in ws:
+            if not c.presence.is_live(session):
+                break  # ended by the DC: nothing more is served on it
             if msg.type != WSMsgType.TEXT:
                 continue
             try:
@@ -198,14 +214,12 @@ async def handle_session(request: web.Request) -> web.WebSocketResponse:
             if isinstance(req, messages.StatusQuery):
                 await send(messages.StatusReply(session.observed, session.observed_alt, session.counters["keepalives"]))
             elif isinstance(req, messages.DirectionRequest):
-                task = asyncio.create_task(direction_request(c, send, node, req))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
+                spawn(direction_request(c, send, node, req))
             else:
                 await send(messages.SessionError("unexpected", f"unexpected {type(req).__name__} in a session"))
     finally:
         c.presence.close(session)
-        for task in tasks:
+        for task in list(tasks):
             task.cancel()
         log.info("session closed: %s", keys.checksum(node))
     return ws

@@ -59,6 +59,8 @@ class Directory(Protocol):
 
     def local_info(self, node: bytes) -> messages.NodeInfo | None: ...
 
+    def latest(self, node: bytes) -> tuple[int, bool]: ...
+
     async def lookup(self, node: bytes) -> tuple[messages.NodeInfo, bytes]: ...
 
 
@@ -73,7 +75,7 @@ class Signaling:
             info, home = await self.c.lookup(peer)
         except NodeLookupError as exc:
             raise DirectionError(exc.code, str(exc)) from None
-        if info.revoked:
+        if info.revoked or self.c.latest(peer)[1]:  # its home DC's view, or ours (chain, pending)
             raise DirectionError("revoked", f"{keys.checksum(peer)} is revoked")
         if not info.online:
             raise DirectionError("offline", f"{keys.checksum(peer)} is offline (no session at its DC)")
@@ -123,6 +125,8 @@ class Signaling:
             me = c.local_info(requester)
             if me is None:
                 raise DirectionError("not_home", "the requester is not registered at this DC")
+            if me.revoked or c.latest(requester)[1]:
+                raise DirectionError("revoked", "the requester is revoked")
             path = os.urandom(PATH_ID_LEN)
             (info, home), relay = await asyncio.gather(self.peer_info(peer), self.book_relay(path, [requester, peer]))
             ra, rb = reach_of(me), reach_of(info)

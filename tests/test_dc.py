@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import subprocess
@@ -183,3 +184,27 @@ async def test_cli_errors_are_readable(net, tmp_path):
     assert proc.returncode == 2 and "wrong passphrase" in proc.stderr
     proc = ntm(tmp_path / "nobody", "id", check=False)
     assert proc.returncode == 2 and "ntm keygen" in proc.stderr
+
+
+async def _ended(ws) -> dict:
+    """The DC's last word on a session it ended, then the close."""
+    msg = await asyncio.wait_for(ws.receive_json(), 5)
+    assert (await asyncio.wait_for(ws.receive(), 5)).type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+    return msg
+
+
+async def test_one_live_session_per_node_and_revocation_ends_it(net, tmp_path):
+    """A key thief's earlier session does not survive the owner reconnecting, and a revocation
+    (durable at the DC, before the chain confirms) ends the live session at once."""
+    home, n = make_node(tmp_path, "s")
+    ntm(home, "register", "--dc", net.urls[0])
+    key = keystore.load_keystore(home / "key.json")
+    async with DcClient(net.urls[0]) as thief, DcClient(net.urls[0]) as owner:
+        ws_thief, _ = await thief.open_session(key)
+        ws_owner, _ = await owner.open_session(key)
+        assert await _ended(ws_thief) == {"type": "error", "error": "session_ended",
+                                          "message": "superseded by a newer session of this node"}
+        ntm(home, "revoke", "--dc", net.urls[0], "--yes", "--no-wait")
+        assert await _ended(ws_owner) == {"type": "error", "error": "session_ended", "message": "node revoked"}
+        with pytest.raises(DcError, match="revoked"):
+            await owner.open_session(key)

@@ -194,3 +194,56 @@ async def test_a_removed_home_dc_makes_its_nodes_unreachable(fed):
     with pytest.raises(NodeLookupError) as exc:
         await fed.dcs[0].lookup(b.id)
     assert exc.value.code == "home_dc_inactive"
+
+
+# --- revocation bites at once; one live session per node (docs/PROTOCOL.md §5) ------------------
+def ended_by(dc: Coordinator, n: FakeNode, local: str = "10.1.0.2:4330") -> list[str]:
+    """Open a session whose DC-side end is recorded; returns the list of reasons it was ended."""
+    reasons: list[str] = []
+    s = dc.presence.open(n.id, n.send, (local,), end=reasons.append)
+    assert dc.presence.on_keepalive(keepalive.encode_request(n.id, 9, s.token), ("198.18.1.1", 50000)) is not None
+    return reasons
+
+
+async def test_a_newer_session_ends_the_older_one(fed):
+    a = await register(fed, fed.dcs[0])
+    first = ended_by(fed.dcs[0], a)
+    old = fed.dcs[0].presence.sessions[a.id]
+    second = ended_by(fed.dcs[0], a)
+    assert first == ["superseded by a newer session of this node"] and second == []
+    assert not fed.dcs[0].presence.is_live(old) and fed.dcs[0].presence.is_live(fed.dcs[0].presence.sessions[a.id])
+
+
+async def test_a_revocation_ends_the_session_when_durable_and_directions_stop(fed):
+    a, b = await register(fed, fed.dcs[0]), await register(fed, fed.dcs[1])
+    ended = ended_by(fed.dcs[0], a)
+    go_online(fed.dcs[1], b, "10.2.0.2:4330", ("198.18.2.1", 50001))
+    fed.clock.advance(0.01)
+    revoke = RegistrationRequest.signed(a.key, fed.dcs[0].info(), fed.clock.wall_ms(), (), revoked=True)
+    await fed.dcs[0].register(revoke, wait_confirmed=False)  # durable; the chain has not seen it yet
+    assert ended == ["node revoked"] and a.id not in fed.dcs[0].presence.sessions
+    with pytest.raises(DirectionError) as exc:  # b asks for a route to the revoked node
+        await fed.dcs[1].signaling.request(b.id, a.id)
+    assert exc.value.code in ("revoked", "offline") and b.directions() == []
+
+
+async def test_a_revocation_from_the_chain_ends_the_session_at_the_home_dc(fed):
+    """The node is revoked through another DC (its record names that DC): its home DC hears it
+    from the chain and ends the session there."""
+    a = await register(fed, fed.dcs[0])
+    ended = ended_by(fed.dcs[0], a)
+    await register(fed, fed.dcs[1], revoked=True, node=a)
+    assert ended == ["node revoked"]
+
+
+async def test_a_revoked_requester_gets_no_direction_and_its_peer_no_push(fed):
+    a, b = await register(fed, fed.dcs[0]), await register(fed, fed.dcs[1])
+    go_online(fed.dcs[0], a, "10.1.0.2:4330", ("198.18.1.1", 50000))
+    go_online(fed.dcs[1], b, "10.2.0.2:4330", ("198.18.2.1", 50001))
+    # the revocation is on chain (dc1's cache has it) but dc1's own row still says "not revoked"
+    fed.chain.nodes[a.id] = type(fed.chain.nodes[a.id])(fed.chain.nodes[a.id].dc, fed.chain.nodes[a.id].timestamp + 1,
+                                                         True)
+    fed.dcs[0].cache.nodes[a.id] = fed.chain.nodes[a.id]
+    with pytest.raises(DirectionError) as exc:
+        await fed.dcs[0].signaling.request(a.id, b.id)
+    assert exc.value.code == "revoked" and b.directions() == [] and a.directions() == []
