@@ -15,6 +15,15 @@ from ntm.registry import DcInfo, OnChainRecord, RegistryView
 
 log = logging.getLogger("ntm.dc.cache")
 
+# A node missing from the cache may have been registered after the last event the cache applied
+# (the follower polls the chain every ~50 ms): a lookup waits this long for its event instead of
+# asking the chain, so an unknown ID costs no RPC (an outsider cannot use the DC as an amplifier
+# of chain calls, docs/PROTOCOL.md §5).
+MISS_WAIT_S = 0.3
+# At most this many lookups wait at once; beyond that a miss is answered from the cache at once
+# (bounded memory under a flood of random IDs).
+MAX_WAITING_MISSES = 64
+
 
 class RegistryCache:
     def __init__(self, registry: RegistryView, from_block: int = 0) -> None:
@@ -27,6 +36,7 @@ class RegistryCache:
         # Called with a node ID when a revocation of it arrives from the chain (the DC ends the
         # node's session here at once).
         self.on_revoked: Callable[[bytes], object] | None = None
+        self._waiting = 0
 
     async def load(self) -> None:
         """Prime the DC list directly (so a DC can trust its peers before events catch up)."""
@@ -41,13 +51,16 @@ class RegistryCache:
         return self.nodes.get(node)
 
     async def resolve(self, node: bytes) -> OnChainRecord | None:
-        """Like home_of, but a miss is checked once on chain: a node registered in the last poll
-        interval (~50 ms) is not "unknown". Hits, the common case, never touch the chain."""
+        """Like home_of, but a miss waits up to MISS_WAIT_S for the node's event: a node
+        registered in the last poll interval is not "unknown". Never calls the chain."""
         rec = self.nodes.get(node)
-        if rec is None:
-            rec = await self.registry.lookup(node)
-            if rec is not None and node not in self.nodes:
-                self.nodes[node] = rec
+        if rec is None and self._waiting < MAX_WAITING_MISSES:
+            self._waiting += 1
+            try:
+                await self.wait_for(lambda: node in self.nodes, MISS_WAIT_S)
+            finally:
+                self._waiting -= 1
+            rec = self.nodes.get(node)
         return rec
 
     async def run(self) -> None:

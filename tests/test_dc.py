@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import socket
 import subprocess
 import sys
 import time
+import types
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from dc.federation import FederationClient, FederationError
 from node.dc_client import DcClient, DcError
@@ -18,7 +21,8 @@ from daemon import keystore
 from ntm import envelope, keepalive, keys
 from ntm.record import Domain, NodeTransaction
 from ntm.registration import RegistrationRequest
-from tests.dcnet import until
+from scripts.anvil import Anvil
+from tests.dcnet import DcNet, until
 
 
 def ntm(home, *args, check=True):
@@ -208,3 +212,51 @@ async def test_one_live_session_per_node_and_revocation_ends_it(net, tmp_path):
         assert await _ended(ws_owner) == {"type": "error", "error": "session_ended", "message": "node revoked"}
         with pytest.raises(DcError, match="revoked"):
             await owner.open_session(key)
+
+
+class CountingRpc:
+    """A JSON-RPC pass-through to the chain that counts the methods a DC calls."""
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream, self.calls, self.url = upstream, collections.Counter(), ""
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        msg = json.loads(body)
+        for m in msg if isinstance(msg, list) else [msg]:
+            self.calls[m.get("method")] += 1
+        async with aiohttp.ClientSession() as http, http.post(self.upstream, data=body,
+                                                               headers={"Content-Type": "application/json"}) as r:
+            return web.Response(body=await r.read(), content_type="application/json")
+
+    async def __aenter__(self) -> "CountingRpc":
+        app = web.Application()
+        app.router.add_post("/", self.handle)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/"
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.runner.cleanup()
+
+
+async def test_random_whois_costs_no_chain_call(tmp_path):
+    """An outsider asking about 100 random node IDs makes the DC read the chain 0 times for them
+    (it answers from its event-fed cache), where it used to make one eth_call each."""
+    with Anvil() as chain:
+        async with CountingRpc(chain.url) as rpc:
+            net = DcNet(tmp_path, types.SimpleNamespace(url=rpc.url))
+            await net.deploy(1)
+            await asyncio.to_thread(net.start_dc, 0)  # the proxy runs on this loop: do not block it
+            try:
+                async with DcClient(net.urls[0]) as dc:
+                    before = rpc.calls["eth_call"]
+                    answers = await asyncio.gather(*(dc.whois(keys.node_id_of(keys.generate())) for _ in range(100)),
+                                                   return_exceptions=True)
+                    assert all(isinstance(a, DcError) and a.code == "unknown_node" for a in answers)
+                    assert rpc.calls["eth_call"] - before == 0
+            finally:
+                net.stop()

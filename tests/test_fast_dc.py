@@ -247,3 +247,19 @@ async def test_a_revoked_requester_gets_no_direction_and_its_peer_no_push(fed):
     with pytest.raises(DirectionError) as exc:
         await fed.dcs[0].signaling.request(a.id, b.id)
     assert exc.value.code == "revoked" and b.directions() == [] and a.directions() == []
+
+
+async def test_unknown_ids_cost_no_chain_call(fed):
+    """A whois or direction for a random ID is answered from the registry cache: no chain read,
+    whatever the number of such requests (the DC is no amplifier of chain calls)."""
+    before = fed.chain.lookups
+    results = await asyncio.gather(*(fed.dcs[0].cache.resolve(keys.node_id_of(keys.generate())) for _ in range(100)))
+    assert results == [None] * 100 and fed.chain.lookups == before
+
+
+async def test_a_node_registered_a_moment_ago_is_found_without_a_chain_call(fed):
+    n = FakeNode(*(lambda k: (k, keys.node_id_of(k)))(keys.generate()))
+    lookup = asyncio.create_task(fed.dcs[1].cache.resolve(n.id))  # asks before the event arrives
+    await asyncio.sleep(0)
+    await register(fed, fed.dcs[0], node=n)
+    assert (await lookup).dc == fed.dcs[0].address and fed.chain.lookups == 0
