@@ -62,14 +62,18 @@ def _http_url(host: str, port: int) -> str:
 
 
 async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
-    registry, _ = await connect_registry(args.rpc_url, args.deployment)
+    registry, dep = await connect_registry(args.rpc_url, args.deployment)
+    follower: asyncio.Task | None = None
     try:
+        trust = DcTrust()
+        await trust.load(registry)
+        follower = asyncio.create_task(trust.follow(registry, dep["block"]), name="dc-events")
         sock = udp_socket(args.udp_host, args.udp_port)
         udp_port = sock.getsockname()[1]
         advertise = args.advertise or default_advertise(sock)
         if not args.advertise and sock.getsockname()[0] in ("::", "0.0.0.0"):
             logging.warning("no --advertise given: telling DCs %s (guessed from routes)", ", ".join(advertise))
-        relay = Relay(RelayTable(max_paths=args.max_paths), DcTrust.from_registry(registry), advertise, udp_port,
+        relay = Relay(RelayTable(max_paths=args.max_paths), trust, advertise, udp_port,
                       chain_id=registry.chain_id, registry=registry.address, family=sock.family, capture=args.capture)
         if args.capture:
             logging.warning("--capture %s: every forwarded datagram is written to disk (debug only)", args.capture)
@@ -96,6 +100,8 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
             transport.close()
             relay.close()
     finally:
+        if follower is not None:
+            follower.cancel()
         await registry.close()
 
 

@@ -26,7 +26,7 @@ from ntm import envelope, keys, messages
 from ntm.addr import display, for_socket, format_endpoint
 from ntm.errors import ParseError, SignatureError
 from rs.relay import PathError, RelayTable
-from rs.trust import DcTrust, TrustError
+from rs.trust import DcTrust
 
 log = logging.getLogger("ntm.rs")
 
@@ -126,18 +126,14 @@ async def handle_direction(request: web.Request) -> web.Response:
         return relay.refuse(400, "malformed", f"body is not JSON: {exc}")
     now_ms = relay.wall_ms()
     try:
-        # Kind, signature and freshness first (cheap, local); the chain is asked only about a
-        # signer that really signed; the nonce is remembered only for trusted, fresh envelopes.
+        # Kind, signature and freshness first; then the signer against the DCs the relay knows
+        # from chain events (no chain call); the nonce is remembered only for trusted envelopes.
         env = envelope.open_envelope(obj, messages.RELAY_DIRECTION, now_ms, lambda _a: True, None)
     except ParseError as exc:
         return relay.refuse(400, "malformed", str(exc))
     except SignatureError as exc:
         return relay.refuse(403, "forbidden", str(exc))
-    try:
-        trusted = await relay.trust.is_active(env.sender)
-    except TrustError as exc:
-        return relay.refuse(503, "chain_unavailable", str(exc))
-    if not trusted:
+    if not relay.trust.is_active(env.sender):
         return relay.refuse(403, "untrusted_dc", f"{keys.checksum(env.sender)} is not an active DC on chain")
     try:
         relay.guard.check_and_add(env, now_ms)
@@ -215,7 +211,7 @@ async def handle_metrics(request: web.Request) -> web.Response:
         "ntm_rs_udp_received_total": relay.udp_received,
         "ntm_rs_udp_send_errors_total": relay.udp_errors,
         "ntm_rs_directions_accepted_total": relay.directions["accepted"],
-        "ntm_rs_trust_chain_calls_total": relay.trust.chain_calls,
+        "ntm_rs_trusted_dcs": len(relay.trust.active),
     }
     text = service.prometheus_text(plain)
     text += _labelled("ntm_rs_dropped_total", "reason", dict(t.dropped))

@@ -1,81 +1,47 @@
-"""Which DCs the relay obeys: the active DCs of the NodeRegistry on chain, with a short TTL cache.
+"""Which DCs the relay obeys: the active DCs of the NodeRegistry, kept current by chain events.
 
-The relay keeps no event-fed registry cache (a DC does); it asks the contract's `getDC` for the
-signer of each Relay Direction and remembers the answer for TRUST_TTL_S. Concurrent look-ups of
-the same address share one chain call.
+Loaded once at start (`getDCs`), then every DCAdmitted / DCUpdated / DCRemoved event is applied,
+as a DC's registry cache does for nodes. Checking a Relay Direction's signer is a set lookup:
+no chain call per request, so a stranger signing with fresh keys cannot make the relay an
+amplifier of chain RPC, and a DC removed on chain loses its say within one event poll.
 """
 
 from __future__ import annotations
 
-import asyncio
-import time
-from typing import Awaitable, Callable
+import logging
 
-from ntm.errors import NtmError
+from ntm import keys
+from ntm.registry import RegistryEvent, RegistryView
 
-# How long a chain answer about one DC is reused. A DC sends a Relay Direction per relayed
-# path, possibly many per second; asking the chain each time would put the RPC on the hot path.
-# 10 s bounds how long a DC removed on chain can still open relay paths here, which is short
-# next to the governance action that removes it (and paths it opened die by their own caps).
-TRUST_TTL_S = 10.0
-# Entries remembered at most (one per distinct signer that passed the signature check); forged
-# keys cost an attacker nothing, so the cache must not grow without bound.
-TRUST_CACHE_SIZE = 10_000
+log = logging.getLogger("ntm.rs.trust")
 
-
-class TrustError(NtmError):
-    """The chain could not be asked (RPC down): neither trusted nor refused, try again later."""
+DC_EVENTS = ("DCAdmitted", "DCUpdated", "DCRemoved")
 
 
 class DcTrust:
-    """`await trust.is_active(addr)`: is `addr` an active DC on chain (cached for `ttl` seconds)?
+    """`trust.is_active(addr)`: is `addr` an active DC in the registry (as of the last event)?"""
 
-    `lookup(addr) -> bool` is the chain query (e.g. `lambda a: registry.dc(a)` wrapped to a bool);
-    `clock` is injectable for tests.
-    """
+    def __init__(self) -> None:
+        self.active: set[bytes] = set()
+        self.block = -1  # the newest block whose DC events are applied
 
-    def __init__(self, lookup: Callable[[bytes], Awaitable[bool]], ttl: float = TRUST_TTL_S,
-                 clock: Callable[[], float] = time.monotonic, size: int = TRUST_CACHE_SIZE) -> None:
-        self._lookup = lookup
-        self.ttl = ttl
-        self._clock = clock
-        self._size = size
-        self._cache: dict[bytes, tuple[bool, float]] = {}
-        self._inflight: dict[bytes, asyncio.Future] = {}
-        self.chain_calls = 0
+    async def load(self, registry: RegistryView) -> None:
+        for info in await registry.dcs():
+            if info.active:
+                self.active.add(info.address)
 
-    @classmethod
-    def from_registry(cls, registry, **kw) -> "DcTrust":
-        async def lookup(addr: bytes) -> bool:
-            info = await registry.dc(addr)
-            return info is not None and info.active
-        return cls(lookup, **kw)
+    def apply(self, ev: RegistryEvent) -> None:
+        if ev.kind in ("DCAdmitted", "DCUpdated") and ev.dc is not None:
+            self.active.add(ev.dc)
+        elif ev.kind == "DCRemoved" and ev.dc is not None:
+            self.active.discard(ev.dc)
+            log.info("DC %s removed on chain: its relay directions are refused", keys.checksum(ev.dc))
+        self.block = max(self.block, ev.block)
 
-    async def is_active(self, addr: bytes) -> bool:
-        now = self._clock()
-        hit = self._cache.get(addr)
-        if hit is not None and now - hit[1] < self.ttl:
-            return hit[0]
-        fut = self._inflight.get(addr)
-        if fut is not None:
-            return await asyncio.shield(fut)
-        fut = asyncio.get_running_loop().create_future()
-        self._inflight[addr] = fut
-        try:
-            self.chain_calls += 1
-            try:
-                active = bool(await self._lookup(addr))
-            except NtmError as exc:
-                raise TrustError(f"cannot ask the registry whether {addr.hex()} is a DC: {exc}") from None
-            if len(self._cache) >= self._size:
-                self._cache.pop(next(iter(self._cache)))
-            self._cache[addr] = (active, self._clock())
-            fut.set_result(active)
-            return active
-        except BaseException as exc:
-            if not fut.done():
-                fut.set_exception(exc if isinstance(exc, Exception) else TrustError("lookup cancelled"))
-                fut.exception()  # mark retrieved: waiters (if any) still get it
-            raise
-        finally:
-            del self._inflight[addr]
+    async def follow(self, registry: RegistryView, from_block: int) -> None:
+        """Apply the registry's DC events from `from_block` on, forever (run as a task)."""
+        async for ev in registry.events(from_block, kinds=DC_EVENTS):
+            self.apply(ev)
+
+    def is_active(self, addr: bytes) -> bool:
+        return addr in self.active

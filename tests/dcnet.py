@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
+import socket
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import socket
-import time
+import aiohttp
+from aiohttp import web
 
-from node.dc_client import DcClient
 from daemon import keystore
+from node.dc_client import DcClient
 from ntm import keys
 from ntm.registration import RegistrationRequest
 from chain.registry import Registry
@@ -103,3 +106,32 @@ async def until(predicate, timeout: float = 10.0, interval: float = 0.05):
         if loop.time() > deadline:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(interval)
+
+
+class CountingRpc:
+    """A JSON-RPC pass-through to the chain that counts the methods a DC calls."""
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream, self.calls, self.url = upstream, collections.Counter(), ""
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        msg = json.loads(body)
+        for m in msg if isinstance(msg, list) else [msg]:
+            self.calls[m.get("method")] += 1
+        async with aiohttp.ClientSession() as http, http.post(self.upstream, data=body,
+                                                               headers={"Content-Type": "application/json"}) as r:
+            return web.Response(body=await r.read(), content_type="application/json")
+
+    async def __aenter__(self) -> "CountingRpc":
+        app = web.Application()
+        app.router.add_post("/", self.handle)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/"
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.runner.cleanup()

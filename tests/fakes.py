@@ -108,13 +108,13 @@ class FakeRegistry:
     async def register(self, items: list[tuple[record.NodeTransaction, bytes]]) -> SubmitResult:
         return self.chain.register(self.sender, items)
 
-    async def events(self, from_block: int) -> AsyncIterator[RegistryEvent]:
+    async def events(self, from_block: int, kinds: tuple[str, ...] | None = None) -> AsyncIterator[RegistryEvent]:
         seen = 0
         while True:
             while seen < len(self.chain.log):
                 ev = self.chain.log[seen]
                 seen += 1
-                if ev.block >= from_block:
+                if ev.block >= from_block and (kinds is None or ev.kind in kinds):
                     yield ev
             self.chain._changed.clear()
             await self.chain._changed.wait()

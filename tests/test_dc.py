@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import collections
 import json
 import socket
 import subprocess
@@ -13,7 +12,6 @@ import types
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from dc.federation import FederationClient, FederationError
 from node.dc_client import DcClient, DcError
@@ -22,7 +20,7 @@ from ntm import envelope, keepalive, keys
 from ntm.record import Domain, NodeTransaction
 from ntm.registration import RegistrationRequest
 from scripts.anvil import Anvil
-from tests.dcnet import DcNet, until
+from tests.dcnet import CountingRpc, DcNet, until
 
 
 def ntm(home, *args, check=True):
@@ -212,35 +210,6 @@ async def test_one_live_session_per_node_and_revocation_ends_it(net, tmp_path):
         assert await _ended(ws_owner) == {"type": "error", "error": "session_ended", "message": "node revoked"}
         with pytest.raises(DcError, match="revoked"):
             await owner.open_session(key)
-
-
-class CountingRpc:
-    """A JSON-RPC pass-through to the chain that counts the methods a DC calls."""
-
-    def __init__(self, upstream: str) -> None:
-        self.upstream, self.calls, self.url = upstream, collections.Counter(), ""
-
-    async def handle(self, request: web.Request) -> web.Response:
-        body = await request.read()
-        msg = json.loads(body)
-        for m in msg if isinstance(msg, list) else [msg]:
-            self.calls[m.get("method")] += 1
-        async with aiohttp.ClientSession() as http, http.post(self.upstream, data=body,
-                                                               headers={"Content-Type": "application/json"}) as r:
-            return web.Response(body=await r.read(), content_type="application/json")
-
-    async def __aenter__(self) -> "CountingRpc":
-        app = web.Application()
-        app.router.add_post("/", self.handle)
-        self.runner = web.AppRunner(app)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/"
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        await self.runner.cleanup()
 
 
 async def test_random_whois_costs_no_chain_call(tmp_path):

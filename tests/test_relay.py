@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from ntm import packet
 from rs.relay import MAX_LIFETIME_S, RELAY_IDLE_S, PathError, RelayTable
 from ntm.addr import display, for_socket
-from rs.trust import DcTrust, TrustError
+from rs.trust import DcTrust
+from tests.fakes import FakeChain, FakeRegistry
 
 PATH = bytes.fromhex("0102030405060708")
 TOKEN = bytes(range(32))
@@ -233,34 +234,28 @@ def test_address_normalisation():
     assert display(("::1", 9)) == "[::1]:9"
 
 
-async def test_trust_cache_ttl_and_coalescing():
-    now = [0.0]
-    answers = {b"\x01" * 20: True}
-    calls = []
-
-    async def lookup(addr):
-        calls.append(addr)
-        await asyncio.sleep(0.01)
-        return answers.get(addr, False)
-
-    trust = DcTrust(lookup, ttl=10.0, clock=lambda: now[0])
+async def test_trust_follows_the_chains_dc_events_without_asking_per_request():
+    chain = FakeChain()
     dc, other = b"\x01" * 20, b"\x02" * 20
-    assert await asyncio.gather(*(trust.is_active(dc) for _ in range(5))) == [True] * 5
-    assert len(calls) == 1  # concurrent look-ups share one chain call
-    assert not await trust.is_active(other)
-    answers[dc] = False  # removed on chain
-    now[0] = 9.9
-    assert await trust.is_active(dc)  # still cached
-    now[0] = 10.0
-    assert not await trust.is_active(dc)
-    assert len(calls) == 3
-
-    async def broken(addr):
-        from chain.registry import RegistryError
-        raise RegistryError("rpc down")
-
-    with pytest.raises(TrustError):
-        await DcTrust(broken).is_active(dc)
+    chain.admit(dc, "dc1", "http://dc1")
+    registry = FakeRegistry(chain, dc)
+    trust = DcTrust()
+    await trust.load(registry)
+    follower = asyncio.create_task(trust.follow(registry, 0))
+    try:
+        assert trust.is_active(dc) and not trust.is_active(other)
+        chain.admit(other, "dc2", "http://dc2")
+        chain.remove(dc)
+        await asyncio.sleep(0)
+        for _ in range(10):
+            if trust.block == chain.block:
+                break
+            await asyncio.sleep(0.01)
+        assert trust.is_active(other) and not trust.is_active(dc)
+        assert [trust.is_active(bytes([i]) * 20) for i in range(3, 103)] == [False] * 100
+        assert chain.lookups == 0  # no chain read, however many signers are checked
+    finally:
+        follower.cancel()
 
 
 kinds = st.sampled_from(sorted(packet.KNOWN_TYPES | {0x00, 0x12, 0xFF}))

@@ -5,6 +5,7 @@ a check that the relay only ever forwarded ciphertext."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
@@ -20,6 +21,7 @@ from chain.registry import Registry
 from dc.federation import FederationClient, FederationError as RelayDirectionError
 from scripts.anvil import DEV_KEYS, Anvil
 from scripts.procs import Child, free_port, has_ipv6_loopback
+from tests.dcnet import CountingRpc
 
 PLAINTEXT = b"attack at dawn: the relay must never see this sentence"
 
@@ -272,3 +274,31 @@ async def test_ipv4_only_socket_and_default_advertise(tmp_path):
         finally:
             rs.stop()
         assert rs.proc.returncode == 0
+
+
+async def test_directions_from_fresh_keys_cost_no_chain_call(tmp_path):
+    """An outsider signing relay directions with 100 fresh keys gets 100 refusals and makes the
+    relay read the chain 0 times (it knows the active DCs from chain events; it used to make
+    one eth_call per new signer)."""
+    with Anvil() as chain:
+        async with CountingRpc(chain.url) as rpc:
+            owner = await Registry.deploy(chain.url, DEV_KEYS[0])
+            await owner.admit_dc(keys.node_id_of(keys.private_key(DEV_KEYS[1])), "dc1", "http://127.0.0.1:1")
+            deployment = tmp_path / "deployment.json"
+            deployment.write_text(json.dumps({"chain_id": owner.chain_id, "registry": keys.checksum(owner.address)}))
+            await owner.close()
+            rs = await asyncio.to_thread(Child("rs", ["--rpc-url", rpc.url, "--deployment", str(deployment),
+                                                      "--udp-port", "0", "--http-port", "0"], tmp_path / "rs.log").start)
+            try:
+                async with aiohttp.ClientSession() as http:
+                    before = rpc.calls["eth_call"]
+                    refusals = await asyncio.gather(*(
+                        send_relay_direction(http, rs.ready["http"], keys.generate(), os.urandom(8), os.urandom(32),
+                                             node_ids(), future_ms(), 1000) for _ in range(100)), return_exceptions=True)
+                    assert all(isinstance(r, RelayDirectionError) and r.code == "untrusted_dc" for r in refusals)
+                    assert rpc.calls["eth_call"] - before == 0
+                    ok = await send_relay_direction(http, rs.ready["http"], keys.private_key(DEV_KEYS[1]), os.urandom(8),
+                                                    os.urandom(32), node_ids(), future_ms(), 1000)
+                    assert ok["created"]
+            finally:
+                await asyncio.to_thread(rs.stop)
