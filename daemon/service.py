@@ -8,21 +8,62 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import signal
 import socket
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Awaitable, Callable
 
+from aiohttp import web
+
+from ntm.addr import unmapped
 from ntm.errors import NtmError
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
+# Who may read the operator endpoints (metrics, per-path counters) unless told otherwise: the
+# host itself. They show traffic volumes and node activity, which outsiders have no need to see.
+DEFAULT_ADMIN_ALLOW = ("127.0.0.0/8", "::1/128")
+ADMIN_ALLOW = web.AppKey("admin_allow", tuple)
+
+
+def network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """A CIDR network for --admin-allow (argparse type)."""
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def admin_only(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
+    """Serve an operator endpoint only to clients in the app's admin networks (ADMIN_ALLOW,
+    default loopback); anyone else gets 403 and learns nothing."""
+
+    async def guarded(request: web.Request) -> web.StreamResponse:
+        nets = request.app.get(ADMIN_ALLOW) or tuple(map(network, DEFAULT_ADMIN_ALLOW))
+        try:
+            ip = ipaddress.ip_address(unmapped(request.remote or ""))
+        except ValueError:
+            ip = None
+        if ip is None or not any(ip in n for n in nets):
+            return web.json_response({"error": "forbidden", "message": "operator endpoint: not for this address"},
+                                     status=403)
+        return await handler(request)
+
+    return guarded
+
+
 def daemon_parser(prog: str, description: str, chain_required: bool) -> argparse.ArgumentParser:
-    """The flags every daemon shares: where the chain is, which deployment, and -v."""
+    """The flags every daemon shares: where the chain is, which deployment, who may read the
+    operator endpoints, and -v."""
     p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--admin-allow", action="append", type=network, metavar="CIDR",
+                   help="network allowed to read /metrics and other operator endpoints (repeatable; "
+                   "default: loopback only)")
     p.add_argument("--rpc-url", required=chain_required, help="Ethereum JSON-RPC URL of the chain")
     p.add_argument("--deployment", type=Path, required=chain_required, help="deployment JSON written by scripts/deploy.py")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -84,6 +125,25 @@ def udp_socket(host: str | None, port: int, buffer: int | None = None) -> socket
         except OSError:
             pass
     return sock
+
+
+class LogLimiter:
+    """Counts events an outsider can trigger at will (forged packets) and logs them as one summary
+    line per `interval` seconds at most, so a flood costs the attacker more than our log."""
+
+    def __init__(self, logger: logging.Logger, what: str, interval: float, clock: Callable[[], float]) -> None:
+        self.logger, self.what, self.interval, self.clock = logger, what, interval, clock
+        self.pending: Counter[str] = Counter()
+        self._last = -interval
+
+    def note(self, reason: str) -> None:
+        self.pending[reason] += 1
+        now = self.clock()
+        if now - self._last >= self.interval:
+            self._last = now
+            summary = ", ".join(f"{n} {r}" for r, n in sorted(self.pending.items()))
+            self.logger.info("%s refused: %s (in the last %.0f s at most)", self.what, summary, self.interval)
+            self.pending.clear()
 
 
 # Documentation addresses, routed by the default route: what the host would use "towards the

@@ -4,6 +4,7 @@ except the key, the chain URL and the deployment file."""
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -27,6 +28,7 @@ class DcConfig:
     udp_port: int = DEFAULT_UDP_PORT
     db: Path = Path("dc.sqlite")
     relays: list[str] = field(default_factory=list)
+    admin_allow: list = field(default_factory=list)  # networks that may read /metrics (empty: loopback)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -63,6 +65,8 @@ def load(args: argparse.Namespace) -> DcConfig:
     missing = [n for n in ("key_file", "rpc_url", "deployment") if n not in values]
     if missing:
         raise ValueError("missing: " + ", ".join("--" + m.replace("_", "-") for m in missing))
+    if "admin_allow" in values:
+        values["admin_allow"] = [ipaddress.ip_network(str(n), strict=False) for n in values["admin_allow"]]
     for name in ("key_file", "deployment", "db"):
         if name in values:
             values[name] = Path(values[name])

@@ -56,7 +56,7 @@ class Coordinator:
         self.relays = relays
         self.keepalive_ports = keepalive_ports
         self.clock = clock
-        self.presence = Presence()
+        self.presence = Presence(clock.now)
         self.submitter = Submitter(store, registry)
         self.guard = envelope.ReplayGuard()
         self.federation = FederationClient(key, cache.is_active_dc, self.guard, clock, transport=transport)

@@ -12,9 +12,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from daemon.service import LogLimiter
 from ntm import keepalive, keys
 from ntm.errors import ParseError
 from ntm.addr import format_endpoint
@@ -37,10 +40,23 @@ class Session:
     ended: str | None = None  # why the DC ended it; an ended session is served nothing more
 
 
+# Refused keepalives are logged as a summary at most this often: anyone can send them.
+REFUSED_LOG_INTERVAL_S = 10.0
+
+
 class Presence:
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.sessions: dict[bytes, Session] = {}
-        self.dropped_keepalives = 0
+        self.dropped: Counter[str] = Counter()  # refused keepalives by reason
+        self._refused_log = LogLimiter(log, "keepalives", REFUSED_LOG_INTERVAL_S, clock)
+
+    @property
+    def dropped_keepalives(self) -> int:
+        return sum(self.dropped.values())
+
+    def _refuse(self, reason: str) -> None:
+        self.dropped[reason] += 1
+        self._refused_log.note(reason)
 
     def open(self, node: bytes, send: Callable[[dict], Any], local_addrs: tuple[str, ...] = (),
              end: Callable[[str], None] | None = None) -> Session:
@@ -93,12 +109,17 @@ class Presence:
         try:
             node, seq, head, mac = keepalive.parse_request(data)
         except ParseError:
-            self.dropped_keepalives += 1
+            self._refuse("malformed")
             return None
         s = self.sessions.get(node)
-        if s is None or not keepalive.mac_ok(s.token, head, mac) or seq <= s.seq:
-            self.dropped_keepalives += 1
-            log.info("keepalive refused for %s from %s", keys.checksum(node), addr[0])
+        if s is None:
+            self._refuse("no_session")
+            return None
+        if not keepalive.mac_ok(s.token, head, mac):
+            self._refuse("bad_mac")
+            return None
+        if seq <= s.seq:
+            self._refuse("old_seq")
             return None
         s.seq = seq
         s.counters["keepalives"] += 1

@@ -135,6 +135,7 @@ async def handle_health(request: web.Request) -> web.Response:
 
 
 @ROUTES.get("/metrics")
+@service.admin_only
 async def handle_metrics(request: web.Request) -> web.Response:
     c = request.app[COORDINATOR]
     gauges = {
@@ -242,8 +243,10 @@ async def direction_request(c: Coordinator, send, node: bytes, req: messages.Dir
         pass  # the session ended meanwhile
 
 
-def make_app(coordinator: Coordinator) -> web.Application:
+def make_app(coordinator: Coordinator, admin_allow: tuple = ()) -> web.Application:
+    """`admin_allow`: networks that may read /metrics (empty: loopback only)."""
     app = web.Application(client_max_size=MAX_BODY, middlewares=[errors_middleware])
     app[COORDINATOR] = coordinator
+    app[service.ADMIN_ALLOW] = tuple(admin_allow)
     app.add_routes(ROUTES)
     return app

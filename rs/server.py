@@ -159,6 +159,7 @@ async def handle_direction(request: web.Request) -> web.Response:
 
 
 @ROUTES.get("/v1/paths/{path}")
+@service.admin_only
 async def handle_path(request: web.Request) -> web.Response:
     relay = request.app[RELAY]
     try:
@@ -198,6 +199,7 @@ def _labelled(name: str, label: str, counts: dict) -> str:
 
 
 @ROUTES.get("/metrics")
+@service.admin_only
 async def handle_metrics(request: web.Request) -> web.Response:
     relay = request.app[RELAY]
     t = relay.table
@@ -220,9 +222,11 @@ async def handle_metrics(request: web.Request) -> web.Response:
     return web.Response(text=text, content_type="text/plain")
 
 
-def make_app(relay: Relay) -> web.Application:
+def make_app(relay: Relay, admin_allow: tuple = ()) -> web.Application:
+    """`admin_allow`: networks that may read /metrics and /v1/paths (empty: loopback only)."""
     app = web.Application(client_max_size=MAX_BODY)
     app[RELAY] = relay
+    app[service.ADMIN_ALLOW] = tuple(admin_allow)
     app.add_routes(ROUTES)
     return app
 

@@ -263,3 +263,25 @@ async def test_a_node_registered_a_moment_ago_is_found_without_a_chain_call(fed)
     await asyncio.sleep(0)
     await register(fed, fed.dcs[0], node=n)
     assert (await lookup).dc == fed.dcs[0].address and fed.chain.lookups == 0
+
+
+async def test_forged_keepalives_are_counted_not_logged_one_by_one(fed, caplog):
+    """Anyone can send keepalives: a flood of forged ones costs one summary line per 10 s, not a
+    log line per packet (it was ~126 B of log per 45 B packet)."""
+    a = await register(fed, fed.dcs[0])
+    go_online(fed.dcs[0], a, "10.1.0.2:4330", ("198.18.1.1", 50000))
+    presence = fed.dcs[0].presence
+    caplog.set_level("INFO", logger="ntm.dc.presence")
+    caplog.clear()
+    for i in range(1000):
+        forged = keepalive.encode_request(a.id, 100 + i, b"\x00" * 32)  # a token nobody was given
+        assert presence.on_keepalive(forged, ("203.0.113.9", 1000 + i)) is None
+    presence.on_keepalive(b"junk", ("203.0.113.9", 1))
+    presence.on_keepalive(keepalive.encode_request(keys.node_id_of(keys.generate()), 1, b"\x00" * 32), ("203.0.113.9", 2))
+    assert presence.dropped == {"bad_mac": 1000, "malformed": 1, "no_session": 1}
+    assert len([r for r in caplog.records if "refused" in r.getMessage()]) == 1
+    fed.clock.advance(10.0)
+    presence.on_keepalive(b"junk", ("203.0.113.9", 1))
+    lines = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(lines) == 2 and "999 bad_mac, 2 malformed, 1 no_session" in lines[1]
+    assert presence.observed(a.id) == ("198.18.1.1:50000", "198.18.1.1:50000")  # nothing moved

@@ -288,7 +288,8 @@ async def test_directions_from_fresh_keys_cost_no_chain_call(tmp_path):
             deployment.write_text(json.dumps({"chain_id": owner.chain_id, "registry": keys.checksum(owner.address)}))
             await owner.close()
             rs = await asyncio.to_thread(Child("rs", ["--rpc-url", rpc.url, "--deployment", str(deployment),
-                                                      "--udp-port", "0", "--http-port", "0"], tmp_path / "rs.log").start)
+                                                      "--udp-port", "0", "--http-port", "0",
+                                                      "--admin-allow", "192.0.2.0/24"], tmp_path / "rs.log").start)
             try:
                 async with aiohttp.ClientSession() as http:
                     before = rpc.calls["eth_call"]
@@ -300,5 +301,11 @@ async def test_directions_from_fresh_keys_cost_no_chain_call(tmp_path):
                     ok = await send_relay_direction(http, rs.ready["http"], keys.private_key(DEV_KEYS[1]), os.urandom(8),
                                                     os.urandom(32), node_ids(), future_ms(), 1000)
                     assert ok["created"]
+                    # operator endpoints only for the admin network (here not loopback): 403, nothing shown
+                    for path in ("/metrics", f"/v1/paths/{'00' * 8}"):
+                        async with http.get(rs.ready["http"] + path) as r:
+                            assert r.status == 403 and (await r.json())["error"] == "forbidden"
+                    async with http.get(rs.ready["http"] + "/v1/info") as r:
+                        assert r.status == 200
             finally:
                 await asyncio.to_thread(rs.stop)
