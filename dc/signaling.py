@@ -95,10 +95,10 @@ class Signaling:
             return token, list(answer.relay)
         return None
 
-    def direction(self, path: bytes, route: Route, role: str, me: bytes, peer: bytes, peer_pub: str,
+    def direction(self, path: bytes, route: Route, role: str, me: bytes, home: bytes, peer: bytes, peer_pub: str,
                   candidates: list[str], relay: RelayBooking | None, side: int, my_reach: Reach, requester: bytes,
                   resume: bytes | None = None) -> dict:
-        """The signed Route Direction for `me` (one end of the path)."""
+        """The signed Route Direction for `me` (one end of the path), to be pushed by DC `home`."""
         grant = None
         if relay is not None:
             token, endpoints = relay
@@ -107,7 +107,8 @@ class Signaling:
             grant = messages.RelayGrant(usable, token.hex(), side)  # type: ignore[arg-type]
         body = messages.RouteDirection(
             path=path.hex(), kind=route.kind, reason=route.reason, role=role,  # type: ignore[arg-type]
-            node=keys.checksum(me), peer=keys.checksum(peer), peer_pubkey=peer_pub, requester=keys.checksum(requester),
+            node=keys.checksum(me), home_dc=keys.checksum(home), peer=keys.checksum(peer), peer_pubkey=peer_pub,
+            requester=keys.checksum(requester),
             candidates=[] if route.kind == "relay" else candidates, relay=grant,
             resume=resume.hex() if resume is not None else None)
         return self.c.federation.seal(messages.ROUTE_DIRECTION, body)
@@ -135,10 +136,10 @@ class Signaling:
                 raise DirectionError("no_relay", f"route needs a relay ({route.reason}) and none is available")
             role_a, role_b = ROLES[(route.kind, route.initiator)]
             assert me.pubkey is not None and info.pubkey is not None
-            dir_b = self.direction(path, route, role_b, peer, requester, me.pubkey, ra.candidates(rb), relay, 1, rb,
-                                   requester, resume)
-            dir_a = self.direction(path, route, role_a, requester, peer, info.pubkey, rb.candidates(ra), relay, 0, ra,
-                                   requester, resume)
+            dir_b = self.direction(path, route, role_b, peer, home, requester, me.pubkey, ra.candidates(rb), relay, 1,
+                                   rb, requester, resume)
+            dir_a = self.direction(path, route, role_a, requester, c.address, peer, info.pubkey, rb.candidates(ra),
+                                   relay, 0, ra, requester, resume)
             if role_b == "initiate":  # the peer starts the handshake: the requester listens first
                 await self.push(requester, dir_a)
                 await self.deliver_to(home, peer, dir_b)
@@ -176,5 +177,7 @@ class Signaling:
         env = envelope.open_envelope(obj, messages.ROUTE_DIRECTION, self.c.clock.wall_ms(), self.c.cache.is_active_dc,
                                      self.c.guard)
         body = messages.decode(messages.RouteDirection, env.body)
+        if keys.parse_node_id(body.home_dc) != self.c.address:
+            raise NodeLookupError("wrong_dc", f"route direction is for DC {body.home_dc}, not this one")
         await self.push(keys.parse_node_id(body.node), obj)
         return {"delivered": True}

@@ -149,6 +149,7 @@ class RouteDirection(Message):
     reason: str
     role: Role
     node: NodeId
+    home_dc: NodeId  # the DC that pushes it to `node`: another DC refuses it (no replay elsewhere)
     peer: NodeId
     peer_pubkey: PubKeyHex
     requester: NodeId

@@ -285,3 +285,20 @@ async def test_forged_keepalives_are_counted_not_logged_one_by_one(fed, caplog):
     lines = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
     assert len(lines) == 2 and "999 bad_mac, 2 malformed, 1 no_session" in lines[1]
     assert presence.observed(a.id) == ("198.18.1.1:50000", "198.18.1.1:50000")  # nothing moved
+
+
+async def test_a_route_direction_is_accepted_only_by_the_dc_it_names(fed):
+    """A direction signed for delivery by dc2 (the peer's home) is refused by dc1: it cannot be
+    replayed at another DC to push a route to a node there."""
+    a, b = await register(fed, fed.dcs[0]), await register(fed, fed.dcs[1])
+    go_online(fed.dcs[0], a, "10.1.0.2:4330", ("198.18.1.1", 50000))
+    go_online(fed.dcs[1], b, "10.2.0.2:4330", ("198.18.2.1", 50001))
+    await fed.dcs[0].signaling.request(a.id, b.id)
+    [pushed] = [m["direction"] for m in b.pushed if m.get("type") == "direction"]
+    assert messages.decode(messages.RouteDirection, pushed["body"]).home_dc == keys.checksum(fed.dcs[1].address)
+    body = messages.decode(messages.RouteDirection, pushed["body"])
+    body.node = keys.checksum(a.id)  # a node that lives at dc1, in a direction dc2 was to deliver
+    forged = fed.dcs[1].federation.seal(messages.ROUTE_DIRECTION, body)
+    with pytest.raises(NodeLookupError) as exc:  # a fresh envelope from an active DC, but for dc2's delivery
+        await fed.dcs[0].signaling.accept_delivery(forged)
+    assert exc.value.code == "wrong_dc" and len(a.directions()) == 1

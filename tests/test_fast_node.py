@@ -19,6 +19,7 @@ from ntm import envelope, keys, messages
 from tests.fakes import FakeClock, MemoryNetwork
 
 DC_KEY = keys.generate()
+DC_ID = keys.node_id_of(DC_KEY)
 
 
 @pytest.mark.parametrize("now, last_app, last_heard, recovering, want", [
@@ -53,7 +54,8 @@ class FakeDcs:
         _, peer_addr, peer_pub = self.ends[peer]
         if self.forge_peer_key:
             peer_pub = keys.public_bytes(keys.generate())
-        body = messages.RouteDirection(path.hex(), "direct", "test", role, keys.checksum(me), keys.checksum(peer),  # type: ignore[arg-type]
+        body = messages.RouteDirection(path.hex(), "direct", "test", role, keys.checksum(me), keys.checksum(DC_ID),  # type: ignore[arg-type]
+                                       keys.checksum(peer),
                                        peer_pub.hex(), keys.checksum(requester), [f"{peer_addr[0]}:{peer_addr[1]}"],
                                        None, resume.hex() if resume else None)
         return envelope.seal(DC_KEY, messages.ROUTE_DIRECTION, messages.encode(body), self.clock.wall_ms())

@@ -139,7 +139,8 @@ async def test_a_lying_dc_cannot_substitute_the_peers_key(tmp_path):
             req = json.loads(msg.data)
             if req.get("type") == "direction-request":
                 body = {"path": "ab" * 8, "kind": "direct", "reason": "lie", "role": "initiate",
-                        "node": keys.checksum(keys.node_id_of(key_a)), "peer": keys.checksum(b_id),
+                        "node": keys.checksum(keys.node_id_of(key_a)), "home_dc": keys.checksum(keys.node_id_of(dc_key)),
+                        "peer": keys.checksum(b_id),
                         "peer_pubkey": keys.public_bytes(mallory).hex(), "requester": keys.checksum(keys.node_id_of(key_a)),
                         "candidates": ["127.0.0.1:9"], "relay": None}
                 await ws.send_json({"type": "direction", "direction": envelope.seal(dc_key, "route-direction", body, int(time.time() * 1000))})
