@@ -25,6 +25,11 @@ from ntm.errors import NtmError
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
+# An HTTP connection that has not completed a request within this many seconds is closed: a
+# client that connects and sends nothing, or its headers a byte at a time (slowloris), holds a
+# socket for at most this long. (A WebSocket session, once open, is kept by its heartbeat.)
+HTTP_IDLE_TIMEOUT_S = 15.0
+
 # Who may read the operator endpoints (metrics, per-path counters) unless told otherwise: the
 # host itself. They show traffic volumes and node activity, which outsiders have no need to see.
 DEFAULT_ADMIN_ALLOW = ("127.0.0.0/8", "::1/128")
@@ -66,6 +71,8 @@ def daemon_parser(prog: str, description: str, chain_required: bool) -> argparse
                    "default: loopback only)")
     p.add_argument("--rpc-url", required=chain_required, help="Ethereum JSON-RPC URL of the chain")
     p.add_argument("--deployment", type=Path, required=chain_required, help="deployment JSON written by scripts/deploy.py")
+    p.add_argument("--http-idle-timeout", type=float, metavar="S",
+                   help=f"close HTTP connections idle or stalled this long (default {HTTP_IDLE_TIMEOUT_S:.0f} s)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 

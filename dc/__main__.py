@@ -43,7 +43,8 @@ async def serve(cfg: dc_config.DcConfig, stop: asyncio.Event) -> None:
     transports = [(await loop.create_datagram_endpoint(lambda alt=alt: KeepaliveProtocol(coord.presence, alt),
                                                        sock=sock))[0] for alt, sock in ((False, socks[0]), (True, socks[1]))]
     tasks = [asyncio.create_task(cache.run(), name="cache"), asyncio.create_task(coord.submitter.run(), name="submitter")]
-    runner = web.AppRunner(make_app(coord, tuple(cfg.admin_allow)), access_log=None)
+    runner = web.AppRunner(make_app(coord, tuple(cfg.admin_allow)), access_log=None,
+                           keepalive_timeout=cfg.http_idle_timeout)
     await runner.setup()
     site = web.TCPSite(runner, cfg.http_host, cfg.http_port)
     await site.start()

@@ -9,7 +9,7 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from daemon.service import daemon_parser
+from daemon.service import HTTP_IDLE_TIMEOUT_S, daemon_parser
 
 DEFAULT_HTTP_PORT = 8330  # NTM's tunnel port is 4330; 8330 keeps the family resemblance for HTTP
 DEFAULT_UDP_PORT = 4331  # keepalives: next to the tunnel port 4330
@@ -29,6 +29,7 @@ class DcConfig:
     db: Path = Path("dc.sqlite")
     relays: list[str] = field(default_factory=list)
     admin_allow: list = field(default_factory=list)  # networks that may read /metrics (empty: loopback)
+    http_idle_timeout: float = HTTP_IDLE_TIMEOUT_S
 
 
 def parser() -> argparse.ArgumentParser:

@@ -80,7 +80,8 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
         transport, _ = await loop.create_datagram_endpoint(lambda: RelayProtocol(relay), sock=sock)
         sweeper = asyncio.create_task(housekeeping(relay), name="housekeeping")
-        runner = web.AppRunner(make_app(relay, tuple(args.admin_allow or ())), access_log=None)
+        runner = web.AppRunner(make_app(relay, tuple(args.admin_allow or ())), access_log=None,
+                               keepalive_timeout=args.http_idle_timeout or service.HTTP_IDLE_TIMEOUT_S)
         await runner.setup()
         try:
             site = web.TCPSite(runner, args.http_host, args.http_port)

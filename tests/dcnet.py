@@ -55,9 +55,9 @@ class DcNet:
         await reg.close()
         self.dcs = [None] * n_dcs
 
-    def start_dc(self, i: int) -> Child:
+    def start_dc(self, i: int, extra: tuple[str, ...] = ()) -> Child:
         child = dc_child(self.workdir, f"dc{i + 1}", self.workdir / f"dc{i + 1}.key.json", self.chain.url,
-                         self.deployment, self.ports[i], relays=self.relays).start()
+                         self.deployment, self.ports[i], relays=self.relays, extra=list(extra)).start()
         self.dcs[i] = child
         return child
 

@@ -229,3 +229,41 @@ async def test_random_whois_costs_no_chain_call(tmp_path):
                     assert rpc.calls["eth_call"] - before == 0
             finally:
                 net.stop()
+
+
+async def test_stalled_http_connections_are_closed_and_sessions_stay(tmp_path):
+    """200 connections that send nothing, or half a request line, are closed by the DC after its
+    idle timeout (they stayed open forever); a node's WebSocket session is not affected."""
+    with Anvil() as chain:
+        net = DcNet(tmp_path, chain)
+        await net.deploy(1)
+        net.start_dc(0, extra=("--http-idle-timeout", "1"))
+        try:
+            home, _ = make_node(tmp_path, "w")
+            ntm(home, "register", "--dc", net.urls[0])
+            port = int(net.urls[0].rsplit(":", 1)[1])
+            socks = []
+            for i in range(200):
+                s = socket.create_connection(("127.0.0.1", port))
+                if i % 2:
+                    s.sendall(b"GET /v1/info HT")  # a request line that never ends
+                socks.append(s)
+            async with DcClient(net.urls[0]) as client:
+                ws, _ = await client.open_session(keystore.load_keystore(home / "key.json"))
+                await asyncio.sleep(2.5)
+                closed = 0
+                for s in socks:
+                    s.settimeout(1)
+                    try:
+                        closed += s.recv(100) == b""
+                    except TimeoutError:
+                        pass  # still open
+                    except OSError:
+                        closed += 1  # reset by the DC
+                    s.close()
+                assert closed == 200
+                await ws.send_json({"type": "status"})
+                assert (await asyncio.wait_for(ws.receive_json(), 5))["type"] == "status"
+                await ws.close()
+        finally:
+            net.stop()
