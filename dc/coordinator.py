@@ -8,6 +8,7 @@ dc/server.py turns HTTP/WebSocket/UDP into calls on this object. Its edges come 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 import coincurve
@@ -62,6 +63,8 @@ class Coordinator:
         self.federation = FederationClient(key, cache.is_active_dc, self.guard, clock, transport=transport)
         self.signaling = Signaling(self)
         cache.on_revoked = self.presence.revoke  # a revocation from the chain ends the session here
+        self._node_locks: dict[bytes, asyncio.Lock] = {}
+        self._node_users: dict[bytes, int] = {}
         self.counters = {"registrations_accepted": 0, "registrations_refused": 0,
                          "federation_requests_served": 0, "federation_requests_refused": 0}
 
@@ -78,17 +81,33 @@ class Coordinator:
         revoked = bool((onchain and onchain.revoked) or (stored and stored.revoked))
         return ts, revoked
 
+    @contextlib.asynccontextmanager
+    async def _serialized(self, node: bytes):
+        """One registration of a node at a time, from check to durable row: a second request is
+        checked against the first once it is pending, so a revocation and a newer registration
+        racing each other cannot both be accepted (the chain would take only one of them)."""
+        lock = self._node_locks.setdefault(node, asyncio.Lock())
+        self._node_users[node] = self._node_users.get(node, 0) + 1
+        try:
+            async with lock:
+                yield
+        finally:
+            self._node_users[node] -= 1
+            if not self._node_users[node]:
+                del self._node_users[node], self._node_locks[node]
+
     async def register(self, req: RegistrationRequest, wait_confirmed: bool) -> messages.RegisterResult:
         """Validate, store durably, queue for the chain; optionally wait for confirmation."""
         if not self.cache.is_active_dc(self.address):
             raise RegistrationError("dc_inactive", "this DC is not an active member of the registry")
-        latest, revoked = self.latest(req.record.node)
-        try:
-            check_request(req, self.address, self.registry.domain, self.clock.wall_ms(), latest, revoked)
-        except RegistrationError:
-            self.counters["registrations_refused"] += 1
-            raise
-        await self.store.add(req)
+        async with self._serialized(req.record.node):
+            latest, revoked = self.latest(req.record.node)
+            try:
+                check_request(req, self.address, self.registry.domain, self.clock.wall_ms(), latest, revoked)
+            except RegistrationError:
+                self.counters["registrations_refused"] += 1
+                raise
+            await self.store.add(req)
         self.counters["registrations_accepted"] += 1
         if req.record.revoked:  # durable here: the node's authority ends now, not at confirmation
             self.presence.revoke(req.record.node)
@@ -113,9 +132,13 @@ class Coordinator:
             return None
         session = self.presence.sessions.get(node)
         observed, observed_alt = self.presence.observed(node)
+        onchain = self.cache.home_of(node)
         return messages.NodeInfo(
             node=keys.checksum(node), home_dc=keys.checksum(self.address), timestamp=stored.timestamp,
-            revoked=stored.revoked, online=self.presence.online(node), pubkey=stored.pubkey.hex(),
+            # the chain's outcome wins: a revocation that landed (here or through another DC) is
+            # final even if a newer record of ours is still in the table
+            revoked=stored.revoked or bool(onchain and onchain.revoked),
+            online=self.presence.online(node), pubkey=stored.pubkey.hex(),
             local_addrs=list(session.local_addrs if session and session.local_addrs else stored.local_addrs),
             observed=observed, observed_alt=observed_alt)
 

@@ -302,3 +302,30 @@ async def test_a_route_direction_is_accepted_only_by_the_dc_it_names(fed):
     with pytest.raises(NodeLookupError) as exc:  # a fresh envelope from an active DC, but for dc2's delivery
         await fed.dcs[0].signaling.accept_delivery(forged)
     assert exc.value.code == "wrong_dc" and len(a.directions()) == 1
+
+
+async def test_a_racing_revocation_and_newer_registration_are_not_both_accepted(fed):
+    """Revoke (t1) and a newer registration (t2 > t1) arrive together: only the first is accepted,
+    and what the DC says afterwards is what the chain holds."""
+    a = await register(fed, fed.dcs[0])
+    t1 = fed.clock.wall_ms() + 10
+    revoke = RegistrationRequest.signed(a.key, fed.dcs[0].info(), t1, (), revoked=True)
+    newer = RegistrationRequest.signed(a.key, fed.dcs[0].info(), t1 + 5, ("10.0.0.9:4330",))
+    results = await asyncio.gather(fed.dcs[0].register(revoke, wait_confirmed=True),
+                                   fed.dcs[0].register(newer, wait_confirmed=True), return_exceptions=True)
+    assert results[0].status == "confirmed"
+    assert isinstance(results[1], RegistrationError) and results[1].code == "revoked"
+    assert fed.chain.nodes[a.id].revoked
+    info, _ = await fed.dcs[0].lookup(a.id)
+    assert info.revoked and fed.dcs[0].latest(a.id)[1]
+
+
+async def test_the_dcs_view_follows_a_revocation_that_landed_elsewhere(fed):
+    """The node's newer record is only pending here when a revocation through the other DC wins on
+    chain: this DC then says "revoked", as the chain does, not what its own row says."""
+    a = await register(fed, fed.dcs[0])
+    fed.clock.advance(0.01)
+    await register(fed, fed.dcs[1], revoked=True, node=a)  # through dc2: on chain, dc1's cache has it
+    fed.dcs[0].store.db.execute("UPDATE nodes SET timestamp = timestamp + 1000000 WHERE node = ?", (a.id,))
+    info, home = await fed.dcs[0].lookup(a.id)  # dc1's own row is "newer", yet the chain's revocation wins
+    assert home == fed.dcs[0].address and info.revoked
