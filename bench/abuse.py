@@ -1,0 +1,142 @@
+"""What an outsider gets for their effort; prints `metric: value` lines (docs/PROTOCOL.md §5, §6).
+
+  forged_handshake_cpu_us             responder CPU per forged Tunnel Request (well-formed, right
+                                      path ID, wrong key: refused after the ECDH and AEAD)
+  junk_datagram_cpu_us                responder CPU per junk datagram on a known path (for scale)
+  chain_calls_per_random_whois        eth_call a real DC makes per whois for a random node ID
+  chain_calls_per_fresh_key_direction eth_call a real RS makes per relay direction signed by a
+                                      fresh key (refused: not a DC)
+  keepalive_log_lines_per_1000_forged log lines a DC writes for 1,000 forged keepalives
+
+Not measured yet (docs/PROTOCOL.md, issue 11 items 1 and 5): reflection_amplification and
+direction_flood_rss_growth_mb.
+
+usage: python bench/abuse.py [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+import types
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import aiohttp  # noqa: E402
+
+from dc.federation import FederationClient  # noqa: E402
+from dc.presence import Presence  # noqa: E402
+from node.dc_client import DcClient, DcError  # noqa: E402
+from ntm import envelope, keepalive, keys, messages  # noqa: E402
+from ntm.handshake import Initiator  # noqa: E402
+from ntm.tunnel import Session  # noqa: E402
+from scripts.anvil import Anvil  # noqa: E402
+from scripts.procs import Child  # noqa: E402
+from tests.dcnet import CountingRpc, DcNet  # noqa: E402
+
+PATH = bytes(8)
+N = 2000  # datagrams per timing round
+
+
+def per_packet_us(session: Session, datagrams: list[bytes]) -> float:
+    t0 = time.process_time()
+    for d in datagrams:
+        session.receive(d, ("203.0.113.1", 1), 1.0)
+    return (time.process_time() - t0) / len(datagrams) * 1e6
+
+
+def handshake_costs(rounds: int) -> tuple[float, float]:
+    """(forged Request µs, junk µs), medians over `rounds`."""
+    victim, peer, mallory = keys.generate(), keys.generate(), keys.generate()
+    session = Session(victim, keys.node_id_of(peer), keys.public_bytes(peer), PATH, role="wait")
+    session.start(0.0)
+    # Mallory knows both public keys and the path ID, but not the peer's private key: she builds
+    # Requests with her own key in the peer's place, which fail the AEAD after both ECDHs.
+    forger = Initiator(mallory, keys.node_id_of(victim), keys.public_bytes(victim), PATH)
+    forged, junk = [], []
+    for i in range(N):
+        forged.append(forger.request(float(i)))
+        junk.append(forged[-1][:9] + os.urandom(len(forged[-1]) - 9))
+    f, j = [], []
+    for _ in range(rounds):
+        before = session.stats["drop_handshake_auth"]
+        f.append(per_packet_us(session, forged))
+        assert session.stats["drop_handshake_auth"] - before == N  # every forged Request refused
+        j.append(per_packet_us(session, junk))
+    return statistics.median(f), statistics.median(j)
+
+
+def keepalive_log_lines() -> int:
+    lines = []
+    handler = logging.Handler()
+    handler.emit = lines.append  # type: ignore[method-assign]
+    logger = logging.getLogger("ntm.dc.presence")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        p = Presence()
+        node = keys.node_id_of(keys.generate())
+        p.open(node, lambda m: None)
+        for i in range(1000):
+            p.on_keepalive(keepalive.encode_request(node, i + 1, b"\x00" * 32), ("203.0.113.1", 1))
+    finally:
+        logger.removeHandler(handler)
+    return len(lines)
+
+
+async def chain_calls(tmp: Path) -> tuple[float, float]:
+    """eth_call per random whois at a real DC, and per fresh-key relay direction at a real RS."""
+    with Anvil() as chain:
+        async with CountingRpc(chain.url) as rpc:
+            net = DcNet(tmp, types.SimpleNamespace(url=rpc.url))
+            await net.deploy(1)
+            await asyncio.to_thread(net.start_dc, 0)
+            rs = await asyncio.to_thread(Child("rs", ["--rpc-url", rpc.url, "--deployment", str(net.deployment),
+                                                      "--udp-port", "0", "--http-port", "0"], tmp / "rs.log").start)
+            try:
+                async with DcClient(net.urls[0]) as dc, aiohttp.ClientSession() as http:
+                    before = rpc.calls["eth_call"]
+                    answers = await asyncio.gather(*(dc.whois(keys.node_id_of(keys.generate())) for _ in range(100)),
+                                                   return_exceptions=True)
+                    assert all(isinstance(a, DcError) for a in answers)
+                    whois = (rpc.calls["eth_call"] - before) / 100
+                    before = rpc.calls["eth_call"]
+                    ids = [keys.checksum(keys.node_id_of(keys.generate())) for _ in range(2)]
+                    for _ in range(100):
+                        fed = FederationClient(keys.generate(), lambda _a: True, envelope.ReplayGuard(), http=http)
+                        body = messages.RelayDirection(os.urandom(8).hex(), os.urandom(32).hex(), ids,
+                                                       time.time_ns() // 1_000_000 + 60_000, 1000)
+                        try:
+                            await fed.book_relay(rs.ready["http"], body)
+                        except Exception:  # noqa: BLE001 - refused, as expected
+                            pass
+                    directions = (rpc.calls["eth_call"] - before) / 100
+            finally:
+                await asyncio.to_thread(rs.stop)
+                await asyncio.to_thread(net.stop)
+    return whois, directions
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=5)
+    args = p.parse_args()
+    forged, junk = handshake_costs(args.rounds)
+    print(f"forged_handshake_cpu_us: {forged:.1f}")
+    print(f"junk_datagram_cpu_us: {junk:.1f}")
+    with tempfile.TemporaryDirectory() as tmp:
+        whois, directions = asyncio.run(chain_calls(Path(tmp)))
+    print(f"chain_calls_per_random_whois: {whois:g}")
+    print(f"chain_calls_per_fresh_key_direction: {directions:g}")
+    print(f"keepalive_log_lines_per_1000_forged: {keepalive_log_lines()}")
+
+
+if __name__ == "__main__":
+    main()
