@@ -32,7 +32,7 @@ HTTP_IDLE_TIMEOUT_S = 15.0
 
 # Who may read the operator endpoints (metrics, per-path counters) unless told otherwise: the
 # host itself. They show traffic volumes and node activity, which outsiders have no need to see.
-DEFAULT_ADMIN_ALLOW = ("127.0.0.0/8", "::1/128")
+DEFAULT_ADMIN_ALLOW = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 ADMIN_ALLOW = web.AppKey("admin_allow", tuple)
 
 
@@ -49,7 +49,7 @@ def admin_only(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
     default loopback); anyone else gets 403 and learns nothing."""
 
     async def guarded(request: web.Request) -> web.StreamResponse:
-        nets = request.app.get(ADMIN_ALLOW) or tuple(map(network, DEFAULT_ADMIN_ALLOW))
+        nets = request.app.get(ADMIN_ALLOW) or DEFAULT_ADMIN_ALLOW
         try:
             ip = ipaddress.ip_address(unmapped(request.remote or ""))
         except ValueError:
@@ -132,6 +132,27 @@ def udp_socket(host: str | None, port: int, buffer: int | None = None) -> socket
         except OSError:
             pass
     return sock
+
+
+class BackgroundTasks:
+    """Tasks started in the background, each referenced until it ends (asyncio keeps only weak
+    references: an unreferenced task may be collected mid-flight), and cancelled together."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task] = set()
+
+    def spawn(self, coro) -> asyncio.Task:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def cancel(self, *more: asyncio.Task | None) -> None:
+        """Cancel every task still running (and `more`), and wait until they have ended."""
+        tasks = [*self._tasks, *(t for t in more if t is not None)]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class LogLimiter:

@@ -21,10 +21,9 @@ from dc.presence import KeepaliveProtocol
 from dc.server import make_app
 from dc.store import Store
 from chain.registry import connect_registry
-from daemon import service
-from daemon import keystore
-from ntm import keys
+from daemon import keystore, service
 from daemon.service import udp_socket
+from ntm import keys
 
 
 async def serve(cfg: dc_config.DcConfig, stop: asyncio.Event) -> None:

@@ -132,12 +132,11 @@ class Coordinator:
             return None
         session = self.presence.sessions.get(node)
         observed, observed_alt = self.presence.observed(node)
-        onchain = self.cache.home_of(node)
         return messages.NodeInfo(
             node=keys.checksum(node), home_dc=keys.checksum(self.address), timestamp=stored.timestamp,
-            # the chain's outcome wins: a revocation that landed (here or through another DC) is
-            # final even if a newer record of ours is still in the table
-            revoked=stored.revoked or bool(onchain and onchain.revoked),
+            # the chain's outcome counts too: a revocation that landed (here or through another DC)
+            # is final even if a newer record of ours is still in the table
+            revoked=self.latest(node)[1],
             online=self.presence.online(node), pubkey=stored.pubkey.hex(),
             local_addrs=list(session.local_addrs if session and session.local_addrs else stored.local_addrs),
             observed=observed, observed_alt=observed_alt)

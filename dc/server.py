@@ -183,12 +183,7 @@ async def handle_session(request: web.Request) -> web.WebSocketResponse:
         await send(messages.SessionError("not_home", "node is revoked" if revoked else "node is not registered at this DC"))
         await ws.close()
         return ws
-    tasks: set[asyncio.Task] = set()
-
-    def spawn(coro) -> None:
-        task = asyncio.create_task(coro)
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
+    tasks = service.BackgroundTasks()
 
     async def end_session(reason: str) -> None:
         """The DC ends the session (superseded, revoked): say why, then close."""
@@ -198,7 +193,7 @@ async def handle_session(request: web.Request) -> web.WebSocketResponse:
             pass
         await ws.close()
 
-    session = c.presence.open(node, ws.send_json, local, end=lambda reason: spawn(end_session(reason)))
+    session = c.presence.open(node, ws.send_json, local, end=lambda reason: tasks.spawn(end_session(reason)))
     log.info("session open: %s", keys.checksum(node))
     await send(messages.Welcome(session.token.hex(), list(c.keepalive_ports)))
     try:
@@ -215,13 +210,12 @@ async def handle_session(request: web.Request) -> web.WebSocketResponse:
             if isinstance(req, messages.StatusQuery):
                 await send(messages.StatusReply(session.observed, session.observed_alt, session.counters["keepalives"]))
             elif isinstance(req, messages.DirectionRequest):
-                spawn(direction_request(c, send, node, req))
+                tasks.spawn(direction_request(c, send, node, req))
             else:
                 await send(messages.SessionError("unexpected", f"unexpected {type(req).__name__} in a session"))
     finally:
         c.presence.close(session)
-        for task in list(tasks):
-            task.cancel()
+        await tasks.cancel()
         log.info("session closed: %s", keys.checksum(node))
     return ws
 

@@ -126,7 +126,7 @@ class Signaling:
             me = c.local_info(requester)
             if me is None:
                 raise DirectionError("not_home", "the requester is not registered at this DC")
-            if me.revoked or c.latest(requester)[1]:
+            if me.revoked:  # local_info counts the chain's and the pending records (latest)
                 raise DirectionError("revoked", "the requester is revoked")
             path = os.urandom(PATH_ID_LEN)
             (info, home), relay = await asyncio.gather(self.peer_info(peer), self.book_relay(path, [requester, peer]))

@@ -20,6 +20,7 @@ from node import state
 from node.agent import Node, Tunnel, local_addrs_towards
 from node.dc_client import DcClient, DcError, dc_url
 from daemon import keystore
+from daemon.service import BackgroundTasks
 from ntm import keys, messages, record
 from ntm.errors import KeystoreError, NtmError
 from ntm.registration import RegistrationRequest
@@ -290,13 +291,11 @@ async def cmd_listen(args, base: Path) -> None:
             if args.echo:
                 await t.channel.send(data)
 
-    serving: set[asyncio.Task] = set()
+    serving = BackgroundTasks()
 
     async def accept_loop() -> None:
         while True:
-            task = asyncio.create_task(serve(await node.accept()))
-            serving.add(task)
-            task.add_done_callback(serving.discard)
+            serving.spawn(serve(await node.accept()))
 
     async def status_loop() -> None:
         while True:

@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import coincurve
 
-from daemon.service import ROUTE_PROBES, source_address
+from daemon.service import ROUTE_PROBES, BackgroundTasks, source_address
 from node import liveness
 from node.dc_client import DcClient, DcError
 from node.endpoint import Endpoint
@@ -79,32 +79,22 @@ class DcSession:
         self._last_reply_at = clock.now()
         self._req_ids = itertools.count(1)
         self._results: dict[int, asyncio.Future[messages.DirectionResult]] = {}
-        self._tasks: set[asyncio.Task] = set()
+        self.tasks = BackgroundTasks()
         self._reader: asyncio.Task | None = None
         self._observed_event = asyncio.Event()
         self._session_up = asyncio.Event()
         self._closing = False
 
-    def spawn(self, coro) -> asyncio.Task:
-        """Start a background task and keep a reference until it ends (asyncio keeps only weak ones)."""
-        task = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
-
     async def start(self) -> None:
         """First session (errors propagate), then the loops that keep it alive."""
         await self._open_session()
         await self._learn_federation()
-        self.spawn(self._session_loop())
-        self.spawn(self._keepalive_loop())
+        self.tasks.spawn(self._session_loop())
+        self.tasks.spawn(self._keepalive_loop())
 
     async def close(self) -> None:
         self._closing = True
-        tasks = [*self._tasks, *([self._reader] if self._reader else [])]
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.tasks.cancel(self._reader)
         if self.ws is not None:
             try:
                 await asyncio.wait_for(self.ws.close(), 1.0)  # the DC may be gone
@@ -190,7 +180,7 @@ class DcSession:
             self._reader.cancel()
             self._reader = None
         if ws is not None and not ws.closed:
-            self.spawn(ws.close())
+            self.tasks.spawn(ws.close())
 
     def restart(self, why: str) -> None:
         """Close the session so the session loop opens a fresh one (new local addresses, new TCP
@@ -201,7 +191,7 @@ class DcSession:
             # A fresh HTTP client: the old one's pooled connections (and the WebSocket) were made
             # from the old address and may hang until TCP gives up; closing it aborts them all.
             old, self.dc = self.dc, DcClient(self.dc_url)
-            self.spawn(old.close())
+            self.tasks.spawn(old.close())
 
     async def _fail_over(self) -> bool:
         """Register at the first other known DC that answers, on our chain, and open a session

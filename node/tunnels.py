@@ -16,6 +16,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
+from daemon.service import BackgroundTasks
 from node import liveness
 from node.channel import Channel, Link
 from node.dc_session import NodeError
@@ -93,23 +94,13 @@ class Tunnels:
         self.ended: deque[dict] = deque(maxlen=ENDED_TUNNELS_KEPT)  # for status output
         self._opening: dict[bytes, asyncio.Future[Tunnel]] = {}
         self._incoming: asyncio.Queue[Tunnel] = asyncio.Queue()
-        self._tasks: set[asyncio.Task] = set()
-
-    def spawn(self, coro) -> asyncio.Task:
-        """Start a background task and keep a reference until it ends."""
-        task = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
+        self.tasks = BackgroundTasks()
 
     def start(self) -> None:
-        self.spawn(self._liveness_loop())
+        self.tasks.spawn(self._liveness_loop())
 
     async def close(self) -> None:
-        tasks = list(self._tasks)
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.tasks.cancel()
 
     # --- opening ------------------------------------------------------------------------------
     def _opening_future(self, path: bytes) -> asyncio.Future[Tunnel]:
@@ -119,7 +110,7 @@ class Tunnels:
 
     def on_direction(self, obj: dict[str, Any]) -> None:
         """A Route Direction pushed by the DC: open its path in the background."""
-        self.spawn(self.follow(obj))
+        self.tasks.spawn(self.follow(obj))
 
     async def follow(self, obj: dict[str, Any]) -> None:
         """Open the tunnel a Route Direction describes; hand it to connect(), accept(), or (with
@@ -204,10 +195,10 @@ class Tunnels:
         for ch in list(link.channels):
             if ch is not link.current and liveness.old_path_expired(now, ch.last_heard):
                 link.detach(ch)
-                self.spawn(ch.close())
+                self.tasks.spawn(ch.close())
         action = liveness.link_action(now, link.last_app, link.last_heard, t.recovering is not None)
         if action is liveness.LinkAction.REDIRECT:
-            t.recovering = self.spawn(self._redirect(t))
+            t.recovering = self.tasks.spawn(self._redirect(t))
         elif action is liveness.LinkAction.PROBE:
             self.probe(t)
 
@@ -217,7 +208,7 @@ class Tunnels:
         ch = t.channel.current
         if ch.established and not ch.closed:
             t.probes += 1
-            self.spawn(self._ping_quietly(ch))
+            self.tasks.spawn(self._ping_quietly(ch))
 
     def probe_all(self) -> None:
         for t in self.table.values():
