@@ -19,7 +19,7 @@ import coincurve
 from node.channel import forward
 from node.dc_session import DcSession, NodeError, local_addrs_towards
 from node.endpoint import DEFAULT_PORT, Binder, Endpoint, UdpBind
-from node.tunnels import Tunnel, Tunnels
+from node.tunnels import Admit, Tunnel, Tunnels
 from ntm import keepalive, keys
 from ntm.addr import format_endpoint
 from ntm.clock import SYSTEM, Clock
@@ -34,27 +34,31 @@ __all__ = ["Node", "NodeError", "Tunnel", "local_addrs_towards"]
 
 class Node:
     def __init__(self, key: coincurve.PrivateKey, dc_url: str, endpoint: Endpoint, clock: Clock = SYSTEM,
-                 keepalive_interval: float = KEEPALIVE_INTERVAL_S, local_addrs: list[str] | None = None) -> None:
+                 keepalive_interval: float = KEEPALIVE_INTERVAL_S, local_addrs: list[str] | None = None,
+                 admit: Admit = lambda peer: True) -> None:
         self.key = key
         self.id = keys.node_id_of(key)
         self.endpoint = endpoint
         self.session = DcSession(key, dc_url, endpoint, clock, keepalive_interval, local_addrs,
                                  on_direction=self._on_direction, on_moved=self._on_moved)
-        self.tunnel_table = Tunnels(self.id, endpoint, clock, self.session.direction, self.session.check_address)
+        self.tunnel_table = Tunnels(self.id, endpoint, clock, self.session.direction, self.session.check_address,
+                                 admit)
 
     @classmethod
     async def start(cls, key: coincurve.PrivateKey, dc_url: str, host: str | None = None,
                     port: int = DEFAULT_PORT, local_addrs: list[str] | None = None,
                     keepalive_interval: float = KEEPALIVE_INTERVAL_S, clock: Clock = SYSTEM,
-                    binder: Binder = UdpBind.open, last_timestamp: int = 0) -> "Node":
+                    binder: Binder = UdpBind.open, last_timestamp: int = 0,
+                    admit: Admit = lambda peer: True) -> "Node":
         """Bind the tunnel socket, open the DC session, start keepalives; ready to connect/accept.
 
         `keepalive_interval` paces both the DC keepalives and idle-tunnel keepalives: it must stay
         below the shortest NAT UDP timeout on the way. `last_timestamp`: of the node's newest
-        record, so a record signed by a DC failover is newer still."""
+        record, so a record signed by a DC failover is newer still. `admit`: which peers may
+        open tunnels to us (outbound is always allowed)."""
         ep = await Endpoint.create(key, host, port, config=TunnelConfig(keepalive_interval=keepalive_interval),
                                    clock=clock, binder=binder)
-        node = cls(key, dc_url, ep, clock, keepalive_interval, local_addrs)
+        node = cls(key, dc_url, ep, clock, keepalive_interval, local_addrs, admit)
         node.session.last_timestamp = last_timestamp
         try:
             await node.session.start()

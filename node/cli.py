@@ -1,33 +1,33 @@
 """`ntm`: the node's command line. Human-readable output by default, `--json` for scripts.
 
-Exit codes: 0 ok, 1 refused or failed (the message says why), 2 usage or local file problems.
+Exit codes: 0 ok, 1 refused or failed (the message says why), 2 usage or local file problems,
+3 no daemon running (`ntm up` starts it).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import json
 import os
-import signal
 import sys
 import time
 from pathlib import Path
 
 from urllib.parse import urlsplit
 
-from node import state
-from node.agent import Node, Tunnel, local_addrs_towards
+from node import control, daemon, state
+from node.agent import local_addrs_towards
 from node.dc_client import DcClient, DcError, dc_url
+from node.peers import PeerBook, PeerBookError
 from daemon import keystore
-from daemon.service import BackgroundTasks
-from ntm import keys, messages, record
+from daemon.service import setup_logging
+from ntm import keys, messages, record, vaddr
 from ntm.errors import KeystoreError, NtmError
 from ntm.registration import RegistrationRequest
-from ntm.tunnel import TunnelError
 
 TUNNEL_PORT = 4330  # the seeds' NTM port
-AGENT_STALE_S = 5.0  # `ntm listen` rewrites its status every second; older means it is gone
 
 
 class CliError(Exception):
@@ -57,6 +57,11 @@ def pick_dc(args, base: Path, st: dict) -> str:
 
 def out(args, data: dict, text: str) -> None:
     print(json.dumps(data, indent=2) if args.json else text)
+
+
+def event(args, data: dict, text: str) -> None:
+    """A line of a long-running command: with --json one JSON object per line."""
+    print(json.dumps(data) if args.json else text, flush=True)
 
 
 async def cmd_keygen(args, base: Path) -> None:
@@ -139,17 +144,44 @@ async def cmd_status(args, base: Path) -> None:
         lines.append(f"record    {state_word}, home DC {data['home_dc']}, online: {'yes' if data['online'] else 'no'}")
     elif "dc_error" in data:
         lines.append(f"record    unknown ({data['dc_error']})")
-    agent = state.read_json(base / state.AGENT_FILE)
-    if agent and time.time() - agent.get("updated", 0) < AGENT_STALE_S:
-        data["agent"] = agent
-        lines.append(f"agent     pid {agent['pid']}, tunnel socket {agent['local']}, public {agent['observed']}")
-        for t in agent["tunnels"]:
-            rtt = f"{t['rtt_ms']} ms" if t.get("rtt_ms") is not None else "-"
-            lines.append(f"tunnel    {t['peer']} {t['route']} via {t['via']}, rtt {rtt}, "
-                         f"{t.get('rx_bytes', 0)} B in / {t.get('tx_bytes', 0)} B out ({t['state']})")
+    try:
+        d = await control.call(base, "status", timeout=10)
+    except control.ControlError as exc:
+        lines.append(f"daemon    not running ({exc})" if exc.code != "no_daemon" else
+                     "daemon    not running (`ntm up` keeps the node online)")
     else:
-        lines.append("agent     not running (`ntm listen` keeps the node online)")
+        data["daemon"] = d
+        lines.append(f"daemon    pid {d['pid']}, up {d['uptime_s']:.0f} s, tunnel socket {d['local']}, "
+                     f"public {d['observed']}")
+        lines.append(f"overlay   {d['ipv6']}  {d['ipv4']}  " + (f"on {d['tun']}" if d["tun"] else "(no TUN)")
+                     + (f", DNS {', '.join(d['dns'])}" if d["dns"] else ""))
+        lines.append(peers_table(d["peers"]))
     out(args, data, "\n".join(lines))
+
+
+def peers_table(rows: list[dict]) -> str:
+    """The daemon's open tunnels, one peer per line (like `wg show`)."""
+    if not rows:
+        return "peers     none"
+    head = ("PEER", "VIRTUAL", "ROUTE", "ENDPOINT", "HANDSHAKE", "RX", "TX", "RTT")
+    table = [head]
+    for r in rows:
+        name = ",".join(r["names"]) or r["peer"][:12] + "…"
+        table.append((name, f"{r['ipv6']} {r['ipv4']}", r["route"], r["endpoint"] or "-",
+                      f"{r['last_handshake_s']:.0f} s ago" if r["last_handshake_s"] is not None else "-",
+                      human_bytes(r["rx_bytes"]), human_bytes(r["tx_bytes"]),
+                      f"{r['rtt_ms']:.2f} ms" if r["rtt_ms"] is not None else "-"))
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(head))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in table)
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
 
 
 async def cmd_whois(args, base: Path) -> None:
@@ -165,153 +197,150 @@ async def cmd_whois(args, base: Path) -> None:
         + (f"\npublic key {info.pubkey}" if info.pubkey else ""))
 
 
-async def start_agent(args, base: Path) -> Node:
-    """The node agent at this node's registered DC (tunnel socket on --host/--port)."""
-    key = load_key(base)
+def need_registration(base: Path) -> dict:
     st = state.read_json(base / state.STATE_FILE)
     if not st or st.get("revoked"):
         raise CliError("this node is not registered (run `ntm register --dc HOST` first)", 2)
+    return st
+
+
+def up_options(args) -> daemon.UpOptions:
+    return daemon.UpOptions(
+        tun=None if args.no_tun else (args.tun or "ntm0"), require_tun=args.tun is not None,
+        v4_net=args.v4_net, path_mtu=args.path_mtu, dns=args.dns, accept_any=args.accept_any,
+        echo=args.echo, host=args.host, port=args.port)
+
+
+async def cmd_up(args, base: Path) -> None:
+    """Run the node daemon in the foreground until SIGINT/SIGTERM or `ntm down`."""
+    setup_logging(args.verbose)
+    key = load_key(base)
+    st = need_registration(base)
+    opts = up_options(args)
     try:
-        return await Node.start(key, st["dc_url"], host=args.host, port=args.port,
-                                last_timestamp=st.get("timestamp", 0))
+        vaddr.tun_mtu(opts.path_mtu)
+    except vaddr.AddressError as exc:
+        raise CliError(str(exc), 2) from None
+
+    def ready(info: dict) -> None:
+        where = f"TUN {info['tun']} (MTU {info['mtu']})" if info["tun"] else "no TUN (datagram mode)"
+        event(args, {"event": "up", **info},
+            f"up as {info['node']} at {info['dc']} (public address {info['observed']})\n"
+            f"{where}, virtual addresses {info['ipv6']} and {info['ipv4']}"
+            + (f", DNS on {', '.join(info['dns'])}" if info["dns"] else "") + f"\ncontrol socket {info['socket']}")
+
+    try:
+        await daemon.up(base, key, st, opts, ready)
     except (asyncio.TimeoutError, OSError) as exc:
         raise CliError(f"could not start the node at {st['dc_url']}: {exc or type(exc).__name__}") from None
+    event(args, {"event": "down"}, "stopped")
 
 
-def describe(t: Tunnel) -> str:
-    via = t.channel.via or "?"
-    return f"route {t.kind} via {via} (path {t.channel.path_id.hex()})"
+async def cmd_down(args, base: Path) -> None:
+    res = await control.call(base, "down")
+    out(args, res, f"daemon (pid {res['pid']}) stopping")
 
 
-async def open_tunnel(args, base: Path) -> tuple[Node, Tunnel]:
+async def ask(base: Path, name: str, body: dict | None = None, timeout: float = 60.0) -> dict:
+    """A request to the running daemon; without one, say how to start it."""
     try:
-        peer = keys.parse_node_id(args.node)
-    except ValueError as exc:
+        return await control.call(base, name, body, timeout)
+    except control.ControlError as exc:
+        raise CliError(str(exc), 3 if exc.code == "no_daemon" else 1) from None
+
+
+def peer_arg(base: Path, name: str) -> str:
+    """Check a peer given as node ID or alias before sending it to the daemon."""
+    try:
+        return keys.checksum(PeerBook.load(base).resolve(name))
+    except PeerBookError as exc:
         raise CliError(str(exc), 2) from None
-    node = await start_agent(args, base)
-    try:
-        tunnel = await node.connect(peer, force_relay=args.relay)
-    except BaseException:
-        await node.close()
-        raise
-    if not args.json:
-        print(f"tunnel to {keys.checksum(peer)}: {describe(tunnel)}", flush=True)
-    return node, tunnel
 
 
 async def cmd_ping(args, base: Path) -> None:
-    node, tunnel = await open_tunnel(args, base)
-    rtts = []
-    try:
-        for i in range(args.count):
-            if i:
-                await asyncio.sleep(args.interval)
-            try:
-                rtt = await tunnel.channel.ping(timeout=2.0) * 1000
-            except (asyncio.TimeoutError, NtmError):
-                if not args.json:
-                    print(f"seq={i} timeout", flush=True)
-                continue
-            rtts.append(rtt)
-            if not args.json:
-                print(f"seq={i} rtt={rtt:.2f} ms", flush=True)
-    finally:
-        await node.close()
-    summary = {"peer": args.node, "route": tunnel.kind, "via": tunnel.channel.via, "sent": args.count,
-               "received": len(rtts), "rtt_ms": [round(r, 3) for r in rtts]}
-    if args.json:
-        print(json.dumps(summary, indent=2))
-    elif rtts:
-        print(f"{len(rtts)}/{args.count} replies, rtt min/avg/max {min(rtts):.2f}/{sum(rtts) / len(rtts):.2f}/{max(rtts):.2f} ms")
+    if args.count < 1 or args.interval < 0:
+        raise CliError("ping needs --count >= 1 and --interval >= 0", 2)
+    peer = peer_arg(base, args.node)
+    res = await ask(base, "ping", {"peer": peer, "count": args.count, "interval": args.interval,
+                                   "relay": args.relay}, timeout=30 + args.count * (args.interval + 3))
+    rtts = [r for r in res["rtt_ms"] if r is not None]
+    lines = [f"tunnel to {res['peer']}: route {res['route']} via {res['via']}"]
+    lines += [f"seq={i} " + (f"rtt={r:.2f} ms" if r is not None else "timeout") for i, r in enumerate(res["rtt_ms"])]
+    if rtts:
+        lines.append(f"{len(rtts)}/{args.count} replies, rtt min/avg/max "
+                     f"{min(rtts):.2f}/{sum(rtts) / len(rtts):.2f}/{max(rtts):.2f} ms")
+    out(args, {**res, "sent": args.count, "received": len(rtts)}, "\n".join(lines))
     if not rtts:
         raise CliError("no ping replies over the tunnel")
 
 
 async def cmd_send(args, base: Path) -> None:
-    node, tunnel = await open_tunnel(args, base)
+    if args.wait_reply < 0:
+        raise CliError("--wait-reply must be >= 0", 2)
+    peer = peer_arg(base, args.node)
+    res = await ask(base, "send", {"peer": peer, "text": args.message, "wait_reply": args.wait_reply,
+                                   "relay": args.relay}, timeout=30 + args.wait_reply)
+    out(args, res, f"sent {res['sent']} bytes" + (f"\nreply: {res['reply']}" if res["reply"] is not None else ""))
+
+
+async def cmd_recv(args, base: Path) -> None:
+    if args.wait < 0:
+        raise CliError("--wait must be >= 0", 2)
+    res = await ask(base, "recv", {"wait": args.wait}, timeout=30 + args.wait)
+    out(args, res, "\n".join(f"{m['peer']}: {m['text']}" for m in res["messages"]) or "(nothing)")
+
+
+async def edit_peers(args, base: Path, change) -> PeerBook:
+    """Apply `change` to peers.json and tell a running daemon to re-read it."""
     try:
-        await tunnel.channel.send(args.message.encode())
-        reply = None
-        if args.wait_reply > 0:
-            try:
-                reply = (await asyncio.wait_for(tunnel.channel.recv(), args.wait_reply)).decode(errors="replace")
-            except asyncio.TimeoutError:
-                pass
-    finally:
-        await node.close()
-    out(args, {"peer": args.node, "route": tunnel.kind, "via": tunnel.channel.via, "sent": args.message, "reply": reply},
-        f"sent {len(args.message.encode())} bytes" + (f"\nreply: {reply}" if reply is not None else ""))
-
-
-async def cmd_connect(args, base: Path) -> None:
-    """stdin → tunnel, tunnel → stdout, until stdin closes."""
-    node, tunnel = await open_tunnel(args, base)
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader()
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-
-    async def pump_out():
-        while True:
-            sys.stdout.buffer.write(await tunnel.channel.recv())
-            sys.stdout.buffer.flush()
-
-    printer = asyncio.create_task(pump_out())
+        book = PeerBook.load(base)
+        change(book)
+    except PeerBookError as exc:
+        raise CliError(str(exc), 2) from None
+    book.save(base)
     try:
-        while line := await reader.readline():
-            await tunnel.channel.send(line)
-        await asyncio.sleep(0.5)  # let the last replies arrive
-    finally:
-        printer.cancel()
-        await node.close()
+        await control.call(base, "reload")
+    except control.ControlError:
+        pass  # no daemon: it reads the file when it starts
+    return book
 
 
-async def cmd_listen(args, base: Path) -> None:
-    """Serve incoming tunnels until SIGINT/SIGTERM; print (and with --echo return) what arrives."""
-    node = await start_agent(args, base)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    emit = (lambda ev: print(json.dumps(ev), flush=True)) if args.json else None
-    say = emit or (lambda ev: print(ev["text"], flush=True))
-    say({"event": "listening", "node": keys.checksum(node.id), "dc": node.dc_url, "observed": node.observed,
-         "text": f"listening as {keys.checksum(node.id)} at {node.dc_url} (public address {node.observed})"})
+async def cmd_alias(args, base: Path) -> None:
+    if args.name is None:
+        book = PeerBook.load(base)
+        out(args, {"aliases": {n: keys.checksum(i) for n, i in book.aliases.items()}},
+            "\n".join(f"{n}.ntm  {keys.checksum(i)}" for n, i in sorted(book.aliases.items())) or "(no aliases)")
+        return
+    if args.node is None:
+        await edit_peers(args, base, lambda b: b.aliases.pop(args.name.lower(), None))
+        out(args, {"removed": args.name}, f"alias {args.name} removed")
+        return
+    try:
+        nid = keys.parse_node_id(args.node)
+    except ValueError as exc:
+        raise CliError(str(exc), 2) from None
+    await edit_peers(args, base, lambda b: b.set_alias(args.name, nid))
+    out(args, {"alias": args.name.lower(), "node": keys.checksum(nid)},
+        f"{args.name.lower()}.ntm is {keys.checksum(nid)}")
 
-    async def serve(t: Tunnel) -> None:
-        peer = keys.checksum(t.peer)
-        say({"event": "tunnel", "peer": peer, "route": t.kind, "text": f"tunnel from {peer}: {describe(t)}"})
-        while True:
-            try:
-                data = await t.channel.recv()
-            except TunnelError as exc:
-                say({"event": "closed", "peer": peer, "text": f"tunnel from {peer} ended: {exc}"})
-                return
-            say({"event": "message", "peer": peer, "data": data.decode(errors="replace"),
-                 "text": f"{peer}: {data.decode(errors='replace')}"})
-            if args.echo:
-                await t.channel.send(data)
 
-    serving = BackgroundTasks()
-
-    async def accept_loop() -> None:
-        while True:
-            serving.spawn(serve(await node.accept()))
-
-    async def status_loop() -> None:
-        while True:
-            state.write_json(base / state.AGENT_FILE, {"pid": os.getpid(), "updated": time.time(), **node.status()})
-            st = state.read_json(base / state.STATE_FILE)
-            if node.home and st.get("timestamp", 0) < node.home["timestamp"]:  # the agent failed over
-                state.write_json(base / state.STATE_FILE, {**st, **node.home})
-            await asyncio.sleep(1.0)
-
-    tasks = [asyncio.create_task(accept_loop()), asyncio.create_task(status_loop())]
-    await stop.wait()
-    for t in tasks:
-        t.cancel()
-    (base / state.AGENT_FILE).unlink(missing_ok=True)
-    await node.close()
-    say({"event": "stopped", "text": "stopped"})
+async def cmd_allow(args, base: Path) -> None:
+    if args.node is None:
+        book = PeerBook.load(base)
+        out(args, {"allow": sorted(keys.checksum(i) for i in book.allow)},
+            "\n".join(keys.checksum(i) for i in sorted(book.allow)) or "(nobody: only outbound tunnels)")
+        return
+    book = PeerBook.load(base)
+    try:
+        nid = book.resolve(args.node)
+    except PeerBookError as exc:
+        raise CliError(str(exc), 2) from None
+    if args.remove:
+        await edit_peers(args, base, lambda b: b.allow.discard(nid))
+        out(args, {"removed": keys.checksum(nid)}, f"{keys.checksum(nid)} may no longer open tunnels to this node")
+    else:
+        await edit_peers(args, base, lambda b: b.allow.add(nid))
+        out(args, {"allowed": keys.checksum(nid)}, f"{keys.checksum(nid)} may open tunnels to this node")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -332,28 +361,48 @@ def parser() -> argparse.ArgumentParser:
         if name == "revoke":
             s.add_argument("--yes", action="store_true", help="confirm the permanent revocation")
         s.set_defaults(func=func)
-    sub.add_parser("status", help="registration state as this node's DC sees it").set_defaults(func=cmd_status)
-    def tunnel_cmd(name: str, func, hlp: str) -> argparse.ArgumentParser:
+    sub.add_parser("status", help="registration state, and the daemon's peers if it runs").set_defaults(func=cmd_status)
+    s = sub.add_parser("up", help="run the node daemon (DC session, tunnels, TUN, DNS) until Ctrl-C or `ntm down`")
+    s.add_argument("--tun", metavar="NAME", help="TUN interface name (default ntm0; given: fail if no TUN)")
+    s.add_argument("--no-tun", action="store_true", help="no TUN interface: datagram mode (no root needed)")
+    s.add_argument("--v4-net", type=ipaddress.IPv4Network, default=vaddr.V4_NET, metavar="CIDR",
+                   help=f"virtual IPv4 network; this node is its first address (default {vaddr.V4_NET})")
+    s.add_argument("--path-mtu", type=int, default=vaddr.PATH_MTU, metavar="BYTES",
+                   help=f"outer path MTU; the TUN MTU is this minus the tunnel overhead (default {vaddr.PATH_MTU})")
+    s.add_argument("--dns", type=daemon.dns_bind, action="append", metavar="IP:PORT",
+                   help="where to answer DNS for .ntm names (repeatable; default: the TUN addresses, port 53)")
+    s.add_argument("--accept-any", action="store_true", help="accept tunnels from any node (demos; default: `ntm allow` list)")
+    s.add_argument("--echo", action="store_true", help="send every application datagram back (tests, demos)")
+    s.add_argument("--host", help="local address for the tunnel socket (default: all, dual-stack)")
+    s.add_argument("--port", type=int, default=TUNNEL_PORT, help=f"tunnel UDP port (default {TUNNEL_PORT})")
+    s.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    s.set_defaults(func=cmd_up)
+    sub.add_parser("down", help="stop the running daemon").set_defaults(func=cmd_down)
+
+    def peer_cmd(name: str, func, hlp: str) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=hlp)
-        sp.add_argument("node", help="peer node ID (0x…)")
+        sp.add_argument("node", help="peer node ID (0x…) or alias")
         sp.add_argument("--relay", action="store_true", help="ask for the relay instead of a direct path")
-        sp.add_argument("--host", help="local address for the tunnel socket (default: all, dual-stack)")
-        sp.add_argument("--port", type=int, default=0, help="local tunnel UDP port (default: any)")
         sp.set_defaults(func=func)
         return sp
 
-    s = tunnel_cmd("ping", cmd_ping, "measure round trips over a tunnel to a node")
+    s = peer_cmd("ping", cmd_ping, "measure round trips over a tunnel to a node (through the daemon)")
     s.add_argument("-c", "--count", type=int, default=4, help="pings to send (default 4)")
     s.add_argument("-i", "--interval", type=float, default=0.2, help="seconds between pings (default 0.2)")
-    s = tunnel_cmd("send", cmd_send, "send one message over a tunnel and print the reply")
+    s = peer_cmd("send", cmd_send, "send one datagram over a tunnel and print the reply (through the daemon)")
     s.add_argument("message", help="text to send")
     s.add_argument("--wait-reply", type=float, default=2.0, help="seconds to wait for a reply (0: none)")
-    tunnel_cmd("connect", cmd_connect, "pipe stdin/stdout through a tunnel to a node")
-    s = sub.add_parser("listen", help="stay online and accept tunnels, printing what arrives")
-    s.add_argument("--echo", action="store_true", help="send every message back")
-    s.add_argument("--host", help="local address for the tunnel socket (default: all, dual-stack)")
-    s.add_argument("--port", type=int, default=TUNNEL_PORT, help=f"tunnel UDP port (default {TUNNEL_PORT})")
-    s.set_defaults(func=cmd_listen)
+    s = sub.add_parser("recv", help="datagrams peers sent to this node (through the daemon)")
+    s.add_argument("--wait", type=float, default=0.0, help="seconds to wait for the first one")
+    s.set_defaults(func=cmd_recv)
+    s = sub.add_parser("alias", help="name a node: NAME.ntm in DNS and NAME in commands (no NODE: remove; no args: list)")
+    s.add_argument("name", nargs="?", help="alias (one DNS label)")
+    s.add_argument("node", nargs="?", help="node ID (0x…)")
+    s.set_defaults(func=cmd_alias)
+    s = sub.add_parser("allow", help="let a node open tunnels to this one (no args: list)")
+    s.add_argument("node", nargs="?", help="node ID (0x…) or alias")
+    s.add_argument("--remove", action="store_true", help="take the node off the list")
+    s.set_defaults(func=cmd_allow)
     s = sub.add_parser("whois", help="look a node up through the DC federation")
     s.add_argument("node", help="node ID (0x…)")
     s.add_argument("--dc", help="DC to ask (default: this node's DC)")

@@ -10,7 +10,6 @@ from pathlib import Path
 KEY_FILE = "key.json"
 STATE_FILE = "state.json"
 NETWORK_FILE = "network.json"
-AGENT_FILE = "agent.json"  # status of a running `ntm listen`, for `ntm status`
 PASSPHRASE_ENV = "NTM_PASSPHRASE"
 
 

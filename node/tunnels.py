@@ -43,6 +43,8 @@ RECOVERY_GIVE_UP_S = 60.0
 
 # Asks the DCs for a path to a peer: (peer, force_relay, resume) → new path ID (DcSession.direction).
 AskDirection = Callable[[bytes, bool, "bytes | None"], Awaitable[bytes]]
+# Inbound policy: may this peer open a tunnel to us? (The daemon's allow list; default: anyone.)
+Admit = Callable[[bytes], bool]
 
 
 @dataclass
@@ -84,8 +86,10 @@ def open_direction(obj: Any) -> messages.RouteDirection:
 
 class Tunnels:
     def __init__(self, my_id: bytes, endpoint: Endpoint, clock: Clock, ask: AskDirection,
-                 check_address: Callable[[], Awaitable[None]]) -> None:
+                 check_address: Callable[[], Awaitable[None]], admit: Admit = lambda peer: True) -> None:
         self.my_id = my_id
+        self.admit = admit
+        self.refused = 0  # directions from peers the policy does not admit
         self.endpoint = endpoint
         self.clock = clock
         self.ask = ask
@@ -126,6 +130,12 @@ class Tunnels:
         except (ParseError, ValueError) as exc:
             log.warning("ignoring malformed route direction: %s", exc)
             return
+        ours = keys.parse_node_id(d.requester) == self.my_id
+        if not ours and not self.admit(peer):
+            # Checked before any handshake or session exists: a refused peer costs nothing more.
+            self.refused += 1
+            log.info("refused a tunnel from %s: not on the allow list", keys.checksum(peer))
+            return
         fut = self._opening_future(path)
         try:
             ch = await self.endpoint.open(path, peer, bytes.fromhex(d.peer_pubkey), candidates, d.role, relay,
@@ -136,7 +146,7 @@ class Tunnels:
                 fut.set_exception(NodeError("tunnel_failed", f"tunnel to {keys.checksum(peer)} failed: {exc}"))
             return
         tunnel = self._place(ch, d, path, peer, resume)
-        if keys.parse_node_id(d.requester) == self.my_id:
+        if ours:
             if not fut.done():
                 fut.set_result(tunnel)
         else:

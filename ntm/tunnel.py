@@ -298,6 +298,11 @@ class Session:
         return self.phase is Phase.ESTABLISHED
 
     @property
+    def last_handshake(self) -> float | None:
+        """When the keys in use were made (monotonic), None before the first handshake."""
+        return self.current.created if self.current is not None else None
+
+    @property
     def has_output(self) -> bool:
         """Datagrams are queued (drain them with datagrams_to_send() or poll())."""
         return bool(self._outbox)

@@ -2,9 +2,9 @@
 
 In a temporary directory: `ntm devnet` (anvil chain + registry + two DCs + one relay, on free
 ports so a running devnet is not disturbed), two nodes with their own homes (alice, bob), alice
-registered at dc1 and bob at dc2, alice listening with --echo, bob looking her up through his own
+registered at dc1 and bob at dc2, both running `ntm up` (alice with --echo), bob looking her up through his own
 DC, sending a message and pinging over a direct tunnel, then over the relay, alice's status with
-both tunnels, and a clean stop. Every command is the real `ntm` CLI run as a subprocess; each is
+both tunnels and the messages that reached her, and a clean stop (`ntm down`). Every command is the real `ntm` CLI run as a subprocess; each is
 printed as `alice$ ntm ...` or `bob$ ntm ...` (two shells with their own NTM_HOME) before its output.
 
 Exit code 0 when every step did what it should, 1 otherwise (the temp directory is then kept for
@@ -79,7 +79,7 @@ class Demo:
         self.workdir = workdir
         self.homes = {"alice": workdir / "alice", "bob": workdir / "bob"}
         self.devnet: subprocess.Popen | None = None
-        self.listener: subprocess.Popen | None = None
+        self.daemons: dict[str, subprocess.Popen] = {}
 
     def ntm(self, who: str, *args: str, expect: tuple[str, ...] = ()) -> str:
         show_cmd(who, list(args))
@@ -121,37 +121,38 @@ class Demo:
         self.ntm("alice", "register", "--dc", dc1, expect=("status: confirmed",))
         self.ntm("bob", "register", "--dc", dc2, expect=("status: confirmed",))
 
-        heading(4, "alice goes online and echoes whatever reaches her")
-        port = free_udp_port()
-        listen = ["listen", "--echo", "--port", str(port)]
-        show_cmd("alice", listen, " &")
-        self.listener = subprocess.Popen([*NTM, *listen], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                         stdin=subprocess.DEVNULL, env={**os.environ, "NTM_HOME": str(self.homes["alice"])},
-                                         start_new_session=True)
-        print(indent(read_until(self.listener, b"\n", 30.0)), flush=True)
+        heading(4, "Both run the node daemon (`ntm up`; as root it also makes a TUN interface, here not)")
+        self.daemons = {}
+        for who, extra in (("alice", ["--accept-any", "--echo"]), ("bob", [])):
+            up = ["up", "--no-tun", "--port", str(free_udp_port()), *extra]
+            show_cmd(who, up, " &")
+            self.daemons[who] = subprocess.Popen([*NTM, *up], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                                 stdin=subprocess.DEVNULL, start_new_session=True,
+                                                 env={**os.environ, "NTM_HOME": str(self.homes[who])})
+            print(indent(read_until(self.daemons[who], b"control socket", 30.0)), flush=True)
 
         heading(5, "bob finds alice through his own DC (dc2 reads her home DC, dc1, from the registry)")
         self.ntm("bob", "whois", alice, expect=(alice, "online"))
 
         heading(6, "bob sends alice a message: the DCs direct a tunnel, its key comes from ECDH between the nodes")
-        self.ntm("bob", "send", alice, "hello from B", expect=("route direct", "reply: hello from B"))
-        self.ntm("bob", "ping", alice, "-c", "3", expect=("route direct", "3/3 replies"))
+        self.ntm("bob", "alias", "alice", alice, expect=("alice.ntm",))
+        self.ntm("bob", "send", "alice", "hello from B", expect=("reply: hello from B",))
+        self.ntm("bob", "ping", "alice", "-c", "3", expect=("route direct", "3/3 replies"))
 
         heading(7, "The same through the relay server (it forwards ciphertext only)")
-        self.ntm("bob", "send", alice, "hello via the relay", "--relay", expect=("route relay", "reply: hello via the relay"))
-        self.ntm("bob", "ping", alice, "-c", "3", "--relay", expect=("route relay", "3/3 replies"))
+        self.ntm("bob", "send", "alice", "hello via the relay", "--relay", expect=("reply: hello via the relay",))
+        self.ntm("bob", "ping", "alice", "-c", "3", "--relay", expect=("route relay", "3/3 replies"))
 
-        heading(8, "alice's view: registration and her tunnels")
-        self.ntm("alice", "status", expect=("confirmed on chain", "tunnel", "direct", "relay"))
+        heading(8, "alice's view: registration, her daemon's peers, what reached her")
+        self.ntm("alice", "status", expect=("confirmed on chain", "PEER", "relay"))
+        self.ntm("alice", "recv", expect=("hello from B", "hello via the relay"))
 
         heading(9, "Clean stop")
-        print(f"{DIM}alice${RESET} ^C   # stops `ntm listen`; everything it printed:", flush=True)
-        rest = self._stop(self.listener, signal.SIGINT)
-        self.listener = None
-        print(indent(rest), flush=True)
-        for text in ("hello from B", "hello via the relay", "stopped"):
-            if text not in rest:
-                raise DemoFailed(f"`ntm listen` did not print {text!r}")
+        for who in ("bob", "alice"):
+            self.ntm(who, "down", expect=("stopping",))
+            rest = self._wait(self.daemons.pop(who))
+            if "stopped" not in rest:
+                raise DemoFailed(f"{who}'s daemon did not report a clean stop")
         print(f"{DIM}${RESET} ^C   # stops `ntm devnet`:", flush=True)
         rest = self._stop(self.devnet, signal.SIGINT)
         self.devnet = None
@@ -172,6 +173,10 @@ class Demo:
     @staticmethod
     def _stop(proc: subprocess.Popen, sig: int) -> str:
         proc.send_signal(sig)
+        return Demo._wait(proc)
+
+    @staticmethod
+    def _wait(proc: subprocess.Popen) -> str:
         try:
             out, err = proc.communicate(timeout=20)
         except subprocess.TimeoutExpired:
@@ -182,7 +187,7 @@ class Demo:
         return out.decode(errors="replace").strip()
 
     def cleanup(self) -> None:
-        for proc in (self.listener, self.devnet):
+        for proc in (*self.daemons.values(), self.devnet):
             if proc is not None and proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
                 try:

@@ -1,10 +1,13 @@
-"""The `ntm` tunnel commands as a user runs them: listen, ping, send, status — real processes."""
+"""The node daemon and the commands that use it, as a user runs them: `ntm up` (datagram mode,
+no TUN), ping, send, recv, status, allow, down — real processes against a real federation."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import select
+import stat
 import subprocess
 import sys
 
@@ -17,59 +20,107 @@ from tests.test_dc import ntm
 def read_json_line(proc: subprocess.Popen, timeout: float = 20.0) -> dict:
     """First line only: later lines may sit in the text wrapper's buffer where select cannot see them."""
     if not select.select([proc.stdout], [], [], timeout)[0]:
-        raise AssertionError("no output from ntm listen")
+        raise AssertionError(f"no output from ntm up: {proc.stderr.read() if proc.poll() is not None else ''}")
     return json.loads(proc.stdout.readline())
 
 
-async def test_listen_ping_send_status(net, tmp_path):
-    a, b = tmp_path / "a", tmp_path / "b"
-    a_id = ntm(a, "keygen")["node"]
-    ntm(b, "keygen")
-    ntm(a, "register", "--dc", net.urls[0])
-    ntm(b, "register", "--dc", net.urls[1])
-    listener = subprocess.Popen(
-        [sys.executable, "-m", "node.cli", "--home", str(a), "--json", "listen", "--echo", "--host", "127.0.0.1", "--port", "0"],
+def start_up(home, *extra: str) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "node.cli", "--home", str(home), "--json", "up", "--no-tun", "--host", "127.0.0.1",
+         "--port", "0", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    ready = read_json_line(proc)
+    assert ready["event"] == "up" and ready["tun"] is None, ready
+    return proc
+
+
+def stop(proc: subprocess.Popen) -> str:
+    if proc.poll() is None:
+        proc.terminate()
+    out, _ = proc.communicate(timeout=15)
+    return out
+
+
+def registered(tmp_path, net, name: str, dc: int) -> tuple:
+    home = tmp_path / name
+    nid = ntm(home, "keygen")["node"]
+    ntm(home, "register", "--dc", net.urls[dc])
+    return home, nid
+
+
+async def test_up_ping_send_recv_status_down(net, tmp_path):
+    a, a_id = registered(tmp_path, net, "a", 0)
+    b, b_id = registered(tmp_path, net, "b", 1)
+    da = start_up(a, "--accept-any", "--echo")
+    db = start_up(b)
     try:
-        assert read_json_line(listener)["event"] == "listening"
-        ping = ntm(b, "ping", a_id, "-c", "3", "--host", "127.0.0.1")
+        sock = a / "ntm.sock"
+        assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600  # only the owner may drive the daemon
+        before = ntm(a, "status")["daemon"]
+        ping = ntm(b, "ping", a_id, "-c", "3")
         assert ping["received"] == 3 and ping["route"] == "direct"
-        sent = ntm(b, "send", a_id, "hello over the tunnel", "--relay", "--host", "127.0.0.1")
+        ntm(b, "alias", "alice", a_id)
+        sent = ntm(b, "send", "alice", "hello over the tunnel", "--relay")
         assert sent["reply"] == "hello over the tunnel" and sent["route"] == "relay"
-        status = ntm(a, "status")
-        assert status["confirmed"] and len(status["agent"]["tunnels"]) == 2
-        assert {t["route"] for t in status["agent"]["tunnels"]} == {"direct", "relay"}
-        assert {t["state"] for t in status["agent"]["tunnels"]} == {"closed"}  # both commands exited
-        relayed = [t for t in status["agent"]["tunnels"] if t["route"] == "relay"][0]
-        assert relayed["rx_bytes"] == relayed["tx_bytes"] == len("hello over the tunnel")
+        assert ntm(a, "recv")["messages"] == [{"peer": keys.checksum(keys.parse_node_id(b_id)),
+                                               "text": "hello over the tunnel"}]
+        for _ in range(3):
+            status = ntm(a, "status")
+        d = status["daemon"]
+        # `ntm status` asks the daemon: it never opens a second DC session that would knock it off.
+        assert d["sessions"] == before["sessions"] == 1 and d["session_drops"] == 0
+        assert status["confirmed"] and status["online"]
+        [row] = d["peers"]  # one peer, its current tunnel; the replaced direct one is not listed
+        assert row["peer"] == b_id and row["route"] == "relay" and row["ipv4"] == "100.64.0.2"
+        assert row["ipv6"].startswith("fd6e:746d:") and row["last_handshake_s"] is not None
+        assert row["rx_bytes"] == row["tx_bytes"] == 1 + len("hello over the tunnel")  # APP byte + text
+        # A second daemon for the same home is refused; the first keeps running.
+        again = ntm(a, "up", "--no-tun", "--port", "0", check=False)
+        assert again.returncode == 1 and "already runs" in again.stderr
+        assert ntm(b, "down")["stopping"]
+        assert db.wait(15) == 0 and "down" in db.stdout.read()
+        assert not (b / "ntm.sock").exists()
+        gone = ntm(b, "ping", a_id, check=False)
+        assert gone.returncode == 3 and "ntm up" in gone.stderr  # says how to start one
     finally:
-        listener.terminate()
-        rest, _ = listener.communicate(timeout=10)
-    events = [json.loads(line) for line in rest.splitlines()]
-    # Each short-lived command closes its tunnel on exit (CLOSE), so the listener ends it
-    # instead of trying to repair it.
-    assert [e["event"] for e in events] == ["tunnel", "closed", "tunnel", "message", "closed", "stopped"]
-    assert events[3]["data"] == "hello over the tunnel"
-    assert listener.returncode == 0 and not (a / "agent.json").exists()
+        stop(da)
+        stop(db)
 
 
-async def test_listen_fails_over_and_the_cli_follows(net, tmp_path):
-    """kill -9 of the node's DC: `ntm listen` re-registers at the other DC, and the node's state
-    (what `ntm status` and a later `ntm register` use) names the new DC."""
-    a = tmp_path / "a"
-    ntm(a, "keygen")
-    ntm(a, "register", "--dc", net.urls[0])
-    listener = subprocess.Popen(
-        [sys.executable, "-m", "node.cli", "--home", str(a), "--json", "listen", "--host", "127.0.0.1", "--port", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+async def test_allow_list_refuses_unknown_peers(net, tmp_path):
+    """A node without --accept-any accepts tunnels only from peers on its allow list; a refused
+    direction is counted and no tunnel or session exists for it."""
+    a, a_id = registered(tmp_path, net, "a", 0)
+    b, b_id = registered(tmp_path, net, "b", 1)
+    c, c_id = registered(tmp_path, net, "c", 1)
+    ntm(a, "allow", b_id)
+    da, db, dc = start_up(a), start_up(b), start_up(c)
     try:
-        assert read_json_line(listener)["event"] == "listening"
-        await asyncio.sleep(0.5)  # the agent learns the DC list once its session is up
+        assert ntm(b, "ping", a_id, "-c", "1")["received"] == 1
+        refused = ntm(c, "ping", a_id, "-c", "1", check=False)
+        assert refused.returncode == 1
+        d = ntm(a, "status")["daemon"]
+        assert d["counters"]["refused_tunnels"] == 1
+        assert [r["peer"] for r in d["peers"]] == [b_id]
+        # Allowed while running: `ntm allow` tells the daemon to re-read its list.
+        ntm(a, "allow", c_id)
+        assert ntm(c, "ping", a_id, "-c", "1")["received"] == 1
+    finally:
+        for p in (da, db, dc):
+            stop(p)
+
+
+async def test_up_fails_over_and_the_cli_follows(net, tmp_path):
+    """kill -9 of the node's DC: the daemon re-registers at the other DC, and the node's state
+    (what `ntm status` and a later `ntm register` use) names the new DC."""
+    a, _ = registered(tmp_path, net, "a", 0)
+    daemon = start_up(a)
+    try:
+        await asyncio.sleep(0.5)  # the node learns the DC list once its session is up
         net.dcs[0].kill()
         await until(lambda: state.read_json(a / "state.json").get("dc_url") == net.urls[1], timeout=20)
         status = ntm(a, "status")
         dc2 = keys.checksum(keys.node_id_of(net.dc_keys[1]))
         assert status["home_dc"] == dc2 and status["confirmed"] and status["online"]
     finally:
-        listener.terminate()
-        listener.communicate(timeout=10)
+        stop(daemon)

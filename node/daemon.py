@@ -1,0 +1,295 @@
+"""`ntm up`: the node daemon. One per $NTM_HOME (a lock), in the foreground until SIGINT/SIGTERM
+or `ntm down`.
+
+It runs the node (DC session, keepalives, tunnels), the TUN interface with this node's virtual
+addresses when it can (root), the `.ntm` DNS responder, and the control socket the other
+commands use. It watches the local addresses, so a move to another network is noticed within
+ADDRESS_POLL_S even when no tunnel is busy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import errno
+import fcntl
+import logging
+import os
+import time
+from dataclasses import dataclass
+from ipaddress import IPv4Network, ip_address
+from pathlib import Path
+from typing import Any
+
+from daemon.service import BackgroundTasks, stop_on_signals
+from node import control, state
+from node.agent import Node
+from node.control import ControlError, ControlServer
+from node.dataplane import DataPlane
+from node.dns import DnsServer
+from node.peers import PeerBook, PeerBookError
+from node.tun import Tun, tun_unavailable
+from ntm import keys
+from ntm.errors import NtmError
+from ntm.overlay import Overlay
+from ntm.vaddr import V6_PREFIX, AddressError, V4Book, tun_mtu, v6_of
+
+log = logging.getLogger("ntm.node")
+
+LOCK_FILE = "ntm.lock"
+#: How often the daemon compares its local addresses with the last ones (a move is noticed in
+#: at most this long even on an idle node; busy tunnels notice a dead path sooner).
+ADDRESS_POLL_S = 1.0
+#: How often a failover's new registration is copied into state.json.
+STATE_SYNC_S = 1.0
+#: A ping waits this long for each reply.
+PING_TIMEOUT_S = 2.0
+DNS_PORT = 53
+
+
+class DaemonError(NtmError):
+    """The daemon cannot start (another one runs, no registration, TUN refused, ...)."""
+
+
+def take_lock(base: Path) -> int:
+    """Hold $NTM_HOME/ntm.lock for the daemon's life (released by the kernel even on SIGKILL)."""
+    base.mkdir(parents=True, exist_ok=True)
+    fd = os.open(base / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        other = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            raise DaemonError(f"a daemon already runs for {base} (pid {other or '?'}); `ntm down` stops it") from None
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+@dataclass
+class UpOptions:
+    tun: str | None  # interface name, or None for no TUN
+    require_tun: bool  # --tun given explicitly: fail instead of falling back
+    v4_net: IPv4Network
+    path_mtu: int
+    dns: list[tuple[str, int]] | None  # None: on the TUN addresses, port 53
+    accept_any: bool
+    echo: bool
+    host: str | None
+    port: int
+
+
+class Daemon:
+    def __init__(self, base: Path, node: Node, book: PeerBook, overlay: Overlay, plane: DataPlane,
+                 opts: UpOptions) -> None:
+        self.base, self.node, self.book, self.overlay, self.plane, self.opts = base, node, book, overlay, plane, opts
+        self.stop = asyncio.Event()
+        self.dns: DnsServer | None = None
+        self.control: ControlServer | None = None
+        self.tasks = BackgroundTasks()
+        self.started = time.time()
+
+    # --- policy and names ----------------------------------------------------------------------
+    def admit(self, peer: bytes) -> bool:
+        return self.opts.accept_any or peer in self.book.allow
+
+    def resolve(self, label: str):
+        """DNS: `<node-id>` or `<alias>` → (IPv6, IPv4) as this node's applications see the peer."""
+        try:
+            peer = self.book.resolve(label)
+        except PeerBookError:
+            return None
+        if peer == self.node.id:
+            return v6_of(peer), self.overlay.book.own
+        try:
+            had = peer in self.overlay.book.by_peer
+            found = self.overlay.addresses(peer)
+        except AddressError as exc:
+            log.warning("no address for %s: %s", label, exc)
+            return None
+        if not had:
+            self.save_book()
+        return found
+
+    def save_book(self) -> None:
+        self.book.v4 = self.overlay.book.dump()
+        self.book.save(self.base)
+
+    # --- control requests ----------------------------------------------------------------------
+    def _peer(self, body: dict[str, Any]) -> bytes:
+        try:
+            return self.book.resolve(str(body.get("peer", "")))
+        except PeerBookError as exc:
+            raise ControlError("bad_peer", str(exc)) from None
+
+    async def _guard(self, coro):
+        try:
+            return await coro
+        except (NtmError, asyncio.TimeoutError) as exc:
+            raise ControlError(getattr(exc, "code", "failed"), str(exc) or type(exc).__name__) from None
+
+    async def h_status(self, body: dict[str, Any]) -> dict[str, Any]:
+        tun = self.plane.tun
+        return {
+            "node": keys.checksum(self.node.id), "pid": os.getpid(), "uptime_s": round(time.time() - self.started, 1),
+            **self.node.session.status(), "local": self.node.status()["local"],
+            "tun": tun.name if tun else None, "ipv6": str(v6_of(self.node.id)), "ipv4": str(self.overlay.book.own),
+            "dns": [f"{h}:{p}" for h, p in self.dns_binds()] if self.dns else [],
+            "accept_any": self.opts.accept_any, "allowed": len(self.book.allow),
+            "peers": self.plane.peers(self.book.names_of),
+            "counters": {**self.overlay.stats, **self.plane.stats, "refused_tunnels": self.node.tunnel_table.refused,
+                         **({f"tun_{k}": v for k, v in tun.stats().items()} if tun else {})},
+        }
+
+    async def h_ping(self, body: dict[str, Any]) -> dict[str, Any]:
+        peer = self._peer(body)
+        t = await self._guard(self.plane.tunnel_to(peer, bool(body.get("relay"))))
+        rtts: list[float | None] = []
+        for i in range(int(body.get("count", 1))):
+            if i:
+                await asyncio.sleep(float(body.get("interval", 0.2)))
+            try:
+                rtts.append(round(await t.channel.ping(PING_TIMEOUT_S) * 1000, 3))
+            except (asyncio.TimeoutError, NtmError):
+                rtts.append(None)
+        return {"peer": keys.checksum(peer), "route": t.kind, "via": t.channel.via, "rtt_ms": rtts}
+
+    async def h_send(self, body: dict[str, Any]) -> dict[str, Any]:
+        peer = self._peer(body)
+        data = str(body.get("text", "")).encode()
+        t = await self._guard(self.plane.send_app(peer, data, bool(body.get("relay"))))
+        wait = float(body.get("wait_reply", 0))
+        got = await self.plane.recv_app(wait, peer) if wait > 0 else []
+        return {"peer": keys.checksum(peer), "route": t.kind, "via": t.channel.via, "sent": len(data),
+                "reply": got[0][1].decode(errors="replace") if got else None}
+
+    async def h_recv(self, body: dict[str, Any]) -> dict[str, Any]:
+        got = await self.plane.recv_app(float(body.get("wait", 0)))
+        return {"messages": [{"peer": keys.checksum(p), "text": d.decode(errors="replace")} for p, d in got]}
+
+    async def h_reload(self, body: dict[str, Any]) -> dict[str, Any]:
+        try:
+            fresh = PeerBook.load(self.base)
+        except PeerBookError as exc:
+            raise ControlError("bad_peers_file", str(exc)) from None
+        self.book.aliases, self.book.allow = fresh.aliases, fresh.allow
+        return {"aliases": len(self.book.aliases), "allowed": len(self.book.allow)}
+
+    async def h_down(self, body: dict[str, Any]) -> dict[str, Any]:
+        self.stop.set()
+        return {"stopping": True, "pid": os.getpid()}
+
+    # --- life ------------------------------------------------------------------------------------
+    def dns_binds(self) -> list[tuple[str, int]]:
+        if self.opts.dns is not None:
+            return self.opts.dns
+        if self.plane.tun is None:
+            return []
+        return [(str(self.overlay.book.own), DNS_PORT), (str(v6_of(self.node.id)), DNS_PORT)]
+
+    async def serve(self) -> None:
+        binds = self.dns_binds()
+        if binds:
+            self.dns = await DnsServer.start(binds, self.resolve)
+        self.control = await ControlServer.start(self.base, {
+            "status": self.h_status, "ping": self.h_ping, "send": self.h_send, "recv": self.h_recv,
+            "reload": self.h_reload, "down": self.h_down})
+        self.plane.start()
+        self.tasks.spawn(self._watch_addresses())
+        self.tasks.spawn(self._sync_state())
+
+    async def _watch_addresses(self) -> None:
+        last = self.node.local_addrs()
+        while True:
+            await asyncio.sleep(ADDRESS_POLL_S)
+            now = self.node.local_addrs()
+            if now != last:
+                log.info("local addresses changed: %s -> %s", last, now)
+                last = now
+                self.node.network_changed("local address changed")
+
+    async def _sync_state(self) -> None:
+        while True:
+            await asyncio.sleep(STATE_SYNC_S)
+            st = state.read_json(self.base / state.STATE_FILE)
+            home = self.node.home
+            if home and st.get("timestamp", 0) < home["timestamp"]:  # the node failed over to another DC
+                state.write_json(self.base / state.STATE_FILE, {**st, **home})
+
+    async def close(self) -> None:
+        await self.tasks.cancel()
+        if self.control is not None:
+            await self.control.close()
+        if self.dns is not None:
+            self.dns.close()
+        await self.plane.close()
+        await self.node.close()
+
+
+def open_tun(node_id: bytes, book: V4Book, opts: UpOptions) -> Tun | None:
+    if opts.tun is None:
+        return None
+    why = tun_unavailable()
+    if why and not opts.require_tun:
+        log.info("no TUN interface (%s): datagram mode only (`ntm send`, `ntm ping`)", why)
+        return None
+    return Tun.open(opts.tun, tun_mtu(opts.path_mtu), v6_of(node_id), V6_PREFIX, book.own, book.net)
+
+
+async def up(base: Path, key, st: dict, opts: UpOptions, ready) -> None:
+    """Run the daemon until stopped; `ready(info)` is called once everything listens."""
+    lock = take_lock(base)
+    try:
+        try:
+            book = PeerBook.load(base)
+        except PeerBookError as exc:
+            raise DaemonError(str(exc)) from None
+        try:
+            v4 = V4Book.load(opts.v4_net, book.v4)
+        except (AddressError, ValueError) as exc:
+            log.warning("virtual IPv4 addresses start afresh (%s)", exc)
+            v4 = V4Book(opts.v4_net)
+        node_id = keys.node_id_of(key)
+        overlay = Overlay(node_id, v4)
+        tun = open_tun(node_id, v4, opts)
+        daemon: Daemon | None = None
+        try:
+            node = await Node.start(key, st["dc_url"], host=opts.host, port=opts.port,
+                                    last_timestamp=st.get("timestamp", 0),
+                                    admit=lambda peer: daemon is not None and daemon.admit(peer))
+        except BaseException:
+            if tun is not None:
+                tun.close()
+            raise
+        plane = DataPlane(node, overlay, tun, on_new_address=lambda: daemon and daemon.save_book(), echo=opts.echo)
+        daemon = Daemon(base, node, book, overlay, plane, opts)
+        try:
+            await daemon.serve()
+            stop = stop_on_signals()
+            ready({"node": keys.checksum(node_id), "dc": node.dc_url, "observed": node.observed,
+                   "tun": tun.name if tun else None, "ipv6": str(v6_of(node_id)), "ipv4": str(v4.own),
+                   "mtu": tun_mtu(opts.path_mtu) if tun else None, "socket": str(control.socket_path(base)),
+                   "dns": [f"{h}:{p}" for h, p in daemon.dns_binds()]})
+            waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(daemon.stop.wait())]
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            for w in waiters:
+                w.cancel()
+        finally:
+            await daemon.close()
+    finally:
+        os.close(lock)
+
+
+def dns_bind(text: str) -> tuple[str, int]:
+    """--dns HOST:PORT (argparse type)."""
+    host, _, port = text.rpartition(":")
+    try:
+        ip_address(host.strip("[]"))
+        p = int(port)
+        if not 0 < p < 65536:
+            raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected IP:PORT, got {text!r}") from None
+    return host.strip("[]"), p

@@ -1,0 +1,223 @@
+"""The daemon's data plane: packets between the TUN interface and the peers' tunnels.
+
+A packet read from TUN names a peer (ntm/overlay.py); its tunnel carries it, or is opened on
+demand (Direction Request → Route Direction → handshake) while a few packets wait. What arrives
+on a tunnel is either an IP packet (checked and translated by the overlay, then written to TUN)
+or an application datagram (`ntm send`), kept for `ntm recv`. Without TUN (no root) only
+application datagrams flow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from typing import Callable
+
+from daemon.service import BackgroundTasks
+from node.agent import Node, NodeError, Tunnel
+from node.tun import Tun
+from ntm import keys
+from ntm.addr import display
+from ntm.errors import NtmError
+from ntm.overlay import KIND_APP, KIND_JUNK, Overlay, frame_app, kind_of
+from ntm.vaddr import AddressError
+
+log = logging.getLogger("ntm.node")
+
+#: Packets kept per peer while its tunnel opens: a TCP initial window (10 segments) plus a few
+#: SYNs and pings; beyond that the application retransmits anyway.
+PENDING_PER_PEER = 32
+#: Peers whose tunnels may be opening at once (bounds memory for a scan of the address space).
+MAX_OPENING = 64
+#: After a failed open, packets to that peer are dropped for this long instead of asking again.
+OPEN_RETRY_S = 3.0
+#: Application datagrams kept for `ntm recv` (oldest dropped first).
+APP_INBOX = 256
+
+
+class DataPlane:
+    def __init__(self, node: Node, overlay: Overlay, tun: Tun | None, on_new_address: Callable[[], None],
+                 echo: bool = False) -> None:
+        self.node = node
+        self.overlay = overlay
+        self.tun = tun
+        self.on_new_address = on_new_address  # a peer got an IPv4 address: persist the book
+        self.echo = echo
+        self.by_peer: dict[bytes, Tunnel] = {}
+        self.pending: dict[bytes, deque[bytes]] = {}
+        self.failed_at: dict[bytes, float] = {}
+        self.inbox: deque[tuple[bytes, bytes]] = deque(maxlen=APP_INBOX)
+        self._inbox_event = asyncio.Event()
+        self.stats = dict.fromkeys(("queued", "queue_drops", "open_failures", "opens", "app_rx", "junk_rx"), 0)
+        self.tasks = BackgroundTasks()
+        self._opening: dict[bytes, asyncio.Task] = {}
+
+    def start(self) -> None:
+        if self.tun is not None:
+            self.tun.start(self.from_tun)
+        self.tasks.spawn(self._accept_loop())
+
+    async def close(self) -> None:
+        await self.tasks.cancel()
+        if self.tun is not None:
+            self.tun.close()
+
+    # --- TUN → tunnel --------------------------------------------------------------------------
+    def from_tun(self, pkt: bytes) -> None:
+        peer = self.overlay.outbound(pkt)
+        if peer is None:
+            return
+        t = self.by_peer.get(peer)
+        if t is not None and not t.channel.closed:
+            try:
+                t.channel.send_nowait(pkt)
+                return
+            except NtmError:
+                pass  # keys exhausted or the tunnel just ended: queue and reopen
+        self._queue(peer, pkt)
+        self.ensure_open(peer)
+
+    def _queue(self, peer: bytes, pkt: bytes) -> None:
+        q = self.pending.get(peer)
+        if q is None:
+            if len(self.pending) >= MAX_OPENING:
+                self.stats["queue_drops"] += 1
+                return
+            q = self.pending[peer] = deque(maxlen=PENDING_PER_PEER)
+        if len(q) == q.maxlen:
+            self.stats["queue_drops"] += 1
+        q.append(pkt)
+        self.stats["queued"] += 1
+
+    def ensure_open(self, peer: bytes) -> None:
+        """Open a tunnel to `peer` in the background unless one is opening or just failed."""
+        if peer in self._opening:
+            return
+        now = self.node.session.clock.now()
+        if now - self.failed_at.get(peer, -OPEN_RETRY_S) < OPEN_RETRY_S or len(self._opening) >= MAX_OPENING:
+            self.pending.pop(peer, None)
+            return
+        self._opening[peer] = self.tasks.spawn(self._open(peer))
+
+    async def _open(self, peer: bytes) -> None:
+        try:
+            await self.tunnel_to(peer)
+        except (NtmError, asyncio.TimeoutError) as exc:
+            self.stats["open_failures"] += 1
+            self.failed_at[peer] = self.node.session.clock.now()
+            dropped = len(self.pending.pop(peer, ()))
+            log.warning("no tunnel to %s (%d packets dropped): %s", keys.checksum(peer), dropped, exc)
+        finally:
+            self._opening.pop(peer, None)
+
+    async def tunnel_to(self, peer: bytes, force_relay: bool = False) -> Tunnel:
+        """The open tunnel to `peer`, or a new one (NodeError with the DC's reason if refused)."""
+        t = self.by_peer.get(peer)
+        if t is not None and not t.channel.closed and not force_relay:
+            return t
+        self.overlay.learn(peer)  # refuses a colliding address before any network work
+        t = await self.node.connect(peer, force_relay)
+        self.stats["opens"] += 1
+        self.attach(t)
+        return t
+
+    # --- tunnel → TUN ----------------------------------------------------------------------------
+    async def _accept_loop(self) -> None:
+        while True:
+            t = await self.node.accept()
+            self.attach(t)
+
+    def attach(self, t: Tunnel) -> None:
+        """Make `t` the tunnel to its peer: deliver what it carries, flush what waited for it."""
+        peer = t.peer
+        try:
+            self.overlay.learn(peer)
+            had_v4 = peer in self.overlay.book.by_peer
+            self.overlay.book.assign(peer)
+        except AddressError as exc:
+            log.warning("closing tunnel from %s: %s", keys.checksum(peer), exc)
+            self.tasks.spawn(t.channel.close())
+            return
+        if not had_v4:
+            self.on_new_address()
+        self.by_peer[peer] = t
+        t.channel.set_receiver(lambda payload: self._from_tunnel(peer, t, payload))
+        for pkt in self.pending.pop(peer, ()):
+            try:
+                t.channel.send_nowait(pkt)
+            except NtmError:
+                break
+
+    def _from_tunnel(self, peer: bytes, t: Tunnel, payload: bytes) -> None:
+        kind = kind_of(payload)
+        if kind == KIND_APP:
+            self.stats["app_rx"] += 1
+            self.inbox.append((peer, payload[1:]))
+            self._inbox_event.set()
+            if self.echo:
+                try:
+                    t.channel.send_nowait(payload)
+                except NtmError:
+                    pass
+            return
+        if kind == KIND_JUNK or self.tun is None:
+            self.stats["junk_rx"] += 1
+            return
+        pkt = self.overlay.inbound(peer, payload)
+        if pkt is not None:
+            self.tun.write(pkt)
+
+    # --- application datagrams -------------------------------------------------------------------
+    async def send_app(self, peer: bytes, data: bytes, force_relay: bool = False) -> Tunnel:
+        t = await self.tunnel_to(peer, force_relay)
+        t.channel.send_nowait(frame_app(data))
+        return t
+
+    async def recv_app(self, timeout: float, peer: bytes | None = None) -> list[tuple[bytes, bytes]]:
+        """Application datagrams received (from `peer` only, if given), waiting up to `timeout` for
+        the first; they are taken out of the inbox."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        while True:
+            got = [m for m in self.inbox if peer is None or m[0] == peer]
+            if got or loop.time() >= end:
+                for m in got:
+                    self.inbox.remove(m)
+                return got
+            self._inbox_event.clear()
+            try:
+                await asyncio.wait_for(self._inbox_event.wait(), end - loop.time())
+            except asyncio.TimeoutError:
+                pass
+
+    # --- status ---------------------------------------------------------------------------------
+    def peers(self, names_of: Callable[[bytes], list[str]]) -> list[dict]:
+        """One row per peer with an open tunnel (like `wg show`); closed tunnels are not listed."""
+        now = self.node.session.clock.now()
+        rows = []
+        for peer, t in list(self.by_peer.items()):
+            if t.channel.closed:
+                del self.by_peer[peer]
+                continue
+            ch = t.channel
+            v6, v4 = self.overlay.addresses(peer)
+            hs = ch.current.session.last_handshake
+            rows.append({
+                "peer": keys.checksum(peer), "names": names_of(peer), "ipv6": str(v6), "ipv4": str(v4),
+                "route": route_name(t), "endpoint": display(ch.peer_addr) if ch.peer_addr else None,
+                "last_handshake_s": round(now - hs, 1) if hs is not None else None,
+                "rx_bytes": ch.stats.get("rx_bytes", 0), "tx_bytes": ch.stats.get("tx_bytes", 0),
+                "rtt_ms": round(ch.rtt * 1000, 2) if ch.rtt else None, "redirects": t.redirects,
+            })
+        return rows
+
+
+def route_name(t: Tunnel) -> str:
+    """What carries the tunnel now: "relay", "punched" (both behind NATs) or "direct"."""
+    if t.channel.via == "relay":
+        return "relay"
+    return "punched" if t.kind == "punch" else "direct"
+
+
+__all__ = ["DataPlane", "NodeError"]

@@ -1,0 +1,173 @@
+"""The overlay's routing rules for inner packets (docs/PROTOCOL.md §10), without any I/O.
+
+Outbound (read from TUN): the destination address names the peer, or the packet is not ours.
+Inbound (decrypted from a peer's tunnel): cryptokey routing, as WireGuard does it. An IPv6
+packet must come from the authenticated peer's own overlay address and go to ours; an IPv4
+packet gets its source rewritten to the address this node gave that peer and its destination to
+our own (the receiver translates, so a peer cannot name any other source at all).
+
+Tunnel payloads carry either an inner IP packet as is (first nibble 4 or 6) or an application
+datagram (`ntm send`) behind one APP byte (0x00), so the IP path costs no copy.
+
+    ov = Overlay(my_id, V4Book())
+    peer = ov.outbound(packet)            # node ID to send to, or None (counted)
+    pkt = ov.inbound(peer_id, payload)    # bytes for TUN, or None (dropped, counted)
+"""
+
+from __future__ import annotations
+
+import struct
+from ipaddress import IPv4Address, IPv6Address
+
+from ntm.vaddr import AddressError, V4Book, is_overlay_v6, v6_of
+
+#: First byte of an application datagram inside a tunnel; IP packets start with 0x4_ or 0x6_.
+APP = 0x00
+KIND_APP, KIND_IPV4, KIND_IPV6, KIND_JUNK = "app", "ipv4", "ipv6", "junk"
+
+IPV4_MIN_HEADER = 20
+IPV6_HEADER = 40
+PROTO_TCP, PROTO_UDP = 6, 17
+#: Offset of the checksum in the TCP and UDP headers: both cover the IPv4 addresses.
+L4_CHECKSUM_AT = {PROTO_TCP: 16, PROTO_UDP: 6}
+_H = struct.Struct("!H")
+
+COUNTERS = ("tx_no_route", "tx_malformed", "rx_ipv4", "rx_ipv6", "rx_app", "rx_spoofed_source",
+            "rx_wrong_destination", "rx_malformed", "addr_collisions")
+
+
+def frame_app(data: bytes) -> bytes:
+    return bytes((APP,)) + data
+
+
+def kind_of(payload: bytes) -> str:
+    if not payload:
+        return KIND_JUNK
+    first = payload[0]
+    if first == APP:
+        return KIND_APP
+    version = first >> 4
+    return KIND_IPV4 if version == 4 else KIND_IPV6 if version == 6 else KIND_JUNK
+
+
+def _sum16(data: bytes) -> int:
+    """One's-complement sum (unfolded) of big-endian 16-bit words; `data` has even length."""
+    return sum(struct.unpack(f"!{len(data) // 2}H", data))
+
+
+def _fold(s: int) -> int:
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return s
+
+
+def adjust_checksum(checksum: int, old: bytes, new: bytes) -> int:
+    """RFC 1624 eqn. 3: the checksum after words `old` became `new` (HC' = ~(~HC + ~m + m'))."""
+    s = (~checksum & 0xFFFF) + _sum16(new) + (0xFFFF * (len(old) // 2) - _sum16(old))
+    return ~_fold(s) & 0xFFFF
+
+
+def ipv4_checksum(header: bytes) -> int:
+    return ~_fold(_sum16(header)) & 0xFFFF
+
+
+def rewrite_v4(pkt: bytes, src: bytes, dst: bytes) -> bytes | None:
+    """`pkt` with source and destination replaced and the IPv4, TCP and UDP checksums adjusted;
+    None if it is not a well-formed IPv4 packet."""
+    n = len(pkt)
+    if n < IPV4_MIN_HEADER:
+        return None
+    ihl = (pkt[0] & 0x0F) * 4
+    total = _H.unpack_from(pkt, 2)[0]
+    if ihl < IPV4_MIN_HEADER or total < ihl or total > n:
+        return None
+    out = bytearray(pkt[:total])
+    old = bytes(out[12:20])
+    new = src + dst
+    out[12:20] = new
+    out[10:12] = b"\0\0"
+    out[10:12] = _H.pack(ipv4_checksum(bytes(out[:ihl])))
+    frag_offset = _H.unpack_from(out, 6)[0] & 0x1FFF
+    at = L4_CHECKSUM_AT.get(out[9])
+    if at is not None and frag_offset == 0 and total >= ihl + at + 2:
+        c = _H.unpack_from(out, ihl + at)[0]
+        if not (out[9] == PROTO_UDP and c == 0):  # UDP over IPv4 may carry no checksum
+            c = adjust_checksum(c, old, new)
+            if out[9] == PROTO_UDP and c == 0:
+                c = 0xFFFF
+            out[ihl + at:ihl + at + 2] = _H.pack(c)
+    return bytes(out)
+
+
+class Overlay:
+    """Who an outbound packet is for; whether (and as what) an inbound packet may reach TUN."""
+
+    def __init__(self, my_id: bytes, book: V4Book) -> None:
+        self.my_id = my_id
+        self.book = book
+        self.my_v6 = v6_of(my_id).packed
+        self.my_v4 = book.own.packed
+        self.v6_peers: dict[bytes, bytes] = {}  # overlay IPv6 (packed) → node ID, learned from full IDs
+        self.stats = dict.fromkeys(COUNTERS, 0)
+
+    def learn(self, peer: bytes) -> None:
+        """Make `peer` reachable at its IPv6 address. AddressError if another known peer already
+        has that address (a 96-bit collision): the first one keeps it, no packet is misrouted."""
+        addr = v6_of(peer).packed
+        other = self.v6_peers.setdefault(addr, peer)
+        if other != peer:
+            self.stats["addr_collisions"] += 1
+            raise AddressError(f"{IPv6Address(addr)} already belongs to 0x{other.hex()}")
+
+    def addresses(self, peer: bytes) -> tuple[IPv6Address, IPv4Address]:
+        """The peer's virtual addresses as this node's applications see them (assigning IPv4)."""
+        self.learn(peer)
+        return v6_of(peer), self.book.assign(peer)
+
+    def outbound(self, pkt: bytes) -> bytes | None:
+        """The node ID a packet read from TUN goes to; None (counted) if no peer has its address."""
+        kind = kind_of(pkt)
+        if kind == KIND_IPV6 and len(pkt) >= IPV6_HEADER:
+            peer = self.v6_peers.get(pkt[24:40])
+        elif kind == KIND_IPV4 and len(pkt) >= IPV4_MIN_HEADER:
+            peer = self.book.by_addr.get(IPv4Address(pkt[16:20]))
+        else:
+            self.stats["tx_malformed"] += 1
+            return None
+        if peer is None:
+            self.stats["tx_no_route"] += 1
+        return peer
+
+    def peer_of_v6(self, addr: bytes) -> bytes | None:
+        return self.v6_peers.get(addr) if is_overlay_v6(addr) else None
+
+    def inbound(self, peer: bytes, pkt: bytes) -> bytes | None:
+        """What to write to TUN for an IP packet from `peer`'s tunnel, or None (dropped, counted)."""
+        st = self.stats
+        kind = kind_of(pkt)
+        if kind == KIND_IPV6:
+            if len(pkt) < IPV6_HEADER:
+                st["rx_malformed"] += 1
+                return None
+            if self.v6_peers.get(pkt[8:24]) != peer:
+                st["rx_spoofed_source"] += 1  # not the peer's own address (or not one we gave it)
+                return None
+            if pkt[24:40] != self.my_v6:
+                st["rx_wrong_destination"] += 1  # never route a peer's packet beyond this node
+                return None
+            st["rx_ipv6"] += 1
+            return pkt
+        if kind == KIND_IPV4:
+            try:
+                src = self.book.assign(peer).packed
+            except AddressError:
+                st["rx_malformed"] += 1
+                return None
+            out = rewrite_v4(pkt, src, self.my_v4)
+            if out is None:
+                st["rx_malformed"] += 1
+                return None
+            st["rx_ipv4"] += 1
+            return out
+        st["rx_malformed"] += 1
+        return None
