@@ -18,7 +18,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from node import control, daemon, state
-from node.agent import local_addrs_towards
+from node.agent import KEEPALIVE_INTERVAL_S, local_addrs_towards
 from node.dc_client import DcClient, DcError, dc_url
 from node.peers import PeerBook, PeerBookError
 from daemon import keystore
@@ -208,7 +208,7 @@ def up_options(args) -> daemon.UpOptions:
     return daemon.UpOptions(
         tun=None if args.no_tun else (args.tun or "ntm0"), require_tun=args.tun is not None,
         v4_net=args.v4_net, path_mtu=args.path_mtu, dns=args.dns, accept_any=args.accept_any,
-        echo=args.echo, host=args.host, port=args.port)
+        echo=args.echo, host=args.host, port=args.port, keepalive=args.keepalive)
 
 
 async def cmd_up(args, base: Path) -> None:
@@ -221,6 +221,8 @@ async def cmd_up(args, base: Path) -> None:
         vaddr.tun_mtu(opts.path_mtu)
     except vaddr.AddressError as exc:
         raise CliError(str(exc), 2) from None
+    if not 0 < opts.keepalive <= 3600 or not 0 <= opts.port < 65536:
+        raise CliError("--keepalive must be in (0, 3600] seconds and --port in 0..65535", 2)
 
     def ready(info: dict) -> None:
         where = f"TUN {info['tun']} (MTU {info['mtu']})" if info["tun"] else "no TUN (datagram mode)"
@@ -375,6 +377,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--echo", action="store_true", help="send every application datagram back (tests, demos)")
     s.add_argument("--host", help="local address for the tunnel socket (default: all, dual-stack)")
     s.add_argument("--port", type=int, default=TUNNEL_PORT, help=f"tunnel UDP port (default {TUNNEL_PORT})")
+    s.add_argument("--keepalive", type=float, default=KEEPALIVE_INTERVAL_S, metavar="S",
+                   help=f"keepalive period; below the shortest NAT UDP timeout on the way (default {KEEPALIVE_INTERVAL_S:.0f})")
     s.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     s.set_defaults(func=cmd_up)
     sub.add_parser("down", help="stop the running daemon").set_defaults(func=cmd_down)

@@ -79,6 +79,7 @@ class UpOptions:
     echo: bool
     host: str | None
     port: int
+    keepalive: float
 
 
 class Daemon:
@@ -112,6 +113,14 @@ class Daemon:
         if not had:
             self.save_book()
         return found
+
+    def learn_book(self) -> None:
+        """Aliased and allowed peers are reachable at their IPv6 address from the start."""
+        for peer in {*self.book.aliases.values(), *self.book.allow}:
+            try:
+                self.overlay.learn(peer)
+            except AddressError as exc:
+                log.warning("%s", exc)
 
     def save_book(self) -> None:
         self.book.v4 = self.overlay.book.dump()
@@ -175,6 +184,7 @@ class Daemon:
         except PeerBookError as exc:
             raise ControlError("bad_peers_file", str(exc)) from None
         self.book.aliases, self.book.allow = fresh.aliases, fresh.allow
+        self.learn_book()
         return {"aliases": len(self.book.aliases), "allowed": len(self.book.allow)}
 
     async def h_down(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -190,6 +200,7 @@ class Daemon:
         return [(str(self.overlay.book.own), DNS_PORT), (str(v6_of(self.node.id)), DNS_PORT)]
 
     async def serve(self) -> None:
+        self.learn_book()
         binds = self.dns_binds()
         if binds:
             self.dns = await DnsServer.start(binds, self.resolve)
@@ -257,7 +268,7 @@ async def up(base: Path, key, st: dict, opts: UpOptions, ready) -> None:
         daemon: Daemon | None = None
         try:
             node = await Node.start(key, st["dc_url"], host=opts.host, port=opts.port,
-                                    last_timestamp=st.get("timestamp", 0),
+                                    last_timestamp=st.get("timestamp", 0), keepalive_interval=opts.keepalive,
                                     admit=lambda peer: daemon is not None and daemon.admit(peer))
         except BaseException:
             if tun is not None:

@@ -107,6 +107,7 @@ class DcSession:
         self.dc_url = dc_url
         self.dc = DcClient(dc_url)
         self.dc_host = urlsplit(dc_url).hostname
+        self.dc_ip = self.dc_host
 
     def local_addrs(self) -> list[str]:
         """The tunnel socket's addresses to announce: what the caller fixed, or the bound address,
@@ -126,6 +127,10 @@ class DcSession:
         ws, welcome = await asyncio.wait_for(
             self.dc.open_session(self.key, self.local_addrs()), SESSION_OPEN_TIMEOUT_S)
         self.ws = ws
+        peer = ws.get_extra_info("peername")
+        # Keepalives go to the address this session reached (a DC name may have several, of
+        # both families: the one that answered is the one our network can reach).
+        self.dc_ip = peer[0] if peer else self.dc_host
         self.token = bytes.fromhex(welcome.token)
         self.keepalive_ports = list(welcome.keepalive_ports)
         self.endpoint.on_control = self._on_control
@@ -250,7 +255,7 @@ class DcSession:
     def send_keepalives(self) -> None:
         for port in self.keepalive_ports:
             pkt = keepalive.encode_request(self.id, next(self._seq), self.token)
-            self.endpoint.send_control(pkt, (self.dc_host, port))
+            self.endpoint.send_control(pkt, (self.dc_ip, port))
 
     async def _quick_keepalives(self) -> None:
         for delay in QUICK_KEEPALIVES_S:

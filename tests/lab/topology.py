@@ -82,6 +82,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
 
 from scripts.procs import pid_alive
@@ -105,6 +106,9 @@ _STALE_RE = re.compile(rf"^{NS_PREFIX}(\d+)-\d+-")
 _counter = itertools.count()
 _live_labs: "set[Lab]" = set()
 _iptables_cmd: str | None = None
+
+
+NETNS_ETC = Path("/etc/netns")  # per-namespace /etc files, bind-mounted by `ip netns exec`
 
 
 class LabError(RuntimeError):
@@ -188,6 +192,7 @@ def sweep_stale() -> list[str]:
         if m and not pid_alive(int(m.group(1))):
             _kill_ns_pids(ns)
             _run(["ip", "netns", "del", ns], check=False)
+            shutil.rmtree(NETNS_ETC / ns, ignore_errors=True)
             removed.append(ns)
     return removed
 
@@ -555,6 +560,18 @@ class Lab:
         self._attach(host, site)
         return host
 
+    def set_hosts(self, ns, names: dict[str, list[str]], nameserver: str | None = None) -> None:
+        """Give programs in a namespace an /etc/hosts (and with `nameserver` an /etc/resolv.conf)
+        of their own: `ip netns exec` bind-mounts /etc/netns/<ns>/*. E.g. a DC name with both
+        its IPv4 and IPv6 address, so a node reaches it from IPv4-only and IPv6-only networks."""
+        d = NETNS_ETC / self._ns_of(ns)
+        d.mkdir(parents=True, exist_ok=True)
+        lines = ["127.0.0.1 localhost", "::1 localhost"]
+        lines += [f"{ip} {name}" for name, ips in names.items() for ip in ips]
+        (d / "hosts").write_text("\n".join(lines) + "\n")
+        if nameserver is not None:
+            (d / "resolv.conf").write_text(f"nameserver {nameserver}\n")
+
     # ------------------------------------------------------------------ processes
     def run(self, ns, argv: Sequence[str], **popen_kw) -> subprocess.Popen:
         """Start ``argv`` inside a namespace (Host, Router, Site, host/router name or ns name).
@@ -622,6 +639,7 @@ class Lab:
         for ns in reversed(self.namespaces):
             _kill_ns_pids(ns)
             _run(["ip", "netns", "del", ns], check=False)
+            shutil.rmtree(NETNS_ETC / ns, ignore_errors=True)
         self._torn_down = True
         _live_labs.discard(self)
 

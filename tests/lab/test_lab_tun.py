@@ -1,0 +1,231 @@
+"""`ntm up` with TUN in the NAT lab (issue #10): unmodified applications (ping, a TCP transfer)
+between virtual addresses and `.ntm` names, directly and through the relay; cryptokey routing;
+the allow list; the DNS responder; TCP connections that survive a move to another NAT and from
+IPv4-only to IPv6-only. Real anvil, DCs, relay and `ntm` processes in network namespaces.
+
+Every node reaches its DC by the name DC_NAME (both families, per-namespace /etc/hosts), and
+its system resolver is its own daemon (per-namespace /etc/resolv.conf), as a user would set it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .fed import Federation
+from .topology import Host, expect
+
+pytestmark = pytest.mark.lab
+
+ROOT = Path(__file__).resolve().parents[2]
+TCPXFER = Path(__file__).with_name("tcpxfer.py")
+KEEPALIVE_S = 2.0
+TRANSFER_BYTES = 20 * 1024 * 1024
+DC_NAME = "dc{}.lab"
+XFER_PORT = 5001
+
+
+@pytest.fixture(scope="module")
+def fed(lab_shared, tmp_path_factory):
+    f = Federation(lab_shared, tmp_path_factory.mktemp("tunfed"), n_dcs=2, keepalive_s=KEEPALIVE_S)
+    try:
+        yield f
+    finally:
+        f.stop()
+
+
+class UpNode:
+    """A node home registered from inside `host`, running `ntm up` with a TUN interface."""
+
+    def __init__(self, fed: Federation, host: Host, dc: int, *up_args: str) -> None:
+        self.fed, self.lab, self.host = fed, fed.lab, host
+        srv = fed.srv
+        self.lab.set_hosts(host, {DC_NAME.format(i + 1): [srv.addr4, srv.addr6] for i in range(len(fed.dcs))},
+                           nameserver="100.64.0.1")
+        self.home = fed.workdir / f"home-{host.name}"
+        self.id = self.cli("keygen")["node"]
+        self.cli("register", "--dc", f"http://{DC_NAME.format(dc + 1)}:{fed.dc_port(dc)}")
+        self.log = open(fed.workdir / f"up-{host.name}.log", "ab")
+        self.proc = self.lab.run(host, [sys.executable, "-m", "node.cli", "--home", str(self.home), "--json", "up",
+                                        "--tun", "ntm0", "--keepalive", str(KEEPALIVE_S), *up_args],
+                                 stderr=self.log, cwd=str(ROOT))
+        self.ready = json.loads(expect(self.proc, r'"event": "up"', timeout=30).string)
+        self.v6 = self.ready["ipv6"]
+
+    def cli(self, *args: str, check: bool = True) -> dict:
+        r = self.lab.exec(self.host, [sys.executable, "-m", "node.cli", "--home", str(self.home), "--json", *args],
+                          cwd=str(ROOT), timeout=60)
+        if check:
+            assert r.returncode == 0, r.stderr
+            return json.loads(r.stdout)
+        return {"returncode": r.returncode, "stderr": r.stderr}
+
+    def run(self, *argv: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        return self.lab.exec(self.host, list(argv), timeout=timeout)
+
+    def resolve(self, name: str, rdtype: str) -> tuple[str, list[str]]:
+        """Ask this node's DNS responder directly: (rcode, answers)."""
+        code = ("import dns.message, dns.query, dns.rcode, sys; "
+                "r = dns.query.udp(dns.message.make_query(sys.argv[1], sys.argv[2]), '100.64.0.1', timeout=3); "
+                "print(dns.rcode.to_text(r.rcode())); [print(x.to_text()) for a in r.answer for x in a]")
+        r = self.run(sys.executable, "-c", code, name, rdtype)
+        assert r.returncode == 0, r.stderr
+        lines = r.stdout.split()
+        return lines[0], lines[1:]
+
+    def status(self) -> dict:
+        return self.cli("status")["daemon"]
+
+    def stop(self) -> None:
+        self.lab.kill(self.proc, grace=5)
+
+
+def transfer(sender: UpNode, receiver: UpNode, to_addr: str, bind: str, rate: float = 0.0,
+             during=None) -> tuple[dict, dict]:
+    """TRANSFER_BYTES over TCP from `sender` to `receiver` (listening on `bind`); `during(t0)`
+    runs in between (a move). Returns (sender result, receiver result)."""
+    lab = sender.lab
+    srv = lab.run(receiver.host, [sys.executable, str(TCPXFER), "serve", "--bind", bind, "--port", str(XFER_PORT)])
+    expect(srv, "listening")
+    cli = lab.run(sender.host, [sys.executable, str(TCPXFER), "send", "--to", to_addr, "--port", str(XFER_PORT),
+                                "--bytes", str(TRANSFER_BYTES), "--rate", str(rate)])
+    if during is not None:
+        during()
+    sent = json.loads(expect(cli, r'"sha256"', timeout=120).string)
+    got = json.loads(expect(srv, r'"sha256"', timeout=30).string)
+    return sent, got
+
+
+def test_ping_dns_tcp_direct_and_allow_list(fed):
+    """A and B behind two NATs (punched path). B accepts only A. Names, ping -6, ping (IPv4),
+    20 MB over TCP; C (not allowed) is refused; DNS refuses what it does not serve."""
+    lab = fed.lab
+    b = UpNode(fed, lab.add_site("tb", "eim").host, 1)
+    a = UpNode(fed, lab.add_site("ta", "eim").host, 0, "--accept-any")
+    c = UpNode(fed, lab.add_site("tc", "eim").host, 0)
+    b.cli("allow", a.id)
+    a.cli("alias", "bob", b.id)
+    try:
+        rcode, v6 = a.resolve("bob.ntm", "AAAA")
+        assert rcode == "NOERROR" and v6 == [b.v6]
+        rcode, v4 = a.resolve("bob.ntm", "A")
+        assert rcode == "NOERROR" and v4 == ["100.64.0.2"]  # A's own view of B
+        assert a.resolve(f"{b.id.lower()}.ntm", "AAAA") == ("NOERROR", [b.v6])
+        assert a.resolve("nobody.ntm", "A")[0] == "NXDOMAIN"
+        assert a.resolve("example.com", "A")[0] == "REFUSED"
+
+        p6 = a.run("ping", "-6", "-c", "3", "-W", "5", "bob.ntm")  # the system resolver asks the daemon
+        assert p6.returncode == 0, p6.stdout + p6.stderr
+        p4 = a.run("ping", "-c", "3", "-W", "5", "100.64.0.2")
+        assert p4.returncode == 0, p4.stdout + p4.stderr
+        print("\n" + [ln for ln in p6.stdout.splitlines() if "rtt" in ln][0])
+
+        sent, got = transfer(a, b, b.v6, b.v6)
+        assert got["bytes"] == sent["bytes"] == TRANSFER_BYTES and got["sha256"] == sent["sha256"]
+        [row] = a.status()["peers"]
+        assert row["peer"] == b.id and row["route"] == "punched" and row["names"] == ["bob"]
+        assert row["tx_bytes"] > TRANSFER_BYTES
+        print(f"TCP 20 MB direct (punched, IPv6 inner): {got['elapsed_s']:.2f} s, "
+              f"{TRANSFER_BYTES * 8 / got['elapsed_s'] / 1e6:.0f} Mbit/s")
+
+        # C is not on B's allow list: its packets never get a tunnel; B counts the refusal.
+        refused = c.run("ping", "-6", "-c", "2", "-W", "2", f"{b.id}.ntm")
+        assert refused.returncode != 0
+        sb = b.status()
+        assert sb["counters"]["refused_tunnels"] >= 1
+        assert [r["peer"] for r in sb["peers"]] == [a.id]
+    finally:
+        for n in (a, b, c):
+            n.stop()
+
+
+SPOOF = """
+import socket, struct, sys
+src, dst = socket.inet_pton(socket.AF_INET6, sys.argv[1]), socket.inet_pton(socket.AF_INET6, sys.argv[2])
+payload = struct.pack("!BBHHH", 128, 0, 0, 7, 1) + b"spoofed"
+hdr = struct.pack("!IHBB", 6 << 28, len(payload), 58, 64) + src + dst
+s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_RAW)
+for _ in range(5):
+    s.sendto(hdr + payload, (sys.argv[2], 0))
+"""
+
+
+def test_inner_source_spoofing_is_dropped_and_relay_tcp(fed):
+    """A is behind a symmetric NAT: the tunnel to B goes through the relay. 20 MB over TCP on the
+    IPv4 virtual addresses (translated at each receiver). Then A's host sends raw IPv6 packets
+    whose inner source is C's overlay address: B drops and counts every one."""
+    lab = fed.lab
+    b = UpNode(fed, lab.add_site("rb", "eim").host, 1, "--accept-any")
+    a = UpNode(fed, lab.add_site("ra", "symmetric").host, 0)
+    c = UpNode(fed, lab.add_site("rc", "eim").host, 0)
+    try:
+        a.cli("alias", "bob", b.id)
+        assert a.resolve("bob.ntm", "A") == ("NOERROR", ["100.64.0.2"])
+        sent, got = transfer(a, b, "100.64.0.2", "100.64.0.1")
+        assert got["bytes"] == sent["bytes"] == TRANSFER_BYTES and got["sha256"] == sent["sha256"]
+        [row] = a.status()["peers"]
+        assert row["route"] == "relay"
+        print(f"\nTCP 20 MB through the relay (IPv4 inner, translated): {got['elapsed_s']:.2f} s, "
+              f"{TRANSFER_BYTES * 8 / got['elapsed_s'] / 1e6:.0f} Mbit/s")
+
+        before = b.status()["counters"]
+        r = a.run(sys.executable, "-c", SPOOF, c.v6, b.v6)
+        assert r.returncode == 0, r.stderr
+        time.sleep(0.5)
+        after = b.status()["counters"]
+        assert after["rx_spoofed_source"] - before["rx_spoofed_source"] == 5
+        assert after["rx_ipv6"] == before["rx_ipv6"]  # none of them reached B's applications
+    finally:
+        for n in (a, b, c):
+            n.stop()
+
+
+def moving_transfer(fed, mover: UpNode, peer: UpNode, to_site: str, label: str) -> dict:
+    """A 20 MB TCP transfer from `mover` to `peer` at a steady 4 MB/s; `mover` changes network
+    ~1.5 s in. The same connection must finish intact; the longest stall is printed."""
+    lab = fed.lab
+
+    def move() -> None:
+        time.sleep(1.5)
+        lab.move(mover.host, to_site)
+
+    sent, got = transfer(mover, peer, peer.v6, peer.v6, rate=4e6, during=move)
+    line = (f"{label}: TCP stall {got['max_stall_s']:.2f} s, transfer {got['elapsed_s']:.1f} s, "
+            f"intact: {got['sha256'] == sent['sha256']}")
+    print("\n" + line)
+    (fed.workdir / "handover.txt").open("a").write(line + "\n")
+    assert got["bytes"] == sent["bytes"] == TRANSFER_BYTES and got["sha256"] == sent["sha256"]
+    return got
+
+
+def test_tcp_survives_move_to_another_nat(fed):
+    lab = fed.lab
+    lab.add_site("mv2", "eim")
+    p = UpNode(fed, lab.add_site("mvp", "eim").host, 1, "--accept-any")
+    m = UpNode(fed, lab.add_site("mv1", "eim").host, 0, "--accept-any")
+    try:
+        moving_transfer(fed, m, p, "mv2", "move NAT → NAT (peer behind NAT)")
+        assert m.status()["peers"][0]["redirects"] >= 1 or p.status()["peers"][0]["redirects"] >= 1
+    finally:
+        m.stop()
+        p.stop()
+
+
+def test_tcp_survives_move_from_ipv4_only_to_ipv6_only(fed):
+    lab = fed.lab
+    lab.add_site("six", "ipv6only")
+    p = UpNode(fed, lab.add_public_host("v6p"), 1, "--accept-any")
+    m = UpNode(fed, lab.add_site("v4m", "eim").host, 0, "--accept-any")
+    try:
+        moving_transfer(fed, m, p, "six", "move IPv4-only NAT → IPv6-only")
+        row = m.status()["peers"][0]
+        assert row["endpoint"].startswith("[2001:db8:"), row  # now over IPv6 outside as well
+    finally:
+        m.stop()
+        p.stop()
