@@ -190,6 +190,7 @@ def moving_transfer(fed, mover: UpNode, peer: UpNode, to_site: str, label: str) 
     """A 20 MB TCP transfer from `mover` to `peer` at a steady 4 MB/s; `mover` changes network
     ~1.5 s in. The same connection must finish intact; the longest stall is printed."""
     lab = fed.lab
+    mover.cli("alias", "peer", peer.id)  # known by name: its overlay address routes to it
 
     def move() -> None:
         time.sleep(1.5)
