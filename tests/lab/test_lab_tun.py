@@ -2,33 +2,23 @@
 between virtual addresses and `.ntm` names, directly and through the relay; cryptokey routing;
 the allow list; the DNS responder; TCP connections that survive a move to another NAT and from
 IPv4-only to IPv6-only. Real anvil, DCs, relay and `ntm` processes in network namespaces.
-
-Every node reaches its DC by the name DC_NAME (both families, per-namespace /etc/hosts), and
-its system resolver is its own daemon (per-namespace /etc/resolv.conf), as a user would set it.
+Nodes are tests/lab/upnode.py's: registered from their namespace, reaching their DC by name.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from .fed import Federation
-from .topology import Host, expect
+from .upnode import UpNode, transfer
 
 pytestmark = pytest.mark.lab
 
-ROOT = Path(__file__).resolve().parents[2]
-TCPXFER = Path(__file__).with_name("tcpxfer.py")
 KEEPALIVE_S = 2.0
 TRANSFER_BYTES = 20 * 1024 * 1024
-DC_NAME = "dc{}.lab"
-XFER_PORT = 5001
 
 
 @pytest.fixture(scope="module")
@@ -38,68 +28,6 @@ def fed(lab_shared, tmp_path_factory):
         yield f
     finally:
         f.stop()
-
-
-class UpNode:
-    """A node home registered from inside `host`, running `ntm up` with a TUN interface."""
-
-    def __init__(self, fed: Federation, host: Host, dc: int, *up_args: str) -> None:
-        self.fed, self.lab, self.host = fed, fed.lab, host
-        srv = fed.srv
-        self.lab.set_hosts(host, {DC_NAME.format(i + 1): [srv.addr4, srv.addr6] for i in range(len(fed.dcs))},
-                           nameserver="100.64.0.1")
-        self.home = fed.workdir / f"home-{host.name}"
-        self.id = self.cli("keygen")["node"]
-        self.cli("register", "--dc", f"http://{DC_NAME.format(dc + 1)}:{fed.dc_port(dc)}")
-        self.log = open(fed.workdir / f"up-{host.name}.log", "ab")
-        self.proc = self.lab.run(host, [sys.executable, "-m", "node.cli", "--home", str(self.home), "--json", "up",
-                                        "--tun", "ntm0", "--keepalive", str(KEEPALIVE_S), *up_args],
-                                 stderr=self.log, cwd=str(ROOT))
-        self.ready = json.loads(expect(self.proc, r'"event": "up"', timeout=30).string)
-        self.v6 = self.ready["ipv6"]
-
-    def cli(self, *args: str, check: bool = True) -> dict:
-        r = self.lab.exec(self.host, [sys.executable, "-m", "node.cli", "--home", str(self.home), "--json", *args],
-                          cwd=str(ROOT), timeout=60)
-        if check:
-            assert r.returncode == 0, r.stderr
-            return json.loads(r.stdout)
-        return {"returncode": r.returncode, "stderr": r.stderr}
-
-    def run(self, *argv: str, timeout: float = 60) -> subprocess.CompletedProcess:
-        return self.lab.exec(self.host, list(argv), timeout=timeout)
-
-    def resolve(self, name: str, rdtype: str) -> tuple[str, list[str]]:
-        """Ask this node's DNS responder directly: (rcode, answers)."""
-        code = ("import dns.message, dns.query, dns.rcode, sys; "
-                "r = dns.query.udp(dns.message.make_query(sys.argv[1], sys.argv[2]), '100.64.0.1', timeout=3); "
-                "print(dns.rcode.to_text(r.rcode())); [print(x.to_text()) for a in r.answer for x in a]")
-        r = self.run(sys.executable, "-c", code, name, rdtype)
-        assert r.returncode == 0, r.stderr
-        lines = r.stdout.split()
-        return lines[0], lines[1:]
-
-    def status(self) -> dict:
-        return self.cli("status")["daemon"]
-
-    def stop(self) -> None:
-        self.lab.kill(self.proc, grace=5)
-
-
-def transfer(sender: UpNode, receiver: UpNode, to_addr: str, bind: str, rate: float = 0.0,
-             during=None) -> tuple[dict, dict]:
-    """TRANSFER_BYTES over TCP from `sender` to `receiver` (listening on `bind`); `during(t0)`
-    runs in between (a move). Returns (sender result, receiver result)."""
-    lab = sender.lab
-    srv = lab.run(receiver.host, [sys.executable, str(TCPXFER), "serve", "--bind", bind, "--port", str(XFER_PORT)])
-    expect(srv, "listening")
-    cli = lab.run(sender.host, [sys.executable, str(TCPXFER), "send", "--to", to_addr, "--port", str(XFER_PORT),
-                                "--bytes", str(TRANSFER_BYTES), "--rate", str(rate)])
-    if during is not None:
-        during()
-    sent = json.loads(expect(cli, r'"sha256"', timeout=120).string)
-    got = json.loads(expect(srv, r'"sha256"', timeout=30).string)
-    return sent, got
 
 
 def test_ping_dns_tcp_direct_and_allow_list(fed):
@@ -126,7 +54,7 @@ def test_ping_dns_tcp_direct_and_allow_list(fed):
         assert p4.returncode == 0, p4.stdout + p4.stderr
         print("\n" + [ln for ln in p6.stdout.splitlines() if "rtt" in ln][0])
 
-        sent, got = transfer(a, b, b.v6, b.v6)
+        sent, got = transfer(a, b, b.v6, b.v6, TRANSFER_BYTES)
         assert got["bytes"] == sent["bytes"] == TRANSFER_BYTES and got["sha256"] == sent["sha256"]
         [row] = a.status()["peers"]
         assert row["peer"] == b.id and row["route"] == "punched" and row["names"] == ["bob"]
@@ -167,7 +95,7 @@ def test_inner_source_spoofing_is_dropped_and_relay_tcp(fed):
     try:
         a.cli("alias", "bob", b.id)
         assert a.resolve("bob.ntm", "A") == ("NOERROR", ["100.64.0.2"])
-        sent, got = transfer(a, b, "100.64.0.2", "100.64.0.1")
+        sent, got = transfer(a, b, "100.64.0.2", "100.64.0.1", TRANSFER_BYTES)
         assert got["bytes"] == sent["bytes"] == TRANSFER_BYTES and got["sha256"] == sent["sha256"]
         [row] = a.status()["peers"]
         assert row["route"] == "relay"
@@ -196,7 +124,7 @@ def moving_transfer(fed, mover: UpNode, peer: UpNode, to_site: str, label: str) 
         time.sleep(1.5)
         lab.move(mover.host, to_site)
 
-    sent, got = transfer(mover, peer, peer.v6, peer.v6, rate=4e6, during=move)
+    sent, got = transfer(mover, peer, peer.v6, peer.v6, TRANSFER_BYTES, rate=4e6, during=move)
     line = (f"{label}: TCP stall {got['max_stall_s']:.2f} s, transfer {got['elapsed_s']:.1f} s, "
             f"intact: {got['sha256'] == sent['sha256']}")
     print("\n" + line)

@@ -1,0 +1,204 @@
+"""TUN data plane benchmark: iperf3 through `ntm up` vs wireguard-go on the same path; `metric: value`.
+
+Two public hosts on the lab's internet bridge (one veth each); the federation (anvil, DCs, relay)
+in the lab's server namespace. Both overlays run between the same two namespaces: ours on the
+virtual IPv6 addresses (a direct tunnel), Debian's wireguard-go (userspace, like ours) on
+10.77.0.0/24. ROUNDS interleaved rounds of a single-stream iperf3 TCP test of TEST_S seconds
+each, so machine noise hits both alike.
+
+  tun_tcp_mbps / wireguard_go_tcp_mbps         median over the rounds
+  tun_tcp_ratio_vs_wireguard_go                median of the per-round ratios (target ≥ 1.0)
+  tun_rtt_ms_p50 / wireguard_go_rtt_ms_p50     ping through each overlay (20 pings, 50 ms apart)
+  tun_cpu_s_per_gb / wireguard_go_cpu_s_per_gb CPU seconds of both ends' daemons per GB carried
+  handover_tcp_stall_s                         longest stall of a paced TCP transfer while one
+                                               node moves to another NAT (the same connection)
+Needs root; installs iperf3, wireguard-go and wireguard-tools with apt when missing.
+
+usage: sudo .venv/bin/python bench/tun.py [--rounds 3] [--seconds 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests.lab.fed import Federation  # noqa: E402
+from tests.lab.topology import Lab, lab_available, sweep_stale  # noqa: E402
+from tests.lab.upnode import UpNode, transfer  # noqa: E402
+
+KEEPALIVE_S = 2.0
+WG_NET = "10.77.0.{}"
+WG_PORT = 51820
+IPERF_PORT = 5201
+APT = {"iperf3": "iperf3", "wireguard-go": "wireguard-go", "wg": "wireguard-tools"}
+HANDOVER_BYTES = 12 * 1024 * 1024
+HANDOVER_RATE = 4e6  # bytes/s: a steady stream, so a stall is visible in the receiver's gaps
+
+
+def metric(name: str, value) -> None:
+    print(f"{name}: {value}", flush=True)
+
+
+def install_missing() -> None:
+    missing = [pkg for cmd, pkg in APT.items() if shutil.which(cmd) is None]
+    if missing:
+        print(f"# installing {' '.join(missing)}", flush=True)
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-qq"], env=env, check=True, capture_output=True)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing], env=env, check=True,
+                       capture_output=True)
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class WireGuard:
+    """wireguard-go in both namespaces, peered over their public IPv4 addresses. Interface names
+    differ per host: wireguard-go's control socket (/var/run/wireguard/NAME.sock) is not per
+    namespace."""
+
+    def __init__(self, lab: Lab, hosts) -> None:
+        self.lab, self.hosts, self.procs = lab, hosts, []
+        keys = []
+        for _ in hosts:
+            priv = subprocess.run(["wg", "genkey"], capture_output=True, text=True, check=True).stdout.strip()
+            pub = subprocess.run(["wg", "pubkey"], input=priv, capture_output=True, text=True, check=True).stdout.strip()
+            keys.append((priv, pub))
+        self.dir = Path(tempfile.mkdtemp(prefix="ntm-bench-wg-"))
+        names = [f"ntmwg{i}" for i in range(len(hosts))]
+        for name, h in zip(names, hosts):
+            self.procs.append(lab.run(h, ["wireguard-go", "-f", name], stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL, env={**os.environ, "LOG_LEVEL": "error"}))
+        for i, h in enumerate(hosts):
+            dev = names[i]
+            for _ in range(100):  # wireguard-go creates the interface right after it starts
+                if Path(f"/var/run/wireguard/{dev}.sock").exists():
+                    break
+                time.sleep(0.05)
+            else:
+                raise RuntimeError(f"wireguard-go did not create {dev}")
+            key_file = self.dir / f"wg{i}.key"
+            key_file.write_text(keys[i][0])
+            other = hosts[1 - i]
+            self._do(h, "wg", "set", dev, "private-key", str(key_file), "listen-port", str(WG_PORT),
+                     "peer", keys[1 - i][1], "endpoint", f"{other.addr4}:{WG_PORT}",
+                     "allowed-ips", WG_NET.format(2 - i) + "/32")
+            self._do(h, "ip", "addr", "add", WG_NET.format(i + 1) + "/24", "dev", dev)
+            self._do(h, "ip", "link", "set", dev, "up")
+
+    def _do(self, h, *argv: str) -> None:
+        r = self.lab.exec(h, list(argv))
+        if r.returncode != 0:
+            raise RuntimeError(f"{' '.join(argv)}: {r.stderr.strip()}")
+
+    def close(self) -> None:
+        for p in self.procs:
+            self.lab.kill(p)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def iperf(lab: Lab, client, server_addr: str, seconds: float) -> float:
+    """Mbit/s received by the server in a single-stream TCP test."""
+    r = lab.exec(client, ["iperf3", "-c", server_addr, "-p", str(IPERF_PORT), "-t", str(seconds), "-J"],
+                 timeout=seconds + 30)
+    data = json.loads(r.stdout)
+    if "error" in data:
+        raise RuntimeError(f"iperf3 to {server_addr}: {data['error']}")
+    return data["end"]["sum_received"]["bits_per_second"] / 1e6
+
+
+def ping_p50(lab: Lab, host, addr: str) -> float:
+    r = lab.exec(host, ["ping", "-c", "20", "-i", "0.05", "-W", "2", addr], timeout=30)
+    rtts = [float(x) for x in re.findall(r"time=([\d.]+) ms", r.stdout)]
+    if not rtts:
+        raise RuntimeError(f"no ping replies from {addr}: {r.stdout} {r.stderr}")
+    return statistics.median(rtts)
+
+
+def measure(lab: Lab, a, b, target: str, pids: list[int], seconds: float) -> tuple[float, float]:
+    """(Mbit/s, CPU s per GB of both ends' daemons) of one iperf3 run."""
+    before = sum(cpu_s(p) for p in pids)
+    mbps = iperf(lab, a, target, seconds)
+    used = sum(cpu_s(p) for p in pids) - before
+    gb = mbps * 1e6 * seconds / 8 / 1e9
+    return mbps, used / gb if gb else float("nan")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--seconds", type=float, default=10.0)
+    args = p.parse_args()
+    reason = lab_available()
+    if reason:
+        print(f"# skipped: {reason}")
+        return 0
+    install_missing()
+    sweep_stale()
+    with Lab() as lab, tempfile.TemporaryDirectory(prefix="ntm-bench-tun-") as work:
+        fed = Federation(lab, Path(work), n_dcs=1, keepalive_s=KEEPALIVE_S)
+        wg = None
+        try:
+            ha, hb = lab.add_public_host("tuna"), lab.add_public_host("tunb")
+            b = UpNode(fed, hb, 0, "--accept-any")
+            a = UpNode(fed, ha, 0, "--accept-any")
+            a.cli("alias", "b", b.id)
+            wg = WireGuard(lab, [ha, hb])
+            iperf_srv = lab.run(hb, ["iperf3", "-s", "-p", str(IPERF_PORT)], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+            time.sleep(0.3)
+            ntm_pids = [a.proc.pid, b.proc.pid]
+            wg_pids = [pr.pid for pr in wg.procs]
+            metric("tun_rtt_ms_p50", round(ping_p50(lab, ha, b.v6), 3))  # also opens the tunnel
+            metric("wireguard_go_rtt_ms_p50", round(ping_p50(lab, ha, WG_NET.format(2)), 3))
+            ours, theirs, ratios, cpu_ours, cpu_theirs = [], [], [], [], []
+            for r in range(args.rounds):
+                m1, c1 = measure(lab, ha, hb, b.v6, ntm_pids, args.seconds)
+                m2, c2 = measure(lab, ha, hb, WG_NET.format(2), wg_pids, args.seconds)
+                ours.append(m1), theirs.append(m2), ratios.append(m1 / m2)
+                cpu_ours.append(c1), cpu_theirs.append(c2)
+                print(f"# round {r + 1}: ntm {m1:.0f} Mbit/s ({c1:.1f} CPU-s/GB), "
+                      f"wireguard-go {m2:.0f} Mbit/s ({c2:.1f} CPU-s/GB)", flush=True)
+            metric("tun_tcp_mbps", round(statistics.median(ours), 1))
+            metric("wireguard_go_tcp_mbps", round(statistics.median(theirs), 1))
+            metric("tun_tcp_ratio_vs_wireguard_go", round(statistics.median(ratios), 3))
+            metric("tun_cpu_s_per_gb", round(statistics.median(cpu_ours), 2))
+            metric("wireguard_go_cpu_s_per_gb", round(statistics.median(cpu_theirs), 2))
+            lab.kill(iperf_srv)
+
+            lab.add_site("hoa", "eim")
+            lab.add_site("hob", "eim")
+            m = UpNode(fed, lab.add_host("hom", "hoa"), 0, "--accept-any")
+            m.cli("alias", "b", b.id)
+
+            def move() -> None:
+                time.sleep(1.0)
+                lab.move("hom", "hob")
+
+            sent, got = transfer(m, b, b.v6, b.v6, HANDOVER_BYTES, rate=HANDOVER_RATE, during=move)
+            if got["sha256"] != sent["sha256"]:
+                raise RuntimeError("handover transfer arrived damaged")
+            metric("handover_tcp_stall_s", got["max_stall_s"])
+        finally:
+            if wg is not None:
+                wg.close()
+            fed.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
