@@ -55,7 +55,7 @@ class DataPlane:
 
     def start(self) -> None:
         if self.tun is not None:
-            self.tun.start(self.from_tun)
+            self.tun.start(self.from_tun, self.node.endpoint.flush)
         self.tasks.spawn(self._accept_loop())
 
     async def close(self) -> None:
@@ -65,6 +65,8 @@ class DataPlane:
 
     # --- TUN → tunnel --------------------------------------------------------------------------
     def from_tun(self, pkt: bytes) -> None:
+        """One packet the kernel routed into TUN (the reader flushes the endpoint after a batch)."""
+        self.node.endpoint.hold()
         peer = self.overlay.outbound(pkt)
         if peer is None:
             return

@@ -15,8 +15,10 @@ endpoints on an in-memory network (tests/fakes.py) as wireguard-go's conn/bindte
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import socket
+import sys
 from dataclasses import replace
 from typing import Awaitable, Callable, Protocol, Sequence
 
@@ -48,40 +50,119 @@ class Bind(Protocol):
     local_addr: Addr
     sendto: Callable[[bytes, Addr], None]
 
+    def send_batch(self, items: list[tuple[bytes, Addr]]) -> None: ...
     def close(self) -> None: ...
 
 
 Binder = Callable[[str | None, int, Receive, Callable[[], None]], Awaitable[Bind]]
 
 
-class _Proto(asyncio.DatagramProtocol):
-    def __init__(self, receive: Receive, on_error: Callable[[], None]) -> None:
-        self.datagram_received = receive  # type: ignore[method-assign]
-        self._on_error = on_error
-
-    def error_received(self, exc: Exception) -> None:
-        self._on_error()
+# Linux UDP offloads (include/uapi/linux/udp.h): one sendmsg carries many equal-size datagrams
+# (GSO), one recvmsg returns many datagrams of one sender (GRO). Python does not name them.
+SOL_UDP = 17
+UDP_SEGMENT = 103
+UDP_GRO = 104
+#: The kernel's UDP_MAX_SEGMENTS: datagrams one GSO send may carry.
+GSO_MAX_SEGMENTS = 64
+#: Bytes one GSO send may carry (a UDP datagram's payload limit, IPv6 header room kept).
+GSO_MAX_BYTES = 65000
+#: Receive buffer of one recvmsg: a GRO batch is at most one 64 KiB super-datagram.
+RECV_BUFFER = 65536
+#: Datagrams (or GRO batches) read per wake-up before yielding to the event loop.
+RECV_BATCH = 64
+_GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
 
 
 class UdpBind:
-    """The real Bind: an asyncio datagram transport on a (dual-stack) UDP socket."""
+    """The real Bind: a non-blocking UDP socket read from the event loop, with UDP GSO for
+    batches (`send_batch`) and GRO on receive where the kernel has them (Linux ≥ 5.0)."""
 
-    def __init__(self, transport: asyncio.DatagramTransport, family: int) -> None:
-        self.transport = transport
-        self.family = family
-        self.sendto = transport.sendto  # the hot path: no wrapper call per packet
-        self.local_addr = transport.get_extra_info("sockname")[:2]
+    def __init__(self, sock: socket.socket, receive: Receive, on_error: Callable[[], None]) -> None:
+        self.sock = sock
+        self.family = sock.family
+        self.local_addr = sock.getsockname()[:2]
+        self.receive = receive
+        self.on_error = on_error
+        self.gso = True
+        try:
+            sock.setsockopt(SOL_UDP, UDP_GRO, 1)
+            self.gro = True
+        except OSError:
+            self.gro = False
+        self._buf = bytearray(RECV_BUFFER)
+        self._view = memoryview(self._buf)
+        self._loop = asyncio.get_running_loop()
+        self._fd = sock.fileno()
+        self._loop.add_reader(self._fd, self._readable)
 
     @classmethod
     async def open(cls, host: str | None, port: int, receive: Receive, on_error: Callable[[], None]) -> UdpBind:
         sock = udp_socket(host, port, SOCKET_BUFFER)
         sock.setblocking(False)
-        loop = asyncio.get_running_loop()
-        transport, _ = await loop.create_datagram_endpoint(lambda: _Proto(receive, on_error), sock=sock)
-        return cls(transport, sock.family)  # type: ignore[arg-type]
+        return cls(sock, receive, on_error)
+
+    def sendto(self, data: bytes, addr: Addr) -> None:
+        """Send one datagram; a full buffer or an unreachable address loses it, as the network would."""
+        try:
+            self.sock.sendto(data, addr)
+        except OSError:
+            self.on_error()
+
+    def send_batch(self, items: list[tuple[bytes, Addr]]) -> None:
+        """Send datagrams in order; runs of equal size to one address go out in one GSO sendmsg
+        (the last of a run may be shorter, as GSO allows)."""
+        i, n = 0, len(items)
+        while i < n:
+            data, addr = items[i]
+            size = len(data)
+            j, total = i + 1, size
+            while (j < n and self.gso and j - i < GSO_MAX_SEGMENTS and items[j][1] == addr
+                   and len(items[j - 1][0]) == size and len(items[j][0]) <= size
+                   and total + len(items[j][0]) <= GSO_MAX_BYTES):
+                total += len(items[j][0])
+                j += 1
+            if j - i == 1:
+                self.sendto(data, addr)
+            else:
+                self._send_gso([d for d, _ in items[i:j]], size, addr)
+            i = j
+
+    def _send_gso(self, datagrams: list[bytes], size: int, addr: Addr) -> None:
+        try:
+            self.sock.sendmsg([b"".join(datagrams)], [(SOL_UDP, UDP_SEGMENT, size.to_bytes(2, "little"))], 0, addr)
+        except OSError as exc:
+            if exc.errno in (errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP):
+                self.gso = False  # no UDP GSO on this kernel or path: one sendto each from now on
+                for d in datagrams:
+                    self.sendto(d, addr)
+            else:
+                self.on_error()
+
+    def _readable(self) -> None:
+        recv_into, view, receive = self.sock.recvmsg_into, self._view, self.receive
+        for _ in range(RECV_BATCH):
+            try:
+                n, anc, _flags, addr = recv_into([view], _GRO_CMSG_SPACE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self.on_error()
+                return
+            seg = 0
+            for level, kind, cdata in anc:
+                if level == SOL_UDP and kind == UDP_GRO:
+                    seg = int.from_bytes(cdata[:4], sys.byteorder)
+            if seg and n > seg:
+                for off in range(0, n, seg):
+                    receive(bytes(view[off:min(off + seg, n)]), addr)
+            else:
+                receive(bytes(view[:n]), addr)
 
     def close(self) -> None:
-        self.transport.close()
+        if self._fd >= 0:
+            self._loop.remove_reader(self._fd)
+            self._fd = -1
+            self.sock.close()
 
 
 class Endpoint:
@@ -111,6 +192,7 @@ class Endpoint:
         )
         self.rx_datagrams = 0  # hot counter, merged into `stats`
         self.bind: Bind | None = None
+        self._batch: list[tuple[bytes, Addr]] | None = None  # data packets held by hold() until flush()
         # Datagrams that are not tunnel packets (e.g. the DC's keepalive replies) go here.
         self.on_control: Callable[[bytes, Addr], None] | None = None
         self.family = socket.AF_INET
@@ -137,6 +219,7 @@ class Endpoint:
         return ep
 
     async def _bind(self, host: str | None, port: int) -> None:
+        self.flush()  # what is held goes out of the old socket
         bind = await self.binder(host, port, self._on_datagram, self._socket_error)
         old, self.bind = self.bind, bind
         self.family = bind.family
@@ -242,9 +325,24 @@ class Endpoint:
             self.bind.close()
 
     # --- what channels ask for ------------------------------------------------------------------
+    def hold(self) -> None:
+        """Keep data packets until flush(): a caller with many at once (the TUN reader) lets the
+        socket send runs of them with one system call (UDP GSO)."""
+        if self._batch is None:
+            self._batch = []
+
+    def flush(self) -> None:
+        batch, self._batch = self._batch, None
+        if batch:
+            assert self.bind is not None
+            self.bind.send_batch(batch)
+
     def send_data(self, s: Session, data: bytes) -> None:
         pkt = s.encrypt(data, self.now())
-        self._sendto_raw(pkt, s.peer_addr)
+        if self._batch is not None:
+            self._batch.append((pkt, s.peer_addr))
+        else:
+            self._sendto_raw(pkt, s.peer_addr)
         if s.has_output:  # a count-triggered rekey Request
             self._flush(s.datagrams_to_send())
 

@@ -83,21 +83,23 @@ class Tun:
             raise TunError(f"cannot create TUN interface {name}: {exc}") from None
         return cls(fd, real)
 
-    def start(self, on_packet: Callable[[bytes], None]) -> None:
-        """Call `on_packet` for every packet the kernel routes into the interface."""
+    def start(self, on_packet: Callable[[bytes], None], on_drained: Callable[[], None]) -> None:
+        """Call `on_packet` for every packet the kernel routes into the interface, and
+        `on_drained` after each batch (up to READ_BATCH packets read in one wake-up)."""
         self._loop = asyncio.get_running_loop()
         fd, read = self.fd, os.read
 
         def readable() -> None:
-            for _ in range(READ_BATCH):
-                try:
+            n = 0
+            try:
+                while n < READ_BATCH:
                     pkt = read(fd, READ_SIZE)
-                except (BlockingIOError, InterruptedError):
-                    return
-                except OSError:
-                    return
-                self.rx_packets += 1
-                on_packet(pkt)
+                    n += 1
+                    on_packet(pkt)
+            except OSError:
+                pass  # EAGAIN: drained (anything else: the next wake-up tries again)
+            self.rx_packets += n
+            on_drained()
 
         self._loop.add_reader(fd, readable)
 

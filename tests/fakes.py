@@ -139,6 +139,10 @@ class MemoryBind:
             raise OSError("bind is closed")
         self.net.deliver(self.local_addr, (str(addr[0]), int(addr[1])), bytes(data))
 
+    def send_batch(self, items: list[tuple[bytes, Any]]) -> None:
+        for data, addr in items:
+            self.sendto(data, addr)
+
     def close(self) -> None:
         self.closed = True
         self.net.binds.pop(self.local_addr, None)
