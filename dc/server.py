@@ -224,7 +224,7 @@ async def direction_request(c: Coordinator, send, node: bytes, req: messages.Dir
     """Serve one Direction Request from a session; the answer carries the request's id."""
     try:
         resume = bytes.fromhex(req.resume) if req.resume is not None else None
-        route = await c.signaling.request(node, keys.parse_node_id(req.peer), force_relay=req.route == "relay",
+        route = await c.signaling.request(node, keys.parse_node_id(req.peer), force_relay=req.route == "relay", direct_only=req.route == "direct",
                                           resume=resume)
         result = messages.DirectionResult(req.id, route=route)
     except DirectionError as exc:

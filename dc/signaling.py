@@ -114,9 +114,11 @@ class Signaling:
         return self.c.federation.seal(messages.ROUTE_DIRECTION, body)
 
     async def request(self, requester: bytes, peer: bytes, force_relay: bool = False,
-                      resume: bytes | None = None) -> messages.RouteChoice:
+                      resume: bytes | None = None, direct_only: bool = False) -> messages.RouteChoice:
         """Serve a Direction Request from `requester` (who holds a session here). `force_relay`:
-        the node asks for the relay (e.g. it knows its network blocks direct UDP). `resume`: the
+        the node asks for the relay (e.g. it knows its network blocks direct UDP). `direct_only`:
+        a direct path or nothing, no relay booked (a relayed tunnel trying to move off the relay,
+        §8.3). `resume`: the
         path ID of a tunnel between the two that stopped working; both directions carry it so
         both nodes move that tunnel onto the new path (§8.3)."""
         c = self.c
@@ -129,9 +131,15 @@ class Signaling:
             if me.revoked:  # local_info counts the chain's and the pending records (latest)
                 raise DirectionError("revoked", "the requester is revoked")
             path = os.urandom(PATH_ID_LEN)
-            (info, home), relay = await asyncio.gather(self.peer_info(peer), self.book_relay(path, [requester, peer]))
+            if direct_only:
+                (info, home), relay = await self.peer_info(peer), None
+            else:
+                (info, home), relay = await asyncio.gather(self.peer_info(peer),
+                                                           self.book_relay(path, [requester, peer]))
             ra, rb = reach_of(me), reach_of(info)
             route = Route("relay", None, "relay requested by the node") if force_relay else decide(ra, rb)
+            if direct_only and route.kind == "relay":
+                raise DirectionError("no_direct", f"no direct path: {route.reason}")
             if route.kind == "relay" and relay is None:
                 raise DirectionError("no_relay", f"route needs a relay ({route.reason}) and none is available")
             role_a, role_b = ROLES[(route.kind, route.initiator)]

@@ -307,9 +307,10 @@ class DcSession:
         self.on_moved()
 
     # --- Direction Requests -------------------------------------------------------------------
-    async def direction(self, peer: bytes, force_relay: bool = False, resume: bytes | None = None) -> bytes:
+    async def direction(self, peer: bytes, route: str | None = None, resume: bytes | None = None) -> bytes:
         """Send a Direction Request on the session (waiting for one if it is being reopened);
-        returns the new path ID once the DC has directed both ends."""
+        returns the new path ID once the DC has directed both ends. `route`: None (the DC
+        decides), "relay" or "direct" (a direct path or a refusal, §8.3)."""
         try:
             await asyncio.wait_for(self._session_up.wait(), DIRECTION_TIMEOUT_S)
         except asyncio.TimeoutError:
@@ -317,7 +318,7 @@ class DcSession:
         rid = next(self._req_ids)
         fut: asyncio.Future[messages.DirectionResult] = asyncio.get_running_loop().create_future()
         self._results[rid] = fut
-        req = messages.DirectionRequest(rid, keys.checksum(peer), "relay" if force_relay else None,
+        req = messages.DirectionRequest(rid, keys.checksum(peer), route,  # type: ignore[arg-type]
                                         resume.hex() if resume is not None else None)
         try:
             await self.ws.send_json(messages.encode(req))  # type: ignore[union-attr]

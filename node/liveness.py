@@ -25,6 +25,10 @@ OLD_PATH_GRACE_S = 10.0
 KEEPALIVE_MISSES = 3
 # Session reconnect backoff: a moved node reconnects within tens of ms; a dead DC is not hammered.
 RECONNECT_BACKOFF_S = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2)
+# A tunnel on the relay asks for a direct path this often (and at once after each move of its
+# node): NATs and firewalls that blocked a punch rarely change faster, and each try costs one
+# Direction Request and a few handshake packets.
+DIRECT_RETRY_S = 30.0
 # Consecutive failed session attempts after which the home DC is given up for another one
 # (~0.35 s of "connection refused" with the backoff above).
 FAILOVER_AFTER_FAILURES = 3
@@ -47,6 +51,11 @@ def link_action(now: float, last_app: float, last_heard: float, recovering: bool
     if silent >= PROBE_AFTER_S:
         return LinkAction.PROBE
     return LinkAction.NONE
+
+
+def direct_retry_due(now: float, last_try: float, on_relay: bool, busy: bool) -> bool:
+    """A tunnel on the relay (not pinned there by its application) should try a direct path."""
+    return on_relay and not busy and now - last_try >= DIRECT_RETRY_S
 
 
 def old_path_expired(now: float, last_heard: float) -> bool:

@@ -41,8 +41,9 @@ LIVENESS_TICK_S = 0.05
 RECOVERY_RETRY_S = 0.3
 RECOVERY_GIVE_UP_S = 60.0
 
-# Asks the DCs for a path to a peer: (peer, force_relay, resume) → new path ID (DcSession.direction).
-AskDirection = Callable[[bytes, bool, "bytes | None"], Awaitable[bytes]]
+# Asks the DCs for a path to a peer: (peer, route wish None/"relay"/"direct", resume) → new path
+# ID (DcSession.direction).
+AskDirection = Callable[[bytes, "str | None", "bytes | None"], Awaitable[bytes]]
 # Inbound policy: may this peer open a tunnel to us? (The daemon's allow list; default: anyone.)
 Admit = Callable[[bytes], bool]
 
@@ -62,12 +63,17 @@ class Tunnel:
     id: bytes = b""
     redirects: int = 0  # new paths the DCs gave this tunnel after the old one died
     probes: int = 0  # liveness PINGs sent while the path was silent
+    pinned_relay: bool = False  # the application asked for the relay: never moved off it
+    direct_tried_at: float = 0.0  # last attempt to move off the relay (monotonic)
+    direct_attempts: int = 0
     recovering: asyncio.Task | None = field(default=None, repr=False)
+    upgrading: asyncio.Task | None = field(default=None, repr=False)
 
     def status(self, state: str) -> dict:
         ch = self.channel
         return {"peer": keys.checksum(self.peer), "id": self.id.hex(), "path": ch.path_id.hex(), "state": state,
                 "route": self.kind, "via": ch.via, "redirects": self.redirects,
+                "direct_attempts": self.direct_attempts,
                 "rtt_ms": round(ch.rtt * 1000, 2) if ch.rtt else None, **ch.stats}
 
 
@@ -165,13 +171,14 @@ class Tunnels:
             log.info("tunnel %s to %s moved to path %s: %s via %s", old.id.hex(), keys.checksum(peer),
                      path.hex(), d.kind, ch.via)
             return old
-        tunnel = Tunnel(peer, Link(ch, self.clock.now), d.kind, d.role, self.clock.wall(), id=path)
+        tunnel = Tunnel(peer, Link(ch, self.clock.now), d.kind, d.role, self.clock.wall(), id=path,
+                        direct_tried_at=self.clock.now())
         self.table[path] = tunnel
         log.info("tunnel to %s up: %s via %s", keys.checksum(peer), d.kind, ch.via)
         return tunnel
 
-    async def _directed(self, peer: bytes, force_relay: bool, resume: bytes | None) -> Tunnel:
-        path = await self.ask(peer, force_relay, resume)
+    async def _directed(self, peer: bytes, route: str | None, resume: bytes | None) -> Tunnel:
+        path = await self.ask(peer, route, resume)
         try:
             return await asyncio.wait_for(self._opening_future(path), TUNNEL_TIMEOUT_S + 2)
         finally:
@@ -179,7 +186,9 @@ class Tunnels:
 
     async def connect(self, peer: bytes, force_relay: bool = False) -> Tunnel:
         """Ask the DC for a route to `peer` and build the tunnel; NodeError with the reason if not."""
-        return await self._directed(peer, force_relay, None)
+        t = await self._directed(peer, "relay" if force_relay else None, None)
+        t.pinned_relay = force_relay
+        return t
 
     async def accept(self) -> Tunnel:
         """The next tunnel a peer opened to us."""
@@ -211,6 +220,10 @@ class Tunnels:
             t.recovering = self.tasks.spawn(self._redirect(t))
         elif action is liveness.LinkAction.PROBE:
             self.probe(t)
+        elif liveness.direct_retry_due(now, t.direct_tried_at, link.via == "relay" and not t.pinned_relay,
+                                       t.recovering is not None or t.upgrading is not None):
+            t.direct_tried_at = now
+            t.upgrading = self.tasks.spawn(self._try_direct(t))
 
     def probe(self, t: Tunnel) -> None:
         """A PING from our current address: the answer proves the path; the PING itself moves the
@@ -221,8 +234,22 @@ class Tunnels:
             self.tasks.spawn(self._ping_quietly(ch))
 
     def probe_all(self) -> None:
+        """We moved: probe every tunnel, and let the relayed ones try a direct path again."""
         for t in self.table.values():
             self.probe(t)
+            t.direct_tried_at = float("-inf")
+
+    async def _try_direct(self, t: Tunnel) -> None:
+        """Ask for a direct path for a tunnel on the relay; if its handshake completes, follow()
+        moves the tunnel onto it (both ends); if not, the tunnel stays on the relay as it was."""
+        t.direct_attempts += 1
+        try:
+            await self._directed(t.peer, "direct", t.id)
+            log.info("tunnel %s to %s moved off the relay", t.id.hex(), keys.checksum(t.peer))
+        except (NodeError, asyncio.TimeoutError) as exc:
+            log.info("tunnel %s to %s stays on the relay: %s", t.id.hex(), keys.checksum(t.peer), exc)
+        finally:
+            t.upgrading = None
 
     @staticmethod
     async def _ping_quietly(ch: Channel) -> None:
@@ -242,7 +269,7 @@ class Tunnels:
                 if liveness.recovered(self.clock.now(), t.channel.last_heard):
                     return
                 try:
-                    await self._directed(t.peer, False, t.id)
+                    await self._directed(t.peer, None, t.id)
                     return
                 except (NodeError, asyncio.TimeoutError) as exc:
                     log.info("re-direction for tunnel %s failed: %s", t.id.hex(), exc)

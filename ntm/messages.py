@@ -92,7 +92,9 @@ class StatusReply(Message, tag="status", tag_field="type"):
 class DirectionRequest(Message, tag="direction-request", tag_field="type"):
     id: int
     peer: NodeId
-    route: Literal["relay"] | None = None  # "relay": the node asks for the relay on purpose
+    # "relay": the node asks for the relay on purpose; "direct": only a direct path, no relay
+    # booked (a tunnel on the relay trying to move off it, §8.3)
+    route: Literal["relay", "direct"] | None = None
     resume: Hex8 | None = None  # the tunnel (first path ID) a re-direction repairs
 
 

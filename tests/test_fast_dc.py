@@ -152,6 +152,27 @@ async def test_symmetric_nat_gets_the_relay_and_no_candidates(fed):
     assert a.directions()[0].candidates == [] and b.directions()[0].candidates == []
 
 
+async def test_a_direct_only_request_books_no_relay_and_is_refused_when_only_the_relay_works(fed):
+    """route "direct" (a relayed tunnel trying to move off the relay, §8.3): a direct path with
+    no relay grant, or a refusal that costs no relay booking and pushes nothing to the peer."""
+    a, b = await register(fed, fed.dcs[0]), await register(fed, fed.dcs[1])
+    go_online(fed.dcs[0], a, "10.1.0.2:4330", ("198.18.1.1", 50000))
+    go_online(fed.dcs[1], b, "10.2.0.2:4330", ("198.18.2.1", 50001))
+    calls = len(fed.router.calls)
+    result = await fed.dcs[0].signaling.request(a.id, b.id, direct_only=True, resume=b"\x01" * 8)
+    assert result.kind == "punch"
+    assert a.directions()[0].relay is None and b.directions()[0].relay is None
+    assert a.directions()[0].resume == "01" * 8
+    assert not any("relay-directions" in c for c in fed.router.calls[calls:])
+    c = await register(fed, fed.dcs[1])
+    go_online(fed.dcs[1], c, "10.3.0.2:4330", ("198.18.3.1", 50002), observed_alt=("198.18.3.1", 50999))
+    calls = len(fed.router.calls)
+    with pytest.raises(DirectionError) as exc:
+        await fed.dcs[0].signaling.request(a.id, c.id, direct_only=True)
+    assert exc.value.code == "no_direct" and c.directions() == []
+    assert not any("relay-directions" in c for c in fed.router.calls[calls:])
+
+
 @pytest.mark.parametrize("case", ["self", "unknown_node", "offline", "revoked"])
 async def test_direction_refusals(fed, case):
     a = await register(fed, fed.dcs[0])

@@ -40,6 +40,14 @@ def test_session_and_failover_decisions():
     assert liveness.old_path_expired(20.0, 9.0) and not liveness.old_path_expired(20.0, 11.0)
 
 
+def test_a_relayed_tunnel_retries_a_direct_path_every_30_s_unless_busy_or_pinned():
+    due = liveness.direct_retry_due
+    assert due(130.0, 100.0, on_relay=True, busy=False) and not due(129.9, 100.0, on_relay=True, busy=False)
+    assert not due(500.0, 100.0, on_relay=False, busy=False)  # direct already (or pinned to the relay)
+    assert not due(500.0, 100.0, on_relay=True, busy=True)  # a repair or an attempt is under way
+    assert due(100.0, float("-inf"), on_relay=True, busy=False)  # right after a move
+
+
 class FakeDcs:
     """Plays the DCs for two tunnel tables: a Direction Request becomes one signed Route Direction
     for each end (peer first), with each other's in-memory address as the candidate."""
@@ -61,7 +69,7 @@ class FakeDcs:
         return envelope.seal(DC_KEY, messages.ROUTE_DIRECTION, messages.encode(body), self.clock.wall_ms())
 
     def asker(self, me: bytes):
-        async def ask(peer: bytes, force_relay: bool, resume: bytes | None) -> bytes:
+        async def ask(peer: bytes, route: str | None, resume: bytes | None) -> bytes:
             self.requests += 1
             path = os.urandom(8)
             self.ends[peer][0].on_direction(self.direction(peer, me, path, "wait", me, resume))

@@ -158,3 +158,26 @@ def test_tcp_survives_move_from_ipv4_only_to_ipv6_only(fed):
     finally:
         m.stop()
         p.stop()
+
+
+def test_a_relayed_tunnel_moves_to_a_direct_path_after_a_move(fed):
+    """M behind a symmetric NAT reaches P through the relay. M moves behind an EIM NAT during a
+    TCP transfer: the tunnel does not stay on the relay; right after the move M asks for a
+    direct path, both ends move onto the punched path, and the same connection finishes intact."""
+    lab = fed.lab
+    lab.add_site("up2", "eim")
+    p = UpNode(fed, lab.add_site("upp", "eim").host, 1, "--accept-any")
+    m = UpNode(fed, lab.add_site("up1", "symmetric").host, 0, "--accept-any")
+    try:
+        m.cli("alias", "peer", p.id)
+        assert m.run("ping", "-6", "-c", "1", "-W", "5", "peer.ntm").returncode == 0
+        assert m.status()["peers"][0]["route"] == "relay"
+        moving_transfer(fed, m, p, "up2", "move symmetric NAT (relay) → EIM NAT")
+        deadline = time.monotonic() + 15
+        while m.status()["peers"][0]["route"] != "punched" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert m.status()["peers"][0]["route"] == "punched"
+        assert p.status()["peers"][0]["route"] == "punched"
+    finally:
+        m.stop()
+        p.stop()
