@@ -444,6 +444,9 @@ def main(argv: list[str] | None = None) -> int:
     except (NtmError, ValueError) as exc:
         print(f"ntm: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C before the command had its own handler
+        print("ntm: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

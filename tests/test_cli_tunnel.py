@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import select
+import signal
 import stat
 import subprocess
 import sys
@@ -82,6 +83,9 @@ async def test_up_ping_send_recv_status_down(net, tmp_path):
         assert not (b / "ntm.sock").exists()
         gone = ntm(b, "ping", a_id, check=False)
         assert gone.returncode == 3 and "ntm up" in gone.stderr  # says how to start one
+        da.send_signal(signal.SIGINT)  # Ctrl-C: a clean stop, no traceback
+        assert da.wait(15) == 0
+        assert "Traceback" not in da.stderr.read() and json.loads(da.stdout.readline())["event"] == "down"
     finally:
         stop(da)
         stop(db)

@@ -19,5 +19,6 @@ def test_demo_runs_end_to_end():
     assert "reply: hello from B" in out and "reply: hello via the relay" in out
     assert out.count("3/3 replies") == 2
     assert "route direct" in out and "route relay" in out
-    assert "confirmed on chain" in out and out.count("tunnel    0x") >= 2
+    assert "confirmed on chain" in out and "PEER" in out  # alice's daemon's peers table
+    assert out.count(") stopping") == 2 and "hello via the relay" in out.split("ntm recv")[1]  # both daemons down
     assert "Demo OK" in out and "Traceback" not in out + proc.stderr
