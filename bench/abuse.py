@@ -8,8 +8,11 @@
                                       fresh key (refused: not a DC)
   keepalive_log_lines_per_1000_forged log lines a DC writes for 1,000 forged keepalives
 
-Not measured yet (docs/PROTOCOL.md, issue 11 items 1 and 5): reflection_amplification and
-direction_flood_rss_growth_mb.
+  reflection_amplification            bytes a NATed victim sends to addresses its attacking peer only
+                                      claimed (7 third-party local_addrs), per byte of the attacker's
+                                      Direction Requests (real DC and node; target ≤ 1.0)
+
+Not measured yet (issue 11 item 5): direction_flood_rss_growth_mb.
 
 usage: python bench/abuse.py [--rounds 5]
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import statistics
@@ -33,13 +37,14 @@ import aiohttp  # noqa: E402
 
 from dc.federation import FederationClient  # noqa: E402
 from dc.presence import Presence  # noqa: E402
+from node.agent import Node  # noqa: E402
 from node.dc_client import DcClient, DcError  # noqa: E402
 from ntm import envelope, keepalive, keys, messages  # noqa: E402
 from ntm.handshake import Initiator  # noqa: E402
 from ntm.tunnel import Session  # noqa: E402
 from scripts.anvil import Anvil  # noqa: E402
 from scripts.procs import Child  # noqa: E402
-from tests.dcnet import CountingRpc, DcNet  # noqa: E402
+from tests.dcnet import CountingRpc, DcNet, register  # noqa: E402
 
 PATH = bytes(8)
 N = 2000  # datagrams per timing round
@@ -124,6 +129,62 @@ async def chain_calls(tmp: Path) -> tuple[float, float]:
     return whois, directions
 
 
+LIES = 7  # third-party addresses the attacker announces as its own
+ATTACKS = 5  # Direction Requests the attacker sends towards its victim
+
+
+async def reflection(tmp: Path) -> float:
+    """A registered attacker announces LIES third-party addresses and asks for ATTACKS directions
+    to a NATed victim (which therefore initiates). Third parties are UDP sockets counting what
+    reaches them; the attacker's cost is its Direction Requests as sent on the WebSocket."""
+    loop = asyncio.get_running_loop()
+    received = [0]
+
+    class Count(asyncio.DatagramProtocol):
+        def datagram_received(self, data: bytes, addr) -> None:
+            received[0] += len(data)
+
+    # Distinct loopback IPs: victim 127.0.0.1, attacker 127.0.0.9, third parties 127.0.0.2-8 (one
+    # shared IP would look like one NAT to the DC, where LAN addresses are verified on purpose).
+    thirds = [(await loop.create_datagram_endpoint(Count, local_addr=(f"127.0.0.{2 + i}", 0)))[0]
+              for i in range(LIES)]
+    lies = [f"127.0.0.{2 + i}:{t.get_extra_info('sockname')[1]}" for i, t in enumerate(thirds)]
+    logging.getLogger("ntm.node").setLevel(logging.ERROR)  # the victim's failed handshakes are expected
+    with Anvil() as chain:
+        net = DcNet(tmp, chain)
+        await net.deploy(1)
+        await asyncio.to_thread(net.start_dc, 0)
+        attacker, victim_key = keys.generate(), keys.generate()
+        own = await loop.create_datagram_endpoint(asyncio.DatagramProtocol, local_addr=("127.0.0.9", 0))
+        own_addr = f"127.0.0.9:{own[0].get_extra_info('sockname')[1]}"
+        await register(net.urls[0], attacker, (own_addr,))
+        await register(net.urls[0], victim_key, ("10.9.9.9:4330",))
+        victim = await Node.start(victim_key, net.urls[0], host="127.0.0.1", port=0, local_addrs=["10.9.9.9:4330"])
+        try:
+            async with DcClient(net.urls[0]) as dc:
+                ws, welcome = await dc.open_session(attacker, [own_addr, *lies])
+                for seq in (1, 2):  # keepalives from its own socket: the DC observes it as public
+                    for port in welcome.keepalive_ports:
+                        own[0].sendto(keepalive.encode_request(keys.node_id_of(attacker), seq,
+                                                               bytes.fromhex(welcome.token)), ("127.0.0.1", port))
+                await asyncio.sleep(0.3)
+                sent = 0
+                for i in range(ATTACKS):
+                    req = messages.encode(messages.DirectionRequest(i + 1, keys.checksum(victim.id)))
+                    sent += len(json.dumps(req).encode()) + 6  # + the WebSocket frame header
+                    await ws.send_json(req)
+                    await ws.receive(timeout=10)
+                await asyncio.sleep(9.0)  # the victim's handshake attempts run their course
+                await ws.close()
+        finally:
+            await victim.close()
+            own[0].close()
+            for t in thirds:
+                t.close()
+            await asyncio.to_thread(net.stop)
+    return received[0] / sent
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=5)
@@ -136,6 +197,8 @@ def main() -> None:
     print(f"chain_calls_per_random_whois: {whois:g}")
     print(f"chain_calls_per_fresh_key_direction: {directions:g}")
     print(f"keepalive_log_lines_per_1000_forged: {keepalive_log_lines()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        print(f"reflection_amplification: {asyncio.run(reflection(Path(tmp))):.3f}")
 
 
 if __name__ == "__main__":

@@ -96,7 +96,8 @@ class Signaling:
         return None
 
     def direction(self, path: bytes, route: Route, role: str, me: bytes, home: bytes, peer: bytes, peer_pub: str,
-                  candidates: list[str], relay: RelayBooking | None, side: int, my_reach: Reach, requester: bytes,
+                  candidates: tuple[list[str], list[str]], relay: RelayBooking | None, side: int, my_reach: Reach,
+                  requester: bytes,
                   resume: bytes | None = None) -> dict:
         """The signed Route Direction for `me` (one end of the path), to be pushed by DC `home`."""
         grant = None
@@ -109,7 +110,8 @@ class Signaling:
             path=path.hex(), kind=route.kind, reason=route.reason, role=role,  # type: ignore[arg-type]
             node=keys.checksum(me), home_dc=keys.checksum(home), peer=keys.checksum(peer), peer_pubkey=peer_pub,
             requester=keys.checksum(requester),
-            candidates=[] if route.kind == "relay" else candidates, relay=grant,
+            candidates=[] if route.kind == "relay" else candidates[0],
+            unverified=[] if route.kind == "relay" else candidates[1], relay=grant,
             resume=resume.hex() if resume is not None else None)
         return self.c.federation.seal(messages.ROUTE_DIRECTION, body)
 
@@ -144,9 +146,9 @@ class Signaling:
                 raise DirectionError("no_relay", f"route needs a relay ({route.reason}) and none is available")
             role_a, role_b = ROLES[(route.kind, route.initiator)]
             assert me.pubkey is not None and info.pubkey is not None
-            dir_b = self.direction(path, route, role_b, peer, home, requester, me.pubkey, ra.candidates(rb), relay, 1,
+            dir_b = self.direction(path, route, role_b, peer, home, requester, me.pubkey, ra.verified_candidates(rb), relay, 1,
                                    rb, requester, resume)
-            dir_a = self.direction(path, route, role_a, requester, c.address, peer, info.pubkey, rb.candidates(ra),
+            dir_a = self.direction(path, route, role_a, requester, c.address, peer, info.pubkey, rb.verified_candidates(ra),
                                    relay, 0, ra, requester, resume)
             if role_b == "initiate":  # the peer starts the handshake: the requester listens first
                 await self.push(requester, dir_a)

@@ -271,6 +271,7 @@ class Endpoint:
         role: str = "initiate",
         relay: RelayInfo | None = None,
         timeout: float = OPEN_TIMEOUT,
+        unverified: Sequence[Addr] = (),
     ) -> Channel:
         """Open the tunnel `path_id` and wait for its handshake.
 
@@ -285,6 +286,7 @@ class Endpoint:
             raise TunnelError(f"path {path_id.hex()} is already open")
         s = Session(
             self.static_key, peer_id, peer_pub, path_id, role=role, candidates=list(candidates),
+            unverified=list(unverified),
             relay=relay, config=self.config, rand=self.rand, wall=self.clock.wall,
         )
         self._renormalize(s)

@@ -16,7 +16,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
-from daemon.service import BackgroundTasks
+from daemon.service import BackgroundTasks, LogLimiter
 from node import liveness
 from node.channel import Channel, Link
 from node.dc_session import NodeError
@@ -25,6 +25,7 @@ from ntm import envelope, keys, messages
 from ntm.addr import parse_endpoint
 from ntm.clock import Clock
 from ntm.errors import NtmError, ParseError
+from ntm.ratelimit import Buckets, TokenBucket
 from ntm.tunnel import RelayInfo
 
 log = logging.getLogger("ntm.node")
@@ -44,6 +45,13 @@ RECOVERY_GIVE_UP_S = 60.0
 # Asks the DCs for a path to a peer: (peer, route wish None/"relay"/"direct", resume) → new path
 # ID (DcSession.direction).
 AskDirection = Callable[[bytes, "str | None", "bytes | None"], Awaitable[bytes]]
+# Directions a node serves for tunnels peers ask for (the peer's DC may be told to send many):
+# per peer a burst of 8 then one per 2 s (a few tunnels and their repairs), and 64 then 16/s in
+# all. Beyond that a direction is ignored before any handshake (counted in `refused`).
+PEER_DIRECTIONS = (0.5, 8.0)
+ALL_DIRECTIONS = (16.0, 64.0)
+# Peers whose direction rate is remembered (least recently seen forgotten first).
+RATE_PEERS_KEPT = 4096
 # Inbound policy: may this peer open a tunnel to us? (The daemon's allow list; default: anyone.)
 Admit = Callable[[bytes], bool]
 
@@ -95,7 +103,10 @@ class Tunnels:
                  check_address: Callable[[], Awaitable[None]], admit: Admit = lambda peer: True) -> None:
         self.my_id = my_id
         self.admit = admit
-        self.refused = 0  # directions from peers the policy does not admit
+        self.refused = 0  # directions from peers the policy does not admit, or beyond the rates
+        self._peer_rate = Buckets(*PEER_DIRECTIONS, max_keys=RATE_PEERS_KEPT)
+        self._all_rate = TokenBucket(*ALL_DIRECTIONS)
+        self._refusals = LogLimiter(log, "tunnels from peers", 10.0, clock.now)
         self.endpoint = endpoint
         self.clock = clock
         self.ask = ask
@@ -132,33 +143,43 @@ class Tunnels:
             if d.relay is not None:
                 relay = RelayInfo(parse_endpoint(d.relay.endpoints[0]), bytes.fromhex(d.relay.token), d.relay.side)
             candidates = [parse_endpoint(c) for c in d.candidates]
+            unverified = [parse_endpoint(c) for c in d.unverified]
             resume = bytes.fromhex(d.resume) if d.resume else None
         except (ParseError, ValueError) as exc:
             log.warning("ignoring malformed route direction: %s", exc)
             return
         ours = keys.parse_node_id(d.requester) == self.my_id
-        if not ours and not self.admit(peer):
-            # Checked before any handshake or session exists: a refused peer costs nothing more.
-            self.refused += 1
-            log.info("refused a tunnel from %s: not on the allow list", keys.checksum(peer))
+        if not ours and not self._serves(peer):
             return
-        fut = self._opening_future(path)
+        fut = self._opening_future(path) if ours else None  # connect() waits on it
         try:
             ch = await self.endpoint.open(path, peer, bytes.fromhex(d.peer_pubkey), candidates, d.role, relay,
-                                          TUNNEL_TIMEOUT_S)
+                                          TUNNEL_TIMEOUT_S, unverified=unverified)
         except NtmError as exc:  # includes PeerIdentityError: the key is not the peer's
             log.warning("tunnel to %s failed: %s", keys.checksum(peer), exc)
-            if not fut.done():
+            if fut is not None and not fut.done():
                 fut.set_exception(NodeError("tunnel_failed", f"tunnel to {keys.checksum(peer)} failed: {exc}"))
             return
         tunnel = self._place(ch, d, path, peer, resume)
-        if ours:
+        if fut is not None:
             if not fut.done():
                 fut.set_result(tunnel)
+        elif tunnel.id == path:
+            self._incoming.put_nowait(tunnel)
+
+    def _serves(self, peer: bytes) -> bool:
+        """A direction a peer asked for: allowed, and within the rates? Decided before any
+        handshake or session exists, so a refused peer costs nothing more."""
+        now = self.clock.now()
+        if not self.admit(peer):
+            why = "not on the allow list"
+        elif not (self._peer_rate.take(peer, now) and self._all_rate.take(now)):
+            why = "too many directions"
         else:
-            self._opening.pop(path, None)
-            if tunnel.id == path:
-                self._incoming.put_nowait(tunnel)
+            return True
+        self.refused += 1
+        self._refusals.note(why)
+        return False
 
     def _place(self, ch: Channel, d: messages.RouteDirection, path: bytes, peer: bytes,
                resume: bytes | None) -> Tunnel:

@@ -155,12 +155,14 @@ class RouteDirection(Message):
     peer: NodeId
     peer_pubkey: PubKeyHex
     requester: NodeId
-    candidates: Endpoints = []
+    candidates: Endpoints = []  # verified by the DC: tried until the handshake completes
+    unverified: Endpoints = []  # announced only: at most one, tried once (reflection bound)
     relay: RelayGrant | None = None
     resume: Hex8 | None = None
 
     def __post_init__(self) -> None:
         _check_endpoints(self.candidates)
+        _check_endpoints(self.unverified)
 
 
 class RelayDirection(Message):

@@ -14,6 +14,11 @@ from typing import Literal
 
 from ntm.addr import family, parse_endpoint
 
+#: Addresses nobody verified (announced, not observed) that a direction may carry: they serve two
+#: nodes on one LAN behind different uplinks, or a dual-stack host's unobserved family, and each
+#: makes the peer send to an address a node merely claimed (reflection, PROTOCOL §8.1).
+MAX_UNVERIFIED_CANDIDATES = 1
+
 NatKind = Literal["none", "eim", "symmetric", "unknown"]
 RouteKind = Literal["direct", "nat_initiates", "punch", "relay"]
 
@@ -53,6 +58,16 @@ class Reach:
         ordered = local + public if same_nat else public + local
         families = peer.families()
         return [e for e in ordered if family(e) in families] or ordered
+
+    def verified_candidates(self, peer: "Reach") -> tuple[list[str], list[str]]:
+        """candidates() split into what the DC verified and at most MAX_UNVERIFIED_CANDIDATES
+        others. Verified: the observed mapping (the DC received from it), and the local addresses
+        too when both nodes share one public IP (provably one network: the LAN comes first)."""
+        same_nat = self.observed and peer.observed and _ip(self.observed) == _ip(peer.observed)
+        verified, unverified = [], []
+        for e in self.candidates(peer):
+            (verified if same_nat or e == self.observed else unverified).append(e)
+        return verified, unverified[:MAX_UNVERIFIED_CANDIDATES]
 
 
 def _ip(endpoint: str) -> str:

@@ -90,6 +90,10 @@ HANDSHAKE_RETRANSMIT = 0.25
 REKEY_RETRANSMIT = 1.0
 #: Without a completed handshake after this long, also try the relay (if the DC gave one).
 RELAY_FALLBACK_AFTER = 1.5
+# Tunnel Requests sent to an unverified candidate (an address a node announced but no DC saw it
+# send from): one, so a node that lies about its addresses makes its peer send one 66-byte
+# datagram per direction to a stranger, less than the direction request cost it (§8.1).
+UNVERIFIED_ATTEMPTS = 1
 
 NONCE_PREFIX = b"\x00\x00\x00\x00"
 _Q = struct.Struct("!Q")
@@ -113,6 +117,7 @@ class TunnelConfig:
     handshake_retransmit: float = HANDSHAKE_RETRANSMIT
     rekey_retransmit: float = REKEY_RETRANSMIT
     relay_fallback_after: float = RELAY_FALLBACK_AFTER
+    unverified_attempts: int = UNVERIFIED_ATTEMPTS
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,7 +259,7 @@ class Session:
     def __init__(self, static_key: coincurve.PrivateKey, peer_id: bytes, peer_pub: bytes, path_id: bytes, *,
                  role: str = "initiate", candidates: Sequence[Addr] = (), relay: RelayInfo | None = None,
                  config: TunnelConfig | None = None, rand: Rand = os.urandom,
-                 wall: Callable[[], float] = time.time) -> None:
+                 wall: Callable[[], float] = time.time, unverified: Sequence[Addr] = ()) -> None:
         if role not in ("initiate", "wait", "punch"):
             raise ValueError(f"role must be initiate, wait or punch, not {role!r}")
         self.config = config or TunnelConfig()
@@ -267,7 +272,11 @@ class Session:
         self.local_id = self.initiator.local_id
         self.peer_id = bytes(peer_id)
         self.wins_collisions = self.local_id < self.peer_id
-        self.candidates = list(candidates)
+        # Verified candidates first; the unverified ones (announced, not observed by a DC) after
+        # them get at most `unverified_attempts` Requests in all (a reflection bound, §8.1).
+        self.candidates = list(candidates) + list(unverified)
+        self.verified = len(candidates)
+        self._unverified_rounds = 0
         self.relay = relay
         self.relay_active = False
         self.peer_addr: Addr | None = None
@@ -329,7 +338,10 @@ class Session:
     def _request_targets(self) -> list[Addr]:
         if self.current is not None and self.peer_addr is not None:
             return [self.peer_addr]  # rekey: the peer is where the current keys reach it
-        targets = list(self.candidates)
+        if self._unverified_rounds < self.config.unverified_attempts:
+            targets = list(self.candidates)
+        else:
+            targets = self.candidates[:self.verified]
         if self.peer_addr is not None and self.peer_addr not in targets:
             targets.insert(0, self.peer_addr)
         if self.relay_active and self.relay is not None:
@@ -342,6 +354,8 @@ class Session:
             self._hs_next = now + self.config.handshake_retransmit
             return
         req = self.initiator.request(now, self._wall())
+        if self.current is None and len(self.candidates) > self.verified:
+            self._unverified_rounds += 1
         for addr in targets:
             self._outbox.append((req, addr))
             self._stats["requests_sent"] += 1

@@ -173,6 +173,20 @@ async def test_a_direct_only_request_books_no_relay_and_is_refused_when_only_the
     assert not any("relay-directions" in c for c in fed.router.calls[calls:])
 
 
+async def test_announced_addresses_reach_the_peer_only_as_one_unverified_candidate(fed):
+    """Reflection (issue 11 item 1): a node announcing seven third-party addresses; its peer's
+    direction carries the observed mapping as the candidate and at most one other address."""
+    a, b = await register(fed, fed.dcs[0]), await register(fed, fed.dcs[1])
+    lies = tuple(f"203.0.113.{i}:53" for i in range(1, 8))
+    s = fed.dcs[0].presence.open(a.id, a.send, lies)
+    fed.dcs[0].presence.on_keepalive(keepalive.encode_request(a.id, 1, s.token), ("198.18.1.1", 50000))
+    go_online(fed.dcs[1], b, "10.2.0.2:4330", ("198.18.2.1", 50001))
+    await fed.dcs[0].signaling.request(a.id, b.id)
+    [db] = b.directions()
+    assert db.candidates == ["198.18.1.1:50000"] and len(db.unverified) <= 1
+    assert set(db.unverified) <= set(lies)
+
+
 @pytest.mark.parametrize("case", ["self", "unknown_node", "offline", "revoked"])
 async def test_direction_refusals(fed, case):
     a = await register(fed, fed.dcs[0])

@@ -65,7 +65,7 @@ class FakeDcs:
         body = messages.RouteDirection(path.hex(), "direct", "test", role, keys.checksum(me), keys.checksum(DC_ID),  # type: ignore[arg-type]
                                        keys.checksum(peer),
                                        peer_pub.hex(), keys.checksum(requester), [f"{peer_addr[0]}:{peer_addr[1]}"],
-                                       None, resume.hex() if resume else None)
+                                       resume=resume.hex() if resume else None)
         return envelope.seal(DC_KEY, messages.ROUTE_DIRECTION, messages.encode(body), self.clock.wall_ms())
 
     def asker(self, me: bytes):
@@ -144,3 +144,20 @@ async def test_a_dead_path_is_repaired_by_redirection_on_both_ends(pair):
     assert ta.table.keys() == {a.id} and dcs.requests == 2  # the same tunnel, moved: no new one
     await a.channel.send(b"after the move")
     assert await asyncio.wait_for(b.channel.recv(), 1) == b"after the move"
+
+
+def test_a_node_serves_a_bounded_number_of_directions_per_peer_and_in_all():
+    """Reflection bound (issue 11 item 1): directions a peer asked for are served up to a burst
+    per peer and in all, then refused before any handshake; refusals are counted."""
+    from node.tunnels import ALL_DIRECTIONS, PEER_DIRECTIONS, Tunnels
+
+    clock = FakeClock()
+    t = Tunnels(b"\x01" * 20, None, clock, None, None)  # type: ignore[arg-type]
+    peer = b"\x02" * 20
+    burst = int(PEER_DIRECTIONS[1])
+    assert [t._serves(peer) for _ in range(burst + 1)] == [True] * burst + [False]
+    clock.advance(1 / PEER_DIRECTIONS[0])
+    assert t._serves(peer) and not t._serves(peer)
+    others = [t._serves(bytes([3, i]) + b"\0" * 18) for i in range(int(ALL_DIRECTIONS[1]))]
+    assert others[0] and not others[-1]  # the node-wide bucket ran out though each peer had tokens
+    assert t.refused == 2 + others.count(False)

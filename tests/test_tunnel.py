@@ -409,3 +409,25 @@ def test_transport_packet_roundtrip():
     a, _, _ = connect()
     p = TransportPacket.parse(a.encrypt(b"abc", T0))
     assert p.path_id == PATH and p.counter == a.current.counter - 1 and len(p.ciphertext) == 3 + 16
+
+
+def test_an_unverified_candidate_gets_one_request_verified_ones_keep_trying():
+    """Reflection bound (issue 11 item 1, PROTOCOL §8.1): an address the DC did not see the peer
+    send from gets UNVERIFIED_ATTEMPTS Tunnel Requests in all, however long the handshake runs;
+    the verified candidate gets one every retransmission interval."""
+    a = Session(KA, IDB, PB, PATH, role="initiate", candidates=[ADDR_B], unverified=[EVIL, ADDR_A2])
+    a.start(T0)
+    sent: dict = {}
+    t = T0
+    while t < T0 + 8.0:
+        for data, dst in a.poll(t):
+            sent[dst] = sent.get(dst, 0) + 1
+        t += 0.05
+    assert sent[EVIL] == sent[ADDR_A2] == 1
+    assert sent[ADDR_B] >= 20
+    a2 = Session(KA, IDB, PB, PATH, role="initiate", candidates=[ADDR_B], unverified=[EVIL])
+    b = Session(KB, IDA, PA, PATH, role="wait")  # the verified candidate completes the handshake
+    a2.start(T0)
+    b.start(T0)
+    Net(a2, b).pump(T0)
+    assert a2.established and b.established
