@@ -12,7 +12,9 @@
                                       claimed (7 third-party local_addrs), per byte of the attacker's
                                       Direction Requests (real DC and node; target ≤ 1.0)
 
-Not measured yet (issue 11 item 5): direction_flood_rss_growth_mb.
+  direction_flood_rss_growth_mb       a real DC's RSS growth while one session sends 2,000 Direction
+                                      Requests (all in flight) to an online peer
+  direction_flood_refused_share       the share of them refused (rate_limited)
 
 usage: python bench/abuse.py [--rounds 5]
 """
@@ -45,6 +47,7 @@ from ntm.tunnel import Session  # noqa: E402
 from scripts.anvil import Anvil  # noqa: E402
 from scripts.procs import Child  # noqa: E402
 from tests.dcnet import CountingRpc, DcNet, register  # noqa: E402
+from tests.test_dc_abuse import flood, rss_mb  # noqa: E402
 
 PATH = bytes(8)
 N = 2000  # datagrams per timing round
@@ -185,6 +188,30 @@ async def reflection(tmp: Path) -> float:
     return received[0] / sent
 
 
+async def direction_flood(tmp: Path) -> tuple[float, float]:
+    """A registered node floods its DC with Direction Requests towards an online peer."""
+    with Anvil() as chain:
+        net = DcNet(tmp, chain)
+        await net.deploy(1)
+        await asyncio.to_thread(net.start_dc, 0)
+        attacker, peer_key = keys.generate(), keys.generate()
+        await register(net.urls[0], attacker)
+        await register(net.urls[0], peer_key)
+        logging.getLogger("ntm.node").setLevel(logging.ERROR)
+        peer = await Node.start(peer_key, net.urls[0], host="127.0.0.1", port=0)
+        try:
+            pid = net.dcs[0].proc.pid
+            await flood(net.urls[0], attacker, peer.id, 50)
+            await asyncio.sleep(1.0)
+            before = rss_mb(pid)
+            codes = await flood(net.urls[0], attacker, peer.id, 2000)
+            grown = rss_mb(pid) - before
+        finally:
+            await peer.close()
+            await asyncio.to_thread(net.stop)
+    return grown, codes.get("rate_limited", 0) / 2000
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=5)
@@ -199,6 +226,10 @@ def main() -> None:
     print(f"keepalive_log_lines_per_1000_forged: {keepalive_log_lines()}")
     with tempfile.TemporaryDirectory() as tmp:
         print(f"reflection_amplification: {asyncio.run(reflection(Path(tmp))):.3f}")
+    with tempfile.TemporaryDirectory() as tmp:
+        grown, refused = asyncio.run(direction_flood(Path(tmp)))
+    print(f"direction_flood_rss_growth_mb: {grown:.1f}")
+    print(f"direction_flood_refused_share: {refused:.3f}")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ async def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, Anvil() as chain:
         net = DcNet(Path(tmp), chain)
         await net.deploy(1)
-        net.start_dc(0)
+        net.start_dc(0, extra=("--new-nodes-per-hour", "1e9"))  # throughput, not the gas budget, is measured
         url = net.urls[0]
         try:
             async with aiohttp.ClientSession() as http:

@@ -44,17 +44,22 @@ def network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def from_admin(request: web.Request) -> bool:
+    """The client is in the app's admin networks (ADMIN_ALLOW, default loopback)."""
+    nets = request.app.get(ADMIN_ALLOW) or DEFAULT_ADMIN_ALLOW
+    try:
+        ip = ipaddress.ip_address(unmapped(request.remote or ""))
+    except ValueError:
+        return False
+    return any(ip in n for n in nets)
+
+
 def admin_only(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
-    """Serve an operator endpoint only to clients in the app's admin networks (ADMIN_ALLOW,
-    default loopback); anyone else gets 403 and learns nothing."""
+    """Serve an operator endpoint only to clients in the admin networks; anyone else gets 403
+    and learns nothing."""
 
     async def guarded(request: web.Request) -> web.StreamResponse:
-        nets = request.app.get(ADMIN_ALLOW) or DEFAULT_ADMIN_ALLOW
-        try:
-            ip = ipaddress.ip_address(unmapped(request.remote or ""))
-        except ValueError:
-            ip = None
-        if ip is None or not any(ip in n for n in nets):
+        if not from_admin(request):
             return web.json_response({"error": "forbidden", "message": "operator endpoint: not for this address"},
                                      status=403)
         return await handler(request)

@@ -34,7 +34,8 @@ async def serve(cfg: dc_config.DcConfig, stop: asyncio.Event) -> None:
     await cache.load()
     socks = (udp_socket(cfg.udp_host, cfg.udp_port), udp_socket(cfg.udp_host, 0))
     ports = (socks[0].getsockname()[1], socks[1].getsockname()[1])
-    coord = Coordinator(key, registry, store, cache, cfg.hostname, cfg.relays, ports)
+    coord = Coordinator(key, registry, store, cache, cfg.hostname, cfg.relays, ports,
+                        new_nodes_per_hour=cfg.new_nodes_per_hour, new_nodes_burst=cfg.new_nodes_per_hour / 5)
     if not cache.is_active_dc(coord.address):
         logging.warning("DC %s is not active in the registry: registrations will be refused until it is admitted",
                         keys.checksum(coord.address))

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from daemon.service import HTTP_IDLE_TIMEOUT_S, daemon_parser
+from dc.coordinator import NEW_NODES_PER_HOUR
 
 DEFAULT_HTTP_PORT = 8330  # NTM's tunnel port is 4330; 8330 keeps the family resemblance for HTTP
 DEFAULT_UDP_PORT = 4331  # keepalives: next to the tunnel port 4330
@@ -30,6 +31,7 @@ class DcConfig:
     relays: list[str] = field(default_factory=list)
     admin_allow: list = field(default_factory=list)  # networks that may read /metrics (empty: loopback)
     http_idle_timeout: float = HTTP_IDLE_TIMEOUT_S
+    new_nodes_per_hour: float = NEW_NODES_PER_HOUR  # gas budget for never-seen nodes
 
 
 def parser() -> argparse.ArgumentParser:
@@ -44,6 +46,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--udp-port", type=int, help=f"keepalive UDP port (default {DEFAULT_UDP_PORT}; 0 = any)")
     p.add_argument("--db", type=Path, help="SQLite file (default dc.sqlite)")
     p.add_argument("--relay", dest="relays", action="append", help="relay server ip:port (repeatable)")
+    p.add_argument("--new-nodes-per-hour", type=float, metavar="N",
+                   help=f"gas budget: new nodes registered per hour, a fifth of it at once (default {NEW_NODES_PER_HOUR:.0f})")
     return p
 
 

@@ -23,6 +23,7 @@ from dc.submitter import Submitter
 from ntm import envelope, keys, messages
 from ntm.clock import SYSTEM, Clock
 from ntm.errors import NtmError
+from ntm.ratelimit import Buckets, TokenBucket
 from ntm.registration import RegistrationError, RegistrationRequest, check_request
 from ntm.registry import RegistryView
 
@@ -31,6 +32,15 @@ log = logging.getLogger("ntm.dc")
 # How long a Registration Request may wait for chain confirmation before the DC answers
 # "durable, not yet confirmed": a few anvil blocks or one slow public-chain block.
 CONFIRM_WAIT_S = 15.0
+# Registration Requests one source address may send: a burst of 10 (a host with a few nodes, a
+# retry), then one per 6 s. Refused with rate_limited before the signature is even checked.
+REGISTRATIONS_PER_SOURCE = (1 / 6, 10.0)
+RATE_SOURCES_KEPT = 10_000  # sources remembered (least recently seen forgotten first)
+# Gas budget for new identities (each costs this DC ~60k gas on chain; updates and revocations
+# of known nodes are not limited by it): a burst of 200, then 1,000 per hour. Beyond it new nodes
+# are refused with over_budget; an operator raises it with more ETH to spend (Coordinator args).
+NEW_NODES_PER_HOUR = 1000.0
+NEW_NODES_BURST = 200.0
 
 
 class Coordinator:
@@ -46,8 +56,11 @@ class Coordinator:
         *,
         clock: Clock = SYSTEM,
         transport: Transport | None = None,
+        new_nodes_per_hour: float = NEW_NODES_PER_HOUR,
+        new_nodes_burst: float = NEW_NODES_BURST,
     ) -> None:
-        """`transport`: how federation requests leave (HTTP unless a test routes them in-process)."""
+        """`transport`: how federation requests leave (HTTP unless a test routes them in-process).
+        `new_nodes_*`: the gas budget for registering nodes this DC has never seen."""
         self.key = key
         self.address = keys.node_id_of(key)
         self.registry = registry
@@ -63,9 +76,11 @@ class Coordinator:
         self.federation = FederationClient(key, cache.is_active_dc, self.guard, clock, transport=transport)
         self.signaling = Signaling(self)
         cache.on_revoked = self.presence.revoke  # a revocation from the chain ends the session here
+        self.source_rate = Buckets(*REGISTRATIONS_PER_SOURCE, max_keys=RATE_SOURCES_KEPT)
+        self.new_node_budget = TokenBucket(new_nodes_per_hour / 3600, new_nodes_burst)
         self._node_locks: dict[bytes, asyncio.Lock] = {}
         self._node_users: dict[bytes, int] = {}
-        self.counters = {"registrations_accepted": 0, "registrations_refused": 0,
+        self.counters = {"registrations_accepted": 0, "registrations_refused": 0, "registrations_rate_limited": 0,
                          "federation_requests_served": 0, "federation_requests_refused": 0}
 
     def info(self) -> messages.DcInfoReply:
@@ -96,14 +111,22 @@ class Coordinator:
             if not self._node_users[node]:
                 del self._node_users[node], self._node_locks[node]
 
-    async def register(self, req: RegistrationRequest, wait_confirmed: bool) -> messages.RegisterResult:
-        """Validate, store durably, queue for the chain; optionally wait for confirmation."""
+    async def register(self, req: RegistrationRequest, wait_confirmed: bool,
+                       source: str | None = None) -> messages.RegisterResult:
+        """Validate, store durably, queue for the chain; optionally wait for confirmation.
+        `source`: the client's address, for the per-source rate limit."""
         if not self.cache.is_active_dc(self.address):
             raise RegistrationError("dc_inactive", "this DC is not an active member of the registry")
+        if source is not None and not self.source_rate.take(source, self.clock.now()):
+            self.counters["registrations_rate_limited"] += 1
+            raise RegistrationError("rate_limited", "too many registrations from this address; retry in a few seconds")
         async with self._serialized(req.record.node):
             latest, revoked = self.latest(req.record.node)
             try:
                 check_request(req, self.address, self.registry.domain, self.clock.wall_ms(), latest, revoked)
+                if latest == 0 and not self.new_node_budget.take(self.clock.now()):
+                    raise RegistrationError("over_budget", "this DC's gas budget for new nodes is spent for now; "
+                                            "retry later or register at another DC")
             except RegistrationError:
                 self.counters["registrations_refused"] += 1
                 raise

@@ -59,7 +59,9 @@ def error_for(exc: Exception) -> tuple[int, dict]:
     elif isinstance(exc, ParseError):
         status, code, message = 400, "malformed", str(exc)
     elif isinstance(exc, RegistrationError):
-        status, code = {"revoked": 403, "stale": 409, "dc_inactive": 503}.get(exc.code, 400), exc.code
+        status = {"revoked": 403, "stale": 409, "dc_inactive": 503, "rate_limited": 429,
+                  "over_budget": 503}.get(exc.code, 400)
+        code = exc.code
         message = str(exc)
     elif isinstance(exc, SignatureError):
         status, code, message = 403, "forbidden", str(exc)
@@ -68,7 +70,7 @@ def error_for(exc: Exception) -> tuple[int, dict]:
     elif isinstance(exc, FederationError):
         status, code, message = 502, "federation", str(exc)
     elif isinstance(exc, DirectionError):
-        status, code, message = 404, exc.code, str(exc)
+        status, code, message = 429 if exc.code == "rate_limited" else 404, exc.code, str(exc)
     elif isinstance(exc, NtmError):  # e.g. the chain is unreachable for a cache miss
         status, code, message = 503, "unavailable", str(exc)
     else:
@@ -102,7 +104,10 @@ async def handle_dcs(request: web.Request) -> web.Response:
 @ROUTES.post("/v1/register")
 async def handle_register(request: web.Request) -> web.Response:
     req, wait = parse_request(await read_json(request))
-    return reply(await request.app[COORDINATOR].register(req, wait))
+    # The operator's own networks (--admin-allow, default loopback) are not rate-limited per
+    # source: a provisioning host registers many nodes. The gas budget still applies.
+    source = None if service.from_admin(request) else request.remote
+    return reply(await request.app[COORDINATOR].register(req, wait, source=source))
 
 
 @ROUTES.get("/v1/nodes/{node}")

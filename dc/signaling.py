@@ -8,7 +8,6 @@ is listening before the requester starts. docs/PROTOCOL.md §8.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 from typing import Protocol
@@ -20,12 +19,19 @@ from dc.presence import Presence
 from ntm import envelope, keys, messages
 from ntm.addr import family
 from ntm.clock import Clock
+from ntm.ratelimit import Buckets
 from ntm.route import Reach, Route, decide
 
 log = logging.getLogger("ntm.dc.signaling")
 
 PATH_ID_LEN = 8
 RELAY_TOKEN_LEN = 32
+# Direction Requests one node may send: a burst of 20 (opening tunnels to many peers at start),
+# then 2 per second (new peers, repairs, leaving the relay). More is refused with rate_limited
+# before any lookup, federation call or relay booking.
+DIRECTIONS_PER_NODE = (2.0, 20.0)
+# Nodes whose request rate is remembered (least recently active forgotten first: bounded memory).
+RATE_NODES_KEPT = 10_000
 # A relayed path lives at most an hour and carries at most 1 GiB; the nodes ask again after that.
 RELAY_LIFETIME_MS = 3600 * 1000
 RELAY_MAX_BYTES = 1 << 30
@@ -67,7 +73,9 @@ class Directory(Protocol):
 class Signaling:
     def __init__(self, coordinator: Directory) -> None:
         self.c = coordinator
-        self.counters = {"directions_served": 0, "directions_failed": 0, "directions_delivered": 0}
+        self.counters = {"directions_served": 0, "directions_failed": 0, "directions_delivered": 0,
+                         "directions_rate_limited": 0, "relay_bookings": 0}
+        self.rate = Buckets(*DIRECTIONS_PER_NODE, max_keys=RATE_NODES_KEPT)
 
     async def peer_info(self, peer: bytes) -> tuple[messages.NodeInfo, bytes]:
         """The peer's verified info and its home DC; DirectionError if it cannot be reached."""
@@ -92,6 +100,7 @@ class Signaling:
             except FederationError as exc:
                 log.warning("relay %s refused path: %s", url, exc)
                 continue
+            self.counters["relay_bookings"] += 1
             return token, list(answer.relay)
         return None
 
@@ -124,6 +133,9 @@ class Signaling:
         path ID of a tunnel between the two that stopped working; both directions carry it so
         both nodes move that tunnel onto the new path (§8.3)."""
         c = self.c
+        if not self.rate.take(requester, c.clock.now()):
+            self.counters["directions_rate_limited"] += 1
+            raise DirectionError("rate_limited", "too many direction requests from this node; retry in a second")
         try:
             if peer == requester:
                 raise DirectionError("self", "a node cannot open a tunnel to itself")
@@ -133,15 +145,14 @@ class Signaling:
             if me.revoked:  # local_info counts the chain's and the pending records (latest)
                 raise DirectionError("revoked", "the requester is revoked")
             path = os.urandom(PATH_ID_LEN)
-            if direct_only:
-                (info, home), relay = await self.peer_info(peer), None
-            else:
-                (info, home), relay = await asyncio.gather(self.peer_info(peer),
-                                                           self.book_relay(path, [requester, peer]))
+            info, home = await self.peer_info(peer)
             ra, rb = reach_of(me), reach_of(info)
             route = Route("relay", None, "relay requested by the node") if force_relay else decide(ra, rb)
             if direct_only and route.kind == "relay":
                 raise DirectionError("no_direct", f"no direct path: {route.reason}")
+            # Booked only for a direction that proceeds (every route but direct-only gets the relay
+            # as its fallback); an unused path is released by the RS (§8.2).
+            relay = None if direct_only else await self.book_relay(path, [requester, peer])
             if route.kind == "relay" and relay is None:
                 raise DirectionError("no_relay", f"route needs a relay ({route.reason}) and none is available")
             role_a, role_b = ROLES[(route.kind, route.initiator)]

@@ -28,6 +28,10 @@ Addr = Hashable
 # Nodes send a tunnel keepalive every 25 s (docs/PROTOCOL.md §7), so a live path is never idle
 # for more than ~25 s; 90 s tolerates two lost keepalives plus jitter before tearing it down.
 RELAY_IDLE_S = 90.0
+# A path no node has bound this long after it was booked is released: a DC books one as the
+# fallback of every direction, and the nodes bind within 1.5 s when they need it (§7); unused
+# ones (the direct path worked, or the direction was abuse) must not pile up for RELAY_IDLE_S.
+UNBOUND_S = 30.0
 # Bound on simultaneous paths: ~100k paths × ~400 bytes of Python objects ≈ 40 MB, which a
 # small relay VM holds; beyond that new directions are refused (DCs pick another relay).
 MAX_PATHS = 100_000
@@ -147,11 +151,12 @@ class RelayTable:
         """Housekeeping: remove paths past their lifetime or idle; returns how many."""
         gone = [p for p in self.paths.values() if self._gone(p, now)]
         for p in gone:
-            self._remove(p, "lifetime" if now >= p.expires_at else "idle")
+            self._remove(p, "lifetime" if now >= p.expires_at else "unbound" if p.binds == 0 else "idle")
         return len(gone)
 
     def _gone(self, path: RelayPath, now: float) -> bool:
-        return now >= path.expires_at or now - path.last_active >= self.idle_s
+        return (now >= path.expires_at or now - path.last_active >= self.idle_s
+                or (path.binds == 0 and now - path.created >= UNBOUND_S))
 
     def _remove(self, path: RelayPath, reason: str) -> None:
         del self.paths[path.path_id]

@@ -187,6 +187,64 @@ async def test_announced_addresses_reach_the_peer_only_as_one_unverified_candida
     assert set(db.unverified) <= set(lies)
 
 
+async def test_a_direction_flood_is_rate_limited_and_books_no_relay_for_refusals(fed):
+    """Issue 11 item 5: 200 Direction Requests from one session to an offline peer: a burst is
+    answered (offline), the rest refused rate_limited before any lookup; no relay path is booked
+    for a direction that does not proceed."""
+    from dc.signaling import DIRECTIONS_PER_NODE
+
+    a, b = await register(fed, fed.dcs[0]), await register(fed, fed.dcs[1])
+    go_online(fed.dcs[0], a, "10.1.0.2:4330", ("198.18.1.1", 50000))
+    codes = []
+    for _ in range(200):
+        try:
+            await fed.dcs[0].signaling.request(a.id, b.id)
+        except DirectionError as exc:
+            codes.append(exc.code)
+    burst = int(DIRECTIONS_PER_NODE[1])
+    assert codes == ["offline"] * burst + ["rate_limited"] * (200 - burst)
+    sig = fed.dcs[0].signaling
+    assert sig.counters["relay_bookings"] == 0 and sig.counters["directions_rate_limited"] == 200 - burst
+    fed.clock.advance(1.0)  # the bucket refills: the node is served again
+    go_online(fed.dcs[1], b, "10.2.0.2:4330", ("198.18.2.1", 50001))
+    await sig.request(a.id, b.id)
+    assert sig.counters["relay_bookings"] == 1
+
+
+async def test_registrations_are_limited_per_source_and_by_the_gas_budget(fed):
+    from dc.coordinator import REGISTRATIONS_PER_SOURCE
+    from ntm.ratelimit import TokenBucket
+
+    dc = fed.dcs[0]
+    dc.new_node_budget = TokenBucket(0.0, 3)  # three new nodes, no refill
+    keys_ = [keys.generate() for _ in range(4)]
+    for k in keys_[:3]:
+        fed.clock.advance(0.01)
+        await dc.register(RegistrationRequest.signed(k, dc.info(), fed.clock.wall_ms(), ()), False)
+    fed.clock.advance(0.01)
+    with pytest.raises(RegistrationError) as exc:
+        await dc.register(RegistrationRequest.signed(keys_[3], dc.info(), fed.clock.wall_ms(), ()), False)
+    assert exc.value.code == "over_budget"
+    fed.clock.advance(0.01)  # a known node's update is not a new identity: not limited by the budget
+    await dc.register(RegistrationRequest.signed(keys_[0], dc.info(), fed.clock.wall_ms(), ()), False)
+
+    dc.new_node_budget = TokenBucket(0.0, 1000)
+    burst = int(REGISTRATIONS_PER_SOURCE[1])
+    codes = []
+    for _ in range(burst + 5):
+        fed.clock.advance(0.01)
+        req = RegistrationRequest.signed(keys.generate(), dc.info(), fed.clock.wall_ms(), ())
+        try:
+            await dc.register(req, False, source="203.0.113.9")
+            codes.append("ok")
+        except RegistrationError as exc:
+            codes.append(exc.code)
+    assert codes == ["ok"] * burst + ["rate_limited"] * 5
+    fed.clock.advance(0.01)  # another source is not affected
+    await dc.register(RegistrationRequest.signed(keys.generate(), dc.info(), fed.clock.wall_ms(), ()), False,
+                      source="203.0.113.10")
+
+
 @pytest.mark.parametrize("case", ["self", "unknown_node", "offline", "revoked"])
 async def test_direction_refusals(fed, case):
     a = await register(fed, fed.dcs[0])

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ntm import packet
-from rs.relay import MAX_LIFETIME_S, RELAY_IDLE_S, PathError, RelayTable
+from rs.relay import MAX_LIFETIME_S, RELAY_IDLE_S, UNBOUND_S, PathError, RelayTable
 from ntm.addr import display, for_socket
 from rs.trust import DcTrust
 from tests.fakes import FakeChain, FakeRegistry
@@ -184,10 +184,24 @@ def test_idle_expiry_and_keepalive_keeps_alive():
 
 def test_wrong_token_binds_do_not_keep_path_alive():
     t = table_with_path(lifetime=3600.0)
-    for s in range(0, int(RELAY_IDLE_S), 10):
+    for s in range(0, int(UNBOUND_S), 10):
         assert t.on_datagram(bind(0, bytes(32)), EVIL, T0 + s) == []
     assert t.paths[PATH].last_active == T0
-    assert t.expire(T0 + RELAY_IDLE_S) == 1
+    assert t.expire(T0 + UNBOUND_S) == 1
+
+
+def test_a_path_nobody_binds_is_released_early():
+    """Issue 11 item 5: every direction books a fallback path; one no node binds is gone after
+    UNBOUND_S (not RELAY_IDLE_S), so a flood of directions cannot pile paths up at the relay."""
+    assert UNBOUND_S < RELAY_IDLE_S
+    t = RelayTable()
+    for i in range(100):
+        t.add_path(bytes([i]) * 8, TOKEN, T0 + 3600, 1000, T0)
+    t.add_path(PATH, TOKEN, T0 + 3600, 1000, T0)
+    assert t.on_datagram(bind(0), A, T0 + 1) != []  # this one is in use
+    assert t.expire(T0 + UNBOUND_S - 0.1) == 0
+    assert t.expire(T0 + UNBOUND_S) == 100 and list(t.paths) == [PATH]
+    assert t.removed["unbound"] == 100
 
 
 def test_add_path_idempotent_conflict_and_extend():
@@ -215,12 +229,12 @@ def test_add_path_idempotent_conflict_and_extend():
 def test_table_bound():
     t = RelayTable(max_paths=3)
     for i in range(3):
-        t.add_path(bytes([i]) * 8, TOKEN, T0 + 60 + i, 100, T0)
+        t.add_path(bytes([i]) * 8, TOKEN, T0 + 10 + i, 100, T0)
     with pytest.raises(PathError) as e:
         t.add_path(b"\x09" * 8, TOKEN, T0 + 60, 100, T0)
     assert e.value.code == "full" and len(t.paths) == 3
     # once one has expired there is room again (the sweep runs on demand)
-    t.add_path(b"\x09" * 8, TOKEN, T0 + 200, 100, T0 + 60.5)
+    t.add_path(b"\x09" * 8, TOKEN, T0 + 200, 100, T0 + 10.5)
     assert len(t.paths) == 3 and b"\x00" * 8 not in t.paths
 
 

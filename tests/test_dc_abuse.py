@@ -1,0 +1,59 @@
+"""Outsider-style abuse of a real DC process (issue 11 item 5): a session flooding Direction
+Requests gets answers (mostly rate_limited) without the DC's memory growing, and books no relay
+paths for what it is refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import aiohttp
+
+from node.dc_client import DcClient
+from ntm import keys, messages
+from tests.dcnet import register
+
+FLOOD = 2000
+#: What the DC may grow by while answering the flood (interpreter noise, caches warming).
+RSS_BOUND_MB = 8.0
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+async def flood(url: str, attacker, peer: bytes, n: int) -> dict[str, int]:
+    """n Direction Requests on one session, all in flight at once; the answers' codes counted."""
+    codes: dict[str, int] = {}
+    async with DcClient(url) as dc:
+        ws, _ = await dc.open_session(attacker, [])
+        for i in range(n):
+            await ws.send_json(messages.encode(messages.DirectionRequest(i + 1, keys.checksum(peer))))
+        for _ in range(n):
+            res = messages.decode(messages.DcToNode, await ws.receive_str(timeout=30))
+            code = res.error.error if res.error else "served"
+            codes[code] = codes.get(code, 0) + 1
+        await ws.close()
+    return codes
+
+
+async def test_a_direction_flood_is_answered_without_growing_the_dc(net):
+    attacker, peer = keys.generate(), keys.generate()
+    await register(net.urls[0], attacker)
+    await register(net.urls[1], peer)
+    pid = net.dcs[0].proc.pid
+    await flood(net.urls[0], attacker, keys.node_id_of(peer), 50)  # warm up code paths
+    before = rss_mb(pid)
+    codes = await flood(net.urls[0], attacker, keys.node_id_of(peer), FLOOD)
+    grown = rss_mb(pid) - before
+    print(f"\nflood of {FLOOD}: {codes}, DC RSS +{grown:.1f} MB")
+    assert sum(codes.values()) == FLOOD and codes.get("rate_limited", 0) >= FLOOD - 100
+    assert "served" not in codes  # the peer is offline: nothing proceeds, nothing is booked
+    assert grown <= RSS_BOUND_MB
+    async with aiohttp.ClientSession() as http, http.get(net.urls[0] + "/metrics") as r:
+        text = await r.text()
+    assert "\nntm_dc_relay_bookings_total 0\n" in text
+    limited = int(text.split("\nntm_dc_directions_rate_limited_total ")[1].split()[0])
+    assert limited >= codes["rate_limited"]
