@@ -19,6 +19,7 @@ from dc.presence import Presence
 from ntm import envelope, keys, messages
 from ntm.addr import family
 from ntm.clock import Clock
+from ntm.packet import relay_side_key
 from ntm.ratelimit import Buckets
 from ntm.route import Reach, Route, decide
 
@@ -114,7 +115,8 @@ class Signaling:
             token, endpoints = relay
             fams = my_reach.families()
             usable = [e for e in endpoints if family(e) in fams] or endpoints
-            grant = messages.RelayGrant(usable, token.hex(), side)  # type: ignore[arg-type]
+            # Each node gets only its own side's key: it cannot bind as the other side (§8.2).
+            grant = messages.RelayGrant(usable, relay_side_key(token, side).hex(), side)  # type: ignore[arg-type]
         body = messages.RouteDirection(
             path=path.hex(), kind=route.kind, reason=route.reason, role=role,  # type: ignore[arg-type]
             node=keys.checksum(me), home_dc=keys.checksum(home), peer=keys.checksum(peer), peer_pubkey=peer_pub,

@@ -10,13 +10,15 @@ node's endpoint) and a relay can find the path without any key. Parsers raise
     0x04 KEEPALIVE           type | path | counter (8) | AEAD(empty) (16)               33 bytes
     0x05 PING / 0x06 PONG    type | path | counter (8) | AEAD(ping id (8)) (24)         41 bytes
     0x07 CLOSE               type | path | counter (8) | AEAD(empty) (16)               33 bytes
-    0x10 RELAY_BIND          type | path | token (32) | side (1)                        42 bytes
-    0x11 RELAY_BIND_ACK      type | path | side (1)                                     10 bytes
+    0x10 RELAY_BIND          type | path | side (1) | counter (8) | cookie (16) | mac (16)  50 bytes
+    0x11 RELAY_BIND_ACK      type | path | side (1) | bound (1) | counter (8) | cookie (16) 35 bytes
     0x12..0x1f               reserved for relay control
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import struct
 from dataclasses import dataclass
 from typing import ClassVar, Self
@@ -59,8 +61,12 @@ REQUEST_LEN = PREFIX_LEN + EPHEMERAL_LEN + TIMESTAMP_LEN + TAG_LEN  # 66
 RESPONSE_LEN = PREFIX_LEN + EPHEMERAL_LEN + TAG_LEN  # 58
 MIN_TRANSPORT_LEN = HEADER_LEN + TAG_LEN  # 33
 KEEPALIVE_LEN = MIN_TRANSPORT_LEN
-RELAY_BIND_LEN = PREFIX_LEN + TOKEN_LEN + 1  # 42
-RELAY_BIND_ACK_LEN = PREFIX_LEN + 1  # 10
+COOKIE_LEN = 16
+BIND_MAC_LEN = 16
+RELAY_BIND_LEN = PREFIX_LEN + 1 + COUNTER_LEN + COOKIE_LEN + BIND_MAC_LEN  # 50
+RELAY_BIND_ACK_LEN = PREFIX_LEN + 2 + COUNTER_LEN + COOKIE_LEN  # 35
+NO_COOKIE = bytes(COOKIE_LEN)
+_RELAY_SIDE_LABEL = b"ntm relay side"
 #: Largest datagram payload over UDP/IPv4 (65535 - 8 UDP - 20 IP); nothing longer is valid.
 MAX_DATAGRAM = 65507
 MAX_PAYLOAD = MAX_DATAGRAM - MIN_TRANSPORT_LEN
@@ -86,8 +92,8 @@ def _exact(data: bytes, kind: int, length: int, name: str) -> bytes:
 
 
 def _side(data: bytes, name: str) -> int:
-    """The relay side (0 or 1) in the last byte of a relay message."""
-    side = data[-1]
+    """The relay side (0 or 1): the byte after the prefix of a relay message."""
+    side = data[PREFIX_LEN]
     if side not in (0, 1):
         raise ParseError(f"{name} side is {side}, expected 0 or 1")
     return side
@@ -177,41 +183,84 @@ class TransportPacket:
         return cls(kind, path_id, counter, data[HEADER_LEN:])
 
 
+def relay_side_key(token: bytes, side: int) -> bytes:
+    """The key of one side of a relay path: HMAC-SHA256(path token, "ntm relay side" || side).
+    The DC gives each node only its own side's key; the relay derives both from the token."""
+    if len(token) != TOKEN_LEN or side not in (0, 1):
+        raise ValueError("relay side key needs a 32-byte token and side 0 or 1")
+    return hmac.new(token, _RELAY_SIDE_LABEL + bytes([side]), hashlib.sha256).digest()
+
+
+def relay_bind_mac(side_key: bytes, signed: bytes) -> bytes:
+    return hmac.new(side_key, signed, hashlib.sha256).digest()[:BIND_MAC_LEN]
+
+
 @dataclass(frozen=True, slots=True)
 class RelayBind:
-    """Node → relay: "I am side `side` of path `path_id`, here is the token the DC gave me"."""
+    """Node → relay: "I am side `side` of path `path_id`", MAC'd with that side's key.
+
+    `counter` must grow with every bind of the side (freshness: a replayed bind is refused);
+    `cookie` is what the relay's last RELAY_BIND_ACK to this address said (return routability:
+    the relay binds the side to an address only once a bind from it carries its cookie)."""
 
     path_id: bytes
-    token: bytes  # 32 bytes, from the DC's Relay Direction
-    side: int  # 0 or 1
+    side: int
+    counter: int
+    cookie: bytes = NO_COOKIE
+    mac: bytes = bytes(BIND_MAC_LEN)
+
+    def signed_part(self) -> bytes:
+        return (bytes([TYPE_RELAY_BIND]) + self.path_id + bytes([self.side]) + self.counter.to_bytes(COUNTER_LEN, "big")
+                + self.cookie)
+
+    @classmethod
+    def make(cls, path_id: bytes, side: int, counter: int, cookie: bytes, side_key: bytes) -> RelayBind:
+        """A bind MAC'd with `side_key` (relay_side_key)."""
+        if len(path_id) != PATH_ID_LEN or side not in (0, 1) or len(cookie) != COOKIE_LEN \
+                or not 0 <= counter < 1 << 64:
+            raise ValueError("relay bind needs an 8-byte path ID, side 0 or 1, a 64-bit counter, a 16-byte cookie")
+        unsigned = cls(path_id, side, counter, cookie)
+        return cls(path_id, side, counter, cookie, relay_bind_mac(side_key, unsigned.signed_part()))
+
+    def verify(self, side_key: bytes) -> bool:
+        return hmac.compare_digest(self.mac, relay_bind_mac(side_key, self.signed_part()))
 
     def encode(self) -> bytes:
-        if len(self.path_id) != PATH_ID_LEN or len(self.token) != TOKEN_LEN or self.side not in (0, 1):
-            raise ValueError("relay bind needs an 8-byte path ID, a 32-byte token and side 0 or 1")
-        return bytes([TYPE_RELAY_BIND]) + self.path_id + self.token + bytes([self.side])
+        return self.signed_part() + self.mac
 
     @classmethod
     def parse(cls, data: bytes) -> RelayBind:
         data = _exact(data, TYPE_RELAY_BIND, RELAY_BIND_LEN, "relay bind")
-        return cls(data[1:PREFIX_LEN], data[PREFIX_LEN : PREFIX_LEN + TOKEN_LEN], _side(data, "relay bind"))
+        at = PREFIX_LEN + 1
+        return cls(data[1:PREFIX_LEN], _side(data, "relay bind"), int.from_bytes(data[at:at + COUNTER_LEN], "big"),
+                   data[at + COUNTER_LEN:at + COUNTER_LEN + COOKIE_LEN], data[at + COUNTER_LEN + COOKIE_LEN:])
 
 
 @dataclass(frozen=True, slots=True)
 class RelayBindAck:
-    """Relay → node: the bind for (path, side) was accepted (unauthenticated, advisory)."""
+    """Relay → node, answering a valid bind: the cookie for the address the bind came from, and
+    whether the side is now bound there (unauthenticated: a forged ack only costs a retry)."""
 
     path_id: bytes
     side: int
+    bound: bool
+    counter: int  # the bind's, so the node can tell the answer to its latest bind
+    cookie: bytes
 
     def encode(self) -> bytes:
-        if len(self.path_id) != PATH_ID_LEN or self.side not in (0, 1):
-            raise ValueError("relay bind ack needs an 8-byte path ID and side 0 or 1")
-        return bytes([TYPE_RELAY_BIND_ACK]) + self.path_id + bytes([self.side])
+        if len(self.path_id) != PATH_ID_LEN or self.side not in (0, 1) or len(self.cookie) != COOKIE_LEN:
+            raise ValueError("relay bind ack needs an 8-byte path ID, side 0 or 1 and a 16-byte cookie")
+        return (bytes([TYPE_RELAY_BIND_ACK]) + self.path_id + bytes([self.side, int(self.bound)])
+                + self.counter.to_bytes(COUNTER_LEN, "big") + self.cookie)
 
     @classmethod
     def parse(cls, data: bytes) -> RelayBindAck:
         data = _exact(data, TYPE_RELAY_BIND_ACK, RELAY_BIND_ACK_LEN, "relay bind ack")
-        return cls(data[1:PREFIX_LEN], _side(data, "relay bind ack"))
+        if data[PREFIX_LEN + 1] not in (0, 1):
+            raise ParseError("relay bind ack: bound flag must be 0 or 1")
+        at = PREFIX_LEN + 2
+        return cls(data[1:PREFIX_LEN], _side(data, "relay bind ack"), bool(data[PREFIX_LEN + 1]),
+                   int.from_bytes(data[at:at + COUNTER_LEN], "big"), data[at + COUNTER_LEN:])
 
 
 Packet = HandshakeRequest | HandshakeResponse | TransportPacket | RelayBind | RelayBindAck

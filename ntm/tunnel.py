@@ -31,7 +31,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ntm.addr import Addr
-from ntm.errors import NtmError
+from ntm.errors import NtmError, ParseError
 from ntm.handshake import (
     HandshakeAuthError,
     HandshakeError,
@@ -60,7 +60,9 @@ from ntm.packet import (
     TYPE_PING,
     TYPE_PONG,
     TYPE_RELAY_BIND_ACK,
+    NO_COOKIE,
     RelayBind,
+    RelayBindAck,
 )
 
 # --- constants (each injectable through TunnelConfig) -----------------------------------------
@@ -122,7 +124,8 @@ class TunnelConfig:
 
 @dataclass(frozen=True, slots=True)
 class RelayInfo:
-    """Relay endpoint from the DC's Relay Direction: address, 32-byte token, our side (0/1)."""
+    """Relay endpoint from the DC's Route Direction: address, our side's 32-byte key (the DC
+    derives it from the path token: `packet.relay_side_key`), our side (0/1)."""
 
     addr: Addr
     token: bytes
@@ -294,6 +297,8 @@ class Session:
         self._started: float | None = None
         self._hs_next: float | None = None  # next Request (re)transmission, while one is wanted
         self._bind_next: float | None = None  # next relay bind refresh, while on the relay
+        self._bind_counter = 0  # of our latest RELAY_BIND (grows across restarts: wall µs)
+        self._relay_cookie = NO_COOKIE  # the relay's proof-of-address for where we send from
         self.last_sent = 0.0
         self.last_received: float | None = None
         self._pings: dict[bytes, float] = {}
@@ -364,8 +369,12 @@ class Session:
         self._hs_next = now + interval
 
     def _send_bind(self, now: float) -> None:
+        """A RELAY_BIND MAC'd with our side's key, with a counter that grows across restarts (wall
+        time in µs) and the cookie the relay last gave us (§8.2)."""
         assert self.relay is not None
-        self._outbox.append((RelayBind(self.path_id, self.relay.token, self.relay.side).encode(), self.relay.addr))
+        self._bind_counter = max(self._bind_counter + 1, int(self._wall() * 1_000_000))
+        bind = RelayBind.make(self.path_id, self.relay.side, self._bind_counter, self._relay_cookie, self.relay.token)
+        self._outbox.append((bind.encode(), self.relay.addr))
         self._stats["relay_binds_sent"] += 1
         interval = self.config.keepalive_interval if self.established else self.config.handshake_retransmit
         self._bind_next = now + interval
@@ -573,12 +582,30 @@ class Session:
         if kind == TYPE_HANDSHAKE_RESPONSE:
             return self._receive_response(datagram, addr, now)
         if kind == TYPE_RELAY_BIND_ACK:
-            if self.relay is not None and addr == self.relay.addr and n == PREFIX_LEN + 1:
-                self._stats["relay_acks"] += 1
-                return [RelayBound(addr)]
+            return self._receive_bind_ack(datagram, addr, now)
+        self._stats["drop_unknown_type"] += 1
+        return []
+
+    def _receive_bind_ack(self, datagram: bytes, addr: Addr, now: float) -> list[Event]:
+        """The relay's answer to our latest bind: bound, or a cookie to prove our address with
+        (then one more bind goes out at once, carrying it)."""
+        try:
+            ack = RelayBindAck.parse(datagram)
+        except ParseError:
+            ack = None
+        if (ack is None or self.relay is None or addr != self.relay.addr or ack.side != self.relay.side
+                or ack.counter != self._bind_counter):
             self._stats["drop_malformed"] += 1
             return []
-        self._stats["drop_unknown_type"] += 1
+        if ack.bound:
+            self._relay_cookie = ack.cookie
+            self._stats["relay_acks"] += 1
+            return [RelayBound(addr)]
+        if ack.cookie == self._relay_cookie:
+            self._stats["drop_malformed"] += 1  # refused with the cookie we already sent: not ours to fix
+            return []
+        self._relay_cookie = ack.cookie
+        self._send_bind(now)
         return []
 
     def _handshake_drop(self, exc: HandshakeError) -> list[Event]:

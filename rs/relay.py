@@ -1,9 +1,13 @@
 """The relay table, sans-I/O (docs/PROTOCOL.md §8.2): datagrams in, (datagram, address) pairs out.
 
-A path is created by a DC's Relay Direction (`add_path`) with a 32-byte token that the DC gives
-both nodes. Each node sends RELAY_BIND (type | path | token | side) from its tunnel socket; the
-relay remembers that side's address (a later bind from a new address moves the side: roaming)
-and answers RELAY_BIND_ACK. Tunnel packets (types in `packet.FORWARDED_TYPES`) arriving from one
+A path is created by a DC's Relay Direction (`add_path`) with a 32-byte token; the DC gives each
+node only its own side's key derived from it (`packet.relay_side_key`). Each node sends
+RELAY_BIND (side, a growing counter, a cookie, MAC'd with its side key) from its tunnel socket.
+The relay answers a valid, fresh bind with RELAY_BIND_ACK carrying the cookie for the address it
+came from, and binds the side to that address (a later one moves it: roaming) only once a bind
+from there carries that cookie: the address has proven it receives (return routability), so a
+spoofed source never gets traffic, a replayed bind is refused, and one side cannot bind as the
+other. Tunnel packets (types in `packet.FORWARDED_TYPES`) arriving from one
 bound side's current address go unchanged to the other side's current address. Nothing else is
 forwarded, and the relay reads nothing but the clear `type | path ID` prefix of a forwarded
 packet: it has no key and needs none.
@@ -14,7 +18,9 @@ monotonic clock in seconds. No sockets, no clock reads.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+import os
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Hashable
@@ -43,7 +49,8 @@ MAX_PATH_BYTES = 64 * 1024**3
 DROP_REASONS = (
     "malformed",  # shorter than the prefix or unknown type
     "unknown_path",  # no such path (never added, or already removed)
-    "bad_token",  # RELAY_BIND with the wrong token
+    "bad_token",  # RELAY_BIND not MAC'd with that side's key
+    "replay",  # RELAY_BIND whose counter is not above the side's last one
     "bad_bind",  # RELAY_BIND of the wrong length or side
     "same_address",  # a bind from the address the other side is bound to
     "unexpected_type",  # a type the relay does not forward (e.g. RELAY_BIND_ACK from a node)
@@ -69,6 +76,8 @@ class RelayPath:
     nodes: tuple = ()
     last_active: float = 0.0
     addrs: list = field(default_factory=lambda: [None, None])
+    side_keys: tuple = (b"", b"")
+    counters: list = field(default_factory=lambda: [0, 0])  # last bind counter seen per side
     bytes: list = field(default_factory=lambda: [0, 0])  # forwarded from side i to the other side
     packets: list = field(default_factory=lambda: [0, 0])
     binds: int = 0
@@ -101,7 +110,9 @@ class Event:
 
 
 class RelayTable:
-    def __init__(self, max_paths: int = MAX_PATHS, idle_s: float = RELAY_IDLE_S) -> None:
+    def __init__(self, max_paths: int = MAX_PATHS, idle_s: float = RELAY_IDLE_S, secret: bytes | None = None) -> None:
+        """`secret`: keys the address cookies (random per relay process unless given)."""
+        self.secret = secret if secret is not None else os.urandom(32)
         self.paths: dict[bytes, RelayPath] = {}
         self.max_paths = max_paths
         self.idle_s = idle_s
@@ -141,7 +152,8 @@ class RelayTable:
             self.expire(now)
             if len(self.paths) >= self.max_paths:
                 raise PathError("full", f"relay table is full ({self.max_paths} paths)")
-        path = RelayPath(path_id, bytes(token), expires_at, max_bytes, now, owner, tuple(nodes), last_active=now)
+        path = RelayPath(path_id, bytes(token), expires_at, max_bytes, now, owner, tuple(nodes), last_active=now,
+                         side_keys=(packet.relay_side_key(token, 0), packet.relay_side_key(token, 1)))
         self.paths[path_id] = path
         self.paths_added += 1
         self.events.append(Event("added", path_id))
@@ -151,8 +163,12 @@ class RelayTable:
         """Housekeeping: remove paths past their lifetime or idle; returns how many."""
         gone = [p for p in self.paths.values() if self._gone(p, now)]
         for p in gone:
-            self._remove(p, "lifetime" if now >= p.expires_at else "unbound" if p.binds == 0 else "idle")
+            self._remove(p, self._why_gone(p, now))
         return len(gone)
+
+    @staticmethod
+    def _why_gone(path: RelayPath, now: float) -> str:
+        return "lifetime" if now >= path.expires_at else "unbound" if path.binds == 0 else "idle"
 
     def _gone(self, path: RelayPath, now: float) -> bool:
         return (now >= path.expires_at or now - path.last_active >= self.idle_s
@@ -179,7 +195,7 @@ class RelayTable:
         if path is None:
             return self._drop("unknown_path")
         if self._gone(path, now):
-            self._remove(path, "lifetime" if now >= path.expires_at else "idle")
+            self._remove(path, self._why_gone(path, now))
             return self._drop("expired")
         if kind == packet.TYPE_RELAY_BIND:
             return self._bind(path, data, addr, now)
@@ -205,24 +221,37 @@ class RelayTable:
         self.forwarded_bytes += size
         return [(data, dest)]
 
+    def cookie(self, path_id: bytes, side: int, addr: Addr) -> bytes:
+        """What a bind from `addr` must carry to bind there: HMAC(relay secret, path | side | addr)."""
+        msg = path_id + bytes([side]) + repr(addr).encode()
+        return hmac.new(self.secret, msg, hashlib.sha256).digest()[:packet.COOKIE_LEN]
+
     def _bind(self, path: RelayPath, data: bytes, addr: Addr, now: float) -> list[tuple[bytes, Addr]]:
         try:
             bind = packet.RelayBind.parse(data)
         except ParseError:
             return self._drop("bad_bind")
-        if not hmac.compare_digest(bind.token, path.token):
-            return self._drop("bad_token")
         side = bind.side
+        if not bind.verify(path.side_keys[side]):
+            return self._drop("bad_token")
+        if bind.counter <= path.counters[side]:
+            return self._drop("replay")
         if path.addrs[1 - side] == addr:
             return self._drop("same_address")
+        path.counters[side] = bind.counter
+        cookie = self.cookie(path.path_id, side, addr)
         old = path.addrs[side]
-        if old != addr:
+        bound = old == addr
+        if not bound and hmac.compare_digest(bind.cookie, cookie):  # the address proved it receives
             path.addrs[side] = addr
             self.events.append(Event("bound" if old is None else "moved", path.path_id, side, addr))
-        path.binds += 1
-        path.last_active = now
-        self.binds += 1
-        return [(packet.RelayBindAck(path.path_id, side).encode(), addr)]
+            bound = True
+        if bound:
+            path.binds += 1
+            path.last_active = now
+            self.binds += 1
+        # No bigger than the bind (35 < 50 bytes), and only to a bind made with the side's key.
+        return [(packet.RelayBindAck(path.path_id, side, bound, bind.counter, cookie).encode(), addr)]
 
     # ------------------------------------------------------------------ views
 

@@ -381,7 +381,7 @@ def test_the_transcript_copy_is_independent():
 
 # --- relay table ---------------------------------------------------------------------------------
 from rs.relay import MAX_LIFETIME_S, MAX_PATH_BYTES, PathError, RelayTable  # noqa: E402
-from ntm.packet import RelayBind, TransportPacket, TYPE_DATA  # noqa: E402
+from ntm.packet import NO_COOKIE, RelayBind, RelayBindAck, TransportPacket, TYPE_DATA, relay_side_key  # noqa: E402
 
 TOKEN = b"\x0b" * 32
 A, B, C = ("198.18.0.1", 1), ("198.18.0.2", 2), ("198.18.0.3", 3)
@@ -392,10 +392,21 @@ def test_relay_table_accounts_for_everything_exactly():
     path, created = t.add_path(PATH, TOKEN, 100.0, 1000, 0.0, owner=DC, nodes=(NODE, DC))
     assert created and (path.created, path.nodes, path.last_active) == (0.0, (NODE, DC), 0.0)
     assert [(e.kind, e.path_id) for e in t.pop_events()] == [("added", PATH)] and t.paths_added == 1
-    bind = lambda side: RelayBind(PATH, TOKEN, side).encode()  # noqa: E731
-    assert t.on_datagram(bind(0), A, 1.0) == [(RelayBindAck_(0), A)]
-    assert t.on_datagram(bind(1), B, 1.0) == [(RelayBindAck_(1), B)]
-    assert t.on_datagram(bind(1), C, 2.0) == [(RelayBindAck_(1), C)]  # side 1 roamed
+    counter = iter(range(1, 100))
+
+    def bind(side: int, addr, now: float) -> list:  # the two-step bind: cookie, then proof
+        key = relay_side_key(TOKEN, side)
+        out = t.on_datagram(RelayBind.make(PATH, side, next(counter), NO_COOKIE, key).encode(), addr, now)
+        cookie = RelayBindAck.parse(out[0][0]).cookie
+        assert cookie == t.cookie(PATH, side, addr) and not RelayBindAck.parse(out[0][0]).bound
+        return t.on_datagram(RelayBind.make(PATH, side, next(counter), cookie, key).encode(), addr, now)
+
+    def ack(side: int, addr, n: int) -> list:
+        return [(RelayBindAck(PATH, side, True, n, t.cookie(PATH, side, addr)).encode(), addr)]
+
+    assert bind(0, A, 1.0) == ack(0, A, 2)
+    assert bind(1, B, 1.0) == ack(1, B, 4)
+    assert bind(1, C, 2.0) == ack(1, C, 6)  # side 1 roamed
     assert [(e.kind, e.path_id, e.side, e.addr) for e in t.pop_events()] == [
         ("bound", PATH, 0, A), ("bound", PATH, 1, B), ("moved", PATH, 1, C)]
     assert (t.binds, path.binds, t.bound_paths()) == (3, 3, 1)
@@ -412,11 +423,6 @@ def test_relay_table_accounts_for_everything_exactly():
     assert t.on_datagram(pkt, A, 4.0) == [] and PATH not in t.paths
     assert t.dropped == {"byte_cap": 1} and t.removed == {"byte_cap": 1}
     assert [(e.kind, e.path_id, e.reason) for e in t.pop_events()] == [("removed", PATH, "byte_cap")]
-
-
-def RelayBindAck_(side: int) -> bytes:
-    from ntm.packet import RelayBindAck
-    return RelayBindAck(PATH, side).encode()
 
 
 def test_relay_path_limits_and_refusals():
@@ -444,13 +450,16 @@ def test_relay_expiry_reasons():
     t.add_path(PATH, TOKEN, 100.0, 10, 0.0)
     t.add_path(b"\x02" * 8, TOKEN, 20.0, 10, 0.0)
     assert t.expire(19.9) == 0 and t.expire(20.0) == 1 and t.removed == {"lifetime": 1}
-    assert t.expire(30.0) == 1 and t.removed == {"lifetime": 1, "idle": 1}
+    assert t.expire(30.0) == 1 and t.removed == {"lifetime": 1, "unbound": 1}  # nobody ever bound it
+    key = relay_side_key(TOKEN, 0)
+    bind = lambda n, cookie=NO_COOKIE: RelayBind.make(PATH, 0, n, cookie, key).encode()  # noqa: E731
     t.add_path(PATH, TOKEN, 50.0, 10, 40.0)
-    assert t.on_datagram(RelayBind(PATH, TOKEN, 0).encode(), A, 50.0) == []  # lifetime over at 50
+    assert t.on_datagram(bind(1), A, 50.0) == []  # lifetime over at 50
     assert t.removed["lifetime"] == 2 and t.dropped == {"expired": 1}
     t.add_path(PATH, TOKEN, 500.0, 10, 100.0)
-    assert t.on_datagram(RelayBind(PATH, TOKEN, 0).encode(), A, 130.0) == []  # idle since 100
-    assert t.removed["idle"] == 2 and t.dropped == {"expired": 2}
+    t.on_datagram(bind(2, t.cookie(PATH, 0, A)), A, 100.0)  # bound at 100, then silent
+    assert t.on_datagram(bind(3), A, 130.0) == []  # idle since 100
+    assert t.removed == {"lifetime": 2, "unbound": 1, "idle": 1} and t.dropped == {"expired": 2}
 
 
 def test_relay_counts_paths_and_bound_pairs_and_bounds_its_event_log():
@@ -458,13 +467,19 @@ def test_relay_counts_paths_and_bound_pairs_and_bounds_its_event_log():
     for i in range(3):
         t.add_path(bytes([i]) * 8, TOKEN, 100.0, 10, 0.0)
     assert t.paths_added == 3 and t.bound_paths() == 0
-    t.on_datagram(RelayBind(b"\x00" * 8, TOKEN, 0).encode(), A, 1.0)  # one side of path 0
-    t.on_datagram(RelayBind(b"\x01" * 8, TOKEN, 1).encode(), B, 1.0)  # the other side of path 1
+    n = iter(range(1, 1 << 20))
+
+    def bind(path: bytes, side: int, addr, now: float) -> None:  # with the cookie of `addr`: binds
+        key = relay_side_key(TOKEN, side)
+        t.on_datagram(RelayBind.make(path, side, next(n), t.cookie(path, side, addr), key).encode(), addr, now)
+
+    bind(b"\x00" * 8, 0, A, 1.0)  # one side of path 0
+    bind(b"\x01" * 8, 1, B, 1.0)  # the other side of path 1
     assert t.bound_paths() == 0
-    t.on_datagram(RelayBind(b"\x00" * 8, TOKEN, 1).encode(), B, 1.0)
+    bind(b"\x00" * 8, 1, B, 1.0)
     assert t.bound_paths() == 1
-    for _ in range(10_100):
-        t.on_datagram(RelayBind(b"\x02" * 8, TOKEN, 0).encode(), (A[0], 1000 + _), 2.0)
+    for i in range(10_100):  # side 0 of path 2 moving to a new address each time: an event each
+        bind(b"\x02" * 8, 0, (A[0], 1000 + i), 2.0)
     assert len(t.events) == 10_000  # a relay that is never drained does not grow without bound
 
 

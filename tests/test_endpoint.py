@@ -14,7 +14,7 @@ from node.endpoint import Endpoint, UdpBind
 from ntm.addr import for_socket
 from ntm import keys
 from ntm.handshake import PeerIdentityError
-from ntm.packet import FORWARDED_TYPES, TYPE_RELAY_BIND, RelayBind, RelayBindAck
+from ntm.packet import FORWARDED_TYPES, NO_COOKIE, TYPE_RELAY_BIND, RelayBind, RelayBindAck, relay_side_key
 from ntm.tunnel import RelayInfo, TunnelConfig, TunnelError
 
 KA, KB, KC = keys.generate(), keys.generate(), keys.generate()
@@ -152,11 +152,11 @@ class ToyRelay(asyncio.DatagramProtocol):
     def datagram_received(self, data: bytes, addr) -> None:
         if len(data) < 9 or data[1:9] != self.path:
             return
-        if data[0] == TYPE_RELAY_BIND:
+        if data[0] == TYPE_RELAY_BIND:  # binds at once (no cookie step: rs/ does the real thing)
             bind = RelayBind.parse(data)
-            if bind.token == self.token:
+            if bind.verify(relay_side_key(self.token, bind.side)):
                 self.sides[bind.side] = addr
-                self.transport.sendto(RelayBindAck(self.path, bind.side).encode(), addr)
+                self.transport.sendto(RelayBindAck(self.path, bind.side, True, bind.counter, NO_COOKIE).encode(), addr)
             return
         if data[0] in FORWARDED_TYPES:
             for side, a in self.sides.items():
@@ -178,7 +178,7 @@ async def test_relay_fallback_when_direct_fails():
         t0 = loop.time()
         ca, cb = await open_pair(
             ea, eb, path, cands_a=[blackhole.getsockname()],
-            relay_a=RelayInfo(raddr, token, 0), relay_b=RelayInfo(raddr, token, 1),
+            relay_a=RelayInfo(raddr, relay_side_key(token, 0), 0), relay_b=RelayInfo(raddr, relay_side_key(token, 1), 1),
         )
         assert loop.time() - t0 >= 0.3
         assert ca.via == "relay" and cb.via == "relay"

@@ -15,7 +15,7 @@ import pytest
 
 from ntm import envelope, keys, record
 from ntm.errors import SignatureError
-from ntm.packet import PREFIX_LEN, TYPE_RELAY_BIND_ACK, RelayBindAck
+from ntm.packet import PREFIX_LEN, TYPE_RELAY_BIND, TYPE_RELAY_BIND_ACK, RelayBind, RelayBindAck
 from ntm.tunnel import REJECT_AFTER_TIME, Data, RelayBound, RelayInfo, Session, TunnelConfig
 from tests.test_tunnel import ADDR_A, ADDR_A2, ADDR_B, IDB, KA, PATH, PB, T0, connect, data_of, rekeyed
 
@@ -125,13 +125,31 @@ def test_a_lost_rekey_response_does_not_cut_the_responders_traffic():
 # --- relay: a bind acknowledgement counts only from the relay ----------------------------------
 def test_a_relay_bind_ack_from_anyone_but_the_relay_is_ignored():
     relay = ("192.0.2.1", 4340)
-    s = Session(KA, IDB, PB, PATH, relay=RelayInfo(relay, os.urandom(32), 0))
+    s = Session(KA, IDB, PB, PATH, relay=RelayInfo(relay, os.urandom(32), 0), wall=lambda: 5.0)
     s.start(T0)
-    ack = RelayBindAck(PATH, 0).encode()
-    assert len(ack) == PREFIX_LEN + 1 and ack[0] == TYPE_RELAY_BIND_ACK
+    s.poll(T0)  # no candidates: it binds at the relay at once (counter 5,000,000)
+    ack = RelayBindAck(PATH, 0, True, 5_000_000, bytes(16)).encode()
+    assert len(ack) == PREFIX_LEN + 26 and ack[0] == TYPE_RELAY_BIND_ACK
     assert s.receive(ack, ("203.0.113.66", 4340), T0) == []
     assert s.stats["relay_acks"] == 0
+    stale = RelayBindAck(PATH, 0, True, 4_999_999, bytes(16)).encode()  # not our latest bind
+    assert s.receive(stale, relay, T0) == [] and s.stats["relay_acks"] == 0
     assert s.receive(ack, relay, T0) == [RelayBound(relay)]
+
+
+def test_a_relay_cookie_makes_the_session_bind_again_with_it():
+    relay = ("192.0.2.1", 4340)
+    key = os.urandom(32)
+    s = Session(KA, IDB, PB, PATH, relay=RelayInfo(relay, key, 0), wall=lambda: 5.0)
+    s.start(T0)
+    [(first, _)] = [(d, a) for d, a in s.poll(T0) if d[0] == TYPE_RELAY_BIND]
+    b1 = RelayBind.parse(first)
+    assert b1.cookie == bytes(16) and b1.verify(key)
+    cookie = b"\x07" * 16
+    assert s.receive(RelayBindAck(PATH, 0, False, b1.counter, cookie).encode(), relay, T0) == []
+    [(again, to)] = s.poll(T0)
+    b2 = RelayBind.parse(again)
+    assert to == relay and b2.cookie == cookie and b2.counter > b1.counter and b2.verify(key)
 
 
 def test_data_events_are_plain_payloads():

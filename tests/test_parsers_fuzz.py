@@ -110,11 +110,18 @@ def test_mutated_real_packets_never_authenticate(payload, pos, bit):
     assert not any(isinstance(e, Data) for e in B_SESSION.receive(bytes(pkt), ("a", 1), T0))
 
 
-def test_relay_bind_roundtrip():
-    token = os.urandom(32)
-    raw = packet.RelayBind(PATH, token, 1).encode()
-    assert len(raw) == 42 and raw[0] == 0x10 and raw[1:9] == PATH and raw[9:41] == token and raw[41] == 1
-    assert packet.RelayBind.parse(raw) == packet.RelayBind(PATH, token, 1)
-    assert packet.peek(raw) == (packet.TYPE_RELAY_BIND, PATH)
-    ack = packet.RelayBindAck(PATH, 0).encode()
-    assert ack == b"\x11" + PATH + b"\x00" and packet.RelayBindAck.parse(ack).side == 0
+def test_relay_bind_vectors_and_roundtrip():
+    """PROTOCOL §8.2 vectors: side keys, a RELAY_BIND and a RELAY_BIND_ACK, byte for byte."""
+    token, path = bytes(range(32)), bytes.fromhex("0102030405060708")
+    assert packet.relay_side_key(token, 0).hex() == "84c0f665269b5ff973420ac58e98e8095019472083bf4594b61eedcbdb8b538d"
+    k1 = packet.relay_side_key(token, 1)
+    assert k1.hex() == "6f3ecd71ca1d7f1ececf7568dcd817b133ee4d2c45388136449701b7caf3e1ac"
+    bind = packet.RelayBind.make(path, 1, 0x0102030405060708, b"\x11" * 16, k1)
+    raw = bind.encode()
+    assert raw.hex() == ("10" "0102030405060708" "01" "0102030405060708" + "11" * 16
+                         + "32c5fe8a451ed41e95dd03216b43899a")
+    assert packet.RelayBind.parse(raw) == bind and bind.verify(k1) and not bind.verify(packet.relay_side_key(token, 0))
+    assert packet.peek(raw) == (packet.TYPE_RELAY_BIND, path)
+    ack = packet.RelayBindAck(path, 1, True, 0x0102030405060708, b"\x22" * 16)
+    assert ack.encode().hex() == "11" "0102030405060708" "01" "01" "0102030405060708" + "22" * 16
+    assert packet.RelayBindAck.parse(ack.encode()) == ack

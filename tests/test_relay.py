@@ -4,6 +4,7 @@ trust cache with an injected clock; random bytes never make on_datagram raise.""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import socket
 
@@ -26,16 +27,35 @@ EVIL = ("203.0.113.66", 4330)
 T0 = 1000.0
 
 
-def bind(side: int, token: bytes = TOKEN, path: bytes = PATH) -> bytes:
-    return packet.RelayBind(path, token, side).encode()
+_counters = itertools.count(1)
+
+
+def bind(side: int, token: bytes = TOKEN, path: bytes = PATH, cookie: bytes = packet.NO_COOKIE,
+         counter: int | None = None) -> bytes:
+    """A RELAY_BIND for `side`, MAC'd with that side's key of `token`, with a fresh counter."""
+    return packet.RelayBind.make(path, side, counter or next(_counters), cookie,
+                                 packet.relay_side_key(token, side)).encode()
+
+
+def bind_at(t: RelayTable, side: int, addr, now: float, token: bytes = TOKEN) -> list:
+    """A node's two-step bind from `addr`: a bind that gets the address's cookie, then one that
+    carries it. Returns the relay's answer to the second (or to the first if that bound)."""
+    out = t.on_datagram(bind(side, token), addr, now)
+    if not out or packet.RelayBindAck.parse(out[0][0]).bound:
+        return out
+    return t.on_datagram(bind(side, token, cookie=packet.RelayBindAck.parse(out[0][0]).cookie), addr, now)
+
+
+def acked(out: list, side: int, addr, bound: bool = True) -> bool:
+    """`out` is exactly one RELAY_BIND_ACK for `side`, sent to `addr`, with `bound`."""
+    if len(out) != 1 or out[0][1] != addr:
+        return False
+    a = packet.RelayBindAck.parse(out[0][0])
+    return a.side == side and a.bound == bound
 
 
 def data(payload: bytes = b"x" * 40, path: bytes = PATH, counter: int = 0) -> bytes:
     return packet.TransportPacket(packet.TYPE_DATA, path, counter, payload + b"\0" * 16).encode()
-
-
-def ack(side: int) -> bytes:
-    return packet.RelayBindAck(PATH, side).encode()
 
 
 def table_with_path(max_bytes: int = 10**6, lifetime: float = 600.0, **kw) -> RelayTable:
@@ -46,8 +66,8 @@ def table_with_path(max_bytes: int = 10**6, lifetime: float = 600.0, **kw) -> Re
 
 def bound_table(**kw) -> RelayTable:
     t = table_with_path(**kw)
-    assert t.on_datagram(bind(0), A, T0) == [(ack(0), A)]
-    assert t.on_datagram(bind(1), B, T0) == [(ack(1), B)]
+    assert acked(bind_at(t, 0, A, T0), 0, A)
+    assert acked(bind_at(t, 1, B, T0), 1, B)
     return t
 
 
@@ -76,7 +96,7 @@ def test_forwarded_datagram_is_unchanged_object():
 
 def test_wrong_token_changes_nothing():
     t = table_with_path()
-    t.on_datagram(bind(0), A, T0)
+    bind_at(t, 0, A, T0)
     bad = bytes(32)
     assert t.on_datagram(bind(0, bad), EVIL, T0) == []  # cannot hijack side 0
     assert t.on_datagram(bind(1, bad), EVIL, T0) == []  # cannot take side 1
@@ -85,11 +105,48 @@ def test_wrong_token_changes_nothing():
     assert t.paths[PATH].binds == 1
 
 
+def test_one_side_cannot_bind_as_the_other():
+    """Issue 11 item 4: each node holds only its own side's key."""
+    t = table_with_path()
+    side0_key = packet.relay_side_key(TOKEN, 0)
+    forged = packet.RelayBind.make(PATH, 1, next(_counters), packet.NO_COOKIE, side0_key).encode()
+    assert t.on_datagram(forged, EVIL, T0) == [] and t.dropped["bad_token"] == 1
+    assert packet.relay_side_key(TOKEN, 0) != packet.relay_side_key(TOKEN, 1)
+
+
+def test_a_replayed_bind_is_refused():
+    """Issue 11 item 4: a bind captured on the wire and replayed (from anywhere) is refused, so it
+    can neither move the side nor make the relay answer."""
+    t = table_with_path()
+    first = bind(0)
+    out = t.on_datagram(first, A, T0)
+    cookie = packet.RelayBindAck.parse(out[0][0]).cookie
+    second = bind(0, cookie=cookie)
+    assert acked(t.on_datagram(second, A, T0), 0, A)
+    assert t.on_datagram(second, A2, T0 + 1) == [] and t.on_datagram(first, EVIL, T0 + 1) == []
+    assert t.dropped["replay"] == 2 and t.paths[PATH].addrs == [A, None]
+
+
+def test_a_spoofed_source_is_never_bound_nor_sent_traffic():
+    """Issue 11 item 4 (return routability): a bind naming a victim's address as its source gets
+    one small ack sent there, and is not bound; the other side's traffic never goes there. A bind
+    only binds when it carries the cookie the relay sent to that very address."""
+    t = bound_table()
+    victim = ("198.51.100.99", 9)
+    out = t.on_datagram(bind(0), victim, T0 + 1)  # a fresh bind with the key, spoofed source
+    assert acked(out, 0, victim, bound=False) and len(out[0][0]) < len(bind(0))
+    wrong_cookie = bind(0, cookie=packet.RelayBindAck.parse(t.on_datagram(bind(0), A2, T0 + 1)[0][0]).cookie)
+    assert acked(t.on_datagram(wrong_cookie, victim, T0 + 2), 0, victim, bound=False)  # A2's cookie, not its own
+    assert t.paths[PATH].addrs == [A, B]
+    p = data()
+    assert t.on_datagram(p, B, T0 + 3) == [(p, A)]
+
+
 def test_unbound_sender_and_peer_unbound():
     t = table_with_path()
     assert t.on_datagram(data(), A, T0) == []
     assert t.dropped["unknown_sender"] == 1
-    t.on_datagram(bind(0), A, T0)
+    bind_at(t, 0, A, T0)
     assert t.on_datagram(data(), A, T0) == []
     assert t.dropped["peer_unbound"] == 1
 
@@ -105,7 +162,9 @@ def test_spoofed_source_address_dropped():
 def test_rebind_moves_side():
     t = bound_table()
     t.pop_events()
-    assert t.on_datagram(bind(0), A2, T0 + 5) == [(ack(0), A2)]
+    assert acked(t.on_datagram(bind(0), A2, T0 + 5), 0, A2, bound=False)  # not before it proves A2
+    assert t.paths[PATH].addrs == [A, B]
+    assert acked(bind_at(t, 0, A2, T0 + 5), 0, A2)
     assert t.paths[PATH].addrs == [A2, B]
     p = data()
     assert t.on_datagram(p, B, T0 + 6) == [(p, A2)]  # goes to the new address
@@ -113,7 +172,7 @@ def test_rebind_moves_side():
     assert t.on_datagram(p, A2, T0 + 6) == [(p, B)]
     assert [(e.kind, e.side) for e in t.pop_events()] == [("moved", 0)]
     # a repeated bind from the same address is acked but is not an event
-    assert t.on_datagram(bind(0), A2, T0 + 7) == [(ack(0), A2)]
+    assert acked(t.on_datagram(bind(0), A2, T0 + 7), 0, A2)
     assert t.pop_events() == []
 
 
@@ -132,10 +191,13 @@ def test_malformed_unknown_and_unexpected():
     assert t.dropped["malformed"] == 3
     assert t.on_datagram(data(path=bytes(8)), A, T0) == []
     assert t.dropped["unknown_path"] == 1
-    assert t.on_datagram(ack(0), A, T0) == []
+    ack = packet.RelayBindAck(PATH, 0, True, 1, packet.NO_COOKIE).encode()
+    assert t.on_datagram(ack, A, T0) == []
     assert t.dropped["unexpected_type"] == 1
     assert t.on_datagram(bind(0)[:-1], A, T0) == []
-    assert t.on_datagram(bind(0)[:-1] + b"\x02", A, T0) == []
+    b = bytearray(bind(0))
+    b[packet.PREFIX_LEN] = 2
+    assert t.on_datagram(bytes(b), A, T0) == []
     assert t.dropped["bad_bind"] == 2
     assert t.forwarded_packets == 0
 
@@ -198,7 +260,7 @@ def test_a_path_nobody_binds_is_released_early():
     for i in range(100):
         t.add_path(bytes([i]) * 8, TOKEN, T0 + 3600, 1000, T0)
     t.add_path(PATH, TOKEN, T0 + 3600, 1000, T0)
-    assert t.on_datagram(bind(0), A, T0 + 1) != []  # this one is in use
+    assert acked(bind_at(t, 0, A, T0 + 1), 0, A)  # this one is in use
     assert t.expire(T0 + UNBOUND_S - 0.1) == 0
     assert t.expire(T0 + UNBOUND_S) == 100 and list(t.paths) == [PATH]
     assert t.removed["unbound"] == 100

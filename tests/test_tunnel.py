@@ -361,7 +361,8 @@ def test_request_retransmitted_to_all_candidates_then_relay_fallback():
     t = T0 + 1.5
     out_a, out_b = a.poll(t), b.poll(t)
     bind_b = [d for d, dst in out_b if dst == RELAY]
-    assert RelayBind.parse(bind_b[0]) == RelayBind(PATH, token, 1)
+    sent = RelayBind.parse(bind_b[0])
+    assert (sent.path_id, sent.side) == (PATH, 1) and sent.verify(token)  # MAC'd with B's side key
     kinds_a = [(d[0], dst) for d, dst in out_a]
     assert (TYPE_RELAY_BIND, RELAY) in kinds_a and (TYPE_HANDSHAKE_REQUEST, RELAY) in kinds_a
     # relay forwards A's Request to B, B's answer to A; both see the relay as the peer

@@ -102,10 +102,11 @@ def test_every_drop_is_counted_each_time():
     for _ in range(2):
         fresh.receive(good, ADDR_A, T0)
     assert fresh.stats["drop_no_keys"] == 2
-    relay = Session(KA, IDB, PB, PATH, relay=RelayInfo(RELAY, os.urandom(32), 0))
+    relay = Session(KA, IDB, PB, PATH, relay=RelayInfo(RELAY, os.urandom(32), 0), wall=lambda: 1.0)
     relay.start(T0)
+    relay.poll(T0)  # binds at once (no candidates): counter 1,000,000
     for _ in range(2):
-        relay.receive(RelayBindAck(PATH, 0).encode(), RELAY, T0)
+        relay.receive(RelayBindAck(PATH, 0, True, 1_000_000, bytes(16)).encode(), RELAY, T0)
     assert relay.stats["relay_acks"] == 2
 
 

@@ -26,6 +26,8 @@ from ntm.packet import (
     TYPE_HANDSHAKE_REQUEST,
     TYPE_PING,
     TYPE_PONG,
+    TYPE_RELAY_BIND,
+    RelayBind,
     RelayBindAck,
     TransportPacket,
 )
@@ -158,8 +160,8 @@ def run_scenario() -> list:
         "replay": good,
         "malformed handshake": bytes([TYPE_HANDSHAKE_REQUEST]) + PATH + b"\x00" * 10,
         "unexpected response": resp[0][0],
-        "bind ack from a stranger": RelayBindAck(PATH, 0).encode(),
-        "short bind ack": RelayBindAck(PATH, 0).encode()[:-1] + b"",
+        "bind ack from a stranger": RelayBindAck(PATH, 0, True, 1, bytes(16)).encode(),
+        "short bind ack": RelayBindAck(PATH, 0, True, 1, bytes(16)).encode()[:-1] + b"",
     }
     for name, data in bad.items():
         t.step("drop " + name, b, a, events=b.receive(data, A, T0 + 4.1), out=sent(b.datagrams_to_send()))
@@ -222,8 +224,10 @@ def run_scenario() -> list:
     t.step("relay 1.0", c, d, out_c=sent(c.poll(T0 + 1.0)), out_d=sent(d.poll(T0 + 1.0)))
     oc, od = c.poll(T0 + 1.5), d.poll(T0 + 1.5)
     t.step("relay fallback", c, d, out_c=sent(oc), out_d=sent(od))
-    t.step("ack from stranger", c, events=c.receive(RelayBindAck(PATH, 0).encode(), EVIL, T0 + 1.5))
-    t.step("ack from relay", c, events=c.receive(RelayBindAck(PATH, 0).encode(), RELAY, T0 + 1.5))
+    bind_c = RelayBind.parse([x for x, dst in oc if dst == RELAY and x[0] == TYPE_RELAY_BIND][0])
+    ack = RelayBindAck(PATH, 0, True, bind_c.counter, bytes(16)).encode()
+    t.step("ack from stranger", c, events=c.receive(ack, EVIL, T0 + 1.5))
+    t.step("ack from relay", c, events=c.receive(ack, RELAY, T0 + 1.5))
     req = [x for x, dst in oc if dst == RELAY and x[0] == TYPE_HANDSHAKE_REQUEST]
     t.step("d via relay", d, events=d.receive(req[0], RELAY, T0 + 1.6))
     r2 = d.poll(T0 + 1.6)
