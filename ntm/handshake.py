@@ -14,8 +14,10 @@ prologue binds the path ID and both node IDs. Sans-I/O: no sockets, no clock rea
 from __future__ import annotations
 
 import hashlib
+import hmac
 import os
 import struct
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable, ClassVar, TypeVar
 
@@ -27,9 +29,17 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ntm import keys
 from ntm.errors import NtmError, ParseError, SignatureError
-from ntm.packet import PATH_ID_LEN, HandshakeRequest, HandshakeResponse
+from ntm.packet import MAC1_LEN, PATH_ID_LEN, HandshakeRequest, HandshakeResponse
+from ntm.ratelimit import TokenBucket
 
 PROTOCOL_NAME = b"NTM1_Noise_KK_secp256k1_AESGCM_SHA256"
+MAC1_LABEL = b"ntm mac1"
+#: Requests with a valid mac1 a responder takes through the ECDHs per path: a burst of 10, then
+#: 10 per second (a peer retransmits 4/s). Only the two nodes can make a valid mac1, so this
+#: bounds what a replay of captured Requests (on-path) can cost; outsiders never get this far.
+MAC1_VALID_PER_S = (10.0, 10.0)
+#: mac1 values of recent Requests remembered per path: a replayed copy is dropped without ECDH.
+RECENT_MAC1S = 64
 PROLOGUE_LABEL = b"NTMobile tunnel v1"
 ZERO_NONCE = bytes(12)  # each handshake AEAD key encrypts exactly once
 #: Pending attempts an initiator remembers: it sends a fresh Request on every retransmission
@@ -57,6 +67,10 @@ class HandshakeAuthError(HandshakeError):
 
 class HandshakeReplayError(HandshakeError):
     """A Request whose timestamp is not newer than the last accepted one."""
+
+
+class HandshakeMacError(HandshakeError):
+    """mac1 does not verify: not made by the peer of this path (checked before any ECDH)."""
 
 
 class HandshakeRateError(HandshakeError):
@@ -148,6 +162,15 @@ def initial_state(path_id: bytes, init_id: bytes, init_pub: bytes, resp_id: byte
     return st
 
 
+def mac1_key(ss: bytes, path_id: bytes) -> bytes:
+    """SHA-256("ntm mac1" || static-static ECDH || path ID): only the path's two nodes have it."""
+    return hashlib.sha256(MAC1_LABEL + ss + path_id).digest()
+
+
+def mac1(key: bytes, body: bytes) -> bytes:
+    return hmac.new(key, body, hashlib.sha256).digest()[:MAC1_LEN]
+
+
 def _ephemeral(rand: Rand) -> coincurve.PrivateKey:
     while True:
         try:
@@ -184,7 +207,19 @@ class _Party:
         me, peer = (self.local_id, self.local_pub), (self.peer_id, self.peer_pub)
         self._base = initial_state(self.path_id, *(me + peer if self.INITIATOR else peer + me))
         self._ss = keys.ecdh(static_key, self.peer_pub)
+        self._mac1_key = mac1_key(self._ss, self.path_id)
         self.last_timestamp = 0
+
+    def _check_mac1(self, kind: type[M], data: bytes) -> None:
+        """Length, type, path and mac1 from the raw bytes: the cheap gate before any curve
+        operation (a forged or garbled message costs one HMAC)."""
+        data = bytes(data)
+        if len(data) != kind.LEN or data[0] != kind.TYPE:
+            raise HandshakeError(f"malformed {kind.NAME}: {len(data)} bytes or wrong type")
+        if data[1:PATH_ID_LEN + 1] != self.path_id:
+            raise UnknownPathError(f"{kind.NAME} for path {data[1:9].hex()}, expected {self.path_id.hex()}")
+        if not hmac.compare_digest(data[-MAC1_LEN:], mac1(self._mac1_key, data[:-MAC1_LEN])):
+            raise HandshakeMacError(f"{kind.NAME} mac1 does not verify")
 
     def _parse(self, kind: type[M], data: bytes) -> M:
         """The message if well-formed and for this path; HandshakeError otherwise."""
@@ -237,10 +272,12 @@ class Initiator(_Party):
         sealed = st.encrypt_and_hash(struct.pack("!Q", ts))
         self._pending.append((e, st, ts, now))
         del self._pending[:-MAX_PENDING_ATTEMPTS]
-        return HandshakeRequest(self.path_id, e_pub, sealed).encode()
+        body = HandshakeRequest(self.path_id, e_pub, sealed).body()
+        return body + mac1(self._mac1_key, body)
 
     def response(self, data: bytes) -> Keys:
         """Keys from a Tunnel Response to one of the outstanding Requests; HandshakeError otherwise."""
+        self._check_mac1(HandshakeResponse, data)
         msg = self._parse(HandshakeResponse, data)
         if not self._pending:
             raise NoPendingHandshakeError("Tunnel Response but no Request outstanding")
@@ -268,14 +305,24 @@ class Responder(_Party):
     def __init__(self, *args, **kw) -> None:  # noqa: ANN002, ANN003 - as _Party
         super().__init__(*args, **kw)
         self.last_accepted: float | None = None
+        self._recent: deque[bytes] = deque(maxlen=RECENT_MAC1S)
+        self._valid_rate = TokenBucket(MAC1_VALID_PER_S[1], MAC1_VALID_PER_S[0])
 
     def respond(self, data: bytes, now: float) -> tuple[bytes, Keys]:
         """(Tunnel Response bytes, Keys) for a valid fresh Request; HandshakeError otherwise.
 
-        Checks, in order: length/type/curve point (parse), path ID, AEAD tag (proves the
-        initiator's static key), timestamp strictly newer, rate limit. Nothing is stored
-        unless all pass.
+        Checks, in order: length, type, path ID and mac1 (one HMAC: nothing else is spent on a
+        forgery), not a copy of a recent Request, the valid-mac1 rate, curve point (parse), AEAD
+        tag (proves the initiator's static key), timestamp strictly newer, the per-path interval.
+        Only the duplicate filter and the rate remember anything before all pass.
         """
+        self._check_mac1(HandshakeRequest, data)
+        tag = bytes(data[-MAC1_LEN:])
+        if tag in self._recent:
+            raise HandshakeReplayError("a copy of a recent Tunnel Request")
+        self._recent.append(tag)
+        if not self._valid_rate.take(now):
+            raise HandshakeRateError("more Tunnel Requests with a valid mac1 than the per-path rate")
         msg = self._parse(HandshakeRequest, data)
         st = self._base.copy()
         st.mix_hash(msg.ephemeral)
@@ -298,4 +345,5 @@ class Responder(_Party):
         self.last_timestamp = ts
         self.last_accepted = now
         i2r, r2i = st.split()
-        return HandshakeResponse(self.path_id, e_pub, sealed).encode(), Keys(r2i, i2r, False, st.h, ts)
+        body = HandshakeResponse(self.path_id, e_pub, sealed).body()
+        return body + mac1(self._mac1_key, body), Keys(r2i, i2r, False, st.h, ts)

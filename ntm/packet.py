@@ -4,8 +4,8 @@ Every tunnel datagram starts with `type (1) || path ID (8)` in clear, so a demul
 node's endpoint) and a relay can find the path without any key. Parsers raise
 `ntm.errors.ParseError` and nothing else on bad bytes.
 
-    0x01 HANDSHAKE_REQUEST   type | path | ephemeral (33) | sealed timestamp (8 + 16)   66 bytes
-    0x02 HANDSHAKE_RESPONSE  type | path | ephemeral (33) | sealed empty (16)           58 bytes
+    0x01 HANDSHAKE_REQUEST   type | path | ephemeral (33) | sealed timestamp (8 + 16) | mac1 (16)  82 bytes
+    0x02 HANDSHAKE_RESPONSE  type | path | ephemeral (33) | sealed empty (16) | mac1 (16)          74 bytes
     0x03 DATA                type | path | counter (8) | AEAD(payload) (len + 16)       >= 33 bytes
     0x04 KEEPALIVE           type | path | counter (8) | AEAD(empty) (16)               33 bytes
     0x05 PING / 0x06 PONG    type | path | counter (8) | AEAD(ping id (8)) (24)         41 bytes
@@ -57,8 +57,9 @@ TIMESTAMP_LEN = 8
 TOKEN_LEN = 32
 PING_ID_LEN = 8
 
-REQUEST_LEN = PREFIX_LEN + EPHEMERAL_LEN + TIMESTAMP_LEN + TAG_LEN  # 66
-RESPONSE_LEN = PREFIX_LEN + EPHEMERAL_LEN + TAG_LEN  # 58
+MAC1_LEN = 16
+REQUEST_LEN = PREFIX_LEN + EPHEMERAL_LEN + TIMESTAMP_LEN + TAG_LEN + MAC1_LEN  # 82
+RESPONSE_LEN = PREFIX_LEN + EPHEMERAL_LEN + TAG_LEN + MAC1_LEN  # 74
 MIN_TRANSPORT_LEN = HEADER_LEN + TAG_LEN  # 33
 KEEPALIVE_LEN = MIN_TRANSPORT_LEN
 COOKIE_LEN = 16
@@ -99,12 +100,12 @@ def _side(data: bytes, name: str) -> int:
     return side
 
 
-def _parse_handshake(data: bytes, kind: int, length: int, name: str) -> tuple[bytes, bytes, bytes]:
-    """(path ID, ephemeral key, sealed part) of a Tunnel Request or Response of exact `length`."""
+def _parse_handshake(data: bytes, kind: int, length: int, name: str) -> tuple[bytes, bytes, bytes, bytes]:
+    """(path ID, ephemeral key, sealed part, mac1) of a Tunnel Request or Response of exact `length`."""
     data = _exact(data, kind, length, name)
     eph = data[PREFIX_LEN : PREFIX_LEN + EPHEMERAL_LEN]
     _check_point(eph)
-    return data[1:PREFIX_LEN], eph, data[PREFIX_LEN + EPHEMERAL_LEN :]
+    return data[1:PREFIX_LEN], eph, data[PREFIX_LEN + EPHEMERAL_LEN : -MAC1_LEN], data[-MAC1_LEN:]
 
 
 def peek(datagram: bytes) -> tuple[int, bytes]:
@@ -119,7 +120,8 @@ def peek(datagram: bytes) -> tuple[int, bytes]:
 
 @dataclass(frozen=True, slots=True)
 class _Handshake:
-    """type | path ID | sender's ephemeral key (33-byte compressed point) | AEAD-sealed part."""
+    """type | path ID | sender's ephemeral key (33-byte compressed point) | AEAD-sealed part | mac1
+    (a MAC over everything before it, keyed from the two nodes' static-static secret: §6)."""
 
     TYPE: ClassVar[int]
     LEN: ClassVar[int]
@@ -127,9 +129,14 @@ class _Handshake:
     path_id: bytes
     ephemeral: bytes
     sealed: bytes
+    mac1: bytes = bytes(MAC1_LEN)
+
+    def body(self) -> bytes:
+        """What mac1 covers."""
+        return bytes([self.TYPE]) + self.path_id + self.ephemeral + self.sealed
 
     def encode(self) -> bytes:
-        return bytes([self.TYPE]) + self.path_id + self.ephemeral + self.sealed
+        return self.body() + self.mac1
 
     @classmethod
     def parse(cls, data: bytes) -> Self:

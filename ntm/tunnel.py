@@ -35,6 +35,7 @@ from ntm.errors import NtmError, ParseError
 from ntm.handshake import (
     HandshakeAuthError,
     HandshakeError,
+    HandshakeMacError,
     HandshakeRateError,
     HandshakeReplayError,
     Initiator,
@@ -239,6 +240,7 @@ STAT_KEYS = (
     "handshakes", "rekeys", "requests_sent", "responses_sent", "endpoint_changes", "relay_binds_sent",
     "relay_acks", "drop_truncated", "drop_unknown_type", "drop_unknown_path", "drop_replay", "drop_too_old",
     "drop_bad_tag", "drop_no_keys", "drop_expired_key", "drop_handshake_malformed", "drop_handshake_auth",
+    "drop_handshake_mac",
     "drop_handshake_replay", "drop_handshake_rate", "drop_handshake_collision", "drop_unexpected_response",
     "drop_malformed",
 )
@@ -617,6 +619,8 @@ class Session:
             self._stats["drop_handshake_rate"] += 1
         elif isinstance(exc, HandshakeAuthError):
             self._stats["drop_handshake_auth"] += 1
+        elif isinstance(exc, HandshakeMacError):
+            self._stats["drop_handshake_mac"] += 1
         elif isinstance(exc, NoPendingHandshakeError):
             self._stats["drop_unexpected_response"] += 1
         else:

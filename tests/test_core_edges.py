@@ -291,8 +291,9 @@ def test_replay_guard_remembers_each_sender_nonce_pair_and_stays_bounded():
 # --- handshake -----------------------------------------------------------------------------------
 from ntm import handshake  # noqa: E402
 from ntm.handshake import (  # noqa: E402
-    HANDSHAKE_MIN_INTERVAL, HandshakeAuthError, HandshakeError, HandshakeRateError, HandshakeReplayError,
-    Initiator, NoPendingHandshakeError, PeerIdentityError, Responder, UnknownPathError)
+    HANDSHAKE_MIN_INTERVAL, HandshakeAuthError, HandshakeError, HandshakeMacError, HandshakeRateError,
+    HandshakeReplayError, Initiator, NoPendingHandshakeError, PeerIdentityError, Responder, UnknownPathError, mac1,
+    mac1_key)
 
 KB = keys.generate()
 PATH = b"\x01" * 8
@@ -336,18 +337,24 @@ def test_handshake_refusals_say_why():
         _pair(b"\x02" * 8)[1].respond(req, 1.0)
     with pytest.raises(HandshakeError, match="^malformed Tunnel Request: "):
         r.respond(req[:-1], 1.0)
-    with raises(HandshakeAuthError, "Tunnel Request failed authentication (tampered, or not from the expected peer)"):
+    with raises(HandshakeMacError, "Tunnel Request mac1 does not verify"):
         r.respond(req[:-1] + bytes([req[-1] ^ 1]), 1.0)
+    key = mac1_key(keys.ecdh(r.static_key, r.peer_pub), PATH)
+    remac = lambda m: m[:-16] + mac1(key, m[:-16])  # noqa: E731 - a tampered body with a valid mac1
+    with raises(HandshakeAuthError, "Tunnel Request failed authentication (tampered, or not from the expected peer)"):
+        r.respond(remac(req[:-17] + bytes([req[-17] ^ 1]) + req[-16:]), 1.0)
     resp, _ = r.respond(req, 1.0)
-    with raises(HandshakeReplayError, f"Tunnel Request timestamp {r.last_timestamp} is not newer than {r.last_timestamp}"):
+    with raises(HandshakeReplayError, "a copy of a recent Tunnel Request"):
         r.respond(req, 2.0)
     with raises(HandshakeRateError, "Tunnel Requests arriving faster than the per-path limit"):
         r.respond(i.request(1.0 + HANDSHAKE_MIN_INTERVAL / 2), 1.0 + HANDSHAKE_MIN_INTERVAL / 2)
     with raises(HandshakeRateError, "Tunnel Requests arriving faster than the per-path limit"):
         r.respond(i.request(1.0), 1.0)  # at the same instant
     r.respond(i.request(1.0 + HANDSHAKE_MIN_INTERVAL), 1.0 + HANDSHAKE_MIN_INTERVAL)  # exactly the limit: fine
-    with raises(HandshakeAuthError, "Tunnel Response failed authentication (tampered, or wrong responder key)"):
+    with raises(HandshakeMacError, "Tunnel Response mac1 does not verify"):
         i.response(resp[:-1] + bytes([resp[-1] ^ 1]))
+    with raises(HandshakeAuthError, "Tunnel Response failed authentication (tampered, or wrong responder key)"):
+        i.response(remac(resp[:-17] + bytes([resp[-17] ^ 1]) + resp[-16:]))
     with raises(UnknownPathError, f"Tunnel Response for path {PATH.hex()}, expected {'02' * 8}"):
         _pair(b"\x02" * 8)[0].response(resp)
     fresh, _ = _pair()

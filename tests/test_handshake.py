@@ -9,19 +9,23 @@ import struct
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from ntm import keys
+from ntm import keys, packet
 from ntm.handshake import (
     HANDSHAKE_MIN_INTERVAL,
     MAX_PENDING_ATTEMPTS,
     HandshakeAuthError,
     HandshakeError,
+    HandshakeMacError,
     HandshakeRateError,
+    MAC1_VALID_PER_S,
     HandshakeReplayError,
     Initiator,
     NoPendingHandshakeError,
     PeerIdentityError,
     Responder,
     UnknownPathError,
+    mac1,
+    mac1_key,
 )
 from ntm.packet import REQUEST_LEN, RESPONSE_LEN
 
@@ -36,11 +40,11 @@ NOW = 1700000000.0
 # The §6 test vector (docs/PROTOCOL.md).
 VEC_REQUEST = bytes.fromhex(
     "010102030405060708034f355bdcb7cc0af728ef3cceb9615d90684bb5b2ca5f859ab0f0b704075871aa"
-    "5122f53e5c52809239d6e9b32a02276a4290a07edec6200f"
+    "5122f53e5c52809239d6e9b32a02276a4290a07edec6200f" "a4ea433047dd0e0538c122d4fc3da497"  # mac1
 )
 VEC_RESPONSE = bytes.fromhex(
     "02010203040506070802466d7fcae563e5cb09a0d1870bb580344804617879a14949cf22285f1bae3f27"
-    "df8860a6f54e5da223c9108025729672"
+    "df8860a6f54e5da223c9108025729672" "743f6d9386b5e0491a3395aed7a68f7f"  # mac1
 )
 VEC_I2R = bytes.fromhex("52bf7f6219ffc12f2830cc8d008cae3c5e0aaa938588ce5e4c3bd48fc747457d")
 VEC_R2I = bytes.fromhex("83ae489ef0f4ca9a1bc358084a2f2e52eea169debca270bc340420123d8a20e7")
@@ -95,13 +99,15 @@ def test_vector_independent_derivation():
     out = _hkdf(ck, keys.ecdh(ei, PB), b"ntm1 es"); ck = out[:32]  # noqa: E702
     out = _hkdf(ck, keys.ecdh(A, PB), b"ntm1 ss"); ck, k = out[:32], out[32:]  # noqa: E702
     c = AESGCM(k).encrypt(bytes(12), struct.pack("!Q", 1_700_000_000_000_000_000), h)
-    assert bytes([1]) + PATH + ei_pub + c == VEC_REQUEST
+    mac1_key = hashlib.sha256(b"ntm mac1" + keys.ecdh(A, PB) + PATH).digest()
+    mac = lambda body: body + hmac.new(mac1_key, body, hashlib.sha256).digest()[:16]  # noqa: E731
+    assert mac(bytes([1]) + PATH + ei_pub + c) == VEC_REQUEST
     h = mix(h, c)
     h = mix(h, er_pub)
     out = _hkdf(ck, keys.ecdh(er, ei_pub), b"ntm1 ee"); ck = out[:32]  # noqa: E702
     out = _hkdf(ck, keys.ecdh(er, PA), b"ntm1 se"); ck, k = out[:32], out[32:]  # noqa: E702
     c = AESGCM(k).encrypt(bytes(12), b"", h)
-    assert bytes([2]) + PATH + er_pub + c == VEC_RESPONSE
+    assert mac(bytes([2]) + PATH + er_pub + c) == VEC_RESPONSE
     h = mix(h, c)
     assert h == VEC_HASH
     out = _hkdf(ck, b"", b"ntm1 transport")
@@ -132,9 +138,45 @@ def test_request_from_other_key_refused():
     """C knows B's key and claims to be A: without A's static key the tag does not verify."""
     imposter = Initiator(C, IDB, PB, PATH)
     r = Responder(B, IDA, PA, PATH)
-    with pytest.raises(HandshakeAuthError):
+    with pytest.raises(HandshakeMacError):  # mac1 is keyed by the A-B secret: refused before any ECDH
         r.respond(imposter.request(NOW), NOW)
     assert r.last_timestamp == 0
+    forged = bytearray(imposter.request(NOW + 1))  # even with a mac1 the A-B key would give,
+    forged[-16:] = mac1(mac1_key(keys.ecdh(A, PB), PATH), bytes(forged[:-16]))
+    with pytest.raises(HandshakeAuthError):  # the AEAD still needs A's static key
+        r.respond(bytes(forged), NOW + 1)
+
+
+def test_a_forged_request_costs_no_curve_operation(monkeypatch):
+    """Issue 11 item 7: what an outsider can send (no mac1 of the path's two nodes) is refused
+    after one HMAC: no ECDH, no point decoding; a copy of a genuine Request and Requests beyond
+    the valid-mac1 rate are refused before any ECDH too."""
+    i, r = pair()
+    calls = []
+    real_ecdh, real_point = keys.ecdh, packet._check_point
+    monkeypatch.setattr(keys, "ecdh", lambda *a: calls.append("ecdh") or real_ecdh(*a))
+    monkeypatch.setattr(packet, "_check_point", lambda *a: calls.append("point") or real_point(*a))
+    forged = Initiator(C, IDB, PB, PATH).request(NOW)
+    calls.clear()  # (the forger's own ECDHs)
+    for _ in range(100):
+        with pytest.raises(HandshakeMacError):
+            r.respond(forged, NOW)
+    assert calls == []
+    genuine = i.request(NOW)
+    r.respond(genuine, NOW)
+    calls.clear()
+    with pytest.raises(HandshakeReplayError, match="copy"):
+        r.respond(genuine, NOW + 1)
+    assert calls == []
+    burst = int(MAC1_VALID_PER_S[0])
+    for n in range(burst - 1):  # the rest of the burst: valid mac1, refused later (interval)
+        with pytest.raises(HandshakeRateError):
+            r.respond(i.request(NOW), NOW)
+    late = i.request(NOW)  # the initiator's own ECDHs happen here
+    calls.clear()
+    with pytest.raises(HandshakeRateError, match="valid mac1"):
+        r.respond(late, NOW)
+    assert calls == []
 
 
 def test_response_from_other_key_refused():
@@ -208,9 +250,13 @@ def test_unknown_path_refused():
     r = Responder(B, IDA, PA, PATH)
     with pytest.raises(UnknownPathError):
         r.respond(i.request(NOW), NOW)
-    # and a Request re-labelled with our path ID fails authentication (path is in the prologue)
+    # and a Request re-labelled with our path ID fails mac1 (keyed by the path too) and, re-MAC'd,
+    # the AEAD (the path is in the prologue)
     req = bytearray(i.request(NOW + 1))
     req[1:9] = PATH
+    with pytest.raises(HandshakeMacError):
+        r.respond(bytes(req), NOW + 1)
+    req[-16:] = mac1(mac1_key(keys.ecdh(A, PB), PATH), bytes(req[:-16]))
     with pytest.raises(HandshakeAuthError):
         r.respond(bytes(req), NOW + 1)
 
@@ -219,7 +265,7 @@ def test_request_not_for_me_refused():
     """A Request A built for C does not verify at B even though the path matches."""
     i = Initiator(A, IDC, PC, PATH)
     r = Responder(B, IDA, PA, PATH)
-    with pytest.raises(HandshakeAuthError):
+    with pytest.raises(HandshakeMacError):
         r.respond(i.request(NOW), NOW)
 
 

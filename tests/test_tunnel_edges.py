@@ -88,7 +88,7 @@ def test_every_drop_is_counted_each_time():
         "drop_unknown_type": b"\x7f" + PATH + b"\x00" * 40,
         "drop_too_old": good[:9] + (2**64 - 1).to_bytes(8) + good[17:],
         "drop_unknown_path": bytes([TYPE_HANDSHAKE_REQUEST]) + other + request[9:],
-        "drop_handshake_auth": request[:-1] + bytes([request[-1] ^ 1]),
+        "drop_handshake_mac": request[:-1] + bytes([request[-1] ^ 1]),
         "relay_acks": None,
     }
     for stat, data in cases.items():
@@ -131,7 +131,7 @@ def test_handshake_drops_are_counted_each_time():
     assert b.stats["drop_unexpected_response"] == 2
     for _ in range(2):
         a.receive(resp[:-1] + bytes([resp[-1] ^ 1]), ADDR_B, T0 + 3)
-    assert a.stats["drop_handshake_auth"] == 2
+    assert a.stats["drop_handshake_mac"] == 2
     other = bytes(8)
     for _ in range(2):
         a.receive(resp[:1] + other + resp[9:], ADDR_B, T0 + 3)
