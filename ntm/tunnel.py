@@ -94,7 +94,7 @@ REKEY_RETRANSMIT = 1.0
 #: Without a completed handshake after this long, also try the relay (if the DC gave one).
 RELAY_FALLBACK_AFTER = 1.5
 # Tunnel Requests sent to an unverified candidate (an address a node announced but no DC saw it
-# send from): one, so a node that lies about its addresses makes its peer send one 66-byte
+# send from): one, so a node that lies about its addresses makes its peer send one 82-byte
 # datagram per direction to a stranger, less than the direction request cost it (§8.1).
 UNVERIFIED_ATTEMPTS = 1
 
