@@ -1,7 +1,8 @@
 """What an outsider gets for their effort; prints `metric: value` lines (docs/PROTOCOL.md §5, §6).
 
   forged_handshake_cpu_us             responder CPU per forged Tunnel Request (well-formed, right
-                                      path ID, wrong key: refused after the ECDH and AEAD)
+                                      path ID, wrong key: refused at mac1, before any ECDH; target ≤ 15)
+  replayed_handshake_cpu_us           ... per copy of a genuine Request replayed by an on-path attacker
   junk_datagram_cpu_us                responder CPU per junk datagram on a known path (for scale)
   chain_calls_per_random_whois        eth_call a real DC makes per whois for a random node ID
   chain_calls_per_fresh_key_direction eth_call a real RS makes per relay direction signed by a
@@ -60,25 +61,31 @@ def per_packet_us(session: Session, datagrams: list[bytes]) -> float:
     return (time.process_time() - t0) / len(datagrams) * 1e6
 
 
-def handshake_costs(rounds: int) -> tuple[float, float]:
-    """(forged Request µs, junk µs), medians over `rounds`."""
+def handshake_costs(rounds: int) -> tuple[float, float, float]:
+    """(forged Request µs, replayed genuine Request µs, junk µs), medians over `rounds`."""
     victim, peer, mallory = keys.generate(), keys.generate(), keys.generate()
     session = Session(victim, keys.node_id_of(peer), keys.public_bytes(peer), PATH, role="wait")
     session.start(0.0)
     # Mallory knows both public keys and the path ID, but not the peer's private key: she builds
-    # Requests with her own key in the peer's place, which fail the AEAD after both ECDHs.
+    # Requests with her own key in the peer's place; their mac1 (keyed by the peer-victim secret)
+    # fails before any ECDH. On path, she may also replay one genuine Request over and over.
     forger = Initiator(mallory, keys.node_id_of(victim), keys.public_bytes(victim), PATH)
+    genuine = Initiator(peer, keys.node_id_of(victim), keys.public_bytes(victim), PATH).request(0.0)
     forged, junk = [], []
     for i in range(N):
         forged.append(forger.request(float(i)))
         junk.append(forged[-1][:9] + os.urandom(len(forged[-1]) - 9))
-    f, j = [], []
+    session.receive(genuine, ("203.0.113.1", 1), 1.0)
+    f, r, j = [], [], []
     for _ in range(rounds):
-        before = session.stats["drop_handshake_auth"]
+        before = session.stats["drop_handshake_mac"]
         f.append(per_packet_us(session, forged))
-        assert session.stats["drop_handshake_auth"] - before == N  # every forged Request refused
+        assert session.stats["drop_handshake_mac"] - before == N  # every forged Request refused
+        before = session.stats["drop_handshake_replay"]
+        r.append(per_packet_us(session, [genuine] * N))
+        assert session.stats["drop_handshake_replay"] - before == N
         j.append(per_packet_us(session, junk))
-    return statistics.median(f), statistics.median(j)
+    return statistics.median(f), statistics.median(r), statistics.median(j)
 
 
 def keepalive_log_lines() -> int:
@@ -216,8 +223,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=5)
     args = p.parse_args()
-    forged, junk = handshake_costs(args.rounds)
+    forged, replayed, junk = handshake_costs(args.rounds)
     print(f"forged_handshake_cpu_us: {forged:.1f}")
+    print(f"replayed_handshake_cpu_us: {replayed:.1f}")
     print(f"junk_datagram_cpu_us: {junk:.1f}")
     with tempfile.TemporaryDirectory() as tmp:
         whois, directions = asyncio.run(chain_calls(Path(tmp)))

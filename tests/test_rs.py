@@ -148,6 +148,17 @@ async def test_directions_trust_replay_conflict(net):
         assert r.status == 200
 
 
+def bind_via(sock, relay, path: bytes, token: bytes, side: int) -> packet.RelayBindAck:
+    """A node's two-step bind (PROTOCOL §8.2): a bind that earns this address's cookie, then one
+    that carries it. Returns the relay's final ack."""
+    key = packet.relay_side_key(token, side)
+    sock.sendto(packet.RelayBind.make(path, side, time.time_ns() // 1000, packet.NO_COOKIE, key).encode(), relay)
+    first = packet.RelayBindAck.parse(sock.recv(100))
+    assert not first.bound  # not before the address has proven it receives
+    sock.sendto(packet.RelayBind.make(path, side, time.time_ns() // 1000, first.cookie, key).encode(), relay)
+    return packet.RelayBindAck.parse(sock.recv(100))
+
+
 @pytest.mark.skipif(not has_ipv6_loopback(), reason="no IPv6 loopback")
 async def test_ipv4_ipv6_bridge_with_real_handshake(net):
     key_a, key_b = keys.generate(), keys.generate()
@@ -161,14 +172,15 @@ async def test_ipv4_ipv6_bridge_with_real_handshake(net):
     b = udp(socket.AF_INET6, "::1")  # an IPv6-only node
     evil = udp(socket.AF_INET, "127.0.0.1")
     try:
-        # wrong token: no ack, nothing bound
-        evil.sendto(packet.RelayBind(path, os.urandom(32), 1).encode(), relay_v4)
+        # wrong side key: no ack, nothing bound
+        wrong = packet.relay_side_key(os.urandom(32), 1)
+        evil.sendto(packet.RelayBind.make(path, 1, 1, packet.NO_COOKIE, wrong).encode(), relay_v4)
         assert recv_or_none(evil) is None
 
-        a.sendto(packet.RelayBind(path, token, 0).encode(), relay_v4)
-        assert packet.RelayBindAck.parse(a.recv(100)) == packet.RelayBindAck(path, 0)
-        b.sendto(packet.RelayBind(path, token, 1).encode(), relay_v6)
-        assert packet.RelayBindAck.parse(b.recv(100)) == packet.RelayBindAck(path, 1)
+        ack = bind_via(a, relay_v4, path, token, 0)
+        assert (ack.path_id, ack.side, ack.bound) == (path, 0, True)
+        ack = bind_via(b, relay_v6, path, token, 1)
+        assert (ack.path_id, ack.side, ack.bound) == (path, 1, True)
 
         # the tunnel handshake, through the relay (A initiates)
         ini = handshake.Initiator(key_a, id_b, keys.public_bytes(key_b), path)
@@ -204,8 +216,7 @@ async def test_ipv4_ipv6_bridge_with_real_handshake(net):
         # roaming: A rebinds from a new socket (new port); traffic follows the new address
         a2 = udp(socket.AF_INET, "127.0.0.1")
         try:
-            a2.sendto(packet.RelayBind(path, token, 0).encode(), relay_v4)
-            assert packet.RelayBindAck.parse(a2.recv(100)).side == 0
+            assert bind_via(a2, relay_v4, path, token, 0).bound
             b.sendto(seal(kb.send, 11, b"to the new address"), relay_v6)
             assert open_(ka.recv, a2.recv(2000)) == b"to the new address"
             assert recv_or_none(a) is None
@@ -263,8 +274,7 @@ async def test_ipv4_only_socket_and_default_advertise(tmp_path):
             a, b = udp(socket.AF_INET, "127.0.0.1"), udp(socket.AF_INET, "127.0.0.1")
             try:
                 for side, s in enumerate((a, b)):
-                    s.sendto(packet.RelayBind(path, token, side).encode(), ("127.0.0.1", port))
-                    assert s.recv(100) == packet.RelayBindAck(path, side).encode()
+                    assert bind_via(s, ("127.0.0.1", port), path, token, side).bound
                 ka = packet.TransportPacket(packet.TYPE_KEEPALIVE, path, 1, os.urandom(16)).encode()
                 a.sendto(ka, ("127.0.0.1", port))
                 assert b.recv(100) == ka
