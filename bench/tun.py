@@ -79,6 +79,14 @@ class WireGuard:
             pub = subprocess.run(["wg", "pubkey"], input=priv, capture_output=True, text=True, check=True).stdout.strip()
             keys.append((priv, pub))
         self.dir = Path(tempfile.mkdtemp(prefix="ntm-bench-wg-"))
+        try:
+            self._start(keys)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, keys: list[tuple[str, str]]) -> None:
+        lab, hosts = self.lab, self.hosts
         names = [f"ntmwg{i}" for i in range(len(hosts))]
         for name, h in zip(names, hosts):
             self.procs.append(lab.run(h, ["wireguard-go", "-f", name], stdout=subprocess.DEVNULL,
