@@ -155,3 +155,73 @@ def test_a_relay_cookie_makes_the_session_bind_again_with_it():
 def test_data_events_are_plain_payloads():
     """Guards the helper the tests above rely on (a broken data_of would make them vacuous)."""
     assert data_of([Data(b"x"), RelayBound(("1.2.3.4", 1))]) == [b"x"]
+
+
+# --- handshake: the checks behind mac1 ------------------------------------------------------------
+def _remac(session_key, peer_pub, msg: bytes) -> bytes:
+    """`msg` with a valid mac1 again (after tampering with the body): what only a peer could send."""
+    from ntm.handshake import mac1, mac1_key
+    return msg[:-16] + mac1(mac1_key(keys.ecdh(session_key, peer_pub), PATH), msg[:-16])
+
+
+def test_a_peer_built_request_with_a_bad_tag_is_counted_as_auth():
+    from tests.test_tunnel import IDA, KB, PA
+    a = Session(KA, IDB, PB, PATH, candidates=[ADDR_B])
+    b = Session(KB, IDA, PA, PATH, role="wait")
+    a.start(T0)
+    b.start(T0)
+    req = a.poll(T0)[0][0]
+    for flip in (1, 2):  # two different tamperings of the sealed part, each with a valid mac1
+        b.receive(_remac(KA, PB, req[:-17] + bytes([req[-17] ^ flip]) + req[-16:]), ADDR_A, T0)
+    assert b.stats["drop_handshake_auth"] == 2 and b.stats["drop_handshake_mac"] == 0
+
+
+def test_a_request_with_a_reused_timestamp_is_a_replay_even_with_a_new_ephemeral():
+    from ntm.handshake import HandshakeReplayError, Initiator, Responder
+    from tests.test_tunnel import IDA, KB, PA
+    i, r = Initiator(KA, IDB, PB, PATH), Responder(KB, IDA, PA, PATH)
+    r.respond(i.request(T0), T0)
+    i.last_timestamp -= 1  # an initiator whose clock went back: same timestamp, fresh ephemeral
+    with pytest.raises(HandshakeReplayError, match=f"^Tunnel Request timestamp {r.last_timestamp} is not newer"):
+        r.respond(i.request(T0 - 1), T0 + 1)
+
+
+def test_the_valid_mac1_rate_refusal_and_the_duplicate_memory_are_bounded():
+    from ntm.handshake import MAC1_VALID_PER_S, RECENT_MAC1S, HandshakeRateError, Initiator, Responder
+    from tests.test_tunnel import IDA, KB, PA
+    i, r = Initiator(KA, IDB, PB, PATH), Responder(KB, IDA, PA, PATH)
+    for _ in range(int(MAC1_VALID_PER_S[0])):
+        try:
+            r.respond(i.request(T0), T0)
+        except HandshakeRateError:
+            pass
+    with pytest.raises(HandshakeRateError) as exc:
+        r.respond(i.request(T0), T0)
+    assert str(exc.value) == "more Tunnel Requests with a valid mac1 than the per-path rate"
+    for n in range(RECENT_MAC1S + 50):
+        try:
+            r.respond(i.request(T0 + 100 + n), T0 + 100 + n)
+        except HandshakeRateError:
+            pass
+    assert len(r._recent) == RECENT_MAC1S
+
+
+def test_unverified_candidates_get_exactly_the_configured_attempts():
+    cfg = TunnelConfig(unverified_attempts=3)
+    s = Session(KA, IDB, PB, PATH, candidates=[ADDR_B], unverified=[ADDR_A2], config=cfg)
+    s.start(T0)
+    sent = [dst for t in range(40) for _, dst in s.poll(T0 + t * 0.25)]
+    assert sent.count(ADDR_A2) == 3 and sent.count(ADDR_B) > 3
+
+
+def test_bind_acks_the_session_cannot_use_are_counted():
+    relay = ("192.0.2.1", 4340)
+    s = Session(KA, IDB, PB, PATH, relay=RelayInfo(relay, os.urandom(32), 0), wall=lambda: 5.0)
+    s.start(T0)
+    [(bind, _)] = [(d, a) for d, a in s.poll(T0) if d[0] == TYPE_RELAY_BIND]
+    counter = RelayBind.parse(bind).counter
+    assert s.receive(RelayBindAck(PATH, 0, False, counter, bytes(16)).encode()[:-1], relay, T0) == []
+    assert s.stats["drop_malformed"] == 1  # too short: unparseable
+    assert s.receive(RelayBindAck(PATH, 0, False, counter, bytes(16)).encode(), relay, T0) == []
+    assert s.stats["drop_malformed"] == 2  # refused with the cookie already sent: no new bind
+    assert s.poll(T0) == []
