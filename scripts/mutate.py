@@ -16,6 +16,7 @@ import ast
 import difflib
 import os
 import re
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -28,7 +29,9 @@ RESULT = re.compile(r"^\s*(\S+): (.+?)\s*$")
 
 
 def run_mutmut(children: int, log: Path) -> None:
-    """mutmut run; its progress spinner goes to `log`, not the terminal."""
+    """mutmut run from scratch (its cache keeps a mutant's old verdict when only the tests
+    changed); its progress spinner goes to `log`, not the terminal."""
+    shutil.rmtree(ROOT / "mutants", ignore_errors=True)
     with open(log, "w") as fh:
         proc = subprocess.run([*MUTMUT, "run", "--max-children", str(children)], cwd=ROOT, stdout=fh,
                               stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
