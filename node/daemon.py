@@ -30,6 +30,7 @@ from node.dns import DnsServer
 from node.peers import PeerBook, PeerBookError
 from node.tun import Tun, tun_unavailable
 from ntm import keys
+from ntm.addr import display
 from ntm.errors import NtmError
 from ntm.overlay import Overlay
 from ntm.vaddr import V6_PREFIX, AddressError, V4Book, tun_mtu, v6_of
@@ -105,14 +106,10 @@ class Daemon:
         if peer == self.node.id:
             return v6_of(peer), self.overlay.book.own
         try:
-            had = peer in self.overlay.book.by_peer
-            found = self.overlay.addresses(peer)
+            return self.overlay.addresses(peer)
         except AddressError as exc:
             log.warning("no address for %s: %s", label, exc)
             return None
-        if not had:
-            self.save_book()
-        return found
 
     def learn_book(self) -> None:
         """Aliased and allowed peers are reachable at their IPv6 address from the start."""
@@ -123,6 +120,7 @@ class Daemon:
                 log.warning("%s", exc)
 
     def save_book(self) -> None:
+        """Persist the IPv4 view (after every new address: V4Book.on_assign)."""
         self.book.v4 = self.overlay.book.dump()
         self.book.save(self.base)
 
@@ -143,7 +141,7 @@ class Daemon:
         tun = self.plane.tun
         return {
             "node": keys.checksum(self.node.id), "pid": os.getpid(), "uptime_s": round(time.time() - self.started, 1),
-            **self.node.session.status(), "local": self.node.status()["local"],
+            **self.node.session.status(), "local": display(self.node.endpoint.local_addr),
             "tun": tun.name if tun else None, "ipv6": str(v6_of(self.node.id)), "ipv4": str(self.overlay.book.own),
             "dns": [f"{h}:{p}" for h, p in self.dns_binds()] if self.dns else [],
             "accept_any": self.opts.accept_any, "allowed": len(self.book.allow),
@@ -274,8 +272,9 @@ async def up(base: Path, key, st: dict, opts: UpOptions, ready) -> None:
             if tun is not None:
                 tun.close()
             raise
-        plane = DataPlane(node, overlay, tun, on_new_address=lambda: daemon and daemon.save_book(), echo=opts.echo)
+        plane = DataPlane(node, overlay, tun, echo=opts.echo)
         daemon = Daemon(base, node, book, overlay, plane, opts)
+        v4.on_assign = lambda peer, addr: daemon.save_book()
         try:
             await daemon.serve()
             stop = stop_on_signals()

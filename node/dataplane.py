@@ -37,12 +37,10 @@ APP_INBOX = 256
 
 
 class DataPlane:
-    def __init__(self, node: Node, overlay: Overlay, tun: Tun | None, on_new_address: Callable[[], None],
-                 echo: bool = False) -> None:
+    def __init__(self, node: Node, overlay: Overlay, tun: Tun | None, echo: bool = False) -> None:
         self.node = node
         self.overlay = overlay
         self.tun = tun
-        self.on_new_address = on_new_address  # a peer got an IPv4 address: persist the book
         self.echo = echo
         self.by_peer: dict[bytes, Tunnel] = {}
         self.pending: dict[bytes, deque[bytes]] = {}
@@ -134,15 +132,11 @@ class DataPlane:
         """Make `t` the tunnel to its peer: deliver what it carries, flush what waited for it."""
         peer = t.peer
         try:
-            self.overlay.learn(peer)
-            had_v4 = peer in self.overlay.book.by_peer
-            self.overlay.book.assign(peer)
+            self.overlay.addresses(peer)  # its IPv6 routes to it; it has an IPv4 in our view
         except AddressError as exc:
             log.warning("closing tunnel from %s: %s", keys.checksum(peer), exc)
             self.tasks.spawn(t.channel.close())
             return
-        if not had_v4:
-            self.on_new_address()
         self.by_peer[peer] = t
         t.channel.set_receiver(lambda payload: self._from_tunnel(peer, t, payload))
         for pkt in self.pending.pop(peer, ()):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from typing import Callable
 
 from ntm.errors import NtmError
 from ntm.packet import MIN_TRANSPORT_LEN
@@ -74,6 +75,8 @@ class V4Book:
         self._next = int(self.own) + 1
         for peer, addr in (assigned or {}).items():
             self._put(peer, addr)
+        # Told of every address assign() gives out (not those loaded): the daemon persists the book.
+        self.on_assign: Callable[[bytes, IPv4Address], None] | None = None
 
     def _put(self, peer: bytes, addr: IPv4Address) -> None:
         if addr not in self.net or addr in (self.own, self.net.broadcast_address, self.net.network_address):
@@ -95,6 +98,8 @@ class V4Book:
             raise AddressError(f"no free virtual IPv4 address left in {self.net}")
         addr = IPv4Address(self._next)
         self._put(peer, addr)
+        if self.on_assign is not None:
+            self.on_assign(peer, addr)
         return addr
 
     def peer_at(self, addr: IPv4Address) -> bytes | None:

@@ -44,6 +44,12 @@ def test_v4_book_is_injective_stable_and_bounded():
         book.assign(b"\x09" * 20)  # pool exhausted: refused, never shared
     again = V4Book.load(book.net, book.dump())
     assert again.by_peer == book.by_peer
+    told = []
+    again.on_assign = lambda peer, addr: told.append((peer, str(addr)))
+    again.assign(bytes([0]) * 20)  # loaded: nothing new to persist
+    again.by_addr.pop(again.by_peer.pop(bytes([4]) * 20))
+    again.assign(b"\x07" * 20)
+    assert told == [(b"\x07" * 20, "100.64.0.6")]  # only a new address is announced
     with pytest.raises(AddressError):  # a file that gives one address to two peers is refused
         V4Book.load(book.net, {"0x" + "11" * 20: "100.64.0.2", "0x" + "22" * 20: "100.64.0.2"})
     with pytest.raises(AddressError):
