@@ -185,6 +185,12 @@ class Federation:
                 c.stop()
         self.lab.kill(self.anvil)
 
+    def __enter__(self) -> "Federation":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
 
 class NodeProc:
     """Test-side handle of one nodectl process: JSON commands in, JSON answers and events out."""

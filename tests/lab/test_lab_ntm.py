@@ -21,11 +21,8 @@ KEEPALIVE_S = 2.0
 N_PER_PAIR = 5
 @pytest.fixture(scope="module")
 def fed(lab_shared, tmp_path_factory):
-    f = Federation(lab_shared, tmp_path_factory.mktemp("federation"), n_dcs=3, keepalive_s=KEEPALIVE_S)
-    try:
+    with Federation(lab_shared, tmp_path_factory.mktemp("federation"), n_dcs=3, keepalive_s=KEEPALIVE_S) as f:
         yield f
-    finally:
-        f.stop()
 
 
 @pytest.fixture(scope="module")

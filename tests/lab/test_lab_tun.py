@@ -23,11 +23,8 @@ TRANSFER_BYTES = 20 * 1024 * 1024
 
 @pytest.fixture(scope="module")
 def fed(lab_shared, tmp_path_factory):
-    f = Federation(lab_shared, tmp_path_factory.mktemp("tunfed"), n_dcs=2, keepalive_s=KEEPALIVE_S)
-    try:
+    with Federation(lab_shared, tmp_path_factory.mktemp("tunfed"), n_dcs=2, keepalive_s=KEEPALIVE_S) as f:
         yield f
-    finally:
-        f.stop()
 
 
 def test_ping_dns_tcp_direct_and_allow_list(fed):
