@@ -1,14 +1,17 @@
 """Async client of the NodeRegistry contract (docs/PROTOCOL.md §3): a thin adapter, no policy.
 
-Built on web3 8 `AsyncWeb3(AsyncHTTPProvider)` with NO middleware (the default onion adds
-eth_chainId round trips for validation and a gas-estimate layer we do ourselves) and with the
-provider's own retries off (an unreachable URL fails at once; `events()` retries by itself).
+Built on web3 8 `AsyncWeb3` with NO middleware (the default onion adds eth_chainId round trips
+for validation and a gas-estimate layer we do ourselves) over chain/rpc.py's provider: one or
+more JSON-RPC URLs, the next one tried when one fails at the transport; no retries beyond that
+(callers retry: `events()` and the DC's submitter and follower do).
 Calls are ABI-encoded with eth_abi from the committed artifact; transactions are signed locally
 with an eth-account key, the nonce is kept locally and sends are serialized with an asyncio.Lock,
 so concurrent `register()` calls pipeline without nonce collisions.
 
 Errors: every failure surfaces as `RegistryError` with a readable message; a contract revert
-carries the contract's reason string in `.reason` (e.g. "NodeRegistry: stale timestamp").
+carries the contract's reason string in `.reason` (e.g. "NodeRegistry: stale timestamp"). Only a
+mined block is a verdict on a record: `submit()` never simulates (an estimate runs against the
+latest block, whose timestamp on an idle chain is old, so it refuses records the next block takes).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import time
 
 from importlib import resources
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterable
+from typing import Any, AsyncIterator, Iterable, Sequence
 
 import aiohttp
 import eth_abi
@@ -31,12 +34,13 @@ from eth_utils import (
     get_abi_output_types,
     to_checksum_address,
 )
-from web3 import AsyncHTTPProvider, AsyncWeb3
-from web3.exceptions import ContractLogicError, TransactionNotFound, Web3Exception, Web3RPCError
+from web3 import AsyncWeb3
+from web3.exceptions import BlockNotFound, ContractLogicError, TransactionNotFound, Web3Exception, Web3RPCError
 
 from ntm import record
 from ntm.errors import NtmError
-from ntm.registry import DcInfo, OnChainRecord, RegistryError, RegistryEvent, SubmitResult
+from chain.rpc import FailoverHTTPProvider
+from ntm.registry import BlockRef, DcInfo, OnChainRecord, RegistryError, RegistryEvent, SubmitResult
 
 ARTIFACT_NAME = "NodeRegistry.json"
 
@@ -66,6 +70,10 @@ def fee_fields(gas_price: int) -> dict[str, int]:
 # new record plus ~25k per transaction (bench/gas.py); 50% headroom, only gas used is paid.
 BATCH_GAS_BASE = 60_000
 BATCH_GAS_PER_RECORD = 45_000
+# A sent transaction whose receipt has not come after this is looked for in the pool; if the
+# node no longer has it (dropped, or lost in a chain restart), the nonce is re-read and the
+# records are sent again. Several block periods of a private network.
+DROP_CHECK_S = 10.0
 
 
 def load_artifact() -> dict:
@@ -152,9 +160,8 @@ def _revert_reason(exc: ContractLogicError) -> str:
 class Registry:
     """One NodeRegistry deployment, seen through one RPC endpoint, optionally with a sending key."""
 
-    def __init__(self, w3: AsyncWeb3, url: str, address: bytes, chain_id: int, key: bytes | None, artifact: dict) -> None:
+    def __init__(self, w3: AsyncWeb3, address: bytes, chain_id: int, key: bytes | None, artifact: dict) -> None:
         self.w3 = w3
-        self.url = url
         self.address = address
         self.chain_id = chain_id
         self.deploy_block: int | None = None  # set by deploy()
@@ -167,26 +174,31 @@ class Registry:
 
     # ------------------------------------------------------------------ construction
 
+    @property
+    def url(self) -> str:
+        """The JSON-RPC URL in use now."""
+        return self.w3.provider.url
+
     @staticmethod
-    def _w3(rpc_url: str) -> AsyncWeb3:
-        provider = AsyncHTTPProvider(rpc_url, exception_retry_configuration=None, request_kwargs={"timeout": 30})
-        return AsyncWeb3(provider, middleware=[])
+    def _w3(rpc_urls: str | Sequence[str]) -> AsyncWeb3:
+        urls = [rpc_urls] if isinstance(rpc_urls, str) else list(rpc_urls)
+        return AsyncWeb3(FailoverHTTPProvider(urls), middleware=[])
 
     @classmethod
-    async def _chain_id(cls, w3: AsyncWeb3, rpc_url: str) -> int:
+    async def _chain_id(cls, w3: AsyncWeb3) -> int:
         try:
             return await w3.eth.chain_id
         except Exception as exc:
             await w3.provider.disconnect()
-            raise RegistryError(f"cannot reach the chain RPC at {rpc_url}: {exc}") from None
+            raise RegistryError(f"cannot reach the chain RPC at {', '.join(w3.provider.urls)}: {exc}") from None
 
     @classmethod
-    async def deploy(cls, rpc_url: str, deployer_key: bytes) -> "Registry":
+    async def deploy(cls, rpc_url: str | Sequence[str], deployer_key: bytes) -> "Registry":
         """Deploy a fresh NodeRegistry; the deployer becomes its owner."""
         artifact = load_artifact()
         w3 = cls._w3(rpc_url)
-        chain_id = await cls._chain_id(w3, rpc_url)
-        reg = cls(w3, rpc_url, b"\0" * 20, chain_id, deployer_key, artifact)
+        chain_id = await cls._chain_id(w3)
+        reg = cls(w3, b"\0" * 20, chain_id, deployer_key, artifact)
         try:
             receipt = await reg._transact(bytes.fromhex(artifact["bytecode"][2:]), to=None)
         except BaseException:
@@ -197,17 +209,18 @@ class Registry:
         return reg
 
     @classmethod
-    async def connect(cls, rpc_url: str, address: bytes | str, key: bytes | None = None) -> "Registry":
-        """Attach to an existing deployment; checks that a NodeRegistry with our EIP-712 domain is there."""
+    async def connect(cls, rpc_url: str | Sequence[str], address: bytes | str, key: bytes | None = None) -> "Registry":
+        """Attach to an existing deployment; checks that a NodeRegistry with our EIP-712 domain is
+        there. Several URLs: the first is preferred, the others are fallbacks (chain/rpc.py)."""
         artifact = load_artifact()
         address = _addr(address)
         w3 = cls._w3(rpc_url)
-        chain_id = await cls._chain_id(w3, rpc_url)
-        reg = cls(w3, rpc_url, address, chain_id, key, artifact)
+        chain_id = await cls._chain_id(w3)
+        reg = cls(w3, address, chain_id, key, artifact)
         try:
             code = await w3.eth.get_code(_cs(address))
             if not code:
-                raise RegistryError(f"no contract at {_cs(address)} on chain {chain_id} ({rpc_url})")
+                raise RegistryError(f"no contract at {_cs(address)} on chain {chain_id} ({reg.url})")
             try:
                 sep = await reg._call("domainSeparator")
             except RegistryError:
@@ -290,7 +303,7 @@ class Registry:
                     self._nonce = None  # unknown whether it was taken: re-read next time
                     raise
                 self._nonce += 1
-            receipt = await self._receipt(bytes(tx_hash))
+            receipt = await self._receipt(bytes(tx_hash), tx["nonce"])
         except RegistryError:
             raise
         except (Web3Exception, aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
@@ -306,17 +319,47 @@ class Registry:
             raise RegistryError(f"{what} reverted on chain: {reason or 'no reason given'}", reason=reason)
         return receipt
 
-    async def _receipt(self, tx_hash: bytes, timeout: float = 120.0) -> dict:
-        delay, deadline = 0.002, time.monotonic() + timeout
+    async def _receipt(self, tx_hash: bytes, nonce: int, timeout: float = 120.0) -> dict:
+        """Wait for the receipt. Errors while waiting are not verdicts (a client may answer "not
+        found in DB" for a moment after inclusion). A transaction that cannot mine (the node no
+        longer has it, or its nonce is past the chain's: a restart or rollback lost our earlier
+        ones) is given up: the nonce is re-read and RegistryError says so; the caller sends again."""
+        delay, start = 0.002, time.monotonic()
+        next_check = start + DROP_CHECK_S
         while True:
             try:
                 return await self.w3.eth.get_transaction_receipt(tx_hash)
             except TransactionNotFound:
                 pass
-            if time.monotonic() > deadline:
+            except (Web3Exception, aiohttp.ClientError, OSError, asyncio.TimeoutError):
+                pass  # transient: the next poll (possibly through another URL) decides
+            now = time.monotonic()
+            if now > next_check:
+                next_check = now + DROP_CHECK_S
+                if not await self._can_mine(tx_hash, nonce):
+                    self.forget_nonce()
+                    raise RegistryError(f"transaction 0x{tx_hash.hex()} (nonce {nonce}) cannot be mined: dropped "
+                                        "by the chain node or behind a nonce gap; sending again with a fresh nonce")
+            if now - start > timeout:
+                self.forget_nonce()
                 raise RegistryError(f"transaction 0x{tx_hash.hex()} not mined within {timeout} s")
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.1)
+
+    async def _can_mine(self, tx_hash: bytes, nonce: int) -> bool:
+        """Whether the node still has the transaction and nothing of ours is missing before it
+        (the node's next pending nonce is past it); True when unsure."""
+        assert self._account is not None
+        try:
+            await self.w3.eth.get_transaction(tx_hash)
+            return await self.w3.eth.get_transaction_count(self._account.address, "pending") > nonce
+        except TransactionNotFound:
+            return False
+        except (Web3Exception, aiohttp.ClientError, OSError, asyncio.TimeoutError):
+            return True
+
+    def forget_nonce(self) -> None:
+        self._nonce = None
 
     # ------------------------------------------------------------------ writes
 
@@ -348,19 +391,24 @@ class Registry:
     async def register(self, items: list[tuple[record.NodeTransaction, bytes]]) -> SubmitResult:
         """Submit node-signed records with this client's key as the DC (the records must name it).
 
-        One item -> `register` (a refusal raises RegistryError with the reason); several ->
-        `registerBatch` (refused items are skipped and listed in `rejected`/`reasons`)."""
+        One item -> `register`, estimated first, so a refusal raises RegistryError with the
+        reason before any gas is spent (for tools and tests); several -> `submit()`."""
         if not items:
             raise ValueError("nothing to register")
-        encoded = [self.encode_record(rec, sig) for rec, sig in items]
-        if len(items) == 1:
-            data = self._abi.encode("register", encoded[0])
-            what = "register"
-        else:
-            data = self._abi.encode("registerBatch", encoded)
-            what = "registerBatch"
-        gas_limit = None if len(items) == 1 else BATCH_GAS_BASE + BATCH_GAS_PER_RECORD * len(items)
-        receipt = await self._transact(data, self.address, what, gas_limit)
+        if len(items) > 1:
+            return await self.submit(items)
+        data = self._abi.encode("register", self.encode_record(*items[0]))
+        receipt = await self._transact(data, self.address, "register")
+        return SubmitResult(bytes(receipt["transactionHash"]), receipt["blockNumber"], receipt["gasUsed"], 1)
+
+    async def submit(self, items: list[tuple[record.NodeTransaction, bytes]]) -> SubmitResult:
+        """One `registerBatch` transaction with a fixed gas limit, never simulated: the mined
+        block is the verdict, refused records come back in `rejected`/`reasons` (the DC's path)."""
+        if not items:
+            raise ValueError("nothing to register")
+        data = self._abi.encode("registerBatch", [self.encode_record(rec, sig) for rec, sig in items])
+        receipt = await self._transact(data, self.address, "registerBatch",
+                                       BATCH_GAS_BASE + BATCH_GAS_PER_RECORD * len(items))
         rejected, reasons = [], []
         topic = self._abi.topics["RecordRejected"]
         for log in receipt["logs"]:
@@ -398,11 +446,43 @@ class Registry:
         infos = await asyncio.gather(*(self.dc(a) for a in addrs))
         return [i for i in infos if i is not None]
 
-    async def block_number(self) -> int:
+    async def _rpc(self, what: str, call):
         try:
-            return await self.w3.eth.block_number
+            return await call
         except (Web3Exception, aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
-            raise self._wrap(exc, "eth_blockNumber") from None
+            raise self._wrap(exc, what) from None
+
+    async def block_number(self) -> int:
+        return await self._rpc("eth_blockNumber", self.w3.eth.block_number)
+
+    @staticmethod
+    def _ref(block: dict) -> BlockRef:
+        return BlockRef(block["number"], bytes(block["hash"]), block["timestamp"])
+
+    async def head(self) -> BlockRef:
+        return self._ref(await self._rpc("eth_getBlockByNumber", self.w3.eth.get_block("latest")))
+
+    async def block(self, number: int) -> BlockRef | None:
+        try:
+            return self._ref(await self.w3.eth.get_block(number))
+        except BlockNotFound:
+            return None
+        except (Web3Exception, aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+            raise self._wrap(exc, "eth_getBlockByNumber") from None
+
+    async def balance(self) -> tuple[int, int]:
+        if self._account is None:
+            raise RegistryError("balance needs a key: connect with key=...")
+        wei = await self._rpc("eth_getBalance", self.w3.eth.get_balance(self._account.address))
+        return wei, await self._rpc("eth_gasPrice", self._gas_price())
+
+    async def mined(self, tx_hash: bytes) -> int | None:
+        try:
+            return (await self.w3.eth.get_transaction_receipt(tx_hash))["blockNumber"]
+        except TransactionNotFound:
+            return None
+        except (Web3Exception, aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+            raise self._wrap(exc, "eth_getTransactionReceipt") from None
 
     # ------------------------------------------------------------------ events
 
@@ -465,11 +545,11 @@ def load_deployment(path: Path) -> dict:
         raise NtmError(f"deployment file {path} is invalid: {exc}") from None
 
 
-async def connect_registry(rpc_url: str, deployment: Path, key: bytes | None = None) -> tuple[Registry, dict]:
+async def connect_registry(rpc_url: str | Sequence[str], deployment: Path, key: bytes | None = None) -> tuple[Registry, dict]:
     """The registry of a deployment, refusing a chain whose id differs from the deployment's."""
     dep = load_deployment(deployment)
     registry = await Registry.connect(rpc_url, dep["registry"], key)
     if registry.chain_id != dep["chain_id"]:
         await registry.close()
-        raise NtmError(f"chain at {rpc_url} has id {registry.chain_id}, deployment says {dep['chain_id']}")
+        raise NtmError(f"chain at {registry.url} has id {registry.chain_id}, deployment says {dep['chain_id']}")
     return registry, dep

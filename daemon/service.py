@@ -74,7 +74,9 @@ def daemon_parser(prog: str, description: str, chain_required: bool) -> argparse
     p.add_argument("--admin-allow", action="append", type=network, metavar="CIDR",
                    help="network allowed to read /metrics and other operator endpoints (repeatable; "
                    "default: loopback only)")
-    p.add_argument("--rpc-url", required=chain_required, help="Ethereum JSON-RPC URL of the chain")
+    p.add_argument("--rpc-url", action="append", required=chain_required, metavar="URL",
+                   help="Ethereum JSON-RPC URL of the chain; repeat for fallbacks (the first, your own node, "
+                   "is preferred; the next is used when it fails)")
     p.add_argument("--deployment", type=Path, required=chain_required, help="deployment JSON written by scripts/deploy.py")
     p.add_argument("--http-idle-timeout", type=float, metavar="S",
                    help=f"close HTTP connections idle or stalled this long (default {HTTP_IDLE_TIMEOUT_S:.0f} s)")

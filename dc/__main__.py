@@ -16,11 +16,12 @@ from aiohttp import web
 
 from dc import config as dc_config
 from dc.cache import RegistryCache
+from dc.chainstatus import ChainStatus
 from dc.coordinator import Coordinator
 from dc.presence import KeepaliveProtocol
 from dc.server import make_app
 from dc.store import Store
-from chain.registry import connect_registry
+from chain.registry import BATCH_GAS_PER_RECORD, connect_registry
 from daemon import keystore, service
 from daemon.service import udp_socket
 from ntm import keys
@@ -35,15 +36,18 @@ async def serve(cfg: dc_config.DcConfig, stop: asyncio.Event) -> None:
     socks = (udp_socket(cfg.udp_host, cfg.udp_port), udp_socket(cfg.udp_host, 0))
     ports = (socks[0].getsockname()[1], socks[1].getsockname()[1])
     coord = Coordinator(key, registry, store, cache, cfg.hostname, cfg.relays, ports,
-                        new_nodes_per_hour=cfg.new_nodes_per_hour, new_nodes_burst=cfg.new_nodes_per_hour / 5)
+                        new_nodes_per_hour=cfg.new_nodes_per_hour, new_nodes_burst=cfg.new_nodes_per_hour / 5,
+                        confirmations=cfg.confirmations)
+    chain_status = ChainStatus(cache, registry, BATCH_GAS_PER_RECORD, cfg.max_block_age)
     if not cache.is_active_dc(coord.address):
         logging.warning("DC %s is not active in the registry: registrations will be refused until it is admitted",
                         keys.checksum(coord.address))
     loop = asyncio.get_running_loop()
     transports = [(await loop.create_datagram_endpoint(lambda alt=alt: KeepaliveProtocol(coord.presence, alt),
                                                        sock=sock))[0] for alt, sock in ((False, socks[0]), (True, socks[1]))]
-    tasks = [asyncio.create_task(cache.run(), name="cache"), asyncio.create_task(coord.submitter.run(), name="submitter")]
-    runner = web.AppRunner(make_app(coord, tuple(cfg.admin_allow)), access_log=None,
+    tasks = [asyncio.create_task(cache.run(), name="cache"), asyncio.create_task(coord.submitter.run(), name="submitter"),
+             asyncio.create_task(chain_status.run(), name="chain-status")]
+    runner = web.AppRunner(make_app(coord, chain_status, tuple(cfg.admin_allow)), access_log=None,
                            keepalive_timeout=cfg.http_idle_timeout)
     await runner.setup()
     site = web.TCPSite(runner, cfg.http_host, cfg.http_port)

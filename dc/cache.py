@@ -1,17 +1,25 @@
-"""The DC's in-memory view of the registry, fed by contract events.
+"""The DC's in-memory view of the registry, fed by contract events, and its follower of the chain.
 
 Lookups ("where is node X", "is DC Y active") read this cache and never wait for the chain, so
-signaling latency does not depend on the chain's. Events are applied in chain order; a record is
-replaced only by a newer timestamp, mirroring the contract.
+signaling latency does not depend on the chain's, and a chain that is down leaves them working.
+Events are applied in chain order; a record is replaced only by a newer timestamp, mirroring the
+contract.
+
+The follower polls the head and remembers the hash of the blocks it has read up to. A remembered
+height whose hash changed, or a head below it, is a rollback (a reorg, or a chain node restarted
+from an older state): the cache is rebuilt from the chain as it is now, and `on_rollback(fork)` is
+told the first block that changed, so the DC can re-check what it called confirmed since.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Callable
+import time
+from typing import Awaitable, Callable
 
-from ntm.registry import DcInfo, OnChainRecord, RegistryView
+from ntm.errors import NtmError
+from ntm.registry import BlockRef, DcInfo, OnChainRecord, RegistryEvent, RegistryView
 
 log = logging.getLogger("ntm.dc.cache")
 
@@ -23,6 +31,15 @@ MISS_WAIT_S = 0.3
 # At most this many lookups wait at once; beyond that a miss is answered from the cache at once
 # (bounded memory under a flood of random IDs).
 MAX_WAITING_MISSES = 64
+# Head polls: 50 ms keeps a new record's event within a poll of its block (MISS_WAIT_S above).
+POLL_S = 0.05
+# After an RPC failure the poll backs off to this (a dead chain is not hammered).
+POLL_BACKOFF_MAX_S = 5.0
+# Blocks read per eth_getLogs: clients cap the range (Besu's default is 1,000, some 2,000).
+LOG_CHUNK = 1000
+# Heights whose hash is remembered for reorg detection: one per poll that read new blocks. A
+# rollback deeper than all of them re-checks everything since the deployment block.
+REMEMBERED_BLOCKS = 1024
 
 
 class RegistryCache:
@@ -31,11 +48,17 @@ class RegistryCache:
         self.from_block = from_block
         self.nodes: dict[bytes, OnChainRecord] = {}
         self.dcs: dict[bytes, DcInfo] = {}
-        self.block = -1
+        self.block = from_block - 1  # read up to here
+        self.head: BlockRef | None = None  # the chain's latest block at the last successful poll
+        self.head_seen_at: float | None = None  # time.monotonic() of that poll
+        self.rollbacks = 0
+        self._hashes: dict[int, bytes] = {}  # height -> hash, of blocks read up to
         self._changed = asyncio.Condition()
         # Called with a node ID when a revocation of it arrives from the chain (the DC ends the
         # node's session here at once).
         self.on_revoked: Callable[[bytes], object] | None = None
+        # Awaited with the first changed block after the cache was rebuilt for a rollback.
+        self.on_rollback: Callable[[int], Awaitable[None]] | None = None
         self._waiting = 0
 
     async def load(self) -> None:
@@ -64,24 +87,108 @@ class RegistryCache:
         return rec
 
     async def run(self) -> None:
-        async for ev in self.registry.events(self.from_block):
-            self.apply(ev)
-            async with self._changed:
-                self._changed.notify_all()
+        """Follow the chain forever; RPC failures are retried with backoff (lookups go on)."""
+        delay = POLL_S
+        while True:
+            try:
+                caught_up = await self.poll()
+            except (NtmError, OSError, asyncio.TimeoutError) as exc:
+                if delay == POLL_S:
+                    log.warning("chain unreachable (%s): serving from the cache, retrying", exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, POLL_BACKOFF_MAX_S)
+                continue
+            if delay != POLL_S:
+                log.info("chain reachable again at block %d", self.head.number if self.head else -1)
+            delay = POLL_S
+            if caught_up:
+                await asyncio.sleep(POLL_S)
 
-    def apply(self, ev) -> None:
+    async def poll(self) -> bool:
+        """One step: read the head, handle a rollback, apply the next chunk of events.
+        Returns True when caught up with the head."""
+        head = await self.registry.head()
+        self.head, self.head_seen_at = head, time.monotonic()
+        fork = await self._fork_point(head)
+        if fork is not None:
+            await self._rebuild(head, fork)
+            return True
+        if head.number <= self.block:
+            return True
+        to = min(head.number, self.block + LOG_CHUNK)
+        events = await self.registry.get_events(self.block + 1, to)
+        end = head if to == head.number else await self.registry.block(to)
+        if end is None:  # the block vanished between the two calls: a reorg, seen next poll
+            return False
+        for ev in events:
+            self.apply(ev)
+        self._advance(end)
+        async with self._changed:
+            self._changed.notify_all()
+        return to == head.number
+
+    def _advance(self, end: BlockRef) -> None:
+        self.block = end.number
+        self._hashes[end.number] = end.hash
+        while len(self._hashes) > REMEMBERED_BLOCKS:
+            del self._hashes[min(self._hashes)]
+
+    async def _fork_point(self, head: BlockRef) -> int | None:
+        """None if the blocks read so far are still the chain's; else the first block that changed."""
+        if not self._hashes:
+            return None
+        top = max(self._hashes)
+        if head.number == top and head.hash == self._hashes[top]:
+            return None
+        if head.number > top:
+            now = await self.registry.block(top)
+            if now is not None and now.hash == self._hashes[top]:
+                return None
+        for height in sorted(self._hashes, reverse=True):  # newest first: the usual reorg is shallow
+            if height > head.number:
+                continue
+            now = await self.registry.block(height)
+            if now is not None and now.hash == self._hashes[height]:
+                return height + 1
+        return self.from_block
+
+    async def _rebuild(self, head: BlockRef, fork: int) -> None:
+        """Replace the cache with the chain's state at `head` (read first, swapped at once)."""
+        log.warning("chain rollback: blocks from %d changed (head now %d, had read up to %d); rebuilding the "
+                    "registry cache", fork, head.number, self.block)
+        dcs = await self.registry.dcs()
+        events: list[RegistryEvent] = []
+        for start in range(self.from_block, head.number + 1, LOG_CHUNK):
+            events += await self.registry.get_events(start, min(head.number, start + LOG_CHUNK - 1))
+        self.nodes, self.dcs, self._hashes = {}, {info.address: info for info in dcs}, {}
+        on_revoked, self.on_revoked = self.on_revoked, None  # revocations still on chain were handled
+        try:
+            for ev in events:
+                self.apply(ev)
+        finally:
+            self.on_revoked = on_revoked
+        self._advance(head)
+        self.rollbacks += 1
+        if self.on_rollback is not None:
+            await self.on_rollback(fork)
+        async with self._changed:
+            self._changed.notify_all()
+
+    def apply(self, ev: RegistryEvent) -> None:
         if ev.kind in ("NodeRegistered", "NodeRevoked"):
+            assert ev.node is not None and ev.dc is not None and ev.timestamp is not None
             old = self.nodes.get(ev.node)
             if old is None or ev.timestamp > old.timestamp:
                 self.nodes[ev.node] = OnChainRecord(ev.dc, ev.timestamp, ev.kind == "NodeRevoked")
             if ev.kind == "NodeRevoked" and self.on_revoked is not None:
                 self.on_revoked(ev.node)
         elif ev.kind in ("DCAdmitted", "DCUpdated"):
-            self.dcs[ev.dc] = DcInfo(ev.dc, True, ev.hostname, ev.endpoint)
+            assert ev.dc is not None
+            self.dcs[ev.dc] = DcInfo(ev.dc, True, ev.hostname or "", ev.endpoint or "")
         elif ev.kind == "DCRemoved":
+            assert ev.dc is not None
             old = self.dcs.get(ev.dc)
             self.dcs[ev.dc] = DcInfo(ev.dc, False, old.hostname if old else "", old.endpoint if old else "")
-        self.block = max(self.block, ev.block)
 
     async def wait_for(self, predicate, timeout: float) -> bool:
         """Wait until predicate() holds (e.g. a node's record arrived); False on timeout."""

@@ -20,7 +20,7 @@ PASSPHRASE_ENV = "NTM_DC_PASSPHRASE"
 @dataclass
 class DcConfig:
     key_file: Path
-    rpc_url: str
+    rpc_url: list[str]  # own chain node first, fallbacks after
     deployment: Path
     hostname: str = "localhost"
     http_host: str = "127.0.0.1"
@@ -32,6 +32,8 @@ class DcConfig:
     admin_allow: list = field(default_factory=list)  # networks that may read /metrics (empty: loopback)
     http_idle_timeout: float = HTTP_IDLE_TIMEOUT_S
     new_nodes_per_hour: float = NEW_NODES_PER_HOUR  # gas budget for never-seen nodes
+    confirmations: int = 1  # blocks deep before "confirmed": 1 on anvil; a BFT chain (QBFT) is final at 1 too
+    max_block_age: float = 0.0  # seconds; 0 = blocks only on demand (anvil), so no age check
 
 
 def parser() -> argparse.ArgumentParser:
@@ -48,6 +50,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--relay", dest="relays", action="append", help="relay server ip:port (repeatable)")
     p.add_argument("--new-nodes-per-hour", type=float, metavar="N",
                    help=f"gas budget: new nodes registered per hour, a fifth of it at once (default {NEW_NODES_PER_HOUR:.0f})")
+    p.add_argument("--confirmations", type=int, metavar="N",
+                   help="blocks deep before a registration is confirmed (default 1: anvil, QBFT; more on a "
+                   "chain that can reorganise)")
+    p.add_argument("--max-block-age", type=float, metavar="S",
+                   help="health says the chain is behind when its newest block is older than this (default 0 = "
+                   "off, for chains that mine on demand; set ~10 block periods for Besu/geth)")
     return p
 
 
@@ -75,4 +83,8 @@ def load(args: argparse.Namespace) -> DcConfig:
     for name in ("key_file", "deployment", "db"):
         if name in values:
             values[name] = Path(values[name])
+    if isinstance(values["rpc_url"], str):
+        values["rpc_url"] = [values["rpc_url"]]
+    if int(values.get("confirmations", 1)) < 1:
+        raise ValueError("confirmations must be at least 1")
     return DcConfig(**values)

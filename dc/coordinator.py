@@ -58,9 +58,11 @@ class Coordinator:
         transport: Transport | None = None,
         new_nodes_per_hour: float = NEW_NODES_PER_HOUR,
         new_nodes_burst: float = NEW_NODES_BURST,
+        confirmations: int = 1,
     ) -> None:
         """`transport`: how federation requests leave (HTTP unless a test routes them in-process).
-        `new_nodes_*`: the gas budget for registering nodes this DC has never seen."""
+        `new_nodes_*`: the gas budget for registering nodes this DC has never seen.
+        `confirmations`: blocks deep before a record counts as confirmed (1 on anvil)."""
         self.key = key
         self.address = keys.node_id_of(key)
         self.registry = registry
@@ -71,7 +73,8 @@ class Coordinator:
         self.keepalive_ports = keepalive_ports
         self.clock = clock
         self.presence = Presence(clock.now)
-        self.submitter = Submitter(store, registry)
+        self.submitter = Submitter(store, registry, cache, confirmations)
+        cache.on_rollback = self.submitter.recheck
         self.guard = envelope.ReplayGuard()
         self.federation = FederationClient(key, cache.is_active_dc, self.guard, clock, transport=transport)
         self.signaling = Signaling(self)

@@ -14,6 +14,7 @@ import os
 from aiohttp import WSMsgType, web
 
 from daemon import service
+from dc.chainstatus import ChainStatus
 from dc.coordinator import Coordinator
 from dc.errors import DirectionError, NodeLookupError
 from dc.federation import FederationError
@@ -31,6 +32,7 @@ MAX_BODY = 16 * 1024
 AUTH_TIMEOUT_S = 10.0
 
 COORDINATOR = web.AppKey("coordinator", Coordinator)
+CHAIN_STATUS = web.AppKey("chain_status", ChainStatus)
 ROUTES = web.RouteTableDef()
 
 
@@ -134,9 +136,13 @@ async def handle_route_direction(request: web.Request) -> web.Response:
 
 @ROUTES.get("/healthz")
 async def handle_health(request: web.Request) -> web.Response:
+    """200 only when this DC can do all its work: admitted, chain reachable and caught up, gas to
+    pay for registrations. Otherwise 503 and why (it still serves what it can: degraded mode)."""
     c = request.app[COORDINATOR]
-    ok = c.cache.is_active_dc(c.address)
-    return web.json_response({"ok": ok, "block": c.cache.block}, status=200 if ok else 503)
+    report = {"dc_active": c.cache.is_active_dc(c.address), **request.app[CHAIN_STATUS].report(),
+              "outbox_pending": c.store.count_outbox("pending")}
+    ok = report["dc_active"] and report["chain"] == "ok" and report["gas"] != "low"
+    return web.json_response({"ok": ok, **report}, status=200 if ok else 503)
 
 
 @ROUTES.get("/metrics")
@@ -150,6 +156,9 @@ async def handle_metrics(request: web.Request) -> web.Response:
         "ntm_dc_outbox_rejected": c.store.count_outbox("rejected"),
         "ntm_dc_sessions": len(c.presence.sessions),
         "ntm_dc_registry_block": c.cache.block,
+        "ntm_dc_chain_head": c.cache.head.number if c.cache.head else -1,
+        "ntm_dc_chain_rollbacks_total": c.cache.rollbacks,
+        "ntm_dc_outbox_reopened_total": c.submitter.reopened,
         "ntm_dc_registry_nodes": len(c.cache.nodes),
         "ntm_dc_chain_tx_sent_total": c.submitter.sent_tx,
         "ntm_dc_chain_failures_total": c.submitter.failures,
@@ -242,10 +251,11 @@ async def direction_request(c: Coordinator, send, node: bytes, req: messages.Dir
         pass  # the session ended meanwhile
 
 
-def make_app(coordinator: Coordinator, admin_allow: tuple = ()) -> web.Application:
+def make_app(coordinator: Coordinator, chain_status: ChainStatus, admin_allow: tuple = ()) -> web.Application:
     """`admin_allow`: networks that may read /metrics (empty: loopback only)."""
     app = web.Application(client_max_size=MAX_BODY, middlewares=[errors_middleware])
     app[COORDINATOR] = coordinator
+    app[CHAIN_STATUS] = chain_status
     app[service.ADMIN_ALLOW] = tuple(admin_allow)
     app.add_routes(ROUTES)
     return app

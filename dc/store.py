@@ -128,7 +128,25 @@ class Store:
             "ORDER BY timestamp LIMIT ?",
             (limit,),
         ).fetchall()
+        return self._items(rows)
+
+    def _items(self, rows: list) -> list[OutboxItem]:
         return [OutboxItem(NodeTransaction(r[0], self.dc, r[1], bool(r[2])), r[3]) for r in rows]
+
+    def confirmed_since(self, block: int) -> list[OutboxItem]:
+        """Outbox rows confirmed in block `block` or later (what a rollback from there may undo)."""
+        rows = self.db.execute(
+            "SELECT node, timestamp, revoked, signature FROM outbox WHERE state='confirmed' AND block>=? "
+            "ORDER BY timestamp", (block,)).fetchall()
+        return self._items(rows)
+
+    def reopen(self, items: list[OutboxItem]) -> None:
+        """Back to pending (the chain lost them): the submitter sends them again."""
+        with self.db:
+            self.db.execute("BEGIN")
+            for item in items:
+                self.db.execute("UPDATE outbox SET state='pending', tx=NULL, block=NULL, reason=NULL "
+                                "WHERE node=? AND timestamp=?", (item.record.node, item.record.timestamp))
 
     def outbox_state(self, node: bytes, timestamp: int) -> tuple[str, str | None, int | None, str | None] | None:
         row = self.db.execute(

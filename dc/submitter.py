@@ -1,10 +1,20 @@
 """Drains the outbox onto the chain: one transaction at a time, carrying everything pending.
 
 While one transaction is in flight, new registrations pile up in the outbox and go together in
-the next one, so batching follows the chain's speed with no timer to tune. A failed send leaves
-rows pending (they are durable) and is retried with backoff; a record the chain refuses is settled
-by reading the chain, because "refused as stale" also happens when our own earlier send landed just
-before a crash.
+the next one, so batching follows the chain's speed with no timer to tune.
+
+Only the chain decides, in a mined block: records go in `registerBatch` with a fixed gas limit, no
+simulation first (on an idle chain a simulation runs against an old block and refuses what the
+next block takes). Anything short of a mined verdict (an unreachable RPC, a dropped transaction,
+a whole-transaction revert) leaves the rows pending (they are durable) and is retried with
+backoff. A record refused as "too far in the future" is retried later too: the DC accepted it
+inside the shared window (ntm/record.py), so only a validator's clock can be behind, and time
+fixes that. A record refused otherwise is settled by reading the chain, because "stale" also
+happens when our own earlier send landed just before a crash.
+
+"Confirmed" means `confirmations` blocks deep (1 on anvil's instant blocks). After a rollback the
+follower (dc/cache.py) calls `recheck(fork)`: confirmed rows from that block on whose record the
+chain no longer has go back to pending and are sent again.
 """
 
 from __future__ import annotations
@@ -13,6 +23,7 @@ import asyncio
 import logging
 from collections import defaultdict
 
+from dc.cache import RegistryCache
 from dc.store import OutboxItem, Store
 from ntm.errors import NtmError
 from ntm.registry import RegistryError, RegistryView
@@ -23,16 +34,28 @@ log = logging.getLogger("ntm.dc.submitter")
 BATCH_MAX = 200
 # Retry delays after an RPC failure: quick first retry, capped so a dead chain is not hammered.
 RETRY_MIN_S, RETRY_MAX_S = 0.1, 5.0
+# A record the chain found "too far in the future" is sent again after this (validator clock lag).
+FUTURE_RETRY_S = 5.0
+FUTURE_REASON = "NodeRegistry: timestamp too far in future"
+# How often the depth of a mined transaction is looked at while waiting for confirmations.
+DEPTH_POLL_S = 0.05
+
+Outcome = tuple[OutboxItem, str, str | None, int | None, str | None]
 
 
 class Submitter:
-    def __init__(self, store: Store, registry: RegistryView) -> None:
+    def __init__(self, store: Store, registry: RegistryView, cache: RegistryCache, confirmations: int = 1) -> None:
+        if confirmations < 1:
+            raise ValueError("confirmations must be at least 1")
         self.store = store
         self.registry = registry
+        self.cache = cache
+        self.confirmations = confirmations
         self._wake = asyncio.Event()
         self._waiters: dict[tuple[bytes, int], list[asyncio.Future]] = defaultdict(list)
         self.sent_tx = 0
         self.failures = 0
+        self.reopened = 0  # confirmed rows sent again after a rollback
 
     def wake(self) -> None:
         self._wake.set()
@@ -55,7 +78,7 @@ class Submitter:
                 await self._wake.wait()
                 continue
             try:
-                results = await self._submit(items)
+                results, deferred = await self._submit(items)
             except (NtmError, OSError, asyncio.TimeoutError) as exc:
                 self.failures += 1
                 log.warning("chain submission failed (%s); retrying in %.1fs", exc, delay)
@@ -68,27 +91,58 @@ class Submitter:
                 for fut in self._waiters.pop((item.record.node, item.record.timestamp), []):
                     if not fut.done():
                         fut.set_result((state, tx, block, reason))
+            if deferred:
+                log.warning("%d records refused as too far in the future (a validator clock behind?); "
+                            "sending again in %.0f s", deferred, FUTURE_RETRY_S)
+                await asyncio.sleep(FUTURE_RETRY_S)
 
-    async def _submit(self, items: list[OutboxItem]) -> list:
-        try:
-            res = await self.registry.register([(i.record, i.signature) for i in items])
-        except RegistryError as exc:
-            if len(items) != 1 or not getattr(exc, "reason", None):
-                raise
-            # A single record the contract reverted: settle it from chain state below.
-            rejected, tx, block = {items[0].record.node}, None, None
-        else:
-            self.sent_tx += 1
-            rejected, tx, block = set(res.rejected), "0x" + bytes(res.tx_hash).hex(), res.block_number
-            log.info("tx %s block %s: %d records, %d rejected", tx, block, len(items), len(rejected))
-        results = []
+    async def _submit(self, items: list[OutboxItem]) -> tuple[list[Outcome], int]:
+        """Send `items`, wait for the depth, and judge each: (settled outcomes, how many deferred)."""
+        res = await self.registry.submit([(i.record, i.signature) for i in items])
+        self.sent_tx += 1
+        tx, block = "0x" + bytes(res.tx_hash).hex(), res.block_number
+        log.info("tx %s block %s: %d records, %d rejected", tx, block, len(items), len(res.rejected))
+        await self._wait_depth(res.tx_hash, block)
+        why = dict(zip(res.rejected, res.reasons))
+        results: list[Outcome] = []
+        deferred = 0
         for item in items:
-            if item.record.node not in rejected:
+            reason = why.get(item.record.node)
+            if item.record.node not in why:
                 results.append((item, "confirmed", tx, block, None))
                 continue
             onchain = await self.registry.lookup(item.record.node)
             if onchain and onchain.timestamp == item.record.timestamp and onchain.dc == item.record.dc:
                 results.append((item, "confirmed", tx, block, "already on chain"))
+            elif reason == FUTURE_REASON:
+                deferred += 1
             else:
-                results.append((item, "rejected", tx, block, "superseded or refused on chain"))
-        return results
+                results.append((item, "rejected", tx, block, reason or "superseded or refused on chain"))
+        return results, deferred
+
+    async def _wait_depth(self, tx_hash: bytes, block: int) -> None:
+        """Return once the transaction is `confirmations` blocks deep; RegistryError if a reorg
+        took it out meanwhile (its records are then still pending and sent again)."""
+        if self.confirmations == 1:
+            return
+        while True:
+            head = self.cache.head.number if self.cache.head else -1
+            if head >= block + self.confirmations - 1:
+                break
+            await asyncio.sleep(DEPTH_POLL_S)
+        now = await self.registry.mined(tx_hash)
+        if now is None:
+            raise RegistryError(f"transaction 0x{tx_hash.hex()} was reorganised out of the chain; sending again")
+
+    async def recheck(self, fork: int) -> None:
+        """After a rollback from block `fork` on: rows confirmed there whose record the chain
+        (the rebuilt cache) no longer holds go back to pending; the registry forgets its nonce."""
+        self.registry.forget_nonce()
+        gone = [item for item in self.store.confirmed_since(fork)
+                if (rec := self.cache.home_of(item.record.node)) is None or rec.timestamp < item.record.timestamp]
+        if gone:
+            self.store.reopen(gone)
+            self.reopened += len(gone)
+            log.warning("rollback from block %d: %d confirmed records are no longer on chain; sending them again",
+                        fork, len(gone))
+            self.wake()

@@ -24,7 +24,14 @@ RECORD_TYPEHASH = keccak(RECORD_TYPE)
 
 # How far ahead of the chain's clock a record's timestamp may be: tolerates node clock skew and
 # block-time lag, yet stops a record dated far ahead from freezing a node's later updates.
+# NodeRegistry.sol checks it against the MINED block's timestamp (never a simulation's).
 MAX_FUTURE_MS = 10 * 60 * 1000
+# How far behind a DC's clock a validator's clock may be. A DC accepts a record only up to
+# MAX_FUTURE_MS - this ahead of its own clock, so a record it acknowledges is still inside the
+# contract's window in whatever later block mines it (block timestamps only grow), whatever the
+# age of the latest block when the DC accepted it. One minute: NTP-synced servers are within ms.
+MAX_VALIDATOR_CLOCK_LAG_MS = 60 * 1000
+DC_ACCEPT_FUTURE_MS = MAX_FUTURE_MS - MAX_VALIDATOR_CLOCK_LAG_MS
 UINT64_MAX = 2**64 - 1
 
 

@@ -15,7 +15,7 @@ import coincurve
 from ntm import keys, messages
 from ntm.addr import format_endpoint, parse_endpoint
 from ntm.errors import CodedError, SignatureError
-from ntm.record import MAX_FUTURE_MS, Domain, NodeTransaction
+from ntm.record import DC_ACCEPT_FUTURE_MS, Domain, NodeTransaction
 
 # A node reports at most this many local addresses (messages.MAX_ENDPOINTS): enough for
 # dual-stack multi-homing, small enough that one request cannot bloat the DC's store.
@@ -93,5 +93,5 @@ def check_request(
         raise RegistrationError(
             "stale", f"record timestamp {rec.timestamp} is not newer than {latest_timestamp} (replay?)"
         )
-    if rec.timestamp > now_ms + MAX_FUTURE_MS:
+    if rec.timestamp > now_ms + DC_ACCEPT_FUTURE_MS:
         raise RegistrationError("future", "record timestamp is too far in the future (check the clock)")

@@ -47,6 +47,15 @@ class SubmitResult:
 
 
 @dataclass(frozen=True)
+class BlockRef:
+    """A block as the DC remembers it: a changed hash at a known height means a reorg."""
+
+    number: int
+    hash: bytes
+    timestamp: int  # seconds
+
+
+@dataclass(frozen=True)
 class RegistryEvent:
     """kind: one of EVENT_KINDS (or "RecordRejected"/"OwnershipTransferred" when asked for).
     node: node ID for Node* / RecordRejected events; dc: the DC (home DC for Node* events);
@@ -81,4 +90,21 @@ class RegistryView(Protocol):
 
     def events(self, from_block: int, *, kinds: tuple[str, ...] = ...) -> AsyncIterator[RegistryEvent]: ...
 
-    async def register(self, items: list[tuple[record.NodeTransaction, bytes]]) -> SubmitResult: ...
+    async def submit(self, items: list[tuple[record.NodeTransaction, bytes]]) -> SubmitResult:
+        """Send records in one registerBatch transaction and return once it is mined: refused
+        records are listed in the result (the chain's verdict), never raised."""
+
+    async def head(self) -> BlockRef: ...
+
+    async def block(self, number: int) -> BlockRef | None: ...
+
+    async def get_events(self, from_block: int, to_block: int) -> list[RegistryEvent]: ...
+
+    async def balance(self) -> tuple[int, int]:
+        """(the sending key's balance, the current gas price), both in wei."""
+
+    async def mined(self, tx_hash: bytes) -> int | None:
+        """The block a transaction is in now (None if a reorg took it out)."""
+
+    def forget_nonce(self) -> None:
+        """Re-read the sending key's nonce from the chain before the next send (after a rollback)."""

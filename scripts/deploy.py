@@ -104,7 +104,7 @@ async def deploy(rpc: str, key: bytes, out: Path, dcs: list[tuple[bytes, str, st
     else:
         probe = Registry._w3(rpc)
         try:
-            chain_id = await Registry._chain_id(probe, rpc)
+            chain_id = await Registry._chain_id(probe)
             balance = await probe.eth.get_balance(deployer)
         finally:
             await probe.provider.disconnect()

@@ -11,6 +11,8 @@ The real-process tests stay the reference; these make the logic around them test
 from __future__ import annotations
 
 import asyncio
+import copy
+import os
 import socket
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable
@@ -18,7 +20,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 from ntm import keys, record
 from ntm.clock import Clock
 from ntm.errors import SignatureError
-from ntm.registry import DcInfo, OnChainRecord, RegistryError, RegistryEvent, SubmitResult
+from ntm.registry import BlockRef, DcInfo, OnChainRecord, RegistryError, RegistryEvent, SubmitResult
 
 
 # --- chain -----------------------------------------------------------------------------------
@@ -33,20 +35,34 @@ class FakeChain:
         self.dcs: dict[bytes, DcInfo] = {}
         self.log: list[RegistryEvent] = []
         self.block = 0
+        self.hashes = [os.urandom(32)]  # per block number; a block made after a rollback gets a new one
         self.lookups = 0  # chain reads, for tests that count them
+        self.down = False  # True: every call fails as an unreachable RPC would
         self._changed = asyncio.Event()
 
     def _emit(self, **kw: Any) -> None:
         self.log.append(RegistryEvent(block=self.block, log_index=len(self.log), tx_hash=b"\x00" * 32, **kw))
         self._changed.set()
 
-    def admit(self, dc: bytes, hostname: str, endpoint: str) -> None:
+    def _mine(self) -> None:
         self.block += 1
+        self.hashes.append(os.urandom(32))
+
+    def snapshot(self) -> dict:
+        return copy.deepcopy({k: getattr(self, k) for k in ("nodes", "dcs", "log", "block", "hashes")})
+
+    def restore(self, snap: dict) -> None:
+        """Back to an older state, as a chain node restarted from an old state file."""
+        for k, v in copy.deepcopy(snap).items():
+            setattr(self, k, v)
+
+    def admit(self, dc: bytes, hostname: str, endpoint: str) -> None:
+        self._mine()
         self.dcs[dc] = DcInfo(dc, True, hostname, endpoint)
         self._emit(kind="DCAdmitted", dc=dc, hostname=hostname, endpoint=endpoint)
 
     def remove(self, dc: bytes) -> None:
-        self.block += 1
+        self._mine()
         old = self.dcs[dc]
         self.dcs[dc] = DcInfo(dc, False, old.hostname, old.endpoint)
         self._emit(kind="DCRemoved", dc=dc)
@@ -69,7 +85,7 @@ class FakeChain:
         info = self.dcs.get(sender)
         if info is None or not info.active:
             raise RegistryError("registerBatch reverted", "NodeRegistry: not an active DC")
-        self.block += 1
+        self._mine()
         rejected, reasons = [], []
         for rec, sig in items:
             why = "NodeRegistry: wrong DC" if rec.dc != sender else self._reason(sender, rec, sig)
@@ -95,9 +111,35 @@ class FakeRegistry:
     def domain(self) -> record.Domain:
         return self.chain.domain
 
+    def _up(self) -> FakeChain:
+        if self.chain.down:
+            raise RegistryError("cannot reach the chain RPC at fake://chain: connection refused")
+        return self.chain
+
     async def lookup(self, node: bytes) -> OnChainRecord | None:
-        self.chain.lookups += 1
+        self._up().lookups += 1
         return self.chain.nodes.get(node)
+
+    async def head(self) -> BlockRef:
+        return BlockRef(self._up().block, self.chain.hashes[self.chain.block], int(self.chain.clock.wall_ms() // 1000))
+
+    async def block(self, number: int) -> BlockRef | None:
+        if number > self._up().block:
+            return None
+        return BlockRef(number, self.chain.hashes[number], 0)
+
+    async def get_events(self, from_block: int, to_block: int) -> list[RegistryEvent]:
+        return [ev for ev in self._up().log if from_block <= ev.block <= to_block]
+
+    async def balance(self) -> tuple[int, int]:
+        self._up()
+        return 10**18, 10**9
+
+    async def mined(self, tx_hash: bytes) -> int | None:
+        return self._up().block
+
+    def forget_nonce(self) -> None:
+        pass
 
     async def dcs(self) -> list[DcInfo]:
         return list(self.chain.dcs.values())
@@ -105,8 +147,8 @@ class FakeRegistry:
     async def dc(self, address: bytes) -> DcInfo | None:
         return self.chain.dcs.get(address)
 
-    async def register(self, items: list[tuple[record.NodeTransaction, bytes]]) -> SubmitResult:
-        return self.chain.register(self.sender, items)
+    async def submit(self, items: list[tuple[record.NodeTransaction, bytes]]) -> SubmitResult:
+        return self._up().register(self.sender, items)
 
     async def events(self, from_block: int, kinds: tuple[str, ...] | None = None) -> AsyncIterator[RegistryEvent]:
         seen = 0

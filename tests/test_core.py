@@ -6,7 +6,7 @@ from hypothesis import given, strategies as st
 from daemon import keystore
 from ntm import envelope, keepalive, keys, session_auth
 from ntm.errors import KeystoreError, ParseError, SignatureError
-from ntm.record import MAX_FUTURE_MS, Domain, NodeTransaction
+from ntm.record import DC_ACCEPT_FUTURE_MS, Domain, NodeTransaction
 from ntm.registration import RegistrationError, RegistrationRequest, check_request, parse_request
 
 DOMAIN = Domain(31337, b"\x11" * 20)
@@ -68,7 +68,7 @@ class TestRegistrationCheck:
         ("bad_signature", lambda k: signed(k, domain=Domain(1, b"\x11" * 20))),
         ("bad_signature", lambda k: signed(k, domain=Domain(31337, b"\x12" * 20))),
         ("wrong_dc", lambda k: signed(k, dc=b"\x33" * 20)),
-        ("future", lambda k: signed(k, ts=NOW + MAX_FUTURE_MS + 1)),
+        ("future", lambda k: signed(k, ts=NOW + DC_ACCEPT_FUTURE_MS + 1)),
     ])
     def test_refusals(self, code, make):
         with pytest.raises(RegistrationError) as exc:

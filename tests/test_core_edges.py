@@ -201,7 +201,7 @@ def test_registration_refusals_say_why(case, code, message):
     elif case == "stale":
         kw["latest"] = NOW_MS
     elif case == "future":
-        kw["now"] = NOW_MS - record.MAX_FUTURE_MS - 1
+        kw["now"] = NOW_MS - record.DC_ACCEPT_FUTURE_MS - 1
     with raises(RegistrationError, message) as exc:
         _check(req, **kw)
     assert exc.value.code == code
@@ -210,7 +210,7 @@ def test_registration_refusals_say_why(case, code, message):
 def test_registration_boundaries_accept():
     req = RegistrationRequest.signed(KEY, INFO, NOW_MS)
     _check(req, latest=NOW_MS - 1)  # just newer
-    _check(req, now=NOW_MS - record.MAX_FUTURE_MS)  # exactly at the future edge
+    _check(req, now=NOW_MS - record.DC_ACCEPT_FUTURE_MS)  # exactly at the future edge
 
 
 # --- envelopes -----------------------------------------------------------------------------------

@@ -96,8 +96,9 @@ async def register(fed: Fed, dc: Coordinator, local: str = "10.0.0.2:4330", revo
     req = RegistrationRequest.signed(n.key, dc.info(), fed.clock.wall_ms(), (local,), revoked)
     res = await dc.register(req, wait_confirmed=True)
     assert res.status == "confirmed", res
-    for other in fed.dcs:  # every DC's cache follows the chain's events
-        await other.cache.wait_for(lambda: n.id in other.cache.nodes, 2)
+    for other in fed.dcs:  # every DC's cache follows the chain's events (polled)
+        assert await other.cache.wait_for(
+            lambda: (r := other.cache.nodes.get(n.id)) is not None and r.timestamp >= res.timestamp, 2)
     return n
 
 
@@ -422,3 +423,43 @@ async def test_the_dcs_view_follows_a_revocation_that_landed_elsewhere(fed):
     fed.dcs[0].store.db.execute("UPDATE nodes SET timestamp = timestamp + 1000000 WHERE node = ?", (a.id,))
     info, home = await fed.dcs[0].lookup(a.id)  # dc1's own row is "newer", yet the chain's revocation wins
     assert home == fed.dcs[0].address and info.revoked
+
+
+async def test_a_rollback_that_lost_confirmed_records_gets_them_back_on_chain(fed):
+    """A chain node restarted from an older state: records the DC said were confirmed are gone.
+    The follower sees the head go back, rebuilds its cache, and the submitter sends them again."""
+    before = fed.chain.snapshot()
+    a, b = await register(fed, fed.dcs[0]), await register(fed, fed.dcs[0])
+    fed.chain.restore(before)
+    assert a.id not in fed.chain.nodes and b.id not in fed.chain.nodes
+    dc = fed.dcs[0]
+    assert await dc.cache.wait_for(lambda: a.id in fed.chain.nodes and b.id in fed.chain.nodes, 5)
+    assert dc.cache.rollbacks == 1 and dc.submitter.reopened == 2
+    assert fed.chain.nodes[a.id].dc == dc.address
+    assert await dc.cache.wait_for(lambda: a.id in dc.cache.nodes, 2)
+    assert dc.store.count_outbox("pending") == 0 and dc.store.count_outbox("confirmed") == 2
+
+
+async def test_a_reorg_at_the_same_height_is_seen_by_its_hash(fed):
+    """Same head number, different block: only the hash tells. Records still on chain stay confirmed."""
+    a = await register(fed, fed.dcs[0])
+    dc = fed.dcs[0]
+    await dc.cache.wait_for(lambda: dc.cache.block == fed.chain.block, 2)
+    fed.chain.hashes[-1] = b"\xee" * 32  # the same events, in a block with another hash
+    assert await dc.cache.wait_for(lambda: dc.cache.rollbacks == 1, 2)
+    assert dc.submitter.reopened == 0 and a.id in dc.cache.nodes
+
+
+async def test_with_the_chain_down_registrations_are_durable_then_confirmed(fed):
+    a = await register(fed, fed.dcs[0])
+    fed.chain.down = True
+    n = FakeNode(*(lambda k: (k, keys.node_id_of(k)))(keys.generate()))
+    req = RegistrationRequest.signed(n.key, fed.dcs[0].info(), fed.clock.wall_ms(), ())
+    assert (await fed.dcs[0].register(req, wait_confirmed=False)).status == "durable"
+    info, _ = await fed.dcs[1].lookup(a.id)  # lookups and federation go on from the cache
+    assert info.node == keys.checksum(a.id)
+    await asyncio.sleep(0.3)
+    assert n.id not in fed.chain.nodes
+    fed.chain.down = False
+    state = await asyncio.wait_for(fed.dcs[0].submitter.confirmed(n.id, req.record.timestamp), 10)
+    assert state[0] == "confirmed" and fed.chain.nodes[n.id].dc == fed.dcs[0].address
