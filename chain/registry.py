@@ -417,7 +417,7 @@ class Registry:
                 rejected.append(_addr(vals["node"]))
                 reasons.append(REJECT_REASONS.get(vals["reason"], f"reason {vals['reason']}"))
         return SubmitResult(bytes(receipt["transactionHash"]), receipt["blockNumber"], receipt["gasUsed"],
-                            len(items) - len(rejected), rejected, reasons)
+                            len(items) - len(rejected), rejected, reasons, bytes(receipt["blockHash"]))
 
     # ------------------------------------------------------------------ reads
 

@@ -33,6 +33,7 @@ async def serve(cfg: dc_config.DcConfig, stop: asyncio.Event) -> None:
     store = Store(cfg.db, keys.node_id_of(key))
     cache = RegistryCache(registry, dep["block"])
     await cache.load()
+    await cache.poll()  # the head (for /healthz) and the first chunk of events before serving
     socks = (udp_socket(cfg.udp_host, cfg.udp_port), udp_socket(cfg.udp_host, 0))
     ports = (socks[0].getsockname()[1], socks[1].getsockname()[1])
     coord = Coordinator(key, registry, store, cache, cfg.hostname, cfg.relays, ports,

@@ -129,7 +129,12 @@ class RegistryCache:
 
     def _advance(self, end: BlockRef) -> None:
         self.block = end.number
-        self._hashes[end.number] = end.hash
+        self.remember(end.number, end.hash)
+
+    def remember(self, number: int, block_hash: bytes) -> None:
+        """Watch this block for a rollback: the follower's own reads, and the blocks our
+        transactions were mined in (which the follower may not have read when the chain fails)."""
+        self._hashes[number] = block_hash
         while len(self._hashes) > REMEMBERED_BLOCKS:
             del self._hashes[min(self._hashes)]
 

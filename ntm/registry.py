@@ -44,6 +44,7 @@ class SubmitResult:
     accepted: int
     rejected: list[bytes] = field(default_factory=list)  # node IDs skipped by registerBatch, in order
     reasons: list[str] = field(default_factory=list)  # parallel to `rejected`: the revert string
+    block_hash: bytes = b""  # of the block it was mined in (for rollback detection)
 
 
 @dataclass(frozen=True)

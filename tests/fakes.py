@@ -97,7 +97,7 @@ class FakeChain:
             self._emit(kind="NodeRevoked" if rec.revoked else "NodeRegistered", node=rec.node, dc=rec.dc,
                        timestamp=rec.timestamp)
         return SubmitResult(bytes([self.block % 256]) * 32, self.block, 30_000 * len(items), len(items) - len(rejected),
-                            rejected, reasons)
+                            rejected, reasons, self.hashes[self.block])
 
 
 class FakeRegistry:
