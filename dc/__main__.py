@@ -33,13 +33,15 @@ async def serve(cfg: dc_config.DcConfig, stop: asyncio.Event) -> None:
     store = Store(cfg.db, keys.node_id_of(key))
     cache = RegistryCache(registry, dep["block"])
     await cache.load()
-    await cache.poll()  # the head (for /healthz) and the first chunk of events before serving
-    socks = (udp_socket(cfg.udp_host, cfg.udp_port), udp_socket(cfg.udp_host, 0))
+    for number, block_hash in store.blocks():  # a rollback while this DC was down is seen on the first poll
+        cache.remember(number, block_hash)
+    socks = (udp_socket(cfg.udp_host, cfg.udp_port), udp_socket(cfg.udp_host, cfg.udp_alt_port))
     ports = (socks[0].getsockname()[1], socks[1].getsockname()[1])
     coord = Coordinator(key, registry, store, cache, cfg.hostname, cfg.relays, ports,
                         new_nodes_per_hour=cfg.new_nodes_per_hour, new_nodes_burst=cfg.new_nodes_per_hour / 5,
                         confirmations=cfg.confirmations)
     chain_status = ChainStatus(cache, registry, BATCH_GAS_PER_RECORD, cfg.max_block_age)
+    await cache.poll()  # the head (for /healthz), a rollback, the first chunk of events: before serving
     if not cache.is_active_dc(coord.address):
         logging.warning("DC %s is not active in the registry: registrations will be refused until it is admitted",
                         keys.checksum(coord.address))

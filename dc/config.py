@@ -27,6 +27,7 @@ class DcConfig:
     http_port: int = DEFAULT_HTTP_PORT
     udp_host: str = "0.0.0.0"
     udp_port: int = DEFAULT_UDP_PORT
+    udp_alt_port: int = 0  # the second keepalive port (NAT-type probe); fixed when it must be published
     db: Path = Path("dc.sqlite")
     relays: list[str] = field(default_factory=list)
     admin_allow: list = field(default_factory=list)  # networks that may read /metrics (empty: loopback)
@@ -46,6 +47,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--http-port", type=int, help=f"HTTP port (default {DEFAULT_HTTP_PORT}; 0 = any)")
     p.add_argument("--udp-host", help="keepalive UDP listen address (default 0.0.0.0; '::' for dual-stack)")
     p.add_argument("--udp-port", type=int, help=f"keepalive UDP port (default {DEFAULT_UDP_PORT}; 0 = any)")
+    p.add_argument("--udp-alt-port", type=int,
+                   help="second keepalive UDP port, for NAT-type detection (default 0 = any; fix it to publish it "
+                   "from a container)")
     p.add_argument("--db", type=Path, help="SQLite file (default dc.sqlite)")
     p.add_argument("--relay", dest="relays", action="append", help="relay server ip:port (repeatable)")
     p.add_argument("--new-nodes-per-hour", type=float, metavar="N",

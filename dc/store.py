@@ -38,7 +38,14 @@ CREATE TABLE IF NOT EXISTS outbox (
     PRIMARY KEY (node, timestamp)
 );
 CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (state) WHERE state = 'pending';
+CREATE TABLE IF NOT EXISTS blocks (    -- blocks our transactions were mined in, newest kept
+    number INTEGER PRIMARY KEY,
+    hash   BLOB NOT NULL
+);
 """
+# Blocks remembered in `blocks`: a restarted DC checks them for a rollback that happened while it
+# was down (as many as the follower remembers, dc/cache.py REMEMBERED_BLOCKS).
+BLOCKS_KEPT = 1024
 
 
 @dataclass(frozen=True)
@@ -156,6 +163,14 @@ class Store:
 
     def count_outbox(self, state: str) -> int:
         return self.db.execute("SELECT count(*) FROM outbox WHERE state=?", (state,)).fetchone()[0]
+
+    def remember_block(self, number: int, block_hash: bytes) -> None:
+        with self.db:
+            self.db.execute("INSERT OR REPLACE INTO blocks VALUES (?, ?)", (number, block_hash))
+            self.db.execute("DELETE FROM blocks WHERE number <= (SELECT max(number) FROM blocks) - ?", (BLOCKS_KEPT,))
+
+    def blocks(self) -> list[tuple[int, bytes]]:
+        return self.db.execute("SELECT number, hash FROM blocks ORDER BY number").fetchall()
 
     def settle(self, results: list[tuple[OutboxItem, str, str | None, int | None, str | None]]) -> None:
         """Record chain outcomes: (item, 'confirmed'|'rejected', tx, block, reason), one commit."""

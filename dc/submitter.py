@@ -102,6 +102,7 @@ class Submitter:
         self.sent_tx += 1
         tx, block = "0x" + bytes(res.tx_hash).hex(), res.block_number
         self.cache.remember(block, res.block_hash)
+        self.store.remember_block(block, res.block_hash)
         log.info("tx %s block %s: %d records, %d rejected", tx, block, len(items), len(res.rejected))
         await self._wait_depth(res.tx_hash, block)
         why = dict(zip(res.rejected, res.reasons))

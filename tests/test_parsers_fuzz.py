@@ -6,7 +6,6 @@ Session.receive never raises and never yields data from bytes it did not authent
 
 from __future__ import annotations
 
-import os
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
