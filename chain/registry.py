@@ -193,9 +193,10 @@ class Registry:
             raise RegistryError(f"cannot reach the chain RPC at {', '.join(w3.provider.urls)}: {exc}") from None
 
     @classmethod
-    async def deploy(cls, rpc_url: str | Sequence[str], deployer_key: bytes) -> "Registry":
-        """Deploy a fresh NodeRegistry; the deployer becomes its owner."""
-        artifact = load_artifact()
+    async def deploy(cls, rpc_url: str | Sequence[str], deployer_key: bytes, artifact: dict | None = None) -> "Registry":
+        """Deploy a fresh NodeRegistry; the deployer becomes its owner. `artifact`: another
+        compilation of the same contract (bench/gas.py compares EVM targets), else the committed one."""
+        artifact = artifact or load_artifact()
         w3 = cls._w3(rpc_url)
         chain_id = await cls._chain_id(w3)
         reg = cls(w3, b"\0" * 20, chain_id, deployer_key, artifact)
