@@ -1,19 +1,20 @@
-# NTMobile: one image for every role (chain, deploy job, DC, RS, node).
+# NTMobile: one image for every role (deploy job, DC, RS, node, and the anvil dev chain).
 #   docker compose up            # see docker-compose.yml
 #   docker build -t ntmobile .   # alone
-# The anvil npm package is linux-amd64 only: build and run the image as linux/amd64.
-FROM python:3.11-slim
+# The anvil binary is linux-amd64 only: build and run the image as linux/amd64.
+# Base images are pinned to exact releases (bump them on purpose, not by a rebuild).
 
-# Node.js + npm from Debian: only to install the anvil devnode and solcjs from package-lock.json.
-RUN apt-get update \
- && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nodejs npm \
- && rm -rf /var/lib/apt/lists/*
-
-WORKDIR /app
-
-# npm first: the lock file changes less often than the Python code (better layer cache).
+# ---- stage 1: npm fetches the anvil binary from package-lock.json (nodejs stays in this stage)
+FROM node:20.18.1-bookworm-slim AS anvil
+WORKDIR /build
 COPY package.json package-lock.json ./
-RUN npm ci --no-audit --no-fund --loglevel=error
+RUN npm ci --no-audit --no-fund --loglevel=error \
+ && cp node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil /build/anvil
+
+# ---- stage 2: the runtime: Python, our packages, the anvil binary; no nodejs, no npm
+FROM python:3.11.11-slim-bookworm
+WORKDIR /app
+COPY --from=anvil /build/anvil /usr/local/bin/anvil
 
 COPY pyproject.toml README.md ./
 COPY contracts ./contracts
@@ -26,15 +27,13 @@ COPY node ./node
 COPY scripts ./scripts
 RUN pip install --no-cache-dir . \
  && useradd --create-home --uid 1000 ntm \
- && mkdir -p /chain /shared /data /home/ntm/.ntm \
- && chown -R ntm:ntm /chain /shared /data /home/ntm/.ntm
+ && mkdir -p /chain /shared /data /home/ntm/nodes \
+ && chown -R ntm:ntm /chain /shared /data /home/ntm/nodes
 
-# `anvil` on PATH (scripts/anvil.py finds it there too); the node's home for `ntm`.
-ENV PATH=/app/node_modules/@foundry-rs/anvil-linux-amd64/bin:$PATH \
-    NTM_HOME=/home/ntm/.ntm \
+ENV NTM_HOME=/home/ntm/nodes/node1 \
     PYTHONUNBUFFERED=1
 
 USER ntm
-# The tunnel port, DC HTTP + keepalive, RS relay + control, chain RPC.
-EXPOSE 4330/udp 8330 4331/udp 4340/udp 8340 8545
+# The tunnel port, DC HTTP + keepalives, RS relay + control, anvil's RPC.
+EXPOSE 4330/udp 8330 4331/udp 4332/udp 4340/udp 8340 8545
 CMD ["ntm", "--help"]

@@ -1,7 +1,7 @@
 # Entry points everyone relies on: setup (idempotent), demo, test, bench.
 VENV   := .venv
 PY     := $(VENV)/bin/python
-APT_PKGS := iproute2 iptables conntrack iputils-ping
+APT_PKGS := iproute2 iptables conntrack iputils-ping docker-compose
 
 .PHONY: setup demo test bench mutate apt clean
 
@@ -17,13 +17,15 @@ node_modules/.installed: package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
-# The NAT lab tests need ip/iptables/conntrack/ping; install them when root and missing, else say so.
+# The NAT lab tests need ip/iptables/conntrack/ping, the compose test Debian's docker-compose
+# parser; install them when root and missing, else say so.
 apt:
 	@missing=""; \
 	command -v ip >/dev/null || missing="$$missing iproute2"; \
 	command -v iptables >/dev/null || missing="$$missing iptables"; \
 	command -v conntrack >/dev/null || missing="$$missing conntrack"; \
 	command -v ping >/dev/null || missing="$$missing iputils-ping"; \
+	command -v docker-compose >/dev/null || missing="$$missing docker-compose"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "installing:$$missing"; \

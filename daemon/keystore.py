@@ -44,3 +44,14 @@ def load_keystore(path: Path, passphrase: str = "") -> coincurve.PrivateKey:
             raise KeystoreError(f"wrong passphrase for {path}") from None
         raise KeystoreError(f"key file {path} is invalid: {exc}") from None
     return coincurve.PrivateKey(bytes(secret))
+
+
+def passphrase(env: str, file: Path | None = None) -> str:
+    """A keystore passphrase: from `file` if given (one line; what containers mount as a secret),
+    else from the environment variable `env` (empty if unset)."""
+    if file is None:
+        return os.environ.get(env, "")
+    try:
+        return Path(file).read_text().rstrip("\r\n")
+    except OSError as exc:
+        raise KeystoreError(f"passphrase file {file} is unreadable: {exc.strerror or exc}") from None

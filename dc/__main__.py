@@ -28,7 +28,7 @@ from ntm import keys
 
 
 async def serve(cfg: dc_config.DcConfig, stop: asyncio.Event) -> None:
-    key = keystore.load_keystore(cfg.key_file, os.environ.get(dc_config.PASSPHRASE_ENV, ""))
+    key = keystore.load_keystore(cfg.key_file, keystore.passphrase(dc_config.PASSPHRASE_ENV, cfg.passphrase_file))
     registry, dep = await connect_registry(cfg.rpc_url, cfg.deployment, key.secret)
     store = Store(cfg.db, keys.node_id_of(key))
     cache = RegistryCache(registry, dep["block"])

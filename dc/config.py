@@ -33,6 +33,7 @@ class DcConfig:
     admin_allow: list = field(default_factory=list)  # networks that may read /metrics (empty: loopback)
     http_idle_timeout: float = HTTP_IDLE_TIMEOUT_S
     new_nodes_per_hour: float = NEW_NODES_PER_HOUR  # gas budget for never-seen nodes
+    passphrase_file: Path | None = None  # else the key's passphrase comes from $NTM_DC_PASSPHRASE
     confirmations: int = 1  # blocks deep before "confirmed": 1 on anvil; a BFT chain (QBFT) is final at 1 too
     max_block_age: float = 0.0  # seconds; 0 = blocks only on demand (anvil), so no age check
 
@@ -42,6 +43,8 @@ def parser() -> argparse.ArgumentParser:
                       "answers peer DCs, keeps node sessions.", chain_required=False)
     p.add_argument("--config", type=Path, help="TOML file with any of the options below (flags win)")
     p.add_argument("--key-file", type=Path, help=f"DC chain key (keystore JSON; passphrase from ${PASSPHRASE_ENV})")
+    p.add_argument("--passphrase-file", type=Path, metavar="FILE",
+                   help=f"read the key's passphrase from this file instead of ${PASSPHRASE_ENV}")
     p.add_argument("--hostname", help="name this DC is known by (as admitted on chain)")
     p.add_argument("--http-host", help="HTTP listen address (default 127.0.0.1)")
     p.add_argument("--http-port", type=int, help=f"HTTP port (default {DEFAULT_HTTP_PORT}; 0 = any)")
@@ -84,7 +87,7 @@ def load(args: argparse.Namespace) -> DcConfig:
         raise ValueError("missing: " + ", ".join("--" + m.replace("_", "-") for m in missing))
     if "admin_allow" in values:
         values["admin_allow"] = [ipaddress.ip_network(str(n), strict=False) for n in values["admin_allow"]]
-    for name in ("key_file", "deployment", "db"):
+    for name in ("key_file", "deployment", "db", "passphrase_file"):
         if name in values:
             values[name] = Path(values[name])
     if isinstance(values["rpc_url"], str):

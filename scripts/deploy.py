@@ -42,8 +42,8 @@ def parse_dc(spec: str) -> tuple[bytes, str, str]:
     return address, parts[1].strip(), parts[2].strip()
 
 
-def load_key(hex_key: str | None = None, key_file: str | Path | None = None) -> bytes:
-    """The deployer key from hex, or from a keystore (passphrase from $NTM_KEY_PASSPHRASE)."""
+def load_key(hex_key: str | None = None, key_file: str | Path | None = None, passphrase_file: Path | None = None) -> bytes:
+    """The deployer key from hex, or from a keystore (passphrase from the file, else $NTM_KEY_PASSPHRASE)."""
     if hex_key:
         raw = hex_key[2:] if hex_key[:2] in ("0x", "0X") else hex_key
         try:
@@ -53,8 +53,34 @@ def load_key(hex_key: str | None = None, key_file: str | Path | None = None) -> 
         if len(key) != 32:
             raise DeployError(f"--key is {len(key)} bytes, expected 32")
         return key
-    passphrase = os.environ.get("NTM_KEY_PASSPHRASE", "")
-    return keystore.load_keystore(Path(key_file), passphrase).secret  # type: ignore[arg-type]
+    return keystore.load_keystore(Path(key_file), keystore.passphrase("NTM_KEY_PASSPHRASE", passphrase_file)).secret  # type: ignore[arg-type]
+
+
+def dcs_from(network: Path) -> list[tuple[bytes, str, str]]:
+    """The DCs of a network.json written by scripts/besu_network.py (address, hostname, endpoint)."""
+    try:
+        return [(keys.parse_node_id(d["address"]), d["name"], d["endpoint"])
+                for d in json.loads(Path(network).read_text())["dcs"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DeployError(f"cannot read DCs from {network}: {exc}") from None
+
+
+async def wait_for_chain(rpc: str, seconds: float) -> None:
+    """Until the chain answers and has made a block (a validator network takes a while to start)."""
+    loop = asyncio.get_running_loop()
+    deadline, why = loop.time() + seconds, "no block yet"
+    while True:
+        probe = Registry._w3(rpc)
+        try:
+            if await probe.eth.block_number >= 1:
+                return
+        except Exception as exc:  # noqa: BLE001 - any failure here means "not yet"
+            why = str(exc)
+        finally:
+            await probe.provider.disconnect()
+        if loop.time() >= deadline:
+            raise DeployError(f"the chain at {rpc} is not ready after {seconds:.0f} s: {why}")
+        await asyncio.sleep(1.0)
 
 
 def write_atomic(path: Path, obj: dict) -> None:
@@ -140,7 +166,7 @@ async def deploy(rpc: str, key: bytes, out: Path, dcs: list[tuple[bytes, str, st
     return {**deployment, "action": action}
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="ntm-deploy", description=__doc__.splitlines()[0])
     ap.add_argument("--rpc", required=True, help="chain JSON-RPC URL")
     who = ap.add_mutually_exclusive_group(required=True)
@@ -148,10 +174,27 @@ def main(argv: list[str] | None = None) -> int:
     who.add_argument("--key-file", help="deployer keystore (passphrase from $NTM_KEY_PASSPHRASE)")
     ap.add_argument("--dc", action="append", default=[], metavar="ADDRESS,HOSTNAME,ENDPOINT",
                     help="admit this DC (repeatable)")
+    ap.add_argument("--passphrase-file", type=Path, metavar="FILE", help="the keystore's passphrase, from a file")
+    ap.add_argument("--dcs-from", type=Path, metavar="NETWORK_JSON",
+                    help="admit every DC listed in this network.json (scripts/besu_network.py)")
+    ap.add_argument("--wait", type=float, default=0, metavar="S",
+                    help="wait up to S seconds for the chain to answer and make its first block")
     ap.add_argument("--out", default="deployment.json", help="deployment file (reused if live)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     try:
-        asyncio.run(deploy(args.rpc, load_key(args.key, args.key_file), Path(args.out), [parse_dc(d) for d in args.dc]))
+        dcs = [parse_dc(d) for d in args.dc] + (dcs_from(args.dcs_from) if args.dcs_from else [])
+        key = load_key(args.key, args.key_file, args.passphrase_file)
+
+        async def run() -> None:
+            if args.wait:
+                await wait_for_chain(args.rpc, args.wait)
+            await deploy(args.rpc, key, Path(args.out), dcs)
+
+        asyncio.run(run())
     except NtmError as exc:  # RegistryError, DeployError, KeystoreError
         print(f"error: {exc}", file=sys.stderr)
         return 2

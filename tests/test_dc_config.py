@@ -37,3 +37,27 @@ def test_cli_exits_2_with_a_readable_line(capsys):
     from dc.__main__ import main
     assert main([]) == 2
     assert "ntm-dc: missing: --key-file" in capsys.readouterr().err
+
+
+def test_several_rpc_urls_own_node_first(tmp_path):
+    f = tmp_path / "dc.toml"
+    f.write_text('key_file = "k"\nrpc_url = ["http://v1:8545", "http://v2:8545"]\ndeployment = "d"\n')
+    assert load(["--config", str(f)]).rpc_url == ["http://v1:8545", "http://v2:8545"]
+    f.write_text('key_file = "k"\nrpc_url = "http://v1:8545"\ndeployment = "d"\n')
+    assert load(["--config", str(f)]).rpc_url == ["http://v1:8545"]
+    cfg = load(["--config", str(f), "--rpc-url", "http://a:1", "--rpc-url", "http://b:2", "--confirmations", "3"])
+    assert cfg.rpc_url == ["http://a:1", "http://b:2"] and cfg.confirmations == 3  # flags win, in order
+    with pytest.raises(ValueError, match="confirmations must be at least 1"):
+        load(["--config", str(f), "--confirmations", "0"])
+
+
+def test_passphrase_from_a_file_or_the_environment(tmp_path, monkeypatch):
+    from daemon import keystore
+    from ntm.errors import KeystoreError
+    secret = tmp_path / "passphrase"
+    secret.write_text("correct horse\n")
+    monkeypatch.setenv("NTM_DC_PASSPHRASE", "from env")
+    assert keystore.passphrase("NTM_DC_PASSPHRASE", secret) == "correct horse"  # the file wins, newline dropped
+    assert keystore.passphrase("NTM_DC_PASSPHRASE") == "from env"
+    with pytest.raises(KeystoreError, match="passphrase file .* is unreadable"):
+        keystore.passphrase("NTM_DC_PASSPHRASE", tmp_path / "missing")

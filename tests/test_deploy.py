@@ -48,3 +48,26 @@ def test_deploy_errors(anvil, tmp_path):
     assert poor.returncode == 2 and "insufficient funds" in poor.stderr and not out.exists()
     bad_dc = deploy("--rpc", anvil.url, "--key", anvil.keys[0].hex(), "--out", str(out), "--dc", "0x1234,host")
     assert bad_dc.returncode == 2 and "bad --dc" in bad_dc.stderr and "Traceback" not in bad_dc.stderr
+
+
+def test_deploy_a_generated_besu_network_with_its_own_keys(anvil, tmp_path):
+    """What the compose deploy job runs, against anvil standing in for the validators: the deployer
+    keystore and passphrase file, and the DCs of network.json (scripts/besu_network.py)."""
+    from scripts import besu_network
+    net = besu_network.generate(tmp_path / "network", 4)
+    anvil.rpc("anvil_setBalance", [net["deployer"], hex(10**20)])  # the genesis alloc does this on Besu
+    out = tmp_path / "deployment.json"
+    args = ["--rpc", anvil.url, "--key-file", str(tmp_path / "network/deployer/key.json"), "--out", str(out),
+            "--passphrase-file", str(tmp_path / "network/deployer/passphrase"),
+            "--dcs-from", str(tmp_path / "network/network.json"), "--wait", "10"]
+    anvil.rpc("evm_mine")  # --wait waits for a first block
+    run = deploy(*args)
+    assert run.returncode == 0, run.stderr
+    dep = json.loads(out.read_text())
+    assert dep["deployer"] == net["deployer"]
+    assert [(d["address"], d["hostname"], d["endpoint"]) for d in dep["dcs"]] == \
+        [(d["address"], d["name"], d["endpoint"]) for d in net["dcs"]]
+    wrong = tmp_path / "wrong"
+    wrong.write_text("not the passphrase\n")
+    refused = deploy(*args[:-6], "--passphrase-file", str(wrong), "--dcs-from", str(tmp_path / "network/network.json"))
+    assert refused.returncode == 2 and "wrong passphrase" in refused.stderr and "Traceback" not in refused.stderr
