@@ -1,0 +1,107 @@
+"""The DC on a chain that misbehaves: real anvil, real DC processes (~15 s).
+
+Prints one `metric: value` line per figure:
+  confirmed_p50_ms                  registration → confirmed on a busy (not idle) anvil, p50 of 10
+  idle_chain_confirmed_ms           the same for a lone record when the latest block is 20 min old
+  dead_first_rpc_confirmed_p50_ms   p50 of 10 when the DC's first JSON-RPC URL refuses connections
+  rollback_recovery_s               anvil restarted from an older state that lacks 20 confirmed
+                                    records → all 20 back on chain (the DC re-sends them)
+  chain_return_confirm_s            chain down, 20 registrations acknowledged "durable", chain back
+                                    → all 20 confirmed
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ntm import keys  # noqa: E402
+from scripts.anvil import Anvil  # noqa: E402
+from scripts.procs import dc_child, free_port  # noqa: E402
+from tests.dcnet import DcNet  # noqa: E402
+from tests.test_chain_robust import register_at  # noqa: E402
+from tests.test_dc_crash import all_on_chain, register_many  # noqa: E402
+
+IDLE_S = 1200
+ROUNDS = 10
+RECORDS = 20
+
+
+async def confirm_ms(url: str) -> float:
+    start = time.perf_counter()
+    _, status = await register_at(url, int(time.time() * 1000))
+    assert status == "confirmed", status
+    return (time.perf_counter() - start) * 1000
+
+
+async def idle_and_dead_url(tmp: Path) -> dict[str, float]:
+    out: dict[str, float] = {}
+    with Anvil(extra_args=["--timestamp", str(int(time.time()) - IDLE_S)]) as chain:
+        net = DcNet(tmp, chain)
+        await net.deploy(2)
+        chain.rpc("evm_increaseTime", [IDLE_S])
+        net.start_dc(0)
+        net.dcs[1] = dc_child(tmp, "dc2", tmp / "dc2.key.json", f"http://127.0.0.1:{free_port()}", net.deployment,
+                              net.ports[1], extra=["--rpc-url", chain.url]).start()
+        try:
+            out["idle_chain_confirmed_ms"] = await confirm_ms(net.urls[0])
+            out["confirmed_p50_ms"] = statistics.median([await confirm_ms(net.urls[0]) for _ in range(ROUNDS)])
+            out["dead_first_rpc_confirmed_p50_ms"] = statistics.median(
+                [await confirm_ms(net.urls[1]) for _ in range(ROUNDS)])
+        finally:
+            net.stop()
+    return out
+
+
+async def rollback_and_outage(tmp: Path) -> dict[str, float]:
+    out: dict[str, float] = {}
+    state, old = tmp / "chain.json", tmp / "chain-old.json"
+    chain = Anvil(state_path=state).start()
+    port = chain.port
+    net = DcNet(tmp, chain)
+    try:
+        await net.deploy(1)
+        chain.stop()
+        shutil.copy(state, old)
+        chain = net.chain = Anvil(state_path=state, port=port).start()
+        net.start_dc(0)
+        dc_addr = keys.node_id_of(net.dc_keys[0])
+        nodes = await register_many(net.urls[0], RECORDS)
+        await all_on_chain(net, nodes, dc_addr)
+        chain.stop()
+        chain = net.chain = Anvil(state_path=old, port=port).start()
+        start = time.perf_counter()
+        await all_on_chain(net, nodes, dc_addr, timeout=60)
+        out["rollback_recovery_s"] = round(time.perf_counter() - start, 2)
+        chain.stop()
+        during = await register_many(net.urls[0], RECORDS)
+        await asyncio.sleep(1.0)
+        chain = net.chain = Anvil(state_path=old, port=port).start()
+        start = time.perf_counter()
+        await all_on_chain(net, during, dc_addr, timeout=60)
+        out["chain_return_confirm_s"] = round(time.perf_counter() - start, 2)
+    finally:
+        net.stop()
+        chain.stop()
+    return out
+
+
+def main() -> int:
+    results: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="ntm-bench-chain-") as tmp:
+        results |= asyncio.run(idle_and_dead_url(Path(tmp) / "a"))
+        results |= asyncio.run(rollback_and_outage(Path(tmp) / "b"))
+    for name, value in results.items():
+        print(f"{name}: {round(value, 2)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
