@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ntm import keys  # noqa: E402
 from scripts.anvil import Anvil  # noqa: E402
 from scripts.procs import dc_child, free_port  # noqa: E402
-from tests.dcnet import DcNet  # noqa: E402
+from tests.dcnet import DcNet, stateful_net  # noqa: E402
 from tests.test_chain_robust import register_at  # noqa: E402
 from tests.test_dc_crash import all_on_chain, register_many  # noqa: E402
 
@@ -62,34 +62,25 @@ async def idle_and_dead_url(tmp: Path) -> dict[str, float]:
 
 async def rollback_and_outage(tmp: Path) -> dict[str, float]:
     out: dict[str, float] = {}
-    state, old = tmp / "chain.json", tmp / "chain-old.json"
-    chain = Anvil(state_path=state).start()
-    port = chain.port
-    net = DcNet(tmp, chain)
-    try:
-        await net.deploy(1)
-        chain.stop()
-        shutil.copy(state, old)
-        chain = net.chain = Anvil(state_path=state, port=port).start()
+    async with stateful_net(tmp) as net:
+        net.chain.stop()
+        shutil.copy(net.chain.state_path, tmp / "chain-old.json")
+        net.restart_chain()
         net.start_dc(0)
         dc_addr = keys.node_id_of(net.dc_keys[0])
         nodes = await register_many(net.urls[0], RECORDS)
         await all_on_chain(net, nodes, dc_addr)
-        chain.stop()
-        chain = net.chain = Anvil(state_path=old, port=port).start()
+        net.restart_chain(tmp / "chain-old.json")
         start = time.perf_counter()
         await all_on_chain(net, nodes, dc_addr, timeout=60)
-        out["rollback_recovery_s"] = round(time.perf_counter() - start, 2)
-        chain.stop()
+        out["rollback_recovery_s"] = time.perf_counter() - start
+        net.chain.stop()
         during = await register_many(net.urls[0], RECORDS)
         await asyncio.sleep(1.0)
-        chain = net.chain = Anvil(state_path=old, port=port).start()
+        net.restart_chain()
         start = time.perf_counter()
         await all_on_chain(net, during, dc_addr, timeout=60)
-        out["chain_return_confirm_s"] = round(time.perf_counter() - start, 2)
-    finally:
-        net.stop()
-        chain.stop()
+        out["chain_return_confirm_s"] = time.perf_counter() - start
     return out
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
 import socket
 import time
@@ -78,8 +79,29 @@ class DcNet:
             if child is not None:
                 child.stop()
 
+    def restart_chain(self, state_path: Path | None = None) -> Anvil:
+        """Stop the chain (if running) and start it on the same port from `state_path` (default:
+        its own state file, as dumped when it stopped): a chain outage, or a rollback to an older state."""
+        port, state = self.chain.port, state_path or self.chain.state_path
+        self.chain.stop()
+        self.chain = Anvil(state_path=state, port=port).start()
+        return self.chain
+
     async def registry(self) -> Registry:
         return await Registry.connect(self.chain.url, self.registry_address)
+
+
+@contextlib.asynccontextmanager
+async def stateful_net(workdir: Path, n_dcs: int = 1):
+    """A DcNet on an anvil that keeps its state in workdir/chain.json (so it can be restarted)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    net = DcNet(workdir, Anvil(state_path=workdir / "chain.json").start())
+    try:
+        await net.deploy(n_dcs)
+        yield net
+    finally:
+        net.stop()
+        net.chain.stop()
 
 
 async def register(url: str, key, local_addrs: tuple[str, ...] = (), revoked: bool = False) -> dict:

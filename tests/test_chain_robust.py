@@ -16,7 +16,7 @@ from ntm.record import DC_ACCEPT_FUTURE_MS, MAX_FUTURE_MS
 from ntm.registration import RegistrationRequest
 from scripts.anvil import Anvil
 from scripts.procs import dc_child, free_port
-from tests.dcnet import DcNet, register, until
+from tests.dcnet import DcNet, register, stateful_net, until
 from tests.test_dc_crash import all_on_chain, register_many
 
 IDLE_S = 1200  # the chain's latest block is this old: twice the contract's future window
@@ -76,23 +76,17 @@ async def test_a_lone_registration_confirms_on_a_chain_idle_longer_than_the_wind
 
 
 async def test_a_chain_restarted_from_an_older_state_gets_every_confirmed_record_back(tmp_path):
-    state, old = tmp_path / "chain.json", tmp_path / "chain-old.json"
-    chain = Anvil(state_path=state).start()
-    port = chain.port
-    net = DcNet(tmp_path, chain)
-    try:
-        await net.deploy(1)
-        chain.stop()  # dumps the state: registry deployed, DC admitted, no node yet
-        shutil.copy(state, old)
-        chain = net.chain = Anvil(state_path=state, port=port).start()
+    async with stateful_net(tmp_path) as net:
+        net.chain.stop()  # dumps the state: registry deployed, DC admitted, no node yet
+        shutil.copy(net.chain.state_path, tmp_path / "chain-old.json")
+        shutil.copy(net.chain.state_path, tmp_path / "chain-older.json")
+        net.restart_chain()
         net.start_dc(0)
         dc_addr = keys.node_id_of(net.dc_keys[0])
         confirmed = [n for n, s in [await register_at(net.urls[0], int(time.time() * 1000)) for _ in range(4)]
                      if s == "confirmed"]
         assert len(confirmed) == 4
-        chain.stop()
-        shutil.copy(old, tmp_path / "older.json")
-        chain = net.chain = Anvil(state_path=old, port=port).start()  # a crash that lost the last blocks
+        net.restart_chain(tmp_path / "chain-old.json")  # a crash that lost the last blocks
         await all_on_chain(net, confirmed, dc_addr, timeout=60)  # the DC sent them again by itself
         assert await metric(net.urls[0], "ntm_dc_outbox_reopened_total") == 4  # they were lost, not kept
         assert await metric(net.urls[0], "ntm_dc_chain_rollbacks_total") == 1
@@ -101,42 +95,30 @@ async def test_a_chain_restarted_from_an_older_state_gets_every_confirmed_record
         assert later[1] == "confirmed"
         # The same rollback while the DC is down: it sees it from its database when it starts.
         net.dcs[0].stop()
-        chain.stop()
-        chain = net.chain = Anvil(state_path=tmp_path / "older.json", port=port).start()
+        net.restart_chain(tmp_path / "chain-older.json")
         net.start_dc(0)
         await all_on_chain(net, confirmed + [later[0]], dc_addr, timeout=60)
         assert await metric(net.urls[0], "ntm_dc_outbox_reopened_total") == 5
-    finally:
-        net.stop()
-        chain.stop()
 
 
 async def test_chain_down_then_back_durable_then_confirmed_and_health_says_so(tmp_path):
-    state = tmp_path / "chain.json"
-    chain = Anvil(state_path=state).start()
-    port = chain.port
-    net = DcNet(tmp_path, chain)
-    try:
-        await net.deploy(1)
+    async with stateful_net(tmp_path) as net:
         net.start_dc(0)
         url, dc_addr = net.urls[0], keys.node_id_of(net.dc_keys[0])
         status, body = await health(url)
         assert status == 200 and body["chain"] == "ok" and body["gas"] in ("ok", "unknown")
         node = keys.generate()
         await register(url, node)
-        chain.stop()
+        net.chain.stop()
         during = await register_many(url, 3)  # acknowledged "durable" with the chain down
         async with DcClient(url) as dc:  # lookups go on from the registry cache
             assert (await dc.whois(keys.node_id_of(node))).home_dc == keys.checksum(dc_addr)
         status, body = await until(lambda: _down(url), timeout=30)
         assert status == 503 and body["ok"] is False and body["outbox_pending"] == 3
-        chain = net.chain = Anvil(state_path=state, port=port).start()
+        net.restart_chain()
         await all_on_chain(net, during, dc_addr)
         status, body = await until(lambda: _ok(url), timeout=30)
         assert body["chain"] == "ok" and body["outbox_pending"] == 0
-    finally:
-        net.stop()
-        chain.stop()
 
 
 async def _down(url: str):

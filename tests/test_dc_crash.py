@@ -11,7 +11,7 @@ from ntm import keys
 from ntm.record import Domain, NodeTransaction
 from ntm.registration import RegistrationRequest
 from scripts.anvil import Anvil
-from tests.dcnet import DcNet, until
+from tests.dcnet import DcNet, stateful_net, until
 
 
 async def register_many(url: str, n: int) -> list[bytes]:
@@ -70,22 +70,14 @@ async def test_kill9_after_ack_before_confirmation(tmp_path):
 
 
 async def test_chain_restart_with_state_keeps_everything(tmp_path):
-    state = tmp_path / "chain-state.json"
-    chain = Anvil(state_path=state).start()
-    port = chain.port
-    net = DcNet(tmp_path, chain)
-    try:
-        await net.deploy(1)
+    async with stateful_net(tmp_path) as net:
         net.start_dc(0)
         dc_addr = keys.node_id_of(net.dc_keys[0])
         before = await register_many(net.urls[0], 5)
         await all_on_chain(net, before, dc_addr)
-        chain.stop()  # chain goes away (state dumped on SIGTERM)
+        net.chain.stop()  # chain goes away (state dumped on SIGTERM)
         during = await register_many(net.urls[0], 10)  # the DC still acknowledges: durable in SQLite
         net.dcs[0].kill()  # and crashes while the chain is down
-        chain = net.chain = Anvil(state_path=state, port=port).start()
+        net.restart_chain()
         net.start_dc(0)
         await all_on_chain(net, before + during, dc_addr)
-    finally:
-        net.stop()
-        chain.stop()
