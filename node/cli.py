@@ -98,6 +98,8 @@ async def sign_and_register(args, base: Path, revoked: bool) -> None:
         req = RegistrationRequest.signed(key, info, ts, args.addr or local_addrs_towards(urlsplit(url).hostname, TUNNEL_PORT),
                                          revoked)
         res = await dc.register(req, wait_confirmed=not args.no_wait)
+    if res.status == "rejected":  # the chain's verdict in a mined block: nothing to remember
+        raise CliError(f"the chain refused the record of {res.node}: {res.reason or 'no reason given'}", 1)
     state.write_json(base / state.STATE_FILE, {
         "dc_url": url, "dc": info.dc, "hostname": info.hostname, "chain_id": info.chain_id,
         "registry": info.registry, "timestamp": ts, "revoked": revoked, "status": res.status,
