@@ -39,7 +39,7 @@ async def serve(cfg: dc_config.DcConfig, stop: asyncio.Event) -> None:
     ports = (socks[0].getsockname()[1], socks[1].getsockname()[1])
     coord = Coordinator(key, registry, store, cache, cfg.hostname, cfg.relays, ports,
                         new_nodes_per_hour=cfg.new_nodes_per_hour, new_nodes_burst=cfg.new_nodes_per_hour / 5,
-                        confirmations=cfg.confirmations)
+                        confirmations=cfg.confirmations, cs=cfg.cs)
     chain_status = ChainStatus(cache, registry, BATCH_GAS_PER_RECORD, cfg.max_block_age)
     await cache.poll()  # the head (for /healthz), a rollback, the first chunk of events: before serving
     if not cache.is_active_dc(coord.address):

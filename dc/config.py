@@ -30,6 +30,7 @@ class DcConfig:
     udp_alt_port: int = 0  # the second keepalive port (NAT-type probe); fixed when it must be published
     db: Path = Path("dc.sqlite")
     relays: list[str] = field(default_factory=list)
+    cs: str | None = None  # this DC's Cache Server URL, announced to nodes in /v1/info
     admin_allow: list = field(default_factory=list)  # networks that may read /metrics (empty: loopback)
     http_idle_timeout: float = HTTP_IDLE_TIMEOUT_S
     new_nodes_per_hour: float = NEW_NODES_PER_HOUR  # gas budget for never-seen nodes
@@ -54,6 +55,7 @@ def parser() -> argparse.ArgumentParser:
                    help="second keepalive UDP port, for NAT-type detection (default 0 = any; fix it to publish it "
                    "from a container)")
     p.add_argument("--db", type=Path, help="SQLite file (default dc.sqlite)")
+    p.add_argument("--cs", metavar="URL", help="this DC's Cache Server (ntm-cs), as nodes reach it")
     p.add_argument("--relay", dest="relays", action="append", help="relay server ip:port (repeatable)")
     p.add_argument("--new-nodes-per-hour", type=float, metavar="N",
                    help=f"gas budget: new nodes registered per hour, a fifth of it at once (default {NEW_NODES_PER_HOUR:.0f})")

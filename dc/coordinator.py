@@ -16,6 +16,7 @@ import coincurve
 from dc.cache import RegistryCache
 from dc.errors import NodeLookupError
 from dc.federation import FederationClient, FederationError, Transport
+from dc.notices import Notices
 from dc.presence import Presence
 from dc.signaling import Signaling
 from dc.store import Store
@@ -59,10 +60,12 @@ class Coordinator:
         new_nodes_per_hour: float = NEW_NODES_PER_HOUR,
         new_nodes_burst: float = NEW_NODES_BURST,
         confirmations: int = 1,
+        cs: str | None = None,
     ) -> None:
         """`transport`: how federation requests leave (HTTP unless a test routes them in-process).
         `new_nodes_*`: the gas budget for registering nodes this DC has never seen.
-        `confirmations`: blocks deep before a record counts as confirmed (1 on anvil)."""
+        `confirmations`: blocks deep before a record counts as confirmed (1 on anvil).
+        `cs`: the URL of this DC's Cache Server, announced in /v1/info."""
         self.key = key
         self.address = keys.node_id_of(key)
         self.registry = registry
@@ -78,6 +81,8 @@ class Coordinator:
         self.guard = envelope.ReplayGuard()
         self.federation = FederationClient(key, cache.is_active_dc, self.guard, clock, transport=transport)
         self.signaling = Signaling(self)
+        self.notices = Notices(store, self.presence, cache.is_active_dc, self.guard, clock)
+        self.cs = cs
         cache.on_revoked = self.presence.revoke  # a revocation from the chain ends the session here
         self.source_rate = Buckets(*REGISTRATIONS_PER_SOURCE, max_keys=RATE_SOURCES_KEPT)
         self.new_node_budget = TokenBucket(new_nodes_per_hour / 3600, new_nodes_burst)
@@ -89,7 +94,7 @@ class Coordinator:
     def info(self) -> messages.DcInfoReply:
         return messages.DcInfoReply(keys.checksum(self.address), self.hostname, self.registry.chain_id,
                                     keys.checksum(self.registry.address), list(self.keepalive_ports), self.relays,
-                                    self.cache.is_active_dc(self.address))
+                                    self.cache.is_active_dc(self.address), self.cs)
 
     def latest(self, node: bytes) -> tuple[int, bool]:
         """Newest timestamp and revoked flag of `node` known here, on chain or still pending."""

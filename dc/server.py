@@ -68,7 +68,8 @@ def error_for(exc: Exception) -> tuple[int, dict]:
     elif isinstance(exc, SignatureError):
         status, code, message = 403, "forbidden", str(exc)
     elif isinstance(exc, NodeLookupError):
-        status, code, message = 404 if exc.code == "unknown_node" else 502, exc.code, str(exc)
+        status = {"unknown_node": 404, "wrong_dc": 409, "too_many_notices": 429}.get(exc.code, 502)
+        code, message = exc.code, str(exc)
     elif isinstance(exc, FederationError):
         status, code, message = 502, "federation", str(exc)
     elif isinstance(exc, DirectionError):
@@ -134,6 +135,11 @@ async def handle_route_direction(request: web.Request) -> web.Response:
     return web.json_response(await request.app[COORDINATOR].signaling.accept_delivery(await read_json(request)))
 
 
+@ROUTES.post("/v1/federation/cs-notice")
+async def handle_cs_notice(request: web.Request) -> web.Response:
+    return web.json_response(await request.app[COORDINATOR].notices.accept(await read_json(request)))
+
+
 @ROUTES.get("/healthz")
 async def handle_health(request: web.Request) -> web.Response:
     """200 only when this DC can do all its work: admitted, chain reachable and caught up, gas to
@@ -163,7 +169,7 @@ async def handle_metrics(request: web.Request) -> web.Response:
         "ntm_dc_chain_tx_sent_total": c.submitter.sent_tx,
         "ntm_dc_chain_failures_total": c.submitter.failures,
         "ntm_dc_keepalives_dropped_total": c.presence.dropped_keepalives,
-        **{f"ntm_dc_{k}_total": v for k, v in {**c.counters, **c.signaling.counters}.items()},
+        **{f"ntm_dc_{k}_total": v for k, v in {**c.counters, **c.signaling.counters, **c.notices.counters}.items()},
     }
     return web.Response(text=service.prometheus_text(gauges), content_type="text/plain")
 
@@ -210,6 +216,7 @@ async def handle_session(request: web.Request) -> web.WebSocketResponse:
     session = c.presence.open(node, ws.send_json, local, end=lambda reason: tasks.spawn(end_session(reason)))
     log.info("session open: %s", keys.checksum(node))
     await send(messages.Welcome(session.token.hex(), list(c.keepalive_ports)))
+    tasks.spawn(c.notices.on_session(node))
     try:
         async for msg in ws:
             if not c.presence.is_live(session):
@@ -225,6 +232,8 @@ async def handle_session(request: web.Request) -> web.WebSocketResponse:
                 await send(messages.StatusReply(session.observed, session.observed_alt, session.counters["keepalives"]))
             elif isinstance(req, messages.DirectionRequest):
                 tasks.spawn(direction_request(c, send, node, req))
+            elif isinstance(req, messages.CsNoticeAck):
+                c.notices.ack(node, req.item)
             else:
                 await send(messages.SessionError("unexpected", f"unexpected {type(req).__name__} in a session"))
     finally:

@@ -38,6 +38,13 @@ CREATE TABLE IF NOT EXISTS outbox (
     PRIMARY KEY (node, timestamp)
 );
 CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (state) WHERE state = 'pending';
+CREATE TABLE IF NOT EXISTS notices (   -- Cache Server items waiting for our nodes (dc/notices.py)
+    node       BLOB NOT NULL,
+    item       BLOB NOT NULL,
+    body       TEXT NOT NULL,          -- the CsNotice, JSON
+    expires_ms INTEGER NOT NULL,
+    PRIMARY KEY (node, item)
+);
 CREATE TABLE IF NOT EXISTS blocks (    -- blocks our transactions were mined in, newest kept
     number INTEGER PRIMARY KEY,
     hash   BLOB NOT NULL
@@ -163,6 +170,24 @@ class Store:
 
     def count_outbox(self, state: str) -> int:
         return self.db.execute("SELECT count(*) FROM outbox WHERE state=?", (state,)).fetchone()[0]
+
+    def add_notice(self, node: bytes, item: bytes, body: dict, expires_ms: int) -> None:
+        with self.db:
+            self.db.execute("INSERT OR REPLACE INTO notices VALUES (?,?,?,?)", (node, item, json.dumps(body), expires_ms))
+
+    def notices(self, node: bytes, now_ms: int) -> list[dict]:
+        """Unexpired notices for `node`, oldest first (expired ones are deleted on the way)."""
+        with self.db:
+            self.db.execute("DELETE FROM notices WHERE expires_ms <= ?", (now_ms,))
+        return [json.loads(r[0]) for r in self.db.execute(
+            "SELECT body FROM notices WHERE node=? ORDER BY rowid", (node,))]
+
+    def notice_count(self, node: bytes) -> int:
+        return self.db.execute("SELECT count(*) FROM notices WHERE node=?", (node,)).fetchone()[0]
+
+    def drop_notice(self, node: bytes, item: bytes) -> None:
+        with self.db:
+            self.db.execute("DELETE FROM notices WHERE node=? AND item=?", (node, item))
 
     def remember_block(self, number: int, block_hash: bytes) -> None:
         with self.db:

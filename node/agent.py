@@ -14,11 +14,15 @@ networks change.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import coincurve
 
 from node.channel import forward
 from node.dc_session import DcSession, NodeError, local_addrs_towards
+from node.cs_client import Received
 from node.endpoint import DEFAULT_PORT, Binder, Endpoint, UdpBind
+from node.mailbox import Mailbox
 from node.tunnels import Admit, Tunnel, Tunnels
 from ntm import keepalive, keys
 from ntm.addr import format_endpoint
@@ -35,12 +39,14 @@ __all__ = ["Node", "NodeError", "Tunnel", "local_addrs_towards"]
 class Node:
     def __init__(self, key: coincurve.PrivateKey, dc_url: str, endpoint: Endpoint, clock: Clock = SYSTEM,
                  keepalive_interval: float = KEEPALIVE_INTERVAL_S, local_addrs: list[str] | None = None,
-                 admit: Admit = lambda peer: True) -> None:
+                 admit: Admit = lambda peer: True, inbox: Path | None = None) -> None:
         self.key = key
         self.id = keys.node_id_of(key)
         self.endpoint = endpoint
         self.session = DcSession(key, dc_url, endpoint, clock, keepalive_interval, local_addrs,
-                                 on_direction=self._on_direction, on_moved=self._on_moved)
+                                 on_direction=self._on_direction, on_moved=self._on_moved, on_notice=self._on_notice)
+        # Cache Server items: fetched into `inbox` on the DC's notice (and at start), if given
+        self.mailbox = Mailbox(key, inbox, self.session.ack_notice) if inbox is not None else None
         self.tunnel_table = Tunnels(self.id, endpoint, clock, self.session.direction, self.session.check_address,
                                  admit)
 
@@ -49,16 +55,17 @@ class Node:
                     port: int = DEFAULT_PORT, local_addrs: list[str] | None = None,
                     keepalive_interval: float = KEEPALIVE_INTERVAL_S, clock: Clock = SYSTEM,
                     binder: Binder = UdpBind.open, last_timestamp: int = 0,
-                    admit: Admit = lambda peer: True) -> "Node":
+                    admit: Admit = lambda peer: True, inbox: Path | None = None) -> "Node":
         """Bind the tunnel socket, open the DC session, start keepalives; ready to connect/accept.
 
         `keepalive_interval` paces both the DC keepalives and idle-tunnel keepalives: it must stay
         below the shortest NAT UDP timeout on the way. `last_timestamp`: of the node's newest
         record, so a record signed by a DC failover is newer still. `admit`: which peers may
-        open tunnels to us (outbound is always allowed)."""
+        open tunnels to us (outbound is always allowed). `inbox`: where Cache Server items for
+        us are fetched to (none: items are left for `ntm fetch`)."""
         ep = await Endpoint.create(key, host, port, config=TunnelConfig(keepalive_interval=keepalive_interval),
                                    clock=clock, binder=binder)
-        node = cls(key, dc_url, ep, clock, keepalive_interval, local_addrs, admit)
+        node = cls(key, dc_url, ep, clock, keepalive_interval, local_addrs, admit, inbox)
         node.session.last_timestamp = last_timestamp
         try:
             await node.session.start()
@@ -66,9 +73,13 @@ class Node:
             await node.close()
             raise
         node.tunnel_table.start()
+        if node.mailbox is not None:
+            node.mailbox.tasks.spawn(node.mailbox.sweep(dc_url))
         return node
 
     async def close(self) -> None:
+        if self.mailbox is not None:
+            await self.mailbox.close()
         await self.tunnel_table.close()
         await self.session.close()
         await self.endpoint.close()
@@ -85,6 +96,10 @@ class Node:
     def _on_moved(self) -> None:
         self.tunnel_table.probe_all()
 
+    def _on_notice(self, notice) -> None:
+        if self.mailbox is not None:
+            self.mailbox.on_notice(notice)
+
     # --- the embedding API --------------------------------------------------------------------
     async def connect(self, peer: bytes, force_relay: bool = False) -> Tunnel:
         """Ask the DC for a route to `peer` and build the tunnel; NodeError with the reason if not."""
@@ -93,6 +108,12 @@ class Node:
     async def accept(self) -> Tunnel:
         """The next tunnel a peer opened to us."""
         return await self.tunnel_table.accept()
+
+    async def next_item(self) -> Received:
+        """The next Cache Server item fetched for us (Node.start(..., inbox=DIR))."""
+        if self.mailbox is None:
+            raise NodeError("no_inbox", "this node was started without an inbox directory")
+        return await self.mailbox.next()
 
     def network_changed(self, why: str = "network changed") -> None:
         """Our address changed (told by the OS/application): reopen the DC session from here and
@@ -109,4 +130,6 @@ class Node:
 
     def status(self) -> dict:
         return {"node": keys.checksum(self.id), **self.session.status(),
-                "local": format_endpoint(*self.endpoint.local_addr[:2]), "tunnels": self.tunnel_table.status()}
+                "local": format_endpoint(*self.endpoint.local_addr[:2]), "tunnels": self.tunnel_table.status(),
+                **({"inbox": {"notices": len(self.mailbox.notices), "received": [r.describe() for r in self.mailbox.received]}}
+                   if self.mailbox is not None else {})}

@@ -17,13 +17,13 @@ from pathlib import Path
 
 from urllib.parse import urlsplit
 
-from node import control, daemon, state
+from node import control, cs_client, daemon, mailbox, state
 from node.agent import KEEPALIVE_INTERVAL_S, local_addrs_towards
 from node.dc_client import DcClient, DcError, dc_url
 from node.peers import PeerBook, PeerBookError
 from daemon import keystore
 from daemon.service import setup_logging
-from ntm import keys, messages, record, vaddr
+from ntm import keys, messages, record, seal, vaddr
 from ntm.errors import KeystoreError, NtmError
 from ntm.registration import RegistrationRequest
 
@@ -279,12 +279,99 @@ async def cmd_ping(args, base: Path) -> None:
 
 
 async def cmd_send(args, base: Path) -> None:
+    if args.offline or args.file:
+        await send_offline(args, base)
+        return
+    if args.message is None:
+        raise CliError("nothing to send: give a MESSAGE (or --file PATH with --offline)", 2)
     if args.wait_reply < 0:
         raise CliError("--wait-reply must be >= 0", 2)
     peer = peer_arg(base, args.node)
     res = await ask(base, "send", {"peer": peer, "text": args.message, "wait_reply": args.wait_reply,
                                    "relay": args.relay}, timeout=30 + args.wait_reply)
     out(args, res, f"sent {res['sent']} bytes" + (f"\nreply: {res['reply']}" if res["reply"] is not None else ""))
+
+
+async def send_offline(args, base: Path) -> None:
+    """Seal MESSAGE or --file for the peers (comma-separated) and leave it at our DC's Cache Server."""
+    peers = [keys.parse_node_id(peer_arg(base, p)) for p in args.node.split(",") if p]
+    if args.file is not None:
+        if args.message is not None:
+            raise CliError("give a MESSAGE or --file, not both", 2)
+        path = Path(args.file)
+        if not path.is_file():
+            raise CliError(f"{path} is not a readable file", 2)
+        content_len, source, name = path.stat().st_size, cs_client.file_chunks(path), path.name
+    elif args.message is not None:
+        data = args.message.encode()
+        content_len, source, name = len(data), cs_client.bytes_chunks(data), ""
+    else:
+        raise CliError("nothing to send: give a MESSAGE or --file PATH", 2)
+    try:
+        meta = seal.Meta(args.app, notice=args.notice if args.notice is not None else (args.message or name)[:140],
+                         name=name)
+        seal.check_meta(meta)
+    except ValueError as exc:
+        raise CliError(str(exc), 2) from None
+    key = load_key(base)
+    st = need_registration(base)
+    async with DcClient(st["dc_url"]) as dc:
+        info = await dc.info()
+        if not info.cs:
+            raise CliError(f"DC {st['dc_url']} has no Cache Server (its operator starts one with ntm-cs and --cs)")
+        recipients = {}
+        for peer in peers:
+            who = await dc.whois(peer)
+            if who.revoked or not who.pubkey:
+                raise CliError(f"{keys.checksum(peer)} is revoked: it can receive nothing")
+            recipients[peer] = bytes.fromhex(who.pubkey)
+    try:
+        sealer = seal.Sealer(key, recipients, meta, int(time.time() * 1000))
+    except ValueError as exc:
+        raise CliError(str(exc), 2) from None
+    async with cs_client.CsClient(key, info.cs) as cs:
+        res = await cs.put(sealer, source, content_len)
+    out(args, {**res, "cs": info.cs, "recipients": [keys.checksum(p) for p in peers]},
+        f"stored item {res['item']} ({res['size']} bytes, sealed) at {info.cs} for {len(peers)} recipient(s); "
+        "each gets it when next online")
+
+
+async def cmd_inbox(args, base: Path) -> None:
+    """Items waiting for us at the federation's Cache Servers, and those already fetched here."""
+    key = load_key(base)
+    st = need_registration(base)
+    waiting = []
+    for url in await mailbox.federation_cs_urls(st["dc_url"]):
+        async with cs_client.CsClient(key, url) as cs:
+            waiting += [{"cs": url, **{k: e[k] for k in ("item", "sender", "size", "created", "expires")}}
+                        for e in await cs.inbox()]
+    local = [json.loads(p.read_text()) for p in sorted((base / daemon.INBOX_DIR).glob("*.json"))]
+    lines = [f"waiting: {w['item']} from {w['sender']}, {w['size']} bytes, at {w['cs']}" for w in waiting]
+    lines += [f"received: {r['item']} from {r['sender']}, {r['app_id']}: {r['notice'] or r['name']} -> {r['path']}"
+              for r in local]
+    out(args, {"waiting": waiting, "received": local}, "\n".join(lines) or "(nothing)")
+
+
+async def cmd_fetch(args, base: Path) -> None:
+    """Download, open and confirm waiting items (all, or the ones named)."""
+    key = load_key(base)
+    st = need_registration(base)
+    out_dir = Path(args.out) if args.out else base / daemon.INBOX_DIR
+    got, failed = [], []
+    for url in await mailbox.federation_cs_urls(st["dc_url"]):
+        async with cs_client.CsClient(key, url) as cs:
+            for entry in await cs.inbox():
+                if args.items and entry["item"] not in args.items:
+                    continue
+                try:
+                    got.append((await cs.fetch(entry["item"], out_dir)).describe())
+                except cs_client.CsClientError as exc:
+                    failed.append({"item": entry["item"], "error": exc.code, "message": str(exc)})
+    lines = [f"{g['item']} from {g['sender']} ({g['app_id']}): {g['notice'] or g['name']} -> {g['path']}" for g in got]
+    lines += [f"{f['item']}: refused: {f['message']}" for f in failed]
+    out(args, {"fetched": got, "failed": failed}, "\n".join(lines) or "(nothing waiting)")
+    if failed:
+        raise CliError(f"{len(failed)} item(s) could not be opened; they stay at their Cache Server until they expire")
 
 
 async def cmd_recv(args, base: Path) -> None:
@@ -395,9 +482,21 @@ def parser() -> argparse.ArgumentParser:
     s = peer_cmd("ping", cmd_ping, "measure round trips over a tunnel to a node (through the daemon)")
     s.add_argument("-c", "--count", type=int, default=4, help="pings to send (default 4)")
     s.add_argument("-i", "--interval", type=float, default=0.2, help="seconds between pings (default 0.2)")
-    s = peer_cmd("send", cmd_send, "send one datagram over a tunnel and print the reply (through the daemon)")
-    s.add_argument("message", help="text to send")
+    s = peer_cmd("send", cmd_send, "send one datagram over a tunnel and print the reply (through the daemon); "
+                 "--offline: leave it, sealed, at a Cache Server for peers that are offline")
+    s.add_argument("message", nargs="?", help="text to send")
     s.add_argument("--wait-reply", type=float, default=2.0, help="seconds to wait for a reply (0: none)")
+    s.add_argument("--offline", action="store_true",
+                   help="store-and-forward: seal for NODE (comma-separated: several) and upload to our DC's Cache Server")
+    s.add_argument("--file", metavar="PATH", help="with --offline: send this file instead of MESSAGE")
+    s.add_argument("--app", default="ntm", help="with --offline: the application ID the item is for (default ntm)")
+    s.add_argument("--notice", help="with --offline: the notification text (default: the message or file name)")
+    s = sub.add_parser("inbox", help="items waiting for this node at the federation's Cache Servers, and those fetched")
+    s.set_defaults(func=cmd_inbox)
+    s = sub.add_parser("fetch", help="download, open and confirm waiting Cache Server items")
+    s.add_argument("items", nargs="*", metavar="ITEM", help="item IDs (default: all waiting)")
+    s.add_argument("--out", metavar="DIR", help="where to write them (default $NTM_HOME/inbox)")
+    s.set_defaults(func=cmd_fetch)
     s = sub.add_parser("recv", help="datagrams peers sent to this node (through the daemon)")
     s.add_argument("--wait", type=float, default=0.0, help="seconds to wait for the first one")
     s.set_defaults(func=cmd_recv)

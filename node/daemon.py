@@ -38,6 +38,7 @@ from ntm.vaddr import V6_PREFIX, AddressError, V4Book, tun_mtu, v6_of
 log = logging.getLogger("ntm.node")
 
 LOCK_FILE = "ntm.lock"
+INBOX_DIR = "inbox"  # Cache Server items fetched by the daemon: <item> (content) and <item>.json
 #: How often the daemon compares its local addresses with the last ones (a move is noticed in
 #: at most this long even on an idle node; busy tunnels notice a dead path sooner).
 ADDRESS_POLL_S = 1.0
@@ -267,7 +268,8 @@ async def up(base: Path, key, st: dict, opts: UpOptions, ready) -> None:
         try:
             node = await Node.start(key, st["dc_url"], host=opts.host, port=opts.port,
                                     last_timestamp=st.get("timestamp", 0), keepalive_interval=opts.keepalive,
-                                    admit=lambda peer: daemon is not None and daemon.admit(peer))
+                                    admit=lambda peer: daemon is not None and daemon.admit(peer),
+                                    inbox=base / INBOX_DIR)
         except BaseException:
             if tun is not None:
                 tun.close()

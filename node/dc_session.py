@@ -55,7 +55,8 @@ class NodeError(CodedError):
 class DcSession:
     def __init__(self, key: coincurve.PrivateKey, dc_url: str, endpoint: Endpoint, clock: Clock,
                  keepalive_interval: float, local_addrs: list[str] | None,
-                 on_direction: Callable[[dict[str, Any]], None], on_moved: Callable[[], None]) -> None:
+                 on_direction: Callable[[dict[str, Any]], None], on_moved: Callable[[], None],
+                 on_notice: Callable[[messages.CsNotice], None] = lambda notice: None) -> None:
         self.key = key
         self.id = keys.node_id_of(key)
         self.endpoint = endpoint
@@ -64,6 +65,7 @@ class DcSession:
         self.fixed_local_addrs = local_addrs  # given by the caller: announced as is, never recomputed
         self.on_direction = on_direction
         self.on_moved = on_moved
+        self.on_notice = on_notice
         self._set_dc(dc_url)
         self.ws: aiohttp.ClientWebSocketResponse | None = None
         self.keepalive_ports: list[int] = []
@@ -242,6 +244,8 @@ class DcSession:
                 continue
             if isinstance(m, messages.DirectionPush):
                 self.on_direction(m.direction)
+            elif isinstance(m, messages.CsNoticePush):
+                self.on_notice(m.notice)
             elif isinstance(m, messages.DirectionResult):
                 fut = self._results.pop(m.id, None)
                 if fut is not None and not fut.done():
@@ -250,6 +254,14 @@ class DcSession:
             if not fut.done():
                 fut.set_exception(NodeError("dc_lost", f"session with DC {self.dc_url} closed"))
         self._results.clear()
+
+    async def ack_notice(self, item: str) -> None:
+        """Tell the DC a Cache Server notice is dealt with (it stops pushing it); best effort."""
+        if self.ws is not None and not self.ws.closed:
+            try:
+                await self.ws.send_json(messages.encode(messages.CsNoticeAck(item)))
+            except (ConnectionError, RuntimeError, aiohttp.ClientError):
+                pass
 
     # --- keepalives: keep the NAT mapping open and tell the DC where we are -------------------
     def send_keepalives(self) -> None:

@@ -119,8 +119,30 @@ class DirectionPush(Message, tag="direction", tag_field="type"):
     direction: dict[str, Any]  # a DC-signed envelope of kind ROUTE_DIRECTION
 
 
-NodeToDc = Union[Auth, StatusQuery, DirectionRequest]
-DcToNode = Union[Challenge, Welcome, SessionError, StatusReply, DirectionResult, DirectionPush]
+class CsNotice(Message, kw_only=True):
+    """An item waits for the node at a Cache Server (docs/PROTOCOL.md §12): the body of a
+    CS_NOTICE envelope (CS → the node's home DC) and of the push on the node's session."""
+
+    node: NodeId  # the recipient
+    item: Hex16
+    cs: Annotated[str, Meta(max_length=256)]  # the Cache Server's URL
+    sender: NodeId
+    size: Annotated[int, Meta(ge=0)]
+    created: Ms
+
+
+class CsNoticePush(Message, tag="cs-notice", tag_field="type"):
+    notice: CsNotice
+
+
+class CsNoticeAck(Message, tag="cs-notice-ack", tag_field="type"):
+    """The node has the item (or does not want the notice again): the DC forgets it."""
+
+    item: Hex16
+
+
+NodeToDc = Union[Auth, StatusQuery, DirectionRequest, CsNoticeAck]
+DcToNode = Union[Challenge, Welcome, SessionError, StatusReply, DirectionResult, DirectionPush, CsNoticePush]
 
 
 # --- envelope bodies (the envelope's kind names them) -----------------------------------------
@@ -128,6 +150,9 @@ ROUTE_DIRECTION = "route-direction"
 RELAY_DIRECTION = "relay-direction"
 INFO_REQUEST = "ntm-info-request"
 INFO_RESPONSE = "ntm-info-response"
+CS_NOTICE = "cs-notice"  # Cache Server -> a recipient's home DC
+# Node-signed Cache Server requests (envelopes signed by a node key; §12)
+CS_PUT, CS_LIST, CS_GET, CS_ACK = "cs.put", "cs.list", "cs.get", "cs.ack"
 
 Role = Literal["initiate", "wait", "punch"]
 
@@ -218,6 +243,7 @@ class DcInfoReply(Message):
     keepalive_ports: list[Port]
     relays: list[str]
     active: bool
+    cs: str | None = None  # this DC's Cache Server (URL), if it has one
 
 
 class DcEntry(Message):

@@ -119,7 +119,8 @@ def _nonce(index: int, final: bool) -> bytes:
     return index.to_bytes(11, "big") + (b"\x01" if final else b"\x00")
 
 
-def _check_meta(meta: Meta) -> bytes:
+def check_meta(meta: Meta) -> bytes:
+    """The canonical bytes of valid metadata; ValueError naming the field that is not."""
     if not meta.app_id or max(len(meta.app_id), len(meta.service_id), len(meta.service_item_id)) > MAX_FIELD_CHARS:
         raise ValueError(f"app_id is required; IDs are at most {MAX_FIELD_CHARS} characters")
     if len(meta.notice) > MAX_NOTICE_CHARS:
@@ -141,7 +142,7 @@ class Sealer:
         for rid, pub in recipients.items():
             if keys.node_id(pub) != rid:
                 raise ValueError(f"public key does not belong to {keys.checksum(rid)}")
-        meta_raw = _check_meta(meta)
+        meta_raw = check_meta(meta)
         self._key = sender
         self._dk = dk or os.urandom(32)
         item = item or os.urandom(ITEM_ID_LEN)
@@ -153,8 +154,13 @@ class Sealer:
         self._hash = self.header.digest()
         self._aead = AESGCM(self._dk)
         self._content = hashlib.sha256(meta_raw)
+        self._meta_len = len(meta_raw)
         self._buf = bytearray(struct.pack(">I", len(meta_raw)) + meta_raw)
         self._index = 0
+
+    def size_for(self, content_len: int) -> int:
+        """The ciphertext size of this item once `content_len` bytes of content are fed."""
+        return sealed_size(4 + self._meta_len + content_len + SIG_LEN)
 
     def _chunk(self, data: bytes, final: bool) -> bytes:
         out = self._aead.encrypt(_nonce(self._index, final), data, self._hash)

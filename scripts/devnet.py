@@ -66,10 +66,13 @@ class Ports:
     dc2_udp: int = 4332
     rs_udp: int = 4340
     rs_http: int = 8340
+    dc1_cs: int = 8350
+    dc2_cs: int = 8351
 
     UDP = ("dc1_udp", "dc2_udp", "rs_udp")
     ROLE = {"chain": "chain JSON-RPC", "dc1": "dc1 HTTP", "dc2": "dc2 HTTP", "dc1_udp": "dc1 keepalive UDP",
-            "dc2_udp": "dc2 keepalive UDP", "rs_udp": "relay UDP", "rs_http": "relay control HTTP"}
+            "dc2_udp": "dc2 keepalive UDP", "rs_udp": "relay UDP", "rs_http": "relay control HTTP",
+            "dc1_cs": "dc1's Cache Server HTTP", "dc2_cs": "dc2's Cache Server HTTP"}
 
     @classmethod
     def offset(cls, n: int) -> "Ports":
@@ -197,6 +200,7 @@ class Devnet:
         self.dc_endpoints = dc_endpoints
         self.anvil: Anvil | None = None
         self.dcs: list[Child] = []
+        self.css: list[Child] = []  # each DC's Cache Server
         self.rs: Child | None = None
         self.deployment: dict = {}
         self.resumed = False
@@ -217,6 +221,9 @@ class Devnet:
         for i, dc in enumerate(self.dcs):
             if dc.proc is not None:
                 pids[f"dc{i + 1}"] = dc.pid
+        for i, cs in enumerate(self.css):
+            if cs.proc is not None:
+                pids[f"dc{i + 1}-cs"] = cs.pid
         return pids
 
     def _claim(self) -> None:
@@ -280,11 +287,18 @@ class Devnet:
         for i, (name, (key_path, _)) in enumerate(zip(names, dc_keys)):
             http = getattr(self.ports, name)
             udp = getattr(self.ports, f"{name}_udp")
+            cs_url = f"http://{self.host}:{getattr(self.ports, f'{name}_cs')}"
             child = dc_child(self.data_dir, name, key_path, self.rpc_url, dep_path, http, relays=relays,
-                             extra=["--udp-port", str(udp)], prefix=_setsid(),
+                             extra=["--udp-port", str(udp), "--cs", cs_url], prefix=_setsid(),
                              http_host=self.host, udp_host=self.host)
             self.dcs.append(child)
             self._child_start(child, name)
+            cs = Child("cs", ["--dc", f"http://{self.host}:{http}", "--key-file", str(key_path),
+                              "--data-dir", str(self.data_dir / f"{name}-cs"), "--http-host", self.host,
+                              "--http-port", str(getattr(self.ports, f"{name}_cs"))],
+                       self.data_dir / f"{name}-cs.log", prefix=_setsid())
+            self.css.append(cs)
+            self._child_start(cs, f"{name}'s Cache Server")
         self.write_network()
 
     @staticmethod
@@ -307,14 +321,15 @@ class Devnet:
         out = []
         if self.anvil is not None and self.anvil.proc is not None and self.anvil.proc.poll() is not None:
             out.append("anvil")
-        for name, child in [("rs", self.rs), *((f"dc{i + 1}", c) for i, c in enumerate(self.dcs))]:
+        for name, child in [("rs", self.rs), *((f"dc{i + 1}", c) for i, c in enumerate(self.dcs)),
+                            *((f"dc{i + 1}-cs", c) for i, c in enumerate(self.css))]:
             if child is not None and child.proc is not None and child.proc.poll() is not None:
                 out.append(name)
         return out
 
     def stop(self) -> None:
         """DCs first (they may still be submitting), then the relay, then anvil (dumps its state)."""
-        for child in [*reversed(self.dcs), self.rs]:
+        for child in [*reversed(self.dcs), *self.css, self.rs]:
             if child is not None:
                 child.stop()
         if self.anvil is not None:
@@ -331,7 +346,8 @@ class Devnet:
                 "rpc_url": self.rpc_url, "chain_id": self.deployment.get("chain_id"),
                 "registry": self.deployment.get("registry"), "registry_action": self.deployment.get("action"),
                 "dcs": [{"name": f"dc{i + 1}", "url": url, "address": dc.ready.get("dc"),
-                         "udp_ports": dc.ready.get("udp_ports")} for i, (url, dc) in enumerate(zip(self.dc_urls(), self.dcs))],
+                         "udp_ports": dc.ready.get("udp_ports"), "cs": cs.ready.get("url")}
+                        for i, (url, dc, cs) in enumerate(zip(self.dc_urls(), self.dcs, self.css))],
                 "rs": {"udp_port": self.rs.ready["udp_port"], "http": self.rs.ready["http"],
                        "relay": self.rs.ready["relay"]} if self.rs else None,
                 "network_file": str(self.home / "network.json"), "pids": self.children(), "pid": os.getpid()}
@@ -344,13 +360,14 @@ class Devnet:
                 ("registry", i["registry"], f"{i['registry_action']} (block {self.deployment.get('block')})")]
         for d, dc in zip(i["dcs"], self.dcs):
             rows.append((d["name"], d["url"], f"{d['address']}  keepalive udp {d['udp_ports'][0]}  pid {dc.pid}"))
+            rows.append((f"{d['name']} CS", d["cs"], "Cache Server (store-and-forward for offline nodes)"))
         rows.append(("rs", f"udp {', '.join(i['rs']['relay'])}", f"control {i['rs']['http']}  pid {self.rs.pid}"))
         w0, w1 = max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)
         head = f"NTMobile devnet {'resumed' if self.resumed else 'started'} (data {self.data_dir})"
         lines = [head, ""] + [f"  {a:<{w0}}  {b:<{w1}}  {c}" for a, b, c in rows] + [
             "",
             f"  network config for `ntm`: {i['network_file']} (default DC: dc1)",
-            f"  logs: {self.data_dir}/{{dc1,dc2,rs}}.log",
+            f"  logs: {self.data_dir}/{{dc1,dc2,rs,dc1-cs,dc2-cs}}.log",
             "",
             "Try:  ntm keygen && ntm register && ntm status",
             "Ctrl-C stops everything; the next start resumes (--reset starts afresh).",

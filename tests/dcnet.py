@@ -36,6 +36,8 @@ class DcNet:
     dcs: list[Child | None] = field(default_factory=list)
     relays: list[str] = field(default_factory=list)  # RS control URLs handed to every DC
     rs: Child | None = None
+    cs_ports: list[int] = field(default_factory=list)  # each DC's Cache Server (with_cache_servers)
+    css: list[Child | None] = field(default_factory=list)
 
     @property
     def urls(self) -> list[str]:
@@ -57,10 +59,30 @@ class DcNet:
         self.dcs = [None] * n_dcs
 
     def start_dc(self, i: int, extra: tuple[str, ...] = ()) -> Child:
+        cs = ["--cs", self.cs_url(i)] if i < len(self.cs_ports) else []
         child = dc_child(self.workdir, f"dc{i + 1}", self.workdir / f"dc{i + 1}.key.json", self.chain.url,
-                         self.deployment, self.ports[i], relays=self.relays, extra=list(extra)).start()
+                         self.deployment, self.ports[i], relays=self.relays, extra=[*cs, *extra]).start()
         self.dcs[i] = child
         return child
+
+    def cs_url(self, i: int) -> str:
+        return f"http://127.0.0.1:{self.cs_ports[i]}"
+
+    def with_cache_servers(self) -> None:
+        """Give every DC a Cache Server port (before start_dc, which then announces it)."""
+        self.cs_ports = [free_port() for _ in self.ports]
+        self.css = [None] * len(self.ports)
+
+    def start_cs(self, i: int, extra: tuple[str, ...] = ()) -> Child:
+        """DC i's Cache Server (data in workdir/dc<i>-cs), signing notices with DC i's key."""
+        child = Child("cs", ["--dc", self.urls[i], "--key-file", str(self.workdir / f"dc{i + 1}.key.json"),
+                             "--data-dir", str(self.cs_dir(i)), "--http-port", str(self.cs_ports[i]), *extra],
+                      self.workdir / f"dc{i + 1}-cs.log").start()
+        self.css[i] = child
+        return child
+
+    def cs_dir(self, i: int) -> Path:
+        return self.workdir / f"dc{i + 1}-cs"
 
     def start_rs(self) -> Child:
         """A relay on 127.0.0.1 + ::1 that records what it forwards (to prove it sees only ciphertext)."""
@@ -75,7 +97,7 @@ class DcNet:
         return self.rs
 
     def stop(self) -> None:
-        for child in [*self.dcs, self.rs]:
+        for child in [*self.dcs, *self.css, self.rs]:
             if child is not None:
                 child.stop()
 

@@ -9,7 +9,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("ntm", "chain", "daemon", "dc", "rs", "node", "scripts")
+PACKAGES = ("ntm", "chain", "daemon", "dc", "rs", "cs", "node", "scripts")
 # package → packages of this project it may import (besides itself)
 ALLOWED = {
     "ntm": set(),
@@ -17,8 +17,9 @@ ALLOWED = {
     "daemon": {"ntm"},
     "dc": {"ntm", "chain", "daemon"},
     "rs": {"ntm", "chain", "daemon"},
+    "cs": {"ntm", "daemon"},  # the registry through its DC, not the chain
     "node": {"ntm", "daemon"},
-    "scripts": {"ntm", "chain", "daemon", "dc", "rs", "node"},
+    "scripts": {"ntm", "chain", "daemon", "dc", "rs", "cs", "node"},
 }
 # ntm/ is the sans-I/O core: bytes in, events/bytes out. These would bring I/O into it.
 IO_MODULES = {"asyncio", "aiohttp", "web3", "sqlite3", "subprocess", "pathlib", "eth_account", "selectors"}

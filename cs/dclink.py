@@ -1,0 +1,123 @@
+"""What a Cache Server asks of the federation, through its own DC: whether a node may use it
+(registered, not revoked), and where a recipient's home DC is, to tell it about an item.
+
+The CS follows no chain itself: its DC already does (the registry cache), and answers whois
+from it. Answers are cached briefly, so a flood of requests from one node costs one lookup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import aiohttp
+import coincurve
+
+from ntm import envelope, keys, messages
+from ntm.errors import CodedError, NtmError
+
+log = logging.getLogger("ntm.cs.dc")
+
+# How long a "registered"/"revoked"/"unknown" verdict is reused: a revocation reaches the CS
+# within this (it is immediate at the DC), and a node's burst of requests costs one lookup.
+VERDICT_TTL_S = 2.0
+VERDICTS_KEPT = 10_000
+# The DC list (home DC address -> endpoint) changes only with admissions on chain.
+DC_LIST_TTL_S = 60.0
+# Notice delivery: attempts and the first delay (doubling); after that `ntm inbox` finds the item.
+NOTIFY_ATTEMPTS = 5
+NOTIFY_RETRY_S = 0.5
+HTTP_TIMEOUT_S = 10.0
+
+
+class CsError(CodedError):
+    """A refusal by the Cache Server; `code` maps to an HTTP status in cs/server.py."""
+
+
+class DcLink:
+    def __init__(self, dc_url: str, dc_key: coincurve.PrivateKey, clock_ms=lambda: int(time.time() * 1000)) -> None:
+        self.dc_url = dc_url.rstrip("/")
+        self.key = dc_key
+        self.clock_ms = clock_ms
+        self._http: aiohttp.ClientSession | None = None
+        self._verdicts: dict[bytes, tuple[float, messages.NodeInfo | None]] = {}
+        self._dcs: tuple[float, dict[bytes, str]] | None = None
+        self.counters = {"notices_sent": 0, "notices_failed": 0, "whois": 0}
+
+    @property
+    def http(self) -> aiohttp.ClientSession:
+        if self._http is None:
+            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=HTTP_TIMEOUT_S))
+        return self._http
+
+    async def close(self) -> None:
+        if self._http is not None:
+            await self._http.close()
+
+    async def _get(self, path: str, answer: type) -> Any:
+        try:
+            async with self.http.get(self.dc_url + path) as r:
+                text = await r.text()
+                status = r.status
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+            raise CsError("dc_unreachable", f"cannot reach this CS's DC at {self.dc_url}: {exc or type(exc).__name__}") from None
+        if status == 404:
+            return None
+        if status != 200:
+            raise CsError("dc_unreachable", f"this CS's DC answered {status} for {path}")
+        return messages.decode(answer, text)
+
+    async def whois(self, node: bytes) -> messages.NodeInfo | None:
+        now = time.monotonic()
+        hit = self._verdicts.get(node)
+        if hit and hit[0] > now:
+            return hit[1]
+        self.counters["whois"] += 1
+        info = await self._get(f"/v1/nodes/{keys.checksum(node)}", messages.NodeInfo)
+        if len(self._verdicts) >= VERDICTS_KEPT:
+            self._verdicts.clear()
+        self._verdicts[node] = (now + VERDICT_TTL_S, info)
+        return info
+
+    async def check(self, node: bytes) -> messages.NodeInfo:
+        """The node's record if it may use this CS; CsError otherwise."""
+        info = await self.whois(node)
+        if info is None:
+            raise CsError("unregistered", f"{keys.checksum(node)} is not a registered node")
+        if info.revoked:
+            raise CsError("revoked", f"{keys.checksum(node)} is revoked")
+        return info
+
+    async def _home_endpoint(self, home: bytes) -> str | None:
+        now = time.monotonic()
+        if self._dcs is None or self._dcs[0] < now:
+            listing = await self._get("/v1/dcs", messages.DcList)
+            self._dcs = (now + DC_LIST_TTL_S, {keys.parse_node_id(d.dc): d.endpoint for d in listing.dcs})
+        return self._dcs[1].get(home)
+
+    async def notify(self, notice: messages.CsNotice) -> bool:
+        """Tell the recipient's home DC (retried with backoff); False if it never took it."""
+        delay = NOTIFY_RETRY_S
+        for attempt in range(NOTIFY_ATTEMPTS):
+            try:
+                info = await self.check(keys.parse_node_id(notice.node))
+                endpoint = await self._home_endpoint(keys.parse_node_id(info.home_dc))
+                if endpoint is None:
+                    raise CsError("home_dc_unknown", f"home DC {info.home_dc} is not active")
+                body = envelope.seal(self.key, messages.CS_NOTICE, messages.encode(notice), self.clock_ms())
+                async with self.http.post(endpoint.rstrip("/") + "/v1/federation/cs-notice", json=body) as r:
+                    if r.status == 200:
+                        self.counters["notices_sent"] += 1
+                        return True
+                    why = f"{r.status} {await r.text()}"
+            except (NtmError, aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+                why = str(exc)
+            log.info("notice of item %s for %s not delivered (attempt %d): %s", notice.item, notice.node,
+                     attempt + 1, why)
+            self._verdicts.pop(keys.parse_node_id(notice.node), None)  # the home may have changed
+            await asyncio.sleep(delay)
+            delay *= 2
+        self.counters["notices_failed"] += 1
+        return False

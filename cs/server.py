@@ -1,0 +1,250 @@
+"""The Cache Server's HTTP API (docs/PROTOCOL.md §12): store sealed items for nodes that are
+offline, hand them to their recipients, forget them once every recipient has confirmed.
+
+Every request is a node-signed envelope (ntm/envelope.py; for uploads and downloads it rides in
+the X-NTM-Auth header, the body being the item's ciphertext): fresh, never seen before, from a
+registered, unrevoked node. Uploads and downloads stream; an upload is acknowledged once durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from cs.dclink import CsError, DcLink
+from cs.store import Store
+from daemon import service
+from ntm import envelope, keys, messages, seal
+from ntm.errors import NtmError, ParseError, SignatureError
+
+log = logging.getLogger("ntm.cs")
+
+AUTH_HEADER = "X-NTM-Auth"
+ITEM_HEADER = "X-NTM-Header"  # the sealed item's public header, on downloads
+READ_CHUNK = 1 << 20  # bytes read from an upload at a time: memory stays flat for any item size
+MAX_JSON_BODY = 16 * 1024  # list and ack requests are small envelopes
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-CS limits; every refusal names the one it hit."""
+
+    max_item_bytes: int = 256 << 20  # one item: a large file, not a backup
+    sender_bytes: int = 1 << 30  # stored for one sender, across its items
+    sender_items: int = 1000
+    recipient_bytes: int = 1 << 30  # waiting for one recipient
+    ttl_ms: int = 7 * 24 * 3600 * 1000  # an undelivered item is deleted after a week
+
+
+STATUS = {"unregistered": 403, "revoked": 403, "not_sender": 403, "too_large": 413, "over_quota": 429,
+          "exists": 409, "incomplete": 400, "not_found": 404, "bad_recipient": 400, "dc_unreachable": 503,
+          "busy": 409}
+
+CS = web.AppKey("cs", object)
+
+
+class CacheServer:
+    def __init__(self, store: Store, link: DcLink, public_url: str, limits: Limits = Limits()) -> None:
+        self.store, self.link, self.url, self.limits = store, link, public_url.rstrip("/"), limits
+        self.guard = envelope.ReplayGuard()
+        self.tasks = service.BackgroundTasks()
+        self._uploading: set[bytes] = set()
+        self.counters = {"uploads": 0, "downloads": 0, "confirmations": 0, "expired": 0, "refused": 0,
+                         "bytes_in": 0, "bytes_out": 0}
+
+    async def authorize(self, obj: object, kind: str) -> envelope.Envelope:
+        """A node-signed envelope of `kind`: signature, freshness, no replay, then registered and not revoked."""
+        env = envelope.open_envelope(obj, kind, int(time.time() * 1000), lambda _: True, self.guard)
+        await self.link.check(env.sender)
+        return env
+
+    async def expire_loop(self, every_s: float = 60.0) -> None:
+        while True:
+            self.counters["expired"] += self.store.expire(int(time.time() * 1000))
+            await asyncio.sleep(every_s)
+
+
+def _header_envelope(request: web.Request) -> object:
+    raw = request.headers.get(AUTH_HEADER)
+    if raw is None:
+        raise ParseError(f"missing {AUTH_HEADER} header (a node-signed envelope)")
+    try:
+        return json.loads(raw)
+    except ValueError as exc:
+        raise ParseError(f"{AUTH_HEADER} is not JSON: {exc}") from None
+
+
+async def _json_envelope(request: web.Request) -> object:
+    if (request.content_length or 0) > MAX_JSON_BODY:
+        raise CsError("too_large", f"request body over {MAX_JSON_BODY} bytes")
+    try:
+        return json.loads(await request.read())
+    except ValueError as exc:
+        raise ParseError(f"body is not JSON: {exc}") from None
+
+
+def _item_id(text: str) -> bytes:
+    try:
+        item = bytes.fromhex(text)
+    except ValueError:
+        item = b""
+    if len(item) != seal.ITEM_ID_LEN:
+        raise ParseError("an item ID is 32 hex digits")
+    return item
+
+
+def _refusal(exc: Exception) -> tuple[int, str]:
+    if isinstance(exc, CsError):
+        return STATUS.get(exc.code, 400), exc.code
+    if isinstance(exc, seal.SealError):
+        return 400, "bad_item"
+    if isinstance(exc, ParseError):
+        return 400, "malformed"
+    if isinstance(exc, SignatureError):
+        return 403, "forbidden"  # forged, stale or replayed
+    return 400, "refused"
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler):
+    """The project's exceptions become one JSON error each; anything else propagates (a bug)."""
+    try:
+        return await handler(request)
+    except NtmError as exc:
+        status, code = _refusal(exc)
+        request.app[CS].counters["refused"] += 1
+        log.info("refused %s %s: %s %s", request.method, request.path, code, exc)
+        return web.json_response(messages.encode(messages.ErrorBody(code, str(exc))), status=status)
+
+
+ROUTES = web.RouteTableDef()
+
+
+@ROUTES.put("/v1/items")
+async def handle_put(request: web.Request) -> web.Response:
+    cs: CacheServer = request.app[CS]
+    env = await cs.authorize(_header_envelope(request), messages.CS_PUT)
+    try:
+        header = seal.Header.from_json(env.body.get("header"))
+        size = env.body.get("size")
+        if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+            raise ParseError("size must be a positive integer")
+    except AttributeError:
+        raise ParseError("body must be an object with header and size") from None
+    if header.sender != env.sender:
+        raise CsError("not_sender", "an item is uploaded by the node that sealed it")
+    lim = cs.limits
+    if size > lim.max_item_bytes:
+        raise CsError("too_large", f"item of {size} bytes; this CS takes at most {lim.max_item_bytes}")
+    n, used = cs.store.sender_usage(env.sender)
+    if n + 1 > lim.sender_items or used + size > lim.sender_bytes:
+        raise CsError("over_quota", f"sender quota: {n} items, {used} bytes stored of {lim.sender_items} items, "
+                      f"{lim.sender_bytes} bytes")
+    for r in header.wraps:
+        try:
+            await cs.link.check(r)
+        except CsError as exc:
+            raise CsError("bad_recipient", f"recipient: {exc}") from None
+        if cs.store.recipient_usage(r) + size > lim.recipient_bytes:
+            raise CsError("over_quota", f"recipient {keys.checksum(r)} already has {lim.recipient_bytes} bytes waiting")
+    if header.item in cs._uploading or cs.store.exists(header.item):
+        raise CsError("exists", f"item {header.item.hex()} is already stored or being uploaded")
+    cs._uploading.add(header.item)
+    part = cs.store.partial(header.item)
+    try:
+        got = 0
+        with open(part, "wb") as fh:
+            async for chunk in request.content.iter_chunked(READ_CHUNK):
+                got += len(chunk)
+                if got > size:
+                    raise CsError("incomplete", f"more than the announced {size} bytes")
+                fh.write(chunk)
+        if got != size:
+            raise CsError("incomplete", f"got {got} of the announced {size} bytes")
+        await asyncio.to_thread(cs.store.persist, header.item)
+        now = int(time.time() * 1000)
+        cs.store.index(header.item, env.sender, header.to_json(), list(header.wraps), size, now, now + lim.ttl_ms)
+    except BaseException:
+        part.unlink(missing_ok=True)
+        cs.store.blob(header.item).unlink(missing_ok=True)  # persisted but not indexed: never acknowledged
+        raise
+    finally:
+        cs._uploading.discard(header.item)
+    cs.counters["uploads"] += 1
+    cs.counters["bytes_in"] += size
+    log.info("stored item %s from %s: %d bytes for %d recipients", header.item.hex(), keys.checksum(env.sender),
+             size, len(header.wraps))
+    for r in header.wraps:
+        notice = messages.CsNotice(node=keys.checksum(r), item=header.item.hex(), cs=cs.url,
+                                   sender=keys.checksum(env.sender), size=size, created=now)
+        cs.tasks.spawn(cs.link.notify(notice))
+    return web.json_response({"item": header.item.hex(), "size": size, "expires": now + lim.ttl_ms}, status=201)
+
+
+def _listing(item) -> dict:
+    return {"item": item.item.hex(), "sender": keys.checksum(item.sender), "size": item.size,
+            "created": item.created_ms, "expires": item.expires_ms, "header": item.header}
+
+
+@ROUTES.post("/v1/inbox")
+async def handle_inbox(request: web.Request) -> web.Response:
+    cs: CacheServer = request.app[CS]
+    env = await cs.authorize(await _json_envelope(request), messages.CS_LIST)
+    items = cs.store.inbox(env.sender, int(time.time() * 1000))
+    return web.json_response({"cs": cs.url, "items": [_listing(i) for i in items]})
+
+
+@ROUTES.get("/v1/items/{item}")
+async def handle_get(request: web.Request) -> web.StreamResponse:
+    cs: CacheServer = request.app[CS]
+    item = _item_id(request.match_info["item"])
+    env = await cs.authorize(_header_envelope(request), messages.CS_GET)
+    stored = cs.store.get(item)
+    # the same answer whether the item does not exist or is someone else's: no probing
+    if env.body.get("item") != item.hex() or stored is None or not cs.store.waiting_for(env.sender, item):
+        raise CsError("not_found", f"no item {item.hex()} for {keys.checksum(env.sender)}")
+    cs.counters["downloads"] += 1
+    cs.counters["bytes_out"] += stored.size
+    return web.FileResponse(cs.store.blob(item), chunk_size=READ_CHUNK,
+                            headers={ITEM_HEADER: json.dumps(stored.header, separators=(",", ":")),
+                                     "Content-Type": "application/octet-stream"})
+
+
+@ROUTES.post("/v1/items/{item}/ack")
+async def handle_ack(request: web.Request) -> web.Response:
+    cs: CacheServer = request.app[CS]
+    item = _item_id(request.match_info["item"])
+    env = await cs.authorize(await _json_envelope(request), messages.CS_ACK)
+    if env.body.get("item") != item.hex() or not cs.store.waiting_for(env.sender, item):
+        raise CsError("not_found", f"no item {item.hex()} for {keys.checksum(env.sender)}")
+    deleted = cs.store.confirm(item, env.sender)
+    cs.counters["confirmations"] += 1
+    return web.json_response({"item": item.hex(), "deleted": deleted})
+
+
+@ROUTES.get("/healthz")
+async def handle_health(request: web.Request) -> web.Response:
+    return web.json_response({"ok": True})
+
+
+@ROUTES.get("/metrics")
+@service.admin_only
+async def handle_metrics(request: web.Request) -> web.Response:
+    cs: CacheServer = request.app[CS]
+    items, size = cs.store.count()
+    gauges = {"ntm_cs_items": items, "ntm_cs_bytes": size,
+              **{f"ntm_cs_{k}_total": v for k, v in {**cs.counters, **cs.link.counters}.items()}}
+    return web.Response(text=service.prometheus_text(gauges), content_type="text/plain")
+
+
+def make_app(cs: CacheServer, admin_allow: tuple = ()) -> web.Application:
+    app = web.Application(middlewares=[errors_middleware], client_max_size=MAX_JSON_BODY)
+    app[CS] = cs
+    app[service.ADMIN_ALLOW] = tuple(admin_allow)
+    app.add_routes(ROUTES)
+    return app
