@@ -23,6 +23,7 @@ COPY chain ./chain
 COPY daemon ./daemon
 COPY dc ./dc
 COPY rs ./rs
+COPY cs ./cs
 COPY node ./node
 COPY scripts ./scripts
 RUN pip install --no-cache-dir . \
@@ -34,6 +35,6 @@ ENV NTM_HOME=/home/ntm/nodes/node1 \
     PYTHONUNBUFFERED=1
 
 USER ntm
-# The tunnel port, DC HTTP + keepalives, RS relay + control, anvil's RPC.
-EXPOSE 4330/udp 8330 4331/udp 4332/udp 4340/udp 8340 8545
+# The tunnel port, DC HTTP + keepalives, RS relay + control, Cache Server, anvil's RPC.
+EXPOSE 4330/udp 8330 4331/udp 4332/udp 4340/udp 8340 8350 8545
 CMD ["ntm", "--help"]

@@ -88,7 +88,9 @@ class Mailbox:
             async with CsClient(self.key, url) as cs:
                 got = await cs.fetch(item, self.directory)
         except CsClientError as exc:
-            log.warning("item %s at %s not fetched: %s", item, url, exc)
+            # not_found: fetched already (a notice pushed again) or expired; the rest is worth a warning
+            log.log(logging.INFO if exc.code == "not_found" else logging.WARNING, "item %s at %s not fetched: %s",
+                    item, url, exc)
             if exc.code in ("not_found", "bad_item"):
                 await self.ack_notice(item)  # gone, or refused for good: the DC need not push it again
             return False

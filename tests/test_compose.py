@@ -38,7 +38,8 @@ SCRIPTS = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scrip
 CONDITIONS = {"service_started", "service_healthy", "service_completed_successfully"}
 VALIDATORS = sorted(n for n in SERVICES if re.fullmatch(r"v\d+", n))
 BESU_DCS = sorted(n for n in SERVICES if re.fullmatch(r"dc\d+", n))
-BESU = [*VALIDATORS, "deploy", "rs", *BESU_DCS]  # the default stack
+BESU_CSS = sorted(n for n in SERVICES if re.fullmatch(r"cs\d+", n))
+BESU = [*VALIDATORS, "deploy", "rs", *BESU_DCS, *BESU_CSS]  # the default stack
 ANVIL = sorted(n for n, s in SERVICES.items() if s.get("profiles") == ["anvil"])
 
 
@@ -65,6 +66,9 @@ def parse_with_real_parser(cmd: list[str]):
         return config.load(config.parser().parse_args(args))
     if prog == "ntm-rs":
         from rs.__main__ import parser
+        return parser().parse_args(args)
+    if prog == "ntm-cs":
+        from cs.__main__ import parser
         return parser().parse_args(args)
     if prog == "ntm" and args == ["--help"]:
         return None
@@ -116,7 +120,8 @@ def test_no_top_level_name_key():
 
 def test_services_and_dependencies():
     assert len(VALIDATORS) >= 4 and len(BESU_DCS) == len(VALIDATORS), "one validator per DC, at least 4 (f=1)"
-    assert {"anvil", "anvil-deploy", "anvil-rs", "anvil-dc1", "anvil-dc2"} == set(ANVIL)
+    assert {"anvil", "anvil-deploy", "anvil-rs", "anvil-dc1", "anvil-dc2", "anvil-cs1", "anvil-cs2"} == set(ANVIL)
+    assert len(BESU_CSS) == len(BESU_DCS), "a Cache Server beside each DC"
     for name, svc in SERVICES.items():
         deps = svc.get("depends_on", {})
         assert isinstance(deps, dict), f"{name}: depends_on must use conditions"
@@ -313,7 +318,7 @@ def test_dockerfile_is_multi_stage_pinned_and_without_nodejs_at_run_time():
             assert (ROOT / src).exists(), f"COPY source {src} missing"
             assert not any(src == pat or src.startswith(pat + "/") for pat in ignored), f"{src} is in .dockerignore"
     copied = {src for args in copies for src in args[:-1]}
-    assert {"pyproject.toml", "README.md", "ntm", "chain", "daemon", "dc", "rs", "node", "scripts"} <= copied
+    assert {"pyproject.toml", "README.md", "ntm", "chain", "daemon", "dc", "rs", "cs", "node", "scripts"} <= copied
     assert "pip install --no-cache-dir ." in run
     cmd = json.loads(next(ln for ln in runtime if ln.startswith("CMD "))[4:])
     assert cmd[0] in SCRIPTS
@@ -326,3 +331,15 @@ def test_readme_is_honest_about_compose():
     text = (ROOT / "README.md").read_text()
     assert "docker compose" in text and "not run" in text and "statically" in text
     assert "besu_network" in text and "qbft_proposeValidatorVote" in text
+
+
+def test_each_dc_announces_its_cache_server_and_the_cs_signs_with_that_dcs_key():
+    for dc, cs in [*zip(BESU_DCS, BESU_CSS), ("anvil-dc1", "anvil-cs1"), ("anvil-dc2", "anvil-cs2")]:
+        announced = flag(command(dc, raw=True), "--cs")
+        assert announced.startswith("http://${NTM_PUBLIC_IP")  # as nodes reach it, not the container
+        assert flag(command(cs, raw=True), "--public-url") == announced
+        port = urlsplit(command(dc)[command(dc).index("--cs") + 1]).port
+        assert any(host == str(port) and container == flag(command(cs), "--http-port")
+                   for _, host, container, _ in published(SERVICES[cs]))
+        assert urlsplit(flag(command(cs), "--dc")).hostname == dc
+        assert flag(command(cs), "--key-file") == flag(command(dc), "--key-file")
