@@ -66,7 +66,9 @@ def test_devnet_register_stop_resume(tmp_path):
     proc, ready = start(data, home)
     try:
         assert ready["event"] == "ready" and ready["chain_id"] == 31337 and not ready["resumed"]
-        assert set(ready["pids"]) == {"anvil", "dc1", "dc2", "rs"}
+        assert set(ready["pids"]) == {"anvil", "dc1", "dc2", "rs", "dc1-cs", "dc2-cs"}
+        ports = json.loads((data / "devnet.json").read_text())["ports"]  # a Cache Server beside each DC
+        assert [d["cs"] for d in ready["dcs"]] == [f"http://127.0.0.1:{ports[f'dc{i}_cs']}" for i in (1, 2)]
         net = json.loads((home / "network.json").read_text())
         assert net["dcs"] == [d["url"] for d in ready["dcs"]] and net["registry"] == ready["registry"]
         # a node whose home has only the network.json (copied) registers without --dc
