@@ -131,5 +131,10 @@ class Node:
     def status(self) -> dict:
         return {"node": keys.checksum(self.id), **self.session.status(),
                 "local": format_endpoint(*self.endpoint.local_addr[:2]), "tunnels": self.tunnel_table.status(),
-                **({"inbox": {"notices": len(self.mailbox.notices), "received": [r.describe() for r in self.mailbox.received]}}
-                   if self.mailbox is not None else {})}
+                **self.inbox_status()}
+
+    def inbox_status(self) -> dict:
+        """{"inbox": notices seen, items received} when the node fetches Cache Server items."""
+        if self.mailbox is None:
+            return {}
+        return {"inbox": {"notices": len(self.mailbox.notices), "received": [r.describe() for r in self.mailbox.received]}}

@@ -147,6 +147,7 @@ class Daemon:
             "dns": [f"{h}:{p}" for h, p in self.dns_binds()] if self.dns else [],
             "accept_any": self.opts.accept_any, "allowed": len(self.book.allow),
             "peers": self.plane.peers(self.book.names_of),
+            **self.node.inbox_status(),
             "counters": {**self.overlay.stats, **self.plane.stats, "refused_tunnels": self.node.tunnel_table.refused,
                          **({f"tun_{k}": v for k, v in tun.stats().items()} if tun else {})},
         }

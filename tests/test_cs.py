@@ -202,3 +202,54 @@ async def test_the_cli_sends_offline_lists_and_fetches(fed, tmp_path):
                        (("send", bob_id, "x", "--offline", "--notice", "n" * 141), 2)):
         bad = ntm(alice, *args)
         assert bad.returncode == code and "Traceback" not in bad.stderr and len(bad.stderr.splitlines()) == 1, bad
+
+
+async def test_a_recipient_that_moved_to_another_dc_still_finds_its_item(fed, tmp_path):
+    """The notice went to bob's old home (dc2); bob re-registers at dc1 before coming online:
+    at start its node asks every Cache Server of the federation."""
+    sender, bob = await registered(fed, 0), await registered(fed, 1)
+    item = await upload(fed, 1, sender, [bob], MARKER + b" moved")
+    await register(fed.urls[0], bob)  # new home: dc1
+    async with await online(fed, 0, bob, tmp_path / "bob") as node:
+        got = await asyncio.wait_for(node.next_item(), 20)
+    assert got.item == item and got.path.read_bytes() == MARKER + b" moved"
+
+
+async def test_the_daemon_fetches_on_the_notice(fed, tmp_path):
+    bob_home = tmp_path / "bob"
+    assert ntm(bob_home, "keygen").returncode == 0
+    assert (await asyncio.to_thread(ntm, bob_home, "register", "--dc", fed.urls[1])).returncode == 0
+    bob_id = keys.parse_node_id(json.loads(ntm(bob_home, "id").stdout)["node"])
+    daemon = subprocess.Popen([sys.executable, "-m", "node.cli", "--home", str(bob_home), "--json", "up", "--no-tun",
+                               "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    try:
+        line = await asyncio.wait_for(asyncio.to_thread(daemon.stdout.readline), 30)
+        assert json.loads(line)["event"] == "up"
+        sender = await registered(fed, 0)
+        async with aiohttp.ClientSession() as http, http.get(f"{fed.urls[1]}/v1/nodes/{keys.checksum(bob_id)}") as r:
+            bob_pub = bytes.fromhex((await r.json())["pubkey"])
+        sealer = seal.Sealer(sender, {bob_id: bob_pub}, seal.Meta("test", notice="to the daemon"), int(time.time() * 1000))
+        async with CsClient(sender, fed.cs_url(0)) as c:
+            item = (await c.put(sealer, bytes_chunks(MARKER), len(MARKER)))["item"]
+        path = bob_home / "inbox" / item
+        await until(lambda: path.exists() and (bob_home / "inbox" / f"{item}.json").exists(), timeout=20)
+        assert path.read_bytes() == MARKER
+        assert json.loads((bob_home / "inbox" / f"{item}.json").read_text())["notice"] == "to the daemon"
+        status = json.loads(ntm(bob_home, "status").stdout)
+        assert [r["item"] for r in status["daemon"]["inbox"]["received"]] == [item]
+    finally:
+        daemon.terminate()
+        daemon.wait(10)
+
+
+async def test_a_notice_not_signed_by_an_active_dc_is_refused(fed):
+    bob = await registered(fed, 1)
+    body = messages.encode(messages.CsNotice(node=keys.checksum(keys.node_id_of(bob)), item="00" * 16,
+                                             cs="http://evil.example", sender=keys.checksum(bytes(20)), size=1,
+                                             created=1))
+    async with aiohttp.ClientSession() as http:
+        forged = envelope.seal(keys.generate(), messages.CS_NOTICE, body, int(time.time() * 1000))
+        async with http.post(fed.urls[1] + "/v1/federation/cs-notice", json=forged) as r:
+            assert r.status == 403
+        async with http.get(fed.urls[1] + "/metrics") as r:
+            assert "ntm_dc_cs_notices_refused_total 1" in await r.text()
