@@ -25,8 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from node.agent import Node  # noqa: E402
 from node.cs_client import CsClient, bytes_chunks, file_chunks  # noqa: E402
 from ntm import keys, seal  # noqa: E402
-from scripts.anvil import Anvil  # noqa: E402
-from tests.dcnet import DcNet, register  # noqa: E402
+from tests.dcnet import cs_federation, register  # noqa: E402
 
 ROUNDS = 5
 NOTIFY_ROUNDS = 10
@@ -64,58 +63,50 @@ async def transfer(cs_url: str, sender, recipient, source, size: int, out: Path)
 
 async def run(tmp: Path) -> dict[str, float]:
     out: dict[str, float] = {}
-    with Anvil() as chain:
-        net = DcNet(tmp, chain)
-        await net.deploy(2)
-        net.with_cache_servers()
+    async with cs_federation(tmp, ("--max-item-mb", "200", "--sender-quota-mb", "1000",
+                                   "--recipient-quota-mb", "1000")) as net:
+        alice, bob = keys.generate(), keys.generate()
+        await register(net.urls[0], alice)
+        await register(net.urls[1], bob)
+        small = os.urandom(1_000_000)
+        times = [await transfer(net.cs_url(0), alice, bob, bytes_chunks(small), len(small), tmp / "in")
+                 for _ in range(ROUNDS)]
+        out["cs_upload_mbps_1mb"] = mbps(len(small), statistics.median(t[0] for t in times))
+        out["cs_download_mbps_1mb"] = mbps(len(small), statistics.median(t[1] for t in times))
+        big = tmp / "big.bin"
+        with open(big, "wb") as fh:
+            for _ in range(BIG // 1_000_000):
+                fh.write(os.urandom(1_000_000))
+        pid = net.css[0].pid
+        before = rss_kb(pid, "VmRSS")
+        peak = [before]
+
+        async def sample() -> None:  # VmHWM would count the keystore's scrypt at start-up (256 MB)
+            while True:
+                peak[0] = max(peak[0], rss_kb(pid, "VmRSS"))
+                await asyncio.sleep(0.005)
+
+        sampler = asyncio.create_task(sample())
+        up_s, down_s = await transfer(net.cs_url(0), alice, bob, file_chunks(big), BIG, tmp / "in")
+        sampler.cancel()
+        out["cs_upload_mbps_100mb"] = mbps(BIG, up_s)
+        out["cs_download_mbps_100mb"] = mbps(BIG, down_s)
+        out["cs_rss_mb_100mb_item"] = (peak[0] - before) / 1024
+        node = await Node.start(bob, net.urls[1], host="127.0.0.1", port=0, inbox=tmp / "bob")
         try:
-            for i in range(2):
-                net.start_dc(i)
-                net.start_cs(i, ("--max-item-mb", "200", "--sender-quota-mb", "1000", "--recipient-quota-mb", "1000"))
-            alice, bob = keys.generate(), keys.generate()
-            await register(net.urls[0], alice)
-            await register(net.urls[1], bob)
-            small = os.urandom(1_000_000)
-            times = [await transfer(net.cs_url(0), alice, bob, bytes_chunks(small), len(small), tmp / "in")
-                     for _ in range(ROUNDS)]
-            out["cs_upload_mbps_1mb"] = mbps(len(small), statistics.median(t[0] for t in times))
-            out["cs_download_mbps_1mb"] = mbps(len(small), statistics.median(t[1] for t in times))
-            big = tmp / "big.bin"
-            with open(big, "wb") as fh:
-                for _ in range(BIG // 1_000_000):
-                    fh.write(os.urandom(1_000_000))
-            pid = net.css[0].pid
-            before = rss_kb(pid, "VmRSS")
-            peak = [before]
-
-            async def sample() -> None:  # VmHWM would count the keystore's scrypt at start-up (256 MB)
-                while True:
-                    peak[0] = max(peak[0], rss_kb(pid, "VmRSS"))
-                    await asyncio.sleep(0.005)
-
-            sampler = asyncio.create_task(sample())
-            up_s, down_s = await transfer(net.cs_url(0), alice, bob, file_chunks(big), BIG, tmp / "in")
-            sampler.cancel()
-            out["cs_upload_mbps_100mb"] = mbps(BIG, up_s)
-            out["cs_download_mbps_100mb"] = mbps(BIG, down_s)
-            out["cs_rss_mb_100mb_item"] = (peak[0] - before) / 1024
-            node = await Node.start(bob, net.urls[1], host="127.0.0.1", port=0, inbox=tmp / "bob")
-            try:
-                await asyncio.sleep(1.0)  # its start-up sweep is done
-                lags = []
-                for _ in range(NOTIFY_ROUNDS):
-                    async with CsClient(alice, net.cs_url(0)) as c:
-                        item = (await c.put(sealer(alice, bob), bytes_chunks(b"ping"), 4))["item"]
-                    acked = time.perf_counter()
-                    while not any(n.item == item for n in node.mailbox.notices):
-                        await asyncio.sleep(0.001)
-                    lags.append((time.perf_counter() - acked) * 1000)
-                    await asyncio.wait_for(node.next_item(), 10)
-                out["cs_notify_ms_p50"] = statistics.median(lags)
-            finally:
-                await node.close()
+            await asyncio.sleep(1.0)  # its start-up sweep is done
+            lags = []
+            for _ in range(NOTIFY_ROUNDS):
+                async with CsClient(alice, net.cs_url(0)) as c:
+                    item = (await c.put(sealer(alice, bob), bytes_chunks(b"ping"), 4))["item"]
+                acked = time.perf_counter()
+                while not any(n.item == item for n in node.mailbox.notices):
+                    await asyncio.sleep(0.001)
+                lags.append((time.perf_counter() - acked) * 1000)
+                await asyncio.wait_for(node.next_item(), 10)
+            out["cs_notify_ms_p50"] = statistics.median(lags)
         finally:
-            net.stop()
+            await node.close()
     return out
 
 

@@ -114,6 +114,35 @@ class DcNet:
 
 
 @contextlib.asynccontextmanager
+async def cs_federation(workdir: Path, cs_args: tuple[str, ...] = ()):
+    """anvil, two DCs, and a Cache Server beside each (started with `cs_args`)."""
+    with Anvil() as chain:
+        net = DcNet(workdir, chain)
+        await net.deploy(2)
+        net.with_cache_servers()
+        try:
+            for i in range(2):
+                net.start_dc(i)
+                net.start_cs(i, cs_args)
+            yield net
+        finally:
+            net.stop()
+
+
+@contextlib.asynccontextmanager
+async def local_app(app: web.Application):
+    """Serve an aiohttp app on 127.0.0.1 and a free port; yields its base URL (a stub DC, a proxy)."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+    finally:
+        await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
 async def stateful_net(workdir: Path, n_dcs: int = 1):
     """A DcNet on an anvil that keeps its state in workdir/chain.json (so it can be restarted)."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -170,12 +199,9 @@ class CountingRpc:
     async def __aenter__(self) -> "CountingRpc":
         app = web.Application()
         app.router.add_post("/", self.handle)
-        self.runner = web.AppRunner(app)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/"
+        self._served = local_app(app)
+        self.url = await self._served.__aenter__() + "/"
         return self
 
     async def __aexit__(self, *exc) -> None:
-        await self.runner.cleanup()
+        await self._served.__aexit__(*exc)

@@ -19,26 +19,16 @@ from cs import dclink
 from node.agent import Node
 from node.cs_client import CsClient, CsClientError, bytes_chunks
 from ntm import envelope, keys, messages, seal
-from scripts.anvil import Anvil
-from tests.dcnet import DcNet, register, revoke, until
+from tests.dcnet import DcNet, cs_federation, register, revoke, until
 
 MARKER = b"PLAINTEXT-MARKER-7f3a9c"  # appears in every test's content: must never appear at a CS
 
 
 @pytest.fixture
 async def fed(tmp_path):
-    """anvil, two DCs each with its Cache Server, and a key per role."""
-    with Anvil() as chain:
-        net = DcNet(tmp_path, chain)
-        await net.deploy(2)
-        net.with_cache_servers()
-        try:
-            for i in range(2):
-                net.start_dc(i)
-                net.start_cs(i)
-            yield net
-        finally:
-            net.stop()
+    """anvil, two DCs each with its Cache Server."""
+    async with cs_federation(tmp_path) as net:
+        yield net
 
 
 async def registered(net: DcNet, i: int):

@@ -274,6 +274,7 @@ async def test_register_exits_1_when_the_chain_refuses_the_record(tmp_path):
     and remembers nothing of it (no "registered", no state file)."""
     from aiohttp import web
     from ntm import messages as m
+    from tests.dcnet import local_app
 
     async def info(request):
         return web.json_response(m.encode(m.DcInfoReply("0x" + "11" * 20, "dcx", 31337, "0x" + "22" * 20, [4331, 4332],
@@ -288,17 +289,10 @@ async def test_register_exits_1_when_the_chain_refuses_the_record(tmp_path):
     app = web.Application()
     app.router.add_get("/v1/info", info)
     app.router.add_post("/v1/register", register)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
-    try:
+    async with local_app(app) as url:
         home = tmp_path / "n"
         ntm(home, "keygen")
         proc = await asyncio.to_thread(ntm, home, "register", "--dc", url, check=False)
         assert proc.returncode == 1, proc
         assert "the chain refused the record" in proc.stderr and "stale timestamp" in proc.stderr
         assert "Traceback" not in proc.stderr and not (home / "state.json").exists()
-    finally:
-        await runner.cleanup()

@@ -17,7 +17,7 @@ from aiohttp import web
 from node.agent import Node, NodeError
 from ntm.tunnel import TunnelError
 from ntm import envelope, keys
-from tests.dcnet import register, until
+from tests.dcnet import local_app, register, until
 
 SECRET = b"attack at dawn: the plaintext the relay must never see"
 
@@ -161,20 +161,17 @@ async def test_a_lying_dc_cannot_substitute_the_peers_key(tmp_path):
     udp_port = transport.get_extra_info("sockname")[1]
     app = web.Application()
     app.router.add_get("/v1/session", session)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
-    a = await Node.start(key_a, url, host="127.0.0.1", port=0)
     try:
-        with pytest.raises(NodeError) as exc:
-            await a.connect(b_id)
-        assert exc.value.code == "tunnel_failed" and "does not" in str(exc.value).lower() + "does not"
-        assert not a.tunnels
+        async with local_app(app) as url:
+            a = await Node.start(key_a, url, host="127.0.0.1", port=0)
+            try:
+                with pytest.raises(NodeError) as exc:
+                    await a.connect(b_id)
+                assert exc.value.code == "tunnel_failed" and "does not" in str(exc.value).lower() + "does not"
+                assert not a.tunnels
+            finally:
+                await a.close()
     finally:
-        await a.close()
-        await runner.cleanup()
         transport.close()
 
 
