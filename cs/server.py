@@ -53,7 +53,7 @@ class CacheServer:
         self.store, self.link, self.url, self.limits = store, link, public_url.rstrip("/"), limits
         self.guard = envelope.ReplayGuard()
         self.tasks = service.BackgroundTasks()
-        self._uploading: set[bytes] = set()
+        self.uploading: set[bytes] = set()  # item IDs streaming in now (a second upload of one is refused)
         self.counters = {"uploads": 0, "downloads": 0, "confirmations": 0, "expired": 0, "refused": 0,
                          "bytes_in": 0, "bytes_out": 0}
 
@@ -129,13 +129,10 @@ ROUTES = web.RouteTableDef()
 async def handle_put(request: web.Request) -> web.Response:
     cs: CacheServer = request.app[CS]
     env = await cs.authorize(_header_envelope(request), messages.CS_PUT)
-    try:
-        header = seal.Header.from_json(env.body.get("header"))
-        size = env.body.get("size")
-        if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
-            raise ParseError("size must be a positive integer")
-    except AttributeError:
-        raise ParseError("body must be an object with header and size") from None
+    header = seal.Header.from_json(env.body.get("header"))
+    size = env.body.get("size")
+    if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+        raise ParseError("size must be a positive integer")
     if header.sender != env.sender:
         raise CsError("not_sender", "an item is uploaded by the node that sealed it")
     lim = cs.limits
@@ -152,9 +149,9 @@ async def handle_put(request: web.Request) -> web.Response:
             raise CsError("bad_recipient", f"recipient: {exc}") from None
         if cs.store.recipient_usage(r) + size > lim.recipient_bytes:
             raise CsError("over_quota", f"recipient {keys.checksum(r)} already has {lim.recipient_bytes} bytes waiting")
-    if header.item in cs._uploading or cs.store.exists(header.item):
+    if header.item in cs.uploading or cs.store.exists(header.item):
         raise CsError("exists", f"item {header.item.hex()} is already stored or being uploaded")
-    cs._uploading.add(header.item)
+    cs.uploading.add(header.item)
     part = cs.store.partial(header.item)
     try:
         got = 0
@@ -174,7 +171,7 @@ async def handle_put(request: web.Request) -> web.Response:
         cs.store.blob(header.item).unlink(missing_ok=True)  # persisted but not indexed: never acknowledged
         raise
     finally:
-        cs._uploading.discard(header.item)
+        cs.uploading.discard(header.item)
     cs.counters["uploads"] += 1
     cs.counters["bytes_in"] += size
     log.info("stored item %s from %s: %d bytes for %d recipients", header.item.hex(), keys.checksum(env.sender),

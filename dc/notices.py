@@ -17,6 +17,7 @@ from dc.store import Store
 from dc.errors import NodeLookupError
 from ntm import envelope, keys, messages
 from ntm.clock import Clock
+from ntm.errors import NtmError
 
 log = logging.getLogger("ntm.dc.notices")
 
@@ -43,7 +44,7 @@ class Notices:
             node = keys.parse_node_id(notice.node)
             if self.store.node(node) is None:
                 raise NodeLookupError("wrong_dc", f"{notice.node} is not registered at this DC")
-        except Exception:
+        except NtmError:
             self.counters["cs_notices_refused"] += 1
             raise
         if self.store.notice_count(node) >= MAX_NOTICES_PER_NODE:

@@ -19,7 +19,7 @@ import aiohttp
 import coincurve
 
 from ntm import envelope, keys, messages, seal
-from ntm.errors import CodedError
+from ntm.errors import CodedError, ParseError
 
 READ_CHUNK = 1 << 20  # bytes read from a file or the network at a time
 AUTH_HEADER, ITEM_HEADER = "X-NTM-Auth", "X-NTM-Header"  # as cs/server.py
@@ -68,11 +68,9 @@ class CsClient:
             text = await r.text()
             try:
                 err = messages.decode(messages.ErrorBody, text)
-                raise CsClientError(err.error, f"Cache Server {self.url}: {err.message}")
-            except CsClientError:
-                raise
-            except Exception:  # noqa: BLE001 - not our JSON: say what came back
+            except ParseError:  # not our JSON (a proxy?): say what came back
                 raise CsClientError("bad_response", f"Cache Server {self.url} answered {r.status}: {text[:200]}") from None
+            raise CsClientError(err.error, f"Cache Server {self.url}: {err.message}")
 
     async def _request(self, method: str, path: str, **kw) -> dict:
         try:
