@@ -194,3 +194,19 @@ async def test_a_dc_carries_on_when_one_of_its_rpc_urls_is_dead(tmp_path):
             net.stop()
             await proxy.kill()
 
+
+
+async def test_confirmed_means_n_blocks_deep(tmp_path):
+    """--confirmations 3 on a chain that makes a block every second: the DC answers "confirmed"
+    only once the record's block has two more on top of it."""
+    with Anvil(block_time=1) as chain:
+        net = DcNet(tmp_path, chain)
+        await net.deploy(1)
+        net.start_dc(0, ("--confirmations", "3"))
+        try:
+            key = keys.generate()
+            res = await register(net.urls[0], key)
+            head = int(chain.rpc("eth_blockNumber"), 16)
+            assert res.status == "confirmed" and head >= res.block + 2, (res, head)
+        finally:
+            net.stop()
