@@ -14,6 +14,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+import pytest_asyncio
 
 from cs import dclink
 from node.agent import Node
@@ -24,10 +25,15 @@ from tests.dcnet import DcNet, cs_federation, register, revoke, until
 MARKER = b"PLAINTEXT-MARKER-7f3a9c"  # appears in every test's content: must never appear at a CS
 
 
-@pytest.fixture
-async def fed(tmp_path):
+# One federation for the module (every test uses fresh node keys): starting anvil, two DCs and
+# two CSs costs ~8 s. Tests that restart a CS leave it as they found it.
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def fed(tmp_path_factory):
     """anvil, two DCs each with its Cache Server."""
-    async with cs_federation(tmp_path) as net:
+    async with cs_federation(tmp_path_factory.mktemp("cs-fed")) as net:
         yield net
 
 
@@ -54,6 +60,12 @@ def stored_items(net: DcNet, i: int) -> int:
         return db.execute("SELECT count(*) FROM items").fetchone()[0]
 
 
+def is_stored(net: DcNet, i: int, item: str) -> bool:
+    with sqlite3.connect(net.cs_dir(i) / "cs.sqlite") as db:
+        row = db.execute("SELECT 1 FROM items WHERE item=?", (bytes.fromhex(item),)).fetchone()
+    return row is not None and (net.cs_dir(i) / "blobs" / item).exists()
+
+
 async def online(net: DcNet, i: int, key, inbox: Path) -> Node:
     return await Node.start(key, net.urls[i], host="127.0.0.1", port=0, inbox=inbox)
 
@@ -62,15 +74,15 @@ async def test_offline_recipient_is_notified_fetches_and_the_cs_forgets(fed, tmp
     sender, bob = await registered(fed, 0), await registered(fed, 1)  # at different DCs; bob offline
     content = os.urandom(300_000) + MARKER * 100
     item = await upload(fed, 0, sender, [bob], content, notice="for bob")
-    assert stored_items(fed, 0) == 1 and not cs_files_contain(fed, 0, MARKER)
+    assert is_stored(fed, 0, item) and not cs_files_contain(fed, 0, MARKER)
     async with await online(fed, 1, bob, tmp_path / "bob") as node:  # bob comes online at dc2
         got = await asyncio.wait_for(node.next_item(), 20)
         assert got.item == item and got.sender == keys.node_id_of(sender) and got.meta.notice == "for bob"
         assert got.path.read_bytes() == content
         # dc2 pushed cs1's notice on bob's session (it was stored while bob was offline)
         await until(lambda: any(n.item == item for n in node.mailbox.notices), timeout=10)
-        await until(lambda: stored_items(fed, 0) == 0, timeout=10)  # confirmed: deleted at the CS
-    assert not cs_files_contain(fed, 0, MARKER) and not list((fed.cs_dir(0) / "blobs").iterdir())
+        await until(lambda: not (fed.cs_dir(0) / "blobs" / item).exists(), timeout=10)  # confirmed: deleted
+    assert not is_stored(fed, 0, item) and not cs_files_contain(fed, 0, MARKER)
 
 
 async def test_three_recipients_one_offline_each_get_it_exactly_once(fed, tmp_path):
@@ -82,10 +94,10 @@ async def test_three_recipients_one_offline_each_get_it_exactly_once(fed, tmp_pa
         for n in nodes:  # online: fetched on the notice
             got = await asyncio.wait_for(n.next_item(), 20)
             assert got.item == item
-        assert stored_items(fed, 1) == 1  # dave has not confirmed yet
+        assert is_stored(fed, 1, item)  # dave has not confirmed yet
         nodes.append(await online(fed, 1, dave, tmp_path / "dave"))
         assert (await asyncio.wait_for(nodes[2].next_item(), 20)).item == item
-        await until(lambda: stored_items(fed, 1) == 0, timeout=10)
+        await until(lambda: not is_stored(fed, 1, item), timeout=10)
         await asyncio.sleep(1.0)  # a second notice or sweep would show up now
         for n in nodes:
             assert [r.item for r in n.mailbox.received] == [item]
@@ -97,6 +109,7 @@ async def test_three_recipients_one_offline_each_get_it_exactly_once(fed, tmp_pa
 async def test_refusals_store_nothing(fed, tmp_path):
     sender, bob, eve = await registered(fed, 0), await registered(fed, 1), await registered(fed, 0)
     item = await upload(fed, 0, sender, [bob], MARKER)
+    before = stored_items(fed, 0)
     # another node asking for bob's item: the same answer as for no item at all
     async with CsClient(eve, fed.cs_url(0)) as c:
         with pytest.raises(CsClientError) as exc:
@@ -123,7 +136,7 @@ async def test_refusals_store_nothing(fed, tmp_path):
     with pytest.raises(CsClientError) as exc:
         await upload(fed, 0, eve, [bob], MARKER)
     assert exc.value.code == "revoked"
-    assert stored_items(fed, 0) == 1
+    assert stored_items(fed, 0) == before
     # a tampered blob: bob refuses it, writes nothing, and it stays unconfirmed at the CS
     blob = fed.cs_dir(0) / "blobs" / item
     data = bytearray(blob.read_bytes())
@@ -139,15 +152,20 @@ async def test_refusals_store_nothing(fed, tmp_path):
 async def test_oversized_and_over_quota_uploads(fed):
     fed.css[0].stop()
     fed.start_cs(0, ("--max-item-mb", "0.5", "--sender-quota-mb", "0.7", "--recipient-quota-mb", "10"))
-    sender, bob = await registered(fed, 0), await registered(fed, 1)
-    with pytest.raises(CsClientError) as exc:
-        await upload(fed, 0, sender, [bob], os.urandom(600_000))
-    assert exc.value.code == "too_large"
-    await upload(fed, 0, sender, [bob], os.urandom(400_000))
-    with pytest.raises(CsClientError) as exc:
+    try:
+        sender, bob = await registered(fed, 0), await registered(fed, 1)
+        before, blobs = stored_items(fed, 0), len(list((fed.cs_dir(0) / "blobs").iterdir()))
+        with pytest.raises(CsClientError) as exc:
+            await upload(fed, 0, sender, [bob], os.urandom(600_000))
+        assert exc.value.code == "too_large"
         await upload(fed, 0, sender, [bob], os.urandom(400_000))
-    assert exc.value.code == "over_quota" and "sender quota" in str(exc.value)
-    assert stored_items(fed, 0) == 1 and len(list((fed.cs_dir(0) / "blobs").iterdir())) == 1
+        with pytest.raises(CsClientError) as exc:
+            await upload(fed, 0, sender, [bob], os.urandom(400_000))
+        assert exc.value.code == "over_quota" and "sender quota" in str(exc.value)
+        assert stored_items(fed, 0) == before + 1 and len(list((fed.cs_dir(0) / "blobs").iterdir())) == blobs + 1
+    finally:
+        fed.css[0].stop()
+        fed.start_cs(0)  # default limits again, for the other tests
 
 
 async def test_an_acknowledged_item_survives_kill_9_of_the_cs(fed, tmp_path):
@@ -237,9 +255,15 @@ async def test_a_notice_not_signed_by_an_active_dc_is_refused(fed):
     body = messages.encode(messages.CsNotice(node=keys.checksum(keys.node_id_of(bob)), item="00" * 16,
                                              cs="http://evil.example", sender=keys.checksum(bytes(20)), size=1,
                                              created=1))
+
+    async def refused(http) -> float:
+        async with http.get(fed.urls[1] + "/metrics") as r:
+            return next(float(ln.split()[1]) for ln in (await r.text()).splitlines()
+                        if ln.startswith("ntm_dc_cs_notices_refused_total "))
+
     async with aiohttp.ClientSession() as http:
+        before = await refused(http)
         forged = envelope.seal(keys.generate(), messages.CS_NOTICE, body, int(time.time() * 1000))
         async with http.post(fed.urls[1] + "/v1/federation/cs-notice", json=forged) as r:
             assert r.status == 403
-        async with http.get(fed.urls[1] + "/metrics") as r:
-            assert "ntm_dc_cs_notices_refused_total 1" in await r.text()
+        assert await refused(http) == before + 1
