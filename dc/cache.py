@@ -35,6 +35,10 @@ MAX_WAITING_MISSES = 64
 POLL_S = 0.05
 # After an RPC failure the poll backs off to this (a dead chain is not hammered).
 POLL_BACKOFF_MAX_S = 5.0
+# The latest block's hash and timestamp are read again at least this often even when its number
+# has not moved (a reorg at the same height; the block age for /healthz); in between a poll is
+# one eth_blockNumber.
+HEAD_REFRESH_S = 1.0
 # Blocks read per eth_getLogs: clients cap the range (Besu's default is 1,000, some 2,000).
 LOG_CHUNK = 1000
 # Heights whose hash is remembered for reorg detection: one per poll that read new blocks. A
@@ -50,7 +54,8 @@ class RegistryCache:
         self.dcs: dict[bytes, DcInfo] = {}
         self.block = from_block - 1  # read up to here
         self.head: BlockRef | None = None  # the chain's latest block at the last successful poll
-        self.head_seen_at: float | None = None  # time.monotonic() of that poll
+        self.head_seen_at: float | None = None  # time.monotonic() of the last poll the chain answered
+        self._head_read_at = 0.0
         self.rollbacks = 0
         self._hashes: dict[int, bytes] = {}  # height -> hash, of blocks read up to
         self._changed = asyncio.Condition()
@@ -107,8 +112,13 @@ class RegistryCache:
     async def poll(self) -> bool:
         """One step: read the head, handle a rollback, apply the next chunk of events.
         Returns True when caught up with the head."""
+        number = await self.registry.block_number()
+        now = time.monotonic()
+        if self.head is not None and number == self.head.number == self.block and now - self._head_read_at < HEAD_REFRESH_S:
+            self.head_seen_at = now
+            return True
         head = await self.registry.head()
-        self.head, self.head_seen_at = head, time.monotonic()
+        self.head, self.head_seen_at, self._head_read_at = head, now, now
         fork = await self._fork_point(head)
         if fork is not None:
             await self._rebuild(head, fork)

@@ -120,6 +120,9 @@ class FakeRegistry:
         self._up().lookups += 1
         return self.chain.nodes.get(node)
 
+    async def block_number(self) -> int:
+        return self._up().block
+
     async def head(self) -> BlockRef:
         return BlockRef(self._up().block, self.chain.hashes[self.chain.block], int(self.chain.clock.wall_ms() // 1000))
 
