@@ -78,7 +78,7 @@ def test_a_swapped_wrap_does_not_unwrap():
     header, _ = sealed(b"x", R1, R2)
     r1, r2 = keys.node_id_of(R1), keys.node_id_of(R2)
     swapped = seal.Header(header.item, header.sender, header.eph, {r1: header.wraps[r2]}, header.created_ms)
-    with pytest.raises(seal.SealError, match="does not unwrap"):
+    with pytest.raises(seal.SealError, match="^the item's key does not unwrap: not for this key, or tampered with$"):
         seal.Opener(R1, swapped)
 
 
@@ -136,3 +136,94 @@ def test_bad_headers_and_metadata_are_refused():
         sealed(b"x", *[keys.generate() for _ in range(seal.MAX_RECIPIENTS + 1)])
     with pytest.raises(ValueError, match="does not belong"):
         seal.Sealer(SENDER, {keys.node_id_of(R1): keys.public_bytes(R2)}, META, 0)
+
+
+# --- edges the mutation run found untested (make mutate) -----------------------------------------
+META_RAW = len(seal.check_meta(META))
+
+
+@pytest.mark.parametrize("plain", [seal.CHUNK, 2 * seal.CHUNK, seal.CHUNK - 10, 2 * seal.CHUNK - 1,
+                                   seal.CHUNK + 55, seal.CHUNK + seal.SIG_LEN])
+def test_chunk_edges_of_the_whole_plaintext_stream(plain):
+    """The plaintext stream (length, meta, content, signature) ends exactly at a chunk edge, or the
+    signature spills into a chunk of its own; opened in one piece and byte by byte-ish."""
+    content = os.urandom(plain - 4 - META_RAW - seal.SIG_LEN)
+    header, ct = sealed(content)
+    assert len(ct) == seal.sealed_size(plain) == plain + seal.TAG_LEN * -(-plain // seal.CHUNK)
+    assert opened(R1, header, ct) == (content, META)
+    assert opened(R1, header, ct, step=seal.CHUNK + seal.TAG_LEN)[0] == content
+
+
+def test_the_sealer_knows_its_size_before_the_content_flows():
+    """An upload announces the ciphertext size first (the CS checks it against what arrives)."""
+    for size in (0, 1, seal.CHUNK, 3 * seal.CHUNK + 7):
+        s = seal.Sealer(SENDER, recipients(R1), META, 0)
+        announced = s.size_for(size)
+        assert announced == len(s.feed(os.urandom(size)) + s.finish())
+
+
+def test_sixteen_recipients_is_the_limit_on_both_sides():
+    sixteen = [keys.generate() for _ in range(seal.MAX_RECIPIENTS)]
+    header, ct = sealed(b"many", *sixteen)
+    assert opened(sixteen[-1], header, ct)[0] == b"many"
+    obj = header.to_json()
+    extra = keys.generate()
+    obj["wraps"][keys.checksum(keys.node_id_of(extra))] = "00" * 48
+    with pytest.raises(seal.SealError, match="1 to 16 recipients"):
+        seal.Header.from_json(obj)
+
+
+@pytest.mark.parametrize("field,value,why", [
+    ("created", True, "bad item id, ephemeral key or created time"),
+    ("created", "1", "bad item id, ephemeral key or created time"),
+    ("item", "00" * 15, "bad item id"), ("eph", "02" * 32, "bad item id"),
+    ("v", 2, "unknown version 2"), ("wraps", {}, "1 to 16 recipients"),
+])
+def test_header_fields_are_checked_one_by_one(field, value, why):
+    obj = sealed(b"x")[0].to_json()
+    with pytest.raises(seal.SealError, match=why):
+        seal.Header.from_json({**obj, field: value})
+    with pytest.raises(seal.SealError, match="exactly v, item, sender, eph, wraps, created"):
+        seal.Header.from_json({**obj, "x": 1})
+
+
+def test_each_refusal_says_what_it_is():
+    header, ct = sealed(b"once")
+    o = seal.Opener(R1, header)
+    o.feed(ct)
+    o.finish()
+    with pytest.raises(seal.SealError, match="^item already finished$"):
+        o.finish()
+    with pytest.raises(seal.SealError, match="data after the end of the item"):
+        o.feed(b"more")
+    o = seal.Opener(R1, header)
+    o.feed(ct[:-seal.TAG_LEN - 1])
+    with pytest.raises(seal.SealError, match="chunk 0 of item .* is tampered with or truncated"):
+        o.finish()
+
+
+def test_metadata_at_and_over_its_limit(monkeypatch):
+    name = "n" * (seal.MAX_META_BYTES - len(seal.check_meta(seal.Meta("a"))))
+    biggest = seal.Meta("a", name=name)
+    assert len(seal.check_meta(biggest)) == seal.MAX_META_BYTES
+    header, ct = sealed(b"x", meta=biggest)
+    assert opened(R1, header, ct)[1] == biggest
+    with pytest.raises(ValueError, match="over 2048 bytes"):
+        seal.check_meta(seal.Meta("a", name=name + "n"))
+    # a sender that skips the check: the opener refuses on its own
+    monkeypatch.setattr(seal, "check_meta", lambda meta: b'{"app_id":"a","name":"' + b"n" * 3000 + b'"}')
+    header, ct = sealed(b"x")
+    with pytest.raises(seal.SealError, match="item metadata is too large"):
+        opened(R1, header, ct)
+    monkeypatch.setattr(seal, "check_meta", lambda meta: b"not json")
+    header, ct = sealed(b"x")
+    with pytest.raises(seal.SealError, match="item metadata is malformed"):
+        opened(R1, header, ct)
+
+
+def test_a_short_signature_is_a_truncated_item(monkeypatch):
+    monkeypatch.setattr(seal.keys, "sign_digest", lambda key, digest: b"\x01" * 10)
+    header, ct = sealed(b"")
+    monkeypatch.undo()
+    with pytest.raises(seal.SealError, match="^item is truncated$"):
+        opened(R1, header, ct)
