@@ -24,7 +24,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterable, Sequence
 
-import aiohttp
 import eth_abi
 from eth_account import Account
 from eth_utils import (
@@ -39,7 +38,7 @@ from web3.exceptions import BlockNotFound, ContractLogicError, TransactionNotFou
 
 from ntm import record
 from ntm.errors import NtmError
-from chain.rpc import FailoverHTTPProvider
+from chain.rpc import TRANSPORT_ERRORS, FailoverHTTPProvider
 from ntm.registry import BlockRef, DcInfo, OnChainRecord, RegistryError, RegistryEvent, SubmitResult
 
 ARTIFACT_NAME = "NodeRegistry.json"
@@ -55,6 +54,8 @@ REJECT_REASONS: dict[int, str] = {
 
 EVENT_KINDS = ("NodeRegistered", "NodeRevoked", "DCAdmitted", "DCUpdated", "DCRemoved")
 _ERROR_SELECTOR = bytes.fromhex("08c379a0")  # Error(string)
+# What a JSON-RPC call can fail with: an error answer, or the transport (every URL tried).
+RPC_ERRORS = (Web3Exception, *TRANSPORT_ERRORS)
 _GAS_MARGIN = 1.25
 # Priority fee: 1 gwei gets a transaction into the next block on a private chain.
 _TIP_WEI = 10**9
@@ -260,7 +261,7 @@ class Registry:
         if "insufficient funds" in text.lower():
             who = self._account.address if self._account else "the sender"
             return RegistryError(f"account {who} has insufficient funds for gas on chain {self.chain_id} ({text})")
-        if isinstance(exc, (aiohttp.ClientError, OSError, asyncio.TimeoutError)):
+        if isinstance(exc, TRANSPORT_ERRORS):
             return RegistryError(f"cannot reach the chain RPC at {self.url}: {exc}")
         return RegistryError(f"{what} failed: {text}")
 
@@ -268,7 +269,7 @@ class Registry:
         data = self._abi.encode(fn, *args)
         try:
             out = await self.w3.eth.call({"to": _cs(self.address), "data": data})
-        except (Web3Exception, aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+        except RPC_ERRORS as exc:
             raise self._wrap(exc, fn) from None
         return self._abi.decode(fn, bytes(out))
 
@@ -307,7 +308,7 @@ class Registry:
             receipt = await self._receipt(bytes(tx_hash), tx["nonce"])
         except RegistryError:
             raise
-        except (Web3Exception, aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+        except RPC_ERRORS as exc:
             raise self._wrap(exc, what) from None
         if receipt["status"] != 1:
             reason = None
@@ -332,7 +333,7 @@ class Registry:
                 return await self.w3.eth.get_transaction_receipt(tx_hash)
             except TransactionNotFound:
                 pass
-            except (Web3Exception, aiohttp.ClientError, OSError, asyncio.TimeoutError):
+            except RPC_ERRORS:
                 pass  # transient: the next poll (possibly through another URL) decides
             now = time.monotonic()
             if now > next_check:
@@ -356,7 +357,7 @@ class Registry:
             return await self.w3.eth.get_transaction_count(self._account.address, "pending") > nonce
         except TransactionNotFound:
             return False
-        except (Web3Exception, aiohttp.ClientError, OSError, asyncio.TimeoutError):
+        except RPC_ERRORS:
             return True
 
     def forget_nonce(self) -> None:
@@ -450,7 +451,7 @@ class Registry:
     async def _rpc(self, what: str, call):
         try:
             return await call
-        except (Web3Exception, aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+        except RPC_ERRORS as exc:
             raise self._wrap(exc, what) from None
 
     async def block_number(self) -> int:
@@ -468,7 +469,7 @@ class Registry:
             return self._ref(await self.w3.eth.get_block(number))
         except BlockNotFound:
             return None
-        except (Web3Exception, aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+        except RPC_ERRORS as exc:
             raise self._wrap(exc, "eth_getBlockByNumber") from None
 
     async def balance(self) -> tuple[int, int]:
@@ -482,7 +483,7 @@ class Registry:
             return (await self.w3.eth.get_transaction_receipt(tx_hash))["blockNumber"]
         except TransactionNotFound:
             return None
-        except (Web3Exception, aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+        except RPC_ERRORS as exc:
             raise self._wrap(exc, "eth_getTransactionReceipt") from None
 
     # ------------------------------------------------------------------ events
@@ -525,7 +526,7 @@ class Registry:
                     continue
                 to_block = min(head, next_block + chunk - 1)
                 batch = await self.get_events(next_block, to_block, kinds)
-            except (Web3Exception, aiohttp.ClientError, OSError, asyncio.TimeoutError):
+            except RPC_ERRORS:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, max_backoff)
                 continue
