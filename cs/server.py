@@ -82,10 +82,7 @@ def _header_envelope(request: web.Request) -> object:
 async def _json_envelope(request: web.Request) -> object:
     if (request.content_length or 0) > MAX_JSON_BODY:
         raise CsError("too_large", f"request body over {MAX_JSON_BODY} bytes")
-    try:
-        return json.loads(await request.read())
-    except ValueError as exc:
-        raise ParseError(f"body is not JSON: {exc}") from None
+    return await service.read_json(request)
 
 
 def _item_id(text: str) -> bytes:

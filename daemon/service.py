@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ipaddress
+import json
 import logging
 import signal
 import socket
@@ -20,7 +21,7 @@ from typing import Awaitable, Callable
 from aiohttp import web
 
 from ntm.addr import unmapped
-from ntm.errors import NtmError
+from ntm.errors import NtmError, ParseError
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -65,6 +66,17 @@ def admin_only(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
         return await handler(request)
 
     return guarded
+
+
+async def read_json(request: web.Request):
+    """A request's JSON body; ParseError if it is not JSON (the app's client_max_size still
+    raises HTTPRequestEntityTooLarge, for the caller to map)."""
+    try:
+        return json.loads(await request.read())
+    except web.HTTPRequestEntityTooLarge:
+        raise
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ParseError(f"body is not JSON: {exc}") from None
 
 
 def daemon_parser(prog: str, description: str, chain_required: bool) -> argparse.ArgumentParser:

@@ -7,7 +7,6 @@ nothing: the handlers parse and validate before they touch the store.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 
@@ -42,15 +41,6 @@ def error(status: int, code: str, message: str) -> web.Response:
 
 def reply(msg: messages.Message, status: int = 200) -> web.Response:
     return web.json_response(messages.encode(msg), status=status)
-
-
-async def read_json(request: web.Request):
-    try:
-        return json.loads(await request.read())
-    except web.HTTPRequestEntityTooLarge:
-        raise
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ParseError(f"body is not JSON: {exc}") from None
 
 
 def error_for(exc: Exception) -> tuple[int, dict]:
@@ -106,7 +96,7 @@ async def handle_dcs(request: web.Request) -> web.Response:
 
 @ROUTES.post("/v1/register")
 async def handle_register(request: web.Request) -> web.Response:
-    req, wait = parse_request(await read_json(request))
+    req, wait = parse_request(await service.read_json(request))
     # The operator's own networks (--admin-allow, default loopback) are not rate-limited per
     # source: a provisioning host registers many nodes. The gas budget still applies.
     source = None if service.from_admin(request) else request.remote
@@ -127,17 +117,17 @@ async def handle_whois(request: web.Request) -> web.Response:
 
 @ROUTES.post("/v1/federation/ntm-info")
 async def handle_ntm_info(request: web.Request) -> web.Response:
-    return web.json_response(request.app[COORDINATOR].answer_ntm_info(await read_json(request)))
+    return web.json_response(request.app[COORDINATOR].answer_ntm_info(await service.read_json(request)))
 
 
 @ROUTES.post("/v1/federation/route-direction")
 async def handle_route_direction(request: web.Request) -> web.Response:
-    return web.json_response(await request.app[COORDINATOR].signaling.accept_delivery(await read_json(request)))
+    return web.json_response(await request.app[COORDINATOR].signaling.accept_delivery(await service.read_json(request)))
 
 
 @ROUTES.post("/v1/federation/cs-notice")
 async def handle_cs_notice(request: web.Request) -> web.Response:
-    return web.json_response(await request.app[COORDINATOR].notices.accept(await read_json(request)))
+    return web.json_response(await request.app[COORDINATOR].notices.accept(await service.read_json(request)))
 
 
 @ROUTES.get("/healthz")

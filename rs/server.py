@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import json
 import logging
 import socket
 import time
@@ -119,11 +118,11 @@ ROUTES = web.RouteTableDef()
 async def handle_direction(request: web.Request) -> web.Response:
     relay = request.app[RELAY]
     try:
-        obj = json.loads(await request.read())
+        obj = await service.read_json(request)
     except web.HTTPRequestEntityTooLarge:
         return relay.refuse(413, "too_large", f"request body exceeds {MAX_BODY} bytes")
-    except (ValueError, UnicodeDecodeError) as exc:
-        return relay.refuse(400, "malformed", f"body is not JSON: {exc}")
+    except ParseError as exc:
+        return relay.refuse(400, "malformed", str(exc))
     now_ms = relay.wall_ms()
     try:
         # Kind, signature and freshness first; then the signer against the DCs the relay knows
