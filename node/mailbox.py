@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from pathlib import Path
 from typing import Awaitable, Callable
 
@@ -21,6 +22,11 @@ from node.dc_client import DcClient, DcError
 from ntm import keys, messages
 
 log = logging.getLogger("ntm.node.mailbox")
+
+# Recent notices and items kept in memory (for status and to skip a notice pushed twice); every
+# item stays on disk in the inbox directory. Also how many fetched items wait for an application
+# that never calls next() (the daemon): beyond it the oldest is dropped from the queue.
+RECENT = 100
 
 
 async def federation_cs_urls(dc_url: str) -> list[str]:
@@ -48,10 +54,10 @@ class Mailbox:
         self.directory = directory
         self.ack_notice = ack_notice
         self.tasks = BackgroundTasks()
-        self._queue: asyncio.Queue[Received] = asyncio.Queue()
+        self._queue: asyncio.Queue[Received] = asyncio.Queue(maxsize=RECENT)
         self._busy: set[str] = set()
-        self.notices: list[messages.CsNotice] = []  # as pushed, for status and tests
-        self.received: list[Received] = []
+        self.notices: deque[messages.CsNotice] = deque(maxlen=RECENT)  # as pushed
+        self.received: deque[Received] = deque(maxlen=RECENT)
 
     async def close(self) -> None:
         await self.tasks.cancel()
@@ -98,7 +104,9 @@ class Mailbox:
             self._busy.discard(item)
         log.info("item %s from %s fetched: %s (%d bytes)", item, keys.checksum(got.sender), got.meta.app_id, got.size)
         self.received.append(got)
-        await self._queue.put(got)
+        if self._queue.full():
+            self._queue.get_nowait()
+        self._queue.put_nowait(got)
         await self.ack_notice(item)
         return True
 
