@@ -16,6 +16,7 @@ import coincurve
 from dc.cache import RegistryCache
 from dc.errors import NodeLookupError
 from dc.federation import FederationClient, FederationError, Transport
+from dc.groups import GroupService
 from dc.notices import Notices
 from dc.presence import Presence
 from dc.signaling import Signaling
@@ -82,6 +83,7 @@ class Coordinator:
         self.federation = FederationClient(key, cache.is_active_dc, self.guard, clock, transport=transport)
         self.signaling = Signaling(self)
         self.notices = Notices(store, self.presence, cache.is_active_dc, self.guard, clock)
+        self.groups = GroupService(store.db, self.latest, clock)
         self.cs = cs
         cache.on_revoked = self.presence.revoke  # a revocation from the chain ends the session here
         self.source_rate = Buckets(*REGISTRATIONS_PER_SOURCE, max_keys=RATE_SOURCES_KEPT)

@@ -17,6 +17,7 @@ from dc.chainstatus import ChainStatus
 from dc.coordinator import Coordinator
 from dc.errors import DirectionError, NodeLookupError
 from dc.federation import FederationError
+from dc.groups import STATUS as GROUP_STATUS, GroupRefused
 from ntm import keys, messages, session_auth
 from ntm.addr import format_endpoint, parse_endpoint
 from ntm.errors import NtmError, ParseError, SignatureError
@@ -62,6 +63,8 @@ def error_for(exc: Exception) -> tuple[int, dict]:
         code, message = exc.code, str(exc)
     elif isinstance(exc, FederationError):
         status, code, message = 502, "federation", str(exc)
+    elif isinstance(exc, GroupRefused):
+        status, code, message = GROUP_STATUS.get(exc.code, 400), exc.code, str(exc)
     elif isinstance(exc, DirectionError):
         status, code, message = 429 if exc.code == "rate_limited" else 404, exc.code, str(exc)
     elif isinstance(exc, NtmError):  # e.g. the chain is unreachable for a cache miss
@@ -130,6 +133,12 @@ async def handle_cs_notice(request: web.Request) -> web.Response:
     return web.json_response(await request.app[COORDINATOR].notices.accept(await service.read_json(request)))
 
 
+@ROUTES.post("/v1/groups")
+async def handle_groups(request: web.Request) -> web.Response:
+    """The Group Management Server (dc/groups.py): one node-signed envelope per request."""
+    return web.json_response(request.app[COORDINATOR].groups.handle(await service.read_json(request)))
+
+
 @ROUTES.get("/healthz")
 async def handle_health(request: web.Request) -> web.Response:
     """200 only when this DC can do all its work: admitted, chain reachable and caught up, gas to
@@ -159,7 +168,7 @@ async def handle_metrics(request: web.Request) -> web.Response:
         "ntm_dc_chain_tx_sent_total": c.submitter.sent_tx,
         "ntm_dc_chain_failures_total": c.submitter.failures,
         "ntm_dc_keepalives_dropped_total": c.presence.dropped_keepalives,
-        **{f"ntm_dc_{k}_total": v for k, v in {**c.counters, **c.signaling.counters, **c.notices.counters}.items()},
+        **{f"ntm_dc_{k}_total": v for k, v in {**c.counters, **c.signaling.counters, **c.notices.counters, **c.groups.counters}.items()},
     }
     return web.Response(text=service.prometheus_text(gauges), content_type="text/plain")
 

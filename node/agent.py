@@ -15,6 +15,7 @@ networks change.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import coincurve
 
@@ -39,14 +40,15 @@ __all__ = ["Node", "NodeError", "Tunnel", "local_addrs_towards"]
 class Node:
     def __init__(self, key: coincurve.PrivateKey, dc_url: str, endpoint: Endpoint, clock: Clock = SYSTEM,
                  keepalive_interval: float = KEEPALIVE_INTERVAL_S, local_addrs: list[str] | None = None,
-                 admit: Admit = lambda peer: True, inbox: Path | None = None) -> None:
+                 admit: Admit = lambda peer: True, inbox: Path | None = None,
+                 take_item: Callable[[Received], bool] = lambda item: False) -> None:
         self.key = key
         self.id = keys.node_id_of(key)
         self.endpoint = endpoint
         self.session = DcSession(key, dc_url, endpoint, clock, keepalive_interval, local_addrs,
                                  on_direction=self._on_direction, on_moved=self._on_moved, on_notice=self._on_notice)
         # Cache Server items: fetched into `inbox` on the DC's notice (and at start), if given
-        self.mailbox = Mailbox(key, inbox, self.session.ack_notice) if inbox is not None else None
+        self.mailbox = Mailbox(key, inbox, self.session.ack_notice, take_item) if inbox is not None else None
         self.tunnel_table = Tunnels(self.id, endpoint, clock, self.session.direction, self.session.check_address,
                                  admit)
 
@@ -55,17 +57,19 @@ class Node:
                     port: int = DEFAULT_PORT, local_addrs: list[str] | None = None,
                     keepalive_interval: float = KEEPALIVE_INTERVAL_S, clock: Clock = SYSTEM,
                     binder: Binder = UdpBind.open, last_timestamp: int = 0,
-                    admit: Admit = lambda peer: True, inbox: Path | None = None) -> "Node":
+                    admit: Admit = lambda peer: True, inbox: Path | None = None,
+                    take_item: Callable[[Received], bool] = lambda item: False) -> "Node":
         """Bind the tunnel socket, open the DC session, start keepalives; ready to connect/accept.
 
         `keepalive_interval` paces both the DC keepalives and idle-tunnel keepalives: it must stay
         below the shortest NAT UDP timeout on the way. `last_timestamp`: of the node's newest
         record, so a record signed by a DC failover is newer still. `admit`: which peers may
         open tunnels to us (outbound is always allowed). `inbox`: where Cache Server items for
-        us are fetched to (none: items are left for `ntm fetch`)."""
+        us are fetched to (none: items are left for `ntm fetch`); `take_item`: a consumer that keeps
+        an item from next_item() (the daemon's group traffic)."""
         ep = await Endpoint.create(key, host, port, config=TunnelConfig(keepalive_interval=keepalive_interval),
                                    clock=clock, binder=binder)
-        node = cls(key, dc_url, ep, clock, keepalive_interval, local_addrs, admit, inbox)
+        node = cls(key, dc_url, ep, clock, keepalive_interval, local_addrs, admit, inbox, take_item)
         node.session.last_timestamp = last_timestamp
         try:
             await node.session.start()

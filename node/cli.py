@@ -381,6 +381,44 @@ async def cmd_recv(args, base: Path) -> None:
     out(args, res, "\n".join(f"{m['peer']}: {m['text']}" for m in res["messages"]) or "(nothing)")
 
 
+async def cmd_group(args, base: Path) -> None:
+    """`ntm group ...`: through the daemon, which holds the group keys and receives group traffic."""
+    body: dict = {k: v for k, v in (("group", getattr(args, "group", None)), ("name", getattr(args, "name", None)),
+                                    ("text", getattr(args, "text", None))) if v is not None}
+    if getattr(args, "node", None) is not None:
+        body["node"] = peer_arg(base, args.node)
+    if args.group_cmd == "send" and len(args.text.encode()) > 1024:
+        raise CliError("a group message is at most 1024 bytes (send larger content with `ntm send --offline`)", 2)
+    if args.group_cmd == "recv":
+        if args.wait < 0:
+            raise CliError("--wait must be >= 0", 2)
+        body["wait"] = args.wait
+    res = await ask(base, f"group.{args.group_cmd}", body, timeout=60 + body.get("wait", 0))
+    out(args, res, group_text(args.group_cmd, res))
+
+
+def group_text(cmd: str, r: dict) -> str:
+    def line(g: dict) -> str:
+        key = "key ready" if g["has_key"] else "waiting for the admin's RN1"
+        return (f"{g['name']}  {g['gid']}  {g['status']}, epoch {g['epoch']}, {len(g['members'])} members, {key}"
+                f"{' (you are its admin)' if g['admin'] == g['you'] else ''}")
+
+    if cmd == "recv":
+        return "\n".join(f"[{m['group']}] {m['sender']}: {m['text']}" for m in r["messages"]) or "(nothing)"
+    if cmd == "members" and "groups" in r:
+        return "\n".join(line(g) for g in r["groups"]) or "(no groups)"
+    if cmd == "send":
+        return (f"sent to {r['name']} (epoch {r['epoch']}): {len(r['tunnel'])} over tunnels, {len(r['cs'])} left at "
+                f"a Cache Server, {len(r['failed'])} failed" + (f"\nwarning: {r['gms_unreachable']}" if "gms_unreachable" in r else ""))
+    text = line(r)
+    if cmd == "invite":
+        text += f"\ninvited {r['invited']} (invitation {'sent over a tunnel' if r['via'] == 'tunnel' else 'left at a Cache Server' if r['via'] == 'cs' else 'not delivered'})"
+    if cmd == "members":
+        text += "\n" + "\n".join(f"  {m}{'  (admin)' if m == r['admin'] else ''}{'  (you)' if m == r['you'] else ''}"
+                                  for m in r["members"])
+    return text
+
+
 async def edit_peers(args, base: Path, change) -> PeerBook:
     """Apply `change` to peers.json and tell a running daemon to re-read it."""
     try:
@@ -512,6 +550,30 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("node", help="node ID (0x…)")
     s.add_argument("--dc", help="DC to ask (default: this node's DC)")
     s.set_defaults(func=cmd_whois)
+    s = sub.add_parser("group", help="group messaging with keys no server knows (through the daemon)")
+    gsub = s.add_subparsers(dest="group_cmd", required=True, metavar="{create,invite,accept,leave,remove,members,send,recv}")
+    s.set_defaults(func=cmd_group)
+
+    def group_cmd(name: str, hlp: str, *positional: tuple[str, str]) -> argparse.ArgumentParser:
+        gp = gsub.add_parser(name, help=hlp)
+        for arg, arg_help in positional:
+            gp.add_argument(arg, help=arg_help)
+        gp.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
+        return gp
+
+    GROUP = ("group", "group ID or name")
+    group_cmd("create", "create a group; you are its admin", ("name", "group name (letters, digits, . _ -)"))
+    group_cmd("invite", "invite a node (admin)", GROUP, ("node", "node ID (0x…) or alias"))
+    group_cmd("accept", "accept an invitation", GROUP)
+    group_cmd("leave", "leave a group", GROUP)
+    group_cmd("remove", "remove a member or withdraw an invitation (admin); the others get new keys", GROUP,
+              ("node", "node ID (0x…) or alias"))
+    gp = group_cmd("members", "a group's members and epoch (no GROUP: every group here)")
+    gp.add_argument("group", nargs="?", help="group ID or name")
+    group_cmd("send", "send a message to every member", GROUP, ("text", "the message (at most 1024 bytes)"))
+    gp = group_cmd("recv", "group messages received since the last recv")
+    gp.add_argument("group", nargs="?", help="group ID or name (default: all)")
+    gp.add_argument("--wait", type=float, default=0.0, help="seconds to wait for the first one")
     sub.add_parser("devnet", add_help=False,
                    help="run a local federation (anvil chain, 2 DCs, 1 relay) until Ctrl-C (--help: its flags)")
     return p

@@ -27,6 +27,8 @@ from node.agent import Node
 from node.control import ControlError, ControlServer
 from node.dataplane import DataPlane
 from node.dns import DnsServer
+from node.group_link import GroupLink, take_inbox, take_item
+from node.groups import Groups
 from node.peers import PeerBook, PeerBookError
 from node.tun import Tun, tun_unavailable
 from ntm import keys
@@ -88,6 +90,8 @@ class Daemon:
     def __init__(self, base: Path, node: Node, book: PeerBook, overlay: Overlay, plane: DataPlane,
                  opts: UpOptions) -> None:
         self.base, self.node, self.book, self.overlay, self.plane, self.opts = base, node, book, overlay, plane, opts
+        self.groups = Groups(base, node.key, lambda: node.dc_url, GroupLink(node.key, plane))
+        plane.on_group = lambda peer, data: self.groups.on_payload(peer, data, "tunnel")
         self.stop = asyncio.Event()
         self.dns: DnsServer | None = None
         self.control: ControlServer | None = None
@@ -96,7 +100,8 @@ class Daemon:
 
     # --- policy and names ----------------------------------------------------------------------
     def admit(self, peer: bytes) -> bool:
-        return self.opts.accept_any or peer in self.book.allow
+        """Allowed peers, and our groups' members (and admins who invite us)."""
+        return self.opts.accept_any or peer in self.book.allow or self.groups.knows(peer)
 
     def resolve(self, label: str):
         """DNS: `<node-id>` or `<alias>` → (IPv6, IPv4) as this node's applications see the peer."""
@@ -148,6 +153,7 @@ class Daemon:
             "accept_any": self.opts.accept_any, "allowed": len(self.book.allow),
             "peers": self.plane.peers(self.book.names_of),
             **self.node.inbox_status(),
+            "groups": self.groups.list(), "group_refusals": dict(self.groups.refused),
             "counters": {**self.overlay.stats, **self.plane.stats, "refused_tunnels": self.node.tunnel_table.refused,
                          **({f"tun_{k}": v for k, v in tun.stats().items()} if tun else {})},
         }
@@ -178,6 +184,31 @@ class Daemon:
         got = await self.plane.recv_app(float(body.get("wait", 0)))
         return {"messages": [{"peer": keys.checksum(p), "text": d.decode(errors="replace")} for p, d in got]}
 
+    # --- groups (node/groups.py) --------------------------------------------------------------------
+    def _group_handlers(self) -> dict:
+        G = self.groups
+
+        def node_of(body: dict) -> bytes:
+            return self._peer({"peer": body.get("node", "")})
+
+        async def create(b): return await self._guard(G.create(str(b.get("name", ""))))
+        async def invite(b): return await self._guard(G.invite(str(b.get("group", "")), node_of(b)))
+        async def accept(b): return await self._guard(G.accept(str(b.get("group", ""))))
+        async def leave(b): return await self._guard(G.leave(str(b.get("group", ""))))
+        async def remove(b): return await self._guard(G.remove(str(b.get("group", "")), node_of(b)))
+        async def send(b): return await self._guard(G.send(str(b.get("group", "")), str(b.get("text", "")).encode()))
+
+        async def members(b):
+            if not b.get("group"):
+                return {"groups": G.list()}
+            return await self._guard(G.members(str(b["group"])))
+
+        async def recv(b):
+            ref = str(b["group"]) if b.get("group") else None
+            return {"messages": await self._guard(G.wait_messages(ref, float(b.get("wait", 0))))}
+
+        return {f"group.{f.__name__}": f for f in (create, invite, accept, leave, remove, send, members, recv)}
+
     async def h_reload(self, body: dict[str, Any]) -> dict[str, Any]:
         try:
             fresh = PeerBook.load(self.base)
@@ -206,7 +237,9 @@ class Daemon:
             self.dns = await DnsServer.start(binds, self.resolve)
         self.control = await ControlServer.start(self.base, {
             "status": self.h_status, "ping": self.h_ping, "send": self.h_send, "recv": self.h_recv,
-            "reload": self.h_reload, "down": self.h_down})
+            "reload": self.h_reload, "down": self.h_down, **self._group_handlers()})
+        self.groups.start()
+        take_inbox(self.groups, self.base / INBOX_DIR)
         self.plane.start()
         self.tasks.spawn(self._watch_addresses())
         self.tasks.spawn(self._sync_state())
@@ -231,6 +264,7 @@ class Daemon:
 
     async def close(self) -> None:
         await self.tasks.cancel()
+        await self.groups.close()
         if self.control is not None:
             await self.control.close()
         if self.dns is not None:
@@ -270,7 +304,8 @@ async def up(base: Path, key, st: dict, opts: UpOptions, ready) -> None:
             node = await Node.start(key, st["dc_url"], host=opts.host, port=opts.port,
                                     last_timestamp=st.get("timestamp", 0), keepalive_interval=opts.keepalive,
                                     admit=lambda peer: daemon is not None and daemon.admit(peer),
-                                    inbox=base / INBOX_DIR)
+                                    inbox=base / INBOX_DIR,
+                                    take_item=lambda item: daemon is not None and take_item(daemon.groups, item))
         except BaseException:
             if tun is not None:
                 tun.close()

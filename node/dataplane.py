@@ -20,7 +20,8 @@ from node.tun import Tun
 from ntm import keys
 from ntm.addr import display
 from ntm.errors import NtmError
-from ntm.overlay import KIND_APP, KIND_JUNK, Overlay, frame_app, kind_of
+from ntm.overlay import (KIND_APP, KIND_GROUP, KIND_GROUP_ACK, KIND_JUNK, Overlay, frame_app, frame_group, group_ack,
+                         kind_of)
 from ntm.vaddr import AddressError
 
 log = logging.getLogger("ntm.node")
@@ -34,6 +35,8 @@ MAX_OPENING = 64
 OPEN_RETRY_S = 3.0
 #: Application datagrams kept for `ntm recv` (oldest dropped first).
 APP_INBOX = 256
+#: An unacknowledged group datagram goes again after this long (a lost datagram on a live path).
+GROUP_RESEND_S = 0.5
 
 
 class DataPlane:
@@ -50,6 +53,9 @@ class DataPlane:
         self.stats = dict.fromkeys(("queued", "queue_drops", "open_failures", "opens", "app_rx", "junk_rx"), 0)
         self.tasks = BackgroundTasks()
         self._opening: dict[bytes, asyncio.Task] = {}
+        # group datagrams: handed to on_group(peer, data) and acknowledged; our sends wait for acks
+        self.on_group: Callable[[bytes, bytes], None] | None = None
+        self._acks: dict[tuple[bytes, bytes], asyncio.Future] = {}
 
     def start(self) -> None:
         if self.tun is not None:
@@ -147,6 +153,18 @@ class DataPlane:
 
     def _from_tunnel(self, peer: bytes, t: Tunnel, payload: bytes) -> None:
         kind = kind_of(payload)
+        if kind == KIND_GROUP and self.on_group is not None:
+            self.on_group(peer, payload[1:])  # durable (or refused for good) before we acknowledge
+            try:
+                t.channel.send_nowait(group_ack(payload))
+            except NtmError:
+                pass
+            return
+        if kind == KIND_GROUP_ACK:
+            waiter = self._acks.get((peer, payload[1:]))
+            if waiter is not None and not waiter.done():
+                waiter.set_result(True)
+            return
         if kind == KIND_APP:
             self.stats["app_rx"] += 1
             self.inbox.append((peer, payload[1:]))
@@ -169,6 +187,23 @@ class DataPlane:
         t = await self.tunnel_to(peer, force_relay)
         t.channel.send_nowait(frame_app(data))
         return t
+
+    async def send_group(self, peer: bytes, data: bytes) -> bool:
+        """A group datagram over the tunnel to `peer` (opened if need be); True once acknowledged
+        (the caller bounds the wait). Sent again every GROUP_RESEND_S until then."""
+        framed = frame_group(data)
+        key = (peer, group_ack(framed)[1:])
+        waiter = self._acks[key] = asyncio.get_running_loop().create_future()
+        try:
+            while True:
+                t = await self.tunnel_to(peer)
+                t.channel.send_nowait(framed)
+                try:
+                    return await asyncio.wait_for(asyncio.shield(waiter), GROUP_RESEND_S)
+                except asyncio.TimeoutError:
+                    continue
+        finally:
+            self._acks.pop(key, None)
 
     async def recv_app(self, timeout: float, peer: bytes | None = None) -> list[tuple[bytes, bytes]]:
         """Application datagrams received (from `peer` only, if given), waiting up to `timeout` for

@@ -49,8 +49,11 @@ async def federation_cs_urls(dc_url: str) -> list[str]:
 
 
 class Mailbox:
-    def __init__(self, key: coincurve.PrivateKey, directory: Path, ack_notice: Callable[[str], Awaitable[None]]) -> None:
+    def __init__(self, key: coincurve.PrivateKey, directory: Path, ack_notice: Callable[[str], Awaitable[None]],
+                 take: Callable[[Received], bool] = lambda item: False) -> None:
+        """`take(item)`: a consumer inside the node (group traffic) that keeps an item from the queue."""
         self.key = key
+        self.take = take
         self.directory = directory
         self.ack_notice = ack_notice
         self.tasks = BackgroundTasks()
@@ -104,6 +107,9 @@ class Mailbox:
             self._busy.discard(item)
         log.info("item %s from %s fetched: %s (%d bytes)", item, keys.checksum(got.sender), got.meta.app_id, got.size)
         self.received.append(got)
+        if self.take(got):
+            await self.ack_notice(item)
+            return True
         if self._queue.full():
             self._queue.get_nowait()
         self._queue.put_nowait(got)

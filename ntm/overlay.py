@@ -16,6 +16,7 @@ datagram (`ntm send`) behind one APP byte (0x00), so the IP path costs no copy.
 
 from __future__ import annotations
 
+import hashlib
 import struct
 from ipaddress import IPv4Address, IPv6Address
 
@@ -23,7 +24,11 @@ from ntm.vaddr import AddressError, V4Book, is_overlay_v6, v6_of
 
 #: First byte of an application datagram inside a tunnel; IP packets start with 0x4_ or 0x6_.
 APP = 0x00
+#: A group datagram (node/groups.py), which the receiver acknowledges with GROUP_ACK || its digest.
+GROUP, GROUP_ACK = 0x01, 0x02
+ACK_DIGEST_LEN = 16
 KIND_APP, KIND_IPV4, KIND_IPV6, KIND_JUNK = "app", "ipv4", "ipv6", "junk"
+KIND_GROUP, KIND_GROUP_ACK = "group", "group_ack"
 
 IPV4_MIN_HEADER = 20
 IPV6_HEADER = 40
@@ -40,12 +45,25 @@ def frame_app(data: bytes) -> bytes:
     return bytes((APP,)) + data
 
 
+def frame_group(data: bytes) -> bytes:
+    return bytes((GROUP,)) + data
+
+
+def group_ack(framed: bytes) -> bytes:
+    """The acknowledgement of a framed group datagram: GROUP_ACK || SHA-256(framed)[:16]."""
+    return bytes((GROUP_ACK,)) + hashlib.sha256(framed).digest()[:ACK_DIGEST_LEN]
+
+
 def kind_of(payload: bytes) -> str:
     if not payload:
         return KIND_JUNK
     first = payload[0]
     if first == APP:
         return KIND_APP
+    if first == GROUP:
+        return KIND_GROUP
+    if first == GROUP_ACK:
+        return KIND_GROUP_ACK
     version = first >> 4
     return KIND_IPV4 if version == 4 else KIND_IPV6 if version == 6 else KIND_JUNK
 
