@@ -319,15 +319,10 @@ class Groups:
         self._apply(g, view)
 
     async def members(self, ref: str) -> dict:
+        """After a catch-up with the GMS (an admin also finishes what a crash left undone)."""
         g = self.find(ref)
         if g.status == "member":
-            async with self._lock(g):
-                try:
-                    await self.refresh(g)
-                except GroupError as exc:
-                    if exc.code != "gms_unreachable":
-                        raise
-                    log.info("group %s: %s (showing what we knew)", g.name, exc)
+            await self._catch_up(g, force=True)
         return self.describe(g)
 
     async def send(self, ref: str, text: bytes) -> dict:
@@ -388,7 +383,8 @@ class Groups:
         return {"gid": g.gid.hex(), "name": g.name, "admin": keys.checksum(g.admin), "gms": g.gms, "status": g.status,
                 "epoch": g.epoch, "rn1_gen": g.epochs[g.epoch].rn1_gen if g.epoch in g.epochs else None,
                 "has_key": g.key(g.epoch) is not None,
-                "members": sorted(keys.checksum(m) for m in g.members()), "you": keys.checksum(self.me)}
+                "members": sorted(keys.checksum(m) for m in g.members()), "you": keys.checksum(self.me),
+                "pending_removal": keys.checksum(g.pending_remove[0]) if g.pending_remove else None}
 
     def list(self) -> list[dict]:
         return [self.describe(g) for g in self.groups.values()]
