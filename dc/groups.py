@@ -217,13 +217,14 @@ class GroupService:
         epochs = []
         for epoch, rn2, rn1_gen, members in reversed(rows):
             ids = json.loads(members)
-            if node.hex() in ids:
-                epochs.append({"epoch": epoch, "rn1_gen": rn1_gen, "members": [keys.checksum(bytes.fromhex(m)) for m in ids],
+            if node.hex() in set(ids):
+                epochs.append({"epoch": epoch, "rn1_gen": rn1_gen, "members": ["0x" + m for m in ids],
                                "rn2": group.wrap_secret(rn2, pub, g.gid, epoch).hex()})
-        invited = [keys.checksum(r[0]) for r in
-                   self.db.execute("SELECT node FROM group_invites WHERE gid=?", (g.gid,))]
+        current = self.db.execute("SELECT members FROM group_epochs WHERE gid=? AND epoch=?", (g.gid, g.epoch)).fetchone()
+        invited = ["0x" + r[0].hex() for r in self.db.execute("SELECT node FROM group_invites WHERE gid=?", (g.gid,))]
+        # member lists as lower-case hex: a thousand EIP-55 checksums per answer cost more than the rest
         return {"gid": g.gid.hex(), "name": g.name, "admin": keys.checksum(g.admin), "epoch": g.epoch,
-                "rn1_gen": g.rn1_gen, "members": [keys.checksum(m) for m in self._members(g.gid)],
+                "rn1_gen": g.rn1_gen, "members": ["0x" + m for m in json.loads(current[0])],
                 "invited": invited, "epochs": epochs}
 
     # --- storage -------------------------------------------------------------------------------

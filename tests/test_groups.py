@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -273,13 +275,18 @@ async def test_kill9_of_the_gms_during_a_rekey_converges(fed):
     net, (alice, bob, carol, dave) = fed
     gid = await group_with(alice, "crashy", [bob, carol, dave])
     before = max(r[0] for r in gms_rows(net, gid))
-    # remove dave and kill the GMS (dc1) while that rekey is under way
+    # remove dave and kill the GMS (dc1) while that rekey is in flight: the DC is stopped first
+    # (SIGSTOP), so the request is surely under way when SIGKILL comes
+    gms = net.dcs[0]
+    os.kill(gms.pid, signal.SIGSTOP)
     remove = subprocess.Popen([sys.executable, "-m", "node.cli", "--home", str(alice.home), "group", "remove", gid,
                                dave.id], stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
-    await asyncio.sleep(0.6)  # the CLI starts (~0.5 s) and asks the daemon, which asks the GMS
-    net.dcs[0].kill()
+    await until(lambda: alice.state(gid)["pending_remove"] is not None, timeout=30, interval=0.05)
+    await asyncio.sleep(0.3)
+    gms.kill()
     out, err = await asyncio.to_thread(remove.communicate, timeout=60)
-    assert "Traceback" not in err and (remove.returncode == 0 or len(err.splitlines()) == 1), err
+    assert remove.returncode == 1 and "cannot reach the GMS" in err and len(err.splitlines()) == 1, err
+    assert max(r[0] for r in gms_rows(net, gid)) == before  # the rekey never committed
     net.start_dc(0)  # same key, port and SQLite file
 
     async def converged():
