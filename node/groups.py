@@ -84,6 +84,7 @@ class GroupState:
     pending_remove: tuple[bytes, int] | None = None  # admin: a removal the GMS has not confirmed
     parked: list[bytes] = field(default_factory=list)
     read: int = 0  # messages `recv` has handed out
+    invited: set[bytes] = field(default_factory=set)  # open invitations, as the GMS last said
 
     def key(self, epoch: int) -> bytes | None:
         ep = self.epochs.get(epoch)
@@ -105,7 +106,8 @@ class GroupState:
                 "rn1_sent": {keys.checksum(m): g for m, g in self.rn1_sent.items()},
                 "pending_remove": [keys.checksum(self.pending_remove[0]), self.pending_remove[1]]
                 if self.pending_remove else None,
-                "parked": [p.hex() for p in self.parked], "read": self.read}
+                "parked": [p.hex() for p in self.parked], "read": self.read,
+                "invited": sorted(keys.checksum(m) for m in self.invited)}
 
     @classmethod
     def from_json(cls, d: dict) -> "GroupState":
@@ -117,7 +119,7 @@ class GroupState:
                    d["counter"], group.Replay.load(d["replay"]),
                    {keys.parse_node_id(m): g for m, g in d["rn1_sent"].items()},
                    (keys.parse_node_id(pr[0]), pr[1]) if pr else None,
-                   [bytes.fromhex(p) for p in d["parked"]], d["read"])
+                   [bytes.fromhex(p) for p in d["parked"]], d["read"], {keys.parse_node_id(m) for m in d["invited"]})
 
 
 def check_gms_url(url: object) -> str:
@@ -143,13 +145,14 @@ class Groups:
         self._arrived = asyncio.Event()
         self._locks: dict[bytes, asyncio.Lock] = {}
         self._refreshed: dict[bytes, float] = {}
+        self._catching_up: set[bytes] = set()
         self.http: aiohttp.ClientSession | None = None
 
     def start(self) -> None:
         self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=GMS_TIMEOUT_S))
         for g in self.groups.values():
             if g.status == "member":
-                self.tasks.spawn(self._catch_up(g, force=True))
+                self.tasks.spawn(self._catch_up(g))
         self.tasks.spawn(self._admin_loop())
 
     async def close(self) -> None:
@@ -176,8 +179,9 @@ class Groups:
                          f"{len(named)} groups are named {ref!r}: use the group ID")
 
     def knows(self, peer: bytes) -> bool:
-        """Peers whose tunnels we accept for the groups: members of ours, admins who invited us."""
-        return any(peer == g.admin or peer in g.members() for g in self.groups.values()
+        """Peers whose tunnels we accept for the groups: members of ours, admins who invited us, and
+        (an admin) the nodes it invited."""
+        return any(peer == g.admin or peer in g.members() or peer in g.invited for g in self.groups.values()
                    if g.status in ("member", "invited"))
 
     def _lock(self, g: GroupState) -> asyncio.Lock:
@@ -206,6 +210,7 @@ class Groups:
             g.epochs[epoch] = Epoch(rn2, int(e["rn1_gen"]), {keys.parse_node_id(m) for m in e["members"]})
             g.joined = min(g.joined or epoch, epoch)
         g.epoch = max(g.epoch, int(view["epoch"]))
+        g.invited = {keys.parse_node_id(m) for m in view["invited"]}
         if g.admin == self.me and view["rn1_gen"] not in g.rn1:
             g.rn1[view["rn1_gen"]] = group.new_rn()  # a departure started this generation at the GMS
         self.save(g)
@@ -224,10 +229,8 @@ class Groups:
             raise
         self._apply(g, view)
 
-    async def _catch_up(self, g: GroupState, force: bool = False) -> None:
-        """Refresh (at most every REFRESH_MIN_S) and retry the parked messages."""
-        if not force and time.monotonic() - self._refreshed.get(g.gid, -REFRESH_MIN_S) < REFRESH_MIN_S:
-            return
+    async def _catch_up(self, g: GroupState) -> None:
+        """Refresh, retry the parked messages; an admin also finishes removals and hands out RN1."""
         async with self._lock(g):
             try:
                 await self.refresh(g)
@@ -236,6 +239,22 @@ class Groups:
             self._retry_parked(g)
             if g.admin == self.me:
                 await self._sync_members(g)
+
+    def _want_catch_up(self, g: GroupState) -> None:
+        """One catch-up per group at a time, at most every REFRESH_MIN_S: a peer sending messages of
+        unknown epochs costs the GMS one request per REFRESH_MIN_S, whatever it sends."""
+        if g.gid in self._catching_up:
+            return
+        self._catching_up.add(g.gid)
+
+        async def later() -> None:
+            try:
+                await asyncio.sleep(max(0.0, REFRESH_MIN_S - (time.monotonic() - self._refreshed.get(g.gid, -REFRESH_MIN_S))))
+            finally:
+                self._catching_up.discard(g.gid)
+            await self._catch_up(g)
+
+        self.tasks.spawn(later())
 
     # --- operations (the control socket's group.* requests) --------------------------------------
     async def create(self, name: str) -> dict:
@@ -255,7 +274,7 @@ class Groups:
         g = self.find(ref)
         self._need_admin(g)
         async with self._lock(g):
-            await self._gms(g.gms, "group.invite", {"gid": g.gid.hex(), "node": keys.checksum(node)})
+            self._apply(g, await self._gms(g.gms, "group.invite", {"gid": g.gid.hex(), "node": keys.checksum(node)}))
         note = {"t": "invite", "gid": g.gid.hex(), "name": g.name, "admin": keys.checksum(self.me), "gms": g.gms}
         how = await self._send_control([node], note)
         return {**self.describe(g), "invited": keys.checksum(node), "via": how.get(node, "failed")}
@@ -322,7 +341,7 @@ class Groups:
         """After a catch-up with the GMS (an admin also finishes what a crash left undone)."""
         g = self.find(ref)
         if g.status == "member":
-            await self._catch_up(g, force=True)
+            await self._catch_up(g)
         return self.describe(g)
 
     async def send(self, ref: str, text: bytes) -> dict:
@@ -441,7 +460,7 @@ class Groups:
         while True:
             for g in list(self.groups.values()):
                 if g.admin == self.me and g.status == "member":
-                    await self._catch_up(g, force=True)
+                    await self._catch_up(g)
             await asyncio.sleep(ADMIN_SYNC_S)
 
     # --- incoming --------------------------------------------------------------------------------
@@ -472,7 +491,7 @@ class Groups:
             if not parked:
                 g.parked = [*g.parked, msg.encode()][-MAX_PARKED:]
                 self.save(g)
-                self.tasks.spawn(self._catch_up(g))
+                self._want_catch_up(g)
             return False
         if msg.sender not in g.epochs[msg.epoch].members:
             raise GroupError("not_member", f"{keys.checksum(msg.sender)} is not a member of epoch {msg.epoch}")
@@ -520,7 +539,7 @@ class Groups:
             self._retry_parked(g)
         elif kind in ("joined", "left"):
             if g.admin == self.me:
-                self.tasks.spawn(self._catch_up(g, force=True))
+                self._want_catch_up(g)
         else:
             raise GroupError("malformed", f"unknown control message {kind!r}")
 
