@@ -79,14 +79,8 @@ async def fed(tmp_path_factory):
             return Member(name, home, nid)
 
         members = await asyncio.gather(*(member(i, n) for i, n in enumerate(("alice", "bob", "carol", "dave"))))
-        for m in members:
-            m.proc = subprocess.Popen(
-                [sys.executable, "-m", "node.cli", "--home", str(m.home), "--json", "up", "--no-tun",
-                 "--host", "127.0.0.1", "--port", "0"],
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
         try:
-            for m in members:
-                assert (await asyncio.to_thread(read_json_line, m.proc))["event"] == "up"
+            await asyncio.gather(*(asyncio.to_thread(start_daemon, m) for m in members))
             yield net, members
         finally:
             for m in members:
@@ -302,3 +296,25 @@ async def test_kill9_of_the_gms_during_a_rekey_converges(fed):
     assert sorted(sent["tunnel"] + sent["cs"]) == sorted([alice.id, bob.id])
     for m in (alice, bob):
         await received(m, gid, "after the crash")
+
+
+def start_daemon(m: Member) -> None:
+    m.proc = subprocess.Popen(
+        [sys.executable, "-m", "node.cli", "--home", str(m.home), "--json", "up", "--no-tun", "--host", "127.0.0.1",
+         "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    assert read_json_line(m.proc)["event"] == "up"
+
+
+async def test_a_member_offline_during_a_rekey_catches_up_at_its_next_start(fed):
+    net, (alice, bob, carol, dave) = fed
+    gid = await group_with(alice, "away", [bob, carol])
+    stop(carol.proc)  # carol is offline while bob is removed and alice writes
+    removed = await cli(alice, "remove", gid, bob.id)
+    sent = await cli(alice, "send", gid, "while you were away")
+    assert sent["cs"] == [carol.id] and sent["epoch"] == removed["epoch"]
+    assert str(removed["rn1_gen"]) not in carol.state(gid)["rn1"]
+    await asyncio.to_thread(start_daemon, carol)  # the Cache Server sweep brings RN1 and the message, the GMS RN2
+    e = await received(carol, gid, "while you were away")
+    assert e["epoch"] == removed["epoch"] and e["sender"] == alice.id
+    view = await cli(carol, "members", gid)
+    assert view["epoch"] == removed["epoch"] and view["has_key"] and bob.id not in view["members"]
