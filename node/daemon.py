@@ -9,15 +9,15 @@ ADDRESS_POLL_S even when no tunnel is busy.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import errno
 import fcntl
 import logging
+import logging.handlers
 import os
 import time
 from dataclasses import dataclass
-from ipaddress import IPv4Network, ip_address
+from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,18 @@ STATE_SYNC_S = 1.0
 #: A ping waits this long for each reply.
 PING_TIMEOUT_S = 2.0
 DNS_PORT = 53
+
+
+LOG_FILE = "ntm.log"
+LOG_BYTES, LOG_BACKUPS = 1 << 20, 3  # a few MB of recent history: failovers, reconnects, refusals
+
+
+def log_to_file(base: Path) -> None:
+    """The daemon's log also goes to $NTM_HOME/ntm.log (rotated), beside stderr."""
+    base.mkdir(parents=True, exist_ok=True)
+    handler = logging.handlers.RotatingFileHandler(base / LOG_FILE, maxBytes=LOG_BYTES, backupCount=LOG_BACKUPS)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
 
 
 class DaemonError(NtmError):
@@ -328,16 +340,3 @@ async def up(base: Path, key, st: dict, opts: UpOptions, ready) -> None:
             await daemon.close()
     finally:
         os.close(lock)
-
-
-def dns_bind(text: str) -> tuple[str, int]:
-    """--dns HOST:PORT (argparse type)."""
-    host, _, port = text.rpartition(":")
-    try:
-        ip_address(host.strip("[]"))
-        p = int(port)
-        if not 0 < p < 65536:
-            raise ValueError
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected IP:PORT, got {text!r}") from None
-    return host.strip("[]"), p

@@ -13,8 +13,10 @@ from ntm.errors import CodedError, ParseError
 from ntm.registration import RegistrationRequest
 
 DEFAULT_DC_PORT = 8330
-# Registration waits for chain confirmation on the DC side (up to 15 s there); allow a bit more.
-REQUEST_TIMEOUT_S = 20.0
+# A DC answers in milliseconds; this long means it is stuck (`ntm --timeout` sets it).
+REQUEST_TIMEOUT_S = 10.0
+# A registration that waits for the chain: the DC waits up to 15 s for its block; allow more.
+REGISTER_WAIT_S = 30.0
 
 T = TypeVar("T")
 
@@ -36,9 +38,10 @@ def dc_url(spec: str) -> str:
 
 
 class DcClient:
-    def __init__(self, base_url: str) -> None:
+    def __init__(self, base_url: str, timeout: float = REQUEST_TIMEOUT_S) -> None:
         self.base = base_url.rstrip("/")
-        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S))
+        self.timeout = timeout
+        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout))
 
     async def __aenter__(self) -> "DcClient":
         return self
@@ -49,11 +52,16 @@ class DcClient:
     async def close(self) -> None:
         await self._http.close()
 
-    async def _call(self, method: str, path: str, answer: type[T], body: dict | None = None) -> T:
+    async def _call(self, method: str, path: str, answer: type[T], body: dict | None = None,
+                    timeout: float | None = None) -> T:
+        timeout = timeout or self.timeout
         try:
-            async with self._http.request(method, self.base + path, json=body) as resp:
+            async with self._http.request(method, self.base + path, json=body,
+                                          timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
                 text = await resp.text()
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        except TimeoutError:
+            raise DcError("unreachable", f"DC at {self.base} did not answer within {timeout:g} s") from None
+        except (aiohttp.ClientError, OSError) as exc:
             raise DcError("unreachable", f"cannot reach DC at {self.base}: {exc or type(exc).__name__}") from None
         try:
             if resp.status != 200:
@@ -70,7 +78,8 @@ class DcClient:
         body = req.to_json()
         if wait_confirmed:
             body["wait"] = "confirmed"
-        return await self._call("POST", "/v1/register", messages.RegisterResult, body)
+        return await self._call("POST", "/v1/register", messages.RegisterResult, body,
+                                max(self.timeout, REGISTER_WAIT_S) if wait_confirmed else None)
 
     async def dcs(self) -> list[messages.DcEntry]:
         """The active DCs on chain, for failover."""

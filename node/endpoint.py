@@ -26,13 +26,14 @@ import coincurve
 
 from daemon.service import udp_socket
 from node.channel import Channel
+from node.state import TUNNEL_PORT
 from ntm.addr import Addr, for_socket
 from ntm.clock import SYSTEM, Clock
 from ntm.handshake import Rand
 from ntm.packet import KNOWN_TYPES, PREFIX_LEN
 from ntm.tunnel import Data, HandshakeDone, PeerClosed, Pong, RelayInfo, Session, TunnelConfig, TunnelError
 
-DEFAULT_PORT = 4330  # the NTM port of the NTMobile papers
+DEFAULT_PORT = TUNNEL_PORT
 #: Default time open() waits for a handshake (direct attempts, then the relay from 1.5 s on).
 OPEN_TIMEOUT = 10.0
 #: Socket buffers: large enough to absorb a burst of ~1000 full-size datagrams.

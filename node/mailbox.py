@@ -18,7 +18,7 @@ import coincurve
 
 from daemon.service import BackgroundTasks
 from node.cs_client import CsClient, CsClientError, Received
-from node.dc_client import DcClient, DcError
+from node.dc_client import REQUEST_TIMEOUT_S, DcClient, DcError
 from ntm import keys, messages
 
 log = logging.getLogger("ntm.node.mailbox")
@@ -29,17 +29,17 @@ log = logging.getLogger("ntm.node.mailbox")
 RECENT = 100
 
 
-async def federation_cs_urls(dc_url: str) -> list[str]:
+async def federation_cs_urls(dc_url: str, timeout: float = REQUEST_TIMEOUT_S) -> list[str]:
     """The Cache Server of every active DC (asked of each DC's /v1/info), ours first."""
     urls: list[str] = []
-    async with DcClient(dc_url) as dc:
+    async with DcClient(dc_url, timeout) as dc:
         own = (await dc.info()).cs
         entries = await dc.dcs()
     if own:
         urls.append(own)
     for entry in entries:
         try:
-            async with DcClient(entry.endpoint) as other:
+            async with DcClient(entry.endpoint, timeout) as other:
                 cs = (await other.info()).cs
         except DcError:
             continue

@@ -8,26 +8,32 @@ import os
 from pathlib import Path
 
 KEY_FILE = "key.json"
+ID_FILE = "id.json"  # the node ID and public key (public; `ntm id` reads it without the passphrase)
 STATE_FILE = "state.json"
 NETWORK_FILE = "network.json"
 PASSPHRASE_ENV = "NTM_PASSPHRASE"
+TUNNEL_PORT = 4330  # the NTM port of the NTMobile papers: the tunnel socket's default
 
 
 def home() -> Path:
     return Path(os.environ.get("NTM_HOME", Path.home() / ".ntm"))
 
 
-def passphrase() -> str:
-    return os.environ.get(PASSPHRASE_ENV, "")
 
 
 def read_json(path: Path) -> dict:
+    """A JSON object from `path` ({} if there is no file); ValueError naming the file if it is not one."""
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except FileNotFoundError:
         return {}
-    except ValueError as exc:
+    except IsADirectoryError:
+        raise ValueError(f"{path} is a directory, not a JSON file") from None
+    except (ValueError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a {type(data).__name__}, not a JSON object: fix or remove it")
+    return data
 
 
 def write_json(path: Path, data: dict) -> None:

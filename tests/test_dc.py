@@ -180,8 +180,8 @@ async def test_session_and_keepalive_token(net, tmp_path):
 async def test_cli_errors_are_readable(net, tmp_path):
     home, _ = make_node(tmp_path, "e")
     proc = ntm(home, "register", "--dc", "127.0.0.1:1", check=False)
-    assert proc.returncode == 1 and "cannot reach DC" in proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "node.cli", "--home", str(home), "id"],
+    assert proc.returncode == 4 and "cannot reach DC" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "node.cli", "--home", str(home), "status"],
                           capture_output=True, text=True, env={"NTM_PASSPHRASE": "wrong", "PATH": ""})
     assert proc.returncode == 2 and "wrong passphrase" in proc.stderr
     proc = ntm(tmp_path / "nobody", "id", check=False)

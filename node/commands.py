@@ -1,0 +1,517 @@
+"""What each `ntm` command does (node/cli.py parses the line and reports errors; node/output.py
+has the exit codes). Imported only when a command runs: this is where the heavy imports are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from eth_utils import is_checksum_address
+
+from daemon import keystore
+from node import control, cs_client, daemon, mailbox, state
+from node.agent import local_addrs_towards
+from node.dc_client import DcClient, DcError, dc_url
+from node.output import FAILED, INTERRUPTED, NO_DAEMON, UNREACHABLE, USAGE, CliError, event, out
+from node.peers import PeerBook, PeerBookError
+from ntm import keys, messages, record, seal, vaddr
+from ntm.errors import KeystoreError, NtmError
+from ntm.registration import RegistrationRequest
+
+
+def run(args, base: Path) -> int:
+    """Run the command `args.cmd`; every failure becomes a CliError with its exit code."""
+    try:
+        asyncio.run(globals()[f"cmd_{args.cmd}"](args, base))
+    except (CliError, KeyboardInterrupt):
+        raise
+    except DcError as exc:
+        hint = {"revoked": " (this node ID can never register again; `ntm keygen --force` makes a new one)"}
+        raise CliError(f"{exc}{hint.get(exc.code, '')}", UNREACHABLE if exc.code == "unreachable" else FAILED,
+                       exc.code) from None
+    except control.ControlError as exc:
+        raise CliError(str(exc), NO_DAEMON if exc.code == "no_daemon" else FAILED, exc.code) from None
+    except KeystoreError as exc:
+        raise CliError(str(exc), USAGE, "key") from None
+    except (NtmError, ValueError) as exc:
+        raise CliError(str(exc), FAILED, getattr(exc, "code", "failed")) from None
+    except OSError as exc:  # local files: --home a file or unwritable, a full disk
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise CliError(f"{exc.strerror or exc}{where}", USAGE, "local") from None
+    return 0
+
+
+def passphrase(args, confirm: bool = False) -> str:
+    """--password-file, else $NTM_PASSPHRASE, else a prompt on a terminal, else empty."""
+    if args.password_file is not None:
+        return keystore.passphrase(state.PASSPHRASE_ENV, args.password_file)
+    if state.PASSPHRASE_ENV in os.environ:
+        return os.environ[state.PASSPHRASE_ENV]
+    if not sys.stdin.isatty():
+        return ""
+    first = getpass.getpass("passphrase for the node key: ")
+    if confirm and getpass.getpass("again: ") != first:
+        raise CliError("the passphrases differ", USAGE)
+    return first
+
+
+def write_id(base: Path, key) -> dict:
+    """id.json: the node's public identity, for `ntm id` without the passphrase."""
+    ident = {"node": keys.checksum(keys.node_id_of(key)), "pubkey": keys.public_bytes(key).hex()}
+    state.write_json(base / state.ID_FILE, ident)
+    return ident
+
+
+def load_key(args, base: Path):
+    key = keystore.load_keystore(base / state.KEY_FILE, passphrase(args))
+    if state.read_json(base / state.ID_FILE).get("node") != keys.checksum(keys.node_id_of(key)):
+        write_id(base, key)
+    return key
+
+
+def node_arg(text: str) -> bytes:
+    """A node ID typed by a user: hex, and if mixed-case, a valid EIP-55 checksum (a typo caught)."""
+    try:
+        nid = keys.parse_node_id(text)
+    except ValueError as exc:
+        raise CliError(str(exc), USAGE) from None
+    body = text[2:] if text[:2] in ("0x", "0X") else text
+    if body != body.lower() and body != body.upper() and not is_checksum_address("0x" + body):
+        raise CliError(f"node ID {text!r} has a wrong EIP-55 checksum (a typo?); "
+                       f"all lower-case skips the check", USAGE)
+    return nid
+
+
+def pick_dc(args, base: Path, st: dict) -> str:
+    spec = args.dc or st.get("dc_url") or state.default_dc(base)
+    if not spec:
+        raise CliError("no DC given: use --dc HOST[:PORT] (or start `ntm devnet` to get a default)", USAGE)
+    try:
+        return dc_url(spec)
+    except ValueError as exc:
+        raise CliError(str(exc), USAGE) from None
+
+
+async def cmd_keygen(args, base: Path) -> None:
+    path = base / state.KEY_FILE
+    if path.exists() and not args.force:
+        raise CliError(f"{path} exists; use --force to replace it (the old node ID is lost)", USAGE)
+    key = keys.generate()
+    keystore.save_keystore(key, path, passphrase(args, confirm=True))
+    write_id(base, key)
+    nid = keys.checksum(keys.node_id_of(key))
+    out(args, {"node": nid, "key_file": str(path)}, f"new node key in {path}\nnode ID {nid}")
+
+
+async def cmd_id(args, base: Path) -> None:
+    key = load_key(args, base)
+    nid = keys.checksum(keys.node_id_of(key))
+    pub = keys.public_bytes(key).hex()
+    out(args, {"node": nid, "pubkey": pub}, f"node ID {nid}\npublic key {pub}")
+
+
+async def sign_and_register(args, base: Path, revoked: bool) -> None:
+    key = load_key(args, base)
+    st = state.read_json(base / state.STATE_FILE)
+    if st.get("revoked"):
+        raise CliError("this node ID is revoked; create a new one with `ntm keygen --force`")
+    url = pick_dc(args, base, st)
+    async with DcClient(url, args.timeout) as dc:
+        info = await dc.info()
+        if st.get("chain_id") and (st["chain_id"], st["registry"]) != (info.chain_id, info.registry):
+            raise CliError(
+                f"DC at {url} is on chain {info.chain_id} registry {info.registry}, but this node is "
+                f"registered on chain {st['chain_id']} registry {st['registry']}"
+            )
+        ts = record.next_timestamp(int(time.time() * 1000), st.get("timestamp", 0))
+        req = RegistrationRequest.signed(key, info, ts, args.addr or local_addrs_towards(urlsplit(url).hostname, state.TUNNEL_PORT),
+                                         revoked)
+        res = await dc.register(req, wait_confirmed=not args.no_wait)
+    if res.status == "rejected":  # the chain's verdict in a mined block: nothing to remember
+        raise CliError(f"the chain refused the record of {res.node}: {res.reason or 'no reason given'}", 1)
+    state.write_json(base / state.STATE_FILE, {
+        "dc_url": url, "dc": info.dc, "hostname": info.hostname, "chain_id": info.chain_id,
+        "registry": info.registry, "timestamp": ts, "revoked": revoked, "status": res.status,
+        "block": res.block, "tx": res.tx,
+    })
+    what = "revoked" if revoked else "registered"
+    where = f"block {res.block}" if res.block is not None else "chain confirmation pending"
+    out(args, {**messages.encode(res), "dc_url": url, "hostname": info.hostname},
+        f"{what} {res.node} at DC {info.hostname} ({info.dc}, {url})\n"
+        f"status: {res.status} ({where})")
+
+
+async def cmd_register(args, base: Path) -> None:
+    await sign_and_register(args, base, revoked=False)
+
+
+async def cmd_revoke(args, base: Path) -> None:
+    if not args.yes:
+        raise CliError("revocation is permanent for this node ID on every DC; repeat with --yes", USAGE)
+    await sign_and_register(args, base, revoked=True)
+
+
+async def cmd_status(args, base: Path) -> None:
+    key = load_key(args, base)
+    nid = keys.node_id_of(key)
+    st = state.read_json(base / state.STATE_FILE)
+    data = {"node": keys.checksum(nid), "registered": bool(st), **st}
+    if not st:
+        out(args, data, f"node ID {data['node']}\nnot registered (run `ntm register --dc HOST`)")
+        return
+    async with DcClient(st["dc_url"], args.timeout) as dc:
+        try:
+            seen = await dc.whois(nid)
+            data.update(dc_reachable=True, confirmed=seen.confirmed, online=seen.online,
+                        revoked=seen.revoked, home_dc=seen.home_dc)
+        except DcError as exc:
+            data.update(dc_reachable=exc.code != "unreachable", dc_error=str(exc))
+    lines = [f"node ID   {data['node']}",
+             f"DC        {st['hostname']} {st['dc']} at {st['dc_url']}"
+             + ("" if data.get("dc_reachable") else "  (unreachable)"),
+             f"chain     id {st['chain_id']}, registry {st['registry']}"]
+    if "home_dc" in data:
+        state_word = "revoked" if data["revoked"] else ("confirmed on chain" if data["confirmed"] else "pending")
+        lines.append(f"record    {state_word}, home DC {data['home_dc']}, online: {'yes' if data['online'] else 'no'}")
+    elif "dc_error" in data:
+        lines.append(f"record    unknown ({data['dc_error']})")
+    try:
+        d = await control.call(base, "status", timeout=10)
+    except control.ControlError as exc:
+        lines.append(f"daemon    not running ({exc})" if exc.code != "no_daemon" else
+                     "daemon    not running (`ntm up` keeps the node online)")
+    else:
+        data["daemon"] = d
+        lines.append(f"daemon    pid {d['pid']}, up {d['uptime_s']:.0f} s, tunnel socket {d['local']}, "
+                     f"public {d['observed']}")
+        lines.append(f"overlay   {d['ipv6']}  {d['ipv4']}  " + (f"on {d['tun']}" if d["tun"] else "(no TUN)")
+                     + (f", DNS {', '.join(d['dns'])}" if d["dns"] else ""))
+        lines.append(peers_table(d["peers"]))
+    out(args, data, "\n".join(lines))
+
+
+def peers_table(rows: list[dict]) -> str:
+    """The daemon's open tunnels, one peer per line (like `wg show`)."""
+    if not rows:
+        return "peers     none"
+    head = ("PEER", "VIRTUAL", "ROUTE", "ENDPOINT", "HANDSHAKE", "RX", "TX", "RTT")
+    table = [head]
+    for r in rows:
+        name = ",".join(r["names"]) or r["peer"][:12] + "…"
+        table.append((name, f"{r['ipv6']} {r['ipv4']}", r["route"], r["endpoint"] or "-",
+                      f"{r['last_handshake_s']:.0f} s ago" if r["last_handshake_s"] is not None else "-",
+                      human_bytes(r["rx_bytes"]), human_bytes(r["tx_bytes"]),
+                      f"{r['rtt_ms']:.2f} ms" if r["rtt_ms"] is not None else "-"))
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(head))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in table)
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+
+async def cmd_whois(args, base: Path) -> None:
+    nid = node_arg(args.node)
+    url = pick_dc(args, base, state.read_json(base / state.STATE_FILE))
+    async with DcClient(url, args.timeout) as dc:
+        info = await dc.whois(nid)
+    flags = "revoked" if info.revoked else ("online" if info.online else "offline")
+    out(args, messages.encode(info), f"{info.node}: home DC {info.home_dc}, {flags}"
+        + (f"\npublic key {info.pubkey}" if info.pubkey else ""))
+
+
+def need_registration(base: Path) -> dict:
+    st = state.read_json(base / state.STATE_FILE)
+    if not st or st.get("revoked"):
+        raise CliError("this node is not registered (run `ntm register --dc HOST` first)", USAGE)
+    return st
+
+
+def up_options(args) -> daemon.UpOptions:
+    return daemon.UpOptions(
+        tun=None if args.no_tun else (args.tun or "ntm0"), require_tun=args.tun is not None,
+        v4_net=args.v4_net, path_mtu=args.path_mtu, dns=args.dns, accept_any=args.accept_any,
+        echo=args.echo, host=args.host, port=args.port, keepalive=args.keepalive)
+
+
+async def cmd_up(args, base: Path) -> None:
+    """Run the node daemon in the foreground until SIGINT/SIGTERM or `ntm down`."""
+    daemon.log_to_file(base)
+    key = load_key(args, base)
+    st = need_registration(base)
+    opts = up_options(args)
+    try:
+        vaddr.tun_mtu(opts.path_mtu)
+    except vaddr.AddressError as exc:
+        raise CliError(str(exc), USAGE) from None
+    if not 0 < opts.keepalive <= 3600 or not 0 <= opts.port < 65536:
+        raise CliError("--keepalive must be in (0, 3600] seconds and --port in 0..65535", USAGE)
+
+    def ready(info: dict) -> None:
+        where = f"TUN {info['tun']} (MTU {info['mtu']})" if info["tun"] else "no TUN (datagram mode)"
+        event(args, {"event": "up", **info},
+            f"up as {info['node']} at {info['dc']} (public address {info['observed']})\n"
+            f"{where}, virtual addresses {info['ipv6']} and {info['ipv4']}"
+            + (f", DNS on {', '.join(info['dns'])}" if info["dns"] else "") + f"\ncontrol socket {info['socket']}")
+
+    try:
+        await daemon.up(base, key, st, opts, ready)
+    except (asyncio.TimeoutError, OSError) as exc:
+        raise CliError(f"could not start the node at {st['dc_url']}: {exc or type(exc).__name__}") from None
+    event(args, {"event": "down"}, "stopped")
+
+
+async def cmd_down(args, base: Path) -> None:
+    res = await control.call(base, "down")
+    out(args, res, f"daemon (pid {res['pid']}) stopping")
+
+
+async def ask(base: Path, name: str, body: dict | None = None, timeout: float = 60.0) -> dict:
+    """A request to the running daemon; without one, say how to start it."""
+    try:
+        return await control.call(base, name, body, timeout)
+    except control.ControlError as exc:
+        raise CliError(str(exc), 3 if exc.code == "no_daemon" else 1) from None
+
+
+def peer_arg(base: Path, name: str) -> str:
+    """Check a peer given as node ID or alias before sending it to the daemon."""
+    if name[:2] in ("0x", "0X"):
+        return keys.checksum(node_arg(name))
+    try:
+        return keys.checksum(PeerBook.load(base).resolve(name))
+    except PeerBookError as exc:
+        raise CliError(str(exc), USAGE) from None
+
+
+async def cmd_ping(args, base: Path) -> None:
+    """One round trip per request to the daemon, printed as it comes; Ctrl-C prints the summary."""
+    if args.count < 1 or args.interval < 0:
+        raise CliError("ping needs --count >= 1 and --interval >= 0", USAGE)
+    peer = peer_arg(base, args.node)
+    rtts: list[float | None] = []
+    res: dict = {}
+
+    def summary() -> None:
+        got = [r for r in rtts if r is not None]
+        line = f"{len(got)}/{len(rtts)} replies" + (f", rtt min/avg/max {min(got):.2f}/{sum(got) / len(got):.2f}/"
+                                                    f"{max(got):.2f} ms" if got else "")
+        out(args, {**res, "rtt_ms": rtts, "sent": len(rtts), "received": len(got)}, line)
+
+    try:
+        for i in range(args.count):
+            if i:
+                await asyncio.sleep(args.interval)
+            # the first request opens the tunnel (relayed if asked); the others use it
+            res = await ask(base, "ping", {"peer": peer, "count": 1, "interval": 0, "relay": args.relay and i == 0},
+                            timeout=30 if i == 0 else 10)
+            rtts.append(res["rtt_ms"][0])
+            if not args.json:
+                if i == 0:
+                    print(f"tunnel to {res['peer']}: route {res['route']} via {res['via']}")
+                print(f"seq={i} " + (f"rtt={rtts[-1]:.2f} ms" if rtts[-1] is not None else "timeout"), flush=True)
+    except asyncio.CancelledError:  # Ctrl-C: what we have so far, then exit 130
+        summary()
+        raise
+    summary()
+    if not any(r is not None for r in rtts):
+        raise CliError("no ping replies over the tunnel")
+
+
+async def cmd_send(args, base: Path) -> None:
+    if args.offline or args.file:
+        await send_offline(args, base)
+        return
+    if args.message is None:
+        raise CliError("nothing to send: give a MESSAGE (or --file PATH with --offline)", USAGE)
+    if args.wait_reply < 0:
+        raise CliError("--wait-reply must be >= 0", USAGE)
+    peer = peer_arg(base, args.node)
+    res = await ask(base, "send", {"peer": peer, "text": args.message, "wait_reply": args.wait_reply,
+                                   "relay": args.relay}, timeout=30 + args.wait_reply)
+    out(args, res, f"sent {res['sent']} bytes" + (f"\nreply: {res['reply']}" if res["reply"] is not None else ""))
+
+
+async def send_offline(args, base: Path) -> None:
+    """Seal MESSAGE or --file for the peers (comma-separated) and leave it at our DC's Cache Server."""
+    peers = [keys.parse_node_id(peer_arg(base, p)) for p in args.node.split(",") if p]
+    if args.file is not None:
+        if args.message is not None:
+            raise CliError("give a MESSAGE or --file, not both", USAGE)
+        path = Path(args.file)
+        if not path.is_file():
+            raise CliError(f"{path} is not a readable file", USAGE)
+        content_len, source, name = path.stat().st_size, cs_client.file_chunks(path), path.name
+    elif args.message is not None:
+        data = args.message.encode()
+        content_len, source, name = len(data), cs_client.bytes_chunks(data), ""
+    else:
+        raise CliError("nothing to send: give a MESSAGE or --file PATH", USAGE)
+    try:
+        meta = seal.Meta(args.app, notice=args.notice if args.notice is not None else (args.message or name)[:140],
+                         name=name)
+        seal.check_meta(meta)
+    except ValueError as exc:
+        raise CliError(str(exc), USAGE) from None
+    key = load_key(args, base)
+    st = need_registration(base)
+    async with DcClient(st["dc_url"], args.timeout) as dc:
+        info = await dc.info()
+        if not info.cs:
+            raise CliError(f"DC {st['dc_url']} has no Cache Server (its operator starts one with ntm-cs and --cs)")
+        recipients = {}
+        for peer in peers:
+            who = await dc.whois(peer)
+            if who.revoked or not who.pubkey:
+                raise CliError(f"{keys.checksum(peer)} is revoked: it can receive nothing")
+            recipients[peer] = bytes.fromhex(who.pubkey)
+    try:
+        sealer = seal.Sealer(key, recipients, meta, int(time.time() * 1000))
+    except ValueError as exc:
+        raise CliError(str(exc), USAGE) from None
+    async with cs_client.CsClient(key, info.cs) as cs:
+        res = await cs.put(sealer, source, content_len)
+    out(args, {**res, "cs": info.cs, "recipients": [keys.checksum(p) for p in peers]},
+        f"stored item {res['item']} ({res['size']} bytes, sealed) at {info.cs} for {len(peers)} recipient(s); "
+        "each gets it when next online")
+
+
+async def cmd_inbox(args, base: Path) -> None:
+    """Items waiting for us at the federation's Cache Servers, and those already fetched here."""
+    key = load_key(args, base)
+    st = need_registration(base)
+    waiting = []
+    for url in await mailbox.federation_cs_urls(st["dc_url"], args.timeout):
+        async with cs_client.CsClient(key, url) as cs:
+            waiting += [{"cs": url, **{k: e[k] for k in ("item", "sender", "size", "created", "expires")}}
+                        for e in await cs.inbox()]
+    local = [json.loads(p.read_text()) for p in sorted((base / daemon.INBOX_DIR).glob("*.json"))]
+    lines = [f"waiting: {w['item']} from {w['sender']}, {w['size']} bytes, at {w['cs']}" for w in waiting]
+    lines += [f"received: {r['item']} from {r['sender']}, {r['app_id']}: {r['notice'] or r['name']} -> {r['path']}"
+              for r in local]
+    out(args, {"waiting": waiting, "received": local}, "\n".join(lines) or "(nothing)")
+
+
+async def cmd_fetch(args, base: Path) -> None:
+    """Download, open and confirm waiting items (all, or the ones named)."""
+    key = load_key(args, base)
+    st = need_registration(base)
+    out_dir = Path(args.out) if args.out else base / daemon.INBOX_DIR
+    got, failed = [], []
+    for url in await mailbox.federation_cs_urls(st["dc_url"], args.timeout):
+        async with cs_client.CsClient(key, url) as cs:
+            for entry in await cs.inbox():
+                if args.items and entry["item"] not in args.items:
+                    continue
+                try:
+                    got.append((await cs.fetch(entry["item"], out_dir)).describe())
+                except cs_client.CsClientError as exc:
+                    failed.append({"item": entry["item"], "error": exc.code, "message": str(exc)})
+    lines = [f"{g['item']} from {g['sender']} ({g['app_id']}): {g['notice'] or g['name']} -> {g['path']}" for g in got]
+    lines += [f"{f['item']}: refused: {f['message']}" for f in failed]
+    out(args, {"fetched": got, "failed": failed}, "\n".join(lines) or "(nothing waiting)")
+    if failed:
+        raise CliError(f"{len(failed)} item(s) could not be opened; they stay at their Cache Server until they expire")
+
+
+async def cmd_recv(args, base: Path) -> None:
+    if args.wait < 0:
+        raise CliError("--wait must be >= 0", USAGE)
+    res = await ask(base, "recv", {"wait": args.wait}, timeout=30 + args.wait)
+    out(args, res, "\n".join(f"{m['peer']}: {m['text']}" for m in res["messages"]) or "(nothing)")
+
+
+async def cmd_group(args, base: Path) -> None:
+    """`ntm group ...`: through the daemon, which holds the group keys and receives group traffic."""
+    body: dict = {k: v for k, v in (("group", getattr(args, "group", None)), ("name", getattr(args, "name", None)),
+                                    ("text", getattr(args, "text", None))) if v is not None}
+    if getattr(args, "node", None) is not None:
+        body["node"] = peer_arg(base, args.node)
+    if args.group_cmd == "send" and len(args.text.encode()) > 1024:
+        raise CliError("a group message is at most 1024 bytes (send larger content with `ntm send --offline`)", USAGE)
+    if args.group_cmd == "recv":
+        if args.wait < 0:
+            raise CliError("--wait must be >= 0", USAGE)
+        body["wait"] = args.wait
+    res = await ask(base, f"group.{args.group_cmd}", body, timeout=60 + body.get("wait", 0))
+    out(args, res, group_text(args.group_cmd, res))
+
+
+def group_text(cmd: str, r: dict) -> str:
+    def line(g: dict) -> str:
+        key = "key ready" if g["has_key"] else "waiting for the admin's RN1"
+        return (f"{g['name']}  {g['gid']}  {g['status']}, epoch {g['epoch']}, {len(g['members'])} members, {key}"
+                f"{' (you are its admin)' if g['admin'] == g['you'] else ''}")
+
+    if cmd == "recv":
+        return "\n".join(f"[{m['group']}] {m['sender']}: {m['text']}" for m in r["messages"]) or "(nothing)"
+    if cmd == "members" and "groups" in r:
+        return "\n".join(line(g) for g in r["groups"]) or "(no groups)"
+    if cmd == "send":
+        return (f"sent to {r['name']} (epoch {r['epoch']}): {len(r['tunnel'])} over tunnels, {len(r['cs'])} left at "
+                f"a Cache Server, {len(r['failed'])} failed" + (f"\nwarning: {r['gms_unreachable']}" if "gms_unreachable" in r else ""))
+    text = line(r)
+    if cmd == "invite":
+        text += f"\ninvited {r['invited']} (invitation {'sent over a tunnel' if r['via'] == 'tunnel' else 'left at a Cache Server' if r['via'] == 'cs' else 'not delivered'})"
+    if cmd == "members":
+        text += "\n" + "\n".join(f"  {m}{'  (admin)' if m == r['admin'] else ''}{'  (you)' if m == r['you'] else ''}"
+                                  for m in r["members"])
+    return text
+
+
+async def edit_peers(args, base: Path, change) -> PeerBook:
+    """Apply `change` to peers.json and tell a running daemon to re-read it."""
+    try:
+        book = PeerBook.load(base)
+        change(book)
+    except PeerBookError as exc:
+        raise CliError(str(exc), USAGE) from None
+    book.save(base)
+    try:
+        await control.call(base, "reload")
+    except control.ControlError:
+        pass  # no daemon: it reads the file when it starts
+    return book
+
+
+async def cmd_alias(args, base: Path) -> None:
+    if args.name is None:
+        book = PeerBook.load(base)
+        out(args, {"aliases": {n: keys.checksum(i) for n, i in book.aliases.items()}},
+            "\n".join(f"{n}.ntm  {keys.checksum(i)}" for n, i in sorted(book.aliases.items())) or "(no aliases)")
+        return
+    if args.node is None:
+        await edit_peers(args, base, lambda b: b.aliases.pop(args.name.lower(), None))
+        out(args, {"removed": args.name}, f"alias {args.name} removed")
+        return
+    nid = node_arg(args.node)
+    await edit_peers(args, base, lambda b: b.set_alias(args.name, nid))
+    out(args, {"alias": args.name.lower(), "node": keys.checksum(nid)},
+        f"{args.name.lower()}.ntm is {keys.checksum(nid)}")
+
+
+async def cmd_allow(args, base: Path) -> None:
+    if args.node is None:
+        book = PeerBook.load(base)
+        out(args, {"allow": sorted(keys.checksum(i) for i in book.allow)},
+            "\n".join(keys.checksum(i) for i in sorted(book.allow)) or "(nobody: only outbound tunnels)")
+        return
+    nid = keys.parse_node_id(peer_arg(base, args.node))
+    if args.remove:
+        await edit_peers(args, base, lambda b: b.allow.discard(nid))
+        out(args, {"removed": keys.checksum(nid)}, f"{keys.checksum(nid)} may no longer open tunnels to this node")
+    else:
+        await edit_peers(args, base, lambda b: b.allow.add(nid))
+        out(args, {"allowed": keys.checksum(nid)}, f"{keys.checksum(nid)} may open tunnels to this node")
