@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
+import fcntl
 import ipaddress
 import json
 import logging
+import os
 import signal
 import socket
 import sys
@@ -96,6 +99,33 @@ def daemon_parser(prog: str, description: str, chain_required: bool) -> argparse
     return p
 
 
+class LockHeld(NtmError):
+    """Another live process holds the lock (`pid`: what it wrote there, 0 if unknown)."""
+
+    def __init__(self, path: Path, pid: int) -> None:
+        super().__init__(f"{path} is in use by another running process (pid {pid or '?'})")
+        self.pid = pid
+
+
+def hold_lock(path: Path) -> int:
+    """An exclusive flock on `path` for as long as the returned descriptor stays open: the kernel
+    releases it when the process dies, even by SIGKILL, so a stale lock never blocks a restart.
+    The file holds our pid, for the message another process gets (LockHeld)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        other = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            raise LockHeld(path, int(other) if other.isdigit() else 0) from None
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
 def setup_logging(verbose: bool) -> None:
     """One line per event on stderr; stdout stays free for the JSON ready line."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
@@ -131,7 +161,16 @@ def prometheus_text(metrics: dict[str, int | float]) -> str:
 def udp_socket(host: str | None, port: int, buffer: int | None = None) -> socket.socket:
     """A bound UDP socket. `host` "::" is dual-stack (IPV6_V6ONLY=0) so IPv4-only and IPv6-only
     hosts reach the same port; None is the same, falling back to IPv4 on a host without IPv6; an
-    IPv4 host ("0.0.0.0") gives an IPv4-only socket. `buffer`: SO_RCVBUF/SO_SNDBUF, best effort."""
+    IPv4 host ("0.0.0.0") gives an IPv4-only socket. `buffer`: SO_RCVBUF/SO_SNDBUF, best effort.
+    A port that cannot be bound is named in the error."""
+    try:
+        return _udp_socket(host, port, buffer)
+    except OSError as exc:
+        where = f"[{host}]:{port}" if host and ":" in host else f"{host or '*'}:{port}"
+        raise OSError(exc.errno, f"cannot bind UDP {where}: {exc.strerror or exc}") from None
+
+
+def _udp_socket(host: str | None, port: int, buffer: int | None) -> socket.socket:
     if host is None or ":" in host:
         sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
         try:
@@ -141,7 +180,7 @@ def udp_socket(host: str | None, port: int, buffer: int | None = None) -> socket
             sock.close()
             if host is not None:
                 raise
-            sock = udp_socket("0.0.0.0", port)
+            sock = _udp_socket("0.0.0.0", port, None)
     else:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         sock.bind((host, port))

@@ -28,6 +28,10 @@ from ntm import keys
 
 
 async def serve(cfg: dc_config.DcConfig, stop: asyncio.Event) -> None:
+    try:  # one DC per database: two with the same SQLite file would both sign and submit its outbox
+        lock = service.hold_lock(cfg.db.with_name(cfg.db.name + ".lock"))
+    except service.LockHeld as exc:
+        raise service.LockHeld(cfg.db, exc.pid) from None
     key = keystore.load_keystore(cfg.key_file, keystore.passphrase(dc_config.PASSPHRASE_ENV, cfg.passphrase_file))
     registry, dep = await connect_registry(cfg.rpc_url, cfg.deployment, key.secret)
     store = Store(cfg.db, keys.node_id_of(key))
@@ -77,6 +81,7 @@ async def serve(cfg: dc_config.DcConfig, stop: asyncio.Event) -> None:
         await coord.federation.close()
         store.close()
         await registry.close()
+        os.close(lock)
 
 
 def main(argv: list[str] | None = None) -> int:

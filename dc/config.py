@@ -94,6 +94,14 @@ def load(args: argparse.Namespace) -> DcConfig:
             values[name] = Path(values[name])
     if isinstance(values["rpc_url"], str):
         values["rpc_url"] = [values["rpc_url"]]
+    for f in fields(DcConfig):  # a TOML file can say http_port = "abc"
+        want = {"int": int, "float": (int, float), "str": str}.get(str(f.type))
+        if want and f.name in values and (not isinstance(values[f.name], want) or isinstance(values[f.name], bool)):
+            raise ValueError(f"{f.name} must be {'an integer' if f.type == 'int' else 'a number' if f.type == 'float' else 'a string'}, "
+                             f"got {values[f.name]!r}")
+    for name in ("http_port", "udp_port", "udp_alt_port"):
+        if name in values and not 0 <= values[name] < 65536:
+            raise ValueError(f"{name} must be in 0..65535, got {values[name]}")
     if int(values.get("confirmations", 1)) < 1:
         raise ValueError("confirmations must be at least 1")
     return DcConfig(**values)

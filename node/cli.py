@@ -177,7 +177,8 @@ def parser() -> Parser:
     s.add_argument("shell", choices=("bash", "zsh", "tcsh"))
     s.set_defaults(cmd="completion")
     sub.add_parser("devnet", add_help=False,
-                   help="run a local federation (anvil chain, 2 DCs, 1 relay) until Ctrl-C (--help: its flags)")
+                   help="run a local federation (anvil chain, 2 DCs, 1 relay) until Ctrl-C (--help: its flags)"
+                   ).set_defaults(cmd="devnet")
     return p
 
 

@@ -10,8 +10,6 @@ ADDRESS_POLL_S even when no tunnel is busy.
 from __future__ import annotations
 
 import asyncio
-import errno
-import fcntl
 import logging
 import logging.handlers
 import os
@@ -21,7 +19,7 @@ from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Any
 
-from daemon.service import BackgroundTasks, stop_on_signals
+from daemon.service import BackgroundTasks, LockHeld, hold_lock, stop_on_signals
 from node import control, state
 from node.agent import Node
 from node.control import ControlError, ControlServer
@@ -69,19 +67,10 @@ class DaemonError(NtmError):
 
 def take_lock(base: Path) -> int:
     """Hold $NTM_HOME/ntm.lock for the daemon's life (released by the kernel even on SIGKILL)."""
-    base.mkdir(parents=True, exist_ok=True)
-    fd = os.open(base / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        other = os.pread(fd, 32, 0).decode(errors="replace").strip()
-        os.close(fd)
-        if exc.errno in (errno.EAGAIN, errno.EACCES):
-            raise DaemonError(f"a daemon already runs for {base} (pid {other or '?'}); `ntm down` stops it") from None
-        raise
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
+        return hold_lock(base / LOCK_FILE)
+    except LockHeld as exc:
+        raise DaemonError(f"a daemon already runs for {base} (pid {exc.pid or '?'}); `ntm down` stops it") from None
 
 
 @dataclass

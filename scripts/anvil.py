@@ -26,6 +26,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 ANVIL_BIN = ROOT / "node_modules" / "@foundry-rs" / "anvil-linux-amd64" / "bin" / "anvil"
@@ -86,6 +87,7 @@ class Anvil:
         self.extra_args = list(extra_args or [])
         self.keys: tuple[bytes, ...] = DEV_KEYS
         self.proc: subprocess.Popen | None = None
+        self.preexec: Callable[[], None] | None = None  # e.g. scripts/procs.py dying_with_parent()
         self._logdir: tempfile.TemporaryDirectory | None = None
         self.log_path: Path | None = None
 
@@ -123,7 +125,8 @@ class Anvil:
         self.log_path = Path(self._logdir.name) / "anvil.log"
         # stdout/stderr go to a file, not a pipe: anvil logs every tx and would block on a full pipe.
         with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         preexec_fn=self.preexec)
         try:
             self._wait_ready()
         except BaseException:

@@ -34,12 +34,13 @@ from eth_account import Account
 
 from node import state
 from daemon import keystore
+from daemon.service import LockHeld, hold_lock
 from ntm import keys
 from ntm.errors import NtmError
 from chain.registry import fee_fields
 from scripts import deploy as deploy_mod
 from scripts.anvil import DEV_KEYS, Anvil, AnvilError
-from scripts.procs import Child, dc_child, free_port, has_ipv6_loopback, pid_alive
+from scripts.procs import Child, dc_child, dying_with_parent, free_port, has_ipv6_loopback
 
 CHAIN_ID = 31337  # anvil's default: wallets and tools know it as "localhost"
 DATA_DIR_ENV = "NTM_DEVNET_DIR"
@@ -50,7 +51,7 @@ FUND_WEI = 10**18  # 1 ETH per DC key, topped up when it falls below a tenth of 
 N_DCS = 2
 
 MARKER = "devnet.json"  # what makes a directory ours (for --reset) and remembers ports
-PID_FILE = "devnet.pid"
+LOCK_FILE = "devnet.lock"  # holds the devnet's pid; flock'ed while it runs
 
 
 class DevnetError(NtmError):
@@ -76,7 +77,11 @@ class Ports:
 
     @classmethod
     def offset(cls, n: int) -> "Ports":
-        return cls(**{k: v + n for k, v in asdict(cls()).items()})
+        ports = cls(**{k: v + n for k, v in asdict(cls()).items()})
+        if not all(0 < p < 65536 for p in asdict(ports).values()):
+            raise DevnetError(f"--port-offset {n} puts ports outside 1..65535 (the defaults span "
+                              f"{min(asdict(cls()).values())}..{max(asdict(cls()).values())})")
+        return ports
 
     @classmethod
     def free(cls) -> "Ports":
@@ -204,6 +209,7 @@ class Devnet:
         self.rs: Child | None = None
         self.deployment: dict = {}
         self.resumed = False
+        self._lock: int | None = None
 
     @property
     def rpc_url(self) -> str:
@@ -227,17 +233,12 @@ class Devnet:
         return pids
 
     def _claim(self) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        pid_file = self.data_dir / PID_FILE
-        if pid_file.exists():
-            try:
-                other = int(pid_file.read_text().strip())
-            except ValueError:
-                other = 0
-            if other and other != os.getpid() and pid_alive(other):
-                raise DevnetError(f"a devnet (pid {other}) already runs with data dir {self.data_dir}; "
-                                  f"stop it first or use another --data-dir")
-        pid_file.write_text(f"{os.getpid()}\n")
+        """One devnet per data dir: a lock the kernel releases when this process dies, however."""
+        try:
+            self._lock = hold_lock(self.data_dir / LOCK_FILE)
+        except LockHeld as exc:
+            raise DevnetError(f"a devnet (pid {exc.pid or '?'}) already runs with data dir {self.data_dir}; "
+                              f"stop it first or use another --data-dir") from None
 
     def start(self, deploy_only: bool = False) -> "Devnet":
         self._claim()
@@ -259,6 +260,7 @@ class Devnet:
         if self.chain_url is None:
             self.anvil = _Anvil(state_path=self.data_dir / "chain.json", chain_id=CHAIN_ID, host=self.host,
                                 port=self.ports.chain)
+            self.anvil.preexec = dying_with_parent()  # SIGTERM: anvil dumps its state, then exits
             try:
                 self.anvil.start()
             except AnvilError as exc:
@@ -281,7 +283,7 @@ class Devnet:
                    "--http-host", self.host, "--http-port", str(self.ports.rs_http)]
         for a in advertise:
             rs_args += ["--advertise", a]
-        self.rs = Child("rs", rs_args, self.data_dir / "rs.log", prefix=_setsid())
+        self.rs = Child("rs", rs_args, self.data_dir / "rs.log", prefix=_setsid(), die_with_parent=True)
         self._child_start(self.rs, "rs")
         relays = [self.rs.ready["http"]]
         for i, (name, (key_path, _)) in enumerate(zip(names, dc_keys)):
@@ -290,13 +292,13 @@ class Devnet:
             cs_url = f"http://{self.host}:{getattr(self.ports, f'{name}_cs')}"
             child = dc_child(self.data_dir, name, key_path, self.rpc_url, dep_path, http, relays=relays,
                              extra=["--udp-port", str(udp), "--cs", cs_url], prefix=_setsid(),
-                             http_host=self.host, udp_host=self.host)
+                             http_host=self.host, udp_host=self.host, die_with_parent=True)
             self.dcs.append(child)
             self._child_start(child, name)
             cs = Child("cs", ["--dc", f"http://{self.host}:{http}", "--key-file", str(key_path),
                               "--data-dir", str(self.data_dir / f"{name}-cs"), "--http-host", self.host,
                               "--http-port", str(getattr(self.ports, f"{name}_cs"))],
-                       self.data_dir / f"{name}-cs.log", prefix=_setsid())
+                       self.data_dir / f"{name}-cs.log", prefix=_setsid(), die_with_parent=True)
             self.css.append(cs)
             self._child_start(cs, f"{name}'s Cache Server")
         self.write_network()
@@ -334,12 +336,9 @@ class Devnet:
                 child.stop()
         if self.anvil is not None:
             self.anvil.stop()
-        pid_file = self.data_dir / PID_FILE
-        try:
-            if pid_file.read_text().strip() == str(os.getpid()):
-                pid_file.unlink()
-        except OSError:
-            pass
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
     def info(self) -> dict:
         return {"event": "ready", "data_dir": str(self.data_dir), "resumed": self.resumed,
@@ -478,6 +477,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m scripts.devnet") 
         run(args, args.home or state.home())
     except NtmError as exc:
         print(f"devnet: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # the data dir or home is a file, unwritable, the disk full
+        print(f"devnet: {exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""), file=sys.stderr)
         return 1
     return 0
 

@@ -6,6 +6,7 @@ process is stopped by its own PID. Logs go to a file next to the child's data.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import select
@@ -15,9 +16,26 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 # Starting a DC connects to the chain and replays registry events; 20 s covers a slow CI machine.
 READY_TIMEOUT_S = 20.0
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def dying_with_parent() -> Callable[[], None]:
+    """A Popen preexec_fn: the child gets SIGTERM when the process that starts it dies, even by
+    SIGKILL (prctl PR_SET_PDEATHSIG, kept across exec). Start such children from the main thread:
+    the signal follows the thread that forked."""
+    parent = os.getpid()
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def preexec() -> None:
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return preexec
 
 
 def pid_alive(pid: int) -> bool:
@@ -52,12 +70,13 @@ class Child:
     """A Python module run as a child process that announces readiness with a JSON line."""
 
     def __init__(self, module: str, args: list[str], log_path: Path, env: dict | None = None,
-                 prefix: list[str] | None = None) -> None:
+                 prefix: list[str] | None = None, die_with_parent: bool = False) -> None:
         self.module, self.args, self.log_path = module, args, Path(log_path)
         self.env = {**os.environ, **(env or {})}
         self.prefix = prefix or []  # e.g. ["ip", "netns", "exec", "ns1"] to run inside a namespace
         self.proc: subprocess.Popen | None = None
         self.ready: dict = {}
+        self.die_with_parent = die_with_parent
 
     def start(self, timeout: float = READY_TIMEOUT_S) -> "Child":
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -65,6 +84,7 @@ class Child:
         self.proc = subprocess.Popen(
             [*self.prefix, sys.executable, "-m", self.module, *self.args],
             stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, env=self.env,
+            preexec_fn=dying_with_parent() if self.die_with_parent else None,
         )
         log.close()
         deadline = time.monotonic() + timeout
@@ -111,10 +131,10 @@ class Child:
 
 def dc_child(workdir: Path, name: str, key_file: Path, rpc_url: str, deployment: Path, http_port: int,
              relays: list[str] = (), extra: list[str] = (), prefix: list[str] | None = None,
-             http_host: str = "127.0.0.1", udp_host: str = "127.0.0.1") -> Child:
+             http_host: str = "127.0.0.1", udp_host: str = "127.0.0.1", die_with_parent: bool = False) -> Child:
     args = ["--key-file", str(key_file), "--rpc-url", rpc_url, "--deployment", str(deployment),
             "--hostname", name, "--http-host", http_host, "--http-port", str(http_port),
             "--udp-host", udp_host, "--udp-port", "0", "--db", str(workdir / f"{name}.sqlite"), *extra]
     for r in relays:
         args += ["--relay", r]
-    return Child("dc", args, workdir / f"{name}.log", prefix=prefix)
+    return Child("dc", args, workdir / f"{name}.log", prefix=prefix, die_with_parent=die_with_parent)

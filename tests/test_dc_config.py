@@ -31,6 +31,13 @@ def test_errors(tmp_path):
     f.write_text("not toml [")
     with pytest.raises(ValueError, match="config file"):
         load(["--config", str(f)])
+    base = 'key_file = "k"\nrpc_url = "u"\ndeployment = "d"\n'
+    for line, why in (('http_port = "abc"', "http_port must be an integer, got 'abc'"),
+                      ("udp_port = 70000", "udp_port must be in 0..65535"), ("hostname = 5", "hostname must be a string"),
+                      ("max_block_age = true", "max_block_age must be a number"), ("confirmations = 1.5", "an integer")):
+        f.write_text(base + line + "\n")
+        with pytest.raises(ValueError, match=why):
+            load(["--config", str(f)])
 
 
 def test_cli_exits_2_with_a_readable_line(capsys):

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 
 import aiohttp
+import pytest
 
 from ntm import keys
 from ntm.record import Domain, NodeTransaction
 from ntm.registration import RegistrationRequest
 from scripts.anvil import Anvil
+from scripts.procs import dc_child, free_port
 from tests.dcnet import DcNet, stateful_net, until
 
 
@@ -81,3 +84,25 @@ async def test_chain_restart_with_state_keeps_everything(tmp_path):
         net.restart_chain()
         net.start_dc(0)
         await all_on_chain(net, before + during, dc_addr)
+
+
+async def test_a_second_dc_on_the_same_database_is_refused(tmp_path):
+    """Two DCs with one SQLite file would both sign and submit its outbox: the second is refused
+    while the first lives, and a SIGKILLed first leaves no stale lock behind."""
+    with Anvil() as chain:
+        net = DcNet(tmp_path, chain)
+        await net.deploy(1)
+        first = net.start_dc(0)
+        try:
+            second = dc_child(tmp_path, "dc1", tmp_path / "dc1.key.json", chain.url, net.deployment, free_port())
+            with pytest.raises(RuntimeError, match="in use by another running process"):
+                second.start(timeout=15)
+            first.kill()
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as busy:  # and a busy UDP port is named
+                busy.bind(("127.0.0.1", 0))
+                taken = busy.getsockname()[1]
+                with pytest.raises(RuntimeError, match=f"cannot bind UDP 127.0.0.1:{taken}"):
+                    net.start_dc(0, ("--udp-port", str(taken)))
+            net.start_dc(0)  # the same database, free again
+        finally:
+            net.stop()

@@ -80,7 +80,7 @@ def test_devnet_register_stop_resume(tmp_path):
     finally:
         if proc.poll() is None:
             stop(proc, ready)
-    assert (data / "chain.json").exists() and not (data / "devnet.pid").exists()
+    assert (data / "chain.json").exists() and (data / "devnet.lock").exists()
 
     proc2, ready2 = start(data, home)
     try:
@@ -92,6 +92,22 @@ def test_devnet_register_stop_resume(tmp_path):
         assert ntm(node, "status")["confirmed"]
     finally:
         stop(proc2, ready2)
+
+
+def test_sigkill_of_the_devnet_takes_its_children_and_its_lock(tmp_path):
+    data = tmp_path / "devnet"
+    proc, ready = start(data, tmp_path / "home")
+    proc.kill()  # SIGKILL: no handler runs; the kernel tells each child (PR_SET_PDEATHSIG) and drops the lock
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_alive(pid) for pid in ready["pids"].values()):
+        time.sleep(0.1)
+    assert not [name for name, pid in ready["pids"].items() if _alive(pid)], "children outlived a SIGKILLed devnet"
+    again, ready2 = start(data, tmp_path / "home")  # the same data dir starts afresh, not beside a ghost
+    try:
+        assert ready2["event"] == "ready" and ready2["resumed"] and set(ready2["pids"].values()).isdisjoint(ready["pids"].values())
+    finally:
+        stop(again, ready2)
 
 
 def test_devnet_errors(tmp_path):
@@ -115,6 +131,14 @@ def test_devnet_errors(tmp_path):
                                "--data-dir", str(tmp_path / "d3"), "--port-offset", str(offset)],
                               cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert busy.returncode == 1 and f"chain JSON-RPC {taken}" in busy.stderr and "in use" in busy.stderr
+    # ports beyond 65535, a data dir that cannot be one: one line each
+    far = subprocess.run([sys.executable, "-m", "scripts.devnet", "--data-dir", str(tmp_path / "d5"), "--port-offset",
+                          "70000"], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert far.returncode == 1 and "outside 1..65535" in far.stderr and "Traceback" not in far.stderr
+    (tmp_path / "afile").write_text("x")
+    nodir = subprocess.run([sys.executable, "-m", "scripts.devnet", "--data-dir", str(tmp_path / "afile" / "d")],
+                           cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert nodir.returncode == 1 and "Not a directory" in nodir.stderr and "Traceback" not in nodir.stderr
     # --reset refuses a directory that is not a devnet's
     other = tmp_path / "precious"
     other.mkdir()
