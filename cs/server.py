@@ -19,6 +19,7 @@ from aiohttp import web
 from cs.dclink import CsError, DcLink
 from cs.store import Store
 from daemon import service
+from daemon.metrics import CONTENT_TYPE, Metrics
 from ntm import envelope, keys, messages, seal
 from ntm.errors import NtmError, ParseError, SignatureError
 
@@ -46,6 +47,7 @@ STATUS = {"unregistered": 403, "revoked": 403, "not_sender": 403, "too_large": 4
           "busy": 409}
 
 CS = web.AppKey("cs", object)
+METRICS = web.AppKey("metrics", Metrics)
 
 
 class CacheServer:
@@ -229,16 +231,28 @@ async def handle_health(request: web.Request) -> web.Response:
 @ROUTES.get("/metrics")
 @service.admin_only
 async def handle_metrics(request: web.Request) -> web.Response:
-    cs: CacheServer = request.app[CS]
-    items, size = cs.store.count()
-    gauges = {"ntm_cs_items": items, "ntm_cs_bytes": size,
-              **{f"ntm_cs_{k}_total": v for k, v in {**cs.counters, **cs.link.counters}.items()}}
-    return web.Response(text=service.prometheus_text(gauges), content_type="text/plain")
+    return web.Response(body=request.app[METRICS].render(), headers={"Content-Type": CONTENT_TYPE})
+
+
+COUNTER_DOCS = {"uploads": "items stored", "downloads": "items served to a recipient",
+                "confirmations": "recipients' confirmations", "expired": "items deleted unfetched after their TTL",
+                "refused": "requests refused", "bytes_in": "item bytes stored", "bytes_out": "item bytes served",
+                "notices_sent": "notices delivered to recipients' home DCs", "notices_failed": "notices given up on",
+                "whois": "registration checks asked of our DC (not cached)"}
+
+
+def cs_metrics(cs: CacheServer) -> Metrics:
+    m = Metrics("ntm_cs")
+    m.gauge("items", "items stored", lambda: cs.store.count()[0])
+    m.gauge("bytes", "bytes stored", lambda: cs.store.count()[1])
+    m.counters(lambda: {**cs.counters, **cs.link.counters}, COUNTER_DOCS)
+    return m
 
 
 def make_app(cs: CacheServer, admin_allow: tuple = ()) -> web.Application:
     app = web.Application(middlewares=[errors_middleware], client_max_size=MAX_JSON_BODY)
     app[CS] = cs
+    app[METRICS] = cs_metrics(cs)
     app[service.ADMIN_ALLOW] = tuple(admin_allow)
     app.add_routes(ROUTES)
     return app

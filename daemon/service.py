@@ -153,11 +153,6 @@ def run(name: str, serve: Callable[[asyncio.Event], Awaitable[None]]) -> int:
     return 0
 
 
-def prometheus_text(metrics: dict[str, int | float]) -> str:
-    """Prometheus exposition format; names ending in _total are counters, the rest gauges."""
-    return "".join(f"# TYPE {k} {'counter' if k.endswith('_total') else 'gauge'}\n{k} {v}\n" for k, v in metrics.items())
-
-
 def udp_socket(host: str | None, port: int, buffer: int | None = None) -> socket.socket:
     """A bound UDP socket. `host` "::" is dual-stack (IPV6_V6ONLY=0) so IPv4-only and IPv6-only
     hosts reach the same port; None is the same, falling back to IPv4 on a host without IPv6; an

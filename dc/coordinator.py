@@ -17,6 +17,7 @@ from dc.cache import RegistryCache
 from dc.errors import NodeLookupError
 from dc.federation import FederationClient, FederationError, Transport
 from dc.groups import GroupService
+from dc.metrics import DcMetrics
 from dc.notices import Notices
 from dc.presence import Presence
 from dc.signaling import Signaling
@@ -77,10 +78,12 @@ class Coordinator:
         self.keepalive_ports = keepalive_ports
         self.clock = clock
         self.presence = Presence(clock.now)
-        self.submitter = Submitter(store, registry, cache, confirmations)
+        self.metrics = DcMetrics()
+        self.submitter = Submitter(store, registry, cache, confirmations, clock.now, self.metrics.submit_lag.observe)
         cache.on_rollback = self.submitter.recheck
         self.guard = envelope.ReplayGuard()
-        self.federation = FederationClient(key, cache.is_active_dc, self.guard, clock, transport=transport)
+        self.federation = FederationClient(key, cache.is_active_dc, self.guard, clock, transport=transport,
+                                           count=lambda call, outcome: self.metrics.federation_calls.labels(call, outcome).inc())
         self.signaling = Signaling(self)
         self.notices = Notices(store, self.presence, cache.is_active_dc, self.guard, clock)
         self.groups = GroupService(store.db, self.latest, clock)
@@ -125,6 +128,7 @@ class Coordinator:
                        source: str | None = None) -> messages.RegisterResult:
         """Validate, store durably, queue for the chain; optionally wait for confirmation.
         `source`: the client's address, for the per-source rate limit."""
+        started = self.clock.now()
         if not self.cache.is_active_dc(self.address):
             raise RegistrationError("dc_inactive", "this DC is not an active member of the registry")
         if source is not None and not self.source_rate.take(source, self.clock.now()):
@@ -137,10 +141,14 @@ class Coordinator:
                 if latest == 0 and not self.new_node_budget.take(self.clock.now()):
                     raise RegistrationError("over_budget", "this DC's gas budget for new nodes is spent for now; "
                                             "retry later or register at another DC")
-            except RegistrationError:
+            except RegistrationError as exc:
                 self.counters["registrations_refused"] += 1
+                log.info("registration of %s (ts %d) refused: %s: %s", keys.checksum(req.record.node),
+                         req.record.timestamp, exc.code, exc)
                 raise
             await self.store.add(req)
+        self.submitter.note_durable(req.record.node, req.record.timestamp)
+        self.metrics.registration_durable.observe(self.clock.now() - started)
         self.counters["registrations_accepted"] += 1
         if req.record.revoked:  # durable here: the node's authority ends now, not at confirmation
             self.presence.revoke(req.record.node)
@@ -156,6 +164,8 @@ class Coordinator:
             except asyncio.TimeoutError:
                 return result
             result = messages.RegisterResult(result.node, result.dc, result.timestamp, state, tx, block, reason)  # type: ignore[arg-type]
+            if state == "confirmed":
+                self.metrics.registration_confirmed.observe(self.clock.now() - started)
         return result
 
     def local_info(self, node: bytes) -> messages.NodeInfo | None:

@@ -9,6 +9,7 @@ learns nothing. Message bodies: ntm/messages.py; spec: docs/PROTOCOL.md §4, §8
 from __future__ import annotations
 
 from typing import Any, Awaitable, Callable, TypeVar
+from urllib.parse import urlsplit
 
 import aiohttp
 import coincurve
@@ -40,7 +41,10 @@ class FederationError(NtmError):
 class FederationClient:
     def __init__(self, key: coincurve.PrivateKey, is_trusted: Callable[[bytes], bool], guard: envelope.ReplayGuard,
                  clock: Clock = SYSTEM, http: aiohttp.ClientSession | None = None,
-                 transport: Transport | None = None) -> None:
+                 transport: Transport | None = None, count: Callable[[str, str], None] = lambda call, outcome: None
+                 ) -> None:
+        """`count(call, outcome)`: each request, by URL path and ok/refused/unreachable (metrics)."""
+        self.count = count
         self.key = key
         self.is_trusted = is_trusted
         self.guard = guard
@@ -69,10 +73,13 @@ class FederationClient:
 
     async def post(self, url: str, body: dict, who: str, answer: type[T] = dict) -> T:
         """POST JSON to a peer (DC or relay); FederationError unless it answers 200 with `answer`."""
+        call = urlsplit(url).path
         try:
             status, data = await self.transport(url, body)
         except (aiohttp.ClientError, TimeoutError, ValueError, OSError) as exc:
+            self.count(call, "unreachable")
             raise FederationError(f"{who} unreachable: {exc or type(exc).__name__}") from None
+        self.count(call, "ok" if status == 200 else "refused")
         try:
             if status != 200:
                 err = messages.decode(messages.ErrorBody, data)

@@ -13,6 +13,7 @@ import os
 from aiohttp import WSMsgType, web
 
 from daemon import service
+from daemon.metrics import CONTENT_TYPE
 from dc.chainstatus import ChainStatus
 from dc.coordinator import Coordinator
 from dc.errors import DirectionError, NodeLookupError
@@ -76,11 +77,14 @@ def error_for(exc: Exception) -> tuple[int, dict]:
 
 @web.middleware
 async def errors_middleware(request: web.Request, handler):
-    """Map the project's exceptions to JSON errors in one place."""
+    """Map the project's exceptions to JSON errors in one place; count each refusal by what was
+    asked (the route) and why."""
     try:
         return await handler(request)
     except (web.HTTPRequestEntityTooLarge, NtmError) as exc:
         status, body = error_for(exc)
+        route = request.match_info.route.resource
+        request.app[COORDINATOR].metrics.refusals.labels(route.canonical if route else "other", body["error"]).inc()
         return web.json_response(body, status=status)
 
 
@@ -153,24 +157,7 @@ async def handle_health(request: web.Request) -> web.Response:
 @ROUTES.get("/metrics")
 @service.admin_only
 async def handle_metrics(request: web.Request) -> web.Response:
-    c = request.app[COORDINATOR]
-    gauges = {
-        "ntm_dc_nodes_stored": c.store.node_count(),
-        "ntm_dc_outbox_pending": c.store.count_outbox("pending"),
-        "ntm_dc_outbox_confirmed": c.store.count_outbox("confirmed"),
-        "ntm_dc_outbox_rejected": c.store.count_outbox("rejected"),
-        "ntm_dc_sessions": len(c.presence.sessions),
-        "ntm_dc_registry_block": c.cache.block,
-        "ntm_dc_chain_head": c.cache.head.number if c.cache.head else -1,
-        "ntm_dc_chain_rollbacks_total": c.cache.rollbacks,
-        "ntm_dc_outbox_reopened_total": c.submitter.reopened,
-        "ntm_dc_registry_nodes": len(c.cache.nodes),
-        "ntm_dc_chain_tx_sent_total": c.submitter.sent_tx,
-        "ntm_dc_chain_failures_total": c.submitter.failures,
-        "ntm_dc_keepalives_dropped_total": c.presence.dropped_keepalives,
-        **{f"ntm_dc_{k}_total": v for k, v in {**c.counters, **c.signaling.counters, **c.notices.counters, **c.groups.counters}.items()},
-    }
-    return web.Response(text=service.prometheus_text(gauges), content_type="text/plain")
+    return web.Response(body=request.app[COORDINATOR].metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
 
 @ROUTES.get("/v1/session")
@@ -250,6 +237,7 @@ async def direction_request(c: Coordinator, send, node: bytes, req: messages.Dir
                                           resume=resume)
         result = messages.DirectionResult(req.id, route=route)
     except DirectionError as exc:
+        c.metrics.refusals.labels("direction", exc.code).inc()
         result = messages.DirectionResult(req.id, error=messages.ErrorBody(exc.code, str(exc)))
     except NtmError as exc:
         result = messages.DirectionResult(req.id, error=messages.ErrorBody("bad_request", str(exc)))
@@ -264,6 +252,7 @@ def make_app(coordinator: Coordinator, chain_status: ChainStatus, admin_allow: t
     app = web.Application(client_max_size=MAX_BODY, middlewares=[errors_middleware])
     app[COORDINATOR] = coordinator
     app[CHAIN_STATUS] = chain_status
+    coordinator.metrics.watch(coordinator, chain_status)
     app[service.ADMIN_ALLOW] = tuple(admin_allow)
     app.add_routes(ROUTES)
     return app

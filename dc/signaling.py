@@ -75,7 +75,7 @@ class Signaling:
     def __init__(self, coordinator: Directory) -> None:
         self.c = coordinator
         self.counters = {"directions_served": 0, "directions_failed": 0, "directions_delivered": 0,
-                         "directions_rate_limited": 0, "relay_bookings": 0}
+                         "directions_rate_limited": 0, "relay_bookings": 0, "relay_booking_failures": 0}
         self.rate = Buckets(*DIRECTIONS_PER_NODE, max_keys=RATE_NODES_KEPT)
 
     async def peer_info(self, peer: bytes) -> tuple[messages.NodeInfo, bytes]:
@@ -100,6 +100,7 @@ class Signaling:
                 answer = await self.c.federation.book_relay(url, body)
             except FederationError as exc:
                 log.warning("relay %s refused path: %s", url, exc)
+                self.counters["relay_booking_failures"] += 1
                 continue
             self.counters["relay_bookings"] += 1
             return token, list(answer.relay)
@@ -135,6 +136,7 @@ class Signaling:
         path ID of a tunnel between the two that stopped working; both directions carry it so
         both nodes move that tunnel onto the new path (§8.3)."""
         c = self.c
+        started = c.clock.now()
         if not self.rate.take(requester, c.clock.now()):
             self.counters["directions_rate_limited"] += 1
             raise DirectionError("rate_limited", "too many direction requests from this node; retry in a second")
@@ -173,6 +175,8 @@ class Signaling:
             self.counters["directions_failed"] += 1
             raise
         self.counters["directions_served"] += 1
+        c.metrics.routes.labels(route.kind).inc()
+        c.metrics.direction.labels(route.kind).observe(c.clock.now() - started)
         log.info("route %s → %s: %s (%s), path %s", keys.checksum(requester), keys.checksum(peer),
                  route.kind, route.reason, path.hex())
         return messages.RouteChoice(path.hex(), route.kind, route.reason, role_a)

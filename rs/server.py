@@ -21,6 +21,7 @@ from typing import Callable
 from aiohttp import web
 
 from daemon import service
+from daemon.metrics import CONTENT_TYPE, Metrics
 from ntm import envelope, keys, messages
 from ntm.addr import display, for_socket, format_endpoint
 from ntm.errors import ParseError, SignatureError
@@ -110,7 +111,29 @@ class Relay:
 
 # ---------------------------------------------------------------------- HTTP
 
+def relay_metrics(relay: Relay) -> Metrics:
+    """The relay's /metrics: paths, forwarding, refusals."""
+    m = Metrics("ntm_rs")
+    t = relay.table
+    m.gauge("paths", "relay paths booked and not expired", lambda: len(t.paths))
+    m.gauge("paths_bound", "paths with both sides bound (carrying a tunnel)", t.bound_paths)
+    m.gauge("trusted_dcs", "active DCs on chain (who may book paths)", lambda: len(relay.trust.active))
+    m.counters(lambda: {"paths_added": t.paths_added, "binds": t.binds, "forwarded_packets": t.forwarded_packets,
+                        "forwarded_bytes": t.forwarded_bytes, "udp_received": relay.udp_received,
+                        "udp_send_errors": relay.udp_errors, "directions_accepted": relay.directions["accepted"]},
+               {"paths_added": "paths booked by DCs", "binds": "path sides bound by a node's first datagram",
+                "forwarded_packets": "datagrams forwarded", "forwarded_bytes": "bytes forwarded",
+                "udp_received": "datagrams received", "udp_send_errors": "datagrams the OS refused to send",
+                "directions_accepted": "relay directions (bookings) accepted"})
+    m.counters(lambda: dict(t.dropped), {"dropped": "datagrams dropped, by reason"}, ("dropped", "reason"))
+    m.counters(lambda: dict(t.removed), {"paths_removed": "paths removed, by reason"}, ("paths_removed", "reason"))
+    m.counters(lambda: dict(relay.refused), {"directions_refused": "relay directions refused, by reason"},
+               ("directions_refused", "reason"))
+    return m
+
+
 RELAY = web.AppKey("relay", Relay)
+METRICS = web.AppKey("metrics", Metrics)
 ROUTES = web.RouteTableDef()
 
 
@@ -191,40 +214,17 @@ async def handle_health(request: web.Request) -> web.Response:
     return web.json_response({"ok": True, "paths": len(relay.table.paths)})
 
 
-def _labelled(name: str, label: str, counts: dict) -> str:
-    lines = [f"# TYPE {name} counter\n"]
-    lines += [f'{name}{{{label}="{k}"}} {v}\n' for k, v in sorted(counts.items())]
-    return "".join(lines)
-
-
 @ROUTES.get("/metrics")
 @service.admin_only
 async def handle_metrics(request: web.Request) -> web.Response:
-    relay = request.app[RELAY]
-    t = relay.table
-    plain = {
-        "ntm_rs_paths": len(t.paths),
-        "ntm_rs_paths_bound": t.bound_paths(),
-        "ntm_rs_paths_added_total": t.paths_added,
-        "ntm_rs_binds_total": t.binds,
-        "ntm_rs_forwarded_packets_total": t.forwarded_packets,
-        "ntm_rs_forwarded_bytes_total": t.forwarded_bytes,
-        "ntm_rs_udp_received_total": relay.udp_received,
-        "ntm_rs_udp_send_errors_total": relay.udp_errors,
-        "ntm_rs_directions_accepted_total": relay.directions["accepted"],
-        "ntm_rs_trusted_dcs": len(relay.trust.active),
-    }
-    text = service.prometheus_text(plain)
-    text += _labelled("ntm_rs_dropped_total", "reason", dict(t.dropped))
-    text += _labelled("ntm_rs_paths_removed_total", "reason", dict(t.removed))
-    text += _labelled("ntm_rs_directions_refused_total", "reason", relay.refused)
-    return web.Response(text=text, content_type="text/plain")
+    return web.Response(body=request.app[METRICS].render(), headers={"Content-Type": CONTENT_TYPE})
 
 
 def make_app(relay: Relay, admin_allow: tuple = ()) -> web.Application:
     """`admin_allow`: networks that may read /metrics and /v1/paths (empty: loopback only)."""
     app = web.Application(client_max_size=MAX_BODY)
     app[RELAY] = relay
+    app[METRICS] = relay_metrics(relay)
     app[service.ADMIN_ALLOW] = tuple(admin_allow)
     app.add_routes(ROUTES)
     return app

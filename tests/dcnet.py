@@ -205,3 +205,13 @@ class CountingRpc:
 
     async def __aexit__(self, *exc) -> None:
         await self._served.__aexit__(*exc)
+
+
+def metric(text: str, name: str, **labels: str) -> float | None:
+    """The value of one sample in Prometheus text (None if absent), parsed by prometheus_client."""
+    from prometheus_client.parser import text_string_to_metric_families
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return None

@@ -20,7 +20,7 @@ from ntm import envelope, keepalive, keys
 from ntm.record import Domain, NodeTransaction
 from ntm.registration import RegistrationRequest
 from scripts.anvil import Anvil
-from tests.dcnet import CountingRpc, DcNet, until
+from tests.dcnet import CountingRpc, DcNet, metric, until
 
 
 def ntm(home, *args, check=True):
@@ -126,7 +126,7 @@ async def test_bad_input_is_refused_and_changes_nothing(net, tmp_path):
             async def stored():
                 async with http.get(url + "/metrics") as r:
                     text = await r.text()
-                return int(text.split("\nntm_dc_nodes_stored ")[1].split()[0])
+                return int(metric(text, "ntm_dc_nodes_stored"))
 
             now = int(time.time() * 1000)
             assert (await post("{not json", raw=True))[0] == 400

@@ -17,7 +17,7 @@ from aiohttp import web
 from node.agent import Node, NodeError
 from ntm.tunnel import TunnelError
 from ntm import envelope, keys
-from tests.dcnet import local_app, register, until
+from tests.dcnet import local_app, metric, register, until
 
 SECRET = b"attack at dawn: the plaintext the relay must never see"
 
@@ -56,6 +56,39 @@ async def test_direct_tunnel_across_two_dcs(pair):
     assert rtt > 0
 
 
+async def scrape(url: str) -> str:
+    async with aiohttp.ClientSession() as http, http.get(url + "/metrics") as r:
+        assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain")
+        return await r.text()
+
+
+async def test_metrics_say_what_happened(pair, net):
+    """Histograms and labelled counters (prometheus_client, HELP and TYPE on every series) of one
+    cross-DC tunnel: registrations, the direction and its route kind, federation calls, chain state."""
+    a, b = pair
+    await exchange(a, b)
+    dc1, dc2, rs = await scrape(net.urls[0]), await scrape(net.urls[1]), await scrape(net.rs.ready["http"])
+    for text in (dc1, dc2, rs):
+        names = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE")}
+        helped = {line.split()[2] for line in text.splitlines() if line.startswith("# HELP")}
+        assert names and names == helped
+    assert "# TYPE ntm_dc_registration_durable_seconds histogram" in dc1
+    assert metric(dc1, "ntm_dc_registration_durable_seconds_count") >= 1
+    assert metric(dc1, "ntm_dc_registration_confirmed_seconds_count") >= 1
+    assert metric(dc1, "ntm_dc_chain_submit_lag_seconds_count") >= 1
+    assert metric(dc1, "ntm_dc_direction_seconds_count", route="direct") >= 1
+    assert metric(dc1, "ntm_dc_routes_total", route="direct") >= 1
+    assert metric(dc1, "ntm_dc_federation_calls_total", call="/v1/federation/ntm-info", outcome="ok") >= 1
+    assert metric(dc1, "ntm_dc_relay_bookings_total") >= 1  # the fallback booked for every direction
+    assert metric(dc1, "ntm_dc_sessions") >= 1 and metric(dc1, "ntm_dc_chain_ok") == 1
+    assert metric(dc1, "ntm_dc_gas_balance_wei") > 0 and metric(dc1, "ntm_dc_outbox", state="pending") == 0
+    assert metric(rs, "ntm_rs_directions_accepted_total") >= 1
+    async with aiohttp.ClientSession() as http:  # a refusal is counted by route and reason
+        async with http.post(net.urls[0] + "/v1/register", data=b"{not json") as r:
+            assert r.status == 400
+    assert metric(await scrape(net.urls[0]), "ntm_dc_refusals_total", what="/v1/register", reason="malformed") >= 1
+
+
 async def test_forced_relay_sees_only_ciphertext(pair, net):
     a, b = pair
     ta, _ = await exchange(a, b, force_relay=True)
@@ -89,7 +122,7 @@ async def test_roaming_needs_no_new_direction(pair, net):
 async def directions_served(dc_url: str) -> int:
     async with aiohttp.ClientSession() as http, http.get(dc_url + "/metrics") as r:
         text = await r.text()
-    return int(text.split("\nntm_dc_directions_served_total ")[1].split()[0])
+    return int(metric(text, "ntm_dc_directions_served_total"))
 
 
 async def test_unknown_revoked_offline_peers_fail_fast(pair, net, tmp_path):
