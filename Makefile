@@ -1,7 +1,7 @@
 # Entry points everyone relies on: setup (idempotent), demo, test, bench.
 VENV   := .venv
 PY     := $(VENV)/bin/python
-APT_PKGS := iproute2 iptables conntrack iputils-ping docker-compose
+APT_PKGS := iproute2 iptables conntrack iputils-ping docker-compose chromium chromium-driver
 
 .PHONY: setup demo test bench mutate apt clean
 
@@ -18,7 +18,8 @@ node_modules/.installed: package.json package-lock.json
 	touch $@
 
 # The NAT lab tests need ip/iptables/conntrack/ping, the compose test Debian's docker-compose
-# parser; install them when root and missing, else say so.
+# parser, the dashboard test Debian's chromium and chromedriver; install them when root and
+# missing, else say so (those tests then skip, saying why).
 apt:
 	@missing=""; \
 	command -v ip >/dev/null || missing="$$missing iproute2"; \
@@ -26,6 +27,8 @@ apt:
 	command -v conntrack >/dev/null || missing="$$missing conntrack"; \
 	command -v ping >/dev/null || missing="$$missing iputils-ping"; \
 	command -v docker-compose >/dev/null || missing="$$missing docker-compose"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v chromedriver >/dev/null || missing="$$missing chromium-driver"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "installing:$$missing"; \

@@ -18,6 +18,7 @@ from dc import config as dc_config
 from dc.cache import RegistryCache
 from dc.chainstatus import ChainStatus
 from dc.coordinator import Coordinator
+from dc.dashboard import FederationProbe
 from dc.presence import KeepaliveProtocol
 from dc.server import make_app
 from dc.store import Store
@@ -54,7 +55,9 @@ async def serve(cfg: dc_config.DcConfig, stop: asyncio.Event) -> None:
                                                        sock=sock))[0] for alt, sock in ((False, socks[0]), (True, socks[1]))]
     tasks = [asyncio.create_task(cache.run(), name="cache"), asyncio.create_task(coord.submitter.run(), name="submitter"),
              asyncio.create_task(chain_status.run(), name="chain-status")]
-    runner = web.AppRunner(make_app(coord, chain_status, tuple(cfg.admin_allow)), access_log=None,
+    probe = FederationProbe(coord)
+    tasks.append(asyncio.create_task(probe.run(), name="federation-probe"))
+    runner = web.AppRunner(make_app(coord, chain_status, tuple(cfg.admin_allow), probe), access_log=None,
                            keepalive_timeout=cfg.http_idle_timeout)
     await runner.setup()
     site = web.TCPSite(runner, cfg.http_host, cfg.http_port)

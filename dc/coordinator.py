@@ -16,6 +16,7 @@ import coincurve
 from dc.cache import RegistryCache
 from dc.errors import NodeLookupError
 from dc.federation import FederationClient, FederationError, Transport
+from dc.dashboard import Directions
 from dc.groups import GroupService
 from dc.metrics import DcMetrics
 from dc.notices import Notices
@@ -79,6 +80,7 @@ class Coordinator:
         self.clock = clock
         self.presence = Presence(clock.now)
         self.metrics = DcMetrics()
+        self.directions = Directions()  # the latest ones, for the dashboard
         self.submitter = Submitter(store, registry, cache, confirmations, clock.now, self.metrics.submit_lag.observe)
         cache.on_rollback = self.submitter.recheck
         self.guard = envelope.ReplayGuard()

@@ -9,11 +9,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 
 from aiohttp import WSMsgType, web
 
 from daemon import service
 from daemon.metrics import CONTENT_TYPE
+from dc import dashboard
 from dc.chainstatus import ChainStatus
 from dc.coordinator import Coordinator
 from dc.errors import DirectionError, NodeLookupError
@@ -34,6 +36,8 @@ AUTH_TIMEOUT_S = 10.0
 
 COORDINATOR = web.AppKey("coordinator", Coordinator)
 CHAIN_STATUS = web.AppKey("chain_status", ChainStatus)
+PROBE = web.AppKey("probe", dashboard.FederationProbe)
+STARTED = web.AppKey("started", float)
 ROUTES = web.RouteTableDef()
 
 
@@ -154,6 +158,22 @@ async def handle_health(request: web.Request) -> web.Response:
     return web.json_response({"ok": ok, **report}, status=200 if ok else 503)
 
 
+@ROUTES.get("/dashboard")
+@service.admin_only
+async def handle_dashboard(request: web.Request) -> web.Response:
+    """The operator's page (dc/dashboard.py): static HTML that polls /v1/dashboard."""
+    return web.Response(text=dashboard.PAGE.read_text(), content_type="text/html",
+                        headers={"Content-Security-Policy": "default-src 'self'; style-src 'self' 'unsafe-inline'; "
+                                 "script-src 'self' 'unsafe-inline'", "Cache-Control": "no-store"})
+
+
+@ROUTES.get("/v1/dashboard")
+@service.admin_only
+async def handle_dashboard_data(request: web.Request) -> web.Response:
+    return web.json_response(dashboard.snapshot(request.app[COORDINATOR], request.app[CHAIN_STATUS],
+                                                request.app[PROBE], request.app[STARTED]))
+
+
 @ROUTES.get("/metrics")
 @service.admin_only
 async def handle_metrics(request: web.Request) -> web.Response:
@@ -247,11 +267,15 @@ async def direction_request(c: Coordinator, send, node: bytes, req: messages.Dir
         pass  # the session ended meanwhile
 
 
-def make_app(coordinator: Coordinator, chain_status: ChainStatus, admin_allow: tuple = ()) -> web.Application:
-    """`admin_allow`: networks that may read /metrics (empty: loopback only)."""
+def make_app(coordinator: Coordinator, chain_status: ChainStatus, admin_allow: tuple = (),
+             probe: dashboard.FederationProbe | None = None) -> web.Application:
+    """`admin_allow`: networks that may read /metrics and the dashboard (empty: loopback only).
+    `probe`: the running federation probe the dashboard reports (none: DCs show as not probed)."""
     app = web.Application(client_max_size=MAX_BODY, middlewares=[errors_middleware])
     app[COORDINATOR] = coordinator
     app[CHAIN_STATUS] = chain_status
+    app[PROBE] = probe or dashboard.FederationProbe(coordinator)
+    app[STARTED] = time.monotonic()
     coordinator.metrics.watch(coordinator, chain_status)
     app[service.ADMIN_ALLOW] = tuple(admin_allow)
     app.add_routes(ROUTES)

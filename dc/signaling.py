@@ -171,12 +171,14 @@ class Signaling:
             else:  # the requester starts (or both punch): the peer listens first
                 await self.deliver_to(home, peer, dir_b)
                 await self.push(requester, dir_a)
-        except DirectionError:
+        except DirectionError as exc:
             self.counters["directions_failed"] += 1
+            c.directions.add(requester, peer, "refused", exc.code, (c.clock.now() - started) * 1000)
             raise
         self.counters["directions_served"] += 1
         c.metrics.routes.labels(route.kind).inc()
         c.metrics.direction.labels(route.kind).observe(c.clock.now() - started)
+        c.directions.add(requester, peer, route.kind, route.reason, (c.clock.now() - started) * 1000)
         log.info("route %s → %s: %s (%s), path %s", keys.checksum(requester), keys.checksum(peer),
                  route.kind, route.reason, path.hex())
         return messages.RouteChoice(path.hex(), route.kind, route.reason, role_a)

@@ -133,6 +133,12 @@ class Store:
             return None
         return StoredNode(row[0], row[1], row[2], bool(row[3]), tuple(json.loads(row[4])))
 
+    def recent_nodes(self, limit: int) -> list[StoredNode]:
+        """The nodes with the newest records (the dashboard's list)."""
+        rows = self.db.execute("SELECT node, pubkey, timestamp, revoked, local_addrs FROM nodes "
+                               "ORDER BY timestamp DESC LIMIT ?", (limit,)).fetchall()
+        return [StoredNode(r[0], r[1], r[2], bool(r[3]), tuple(json.loads(r[4]))) for r in rows]
+
     def node_count(self) -> int:
         return self.db.execute("SELECT count(*) FROM nodes").fetchone()[0]
 

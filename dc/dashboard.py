@@ -1,0 +1,110 @@
+"""The DC's dashboard: one read-only page (GET /dashboard, dc/dashboard.html) that polls one JSON
+snapshot (GET /v1/dashboard) every DASHBOARD_REFRESH_S.
+
+Who may see it: the operator's networks only (--admin-allow, default loopback), as /metrics. It
+lists node IDs, who is online and who talks to whom: nothing a node or a stranger should read.
+
+The snapshot: this DC; the federation (every DC on chain, its endpoint, whether it answers, probed
+every PROBE_S); the chain (head, block age, gas balance, outbox); nodes (registered here, online,
+and per home DC across the registry); the latest directions with their route kinds; relay usage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from ntm import keys
+
+PAGE = Path(__file__).with_name("dashboard.html")
+DASHBOARD_REFRESH_S = 2.0  # what the page polls at: live enough, and one small JSON per 2 s
+PROBE_S = 10.0  # each other DC's /healthz is asked this often
+PROBE_TIMEOUT_S = 3.0
+RECENT_DIRECTIONS = 50
+NODES_LISTED = 100
+
+
+@dataclass
+class Probe:
+    reachable: bool
+    healthy: bool
+    ms: float | None
+    at: float
+    error: str = ""
+
+
+class Directions:
+    """The latest Direction Requests this DC served or refused (for the page; metrics count them all)."""
+
+    def __init__(self, size: int = RECENT_DIRECTIONS) -> None:
+        self.recent: deque[dict] = deque(maxlen=size)
+
+    def add(self, requester: bytes, peer: bytes, route: str, reason: str, ms: float) -> None:
+        self.recent.appendleft({"at": int(time.time() * 1000), "requester": keys.checksum(requester),
+                                "peer": keys.checksum(peer), "route": route, "reason": reason, "ms": round(ms, 1)})
+
+
+class FederationProbe:
+    """Asks every other active DC's /healthz every PROBE_S: reachable, healthy, round trip."""
+
+    def __init__(self, c: Any) -> None:
+        self.c = c
+        self.results: dict[bytes, Probe] = {}
+
+    async def run(self) -> None:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT_S)) as http:
+            while True:
+                others = [d for d in self.c.cache.dcs.values() if d.active and d.address != self.c.address]
+                await asyncio.gather(*(self._probe(http, d.address, d.endpoint) for d in others))
+                await asyncio.sleep(PROBE_S)
+
+    async def _probe(self, http: aiohttp.ClientSession, dc: bytes, endpoint: str) -> None:
+        t0 = time.monotonic()
+        try:
+            async with http.get(endpoint.rstrip("/") + "/healthz") as r:
+                healthy = r.status == 200
+            self.results[dc] = Probe(True, healthy, (time.monotonic() - t0) * 1000, time.time())
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            self.results[dc] = Probe(False, False, None, time.time(), str(exc) or type(exc).__name__)
+
+
+def snapshot(c: Any, chain: Any, probe: FederationProbe, started: float) -> dict:
+    """Everything the page shows, from the coordinator's state (no chain call, no network)."""
+    report = chain.report()
+    per_dc: dict[bytes, int] = {}
+    for rec in c.cache.nodes.values():
+        if not rec.revoked:
+            per_dc[rec.dc] = per_dc.get(rec.dc, 0) + 1
+    dcs = []
+    for d in sorted(c.cache.dcs.values(), key=lambda d: d.hostname):
+        p = probe.results.get(d.address)
+        me = d.address == c.address
+        dcs.append({"dc": keys.checksum(d.address), "hostname": d.hostname, "endpoint": d.endpoint, "active": d.active,
+                    "self": me, "reachable": True if me else (p.reachable if p else None),
+                    "healthy": None if me or p is None else p.healthy, "rtt_ms": round(p.ms, 1) if p and p.ms else None,
+                    "error": p.error if p else "", "nodes": per_dc.get(d.address, 0)})
+    nodes = []
+    for n in c.store.recent_nodes(NODES_LISTED):
+        session = c.presence.sessions.get(n.node)
+        nodes.append({"node": keys.checksum(n.node), "registered_ms": n.timestamp, "revoked": n.revoked,
+                      "online": session is not None, "observed": session.observed if session else None})
+    sig = c.signaling.counters
+    return {
+        "dc": {"dc": keys.checksum(c.address), "hostname": c.hostname, "uptime_s": round(time.monotonic() - started),
+               "active": c.cache.is_active_dc(c.address), "cs": c.cs},
+        "federation": dcs,
+        "chain": {**report, "outbox": {s: c.store.count_outbox(s) for s in ("pending", "confirmed", "rejected")},
+                  "chain_id": c.registry.chain_id, "registry": keys.checksum(c.registry.address)},
+        "nodes": {"registered": c.store.node_count(), "online": len(c.presence.sessions),
+                  "in_registry": sum(per_dc.values()), "list": nodes},
+        "directions": {"served": sig["directions_served"], "failed": sig["directions_failed"],
+                       "recent": list(c.directions.recent)},
+        "relay": {"relays": c.relays, "bookings": sig["relay_bookings"], "failures": sig["relay_booking_failures"]},
+        "refresh_s": DASHBOARD_REFRESH_S,
+    }
