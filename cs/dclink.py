@@ -14,6 +14,8 @@ from typing import Any
 
 import aiohttp
 import coincurve
+from cachetools import TTLCache
+from tenacity import AsyncRetrying, stop_after_attempt, wait_exponential
 
 from ntm import envelope, keys, messages
 from ntm.errors import CodedError, NtmError
@@ -42,8 +44,9 @@ class DcLink:
         self.key = dc_key
         self.clock_ms = clock_ms
         self._http: aiohttp.ClientSession | None = None
-        self._verdicts: dict[bytes, tuple[float, messages.NodeInfo | None]] = {}
-        self._dcs: tuple[float, dict[bytes, str]] | None = None
+        # expiring LRU caches: a verdict lives VERDICT_TTL_S, the oldest goes first when full
+        self._verdicts: TTLCache[bytes, messages.NodeInfo | None] = TTLCache(VERDICTS_KEPT, VERDICT_TTL_S)
+        self._dcs: TTLCache[str, dict[bytes, str]] = TTLCache(1, DC_LIST_TTL_S)
         self.counters = {"notices_sent": 0, "notices_failed": 0, "whois": 0}
 
     @property
@@ -70,15 +73,11 @@ class DcLink:
         return messages.decode(answer, text)
 
     async def whois(self, node: bytes) -> messages.NodeInfo | None:
-        now = time.monotonic()
-        hit = self._verdicts.get(node)
-        if hit and hit[0] > now:
-            return hit[1]
+        if node in self._verdicts:
+            return self._verdicts[node]
         self.counters["whois"] += 1
         info = await self._get(f"/v1/nodes/{keys.checksum(node)}", messages.NodeInfo)
-        if len(self._verdicts) >= VERDICTS_KEPT:
-            self._verdicts.clear()
-        self._verdicts[node] = (now + VERDICT_TTL_S, info)
+        self._verdicts[node] = info
         return info
 
     async def check(self, node: bytes) -> messages.NodeInfo:
@@ -91,33 +90,37 @@ class DcLink:
         return info
 
     async def _home_endpoint(self, home: bytes) -> str | None:
-        now = time.monotonic()
-        if self._dcs is None or self._dcs[0] < now:
+        if "dcs" not in self._dcs:
             listing = await self._get("/v1/dcs", messages.DcList)
-            self._dcs = (now + DC_LIST_TTL_S, {keys.parse_node_id(d.dc): d.endpoint for d in listing.dcs})
-        return self._dcs[1].get(home)
+            self._dcs["dcs"] = {keys.parse_node_id(d.dc): d.endpoint for d in listing.dcs}
+        return self._dcs["dcs"].get(home)
+
+    async def _notify_once(self, notice: messages.CsNotice) -> None:
+        node = keys.parse_node_id(notice.node)
+        try:
+            info = await self.check(node)
+            endpoint = await self._home_endpoint(keys.parse_node_id(info.home_dc))
+            if endpoint is None:
+                raise CsError("home_dc_unknown", f"home DC {info.home_dc} is not active")
+            body = envelope.seal(self.key, messages.CS_NOTICE, messages.encode(notice), self.clock_ms())
+            async with self.http.post(endpoint.rstrip("/") + "/v1/federation/cs-notice", json=body) as r:
+                if r.status != 200:
+                    raise CsError("notice_refused", f"{r.status} {await r.text()}")
+        except (NtmError, aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+            log.info("notice of item %s for %s not delivered: %s", notice.item, notice.node, exc)
+            self._verdicts.pop(node, None)  # the home may have changed
+            raise
 
     async def notify(self, notice: messages.CsNotice) -> bool:
-        """Tell the recipient's home DC (retried with backoff); False if it never took it."""
-        delay = NOTIFY_RETRY_S
-        for attempt in range(NOTIFY_ATTEMPTS):
-            try:
-                info = await self.check(keys.parse_node_id(notice.node))
-                endpoint = await self._home_endpoint(keys.parse_node_id(info.home_dc))
-                if endpoint is None:
-                    raise CsError("home_dc_unknown", f"home DC {info.home_dc} is not active")
-                body = envelope.seal(self.key, messages.CS_NOTICE, messages.encode(notice), self.clock_ms())
-                async with self.http.post(endpoint.rstrip("/") + "/v1/federation/cs-notice", json=body) as r:
-                    if r.status == 200:
-                        self.counters["notices_sent"] += 1
-                        return True
-                    why = f"{r.status} {await r.text()}"
-            except (NtmError, aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
-                why = str(exc)
-            log.info("notice of item %s for %s not delivered (attempt %d): %s", notice.item, notice.node,
-                     attempt + 1, why)
-            self._verdicts.pop(keys.parse_node_id(notice.node), None)  # the home may have changed
-            await asyncio.sleep(delay)
-            delay *= 2
-        self.counters["notices_failed"] += 1
-        return False
+        """Tell the recipient's home DC, retried NOTIFY_ATTEMPTS times with a doubling delay from
+        NOTIFY_RETRY_S (tenacity); False if it never took it."""
+        try:
+            async for attempt in AsyncRetrying(stop=stop_after_attempt(NOTIFY_ATTEMPTS),
+                                               wait=wait_exponential(multiplier=NOTIFY_RETRY_S, max=60), reraise=True):
+                with attempt:
+                    await self._notify_once(notice)
+        except (NtmError, aiohttp.ClientError, OSError, asyncio.TimeoutError):
+            self.counters["notices_failed"] += 1
+            return False
+        self.counters["notices_sent"] += 1
+        return True
