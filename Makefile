@@ -7,10 +7,12 @@ APT_PKGS := iproute2 iptables conntrack iputils-ping docker-compose chromium chr
 
 setup: $(VENV)/.installed node_modules/.installed apt
 
-$(VENV)/.installed: pyproject.toml
+# constraints.txt pins every transitive package (pip freeze of a working venv), so a fresh
+# setup installs what the tests ran with; pyproject.toml pins what the code imports.
+$(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $@
 
 node_modules/.installed: package.json package-lock.json
