@@ -24,7 +24,7 @@ from eth_account import Account
 from daemon import keystore
 from ntm import keys
 from ntm.errors import NtmError
-from chain.registry import Registry, RegistryError, load_artifact
+from chain.registry import Registry, RegistryError, fee_fields, load_artifact
 
 
 class DeployError(NtmError):
@@ -166,6 +166,37 @@ async def deploy(rpc: str, key: bytes, out: Path, dcs: list[tuple[bytes, str, st
     return {**deployment, "action": action}
 
 
+async def fund(rpc: str, deployer_key: bytes, addresses: list[bytes], amount: int) -> list[str]:
+    """Top up each address from the deployer to `amount` wei if it holds less than a tenth of it."""
+    from web3 import AsyncHTTPProvider, AsyncWeb3
+
+    w3 = AsyncWeb3(AsyncHTTPProvider(rpc, exception_retry_configuration=None), middleware=[])
+    acct = Account.from_key(deployer_key)
+    done = []
+    try:
+        chain_id = await w3.eth.chain_id
+        for address in addresses:
+            to = keys.checksum(address)
+            balance = await w3.eth.get_balance(to)
+            if balance >= amount // 10:
+                continue
+            price = await w3.eth.gas_price
+            tx = {"from": acct.address, "to": to, "value": amount - balance, "gas": 21_000, "chainId": chain_id,
+                  **fee_fields(price), "nonce": await w3.eth.get_transaction_count(acct.address, "pending")}
+            tx_hash = await w3.eth.send_raw_transaction(acct.sign_transaction(tx).raw_transaction)
+            receipt = await w3.eth.wait_for_transaction_receipt(tx_hash, timeout=120)
+            if receipt["status"] != 1:
+                raise DeployError(f"funding {to} from {acct.address} failed on chain")
+            done.append(to)
+    except NtmError:
+        raise
+    except Exception as exc:  # web3 raises many types; one readable line is what a user needs
+        raise DeployError(f"funding the DCs from {acct.address} failed: {exc}") from None
+    finally:
+        await w3.provider.disconnect()
+    return done
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="ntm-deploy", description=__doc__.splitlines()[0])
     ap.add_argument("--rpc", required=True, help="chain JSON-RPC URL")
@@ -180,6 +211,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--wait", type=float, default=0, metavar="S",
                     help="wait up to S seconds for the chain to answer and make its first block")
     ap.add_argument("--out", default="deployment.json", help="deployment file (reused if live)")
+    ap.add_argument("--fund", type=float, default=0.0, metavar="ETH",
+                    help="top up every DC given to ETH from the deployer (when it holds less than a tenth): "
+                         "a DC pays gas for its nodes' records")
     return ap
 
 
@@ -193,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.wait:
                 await wait_for_chain(args.rpc, args.wait)
             await deploy(args.rpc, key, Path(args.out), dcs)
+            if args.fund > 0:
+                for address in await fund(args.rpc, key, [d[0] for d in dcs], int(args.fund * 10**18)):
+                    print(f"funded {address} with {args.fund:g} ETH")
 
         asyncio.run(run())
     except NtmError as exc:  # RegistryError, DeployError, KeystoreError

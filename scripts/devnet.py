@@ -30,14 +30,12 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from eth_account import Account
 
 from node import state
 from daemon import keystore
 from daemon.service import LockHeld, hold_lock
 from ntm import keys
 from ntm.errors import NtmError
-from chain.registry import fee_fields
 from scripts import deploy as deploy_mod
 from scripts.anvil import DEV_KEYS, Anvil, AnvilError
 from scripts.procs import Child, dc_child, dying_with_parent, free_port, has_ipv6_loopback
@@ -147,37 +145,6 @@ def dc_key(data_dir: Path, name: str):
     return path, keystore.load_keystore(path, passphrase)
 
 
-async def fund(rpc: str, deployer_key: bytes, addresses: list[bytes], amount: int = FUND_WEI) -> list[str]:
-    """Top up each address from the deployer to `amount` wei if it holds less than a tenth of it."""
-    from web3 import AsyncHTTPProvider, AsyncWeb3
-
-    w3 = AsyncWeb3(AsyncHTTPProvider(rpc, exception_retry_configuration=None), middleware=[])
-    acct = Account.from_key(deployer_key)
-    done = []
-    try:
-        chain_id = await w3.eth.chain_id
-        for address in addresses:
-            to = keys.checksum(address)
-            balance = await w3.eth.get_balance(to)
-            if balance >= amount // 10:
-                continue
-            price = await w3.eth.gas_price
-            tx = {"from": acct.address, "to": to, "value": amount - balance, "gas": 21_000, "chainId": chain_id,
-                  **fee_fields(price), "nonce": await w3.eth.get_transaction_count(acct.address, "pending")}
-            tx_hash = await w3.eth.send_raw_transaction(acct.sign_transaction(tx).raw_transaction)
-            receipt = await w3.eth.wait_for_transaction_receipt(tx_hash, timeout=120)
-            if receipt["status"] != 1:
-                raise DevnetError(f"funding {to} from {acct.address} failed on chain")
-            done.append(to)
-    except NtmError:
-        raise
-    except Exception as exc:  # web3 raises many types; one readable line is what a user needs
-        raise DevnetError(f"funding the DC keys from {acct.address} failed: {exc}") from None
-    finally:
-        await w3.provider.disconnect()
-    return done
-
-
 async def deploy_and_fund(rpc: str, deployer_key: bytes, data_dir: Path, dcs: list[tuple[str, bytes, str]]) -> dict:
     """scripts/deploy.py's run() (idempotent: reuses a live registry, admits or updates DCs), then
     funding. A fresh registry makes the DCs' SQLite files stale: they are removed."""
@@ -189,7 +156,7 @@ async def deploy_and_fund(rpc: str, deployer_key: bytes, data_dir: Path, dcs: li
     if before and before != dep["registry"]:
         for name, _, _ in dcs:
             (data_dir / f"{name}.sqlite").unlink(missing_ok=True)
-    funded = await fund(rpc, deployer_key, [addr for _, addr, _ in dcs])
+    funded = await deploy_mod.fund(rpc, deployer_key, [addr for _, addr, _ in dcs], FUND_WEI)
     return {**dep, "funded": funded, "deploy_log": "\n".join(log)}
 
 
