@@ -268,8 +268,11 @@ async def cmd_up(args, base: Path) -> None:
 
     try:
         await daemon.up(base, key, st, opts, ready)
-    except (asyncio.TimeoutError, OSError) as exc:
-        raise CliError(f"could not start the node at {st['dc_url']}: {exc or type(exc).__name__}") from None
+    except asyncio.TimeoutError:
+        raise CliError(f"the DC at {st['dc_url']} did not open a session in time (is it up and answering?)",
+                       UNREACHABLE) from None
+    except OSError as exc:
+        raise CliError(f"could not start the node at {st['dc_url']}: {exc.strerror or exc}", USAGE) from None
     event(args, {"event": "down"}, "stopped")
 
 

@@ -141,6 +141,8 @@ def test_a_silent_dc_gives_a_real_reason_and_exit_4(homes):
         results = list(pool.map(lambda args: ntm(homes["ok"], "--timeout", "1", *args), DC_COMMANDS))
     for proc in results:
         one_line(proc, UNREACHABLE, "did not answer within 1 s")
+    up = ntm(homes["ok"], "--timeout", "1", "up", "--no-tun", "--port", "0")
+    one_line(up, UNREACHABLE, "did not open a session in time")
     status = ntm(homes["ok"], "--timeout", "1", "--json", "status")  # reports, does not fail
     assert status.returncode == 0 and "did not answer within 1 s" in json.loads(status.stdout)["dc_error"]
 
@@ -206,3 +208,37 @@ def test_help_version_and_completion(homes):
         assert proc.returncode == 0 and proc.stderr == "" and "ntm" in proc.stdout
     proc = ntm(homes["ok"], "completion", "bash")
     assert proc.returncode == 0 and "complete" in proc.stdout and "group" in proc.stdout
+
+
+def test_the_passphrase_is_asked_on_a_terminal_and_read_from_a_file(tmp_path):
+    import fcntl
+    import pty
+    import select
+    import termios
+
+    master, slave = pty.openpty()
+
+    def controlling_tty() -> None:
+        os.setsid()
+        fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
+
+    env = {k: v for k, v in os.environ.items() if k != "NTM_PASSPHRASE"}
+    home = tmp_path / "tty"
+    proc = subprocess.Popen([sys.executable, "-m", "node.cli", "--home", str(home), "keygen"], stdin=slave,
+                            stdout=slave, stderr=slave, env=env, preexec_fn=controlling_tty, close_fds=True,
+                            pass_fds=(slave,))
+    os.close(slave)
+    seen = b""
+    for prompt in (b"passphrase for the node key: ", b"again: "):
+        deadline = time.monotonic() + 20
+        while prompt not in seen and time.monotonic() < deadline:
+            if select.select([master], [], [], 0.5)[0]:
+                seen += os.read(master, 1024)
+        assert prompt in seen, seen
+        os.write(master, b"s3cret\n")
+    assert proc.wait(30) == 0
+    os.close(master)
+    (tmp_path / "pw").write_text("s3cret\n")
+    assert ntm(home, "--password-file", str(tmp_path / "pw"), "status", passphrase=None).returncode == 0
+    assert ntm(home, "status", passphrase="s3cret").returncode == 0
+    one_line(ntm(home, "status", passphrase="wrong"), USAGE, "wrong passphrase")
