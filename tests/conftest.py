@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import pytest
 
 from chain.registry import Registry
+from ntm import keys
 from scripts.anvil import Anvil
 
 
@@ -56,3 +57,21 @@ async def net(tmp_path):
             yield net
         finally:
             net.stop()
+
+
+@pytest.fixture
+async def pair(net):
+    """Node A at DC1 and node B at DC2, both online (in-process Nodes)."""
+    from node.agent import Node
+    from tests.dcnet import register
+
+    ka, kb = keys.generate(), keys.generate()
+    await register(net.urls[0], ka)
+    await register(net.urls[1], kb)
+    a = await Node.start(ka, net.urls[0], host="127.0.0.1", port=0)
+    b = await Node.start(kb, net.urls[1], host="127.0.0.1", port=0)
+    try:
+        yield a, b
+    finally:
+        await a.close()
+        await b.close()

@@ -12,9 +12,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from node.agent import Node
 from ntm import keys
-from tests.dcnet import register, until
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = Path(os.environ.get("NTM_TEST_ARTIFACTS", ROOT / "test-artifacts"))
@@ -44,42 +42,34 @@ def browser():
 
 
 @needs_browser
-async def test_the_dashboard_shows_the_federation_chain_nodes_directions_and_relay(net):
-    ka, kb = keys.generate(), keys.generate()
-    await register(net.urls[0], ka)
-    await register(net.urls[1], kb)
-    a = await Node.start(ka, net.urls[0], host="127.0.0.1", port=0)
-    b = await Node.start(kb, net.urls[1], host="127.0.0.1", port=0)
-    try:
-        t = await a.connect(b.id)
-        await asyncio.wait_for(b.accept(), 5)
-        # the JSON the page polls
-        async with aiohttp.ClientSession() as http, http.get(net.urls[0] + "/v1/dashboard") as r:
-            assert r.status == 200
-            d = await r.json()
-        assert [f["hostname"] for f in d["federation"]] == ["dc1", "dc2"] and d["chain"]["chain"] == "ok"
-        assert d["directions"]["recent"][0]["route"] == t.kind and d["nodes"]["online"] == 1
+async def test_the_dashboard_shows_the_federation_chain_nodes_directions_and_relay(net, pair):
+    a, b = pair
+    t = await a.connect(b.id)
+    await asyncio.wait_for(b.accept(), 5)
+    # the JSON the page polls
+    async with aiohttp.ClientSession() as http, http.get(net.urls[0] + "/v1/dashboard") as r:
+        assert r.status == 200
+        d = await r.json()
+    assert [f["hostname"] for f in d["federation"]] == ["dc1", "dc2"] and d["chain"]["chain"] == "ok"
+    assert d["directions"]["recent"][0]["route"] == t.kind and d["nodes"]["online"] == 1
 
-        def look() -> dict:
-            driver = browser()
-            try:
-                driver.get(net.urls[0] + "/dashboard")
-                wait = WebDriverWait(driver, 40, poll_frequency=0.5)
-                # live: it fetched, rendered, and dc2 has been probed and answered
-                wait.until(lambda drv: "live" in drv.find_element(By.ID, "status").text)
-                wait.until(lambda drv: "yes" in drv.find_element(By.ID, "federation").text.split("dc2", 1)[-1])
-                seen = {name: driver.find_element(By.ID, name).text
-                        for name in ("hostname", "chain", "federation", "directions", "nodes", "relay", "nodes-summary")}
-                ARTIFACTS.mkdir(parents=True, exist_ok=True)
-                driver.save_screenshot(str(ARTIFACTS / "dashboard.png"))
-                return seen
-            finally:
-                driver.quit()
+    def look() -> dict:
+        driver = browser()
+        try:
+            driver.get(net.urls[0] + "/dashboard")
+            wait = WebDriverWait(driver, 40, poll_frequency=0.5)
+            # live: it fetched, rendered, and dc2 has been probed and answered
+            wait.until(lambda drv: "live" in drv.find_element(By.ID, "status").text)
+            wait.until(lambda drv: "yes" in drv.find_element(By.ID, "federation").text.split("dc2", 1)[-1])
+            seen = {name: driver.find_element(By.ID, name).text
+                    for name in ("hostname", "chain", "federation", "directions", "nodes", "relay", "nodes-summary")}
+            ARTIFACTS.mkdir(parents=True, exist_ok=True)
+            driver.save_screenshot(str(ARTIFACTS / "dashboard.png"))
+            return seen
+        finally:
+            driver.quit()
 
-        seen = await asyncio.to_thread(look)
-    finally:
-        await a.close()
-        await b.close()
+    seen = await asyncio.to_thread(look)
     a_id, b_id = keys.checksum(a.id), keys.checksum(b.id)
     assert seen["hostname"] == "dc1"
     assert "state\nok" in seen["chain"] and f"head\n{d['chain']['head']}" in seen["chain"]

@@ -22,21 +22,6 @@ from tests.dcnet import local_app, metric, register, until
 SECRET = b"attack at dawn: the plaintext the relay must never see"
 
 
-@pytest.fixture
-async def pair(net):
-    """Node A at DC1 and node B at DC2, both online."""
-    ka, kb = keys.generate(), keys.generate()
-    await register(net.urls[0], ka)
-    await register(net.urls[1], kb)
-    a = await Node.start(ka, net.urls[0], host="127.0.0.1", port=0)
-    b = await Node.start(kb, net.urls[1], host="127.0.0.1", port=0)
-    try:
-        yield a, b
-    finally:
-        await a.close()
-        await b.close()
-
-
 async def exchange(a: Node, b: Node, force_relay: bool = False):
     ta = await a.connect(b.id, force_relay=force_relay)
     tb = await asyncio.wait_for(b.accept(), 5)
