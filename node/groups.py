@@ -307,16 +307,23 @@ class Groups:
         g = self.find(ref)
         self._need_admin(g)
         async with self._lock(g):
-            if g.pending_remove is None or g.pending_remove[0] != node:
-                gen = max(g.rn1) + 1
-                g.rn1[gen] = group.new_rn()
-                g.pending_remove = (node, gen)
-                self.save(g)
+            if g.pending_remove is not None and g.pending_remove[0] != node:
+                await self._finish_remove(g)  # an earlier removal first
+            if g.pending_remove is None:
+                self._stage_removal(g, node)
             await self._finish_remove(g)
             await self._sync_members(g)
         return self.describe(g)
 
-    async def _finish_remove(self, g: GroupState) -> None:
+    def _stage_removal(self, g: GroupState, node: bytes) -> None:
+        """The generation after the current one as we know it, saved with the pending removal (a
+        GMS that moved on refuses it, and _finish_remove stages again from its answer)."""
+        gen = (g.epochs[g.epoch].rn1_gen if g.epoch in g.epochs else max(g.rn1)) + 1
+        g.rn1[gen] = group.new_rn()  # never handed out yet: the GMS has not started it
+        g.pending_remove = (node, gen)
+        self.save(g)
+
+    async def _finish_remove(self, g: GroupState, again: bool = True) -> None:
         assert g.pending_remove is not None
         node, gen = g.pending_remove
         try:
@@ -328,11 +335,9 @@ class Groups:
             g.pending_remove = None
             self.save(g)
             await self.refresh(g)
-            if node in g.members():
-                g.rn1[max(g.rn1) + 1] = group.new_rn()
-                g.pending_remove = (node, max(g.rn1))
-                self.save(g)
-                return await self._finish_remove(g)
+            if again and node in g.members():
+                self._stage_removal(g, node)
+                return await self._finish_remove(g, again=False)
             raise
         g.pending_remove = None
         self._apply(g, view)

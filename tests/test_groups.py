@@ -308,8 +308,12 @@ def start_daemon(m: Member) -> None:
 async def test_a_member_offline_during_a_rekey_catches_up_at_its_next_start(fed):
     net, (alice, bob, carol, dave) = fed
     gid = await group_with(alice, "away", [bob, carol])
+    await cli(alice, "invite", gid, dave.id)  # an invitation withdrawn: no new epoch, no new RN1
+    withdrawn = await cli(alice, "remove", gid, dave.id)
+    assert (withdrawn["epoch"], withdrawn["rn1_gen"]) == (3, 1)
     stop(carol.proc)  # carol is offline while bob is removed and alice writes
     removed = await cli(alice, "remove", gid, bob.id)
+    assert (removed["epoch"], removed["rn1_gen"]) == (4, 2)
     sent = await cli(alice, "send", gid, "while you were away")
     assert sent["cs"] == [carol.id] and sent["epoch"] == removed["epoch"]
     assert str(removed["rn1_gen"]) not in carol.state(gid)["rn1"]
