@@ -21,6 +21,7 @@ import pytest_asyncio
 
 from daemon import keystore
 from node.cs_client import CsClient, bytes_chunks
+from node import control
 from node.groups import CONTROL, GROUP_APP, MSG
 from ntm import envelope, group, keys, seal
 from ntm.group import GroupError, GroupMessage
@@ -60,6 +61,12 @@ async def cli(m: Member, *args: str) -> dict:
     return json.loads(proc.stdout)
 
 
+async def ctl(m: Member, request: str, **body) -> dict:
+    """A group request straight to `m`'s daemon (its control socket): what the CLI sends, without
+    starting a Python process each time. The first test goes through the CLI itself."""
+    return await control.call(m.home, f"group.{request}", body, timeout=90)
+
+
 async def refused(m: Member, *args: str) -> str:
     proc = await asyncio.to_thread(run, m.home, "group", *args)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr and len(proc.stderr.splitlines()) == 1, proc.stderr
@@ -88,17 +95,18 @@ async def fed(tmp_path_factory):
                     stop(m.proc)
 
 
-async def group_with(admin: Member, name: str, others: list[Member]) -> str:
-    gid = (await cli(admin, "create", name))["gid"]
+async def group_with(admin: Member, name: str, others: list[Member], gid: str | None = None) -> str:
+    """`admin` creates group `name` (unless `gid` says it did), invites `others`, they accept."""
+    gid = gid or (await ctl(admin, "create", name=name))["gid"]
     for m in others:
-        inv = await cli(admin, "invite", gid, m.id)
+        inv = await ctl(admin, "invite", group=gid, node=m.id)
         assert inv["invited"] == m.id and inv["via"] in ("tunnel", "cs")
 
     for m in others:  # the invitation reaches each (over a tunnel or through a Cache Server)
         async def invited(m=m):
-            return any(g["gid"] == gid for g in (await cli(m, "members"))["groups"])
-        await until(invited, timeout=30, interval=0.3)
-        joined = await cli(m, "accept", gid)
+            return any(g["gid"] == gid for g in (await ctl(m, "members"))["groups"])
+        await until(invited, timeout=30, interval=0.2)
+        joined = await ctl(m, "accept", group=gid)
         assert joined["status"] == "member"
     return gid
 
@@ -151,7 +159,9 @@ async def refusals(m: Member) -> dict:
 
 async def test_four_members_across_two_dcs_join_leave_and_keys(fed):
     net, (alice, bob, carol, dave) = fed
-    gid = await group_with(alice, "team", [bob, carol])
+    created = await cli(alice, "create", "team")
+    assert (created["epoch"], created["members"], created["admin"]) == (1, [alice.id], alice.id)
+    gid = await group_with(alice, "team", [bob, carol], created["gid"])
     sent = await cli(alice, "send", gid, "m1: before dave")
     assert sent["epoch"] == 3 and sorted(sent["tunnel"] + sent["cs"]) == sorted([bob.id, carol.id])
     for m in (bob, carol):
@@ -214,7 +224,7 @@ async def test_four_members_across_two_dcs_join_leave_and_keys(fed):
 async def test_impersonation_replay_and_non_members_are_refused(fed):
     net, (alice, bob, carol, dave) = fed
     gid = await group_with(alice, "guarded", [bob, carol])
-    await cli(bob, "send", gid, "honest bob")
+    await ctl(bob, "send", group=gid, text="honest bob")
     wire = bytes.fromhex((await received(alice, gid, "honest bob"))["wire"])
     st = bob.state(gid)
     epoch = st["epoch"]
@@ -284,15 +294,15 @@ async def test_kill9_of_the_gms_during_a_rekey_converges(fed):
     net.start_dc(0)  # same key, port and SQLite file
 
     async def converged():
-        views = [await cli(m, "members", gid) for m in (alice, bob, carol)]
+        views = [await ctl(m, "members", group=gid) for m in (alice, bob, carol)]
         epochs = {v["epoch"] for v in views}
         gms_epoch = max(r[0] for r in gms_rows(net, gid))
         return len(epochs) == 1 and epochs == {gms_epoch} and views[0]["pending_removal"] is None \
             and all(v["has_key"] for v in views) and views
     views = await until(converged, timeout=60, interval=1.0)
     assert views[0]["epoch"] == before + 1 and dave.id not in views[0]["members"]
-    assert (await cli(dave, "members", gid))["status"] == "removed"
-    sent = await cli(carol, "send", gid, "after the crash")
+    assert (await ctl(dave, "members", group=gid))["status"] == "removed"
+    sent = await ctl(carol, "send", group=gid, text="after the crash")
     assert sorted(sent["tunnel"] + sent["cs"]) == sorted([alice.id, bob.id])
     for m in (alice, bob):
         await received(m, gid, "after the crash")
@@ -308,17 +318,17 @@ def start_daemon(m: Member) -> None:
 async def test_a_member_offline_during_a_rekey_catches_up_at_its_next_start(fed):
     net, (alice, bob, carol, dave) = fed
     gid = await group_with(alice, "away", [bob, carol])
-    await cli(alice, "invite", gid, dave.id)  # an invitation withdrawn: no new epoch, no new RN1
-    withdrawn = await cli(alice, "remove", gid, dave.id)
+    await ctl(alice, "invite", group=gid, node=dave.id)  # an invitation withdrawn: no new epoch, no new RN1
+    withdrawn = await ctl(alice, "remove", group=gid, node=dave.id)
     assert (withdrawn["epoch"], withdrawn["rn1_gen"]) == (3, 1)
     stop(carol.proc)  # carol is offline while bob is removed and alice writes
-    removed = await cli(alice, "remove", gid, bob.id)
+    removed = await ctl(alice, "remove", group=gid, node=bob.id)
     assert (removed["epoch"], removed["rn1_gen"]) == (4, 2)
-    sent = await cli(alice, "send", gid, "while you were away")
+    sent = await ctl(alice, "send", group=gid, text="while you were away")
     assert sent["cs"] == [carol.id] and sent["epoch"] == removed["epoch"]
     assert str(removed["rn1_gen"]) not in carol.state(gid)["rn1"]
     await asyncio.to_thread(start_daemon, carol)  # the Cache Server sweep brings RN1 and the message, the GMS RN2
     e = await received(carol, gid, "while you were away")
     assert e["epoch"] == removed["epoch"] and e["sender"] == alice.id
-    view = await cli(carol, "members", gid)
+    view = await ctl(carol, "members", group=gid)
     assert view["epoch"] == removed["epoch"] and view["has_key"] and bob.id not in view["members"]
