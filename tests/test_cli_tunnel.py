@@ -129,3 +129,6 @@ async def test_up_fails_over_and_the_cli_follows(net, tmp_path, daemons):
     status = ntm(a, "status")
     dc2 = keys.checksum(keys.node_id_of(net.dc_keys[1]))
     assert status["home_dc"] == dc2 and status["confirmed"] and status["online"]
+    # the node's log says what happened (stderr and $NTM_HOME/ntm.log)
+    log = (a / "ntm.log").read_text()
+    assert f"failed over from {net.urls[0]} to {net.urls[1]}" in log and "Traceback" not in log
