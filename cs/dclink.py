@@ -65,7 +65,7 @@ class DcLink:
                 text = await r.text()
                 status = r.status
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
-            raise CsError("dc_unreachable", f"cannot reach this CS's DC at {self.dc_url}: {exc or type(exc).__name__}") from None
+            raise CsError("dc_unreachable", f"cannot reach this CS's DC at {self.dc_url}: {str(exc) or type(exc).__name__}") from None
         if status == 404:
             return None
         if status != 200:

@@ -78,7 +78,7 @@ class FederationClient:
             status, data = await self.transport(url, body)
         except (aiohttp.ClientError, TimeoutError, ValueError, OSError) as exc:
             self.count(call, "unreachable")
-            raise FederationError(f"{who} unreachable: {exc or type(exc).__name__}") from None
+            raise FederationError(f"{who} unreachable: {str(exc) or type(exc).__name__}") from None
         self.count(call, "ok" if status == 200 else "refused")
         try:
             if status != 200:

@@ -78,7 +78,7 @@ class CsClient:
                 await self._check(r)
                 return await r.json()
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            raise CsClientError("unreachable", f"cannot reach Cache Server {self.url}: {exc or type(exc).__name__}") from None
+            raise CsClientError("unreachable", f"cannot reach Cache Server {self.url}: {str(exc) or type(exc).__name__}") from None
 
     async def put(self, sealer: seal.Sealer, source: AsyncIterator[bytes], content_len: int) -> dict:
         """Upload: seal `source` (content_len bytes) as it streams out."""
@@ -121,7 +121,7 @@ class CsClient:
                     raise CsClientError("bad_item", f"item {item} refused: {exc}") from None
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             part.unlink(missing_ok=True)
-            raise CsClientError("unreachable", f"cannot fetch {item} from {self.url}: {exc or type(exc).__name__}") from None
+            raise CsClientError("unreachable", f"cannot fetch {item} from {self.url}: {str(exc) or type(exc).__name__}") from None
         except BaseException:
             part.unlink(missing_ok=True)
             raise

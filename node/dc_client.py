@@ -62,7 +62,7 @@ class DcClient:
         except TimeoutError:
             raise DcError("unreachable", f"DC at {self.base} did not answer within {timeout:g} s") from None
         except (aiohttp.ClientError, OSError) as exc:
-            raise DcError("unreachable", f"cannot reach DC at {self.base}: {exc or type(exc).__name__}") from None
+            raise DcError("unreachable", f"cannot reach DC at {self.base}: {str(exc) or type(exc).__name__}") from None
         try:
             if resp.status != 200:
                 err = messages.decode(messages.ErrorBody, text)

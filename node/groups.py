@@ -195,7 +195,7 @@ class Groups:
             async with self.http.post(url + "/v1/groups", json=env) as r:
                 answer = await r.json(content_type=None)
         except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
-            raise GroupError("gms_unreachable", f"cannot reach the GMS at {url}: {exc or type(exc).__name__}") from None
+            raise GroupError("gms_unreachable", f"cannot reach the GMS at {url}: {str(exc) or type(exc).__name__}") from None
         if r.status != 200:
             err = answer if isinstance(answer, dict) else {}
             raise GroupError(str(err.get("error", "gms_refused")), f"GMS {url}: {err.get('message', r.status)}")

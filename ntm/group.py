@@ -120,7 +120,7 @@ def unwrap_secret(key: coincurve.PrivateKey, wrapped: bytes, gid: bytes, epoch: 
         kek = _wrap_key(keys.ecdh(key, eph_pub), gid, epoch, eph_pub, me)
         return AESGCM(kek).decrypt(bytes(12), box, gid + struct.pack("!I", epoch) + me)
     except (InvalidTag, ValueError) as exc:
-        raise GroupError("bad_wrap", f"the wrapped secret does not open for this node: {exc or 'tag mismatch'}") from None
+        raise GroupError("bad_wrap", f"the wrapped secret does not open for this node: {str(exc) or 'tag mismatch'}") from None
 
 
 @dataclass(frozen=True)

@@ -258,3 +258,44 @@ def test_gms_forgets_old_epochs(gms):
         gms.ask(admin, "group.remove", gid=gid, node=nid(bob), rn1_gen=i + 2)
     kept = gms.db.execute("SELECT count(*), min(epoch), max(epoch) FROM group_epochs").fetchone()
     assert kept[0] == EPOCHS_KEPT and kept[2] - kept[1] == EPOCHS_KEPT - 1
+
+
+def test_edges_of_every_field():
+    """Largest epoch and counter, empty and largest texts, exact length limits, and that every
+    refusal names its code and says why (mutation testing found these unasserted)."""
+    top_epoch, top_counter = 2**32 - 1, 2**64 - 1
+    gk = group.group_key(RN1, RN2, GID, "team", top_epoch)
+    assert gk != group.group_key(RN1, RN2, GID, "team", 0)
+    wrapped = group.wrap_secret(RN2, keys.public_bytes(RECIPIENT), GID, top_epoch)
+    assert group.unwrap_secret(RECIPIENT, wrapped, GID, top_epoch) == RN2
+    for text in (b"", bytes(group.MAX_TEXT)):
+        msg = group.seal_message(SENDER, gk, GID, top_epoch, top_counter, text)
+        wire = msg.encode()
+        assert len(wire) == group.HEADER_LEN + len(text) + group.TAG_LEN + group.SIG_LEN
+        got = GroupMessage.decode(wire)
+        got.check_signature()
+        assert got.decrypt(gk) == text and (got.epoch, got.counter) == (top_epoch, top_counter)
+    with pytest.raises(ValueError, match="32 bytes"):
+        group.group_key(RN1, RN2, GID[:15], "team", 1)
+    with pytest.raises(ValueError, match="at most 1024 bytes"):
+        group.seal_message(SENDER, GK, GID, 3, 1, bytes(group.MAX_TEXT + 1))
+    with pytest.raises(ValueError, match="1-64 letters"):
+        group.check_name("")
+
+    def refused(code: str, words: str, f, *args):
+        with pytest.raises(GroupError) as e:
+            f(*args)
+        assert e.value.code == code and words in str(e.value)
+
+    good = group.seal_message(SENDER, GK, GID, 3, 1, b"x").encode()
+    refused("malformed", "a group message is 130..1154 bytes, got 129", GroupMessage.decode, good[:49] + good[-80:])
+    refused("malformed", "got 1155", GroupMessage.decode, bytes(1155))
+    refused("malformed", "version 2, expected 1", GroupMessage.decode, b"\x02" + good[1:])
+    refused("bad_wrap", "is 81 bytes, got 80", group.unwrap_secret, RECIPIENT, wrapped[:-1], GID, top_epoch)
+    refused("bad_wrap", "does not open for this node: tag mismatch", group.unwrap_secret, SENDER, wrapped, GID, top_epoch)
+    refused("undecryptable", "of epoch 3", GroupMessage.decode(good).decrypt, bytes(32))
+    impostor = GroupMessage.decode(good)
+    refused("impersonation", "message claims to be from 0x0000000000000000000000000000000000000000 but was signed by 0x",
+            GroupMessage(GID, 3, bytes(20), 1, impostor.body, impostor.sig).check_signature)
+    refused("bad_signature", "group message signature: signature v is 0",
+            GroupMessage(GID, 3, impostor.sender, 1, impostor.body, bytes(65)).check_signature)
