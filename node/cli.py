@@ -212,6 +212,21 @@ def fast_id(args, base: Path) -> bool:
     return True
 
 
+def load_commands():
+    """Import node/commands.py with Ctrl-C held back: a KeyboardInterrupt raised inside the import
+    machinery can be swallowed ("Exception ignored in ... _get_module_lock"), and the command would
+    then run on as if nothing was pressed. A Ctrl-C during the import is acted on right after it."""
+    pressed: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
+    try:
+        from node import commands
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pressed:
+        raise KeyboardInterrupt
+    return commands
+
+
 def setup_logging(args) -> None:
     level = "debug" if args.verbose else args.log_level or ("info" if args.cmd == "up" else "warning")
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -236,8 +251,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.cmd == "id" and fast_id(args, base):
             return 0
-        from node import commands
-        return commands.run(args, base)
+        return load_commands().run(args, base)
     except CliError as exc:
         return fail(exc, as_json)
     except KeyboardInterrupt:
