@@ -123,8 +123,8 @@ class GroupState:
 
 
 def check_gms_url(url: object) -> str:
-    if not isinstance(url, str) or len(url) > 200 or urlsplit(url).scheme not in ("http", "https") \
-            or not urlsplit(url).hostname:
+    parts = urlsplit(url) if isinstance(url, str) and len(url) <= 200 else None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
         raise GroupError("malformed", f"not a GMS URL: {url!r}")
     return url.rstrip("/")
 
@@ -536,7 +536,10 @@ class Groups:
         elif kind == "rn1":
             if sender != g.admin:
                 raise GroupError("not_admin", f"RN1 of group {g.name} from {keys.checksum(sender)}, not its admin")
-            gen, rn1 = int(note["gen"]), bytes.fromhex(note["rn1"])
+            try:
+                gen, rn1 = int(note["gen"]), bytes.fromhex(note["rn1"])
+            except (ValueError, KeyError, TypeError) as exc:
+                raise GroupError("malformed", f"RN1 message: {exc}") from None
             if len(rn1) != group.RN_LEN or g.rn1.get(gen, rn1) != rn1:
                 raise GroupError("malformed", f"RN1 generation {gen} of group {g.name} is not 32 bytes or changed")
             g.rn1[gen] = rn1

@@ -256,10 +256,14 @@ async def test_impersonation_replay_and_non_members_are_refused(fed):
         return r.get("impersonation", 0) >= 1 and r.get("replay", 0) >= 1 and r.get("not_member", 0) >= 1
     await until(all_refused, timeout=30, interval=0.5)
 
+    # and an RN1 message from the admin that does not parse: refused, the daemon carries on
+    await put_item(net, alice.key(), carol, CONTROL + json.dumps({"t": "rn1", "gid": gid, "gen": "x", "rn1": "zz"}).encode())
+
     async def carol_refused():
-        return (await refusals(carol)).get("not_admin", 0) >= 1
+        r = await refusals(carol)
+        return r.get("not_admin", 0) >= 1 and r.get("malformed", 0) >= 1
     await until(carol_refused, timeout=30, interval=0.5)
-    assert "9" not in carol.state(gid)["rn1"]
+    assert "9" not in carol.state(gid)["rn1"] and carol.proc.poll() is None
     texts = [e["text"] for e in alice.log(gid)]
     assert texts.count("honest bob") == 1 and "carol says pay bob" not in texts and "let me in" not in texts
 
