@@ -126,9 +126,10 @@ def hold_lock(path: Path) -> int:
     return fd
 
 
-def setup_logging(verbose: bool) -> None:
-    """One line per event on stderr; stdout stays free for the JSON ready line."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
+def setup_logging(verbose: bool, level: str = "info") -> None:
+    """One line per event on stderr at `level` (debug if `verbose`); stdout stays free for the
+    JSON ready line."""
+    logging.basicConfig(level="DEBUG" if verbose else level.upper(), format=LOG_FORMAT, stream=sys.stderr)
 
 
 def stop_on_signals() -> asyncio.Event:

@@ -68,6 +68,10 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+# DcConfig's scalar field types (annotations are strings here) → (accepted Python types, in words).
+SCALAR_TYPES = {"int": (int, "an integer"), "float": ((int, float), "a number"), "str": (str, "a string")}
+
+
 def load(args: argparse.Namespace) -> DcConfig:
     """Merge file and flags; ValueError naming what is missing or unknown."""
     values: dict = {}
@@ -95,10 +99,9 @@ def load(args: argparse.Namespace) -> DcConfig:
     if isinstance(values["rpc_url"], str):
         values["rpc_url"] = [values["rpc_url"]]
     for f in fields(DcConfig):  # a TOML file can say http_port = "abc"
-        want = {"int": int, "float": (int, float), "str": str}.get(str(f.type))
+        want, what = SCALAR_TYPES.get(str(f.type), (None, ""))
         if want and f.name in values and (not isinstance(values[f.name], want) or isinstance(values[f.name], bool)):
-            raise ValueError(f"{f.name} must be {'an integer' if f.type == 'int' else 'a number' if f.type == 'float' else 'a string'}, "
-                             f"got {values[f.name]!r}")
+            raise ValueError(f"{f.name} must be {what}, got {values[f.name]!r}")
     for name in ("http_port", "udp_port", "udp_alt_port"):
         if name in values and not 0 <= values[name] < 65536:
             raise ValueError(f"{name} must be in 0..65535, got {values[name]}")

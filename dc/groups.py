@@ -115,21 +115,15 @@ class GroupService:
             raise ParseError(f"expected a group request ({', '.join(KINDS)}), got {kind!r}")
         env = envelope.open_envelope(obj, kind, self.clock.wall_ms(), lambda _: True, self.guard)
         node = env.sender
-        ts, revoked = self.latest(node)
-        if revoked:
-            raise GroupRefused("revoked", f"{keys.checksum(node)} is revoked")
-        if not ts:
-            raise GroupRefused("unregistered", f"{keys.checksum(node)} is not a registered node")
+        self._registered(node)
         body = env.body
         if kind == "group.create":
-            pub = keys.recover(env.digest(), bytes.fromhex(obj["sig"])).format(compressed=False)
-            return self.create(node, pub, _gid(body), _name(body))
+            return self.create(node, _signer_key(env, obj), _gid(body), _name(body))
         g = self._group(_gid(body))
         if kind == "group.invite":
             return self.invite(node, g, _node(body, "node"))
         if kind == "group.accept":
-            pub = keys.recover(env.digest(), bytes.fromhex(obj["sig"])).format(compressed=False)
-            return self.accept(node, pub, g)
+            return self.accept(node, _signer_key(env, obj), g)
         if kind == "group.leave":
             return self.leave(node, g)
         if kind == "group.remove":
@@ -153,10 +147,7 @@ class GroupService:
 
     def invite(self, admin: bytes, g: Group, node: bytes) -> dict:
         self._admin(admin, g)
-        ts, revoked = self.latest(node)
-        if revoked or not ts:
-            raise GroupRefused("revoked" if revoked else "unregistered",
-                               f"{keys.checksum(node)} is {'revoked' if revoked else 'not a registered node'}")
+        self._registered(node)
         if not self._is_member(g.gid, node):
             if self.db.execute("SELECT count(*) FROM group_invites WHERE gid=?", (g.gid,)).fetchone()[0] >= MAX_INVITES:
                 raise GroupRefused("too_many", f"group {g.name} has {MAX_INVITES} open invitations")
@@ -259,9 +250,22 @@ class GroupService:
     def _is_member(self, gid: bytes, node: bytes) -> bool:
         return self.db.execute("SELECT 1 FROM group_members WHERE gid=? AND node=?", (gid, node)).fetchone() is not None
 
+    def _registered(self, node: bytes) -> None:
+        """Only registered, unrevoked nodes take part (as the registry cache and pending records say)."""
+        ts, revoked = self.latest(node)
+        if revoked:
+            raise GroupRefused("revoked", f"{keys.checksum(node)} is revoked")
+        if not ts:
+            raise GroupRefused("unregistered", f"{keys.checksum(node)} is not a registered node")
+
     def _admin(self, node: bytes, g: Group) -> None:
         if node != g.admin:
             raise GroupRefused("not_admin", f"only the admin of group {g.name} may do that")
+
+
+def _signer_key(env: envelope.Envelope, obj: dict) -> bytes:
+    """The uncompressed public key of an envelope's (already checked) signer: what RN2 is wrapped to."""
+    return keys.recover(env.digest(), bytes.fromhex(obj["sig"])).format(compressed=False)
 
 
 def _gid(body: dict) -> bytes:

@@ -64,6 +64,13 @@ class StoredNode:
     local_addrs: tuple[str, ...]
 
 
+NODE_COLUMNS = "node, pubkey, timestamp, revoked, local_addrs"
+
+
+def _stored_node(row: tuple) -> StoredNode:
+    return StoredNode(row[0], row[1], row[2], bool(row[3]), tuple(json.loads(row[4])))
+
+
 @dataclass(frozen=True)
 class OutboxItem:
     record: NodeTransaction
@@ -126,18 +133,13 @@ class Store:
         )
 
     def node(self, node: bytes) -> StoredNode | None:
-        row = self.db.execute(
-            "SELECT node, pubkey, timestamp, revoked, local_addrs FROM nodes WHERE node=?", (node,)
-        ).fetchone()
-        if row is None:
-            return None
-        return StoredNode(row[0], row[1], row[2], bool(row[3]), tuple(json.loads(row[4])))
+        row = self.db.execute(f"SELECT {NODE_COLUMNS} FROM nodes WHERE node=?", (node,)).fetchone()
+        return None if row is None else _stored_node(row)
 
     def recent_nodes(self, limit: int) -> list[StoredNode]:
         """The nodes with the newest records (the dashboard's list)."""
-        rows = self.db.execute("SELECT node, pubkey, timestamp, revoked, local_addrs FROM nodes "
-                               "ORDER BY timestamp DESC LIMIT ?", (limit,)).fetchall()
-        return [StoredNode(r[0], r[1], r[2], bool(r[3]), tuple(json.loads(r[4]))) for r in rows]
+        rows = self.db.execute(f"SELECT {NODE_COLUMNS} FROM nodes ORDER BY timestamp DESC LIMIT ?", (limit,))
+        return [_stored_node(r) for r in rows]
 
     def node_count(self) -> int:
         return self.db.execute("SELECT count(*) FROM nodes").fetchone()[0]

@@ -9,21 +9,17 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
-import logging
 import os
 import signal
 import sys
 from pathlib import Path
 
 from node import state
-from node.output import INTERNAL, INTERRUPTED, USAGE, CliError, fail, out
+from node.output import INTERNAL, INTERRUPTED, USAGE, CliError, fail, show_id
 from ntm.keepalive import KEEPALIVE_INTERVAL_S
 from ntm.vaddr import PATH_MTU, V4_NET
 
-TUNNEL_PORT = state.TUNNEL_PORT
-DC_TIMEOUT_S = 10.0  # a DC answers in milliseconds; ten seconds means it is stuck
 LOG_LEVELS = ("debug", "info", "warning", "error")
-PASSPHRASE_ENV = state.PASSPHRASE_ENV
 
 
 class Parser(argparse.ArgumentParser):
@@ -73,10 +69,10 @@ def parser() -> Parser:
     p.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     p.add_argument("-v", "--verbose", action="store_true", help="log what happens (debug level) on stderr")
     p.add_argument("--log-level", choices=LOG_LEVELS, help="log level on stderr (default: warning; `ntm up`: info)")
-    p.add_argument("--timeout", type=positive, default=DC_TIMEOUT_S, metavar="S",
-                   help=f"how long to wait for a DC's answer (default {DC_TIMEOUT_S:.0f})")
+    p.add_argument("--timeout", type=positive, default=state.DC_TIMEOUT_S, metavar="S",
+                   help=f"how long to wait for a DC's answer (default {state.DC_TIMEOUT_S:.0f})")
     p.add_argument("--password-file", type=Path, metavar="PATH",
-                   help=f"read the key's passphrase from this file (else ${PASSPHRASE_ENV}, else a prompt on a terminal)")
+                   help=f"read the key's passphrase from this file (else ${state.PASSPHRASE_ENV}, else a prompt on a terminal)")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("keygen", help="create this node's key (passphrase: --password-file, $NTM_PASSPHRASE or a prompt)")
     s.add_argument("--force", action="store_true", help="replace an existing key")
@@ -104,7 +100,7 @@ def parser() -> Parser:
     s.add_argument("--accept-any", action="store_true", help="accept tunnels from any node (demos; default: `ntm allow` list)")
     s.add_argument("--echo", action="store_true", help="send every application datagram back (tests, demos)")
     s.add_argument("--host", help="local address for the tunnel socket (default: all, dual-stack)")
-    s.add_argument("--port", type=int, default=TUNNEL_PORT, help=f"tunnel UDP port (default {TUNNEL_PORT})")
+    s.add_argument("--port", type=int, default=state.TUNNEL_PORT, help=f"tunnel UDP port (default {state.TUNNEL_PORT})")
     s.add_argument("--keepalive", type=float, default=KEEPALIVE_INTERVAL_S, metavar="S",
                    help=f"keepalive period; below the shortest NAT UDP timeout on the way (default {KEEPALIVE_INTERVAL_S:.0f})")
     s.set_defaults(cmd="up")
@@ -208,7 +204,7 @@ def fast_id(args, base: Path) -> bool:
     node, pub = ident.get("node"), ident.get("pubkey")
     if not (isinstance(node, str) and isinstance(pub, str) and node.lower().removeprefix("0x") == str(address).lower()):
         return False
-    out(args, {"node": node, "pubkey": pub}, f"node ID {node}\npublic key {pub}")
+    show_id(args, {"node": node, "pubkey": pub})
     return True
 
 
@@ -227,12 +223,6 @@ def load_commands():
     return commands
 
 
-def setup_logging(args) -> None:
-    level = "debug" if args.verbose else args.log_level or ("info" if args.cmd == "up" else "warning")
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv, as_json = split_json_flag(list(sys.argv[1:] if argv is None else argv))
     p = parser()
@@ -244,7 +234,6 @@ def main(argv: list[str] | None = None) -> int:
             exec_devnet(args, base, rest)
         if rest:
             p.error(f"unrecognized arguments: {' '.join(rest)}")
-        setup_logging(args)
         if args.cmd == "completion":
             import shtab
             print(shtab.complete(p, args.shell))

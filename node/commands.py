@@ -13,13 +13,11 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from eth_utils import is_checksum_address
-
-from daemon import keystore
+from daemon import keystore, service
 from node import control, cs_client, daemon, mailbox, state
 from node.agent import local_addrs_towards
 from node.dc_client import DcClient, DcError, dc_url
-from node.output import FAILED, INTERRUPTED, NO_DAEMON, UNREACHABLE, USAGE, CliError, event, out
+from node.output import FAILED, NO_DAEMON, UNREACHABLE, USAGE, CliError, event, out, show_id
 from node.peers import PeerBook, PeerBookError
 from ntm import keys, messages, record, seal, vaddr
 from ntm.errors import KeystoreError, NtmError
@@ -28,6 +26,7 @@ from ntm.registration import RegistrationRequest
 
 def run(args, base: Path) -> int:
     """Run the command `args.cmd`; every failure becomes a CliError with its exit code."""
+    service.setup_logging(args.verbose, args.log_level or ("info" if args.cmd == "up" else "warning"))
     try:
         asyncio.run(globals()[f"cmd_{args.cmd}"](args, base))
     except (CliError, KeyboardInterrupt):
@@ -62,16 +61,19 @@ def passphrase(args, confirm: bool = False) -> str:
     return first
 
 
-def write_id(base: Path, key) -> dict:
+def identity(key) -> dict:
+    return {"node": keys.checksum(keys.node_id_of(key)), "pubkey": keys.public_bytes(key).hex()}
+
+
+def write_id(base: Path, key) -> None:
     """id.json: the node's public identity, for `ntm id` without the passphrase."""
-    ident = {"node": keys.checksum(keys.node_id_of(key)), "pubkey": keys.public_bytes(key).hex()}
-    state.write_json(base / state.ID_FILE, ident)
-    return ident
+    state.write_json(base / state.ID_FILE, identity(key))
 
 
 def load_key(args, base: Path):
+    """The node key (passphrase as `passphrase` finds it); id.json made to match it."""
     key = keystore.load_keystore(base / state.KEY_FILE, passphrase(args))
-    if state.read_json(base / state.ID_FILE).get("node") != keys.checksum(keys.node_id_of(key)):
+    if state.read_json(base / state.ID_FILE) != identity(key):
         write_id(base, key)
     return key
 
@@ -82,8 +84,9 @@ def node_arg(text: str) -> bytes:
         nid = keys.parse_node_id(text)
     except ValueError as exc:
         raise CliError(str(exc), USAGE) from None
-    body = text[2:] if text[:2] in ("0x", "0X") else text
-    if body != body.lower() and body != body.upper() and not is_checksum_address("0x" + body):
+    body = keys.checksum(nid)[2:]  # what parse_node_id read, in EIP-55 case
+    typed = text[-len(body):]
+    if typed != typed.lower() and typed != typed.upper() and typed != body:
         raise CliError(f"node ID {text!r} has a wrong EIP-55 checksum (a typo?); "
                        f"all lower-case skips the check", USAGE)
     return nid
@@ -111,10 +114,9 @@ async def cmd_keygen(args, base: Path) -> None:
 
 
 async def cmd_id(args, base: Path) -> None:
-    key = load_key(args, base)
-    nid = keys.checksum(keys.node_id_of(key))
-    pub = keys.public_bytes(key).hex()
-    out(args, {"node": nid, "pubkey": pub}, f"node ID {nid}\npublic key {pub}")
+    """Without a usable id.json (node/cli.py answers from it otherwise): open the key (which
+    writes id.json) and show it."""
+    show_id(args, identity(load_key(args, base)))
 
 
 async def sign_and_register(args, base: Path, revoked: bool) -> None:

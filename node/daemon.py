@@ -19,7 +19,7 @@ from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Any
 
-from daemon.service import BackgroundTasks, LockHeld, hold_lock, stop_on_signals
+from daemon.service import LOG_FORMAT, BackgroundTasks, LockHeld, hold_lock, stop_on_signals
 from node import control, state
 from node.agent import Node
 from node.control import ControlError, ControlServer
@@ -57,7 +57,7 @@ def log_to_file(base: Path) -> None:
     """The daemon's log also goes to $NTM_HOME/ntm.log (rotated), beside stderr."""
     base.mkdir(parents=True, exist_ok=True)
     handler = logging.handlers.RotatingFileHandler(base / LOG_FILE, maxBytes=LOG_BYTES, backupCount=LOG_BACKUPS)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
     logging.getLogger().addHandler(handler)
 
 

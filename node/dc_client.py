@@ -8,13 +8,13 @@ from urllib.parse import urlsplit
 import aiohttp
 import coincurve
 
+from node import state
 from ntm import keys, messages, session_auth
 from ntm.errors import CodedError, ParseError
 from ntm.registration import RegistrationRequest
 
 DEFAULT_DC_PORT = 8330
-# A DC answers in milliseconds; this long means it is stuck (`ntm --timeout` sets it).
-REQUEST_TIMEOUT_S = 10.0
+REQUEST_TIMEOUT_S = state.DC_TIMEOUT_S
 # A registration that waits for the chain: the DC waits up to 15 s for its block; allow more.
 REGISTER_WAIT_S = 30.0
 

@@ -107,12 +107,10 @@ class Mailbox:
             self._busy.discard(item)
         log.info("item %s from %s fetched: %s (%d bytes)", item, keys.checksum(got.sender), got.meta.app_id, got.size)
         self.received.append(got)
-        if self.take(got):
-            await self.ack_notice(item)
-            return True
-        if self._queue.full():
-            self._queue.get_nowait()
-        self._queue.put_nowait(got)
+        if not self.take(got):  # group traffic goes to the node's groups, the rest to next()
+            if self._queue.full():
+                self._queue.get_nowait()
+            self._queue.put_nowait(got)
         await self.ack_notice(item)
         return True
 

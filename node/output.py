@@ -38,6 +38,11 @@ def event(args, data: dict, text: str) -> None:
     print(json.dumps(data) if args.json else text, flush=True)
 
 
+def show_id(args, ident: dict) -> None:
+    """`ntm id`: {"node", "pubkey"}, from id.json or from the opened key."""
+    out(args, ident, f"node ID {ident['node']}\npublic key {ident['pubkey']}")
+
+
 def fail(exc: CliError, as_json: bool) -> int:
     """Report `exc` on stderr (one line, or one JSON object) and return its exit code."""
     message = " ".join(str(exc).split()) or exc.error

@@ -13,12 +13,11 @@ STATE_FILE = "state.json"
 NETWORK_FILE = "network.json"
 PASSPHRASE_ENV = "NTM_PASSPHRASE"
 TUNNEL_PORT = 4330  # the NTM port of the NTMobile papers: the tunnel socket's default
+DC_TIMEOUT_S = 10.0  # a DC answers in milliseconds; this long means it is stuck (`ntm --timeout`)
 
 
 def home() -> Path:
     return Path(os.environ.get("NTM_HOME", Path.home() / ".ntm"))
-
-
 
 
 def read_json(path: Path) -> dict:
