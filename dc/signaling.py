@@ -50,7 +50,7 @@ ROLES = {  # route kind and initiator → (requester's role, peer's role)
     ("relay", None): ("initiate", "wait"),
 }
 
-RelayBooking = tuple[bytes, list[str]]  # (path token, the relay's UDP endpoints)
+RelayBooking = tuple[bytes, list[str], list[str]]  # (path token, the relay's UDP endpoints, its stream URLs)
 
 
 class Directory(Protocol):
@@ -91,7 +91,7 @@ class Signaling:
         return info, home
 
     async def book_relay(self, path: bytes, nodes: list[bytes]) -> RelayBooking | None:
-        """Book a relay path at the first relay that accepts; (token, relay UDP endpoints) or None."""
+        """Book a relay path at the first relay that accepts; (token, UDP endpoints, stream URLs) or None."""
         token = os.urandom(RELAY_TOKEN_LEN)
         body = messages.RelayDirection(path.hex(), token.hex(), [keys.checksum(n) for n in nodes],
                                        self.c.clock.wall_ms() + RELAY_LIFETIME_MS, RELAY_MAX_BYTES)
@@ -103,7 +103,7 @@ class Signaling:
                 self.counters["relay_booking_failures"] += 1
                 continue
             self.counters["relay_bookings"] += 1
-            return token, list(answer.relay)
+            return token, list(answer.relay), list(answer.streams)
         return None
 
     def direction(self, path: bytes, route: Route, role: str, me: bytes, home: bytes, peer: bytes, peer_pub: str,
@@ -113,11 +113,12 @@ class Signaling:
         """The signed Route Direction for `me` (one end of the path), to be pushed by DC `home`."""
         grant = None
         if relay is not None:
-            token, endpoints = relay
+            token, endpoints, streams = relay
             fams = my_reach.families()
             usable = [e for e in endpoints if family(e) in fams] or endpoints
             # Each node gets only its own side's key: it cannot bind as the other side (§8.2).
-            grant = messages.RelayGrant(usable, relay_side_key(token, side).hex(), side)  # type: ignore[arg-type]
+            grant = messages.RelayGrant(usable, relay_side_key(token, side).hex(), side,  # type: ignore[arg-type]
+                                        streams)
         body = messages.RouteDirection(
             path=path.hex(), kind=route.kind, reason=route.reason, role=role,  # type: ignore[arg-type]
             node=keys.checksum(me), home_dc=keys.checksum(home), peer=keys.checksum(peer), peer_pubkey=peer_pub,

@@ -50,7 +50,7 @@ class Node:
         # Cache Server items: fetched into `inbox` on the DC's notice (and at start), if given
         self.mailbox = Mailbox(key, inbox, self.session.ack_notice, take_item) if inbox is not None else None
         self.tunnel_table = Tunnels(self.id, endpoint, clock, self.session.direction, self.session.check_address,
-                                 admit)
+                                    admit, udp_ok=lambda: self.session.udp is not False)
 
     @classmethod
     async def start(cls, key: coincurve.PrivateKey, dc_url: str, host: str | None = None,

@@ -100,9 +100,11 @@ def open_direction(obj: Any) -> messages.RouteDirection:
 
 class Tunnels:
     def __init__(self, my_id: bytes, endpoint: Endpoint, clock: Clock, ask: AskDirection,
-                 check_address: Callable[[], Awaitable[None]], admit: Admit = lambda peer: True) -> None:
+                 check_address: Callable[[], Awaitable[None]], admit: Admit = lambda peer: True,
+                 udp_ok: Callable[[], bool] = lambda: True) -> None:
         self.my_id = my_id
         self.admit = admit
+        self.udp_ok = udp_ok  # False: our network lets no UDP out, reach relays over TCP (§8.4)
         self.refused = 0  # directions from peers the policy does not admit, or beyond the rates
         self._peer_rate = Buckets(*PEER_DIRECTIONS, max_keys=RATE_PEERS_KEPT)
         self._all_rate = TokenBucket(*ALL_DIRECTIONS)
@@ -139,9 +141,11 @@ class Tunnels:
         try:
             d = open_direction(obj)
             path, peer = bytes.fromhex(d.path), keys.parse_node_id(d.peer)
-            relay = None
+            relay, stream = None, None
             if d.relay is not None:
                 relay = RelayInfo(parse_endpoint(d.relay.endpoints[0]), bytes.fromhex(d.relay.token), d.relay.side)
+                if d.relay.streams and not self.udp_ok():
+                    stream = d.relay.streams[0]
             candidates = [parse_endpoint(c) for c in d.candidates]
             unverified = [parse_endpoint(c) for c in d.unverified]
             resume = bytes.fromhex(d.resume) if d.resume else None
@@ -154,7 +158,7 @@ class Tunnels:
         fut = self._opening_future(path) if ours else None  # connect() waits on it
         try:
             ch = await self.endpoint.open(path, peer, bytes.fromhex(d.peer_pubkey), candidates, d.role, relay,
-                                          TUNNEL_TIMEOUT_S, unverified=unverified)
+                                          TUNNEL_TIMEOUT_S, unverified=unverified, relay_stream=stream)
         except NtmError as exc:  # includes PeerIdentityError: the key is not the peer's
             log.warning("tunnel to %s failed: %s", keys.checksum(peer), exc)
             if fut is not None and not fut.done():
@@ -299,4 +303,5 @@ class Tunnels:
             t.recovering = None
 
     def status(self) -> list[dict]:
-        return [t.status("open") for t in self.table.values()] + list(self.ended)
+        return ([{**t.status("open"), "transport": self.endpoint.transport(t.channel.current.session)}
+                 for t in self.table.values()] + list(self.ended))

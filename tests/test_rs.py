@@ -49,7 +49,7 @@ async def net(tmp_path):
         capture = tmp_path / "capture.hex"
         udp_port = free_port(socket.SOCK_DGRAM)
         rs = Child("rs", ["--rpc-url", chain.url, "--deployment", str(deployment), "--udp-host", "::",
-                          "--udp-port", str(udp_port), "--http-port", "0", "--capture", str(capture),
+                          "--udp-port", str(udp_port), "--http-port", "0", "--stream-port", "0", "--capture", str(capture),
                           "--advertise", f"127.0.0.1:{udp_port}", "--advertise", f"[::1]:{udp_port}"],
                    tmp_path / "rs.log").start()
         try:
@@ -263,7 +263,7 @@ async def test_ipv4_only_socket_and_default_advertise(tmp_path):
         deployment.write_text(json.dumps({"chain_id": owner.chain_id, "registry": keys.checksum(owner.address)}))
         await owner.close()
         rs = Child("rs", ["--rpc-url", chain.url, "--deployment", str(deployment), "--udp-host", "0.0.0.0",
-                          "--udp-port", "0", "--http-port", "0"], tmp_path / "rs4.log").start()
+                          "--udp-port", "0", "--http-port", "0", "--stream-port", "0"], tmp_path / "rs4.log").start()
         try:
             port = rs.ready["udp_port"]
             assert rs.ready["relay"] and all(e.endswith(f":{port}") for e in rs.ready["relay"])
@@ -298,7 +298,7 @@ async def test_directions_from_fresh_keys_cost_no_chain_call(tmp_path):
             deployment.write_text(json.dumps({"chain_id": owner.chain_id, "registry": keys.checksum(owner.address)}))
             await owner.close()
             rs = await asyncio.to_thread(Child("rs", ["--rpc-url", rpc.url, "--deployment", str(deployment),
-                                                      "--udp-port", "0", "--http-port", "0",
+                                                      "--udp-port", "0", "--http-port", "0", "--stream-port", "0",
                                                       "--admin-allow", "192.0.2.0/24"], tmp_path / "rs.log").start)
             try:
                 async with aiohttp.ClientSession() as http:
