@@ -71,6 +71,7 @@ class Tunnel:
     id: bytes = b""
     redirects: int = 0  # new paths the DCs gave this tunnel after the old one died
     probes: int = 0  # liveness PINGs sent while the path was silent
+    reason: str = ""  # the DC's reason for the route (why relayed, why punched)
     pinned_relay: bool = False  # the application asked for the relay: never moved off it
     direct_tried_at: float = 0.0  # last attempt to move off the relay (monotonic)
     direct_attempts: int = 0
@@ -191,13 +192,13 @@ class Tunnels:
         old = self.table.get(resume) if resume is not None else None
         if old is not None and old.peer == peer and not old.channel.closed:
             old.channel.attach(ch)
-            old.kind, old.role = d.kind, d.role
+            old.kind, old.role, old.reason = d.kind, d.role, d.reason
             old.redirects += 1
             log.info("tunnel %s to %s moved to path %s: %s via %s", old.id.hex(), keys.checksum(peer),
                      path.hex(), d.kind, ch.via)
             return old
         tunnel = Tunnel(peer, Link(ch, self.clock.now), d.kind, d.role, self.clock.wall(), id=path,
-                        direct_tried_at=self.clock.now())
+                        reason=d.reason, direct_tried_at=self.clock.now())
         self.table[path] = tunnel
         log.info("tunnel to %s up: %s via %s", keys.checksum(peer), d.kind, ch.via)
         return tunnel

@@ -125,9 +125,9 @@ class StreamHub:
                 if msg.type is WSMsgType.BINARY:
                     self.counters["rx_packets"] += 1
                     self.deliver(msg.data, addr)
-                else:  # text frames are not ours: a client that sends them is not a node
-                    self.counters["refused_text"] += 1
-                    await ws.close(message=b"binary frames only")
+                else:  # text, or a frame too big for a packet (ERROR): not a node's; end the stream
+                    self.counters["refused_frame"] += 1
+                    await ws.close(message=b"one tunnel packet per binary frame")
                     break
         finally:
             del self.conns[addr]
