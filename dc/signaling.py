@@ -17,7 +17,7 @@ from dc.errors import DirectionError, NodeLookupError
 from dc.federation import FederationClient, FederationError
 from dc.presence import Presence
 from ntm import envelope, keys, messages
-from ntm.addr import family
+from ntm.addr import family, url_family
 from ntm.clock import Clock
 from ntm.packet import relay_side_key
 from ntm.ratelimit import Buckets
@@ -58,6 +58,7 @@ class Directory(Protocol):
 
     address: bytes
     relays: list[str]
+    relay_streams: dict[str, list[str]]
     clock: Clock
     cache: RegistryCache
     presence: Presence
@@ -103,6 +104,7 @@ class Signaling:
                 self.counters["relay_booking_failures"] += 1
                 continue
             self.counters["relay_bookings"] += 1
+            self.c.relay_streams[url] = list(answer.streams)
             return token, list(answer.relay), list(answer.streams)
         return None
 
@@ -116,9 +118,10 @@ class Signaling:
             token, endpoints, streams = relay
             fams = my_reach.families()
             usable = [e for e in endpoints if family(e) in fams] or endpoints
+            usable_streams = [u for u in streams if url_family(u) in fams | {None}] or streams
             # Each node gets only its own side's key: it cannot bind as the other side (§8.2).
             grant = messages.RelayGrant(usable, relay_side_key(token, side).hex(), side,  # type: ignore[arg-type]
-                                        streams)
+                                        usable_streams)
         body = messages.RouteDirection(
             path=path.hex(), kind=route.kind, reason=route.reason, role=role,  # type: ignore[arg-type]
             node=keys.checksum(me), home_dc=keys.checksum(home), peer=keys.checksum(peer), peer_pubkey=peer_pub,

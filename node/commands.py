@@ -14,7 +14,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from daemon import keystore, service
-from node import control, cs_client, daemon, mailbox, state
+from node import control, cs_client, daemon, mailbox, netcheck, state
 from node.agent import local_addrs_towards
 from node.dc_client import DcClient, DcError, dc_url
 from node.output import FAILED, NO_DAEMON, UNREACHABLE, USAGE, CliError, event, out, show_id
@@ -279,6 +279,11 @@ async def cmd_up(args, base: Path) -> None:
     except OSError as exc:
         raise CliError(f"could not start the node at {st['dc_url']}: {exc.strerror or exc}", USAGE) from None
     event(args, {"event": "down"}, "stopped")
+
+
+async def cmd_netcheck(args, base: Path) -> None:
+    res = await ask(base, "netcheck", timeout=netcheck.PROBE_TIMEOUT_S * 3)
+    out(args, res, netcheck.text(res))
 
 
 async def cmd_down(args, base: Path) -> None:

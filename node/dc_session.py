@@ -74,6 +74,7 @@ class DcSession:
         self.keepalive_ports: list[int] = []
         self.token = b""
         self.observed: str | None = None
+        self.observed_alt: str | None = None  # as the DC's second keepalive port sees us (NAT kind)
         self.udp: bool | None = None  # do keepalive replies reach us? None: not probed yet
         self.chain: tuple[int, str] | None = None  # (chain id, registry) of the DC we registered at
         self.known_dcs: list[messages.DcEntry] = []  # from GET /v1/dcs while healthy: where to go if our DC dies
@@ -308,9 +309,10 @@ class DcSession:
         if seq < self._last_reply_seq:
             return  # a late reply to a keepalive sent before a newer one: not where we are now
         self._last_reply_seq, self._last_reply_at = seq, self.clock.now()
-        if self.keepalive_ports and addr[1] != self.keepalive_ports[0]:
-            return  # the second port's view differs behind a symmetric NAT; ours is the first's
         observed = format_endpoint(ip, port)
+        if self.keepalive_ports and addr[1] != self.keepalive_ports[0]:
+            self.observed_alt = observed  # differs behind a symmetric NAT; ours is the first port's
+            return
         udp_back = self.udp is False
         self.udp = True
         if observed != self.observed:

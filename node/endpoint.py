@@ -247,9 +247,9 @@ class Endpoint:
                 stream.send(data)
         self._sendto_raw = send
 
-    def _use_stream(self, relay: Addr, url: str) -> None:
+    def _use_stream(self, relay: Addr, urls: list[str]) -> None:
         if relay not in self.streams:
-            self.streams[relay] = RelayStream(relay, url, self._on_datagram)
+            self.streams[relay] = RelayStream(relay, urls, self._on_datagram)
             self._install_sender()
 
     def _release_streams(self) -> None:
@@ -309,15 +309,15 @@ class Endpoint:
         relay: RelayInfo | None = None,
         timeout: float = OPEN_TIMEOUT,
         unverified: Sequence[Addr] = (),
-        relay_stream: str | None = None,
+        relay_stream: Sequence[str] = (),
     ) -> Channel:
         """Open the tunnel `path_id` and wait for its handshake.
 
         role "initiate": send Tunnel Requests to every candidate (in order) every 250 ms, first
         Response wins. "wait": answer the peer's Request. "punch": both (lower node ID wins a
         collision). With `relay`, after RELAY_FALLBACK_AFTER without a handshake the session
-        binds at the relay and also tries through it. `relay_stream`: reach that relay over this
-        WebSocket URL instead of UDP (§8.4: our network lets no UDP out). Raises TunnelError on
+        binds at the relay and also tries through it. `relay_stream`: reach that relay over these
+        WebSocket URLs (in turn) instead of UDP (§8.4: our network lets no UDP out). Raises TunnelError on
         timeout and PeerIdentityError if peer_pub does not belong to peer_id.
         """
         path_id = bytes(path_id)
@@ -329,8 +329,8 @@ class Endpoint:
             relay=relay, config=self.config, rand=self.rand, wall=self.clock.wall,
         )
         self._renormalize(s)
-        if relay_stream is not None and s.relay is not None:
-            self._use_stream(s.relay.addr, relay_stream)
+        if relay_stream and s.relay is not None:
+            self._use_stream(s.relay.addr, list(relay_stream))
         ch = Channel(self, s)
         self.sessions[path_id] = s
         self.channels[path_id] = ch

@@ -36,7 +36,7 @@ STREAM_HEARTBEAT_S = 5.0
 STREAM_RETRY_S = (0.2, 0.5, 1.0, 2.0, 5.0)
 
 
-def _tls_context() -> ssl.SSLContext:
+def stream_tls_context() -> ssl.SSLContext:
     """TLS here hides the stream among web traffic; it authenticates nothing the tunnel needs:
     every packet is end-to-end encrypted and authenticated, and the relay binds a side only to
     a bind MAC'd with that side's key (§8.2), so the relay's certificate is not checked."""
@@ -49,9 +49,11 @@ def _tls_context() -> ssl.SSLContext:
 class RelayStream:
     """One relay reached over a stream; `send` never blocks."""
 
-    def __init__(self, addr: Addr, url: str, receive: Callable[[bytes, Addr], None]) -> None:
+    def __init__(self, addr: Addr, urls: list[str], receive: Callable[[bytes, Addr], None]) -> None:
+        """`urls`: the relay's stream URLs, tried in turn until one connects."""
         self.addr = addr
-        self.url = url
+        self.urls = urls
+        self.url = urls[0]
         self.receive = receive
         self.queue: asyncio.Queue[bytes] = asyncio.Queue(STREAM_QUEUE_PACKETS)
         self.connected = False
@@ -65,10 +67,11 @@ class RelayStream:
             self.stats["dropped_backlog"] += 1
 
     async def _run(self) -> None:
-        tls = _tls_context() if self.url.startswith("wss:") else False
         attempt = 0
         async with aiohttp.ClientSession() as http:
             while True:
+                self.url = self.urls[attempt % len(self.urls)]
+                tls = stream_tls_context() if self.url.startswith("wss:") else False
                 try:
                     ws = await asyncio.wait_for(http.ws_connect(
                         self.url, heartbeat=STREAM_HEARTBEAT_S, ssl=tls, max_msg_size=packet.MAX_DATAGRAM),

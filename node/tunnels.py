@@ -142,11 +142,11 @@ class Tunnels:
         try:
             d = open_direction(obj)
             path, peer = bytes.fromhex(d.path), keys.parse_node_id(d.peer)
-            relay, stream = None, None
+            relay, streams = None, []
             if d.relay is not None:
                 relay = RelayInfo(parse_endpoint(d.relay.endpoints[0]), bytes.fromhex(d.relay.token), d.relay.side)
-                if d.relay.streams and not self.udp_ok():
-                    stream = d.relay.streams[0]
+                if not self.udp_ok():
+                    streams = d.relay.streams
             candidates = [parse_endpoint(c) for c in d.candidates]
             unverified = [parse_endpoint(c) for c in d.unverified]
             resume = bytes.fromhex(d.resume) if d.resume else None
@@ -159,7 +159,7 @@ class Tunnels:
         fut = self._opening_future(path) if ours else None  # connect() waits on it
         try:
             ch = await self.endpoint.open(path, peer, bytes.fromhex(d.peer_pubkey), candidates, d.role, relay,
-                                          TUNNEL_TIMEOUT_S, unverified=unverified, relay_stream=stream)
+                                          TUNNEL_TIMEOUT_S, unverified=unverified, relay_stream=streams)
         except NtmError as exc:  # includes PeerIdentityError: the key is not the peer's
             log.warning("tunnel to %s failed: %s", keys.checksum(peer), exc)
             if fut is not None and not fut.done():

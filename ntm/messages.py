@@ -250,6 +250,7 @@ class DcInfoReply(Message):
     relays: list[str]
     active: bool
     cs: str | None = None  # this DC's Cache Server (URL), if it has one
+    relay_streams: StreamUrls = []  # its relays' stream URLs (§8.4): `ntm netcheck` tries them
 
 
 class DcEntry(Message):

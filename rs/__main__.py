@@ -56,8 +56,7 @@ def _stream_port(text: str) -> int | None:
 
 def _stream_url(text: str) -> str:
     try:
-        return messages.decode(messages.RelayGrant, {"endpoints": ["127.0.0.1:1"], "token": "0" * 64, "side": 0,
-                                                     "streams": [text]}).streams[0]
+        return messages.decode(messages.StreamUrls, [text])[0]
     except ParseError:
         raise argparse.ArgumentTypeError(f"not a ws:// or wss:// URL: {text!r}") from None
 

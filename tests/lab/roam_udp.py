@@ -49,6 +49,7 @@ def udp_blocked(fed: Federation, nbytes: int, tag: str = "u") -> dict:
         pinged = wait_for(lambda: a.run("ping", "-6", "-c", "1", "-W", "2", "peer.ntm").returncode == 0, 30, 0)
         out = {"setup_s": time.monotonic() - a.started, "pinged": pinged, "udp": a.status().get("udp")}
         out["blocked_row"] = peer_row(a)
+        out["netcheck_blocked"] = a.cli("netcheck")
         sent, got = transfer(a, b, b.v6, b.v6, nbytes)
         out["tcp"] = {"intact": got["sha256"] == sent["sha256"] and got["bytes"] == nbytes,
                       "elapsed_s": got["elapsed_s"], "mbps": nbytes * 8 / got["elapsed_s"] / 1e6}
@@ -65,6 +66,7 @@ def udp_blocked(fed: Federation, nbytes: int, tag: str = "u") -> dict:
         sent, got = transfer(a, b, b.v6, b.v6, nbytes, rate=PACED_RATE, during=unblock)
         out["move"] = {"intact": got["sha256"] == sent["sha256"] and got["bytes"] == nbytes,
                        "stall_s": got["max_stall_s"]}
+        out["netcheck_udp"] = a.cli("netcheck")
         return out
     finally:
         for n in (a, b):
