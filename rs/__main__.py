@@ -158,13 +158,12 @@ async def _start_stream(runner: web.AppRunner, args: argparse.Namespace, adverti
             tls.load_cert_chain(args.stream_tls_cert, args.stream_tls_key)
         except (OSError, ssl.SSLError) as exc:
             raise NtmError(f"cannot load the stream TLS certificate: {exc}") from None
-    site = web.TCPSite(runner, args.stream_host or None, args.stream_port, ssl_context=tls)
     try:
-        await site.start()
+        sock = service.tcp_listener(args.stream_host or None, args.stream_port)
     except OSError as exc:
-        raise NtmError(f"cannot listen for streams on {format_endpoint(args.stream_host or '::', args.stream_port)}: "
-                                  f"{exc.strerror or exc} (--stream-port PORT, or 'off')") from None
-    port = site._server.sockets[0].getsockname()[1]
+        raise NtmError(f"{exc.strerror or exc}: no stream listener (--stream-port PORT, or 'off')") from None
+    await web.SockSite(runner, sock, ssl_context=tls).start()
+    port = sock.getsockname()[1]
     urls = args.stream_advertise or stream_urls(advertise, port, tls is not None)
     logging.info("streams (TCP) on %s port %d: %s", args.stream_host or "every address", port, ", ".join(urls))
     return urls

@@ -9,14 +9,23 @@ relay holds; a stream without the side key tries to take a bound side.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import itertools
 import os
 import socket
+import ssl
 
 import aiohttp
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestServer
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
+from daemon.service import tcp_listener
+from node.relay_stream import RelayStream
 from ntm import packet
 from rs import stream as rs_stream
 from rs.relay import RelayTable
@@ -154,3 +163,52 @@ async def test_more_streams_than_the_relay_holds_are_refused(relay):
     assert exc.value.status == 503 and relay.streams.counters["refused_full"] == 1
     for ws in held:
         await ws.close()
+
+
+def self_signed(tmp_path):
+    """A throwaway certificate for the relay's TLS listener."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "relay.test")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+            .sign(key, hashes.SHA256()))
+    (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                         serialization.NoEncryption()))
+    return tmp_path / "cert.pem", tmp_path / "key.pem"
+
+
+async def test_node_stream_over_tls_binds_and_carries_packets(relay, tmp_path):
+    """The node's RelayStream (node/relay_stream.py) to a wss:// listener with a certificate it
+    does not check (TLS is camouflage here, §8.4): it binds a side and a packet comes back
+    through it from the UDP side."""
+    cert, key = self_signed(tmp_path)
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(cert, key)
+    runner = web.AppRunner(make_stream_app(relay))
+    await runner.setup()
+    sock = tcp_listener("127.0.0.1", 0)
+    await web.SockSite(runner, sock, ssl_context=tls).start()
+    got: asyncio.Queue = asyncio.Queue()
+    relay_addr = ("127.0.0.1", 9)  # the relay's UDP endpoint as the node's sessions know it
+    st = RelayStream(relay_addr, [f"wss://127.0.0.1:{sock.getsockname()[1]}/v1/stream"],
+                     lambda data, addr: got.put_nowait((data, addr)))
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("127.0.0.1", 0))
+    try:
+        st.send(bind(0))
+        data, addr = await asyncio.wait_for(got.get(), 5)
+        assert addr == relay_addr
+        st.send(bind(0, packet.RelayBindAck.parse(data).cookie))
+        assert packet.RelayBindAck.parse((await asyncio.wait_for(got.get(), 5))[0]).bound
+        udp.sendto(bind(1), relay.test_udp)
+        udp.sendto(bind(1, packet.RelayBindAck.parse(await asyncio.to_thread(udp.recv, 100)).cookie), relay.test_udp)
+        await asyncio.to_thread(udp.recv, 100)
+        udp.sendto(data_packet(b"through tls"), relay.test_udp)
+        assert (await asyncio.wait_for(got.get(), 5)) == (data_packet(b"through tls"), relay_addr)
+        assert st.connected and st.stats["connects"] == 1
+    finally:
+        udp.close()
+        await st.close()
+        await runner.cleanup()
