@@ -42,9 +42,9 @@ def _endpoint(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _stream_port(text: str) -> int | None:
+def _stream_port(text: str) -> int | str:
     if text == "off":
-        return None
+        return text
     try:
         port = int(text)
     except ValueError:
@@ -77,8 +77,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--stream-host", default="",
                    help="stream listener address (tunnel packets over a WebSocket on TCP, for nodes whose network "
                    "blocks UDP; default: every address, IPv4 and IPv6)")
-    p.add_argument("--stream-port", type=_stream_port, default=DEFAULT_STREAM_PORT,
-                   help=f"stream listener port (default {DEFAULT_STREAM_PORT}, as HTTPS; 0 = any; 'off' = none)")
+    p.add_argument("--stream-port", type=_stream_port,
+                   help=f"stream listener port (default {DEFAULT_STREAM_PORT}, as HTTPS, if it can be bound: a "
+                   "warning if not, e.g. without root; given: must be bound; 0 = any; 'off' = none)")
     p.add_argument("--stream-advertise", action="append", metavar="URL", type=_stream_url,
                    help="stream URL told to DCs and nodes (repeatable; default: ws[s]://<each advertised host>:<port>"
                    "/v1/stream)")
@@ -124,7 +125,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
             site = web.TCPSite(runner, args.http_host, args.http_port)
             await site.start()
             http_port = site._server.sockets[0].getsockname()[1]
-            if args.stream_port is not None:
+            if args.stream_port != "off":
                 relay.streams_advertise = await _start_stream(stream_runner, args, advertise)
             ready = {"event": "ready", "udp_port": udp_port, "http": _http_url(args.http_host, http_port),
                      "relay": advertise, "streams": relay.streams_advertise, "chain_id": registry.chain_id,
@@ -158,10 +159,15 @@ async def _start_stream(runner: web.AppRunner, args: argparse.Namespace, adverti
             tls.load_cert_chain(args.stream_tls_cert, args.stream_tls_key)
         except (OSError, ssl.SSLError) as exc:
             raise NtmError(f"cannot load the stream TLS certificate: {exc}") from None
+    port = DEFAULT_STREAM_PORT if args.stream_port is None else args.stream_port
     try:
-        sock = service.tcp_listener(args.stream_host or None, args.stream_port)
+        sock = service.tcp_listener(args.stream_host or None, port)
     except OSError as exc:
-        raise NtmError(f"{exc.strerror or exc}: no stream listener (--stream-port PORT, or 'off')") from None
+        if args.stream_port is not None:
+            raise NtmError(f"{exc.strerror or exc}: no stream listener (--stream-port PORT, or 'off')") from None
+        logging.warning("%s: no stream listener, so nodes without UDP cannot use this relay (run as root or "
+                        "give --stream-port PORT)", exc.strerror or exc)
+        return []
     await web.SockSite(runner, sock, ssl_context=tls).start()
     port = sock.getsockname()[1]
     urls = args.stream_advertise or stream_urls(advertise, port, tls is not None)
