@@ -98,6 +98,8 @@ class Node:
         self.tunnel_table.on_direction(obj)
 
     def _on_moved(self) -> None:
+        if self.session.udp:  # UDP gets out (again): relays over UDP, not over TCP (§8.4)
+            self.endpoint.leave_streams()
         self.tunnel_table.probe_all()
 
     def _on_notice(self, notice) -> None:

@@ -259,6 +259,21 @@ class Endpoint:
             self.streams.pop(addr).stop()
             self._install_sender()
 
+    def leave_streams(self) -> None:
+        """UDP gets out again: close every relay stream and rebind the relayed sessions from the
+        UDP socket (the relay moves their side there after one cookie round trip, §8.2)."""
+        if not self.streams:
+            return
+        for stream in self.streams.values():
+            stream.stop()
+        self.streams.clear()
+        self._install_sender()
+        now = self.now()
+        for s in self.sessions.values():
+            if s.relay_active:
+                s.local_address_changed(now)
+                self._flush(s.datagrams_to_send())
+
     def transport(self, s: Session) -> str:
         """How this session's packets leave: "tcp" (a relay over a stream) or "udp"."""
         on_relay = s.relay is not None and s.peer_addr == s.relay.addr
