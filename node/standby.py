@@ -7,6 +7,7 @@ changed so every peer hears from our new address at once (docs/PROTOCOL.md §8.3
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import itertools
 import logging
@@ -23,8 +24,9 @@ from ntm.tunnel import TunnelError
 
 log = logging.getLogger("ntm.node")
 
-# Standby decisions run this often: echo rounds and first tries go out within it.
-TICK_S = 0.05
+# Standby decisions run this often: echo rounds and first tries go out within it (a switch of
+# uplink does not wait for it: rtnetlink wakes the adapter at once).
+TICK_S = 0.1
 # The routing table is also re-read this often: the safety net when rtnetlink is missing (not
 # Linux, refused) or its events were dropped; a lost uplink is then noticed this late.
 UPLINK_POLL_S = 0.5
@@ -33,6 +35,12 @@ UPLINK_POLL_S = 0.5
 _RTMGRP = 0x1 | 0x10 | 0x40 | 0x100 | 0x400
 _RTF_UP, _RTF_REJECT = 0x1, 0x200
 ROUTE4, ROUTE6 = Path("/proc/net/route"), Path("/proc/net/ipv6_route")
+
+
+@functools.lru_cache(maxsize=4096)
+def _endpoint(host: str, port: int) -> str:
+    """A socket address as node/uplinks.py names it (cached: every tunnel's, every tick)."""
+    return format_endpoint(host, port)
 
 
 def default_routes(family: int, route4: Path = ROUTE4, route6: Path = ROUTE6) -> list[Uplink]:
@@ -48,8 +56,7 @@ def default_routes(family: int, route4: Path = ROUTE4, route6: Path = ROUTE6) ->
             for line in route6.read_text().splitlines():
                 f = line.split()
                 flags = int(f[8], 16) if len(f) >= 10 else 0
-                if (len(f) >= 10 and f[0] == "0" * 32 and f[1] == "00" and flags & _RTF_UP
-                        and not flags & _RTF_REJECT and f[9] != "lo"):
+                if len(f) >= 10 and f[0] == "0" * 32 and f[1] == "00" and flags & _RTF_UP and not flags & _RTF_REJECT:
                     out[f[9]] = min(out.get(f[9], 1 << 32), int(f[5], 16))
     except OSError:
         return []
@@ -139,7 +146,7 @@ class StandbyPaths:
             ch = t.channel.current
             s = ch.session
             if not ch.closed and s.established and s.peer_addr is not None and ch.via != "relay":
-                out[s.path_id] = format_endpoint(*s.peer_addr[:2])
+                out[s.path_id] = _endpoint(*s.peer_addr[:2])
         return out
 
     # --- doing what it says -----------------------------------------------------------------------
@@ -176,7 +183,7 @@ class StandbyPaths:
             self.standby.on_probe_reply(ifindex, format_endpoint(ip, port), self.now())
 
     def _on_standby(self, path: bytes, ev: StandbyEvent) -> None:
-        self._do(self.standby.on_standby(path, format_endpoint(*ev.addr[:2]), ev.payload, self.now()))
+        self._do(self.standby.on_standby(path, _endpoint(*ev.addr[:2]), ev.payload, self.now()))
 
     # --- status -----------------------------------------------------------------------------------
     def annotate(self, rows: list[dict], path_of: dict[str, bytes]) -> list[dict]:

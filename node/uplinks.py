@@ -128,10 +128,10 @@ class SendStandby:
 
 @dataclass(frozen=True)
 class PrimaryChanged:
-    """The kernel now sends through another uplink (or none): tell every peer at once."""
+    """The kernel now sends through another uplink: tell every peer at once."""
 
-    old: str | None
-    new: str | None
+    old: str | None  # None: there was no uplink
+    new: str
 
 
 Action = ProbeDc | SendStandby | PrimaryChanged
@@ -171,20 +171,25 @@ class Standby:
     def __init__(self, interval_s: float) -> None:
         self.interval = interval_s  # one round per keepalive interval: below the NATs' UDP timeout
         self.primary: Uplink | None = None
+        self._reported: Uplink | None = None  # the last primary the node was told about
+        self._seen = False  # the first view of the uplinks is the starting point, not a change
         self.mine: dict[int, _Mine] = {}  # standby uplinks by ifindex
         self.tunnels: dict[bytes, _Tunnel] = {}
 
     # --- our uplinks ----------------------------------------------------------------------------
     def set_uplinks(self, uplinks: list[Uplink]) -> list[Action]:
-        """The current uplinks (from the routing table). A new primary is reported at once."""
+        """The current uplinks (from the routing table). A new primary is reported at once; having
+        none is not (nothing can be told to anyone then, and a DC session restarted into no route
+        would only pile up failures: an uplink replaced in one go shows no uplink for a moment)."""
         ordered = sorted(uplinks, key=lambda u: (u.metric, u.ifindex))
         primary = ordered[0] if ordered else None
         actions: list[Action] = []
-        if primary != self.primary:
-            old = self.primary
-            self.primary = primary
-            if old is not None:
-                actions.append(PrimaryChanged(old.ifname, primary.ifname if primary else None))
+        if primary is not None and primary != self._reported:
+            if self._reported is not None or self._seen:
+                actions.append(PrimaryChanged(self._reported.ifname if self._reported else None, primary.ifname))
+            self._reported = primary
+        self._seen = True
+        self.primary = primary
         keep = {u.ifindex: u for u in ordered[1:]}
         for i in list(self.mine):
             if i not in keep or self.mine[i].uplink != keep[i]:

@@ -20,6 +20,7 @@ from node.uplinks import (
     encode_payload,
     parse_payload,
 )
+from node.standby import default_routes
 from ntm.errors import ParseError
 from tests.fakes import FakeClock
 
@@ -82,7 +83,13 @@ def test_losing_the_primary_is_reported_at_once_and_rounds_stop():
     s = node_with_standby_uplink(clock)
     assert s.set_uplinks([CELL]) == [PrimaryChanged("eth0", "eth1")]
     assert s.tick(clock.now()) == []  # no standby uplink left: nothing to keep warm
-    assert s.set_uplinks([]) == [PrimaryChanged("eth1", None)]
+    assert s.set_uplinks([CELL]) == []
+    # eth1 replaced in one go (a move): a moment without uplinks is not reported, the new one is
+    assert s.set_uplinks([]) == []
+    assert s.set_uplinks([Uplink("eth1", 9, 0)]) == [PrimaryChanged("eth1", "eth1")]
+    s = Standby(INTERVAL)
+    assert s.set_uplinks([]) == []  # started without a network
+    assert s.set_uplinks([WIFI]) == [PrimaryChanged(None, "eth0")]
 
 
 def test_echo_rounds_are_rate_limited():
@@ -148,3 +155,22 @@ def test_a_tunnel_that_ends_or_moves_forgets_its_standby_state():
     assert s.status(PATH, clock.now())["peer_standby"] == []
     s.set_tunnels({})
     assert s.status(PATH, clock.now()) == {}
+
+
+def test_default_routes_from_the_kernel_tables(tmp_path):
+    """/proc/net/route and /proc/net/ipv6_route: default routes only, the lowest metric per
+    interface, IPv6's "unreachable" default routes ignored; a missing table is no uplinks. (The
+    interface is "lo" here because the name must exist in the test's namespace.)"""
+    r4 = tmp_path / "route"
+    r4.write_text("Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n"
+                  "lo\t00000000\t0100020A\t0003\t0\t0\t200\t00000000\t0\t0\t0\n"
+                  "lo\t00000000\t0100010A\t0003\t0\t0\t0\t00000000\t0\t0\t0\n"
+                  "lo\t0000010A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n")
+    r6 = tmp_path / "ipv6_route"
+    zero = "0" * 32
+    r6.write_text(f"{zero} 00 {zero} 00 {zero} 00000400 00000001 00000000 00000003 lo\n"
+                  f"{zero} 00 {zero} 00 {zero} ffffffff 00000001 00000000 00200200 lo\n"
+                  f"fe80{zero[4:]} 40 {zero} 00 {zero} 00000100 00000001 00000000 00000001 lo\n")
+    assert default_routes(4, r4, r6) == [Uplink("lo", 1, 0)]
+    assert default_routes(6, r4, r6) == [Uplink("lo", 1, 0x400)]
+    assert default_routes(4, tmp_path / "none", r6) == []
