@@ -53,6 +53,7 @@ from ntm.packet import (
     PING_ID_LEN,
     PREFIX_LEN,
     TOKEN_LEN,
+    TRANSPORT_TYPES,
     TYPE_CLOSE,
     TYPE_DATA,
     TYPE_HANDSHAKE_REQUEST,
@@ -102,7 +103,6 @@ UNVERIFIED_ATTEMPTS = 1
 NONCE_PREFIX = b"\x00\x00\x00\x00"
 _Q = struct.Struct("!Q")
 _HEADER_UNPACK = HEADER.unpack_from
-_CONTROL_TRANSPORT = frozenset({TYPE_KEEPALIVE, TYPE_PING, TYPE_PONG, TYPE_CLOSE, TYPE_STANDBY})
 
 
 class TunnelError(NtmError):
@@ -569,9 +569,9 @@ class Session:
             return None
 
     def standby(self, payload: bytes, now: float) -> bytes:
-        """A STANDBY packet carrying `payload`, for a path other than the current one (a second
-        uplink). It does not count as traffic on the current path, whose keepalive stays due.
-        TunnelError if there are no keys."""
+        """A STANDBY packet carrying `payload` (node/uplinks.py), to the peer out of a second
+        uplink, or to a standby address of the peer's. It is not traffic of the current path: that
+        path's keepalive stays due. TunnelError if there are no keys."""
         last = self.last_sent
         pkt = self._seal(TYPE_STANDBY, payload, now)
         self.last_sent = last
@@ -594,7 +594,7 @@ class Session:
             self._stats["drop_truncated"] += 1
             return []
         kind = datagram[0]
-        if kind == TYPE_DATA or kind in _CONTROL_TRANSPORT:
+        if kind in TRANSPORT_TYPES:
             return self._receive_transport(kind, datagram, addr, now)
         if datagram[1:PREFIX_LEN] != self.path_id:
             self._stats["drop_unknown_path"] += 1
