@@ -76,6 +76,7 @@ class StandbyPaths:
         self.node = node
         self.ep = node.endpoint
         self.standby = Standby(node.session.keepalive_interval)
+        self.family = 0  # IP version of the uplinks watched: the DC's (set at the first refresh)
         self._probe_seq = itertools.count(node.session.clock.wall_ms())
         self._probes: dict[int, int] = {}  # seq → ifindex of standby probes in flight
         self._changed = asyncio.Event()
@@ -138,7 +139,13 @@ class StandbyPaths:
             return 4
 
     def _refresh_uplinks(self) -> None:
-        self._do(self.standby.set_uplinks(default_routes(self._family())))
+        family = self._family()
+        if family != self.family:
+            # The DC is now reached over the other IP version (the node moved to an IPv6-only
+            # network): uplinks of that version are a new starting point, not a switch.
+            self.family = family
+            self.standby = Standby(self.node.session.keepalive_interval)
+        self._do(self.standby.set_uplinks(default_routes(family)))
 
     def _direct_tunnels(self) -> dict[bytes, str]:
         out = {}
