@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from node.state import TUNNEL_PORT
+
 from .fed import Federation
 from .topology import expect
 from .upnode import UpNode
@@ -62,7 +64,8 @@ def make_before_break(fed: Federation, tag: str = "mbb", rate: float = 100.0, be
                       after_s: float = 3.0) -> dict:
     """Build the scenario in `fed`'s lab (site names start with `tag`), switch M's uplink under the
     stream, and return the measured numbers: `lost_m_to_p`, `lost_p_to_m`, the larger of the two as
-    `make_before_break_lost_packets`, the stream reports, and how long the standby took to be ready."""
+    `make_before_break_lost_packets`, the stream reports, how long the standby took to be ready, and
+    where P sees M afterwards (`p_sees_m`: M's second NAT, `second_nat`, if M really switched)."""
     lab = fed.lab
     m_host = lab.add_site(f"{tag}1", "eim").host
     lab.add_site(f"{tag}2", "eim")
@@ -77,12 +80,14 @@ def make_before_break(fed: Federation, tag: str = "mbb", rate: float = 100.0, be
         m_rep, p_rep = stream_both_ways(m, p, rate, before_s + after_s,
                                         lambda: (time.sleep(before_s), lab.set_link(m_host, "eth0", False)))
         row = m.status()["peers"][0]
+        p_sees_m = p.status()["peers"][0]["endpoint"]
         lost_m_to_p = m_rep["sent"] - p_rep["received"]
         lost_p_to_m = p_rep["sent"] - m_rep["received"]
         return {"make_before_break_lost_packets": max(lost_m_to_p, lost_p_to_m),
                 "lost_m_to_p": lost_m_to_p, "lost_p_to_m": lost_p_to_m, "rate_pps": rate,
                 "standby_ready_s": round(ready_s, 2), "m_stream": m_rep, "p_stream": p_rep,
-                "route_after": row["route"], "endpoint_after": row["endpoint"]}
+                "route_after": row["route"], "p_sees_m": p_sees_m,
+                "second_nat": f"{lab.sites[f'{tag}2'].public4}:{TUNNEL_PORT}"}
     finally:
         m.stop()
         p.stop()

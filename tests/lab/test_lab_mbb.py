@@ -31,7 +31,8 @@ def test_make_before_break_two_uplinks_behind_eim_nats(fed):
     r = make_before_break(fed)
     print(f"\nmake-before-break at {r['rate_pps']:.0f} pkt/s: lost M→P {r['lost_m_to_p']}, "
           f"P→M {r['lost_p_to_m']} (standby ready after {r['standby_ready_s']} s; "
-          f"now {r['route_after']} at {r['endpoint_after']})")
+          f"P now sees M at {r['p_sees_m']}, {r['route_after']})")
     assert r["m_stream"]["sent"] == r["p_stream"]["sent"] > 0
     assert r["standby_ready_s"] != float("inf"), "no standby path on the second uplink"
+    assert r["p_sees_m"] == r["second_nat"], r  # the tunnel really moved to the second uplink
     assert r["lost_m_to_p"] <= MAX_LOST and r["lost_p_to_m"] <= MAX_LOST, r
