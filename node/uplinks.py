@@ -279,18 +279,18 @@ class Standby:
         for ep in list(t.theirs):
             th = t.theirs[ep]
             if ep in heard:
-                if now - th.sent_at < self.interval:
-                    continue
                 flags = 0
-            elif th.heard_at is not None or th.tries >= UNVERIFIED_TRIES:
-                if th.heard_at is not None and now - th.heard_at > EXPIRE_ROUNDS * self.interval:
-                    del t.theirs[ep]  # went silent: that uplink is gone
+            elif th.heard_at is not None:  # heard once, silent since: that uplink is gone
+                del t.theirs[ep]
                 continue
-            elif now - th.sent_at < self.interval:
+            elif th.tries >= UNVERIFIED_TRIES:
                 continue
             else:
-                th.tries += 1
                 flags = FLAG_ECHO
+            if now - th.sent_at < self.interval:
+                continue
+            if flags & FLAG_ECHO:
+                th.tries += 1
             th.sent_at = now
             out.append(SendStandby(path, ep, None, encode_payload(flags, self.mappings(), heard)))
         return out
