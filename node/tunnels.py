@@ -302,14 +302,14 @@ class Tunnels:
     async def _redirect(self, t: Tunnel, address_checked: bool = False) -> None:
         """Ask the DCs for a new path to the same peer, naming the tunnel, until one works.
         The resulting direction is attached to the Link in follow() (on both ends)."""
-        started = self.clock.now()
+        started, redirects = self.clock.now(), t.redirects
         log.info("tunnel %s to %s silent: asking for a new direction", t.id.hex(), keys.checksum(t.peer))
         try:
             if not address_checked:
                 await self.check_address()  # if we moved: new session, and the DC learns our new mapping
             while not t.channel.closed and self.clock.now() - started < RECOVERY_GIVE_UP_S:
-                if liveness.recovered(self.clock.now(), t.channel.last_heard):
-                    return
+                if liveness.recovered(self.clock.now(), t.channel.last_heard) or t.redirects > redirects:
+                    return  # the old path came back, or the peer's direction moved the tunnel meanwhile
                 try:
                     await self._directed(t.peer, None, t.id)
                     return

@@ -1,0 +1,178 @@
+"""Dead paths and NAT rebinding in the NAT lab, as functions that set up, measure and return the
+numbers (tests/lab/test_lab_deadpath.py asserts on them; bench/roam.py prints them).
+
+  * dc_link_loss_failover(): the home DC's link goes silent (iptables DROP, no RST) under a
+    running TCP transfer; how long until the node is at another DC, and until a third node's new
+    tunnel to it carries a ping.
+  * nat_rebind_unreachable(): a NAT's public address changes (UDP only: the TCP session to the DC
+    survives) while the tunnel is idle; how long the peer's pings take to get through again.
+
+Nodes are real `ntm up` daemons with TUN (tests/lab/upnode.py) behind real NATs.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from datetime import datetime
+from pathlib import Path
+
+from .fed import Federation
+from .topology import Host, Site
+from .upnode import UpNode, transfer
+
+# The transfer running while the DC's link is cut: paced so it outlasts the failover (~8 s).
+CUT_TRANSFER_BYTES = 16 * 1024 * 1024
+CUT_TRANSFER_RATE = 1e6  # bytes/s
+# How long to wait for the failover and for the third node's ping before giving up.
+FAILOVER_WAIT_S = 30.0
+# Pings the peer sends after the rebind: one per PING_INTERVAL_S for REBIND_PING_S.
+PING_INTERVAL_S = 0.02
+REBIND_PING_S = 4.0
+# Idle time before the rebind: past liveness.ACTIVE_WINDOW_S, so the tunnel counts as idle.
+IDLE_BEFORE_REBIND_S = 2.0
+# The NAT's second public address (UDP is moved to it): 198.18.0.(REBIND_BASE + router index).
+REBIND_BASE = 200
+
+LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
+PING_REPLY = re.compile(r"^\[(\d+\.\d+)\] .*icmp_seq=(\d+)")
+
+
+def _log_time(line: str) -> float | None:
+    """Wall time of a log line written with daemon/service.LOG_FORMAT (local time, ms)."""
+    m = LOG_TIME.match(line)
+    return datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp() if m else None
+
+
+def wait_log(path: Path, needle: str, since: float, timeout: float) -> float:
+    """Wall time of the first line of `path` containing `needle`, logged at or after `since`."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        for line in path.read_text(errors="replace").splitlines():
+            t = _log_time(line)
+            if needle in line and t is not None and t >= since - 0.001:
+                return t
+        time.sleep(0.1)
+    raise TimeoutError(f"no {needle!r} in {path} within {timeout} s")
+
+
+def udp_ports_of(fed: Federation, pid: int) -> list[int]:
+    """UDP ports a process in the server namespace listens on (a DC's keepalive ports)."""
+    out = fed.lab.exec(fed.srv, ["ss", "-Hlunp"], timeout=10).stdout
+    ports = []
+    for line in out.splitlines():
+        if f"pid={pid}," in line:
+            ports.append(int(line.split()[3].rsplit(":", 1)[1]))
+    return ports
+
+
+def cut_dc_link(fed: Federation, i: int) -> list[list[str]]:
+    """Drop every packet to and from DC i (HTTP port and keepalive ports) in the server namespace:
+    a pulled cable, no RST. Returns the rules (for restore_dc_link)."""
+    rules = []
+    for proto, port in [("tcp", fed.dc_port(i)), *(("udp", p) for p in udp_ports_of(fed, fed.dcs[i].pid))]:
+        rules += [["INPUT", "-p", proto, "--dport", str(port), "-j", "DROP"],
+                  ["OUTPUT", "-p", proto, "--sport", str(port), "-j", "DROP"]]
+    for cmd in ("iptables", "ip6tables"):
+        for r in rules:
+            fed.lab.exec(fed.srv, [cmd, "-I", *r], check=True)
+    return rules
+
+
+def restore_dc_link(fed: Federation, rules: list[list[str]]) -> None:
+    for cmd in ("iptables", "ip6tables"):
+        for r in rules:
+            fed.lab.exec(fed.srv, [cmd, "-D", *r])
+
+
+def ping_until_reply(node: UpNode, to: str, timeout: float) -> float:
+    """Ping `to` from `node` (one ping per second, each waiting 1 s) until one is answered; the
+    wall time of that answer."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        r = node.run("ping", "-6", "-n", "-c", "1", "-W", "1", to, timeout=10)
+        if r.returncode == 0:
+            return time.time()
+    raise TimeoutError(f"{to} did not answer {node.host.name}'s pings within {timeout} s")
+
+
+def dc_link_loss_failover(fed: Federation, x_host: Host, y_host: Host, z_host: Host) -> dict:
+    """X (home DC 0) sends a paced TCP transfer to Y (home DC 1); DC 0's link is cut. Measures
+    `failover_s` (cut → X's log says it failed over), `new_tunnel_s` (cut → the first ping of a
+    third node Z (home DC 1), sent once X failed over, answered through a new tunnel), and checks
+    the transfer finished intact (`intact`, `max_stall_s`)."""
+    y = UpNode(fed, y_host, 1, "--accept-any")
+    x = UpNode(fed, x_host, 0, "--accept-any")
+    z = UpNode(fed, z_host, 1)
+    rules: list[list[str]] = []
+    out: dict = {}
+    try:
+        x.cli("alias", "y", y.id)  # known peers' overlay addresses route to them
+        z.cli("alias", "x", x.id)
+        # the tunnel X → Y first, so the transfer does not race the cut
+        assert x.run("ping", "-6", "-c", "1", "-W", "5", y.v6).returncode == 0
+
+        def cut_and_measure() -> None:
+            time.sleep(1.0)
+            t_cut = time.time()
+            rules.extend(cut_dc_link(fed, 0))
+            t_over = wait_log(Path(x.log.name), "failed over from", t_cut, FAILOVER_WAIT_S)
+            t_reply = ping_until_reply(z, x.v6, FAILOVER_WAIT_S)
+            out.update(failover_s=round(t_over - t_cut, 2), new_tunnel_s=round(t_reply - t_cut, 2))
+
+        sent, got = transfer(x, y, y.v6, y.v6, CUT_TRANSFER_BYTES, rate=CUT_TRANSFER_RATE, during=cut_and_measure)
+        st = x.status()
+        out.update(intact=got["sha256"] == sent["sha256"] and got["bytes"] == CUT_TRANSFER_BYTES,
+                   max_stall_s=got["max_stall_s"], x_dc=st["dc"], failovers=st["failovers"],
+                   dc_silences=st["dc_silences"])
+        return out
+    finally:
+        restore_dc_link(fed, rules)
+        for n in (x, y, z):
+            n.stop()
+
+
+def rebind_nat(fed: Federation, site: Site) -> str:
+    """The NAT of `site` moves its UDP mappings to a second public address: new UDP flows leave
+    from it and the existing UDP mappings are forgotten (conntrack), as a CGNAT that rebinds.
+    TCP keeps the old address and its connections. Returns the new public address."""
+    r = site.router
+    new = f"198.18.0.{REBIND_BASE + int(r.lan_net.network_address.packed[1])}"
+    lab = fed.lab
+    lab.exec(r.ns, ["ip", "addr", "add", f"{new}/24", "dev", "wan"], check=True)
+    lab.exec(r.ns, ["iptables", "-t", "nat", "-I", "POSTROUTING", "1", "-o", "wan", "-p", "udp",
+                    "-j", "SNAT", "--to-source", new], check=True)
+    lab.exec(r.ns, ["conntrack", "-D", "-p", "udp"])
+    return new
+
+
+def nat_rebind_unreachable(fed: Federation, node_site: Site, peer_site: Site) -> dict:
+    """N (behind `node_site`) and P (behind `peer_site`) have a direct tunnel, idle; N's NAT
+    rebinds (new public address for UDP). P then pings N every 20 ms: `unreachable_s` is the
+    time from P's first ping to the first reply (the peer's traffic reaching N again and back);
+    also the route of the tunnel afterwards and how many repairs each end made."""
+    p = UpNode(fed, peer_site.host, 1, "--accept-any")
+    n = UpNode(fed, node_site.host, 0, "--accept-any")
+    try:
+        p.cli("alias", "n", n.id)
+        assert p.run("ping", "-6", "-c", "1", "-W", "5", n.v6).returncode == 0
+        before = p.status()["peers"][0]
+        time.sleep(IDLE_BEFORE_REBIND_S)
+        new_ip = rebind_nat(fed, node_site)
+        count = int(REBIND_PING_S / PING_INTERVAL_S)
+        t0 = time.time()
+        r = p.run("ping", "-6", "-n", "-D", "-i", str(PING_INTERVAL_S), "-c", str(count), "-W", "1", n.v6,
+                  timeout=REBIND_PING_S + 10)
+        replies = [(float(m.group(1)), int(m.group(2))) for m in map(PING_REPLY.match, r.stdout.splitlines()) if m]
+        if not replies:
+            raise AssertionError(f"no ping reply after the rebind:\n{r.stdout}")
+        time.sleep(0.5)  # let both ends settle before reading their status
+        after_p, after_n = p.status()["peers"][0], n.status()["peers"][0]
+        return {"unreachable_s": round(replies[0][0] - t0, 3), "lost": replies[0][1] - 1,
+                "replies": len(replies), "sent": count, "new_public": new_ip,
+                "peer_endpoint_before": before["endpoint"], "peer_endpoint_after": after_p["endpoint"],
+                "route_after": after_p["route"], "redirects": (after_p["redirects"], after_n["redirects"])}
+    finally:
+        for x in (n, p):
+            x.stop()
+
