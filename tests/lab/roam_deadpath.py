@@ -6,6 +6,8 @@ numbers (tests/lab/test_lab_deadpath.py asserts on them; bench/roam.py prints th
     tunnel to it carries a ping.
   * nat_rebind_unreachable(): a NAT's public address changes (UDP only: the TCP session to the DC
     survives) while the tunnel is idle; how long the peer's pings take to get through again.
+  * direct_path_loss_outage(): the direct path between two NATs stops carrying UDP under a ping
+    stream; the longest gap in replies until the tunnel runs through the relay.
 
 Nodes are real `ntm up` daemons with TUN (tests/lab/upnode.py) behind real NATs.
 """
@@ -29,6 +31,9 @@ FAILOVER_WAIT_S = 30.0
 # Pings the peer sends after the rebind: one per PING_INTERVAL_S for REBIND_PING_S.
 PING_INTERVAL_S = 0.02
 REBIND_PING_S = 4.0
+# The ping stream across a direct path that dies: cut CUT_AFTER_S into PATH_LOSS_PING_S.
+PATH_LOSS_PING_S = 8.0
+CUT_AFTER_S = 1.5
 # Idle time before the rebind: past liveness.ACTIVE_WINDOW_S, so the tunnel counts as idle.
 IDLE_BEFORE_REBIND_S = 2.0
 # The NAT's second public address (UDP is moved to it): 198.18.0.(REBIND_BASE + router index).
@@ -96,6 +101,19 @@ def ping_until_reply(node: UpNode, to: str, timeout: float) -> float:
     raise TimeoutError(f"{to} did not answer {node.host.name}'s pings within {timeout} s")
 
 
+def ping_stream(node: UpNode, to: str, seconds: float, during=None) -> tuple[float, list[tuple[float, int]]]:
+    """`node` pings `to` every PING_INTERVAL_S for `seconds` (each reply awaited up to 1 s) while
+    `during()` runs; returns (wall time the stream started, [(reply wall time, icmp_seq)])."""
+    count = int(seconds / PING_INTERVAL_S)
+    t0 = time.time()
+    proc = node.lab.run(node.host, ["ping", "-6", "-n", "-D", "-i", str(PING_INTERVAL_S), "-c", str(count),
+                                    "-W", "1", to])
+    if during is not None:
+        during()
+    out, _ = proc.communicate(timeout=seconds + 15)
+    return t0, [(float(m.group(1)), int(m.group(2))) for m in map(PING_REPLY.match, out.splitlines()) if m]
+
+
 def dc_link_loss_failover(fed: Federation, x_host: Host, y_host: Host, z_host: Host) -> dict:
     """X (home DC 0) sends a paced TCP transfer to Y (home DC 1); DC 0's link is cut. Measures
     `failover_s` (cut → X's log says it failed over), `new_tunnel_s` (cut → the first ping of a
@@ -159,20 +177,47 @@ def nat_rebind_unreachable(fed: Federation, node_site: Site, peer_site: Site) ->
         before = p.status()["peers"][0]
         time.sleep(IDLE_BEFORE_REBIND_S)
         new_ip = rebind_nat(fed, node_site)
-        count = int(REBIND_PING_S / PING_INTERVAL_S)
-        t0 = time.time()
-        r = p.run("ping", "-6", "-n", "-D", "-i", str(PING_INTERVAL_S), "-c", str(count), "-W", "1", n.v6,
-                  timeout=REBIND_PING_S + 10)
-        replies = [(float(m.group(1)), int(m.group(2))) for m in map(PING_REPLY.match, r.stdout.splitlines()) if m]
+        t0, replies = ping_stream(p, n.v6, REBIND_PING_S)
         if not replies:
-            raise AssertionError(f"no ping reply after the rebind:\n{r.stdout}")
+            raise AssertionError("no ping reply after the rebind")
         time.sleep(0.5)  # let both ends settle before reading their status
         after_p, after_n = p.status()["peers"][0], n.status()["peers"][0]
         return {"unreachable_s": round(replies[0][0] - t0, 3), "lost": replies[0][1] - 1,
-                "replies": len(replies), "sent": count, "new_public": new_ip,
+                "replies": len(replies), "sent": int(REBIND_PING_S / PING_INTERVAL_S), "new_public": new_ip,
                 "peer_endpoint_before": before["endpoint"], "peer_endpoint_after": after_p["endpoint"],
                 "route_after": after_p["route"], "redirects": (after_p["redirects"], after_n["redirects"])}
     finally:
         for x in (n, p):
             x.stop()
 
+
+
+def direct_path_loss_outage(fed: Federation, node_site: Site, peer_site: Site) -> dict:
+    """N and P (behind `node_site`, `peer_site`) have a direct tunnel; P pings N every 20 ms. Then
+    N's NAT drops all UDP to and from P's NAT (the direct path dies; the DCs and the relay stay
+    reachable). `outage_s`: the longest gap between replies; also the route afterwards."""
+    p = UpNode(fed, peer_site.host, 1, "--accept-any")
+    n = UpNode(fed, node_site.host, 0, "--accept-any")
+    rules = [[chain, "-p", "udp", flag, peer_site.public4, "-j", "DROP"]
+             for chain in ("FORWARD", "INPUT", "OUTPUT") for flag in ("-s", "-d")]
+    try:
+        p.cli("alias", "n", n.id)
+        assert p.run("ping", "-6", "-c", "1", "-W", "5", n.v6).returncode == 0
+        route_before = p.status()["peers"][0]["route"]
+
+        def cut() -> None:
+            time.sleep(CUT_AFTER_S)
+            for r in rules:
+                fed.lab.exec(node_site.router.ns, ["iptables", "-I", *r], check=True)
+
+        t0, replies = ping_stream(p, n.v6, PATH_LOSS_PING_S, during=cut)
+        times = [t0] + [t for t, _ in replies]
+        gaps = [b - a for a, b in zip(times, times[1:])]
+        after_p, after_n = p.status()["peers"][0], n.status()["peers"][0]
+        return {"outage_s": round(max(gaps), 3), "replies": len(replies),
+                "sent": int(PATH_LOSS_PING_S / PING_INTERVAL_S), "route_before": route_before,
+                "route_after": (after_p["route"], after_n["route"]),
+                "redirects": (after_p["redirects"], after_n["redirects"])}
+    finally:
+        for x in (n, p):
+            x.stop()

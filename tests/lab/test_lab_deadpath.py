@@ -10,9 +10,10 @@ import pytest
 from node import liveness
 from node.agent import KEEPALIVE_INTERVAL_S
 from node.dc_session import SESSION_OPEN_TIMEOUT_S
+from ntm.tunnel import RELAY_FALLBACK_AFTER
 
 from .fed import Federation
-from .roam_deadpath import dc_link_loss_failover, nat_rebind_unreachable
+from .roam_deadpath import dc_link_loss_failover, direct_path_loss_outage, nat_rebind_unreachable
 
 pytestmark = pytest.mark.lab
 
@@ -25,6 +26,10 @@ FAILOVER_BOUND_S = 1.5 * liveness.SESSION_HEARTBEAT_S + SESSION_OPEN_TIMEOUT_S +
 NEW_TUNNEL_BOUND_S = FAILOVER_BOUND_S + 3.0
 # The peer's traffic reaches a node whose NAT rebound while idle (issue 22: within 1 s).
 REBIND_BOUND_S = 1.0
+# A direct path that dies under traffic is replaced by the relay: silent DEAD_AFTER_S, the address
+# check (≤ 0.3 s), the Direction Request, the direct candidates tried until the relay fallback
+# (RELAY_FALLBACK_AFTER, 1.5 s), with 1 s of headroom (§8.3).
+PATH_LOSS_BOUND_S = liveness.DEAD_AFTER_S + 0.3 + RELAY_FALLBACK_AFTER + 1.0
 
 
 @pytest.fixture(scope="module")
@@ -64,3 +69,15 @@ def test_nat_rebinding_while_idle_is_repaired_within_a_second(fed):
     assert r["unreachable_s"] <= REBIND_BOUND_S
     assert r["peer_endpoint_after"].startswith(r["new_public"] + ":")  # P now sends to N's new mapping
     assert r["route_after"] == "punched"  # directly, not moved to the relay
+
+
+def test_a_direct_path_that_dies_under_traffic_moves_to_the_relay_within_the_bound(fed):
+    """Hostile network: the direct path between two NATs stops carrying UDP (a firewall starts
+    dropping it; the DCs and the relay stay reachable) while P pings N every 20 ms. The tunnel is
+    probed, re-directed and carried by the relay: the longest gap in replies stays within the
+    bound."""
+    lab = fed.lab
+    r = direct_path_loss_outage(fed, lab.add_site("pln", "eim"), lab.add_site("plp", "eim"))
+    print(f"\ndirect path lost under traffic: outage {r['outage_s']:.3f} s (bound {PATH_LOSS_BOUND_S:.2f} s); {r}")
+    assert r["route_before"] == "punched" and r["route_after"] == ("relay", "relay")
+    assert r["outage_s"] <= PATH_LOSS_BOUND_S
