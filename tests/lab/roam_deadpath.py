@@ -8,6 +8,8 @@ numbers (tests/lab/test_lab_deadpath.py asserts on them; bench/roam.py prints th
     survives) while the tunnel is idle; how long the peer's pings take to get through again.
   * direct_path_loss_outage(): the direct path between two NATs stops carrying UDP under a ping
     stream; the longest gap in replies until the tunnel runs through the relay.
+  * idle_move_tells_peer(): a node moves to another NAT while its tunnel to a public peer is
+    idle; how soon it notices (rtnetlink) and whether the peer already follows it, unasked.
 
 Nodes are real `ntm up` daemons with TUN (tests/lab/upnode.py) behind real NATs.
 """
@@ -220,4 +222,31 @@ def direct_path_loss_outage(fed: Federation, node_site: Site, peer_site: Site) -
                 "redirects": (after_p["redirects"], after_n["redirects"])}
     finally:
         for x in (n, p):
+            x.stop()
+
+
+def idle_move_tells_peer(fed: Federation, mover_site: Site, to_site: Site, peer_host: Host) -> dict:
+    """M (behind `mover_site`) has an idle tunnel to P (public). M moves behind `to_site`.
+    `noticed_s`: move started → M's log says its addresses changed; then, without P sending
+    anything, P's endpoint for M (`peer_endpoint_after`: M's new NAT?) and P's ping stream
+    right after (`first_reply_seq` 1: its first ping was answered)."""
+    p = UpNode(fed, peer_host, 1, "--accept-any")
+    m = UpNode(fed, mover_site.host, 0, "--accept-any")
+    try:
+        p.cli("alias", "m", m.id)
+        assert p.run("ping", "-6", "-c", "1", "-W", "5", m.v6).returncode == 0
+        before = p.status()["peers"][0]["endpoint"]
+        time.sleep(IDLE_BEFORE_REBIND_S)
+        t_move = time.time()
+        fed.lab.move(m.host, to_site)
+        moved_s = time.time() - t_move
+        t_noticed = wait_log(Path(m.log.name), "local addresses changed", t_move, 10)
+        after = p.status()["peers"][0]["endpoint"]
+        t0, replies = ping_stream(p, m.v6, 1.0)
+        return {"noticed_s": round(t_noticed - t_move, 3), "move_cmds_s": round(moved_s, 3),
+                "peer_endpoint_before": before, "peer_endpoint_after": after, "new_public": to_site.public4,
+                "first_reply_seq": replies[0][1] if replies else None,
+                "first_reply_s": round(replies[0][0] - t0, 3) if replies else None}
+    finally:
+        for x in (m, p):
             x.stop()

@@ -10,10 +10,11 @@ import pytest
 from node import liveness
 from node.agent import KEEPALIVE_INTERVAL_S
 from node.dc_session import SESSION_OPEN_TIMEOUT_S
+from node.netwatch import SETTLE_S
 from ntm.tunnel import RELAY_FALLBACK_AFTER
 
 from .fed import Federation
-from .roam_deadpath import dc_link_loss_failover, direct_path_loss_outage, nat_rebind_unreachable
+from .roam_deadpath import dc_link_loss_failover, direct_path_loss_outage, idle_move_tells_peer, nat_rebind_unreachable
 
 pytestmark = pytest.mark.lab
 
@@ -30,6 +31,9 @@ REBIND_BOUND_S = 1.0
 # check (≤ 0.3 s), the Direction Request, the direct candidates tried until the relay fallback
 # (RELAY_FALLBACK_AFTER, 1.5 s), with 1 s of headroom (§8.3).
 PATH_LOSS_BOUND_S = liveness.DEAD_AFTER_S + 0.3 + RELAY_FALLBACK_AFTER + 1.0
+# A move is noticed when rtnetlink's burst settles (the lab's move itself is ~10 `ip` commands),
+# well before the 1 s address poll would.
+MOVE_NOTICED_BOUND_S = SETTLE_S + 0.45
 
 
 @pytest.fixture(scope="module")
@@ -81,3 +85,17 @@ def test_a_direct_path_that_dies_under_traffic_moves_to_the_relay_within_the_bou
     print(f"\ndirect path lost under traffic: outage {r['outage_s']:.3f} s (bound {PATH_LOSS_BOUND_S:.2f} s); {r}")
     assert r["route_before"] == "punched" and r["route_after"] == ("relay", "relay")
     assert r["outage_s"] <= PATH_LOSS_BOUND_S
+
+
+def test_a_move_while_idle_is_told_to_the_peer_at_once(fed):
+    """Roaming: M moves behind another NAT while its tunnel to P is idle. M notices at once
+    (rtnetlink, not the 1 s poll) and PINGs P from its new address; P follows M there before it
+    sends anything, so P's very first ping afterwards is answered."""
+    lab = fed.lab
+    r = idle_move_tells_peer(fed, lab.add_site("imm", "eim"), lab.add_site("imt", "eim"),
+                             lab.add_public_host("imp"))
+    print(f"\nidle move: noticed {r['noticed_s']:.3f} s after the move started (its commands took "
+          f"{r['move_cmds_s']:.3f} s); {r}")
+    assert r["noticed_s"] <= MOVE_NOTICED_BOUND_S
+    assert r["peer_endpoint_after"].startswith(r["new_public"] + ":")
+    assert r["first_reply_seq"] == 1
