@@ -159,32 +159,49 @@ def udp_socket(host: str | None, port: int, buffer: int | None = None) -> socket
     hosts reach the same port; None is the same, falling back to IPv4 on a host without IPv6; an
     IPv4 host ("0.0.0.0") gives an IPv4-only socket. `buffer`: SO_RCVBUF/SO_SNDBUF, best effort.
     A port that cannot be bound is named in the error."""
+    sock = _bound(host, port, socket.SOCK_DGRAM, "UDP")
+    for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF) if buffer else ():
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, buffer)
+        except OSError:
+            pass
+    return sock
+
+
+def tcp_listener(host: str | None, port: int) -> socket.socket:
+    """A listening TCP socket, with the addresses of udp_socket: one socket, so port 0 gives one
+    port for both families (two sockets would each get their own)."""
+    sock = _bound(host, port, socket.SOCK_STREAM, "TCP")
+    sock.listen(socket.SOMAXCONN)
+    return sock
+
+
+def _bound(host: str | None, port: int, kind: int, name: str) -> socket.socket:
     try:
-        return _udp_socket(host, port, buffer)
+        return _bind(host, port, kind)
     except OSError as exc:
         where = f"[{host}]:{port}" if host and ":" in host else f"{host or '*'}:{port}"
-        raise OSError(exc.errno, f"cannot bind UDP {where}: {exc.strerror or exc}") from None
+        raise OSError(exc.errno, f"cannot bind {name} {where}: {exc.strerror or exc}") from None
 
 
-def _udp_socket(host: str | None, port: int, buffer: int | None) -> socket.socket:
+def _bind(host: str | None, port: int, kind: int) -> socket.socket:
     if host is None or ":" in host:
-        sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        sock = socket.socket(socket.AF_INET6, kind)
         try:
+            if kind == socket.SOCK_STREAM:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             sock.bind((host or "::", port))
         except OSError:
             sock.close()
             if host is not None:
                 raise
-            sock = _udp_socket("0.0.0.0", port, None)
-    else:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        sock.bind((host, port))
-    for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF) if buffer else ():
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, opt, buffer)
-        except OSError:
-            pass
+            return _bind("0.0.0.0", port, kind)
+        return sock
+    sock = socket.socket(socket.AF_INET, kind)
+    if kind == socket.SOCK_STREAM:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
     return sock
 
 

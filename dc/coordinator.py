@@ -76,6 +76,7 @@ class Coordinator:
         self.cache = cache
         self.hostname = hostname
         self.relays = relays
+        self.relay_streams: dict[str, list[str]] = {}  # relay control URL → its stream URLs (§8.4)
         self.keepalive_ports = keepalive_ports
         self.clock = clock
         self.presence = Presence(clock.now)
@@ -101,7 +102,8 @@ class Coordinator:
     def info(self) -> messages.DcInfoReply:
         return messages.DcInfoReply(keys.checksum(self.address), self.hostname, self.registry.chain_id,
                                     keys.checksum(self.registry.address), list(self.keepalive_ports), self.relays,
-                                    self.cache.is_active_dc(self.address), self.cs)
+                                    self.cache.is_active_dc(self.address), self.cs,
+                                    [u for url in self.relays for u in self.relay_streams.get(url, [])])
 
     def latest(self, node: bytes) -> tuple[int, bool]:
         """Newest timestamp and revoked flag of `node` known here, on chain or still pending."""

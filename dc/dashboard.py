@@ -20,7 +20,8 @@ from typing import Any
 
 import aiohttp
 
-from ntm import keys
+from ntm import keys, messages
+from ntm.errors import ParseError
 
 PAGE = Path(__file__).with_name("dashboard.html")
 DASHBOARD_REFRESH_S = 2.0  # what the page polls at: live enough, and one small JSON per 2 s
@@ -61,8 +62,18 @@ class FederationProbe:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT_S)) as http:
             while True:
                 others = [d for d in self.c.cache.dcs.values() if d.active and d.address != self.c.address]
-                await asyncio.gather(*(self._probe(http, d.address, d.endpoint) for d in others))
+                await asyncio.gather(*(self._probe(http, d.address, d.endpoint) for d in others),
+                                     *(self._relay(http, url) for url in self.c.relays))
                 await asyncio.sleep(PROBE_S)
+
+    async def _relay(self, http: aiohttp.ClientSession, url: str) -> None:
+        """Learn a relay's stream URLs (its /v1/info), for /v1/info's relay_streams."""
+        try:
+            async with http.get(url.rstrip("/") + "/v1/info") as r:
+                info = await r.json()
+            self.c.relay_streams[url] = messages.decode(messages.StreamUrls, info.get("streams", []))
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError, AttributeError, ParseError):
+            pass  # unreachable or not a relay: what bookings told us stays
 
     async def _probe(self, http: aiohttp.ClientSession, dc: bytes, endpoint: str) -> None:
         t0 = time.monotonic()

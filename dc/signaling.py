@@ -17,7 +17,7 @@ from dc.errors import DirectionError, NodeLookupError
 from dc.federation import FederationClient, FederationError
 from dc.presence import Presence
 from ntm import envelope, keys, messages
-from ntm.addr import family
+from ntm.addr import family, url_family
 from ntm.clock import Clock
 from ntm.packet import relay_side_key
 from ntm.ratelimit import Buckets
@@ -50,7 +50,7 @@ ROLES = {  # route kind and initiator → (requester's role, peer's role)
     ("relay", None): ("initiate", "wait"),
 }
 
-RelayBooking = tuple[bytes, list[str]]  # (path token, the relay's UDP endpoints)
+RelayBooking = tuple[bytes, list[str], list[str]]  # (path token, the relay's UDP endpoints, its stream URLs)
 
 
 class Directory(Protocol):
@@ -58,6 +58,7 @@ class Directory(Protocol):
 
     address: bytes
     relays: list[str]
+    relay_streams: dict[str, list[str]]
     clock: Clock
     cache: RegistryCache
     presence: Presence
@@ -91,7 +92,7 @@ class Signaling:
         return info, home
 
     async def book_relay(self, path: bytes, nodes: list[bytes]) -> RelayBooking | None:
-        """Book a relay path at the first relay that accepts; (token, relay UDP endpoints) or None."""
+        """Book a relay path at the first relay that accepts; (token, UDP endpoints, stream URLs) or None."""
         token = os.urandom(RELAY_TOKEN_LEN)
         body = messages.RelayDirection(path.hex(), token.hex(), [keys.checksum(n) for n in nodes],
                                        self.c.clock.wall_ms() + RELAY_LIFETIME_MS, RELAY_MAX_BYTES)
@@ -103,7 +104,8 @@ class Signaling:
                 self.counters["relay_booking_failures"] += 1
                 continue
             self.counters["relay_bookings"] += 1
-            return token, list(answer.relay)
+            self.c.relay_streams[url] = list(answer.streams)
+            return token, list(answer.relay), list(answer.streams)
         return None
 
     def direction(self, path: bytes, route: Route, role: str, me: bytes, home: bytes, peer: bytes, peer_pub: str,
@@ -113,11 +115,13 @@ class Signaling:
         """The signed Route Direction for `me` (one end of the path), to be pushed by DC `home`."""
         grant = None
         if relay is not None:
-            token, endpoints = relay
+            token, endpoints, streams = relay
             fams = my_reach.families()
             usable = [e for e in endpoints if family(e) in fams] or endpoints
+            usable_streams = [u for u in streams if url_family(u) in fams | {None}] or streams
             # Each node gets only its own side's key: it cannot bind as the other side (§8.2).
-            grant = messages.RelayGrant(usable, relay_side_key(token, side).hex(), side)  # type: ignore[arg-type]
+            grant = messages.RelayGrant(usable, relay_side_key(token, side).hex(), side,  # type: ignore[arg-type]
+                                        usable_streams)
         body = messages.RouteDirection(
             path=path.hex(), kind=route.kind, reason=route.reason, role=role,  # type: ignore[arg-type]
             node=keys.checksum(me), home_dc=keys.checksum(home), peer=keys.checksum(peer), peer_pubkey=peer_pub,

@@ -50,7 +50,7 @@ class Node:
         # Cache Server items: fetched into `inbox` on the DC's notice (and at start), if given
         self.mailbox = Mailbox(key, inbox, self.session.ack_notice, take_item) if inbox is not None else None
         self.tunnel_table = Tunnels(self.id, endpoint, clock, self.session.direction, self.session.check_address,
-                                 admit)
+                                    admit, udp_ok=lambda: self.session.udp is not False)
 
     @classmethod
     async def start(cls, key: coincurve.PrivateKey, dc_url: str, host: str | None = None,
@@ -98,6 +98,8 @@ class Node:
         self.tunnel_table.on_direction(obj)
 
     def _on_moved(self) -> None:
+        if self.session.udp:  # UDP gets out (again): relays over UDP, not over TCP (§8.4)
+            self.endpoint.leave_streams()
         self.tunnel_table.probe_all()
 
     def _on_notice(self, notice) -> None:

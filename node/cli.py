@@ -88,6 +88,9 @@ def parser() -> Parser:
             s.add_argument("--yes", action="store_true", help="confirm the permanent revocation")
         s.set_defaults(cmd=func)
     sub.add_parser("status", help="registration state, and the daemon's peers if it runs").set_defaults(cmd="status")
+    sub.add_parser("netcheck", help="what the network gives this node: UDP, NAT kind, IPv4/IPv6, DC and relay "
+                   "reachability and latency, why peers are relayed (asks the running daemon)"
+                   ).set_defaults(cmd="netcheck")
     s = sub.add_parser("up", help="run the node daemon (DC session, tunnels, TUN, DNS) until Ctrl-C or `ntm down`")
     s.add_argument("--tun", metavar="NAME", help="TUN interface name (default ntm0; given: fail if no TUN)")
     s.add_argument("--no-tun", action="store_true", help="no TUN interface: datagram mode (no root needed)")

@@ -14,7 +14,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from daemon import keystore, service
-from node import control, cs_client, daemon, mailbox, state
+from node import control, cs_client, daemon, mailbox, netcheck, state
 from node.agent import local_addrs_towards
 from node.dc_client import DcClient, DcError, dc_url
 from node.output import FAILED, NO_DAEMON, UNREACHABLE, USAGE, CliError, event, out, show_id
@@ -192,7 +192,8 @@ async def cmd_status(args, base: Path) -> None:
     else:
         data["daemon"] = d
         lines.append(f"daemon    pid {d['pid']}, up {d['uptime_s']:.0f} s, tunnel socket {d['local']}, "
-                     f"public {d['observed']}")
+                     + (f"public {d['observed']}" if d.get("udp") is not False else
+                        "no UDP out (tunnels through relays over TCP)"))
         lines.append(f"overlay   {d['ipv6']}  {d['ipv4']}  " + (f"on {d['tun']}" if d["tun"] else "(no TUN)")
                      + (f", DNS {', '.join(d['dns'])}" if d["dns"] else ""))
         lines.append(peers_table(d["peers"]))
@@ -203,16 +204,18 @@ def peers_table(rows: list[dict]) -> str:
     """The daemon's open tunnels, one peer per line (like `wg show`)."""
     if not rows:
         return "peers     none"
-    head = ("PEER", "VIRTUAL", "ROUTE", "ENDPOINT", "HANDSHAKE", "RX", "TX", "RTT")
-    table = [head]
+    head = ("PEER", "VIRTUAL", "ROUTE", "OVER", "ENDPOINT", "HANDSHAKE", "RX", "TX", "RTT")
+    table, why = [head], []
     for r in rows:
         name = ",".join(r["names"]) or r["peer"][:12] + "…"
-        table.append((name, f"{r['ipv6']} {r['ipv4']}", r["route"], r["endpoint"] or "-",
+        table.append((name, f"{r['ipv6']} {r['ipv4']}", r["route"], r["transport"], r["endpoint"] or "-",
                       f"{r['last_handshake_s']:.0f} s ago" if r["last_handshake_s"] is not None else "-",
                       human_bytes(r["rx_bytes"]), human_bytes(r["tx_bytes"]),
                       f"{r['rtt_ms']:.2f} ms" if r["rtt_ms"] is not None else "-"))
+        if r["route"] == "relay" and r["reason"]:
+            why.append(f"  {name} is relayed: {r['reason']}")
     widths = [max(len(str(row[i])) for row in table) for i in range(len(head))]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in table)
+    return "\n".join(["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in table] + why)
 
 
 def human_bytes(n: int) -> str:
@@ -276,6 +279,11 @@ async def cmd_up(args, base: Path) -> None:
     except OSError as exc:
         raise CliError(f"could not start the node at {st['dc_url']}: {exc.strerror or exc}", USAGE) from None
     event(args, {"event": "down"}, "stopped")
+
+
+async def cmd_netcheck(args, base: Path) -> None:
+    res = await ask(base, "netcheck", timeout=netcheck.PROBE_TIMEOUT_S * 3)
+    out(args, res, netcheck.text(res))
 
 
 async def cmd_down(args, base: Path) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.service import LOG_FORMAT, BackgroundTasks, LockHeld, hold_lock, stop_on_signals
-from node import control, state
+from node import control, netcheck, state
 from node.agent import Node
 from node.control import ControlError, ControlServer
 from node.dataplane import DataPlane
@@ -160,6 +160,9 @@ class Daemon:
                          **({f"tun_{k}": v for k, v in tun.stats().items()} if tun else {})},
         }
 
+    async def h_netcheck(self, body: dict[str, Any]) -> dict[str, Any]:
+        return await netcheck.run(self.node.session, self.plane.peers(self.book.names_of))
+
     async def h_ping(self, body: dict[str, Any]) -> dict[str, Any]:
         peer = self._peer(body)
         t = await self._guard(self.plane.tunnel_to(peer, bool(body.get("relay"))))
@@ -238,7 +241,7 @@ class Daemon:
         if binds:
             self.dns = await DnsServer.start(binds, self.resolve)
         self.control = await ControlServer.start(self.base, {
-            "status": self.h_status, "ping": self.h_ping, "send": self.h_send, "recv": self.h_recv,
+            "status": self.h_status, "netcheck": self.h_netcheck, "ping": self.h_ping, "send": self.h_send, "recv": self.h_recv,
             "reload": self.h_reload, "down": self.h_down, **self._group_handlers()})
         self.groups.start()
         take_inbox(self.groups, self.base / INBOX_DIR)

@@ -237,6 +237,7 @@ class DataPlane:
             rows.append({
                 "peer": keys.checksum(peer), "names": names_of(peer), "ipv6": str(v6), "ipv4": str(v4),
                 "route": route_name(t), "endpoint": display(ch.peer_addr) if ch.peer_addr else None,
+                "transport": self.node.endpoint.transport(ch.current.session), "reason": t.reason,
                 "last_handshake_s": round(now - hs, 1) if hs is not None else None,
                 "rx_bytes": ch.stats.get("rx_bytes", 0), "tx_bytes": ch.stats.get("tx_bytes", 0),
                 "rtt_ms": round(ch.rtt * 1000, 2) if ch.rtt else None, "redirects": t.redirects,

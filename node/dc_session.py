@@ -42,8 +42,11 @@ DIRECTION_TIMEOUT_S = 8.0
 # The first keepalives of a session go out quickly: the first may race the NAT's mapping setup,
 # and the DC must know our public address before it can direct anyone to us.
 QUICK_KEEPALIVES_S = (0.0, 0.1, 0.3)
-# How long a new session waits for the DC to report our public address.
-OBSERVED_TIMEOUT_S = 5.0
+# How long a new session waits for the DC to report our public address. Without an answer by
+# then the network lets no UDP out (or not to the DC): the session comes up anyway and tunnels
+# reach relays over TCP (§8.4) while keepalives go on probing UDP. The quick keepalives and their
+# replies take one round trip; 2 s covers a slow mobile link's first packets.
+UDP_PROBE_TIMEOUT_S = 2.0
 # One session attempt (TCP + challenge + welcome) may take this long before it counts as failed.
 SESSION_OPEN_TIMEOUT_S = 3.0
 
@@ -75,6 +78,8 @@ class DcSession:
         self.keepalive_ports: list[int] = []
         self.token = b""
         self.observed: str | None = None
+        self.observed_alt: str | None = None  # as the DC's second keepalive port sees us (NAT kind)
+        self.udp: bool | None = None  # do keepalive replies reach us? None: not probed yet
         self.chain: tuple[int, str] | None = None  # (chain id, registry) of the DC we registered at
         self.dc_address: bytes | None = None  # the current DC's chain address (its URL may be a name)
         self.known_dcs: list[messages.DcEntry] = []  # from GET /v1/dcs while healthy: where to go if our DC dies
@@ -150,7 +155,12 @@ class DcSession:
         self._last_reply_at = self.clock.now()
         quick = asyncio.create_task(self._quick_keepalives())
         try:
-            await asyncio.wait_for(self._observed_event.wait(), OBSERVED_TIMEOUT_S)
+            await asyncio.wait_for(self._observed_event.wait(), UDP_PROBE_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            if self.udp is not False:
+                log.warning("no keepalive reply from %s within %.1f s: UDP looks blocked here; tunnels go "
+                            "through relays over TCP until it works", self.dc_url, UDP_PROBE_TIMEOUT_S)
+            self.udp = False
         finally:
             quick.cancel()
         self.counters["sessions"] += 1
@@ -299,6 +309,8 @@ class DcSession:
         it did (our NAT mapping changed, or we moved)."""
         seq, before = self._last_reply_seq, self.observed
         self.send_keepalives()
+        if self.udp is False:
+            return False  # UDP does not get out here (§8.4): no reply to wait for, only the probe
         end = self.clock.now() + timeout
         while self._last_reply_seq == seq and self.clock.now() < end:
             await asyncio.sleep(0.01)
@@ -309,7 +321,7 @@ class DcSession:
             await asyncio.sleep(self.keepalive_interval)
             self.send_keepalives()
             now = self.clock.now()
-            if liveness.session_dead(now, self._last_reply_at, self.keepalive_interval):
+            if self.udp and liveness.session_dead(now, self._last_reply_at, self.keepalive_interval):
                 self.restart(f"no keepalive reply for {now - self._last_reply_at:.1f} s")
 
     def _on_control(self, data: bytes, addr) -> None:
@@ -320,15 +332,22 @@ class DcSession:
         if seq < self._last_reply_seq:
             return  # a late reply to a keepalive sent before a newer one: not where we are now
         self._last_reply_seq, self._last_reply_at = seq, self.clock.now()
-        if self.keepalive_ports and addr[1] != self.keepalive_ports[0]:
-            return  # the second port's view differs behind a symmetric NAT; ours is the first's
         observed = format_endpoint(ip, port)
+        if self.keepalive_ports and addr[1] != self.keepalive_ports[0]:
+            self.observed_alt = observed  # differs behind a symmetric NAT; ours is the first port's
+            return
+        udp_back = self.udp is False
+        self.udp = True
         if observed != self.observed:
             moved = self.observed is not None
             log.info("DC sees us at %s", observed)
             self.observed = observed
             if moved:
-                self.network_changed("public address changed")
+                self.network_changed("public address changed")  # probes every tunnel too
+                udp_back = False
+        if udp_back:  # relayed over TCP until now: let the tunnels try UDP paths at once
+            log.info("UDP works again (keepalive reply from the DC)")
+            self.on_moved()
         self._observed_event.set()
 
     def network_changed(self, why: str = "network changed") -> None:
@@ -368,7 +387,7 @@ class DcSession:
         return bytes.fromhex(res.route.path)
 
     def status(self) -> dict:
-        return {"dc": self.dc_url, "observed": self.observed, **self.counters}
+        return {"dc": self.dc_url, "observed": self.observed, "udp": self.udp, **self.counters}
 
 
 def local_addrs_towards(host: str | None, port: int, families: tuple[int, ...] = ()) -> list[str]:

@@ -26,6 +26,7 @@ import coincurve
 
 from daemon.service import udp_socket
 from node.channel import Channel
+from node.relay_stream import RelayStream
 from node.state import TUNNEL_PORT
 from ntm.addr import Addr, for_socket
 from ntm.clock import SYSTEM, Clock
@@ -193,6 +194,8 @@ class Endpoint:
         )
         self.rx_datagrams = 0  # hot counter, merged into `stats`
         self.bind: Bind | None = None
+        # Relays reached over a TCP stream instead of UDP (§8.4), by the relay's UDP address
+        self.streams: dict[Addr, RelayStream] = {}
         self._batch: list[tuple[bytes, Addr]] | None = None  # data packets held by hold() until flush()
         # Datagrams that are not tunnel packets (e.g. the DC's keepalive replies) go here.
         self.on_control: Callable[[bytes, Addr], None] | None = None
@@ -224,9 +227,57 @@ class Endpoint:
         bind = await self.binder(host, port, self._on_datagram, self._socket_error)
         old, self.bind = self.bind, bind
         self.family = bind.family
-        self._sendto_raw = bind.sendto
+        self._install_sender()
         if old is not None:
             old.close()
+
+    def _install_sender(self) -> None:
+        """Packets go straight to the socket, or, for relays reached over a stream, into it."""
+        udp = self.bind.sendto  # type: ignore[union-attr]
+        streams = self.streams
+        if not streams:
+            self._sendto_raw = udp  # the hot path: nothing in between
+            return
+
+        def send(data: bytes, addr: Addr) -> None:
+            stream = streams.get(addr)
+            if stream is None:
+                udp(data, addr)
+            else:
+                stream.send(data)
+        self._sendto_raw = send
+
+    def _use_stream(self, relay: Addr, urls: list[str]) -> None:
+        if relay not in self.streams:
+            self.streams[relay] = RelayStream(relay, urls, self._on_datagram)
+            self._install_sender()
+
+    def _release_streams(self) -> None:
+        """Close the streams no session's relay uses any more."""
+        used = {s.relay.addr for s in self.sessions.values() if s.relay is not None}
+        for addr in [a for a in self.streams if a not in used]:
+            self.streams.pop(addr).stop()
+            self._install_sender()
+
+    def leave_streams(self) -> None:
+        """UDP gets out again: close every relay stream and rebind the relayed sessions from the
+        UDP socket (the relay moves their side there after one cookie round trip, §8.2)."""
+        if not self.streams:
+            return
+        for stream in self.streams.values():
+            stream.stop()
+        self.streams.clear()
+        self._install_sender()
+        now = self.now()
+        for s in self.sessions.values():
+            if s.relay_active:
+                s.local_address_changed(now)
+                self._flush(s.datagrams_to_send())
+
+    def transport(self, s: Session) -> str:
+        """How this session's packets leave: "tcp" (a relay over a stream) or "udp"."""
+        on_relay = s.relay is not None and s.peer_addr == s.relay.addr
+        return "tcp" if on_relay and s.relay.addr in self.streams else "udp"  # type: ignore[union-attr]
 
     def _socket_error(self) -> None:
         self._stats["socket_errors"] += 1
@@ -273,14 +324,16 @@ class Endpoint:
         relay: RelayInfo | None = None,
         timeout: float = OPEN_TIMEOUT,
         unverified: Sequence[Addr] = (),
+        relay_stream: Sequence[str] = (),
     ) -> Channel:
         """Open the tunnel `path_id` and wait for its handshake.
 
         role "initiate": send Tunnel Requests to every candidate (in order) every 250 ms, first
         Response wins. "wait": answer the peer's Request. "punch": both (lower node ID wins a
         collision). With `relay`, after RELAY_FALLBACK_AFTER without a handshake the session
-        binds at the relay and also tries through it. Raises TunnelError on timeout and
-        PeerIdentityError if peer_pub does not belong to peer_id.
+        binds at the relay and also tries through it. `relay_stream`: reach that relay over these
+        WebSocket URLs (in turn) instead of UDP (§8.4: our network lets no UDP out). Raises TunnelError on
+        timeout and PeerIdentityError if peer_pub does not belong to peer_id.
         """
         path_id = bytes(path_id)
         if path_id in self.sessions:
@@ -291,6 +344,8 @@ class Endpoint:
             relay=relay, config=self.config, rand=self.rand, wall=self.clock.wall,
         )
         self._renormalize(s)
+        if relay_stream and s.relay is not None:
+            self._use_stream(s.relay.addr, list(relay_stream))
         ch = Channel(self, s)
         self.sessions[path_id] = s
         self.channels[path_id] = ch
@@ -309,10 +364,12 @@ class Endpoint:
 
     def remove(self, path_id: bytes) -> None:
         """Forget a path (its channel counts as closed); its packets are dropped from now on."""
-        self.sessions.pop(path_id, None)
+        s = self.sessions.pop(path_id, None)
         ch = self.channels.pop(path_id, None)
         if ch is not None:
             ch.closed = True
+        if s is not None and s.relay is not None and self.streams:
+            self._release_streams()
 
     async def close(self) -> None:
         if self._timer_task is not None:
@@ -338,6 +395,12 @@ class Endpoint:
         batch, self._batch = self._batch, None
         if batch:
             assert self.bind is not None
+            if self.streams:  # packets for stream relays leave through their streams
+                streams = self.streams
+                for data, addr in batch:
+                    if addr in streams:
+                        streams[addr].send(data)
+                batch = [item for item in batch if item[1] not in streams]
             self.bind.send_batch(batch)
 
     def send_data(self, s: Session, data: bytes) -> None:

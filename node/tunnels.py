@@ -71,6 +71,7 @@ class Tunnel:
     id: bytes = b""
     redirects: int = 0  # new paths the DCs gave this tunnel after the old one died
     probes: int = 0  # liveness PINGs sent while the path was silent
+    reason: str = ""  # the DC's reason for the route (why relayed, why punched)
     pinned_relay: bool = False  # the application asked for the relay: never moved off it
     direct_tried_at: float = 0.0  # last attempt to move off the relay (monotonic)
     direct_attempts: int = 0
@@ -100,9 +101,11 @@ def open_direction(obj: Any) -> messages.RouteDirection:
 
 class Tunnels:
     def __init__(self, my_id: bytes, endpoint: Endpoint, clock: Clock, ask: AskDirection,
-                 check_address: Callable[[], Awaitable[bool]], admit: Admit = lambda peer: True) -> None:
+                 check_address: Callable[[], Awaitable[bool]], admit: Admit = lambda peer: True,
+                 udp_ok: Callable[[], bool] = lambda: True) -> None:
         self.my_id = my_id
         self.admit = admit
+        self.udp_ok = udp_ok  # False: our network lets no UDP out, reach relays over TCP (§8.4)
         self.refused = 0  # directions from peers the policy does not admit, or beyond the rates
         self._peer_rate = Buckets(*PEER_DIRECTIONS, max_keys=RATE_PEERS_KEPT)
         self._all_rate = TokenBucket(*ALL_DIRECTIONS)
@@ -139,9 +142,11 @@ class Tunnels:
         try:
             d = open_direction(obj)
             path, peer = bytes.fromhex(d.path), keys.parse_node_id(d.peer)
-            relay = None
+            relay, streams = None, []
             if d.relay is not None:
                 relay = RelayInfo(parse_endpoint(d.relay.endpoints[0]), bytes.fromhex(d.relay.token), d.relay.side)
+                if not self.udp_ok():
+                    streams = d.relay.streams
             candidates = [parse_endpoint(c) for c in d.candidates]
             unverified = [parse_endpoint(c) for c in d.unverified]
             resume = bytes.fromhex(d.resume) if d.resume else None
@@ -156,7 +161,7 @@ class Tunnels:
         fut = self._opening_future(path) if ours else None  # connect() waits on it
         try:
             ch = await self.endpoint.open(path, peer, bytes.fromhex(d.peer_pubkey), candidates, d.role, relay,
-                                          TUNNEL_TIMEOUT_S, unverified=unverified)
+                                          TUNNEL_TIMEOUT_S, unverified=unverified, relay_stream=streams)
         except NtmError as exc:  # includes PeerIdentityError: the key is not the peer's
             log.warning("tunnel to %s failed: %s", keys.checksum(peer), exc)
             if fut is not None and not fut.done():
@@ -189,13 +194,13 @@ class Tunnels:
         old = self.table.get(resume) if resume is not None else None
         if old is not None and old.peer == peer and not old.channel.closed:
             old.channel.attach(ch)
-            old.kind, old.role = d.kind, d.role
+            old.kind, old.role, old.reason = d.kind, d.role, d.reason
             old.redirects += 1
             log.info("tunnel %s to %s moved to path %s: %s via %s", old.id.hex(), keys.checksum(peer),
                      path.hex(), d.kind, ch.via)
             return old
         tunnel = Tunnel(peer, Link(ch, self.clock.now), d.kind, d.role, self.clock.wall(), id=path,
-                        direct_tried_at=self.clock.now())
+                        reason=d.reason, direct_tried_at=self.clock.now())
         self.table[path] = tunnel
         log.info("tunnel to %s up: %s via %s", keys.checksum(peer), d.kind, ch.via)
         return tunnel
@@ -320,4 +325,5 @@ class Tunnels:
             t.recovering = None
 
     def status(self) -> list[dict]:
-        return [t.status("open") for t in self.table.values()] + list(self.ended)
+        return ([{**t.status("open"), "transport": self.endpoint.transport(t.channel.current.session)}
+                 for t in self.table.values()] + list(self.ended))

@@ -8,6 +8,7 @@ socket needs the plain form. Every role converts through these functions.
 from __future__ import annotations
 
 import ipaddress
+from urllib.parse import urlsplit
 import socket
 from typing import Any
 
@@ -59,6 +60,14 @@ def display(addr: Addr | None) -> str | None:
 def family(endpoint: str) -> int:
     """4 or 6: the IP version of an `ip:port` endpoint."""
     return ipaddress.ip_address(parse_endpoint(endpoint)[0]).version
+
+
+def url_family(url: str) -> int | None:
+    """4 or 6 for a URL whose host is an IP address, None for a name (either may do)."""
+    try:
+        return ipaddress.ip_address(urlsplit(url).hostname or "").version
+    except ValueError:
+        return None
 
 
 def for_socket(addr: Addr, sock_family: int) -> Addr:

@@ -35,6 +35,9 @@ PubKeyHex = Annotated[str, Meta(pattern=r"^[0-9a-fA-F]{66}([0-9a-fA-F]{64})?$")]
 Endpoint = Annotated[str, Meta(max_length=64)]
 Endpoints = Annotated[list[Endpoint], Meta(max_length=MAX_ENDPOINTS)]
 Port = Annotated[int, Meta(ge=0, le=65535)]
+# A relay's stream listener (§8.4): WebSocket, plain or over TLS.
+StreamUrl = Annotated[str, Meta(pattern=r"^wss?://[^\s/]+/\S*$", max_length=256)]
+StreamUrls = Annotated[list[StreamUrl], Meta(max_length=MAX_ENDPOINTS)]
 Ms = Annotated[int, Meta(ge=0)]
 
 
@@ -163,6 +166,7 @@ class RelayGrant(Message):
     endpoints: Annotated[list[Endpoint], Meta(min_length=1, max_length=MAX_ENDPOINTS)]
     token: Hex32
     side: Literal[0, 1]
+    streams: StreamUrls = []  # the same relay over TCP (§8.4), for a node without UDP
 
     def __post_init__(self) -> None:
         _check_endpoints(self.endpoints)
@@ -201,13 +205,15 @@ class RelayDirection(Message):
 
 
 class RelayBooking(Message):
-    """The RS's answer to a Relay Direction: its UDP endpoints and what it granted."""
+    """The RS's answer to a Relay Direction: its UDP endpoints, its stream URLs (§8.4) and what
+    it granted."""
 
     path: Hex8
     relay: Endpoints
     created: bool
     expires_ms: Ms
     max_bytes: int
+    streams: StreamUrls = []
 
 
 class InfoRequest(Message):
@@ -244,6 +250,7 @@ class DcInfoReply(Message):
     relays: list[str]
     active: bool
     cs: str | None = None  # this DC's Cache Server (URL), if it has one
+    relay_streams: StreamUrls = []  # its relays' stream URLs (§8.4): `ntm netcheck` tries them
 
 
 class DcEntry(Message):

@@ -83,6 +83,9 @@ class Route:
 
 def decide(a: Reach, b: Reach) -> Route:
     """How A (the requester) and B connect. Relay when no direct path can work."""
+    for name, r in (("A", a), ("B", b)):
+        if r.observed is None:  # its keepalives never reached the DC: its network lets no UDP out
+            return Route("relay", None, f"{name} has no UDP (no keepalive reached its DC): relay over TCP")
     if not a.families() & b.families():
         return Route("relay", None, "no common address family (IPv4-only vs IPv6-only)")
     na, nb = a.nat, b.nat

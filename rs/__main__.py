@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import os
+import ssl
 import sys
 from pathlib import Path
 
@@ -19,15 +20,19 @@ from aiohttp import web
 
 from chain.registry import connect_registry
 from daemon import service
-from ntm import keys
+from ntm import keys, messages
+from ntm.errors import NtmError, ParseError
 from daemon.service import udp_socket
 from rs.relay import MAX_PATHS, RelayTable
 from ntm.addr import format_endpoint, parse_endpoint
-from rs.server import Relay, RelayProtocol, default_advertise, housekeeping, make_app
+from rs.server import Relay, RelayProtocol, default_advertise, housekeeping, make_app, make_stream_app, stream_urls
 from rs.trust import DcTrust
 
 DEFAULT_UDP_PORT = 4340  # next to the tunnel port 4330
 DEFAULT_HTTP_PORT = 8340  # control API; the DC's is 8330
+# Tunnel packets over TCP (§8.4): the HTTPS port, the one every network that allows web traffic
+# lets out.
+DEFAULT_STREAM_PORT = 443
 
 
 def _endpoint(text: str) -> str:
@@ -35,6 +40,25 @@ def _endpoint(text: str) -> str:
         return format_endpoint(*parse_endpoint(text))
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _stream_port(text: str) -> int | str:
+    if text == "off":
+        return text
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number or 'off': {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port out of range: {port}")
+    return port
+
+
+def _stream_url(text: str) -> str:
+    try:
+        return messages.decode(messages.StreamUrls, [text])[0]
+    except ParseError:
+        raise argparse.ArgumentTypeError(f"not a ws:// or wss:// URL: {text!r}") from None
 
 
 def parser() -> argparse.ArgumentParser:
@@ -50,6 +74,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--advertise", action="append", metavar="IP:PORT", type=_endpoint,
                    help="relay endpoint told to DCs and nodes (repeatable; '[v6]:port' for IPv6; "
                    "default: derived from the bound address)")
+    p.add_argument("--stream-host", default="",
+                   help="stream listener address (tunnel packets over a WebSocket on TCP, for nodes whose network "
+                   "blocks UDP; default: every address, IPv4 and IPv6)")
+    p.add_argument("--stream-port", type=_stream_port,
+                   help=f"stream listener port (default {DEFAULT_STREAM_PORT}, as HTTPS, if it can be bound: a "
+                   "warning if not, e.g. without root; given: must be bound; 0 = any; 'off' = none)")
+    p.add_argument("--stream-advertise", action="append", metavar="URL", type=_stream_url,
+                   help="stream URL told to DCs and nodes (repeatable; default: ws[s]://<each advertised host>:<port>"
+                   "/v1/stream)")
+    p.add_argument("--stream-tls-cert", type=Path, metavar="PEM",
+                   help="serve the stream over TLS (wss://) with this certificate chain (with --stream-tls-key)")
+    p.add_argument("--stream-tls-key", type=Path, metavar="PEM", help="the TLS certificate's private key")
     p.add_argument("--max-paths", type=int, default=MAX_PATHS, help=f"bound on simultaneous paths (default {MAX_PATHS})")
     p.add_argument("--capture", type=Path, metavar="FILE",
                    help="DEBUG ONLY: append every forwarded datagram, hex, one per line, to FILE "
@@ -82,13 +118,17 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
         sweeper = asyncio.create_task(housekeeping(relay), name="housekeeping")
         runner = web.AppRunner(make_app(relay, tuple(args.admin_allow or ())), access_log=None,
                                keepalive_timeout=args.http_idle_timeout or service.HTTP_IDLE_TIMEOUT_S)
+        stream_runner = web.AppRunner(make_stream_app(relay), access_log=None)
         await runner.setup()
+        await stream_runner.setup()
         try:
             site = web.TCPSite(runner, args.http_host, args.http_port)
             await site.start()
             http_port = site._server.sockets[0].getsockname()[1]
+            if args.stream_port != "off":
+                relay.streams_advertise = await _start_stream(stream_runner, args, advertise)
             ready = {"event": "ready", "udp_port": udp_port, "http": _http_url(args.http_host, http_port),
-                     "relay": advertise, "chain_id": registry.chain_id,
+                     "relay": advertise, "streams": relay.streams_advertise, "chain_id": registry.chain_id,
                      "registry": keys.checksum(registry.address), "pid": os.getpid()}
             print(json.dumps(ready), flush=True)
             logging.info("relay serving udp %s port %d (advertised %s), control %s", args.udp_host, udp_port,
@@ -97,6 +137,8 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
         finally:
             logging.info("shutting down (%d paths)", len(relay.table.paths))
             sweeper.cancel()
+            await relay.streams.close()
+            await stream_runner.cleanup()
             await runner.cleanup()
             transport.close()
             relay.close()
@@ -104,6 +146,33 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
         if follower is not None:
             follower.cancel()
         await registry.close()
+
+
+async def _start_stream(runner: web.AppRunner, args: argparse.Namespace, advertise: list[str]) -> list[str]:
+    """Listen for streams (TLS if a certificate is given); returns the URLs to advertise."""
+    tls = None
+    if args.stream_tls_cert or args.stream_tls_key:
+        if not (args.stream_tls_cert and args.stream_tls_key):
+            raise NtmError("--stream-tls-cert and --stream-tls-key go together")
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            tls.load_cert_chain(args.stream_tls_cert, args.stream_tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise NtmError(f"cannot load the stream TLS certificate: {exc}") from None
+    port = DEFAULT_STREAM_PORT if args.stream_port is None else args.stream_port
+    try:
+        sock = service.tcp_listener(args.stream_host or None, port)
+    except OSError as exc:
+        if args.stream_port is not None:
+            raise NtmError(f"{exc.strerror or exc}: no stream listener (--stream-port PORT, or 'off')") from None
+        logging.warning("%s: no stream listener, so nodes without UDP cannot use this relay (run as root or "
+                        "give --stream-port PORT)", exc.strerror or exc)
+        return []
+    await web.SockSite(runner, sock, ssl_context=tls).start()
+    port = sock.getsockname()[1]
+    urls = args.stream_advertise or stream_urls(advertise, port, tls is not None)
+    logging.info("streams (TCP) on %s port %d: %s", args.stream_host or "every address", port, ", ".join(urls))
+    return urls
 
 
 def main(argv: list[str] | None = None) -> int:

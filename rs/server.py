@@ -23,9 +23,10 @@ from aiohttp import web
 from daemon import service
 from daemon.metrics import CONTENT_TYPE, Metrics
 from ntm import envelope, keys, messages
-from ntm.addr import display, for_socket, format_endpoint
+from ntm.addr import display, for_socket, format_endpoint, parse_endpoint
 from ntm.errors import ParseError, SignatureError
 from rs.relay import PathError, RelayTable
+from rs.stream import STREAM_PATH, StreamAddr, StreamHub
 from rs.trust import DcTrust
 
 log = logging.getLogger("ntm.rs")
@@ -66,6 +67,7 @@ class Relay:
     trust: DcTrust
     advertise: list[str]
     udp_port: int
+    streams_advertise: list[str] = field(default_factory=list)  # ws(s):// URLs of the stream listener
     chain_id: int = 0
     registry: bytes = b""
     family: int = socket.AF_INET6
@@ -78,7 +80,37 @@ class Relay:
     refused: dict = field(default_factory=dict)
     udp_received: int = 0
     udp_errors: int = 0
+    udp: asyncio.DatagramTransport | None = None
+    streams: StreamHub | None = None
     _capture_fh: object = None
+
+    def __post_init__(self) -> None:
+        self.streams = StreamHub(self.on_packet, self.clock)
+
+    def on_packet(self, data: bytes, addr) -> None:
+        """One tunnel packet from a UDP address or a stream: run the table, send what it answers."""
+        out = self.table.on_datagram(data, addr, self.clock())
+        for payload, dest in out:
+            if payload is data:  # forwarded (not a bind answer)
+                if self.capture is not None:
+                    self.captured(data)
+                if isinstance(addr, StreamAddr):
+                    self.streams.forwarded(addr)
+                if isinstance(dest, StreamAddr):
+                    self.streams.forwarded(dest)
+            self.send(payload, dest)
+        if self.table.events:
+            self.log_events()
+
+    def send(self, payload: bytes, dest) -> None:
+        if isinstance(dest, StreamAddr):
+            self.streams.send(payload, dest)
+            return
+        try:
+            self.udp.sendto(payload, dest)
+        except OSError as exc:
+            self.udp_errors += 1
+            log.debug("send to %s failed: %s", display(dest), exc)
 
     def refuse(self, status: int, code: str, message: str) -> web.Response:
         self.directions["refused"] += 1
@@ -93,7 +125,8 @@ class Relay:
                 who = ", ".join(keys.checksum(n) for n in p.nodes) if p and p.nodes else "?"
                 log.info("path %s added (nodes %s)", ev.path_id.hex(), who)
             elif ev.kind in ("bound", "moved"):
-                log.info("path %s side %d %s %s", ev.path_id.hex(), ev.side, ev.kind, display(ev.addr))
+                where = str(ev.addr) if isinstance(ev.addr, StreamAddr) else display(ev.addr)
+                log.info("path %s side %d %s %s", ev.path_id.hex(), ev.side, ev.kind, where)
             else:
                 log.info("path %s removed (%s)", ev.path_id.hex(), ev.reason)
 
@@ -125,6 +158,9 @@ def relay_metrics(relay: Relay) -> Metrics:
                 "forwarded_packets": "datagrams forwarded", "forwarded_bytes": "bytes forwarded",
                 "udp_received": "datagrams received", "udp_send_errors": "datagrams the OS refused to send",
                 "directions_accepted": "relay directions (bookings) accepted"})
+    m.gauge("streams", "open stream (TCP/WebSocket) connections", lambda: len(relay.streams.conns))
+    m.counters(lambda: dict(relay.streams.counters), {"stream": "stream connections and packets, by event"},
+               ("stream", "event"))
     m.counters(lambda: dict(t.dropped), {"dropped": "datagrams dropped, by reason"}, ("dropped", "reason"))
     m.counters(lambda: dict(t.removed), {"paths_removed": "paths removed, by reason"}, ("paths_removed", "reason"))
     m.counters(lambda: dict(relay.refused), {"directions_refused": "relay directions refused, by reason"},
@@ -177,7 +213,8 @@ async def handle_direction(request: web.Request) -> web.Response:
     relay.directions["accepted"] += 1
     relay.log_events()
     return web.json_response(messages.encode(messages.RelayBooking(
-        path.path_id.hex(), relay.advertise, created, now_ms + int((path.expires_at - now) * 1000), path.max_bytes)))
+        path.path_id.hex(), relay.advertise, created, now_ms + int((path.expires_at - now) * 1000), path.max_bytes,
+        relay.streams_advertise)))
 
 
 @ROUTES.get("/v1/paths/{path}")
@@ -200,6 +237,7 @@ async def handle_info(request: web.Request) -> web.Response:
     return web.json_response({
         "relay": relay.advertise,
         "udp_port": relay.udp_port,
+        "streams": relay.streams_advertise,
         "paths": len(relay.table.paths),
         "max_paths": relay.table.max_paths,
         "idle_s": relay.table.idle_s,
@@ -218,6 +256,20 @@ async def handle_health(request: web.Request) -> web.Response:
 @service.admin_only
 async def handle_metrics(request: web.Request) -> web.Response:
     return web.Response(body=request.app[METRICS].render(), headers={"Content-Type": CONTENT_TYPE})
+
+
+def make_stream_app(relay: Relay) -> web.Application:
+    """The public stream listener (§8.4): only GET /v1/stream, nothing of the control API."""
+    app = web.Application(client_max_size=MAX_BODY)
+    app.router.add_get(STREAM_PATH, relay.streams.handle)
+    return app
+
+
+def stream_urls(advertise: list[str], port: int, tls: bool) -> list[str]:
+    """The stream listener's URLs for the hosts of the advertised UDP endpoints."""
+    scheme = "wss" if tls else "ws"
+    hosts = [parse_endpoint(e)[0] for e in advertise]
+    return [f"{scheme}://{format_endpoint(h, port)}{STREAM_PATH}" for h in dict.fromkeys(hosts)]
 
 
 def make_app(relay: Relay, admin_allow: tuple = ()) -> web.Application:
@@ -242,21 +294,11 @@ class RelayProtocol(asyncio.DatagramProtocol):
 
     def connection_made(self, transport) -> None:
         self.transport = transport
+        self.relay.udp = transport
 
     def datagram_received(self, data: bytes, addr) -> None:
-        relay = self.relay
-        relay.udp_received += 1
-        out = relay.table.on_datagram(data, for_socket(addr, relay.family), relay.clock())
-        for payload, dest in out:
-            if relay.capture is not None and payload is data:
-                relay.captured(data)
-            try:
-                self.transport.sendto(payload, dest)
-            except OSError as exc:
-                relay.udp_errors += 1
-                log.debug("send to %s failed: %s", display(dest), exc)
-        if relay.table.events:
-            relay.log_events()
+        self.relay.udp_received += 1
+        self.relay.on_packet(data, for_socket(addr, self.relay.family))
 
     def error_received(self, exc: Exception) -> None:
         # ICMP unreachable from a departed peer: not fatal for a relay.
@@ -268,4 +310,5 @@ async def housekeeping(relay: Relay) -> None:
     while True:
         await asyncio.sleep(HOUSEKEEPING_S)
         relay.table.expire(relay.clock())
+        relay.streams.expire()
         relay.log_events()

@@ -247,7 +247,8 @@ class Devnet:
         advertise = [f"127.0.0.1:{self.ports.rs_udp}"] + ([f"[::1]:{self.ports.rs_udp}"] if v6 else [])
         rs_args = ["--rpc-url", self.rpc_url, "--deployment", str(dep_path),
                    "--udp-host", "::" if v6 else "0.0.0.0", "--udp-port", str(self.ports.rs_udp),
-                   "--http-host", self.host, "--http-port", str(self.ports.rs_http)]
+                   "--http-host", self.host, "--http-port", str(self.ports.rs_http),
+                   "--stream-port", "0"]
         for a in advertise:
             rs_args += ["--advertise", a]
         self.rs = Child("rs", rs_args, self.data_dir / "rs.log", prefix=_setsid(), die_with_parent=True)

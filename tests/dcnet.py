@@ -88,7 +88,7 @@ class DcNet:
         """A relay on 127.0.0.1 + ::1 that records what it forwards (to prove it sees only ciphertext)."""
         port = free_port(socket.SOCK_DGRAM)
         self.rs = Child("rs", ["--rpc-url", self.chain.url, "--deployment", str(self.deployment),
-                               "--udp-port", str(port), "--http-port", "0",
+                               "--udp-port", str(port), "--http-port", "0", "--stream-port", "0",
                                "--advertise", f"127.0.0.1:{port}",
                                *(["--advertise", f"[::1]:{port}"] if has_ipv6_loopback() else []),
                                "--capture", str(self.workdir / "relay-capture.hex")],

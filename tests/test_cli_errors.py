@@ -164,7 +164,7 @@ def test_no_key_and_a_wrong_passphrase(homes, which):
         one_line(proc, USAGE, needle)
 
 
-DAEMON_COMMANDS = [("ping", PEER), ("send", PEER, "hi"), ("recv", "--wait", "30"), ("down",),
+DAEMON_COMMANDS = [("ping", PEER), ("send", PEER, "hi"), ("recv", "--wait", "30"), ("down",), ("netcheck",),
                    ("group", "members"), ("group", "send", "team", "hi"), ("group", "recv", "--wait", "30")]
 
 

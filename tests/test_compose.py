@@ -259,7 +259,7 @@ def test_ports_and_volumes_well_formed():
     host_ports = []
     for name, svc in SERVICES.items():
         cmd = command(name)
-        listening = {flag(cmd, f) for f in ("--port", "--http-port", "--udp-port", "--udp-alt-port") if flag(cmd, f)}
+        listening = {flag(cmd, f) for f in ("--port", "--http-port", "--udp-port", "--udp-alt-port", "--stream-port") if flag(cmd, f)}
         if name in VALIDATORS:
             listening = {"8545"}
         for ip, host, container, proto in published(svc):

@@ -12,7 +12,7 @@ SYM_A = Reach(("10.1.0.2:4330",), "198.18.0.11:31000", "198.18.0.11:42000")
 SYM_B = Reach(("10.2.0.2:4330",), "198.18.0.12:31000", "198.18.0.12:42000")
 V6_A = Reach(("[2001:db8:0:1::30]:4330",), "[2001:db8:0:1::30]:4330", "[2001:db8:0:1::30]:4330")
 V6_B = Reach(("[2001:db8:0:1::31]:4330",), "[2001:db8:0:1::31]:4330", "[2001:db8:0:1::31]:4330")
-UNKNOWN = Reach(("10.3.0.2:4330",))
+UNKNOWN = Reach(("10.3.0.2:4330",))  # no keepalive ever reached its DC: UDP blocked (§8.4)
 
 TABLE = [
     (PUB_A, PUB_B, "direct", "a"),
@@ -27,7 +27,8 @@ TABLE = [
     (V6_A, V6_B, "direct", "a"),
     (V6_A, PUB_B, "relay", None),
     (EIM_A, V6_B, "relay", None),
-    (UNKNOWN, EIM_B, "punch", "both"),
+    (UNKNOWN, EIM_B, "relay", None),
+    (PUB_A, UNKNOWN, "relay", None),
 ]
 
 

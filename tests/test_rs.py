@@ -10,6 +10,8 @@ import json
 import os
 import socket
 import struct
+import subprocess
+import sys
 import time
 
 import aiohttp
@@ -49,7 +51,7 @@ async def net(tmp_path):
         capture = tmp_path / "capture.hex"
         udp_port = free_port(socket.SOCK_DGRAM)
         rs = Child("rs", ["--rpc-url", chain.url, "--deployment", str(deployment), "--udp-host", "::",
-                          "--udp-port", str(udp_port), "--http-port", "0", "--capture", str(capture),
+                          "--udp-port", str(udp_port), "--http-port", "0", "--stream-port", "0", "--capture", str(capture),
                           "--advertise", f"127.0.0.1:{udp_port}", "--advertise", f"[::1]:{udp_port}"],
                    tmp_path / "rs.log").start()
         try:
@@ -263,7 +265,7 @@ async def test_ipv4_only_socket_and_default_advertise(tmp_path):
         deployment.write_text(json.dumps({"chain_id": owner.chain_id, "registry": keys.checksum(owner.address)}))
         await owner.close()
         rs = Child("rs", ["--rpc-url", chain.url, "--deployment", str(deployment), "--udp-host", "0.0.0.0",
-                          "--udp-port", "0", "--http-port", "0"], tmp_path / "rs4.log").start()
+                          "--udp-port", "0", "--http-port", "0", "--stream-port", "0"], tmp_path / "rs4.log").start()
         try:
             port = rs.ready["udp_port"]
             assert rs.ready["relay"] and all(e.endswith(f":{port}") for e in rs.ready["relay"])
@@ -298,7 +300,7 @@ async def test_directions_from_fresh_keys_cost_no_chain_call(tmp_path):
             deployment.write_text(json.dumps({"chain_id": owner.chain_id, "registry": keys.checksum(owner.address)}))
             await owner.close()
             rs = await asyncio.to_thread(Child("rs", ["--rpc-url", rpc.url, "--deployment", str(deployment),
-                                                      "--udp-port", "0", "--http-port", "0",
+                                                      "--udp-port", "0", "--http-port", "0", "--stream-port", "0",
                                                       "--admin-allow", "192.0.2.0/24"], tmp_path / "rs.log").start)
             try:
                 async with aiohttp.ClientSession() as http:
@@ -319,3 +321,26 @@ async def test_directions_from_fresh_keys_cost_no_chain_call(tmp_path):
                         assert r.status == 200
             finally:
                 await asyncio.to_thread(rs.stop)
+
+
+async def test_stream_port_taken_is_one_line_and_exit_1(tmp_path):
+    """A stream port that cannot be bound, given explicitly: one line naming it, exit 1 (the
+    default 443 only warns: a relay without root still relays UDP)."""
+    with Anvil() as chain:
+        owner = await Registry.deploy(chain.url, DEV_KEYS[0])
+        deployment = tmp_path / "deployment.json"
+        deployment.write_text(json.dumps({"chain_id": owner.chain_id, "registry": keys.checksum(owner.address)}))
+        await owner.close()
+        busy = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        try:
+            r = await asyncio.to_thread(subprocess.run, [
+                sys.executable, "-m", "rs", "--rpc-url", chain.url, "--deployment", str(deployment), "--udp-port", "0",
+                "--http-port", "0", "--stream-host", "127.0.0.1", "--stream-port", str(busy.getsockname()[1])],
+                capture_output=True, text=True, timeout=60)
+        finally:
+            busy.close()
+    assert r.returncode == 1, r.stderr
+    [line] = r.stderr.strip().splitlines()[-1:]
+    assert "no stream listener" in line and "Traceback" not in r.stderr

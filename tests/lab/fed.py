@@ -40,6 +40,7 @@ ANVIL_PORT = 8545
 DC_BASE_PORT = 8331
 RS_UDP_PORT = 4340
 RS_HTTP_PORT = 8340
+RS_STREAM_PORT = 443  # the relay's TCP transport (§8.4), as in production
 
 
 KINDS = ("public", "eim", "symmetric", "ipv6only")
@@ -136,6 +137,7 @@ class Federation:
         self.rs = Child("rs", ["--rpc-url", self.rpc, "--deployment", str(self.deployment), "--udp-host", "::",
                                "--udp-port", str(RS_UDP_PORT), "--http-host", "127.0.0.1",
                                "--http-port", str(RS_HTTP_PORT),
+                               "--stream-port", str(RS_STREAM_PORT),
                                "--advertise", f"{self.srv.addr4}:{RS_UDP_PORT}",
                                "--advertise", f"[{self.srv.addr6}]:{RS_UDP_PORT}"],
                         self.workdir / "rs.log", env=self.env, prefix=self.prefix).start()

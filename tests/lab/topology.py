@@ -521,6 +521,29 @@ class Lab:
                 self._iptables(r.ns, "-A", chain, "-i", "wan", "-j", "DROP")
         r.firewall = on
 
+    def restrict_egress(self, site, on: bool) -> None:
+        """A network that lets out only DNS and web traffic (TCP 80/443), as hotel and corporate
+        networks do: the router drops every other new flow from its LAN (chain EGRESS, jumped to
+        first in FORWARD). ``on=False`` lets everything out again."""
+        r = self._router(site)
+        jump = ("FORWARD", "-i", "lan", "-o", "wan", "-j", "EGRESS")
+        if on:
+            self._nsx(r.ns, self.ipt, "-w", "-N", "EGRESS", check=False)
+            self._iptables(r.ns, "-F", "EGRESS")
+            for rule in (("-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED"), ("-p", "udp", "--dport", "53"),
+                         ("-p", "tcp", "--dport", "53"), ("-p", "tcp", "-m", "multiport", "--dports", "80,443")):
+                self._iptables(r.ns, "-A", "EGRESS", *rule, "-j", "RETURN")
+            self._iptables(r.ns, "-A", "EGRESS", "-j", "DROP")
+            self._iptables(r.ns, "-I", *jump[:1], "1", *jump[1:])
+        else:
+            self._iptables(r.ns, "-D", *jump)
+
+    def redirect_port(self, ns, port: int, to_port: int) -> None:
+        """Incoming TCP to `port` on `ns`'s IPv4 addresses goes to `to_port` (a service published on
+        a web port, as behind a reverse proxy)."""
+        self._iptables(self._ns_of(ns), "-t", "nat", "-A", "PREROUTING", "-p", "tcp", "--dport", str(port),
+                       "-j", "REDIRECT", "--to-ports", str(to_port))
+
     def set_udp_timeout(self, router_or_all=None, seconds: int = 30) -> None:
         """Set net.netfilter.nf_conntrack_udp_timeout and ..._udp_timeout_stream in NAT routers.
 

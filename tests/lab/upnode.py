@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from .fed import Federation
@@ -24,16 +25,18 @@ XFER_PORT = 5001
 class UpNode:
     """A node home registered from inside `host`, running `ntm up` with a TUN interface."""
 
-    def __init__(self, fed: Federation, host: Host, dc: int, *up_args: str) -> None:
-        """Register at DC `dc` and start `ntm up` (keepalive: the federation's) with `up_args`."""
+    def __init__(self, fed: Federation, host: Host, dc: int, *up_args: str, dc_port: int | None = None) -> None:
+        """Register at DC `dc` (at `dc_port` if given: a port forwarded to it) and start `ntm up`
+        (keepalive: the federation's) with `up_args`."""
         self.fed, self.lab, self.host = fed, fed.lab, host
         srv = fed.srv
         self.lab.set_hosts(host, {DC_NAME.format(i + 1): [srv.addr4, srv.addr6] for i in range(len(fed.dcs))},
                            nameserver="100.64.0.1")
         self.home = fed.workdir / f"home-{host.name}"
         self.id = self.cli("keygen")["node"]
-        self.cli("register", "--dc", f"http://{DC_NAME.format(dc + 1)}:{fed.dc_port(dc)}")
+        self.cli("register", "--dc", f"http://{DC_NAME.format(dc + 1)}:{dc_port or fed.dc_port(dc)}")
         self.log = open(fed.workdir / f"up-{host.name}.log", "ab")
+        self.started = time.monotonic()  # when `ntm up` was started
         self.proc = self.lab.run(host, [sys.executable, "-m", "node.cli", "--home", str(self.home), "--json", "up",
                                         "--tun", "ntm0", "--keepalive", str(fed.keepalive_s), *up_args],
                                  stderr=self.log, cwd=str(ROOT))
