@@ -32,6 +32,7 @@ class Session:
     send: Callable[[dict], Any]  # pushes one JSON message on the node's WebSocket
     local_addrs: tuple[str, ...] = ()  # the tunnel socket's addresses, announced at session start
     seq: int = 0
+    probe_seq: int = 0  # of standby probes (their own counter: they may come from another uplink)
     observed: str | None = None  # "ip:port" seen on the last good keepalive to the first port
     observed_alt: str | None = None  # ... and to the second port
     counters: dict = field(default_factory=lambda: {"keepalives": 0})
@@ -118,6 +119,13 @@ class Presence:
         if not keepalive.mac_ok(s.token, head, mac):
             self._refuse("bad_mac")
             return None
+        if data[0] == keepalive.STANDBY_PROBE:
+            # A node's second uplink asking where it is seen from: answered, nothing recorded.
+            if seq <= s.probe_seq:
+                self._refuse("old_seq")
+                return None
+            s.probe_seq = seq
+            return keepalive.encode_reply(seq, addr[0], addr[1], keepalive.STANDBY_REPLY)
         if seq <= s.seq:
             self._refuse("old_seq")
             return None

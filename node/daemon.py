@@ -29,6 +29,7 @@ from node.group_link import GroupLink, take_inbox, take_item
 from node.groups import Groups
 from node.netwatch import NetWatch
 from node.peers import PeerBook, PeerBookError
+from node.standby import StandbyPaths
 from node.tun import Tun, tun_unavailable
 from ntm import keys
 from ntm.addr import display
@@ -97,6 +98,7 @@ class Daemon:
         self.stop = asyncio.Event()
         self.dns: DnsServer | None = None
         self.control: ControlServer | None = None
+        self.standby = StandbyPaths(node)  # make-before-break over a second uplink
         self.tasks = BackgroundTasks()
         self.started = time.time()
 
@@ -153,7 +155,8 @@ class Daemon:
             "tun": tun.name if tun else None, "ipv6": str(v6_of(self.node.id)), "ipv4": str(self.overlay.book.own),
             "dns": [f"{h}:{p}" for h, p in self.dns_binds()] if self.dns else [],
             "accept_any": self.opts.accept_any, "allowed": len(self.book.allow),
-            "peers": self.plane.peers(self.book.names_of),
+            "peers": self.standby.annotate(self.plane.peers(self.book.names_of),
+                                           {keys.checksum(p): t.channel.path_id for p, t in self.plane.by_peer.items()}),
             **self.node.inbox_status(),
             "groups": self.groups.list(), "group_refusals": dict(self.groups.refused),
             "counters": {**self.overlay.stats, **self.plane.stats, "refused_tunnels": self.node.tunnel_table.refused,
@@ -248,6 +251,7 @@ class Daemon:
         self.plane.start()
         self.tasks.spawn(self._watch_addresses())
         self.tasks.spawn(self._sync_state())
+        self.tasks.spawn(self.standby.run())
 
     async def _watch_addresses(self) -> None:
         watch = NetWatch.open()

@@ -32,7 +32,7 @@ from ntm.addr import Addr, for_socket
 from ntm.clock import SYSTEM, Clock
 from ntm.handshake import Rand
 from ntm.packet import KNOWN_TYPES, PREFIX_LEN
-from ntm.tunnel import Data, HandshakeDone, PeerClosed, Pong, RelayInfo, Session, TunnelConfig, TunnelError
+from ntm.tunnel import Data, HandshakeDone, PeerClosed, Pong, RelayInfo, Session, Standby, TunnelConfig, TunnelError
 
 DEFAULT_PORT = TUNNEL_PORT
 #: Default time open() waits for a handshake (direct attempts, then the relay from 1.5 s on).
@@ -73,6 +73,8 @@ RECV_BUFFER = 65536
 #: Datagrams (or GRO batches) read per wake-up before yielding to the event loop.
 RECV_BATCH = 64
 _GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
+IP_PKTINFO = 8  # include/uapi/linux/in.h; Python does not name it
+_ANY4_MAPPED = bytes(10) + b"\xff\xff" + bytes(4)  # ::ffff:0.0.0.0
 
 
 class UdpBind:
@@ -107,6 +109,21 @@ class UdpBind:
         """Send one datagram; a full buffer or an unreachable address loses it, as the network would."""
         try:
             self.sock.sendto(data, addr)
+        except OSError:
+            self.on_error()
+
+    def sendto_via(self, data: bytes, addr: Addr, ifindex: int) -> None:
+        """Send one datagram out of interface `ifindex` (IP_PKTINFO / IPV6_PKTINFO), from the same
+        port: the NAT behind that uplink maps it as it will map our traffic once the kernel routes
+        through it (node/uplinks.py). Errors lose it, as the network would."""
+        if self.family == socket.AF_INET6:
+            # Source address "any"; towards IPv4 (v4-mapped) the kernel wants it v4-mapped too.
+            src = _ANY4_MAPPED if addr[0].startswith("::ffff:") else bytes(16)
+            cmsg = (socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, src + ifindex.to_bytes(4, sys.byteorder))
+        else:
+            cmsg = (socket.IPPROTO_IP, IP_PKTINFO, ifindex.to_bytes(4, sys.byteorder) + bytes(8))
+        try:
+            self.sock.sendmsg([data], [cmsg], 0, addr)
         except OSError:
             self.on_error()
 
@@ -199,6 +216,10 @@ class Endpoint:
         self._batch: list[tuple[bytes, Addr]] | None = None  # data packets held by hold() until flush()
         # Datagrams that are not tunnel packets (e.g. the DC's keepalive replies) go here.
         self.on_control: Callable[[bytes, Addr], None] | None = None
+        # ... except those whose first byte is a key here (the standby probe replies: node/standby.py).
+        self.control_taps: dict[int, Callable[[bytes, Addr], None]] = {}
+        # Authenticated STANDBY packets (path ID, event): node/standby.py keeps standby paths with them.
+        self.on_standby: Callable[[bytes, Standby], None] | None = None
         self.family = socket.AF_INET
         self._wake: asyncio.Event | None = None
         self._timer_task: asyncio.Task[None] | None = None
@@ -420,6 +441,25 @@ class Endpoint:
         if pkt is not None:
             self._sendto(pkt, s.peer_addr)
 
+    def send_standby(self, s: Session, payload: bytes, addr: Addr, ifindex: int | None) -> None:
+        """A STANDBY on `s` to `addr`, out of interface `ifindex` if given (a standby uplink).
+        TunnelError if the session has no keys."""
+        pkt = s.standby(payload, self.now())
+        if ifindex is None:
+            self._sendto(pkt, addr)
+        else:
+            self.send_control_via(pkt, addr, ifindex)
+
+    def send_control_via(self, data: bytes, addr: Addr, ifindex: int) -> None:
+        """A datagram out of interface `ifindex`, from the tunnel socket (a bind without
+        `sendto_via`, e.g. the in-memory one, drops it: it has no interfaces)."""
+        via = getattr(self.bind, "sendto_via", None)
+        if via is None:
+            self._stats["send_errors"] += 1
+            return
+        via(data, for_socket(addr, self.family), ifindex)
+        self._stats["tx_control"] += 1
+
     def send_control(self, data: bytes, addr: Addr) -> None:
         """Send a non-tunnel datagram (keepalive to the DC) from the tunnel socket, so the DC sees
         the same NAT mapping the peers will use."""
@@ -448,6 +488,8 @@ class Endpoint:
         if s is None:
             if len(data) < PREFIX_LEN:
                 self._stats["drop_short"] += 1
+            elif data[0] in self.control_taps:
+                self.control_taps[data[0]](data, addr[:2])
             elif data[0] not in KNOWN_TYPES and self.on_control is not None:
                 self.on_control(data, addr[:2])  # not a tunnel packet: e.g. the DC's keepalive reply
             else:
@@ -477,6 +519,8 @@ class Endpoint:
             elif type(ev) is PeerClosed:
                 self.remove(pid)
                 ch.peer_closed()
+            elif type(ev) is Standby and self.on_standby is not None:
+                self.on_standby(pid, ev)
             # EndpointChanged / RelayBound: visible in session.peer_addr and stats
 
     async def _timer_loop(self) -> None:

@@ -10,6 +10,7 @@ node's endpoint) and a relay can find the path without any key. Parsers raise
     0x04 KEEPALIVE           type | path | counter (8) | AEAD(empty) (16)               33 bytes
     0x05 PING / 0x06 PONG    type | path | counter (8) | AEAD(ping id (8)) (24)         41 bytes
     0x07 CLOSE               type | path | counter (8) | AEAD(empty) (16)               33 bytes
+    0x08 STANDBY             type | path | counter (8) | AEAD(standby payload) (len + 16) >= 33 bytes
     0x10 RELAY_BIND          type | path | side (1) | counter (8) | cookie (16) | mac (16)  50 bytes
     0x11 RELAY_BIND_ACK      type | path | side (1) | bound (1) | counter (8) | cookie (16) 35 bytes
     0x12..0x1f               reserved for relay control
@@ -34,6 +35,7 @@ TYPE_KEEPALIVE = 0x04
 TYPE_PING = 0x05
 TYPE_PONG = 0x06
 TYPE_CLOSE = 0x07  # the sender closed the tunnel on purpose: the peer ends it, no repair
+TYPE_STANDBY = 0x08  # keeps a second uplink's path warm; never moves the peer (node/uplinks.py)
 TYPE_RELAY_BIND = 0x10
 TYPE_RELAY_BIND_ACK = 0x11
 RELAY_RESERVED = range(0x12, 0x20)
@@ -43,8 +45,9 @@ FORWARDED_TYPES = frozenset(
     {TYPE_HANDSHAKE_REQUEST, TYPE_HANDSHAKE_RESPONSE, TYPE_DATA, TYPE_KEEPALIVE, TYPE_PING, TYPE_PONG, TYPE_CLOSE}
 )
 #: Types whose body is `counter (8) || AEAD ciphertext` (transport packets).
-TRANSPORT_TYPES = frozenset({TYPE_DATA, TYPE_KEEPALIVE, TYPE_PING, TYPE_PONG, TYPE_CLOSE})
-KNOWN_TYPES = FORWARDED_TYPES | {TYPE_RELAY_BIND, TYPE_RELAY_BIND_ACK}
+TRANSPORT_TYPES = frozenset({TYPE_DATA, TYPE_KEEPALIVE, TYPE_PING, TYPE_PONG, TYPE_CLOSE, TYPE_STANDBY})
+#: STANDBY is not forwarded by relays: a standby path is a direct one by definition.
+KNOWN_TYPES = FORWARDED_TYPES | {TYPE_RELAY_BIND, TYPE_RELAY_BIND_ACK, TYPE_STANDBY}
 
 PATH_ID_LEN = 8
 PREFIX_LEN = 1 + PATH_ID_LEN  # type + path ID: all a relay or demultiplexer reads
@@ -280,6 +283,7 @@ _PARSERS = {
     TYPE_PING: TransportPacket.parse,
     TYPE_PONG: TransportPacket.parse,
     TYPE_CLOSE: TransportPacket.parse,
+    TYPE_STANDBY: TransportPacket.parse,
     TYPE_RELAY_BIND: RelayBind.parse,
     TYPE_RELAY_BIND_ACK: RelayBindAck.parse,
 }

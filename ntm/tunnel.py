@@ -53,6 +53,7 @@ from ntm.packet import (
     PING_ID_LEN,
     PREFIX_LEN,
     TOKEN_LEN,
+    TRANSPORT_TYPES,
     TYPE_CLOSE,
     TYPE_DATA,
     TYPE_HANDSHAKE_REQUEST,
@@ -61,6 +62,7 @@ from ntm.packet import (
     TYPE_PING,
     TYPE_PONG,
     TYPE_RELAY_BIND_ACK,
+    TYPE_STANDBY,
     NO_COOKIE,
     RelayBind,
     RelayBindAck,
@@ -175,7 +177,16 @@ class PeerClosed:
     """The peer closed the tunnel on purpose (authenticated CLOSE): end it, do not repair it."""
 
 
-Event = Data | HandshakeDone | EndpointChanged | Pong | RelayBound | PeerClosed
+@dataclass(frozen=True, slots=True)
+class Standby:
+    """An authenticated STANDBY from `addr` (maybe not the peer's current address: it proves that
+    address reaches the peer). Its opaque `payload` is for the node (node/uplinks.py)."""
+
+    addr: Addr
+    payload: bytes
+
+
+Event = Data | HandshakeDone | EndpointChanged | Pong | RelayBound | PeerClosed | Standby
 
 
 # --- replay window ------------------------------------------------------------------------------
@@ -236,7 +247,7 @@ class _KeyPair:
 
 
 STAT_KEYS = (
-    "rx_keepalive", "tx_keepalive",
+    "rx_keepalive", "tx_keepalive", "rx_standby",
     "handshakes", "rekeys", "requests_sent", "responses_sent", "endpoint_changes", "relay_binds_sent",
     "relay_acks", "drop_truncated", "drop_unknown_type", "drop_unknown_path", "drop_replay", "drop_too_old",
     "drop_bad_tag", "drop_no_keys", "drop_expired_key", "drop_handshake_malformed", "drop_handshake_auth",
@@ -557,6 +568,15 @@ class Session:
         except TunnelError:
             return None
 
+    def standby(self, payload: bytes, now: float) -> bytes:
+        """A STANDBY packet carrying `payload` (node/uplinks.py), to the peer out of a second
+        uplink, or to a standby address of the peer's. It is not traffic of the current path: that
+        path's keepalive stays due. TunnelError if there are no keys."""
+        last = self.last_sent
+        pkt = self._seal(TYPE_STANDBY, payload, now)
+        self.last_sent = last
+        return pkt
+
     def ping(self, now: float) -> bytes:
         """A PING packet (to `self.peer_addr`); the matching PONG yields a Pong(rtt) event."""
         self._ping_seq += 1
@@ -574,7 +594,7 @@ class Session:
             self._stats["drop_truncated"] += 1
             return []
         kind = datagram[0]
-        if kind == TYPE_DATA or kind == TYPE_KEEPALIVE or kind == TYPE_PING or kind == TYPE_PONG or kind == TYPE_CLOSE:
+        if kind in TRANSPORT_TYPES:
             return self._receive_transport(kind, datagram, addr, now)
         if datagram[1:PREFIX_LEN] != self.path_id:
             self._stats["drop_unknown_path"] += 1
@@ -793,6 +813,14 @@ class Session:
             if not rekey:
                 self.via = "relay" if (self.relay is not None and addr == self.relay.addr) else "peer"
             events.append(HandshakeDone(rekey, addr, "rekey" if rekey else self.via))
+        if kind == TYPE_STANDBY:
+            # Proves `addr` reaches the peer, but the peer keeps using its current path: no roaming,
+            # and it says nothing about the current path's liveness.
+            st["rx_standby"] += 1
+            if addr == self.peer_addr:
+                self.last_received = now
+            events.append(Standby(addr, plain))
+            return events
         if addr != self.peer_addr and newest:
             # Roaming: only an authenticated packet that is the newest seen may move the peer.
             events.extend(self._set_peer(addr))

@@ -177,6 +177,31 @@ def test_presence_refuses_wrong_token_and_replay():
     assert p.observed(b"n" * 20) == ("198.18.0.11:5", "198.18.0.11:7")
 
 
+def test_standby_probe_is_answered_and_changes_nothing():
+    """Issue 22 item 4: a node's second uplink asks the DC where it is seen from. The DC answers
+    (a STANDBY_REPLY, which a node's keepalive handling does not take for its own address) and
+    records nothing: the node's address stays its primary uplink's. A probe with a wrong token,
+    or replayed, gets no answer; a keepalive cannot be passed off as a probe (the MAC covers the
+    kind)."""
+    from dc.presence import Presence
+    p = Presence()
+    s = p.open(b"n" * 20, lambda m: None)
+    assert p.on_keepalive(keepalive.encode_request(b"n" * 20, 5, s.token), ("198.18.0.11", 5))
+    probe = keepalive.encode_request(b"n" * 20, 1, s.token, keepalive.STANDBY_PROBE)
+    reply = p.on_keepalive(probe, ("198.18.0.12", 9))
+    assert keepalive.parse_reply(reply, keepalive.STANDBY_REPLY) == (1, "198.18.0.12", 9)
+    with pytest.raises(ParseError):
+        keepalive.parse_reply(reply)
+    assert p.observed(b"n" * 20) == ("198.18.0.11:5", None)
+    assert p.on_keepalive(probe, ("198.18.0.66", 6)) is None  # replayed
+    assert p.on_keepalive(keepalive.encode_request(b"n" * 20, 2, b"x" * 32, keepalive.STANDBY_PROBE),
+                          ("198.18.0.12", 9)) is None
+    forged = bytearray(keepalive.encode_request(b"n" * 20, 9, s.token))
+    forged[0] = keepalive.STANDBY_PROBE
+    assert p.on_keepalive(bytes(forged), ("198.18.0.12", 9)) is None
+    assert p.dropped_keepalives == 3
+
+
 @given(st.binary(max_size=200))
 def test_keepalive_parsers_raise_only_parse_error(data):
     for parse in (keepalive.parse_request, keepalive.parse_reply):

@@ -11,6 +11,7 @@ from ntm.packet import (
     TYPE_HANDSHAKE_REQUEST,
     TYPE_KEEPALIVE,
     TYPE_RELAY_BIND,
+    TYPE_STANDBY,
     RelayBind,
     TransportPacket,
 )
@@ -25,6 +26,7 @@ from ntm.tunnel import (
     RelayInfo,
     ReplayWindow,
     Session,
+    Standby,
     TunnelConfig,
     TunnelError,
 )
@@ -432,3 +434,22 @@ def test_an_unverified_candidate_gets_one_request_verified_ones_keep_trying():
     b.start(T0)
     Net(a2, b).pump(T0)
     assert a2.established and b.established
+
+
+def test_standby_proves_an_address_without_moving_the_peer():
+    """Issue 22 item 4: a STANDBY from a second uplink's address is authenticated proof that the
+    address reaches the peer, but must not move the peer there (the current path stays), nor count
+    as life on the current path, nor as a send on it (its keepalive stays due). A replayed or
+    forged one from a stranger's address yields nothing."""
+    a, b, _ = connect()
+    last_sent, last_heard = a.last_sent, b.last_received
+    pkt = a.standby(b"hello", T0 + 1)
+    assert a.last_sent == last_sent
+    assert b.receive(pkt, ADDR_A2, T0 + 1) == [Standby(ADDR_A2, b"hello")]
+    assert b.peer_addr == ADDR_A and b.stats["endpoint_changes"] == 0 and b.stats["rx_standby"] == 1
+    assert b.last_received == last_heard
+    assert b.receive(pkt, EVIL, T0 + 2) == []  # replayed
+    assert b.receive(pkt[:-1] + bytes([pkt[-1] ^ 1]), EVIL, T0 + 2) == []  # forged
+    on_path = a.standby(b"", T0 + 3)
+    assert b.receive(on_path, ADDR_A, T0 + 3) == [Standby(ADDR_A, b"")] and b.last_received == T0 + 3
+    assert TransportPacket.parse(on_path).type == TYPE_STANDBY

@@ -53,6 +53,9 @@ Mobility
   the target site's bridge with the target's address plan and default route.  The host's
   namespace stays the same, so a running process keeps its wildcard-bound socket and simply
   starts sending from the new address (an unconnected socket; connect()ed sockets break).
+  ``lab.add_uplink(host, site)`` gives a host a second uplink (``eth1`` on a NAT site, default
+  route of a higher metric) and ``lab.set_link(host, "eth0", False)`` takes the first one down:
+  make-before-break (tests/lab/roam_mbb.py).
 
 Typical use::
 
@@ -262,6 +265,7 @@ class Host:
     addr4: str | None = None
     addr6: str | None = None
     pub_index: int | None = None   # N of 198.18.0.N / ::N when on the internet
+    uplinks: dict[str, str] = field(default_factory=dict)  # extra uplinks (add_uplink): ifname -> addr
 
     @property
     def public4(self) -> str | None:
@@ -475,6 +479,30 @@ class Lab:
         h = self._new_host(name)
         self._attach(h, site)
         return h
+
+    def add_uplink(self, host: Host | str, site: Site | str, ifname: str = "eth1", metric: int = 200) -> str:
+        """A second uplink for ``host``: veth ``ifname`` on the LAN of NAT ``site``, with address
+        10.i.0.(200+k) (clear of ``_attach``'s allocation from .2 up) and a default route of a
+        higher ``metric``: the kernel sends through ``eth0`` while it is up and through this one as
+        soon as ``eth0``'s routes go (a phone's Wi-Fi and cellular). Returns the address."""
+        host = self.hosts[host] if isinstance(host, str) else host
+        site = self.sites[site] if isinstance(site, str) else site
+        r = site.router
+        if r is None:
+            raise ValueError("a second uplink goes to a NAT site")
+        taken = {a for h in self.hosts.values() for a in h.uplinks.values()}
+        addr = next(str(r.lan_net.network_address + n) for n in range(200, 254)
+                    if str(r.lan_net.network_address + n) not in taken)
+        self._plug(host.ns, ifname, r.ns, "lan")
+        self._ip(host.ns, "addr", "add", f"{addr}/{r.lan_net.prefixlen}", "dev", ifname)
+        self._ip(host.ns, "route", "add", "default", "via", r.gw4, "dev", ifname, "metric", str(metric))
+        host.uplinks[ifname] = addr
+        return addr
+
+    def set_link(self, host: Host | str, ifname: str, up: bool) -> None:
+        """``ip link set <ifname> up|down`` in a host (down: the kernel drops its routes at once)."""
+        host = self.hosts[host] if isinstance(host, str) else host
+        self._ip(host.ns, "link", "set", ifname, "up" if up else "down")
 
     # ------------------------------------------------------------------ knobs
     def _router(self, x) -> Router:
