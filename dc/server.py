@@ -33,6 +33,11 @@ log = logging.getLogger("ntm.dc.http")
 MAX_BODY = 16 * 1024
 # A node must answer the session challenge quickly; slow clients hold a socket for nothing.
 AUTH_TIMEOUT_S = 10.0
+# The DC pings a node session after this long without a frame from it and drops the session
+# (presence: the node is no longer reachable here) if the pong is not back within half of it:
+# a node gone without a FIN is off the presence table within 15 s. A live node pings every 3 s
+# itself (node/liveness.SESSION_HEARTBEAT_S), which resets this timer, so the DC sends no pings.
+NODE_HEARTBEAT_S = 10.0
 
 COORDINATOR = web.AppKey("coordinator", Coordinator)
 CHAIN_STATUS = web.AppKey("chain_status", ChainStatus)
@@ -184,7 +189,7 @@ async def handle_metrics(request: web.Request) -> web.Response:
 async def handle_session(request: web.Request) -> web.WebSocketResponse:
     """Node session: challenge → signed answer → welcome with keepalive token → pushes."""
     c = request.app[COORDINATOR]
-    ws = web.WebSocketResponse(heartbeat=30.0, max_msg_size=MAX_BODY)
+    ws = web.WebSocketResponse(heartbeat=NODE_HEARTBEAT_S, max_msg_size=MAX_BODY)
     await ws.prepare(request)
 
     async def send(msg: messages.Message) -> None:

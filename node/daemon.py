@@ -3,8 +3,8 @@ or `ntm down`.
 
 It runs the node (DC session, keepalives, tunnels), the TUN interface with this node's virtual
 addresses when it can (root), the `.ntm` DNS responder, and the control socket the other
-commands use. It watches the local addresses, so a move to another network is noticed within
-ADDRESS_POLL_S even when no tunnel is busy.
+commands use. It watches the local addresses, so a move to another network is noticed at once
+(rtnetlink, node/netwatch.py) or within ADDRESS_POLL_S, even when no tunnel is busy.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from node.dataplane import DataPlane
 from node.dns import DnsServer
 from node.group_link import GroupLink, take_inbox, take_item
 from node.groups import Groups
+from node.netwatch import NetWatch
 from node.peers import PeerBook, PeerBookError
 from node.standby import StandbyPaths
 from node.tun import Tun, tun_unavailable
@@ -40,8 +41,8 @@ log = logging.getLogger("ntm.node")
 
 LOCK_FILE = "ntm.lock"
 INBOX_DIR = "inbox"  # Cache Server items fetched by the daemon: <item> (content) and <item>.json
-#: How often the daemon compares its local addresses with the last ones (a move is noticed in
-#: at most this long even on an idle node; busy tunnels notice a dead path sooner).
+#: How often the daemon compares its local addresses with the last ones besides each rtnetlink
+#: change (a move is noticed in at most this long even where rtnetlink is missing).
 ADDRESS_POLL_S = 1.0
 #: How often a failover's new registration is copied into state.json.
 STATE_SYNC_S = 1.0
@@ -253,14 +254,18 @@ class Daemon:
         self.tasks.spawn(self.standby.run())
 
     async def _watch_addresses(self) -> None:
-        last = self.node.local_addrs()
-        while True:
-            await asyncio.sleep(ADDRESS_POLL_S)
-            now = self.node.local_addrs()
-            if now != last:
-                log.info("local addresses changed: %s -> %s", last, now)
-                last = now
-                self.node.network_changed("local address changed")
+        watch = NetWatch.open()
+        try:
+            last = self.node.local_addrs()
+            while True:
+                await watch.wait(ADDRESS_POLL_S)
+                now = self.node.local_addrs()
+                if now != last:
+                    log.info("local addresses changed: %s -> %s", last, now)
+                    last = now
+                    self.node.network_changed("local address changed")
+        finally:
+            watch.close()
 
     async def _sync_state(self) -> None:
         while True:

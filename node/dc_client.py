@@ -88,12 +88,15 @@ class DcClient:
     async def whois(self, node: bytes) -> messages.NodeInfo:
         return await self._call("GET", f"/v1/nodes/{keys.checksum(node)}", messages.NodeInfo)
 
-    async def open_session(self, key: coincurve.PrivateKey, local_addrs: list[str] | None = None
+    async def open_session(self, key: coincurve.PrivateKey, local_addrs: list[str] | None = None,
+                           heartbeat: float | None = None
                            ) -> tuple[aiohttp.ClientWebSocketResponse, messages.Welcome]:
         """Authenticated session WebSocket and the DC's welcome (keepalive token and ports).
-        `local_addrs`: the tunnel socket's addresses, announced with the answer."""
+        `local_addrs`: the tunnel socket's addresses, announced with the answer. `heartbeat`: ping
+        the DC after this long without a frame from it; no pong within half of it closes the
+        WebSocket (its exception is then aiohttp.ServerTimeoutError)."""
         try:
-            ws = await self._http.ws_connect(self.base + "/v1/session")
+            ws = await self._http.ws_connect(self.base + "/v1/session", heartbeat=heartbeat)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise DcError("unreachable", f"cannot open a session at {self.base}: {exc}") from None
         try:

@@ -55,6 +55,10 @@ class NodeError(CodedError):
     """A connection the node could not make; `code` is the DC's reason when it gave one."""
 
 
+class DcSilent(NodeError):
+    """A session attempt the DC did not answer at all (its link or host is gone, not refusing)."""
+
+
 class DcSession:
     def __init__(self, key: coincurve.PrivateKey, dc_url: str, endpoint: Endpoint, clock: Clock,
                  keepalive_interval: float, local_addrs: list[str] | None,
@@ -77,10 +81,12 @@ class DcSession:
         self.observed_alt: str | None = None  # as the DC's second keepalive port sees us (NAT kind)
         self.udp: bool | None = None  # do keepalive replies reach us? None: not probed yet
         self.chain: tuple[int, str] | None = None  # (chain id, registry) of the DC we registered at
+        self.dc_address: bytes | None = None  # the current DC's chain address (its URL may be a name)
         self.known_dcs: list[messages.DcEntry] = []  # from GET /v1/dcs while healthy: where to go if our DC dies
         self.home: dict | None = None  # set by a failover: the new registration, for the CLI's state
         self.last_timestamp = 0  # of our newest record: a failover's record must be newer
-        self.counters = {"sessions": 0, "session_drops": 0, "failovers": 0, "address_changes": 0}
+        self.counters = {"sessions": 0, "session_drops": 0, "dc_silences": 0, "failovers": 0,
+                         "address_changes": 0}
         self._seq = itertools.count(clock.wall_ms())  # keepalive seq is on the wire: grows across restarts
         self._last_reply_seq = 0
         self._last_reply_at = clock.now()
@@ -131,8 +137,12 @@ class DcSession:
         """One session attempt at the current DC: authenticate, learn the keepalive token, and wait
         until the DC has seen our public address (it cannot direct anyone to us before)."""
         self._observed_event.clear()
-        ws, welcome = await asyncio.wait_for(
-            self.dc.open_session(self.key, self.local_addrs()), SESSION_OPEN_TIMEOUT_S)
+        try:
+            ws, welcome = await asyncio.wait_for(
+                self.dc.open_session(self.key, self.local_addrs(), liveness.SESSION_HEARTBEAT_S),
+                SESSION_OPEN_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise DcSilent("dc_silent", f"{self.dc_url} did not answer within {SESSION_OPEN_TIMEOUT_S:g} s") from None
         self.ws = ws
         peer = ws.get_extra_info("peername")
         # Keepalives go to the address this session reached (a DC name may have several, of
@@ -161,32 +171,40 @@ class DcSession:
         try:
             info = await self.dc.info()
             self.chain = (info.chain_id, info.registry)
+            self.dc_address = keys.parse_node_id(info.dc)
             self.known_dcs = await self.dc.dcs()
         except DcError as exc:
             log.info("could not refresh the DC list from %s: %s", self.dc_url, exc)
 
     async def _session_loop(self) -> None:
         """Keep a session open: wait for the current one to end, then reconnect with backoff;
-        after FAILOVER_AFTER_FAILURES failures in a row, move to another DC."""
-        failures = 0
+        move to another DC once liveness.should_fail_over gives the home DC up (it refused
+        several attempts, or went silent: a missed heartbeat, then an unanswered attempt)."""
+        failures = silences = 0
         while not self._closing:
             if self._reader is not None:
+                ws = self.ws
                 await asyncio.gather(self._reader, return_exceptions=True)
                 self._reader = None
                 self._session_up.clear()
                 self.counters["session_drops"] += 1
-                log.info("session with %s ended; reconnecting", self.dc_url)
+                silences = int(ws is not None and isinstance(ws.exception(), aiohttp.ServerTimeoutError))
+                self.counters["dc_silences"] += silences
+                log.info("session with %s ended%s; reconnecting", self.dc_url,
+                         " (no pong: the DC went silent)" if silences else "")
             try:
                 await self._open_session()
-                failures = 0
+                failures = silences = 0
                 await self._learn_federation()
                 continue
             except Exception as exc:  # noqa: BLE001 - whatever broke the attempt, the loop must go on
                 failures += 1
+                silences = silences + 1 if isinstance(exc, DcSilent) else 0
+                self.counters["dc_silences"] += isinstance(exc, DcSilent)
                 log.info("session attempt %d at %s failed: %s", failures, self.dc_url, exc)
                 self._abandon_ws()
-            if liveness.should_fail_over(failures) and await self._fail_over():
-                failures = 0
+            if liveness.should_fail_over(failures, silences) and await self._fail_over():
+                failures = silences = 0
                 continue
             await asyncio.sleep(liveness.reconnect_delay(failures))
 
@@ -216,8 +234,8 @@ class DcSession:
         chain events) sends our peers there."""
         for d in self.known_dcs:
             url = d.endpoint.rstrip("/")
-            if not url or url == self.dc_url.rstrip("/"):
-                continue
+            if not url or url == self.dc_url.rstrip("/") or keys.parse_node_id(d.dc) == self.dc_address:
+                continue  # the DC we are leaving, by URL or (reached by name) by its address
             old_url, old_dc = self.dc_url, self.dc
             self._set_dc(url)
             try:
@@ -231,6 +249,7 @@ class DcSession:
                 self.home = {"dc_url": url, "dc": info.dc, "hostname": info.hostname,
                              "timestamp": req.record.timestamp, "status": "confirmed"}
                 await self._open_session()
+                self.dc_address = keys.parse_node_id(info.dc)
             except Exception as exc:  # noqa: BLE001 - try the next DC whatever went wrong here
                 log.info("failover to %s failed: %s", url, exc)
                 self._abandon_ws()
@@ -284,14 +303,18 @@ class DcSession:
             await asyncio.sleep(delay)
             self.send_keepalives()
 
-    async def check_address(self, timeout: float = 0.3) -> None:
+    async def check_address(self, timeout: float = 0.3) -> bool:
         """Send keepalives now and wait (briefly) for a reply: if we moved, the reply shows the
-        new public address and the session is reopened from here (see _on_control)."""
-        seq = self._last_reply_seq
+        new public address and the session is reopened from here (see _on_control). True if
+        it did (our NAT mapping changed, or we moved)."""
+        seq, before = self._last_reply_seq, self.observed
         self.send_keepalives()
+        if self.udp is False:
+            return False  # UDP does not get out here (§8.4): no reply to wait for, only the probe
         end = self.clock.now() + timeout
         while self._last_reply_seq == seq and self.clock.now() < end:
             await asyncio.sleep(0.01)
+        return self.observed != before
 
     async def _keepalive_loop(self) -> None:
         while True:

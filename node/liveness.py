@@ -32,6 +32,17 @@ DIRECT_RETRY_S = 30.0
 # Consecutive failed session attempts after which the home DC is given up for another one
 # (~0.35 s of "connection refused" with the backoff above).
 FAILOVER_AFTER_FAILURES = 3
+# The session's WebSocket is pinged after this long without a frame from the DC, and counts as
+# dead if the pong is not back within half of it (aiohttp's heartbeat): a DC whose link or host
+# vanished without a RST is noticed within 1.5 × this. One ~60-byte ping and pong per 3 s and
+# idle node is no storm (a TCP keepalive default would take hours).
+SESSION_HEARTBEAT_S = 3.0
+# Consecutive silences (a session lost to a missed heartbeat, a session attempt that got no answer
+# at all) after which the home DC is given up: one unanswered reconnect after a missed heartbeat.
+# A DC that answers, even with a refusal, is a flapping or restarting one and gets the
+# FAILOVER_AFTER_FAILURES attempts instead. Bound: 1.5 × SESSION_HEARTBEAT_S +
+# SESSION_OPEN_TIMEOUT_S (3 s) + one registration at the next DC, ~8 s.
+FAILOVER_AFTER_SILENCES = 2
 
 
 class LinkAction(enum.Enum):
@@ -78,6 +89,7 @@ def reconnect_delay(failures: int) -> float:
     return RECONNECT_BACKOFF_S[min(max(failures, 1), len(RECONNECT_BACKOFF_S)) - 1]
 
 
-def should_fail_over(failures: int) -> bool:
-    """Give the home DC up for another known DC."""
-    return failures >= FAILOVER_AFTER_FAILURES
+def should_fail_over(failures: int, silences: int = 0) -> bool:
+    """Give the home DC up for another known DC: it refused or failed `failures` session attempts
+    in a row, or stayed silent (no answer at all) `silences` times in a row."""
+    return failures >= FAILOVER_AFTER_FAILURES or silences >= FAILOVER_AFTER_SILENCES

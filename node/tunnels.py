@@ -101,7 +101,7 @@ def open_direction(obj: Any) -> messages.RouteDirection:
 
 class Tunnels:
     def __init__(self, my_id: bytes, endpoint: Endpoint, clock: Clock, ask: AskDirection,
-                 check_address: Callable[[], Awaitable[None]], admit: Admit = lambda peer: True,
+                 check_address: Callable[[], Awaitable[bool]], admit: Admit = lambda peer: True,
                  udp_ok: Callable[[], bool] = lambda: True) -> None:
         self.my_id = my_id
         self.admit = admit
@@ -155,6 +155,8 @@ class Tunnels:
             return
         ours = keys.parse_node_id(d.requester) == self.my_id
         if not ours and not self._serves(peer):
+            return
+        if resume is not None and not ours and await self._rebound(resume, peer):
             return
         fut = self._opening_future(path) if ours else None  # connect() waits on it
         try:
@@ -265,6 +267,24 @@ class Tunnels:
             self.probe(t)
             t.direct_tried_at = float("-inf")
 
+    async def _rebound(self, tunnel_id: bytes, peer: bytes) -> bool:
+        """The peer asks to repair a tunnel we have: it stopped hearing us. PING it at once from
+        where we are (it roams to us on that PING if it can hear us: a public peer, the relay),
+        and check our public address. If our NAT mapping changed (rebound while idle), the
+        direction the peer got names our old mapping: we ask for our own instead (the DC has
+        just seen the new one) and do not follow the peer's. True in that case."""
+        t = self.table.get(tunnel_id)
+        if t is None or t.peer != peer or t.channel.closed:
+            return False
+        self.probe(t)
+        if not await self.check_address():
+            return False
+        log.info("tunnel %s to %s: our public address changed; re-directing from here", t.id.hex(),
+                 keys.checksum(peer))
+        if t.recovering is None:
+            t.recovering = self.tasks.spawn(self._redirect(t, address_checked=True))
+        return True
+
     async def _try_direct(self, t: Tunnel) -> None:
         """Ask for a direct path for a tunnel on the relay; if its handshake completes, follow()
         moves the tunnel onto it (both ends); if not, the tunnel stays on the relay as it was."""
@@ -284,16 +304,17 @@ class Tunnels:
         except (asyncio.TimeoutError, NtmError):
             pass
 
-    async def _redirect(self, t: Tunnel) -> None:
+    async def _redirect(self, t: Tunnel, address_checked: bool = False) -> None:
         """Ask the DCs for a new path to the same peer, naming the tunnel, until one works.
         The resulting direction is attached to the Link in follow() (on both ends)."""
-        started = self.clock.now()
+        started, redirects = self.clock.now(), t.redirects
         log.info("tunnel %s to %s silent: asking for a new direction", t.id.hex(), keys.checksum(t.peer))
         try:
-            await self.check_address()  # if we moved: new session, and the DC learns our new mapping
+            if not address_checked:
+                await self.check_address()  # if we moved: new session, and the DC learns our new mapping
             while not t.channel.closed and self.clock.now() - started < RECOVERY_GIVE_UP_S:
-                if liveness.recovered(self.clock.now(), t.channel.last_heard):
-                    return
+                if liveness.recovered(self.clock.now(), t.channel.last_heard) or t.redirects > redirects:
+                    return  # the old path came back, or the peer's direction moved the tunnel meanwhile
                 try:
                     await self._directed(t.peer, None, t.id)
                     return

@@ -188,6 +188,30 @@ async def test_cli_errors_are_readable(net, tmp_path):
     assert proc.returncode == 2 and "ntm keygen" in proc.stderr
 
 
+async def test_a_silent_node_session_is_dropped_by_the_dc_heartbeat(net, tmp_path):
+    """A node gone without a FIN (host frozen, link cut: here a client that never reads, so it
+    answers no ping) is shown offline once the DC's heartbeat deadline passed, while a node that
+    answers the DC's pings stays online: presence (and so route decisions) stays right."""
+    from dc.server import NODE_HEARTBEAT_S
+
+    (silent_home, silent), (live_home, live) = make_node(tmp_path, "hs"), make_node(tmp_path, "hl")
+    for home in (silent_home, live_home):
+        ntm(home, "register", "--dc", net.urls[0])
+    async with DcClient(net.urls[0]) as a, DcClient(net.urls[0]) as b:
+        ws_silent, _ = await a.open_session(keystore.load_keystore(silent_home / "key.json"))
+        ws_live, _ = await b.open_session(keystore.load_keystore(live_home / "key.json"))
+        reader = asyncio.create_task(ws_live.receive())  # reading answers the DC's pings
+        try:
+            assert (await a.whois(silent)).online
+            await asyncio.sleep(1.5 * NODE_HEARTBEAT_S + 1.0)
+            assert not (await a.whois(silent)).online
+            assert (await a.whois(live)).online and not reader.done()
+        finally:
+            reader.cancel()
+            await ws_live.close()
+            await ws_silent.close()
+
+
 async def _ended(ws) -> dict:
     """The DC's last word on a session it ended, then the close."""
     msg = await asyncio.wait_for(ws.receive_json(), 5)

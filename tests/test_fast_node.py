@@ -37,6 +37,9 @@ def test_session_and_failover_decisions():
     assert not liveness.session_dead(100.0, 30.0, 25.0) and liveness.session_dead(100.0, 24.0, 25.0)
     assert [liveness.reconnect_delay(n) for n in (1, 2, 7, 50)] == [0.05, 0.1, 3.2, 3.2]
     assert not liveness.should_fail_over(2) and liveness.should_fail_over(3)
+    # a DC that went silent (missed heartbeat, then an unanswered attempt) is left sooner than
+    # one that answers with refusals; one silence alone (a blip) is not enough
+    assert not liveness.should_fail_over(1, 1) and liveness.should_fail_over(1, 2)
     assert liveness.old_path_expired(20.0, 9.0) and not liveness.old_path_expired(20.0, 11.0)
 
 
@@ -88,8 +91,8 @@ async def pair():
         ep = await Endpoint.create(key, ip, 0, clock=clock, binder=net.binder(ip))
         nid = keys.node_id_of(key)
 
-        async def no_move() -> None:
-            return None
+        async def no_move() -> bool:
+            return False
 
         t = Tunnels(nid, ep, clock, dcs.asker(nid), no_move)
         dcs.ends[nid] = (t, ep.local_addr, keys.public_bytes(key))
@@ -144,6 +147,35 @@ async def test_a_dead_path_is_repaired_by_redirection_on_both_ends(pair):
     assert ta.table.keys() == {a.id} and dcs.requests == 2  # the same tunnel, moved: no new one
     await a.channel.send(b"after the move")
     assert await asyncio.wait_for(b.channel.recv(), 1) == b"after the move"
+
+
+async def test_a_node_whose_nat_rebound_redirects_from_its_new_mapping(pair):
+    """Hostile network: B's NAT rebinds while the tunnel is idle (new public mapping), so the
+    direction A asks for names B's old mapping and would never connect. B, told of the repair,
+    pings A at once, sees its own address changed and asks for its own direction instead of
+    following A's: both ends move onto B's path."""
+    clock, net, dcs, [(ta, _, _), (tb, _, idb)] = pair
+    a = await asyncio.wait_for(ta.connect(idb), 2)
+    b = await asyncio.wait_for(tb.accept(), 2)
+    old = a.channel.path_id
+
+    async def rebound() -> bool:
+        return True
+
+    tb.check_address = rebound
+    net.drop = lambda src, dst, data: data[1:9] == old
+    await a.channel.send(b"lost")
+    clock.advance(liveness.DEAD_AFTER_S + 0.01)
+    ta._check(a, clock.now())
+    for _ in range(200):
+        if a.redirects and b.redirects:
+            break
+        await asyncio.sleep(0.01)
+    assert b.probes == 1  # pinged A at once from where it is
+    assert a.channel.path_id == b.channel.path_id != old and a.redirects == b.redirects == 1
+    assert dcs.requests == 3  # connect, A's repair (not followed by B), B's own
+    await a.channel.send(b"after the rebind")
+    assert await asyncio.wait_for(b.channel.recv(), 1) == b"after the rebind"
 
 
 def test_a_node_serves_a_bounded_number_of_directions_per_peer_and_in_all():
