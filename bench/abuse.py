@@ -183,7 +183,13 @@ async def reflection(tmp: Path) -> float:
                     req = messages.encode(messages.DirectionRequest(i + 1, keys.checksum(victim.id)))
                     sent += len(json.dumps(req).encode()) + 6  # + the WebSocket frame header
                     await ws.send_json(req)
-                    await ws.receive(timeout=10)
+                    while True:  # it acknowledges its own direction as a node does (else the DC
+                        # stops before directing the victim); acks are not counted as its cost
+                        m = messages.decode(messages.DcToNode, await ws.receive_str(timeout=10))
+                        if isinstance(m, messages.DirectionPush):
+                            await ws.send_json(messages.encode(messages.DirectionAck(m.direction["body"]["path"])))
+                        elif isinstance(m, messages.DirectionResult):
+                            break
                 await asyncio.sleep(9.0)  # the victim's handshake attempts run their course
                 await ws.close()
         finally:

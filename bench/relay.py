@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -38,13 +39,23 @@ WINDOW = 64
 LOSS_WAIT = 0.05
 
 
+def bind_side(exchange: Callable[[bytes], bytes], path: bytes, token: bytes, side: int) -> None:
+    """Bind one side of a path as a node does (§8.2): a bind that gets the address's cookie, then
+    one that carries it. `exchange` sends a datagram to the relay and returns its answer."""
+    key = packet.relay_side_key(token, side)
+    ack = packet.RelayBindAck.parse(exchange(packet.RelayBind.make(path, side, 1, packet.NO_COOKIE, key).encode()))
+    ack = packet.RelayBindAck.parse(exchange(packet.RelayBind.make(path, side, 2, ack.cookie, key).encode()))
+    if not ack.bound:
+        raise RuntimeError(f"the relay did not bind side {side}")
+
+
 def table_ops(seconds: float) -> float:
     t = RelayTable()
     path, token = os.urandom(8), os.urandom(32)
     t.add_path(path, token, 1e9, 1 << 60, 0.0)
     a, b = ("192.0.2.1", 1), ("2001:db8::1", 2)
-    t.on_datagram(packet.RelayBind(path, token, 0).encode(), a, 0.0)
-    t.on_datagram(packet.RelayBind(path, token, 1).encode(), b, 0.0)
+    for side, addr in ((0, a), (1, b)):
+        bind_side(lambda d, addr=addr: t.on_datagram(d, addr, 0.0)[0][0], path, token, side)
     dgram = bytes([packet.TYPE_DATA]) + path + os.urandom(1200)
     n, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
@@ -90,8 +101,7 @@ async def through_process(seconds: float, payload: int) -> dict:
             b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
             for s, side, dst in ((a, 0, ("127.0.0.1", port)), (b, 1, ("::1", port))):
                 s.settimeout(2)
-                s.sendto(packet.RelayBind(path, token, side).encode(), dst)
-                s.recv(100)
+                bind_side(lambda d, s=s, dst=dst: (s.sendto(d, dst), s.recv(100))[1], path, token, side)
             dgram = bytes([packet.TYPE_DATA]) + path + os.urandom(payload)
             b.settimeout(LOSS_WAIT)
             got = 0

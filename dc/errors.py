@@ -12,4 +12,9 @@ class NodeLookupError(CodedError):
 
 class DirectionError(CodedError):
     """A Direction Request that cannot be served: the lookup codes, plus revoked, offline, self,
-    not_home, no_relay."""
+    not_home, no_relay, and the peer's answer: not_allowed, peer_busy, peer_unresponsive.
+
+    `abandoned`: the path ID already pushed to the requester when the request failed after that;
+    its node stops following it."""
+
+    abandoned: bytes | None = None

@@ -76,7 +76,9 @@ def error_for(exc: Exception) -> tuple[int, dict]:
     elif isinstance(exc, GroupRefused):
         status, code, message = GROUP_STATUS.get(exc.code, 400), exc.code, str(exc)
     elif isinstance(exc, DirectionError):
-        status, code, message = 429 if exc.code == "rate_limited" else 404, exc.code, str(exc)
+        status = {"rate_limited": 429, "peer_busy": 429, "not_allowed": 403, "dc_busy": 503,
+                  "peer_unresponsive": 504}.get(exc.code, 404)
+        code, message = exc.code, str(exc)
     elif isinstance(exc, NtmError):  # e.g. the chain is unreachable for a cache miss
         status, code, message = 503, "unavailable", str(exc)
     else:
@@ -243,6 +245,8 @@ async def handle_session(request: web.Request) -> web.WebSocketResponse:
                 await send(messages.StatusReply(session.observed, session.observed_alt, session.counters["keepalives"]))
             elif isinstance(req, messages.DirectionRequest):
                 tasks.spawn(direction_request(c, send, node, req))
+            elif isinstance(req, messages.DirectionAck):
+                c.signaling.on_ack(node, req)
             elif isinstance(req, messages.CsNoticeAck):
                 c.notices.ack(node, req.item)
             else:
@@ -263,7 +267,8 @@ async def direction_request(c: Coordinator, send, node: bytes, req: messages.Dir
         result = messages.DirectionResult(req.id, route=route)
     except DirectionError as exc:
         c.metrics.refusals.labels("direction", exc.code).inc()
-        result = messages.DirectionResult(req.id, error=messages.ErrorBody(exc.code, str(exc)))
+        result = messages.DirectionResult(req.id, error=messages.ErrorBody(exc.code, str(exc)),
+                                          abandoned=exc.abandoned.hex() if exc.abandoned is not None else None)
     except NtmError as exc:
         result = messages.DirectionResult(req.id, error=messages.ErrorBody("bad_request", str(exc)))
     try:

@@ -3,11 +3,13 @@
 The requester's DC gets the peer's key and addresses (locally or by an NTM Information Request
 to the peer's home DC), decides the route (ntm/route.py), books a relay path as fallback, and sends
 a signed Route Direction to each node: the peer's through the peer's home DC, first, so the peer
-is listening before the requester starts. docs/PROTOCOL.md §8.
+is listening before the requester starts. Each node acknowledges its push (it follows the path, or
+refuses it: allow list, rate), so a refusal reaches the requester at once. docs/PROTOCOL.md §8.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from typing import Protocol
@@ -36,6 +38,19 @@ RATE_NODES_KEPT = 10_000
 # A relayed path lives at most an hour and carries at most 1 GiB; the nodes ask again after that.
 RELAY_LIFETIME_MS = 3600 * 1000
 RELAY_MAX_BYTES = 1 << 30
+# A node acknowledges a pushed Route Direction from its event loop as soon as it has decided
+# (allow list, rates), before any handshake: milliseconds. 2 s leaves room for a loaded host and
+# stays under the federation timeout (3 s), so a peer's home DC answers the requester's DC in time.
+DIRECTION_ACK_TIMEOUT_S = 2.0
+# Pushes waiting for their ack, over all sessions. Each is an in-flight push for a rate-limited
+# Direction Request (or a delivery from an active DC) and lives at most DIRECTION_ACK_TIMEOUT_S;
+# the cap bounds memory even so, refusing further pushes (dc_busy) rather than queueing them.
+PENDING_ACKS_MAX = 10_000
+# What the requester is told when the peer refuses (the node sends only the code).
+PEER_REFUSALS = {
+    "not_allowed": "{peer} does not accept tunnels from this node (its allow list)",
+    "peer_busy": "{peer} refused the direction: too many directions from this node or in all; retry in 2 s",
+}
 
 
 def reach_of(info: messages.NodeInfo) -> Reach:
@@ -76,8 +91,11 @@ class Signaling:
     def __init__(self, coordinator: Directory) -> None:
         self.c = coordinator
         self.counters = {"directions_served": 0, "directions_failed": 0, "directions_delivered": 0,
-                         "directions_rate_limited": 0, "relay_bookings": 0, "relay_booking_failures": 0}
+                         "directions_rate_limited": 0, "directions_refused_by_peer": 0,
+                         "directions_unacknowledged": 0, "relay_bookings": 0, "relay_booking_failures": 0}
         self.rate = Buckets(*DIRECTIONS_PER_NODE, max_keys=RATE_NODES_KEPT)
+        # (node, path) → the push waiting for that node's DirectionAck: the node's refusal or None
+        self._acks: dict[tuple[bytes, bytes], asyncio.Future[str | None]] = {}
 
     async def peer_info(self, peer: bytes) -> tuple[messages.NodeInfo, bytes]:
         """The peer's verified info and its home DC; DirectionError if it cannot be reached."""
@@ -170,11 +188,15 @@ class Signaling:
             dir_a = self.direction(path, route, role_a, requester, c.address, peer, info.pubkey, rb.verified_candidates(ra),
                                    relay, 0, ra, requester, resume)
             if role_b == "initiate":  # the peer starts the handshake: the requester listens first
-                await self.push(requester, dir_a)
-                await self.deliver_to(home, peer, dir_b)
+                await self.push(requester, dir_a, path)
+                try:
+                    await self.deliver_to(home, peer, dir_b, path)
+                except DirectionError as exc:
+                    exc.abandoned = path  # the requester follows it already: its node drops it
+                    raise
             else:  # the requester starts (or both punch): the peer listens first
-                await self.deliver_to(home, peer, dir_b)
-                await self.push(requester, dir_a)
+                await self.deliver_to(home, peer, dir_b, path)
+                await self.push(requester, dir_a)  # no ack needed: the result follows on its session
         except DirectionError as exc:
             self.counters["directions_failed"] += 1
             c.directions.add(requester, peer, "refused", exc.code, (c.clock.now() - started) * 1000)
@@ -187,17 +209,46 @@ class Signaling:
                  route.kind, route.reason, path.hex())
         return messages.RouteChoice(path.hex(), route.kind, route.reason, role_a)
 
-    async def push(self, node: bytes, direction: dict) -> None:
+    async def push(self, node: bytes, direction: dict, path: bytes | None = None) -> None:
+        """Push a Route Direction on `node`'s session. With `path` (the direction's), wait for the
+        node's ack: DirectionError with its refusal, or peer_unresponsive without an answer."""
         session = self.c.presence.sessions.get(node)
         if session is None:
             raise DirectionError("offline", f"{keys.checksum(node)} has no session at this DC")
-        await session.send(messages.encode(messages.DirectionPush(direction)))
-        self.counters["directions_delivered"] += 1
+        if path is None:
+            await session.send(messages.encode(messages.DirectionPush(direction)))
+            self.counters["directions_delivered"] += 1
+            return
+        if len(self._acks) >= PENDING_ACKS_MAX:
+            raise DirectionError("dc_busy", "too many directions in flight at this DC; retry in a second")
+        key = (node, path)
+        self._acks[key] = ack = asyncio.get_running_loop().create_future()
+        try:
+            await session.send(messages.encode(messages.DirectionPush(direction)))
+            self.counters["directions_delivered"] += 1
+            refused = await asyncio.wait_for(ack, DIRECTION_ACK_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            self.counters["directions_unacknowledged"] += 1
+            raise DirectionError("peer_unresponsive", f"{keys.checksum(node)} did not acknowledge the direction "
+                                 f"within {DIRECTION_ACK_TIMEOUT_S:g} s (its session may be dead)") from None
+        finally:
+            self._acks.pop(key, None)
+        if refused is not None:
+            self.counters["directions_refused_by_peer"] += 1
+            raise DirectionError(refused, PEER_REFUSALS[refused].format(peer=keys.checksum(node)))
 
-    async def deliver_to(self, home: bytes, node: bytes, direction: dict) -> None:
-        """Hand a Route Direction to `node`: directly if its home is here, else via its home DC."""
+    def on_ack(self, node: bytes, ack: messages.DirectionAck) -> None:
+        """`node`'s answer to a push (from its own session, so it answers only its own pushes);
+        an answer nobody waits for is ignored."""
+        waiting = self._acks.get((node, bytes.fromhex(ack.path)))
+        if waiting is not None and not waiting.done():
+            waiting.set_result(ack.refused)
+
+    async def deliver_to(self, home: bytes, node: bytes, direction: dict, path: bytes) -> None:
+        """Hand Route Direction `path` to `node`: directly if its home is here, else via its home DC;
+        either way once the node acknowledged it (its refusal comes back as a DirectionError)."""
         if home == self.c.address:
-            await self.push(node, direction)
+            await self.push(node, direction, path)
             return
         dc = self.c.cache.dcs[home]
         try:
@@ -206,11 +257,12 @@ class Signaling:
             raise DirectionError(exc.code or "home_dc_unreachable", str(exc)) from None
 
     async def accept_delivery(self, obj: dict) -> dict:
-        """A peer DC hands us a Route Direction for one of our nodes: verify, then push it."""
+        """A peer DC hands us a Route Direction for one of our nodes: verify, push it, and answer
+        once the node acknowledged it (its refusal as the error)."""
         env = envelope.open_envelope(obj, messages.ROUTE_DIRECTION, self.c.clock.wall_ms(), self.c.cache.is_active_dc,
                                      self.c.guard)
         body = messages.decode(messages.RouteDirection, env.body)
         if keys.parse_node_id(body.home_dc) != self.c.address:
             raise NodeLookupError("wrong_dc", f"route direction is for DC {body.home_dc}, not this one")
-        await self.push(keys.parse_node_id(body.node), obj)
+        await self.push(keys.parse_node_id(body.node), obj, bytes.fromhex(body.path))
         return {"delivered": True}

@@ -2,6 +2,7 @@
 
     node = await Node.start(key, "http://dc1:8330")
     t = await node.connect(peer_id)            # Direction Request → Route Direction → handshake
+                                               # (or the tunnel to peer_id that already works)
     await t.channel.send(b"hi"); print(await t.channel.recv())
     incoming = await node.accept()             # a tunnel some peer opened to us
 
@@ -28,6 +29,7 @@ from node.tunnels import Admit, Tunnel, Tunnels
 from ntm import keepalive, keys
 from ntm.addr import format_endpoint
 from ntm.clock import SYSTEM, Clock
+from ntm.messages import DirectionAck
 from ntm.tunnel import TunnelConfig
 
 # Keepalive period to the DC and of idle tunnels: below the common 30 s NAT UDP timeout.
@@ -94,8 +96,8 @@ class Node:
     async def __aexit__(self, *exc) -> None:
         await self.close()
 
-    def _on_direction(self, obj: dict) -> None:
-        self.tunnel_table.on_direction(obj)
+    def _on_direction(self, obj: dict) -> DirectionAck | None:
+        return self.tunnel_table.on_direction(obj)
 
     def _on_moved(self) -> None:
         if self.session.udp:  # UDP gets out (again): relays over UDP, not over TCP (§8.4)
@@ -107,9 +109,11 @@ class Node:
             self.mailbox.on_notice(notice)
 
     # --- the embedding API --------------------------------------------------------------------
-    async def connect(self, peer: bytes, force_relay: bool = False) -> Tunnel:
-        """Ask the DC for a route to `peer` and build the tunnel; NodeError with the reason if not."""
-        return await self.tunnel_table.connect(peer, force_relay)
+    async def connect(self, peer: bytes, force_relay: bool = False, fresh: bool = False) -> Tunnel:
+        """The working tunnel to `peer`, or a new one: ask the DC for a route and build it;
+        NodeError with the reason (at once when the peer refuses) if not. `force_relay`: a tunnel
+        pinned to the relay; `fresh`: a new path even if a tunnel works (node/tunnels.py)."""
+        return await self.tunnel_table.connect(peer, force_relay, fresh)
 
     async def accept(self) -> Tunnel:
         """The next tunnel a peer opened to us."""

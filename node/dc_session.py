@@ -8,7 +8,8 @@ ask for directions, and keep the session alive across moves and DC failures (§5
   * when the home DC stays unreachable, the node signs a newer Node Transaction naming another
     DC from the list it keeps (`GET /v1/dcs`), registers there and opens its session there.
 
-Route Directions pushed by the DC go to `on_direction`; an address change to `on_moved`.
+Route Directions pushed by the DC go to `on_direction`, whose answer (follow or refuse) goes back
+to the DC at once; an address change goes to `on_moved`.
 """
 
 from __future__ import annotations
@@ -52,7 +53,10 @@ SESSION_OPEN_TIMEOUT_S = 3.0
 
 
 class NodeError(CodedError):
-    """A connection the node could not make; `code` is the DC's reason when it gave one."""
+    """A connection the node could not make; `code` is the DC's reason when it gave one.
+    `abandoned`: a path the DC had already directed us onto before the request failed."""
+
+    abandoned: bytes | None = None
 
 
 class DcSilent(NodeError):
@@ -62,7 +66,8 @@ class DcSilent(NodeError):
 class DcSession:
     def __init__(self, key: coincurve.PrivateKey, dc_url: str, endpoint: Endpoint, clock: Clock,
                  keepalive_interval: float, local_addrs: list[str] | None,
-                 on_direction: Callable[[dict[str, Any]], None], on_moved: Callable[[], None],
+                 on_direction: Callable[[dict[str, Any]], messages.DirectionAck | None],
+                 on_moved: Callable[[], None],
                  on_notice: Callable[[messages.CsNotice], None] = lambda notice: None) -> None:
         self.key = key
         self.id = keys.node_id_of(key)
@@ -272,7 +277,9 @@ class DcSession:
                 log.warning("ignoring a malformed message from the DC: %s", exc)
                 continue
             if isinstance(m, messages.DirectionPush):
-                self.on_direction(m.direction)
+                ack = self.on_direction(m.direction)
+                if ack is not None:
+                    await self._send_quietly(ws, ack)
             elif isinstance(m, messages.CsNoticePush):
                 self.on_notice(m.notice)
             elif isinstance(m, messages.DirectionResult):
@@ -286,9 +293,15 @@ class DcSession:
 
     async def ack_notice(self, item: str) -> None:
         """Tell the DC a Cache Server notice is dealt with (it stops pushing it); best effort."""
-        if self.ws is not None and not self.ws.closed:
+        if self.ws is not None:
+            await self._send_quietly(self.ws, messages.CsNoticeAck(item))
+
+    @staticmethod
+    async def _send_quietly(ws: aiohttp.ClientWebSocketResponse, msg: messages.Message) -> None:
+        """Best effort: a session that is closing loses the message (the DC gives up on its own)."""
+        if not ws.closed:
             try:
-                await self.ws.send_json(messages.encode(messages.CsNoticeAck(item)))
+                await ws.send_json(messages.encode(msg))
             except (ConnectionError, RuntimeError, aiohttp.ClientError):
                 pass
 
@@ -383,7 +396,9 @@ class DcSession:
             self._results.pop(rid, None)
         if res.route is None:
             err = res.error or messages.ErrorBody("refused", "direction refused")
-            raise NodeError(err.error, err.message)
+            exc = NodeError(err.error, err.message)
+            exc.abandoned = bytes.fromhex(res.abandoned) if res.abandoned is not None else None
+            raise exc
         return bytes.fromhex(res.route.path)
 
     def status(self) -> dict:

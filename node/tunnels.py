@@ -47,7 +47,7 @@ RECOVERY_GIVE_UP_S = 60.0
 AskDirection = Callable[[bytes, "str | None", "bytes | None"], Awaitable[bytes]]
 # Directions a node serves for tunnels peers ask for (the peer's DC may be told to send many):
 # per peer a burst of 8 then one per 2 s (a few tunnels and their repairs), and 64 then 16/s in
-# all. Beyond that a direction is ignored before any handshake (counted in `refused`).
+# all. Beyond that a direction is refused (peer_busy) before any handshake (counted in `refused`).
 PEER_DIRECTIONS = (0.5, 8.0)
 ALL_DIRECTIONS = (16.0, 64.0)
 # Peers whose direction rate is remembered (least recently seen forgotten first).
@@ -117,6 +117,7 @@ class Tunnels:
         self.table: dict[bytes, Tunnel] = {}  # by tunnel ID
         self.ended: deque[dict] = deque(maxlen=ENDED_TUNNELS_KEPT)  # for status output
         self._opening: dict[bytes, asyncio.Future[Tunnel]] = {}
+        self._following: dict[bytes, asyncio.Task] = {}  # our own directions being opened, by path
         self._incoming: asyncio.Queue[Tunnel] = asyncio.Queue()
         self.tasks = BackgroundTasks()
 
@@ -132,15 +133,29 @@ class Tunnels:
             self._opening[path] = asyncio.get_running_loop().create_future()
         return self._opening[path]
 
-    def on_direction(self, obj: dict[str, Any]) -> None:
-        """A Route Direction pushed by the DC: open its path in the background."""
-        self.tasks.spawn(self.follow(obj))
+    def on_direction(self, obj: dict[str, Any]) -> messages.DirectionAck | None:
+        """A Route Direction pushed by the DC: decide now whether we follow it (the DC waits for
+        this answer to tell the requester, §8.1), and open its path in the background. None (no
+        answer) for a direction that does not parse or is not signed by its DC."""
+        try:
+            d = open_direction(obj)
+            path, peer = bytes.fromhex(d.path), keys.parse_node_id(d.peer)
+            ours = keys.parse_node_id(d.requester) == self.my_id
+        except (ParseError, ValueError) as exc:
+            log.warning("ignoring malformed route direction: %s", exc)
+            return None
+        refused = None if ours else self._refusal(peer)
+        if refused is None:
+            task = self.tasks.spawn(self.follow(d))
+            if ours:  # connect() calls it off if the DC abandons the request (_directed)
+                self._following[path] = task
+                task.add_done_callback(lambda _: self._following.pop(path, None))
+        return messages.DirectionAck(d.path, refused)
 
-    async def follow(self, obj: dict[str, Any]) -> None:
+    async def follow(self, d: messages.RouteDirection) -> None:
         """Open the tunnel a Route Direction describes; hand it to connect(), accept(), or (with
         "resume") to the existing tunnel it repairs."""
         try:
-            d = open_direction(obj)
             path, peer = bytes.fromhex(d.path), keys.parse_node_id(d.peer)
             relay, streams = None, []
             if d.relay is not None:
@@ -150,12 +165,10 @@ class Tunnels:
             candidates = [parse_endpoint(c) for c in d.candidates]
             unverified = [parse_endpoint(c) for c in d.unverified]
             resume = bytes.fromhex(d.resume) if d.resume else None
-        except (ParseError, ValueError) as exc:
+        except ValueError as exc:
             log.warning("ignoring malformed route direction: %s", exc)
             return
         ours = keys.parse_node_id(d.requester) == self.my_id
-        if not ours and not self._serves(peer):
-            return
         if resume is not None and not ours and await self._rebound(resume, peer):
             return
         fut = self._opening_future(path) if ours else None  # connect() waits on it
@@ -174,19 +187,20 @@ class Tunnels:
         elif tunnel.id == path:
             self._incoming.put_nowait(tunnel)
 
-    def _serves(self, peer: bytes) -> bool:
-        """A direction a peer asked for: allowed, and within the rates? Decided before any
-        handshake or session exists, so a refused peer costs nothing more."""
+    def _refusal(self, peer: bytes) -> messages.Refusal | None:
+        """Why we do not serve a direction a peer asked for (None: we do): not on the allow list,
+        or beyond the rates. Decided before any handshake or session exists, so a refused peer
+        costs nothing more than the answer to our DC."""
         now = self.clock.now()
         if not self.admit(peer):
-            why = "not on the allow list"
+            code, why = "not_allowed", "not on the allow list"
         elif not (self._peer_rate.take(peer, now) and self._all_rate.take(now)):
-            why = "too many directions"
+            code, why = "peer_busy", "too many directions"
         else:
-            return True
+            return None
         self.refused += 1
         self._refusals.note(why)
-        return False
+        return code
 
     def _place(self, ch: Channel, d: messages.RouteDirection, path: bytes, peer: bytes,
                resume: bytes | None) -> Tunnel:
@@ -206,17 +220,44 @@ class Tunnels:
         return tunnel
 
     async def _directed(self, peer: bytes, route: str | None, resume: bytes | None) -> Tunnel:
-        path = await self.ask(peer, route, resume)
+        try:
+            path = await self.ask(peer, route, resume)
+        except NodeError as exc:
+            if exc.abandoned is not None:  # we were directed first (the peer initiates), then it failed
+                self._abandon(exc.abandoned)
+            raise
         try:
             return await asyncio.wait_for(self._opening_future(path), TUNNEL_TIMEOUT_S + 2)
         finally:
             self._opening.pop(path, None)
 
-    async def connect(self, peer: bytes, force_relay: bool = False) -> Tunnel:
-        """Ask the DC for a route to `peer` and build the tunnel; NodeError with the reason if not."""
+    def _abandon(self, path: bytes) -> None:
+        """Stop opening our own direction `path` (no handshake will come: the peer refused)."""
+        task = self._following.pop(path, None)
+        if task is not None:
+            task.cancel()  # Endpoint.open forgets the path
+        self._opening.pop(path, None)
+
+    async def connect(self, peer: bytes, force_relay: bool = False, fresh: bool = False) -> Tunnel:
+        """The working tunnel to `peer` if there is one (reused: no new path), else ask the DC for
+        a route and build one; NodeError with the reason if not. `force_relay`: a tunnel pinned to
+        the relay (only such a one is reused); `fresh`: always a new path (measurements)."""
+        t = None if fresh else self.working(peer, force_relay)
+        if t is not None:
+            return t
         t = await self._directed(peer, "relay" if force_relay else None, None)
         t.pinned_relay = force_relay
         return t
+
+    def working(self, peer: bytes, pinned_relay: bool) -> Tunnel | None:
+        """The newest tunnel to `peer` (opened by either end) whose path works: handshake done,
+        not closed, not being repaired; pinned to the relay exactly when `pinned_relay`."""
+        for t in reversed(self.table.values()):
+            link = t.channel
+            if (t.peer == peer and t.pinned_relay == pinned_relay and not link.closed
+                    and not link.current.closed and link.established and t.recovering is None):
+                return t
+        return None
 
     async def accept(self) -> Tunnel:
         """The next tunnel a peer opened to us."""

@@ -116,10 +116,25 @@ class DirectionResult(Message, tag="direction-result", tag_field="type"):
     id: int
     route: RouteChoice | None = None
     error: ErrorBody | None = None
+    # A failed request whose Route Direction had already been pushed to the requester (the peer
+    # initiates, so the requester listens first): the requester stops following that path.
+    abandoned: Hex8 | None = None
 
 
 class DirectionPush(Message, tag="direction", tag_field="type"):
     direction: dict[str, Any]  # a DC-signed envelope of kind ROUTE_DIRECTION
+
+
+# Why a node does not serve a direction a peer asked for (§8.1): its allow list, or its rates.
+Refusal = Literal["not_allowed", "peer_busy"]
+
+
+class DirectionAck(Message, tag="direction-ack", tag_field="type"):
+    """The node's answer to a pushed Route Direction, decided before any handshake: it follows
+    path `path`, or refuses it (a code, never free text: the DC words the refusal, §8.1)."""
+
+    path: Hex8
+    refused: Refusal | None = None
 
 
 class CsNotice(Message, kw_only=True):
@@ -144,7 +159,7 @@ class CsNoticeAck(Message, tag="cs-notice-ack", tag_field="type"):
     item: Hex16
 
 
-NodeToDc = Union[Auth, StatusQuery, DirectionRequest, CsNoticeAck]
+NodeToDc = Union[Auth, StatusQuery, DirectionRequest, DirectionAck, CsNoticeAck]
 DcToNode = Union[Challenge, Welcome, SessionError, StatusReply, DirectionResult, DirectionPush, CsNoticePush]
 
 

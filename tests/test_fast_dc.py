@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 
@@ -80,9 +81,14 @@ class FakeNode:
     key: object
     id: bytes
     pushed: list[dict] = field(default_factory=list)
+    signaling: Any = None  # its home DC's, once online: pushed directions are acknowledged there
+    refuse: str | None = None  # the refusal it answers every direction with (None: it follows)
+    silent: bool = False  # answers no direction (a dead session the DC has not noticed)
 
     async def send(self, msg: dict) -> None:
         self.pushed.append(msg)
+        if msg.get("type") == "direction" and self.signaling is not None and not self.silent:
+            self.signaling.on_ack(self.id, messages.DirectionAck(msg["direction"]["body"]["path"], self.refuse))
 
     def directions(self) -> list[messages.RouteDirection]:
         return [messages.decode(messages.RouteDirection, m["direction"]["body"]) for m in self.pushed
@@ -106,6 +112,7 @@ def go_online(dc: Coordinator, n: FakeNode, local: str, observed: tuple[str, int
               observed_alt: tuple[str, int] | None = None) -> None:
     """A session (pushes land in n.pushed) and keepalives from `observed` (and `observed_alt`)."""
     s = dc.presence.open(n.id, n.send, (local,))
+    n.signaling = dc.signaling
     assert dc.presence.on_keepalive(keepalive.encode_request(n.id, 1, s.token), observed) is not None
     dc.presence.on_keepalive(keepalive.encode_request(n.id, 2, s.token), observed_alt or observed, alt=True)
 
@@ -463,3 +470,61 @@ async def test_with_the_chain_down_registrations_are_durable_then_confirmed(fed)
     fed.chain.down = False
     state = await asyncio.wait_for(fed.dcs[0].submitter.confirmed(n.id, req.record.timestamp), 10)
     assert state[0] == "confirmed" and fed.chain.nodes[n.id].dc == fed.dcs[0].address
+
+
+# --- the peer's answer to a pushed direction (docs/PROTOCOL.md §8.1) ---------------------------
+@pytest.mark.parametrize("refusal", ["not_allowed", "peer_busy"])
+async def test_a_peer_that_refuses_a_direction_fails_the_request_with_its_reason(fed, refusal):
+    """The peer (at another DC) refuses: its home DC's federation answer carries the refusal and
+    the requester's DC fails the Direction Request with it; the requester is pushed nothing."""
+    a, b = await register(fed, fed.dcs[0]), await register(fed, fed.dcs[1])
+    go_online(fed.dcs[0], a, "10.1.0.2:4330", ("198.18.1.1", 50000))
+    go_online(fed.dcs[1], b, "10.2.0.2:4330", ("198.18.2.1", 50001))
+    b.refuse = refusal
+    with pytest.raises(DirectionError) as exc:
+        await fed.dcs[0].signaling.request(a.id, b.id)
+    assert exc.value.code == refusal and keys.checksum(b.id) in str(exc.value)
+    assert exc.value.abandoned is None and a.directions() == [] and len(b.directions()) == 1
+    assert fed.dcs[1].signaling.counters["directions_refused_by_peer"] == 1
+    assert fed.dcs[0].signaling.counters["directions_failed"] == 1
+
+
+async def test_a_refusal_after_the_requester_was_directed_names_the_abandoned_path(fed):
+    """The peer is behind a NAT and the requester public, so the peer initiates and the
+    requester is directed first; the peer then refuses: the error names that path, so the
+    requester's node stops listening on it instead of waiting out the handshake timeout."""
+    a, b = await register(fed, fed.dcs[0], "198.18.1.1:50000"), await register(fed, fed.dcs[0])
+    go_online(fed.dcs[0], a, "198.18.1.1:50000", ("198.18.1.1", 50000))  # public: seen where it is
+    go_online(fed.dcs[0], b, "10.2.0.2:4330", ("198.18.2.1", 50001))
+    b.refuse = "not_allowed"
+    with pytest.raises(DirectionError) as exc:
+        await fed.dcs[0].signaling.request(a.id, b.id)
+    [da] = a.directions()
+    assert (da.kind, da.role) == ("nat_initiates", "wait")
+    assert exc.value.code == "not_allowed" and exc.value.abandoned == bytes.fromhex(da.path)
+
+
+async def test_a_peer_that_never_answers_fails_the_request_within_the_ack_deadline(fed, monkeypatch):
+    """Adversary: a peer whose session is dead without the DC knowing (or a node that never
+    acknowledges). The request fails peer_unresponsive after the ack deadline, and the DC keeps
+    no state for the push; acks for paths nobody waits for, or from another node, change nothing."""
+    from dc import signaling
+
+    monkeypatch.setattr(signaling, "DIRECTION_ACK_TIMEOUT_S", 0.3)
+    a, b = await register(fed, fed.dcs[0]), await register(fed, fed.dcs[0])
+    go_online(fed.dcs[0], a, "10.1.0.2:4330", ("198.18.1.1", 50000))
+    go_online(fed.dcs[0], b, "10.2.0.2:4330", ("198.18.2.1", 50001))
+    b.silent = True
+    sig = fed.dcs[0].signaling
+    request = asyncio.create_task(sig.request(a.id, b.id))
+    while not b.directions():
+        await asyncio.sleep(0.01)
+    [db] = b.directions()
+    sig.on_ack(a.id, messages.DirectionAck(db.path, "not_allowed"))  # another node cannot answer for b
+    with pytest.raises(DirectionError) as exc:
+        await request
+    assert exc.value.code == "peer_unresponsive" and sig.counters["directions_unacknowledged"] == 1
+    assert sig._acks == {}
+    sig.on_ack(b.id, messages.DirectionAck(db.path, "not_allowed"))  # late: nobody waits
+    sig.on_ack(b.id, messages.DirectionAck("00" * 8))  # a path nobody pushed
+    assert sig._acks == {}

@@ -53,12 +53,14 @@ def test_a_relayed_tunnel_retries_a_direct_path_every_30_s_unless_busy_or_pinned
 
 class FakeDcs:
     """Plays the DCs for two tunnel tables: a Direction Request becomes one signed Route Direction
-    for each end (peer first), with each other's in-memory address as the candidate."""
+    for each end (peer first, or the requester first when the peer initiates), with each other's
+    in-memory address as the candidate; the peer's refusal fails the request as the DCs do."""
 
     def __init__(self, clock: FakeClock) -> None:
         self.clock = clock
         self.ends: dict[bytes, tuple[Tunnels, tuple[str, int], bytes]] = {}
         self.forge_peer_key = False
+        self.requester_first = False  # the peer initiates: the requester is directed first
         self.requests = 0
 
     def direction(self, me: bytes, peer: bytes, path: bytes, role: str, requester: bytes, resume: bytes | None) -> dict:
@@ -75,8 +77,19 @@ class FakeDcs:
         async def ask(peer: bytes, route: str | None, resume: bytes | None) -> bytes:
             self.requests += 1
             path = os.urandom(8)
-            self.ends[peer][0].on_direction(self.direction(peer, me, path, "wait", me, resume))
-            self.ends[me][0].on_direction(self.direction(me, peer, path, "initiate", me, resume))
+            mine, theirs = self.ends[me][0], self.ends[peer][0]
+            if self.requester_first:
+                mine.on_direction(self.direction(me, peer, path, "wait", me, resume))
+                ack = theirs.on_direction(self.direction(peer, me, path, "initiate", me, resume))
+            else:
+                ack = theirs.on_direction(self.direction(peer, me, path, "wait", me, resume))
+                if ack is not None and ack.refused is None:
+                    mine.on_direction(self.direction(me, peer, path, "initiate", me, resume))
+            assert ack is not None and ack.path == path.hex()
+            if ack.refused is not None:
+                exc = NodeError(ack.refused, "the peer refused")
+                exc.abandoned = path if self.requester_first else None
+                raise exc
             return path
         return ask
 
@@ -128,8 +141,9 @@ async def test_a_direction_not_signed_by_its_dc_is_ignored(pair):
     clock, net, dcs, [(ta, _, ida), (_, _, idb)] = pair
     obj = dcs.direction(ida, idb, os.urandom(8), "initiate", idb, None)
     obj["body"]["role"] = "wait"  # tampered after signing
-    await ta.follow(obj)
-    assert not ta.table and not net.sent
+    assert ta.on_direction(obj) is None  # not even answered
+    await asyncio.sleep(0.05)
+    assert not ta.table and not net.sent and not ta.endpoint.sessions
 
 
 async def test_a_dead_path_is_repaired_by_redirection_on_both_ends(pair):
@@ -187,9 +201,55 @@ def test_a_node_serves_a_bounded_number_of_directions_per_peer_and_in_all():
     t = Tunnels(b"\x01" * 20, None, clock, None, None)  # type: ignore[arg-type]
     peer = b"\x02" * 20
     burst = int(PEER_DIRECTIONS[1])
-    assert [t._serves(peer) for _ in range(burst + 1)] == [True] * burst + [False]
+    assert [t._refusal(peer) for _ in range(burst + 1)] == [None] * burst + ["peer_busy"]
     clock.advance(1 / PEER_DIRECTIONS[0])
-    assert t._serves(peer) and not t._serves(peer)
-    others = [t._serves(bytes([3, i]) + b"\0" * 18) for i in range(int(ALL_DIRECTIONS[1]))]
-    assert others[0] and not others[-1]  # the node-wide bucket ran out though each peer had tokens
-    assert t.refused == 2 + others.count(False)
+    assert t._refusal(peer) is None and t._refusal(peer) == "peer_busy"
+    others = [t._refusal(bytes([3, i]) + b"\0" * 18) for i in range(int(ALL_DIRECTIONS[1]))]
+    assert others[0] is None and others[-1] == "peer_busy"  # the node-wide bucket ran out
+    assert t.refused == 2 + len(others) - others.count(None)
+    t.admit = lambda p: p != peer
+    assert t._refusal(peer) == "not_allowed"  # the allow list first: no token taken
+
+
+async def test_a_peer_that_does_not_admit_us_refuses_at_once_with_its_reason(pair):
+    """Adversary: a requester the peer's allow list does not admit. The peer answers the pushed
+    direction with not_allowed before any handshake; connect() raises it at once (no tunnel
+    timeout), and the refused peer sent nothing on the network."""
+    clock, net, dcs, [(ta, _, _), (tb, _, idb)] = pair
+    tb.admit = lambda peer: False
+    with pytest.raises(NodeError) as exc:
+        await asyncio.wait_for(ta.connect(idb), 0.5)
+    assert exc.value.code == "not_allowed" and tb.refused == 1
+    assert not ta.table and not tb.table and not net.sent
+
+
+async def test_a_refusal_after_we_were_directed_stops_our_half_opened_path(pair):
+    """The peer initiates, so we are directed (and listen) first; then the peer refuses. The DC's
+    error names the path: connect() fails at once and the path is forgotten, not kept listening
+    (or binding at the relay) until the handshake timeout."""
+    clock, net, dcs, [(ta, ea, _), (tb, _, idb)] = pair
+    dcs.requester_first = True
+    tb.admit = lambda peer: False
+    with pytest.raises(NodeError) as exc:
+        await asyncio.wait_for(ta.connect(idb), 0.5)
+    assert exc.value.code == "not_allowed" and exc.value.abandoned is not None
+    await asyncio.sleep(0.05)
+    assert not ea.sessions and not ta._opening and not ta._following
+
+
+async def test_connect_reuses_a_working_tunnel_and_keeps_relay_pinning(pair):
+    """Repeated connect() to one peer: the working tunnel comes back (no new Direction Request,
+    nothing for the peer's rate limit); a relay-pinned request gets only a relay-pinned tunnel;
+    fresh=True and a closed tunnel make new ones."""
+    clock, net, dcs, [(ta, _, _), (tb, _, idb)] = pair
+    first = await asyncio.wait_for(ta.connect(idb), 2)
+    assert [await ta.connect(idb) for _ in range(40)] == [first] * 40 and dcs.requests == 1
+    pinned = await asyncio.wait_for(ta.connect(idb, force_relay=True), 2)
+    assert pinned is not first and pinned.pinned_relay and dcs.requests == 2
+    assert await ta.connect(idb, force_relay=True) is pinned and await ta.connect(idb) is first
+    again = await asyncio.wait_for(ta.connect(idb, fresh=True), 2)
+    assert again not in (first, pinned) and dcs.requests == 3
+    await again.channel.close()
+    await first.channel.close()
+    after = await asyncio.wait_for(ta.connect(idb), 2)
+    assert after not in (first, again) and dcs.requests == 4
