@@ -21,6 +21,7 @@ from typing import Callable
 
 from aiohttp import WSMsgType, web
 
+from daemon.service import BackgroundTasks
 from ntm import packet
 
 log = logging.getLogger("ntm.rs.stream")
@@ -29,6 +30,9 @@ STREAM_PATH = "/v1/stream"
 # Simultaneous stream connections: each holds a TCP socket and a few KB; beyond this new ones get
 # 503 (the node tries the next relay the DC named).
 MAX_STREAMS = 10_000
+# ... and from one source address: a stranger cannot hold them all, while a carrier-grade NAT with
+# many nodes behind one address still gets a few hundred (each node needs one per relay).
+MAX_STREAMS_PER_SOURCE = 256
 # Packets waiting for one connection's TCP send: ~360 KB of full-size packets absorb a burst; more
 # means the reader is slower than its path, and they are dropped as a full UDP buffer would.
 STREAM_QUEUE_PACKETS = 256
@@ -74,8 +78,10 @@ class StreamHub:
         self.clock = clock
         self.max_streams = max_streams
         self.conns: dict[StreamAddr, StreamConn] = {}
+        self.per_source: Counter[str] = Counter()  # open connections by source IP
         self._ids = itertools.count(1)
         self.counters: Counter[str] = Counter()
+        self.tasks = BackgroundTasks()  # closes of idle connections
 
     def send(self, data: bytes, dest: StreamAddr) -> None:
         """Queue a packet for a connection; dropped (and counted) if it is gone or backed up."""
@@ -102,22 +108,28 @@ class StreamHub:
                 or (c.last_forwarded is not None and now - c.last_forwarded > STREAM_IDLE_S)]
         for c in idle:
             self.counters["closed_idle"] += 1
-            asyncio.ensure_future(c.ws.close(message=b"idle"))
+            self.tasks.spawn(c.ws.close(message=b"idle"))
         return len(idle)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """GET /v1/stream (WebSocket upgrade): binary messages in and out, one packet each."""
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        source = peer[0] if peer else "?"
         if len(self.conns) >= self.max_streams:
             self.counters["refused_full"] += 1
             return web.json_response({"error": "full", "message": f"relay has {self.max_streams} streams open"},
                                      status=503)
+        if self.per_source[source] >= MAX_STREAMS_PER_SOURCE:
+            self.counters["refused_source"] += 1
+            return web.json_response({"error": "too_many", "message": "too many streams from this address"},
+                                     status=429)
         ws = web.WebSocketResponse(heartbeat=STREAM_HEARTBEAT_S, max_msg_size=packet.MAX_DATAGRAM)
         await ws.prepare(request)
-        peer = request.transport.get_extra_info("peername") if request.transport else None
-        addr = StreamAddr(next(self._ids), f"{peer[0]}:{peer[1]}" if peer else "?")
+        addr = StreamAddr(next(self._ids), f"{source}:{peer[1]}" if peer else "?")
         conn = StreamConn(addr, ws, self.clock())
         conn.writer = asyncio.create_task(self._write(conn))
         self.conns[addr] = conn
+        self.per_source[source] += 1
         self.counters["opened"] += 1
         log.debug("%s opened", addr)
         try:
@@ -131,6 +143,9 @@ class StreamHub:
                     break
         finally:
             del self.conns[addr]
+            self.per_source[source] -= 1
+            if not self.per_source[source]:
+                del self.per_source[source]
             conn.writer.cancel()
             log.debug("%s closed", addr)
         return ws

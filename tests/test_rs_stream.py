@@ -155,12 +155,23 @@ async def test_text_and_oversized_frames_end_the_stream(relay):
     assert relay.streams.counters["refused_frame"] == 2 and relay.streams.counters["rx_packets"] == 0
 
 
-async def test_more_streams_than_the_relay_holds_are_refused(relay):
-    relay.streams.max_streams = 2
+async def test_more_streams_than_the_relay_holds_are_refused(relay, monkeypatch):
+    """A stranger opening many streams from one address gets 429 past the per-source cap; past the
+    relay's total, everyone gets 503; closing one frees its place."""
+    monkeypatch.setattr(rs_stream, "MAX_STREAMS_PER_SOURCE", 2)
     held = [await relay.http.ws_connect(relay.test_url) for _ in range(2)]
     with pytest.raises(aiohttp.WSServerHandshakeError) as exc:
         await relay.http.ws_connect(relay.test_url)
+    assert exc.value.status == 429 and relay.streams.counters["refused_source"] == 1
+    relay.streams.max_streams = 2
+    monkeypatch.setattr(rs_stream, "MAX_STREAMS_PER_SOURCE", 10)
+    with pytest.raises(aiohttp.WSServerHandshakeError) as exc:
+        await relay.http.ws_connect(relay.test_url)
     assert exc.value.status == 503 and relay.streams.counters["refused_full"] == 1
+    await held.pop().close()
+    await asyncio.sleep(0.1)
+    held.append(await relay.http.ws_connect(relay.test_url))
+    assert dict(relay.streams.per_source) == {"127.0.0.1": 2}
     for ws in held:
         await ws.close()
 
