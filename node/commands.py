@@ -17,6 +17,7 @@ from daemon import keystore, service
 from node import control, cs_client, daemon, mailbox, netcheck, state
 from node.agent import local_addrs_towards
 from node.dc_client import DcClient, DcError, dc_url
+from node.dc_session import DcSilent
 from node.output import FAILED, NO_DAEMON, UNREACHABLE, USAGE, CliError, event, out, show_id
 from node.peers import PeerBook, PeerBookError
 from ntm import keys, messages, record, seal, vaddr
@@ -273,7 +274,7 @@ async def cmd_up(args, base: Path) -> None:
 
     try:
         await daemon.up(base, key, st, opts, ready)
-    except asyncio.TimeoutError:
+    except (asyncio.TimeoutError, DcSilent):
         raise CliError(f"the DC at {st['dc_url']} did not open a session in time (is it up and answering?)",
                        UNREACHABLE) from None
     except OSError as exc:
