@@ -1,0 +1,110 @@
+"""Tunnel setup under random loss (issue 22 item 5): scenario functions that the lab test
+(tests/lab/test_lab_loss.py) and bench/roam.py both call; they return the measured numbers.
+
+Loss is iptables' `statistic` match in a NAT router's mangle FORWARD chain, UDP only (the DC
+session runs over TCP and stays clean), both directions of the WAN link. It sits in mangle so the
+home-router firewall in filter FORWARD (topology.set_firewall) is left as it is.
+
+    add_loss(lab, site, 0.05)
+    res = setup_under_loss(fed, pairs, n=20)   # {"n", "direct", "setup_ms", "p50_s", "p90_s", "rows"}
+"""
+
+from __future__ import annotations
+
+import time
+
+from .fed import NodeProc, ip_of
+from .topology import Lab
+
+#: After a setup that ended on the relay (either side), wait this long before looking again: a
+#: direct handshake that completes later moves the tunnel (ntm/tunnel.py DIRECT_UPGRADE_FOR), and
+#: "ended direct" is where the tunnel is once setup has settled.
+SETTLE_S = 3.0
+#: Longest wait for the peer's "accepted" event: the tunnel timeout (node/tunnels.py) plus room.
+ACCEPT_TIMEOUT_S = 12.0
+
+
+def _loss_rules(probability: float) -> list[list[str]]:
+    match = ["-p", "udp", "-m", "statistic", "--mode", "random", "--probability", f"{probability:.4f}",
+             "-j", "DROP"]
+    return [["FORWARD", "-i", "wan", *match], ["FORWARD", "-o", "wan", *match]]
+
+
+def add_loss(lab: Lab, site, probability: float) -> None:
+    """Drop each UDP datagram crossing `site`'s NAT uplink (either way) with `probability`."""
+    r = lab._router(site)
+    for rule in _loss_rules(probability):
+        lab._iptables(r.ns, "-t", "mangle", "-A", *rule)
+
+
+def clear_loss(lab: Lab, site) -> None:
+    """Remove every loss rule from `site`'s NAT router (the mangle table holds nothing else)."""
+    lab._iptables(lab._router(site).ns, "-t", "mangle", "-F", "FORWARD")
+
+
+def dropped(lab: Lab, site) -> int:
+    """Datagrams the loss rules of `site` dropped so far (to check the loss was really there)."""
+    out = lab.exec(lab._router(site), [lab.ipt, "-w", "-t", "mangle", "-nvx", "-L", "FORWARD"]).stdout
+    return sum(int(ln.split()[0]) for ln in out.splitlines() if " DROP " in f" {ln} ")
+
+
+def _direct(answer: dict, peer: NodeProc, relay_ips: set[str]) -> bool:
+    """The tunnel sends to the peer's own (public) address, not to the relay."""
+    addr = answer.get("peer_addr")
+    return (answer.get("via") != "relay" and addr is not None and ip_of(addr) not in relay_ips
+            and ip_of(addr) in {peer.host.public4, peer.host.public6} - {None})
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..1) of a non-empty list."""
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, round(q * len(s) + 0.5) - 1))]
+
+
+def setup_under_loss(fed, pairs: list[tuple[NodeProc, NodeProc]], n: int = 20) -> dict:
+    """`n` fresh tunnels, taking the (A, B) pairs in turn (several pairs keep each peer within
+    its direction rate, node/tunnels.py PEER_DIRECTIONS). A connects to B; the setup time is
+    A's connect() (direction + handshake). A tunnel counts as direct when, once settled, both
+    ends send to the other's public address. Each tunnel is closed before the next opens."""
+    rows = []
+    for i in range(n):
+        a, b = pairs[i % len(pairs)]
+        ta = a.call("connect", peer=b.id, timeout=ACCEPT_TIMEOUT_S + 5)
+        tb = b.next_event("accepted", ACCEPT_TIMEOUT_S, tunnel=ta["tunnel"])
+        first = _direct(ta, b, fed.relay_ips) and _direct(tb, a, fed.relay_ips)
+        ia, ib = ta, tb
+        if not first:
+            time.sleep(SETTLE_S)
+            ia, ib = a.call("info", tunnel=ta["tunnel"]), b.call("info", tunnel=ta["tunnel"])
+        direct = _direct(ia, b, fed.relay_ips) and _direct(ib, a, fed.relay_ips)
+        rows.append({"setup_ms": ta["setup_ms"], "via": ta["via"], "b_via": tb["via"], "first_direct": first,
+                     "direct": direct, "peer_addr": ia["peer_addr"], "b_peer_addr": ib["peer_addr"]})
+        a.call("close", tunnel=ta["tunnel"])
+        b.call("close", tunnel=ta["tunnel"])
+    setups = [r["setup_ms"] / 1000 for r in rows]
+    return {"n": n, "direct": sum(r["direct"] for r in rows), "first_direct": sum(r["first_direct"] for r in rows),
+            "setup_ms": [r["setup_ms"] for r in rows], "p50_s": percentile(setups, 0.5),
+            "p90_s": percentile(setups, 0.9), "rows": rows}
+
+
+def loss_run(fed, lossy: list, pairs: list[tuple[NodeProc, NodeProc]], probability: float, n: int = 20) -> dict:
+    """setup_under_loss with `probability` loss on every site in `lossy`, removed afterwards;
+    the result also carries how many datagrams the rules dropped."""
+    lab = fed.lab
+    for site in lossy:
+        add_loss(lab, site, probability)
+    try:
+        res = setup_under_loss(fed, pairs, n)
+        res["dropped"] = sum(dropped(lab, site) for site in lossy)
+    finally:
+        for site in lossy:
+            clear_loss(lab, site)
+    res["loss"] = probability
+    return res
+
+
+def summary(res: dict) -> str:
+    """One line for the test output and the bench."""
+    return (f"loss {res['loss']:.0%}: {res['direct']}/{res['n']} direct ({res['first_direct']} direct at once), "
+            f"setup p50 {res['p50_s'] * 1000:.0f} ms p90 {res['p90_s'] * 1000:.0f} ms, "
+            f"{res['dropped']} datagrams dropped; setups ms {sorted(res['setup_ms'])}")

@@ -1,0 +1,57 @@
+"""Tunnel setup under random loss (issue 22 item 5, lab test (e)): real DCs, relay and node agents
+behind two EIM NATs with the home-router firewall (they punch reliably: DESIGN.md), and iptables
+dropping a random share of the UDP crossing a NAT's uplink. Run with -s to see the numbers.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from .fed import Federation
+from .roam_loss import loss_run, summary
+
+pytestmark = pytest.mark.lab
+
+KEEPALIVE_S = 2.0
+SETUPS = 20
+
+
+@pytest.fixture(scope="module")
+def fed(lab_shared, tmp_path_factory):
+    with Federation(lab_shared, tmp_path_factory.mktemp("federation"), n_dcs=2, keepalive_s=KEEPALIVE_S) as f:
+        yield f
+
+
+@pytest.fixture(scope="module")
+def sites(fed):
+    """Two EIM NAT sites with three hosts each: A-side hosts at DC1, B-side at DC2. The nine
+    (A, B) pairs keep each peer within its per-peer direction rate over both runs of 20 setups."""
+    lab = fed.lab
+    la, lb = lab.add_site("la", "eim", host="la1"), lab.add_site("lb", "eim", host="lb1")
+    a = [fed.node(la.host, dc=0)] + [fed.node(lab.add_host(f"la{i}", la), dc=0) for i in (2, 3)]
+    b = [fed.node(lb.host, dc=1)] + [fed.node(lab.add_host(f"lb{i}", lb), dc=1) for i in (2, 3)]
+    return la, lb, [(x, y) for x in a for y in b]
+
+
+def test_setup_at_5_percent_loss_is_always_direct(fed, sites):
+    """Adversary: a lossy uplink (5% of UDP dropped either way at the requester's NAT, random),
+    as on a busy Wi-Fi. Every one of 20 fresh setups must end direct (the relay fallback must not
+    fire on a few lost Requests/Responses) and none may take long."""
+    la, _, pairs = sites
+    res = loss_run(fed, [la], pairs, 0.05, SETUPS)
+    print("\n" + summary(res))
+    assert res["dropped"] > 0, "the loss rules dropped nothing: the test did not test loss"
+    assert res["direct"] == SETUPS, res["rows"]
+    assert res["p90_s"] < 1.5, res["setup_ms"]
+
+
+def test_setup_at_20_percent_loss_is_mostly_direct(fed, sites):
+    """Adversary: a very lossy uplink (20% of UDP dropped either way at the requester's NAT).
+    Most setups still end direct (a direct handshake that completes after the relay's moves the
+    tunnel), and setup stays within a few retransmissions."""
+    la, _, pairs = sites
+    res = loss_run(fed, [la], pairs, 0.20, SETUPS)
+    print("\n" + summary(res))
+    assert res["dropped"] > 0
+    assert res["direct"] >= SETUPS * 3 // 4, res["rows"]
+    assert res["p90_s"] < 3.0, res["setup_ms"]
