@@ -7,6 +7,7 @@ home-router firewall in filter FORWARD (topology.set_firewall) is left as it is.
 
     add_loss(lab, site, 0.05)
     res = setup_under_loss(fed, pairs, n=20)   # {"n", "direct", "setup_ms", "p50_s", "p90_s", "rows"}
+    late = late_direct(fed, a, b, site, 2.0)   # direct path blocked for 2 s: relay, then direct
 """
 
 from __future__ import annotations
@@ -35,6 +36,13 @@ def add_loss(lab: Lab, site, probability: float) -> None:
     r = lab._router(site)
     for rule in _loss_rules(probability):
         lab._iptables(r.ns, "-t", "mangle", "-A", *rule)
+
+
+def block_udp_to(lab: Lab, site, ip: str) -> None:
+    """Drop all UDP between `site`'s NAT uplink and `ip` (a direct path that does not work yet)."""
+    r = lab._router(site)
+    for rule in (["-o", "wan", "-d", ip], ["-i", "wan", "-s", ip]):
+        lab._iptables(r.ns, "-t", "mangle", "-A", "FORWARD", *rule, "-p", "udp", "-j", "DROP")
 
 
 def clear_loss(lab: Lab, site) -> None:
@@ -101,6 +109,39 @@ def loss_run(fed, lossy: list, pairs: list[tuple[NodeProc, NodeProc]], probabili
             clear_loss(lab, site)
     res["loss"] = probability
     return res
+
+
+#: How often late_direct looks at both ends while waiting for the tunnel to leave the relay.
+POLL_S = 0.02
+#: Longest wait for the move: well past the 0.25 s between direct attempts, inside their window.
+MOVE_TIMEOUT_S = 5.0
+
+
+def late_direct(fed, a: NodeProc, b: NodeProc, site, block_s: float) -> dict:
+    """A connects to B while UDP between A's NAT and B's public address is dropped, so the
+    tunnel comes up on the relay; after `block_s` the direct path works. Returns where each end
+    was at setup and how long after the unblock both ends sent to each other directly
+    (`moved_s`, None if not within MOVE_TIMEOUT_S)."""
+    lab = fed.lab
+    block_udp_to(lab, site, b.host.public4)
+    try:
+        t0 = time.monotonic()
+        ta = a.call("connect", peer=b.id, timeout=ACCEPT_TIMEOUT_S + 5)
+        tb = b.next_event("accepted", ACCEPT_TIMEOUT_S, tunnel=ta["tunnel"])
+        time.sleep(max(0.0, block_s - (time.monotonic() - t0)))
+    finally:
+        clear_loss(lab, site)
+    unblocked, moved = time.monotonic(), None
+    while moved is None and time.monotonic() - unblocked < MOVE_TIMEOUT_S:
+        ia, ib = a.call("info", tunnel=ta["tunnel"]), b.call("info", tunnel=ta["tunnel"])
+        if _direct(ia, b, fed.relay_ips) and _direct(ib, a, fed.relay_ips):
+            moved = time.monotonic() - unblocked
+        else:
+            time.sleep(POLL_S)
+    a.call("close", tunnel=ta["tunnel"])
+    b.call("close", tunnel=ta["tunnel"])
+    return {"setup_ms": ta["setup_ms"], "via_at_setup": ta["via"], "b_via_at_setup": tb["via"], "moved_s": moved,
+            "via": ia["via"], "b_via": ib["via"]}
 
 
 def summary(res: dict) -> str:

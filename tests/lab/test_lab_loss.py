@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from .fed import Federation
-from .roam_loss import loss_run, summary
+from .roam_loss import late_direct, loss_run, summary
 
 pytestmark = pytest.mark.lab
 
@@ -55,3 +55,18 @@ def test_setup_at_20_percent_loss_is_mostly_direct(fed, sites):
     assert res["dropped"] > 0
     assert res["direct"] >= SETUPS * 3 // 4, res["rows"]
     assert res["p90_s"] < 3.0, res["setup_ms"]
+
+
+def test_a_direct_path_that_works_later_wins_over_the_relay(fed, sites):
+    """Hostile condition: for the first 3 s the NAT drops all UDP between the two sites (the
+    direct path does not work yet), so the tunnel comes up on the relay. Once the direct path
+    works, both ends leave the relay within a few direct attempts (0.25 s apart), without a new
+    direction (before: the tunnel stayed on the relay until the node's 30 s direct retry)."""
+    la, _, pairs = sites
+    a, b = pairs[4]
+    res = late_direct(fed, a, b, la, 3.0)
+    print(f"\nrelay first (A via {res['via_at_setup']}, B via {res['b_via_at_setup']}, setup {res['setup_ms']:.0f} ms), "
+          f"direct {res['moved_s'] and round(res['moved_s'] * 1000)} ms after the path works (A via {res['via']})")
+    assert res["via_at_setup"] == res["b_via_at_setup"] == "relay"
+    assert res["moved_s"] is not None and res["moved_s"] < 1.5, res
+    assert res["via"] != "relay" and res["b_via"] != "relay"
