@@ -5,9 +5,10 @@ Loss is iptables' `statistic` match in a NAT router's mangle FORWARD chain, UDP 
 session runs over TCP and stays clean), both directions of the WAN link. It sits in mangle so the
 home-router firewall in filter FORWARD (topology.set_firewall) is left as it is.
 
-    add_loss(lab, site, 0.05)
-    res = setup_under_loss(fed, pairs, n=20)   # {"n", "direct", "setup_ms", "p50_s", "p90_s", "rows"}
-    late = late_direct(fed, a, b, site, 2.0)   # direct path blocked for 2 s: relay, then direct
+    la, lb, pairs = loss_sites(fed)            # two EIM NAT sites, nine (A, B) node pairs
+    res = loss_run(fed, [la], pairs, 0.05)     # {"n", "direct", "setup_ms", "p50_s", "p90_s", "rows", ...}
+    late = late_direct(fed, *pairs[0], la, 3.0)  # direct path blocked for 3 s: relay, then direct
+    bench_numbers(fed)                         # the two numbers bench/roam.py prints
 """
 
 from __future__ import annotations
@@ -23,6 +24,23 @@ from .topology import Lab
 SETTLE_S = 3.0
 #: Longest wait for the peer's "accepted" event: the tunnel timeout (node/tunnels.py) plus room.
 ACCEPT_TIMEOUT_S = 12.0
+
+
+#: Hosts per NAT site: 3 × 3 (A, B) pairs keep each peer within its per-peer direction rate
+#: (a burst of 8, node/tunnels.py PEER_DIRECTIONS) over two runs of 20 setups.
+HOSTS_PER_SITE = 3
+
+
+def loss_sites(fed, prefix: str = "l") -> tuple:
+    """Two EIM NAT sites (home-router firewall: they punch reliably) with HOSTS_PER_SITE node
+    hosts each, A side at DC1 and B side at DC2; returns (site A, site B, every (A, B) pair)."""
+    lab = fed.lab
+    sites = [lab.add_site(f"{prefix}{s}", "eim", host=f"{prefix}{s}1") for s in "ab"]
+    nodes = []
+    for dc, site in enumerate(sites):
+        hosts = [site.host] + [lab.add_host(f"{site.name}{i}", site) for i in range(2, HOSTS_PER_SITE + 1)]
+        nodes.append([fed.node(h, dc=dc % len(fed.dcs)) for h in hosts])
+    return sites[0], sites[1], [(x, y) for x in nodes[0] for y in nodes[1]]
 
 
 def _loss_rules(probability: float) -> list[list[str]]:
@@ -142,6 +160,15 @@ def late_direct(fed, a: NodeProc, b: NodeProc, site, block_s: float) -> dict:
     b.call("close", tunnel=ta["tunnel"])
     return {"setup_ms": ta["setup_ms"], "via_at_setup": ta["via"], "b_via_at_setup": tb["via"], "moved_s": moved,
             "via": ia["via"], "b_via": ib["via"]}
+
+
+def bench_numbers(fed, n: int = 20) -> dict:
+    """What bench/roam.py prints: the share of `n` fresh setups that ended direct at 5% loss on
+    one NAT's uplink, and the p90 setup time at 20%."""
+    la, _, pairs = loss_sites(fed, prefix="bl")
+    five, twenty = loss_run(fed, [la], pairs, 0.05, n), loss_run(fed, [la], pairs, 0.20, n)
+    return {"setup_direct_share_loss5": five["direct"] / five["n"], "setup_p90_s_loss20": twenty["p90_s"],
+            "runs": [five, twenty]}
 
 
 def summary(res: dict) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from .fed import Federation
-from .roam_loss import late_direct, loss_run, summary
+from .roam_loss import late_direct, loss_run, loss_sites, summary
 
 pytestmark = pytest.mark.lab
 
@@ -24,13 +24,7 @@ def fed(lab_shared, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sites(fed):
-    """Two EIM NAT sites with three hosts each: A-side hosts at DC1, B-side at DC2. The nine
-    (A, B) pairs keep each peer within its per-peer direction rate over both runs of 20 setups."""
-    lab = fed.lab
-    la, lb = lab.add_site("la", "eim", host="la1"), lab.add_site("lb", "eim", host="lb1")
-    a = [fed.node(la.host, dc=0)] + [fed.node(lab.add_host(f"la{i}", la), dc=0) for i in (2, 3)]
-    b = [fed.node(lb.host, dc=1)] + [fed.node(lab.add_host(f"lb{i}", lb), dc=1) for i in (2, 3)]
-    return la, lb, [(x, y) for x in a for y in b]
+    return loss_sites(fed)
 
 
 def test_setup_at_5_percent_loss_is_always_direct(fed, sites):
