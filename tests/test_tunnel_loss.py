@@ -141,6 +141,30 @@ def test_without_loss_the_collision_winner_answers_at_once():
         assert net.setup_s() < 6 * LATENCY_S, (a_key is LOW, net.setup_s())
 
 
+def test_a_collided_request_makes_the_winner_resend_once_and_only_to_the_peer():
+    """Adversary: an on-path attacker replays the peer's collided Request many times, from the
+    peer's address and from its own, and forges one with a bad mac1. The winner resends its
+    newest Request once per Request of its own, only to an address that Request went to; a
+    forgery (bad mac1) or a stranger's address gets nothing."""
+    ida, idb = (keys.node_id(keys.public_bytes(k)) for k in (LOW, HIGH))
+    w = Session(LOW, idb, keys.public_bytes(HIGH), PATH, role="punch", candidates=[PUB["b"]])
+    loser = Session(HIGH, ida, keys.public_bytes(LOW), PATH, role="punch", candidates=[PUB["a"]])
+    w.start(T0)
+    loser.start(T0)
+    (ours, _), = w.poll(T0)
+    (theirs, _), = loser.poll(T0)
+    forged = theirs[:-1] + bytes([theirs[-1] ^ 1])
+    assert w.receive(forged, PUB["b"], T0) == [] and w.datagrams_to_send() == []
+    assert w.receive(theirs, ("203.0.113.66", 1), T0) == [] and w.datagrams_to_send() == []  # not where ours went
+    for _ in range(5):
+        w.receive(theirs, PUB["b"], T0)
+    assert w.datagrams_to_send() == [(ours, PUB["b"])]  # the same bytes, once
+    (again, _), = w.poll(T0 + HANDSHAKE_RETRANSMIT)  # the next round may be resent once more
+    w.receive(theirs, PUB["b"], T0 + HANDSHAKE_RETRANSMIT)
+    assert w.datagrams_to_send() == [(again, PUB["b"])]
+    assert w.stats["drop_handshake_collision"] == 8
+
+
 def test_a_lost_key_confirmation_is_repeated():
     """Hostile condition: the initiator's key confirmation is lost. The responder cannot send
     until a packet on the new keys arrives; the confirmation is repeated every retransmission
