@@ -416,6 +416,17 @@ class Session:
         self._outbox.append((self._last_request, addr))
         self._stats["requests_sent"] += 1
 
+    def _request_via_relay(self) -> None:
+        """Just bound at the relay while handshaking: our newest Request went there before the
+        binding and was dropped, so it goes again at once instead of at the next retransmission
+        (every relayed setup waited one, measured in the NAT lab). Once per bind the relay
+        acknowledged: no more than the binds we send."""
+        relay = self.relay
+        if (self.phase is Phase.HANDSHAKE and relay is not None and self._last_request is not None
+                and relay.addr in self._request_sent_to):
+            self._outbox.append((self._last_request, relay.addr))
+            self._stats["requests_sent"] += 1
+
     def _send_confirm(self, now: float) -> None:
         """Key confirmation: a PING on the new keys. Any packet on them lets the responder send;
         a PING also makes it answer, so we know when to stop repeating (_on_confirm)."""
@@ -694,6 +705,7 @@ class Session:
         if ack.bound:
             self._relay_cookie = ack.cookie
             self._stats["relay_acks"] += 1
+            self._request_via_relay()
             return [RelayBound(addr)]
         if ack.cookie == self._relay_cookie:
             self._stats["drop_malformed"] += 1  # refused with the cookie we already sent: not ours to fix
