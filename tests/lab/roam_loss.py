@@ -43,34 +43,32 @@ def loss_sites(fed, prefix: str = "l") -> tuple:
     return sites[0], sites[1], [(x, y) for x in nodes[0] for y in nodes[1]]
 
 
-def _loss_rules(probability: float) -> list[list[str]]:
-    match = ["-p", "udp", "-m", "statistic", "--mode", "random", "--probability", f"{probability:.4f}",
-             "-j", "DROP"]
-    return [["FORWARD", "-i", "wan", *match], ["FORWARD", "-o", "wan", *match]]
+def _mangle(lab: Lab, site, *args: str) -> str:
+    """iptables on `site`'s NAT router, mangle table (the loss rules live there, nothing else)."""
+    return lab.exec(site.router, [lab.ipt, "-w", "-t", "mangle", *args], check=True).stdout
 
 
 def add_loss(lab: Lab, site, probability: float) -> None:
     """Drop each UDP datagram crossing `site`'s NAT uplink (either way) with `probability`."""
-    r = lab._router(site)
-    for rule in _loss_rules(probability):
-        lab._iptables(r.ns, "-t", "mangle", "-A", *rule)
+    match = ["-p", "udp", "-m", "statistic", "--mode", "random", "--probability", f"{probability:.4f}", "-j", "DROP"]
+    for way in ("-i", "-o"):
+        _mangle(lab, site, "-A", "FORWARD", way, "wan", *match)
 
 
 def block_udp_to(lab: Lab, site, ip: str) -> None:
     """Drop all UDP between `site`'s NAT uplink and `ip` (a direct path that does not work yet)."""
-    r = lab._router(site)
     for rule in (["-o", "wan", "-d", ip], ["-i", "wan", "-s", ip]):
-        lab._iptables(r.ns, "-t", "mangle", "-A", "FORWARD", *rule, "-p", "udp", "-j", "DROP")
+        _mangle(lab, site, "-A", "FORWARD", *rule, "-p", "udp", "-j", "DROP")
 
 
 def clear_loss(lab: Lab, site) -> None:
-    """Remove every loss rule from `site`'s NAT router (the mangle table holds nothing else)."""
-    lab._iptables(lab._router(site).ns, "-t", "mangle", "-F", "FORWARD")
+    """Remove every loss or block rule from `site`'s NAT router."""
+    _mangle(lab, site, "-F", "FORWARD")
 
 
 def dropped(lab: Lab, site) -> int:
     """Datagrams the loss rules of `site` dropped so far (to check the loss was really there)."""
-    out = lab.exec(lab._router(site), [lab.ipt, "-w", "-t", "mangle", "-nvx", "-L", "FORWARD"]).stdout
+    out = _mangle(lab, site, "-nvx", "-L", "FORWARD")
     return sum(int(ln.split()[0]) for ln in out.splitlines() if " DROP " in f" {ln} ")
 
 
