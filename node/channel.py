@@ -113,7 +113,7 @@ class Channel:
     path_id = forward("session", "path_id")
     peer_id = forward("session", "peer_id")
     peer_addr = forward("session", "peer_addr")
-    via = forward("session", "via", 'Which way the first handshake completed: "candidate:<i>", "relay" or "peer".')
+    via = forward("session", "via", 'The path in use: "candidate:<i>" or "peer" (direct), or "relay".')
     rtt = forward("session", "rtt", "Last round-trip time in seconds (handshake, then each ping).")
     stats = forward("session", "stats")
     established = forward("session", "established")

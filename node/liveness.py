@@ -51,10 +51,26 @@ class LinkAction(enum.Enum):
     REDIRECT = "redirect"  # ask the DCs for a new path to the same peer
 
 
+def in_use(now: float, last_app: float) -> bool:
+    """The application sent or received on the tunnel within ACTIVE_WINDOW_S."""
+    return now - last_app <= ACTIVE_WINDOW_S
+
+
+def silent_since(last_heard: float, resumed_at: float) -> float:
+    """Where silence counts from: the last packet heard, or when the tunnel was used again after
+    an idle spell if that is later. An idle tunnel hears nothing but the 25 s keepalives, so
+    counted from the last packet alone it would look dead the moment it is used again, before
+    the answer could come back (seen in the NAT lab under loss: a re-direction, no PING, each time
+    the reply to the first packet after an idle second was lost; with a round trip above one
+    liveness tick it would happen without loss)."""
+    return max(last_heard, resumed_at)
+
+
 def link_action(now: float, last_app: float, last_heard: float, recovering: bool) -> LinkAction:
     """What to do with a tunnel: nothing while idle or already recovering; probe it when it has
-    been silent a little while in use; re-direct it when probing did not bring anything back."""
-    if recovering or now - last_app > ACTIVE_WINDOW_S:
+    been silent a little while in use; re-direct it when probing did not bring anything back.
+    `last_heard` is where silence counts from (silent_since)."""
+    if recovering or not in_use(now, last_app):
         return LinkAction.NONE
     silent = now - last_heard
     if silent >= DEAD_AFTER_S:

@@ -75,6 +75,8 @@ class Tunnel:
     pinned_relay: bool = False  # the application asked for the relay: never moved off it
     direct_tried_at: float = 0.0  # last attempt to move off the relay (monotonic)
     direct_attempts: int = 0
+    in_use: bool = True  # used within liveness.ACTIVE_WINDOW_S at the last tick (a new one just was)
+    resumed_at: float = 0.0  # when it was last used again after an idle spell (monotonic)
     recovering: asyncio.Task | None = field(default=None, repr=False)
     upgrading: asyncio.Task | None = field(default=None, repr=False)
 
@@ -284,7 +286,12 @@ class Tunnels:
             if ch is not link.current and liveness.old_path_expired(now, ch.last_heard):
                 link.detach(ch)
                 self.tasks.spawn(ch.close())
-        action = liveness.link_action(now, link.last_app, link.last_heard, t.recovering is not None)
+        in_use = liveness.in_use(now, link.last_app)
+        if in_use and not t.in_use:
+            t.resumed_at = now  # used again after an idle spell: silence counts from here
+        t.in_use = in_use
+        heard = liveness.silent_since(link.last_heard, t.resumed_at)
+        action = liveness.link_action(now, link.last_app, heard, t.recovering is not None)
         if action is liveness.LinkAction.REDIRECT:
             t.recovering = self.tasks.spawn(self._redirect(t))
         elif action is liveness.LinkAction.PROBE:

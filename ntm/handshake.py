@@ -308,6 +308,15 @@ class Responder(_Party):
         self._recent: deque[bytes] = deque(maxlen=RECENT_MAC1S)
         self._valid_rate = TokenBucket(MAC1_VALID_PER_S[1], MAC1_VALID_PER_S[0])
 
+    def from_peer(self, data: bytes) -> bool:
+        """A Request whose mac1 verifies (so it was made by the peer, or copied from it) — one
+        HMAC, no state: what a node may act on without answering (a lost simultaneous open)."""
+        try:
+            self._check_mac1(HandshakeRequest, data)
+        except HandshakeError:
+            return False
+        return True
+
     def respond(self, data: bytes, now: float) -> tuple[bytes, Keys]:
         """(Tunnel Response bytes, Keys) for a valid fresh Request; HandshakeError otherwise.
 

@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from ntm.addr import Addr
 from ntm.errors import NtmError, ParseError
 from ntm.handshake import (
+    MAX_PENDING_ATTEMPTS,
     HandshakeAuthError,
     HandshakeError,
     HandshakeMacError,
@@ -93,8 +94,22 @@ KEEPALIVE_INTERVAL = 25.0
 HANDSHAKE_RETRANSMIT = 0.25
 #: Retransmit interval of a rekey Request (traffic still flows on the current keys).
 REKEY_RETRANSMIT = 1.0
-#: Without a completed handshake after this long, also try the relay (if the DC gave one).
+#: Without a completed handshake after this long, also try the relay (if the DC gave one):
+#: six Request rounds, so 5% loss (one lost round in 20) never gets there and 20% rarely does.
 RELAY_FALLBACK_AFTER = 1.5
+#: Key confirmations (a PING the responder answers with a PONG) the initiator sends, one per
+#: HANDSHAKE_RETRANSMIT, until something arrives on the new keys: a lost confirmation otherwise
+#: leaves the responder unable to send, and at 1.5 s it falls back to the relay (seen at 20% loss).
+#: 8 × 0.25 s outlasts the responder's relay fallback.
+CONFIRM_ATTEMPTS = 8
+#: On the relay with direct candidates, keep sending them a Request every HANDSHAKE_RETRANSMIT
+#: until this long after start: a direct handshake that completes after the relay's moves the
+#: tunnel off the relay (~40 small Requests; later the node's 30 s direct retry takes over).
+DIRECT_UPGRADE_FOR = 10.0
+#: Older answered, unconfirmed key sets a responder keeps besides the newest: the initiator
+#: completes on a Response to any of its last MAX_PENDING_ATTEMPTS Requests, and when the RTT
+#: or a lost Response makes it complete on an older one, its confirmation must still decrypt.
+ANSWERED_KEPT = MAX_PENDING_ATTEMPTS - 1
 # Tunnel Requests sent to an unverified candidate (an address a node announced but no DC saw it
 # send from): one, so a node that lies about its addresses makes its peer send one 82-byte
 # datagram per direction to a stranger, less than the direction request cost it (§8.1).
@@ -123,6 +138,8 @@ class TunnelConfig:
     rekey_retransmit: float = REKEY_RETRANSMIT
     relay_fallback_after: float = RELAY_FALLBACK_AFTER
     unverified_attempts: int = UNVERIFIED_ATTEMPTS
+    confirm_attempts: int = CONFIRM_ATTEMPTS
+    direct_upgrade_for: float = DIRECT_UPGRADE_FOR
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,7 +265,8 @@ class _KeyPair:
 
 STAT_KEYS = (
     "rx_keepalive", "tx_keepalive", "rx_standby",
-    "handshakes", "rekeys", "requests_sent", "responses_sent", "endpoint_changes", "relay_binds_sent",
+    "handshakes", "rekeys", "requests_sent", "responses_sent", "confirms_sent", "endpoint_changes",
+    "relay_binds_sent",
     "relay_acks", "drop_truncated", "drop_unknown_type", "drop_unknown_path", "drop_replay", "drop_too_old",
     "drop_bad_tag", "drop_no_keys", "drop_expired_key", "drop_handshake_malformed", "drop_handshake_auth",
     "drop_handshake_mac",
@@ -306,6 +324,7 @@ class Session:
         self.current: _KeyPair | None = None
         self.previous: _KeyPair | None = None
         self.next: _KeyPair | None = None
+        self._answered: list[_KeyPair] = []  # older unconfirmed key sets (ANSWERED_KEPT); next is newest
         self._outbox: list[tuple[bytes, Addr]] = []
         self._started: float | None = None
         self._hs_next: float | None = None  # next Request (re)transmission, while one is wanted
@@ -317,6 +336,12 @@ class Session:
         self._pings: dict[bytes, float] = {}
         self._ping_seq = 0
         self._resp_sent_at: float | None = None
+        self._last_request: bytes | None = None  # our newest Request, the addresses it went to,
+        self._request_sent_to: list[Addr] = []  # and whether it already went early to one of
+        self._resent = False  # them (_resend_on_collision)
+        self._confirm_next: float | None = None  # next key confirmation, while unconfirmed
+        self._confirms_left = 0
+        self._direct_sent: float | None = None  # last Request to the direct candidates (upgrade)
 
     # --- state ---------------------------------------------------------------------------------
     @property
@@ -371,15 +396,57 @@ class Session:
         if not targets:
             self._hs_next = now + self.config.handshake_retransmit
             return
-        req = self.initiator.request(now, self._wall())
         if self.current is None and len(self.candidates) > self.verified:
             self._unverified_rounds += 1
-        for addr in targets:
-            self._outbox.append((req, addr))
-            self._stats["requests_sent"] += 1
+        if self.current is None and self.relay is not None and self.verified:
+            self._direct_sent = now  # the direct candidates had a Request (see _on_direct_upgrade)
+        self._emit_request(targets, now)
         self.last_sent = now
         interval = self.config.rekey_retransmit if self.current is not None else self.config.handshake_retransmit
         self._hs_next = now + interval
+
+    def _emit_request(self, targets: list[Addr], now: float) -> None:
+        """One fresh Request to each of `targets` (remembered for _resend_on_collision)."""
+        req = self.initiator.request(now, self._wall())
+        for addr in targets:
+            self._outbox.append((req, addr))
+            self._stats["requests_sent"] += 1
+        self._last_request, self._request_sent_to, self._resent = req, targets, False
+
+    def _resend_on_collision(self, datagram: bytes, addr: Addr) -> None:
+        """The peer's Request lost a simultaneous open, but it came through the peer's NAT from
+        `addr`, so that NAT now lets ours in: send our newest Request there at once instead of at
+        the next retransmission (the first one usually met the peer's firewall before the peer had
+        sent anything: +250 ms on half of the punched tunnels, measured in the NAT lab). Once per
+        Request of ours, only to an address it went to, and only for a Request whose mac1
+        verifies: nobody but the peer can make us send, and never more than we would anyway."""
+        if self._resent or self._last_request is None or addr not in self._request_sent_to:
+            return
+        if not self.responder.from_peer(datagram):
+            return
+        self._resent = True
+        self._outbox.append((self._last_request, addr))
+        self._stats["requests_sent"] += 1
+
+    def _request_via_relay(self) -> None:
+        """Just bound at the relay while handshaking: our newest Request went there before the
+        binding and was dropped, so it goes again at once instead of at the next retransmission
+        (every relayed setup waited one, measured in the NAT lab). Once per bind the relay
+        acknowledged: no more than the binds we send."""
+        relay = self.relay
+        if (self.phase is Phase.HANDSHAKE and relay is not None and self._last_request is not None
+                and relay.addr in self._request_sent_to):
+            self._outbox.append((self._last_request, relay.addr))
+            self._stats["requests_sent"] += 1
+
+    def _send_confirm(self, now: float) -> None:
+        """Key confirmation: a PING on the new keys. Any packet on them lets the responder send;
+        a PING also makes it answer, so we know when to stop repeating (_on_confirm)."""
+        self._confirms_left -= 1
+        self._ping_seq += 1  # not in self._pings: its PONG is no Pong event for the application
+        self._outbox.append((self._seal(TYPE_PING, _Q.pack(self._ping_seq), now), self.peer_addr))
+        self._stats["confirms_sent"] += 1
+        self._confirm_next = now + self.config.handshake_retransmit if self._confirms_left > 0 else None
 
     def _send_bind(self, now: float) -> None:
         """A RELAY_BIND MAC'd with our side's key, with a counter that grows across restarts (wall
@@ -470,6 +537,41 @@ class Session:
     def _on_request(self, now: float) -> None:
         self._send_requests(now)
 
+    def _due_confirm(self) -> float | None:
+        return self._confirm_next
+
+    def _on_confirm(self, now: float) -> None:
+        cur = self.current
+        self._confirm_next = None  # unless one more goes out below
+        if cur is not None and cur.window.top < 0:  # nothing from the peer on the new keys yet
+            try:
+                self._send_confirm(now)
+            except TunnelError:
+                pass  # keys used up: the rekey that replaces them confirms itself
+
+    def _due_direct_upgrade(self) -> float | None:
+        """While on the relay: the next direct attempt; otherwise once more at the end of the
+        upgrade window, to forget unanswered attempts."""
+        if self._direct_sent is None or self.current is None:
+            return None
+        end = self._started + self.config.direct_upgrade_for  # type: ignore[operator]
+        if self.relay is not None and self.peer_addr == self.relay.addr:
+            return min(self._direct_sent + self.config.handshake_retransmit, end)
+        return end
+
+    def _on_direct_upgrade(self, now: float) -> None:
+        """On the relay although direct candidates were given: a fresh Request to them (both ends
+        of a punch do this; the lower node ID wins as in §6). The Response, or the peer's answer
+        to ours, moves the tunnel off the relay (roaming rules)."""
+        if now >= self._started + self.config.direct_upgrade_for:  # type: ignore[operator]
+            self._direct_sent = None
+            if self._hs_next is None:
+                self.initiator.cancel()  # unanswered, they would win collisions with the peer's rekeys
+            return
+        self._direct_sent = now
+        if self._hs_next is None:  # a rekey under way sends its own Requests
+            self._emit_request(self.candidates[:self.verified], now)
+
     def _due_keepalive(self) -> float | None:
         if self.phase is not Phase.ESTABLISHED or self.peer_addr is None:
             return None
@@ -486,6 +588,8 @@ class Session:
         ("previous_expire", _due_previous_expire, _on_previous_expire),
         ("rekey", _due_rekey, _on_rekey),
         ("request", _due_request, _on_request),
+        ("confirm", _due_confirm, _on_confirm),
+        ("direct_upgrade", _due_direct_upgrade, _on_direct_upgrade),
         ("keepalive", _due_keepalive, _on_keepalive),
     )
 
@@ -622,6 +726,7 @@ class Session:
         if ack.bound:
             self._relay_cookie = ack.cookie
             self._stats["relay_acks"] += 1
+            self._request_via_relay()
             return [RelayBound(addr)]
         if ack.cookie == self._relay_cookie:
             self._stats["drop_malformed"] += 1  # refused with the cookie we already sent: not ours to fix
@@ -647,6 +752,14 @@ class Session:
             self._stats["drop_handshake_malformed"] += 1
         return []
 
+    def _via_of(self, addr: Addr) -> str:
+        """How `addr` reaches the peer: "relay", "candidate:<i>" (a direct candidate) or "peer"."""
+        if self.relay is not None and addr == self.relay.addr:
+            return "relay"
+        if addr in self.candidates:
+            return f"candidate:{self.candidates.index(addr)}"
+        return "peer"
+
     def _set_peer(self, addr: Addr) -> list[Event]:
         old = self.peer_addr
         if addr == old:
@@ -654,6 +767,8 @@ class Session:
         self.peer_addr = addr
         if old is None:
             return []
+        if self.via is not None and (self.via == "relay") != (self._via_of(addr) == "relay"):
+            self.via = self._via_of(addr)  # moved onto or off the relay: `via` names the path in use
         self._stats["endpoint_changes"] += 1
         return [EndpointChanged(addr, old)]
 
@@ -661,6 +776,7 @@ class Session:
         if self.initiator.pending and self.wins_collisions:
             # Both sides initiated: ours wins; the peer will answer it. Its Request opened its NAT.
             self._stats["drop_handshake_collision"] += 1
+            self._resend_on_collision(datagram, addr)
             return []
         try:
             resp, k = self.responder.respond(datagram, now)
@@ -670,6 +786,9 @@ class Session:
         self._hs_next = None
         # The Request is authenticated by the peer's static key and fresh (timestamp): it may move us.
         events = self._set_peer(addr)
+        if self.next is not None:
+            kept = [*self._answered, self.next]
+            self._answered = kept[max(0, len(kept) - ANSWERED_KEPT):]
         self.next = _KeyPair(k, now, self.config.replay_window, self.config)
         self._outbox.append((resp, addr))
         self._stats["responses_sent"] += 1
@@ -685,23 +804,17 @@ class Session:
             return self._handshake_drop(exc)
         rekey = self.current is not None
         self._install(_KeyPair(k, now, self.config.replay_window, self.config), now)
-        self.next = None
+        self.next, self._answered = None, []
         self._hs_next = None
         events = self._set_peer(addr)
         if sent_at is not None:
             self.rtt = now - sent_at if self.rtt is None else self.rtt
-        if rekey:
-            via = "rekey"
-        elif self.relay is not None and addr == self.relay.addr:
-            via = "relay"
-        elif addr in self.candidates:
-            via = f"candidate:{self.candidates.index(addr)}"
-        else:
-            via = "peer"
+        via = "rekey" if rekey else self._via_of(addr)
         self.via = via if not rekey else self.via
-        # Confirm the keys to the responder right away (it sends only after seeing them used).
-        self._outbox.append((self._seal(TYPE_KEEPALIVE, b"", now), addr))
-        self._stats["tx_keepalive"] += 1
+        # Confirm the keys to the responder right away (it sends only after seeing them used),
+        # and again until it answers: a lost confirmation must not cost the direct path.
+        self._confirms_left = self.config.confirm_attempts
+        self._send_confirm(now)
         events.append(HandshakeDone(rekey, addr, via))
         return events
 
@@ -718,7 +831,7 @@ class Session:
     def _decrypt_other_keys(self, counter: int, nonce: bytes, body: bytes, header: bytes):
         """Slow path: try the unconfirmed next keys and the previous keys; count the drop."""
         reason = None
-        for cand in (self.current, self.next, self.previous):
+        for cand in (self.current, self.next, *self._answered, self.previous):
             if cand is None:
                 continue
             r = cand.window.check(counter)
@@ -804,10 +917,10 @@ class Session:
             return []
         newest = kp.window.update(counter)
         events: list[Event] = []
-        if kp is self.next:  # first packet on keys we answered for: the initiator has them
+        if kp is self.next or kp in self._answered:  # first packet on keys we answered for
             rekey = self.current is not None
             self._install(kp, now)
-            self.next = None
+            self.next, self._answered = None, []
             if not rekey and self.rtt is None and self._resp_sent_at is not None:
                 self.rtt = now - self._resp_sent_at
             if not rekey:

@@ -10,6 +10,8 @@ from ntm import keys
 from ntm.packet import (
     TYPE_HANDSHAKE_REQUEST,
     TYPE_KEEPALIVE,
+    TYPE_PING,
+    TYPE_PONG,
     TYPE_RELAY_BIND,
     TYPE_STANDBY,
     RelayBind,
@@ -123,9 +125,12 @@ def test_responder_waits_for_confirmation_before_sending():
     (resp, _), = b.poll(T0)
     assert a.receive(resp, ADDR_B, T0)[-1].rekey is False
     out = a.poll(T0)
-    assert [d[0] for d, _ in out] == [TYPE_KEEPALIVE]  # immediate key confirmation
+    assert [d[0] for d, _ in out] == [TYPE_PING]  # immediate key confirmation, answered
     b.receive(out[0][0], ADDR_A, T0)
     assert b.established
+    (pong, _), = b.poll(T0)
+    assert pong[0] == TYPE_PONG and a.receive(pong, ADDR_B, T0) == []  # no Pong event: not the app's
+    assert a.poll(T0 + 1) == [] and a.stats["confirms_sent"] == 1
 
 
 def test_replay_dropped_and_counted():

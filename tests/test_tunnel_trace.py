@@ -130,6 +130,8 @@ def run_scenario() -> list:
     confirm = a.poll(T0 + 0.02)
     t.step("a poll: confirm", a, out=sent(confirm))
     t.step("b confirmed", b, events=b.receive(confirm[0][0], A, T0 + 0.03))
+    answer = b.poll(T0 + 0.03)
+    t.step("a gets the confirmation's pong", a, events=a.receive(answer[0][0], B, T0 + 0.04), out=sent(answer))
     # data, ping, pong
     for i in range(3):
         t.step(f"a->b data {i}", a, b, events=b.receive(a.encrypt(b"hello %d" % i, T0 + 0.1 + i), A, T0 + 0.1 + i))
