@@ -45,9 +45,11 @@ def udp_blocked(fed: Federation, nbytes: int, tag: str = "u") -> dict:
     a = None
     try:
         a = UpNode(fed, site.host, 0, "--accept-any", dc_port=WEB_PORT)
+        ready_s = time.monotonic() - a.started
         a.cli("alias", "peer", b.id)
         pinged = wait_for(lambda: a.run("ping", "-6", "-c", "1", "-W", "2", "peer.ntm").returncode == 0, 30, 0)
-        out = {"setup_s": time.monotonic() - a.started, "pinged": pinged, "udp": a.status().get("udp")}
+        out = {"setup_s": time.monotonic() - a.started, "ready_s": ready_s, "pinged": pinged,
+               "udp": a.status().get("udp")}
         out["blocked_row"] = peer_row(a)
         out["netcheck_blocked"] = a.cli("netcheck")
         sent, got = transfer(a, b, b.v6, b.v6, nbytes)
