@@ -122,8 +122,8 @@ async def chain_calls(tmp: Path, lookups: int = LOOKUPS) -> tuple[float, float]:
             try:
                 async with DcClient(net.urls[0]) as dc, aiohttp.ClientSession() as http:
                     before = rpc.calls["eth_call"]
-                    answers = await asyncio.gather(*(dc.whois(keys.node_id_of(keys.generate())) for _ in range(lookups)),
-                                                   return_exceptions=True)
+                    answers = await asyncio.gather(
+                        *(dc.whois(keys.node_id_of(keys.generate())) for _ in range(lookups)), return_exceptions=True)
                     assert all(isinstance(a, DcError) for a in answers)
                     whois = (rpc.calls["eth_call"] - before) / lookups
                     before = rpc.calls["eth_call"]

@@ -63,7 +63,8 @@ async def transfer(cs_url: str, sender, recipient, source, size: int, out: Path)
     return t1 - t0, t2 - t1
 
 
-async def run(tmp: Path, rounds: int = ROUNDS, big_size: int = BIG, notify_rounds: int = NOTIFY_ROUNDS) -> dict[str, float]:
+async def run(tmp: Path, rounds: int = ROUNDS, big_size: int = BIG,
+              notify_rounds: int = NOTIFY_ROUNDS) -> dict[str, float]:
     out: dict[str, float] = {}
     async with cs_federation(tmp, ("--max-item-mb", "200", "--sender-quota-mb", "1000",
                                    "--recipient-quota-mb", "1000")) as net:

@@ -142,8 +142,10 @@ def test_bench_quick_mode_prints_its_metrics(bench, runs):
         pytest.skip(reason)
     proc, seconds = runs.result(bench)
     print(f"\nbench/{bench}.py --quick: {seconds:.1f} s")
-    assert proc.returncode == 0, f"bench/{bench}.py exit {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    tail = f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, f"bench/{bench}.py exit {proc.returncode}:\n{tail}"
     got = metrics_of(proc.stdout)
     for name in METRICS[bench]:
-        assert len(got.get(name, [])) == 1, f"bench/{bench}.py printed {name} {len(got.get(name, []))} times:\n{proc.stdout}"
+        times = len(got.get(name, []))
+        assert times == 1, f"bench/{bench}.py printed {name} {times} times:\n{proc.stdout}"
         assert NUMBER.match(got[name][0]), f"bench/{bench}.py: {name}: {got[name][0]!r} is no plain number"
