@@ -359,7 +359,8 @@ class Tunnels:
                     await self._directed(t.peer, None, t.id)
                     return
                 except (NodeError, asyncio.TimeoutError) as exc:
-                    refusals = liveness.repair_refusals(getattr(exc, "code", "timeout"), refusals)
+                    code = exc.code if isinstance(exc, NodeError) else "timeout"
+                    refusals = liveness.repair_refusals(code, refusals)
                     delay = liveness.repair_retry_delay(refusals)
                     log.info("re-direction for tunnel %s failed (next in %g s): %s", t.id.hex(), delay, exc)
                     await asyncio.sleep(delay)
