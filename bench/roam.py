@@ -99,7 +99,7 @@ def main() -> int:
     sweep_stale()
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="ntm-bench-roam-") as tmp:
-        if args.quick:  # one federation for all: starting one is ~17 s of CPU on a loaded 2-core machine
+        if args.quick:  # one federation for all: starting one takes ~17 s on a loaded 2-core machine
             with Lab() as lab, federation(lab, tmp, "quick") as fed:
                 for _, _, scenario in SCENARIOS:
                     scenario(lab, fed, True)
