@@ -17,7 +17,8 @@
                                       Requests (all in flight) to an online peer
   direction_flood_refused_share       the share of them refused (rate_limited)
 
-usage: python bench/abuse.py [--rounds 5]
+usage: python bench/abuse.py [--rounds 5] [--quick]
+`--quick`: one round, 10 lookups, 1 attack watched for 2 s, a flood of 200: the same code paths (make test).
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ from tests.test_dc_abuse import flood, rss_mb  # noqa: E402
 
 PATH = bytes(8)
 N = 2000  # datagrams per timing round
+LOOKUPS = 100  # random whois and fresh-key relay directions, each
+FLOOD = 2000  # Direction Requests in the flood
+WATCH_S = 9.0  # the victim's handshake attempts run their course (tunnel timeout 8 s)
 
 
 def per_packet_us(session: Session, datagrams: list[bytes]) -> float:
@@ -106,7 +110,7 @@ def keepalive_log_lines() -> int:
     return len(lines)
 
 
-async def chain_calls(tmp: Path) -> tuple[float, float]:
+async def chain_calls(tmp: Path, lookups: int = LOOKUPS) -> tuple[float, float]:
     """eth_call per random whois at a real DC, and per fresh-key relay direction at a real RS."""
     with Anvil() as chain:
         async with CountingRpc(chain.url) as rpc:
@@ -118,13 +122,13 @@ async def chain_calls(tmp: Path) -> tuple[float, float]:
             try:
                 async with DcClient(net.urls[0]) as dc, aiohttp.ClientSession() as http:
                     before = rpc.calls["eth_call"]
-                    answers = await asyncio.gather(*(dc.whois(keys.node_id_of(keys.generate())) for _ in range(100)),
-                                                   return_exceptions=True)
+                    answers = await asyncio.gather(
+                        *(dc.whois(keys.node_id_of(keys.generate())) for _ in range(lookups)), return_exceptions=True)
                     assert all(isinstance(a, DcError) for a in answers)
-                    whois = (rpc.calls["eth_call"] - before) / 100
+                    whois = (rpc.calls["eth_call"] - before) / lookups
                     before = rpc.calls["eth_call"]
                     ids = [keys.checksum(keys.node_id_of(keys.generate())) for _ in range(2)]
-                    for _ in range(100):
+                    for _ in range(lookups):
                         fed = FederationClient(keys.generate(), lambda _a: True, envelope.ReplayGuard(), http=http)
                         body = messages.RelayDirection(os.urandom(8).hex(), os.urandom(32).hex(), ids,
                                                        time.time_ns() // 1_000_000 + 60_000, 1000)
@@ -132,7 +136,7 @@ async def chain_calls(tmp: Path) -> tuple[float, float]:
                             await fed.book_relay(rs.ready["http"], body)
                         except Exception:  # noqa: BLE001 - refused, as expected
                             pass
-                    directions = (rpc.calls["eth_call"] - before) / 100
+                    directions = (rpc.calls["eth_call"] - before) / lookups
             finally:
                 await asyncio.to_thread(rs.stop)
                 await asyncio.to_thread(net.stop)
@@ -143,8 +147,8 @@ LIES = 7  # third-party addresses the attacker announces as its own
 ATTACKS = 5  # Direction Requests the attacker sends towards its victim
 
 
-async def reflection(tmp: Path) -> float:
-    """A registered attacker announces LIES third-party addresses and asks for ATTACKS directions
+async def reflection(tmp: Path, attacks: int = ATTACKS, watch_s: float = WATCH_S) -> float:
+    """A registered attacker announces LIES third-party addresses and asks for `attacks` directions
     to a NATed victim (which therefore initiates). Third parties are UDP sockets counting what
     reaches them; the attacker's cost is its Direction Requests as sent on the WebSocket."""
     loop = asyncio.get_running_loop()
@@ -179,7 +183,7 @@ async def reflection(tmp: Path) -> float:
                                                                bytes.fromhex(welcome.token)), ("127.0.0.1", port))
                 await asyncio.sleep(0.3)
                 sent = 0
-                for i in range(ATTACKS):
+                for i in range(attacks):
                     req = messages.encode(messages.DirectionRequest(i + 1, keys.checksum(victim.id)))
                     sent += len(json.dumps(req).encode()) + 6  # + the WebSocket frame header
                     await ws.send_json(req)
@@ -190,7 +194,7 @@ async def reflection(tmp: Path) -> float:
                             await ws.send_json(messages.encode(messages.DirectionAck(m.direction["body"]["path"])))
                         elif isinstance(m, messages.DirectionResult):
                             break
-                await asyncio.sleep(9.0)  # the victim's handshake attempts run their course
+                await asyncio.sleep(watch_s)  # the victim's handshake attempts run their course
                 await ws.close()
         finally:
             await victim.close()
@@ -201,7 +205,7 @@ async def reflection(tmp: Path) -> float:
     return received[0] / sent
 
 
-async def direction_flood(tmp: Path) -> tuple[float, float]:
+async def direction_flood(tmp: Path, n: int = FLOOD) -> tuple[float, float]:
     """A registered node floods its DC with Direction Requests towards an online peer."""
     with Anvil() as chain:
         net = DcNet(tmp, chain)
@@ -217,31 +221,34 @@ async def direction_flood(tmp: Path) -> tuple[float, float]:
             await flood(net.urls[0], attacker, peer.id, 50)
             await asyncio.sleep(1.0)
             before = rss_mb(pid)
-            codes = await flood(net.urls[0], attacker, peer.id, 2000)
+            codes = await flood(net.urls[0], attacker, peer.id, n)
             grown = rss_mb(pid) - before
         finally:
             await peer.close()
             await asyncio.to_thread(net.stop)
-    return grown, codes.get("rate_limited", 0) / 2000
+    return grown, codes.get("rate_limited", 0) / n
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--quick", action="store_true", help="tiny sizes, same code paths (CI)")
     args = p.parse_args()
-    forged, replayed, junk = handshake_costs(args.rounds)
+    rounds, lookups, attacks, watch_s, n = ((1, 10, 1, 2.0, 200) if args.quick
+                                            else (args.rounds, LOOKUPS, ATTACKS, WATCH_S, FLOOD))
+    forged, replayed, junk = handshake_costs(rounds)
     print(f"forged_handshake_cpu_us: {forged:.1f}")
     print(f"replayed_handshake_cpu_us: {replayed:.1f}")
     print(f"junk_datagram_cpu_us: {junk:.1f}")
     with tempfile.TemporaryDirectory() as tmp:
-        whois, directions = asyncio.run(chain_calls(Path(tmp)))
+        whois, directions = asyncio.run(chain_calls(Path(tmp), lookups))
     print(f"chain_calls_per_random_whois: {whois:g}")
     print(f"chain_calls_per_fresh_key_direction: {directions:g}")
     print(f"keepalive_log_lines_per_1000_forged: {keepalive_log_lines()}")
     with tempfile.TemporaryDirectory() as tmp:
-        print(f"reflection_amplification: {asyncio.run(reflection(Path(tmp))):.3f}")
+        print(f"reflection_amplification: {asyncio.run(reflection(Path(tmp), attacks, watch_s)):.3f}")
     with tempfile.TemporaryDirectory() as tmp:
-        grown, refused = asyncio.run(direction_flood(Path(tmp)))
+        grown, refused = asyncio.run(direction_flood(Path(tmp), n))
     print(f"direction_flood_rss_growth_mb: {grown:.1f}")
     print(f"direction_flood_refused_share: {refused:.3f}")
 

@@ -8,10 +8,12 @@ Prints one `metric: value` line per figure:
                                     records → all 20 back on chain (the DC re-sends them)
   chain_return_confirm_s            chain down, 20 registrations acknowledged "durable", chain back
                                     → all 20 confirmed
+`--quick`: 2 rounds and 3 records instead of 10 and 20, the same code paths (make test).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import shutil
 import statistics
@@ -41,7 +43,7 @@ async def confirm_ms(url: str) -> float:
     return (time.perf_counter() - start) * 1000
 
 
-async def idle_and_dead_url(tmp: Path) -> dict[str, float]:
+async def idle_and_dead_url(tmp: Path, rounds: int = ROUNDS) -> dict[str, float]:
     out: dict[str, float] = {}
     with Anvil(extra_args=["--timestamp", str(int(time.time()) - IDLE_S)]) as chain:
         net = DcNet(tmp, chain)
@@ -52,15 +54,15 @@ async def idle_and_dead_url(tmp: Path) -> dict[str, float]:
                               net.ports[1], extra=["--rpc-url", chain.url]).start()
         try:
             out["idle_chain_confirmed_ms"] = await confirm_ms(net.urls[0])
-            out["confirmed_p50_ms"] = statistics.median([await confirm_ms(net.urls[0]) for _ in range(ROUNDS)])
+            out["confirmed_p50_ms"] = statistics.median([await confirm_ms(net.urls[0]) for _ in range(rounds)])
             out["dead_first_rpc_confirmed_p50_ms"] = statistics.median(
-                [await confirm_ms(net.urls[1]) for _ in range(ROUNDS)])
+                [await confirm_ms(net.urls[1]) for _ in range(rounds)])
         finally:
             net.stop()
     return out
 
 
-async def rollback_and_outage(tmp: Path) -> dict[str, float]:
+async def rollback_and_outage(tmp: Path, records: int = RECORDS) -> dict[str, float]:
     out: dict[str, float] = {}
     async with stateful_net(tmp) as net:
         net.chain.stop()
@@ -68,14 +70,14 @@ async def rollback_and_outage(tmp: Path) -> dict[str, float]:
         net.restart_chain()
         net.start_dc(0)
         dc_addr = keys.node_id_of(net.dc_keys[0])
-        nodes = await register_many(net.urls[0], RECORDS)
+        nodes = await register_many(net.urls[0], records)
         await all_on_chain(net, nodes, dc_addr)
         net.restart_chain(tmp / "chain-old.json")
         start = time.perf_counter()
         await all_on_chain(net, nodes, dc_addr, timeout=60)
         out["rollback_recovery_s"] = time.perf_counter() - start
         net.chain.stop()
-        during = await register_many(net.urls[0], RECORDS)
+        during = await register_many(net.urls[0], records)
         await asyncio.sleep(1.0)
         net.restart_chain()
         start = time.perf_counter()
@@ -85,10 +87,13 @@ async def rollback_and_outage(tmp: Path) -> dict[str, float]:
 
 
 def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, same code paths (CI)")
+    quick = ap.parse_args().quick
     results: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="ntm-bench-chain-") as tmp:
-        results |= asyncio.run(idle_and_dead_url(Path(tmp) / "a"))
-        results |= asyncio.run(rollback_and_outage(Path(tmp) / "b"))
+        results |= asyncio.run(idle_and_dead_url(Path(tmp) / "a", 2 if quick else ROUNDS))
+        results |= asyncio.run(rollback_and_outage(Path(tmp) / "b", 3 if quick else RECORDS))
     for name, value in results.items():
         print(f"{name}: {round(value, 2)}")
     return 0

@@ -8,10 +8,12 @@ Prints one `metric: value` line per figure:
                                                  online at dc2, has the notice (cross-DC), p50 of 10
   cs_rss_mb_100mb_item                           the CS process's peak RSS growth (VmRSS sampled every
                                                  5 ms) while a 100 MB item streams in and out
+`--quick`: one round, 2 notices, a 4 MB "big" item (the names stay): the same code paths (make test).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import statistics
@@ -61,7 +63,8 @@ async def transfer(cs_url: str, sender, recipient, source, size: int, out: Path)
     return t1 - t0, t2 - t1
 
 
-async def run(tmp: Path) -> dict[str, float]:
+async def run(tmp: Path, rounds: int = ROUNDS, big_size: int = BIG,
+              notify_rounds: int = NOTIFY_ROUNDS) -> dict[str, float]:
     out: dict[str, float] = {}
     async with cs_federation(tmp, ("--max-item-mb", "200", "--sender-quota-mb", "1000",
                                    "--recipient-quota-mb", "1000")) as net:
@@ -70,12 +73,12 @@ async def run(tmp: Path) -> dict[str, float]:
         await register(net.urls[1], bob)
         small = os.urandom(1_000_000)
         times = [await transfer(net.cs_url(0), alice, bob, bytes_chunks(small), len(small), tmp / "in")
-                 for _ in range(ROUNDS)]
+                 for _ in range(rounds)]
         out["cs_upload_mbps_1mb"] = mbps(len(small), statistics.median(t[0] for t in times))
         out["cs_download_mbps_1mb"] = mbps(len(small), statistics.median(t[1] for t in times))
         big = tmp / "big.bin"
         with open(big, "wb") as fh:
-            for _ in range(BIG // 1_000_000):
+            for _ in range(big_size // 1_000_000):
                 fh.write(os.urandom(1_000_000))
         pid = net.css[0].pid
         before = rss_kb(pid, "VmRSS")
@@ -87,16 +90,16 @@ async def run(tmp: Path) -> dict[str, float]:
                 await asyncio.sleep(0.005)
 
         sampler = asyncio.create_task(sample())
-        up_s, down_s = await transfer(net.cs_url(0), alice, bob, file_chunks(big), BIG, tmp / "in")
+        up_s, down_s = await transfer(net.cs_url(0), alice, bob, file_chunks(big), big_size, tmp / "in")
         sampler.cancel()
-        out["cs_upload_mbps_100mb"] = mbps(BIG, up_s)
-        out["cs_download_mbps_100mb"] = mbps(BIG, down_s)
+        out["cs_upload_mbps_100mb"] = mbps(big_size, up_s)
+        out["cs_download_mbps_100mb"] = mbps(big_size, down_s)
         out["cs_rss_mb_100mb_item"] = (peak[0] - before) / 1024
         node = await Node.start(bob, net.urls[1], host="127.0.0.1", port=0, inbox=tmp / "bob")
         try:
             await asyncio.sleep(1.0)  # its start-up sweep is done
             lags = []
-            for _ in range(NOTIFY_ROUNDS):
+            for _ in range(notify_rounds):
                 async with CsClient(alice, net.cs_url(0)) as c:
                     item = (await c.put(sealer(alice, bob), bytes_chunks(b"ping"), 4))["item"]
                 acked = time.perf_counter()
@@ -111,8 +114,11 @@ async def run(tmp: Path) -> dict[str, float]:
 
 
 def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, same code paths (CI)")
+    sizes = (1, 4_000_000, 2) if ap.parse_args().quick else (ROUNDS, BIG, NOTIFY_ROUNDS)
     with tempfile.TemporaryDirectory(prefix="ntm-bench-cs-") as tmp:
-        results = asyncio.run(run(Path(tmp)))
+        results = asyncio.run(run(Path(tmp), *sizes))
     for name, value in results.items():
         print(f"{name}: {round(value, 2)}")
     return 0

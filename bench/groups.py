@@ -13,10 +13,13 @@ Prints one `metric: value` line per figure:
                                 processes (`ntm up`) at one DC on loopback: GMS refresh, seal, sent
                                 over 9 tunnels and acknowledged by all; p50 of 20 (tunnels warm)
   group_send_fanout_ms_p90
+`--quick`: only n = 10, one rekey round, 3 members' daemons and 3 sends: the same code paths
+(make test).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -46,8 +49,8 @@ def signed(key, kind: str, **body) -> dict:
     return envelope.seal(key, kind, body, SYSTEM.wall_ms())
 
 
-def rekey_ms(n: int, workdir: Path) -> tuple[float, float]:
-    """(total ms, GMS ms) of removing one member from an n-member group; median of REKEY_ROUNDS."""
+def rekey_ms(n: int, workdir: Path, rounds: int = REKEY_ROUNDS) -> tuple[float, float]:
+    """(total ms, GMS ms) of removing one member from an n-member group; median of `rounds`."""
     db = sqlite3.connect(workdir / f"gms-{n}.sqlite", isolation_level=None)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=FULL")
@@ -64,7 +67,7 @@ def rekey_ms(n: int, workdir: Path) -> tuple[float, float]:
 
     members = [join() for _ in range(n - 1)]  # n with the admin
     gen, totals, gms_parts = 1, [], []
-    for _ in range(REKEY_ROUNDS):
+    for _ in range(rounds):
         leaving, members = members[0], members[1:]
         t0 = time.perf_counter()
         gen += 1
@@ -96,9 +99,9 @@ def ntm(home: Path, *args: str) -> dict:
     return json.loads(proc.stdout)
 
 
-async def fanout(workdir: Path) -> list[float]:
+async def fanout(workdir: Path, members: int = FANOUT_MEMBERS, sends: int = FANOUT_SENDS) -> list[float]:
     async with cs_federation(workdir) as net:
-        homes = [workdir / f"m{i}" for i in range(FANOUT_MEMBERS)]
+        homes = [workdir / f"m{i}" for i in range(members)]
 
         async def member(home: Path) -> str:
             nid = (await asyncio.to_thread(ntm, home, "keygen"))["node"]
@@ -123,11 +126,11 @@ async def fanout(workdir: Path) -> list[float]:
             sender = homes[1]
             await control.call(sender, "group.send", {"group": gid, "text": "warm-up"}, timeout=60)  # opens tunnels
             times = []
-            for i in range(FANOUT_SENDS):
+            for i in range(sends):
                 t0 = time.perf_counter()
                 res = await control.call(sender, "group.send", {"group": gid, "text": f"message {i}"}, timeout=60)
                 times.append((time.perf_counter() - t0) * 1000)
-                if len(res["tunnel"]) != FANOUT_MEMBERS - 1:
+                if len(res["tunnel"]) != members - 1:
                     raise SystemExit(f"not every member acknowledged over its tunnel: {res}")
             return times
         finally:
@@ -138,13 +141,17 @@ async def fanout(workdir: Path) -> list[float]:
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, same code paths (CI)")
+    quick = ap.parse_args().quick
+    sizes, rounds, members, sends = ((10,), 1, 3, 3) if quick else (SIZES, REKEY_ROUNDS, FANOUT_MEMBERS, FANOUT_SENDS)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        for n in SIZES:
-            total, gms = rekey_ms(n, work)
+        for n in sizes:
+            total, gms = rekey_ms(n, work, rounds)
             print(f"group_rekey_ms_{n}: {total:.1f}", flush=True)
             print(f"group_rekey_gms_ms_{n}: {gms:.1f}", flush=True)
-        times = asyncio.run(fanout(work / "fanout"))
+        times = asyncio.run(fanout(work / "fanout", members, sends))
         q = statistics.quantiles(times, n=10)
         print(f"group_send_fanout_ms_p50: {statistics.median(times):.1f}")
         print(f"group_send_fanout_ms_p90: {q[8]:.1f}")

@@ -16,7 +16,8 @@
                           (the grid itself is printed as `#` lines)
 Targets: handover_s ≤ 1; failover_s ≤ 2 × keepalive_s. Needs root (skips with a message otherwise).
 
-usage: sudo .venv/bin/python bench/lab.py [--rounds 5] [--blast 1.0]
+usage: sudo .venv/bin/python bench/lab.py [--rounds 5] [--blast 1.0] [--quick]
+`--quick`: one setup per route and 0.2 s floods: the same code paths (make test).
 """
 
 from __future__ import annotations
@@ -98,7 +99,10 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--blast", type=float, default=1.0)
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, same code paths (CI)")
     args = ap.parse_args()
+    if args.quick:
+        args.rounds, args.blast = 1, 0.2
     reason = lab_available()
     if reason:
         print(f"bench/lab.py skipped: {reason}")

@@ -7,7 +7,8 @@
   relay_pps             datagrams per second delivered in the same run
   direction_ms_p50      POST /v1/relay-directions round trip (signature + cached trust check)
 
-usage: python bench/relay.py [--seconds 2.5] [--payload 1200]
+usage: python bench/relay.py [--seconds 2.5] [--payload 1200] [--quick]
+`--quick`: 0.3 s per measurement and 5 directions: the same code paths (make test).
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def table_ops(seconds: float) -> float:
     return n / (time.perf_counter() - start)
 
 
-async def through_process(seconds: float, payload: int) -> dict:
+async def through_process(seconds: float, payload: int, directions: int = 50) -> dict:
     out: dict = {}
     with tempfile.TemporaryDirectory() as tmp, Anvil() as chain:
         owner = await Registry.deploy(chain.url, DEV_KEYS[0])
@@ -87,7 +88,7 @@ async def through_process(seconds: float, payload: int) -> dict:
 
             async with aiohttp.ClientSession() as http:
                 fed = FederationClient(dc_key, lambda _a: True, envelope.ReplayGuard(), http=http)
-                for _ in range(50):
+                for _ in range(directions):
                     t0 = time.perf_counter()
                     await fed.book_relay(rs.ready["http"], direction(os.urandom(8), os.urandom(32)))
                     times.append((time.perf_counter() - t0) * 1000)
@@ -129,9 +130,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=2.5)
     ap.add_argument("--payload", type=int, default=1200)
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, same code paths (CI)")
     args = ap.parse_args()
-    print(f"table_ops_per_s: {table_ops(min(args.seconds, 1.0)):.0f}")
-    for k, v in asyncio.run(through_process(args.seconds, args.payload)).items():
+    seconds, directions = (0.3, 5) if args.quick else (args.seconds, 50)
+    print(f"table_ops_per_s: {table_ops(min(seconds, 1.0)):.0f}")
+    for k, v in asyncio.run(through_process(seconds, args.payload, directions)).items():
         print(f"{k}: {v:.2f}")
 
 

@@ -16,9 +16,10 @@
   setup_direct_share_loss5         share of fresh tunnel setups that end direct at 5% loss
   setup_p90_s_loss20               p90 tunnel setup time at 20% loss
 
-Two federations (one chain, two DCs, a relay each): one with the lab's short keepalive for the
-first scenarios, one with the default keepalive for dead-DC detection and NAT rebinding.
-`--quick`: smaller transfers and fewer setups, the same code paths (make test runs it).
+Two federations (one chain, two DCs, a relay each): the lab's short keepalive for most scenarios,
+the default keepalive for dead-DC detection and NAT rebinding (last: it cuts a DC's link).
+`--quick` (make test): all scenarios in one federation at the short keepalive interval, smaller
+transfers, a shorter stream and fewer setups: the same code paths.
 Needs root and network namespaces (skips with a message otherwise).
 
 usage: sudo .venv/bin/python bench/roam.py [--quick]
@@ -36,13 +37,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from node.agent import KEEPALIVE_INTERVAL_S  # noqa: E402
 from tests.lab.fed import Federation  # noqa: E402
-from tests.lab.roam_deadpath import dc_link_loss_failover, nat_rebind_unreachable  # noqa: E402
+from tests.lab.roam_deadpath import CUT_TRANSFER_BYTES, dc_link_loss_failover, nat_rebind_unreachable  # noqa: E402
 from tests.lab.roam_loss import bench_numbers  # noqa: E402
 from tests.lab.roam_mbb import make_before_break  # noqa: E402
 from tests.lab.roam_udp import udp_blocked  # noqa: E402
 from tests.lab.topology import Lab, lab_available, sweep_stale  # noqa: E402
 
 KEEPALIVE_S = 2.0  # as most lab tests: NAT timeouts there are short
+# --quick: the failover is measured under a shorter transfer (it need not outlast the failover).
+QUICK_CUT_TRANSFER_BYTES = 4 * 1024 * 1024
 
 
 def metric(name: str, value) -> None:
@@ -51,6 +54,39 @@ def metric(name: str, value) -> None:
 
 def federation(lab: Lab, tmp: str, name: str, keepalive_s: float = KEEPALIVE_S) -> Federation:
     return Federation(lab, Path(tmp) / name, n_dcs=2, keepalive_s=keepalive_s)
+
+
+def udp(lab: Lab, fed: Federation, quick: bool) -> None:
+    r = udp_blocked(fed, (2 if quick else 20) * 1024 * 1024)
+    metric("udp_blocked_setup_s", round(r["setup_s"], 2))
+    metric("tcp_transport_mbps", round(r["tcp"]["mbps"], 1))
+    metric("udp_back_stall_s", r["move"]["stall_s"])
+
+
+def dead(lab: Lab, fed: Federation, quick: bool) -> None:
+    hosts = [lab.add_site(f"d{x}", "eim").host for x in "xyz"]
+    d = dc_link_loss_failover(fed, *hosts, QUICK_CUT_TRANSFER_BYTES if quick else CUT_TRANSFER_BYTES)
+    metric("dc_link_loss_failover_s", d["failover_s"])
+    metric("dc_link_loss_new_tunnel_s", d["new_tunnel_s"])
+    n = nat_rebind_unreachable(fed, lab.add_site("rn", "eim"), lab.add_site("rp", "eim"))
+    metric("nat_rebind_unreachable_s", n["unreachable_s"])
+
+
+def mbb(lab: Lab, fed: Federation, quick: bool) -> None:
+    m = make_before_break(fed, before_s=1.5, after_s=1.5) if quick else make_before_break(fed)
+    metric("make_before_break_lost_packets", m["make_before_break_lost_packets"])
+
+
+def loss(lab: Lab, fed: Federation, quick: bool) -> None:
+    s = bench_numbers(fed, 3 if quick else 20)
+    metric("setup_direct_share_loss5", round(s["setup_direct_share_loss5"], 2))
+    metric("setup_p90_s_loss20", round(s["setup_p90_s_loss20"], 2))
+
+
+# Scenarios by federation: the lab's short keepalive (NAT timeouts there are short) for most;
+# dead-peer detection and rebinding as users get them, at the default keepalive interval, last
+# (it cuts a DC's link).
+FEDERATIONS = (("short", KEEPALIVE_S, (udp, mbb, loss)), ("default", KEEPALIVE_INTERVAL_S, (dead,)))
 
 
 def main() -> int:
@@ -62,29 +98,18 @@ def main() -> int:
         print(f"bench/roam.py skipped: {reason}")
         return 0
     sweep_stale()
-    nbytes = (2 if args.quick else 20) * 1024 * 1024
-    setups = 5 if args.quick else 20
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="ntm-bench-roam-") as tmp:
-        with Lab() as lab, federation(lab, tmp, "short") as fed:
-            r = udp_blocked(fed, nbytes)
-            metric("udp_blocked_setup_s", round(r["setup_s"], 2))
-            metric("tcp_transport_mbps", round(r["tcp"]["mbps"], 1))
-            metric("udp_back_stall_s", r["move"]["stall_s"])
-            m = make_before_break(fed)
-            metric("make_before_break_lost_packets", m["make_before_break_lost_packets"])
-            s = bench_numbers(fed, setups)
-            metric("setup_direct_share_loss5", round(s["setup_direct_share_loss5"], 2))
-            metric("setup_p90_s_loss20", round(s["setup_p90_s_loss20"], 2))
-        # dead-peer detection and rebinding as users get them: the default keepalive interval;
-        # last, since it cuts a DC's link
-        with Lab() as lab, federation(lab, tmp, "default", KEEPALIVE_INTERVAL_S) as fed:
-            n = nat_rebind_unreachable(fed, lab.add_site("rn", "eim"), lab.add_site("rp", "eim"))
-            metric("nat_rebind_unreachable_s", n["unreachable_s"])
-            hosts = [lab.add_site(f"d{x}", "eim").host for x in "xyz"]
-            d = dc_link_loss_failover(fed, *hosts)
-            metric("dc_link_loss_failover_s", d["failover_s"])
-            metric("dc_link_loss_new_tunnel_s", d["new_tunnel_s"])
+        if args.quick:  # one federation for all: starting one takes ~17 s on a loaded 2-core machine
+            with Lab() as lab, federation(lab, tmp, "quick") as fed:
+                for _, _, scenarios in FEDERATIONS:
+                    for scenario in scenarios:
+                        scenario(lab, fed, True)
+        else:
+            for name, keepalive_s, scenarios in FEDERATIONS:
+                with Lab() as lab, federation(lab, tmp, name, keepalive_s) as fed:
+                    for scenario in scenarios:
+                        scenario(lab, fed, False)
     print(f"# bench/roam.py took {time.monotonic() - t0:.0f} s", flush=True)
     return 0
 

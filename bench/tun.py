@@ -14,7 +14,8 @@ each, so machine noise hits both alike.
                                                node moves to another NAT (the same connection)
 Needs root; installs iperf3, wireguard-go and wireguard-tools with apt when missing.
 
-usage: sudo .venv/bin/python bench/tun.py [--rounds 3] [--seconds 10]
+usage: sudo .venv/bin/python bench/tun.py [--rounds 3] [--seconds 10] [--quick]
+`--quick`: one round of 1 s iperf3 tests and a 6 MB handover transfer: the same code paths (make test).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ WG_PORT = 51820
 IPERF_PORT = 5201
 APT = {"iperf3": "iperf3", "wireguard-go": "wireguard-go", "wg": "wireguard-tools"}
 HANDOVER_BYTES = 12 * 1024 * 1024
+QUICK_HANDOVER_BYTES = 6 * 1024 * 1024  # still running when the move comes at 1 s
 HANDOVER_RATE = 4e6  # bytes/s: a steady stream, so a stall is visible in the receiver's gaps
 
 
@@ -150,7 +152,11 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--quick", action="store_true", help="tiny sizes, same code paths (CI)")
     args = p.parse_args()
+    if args.quick:
+        args.rounds, args.seconds = 1, 1.0
+    handover_bytes = QUICK_HANDOVER_BYTES if args.quick else HANDOVER_BYTES
     reason = lab_available()
     if reason:
         print(f"# skipped: {reason}")
@@ -197,7 +203,7 @@ def main() -> int:
                 time.sleep(1.0)
                 lab.move("hom", "hob")
 
-            sent, got = transfer(m, b, b.v6, b.v6, HANDOVER_BYTES, rate=HANDOVER_RATE, during=move)
+            sent, got = transfer(m, b, b.v6, b.v6, handover_bytes, rate=HANDOVER_RATE, during=move)
             if got["sha256"] != sent["sha256"]:
                 raise RuntimeError("handover transfer arrived damaged")
             metric("handover_tcp_stall_s", got["max_stall_s"])

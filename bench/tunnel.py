@@ -4,17 +4,21 @@ Both measurements use the same shape, in one asyncio loop: the sender writes a w
 WINDOW datagrams of PAYLOAD bytes, the receiver's datagram callback counts them, and the sender
 writes the next window when the previous one arrived (or after LOSS_WAIT, counting only what
 arrived). Goodput = payload bytes delivered / elapsed time.
-  udp_goodput_mbps     plain asyncio DatagramProtocol -> DatagramProtocol
-  tunnel_goodput_mbps  Channel.send_nowait -> Endpoint -> Session (AES-256-GCM, replay window)
+  payload_bytes        the datagram payload used
+  udp_goodput_mbps / udp_pps        plain asyncio DatagramProtocol -> DatagramProtocol
+  tunnel_goodput_mbps / tunnel_pps  Channel.send_nowait -> Endpoint -> Session (AES-256-GCM, replay window)
+  tunnel_goodput_ratio_vs_udp       median of the per-round ratios
   handshake_ms_p50     Endpoint.open on both sides until both report the handshake done
-  signal_same_dc_p50_ms / signal_cross_dc_p50_ms
+  signal_same_dc_p50_ms / signal_cross_dc_p50_ms / signal_cross_dc_p95_ms
                        real anvil + two DC processes + RS: Node.connect (Direction Request) until
                        the peer has decrypted the first byte, peer at the same DC / another DC;
                        each sample the first tunnel between its two nodes (connect() reuses a
                        working tunnel, and nodes and DCs rate-limit directions)
   relay_rtt_overhead_ms  ping RTT over a relayed tunnel minus over a direct one
 
-usage: python bench/tunnel.py [--seconds 2.5] [--payload 1200]
+usage: python bench/tunnel.py [--seconds 2.5] [--payload 1200] [--quick]
+`--quick`: one round of 0.3 s, 3 handshakes, 2 requesters × 2 peers per DC: the same code paths
+(make test).
 """
 
 from __future__ import annotations
@@ -99,12 +103,12 @@ async def _pair(ka, kb, ea: Endpoint, eb: Endpoint):
     return time.perf_counter() - t0, ca, cb
 
 
-async def bench_tunnel(payload: bytes, seconds: float) -> tuple[float, float, float]:
+async def bench_tunnel(payload: bytes, seconds: float, handshakes: int = 30) -> tuple[float, float, float]:
     ka, kb = keys.generate(), keys.generate()
     ea = await Endpoint.create(ka, port=0)
     eb = await Endpoint.create(kb, "127.0.0.1", port=0)
     times = []
-    for _ in range(30):
+    for _ in range(handshakes):
         dt, ca, cb = await _pair(ka, kb, ea, eb)
         times.append(dt)
         await ca.close()
@@ -133,12 +137,16 @@ async def main() -> None:
     ap.add_argument("--seconds", type=float, default=1.5, help="per measurement")
     ap.add_argument("--rounds", type=int, default=3, help="alternating UDP/tunnel rounds; medians reported")
     ap.add_argument("--payload", type=int, default=1200)
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, same code paths (CI)")
     args = ap.parse_args()
+    if args.quick:
+        args.seconds, args.rounds = 0.3, 1
+    handshakes, requesters, peers = (3, 2, 2) if args.quick else (30, REQUESTERS, PEERS)
     payload = os.urandom(args.payload)
     udp, tun = [], []
     for _ in range(args.rounds):  # alternate, so load from other processes hits both alike
         udp.append(await bench_udp(payload, args.seconds))
-        tun.append(await bench_tunnel(payload, args.seconds))
+        tun.append(await bench_tunnel(payload, args.seconds, handshakes))
     med = statistics.median
     udp_mbps, udp_pps = med(u[0] for u in udp), med(u[1] for u in udp)
     tun_mbps, tun_pps, hs_ms = med(t[0] for t in tun), med(t[1] for t in tun), med(t[2] for t in tun)
@@ -151,7 +159,7 @@ async def main() -> None:
     print(f"tunnel_goodput_ratio_vs_udp: {med(ratios):.3f}")
     print(f"# goodput ratio per round: {' '.join(f'{r:.3f}' for r in ratios)}", file=sys.stderr)
     print(f"handshake_ms_p50: {hs_ms:.2f}")
-    for name, value in (await bench_signaling()).items():
+    for name, value in (await bench_signaling(requesters, peers)).items():
         print(f"{name}: {value:.2f}")
 
 
@@ -159,10 +167,9 @@ async def main() -> None:
 # requester sends its DC more than its burst of Direction Requests (5 + 5 + 1 of 20) and no peer
 # is directed more than its per-peer burst (6 + 1 of 8): the bench measures setup, not the limits.
 REQUESTERS, PEERS = 6, 5
-SIGNAL_SAMPLES = REQUESTERS * PEERS
 
 
-async def bench_signaling() -> dict[str, float]:
+async def bench_signaling(n_requesters: int = REQUESTERS, n_peers: int = PEERS) -> dict[str, float]:
     """Direction Request → first decrypted byte, through real DCs; and the relay's RTT cost."""
     import itertools
     import tempfile
@@ -186,10 +193,10 @@ async def bench_signaling() -> dict[str, float]:
                 nodes.append(node)
                 return node
 
-            home = [net.urls[0]] * (REQUESTERS + PEERS) + [net.urls[1]] * PEERS
+            home = [net.urls[0]] * (n_requesters + n_peers) + [net.urls[1]] * n_peers
             started = await asyncio.gather(*(start(url) for url in home))
-            requesters, same_dc, cross_dc = (started[:REQUESTERS], started[REQUESTERS:REQUESTERS + PEERS],
-                                             started[REQUESTERS + PEERS:])
+            requesters, same_dc, cross_dc = (started[:n_requesters], started[n_requesters:n_requesters + n_peers],
+                                             started[n_requesters + n_peers:])
 
             async def first_byte(a: Node, peer: Node, force_relay: bool = False) -> float:
                 t0 = time.perf_counter()

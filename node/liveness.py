@@ -43,6 +43,16 @@ SESSION_HEARTBEAT_S = 3.0
 # FAILOVER_AFTER_FAILURES attempts instead. Bound: 1.5 × SESSION_HEARTBEAT_S +
 # SESSION_OPEN_TIMEOUT_S (3 s) + one registration at the next DC, ~8 s.
 FAILOVER_AFTER_SILENCES = 2
+# A tunnel repair that failed without a refusal (no answer, handshake timeout, the DC session
+# reconnecting; the peer may be moving too) asks again this soon: a real path loss stays fast.
+REPAIR_RETRY_S = 0.3
+# A repair the peer or a DC refused (peer_busy, rate_limited, not_allowed) waits instead, longer
+# after each refusal in a row: the peer's per-node direction rate refills one per 2 s
+# (node/tunnels.py PEER_DIRECTIONS), so asking sooner only earns another refusal; the 16 s cap
+# keeps a repair alive through a minute of a busy peer with 6 requests instead of 200.
+REPAIR_REFUSED_BACKOFF_S = (2.0, 4.0, 8.0, 16.0)
+# The error codes that are refusals (docs/PROTOCOL.md §8.1), not failures of the path.
+REPAIR_REFUSALS = frozenset({"peer_busy", "rate_limited", "not_allowed"})
 
 
 class LinkAction(enum.Enum):
@@ -109,3 +119,17 @@ def should_fail_over(failures: int, silences: int = 0) -> bool:
     """Give the home DC up for another known DC: it refused or failed `failures` session attempts
     in a row, or stayed silent (no answer at all) `silences` times in a row."""
     return failures >= FAILOVER_AFTER_FAILURES or silences >= FAILOVER_AFTER_SILENCES
+
+
+def repair_refusals(code: str, refusals: int) -> int:
+    """Refusals in a row after a failed repair attempt with error `code`: one more after a
+    refusal, none after any other failure (the path, not the peer, is the problem)."""
+    return refusals + 1 if code in REPAIR_REFUSALS else 0
+
+
+def repair_retry_delay(refusals: int) -> float:
+    """How long a tunnel repair waits before its next Direction Request, `refusals` being the
+    refusals in a row so far (0: the last attempt failed otherwise, retry fast)."""
+    if refusals <= 0:
+        return REPAIR_RETRY_S
+    return REPAIR_REFUSED_BACKOFF_S[min(refusals, len(REPAIR_REFUSED_BACKOFF_S)) - 1]

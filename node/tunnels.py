@@ -37,9 +37,8 @@ TUNNEL_TIMEOUT_S = 8.0
 ENDED_TUNNELS_KEPT = 16
 # Tunnel liveness, checked this often for every Link.
 LIVENESS_TICK_S = 0.05
-# A re-direction that failed (peer also moving, DC session reconnecting) is retried this often,
-# for at most RECOVERY_GIVE_UP_S.
-RECOVERY_RETRY_S = 0.3
+# A re-direction that failed (peer also moving, DC session reconnecting) is retried (soon, or
+# backing off after refusals: liveness.repair_retry_delay) for at most this long.
 RECOVERY_GIVE_UP_S = 60.0
 
 # Asks the DCs for a path to a peer: (peer, route wish None/"relay"/"direct", resume) → new path
@@ -355,7 +354,7 @@ class Tunnels:
     async def _redirect(self, t: Tunnel, address_checked: bool = False) -> None:
         """Ask the DCs for a new path to the same peer, naming the tunnel, until one works.
         The resulting direction is attached to the Link in follow() (on both ends)."""
-        started, redirects = self.clock.now(), t.redirects
+        started, redirects, refusals = self.clock.now(), t.redirects, 0
         log.info("tunnel %s to %s silent: asking for a new direction", t.id.hex(), keys.checksum(t.peer))
         try:
             if not address_checked:
@@ -367,8 +366,11 @@ class Tunnels:
                     await self._directed(t.peer, None, t.id)
                     return
                 except (NodeError, asyncio.TimeoutError) as exc:
-                    log.info("re-direction for tunnel %s failed: %s", t.id.hex(), exc)
-                    await asyncio.sleep(RECOVERY_RETRY_S)
+                    code = exc.code if isinstance(exc, NodeError) else "timeout"
+                    refusals = liveness.repair_refusals(code, refusals)
+                    delay = liveness.repair_retry_delay(refusals)
+                    log.info("re-direction for tunnel %s failed (next in %g s): %s", t.id.hex(), delay, exc)
+                    await asyncio.sleep(delay)
         finally:
             t.recovering = None
 

@@ -51,6 +51,26 @@ def test_a_relayed_tunnel_retries_a_direct_path_every_30_s_unless_busy_or_pinned
     assert due(100.0, float("-inf"), on_relay=True, busy=False)  # right after a move
 
 
+def test_a_repair_backs_off_on_refusals_and_stays_fast_after_a_path_loss():
+    """Hostile peer: it keeps refusing (peer_busy) every repair of our tunnel for the whole
+    repair window. Driven on a FakeClock as the repair loop does, the requests back off (6 in
+    60 s, was 200 at one per 0.3 s); a failure that is no refusal (the path or the DC) retries at
+    once-ish again, and a refusal after it starts the back-off afresh."""
+    from node.tunnels import RECOVERY_GIVE_UP_S
+
+    clock = FakeClock()
+    started, refusals, asked = clock.now(), 0, []
+    while clock.now() - started < RECOVERY_GIVE_UP_S:
+        asked.append(clock.now() - started)
+        refusals = liveness.repair_refusals("peer_busy", refusals)
+        clock.advance(liveness.repair_retry_delay(refusals))
+    assert asked == [0.0, 2.0, 6.0, 14.0, 30.0, 46.0]
+    assert liveness.repair_refusals("timeout", refusals) == 0  # a path loss: fast again
+    assert liveness.repair_retry_delay(liveness.repair_refusals("dc_lost", 3)) == liveness.REPAIR_RETRY_S <= 0.3
+    assert liveness.repair_retry_delay(liveness.repair_refusals("rate_limited", 0)) == 2.0
+    assert liveness.repair_retry_delay(liveness.repair_refusals("not_allowed", 0)) == 2.0
+
+
 class FakeDcs:
     """Plays the DCs for two tunnel tables: a Direction Request becomes one signed Route Direction
     for each end (peer first, or the requester first when the peer initiates), with each other's
@@ -253,3 +273,22 @@ async def test_connect_reuses_a_working_tunnel_and_keeps_relay_pinning(pair):
     await first.channel.close()
     after = await asyncio.wait_for(ta.connect(idb), 2)
     assert after not in (first, again) and dcs.requests == 4
+
+
+async def test_a_refused_repair_waits_before_asking_again(pair):
+    """Hostile peer: its direction rate for us is used up, so it refuses our repair (peer_busy).
+    The repair does not ask again 0.3 s later, as after a path loss, but waits (back-off): one
+    Direction Request in the first 0.7 s of the repair."""
+    clock, net, dcs, [(ta, _, ida), (tb, _, idb)] = pair
+    a = await asyncio.wait_for(ta.connect(idb), 2)
+    await asyncio.wait_for(tb.accept(), 2)
+    while tb._refusal(ida) is None:  # B's per-peer bucket for A runs dry
+        pass
+    net.drop = lambda src, dst, data: data[1:9] == a.channel.path_id
+    await a.channel.send(b"lost")
+    clock.advance(liveness.DEAD_AFTER_S + 0.01)
+    ta._check(a, clock.now())
+    assert a.recovering is not None
+    await asyncio.sleep(0.7)
+    assert dcs.requests == 2 and not a.recovering.done()  # connect, one refused repair; still waiting
+    a.recovering.cancel()

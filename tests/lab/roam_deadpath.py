@@ -116,8 +116,9 @@ def ping_stream(node: UpNode, to: str, seconds: float, during=None) -> tuple[flo
     return t0, [(float(m.group(1)), int(m.group(2))) for m in map(PING_REPLY.match, out.splitlines()) if m]
 
 
-def dc_link_loss_failover(fed: Federation, x_host: Host, y_host: Host, z_host: Host) -> dict:
-    """X (home DC 0) sends a paced TCP transfer to Y (home DC 1); DC 0's link is cut. Measures
+def dc_link_loss_failover(fed: Federation, x_host: Host, y_host: Host, z_host: Host,
+                          nbytes: int = CUT_TRANSFER_BYTES) -> dict:
+    """X (home DC 0) sends a paced TCP transfer of `nbytes` to Y (home DC 1); DC 0's link is cut. Measures
     `failover_s` (cut → X's log says it failed over), `new_tunnel_s` (cut → the first ping of a
     third node Z (home DC 1), sent once X failed over, answered through a new tunnel), and checks
     the transfer finished intact (`intact`, `max_stall_s`)."""
@@ -140,9 +141,9 @@ def dc_link_loss_failover(fed: Federation, x_host: Host, y_host: Host, z_host: H
             t_reply = ping_until_reply(z, x.v6, FAILOVER_WAIT_S)
             out.update(failover_s=round(t_over - t_cut, 2), new_tunnel_s=round(t_reply - t_cut, 2))
 
-        sent, got = transfer(x, y, y.v6, y.v6, CUT_TRANSFER_BYTES, rate=CUT_TRANSFER_RATE, during=cut_and_measure)
+        sent, got = transfer(x, y, y.v6, y.v6, nbytes, rate=CUT_TRANSFER_RATE, during=cut_and_measure)
         st = x.status()
-        out.update(intact=got["sha256"] == sent["sha256"] and got["bytes"] == CUT_TRANSFER_BYTES,
+        out.update(intact=got["sha256"] == sent["sha256"] and got["bytes"] == nbytes,
                    max_stall_s=got["max_stall_s"], x_dc=st["dc"], failovers=st["failovers"],
                    dc_silences=st["dc_silences"])
         return out
