@@ -48,9 +48,11 @@ class Node:
         self.session = DcSession(key, dc_url, endpoint, clock, keepalive_interval, local_addrs,
                                  on_direction=self._on_direction, on_moved=self._on_moved, on_notice=self._on_notice)
         # Cache Server items: fetched into `inbox` on the DC's notice (and at start), if given
-        self.mailbox = Mailbox(key, inbox, self.session.ack_notice, take_item) if inbox is not None else None
+        self.mailbox = (Mailbox(key, inbox, self.session.ack_notice, take_item, lambda: self.session.dc_url, clock)
+                        if inbox is not None else None)
         self.tunnel_table = Tunnels(self.id, endpoint, clock, self.session.direction, self.session.check_address,
-                                    admit, udp_ok=lambda: self.session.udp is not False)
+                                    admit, udp_ok=lambda: self.session.udp is not False,
+                                    trust_dc=self.session.may_direct)
 
     @classmethod
     async def start(cls, key: coincurve.PrivateKey, dc_url: str, host: str | None = None,

@@ -42,6 +42,7 @@ class DcClient:
         self.base = base_url.rstrip("/")
         self.timeout = timeout
         self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout))
+        self.session_dc: bytes | None = None  # the DC address its session challenge named (signed by us)
 
     async def __aenter__(self) -> "DcClient":
         return self
@@ -113,4 +114,5 @@ class DcClient:
             await ws.close()
             err = welcome if isinstance(welcome, messages.SessionError) else messages.SessionError("refused")
             raise DcError(err.error, err.message or "session refused")
+        self.session_dc = dc
         return ws, welcome

@@ -49,6 +49,9 @@ QUICK_KEEPALIVES_S = (0.0, 0.1, 0.3)
 UDP_PROBE_TIMEOUT_S = 2.0
 # One session attempt (TCP + challenge + welcome) may take this long before it counts as failed.
 SESSION_OPEN_TIMEOUT_S = 3.0
+# A direction signed by a DC missing from our list of active DCs makes us re-read the list (a DC
+# admitted since we last read it) at most this often: forged directions cost our DC one GET per 30 s.
+DC_LIST_REFRESH_S = 30.0
 
 
 class NodeError(CodedError):
@@ -83,6 +86,7 @@ class DcSession:
         self.chain: tuple[int, str] | None = None  # (chain id, registry) of the DC we registered at
         self.dc_address: bytes | None = None  # the current DC's chain address (its URL may be a name)
         self.known_dcs: list[messages.DcEntry] = []  # from GET /v1/dcs while healthy: where to go if our DC dies
+        self._dcs_read_at = float("-inf")  # when known_dcs was last read (monotonic)
         self.home: dict | None = None  # set by a failover: the new registration, for the CLI's state
         self.last_timestamp = 0  # of our newest record: a failover's record must be newer
         self.counters = {"sessions": 0, "session_drops": 0, "dc_silences": 0, "failovers": 0,
@@ -144,6 +148,7 @@ class DcSession:
         except asyncio.TimeoutError:
             raise DcSilent("dc_silent", f"{self.dc_url} did not answer within {SESSION_OPEN_TIMEOUT_S:g} s") from None
         self.ws = ws
+        self.dc_address = self.dc.session_dc  # the DC we proved our key to: it pushes our directions
         peer = ws.get_extra_info("peername")
         # Keepalives go to the address this session reached (a DC name may have several, of
         # both families: the one that answered is the one our network can reach).
@@ -173,6 +178,7 @@ class DcSession:
             self.chain = (info.chain_id, info.registry)
             self.dc_address = keys.parse_node_id(info.dc)
             self.known_dcs = await self.dc.dcs()
+            self._dcs_read_at = self.clock.now()
         except DcError as exc:
             log.info("could not refresh the DC list from %s: %s", self.dc_url, exc)
 
@@ -236,7 +242,7 @@ class DcSession:
             url = d.endpoint.rstrip("/")
             if not url or url == self.dc_url.rstrip("/") or keys.parse_node_id(d.dc) == self.dc_address:
                 continue  # the DC we are leaving, by URL or (reached by name) by its address
-            old_url, old_dc = self.dc_url, self.dc
+            old_url, old_dc, old_address = self.dc_url, self.dc, self.dc_address
             self._set_dc(url)
             try:
                 info = await self.dc.info()
@@ -255,6 +261,7 @@ class DcSession:
                 self._abandon_ws()
                 await self.dc.close()
                 self.dc_url, self.dc, self.dc_host = old_url, old_dc, urlsplit(old_url).hostname
+                self.dc_address = old_address
                 continue
             await old_dc.close()
             self.counters["failovers"] += 1
@@ -291,6 +298,24 @@ class DcSession:
                 await self.ws.send_json(messages.encode(messages.CsNoticeAck(item)))
             except (ConnectionError, RuntimeError, aiohttp.ClientError):
                 pass
+
+    async def may_direct(self, signer: bytes, home_dc: bytes, ours: bool) -> bool:
+        """May a Route Direction signed by `signer`, pushed by `home_dc`, direct us (§8.1)? A
+        signer not on our list of active DCs makes us re-read the list once per DC_LIST_REFRESH_S."""
+        def ok() -> bool:
+            active = {keys.parse_node_id(d.dc) for d in self.known_dcs}
+            return direction_signer_ok(signer, home_dc, ours, self.dc_address, active)
+
+        now = self.clock.now()
+        if ok() or ours or home_dc != self.dc_address or now - self._dcs_read_at < DC_LIST_REFRESH_S:
+            return ok()
+        self._dcs_read_at = now
+        try:
+            self.known_dcs = await self.dc.dcs()
+        except DcError as exc:
+            log.info("could not refresh the DC list from %s: %s", self.dc_url, exc)
+            return False
+        return ok()
 
     # --- keepalives: keep the NAT mapping open and tell the DC where we are -------------------
     def send_keepalives(self) -> None:
@@ -388,6 +413,16 @@ class DcSession:
 
     def status(self) -> dict:
         return {"dc": self.dc_url, "observed": self.observed, "udp": self.udp, **self.counters}
+
+
+def direction_signer_ok(signer: bytes, home_dc: bytes, ours: bool, session_dc: bytes | None,
+                        active: set[bytes]) -> bool:
+    """Who may direct this node (§8.1): the direction names as its deliverer (`home_dc`) the DC our
+    session is with; the requester's DC signs it, so a direction for our own request is signed by
+    our session's DC, and one a peer asked for by an active DC (ours, or one on its /v1/dcs list)."""
+    if session_dc is None or home_dc != session_dc:
+        return False
+    return signer == session_dc or (not ours and signer in active)
 
 
 def local_addrs_towards(host: str | None, port: int, families: tuple[int, ...] = ()) -> list[str]:
