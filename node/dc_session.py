@@ -24,12 +24,12 @@ from urllib.parse import urlsplit
 import aiohttp
 import coincurve
 
-from daemon.service import ROUTE_PROBES, BackgroundTasks, source_address
+from daemon.service import ROUTE_PROBES, BackgroundTasks, LogLimiter, source_address
 from node import liveness
 from node.dc_client import DcClient, DcError
 from node.endpoint import Endpoint
 from ntm import keepalive, keys, messages, record
-from ntm.addr import format_endpoint
+from ntm.addr import format_endpoint, parse_endpoint
 from ntm.clock import Clock
 from ntm.errors import CodedError, ParseError
 from ntm.registration import RegistrationRequest
@@ -52,6 +52,10 @@ SESSION_OPEN_TIMEOUT_S = 3.0
 # A direction signed by a DC missing from our list of active DCs makes us re-read the list (a DC
 # admitted since we last read it) at most this often: forged directions cost our DC one GET per 30 s.
 DC_LIST_REFRESH_S = 30.0
+# A keepalive reply showing a new public address is believed once the DC confirms it over the
+# session (§5). A DC answers a status in one round trip; no answer within 0.3 s means the session's
+# TCP connection left with the old address, and a new session is opened from here as before.
+MOVE_CONFIRM_TIMEOUT_S = 0.3
 
 
 class NodeError(CodedError):
@@ -90,9 +94,14 @@ class DcSession:
         self.home: dict | None = None  # set by a failover: the new registration, for the CLI's state
         self.last_timestamp = 0  # of our newest record: a failover's record must be newer
         self.counters = {"sessions": 0, "session_drops": 0, "dc_silences": 0, "failovers": 0,
-                         "address_changes": 0}
+                         "address_changes": 0, "refused_replies": 0}
         self._seq = itertools.count(clock.wall_ms())  # keepalive seq is on the wire: grows across restarts
         self._last_reply_seq = 0
+        self._last_sent_seq = 0  # a reply for a later seq answers nothing we sent: refused
+        self._status: asyncio.Future[messages.StatusReply] | None = None  # our status query, answered
+        self._confirming: asyncio.Task | None = None  # a new public address being confirmed
+        self._restarted_for: str | None = None  # a new address the session was reopened for, unconfirmed
+        self._bad_replies = LogLimiter(log, "keepalive replies", 10.0, clock.now)
         self._last_reply_at = clock.now()
         self._req_ids = itertools.count(1)
         self._results: dict[int, asyncio.Future[messages.DirectionResult]] = {}
@@ -282,6 +291,9 @@ class DcSession:
                 self.on_direction(m.direction)
             elif isinstance(m, messages.CsNoticePush):
                 self.on_notice(m.notice)
+            elif isinstance(m, messages.StatusReply):
+                if self._status is not None and not self._status.done():
+                    self._status.set_result(m)
             elif isinstance(m, messages.DirectionResult):
                 fut = self._results.pop(m.id, None)
                 if fut is not None and not fut.done():
@@ -320,7 +332,8 @@ class DcSession:
     # --- keepalives: keep the NAT mapping open and tell the DC where we are -------------------
     def send_keepalives(self) -> None:
         for port in self.keepalive_ports:
-            pkt = keepalive.encode_request(self.id, next(self._seq), self.token)
+            self._last_sent_seq = next(self._seq)
+            pkt = keepalive.encode_request(self.id, self._last_sent_seq, self.token)
             self.endpoint.send_control(pkt, (self.dc_ip, port))
 
     async def _quick_keepalives(self) -> None:
@@ -339,7 +352,10 @@ class DcSession:
         end = self.clock.now() + timeout
         while self._last_reply_seq == seq and self.clock.now() < end:
             await asyncio.sleep(0.01)
-        return self.observed != before
+        end += MOVE_CONFIRM_TIMEOUT_S  # a new address is believed once the DC confirms it
+        while self._confirming is not None and self.clock.now() < end:
+            await asyncio.sleep(0.01)
+        return self.observed != before or self._restarted_for is not None
 
     async def _keepalive_loop(self) -> None:
         while True:
@@ -351,11 +367,14 @@ class DcSession:
 
     def _on_control(self, data: bytes, addr) -> None:
         try:
-            seq, ip, port = keepalive.parse_reply(data)
-        except ParseError:
+            seq, ip, port = keepalive.parse_reply(data, self.token)
+        except ParseError as exc:
+            self._refuse_reply(str(exc))  # anyone can send them, from any source
             return
-        if seq < self._last_reply_seq:
-            return  # a late reply to a keepalive sent before a newer one: not where we are now
+        if not self._last_reply_seq <= seq <= self._last_sent_seq:
+            if seq > self._last_sent_seq:
+                self._refuse_reply("a reply to a keepalive not sent")
+            return  # or late (sent before a newer one: not where we are now)
         self._last_reply_seq, self._last_reply_at = seq, self.clock.now()
         observed = format_endpoint(ip, port)
         if self.keepalive_ports and addr[1] != self.keepalive_ports[0]:
@@ -363,17 +382,50 @@ class DcSession:
             return
         udp_back = self.udp is False
         self.udp = True
-        if observed != self.observed:
-            moved = self.observed is not None
+        if self.observed is None:
             log.info("DC sees us at %s", observed)
             self.observed = observed
-            if moved:
-                self.network_changed("public address changed")  # probes every tunnel too
-                udp_back = False
-        if udp_back:  # relayed over TCP until now: let the tunnels try UDP paths at once
+        elif observed != self.observed and self._confirming is None:
+            self._confirming = self.tasks.spawn(self._confirm_move(observed))
+        if udp_back and self._confirming is None:  # relayed over TCP until now: try UDP paths at once
             log.info("UDP works again (keepalive reply from the DC)")
             self.on_moved()
         self._observed_event.set()
+
+    def _refuse_reply(self, why: str) -> None:
+        self.counters["refused_replies"] += 1
+        self._bad_replies.note(why)
+
+    async def _confirm_move(self, observed: str) -> None:
+        """A keepalive reply shows a new public address: believed once the DC confirms it over the
+        session (the reply's MAC key crossed that session). No answer in time: the session's TCP
+        connection left with the old address, so a new one is opened from here, and its own
+        replies are confirmed over it."""
+        try:
+            ws, self._status = self.ws, asyncio.get_running_loop().create_future()
+            try:
+                await ws.send_json(messages.encode(messages.StatusQuery()))  # type: ignore[union-attr]
+                told = (await asyncio.wait_for(self._status, MOVE_CONFIRM_TIMEOUT_S)).observed
+            except (asyncio.TimeoutError, ConnectionError, AttributeError, RuntimeError, aiohttp.ClientError):
+                if self._restarted_for != observed:
+                    self._restarted_for = observed
+                    self.network_changed("public address changed (the DC did not answer on the old session)")
+                return
+            if told is None or format_endpoint(*parse_endpoint(told)) != observed:
+                self._refuse_reply("address change the DC does not confirm")
+                self._restarted_for = None
+                return
+            log.info("DC sees us at %s", observed)
+            self.observed = observed
+            if self._restarted_for == observed:  # the session was reopened from here already
+                self.counters["address_changes"] += 1
+                self.on_moved()
+            else:
+                self.network_changed("public address changed")  # probes every tunnel too
+            self._restarted_for = None
+        finally:
+            self._status = None
+            self._confirming = None
 
     def network_changed(self, why: str = "network changed") -> None:
         """Our address changed (seen by the DC, or told by the OS/application): reopen the DC

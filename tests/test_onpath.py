@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
+import struct
 import time
 
 import aiohttp
@@ -18,7 +20,7 @@ import pytest
 from aiohttp import web
 
 from node.agent import Node
-from ntm import envelope, keys, messages
+from ntm import envelope, keepalive, keys, messages
 from tests.dcnet import local_app, register, until
 
 
@@ -130,3 +132,51 @@ async def test_directions_and_notices_injected_on_the_session_are_ignored(net, t
                 await b.close()
     finally:
         lure_t.close()
+
+
+def spoof_udp(src: tuple[str, int], dst: tuple[str, int], payload: bytes) -> None:
+    """Send `payload` over IPv4 UDP with a forged source address and port (raw socket, root)."""
+    udp_len = 8 + len(payload)
+    header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + udp_len, 0, 0, 64, socket.IPPROTO_UDP, 0,
+                         socket.inet_aton(src[0]), socket.inet_aton(dst[0]))
+    udp = struct.pack("!HHHH", src[1], dst[1], udp_len, 0) + payload  # checksum 0: none (IPv4)
+    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW) as s:
+        s.sendto(header + udp, (dst[0], 0))
+
+
+async def test_spoofed_keepalive_replies_change_nothing(net):
+    """Off-path attacker: UDP keepalive replies with the DC's source address and port (raw socket)
+    telling node A it moved: without the session token; with seq 2^64-1 to poison the reply
+    window; and, as an attacker who read the token off the plain session would, a correctly MAC'd
+    reply naming another address. A's idea of its address, its session and its counters stay
+    as they were, and the DC's genuine replies are still taken afterwards."""
+    key = keys.generate()
+    await register(net.urls[0], key)
+    a = await Node.start(key, net.urls[0], host="127.0.0.1", port=0)
+    try:
+        s = a.session
+
+        def state() -> tuple:
+            return a.observed, {k: v for k, v in s.counters.items() if k != "refused_replies"}
+
+        before = state()
+        dc = (s.dc_ip, s.keepalive_ports[0])
+        me = ("127.0.0.1", a.endpoint.local_addr[1])
+        forged = [keepalive.encode_reply(s._last_sent_seq, "203.0.113.66", 4444, os.urandom(32)),
+                  keepalive.encode_reply(2**64 - 1, "203.0.113.66", 4444, os.urandom(32)),
+                  keepalive.encode_reply(2**64 - 1, "127.0.0.1", me[1], os.urandom(32))]
+        for pkt in forged:
+            spoof_udp(dc, me, pkt)
+        await until(lambda: s.counters["refused_replies"] == 3, timeout=5)
+        assert state() == before and s._last_reply_seq < 2**64 - 1
+        # on-path: the token was read off the session; the DC does not confirm the "move"
+        spoof_udp(dc, me, keepalive.encode_reply(s._last_sent_seq, "203.0.113.66", 4444, s.token))
+        await until(lambda: s.counters["refused_replies"] == 4, timeout=5)
+        assert state() == before
+        seq = s._last_reply_seq
+        assert not await s.check_address()  # a genuine round: taken, and no move
+        assert s._last_reply_seq > seq and state() == before
+        print(f"\nspoofed replies: {len(forged) + 1}, address changes: {s.counters['address_changes']}, "
+              f"sessions: {s.counters['sessions']}")
+    finally:
+        await a.close()
