@@ -52,10 +52,9 @@ SESSION_OPEN_TIMEOUT_S = 3.0
 # A direction signed by a DC missing from our list of active DCs makes us re-read the list (a DC
 # admitted since we last read it) at most this often: forged directions cost our DC one GET per 30 s.
 DC_LIST_REFRESH_S = 30.0
-# A keepalive reply showing a new public address is believed once the DC confirms it over the
-# session (§5). A DC answers a status in one round trip; no answer within 0.3 s means the session's
-# TCP connection left with the old address, and a new session is opened from here as before.
-MOVE_CONFIRM_TIMEOUT_S = 0.3
+# A keepalive reply showing a new public address is believed once the DC confirms it on the
+# session reopened from here (§5): a DC answers a status in one round trip; 1 s is a slow link's.
+MOVE_CONFIRM_TIMEOUT_S = 1.0
 
 
 class NodeError(CodedError):
@@ -352,9 +351,6 @@ class DcSession:
         end = self.clock.now() + timeout
         while self._last_reply_seq == seq and self.clock.now() < end:
             await asyncio.sleep(0.01)
-        end += MOVE_CONFIRM_TIMEOUT_S  # a new address is believed once the DC confirms it
-        while self._confirming is not None and self.clock.now() < end:
-            await asyncio.sleep(0.01)
         return self.observed != before or self._restarted_for is not None
 
     async def _keepalive_loop(self) -> None:
@@ -386,6 +382,9 @@ class DcSession:
             log.info("DC sees us at %s", observed)
             self.observed = observed
         elif observed != self.observed and self._confirming is None:
+            if self._restarted_for != observed:  # we moved, or our NAT rebound: reopen from here at once
+                self._restarted_for = observed
+                self.network_changed("public address changed")  # probes every tunnel too
             self._confirming = self.tasks.spawn(self._confirm_move(observed))
         if udp_back and self._confirming is None:  # relayed over TCP until now: try UDP paths at once
             log.info("UDP works again (keepalive reply from the DC)")
@@ -397,31 +396,22 @@ class DcSession:
         self._bad_replies.note(why)
 
     async def _confirm_move(self, observed: str) -> None:
-        """A keepalive reply shows a new public address: believed once the DC confirms it over the
-        session (the reply's MAC key crossed that session). No answer in time: the session's TCP
-        connection left with the old address, so a new one is opened from here, and its own
-        replies are confirmed over it."""
+        """A keepalive reply shows a new public address: the session has been reopened from here
+        (the old TCP connection may have left with the old address), and the address is believed
+        once the DC confirms it on that session (the reply's MAC key crossed the session)."""
         try:
-            ws, self._status = self.ws, asyncio.get_running_loop().create_future()
             try:
+                await asyncio.wait_for(self._session_up.wait(), SESSION_OPEN_TIMEOUT_S + UDP_PROBE_TIMEOUT_S)
+                ws, self._status = self.ws, asyncio.get_running_loop().create_future()
                 await ws.send_json(messages.encode(messages.StatusQuery()))  # type: ignore[union-attr]
                 told = (await asyncio.wait_for(self._status, MOVE_CONFIRM_TIMEOUT_S)).observed
             except (asyncio.TimeoutError, ConnectionError, AttributeError, RuntimeError, aiohttp.ClientError):
-                if self._restarted_for != observed:
-                    self._restarted_for = observed
-                    self.network_changed("public address changed (the DC did not answer on the old session)")
-                return
+                return  # no session to ask now: the next reply asks again
             if told is None or format_endpoint(*parse_endpoint(told)) != observed:
                 self._refuse_reply("address change the DC does not confirm")
-                self._restarted_for = None
-                return
-            log.info("DC sees us at %s", observed)
-            self.observed = observed
-            if self._restarted_for == observed:  # the session was reopened from here already
-                self.counters["address_changes"] += 1
-                self.on_moved()
             else:
-                self.network_changed("public address changed")  # probes every tunnel too
+                log.info("DC sees us at %s", observed)
+                self.observed = observed
             self._restarted_for = None
         finally:
             self._status = None
