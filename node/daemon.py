@@ -319,7 +319,8 @@ async def up(base: Path, key, st: dict, opts: UpOptions, ready) -> None:
                                     last_timestamp=st.get("timestamp", 0), keepalive_interval=opts.keepalive,
                                     admit=lambda peer: daemon is not None and daemon.admit(peer),
                                     inbox=base / INBOX_DIR,
-                                    take_item=lambda item: daemon is not None and take_item(daemon.groups, item))
+                                    take_item=lambda item: daemon is not None and take_item(daemon.groups, item),
+                                    dc_pin=keys.parse_node_id(st["dc"]) if st.get("dc") else None)
         except BaseException:
             if tun is not None:
                 tun.close()

@@ -69,7 +69,10 @@ class DcSession:
     def __init__(self, key: coincurve.PrivateKey, dc_url: str, endpoint: Endpoint, clock: Clock,
                  keepalive_interval: float, local_addrs: list[str] | None,
                  on_direction: Callable[[dict[str, Any]], None], on_moved: Callable[[], None],
-                 on_notice: Callable[[messages.CsNotice], None] = lambda notice: None) -> None:
+                 on_notice: Callable[[messages.CsNotice], None] = lambda notice: None,
+                 dc_pin: bytes | None = None) -> None:
+        """`dc_pin`: the DC's on-chain address; an https:// DC must present a certificate bound to
+        it (§5, DcClient), and a DC failed over to is pinned to its address on the DC list."""
         self.key = key
         self.id = keys.node_id_of(key)
         self.endpoint = endpoint
@@ -79,7 +82,7 @@ class DcSession:
         self.on_direction = on_direction
         self.on_moved = on_moved
         self.on_notice = on_notice
-        self._set_dc(dc_url)
+        self._set_dc(dc_url, dc_pin)
         self.ws: aiohttp.ClientWebSocketResponse | None = None
         self.keepalive_ports: list[int] = []
         self.token = b""
@@ -128,9 +131,9 @@ class DcSession:
         await self.dc.close()
 
     # --- the session --------------------------------------------------------------------------
-    def _set_dc(self, dc_url: str) -> None:
+    def _set_dc(self, dc_url: str, pin: bytes | None = None) -> None:
         self.dc_url = dc_url
-        self.dc = DcClient(dc_url)
+        self.dc = DcClient(dc_url, pin=pin)
         self.dc_host = urlsplit(dc_url).hostname
         self.dc_ip = self.dc_host
 
@@ -239,7 +242,7 @@ class DcSession:
             self._session_up.clear()
             # A fresh HTTP client: the old one's pooled connections (and the WebSocket) were made
             # from the old address and may hang until TCP gives up; closing it aborts them all.
-            old, self.dc = self.dc, DcClient(self.dc_url)
+            old, self.dc = self.dc, DcClient(self.dc_url, pin=self.dc.pin)
             self.tasks.spawn(old.close())
 
     async def _fail_over(self) -> bool:
@@ -251,7 +254,7 @@ class DcSession:
             if not url or url == self.dc_url.rstrip("/") or keys.parse_node_id(d.dc) == self.dc_address:
                 continue  # the DC we are leaving, by URL or (reached by name) by its address
             old_url, old_dc, old_address = self.dc_url, self.dc, self.dc_address
-            self._set_dc(url)
+            self._set_dc(url, keys.parse_node_id(d.dc))
             try:
                 info = await self.dc.info()
                 if self.chain and (info.chain_id, info.registry) != self.chain:

@@ -247,6 +247,13 @@ class NodeInfo(Message, kw_only=True):
 
 
 # --- HTTP -------------------------------------------------------------------------------------
+class TlsBinding(Message):
+    """The DC's TLS certificate (SHA-256 of its DER) signed by its chain key (ntm/tls_binding.py)."""
+
+    cert_sha256: Hex32
+    sig: Hex65
+
+
 class DcInfoReply(Message):
     """GET /v1/info."""
 
@@ -259,6 +266,7 @@ class DcInfoReply(Message):
     active: bool
     cs: str | None = None  # this DC's Cache Server (URL), if it has one
     relay_streams: StreamUrls = []  # its relays' stream URLs (§8.4): `ntm netcheck` tries them
+    tls: TlsBinding | None = None  # served over TLS: its certificate bound to its chain key (§5)
 
 
 class DcEntry(Message):
