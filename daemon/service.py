@@ -11,7 +11,6 @@ import asyncio
 import errno
 import fcntl
 import ipaddress
-import json
 import logging
 import os
 import signal
@@ -23,8 +22,9 @@ from typing import Awaitable, Callable
 
 from aiohttp import web
 
+from ntm import messages
 from ntm.addr import unmapped
-from ntm.errors import NtmError, ParseError
+from ntm.errors import NtmError
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -72,14 +72,10 @@ def admin_only(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
 
 
 async def read_json(request: web.Request):
-    """A request's JSON body; ParseError if it is not JSON (the app's client_max_size still
-    raises HTTPRequestEntityTooLarge, for the caller to map)."""
-    try:
-        return json.loads(await request.read())
-    except web.HTTPRequestEntityTooLarge:
-        raise
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ParseError(f"body is not JSON: {exc}") from None
+    """A request's JSON body; ParseError if it is not JSON, nests too deep or holds an integer
+    beyond 64 bits (messages.loads); the app's client_max_size still raises
+    HTTPRequestEntityTooLarge, for the caller to map."""
+    return messages.loads(await request.read())
 
 
 def daemon_parser(prog: str, description: str, chain_required: bool) -> argparse.ArgumentParser:

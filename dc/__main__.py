@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import os
+import ssl
 import sys
 
 from aiohttp import web
@@ -25,7 +26,8 @@ from dc.store import Store
 from chain.registry import BATCH_GAS_PER_RECORD, connect_registry
 from daemon import keystore, service
 from daemon.service import udp_socket
-from ntm import keys
+from ntm import keys, tls_binding
+from ntm.errors import NtmError
 
 
 async def serve(cfg: dc_config.DcConfig, stop: asyncio.Event) -> None:
@@ -60,7 +62,8 @@ async def serve(cfg: dc_config.DcConfig, stop: asyncio.Event) -> None:
     runner = web.AppRunner(make_app(coord, chain_status, tuple(cfg.admin_allow), probe), access_log=None,
                            keepalive_timeout=cfg.http_idle_timeout)
     await runner.setup()
-    site = web.TCPSite(runner, cfg.http_host, cfg.http_port)
+    tls = tls_context(cfg, key, coord)
+    site = web.TCPSite(runner, cfg.http_host, cfg.http_port, ssl_context=tls)
     await site.start()
     http_port = site._server.sockets[0].getsockname()[1]
     pending = store.count_outbox("pending")
@@ -68,7 +71,7 @@ async def serve(cfg: dc_config.DcConfig, stop: asyncio.Event) -> None:
         logging.info("resubmitting %d pending outbox records", pending)
         coord.submitter.wake()
     ready = {"event": "ready", "dc": keys.checksum(coord.address), "hostname": cfg.hostname,
-             "http": f"http://{cfg.http_host}:{http_port}", "udp_ports": list(ports),
+             "http": f"{'https' if tls else 'http'}://{cfg.http_host}:{http_port}", "udp_ports": list(ports),
              "chain_id": registry.chain_id, "registry": keys.checksum(registry.address), "pid": os.getpid()}
     print(json.dumps(ready), flush=True)
     logging.info("DC %s serving on %s (keepalive udp %d, %d)", ready["dc"], ready["http"], *ports)
@@ -85,6 +88,23 @@ async def serve(cfg: dc_config.DcConfig, stop: asyncio.Event) -> None:
         store.close()
         await registry.close()
         os.close(lock)
+
+
+def tls_context(cfg: dc_config.DcConfig, key, coord: Coordinator) -> ssl.SSLContext | None:
+    """With --tls-cert: the server TLS context, and the certificate's binding to our chain key
+    for /v1/info (ntm/tls_binding.py). None: plain HTTP (development)."""
+    if cfg.tls_cert is None:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key)
+        pem = cfg.tls_cert.read_text()
+        end = "-----END CERTIFICATE-----"
+        der = ssl.PEM_cert_to_DER_cert(pem[:pem.index(end) + len(end)])  # the leaf: first of the chain
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        raise NtmError(f"cannot load the TLS certificate: {exc}") from None
+    coord.tls = tls_binding.bind(key, der)
+    return ctx
 
 
 def main(argv: list[str] | None = None) -> int:

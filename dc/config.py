@@ -37,6 +37,8 @@ class DcConfig:
     passphrase_file: Path | None = None  # else the key's passphrase comes from $NTM_DC_PASSPHRASE
     confirmations: int = 1  # blocks deep before "confirmed": 1 on anvil; a BFT chain (QBFT) is final at 1 too
     max_block_age: float = 0.0  # seconds; 0 = blocks only on demand (anvil), so no age check
+    tls_cert: Path | None = None  # serve HTTPS/WSS with this certificate, bound to the chain key (§5)
+    tls_key: Path | None = None
 
 
 def parser() -> argparse.ArgumentParser:
@@ -65,6 +67,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-block-age", type=float, metavar="S",
                    help="health says the chain is behind when its newest block is older than this (default 0 = "
                    "off, for chains that mine on demand; set ~10 block periods for Besu/geth)")
+    p.add_argument("--tls-cert", type=Path, metavar="PEM",
+                   help="serve nodes over HTTPS/WSS with this certificate (any, e.g. self-signed: /v1/info binds it "
+                   "to the DC's chain key); with --tls-key")
+    p.add_argument("--tls-key", type=Path, metavar="PEM", help="the TLS certificate's private key")
     return p
 
 
@@ -93,7 +99,9 @@ def load(args: argparse.Namespace) -> DcConfig:
         raise ValueError("missing: " + ", ".join("--" + m.replace("_", "-") for m in missing))
     if "admin_allow" in values:
         values["admin_allow"] = [ipaddress.ip_network(str(n), strict=False) for n in values["admin_allow"]]
-    for name in ("key_file", "deployment", "db", "passphrase_file"):
+    if ("tls_cert" in values) != ("tls_key" in values):
+        raise ValueError("--tls-cert and --tls-key go together")
+    for name in ("key_file", "deployment", "db", "passphrase_file", "tls_cert", "tls_key"):
         if name in values:
             values[name] = Path(values[name])
     if isinstance(values["rpc_url"], str):

@@ -91,6 +91,7 @@ class Coordinator:
         self.notices = Notices(store, self.presence, cache.is_active_dc, self.guard, clock)
         self.groups = GroupService(store.db, self.latest, clock)
         self.cs = cs
+        self.tls: messages.TlsBinding | None = None  # set when serving over TLS: /v1/info hands it out
         cache.on_revoked = self.presence.revoke  # a revocation from the chain ends the session here
         self.source_rate = Buckets(*REGISTRATIONS_PER_SOURCE, max_keys=RATE_SOURCES_KEPT)
         self.new_node_budget = TokenBucket(new_nodes_per_hour / 3600, new_nodes_burst)
@@ -103,7 +104,7 @@ class Coordinator:
         return messages.DcInfoReply(keys.checksum(self.address), self.hostname, self.registry.chain_id,
                                     keys.checksum(self.registry.address), list(self.keepalive_ports), self.relays,
                                     self.cache.is_active_dc(self.address), self.cs,
-                                    [u for url in self.relays for u in self.relay_streams.get(url, [])])
+                                    [u for url in self.relays for u in self.relay_streams.get(url, [])], self.tls)
 
     def latest(self, node: bytes) -> tuple[int, bool]:
         """Newest timestamp and revoked flag of `node` known here, on chain or still pending."""

@@ -125,7 +125,7 @@ class Presence:
                 self._refuse("old_seq")
                 return None
             s.probe_seq = seq
-            return keepalive.encode_reply(seq, addr[0], addr[1], keepalive.STANDBY_REPLY)
+            return keepalive.encode_reply(seq, addr[0], addr[1], s.token, keepalive.STANDBY_REPLY)
         if seq <= s.seq:
             self._refuse("old_seq")
             return None
@@ -137,7 +137,7 @@ class Presence:
         elif endpoint != s.observed:
             log.info("node %s observed at %s", keys.checksum(node), endpoint)
             s.observed = endpoint
-        return keepalive.encode_reply(seq, addr[0], addr[1])
+        return keepalive.encode_reply(seq, addr[0], addr[1], s.token)
 
 
 class KeepaliveProtocol(asyncio.DatagramProtocol):

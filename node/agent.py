@@ -43,16 +43,19 @@ class Node:
     def __init__(self, key: coincurve.PrivateKey, dc_url: str, endpoint: Endpoint, clock: Clock = SYSTEM,
                  keepalive_interval: float = KEEPALIVE_INTERVAL_S, local_addrs: list[str] | None = None,
                  admit: Admit = lambda peer: True, inbox: Path | None = None,
-                 take_item: Callable[[Received], bool] = lambda item: False) -> None:
+                 take_item: Callable[[Received], bool] = lambda item: False, dc_pin: bytes | None = None) -> None:
         self.key = key
         self.id = keys.node_id_of(key)
         self.endpoint = endpoint
         self.session = DcSession(key, dc_url, endpoint, clock, keepalive_interval, local_addrs,
-                                 on_direction=self._on_direction, on_moved=self._on_moved, on_notice=self._on_notice)
+                                 on_direction=self._on_direction, on_moved=self._on_moved, on_notice=self._on_notice,
+                                 dc_pin=dc_pin)
         # Cache Server items: fetched into `inbox` on the DC's notice (and at start), if given
-        self.mailbox = Mailbox(key, inbox, self.session.ack_notice, take_item) if inbox is not None else None
+        self.mailbox = (Mailbox(key, inbox, self.session.ack_notice, take_item, lambda: self.session.dc_url, clock)
+                        if inbox is not None else None)
         self.tunnel_table = Tunnels(self.id, endpoint, clock, self.session.direction, self.session.check_address,
-                                    admit, udp_ok=lambda: self.session.udp is not False)
+                                    admit, udp_ok=lambda: self.session.udp is not False,
+                                    trust_dc=self.session.may_direct)
 
     @classmethod
     async def start(cls, key: coincurve.PrivateKey, dc_url: str, host: str | None = None,
@@ -60,7 +63,8 @@ class Node:
                     keepalive_interval: float = KEEPALIVE_INTERVAL_S, clock: Clock = SYSTEM,
                     binder: Binder = UdpBind.open, last_timestamp: int = 0,
                     admit: Admit = lambda peer: True, inbox: Path | None = None,
-                    take_item: Callable[[Received], bool] = lambda item: False) -> "Node":
+                    take_item: Callable[[Received], bool] = lambda item: False,
+                    dc_pin: bytes | None = None) -> "Node":
         """Bind the tunnel socket, open the DC session, start keepalives; ready to connect/accept.
 
         `keepalive_interval` paces both the DC keepalives and idle-tunnel keepalives: it must stay
@@ -68,10 +72,11 @@ class Node:
         record, so a record signed by a DC failover is newer still. `admit`: which peers may
         open tunnels to us (outbound is always allowed). `inbox`: where Cache Server items for
         us are fetched to (none: items are left for `ntm fetch`); `take_item`: a consumer that keeps
-        an item from next_item() (the daemon's group traffic)."""
+        an item from next_item() (the daemon's group traffic). `dc_pin`: the DC's on-chain address,
+        checked against its TLS certificate's binding when `dc_url` is https:// (§5)."""
         ep = await Endpoint.create(key, host, port, config=TunnelConfig(keepalive_interval=keepalive_interval),
                                    clock=clock, binder=binder)
-        node = cls(key, dc_url, ep, clock, keepalive_interval, local_addrs, admit, inbox, take_item)
+        node = cls(key, dc_url, ep, clock, keepalive_interval, local_addrs, admit, inbox, take_item, dc_pin)
         node.session.last_timestamp = last_timestamp
         try:
             await node.session.start()
@@ -96,8 +101,8 @@ class Node:
     async def __aexit__(self, *exc) -> None:
         await self.close()
 
-    def _on_direction(self, obj: dict) -> DirectionAck | None:
-        return self.tunnel_table.on_direction(obj)
+    async def _on_direction(self, obj: dict) -> DirectionAck | None:
+        return await self.tunnel_table.on_direction(obj)
 
     def _on_moved(self) -> None:
         if self.session.udp:  # UDP gets out (again): relays over UDP, not over TCP (§8.4)

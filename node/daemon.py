@@ -115,8 +115,8 @@ class Daemon:
             return None
         if peer == self.node.id:
             return v6_of(peer), self.overlay.book.own
-        try:
-            return self.overlay.addresses(peer)
+        try:  # a lookup persists nothing unless the peer is in the book (aliased or allowed)
+            return self.overlay.addresses(peer, keep=peer in self.book.allow or peer in self.book.aliases.values())
         except AddressError as exc:
             log.warning("no address for %s: %s", label, exc)
             return None
@@ -160,6 +160,7 @@ class Daemon:
             **self.node.inbox_status(),
             "groups": self.groups.list(), "group_refusals": dict(self.groups.refused),
             "counters": {**self.overlay.stats, **self.plane.stats, "refused_tunnels": self.node.tunnel_table.refused,
+                         "dns_refused": self.dns.refused if self.dns else 0,
                          **({f"tun_{k}": v for k, v in tun.stats().items()} if tun else {})},
         }
 
@@ -242,7 +243,7 @@ class Daemon:
         self.learn_book()
         binds = self.dns_binds()
         if binds:
-            self.dns = await DnsServer.start(binds, self.resolve)
+            self.dns = await DnsServer.start(binds, self.resolve, {str(self.overlay.book.own), str(v6_of(self.node.id))})
         self.control = await ControlServer.start(self.base, {
             "status": self.h_status, "netcheck": self.h_netcheck, "ping": self.h_ping, "send": self.h_send, "recv": self.h_recv,
             "reload": self.h_reload, "down": self.h_down, **self._group_handlers()})
@@ -318,7 +319,8 @@ async def up(base: Path, key, st: dict, opts: UpOptions, ready) -> None:
                                     last_timestamp=st.get("timestamp", 0), keepalive_interval=opts.keepalive,
                                     admit=lambda peer: daemon is not None and daemon.admit(peer),
                                     inbox=base / INBOX_DIR,
-                                    take_item=lambda item: daemon is not None and take_item(daemon.groups, item))
+                                    take_item=lambda item: daemon is not None and take_item(daemon.groups, item),
+                                    dc_pin=keys.parse_node_id(st["dc"]) if st.get("dc") else None)
         except BaseException:
             if tun is not None:
                 tun.close()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import ssl
 from typing import TypeVar
 from urllib.parse import urlsplit
 
@@ -9,8 +12,8 @@ import aiohttp
 import coincurve
 
 from node import state
-from ntm import keys, messages, session_auth
-from ntm.errors import CodedError, ParseError
+from ntm import keys, messages, session_auth, tls_binding
+from ntm.errors import CodedError, ParseError, SignatureError
 from ntm.registration import RegistrationRequest
 
 DEFAULT_DC_PORT = 8330
@@ -38,10 +41,16 @@ def dc_url(spec: str) -> str:
 
 
 class DcClient:
-    def __init__(self, base_url: str, timeout: float = REQUEST_TIMEOUT_S) -> None:
+    def __init__(self, base_url: str, timeout: float = REQUEST_TIMEOUT_S, pin: bytes | None = None) -> None:
+        """`pin`: the DC's on-chain address. With an https:// URL the client first checks that the
+        certificate the DC presents is bound to that key (ntm/tls_binding.py), then pins it for
+        every request and the session; DcError `dc_unauthenticated` otherwise."""
         self.base = base_url.rstrip("/")
         self.timeout = timeout
+        self.pin = pin
+        self._tls: aiohttp.Fingerprint | bool = True  # the pinned certificate, once checked
         self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout))
+        self.session_dc: bytes | None = None  # the DC address its session challenge named (signed by us)
 
     async def __aenter__(self) -> "DcClient":
         return self
@@ -52,13 +61,40 @@ class DcClient:
     async def close(self) -> None:
         await self._http.close()
 
+    async def _authenticate(self) -> None:
+        """Check the DC's TLS binding once (a pinned https:// DC): its certificate must be the one
+        its chain key vouches for; from then on only that certificate is accepted."""
+        if self.pin is None or not self.base.startswith("https://") or self._tls is not True:
+            return
+        parts = urlsplit(self.base)
+        anyone = ssl.create_default_context()
+        anyone.check_hostname, anyone.verify_mode = False, ssl.CERT_NONE  # checked by its binding instead
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(parts.hostname, parts.port or 443, ssl=anyone),
+                                               self.timeout)
+            der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+            writer.close()
+            seen = aiohttp.Fingerprint(hashlib.sha256(der).digest())  # /v1/info must come from that certificate
+            async with self._http.get(self.base + "/v1/info", ssl=seen) as resp:
+                text = await resp.text()
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise DcError("unreachable", f"cannot reach DC at {self.base}: {str(exc) or type(exc).__name__}") from None
+        try:
+            pinned = tls_binding.check(messages.decode(messages.DcInfoReply, text).tls, der, self.pin)
+        except (ParseError, SignatureError) as exc:
+            raise DcError("dc_unauthenticated", f"{self.base} is not DC {keys.checksum(self.pin)}: {exc}") from None
+        self._tls = aiohttp.Fingerprint(pinned)
+
     async def _call(self, method: str, path: str, answer: type[T], body: dict | None = None,
                     timeout: float | None = None) -> T:
         timeout = timeout or self.timeout
+        await self._authenticate()
         try:
-            async with self._http.request(method, self.base + path, json=body,
+            async with self._http.request(method, self.base + path, json=body, ssl=self._tls,
                                           timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
                 text = await resp.text()
+        except aiohttp.ServerFingerprintMismatch:
+            raise DcError("dc_unauthenticated", f"{self.base} presented another certificate than the pinned one") from None
         except TimeoutError:
             raise DcError("unreachable", f"DC at {self.base} did not answer within {timeout:g} s") from None
         except (aiohttp.ClientError, OSError) as exc:
@@ -95,8 +131,9 @@ class DcClient:
         `local_addrs`: the tunnel socket's addresses, announced with the answer. `heartbeat`: ping
         the DC after this long without a frame from it; no pong within half of it closes the
         WebSocket (its exception is then aiohttp.ServerTimeoutError)."""
+        await self._authenticate()
         try:
-            ws = await self._http.ws_connect(self.base + "/v1/session", heartbeat=heartbeat)
+            ws = await self._http.ws_connect(self.base + "/v1/session", heartbeat=heartbeat, ssl=self._tls)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise DcError("unreachable", f"cannot open a session at {self.base}: {exc}") from None
         try:
@@ -113,4 +150,5 @@ class DcClient:
             await ws.close()
             err = welcome if isinstance(welcome, messages.SessionError) else messages.SessionError("refused")
             raise DcError(err.error, err.message or "session refused")
+        self.session_dc = dc
         return ws, welcome

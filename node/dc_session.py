@@ -19,18 +19,18 @@ import ipaddress
 import itertools
 import logging
 import socket
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 from urllib.parse import urlsplit
 
 import aiohttp
 import coincurve
 
-from daemon.service import ROUTE_PROBES, BackgroundTasks, source_address
+from daemon.service import ROUTE_PROBES, BackgroundTasks, LogLimiter, source_address
 from node import liveness
 from node.dc_client import DcClient, DcError
 from node.endpoint import Endpoint
 from ntm import keepalive, keys, messages, record
-from ntm.addr import format_endpoint
+from ntm.addr import format_endpoint, parse_endpoint
 from ntm.clock import Clock
 from ntm.errors import CodedError, ParseError
 from ntm.registration import RegistrationRequest
@@ -52,6 +52,12 @@ QUICK_KEEPALIVES_S = (0.0, 0.1, 0.3, 0.6, 1.0, 1.5)
 UDP_PROBE_TIMEOUT_S = 2.0
 # One session attempt (TCP + challenge + welcome) may take this long before it counts as failed.
 SESSION_OPEN_TIMEOUT_S = 3.0
+# A direction signed by a DC missing from our list of active DCs makes us re-read the list (a DC
+# admitted since we last read it) at most this often: forged directions cost our DC one GET per 30 s.
+DC_LIST_REFRESH_S = 30.0
+# A keepalive reply showing a new public address is believed once the DC confirms it on the
+# session reopened from here (§5): a DC answers a status in one round trip; 1 s is a slow link's.
+MOVE_CONFIRM_TIMEOUT_S = 1.0
 
 
 class NodeError(CodedError):
@@ -68,9 +74,12 @@ class DcSilent(NodeError):
 class DcSession:
     def __init__(self, key: coincurve.PrivateKey, dc_url: str, endpoint: Endpoint, clock: Clock,
                  keepalive_interval: float, local_addrs: list[str] | None,
-                 on_direction: Callable[[dict[str, Any]], messages.DirectionAck | None],
+                 on_direction: Callable[[dict[str, Any]], Awaitable[messages.DirectionAck | None]],
                  on_moved: Callable[[], None],
-                 on_notice: Callable[[messages.CsNotice], None] = lambda notice: None) -> None:
+                 on_notice: Callable[[messages.CsNotice], None] = lambda notice: None,
+                 dc_pin: bytes | None = None) -> None:
+        """`dc_pin`: the DC's on-chain address; an https:// DC must present a certificate bound to
+        it (§5, DcClient), and a DC failed over to is pinned to its address on the DC list."""
         self.key = key
         self.id = keys.node_id_of(key)
         self.endpoint = endpoint
@@ -80,7 +89,7 @@ class DcSession:
         self.on_direction = on_direction
         self.on_moved = on_moved
         self.on_notice = on_notice
-        self._set_dc(dc_url)
+        self._set_dc(dc_url, dc_pin)
         self.ws: aiohttp.ClientWebSocketResponse | None = None
         self.keepalive_ports: list[int] = []
         self.token = b""
@@ -90,12 +99,18 @@ class DcSession:
         self.chain: tuple[int, str] | None = None  # (chain id, registry) of the DC we registered at
         self.dc_address: bytes | None = None  # the current DC's chain address (its URL may be a name)
         self.known_dcs: list[messages.DcEntry] = []  # from GET /v1/dcs while healthy: where to go if our DC dies
+        self._dcs_read_at = float("-inf")  # when known_dcs was last read (monotonic)
         self.home: dict | None = None  # set by a failover: the new registration, for the CLI's state
         self.last_timestamp = 0  # of our newest record: a failover's record must be newer
         self.counters = {"sessions": 0, "session_drops": 0, "dc_silences": 0, "failovers": 0,
-                         "address_changes": 0}
+                         "address_changes": 0, "refused_replies": 0}
         self._seq = itertools.count(clock.wall_ms())  # keepalive seq is on the wire: grows across restarts
         self._last_reply_seq = 0
+        self._last_sent_seq = 0  # a reply for a later seq answers nothing we sent: refused
+        self._status: asyncio.Future[messages.StatusReply] | None = None  # our status query, answered
+        self._confirming: asyncio.Task | None = None  # a new public address being confirmed
+        self._restarted_for: str | None = None  # a new address the session was reopened for, unconfirmed
+        self._bad_replies = LogLimiter(log, "keepalive replies", 10.0, clock.now)
         self._last_reply_at = clock.now()
         self._req_ids = itertools.count(1)
         self._results: dict[int, asyncio.Future[messages.DirectionResult]] = {}
@@ -123,9 +138,9 @@ class DcSession:
         await self.dc.close()
 
     # --- the session --------------------------------------------------------------------------
-    def _set_dc(self, dc_url: str) -> None:
+    def _set_dc(self, dc_url: str, pin: bytes | None = None) -> None:
         self.dc_url = dc_url
-        self.dc = DcClient(dc_url)
+        self.dc = DcClient(dc_url, pin=pin)
         self.dc_host = urlsplit(dc_url).hostname
         self.dc_ip = self.dc_host
 
@@ -151,6 +166,7 @@ class DcSession:
         except asyncio.TimeoutError:
             raise DcSilent("dc_silent", f"{self.dc_url} did not answer within {SESSION_OPEN_TIMEOUT_S:g} s") from None
         self.ws = ws
+        self.dc_address = self.dc.session_dc  # the DC we proved our key to: it pushes our directions
         peer = ws.get_extra_info("peername")
         # Keepalives go to the address this session reached (a DC name may have several, of
         # both families: the one that answered is the one our network can reach).
@@ -181,6 +197,7 @@ class DcSession:
             self.chain = (info.chain_id, info.registry)
             self.dc_address = keys.parse_node_id(info.dc)
             self.known_dcs = await self.dc.dcs()
+            self._dcs_read_at = self.clock.now()
         except DcError as exc:
             log.info("could not refresh the DC list from %s: %s", self.dc_url, exc)
 
@@ -233,7 +250,7 @@ class DcSession:
             self._session_up.clear()
             # A fresh HTTP client: the old one's pooled connections (and the WebSocket) were made
             # from the old address and may hang until TCP gives up; closing it aborts them all.
-            old, self.dc = self.dc, DcClient(self.dc_url)
+            old, self.dc = self.dc, DcClient(self.dc_url, pin=self.dc.pin)
             self.tasks.spawn(old.close())
 
     async def _fail_over(self) -> bool:
@@ -244,8 +261,8 @@ class DcSession:
             url = d.endpoint.rstrip("/")
             if not url or url == self.dc_url.rstrip("/") or keys.parse_node_id(d.dc) == self.dc_address:
                 continue  # the DC we are leaving, by URL or (reached by name) by its address
-            old_url, old_dc = self.dc_url, self.dc
-            self._set_dc(url)
+            old_url, old_dc, old_address = self.dc_url, self.dc, self.dc_address
+            self._set_dc(url, keys.parse_node_id(d.dc))
             try:
                 info = await self.dc.info()
                 if self.chain and (info.chain_id, info.registry) != self.chain:
@@ -263,6 +280,7 @@ class DcSession:
                 self._abandon_ws()
                 await self.dc.close()
                 self.dc_url, self.dc, self.dc_host = old_url, old_dc, urlsplit(old_url).hostname
+                self.dc_address = old_address
                 continue
             await old_dc.close()
             self.counters["failovers"] += 1
@@ -279,12 +297,13 @@ class DcSession:
             except ParseError as exc:
                 log.warning("ignoring a malformed message from the DC: %s", exc)
                 continue
-            if isinstance(m, messages.DirectionPush):
-                ack = self.on_direction(m.direction)
-                if ack is not None:
-                    await self._send_quietly(ws, ack)
+            if isinstance(m, messages.DirectionPush):  # answered once decided (§8.1), reading goes on
+                self.tasks.spawn(self._answer_direction(ws, m.direction))
             elif isinstance(m, messages.CsNoticePush):
                 self.on_notice(m.notice)
+            elif isinstance(m, messages.StatusReply):
+                if self._status is not None and not self._status.done():
+                    self._status.set_result(m)
             elif isinstance(m, messages.DirectionResult):
                 fut = self._results.pop(m.id, None)
                 if fut is not None and not fut.done():
@@ -293,6 +312,11 @@ class DcSession:
             if not fut.done():
                 fut.set_exception(NodeError("dc_lost", f"session with DC {self.dc_url} closed"))
         self._results.clear()
+
+    async def _answer_direction(self, ws: aiohttp.ClientWebSocketResponse, direction: dict[str, Any]) -> None:
+        ack = await self.on_direction(direction)
+        if ack is not None:
+            await self._send_quietly(ws, ack)
 
     async def ack_notice(self, item: str) -> None:
         """Tell the DC a Cache Server notice is dealt with (it stops pushing it); best effort."""
@@ -308,10 +332,29 @@ class DcSession:
             except (ConnectionError, RuntimeError, aiohttp.ClientError):
                 pass
 
+    async def may_direct(self, signer: bytes, home_dc: bytes, ours: bool) -> bool:
+        """May a Route Direction signed by `signer`, pushed by `home_dc`, direct us (§8.1)? A
+        signer not on our list of active DCs makes us re-read the list once per DC_LIST_REFRESH_S."""
+        def ok() -> bool:
+            active = {keys.parse_node_id(d.dc) for d in self.known_dcs}
+            return direction_signer_ok(signer, home_dc, ours, self.dc_address, active)
+
+        now = self.clock.now()
+        if ok() or ours or home_dc != self.dc_address or now - self._dcs_read_at < DC_LIST_REFRESH_S:
+            return ok()
+        self._dcs_read_at = now
+        try:
+            self.known_dcs = await self.dc.dcs()
+        except DcError as exc:
+            log.info("could not refresh the DC list from %s: %s", self.dc_url, exc)
+            return False
+        return ok()
+
     # --- keepalives: keep the NAT mapping open and tell the DC where we are -------------------
     def send_keepalives(self) -> None:
         for port in self.keepalive_ports:
-            pkt = keepalive.encode_request(self.id, next(self._seq), self.token)
+            self._last_sent_seq = next(self._seq)
+            pkt = keepalive.encode_request(self.id, self._last_sent_seq, self.token)
             self.endpoint.send_control(pkt, (self.dc_ip, port))
 
     async def _quick_keepalives(self) -> None:
@@ -332,7 +375,7 @@ class DcSession:
         end = self.clock.now() + timeout
         while self._last_reply_seq == seq and self.clock.now() < end:
             await asyncio.sleep(0.01)
-        return self.observed != before
+        return self.observed != before or self._restarted_for is not None
 
     async def _keepalive_loop(self) -> None:
         while True:
@@ -344,11 +387,14 @@ class DcSession:
 
     def _on_control(self, data: bytes, addr) -> None:
         try:
-            seq, ip, port = keepalive.parse_reply(data)
-        except ParseError:
+            seq, ip, port = keepalive.parse_reply(data, self.token)
+        except ParseError as exc:
+            self._refuse_reply(str(exc))  # anyone can send them, from any source
             return
-        if seq < self._last_reply_seq:
-            return  # a late reply to a keepalive sent before a newer one: not where we are now
+        if not self._last_reply_seq <= seq <= self._last_sent_seq:
+            if seq > self._last_sent_seq:
+                self._refuse_reply("a reply to a keepalive not sent")
+            return  # or late (sent before a newer one: not where we are now)
         self._last_reply_seq, self._last_reply_at = seq, self.clock.now()
         observed = format_endpoint(ip, port)
         if self.keepalive_ports and addr[1] != self.keepalive_ports[0]:
@@ -356,17 +402,44 @@ class DcSession:
             return
         udp_back = self.udp is False
         self.udp = True
-        if observed != self.observed:
-            moved = self.observed is not None
+        if self.observed is None:
             log.info("DC sees us at %s", observed)
             self.observed = observed
-            if moved:
+        elif observed != self.observed and self._confirming is None:
+            if self._restarted_for != observed:  # we moved, or our NAT rebound: reopen from here at once
+                self._restarted_for = observed
                 self.network_changed("public address changed")  # probes every tunnel too
-                udp_back = False
-        if udp_back:  # relayed over TCP until now: let the tunnels try UDP paths at once
+            self._confirming = self.tasks.spawn(self._confirm_move(observed))
+        if udp_back and self._confirming is None:  # relayed over TCP until now: try UDP paths at once
             log.info("UDP works again (keepalive reply from the DC)")
             self.on_moved()
         self._observed_event.set()
+
+    def _refuse_reply(self, why: str) -> None:
+        self.counters["refused_replies"] += 1
+        self._bad_replies.note(why)
+
+    async def _confirm_move(self, observed: str) -> None:
+        """A keepalive reply shows a new public address: the session has been reopened from here
+        (the old TCP connection may have left with the old address), and the address is believed
+        once the DC confirms it on that session (the reply's MAC key crossed the session)."""
+        try:
+            try:
+                await asyncio.wait_for(self._session_up.wait(), SESSION_OPEN_TIMEOUT_S + UDP_PROBE_TIMEOUT_S)
+                ws, self._status = self.ws, asyncio.get_running_loop().create_future()
+                await ws.send_json(messages.encode(messages.StatusQuery()))  # type: ignore[union-attr]
+                told = (await asyncio.wait_for(self._status, MOVE_CONFIRM_TIMEOUT_S)).observed
+            except (asyncio.TimeoutError, ConnectionError, AttributeError, RuntimeError, aiohttp.ClientError):
+                return  # no session to ask now: the next reply asks again
+            if told is None or format_endpoint(*parse_endpoint(told)) != observed:
+                self._refuse_reply("address change the DC does not confirm")
+            else:
+                log.info("DC sees us at %s", observed)
+                self.observed = observed
+            self._restarted_for = None
+        finally:
+            self._status = None
+            self._confirming = None
 
     def network_changed(self, why: str = "network changed") -> None:
         """Our address changed (seen by the DC, or told by the OS/application): reopen the DC
@@ -408,6 +481,16 @@ class DcSession:
 
     def status(self) -> dict:
         return {"dc": self.dc_url, "observed": self.observed, "udp": self.udp, **self.counters}
+
+
+def direction_signer_ok(signer: bytes, home_dc: bytes, ours: bool, session_dc: bytes | None,
+                        active: set[bytes]) -> bool:
+    """Who may direct this node (§8.1): the direction names as its deliverer (`home_dc`) the DC our
+    session is with; the requester's DC signs it, so a direction for our own request is signed by
+    our session's DC, and one a peer asked for by an active DC (ours, or one on its /v1/dcs list)."""
+    if session_dc is None or home_dc != session_dc:
+        return False
+    return signer == session_dc or (not ours and signer in active)
 
 
 def local_addrs_towards(host: str | None, port: int, families: tuple[int, ...] = ()) -> list[str]:

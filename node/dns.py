@@ -2,16 +2,20 @@
 
 `<node-id>.ntm` and `<alias>.ntm` answer AAAA (the peer's overlay IPv6) and A (the IPv4 address
 this node gave it). Other names under .ntm: NXDOMAIN. Names outside .ntm: REFUSED (this is not
-a recursive resolver). Wire format by dnspython; `answer()` is pure, `DnsServer` is the UDP
-adapter.
+a recursive resolver). Only this node's own applications are answered (`from_this_node`): the
+responder listens on the TUN addresses, which a LAN neighbour (routing to them through us) or a
+peer (through its tunnel) can reach too, and it must not show them the alias book. Wire format
+by dnspython; `answer()` and `from_this_node()` are pure, `DnsServer` is the UDP adapter.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
+import time
 from ipaddress import IPv4Address, IPv6Address
-from typing import Callable
+from typing import Callable, Collection
 
 import dns.exception
 import dns.flags
@@ -21,6 +25,9 @@ import dns.rcode
 import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
+
+from daemon.service import LogLimiter
+from ntm.addr import unmapped
 
 log = logging.getLogger("ntm.node")
 
@@ -32,6 +39,19 @@ ANSWER_TTL = 60
 MAX_QUERY = 512
 
 Resolve = Callable[[str], "tuple[IPv6Address, IPv4Address] | None"]
+
+
+def from_this_node(source: str, own: Collection[str]) -> bool:
+    """A query from this node's own applications: sent from loopback, or from one of our own
+    (overlay) addresses, which is the source the kernel picks when an application here asks the
+    TUN address. Nothing from outside can carry those sources: the kernel drops a packet from
+    another interface with a local source (martian), and the data plane lets a peer's packets
+    into TUN only from that peer's own overlay addresses (§10.3)."""
+    try:
+        ip = ipaddress.ip_address(unmapped(source.split("%", 1)[0]))
+    except ValueError:
+        return False
+    return ip.is_loopback or str(ip) in own
 
 
 def answer(query: bytes, resolve: Resolve) -> bytes | None:
@@ -69,14 +89,20 @@ def answer(query: bytes, resolve: Resolve) -> bytes | None:
 
 
 class _Proto(asyncio.DatagramProtocol):
-    def __init__(self, resolve: Resolve) -> None:
+    def __init__(self, resolve: Resolve, own: Collection[str], server: DnsServer) -> None:
         self.resolve = resolve
+        self.own = own
+        self.server = server
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport) -> None:
         self.transport = transport
 
     def datagram_received(self, data: bytes, addr) -> None:
+        if not from_this_node(addr[0], self.own):
+            self.server.refused += 1  # dropped unanswered: nothing learned, no reflection
+            self.server.refusals.note("not from this node")
+            return
         try:
             out = answer(data, self.resolve)
         except Exception:  # a bug must not stop the responder; the query just goes unanswered
@@ -89,22 +115,24 @@ class _Proto(asyncio.DatagramProtocol):
 class DnsServer:
     """UDP DNS on the given (host, port) pairs."""
 
-    def __init__(self, transports: list[asyncio.DatagramTransport]) -> None:
-        self.transports = transports
+    def __init__(self) -> None:
+        self.transports: list[asyncio.DatagramTransport] = []
+        self.refused = 0  # queries not from this node, dropped
+        self.refusals = LogLimiter(log, "DNS queries", 10.0, time.monotonic)
 
     @classmethod
-    async def start(cls, binds: list[tuple[str, int]], resolve: Resolve) -> DnsServer:
+    async def start(cls, binds: list[tuple[str, int]], resolve: Resolve, own: Collection[str]) -> DnsServer:
+        """Answer on `binds` queries from loopback or from `own` (this node's overlay addresses)."""
         loop = asyncio.get_running_loop()
-        transports = []
+        server = cls()
         try:
             for host, port in binds:
-                t, _ = await loop.create_datagram_endpoint(lambda: _Proto(resolve), local_addr=(host, port))
-                transports.append(t)
+                t, _ = await loop.create_datagram_endpoint(lambda: _Proto(resolve, own, server), local_addr=(host, port))
+                server.transports.append(t)
         except OSError:
-            for t in transports:
-                t.close()
+            server.close()
             raise
-        return cls(transports)
+        return server
 
     def close(self) -> None:
         for t in self.transports:

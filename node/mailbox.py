@@ -16,10 +16,11 @@ from typing import Awaitable, Callable
 
 import coincurve
 
-from daemon.service import BackgroundTasks
+from daemon.service import BackgroundTasks, LogLimiter
 from node.cs_client import CsClient, CsClientError, Received
 from node.dc_client import REQUEST_TIMEOUT_S, DcClient, DcError
 from ntm import keys, messages
+from ntm.clock import SYSTEM, Clock
 
 log = logging.getLogger("ntm.node.mailbox")
 
@@ -27,6 +28,9 @@ log = logging.getLogger("ntm.node.mailbox")
 # item stays on disk in the inbox directory. Also how many fetched items wait for an application
 # that never calls next() (the daemon): beyond it the oldest is dropped from the queue.
 RECENT = 100
+# A notice naming a Cache Server we do not know makes us re-read the federation's list (a CS
+# announced since) at most this often: injected notices cost the DCs a few GETs per minute.
+CS_LIST_REFRESH_S = 30.0
 
 
 async def federation_cs_urls(dc_url: str, timeout: float = REQUEST_TIMEOUT_S) -> list[str]:
@@ -50,9 +54,18 @@ async def federation_cs_urls(dc_url: str, timeout: float = REQUEST_TIMEOUT_S) ->
 
 class Mailbox:
     def __init__(self, key: coincurve.PrivateKey, directory: Path, ack_notice: Callable[[str], Awaitable[None]],
-                 take: Callable[[Received], bool] = lambda item: False) -> None:
-        """`take(item)`: a consumer inside the node (group traffic) that keeps an item from the queue."""
+                 take: Callable[[Received], bool] = lambda item: False,
+                 dc_url: Callable[[], str | None] = lambda: None, clock: Clock = SYSTEM) -> None:
+        """`take(item)`: a consumer inside the node (group traffic) that keeps an item from the queue.
+        `dc_url()`: our DC now, asked for the Cache Servers the DCs announce (the only ones a
+        notice may send us to)."""
         self.key = key
+        self.dc_url = dc_url
+        self.clock = clock
+        self.known_cs: set[str] = set()  # Cache Server URLs the federation's DCs announce
+        self._cs_read_at = float("-inf")
+        self.refused = 0  # notices for another node or naming a CS no DC announces: ignored
+        self._refusals = LogLimiter(log, "Cache Server notices", 10.0, clock.now)
         self.take = take
         self.directory = directory
         self.ack_notice = ack_notice
@@ -67,7 +80,31 @@ class Mailbox:
 
     def on_notice(self, notice: messages.CsNotice) -> None:
         self.notices.append(notice)
-        self.tasks.spawn(self._fetch(notice.cs, notice.item))
+        self.tasks.spawn(self._noticed(notice))
+
+    async def _noticed(self, notice: messages.CsNotice) -> None:
+        """Fetch what a notice names only if it is for us and at a Cache Server a DC announces
+        (§12): a notice injected on the session cannot make us send a signed request elsewhere."""
+        if keys.parse_node_id(notice.node) != keys.node_id_of(self.key):
+            why = "for another node"
+        elif not await self._announced(notice.cs.rstrip("/")):
+            why = "naming a Cache Server no DC announces"
+        else:
+            await self._fetch(notice.cs.rstrip("/"), notice.item)
+            return
+        self.refused += 1
+        self._refusals.note(why)
+
+    async def _announced(self, url: str) -> bool:
+        now, dc_url = self.clock.now(), self.dc_url()
+        if url in self.known_cs or dc_url is None or now - self._cs_read_at < CS_LIST_REFRESH_S:
+            return url in self.known_cs
+        self._cs_read_at = now
+        try:
+            self.known_cs.update(u.rstrip("/") for u in await federation_cs_urls(dc_url))
+        except DcError as exc:
+            log.info("cannot list the federation's Cache Servers: %s", exc)
+        return url in self.known_cs
 
     async def sweep(self, dc_url: str) -> int:
         """Fetch whatever waits at any Cache Server of the federation; returns how many."""
@@ -77,6 +114,8 @@ class Mailbox:
         except DcError as exc:
             log.warning("cannot list the federation's Cache Servers: %s", exc)
             return 0
+        self.known_cs.update(u.rstrip("/") for u in urls)
+        self._cs_read_at = self.clock.now()
         for url in urls:
             try:
                 async with CsClient(self.key, url) as cs:

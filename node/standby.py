@@ -182,7 +182,7 @@ class StandbyPaths:
 
     def _on_probe_reply(self, data: bytes, addr) -> None:
         try:
-            seq, ip, port = keepalive.parse_reply(data, keepalive.STANDBY_REPLY)
+            seq, ip, port = keepalive.parse_reply(data, self.node.session.token, keepalive.STANDBY_REPLY)
         except ParseError:
             return
         ifindex = self._probes.pop(seq, None)

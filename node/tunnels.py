@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
@@ -24,7 +24,7 @@ from node.endpoint import Endpoint
 from ntm import envelope, keys, messages
 from ntm.addr import parse_endpoint
 from ntm.clock import Clock
-from ntm.errors import NtmError, ParseError
+from ntm.errors import NtmError, ParseError, SignatureError
 from ntm.ratelimit import Buckets, TokenBucket
 from ntm.tunnel import RelayInfo
 
@@ -53,6 +53,14 @@ ALL_DIRECTIONS = (16.0, 64.0)
 RATE_PEERS_KEPT = 4096
 # Inbound policy: may this peer open a tunnel to us? (The daemon's allow list; default: anyone.)
 Admit = Callable[[bytes], bool]
+# May DC `signer` direct us, in a direction delivered by DC `home_dc`, for our own request (True)
+# or for a peer's (False)? (DcSession.may_direct, §8.1.)
+TrustDc = Callable[[bytes, bytes, bool], Awaitable[bool]]
+
+
+async def trust_no_dc(signer: bytes, home_dc: bytes, ours: bool) -> bool:
+    """Until told which DCs are ours, no direction is followed."""
+    return False
 
 
 @dataclass
@@ -87,24 +95,24 @@ class Tunnel:
                 "rtt_ms": round(ch.rtt * 1000, 2) if ch.rtt else None, **ch.stats}
 
 
-def open_direction(obj: Any) -> messages.RouteDirection:
-    """The body of a DC-signed Route Direction; ParseError if malformed or not signed by its DC.
-
-    Which DC signed does not matter to the node's security: the peer's key is checked against the
-    peer ID in the handshake (a lying DC cannot get in the middle)."""
-    env, sig = envelope.parse(obj)
-    if env.kind != messages.ROUTE_DIRECTION:
-        raise ParseError(f"expected a route direction, got {env.kind!r}")
-    if keys.recover_node_id(env.digest(), sig) != env.sender:
-        raise ParseError("route direction signature does not match its DC")
-    return messages.decode(messages.RouteDirection, env.body)
+def open_direction(obj: Any, now_ms: int) -> tuple[envelope.Envelope, messages.RouteDirection]:
+    """A Route Direction envelope, signed by its `from` and fresh, and its body; ParseError if
+    malformed, SignatureError if forged or stale. Whether its signer may direct us is the
+    caller's check (Tunnels._directed_by_dc): anyone can sign an envelope with some key."""
+    env = envelope.open_envelope(obj, messages.ROUTE_DIRECTION, now_ms, lambda dc: True)
+    return env, messages.decode(messages.RouteDirection, env.body)
 
 
 class Tunnels:
     def __init__(self, my_id: bytes, endpoint: Endpoint, clock: Clock, ask: AskDirection,
                  check_address: Callable[[], Awaitable[bool]], admit: Admit = lambda peer: True,
-                 udp_ok: Callable[[], bool] = lambda: True) -> None:
+                 udp_ok: Callable[[], bool] = lambda: True, trust_dc: TrustDc = trust_no_dc) -> None:
         self.my_id = my_id
+        self.trust_dc = trust_dc
+        self.forged_directions = 0  # directions not from our DCs, not for us, or replayed: ignored
+        self._forgeries = LogLimiter(log, "route directions", 10.0, clock.now)
+        self._guard = envelope.ReplayGuard()
+        self._asking: Counter[bytes] = Counter()  # peers we have a Direction Request out for
         self.admit = admit
         self.udp_ok = udp_ok  # False: our network lets no UDP out, reach relays over TCP (§8.4)
         self.refused = 0  # directions from peers the policy does not admit, or beyond the rates
@@ -134,16 +142,19 @@ class Tunnels:
             self._opening[path] = asyncio.get_running_loop().create_future()
         return self._opening[path]
 
-    def on_direction(self, obj: dict[str, Any]) -> messages.DirectionAck | None:
-        """A Route Direction pushed by the DC: decide now whether we follow it (the DC waits for
-        this answer to tell the requester, §8.1), and open its path in the background. None (no
-        answer) for a direction that does not parse or is not signed by its DC."""
+    async def on_direction(self, obj: dict[str, Any]) -> messages.DirectionAck | None:
+        """A Route Direction pushed by the DC: check at once who directs us (§8.1) and whether we
+        serve it (the DC waits for this answer to tell the requester), and open its path in the
+        background. None (no answer) for a direction that is malformed, forged or replayed."""
         try:
-            d = open_direction(obj)
+            env, d = open_direction(obj, self.clock.wall_ms())
             path, peer = bytes.fromhex(d.path), keys.parse_node_id(d.peer)
             ours = keys.parse_node_id(d.requester) == self.my_id
-        except (ParseError, ValueError) as exc:
-            log.warning("ignoring malformed route direction: %s", exc)
+        except (ParseError, SignatureError, ValueError) as exc:
+            self.forged_directions += 1
+            self._forgeries.note(f"malformed or forged ({exc})")
+            return None
+        if not await self._directed_by_dc(env, d, peer, ours):
             return None
         refused = None if ours else self._refusal(peer)
         if refused is None:
@@ -188,6 +199,27 @@ class Tunnels:
         elif tunnel.id == path:
             self._incoming.put_nowait(tunnel)
 
+    async def _directed_by_dc(self, env: envelope.Envelope, d: messages.RouteDirection, peer: bytes,
+                              ours: bool) -> bool:
+        """§8.1: a direction we follow names us, answers a Direction Request we have out (ours) or
+        comes from a peer (then _refusal decides), is signed by a DC that may direct us, and was not
+        seen before. Decided before anything is sent, so an injected direction sends nothing."""
+        if keys.parse_node_id(d.node) != self.my_id:
+            why = "for another node"
+        elif ours and not self._asking[peer]:
+            why = "for a request we did not make"
+        elif not await self.trust_dc(env.sender, keys.parse_node_id(d.home_dc), ours):
+            why = "not signed by a DC that may direct us"
+        else:
+            try:
+                self._guard.check_and_add(env, self.clock.wall_ms())
+                return True
+            except SignatureError:
+                why = "replayed"
+        self.forged_directions += 1
+        self._forgeries.note(why)
+        return False
+
     def _refusal(self, peer: bytes) -> messages.Refusal | None:
         """Why we do not serve a direction a peer asked for (None: we do): not on the allow list,
         or beyond the rates. Decided before any handshake or session exists, so a refused peer
@@ -221,16 +253,21 @@ class Tunnels:
         return tunnel
 
     async def _directed(self, peer: bytes, route: str | None, resume: bytes | None) -> Tunnel:
+        self._asking[peer] += 1  # before asking: the DC pushes our direction before it answers
+        path = b""
         try:
-            path = await self.ask(peer, route, resume)
-        except NodeError as exc:
-            if exc.abandoned is not None:  # we were directed first (the peer initiates), then it failed
-                self._abandon(exc.abandoned)
-            raise
-        try:
+            try:
+                path = await self.ask(peer, route, resume)
+            except NodeError as exc:
+                if exc.abandoned is not None:  # we were directed first (the peer initiates), then it failed
+                    self._abandon(exc.abandoned)
+                raise
             return await asyncio.wait_for(self._opening_future(path), TUNNEL_TIMEOUT_S + 2)
         finally:
             self._opening.pop(path, None)
+            self._asking[peer] -= 1
+            if not self._asking[peer]:
+                del self._asking[peer]
 
     def _abandon(self, path: bytes) -> None:
         """Stop opening our own direction `path` (no handshake will come: the peer refused)."""

@@ -14,6 +14,7 @@ envelope's `kind` names them, see ntm/envelope.py).
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal, TypeVar, Union
 
 import msgspec
@@ -24,6 +25,13 @@ from ntm.errors import ParseError
 
 # Limits that keep one message small: at most this many endpoints in any list.
 MAX_ENDPOINTS = 8
+# JSON from outsiders (HTTP bodies, headers, session frames) is refused before it is parsed when it
+# nests deeper than this: our deepest message (a Route Direction in a push) nests 4 levels, and
+# Python's parsers fail with RecursionError (a 500 and a traceback) near 1,000.
+MAX_JSON_DEPTH = 32
+# Integers in outsiders' JSON fit a signed 64-bit integer (SQLite's INTEGER; every timestamp,
+# size and counter here): a larger one is refused at parse, before any work.
+INT_MIN, INT_MAX = -(2**63), 2**63 - 1
 
 NodeId = Annotated[str, Meta(pattern=r"^(0[xX])?[0-9a-fA-F]{40}$")]
 Hex8 = Annotated[str, Meta(pattern=r"^[0-9a-fA-F]{16}$")]  # path IDs
@@ -38,7 +46,7 @@ Port = Annotated[int, Meta(ge=0, le=65535)]
 # A relay's stream listener (§8.4): WebSocket, plain or over TLS.
 StreamUrl = Annotated[str, Meta(pattern=r"^wss?://[^\s/]+/\S*$", max_length=256)]
 StreamUrls = Annotated[list[StreamUrl], Meta(max_length=MAX_ENDPOINTS)]
-Ms = Annotated[int, Meta(ge=0)]
+Ms = Annotated[int, Meta(ge=0, le=INT_MAX)]
 
 
 class Message(Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -254,6 +262,13 @@ class NodeInfo(Message, kw_only=True):
 
 
 # --- HTTP -------------------------------------------------------------------------------------
+class TlsBinding(Message):
+    """The DC's TLS certificate (SHA-256 of its DER) signed by its chain key (ntm/tls_binding.py)."""
+
+    cert_sha256: Hex32
+    sig: Hex65
+
+
 class DcInfoReply(Message):
     """GET /v1/info."""
 
@@ -266,6 +281,7 @@ class DcInfoReply(Message):
     active: bool
     cs: str | None = None  # this DC's Cache Server (URL), if it has one
     relay_streams: StreamUrls = []  # its relays' stream URLs (§8.4): `ntm netcheck` tries them
+    tls: TlsBinding | None = None  # served over TLS: its certificate bound to its chain key (§5)
 
 
 class DcEntry(Message):
@@ -314,13 +330,60 @@ class RegisterResult(Message):
 T = TypeVar("T")
 
 
+def check_depth(raw: str | bytes | bytearray | memoryview) -> None:
+    """ParseError if JSON text nests deeper than MAX_JSON_DEPTH: one pass, before any parsing."""
+    data = raw.encode() if isinstance(raw, str) else bytes(raw)
+    if data.count(b"[") + data.count(b"{") <= MAX_JSON_DEPTH:
+        return  # cannot nest deeper: the common case costs two C scans
+    depth, in_string, escaped = 0, False, False
+    for b in data:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif b == 0x5C:  # backslash
+                escaped = True
+            elif b == 0x22:  # quote
+                in_string = False
+        elif b == 0x22:
+            in_string = True
+        elif b in (0x5B, 0x7B):  # [ {
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                raise ParseError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+        elif b in (0x5D, 0x7D):
+            depth -= 1
+
+
+def _bounded_int(text: str) -> int:
+    value = int(text)
+    if not INT_MIN <= value <= INT_MAX:
+        raise ValueError(f"integer {text[:24]}{'…' if len(text) > 24 else ''} out of the 64-bit range")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def loads(raw: str | bytes | bytearray | memoryview) -> Any:
+    """JSON from an outsider: ParseError for anything malformed, nested deeper than MAX_JSON_DEPTH,
+    with an integer outside the signed 64-bit range, or NaN/Infinity; never another exception."""
+    check_depth(raw)
+    try:
+        return json.loads(bytes(raw) if isinstance(raw, (bytearray, memoryview)) else raw,
+                          parse_int=_bounded_int, parse_constant=_no_constant)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise ParseError(f"not JSON: {exc}") from None
+
+
 def decode(kind: type[T] | Any, obj: Any) -> T:
     """Validate `obj` (decoded JSON, or JSON text/bytes) as `kind`; ParseError naming the field."""
     try:
         if isinstance(obj, (str, bytes, bytearray, memoryview)):
+            check_depth(obj)
             return msgspec.json.decode(obj, type=kind)
         return msgspec.convert(obj, kind)
-    except (msgspec.ValidationError, msgspec.DecodeError, ValueError, TypeError) as exc:
+    except (msgspec.ValidationError, msgspec.DecodeError, ValueError, TypeError, RecursionError) as exc:
         name = getattr(kind, "__name__", "message")
         raise ParseError(f"malformed {name}: {exc}") from None
 

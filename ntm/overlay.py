@@ -137,10 +137,15 @@ class Overlay:
             self.stats["addr_collisions"] += 1
             raise AddressError(f"{IPv6Address(addr)} already belongs to 0x{other.hex()}")
 
-    def addresses(self, peer: bytes) -> tuple[IPv6Address, IPv4Address]:
-        """The peer's virtual addresses as this node's applications see them (assigning IPv4)."""
+    def addresses(self, peer: bytes, keep: bool = True) -> tuple[IPv6Address, IPv4Address]:
+        """The peer's virtual addresses as this node's applications see them (assigning IPv4).
+        `keep=False`: a name lookup, nothing persisted (V4Book.assign); AddressError beyond
+        vaddr.LOOKED_UP_MAX such peers, before anything is learned."""
+        if self.v6_peers.get(v6_of(peer).packed, peer) != peer:
+            self.learn(peer)  # a collision: refused (and counted) before any address is given
+        v4 = self.book.assign(peer, keep)
         self.learn(peer)
-        return v6_of(peer), self.book.assign(peer)
+        return v6_of(peer), v4
 
     def outbound(self, pkt: bytes) -> bytes | None:
         """The node ID a packet read from TUN goes to; None (counted) if no peer has its address."""

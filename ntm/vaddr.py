@@ -61,6 +61,12 @@ def is_overlay_v6(addr: bytes) -> bool:
     return addr[:4] == V6_PREFIX.network_address.packed[:4]
 
 
+# Peers given an address only because a local application looked their name up (not aliased,
+# allowed, nor heard from): kept in memory, never persisted, and at most this many, so lookups of
+# random IDs neither grow peers.json nor exhaust the IPv4 network (§10.5).
+LOOKED_UP_MAX = 1024
+
+
 class V4Book:
     """This node's IPv4 view of its peers: own address = first host of `net`; peers get the next
     free ones in order. Injective both ways; `load`/`dump` keep it across restarts."""
@@ -75,8 +81,9 @@ class V4Book:
         self._next = int(self.own) + 1
         for peer, addr in (assigned or {}).items():
             self._put(peer, addr)
-        # Told of every address assign() gives out (not those loaded): the daemon persists the book.
+        # Told of every address assign() gives out to keep (not those loaded): the daemon persists the book.
         self.on_assign: Callable[[bytes, IPv4Address], None] | None = None
+        self.looked_up: set[bytes] = set()  # given out by assign(keep=False): not dumped
 
     def _put(self, peer: bytes, addr: IPv4Address) -> None:
         if addr not in self.net or addr in (self.own, self.net.broadcast_address, self.net.network_address):
@@ -86,11 +93,20 @@ class V4Book:
         self.by_peer[peer] = addr
         self.by_addr[addr] = peer
 
-    def assign(self, peer: bytes) -> IPv4Address:
-        """The peer's address in this node's view, giving it the next free one on first use."""
+    def assign(self, peer: bytes, keep: bool = True) -> IPv4Address:
+        """The peer's address in this node's view, giving it the next free one on first use.
+        `keep=False` (a name lookup): the address lives in memory only (not dumped, on_assign not
+        told), for at most LOOKED_UP_MAX peers (AddressError beyond); a later assign() that
+        keeps it makes it permanent."""
         addr = self.by_peer.get(peer)
         if addr is not None:
+            if keep and peer in self.looked_up:
+                self.looked_up.discard(peer)
+                if self.on_assign is not None:
+                    self.on_assign(peer, addr)
             return addr
+        if not keep and len(self.looked_up) >= LOOKED_UP_MAX:
+            raise AddressError(f"{LOOKED_UP_MAX} peers looked up by name and never heard from: no more")
         last = int(self.net.broadcast_address)
         while self._next < last and IPv4Address(self._next) in self.by_addr:
             self._next += 1
@@ -98,7 +114,9 @@ class V4Book:
             raise AddressError(f"no free virtual IPv4 address left in {self.net}")
         addr = IPv4Address(self._next)
         self._put(peer, addr)
-        if self.on_assign is not None:
+        if not keep:
+            self.looked_up.add(peer)
+        elif self.on_assign is not None:
             self.on_assign(peer, addr)
         return addr
 
@@ -106,7 +124,7 @@ class V4Book:
         return self.by_addr.get(addr)
 
     def dump(self) -> dict[str, str]:
-        return {"0x" + p.hex(): str(a) for p, a in self.by_peer.items()}
+        return {"0x" + p.hex(): str(a) for p, a in self.by_peer.items() if p not in self.looked_up}
 
     @classmethod
     def load(cls, net: IPv4Network, data: dict[str, str]) -> V4Book:

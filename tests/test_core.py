@@ -158,9 +158,26 @@ def test_keepalive_roundtrip_and_mac():
     node, seq, head, mac = keepalive.parse_request(pkt)
     assert (node, seq) == (b"n" * 20, 7) and keepalive.mac_ok(token, head, mac)
     assert not keepalive.mac_ok(b"u" * 32, head, mac)
-    assert keepalive.parse_reply(keepalive.encode_reply(7, "198.18.0.11", 40000)) == (7, "198.18.0.11", 40000)
-    assert keepalive.parse_reply(keepalive.encode_reply(1, "2001:db8::5", 1)) == (1, "2001:db8::5", 1)
-    assert keepalive.parse_reply(keepalive.encode_reply(1, "::ffff:10.0.0.1", 9))[1] == "10.0.0.1"
+    reply = keepalive.encode_reply(7, "198.18.0.11", 40000, token)
+    assert keepalive.parse_reply(reply, token) == (7, "198.18.0.11", 40000)
+    assert keepalive.parse_reply(keepalive.encode_reply(1, "2001:db8::5", 1, token), token) == (1, "2001:db8::5", 1)
+    assert keepalive.parse_reply(keepalive.encode_reply(1, "::ffff:10.0.0.1", 9, token), token)[1] == "10.0.0.1"
+    assert len(reply) < len(pkt) and len(keepalive.encode_reply(1, "2001:db8::5", 1, token)) < len(pkt)  # no amplification
+
+
+def test_a_forged_keepalive_reply_is_refused():
+    """Off-path attacker: it spoofs the DC's source to tell a node it moved, without the session
+    token, or flips the address or seq of a genuine reply (seq 2^64-1 to poison the window)."""
+    token = b"t" * 32
+    genuine = keepalive.encode_reply(7, "198.18.0.11", 40000, token)
+    forgeries = [keepalive.encode_reply(7, "203.0.113.66", 1, b"x" * 32),
+                 keepalive.encode_reply(2**64 - 1, "198.18.0.11", 40000, b"\0" * 32),
+                 genuine[:1] + b"\xff" * 8 + genuine[9:],  # seq rewritten
+                 genuine[:12] + bytes([203, 0, 113, 66]) + genuine[16:],  # address rewritten
+                 genuine[:-1]]
+    for forged in forgeries:
+        with pytest.raises(ParseError):
+            keepalive.parse_reply(forged, token)
 
 
 def test_presence_refuses_wrong_token_and_replay():
@@ -189,9 +206,9 @@ def test_standby_probe_is_answered_and_changes_nothing():
     assert p.on_keepalive(keepalive.encode_request(b"n" * 20, 5, s.token), ("198.18.0.11", 5))
     probe = keepalive.encode_request(b"n" * 20, 1, s.token, keepalive.STANDBY_PROBE)
     reply = p.on_keepalive(probe, ("198.18.0.12", 9))
-    assert keepalive.parse_reply(reply, keepalive.STANDBY_REPLY) == (1, "198.18.0.12", 9)
+    assert keepalive.parse_reply(reply, s.token, keepalive.STANDBY_REPLY) == (1, "198.18.0.12", 9)
     with pytest.raises(ParseError):
-        keepalive.parse_reply(reply)
+        keepalive.parse_reply(reply, s.token)
     assert p.observed(b"n" * 20) == ("198.18.0.11:5", None)
     assert p.on_keepalive(probe, ("198.18.0.66", 6)) is None  # replayed
     assert p.on_keepalive(keepalive.encode_request(b"n" * 20, 2, b"x" * 32, keepalive.STANDBY_PROBE),
@@ -204,7 +221,7 @@ def test_standby_probe_is_answered_and_changes_nothing():
 
 @given(st.binary(max_size=200))
 def test_keepalive_parsers_raise_only_parse_error(data):
-    for parse in (keepalive.parse_request, keepalive.parse_reply):
+    for parse in (keepalive.parse_request, lambda d: keepalive.parse_reply(d, b"t" * 32)):
         try:
             parse(data)
         except ParseError:

@@ -166,7 +166,7 @@ async def test_session_and_keepalive_token(net, tmp_path):
             s.settimeout(2)
             s.sendto(keepalive.encode_request(n, 1, b"\x00" * 32), ("127.0.0.1", port))  # wrong token
             s.sendto(keepalive.encode_request(n, 2, token), ("127.0.0.1", port))
-            seq, ip, observed_port = keepalive.parse_reply(s.recv(100))
+            seq, ip, observed_port = keepalive.parse_reply(s.recv(100), token)
             assert (seq, ip, observed_port) == (2, "127.0.0.1", s.getsockname()[1])
         await ws.send_json({"type": "status"})
         status = await ws.receive_json()

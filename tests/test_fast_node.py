@@ -11,7 +11,7 @@ import os
 import pytest
 
 from node import liveness
-from node.dc_session import NodeError
+from node.dc_session import NodeError, direction_signer_ok
 from node.endpoint import Endpoint
 from node.liveness import LinkAction
 from node.tunnels import Tunnels
@@ -82,6 +82,7 @@ class FakeDcs:
         self.forge_peer_key = False
         self.requester_first = False  # the peer initiates: the requester is directed first
         self.requests = 0
+        self.pushed: dict[bytes, list[dict]] = {}  # directions given to each node
 
     def direction(self, me: bytes, peer: bytes, path: bytes, role: str, requester: bytes, resume: bytes | None) -> dict:
         _, peer_addr, peer_pub = self.ends[peer]
@@ -91,7 +92,13 @@ class FakeDcs:
                                        keys.checksum(peer),
                                        peer_pub.hex(), keys.checksum(requester), [f"{peer_addr[0]}:{peer_addr[1]}"],
                                        resume=resume.hex() if resume else None)
-        return envelope.seal(DC_KEY, messages.ROUTE_DIRECTION, messages.encode(body), self.clock.wall_ms())
+        sealed = envelope.seal(DC_KEY, messages.ROUTE_DIRECTION, messages.encode(body), self.clock.wall_ms())
+        self.pushed.setdefault(me, []).append(sealed)
+        return sealed
+
+    @staticmethod
+    async def trust(signer: bytes, home_dc: bytes, ours: bool) -> bool:
+        return direction_signer_ok(signer, home_dc, ours, DC_ID, {DC_ID})
 
     def asker(self, me: bytes):
         async def ask(peer: bytes, route: str | None, resume: bytes | None) -> bytes:
@@ -99,12 +106,12 @@ class FakeDcs:
             path = os.urandom(8)
             mine, theirs = self.ends[me][0], self.ends[peer][0]
             if self.requester_first:
-                mine.on_direction(self.direction(me, peer, path, "wait", me, resume))
-                ack = theirs.on_direction(self.direction(peer, me, path, "initiate", me, resume))
+                await mine.on_direction(self.direction(me, peer, path, "wait", me, resume))
+                ack = await theirs.on_direction(self.direction(peer, me, path, "initiate", me, resume))
             else:
-                ack = theirs.on_direction(self.direction(peer, me, path, "wait", me, resume))
+                ack = await theirs.on_direction(self.direction(peer, me, path, "wait", me, resume))
                 if ack is not None and ack.refused is None:
-                    mine.on_direction(self.direction(me, peer, path, "initiate", me, resume))
+                    await mine.on_direction(self.direction(me, peer, path, "initiate", me, resume))
             assert ack is not None and ack.path == path.hex()
             if ack.refused is not None:
                 exc = NodeError(ack.refused, "the peer refused")
@@ -127,7 +134,7 @@ async def pair():
         async def no_move() -> bool:
             return False
 
-        t = Tunnels(nid, ep, clock, dcs.asker(nid), no_move)
+        t = Tunnels(nid, ep, clock, dcs.asker(nid), no_move, trust_dc=dcs.trust)
         dcs.ends[nid] = (t, ep.local_addr, keys.public_bytes(key))
         made.append((t, ep, nid))
     try:
@@ -161,9 +168,46 @@ async def test_a_direction_not_signed_by_its_dc_is_ignored(pair):
     clock, net, dcs, [(ta, _, ida), (_, _, idb)] = pair
     obj = dcs.direction(ida, idb, os.urandom(8), "initiate", idb, None)
     obj["body"]["role"] = "wait"  # tampered after signing
-    assert ta.on_direction(obj) is None  # not even answered
+    assert await ta.on_direction(obj) is None  # not even answered
     await asyncio.sleep(0.05)
     assert not ta.table and not net.sent and not ta.endpoint.sessions
+
+
+def test_who_may_direct_a_node():
+    """§8.1: the deliverer is our session's DC; our own requests are answered by it; a peer's by
+    any active DC; a stranger's key, or a direction another DC claims to deliver, never."""
+    ours_dc, other_dc, stranger = b"\x0d" * 20, b"\x0e" * 20, b"\x0f" * 20
+    active = {ours_dc, other_dc}
+    assert direction_signer_ok(ours_dc, ours_dc, True, ours_dc, active)
+    assert not direction_signer_ok(other_dc, ours_dc, True, ours_dc, active)  # our request: our DC signs
+    assert direction_signer_ok(other_dc, ours_dc, False, ours_dc, active)  # the requester's DC
+    assert not direction_signer_ok(stranger, ours_dc, False, ours_dc, active)
+    assert not direction_signer_ok(ours_dc, other_dc, False, ours_dc, active)  # not delivered by our DC
+    assert not direction_signer_ok(ours_dc, ours_dc, False, None, active)  # no session yet
+
+
+async def test_injected_directions_send_nothing(pair):
+    """On-path attacker on the node↔DC session: it injects Route Directions aiming the node's
+    Tunnel Requests at an address of its choice: signed by a stranger key, by a key that is no
+    DC but names this node and its DC correctly, one claiming to answer a request the node never
+    made, and a genuine one replayed. Each is ignored before anything is sent; the genuine
+    tunnel is unharmed."""
+    clock, net, dcs, [(ta, _, ida), (tb, _, idb)] = pair
+    a = await asyncio.wait_for(ta.connect(idb), 2)
+    b = await asyncio.wait_for(tb.accept(), 2)
+    sent = len(net.sent)
+    body = messages.encode(messages.RouteDirection(
+        os.urandom(8).hex(), "direct", "lure", "initiate", keys.checksum(ida), keys.checksum(DC_ID),  # type: ignore[arg-type]
+        keys.checksum(idb), dcs.ends[idb][2].hex(), keys.checksum(idb), ["203.0.113.7:4330"]))
+    for signer in (keys.generate(), keys.generate()):
+        assert await ta.on_direction(envelope.seal(signer, messages.ROUTE_DIRECTION, body, clock.wall_ms())) is None
+    assert await ta.on_direction(envelope.seal(DC_KEY, messages.ROUTE_DIRECTION, {**body, "requester": keys.checksum(ida)},
+                                            clock.wall_ms())) is None  # "ours", but A asked for nothing
+    assert await ta.on_direction(dcs.pushed[ida][-1]) is None  # the genuine direction of the connect, replayed
+    assert ta.forged_directions == 4 and len(net.sent) == sent
+    assert ta.table.keys() == {a.id}
+    await a.channel.send(b"still ours")
+    assert await asyncio.wait_for(b.channel.recv(), 1) == b"still ours"
 
 
 async def test_a_dead_path_is_repaired_by_redirection_on_both_ends(pair):

@@ -12,7 +12,7 @@ import dns.rcode
 import pytest
 from hypothesis import given, strategies as st
 
-from node.dns import answer
+from node.dns import answer, from_this_node
 from node.peers import PeerBook, PeerBookError
 from ntm import keys
 from ntm.overlay import (APP, KIND_APP, KIND_IPV4, KIND_IPV6, KIND_JUNK, Overlay, adjust_checksum, frame_app,
@@ -209,6 +209,37 @@ def test_dns_answers_names_and_refuses_the_rest():
     assert answer(b"\x00" * 600, resolver) is None  # oversized
     response = dns.message.make_response(dns.message.make_query("bob.ntm", "A")).to_wire()
     assert answer(response, resolver) is None  # a response is never answered (no loops)
+
+
+def test_dns_answers_only_this_nodes_own_applications():
+    """Issue 29 item 9: a LAN neighbour routing to our TUN address, or a peer through its tunnel
+    (its overlay source), gets nothing; loopback and our own overlay addresses (what the kernel
+    picks when an application here asks the TUN address) are answered."""
+    own = {"100.64.0.1", str(v6_of(ID_A))}
+    assert all(from_this_node(ip, own) for ip in ("127.0.0.1", "127.0.0.53", "::1", "100.64.0.1",
+                                                    str(v6_of(ID_A)), "::ffff:127.0.0.1"))
+    assert not any(from_this_node(ip, own) for ip in ("192.168.1.20", "100.64.0.2", str(v6_of(ID_B)),
+                                                        "fe80::1%eth0", "not an address"))
+
+
+def test_a_name_lookup_persists_nothing_and_is_bounded():
+    """Issue 29 item 9: random `<id>.ntm` lookups get addresses in memory only (peers.json does not
+    grow), at most LOOKED_UP_MAX of them; a peer later heard from (assign that keeps) is
+    persisted then."""
+    from ntm import vaddr
+    book, told = V4Book(), []
+    book.on_assign = lambda peer, addr: told.append(peer)
+    ov = Overlay(ID_A, book)
+    strangers = [bytes([9, i // 256, i % 256]) + b"\0" * 17 for i in range(vaddr.LOOKED_UP_MAX)]
+    for peer in strangers:
+        ov.addresses(peer, keep=False)
+    assert book.dump() == {} and told == []
+    with pytest.raises(AddressError):
+        ov.addresses(b"\x0a" * 20, keep=False)
+    assert len(ov.v6_peers) == vaddr.LOOKED_UP_MAX  # nothing learned for the refused one
+    v4 = book.assign(strangers[0])  # heard from (an inbound packet): now kept
+    assert told == [strangers[0]] and book.dump() == {"0x" + strangers[0].hex(): str(v4)}
+    assert ov.addresses(ID_B)[1] and ID_B in told  # a peer in the book: kept as before
 
 
 # --- peer book ---------------------------------------------------------------------------------

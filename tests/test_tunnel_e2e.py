@@ -172,7 +172,7 @@ async def test_a_lying_dc_cannot_substitute_the_peers_key(tmp_path):
 
         def datagram_received(self, data, addr):
             from ntm import keepalive
-            self.t.sendto(keepalive.encode_reply(1, addr[0], addr[1]), addr)
+            self.t.sendto(keepalive.encode_reply(1, addr[0], addr[1], bytes.fromhex("11" * 32)), addr)
 
     loop = asyncio.get_running_loop()
     transport, _ = await loop.create_datagram_endpoint(Echo, local_addr=("127.0.0.1", 0))
