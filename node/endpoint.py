@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import os
 import socket
 import sys
@@ -43,6 +44,7 @@ SOCKET_BUFFER = 4 * 1024 * 1024
 MAX_TIMER_SLEEP = 1.0
 
 Receive = Callable[[bytes, Addr], None]
+log = logging.getLogger("ntm.node")
 
 
 class Bind(Protocol):
@@ -88,6 +90,9 @@ class UdpBind:
         self.receive = receive
         self.on_error = on_error
         self.gso = True
+        self.emsgsize = 0  # sends the kernel refused for size (EMSGSIZE), §7.6
+        # Told the destination of every such send: the path MTU there is smaller than we thought.
+        self.on_too_big: Callable[[Addr], None] | None = None
         try:
             sock.setsockopt(SOL_UDP, UDP_GRO, 1)
             self.gro = True
@@ -109,8 +114,21 @@ class UdpBind:
         """Send one datagram; a full buffer or an unreachable address loses it, as the network would."""
         try:
             self.sock.sendto(data, addr)
-        except OSError:
-            self.on_error()
+        except OSError as exc:
+            if exc.errno == errno.EMSGSIZE:
+                self._too_big(addr)  # longer than the route's MTU: this one is lost, the next fit
+            else:
+                self.on_error()
+
+    def _too_big(self, addr: Addr) -> None:
+        """Count a send refused for size, say so once, and tell the endpoint (its path MTU
+        search then finds the size that fits)."""
+        self.emsgsize += 1
+        if self.emsgsize == 1:
+            log.warning("datagrams to %s are longer than the route's MTU (EMSGSIZE): batches go out one "
+                        "datagram at a time and the tunnel's path MTU is searched again", addr[0])
+        if self.on_too_big is not None:
+            self.on_too_big(addr)
 
     def sendto_via(self, data: bytes, addr: Addr, ifindex: int) -> None:
         """Send one datagram out of interface `ifindex` (IP_PKTINFO / IPV6_PKTINFO), from the same
@@ -150,7 +168,13 @@ class UdpBind:
         try:
             self.sock.sendmsg([b"".join(datagrams)], [(SOL_UDP, UDP_SEGMENT, size.to_bytes(2, "little"))], 0, addr)
         except OSError as exc:
-            if exc.errno in (errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP):
+            if exc.errno == errno.EMSGSIZE:
+                # A segment longer than the route's MTU (ICMP taught the kernel a smaller path MTU,
+                # or the uplink is smaller): never drop the batch, send it one datagram at a time.
+                self._too_big(addr)
+                for d in datagrams:
+                    self.sendto(d, addr)
+            elif exc.errno in (errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP):
                 self.gso = False  # no UDP GSO on this kernel or path: one sendto each from now on
                 for d in datagrams:
                     self.sendto(d, addr)
