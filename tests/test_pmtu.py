@@ -1,0 +1,156 @@
+"""Path MTU probing (ntm/pmtu.py) on a simulated path: a FakeClock-style loop, probes that pass
+when they fit the path's MTU (and are not lost), acknowledgements one round trip later."""
+
+from __future__ import annotations
+
+import random
+
+from ntm.pmtu import BASE_MTU, CONFIRM_S, CONTROL, MAX_PROBES, MAX_VOID_ROUNDS, PROBE_ROUND_S, PathMtu, Phase
+
+STEP_S = 0.005
+RTT_S = 0.05
+
+
+class FakePath:
+    """A path of MTU `mtu` that loses probes with probability `loss` and carries data (tx grows)."""
+
+    def __init__(self, mtu: int, loss: float = 0.0, seed: int = 1) -> None:
+        self.mtu = mtu
+        self.loss = loss
+        self.rng = random.Random(seed)
+        self.now = 0.0
+        self.tx = 0
+        self.in_flight: list[tuple[float, int]] = []
+        self.sent: list[int] = []
+
+    def run(self, pm: PathMtu, seconds: float, data: bool = True) -> list[int]:
+        """Advance; returns the MTU in use after each step."""
+        seen = []
+        end = self.now + seconds
+        while self.now < end:
+            if data:
+                self.tx += 1
+            for pid, size in pm.poll(self.now, self.tx):
+                self.sent.append(size)
+                if (size == CONTROL or size <= self.mtu) and self.rng.random() >= self.loss:
+                    self.in_flight.append((self.now + RTT_S, pid))
+            for due, pid in [f for f in self.in_flight if f[0] <= self.now]:
+                self.in_flight.remove((due, pid))
+                pm.ack(pid, self.now)
+            seen.append(pm.mtu)
+            self.now += STEP_S
+        return seen
+
+
+def test_clean_path_settles_at_its_mtu_in_one_round_trip():
+    path = FakePath(1500)
+    pm = PathMtu(0.0)
+    path.run(pm, 0.2)
+    assert pm.mtu == 1500 and pm.phase is Phase.DONE
+    assert pm.settled_s is not None and pm.settled_s <= 2 * RTT_S
+
+
+def test_smaller_paths_are_found_exactly_without_icmp():
+    """Hostile condition: ICMP filtered, so the only evidence is which padded probes come back."""
+    for mtu in (1492, 1400, 1280):
+        path = FakePath(mtu)
+        pm = PathMtu(0.0)
+        seen = path.run(pm, 0.1 + PROBE_ROUND_S * (MAX_PROBES + 1))
+        assert pm.mtu == mtu and pm.phase is Phase.DONE, mtu
+        assert pm.settled_s is not None and pm.settled_s <= PROBE_ROUND_S + 2 * STEP_S
+        assert min(seen) == mtu  # never below the path's MTU on the way
+
+
+def test_probe_loss_never_ends_below_the_path_mtu():
+    """Hostile condition: 30% of probes and acks lost. A lost probe may settle the first round one
+    size low, but the retries find the real MTU; lost probes never count as a smaller path while
+    the control probe is lost too."""
+    for seed in range(20):
+        path = FakePath(1400, loss=0.3, seed=seed)
+        pm = PathMtu(0.0)
+        path.run(pm, PROBE_ROUND_S * (MAX_PROBES + 4))
+        assert pm.mtu == 1400, seed
+
+
+def test_lying_icmp_costs_one_search_not_a_smaller_mtu():
+    """Hostile condition: an ICMP "fragmentation needed" (or a local route) claims 1300, even 600,
+    on a path that carries 1500: the probes decide."""
+    path = FakePath(1500)
+    pm = PathMtu(0.0)
+    path.run(pm, 0.2)
+    for lie in (1300, 600):
+        pm.hint(lie, path.now)
+        assert pm.phase is Phase.SEARCH
+        seen = path.run(pm, 1.0)
+        assert pm.mtu == 1500 and min(seen) == 1500
+    searches = pm.searches
+    pm.hint(600, path.now)  # the kernel keeps saying it: nothing new, no new search
+    assert pm.searches == searches
+
+
+def test_a_true_icmp_hint_is_probed_and_used():
+    path = FakePath(1500)
+    pm = PathMtu(0.0)
+    path.run(pm, 0.2)
+    path.mtu = 1372  # not a common size: the hint makes it a candidate
+    pm.hint(1372, path.now)
+    path.run(pm, PROBE_ROUND_S + 0.1)
+    assert pm.mtu == 1372
+
+
+def test_mtu_grows_back_after_a_move():
+    """A move to a smaller network and back: each move restarts the search (the endpoint calls
+    restart on a new address), and the MTU follows both ways."""
+    path = FakePath(1500)
+    pm = PathMtu(0.0)
+    path.run(pm, 0.2)
+    path.mtu = 1400
+    pm.restart(path.now)
+    path.run(pm, 2.0)
+    assert pm.mtu == 1400
+    path.mtu = 1500
+    pm.restart(path.now)
+    path.run(pm, 0.2)
+    assert pm.mtu == 1500 and pm.settled_s is not None and pm.settled_s <= 2 * RTT_S
+
+
+def test_silent_shrink_is_caught_by_confirmation_while_data_flows():
+    """Hostile condition: the path shrinks with no ICMP and no address change (a black hole)."""
+    path = FakePath(1500)
+    pm = PathMtu(0.0)
+    path.run(pm, 0.2)
+    path.mtu = 1400
+    shrunk_at = path.now
+    seen = path.run(pm, CONFIRM_S + PROBE_ROUND_S * (MAX_PROBES + 2))
+    assert pm.mtu == 1400
+    stalled = seen.index(1400) * STEP_S
+    assert stalled <= CONFIRM_S + PROBE_ROUND_S * (MAX_PROBES + 1) + 0.1, stalled
+    print(f"black hole found after {stalled:.2f} s (shrunk at {shrunk_at:.2f})")
+
+
+def test_idle_path_sends_no_confirmations():
+    path = FakePath(1500)
+    pm = PathMtu(0.0)
+    path.run(pm, 0.2)
+    n = len(path.sent)
+    path.run(pm, 5 * CONFIRM_S, data=False)
+    assert len(path.sent) - n <= 2  # at most the first confirmation after the search
+
+
+def test_dead_path_leaves_the_mtu_alone():
+    """Nothing comes back at all (the tunnel died): not a small path; the search gives up."""
+    path = FakePath(1500)
+    pm = PathMtu(0.0)
+    path.run(pm, 0.2)
+    path.loss = 1.0
+    pm.restart(path.now)
+    path.run(pm, PROBE_ROUND_S * (MAX_VOID_ROUNDS + 1) + 0.1)
+    assert pm.mtu == 1500 and pm.phase is Phase.DONE
+
+
+def test_never_below_base_and_stale_acks_ignored():
+    path = FakePath(1000)  # below what is probed: everything but the control probe lost
+    pm = PathMtu(0.0)
+    path.run(pm, PROBE_ROUND_S * (MAX_PROBES + 2))
+    assert pm.mtu == BASE_MTU
+    assert pm.ack(10**6, path.now) is False
