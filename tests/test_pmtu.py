@@ -154,3 +154,38 @@ def test_never_below_base_and_stale_acks_ignored():
     path.run(pm, PROBE_ROUND_S * (MAX_PROBES + 2))
     assert pm.mtu == BASE_MTU
     assert pm.ack(10**6, path.now) is False
+
+
+# --- the endpoint runs it per path -------------------------------------------------------------
+async def test_endpoints_find_each_direction_and_follow_a_move():
+    """Two endpoints on an in-memory network that silently drops datagrams over a size (ICMP
+    filtered): each side finds its own direction's MTU from PROBE/PROBE_ACK, the inner MTU follows,
+    and after a move (paths_changed) the search runs again and finds the new size."""
+    import asyncio
+    import os
+
+    from node.endpoint import Endpoint
+    from ntm import keys
+    from tests.fakes import MemoryNetwork
+
+    limit = {"10.0.0.1": 1400, "10.0.0.2": 1500}  # largest IP packet each host can send
+    net = MemoryNetwork(drop=lambda src, dst, data: len(data) + 28 > limit[src[0]])
+    ka, kb = keys.generate(), keys.generate()
+    ea = await Endpoint.create(ka, None, 0, binder=net.binder("10.0.0.1"))
+    eb = await Endpoint.create(kb, None, 0, binder=net.binder("10.0.0.2"))
+    try:
+        path = os.urandom(8)
+        pa, pb = keys.public_bytes(ka), keys.public_bytes(kb)
+        cb, ca = await asyncio.gather(
+            eb.open(path, keys.node_id(pa), pa, role="wait"),
+            ea.open(path, keys.node_id(pb), pb, candidates=[eb.local_addr]))
+        await asyncio.sleep(PROBE_ROUND_S * (MAX_PROBES + 1) + 0.3)
+        assert ea.path_mtu(ca.session) == 1400 and ea.inner_mtu(ca.session) == 1400 - 28 - 33
+        assert eb.path_mtu(cb.session) == 1500
+        limit["10.0.0.1"] = 1290  # A moves to a network with MTU 1290
+        ea.paths_changed()
+        await asyncio.sleep(PROBE_ROUND_S + 0.2)
+        assert ea.path_mtu(ca.session) == BASE_MTU  # 1290 is no candidate: the base, which fits
+    finally:
+        await ea.close()
+        await eb.close()
