@@ -169,7 +169,7 @@ class HandshakeResponse(_Handshake):
 
 @dataclass(frozen=True, slots=True)
 class TransportPacket:
-    """DATA / KEEPALIVE / PING / PONG: clear header (the AEAD associated data) and ciphertext."""
+    """DATA / KEEPALIVE / PING / PONG / CLOSE / STANDBY / PROBE / PROBE_ACK: clear header (the AEAD associated data) and ciphertext."""
 
     type: int
     path_id: bytes
@@ -197,6 +197,10 @@ class TransportPacket:
             raise ParseError("keepalive or close carries a payload")
         if kind in (TYPE_PING, TYPE_PONG) and len(data) != MIN_TRANSPORT_LEN + PING_ID_LEN:
             raise ParseError("ping/pong payload is not 8 bytes")
+        if kind == TYPE_PROBE and len(data) < MIN_TRANSPORT_LEN + PROBE_ID_LEN:
+            raise ParseError("probe is shorter than its 8-byte id")
+        if kind == TYPE_PROBE_ACK and len(data) != MIN_TRANSPORT_LEN + PROBE_ID_LEN:
+            raise ParseError("probe ack payload is not 8 bytes")
         return cls(kind, path_id, counter, data[HEADER_LEN:])
 
 
@@ -291,6 +295,8 @@ _PARSERS = {
     TYPE_PONG: TransportPacket.parse,
     TYPE_CLOSE: TransportPacket.parse,
     TYPE_STANDBY: TransportPacket.parse,
+    TYPE_PROBE: TransportPacket.parse,
+    TYPE_PROBE_ACK: TransportPacket.parse,
     TYPE_RELAY_BIND: RelayBind.parse,
     TYPE_RELAY_BIND_ACK: RelayBindAck.parse,
 }
