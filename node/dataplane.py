@@ -22,7 +22,8 @@ from ntm.addr import display
 from ntm.errors import NtmError
 from ntm.overlay import (KIND_APP, KIND_GROUP, KIND_GROUP_ACK, KIND_JUNK, Overlay, frame_app, frame_group, group_ack,
                          kind_of)
-from ntm.vaddr import AddressError
+from ntm.toobig import too_big
+from ntm.vaddr import IPV6_MIN_MTU, AddressError
 
 log = logging.getLogger("ntm.node")
 
@@ -50,7 +51,8 @@ class DataPlane:
         self.failed_at: dict[bytes, float] = {}
         self.inbox: deque[tuple[bytes, bytes]] = deque(maxlen=APP_INBOX)
         self._inbox_event = asyncio.Event()
-        self.stats = dict.fromkeys(("queued", "queue_drops", "open_failures", "opens", "app_rx", "junk_rx"), 0)
+        self.stats = dict.fromkeys(("queued", "queue_drops", "open_failures", "opens", "app_rx", "junk_rx", "too_big"), 0)
+        self._floor_warned: set[bytes] = set()  # peers whose path is below IPv6's 1280 (said once)
         self.tasks = BackgroundTasks()
         self._opening: dict[bytes, asyncio.Task] = {}
         # group datagrams: handed to on_group(peer, data) and acknowledged; our sends wait for acks
@@ -77,12 +79,31 @@ class DataPlane:
         t = self.by_peer.get(peer)
         if t is not None and not t.channel.closed:
             try:
-                t.channel.send_nowait(pkt)
+                if len(pkt) > t.channel.inner_mtu:
+                    self._too_big(peer, t, pkt)
+                else:
+                    t.channel.send_nowait(pkt)
                 return
             except NtmError:
                 pass  # keys exhausted or the tunnel just ended: queue and reopen
         self._queue(peer, pkt)
         self.ensure_open(peer)
+
+    def _too_big(self, peer: bytes, t: Tunnel, pkt: bytes) -> None:
+        """An inner packet longer than the peer's path carries: answered as a router would (ICMP
+        "too big" into TUN, so the sender's PMTUD follows this peer's path), or fragmented (§10.4)."""
+        mtu = t.channel.inner_mtu
+        self.stats["too_big"] += 1
+        sends, reply = too_big(pkt, mtu)
+        if reply is not None and self.tun is not None:
+            self.tun.write(reply)
+        if sends and mtu < IPV6_MIN_MTU and pkt[0] >> 4 == 6 and peer not in self._floor_warned:
+            self._floor_warned.add(peer)
+            log.warning("the path to %s carries %d-byte inner packets, less than IPv6's 1280: IPv6 packets "
+                        "up to 1280 bytes go out as outer IP fragments, which a network dropping ICMP and "
+                        "fragments loses (the tunnel does not fragment them itself)", keys.checksum(peer), mtu)
+        for p in sends:
+            t.channel.send_nowait(p)
 
     def _queue(self, peer: bytes, pkt: bytes) -> None:
         q = self.pending.get(peer)
@@ -241,6 +262,7 @@ class DataPlane:
                 "last_handshake_s": round(now - hs, 1) if hs is not None else None,
                 "rx_bytes": ch.stats.get("rx_bytes", 0), "tx_bytes": ch.stats.get("tx_bytes", 0),
                 "rtt_ms": round(ch.rtt * 1000, 2) if ch.rtt else None, "redirects": t.redirects,
+                "path_mtu": self.node.endpoint.path_mtu(ch.current.session), "inner_mtu": ch.inner_mtu,
             })
         return rows
 

@@ -1,0 +1,93 @@
+"""Inner packets longer than their tunnel's path allows (docs/PROTOCOL.md §10.4).
+
+The node answers as a router on the path would: an IPv4 packet with DF set, or any IPv6 packet,
+gets an ICMP "fragmentation needed" / ICMPv6 "packet too big" from the peer's virtual address
+naming the inner MTU, so the sender's own path MTU discovery (TCP's included) shrinks its packets
+for that one peer; an IPv4 packet without DF is fragmented here, as a router would. Pure: bytes
+in, bytes out.
+
+    sends, reply = too_big(pkt, mtu)   # tunnel `sends` to the peer; write `reply` (if any) to TUN
+"""
+
+from __future__ import annotations
+
+import struct
+
+from ntm.overlay import IPV4_MIN_HEADER, IPV6_HEADER, ipv4_checksum
+from ntm.vaddr import IPV6_MIN_MTU
+
+#: Bytes of the offending packet quoted in an ICMPv4 error: RFC 1812 §4.3.2.3 (as much as fits
+#: in 576 bytes with the new IP and ICMP headers).
+ICMP4_QUOTE = 576 - IPV4_MIN_HEADER - 8
+#: Bytes quoted in an ICMPv6 error: the whole error fits IPv6's minimum MTU (RFC 4443 §2.4).
+ICMP6_QUOTE = IPV6_MIN_MTU - IPV6_HEADER - 8
+#: The smallest MTU an IPv4 host accepts in "fragmentation needed" (RFC 791's 68, Linux clamps
+#: higher); below it we would rather fragment.
+IPV4_MIN_MTU = 68
+HOP_LIMIT = 64
+PROTO_ICMP, PROTO_ICMPV6 = 1, 58
+_DF, _MF = 0x4000, 0x2000
+_H = struct.Struct("!H")
+
+
+def too_big(pkt: bytes, mtu: int) -> tuple[list[bytes], bytes | None]:
+    """(packets to tunnel instead of `pkt`, ICMP error to deliver locally) for an inner packet
+    longer than `mtu`. IPv6 never gets an MTU below 1280: between the inner MTU and 1280 the
+    packet goes whole (the outer datagram is then fragmented by the kernel, where it can)."""
+    version = pkt[0] >> 4 if pkt else 0
+    if version == 4 and len(pkt) >= IPV4_MIN_HEADER:
+        if _H.unpack_from(pkt, 6)[0] & _DF and mtu >= IPV4_MIN_MTU:
+            return [], icmp4_frag_needed(pkt, mtu)
+        return fragment_v4(pkt, mtu), None
+    if version == 6 and len(pkt) >= IPV6_HEADER:
+        if len(pkt) <= IPV6_MIN_MTU:
+            return [pkt], None
+        return [], icmp6_packet_too_big(pkt, max(mtu, IPV6_MIN_MTU))
+    return [pkt], None
+
+
+def icmp4_frag_needed(pkt: bytes, mtu: int) -> bytes:
+    """ICMP type 3 code 4 (RFC 1191) from `pkt`'s destination to its source, next-hop MTU `mtu`."""
+    body = struct.pack("!BBHHH", 3, 4, 0, 0, mtu) + pkt[:ICMP4_QUOTE]
+    body = body[:2] + _H.pack(_checksum(body)) + body[4:]
+    header = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, IPV4_MIN_HEADER + len(body), 0, 0, HOP_LIMIT,
+                                   PROTO_ICMP, 0, pkt[16:20], pkt[12:16]))
+    header[10:12] = _H.pack(ipv4_checksum(bytes(header)))
+    return bytes(header) + body
+
+
+def icmp6_packet_too_big(pkt: bytes, mtu: int) -> bytes:
+    """ICMPv6 Packet Too Big (RFC 4443 §3.2) from `pkt`'s destination to its source."""
+    src, dst = pkt[24:40], pkt[8:24]
+    body = struct.pack("!BBHI", 2, 0, 0, mtu) + pkt[:ICMP6_QUOTE]
+    pseudo = src + dst + struct.pack("!I3xB", len(body), PROTO_ICMPV6)
+    body = body[:2] + _H.pack(_checksum(pseudo + body)) + body[4:]
+    return struct.pack("!IHBB", 6 << 28, len(body), PROTO_ICMPV6, HOP_LIMIT) + src + dst + body
+
+
+def fragment_v4(pkt: bytes, mtu: int) -> list[bytes]:
+    """`pkt` (IPv4, DF clear) cut into fragments of at most `mtu` bytes (RFC 791): each keeps the
+    header, offsets count 8-byte units from the packet's own offset, MF on all but the last."""
+    ihl = (pkt[0] & 0x0F) * 4
+    total = _H.unpack_from(pkt, 2)[0]
+    if ihl < IPV4_MIN_HEADER or not ihl < total <= len(pkt):
+        return []  # not a well-formed packet: nothing a router would forward
+    flags = _H.unpack_from(pkt, 6)[0]
+    offset, more = flags & 0x1FFF, flags & _MF
+    step = max((mtu - ihl) // 8 * 8, 8)
+    out = []
+    for start in range(ihl, total, step):
+        chunk = pkt[start:min(start + step, total)]
+        last = start + step >= total
+        header = bytearray(pkt[:ihl])
+        header[2:4] = _H.pack(ihl + len(chunk))
+        header[6:8] = _H.pack((offset + (start - ihl) // 8) | (more if last else _MF))
+        header[10:12] = b"\0\0"
+        header[10:12] = _H.pack(ipv4_checksum(bytes(header)))
+        out.append(bytes(header) + chunk)
+    return out
+
+
+def _checksum(data: bytes) -> int:
+    """The Internet checksum (RFC 1071) of `data`, padded to even length."""
+    return ipv4_checksum(data + b"\0" * (len(data) % 2))

@@ -1,0 +1,90 @@
+"""Inner packets too big for their tunnel's path (ntm/toobig.py): the ICMP errors a router would
+send, and IPv4 fragmentation, checked field by field and by their checksums."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import struct
+
+from ntm.overlay import ipv4_checksum
+from ntm.toobig import fragment_v4, icmp6_packet_too_big, too_big
+
+SRC4, DST4 = ipaddress.IPv4Address("100.64.0.1").packed, ipaddress.IPv4Address("100.64.0.2").packed
+SRC6 = ipaddress.IPv6Address("fd6e:746d:1::1").packed
+DST6 = ipaddress.IPv6Address("fd6e:746d:2::2").packed
+
+
+def v4(payload: bytes, df: bool, proto: int = 6, ident: int = 0x1234) -> bytes:
+    header = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), ident, 0x4000 if df else 0, 64,
+                                   proto, 0, SRC4, DST4))
+    header[10:12] = struct.pack("!H", ipv4_checksum(bytes(header)))
+    return bytes(header) + payload
+
+
+def v6(payload: bytes) -> bytes:
+    return struct.pack("!IHBB", 6 << 28, len(payload), 6, 64) + SRC6 + DST6 + payload
+
+
+def fold_ok(data: bytes) -> bool:
+    """A block whose checksum field is right sums to 0xFFFF (RFC 1071)."""
+    return ipv4_checksum(data + b"\0" * (len(data) % 2)) == 0
+
+
+def test_ipv4_with_df_gets_fragmentation_needed_from_the_peer_address():
+    pkt = v4(os.urandom(1399), df=True)
+    sends, reply = too_big(pkt, 1339)
+    assert sends == [] and reply is not None
+    assert reply[9] == 1 and reply[12:16] == DST4 and reply[16:20] == SRC4 and fold_ok(reply[:20])
+    icmp = reply[20:]
+    assert icmp[:2] == b"\x03\x04" and struct.unpack("!H", icmp[6:8])[0] == 1339 and fold_ok(icmp)
+    assert icmp[8:] == pkt[:548] and len(reply) <= 576
+
+
+def test_ipv4_without_df_is_fragmented_and_reassembles():
+    payload = os.urandom(2999)
+    pkt = v4(payload, df=False)
+    frags, reply = too_big(pkt, 1339)
+    assert reply is None and len(frags) == 3
+    got = bytearray()
+    for i, f in enumerate(frags):
+        assert len(f) <= 1339 and fold_ok(f[:20])
+        flags = struct.unpack("!H", f[6:8])[0]
+        assert (flags & 0x1FFF) * 8 == len(got)
+        assert bool(flags & 0x2000) == (i < len(frags) - 1)
+        assert struct.unpack("!H", f[2:4])[0] == len(f) and f[4:6] == pkt[4:6]
+        got += f[20:]
+    assert bytes(got) == payload
+    # A fragment fragmented again keeps its offset and, on its last piece, its MF flag
+    again = fragment_v4(frags[0], 600)
+    assert all(struct.unpack("!H", f[6:8])[0] & 0x2000 for f in again)
+    assert b"".join(f[20:] for f in again) == frags[0][20:]
+
+
+def test_ipv6_gets_packet_too_big_never_below_1280():
+    pkt = v6(os.urandom(1379))
+    for mtu, said in ((1339, 1339), (1199, 1280)):
+        sends, reply = too_big(pkt, mtu)
+        assert sends == [] and reply is not None
+        assert reply[6] == 58 and reply[8:24] == DST6 and reply[24:40] == SRC6 and len(reply) <= 1280
+        icmp = reply[40:]
+        assert icmp[0] == 2 and struct.unpack("!I", icmp[4:8])[0] == said
+        pseudo = DST6 + SRC6 + struct.pack("!I3xB", len(icmp), 58)
+        assert fold_ok(pseudo + icmp)
+        assert struct.unpack("!H", reply[4:6])[0] == len(icmp)
+
+
+def test_ipv6_up_to_1280_goes_whole_where_the_path_is_smaller():
+    """IPv6's floor: a 1280-byte packet must cross any IPv6 link, so it is not refused even when
+    the tunnel's inner MTU (1199 on a 1280 path) is smaller: it goes whole."""
+    pkt = v6(os.urandom(1240))
+    assert too_big(pkt, 1199) == ([pkt], None)
+
+
+def test_malformed_inner_packets_change_nothing():
+    assert too_big(b"", 1300) == ([b""], None)
+    assert too_big(b"\x45" + bytes(10), 1300) == ([b"\x45" + bytes(10)], None)
+    bad = bytearray(v4(os.urandom(100), df=False))
+    bad[2:4] = struct.pack("!H", 5000)  # claims more than it has
+    assert fragment_v4(bytes(bad), 60) == []
+    assert icmp6_packet_too_big(v6(b"x" * 2000), 1400)[40] == 2
