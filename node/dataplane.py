@@ -262,7 +262,7 @@ class DataPlane:
                 "last_handshake_s": round(now - hs, 1) if hs is not None else None,
                 "rx_bytes": ch.stats.get("rx_bytes", 0), "tx_bytes": ch.stats.get("tx_bytes", 0),
                 "rtt_ms": round(ch.rtt * 1000, 2) if ch.rtt else None, "redirects": t.redirects,
-                "path_mtu": self.node.endpoint.path_mtu(ch.current.session), "inner_mtu": ch.inner_mtu,
+                **self.node.endpoint.mtu_status(ch.current.session),
             })
         return rows
 

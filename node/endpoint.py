@@ -609,10 +609,12 @@ class Endpoint:
             return inner_mtu(MAX_MTU, ipv6=True)
         return inner_mtu(pm.mtu, ipv6=_is_v6(s.peer_addr))
 
-    def path_mtu(self, s: Session) -> int | None:
-        """The session's path MTU in use (outer IP packet size), None before its handshake."""
+    def mtu_status(self, s: Session) -> dict:
+        """The session's path MTU in use (outer IP packet size; None before its handshake), the
+        inner MTU it leaves, and how long its latest search took to settle (None: still searching)."""
         pm = self.pmtu.get(s.path_id)
-        return pm.mtu if pm is not None else None
+        return {"path_mtu": pm.mtu if pm is not None else None, "inner_mtu": self.inner_mtu(s),
+                "mtu_search_s": round(pm.settled_s, 3) if pm is not None and pm.settled_s is not None else None}
 
     def paths_changed(self) -> None:
         """We moved (new address, another uplink): every path's MTU is searched again."""

@@ -180,12 +180,12 @@ async def test_endpoints_find_each_direction_and_follow_a_move():
             eb.open(path, keys.node_id(pa), pa, role="wait"),
             ea.open(path, keys.node_id(pb), pb, candidates=[eb.local_addr]))
         await asyncio.sleep(PROBE_ROUND_S * (MAX_PROBES + 1) + 0.3)
-        assert ea.path_mtu(ca.session) == 1400 and ea.inner_mtu(ca.session) == 1400 - 28 - 33
-        assert eb.path_mtu(cb.session) == 1500
+        assert ea.mtu_status(ca.session)["path_mtu"] == 1400 and ea.inner_mtu(ca.session) == 1400 - 28 - 33
+        assert eb.mtu_status(cb.session)["path_mtu"] == 1500
         limit["10.0.0.1"] = 1290  # A moves to a network with MTU 1290
         ea.paths_changed()
         await asyncio.sleep(PROBE_ROUND_S + 0.2)
-        assert ea.path_mtu(ca.session) == BASE_MTU  # 1290 is no candidate: the base, which fits
+        assert ea.mtu_status(ca.session)["path_mtu"] == BASE_MTU  # 1290 is no candidate: the base, which fits
     finally:
         await ea.close()
         await eb.close()
