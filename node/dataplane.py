@@ -20,10 +20,10 @@ from node.tun import Tun
 from ntm import keys
 from ntm.addr import display
 from ntm.errors import NtmError
-from ntm.overlay import (KIND_APP, KIND_GROUP, KIND_GROUP_ACK, KIND_JUNK, Overlay, frame_app, frame_group, group_ack,
-                         kind_of)
-from ntm.toobig import too_big
-from ntm.vaddr import IPV6_MIN_MTU, AddressError
+from ntm.overlay import (KIND_APP, KIND_FRAG, KIND_GROUP, KIND_GROUP_ACK, KIND_IPV6, KIND_JUNK, Overlay, frame_app,
+                         frame_group, group_ack, kind_of)
+from ntm.toobig import Reassembly, too_big
+from ntm.vaddr import AddressError
 
 log = logging.getLogger("ntm.node")
 
@@ -52,7 +52,8 @@ class DataPlane:
         self.inbox: deque[tuple[bytes, bytes]] = deque(maxlen=APP_INBOX)
         self._inbox_event = asyncio.Event()
         self.stats = dict.fromkeys(("queued", "queue_drops", "open_failures", "opens", "app_rx", "junk_rx", "too_big"), 0)
-        self._floor_warned: set[bytes] = set()  # peers whose path is below IPv6's 1280 (said once)
+        self._frag_id = 0  # numbers the IPv6 packets split for a path below 1280 (§10.4)
+        self._reasm: dict[bytes, Reassembly] = {}
         self.tasks = BackgroundTasks()
         self._opening: dict[bytes, asyncio.Task] = {}
         # group datagrams: handed to on_group(peer, data) and acknowledged; our sends wait for acks
@@ -92,16 +93,11 @@ class DataPlane:
     def _too_big(self, peer: bytes, t: Tunnel, pkt: bytes) -> None:
         """An inner packet longer than the peer's path carries: answered as a router would (ICMP
         "too big" into TUN, so the sender's PMTUD follows this peer's path), or fragmented (§10.4)."""
-        mtu = t.channel.inner_mtu
         self.stats["too_big"] += 1
-        sends, reply = too_big(pkt, mtu)
+        self._frag_id += 1
+        sends, reply = too_big(pkt, t.channel.inner_mtu, self._frag_id)
         if reply is not None and self.tun is not None:
             self.tun.write(reply)
-        if sends and mtu < IPV6_MIN_MTU and pkt[0] >> 4 == 6 and peer not in self._floor_warned:
-            self._floor_warned.add(peer)
-            log.warning("the path to %s carries %d-byte inner packets, less than IPv6's 1280: IPv6 packets "
-                        "up to 1280 bytes go out as outer IP fragments, which a network dropping ICMP and "
-                        "fragments loses (the tunnel does not fragment them itself)", keys.checksum(peer), mtu)
         for p in sends:
             t.channel.send_nowait(p)
 
@@ -196,6 +192,13 @@ class DataPlane:
                 except NtmError:
                     pass
             return
+        if kind == KIND_FRAG:
+            payload = self._reasm.setdefault(peer, Reassembly()).add(payload, self.node.session.clock.now())
+            if payload is None:
+                return
+            kind = kind_of(payload)
+            if kind != KIND_IPV6:
+                kind = KIND_JUNK  # only IPv6 is ever split (§10.4)
         if kind == KIND_JUNK or self.tun is None:
             self.stats["junk_rx"] += 1
             return
@@ -251,6 +254,7 @@ class DataPlane:
         for peer, t in list(self.by_peer.items()):
             if t.channel.closed:
                 del self.by_peer[peer]
+                self._reasm.pop(peer, None)
                 continue
             ch = t.channel
             v6, v4 = self.overlay.addresses(peer)

@@ -1,19 +1,22 @@
 """Inner packets longer than their tunnel's path allows (docs/PROTOCOL.md §10.4).
 
-The node answers as a router on the path would: an IPv4 packet with DF set, or any IPv6 packet,
-gets an ICMP "fragmentation needed" / ICMPv6 "packet too big" from the peer's virtual address
-naming the inner MTU, so the sender's own path MTU discovery (TCP's included) shrinks its packets
-for that one peer; an IPv4 packet without DF is fragmented here, as a router would. Pure: bytes
-in, bytes out.
+The node answers as a router on the path would: an IPv4 packet with DF set, or an IPv6 packet
+over 1280 bytes, gets an ICMP "fragmentation needed" / ICMPv6 "packet too big" from the peer's
+virtual address naming the inner MTU, so the sender's own path MTU discovery (TCP's included)
+shrinks its packets for that one peer; an IPv4 packet without DF is fragmented here, as a router
+would. IPv6 packets up to 1280 bytes must cross every IPv6 link, so on a path that carries less
+(an outer MTU under 1361) they are split into FRAG pieces that the peer's `Reassembly` joins
+(an IPv6 tunnel link fragmenting below the IP layer, as RFC 8200 §5 asks). Pure.
 
-    sends, reply = too_big(pkt, mtu)   # tunnel `sends` to the peer; write `reply` (if any) to TUN
+    sends, reply = too_big(pkt, mtu, ident)   # tunnel `sends`; write `reply` (if any) to TUN
+    whole = reasm.add(piece, now)             # the peer: a joined packet, or None
 """
 
 from __future__ import annotations
 
 import struct
 
-from ntm.overlay import IPV4_MIN_HEADER, IPV6_HEADER, ipv4_checksum
+from ntm.overlay import FRAG, IPV4_MIN_HEADER, IPV6_HEADER, ipv4_checksum
 from ntm.vaddr import IPV6_MIN_MTU
 
 #: Bytes of the offending packet quoted in an ICMPv4 error: RFC 1812 §4.3.2.3 (as much as fits
@@ -25,15 +28,23 @@ ICMP6_QUOTE = IPV6_MIN_MTU - IPV6_HEADER - 8
 #: higher); below it we would rather fragment.
 IPV4_MIN_MTU = 68
 HOP_LIMIT = 64
+#: FRAG header: kind (1) || packet id (4) || index (1: bit 7 set on the last piece).
+FRAG_HEADER = struct.Struct("!BIB")
+FRAG_LAST = 0x80
+#: Packets being joined per peer: a window of IPv6 TCP segments in flight; the oldest goes first.
+REASM_MAX = 64
+#: A packet whose pieces have not all come within this long is given up (a piece was lost; the
+#: sender's transport retransmits the whole packet anyway).
+REASM_TIMEOUT_S = 2.0
 PROTO_ICMP, PROTO_ICMPV6 = 1, 58
 _DF, _MF = 0x4000, 0x2000
 _H = struct.Struct("!H")
 
 
-def too_big(pkt: bytes, mtu: int) -> tuple[list[bytes], bytes | None]:
-    """(packets to tunnel instead of `pkt`, ICMP error to deliver locally) for an inner packet
-    longer than `mtu`. IPv6 never gets an MTU below 1280: between the inner MTU and 1280 the
-    packet goes whole (the outer datagram is then fragmented by the kernel, where it can)."""
+def too_big(pkt: bytes, mtu: int, ident: int) -> tuple[list[bytes], bytes | None]:
+    """(payloads to tunnel instead of `pkt`, ICMP error to deliver locally) for an inner packet
+    longer than `mtu`. IPv6 never gets an MTU below 1280: up to 1280 bytes, `pkt` goes as FRAG
+    pieces numbered `ident` (unique per peer among recent packets)."""
     version = pkt[0] >> 4 if pkt else 0
     if version == 4 and len(pkt) >= IPV4_MIN_HEADER:
         if _H.unpack_from(pkt, 6)[0] & _DF and mtu >= IPV4_MIN_MTU:
@@ -41,7 +52,7 @@ def too_big(pkt: bytes, mtu: int) -> tuple[list[bytes], bytes | None]:
         return fragment_v4(pkt, mtu), None
     if version == 6 and len(pkt) >= IPV6_HEADER:
         if len(pkt) <= IPV6_MIN_MTU:
-            return [pkt], None
+            return split(pkt, mtu, ident), None
         return [], icmp6_packet_too_big(pkt, max(mtu, IPV6_MIN_MTU))
     return [pkt], None
 
@@ -86,6 +97,44 @@ def fragment_v4(pkt: bytes, mtu: int) -> list[bytes]:
         header[10:12] = _H.pack(ipv4_checksum(bytes(header)))
         out.append(bytes(header) + chunk)
     return out
+
+
+def split(pkt: bytes, mtu: int, ident: int) -> list[bytes]:
+    """`pkt` as FRAG payloads of at most `mtu` bytes each (at most 128 pieces)."""
+    step = max(mtu - FRAG_HEADER.size, (len(pkt) + 127) // 128)
+    starts = range(0, len(pkt), step)
+    return [FRAG_HEADER.pack(FRAG, ident & 0xFFFFFFFF, i | (FRAG_LAST if start + step >= len(pkt) else 0))
+            + pkt[start:start + step] for i, start in enumerate(starts)]
+
+
+class Reassembly:
+    """Joins one peer's FRAG pieces (any order); bounded by REASM_MAX packets and REASM_TIMEOUT_S."""
+
+    def __init__(self) -> None:
+        self.pending: dict[int, tuple[float, dict[int, bytes], int | None]] = {}
+        self.dropped = 0  # pieces or packets given up (malformed, too old, evicted)
+
+    def add(self, piece: bytes, now: float) -> bytes | None:
+        """Add one FRAG payload; returns the whole packet once its last missing piece arrives."""
+        if len(piece) <= FRAG_HEADER.size:
+            self.dropped += 1
+            return None
+        _, ident, index = FRAG_HEADER.unpack_from(piece)
+        for old in [k for k, v in self.pending.items() if now - v[0] > REASM_TIMEOUT_S]:
+            del self.pending[old]
+            self.dropped += 1
+        started, parts, count = self.pending.get(ident, (now, {}, None))
+        parts[index & ~FRAG_LAST] = piece[FRAG_HEADER.size:]
+        if index & FRAG_LAST:
+            count = (index & ~FRAG_LAST) + 1
+        if count is not None and len(parts) == count and all(i in parts for i in range(count)):
+            self.pending.pop(ident, None)
+            return b"".join(parts[i] for i in range(count))
+        if ident not in self.pending and len(self.pending) >= REASM_MAX:
+            del self.pending[next(iter(self.pending))]
+            self.dropped += 1
+        self.pending[ident] = (started, parts, count)
+        return None
 
 
 def _checksum(data: bytes) -> int:

@@ -8,7 +8,7 @@ import os
 import struct
 
 from ntm.overlay import ipv4_checksum
-from ntm.toobig import fragment_v4, icmp6_packet_too_big, too_big
+from ntm.toobig import REASM_MAX, REASM_TIMEOUT_S, Reassembly, fragment_v4, icmp6_packet_too_big, split, too_big
 
 SRC4, DST4 = ipaddress.IPv4Address("100.64.0.1").packed, ipaddress.IPv4Address("100.64.0.2").packed
 SRC6 = ipaddress.IPv6Address("fd6e:746d:1::1").packed
@@ -33,7 +33,7 @@ def fold_ok(data: bytes) -> bool:
 
 def test_ipv4_with_df_gets_fragmentation_needed_from_the_peer_address():
     pkt = v4(os.urandom(1399), df=True)
-    sends, reply = too_big(pkt, 1339)
+    sends, reply = too_big(pkt, 1339, 1)
     assert sends == [] and reply is not None
     assert reply[9] == 1 and reply[12:16] == DST4 and reply[16:20] == SRC4 and fold_ok(reply[:20])
     icmp = reply[20:]
@@ -44,7 +44,7 @@ def test_ipv4_with_df_gets_fragmentation_needed_from_the_peer_address():
 def test_ipv4_without_df_is_fragmented_and_reassembles():
     payload = os.urandom(2999)
     pkt = v4(payload, df=False)
-    frags, reply = too_big(pkt, 1339)
+    frags, reply = too_big(pkt, 1339, 1)
     assert reply is None and len(frags) == 3
     got = bytearray()
     for i, f in enumerate(frags):
@@ -64,7 +64,7 @@ def test_ipv4_without_df_is_fragmented_and_reassembles():
 def test_ipv6_gets_packet_too_big_never_below_1280():
     pkt = v6(os.urandom(1379))
     for mtu, said in ((1339, 1339), (1199, 1280)):
-        sends, reply = too_big(pkt, mtu)
+        sends, reply = too_big(pkt, mtu, 1)
         assert sends == [] and reply is not None
         assert reply[6] == 58 and reply[8:24] == DST6 and reply[24:40] == SRC6 and len(reply) <= 1280
         icmp = reply[40:]
@@ -74,16 +74,36 @@ def test_ipv6_gets_packet_too_big_never_below_1280():
         assert struct.unpack("!H", reply[4:6])[0] == len(icmp)
 
 
-def test_ipv6_up_to_1280_goes_whole_where_the_path_is_smaller():
-    """IPv6's floor: a 1280-byte packet must cross any IPv6 link, so it is not refused even when
-    the tunnel's inner MTU (1199 on a 1280 path) is smaller: it goes whole."""
+def test_ipv6_up_to_1280_is_split_where_the_path_is_smaller_and_joined_in_any_order():
+    """IPv6's floor: a 1280-byte packet must cross any IPv6 link, so where the tunnel's inner MTU
+    is smaller (1219 on a 1280 path over IPv4) it goes as FRAG pieces that fit, joined at the peer
+    whatever their order."""
     pkt = v6(os.urandom(1240))
-    assert too_big(pkt, 1199) == ([pkt], None)
+    pieces, reply = too_big(pkt, 1219, 7)
+    assert reply is None and len(pieces) == 2 and all(len(p) <= 1219 and p[0] == 0x03 for p in pieces)
+    r = Reassembly()
+    assert r.add(pieces[1], 0.0) is None
+    assert r.add(pieces[0], 0.1) == pkt and not r.pending
+    # Wire vector (docs/PROTOCOL.md §10.4): kind 0x03, id u32, index (bit 7: last), then the bytes
+    assert [p.hex() for p in split(bytes(range(6)), 10, 0x01020304)] == [
+        "03010203040000010203", "0301020304810405"]
+
+
+def test_reassembly_is_bounded_and_refuses_garbage():
+    """Hostile peer: pieces that never complete, duplicates, and runts. The table stays bounded
+    (REASM_MAX packets, REASM_TIMEOUT_S each) and nothing half-joined is ever delivered."""
+    r = Reassembly()
+    for i in range(REASM_MAX * 3):
+        assert r.add(split(v6(bytes(1200)), 700, i)[0], 0.0) is None
+    assert len(r.pending) == REASM_MAX and r.dropped == 2 * REASM_MAX
+    assert r.add(b"\x03\x00", 0.0) is None and r.add(b"", 0.0) is None
+    last = split(v6(bytes(1200)), 700, 10**6)[1]
+    assert r.add(last, REASM_TIMEOUT_S + 1) is None and len(r.pending) == 1  # the stale ones expired
 
 
 def test_malformed_inner_packets_change_nothing():
-    assert too_big(b"", 1300) == ([b""], None)
-    assert too_big(b"\x45" + bytes(10), 1300) == ([b"\x45" + bytes(10)], None)
+    assert too_big(b"", 1300, 1) == ([b""], None)
+    assert too_big(b"\x45" + bytes(10), 1300, 1) == ([b"\x45" + bytes(10)], None)
     bad = bytearray(v4(os.urandom(100), df=False))
     bad[2:4] = struct.pack("!H", 5000)  # claims more than it has
     assert fragment_v4(bytes(bad), 60) == []
