@@ -128,7 +128,7 @@ class Channel:
 
     @property
     def inner_mtu(self) -> int:
-        """The longest inner packet this path carries in one datagram (its probed path MTU, §7.6)."""
+        """The longest inner packet this path carries in one datagram (its probed path MTU, §7 "Path MTU")."""
         return self.endpoint.inner_mtu(self.session)
 
     # -- data --

@@ -219,7 +219,7 @@ def peers_table(rows: list[dict]) -> str:
 
 
 def mtu_text(r: dict) -> str:
-    """A tunnel's path MTU as probed, with what it leaves inside: "1400/1339" (§7.6)."""
+    """A tunnel's path MTU as probed, with what it leaves inside: "1400/1339" (§7 "Path MTU")."""
     return f"{r['path_mtu']}/{r['inner_mtu']}" if r.get("path_mtu") else "-"
 
 

@@ -51,7 +51,8 @@ class DataPlane:
         self.failed_at: dict[bytes, float] = {}
         self.inbox: deque[tuple[bytes, bytes]] = deque(maxlen=APP_INBOX)
         self._inbox_event = asyncio.Event()
-        self.stats = dict.fromkeys(("queued", "queue_drops", "open_failures", "opens", "app_rx", "junk_rx", "too_big"), 0)
+        self.stats = dict.fromkeys(("queued", "queue_drops", "open_failures", "opens", "app_rx", "junk_rx",
+                                    "too_big"), 0)
         self._frag_id = 0  # numbers the IPv6 packets split for a path below 1280 (§10.4)
         self._reasm: dict[bytes, Reassembly] = {}
         self.tasks = BackgroundTasks()

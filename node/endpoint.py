@@ -97,7 +97,7 @@ class UdpBind:
         self.receive = receive
         self.on_error = on_error
         self.gso = True
-        self.emsgsize = 0  # sends the kernel refused for size (EMSGSIZE), §7.6
+        self.emsgsize = 0  # sends the kernel refused for size (EMSGSIZE), §7 "Path MTU"
         # Told the destination of every such send: the path MTU there is smaller than we thought.
         self.on_too_big: Callable[[Addr], None] | None = None
         try:
@@ -269,7 +269,7 @@ class Endpoint:
         self.binder = binder
         self.sessions: dict[bytes, Session] = {}
         self.channels: dict[bytes, Channel] = {}
-        self.pmtu: dict[bytes, PathMtu] = {}  # path MTU of each established path (§7.6)
+        self.pmtu: dict[bytes, PathMtu] = {}  # path MTU of each established path (§7 "Path MTU")
         self._stats: dict[str, int] = dict.fromkeys(
             ("tx_control", "drop_short", "drop_unknown_type", "drop_unknown_path",
              "socket_errors", "send_errors", "rebinds"),
@@ -601,7 +601,7 @@ class Endpoint:
                 self.on_standby(pid, ev)
             # RelayBound: visible in session.peer_addr and stats
 
-    # --- path MTU (§7.6) ---------------------------------------------------------------------
+    # --- path MTU (§7 "Path MTU") ----------------------------------------------------------------
     def inner_mtu(self, s: Session) -> int:
         """The largest inner packet that crosses this session's path in one datagram."""
         pm = self.pmtu.get(s.path_id)

@@ -169,7 +169,8 @@ class HandshakeResponse(_Handshake):
 
 @dataclass(frozen=True, slots=True)
 class TransportPacket:
-    """DATA / KEEPALIVE / PING / PONG / CLOSE / STANDBY / PROBE / PROBE_ACK: clear header (the AEAD associated data) and ciphertext."""
+    """DATA / KEEPALIVE / PING / PONG / CLOSE / STANDBY / PROBE / PROBE_ACK: clear header (the AEAD
+    associated data) and ciphertext."""
 
     type: int
     path_id: bytes

@@ -1,4 +1,4 @@
-"""Path MTU of one tunnel path, found by probing (docs/PROTOCOL.md §7.6), RFC 8899 style.
+"""Path MTU of one tunnel path, found by probing (docs/PROTOCOL.md §7 "Path MTU"), RFC 8899 style.
 
 ICMP "fragmentation needed" is often filtered, and a path's MTU changes whenever a node moves
 (Wi-Fi 1500, PPPoE 1492, LTE and VPNs 1400 or less). So the path is measured with its own

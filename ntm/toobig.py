@@ -5,7 +5,7 @@ over 1280 bytes, gets an ICMP "fragmentation needed" / ICMPv6 "packet too big" f
 virtual address naming the inner MTU, so the sender's own path MTU discovery (TCP's included)
 shrinks its packets for that one peer; an IPv4 packet without DF is fragmented here, as a router
 would. IPv6 packets up to 1280 bytes must cross every IPv6 link, so on a path that carries less
-(an outer MTU under 1361) they are split into FRAG pieces that the peer's `Reassembly` joins
+(outer MTU under 1341 over IPv4, 1361 over IPv6) they are split into FRAG pieces that the peer's `Reassembly` joins
 (an IPv6 tunnel link fragmenting below the IP layer, as RFC 8200 §5 asks). Pure.
 
     sends, reply = too_big(pkt, mtu, ident)   # tunnel `sends`; write `reply` (if any) to TUN

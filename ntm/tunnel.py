@@ -597,7 +597,7 @@ class Session:
         return self._seal(TYPE_PING, pid, now)
 
     def mtu_probe(self, probe_id: bytes, length: int, now: float) -> bytes:
-        """A PROBE of `length` bytes (at least 41) carrying `probe_id`, padded with zeros (§7.6);
+        """A PROBE of `length` bytes (at least 41) carrying `probe_id`, padded with zeros (§7 "Path MTU");
         the peer answers with a PROBE_ACK (a ProbeAck event)."""
         pad = max(length - MIN_TRANSPORT_LEN - PROBE_ID_LEN, 0)
         return self._seal(TYPE_PROBE, probe_id + bytes(pad), now)

@@ -189,3 +189,38 @@ async def test_endpoints_find_each_direction_and_follow_a_move():
     finally:
         await ea.close()
         await eb.close()
+
+
+# --- wire format (docs/PROTOCOL.md §7 "Path MTU") --------------------------------------------------
+PROBE_VECTOR = ("091111111111111111000000000000000598a1c262c3be954c685249f145f755e21b0427f6717b346d28df6d2206bf5a"
+                "5e8aa2480079124f6f3e4733db74d857")
+PROBE_ACK_VECTOR = "0a11111111111111110000000000000007e06d131f17175efbfba2190c786151a994b73474629d7f14"
+
+
+def test_probe_wire_vectors_and_session_answers():
+    """The documented vectors (key 00..1f, path 11×8, PROBE counter 5 padded to 64 bytes, its
+    PROBE_ACK counter 7, probe id 1) follow the transport layout; a Session's probe has exactly the
+    asked length, and its peer answers with a 41-byte PROBE_ACK from which a ProbeAck event comes."""
+    import struct
+
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    from ntm.packet import TransportPacket
+    from ntm.tunnel import ProbeAck
+    from tests.test_tunnel import ADDR_A, ADDR_B, T0, connect
+
+    key, path = bytes(range(32)), b"\x11" * 8
+    for vector, kind, counter, plain in ((PROBE_VECTOR, 0x09, 5, (1).to_bytes(8, "big") + bytes(23)),
+                                         (PROBE_ACK_VECTOR, 0x0A, 7, (1).to_bytes(8, "big"))):
+        header = struct.pack("!B8sQ", kind, path, counter)
+        pkt = header + AESGCM(key).encrypt(bytes(4) + struct.pack("!Q", counter), plain, header)
+        assert pkt.hex() == vector
+        assert TransportPacket.parse(pkt).type == kind
+    a, b, net = connect()
+    probe = a.mtu_probe((42).to_bytes(8, "big"), 1372, T0 + 1)
+    assert len(probe) == 1372 and probe[0] == 0x09
+    assert b.receive(probe, ADDR_A, T0 + 1) == []
+    [(ack, dst)] = b.datagrams_to_send()
+    assert dst == ADDR_A and len(ack) == 41 and ack[0] == 0x0A
+    assert a.receive(ack, ADDR_B, T0 + 1) == [ProbeAck((42).to_bytes(8, "big"))]
+    assert len(a.mtu_probe(bytes(8), 0, T0 + 1)) == 41  # the control probe: as short as it gets
