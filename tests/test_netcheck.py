@@ -38,7 +38,7 @@ def test_no_relay_stream_known_and_ipv6():
 
 
 def test_peers_show_their_probed_path_mtu():
-    """Each tunnel's path MTU as probed (§7.6) and what it leaves inside; none before probing."""
+    """Each tunnel's path MTU as probed (§7 "Path MTU") and what it leaves inside; none before probing."""
     row = {**PEER, "route": "punched", "transport": "udp", "reason": None, "path_mtu": 1400, "inner_mtu": 1339}
     r = report(True, LOCAL, "198.18.0.5:4330", None, [], [], [row, PEER])
     assert r["peers"][0]["path_mtu"] == 1400 and r["peers"][1]["path_mtu"] is None
