@@ -22,7 +22,7 @@ from ntm.addr import display
 from ntm.errors import NtmError
 from ntm.overlay import (KIND_APP, KIND_FRAG, KIND_GROUP, KIND_GROUP_ACK, KIND_IPV6, KIND_JUNK, Overlay, frame_app,
                          frame_group, group_ack, kind_of)
-from ntm.toobig import Reassembly, too_big
+from ntm.toobig import SYN_MAX_LEN, Reassembly, clamp_mss, too_big
 from ntm.vaddr import AddressError
 
 log = logging.getLogger("ntm.node")
@@ -84,7 +84,7 @@ class DataPlane:
                 if len(pkt) > t.channel.inner_mtu:
                     self._too_big(peer, t, pkt)
                 else:
-                    t.channel.send_nowait(pkt)
+                    t.channel.send_nowait(clamp_mss(pkt, t.channel.inner_mtu) if len(pkt) <= SYN_MAX_LEN else pkt)
                 return
             except NtmError:
                 pass  # keys exhausted or the tunnel just ended: queue and reopen
@@ -205,7 +205,8 @@ class DataPlane:
             return
         pkt = self.overlay.inbound(peer, payload)
         if pkt is not None:
-            self.tun.write(pkt)
+            # A SYN from the peer says how long our segments to it may be: no longer than our path allows.
+            self.tun.write(clamp_mss(pkt, t.channel.inner_mtu) if len(pkt) <= SYN_MAX_LEN else pkt)
 
     # --- application datagrams -------------------------------------------------------------------
     async def send_app(self, peer: bytes, data: bytes, force_relay: bool = False) -> Tunnel:

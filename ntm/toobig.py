@@ -9,6 +9,7 @@ would. IPv6 packets up to 1280 bytes must cross every IPv6 link, so on a path th
 (an IPv6 tunnel link fragmenting below the IP layer, as RFC 8200 §5 asks). Pure.
 
     sends, reply = too_big(pkt, mtu, ident)   # tunnel `sends`; write `reply` (if any) to TUN
+    pkt = clamp_mss(pkt, mtu)                 # a TCP SYN announces segments that fit `mtu`
     whole = reasm.add(piece, now)             # the peer: a joined packet, or None
 """
 
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import struct
 
-from ntm.overlay import FRAG, IPV4_MIN_HEADER, IPV6_HEADER, ipv4_checksum
+from ntm.overlay import FRAG, IPV4_MIN_HEADER, IPV6_HEADER, PROTO_TCP, adjust_checksum, ipv4_checksum
 from ntm.vaddr import IPV6_MIN_MTU
 
 #: Bytes of the offending packet quoted in an ICMPv4 error: RFC 1812 §4.3.2.3 (as much as fits
@@ -38,6 +39,9 @@ REASM_MAX = 64
 REASM_TIMEOUT_S = 2.0
 PROTO_ICMP, PROTO_ICMPV6 = 1, 58
 _DF, _MF = 0x4000, 0x2000
+TCP_HEADER, TCP_SYN, TCP_OPT_MSS = 20, 0x02, 2
+#: Longest TCP SYN looked at: IPv6 40 + TCP 20 + the most options (40); longer packets are data.
+SYN_MAX_LEN = IPV6_HEADER + TCP_HEADER + 40
 _H = struct.Struct("!H")
 
 
@@ -97,6 +101,41 @@ def fragment_v4(pkt: bytes, mtu: int) -> list[bytes]:
         header[10:12] = _H.pack(ipv4_checksum(bytes(header)))
         out.append(bytes(header) + chunk)
     return out
+
+
+def clamp_mss(pkt: bytes, mtu: int) -> bytes:
+    """`pkt`, or if it is a TCP SYN whose MSS option allows segments longer than `mtu` (inner
+    bytes), the same SYN announcing the MSS that fits, its checksum adjusted (RFC 1624). TCP then
+    never needs the ICMP round, and IPv6 TCP fits a path below 1280 without being split."""
+    version = pkt[0] >> 4 if pkt else 0
+    if version == 4 and len(pkt) >= IPV4_MIN_HEADER and pkt[9] == PROTO_TCP and not _H.unpack_from(pkt, 6)[0] & 0x1FFF:
+        ip_len = (pkt[0] & 0x0F) * 4
+    elif version == 6 and len(pkt) >= IPV6_HEADER and pkt[6] == PROTO_TCP:
+        ip_len = IPV6_HEADER
+    else:
+        return pkt
+    if len(pkt) < ip_len + TCP_HEADER or not pkt[ip_len + 13] & TCP_SYN:
+        return pkt
+    end = min(ip_len + (pkt[ip_len + 12] >> 4) * 4, len(pkt))
+    i = ip_len + TCP_HEADER
+    while i + 1 < end and pkt[i] != 0:
+        if pkt[i] == 1:  # NOP
+            i += 1
+            continue
+        if pkt[i] == TCP_OPT_MSS and pkt[i + 1] == 4 and i + 4 <= end:
+            limit = mtu - ip_len - TCP_HEADER
+            old = pkt[i + 2:i + 4]
+            if _H.unpack(old)[0] <= limit or limit <= 0:
+                return pkt
+            new = _H.pack(limit)
+            at = ip_len + 16  # the TCP checksum
+            odd = (i - ip_len) % 2  # a value at an odd offset adds to the sum byte-swapped
+            csum = adjust_checksum(_H.unpack_from(pkt, at)[0], old[::-1] if odd else old, new[::-1] if odd else new)
+            return pkt[:at] + _H.pack(csum) + pkt[at + 2:i + 2] + new + pkt[i + 4:]
+        if pkt[i + 1] < 2:
+            return pkt  # a malformed option: leave the packet as it is
+        i += pkt[i + 1]
+    return pkt
 
 
 def split(pkt: bytes, mtu: int, ident: int) -> list[bytes]:

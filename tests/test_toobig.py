@@ -108,3 +108,52 @@ def test_malformed_inner_packets_change_nothing():
     bad[2:4] = struct.pack("!H", 5000)  # claims more than it has
     assert fragment_v4(bytes(bad), 60) == []
     assert icmp6_packet_too_big(v6(b"x" * 2000), 1400)[40] == 2
+
+
+def tcp(ip: str, flags: int, options: bytes, mss_first: bool = True) -> bytes:
+    """A TCP segment (no data) in IPv4 or IPv6 with a correct checksum."""
+    doff = (20 + len(options)) // 4
+    seg = bytearray(struct.pack("!HHIIBBHHH", 40000, 5001, 1, 0, doff << 4, flags, 65535, 0, 0) + options)
+    if ip == "v6":
+        pseudo = SRC6 + DST6 + struct.pack("!I3xB", len(seg), 6)
+        seg[16:18] = struct.pack("!H", ipv4_checksum(pseudo + bytes(seg)))
+        return struct.pack("!IHBB", 6 << 28, len(seg), 6, 64) + SRC6 + DST6 + bytes(seg)
+    pseudo = SRC4 + DST4 + struct.pack("!BBH", 0, 6, len(seg))
+    seg[16:18] = struct.pack("!H", ipv4_checksum(pseudo + bytes(seg)))
+    return v4(bytes(seg), df=True)
+
+
+def tcp_ok(pkt: bytes) -> bool:
+    if pkt[0] >> 4 == 6:
+        seg = pkt[40:]
+        return fold_ok(pkt[8:24] + pkt[24:40] + struct.pack("!I3xB", len(seg), 6) + seg)
+    seg = pkt[20:]
+    return fold_ok(pkt[12:16] + pkt[16:20] + struct.pack("!BBH", 0, 6, len(seg)) + seg)
+
+
+MSS_1360 = struct.pack("!BBH", 2, 4, 1360)
+OTHER_OPTS = bytes([4, 2, 8, 10]) + bytes(8) + bytes([1, 3, 3, 7])  # SACK-permitted, timestamps, NOP, WS
+
+
+def test_syn_mss_is_clamped_to_the_path_with_a_valid_checksum():
+    """A SYN announcing MSS 1360 through a path whose inner MTU is 1219 (1280 over IPv4) announces
+    1159 over IPv6 and 1179 over IPv4 afterwards, at an even or an odd option offset, and its
+    checksum stays right; everything else passes unchanged."""
+    from ntm.toobig import clamp_mss
+
+    for ip, limit in (("v6", 1219 - 60), ("v4", 1219 - 40)):
+        for opts in (MSS_1360 + OTHER_OPTS, bytes([1]) + MSS_1360 + OTHER_OPTS[:-1]):
+            syn = tcp(ip, 0x02, opts)
+            assert tcp_ok(syn)
+            out = clamp_mss(syn, 1219)
+            at = (40 if ip == "v6" else 20) + 20 + opts.index(MSS_1360) + 2
+            assert struct.unpack("!H", out[at:at + 2])[0] == limit and tcp_ok(out), (ip, opts)
+            assert len(out) == len(syn)
+        synack = tcp(ip, 0x12, MSS_1360 + OTHER_OPTS)
+        assert tcp_ok(clamp_mss(synack, 1219)) and clamp_mss(synack, 1219) != synack
+        assert clamp_mss(synack, 1500) == synack  # already fits
+        ack = tcp(ip, 0x10, OTHER_OPTS)
+        assert clamp_mss(ack, 1219) == ack
+    broken = tcp("v6", 0x02, bytes([5, 0, 0, 0]) + MSS_1360)  # an option of length 0
+    assert clamp_mss(broken, 1219) == broken
+    assert clamp_mss(b"", 1219) == b"" and clamp_mss(v6(b"x"), 1219) == v6(b"x")
