@@ -70,10 +70,12 @@ def mtu_transfer(fed: Federation, tag: str, mtu: int, icmp: bool, nbytes: int) -
         b.stop()
 
 
-def mtu_move(fed: Federation, tag: str, nbytes: int, rate: float, before_s: float = 2.0) -> dict:
-    """A paced TCP download B → A while A moves from a 1500 network to one with MTU 1400 whose
-    router drops ICMP. Returns whether the connection survived intact, the longest stall, and
-    `pmtu_discovery_s`: from the move until B's tunnel to A runs at the new path MTU."""
+def mtu_move(fed: Federation, tag: str, nbytes: int, rate: float, before_s: float = 2.0, inner: int = 6) -> dict:
+    """A paced TCP download B → A (over IPv6 or, `inner` 4, IPv4 inside the tunnel) while A moves
+    from a 1500 network to one with MTU 1400 whose router drops ICMP: the open connection must
+    learn the smaller MTU from the ICMP "too big" B's node answers with. Returns whether it
+    survived intact, the longest stall, and `pmtu_discovery_s`: from the move until B's tunnel to
+    A runs at the new path MTU (polled with `ntm status`, ~0.5 s apart)."""
     lab = fed.lab
     a_host = lab.add_site(f"{tag}1", "eim").host
     lab.add_site(f"{tag}2", "eim", host=f"{tag}2h")
@@ -100,7 +102,9 @@ def mtu_move(fed: Federation, tag: str, nbytes: int, rate: float, before_s: floa
                     return
                 time.sleep(0.1)
 
-        sent, got = transfer(b, a, a.v6, a.v6, nbytes, rate=rate, during=move)
+        # IPv4 inside: B sees A as the first address of its book, A is itself the pool's first host
+        to, bind = (a.v6, a.v6) if inner == 6 else ("100.64.0.2", "100.64.0.1")
+        sent, got = transfer(b, a, to, bind, nbytes, rate=rate, during=move)
         return {"intact": got["sha256"] == sent["sha256"] and got["bytes"] == nbytes, "bytes": got["bytes"],
                 "max_stall_s": got["max_stall_s"], "pmtu_discovery_s": found.get("pmtu_discovery_s"),
                 "b_to_a_path_mtu": _peer_row(b)["path_mtu"], "mtu_search_s": found.get("b_row", {}).get("mtu_search_s")}

@@ -42,12 +42,16 @@ def test_tcp_download_over_a_small_uplink_arrives_intact(fed, mtu, icmp):
     assert r["b_to_a_path_mtu"] == mtu and r["a_to_b_path_mtu"] == mtu, r
 
 
-def test_tcp_survives_a_move_to_a_smaller_network_without_icmp(fed):
+@pytest.mark.parametrize("inner", [6, 4])
+def test_tcp_survives_a_move_to_a_smaller_network_without_icmp(fed, inner):
     """Hostile condition: mid-download, A moves from a 1500 network to one with MTU 1400 whose
     router drops ICMP: every full-size packet to A is lost until the peer's tunnel finds the new
-    MTU. The TCP connection must survive, intact, with a bounded stall."""
-    r = mtu_move(fed, "mv", MOVE_BYTES, MOVE_RATE)
-    print(f"\nmove 1500 → 1400 (ICMP dropped) mid-transfer: stall {r['max_stall_s']} s, new MTU in use "
+    MTU, and the open connection (IPv6 or IPv4 inside) must then shrink its segments on the ICMP
+    "too big" / "fragmentation needed" B's node answers with. It must survive, intact, with a
+    bounded stall."""
+    r = mtu_move(fed, f"mv{inner}", MOVE_BYTES, MOVE_RATE, inner=inner)
+    print(f"\nmove 1500 → 1400 (ICMP dropped) mid-transfer, IPv{inner} inside: stall {r['max_stall_s']} s, "
+          f"new MTU in use "
           f"after {r['pmtu_discovery_s']} s (search {r['mtu_search_s']} s), path MTU B→A {r['b_to_a_path_mtu']}")
     assert r["intact"], r
     assert r["b_to_a_path_mtu"] == 1400, r
