@@ -33,7 +33,7 @@ from ntm.addr import Addr, for_socket
 from ntm.clock import SYSTEM, Clock
 from ntm.handshake import Rand
 from ntm.packet import KNOWN_TYPES, PREFIX_LEN
-from ntm.pmtu import CONTROL, MAX_MTU, PathMtu
+from ntm.pmtu import CONTROL, MAX_MTU, PathMtu, Phase
 from ntm.tunnel import (Data, EndpointChanged, HandshakeDone, PeerClosed, Pong, ProbeAck, RelayInfo, Session, Standby,
                         TunnelConfig, TunnelError)
 from ntm.vaddr import inner_mtu
@@ -632,8 +632,8 @@ class Endpoint:
         route_mtu = getattr(self.bind, "route_mtu", None)
         for pid, s in self.sessions.items():
             pm = self.pmtu.get(pid)
-            if pm is not None and s.peer_addr == addr and route_mtu is not None:
-                pm.hint(route_mtu(addr), self.now())
+            if pm is not None and pm.phase is not Phase.SEARCH and s.peer_addr == addr and route_mtu is not None:
+                pm.hint(route_mtu(addr), self.now())  # (a search under way reads it each round anyway)
         self._kick()
 
     def _poll_pmtu(self, pid: bytes, pm: PathMtu, now: float) -> float | None:

@@ -51,8 +51,8 @@ def test_tcp_survives_a_move_to_a_smaller_network_without_icmp(fed, inner):
     bounded stall."""
     r = mtu_move(fed, f"mv{inner}", MOVE_BYTES, MOVE_RATE, inner=inner)
     print(f"\nmove 1500 → 1400 (ICMP dropped) mid-transfer, IPv{inner} inside: stall {r['max_stall_s']} s, "
-          f"new MTU in use "
-          f"after {r['pmtu_discovery_s']} s (search {r['mtu_search_s']} s), path MTU B→A {r['b_to_a_path_mtu']}")
+          f"new MTU in use after {r['pmtu_discovery_s']} s (search {r['mtu_search_s']} s), "
+          f"path MTU B→A {r['b_to_a_path_mtu']}")
     assert r["intact"], r
     assert r["b_to_a_path_mtu"] == 1400, r
     assert r["max_stall_s"] <= MAX_MOVE_STALL_S, r
