@@ -95,7 +95,10 @@ class PathMtu:
         if mtu is None or mtu == self._hint:
             return
         self._hint = mtu
-        if mtu < self.mtu and self.phase is not Phase.SEARCH:
+        if self.phase is Phase.SEARCH:
+            if self._lo < mtu < self._hi and mtu not in self._candidates:
+                self._candidates = sorted({*self._candidates, mtu}, reverse=True)  # asked next round
+        elif mtu < self.mtu:
             self.restart(now, hint=mtu)
 
     def ack(self, probe_id: int, now: float) -> bool:

@@ -98,6 +98,14 @@ def test_a_true_icmp_hint_is_probed_and_used():
     assert pm.mtu == 1372
 
 
+def test_a_hint_during_a_search_is_asked_in_its_next_round():
+    path = FakePath(1372)
+    pm = PathMtu(0.0)
+    pm.hint(1372, 0.0)  # before the first round went out: asked in it
+    path.run(pm, PROBE_ROUND_S + 0.1)
+    assert pm.mtu == 1372
+
+
 def test_mtu_grows_back_after_a_move():
     """A move to a smaller network and back: each move restarts the search (the endpoint calls
     restart on a new address), and the MTU follows both ways."""
