@@ -611,10 +611,16 @@ class Endpoint:
 
     def mtu_status(self, s: Session) -> dict:
         """The session's path MTU in use (outer IP packet size; None before its handshake), the
-        inner MTU it leaves, and how long its latest search took to settle (None: still searching)."""
+        inner MTU it leaves, how long its latest search took to settle and how long ago that was
+        (None: still searching)."""
         pm = self.pmtu.get(s.path_id)
-        return {"path_mtu": pm.mtu if pm is not None else None, "inner_mtu": self.inner_mtu(s),
-                "mtu_search_s": round(pm.settled_s, 3) if pm is not None and pm.settled_s is not None else None}
+        row = {"path_mtu": None, "inner_mtu": self.inner_mtu(s), "mtu_search_s": None, "mtu_age_s": None}
+        if pm is not None:
+            row["path_mtu"] = pm.mtu
+            if pm.settled_s is not None and pm.settled_at is not None:
+                row["mtu_search_s"] = round(pm.settled_s, 3)
+                row["mtu_age_s"] = round(self.now() - pm.settled_at, 3)
+        return row
 
     def paths_changed(self) -> None:
         """We moved (new address, another uplink): every path's MTU is searched again."""

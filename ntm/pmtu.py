@@ -67,6 +67,7 @@ class PathMtu:
         self.probes_acked = 0
         self.started_at = now
         self.settled_s: float | None = None  # how long the latest search took to settle
+        self.settled_at: float | None = None  # when it settled
         self._next_id = 0
         self._hint: int | None = None
         self._tx_seen = -1
@@ -79,7 +80,7 @@ class PathMtu:
         self.phase = Phase.SEARCH
         self.searches += 1
         self.started_at = now
-        self.settled_s = None
+        self.settled_s = self.settled_at = None
         self._lo, self._hi = BASE_MTU, self.max_mtu + 1
         sizes = {s for s in (*COMMON_MTUS, self.max_mtu, hint or 0) if BASE_MTU < s <= self.max_mtu}
         self._candidates = sorted(sizes, reverse=True)
@@ -202,6 +203,7 @@ class PathMtu:
         if not self._settled:
             self._settled = True
             self.settled_s = now - self.started_at
+            self.settled_at = now
 
     def _done(self, now: float) -> None:
         self.phase = Phase.DONE
