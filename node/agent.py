@@ -107,6 +107,7 @@ class Node:
     def _on_moved(self) -> None:
         if self.session.udp:  # UDP gets out (again): relays over UDP, not over TCP (§8.4)
             self.endpoint.leave_streams()
+        self.endpoint.paths_changed()  # a new network: each path's MTU is probed again (§7 "Path MTU")
         self.tunnel_table.probe_all()
 
     def _on_notice(self, notice) -> None:

@@ -28,6 +28,7 @@ class PathSender(Protocol):
     def send_ping(self, s: Session) -> None: ...
     def send_close(self, s: Session) -> None: ...
     def remove(self, path_id: bytes) -> None: ...
+    def inner_mtu(self, s: Session) -> int: ...
 
 
 class TunnelChannel(Protocol):
@@ -47,6 +48,8 @@ class TunnelChannel(Protocol):
     def stats(self) -> dict[str, int]: ...
     @property
     def established(self) -> bool: ...
+    @property
+    def inner_mtu(self) -> int: ...
 
     def send_nowait(self, data: bytes) -> None: ...
     async def send(self, data: bytes) -> None: ...
@@ -122,6 +125,11 @@ class Channel:
     def last_heard(self) -> float:
         """When an authenticated packet last arrived on this path (0.0: never)."""
         return self.session.last_received or 0.0
+
+    @property
+    def inner_mtu(self) -> int:
+        """The longest inner packet this path carries in one datagram (its probed path MTU, §7 "Path MTU")."""
+        return self.endpoint.inner_mtu(self.session)
 
     # -- data --
     def send_nowait(self, data: bytes) -> None:
@@ -219,6 +227,7 @@ class Link:
     rtt = forward("current", "rtt")
     stats = forward("current", "stats")
     established = forward("current", "established")
+    inner_mtu = forward("current", "inner_mtu")
 
     def send_nowait(self, data: bytes) -> None:
         if self.closed:

@@ -205,11 +205,11 @@ def peers_table(rows: list[dict]) -> str:
     """The daemon's open tunnels, one peer per line (like `wg show`)."""
     if not rows:
         return "peers     none"
-    head = ("PEER", "VIRTUAL", "ROUTE", "OVER", "ENDPOINT", "HANDSHAKE", "RX", "TX", "RTT")
+    head = ("PEER", "VIRTUAL", "ROUTE", "OVER", "ENDPOINT", "MTU", "HANDSHAKE", "RX", "TX", "RTT")
     table, why = [head], []
     for r in rows:
         name = ",".join(r["names"]) or r["peer"][:12] + "…"
-        table.append((name, f"{r['ipv6']} {r['ipv4']}", r["route"], r["transport"], r["endpoint"] or "-",
+        table.append((name, f"{r['ipv6']} {r['ipv4']}", r["route"], r["transport"], r["endpoint"] or "-", mtu_text(r),
                       f"{r['last_handshake_s']:.0f} s ago" if r["last_handshake_s"] is not None else "-",
                       human_bytes(r["rx_bytes"]), human_bytes(r["tx_bytes"]),
                       f"{r['rtt_ms']:.2f} ms" if r["rtt_ms"] is not None else "-"))
@@ -217,6 +217,11 @@ def peers_table(rows: list[dict]) -> str:
             why.append(f"  {name} is relayed: {r['reason']}")
     widths = [max(len(str(row[i])) for row in table) for i in range(len(head))]
     return "\n".join(["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in table] + why)
+
+
+def mtu_text(r: dict) -> str:
+    """A tunnel's path MTU as probed, with what it leaves inside: "1400/1339" (§7 "Path MTU")."""
+    return f"{r['path_mtu']}/{r['inner_mtu']}" if r.get("path_mtu") else "-"
 
 
 def human_bytes(n: int) -> str:

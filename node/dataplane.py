@@ -20,8 +20,9 @@ from node.tun import Tun
 from ntm import keys
 from ntm.addr import display
 from ntm.errors import NtmError
-from ntm.overlay import (KIND_APP, KIND_GROUP, KIND_GROUP_ACK, KIND_JUNK, Overlay, frame_app, frame_group, group_ack,
-                         kind_of)
+from ntm.overlay import (KIND_APP, KIND_FRAG, KIND_GROUP, KIND_GROUP_ACK, KIND_IPV6, KIND_JUNK, Overlay, frame_app,
+                         frame_group, group_ack, kind_of)
+from ntm.toobig import SYN_MAX_LEN, Reassembly, clamp_mss, too_big
 from ntm.vaddr import AddressError
 
 log = logging.getLogger("ntm.node")
@@ -50,7 +51,10 @@ class DataPlane:
         self.failed_at: dict[bytes, float] = {}
         self.inbox: deque[tuple[bytes, bytes]] = deque(maxlen=APP_INBOX)
         self._inbox_event = asyncio.Event()
-        self.stats = dict.fromkeys(("queued", "queue_drops", "open_failures", "opens", "app_rx", "junk_rx"), 0)
+        self.stats = dict.fromkeys(("queued", "queue_drops", "open_failures", "opens", "app_rx", "junk_rx",
+                                    "too_big"), 0)
+        self._frag_id = 0  # numbers the IPv6 packets split for a path below 1280 (§10.4)
+        self._reasm: dict[bytes, Reassembly] = {}
         self.tasks = BackgroundTasks()
         self._opening: dict[bytes, asyncio.Task] = {}
         # group datagrams: handed to on_group(peer, data) and acknowledged; our sends wait for acks
@@ -77,12 +81,26 @@ class DataPlane:
         t = self.by_peer.get(peer)
         if t is not None and not t.channel.closed:
             try:
-                t.channel.send_nowait(pkt)
+                if len(pkt) > t.channel.inner_mtu:
+                    self._too_big(peer, t, pkt)
+                else:
+                    t.channel.send_nowait(clamp_mss(pkt, t.channel.inner_mtu) if len(pkt) <= SYN_MAX_LEN else pkt)
                 return
             except NtmError:
                 pass  # keys exhausted or the tunnel just ended: queue and reopen
         self._queue(peer, pkt)
         self.ensure_open(peer)
+
+    def _too_big(self, peer: bytes, t: Tunnel, pkt: bytes) -> None:
+        """An inner packet longer than the peer's path carries: answered as a router would (ICMP
+        "too big" into TUN, so the sender's PMTUD follows this peer's path), or fragmented (§10.4)."""
+        self.stats["too_big"] += 1
+        self._frag_id += 1
+        sends, reply = too_big(pkt, t.channel.inner_mtu, self._frag_id)
+        if reply is not None and self.tun is not None:
+            self.tun.write(reply)
+        for p in sends:
+            t.channel.send_nowait(p)
 
     def _queue(self, peer: bytes, pkt: bytes) -> None:
         q = self.pending.get(peer)
@@ -175,12 +193,20 @@ class DataPlane:
                 except NtmError:
                     pass
             return
+        if kind == KIND_FRAG:
+            payload = self._reasm.setdefault(peer, Reassembly()).add(payload, self.node.session.clock.now())
+            if payload is None:
+                return
+            kind = kind_of(payload)
+            if kind != KIND_IPV6:
+                kind = KIND_JUNK  # only IPv6 is ever split (§10.4)
         if kind == KIND_JUNK or self.tun is None:
             self.stats["junk_rx"] += 1
             return
         pkt = self.overlay.inbound(peer, payload)
         if pkt is not None:
-            self.tun.write(pkt)
+            # A SYN from the peer says how long our segments to it may be: no longer than our path allows.
+            self.tun.write(clamp_mss(pkt, t.channel.inner_mtu) if len(pkt) <= SYN_MAX_LEN else pkt)
 
     # --- application datagrams -------------------------------------------------------------------
     async def send_app(self, peer: bytes, data: bytes, force_relay: bool = False) -> Tunnel:
@@ -230,6 +256,7 @@ class DataPlane:
         for peer, t in list(self.by_peer.items()):
             if t.channel.closed:
                 del self.by_peer[peer]
+                self._reasm.pop(peer, None)
                 continue
             ch = t.channel
             v6, v4 = self.overlay.addresses(peer)
@@ -241,6 +268,7 @@ class DataPlane:
                 "last_handshake_s": round(now - hs, 1) if hs is not None else None,
                 "rx_bytes": ch.stats.get("rx_bytes", 0), "tx_bytes": ch.stats.get("tx_bytes", 0),
                 "rtt_ms": round(ch.rtt * 1000, 2) if ch.rtt else None, "redirects": t.redirects,
+                **self.node.endpoint.mtu_status(ch.current.session),
             })
         return rows
 

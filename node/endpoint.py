@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import os
 import socket
 import sys
@@ -32,7 +33,10 @@ from ntm.addr import Addr, for_socket
 from ntm.clock import SYSTEM, Clock
 from ntm.handshake import Rand
 from ntm.packet import KNOWN_TYPES, PREFIX_LEN
-from ntm.tunnel import Data, HandshakeDone, PeerClosed, Pong, RelayInfo, Session, Standby, TunnelConfig, TunnelError
+from ntm.pmtu import CONTROL, MAX_MTU, PathMtu, Phase
+from ntm.tunnel import (Data, EndpointChanged, HandshakeDone, PeerClosed, Pong, ProbeAck, RelayInfo, Session, Standby,
+                        TunnelConfig, TunnelError)
+from ntm.vaddr import inner_mtu
 
 DEFAULT_PORT = TUNNEL_PORT
 #: Default time open() waits for a handshake (direct attempts, then the relay from 1.5 s on).
@@ -43,6 +47,7 @@ SOCKET_BUFFER = 4 * 1024 * 1024
 MAX_TIMER_SLEEP = 1.0
 
 Receive = Callable[[bytes, Addr], None]
+log = logging.getLogger("ntm.node")
 
 
 class Bind(Protocol):
@@ -74,6 +79,10 @@ RECV_BUFFER = 65536
 RECV_BATCH = 64
 _GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
 IP_PKTINFO = 8  # include/uapi/linux/in.h; Python does not name it
+# Path MTU discovery modes (include/uapi/linux/in.h, in6.h): data may be fragmented by the kernel
+# to a path MTU it learned (WANT, the default); a probe must not be (PROBE: DF set, learned MTU ignored).
+IP_MTU_DISCOVER, IPV6_MTU_DISCOVER, PMTUDISC_WANT, PMTUDISC_PROBE = 10, 23, 1, 3
+IP_MTU, IPV6_MTU = 14, 24
 _ANY4_MAPPED = bytes(10) + b"\xff\xff" + bytes(4)  # ::ffff:0.0.0.0
 
 
@@ -88,6 +97,9 @@ class UdpBind:
         self.receive = receive
         self.on_error = on_error
         self.gso = True
+        self.emsgsize = 0  # sends the kernel refused for size (EMSGSIZE), §7 "Path MTU"
+        # Told the destination of every such send: the path MTU there is smaller than we thought.
+        self.on_too_big: Callable[[Addr], None] | None = None
         try:
             sock.setsockopt(SOL_UDP, UDP_GRO, 1)
             self.gro = True
@@ -109,8 +121,50 @@ class UdpBind:
         """Send one datagram; a full buffer or an unreachable address loses it, as the network would."""
         try:
             self.sock.sendto(data, addr)
+        except OSError as exc:
+            if exc.errno == errno.EMSGSIZE:
+                self._too_big(addr)  # longer than the route's MTU: this one is lost, the next fit
+            else:
+                self.on_error()
+
+    def send_probe(self, data: bytes, addr: Addr) -> None:
+        """Send a path MTU probe whole, with DF set, even where the kernel learned a smaller MTU
+        (it would fragment it, and a fragmented probe proves nothing); too big locally: lost."""
+        opts = [(socket.IPPROTO_IP, IP_MTU_DISCOVER)]
+        if self.family == socket.AF_INET6:
+            opts.append((socket.IPPROTO_IPV6, IPV6_MTU_DISCOVER))
+        for level, opt in opts:
+            self.sock.setsockopt(level, opt, PMTUDISC_PROBE)
+        try:
+            self.sock.sendto(data, addr)
         except OSError:
-            self.on_error()
+            pass  # EMSGSIZE (larger than our own link) or unreachable: the probe is simply not answered
+        finally:
+            for level, opt in opts:
+                self.sock.setsockopt(level, opt, PMTUDISC_WANT)
+
+    def route_mtu(self, addr: Addr) -> int | None:
+        """The kernel's MTU towards `addr`: the local route's, or smaller if ICMP taught it one."""
+        probe = socket.socket(self.family, socket.SOCK_DGRAM)
+        try:
+            probe.connect(addr)
+            if self.family == socket.AF_INET6:
+                return probe.getsockopt(socket.IPPROTO_IPV6, IPV6_MTU)
+            return probe.getsockopt(socket.IPPROTO_IP, IP_MTU)
+        except OSError:
+            return None
+        finally:
+            probe.close()
+
+    def _too_big(self, addr: Addr) -> None:
+        """Count a send refused for size, say so once, and tell the endpoint (its path MTU
+        search then finds the size that fits)."""
+        self.emsgsize += 1
+        if self.emsgsize == 1:
+            log.warning("datagrams to %s are longer than the route's MTU (EMSGSIZE): batches go out one "
+                        "datagram at a time and the tunnel's path MTU is searched again", addr[0])
+        if self.on_too_big is not None:
+            self.on_too_big(addr)
 
     def sendto_via(self, data: bytes, addr: Addr, ifindex: int) -> None:
         """Send one datagram out of interface `ifindex` (IP_PKTINFO / IPV6_PKTINFO), from the same
@@ -150,7 +204,13 @@ class UdpBind:
         try:
             self.sock.sendmsg([b"".join(datagrams)], [(SOL_UDP, UDP_SEGMENT, size.to_bytes(2, "little"))], 0, addr)
         except OSError as exc:
-            if exc.errno in (errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP):
+            if exc.errno == errno.EMSGSIZE:
+                # A segment longer than the route's MTU (ICMP taught the kernel a smaller path MTU,
+                # or the uplink is smaller): never drop the batch, send it one datagram at a time.
+                self._too_big(addr)
+                for d in datagrams:
+                    self.sendto(d, addr)
+            elif exc.errno in (errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP):
                 self.gso = False  # no UDP GSO on this kernel or path: one sendto each from now on
                 for d in datagrams:
                     self.sendto(d, addr)
@@ -184,6 +244,11 @@ class UdpBind:
             self.sock.close()
 
 
+def _is_v6(addr: Addr) -> bool:
+    """`addr` is an IPv6 address (not an IPv4-mapped one): its outer header is 40 bytes, not 20."""
+    return ":" in addr[0] and not addr[0].startswith("::ffff:")
+
+
 class Endpoint:
     """One datagram socket, many tunnels keyed by path ID."""
 
@@ -204,6 +269,7 @@ class Endpoint:
         self.binder = binder
         self.sessions: dict[bytes, Session] = {}
         self.channels: dict[bytes, Channel] = {}
+        self.pmtu: dict[bytes, PathMtu] = {}  # path MTU of each established path (§7 "Path MTU")
         self._stats: dict[str, int] = dict.fromkeys(
             ("tx_control", "drop_short", "drop_unknown_type", "drop_unknown_path",
              "socket_errors", "send_errors", "rebinds"),
@@ -248,6 +314,8 @@ class Endpoint:
         bind = await self.binder(host, port, self._on_datagram, self._socket_error)
         old, self.bind = self.bind, bind
         self.family = bind.family
+        if hasattr(bind, "on_too_big"):
+            bind.on_too_big = self._refused_for_size
         self._install_sender()
         if old is not None:
             old.close()
@@ -326,6 +394,7 @@ class Endpoint:
             self._renormalize(s)
             s.local_address_changed(now)
             self._flush(s.datagrams_to_send())
+        self.paths_changed()
 
     def _renormalize(self, s: Session) -> None:
         fam = self.family
@@ -387,6 +456,7 @@ class Endpoint:
         """Forget a path (its channel counts as closed); its packets are dropped from now on."""
         s = self.sessions.pop(path_id, None)
         ch = self.channels.pop(path_id, None)
+        self.pmtu.pop(path_id, None)
         if ch is not None:
             ch.closed = True
         if s is not None and s.relay is not None and self.streams:
@@ -513,7 +583,15 @@ class Endpoint:
                 ch.inbox.deliver(ev.payload)
             elif type(ev) is HandshakeDone:
                 ch.handshake_done(ev)
+                if not ev.rekey:
+                    self.pmtu[pid] = PathMtu(self.now())
                 self._kick()
+            elif type(ev) is ProbeAck:
+                pm = self.pmtu.get(pid)
+                if pm is not None:
+                    pm.ack(int.from_bytes(ev.probe_id, "big"), self.now())
+            elif type(ev) is EndpointChanged:
+                self._path_changed(pid)
             elif type(ev) is Pong:
                 ch.pong(ev.rtt)
             elif type(ev) is PeerClosed:
@@ -521,7 +599,72 @@ class Endpoint:
                 ch.peer_closed()
             elif type(ev) is Standby and self.on_standby is not None:
                 self.on_standby(pid, ev)
-            # EndpointChanged / RelayBound: visible in session.peer_addr and stats
+            # RelayBound: visible in session.peer_addr and stats
+
+    # --- path MTU (§7 "Path MTU") ----------------------------------------------------------------
+    def inner_mtu(self, s: Session) -> int:
+        """The largest inner packet that crosses this session's path in one datagram."""
+        pm = self.pmtu.get(s.path_id)
+        if pm is None or s.peer_addr is None or self.transport(s) == "tcp":
+            return inner_mtu(MAX_MTU, ipv6=True)
+        return inner_mtu(pm.mtu, ipv6=_is_v6(s.peer_addr))
+
+    def mtu_status(self, s: Session) -> dict:
+        """The session's path MTU in use (outer IP packet size; None before its handshake), the
+        inner MTU it leaves, how long its latest search took to settle and how long ago that was
+        (None: still searching)."""
+        pm = self.pmtu.get(s.path_id)
+        row = {"path_mtu": None, "inner_mtu": self.inner_mtu(s), "mtu_search_s": None, "mtu_age_s": None}
+        if pm is not None:
+            row["path_mtu"] = pm.mtu
+            if pm.settled_s is not None and pm.settled_at is not None:
+                row["mtu_search_s"] = round(pm.settled_s, 3)
+                row["mtu_age_s"] = round(self.now() - pm.settled_at, 3)
+        return row
+
+    def paths_changed(self) -> None:
+        """We moved (new address, another uplink): every path's MTU is searched again."""
+        for pid in self.pmtu:
+            self._path_changed(pid)
+
+    def _path_changed(self, pid: bytes) -> None:
+        pm = self.pmtu.get(pid)
+        if pm is not None:
+            pm.restart(self.now())
+            self._kick()
+
+    def _refused_for_size(self, addr: Addr) -> None:
+        """The kernel refused a datagram to `addr` for size: the paths there have a smaller MTU."""
+        route_mtu = getattr(self.bind, "route_mtu", None)
+        for pid, s in self.sessions.items():
+            pm = self.pmtu.get(pid)
+            if pm is not None and pm.phase is not Phase.SEARCH and s.peer_addr == addr and route_mtu is not None:
+                pm.hint(route_mtu(addr), self.now())  # (a search under way reads it each round anyway)
+        self._kick()
+
+    def _poll_pmtu(self, pid: bytes, pm: PathMtu, now: float) -> float | None:
+        """Run one path's probe timers: send its due probes (the kernel's MTU towards the peer is
+        read first, as a hint); returns when it wants to run next."""
+        t = pm.next_timer()
+        s = self.sessions.get(pid)
+        if t is None or t > now or s is None or s.peer_addr is None or not s.established:
+            return t
+        addr = s.peer_addr
+        route_mtu = getattr(self.bind, "route_mtu", None)
+        if route_mtu is not None and self.transport(s) == "udp":
+            pm.hint(route_mtu(addr), now)
+        send = getattr(self.bind, "send_probe", None) if self.transport(s) == "udp" else None
+        header = (40 if _is_v6(addr) else 20) + 8  # outer IP + UDP
+        for probe_id, size in pm.poll(now, s.tx_data):
+            try:
+                pkt = s.mtu_probe(probe_id.to_bytes(8, "big"), 0 if size == CONTROL else size - header, now)
+            except TunnelError:
+                break
+            if send is not None:
+                send(pkt, addr)
+            else:
+                self._sendto(pkt, addr)
+        return pm.next_timer()
 
     async def _timer_loop(self) -> None:
         assert self._wake is not None
@@ -533,6 +676,10 @@ class Endpoint:
                 if t is not None and t <= now:
                     self._flush(s.poll(now))
                     t = s.next_timer()
+                if t is not None and (nxt is None or t < nxt):
+                    nxt = t
+            for pid, pm in list(self.pmtu.items()):
+                t = self._poll_pmtu(pid, pm, now)
                 if t is not None and (nxt is None or t < nxt):
                     nxt = t
             delay = MAX_TIMER_SLEEP if nxt is None else min(max(nxt - now, 0.002), MAX_TIMER_SLEEP)

@@ -79,7 +79,8 @@ def report(udp: bool | None, local: list[str], observed: str | None, observed_al
         "relay_tcp": [asdict(p) for p in relays],
         "tcp_relay_ok": any(p.ok for p in relays),
         "peers": [{"peer": r["peer"], "names": r.get("names", []), "route": r["route"],
-                   "transport": r["transport"], "reason": r["reason"]} for r in peers],
+                   "transport": r["transport"], "reason": r["reason"], "path_mtu": r.get("path_mtu"),
+                   "inner_mtu": r.get("inner_mtu")} for r in peers],
     }
 
 
@@ -114,5 +115,6 @@ def text(r: dict) -> str:
     for p in r["peers"]:
         name = ",".join(p["names"]) or p["peer"]
         why = f": {p['reason']}" if p["route"] == "relay" and p["reason"] else ""
-        lines.append(f"peer      {name}  {p['route']} over {p['transport']}{why}")
+        mtu = f", path MTU {p['path_mtu']} (inner {p['inner_mtu']})" if p.get("path_mtu") else ""
+        lines.append(f"peer      {name}  {p['route']} over {p['transport']}{mtu}{why}")
     return "\n".join(lines)

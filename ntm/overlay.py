@@ -26,9 +26,11 @@ from ntm.vaddr import AddressError, V4Book, is_overlay_v6, v6_of
 APP = 0x00
 #: A group datagram (node/groups.py), which the receiver acknowledges with GROUP_ACK || its digest.
 GROUP, GROUP_ACK = 0x01, 0x02
+#: A piece of an IPv6 packet the path cannot carry whole but IPv6 must (up to 1280 bytes; ntm/toobig.py).
+FRAG = 0x03
 ACK_DIGEST_LEN = 16
 KIND_APP, KIND_IPV4, KIND_IPV6, KIND_JUNK = "app", "ipv4", "ipv6", "junk"
-KIND_GROUP, KIND_GROUP_ACK = "group", "group_ack"
+KIND_GROUP, KIND_GROUP_ACK, KIND_FRAG = "group", "group_ack", "frag"
 
 IPV4_MIN_HEADER = 20
 IPV6_HEADER = 40
@@ -64,6 +66,8 @@ def kind_of(payload: bytes) -> str:
         return KIND_GROUP
     if first == GROUP_ACK:
         return KIND_GROUP_ACK
+    if first == FRAG:
+        return KIND_FRAG
     version = first >> 4
     return KIND_IPV4 if version == 4 else KIND_IPV6 if version == 6 else KIND_JUNK
 

@@ -11,6 +11,8 @@ node's endpoint) and a relay can find the path without any key. Parsers raise
     0x05 PING / 0x06 PONG    type | path | counter (8) | AEAD(ping id (8)) (24)         41 bytes
     0x07 CLOSE               type | path | counter (8) | AEAD(empty) (16)               33 bytes
     0x08 STANDBY             type | path | counter (8) | AEAD(standby payload) (len + 16) >= 33 bytes
+    0x09 PROBE               type | path | counter (8) | AEAD(probe id (8) || zeros) (len + 16) >= 41 bytes
+    0x0a PROBE_ACK           type | path | counter (8) | AEAD(probe id (8)) (24)        41 bytes
     0x10 RELAY_BIND          type | path | side (1) | counter (8) | cookie (16) | mac (16)  50 bytes
     0x11 RELAY_BIND_ACK      type | path | side (1) | bound (1) | counter (8) | cookie (16) 35 bytes
     0x12..0x1f               reserved for relay control
@@ -36,16 +38,20 @@ TYPE_PING = 0x05
 TYPE_PONG = 0x06
 TYPE_CLOSE = 0x07  # the sender closed the tunnel on purpose: the peer ends it, no repair
 TYPE_STANDBY = 0x08  # keeps a second uplink's path warm; never moves the peer (node/uplinks.py)
+TYPE_PROBE = 0x09  # padded to a candidate path MTU (ntm/pmtu.py); answered by a PROBE_ACK
+TYPE_PROBE_ACK = 0x0A
 TYPE_RELAY_BIND = 0x10
 TYPE_RELAY_BIND_ACK = 0x11
 RELAY_RESERVED = range(0x12, 0x20)
 
 #: Types carried by a relay unchanged between the two bound endpoints of a path.
 FORWARDED_TYPES = frozenset(
-    {TYPE_HANDSHAKE_REQUEST, TYPE_HANDSHAKE_RESPONSE, TYPE_DATA, TYPE_KEEPALIVE, TYPE_PING, TYPE_PONG, TYPE_CLOSE}
+    {TYPE_HANDSHAKE_REQUEST, TYPE_HANDSHAKE_RESPONSE, TYPE_DATA, TYPE_KEEPALIVE, TYPE_PING, TYPE_PONG, TYPE_CLOSE,
+     TYPE_PROBE, TYPE_PROBE_ACK}
 )
 #: Types whose body is `counter (8) || AEAD ciphertext` (transport packets).
-TRANSPORT_TYPES = frozenset({TYPE_DATA, TYPE_KEEPALIVE, TYPE_PING, TYPE_PONG, TYPE_CLOSE, TYPE_STANDBY})
+TRANSPORT_TYPES = frozenset({TYPE_DATA, TYPE_KEEPALIVE, TYPE_PING, TYPE_PONG, TYPE_CLOSE, TYPE_STANDBY, TYPE_PROBE,
+                             TYPE_PROBE_ACK})
 #: STANDBY is not forwarded by relays: a standby path is a direct one by definition.
 KNOWN_TYPES = FORWARDED_TYPES | {TYPE_RELAY_BIND, TYPE_RELAY_BIND_ACK, TYPE_STANDBY}
 
@@ -59,6 +65,7 @@ EPHEMERAL_LEN = 33  # compressed SEC1 point
 TIMESTAMP_LEN = 8
 TOKEN_LEN = 32
 PING_ID_LEN = 8
+PROBE_ID_LEN = 8
 
 MAC1_LEN = 16
 REQUEST_LEN = PREFIX_LEN + EPHEMERAL_LEN + TIMESTAMP_LEN + TAG_LEN + MAC1_LEN  # 82
@@ -162,7 +169,8 @@ class HandshakeResponse(_Handshake):
 
 @dataclass(frozen=True, slots=True)
 class TransportPacket:
-    """DATA / KEEPALIVE / PING / PONG: clear header (the AEAD associated data) and ciphertext."""
+    """DATA / KEEPALIVE / PING / PONG / CLOSE / STANDBY / PROBE / PROBE_ACK: clear header (the AEAD
+    associated data) and ciphertext."""
 
     type: int
     path_id: bytes
@@ -190,6 +198,10 @@ class TransportPacket:
             raise ParseError("keepalive or close carries a payload")
         if kind in (TYPE_PING, TYPE_PONG) and len(data) != MIN_TRANSPORT_LEN + PING_ID_LEN:
             raise ParseError("ping/pong payload is not 8 bytes")
+        if kind == TYPE_PROBE and len(data) < MIN_TRANSPORT_LEN + PROBE_ID_LEN:
+            raise ParseError("probe is shorter than its 8-byte id")
+        if kind == TYPE_PROBE_ACK and len(data) != MIN_TRANSPORT_LEN + PROBE_ID_LEN:
+            raise ParseError("probe ack payload is not 8 bytes")
         return cls(kind, path_id, counter, data[HEADER_LEN:])
 
 
@@ -284,6 +296,8 @@ _PARSERS = {
     TYPE_PONG: TransportPacket.parse,
     TYPE_CLOSE: TransportPacket.parse,
     TYPE_STANDBY: TransportPacket.parse,
+    TYPE_PROBE: TransportPacket.parse,
+    TYPE_PROBE_ACK: TransportPacket.parse,
     TYPE_RELAY_BIND: RelayBind.parse,
     TYPE_RELAY_BIND_ACK: RelayBindAck.parse,
 }

@@ -53,6 +53,7 @@ from ntm.packet import (
     MIN_TRANSPORT_LEN,
     PING_ID_LEN,
     PREFIX_LEN,
+    PROBE_ID_LEN,
     TOKEN_LEN,
     TRANSPORT_TYPES,
     TYPE_CLOSE,
@@ -62,6 +63,8 @@ from ntm.packet import (
     TYPE_KEEPALIVE,
     TYPE_PING,
     TYPE_PONG,
+    TYPE_PROBE,
+    TYPE_PROBE_ACK,
     TYPE_RELAY_BIND_ACK,
     TYPE_STANDBY,
     NO_COOKIE,
@@ -190,6 +193,13 @@ class RelayBound:
 
 
 @dataclass(frozen=True, slots=True)
+class ProbeAck:
+    """The peer answered our path MTU probe `probe_id` (ntm/pmtu.py)."""
+
+    probe_id: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class PeerClosed:
     """The peer closed the tunnel on purpose (authenticated CLOSE): end it, do not repair it."""
 
@@ -203,7 +213,7 @@ class Standby:
     payload: bytes
 
 
-Event = Data | HandshakeDone | EndpointChanged | Pong | RelayBound | PeerClosed | Standby
+Event = Data | HandshakeDone | EndpointChanged | Pong | RelayBound | PeerClosed | Standby | ProbeAck
 
 
 # --- replay window ------------------------------------------------------------------------------
@@ -690,6 +700,12 @@ class Session:
             self._pings.pop(next(iter(self._pings)))
         return self._seal(TYPE_PING, pid, now)
 
+    def mtu_probe(self, probe_id: bytes, length: int, now: float) -> bytes:
+        """A PROBE of `length` bytes (at least 41) carrying `probe_id`, padded with zeros (§7 "Path MTU");
+        the peer answers with a PROBE_ACK (a ProbeAck event)."""
+        pad = max(length - MIN_TRANSPORT_LEN - PROBE_ID_LEN, 0)
+        return self._seal(TYPE_PROBE, probe_id + bytes(pad), now)
+
     # --- receiving -----------------------------------------------------------------------------
     def receive(self, datagram: bytes, addr: Addr, now: float) -> list[Event]:
         """Process one datagram from `addr`. Bad input is counted in stats and yields []."""
@@ -954,4 +970,10 @@ class Session:
                 events.append(Pong(self.rtt))
         elif kind == TYPE_CLOSE:
             events.append(PeerClosed())
+        elif kind == TYPE_PROBE:
+            if len(plain) >= PROBE_ID_LEN and self.established:  # answered short: the way back may be smaller
+                self._outbox.append((self._seal(TYPE_PROBE_ACK, plain[:PROBE_ID_LEN], now), addr))
+        elif kind == TYPE_PROBE_ACK:
+            if len(plain) == PROBE_ID_LEN:
+                events.append(ProbeAck(plain))
         return events

@@ -49,6 +49,12 @@ def tun_mtu(path_mtu: int = PATH_MTU) -> int:
     return mtu
 
 
+def inner_mtu(path_mtu: int, ipv6: bool) -> int:
+    """The longest inner packet one tunnel datagram carries on a path of MTU `path_mtu` whose
+    outer header is IPv6 (40 bytes) or IPv4 (20): path MTU - header - UDP 8 - DATA overhead 33."""
+    return path_mtu - (40 if ipv6 else 20) - 8 - MIN_TRANSPORT_LEN
+
+
 def v6_of(node_id: bytes) -> IPv6Address:
     """The node's overlay IPv6 address: V6_PREFIX followed by the node ID's first 96 bits."""
     if len(node_id) != 20:

@@ -59,13 +59,15 @@ METRICS: dict[str, tuple[str, ...]] = {
     "lab": ("keepalive_s", *(f"{m}_{route}_{unit}" for route in ("direct", "nat_initiates", "punch", "relay")
                              for m, unit in (("setup", "ms"), ("goodput", "mbps"))),
             "grid_pairs", "grid_pairs_ok", "handover_s", "handover_redirect_s", "failover_s"),
+    "mtu": ("tcp_mbps_mtu1500", "tcp_mbps_mtu1400_icmp", "tcp_mbps_mtu1400_noicmp", "tcp_mbps_mtu1280",
+            "pmtu_discovery_s", "pmtu_move_stall_s"),
     "roam": ("udp_blocked_setup_s", "tcp_transport_mbps", "udp_back_stall_s", "dc_link_loss_failover_s",
              "dc_link_loss_new_tunnel_s", "nat_rebind_unreachable_s", "make_before_break_lost_packets",
              "setup_direct_share_loss5", "setup_p90_s_loss20"),
     "tun": ("tun_rtt_ms_p50", "wireguard_go_rtt_ms_p50", "tun_tcp_mbps", "wireguard_go_tcp_mbps",
             "tun_tcp_ratio_vs_wireguard_go", "tun_cpu_s_per_gb", "wireguard_go_cpu_s_per_gb", "handover_tcp_stall_s"),
 }
-LAB_BENCHES = ("roam", "lab", "tun")  # need root and network namespaces; the longest first
+LAB_BENCHES = ("roam", "lab", "mtu", "tun")  # need root and network namespaces; the longest first
 BENCHES = [b for b in METRICS if b not in LAB_BENCHES] + list(LAB_BENCHES)
 lab_reason = functools.cache(lab_available)  # None where the lab can run (it builds a namespace to see)
 

@@ -86,6 +86,7 @@ async def test_up_ping_send_recv_status_down(net, tmp_path, daemons):
     [row] = d["peers"]  # one peer, its current tunnel; the replaced direct one is not listed
     assert row["peer"] == b_id and row["route"] == "relay" and row["ipv4"] == "100.64.0.2"
     assert row["ipv6"].startswith("fd6e:746d:") and row["last_handshake_s"] is not None
+    assert row["path_mtu"] == 1500 and row["inner_mtu"] == 1500 - 28 - 33  # probed on loopback (§7 "Path MTU")
     assert row["rx_bytes"] == row["tx_bytes"] == 1 + len("hello over the tunnel")  # APP byte + text
     # A second daemon for the same home is refused; the first keeps running.
     again = ntm(a, "up", "--no-tun", "--port", "0", check=False)

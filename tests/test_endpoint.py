@@ -275,3 +275,44 @@ async def test_udp_batches_arrive_whole_and_in_order(gso):
     finally:
         for b in (*rx, tx):
             b.close()
+
+
+_EMSGSIZE_CHILD = r"""
+import asyncio, json, subprocess
+from node.endpoint import UdpBind
+subprocess.run(["ip", "link", "set", "lo", "up", "mtu", "1400"], check=True)
+async def main():
+    got, told = [], []
+    rx = await UdpBind.open("127.0.0.1", 0, lambda d, a: got.append(d), lambda: None)
+    tx = await UdpBind.open("127.0.0.1", 0, lambda d, a: None, lambda: None)
+    tx.on_too_big = told.append
+    items = [(bytes([i]) * 1452, rx.local_addr) for i in range(40)]
+    for _ in range(3):
+        tx.send_batch(items)
+    for _ in range(200):
+        if len(got) >= 120:
+            break
+        await asyncio.sleep(0.01)
+    print(json.dumps({"got": len(got), "intact": got[:40] == [d for d, _ in items], "emsgsize": tx.emsgsize,
+                      "told": len(told), "gso": tx.gso}))
+asyncio.run(main())
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for a network namespace")
+def test_gso_batch_longer_than_route_mtu_is_resent_not_dropped():
+    """Hostile condition: the route's MTU (1400, here the loopback's in a private namespace, as
+    after an ICMP "fragmentation needed" or on a PPPoE uplink) is below the GSO segment size
+    (1452): the kernel refuses every batch with EMSGSIZE. Each batch must still arrive, sent one
+    datagram at a time (the kernel fragments those), counted and reported to the endpoint, with
+    GSO kept for other destinations."""
+    import json
+    import subprocess
+    import sys
+    r = subprocess.run(["unshare", "-n", sys.executable, "-c", _EMSGSIZE_CHILD], capture_output=True, text=True,
+                       timeout=60, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    print(out)
+    assert out["got"] == 120 and out["intact"]
+    assert out["emsgsize"] >= 3 and out["told"] == out["emsgsize"] and out["gso"]

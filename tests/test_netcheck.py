@@ -35,3 +35,13 @@ def test_no_relay_stream_known_and_ipv6():
     r = report(True, ["[2001:db8::5]:4330"], "[2001:db8::5]:4330", None, [], [], [])
     assert r["ipv6"] and not r["ipv4"] and r["nat"] == "none" and not r["tcp_relay_ok"]
     assert "relay TCP none known" in text(r)
+
+
+def test_peers_show_their_probed_path_mtu():
+    """Each tunnel's path MTU as probed (§7 "Path MTU") and what it leaves inside; none before probing."""
+    row = {**PEER, "route": "punched", "transport": "udp", "reason": None, "path_mtu": 1400, "inner_mtu": 1339}
+    r = report(True, LOCAL, "198.18.0.5:4330", None, [], [], [row, PEER])
+    assert r["peers"][0]["path_mtu"] == 1400 and r["peers"][1]["path_mtu"] is None
+    out = text(r)
+    assert "bob  punched over udp, path MTU 1400 (inner 1339)" in out
+    assert "bob  relay over tcp: A has no UDP" in out
