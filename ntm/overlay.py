@@ -26,6 +26,9 @@ from ntm.vaddr import AddressError, V4Book, is_overlay_v6, v6_of
 APP = 0x00
 #: A group datagram (node/groups.py), which the receiver acknowledges with GROUP_ACK || its digest.
 GROUP, GROUP_ACK = 0x01, 0x02
+#: A QUIC packet of the inner stream protocol (node/streams.py), to the connection's server side
+#: (the peer that accepted it) or to its client side (the peer that opened it).
+QUIC_TO_SERVER, QUIC_TO_CLIENT = 0x03, 0x04
 ACK_DIGEST_LEN = 16
 KIND_APP, KIND_IPV4, KIND_IPV6, KIND_JUNK = "app", "ipv4", "ipv6", "junk"
 KIND_GROUP, KIND_GROUP_ACK = "group", "group_ack"
