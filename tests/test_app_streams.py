@@ -52,3 +52,116 @@ async def test_streams_echo_and_refused_port(apps):
     with pytest.raises(StreamRefused) as exc:
         await a.open_connection(b.id, 8)
     assert exc.value.code == "no_service" and time.monotonic() - t0 < 2.0
+
+
+async def test_not_allowed_peer_is_refused(net):
+    """Hostile peer: a node B's allow list does not name opens a stream to a port B serves; it is
+    refused at once with the reason and its handler never runs."""
+    ka, kb = keys.generate(), keys.generate()
+    await register(net.urls[0], ka)
+    await register(net.urls[1], kb)
+    a = await AppNode.start(ka, net.urls[0], host="127.0.0.1", port=0)
+    b = await AppNode.start(kb, net.urls[1], host="127.0.0.1", port=0, allow=[keys.node_id_of(keys.generate())])
+    ran = []
+    try:
+        await b.start_server(lambda r, w: ran.append(1), 7)
+        t0 = time.monotonic()
+        with pytest.raises(StreamRefused) as exc:
+            await a.open_connection(b.id, 7)
+        assert exc.value.code in ("not_allowed", "refused", "not_admitted") and time.monotonic() - t0 < 3.0
+        print(f"\nrefused by the allow list: {exc.value} in {time.monotonic() - t0:.3f} s")
+        await b.send(a.id, b"hi")  # B opens a tunnel to A (outbound is always allowed) ...
+        assert await asyncio.wait_for(a.recv(), 10) == (b.id, b"hi")
+        with pytest.raises(StreamRefused) as exc:  # ... A's stream over it is still refused by B's list
+            await a.open_connection(b.id, 7)
+        assert exc.value.code == "not_allowed"
+        assert not ran
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def digest_of(reader: asyncio.StreamReader) -> tuple[str, int]:
+    h, n = hashlib.sha256(), 0
+    while data := await reader.read(1 << 16):
+        h.update(data)
+        n += len(data)
+    return h.hexdigest(), n
+
+
+async def write_all(writer: asyncio.StreamWriter, blob: bytes, chunk: int = 1 << 16) -> None:
+    view = memoryview(blob)
+    for i in range(0, len(blob), chunk):
+        writer.write(view[i:i + chunk])
+        await writer.drain()
+    writer.write_eof()
+
+
+BIG_BYTES = 50 * 1000 * 1000
+
+
+async def test_50_mb_both_ways_over_one_stream(apps):
+    """50 MB each way at once over one stream, compared by SHA-256: nothing lost, reordered or
+    duplicated, and drain() holds the writers back instead of buffering everything."""
+    a, b = apps
+    to_b, to_a = os.urandom(BIG_BYTES), os.urandom(BIG_BYTES)
+    got_at_b: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    async def sink_and_send(reader, writer):
+        sent = asyncio.ensure_future(write_all(writer, to_a))
+        got_at_b.set_result(await digest_of(reader))
+        await sent
+
+    await b.start_server(sink_and_send, 9000)
+    t0 = time.monotonic()
+    reader, writer = await a.open_connection(b.id, 9000)
+    sent = asyncio.ensure_future(write_all(writer, to_b))
+    got_at_a = await asyncio.wait_for(digest_of(reader), 240)
+    await sent
+    assert await asyncio.wait_for(got_at_b, 240) == (hashlib.sha256(to_b).hexdigest(), BIG_BYTES)
+    assert got_at_a == (hashlib.sha256(to_a).hexdigest(), BIG_BYTES)
+    took = time.monotonic() - t0
+    print(f"\n2 x 50 MB over one stream in {took:.1f} s: {2 * BIG_BYTES * 8 / took / 1e6:.0f} Mbit/s in all")
+
+
+async def test_eight_streams_at_once_and_half_close(apps):
+    """8 streams to one peer at once, each with its own data; each half-closes (write_eof) and
+    still reads the whole answer after that, which proves both directions end independently."""
+    a, b = apps
+
+    async def count_then_answer(reader, writer):
+        data = await reader.read()  # until the opener's half-close
+        writer.write(hashlib.sha256(data).digest() + data[::-1])
+        writer.write_eof()
+
+    await b.start_server(count_then_answer, 80)
+
+    async def one(i: int) -> None:
+        blob = os.urandom(200_000 + i * 1000)
+        reader, writer = await a.open_connection(b.id, 80)
+        assert writer.get_extra_info("port") == 80
+        await write_all(writer, blob)
+        answer = await asyncio.wait_for(reader.read(), 60)
+        assert answer == hashlib.sha256(blob).digest() + blob[::-1]
+
+    await asyncio.gather(*(one(i) for i in range(8)))
+    assert len(b.streams.servers) == 1 and len(a.streams.clients) == 1  # one QUIC connection carries all
+
+
+async def test_peer_going_away_fails_streams_fast(apps):
+    """Adversary: the peer's program closes mid-stream. A blocked reader gets PeerGone with the
+    reason within a few seconds (no hang), and a new stream to it fails with a reason."""
+    a, b = apps
+    await b.start_server(lambda r, w: asyncio.sleep(3600), 5)
+    reader, writer = await a.open_connection(b.id, 5)
+    writer.write(b"x")
+    pending = asyncio.ensure_future(reader.read(1))
+    await asyncio.sleep(0.2)
+    t0 = time.monotonic()
+    await b.close()
+    with pytest.raises(PeerGone) as exc:
+        await asyncio.wait_for(pending, GONE_WITHIN_S)
+    print(f"\nreader failed {time.monotonic() - t0:.3f} s after the peer closed: {exc.value}")
+    assert "closed" in str(exc.value)
+    with pytest.raises((StreamRefused, PeerGone, TimeoutError)):
+        await asyncio.wait_for(a.open_connection(b.id, 5), 30)
