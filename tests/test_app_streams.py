@@ -12,7 +12,7 @@ import pytest
 
 from node.api import AppNode, PeerGone, StreamRefused
 from ntm import keys
-from tests.dcnet import register
+from tests.dcnet import register, until
 
 #: Generous bound for a loaded 2-core machine: the peer going away must not hang a reader.
 GONE_WITHIN_S = 5.0
@@ -165,3 +165,37 @@ async def test_peer_going_away_fails_streams_fast(apps):
     assert "closed" in str(exc.value)
     with pytest.raises((StreamRefused, PeerGone, TimeoutError)):
         await asyncio.wait_for(a.open_connection(b.id, 5), 30)
+
+
+async def test_stream_survives_relay_to_direct_switch_and_a_move(apps):
+    """Hostile path changes under a running stream: it starts on the relay, the tunnel moves to a
+    direct path mid-stream, then A's socket moves to another address and port (roaming). QUIC
+    sees one fixed address (the tunnel), so the same stream carries every byte, in order."""
+    a, b = apps
+    got: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    async def sink(reader, writer):
+        got.set_result(await digest_of(reader))
+
+    await b.start_server(sink, 443)
+    t = await a.node.connect(b.id, force_relay=True)  # the stream's tunnel starts on the relay
+    a._adopt(t)
+    assert t.channel.via == "relay"
+    reader, writer = await a.open_connection(b.id, 443)
+    blob = os.urandom(12_000_000)
+    third = len(blob) // 3
+    await write_all_no_eof(writer, blob[:third])
+    t.pinned_relay, t.direct_tried_at = False, float("-inf")  # let the tunnel try a direct path now
+    await until(lambda: t.channel.via != "relay", timeout=20)
+    await write_all_no_eof(writer, blob[third:2 * third])
+    await a.node.endpoint.rebind("127.0.0.2", 0)  # A roams: new address and port
+    await write_all(writer, blob[2 * third:])
+    assert await asyncio.wait_for(got, 120) == (hashlib.sha256(blob).hexdigest(), len(blob))
+    assert t.channel.via != "relay" and t.direct_attempts == 1
+    print(f"\nstream intact across relay→direct ({t.channel.via}) and a move; {len(a.streams.clients)} QUIC connection")
+
+
+async def write_all_no_eof(writer: asyncio.StreamWriter, blob: bytes) -> None:
+    for i in range(0, len(blob), 1 << 16):
+        writer.write(blob[i:i + (1 << 16)])
+        await writer.drain()
