@@ -139,10 +139,11 @@ class AppNode:
             return peer
         return self.book.resolve(peer)
 
-    async def lookup(self, peer: bytes | str) -> PeerInfo:
+    async def lookup(self, peer: bytes | str, force_relay: bool = False) -> PeerInfo:
         """Reach `peer` (its tunnel, made or reused) and say how: NodeError with the DC's reason
-        (unknown_node, offline, refused, ...) if it cannot be reached."""
-        t = await self._tunnel(self.resolve(peer))
+        (unknown_node, offline, refused, ...) if it cannot be reached. `force_relay`: from now on
+        our datagrams and streams to it go through a relayed tunnel (measurements, tests)."""
+        t = await self._tunnel(self.resolve(peer), force_relay)
         return PeerInfo(t.peer, t.kind, t.channel.via, t.channel.rtt)
 
     # --- datagrams ----------------------------------------------------------------------------
@@ -187,11 +188,11 @@ class AppNode:
             return NOT_ALLOWED
         return self._handlers.get(port, NO_SERVICE)
 
-    async def _tunnel(self, peer: bytes) -> Tunnel:
+    async def _tunnel(self, peer: bytes, force_relay: bool = False) -> Tunnel:
         t = self._links.get(peer)
-        if t is not None and not t.channel.closed:
+        if t is not None and not t.channel.closed and (t.pinned_relay or not force_relay):
             return t
-        t = await self.node.connect(peer)
+        t = await self.node.connect(peer, force_relay)
         self._adopt(t)
         return t
 

@@ -178,9 +178,8 @@ async def test_stream_survives_relay_to_direct_switch_and_a_move(apps):
         got.set_result(await digest_of(reader))
 
     await b.start_server(sink, 443)
-    t = await a.node.connect(b.id, force_relay=True)  # the stream's tunnel starts on the relay
-    a._adopt(t)
-    assert t.channel.via == "relay"
+    assert (await a.lookup(b.id, force_relay=True)).via == "relay"  # the stream's tunnel starts on the relay
+    t = a.node.tunnel_table.working(b.id, True)
     reader, writer = await a.open_connection(b.id, 443)
     blob = os.urandom(12_000_000)
     third = len(blob) // 3
