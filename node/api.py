@@ -80,7 +80,7 @@ class AppNode:
         self._links: dict[bytes, Tunnel] = {}
         self._connecting: dict[bytes, asyncio.Task] = {}
         self._datagrams: asyncio.Queue[tuple[bytes, bytes]] = asyncio.Queue(DATAGRAM_QUEUE)
-        self.streams = StreamHub(node.id, self._send_payload, self._serve)
+        self.streams = StreamHub(node.id, self._send_payload, self._serve, node.endpoint.hold, node.endpoint.flush)
         self.tasks = BackgroundTasks()
         self.tasks.spawn(self._accept_loop())
         self.tasks.spawn(self._watch_loop())

@@ -166,9 +166,9 @@ class _Stream(QuicStreamAdapter):
 class PeerQuic(QuicConnectionProtocol):
     """One QUIC connection to `peer` inside its tunnel (client or server side)."""
 
-    def __init__(self, peer: bytes, quic: QuicConnection, on_stream: Callable[[PeerQuic, asyncio.StreamReader,
-                                                                                 asyncio.StreamWriter], None]) -> None:
-        super().__init__(quic, stream_handler=lambda r, w: on_stream(self, r, w))
+    def __init__(self, hub: StreamHub, peer: bytes, quic: QuicConnection) -> None:
+        super().__init__(quic, stream_handler=lambda r, w: hub._incoming(self, r, w))
+        self.hub = hub
         self.peer = peer
         self.address = (keys.checksum(peer), 0)  # the one fixed "address": the tunnel, not the UDP path
         self.streams: dict[int, _Stream] = {}
@@ -184,8 +184,19 @@ class PeerQuic(QuicConnectionProtocol):
         self.streams[stream_id] = adapter
         return reader, writer
 
+    def datagram_received(self, data: bytes, addr) -> None:
+        """Take a packet; answer (ACKs, more data) once per event-loop pass, not per packet: the
+        endpoint reads up to 64 datagrams per pass, so the peer gets one ACK for a burst."""
+        self._quic.receive_datagram(data, addr, now=self._loop.time())
+        self._process_events()
+        self._transmit_soon()
+
     def transmit(self) -> None:
-        super().transmit()
+        self.hub.hold()  # one system call for a run of packets (UDP GSO), not one each
+        try:
+            super().transmit()
+        finally:
+            self.hub.flush()
         for s in self.streams.values():
             s.maybe_resume()
 
@@ -231,10 +242,12 @@ class PeerQuic(QuicConnectionProtocol):
 class StreamHub:
     """This node's QUIC connections, at most two per peer (ours as client, theirs as server)."""
 
-    def __init__(self, my_id: bytes, send: SendPayload, serve: Serve) -> None:
+    def __init__(self, my_id: bytes, send: SendPayload, serve: Serve, hold: Callable[[], None] = lambda: None,
+                 flush: Callable[[], None] = lambda: None) -> None:
         self.my_id = my_id
         self.send = send
         self.serve = serve
+        self.hold, self.flush = hold, flush  # batch the sends of one transmit (Endpoint.hold/flush)
         self.cert, self.key = self_signed(my_id)
         self.clients: dict[bytes, PeerQuic] = {}
         self.servers: dict[bytes, PeerQuic] = {}
@@ -276,7 +289,7 @@ class StreamHub:
         return dcid == self._server_dcid.get(peer) or any(c.cid == dcid for c in conn._quic._host_cids)
 
     def _attach(self, peer: bytes, quic: QuicConnection, kind: int) -> PeerQuic:
-        conn = PeerQuic(peer, quic, self._incoming)
+        conn = PeerQuic(self, peer, quic)
         conn.connection_made(_TunnelTransport(self.send, peer, kind))
         return conn
 
