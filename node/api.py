@@ -8,7 +8,7 @@
         await node.send(peer_id, b"datagram"); peer, data = await node.recv()
 
 Streams are reliable, ordered and flow-controlled, many per peer, carried by QUIC inside the
-tunnel's datagrams (node/streams.py, docs/PROTOCOL.md §7.6), so they survive the tunnel's roaming
+tunnel's datagrams (node/streams.py, docs/PROTOCOL.md §10.9), so they survive the tunnel's roaming
 and relay↔direct switches. A peer reaches only the ports the program serves, and only if the
 allow list admits it; a refused stream raises StreamRefused with a reason at once.
 

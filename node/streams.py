@@ -1,4 +1,4 @@
-"""Reliable byte streams to peers: QUIC (aioquic) run inside the tunnel's datagrams (§7.6).
+"""Reliable byte streams to peers: QUIC (aioquic) run inside the tunnel's datagrams (§10.9).
 
 The tunnel already encrypts, authenticates and roams; what it lacks is ordering, retransmission,
 congestion and flow control, and many streams per peer. aioquic supplies those. Each QUIC
@@ -44,8 +44,8 @@ log = logging.getLogger("ntm.streams")
 
 #: ALPN of the inner QUIC: a peer speaking another stream protocol fails the handshake.
 STREAM_ALPN = "ntm-stream/1"
-#: QUIC packet size: QUIC's own minimum, so every tunnel path that carries QUIC at all carries
-#: it unfragmented (1200 + 34 tunnel bytes + 48 IPv6/UDP stays under 1500 with room for tunnels in tunnels).
+#: QUIC packet size: QUIC's own minimum, so it crosses every path unfragmented (1200 + 34 tunnel
+#: bytes + 48 IPv6/UDP = 1282, under the smallest path MTU the daemon accepts, PROTOCOL §10.4).
 QUIC_DATAGRAM_BYTES = 1200
 #: Per-stream and per-connection receive windows: a few RTTs of a fast path (aioquic doubles a
 #: stream's window as it fills); writers are held back (drain) well before the peer's window.
