@@ -198,3 +198,50 @@ async def write_all_no_eof(writer: asyncio.StreamWriter, blob: bytes) -> None:
     for i in range(0, len(blob), 1 << 16):
         writer.write(blob[i:i + (1 << 16)])
         await writer.drain()
+
+
+async def test_readme_example_runs_between_two_node_directories(net, tmp_path):
+    """The README's application example, verbatim, as two programs with their own $NTM_HOME (key
+    file, DC, allow list): the server echoes what the client sends over a stream."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from daemon import keystore
+    from node import state
+    from node.peers import PeerBook
+
+    root = Path(__file__).resolve().parent.parent
+    text = (root / "README.md").read_text()
+    code = re.search(r"<!-- app-example: begin -->\n```python\n(.*?)```\n<!-- app-example: end -->", text, re.S)
+    assert code, "README.md lost its application example"
+    script = tmp_path / "app.py"
+    script.write_text(code.group(1))
+    ks, kc = keys.generate(), keys.generate()
+    homes = []
+    for i, key in enumerate((ks, kc)):
+        home = tmp_path / f"home{i}"
+        home.mkdir()
+        keystore.save_keystore(key, home / state.KEY_FILE, "")
+        state.write_json(home / state.STATE_FILE, {"dc_url": net.urls[i]})
+        await register(net.urls[i], key)
+        homes.append(home)
+    PeerBook(allow={keys.node_id_of(kc)}).save(homes[0])
+
+    def env(home: Path) -> dict:
+        return {**{k: v for k, v in os.environ.items() if not k.startswith("NTM_")},
+                "NTM_HOME": str(home), "PYTHONPATH": str(root)}
+
+    server = await asyncio.create_subprocess_exec(sys.executable, str(script), env=env(homes[0]),
+                                                  stdout=subprocess.PIPE)
+    try:
+        line = (await asyncio.wait_for(server.stdout.readline(), 60)).decode()
+        assert line.startswith("serving "), line
+        client = await asyncio.create_subprocess_exec(sys.executable, str(script), "0x" + line.split()[1],
+                                                      env=env(homes[1]), stdout=subprocess.PIPE)
+        out, _ = await asyncio.wait_for(client.communicate(), 60)
+        assert client.returncode == 0 and out.decode().strip() == "hello over the overlay"
+    finally:
+        server.kill()
+        await server.wait()
