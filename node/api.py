@@ -18,7 +18,6 @@ The names in `__all__` are the stable API; everything else (`.node`, the Node un
 from __future__ import annotations
 
 import asyncio
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Collection
@@ -40,7 +39,6 @@ from ntm.tunnel import TunnelError
 
 __all__ = ["AppNode", "StreamServer", "PeerInfo", "StreamRefused", "PeerGone", "NodeError", "Handler"]
 
-log = logging.getLogger("ntm.api")
 
 #: Datagrams received and not yet taken by recv(); beyond this the oldest are dropped (UDP-like).
 DATAGRAM_QUEUE = 1024

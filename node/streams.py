@@ -244,7 +244,6 @@ class StreamHub:
 
     def __init__(self, my_id: bytes, send: SendPayload, serve: Serve, hold: Callable[[], None] = lambda: None,
                  flush: Callable[[], None] = lambda: None) -> None:
-        self.my_id = my_id
         self.send = send
         self.serve = serve
         self.hold, self.flush = hold, flush  # batch the sends of one transmit (Endpoint.hold/flush)

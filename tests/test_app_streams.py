@@ -245,3 +245,22 @@ async def test_readme_example_runs_between_two_node_directories(net, tmp_path):
     finally:
         server.kill()
         await server.wait()
+
+
+async def test_peer_vanishing_without_a_word_fails_streams_at_the_idle_timeout(apps, monkeypatch):
+    """Adversary: the peer's host vanishes mid-stream (its socket goes dead: no CLOSE, no QUIC
+    CONNECTION_CLOSE). A blocked reader still gets PeerGone, after the QUIC idle timeout (made
+    short here), not a hang."""
+    import node.streams
+
+    monkeypatch.setattr(node.streams, "STREAM_IDLE_TIMEOUT_S", 2.0)
+    a, b = apps
+    await b.start_server(lambda r, w: asyncio.sleep(3600), 5)
+    reader, writer = await a.open_connection(b.id, 5)
+    pending = asyncio.ensure_future(reader.read(1))
+    await asyncio.sleep(0.2)
+    t0 = time.monotonic()
+    b.node.endpoint.bind.close()  # nothing more leaves or reaches B
+    with pytest.raises(PeerGone) as exc:
+        await asyncio.wait_for(pending, 2.0 + 10.0)
+    print(f"\nreader failed {time.monotonic() - t0:.2f} s after the peer vanished: {exc.value}")
