@@ -197,8 +197,9 @@ class PeerQuic(QuicConnectionProtocol):
             super().transmit()
         finally:
             self.hub.flush()
-        for s in self.streams.values():
+        for sid, s in list(self.streams.items()):
             s.maybe_resume()
+            self._forget_if_done(sid)
 
     def quic_event_received(self, event: events.QuicEvent) -> None:
         if isinstance(event, events.ConnectionTerminated):
@@ -209,8 +210,6 @@ class PeerQuic(QuicConnectionProtocol):
             self._lose(event.stream_id, PeerGone(f"{keys.checksum(self.peer)} reset the stream"))
             return
         super().quic_event_received(event)
-        if isinstance(event, events.StreamDataReceived) and event.end_stream:
-            self._forget_if_done(event.stream_id)
 
     def end(self, exc: PeerGone) -> None:
         """The connection is over: every stream's reads and drains fail with `exc` (buffered data
@@ -232,9 +231,12 @@ class PeerQuic(QuicConnectionProtocol):
             adapter.reader_protocol.resume_writing()
 
     def _forget_if_done(self, stream_id: int) -> None:
-        """Both directions finished: drop our references (the reader keeps its buffered data)."""
+        """Both directions finished (our FIN acknowledged, theirs received): drop our references;
+        the reader keeps its buffered data, and aioquic ignores frames of finished streams."""
         adapter = self.streams.get(stream_id)
-        if adapter is not None and adapter.is_closing() and adapter.unacked() == 0:
+        reader = self._stream_readers.get(stream_id)
+        if (adapter is not None and reader is not None and reader._eof and adapter.is_closing()
+                and adapter.unacked() == 0):
             self.streams.pop(stream_id, None)
             self._stream_readers.pop(stream_id, None)
 
