@@ -30,6 +30,7 @@ from node import state
 from node.agent import Node, NodeError
 from node.cs_client import Received
 from node.endpoint import DEFAULT_PORT
+from node.netwatch import follow_addresses
 from node.peers import PeerBook
 from node.streams import NO_SERVICE, NOT_ALLOWED, Handler, PeerGone, StreamHub, StreamRefused
 from node.tunnels import Tunnel
@@ -42,6 +43,8 @@ __all__ = ["AppNode", "StreamServer", "PeerInfo", "StreamRefused", "PeerGone", "
 
 #: Datagrams received and not yet taken by recv(); beyond this the oldest are dropped (UDP-like).
 DATAGRAM_QUEUE = 1024
+#: How often our local addresses are compared besides each rtnetlink change (the daemon's value).
+ADDRESS_POLL_S = 1.0
 #: How often tunnels are checked for having ended (the peer closed them): streams on them fail
 #: within this, instead of waiting for the QUIC idle timeout.
 TUNNEL_CHECK_S = 0.2
@@ -82,6 +85,8 @@ class AppNode:
         self.tasks = BackgroundTasks()
         self.tasks.spawn(self._accept_loop())
         self.tasks.spawn(self._watch_loop())
+        # a move to another network is told to the DC and the peers at once, as the daemon does
+        self.tasks.spawn(follow_addresses(node.local_addrs, node.network_changed, ADDRESS_POLL_S))
 
     @classmethod
     async def start(cls, key: coincurve.PrivateKey | None = None, dc_url: str | None = None, *,
