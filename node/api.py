@@ -38,11 +38,14 @@ from ntm import keys
 from ntm.overlay import APP, QUIC_TO_CLIENT, QUIC_TO_SERVER
 from ntm.tunnel import TunnelError
 
-__all__ = ["AppNode", "StreamServer", "PeerInfo", "StreamRefused", "PeerGone", "NodeError", "Handler"]
+__all__ = ["AppNode", "StreamServer", "PeerInfo", "Event", "StreamRefused", "PeerGone", "NodeError", "Handler"]
 
 
 #: Datagrams received and not yet taken by recv(); beyond this the oldest are dropped (UDP-like).
 DATAGRAM_QUEUE = 1024
+#: Events not yet taken by next_event(); beyond this the oldest are dropped (a program that
+#: never asks for events costs nothing more).
+EVENT_QUEUE = 256
 #: How often our local addresses are compared besides each rtnetlink change (the daemon's value).
 ADDRESS_POLL_S = 1.0
 #: How often tunnels are checked for having ended (the peer closed them): streams on them fail
@@ -58,6 +61,17 @@ class PeerInfo:
     route: str
     via: str | None
     rtt_s: float | None
+
+
+@dataclass(frozen=True)
+class Event:
+    """Something a program may act on: `kind` is "peer_up" (a tunnel to `peer` is ours to use;
+    `detail` its path), "peer_down" (it ended), "route" (its path changed: `detail` "old → new",
+    e.g. "relay → candidate:0") or "address" (our local addresses changed; `peer` None)."""
+
+    kind: str
+    peer: bytes | None
+    detail: str
 
 
 class StreamServer:
@@ -81,12 +95,14 @@ class AppNode:
         self._links: dict[bytes, Tunnel] = {}
         self._connecting: dict[bytes, asyncio.Task] = {}
         self._datagrams: asyncio.Queue[tuple[bytes, bytes]] = asyncio.Queue(DATAGRAM_QUEUE)
+        self._events: asyncio.Queue[Event] = asyncio.Queue(EVENT_QUEUE)
+        self._via: dict[bytes, str | None] = {}  # each peer's path as last reported
         self.streams = StreamHub(node.id, self._send_payload, self._serve, node.endpoint.hold, node.endpoint.flush)
         self.tasks = BackgroundTasks()
         self.tasks.spawn(self._accept_loop())
         self.tasks.spawn(self._watch_loop())
         # a move to another network is told to the DC and the peers at once, as the daemon does
-        self.tasks.spawn(follow_addresses(node.local_addrs, node.network_changed, ADDRESS_POLL_S))
+        self.tasks.spawn(follow_addresses(node.local_addrs, self._address_changed, ADDRESS_POLL_S))
 
     @classmethod
     async def start(cls, key: coincurve.PrivateKey | None = None, dc_url: str | None = None, *,
@@ -159,6 +175,10 @@ class AppNode:
         """The next datagram from any peer: (peer ID, data)."""
         return await self._datagrams.get()
 
+    async def next_event(self) -> Event:
+        """The next peer up/down, route or address change (oldest first)."""
+        return await self._events.get()
+
     async def next_item(self) -> Received:
         """The next Cache Server item for us (start with node_options inbox=DIR)."""
         return await self.node.next_item()
@@ -202,7 +222,19 @@ class AppNode:
     def _adopt(self, t: Tunnel) -> None:
         """Take a tunnel's payloads (datagrams, QUIC); the newest tunnel to a peer carries our sends."""
         t.channel.set_receiver(lambda payload, peer=t.peer: self._on_payload(peer, payload))
+        if t.peer not in self._links:
+            self._via[t.peer] = t.channel.via
+            self._emit(Event("peer_up", t.peer, str(t.channel.via)))
         self._links[t.peer] = t
+
+    def _emit(self, event: Event) -> None:
+        if self._events.full():
+            self._events.get_nowait()
+        self._events.put_nowait(event)
+
+    def _address_changed(self, why: str) -> None:
+        self.node.network_changed(why)
+        self._emit(Event("address", None, ", ".join(self.node.local_addrs())))
 
     def _on_payload(self, peer: bytes, payload: bytes) -> None:
         if not payload:
@@ -247,10 +279,16 @@ class AppNode:
             self._adopt(await self.node.accept())
 
     async def _watch_loop(self) -> None:
-        """A tunnel the peer closed ends its streams now (the peer's node went away)."""
+        """A tunnel the peer closed ends its streams now (the peer's node went away); path
+        changes become route events."""
         while True:
             await asyncio.sleep(TUNNEL_CHECK_S)
             for peer, t in list(self._links.items()):
                 if t.channel.closed and self.node.tunnel_table.working(peer, False) is None:
                     del self._links[peer]
+                    self._via.pop(peer, None)
                     self.streams.peer_gone(peer, f"{keys.checksum(peer)} closed the tunnel")
+                    self._emit(Event("peer_down", peer, "the tunnel ended"))
+                elif not t.channel.closed and t.channel.via != self._via.get(peer):
+                    self._emit(Event("route", peer, f"{self._via.get(peer)} → {t.channel.via}"))
+                    self._via[peer] = t.channel.via

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from node.api import AppNode, PeerGone, StreamRefused
+from node.api import AppNode, Event, PeerGone, StreamRefused
 from ntm import keys
 from tests.dcnet import register, until
 
@@ -165,6 +165,10 @@ async def test_peer_going_away_fails_streams_fast(apps):
         await asyncio.wait_for(pending, GONE_WITHIN_S)
     print(f"\nreader failed {time.monotonic() - t0:.3f} s after the peer closed: {exc.value}")
     assert "closed" in str(exc.value)
+    kinds = [(await a.next_event()).kind]
+    while kinds[-1] != "peer_down":  # the app is told the peer is gone (no hang either)
+        kinds.append((await asyncio.wait_for(a.next_event(), GONE_WITHIN_S)).kind)
+    assert kinds[0] == "peer_up", kinds
     with pytest.raises((StreamRefused, PeerGone, TimeoutError)):
         await asyncio.wait_for(a.open_connection(b.id, 5), 30)
 
@@ -193,6 +197,11 @@ async def test_stream_survives_relay_to_direct_switch_and_a_move(apps):
     await write_all(writer, blob[2 * third:])
     assert await asyncio.wait_for(got, 120) == (hashlib.sha256(blob).hexdigest(), len(blob))
     assert t.channel.via != "relay" and t.direct_attempts == 1
+    events = []
+    while not a._events.empty():
+        events.append(await a.next_event())
+    assert events[0] == Event("peer_up", b.id, "relay")
+    assert Event("route", b.id, f"relay → {t.channel.via}") in events, events
     print(f"\nstream intact across relay→direct ({t.channel.via}) and a move; {len(a.streams.clients)} QUIC connection")
 
 
