@@ -6,8 +6,8 @@
     await t.channel.send(b"hi"); print(await t.channel.recv())
     incoming = await node.accept()             # a tunnel some peer opened to us
 
-This is the asyncio API for applications that embed a node; the daemon (`ntm up`, node/daemon.py) uses
-it. It wires three parts together: the tunnel endpoint (node/endpoint.py, one UDP socket), the
+The daemon (`ntm up`, node/daemon.py) uses it; applications that embed a node use node/api.py
+(AppNode: datagrams and streams) on top of it. It wires three parts together: the tunnel endpoint (node/endpoint.py, one UDP socket), the
 DC session (node/dc_session.py) and the tunnel table (node/tunnels.py); the repair decisions are
 pure functions in node/liveness.py. docs/PROTOCOL.md §8.3 says how a node stays reachable while
 networks change.

@@ -27,7 +27,7 @@ from node.dataplane import DataPlane
 from node.dns import DnsServer
 from node.group_link import GroupLink, take_inbox, take_item
 from node.groups import Groups
-from node.netwatch import NetWatch
+from node.netwatch import follow_addresses
 from node.peers import PeerBook, PeerBookError
 from node.standby import StandbyPaths
 from node.tun import Tun, tun_unavailable
@@ -255,18 +255,7 @@ class Daemon:
         self.tasks.spawn(self.standby.run())
 
     async def _watch_addresses(self) -> None:
-        watch = NetWatch.open()
-        try:
-            last = self.node.local_addrs()
-            while True:
-                await watch.wait(ADDRESS_POLL_S)
-                now = self.node.local_addrs()
-                if now != last:
-                    log.info("local addresses changed: %s -> %s", last, now)
-                    last = now
-                    self.node.network_changed("local address changed")
-        finally:
-            watch.close()
+        await follow_addresses(self.node.local_addrs, self.node.network_changed, ADDRESS_POLL_S)
 
     async def _sync_state(self) -> None:
         while True:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from typing import Callable
 
 log = logging.getLogger("ntm.node")
 
@@ -75,3 +76,22 @@ class NetWatch:
             asyncio.get_running_loop().remove_reader(self._sock.fileno())
             self._sock.close()
             self._sock = None
+
+
+async def follow_addresses(local_addrs: Callable[[], list[str]], changed: Callable[[str], None],
+                           poll_s: float) -> None:
+    """Call `changed(why)` whenever `local_addrs()` differs from the last time it was read:
+    checked on every rtnetlink change and at least every `poll_s` (the daemon's and an embedded
+    node's move detection)."""
+    watch = NetWatch.open()
+    try:
+        last = local_addrs()
+        while True:
+            await watch.wait(poll_s)
+            now = local_addrs()
+            if now != last:
+                log.info("local addresses changed: %s -> %s", last, now)
+                last = now
+                changed("local address changed")
+    finally:
+        watch.close()

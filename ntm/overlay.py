@@ -28,6 +28,9 @@ APP = 0x00
 GROUP, GROUP_ACK = 0x01, 0x02
 #: A piece of an IPv6 packet the path cannot carry whole but IPv6 must (up to 1280 bytes; ntm/toobig.py).
 FRAG = 0x03
+#: A QUIC packet of the inner stream protocol (node/streams.py), to the connection's server side
+#: (the peer that accepted it) or to its client side (the peer that opened it).
+QUIC_TO_SERVER, QUIC_TO_CLIENT = 0x04, 0x05
 ACK_DIGEST_LEN = 16
 KIND_APP, KIND_IPV4, KIND_IPV6, KIND_JUNK = "app", "ipv4", "ipv6", "junk"
 KIND_GROUP, KIND_GROUP_ACK, KIND_FRAG = "group", "group_ack", "frag"

@@ -52,6 +52,8 @@ METRICS: dict[str, tuple[str, ...]] = {
     "register": ("register_durable_p50_ms", "register_durable_p95_ms", "register_confirmed_p50_ms",
                  "register_confirmed_p95_ms", "registrations_per_s", "registrations_confirmed_blocks_for_1000"),
     "relay": ("table_ops_per_s", "relay_goodput_mbps", "relay_pps", "direction_ms_p50"),
+    "stream": ("stream_mbps", "stream_relay_mbps", "stream_handover_stall_s", "tunnel_goodput_mbps",
+               "stream_vs_tunnel_ratio"),
     "tunnel": ("payload_bytes", "udp_goodput_mbps", "udp_pps", "tunnel_goodput_mbps", "tunnel_pps",
                "tunnel_goodput_ratio_vs_udp", "handshake_ms_p50", "signal_same_dc_p50_ms", "signal_cross_dc_p50_ms",
                "signal_cross_dc_p95_ms", "relay_rtt_overhead_ms"),

@@ -1,0 +1,90 @@
+"""A stream transfer between two embedded nodes (node/api.py, no daemon, no TUN), for the lab.
+
+    appxfer.py serve --home H --port P --allow ID      accept one stream, read to EOF
+      -> {"event": "listening", "node": ID} then {"bytes", "sha256", "max_stall_s", "elapsed_s"}
+    appxfer.py send --home H --to ID --port P --bytes N [--rate BYTES_PER_S]
+      -> {"bytes", "sha256", "elapsed_s"}
+
+The data is seeded pseudo-random; `max_stall_s` is the longest time the receiver got no bytes
+(after the first): what an application notices of a move.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from node.api import AppNode  # noqa: E402
+from ntm import keys  # noqa: E402
+
+CHUNK = 64 * 1024
+
+
+async def serve(a) -> None:
+    done: asyncio.Future[dict] = asyncio.get_running_loop().create_future()
+
+    async def sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        h, n, t0, last, stall = hashlib.sha256(), 0, time.monotonic(), None, 0.0
+        while data := await reader.read(CHUNK):
+            now = time.monotonic()
+            if last is not None:
+                stall = max(stall, now - last)
+            last = now
+            h.update(data)
+            n += len(data)
+        writer.write_eof()
+        done.set_result({"bytes": n, "sha256": h.hexdigest(), "max_stall_s": round(stall, 3),
+                         "elapsed_s": round(time.monotonic() - t0, 3)})
+
+    async with await AppNode.start(home=Path(a.home), allow=[keys.parse_node_id(a.allow)]) as node:
+        await node.start_server(sink, a.port)
+        print(json.dumps({"event": "listening", "node": keys.checksum(node.id)}), flush=True)
+        print(json.dumps(await done), flush=True)
+
+
+async def send(a) -> None:
+    rng = random.Random(7)
+    async with await AppNode.start(home=Path(a.home)) as node:
+        reader, writer = await node.open_connection(a.to, a.port)
+        h, sent, t0 = hashlib.sha256(), 0, time.monotonic()
+        while sent < a.bytes:
+            chunk = rng.randbytes(min(CHUNK, a.bytes - sent))
+            writer.write(chunk)
+            await writer.drain()
+            h.update(chunk)
+            sent += len(chunk)
+            if a.rate:
+                await asyncio.sleep(max(0.0, t0 + sent / a.rate - time.monotonic()))
+        writer.write_eof()
+        await asyncio.wait_for(reader.read(), 120)  # the receiver's half-close: it has everything
+        print(json.dumps({"bytes": sent, "sha256": h.hexdigest(), "elapsed_s": round(time.monotonic() - t0, 3)}),
+              flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("serve")
+    s.add_argument("--home", required=True)
+    s.add_argument("--port", type=int, required=True)
+    s.add_argument("--allow", required=True)
+    c = sub.add_parser("send")
+    c.add_argument("--home", required=True)
+    c.add_argument("--to", required=True)
+    c.add_argument("--port", type=int, required=True)
+    c.add_argument("--bytes", type=int, required=True)
+    c.add_argument("--rate", type=float, default=0.0)
+    a = ap.parse_args()
+    asyncio.run(serve(a) if a.cmd == "serve" else send(a))
+
+
+if __name__ == "__main__":
+    main()
