@@ -158,7 +158,6 @@ class DcSession:
     async def _open_session(self) -> None:
         """One session attempt at the current DC: authenticate, learn the keepalive token, and wait
         until the DC has seen our public address (it cannot direct anyone to us before)."""
-        self._observed_event.clear()
         try:
             ws, welcome = await asyncio.wait_for(
                 self.dc.open_session(self.key, self.local_addrs(), liveness.SESSION_HEARTBEAT_S),
@@ -173,6 +172,9 @@ class DcSession:
         self.dc_ip = peer[0] if peer else self.dc_host
         self.token = bytes.fromhex(welcome.token)
         self.keepalive_ports = list(welcome.keepalive_ports)
+        # Only a reply under this session's token counts: one to the old session's keepalives,
+        # arriving while this one opened, says nothing of what the DC knows of it now.
+        self._observed_event.clear()
         self.endpoint.on_control = self._on_control
         self._reader = asyncio.create_task(self._read_session(ws))
         self._last_reply_at = self.clock.now()
