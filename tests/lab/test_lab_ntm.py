@@ -13,6 +13,8 @@ import time
 
 import pytest
 
+from ntm.pmtu import CONFIRM_S, PROBE_ROUND_S
+
 from .fed import KINDS, Federation, grid_rows, grid_table, ip_of, open_tunnel
 
 pytestmark = pytest.mark.lab
@@ -155,13 +157,20 @@ def idle_then_echo(fed, name: str, keepalive_s: float, nat_timeout: int, idle_s:
     return p.call("echo_once", tunnel=tb["tunnel"], timeout=5.0)
 
 
+# Idle long enough that the NAT mapping expires without keepalives: the path-MTU confirmation
+# that follows the last data (ntm/pmtu.py: after CONFIRM_S, one PROBE_ROUND_S) refreshes it once,
+# then NAT_TIMEOUT_S passes; 2 s of headroom.
+NAT_TIMEOUT_S = 3
+IDLE_S = CONFIRM_S + PROBE_ROUND_S + NAT_TIMEOUT_S + 2.0
+
+
 def test_keepalive_keeps_idle_tunnel_through_nat(fed, results):
-    """NAT UDP timeout 3 s; idle 6 s. With a 1 s keepalive the public peer reaches the NATed node
-    at once on the same path; with keepalives at 30 s (control) the mapping is gone and the
+    """NAT UDP timeout 3 s; idle ~8.4 s. With a 1 s keepalive the public peer reaches the NATed
+    node at once on the same path; with keepalives at 30 s (control) the mapping is gone and the
     first packet only gets through after a new direction."""
-    kept = idle_then_echo(fed, "kal", keepalive_s=1.0, nat_timeout=3, idle_s=6.0)
-    control = idle_then_echo(fed, "kac", keepalive_s=30.0, nat_timeout=3, idle_s=6.0)
-    line = (f"keepalive 1 s, NAT timeout 3 s, idle 6 s: echo {kept['ms']} ms, redirects {kept['redirects']}; "
+    kept = idle_then_echo(fed, "kal", keepalive_s=1.0, nat_timeout=NAT_TIMEOUT_S, idle_s=IDLE_S)
+    control = idle_then_echo(fed, "kac", keepalive_s=30.0, nat_timeout=NAT_TIMEOUT_S, idle_s=IDLE_S)
+    line = (f"keepalive 1 s, NAT timeout 3 s, idle {IDLE_S:.1f} s: echo {kept['ms']} ms, redirects {kept['redirects']}; "
             f"control (keepalive 30 s): echo {control['ms']} ms, redirects {control['redirects']}")
     print("\n" + line)
     (results / "keepalive.txt").write_text(line + "\n")
