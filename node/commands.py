@@ -14,9 +14,10 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from daemon import keystore, service
-from node import control, cs_client, daemon, mailbox, netcheck, state
+from node import control, cs_client, daemon, mailbox, netcheck, state, stream_cli
 from node.agent import local_addrs_towards
 from node.dc_client import DcClient, DcError, dc_url
+from node.daemon_streams import parse_local_target
 from node.dc_session import DcSilent
 from node.output import FAILED, NO_DAEMON, UNREACHABLE, USAGE, CliError, event, out, show_id
 from node.peers import PeerBook, PeerBookError
@@ -443,6 +444,27 @@ async def cmd_fetch(args, base: Path) -> None:
     out(args, {"fetched": got, "failed": failed}, "\n".join(lines) or "(nothing waiting)")
     if failed:
         raise CliError(f"{len(failed)} item(s) could not be opened; they stay at their Cache Server until they expire")
+
+
+async def cmd_nc(args, base: Path) -> None:
+    """stdin/stdout ⇄ a stream to the peer's port, through the daemon (node/stream_cli.py)."""
+    await stream_cli.nc(base, peer_arg(base, args.node), args.port, sys.stdin.buffer, sys.stdout.buffer)
+
+
+async def cmd_serve(args, base: Path) -> None:
+    """Serve a local TCP service to allowed peers until Ctrl-C, through the daemon."""
+    try:
+        parse_local_target(args.to)
+    except control.ControlError as exc:
+        raise CliError(str(exc), USAGE) from None
+
+    def show(ev: dict) -> None:
+        if "ok" in ev:
+            event(args, ev, f"serving port {ev['port']} to allowed nodes → {ev['to']} (Ctrl-C stops)")
+        else:
+            event(args, ev, f"stream from {ev['stream']}" + (f": {ev['error']}" if "error" in ev else ""))
+
+    await stream_cli.serve(base, args.port, args.to, show)
 
 
 async def cmd_recv(args, base: Path) -> None:

@@ -22,6 +22,7 @@ from ntm.addr import display
 from ntm.errors import NtmError
 from ntm.overlay import (KIND_APP, KIND_FRAG, KIND_GROUP, KIND_GROUP_ACK, KIND_IPV6, KIND_JUNK, Overlay, frame_app,
                          frame_group, group_ack, kind_of)
+from ntm.overlay import QUIC_TO_CLIENT, QUIC_TO_SERVER  # stream packets (node/daemon_streams.py)
 from ntm.toobig import SYN_MAX_LEN, Reassembly, clamp_mss, too_big
 from ntm.vaddr import AddressError
 
@@ -60,6 +61,8 @@ class DataPlane:
         # group datagrams: handed to on_group(peer, data) and acknowledged; our sends wait for acks
         self.on_group: Callable[[bytes, bytes], None] | None = None
         self._acks: dict[tuple[bytes, bytes], asyncio.Future] = {}
+        # QUIC packets of streams (node/daemon_streams.py): handed to on_quic(peer, payload)
+        self.on_quic: Callable[[bytes, bytes], None] | None = None
 
     def start(self) -> None:
         if self.tun is not None:
@@ -170,6 +173,9 @@ class DataPlane:
                 break
 
     def _from_tunnel(self, peer: bytes, t: Tunnel, payload: bytes) -> None:
+        if payload and payload[0] in (QUIC_TO_SERVER, QUIC_TO_CLIENT) and self.on_quic is not None:
+            self.on_quic(peer, payload)
+            return
         kind = kind_of(payload)
         if kind == KIND_GROUP and self.on_group is not None:
             self.on_group(peer, payload[1:])  # durable (or refused for good) before we acknowledge
@@ -207,6 +213,17 @@ class DataPlane:
         if pkt is not None:
             # A SYN from the peer says how long our segments to it may be: no longer than our path allows.
             self.tun.write(clamp_mss(pkt, t.channel.inner_mtu) if len(pkt) <= SYN_MAX_LEN else pkt)
+
+    def send_quic(self, peer: bytes, payload: bytes) -> None:
+        """A stream's QUIC packet: on the peer's tunnel, or lost while one opens (QUIC resends)."""
+        t = self.by_peer.get(peer)
+        if t is None or t.channel.closed:
+            self.ensure_open(peer)
+            return
+        try:
+            t.channel.send_nowait(payload)
+        except NtmError:
+            self.ensure_open(peer)
 
     # --- application datagrams -------------------------------------------------------------------
     async def send_app(self, peer: bytes, data: bytes, force_relay: bool = False) -> Tunnel:
