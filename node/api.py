@@ -26,7 +26,7 @@ import coincurve
 
 from daemon import keystore
 from daemon.service import BackgroundTasks
-from node import state
+from node import cs_client, state
 from node.agent import Node, NodeError
 from node.cs_client import Received
 from node.endpoint import DEFAULT_PORT
@@ -34,7 +34,8 @@ from node.netwatch import follow_addresses
 from node.peers import PeerBook
 from node.streams import NO_SERVICE, NOT_ALLOWED, Handler, PeerGone, StreamHub, StreamRefused
 from node.tunnels import Tunnel
-from ntm import keys
+from ntm import keys, seal
+from ntm.errors import CodedError
 from ntm.overlay import APP, QUIC_TO_CLIENT, QUIC_TO_SERVER
 from ntm.tunnel import TunnelError
 
@@ -48,6 +49,8 @@ DATAGRAM_QUEUE = 1024
 EVENT_QUEUE = 256
 #: How often our local addresses are compared besides each rtnetlink change (the daemon's value).
 ADDRESS_POLL_S = 1.0
+#: How long send_offline waits for the DC and the Cache Server (an upload of a few MB).
+OFFLINE_TIMEOUT_S = 60.0
 #: How often tunnels are checked for having ended (the peer closed them): streams on them fail
 #: within this, instead of waiting for the QUIC idle timeout.
 TUNNEL_CHECK_S = 0.2
@@ -178,6 +181,21 @@ class AppNode:
     async def next_event(self) -> Event:
         """The next peer up/down, route or address change (oldest first)."""
         return await self._events.get()
+
+    async def send_offline(self, peers: bytes | str | Collection[bytes | str], data: bytes, *, app: str = "ntm",
+                           notice: str = "", name: str = "") -> str:
+        """Leave `data` sealed for `peers` (one, or several) at our DC's Cache Server, for when they
+        are next online; the item ID. Only they can open it (§11); `app` says which application
+        it is for, `notice` is what their DC tells them. NodeError if it cannot be stored."""
+        targets = [peers] if isinstance(peers, (bytes, str)) else list(peers)
+        meta = seal.Meta(app, notice=notice, name=name)
+        try:
+            res = await cs_client.leave_sealed(self.node.key, self.node.dc_url, [self.resolve(p) for p in targets],
+                                               meta, cs_client.bytes_chunks(data), len(data),
+                                               self.node.session.clock.wall_ms(), OFFLINE_TIMEOUT_S)
+        except CodedError as exc:
+            raise NodeError(exc.code, str(exc)) from None
+        return res["item"]
 
     async def next_item(self) -> Received:
         """The next Cache Server item for us (start with node_options inbox=DIR)."""

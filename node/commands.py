@@ -379,7 +379,7 @@ async def send_offline(args, base: Path) -> None:
         content_len, source, name = len(data), cs_client.bytes_chunks(data), ""
     else:
         raise CliError("nothing to send: give a MESSAGE or --file PATH", USAGE)
-    try:
+    try:  # bad input is refused before the key is opened
         meta = seal.Meta(args.app, notice=args.notice if args.notice is not None else (args.message or name)[:140],
                          name=name)
         seal.check_meta(meta)
@@ -387,24 +387,13 @@ async def send_offline(args, base: Path) -> None:
         raise CliError(str(exc), USAGE) from None
     key = load_key(args, base)
     st = need_registration(base)
-    async with DcClient(st["dc_url"], args.timeout) as dc:
-        info = await dc.info()
-        if not info.cs:
-            raise CliError(f"DC {st['dc_url']} has no Cache Server (its operator starts one with ntm-cs and --cs)")
-        recipients = {}
-        for peer in peers:
-            who = await dc.whois(peer)
-            if who.revoked or not who.pubkey:
-                raise CliError(f"{keys.checksum(peer)} is revoked: it can receive nothing")
-            recipients[peer] = bytes.fromhex(who.pubkey)
     try:
-        sealer = seal.Sealer(key, recipients, meta, int(time.time() * 1000))
+        res = await cs_client.leave_sealed(key, st["dc_url"], peers, meta, source, content_len,
+                                           int(time.time() * 1000), args.timeout)
     except ValueError as exc:
         raise CliError(str(exc), USAGE) from None
-    async with cs_client.CsClient(key, info.cs) as cs:
-        res = await cs.put(sealer, source, content_len)
-    out(args, {**res, "cs": info.cs, "recipients": [keys.checksum(p) for p in peers]},
-        f"stored item {res['item']} ({res['size']} bytes, sealed) at {info.cs} for {len(peers)} recipient(s); "
+    out(args, {**res, "recipients": [keys.checksum(p) for p in peers]},
+        f"stored item {res['item']} ({res['size']} bytes, sealed) at {res['cs']} for {len(peers)} recipient(s); "
         "each gets it when next online")
 
 
