@@ -36,7 +36,8 @@ from node.streams import NO_SERVICE, NOT_ALLOWED, Handler, PeerGone, StreamHub, 
 from node.tunnels import Tunnel
 from ntm import keys, seal
 from ntm.errors import CodedError
-from ntm.overlay import APP, QUIC_TO_CLIENT, QUIC_TO_SERVER
+from ntm.overlay import APP, FRAG, QUIC_TO_CLIENT, QUIC_TO_SERVER
+from ntm.toobig import Reassembly, pieces
 from ntm.tunnel import TunnelError
 
 __all__ = ["AppNode", "StreamServer", "PeerInfo", "Event", "StreamRefused", "PeerGone", "NodeError", "Handler"]
@@ -100,6 +101,8 @@ class AppNode:
         self._datagrams: asyncio.Queue[tuple[bytes, bytes]] = asyncio.Queue(DATAGRAM_QUEUE)
         self._events: asyncio.Queue[Event] = asyncio.Queue(EVENT_QUEUE)
         self._via: dict[bytes, str | None] = {}  # each peer's path as last reported
+        self._piece_id = 0  # numbers QUIC packets sent in pieces (FRAG, §10.9)
+        self._reassembly: dict[bytes, Reassembly] = {}
         self.streams = StreamHub(node.id, self._send_payload, self._serve, node.endpoint.hold, node.endpoint.flush)
         self.tasks = BackgroundTasks()
         self.tasks.spawn(self._accept_loop())
@@ -258,6 +261,12 @@ class AppNode:
         if not payload:
             return
         kind = payload[0]
+        if kind == FRAG:  # a piece of a QUIC packet larger than the path
+            joins = self._reassembly.get(peer) or self._reassembly.setdefault(peer, Reassembly())
+            payload = joins.add(payload, self.node.session.clock.now())
+            if payload is None:
+                return
+            kind = payload[0]
         if kind in (QUIC_TO_SERVER, QUIC_TO_CLIENT):
             self.streams.on_payload(peer, payload)
         elif kind == APP:
@@ -275,8 +284,10 @@ class AppNode:
                 self._reconnect(peer)
                 return
             self._adopt(t)
+        self._piece_id += 1
         try:
-            t.channel.send_nowait(payload)
+            for piece in pieces(payload, t.channel.inner_mtu, self._piece_id):
+                t.channel.send_nowait(piece)
         except TunnelError:
             pass
 

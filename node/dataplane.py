@@ -23,7 +23,7 @@ from ntm.errors import NtmError
 from ntm.overlay import (KIND_APP, KIND_FRAG, KIND_GROUP, KIND_GROUP_ACK, KIND_IPV6, KIND_JUNK, Overlay, frame_app,
                          frame_group, group_ack, kind_of)
 from ntm.overlay import QUIC_TO_CLIENT, QUIC_TO_SERVER  # stream packets (node/daemon_streams.py)
-from ntm.toobig import SYN_MAX_LEN, Reassembly, clamp_mss, too_big
+from ntm.toobig import SYN_MAX_LEN, Reassembly, clamp_mss, pieces, too_big
 from ntm.vaddr import AddressError
 
 log = logging.getLogger("ntm.node")
@@ -54,7 +54,7 @@ class DataPlane:
         self._inbox_event = asyncio.Event()
         self.stats = dict.fromkeys(("queued", "queue_drops", "open_failures", "opens", "app_rx", "junk_rx",
                                     "too_big"), 0)
-        self._frag_id = 0  # numbers the IPv6 packets split for a path below 1280 (§10.4)
+        self._frag_id = 0  # numbers the packets split: IPv6 for a path below 1280 (§10.4), QUIC (§10.9)
         self._reasm: dict[bytes, Reassembly] = {}
         self.tasks = BackgroundTasks()
         self._opening: dict[bytes, asyncio.Task] = {}
@@ -200,12 +200,16 @@ class DataPlane:
                     pass
             return
         if kind == KIND_FRAG:
-            payload = self._reasm.setdefault(peer, Reassembly()).add(payload, self.node.session.clock.now())
+            joins = self._reasm.get(peer) or self._reasm.setdefault(peer, Reassembly())
+            payload = joins.add(payload, self.node.session.clock.now())
             if payload is None:
+                return
+            if payload[0] in (QUIC_TO_SERVER, QUIC_TO_CLIENT) and self.on_quic is not None:
+                self.on_quic(peer, payload)  # a stream's QUIC packet larger than the path (§10.9)
                 return
             kind = kind_of(payload)
             if kind != KIND_IPV6:
-                kind = KIND_JUNK  # only IPv6 is ever split (§10.4)
+                kind = KIND_JUNK  # only IPv6 packets and QUIC packets are ever split (§10.4, §10.9)
         if kind == KIND_JUNK or self.tun is None:
             self.stats["junk_rx"] += 1
             return
@@ -220,8 +224,10 @@ class DataPlane:
         if t is None or t.channel.closed:
             self.ensure_open(peer)
             return
+        self._frag_id += 1
         try:
-            t.channel.send_nowait(payload)
+            for piece in pieces(payload, t.channel.inner_mtu, self._frag_id):
+                t.channel.send_nowait(piece)
         except NtmError:
             self.ensure_open(peer)
 
