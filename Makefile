@@ -3,7 +3,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 APT_PKGS := iproute2 iptables conntrack iputils-ping docker-compose chromium chromium-driver
 
-.PHONY: setup demo test bench mutate apt clean
+.PHONY: setup demo test lint bench mutate apt clean
 
 setup: $(VENV)/.installed node_modules/.installed apt
 
@@ -49,6 +49,10 @@ TEST_WORKERS ?= 2
 test: setup
 	$(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadgroup --durations=25; rc=$$?; \
 	if [ $$rc -eq 5 ]; then exit 0; fi; exit $$rc
+
+# The linter alone (make test runs it too, as tests/test_lint.py).
+lint: setup
+	$(PY) -m ruff check .
 
 bench: setup
 	@for f in bench/*.py; do echo "== $$f"; $(PY) $$f || exit $$?; done

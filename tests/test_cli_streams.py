@@ -29,7 +29,7 @@ def web_server(root) -> tuple[subprocess.Popen, int]:
     return proc, port
 
 
-async def test_nc_fetches_a_page_that_serve_exposes_and_refusals_say_why(net, tmp_path, daemons):
+async def test_nc_fetches_a_page_that_serve_exposes_and_refusals_say_why(net, tmp_path, daemons):  # noqa: F811
     """A peer fetches 3 MB from an HTTP server another node exposes with `ntm serve` (sha256
     compared). Refused with the reason, exit 1: a port nothing serves, a stranger the serving
     node's allow list does not name, a second `ntm serve` of the same port, and the port again
