@@ -12,6 +12,8 @@
   reflection_amplification            bytes a NATed victim sends to addresses its attacking peer only
                                       claimed (7 third-party local_addrs), per byte of the attacker's
                                       Direction Requests (real DC and node; target ≤ 1.0)
+  reflection_amplification_shared_ip  ... when the attacker shares the victim's public IP (carrier-
+                                      grade or office NAT; target ≤ 1.0, was 167)
 
   direction_flood_rss_growth_mb       a real DC's RSS growth while one session sends 2,000 Direction
                                       Requests (all in flight) to an online peer
@@ -147,10 +149,12 @@ LIES = 7  # third-party addresses the attacker announces as its own
 ATTACKS = 5  # Direction Requests the attacker sends towards its victim
 
 
-async def reflection(tmp: Path, attacks: int = ATTACKS, watch_s: float = WATCH_S) -> float:
+async def reflection(tmp: Path, attacks: int = ATTACKS, watch_s: float = WATCH_S) -> tuple[float, float]:
     """A registered attacker announces LIES third-party addresses and asks for `attacks` directions
     to a NATed victim (which therefore initiates). Third parties are UDP sockets counting what
-    reaches them; the attacker's cost is its Direction Requests as sent on the WebSocket."""
+    reaches them; the attacker's cost is its Direction Requests as sent on the WebSocket. Two
+    attackers, one after the other: one with its own public IP, one sharing the victim's (a
+    carrier-grade or office NAT). Returns (own IP, shared IP) bytes out per byte in."""
     loop = asyncio.get_running_loop()
     received = [0]
 
@@ -158,8 +162,8 @@ async def reflection(tmp: Path, attacks: int = ATTACKS, watch_s: float = WATCH_S
         def datagram_received(self, data: bytes, addr) -> None:
             received[0] += len(data)
 
-    # Distinct loopback IPs: victim 127.0.0.1, attacker 127.0.0.9, third parties 127.0.0.2-8 (one
-    # shared IP would look like one NAT to the DC, where LAN addresses are verified on purpose).
+    # Distinct loopback IPs: victim 127.0.0.1, first attacker 127.0.0.9 (the second shares
+    # 127.0.0.1 with the victim), third parties 127.0.0.2-8.
     thirds = [(await loop.create_datagram_endpoint(Count, local_addr=(f"127.0.0.{2 + i}", 0)))[0]
               for i in range(LIES)]
     lies = [f"127.0.0.{2 + i}:{t.get_extra_info('sockname')[1]}" for i, t in enumerate(thirds)]
@@ -168,41 +172,55 @@ async def reflection(tmp: Path, attacks: int = ATTACKS, watch_s: float = WATCH_S
         net = DcNet(tmp, chain)
         await net.deploy(1)
         await asyncio.to_thread(net.start_dc, 0)
-        attacker, victim_key = keys.generate(), keys.generate()
-        own = await loop.create_datagram_endpoint(asyncio.DatagramProtocol, local_addr=("127.0.0.9", 0))
-        own_addr = f"127.0.0.9:{own[0].get_extra_info('sockname')[1]}"
-        await register(net.urls[0], attacker, (own_addr,))
+        victim_key = keys.generate()
         await register(net.urls[0], victim_key, ("10.9.9.9:4330",))
         victim = await Node.start(victim_key, net.urls[0], host="127.0.0.1", port=0, local_addrs=["10.9.9.9:4330"])
         try:
-            async with DcClient(net.urls[0]) as dc:
-                ws, welcome = await dc.open_session(attacker, [own_addr, *lies])
-                for seq in (1, 2):  # keepalives from its own socket: the DC observes it as public
-                    for port in welcome.keepalive_ports:
-                        own[0].sendto(keepalive.encode_request(keys.node_id_of(attacker), seq,
-                                                               bytes.fromhex(welcome.token)), ("127.0.0.1", port))
-                await asyncio.sleep(0.3)
-                sent = 0
-                for i in range(attacks):
-                    req = messages.encode(messages.DirectionRequest(i + 1, keys.checksum(victim.id)))
-                    sent += len(json.dumps(req).encode()) + 6  # + the WebSocket frame header
-                    await ws.send_json(req)
-                    while True:  # it acknowledges its own direction as a node does (else the DC
-                        # stops before directing the victim); acks are not counted as its cost
-                        m = messages.decode(messages.DcToNode, await ws.receive_str(timeout=10))
-                        if isinstance(m, messages.DirectionPush):
-                            await ws.send_json(messages.encode(messages.DirectionAck(m.direction["body"]["path"])))
-                        elif isinstance(m, messages.DirectionResult):
-                            break
+            ratios = []
+            for ip in ("127.0.0.9", "127.0.0.1"):
+                received[0] = 0
+                sent = await attack(net.urls[0], victim.id, ip, lies, attacks)
                 await asyncio.sleep(watch_s)  # the victim's handshake attempts run their course
-                await ws.close()
+                ratios.append(received[0] / sent)
         finally:
             await victim.close()
-            own[0].close()
             for t in thirds:
                 t.close()
             await asyncio.to_thread(net.stop)
-    return received[0] / sent
+    return ratios[0], ratios[1]
+
+
+async def attack(url: str, victim: bytes, ip: str, lies: list[str], attacks: int) -> int:
+    """A fresh attacker on `ip` announcing `lies` asks for `attacks` directions to `victim`; the
+    bytes of its Direction Requests."""
+    loop = asyncio.get_running_loop()
+    attacker = keys.generate()
+    own, _ = await loop.create_datagram_endpoint(asyncio.DatagramProtocol, local_addr=(ip, 0))
+    own_addr = f"{ip}:{own.get_extra_info('sockname')[1]}"
+    await register(url, attacker, (own_addr,))
+    try:
+        async with DcClient(url) as dc:
+            ws, welcome = await dc.open_session(attacker, [own_addr, *lies])
+            for seq in (1, 2):  # keepalives from its own socket: the DC observes it as public
+                for port in welcome.keepalive_ports:
+                    own.sendto(keepalive.encode_request(keys.node_id_of(attacker), seq,
+                                                        bytes.fromhex(welcome.token)), ("127.0.0.1", port))
+            await asyncio.sleep(0.3)
+            sent = 0
+            for i in range(attacks):
+                req = messages.encode(messages.DirectionRequest(i + 1, keys.checksum(victim)))
+                sent += len(json.dumps(req).encode()) + 6  # + the WebSocket frame header
+                await ws.send_json(req)
+                while True:  # it acknowledges its own direction as a node does (else the DC
+                    # stops before directing the victim); acks are not counted as its cost
+                    m = messages.decode(messages.DcToNode, await ws.receive_str(timeout=10))
+                    if isinstance(m, messages.DirectionPush):
+                        await ws.send_json(messages.encode(messages.DirectionAck(m.direction["body"]["path"])))
+                    elif isinstance(m, messages.DirectionResult):
+                        break
+            return sent
+    finally:
+        own.close()
 
 
 async def direction_flood(tmp: Path, n: int = FLOOD) -> tuple[float, float]:
@@ -246,7 +264,9 @@ def main() -> None:
     print(f"chain_calls_per_fresh_key_direction: {directions:g}")
     print(f"keepalive_log_lines_per_1000_forged: {keepalive_log_lines()}")
     with tempfile.TemporaryDirectory() as tmp:
-        print(f"reflection_amplification: {asyncio.run(reflection(Path(tmp), attacks, watch_s)):.3f}")
+        own_ip, shared_ip = asyncio.run(reflection(Path(tmp), attacks, watch_s))
+    print(f"reflection_amplification: {own_ip:.3f}")
+    print(f"reflection_amplification_shared_ip: {shared_ip:.3f}")
     with tempfile.TemporaryDirectory() as tmp:
         grown, refused = asyncio.run(direction_flood(Path(tmp), n))
     print(f"direction_flood_rss_growth_mb: {grown:.1f}")
