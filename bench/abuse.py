@@ -23,6 +23,8 @@
                                       200 fresh ones from 20 source networks at once (of 200; was 0)
   connect_p99_ms_under_flood          legitimate peers' connect time (retrying a refusal after 1 s)
                                       to a victim 64 admitted identities flood with directions
+  cs_bytes_over_quota_concurrent      bytes a real Cache Server stores beyond one sender's 1 MB quota
+                                      when it starts 12 uploads of 300 kB at once (target 0; was 2 MB)
 
 usage: python bench/abuse.py [--rounds 5] [--quick]
 `--quick`: one round, 10 lookups, 1 attack watched for 1.5 s, a flood of 200, 5 networks' sybil burst, 16
@@ -59,6 +61,7 @@ from scripts.procs import Child  # noqa: E402
 from tests.dcnet import CountingRpc, DcNet, register  # noqa: E402
 from tests.test_budgets import (FLOODERS, SYBIL_EACH, SYBIL_SOURCES, dc_for_outsiders,  # noqa: E402
                                 legit_connects_under_flood, new_node_budget, sybil_burst)
+from tests.test_cs import STRICT_CS, concurrent_uploads  # noqa: E402
 from tests.test_dc_abuse import flood, rss_mb  # noqa: E402
 
 PATH = bytes(8)
@@ -257,14 +260,16 @@ async def budgets(url: str, legit: int, flooders: int, sybil: tuple[int, int]) -
 
 async def at_one_dc(tmp: Path, sizes: types.SimpleNamespace) -> dict[str, float]:
     """The attacks that need a real DC, one after another at one DC (its start-up is paid once)."""
-    async with dc_for_outsiders(tmp) as net:
+    async with dc_for_outsiders(tmp, STRICT_CS) as net:
         url = net.urls[0]
+        stored, _ = await concurrent_uploads(net)
         own_ip, shared_ip = await reflection(url, sizes.attacks, sizes.watch_s)
         grown, refused = await direction_flood(url, net.dcs[0].proc.pid, sizes.flood)
         left, p99 = await budgets(url, sizes.legit, sizes.flooders, sizes.sybil)
     return {"reflection_amplification": own_ip, "reflection_amplification_shared_ip": shared_ip,
             "direction_flood_rss_growth_mb": grown, "direction_flood_refused_share": refused,
-            "newcomer_registrations_left_after_sybil": left, "connect_p99_ms_under_flood": p99}
+            "newcomer_registrations_left_after_sybil": left, "connect_p99_ms_under_flood": p99,
+            "cs_bytes_over_quota_concurrent": max(0, stored - (1 << 20))}
 
 
 def main() -> None:

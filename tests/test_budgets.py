@@ -95,12 +95,17 @@ async def keepalives(key, welcome: messages.Welcome) -> None:
 
 
 @contextlib.asynccontextmanager
-async def dc_for_outsiders(tmp):
-    """anvil and one DC that treats every loopback address but ADMIN as an outsider."""
+async def dc_for_outsiders(tmp, cs_args: tuple[str, ...] | None = None):
+    """anvil and one DC that treats every loopback address but ADMIN as an outsider; with
+    `cs_args`, a Cache Server beside it started with them."""
     with Anvil() as chain:
         net = DcNet(tmp, chain)
         await net.deploy(1)
+        if cs_args is not None:
+            net.with_cache_servers()
         await asyncio.to_thread(net.start_dc, 0, DC_ARGS)
+        if cs_args is not None:
+            await asyncio.to_thread(net.start_cs, 0, cs_args)
         try:
             yield net
         finally:
