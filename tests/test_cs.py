@@ -170,107 +170,6 @@ async def test_oversized_and_over_quota_uploads(fed):
         fed.start_cs(0)  # default limits again, for the other tests
 
 
-async def test_an_acknowledged_item_survives_kill_9_of_the_cs(fed, tmp_path):
-    sender, bob = await registered(fed, 0), await registered(fed, 1)
-    content = os.urandom(200_000)
-    item = await upload(fed, 0, sender, [bob], content)
-    fed.css[0].kill()
-    fed.start_cs(0)
-    async with CsClient(bob, fed.cs_url(0)) as c:
-        got = await c.fetch(item, tmp_path / "bob")
-    assert got.path.read_bytes() == content
-
-
-def ntm(home: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "node.cli", "--home", str(home), "--json", *args],
-                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
-
-
-async def test_the_cli_sends_offline_lists_and_fetches(fed, tmp_path):
-    alice, bob = tmp_path / "alice", tmp_path / "bob"
-    for home, i in ((alice, 0), (bob, 1)):
-        assert ntm(home, "keygen").returncode == 0
-        reg = await asyncio.to_thread(ntm, home, "register", "--dc", fed.urls[i])
-        assert reg.returncode == 0, reg.stderr
-    bob_id = json.loads(ntm(bob, "id").stdout)["node"]
-    (tmp_path / "note.txt").write_bytes(MARKER + b" in a file")
-    sent = await asyncio.to_thread(ntm, alice, "send", bob_id, "--offline", "--file", str(tmp_path / "note.txt"),
-                                   "--app", "notes")
-    assert sent.returncode == 0, sent.stderr
-    item = json.loads(sent.stdout)["item"]
-    inbox = json.loads((await asyncio.to_thread(ntm, bob, "inbox")).stdout)
-    assert [w["item"] for w in inbox["waiting"]] == [item]
-    fetched = await asyncio.to_thread(ntm, bob, "fetch")
-    assert fetched.returncode == 0, fetched.stderr
-    got = json.loads(fetched.stdout)["fetched"][0]
-    assert got["app_id"] == "notes" and got["name"] == "note.txt"
-    assert Path(got["path"]).read_bytes() == MARKER + b" in a file"
-    again = json.loads((await asyncio.to_thread(ntm, bob, "inbox")).stdout)
-    assert again["waiting"] == [] and [r["item"] for r in again["received"]] == [item]
-    # bad input is refused before any network work, in one line
-    for args, code in ((("send", bob_id, "--offline"), 2), (("send", bob_id, "--offline", "--file", "/nonexistent"), 2),
-                       (("send", bob_id, "x", "--offline", "--notice", "n" * 141), 2)):
-        bad = ntm(alice, *args)
-        assert bad.returncode == code and "Traceback" not in bad.stderr and len(bad.stderr.splitlines()) == 1, bad
-
-
-async def test_a_recipient_that_moved_to_another_dc_still_finds_its_item(fed, tmp_path):
-    """The notice went to bob's old home (dc2); bob re-registers at dc1 before coming online:
-    at start its node asks every Cache Server of the federation."""
-    sender, bob = await registered(fed, 0), await registered(fed, 1)
-    item = await upload(fed, 1, sender, [bob], MARKER + b" moved")
-    await register(fed.urls[0], bob)  # new home: dc1
-    async with await online(fed, 0, bob, tmp_path / "bob") as node:
-        got = await asyncio.wait_for(node.next_item(), 20)
-    assert got.item == item and got.path.read_bytes() == MARKER + b" moved"
-
-
-async def test_the_daemon_fetches_on_the_notice(fed, tmp_path):
-    bob_home = tmp_path / "bob"
-    assert ntm(bob_home, "keygen").returncode == 0
-    assert (await asyncio.to_thread(ntm, bob_home, "register", "--dc", fed.urls[1])).returncode == 0
-    bob_id = keys.parse_node_id(json.loads(ntm(bob_home, "id").stdout)["node"])
-    daemon = subprocess.Popen([sys.executable, "-m", "node.cli", "--home", str(bob_home), "--json", "up", "--no-tun",
-                               "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
-    try:
-        line = await asyncio.wait_for(asyncio.to_thread(daemon.stdout.readline), 30)
-        assert json.loads(line)["event"] == "up"
-        sender = await registered(fed, 0)
-        async with aiohttp.ClientSession() as http, http.get(f"{fed.urls[1]}/v1/nodes/{keys.checksum(bob_id)}") as r:
-            bob_pub = bytes.fromhex((await r.json())["pubkey"])
-        sealer = seal.Sealer(sender, {bob_id: bob_pub}, seal.Meta("test", notice="to the daemon"), int(time.time() * 1000))
-        async with CsClient(sender, fed.cs_url(0)) as c:
-            item = (await c.put(sealer, bytes_chunks(MARKER), len(MARKER)))["item"]
-        path = bob_home / "inbox" / item
-        await until(lambda: path.exists() and (bob_home / "inbox" / f"{item}.json").exists(), timeout=20)
-        assert path.read_bytes() == MARKER
-        assert json.loads((bob_home / "inbox" / f"{item}.json").read_text())["notice"] == "to the daemon"
-        status = json.loads(ntm(bob_home, "status").stdout)
-        assert [r["item"] for r in status["daemon"]["inbox"]["received"]] == [item]
-    finally:
-        daemon.terminate()
-        daemon.wait(10)
-
-
-async def test_a_notice_not_signed_by_an_active_dc_is_refused(fed):
-    bob = await registered(fed, 1)
-    body = messages.encode(messages.CsNotice(node=keys.checksum(keys.node_id_of(bob)), item="00" * 16,
-                                             cs="http://evil.example", sender=keys.checksum(bytes(20)), size=1,
-                                             created=1))
-
-    async def refused(http) -> float:
-        async with http.get(fed.urls[1] + "/metrics") as r:
-            return next(float(ln.split()[1]) for ln in (await r.text()).splitlines()
-                        if ln.startswith("ntm_dc_cs_notices_refused_total "))
-
-    async with aiohttp.ClientSession() as http:
-        before = await refused(http)
-        forged = envelope.seal(keys.generate(), messages.CS_NOTICE, body, int(time.time() * 1000))
-        async with http.post(fed.urls[1] + "/v1/federation/cs-notice", json=forged) as r:
-            assert r.status == 403
-        assert await refused(http) == before + 1
-
-
 # --- limits that hold (issue 29 item 6) -------------------------------------------------------
 IDLE_S = 2.0  # the restarted CS's --http-idle-timeout: the hostile-socket tests wait this, not 15 s
 
@@ -370,3 +269,104 @@ async def test_slow_bodies_and_slowloris_headers_are_cut_off(fed):
                 break
         writer.close()
         assert closed is not None and closed < IDLE_S + 5, closed
+
+
+async def test_an_acknowledged_item_survives_kill_9_of_the_cs(fed, tmp_path):
+    sender, bob = await registered(fed, 0), await registered(fed, 1)
+    content = os.urandom(200_000)
+    item = await upload(fed, 0, sender, [bob], content)
+    fed.css[0].kill()
+    fed.start_cs(0)
+    async with CsClient(bob, fed.cs_url(0)) as c:
+        got = await c.fetch(item, tmp_path / "bob")
+    assert got.path.read_bytes() == content
+
+
+def ntm(home: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "node.cli", "--home", str(home), "--json", *args],
+                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+
+
+async def test_the_cli_sends_offline_lists_and_fetches(fed, tmp_path):
+    alice, bob = tmp_path / "alice", tmp_path / "bob"
+    for home, i in ((alice, 0), (bob, 1)):
+        assert ntm(home, "keygen").returncode == 0
+        reg = await asyncio.to_thread(ntm, home, "register", "--dc", fed.urls[i])
+        assert reg.returncode == 0, reg.stderr
+    bob_id = json.loads(ntm(bob, "id").stdout)["node"]
+    (tmp_path / "note.txt").write_bytes(MARKER + b" in a file")
+    sent = await asyncio.to_thread(ntm, alice, "send", bob_id, "--offline", "--file", str(tmp_path / "note.txt"),
+                                   "--app", "notes")
+    assert sent.returncode == 0, sent.stderr
+    item = json.loads(sent.stdout)["item"]
+    inbox = json.loads((await asyncio.to_thread(ntm, bob, "inbox")).stdout)
+    assert [w["item"] for w in inbox["waiting"]] == [item]
+    fetched = await asyncio.to_thread(ntm, bob, "fetch")
+    assert fetched.returncode == 0, fetched.stderr
+    got = json.loads(fetched.stdout)["fetched"][0]
+    assert got["app_id"] == "notes" and got["name"] == "note.txt"
+    assert Path(got["path"]).read_bytes() == MARKER + b" in a file"
+    again = json.loads((await asyncio.to_thread(ntm, bob, "inbox")).stdout)
+    assert again["waiting"] == [] and [r["item"] for r in again["received"]] == [item]
+    # bad input is refused before any network work, in one line
+    for args, code in ((("send", bob_id, "--offline"), 2), (("send", bob_id, "--offline", "--file", "/nonexistent"), 2),
+                       (("send", bob_id, "x", "--offline", "--notice", "n" * 141), 2)):
+        bad = ntm(alice, *args)
+        assert bad.returncode == code and "Traceback" not in bad.stderr and len(bad.stderr.splitlines()) == 1, bad
+
+
+async def test_a_recipient_that_moved_to_another_dc_still_finds_its_item(fed, tmp_path):
+    """The notice went to bob's old home (dc2); bob re-registers at dc1 before coming online:
+    at start its node asks every Cache Server of the federation."""
+    sender, bob = await registered(fed, 0), await registered(fed, 1)
+    item = await upload(fed, 1, sender, [bob], MARKER + b" moved")
+    await register(fed.urls[0], bob)  # new home: dc1
+    async with await online(fed, 0, bob, tmp_path / "bob") as node:
+        got = await asyncio.wait_for(node.next_item(), 20)
+    assert got.item == item and got.path.read_bytes() == MARKER + b" moved"
+
+
+async def test_the_daemon_fetches_on_the_notice(fed, tmp_path):
+    bob_home = tmp_path / "bob"
+    assert ntm(bob_home, "keygen").returncode == 0
+    assert (await asyncio.to_thread(ntm, bob_home, "register", "--dc", fed.urls[1])).returncode == 0
+    bob_id = keys.parse_node_id(json.loads(ntm(bob_home, "id").stdout)["node"])
+    daemon = subprocess.Popen([sys.executable, "-m", "node.cli", "--home", str(bob_home), "--json", "up", "--no-tun",
+                               "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    try:
+        line = await asyncio.wait_for(asyncio.to_thread(daemon.stdout.readline), 30)
+        assert json.loads(line)["event"] == "up"
+        sender = await registered(fed, 0)
+        async with aiohttp.ClientSession() as http, http.get(f"{fed.urls[1]}/v1/nodes/{keys.checksum(bob_id)}") as r:
+            bob_pub = bytes.fromhex((await r.json())["pubkey"])
+        sealer = seal.Sealer(sender, {bob_id: bob_pub}, seal.Meta("test", notice="to the daemon"), int(time.time() * 1000))
+        async with CsClient(sender, fed.cs_url(0)) as c:
+            item = (await c.put(sealer, bytes_chunks(MARKER), len(MARKER)))["item"]
+        path = bob_home / "inbox" / item
+        await until(lambda: path.exists() and (bob_home / "inbox" / f"{item}.json").exists(), timeout=20)
+        assert path.read_bytes() == MARKER
+        assert json.loads((bob_home / "inbox" / f"{item}.json").read_text())["notice"] == "to the daemon"
+        status = json.loads(ntm(bob_home, "status").stdout)
+        assert [r["item"] for r in status["daemon"]["inbox"]["received"]] == [item]
+    finally:
+        daemon.terminate()
+        daemon.wait(10)
+
+
+async def test_a_notice_not_signed_by_an_active_dc_is_refused(fed):
+    bob = await registered(fed, 1)
+    body = messages.encode(messages.CsNotice(node=keys.checksum(keys.node_id_of(bob)), item="00" * 16,
+                                             cs="http://evil.example", sender=keys.checksum(bytes(20)), size=1,
+                                             created=1))
+
+    async def refused(http) -> float:
+        async with http.get(fed.urls[1] + "/metrics") as r:
+            return next(float(ln.split()[1]) for ln in (await r.text()).splitlines()
+                        if ln.startswith("ntm_dc_cs_notices_refused_total "))
+
+    async with aiohttp.ClientSession() as http:
+        before = await refused(http)
+        forged = envelope.seal(keys.generate(), messages.CS_NOTICE, body, int(time.time() * 1000))
+        async with http.post(fed.urls[1] + "/v1/federation/cs-notice", json=forged) as r:
+            assert r.status == 403
+        assert await refused(http) == before + 1
