@@ -68,7 +68,7 @@ PATH = bytes(8)
 N = 2000  # datagrams per timing round
 LOOKUPS = 100  # random whois and fresh-key relay directions, each
 FLOOD = 2000  # Direction Requests in the flood
-LEGIT = 20  # legitimate peers connecting to a victim flooded by FLOODERS identities
+LEGIT = 10  # legitimate peers connecting to a victim flooded by FLOODERS identities
 WATCH_S = 9.0  # the victim's handshake attempts run their course (tunnel timeout 8 s)
 
 

@@ -4,7 +4,7 @@ passes `now` (monotonic seconds).
     b = TokenBucket(rate=0.5, burst=4)        # 4 at once, then one per 2 s
     if not b.take(now): refuse()
     per_peer = Buckets(rate=0.5, burst=4, max_keys=1024)   # one bucket per key, bounded memory
-    shared = FairShare(per_key=(0.5, 8), total=(16, 64), reserve=32, max_keys=4096)  # a crowd can't starve a newcomer
+    shared = FairShare(per_key=(0.5, 8), total=(16, 64), cap=(32, 128), active_s=16, max_keys=4096)  # fair per key
     sybil = RisingCost(rate=16 / 3600, burst=16, half_life_s=3600, max_keys=10_000)   # 1, 2, 4, 8 … per key
     held = Concurrency(limit=8)                # at most 8 at once per key
     key = source_prefix("203.0.113.7")         # "203.0.113.0/24": one network, one key
@@ -13,7 +13,7 @@ passes `now` (monotonic seconds).
 from __future__ import annotations
 
 import ipaddress
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from typing import Hashable
 
 from ntm.addr import unmapped
@@ -55,7 +55,9 @@ class Buckets:
         self.rate, self.burst, self.max_keys = rate, burst, max_keys
         self._buckets: OrderedDict[Hashable, TokenBucket] = OrderedDict()
 
-    def take(self, key: Hashable, now: float, cost: float = 1.0) -> bool:
+    def take(self, key: Hashable, now: float, cost: float = 1.0,
+             limits: tuple[float, float] | None = None) -> bool:
+        """`limits`: (rate, burst) for this key from now on, instead of the default (FairShare)."""
         b = self._buckets.get(key)
         if b is None:
             b = self._buckets[key] = TokenBucket(self.rate, self.burst, now)
@@ -63,40 +65,55 @@ class Buckets:
                 self._buckets.popitem(last=False)
         else:
             self._buckets.move_to_end(key)
+        if limits is not None:
+            b.available(now)  # refilled at the old rate up to now
+            b.rate, b.burst = limits
+            b.tokens = min(b.tokens, b.burst)
         return b.take(now, cost)
-
-    def tokens(self, key: Hashable, now: float) -> float:
-        """What `key` could spend now (a key never seen: the full burst); changes nothing."""
-        b = self._buckets.get(key)
-        if b is None:
-            return self.burst
-        return min(self.burst, b.tokens + max(0.0, now - b.stamp) * self.rate)
 
     def __len__(self) -> int:
         return len(self._buckets)
 
 
 class FairShare:
-    """A shared budget that a crowd of busy keys cannot drain for the others. Each key has its own
-    bucket (`per_key`), spent by every ask, granted or not, and draws on the shared one (`total`);
-    a key whose own bucket was below `per_key` burst − 1 (it asked more than once lately) may only
-    take shared tokens above `reserve`, which is thus kept for keys that asked at most once: a
-    legitimate peer that opens one tunnel still gets through while many identities flood at
-    their own full rate."""
+    """A total budget shared fairly among the keys asking lately: each key's bucket has the rate
+    and burst `per_key`, but never more than its share of `total` among the keys active in the last
+    `active_s` (every ask counts, granted or not), and a burst of at least one. So a crowd of N
+    identities gets the total between them however they pace their asks, while a peer that asks
+    once still finds a token in its own bucket; `cap` (rate, burst) is a hard ceiling over all keys
+    (CPU), set above `total` so that the crowd's shares never reach it."""
 
-    def __init__(self, per_key: tuple[float, float], total: tuple[float, float], reserve: float,
-                 max_keys: int) -> None:
+    def __init__(self, per_key: tuple[float, float], total: tuple[float, float], cap: tuple[float, float],
+                 active_s: float, max_keys: int) -> None:
+        self.per_key, self.total, self.active_s = per_key, total, active_s
         self.keys = Buckets(*per_key, max_keys=max_keys)
-        self.shared = TokenBucket(*total)
-        self.reserve = reserve
+        self.cap = TokenBucket(*cap)
+        self._asks: deque[tuple[float, Hashable]] = deque()  # (when, who), oldest first
+        self._active: Counter[Hashable] = Counter()  # asks per key within active_s
+
+    def share(self, now: float) -> tuple[float, float]:
+        """(rate, burst) of each key's bucket now."""
+        while self._asks and self._asks[0][0] <= now - self.active_s:
+            self._forget_oldest()
+        n = max(1, len(self._active))
+        return (min(self.per_key[0], self.total[0] / n), max(1.0, min(self.per_key[1], self.total[1] / n)))
+
+    def _forget_oldest(self) -> None:
+        _, old = self._asks.popleft()
+        self._active[old] -= 1
+        if not self._active[old]:
+            del self._active[old]
 
     def take(self, key: Hashable, now: float) -> bool:
-        light = self.keys.tokens(key, now) >= self.keys.burst - 1.0
-        if not self.keys.take(key, now):
+        self._asks.append((now, key))
+        self._active[key] += 1
+        if len(self._asks) > self.keys.max_keys * 8:  # bounded memory: forget the oldest asks
+            self._forget_oldest()
+        if self.cap.available(now) < 1.0:
             return False
-        if self.shared.available(now) - 1.0 < (0.0 if light else self.reserve):
+        if not self.keys.take(key, now, limits=self.share(now)):
             return False
-        return self.shared.take(now)
+        return self.cap.take(now)
 
 
 class RisingCost:

@@ -2,37 +2,51 @@
 
 from __future__ import annotations
 
+import pytest
+
 from ntm.ratelimit import Concurrency, FairShare, RisingCost, TokenBucket, source_prefix
 from tests.fakes import FakeClock
 
 
-def test_fair_share_keeps_a_reserve_that_a_crowd_of_busy_keys_cannot_spend():
-    """Adversary: 64 identities each asking as fast as their own bucket allows (the DC lets each
-    send 2/s). They drain the shared budget down to the reserve and no further; a peer asking for
-    the first time still gets through, and so does the next newcomer after the reserve refills."""
+def fair() -> FairShare:
+    return FairShare(per_key=(0.5, 8.0), total=(16.0, 64.0), cap=(32.0, 128.0), active_s=16.0, max_keys=4096)
+
+
+@pytest.mark.parametrize("interval_s", [0.5, 1.0, 2.0, 4.0])
+def test_a_crowd_gets_the_total_between_them_however_it_paces(interval_s):
+    """Adversary: 64 identities each asking every `interval_s` (at once, then paced: asking
+    slowly enough to look "light" must not help). Together they get about the total (16/s) and
+    never the hard cap; a peer asking for the first time, and each of 8 more, still gets through."""
     clock = FakeClock()
-    fair = FairShare(per_key=(0.5, 8.0), total=(16.0, 64.0), reserve=32.0, max_keys=4096)
+    f = fair()
     crowd = [f"attacker{i}" for i in range(64)]
-    for _ in range(20):  # 10 s of flood: every attacker asks twice per second
-        for key in crowd:
-            fair.take(key, clock.now())
-        clock.advance(0.5)
-    assert [fair.take(f"legit{i}", clock.now()) for i in range(8)] == [True] * 8
-    # the crowd's own share stays bounded: above the reserve only
-    granted = sum(fair.take(key, clock.now()) for key in crowd)
-    assert granted <= fair.shared.burst - fair.reserve
-    assert fair.take("legit-late", clock.now())
+    granted = 0
+    for _ in range(int(30 / interval_s)):  # 30 s of flood
+        granted += sum(f.take(key, clock.now()) for key in crowd)
+        clock.advance(interval_s)
+    assert granted <= 64 + 16 * 30 * 1.1  # the total's burst and rate, not the cap's
+    assert [f.take(f"legit{i}", clock.now()) for i in range(8)] == [True] * 8
 
 
-def test_fair_share_still_bounds_the_total_and_each_key():
-    """Adversary: one peer asking nonstop gets its own burst then its rate, never the total."""
+def test_fair_share_still_bounds_each_key_and_the_cap():
+    """Adversary: one peer asking nonstop gets its own burst then its rate; a crowd of first-time
+    keys (each with its burst of one) is stopped by the hard cap."""
     clock = FakeClock()
-    fair = FairShare(per_key=(0.5, 8.0), total=(16.0, 64.0), reserve=32.0, max_keys=4096)
-    assert sum(fair.take("one", clock.now()) for _ in range(100)) == 8
+    f = fair()
+    assert sum(f.take("one", clock.now()) for _ in range(100)) == 8
     clock.advance(2.0)
-    assert sum(fair.take("one", clock.now()) for _ in range(100)) == 1
-    # a crowd of first-time keys takes the whole shared burst and no more
-    assert sum(fair.take(f"k{i}", clock.now()) for i in range(200)) == 63  # 64 less the one above
+    assert sum(f.take("one", clock.now()) for _ in range(100)) == 1
+    assert sum(f.take(f"k{i}", clock.now()) for i in range(500)) == 127  # the cap (full again) less "one"'s
+
+
+def test_fair_share_forgets_keys_that_stopped_asking():
+    clock = FakeClock()
+    f = fair()
+    for i in range(64):
+        f.take(i, clock.now())
+    assert f.share(clock.now()) == (0.25, 1.0)
+    clock.advance(16.0)
+    assert f.share(clock.now()) == (0.5, 8.0) and not f._active and not f._asks
 
 
 def test_rising_cost_doubles_per_new_thing_and_decays():
