@@ -174,7 +174,9 @@ async def test_oversized_and_over_quota_uploads(fed):
 IDLE_S = 2.0  # the restarted CS's --http-idle-timeout: the hostile-socket tests wait this, not 15 s
 
 
-STRICT_CS = ("--sender-quota-mb", "1", "--recipient-quota-mb", "100", "--http-idle-timeout", str(IDLE_S))
+# 127.0.0.1 is the operator (exempt from the per-network limits); other loopback addresses are not
+STRICT_CS = ("--sender-quota-mb", "1", "--recipient-quota-mb", "100", "--http-idle-timeout", str(IDLE_S),
+             "--admin-allow", "127.0.0.1/32")
 
 
 @contextlib.asynccontextmanager
@@ -269,6 +271,44 @@ async def test_slow_bodies_and_slowloris_headers_are_cut_off(fed):
                 break
         writer.close()
         assert closed is not None and closed < IDLE_S + 5, closed
+
+
+async def test_one_network_has_four_uploads_at_once(fed):
+    """Adversary: five identities behind one network (127.77.0.0/24, not the operator's) each
+    starting an upload that trickles. Four are taken, the fifth is refused `busy` at once; another
+    network uploads meanwhile, and the network uploads again once its uploads have ended."""
+    async with strict_cs(fed) as url:
+        bob = await registered(fed, 0)
+        senders = [await registered(fed, 0) for _ in range(5)]
+
+        def put(http: aiohttp.ClientSession, sender, body) -> asyncio.Task:
+            sealer = seal.Sealer(sender, {keys.node_id_of(bob): keys.public_bytes(bob)},
+                                 seal.Meta("t", "s", "1", "n"), int(time.time() * 1000))
+            auth = envelope.seal(sender, messages.CS_PUT, {"header": sealer.header.to_json(), "size": 10_000},
+                                 int(time.time() * 1000))
+
+            async def go() -> int:
+                try:
+                    async with http.put(url + "/v1/items", data=body, headers={"X-NTM-Auth": json.dumps(auth)}) as r:
+                        return r.status
+                except aiohttp.ClientError:
+                    return 0
+            return asyncio.create_task(go())
+
+        async def trickle():
+            yield b"\0" * 1000
+            await asyncio.sleep(IDLE_S / 2)  # within the idle limit: the upload stays open a while
+
+        def from_ip(ip: str) -> aiohttp.ClientSession:
+            return aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=(ip, 0)))
+
+        async with from_ip("127.77.0.1") as a, from_ip("127.77.0.2") as b, from_ip("127.78.0.1") as other:
+            held = [put(a if i % 2 else b, s, trickle()) for i, s in enumerate(senders[:4])]
+            await asyncio.sleep(0.5)
+            assert await put(a, senders[4], b"\0" * 10_000) == 409  # busy: the network's 4 are open
+            assert await put(other, senders[4], b"\0" * 10_000) == 201  # another network: stored
+            await asyncio.gather(*held)
+            assert await put(a, senders[4], b"\0" * 10_000) == 201  # the network's slots are free again
 
 
 async def test_an_acknowledged_item_survives_kill_9_of_the_cs(fed, tmp_path):
