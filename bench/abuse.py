@@ -12,13 +12,23 @@
   reflection_amplification            bytes a NATed victim sends to addresses its attacking peer only
                                       claimed (7 third-party local_addrs), per byte of the attacker's
                                       Direction Requests (real DC and node; target ≤ 1.0)
+  reflection_amplification_shared_ip  ... when the attacker shares the victim's public IP (carrier-
+                                      grade or office NAT; target ≤ 1.0, was 167)
 
   direction_flood_rss_growth_mb       a real DC's RSS growth while one session sends 2,000 Direction
                                       Requests (all in flight) to an online peer
   direction_flood_refused_share       the share of them refused (rate_limited)
 
+  newcomer_registrations_left_after_sybil  new identities a real DC's gas budget still allows after
+                                      200 fresh ones from 20 source networks at once (of 200; was 0)
+  connect_p99_ms_under_flood          legitimate peers' connect time (retrying a refusal after 1 s)
+                                      to a victim 64 admitted identities flood with directions
+  cs_bytes_over_quota_concurrent      bytes a real Cache Server stores beyond one sender's 1 MB quota
+                                      when it starts 12 uploads of 300 kB at once (target 0; was 2 MB)
+
 usage: python bench/abuse.py [--rounds 5] [--quick]
-`--quick`: one round, 10 lookups, 1 attack watched for 2 s, a flood of 200: the same code paths (make test).
+`--quick`: one round, 10 lookups, 1 attack watched for 1.5 s, a flood of 200, 5 networks' sybil burst, 16
+identities flooding 2 legitimate connects: the same code paths (make test). The attacks that need a DC share one.
 """
 
 from __future__ import annotations
@@ -49,12 +59,16 @@ from ntm.tunnel import Session  # noqa: E402
 from scripts.anvil import Anvil  # noqa: E402
 from scripts.procs import Child  # noqa: E402
 from tests.dcnet import CountingRpc, DcNet, register  # noqa: E402
+from tests.test_budgets import (FLOODERS, SYBIL_EACH, SYBIL_SOURCES, dc_for_outsiders,  # noqa: E402
+                                legit_connects_under_flood, new_node_budget, sybil_burst)
+from tests.test_cs import STRICT_CS, concurrent_uploads  # noqa: E402
 from tests.test_dc_abuse import flood, rss_mb  # noqa: E402
 
 PATH = bytes(8)
 N = 2000  # datagrams per timing round
 LOOKUPS = 100  # random whois and fresh-key relay directions, each
 FLOOD = 2000  # Direction Requests in the flood
+LEGIT = 10  # legitimate peers connecting to a victim flooded by FLOODERS identities
 WATCH_S = 9.0  # the victim's handshake attempts run their course (tunnel timeout 8 s)
 
 
@@ -147,10 +161,12 @@ LIES = 7  # third-party addresses the attacker announces as its own
 ATTACKS = 5  # Direction Requests the attacker sends towards its victim
 
 
-async def reflection(tmp: Path, attacks: int = ATTACKS, watch_s: float = WATCH_S) -> float:
+async def reflection(url: str, attacks: int = ATTACKS, watch_s: float = WATCH_S) -> tuple[float, float]:
     """A registered attacker announces LIES third-party addresses and asks for `attacks` directions
     to a NATed victim (which therefore initiates). Third parties are UDP sockets counting what
-    reaches them; the attacker's cost is its Direction Requests as sent on the WebSocket."""
+    reaches them; the attacker's cost is its Direction Requests as sent on the WebSocket. Two
+    attackers, one after the other: one with its own public IP, one sharing the victim's (a
+    carrier-grade or office NAT). Returns (own IP, shared IP) bytes out per byte in."""
     loop = asyncio.get_running_loop()
     received = [0]
 
@@ -158,75 +174,102 @@ async def reflection(tmp: Path, attacks: int = ATTACKS, watch_s: float = WATCH_S
         def datagram_received(self, data: bytes, addr) -> None:
             received[0] += len(data)
 
-    # Distinct loopback IPs: victim 127.0.0.1, attacker 127.0.0.9, third parties 127.0.0.2-8 (one
-    # shared IP would look like one NAT to the DC, where LAN addresses are verified on purpose).
+    # Distinct loopback IPs: victim 127.0.0.1, first attacker 127.0.0.9 (the second shares
+    # 127.0.0.1 with the victim), third parties 127.0.0.2-8.
     thirds = [(await loop.create_datagram_endpoint(Count, local_addr=(f"127.0.0.{2 + i}", 0)))[0]
               for i in range(LIES)]
     lies = [f"127.0.0.{2 + i}:{t.get_extra_info('sockname')[1]}" for i, t in enumerate(thirds)]
     logging.getLogger("ntm.node").setLevel(logging.ERROR)  # the victim's failed handshakes are expected
-    with Anvil() as chain:
-        net = DcNet(tmp, chain)
-        await net.deploy(1)
-        await asyncio.to_thread(net.start_dc, 0)
-        attacker, victim_key = keys.generate(), keys.generate()
-        own = await loop.create_datagram_endpoint(asyncio.DatagramProtocol, local_addr=("127.0.0.9", 0))
-        own_addr = f"127.0.0.9:{own[0].get_extra_info('sockname')[1]}"
-        await register(net.urls[0], attacker, (own_addr,))
-        await register(net.urls[0], victim_key, ("10.9.9.9:4330",))
-        victim = await Node.start(victim_key, net.urls[0], host="127.0.0.1", port=0, local_addrs=["10.9.9.9:4330"])
-        try:
-            async with DcClient(net.urls[0]) as dc:
-                ws, welcome = await dc.open_session(attacker, [own_addr, *lies])
-                for seq in (1, 2):  # keepalives from its own socket: the DC observes it as public
-                    for port in welcome.keepalive_ports:
-                        own[0].sendto(keepalive.encode_request(keys.node_id_of(attacker), seq,
-                                                               bytes.fromhex(welcome.token)), ("127.0.0.1", port))
-                await asyncio.sleep(0.3)
-                sent = 0
-                for i in range(attacks):
-                    req = messages.encode(messages.DirectionRequest(i + 1, keys.checksum(victim.id)))
-                    sent += len(json.dumps(req).encode()) + 6  # + the WebSocket frame header
-                    await ws.send_json(req)
-                    while True:  # it acknowledges its own direction as a node does (else the DC
-                        # stops before directing the victim); acks are not counted as its cost
-                        m = messages.decode(messages.DcToNode, await ws.receive_str(timeout=10))
-                        if isinstance(m, messages.DirectionPush):
-                            await ws.send_json(messages.encode(messages.DirectionAck(m.direction["body"]["path"])))
-                        elif isinstance(m, messages.DirectionResult):
-                            break
-                await asyncio.sleep(watch_s)  # the victim's handshake attempts run their course
-                await ws.close()
-        finally:
-            await victim.close()
-            own[0].close()
-            for t in thirds:
-                t.close()
-            await asyncio.to_thread(net.stop)
-    return received[0] / sent
+    victim_key = keys.generate()
+    await register(url, victim_key, ("10.9.9.9:4330",))
+    victim = await Node.start(victim_key, url, host="127.0.0.1", port=0, local_addrs=["10.9.9.9:4330"])
+    try:
+        ratios = []
+        for ip in ("127.0.0.9", "127.0.0.1"):
+            received[0] = 0
+            sent = await attack(url, victim.id, ip, lies, attacks)
+            await asyncio.sleep(watch_s)  # the victim's handshake attempts run their course
+            ratios.append(received[0] / sent)
+    finally:
+        await victim.close()
+        for t in thirds:
+            t.close()
+    return ratios[0], ratios[1]
 
 
-async def direction_flood(tmp: Path, n: int = FLOOD) -> tuple[float, float]:
-    """A registered node floods its DC with Direction Requests towards an online peer."""
-    with Anvil() as chain:
-        net = DcNet(tmp, chain)
-        await net.deploy(1)
-        await asyncio.to_thread(net.start_dc, 0)
-        attacker, peer_key = keys.generate(), keys.generate()
-        await register(net.urls[0], attacker)
-        await register(net.urls[0], peer_key)
-        logging.getLogger("ntm.node").setLevel(logging.ERROR)
-        peer = await Node.start(peer_key, net.urls[0], host="127.0.0.1", port=0)
-        try:
-            pid = net.dcs[0].proc.pid
-            await flood(net.urls[0], attacker, peer.id, 50)
-            await asyncio.sleep(1.0)
-            before = rss_mb(pid)
-            codes = await flood(net.urls[0], attacker, peer.id, n)
-            grown = rss_mb(pid) - before
-        finally:
-            await peer.close()
-            await asyncio.to_thread(net.stop)
+async def attack(url: str, victim: bytes, ip: str, lies: list[str], attacks: int) -> int:
+    """A fresh attacker on `ip` announcing `lies` asks for `attacks` directions to `victim`; the
+    bytes of its Direction Requests."""
+    loop = asyncio.get_running_loop()
+    attacker = keys.generate()
+    own, _ = await loop.create_datagram_endpoint(asyncio.DatagramProtocol, local_addr=(ip, 0))
+    own_addr = f"{ip}:{own.get_extra_info('sockname')[1]}"
+    await register(url, attacker, (own_addr,))
+    try:
+        async with DcClient(url) as dc:
+            ws, welcome = await dc.open_session(attacker, [own_addr, *lies])
+            for seq in (1, 2):  # keepalives from its own socket: the DC observes it as public
+                for port in welcome.keepalive_ports:
+                    own.sendto(keepalive.encode_request(keys.node_id_of(attacker), seq,
+                                                        bytes.fromhex(welcome.token)), ("127.0.0.1", port))
+            await asyncio.sleep(0.3)
+            sent = 0
+            for i in range(attacks):
+                req = messages.encode(messages.DirectionRequest(i + 1, keys.checksum(victim)))
+                sent += len(json.dumps(req).encode()) + 6  # + the WebSocket frame header
+                await ws.send_json(req)
+                while True:  # it acknowledges its own direction as a node does (else the DC
+                    # stops before directing the victim); acks are not counted as its cost
+                    m = messages.decode(messages.DcToNode, await ws.receive_str(timeout=10))
+                    if isinstance(m, messages.DirectionPush):
+                        await ws.send_json(messages.encode(messages.DirectionAck(m.direction["body"]["path"])))
+                    elif isinstance(m, messages.DirectionResult):
+                        break
+            return sent
+    finally:
+        own.close()
+
+
+async def direction_flood(url: str, pid: int, n: int = FLOOD) -> tuple[float, float]:
+    """A registered node floods its DC (process `pid`) with Direction Requests towards an online peer."""
+    attacker, peer_key = keys.generate(), keys.generate()
+    await register(url, attacker)
+    await register(url, peer_key)
+    logging.getLogger("ntm.node").setLevel(logging.ERROR)
+    peer = await Node.start(peer_key, url, host="127.0.0.1", port=0)
+    try:
+        await flood(url, attacker, peer.id, 50)
+        await asyncio.sleep(1.0)
+        before = rss_mb(pid)
+        codes = await flood(url, attacker, peer.id, n)
+        grown = rss_mb(pid) - before
+    finally:
+        await peer.close()
     return grown, codes.get("rate_limited", 0) / n
+
+
+async def budgets(url: str, legit: int, flooders: int, sybil: tuple[int, int]) -> tuple[float, float]:
+    """A sybil burst (`sybil`: fresh identities from that many networks, that many each) at a real
+    DC, then `flooders` identities flooding a victim with directions while `legit` peers connect:
+    (new-node registrations left, legitimate connect p99 in ms)."""
+    await sybil_burst(url, *sybil)
+    left = await new_node_budget(url)
+    times, _, _ = await legit_connects_under_flood(url, legit, flooders)
+    return left, statistics.quantiles(times, n=100, method="inclusive")[98] * 1000
+
+
+async def at_one_dc(tmp: Path, sizes: types.SimpleNamespace) -> dict[str, float]:
+    """The attacks that need a real DC, one after another at one DC (its start-up is paid once)."""
+    async with dc_for_outsiders(tmp, STRICT_CS) as net:
+        url = net.urls[0]
+        stored, _ = await concurrent_uploads(net)
+        own_ip, shared_ip = await reflection(url, sizes.attacks, sizes.watch_s)
+        grown, refused = await direction_flood(url, net.dcs[0].proc.pid, sizes.flood)
+        left, p99 = await budgets(url, sizes.legit, sizes.flooders, sizes.sybil)
+    return {"reflection_amplification": own_ip, "reflection_amplification_shared_ip": shared_ip,
+            "direction_flood_rss_growth_mb": grown, "direction_flood_refused_share": refused,
+            "newcomer_registrations_left_after_sybil": left, "connect_p99_ms_under_flood": p99,
+            "cs_bytes_over_quota_concurrent": max(0, stored - (1 << 20))}
 
 
 def main() -> None:
@@ -234,8 +277,11 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--quick", action="store_true", help="tiny sizes, same code paths (CI)")
     args = p.parse_args()
-    rounds, lookups, attacks, watch_s, n = ((1, 10, 1, 2.0, 200) if args.quick
-                                            else (args.rounds, LOOKUPS, ATTACKS, WATCH_S, FLOOD))
+    rounds, lookups = (1, 10) if args.quick else (args.rounds, LOOKUPS)
+    sizes = types.SimpleNamespace(attacks=ATTACKS, watch_s=WATCH_S, flood=FLOOD, legit=LEGIT, flooders=FLOODERS,
+                                  sybil=(SYBIL_SOURCES, SYBIL_EACH))
+    if args.quick:
+        sizes = types.SimpleNamespace(attacks=1, watch_s=1.5, flood=200, legit=2, flooders=16, sybil=(5, 6))
     forged, replayed, junk = handshake_costs(rounds)
     print(f"forged_handshake_cpu_us: {forged:.1f}")
     print(f"replayed_handshake_cpu_us: {replayed:.1f}")
@@ -246,12 +292,9 @@ def main() -> None:
     print(f"chain_calls_per_fresh_key_direction: {directions:g}")
     print(f"keepalive_log_lines_per_1000_forged: {keepalive_log_lines()}")
     with tempfile.TemporaryDirectory() as tmp:
-        print(f"reflection_amplification: {asyncio.run(reflection(Path(tmp), attacks, watch_s)):.3f}")
-    with tempfile.TemporaryDirectory() as tmp:
-        grown, refused = asyncio.run(direction_flood(Path(tmp), n))
-    print(f"direction_flood_rss_growth_mb: {grown:.1f}")
-    print(f"direction_flood_refused_share: {refused:.3f}")
-
+        found = asyncio.run(at_one_dc(Path(tmp), sizes))
+    for name, value in found.items():
+        print(f"{name}: {value:.3f}" if "amplification" in name or "share" in name else f"{name}: {value:.1f}")
 
 if __name__ == "__main__":
     main()

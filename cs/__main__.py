@@ -43,9 +43,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--sender-quota-mb", type=float, default=lim.sender_bytes / MB, help="stored per sender")
     p.add_argument("--sender-items", type=int, default=lim.sender_items, help="items stored per sender")
     p.add_argument("--recipient-quota-mb", type=float, default=lim.recipient_bytes / MB, help="waiting per recipient")
+    p.add_argument("--total-gb", type=float, default=lim.total_bytes / (1 << 30), help="stored in all")
     p.add_argument("--ttl-hours", type=float, default=lim.ttl_ms / 3_600_000, help="undelivered items are deleted after")
     p.add_argument("--admin-allow", action="append", type=service.network, metavar="CIDR",
                    help="network allowed to read /metrics (default loopback)")
+    service.idle_timeout_arg(p)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
@@ -53,14 +55,15 @@ def parser() -> argparse.ArgumentParser:
 async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
     key = keystore.load_keystore(args.key_file, keystore.passphrase(PASSPHRASE_ENV, args.passphrase_file))
     limits = Limits(int(args.max_item_mb * MB), int(args.sender_quota_mb * MB), args.sender_items,
-                    int(args.recipient_quota_mb * MB), int(args.ttl_hours * 3_600_000))
+                    int(args.recipient_quota_mb * MB), int(args.ttl_hours * 3_600_000), int(args.total_gb * (1 << 30)))
     store = Store(args.data_dir)
     link = DcLink(args.dc, key)
     sock = socket.create_server((args.http_host, args.http_port))  # the port first: the URL may name it
     port = sock.getsockname()[1]
     url = args.public_url or f"http://{args.http_host}:{port}"
-    cs = CacheServer(store, link, url, limits)
-    runner = web.AppRunner(make_app(cs, tuple(args.admin_allow or ())), access_log=None)
+    cs = CacheServer(store, link, url, limits, args.http_idle_timeout or service.HTTP_IDLE_TIMEOUT_S)
+    runner = web.AppRunner(make_app(cs, tuple(args.admin_allow or ())), access_log=None,
+                           keepalive_timeout=cs.idle_timeout_s)  # slowloris headers: as the DC and RS
     try:
         await runner.setup()
         await web.SockSite(runner, sock).start()

@@ -14,14 +14,16 @@ import logging
 import time
 from dataclasses import dataclass
 
-from aiohttp import web
+from aiohttp import StreamReader, web
 
 from cs.dclink import CsError, DcLink
+from cs.quota import Caps, Ledger, Stored
 from cs.store import Store
 from daemon import service
 from daemon.metrics import CONTENT_TYPE, Metrics
 from ntm import envelope, keys, messages, seal
 from ntm.errors import NtmError, ParseError, SignatureError
+from ntm.ratelimit import source_prefix
 
 log = logging.getLogger("ntm.cs")
 
@@ -29,6 +31,9 @@ AUTH_HEADER = "X-NTM-Auth"
 ITEM_HEADER = "X-NTM-Header"  # the sealed item's public header, on downloads
 READ_CHUNK = 1 << 20  # bytes read from an upload at a time: memory stays flat for any item size
 MAX_JSON_BODY = 16 * 1024  # list and ack requests are small envelopes
+# Slowest upload taken: 16 KiB/s (128 kbit/s, a poor mobile uplink) on average; a 256 MiB item then
+# has 4.5 h. A trickle below it would hold a socket and a quota reservation for nothing.
+MIN_UPLOAD_BYTES_PER_S = 16 * 1024
 
 
 @dataclass(frozen=True)
@@ -40,22 +45,30 @@ class Limits:
     sender_items: int = 1000
     recipient_bytes: int = 1 << 30  # waiting for one recipient
     ttl_ms: int = 7 * 24 * 3600 * 1000  # an undelivered item is deleted after a week
+    total_bytes: int = 50 << 30  # stored in all: many identities together cannot fill the disk
+
+    def caps(self) -> Caps:
+        return Caps(self.sender_items, self.sender_bytes, self.recipient_bytes, self.total_bytes)
 
 
 STATUS = {"unregistered": 403, "revoked": 403, "not_sender": 403, "too_large": 413, "over_quota": 429,
           "exists": 409, "incomplete": 400, "not_found": 404, "bad_recipient": 400, "dc_unreachable": 503,
-          "busy": 409}
+          "busy": 409, "cs_full": 507, "stalled": 408}
 
 CS = web.AppKey("cs", object)
 METRICS = web.AppKey("metrics", Metrics)
 
 
 class CacheServer:
-    def __init__(self, store: Store, link: DcLink, public_url: str, limits: Limits = Limits()) -> None:
+    def __init__(self, store: Store, link: DcLink, public_url: str, limits: Limits = Limits(),
+                 idle_timeout_s: float = service.HTTP_IDLE_TIMEOUT_S) -> None:
+        """`idle_timeout_s`: how long an upload may pause (and an HTTP connection idle)."""
         self.store, self.link, self.url, self.limits = store, link, public_url.rstrip("/"), limits
+        self.idle_timeout_s = idle_timeout_s
         self.guard = envelope.ReplayGuard()
         self.tasks = service.BackgroundTasks()
         self.uploading: set[bytes] = set()  # item IDs streaming in now (a second upload of one is refused)
+        self.ledger = Ledger(limits.caps())  # what the uploads in flight have reserved
         self.counters = {"uploads": 0, "downloads": 0, "confirmations": 0, "expired": 0, "refused": 0,
                          "bytes_in": 0, "bytes_out": 0}
 
@@ -134,25 +147,25 @@ async def handle_put(request: web.Request) -> web.Response:
     lim = cs.limits
     if size > lim.max_item_bytes:
         raise CsError("too_large", f"item of {size} bytes; this CS takes at most {lim.max_item_bytes}")
-    n, used = cs.store.sender_usage(env.sender)
-    if n + 1 > lim.sender_items or used + size > lim.sender_bytes:
-        raise CsError("over_quota", f"sender quota: {n} items, {used} bytes stored of {lim.sender_items} items, "
-                      f"{lim.sender_bytes} bytes")
     for r in header.wraps:
         try:
             await cs.link.check(r)
         except CsError as exc:
             raise CsError("bad_recipient", f"recipient: {exc}") from None
-        if cs.store.recipient_usage(r) + size > lim.recipient_bytes:
-            raise CsError("over_quota", f"recipient {keys.checksum(r)} already has {lim.recipient_bytes} bytes waiting")
     if header.item in cs.uploading or cs.store.exists(header.item):
         raise CsError("exists", f"item {header.item.hex()} is already stored or being uploaded")
+    # Reserved before a byte is stored, with nothing awaited between the usage read and the
+    # reservation: concurrent uploads are checked against each other (issue 29 item 6).
+    n, used = cs.store.sender_usage(env.sender)
+    stored = Stored(n, used, {r: cs.store.recipient_usage(r) for r in header.wraps}, cs.store.count()[1])
+    source = None if service.from_admin(request) else source_prefix(request.remote or "")
+    reservation = cs.ledger.reserve(env.sender, tuple(header.wraps), source, size, stored, time.monotonic())
     cs.uploading.add(header.item)
     part = cs.store.partial(header.item)
     try:
         got = 0
         with open(part, "wb") as fh:
-            async for chunk in request.content.iter_chunked(READ_CHUNK):
+            async for chunk in body_chunks(request.content, size, cs.idle_timeout_s):
                 got += len(chunk)
                 if got > size:
                     raise CsError("incomplete", f"more than the announced {size} bytes")
@@ -168,6 +181,7 @@ async def handle_put(request: web.Request) -> web.Response:
         raise
     finally:
         cs.uploading.discard(header.item)
+        cs.ledger.release(reservation)  # indexed (the store counts it) or failed (nothing kept)
     cs.counters["uploads"] += 1
     cs.counters["bytes_in"] += size
     log.info("stored item %s from %s: %d bytes for %d recipients", header.item.hex(), keys.checksum(env.sender),
@@ -177,6 +191,24 @@ async def handle_put(request: web.Request) -> web.Response:
                                    sender=keys.checksum(env.sender), size=size, created=now)
         cs.tasks.spawn(cs.link.notify(notice))
     return web.json_response({"item": header.item.hex(), "size": size, "expires": now + lim.ttl_ms}, status=201)
+
+
+async def body_chunks(content: StreamReader, size: int, idle_s: float):
+    """An upload's body, READ_CHUNK at a time. It must never pause for `idle_s` (the DC's and RS's
+    HTTP idle limit) and must be all in by that plus `size` at MIN_UPLOAD_BYTES_PER_S, else it is
+    refused `stalled`: a slow or trickling upload cannot hold a socket, a reservation and a file
+    for long."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + idle_s + size / MIN_UPLOAD_BYTES_PER_S
+    while True:
+        try:
+            chunk = await asyncio.wait_for(content.read(READ_CHUNK), min(idle_s, deadline - loop.time()))
+        except asyncio.TimeoutError:
+            raise CsError("stalled", f"the upload stalled (a pause of {idle_s:g} s, or under "
+                          f"{MIN_UPLOAD_BYTES_PER_S} bytes/s)") from None
+        if not chunk:
+            return
+        yield chunk
 
 
 def _listing(item) -> dict:

@@ -89,10 +89,15 @@ def daemon_parser(prog: str, description: str, chain_required: bool) -> argparse
                    help="Ethereum JSON-RPC URL of the chain; repeat for fallbacks (the first, your own node, "
                    "is preferred; the next is used when it fails)")
     p.add_argument("--deployment", type=Path, required=chain_required, help="deployment JSON written by scripts/deploy.py")
-    p.add_argument("--http-idle-timeout", type=float, metavar="S",
-                   help=f"close HTTP connections idle or stalled this long (default {HTTP_IDLE_TIMEOUT_S:.0f} s)")
+    idle_timeout_arg(p)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
+
+
+def idle_timeout_arg(p: argparse.ArgumentParser) -> None:
+    """--http-idle-timeout, for every HTTP daemon (the CS has a parser of its own)."""
+    p.add_argument("--http-idle-timeout", type=float, metavar="S",
+                   help=f"close HTTP connections idle or stalled this long (default {HTTP_IDLE_TIMEOUT_S:.0f} s)")
 
 
 class LockHeld(NtmError):

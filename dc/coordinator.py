@@ -27,7 +27,7 @@ from dc.submitter import Submitter
 from ntm import envelope, keys, messages
 from ntm.clock import SYSTEM, Clock
 from ntm.errors import NtmError
-from ntm.ratelimit import Buckets, TokenBucket
+from ntm.ratelimit import Buckets, Concurrency, RisingCost, TokenBucket, source_prefix
 from ntm.registration import RegistrationError, RegistrationRequest, check_request
 from ntm.registry import RegistryView
 
@@ -45,6 +45,17 @@ RATE_SOURCES_KEPT = 10_000  # sources remembered (least recently seen forgotten 
 # are refused with over_budget; an operator raises it with more ETH to spend (Coordinator args).
 NEW_NODES_PER_HOUR = 1000.0
 NEW_NODES_BURST = 200.0
+# New identities from one source network (ratelimit.source_prefix: a /24 or /56) cost 1, 2, 4, 8 …
+# tokens of its own 16-token bucket (refilled 16 per hour), the count halving every hour: a household
+# registers 4 devices at once, while 20 networks' sybil burst takes 80 of the 200, not all of them.
+NEW_NODE_TOKENS_PER_SOURCE = 16.0
+NEW_NODE_COST_HALF_LIFE_S = 3600.0
+# Whois lookups one source address may make: a burst of 50 (a CS checking a crowd of uploaders,
+# a CLI), then 5 per second. Each may cost a signed federation call to the node's home DC.
+WHOIS_PER_SOURCE = (5.0, 50.0)
+# Session WebSockets one source address may hold before they authenticate: a NAT with a few nodes
+# reconnecting at once needs a handful (auth takes one round trip); a flood is refused with 429.
+SESSIONS_UNAUTHENTICATED_PER_SOURCE = 8
 
 
 class Coordinator:
@@ -95,6 +106,10 @@ class Coordinator:
         cache.on_revoked = self.presence.revoke  # a revocation from the chain ends the session here
         self.source_rate = Buckets(*REGISTRATIONS_PER_SOURCE, max_keys=RATE_SOURCES_KEPT)
         self.new_node_budget = TokenBucket(new_nodes_per_hour / 3600, new_nodes_burst)
+        self.new_node_cost = RisingCost(NEW_NODE_TOKENS_PER_SOURCE / 3600, NEW_NODE_TOKENS_PER_SOURCE,
+                                        NEW_NODE_COST_HALF_LIFE_S, RATE_SOURCES_KEPT)
+        self.whois_rate = Buckets(*WHOIS_PER_SOURCE, max_keys=RATE_SOURCES_KEPT)
+        self.unauthenticated = Concurrency(SESSIONS_UNAUTHENTICATED_PER_SOURCE)
         self._node_locks: dict[bytes, asyncio.Lock] = {}
         self._node_users: dict[bytes, int] = {}
         self.counters = {"registrations_accepted": 0, "registrations_refused": 0, "registrations_rate_limited": 0,
@@ -143,9 +158,8 @@ class Coordinator:
             latest, revoked = self.latest(req.record.node)
             try:
                 check_request(req, self.address, self.registry.domain, self.clock.wall_ms(), latest, revoked)
-                if latest == 0 and not self.new_node_budget.take(self.clock.now()):
-                    raise RegistrationError("over_budget", "this DC's gas budget for new nodes is spent for now; "
-                                            "retry later or register at another DC")
+                if latest == 0:
+                    self._charge_new_node(source)
             except RegistrationError as exc:
                 self.counters["registrations_refused"] += 1
                 log.info("registration of %s (ts %d) refused: %s: %s", keys.checksum(req.record.node),
@@ -172,6 +186,17 @@ class Coordinator:
             if state == "confirmed":
                 self.metrics.registration_confirmed.observe(self.clock.now() - started)
         return result
+
+    def _charge_new_node(self, source: str | None) -> None:
+        """A never-seen identity costs its source network a rising price (RisingCost), then one
+        unit of the DC's shared gas budget; refused with rate_limited or over_budget."""
+        now = self.clock.now()
+        if source is not None and not self.new_node_cost.take(source_prefix(source), now):
+            raise RegistrationError("rate_limited", "too many new identities from this network; retry in an hour "
+                                    "or register at another DC")
+        if not self.new_node_budget.take(now):
+            raise RegistrationError("over_budget", "this DC's gas budget for new nodes is spent for now; "
+                                    "retry later or register at another DC")
 
     def local_info(self, node: bytes) -> messages.NodeInfo | None:
         """What this DC knows of a node it is home to (for federation answers and whois)."""

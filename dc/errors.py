@@ -18,3 +18,8 @@ class DirectionError(CodedError):
     its node stops following it."""
 
     abandoned: bytes | None = None
+
+
+class SourceLimited(CodedError):
+    """An unauthenticated request beyond its source's limit (code rate_limited): refused with 429
+    before any work (whois, session WebSockets; registrations have their own RegistrationError)."""

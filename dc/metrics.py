@@ -70,6 +70,8 @@ class DcMetrics(Metrics):
         self.gauge("gas_low_below_wei", "balance under which health says gas low", chain.low_gas_threshold)
         self.gauge("chain_ok", "1 when the chain is reachable and caught up", lambda: int(report()["chain"] == "ok"))
         self.gauge("dc_active", "1 when this DC is active in the registry", lambda: int(c.cache.is_active_dc(c.address)))
+        self.gauge("new_node_budget", "new identities the gas budget allows right now (over all sources)",
+                   lambda: int(c.new_node_budget.available(c.clock.now())))
         self.counters(lambda: {**c.counters, **c.signaling.counters, **c.notices.counters, **c.groups.counters,
                                "chain_tx_sent": c.submitter.sent_tx, "chain_failures": c.submitter.failures,
                                "outbox_reopened": c.submitter.reopened, "chain_rollbacks": c.cache.rollbacks,

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import os
 import time
+from typing import Callable
 
 from aiohttp import WSMsgType, web
 
@@ -18,7 +19,7 @@ from daemon.metrics import CONTENT_TYPE
 from dc import dashboard
 from dc.chainstatus import ChainStatus
 from dc.coordinator import Coordinator
-from dc.errors import DirectionError, NodeLookupError
+from dc.errors import DirectionError, NodeLookupError, SourceLimited
 from dc.federation import FederationError
 from dc.groups import STATUS as GROUP_STATUS, GroupRefused
 from ntm import keys, messages, session_auth
@@ -71,6 +72,8 @@ def error_for(exc: Exception) -> tuple[int, dict]:
     elif isinstance(exc, NodeLookupError):
         status = {"unknown_node": 404, "wrong_dc": 409, "too_many_notices": 429}.get(exc.code, 502)
         code, message = exc.code, str(exc)
+    elif isinstance(exc, SourceLimited):
+        status, code, message = 429, exc.code, str(exc)
     elif isinstance(exc, FederationError):
         status, code, message = 502, "federation", str(exc)
     elif isinstance(exc, GroupRefused):
@@ -115,10 +118,14 @@ async def handle_dcs(request: web.Request) -> web.Response:
 @ROUTES.post("/v1/register")
 async def handle_register(request: web.Request) -> web.Response:
     req, wait = parse_request(await service.read_json(request))
-    # The operator's own networks (--admin-allow, default loopback) are not rate-limited per
-    # source: a provisioning host registers many nodes. The gas budget still applies.
-    source = None if service.from_admin(request) else request.remote
-    return reply(await request.app[COORDINATOR].register(req, wait, source=source))
+    return reply(await request.app[COORDINATOR].register(req, wait, source=limited_source(request)))
+
+
+def limited_source(request: web.Request) -> str | None:
+    """The client's address for the per-source limits, None when it is exempt: the operator's own
+    networks (--admin-allow, default loopback) are not limited per source (a provisioning host
+    registers many nodes, its CS looks many up). The gas budget still applies to them."""
+    return None if service.from_admin(request) else request.remote
 
 
 @ROUTES.get("/v1/nodes/{node}")
@@ -127,7 +134,11 @@ async def handle_whois(request: web.Request) -> web.Response:
         node = keys.parse_node_id(request.match_info["node"])
     except ValueError as exc:
         raise ParseError(str(exc)) from None
-    info, _ = await request.app[COORDINATOR].lookup(node)
+    c = request.app[COORDINATOR]
+    source = limited_source(request)
+    if source is not None and not c.whois_rate.take(source, c.clock.now()):
+        raise SourceLimited("rate_limited", "too many lookups from this address; retry in a second")
+    info, _ = await c.lookup(node)
     # addresses go only to DCs and, later, in route directions
     info.local_addrs, info.observed, info.observed_alt = [], None, None
     return reply(info)
@@ -191,6 +202,25 @@ async def handle_metrics(request: web.Request) -> web.Response:
 async def handle_session(request: web.Request) -> web.WebSocketResponse:
     """Node session: challenge → signed answer → welcome with keepalive token → pushes."""
     c = request.app[COORDINATOR]
+    source = limited_source(request)
+    if source is not None and not c.unauthenticated.acquire(source):
+        raise SourceLimited("rate_limited", "too many unauthenticated sessions from this address")
+    held = [source is not None]
+
+    def authenticated() -> None:
+        """The session answered its challenge (or ended): its unauthenticated slot is free."""
+        if held[0]:
+            held[0] = False
+            c.unauthenticated.release(source)
+
+    try:
+        return await session(request, c, authenticated)
+    finally:
+        authenticated()
+
+
+async def session(request: web.Request, c: Coordinator, authenticated: Callable[[], None]) -> web.WebSocketResponse:
+    """The session once admitted; `authenticated()` is called once the node proved its key."""
     ws = web.WebSocketResponse(heartbeat=NODE_HEARTBEAT_S, max_msg_size=MAX_BODY)
     await ws.prepare(request)
 
@@ -207,6 +237,7 @@ async def handle_session(request: web.Request) -> web.WebSocketResponse:
         node = keys.parse_node_id(auth.node)
         session_auth.verify(node, c.address, challenge, bytes.fromhex(auth.signature))
         local = tuple(format_endpoint(*parse_endpoint(a)) for a in auth.local_addrs)
+        authenticated()
     except (asyncio.TimeoutError, NtmError) as exc:
         await send(messages.SessionError("auth_failed", f"session refused: {exc}"))
         await ws.close()

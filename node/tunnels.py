@@ -25,7 +25,7 @@ from ntm import envelope, keys, messages
 from ntm.addr import parse_endpoint
 from ntm.clock import Clock
 from ntm.errors import NtmError, ParseError, SignatureError
-from ntm.ratelimit import Buckets, TokenBucket
+from ntm.ratelimit import FairShare
 from ntm.tunnel import RelayInfo
 
 log = logging.getLogger("ntm.node")
@@ -46,9 +46,16 @@ RECOVERY_GIVE_UP_S = 60.0
 AskDirection = Callable[[bytes, "str | None", "bytes | None"], Awaitable[bytes]]
 # Directions a node serves for tunnels peers ask for (the peer's DC may be told to send many):
 # per peer a burst of 8 then one per 2 s (a few tunnels and their repairs), and 64 then 16/s in
-# all. Beyond that a direction is refused (peer_busy) before any handshake (counted in `refused`).
+# all, shared fairly. Beyond that a direction is refused (peer_busy) before any handshake
+# (counted in `refused`).
 PEER_DIRECTIONS = (0.5, 8.0)
 ALL_DIRECTIONS = (16.0, 64.0)
+# The 64-then-16/s is shared fairly (ratelimit.FairShare): each peer that asked within the last
+# 16 s (a per-peer bucket's refill time) gets at most its share of it, and always a burst of one,
+# so a crowd of identities flooding a node cannot starve a peer that asks once. The hard ceiling
+# over all peers (CPU) is twice that, never reached by the crowd's shares alone.
+DIRECTIONS_ACTIVE_S = 16.0
+DIRECTIONS_CAP = (32.0, 128.0)
 # Peers whose direction rate is remembered (least recently seen forgotten first).
 RATE_PEERS_KEPT = 4096
 # Inbound policy: may this peer open a tunnel to us? (The daemon's allow list; default: anyone.)
@@ -116,8 +123,7 @@ class Tunnels:
         self.admit = admit
         self.udp_ok = udp_ok  # False: our network lets no UDP out, reach relays over TCP (§8.4)
         self.refused = 0  # directions from peers the policy does not admit, or beyond the rates
-        self._peer_rate = Buckets(*PEER_DIRECTIONS, max_keys=RATE_PEERS_KEPT)
-        self._all_rate = TokenBucket(*ALL_DIRECTIONS)
+        self._rate = FairShare(PEER_DIRECTIONS, ALL_DIRECTIONS, DIRECTIONS_CAP, DIRECTIONS_ACTIVE_S, RATE_PEERS_KEPT)
         self._refusals = LogLimiter(log, "tunnels from peers", 10.0, clock.now)
         self.endpoint = endpoint
         self.clock = clock
@@ -227,7 +233,7 @@ class Tunnels:
         now = self.clock.now()
         if not self.admit(peer):
             code, why = "not_allowed", "not on the allow list"
-        elif not (self._peer_rate.take(peer, now) and self._all_rate.take(now)):
+        elif not self._rate.take(peer, now):
             code, why = "peer_busy", "too many directions"
         else:
             return None

@@ -61,12 +61,13 @@ class Reach:
 
     def verified_candidates(self, peer: "Reach") -> tuple[list[str], list[str]]:
         """candidates() split into what the DC verified and at most MAX_UNVERIFIED_CANDIDATES
-        others. Verified: the observed mapping (the DC received from it), and the local addresses
-        too when both nodes share one public IP (provably one network: the LAN comes first)."""
-        same_nat = self.observed and peer.observed and _ip(self.observed) == _ip(peer.observed)
+        others. Verified: only the observed mapping (the DC received from it). A shared public IP
+        proves nothing (carrier-grade NAT, one office NAT: the attacker may share the victim's), so
+        local addresses stay unverified even then; behind one NAT the LAN address comes first and
+        is the one unverified candidate (issue 29 item 8)."""
         verified, unverified = [], []
         for e in self.candidates(peer):
-            (verified if same_nat or e == self.observed else unverified).append(e)
+            (verified if e == self.observed else unverified).append(e)
         return verified, unverified[:MAX_UNVERIFIED_CANDIDATES]
 
 

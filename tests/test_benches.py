@@ -38,8 +38,9 @@ NUMBER = re.compile(r"^-?\d+(\.\d+)?([eE][-+]?\d+)?$")
 METRICS: dict[str, tuple[str, ...]] = {
     "abuse": ("forged_handshake_cpu_us", "replayed_handshake_cpu_us", "junk_datagram_cpu_us",
               "chain_calls_per_random_whois", "chain_calls_per_fresh_key_direction",
-              "keepalive_log_lines_per_1000_forged", "reflection_amplification", "direction_flood_rss_growth_mb",
-              "direction_flood_refused_share"),
+              "keepalive_log_lines_per_1000_forged", "reflection_amplification", "reflection_amplification_shared_ip",
+              "direction_flood_rss_growth_mb", "direction_flood_refused_share",
+              "newcomer_registrations_left_after_sybil", "connect_p99_ms_under_flood", "cs_bytes_over_quota_concurrent"),
     "chain": ("confirmed_p50_ms", "idle_chain_confirmed_ms", "dead_first_rpc_confirmed_p50_ms", "rollback_recovery_s",
               "chain_return_confirm_s"),
     "cli": ("cli_help_s", "cli_id_s", "cli_status_s"),

@@ -4,12 +4,14 @@ Servers; nodes in-process (the daemon's Node with an inbox) and through the `ntm
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sqlite3
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import aiohttp
@@ -167,6 +169,147 @@ async def test_oversized_and_over_quota_uploads(fed):
     finally:
         fed.css[0].stop()
         fed.start_cs(0)  # default limits again, for the other tests
+
+
+# --- limits that hold (issue 29 item 6) -------------------------------------------------------
+IDLE_S = 2.0  # the restarted CS's --http-idle-timeout: the hostile-socket tests wait this, not 15 s
+
+
+# 127.0.0.1 is the operator (exempt from the per-network limits); other loopback addresses are not
+STRICT_CS = ("--sender-quota-mb", "1", "--recipient-quota-mb", "100", "--http-idle-timeout", str(IDLE_S),
+             "--admin-allow", "127.0.0.1/32")
+
+
+@contextlib.asynccontextmanager
+async def strict_cs(fed: DcNet):
+    """CS 0 restarted with a 1 MB sender quota and a 2 s idle limit; default limits again after."""
+    fed.css[0].stop()
+    fed.start_cs(0, STRICT_CS)
+    try:
+        yield fed.cs_url(0)
+    finally:
+        fed.css[0].stop()
+        fed.start_cs(0)
+
+
+def sender_bytes(net: DcNet, i: int, sender) -> int:
+    with sqlite3.connect(net.cs_dir(i) / "cs.sqlite") as db:
+        return db.execute("SELECT coalesce(sum(size), 0) FROM items WHERE sender=?",
+                          (keys.node_id_of(sender),)).fetchone()[0]
+
+
+async def concurrent_uploads(fed: DcNet, n: int = 12, size: int = 300_000) -> tuple[int, Counter]:
+    """One sender starts `n` uploads of `size` bytes at once at CS 0 (quota 1 MB): the bytes it
+    then has stored, and the uploads' outcomes."""
+    sender, bob = await registered(fed, 0), await registered(fed, 0)
+
+    async def one() -> str:
+        try:
+            await upload(fed, 0, sender, [bob], os.urandom(size))
+            return "stored"
+        except CsClientError as exc:
+            return exc.code
+
+    outcomes = Counter(await asyncio.gather(*(one() for _ in range(n))))
+    return sender_bytes(fed, 0, sender), outcomes
+
+
+async def test_concurrent_uploads_by_one_sender_stay_within_its_quota(fed):
+    """Adversary: one identity starting 12 uploads of 300 kB at once against a 1 MB quota (each
+    passed the check alone and 4.8× the quota was stored). Each upload reserves its size before a
+    byte is stored: 3 are stored, 9 refused over_quota, nothing beyond the quota is on disk."""
+    async with strict_cs(fed):
+        stored, outcomes = await concurrent_uploads(fed)
+        blobs = {p.name for p in (fed.cs_dir(0) / "blobs").iterdir()}
+    assert stored <= 1 << 20 and outcomes["stored"] >= 3 and outcomes["over_quota"] == 12 - outcomes["stored"]
+    assert not any(name.endswith(".part") for name in blobs)
+
+
+async def test_slow_bodies_and_slowloris_headers_are_cut_off(fed):
+    """Adversary: an upload that sends 1 kB then pauses, and a client sending its headers a line
+    every 0.5 s (slowloris). Each is cut off after the idle limit (2 s here, 15 s by default, as at
+    the DC and RS); the stalled upload leaves no file and gives its reservation back, so the sender
+    then uploads its whole quota."""
+    async with strict_cs(fed) as url:
+        sender, bob = await registered(fed, 0), await registered(fed, 1)
+        sealer = seal.Sealer(sender, {keys.node_id_of(bob): keys.public_bytes(bob)}, seal.Meta("t", "s", "1", "n"),
+                             int(time.time() * 1000))
+        auth = envelope.seal(sender, messages.CS_PUT, {"header": sealer.header.to_json(), "size": 900_000},
+                             int(time.time() * 1000))
+
+        async def trickle():
+            yield b"\0" * 1000
+            await asyncio.sleep(30)
+
+        t0 = time.monotonic()
+        async with aiohttp.ClientSession() as http:
+            try:
+                async with http.put(url + "/v1/items", data=trickle(),
+                                    headers={"X-NTM-Auth": json.dumps(auth)}) as r:
+                    status = r.status
+            except aiohttp.ClientError:
+                status = 0  # cut off before an answer could be read: as good
+        assert time.monotonic() - t0 < IDLE_S + 5 and status in (0, 408)
+        assert not list((fed.cs_dir(0) / "blobs").glob("*.part"))
+        await upload(fed, 0, sender, [bob], os.urandom(900_000))  # its reservation was given back
+
+        host, port = url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: cs\r\n")
+        t0 = time.monotonic()
+        closed = None
+        while time.monotonic() - t0 < IDLE_S + 10:
+            try:
+                writer.write(b"X-Slow: 1\r\n")
+                await writer.drain()
+                if await asyncio.wait_for(reader.read(100), 0.5) == b"":
+                    closed = time.monotonic() - t0
+                    break
+            except asyncio.TimeoutError:
+                continue
+            except (ConnectionError, OSError):
+                closed = time.monotonic() - t0
+                break
+        writer.close()
+        assert closed is not None and closed < IDLE_S + 5, closed
+
+
+async def test_one_network_has_four_uploads_at_once(fed):
+    """Adversary: five identities behind one network (127.77.0.0/24, not the operator's) each
+    starting an upload that trickles. Four are taken, the fifth is refused `busy` at once; another
+    network uploads meanwhile, and the network uploads again once its uploads have ended."""
+    async with strict_cs(fed) as url:
+        bob = await registered(fed, 0)
+        senders = [await registered(fed, 0) for _ in range(5)]
+
+        def put(http: aiohttp.ClientSession, sender, body) -> asyncio.Task:
+            sealer = seal.Sealer(sender, {keys.node_id_of(bob): keys.public_bytes(bob)},
+                                 seal.Meta("t", "s", "1", "n"), int(time.time() * 1000))
+            auth = envelope.seal(sender, messages.CS_PUT, {"header": sealer.header.to_json(), "size": 10_000},
+                                 int(time.time() * 1000))
+
+            async def go() -> int:
+                try:
+                    async with http.put(url + "/v1/items", data=body, headers={"X-NTM-Auth": json.dumps(auth)}) as r:
+                        return r.status
+                except aiohttp.ClientError:
+                    return 0
+            return asyncio.create_task(go())
+
+        async def trickle():
+            yield b"\0" * 1000
+            await asyncio.sleep(IDLE_S / 2)  # within the idle limit: the upload stays open a while
+
+        def from_ip(ip: str) -> aiohttp.ClientSession:
+            return aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=(ip, 0)))
+
+        async with from_ip("127.77.0.1") as a, from_ip("127.77.0.2") as b, from_ip("127.78.0.1") as other:
+            held = [put(a if i % 2 else b, s, trickle()) for i, s in enumerate(senders[:4])]
+            await asyncio.sleep(0.5)
+            assert await put(a, senders[4], b"\0" * 10_000) == 409  # busy: the network's 4 are open
+            assert await put(other, senders[4], b"\0" * 10_000) == 201  # another network: stored
+            await asyncio.gather(*held)
+            assert await put(a, senders[4], b"\0" * 10_000) == 201  # the network's slots are free again
 
 
 async def test_an_acknowledged_item_survives_kill_9_of_the_cs(fed, tmp_path):

@@ -238,19 +238,26 @@ async def test_registrations_are_limited_per_source_and_by_the_gas_budget(fed):
 
     dc.new_node_budget = TokenBucket(0.0, 1000)
     burst = int(REGISTRATIONS_PER_SOURCE[1])
-    codes = []
-    for _ in range(burst + 5):
-        fed.clock.advance(0.01)
-        req = RegistrationRequest.signed(keys.generate(), dc.info(), fed.clock.wall_ms(), ())
-        try:
-            await dc.register(req, False, source="203.0.113.9")
-            codes.append("ok")
-        except RegistrationError as exc:
-            codes.append(exc.code)
-    assert codes == ["ok"] * burst + ["rate_limited"] * 5
-    fed.clock.advance(0.01)  # another source is not affected
-    await dc.register(RegistrationRequest.signed(keys.generate(), dc.info(), fed.clock.wall_ms(), ()), False,
-                      source="203.0.113.10")
+
+    async def codes(source: str, known: list | None, n: int) -> list[str]:
+        """n registrations from `source`: updates of `known` nodes, or fresh identities."""
+        out = []
+        for i in range(n):
+            fed.clock.advance(0.01)
+            key = known[i % len(known)] if known else keys.generate()
+            try:
+                await dc.register(RegistrationRequest.signed(key, dc.info(), fed.clock.wall_ms(), ()), False,
+                                  source=source)
+                out.append("ok")
+            except RegistrationError as exc:
+                out.append(exc.code)
+        return out
+
+    # any registration: a burst per source address, then its rate
+    assert await codes("203.0.113.9", keys_[:3], burst + 5) == ["ok"] * burst + ["rate_limited"] * 5
+    # new identities: 1, 2, 4, 8 tokens of the source network's 16 (another address of it shares them)
+    assert await codes("198.51.100.1", None, 3) + await codes("198.51.100.2", None, 3) == ["ok"] * 4 + ["rate_limited"] * 2
+    assert await codes("192.0.2.1", None, 1) == ["ok"]  # another network is not affected
 
 
 @pytest.mark.parametrize("case", ["self", "unknown_node", "offline", "revoked"])

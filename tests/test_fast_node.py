@@ -259,7 +259,7 @@ async def test_a_node_whose_nat_rebound_redirects_from_its_new_mapping(pair):
 def test_a_node_serves_a_bounded_number_of_directions_per_peer_and_in_all():
     """Reflection bound (issue 11 item 1): directions a peer asked for are served up to a burst
     per peer and in all, then refused before any handshake; refusals are counted."""
-    from node.tunnels import ALL_DIRECTIONS, PEER_DIRECTIONS, Tunnels
+    from node.tunnels import DIRECTIONS_CAP, PEER_DIRECTIONS, Tunnels
 
     clock = FakeClock()
     t = Tunnels(b"\x01" * 20, None, clock, None, None)  # type: ignore[arg-type]
@@ -268,8 +268,8 @@ def test_a_node_serves_a_bounded_number_of_directions_per_peer_and_in_all():
     assert [t._refusal(peer) for _ in range(burst + 1)] == [None] * burst + ["peer_busy"]
     clock.advance(1 / PEER_DIRECTIONS[0])
     assert t._refusal(peer) is None and t._refusal(peer) == "peer_busy"
-    others = [t._refusal(bytes([3, i]) + b"\0" * 18) for i in range(int(ALL_DIRECTIONS[1]))]
-    assert others[0] is None and others[-1] == "peer_busy"  # the node-wide bucket ran out
+    others = [t._refusal(i.to_bytes(2, "big") + b"\0" * 18) for i in range(3 * 256, 3 * 256 + int(DIRECTIONS_CAP[1]))]
+    assert others[0] is None and others[-1] == "peer_busy"  # the node-wide ceiling ran out
     assert t.refused == 2 + len(others) - others.count(None)
     t.admit = lambda p: p != peer
     assert t._refusal(peer) == "not_allowed"  # the allow list first: no token taken

@@ -54,15 +54,15 @@ def test_candidates_keep_the_peers_family():
     assert dual.candidates(V6_B) == ["[2001:db8:0:1::40]:4330"]
 
 
-def test_only_observed_addresses_are_verified_unless_both_share_a_public_ip():
-    """Reflection bound (issue 11 item 1): a node's announced local addresses are passed on as
-    verified only when both nodes share one public IP (one network); otherwise only its observed
-    mapping is, plus at most one unverified address."""
+def test_only_observed_addresses_are_verified_even_behind_a_shared_public_ip():
+    """Reflection bound (issue 11 item 1, issue 29 item 8): a node's announced local addresses are
+    never verified, only its observed mapping, plus at most one unverified address. The attacker
+    sharing its victim's public IP (carrier-grade NAT, one office NAT) gains nothing: its LAN
+    address comes first but stays the one unverified candidate."""
     liar = Reach(("10.1.0.2:4330", "203.0.113.5:53", "203.0.113.6:53", "203.0.113.7:53"), "198.18.0.11:5000")
     assert liar.verified_candidates(EIM_B) == (["198.18.0.11:5000"], ["10.1.0.2:4330"])
     same_nat = Reach(("10.1.0.3:4330",), "198.18.0.11:6000")
-    verified, unverified = liar.verified_candidates(same_nat)
-    assert verified == liar.candidates(same_nat) and unverified == []
+    assert liar.verified_candidates(same_nat) == (["198.18.0.11:5000"], ["10.1.0.2:4330"])
     dual = Reach(("198.18.0.20:4330", "[2001:db8:0:1::40]:4330"), "198.18.0.20:4330")
     assert dual.verified_candidates(V6_B) == ([], ["[2001:db8:0:1::40]:4330"])  # unobserved family
     assert Reach(("10.3.0.2:4330",)).verified_candidates(EIM_B) == ([], ["10.3.0.2:4330"])

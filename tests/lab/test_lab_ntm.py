@@ -58,6 +58,25 @@ def test_nat_type_grid(fed, results):
     assert slow[len(slow) // 2] < 150, slow
 
 
+def test_two_nodes_behind_one_nat_go_direct_over_the_lan(fed):
+    """Two nodes behind one EIM NAT (one public IP, no hairpin). Their LAN addresses are only
+    announced, never verified by a shared public IP (an attacker may share it: issue 29 item 8),
+    so each gets the other's as its one unverified candidate, tried once: on a LAN that is enough,
+    and every fresh tunnel still goes direct over the LAN."""
+    lab = fed.lab
+    site = lab.add_site("lan1", "eim")
+    a = fed.node(site.host, dc=0)
+    b_host = lab.add_host("lan1b", site)
+    b = fed.node(b_host, dc=1)
+    for _ in range(5):
+        ta, tb = open_tunnel(a, b)
+        ex = a.call("exchange", tunnel=ta["tunnel"], count=2)
+        assert ta["kind"] == "punch" and ta["via"] != "relay", ta
+        assert ip_of(ex["peer_addr"]) == b_host.addr4, ex
+        a.call("close", tunnel=ta["tunnel"])
+        b.call("close", tunnel=tb["tunnel"])
+
+
 # ----------------------------------------------------------------------------------- mobility
 def run_transfer(sender, receiver, tunnel_s, tunnel_r, moves, chunks=3000, size=1000, rate=1000.0):
     """Start a reliable transfer, run `moves` [(at_s, fn)], wait; both sides' results."""

@@ -1,0 +1,67 @@
+"""The Cache Server's quota ledger (cs/quota.py), pure and fast (issue 29 item 6)."""
+
+from __future__ import annotations
+
+import pytest
+
+from cs.dclink import CsError
+from cs.quota import SOURCE_BYTES_PER_HOUR, SOURCE_UPLOADS_AT_ONCE, Caps, Ledger, Stored
+
+SENDER, OTHER, BOB, CAROL = b"s" * 20, b"o" * 20, b"b" * 20, b"c" * 20
+CAPS = Caps(sender_items=100, sender_bytes=1000, recipient_bytes=1500, total_bytes=3000)
+NOTHING = Stored(0, 0, {}, 0)
+
+
+def code(fn) -> str:
+    with pytest.raises(CsError) as exc:
+        fn()
+    return exc.value.code
+
+
+def test_concurrent_uploads_are_checked_against_each_other():
+    """Adversary: one sender starting 12 uploads at once, each within its quota alone (they stored
+    4.8× the quota when each was checked against the store only)."""
+    ledger = Ledger(CAPS)
+    got = []
+    for _ in range(12):
+        try:
+            got.append(ledger.reserve(SENDER, (BOB,), None, 300, NOTHING, 0.0))
+        except CsError as exc:
+            assert exc.code == "over_quota"
+    assert len(got) == 3 and sum(r.size for r in got) <= CAPS.sender_bytes
+    ledger.release(got[0])  # a failed upload gives its share back
+    assert ledger.reserve(SENDER, (BOB,), None, 300, NOTHING, 0.0)
+
+
+def test_stored_and_reserved_add_up_per_party_and_in_all():
+    ledger = Ledger(CAPS)
+    assert code(lambda: ledger.reserve(SENDER, (BOB,), None, 300, Stored(0, 800, {}, 0), 0.0)) == "over_quota"
+    assert code(lambda: ledger.reserve(SENDER, (BOB,), None, 300, Stored(100, 0, {}, 0), 0.0)) == "over_quota"
+    ledger.reserve(OTHER, (BOB,), None, 1000, NOTHING, 0.0)
+    assert code(lambda: ledger.reserve(SENDER, (CAROL, BOB), None, 600, NOTHING, 0.0)) == "over_quota"  # bob's
+    assert code(lambda: ledger.reserve(SENDER, (CAROL,), None, 900, Stored(0, 0, {}, 1200), 0.0)) == "cs_full"
+    assert ledger.sender_bytes == {OTHER: 1000} and ledger.total_bytes == 1000  # refusals reserve nothing
+
+
+def test_release_forgets_parties_with_nothing_in_flight():
+    ledger = Ledger(CAPS)
+    r = ledger.reserve(SENDER, (BOB, CAROL), "203.0.113.0/24", 10, NOTHING, 0.0)
+    ledger.release(r)
+    assert not ledger.sender_items and not ledger.sender_bytes and not ledger.recipient_bytes
+    assert ledger.total_bytes == 0 and ledger.uploads.held("203.0.113.0/24") == 0
+
+
+def test_a_source_network_has_its_uploads_at_once_and_its_byte_rate():
+    """Adversary: many identities behind one network uploading together."""
+    ledger = Ledger(Caps(10**6, 1 << 40, 1 << 40, 1 << 42))
+    src = "203.0.113.0/24"
+    held = [ledger.reserve(bytes([i]) * 20, (BOB,), src, 1, NOTHING, 0.0) for i in range(SOURCE_UPLOADS_AT_ONCE)]
+    assert code(lambda: ledger.reserve(b"x" * 20, (BOB,), src, 1, NOTHING, 0.0)) == "busy"
+    assert ledger.reserve(b"x" * 20, (BOB,), "198.51.100.0/24", 1, NOTHING, 0.0)  # another network
+    for r in held:
+        ledger.release(r)
+    big = ledger.reserve(b"y" * 20, (BOB,), src, SOURCE_BYTES_PER_HOUR - 4, NOTHING, 0.0)
+    ledger.release(big)
+    assert code(lambda: ledger.reserve(b"z" * 20, (BOB,), src, 1 << 20, NOTHING, 1.0)) == "busy"
+    assert ledger.uploads.held(src) == 0  # the refused one holds no slot
+    assert ledger.reserve(b"z" * 20, (BOB,), src, 1 << 20, NOTHING, 3600.0)  # refilled an hour later
