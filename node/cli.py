@@ -94,6 +94,8 @@ def parser() -> Parser:
     s = sub.add_parser("up", help="run the node daemon (DC session, tunnels, TUN, DNS) until Ctrl-C or `ntm down`")
     s.add_argument("--tun", metavar="NAME", help="TUN interface name (default ntm0; given: fail if no TUN)")
     s.add_argument("--no-tun", action="store_true", help="no TUN interface: datagram mode (no root needed)")
+    s.add_argument("--no-offload", action="store_true",
+                   help="no TUN offloads: one packet per read and write even where the kernel offers super-packets")
     s.add_argument("--v4-net", type=ipaddress.IPv4Network, default=V4_NET, metavar="CIDR",
                    help=f"virtual IPv4 network; this node is its first address (default {V4_NET})")
     s.add_argument("--path-mtu", type=int, default=PATH_MTU, metavar="BYTES",

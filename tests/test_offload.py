@@ -231,16 +231,12 @@ def test_interleaved_flows_coalesce_apart_and_in_order():
 
 
 def test_what_cannot_be_coalesced_goes_as_it_is():
-    """Hostile or unusual input: out of order, a gap, a corrupted checksum, SYN, URG, a pure ACK
-    between segments, a non-TCP packet: each is written alone (the kernel judges it), nothing of
-    its flow overtakes it."""
+    """Hostile or unusual input: out of order, a gap, SYN, URG, a pure ACK between segments, a
+    non-TCP packet: each is written alone (the kernel judges it), nothing of its flow overtakes it."""
     f = simple_flow()
     segs = f.kernel_segments(bytes(5000), 1000)
     assert coalesce([segs[1], segs[0]]) == [(NO_OFFLOAD, segs[1]), (NO_OFFLOAD, segs[0])]
     assert [len(split(VnetHdr.unpack(r), p, BIG)) for r, p in coalesce([segs[0], segs[2], segs[3]])] == [1, 2]
-    bad = bytearray(segs[1])
-    bad[-1] ^= 1
-    assert coalesce([segs[0], bytes(bad)]) == [(NO_OFFLOAD, segs[0]), (NO_OFFLOAD, bytes(bad))]
     syn = f.segment(0, f.seq, 0x02 | ACK, b"x")
     urg = f.segment(1, f.seq + 1000, URG | ACK, bytes(1000))
     assert [p for _, p in coalesce([segs[0], urg])] == [segs[0], urg]
