@@ -299,3 +299,37 @@ def test_vnet_header_layout():
     assert VnetHdr.unpack(hdr.pack() + b"rest") == hdr
     with pytest.raises(OffloadError):
         VnetHdr.unpack(b"\x01")
+
+
+def test_tun_falls_back_to_a_plain_tun_when_the_kernel_refuses_offloads(monkeypatch):
+    """An old kernel (no TUNSETOFFLOAD, or no USO): the TUN opens anyway, plain or TCP-only, and
+    the refused descriptor is closed; --no-offload never asks."""
+    from node import tun
+
+    calls: list[tuple[str, int]] = []
+    closed: list[int] = []
+    fds = iter(range(100, 110))
+    refuse: set[int] = set()
+
+    def ioctl(fd: int, req: int, arg):
+        calls.append(("iff", struct.unpack_from("H", arg, 16)[0]) if req == tun.TUNSETIFF else ("offload", arg))
+        if req == tun.TUNSETOFFLOAD and arg in refuse:
+            raise OSError(22, "Invalid argument")
+        return b"ntm9".ljust(40, b"\0") if req == tun.TUNSETIFF else 0
+
+    monkeypatch.setattr(tun.os, "open", lambda *a: next(fds))
+    monkeypatch.setattr(tun.os, "close", closed.append)
+    monkeypatch.setattr(tun.fcntl, "ioctl", ioctl)
+    both = tun.TCP_OFFLOADS | tun.UDP_OFFLOADS
+    assert tun._create("ntm9", True)[1:] == (b"ntm9".ljust(40, b"\0"), True, True)
+    refuse.add(both)
+    assert tun._create("ntm9", True)[2:] == (True, False)
+    refuse.add(tun.TCP_OFFLOADS)
+    calls.clear()
+    fd, _, vnet, uso = tun._create("ntm9", True)
+    assert (vnet, uso) == (False, False) and closed == [fd - 1]  # the offloading descriptor went
+    assert calls == [("iff", tun.IFF_TUN | tun.IFF_NO_PI | tun.IFF_VNET_HDR), ("offload", tun.TCP_OFFLOADS),
+                     ("iff", tun.IFF_TUN | tun.IFF_NO_PI)]
+    calls.clear()
+    assert tun._create("ntm9", False)[2:] == (False, False)
+    assert calls == [("iff", tun.IFF_TUN | tun.IFF_NO_PI)]  # --no-offload: plain flags, no offload request
