@@ -1,15 +1,23 @@
 """TUN data plane benchmark: iperf3 through `ntm up` vs wireguard-go on the same path; `metric: value`.
 
-Two public hosts on the lab's internet bridge (one veth each); the federation (anvil, DCs, relay)
-in the lab's server namespace. Both overlays run between the same two namespaces: ours on the
-virtual IPv6 addresses (a direct tunnel), Debian's wireguard-go (userspace, like ours) on
-10.77.0.0/24. ROUNDS interleaved rounds of a single-stream iperf3 TCP test of TEST_S seconds
-each, so machine noise hits both alike.
+Public hosts on the lab's internet bridge (one veth each); the federation (anvil, DCs, relay) in
+the lab's server namespace. `ntm up` with TUN offloads (`--offload`) and Debian's wireguard-go
+(userspace, like ours, on 10.77.0.0/24) run between the same two namespaces, ours on the virtual
+IPv6 addresses (a direct tunnel); `ntm up --no-offload` (the fallback path) runs between two more
+public hosts of the same bridge. ROUNDS interleaved rounds of single-stream iperf3 TCP tests of
+TEST_S seconds each, so machine noise hits all alike.
 
-  tun_tcp_mbps / wireguard_go_tcp_mbps         median over the rounds
-  tun_tcp_ratio_vs_wireguard_go                median of the per-round ratios (target ≥ 1.0)
+  tun_tcp_mbps / tun_tcp_mbps_no_offload /     median over the rounds
+    wireguard_go_tcp_mbps
+  tun_tcp_ratio_vs_wireguard_go                median of the per-round ratios (target ≥ 4)
+  tun_tcp_offload_ratio                        median of per-round offload / no-offload ratios
+  tun_tcp_p4_mbps                              iperf3 -P 4 through `ntm up` (offloads), median
+  veth_tcp_mbps / tun_tcp_ratio_vs_veth        the same hosts without an overlay (the ceiling)
+  tun_relay_tcp_mbps                           a node behind a symmetric NAT to one behind a NAT:
+                                               through the relay (offloads on)
   tun_rtt_ms_p50 / wireguard_go_rtt_ms_p50     ping through each overlay (20 pings, 50 ms apart)
-  tun_cpu_s_per_gb / wireguard_go_cpu_s_per_gb CPU seconds of both ends' daemons per GB carried
+  tun_cpu_s_per_gb (…_no_offload) /            CPU seconds of both ends' daemons per GB carried
+    wireguard_go_cpu_s_per_gb                  (target ≤ 5 with offloads)
   handover_tcp_stall_s                         longest stall of a paced TCP transfer while one
                                                node moves to another NAT (the same connection)
 Needs root; installs iperf3, wireguard-go and wireguard-tools with apt when missing.
@@ -121,14 +129,27 @@ class WireGuard:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def iperf(lab: Lab, client, server_addr: str, seconds: float) -> float:
-    """Mbit/s received by the server in a single-stream TCP test."""
-    r = lab.exec(client, ["iperf3", "-c", server_addr, "-p", str(IPERF_PORT), "-t", str(seconds), "-J"],
-                 timeout=seconds + 30)
-    data = json.loads(r.stdout)
+def iperf(lab: Lab, client, server_addr: str, seconds: float, streams: int = 1) -> float:
+    """Mbit/s received by the server in a TCP test of `streams` parallel streams (asked again
+    while the server still winds down the previous test)."""
+    for _ in range(20):
+        r = lab.exec(client, ["iperf3", "-c", server_addr, "-p", str(IPERF_PORT), "-t", str(seconds), "-P",
+                              str(streams), "-J"], timeout=seconds + 30)
+        data = json.loads(r.stdout)
+        if "busy" not in data.get("error", ""):
+            break
+        time.sleep(0.25)
     if "error" in data:
         raise RuntimeError(f"iperf3 to {server_addr}: {data['error']}")
     return data["end"]["sum_received"]["bits_per_second"] / 1e6
+
+
+def open_tunnel(lab: Lab, host, addr: str) -> None:
+    """Ping until answered (the tunnel opens on demand: a DC round trip and a handshake)."""
+    for _ in range(10):
+        if lab.exec(host, ["ping", "-c", "1", "-W", "3", addr], timeout=10).returncode == 0:
+            return
+    raise RuntimeError(f"no tunnel to {addr}")
 
 
 def ping_p50(lab: Lab, host, addr: str) -> float:
@@ -139,10 +160,10 @@ def ping_p50(lab: Lab, host, addr: str) -> float:
     return statistics.median(rtts)
 
 
-def measure(lab: Lab, a, b, target: str, pids: list[int], seconds: float) -> tuple[float, float]:
+def measure(lab: Lab, a, target: str, pids: list[int], seconds: float, streams: int = 1) -> tuple[float, float]:
     """(Mbit/s, CPU s per GB of both ends' daemons) of one iperf3 run."""
     before = sum(cpu_s(p) for p in pids)
-    mbps = iperf(lab, a, target, seconds)
+    mbps = iperf(lab, a, target, seconds, streams)
     used = sum(cpu_s(p) for p in pids) - before
     gb = mbps * 1e6 * seconds / 8 / 1e9
     return mbps, used / gb if gb else float("nan")
@@ -168,31 +189,55 @@ def main() -> int:
         wg = None
         try:
             ha, hb = lab.add_public_host("tuna"), lab.add_public_host("tunb")
-            b = UpNode(fed, hb, 0, "--accept-any")
-            a = UpNode(fed, ha, 0, "--accept-any")
-            a.cli("alias", "b", b.id)
+            hc, hd = lab.add_public_host("tunc"), lab.add_public_host("tund")
+            b = UpNode(fed, hb, 0, "--accept-any", "--offload")
+            a = UpNode(fed, ha, 0, "--accept-any", "--offload")
+            d = UpNode(fed, hd, 0, "--accept-any", "--no-offload")
+            c = UpNode(fed, hc, 0, "--accept-any", "--no-offload")
+            if not (a.ready["offload"] and b.ready["offload"]) or c.ready["offload"] or d.ready["offload"]:
+                raise RuntimeError("TUN offloads are not on where asked for (or on where not)")
+            rb = UpNode(fed, lab.add_site("rlyb", "eim").host, 0, "--accept-any")  # symmetric ↔ NAT: relayed
+            r = UpNode(fed, lab.add_site("rly", "symmetric").host, 0, "--accept-any")
             wg = WireGuard(lab, [ha, hb])
-            iperf_srv = lab.run(hb, ["iperf3", "-s", "-p", str(IPERF_PORT)], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+            iperf_srvs = [lab.run(h, ["iperf3", "-s", "-p", str(IPERF_PORT)], stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL) for h in (hb, hd, rb.host)]
             time.sleep(0.3)
-            ntm_pids = [a.proc.pid, b.proc.pid]
+            ntm_pids, plain_pids = [a.proc.pid, b.proc.pid], [c.proc.pid, d.proc.pid]
             wg_pids = [pr.pid for pr in wg.procs]
-            metric("tun_rtt_ms_p50", round(ping_p50(lab, ha, b.v6), 3))  # also opens the tunnel
+            for node, peer in ((a, b), (c, d), (r, rb)):
+                node.cli("alias", "b", peer.id)  # the overlay learns the peer's address
+                open_tunnel(lab, node.host, peer.v6)
+            metric("tun_rtt_ms_p50", round(ping_p50(lab, ha, b.v6), 3))
             metric("wireguard_go_rtt_ms_p50", round(ping_p50(lab, ha, WG_NET.format(2)), 3))
-            ours, theirs, ratios, cpu_ours, cpu_theirs = [], [], [], [], []
-            for r in range(args.rounds):
-                m1, c1 = measure(lab, ha, hb, b.v6, ntm_pids, args.seconds)
-                m2, c2 = measure(lab, ha, hb, WG_NET.format(2), wg_pids, args.seconds)
-                ours.append(m1), theirs.append(m2), ratios.append(m1 / m2)
-                cpu_ours.append(c1), cpu_theirs.append(c2)
-                print(f"# round {r + 1}: ntm {m1:.0f} Mbit/s ({c1:.1f} CPU-s/GB), "
-                      f"wireguard-go {m2:.0f} Mbit/s ({c2:.1f} CPU-s/GB)", flush=True)
-            metric("tun_tcp_mbps", round(statistics.median(ours), 1))
-            metric("wireguard_go_tcp_mbps", round(statistics.median(theirs), 1))
-            metric("tun_tcp_ratio_vs_wireguard_go", round(statistics.median(ratios), 3))
-            metric("tun_cpu_s_per_gb", round(statistics.median(cpu_ours), 2))
-            metric("wireguard_go_cpu_s_per_gb", round(statistics.median(cpu_theirs), 2))
-            lab.kill(iperf_srv)
+            rows: dict[str, list[float]] = {k: [] for k in ("ours", "plain", "wg", "ratio", "offload_ratio", "cpu_ours",
+                                                           "cpu_plain", "cpu_wg", "p4", "veth")}
+            for n in range(args.rounds):
+                m1, c1 = measure(lab, ha, b.v6, ntm_pids, args.seconds)
+                m0, c0 = measure(lab, hc, d.v6, plain_pids, args.seconds)
+                m2, c2 = measure(lab, ha, WG_NET.format(2), wg_pids, args.seconds)
+                p4, _ = measure(lab, ha, b.v6, ntm_pids, args.seconds, streams=4)
+                veth = iperf(lab, ha, hb.addr4, args.seconds)
+                for k, v in zip(rows, (m1, m0, m2, m1 / m2, m1 / m0, c1, c0, c2, p4, veth)):
+                    rows[k].append(v)
+                print(f"# round {n + 1}: ntm {m1:.0f} Mbit/s ({c1:.1f} CPU-s/GB), no offload {m0:.0f} ({c0:.1f}), "
+                      f"wireguard-go {m2:.0f} ({c2:.1f}), ntm -P 4 {p4:.0f}, veth {veth:.0f}", flush=True)
+            med = {k: statistics.median(v) for k, v in rows.items()}
+            metric("tun_tcp_mbps", round(med["ours"], 1))
+            metric("tun_tcp_mbps_no_offload", round(med["plain"], 1))
+            metric("wireguard_go_tcp_mbps", round(med["wg"], 1))
+            metric("tun_tcp_ratio_vs_wireguard_go", round(med["ratio"], 3))
+            metric("tun_tcp_offload_ratio", round(med["offload_ratio"], 3))
+            metric("tun_tcp_p4_mbps", round(med["p4"], 1))
+            metric("veth_tcp_mbps", round(med["veth"], 1))
+            metric("tun_tcp_ratio_vs_veth", round(med["ours"] / med["veth"], 4))
+            metric("tun_cpu_s_per_gb", round(med["cpu_ours"], 2))
+            metric("tun_cpu_s_per_gb_no_offload", round(med["cpu_plain"], 2))
+            metric("wireguard_go_cpu_s_per_gb", round(med["cpu_wg"], 2))
+            metric("tun_relay_tcp_mbps", round(iperf(lab, r.host, rb.v6, args.seconds), 1))
+            if r.status()["peers"][0]["route"] != "relay":
+                raise RuntimeError("the node behind the symmetric NAT is not relayed")
+            for srv in iperf_srvs:
+                lab.kill(srv)
 
             lab.add_site("hoa", "eim")
             lab.add_site("hob", "eim")

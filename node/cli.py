@@ -104,6 +104,9 @@ def parser() -> Parser:
     s = sub.add_parser("up", help="run the node daemon (DC session, tunnels, TUN, DNS) until Ctrl-C or `ntm down`")
     s.add_argument("--tun", metavar="NAME", help="TUN interface name (default ntm0; given: fail if no TUN)")
     s.add_argument("--no-tun", action="store_true", help="no TUN interface: datagram mode (no root needed)")
+    s.add_argument("--offload", action=argparse.BooleanOptionalAction, default=False,
+                   help="TUN offloads (super-packets cut and joined here) where the kernel has them; off by default: "
+                   "5-13%% slower than without on this Python data path (docs/PROTOCOL.md §10.10)")
     s.add_argument("--v4-net", type=ipaddress.IPv4Network, default=V4_NET, metavar="CIDR",
                    help=f"virtual IPv4 network; this node is its first address (default {V4_NET})")
     s.add_argument("--path-mtu", type=int, default=PATH_MTU, metavar="BYTES",

@@ -255,7 +255,7 @@ def up_options(args) -> daemon.UpOptions:
     return daemon.UpOptions(
         tun=None if args.no_tun else (args.tun or "ntm0"), require_tun=args.tun is not None,
         v4_net=args.v4_net, path_mtu=args.path_mtu, dns=args.dns, accept_any=args.accept_any,
-        echo=args.echo, host=args.host, port=args.port, keepalive=args.keepalive)
+        echo=args.echo, host=args.host, port=args.port, keepalive=args.keepalive, offload=args.offload)
 
 
 async def cmd_up(args, base: Path) -> None:

@@ -88,6 +88,7 @@ class UpOptions:
     host: str | None
     port: int
     keepalive: float
+    offload: bool = False  # TUN offloads (super-packets) where the kernel has them (--offload): slower today, §10.10
 
 
 class Daemon:
@@ -286,7 +287,8 @@ def open_tun(node_id: bytes, book: V4Book, opts: UpOptions) -> Tun | None:
     if why and not opts.require_tun:
         log.info("no TUN interface (%s): datagram mode only (`ntm send`, `ntm ping`)", why)
         return None
-    return Tun.open(opts.tun, tun_mtu(opts.path_mtu), v6_of(node_id), V6_PREFIX, book.own, book.net)
+    return Tun.open(opts.tun, tun_mtu(opts.path_mtu), v6_of(node_id), V6_PREFIX, book.own, book.net,
+                    offload=opts.offload)
 
 
 async def up(base: Path, key, st: dict, opts: UpOptions, ready) -> None:
@@ -325,7 +327,8 @@ async def up(base: Path, key, st: dict, opts: UpOptions, ready) -> None:
             stop = stop_on_signals()
             ready({"node": keys.checksum(node_id), "dc": node.dc_url, "observed": node.observed,
                    "tun": tun.name if tun else None, "ipv6": str(v6_of(node_id)), "ipv4": str(v4.own),
-                   "mtu": tun_mtu(opts.path_mtu) if tun else None, "socket": str(control.socket_path(base)),
+                   "mtu": tun_mtu(opts.path_mtu) if tun else None, "offload": bool(tun and tun.vnet),
+                   "socket": str(control.socket_path(base)),
                    "dns": [f"{h}:{p}" for h, p in daemon.dns_binds()]})
             waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(daemon.stop.wait())]
             await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)

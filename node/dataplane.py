@@ -5,6 +5,11 @@ demand (Direction Request → Route Direction → handshake) while a few packets
 on a tunnel is either an IP packet (checked and translated by the overlay, then written to TUN)
 or an application datagram (`ntm send`), kept for `ntm recv`. Without TUN (no root) only
 application datagrams flow.
+
+With TUN offloads (node/tun.py), a read may be a super-packet: it is split into segments no longer
+than the peer's path carries, each sent as its own tunnel packet (the endpoint batches them into
+UDP GSO sends). What arrives is collected until the socket is drained (one event-loop turn),
+coalesced per TCP flow (ntm/offload.py) and written once per run.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from node.tun import Tun
 from ntm import keys
 from ntm.addr import display
 from ntm.errors import NtmError
+from ntm.offload import VNET_HDR_LEN, OffloadError, VnetHdr, coalesce, split
 from ntm.overlay import (KIND_APP, KIND_FRAG, KIND_GROUP, KIND_GROUP_ACK, KIND_IPV6, KIND_JUNK, Overlay, frame_app,
                          frame_group, group_ack, kind_of)
 from ntm.overlay import QUIC_TO_CLIENT, QUIC_TO_SERVER  # stream packets (node/daemon_streams.py)
@@ -53,7 +59,8 @@ class DataPlane:
         self.inbox: deque[tuple[bytes, bytes]] = deque(maxlen=APP_INBOX)
         self._inbox_event = asyncio.Event()
         self.stats = dict.fromkeys(("queued", "queue_drops", "open_failures", "opens", "app_rx", "junk_rx",
-                                    "too_big"), 0)
+                                    "too_big", "offload_errors"), 0)
+        self._to_write: list[bytes] = []  # packets for TUN, coalesced once the socket is drained
         self._frag_id = 0  # numbers the packets split: IPv6 for a path below 1280 (§10.4), QUIC (§10.9)
         self._reasm: dict[bytes, Reassembly] = {}
         self.tasks = BackgroundTasks()
@@ -66,7 +73,7 @@ class DataPlane:
 
     def start(self) -> None:
         if self.tun is not None:
-            self.tun.start(self.from_tun, self.node.endpoint.flush)
+            self.tun.start(self.from_tun_vnet if self.tun.vnet else self.from_tun, self.node.endpoint.flush)
         self.tasks.spawn(self._accept_loop())
 
     async def close(self) -> None:
@@ -79,8 +86,30 @@ class DataPlane:
         """One packet the kernel routed into TUN (the reader flushes the endpoint after a batch)."""
         self.node.endpoint.hold()
         peer = self.overlay.outbound(pkt)
+        if peer is not None:
+            self._to_peer(peer, pkt)
+
+    def from_tun_vnet(self, buf: bytes) -> None:
+        """One read from an offloading TUN: a virtio-net header and a packet that may stand for
+        many (TSO/USO); its segments, no longer than the peer's path carries, go as from_tun's."""
+        self.node.endpoint.hold()
+        pkt = buf[VNET_HDR_LEN:]
+        peer = self.overlay.outbound(pkt)
         if peer is None:
             return
+        t = self.by_peer.get(peer)
+        # No tunnel yet: the kernel's own segment size (the packets wait for the tunnel whole).
+        max_len = t.channel.inner_mtu if t is not None and not t.channel.closed else 65535
+        try:
+            segments = split(VnetHdr.unpack(buf), pkt, max_len)
+        except OffloadError as exc:
+            self.stats["offload_errors"] += 1  # the kernel never sends these: count, never raise
+            log.debug("TUN read dropped: %s", exc)
+            return
+        for seg in segments:
+            self._to_peer(peer, seg)
+
+    def _to_peer(self, peer: bytes, pkt: bytes) -> None:
         t = self.by_peer.get(peer)
         if t is not None and not t.channel.closed:
             try:
@@ -216,7 +245,21 @@ class DataPlane:
         pkt = self.overlay.inbound(peer, payload)
         if pkt is not None:
             # A SYN from the peer says how long our segments to it may be: no longer than our path allows.
-            self.tun.write(clamp_mss(pkt, t.channel.inner_mtu) if len(pkt) <= SYN_MAX_LEN else pkt)
+            pkt = clamp_mss(pkt, t.channel.inner_mtu) if len(pkt) <= SYN_MAX_LEN else pkt
+            if not self.tun.vnet:
+                self.tun.write(pkt)
+                return
+            if not self._to_write:
+                asyncio.get_running_loop().call_soon(self._write_coalesced)
+            self._to_write.append(pkt)
+
+    def _write_coalesced(self) -> None:
+        """Write what arrived in this event-loop turn (the socket drained, up to RECV_BATCH GRO
+        reads), consecutive segments of each TCP flow as one GSO super-packet."""
+        pkts, self._to_write = self._to_write, []
+        if self.tun is not None:
+            for hdr, pkt in coalesce(pkts):
+                self.tun.write_vnet(hdr, pkt)
 
     def send_quic(self, peer: bytes, payload: bytes) -> None:
         """A stream's QUIC packet: on the peer's tunnel, or lost while one opens (QUIC resends)."""

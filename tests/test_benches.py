@@ -67,8 +67,10 @@ METRICS: dict[str, tuple[str, ...]] = {
     "roam": ("udp_blocked_setup_s", "tcp_transport_mbps", "udp_back_stall_s", "dc_link_loss_failover_s",
              "dc_link_loss_new_tunnel_s", "nat_rebind_unreachable_s", "make_before_break_lost_packets",
              "setup_direct_share_loss5", "setup_p90_s_loss20"),
-    "tun": ("tun_rtt_ms_p50", "wireguard_go_rtt_ms_p50", "tun_tcp_mbps", "wireguard_go_tcp_mbps",
-            "tun_tcp_ratio_vs_wireguard_go", "tun_cpu_s_per_gb", "wireguard_go_cpu_s_per_gb", "handover_tcp_stall_s"),
+    "tun": ("tun_rtt_ms_p50", "wireguard_go_rtt_ms_p50", "tun_tcp_mbps", "tun_tcp_mbps_no_offload",
+            "wireguard_go_tcp_mbps", "tun_tcp_ratio_vs_wireguard_go", "tun_tcp_offload_ratio", "tun_tcp_p4_mbps",
+            "veth_tcp_mbps", "tun_tcp_ratio_vs_veth", "tun_cpu_s_per_gb", "tun_cpu_s_per_gb_no_offload",
+            "wireguard_go_cpu_s_per_gb", "tun_relay_tcp_mbps", "handover_tcp_stall_s"),
 }
 LAB_BENCHES = ("roam", "lab", "mtu", "tun")  # need root and network namespaces; the longest first
 BENCHES = [b for b in METRICS if b not in LAB_BENCHES] + list(LAB_BENCHES)

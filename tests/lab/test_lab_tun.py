@@ -29,14 +29,16 @@ def fed(lab_shared, tmp_path_factory):
 
 def test_ping_dns_tcp_direct_and_allow_list(fed):
     """A and B behind two NATs (punched path). B accepts only A. Names, ping -6, ping (IPv4),
-    20 MB over TCP; C (not allowed) is refused; DNS refuses what it does not serve."""
+    20 MB over TCP with TUN offloads on both ends (A reads super-packets: far fewer reads than
+    segments); C (not allowed) is refused; DNS refuses what it does not serve."""
     lab = fed.lab
-    b = UpNode(fed, lab.add_site("tb", "eim").host, 1)
-    a = UpNode(fed, lab.add_site("ta", "eim").host, 0, "--accept-any")
+    b = UpNode(fed, lab.add_site("tb", "eim").host, 1, "--offload")
+    a = UpNode(fed, lab.add_site("ta", "eim").host, 0, "--accept-any", "--offload")
     c = UpNode(fed, lab.add_site("tc", "eim").host, 0)
     b.cli("allow", a.id)
     a.cli("alias", "bob", b.id)
     try:
+        assert a.ready["offload"] and b.ready["offload"]  # the lab's kernel has TUN offloads
         rcode, v6 = a.resolve("bob.ntm", "AAAA")
         assert rcode == "NOERROR" and v6 == [b.v6]
         rcode, v4 = a.resolve("bob.ntm", "A")
@@ -56,6 +58,8 @@ def test_ping_dns_tcp_direct_and_allow_list(fed):
         [row] = a.status()["peers"]
         assert row["peer"] == b.id and row["route"] == "punched" and row["names"] == ["bob"]
         assert row["tx_bytes"] > TRANSFER_BYTES
+        reads = a.status()["counters"]["tun_rx_packets"]
+        assert reads < TRANSFER_BYTES / 1400 / 4, reads  # ~15,000 segments left in super-packets
         print(f"TCP 20 MB direct (punched, IPv6 inner): {got['elapsed_s']:.2f} s, "
               f"{TRANSFER_BYTES * 8 / got['elapsed_s'] / 1e6:.0f} Mbit/s")
 
@@ -83,14 +87,17 @@ for _ in range(5):
 
 def test_inner_source_spoofing_is_dropped_and_relay_tcp(fed):
     """A is behind a symmetric NAT: the tunnel to B goes through the relay. 20 MB over TCP on the
-    IPv4 virtual addresses (translated at each receiver). Then A's host sends raw IPv6 packets
-    whose inner source is C's overlay address: B drops and counts every one."""
+    IPv4 virtual addresses (translated at each receiver), from A with TUN offloads to B without
+    (`--no-offload`: every segment A cuts must be a whole packet with its checksums complete).
+    Then A's host sends raw IPv6 packets whose inner source is C's overlay address: B drops and
+    counts every one."""
     lab = fed.lab
-    b = UpNode(fed, lab.add_site("rb", "eim").host, 1, "--accept-any")
-    a = UpNode(fed, lab.add_site("ra", "symmetric").host, 0)
+    b = UpNode(fed, lab.add_site("rb", "eim").host, 1, "--accept-any", "--no-offload")
+    a = UpNode(fed, lab.add_site("ra", "symmetric").host, 0, "--offload")
     c = UpNode(fed, lab.add_site("rc", "eim").host, 0)
     try:
         a.cli("alias", "bob", b.id)
+        assert a.ready["offload"] and not b.ready["offload"]
         assert a.resolve("bob.ntm", "A") == ("NOERROR", ["100.64.0.2"])
         sent, got = transfer(a, b, "100.64.0.2", "100.64.0.1", TRANSFER_BYTES)
         assert got["bytes"] == sent["bytes"] == TRANSFER_BYTES and got["sha256"] == sent["sha256"]

@@ -1,0 +1,339 @@
+"""TUN offloads: split the kernel's super-packets into segments, coalesce segments back into one.
+
+With IFF_VNET_HDR and TUNSETOFFLOAD, the kernel reads out of TUN one TCP (or UDP) packet of up
+to 64 KB ahead of a virtio-net header saying how to cut it (GSO), and takes such packets back.
+The tunnel still carries one inner packet per datagram (per-packet AEAD, counters and replay
+window unchanged, §10.4): `split` cuts a super-packet into the segments the kernel's own GSO
+would have sent (each with complete checksums), no longer than the path's inner MTU, and
+`coalesce` joins consecutive in-order segments of one TCP flow into a super-packet whose header
+asks the receiving kernel to finish the checksum (the kernel's GRO does the same).
+
+Everything here is pure: bytes in, bytes out; OffloadError for a header that does not describe
+its packet. Header layout: include/uapi/linux/virtio_net.h (struct virtio_net_hdr, native
+byte order on x86 and arm64, which is little-endian).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from ntm.errors import NtmError
+
+VNET_HDR_LEN = 10
+F_NEEDS_CSUM = 1  # the checksum at csum_start + csum_offset holds only the pseudo-header sum
+GSO_NONE, GSO_TCPV4, GSO_UDP_L4, GSO_TCPV6 = 0, 1, 5, 4
+GSO_ECN = 0x80  # we never enable TUN_F_TSO_ECN, so the kernel never sets it
+PROTO_TCP, PROTO_UDP = 6, 17
+TCP_CSUM_AT, UDP_CSUM_AT = 16, 6
+TCP_FIN, TCP_PSH, TCP_ACK, TCP_CWR = 0x01, 0x08, 0x10, 0x80
+#: Longest packet one coalesced write may be (IPv4 total length / IPv6 payload length field).
+MAX_COALESCED = 65535
+_HDR = struct.Struct("<BBHHHH")
+_H = struct.Struct("!H")
+_I = struct.Struct("!I")
+_NO_HDR = bytes(VNET_HDR_LEN)
+
+
+class OffloadError(NtmError):
+    """A virtio-net header that does not describe its packet (the kernel never sends one)."""
+
+
+@dataclass(frozen=True, slots=True)
+class VnetHdr:
+    flags: int = 0
+    gso_type: int = GSO_NONE
+    hdr_len: int = 0
+    gso_size: int = 0
+    csum_start: int = 0
+    csum_offset: int = 0
+
+    def pack(self) -> bytes:
+        return _HDR.pack(self.flags, self.gso_type, self.hdr_len, self.gso_size, self.csum_start, self.csum_offset)
+
+    @classmethod
+    def unpack(cls, buf: bytes) -> VnetHdr:
+        if len(buf) < VNET_HDR_LEN:
+            raise OffloadError(f"virtio-net header truncated ({len(buf)} bytes)")
+        return cls(*_HDR.unpack_from(buf))
+
+
+NO_OFFLOAD = _NO_HDR  # the header of a packet written whole, checksums complete
+
+
+def csum_sum(data: bytes | memoryview, initial: int = 0) -> int:
+    """The ones'-complement sum of `data`'s big-endian 16-bit words plus `initial`, folded to 16
+    bits (one big-integer reduction: 2**16 ≡ 1 mod 0xFFFF, so the sum of the words is the number
+    mod 0xFFFF; a non-zero sum folds to 1..0xFFFF, never 0)."""
+    if len(data) & 1:
+        data = bytes(data) + b"\0"
+    s = (int.from_bytes(data, "big") + initial) % 0xFFFF
+    return s if s or not (initial or any(data)) else 0xFFFF
+
+
+def _pseudo(pkt: bytes | memoryview, v6: bool, proto: int, length: int) -> int:
+    """Unfolded sum of the pseudo-header (addresses, protocol, transport length)."""
+    addrs = pkt[8:40] if v6 else pkt[12:20]
+    return int.from_bytes(addrs, "big") % 0xFFFF + proto + length
+
+
+def _is_v6(pkt: bytes | memoryview) -> bool:
+    if not pkt:
+        raise OffloadError("empty packet")
+    version = pkt[0] >> 4
+    if version not in (4, 6):
+        raise OffloadError(f"not an IP packet (version {version})")
+    return version == 6
+
+
+def _ip_fix(head: bytearray, v6: bool, l3: int, total: int, id_step: int) -> None:
+    """Set the IP length fields for a packet of `total` bytes; IPv4: ID + `id_step`, header checksum."""
+    if v6:
+        head[4:6] = _H.pack(total - 40)
+        return
+    head[2:4] = _H.pack(total)
+    if id_step:
+        head[4:6] = _H.pack((_H.unpack_from(head, 4)[0] + id_step) & 0xFFFF)
+    head[10:12] = b"\0\0"
+    head[10:12] = _H.pack(0xFFFF - csum_sum(memoryview(head)[:l3]))
+
+
+def split(hdr: VnetHdr, pkt: bytes, max_len: int) -> list[bytes]:
+    """The packets `pkt` stands for, as the kernel's GSO would send them, each with complete
+    checksums: TCP cut into segments of at most `max_len` bytes (and no longer than the header's
+    gso_size), sequence numbers advancing, IPv4 IDs counting up, FIN/PSH on the last only, CWR
+    on the first only; UDP
+    cut at gso_size (datagram boundaries are the application's: `max_len` cannot move them)."""
+    if hdr.gso_type == GSO_NONE:
+        if hdr.flags & F_NEEDS_CSUM:
+            return [complete_checksum(pkt, hdr.csum_start, hdr.csum_offset)]
+        return [pkt]
+    if hdr.gso_type & GSO_ECN or hdr.gso_type not in (GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4):
+        raise OffloadError(f"unsupported GSO type {hdr.gso_type:#x}")
+    v6 = _is_v6(pkt)
+    l4 = hdr.csum_start
+    tcp = hdr.gso_type != GSO_UDP_L4
+    if (hdr.gso_type == GSO_TCPV6) != v6 and tcp:
+        raise OffloadError("GSO type does not match the IP version")
+    if l4 < (40 if v6 else 20) or len(pkt) < l4 + (20 if tcp else 8):
+        raise OffloadError(f"transport header at {l4} outside the {len(pkt)}-byte packet")
+    hl = l4 + ((pkt[l4 + 12] >> 4) * 4 if tcp else 8)
+    if hl > len(pkt) or (tcp and hl < l4 + 20):
+        raise OffloadError("transport header longer than the packet")
+    size = hdr.gso_size
+    if size <= 0:
+        raise OffloadError("GSO packet with gso_size 0")
+    if tcp:
+        size = min(size, max_len - hl)
+        if size <= 0:
+            raise OffloadError(f"headers ({hl} bytes) do not fit in {max_len}")
+    return _cut(pkt, v6, l4, hl, tcp, size)
+
+
+def _cut(pkt: bytes, v6: bool, l4: int, hl: int, tcp: bool, size: int) -> list[bytes]:
+    """split's loop, kept lean (it runs once per segment sent): the checksums are the sums of what
+    every segment shares, computed once, plus what changes (length, sequence, flags, ID) and the
+    segment's payload (one big-integer reduction each: 2**16 ≡ 1 mod 0xFFFF)."""
+    at = l4 + (TCP_CSUM_AT if tcp else UDP_CSUM_AT)
+    base = bytearray(pkt[:hl])
+    base[at:at + 2] = b"\0\0"
+    flags = base[l4 + 13] if tcp else 0
+    if tcp:
+        seq0 = _I.unpack_from(base, l4 + 4)[0]
+        base[l4 + 4:l4 + 8] = bytes(4)
+        base[l4 + 13] = 0
+    else:
+        seq0 = 0
+        base[l4 + 4:l4 + 6] = b"\0\0"
+    ip_sum = id0 = 0
+    if v6:
+        base[4:6] = b"\0\0"
+    else:
+        id0 = _H.unpack_from(base, 4)[0]
+        base[2:6] = bytes(4)
+        base[10:12] = b"\0\0"
+        ip_sum = int.from_bytes(base[:l4], "big") % 0xFFFF
+    # The pseudo-header (addresses, protocol) and the transport header's unchanging words.
+    l4_sum = (int.from_bytes(pkt[8:40] if v6 else pkt[12:20], "big") + (PROTO_TCP if tcp else PROTO_UDP)
+              + int.from_bytes(base[l4:], "big")) % 0xFFFF
+    # FIN and PSH on the last segment only, CWR on the first only (as tcp_gso_segment).
+    cut_flags = flags & ~(TCP_FIN | TCP_PSH)
+    view = memoryview(pkt)
+    n = len(pkt)
+    out = []
+    i, off = 0, hl
+    pack_into, from_bytes = struct.pack_into, int.from_bytes
+    while off < n:
+        end = off + size
+        if end >= n:
+            end = n
+        total = hl + end - off
+        l4_len = total - l4
+        payload = view[off:end]
+        x = from_bytes(payload, "big")
+        if (end - off) & 1:
+            x <<= 8  # an odd last byte is the high half of a word padded with zero
+        head = bytearray(base)
+        if tcp:
+            seq = (seq0 + off - hl) & 0xFFFFFFFF
+            f = cut_flags if end < n else flags
+            if i:
+                f &= ~TCP_CWR
+            s = (l4_sum + x + l4_len + (seq >> 16) + (seq & 0xFFFF) + f) % 0xFFFF
+            pack_into("!I", head, l4 + 4, seq)
+            head[l4 + 13] = f
+            pack_into("!H", head, at, 0xFFFF - (s or 0xFFFF))
+        else:
+            s = (l4_sum + x + 2 * l4_len) % 0xFFFF
+            pack_into("!H", head, l4 + 4, l4_len)
+            pack_into("!H", head, at, (0xFFFF - (s or 0xFFFF)) or 0xFFFF)
+        if v6:
+            pack_into("!H", head, 4, l4_len if l4 == 40 else total - 40)
+        else:
+            ident = (id0 + i) & 0xFFFF
+            pack_into("!HH", head, 2, total, ident)
+            pack_into("!H", head, 10, 0xFFFF - ((ip_sum + total + ident) % 0xFFFF or 0xFFFF))
+        out.append(bytes(head) + payload)
+        i += 1
+        off = end
+    return out
+
+
+def complete_checksum(pkt: bytes, csum_start: int, csum_offset: int) -> bytes:
+    """`pkt` with the partial checksum at csum_start + csum_offset completed (the field holds the
+    pseudo-header sum; the sum from csum_start on is added and complemented)."""
+    at = csum_start + csum_offset
+    if at + 2 > len(pkt) or csum_start < 20:
+        raise OffloadError(f"checksum at {at} outside the {len(pkt)}-byte packet")
+    initial = _H.unpack_from(pkt, at)[0]
+    out = bytearray(pkt)
+    out[at:at + 2] = b"\0\0"
+    c = 0xFFFF - csum_sum(memoryview(out)[csum_start:], initial)
+    if c == 0 and pkt[9 if pkt[0] >> 4 == 4 else 6] == PROTO_UDP:
+        c = 0xFFFF
+    out[at:at + 2] = _H.pack(c)
+    return bytes(out)
+
+
+# --- coalescing (GRO) ---------------------------------------------------------------------------
+
+class _Run:
+    """Segments of one TCP flow joined so far."""
+
+    __slots__ = ("head", "parts", "l4", "hl", "v6", "size", "next_seq", "id_step", "length", "ended")
+
+    def __init__(self, pkt: bytes, l4: int, hl: int, v6: bool) -> None:
+        self.head = pkt[:hl]
+        self.parts = [pkt[hl:]]
+        self.l4, self.hl, self.v6 = l4, hl, v6
+        self.size = len(pkt) - hl
+        self.next_seq = (_I.unpack_from(pkt, l4 + 4)[0] + self.size) & 0xFFFFFFFF
+        self.id_step: int | None = None  # IPv4 IDs: counting up (1), or fixed with DF set (0)
+        self.length = len(pkt)
+        self.ended = bool(pkt[l4 + 13] & TCP_PSH)
+
+    def take(self, pkt: bytes) -> bool:
+        """Append `pkt` if it is the next segment of this run and joins it as the kernel's GRO
+        would: same headers but for lengths, ID, sequence and checksum; no longer than the first."""
+        hl, l4, head = self.hl, self.l4, self.head
+        size = len(pkt) - hl
+        if (self.ended or size > self.size or len(self.parts[-1]) < self.size
+                or self.length + size > MAX_COALESCED + (40 if self.v6 else 0)):
+            return False
+        if (_I.unpack_from(pkt, l4 + 4)[0] != self.next_seq or pkt[l4 + 12] != head[l4 + 12]
+                or pkt[l4 + 14:l4 + 16] != head[l4 + 14:l4 + 16]):
+            return False  # out of order, or another window
+        if pkt[l4 + 8:l4 + 12] != head[l4 + 8:l4 + 12] or pkt[l4 + 18:hl] != head[l4 + 18:hl]:
+            return False  # another ack, urgent pointer or options
+        if self.v6:
+            if pkt[:4] != head[:4] or pkt[6:8] != head[6:8]:
+                return False
+        else:
+            if pkt[:2] != head[:2] or pkt[6:10] != head[6:10]:
+                return False
+            step = (_H.unpack_from(pkt, 4)[0] - _H.unpack_from(head, 4)[0]) & 0xFFFF
+            if self.id_step is None:
+                if not (step == 1 or step == 0 and pkt[6] & 0x40):
+                    return False
+                self.id_step = step
+            elif step != self.id_step * len(self.parts) & 0xFFFF:
+                return False
+        self.parts.append(pkt[hl:])
+        self.next_seq = (self.next_seq + size) & 0xFFFFFFFF
+        self.length += size
+        self.ended = bool(pkt[l4 + 13] & TCP_PSH)
+        if self.ended:
+            head = bytearray(head)
+            head[l4 + 13] |= TCP_PSH
+            self.head = bytes(head)
+        return True
+
+    def packet(self) -> tuple[bytes, bytes]:
+        """The virtio-net header and packet to write for this run."""
+        if len(self.parts) == 1:
+            return NO_OFFLOAD, self.head + self.parts[0]
+        l4, v6 = self.l4, self.v6
+        head = bytearray(self.head)
+        _ip_fix(head, v6, l4, self.length, 0)
+        partial = csum_sum(b"", _pseudo(head, v6, PROTO_TCP, self.length - l4))
+        head[l4 + TCP_CSUM_AT:l4 + TCP_CSUM_AT + 2] = _H.pack(partial)
+        hdr = VnetHdr(F_NEEDS_CSUM, GSO_TCPV6 if v6 else GSO_TCPV4, self.hl, self.size, l4, TCP_CSUM_AT)
+        return hdr.pack(), bytes(head) + b"".join(self.parts)
+
+
+def _tcp_flow(pkt: bytes) -> tuple[bytes, int, bool] | None:
+    """(flow key, transport offset, IPv6) of a TCP packet without extension headers, else None."""
+    n = len(pkt)
+    if n < 40:
+        return None
+    version = pkt[0] >> 4
+    if version == 4:
+        l4 = (pkt[0] & 0x0F) * 4
+        if pkt[9] != PROTO_TCP or l4 < 20 or n < l4 + 20:
+            return None
+        return pkt[12:20] + pkt[l4:l4 + 4], l4, False
+    if version == 6 and n >= 60 and pkt[6] == PROTO_TCP:
+        return pkt[8:40] + pkt[40:44], 40, True
+    return None
+
+
+def _can_join(pkt: bytes, l4: int, v6: bool) -> int:
+    """The header length of a TCP segment that may be coalesced, else 0: no IP options, not a
+    fragment, lengths that match, ACK (and PSH) only, a payload.
+
+    Its checksum is not verified (the kernel trusts a coalesced packet's): every segment came
+    through the tunnel's AEAD, so a wrong checksum can only be the peer's own, and a peer can
+    put what it likes into its own connections anyway. Verifying cost a fifth of the receiver."""
+    n = len(pkt)
+    if v6:
+        if _H.unpack_from(pkt, 4)[0] != n - 40:
+            return 0
+    elif l4 != 20 or pkt[6] & 0x3F or pkt[7] or _H.unpack_from(pkt, 2)[0] != n:
+        return 0
+    hl = l4 + (pkt[l4 + 12] >> 4) * 4
+    if hl < l4 + 20 or hl >= n or pkt[l4 + 13] & ~TCP_PSH != TCP_ACK:
+        return 0
+    return hl
+
+
+def coalesce(pkts: list[bytes]) -> list[tuple[bytes, bytes]]:
+    """(virtio-net header, packet) pairs to write for `pkts`, in order within each flow: runs of
+    consecutive in-order segments of one TCP flow become one GSO packet; anything else (other
+    protocols, out of order, SYN/FIN/RST/URG) goes as it is."""
+    out: list[_Run | tuple[bytes, bytes]] = []
+    open_runs: dict[bytes, _Run] = {}
+    for pkt in pkts:
+        flow = _tcp_flow(pkt)
+        hl = _can_join(pkt, flow[1], flow[2]) if flow is not None else 0
+        if flow is None or not hl:
+            if flow:
+                open_runs.pop(flow[0], None)  # nothing of its flow may overtake it
+            out.append((NO_OFFLOAD, pkt))
+            continue
+        key, l4, v6 = flow
+        run = open_runs.get(key)
+        if run is not None and run.hl == hl and run.take(pkt):
+            continue
+        run = open_runs[key] = _Run(pkt, l4, hl, v6)
+        out.append(run)
+    return [item.packet() if isinstance(item, _Run) else item for item in out]
