@@ -1,6 +1,7 @@
 """`ntm-dc` / `python -m dc`: wire the DC's parts together and run until SIGINT/SIGTERM.
 
-On start it prints one JSON line on stdout ({"event": "ready", ...}) with the bound ports, for
+It serves HTTP at once (/healthz says 503 until the registry cache has caught up with the chain),
+and prints one JSON line on stdout ({"event": "ready", ...}) with the bound ports once it has, for
 scripts and tests; everything else is logged to stderr, one line per event.
 """
 
@@ -12,6 +13,7 @@ import logging
 import os
 import ssl
 import sys
+from typing import Awaitable
 
 from aiohttp import web
 
@@ -48,7 +50,6 @@ async def serve(cfg: dc_config.DcConfig, stop: asyncio.Event) -> None:
                         new_nodes_per_hour=cfg.new_nodes_per_hour, new_nodes_burst=cfg.new_nodes_per_hour / 5,
                         confirmations=cfg.confirmations, cs=cfg.cs)
     chain_status = ChainStatus(cache, registry, BATCH_GAS_PER_RECORD, cfg.max_block_age)
-    await cache.poll()  # the head (for /healthz), a rollback, the first chunk of events: before serving
     if not cache.is_active_dc(coord.address):
         logging.warning("DC %s is not active in the registry: registrations will be refused until it is admitted",
                         keys.checksum(coord.address))
@@ -70,13 +71,16 @@ async def serve(cfg: dc_config.DcConfig, stop: asyncio.Event) -> None:
     if pending:
         logging.info("resubmitting %d pending outbox records", pending)
         coord.submitter.wake()
-    ready = {"event": "ready", "dc": keys.checksum(coord.address), "hostname": cfg.hostname,
-             "http": f"{'https' if tls else 'http'}://{cfg.http_host}:{http_port}", "udp_ports": list(ports),
-             "chain_id": registry.chain_id, "registry": keys.checksum(registry.address), "pid": os.getpid()}
-    print(json.dumps(ready), flush=True)
-    logging.info("DC %s serving on %s (keepalive udp %d, %d)", ready["dc"], ready["http"], *ports)
     try:
-        await stop.wait()
+        # Serving already (/healthz says 503 catching_up, lookups of unknown nodes say catching_up),
+        # but ready only once the registry is read up to the head (unless the stop comes first).
+        if await first(cache.ready.wait(), stop.wait()):
+            ready = {"event": "ready", "dc": keys.checksum(coord.address), "hostname": cfg.hostname,
+                     "http": f"{'https' if tls else 'http'}://{cfg.http_host}:{http_port}", "udp_ports": list(ports),
+                     "chain_id": registry.chain_id, "registry": keys.checksum(registry.address), "pid": os.getpid()}
+            print(json.dumps(ready), flush=True)
+            logging.info("DC %s serving on %s (keepalive udp %d, %d)", ready["dc"], ready["http"], *ports)
+            await stop.wait()
     finally:
         logging.info("shutting down")
         for t in tasks:
@@ -88,6 +92,15 @@ async def serve(cfg: dc_config.DcConfig, stop: asyncio.Event) -> None:
         store.close()
         await registry.close()
         os.close(lock)
+
+
+async def first(ready: Awaitable, stop: Awaitable) -> bool:
+    """Wait for `ready` or `stop`, whichever comes first; True if it was `ready`."""
+    waits = [asyncio.ensure_future(ready), asyncio.ensure_future(stop)]
+    done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    for w in pending:
+        w.cancel()
+    return waits[0] in done
 
 
 def tls_context(cfg: dc_config.DcConfig, key, coord: Coordinator) -> ssl.SSLContext | None:

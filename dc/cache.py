@@ -9,6 +9,9 @@ The follower polls the head and remembers the hash of the blocks it has read up 
 height whose hash changed, or a head below it, is a rollback (a reorg, or a chain node restarted
 from an older state): the cache is rebuilt from the chain as it is now, and `on_rollback(fork)` is
 told the first block that changed, so the DC can re-check what it called confirmed since.
+
+Until the follower has read up to the head once (`caught_up`), the cache is incomplete: the DC
+reports unhealthy and a lookup it cannot answer says "catching up" (retry), never "unknown node".
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ class RegistryCache:
         self.head_seen_at: float | None = None  # time.monotonic() of the last poll the chain answered
         self._head_read_at = 0.0
         self.rollbacks = 0
+        self.ready = asyncio.Event()  # set once read up to the head: a miss then means "not registered"
         self._hashes: dict[int, bytes] = {}  # height -> hash, of blocks read up to
         self._changed = asyncio.Condition()
         # Called with a node ID when a revocation of it arrives from the chain (the DC ends the
@@ -122,9 +126,9 @@ class RegistryCache:
         fork = await self._fork_point(head)
         if fork is not None:
             await self._rebuild(head, fork)
-            return True
+            return self._at_head()
         if head.number <= self.block:
-            return True
+            return self._at_head()
         to = min(head.number, self.block + LOG_CHUNK)
         events = await self.registry.get_events(self.block + 1, to)
         end = head if to == head.number else await self.registry.block(to)
@@ -135,7 +139,17 @@ class RegistryCache:
         self._advance(end)
         async with self._changed:
             self._changed.notify_all()
-        return to == head.number
+        return self._at_head() if to == head.number else False
+
+    @property
+    def caught_up(self) -> bool:
+        return self.ready.is_set()
+
+    def _at_head(self) -> bool:
+        if not self.caught_up:
+            log.info("registry cache caught up at block %d: %d nodes, %d DCs", self.block, len(self.nodes), len(self.dcs))
+            self.ready.set()
+        return True
 
     def _advance(self, end: BlockRef) -> None:
         self.block = end.number
