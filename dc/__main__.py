@@ -17,7 +17,7 @@ from typing import Awaitable
 
 from aiohttp import web
 
-from dc import config as dc_config
+from dc import config as dc_config, snapshot
 from dc.cache import RegistryCache
 from dc.chainstatus import ChainStatus
 from dc.coordinator import Coordinator
@@ -41,6 +41,10 @@ async def serve(cfg: dc_config.DcConfig, stop: asyncio.Event) -> None:
     registry, dep = await connect_registry(cfg.rpc_url, cfg.deployment, key.secret)
     store = Store(cfg.db, keys.node_id_of(key))
     cache = RegistryCache(registry, dep["block"])
+    snap_path = cfg.db.with_name(cfg.db.name + ".snapshot")  # the registry cache at a block (dc/snapshot.py)
+    snap = snapshot.read(snap_path, registry.chain_id, registry.address, dep["block"])
+    if snap is not None:
+        await cache.restore(snap)
     await cache.load()
     for number, block_hash in store.blocks():  # a rollback while this DC was down is seen on the first poll
         cache.remember(number, block_hash)
@@ -57,7 +61,8 @@ async def serve(cfg: dc_config.DcConfig, stop: asyncio.Event) -> None:
     transports = [(await loop.create_datagram_endpoint(lambda alt=alt: KeepaliveProtocol(coord.presence, alt),
                                                        sock=sock))[0] for alt, sock in ((False, socks[0]), (True, socks[1]))]
     tasks = [asyncio.create_task(cache.run(), name="cache"), asyncio.create_task(coord.submitter.run(), name="submitter"),
-             asyncio.create_task(chain_status.run(), name="chain-status")]
+             asyncio.create_task(chain_status.run(), name="chain-status"),
+             asyncio.create_task(cache.keep_snapshot(snap_path), name="snapshot")]
     probe = FederationProbe(coord)
     tasks.append(asyncio.create_task(probe.run(), name="federation-probe"))
     runner = web.AppRunner(make_app(coord, chain_status, tuple(cfg.admin_allow), probe), access_log=None,
@@ -85,6 +90,8 @@ async def serve(cfg: dc_config.DcConfig, stop: asyncio.Event) -> None:
         logging.info("shutting down")
         for t in tasks:
             t.cancel()
+        if (snap := cache.snapshot()) is not None:  # a clean stop: the next start reads only the logs after it
+            await snapshot.save(snap_path, snap)
         await runner.cleanup()
         for t in transports:
             t.close()

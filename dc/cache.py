@@ -19,8 +19,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from pathlib import Path
 from typing import Awaitable, Callable
 
+from dc import snapshot
+from dc.snapshot import Snapshot
 from ntm.errors import NtmError
 from ntm.registry import BlockRef, DcInfo, OnChainRecord, RegistryEvent, RegistryView
 
@@ -74,6 +77,36 @@ class RegistryCache:
         """Prime the DC list directly (so a DC can trust its peers before events catch up)."""
         for info in await self.registry.dcs():
             self.dcs[info.address] = info
+
+    async def restore(self, snap: Snapshot) -> bool:
+        """Start from a snapshot (dc/snapshot.py) if the chain still has its block: the follower
+        then reads only the logs after it. False (and the cache unchanged) if it does not."""
+        now = await self.registry.block(snap.block)
+        if now is None or now.hash != snap.block_hash:
+            log.warning("registry snapshot at block %d discarded: %s; reading the registry from block %d",
+                        snap.block, "the chain is shorter" if now is None else "the chain has another block there",
+                        self.from_block)
+            return False
+        self.nodes, self.dcs = snap.nodes, snap.dcs
+        self._advance(now)
+        log.info("registry snapshot at block %d restored: %d nodes, %d DCs", snap.block, len(self.nodes), len(self.dcs))
+        return True
+
+    def snapshot(self) -> Snapshot | None:
+        """The cache as it is now (copied: the follower goes on), or None before the first catch-up."""
+        if not self.caught_up or self.block not in self._hashes:
+            return None
+        return Snapshot(self.registry.chain_id, self.registry.address, self.from_block, self.block,
+                        self._hashes[self.block], dict(self.nodes), dict(self.dcs))
+
+    async def keep_snapshot(self, path: Path) -> None:
+        """Write the snapshot every SNAPSHOT_EVERY_S when the cache has read new blocks."""
+        written = None
+        while True:
+            await asyncio.sleep(snapshot.SNAPSHOT_EVERY_S)
+            snap = self.snapshot()
+            if snap is not None and snap.block != written and await snapshot.save(path, snap):
+                written = snap.block
 
     def is_active_dc(self, address: bytes) -> bool:
         info = self.dcs.get(address)

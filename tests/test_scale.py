@@ -1,22 +1,25 @@
 """A DC on a big registry, with real anvil and real DC processes: ready means ready (it says
-healthy and prints its ready line only once it holds every record). Seeded fast by
+healthy and prints its ready line only once it holds every record), and a restart starts from
+its registry snapshot unless the chain no longer has the snapshot's block. Seeded fast by
 tests/seed.py; the fast tests of the same decisions on fakes are in tests/test_scale_fast.py."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
+from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import web
 
 from ntm import keys
 from scripts.anvil import Anvil
-from scripts.procs import dc_child, free_port
+from scripts.procs import Child, dc_child, free_port
 from tests.dcnet import DcNet
 from tests.seed import seed
-from tests.test_chain_robust import register_at
+from tests.test_chain_robust import metric, register_at
 
 SEEDED = 3000
 # The chain node answers eth_getLogs this much later: a slow chain node (Besu reading a long log
@@ -24,27 +27,45 @@ SEEDED = 3000
 SLOW_LOGS_S = 1.0
 
 
-@contextlib.asynccontextmanager
-async def slow_logs_proxy(upstream: str):
-    """A JSON-RPC proxy in front of `upstream` that delays every eth_getLogs answer by SLOW_LOGS_S."""
-    async with aiohttp.ClientSession() as http:
-        async def forward(request: web.Request) -> web.Response:
-            body = await request.read()
-            if b'"eth_getLogs"' in body:
-                await asyncio.sleep(SLOW_LOGS_S)
-            async with http.post(upstream, data=body, headers={"Content-Type": "application/json"}) as r:
-                return web.Response(body=await r.read(), content_type="application/json")
+@dataclass
+class LogsProxy:
+    """A JSON-RPC proxy in front of a chain node that delays each eth_getLogs answer by `delay`
+    and records the first block of each (what a DC reads)."""
 
-        app = web.Application(client_max_size=1 << 20)
-        app.router.add_post("/", forward)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        port = free_port()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        try:
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            await runner.cleanup()
+    upstream: str
+    delay: float = 0.0
+    reads: list[int] = field(default_factory=list)
+    url: str = ""
+
+    @contextlib.asynccontextmanager
+    async def running(self):
+        async with aiohttp.ClientSession() as http:
+            async def forward(request: web.Request) -> web.Response:
+                body = await request.read()
+                call = json.loads(body)
+                if isinstance(call, dict) and call.get("method") == "eth_getLogs":
+                    self.reads.append(int(call["params"][0]["fromBlock"], 16))
+                    await asyncio.sleep(self.delay)
+                async with http.post(self.upstream, data=body, headers={"Content-Type": "application/json"}) as r:
+                    return web.Response(body=await r.read(), content_type="application/json")
+
+            app = web.Application(client_max_size=1 << 20)
+            app.router.add_post("/", forward)
+            runner = web.AppRunner(app)
+            await runner.setup()
+            port = free_port()
+            await web.TCPSite(runner, "127.0.0.1", port).start()
+            self.url = f"http://127.0.0.1:{port}"
+            try:
+                yield self
+            finally:
+                await runner.cleanup()
+
+
+def dc1_via(net: DcNet, rpc: str) -> Child:
+    """DC 1 of `net` with `rpc` as its only chain node (not started)."""
+    net.dcs[0] = dc_child(net.workdir, "dc1", net.workdir / "dc1.key.json", rpc, net.deployment, net.ports[0])
+    return net.dcs[0]
 
 
 async def get(http: aiohttp.ClientSession, url: str) -> tuple[int, dict]:
@@ -68,10 +89,8 @@ async def test_a_dc_is_unhealthy_and_says_catching_up_until_it_has_read_the_whol
             node, status = await register_at(net.urls[1], int(time.time() * 1000))
             assert status == "confirmed"
             healths, lookups = [], []
-            async with slow_logs_proxy(chain.url) as rpc, aiohttp.ClientSession() as http:
-                # start_dc returns at the ready line
-                net.dcs[0] = dc_child(tmp_path, "dc1", tmp_path / "dc1.key.json", rpc, net.deployment, net.ports[0])
-                starting = asyncio.create_task(asyncio.to_thread(net.dcs[0].start))
+            async with LogsProxy(chain.url, SLOW_LOGS_S).running() as proxy, aiohttp.ClientSession() as http:
+                starting = asyncio.create_task(asyncio.to_thread(dc1_via(net, proxy.url).start))  # until the ready line
                 while not starting.done():
                     try:
                         healths.append(await get(http, net.urls[0] + "/healthz"))
@@ -92,3 +111,39 @@ async def test_a_dc_is_unhealthy_and_says_catching_up_until_it_has_read_the_whol
     assert not [body for status, body in lookups if status == 404], "unknown_node during the catch-up"
     assert after[0] == 200 and after[1]["read_to"] == after[1]["head"], after
     assert found[0] == 200 and found[1]["home_dc"] == keys.checksum(keys.node_id_of(net.dc_keys[1])), found
+
+
+async def test_a_restarted_dc_reads_only_new_logs_from_its_snapshot_and_discards_one_the_chain_no_longer_has(tmp_path):
+    """A DC stopped cleanly leaves a snapshot of its registry cache; restarted, it must read only
+    the logs after the snapshot's block and still hold every record. Hostile condition: the chain
+    was then reverted past that block (evm_revert: a rollback, a chain node restarted from an older
+    state) and went on on another branch: the snapshot must be discarded and the registry read
+    from the deployment block, so no record of the lost branch survives in the cache."""
+    with Anvil() as chain:
+        net = DcNet(tmp_path, chain)
+        await net.deploy(1)
+        await seed(chain.url, net.registry_address, 600)
+        async with LogsProxy(chain.url).running() as proxy:
+            dc = dc1_via(net, proxy.url)
+            await asyncio.to_thread(dc.start)  # in a thread: the proxy runs on this loop
+            dc.stop()  # clean: the snapshot is written
+            snap_block = int(chain.rpc("eth_blockNumber"), 16)
+            fork = chain.rpc("evm_snapshot")
+            await seed(chain.url, net.registry_address, 200)  # blocks after the snapshot's
+            proxy.reads.clear()
+            await asyncio.to_thread(dc.start)
+            try:
+                assert await metric(net.urls[0], "ntm_dc_registry_nodes") == 800
+                assert proxy.reads and min(proxy.reads) == snap_block + 1, (proxy.reads, snap_block)
+            finally:
+                dc.stop()  # its snapshot is now at a block of the branch about to be lost
+            chain.rpc("evm_revert", [fork])
+            await seed(chain.url, net.registry_address, 100)  # another branch, as high as the lost one
+            proxy.reads.clear()
+            await asyncio.to_thread(dc.start)
+            try:
+                assert await metric(net.urls[0], "ntm_dc_registry_nodes") == 700
+                assert min(proxy.reads) == 0, proxy.reads
+            finally:
+                dc.stop()
+    assert "snapshot at block" in dc.log_path.read_text() and "discarded" in dc.log_path.read_text()

@@ -1,10 +1,12 @@
 """The DC at scale, on fakes (tests/fakes.py): what a lookup says before the registry cache has
-caught up. The same against anvil and real DC processes: tests/test_scale.py."""
+caught up; the registry snapshot, used or discarded. The same against anvil and real DC
+processes: tests/test_scale.py."""
 
 from __future__ import annotations
 
 import pytest
 
+from dc import snapshot
 from dc.cache import LOG_CHUNK, RegistryCache
 from dc.chainstatus import ChainStatus
 from dc.coordinator import Coordinator
@@ -69,3 +71,73 @@ async def test_before_the_first_catch_up_a_missing_node_is_catching_up_not_unkno
         await c.lookup(stranger)
     assert exc.value.code == "unknown_node"
     assert c.cache.home_of(remote) is not None  # known now: a lookup goes to its home DC
+
+
+class CountingRegistry(FakeRegistry):
+    """A FakeRegistry that records the block ranges the cache reads logs from."""
+
+    def __init__(self, chain: FakeChain, sender: bytes) -> None:
+        super().__init__(chain, sender)
+        self.reads: list[tuple[int, int]] = []
+
+    async def get_events(self, from_block: int, to_block: int):
+        self.reads.append((from_block, to_block))
+        return await super().get_events(from_block, to_block)
+
+
+async def caught_up_cache(chain: FakeChain) -> RegistryCache:
+    cache = RegistryCache(CountingRegistry(chain, b"\x01" * 20))
+    while not await cache.poll():
+        pass
+    return cache
+
+
+async def test_a_good_snapshot_makes_the_restart_read_only_the_logs_since(chain):
+    """A DC restarted on a registry with history: it must start from its snapshot (checked
+    against the chain's hash at its block) and read only what came after, yet end up with every
+    record, old and new."""
+    seed_chain(chain, b"\x01" * 20, 50)
+    old = await caught_up_cache(chain)
+    data = snapshot.encode(old.snapshot())
+    newer = seed_chain(chain, b"\x01" * 20, 10)
+    fresh = RegistryCache(CountingRegistry(chain, b"\x01" * 20))
+    assert await fresh.restore(snapshot.decode(data, chain.chain_id, chain.address, 0))
+    assert not fresh.caught_up  # the logs since are still to be read
+    while not await fresh.poll():
+        pass
+    assert fresh.registry.reads and min(start for start, _ in fresh.registry.reads) == old.block + 1
+    assert fresh.nodes == chain.nodes and all(n in fresh.nodes for n in newer)
+    assert fresh.dcs == old.dcs
+
+
+async def test_a_snapshot_of_another_chain_or_of_a_block_the_chain_no_longer_has_is_discarded(chain, tmp_path):
+    """Hostile conditions: the DC's data directory is reused on another chain or registry; the
+    chain rolled back past the snapshot's block (a reorg, or a chain node restarted from an older
+    state) and is now shorter, or went on on another branch; the file is damaged. Each snapshot
+    must be refused (the registry is then read from the deployment block), never merged in."""
+    seed_chain(chain, b"\x01" * 20, 5)
+    before = chain.snapshot()
+    seed_chain(chain, b"\x01" * 20, 5)
+    cache = await caught_up_cache(chain)
+    data = snapshot.encode(cache.snapshot())
+    path = tmp_path / "dc.sqlite.snapshot"
+    snapshot.write(path, data)
+    assert snapshot.read(path, chain.chain_id, chain.address, 0) is not None
+    for chain_id, registry, from_block in ((chain.chain_id + 1, chain.address, 0), (chain.chain_id, b"\x77" * 20, 0),
+                                           (chain.chain_id, chain.address, 3)):
+        assert snapshot.read(path, chain_id, registry, from_block) is None
+        with pytest.raises(snapshot.SnapshotError, match="another chain"):
+            snapshot.decode(data, chain_id, registry, from_block)
+    for damaged in (data[:-1], data[:-49] + bytes(49), b"garbage"):
+        with pytest.raises(snapshot.SnapshotError):
+            snapshot.decode(damaged, chain.chain_id, chain.address, 0)
+    snap = snapshot.decode(data, chain.chain_id, chain.address, 0)
+    chain.restore(before)  # shorter: the snapshot's block is gone
+    fresh = RegistryCache(FakeRegistry(chain, b"\x01" * 20))
+    assert not await fresh.restore(snap) and fresh.nodes == {} and fresh.block == -1
+    seed_chain(chain, b"\x01" * 20, 7)  # as long again, on another branch
+    assert chain.block >= snap.block
+    assert not await fresh.restore(snap) and fresh.nodes == {}
+    while not await fresh.poll():
+        pass
+    assert fresh.nodes == chain.nodes and len(fresh.nodes) == 12
