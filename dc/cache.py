@@ -58,6 +58,8 @@ class RegistryCache:
         self.from_block = from_block
         self.nodes: dict[bytes, OnChainRecord] = {}
         self.dcs: dict[bytes, DcInfo] = {}
+        # not revoked records per home DC, kept as events apply (the dashboard reads it: no walk)
+        self.live_per_dc: dict[bytes, int] = {}
         self.block = from_block - 1  # read up to here
         self.head: BlockRef | None = None  # the chain's latest block at the last successful poll
         self.head_seen_at: float | None = None  # time.monotonic() of the last poll the chain answered
@@ -87,7 +89,9 @@ class RegistryCache:
                         snap.block, "the chain is shorter" if now is None else "the chain has another block there",
                         self.from_block)
             return False
-        self.nodes, self.dcs = snap.nodes, snap.dcs
+        self.nodes, self.dcs, self.live_per_dc = snap.nodes, snap.dcs, {}
+        for rec in self.nodes.values():  # once per start
+            self._count(rec, 1)
         self._advance(now)
         log.info("registry snapshot at block %d restored: %d nodes, %d DCs", snap.block, len(self.nodes), len(self.dcs))
         return True
@@ -222,7 +226,7 @@ class RegistryCache:
         events: list[RegistryEvent] = []
         for start in range(self.from_block, head.number + 1, LOG_CHUNK):
             events += await self.registry.get_events(start, min(head.number, start + LOG_CHUNK - 1))
-        self.nodes, self.dcs, self._hashes = {}, {info.address: info for info in dcs}, {}
+        self.nodes, self.dcs, self._hashes, self.live_per_dc = {}, {info.address: info for info in dcs}, {}, {}
         on_revoked, self.on_revoked = self.on_revoked, None  # revocations still on chain were handled
         try:
             for ev in events:
@@ -241,7 +245,9 @@ class RegistryCache:
             assert ev.node is not None and ev.dc is not None and ev.timestamp is not None
             old = self.nodes.get(ev.node)
             if old is None or ev.timestamp > old.timestamp:
-                self.nodes[ev.node] = OnChainRecord(ev.dc, ev.timestamp, ev.kind == "NodeRevoked")
+                new = self.nodes[ev.node] = OnChainRecord(ev.dc, ev.timestamp, ev.kind == "NodeRevoked")
+                self._count(old, -1)
+                self._count(new, 1)
             if ev.kind == "NodeRevoked" and self.on_revoked is not None:
                 self.on_revoked(ev.node)
         elif ev.kind in ("DCAdmitted", "DCUpdated"):
@@ -251,6 +257,10 @@ class RegistryCache:
             assert ev.dc is not None
             old = self.dcs.get(ev.dc)
             self.dcs[ev.dc] = DcInfo(ev.dc, False, old.hostname if old else "", old.endpoint if old else "")
+
+    def _count(self, rec: OnChainRecord | None, delta: int) -> None:
+        if rec is not None and not rec.revoked:
+            self.live_per_dc[rec.dc] = self.live_per_dc.get(rec.dc, 0) + delta
 
     async def wait_for(self, predicate, timeout: float) -> bool:
         """Wait until predicate() holds (e.g. a node's record arrived); False on timeout."""
