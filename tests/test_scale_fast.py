@@ -17,7 +17,9 @@ from dc.coordinator import Coordinator
 from dc.errors import NodeLookupError
 from dc.dashboard import NODES_LISTED
 from dc.store import Store
+from node import dc_session
 from ntm import keys
+from ntm.clock import Clock
 from ntm.record import NodeTransaction
 from ntm.registration import RegistrationRequest
 from tests.fakes import FakeChain, FakeClock, FakeRegistry
@@ -228,3 +230,31 @@ async def test_the_kept_counts_follow_every_change_of_the_store(tmp_path, chain)
     c.store.close()
     c.store = Store(tmp_path / "dc.sqlite", c.address)
     assert kept() == truth()
+
+
+async def test_a_node_asks_again_while_its_dc_is_catching_up_and_not_after_a_final_refusal(monkeypatch):
+    """A node whose DC just restarted (still reading the registry) gets catching_up: it must
+    ask again until the direction timeout, but take unknown_node (final) at once."""
+    monkeypatch.setattr(dc_session, "CATCHING_UP_RETRY_S", 0.01)
+    monkeypatch.setattr(dc_session, "DIRECTION_TIMEOUT_S", 0.5)
+    session = dc_session.DcSession(keys.generate(), "http://dc.test:8330", None, Clock(), 25.0, [],
+                                   on_direction=None, on_moved=lambda: None)
+    answers: list = []
+
+    async def once(peer, route, resume):
+        code = answers.pop(0)
+        if code is None:
+            return b"\x01" * 8
+        raise dc_session.NodeError(code, code)
+
+    session._direction_once = once
+    answers[:] = ["catching_up", "catching_up", None]
+    assert await session.direction(b"\x02" * 20) == b"\x01" * 8 and not answers
+    answers[:] = ["unknown_node", None]
+    with pytest.raises(dc_session.NodeError, match="unknown_node"):
+        await session.direction(b"\x02" * 20)
+    assert answers == [None]
+    answers[:] = ["catching_up"] * 1000
+    with pytest.raises(dc_session.NodeError, match="catching_up"):
+        await session.direction(b"\x02" * 20)
+    assert 0 < len(answers) <= 997  # asked again and again, then gave up at the timeout
