@@ -15,6 +15,8 @@ the load driven from this separate process. Prints `metric: value`:
   directions_per_s_64           Direction Requests answered per second with IN_FLIGHT in flight, from
                                 requesters at DC 1 to peers at DC 2 (each push acknowledged as nodes do)
   direction_p99_ms_64           their latency, request sent → result, p99 (p50 printed too)
+  direction_cpu_ms_requester_dc CPU time the requester's DC spent per direction (and the peer's
+                                DC: _peer_dc): the capacity of one core whatever else loads the machine
 
 The `_100k` names are the issue's; the full mode seeds RECORDS (the `records` line says how many)
 because signing and mining 100k records in Python takes longer than the 3-minute bench budget on
@@ -29,6 +31,7 @@ import argparse
 import asyncio
 import itertools
 import logging
+import os
 import random
 import statistics
 import subprocess
@@ -59,6 +62,9 @@ DIRECTIONS_S = 8.0
 DASHBOARD_SAMPLES = 50
 REGISTER_CONCURRENCY = 200
 START_TIMEOUT_S = 120.0  # a DC's ready line comes once it has read every record
+SESSIONS_AT_ONCE = 25  # handshakes at a time: a crowd arriving, not a stampede
+SESSIONS_PER_CLIENT = 100
+SESSION_OPEN_TIMEOUT_S = 30.0  # this machine runs other tests too (load average 10-20 seen)
 RATE_PER_NODE = 2.0  # dc/signaling.DIRECTIONS_PER_NODE: requesters are picked so none is rate-limited
 
 
@@ -67,6 +73,12 @@ def rss_kb(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise RuntimeError("no VmRSS")
+
+
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used: /proc/PID/stat fields 14 and 15."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def pct(values: list[float], p: int) -> float:
@@ -145,12 +157,15 @@ class LoadNode:
         self.udp.close()
 
 
-async def sessions(url: str, node_keys: list) -> tuple[list[LoadNode], DcClient]:
-    dc = DcClient(url)
+async def sessions(url: str, node_keys: list) -> tuple[list[LoadNode], list[DcClient]]:
+    """A session for each key; the clients to close after the nodes (one per SESSIONS_PER_CLIENT:
+    aiohttp holds at most 100 connections per client, and each session keeps one)."""
     nodes = [LoadNode(k) for k in node_keys]
-    for i in range(0, len(nodes), 50):  # 50 handshakes at a time: a crowd arriving, not a stampede
-        await asyncio.gather(*(n.open(dc) for n in nodes[i:i + 50]))
-    return nodes, dc
+    clients = [DcClient(url, timeout=SESSION_OPEN_TIMEOUT_S) for _ in range(0, len(nodes), SESSIONS_PER_CLIENT)]
+    for i in range(0, len(nodes), SESSIONS_AT_ONCE):
+        await asyncio.gather(*(n.open(clients[(i + j) // SESSIONS_PER_CLIENT])
+                               for j, n in enumerate(nodes[i:i + SESSIONS_AT_ONCE])))
+    return nodes, clients
 
 
 async def directions(requesters: list[LoadNode], peers: list[LoadNode], duration: float, limit: int
@@ -224,17 +239,22 @@ async def run(tmp: Path, records: int, registrations: int, peers: int, duration:
             print(f"sessions_rss_kb_each: {(rss_kb(pid) - before) / len(requesters):.1f}")
             targets, dc2 = await sessions(net.urls[1], peer_keys)
             await asyncio.sleep(0.3)  # keepalives seen: both ends have observed addresses
+            pids = (net.dcs[0].pid, net.dcs[1].pid)
+            cpu_before = [cpu_s(p) for p in pids]
             try:
                 rate, ms, outcomes = await directions(requesters, targets, duration, limit)
+                cpu = [cpu_s(p) - before for p, before in zip(pids, cpu_before)]
             finally:
                 for n in requesters + targets:
                     await n.close()
-                await dc1.close()
-                await dc2.close()
+                for client in dc1 + dc2:
+                    await client.close()
             assert outcomes.get("ok", 0) == sum(outcomes.values()), outcomes
             print(f"directions_per_s_64: {rate:.0f}")
             print(f"direction_p50_ms_64: {statistics.median(ms):.1f}")
             print(f"direction_p99_ms_64: {pct(ms, 99):.1f}")
+            for name, used in zip(("requester", "peer"), cpu):
+                print(f"direction_cpu_ms_{name}_dc: {used * 1000 / len(ms):.2f}")
         finally:
             await asyncio.to_thread(net.stop)
 
