@@ -18,13 +18,13 @@ from typing import Awaitable
 from aiohttp import web
 
 from dc import config as dc_config, snapshot
-from dc.cache import RegistryCache
+from dc.cache import REMEMBERED_BLOCKS, RegistryCache
 from dc.chainstatus import ChainStatus
 from dc.coordinator import Coordinator
 from dc.dashboard import FederationProbe
 from dc.presence import KeepaliveProtocol
 from dc.server import make_app
-from dc.store import Store
+from dc.store import PRUNE_EVERY_S, Store
 from chain.registry import BATCH_GAS_PER_RECORD, connect_registry
 from daemon import keystore, service
 from daemon.service import udp_socket
@@ -62,7 +62,8 @@ async def serve(cfg: dc_config.DcConfig, stop: asyncio.Event) -> None:
                                                        sock=sock))[0] for alt, sock in ((False, socks[0]), (True, socks[1]))]
     tasks = [asyncio.create_task(cache.run(), name="cache"), asyncio.create_task(coord.submitter.run(), name="submitter"),
              asyncio.create_task(chain_status.run(), name="chain-status"),
-             asyncio.create_task(cache.keep_snapshot(snap_path), name="snapshot")]
+             asyncio.create_task(cache.keep_snapshot(snap_path), name="snapshot"),
+             asyncio.create_task(prune_outbox(store, cache, cfg.confirmations), name="outbox-prune")]
     probe = FederationProbe(coord)
     tasks.append(asyncio.create_task(probe.run(), name="federation-probe"))
     runner = web.AppRunner(make_app(coord, chain_status, tuple(cfg.admin_allow), probe), access_log=None,
@@ -99,6 +100,14 @@ async def serve(cfg: dc_config.DcConfig, stop: asyncio.Event) -> None:
         store.close()
         await registry.close()
         os.close(lock)
+
+
+async def prune_outbox(store: Store, cache: RegistryCache, confirmations: int) -> None:
+    """Every PRUNE_EVERY_S: confirmed outbox rows deeper than any rollback the DC re-checks go."""
+    while True:
+        await asyncio.sleep(PRUNE_EVERY_S)
+        if cache.caught_up and (gone := store.prune_confirmed(cache.block - max(REMEMBERED_BLOCKS, confirmations))):
+            logging.info("outbox: %d confirmed records pruned", gone)
 
 
 async def first(ready: Awaitable, stop: Awaitable) -> bool:

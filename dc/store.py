@@ -70,6 +70,9 @@ CREATE TRIGGER outbox_moved AFTER UPDATE OF state ON outbox WHEN OLD.state != NE
     UPDATE counts SET n = n - 1 WHERE what = 'outbox:' || OLD.state;
     INSERT INTO counts VALUES ('outbox:' || NEW.state, 1) ON CONFLICT(what) DO UPDATE SET n = n + 1; END;
 """
+# Confirmed outbox rows are pruned this often (dc/__main__.py), once deeper than the follower
+# re-checks for rollbacks: without it they were half of a busy DC's file (issue 30).
+PRUNE_EVERY_S = 60.0
 # Blocks remembered in `blocks`: a restarted DC checks them for a rollback that happened while it
 # was down (as many as the follower remembers, dc/cache.py REMEMBERED_BLOCKS).
 BLOCKS_KEPT = 1024
@@ -201,6 +204,13 @@ class Store:
             "SELECT state, tx, block, reason FROM outbox WHERE node=? AND timestamp=?", (node, timestamp)
         ).fetchone()
         return tuple(row) if row else None
+
+    def prune_confirmed(self, below_block: int) -> int:
+        """Delete confirmed outbox rows mined before `below_block`; how many went. For rows deeper
+        than any rollback the DC re-checks (dc/cache.py REMEMBERED_BLOCKS): the record is on chain,
+        and the node's newest record (with its signature) stays in `nodes`."""
+        with self.db:
+            return self.db.execute("DELETE FROM outbox WHERE state='confirmed' AND block < ?", (below_block,)).rowcount
 
     def count_outbox(self, state: str) -> int:
         return self._count("outbox:" + state)

@@ -258,3 +258,19 @@ async def test_a_node_asks_again_while_its_dc_is_catching_up_and_not_after_a_fin
     with pytest.raises(dc_session.NodeError, match="catching_up"):
         await session.direction(b"\x02" * 20)
     assert 0 < len(answers) <= 997  # asked again and again, then gave up at the timeout
+
+
+async def test_confirmed_outbox_rows_deeper_than_the_rollback_horizon_are_pruned_and_no_others(tmp_path, chain):
+    """The outbox must not grow forever (it was half of a busy DC's file), yet a row that a
+    rollback could still undo, a pending one and a rejected one must stay."""
+    c = coordinator(tmp_path, chain)
+    reqs = [RegistrationRequest.signed(keys.generate(), c.info(), chain.clock.wall_ms()) for _ in range(6)]
+    await asyncio.gather(*(c.store.add(r) for r in reqs))
+    items = c.store.pending(6)
+    c.store.settle([(items[0], "confirmed", "0x01", 10, None), (items[1], "confirmed", "0x02", 2000, None),
+                    (items[2], "rejected", None, None, "stale"), (items[3], "confirmed", "0x03", 11, None)])
+    assert c.store.prune_confirmed(1000) == 2
+    assert c.store.outbox_state(items[0].record.node, items[0].record.timestamp) is None
+    assert c.store.outbox_state(items[1].record.node, items[1].record.timestamp)[0] == "confirmed"
+    assert [c.store.count_outbox(s) for s in ("pending", "confirmed", "rejected")] == [2, 1, 1]
+    assert c.store.node(items[0].record.node) is not None  # the node's record itself stays
