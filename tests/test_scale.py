@@ -25,6 +25,9 @@ SEEDED = 3000
 # The chain node answers eth_getLogs this much later: a slow chain node (Besu reading a long log
 # range from disk), which also makes the catch-up window wide enough to probe on any machine.
 SLOW_LOGS_S = 1.0
+# Until a DC's ready line, which comes once it has read the whole registry: more than the usual
+# 20 s on a machine loaded by other tests (its Python imports alone took 18 s at load average 24).
+START_TIMEOUT_S = 60.0
 
 
 @dataclass
@@ -82,7 +85,7 @@ async def test_a_dc_is_unhealthy_and_says_catching_up_until_it_has_read_the_whol
     with Anvil() as chain:
         net = DcNet(tmp_path, chain)
         await net.deploy(2)
-        net.start_dc(1)
+        net.start_dc(1, timeout=START_TIMEOUT_S)
         try:
             await seed(chain.url, net.registry_address, SEEDED)
             # the last record on chain: a node at dc2, which dc1 can learn of only at the end of its catch-up
@@ -90,7 +93,7 @@ async def test_a_dc_is_unhealthy_and_says_catching_up_until_it_has_read_the_whol
             assert status == "confirmed"
             healths, lookups = [], []
             async with LogsProxy(chain.url, SLOW_LOGS_S).running() as proxy, aiohttp.ClientSession() as http:
-                starting = asyncio.create_task(asyncio.to_thread(dc1_via(net, proxy.url).start))  # until the ready line
+                starting = asyncio.create_task(asyncio.to_thread(dc1_via(net, proxy.url).start, START_TIMEOUT_S))
                 while not starting.done():
                     try:
                         healths.append(await get(http, net.urls[0] + "/healthz"))
@@ -125,13 +128,13 @@ async def test_a_restarted_dc_reads_only_new_logs_from_its_snapshot_and_discards
         await seed(chain.url, net.registry_address, 600)
         async with LogsProxy(chain.url).running() as proxy:
             dc = dc1_via(net, proxy.url)
-            await asyncio.to_thread(dc.start)  # in a thread: the proxy runs on this loop
+            await asyncio.to_thread(dc.start, START_TIMEOUT_S)  # in a thread: the proxy runs on this loop
             dc.stop()  # clean: the snapshot is written
             snap_block = int(chain.rpc("eth_blockNumber"), 16)
             fork = chain.rpc("evm_snapshot")
             await seed(chain.url, net.registry_address, 200)  # blocks after the snapshot's
             proxy.reads.clear()
-            await asyncio.to_thread(dc.start)
+            await asyncio.to_thread(dc.start, START_TIMEOUT_S)
             try:
                 assert await metric(net.urls[0], "ntm_dc_registry_nodes") == 800
                 assert proxy.reads and min(proxy.reads) == snap_block + 1, (proxy.reads, snap_block)
@@ -140,7 +143,7 @@ async def test_a_restarted_dc_reads_only_new_logs_from_its_snapshot_and_discards
             chain.rpc("evm_revert", [fork])
             await seed(chain.url, net.registry_address, 100)  # another branch, as high as the lost one
             proxy.reads.clear()
-            await asyncio.to_thread(dc.start)
+            await asyncio.to_thread(dc.start, START_TIMEOUT_S)
             try:
                 assert await metric(net.urls[0], "ntm_dc_registry_nodes") == 700
                 assert min(proxy.reads) == 0, proxy.reads
