@@ -514,7 +514,10 @@ class Registry:
             err = answer.get("error") if isinstance(answer, dict) else None
             message = err.get("message") if isinstance(err, dict) else None
             raise RegistryError(f"eth_getLogs failed: {message or 'no result in the answer'}")
-        events = [e for e in map(self.parse_raw_log, answer["result"]) if e is not None]
+        try:
+            events = [e for e in map(self.parse_raw_log, answer["result"]) if e is not None]
+        except (KeyError, ValueError, TypeError, IndexError, AttributeError) as exc:  # a chain node's garbage
+            raise RegistryError(f"eth_getLogs answered a malformed log: {exc!r}") from None
         events.sort(key=lambda e: (e.block, e.log_index))
         return events
 

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import types
 from typing import Callable
 
 import pytest
 
+from chain.registry import Registry, _Abi, load_artifact
 from dc import dashboard, snapshot
 from dc.cache import LOG_CHUNK, RegistryCache
 from dc.chainstatus import ChainStatus
@@ -22,6 +24,7 @@ from ntm import keys
 from ntm.clock import Clock
 from ntm.record import NodeTransaction
 from ntm.registration import RegistrationRequest
+from ntm.registry import RegistryError
 from tests.fakes import FakeChain, FakeClock, FakeRegistry
 
 DC_ENDPOINT = "http://dc.test:8330"
@@ -274,3 +277,29 @@ async def test_confirmed_outbox_rows_deeper_than_the_rollback_horizon_are_pruned
     assert c.store.outbox_state(items[1].record.node, items[1].record.timestamp)[0] == "confirmed"
     assert [c.store.count_outbox(s) for s in ("pending", "confirmed", "rejected")] == [2, 1, 1]
     assert c.store.node(items[0].record.node) is not None  # the node's record itself stays
+
+
+async def test_logs_are_sliced_from_the_raw_answer_and_garbage_from_a_chain_node_is_a_clear_error():
+    """The catch-up reads eth_getLogs' raw JSON (chain/registry.py). Hostile condition: a chain
+    node (one of the DC's fallback URLs) answering garbage: a RegistryError (the follower retries
+    with backoff), never an exception that would end the follower."""
+    reg = Registry.__new__(Registry)
+    reg._abi, reg.address = _Abi(load_artifact()["abi"]), b"\x5f" * 20
+    answers: list = []
+
+    async def make_request(method, params):
+        return answers.pop(0)
+
+    reg.w3 = types.SimpleNamespace(provider=types.SimpleNamespace(make_request=make_request))
+    topic = "0x" + reg._abi.topics["NodeRegistered"].hex()
+    log = {"topics": [topic, "0x" + "00" * 12 + "11" * 20, "0x" + "00" * 12 + "22" * 20], "data": "0x" + "%064x" % 123,
+           "blockNumber": "0x5", "logIndex": "0x1", "transactionHash": "0x" + "33" * 32}
+    answers.append({"result": [log]})
+    (ev,) = await reg.get_events(0, 5)
+    assert (ev.kind, ev.node, ev.dc, ev.timestamp, ev.block, ev.log_index) == ("NodeRegistered", b"\x11" * 20,
+                                                                               b"\x22" * 20, 123, 5, 1)
+    for garbage in ({"result": [{**log, "topics": [topic, "0xzz", "0x00"]}]}, {"result": [{"topics": [topic]}]},
+                    {"result": [{**log, "blockNumber": None}]}, {"error": {"message": "range too large"}}, ["x"]):
+        answers.append(garbage)
+        with pytest.raises(RegistryError):
+            await reg.get_events(0, 5)
