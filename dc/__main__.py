@@ -1,6 +1,7 @@
 """`ntm-dc` / `python -m dc`: wire the DC's parts together and run until SIGINT/SIGTERM.
 
-On start it prints one JSON line on stdout ({"event": "ready", ...}) with the bound ports, for
+It serves HTTP at once (/healthz says 503 until the registry cache has caught up with the chain),
+and prints one JSON line on stdout ({"event": "ready", ...}) with the bound ports once it has, for
 scripts and tests; everything else is logged to stderr, one line per event.
 """
 
@@ -12,17 +13,18 @@ import logging
 import os
 import ssl
 import sys
+from typing import Awaitable
 
 from aiohttp import web
 
-from dc import config as dc_config
-from dc.cache import RegistryCache
+from dc import config as dc_config, snapshot
+from dc.cache import REMEMBERED_BLOCKS, RegistryCache
 from dc.chainstatus import ChainStatus
 from dc.coordinator import Coordinator
 from dc.dashboard import FederationProbe
 from dc.presence import KeepaliveProtocol
 from dc.server import make_app
-from dc.store import Store
+from dc.store import PRUNE_EVERY_S, Store
 from chain.registry import BATCH_GAS_PER_RECORD, connect_registry
 from daemon import keystore, service
 from daemon.service import udp_socket
@@ -39,6 +41,10 @@ async def serve(cfg: dc_config.DcConfig, stop: asyncio.Event) -> None:
     registry, dep = await connect_registry(cfg.rpc_url, cfg.deployment, key.secret)
     store = Store(cfg.db, keys.node_id_of(key))
     cache = RegistryCache(registry, dep["block"])
+    snap_path = cfg.db.with_name(cfg.db.name + ".snapshot")  # the registry cache at a block (dc/snapshot.py)
+    snap = snapshot.read(snap_path, registry.chain_id, registry.address, dep["block"])
+    if snap is not None:
+        await cache.restore(snap)
     await cache.load()
     for number, block_hash in store.blocks():  # a rollback while this DC was down is seen on the first poll
         cache.remember(number, block_hash)
@@ -48,7 +54,6 @@ async def serve(cfg: dc_config.DcConfig, stop: asyncio.Event) -> None:
                         new_nodes_per_hour=cfg.new_nodes_per_hour, new_nodes_burst=cfg.new_nodes_per_hour / 5,
                         confirmations=cfg.confirmations, cs=cfg.cs)
     chain_status = ChainStatus(cache, registry, BATCH_GAS_PER_RECORD, cfg.max_block_age)
-    await cache.poll()  # the head (for /healthz), a rollback, the first chunk of events: before serving
     if not cache.is_active_dc(coord.address):
         logging.warning("DC %s is not active in the registry: registrations will be refused until it is admitted",
                         keys.checksum(coord.address))
@@ -56,7 +61,9 @@ async def serve(cfg: dc_config.DcConfig, stop: asyncio.Event) -> None:
     transports = [(await loop.create_datagram_endpoint(lambda alt=alt: KeepaliveProtocol(coord.presence, alt),
                                                        sock=sock))[0] for alt, sock in ((False, socks[0]), (True, socks[1]))]
     tasks = [asyncio.create_task(cache.run(), name="cache"), asyncio.create_task(coord.submitter.run(), name="submitter"),
-             asyncio.create_task(chain_status.run(), name="chain-status")]
+             asyncio.create_task(chain_status.run(), name="chain-status"),
+             asyncio.create_task(cache.keep_snapshot(snap_path), name="snapshot"),
+             asyncio.create_task(prune_outbox(store, cache, cfg.confirmations), name="outbox-prune")]
     probe = FederationProbe(coord)
     tasks.append(asyncio.create_task(probe.run(), name="federation-probe"))
     runner = web.AppRunner(make_app(coord, chain_status, tuple(cfg.admin_allow), probe), access_log=None,
@@ -70,17 +77,22 @@ async def serve(cfg: dc_config.DcConfig, stop: asyncio.Event) -> None:
     if pending:
         logging.info("resubmitting %d pending outbox records", pending)
         coord.submitter.wake()
-    ready = {"event": "ready", "dc": keys.checksum(coord.address), "hostname": cfg.hostname,
-             "http": f"{'https' if tls else 'http'}://{cfg.http_host}:{http_port}", "udp_ports": list(ports),
-             "chain_id": registry.chain_id, "registry": keys.checksum(registry.address), "pid": os.getpid()}
-    print(json.dumps(ready), flush=True)
-    logging.info("DC %s serving on %s (keepalive udp %d, %d)", ready["dc"], ready["http"], *ports)
     try:
-        await stop.wait()
+        # Serving already (/healthz says 503 catching_up, lookups of unknown nodes say catching_up),
+        # but ready only once the registry is read up to the head (unless the stop comes first).
+        if await first(cache.ready.wait(), stop.wait()):
+            ready = {"event": "ready", "dc": keys.checksum(coord.address), "hostname": cfg.hostname,
+                     "http": f"{'https' if tls else 'http'}://{cfg.http_host}:{http_port}", "udp_ports": list(ports),
+                     "chain_id": registry.chain_id, "registry": keys.checksum(registry.address), "pid": os.getpid()}
+            print(json.dumps(ready), flush=True)
+            logging.info("DC %s serving on %s (keepalive udp %d, %d)", ready["dc"], ready["http"], *ports)
+            await stop.wait()
     finally:
         logging.info("shutting down")
         for t in tasks:
             t.cancel()
+        if (snap := cache.snapshot()) is not None:  # a clean stop: the next start reads only the logs after it
+            await snapshot.save(snap_path, snap)
         await runner.cleanup()
         for t in transports:
             t.close()
@@ -88,6 +100,23 @@ async def serve(cfg: dc_config.DcConfig, stop: asyncio.Event) -> None:
         store.close()
         await registry.close()
         os.close(lock)
+
+
+async def prune_outbox(store: Store, cache: RegistryCache, confirmations: int) -> None:
+    """Every PRUNE_EVERY_S: confirmed outbox rows deeper than any rollback the DC re-checks go."""
+    while True:
+        await asyncio.sleep(PRUNE_EVERY_S)
+        if cache.caught_up and (gone := store.prune_confirmed(cache.block - max(REMEMBERED_BLOCKS, confirmations))):
+            logging.info("outbox: %d confirmed records pruned", gone)
+
+
+async def first(ready: Awaitable, stop: Awaitable) -> bool:
+    """Wait for `ready` or `stop`, whichever comes first; True if it was `ready`."""
+    waits = [asyncio.ensure_future(ready), asyncio.ensure_future(stop)]
+    done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    for w in pending:
+        w.cancel()
+    return waits[0] in done
 
 
 def tls_context(cfg: dc_config.DcConfig, key, coord: Coordinator) -> ssl.SSLContext | None:

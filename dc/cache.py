@@ -9,6 +9,9 @@ The follower polls the head and remembers the hash of the blocks it has read up 
 height whose hash changed, or a head below it, is a rollback (a reorg, or a chain node restarted
 from an older state): the cache is rebuilt from the chain as it is now, and `on_rollback(fork)` is
 told the first block that changed, so the DC can re-check what it called confirmed since.
+
+Until the follower has read up to the head once (`caught_up`), the cache is incomplete: the DC
+reports unhealthy and a lookup it cannot answer says "catching up" (retry), never "unknown node".
 """
 
 from __future__ import annotations
@@ -16,8 +19,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from pathlib import Path
 from typing import Awaitable, Callable
 
+from dc import snapshot
+from dc.snapshot import Snapshot
 from ntm.errors import NtmError
 from ntm.registry import BlockRef, DcInfo, OnChainRecord, RegistryEvent, RegistryView
 
@@ -52,11 +58,14 @@ class RegistryCache:
         self.from_block = from_block
         self.nodes: dict[bytes, OnChainRecord] = {}
         self.dcs: dict[bytes, DcInfo] = {}
+        # not revoked records per home DC, kept as events apply (the dashboard reads it: no walk)
+        self.live_per_dc: dict[bytes, int] = {}
         self.block = from_block - 1  # read up to here
         self.head: BlockRef | None = None  # the chain's latest block at the last successful poll
         self.head_seen_at: float | None = None  # time.monotonic() of the last poll the chain answered
         self._head_read_at = 0.0
         self.rollbacks = 0
+        self.ready = asyncio.Event()  # set once read up to the head: a miss then means "not registered"
         self._hashes: dict[int, bytes] = {}  # height -> hash, of blocks read up to
         self._changed = asyncio.Condition()
         # Called with a node ID when a revocation of it arrives from the chain (the DC ends the
@@ -70,6 +79,38 @@ class RegistryCache:
         """Prime the DC list directly (so a DC can trust its peers before events catch up)."""
         for info in await self.registry.dcs():
             self.dcs[info.address] = info
+
+    async def restore(self, snap: Snapshot) -> bool:
+        """Start from a snapshot (dc/snapshot.py) if the chain still has its block: the follower
+        then reads only the logs after it. False (and the cache unchanged) if it does not."""
+        now = await self.registry.block(snap.block)
+        if now is None or now.hash != snap.block_hash:
+            log.warning("registry snapshot at block %d discarded: %s; reading the registry from block %d",
+                        snap.block, "the chain is shorter" if now is None else "the chain has another block there",
+                        self.from_block)
+            return False
+        self.nodes, self.dcs, self.live_per_dc = snap.nodes, snap.dcs, {}
+        for rec in self.nodes.values():  # once per start
+            self._count(rec, 1)
+        self._advance(now)
+        log.info("registry snapshot at block %d restored: %d nodes, %d DCs", snap.block, len(self.nodes), len(self.dcs))
+        return True
+
+    def snapshot(self) -> Snapshot | None:
+        """The cache as it is now (copied: the follower goes on), or None before the first catch-up."""
+        if not self.caught_up or self.block not in self._hashes:
+            return None
+        return Snapshot(self.registry.chain_id, self.registry.address, self.from_block, self.block,
+                        self._hashes[self.block], dict(self.nodes), dict(self.dcs))
+
+    async def keep_snapshot(self, path: Path) -> None:
+        """Write the snapshot every SNAPSHOT_EVERY_S when the cache has read new blocks."""
+        written = None
+        while True:
+            await asyncio.sleep(snapshot.SNAPSHOT_EVERY_S)
+            snap = self.snapshot()
+            if snap is not None and snap.block != written and await snapshot.save(path, snap):
+                written = snap.block
 
     def is_active_dc(self, address: bytes) -> bool:
         info = self.dcs.get(address)
@@ -122,9 +163,9 @@ class RegistryCache:
         fork = await self._fork_point(head)
         if fork is not None:
             await self._rebuild(head, fork)
-            return True
+            return self._at_head()
         if head.number <= self.block:
-            return True
+            return self._at_head()
         to = min(head.number, self.block + LOG_CHUNK)
         events = await self.registry.get_events(self.block + 1, to)
         end = head if to == head.number else await self.registry.block(to)
@@ -135,7 +176,17 @@ class RegistryCache:
         self._advance(end)
         async with self._changed:
             self._changed.notify_all()
-        return to == head.number
+        return self._at_head() if to == head.number else False
+
+    @property
+    def caught_up(self) -> bool:
+        return self.ready.is_set()
+
+    def _at_head(self) -> bool:
+        if not self.caught_up:
+            log.info("registry cache caught up at block %d: %d nodes, %d DCs", self.block, len(self.nodes), len(self.dcs))
+            self.ready.set()
+        return True
 
     def _advance(self, end: BlockRef) -> None:
         self.block = end.number
@@ -175,7 +226,7 @@ class RegistryCache:
         events: list[RegistryEvent] = []
         for start in range(self.from_block, head.number + 1, LOG_CHUNK):
             events += await self.registry.get_events(start, min(head.number, start + LOG_CHUNK - 1))
-        self.nodes, self.dcs, self._hashes = {}, {info.address: info for info in dcs}, {}
+        self.nodes, self.dcs, self._hashes, self.live_per_dc = {}, {info.address: info for info in dcs}, {}, {}
         on_revoked, self.on_revoked = self.on_revoked, None  # revocations still on chain were handled
         try:
             for ev in events:
@@ -194,7 +245,9 @@ class RegistryCache:
             assert ev.node is not None and ev.dc is not None and ev.timestamp is not None
             old = self.nodes.get(ev.node)
             if old is None or ev.timestamp > old.timestamp:
-                self.nodes[ev.node] = OnChainRecord(ev.dc, ev.timestamp, ev.kind == "NodeRevoked")
+                new = self.nodes[ev.node] = OnChainRecord(ev.dc, ev.timestamp, ev.kind == "NodeRevoked")
+                self._count(old, -1)
+                self._count(new, 1)
             if ev.kind == "NodeRevoked" and self.on_revoked is not None:
                 self.on_revoked(ev.node)
         elif ev.kind in ("DCAdmitted", "DCUpdated"):
@@ -204,6 +257,10 @@ class RegistryCache:
             assert ev.dc is not None
             old = self.dcs.get(ev.dc)
             self.dcs[ev.dc] = DcInfo(ev.dc, False, old.hostname if old else "", old.endpoint if old else "")
+
+    def _count(self, rec: OnChainRecord | None, delta: int) -> None:
+        if rec is not None and not rec.revoked:
+            self.live_per_dc[rec.dc] = self.live_per_dc.get(rec.dc, 0) + delta
 
     async def wait_for(self, predicate, timeout: float) -> bool:
         """Wait until predicate() holds (e.g. a node's record arrived); False on timeout."""

@@ -52,13 +52,15 @@ class ChainStatus:
         return None if self.gas_price_wei is None else LOW_GAS_RECORDS * self.gas_per_record * self.gas_price_wei
 
     def report(self, now: float | None = None, wall: float | None = None) -> dict:
-        """{"chain": "ok"|"down"|"behind", "gas": "ok"|"low"|"unknown", and the figures behind them}."""
+        """{"chain": "ok"|"down"|"catching_up"|"behind", "gas": "ok"|"low"|"unknown", and the figures behind them}."""
         now = time.monotonic() if now is None else now
         wall = time.time() if wall is None else wall
         head, seen = self.cache.head, self.cache.head_seen_at
         age = None if head is None else max(0.0, wall - head.timestamp)
         if head is None or seen is None or now - seen > CHAIN_DOWN_S:
             chain = "down"
+        elif not self.cache.caught_up:  # the first full read of the registry is not done: not ready
+            chain = "catching_up"
         elif head.number - self.cache.block > BEHIND_BLOCKS or (
                 self.max_block_age_s > 0 and age is not None and age > self.max_block_age_s):
             chain = "behind"

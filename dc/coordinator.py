@@ -235,7 +235,7 @@ class Coordinator:
         """Where `node` lives and what its home DC knows of it: from here if we are its home (or
         hold a newer record than the chain), else by an NTM Information Request to its home DC.
         Returns (info, home DC address). A revoked record is returned with revoked=True; a node
-        nobody can answer for raises NodeLookupError."""
+        nobody can answer for raises NodeLookupError (catching_up while the cache is incomplete)."""
         onchain = await self.cache.resolve(node)
         stored = self.store.node(node)
         if stored and (onchain is None or stored.timestamp >= onchain.timestamp):
@@ -243,6 +243,8 @@ class Coordinator:
             assert info is not None
             info.confirmed = bool(onchain and onchain.timestamp == stored.timestamp)
             return info, self.address
+        if onchain is None and not self.cache.caught_up:  # it may be in the logs not read yet
+            raise NodeLookupError("catching_up", "this DC is still reading the registry from the chain; retry shortly")
         if onchain is None:
             raise NodeLookupError("unknown_node", f"{keys.checksum(node)} is not registered")
         if onchain.revoked:

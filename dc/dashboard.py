@@ -86,12 +86,10 @@ class FederationProbe:
 
 
 def snapshot(c: Any, chain: Any, probe: FederationProbe, started: float) -> dict:
-    """Everything the page shows, from the coordinator's state (no chain call, no network)."""
+    """Everything the page shows, from the coordinator's state (no chain call, no network), in
+    work independent of the number of nodes: counts kept incrementally (cache, SQLite triggers)."""
     report = chain.report()
-    per_dc: dict[bytes, int] = {}
-    for rec in c.cache.nodes.values():
-        if not rec.revoked:
-            per_dc[rec.dc] = per_dc.get(rec.dc, 0) + 1
+    per_dc = c.cache.live_per_dc  # kept as events arrive: nothing here walks the nodes
     dcs = []
     for d in sorted(c.cache.dcs.values(), key=lambda d: d.hostname):
         p = probe.results.get(d.address)

@@ -7,7 +7,8 @@ from ntm.errors import CodedError
 
 class NodeLookupError(CodedError):
     """A node the registry does not know, or that cannot be reached: unknown_node, home_dc_inactive,
-    home_dc_unreachable, bad_pubkey, wrong_dc."""
+    home_dc_unreachable, bad_pubkey, wrong_dc; catching_up (retryable: the DC has not read the
+    whole registry yet)."""
 
 
 class DirectionError(CodedError):

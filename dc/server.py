@@ -70,7 +70,7 @@ def error_for(exc: Exception) -> tuple[int, dict]:
     elif isinstance(exc, SignatureError):
         status, code, message = 403, "forbidden", str(exc)
     elif isinstance(exc, NodeLookupError):
-        status = {"unknown_node": 404, "wrong_dc": 409, "too_many_notices": 429}.get(exc.code, 502)
+        status = {"unknown_node": 404, "wrong_dc": 409, "too_many_notices": 429, "catching_up": 503}.get(exc.code, 502)
         code, message = exc.code, str(exc)
     elif isinstance(exc, SourceLimited):
         status, code, message = 429, exc.code, str(exc)
@@ -79,7 +79,7 @@ def error_for(exc: Exception) -> tuple[int, dict]:
     elif isinstance(exc, GroupRefused):
         status, code, message = GROUP_STATUS.get(exc.code, 400), exc.code, str(exc)
     elif isinstance(exc, DirectionError):
-        status = {"rate_limited": 429, "peer_busy": 429, "not_allowed": 403, "dc_busy": 503,
+        status = {"rate_limited": 429, "peer_busy": 429, "not_allowed": 403, "dc_busy": 503, "catching_up": 503,
                   "peer_unresponsive": 504}.get(exc.code, 404)
         code, message = exc.code, str(exc)
     elif isinstance(exc, NtmError):  # e.g. the chain is unreachable for a cache miss

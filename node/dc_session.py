@@ -40,6 +40,9 @@ log = logging.getLogger("ntm.node")
 # How long a Direction Request may take: the DCs answer in milliseconds; a dead peer DC takes
 # the federation timeout (3 s) to be declared unreachable.
 DIRECTION_TIMEOUT_S = 8.0
+# A DC that answers catching_up (it restarted and is reading the registry: seconds at 100k
+# records, less from its snapshot) is asked again this often: a few asks per second cost it little.
+CATCHING_UP_RETRY_S = 0.5
 # The first keepalives of a session go out quickly: the first may race the NAT's mapping setup,
 # and the DC must know our public address before it can direct anyone to us. They go on, spaced
 # out, until the DC answers: on an uplink losing 20% each way a round trip fails 36% of the time,
@@ -455,7 +458,18 @@ class DcSession:
     async def direction(self, peer: bytes, route: str | None = None, resume: bytes | None = None) -> bytes:
         """Send a Direction Request on the session (waiting for one if it is being reopened);
         returns the new path ID once the DC has directed both ends. `route`: None (the DC
-        decides), "relay" or "direct" (a direct path or a refusal, §8.3)."""
+        decides), "relay" or "direct" (a direct path or a refusal, §8.3). A DC still reading the
+        registry (catching_up) is asked again, within DIRECTION_TIMEOUT_S."""
+        deadline = self.clock.now() + DIRECTION_TIMEOUT_S
+        while True:
+            try:
+                return await self._direction_once(peer, route, resume)
+            except NodeError as exc:
+                if exc.code != "catching_up" or self.clock.now() + CATCHING_UP_RETRY_S > deadline:
+                    raise
+            await asyncio.sleep(CATCHING_UP_RETRY_S)
+
+    async def _direction_once(self, peer: bytes, route: str | None, resume: bytes | None) -> bytes:
         try:
             await asyncio.wait_for(self._session_up.wait(), DIRECTION_TIMEOUT_S)
         except asyncio.TimeoutError:

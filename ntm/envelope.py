@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import coincurve
-from eth_utils import keccak
 
 from ntm import keys
 from ntm.errors import ParseError, SignatureError
@@ -53,7 +52,7 @@ class Envelope:
         }
 
     def digest(self) -> bytes:
-        return keccak(DOMAIN_TAG + canonical(self.signed_part()))
+        return keys.keccak(DOMAIN_TAG + canonical(self.signed_part()))
 
 
 def seal(key: coincurve.PrivateKey, kind: str, body: dict, now_ms: int, nonce: bytes | None = None) -> dict:

@@ -20,7 +20,7 @@ from ntm import keys
 from ntm.registration import RegistrationRequest
 from chain.registry import Registry
 from scripts.anvil import DEV_KEYS, Anvil
-from scripts.procs import Child, dc_child, free_port, has_ipv6_loopback
+from scripts.procs import READY_TIMEOUT_S, Child, dc_child, free_port, has_ipv6_loopback
 
 
 @dataclass
@@ -58,10 +58,11 @@ class DcNet:
         await reg.close()
         self.dcs = [None] * n_dcs
 
-    def start_dc(self, i: int, extra: tuple[str, ...] = ()) -> Child:
+    def start_dc(self, i: int, extra: tuple[str, ...] = (), timeout: float = READY_TIMEOUT_S) -> Child:
+        """`timeout`: for its ready line (a DC is ready once it has read the whole registry)."""
         cs = ["--cs", self.cs_url(i)] if i < len(self.cs_ports) else []
         child = dc_child(self.workdir, f"dc{i + 1}", self.workdir / f"dc{i + 1}.key.json", self.chain.url,
-                         self.deployment, self.ports[i], relays=self.relays, extra=[*cs, *extra]).start()
+                         self.deployment, self.ports[i], relays=self.relays, extra=[*cs, *extra]).start(timeout)
         self.dcs[i] = child
         return child
 
