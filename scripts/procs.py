@@ -18,8 +18,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
-# Starting a DC connects to the chain and replays registry events; 20 s covers a slow CI machine.
-READY_TIMEOUT_S = 20.0
+# Starting a DC connects to the chain and reads the whole registry before its ready line (§5); a
+# limit, not a wait: 60 s covers a slow CI machine running two test workers (20 s did not, at load 10+).
+READY_TIMEOUT_S = 60.0
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
