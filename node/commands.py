@@ -20,7 +20,7 @@ from node.dc_client import DcClient, DcError, dc_url
 from node.dc_session import DcSilent
 from node.output import FAILED, NO_DAEMON, UNREACHABLE, USAGE, CliError, event, out, show_id
 from node.peers import PeerBook, PeerBookError
-from ntm import keys, messages, record, seal, vaddr
+from ntm import keys, messages, record, routes, seal, vaddr
 from ntm.errors import KeystoreError, NtmError
 from ntm.registration import RegistrationRequest
 
@@ -254,7 +254,17 @@ def up_options(args) -> daemon.UpOptions:
     return daemon.UpOptions(
         tun=None if args.no_tun else (args.tun or "ntm0"), require_tun=args.tun is not None,
         v4_net=args.v4_net, path_mtu=args.path_mtu, dns=args.dns, accept_any=args.accept_any,
-        echo=args.echo, host=args.host, port=args.port, keepalive=args.keepalive)
+        echo=args.echo, host=args.host, port=args.port, keepalive=args.keepalive,
+        advertise_routes=advertised(args.advertise_routes), advertise_exit=args.advertise_exit,
+        use_routes=args.use_routes, exit_node=args.exit_node)
+
+
+def advertised(text: str) -> list:
+    """--advertise-routes, checked before anything starts."""
+    try:
+        return routes.parse_prefixes(text)
+    except routes.RouteError as exc:
+        raise CliError(str(exc), USAGE) from None
 
 
 async def cmd_up(args, base: Path) -> None:

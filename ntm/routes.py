@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import struct
 from dataclasses import dataclass
+from typing import Callable
 from ipaddress import IPv4Network, IPv6Network, ip_network
 
 import coincurve
@@ -219,3 +220,23 @@ class RouteTable:
         virtual network as an exit."""
         return (bool(self._own) and _contains(self._own, dst) is not None
                 and _contains(self._local, dst) is None)
+
+
+def parse_choice(items: list[str], resolve: Callable[[str], bytes]) -> dict[bytes, frozenset[Net] | None]:
+    """`--use-routes` items, each "PEER" (every route PEER offers) or "PEER:PREFIX" (only that one;
+    repeat for more), PEER a node ID or alias that `resolve` turns into a node ID (raising
+    NtmError/ValueError if it cannot). RouteError for anything malformed."""
+    wanted: dict[bytes, frozenset[Net] | None] = {}
+    for item in (x.strip() for chunk in items for x in chunk.split(",")):
+        if not item:
+            continue
+        name, _, prefix = item.partition(":")
+        try:
+            peer = resolve(name)
+        except (NtmError, ValueError) as exc:
+            raise RouteError(f"--use-routes {item}: {exc}") from None
+        if not prefix:
+            wanted[peer] = None
+        elif wanted.get(peer, frozenset()) is not None:
+            wanted[peer] = wanted.get(peer, frozenset()) | frozenset(parse_prefixes(prefix))  # type: ignore[operator]
+    return wanted

@@ -12,7 +12,7 @@ import pytest
 
 from ntm import keys, messages
 from ntm.overlay import Overlay
-from ntm.routes import RouteError, RouteTable, offer_digest, parse_prefixes, sign_offer, verify_offer
+from ntm.routes import EXIT_ROUTES, RouteError, RouteTable, offer_digest, parse_choice, parse_prefixes, sign_offer, verify_offer
 from ntm.vaddr import V4Book, v6_of
 
 from tests.test_overlay import ipv4, ipv6, l4_checksum
@@ -215,3 +215,123 @@ def test_router_forwards_only_into_its_advertised_routes():
     assert ov.inbound(ID_N, ipv6(v6_of(ID_N).packed, h6)) is not None
     assert ov.inbound(ID_N, ipv6(v6_of(ID_N).packed, ip_address("fd00:78::5").packed)) is None
     assert ov.stats["rx_wrong_destination"] == 1
+
+
+# --- the daemon's adapter: forwarding rules and kernel routes (fake runner) ----------------------
+from node.subnet import EXIT_TABLE, STATE_FILE, Forwarding, ForwardingError, RouteSync, forwarding_rules  # noqa: E402
+
+
+class FakeIptables:
+    """Stands for iptables/ip: keeps the rules added; -C fails for a rule that is not there."""
+
+    def __init__(self, fail_on: str = "") -> None:
+        self.rules: list[tuple[str, ...]] = []
+        self.calls: list[list[str]] = []
+        self.fail_on = fail_on
+
+    def __call__(self, argv: list[str]) -> None:
+        self.calls.append(argv)
+        if self.fail_on and self.fail_on in argv:
+            raise ForwardingError(f"{argv[0]}: refused")
+        if argv[0] == "ip":
+            return
+        op = next(a for a in argv if a in ("-A", "-D", "-C"))
+        rule = tuple(a for a in argv if a != op)
+        if op == "-A":
+            self.rules.append(rule)
+        elif rule not in self.rules:
+            raise ForwardingError("no such rule")
+        elif op == "-D":
+            self.rules.remove(rule)
+
+
+def fw_with(tmp_path, ipt) -> Forwarding:
+    sysctl = tmp_path / "sys"
+    sysctl.mkdir(exist_ok=True)
+    for name in ("ip_forward", "forwarding"):
+        (sysctl / name).write_text("0\n")
+    return Forwarding(tmp_path, ipt, sysctl)
+
+
+def test_forwarding_adds_then_removes_exactly_its_rules_and_restores_sysctls(tmp_path):
+    ipt = FakeIptables()
+    ipt.rules.append(("iptables", "-w", "-t", "nat", "POSTROUTING", "-j", "MASQUERADE"))  # the operator's own
+    fw = fw_with(tmp_path, ipt)
+    rules = forwarding_rules("ntm0", IPv4Network("100.64.0.0/10"), parse_prefixes(LAN + ",fd00:77::/64"))
+    fw.apply(rules, {4, 6})
+    assert len(ipt.rules) == 1 + 6 and (tmp_path / "sys" / "ip_forward").read_text() == "1\n"
+    nat = [r for r in ipt.rules if "MASQUERADE" in r and "-s" in r]
+    assert ("iptables", "-w", "-t", "nat", "POSTROUTING", "-s", "100.64.0.0/10", "-d", LAN) == nat[0][:9]
+    fw.remove()
+    assert ipt.rules == [("iptables", "-w", "-t", "nat", "POSTROUTING", "-j", "MASQUERADE")]
+    assert (tmp_path / "sys" / "ip_forward").read_text() == "0\n" and not (tmp_path / STATE_FILE).exists()
+
+
+def test_a_crashed_daemons_rules_are_removed_at_the_next_start(tmp_path):
+    """Hostile condition: the daemon is SIGKILLed with its rules in place (and one rule was removed
+    by hand meanwhile). The next start removes the rest from the state file, nothing else."""
+    ipt = FakeIptables()
+    fw_with(tmp_path, ipt).apply(forwarding_rules("ntm0", IPv4Network("100.64.0.0/10"), parse_prefixes(LAN)), {4})
+    assert len(ipt.rules) == 3
+    ipt.rules.pop(0)  # an operator removed one by hand
+    fresh = fw_with(tmp_path, ipt)
+    (tmp_path / "sys" / "ip_forward").write_text("1\n")  # as the crashed daemon left it
+    assert fresh.recover() == 3
+    assert ipt.rules == [] and (tmp_path / "sys" / "ip_forward").read_text() == "0\n"
+    assert fresh.recover() == 0  # nothing left to do
+
+
+def test_a_failed_rule_undoes_the_setup(tmp_path):
+    ipt = FakeIptables(fail_on="ip6tables")
+    fw = fw_with(tmp_path, ipt)
+    with pytest.raises(ForwardingError, match="cannot set up forwarding"):
+        fw.apply(forwarding_rules("ntm0", IPv4Network("100.64.0.0/10"), parse_prefixes(LAN + ",fd00:77::/64")), {4, 6})
+    assert ipt.rules == [] and not (tmp_path / STATE_FILE).exists()
+    assert (tmp_path / "sys" / "ip_forward").read_text() == "0\n"
+
+
+async def test_route_sync_learns_verified_offers_and_installs_routes():
+    """The DC answers for R with R's offer, then with a forged one, then (adversary: a DC serving
+    S's genuine offer as R's) another node's: only R's own verified offer is used."""
+    answers = {ID_R: offer(KEY_R, LAN, exit=True)}
+
+    async def whois(peer: bytes) -> messages.NodeInfo:
+        return messages.NodeInfo(node=keys.checksum(peer), home_dc=keys.checksum(ID_S), timestamp=1, revoked=False,
+                                 online=True, routes=answers.get(peer))
+
+    table = RouteTable(local=IPv4Network("100.64.0.0/10"))
+    table.choose({ID_R: None}, exit_node=ID_R)
+    ip = FakeIptables()
+    sync = RouteSync(table, whois, "ntm0", ip)
+    await sync.fetch(ID_R)
+    assert table.lookup(a("10.77.0.1")) == ID_R
+    assert ["ip", "-4", "route", "replace", LAN, "dev", "ntm0"] in ip.calls
+    assert ["ip", "-4", "route", "replace", "0.0.0.0/0", "dev", "ntm0", "table", str(EXIT_TABLE)] in ip.calls
+    answers[ID_R] = msgspec.structs.replace(offer(KEY_R, "10.9.0.0/24", seq=SEQ + 5), routes=["10.8.0.0/24"])
+    await sync.fetch(ID_R)
+    answers[ID_R] = offer(KEY_S, "10.9.0.0/24", seq=SEQ + 9)
+    await sync.fetch(ID_R)
+    assert table.accepted[ID_R] == (*parse_prefixes(LAN), *EXIT_ROUTES)  # neither changed anything
+    assert set(sync.status()["unknown"]) == {keys.checksum(ID_R)}
+    answers[ID_R] = offer(KEY_R, "10.9.0.0/24", seq=SEQ + 10)  # R withdraws the LAN and its exit
+    await sync.fetch(ID_R)
+    assert table.lookup(a("10.9.0.1")) == ID_R and table.lookup(a("10.77.0.1")) is None
+    assert ["ip", "-4", "route", "del", LAN, "dev", "ntm0"] in ip.calls
+    assert ["ip", "-6", "route", "del", "::/0", "dev", "ntm0", "table", str(EXIT_TABLE)] in ip.calls
+    assert sync.status()["unknown"] == {}
+
+
+def test_use_routes_choice_parsing():
+    names = {"r": ID_R, "s": ID_S}
+
+    def resolve(name: str) -> bytes:
+        if name not in names:
+            raise ValueError(f"unknown peer {name}")
+        return names[name]
+
+    assert parse_choice(["r", "s:10.9.0.0/24,s:10.8.0.0/24"], resolve) == {
+        ID_R: None, ID_S: frozenset(parse_prefixes("10.9.0.0/24,10.8.0.0/24"))}
+    assert parse_choice(["r:10.9.0.0/24", "r"], resolve) == {ID_R: None}  # all of it wins
+    for bad in (["x"], ["r:10.9.0.1/24"], ["r:0.0.0.0/0"]):
+        with pytest.raises(RouteError):
+            parse_choice(bad, resolve)
