@@ -71,12 +71,13 @@ class UpNode:
         self.lab.kill(self.proc, grace=5)
 
 
-def transfer(sender: UpNode, receiver: UpNode, to_addr: str, bind: str, nbytes: int, rate: float = 0.0,
+def transfer(sender: UpNode, receiver: UpNode | Host, to_addr: str, bind: str, nbytes: int, rate: float = 0.0,
              during=None) -> tuple[dict, dict]:
-    """`nbytes` over TCP from `sender` to `receiver` (listening on `bind`), paced at `rate`
-    bytes/s if given; `during()` runs meanwhile (a move). Returns (sender result, receiver result)."""
+    """`nbytes` over TCP from `sender` to `receiver` (a node, or a plain host; listening on
+    `bind`), paced at `rate` bytes/s if given; `during()` runs meanwhile (a move). Returns
+    (sender result, receiver result)."""
     lab = sender.lab
-    srv = lab.run(receiver.host, [sys.executable, str(TCPXFER), "serve", "--bind", bind, "--port", str(XFER_PORT)])
+    srv = lab.run(receiver.host if isinstance(receiver, UpNode) else receiver, [sys.executable, str(TCPXFER), "serve", "--bind", bind, "--port", str(XFER_PORT)])
     expect(srv, "listening")
     cli = lab.run(sender.host, [sys.executable, str(TCPXFER), "send", "--to", to_addr, "--port", str(XFER_PORT),
                                 "--bytes", str(nbytes), "--rate", str(rate)])
