@@ -13,17 +13,14 @@ import time
 import pytest
 
 from .fed import Federation
+from .subnet import H_ADDR, LAN, subnet_router, wait_for_route
 from .upnode import UpNode, transfer
 
 pytestmark = pytest.mark.lab
 
 KEEPALIVE_S = 2.0
 TRANSFER_BYTES = 20 * 1024 * 1024
-LAN = "10.77.0.0/24"
-H_ADDR = "10.77.0.2"  # add_lan_host: the router's lan0 is .1, the host .2
-#: How long N may take to learn R's offer: its first whois right after `ntm up`, then every
-#: subnet.RETRY_S (3 s) while unknown; generous for a loaded machine.
-LEARN_TIMEOUT_S = 20.0
+FORWARD = "/proc/sys/net/ipv4/ip_forward"
 
 # Raw IPv4/UDP packets with a chosen source (the host's kernel routes them into its TUN).
 SPOOF4 = """
@@ -44,31 +41,18 @@ def fed(lab_shared, tmp_path_factory):
 
 
 def iptables_rules(node: UpNode) -> str:
-    out = [node.run("iptables", "-w", "-t", t, "-S").stdout for t in ("filter", "nat")]
-    return "".join(out)
-
-
-def wait_for_route(node: UpNode, router: UpNode) -> dict:
-    deadline = time.monotonic() + LEARN_TIMEOUT_S
-    while True:
-        routes = node.status()["routes"]
-        if routes["accepted"].get(router.id) == [LAN] or time.monotonic() > deadline:
-            return routes
-        time.sleep(0.3)
+    return "".join(node.run("iptables", "-w", "-t", t, "-S").stdout for t in ("filter", "nat"))
 
 
 def test_subnet_router_moves_and_only_accepted_routes_reach_its_lan(fed):
     lab = fed.lab
     lab.add_site("rt2", "eim")
-    rh = lab.add_site("rt1", "eim").host
-    fwd_before = rh.exec(["cat", "/proc/sys/net/ipv4/ip_forward"]).stdout.strip()
-    r = UpNode(fed, rh, 0, "--accept-any", "--advertise-routes", LAN)
-    h = lab.add_lan_host("lanh", r.host, LAN)
-    n = UpNode(fed, lab.add_site("rtn", "eim").host, 1, "--accept-any", "--use-routes", r.id)
+    r, h, n = subnet_router(fed, "rt", "--accept-any")
     x = UpNode(fed, lab.add_site("rtx", "eim").host, 0)
     nodes = (n, x, r)
+    fwd_fresh = x.run("cat", FORWARD).stdout.strip()  # a host namespace as R's was before
     try:
-        assert "ntm-subnet-router" in iptables_rules(r)
+        assert "ntm-subnet-router" in iptables_rules(r) and r.run("cat", FORWARD).stdout.strip() == "1"
         routes = wait_for_route(n, r)
         assert routes["accepted"] == {r.id: [LAN]}, routes
         ping = n.run("ping", "-c", "3", "-W", "5", H_ADDR)
@@ -103,10 +87,20 @@ def test_subnet_router_moves_and_only_accepted_routes_reach_its_lan(fed):
         after = n.status()["counters"]
         assert after["rx_spoofed_source"] - before["rx_spoofed_source"] == 5
         assert after["rx_ipv4"] == before["rx_ipv4"]
+
+        # Hostile condition: R's daemon is SIGKILLed. Its rules stay (nothing ran to remove
+        # them); the next start removes them from its state file before adding its own again.
+        ours = [ln for ln in iptables_rules(r).splitlines() if "ntm-subnet-router" in ln]
+        r.proc.kill()
+        r.proc.wait(10)
+        assert [ln for ln in iptables_rules(r).splitlines() if "ntm-subnet-router" in ln] == ours
+        assert (r.home / "forwarding.json").exists()
+        r.start()
+        assert [ln for ln in iptables_rules(r).splitlines() if "ntm-subnet-router" in ln] == ours  # not twice
     finally:
         for node in nodes:
             node.stop()
     # Stopped cleanly: exactly its rules are gone and forwarding is as it found it.
     assert "ntm-subnet-router" not in iptables_rules(r)
-    assert r.run("cat", "/proc/sys/net/ipv4/ip_forward").stdout.strip() == fwd_before
+    assert r.run("cat", FORWARD).stdout.strip() == fwd_fresh
     assert not (r.home / "forwarding.json").exists()

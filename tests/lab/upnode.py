@@ -36,12 +36,17 @@ class UpNode:
         self.id = self.cli("keygen")["node"]
         self.cli("register", "--dc", f"http://{DC_NAME.format(dc + 1)}:{dc_port or fed.dc_port(dc)}")
         self.log = open(fed.workdir / f"up-{host.name}.log", "ab")
-        self.started = time.monotonic()  # when `ntm up` was started
-        self.proc = self.lab.run(host, [sys.executable, "-m", "node.cli", "--home", str(self.home), "--json", "up",
-                                        "--tun", "ntm0", "--keepalive", str(fed.keepalive_s), *up_args],
-                                 stderr=self.log, cwd=str(ROOT))
-        self.ready = json.loads(expect(self.proc, r'"event": "up"', timeout=30).string)
+        self.up_args = up_args
+        self.start()
         self.v6 = self.ready["ipv6"]
+
+    def start(self) -> None:
+        """`ntm up` (again, after stop() or a crash), waiting until it is up."""
+        self.started = time.monotonic()  # when `ntm up` was started
+        self.proc = self.lab.run(self.host, [sys.executable, "-m", "node.cli", "--home", str(self.home), "--json",
+                                             "up", "--tun", "ntm0", "--keepalive", str(self.fed.keepalive_s),
+                                             *self.up_args], stderr=self.log, cwd=str(ROOT))
+        self.ready = json.loads(expect(self.proc, r'"event": "up"', timeout=30).string)
 
     def cli(self, *args: str, check: bool = True) -> dict:
         r = self.lab.exec(self.host, [sys.executable, "-m", "node.cli", "--home", str(self.home), "--json", *args],

@@ -1,0 +1,41 @@
+"""A subnet router in the lab (issue 24, PROTOCOL §10.10), for tests/lab/test_lab_routes.py and
+bench/lab.py: node R behind a NAT advertises LAN, where a plain host H (no NTMobile, no route to
+the overlay) sits; node N behind another NAT uses R's routes.
+
+    r, h, n = subnet_router(fed, "rt")     # sites rt1 (R), rtn (N); H at H_ADDR
+    wait_for_route(n, r)                   # N learned and accepted R's offer
+"""
+
+from __future__ import annotations
+
+import time
+
+from .fed import Federation
+from .topology import Host
+from .upnode import UpNode
+
+LAN = "10.77.0.0/24"
+H_ADDR = "10.77.0.2"  # add_lan_host: the router's lan0 is .1, the host .2
+#: How long N may take to learn R's offer: its first whois right after `ntm up`, then every
+#: node/subnet.py RETRY_S (3 s) while unknown; generous for a loaded machine.
+LEARN_TIMEOUT_S = 20.0
+
+
+def subnet_router(fed: Federation, name: str, *n_args: str) -> tuple[UpNode, Host, UpNode]:
+    """R (site `<name>1`, home DC 0) advertising LAN with H behind it, and N (site `<name>n`,
+    home DC 1) started with `--use-routes R` and `n_args`. R accepts any peer."""
+    lab = fed.lab
+    r = UpNode(fed, lab.add_site(f"{name}1", "eim").host, 0, "--accept-any", "--advertise-routes", LAN)
+    h = lab.add_lan_host(f"{name}h", r.host, LAN)
+    n = UpNode(fed, lab.add_site(f"{name}n", "eim").host, 1, "--use-routes", r.id, *n_args)
+    return r, h, n
+
+
+def wait_for_route(node: UpNode, router: UpNode) -> dict:
+    """`node`'s routes status once it accepted LAN from `router` (or after LEARN_TIMEOUT_S)."""
+    deadline = time.monotonic() + LEARN_TIMEOUT_S
+    while True:
+        routes = node.status()["routes"]
+        if routes["accepted"].get(router.id) == [LAN] or time.monotonic() > deadline:
+            return routes
+        time.sleep(0.3)
