@@ -11,6 +11,9 @@
                           with a home-router firewall (needs a new direction through the DCs)
   failover_s              home DC SIGKILLed → a node at another DC has a tunnel to the node again
   keepalive_s             keepalive interval used in the lab (agent default: 25 s)
+  subnet_route_tcp_mbps   TCP goodput (SUBNET_BYTES, unpaced) from a node N behind a NAT to a plain
+                          host H on the LAN of a subnet router R behind another NAT (`ntm up`
+                          --advertise-routes / --use-routes, TUN; issue 24)
   grid_pairs              ordered NAT-kind pairs tried (16)
   grid_pairs_ok           ... whose route and carrying path match the table
                           (the grid itself is printed as `#` lines)
@@ -33,9 +36,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.lab.fed import KINDS, Federation, grid_rows, grid_table  # noqa: E402
+from tests.lab.subnet import H_ADDR, subnet_router, wait_for_route  # noqa: E402
 from tests.lab.topology import Lab, lab_available, sweep_stale  # noqa: E402
+from tests.lab.upnode import transfer  # noqa: E402
 
 KEEPALIVE_S = 2.0
+SUBNET_BYTES = 20 * 1024 * 1024  # as the lab test; --quick sends 1/20 of it
 
 
 def metric(name: str, value) -> None:
@@ -95,6 +101,20 @@ def failover(fed, lab) -> float:
     raise RuntimeError("node not reachable again within 20 s")
 
 
+def subnet_route(fed, nbytes: int) -> float:
+    """Mbit/s of one TCP transfer N → H through R's subnet route (tests/lab/subnet.py)."""
+    r, h, n = subnet_router(fed, "sr")
+    try:
+        routes = wait_for_route(n, r)
+        assert routes["accepted"], routes
+        sent, got = transfer(n, h, H_ADDR, "0.0.0.0", nbytes)
+        assert got["sha256"] == sent["sha256"], "transfer corrupted"
+        return nbytes * 8 / got["elapsed_s"] / 1e6
+    finally:
+        n.stop()
+        r.stop()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=5)
@@ -144,6 +164,7 @@ def main() -> int:
             mob2 = fed.node(lab.add_public_host("mob2"), dc=0)
             gap = handover(fed, lab, mob2, eim2, [(0.8, lambda: lab.move("mob2", "mnc"))])
             metric("handover_redirect_s", round(gap, 3))
+            metric("subnet_route_tcp_mbps", round(subnet_route(fed, SUBNET_BYTES // (20 if args.quick else 1)), 1))
             metric("failover_s", round(failover(fed, lab), 3))
         finally:
             fed.stop()
