@@ -70,7 +70,8 @@ def forwarding_rules(tun: str, v4_net: IPv4Network, prefixes: list[Net]) -> list
         rules += [[cmd, "-t", "filter", "FORWARD", "-i", tun, "-s", src, "-d", str(net), *tag, "-j", "ACCEPT"],
                   [cmd, "-t", "filter", "FORWARD", "-o", tun, "-s", str(net), "-d", src,
                    "-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", *tag, "-j", "ACCEPT"],
-                  [cmd, "-t", "nat", "POSTROUTING", "-s", src, "-d", str(net), *tag, "-j", "MASQUERADE"]]
+                  [cmd, "-t", "nat", "POSTROUTING", "-s", src, "-d", str(net), "!", "-o", tun, *tag,
+                   "-j", "MASQUERADE"]]
     return rules
 
 

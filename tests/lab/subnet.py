@@ -4,6 +4,7 @@ the overlay) sits; node N behind another NAT uses R's routes.
 
     r, h, n = subnet_router(fed, "rt")     # sites rt1 (R), rtn (N); H at H_ADDR
     wait_for_route(n, r)                   # N learned and accepted R's offer
+    e, m = exit_pair(fed, "ex", s.addr4)   # M sends what it sends to S through exit node E
 """
 
 from __future__ import annotations
@@ -31,11 +32,28 @@ def subnet_router(fed: Federation, name: str, *n_args: str) -> tuple[UpNode, Hos
     return r, h, n
 
 
-def wait_for_route(node: UpNode, router: UpNode) -> dict:
-    """`node`'s routes status once it accepted LAN from `router` (or after LEARN_TIMEOUT_S)."""
+EXIT_ROUTES = ["0.0.0.0/0", "::/0"]
+EXIT_TABLE = "4330"  # node/subnet.py: where an exit's default routes go
+
+
+def wait_for_route(node: UpNode, router: UpNode, want: list[str] | None = None) -> dict:
+    """`node`'s routes status once it accepted `want` (LAN) from `router` (or after LEARN_TIMEOUT_S)."""
     deadline = time.monotonic() + LEARN_TIMEOUT_S
     while True:
         routes = node.status()["routes"]
-        if routes["accepted"].get(router.id) == [LAN] or time.monotonic() > deadline:
+        if routes["accepted"].get(router.id) == (want or [LAN]) or time.monotonic() > deadline:
             return routes
         time.sleep(0.3)
+
+
+def exit_pair(fed: Federation, name: str, server4: str) -> tuple[UpNode, UpNode]:
+    """Exit node E (site `<name>1`, DC 0, --advertise-exit) and M (site `<name>m`, DC 1,
+    --exit-node E) whose traffic to `server4` goes through E: the user's `ip rule` for table 4330."""
+    lab = fed.lab
+    e = UpNode(fed, lab.add_site(f"{name}1", "eim").host, 0, "--accept-any", "--advertise-exit")
+    m = UpNode(fed, lab.add_site(f"{name}m", "eim").host, 1, "--exit-node", e.id)
+    routes = wait_for_route(m, e, EXIT_ROUTES)
+    assert routes["accepted"] == {e.id: EXIT_ROUTES}, routes
+    r = m.run("ip", "rule", "add", "to", f"{server4}/32", "lookup", EXIT_TABLE)
+    assert r.returncode == 0, r.stderr
+    return e, m

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from .fed import Federation
-from .subnet import H_ADDR, LAN, subnet_router, wait_for_route
+from .subnet import H_ADDR, LAN, exit_pair, subnet_router, wait_for_route
 from .upnode import UpNode, transfer
 
 pytestmark = pytest.mark.lab
@@ -104,3 +104,31 @@ def test_subnet_router_moves_and_only_accepted_routes_reach_its_lan(fed):
     assert "ntm-subnet-router" not in iptables_rules(r)
     assert r.run("cat", FORWARD).stdout.strip() == fwd_fresh
     assert not (r.home / "forwarding.json").exists()
+
+
+def test_tcp_to_a_plain_server_through_an_exit_node_survives_moves(fed):
+    """Issue 24 (b) with an exit node: M sends its traffic for the plain public server S (no
+    NTMobile) through exit node E behind a NAT. M moves NAT → NAT, then to an IPv6-only network,
+    in the middle of a 20 MB TCP transfer: the same connection completes intact, and S saw one
+    source address, E's (M's own addresses changed twice)."""
+    lab = fed.lab
+    lab.add_site("exm2", "eim")
+    lab.add_site("exv6", "ipv6only")
+    s = lab.add_public_host("exs")
+    e, m = exit_pair(fed, "ex", s.addr4)
+    try:
+        def moves() -> None:
+            time.sleep(2.0)
+            lab.move(m.host, "exm2")
+            time.sleep(3.0)
+            lab.move(m.host, "exv6")
+
+        sent, got = transfer(m, s, s.addr4, "0.0.0.0", TRANSFER_BYTES, rate=2e6, during=moves)
+        assert got["bytes"] == sent["bytes"] == TRANSFER_BYTES and got["sha256"] == sent["sha256"]
+        assert got["peer"] == e.host.public4  # the exit's NAT, not M's
+        assert m.host.addr4 is None  # M ended on an IPv6-only network
+        print(f"\nexit node, M moves NAT → NAT → IPv6-only mid-transfer: TCP 20 MB intact, S saw {got['peer']} "
+              f"only, stall {got['max_stall_s']:.2f} s, {got['elapsed_s']:.1f} s (paced at 2 MB/s)")
+    finally:
+        m.stop()
+        e.stop()
