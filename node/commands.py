@@ -197,8 +197,19 @@ async def cmd_status(args, base: Path) -> None:
                         "no UDP out (tunnels through relays over TCP)"))
         lines.append(f"overlay   {d['ipv6']}  {d['ipv4']}  " + (f"on {d['tun']}" if d["tun"] else "(no TUN)")
                      + (f", DNS {', '.join(d['dns'])}" if d["dns"] else ""))
+        lines += routes_lines(d["routes"])
         lines.append(peers_table(d["peers"]))
     out(args, data, "\n".join(lines))
+
+
+def routes_lines(r: dict) -> list[str]:
+    """Subnet routes (§10.10): what this node offers, what it uses, and why some are not used."""
+    offers = r["advertised"] + (["exit"] if r["exit_offered"] else [])
+    lines = [f"offers    {', '.join(offers)}"] if offers else []
+    lines += [f"uses      {', '.join(nets)} via {peer}" for peer, nets in r["accepted"].items()]
+    lines += [f"not used  {net}: {why}" for net, why in r["refused"].items()]
+    lines += [f"no offer  from {peer}: {why}" for peer, why in r["unknown"].items()]
+    return lines
 
 
 def peers_table(rows: list[dict]) -> str:
