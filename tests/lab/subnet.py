@@ -47,13 +47,21 @@ def wait_for_route(node: UpNode, router: UpNode, want: list[str] | None = None) 
 
 
 def exit_pair(fed: Federation, name: str, server4: str) -> tuple[UpNode, UpNode]:
-    """Exit node E (site `<name>1`, DC 0, --advertise-exit) and M (site `<name>m`, DC 1,
-    --exit-node E) whose traffic to `server4` goes through E: the user's `ip rule` for table 4330."""
+    """Exit node E (site `<name>1`, DC 0, --advertise-exit, admitting only M) and M (site
+    `<name>m`, DC 1) using E's exit for `server4`."""
     lab = fed.lab
-    e = UpNode(fed, lab.add_site(f"{name}1", "eim").host, 0, "--accept-any", "--advertise-exit")
-    m = UpNode(fed, lab.add_site(f"{name}m", "eim").host, 1, "--exit-node", e.id)
+    e = UpNode(fed, lab.add_site(f"{name}1", "eim").host, 0, "--advertise-exit")
+    m = exit_user(fed, e, lab.add_site(f"{name}m", "eim").host, server4)
+    e.cli("allow", m.id)
+    return e, m
+
+
+def exit_user(fed: Federation, e: UpNode, host: Host, server4: str) -> UpNode:
+    """A node (home DC 1) started with --exit-node E whose traffic to `server4` goes through E
+    (the user's `ip rule` for table 4330), once it accepted E's exit."""
+    m = UpNode(fed, host, 1, "--exit-node", e.id)
     routes = wait_for_route(m, e, EXIT_ROUTES)
     assert routes["accepted"] == {e.id: EXIT_ROUTES}, routes
     r = m.run("ip", "rule", "add", "to", f"{server4}/32", "lookup", EXIT_TABLE)
     assert r.returncode == 0, r.stderr
-    return e, m
+    return m

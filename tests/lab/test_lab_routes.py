@@ -13,7 +13,7 @@ import time
 import pytest
 
 from .fed import Federation
-from .subnet import H_ADDR, LAN, exit_pair, subnet_router, wait_for_route
+from .subnet import H_ADDR, LAN, exit_pair, exit_user, subnet_router, wait_for_route
 from .upnode import UpNode, transfer
 
 pytestmark = pytest.mark.lab
@@ -107,10 +107,11 @@ def test_subnet_router_moves_and_only_accepted_routes_reach_its_lan(fed):
 
 
 def test_tcp_to_a_plain_server_through_an_exit_node_survives_moves(fed):
-    """Issue 24 (b) with an exit node: M sends its traffic for the plain public server S (no
+    """Issue 24 (b, c) with an exit node: M sends its traffic for the plain public server S (no
     NTMobile) through exit node E behind a NAT. M moves NAT → NAT, then to an IPv6-only network,
     in the middle of a 20 MB TCP transfer: the same connection completes intact, and S saw one
-    source address, E's (M's own addresses changed twice)."""
+    source address, E's (M's own addresses changed twice). Y, which E does not admit, asking for
+    the same exit gets a clear refusal."""
     lab = fed.lab
     lab.add_site("exm2", "eim")
     lab.add_site("exv6", "ipv6only")
@@ -129,6 +130,14 @@ def test_tcp_to_a_plain_server_through_an_exit_node_survives_moves(fed):
         assert m.host.addr4 is None  # M ended on an IPv6-only network
         print(f"\nexit node, M moves NAT → NAT → IPv6-only mid-transfer: TCP 20 MB intact, S saw {got['peer']} "
               f"only, stall {got['max_stall_s']:.2f} s, {got['elapsed_s']:.1f} s (paced at 2 MB/s)")
+
+        y = exit_user(fed, e, lab.add_site("exy", "eim").host, s.addr4)
+        try:
+            refused = y.cli("ping", e.id, check=False)
+            assert refused["returncode"] != 0 and "does not accept tunnels from this node" in refused["stderr"], refused
+            print(f"not admitted by the exit: {refused['stderr'].strip()}")
+        finally:
+            y.stop()
     finally:
         m.stop()
         e.stop()
