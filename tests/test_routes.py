@@ -10,6 +10,7 @@ from ipaddress import IPv4Network, ip_address
 import msgspec
 import pytest
 
+from node.subnet import EXIT_TABLE, STATE_FILE, Forwarding, ForwardingError, RouteSync, forwarding_rules
 from ntm import keys, messages
 from ntm.overlay import Overlay
 from ntm.routes import EXIT_ROUTES, RouteError, RouteTable, offer_digest, parse_choice, parse_prefixes, sign_offer, verify_offer
@@ -218,7 +219,6 @@ def test_router_forwards_only_into_its_advertised_routes():
 
 
 # --- the daemon's adapter: forwarding rules and kernel routes (fake runner) ----------------------
-from node.subnet import EXIT_TABLE, STATE_FILE, Forwarding, ForwardingError, RouteSync, forwarding_rules  # noqa: E402
 
 
 class FakeIptables:
