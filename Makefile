@@ -3,7 +3,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 APT_PKGS := iproute2 iptables conntrack iputils-ping docker-compose chromium chromium-driver
 
-.PHONY: setup demo test bench mutate apt clean
+.PHONY: setup demo test lint bench mutate apt clean
 
 setup: $(VENV)/.installed node_modules/.installed apt
 
@@ -42,9 +42,17 @@ apt:
 demo: setup
 	$(PY) -m scripts.demo
 
-# pytest exit code 5 means "no tests collected": not a failure for CI.
+# Two pytest-xdist workers: the NAT lab (about 12 min, mostly waiting on timers) runs on one while
+# the rest runs beside it (tests/conftest.py groups them). TEST_WORKERS=0 runs everything in one
+# process. pytest exit code 5 means "no tests collected": not a failure for CI.
+TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q -ra; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; fi; exit $$rc
+	$(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadgroup --durations=25; rc=$$?; \
+	if [ $$rc -eq 5 ]; then exit 0; fi; exit $$rc
+
+# The linter alone (make test runs it too, as tests/test_lint.py).
+lint: setup
+	$(PY) -m ruff check .
 
 bench: setup
 	@for f in bench/*.py; do echo "== $$f"; $(PY) $$f || exit $$?; done

@@ -26,7 +26,7 @@ import coincurve
 
 from daemon import keystore
 from daemon.service import BackgroundTasks
-from node import state
+from node import cs_client, state
 from node.agent import Node, NodeError
 from node.cs_client import Received
 from node.endpoint import DEFAULT_PORT
@@ -34,8 +34,10 @@ from node.netwatch import follow_addresses
 from node.peers import PeerBook
 from node.streams import NO_SERVICE, NOT_ALLOWED, Handler, PeerGone, StreamHub, StreamRefused
 from node.tunnels import Tunnel
-from ntm import keys
-from ntm.overlay import APP, QUIC_TO_CLIENT, QUIC_TO_SERVER
+from ntm import keys, seal
+from ntm.errors import CodedError
+from ntm.overlay import APP, FRAG, QUIC_TO_CLIENT, QUIC_TO_SERVER
+from ntm.toobig import Reassembly, pieces
 from ntm.tunnel import TunnelError
 
 __all__ = ["AppNode", "StreamServer", "PeerInfo", "Event", "StreamRefused", "PeerGone", "NodeError", "Handler"]
@@ -48,6 +50,8 @@ DATAGRAM_QUEUE = 1024
 EVENT_QUEUE = 256
 #: How often our local addresses are compared besides each rtnetlink change (the daemon's value).
 ADDRESS_POLL_S = 1.0
+#: How long send_offline waits for the DC and the Cache Server (an upload of a few MB).
+OFFLINE_TIMEOUT_S = 60.0
 #: How often tunnels are checked for having ended (the peer closed them): streams on them fail
 #: within this, instead of waiting for the QUIC idle timeout.
 TUNNEL_CHECK_S = 0.2
@@ -97,6 +101,8 @@ class AppNode:
         self._datagrams: asyncio.Queue[tuple[bytes, bytes]] = asyncio.Queue(DATAGRAM_QUEUE)
         self._events: asyncio.Queue[Event] = asyncio.Queue(EVENT_QUEUE)
         self._via: dict[bytes, str | None] = {}  # each peer's path as last reported
+        self._piece_id = 0  # numbers QUIC packets sent in pieces (FRAG, §10.9)
+        self._reassembly: dict[bytes, Reassembly] = {}
         self.streams = StreamHub(node.id, self._send_payload, self._serve, node.endpoint.hold, node.endpoint.flush)
         self.tasks = BackgroundTasks()
         self.tasks.spawn(self._accept_loop())
@@ -179,6 +185,21 @@ class AppNode:
         """The next peer up/down, route or address change (oldest first)."""
         return await self._events.get()
 
+    async def send_offline(self, peers: bytes | str | Collection[bytes | str], data: bytes, *, app: str = "ntm",
+                           notice: str = "", name: str = "") -> str:
+        """Leave `data` sealed for `peers` (one, or several) at our DC's Cache Server, for when they
+        are next online; the item ID. Only they can open it (§11); `app` says which application
+        it is for, `notice` is what their DC tells them. NodeError if it cannot be stored."""
+        targets = [peers] if isinstance(peers, (bytes, str)) else list(peers)
+        meta = seal.Meta(app, notice=notice, name=name)
+        try:
+            res = await cs_client.leave_sealed(self.node.key, self.node.dc_url, [self.resolve(p) for p in targets],
+                                               meta, cs_client.bytes_chunks(data), len(data),
+                                               self.node.session.clock.wall_ms(), OFFLINE_TIMEOUT_S)
+        except CodedError as exc:
+            raise NodeError(exc.code, str(exc)) from None
+        return res["item"]
+
     async def next_item(self) -> Received:
         """The next Cache Server item for us (start with node_options inbox=DIR)."""
         return await self.node.next_item()
@@ -240,6 +261,12 @@ class AppNode:
         if not payload:
             return
         kind = payload[0]
+        if kind == FRAG:  # a piece of a QUIC packet larger than the path
+            joins = self._reassembly.get(peer) or self._reassembly.setdefault(peer, Reassembly())
+            payload = joins.add(payload, self.node.session.clock.now())
+            if payload is None:
+                return
+            kind = payload[0]
         if kind in (QUIC_TO_SERVER, QUIC_TO_CLIENT):
             self.streams.on_payload(peer, payload)
         elif kind == APP:
@@ -257,8 +284,10 @@ class AppNode:
                 self._reconnect(peer)
                 return
             self._adopt(t)
+        self._piece_id += 1
         try:
-            t.channel.send_nowait(payload)
+            for piece in pieces(payload, t.channel.inner_mtu, self._piece_id):
+                t.channel.send_nowait(piece)
         except TunnelError:
             pass
 

@@ -47,6 +47,16 @@ def positive(text: str) -> float:
     return value
 
 
+def port_number(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= port <= 0xFFFF:
+        raise argparse.ArgumentTypeError(f"port {port} is not 0..65535")
+    return port
+
+
 def dns_bind(text: str) -> tuple[str, int]:
     """--dns HOST:PORT (argparse type)."""
     host, _, port = text.rpartition(":")
@@ -135,6 +145,17 @@ def parser() -> Parser:
     s.add_argument("--file", metavar="PATH", help="with --offline: send this file instead of MESSAGE")
     s.add_argument("--app", default="ntm", help="with --offline: the application ID the item is for (default ntm)")
     s.add_argument("--notice", help="with --offline: the notification text (default: the message or file name)")
+    s = sub.add_parser("nc", help="a netcat over the overlay: stdin and stdout to a stream to PORT on a node, "
+                       "until the node ends it (through the daemon)")
+    s.add_argument("node", help="peer node ID (0x…) or alias")
+    s.add_argument("port", type=port_number, help="a port the node serves (`ntm serve` there)")
+    s.set_defaults(cmd="nc")
+    s = sub.add_parser("serve", help="let allowed nodes reach a TCP service on this machine at PORT, until Ctrl-C "
+                       "(through the daemon; no root needed)")
+    s.add_argument("port", type=port_number, help="the port nodes ask for (`ntm nc NODE PORT`)")
+    s.add_argument("--to", required=True, metavar="HOST:PORT",
+                   help="the local service, on loopback only (e.g. 127.0.0.1:8080)")
+    s.set_defaults(cmd="serve")
     s = sub.add_parser("inbox", help="items waiting for this node at the federation's Cache Servers, and those fetched")
     s.set_defaults(cmd="inbox")
     s = sub.add_parser("fetch", help="download, open and confirm waiting Cache Server items")

@@ -14,9 +14,10 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from daemon import keystore, service
-from node import control, cs_client, daemon, mailbox, netcheck, state
+from node import control, cs_client, daemon, mailbox, netcheck, state, stream_cli
 from node.agent import local_addrs_towards
 from node.dc_client import DcClient, DcError, dc_url
+from node.daemon_streams import parse_local_target
 from node.dc_session import DcSilent
 from node.output import FAILED, NO_DAEMON, UNREACHABLE, USAGE, CliError, event, out, show_id
 from node.peers import PeerBook, PeerBookError
@@ -399,7 +400,7 @@ async def send_offline(args, base: Path) -> None:
         content_len, source, name = len(data), cs_client.bytes_chunks(data), ""
     else:
         raise CliError("nothing to send: give a MESSAGE or --file PATH", USAGE)
-    try:
+    try:  # bad input is refused before the key is opened
         meta = seal.Meta(args.app, notice=args.notice if args.notice is not None else (args.message or name)[:140],
                          name=name)
         seal.check_meta(meta)
@@ -407,24 +408,13 @@ async def send_offline(args, base: Path) -> None:
         raise CliError(str(exc), USAGE) from None
     key = load_key(args, base)
     st = need_registration(base)
-    async with DcClient(st["dc_url"], args.timeout) as dc:
-        info = await dc.info()
-        if not info.cs:
-            raise CliError(f"DC {st['dc_url']} has no Cache Server (its operator starts one with ntm-cs and --cs)")
-        recipients = {}
-        for peer in peers:
-            who = await dc.whois(peer)
-            if who.revoked or not who.pubkey:
-                raise CliError(f"{keys.checksum(peer)} is revoked: it can receive nothing")
-            recipients[peer] = bytes.fromhex(who.pubkey)
     try:
-        sealer = seal.Sealer(key, recipients, meta, int(time.time() * 1000))
+        res = await cs_client.leave_sealed(key, st["dc_url"], peers, meta, source, content_len,
+                                           int(time.time() * 1000), args.timeout)
     except ValueError as exc:
         raise CliError(str(exc), USAGE) from None
-    async with cs_client.CsClient(key, info.cs) as cs:
-        res = await cs.put(sealer, source, content_len)
-    out(args, {**res, "cs": info.cs, "recipients": [keys.checksum(p) for p in peers]},
-        f"stored item {res['item']} ({res['size']} bytes, sealed) at {info.cs} for {len(peers)} recipient(s); "
+    out(args, {**res, "recipients": [keys.checksum(p) for p in peers]},
+        f"stored item {res['item']} ({res['size']} bytes, sealed) at {res['cs']} for {len(peers)} recipient(s); "
         "each gets it when next online")
 
 
@@ -464,6 +454,27 @@ async def cmd_fetch(args, base: Path) -> None:
     out(args, {"fetched": got, "failed": failed}, "\n".join(lines) or "(nothing waiting)")
     if failed:
         raise CliError(f"{len(failed)} item(s) could not be opened; they stay at their Cache Server until they expire")
+
+
+async def cmd_nc(args, base: Path) -> None:
+    """stdin/stdout ⇄ a stream to the peer's port, through the daemon (node/stream_cli.py)."""
+    await stream_cli.nc(base, peer_arg(base, args.node), args.port, sys.stdin.buffer, sys.stdout.buffer)
+
+
+async def cmd_serve(args, base: Path) -> None:
+    """Serve a local TCP service to allowed peers until Ctrl-C, through the daemon."""
+    try:
+        parse_local_target(args.to)
+    except control.ControlError as exc:
+        raise CliError(str(exc), USAGE) from None
+
+    def show(ev: dict) -> None:
+        if "ok" in ev:
+            event(args, ev, f"serving port {ev['port']} to allowed nodes → {ev['to']} (Ctrl-C stops)")
+        else:
+            event(args, ev, f"stream from {ev['stream']}" + (f": {ev['error']}" if "error" in ev else ""))
+
+    await stream_cli.serve(base, args.port, args.to, show)
 
 
 async def cmd_recv(args, base: Path) -> None:

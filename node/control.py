@@ -8,10 +8,11 @@ Only the owner of $NTM_HOME can connect: the socket file's mode is the access co
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
@@ -25,6 +26,10 @@ MAX_REQUEST = 64 * 1024
 CONNECT_TIMEOUT_S = 2.0
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+#: A long-lived exchange (`ntm nc`, `ntm serve`): a WebSocket at GET /v1/<name>?<query>.
+SocketHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+#: A WebSocket message carries at most this much stream data (plus a little framing).
+MAX_SOCKET_MESSAGE = 256 * 1024
 
 
 class ControlError(Exception):
@@ -51,10 +56,13 @@ class ControlServer:
         self.path = path
 
     @classmethod
-    async def start(cls, base: Path, handlers: dict[str, Handler]) -> ControlServer:
+    async def start(cls, base: Path, handlers: dict[str, Handler],
+                    sockets: dict[str, SocketHandler] | None = None) -> ControlServer:
         app = web.Application(client_max_size=MAX_REQUEST)
         for name, handler in handlers.items():
             app.router.add_post(f"/v1/{name}", _wrap(handler))
+        for name, socket_handler in (sockets or {}).items():
+            app.router.add_get(f"/v1/{name}", socket_handler)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         path = socket_path(base)
@@ -89,11 +97,21 @@ def _wrap(handler: Handler):
     return serve
 
 
-async def call(base: Path, name: str, body: dict[str, Any] | None = None, timeout: float = 60.0) -> dict[str, Any]:
-    """POST one request to the daemon of `base`; ControlError("no_daemon") if none runs."""
+def daemon_socket(base: Path) -> Path:
+    """The control socket of `base`'s daemon; ControlError("no_daemon") if none was started."""
     path = socket_path(base)
     if not path.exists():
         raise ControlError("no_daemon", f"no daemon running for {base} (start it with `ntm up`)")
+    return path
+
+
+def _no_daemon(path: Path) -> ControlError:
+    return ControlError("no_daemon", f"no daemon answers at {path} (start it with `ntm up`)")
+
+
+async def call(base: Path, name: str, body: dict[str, Any] | None = None, timeout: float = 60.0) -> dict[str, Any]:
+    """POST one request to the daemon of `base`; ControlError("no_daemon") if none runs."""
+    path = daemon_socket(base)
     conn = aiohttp.UnixConnector(path=str(path))
     tmo = aiohttp.ClientTimeout(total=timeout, sock_connect=CONNECT_TIMEOUT_S)
     try:
@@ -101,9 +119,25 @@ async def call(base: Path, name: str, body: dict[str, Any] | None = None, timeou
             async with http.post(f"http://ntm/v1/{name}", json=body or {}) as resp:
                 data = await resp.json()
     except (aiohttp.ClientConnectionError, FileNotFoundError, ConnectionRefusedError):
-        raise ControlError("no_daemon", f"no daemon answers at {path} (start it with `ntm up`)") from None
+        raise _no_daemon(path) from None
     except asyncio.TimeoutError:
         raise ControlError("timeout", f"the daemon at {path} did not answer within {timeout:.0f} s") from None
     if "error" in data:
         raise ControlError(data["error"], data.get("message", data["error"]))
     return data
+
+
+@contextlib.asynccontextmanager
+async def open_socket(base: Path, name: str, query: dict[str, str]) -> AsyncIterator[aiohttp.ClientWebSocketResponse]:
+    """A WebSocket to the daemon's GET /v1/<name> (ControlError("no_daemon") if none runs).
+    Its first message is the daemon's JSON answer: {"ok": true, ...} or {"error", "message"}."""
+    path = daemon_socket(base)
+    conn = aiohttp.UnixConnector(path=str(path))
+    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(sock_connect=CONNECT_TIMEOUT_S)) as http:
+        try:
+            ws = await http.ws_connect(f"http://ntm/v1/{name}", params=query, max_msg_size=MAX_SOCKET_MESSAGE,
+                                       heartbeat=None)
+        except (aiohttp.ClientConnectionError, FileNotFoundError, ConnectionRefusedError):
+            raise _no_daemon(path) from None
+        async with ws:
+            yield ws

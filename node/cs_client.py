@@ -136,6 +136,29 @@ class CsClient:
         return await self._request("POST", f"/v1/items/{item}/ack", json=self._auth(messages.CS_ACK, {"item": item}))
 
 
+async def leave_sealed(key: coincurve.PrivateKey, dc_url: str, peers: list[bytes], meta: seal.Meta,
+                       source: AsyncIterator[bytes], content_len: int, now_ms: int, timeout: float) -> dict:
+    """Store-and-forward: seal `source` for `peers` (their keys as the DC federation knows them)
+    and upload it to the Cache Server of our DC (`dc_url`); the CS's answer plus {"cs": url}.
+    CsClientError: no CS, a revoked recipient, or the CS refused; ValueError: bad `meta`."""
+    from node.dc_client import DcClient  # the DC client is needed only here
+
+    seal.check_meta(meta)
+    async with DcClient(dc_url, timeout) as dc:
+        info = await dc.info()
+        if not info.cs:
+            raise CsClientError("no_cs", f"DC {dc_url} has no Cache Server (its operator starts one with ntm-cs and --cs)")
+        recipients = {}
+        for peer in peers:
+            who = await dc.whois(peer)
+            if who.revoked or not who.pubkey:
+                raise CsClientError("revoked", f"{keys.checksum(peer)} is revoked: it can receive nothing")
+            recipients[peer] = bytes.fromhex(who.pubkey)
+    sealer = seal.Sealer(key, recipients, meta, now_ms)
+    async with CsClient(key, info.cs) as cs:
+        return {**await cs.put(sealer, source, content_len), "cs": info.cs}
+
+
 async def file_chunks(path: Path) -> AsyncIterator[bytes]:
     with open(path, "rb") as fh:
         while chunk := fh.read(READ_CHUNK):

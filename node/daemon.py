@@ -23,6 +23,7 @@ from daemon.service import LOG_FORMAT, BackgroundTasks, LockHeld, hold_lock, sto
 from node import control, netcheck, state
 from node.agent import Node
 from node.control import ControlError, ControlServer
+from node.daemon_streams import DaemonStreams
 from node.dataplane import DataPlane
 from node.dns import DnsServer
 from node.group_link import GroupLink, take_inbox, take_item
@@ -105,6 +106,7 @@ class Daemon:
         self.dns: DnsServer | None = None
         self.control: ControlServer | None = None
         self.standby = StandbyPaths(node)  # make-before-break over a second uplink
+        self.streams = DaemonStreams(plane, self.admit, lambda peer: self._peer({"peer": peer}))
         self.routes = RouteSync(overlay.routes, lambda peer: node.session.dc.whois(peer), plane.tun.name if plane.tun else None)
         self.forwarding = Forwarding(base)
         self.tasks = BackgroundTasks()
@@ -265,7 +267,7 @@ class Daemon:
             self.dns = await DnsServer.start(binds, self.resolve, {str(self.overlay.book.own), str(v6_of(self.node.id))})
         self.control = await ControlServer.start(self.base, {
             "status": self.h_status, "netcheck": self.h_netcheck, "ping": self.h_ping, "send": self.h_send, "recv": self.h_recv,
-            "reload": self.h_reload, "down": self.h_down, **self._group_handlers()})
+            "reload": self.h_reload, "down": self.h_down, **self._group_handlers()}, self.streams.sockets())
         self.groups.start()
         take_inbox(self.groups, self.base / INBOX_DIR)
         self.plane.start()
@@ -291,6 +293,7 @@ class Daemon:
         await self.groups.close()
         if self.control is not None:
             await self.control.close()
+        await self.streams.close()
         if self.dns is not None:
             self.dns.close()
         await self.plane.close()

@@ -22,7 +22,8 @@ from ntm.addr import display
 from ntm.errors import NtmError
 from ntm.overlay import (KIND_APP, KIND_FRAG, KIND_GROUP, KIND_GROUP_ACK, KIND_IPV6, KIND_JUNK, Overlay, frame_app,
                          frame_group, group_ack, kind_of)
-from ntm.toobig import SYN_MAX_LEN, Reassembly, clamp_mss, too_big
+from ntm.overlay import QUIC_TO_CLIENT, QUIC_TO_SERVER  # stream packets (node/daemon_streams.py)
+from ntm.toobig import SYN_MAX_LEN, Reassembly, clamp_mss, pieces, too_big
 from ntm.vaddr import AddressError
 
 log = logging.getLogger("ntm.node")
@@ -53,13 +54,15 @@ class DataPlane:
         self._inbox_event = asyncio.Event()
         self.stats = dict.fromkeys(("queued", "queue_drops", "open_failures", "opens", "app_rx", "junk_rx",
                                     "too_big"), 0)
-        self._frag_id = 0  # numbers the IPv6 packets split for a path below 1280 (§10.4)
+        self._frag_id = 0  # numbers the packets split: IPv6 for a path below 1280 (§10.4), QUIC (§10.9)
         self._reasm: dict[bytes, Reassembly] = {}
         self.tasks = BackgroundTasks()
         self._opening: dict[bytes, asyncio.Task] = {}
         # group datagrams: handed to on_group(peer, data) and acknowledged; our sends wait for acks
         self.on_group: Callable[[bytes, bytes], None] | None = None
         self._acks: dict[tuple[bytes, bytes], asyncio.Future] = {}
+        # QUIC packets of streams (node/daemon_streams.py): handed to on_quic(peer, payload)
+        self.on_quic: Callable[[bytes, bytes], None] | None = None
 
     def start(self) -> None:
         if self.tun is not None:
@@ -170,6 +173,9 @@ class DataPlane:
                 break
 
     def _from_tunnel(self, peer: bytes, t: Tunnel, payload: bytes) -> None:
+        if payload and payload[0] in (QUIC_TO_SERVER, QUIC_TO_CLIENT) and self.on_quic is not None:
+            self.on_quic(peer, payload)
+            return
         kind = kind_of(payload)
         if kind == KIND_GROUP and self.on_group is not None:
             self.on_group(peer, payload[1:])  # durable (or refused for good) before we acknowledge
@@ -194,12 +200,16 @@ class DataPlane:
                     pass
             return
         if kind == KIND_FRAG:
-            payload = self._reasm.setdefault(peer, Reassembly()).add(payload, self.node.session.clock.now())
+            joins = self._reasm.get(peer) or self._reasm.setdefault(peer, Reassembly())
+            payload = joins.add(payload, self.node.session.clock.now())
             if payload is None:
+                return
+            if payload[0] in (QUIC_TO_SERVER, QUIC_TO_CLIENT) and self.on_quic is not None:
+                self.on_quic(peer, payload)  # a stream's QUIC packet larger than the path (§10.9)
                 return
             kind = kind_of(payload)
             if kind != KIND_IPV6:
-                kind = KIND_JUNK  # only IPv6 is ever split (§10.4)
+                kind = KIND_JUNK  # only IPv6 packets and QUIC packets are ever split (§10.4, §10.9)
         if kind == KIND_JUNK or self.tun is None:
             self.stats["junk_rx"] += 1
             return
@@ -207,6 +217,19 @@ class DataPlane:
         if pkt is not None:
             # A SYN from the peer says how long our segments to it may be: no longer than our path allows.
             self.tun.write(clamp_mss(pkt, t.channel.inner_mtu) if len(pkt) <= SYN_MAX_LEN else pkt)
+
+    def send_quic(self, peer: bytes, payload: bytes) -> None:
+        """A stream's QUIC packet: on the peer's tunnel, or lost while one opens (QUIC resends)."""
+        t = self.by_peer.get(peer)
+        if t is None or t.channel.closed:
+            self.ensure_open(peer)
+            return
+        self._frag_id += 1
+        try:
+            for piece in pieces(payload, t.channel.inner_mtu, self._frag_id):
+                t.channel.send_nowait(piece)
+        except NtmError:
+            self.ensure_open(peer)
 
     # --- application datagrams -------------------------------------------------------------------
     async def send_app(self, peer: bytes, data: bytes, force_relay: bool = False) -> Tunnel:

@@ -150,32 +150,43 @@ class Reassembly:
     """Joins one peer's FRAG pieces (any order); bounded by REASM_MAX packets and REASM_TIMEOUT_S."""
 
     def __init__(self) -> None:
-        self.pending: dict[int, tuple[float, dict[int, bytes], int | None]] = {}
+        self.pending: dict[int, list] = {}  # ident → [started, {index: piece}, count or None]
         self.dropped = 0  # pieces or packets given up (malformed, too old, evicted)
 
     def add(self, piece: bytes, now: float) -> bytes | None:
-        """Add one FRAG payload; returns the whole packet once its last missing piece arrives."""
+        """Add one FRAG payload; returns the whole packet once its last missing piece arrives.
+        Old packets are given up when a new one starts (not on every piece: a stream's QUIC
+        packets come in runs of pieces, §10.9)."""
         if len(piece) <= FRAG_HEADER.size:
             self.dropped += 1
             return None
         _, ident, index = FRAG_HEADER.unpack_from(piece)
-        for old in [k for k, v in self.pending.items() if now - v[0] > REASM_TIMEOUT_S]:
-            del self.pending[old]
-            self.dropped += 1
-        started, parts, count = self.pending.get(ident, (now, {}, None))
+        entry = self.pending.get(ident)
+        if entry is None:
+            for old in [k for k, v in self.pending.items() if now - v[0] > REASM_TIMEOUT_S]:
+                del self.pending[old]
+                self.dropped += 1
+            if len(self.pending) >= REASM_MAX:
+                del self.pending[next(iter(self.pending))]
+                self.dropped += 1
+            entry = self.pending[ident] = [now, {}, None]
+        parts = entry[1]
         parts[index & ~FRAG_LAST] = piece[FRAG_HEADER.size:]
         if index & FRAG_LAST:
-            count = (index & ~FRAG_LAST) + 1
+            entry[2] = (index & ~FRAG_LAST) + 1
+        count = entry[2]
         if count is not None and len(parts) == count and all(i in parts for i in range(count)):
-            self.pending.pop(ident, None)
+            del self.pending[ident]
             return b"".join(parts[i] for i in range(count))
-        if ident not in self.pending and len(self.pending) >= REASM_MAX:
-            del self.pending[next(iter(self.pending))]
-            self.dropped += 1
-        self.pending[ident] = (started, parts, count)
         return None
 
 
 def _checksum(data: bytes) -> int:
     """The Internet checksum (RFC 1071) of `data`, padded to even length."""
     return ipv4_checksum(data + b"\0" * (len(data) % 2))
+
+
+def pieces(payload: bytes, mtu: int, ident: int) -> list[bytes]:
+    """A tunnel payload as it goes out: whole if it fits `mtu`, else as FRAG pieces (a stream's
+    QUIC packet larger than the path, §10.9)."""
+    return [payload] if len(payload) <= mtu else split(payload, mtu, ident)

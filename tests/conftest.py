@@ -3,12 +3,27 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
 from chain.registry import Registry
 from ntm import keys
 from scripts.anvil import Anvil
+
+LAB_DIR = Path(__file__).parent / "lab"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Group tests for pytest-xdist (`make test` runs two workers with `--dist loadgroup`).
+
+    A module runs whole on one worker, so its module-scoped fixtures are built once; the NAT lab
+    runs whole on one worker, one test at a time, since its timing bounds assume it shares the
+    machine with at most one other test.
+    """
+    for item in items:
+        lab = LAB_DIR in item.path.parents
+        item.add_marker(pytest.mark.xdist_group("lab" if lab else item.path.stem))
 
 
 @pytest.fixture(scope="session")

@@ -53,7 +53,7 @@ METRICS: dict[str, tuple[str, ...]] = {
                  "register_confirmed_p95_ms", "registrations_per_s", "registrations_confirmed_blocks_for_1000"),
     "relay": ("table_ops_per_s", "relay_goodput_mbps", "relay_pps", "direction_ms_p50"),
     "stream": ("stream_mbps", "stream_relay_mbps", "stream_handover_stall_s", "tunnel_goodput_mbps",
-               "stream_vs_tunnel_ratio"),
+               "stream_vs_tunnel_ratio", "stream_cpu_ms_per_mbit", "tunnel_cpu_ms_per_mbit"),
     "tunnel": ("payload_bytes", "udp_goodput_mbps", "udp_pps", "tunnel_goodput_mbps", "tunnel_pps",
                "tunnel_goodput_ratio_vs_udp", "handshake_ms_p50", "signal_same_dc_p50_ms", "signal_cross_dc_p50_ms",
                "signal_cross_dc_p95_ms", "relay_rtt_overhead_ms"),

@@ -17,7 +17,8 @@ import pytest
 import pytest_asyncio
 
 from cs import dclink
-from node.agent import Node
+from node.agent import Node, NodeError
+from node.api import AppNode
 from node.cs_client import CsClient, CsClientError, bytes_chunks
 from ntm import envelope, keys, messages, seal
 from tests.dcnet import DcNet, cs_federation, register, revoke, until
@@ -267,3 +268,22 @@ async def test_a_notice_not_signed_by_an_active_dc_is_refused(fed):
         async with http.post(fed.urls[1] + "/v1/federation/cs-notice", json=forged) as r:
             assert r.status == 403
         assert await refused(http) == before + 1
+
+
+async def test_an_embedded_node_leaves_an_item_for_an_offline_peer(fed, tmp_path):
+    """AppNode.send_offline: sealed at our DC's CS for a peer that is offline; it gets it with
+    next_item() once online at another DC. A node the federation does not know is refused
+    (NodeError with the DC's reason) and nothing is stored."""
+    alice, bob = await registered(fed, 0), await registered(fed, 1)
+    content = b"see you tomorrow " + MARKER
+    async with await AppNode.start(alice, fed.urls[0], host="127.0.0.1", port=0) as a:
+        before = stored_items(fed, 0)
+        with pytest.raises(NodeError) as refused:
+            await a.send_offline(keys.node_id_of(keys.generate()), content)
+        assert refused.value.code == "unknown_node" and stored_items(fed, 0) == before
+        item = await a.send_offline(keys.node_id_of(bob), content, app="chat", notice="from alice")
+    assert is_stored(fed, 0, item) and not cs_files_contain(fed, 0, MARKER)
+    async with await AppNode.start(bob, fed.urls[1], host="127.0.0.1", port=0, inbox=tmp_path / "bob") as b:
+        got = await asyncio.wait_for(b.next_item(), 20)
+    assert (got.item, got.sender, got.meta.app_id, got.meta.notice) == (item, keys.node_id_of(alice), "chat", "from alice")
+    assert got.path.read_bytes() == content

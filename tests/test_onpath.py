@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import aiohttp
-import pytest
 from aiohttp import web
 
 from node.agent import Node

@@ -198,7 +198,10 @@ def test_shortened_udp_timeout_expires_mapping(lab, probe):
     qa = probe(a.host, "query", "--to", ep(lab.server.addr4, ECHO), "--later", "0.5,3.5", "--listen", 4.5)
     qb = probe(b.host, "query", "--to", ep(lab.server.addr4, ECHO), "--later", "0.5,3.5", "--listen", 4.5)
     (ra, la), (rb, lb) = finish(qa), finish(qb)
-    late = lambda lines: sorted(int(ln.split()[5]) for ln in lines if ln.startswith("RECV") and " LATE " in ln)
+
+    def late(lines: list[str]) -> list[int]:
+        return sorted(int(ln.split()[5]) for ln in lines if ln.startswith("RECV") and " LATE " in ln)
+
     assert ra == 0 and rb == 0, (la, lb)
     assert late(lb) == [0, 1], lb                          # default timeout: mapping still there
     assert late(la) == [0], la                             # 2 s timeout: old mapping gone, dropped
