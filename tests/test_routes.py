@@ -335,3 +335,25 @@ def test_use_routes_choice_parsing():
     for bad in (["x"], ["r:10.9.0.1/24"], ["r:0.0.0.0/0"]):
         with pytest.raises(RouteError):
             parse_choice(bad, resolve)
+
+
+def test_the_daemons_route_options_are_checked_before_anything_starts():
+    """`ntm up` with an advertised route inside its own virtual network, or routes of a peer it
+    cannot name: refused with the reason; a good configuration gives a verifiable offer."""
+    from node.daemon import DaemonError, UpOptions, route_table
+    from node.peers import PeerBook
+
+    book = PeerBook()
+    book.set_alias("car", ID_R)
+
+    def opts(**kw) -> UpOptions:
+        return UpOptions(tun="ntm0", require_tun=False, v4_net=IPv4Network("100.64.0.0/10"), path_mtu=1500, dns=None,
+                         accept_any=False, echo=False, host=None, port=0, keepalive=25.0, **kw)
+
+    with pytest.raises(DaemonError, match="overlaps the virtual network"):
+        route_table(KEY_S, book, opts(advertise_routes=parse_prefixes("100.64.8.0/24")))
+    with pytest.raises(DaemonError, match="nobody"):
+        route_table(KEY_S, book, opts(use_routes=["nobody"]))
+    table, signed = route_table(KEY_S, book, opts(advertise_routes=parse_prefixes(LAN), use_routes=["car"]))
+    assert verify_offer(signed).routes == tuple(parse_prefixes(LAN)) and table.peers() == {ID_R}
+    assert route_table(KEY_S, book, opts(exit_node="car"))[1] is None  # uses an exit, offers nothing
