@@ -11,6 +11,14 @@
                           with a home-router firewall (needs a new direction through the DCs)
   failover_s              home DC SIGKILLed → a node at another DC has a tunnel to the node again
   keepalive_s             keepalive interval used in the lab (agent default: 25 s)
+  subnet_route_tcp_mbps   TCP goodput (SUBNET_BYTES, unpaced) from a node N behind a NAT to a plain
+                          host H on the LAN of a subnet router R behind another NAT (`ntm up`
+                          --advertise-routes / --use-routes, TUN; issue 24)
+  exit_tcp_mbps           TCP goodput (SUBNET_BYTES, unpaced) from M behind a NAT to a plain public
+                          server S through exit node E behind another NAT (--advertise-exit /
+                          --exit-node; the RS as exit is not built)
+  exit_handover_stall_s   longest receive gap at S of a paced TCP transfer through E while M moves
+                          NAT → NAT
   grid_pairs              ordered NAT-kind pairs tried (16)
   grid_pairs_ok           ... whose route and carrying path match the table
                           (the grid itself is printed as `#` lines)
@@ -33,9 +41,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.lab.fed import KINDS, Federation, grid_rows, grid_table  # noqa: E402
+from tests.lab.subnet import H_ADDR, exit_pair, subnet_router, wait_for_route  # noqa: E402
 from tests.lab.topology import Lab, lab_available, sweep_stale  # noqa: E402
+from tests.lab.upnode import transfer  # noqa: E402
 
 KEEPALIVE_S = 2.0
+SUBNET_BYTES = 20 * 1024 * 1024  # as the lab test; --quick sends 1/20 of it
+EXIT_MOVE_S = 4.0  # the paced transfer through the exit lasts this long, M moving half-way
 
 
 def metric(name: str, value) -> None:
@@ -95,6 +107,38 @@ def failover(fed, lab) -> float:
     raise RuntimeError("node not reachable again within 20 s")
 
 
+def subnet_route(fed, nbytes: int) -> float:
+    """Mbit/s of one TCP transfer N → H through R's subnet route (tests/lab/subnet.py)."""
+    r, h, n = subnet_router(fed, "sr")
+    try:
+        routes = wait_for_route(n, r)
+        assert routes["accepted"], routes
+        sent, got = transfer(n, h, H_ADDR, "0.0.0.0", nbytes)
+        assert got["sha256"] == sent["sha256"], "transfer corrupted"
+        return nbytes * 8 / got["elapsed_s"] / 1e6
+    finally:
+        n.stop()
+        r.stop()
+
+
+def exit_node(fed, lab, nbytes: int) -> tuple[float, float]:
+    """(Mbit/s unpaced, the longest stall while M moves NAT → NAT) of TCP M → S through exit E."""
+    lab.add_site("xm2", "eim")
+    s = lab.add_public_host("xs")
+    e, m = exit_pair(fed, "xe", s.addr4)
+    try:
+        sent, got = transfer(m, s, s.addr4, "0.0.0.0", nbytes)
+        assert got["sha256"] == sent["sha256"], "transfer corrupted"
+        rate = nbytes / EXIT_MOVE_S  # paced to last EXIT_MOVE_S, the move in its middle
+        sent, moved = transfer(m, s, s.addr4, "0.0.0.0", nbytes, rate=rate,
+                               during=lambda: (time.sleep(EXIT_MOVE_S / 2), lab.move(m.host, "xm2")))
+        assert moved["sha256"] == sent["sha256"], "transfer corrupted"
+        return nbytes * 8 / got["elapsed_s"] / 1e6, moved["max_stall_s"]
+    finally:
+        m.stop()
+        e.stop()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=5)
@@ -144,6 +188,10 @@ def main() -> int:
             mob2 = fed.node(lab.add_public_host("mob2"), dc=0)
             gap = handover(fed, lab, mob2, eim2, [(0.8, lambda: lab.move("mob2", "mnc"))])
             metric("handover_redirect_s", round(gap, 3))
+            metric("subnet_route_tcp_mbps", round(subnet_route(fed, SUBNET_BYTES // (20 if args.quick else 1)), 1))
+            mbps, stall = exit_node(fed, lab, SUBNET_BYTES // (20 if args.quick else 1))
+            metric("exit_tcp_mbps", round(mbps, 1))
+            metric("exit_handover_stall_s", round(stall, 3))
             metric("failover_s", round(failover(fed, lab), 3))
         finally:
             fed.stop()

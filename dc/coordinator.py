@@ -212,7 +212,7 @@ class Coordinator:
             revoked=self.latest(node)[1],
             online=self.presence.online(node), pubkey=stored.pubkey.hex(),
             local_addrs=list(session.local_addrs if session and session.local_addrs else stored.local_addrs),
-            observed=observed, observed_alt=observed_alt)
+            observed=observed, observed_alt=observed_alt, routes=session.routes if session else None)
 
     def answer_ntm_info(self, request: dict) -> dict:
         """Serve a signed NTM Information Request from a peer DC; returns the signed response."""

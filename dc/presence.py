@@ -21,6 +21,7 @@ from daemon.service import LogLimiter
 from ntm import keepalive, keys
 from ntm.errors import ParseError
 from ntm.addr import format_endpoint
+from ntm.messages import RouteOffer
 
 log = logging.getLogger("ntm.dc.presence")
 
@@ -31,6 +32,7 @@ class Session:
     token: bytes
     send: Callable[[dict], Any]  # pushes one JSON message on the node's WebSocket
     local_addrs: tuple[str, ...] = ()  # the tunnel socket's addresses, announced at session start
+    routes: RouteOffer | None = None  # the node's signed route offer (verified at session start, §10.10)
     seq: int = 0
     probe_seq: int = 0  # of standby probes (their own counter: they may come from another uplink)
     observed: str | None = None  # "ip:port" seen on the last good keepalive to the first port
@@ -60,11 +62,11 @@ class Presence:
         self._refused_log.note(reason)
 
     def open(self, node: bytes, send: Callable[[dict], Any], local_addrs: tuple[str, ...] = (),
-             end: Callable[[str], None] | None = None) -> Session:
+             end: Callable[[str], None] | None = None, routes: RouteOffer | None = None) -> Session:
         """A new authenticated session replaces the node's previous one, which the DC ends: one
         live session per node, so whoever held the old one (a thief of an earlier connection,
         or the node's own dead TCP connection) loses its authority at once."""
-        session = Session(node, os.urandom(keepalive.TOKEN_LEN), send, local_addrs)
+        session = Session(node, os.urandom(keepalive.TOKEN_LEN), send, local_addrs, routes=routes)
         if end is not None:
             session.end = end
         old = self.sessions.get(node)

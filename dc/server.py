@@ -22,10 +22,11 @@ from dc.coordinator import Coordinator
 from dc.errors import DirectionError, NodeLookupError, SourceLimited
 from dc.federation import FederationError
 from dc.groups import STATUS as GROUP_STATUS, GroupRefused
-from ntm import keys, messages, session_auth
+from ntm import keys, messages, routes, session_auth
 from ntm.addr import format_endpoint, parse_endpoint
 from ntm.errors import NtmError, ParseError, SignatureError
 from ntm.registration import RegistrationError, parse_request
+from ntm.routes import RouteError
 
 log = logging.getLogger("ntm.dc.http")
 
@@ -237,6 +238,8 @@ async def session(request: web.Request, c: Coordinator, authenticated: Callable[
         node = keys.parse_node_id(auth.node)
         session_auth.verify(node, c.address, challenge, bytes.fromhex(auth.signature))
         local = tuple(format_endpoint(*parse_endpoint(a)) for a in auth.local_addrs)
+        if auth.routes is not None and routes.verify_offer(auth.routes).node != node:
+            raise RouteError("the route offer is another node's")
         authenticated()
     except (asyncio.TimeoutError, NtmError) as exc:
         await send(messages.SessionError("auth_failed", f"session refused: {exc}"))
@@ -257,7 +260,8 @@ async def session(request: web.Request, c: Coordinator, authenticated: Callable[
             pass
         await ws.close()
 
-    session = c.presence.open(node, ws.send_json, local, end=lambda reason: tasks.spawn(end_session(reason)))
+    session = c.presence.open(node, ws.send_json, local, end=lambda reason: tasks.spawn(end_session(reason)),
+                              routes=auth.routes)
     log.info("session open: %s", keys.checksum(node))
     await send(messages.Welcome(session.token.hex(), list(c.keepalive_ports)))
     tasks.spawn(c.notices.on_session(node))

@@ -29,7 +29,7 @@ from node.tunnels import Admit, Tunnel, Tunnels
 from ntm import keepalive, keys
 from ntm.addr import format_endpoint
 from ntm.clock import SYSTEM, Clock
-from ntm.messages import DirectionAck
+from ntm.messages import DirectionAck, RouteOffer
 from ntm.tunnel import TunnelConfig
 
 # Keepalive period to the DC and of idle tunnels: below the common 30 s NAT UDP timeout.
@@ -64,7 +64,7 @@ class Node:
                     binder: Binder = UdpBind.open, last_timestamp: int = 0,
                     admit: Admit = lambda peer: True, inbox: Path | None = None,
                     take_item: Callable[[Received], bool] = lambda item: False,
-                    dc_pin: bytes | None = None) -> "Node":
+                    dc_pin: bytes | None = None, route_offer: RouteOffer | None = None) -> "Node":
         """Bind the tunnel socket, open the DC session, start keepalives; ready to connect/accept.
 
         `keepalive_interval` paces both the DC keepalives and idle-tunnel keepalives: it must stay
@@ -73,11 +73,13 @@ class Node:
         open tunnels to us (outbound is always allowed). `inbox`: where Cache Server items for
         us are fetched to (none: items are left for `ntm fetch`); `take_item`: a consumer that keeps
         an item from next_item() (the daemon's group traffic). `dc_pin`: the DC's on-chain address,
-        checked against its TLS certificate's binding when `dc_url` is https:// (§5)."""
+        checked against its TLS certificate's binding when `dc_url` is https:// (§5). `route_offer`:
+        the routes this node offers, signed, announced to every DC session (§10.10)."""
         ep = await Endpoint.create(key, host, port, config=TunnelConfig(keepalive_interval=keepalive_interval),
                                    clock=clock, binder=binder)
         node = cls(key, dc_url, ep, clock, keepalive_interval, local_addrs, admit, inbox, take_item, dc_pin)
         node.session.last_timestamp = last_timestamp
+        node.session.route_offer = route_offer
         try:
             await node.session.start()
         except BaseException:

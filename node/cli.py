@@ -119,6 +119,13 @@ def parser() -> Parser:
     s.add_argument("--port", type=int, default=state.TUNNEL_PORT, help=f"tunnel UDP port (default {state.TUNNEL_PORT})")
     s.add_argument("--keepalive", type=float, default=KEEPALIVE_INTERVAL_S, metavar="S",
                    help=f"keepalive period; below the shortest NAT UDP timeout on the way (default {KEEPALIVE_INTERVAL_S:.0f})")
+    s.add_argument("--advertise-routes", metavar="CIDR,...", default="",
+                   help="offer to forward for these subnets behind this node (a subnet router; needs TUN)")
+    s.add_argument("--advertise-exit", action="store_true", help="offer to forward to anywhere (an exit node)")
+    s.add_argument("--use-routes", action="append", default=[], metavar="PEER[:CIDR],...",
+                   help="use the routes PEER offers (all, or only CIDR); never automatic (repeatable)")
+    s.add_argument("--exit-node", metavar="PEER",
+                   help="use PEER's exit: its default routes go to routing table 4330 (node/subnet.py), for your `ip rule`s")
     s.set_defaults(cmd="up")
     sub.add_parser("down", help="stop the running daemon").set_defaults(cmd="down")
 

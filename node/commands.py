@@ -21,7 +21,7 @@ from node.daemon_streams import parse_local_target
 from node.dc_session import DcSilent
 from node.output import FAILED, NO_DAEMON, UNREACHABLE, USAGE, CliError, event, out, show_id
 from node.peers import PeerBook, PeerBookError
-from ntm import keys, messages, record, seal, vaddr
+from ntm import keys, messages, record, routes, seal, vaddr
 from ntm.errors import KeystoreError, NtmError
 from ntm.registration import RegistrationRequest
 
@@ -198,8 +198,19 @@ async def cmd_status(args, base: Path) -> None:
                         "no UDP out (tunnels through relays over TCP)"))
         lines.append(f"overlay   {d['ipv6']}  {d['ipv4']}  " + (f"on {d['tun']}" if d["tun"] else "(no TUN)")
                      + (f", DNS {', '.join(d['dns'])}" if d["dns"] else ""))
+        lines += routes_lines(d["routes"])
         lines.append(peers_table(d["peers"]))
     out(args, data, "\n".join(lines))
+
+
+def routes_lines(r: dict) -> list[str]:
+    """Subnet routes (§10.10): what this node offers, what it uses, and why some are not used."""
+    offers = r["advertised"] + (["exit"] if r["exit_offered"] else [])
+    lines = [f"offers    {', '.join(offers)}"] if offers else []
+    lines += [f"uses      {', '.join(nets)} via {peer}" for peer, nets in r["accepted"].items()]
+    lines += [f"not used  {net}: {why}" for net, why in r["refused"].items()]
+    lines += [f"no offer  from {peer}: {why}" for peer, why in r["unknown"].items()]
+    return lines
 
 
 def peers_table(rows: list[dict]) -> str:
@@ -255,7 +266,17 @@ def up_options(args) -> daemon.UpOptions:
     return daemon.UpOptions(
         tun=None if args.no_tun else (args.tun or "ntm0"), require_tun=args.tun is not None,
         v4_net=args.v4_net, path_mtu=args.path_mtu, dns=args.dns, accept_any=args.accept_any,
-        echo=args.echo, host=args.host, port=args.port, keepalive=args.keepalive, offload=args.offload)
+        echo=args.echo, host=args.host, port=args.port, keepalive=args.keepalive, offload=args.offload,
+        advertise_routes=advertised(args.advertise_routes), advertise_exit=args.advertise_exit,
+        use_routes=args.use_routes, exit_node=args.exit_node)
+
+
+def advertised(text: str) -> list:
+    """--advertise-routes, checked before anything starts."""
+    try:
+        return routes.parse_prefixes(text)
+    except routes.RouteError as exc:
+        raise CliError(str(exc), USAGE) from None
 
 
 async def cmd_up(args, base: Path) -> None:

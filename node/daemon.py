@@ -14,7 +14,7 @@ import logging
 import logging.handlers
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Any
@@ -31,11 +31,13 @@ from node.groups import Groups
 from node.netwatch import follow_addresses
 from node.peers import PeerBook, PeerBookError
 from node.standby import StandbyPaths
+from node.subnet import EXIT_ROUTES, Forwarding, ForwardingError, RouteSync, forwarding_rules
 from node.tun import Tun, tun_unavailable
-from ntm import keys
+from ntm import keys, messages
 from ntm.addr import display
 from ntm.errors import NtmError
 from ntm.overlay import Overlay
+from ntm.routes import RouteError, RouteTable, parse_choice, sign_offer
 from ntm.vaddr import V6_PREFIX, AddressError, V4Book, tun_mtu, v6_of
 
 log = logging.getLogger("ntm.node")
@@ -88,7 +90,11 @@ class UpOptions:
     host: str | None
     port: int
     keepalive: float
-    offload: bool = False  # TUN offloads (super-packets) where the kernel has them (--offload): slower today, §10.10
+    offload: bool = False  # TUN offloads (super-packets) where the kernel has them (--offload): slower today, §10.11
+    advertise_routes: list = field(default_factory=list)  # subnets this node forwards for (§10.10)
+    advertise_exit: bool = False
+    use_routes: list[str] = field(default_factory=list)  # "PEER" or "PEER:PREFIX" items (--use-routes)
+    exit_node: str | None = None
 
 
 class Daemon:
@@ -102,6 +108,8 @@ class Daemon:
         self.control: ControlServer | None = None
         self.standby = StandbyPaths(node)  # make-before-break over a second uplink
         self.streams = DaemonStreams(plane, self.admit, lambda peer: self._peer({"peer": peer}))
+        self.routes = RouteSync(overlay.routes, lambda peer: node.session.dc.whois(peer), plane.tun.name if plane.tun else None)
+        self.forwarding = Forwarding(base)
         self.tasks = BackgroundTasks()
         self.started = time.time()
 
@@ -161,7 +169,7 @@ class Daemon:
             "peers": self.standby.annotate(self.plane.peers(self.book.names_of),
                                            {keys.checksum(p): t.channel.path_id for p, t in self.plane.by_peer.items()}),
             **self.node.inbox_status(),
-            "groups": self.groups.list(), "group_refusals": dict(self.groups.refused),
+            "groups": self.groups.list(), "group_refusals": dict(self.groups.refused), "routes": self.routes.status(),
             "counters": {**self.overlay.stats, **self.plane.stats, "refused_tunnels": self.node.tunnel_table.refused,
                          "dns_refused": self.dns.refused if self.dns else 0,
                          **({f"tun_{k}": v for k, v in tun.stats().items()} if tun else {})},
@@ -242,8 +250,19 @@ class Daemon:
             return []
         return [(str(self.overlay.book.own), DNS_PORT), (str(v6_of(self.node.id)), DNS_PORT)]
 
+    def start_forwarding(self) -> None:
+        """A subnet router (or exit): forwarding and masquerade for what it advertises (§10.10);
+        first remove whatever a daemon that crashed here left."""
+        self.forwarding.recover()
+        t = self.overlay.routes
+        nets = list(t.advertised) + (list(EXIT_ROUTES) if t.exit_offered else [])
+        if nets and self.plane.tun is not None:
+            self.forwarding.apply(forwarding_rules(self.plane.tun.name, self.overlay.book.net, nets),
+                                  {n.version for n in nets})
+
     async def serve(self) -> None:
         self.learn_book()
+        self.start_forwarding()
         binds = self.dns_binds()
         if binds:
             self.dns = await DnsServer.start(binds, self.resolve, {str(self.overlay.book.own), str(v6_of(self.node.id))})
@@ -256,6 +275,8 @@ class Daemon:
         self.tasks.spawn(self._watch_addresses())
         self.tasks.spawn(self._sync_state())
         self.tasks.spawn(self.standby.run())
+        if self.overlay.routes.peers():
+            self.tasks.spawn(self.routes.loop())
 
     async def _watch_addresses(self) -> None:
         await follow_addresses(self.node.local_addrs, self.node.network_changed, ADDRESS_POLL_S)
@@ -277,7 +298,25 @@ class Daemon:
         if self.dns is not None:
             self.dns.close()
         await self.plane.close()
+        self.forwarding.remove()
         await self.node.close()
+
+
+def route_table(key, book: PeerBook, opts: UpOptions) -> tuple[RouteTable, messages.RouteOffer | None]:
+    """The routes this node advertises (and its signed offer, None if none) and the peers' routes
+    its user chose to use; DaemonError naming what is wrong."""
+    try:
+        table = RouteTable(opts.advertise_routes, opts.advertise_exit, local=opts.v4_net)
+        clash = [str(n) for n in opts.advertise_routes if n.version == 4 and n.overlaps(opts.v4_net)]
+        if clash:
+            raise RouteError(f"advertised {', '.join(clash)} overlaps the virtual network {opts.v4_net}")
+        exit_node = book.resolve(opts.exit_node) if opts.exit_node else None
+        table.choose(parse_choice(opts.use_routes, book.resolve), exit_node)
+    except (RouteError, PeerBookError) as exc:
+        raise DaemonError(str(exc)) from None
+    if not opts.advertise_routes and not opts.advertise_exit:
+        return table, None
+    return table, sign_offer(key, list(opts.advertise_routes), opts.advertise_exit, int(time.time() * 1000))
 
 
 def open_tun(node_id: bytes, book: V4Book, opts: UpOptions) -> Tun | None:
@@ -305,8 +344,11 @@ async def up(base: Path, key, st: dict, opts: UpOptions, ready) -> None:
             log.warning("virtual IPv4 addresses start afresh (%s)", exc)
             v4 = V4Book(opts.v4_net)
         node_id = keys.node_id_of(key)
-        overlay = Overlay(node_id, v4)
+        table, offer = route_table(key, book, opts)
+        overlay = Overlay(node_id, v4, table)
         tun = open_tun(node_id, v4, opts)
+        if offer is not None and tun is None:
+            raise DaemonError("--advertise-routes/--advertise-exit need the TUN interface (root)")
         daemon: Daemon | None = None
         try:
             node = await Node.start(key, st["dc_url"], host=opts.host, port=opts.port,
@@ -314,7 +356,8 @@ async def up(base: Path, key, st: dict, opts: UpOptions, ready) -> None:
                                     admit=lambda peer: daemon is not None and daemon.admit(peer),
                                     inbox=base / INBOX_DIR,
                                     take_item=lambda item: daemon is not None and take_item(daemon.groups, item),
-                                    dc_pin=keys.parse_node_id(st["dc"]) if st.get("dc") else None)
+                                    dc_pin=keys.parse_node_id(st["dc"]) if st.get("dc") else None,
+                                    route_offer=offer)
         except BaseException:
             if tun is not None:
                 tun.close()
@@ -323,7 +366,10 @@ async def up(base: Path, key, st: dict, opts: UpOptions, ready) -> None:
         daemon = Daemon(base, node, book, overlay, plane, opts)
         v4.on_assign = lambda peer, addr: daemon.save_book()
         try:
-            await daemon.serve()
+            try:
+                await daemon.serve()
+            except ForwardingError as exc:
+                raise DaemonError(str(exc)) from None
             stop = stop_on_signals()
             ready({"node": keys.checksum(node_id), "dc": node.dc_url, "observed": node.observed,
                    "tun": tun.name if tun else None, "ipv6": str(v6_of(node_id)), "ipv4": str(v4.own),

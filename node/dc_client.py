@@ -125,12 +125,13 @@ class DcClient:
         return await self._call("GET", f"/v1/nodes/{keys.checksum(node)}", messages.NodeInfo)
 
     async def open_session(self, key: coincurve.PrivateKey, local_addrs: list[str] | None = None,
-                           heartbeat: float | None = None
+                           heartbeat: float | None = None, routes: messages.RouteOffer | None = None
                            ) -> tuple[aiohttp.ClientWebSocketResponse, messages.Welcome]:
         """Authenticated session WebSocket and the DC's welcome (keepalive token and ports).
         `local_addrs`: the tunnel socket's addresses, announced with the answer. `heartbeat`: ping
         the DC after this long without a frame from it; no pong within half of it closes the
-        WebSocket (its exception is then aiohttp.ServerTimeoutError)."""
+        WebSocket (its exception is then aiohttp.ServerTimeoutError). `routes`: this node's signed
+        route offer, which the DC shows peers in its node info (§10.10)."""
         await self._authenticate()
         try:
             ws = await self._http.ws_connect(self.base + "/v1/session", heartbeat=heartbeat, ssl=self._tls)
@@ -140,7 +141,7 @@ class DcClient:
             hello = messages.decode(messages.Challenge, await ws.receive_str())
             dc, challenge = keys.parse_node_id(hello.dc), bytes.fromhex(hello.challenge)
             auth = messages.Auth(keys.checksum(keys.node_id_of(key)),
-                                 session_auth.answer(key, dc, challenge).hex(), list(local_addrs or []))
+                                 session_auth.answer(key, dc, challenge).hex(), list(local_addrs or []), routes)
             await ws.send_json(messages.encode(auth))
             welcome = messages.decode(messages.DcToNode, await ws.receive_str())
         except (ParseError, TypeError, aiohttp.ClientError) as exc:

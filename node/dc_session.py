@@ -89,6 +89,7 @@ class DcSession:
         self.clock = clock
         self.keepalive_interval = keepalive_interval
         self.fixed_local_addrs = local_addrs  # given by the caller: announced as is, never recomputed
+        self.route_offer: messages.RouteOffer | None = None  # announced with every session (§10.10)
         self.on_direction = on_direction
         self.on_moved = on_moved
         self.on_notice = on_notice
@@ -163,7 +164,7 @@ class DcSession:
         until the DC has seen our public address (it cannot direct anyone to us before)."""
         try:
             ws, welcome = await asyncio.wait_for(
-                self.dc.open_session(self.key, self.local_addrs(), liveness.SESSION_HEARTBEAT_S),
+                self.dc.open_session(self.key, self.local_addrs(), liveness.SESSION_HEARTBEAT_S, self.route_offer),
                 SESSION_OPEN_TIMEOUT_S)
         except asyncio.TimeoutError:
             raise DcSilent("dc_silent", f"{self.dc_url} did not answer within {SESSION_OPEN_TIMEOUT_S:g} s") from None

@@ -71,10 +71,27 @@ class Challenge(Message, tag="challenge", tag_field="type"):
     challenge: Hex32
 
 
+# At most this many prefixes in one route offer (§10.10): a LAN or a few, never a routing table.
+MAX_OFFERED_ROUTES = 16
+Prefix = Annotated[str, Meta(max_length=43)]  # "a.b.c.d/n" or an IPv6 prefix
+
+
+class RouteOffer(Message):
+    """The routes a node offers to forward (§10.10), signed by the node itself: its DC carries the
+    offer (in the session's Auth, then in NodeInfo) but cannot forge or alter it."""
+
+    node: NodeId
+    seq: Ms  # the node's wall clock in ms when signed: a newer offer replaces an older one
+    sig: Hex65  # over routes.offer_digest (ntm/routes.py)
+    routes: Annotated[list[Prefix], Meta(max_length=MAX_OFFERED_ROUTES)] = []
+    exit: bool = False  # offers 0.0.0.0/0 and ::/0 as an exit node
+
+
 class Auth(Message, tag="auth", tag_field="type"):
     node: NodeId
     signature: Hex65
     local_addrs: Endpoints = []
+    routes: RouteOffer | None = None  # what this node offers to forward (§10.10), if anything
 
     def __post_init__(self) -> None:
         _check_endpoints(self.local_addrs)
@@ -259,6 +276,7 @@ class NodeInfo(Message, kw_only=True):
     observed: Endpoint | None = None  # the NAT mapping seen by the DC's first keepalive port
     observed_alt: Endpoint | None = None  # ... and by its second port (differs: symmetric NAT)
     confirmed: bool | None = None  # whois only: the DC's record is the chain's
+    routes: RouteOffer | None = None  # the node's signed route offer from its live session (§10.10)
 
 
 # --- HTTP -------------------------------------------------------------------------------------

@@ -4,7 +4,9 @@ Outbound (read from TUN): the destination address names the peer, or the packet 
 Inbound (decrypted from a peer's tunnel): cryptokey routing, as WireGuard does it. An IPv6
 packet must come from the authenticated peer's own overlay address and go to ours; an IPv4
 packet gets its source rewritten to the address this node gave that peer and its destination to
-our own (the receiver translates, so a peer cannot name any other source at all).
+our own (the receiver translates, so a peer cannot name any other source at all). Subnet routes
+(ntm/routes.py, §10.10) widen both rules by exactly what was offered and accepted: a source in a
+route accepted from that peer is kept, a destination in a route this node advertises is kept.
 
 Tunnel payloads carry either an inner IP packet as is (first nibble 4 or 6) or an application
 datagram (`ntm send`) behind one APP byte (0x00), so the IP path costs no copy.
@@ -20,6 +22,7 @@ import hashlib
 import struct
 from ipaddress import IPv4Address, IPv6Address
 
+from ntm.routes import RouteTable
 from ntm.vaddr import AddressError, V4Book, is_overlay_v6, v6_of
 
 #: First byte of an application datagram inside a tunnel; IP packets start with 0x4_ or 0x6_.
@@ -127,9 +130,10 @@ def rewrite_v4(pkt: bytes, src: bytes, dst: bytes) -> bytes | None:
 class Overlay:
     """Who an outbound packet is for; whether (and as what) an inbound packet may reach TUN."""
 
-    def __init__(self, my_id: bytes, book: V4Book) -> None:
+    def __init__(self, my_id: bytes, book: V4Book, routes: RouteTable | None = None) -> None:
         self.my_id = my_id
         self.book = book
+        self.routes = routes or RouteTable(local=book.net)  # subnet routes offered and accepted (§10.10)
         self.my_v6 = v6_of(my_id).packed
         self.my_v4 = book.own.packed
         self.v6_peers: dict[bytes, bytes] = {}  # overlay IPv6 (packed) → node ID, learned from full IDs
@@ -158,12 +162,16 @@ class Overlay:
         """The node ID a packet read from TUN goes to; None (counted) if no peer has its address."""
         kind = kind_of(pkt)
         if kind == KIND_IPV6 and len(pkt) >= IPV6_HEADER:
-            peer = self.v6_peers.get(pkt[24:40])
+            dst = pkt[24:40]
+            peer = self.v6_peers.get(dst)
         elif kind == KIND_IPV4 and len(pkt) >= IPV4_MIN_HEADER:
-            peer = self.book.by_addr.get(IPv4Address(pkt[16:20]))
+            dst = pkt[16:20]
+            peer = self.book.by_addr.get(IPv4Address(dst))
         else:
             self.stats["tx_malformed"] += 1
             return None
+        if peer is None:
+            peer = self.routes.lookup(dst)  # a subnet (or exit) route this node accepted
         if peer is None:
             self.stats["tx_no_route"] += 1
         return peer
@@ -179,21 +187,29 @@ class Overlay:
             if len(pkt) < IPV6_HEADER:
                 st["rx_malformed"] += 1
                 return None
-            if self.v6_peers.get(pkt[8:24]) != peer:
-                st["rx_spoofed_source"] += 1  # not the peer's own address (or not one we gave it)
+            if self.v6_peers.get(pkt[8:24]) != peer and not self.routes.source_ok(peer, pkt[8:24]):
+                st["rx_spoofed_source"] += 1  # not the peer's own address, nor from a route accepted from it
                 return None
-            if pkt[24:40] != self.my_v6:
-                st["rx_wrong_destination"] += 1  # never route a peer's packet beyond this node
+            if pkt[24:40] != self.my_v6 and not self.routes.forwards(pkt[24:40]):
+                st["rx_wrong_destination"] += 1  # beyond this node only into routes it advertises
                 return None
             st["rx_ipv6"] += 1
             return pkt
         if kind == KIND_IPV4:
-            try:
-                src = self.book.assign(peer).packed
-            except AddressError:
+            if len(pkt) < IPV4_MIN_HEADER:
                 st["rx_malformed"] += 1
                 return None
-            out = rewrite_v4(pkt, src, self.my_v4)
+            src, dst = pkt[12:16], pkt[16:20]
+            if not self.routes.source_ok(peer, src):
+                if self.routes.claimed(src):
+                    st["rx_spoofed_source"] += 1  # posing as a host of a route that is not this peer's
+                    return None
+                try:
+                    src = self.book.assign(peer).packed
+                except AddressError:
+                    st["rx_malformed"] += 1
+                    return None
+            out = rewrite_v4(pkt, src, dst if self.routes.forwards(dst) else self.my_v4)
             if out is None:
                 st["rx_malformed"] += 1
                 return None

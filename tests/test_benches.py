@@ -65,7 +65,8 @@ METRICS: dict[str, tuple[str, ...]] = {
     # lab benches
     "lab": ("keepalive_s", *(f"{m}_{route}_{unit}" for route in ("direct", "nat_initiates", "punch", "relay")
                              for m, unit in (("setup", "ms"), ("goodput", "mbps"))),
-            "grid_pairs", "grid_pairs_ok", "handover_s", "handover_redirect_s", "failover_s"),
+            "grid_pairs", "grid_pairs_ok", "handover_s", "handover_redirect_s", "subnet_route_tcp_mbps", "exit_tcp_mbps",
+            "exit_handover_stall_s", "failover_s"),
     "mtu": ("tcp_mbps_mtu1500", "tcp_mbps_mtu1400_icmp", "tcp_mbps_mtu1400_noicmp", "tcp_mbps_mtu1280",
             "pmtu_discovery_s", "pmtu_move_stall_s"),
     "roam": ("udp_blocked_setup_s", "tcp_transport_mbps", "udp_back_stall_s", "dc_link_loss_failover_s",

@@ -320,3 +320,28 @@ async def test_register_exits_1_when_the_chain_refuses_the_record(tmp_path):
         assert proc.returncode == 1, proc
         assert "the chain refused the record" in proc.stderr and "stale timestamp" in proc.stderr
         assert "Traceback" not in proc.stderr and not (home / "state.json").exists()
+
+
+async def test_route_offer_travels_in_node_info_and_a_forged_one_is_refused(net, tmp_path):
+    """A node announces its signed route offer with its session (§10.10); a peer's whois at
+    another DC gets it through the federation, still verifiable. Adversary: a client announcing
+    an offer altered after signing, or another node's offer: the session is refused."""
+    import msgspec
+
+    from ntm.routes import parse_prefixes, sign_offer, verify_offer
+
+    home, n = make_node(tmp_path, "router")
+    ntm(home, "register", "--dc", net.urls[1])
+    key = keystore.load_keystore(home / "key.json")
+    offer = sign_offer(key, parse_prefixes("10.77.0.0/24"), False, int(time.time() * 1000))
+    async with DcClient(net.urls[1]) as dc2, DcClient(net.urls[0]) as dc1:
+        for bad in (msgspec.structs.replace(offer, routes=["10.0.0.0/8"]),
+                    sign_offer(keys.generate(), parse_prefixes("10.77.0.0/24"), False, offer.seq)):
+            with pytest.raises(DcError, match="route offer"):
+                await dc2.open_session(key, routes=bad)
+        ws, _ = await dc2.open_session(key, routes=offer)
+        try:
+            seen = await until(lambda: _whois_or_none(dc1, n))
+            assert seen.routes == offer and verify_offer(seen.routes).node == n
+        finally:
+            await ws.close()

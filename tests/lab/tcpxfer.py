@@ -1,7 +1,7 @@
 """A TCP transfer across the overlay with a checksum, for the TUN lab tests.
 
     tcpxfer.py serve --bind ADDR --port P            accept one connection, read to EOF
-      -> {"event": "listening"} then {"bytes", "sha256", "max_stall_s", "elapsed_s"}
+      -> {"event": "listening"} then {"bytes", "sha256", "max_stall_s", "elapsed_s", "peer"}
     tcpxfer.py send --to ADDR --port P --bytes N [--rate BYTES_PER_S]
       -> {"bytes", "sha256", "elapsed_s"}
 
@@ -29,7 +29,7 @@ def serve(a) -> None:
     srv.bind((a.bind, a.port))
     srv.listen(1)
     print(json.dumps({"event": "listening"}), flush=True)
-    conn, _ = srv.accept()
+    conn, peer = srv.accept()
     h, n, t0, last, stall = hashlib.sha256(), 0, time.monotonic(), None, 0.0
     while True:
         data = conn.recv(CHUNK)
@@ -43,7 +43,7 @@ def serve(a) -> None:
         n += len(data)
     conn.close()
     print(json.dumps({"bytes": n, "sha256": h.hexdigest(), "max_stall_s": round(stall, 3),
-                      "elapsed_s": round(time.monotonic() - t0, 3)}), flush=True)
+                      "elapsed_s": round(time.monotonic() - t0, 3), "peer": peer[0]}), flush=True)
 
 
 def send(a) -> None:

@@ -480,6 +480,23 @@ class Lab:
         self._attach(h, site)
         return h
 
+    def add_lan_host(self, name: str, gateway: Host | str, net: str) -> Host:
+        """A plain host on a private LAN ``net`` behind ``gateway`` (a host: a subnet router
+        node): veth ``lan0`` in the gateway with the LAN's first address, ``eth0`` here with the
+        second and a default route via the gateway, nothing else (no route to anything beyond)."""
+        gw = self.hosts[gateway] if isinstance(gateway, str) else gateway
+        lan = ipaddress.ip_network(net)
+        gw_addr, addr = lan.network_address + 1, lan.network_address + 2
+        h = self._new_host(name)
+        _run(["ip", "link", "add", "lan0", "netns", gw.ns, "type", "veth", "peer", "name", "eth0", "netns", h.ns])
+        self._ip(gw.ns, "addr", "add", f"{gw_addr}/{lan.prefixlen}", "dev", "lan0")
+        self._ip(gw.ns, "link", "set", "lan0", "up")
+        self._ip(h.ns, "addr", "add", f"{addr}/{lan.prefixlen}", "dev", "eth0")
+        self._ip(h.ns, "link", "set", "eth0", "up")
+        self._ip(h.ns, "route", "add", "default", "via", str(gw_addr))
+        h.addr4 = str(addr)
+        return h
+
     def add_uplink(self, host: Host | str, site: Site | str, ifname: str = "eth1", metric: int = 200) -> str:
         """A second uplink for ``host``: veth ``ifname`` on the LAN of NAT ``site``, with address
         10.i.0.(200+k) (clear of ``_attach``'s allocation from .2 up) and a default route of a

@@ -36,12 +36,17 @@ class UpNode:
         self.id = self.cli("keygen")["node"]
         self.cli("register", "--dc", f"http://{DC_NAME.format(dc + 1)}:{dc_port or fed.dc_port(dc)}")
         self.log = open(fed.workdir / f"up-{host.name}.log", "ab")
-        self.started = time.monotonic()  # when `ntm up` was started
-        self.proc = self.lab.run(host, [sys.executable, "-m", "node.cli", "--home", str(self.home), "--json", "up",
-                                        "--tun", "ntm0", "--keepalive", str(fed.keepalive_s), *up_args],
-                                 stderr=self.log, cwd=str(ROOT))
-        self.ready = json.loads(expect(self.proc, r'"event": "up"', timeout=30).string)
+        self.up_args = up_args
+        self.start()
         self.v6 = self.ready["ipv6"]
+
+    def start(self) -> None:
+        """`ntm up` (again, after stop() or a crash), waiting until it is up."""
+        self.started = time.monotonic()  # when `ntm up` was started
+        self.proc = self.lab.run(self.host, [sys.executable, "-m", "node.cli", "--home", str(self.home), "--json",
+                                             "up", "--tun", "ntm0", "--keepalive", str(self.fed.keepalive_s),
+                                             *self.up_args], stderr=self.log, cwd=str(ROOT))
+        self.ready = json.loads(expect(self.proc, r'"event": "up"', timeout=30).string)
 
     def cli(self, *args: str, check: bool = True) -> dict:
         r = self.lab.exec(self.host, [sys.executable, "-m", "node.cli", "--home", str(self.home), "--json", *args],
@@ -71,12 +76,13 @@ class UpNode:
         self.lab.kill(self.proc, grace=5)
 
 
-def transfer(sender: UpNode, receiver: UpNode, to_addr: str, bind: str, nbytes: int, rate: float = 0.0,
+def transfer(sender: UpNode, receiver: UpNode | Host, to_addr: str, bind: str, nbytes: int, rate: float = 0.0,
              during=None) -> tuple[dict, dict]:
-    """`nbytes` over TCP from `sender` to `receiver` (listening on `bind`), paced at `rate`
-    bytes/s if given; `during()` runs meanwhile (a move). Returns (sender result, receiver result)."""
+    """`nbytes` over TCP from `sender` to `receiver` (a node, or a plain host; listening on
+    `bind`), paced at `rate` bytes/s if given; `during()` runs meanwhile (a move). Returns
+    (sender result, receiver result)."""
     lab = sender.lab
-    srv = lab.run(receiver.host, [sys.executable, str(TCPXFER), "serve", "--bind", bind, "--port", str(XFER_PORT)])
+    srv = lab.run(receiver.host if isinstance(receiver, UpNode) else receiver, [sys.executable, str(TCPXFER), "serve", "--bind", bind, "--port", str(XFER_PORT)])
     expect(srv, "listening")
     cli = lab.run(sender.host, [sys.executable, str(TCPXFER), "send", "--to", to_addr, "--port", str(XFER_PORT),
                                 "--bytes", str(nbytes), "--rate", str(rate)])
