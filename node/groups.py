@@ -500,6 +500,7 @@ class Groups:
             return False
         if msg.sender not in g.epochs[msg.epoch].members:
             raise GroupError("not_member", f"{keys.checksum(msg.sender)} is not a member of epoch {msg.epoch}")
+        group.check_still_member({e: ep.members for e, ep in g.epochs.items()}, msg.epoch, msg.sender)
         text = msg.decrypt(gk)
         g.replay.update(msg)
         entry = {"gid": g.gid.hex(), "group": g.name, "epoch": msg.epoch, "sender": keys.checksum(msg.sender),

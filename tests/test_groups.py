@@ -201,6 +201,17 @@ async def test_four_members_across_two_dcs_join_leave_and_keys(fed):
     assert opens_with(wire3, carol.state(gid), all_rn2)  # (the same search finds it with carol's RN1)
     assert not opens_with(wire3, bob.state(gid), all_rn2)
     assert "m3: without bob" not in [e["text"] for e in bob.log(gid)]
+    # bob still holds epoch 4's key and writes under it after his removal: carol refuses it
+    st = bob.state(gid)
+    ep4 = st["epochs"]["4"]
+    gk4 = group.group_key(bytes.fromhex(st["rn1"][str(ep4["rn1_gen"])]), bytes.fromhex(ep4["rn2"]), bytes.fromhex(gid),
+                          st["name"], 4)
+    late = group.seal_message(bob.key(), gk4, bytes.fromhex(gid), 4, st["counter"] + 100, b"bob, removed, writes")
+    await put_item(net, bob.key(), carol, MSG + late.encode())
+    async def carol_refused_bob():
+        return (await refusals(carol)).get("removed", 0) >= 1
+    await until(carol_refused_bob, timeout=30, interval=0.3)
+    assert "bob, removed, writes" not in [e["text"] for e in carol.log(gid)]
     # a removed member's comeback is refused by the GMS
     assert "is not invited" in await refused(bob, "accept", gid)
 
