@@ -128,7 +128,10 @@ def parser() -> Parser:
     s.add_argument("--file", metavar="PATH", help="with --offline: send this file instead of MESSAGE")
     s.add_argument("--app", default="ntm", help="with --offline: the application ID the item is for (default ntm)")
     s.add_argument("--notice", help="with --offline: the notification text (default: the message or file name)")
-    s = sub.add_parser("inbox", help="items waiting for this node at the federation's Cache Servers, and those fetched")
+    s = sub.add_parser("inbox", help="items waiting for this node at the federation's Cache Servers, and those fetched; "
+                                     "`inbox fetch ITEM...` fetches waiting ones (strangers' wait for that)")
+    s.add_argument("action", nargs="?", choices=["fetch"], help="fetch the items named")
+    s.add_argument("items", nargs="*", metavar="ITEM", help="with fetch: item IDs")
     s.set_defaults(cmd="inbox")
     s = sub.add_parser("fetch", help="download, open and confirm waiting Cache Server items")
     s.add_argument("items", nargs="*", metavar="ITEM", help="item IDs (default: all waiting)")
@@ -150,7 +153,7 @@ def parser() -> Parser:
     s.add_argument("--dc", help="DC to ask (default: this node's DC)")
     s.set_defaults(cmd="whois")
     s = sub.add_parser("group", help="group messaging with keys no server knows (through the daemon)")
-    gsub = s.add_subparsers(dest="group_cmd", required=True, metavar="{create,invite,accept,leave,remove,members,send,recv}")
+    gsub = s.add_subparsers(dest="group_cmd", required=True, metavar="{create,invite,invitations,accept,decline,leave,remove,members,send,recv}")
     s.set_defaults(cmd="group")
 
     def group_cmd(name: str, hlp: str, *positional: tuple[str, str]) -> argparse.ArgumentParser:
@@ -162,7 +165,9 @@ def parser() -> Parser:
     GROUP = ("group", "group ID or name")
     group_cmd("create", "create a group; you are its admin", ("name", "group name (letters, digits, . _ -)"))
     group_cmd("invite", "invite a node (admin)", GROUP, ("node", "node ID (0x…) or alias"))
+    group_cmd("invitations", "invitations waiting for your answer (an invitation admits nobody until accepted)")
     group_cmd("accept", "accept an invitation", GROUP)
+    group_cmd("decline", "decline an invitation (forgotten here; the admin is not told)", GROUP)
     group_cmd("leave", "leave a group", GROUP)
     group_cmd("remove", "remove a member or withdraw an invitation (admin); the others get new keys", GROUP,
               ("node", "node ID (0x…) or alias"))

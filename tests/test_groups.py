@@ -22,6 +22,7 @@ import pytest_asyncio
 from daemon import keystore
 from node.cs_client import CsClient, bytes_chunks
 from node import control
+from node.peers import PeerBook
 from node.groups import CONTROL, GROUP_APP, MSG
 from ntm import envelope, group, keys, seal
 from ntm.group import GroupError, GroupMessage
@@ -86,6 +87,10 @@ async def fed(tmp_path_factory):
             return Member(name, home, nid)
 
         members = await asyncio.gather(*(member(i, n) for i, n in enumerate(("alice", "bob", "carol", "dave"))))
+        for m in members:  # they know each other: invitations are consented to (§12.1), items fetched
+            book = PeerBook.load(m.home)
+            book.allow.update(keys.parse_node_id(o.id) for o in members if o is not m)
+            book.save(m.home)
         try:
             await asyncio.gather(*(asyncio.to_thread(start_daemon, m) for m in members))
             yield net, members
@@ -140,12 +145,19 @@ def gms_rows(net: DcNet, gid: str) -> list[tuple]:
         return db.execute("SELECT epoch, rn2, rn1_gen FROM group_epochs WHERE gid=?", (bytes.fromhex(gid),)).fetchall()
 
 
-async def put_item(net: DcNet, sender_key, recipient: Member, payload: bytes) -> None:
-    """Hand `recipient` a group payload through a Cache Server, as any registered node can."""
+async def put_item(net: DcNet, sender_key, recipient: Member, payload: bytes) -> str:
+    """Hand `recipient` a group payload through a Cache Server, as any registered node can; a
+    sender it does not admit waits there until fetched (`fetch_held`)."""
     pub = bytes.fromhex(recipient_pub(recipient))
     sealer = seal.Sealer(sender_key, {keys.parse_node_id(recipient.id): pub}, seal.Meta(GROUP_APP), int(time.time() * 1000))
     async with CsClient(sender_key, net.cs_url(0)) as c:
-        await c.put(sealer, bytes_chunks(payload), len(payload))
+        return (await c.put(sealer, bytes_chunks(payload), len(payload)))["item"]
+
+
+async def fetch_held(m: Member, *items: str) -> None:
+    """`ntm inbox fetch`: the user takes in a stranger's items (they waited at the Cache Server)."""
+    got = (await control.call(m.home, "inbox.fetch", {"items": list(items)}, timeout=90))["fetched"]
+    assert [g["item"] for g in got if "error" not in g] == list(items), got
 
 
 def recipient_pub(m: Member) -> str:
@@ -258,9 +270,10 @@ async def test_impersonation_replay_and_non_members_are_refused(fed):
     eve = keys.generate()
     await register(net.urls[1], eve)
     eve_msg = group.seal_message(eve, group.new_rn(), bytes.fromhex(gid), epoch, 0, b"let me in")
-    await put_item(net, eve, alice, MSG + eve_msg.encode())
+    await fetch_held(alice, await put_item(net, eve, alice, MSG + eve_msg.encode()))
     # and eve's invitation "from the admin", and RN1 "from the admin"
-    await put_item(net, eve, carol, CONTROL + json.dumps({"t": "rn1", "gid": gid, "gen": 9, "rn1": "00" * 32}).encode())
+    await fetch_held(carol, await put_item(net, eve, carol, CONTROL + json.dumps({"t": "rn1", "gid": gid, "gen": 9,
+                                                                                  "rn1": "00" * 32}).encode()))
 
     async def all_refused():
         r = await refusals(alice)
