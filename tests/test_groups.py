@@ -340,7 +340,7 @@ def start_daemon(m: Member) -> None:
     m.proc = subprocess.Popen(
         [sys.executable, "-m", "node.cli", "--home", str(m.home), "--json", "up", "--no-tun", "--host", "127.0.0.1",
          "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
-    assert read_json_line(m.proc)["event"] == "up"
+    assert read_json_line(m.proc, timeout=60)["event"] == "up"  # four start at once: headroom for a loaded machine
 
 
 async def test_a_member_offline_during_a_rekey_catches_up_at_its_next_start(fed):
