@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dc.groups import GroupService  # noqa: E402
 from node import control  # noqa: E402
+from node.peers import PeerBook  # noqa: E402
 from ntm import envelope, group, keys  # noqa: E402
 from ntm.clock import SYSTEM  # noqa: E402
 from tests.dcnet import cs_federation  # noqa: E402
@@ -109,6 +110,10 @@ async def fanout(workdir: Path, members: int = FANOUT_MEMBERS, sends: int = FANO
             return nid
 
         ids = await asyncio.gather(*(member(h) for h in homes))
+        for h in homes[1:]:  # the members consent to the admin's invitation (PROTOCOL §12.1): it is on their allow list
+            book = PeerBook.load(h)
+            book.allow.add(keys.parse_node_id(ids[0]))
+            book.save(h)
         procs = [subprocess.Popen([sys.executable, "-m", "node.cli", "--home", str(h), "--json", "up", "--no-tun",
                                    "--host", "127.0.0.1", "--port", "0"], stdout=subprocess.PIPE,
                                   stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True) for h in homes]

@@ -304,7 +304,8 @@ class Registry:
                 except BaseException:
                     self._nonce = None  # unknown whether it was taken: re-read next time
                     raise
-                self._nonce += 1
+                if self._nonce == tx["nonce"]:  # else forget_nonce() ran meanwhile (a rollback): re-read
+                    self._nonce += 1
             receipt = await self._receipt(bytes(tx_hash), tx["nonce"])
         except RegistryError:
             raise

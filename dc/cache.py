@@ -192,12 +192,23 @@ class RegistryCache:
         self.block = end.number
         self.remember(end.number, end.hash)
 
-    def remember(self, number: int, block_hash: bytes) -> None:
+    def remember(self, number: int, block_hash: bytes) -> bool:
         """Watch this block for a rollback: the follower's own reads, and the blocks our
-        transactions were mined in (which the follower may not have read when the chain fails)."""
+        transactions were mined in (which the follower may not have read when the chain fails).
+
+        A height already remembered with another hash was mined again: the chain lost blocks (a
+        chain node killed and restarted from its state file, a reorg). The old hash is kept, so the
+        next poll finds the fork there; taking the new one would hide it (records we called
+        confirmed in the lost block would stay "confirmed"). Returns False then."""
+        known = self._hashes.get(number)
+        if known is not None and known != block_hash:
+            log.warning("block %d has a new hash: the chain lost blocks; looking for the fork", number)
+            self._head_read_at = float("-inf")  # the next poll reads the head and compares at once
+            return False
         self._hashes[number] = block_hash
         while len(self._hashes) > REMEMBERED_BLOCKS:
             del self._hashes[min(self._hashes)]
+        return True
 
     async def _fork_point(self, head: BlockRef) -> int | None:
         """None if the blocks read so far are still the chain's; else the first block that changed."""

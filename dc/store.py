@@ -238,6 +238,11 @@ class Store:
             self.db.execute("INSERT OR REPLACE INTO blocks VALUES (?, ?)", (number, block_hash))
             self.db.execute("DELETE FROM blocks WHERE number <= (SELECT max(number) FROM blocks) - ?", (BLOCKS_KEPT,))
 
+    def forget_blocks(self, fork: int) -> None:
+        """After a rollback from block `fork`: those hashes are of blocks the chain no longer has."""
+        with self.db:
+            self.db.execute("DELETE FROM blocks WHERE number >= ?", (fork,))
+
     def blocks(self) -> list[tuple[int, bytes]]:
         return self.db.execute("SELECT number, hash FROM blocks ORDER BY number").fetchall()
 

@@ -14,7 +14,10 @@ happens when our own earlier send landed just before a crash.
 
 "Confirmed" means `confirmations` blocks deep (1 on anvil's instant blocks). After a rollback the
 follower (dc/cache.py) calls `recheck(fork)`: confirmed rows from that block on whose record the
-chain no longer has go back to pending and are sent again.
+chain no longer has go back to pending and are sent again. A rollback is also what a chain node
+killed and restarted from its state file looks like (its last blocks are gone, and it mines those
+heights again): the hash of the block our transaction lands in is compared with the one remembered
+for that height before it is taken (`RegistryCache.remember`).
 """
 
 from __future__ import annotations
@@ -111,8 +114,8 @@ class Submitter:
         res = await self.registry.submit([(i.record, i.signature) for i in items])
         self.sent_tx += 1
         tx, block = "0x" + bytes(res.tx_hash).hex(), res.block_number
-        self.cache.remember(block, res.block_hash)
-        self.store.remember_block(block, res.block_hash)
+        if self.cache.remember(block, res.block_hash):  # else a rollback: the old hash stays in both
+            self.store.remember_block(block, res.block_hash)
         log.info("tx %s block %s: %d records, %d rejected", tx, block, len(items), len(res.rejected))
         await self._wait_depth(res.tx_hash, block)
         why = dict(zip(res.rejected, res.reasons))
@@ -154,6 +157,7 @@ class Submitter:
         """After a rollback from block `fork` on: rows confirmed there whose record the chain
         (the rebuilt cache) no longer holds go back to pending; the registry forgets its nonce."""
         self.registry.forget_nonce()
+        self.store.forget_blocks(fork)  # hashes of the lost blocks: a restart would see this rollback again
         gone = [item for item in self.store.confirmed_since(fork)
                 if (rec := self.cache.home_of(item.record.node)) is None or rec.timestamp < item.record.timestamp]
         if gone:

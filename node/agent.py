@@ -51,7 +51,8 @@ class Node:
                                  on_direction=self._on_direction, on_moved=self._on_moved, on_notice=self._on_notice,
                                  dc_pin=dc_pin)
         # Cache Server items: fetched into `inbox` on the DC's notice (and at start), if given
-        self.mailbox = (Mailbox(key, inbox, self.session.ack_notice, take_item, lambda: self.session.dc_url, clock)
+        self.mailbox = (Mailbox(key, inbox, self.session.ack_notice, take_item, lambda: self.session.dc_url, clock,
+                                admit)
                         if inbox is not None else None)
         self.tunnel_table = Tunnels(self.id, endpoint, clock, self.session.direction, self.session.check_address,
                                     admit, udp_ok=lambda: self.session.udp is not False,
@@ -155,4 +156,5 @@ class Node:
         """{"inbox": notices seen, items received} when the node fetches Cache Server items."""
         if self.mailbox is None:
             return {}
-        return {"inbox": {"notices": len(self.mailbox.notices), "received": [r.describe() for r in self.mailbox.received]}}
+        return {"inbox": {"notices": len(self.mailbox.notices), "received": [r.describe() for r in self.mailbox.received],
+                          "held": dict(self.mailbox.held)}}

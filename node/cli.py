@@ -159,7 +159,10 @@ def parser() -> Parser:
     s.add_argument("--to", required=True, metavar="HOST:PORT",
                    help="the local service, on loopback only (e.g. 127.0.0.1:8080)")
     s.set_defaults(cmd="serve")
-    s = sub.add_parser("inbox", help="items waiting for this node at the federation's Cache Servers, and those fetched")
+    s = sub.add_parser("inbox", help="items waiting for this node at the federation's Cache Servers, and those fetched; "
+                                     "`inbox fetch ITEM...` fetches waiting ones (strangers' wait for that)")
+    s.add_argument("action", nargs="?", choices=["fetch"], help="fetch the items named")
+    s.add_argument("items", nargs="*", metavar="ITEM", help="with fetch: item IDs")
     s.set_defaults(cmd="inbox")
     s = sub.add_parser("fetch", help="download, open and confirm waiting Cache Server items")
     s.add_argument("items", nargs="*", metavar="ITEM", help="item IDs (default: all waiting)")
@@ -181,7 +184,7 @@ def parser() -> Parser:
     s.add_argument("--dc", help="DC to ask (default: this node's DC)")
     s.set_defaults(cmd="whois")
     s = sub.add_parser("group", help="group messaging with keys no server knows (through the daemon)")
-    gsub = s.add_subparsers(dest="group_cmd", required=True, metavar="{create,invite,accept,leave,remove,members,send,recv}")
+    gsub = s.add_subparsers(dest="group_cmd", required=True, metavar="{create,invite,invitations,accept,decline,leave,remove,members,send,recv}")
     s.set_defaults(cmd="group")
 
     def group_cmd(name: str, hlp: str, *positional: tuple[str, str]) -> argparse.ArgumentParser:
@@ -193,7 +196,9 @@ def parser() -> Parser:
     GROUP = ("group", "group ID or name")
     group_cmd("create", "create a group; you are its admin", ("name", "group name (letters, digits, . _ -)"))
     group_cmd("invite", "invite a node (admin)", GROUP, ("node", "node ID (0x…) or alias"))
+    group_cmd("invitations", "invitations waiting for your answer (an invitation admits nobody until accepted)")
     group_cmd("accept", "accept an invitation", GROUP)
+    group_cmd("decline", "decline an invitation (forgotten here; the admin is not told)", GROUP)
     group_cmd("leave", "leave a group", GROUP)
     group_cmd("remove", "remove a member or withdraw an invitation (admin); the others get new keys", GROUP,
               ("node", "node ID (0x…) or alias"))

@@ -21,7 +21,7 @@ from node.daemon_streams import parse_local_target
 from node.dc_session import DcSilent
 from node.output import FAILED, NO_DAEMON, UNREACHABLE, USAGE, CliError, event, out, show_id
 from node.peers import PeerBook, PeerBookError
-from ntm import keys, messages, record, routes, seal, vaddr
+from ntm import consent, keys, messages, record, routes, seal, vaddr
 from ntm.errors import KeystoreError, NtmError
 from ntm.registration import RegistrationRequest
 
@@ -419,7 +419,10 @@ async def send_offline(args, base: Path) -> None:
 
 
 async def cmd_inbox(args, base: Path) -> None:
-    """Items waiting for us at the federation's Cache Servers, and those already fetched here."""
+    """Items waiting for us at the federation's Cache Servers, and those already fetched here;
+    `ntm inbox fetch ITEM...` fetches waiting ones (a stranger's wait until then, §12.1)."""
+    if args.action == "fetch":
+        return await inbox_fetch(args, base)
     key = load_key(args, base)
     st = need_registration(base)
     waiting = []
@@ -428,10 +431,27 @@ async def cmd_inbox(args, base: Path) -> None:
             waiting += [{"cs": url, **{k: e[k] for k in ("item", "sender", "size", "created", "expires")}}
                         for e in await cs.inbox()]
     local = [json.loads(p.read_text()) for p in sorted((base / daemon.INBOX_DIR).glob("*.json"))]
-    lines = [f"waiting: {w['item']} from {w['sender']}, {w['size']} bytes, at {w['cs']}" for w in waiting]
-    lines += [f"received: {r['item']} from {r['sender']}, {r['app_id']}: {r['notice'] or r['name']} -> {r['path']}"
+    esc = consent.escape
+    lines = [f"waiting: {esc(w['item'])} from {esc(w['sender'])}, {w['size']} bytes, at {esc(w['cs'])}" for w in waiting]
+    lines += [f"received: {r['item']} from {r['sender']}, {esc(r['app_id'])}: {esc(r['notice'] or r['name'])} -> {r['path']}"
               for r in local]
     out(args, {"waiting": waiting, "received": local}, "\n".join(lines) or "(nothing)")
+
+
+async def inbox_fetch(args, base: Path) -> None:
+    """Through the running daemon (which hands group traffic to its groups); without one, directly."""
+    if not args.items:
+        raise CliError("name the items to fetch: ntm inbox fetch ITEM... (`ntm inbox` lists them)", USAGE)
+    try:
+        res = await control.call(base, "inbox.fetch", {"items": args.items}, timeout=60 + 30 * len(args.items))
+    except control.ControlError as exc:
+        if exc.code != "no_daemon":
+            raise CliError(str(exc), FAILED) from None
+        args.out = None
+        return await cmd_fetch(args, base)
+    got = [f for f in res["fetched"] if "error" not in f]
+    failed = [f for f in res["fetched"] if "error" in f]
+    fetch_report(args, got, failed)
 
 
 async def cmd_fetch(args, base: Path) -> None:
@@ -445,15 +465,24 @@ async def cmd_fetch(args, base: Path) -> None:
             for entry in await cs.inbox():
                 if args.items and entry["item"] not in args.items:
                     continue
+                if args.out is None and (full := consent.inbox_room(entry["size"], mailbox.inbox_bytes(out_dir))):
+                    failed.append({"item": entry["item"], "error": full, "message": mailbox.inbox_full_message(entry["size"])})
+                    continue
                 try:
                     got.append((await cs.fetch(entry["item"], out_dir)).describe())
                 except cs_client.CsClientError as exc:
                     failed.append({"item": entry["item"], "error": exc.code, "message": str(exc)})
-    lines = [f"{g['item']} from {g['sender']} ({g['app_id']}): {g['notice'] or g['name']} -> {g['path']}" for g in got]
-    lines += [f"{f['item']}: refused: {f['message']}" for f in failed]
+    fetch_report(args, got, failed)
+
+
+def fetch_report(args, got: list[dict], failed: list[dict]) -> None:
+    esc = consent.escape
+    lines = [f"{g['item']} from {g['sender']} ({esc(g['app_id'])}): {esc(g['notice'] or g['name'])} -> {g['path']}"
+             for g in got]
+    lines += [f"{esc(f['item'])}: refused: {f['message']}" for f in failed]
     out(args, {"fetched": got, "failed": failed}, "\n".join(lines) or "(nothing waiting)")
     if failed:
-        raise CliError(f"{len(failed)} item(s) could not be opened; they stay at their Cache Server until they expire")
+        raise CliError(f"{len(failed)} item(s) not fetched; they stay at their Cache Server until they expire")
 
 
 async def cmd_nc(args, base: Path) -> None:
@@ -481,7 +510,7 @@ async def cmd_recv(args, base: Path) -> None:
     if args.wait < 0:
         raise CliError("--wait must be >= 0", USAGE)
     res = await ask(base, "recv", {"wait": args.wait}, timeout=30 + args.wait)
-    out(args, res, "\n".join(f"{m['peer']}: {m['text']}" for m in res["messages"]) or "(nothing)")
+    out(args, res, "\n".join(f"{m['peer']}: {consent.escape(m['text'])}" for m in res["messages"]) or "(nothing)")
 
 
 async def cmd_group(args, base: Path) -> None:
@@ -501,13 +530,20 @@ async def cmd_group(args, base: Path) -> None:
 
 
 def group_text(cmd: str, r: dict) -> str:
+    esc = consent.escape
+
     def line(g: dict) -> str:
         key = "key ready" if g["has_key"] else "waiting for the admin's RN1"
-        return (f"{g['name']}  {g['gid']}  {g['status']}, epoch {g['epoch']}, {len(g['members'])} members, {key}"
+        return (f"{esc(g['name'])}  {g['gid']}  {g['status']}, epoch {g['epoch']}, {len(g['members'])} members, {key}"
                 f"{' (you are its admin)' if g['admin'] == g['you'] else ''}")
 
     if cmd == "recv":
-        return "\n".join(f"[{m['group']}] {m['sender']}: {m['text']}" for m in r["messages"]) or "(nothing)"
+        return "\n".join(f"[{esc(m['group'])}] {m['sender']}: {esc(m['text'])}" for m in r["messages"]) or "(nothing)"
+    if cmd == "invitations":
+        return "\n".join(f"{esc(g['name'])}  {g['gid']}  from {g['admin']}{'' if g['admitted'] else ' (not on your allow list)'}"
+                         f"  at {esc(g['gms'])}" for g in r["invitations"]) or "(no invitations)"
+    if cmd == "decline":
+        return f"declined the invitation to {esc(r['name'])} ({r['gid']}) from {r['admin']}"
     if cmd == "members" and "groups" in r:
         return "\n".join(line(g) for g in r["groups"]) or "(no groups)"
     if cmd == "send":

@@ -101,7 +101,7 @@ class Daemon:
     def __init__(self, base: Path, node: Node, book: PeerBook, overlay: Overlay, plane: DataPlane,
                  opts: UpOptions) -> None:
         self.base, self.node, self.book, self.overlay, self.plane, self.opts = base, node, book, overlay, plane, opts
-        self.groups = Groups(base, node.key, lambda: node.dc_url, GroupLink(node.key, plane))
+        self.groups = Groups(base, node.key, lambda: node.dc_url, GroupLink(node.key, plane), self.allows)
         plane.on_group = lambda peer, data: self.groups.on_payload(peer, data, "tunnel")
         self.stop = asyncio.Event()
         self.dns: DnsServer | None = None
@@ -115,8 +115,12 @@ class Daemon:
 
     # --- policy and names ----------------------------------------------------------------------
     def admit(self, peer: bytes) -> bool:
-        """Allowed peers, and our groups' members (and admins who invite us)."""
-        return self.opts.accept_any or peer in self.book.allow or self.groups.knows(peer)
+        """Allowed peers, and our groups' members (not who merely invites us: §12.1)."""
+        return self.allows(peer) or self.groups.knows(peer)
+
+    def allows(self, peer: bytes) -> bool:
+        """The user's own choice: --accept-any or the allow list."""
+        return self.opts.accept_any or peer in self.book.allow
 
     def resolve(self, label: str):
         """DNS: `<node-id>` or `<alias>` → (IPv6, IPv4) as this node's applications see the peer."""
@@ -227,7 +231,18 @@ class Daemon:
             ref = str(b["group"]) if b.get("group") else None
             return {"messages": await self._guard(G.wait_messages(ref, float(b.get("wait", 0))))}
 
-        return {f"group.{f.__name__}": f for f in (create, invite, accept, leave, remove, send, members, recv)}
+        async def invitations(b): return {"invitations": G.invitations()}
+        async def decline(b): return await self._guard(G.decline(str(b.get("group", ""))))
+
+        return {f"group.{f.__name__}": f for f in (create, invite, accept, leave, remove, send, members, recv,
+                                                    invitations, decline)}
+
+    async def h_inbox_fetch(self, body: dict[str, Any]) -> dict[str, Any]:
+        """`ntm inbox fetch ITEM...`: the user fetches items the daemon left at their Cache Server."""
+        mb = self.node.mailbox
+        assert mb is not None, "the daemon always has an inbox"
+        wanted = {str(i) for i in body.get("items", [])}
+        return {"fetched": await self._guard(mb.fetch_on_request(self.node.dc_url, wanted))}
 
     async def h_reload(self, body: dict[str, Any]) -> dict[str, Any]:
         try:
@@ -268,6 +283,7 @@ class Daemon:
             self.dns = await DnsServer.start(binds, self.resolve, {str(self.overlay.book.own), str(v6_of(self.node.id))})
         self.control = await ControlServer.start(self.base, {
             "status": self.h_status, "netcheck": self.h_netcheck, "ping": self.h_ping, "send": self.h_send, "recv": self.h_recv,
+            "inbox.fetch": self.h_inbox_fetch,
             "reload": self.h_reload, "down": self.h_down, **self._group_handlers()}, self.streams.sockets())
         self.groups.start()
         take_inbox(self.groups, self.base / INBOX_DIR)

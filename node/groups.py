@@ -30,7 +30,7 @@ import coincurve
 
 from daemon.service import BackgroundTasks
 from node import state
-from ntm import envelope, group, keys
+from ntm import consent, envelope, group, keys
 from ntm.errors import NtmError
 from ntm.group import GroupError, GroupMessage
 
@@ -48,7 +48,6 @@ REFRESH_MIN_S = 2.0
 # look at once; this catches notes that were lost).
 ADMIN_SYNC_S = 30.0
 MAX_PARKED = 256  # messages per group waiting for a key
-MAX_INVITES_HELD = 64  # invitations not yet accepted; the oldest go first
 GMS_TIMEOUT_S = 10.0
 
 
@@ -130,7 +129,11 @@ def check_gms_url(url: object) -> str:
 
 
 class Groups:
-    def __init__(self, base: Path, key: coincurve.PrivateKey, dc_url: Callable[[], str], transport: Transport) -> None:
+    def __init__(self, base: Path, key: coincurve.PrivateKey, dc_url: Callable[[], str], transport: Transport,
+                 admits: Callable[[bytes], bool] = lambda peer: False) -> None:
+        """`admits(peer)`: the node's own policy (allow list), which decides whose invitations are
+        held first (ntm/consent.py); an invitation itself admits nobody."""
+        self.admits = admits
         self.dir = base / "groups"
         self.key, self.me, self.dc_url, self.transport = key, keys.node_id_of(key), dc_url, transport
         self.groups: dict[bytes, GroupState] = {}
@@ -179,10 +182,10 @@ class Groups:
                          f"{len(named)} groups are named {ref!r}: use the group ID")
 
     def knows(self, peer: bytes) -> bool:
-        """Peers whose tunnels we accept for the groups: members of ours, admins who invited us, and
-        (an admin) the nodes it invited."""
+        """Peers whose tunnels we accept for the groups: members of the groups we belong to, and (an
+        admin) the nodes it invited. Not who invited us: an invitation is a request, not an admission."""
         return any(peer == g.admin or peer in g.members() or peer in g.invited for g in self.groups.values()
-                   if g.status in ("member", "invited"))
+                   if g.status == "member")
 
     def _lock(self, g: GroupState) -> asyncio.Lock:
         return self._locks.setdefault(g.gid, asyncio.Lock())
@@ -288,6 +291,23 @@ class Groups:
             self._retry_parked(g)
         await self._send_control([g.admin], {"t": "joined", "gid": g.gid.hex()})
         return self.describe(g)
+
+    def invitations(self) -> list[dict]:
+        """Invitations waiting for the user's answer, oldest first."""
+        return [{**self.describe(g), "admitted": self.admits(g.admin)} for g in self.groups.values()
+                if g.status == "invited"]
+
+    async def decline(self, ref: str) -> dict:
+        """Forget an invitation (the admin is not told: a stranger learns nothing from a refusal)."""
+        g = self.find(ref)
+        if g.status != "invited":
+            raise GroupError("not_invited", f"group {g.name} is not an invitation waiting here ({g.status})")
+        self._drop(g)
+        return {**self.describe(g), "status": "declined"}
+
+    def _drop(self, g: GroupState) -> None:
+        self.groups.pop(g.gid, None)
+        (self.dir / f"{g.gid.hex()}.json").unlink(missing_ok=True)
 
     async def leave(self, ref: str) -> dict:
         g = self.find(ref)
@@ -500,6 +520,7 @@ class Groups:
             return False
         if msg.sender not in g.epochs[msg.epoch].members:
             raise GroupError("not_member", f"{keys.checksum(msg.sender)} is not a member of epoch {msg.epoch}")
+        group.check_still_member({e: ep.members for e, ep in g.epochs.items()}, msg.epoch, msg.sender)
         text = msg.decrypt(gk)
         g.replay.update(msg)
         entry = {"gid": g.gid.hex(), "group": g.name, "epoch": msg.epoch, "sender": keys.checksum(msg.sender),
@@ -558,12 +579,15 @@ class Groups:
             raise GroupError("malformed", f"invitation: {exc}") from None
         if admin != sender:
             raise GroupError("not_admin", f"an invitation to {name} signed by {keys.checksum(sender)}, not its admin")
-        if gid in self.groups and self.groups[gid].status == "member":
-            return
-        invited = [g for g in self.groups.values() if g.status == "invited"]
-        for old in invited[:max(0, len(invited) + 1 - MAX_INVITES_HELD)]:
-            self.groups.pop(old.gid)
-            (self.dir / f"{old.gid.hex()}.json").unlink(missing_ok=True)
+        if gid in self.groups and self.groups[gid].status in ("member", "invited"):
+            return  # a member already, or invited already: the first invitation stands
+        held = [consent.HeldInvite(g.gid, g.admin, self.admits(g.admin)) for g in self.groups.values()
+                if g.status == "invited"]
+        verdict = consent.invitation_verdict(held, admin, self.admits(admin))
+        if not verdict.keep:
+            raise GroupError(verdict.refusal or "refused", f"invitation to {name} from {keys.checksum(admin)} not kept")
+        if verdict.evict is not None:
+            self._drop(self.groups[verdict.evict])
         g = GroupState(gid, name, admin, gms, "invited")
         self.groups[gid] = g
         self.save(g)

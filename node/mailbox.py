@@ -4,13 +4,17 @@ node was homed elsewhere, or whose notice was lost, is found too).
 
 Fetched items are written to `directory`, confirmed to their CS (which then deletes them), the
 notice acknowledged to the DC, and handed to the application: `await Mailbox.next()`.
+
+Only items from senders the node admits are fetched by themselves, and only while the directory
+stays under its size cap (ntm/consent.py): a stranger's items wait at their Cache Server, on the
+stranger's quota, listed by `ntm inbox` until the user fetches them (§12.1).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
+from collections import Counter, deque
 from pathlib import Path
 from typing import Awaitable, Callable
 
@@ -19,7 +23,7 @@ import coincurve
 from daemon.service import BackgroundTasks, LogLimiter
 from node.cs_client import CsClient, CsClientError, Received
 from node.dc_client import REQUEST_TIMEOUT_S, DcClient, DcError
-from ntm import keys, messages
+from ntm import consent, keys, messages
 from ntm.clock import SYSTEM, Clock
 
 log = logging.getLogger("ntm.node.mailbox")
@@ -52,14 +56,28 @@ async def federation_cs_urls(dc_url: str, timeout: float = REQUEST_TIMEOUT_S) ->
     return urls
 
 
+def inbox_bytes(directory: Path) -> int:
+    """What the fetched items take in `directory` (their metadata files are small and not counted)."""
+    return sum(p.stat().st_size for p in directory.iterdir() if p.is_file() and p.suffix != ".json") \
+        if directory.is_dir() else 0
+
+
+def inbox_full_message(size: int) -> str:
+    return (f"the inbox is full ({consent.MAX_INBOX_BYTES} bytes): an item of {size} bytes stays at its Cache Server; "
+            "move or delete fetched items from $NTM_HOME/inbox first")
+
+
 class Mailbox:
     def __init__(self, key: coincurve.PrivateKey, directory: Path, ack_notice: Callable[[str], Awaitable[None]],
                  take: Callable[[Received], bool] = lambda item: False,
-                 dc_url: Callable[[], str | None] = lambda: None, clock: Clock = SYSTEM) -> None:
+                 dc_url: Callable[[], str | None] = lambda: None, clock: Clock = SYSTEM,
+                 admits: Callable[[bytes], bool] = lambda sender: True) -> None:
         """`take(item)`: a consumer inside the node (group traffic) that keeps an item from the queue.
         `dc_url()`: our DC now, asked for the Cache Servers the DCs announce (the only ones a
-        notice may send us to)."""
+        notice may send us to). `admits(sender)`: whose items are fetched without asking."""
         self.key = key
+        self.admits = admits
+        self.held: Counter[str] = Counter()  # items left waiting at their Cache Server, by reason
         self.dc_url = dc_url
         self.clock = clock
         self.known_cs: set[str] = set()  # Cache Server URLs the federation's DCs announce
@@ -90,7 +108,8 @@ class Mailbox:
         elif not await self._announced(notice.cs.rstrip("/")):
             why = "naming a Cache Server no DC announces"
         else:
-            await self._fetch(notice.cs.rstrip("/"), notice.item)
+            if self._may_fetch(notice.item, notice.sender, notice.size):
+                await self._fetch(notice.cs.rstrip("/"), notice.item)
             return
         self.refused += 1
         self._refusals.note(why)
@@ -124,9 +143,43 @@ class Mailbox:
                 log.info("inbox at %s: %s", url, exc)
                 continue
             for entry in waiting:
-                if await self._fetch(url, entry["item"]):
+                if self._may_fetch(entry["item"], entry["sender"], entry["size"]) and await self._fetch(url, entry["item"]):
                     count += 1
         return count
+
+    def _may_fetch(self, item: str, sender: str, size: int) -> bool:
+        """By itself only from a sender we admit, and while the inbox has room (ntm/consent.py)."""
+        try:
+            admitted = self.admits(keys.parse_node_id(sender))
+        except ValueError:
+            admitted = False
+        why = consent.fetch_verdict(admitted, size, inbox_bytes(self.directory))
+        if why is not None:
+            self.held[why] += 1
+            log.info("item %s from %s (%d bytes) left at its Cache Server: %s", item, consent.escape(sender), size, why)
+        return why is None
+
+    async def fetch_on_request(self, dc_url: str, wanted: set[str]) -> list[dict]:
+        """The user's `ntm inbox fetch`: the named items, whoever sent them, while the inbox has
+        room; each answer is the item's description or its refusal ({item, error, message})."""
+        done: list[dict] = []
+        for url in await federation_cs_urls(dc_url):
+            try:
+                async with CsClient(self.key, url) as cs:
+                    waiting = [e for e in await cs.inbox() if e["item"] in wanted - {d["item"] for d in done}]
+            except CsClientError as exc:
+                log.info("inbox at %s: %s", url, exc)
+                continue
+            for entry in waiting:
+                why = consent.inbox_room(entry["size"], inbox_bytes(self.directory))
+                if why is not None:
+                    done.append({"item": entry["item"], "error": why, "message": inbox_full_message(entry["size"])})
+                elif await self._fetch(url, entry["item"]):
+                    done.append(self.received[-1].describe())
+                else:
+                    done.append({"item": entry["item"], "error": "not_fetched", "message": "see the daemon's log"})
+        return done + [{"item": i, "error": "not_found", "message": "no such item waits for this node"}
+                       for i in sorted(wanted - {d["item"] for d in done})]
 
     async def _fetch(self, url: str, item: str) -> bool:
         if item in self._busy or any(r.item == item for r in self.received):

@@ -170,6 +170,17 @@ class GroupMessage:
             raise GroupError("undecryptable", f"not encrypted under this node's key of epoch {self.epoch}") from None
 
 
+def check_still_member(members: dict[int, set[bytes]], epoch: int, sender: bytes) -> None:
+    """A sender that is no member of some epoch after `epoch` was removed (or left) since: its
+    messages are refused from then on, whatever epoch they are sealed under, as its reads are. It
+    keeps the key of its last epoch, so without this it could still write to the remaining members.
+    `members` maps each epoch the receiver knows to that epoch's members."""
+    gone = [e for e, who in members.items() if e > epoch and sender not in who]
+    if gone:
+        raise GroupError("removed", f"{keys.checksum(sender)} is no member of epoch {min(gone)}, after epoch {epoch}: "
+                         "removed or departed, its messages are refused")
+
+
 def _nonce(counter: int) -> bytes:
     return bytes(4) + struct.pack("!Q", counter)
 

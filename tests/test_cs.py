@@ -19,6 +19,7 @@ import pytest
 import pytest_asyncio
 
 from cs import dclink
+from node import control
 from node.agent import Node, NodeError
 from node.api import AppNode
 from node.cs_client import CsClient, CsClientError, bytes_chunks
@@ -328,6 +329,12 @@ def ntm(home: Path, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
 
 
+def ntm_text(home: Path, *args: str) -> subprocess.CompletedProcess:
+    """The CLI's human output (what reaches a terminal)."""
+    return subprocess.run([sys.executable, "-m", "node.cli", "--home", str(home), *args],
+                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+
+
 async def test_the_cli_sends_offline_lists_and_fetches(fed, tmp_path):
     alice, bob = tmp_path / "alice", tmp_path / "bob"
     for home, i in ((alice, 0), (bob, 1)):
@@ -367,28 +374,71 @@ async def test_a_recipient_that_moved_to_another_dc_still_finds_its_item(fed, tm
     assert got.item == item and got.path.read_bytes() == MARKER + b" moved"
 
 
-async def test_the_daemon_fetches_on_the_notice(fed, tmp_path):
+async def test_a_strangers_invitation_and_items_wait_a_friends_land(fed, tmp_path):
+    """Adversary: a stranger (any registered node) seals items for bob at a Cache Server, one with
+    terminal escape sequences in its notice, and invites bob to its group. Nothing of it lands: its
+    items wait at the CS (listed by `ntm inbox` with sender and size, on its quota), its invitation
+    admits nobody. Bob's friend (on his allow list) gets items and an invitation through as before,
+    and bob can still fetch the stranger's items when he asks, printed with control characters escaped."""
     bob_home = tmp_path / "bob"
     assert ntm(bob_home, "keygen").returncode == 0
     assert (await asyncio.to_thread(ntm, bob_home, "register", "--dc", fed.urls[1])).returncode == 0
     bob_id = keys.parse_node_id(json.loads(ntm(bob_home, "id").stdout)["node"])
+    mallory, friend = await registered(fed, 0), await registered(fed, 0)
+    assert ntm(bob_home, "allow", keys.checksum(keys.node_id_of(friend))).returncode == 0
     daemon = subprocess.Popen([sys.executable, "-m", "node.cli", "--home", str(bob_home), "--json", "up", "--no-tun",
                                "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
     try:
         line = await asyncio.wait_for(asyncio.to_thread(daemon.stdout.readline), 30)
         assert json.loads(line)["event"] == "up"
-        sender = await registered(fed, 0)
         async with aiohttp.ClientSession() as http, http.get(f"{fed.urls[1]}/v1/nodes/{keys.checksum(bob_id)}") as r:
             bob_pub = bytes.fromhex((await r.json())["pubkey"])
-        sealer = seal.Sealer(sender, {bob_id: bob_pub}, seal.Meta("test", notice="to the daemon"), int(time.time() * 1000))
-        async with CsClient(sender, fed.cs_url(0)) as c:
-            item = (await c.put(sealer, bytes_chunks(MARKER), len(MARKER)))["item"]
-        path = bob_home / "inbox" / item
-        await until(lambda: path.exists() and (bob_home / "inbox" / f"{item}.json").exists(), timeout=20)
-        assert path.read_bytes() == MARKER
-        assert json.loads((bob_home / "inbox" / f"{item}.json").read_text())["notice"] == "to the daemon"
-        status = json.loads(ntm(bob_home, "status").stdout)
-        assert [r["item"] for r in status["daemon"]["inbox"]["received"]] == [item]
+
+        async def put(sender, meta: seal.Meta, content: bytes) -> str:
+            sealer = seal.Sealer(sender, {bob_id: bob_pub}, meta, int(time.time() * 1000))
+            async with CsClient(sender, fed.cs_url(0)) as c:
+                return (await c.put(sealer, bytes_chunks(content), len(content)))["item"]
+
+        def invitation(admin, name: str) -> bytes:
+            return b"C" + json.dumps({"t": "invite", "gid": os.urandom(16).hex(), "name": name,
+                                      "admin": keys.checksum(keys.node_id_of(admin)), "gms": fed.urls[0]}).encode()
+
+        big = [await put(mallory, seal.Meta("test", notice="fill the disk"), MARKER + os.urandom(1 << 20)) for _ in range(2)]
+        hostile = await put(mallory, seal.Meta("test", notice="\x1b]0;pwned\x07\x1b[2Jlooks legit"), MARKER)
+        strange_invite = await put(mallory, seal.Meta("ntm-group"), invitation(mallory, "free-stuff"))
+        kept = await put(friend, seal.Meta("test", notice="from a friend"), MARKER)
+        await put(friend, seal.Meta("ntm-group"), invitation(friend, "friends"))
+
+        async def invitations() -> list[dict]:
+            return (await control.call(bob_home, "group.invitations", {}))["invitations"]
+        await until(lambda: (bob_home / "inbox" / kept).exists(), timeout=20)
+        got = await until(invitations, timeout=20)
+        assert [(g["name"], g["admin"], g["admitted"]) for g in got] == [("friends", keys.checksum(keys.node_id_of(friend)), True)]
+        # the stranger's items: not fetched, still at the Cache Server (on its quota), listed with sender and size
+        strangers = [*big, hostile, strange_invite]
+        assert not any((bob_home / "inbox" / i).exists() for i in strangers)
+        assert all(is_stored(fed, 0, i) for i in strangers)
+        listed = json.loads((await asyncio.to_thread(ntm, bob_home, "inbox")).stdout)
+        waiting = {w["item"]: w for w in listed["waiting"]}
+        assert set(strangers) <= set(waiting) and kept not in waiting
+        assert {waiting[i]["sender"] for i in strangers} == {keys.checksum(keys.node_id_of(mallory))}
+        assert all(waiting[i]["size"] > 1 << 20 for i in big)
+        status = json.loads(ntm(bob_home, "status").stdout)["daemon"]["inbox"]
+        assert status["held"]["not_admitted"] >= len(strangers)
+
+        # bob asks for the stranger's invitation and hostile item: they land, and admit nobody
+        fetched = await asyncio.to_thread(ntm_text, bob_home, "inbox", "fetch", strange_invite, hostile)
+        assert fetched.returncode == 0, fetched.stderr
+        names = {g["name"]: g for g in await invitations()}
+        assert set(names) == {"friends", "free-stuff"} and names["free-stuff"]["admitted"] is False
+        assert (bob_home / "inbox" / hostile).exists()
+        text = (await asyncio.to_thread(ntm_text, bob_home, "inbox")).stdout
+        assert "\x1b" not in text and "\x07" not in text and "\\x1b]0;pwned\\x07\\x1b[2Jlooks legit" in text
+        shown = (await asyncio.to_thread(ntm_text, bob_home, "group", "invitations")).stdout
+        assert "free-stuff" in shown and "not on your allow list" in shown
+        declined = await asyncio.to_thread(ntm_text, bob_home, "group", "decline", "free-stuff")
+        assert declined.returncode == 0, declined.stderr
+        assert [g["name"] for g in await invitations()] == ["friends"]
     finally:
         daemon.terminate()
         daemon.wait(10)

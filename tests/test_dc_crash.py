@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
+import sqlite3
 import time
 
 import aiohttp
@@ -84,6 +86,49 @@ async def test_chain_restart_with_state_keeps_everything(tmp_path):
         net.restart_chain()
         net.start_dc(0)
         await all_on_chain(net, before + during, dc_addr)
+
+
+def outbox_count(net: DcNet, where: str, *args) -> int:
+    with sqlite3.connect(net.workdir / "dc1.sqlite") as db:
+        return db.execute(f"SELECT count(*) FROM outbox WHERE {where}", args).fetchone()[0]
+
+
+async def test_kill9_of_the_chain_mid_storm_every_acknowledged_record_ends_confirmed_on_chain(tmp_path):
+    """Hostile condition: the chain node crashes (anvil with --state-interval 1, SIGKILL by PID) while
+    registrations stream in. The blocks mined since its last state dump are lost, with records the
+    DC had already called confirmed, and the restarted chain mines those heights again for the DC's
+    next transactions. The DC must see the rollback, put those records back to pending and send
+    them again: every acknowledged record ends confirmed in its outbox and on chain."""
+    async with stateful_net(tmp_path) as net:
+        net.start_dc(0, ("--new-nodes-per-hour", "1000000"))  # the gas budget is not under test
+        dc_addr = keys.node_id_of(net.dc_keys[0])
+        acked: list[bytes] = []
+        storming = True
+
+        async def storm() -> None:
+            while storming:
+                acked.extend(await register_many(net.urls[0], 8))
+
+        task = asyncio.create_task(storm())
+        lost = 0
+        try:
+            for _ in range(3):  # a kill right after a state dump loses nothing: kill again
+                await until(lambda n=len(acked): outbox_count(net, "state='confirmed'") >= 24 and len(acked) >= n + 24,
+                            timeout=20, interval=0.05)
+                net.chain.kill()
+                dumped = json.loads(net.chain.state_path.read_text())["best_block_number"]
+                lost = outbox_count(net, "state='confirmed' AND block > ?", dumped)  # "confirmed", now gone
+                net.restart_chain()
+                if lost:
+                    break
+            assert lost, "no kill lost a block the DC had called confirmed: the test proves nothing"
+            await until(lambda n=len(acked): len(acked) >= n + 16, timeout=20)  # the storm goes on after the restart
+        finally:
+            storming = False
+            await task
+        await all_on_chain(net, acked, dc_addr, timeout=30)
+        await until(lambda: outbox_count(net, "state != 'confirmed'") == 0, timeout=10)
+        assert outbox_count(net, "state='confirmed'") == len(acked)
 
 
 async def test_a_second_dc_on_the_same_database_is_refused(tmp_path):

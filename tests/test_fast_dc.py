@@ -464,6 +464,37 @@ async def test_a_reorg_at_the_same_height_is_seen_by_its_hash(fed):
     assert dc.submitter.reopened == 0 and a.id in dc.cache.nodes
 
 
+async def test_a_height_mined_again_after_a_chain_restart_is_a_rollback(fed):
+    """The chain node is killed (kill -9 of anvil run with --state-interval 1) and comes back from its
+    state file without its last block; our next transaction lands at that height again before the
+    follower polls. The DC compares the new block's hash with the one it remembered there: the old
+    one is kept (in memory and in its database), so the fork is found at that height and the record
+    it had called confirmed in the lost block goes back to pending and onto the chain again."""
+    dc = fed.dcs[0]
+    fed.tasks[0].cancel()  # dc1's follower polls only when this test says
+    await dc.cache.poll()
+    before = fed.chain.snapshot()
+
+    async def confirmed(clock_step: float = 0.01) -> tuple[bytes, int, int]:
+        key = keys.generate()
+        fed.clock.advance(clock_step)
+        res = await dc.register(RegistrationRequest.signed(key, dc.info(), fed.clock.wall_ms(), ()), wait_confirmed=True)
+        assert res.status == "confirmed"
+        return keys.node_id_of(key), res.timestamp, res.block
+
+    a, a_ts, lost = await confirmed()
+    lost_hash = fed.chain.hashes[lost]
+    fed.chain.restore(before)  # the restart: block `lost` is gone
+    b, _, again = await confirmed()
+    assert again == lost and fed.chain.hashes[again] != lost_hash and a not in fed.chain.nodes
+    assert (lost, lost_hash) in dc.store.blocks()  # the new hash did not replace the old one
+    await dc.cache.poll()
+    assert dc.cache.rollbacks == 1 and dc.submitter.reopened == 1  # a, not b (b is on chain)
+    state = await asyncio.wait_for(dc.submitter.confirmed(a, a_ts), 5)
+    assert state[0] == "confirmed" and fed.chain.nodes[a].dc == dc.address and b in fed.chain.nodes
+    assert (lost, lost_hash) not in dc.store.blocks()  # a restart of the DC does not see this rollback again
+
+
 async def test_with_the_chain_down_registrations_are_durable_then_confirmed(fed):
     a = await register(fed, fed.dcs[0])
     fed.chain.down = True

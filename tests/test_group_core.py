@@ -99,6 +99,23 @@ def test_a_member_cannot_speak_as_another():
     assert e.value.code == "bad_signature"
 
 
+def test_a_removed_member_cannot_write_under_its_last_epoch():
+    """Bob, removed at epoch 5, still holds the key of epoch 4 and seals under it: the members who know
+    epoch 5 refuse him. A member of every later epoch (one whose GMS was unreachable and sent under
+    an older epoch), and a member who left and joined again, are still heard."""
+    alice, bob, carol = (keys.node_id_of(keys.generate()) for _ in range(3))
+    epochs = {3: {alice, bob}, 4: {alice, bob, carol}, 5: {alice, carol}}
+    with pytest.raises(GroupError) as e:
+        group.check_still_member(epochs, 4, bob)
+    assert e.value.code == "removed" and "epoch 5" in str(e.value)
+    with pytest.raises(GroupError):
+        group.check_still_member(epochs, 3, bob)
+    group.check_still_member(epochs, 3, alice)
+    group.check_still_member(epochs, 5, carol)
+    group.check_still_member({**epochs, 6: {alice, bob, carol}}, 6, bob)  # invited back: his new epoch counts
+    group.check_still_member({4: {alice, bob}}, 4, bob)  # the receiver has not heard of the removal yet
+
+
 def test_replay_window_drops_repeats_and_persists():
     r = group.Replay()
     msgs = [group.seal_message(SENDER, GK, GID, 3, n, b"x") for n in (5, 3, 4)]

@@ -22,6 +22,7 @@ import pytest_asyncio
 from daemon import keystore
 from node.cs_client import CsClient, bytes_chunks
 from node import control
+from node.peers import PeerBook
 from node.groups import CONTROL, GROUP_APP, MSG
 from ntm import envelope, group, keys, seal
 from ntm.group import GroupError, GroupMessage
@@ -86,6 +87,10 @@ async def fed(tmp_path_factory):
             return Member(name, home, nid)
 
         members = await asyncio.gather(*(member(i, n) for i, n in enumerate(("alice", "bob", "carol", "dave"))))
+        for m in members:  # they know each other: invitations are consented to (§12.1), items fetched
+            book = PeerBook.load(m.home)
+            book.allow.update(keys.parse_node_id(o.id) for o in members if o is not m)
+            book.save(m.home)
         try:
             await asyncio.gather(*(asyncio.to_thread(start_daemon, m) for m in members))
             yield net, members
@@ -140,12 +145,19 @@ def gms_rows(net: DcNet, gid: str) -> list[tuple]:
         return db.execute("SELECT epoch, rn2, rn1_gen FROM group_epochs WHERE gid=?", (bytes.fromhex(gid),)).fetchall()
 
 
-async def put_item(net: DcNet, sender_key, recipient: Member, payload: bytes) -> None:
-    """Hand `recipient` a group payload through a Cache Server, as any registered node can."""
+async def put_item(net: DcNet, sender_key, recipient: Member, payload: bytes) -> str:
+    """Hand `recipient` a group payload through a Cache Server, as any registered node can; a
+    sender it does not admit waits there until fetched (`fetch_held`)."""
     pub = bytes.fromhex(recipient_pub(recipient))
     sealer = seal.Sealer(sender_key, {keys.parse_node_id(recipient.id): pub}, seal.Meta(GROUP_APP), int(time.time() * 1000))
     async with CsClient(sender_key, net.cs_url(0)) as c:
-        await c.put(sealer, bytes_chunks(payload), len(payload))
+        return (await c.put(sealer, bytes_chunks(payload), len(payload)))["item"]
+
+
+async def fetch_held(m: Member, *items: str) -> None:
+    """`ntm inbox fetch`: the user takes in a stranger's items (they waited at the Cache Server)."""
+    got = (await control.call(m.home, "inbox.fetch", {"items": list(items)}, timeout=90))["fetched"]
+    assert [g["item"] for g in got if "error" not in g] == list(items), got
 
 
 def recipient_pub(m: Member) -> str:
@@ -201,6 +213,17 @@ async def test_four_members_across_two_dcs_join_leave_and_keys(fed):
     assert opens_with(wire3, carol.state(gid), all_rn2)  # (the same search finds it with carol's RN1)
     assert not opens_with(wire3, bob.state(gid), all_rn2)
     assert "m3: without bob" not in [e["text"] for e in bob.log(gid)]
+    # bob still holds epoch 4's key and writes under it after his removal: carol refuses it
+    st = bob.state(gid)
+    ep4 = st["epochs"]["4"]
+    gk4 = group.group_key(bytes.fromhex(st["rn1"][str(ep4["rn1_gen"])]), bytes.fromhex(ep4["rn2"]), bytes.fromhex(gid),
+                          st["name"], 4)
+    late = group.seal_message(bob.key(), gk4, bytes.fromhex(gid), 4, st["counter"] + 100, b"bob, removed, writes")
+    await put_item(net, bob.key(), carol, MSG + late.encode())
+    async def carol_refused_bob():
+        return (await refusals(carol)).get("removed", 0) >= 1
+    await until(carol_refused_bob, timeout=30, interval=0.3)
+    assert "bob, removed, writes" not in [e["text"] for e in carol.log(gid)]
     # a removed member's comeback is refused by the GMS
     assert "is not invited" in await refused(bob, "accept", gid)
 
@@ -247,9 +270,10 @@ async def test_impersonation_replay_and_non_members_are_refused(fed):
     eve = keys.generate()
     await register(net.urls[1], eve)
     eve_msg = group.seal_message(eve, group.new_rn(), bytes.fromhex(gid), epoch, 0, b"let me in")
-    await put_item(net, eve, alice, MSG + eve_msg.encode())
+    await fetch_held(alice, await put_item(net, eve, alice, MSG + eve_msg.encode()))
     # and eve's invitation "from the admin", and RN1 "from the admin"
-    await put_item(net, eve, carol, CONTROL + json.dumps({"t": "rn1", "gid": gid, "gen": 9, "rn1": "00" * 32}).encode())
+    await fetch_held(carol, await put_item(net, eve, carol, CONTROL + json.dumps({"t": "rn1", "gid": gid, "gen": 9,
+                                                                                  "rn1": "00" * 32}).encode()))
 
     async def all_refused():
         r = await refusals(alice)
@@ -316,7 +340,7 @@ def start_daemon(m: Member) -> None:
     m.proc = subprocess.Popen(
         [sys.executable, "-m", "node.cli", "--home", str(m.home), "--json", "up", "--no-tun", "--host", "127.0.0.1",
          "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
-    assert read_json_line(m.proc)["event"] == "up"
+    assert read_json_line(m.proc, timeout=60)["event"] == "up"  # four start at once: headroom for a loaded machine
 
 
 async def test_a_member_offline_during_a_rekey_catches_up_at_its_next_start(fed):
