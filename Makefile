@@ -42,9 +42,9 @@ apt:
 demo: setup
 	$(PY) -m scripts.demo
 
-# Two pytest-xdist workers: the NAT lab (about 12 min, mostly waiting on timers) runs on one while
-# the rest runs beside it (tests/conftest.py groups them). TEST_WORKERS=0 runs everything in one
-# process. pytest exit code 5 means "no tests collected": not a failure for CI.
+# Two pytest-xdist workers (most tests wait on timers, chains and subprocesses, not on the CPU);
+# tests/conftest.py keeps each module on one worker. TEST_WORKERS=0 runs everything in one process.
+# pytest exit code 5 means "no tests collected": not a failure for CI.
 TEST_WORKERS ?= 2
 test: setup
 	$(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadgroup --durations=25; rc=$$?; \

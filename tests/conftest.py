@@ -11,19 +11,17 @@ from chain.registry import Registry
 from ntm import keys
 from scripts.anvil import Anvil
 
-LAB_DIR = Path(__file__).parent / "lab"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def pytest_collection_modifyitems(config, items):
-    """Group tests for pytest-xdist (`make test` runs two workers with `--dist loadgroup`).
-
-    A module runs whole on one worker, so its module-scoped fixtures are built once; the NAT lab
-    runs whole on one worker, one test at a time, since its timing bounds assume it shares the
-    machine with at most one other test.
-    """
+    """Group tests for pytest-xdist (`make test` runs two workers with `--dist loadgroup`): a module
+    runs whole on one worker, so its module-scoped fixtures (a federation, a lab) are built once;
+    each bench's quick mode is a group of its own, so the benches spread over both workers. Two
+    workers never run more than two tests at once, which the lab's timing bounds allow for."""
     for item in items:
-        lab = LAB_DIR in item.path.parents
-        item.add_marker(pytest.mark.xdist_group("lab" if lab else item.path.stem))
+        group = item.name if item.path.stem == "test_benches" else str(item.path.relative_to(ROOT))
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session")
