@@ -18,10 +18,12 @@ import socket
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Literal
 
 from aiohttp import web
 
+from daemon import startup
+from daemon.startup import INTERRUPTED
 from ntm import messages
 from ntm.addr import unmapped
 from ntm.errors import NtmError
@@ -81,15 +83,15 @@ async def read_json(request: web.Request):
 def daemon_parser(prog: str, description: str, chain_required: bool) -> argparse.ArgumentParser:
     """The flags every daemon shares: where the chain is, which deployment, who may read the
     operator endpoints, and -v."""
-    p = argparse.ArgumentParser(prog=prog, description=description)
+    p = startup.OneLineParser(prog=prog, description=description)
     p.add_argument("--admin-allow", action="append", type=network, metavar="CIDR",
                    help="network allowed to read /metrics and other operator endpoints (repeatable; "
                    "default: loopback only)")
-    p.add_argument("--rpc-url", action="append", required=chain_required, metavar="URL",
+    p.add_argument("--rpc-url", action="append", required=chain_required, metavar="URL", type=startup.ws_or_http_url,
                    help="Ethereum JSON-RPC URL of the chain; repeat for fallbacks (the first, your own node, "
                    "is preferred; the next is used when it fails)")
-    p.add_argument("--deployment", type=Path, required=chain_required, help="deployment JSON written by scripts/deploy.py")
-    p.add_argument("--http-idle-timeout", type=float, metavar="S",
+    p.add_argument("--deployment", type=startup.readable_file, required=chain_required, help="deployment JSON written by scripts/deploy.py")
+    p.add_argument("--http-idle-timeout", type=startup.positive, metavar="S",
                    help=f"close HTTP connections idle or stalled this long (default {HTTP_IDLE_TIMEOUT_S:.0f} s)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
@@ -136,17 +138,47 @@ def stop_on_signals() -> asyncio.Event:
     return stop
 
 
-def run(name: str, serve: Callable[[asyncio.Event], Awaitable[None]]) -> int:
-    """Run `serve(stop)` until a signal; a project error or OS error becomes one line and exit 1."""
+class StartingStop(asyncio.Event):
+    """The stop event of service.run: it knows whether the server waits on it yet (is serving)."""
 
-    async def main() -> None:
-        await serve(stop_on_signals())
+    serving = False
+
+    async def wait(self) -> Literal[True]:
+        self.serving = True
+        return await super().wait()
+
+
+def run(name: str, serve: Callable[[asyncio.Event], Awaitable[None]]) -> int:
+    """Run `serve(stop)` until SIGINT or SIGTERM sets `stop`; a project error or OS error becomes
+    one line and exit 1. A signal before `serve` waits on `stop` (still starting: the chain, the
+    key, the sockets) cancels the start-up instead: its cleanup runs, then one line and exit 130."""
+
+    async def main() -> bool:
+        stop, task = StartingStop(), asyncio.current_task()
+
+        def signalled() -> None:
+            stop.set()
+            if not stop.serving:
+                task.cancel()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().add_signal_handler(sig, signalled)
+        try:
+            await serve(stop)
+        except asyncio.CancelledError:
+            if stop.serving:
+                raise
+            return False
+        return True
 
     try:
-        asyncio.run(main())
+        served = asyncio.run(main())
     except (NtmError, OSError) as exc:
         print(f"{name}: {exc}", file=sys.stderr)
         return 1
+    if not served:
+        print(f"{name}: interrupted", file=sys.stderr)
+        return INTERRUPTED
     return 0
 
 

@@ -14,7 +14,7 @@ import signal
 import sys
 from pathlib import Path
 
-from node import state
+from node import state, status_view
 from node.output import INTERNAL, INTERRUPTED, USAGE, CliError, fail, show_id
 from ntm.keepalive import KEEPALIVE_INTERVAL_S
 from ntm.vaddr import PATH_MTU, V4_NET
@@ -27,6 +27,18 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         raise CliError(f"{message} (see `{self.prog} --help`)", USAGE)
+
+    def parse_known_args(self, args=None, namespace=None):
+        """Options anywhere on a subcommand's line (`ntm send bob --offline "text"`): a parser
+        without subcommands of its own reads its options first, then its positionals
+        (argparse's intermixed mode, which refuses parsers that have subcommands)."""
+        if self._subparsers is not None or getattr(self, "_intermixing", False):
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
 
 
 def version() -> str:
@@ -185,7 +197,8 @@ def exec_devnet(args, base: Path, devnet_args: list[str]) -> None:
     """`ntm devnet ...` is scripts/devnet.py, a separate program (the node's CLI does not import
     the developer scripts): replace this process with it, so signals and output are its own."""
     argv = ["--home", str(base), *(["--json"] if args.json else []), *devnet_args]
-    code = "import sys; from scripts.devnet import main; sys.exit(main(sys.argv[1:], prog='ntm devnet'))"
+    code = ("import sys; from daemon.startup import exit_on_interrupt; exit_on_interrupt('ntm devnet'); "
+            "from scripts.devnet import main; sys.exit(main(sys.argv[1:], prog='ntm devnet'))")
     os.execv(sys.executable, [sys.executable, "-c", code, *argv])
 
 
@@ -242,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
             print(shtab.complete(p, args.shell))
             return 0
         if args.cmd == "id" and fast_id(args, base):
+            return 0
+        if args.cmd == "status" and status_view.from_daemon(args, base):
             return 0
         return load_commands().run(args, base)
     except CliError as exc:

@@ -24,6 +24,7 @@ from node import control, netcheck, state
 from node.agent import Node
 from node.control import ControlError, ControlServer
 from node.dataplane import DataPlane
+from node.dc_client import DcError
 from node.dns import DnsServer
 from node.group_link import GroupLink, take_inbox, take_item
 from node.groups import Groups
@@ -31,7 +32,7 @@ from node.netwatch import follow_addresses
 from node.peers import PeerBook, PeerBookError
 from node.standby import StandbyPaths
 from node.tun import Tun, tun_unavailable
-from ntm import keys
+from ntm import keys, messages
 from ntm.addr import display
 from ntm.errors import NtmError
 from ntm.overlay import Overlay
@@ -48,6 +49,8 @@ ADDRESS_POLL_S = 1.0
 STATE_SYNC_S = 1.0
 #: A ping waits this long for each reply.
 PING_TIMEOUT_S = 2.0
+#: `ntm status` shows the DC's view of our record; a DC slower than this is reported, not waited for.
+RECORD_TIMEOUT_S = 2.0
 DNS_PORT = 53
 
 
@@ -158,11 +161,21 @@ class Daemon:
             "peers": self.standby.annotate(self.plane.peers(self.book.names_of),
                                            {keys.checksum(p): t.channel.path_id for p, t in self.plane.by_peer.items()}),
             **self.node.inbox_status(),
-            "groups": self.groups.list(), "group_refusals": dict(self.groups.refused),
+            "groups": self.groups.list(), "group_refusals": dict(self.groups.refused), "record": await self._record(),
             "counters": {**self.overlay.stats, **self.plane.stats, "refused_tunnels": self.node.tunnel_table.refused,
                          "dns_refused": self.dns.refused if self.dns else 0,
                          **({f"tun_{k}": v for k, v in tun.stats().items()} if tun else {})},
         }
+
+    async def _record(self) -> dict[str, Any]:
+        """Our record as our DC sees it (whois), for `ntm status`; {"dc_error", "unreachable"} if it
+        does not say."""
+        try:
+            return messages.encode(await asyncio.wait_for(self.node.session.dc.whois(self.node.id), RECORD_TIMEOUT_S))
+        except DcError as exc:
+            return {"dc_error": str(exc), "unreachable": exc.code == "unreachable"}
+        except asyncio.TimeoutError:
+            return {"dc_error": f"no answer within {RECORD_TIMEOUT_S:.0f} s", "unreachable": True}
 
     async def h_netcheck(self, body: dict[str, Any]) -> dict[str, Any]:
         return await netcheck.run(self.node.session, self.plane.peers(self.book.names_of))

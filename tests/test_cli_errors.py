@@ -195,7 +195,7 @@ def test_bad_local_state_is_one_line(homes, tmp_path):
     (tmp_path / "badstate").mkdir()
     keystore.save_keystore(keys.generate(), tmp_path / "badstate" / state.KEY_FILE, "pw")
     (tmp_path / "badstate" / state.STATE_FILE).write_text("[1, 2]")
-    one_line(ntm(tmp_path / "badstate", "status"), FAILED, "not a JSON object")
+    one_line(ntm(tmp_path / "badstate", "status"), USAGE, "not a JSON object")  # a local file: the README says 2
     if os.geteuid() != 0:  # root writes anywhere
         ro = tmp_path / "ro"
         ro.mkdir(mode=0o500)
@@ -242,3 +242,56 @@ def test_the_passphrase_is_asked_on_a_terminal_and_read_from_a_file(tmp_path):
     assert ntm(home, "--password-file", str(tmp_path / "pw"), "status", passphrase=None).returncode == 0
     assert ntm(home, "status", passphrase="s3cret").returncode == 0
     one_line(ntm(home, "status", passphrase="wrong"), USAGE, "wrong passphrase")
+
+
+def started_importing(pid: int) -> bool:
+    """The process has begun loading packages (any site-packages file mapped): past the
+    interpreter's own start, so past daemon.startup's guard, which comes first."""
+    try:
+        return "site-packages/" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+def test_ctrl_c_while_a_server_starts_is_one_line_and_exit_130(tmp_path, silent_dc):
+    """Ctrl-C at any moment of a server's start-up (its imports, its key, a chain that does not
+    answer): one line, exit 130, never a traceback; once it printed its ready line, a clean stop."""
+    key = tmp_path / "dc.key.json"
+    keystore.save_keystore(keys.generate(), key, "")
+    deployment = tmp_path / "deployment.json"
+    deployment.write_text(json.dumps({"chain_id": 31337, "registry": PEER, "block": 0}))
+    chain = silent_dc  # a chain that accepts connections and never answers
+    servers = {
+        "ntm-dc": ["-m", "dc", "--key-file", str(key), "--rpc-url", chain, "--deployment", str(deployment),
+                   "--db", str(tmp_path / "dc.sqlite"), "--http-port", "0", "--udp-port", "0"],
+        "ntm-rs": ["-m", "rs", "--rpc-url", chain, "--deployment", str(deployment), "--udp-port", "0",
+                   "--http-port", "0", "--stream-port", "off"],
+        "ntm-cs": ["-m", "cs", "--dc", silent_dc, "--key-file", str(key), "--data-dir", str(tmp_path / "cs"),
+                   "--http-port", "0"],
+        "ntm-deploy": ["-m", "scripts.deploy", "--rpc", chain, "--key", "11" * 32, "--out", str(tmp_path / "d.json")],
+    }
+
+    def interrupt(case: tuple[str, float]) -> tuple[str, float, subprocess.CompletedProcess]:
+        name, delay = case
+        env = {k: v for k, v in os.environ.items() if not k.startswith("NTM_")}
+        proc = subprocess.Popen([sys.executable, *servers[name]], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                stdin=subprocess.DEVNULL, text=True, env=env)
+        deadline = time.monotonic() + 30
+        while not started_importing(proc.pid) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+        return name, delay, subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+    cases = [(name, delay) for name in servers for delay in (0.0, 0.3, 2.5)]
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(interrupt, cases))
+    for name, delay, proc in results:
+        what = f"{name} after {delay} s: exit {proc.returncode}\nstdout: {proc.stdout}\nstderr: {proc.stderr}"
+        assert "Traceback" not in proc.stdout + proc.stderr, what
+        if '"ready"' in proc.stdout:  # started before the signal: an ordinary stop
+            assert proc.returncode == 0, what
+            continue
+        assert proc.returncode == INTERRUPTED, what
+        assert proc.stderr.strip().splitlines()[-1] in (f"{name}: interrupted", "ntm-deploy: interrupted"), what

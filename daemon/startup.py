@@ -1,0 +1,129 @@
+"""The first moments of a server process (ntm-dc, ntm-rs, ntm-cs, ntm-deploy, ntm devnet): Ctrl-C
+while it imports is one line and exit 130, and its flags are checked before anything starts, each
+refusal one line and exit 2. Standard library only: it runs before the heavy imports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Callable, NoReturn
+from urllib.parse import urlsplit
+
+USAGE, INTERRUPTED = 2, 130  # the exit codes of the README's table
+
+
+def exit_on_interrupt(prog: str, module_file: str | None = None) -> None:
+    """When this process is `prog` (its console script, or `python -m` of `module_file`; always
+    without one) and until it installs its own SIGINT handling (service.run's event loop): Ctrl-C
+    ends it at once with one line and exit 130. Nothing is open yet, and a KeyboardInterrupt
+    raised inside an import is a 16-65-line traceback. A process that merely imports the module
+    (a test) keeps its handler."""
+    started = sys.argv[0] if sys.argv else ""
+    if module_file and Path(started).name != prog and Path(started).resolve() != Path(module_file).resolve():
+        return
+
+    def interrupted(signum: int, frame: object) -> None:
+        os.write(2, f"{prog}: interrupted\n".encode())
+        os._exit(INTERRUPTED)
+
+    signal.signal(signal.SIGINT, interrupted)
+
+
+class Refused(ValueError):
+    """A value refused for a reason worth printing beside what was expected."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """A bad flag is one line naming it and `--help`, exit 2 (argparse prints the whole usage)."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        sys.exit(USAGE)
+
+
+def checked(kind: Callable[[str], object], what: str) -> Callable[[str], object]:
+    """An argparse type from `kind` (raises ValueError): the refusal says what was expected."""
+
+    def parse(text: str) -> object:
+        try:
+            return kind(text)
+        except Refused as exc:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r} ({exc})") from None
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+
+    parse.__name__ = what  # argparse names the type in some messages
+    return parse
+
+
+def _http_url(text: str) -> str:
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError
+    parts.port  # noqa: B018 (raises ValueError on a bad port)
+    return text
+
+
+def _ws_or_http_url(text: str) -> str:
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https", "ws", "wss") or not parts.hostname:
+        raise ValueError
+    parts.port  # noqa: B018
+    return text
+
+
+def _port(text: str) -> int:
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise ValueError
+    return port
+
+
+def _positive_int(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise ValueError
+    return n
+
+
+def _positive(text: str) -> float:
+    x = float(text)
+    if not 0 < x < float("inf"):
+        raise ValueError
+    return x
+
+
+def _not_negative(text: str) -> float:
+    x = float(text)
+    if not 0 <= x < float("inf"):
+        raise ValueError
+    return x
+
+
+def _file(text: str) -> Path:
+    path = Path(text)
+    if not path.is_file() or not os.access(path, os.R_OK):
+        raise ValueError
+    return path
+
+
+def _in_a_directory(text: str) -> Path:
+    """A file to create or reuse: its directory must exist."""
+    path = Path(text)
+    if not path.parent.is_dir():
+        raise Refused(f"{path.parent} is not a directory")
+    return path
+
+
+http_url = checked(_http_url, "an http:// or https:// URL")
+ws_or_http_url = checked(_ws_or_http_url, "an http(s):// or ws(s):// URL")
+port = checked(_port, "a port in 0..65535")
+positive_int = checked(_positive_int, "an integer >= 1")
+positive = checked(_positive, "a number > 0")
+not_negative = checked(_not_negative, "a number >= 0")
+readable_file = checked(_file, "a readable file")
+creatable_path = checked(_in_a_directory, "a path in an existing directory")
