@@ -138,14 +138,36 @@ def stop_on_signals() -> asyncio.Event:
     return stop
 
 
+def sd_notify(state: str) -> bool:
+    """Tell systemd (a Type=notify unit: packaging/systemd/) `state`, e.g. "READY=1", over the
+    datagram socket in $NOTIFY_SOCKET (a path, or "@name" in the abstract namespace); False when
+    not run by systemd. The protocol is one datagram of KEY=VALUE lines: no library needed."""
+    where = os.environ.get("NOTIFY_SOCKET", "")
+    if not where:
+        return False
+    address = "\0" + where[1:] if where.startswith("@") else where
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.sendto(state.encode(), address)
+    except OSError as exc:
+        logging.warning("cannot tell systemd %s at %s: %s", state, where, exc.strerror or exc)
+        return False
+    return True
+
+
 class StartingStop(asyncio.Event):
-    """The stop event of service.run: it knows whether the server waits on it yet (is serving)."""
+    """The stop event of service.run: it knows whether the server waits on it yet (is serving).
+    Waiting on it is being ready: systemd is told so (READY=1), and told STOPPING=1 once it is set."""
 
     serving = False
 
     async def wait(self) -> Literal[True]:
-        self.serving = True
-        return await super().wait()
+        if not self.serving:
+            self.serving = True
+            sd_notify("READY=1")
+        await super().wait()
+        sd_notify("STOPPING=1")
+        return True
 
 
 def run(name: str, serve: Callable[[asyncio.Event], Awaitable[None]]) -> int:

@@ -236,6 +236,7 @@ async def cmd_up(args, base: Path) -> None:
             f"up as {info['node']} at {info['dc']} (public address {info['observed']})\n"
             f"{where}, virtual addresses {info['ipv6']} and {info['ipv4']}"
             + (f", DNS on {', '.join(info['dns'])}" if info["dns"] else "") + f"\ncontrol socket {info['socket']}")
+        service.sd_notify("READY=1")  # under systemd (packaging/systemd/ntm.service, Type=notify)
 
     try:
         await daemon.up(base, key, st, opts, ready)
