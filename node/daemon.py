@@ -29,6 +29,7 @@ from node.dns import DnsServer
 from node.group_link import GroupLink, take_inbox, take_item
 from node.groups import Groups
 from node.netwatch import follow_addresses
+from node.splitdns import LOOPBACK_DNS, SplitDns
 from node.peers import PeerBook, PeerBookError
 from node.standby import StandbyPaths
 from node.tun import Tun, tun_unavailable
@@ -100,6 +101,8 @@ class Daemon:
         plane.on_group = lambda peer, data: self.groups.on_payload(peer, data, "tunnel")
         self.stop = asyncio.Event()
         self.dns: DnsServer | None = None
+        self.split: SplitDns | None = None  # .ntm names registered with the system resolver (node/splitdns.py)
+        self.dns_route: str | None = None  # how the system's resolver reaches our DNS
         self.control: ControlServer | None = None
         self.standby = StandbyPaths(node)  # make-before-break over a second uplink
         self.tasks = BackgroundTasks()
@@ -156,7 +159,7 @@ class Daemon:
             "node": keys.checksum(self.node.id), "pid": os.getpid(), "uptime_s": round(time.time() - self.started, 1),
             **self.node.session.status(), "local": display(self.node.endpoint.local_addr),
             "tun": tun.name if tun else None, "ipv6": str(v6_of(self.node.id)), "ipv4": str(self.overlay.book.own),
-            "dns": [f"{h}:{p}" for h, p in self.dns_binds()] if self.dns else [],
+            "dns": [f"{h}:{p}" for h, p in self.dns.bound] if self.dns else [], "dns_route": self.dns_route,
             "accept_any": self.opts.accept_any, "allowed": len(self.book.allow),
             "peers": self.standby.annotate(self.plane.peers(self.book.names_of),
                                            {keys.checksum(p): t.channel.path_id for p, t in self.plane.by_peer.items()}),
@@ -255,8 +258,13 @@ class Daemon:
     async def serve(self) -> None:
         self.learn_book()
         binds = self.dns_binds()
+        system_dns = self.opts.dns is None and self.plane.tun is not None  # our TUN, our default DNS: tell the system
         if binds:
-            self.dns = await DnsServer.start(binds, self.resolve, {str(self.overlay.book.own), str(v6_of(self.node.id))})
+            self.dns = await DnsServer.start(binds, self.resolve, {str(self.overlay.book.own), str(v6_of(self.node.id))},
+                                             optional=[LOOPBACK_DNS] if system_dns else [])
+        if system_dns and self.plane.tun is not None:
+            self.split = SplitDns(self.plane.tun.name, [h for h, _ in binds])
+            self.dns_route = await asyncio.to_thread(self.split.register)
         self.control = await ControlServer.start(self.base, {
             "status": self.h_status, "netcheck": self.h_netcheck, "ping": self.h_ping, "send": self.h_send, "recv": self.h_recv,
             "reload": self.h_reload, "down": self.h_down, **self._group_handlers()})
@@ -283,6 +291,8 @@ class Daemon:
         await self.groups.close()
         if self.control is not None:
             await self.control.close()
+        if self.split is not None:
+            await asyncio.to_thread(self.split.revert)
         if self.dns is not None:
             self.dns.close()
         await self.plane.close()
@@ -336,7 +346,7 @@ async def up(base: Path, key, st: dict, opts: UpOptions, ready) -> None:
             ready({"node": keys.checksum(node_id), "dc": node.dc_url, "observed": node.observed,
                    "tun": tun.name if tun else None, "ipv6": str(v6_of(node_id)), "ipv4": str(v4.own),
                    "mtu": tun_mtu(opts.path_mtu) if tun else None, "socket": str(control.socket_path(base)),
-                   "dns": [f"{h}:{p}" for h, p in daemon.dns_binds()]})
+                   "dns": [f"{h}:{p}" for h, p in daemon.dns.bound] if daemon.dns else [], "dns_route": daemon.dns_route})
             waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(daemon.stop.wait())]
             await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
             for w in waiters:
