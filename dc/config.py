@@ -115,11 +115,9 @@ def load(args: argparse.Namespace) -> DcConfig:
     for name in ("http_port", "udp_port", "udp_alt_port"):
         if name in values and not 0 <= values[name] < 65536:
             raise ValueError(f"{name} must be in 0..65535, got {values[name]}")
-    try:  # a TOML file's values, like the flags' (startup's argparse types)
+    try:  # a TOML file's URLs, like the flags' (startup's argparse types)
         for url in [*values.get("relays", []), *([values["cs"]] if values.get("cs") else [])]:
             startup.http_url(str(url))
-        for name in ("key_file", "deployment"):
-            startup.readable_file(str(values[name]))
     except argparse.ArgumentTypeError as exc:
         raise ValueError(f"{exc}") from None
     if int(values.get("confirmations", 1)) < 1:

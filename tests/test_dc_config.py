@@ -54,8 +54,11 @@ def test_several_rpc_urls_own_node_first(tmp_path):
     assert load(["--config", str(f)]).rpc_url == ["http://v1:8545"]
     cfg = load(["--config", str(f), "--rpc-url", "http://a:1", "--rpc-url", "http://b:2", "--confirmations", "3"])
     assert cfg.rpc_url == ["http://a:1", "http://b:2"] and cfg.confirmations == 3  # flags win, in order
-    with pytest.raises(ValueError, match="confirmations must be at least 1"):
+    with pytest.raises(SystemExit):  # the flag is refused as it is parsed (one line, exit 2)
         load(["--config", str(f), "--confirmations", "0"])
+    f.write_text('key_file = "k"\nrpc_url = "http://v1:8545"\ndeployment = "d"\nconfirmations = 0\n')
+    with pytest.raises(ValueError, match="confirmations must be at least 1"):
+        load(["--config", str(f)])
 
 
 def test_passphrase_from_a_file_or_the_environment(tmp_path, monkeypatch):
