@@ -14,6 +14,7 @@ import asyncio
 import json
 import logging
 import os
+import socket
 import ssl
 import sys
 
@@ -67,7 +68,7 @@ async def serve(cfg: dc_config.DcConfig, stop: asyncio.Event) -> None:
                            keepalive_timeout=cfg.http_idle_timeout)
     await runner.setup()
     tls = tls_context(cfg, key, coord)
-    site = web.TCPSite(runner, cfg.http_host, cfg.http_port, ssl_context=tls)
+    site = web.SockSite(runner, http_listener(cfg.http_host, cfg.http_port), ssl_context=tls)
     await site.start()
     http_port = site._server.sockets[0].getsockname()[1]
     pending = store.count_outbox("pending")
@@ -92,6 +93,19 @@ async def serve(cfg: dc_config.DcConfig, stop: asyncio.Event) -> None:
         store.close()
         await registry.close()
         os.close(lock)
+
+
+# --http-host values that mean "every address": one dual-stack socket (IPv4 and IPv6 nodes on one
+# port; IPv4 only on a host without IPv6). A DC on 0.0.0.0 alone is out of reach for IPv6-only nodes.
+ALL_ADDRESSES = ("0.0.0.0", "::", "*", "")
+
+
+def http_listener(host: str, port: int) -> socket.socket:
+    """The DC's listening HTTP socket: dual-stack for "every address", else on `host` alone."""
+    if host in ALL_ADDRESSES:
+        return service.tcp_listener(None, port)
+    info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    return service.tcp_listener(info[4][0], port)
 
 
 def tls_context(cfg: dc_config.DcConfig, key, coord: Coordinator) -> ssl.SSLContext | None:

@@ -50,7 +50,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--passphrase-file", type=startup.readable_file, metavar="FILE",
                    help=f"read the key's passphrase from this file instead of ${PASSPHRASE_ENV}")
     p.add_argument("--hostname", help="name this DC is known by (as admitted on chain)")
-    p.add_argument("--http-host", help="HTTP listen address (default 127.0.0.1)")
+    p.add_argument("--http-host", help="HTTP listen address (default 127.0.0.1; 0.0.0.0 or :: = every address, IPv4 and IPv6)")
     p.add_argument("--http-port", type=startup.port, help=f"HTTP port (default {DEFAULT_HTTP_PORT}; 0 = any)")
     p.add_argument("--udp-host", help="keepalive UDP listen address (default 0.0.0.0; '::' for dual-stack)")
     p.add_argument("--udp-port", type=startup.port, help=f"keepalive UDP port (default {DEFAULT_UDP_PORT}; 0 = any)")

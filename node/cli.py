@@ -7,14 +7,19 @@ node/commands.py, imported only when one runs.
 
 from __future__ import annotations
 
+from daemon.startup import exit_on_interrupt
+
+exit_on_interrupt("ntm", __file__)  # first: Ctrl-C during the imports below is one line, exit 130; main() takes over
+
 import argparse
 import ipaddress
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 
-from node import state, status_view
+from node import state
 from node.output import INTERNAL, INTERRUPTED, USAGE, CliError, fail, show_id
 from ntm.keepalive import KEEPALIVE_INTERVAL_S
 from ntm.vaddr import PATH_MTU, V4_NET
@@ -240,6 +245,8 @@ def load_commands():
 
 
 def main(argv: list[str] | None = None) -> int:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on, Ctrl-C is a KeyboardInterrupt
     argv, as_json = split_json_flag(list(sys.argv[1:] if argv is None else argv))
     p = parser()
     try:
@@ -256,8 +263,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.cmd == "id" and fast_id(args, base):
             return 0
-        if args.cmd == "status" and status_view.from_daemon(args, base):
-            return 0
+        if args.cmd == "status":
+            from node import status_view  # only here: `ntm --help` and `ntm id` stay lean
+            if status_view.from_daemon(args, base):
+                return 0
         return load_commands().run(args, base)
     except CliError as exc:
         return fail(exc, as_json)
