@@ -245,11 +245,11 @@ def load_commands():
 
 
 def main(argv: list[str] | None = None) -> int:
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on, Ctrl-C is a KeyboardInterrupt
     argv, as_json = split_json_flag(list(sys.argv[1:] if argv is None else argv))
-    p = parser()
     try:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on, Ctrl-C is a KeyboardInterrupt
+        p = parser()
         args, rest = p.parse_known_args(argv)
         args.json = as_json
         base = args.home or state.home()
