@@ -14,6 +14,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -54,12 +55,13 @@ def homes(tmp_path_factory, silent_dc):
     daemon_sock = socket.socket(socket.AF_UNIX)
     daemon_sock.bind(str(made["silentd"] / "ntm.sock"))
     daemon_sock.listen(16)
+    made["silentd_listener"] = daemon_sock  # for a test to see when a command has reached the daemon
     yield made
     daemon_sock.close()
 
 
 def ntm(home: Path, *args: str, passphrase: str | None = "pw", interrupt_after: float | None = None,
-        as_json: bool = False) -> subprocess.CompletedProcess:
+        as_json: bool = False, interrupt_once: Callable[[], bool] | None = None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "NTM_PASSPHRASE"}
     if passphrase is not None:
         env["NTM_PASSPHRASE"] = passphrase
@@ -69,6 +71,11 @@ def ntm(home: Path, *args: str, passphrase: str | None = "pw", interrupt_after: 
     if interrupt_after is not None:
         time.sleep(interrupt_after)
         proc.send_signal(signal.SIGINT)  # Ctrl-C
+    if interrupt_once is not None:  # ... once the command got that far (a loaded machine imports slowly)
+        deadline = time.monotonic() + 60
+        while not interrupt_once() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
@@ -183,7 +190,26 @@ def test_ctrl_c_anywhere_is_one_line_and_exit_130(homes):
 
 
 def test_ping_prints_its_summary_on_ctrl_c(homes):
-    proc = ntm(homes["silentd"], "ping", PEER, "-c", "100", interrupt_after=2.0)
+    """Ctrl-C while the ping waits for the daemon's answer (the daemon here never answers)."""
+    listener = homes["silentd_listener"]
+    listener.setblocking(False)
+    held: list[socket.socket] = []
+
+    def connected() -> bool:  # the ping's request reached the daemon, which holds it unanswered
+        try:
+            held.append(listener.accept()[0])
+            return True
+        except BlockingIOError:
+            return False
+
+    while connected():  # connections other tests left in the backlog
+        pass
+    for conn in held:
+        conn.close()
+    held.clear()
+    proc = ntm(homes["silentd"], "ping", PEER, "-c", "100", interrupt_once=connected)
+    for conn in held:
+        conn.close()
     one_line(proc, INTERRUPTED, "interrupted")
     assert "0/0 replies" in proc.stdout
 
