@@ -82,7 +82,9 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    startup.check_paths(p, args)
     service.setup_logging(args.verbose)
     return service.run("ntm-cs", lambda stop: serve(args, stop))
 

@@ -29,7 +29,7 @@ from dc.presence import KeepaliveProtocol
 from dc.server import make_app
 from dc.store import Store
 from chain.registry import BATCH_GAS_PER_RECORD, connect_registry
-from daemon import keystore, service
+from daemon import keystore, service, startup
 from daemon.service import udp_socket
 from ntm import keys, tls_binding
 from ntm.errors import NtmError
@@ -126,7 +126,9 @@ def tls_context(cfg: dc_config.DcConfig, key, coord: Coordinator) -> ssl.SSLCont
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = dc_config.parser().parse_args(argv)
+    parser = dc_config.parser()
+    args = parser.parse_args(argv)
+    startup.check_paths(parser, args)
     service.setup_logging(args.verbose)
     try:
         cfg = dc_config.load(args)

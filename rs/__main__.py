@@ -179,7 +179,9 @@ async def _start_stream(runner: web.AppRunner, args: argparse.Namespace, adverti
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    startup.check_paths(p, args)
     service.setup_logging(args.verbose)
     return service.run("ntm-rs", lambda stop: serve(args, stop))
 

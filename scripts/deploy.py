@@ -227,7 +227,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    startup.check_paths(p, args)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on, Ctrl-C unwinds (asyncio cancels)
     try:
         dcs = [parse_dc(d) for d in args.dc] + (dcs_from(args.dcs_from) if args.dcs_from else [])

@@ -82,13 +82,24 @@ SERVERS = {  # program → (main, parser)
 GARBAGE = "/nonexistent/garbage!"  # not a number, URL, file, nor a path in a directory
 
 
+def required(prog: str, tmp: Path) -> list[str]:
+    """Valid values for a program's required flags (files are checked after parsing, so a bad file
+    is seen only once the rest parses). A chain or DC that is not there: nothing starts."""
+    some_file = tmp / "some.json"
+    some_file.write_text("{}")
+    return {"ntm-rs": ["--rpc-url", "http://127.0.0.1:9", "--deployment", str(some_file)],
+            "ntm-cs": ["--dc", "http://127.0.0.1:9", "--key-file", str(some_file)],
+            "ntm-deploy": ["--rpc", "http://127.0.0.1:9", "--key", "00"]}.get(prog, [])
+
+
 @pytest.mark.parametrize("prog", sorted(SERVERS))
-def test_every_typed_server_flag_refuses_garbage_in_one_line(prog, capsys):
+def test_every_typed_server_flag_refuses_garbage_in_one_line(prog, capsys, tmp_path):
     main, parser = SERVERS[prog]
     flags = list(typed_options(parser))
     assert flags, f"{prog} has no checked flags"
     for flag in flags:
-        assert_one_line(run_main(main, [flag, GARBAGE], capsys), USAGE, flag, prog, what=f"{prog} {flag}")
+        argv = [*required(prog, tmp_path), flag, GARBAGE]
+        assert_one_line(run_main(main, argv, capsys), USAGE, flag, prog, what=f"{prog} {flag}")
     assert_one_line(run_main(main, ["--no-such-flag"], capsys), USAGE, what=prog)  # or the required flags named
 
 
@@ -103,7 +114,7 @@ SERVER_BAD_VALUES = [  # the sweep of issue 27: bad values the servers used to a
     ("ntm-rs", ["--max-paths", "-5"], "--max-paths"),
     ("ntm-rs", ["--udp-port", "-1"], "--udp-port"),
     ("ntm-rs", ["--rpc-url", "not a url"], "--rpc-url"),
-    ("ntm-rs", ["--deployment", "/nonexistent.json"], "--deployment"),
+    ("ntm-rs", ["--rpc-url", "http://127.0.0.1:9", "--deployment", "/nonexistent.json"], "--deployment"),
     ("ntm-rs", ["--advertise", "nohost"], "--advertise"),
     ("ntm-cs", ["--max-item-mb", "-1"], "--max-item-mb"),
     ("ntm-cs", ["--sender-items", "0"], "--sender-items"),
