@@ -7,10 +7,7 @@ logs go to stderr.
 
 from __future__ import annotations
 
-from daemon.startup import exit_on_interrupt
-
-exit_on_interrupt("ntm-cs", __file__)  # first: Ctrl-C during the imports below is one line, exit 130
-
+import daemon.ctrl_c  # noqa: F401 (first: Ctrl-C during the imports below is one line, exit 130)
 import argparse
 import asyncio
 import json

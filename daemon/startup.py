@@ -1,36 +1,18 @@
-"""The first moments of a server process (ntm-dc, ntm-rs, ntm-cs, ntm-deploy, ntm devnet): Ctrl-C
-while it imports is one line and exit 130, and its flags are checked before anything starts, each
-refusal one line and exit 2. Standard library only: it runs before the heavy imports.
+"""The flags of a server process (ntm-dc, ntm-rs, ntm-cs, ntm-deploy, ntm devnet), checked before
+anything starts, each refusal one line and exit 2 (daemon/ctrl_c.py makes Ctrl-C during its
+imports one line and exit 130). Standard library only.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import Callable, NoReturn
 from urllib.parse import urlsplit
 
 USAGE, INTERRUPTED = 2, 130  # the exit codes of the README's table
-
-
-def exit_on_interrupt(prog: str, module_file: str | None = None) -> None:
-    """When this process is `prog` (its console script, or `python -m` of `module_file`; always
-    without one) and until it installs its own SIGINT handling (service.run's event loop): Ctrl-C
-    ends it at once with one line and exit 130. Nothing is open yet, and a KeyboardInterrupt
-    raised inside an import is a 16-65-line traceback. A process that merely imports the module
-    (a test) keeps its handler."""
-    started = sys.argv[0] if sys.argv else ""
-    if module_file and Path(started).name != prog and Path(started).resolve() != Path(module_file).resolve():
-        return
-
-    def interrupted(signum: int, frame: object) -> None:
-        os.write(2, f"{prog}: interrupted\n".encode())
-        os._exit(INTERRUPTED)
-
-    signal.signal(signal.SIGINT, interrupted)
 
 
 class Refused(ValueError):

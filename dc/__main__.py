@@ -6,10 +6,7 @@ scripts and tests; everything else is logged to stderr, one line per event.
 
 from __future__ import annotations
 
-from daemon.startup import exit_on_interrupt
-
-exit_on_interrupt("ntm-dc", __file__)  # first: Ctrl-C during the imports below is one line, exit 130
-
+import daemon.ctrl_c  # noqa: F401 (first: Ctrl-C during the imports below is one line, exit 130)
 import asyncio
 import json
 import logging

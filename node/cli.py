@@ -7,10 +7,7 @@ node/commands.py, imported only when one runs.
 
 from __future__ import annotations
 
-from daemon.startup import exit_on_interrupt
-
-exit_on_interrupt("ntm", __file__)  # first: Ctrl-C during the imports below is one line, exit 130; main() takes over
-
+import daemon.ctrl_c  # noqa: F401 (first: Ctrl-C during the imports below is one line, exit 130)
 import argparse
 import ipaddress
 import os
@@ -202,7 +199,7 @@ def exec_devnet(args, base: Path, devnet_args: list[str]) -> None:
     """`ntm devnet ...` is scripts/devnet.py, a separate program (the node's CLI does not import
     the developer scripts): replace this process with it, so signals and output are its own."""
     argv = ["--home", str(base), *(["--json"] if args.json else []), *devnet_args]
-    code = ("import sys; from daemon.startup import exit_on_interrupt; exit_on_interrupt('ntm devnet'); "
+    code = ("import sys; from daemon.ctrl_c import exit_on_interrupt; exit_on_interrupt('ntm devnet'); "
             "from scripts.devnet import main; sys.exit(main(sys.argv[1:], prog='ntm devnet'))")
     os.execv(sys.executable, [sys.executable, "-c", code, *argv])
 

@@ -11,10 +11,7 @@ readable line on stderr and exit code 2.
 
 from __future__ import annotations
 
-from daemon.startup import exit_on_interrupt
-
-exit_on_interrupt("ntm-deploy", __file__)  # first: Ctrl-C during the imports below is one line, exit 130
-
+import daemon.ctrl_c  # noqa: F401 (first: Ctrl-C during the imports below is one line, exit 130)
 import argparse
 import asyncio
 import json
