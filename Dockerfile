@@ -16,7 +16,7 @@ FROM python:3.11.11-slim-bookworm
 WORKDIR /app
 COPY --from=anvil /build/anvil /usr/local/bin/anvil
 
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY contracts ./contracts
 COPY ntm ./ntm
 COPY chain ./chain
@@ -26,7 +26,8 @@ COPY rs ./rs
 COPY cs ./cs
 COPY node ./node
 COPY scripts ./scripts
-RUN pip install --no-cache-dir . \
+# constraints.txt pins every dependency, direct and indirect: the image runs what the tests ran.
+RUN pip install --no-cache-dir -c constraints.txt . \
  && useradd --create-home --uid 1000 ntm \
  && mkdir -p /chain /shared /data /home/ntm/nodes \
  && chown -R ntm:ntm /chain /shared /data /home/ntm/nodes

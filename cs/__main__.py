@@ -7,6 +7,7 @@ logs go to stderr.
 
 from __future__ import annotations
 
+import daemon.ctrl_c  # noqa: F401 (first: Ctrl-C during the imports below is one line, exit 130)
 import argparse
 import asyncio
 import json
@@ -20,7 +21,7 @@ from aiohttp import web
 from cs.dclink import DcLink
 from cs.server import CacheServer, Limits, make_app
 from cs.store import Store
-from daemon import keystore, service
+from daemon import keystore, service, startup
 from ntm import keys
 
 DEFAULT_HTTP_PORT = 8350  # next to the DC's 8330 and the relay's 8340
@@ -30,21 +31,21 @@ MB = 1 << 20
 
 def parser() -> argparse.ArgumentParser:
     lim = Limits()
-    p = argparse.ArgumentParser(prog="ntm-cs", description="Run a Cache Server: stores end-to-end sealed items "
+    p = startup.OneLineParser(prog="ntm-cs", description="Run a Cache Server: stores end-to-end sealed items "
                                 "for nodes that are offline, beside a DC.")
-    p.add_argument("--dc", required=True, metavar="URL", help="this CS's DC (HTTP), e.g. http://127.0.0.1:8330")
-    p.add_argument("--key-file", type=Path, required=True, help=f"the DC's key (keystore; passphrase ${PASSPHRASE_ENV})")
-    p.add_argument("--passphrase-file", type=Path, metavar="FILE", help="the keystore passphrase, from a file")
-    p.add_argument("--data-dir", type=Path, default=Path("cs-data"), help="SQLite index and blobs (default ./cs-data)")
+    p.add_argument("--dc", required=True, metavar="URL", type=startup.http_url, help="this CS's DC (HTTP), e.g. http://127.0.0.1:8330")
+    p.add_argument("--key-file", type=startup.readable_file, required=True, help=f"the DC's key (keystore; passphrase ${PASSPHRASE_ENV})")
+    p.add_argument("--passphrase-file", type=startup.readable_file, metavar="FILE", help="the keystore passphrase, from a file")
+    p.add_argument("--data-dir", type=startup.creatable_path, default=Path("cs-data"), help="SQLite index and blobs (default ./cs-data)")
     p.add_argument("--http-host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
-    p.add_argument("--http-port", type=int, default=DEFAULT_HTTP_PORT, help=f"default {DEFAULT_HTTP_PORT}; 0 = any")
-    p.add_argument("--public-url", help="the URL nodes reach this CS at (default http://HOST:PORT)")
-    p.add_argument("--max-item-mb", type=float, default=lim.max_item_bytes / MB, help="largest item")
-    p.add_argument("--sender-quota-mb", type=float, default=lim.sender_bytes / MB, help="stored per sender")
-    p.add_argument("--sender-items", type=int, default=lim.sender_items, help="items stored per sender")
-    p.add_argument("--recipient-quota-mb", type=float, default=lim.recipient_bytes / MB, help="waiting per recipient")
-    p.add_argument("--total-gb", type=float, default=lim.total_bytes / (1 << 30), help="stored in all")
-    p.add_argument("--ttl-hours", type=float, default=lim.ttl_ms / 3_600_000, help="undelivered items are deleted after")
+    p.add_argument("--http-port", type=startup.port, default=DEFAULT_HTTP_PORT, help=f"default {DEFAULT_HTTP_PORT}; 0 = any")
+    p.add_argument("--public-url", type=startup.http_url, help="the URL nodes reach this CS at (default http://HOST:PORT)")
+    p.add_argument("--max-item-mb", type=startup.positive, default=lim.max_item_bytes / MB, help="largest item")
+    p.add_argument("--sender-quota-mb", type=startup.positive, default=lim.sender_bytes / MB, help="stored per sender")
+    p.add_argument("--sender-items", type=startup.positive_int, default=lim.sender_items, help="items stored per sender")
+    p.add_argument("--recipient-quota-mb", type=startup.positive, default=lim.recipient_bytes / MB, help="waiting per recipient")
+    p.add_argument("--total-gb", type=startup.positive, default=lim.total_bytes / (1 << 30), help="stored in all")
+    p.add_argument("--ttl-hours", type=startup.positive, default=lim.ttl_ms / 3_600_000, help="undelivered items are deleted after")
     p.add_argument("--admin-allow", action="append", type=service.network, metavar="CIDR",
                    help="network allowed to read /metrics (default loopback)")
     service.idle_timeout_arg(p)
@@ -81,7 +82,9 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    startup.check_paths(p, args)
     service.setup_logging(args.verbose)
     return service.run("ntm-cs", lambda stop: serve(args, stop))
 

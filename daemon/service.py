@@ -18,10 +18,12 @@ import socket
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Literal
 
 from aiohttp import web
 
+from daemon import startup
+from daemon.startup import INTERRUPTED
 from ntm import messages
 from ntm.addr import unmapped
 from ntm.errors import NtmError
@@ -81,14 +83,14 @@ async def read_json(request: web.Request):
 def daemon_parser(prog: str, description: str, chain_required: bool) -> argparse.ArgumentParser:
     """The flags every daemon shares: where the chain is, which deployment, who may read the
     operator endpoints, and -v."""
-    p = argparse.ArgumentParser(prog=prog, description=description)
+    p = startup.OneLineParser(prog=prog, description=description)
     p.add_argument("--admin-allow", action="append", type=network, metavar="CIDR",
                    help="network allowed to read /metrics and other operator endpoints (repeatable; "
                    "default: loopback only)")
-    p.add_argument("--rpc-url", action="append", required=chain_required, metavar="URL",
+    p.add_argument("--rpc-url", action="append", required=chain_required, metavar="URL", type=startup.ws_or_http_url,
                    help="Ethereum JSON-RPC URL of the chain; repeat for fallbacks (the first, your own node, "
                    "is preferred; the next is used when it fails)")
-    p.add_argument("--deployment", type=Path, required=chain_required, help="deployment JSON written by scripts/deploy.py")
+    p.add_argument("--deployment", type=startup.readable_file, required=chain_required, help="deployment JSON written by scripts/deploy.py")
     idle_timeout_arg(p)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
@@ -96,7 +98,7 @@ def daemon_parser(prog: str, description: str, chain_required: bool) -> argparse
 
 def idle_timeout_arg(p: argparse.ArgumentParser) -> None:
     """--http-idle-timeout, for every HTTP daemon (the CS has a parser of its own)."""
-    p.add_argument("--http-idle-timeout", type=float, metavar="S",
+    p.add_argument("--http-idle-timeout", type=startup.positive, metavar="S",
                    help=f"close HTTP connections idle or stalled this long (default {HTTP_IDLE_TIMEOUT_S:.0f} s)")
 
 
@@ -141,17 +143,69 @@ def stop_on_signals() -> asyncio.Event:
     return stop
 
 
-def run(name: str, serve: Callable[[asyncio.Event], Awaitable[None]]) -> int:
-    """Run `serve(stop)` until a signal; a project error or OS error becomes one line and exit 1."""
+def sd_notify(state: str) -> bool:
+    """Tell systemd (a Type=notify unit: packaging/systemd/) `state`, e.g. "READY=1", over the
+    datagram socket in $NOTIFY_SOCKET (a path, or "@name" in the abstract namespace); False when
+    not run by systemd. The protocol is one datagram of KEY=VALUE lines: no library needed."""
+    where = os.environ.get("NOTIFY_SOCKET", "")
+    if not where:
+        return False
+    address = "\0" + where[1:] if where.startswith("@") else where
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.sendto(state.encode(), address)
+    except OSError as exc:
+        logging.warning("cannot tell systemd %s at %s: %s", state, where, exc.strerror or exc)
+        return False
+    return True
 
-    async def main() -> None:
-        await serve(stop_on_signals())
+
+class StartingStop(asyncio.Event):
+    """The stop event of service.run: it knows whether the server waits on it yet (is serving).
+    Waiting on it is being ready: systemd is told so (READY=1), and told STOPPING=1 once it is set."""
+
+    serving = False
+
+    async def wait(self) -> Literal[True]:
+        if not self.serving:
+            self.serving = True
+            sd_notify("READY=1")
+        await super().wait()
+        sd_notify("STOPPING=1")
+        return True
+
+
+def run(name: str, serve: Callable[[asyncio.Event], Awaitable[None]]) -> int:
+    """Run `serve(stop)` until SIGINT or SIGTERM sets `stop`; a project error or OS error becomes
+    one line and exit 1. A signal before `serve` waits on `stop` (still starting: the chain, the
+    key, the sockets) cancels the start-up instead: its cleanup runs, then one line and exit 130."""
+
+    async def main() -> bool:
+        stop, task = StartingStop(), asyncio.current_task()
+
+        def signalled() -> None:
+            stop.set()
+            if not stop.serving:
+                task.cancel()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().add_signal_handler(sig, signalled)
+        try:
+            await serve(stop)
+        except asyncio.CancelledError:
+            if stop.serving:
+                raise
+            return False
+        return True
 
     try:
-        asyncio.run(main())
+        served = asyncio.run(main())
     except (NtmError, OSError) as exc:
         print(f"{name}: {exc}", file=sys.stderr)
         return 1
+    if not served:
+        print(f"{name}: interrupted", file=sys.stderr)
+        return INTERRUPTED
     return 0
 
 

@@ -7,10 +7,12 @@ scripts and tests; everything else is logged to stderr, one line per event.
 
 from __future__ import annotations
 
+import daemon.ctrl_c  # noqa: F401 (first: Ctrl-C during the imports below is one line, exit 130)
 import asyncio
 import json
 import logging
 import os
+import socket
 import ssl
 import sys
 from typing import Awaitable
@@ -26,7 +28,7 @@ from dc.presence import KeepaliveProtocol
 from dc.server import make_app
 from dc.store import PRUNE_EVERY_S, Store
 from chain.registry import BATCH_GAS_PER_RECORD, connect_registry
-from daemon import keystore, service
+from daemon import keystore, service, startup
 from daemon.service import udp_socket
 from ntm import keys, tls_binding
 from ntm.errors import NtmError
@@ -70,7 +72,7 @@ async def serve(cfg: dc_config.DcConfig, stop: asyncio.Event) -> None:
                            keepalive_timeout=cfg.http_idle_timeout)
     await runner.setup()
     tls = tls_context(cfg, key, coord)
-    site = web.TCPSite(runner, cfg.http_host, cfg.http_port, ssl_context=tls)
+    site = web.SockSite(runner, http_listener(cfg.http_host, cfg.http_port), ssl_context=tls)
     await site.start()
     http_port = site._server.sockets[0].getsockname()[1]
     pending = store.count_outbox("pending")
@@ -119,6 +121,19 @@ async def first(ready: Awaitable, stop: Awaitable) -> bool:
     return waits[0] in done
 
 
+# --http-host values that mean "every address": one dual-stack socket (IPv4 and IPv6 nodes on one
+# port; IPv4 only on a host without IPv6). A DC on 0.0.0.0 alone is out of reach for IPv6-only nodes.
+ALL_ADDRESSES = ("0.0.0.0", "::", "*", "")
+
+
+def http_listener(host: str, port: int) -> socket.socket:
+    """The DC's listening HTTP socket: dual-stack for "every address", else on `host` alone."""
+    if host in ALL_ADDRESSES:
+        return service.tcp_listener(None, port)
+    info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    return service.tcp_listener(info[4][0], port)
+
+
 def tls_context(cfg: dc_config.DcConfig, key, coord: Coordinator) -> ssl.SSLContext | None:
     """With --tls-cert: the server TLS context, and the certificate's binding to our chain key
     for /v1/info (ntm/tls_binding.py). None: plain HTTP (development)."""
@@ -137,7 +152,9 @@ def tls_context(cfg: dc_config.DcConfig, key, coord: Coordinator) -> ssl.SSLCont
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = dc_config.parser().parse_args(argv)
+    parser = dc_config.parser()
+    args = parser.parse_args(argv)
+    startup.check_paths(parser, args)
     service.setup_logging(args.verbose)
     try:
         cfg = dc_config.load(args)

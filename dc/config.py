@@ -9,6 +9,7 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from daemon import startup
 from daemon.service import HTTP_IDLE_TIMEOUT_S, daemon_parser
 from dc.coordinator import NEW_NODES_PER_HOUR
 
@@ -44,27 +45,28 @@ class DcConfig:
 def parser() -> argparse.ArgumentParser:
     p = daemon_parser("ntm-dc", "Run a Direction Coordinator: registers nodes on the shared chain registry, "
                       "answers peer DCs, keeps node sessions.", chain_required=False)
-    p.add_argument("--config", type=Path, help="TOML file with any of the options below (flags win)")
-    p.add_argument("--key-file", type=Path, help=f"DC chain key (keystore JSON; passphrase from ${PASSPHRASE_ENV})")
-    p.add_argument("--passphrase-file", type=Path, metavar="FILE",
+    p.add_argument("--config", type=startup.readable_file, help="TOML file with any of the options below (flags win)")
+    p.add_argument("--key-file", type=startup.readable_file, help=f"DC chain key (keystore JSON; passphrase from ${PASSPHRASE_ENV})")
+    p.add_argument("--passphrase-file", type=startup.readable_file, metavar="FILE",
                    help=f"read the key's passphrase from this file instead of ${PASSPHRASE_ENV}")
     p.add_argument("--hostname", help="name this DC is known by (as admitted on chain)")
-    p.add_argument("--http-host", help="HTTP listen address (default 127.0.0.1)")
-    p.add_argument("--http-port", type=int, help=f"HTTP port (default {DEFAULT_HTTP_PORT}; 0 = any)")
+    p.add_argument("--http-host", help="HTTP listen address (default 127.0.0.1; 0.0.0.0 or :: = every address, IPv4 and IPv6)")
+    p.add_argument("--http-port", type=startup.port, help=f"HTTP port (default {DEFAULT_HTTP_PORT}; 0 = any)")
     p.add_argument("--udp-host", help="keepalive UDP listen address (default 0.0.0.0; '::' for dual-stack)")
-    p.add_argument("--udp-port", type=int, help=f"keepalive UDP port (default {DEFAULT_UDP_PORT}; 0 = any)")
-    p.add_argument("--udp-alt-port", type=int,
+    p.add_argument("--udp-port", type=startup.port, help=f"keepalive UDP port (default {DEFAULT_UDP_PORT}; 0 = any)")
+    p.add_argument("--udp-alt-port", type=startup.port,
                    help="second keepalive UDP port, for NAT-type detection (default 0 = any; fix it to publish it "
                    "from a container)")
-    p.add_argument("--db", type=Path, help="SQLite file (default dc.sqlite)")
-    p.add_argument("--cs", metavar="URL", help="this DC's Cache Server (ntm-cs), as nodes reach it")
-    p.add_argument("--relay", dest="relays", action="append", help="relay server ip:port (repeatable)")
-    p.add_argument("--new-nodes-per-hour", type=float, metavar="N",
+    p.add_argument("--db", type=startup.creatable_path, help="SQLite file (default dc.sqlite)")
+    p.add_argument("--cs", metavar="URL", type=startup.http_url, help="this DC's Cache Server (ntm-cs), as nodes reach it")
+    p.add_argument("--relay", dest="relays", action="append", metavar="URL", type=startup.http_url,
+                   help="a relay's control API (ntm-rs --http-host/--http-port), e.g. http://127.0.0.1:8340 (repeatable)")
+    p.add_argument("--new-nodes-per-hour", type=startup.positive, metavar="N",
                    help=f"gas budget: new nodes registered per hour, a fifth of it at once (default {NEW_NODES_PER_HOUR:.0f})")
-    p.add_argument("--confirmations", type=int, metavar="N",
+    p.add_argument("--confirmations", type=startup.positive_int, metavar="N",
                    help="blocks deep before a registration is confirmed (default 1: anvil, QBFT; more on a "
                    "chain that can reorganise)")
-    p.add_argument("--max-block-age", type=float, metavar="S",
+    p.add_argument("--max-block-age", type=startup.not_negative, metavar="S",
                    help="health says the chain is behind when its newest block is older than this (default 0 = "
                    "off, for chains that mine on demand; set ~10 block periods for Besu/geth)")
     p.add_argument("--tls-cert", type=Path, metavar="PEM",
@@ -113,6 +115,11 @@ def load(args: argparse.Namespace) -> DcConfig:
     for name in ("http_port", "udp_port", "udp_alt_port"):
         if name in values and not 0 <= values[name] < 65536:
             raise ValueError(f"{name} must be in 0..65535, got {values[name]}")
+    try:  # a TOML file's URLs, like the flags' (startup's argparse types)
+        for url in [*values.get("relays", []), *([values["cs"]] if values.get("cs") else [])]:
+            startup.http_url(str(url))
+    except argparse.ArgumentTypeError as exc:
+        raise ValueError(f"{exc}") from None
     if int(values.get("confirmations", 1)) < 1:
         raise ValueError("confirmations must be at least 1")
     return DcConfig(**values)

@@ -123,7 +123,7 @@ class AppNode:
         if key is None or home is not None:
             home = home or state.home()
             book = PeerBook.load(home)
-            st = state.read_json(home / state.STATE_FILE)
+            st = state.read_state(home)
             if key is None:
                 key = keystore.load_keystore(home / state.KEY_FILE, keystore.passphrase(state.PASSPHRASE_ENV))
             dc_url = dc_url or st.get("dc_url") or state.default_dc(home)

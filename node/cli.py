@@ -7,11 +7,13 @@ node/commands.py, imported only when one runs.
 
 from __future__ import annotations
 
+import daemon.ctrl_c  # noqa: F401 (first: Ctrl-C during the imports below is one line, exit 130)
 import argparse
 import ipaddress
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 
 from node import state
@@ -27,6 +29,18 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         raise CliError(f"{message} (see `{self.prog} --help`)", USAGE)
+
+    def parse_known_args(self, args=None, namespace=None):
+        """Options anywhere on a subcommand's line (`ntm send bob --offline "text"`): a parser
+        without subcommands of its own reads its options first, then its positionals
+        (argparse's intermixed mode, which refuses parsers that have subcommands)."""
+        if self._subparsers is not None or getattr(self, "_intermixing", False):
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
 
 
 def version() -> str:
@@ -221,7 +235,8 @@ def exec_devnet(args, base: Path, devnet_args: list[str]) -> None:
     """`ntm devnet ...` is scripts/devnet.py, a separate program (the node's CLI does not import
     the developer scripts): replace this process with it, so signals and output are its own."""
     argv = ["--home", str(base), *(["--json"] if args.json else []), *devnet_args]
-    code = "import sys; from scripts.devnet import main; sys.exit(main(sys.argv[1:], prog='ntm devnet'))"
+    code = ("import sys; from daemon.ctrl_c import exit_on_interrupt; exit_on_interrupt('ntm devnet'); "
+            "from scripts.devnet import main; sys.exit(main(sys.argv[1:], prog='ntm devnet'))")
     os.execv(sys.executable, [sys.executable, "-c", code, *argv])
 
 
@@ -264,8 +279,10 @@ def load_commands():
 
 def main(argv: list[str] | None = None) -> int:
     argv, as_json = split_json_flag(list(sys.argv[1:] if argv is None else argv))
-    p = parser()
     try:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on, Ctrl-C is a KeyboardInterrupt
+        p = parser()
         args, rest = p.parse_known_args(argv)
         args.json = as_json
         base = args.home or state.home()
@@ -279,6 +296,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.cmd == "id" and fast_id(args, base):
             return 0
+        if args.cmd == "status":
+            from node import status_view  # only here: `ntm --help` and `ntm id` stay lean
+            if status_view.from_daemon(args, base):
+                return 0
         return load_commands().run(args, base)
     except CliError as exc:
         return fail(exc, as_json)

@@ -14,7 +14,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from daemon import keystore, service
-from node import control, cs_client, daemon, mailbox, netcheck, state, stream_cli
+from node import control, cs_client, daemon, mailbox, netcheck, state, status_view, stream_cli
 from node.agent import local_addrs_towards
 from node.dc_client import DcClient, DcError, dc_url
 from node.daemon_streams import parse_local_target
@@ -23,7 +23,10 @@ from node.output import FAILED, NO_DAEMON, UNREACHABLE, USAGE, CliError, event, 
 from node.peers import PeerBook, PeerBookError
 from ntm import consent, keys, messages, record, routes, seal, vaddr
 from ntm.errors import KeystoreError, NtmError
+from ntm.packet import MAX_PAYLOAD
 from ntm.registration import RegistrationRequest
+
+MAX_SEND_BYTES = MAX_PAYLOAD - 1  # `ntm send`: one tunnel datagram's payload less its application frame byte
 
 
 def run(args, base: Path) -> int:
@@ -41,6 +44,8 @@ def run(args, base: Path) -> int:
         raise CliError(str(exc), NO_DAEMON if exc.code == "no_daemon" else FAILED, exc.code) from None
     except KeystoreError as exc:
         raise CliError(str(exc), USAGE, "key") from None
+    except state.BadFile as exc:
+        raise CliError(str(exc), USAGE, "local") from None
     except (NtmError, ValueError) as exc:
         raise CliError(str(exc), FAILED, getattr(exc, "code", "failed")) from None
     except OSError as exc:  # local files: --home a file or unwritable, a full disk
@@ -75,7 +80,11 @@ def write_id(base: Path, key) -> None:
 def load_key(args, base: Path):
     """The node key (passphrase as `passphrase` finds it); id.json made to match it."""
     key = keystore.load_keystore(base / state.KEY_FILE, passphrase(args))
-    if state.read_json(base / state.ID_FILE) != identity(key):
+    try:
+        cached = state.read_json(base / state.ID_FILE)
+    except state.BadFile:
+        cached = None  # a cache: rebuilt below
+    if cached != identity(key):
         write_id(base, key)
     return key
 
@@ -123,7 +132,7 @@ async def cmd_id(args, base: Path) -> None:
 
 async def sign_and_register(args, base: Path, revoked: bool) -> None:
     key = load_key(args, base)
-    st = state.read_json(base / state.STATE_FILE)
+    st = state.read_state(base)
     if st.get("revoked"):
         raise CliError("this node ID is revoked; create a new one with `ntm keygen --force`")
     url = pick_dc(args, base, st)
@@ -163,91 +172,31 @@ async def cmd_revoke(args, base: Path) -> None:
 
 
 async def cmd_status(args, base: Path) -> None:
+    """Without a daemon answering (node/status_view.py answers from it otherwise): open the key
+    and ask the DC."""
     key = load_key(args, base)
     nid = keys.node_id_of(key)
-    st = state.read_json(base / state.STATE_FILE)
+    st = state.read_state(base)
     data = {"node": keys.checksum(nid), "registered": bool(st), **st}
     if not st:
         out(args, data, f"node ID {data['node']}\nnot registered (run `ntm register --dc HOST`)")
         return
     async with DcClient(st["dc_url"], args.timeout) as dc:
         try:
-            seen = await dc.whois(nid)
-            data.update(dc_reachable=True, confirmed=seen.confirmed, online=seen.online,
-                        revoked=seen.revoked, home_dc=seen.home_dc)
+            data.update(status_view.record_fields(messages.encode(await dc.whois(nid))))
         except DcError as exc:
-            data.update(dc_reachable=exc.code != "unreachable", dc_error=str(exc))
-    lines = [f"node ID   {data['node']}",
-             f"DC        {st['hostname']} {st['dc']} at {st['dc_url']}"
-             + ("" if data.get("dc_reachable") else "  (unreachable)"),
-             f"chain     id {st['chain_id']}, registry {st['registry']}"]
-    if "home_dc" in data:
-        state_word = "revoked" if data["revoked"] else ("confirmed on chain" if data["confirmed"] else "pending")
-        lines.append(f"record    {state_word}, home DC {data['home_dc']}, online: {'yes' if data['online'] else 'no'}")
-    elif "dc_error" in data:
-        lines.append(f"record    unknown ({data['dc_error']})")
+            data.update(status_view.record_fields({"dc_error": str(exc), "unreachable": exc.code == "unreachable"}))
+    d, why = None, None
     try:
-        d = await control.call(base, "status", timeout=10)
+        d = data["daemon"] = await control.call(base, "status", timeout=10)
     except control.ControlError as exc:
-        lines.append(f"daemon    not running ({exc})" if exc.code != "no_daemon" else
-                     "daemon    not running (`ntm up` keeps the node online)")
-    else:
-        data["daemon"] = d
-        lines.append(f"daemon    pid {d['pid']}, up {d['uptime_s']:.0f} s, tunnel socket {d['local']}, "
-                     + (f"public {d['observed']}" if d.get("udp") is not False else
-                        "no UDP out (tunnels through relays over TCP)"))
-        lines.append(f"overlay   {d['ipv6']}  {d['ipv4']}  " + (f"on {d['tun']}" if d["tun"] else "(no TUN)")
-                     + (f", DNS {', '.join(d['dns'])}" if d["dns"] else ""))
-        lines += routes_lines(d["routes"])
-        lines.append(peers_table(d["peers"]))
-    out(args, data, "\n".join(lines))
-
-
-def routes_lines(r: dict) -> list[str]:
-    """Subnet routes (§10.10): what this node offers, what it uses, and why some are not used."""
-    offers = r["advertised"] + (["exit"] if r["exit_offered"] else [])
-    lines = [f"offers    {', '.join(offers)}"] if offers else []
-    lines += [f"uses      {', '.join(nets)} via {peer}" for peer, nets in r["accepted"].items()]
-    lines += [f"not used  {net}: {why}" for net, why in r["refused"].items()]
-    lines += [f"no offer  from {peer}: {why}" for peer, why in r["unknown"].items()]
-    return lines
-
-
-def peers_table(rows: list[dict]) -> str:
-    """The daemon's open tunnels, one peer per line (like `wg show`)."""
-    if not rows:
-        return "peers     none"
-    head = ("PEER", "VIRTUAL", "ROUTE", "OVER", "ENDPOINT", "MTU", "HANDSHAKE", "RX", "TX", "RTT")
-    table, why = [head], []
-    for r in rows:
-        name = ",".join(r["names"]) or r["peer"][:12] + "…"
-        table.append((name, f"{r['ipv6']} {r['ipv4']}", r["route"], r["transport"], r["endpoint"] or "-", mtu_text(r),
-                      f"{r['last_handshake_s']:.0f} s ago" if r["last_handshake_s"] is not None else "-",
-                      human_bytes(r["rx_bytes"]), human_bytes(r["tx_bytes"]),
-                      f"{r['rtt_ms']:.2f} ms" if r["rtt_ms"] is not None else "-"))
-        if r["route"] == "relay" and r["reason"]:
-            why.append(f"  {name} is relayed: {r['reason']}")
-    widths = [max(len(str(row[i])) for row in table) for i in range(len(head))]
-    return "\n".join(["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in table] + why)
-
-
-def mtu_text(r: dict) -> str:
-    """A tunnel's path MTU as probed, with what it leaves inside: "1400/1339" (§7 "Path MTU")."""
-    return f"{r['path_mtu']}/{r['inner_mtu']}" if r.get("path_mtu") else "-"
-
-
-def human_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
+        why = (exc.code, str(exc))
+    out(args, data, status_view.status_text(data, st, d, why))
 
 
 async def cmd_whois(args, base: Path) -> None:
     nid = node_arg(args.node)
-    url = pick_dc(args, base, state.read_json(base / state.STATE_FILE))
+    url = pick_dc(args, base, state.read_state(base))
     async with DcClient(url, args.timeout) as dc:
         info = await dc.whois(nid)
     flags = "revoked" if info.revoked else ("online" if info.online else "offline")
@@ -256,7 +205,7 @@ async def cmd_whois(args, base: Path) -> None:
 
 
 def need_registration(base: Path) -> dict:
-    st = state.read_json(base / state.STATE_FILE)
+    st = state.read_state(base)
     if not st or st.get("revoked"):
         raise CliError("this node is not registered (run `ntm register --dc HOST` first)", USAGE)
     return st
@@ -298,6 +247,7 @@ async def cmd_up(args, base: Path) -> None:
             f"up as {info['node']} at {info['dc']} (public address {info['observed']})\n"
             f"{where}, virtual addresses {info['ipv6']} and {info['ipv4']}"
             + (f", DNS on {', '.join(info['dns'])}" if info["dns"] else "") + f"\ncontrol socket {info['socket']}")
+        service.sd_notify("READY=1")  # under systemd (packaging/systemd/ntm.service, Type=notify)
 
     try:
         await daemon.up(base, key, st, opts, ready)
@@ -379,6 +329,10 @@ async def cmd_send(args, base: Path) -> None:
         raise CliError("nothing to send: give a MESSAGE (or --file PATH with --offline)", USAGE)
     if args.wait_reply < 0:
         raise CliError("--wait-reply must be >= 0", USAGE)
+    size = len(args.message.encode())
+    if size > MAX_SEND_BYTES:
+        raise CliError(f"the message is {size} bytes; one datagram carries at most {MAX_SEND_BYTES} "
+                       "(`ntm send NODE --offline --file PATH` takes any size)", USAGE)
     peer = peer_arg(base, args.node)
     res = await ask(base, "send", {"peer": peer, "text": args.message, "wait_reply": args.wait_reply,
                                    "relay": args.relay}, timeout=30 + args.wait_reply)

@@ -20,8 +20,9 @@ from aiohttp import web
 SOCKET_FILE = "ntm.sock"
 #: sun_path holds 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH = 107
-#: Control requests are small JSON objects.
-MAX_REQUEST = 64 * 1024
+#: Control requests are small JSON objects; the largest is `ntm send` of one full datagram, its
+#: text JSON-escaped (up to 6 bytes per byte).
+MAX_REQUEST = 512 * 1024
 #: A command waits this long for the daemon to accept its connection before calling it gone.
 CONNECT_TIMEOUT_S = 2.0
 
@@ -117,7 +118,11 @@ async def call(base: Path, name: str, body: dict[str, Any] | None = None, timeou
     try:
         async with aiohttp.ClientSession(connector=conn, timeout=tmo) as http:
             async with http.post(f"http://ntm/v1/{name}", json=body or {}) as resp:
-                data = await resp.json()
+                try:
+                    data = await resp.json()
+                except (aiohttp.ContentTypeError, ValueError):  # aiohttp's own refusal (e.g. 413), not JSON
+                    raise ControlError("refused", f"the daemon refused the request: HTTP {resp.status} "
+                                       f"{resp.reason}") from None
     except (aiohttp.ClientConnectionError, FileNotFoundError, ConnectionRefusedError):
         raise _no_daemon(path) from None
     except asyncio.TimeoutError:

@@ -25,10 +25,12 @@ from node.agent import Node
 from node.control import ControlError, ControlServer
 from node.daemon_streams import DaemonStreams
 from node.dataplane import DataPlane
+from node.dc_client import DcError
 from node.dns import DnsServer
 from node.group_link import GroupLink, take_inbox, take_item
 from node.groups import Groups
 from node.netwatch import follow_addresses
+from node.splitdns import LOOPBACK_DNS, SplitDns
 from node.peers import PeerBook, PeerBookError
 from node.standby import StandbyPaths
 from node.subnet import EXIT_ROUTES, Forwarding, ForwardingError, RouteSync, forwarding_rules
@@ -51,6 +53,8 @@ ADDRESS_POLL_S = 1.0
 STATE_SYNC_S = 1.0
 #: A ping waits this long for each reply.
 PING_TIMEOUT_S = 2.0
+#: `ntm status` shows the DC's view of our record; a DC slower than this is reported, not waited for.
+RECORD_TIMEOUT_S = 2.0
 DNS_PORT = 53
 
 
@@ -105,6 +109,8 @@ class Daemon:
         plane.on_group = lambda peer, data: self.groups.on_payload(peer, data, "tunnel")
         self.stop = asyncio.Event()
         self.dns: DnsServer | None = None
+        self.split: SplitDns | None = None  # .ntm names registered with the system resolver (node/splitdns.py)
+        self.dns_route: str | None = None  # how the system's resolver reaches our DNS
         self.control: ControlServer | None = None
         self.standby = StandbyPaths(node)  # make-before-break over a second uplink
         self.streams = DaemonStreams(plane, self.admit, lambda peer: self._peer({"peer": peer}))
@@ -168,16 +174,27 @@ class Daemon:
             "node": keys.checksum(self.node.id), "pid": os.getpid(), "uptime_s": round(time.time() - self.started, 1),
             **self.node.session.status(), "local": display(self.node.endpoint.local_addr),
             "tun": tun.name if tun else None, "ipv6": str(v6_of(self.node.id)), "ipv4": str(self.overlay.book.own),
-            "dns": [f"{h}:{p}" for h, p in self.dns_binds()] if self.dns else [],
+            "dns": [f"{h}:{p}" for h, p in self.dns.bound] if self.dns else [], "dns_route": self.dns_route,
             "accept_any": self.opts.accept_any, "allowed": len(self.book.allow),
             "peers": self.standby.annotate(self.plane.peers(self.book.names_of),
                                            {keys.checksum(p): t.channel.path_id for p, t in self.plane.by_peer.items()}),
             **self.node.inbox_status(),
             "groups": self.groups.list(), "group_refusals": dict(self.groups.refused), "routes": self.routes.status(),
+            "record": await self._record(),
             "counters": {**self.overlay.stats, **self.plane.stats, "refused_tunnels": self.node.tunnel_table.refused,
                          "dns_refused": self.dns.refused if self.dns else 0,
                          **({f"tun_{k}": v for k, v in tun.stats().items()} if tun else {})},
         }
+
+    async def _record(self) -> dict[str, Any]:
+        """Our record as our DC sees it (whois), for `ntm status`; {"dc_error", "unreachable"} if it
+        does not say."""
+        try:
+            return messages.encode(await asyncio.wait_for(self.node.session.dc.whois(self.node.id), RECORD_TIMEOUT_S))
+        except DcError as exc:
+            return {"dc_error": str(exc), "unreachable": exc.code == "unreachable"}
+        except asyncio.TimeoutError:
+            return {"dc_error": f"no answer within {RECORD_TIMEOUT_S:.0f} s", "unreachable": True}
 
     async def h_netcheck(self, body: dict[str, Any]) -> dict[str, Any]:
         return await netcheck.run(self.node.session, self.plane.peers(self.book.names_of))
@@ -279,8 +296,13 @@ class Daemon:
         self.learn_book()
         self.start_forwarding()
         binds = self.dns_binds()
+        system_dns = self.opts.dns is None and self.plane.tun is not None  # our TUN, our default DNS: tell the system
         if binds:
-            self.dns = await DnsServer.start(binds, self.resolve, {str(self.overlay.book.own), str(v6_of(self.node.id))})
+            self.dns = await DnsServer.start(binds, self.resolve, {str(self.overlay.book.own), str(v6_of(self.node.id))},
+                                             optional=[LOOPBACK_DNS] if system_dns else [])
+        if system_dns and self.plane.tun is not None:
+            self.split = SplitDns(self.plane.tun.name, [h for h, _ in binds])
+            self.dns_route = await asyncio.to_thread(self.split.register)
         self.control = await ControlServer.start(self.base, {
             "status": self.h_status, "netcheck": self.h_netcheck, "ping": self.h_ping, "send": self.h_send, "recv": self.h_recv,
             "inbox.fetch": self.h_inbox_fetch,
@@ -311,6 +333,8 @@ class Daemon:
         if self.control is not None:
             await self.control.close()
         await self.streams.close()
+        if self.split is not None:
+            await asyncio.to_thread(self.split.revert)
         if self.dns is not None:
             self.dns.close()
         await self.plane.close()
@@ -391,7 +415,7 @@ async def up(base: Path, key, st: dict, opts: UpOptions, ready) -> None:
                    "tun": tun.name if tun else None, "ipv6": str(v6_of(node_id)), "ipv4": str(v4.own),
                    "mtu": tun_mtu(opts.path_mtu) if tun else None, "offload": bool(tun and tun.vnet),
                    "socket": str(control.socket_path(base)),
-                   "dns": [f"{h}:{p}" for h, p in daemon.dns_binds()]})
+                   "dns": [f"{h}:{p}" for h, p in daemon.dns.bound] if daemon.dns else [], "dns_route": daemon.dns_route})
             waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(daemon.stop.wait())]
             await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
             for w in waiters:

@@ -117,18 +117,29 @@ class DnsServer:
 
     def __init__(self) -> None:
         self.transports: list[asyncio.DatagramTransport] = []
+        self.bound: list[tuple[str, int]] = []  # where it answers
         self.refused = 0  # queries not from this node, dropped
         self.refusals = LogLimiter(log, "DNS queries", 10.0, time.monotonic)
 
     @classmethod
-    async def start(cls, binds: list[tuple[str, int]], resolve: Resolve, own: Collection[str]) -> DnsServer:
-        """Answer on `binds` queries from loopback or from `own` (this node's overlay addresses)."""
+    async def start(cls, binds: list[tuple[str, int]], resolve: Resolve, own: Collection[str],
+                    optional: list[tuple[str, int]] = ()) -> DnsServer:
+        """Answer on `binds` (and on `optional` ones that can be bound: a warning for the others)
+        queries from loopback or from `own` (this node's overlay addresses)."""
         loop = asyncio.get_running_loop()
         server = cls()
         try:
-            for host, port in binds:
-                t, _ = await loop.create_datagram_endpoint(lambda: _Proto(resolve, own, server), local_addr=(host, port))
+            for host, port in [*binds, *optional]:
+                try:
+                    t, _ = await loop.create_datagram_endpoint(lambda: _Proto(resolve, own, server),
+                                                               local_addr=(host, port))
+                except OSError as exc:
+                    if (host, port) not in optional:
+                        raise
+                    log.warning("DNS not on %s:%d: %s", host, port, exc.strerror or exc)
+                    continue
                 server.transports.append(t)
+                server.bound.append((host, port))
         except OSError:
             server.close()
             raise

@@ -16,6 +16,19 @@ TUNNEL_PORT = 4330  # the NTM port of the NTMobile papers: the tunnel socket's d
 DC_TIMEOUT_S = 10.0  # a DC answers in milliseconds; this long means it is stuck (`ntm --timeout`)
 
 
+# state.json's fields and the JSON types they must have (registration writes them; a hand edit or
+# a disk fault may not): anything else is refused naming the file, never a crash deep in a command.
+STATE_FIELDS: dict[str, tuple[type, ...]] = {
+    "dc_url": (str,), "dc": (str,), "hostname": (str,), "chain_id": (int,), "registry": (str,),
+    "timestamp": (int,), "revoked": (bool,), "status": (str,), "block": (int, type(None)), "tx": (str, type(None)),
+}
+STATE_REQUIRED = ("dc_url", "dc", "hostname", "chain_id", "registry")  # what every command reads from a registration
+
+
+class BadFile(ValueError):
+    """A node file that is not what it must be (the message names it): the user's to fix or remove."""
+
+
 def home() -> Path:
     return Path(os.environ.get("NTM_HOME", Path.home() / ".ntm"))
 
@@ -27,11 +40,11 @@ def read_json(path: Path) -> dict:
     except FileNotFoundError:
         return {}
     except IsADirectoryError:
-        raise ValueError(f"{path} is a directory, not a JSON file") from None
+        raise BadFile(f"{path} is a directory, not a JSON file") from None
     except (ValueError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+        raise BadFile(f"{path} is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path} holds a {type(data).__name__}, not a JSON object: fix or remove it")
+        raise BadFile(f"{path} holds a {type(data).__name__}, not a JSON object: fix or remove it")
     return data
 
 
@@ -43,7 +56,25 @@ def write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def read_state(base: Path) -> dict:
+    """The registration state ({} if not registered); BadFile naming state.json if a field is
+    missing or of the wrong type."""
+    path = base / STATE_FILE
+    st = read_json(path)
+    wrong = [k for k, types in STATE_FIELDS.items()
+             if k in st and (not isinstance(st[k], types) or (isinstance(st[k], bool) and bool not in types))]
+    missing = [k for k in STATE_REQUIRED if k not in st] if st else []
+    if wrong or missing:
+        what = "; ".join(filter(None, [wrong and "wrong type: " + ", ".join(wrong),
+                                       missing and "missing: " + ", ".join(missing)]))
+        raise BadFile(f"{path} is not a registration state ({what}): fix it, or remove it and `ntm register` again")
+    return st
+
+
 def default_dc(base: Path) -> str | None:
     """First DC of the network config (written by `ntm devnet`), if any."""
-    dcs = read_json(base / NETWORK_FILE).get("dcs", [])
+    path = base / NETWORK_FILE
+    dcs = read_json(path).get("dcs", [])
+    if not (isinstance(dcs, list) and all(isinstance(d, str) for d in dcs)):
+        raise BadFile(f"{path}: \"dcs\" must be a list of DC URLs: fix it, or remove it (`ntm devnet` writes it)")
     return dcs[0] if dcs else None

@@ -7,6 +7,7 @@ side bound or moved, path removed, direction refused).
 
 from __future__ import annotations
 
+import daemon.ctrl_c  # noqa: F401 (first: Ctrl-C during the imports below is one line, exit 130)
 import argparse
 import asyncio
 import json
@@ -14,12 +15,11 @@ import logging
 import os
 import ssl
 import sys
-from pathlib import Path
 
 from aiohttp import web
 
 from chain.registry import connect_registry
-from daemon import service
+from daemon import service, startup
 from ntm import keys, messages
 from ntm.errors import NtmError, ParseError
 from daemon.service import udp_socket
@@ -68,9 +68,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--udp-host", default="::",
                    help="relay UDP listen address (default '::', dual-stack: IPv4 and IPv6 nodes on one port; "
                    "'0.0.0.0' on machines without IPv6)")
-    p.add_argument("--udp-port", type=int, default=DEFAULT_UDP_PORT, help=f"relay UDP port (default {DEFAULT_UDP_PORT}; 0 = any)")
+    p.add_argument("--udp-port", type=startup.port, default=DEFAULT_UDP_PORT, help=f"relay UDP port (default {DEFAULT_UDP_PORT}; 0 = any)")
     p.add_argument("--http-host", default="127.0.0.1", help="control API listen address (default 127.0.0.1)")
-    p.add_argument("--http-port", type=int, default=DEFAULT_HTTP_PORT, help=f"control API port (default {DEFAULT_HTTP_PORT}; 0 = any)")
+    p.add_argument("--http-port", type=startup.port, default=DEFAULT_HTTP_PORT, help=f"control API port (default {DEFAULT_HTTP_PORT}; 0 = any)")
     p.add_argument("--advertise", action="append", metavar="IP:PORT", type=_endpoint,
                    help="relay endpoint told to DCs and nodes (repeatable; '[v6]:port' for IPv6; "
                    "default: derived from the bound address)")
@@ -83,11 +83,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--stream-advertise", action="append", metavar="URL", type=_stream_url,
                    help="stream URL told to DCs and nodes (repeatable; default: ws[s]://<each advertised host>:<port>"
                    "/v1/stream)")
-    p.add_argument("--stream-tls-cert", type=Path, metavar="PEM",
+    p.add_argument("--stream-tls-cert", type=startup.readable_file, metavar="PEM",
                    help="serve the stream over TLS (wss://) with this certificate chain (with --stream-tls-key)")
-    p.add_argument("--stream-tls-key", type=Path, metavar="PEM", help="the TLS certificate's private key")
-    p.add_argument("--max-paths", type=int, default=MAX_PATHS, help=f"bound on simultaneous paths (default {MAX_PATHS})")
-    p.add_argument("--capture", type=Path, metavar="FILE",
+    p.add_argument("--stream-tls-key", type=startup.readable_file, metavar="PEM", help="the TLS certificate's private key")
+    p.add_argument("--max-paths", type=startup.positive_int, default=MAX_PATHS, help=f"bound on simultaneous paths (default {MAX_PATHS})")
+    p.add_argument("--capture", type=startup.creatable_path, metavar="FILE",
                    help="DEBUG ONLY: append every forwarded datagram, hex, one per line, to FILE "
                    "(used by tests to show the relay only ever sees ciphertext)")
     return p
@@ -176,7 +176,9 @@ async def _start_stream(runner: web.AppRunner, args: argparse.Namespace, adverti
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    startup.check_paths(p, args)
     service.setup_logging(args.verbose)
     return service.run("ntm-rs", lambda stop: serve(args, stop))
 

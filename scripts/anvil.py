@@ -28,6 +28,8 @@ import urllib.request
 from pathlib import Path
 from typing import Callable
 
+from scripts.procs import dying_with_parent
+
 ROOT = Path(__file__).resolve().parent.parent
 ANVIL_BIN = ROOT / "node_modules" / "@foundry-rs" / "anvil-linux-amd64" / "bin" / "anvil"
 
@@ -214,8 +216,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chain-id", type=int)
     ap.add_argument("--port", type=int, default=0)
     args = ap.parse_args(argv)
+    # `kill PID` (the README's by-hand block: `kill $(jobs -p)`) stops anvil too, saving its state,
+    # and anvil follows this process if it dies without a word (SIGKILL): never an orphan chain.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     try:
-        chain = Anvil(state_path=args.state, block_time=args.block_time, chain_id=args.chain_id, port=args.port).start()
+        chain = Anvil(state_path=args.state, block_time=args.block_time, chain_id=args.chain_id, port=args.port)
+        chain.preexec = dying_with_parent()
+        chain.start()
     except AnvilError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

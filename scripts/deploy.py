@@ -11,17 +11,19 @@ readable line on stderr and exit code 2.
 
 from __future__ import annotations
 
+import daemon.ctrl_c  # noqa: F401 (first: Ctrl-C during the imports below is one line, exit 130)
 import argparse
 import asyncio
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Callable
 
 from eth_account import Account
 
-from daemon import keystore
+from daemon import keystore, startup
 from ntm import keys
 from ntm.errors import NtmError
 from chain.registry import Registry, RegistryError, fee_fields, load_artifact
@@ -39,6 +41,10 @@ def parse_dc(spec: str) -> tuple[bytes, str, str]:
         address = keys.parse_node_id(parts[0].strip())
     except ValueError as exc:
         raise DeployError(f"bad --dc {spec!r}: {exc}") from None
+    try:
+        startup.http_url(parts[2].strip())
+    except argparse.ArgumentTypeError as exc:
+        raise DeployError(f"bad --dc {spec!r}: the endpoint: {exc}") from None
     return address, parts[1].strip(), parts[2].strip()
 
 
@@ -198,27 +204,30 @@ async def fund(rpc: str, deployer_key: bytes, addresses: list[bytes], amount: in
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="ntm-deploy", description=__doc__.splitlines()[0])
-    ap.add_argument("--rpc", required=True, help="chain JSON-RPC URL")
+    ap = startup.OneLineParser(prog="ntm-deploy", description=__doc__.splitlines()[0])
+    ap.add_argument("--rpc", required=True, type=startup.ws_or_http_url, help="chain JSON-RPC URL")
     who = ap.add_mutually_exclusive_group(required=True)
     who.add_argument("--key", help="deployer private key (hex)")
     who.add_argument("--key-file", help="deployer keystore (passphrase from $NTM_KEY_PASSPHRASE)")
     ap.add_argument("--dc", action="append", default=[], metavar="ADDRESS,HOSTNAME,ENDPOINT",
                     help="admit this DC (repeatable)")
-    ap.add_argument("--passphrase-file", type=Path, metavar="FILE", help="the keystore's passphrase, from a file")
-    ap.add_argument("--dcs-from", type=Path, metavar="NETWORK_JSON",
+    ap.add_argument("--passphrase-file", type=startup.readable_file, metavar="FILE", help="the keystore's passphrase, from a file")
+    ap.add_argument("--dcs-from", type=startup.readable_file, metavar="NETWORK_JSON",
                     help="admit every DC listed in this network.json (scripts/besu_network.py)")
-    ap.add_argument("--wait", type=float, default=0, metavar="S",
+    ap.add_argument("--wait", type=startup.not_negative, default=0, metavar="S",
                     help="wait up to S seconds for the chain to answer and make its first block")
     ap.add_argument("--out", default="deployment.json", help="deployment file (reused if live)")
-    ap.add_argument("--fund", type=float, default=0.0, metavar="ETH",
+    ap.add_argument("--fund", type=startup.not_negative, default=0.0, metavar="ETH",
                     help="top up every DC given to ETH from the deployer (when it holds less than a tenth): "
                          "a DC pays gas for its nodes' records")
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    startup.check_paths(p, args)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on, Ctrl-C unwinds (asyncio cancels)
     try:
         dcs = [parse_dc(d) for d in args.dc] + (dcs_from(args.dcs_from) if args.dcs_from else [])
         key = load_key(args.key, args.key_file, args.passphrase_file)
@@ -235,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     except NtmError as exc:  # RegistryError, DeployError, KeystoreError
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("ntm-deploy: interrupted", file=sys.stderr)
+        return startup.INTERRUPTED
     return 0
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 
 from node import state
-from daemon import keystore
+from daemon import keystore, startup
 from daemon.service import LockHeld, hold_lock
 from ntm import keys
 from ntm.errors import NtmError
@@ -353,11 +353,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="add N to every default port (8545, 8330-8331, 4331-4332, 4340, 8340)")
     p.add_argument("--free-ports", action="store_true",
                    help="use any free ports (remembered in the data dir, reused on restart while free)")
-    p.add_argument("--chain", metavar="URL", help="use this JSON-RPC chain instead of starting anvil")
+    p.add_argument("--chain", metavar="URL", type=startup.ws_or_http_url, help="use this JSON-RPC chain instead of starting anvil")
     p.add_argument("--deployer-key-file", type=Path,
                    help="deployer keystore for --chain (passphrase from $NTM_KEY_PASSPHRASE; "
                    f"or a hex key in ${DEPLOYER_KEY_ENV})")
-    p.add_argument("--dc-endpoint", action="append", metavar="URL",
+    p.add_argument("--dc-endpoint", action="append", metavar="URL", type=startup.http_url,
                    help="endpoint to admit for dc1, dc2 on chain (repeat twice; default http://127.0.0.1:PORT)")
     p.add_argument("--deploy-only", action="store_true",
                    help="keys, funding and deployment file only, then exit (the docker-compose deploy job)")
@@ -431,7 +431,7 @@ def run(args: argparse.Namespace, home: Path) -> None:
 
 
 def parser(prog: str = "python -m scripts.devnet") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    p = startup.OneLineParser(prog=prog, description=__doc__.splitlines()[0])
     p.add_argument("--home", type=Path, help="node home that gets network.json (default $NTM_HOME or ~/.ntm)")
     p.add_argument("--json", action="store_true", help="one JSON line when ready (and one when stopped)")
     add_arguments(p)

@@ -43,7 +43,7 @@ METRICS: dict[str, tuple[str, ...]] = {
               "newcomer_registrations_left_after_sybil", "connect_p99_ms_under_flood", "cs_bytes_over_quota_concurrent"),
     "chain": ("confirmed_p50_ms", "idle_chain_confirmed_ms", "dead_first_rpc_confirmed_p50_ms", "rollback_recovery_s",
               "chain_return_confirm_s"),
-    "cli": ("cli_help_s", "cli_id_s", "cli_status_s"),
+    "cli": ("cli_help_s", "cli_id_s", "cli_status_s", "ntm_status_s"),
     "cs": ("cs_upload_mbps_1mb", "cs_download_mbps_1mb", "cs_upload_mbps_100mb", "cs_download_mbps_100mb",
            "cs_notify_ms_p50", "cs_rss_mb_100mb_item"),
     "gas": ("gas_first_registration", "gas_update", "gas_revoke", "gas_batch1_per_record", "gas_batch10_per_record",

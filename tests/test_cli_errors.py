@@ -14,6 +14,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -54,12 +55,13 @@ def homes(tmp_path_factory, silent_dc):
     daemon_sock = socket.socket(socket.AF_UNIX)
     daemon_sock.bind(str(made["silentd"] / "ntm.sock"))
     daemon_sock.listen(16)
+    made["silentd_listener"] = daemon_sock  # for a test to see when a command has reached the daemon
     yield made
     daemon_sock.close()
 
 
 def ntm(home: Path, *args: str, passphrase: str | None = "pw", interrupt_after: float | None = None,
-        as_json: bool = False) -> subprocess.CompletedProcess:
+        as_json: bool = False, interrupt_once: Callable[[], bool] | None = None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "NTM_PASSPHRASE"}
     if passphrase is not None:
         env["NTM_PASSPHRASE"] = passphrase
@@ -69,6 +71,11 @@ def ntm(home: Path, *args: str, passphrase: str | None = "pw", interrupt_after: 
     if interrupt_after is not None:
         time.sleep(interrupt_after)
         proc.send_signal(signal.SIGINT)  # Ctrl-C
+    if interrupt_once is not None:  # ... once the command got that far (a loaded machine imports slowly)
+        deadline = time.monotonic() + 60
+        while not interrupt_once() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
@@ -183,7 +190,26 @@ def test_ctrl_c_anywhere_is_one_line_and_exit_130(homes):
 
 
 def test_ping_prints_its_summary_on_ctrl_c(homes):
-    proc = ntm(homes["silentd"], "ping", PEER, "-c", "100", interrupt_after=2.0)
+    """Ctrl-C while the ping waits for the daemon's answer (the daemon here never answers)."""
+    listener = homes["silentd_listener"]
+    listener.setblocking(False)
+    held: list[socket.socket] = []
+
+    def connected() -> bool:  # the ping's request reached the daemon, which holds it unanswered
+        try:
+            held.append(listener.accept()[0])
+            return True
+        except BlockingIOError:
+            return False
+
+    while connected():  # connections other tests left in the backlog
+        pass
+    for conn in held:
+        conn.close()
+    held.clear()
+    proc = ntm(homes["silentd"], "ping", PEER, "-c", "100", interrupt_once=connected)
+    for conn in held:
+        conn.close()
     one_line(proc, INTERRUPTED, "interrupted")
     assert "0/0 replies" in proc.stdout
 
@@ -195,7 +221,7 @@ def test_bad_local_state_is_one_line(homes, tmp_path):
     (tmp_path / "badstate").mkdir()
     keystore.save_keystore(keys.generate(), tmp_path / "badstate" / state.KEY_FILE, "pw")
     (tmp_path / "badstate" / state.STATE_FILE).write_text("[1, 2]")
-    one_line(ntm(tmp_path / "badstate", "status"), FAILED, "not a JSON object")
+    one_line(ntm(tmp_path / "badstate", "status"), USAGE, "not a JSON object")  # a local file: the README says 2
     if os.geteuid() != 0:  # root writes anywhere
         ro = tmp_path / "ro"
         ro.mkdir(mode=0o500)
@@ -242,3 +268,56 @@ def test_the_passphrase_is_asked_on_a_terminal_and_read_from_a_file(tmp_path):
     assert ntm(home, "--password-file", str(tmp_path / "pw"), "status", passphrase=None).returncode == 0
     assert ntm(home, "status", passphrase="s3cret").returncode == 0
     one_line(ntm(home, "status", passphrase="wrong"), USAGE, "wrong passphrase")
+
+
+def started_importing(pid: int) -> bool:
+    """The process has begun loading packages (any site-packages file mapped): past the
+    interpreter's own start, so past daemon.startup's guard, which comes first."""
+    try:
+        return "site-packages/" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+def test_ctrl_c_while_a_server_starts_is_one_line_and_exit_130(tmp_path, silent_dc):
+    """Ctrl-C at any moment of a server's start-up (its imports, its key, a chain that does not
+    answer): one line, exit 130, never a traceback; once it printed its ready line, a clean stop."""
+    key = tmp_path / "dc.key.json"
+    keystore.save_keystore(keys.generate(), key, "")
+    deployment = tmp_path / "deployment.json"
+    deployment.write_text(json.dumps({"chain_id": 31337, "registry": PEER, "block": 0}))
+    chain = silent_dc  # a chain that accepts connections and never answers
+    servers = {
+        "ntm-dc": ["-m", "dc", "--key-file", str(key), "--rpc-url", chain, "--deployment", str(deployment),
+                   "--db", str(tmp_path / "dc.sqlite"), "--http-port", "0", "--udp-port", "0"],
+        "ntm-rs": ["-m", "rs", "--rpc-url", chain, "--deployment", str(deployment), "--udp-port", "0",
+                   "--http-port", "0", "--stream-port", "off"],
+        "ntm-cs": ["-m", "cs", "--dc", silent_dc, "--key-file", str(key), "--data-dir", str(tmp_path / "cs"),
+                   "--http-port", "0"],
+        "ntm-deploy": ["-m", "scripts.deploy", "--rpc", chain, "--key", "11" * 32, "--out", str(tmp_path / "d.json")],
+    }
+
+    def interrupt(case: tuple[str, float]) -> tuple[str, float, subprocess.CompletedProcess]:
+        name, delay = case
+        env = {k: v for k, v in os.environ.items() if not k.startswith("NTM_")}
+        proc = subprocess.Popen([sys.executable, *servers[name]], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                stdin=subprocess.DEVNULL, text=True, env=env)
+        deadline = time.monotonic() + 30
+        while not started_importing(proc.pid) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+        return name, delay, subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+    cases = [(name, delay) for name in servers for delay in (0.0, 2.5)]  # in the imports; past them
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(interrupt, cases))
+    for name, delay, proc in results:
+        what = f"{name} after {delay} s: exit {proc.returncode}\nstdout: {proc.stdout}\nstderr: {proc.stderr}"
+        assert "Traceback" not in proc.stdout + proc.stderr, what
+        if '"ready"' in proc.stdout:  # started before the signal: an ordinary stop
+            assert proc.returncode == 0, what
+            continue
+        assert proc.returncode == INTERRUPTED, what
+        assert proc.stderr.strip().splitlines()[-1] in (f"{name}: interrupted", "ntm-deploy: interrupted"), what

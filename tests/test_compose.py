@@ -319,7 +319,8 @@ def test_dockerfile_is_multi_stage_pinned_and_without_nodejs_at_run_time():
             assert not any(src == pat or src.startswith(pat + "/") for pat in ignored), f"{src} is in .dockerignore"
     copied = {src for args in copies for src in args[:-1]}
     assert {"pyproject.toml", "README.md", "ntm", "chain", "daemon", "dc", "rs", "cs", "node", "scripts"} <= copied
-    assert "pip install --no-cache-dir ." in run
+    assert "pip install --no-cache-dir -c constraints.txt ." in run  # the versions the tests ran, not the newest
+    assert "constraints.txt" in copied
     cmd = json.loads(next(ln for ln in runtime if ln.startswith("CMD "))[4:])
     assert cmd[0] in SCRIPTS
     assert any(ln.startswith("USER ") and ln.split()[1] not in ("root", "0") for ln in runtime)

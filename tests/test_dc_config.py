@@ -54,8 +54,11 @@ def test_several_rpc_urls_own_node_first(tmp_path):
     assert load(["--config", str(f)]).rpc_url == ["http://v1:8545"]
     cfg = load(["--config", str(f), "--rpc-url", "http://a:1", "--rpc-url", "http://b:2", "--confirmations", "3"])
     assert cfg.rpc_url == ["http://a:1", "http://b:2"] and cfg.confirmations == 3  # flags win, in order
-    with pytest.raises(ValueError, match="confirmations must be at least 1"):
+    with pytest.raises(SystemExit):  # the flag is refused as it is parsed (one line, exit 2)
         load(["--config", str(f), "--confirmations", "0"])
+    f.write_text('key_file = "k"\nrpc_url = "http://v1:8545"\ndeployment = "d"\nconfirmations = 0\n')
+    with pytest.raises(ValueError, match="confirmations must be at least 1"):
+        load(["--config", str(f)])
 
 
 def test_passphrase_from_a_file_or_the_environment(tmp_path, monkeypatch):
@@ -68,3 +71,23 @@ def test_passphrase_from_a_file_or_the_environment(tmp_path, monkeypatch):
     assert keystore.passphrase("NTM_DC_PASSPHRASE") == "from env"
     with pytest.raises(KeystoreError, match="passphrase file .* is unreadable"):
         keystore.passphrase("NTM_DC_PASSPHRASE", tmp_path / "missing")
+
+
+def test_every_address_is_dual_stack_so_ipv6_only_nodes_reach_the_dc():
+    """`--http-host 0.0.0.0` (the README's "for other machines"): an IPv6-only node must reach it
+    too (it used to get exit 4 from `ntm register --dc [2001:db8::10]:8330`)."""
+    import socket
+
+    from dc.__main__ import http_listener
+    from scripts.procs import has_ipv6_loopback
+
+    families = [socket.AF_INET] + ([socket.AF_INET6] if has_ipv6_loopback() else [])
+    for host in ("0.0.0.0", "::"):
+        with http_listener(host, 0) as listener:
+            port = listener.getsockname()[1]
+            for family in families:
+                with socket.socket(family) as client:
+                    client.connect(("127.0.0.1" if family == socket.AF_INET else "::1", port))
+                    listener.accept()[0].close()
+    with http_listener("127.0.0.1", 0) as listener:  # one address asked for: that one only
+        assert listener.family == socket.AF_INET and listener.getsockname()[0] == "127.0.0.1"

@@ -35,10 +35,13 @@ def test_the_by_hand_walk_through_runs_verbatim(tmp_path):
     script = tmp_path / "by-hand.sh"
     script.write_text("set -e\n" + walk_through())
     env = {k: v for k, v in os.environ.items() if not k.startswith("NTM_")}
+    env["PYTHONPATH"] = str(ROOT)  # this checkout's code, whichever one the shared venv was installed from
     proc = subprocess.Popen(["bash", str(script)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    left: list[str] = []
     try:
         out, err = proc.communicate(timeout=180)
+        left = leftovers(proc.pid)
     finally:
         try:
             os.killpg(proc.pid, signal.SIGKILL)  # whatever the script left behind
@@ -51,3 +54,17 @@ def test_the_by_hand_walk_through_runs_verbatim(tmp_path):
     assert "status: confirmed (block" in out, out
     assert "record    confirmed on chain, home DC" in out, out
     assert (tmp_path / "by-hand" / "chain.json").exists()
+    assert not left, f"the block's own stop step left these running: {left}"  # e.g. anvil, adopted by PID 1
+
+
+def leftovers(group: int) -> list[str]:
+    """Command lines of processes still in process group `group` (the script's session)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == group:  # after the state and the parent PID: the process group
+                found.append((stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip())
+        except (OSError, IndexError, ValueError):
+            continue
+    return found

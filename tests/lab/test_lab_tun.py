@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +19,7 @@ from .upnode import UpNode, transfer
 pytestmark = pytest.mark.lab
 
 KEEPALIVE_S = 2.0
+ROOT_LAB = Path(__file__).resolve().parent
 TRANSFER_BYTES = 20 * 1024 * 1024
 
 
@@ -185,3 +187,40 @@ def test_a_relayed_tunnel_moves_to_a_direct_path_after_a_move(fed):
     finally:
         m.stop()
         p.stop()
+
+
+def test_names_through_the_resolv_conf_fallback_while_up_and_after_down(fed):
+    """A real `ntm up` (TUN, no systemd-resolved in the lab) with the README's fallback as the
+    namespace's /etc/resolv.conf, a previous nameserver after it. Hostile condition: the daemon
+    stopping (or dying) while resolv.conf still names it must not break or stall other names."""
+    from node.splitdns import LOOPBACK_DNS
+
+    from .dnsfallback import UPSTREAM_ANSWER
+    from .topology import NETNS_ETC, expect
+
+    lab = fed.lab
+    n = UpNode(fed, lab.add_site("dnsf", "eim").host, 0)
+    upstream = lab.python(n.host, str(ROOT_LAB / "dnsfallback.py"), "upstream", "--listen", "127.0.0.54")
+    expect(upstream, "READY")
+    (NETNS_ETC / n.host.ns / "resolv.conf").write_text(
+        f"nameserver {LOOPBACK_DNS[0]}\nnameserver 127.0.0.54\noptions timeout:3 attempts:1\n")
+    peer = "0x1a642f0e3c3af545e7acbd38b07251b3990914f1"  # any node ID has a name: no tunnel needed
+
+    def getent(name: str) -> tuple[int, str, float]:
+        t0 = time.monotonic()
+        r = n.run("getent", "ahosts", name)
+        return r.returncode, r.stdout, time.monotonic() - t0
+
+    try:
+        assert n.status()["dns_route"] == f"{LOOPBACK_DNS[0]} (resolv.conf fallback)"
+        code, out, _ = getent(f"{peer}.ntm")
+        assert code == 0 and "fd6e:746d:" in out and "100.64.0." in out, out
+        code, out, took = getent("example.test")
+        assert code == 0 and UPSTREAM_ANSWER in out and took < 1.5, (out, took)
+    finally:
+        n.stop()
+    code, out, took = getent("example.test")  # the daemon is gone, resolv.conf still names it
+    assert code == 0 and UPSTREAM_ANSWER in out and took < 1.5, (out, took)
+    code, out, took = getent(f"{peer}.ntm")
+    assert code != 0 and took < 1.5, (out, took)
+    print(f"\nexample.test after ntm stopped: {took:.3f} s")
