@@ -16,6 +16,7 @@ import sys
 import threading
 from pathlib import Path
 
+from daemon import startup
 from node import state
 from node.output import INTERNAL, INTERRUPTED, USAGE, CliError, fail, show_id
 from ntm.keepalive import KEEPALIVE_INTERVAL_S
@@ -59,16 +60,6 @@ def positive(text: str) -> float:
     if not 0 < value <= 3600:
         raise argparse.ArgumentTypeError(f"expected seconds in (0, 3600], got {text!r}")
     return value
-
-
-def port_number(text: str) -> int:
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
-    if not 0 <= port <= 0xFFFF:
-        raise argparse.ArgumentTypeError(f"port {port} is not 0..65535")
-    return port
 
 
 def dns_bind(text: str) -> tuple[str, int]:
@@ -165,11 +156,11 @@ def parser() -> Parser:
     s = sub.add_parser("nc", help="a netcat over the overlay: stdin and stdout to a stream to PORT on a node, "
                        "until the node ends it (through the daemon)")
     s.add_argument("node", help="peer node ID (0x…) or alias")
-    s.add_argument("port", type=port_number, help="a port the node serves (`ntm serve` there)")
+    s.add_argument("port", type=startup.port, help="a port the node serves (`ntm serve` there)")
     s.set_defaults(cmd="nc")
     s = sub.add_parser("serve", help="let allowed nodes reach a TCP service on this machine at PORT, until Ctrl-C "
                        "(through the daemon; no root needed)")
-    s.add_argument("port", type=port_number, help="the port nodes ask for (`ntm nc NODE PORT`)")
+    s.add_argument("port", type=startup.port, help="the port nodes ask for (`ntm nc NODE PORT`)")
     s.add_argument("--to", required=True, metavar="HOST:PORT",
                    help="the local service, on loopback only (e.g. 127.0.0.1:8080)")
     s.set_defaults(cmd="serve")
