@@ -219,9 +219,7 @@ async def test_readme_example_runs_between_two_node_directories(net, tmp_path):
     import sys
     from pathlib import Path
 
-    from daemon import keystore
-    from node import state
-    from node.peers import PeerBook
+    from tests.test_dc import ntm
 
     root = Path(__file__).resolve().parent.parent
     text = (root / "README.md").read_text()
@@ -229,16 +227,13 @@ async def test_readme_example_runs_between_two_node_directories(net, tmp_path):
     assert code, "README.md lost its application example"
     script = tmp_path / "app.py"
     script.write_text(code.group(1))
-    ks, kc = keys.generate(), keys.generate()
-    homes = []
-    for i, key in enumerate((ks, kc)):
+    homes, ids = [], []
+    for i in range(2):  # node directories as a user makes them
         home = tmp_path / f"home{i}"
-        home.mkdir()
-        keystore.save_keystore(key, home / state.KEY_FILE, "")
-        state.write_json(home / state.STATE_FILE, {"dc_url": net.urls[i]})
-        await register(net.urls[i], key)
+        ids.append(ntm(home, "keygen")["node"])
+        ntm(home, "register", "--dc", net.urls[i])
         homes.append(home)
-    PeerBook(allow={keys.node_id_of(kc)}).save(homes[0])
+    ntm(homes[0], "allow", ids[1])
 
     def env(home: Path) -> dict:
         return {**{k: v for k, v in os.environ.items() if not k.startswith("NTM_")},
