@@ -13,15 +13,17 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from daemon import keystore, service
+import aiohttp
+
+from daemon import keystore, service, tlspin
 from node import control, cs_client, daemon, mailbox, netcheck, state
 from node.agent import local_addrs_towards
 from node.dc_client import DcClient, DcError, dc_url
 from node.dc_session import DcSilent
 from node.output import FAILED, NO_DAEMON, UNREACHABLE, USAGE, CliError, event, out, show_id
 from node.peers import PeerBook, PeerBookError
-from ntm import keys, messages, record, seal, vaddr
-from ntm.errors import KeystoreError, NtmError
+from ntm import keys, messages, record, seal, tls_binding, vaddr
+from ntm.errors import KeystoreError, NtmError, SignatureError
 from ntm.registration import RegistrationRequest
 
 
@@ -103,6 +105,40 @@ def pick_dc(args, base: Path, st: dict) -> str:
         raise CliError(str(exc), USAGE) from None
 
 
+def dc_pin(args, base: Path, st: dict, url: str) -> bytes | None:
+    """The chain address the DC at `url` must prove (§5): --dc-address, else ours if it is our DC,
+    else the one `ntm devnet` wrote for it. Plain http:// only with --insecure-plain-http."""
+    if url.startswith("http://"):
+        if not getattr(args, "insecure_plain_http", False):
+            raise CliError(f"{url} is plain HTTP: anyone on the path could read and rewrite it; use https:// "
+                           f"(the default) or, for development only, {tlspin.INSECURE_FLAG}", USAGE)
+        tlspin.warn_plain(f"the DC at {url}")
+    if getattr(args, "dc_address", None):
+        return node_arg(args.dc_address)
+    if st.get("dc") and st.get("dc_url") == url:
+        return keys.parse_node_id(st["dc"])
+    known = state.devnet_dc_address(base, url)
+    return keys.parse_node_id(known) if known else None
+
+
+async def unknown_dc(url: str, timeout: float) -> CliError:
+    """Why we cannot use a DC we have no chain address for, naming the address it claims (its
+    binding's signer): a node cannot read the chain itself, so the user confirms it."""
+    try:
+        async with aiohttp.ClientSession() as http:
+            der, info = await tlspin.presented(http, url, timeout)
+        claim = keys.checksum(tls_binding.signer(info.tls, der)) if info.tls else None
+    except tlspin.ChannelError as exc:
+        if exc.code == "unreachable":
+            raise DcError("unreachable", f"cannot reach DC at {url}: {exc}") from None
+        claim = None
+    except SignatureError:
+        claim = None
+    said = f"it says it is DC {claim}" if claim else "it proves no chain key"
+    return CliError(f"the DC at {url} is not known to this node ({said}); check its address with its operator "
+                    f"(or on the chain's DC list) and repeat with --dc-address ADDRESS", USAGE)
+
+
 async def cmd_keygen(args, base: Path) -> None:
     path = base / state.KEY_FILE
     if path.exists() and not args.force:
@@ -126,7 +162,10 @@ async def sign_and_register(args, base: Path, revoked: bool) -> None:
     if st.get("revoked"):
         raise CliError("this node ID is revoked; create a new one with `ntm keygen --force`")
     url = pick_dc(args, base, st)
-    async with DcClient(url, args.timeout) as dc:
+    pin = dc_pin(args, base, st, url)
+    if pin is None and url.startswith("https://"):
+        raise await unknown_dc(url, args.timeout)
+    async with DcClient(url, args.timeout, pin=pin) as dc:
         info = await dc.info()
         if st.get("chain_id") and (st["chain_id"], st["registry"]) != (info.chain_id, info.registry):
             raise CliError(
@@ -169,7 +208,7 @@ async def cmd_status(args, base: Path) -> None:
     if not st:
         out(args, data, f"node ID {data['node']}\nnot registered (run `ntm register --dc HOST`)")
         return
-    async with DcClient(st["dc_url"], args.timeout) as dc:
+    async with DcClient(st["dc_url"], args.timeout, pin=keys.parse_node_id(st["dc"])) as dc:
         try:
             seen = await dc.whois(nid)
             data.update(dc_reachable=True, confirmed=seen.confirmed, online=seen.online,
@@ -235,8 +274,12 @@ def human_bytes(n: int) -> str:
 
 async def cmd_whois(args, base: Path) -> None:
     nid = node_arg(args.node)
-    url = pick_dc(args, base, state.read_json(base / state.STATE_FILE))
-    async with DcClient(url, args.timeout) as dc:
+    st = state.read_json(base / state.STATE_FILE)
+    url = pick_dc(args, base, st)
+    pin = dc_pin(args, base, st, url)
+    if pin is None and url.startswith("https://"):
+        raise await unknown_dc(url, args.timeout)
+    async with DcClient(url, args.timeout, pin=pin) as dc:
         info = await dc.whois(nid)
     flags = "revoked" if info.revoked else ("online" if info.online else "offline")
     out(args, messages.encode(info), f"{info.node}: home DC {info.home_dc}, {flags}"
@@ -386,7 +429,7 @@ async def send_offline(args, base: Path) -> None:
         raise CliError(str(exc), USAGE) from None
     key = load_key(args, base)
     st = need_registration(base)
-    async with DcClient(st["dc_url"], args.timeout) as dc:
+    async with DcClient(st["dc_url"], args.timeout, pin=keys.parse_node_id(st["dc"])) as dc:
         info = await dc.info()
         if not info.cs:
             raise CliError(f"DC {st['dc_url']} has no Cache Server (its operator starts one with ntm-cs and --cs)")
@@ -412,7 +455,7 @@ async def cmd_inbox(args, base: Path) -> None:
     key = load_key(args, base)
     st = need_registration(base)
     waiting = []
-    for url in await mailbox.federation_cs_urls(st["dc_url"], args.timeout):
+    for url in await mailbox.federation_cs_urls(st["dc_url"], args.timeout, keys.parse_node_id(st["dc"])):
         async with cs_client.CsClient(key, url) as cs:
             waiting += [{"cs": url, **{k: e[k] for k in ("item", "sender", "size", "created", "expires")}}
                         for e in await cs.inbox()]
@@ -429,7 +472,7 @@ async def cmd_fetch(args, base: Path) -> None:
     st = need_registration(base)
     out_dir = Path(args.out) if args.out else base / daemon.INBOX_DIR
     got, failed = [], []
-    for url in await mailbox.federation_cs_urls(st["dc_url"], args.timeout):
+    for url in await mailbox.federation_cs_urls(st["dc_url"], args.timeout, keys.parse_node_id(st["dc"])):
         async with cs_client.CsClient(key, url) as cs:
             for entry in await cs.inbox():
                 if args.items and entry["item"] not in args.items:

@@ -263,6 +263,8 @@ class DcSession:
             url = d.endpoint.rstrip("/")
             if not url or url == self.dc_url.rstrip("/") or keys.parse_node_id(d.dc) == self.dc_address:
                 continue  # the DC we are leaving, by URL or (reached by name) by its address
+            if url.startswith("http://") and self.dc_url.startswith("https://"):
+                continue  # no downgrade: a DC we reach only in clear is not one to fail over to (§5)
             old_url, old_dc, old_address = self.dc_url, self.dc, self.dc_address
             self._set_dc(url, keys.parse_node_id(d.dc))
             try:

@@ -47,3 +47,8 @@ def default_dc(base: Path) -> str | None:
     """First DC of the network config (written by `ntm devnet`), if any."""
     dcs = read_json(base / NETWORK_FILE).get("dcs", [])
     return dcs[0] if dcs else None
+
+
+def devnet_dc_address(base: Path, url: str) -> str | None:
+    """The chain address `ntm devnet` wrote for its DC at `url` (it admitted that key itself)."""
+    return read_json(base / NETWORK_FILE).get("dc_addresses", {}).get(url.rstrip("/"))
