@@ -17,6 +17,13 @@
                                       Requests (all in flight) to an online peer
   direction_flood_refused_share       the share of them refused (rate_limited)
 
+  secrets_in_clear                    keepalive token and relay side key occurrences an on-path
+                                      attacker (a proxy in the node's NAT router, tests/lab/onpath.py)
+                                      finds in what it relayed of the node↔DC channel (target 0;
+                                      needs root and network namespaces, else not printed)
+  injected_directions_acted_on        Tunnel Requests the node sent to the address a Route Direction
+                                      injected into its session named (target 0)
+
 usage: python bench/abuse.py [--rounds 5] [--quick]
 `--quick`: one round, 10 lookups, 1 attack watched for 2 s, a flood of 200: the same code paths (make test).
 """
@@ -37,7 +44,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import aiohttp  # noqa: E402
 
 from dc.federation import FederationClient  # noqa: E402
 from dc.presence import Presence  # noqa: E402
@@ -48,7 +54,7 @@ from ntm.handshake import Initiator  # noqa: E402
 from ntm.tunnel import Session  # noqa: E402
 from scripts.anvil import Anvil  # noqa: E402
 from scripts.procs import Child  # noqa: E402
-from tests.dcnet import CountingRpc, DcNet, register  # noqa: E402
+from tests.dcnet import CountingRpc, DcNet, raw_http, register  # noqa: E402
 from tests.test_dc_abuse import flood, rss_mb  # noqa: E402
 
 PATH = bytes(8)
@@ -120,7 +126,7 @@ async def chain_calls(tmp: Path, lookups: int = LOOKUPS) -> tuple[float, float]:
             rs = await asyncio.to_thread(Child("rs", ["--rpc-url", rpc.url, "--deployment", str(net.deployment),
                                                       "--udp-port", "0", "--http-port", "0"], tmp / "rs.log").start)
             try:
-                async with DcClient(net.urls[0]) as dc, aiohttp.ClientSession() as http:
+                async with DcClient(net.urls[0]) as dc, raw_http() as http:
                     before = rpc.calls["eth_call"]
                     answers = await asyncio.gather(
                         *(dc.whois(keys.node_id_of(keys.generate())) for _ in range(lookups)), return_exceptions=True)
@@ -229,6 +235,20 @@ async def direction_flood(tmp: Path, n: int = FLOOD) -> tuple[float, float]:
     return grown, codes.get("rate_limited", 0) / n
 
 
+def on_path(tmp: Path, quick: bool) -> dict | None:
+    """tests/lab/onpath.py's scenario (an attacker in the node's NAT router); None without the lab."""
+    from tests.lab.fed import Federation
+    from tests.lab.onpath import on_path as scenario
+    from tests.lab.topology import Lab, lab_available, sweep_stale
+    reason = lab_available()
+    if reason:
+        print(f"on-path lab scenario skipped: {reason}", file=sys.stderr)
+        return None
+    sweep_stale()
+    with Lab() as lab, Federation(lab, tmp, n_dcs=2, plain=(1,)) as fed:
+        return scenario(fed, quick)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=5)
@@ -251,6 +271,11 @@ def main() -> None:
         grown, refused = asyncio.run(direction_flood(Path(tmp), n))
     print(f"direction_flood_rss_growth_mb: {grown:.1f}")
     print(f"direction_flood_refused_share: {refused:.3f}")
+    with tempfile.TemporaryDirectory() as tmp:
+        seen = on_path(Path(tmp), args.quick)
+    if seen is not None:
+        print(f"secrets_in_clear: {seen['secrets_in_clear']}")
+        print(f"injected_directions_acted_on: {seen['injected_directions_acted_on']}")
 
 
 if __name__ == "__main__":
