@@ -78,7 +78,7 @@ async def test_a_pinned_client_reaches_its_dc_over_tls_and_refuses_an_impostor(t
                 with pytest.raises(DcError) as exc:
                     await dc.info()
                 assert exc.value.code == "dc_unauthenticated"
-            async with DcClient(url) as dc:  # an https:// DC and no address to check it against
+            async with DcClient(url.replace("127.0.0.1", "localhost")) as dc:  # no address known to check it against
                 with pytest.raises(DcError) as exc:
                     await dc.info()
                 assert exc.value.code == "dc_unauthenticated"
