@@ -235,7 +235,8 @@ async def test_readme_example_runs_between_two_node_directories(net, tmp_path):
         home = tmp_path / f"home{i}"
         home.mkdir()
         keystore.save_keystore(key, home / state.KEY_FILE, "")
-        state.write_json(home / state.STATE_FILE, {"dc_url": net.urls[i]})
+        state.write_json(home / state.STATE_FILE, {"dc_url": net.urls[i],  # as `ntm register` writes it
+                                                   "dc": keys.checksum(keys.node_id_of(net.dc_keys[i]))})
         await register(net.urls[i], key)
         homes.append(home)
     PeerBook(allow={keys.node_id_of(kc)}).save(homes[0])
