@@ -113,7 +113,9 @@ async def presented(http: aiohttp.ClientSession, base: str, timeout: float) -> t
             text = await resp.text()
     except aiohttp.ServerFingerprintMismatch:
         raise ChannelError("dc_unauthenticated", f"{base} presented two certificates") from None
-    except (aiohttp.ClientError, OSError, TimeoutError, ssl.SSLError) as exc:
+    except TimeoutError:
+        raise ChannelError("unreachable", f"{base} did not answer within {timeout:g} s") from None
+    except (aiohttp.ClientError, OSError, ssl.SSLError) as exc:
         raise ChannelError("unreachable", f"cannot reach {base}: {str(exc) or type(exc).__name__}") from None
     try:
         return der, messages.decode(messages.DcInfoReply, text)
