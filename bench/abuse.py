@@ -25,6 +25,12 @@
                                       to a victim 64 admitted identities flood with directions
   cs_bytes_over_quota_concurrent      bytes a real Cache Server stores beyond one sender's 1 MB quota
                                       when it starts 12 uploads of 300 kB at once (target 0; was 2 MB)
+  secrets_in_clear                    keepalive token and relay side key occurrences an on-path
+                                      attacker (a proxy in the node's NAT router, tests/lab/onpath.py)
+                                      finds in what it relayed of the node↔DC channel (target 0;
+                                      needs root and network namespaces, else not printed)
+  injected_directions_acted_on        Tunnel Requests the node sent to the address a Route Direction
+                                      injected into its session named (target 0)
 
 usage: python bench/abuse.py [--rounds 5] [--quick]
 `--quick`: one round, 10 lookups, 1 attack watched for 1.5 s, a flood of 200, 5 networks' sybil burst, 16
@@ -47,7 +53,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import aiohttp  # noqa: E402
 
 from dc.federation import FederationClient  # noqa: E402
 from dc.presence import Presence  # noqa: E402
@@ -58,7 +63,7 @@ from ntm.handshake import Initiator  # noqa: E402
 from ntm.tunnel import Session  # noqa: E402
 from scripts.anvil import Anvil  # noqa: E402
 from scripts.procs import Child  # noqa: E402
-from tests.dcnet import CountingRpc, DcNet, register  # noqa: E402
+from tests.dcnet import CountingRpc, DcNet, raw_http, register  # noqa: E402
 from tests.test_budgets import (FLOODERS, SYBIL_EACH, SYBIL_SOURCES, dc_for_outsiders,  # noqa: E402
                                 legit_connects_under_flood, new_node_budget, sybil_burst)
 from tests.test_cs import STRICT_CS, concurrent_uploads  # noqa: E402
@@ -134,7 +139,7 @@ async def chain_calls(tmp: Path, lookups: int = LOOKUPS) -> tuple[float, float]:
             rs = await asyncio.to_thread(Child("rs", ["--rpc-url", rpc.url, "--deployment", str(net.deployment),
                                                       "--udp-port", "0", "--http-port", "0"], tmp / "rs.log").start)
             try:
-                async with DcClient(net.urls[0]) as dc, aiohttp.ClientSession() as http:
+                async with DcClient(net.urls[0]) as dc, raw_http() as http:
                     before = rpc.calls["eth_call"]
                     answers = await asyncio.gather(
                         *(dc.whois(keys.node_id_of(keys.generate())) for _ in range(lookups)), return_exceptions=True)
@@ -272,6 +277,20 @@ async def at_one_dc(tmp: Path, sizes: types.SimpleNamespace) -> dict[str, float]
             "cs_bytes_over_quota_concurrent": max(0, stored - (1 << 20))}
 
 
+def on_path(tmp: Path, quick: bool) -> dict | None:
+    """tests/lab/onpath.py's scenario (an attacker in the node's NAT router); None without the lab."""
+    from tests.lab.fed import Federation
+    from tests.lab.onpath import on_path as scenario
+    from tests.lab.topology import Lab, lab_available, sweep_stale
+    reason = lab_available()
+    if reason:
+        print(f"on-path lab scenario skipped: {reason}", file=sys.stderr)
+        return None
+    sweep_stale()
+    with Lab() as lab, Federation(lab, tmp, n_dcs=2, plain=(1,)) as fed:
+        return scenario(fed, quick)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=5)
@@ -295,6 +314,11 @@ def main() -> None:
         found = asyncio.run(at_one_dc(Path(tmp), sizes))
     for name, value in found.items():
         print(f"{name}: {value:.3f}" if "amplification" in name or "share" in name else f"{name}: {value:.1f}")
+    with tempfile.TemporaryDirectory() as tmp:
+        seen = on_path(Path(tmp), args.quick)
+    if seen is not None:
+        print(f"secrets_in_clear: {seen['secrets_in_clear']}")
+        print(f"injected_directions_acted_on: {seen['injected_directions_acted_on']}")
 
 if __name__ == "__main__":
     main()

@@ -106,7 +106,7 @@ async def fanout(workdir: Path, members: int = FANOUT_MEMBERS, sends: int = FANO
 
         async def member(home: Path) -> str:
             nid = (await asyncio.to_thread(ntm, home, "keygen"))["node"]
-            await asyncio.to_thread(ntm, home, "register", "--dc", net.urls[0])
+            await asyncio.to_thread(ntm, home, "register", *net.dc_args(0))
             return nid
 
         ids = await asyncio.gather(*(member(h) for h in homes))

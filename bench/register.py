@@ -18,7 +18,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -26,7 +25,7 @@ from ntm import keys  # noqa: E402
 from ntm.record import Domain, NodeTransaction  # noqa: E402
 from ntm.registration import RegistrationRequest  # noqa: E402
 from scripts.anvil import Anvil  # noqa: E402
-from tests.dcnet import DcNet  # noqa: E402
+from tests.dcnet import DcNet, raw_http  # noqa: E402
 
 LATENCY_SAMPLES = 100
 THROUGHPUT_NODES = 1000
@@ -44,7 +43,7 @@ async def main(samples: int = LATENCY_SAMPLES, nodes: int = THROUGHPUT_NODES) ->
         net.start_dc(0, extra=("--new-nodes-per-hour", "1e9"))  # throughput, not the gas budget, is measured
         url = net.urls[0]
         try:
-            async with aiohttp.ClientSession() as http:
+            async with raw_http() as http:
                 async with http.get(url + "/v1/info") as r:
                     info = await r.json()
                 domain = Domain(info["chain_id"], keys.parse_node_id(info["registry"]))

@@ -17,6 +17,7 @@ import coincurve
 from cachetools import TTLCache
 from tenacity import AsyncRetrying, stop_after_attempt, wait_exponential
 
+from daemon import tlspin
 from ntm import envelope, keys, messages
 from ntm.errors import CodedError, NtmError
 
@@ -60,11 +61,12 @@ class DcLink:
             await self._http.close()
 
     async def _get(self, path: str, answer: type) -> Any:
-        try:
-            async with self.http.get(self.dc_url + path) as r:
+        try:  # over TLS pinned to our DC's chain key, which is the key we sign with (§5)
+            tls = await tlspin.ssl_for(self.http, self.dc_url, keys.node_id_of(self.key), HTTP_TIMEOUT_S)
+            async with self.http.get(self.dc_url + path, ssl=tls) as r:
                 text = await r.text()
                 status = r.status
-        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError, tlspin.ChannelError) as exc:
             raise CsError("dc_unreachable", f"cannot reach this CS's DC at {self.dc_url}: {str(exc) or type(exc).__name__}") from None
         if status == 404:
             return None
@@ -99,11 +101,13 @@ class DcLink:
         node = keys.parse_node_id(notice.node)
         try:
             info = await self.check(node)
-            endpoint = await self._home_endpoint(keys.parse_node_id(info.home_dc))
+            home = keys.parse_node_id(info.home_dc)
+            endpoint = await self._home_endpoint(home)
             if endpoint is None:
                 raise CsError("home_dc_unknown", f"home DC {info.home_dc} is not active")
             body = envelope.seal(self.key, messages.CS_NOTICE, messages.encode(notice), self.clock_ms())
-            async with self.http.post(endpoint.rstrip("/") + "/v1/federation/cs-notice", json=body) as r:
+            tls = await tlspin.ssl_for(self.http, endpoint.rstrip("/"), home, HTTP_TIMEOUT_S)
+            async with self.http.post(endpoint.rstrip("/") + "/v1/federation/cs-notice", json=body, ssl=tls) as r:
                 if r.status != 200:
                     raise CsError("notice_refused", f"{r.status} {await r.text()}")
         except (NtmError, aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:

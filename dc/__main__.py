@@ -28,7 +28,7 @@ from dc.presence import KeepaliveProtocol
 from dc.server import make_app
 from dc.store import PRUNE_EVERY_S, Store
 from chain.registry import BATCH_GAS_PER_RECORD, connect_registry
-from daemon import keystore, service, startup
+from daemon import keystore, service, startup, tlspin
 from daemon.service import udp_socket
 from ntm import keys, tls_binding
 from ntm.errors import NtmError
@@ -72,7 +72,7 @@ async def serve(cfg: dc_config.DcConfig, stop: asyncio.Event) -> None:
                            keepalive_timeout=cfg.http_idle_timeout)
     await runner.setup()
     tls = tls_context(cfg, key, coord)
-    site = web.SockSite(runner, http_listener(cfg.http_host, cfg.http_port), ssl_context=tls)
+    site = tlspin.TcpSite(runner, cfg.http_host, cfg.http_port, ssl_context=tls, handshake_timeout=cfg.http_idle_timeout)
     await site.start()
     http_port = site._server.sockets[0].getsockname()[1]
     pending = store.count_outbox("pending")
@@ -135,16 +135,16 @@ def http_listener(host: str, port: int) -> socket.socket:
 
 
 def tls_context(cfg: dc_config.DcConfig, key, coord: Coordinator) -> ssl.SSLContext | None:
-    """With --tls-cert: the server TLS context, and the certificate's binding to our chain key
-    for /v1/info (ntm/tls_binding.py). None: plain HTTP (development)."""
-    if cfg.tls_cert is None:
+    """The server TLS context (--tls-cert, else a certificate made at first start beside the
+    database), and its binding to our chain key for /v1/info (ntm/tls_binding.py). None: plain
+    HTTP, only with --insecure-plain-http (development)."""
+    if cfg.insecure_plain_http:
+        tlspin.warn_plain(f"DC {keys.checksum(coord.address)}")
         return None
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert, cert_key = (cfg.tls_cert, cfg.tls_key) if cfg.tls_cert else tlspin.ensure_certificate(
+        cfg.db.with_name(cfg.db.stem + "-tls-cert.pem"), cfg.db.with_name(cfg.db.stem + "-tls-key.pem"), cfg.hostname)
     try:
-        ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key)
-        pem = cfg.tls_cert.read_text()
-        end = "-----END CERTIFICATE-----"
-        der = ssl.PEM_cert_to_DER_cert(pem[:pem.index(end) + len(end)])  # the leaf: first of the chain
+        ctx, der = tlspin.server_context(cert, cert_key)
     except (OSError, ssl.SSLError, ValueError) as exc:
         raise NtmError(f"cannot load the TLS certificate: {exc}") from None
     coord.tls = tls_binding.bind(key, der)

@@ -40,6 +40,7 @@ class DcConfig:
     max_block_age: float = 0.0  # seconds; 0 = blocks only on demand (anvil), so no age check
     tls_cert: Path | None = None  # serve HTTPS/WSS with this certificate, bound to the chain key (§5)
     tls_key: Path | None = None
+    insecure_plain_http: bool = False  # development only: no TLS, anyone on the path reads and rewrites (§5)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -70,9 +71,12 @@ def parser() -> argparse.ArgumentParser:
                    help="health says the chain is behind when its newest block is older than this (default 0 = "
                    "off, for chains that mine on demand; set ~10 block periods for Besu/geth)")
     p.add_argument("--tls-cert", type=Path, metavar="PEM",
-                   help="serve nodes over HTTPS/WSS with this certificate (any, e.g. self-signed: /v1/info binds it "
-                   "to the DC's chain key); with --tls-key")
+                   help="serve HTTPS/WSS with this certificate (any, e.g. self-signed: /v1/info binds it to the DC's "
+                   "chain key; default: one made at first start beside --db); with --tls-key")
     p.add_argument("--tls-key", type=Path, metavar="PEM", help="the TLS certificate's private key")
+    p.add_argument("--insecure-plain-http", action="store_true", default=None,
+                   help="serve plain HTTP/WebSocket, no TLS (development only: keepalive tokens and relay keys "
+                   "cross in clear)")
     return p
 
 
@@ -103,6 +107,8 @@ def load(args: argparse.Namespace) -> DcConfig:
         values["admin_allow"] = [ipaddress.ip_network(str(n), strict=False) for n in values["admin_allow"]]
     if ("tls_cert" in values) != ("tls_key" in values):
         raise ValueError("--tls-cert and --tls-key go together")
+    if "tls_cert" in values and values.get("insecure_plain_http"):
+        raise ValueError("--tls-cert and --insecure-plain-http contradict each other")
     for name in ("key_file", "deployment", "db", "passphrase_file", "tls_cert", "tls_key"):
         if name in values:
             values[name] = Path(values[name])

@@ -20,6 +20,7 @@ from typing import Any
 
 import aiohttp
 
+from daemon import tlspin
 from ntm import keys, messages
 from ntm.errors import ParseError
 
@@ -78,10 +79,11 @@ class FederationProbe:
     async def _probe(self, http: aiohttp.ClientSession, dc: bytes, endpoint: str) -> None:
         t0 = time.monotonic()
         try:
-            async with http.get(endpoint.rstrip("/") + "/healthz") as r:
+            tls = await tlspin.ssl_for(http, endpoint.rstrip("/"), dc, PROBE_TIMEOUT_S)  # pinned to its chain key
+            async with http.get(endpoint.rstrip("/") + "/healthz", ssl=tls) as r:
                 healthy = r.status == 200
             self.results[dc] = Probe(True, healthy, (time.monotonic() - t0) * 1000, time.time())
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        except (aiohttp.ClientError, OSError, TimeoutError, tlspin.ChannelError) as exc:
             self.results[dc] = Probe(False, False, None, time.time(), str(exc) or type(exc).__name__)
 
 

@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import coincurve
 
+from daemon import tlspin
 from ntm import envelope, keys, messages
 from ntm.clock import SYSTEM, Clock
 from ntm.errors import NtmError, ParseError
@@ -51,7 +52,7 @@ class FederationClient:
         self.clock = clock
         self._http = http
         self._own_http = http is None
-        self.transport: Transport = transport or self._http_post
+        self.transport: Transport | None = transport
 
     async def close(self) -> None:
         if self._http is not None and self._own_http:
@@ -67,15 +68,27 @@ class FederationClient:
         """`body` signed by this DC as an envelope of `kind`."""
         return envelope.seal(self.key, kind, messages.encode(body), self.clock.wall_ms())
 
-    async def _http_post(self, url: str, body: dict) -> tuple[int, Any]:
-        async with self.http.post(url, json=body) as resp:
-            return resp.status, await resp.json(content_type=None)
+    async def _http_post(self, url: str, body: dict, peer: bytes | None) -> tuple[int, Any]:
+        """POST over TLS pinned to `peer`'s chain key (https://; daemon/tlspin.py), or plain http://."""
+        parts = urlsplit(url)
+        base = f"{parts.scheme}://{parts.netloc}"
+        tls = await tlspin.ssl_for(self.http, base, peer, FEDERATION_TIMEOUT_S)
+        try:
+            async with self.http.post(url, json=body, ssl=tls) as resp:
+                return resp.status, await resp.json(content_type=None)
+        except aiohttp.ServerFingerprintMismatch:
+            tlspin.forget(base)  # a rotated certificate is checked afresh next time
+            raise
 
-    async def post(self, url: str, body: dict, who: str, answer: type[T] = dict) -> T:
-        """POST JSON to a peer (DC or relay); FederationError unless it answers 200 with `answer`."""
+    async def post(self, url: str, body: dict, who: str, answer: type[T] = dict, peer: bytes | None = None) -> T:
+        """POST JSON to a peer (DC or relay); FederationError unless it answers 200 with `answer`.
+        `peer`: its chain address, which an https:// peer's certificate must be bound to."""
         call = urlsplit(url).path
         try:
-            status, data = await self.transport(url, body)
+            status, data = await (self.transport(url, body) if self.transport else self._http_post(url, body, peer))
+        except tlspin.ChannelError as exc:
+            self.count(call, "unreachable")
+            raise FederationError(f"{who}: {exc}", exc.code) from None
         except (aiohttp.ClientError, TimeoutError, ValueError, OSError) as exc:
             self.count(call, "unreachable")
             raise FederationError(f"{who} unreachable: {str(exc) or type(exc).__name__}") from None
@@ -92,7 +105,7 @@ class FederationClient:
         """Ask `home_dc` (at HTTP base URL `endpoint`) about `node`; the verified response body."""
         req = self.seal(messages.INFO_REQUEST, messages.InfoRequest(keys.checksum(node), keys.checksum(home_dc)))
         data = await self.post(f"{endpoint.rstrip('/')}/v1/federation/ntm-info", req,
-                               f"home DC {keys.checksum(home_dc)} at {endpoint}")
+                               f"home DC {keys.checksum(home_dc)} at {endpoint}", peer=home_dc)
         env = envelope.open_envelope(data, messages.INFO_RESPONSE, self.clock.wall_ms(), self.is_trusted, self.guard)
         info = messages.decode(messages.NodeInfo, env.body)
         if env.sender != home_dc or keys.parse_node_id(info.node) != node:
@@ -102,7 +115,7 @@ class FederationClient:
     async def deliver_direction(self, endpoint: str, home_dc: bytes, direction: dict) -> None:
         """Hand a signed Route Direction to the node's home DC, which pushes it on its session."""
         await self.post(f"{endpoint.rstrip('/')}/v1/federation/route-direction", direction,
-                        f"home DC {keys.checksum(home_dc)}")
+                        f"home DC {keys.checksum(home_dc)}", peer=home_dc)
 
     async def book_relay(self, url: str, direction: messages.RelayDirection) -> messages.RelayBooking:
         """Send a signed Relay Direction to the RS at `url` (its control API). Idempotent for the

@@ -2,7 +2,7 @@
 
     from node.api import AppNode
 
-    async with await AppNode.start(key, "http://dc1:8330") as node:    # or AppNode.start(home=path)
+    async with await AppNode.start(key, "https://dc1:8330", dc_pin=DC1) as node:    # or AppNode.start(home=path)
         server = await node.start_server(handler, 7000)                # handler(reader, writer)
         reader, writer = await node.open_connection(peer_id, 7000)     # asyncio streams, over QUIC
         await node.send(peer_id, b"datagram"); peer, data = await node.recv()
@@ -128,6 +128,8 @@ class AppNode:
                 key = keystore.load_keystore(home / state.KEY_FILE, keystore.passphrase(state.PASSPHRASE_ENV))
             dc_url = dc_url or st.get("dc_url") or state.default_dc(home)
             node_options.setdefault("last_timestamp", st.get("timestamp", 0))
+            pin = st.get("dc") if st.get("dc_url") == dc_url else state.devnet_dc_address(home, dc_url)
+            node_options.setdefault("dc_pin", keys.parse_node_id(pin) if pin else None)  # its TLS certificate's key (§5)
             if allow is None:
                 allow = book.allow
         if dc_url is None:

@@ -75,6 +75,15 @@ def dns_bind(text: str) -> tuple[str, int]:
     return host.strip("[]"), p
 
 
+def dc_channel_arguments(s: argparse.ArgumentParser) -> None:
+    """How a DC given by --dc is authenticated (docs/PROTOCOL.md §5)."""
+    s.add_argument("--dc-address", metavar="ADDRESS",
+                   help="the DC's chain address, which its TLS certificate must be bound to (needed for a DC this "
+                   "node does not know yet; ask its operator)")
+    s.add_argument("--insecure-plain-http", action="store_true",
+                   help="allow a plain http:// DC (development only: tokens and keys cross in clear)")
+
+
 def parser() -> Parser:
     p = Parser(prog="ntm", description="NTMobile node: identity, registration, tunnels, groups.",
                epilog="--json may go anywhere on the line. Exit codes: 0 ok, 1 refused or failed, 2 usage or local "
@@ -97,6 +106,7 @@ def parser() -> Parser:
                             ("revoke", "revoke", "revoke this node ID network-wide (permanent)")):
         s = sub.add_parser(name, help=hlp)
         s.add_argument("--dc", help="DC as HOST[:PORT] or URL (default: the current DC or the devnet's)")
+        dc_channel_arguments(s)
         s.add_argument("--addr", action="append", help="local tunnel endpoint ip:port to announce (repeatable)")
         s.add_argument("--no-wait", action="store_true", help="return once durable at the DC, before the chain confirms")
         if name == "revoke":
@@ -187,6 +197,7 @@ def parser() -> Parser:
     s = sub.add_parser("whois", help="look a node up through the DC federation")
     s.add_argument("node", help="node ID (0x…)")
     s.add_argument("--dc", help="DC to ask (default: this node's DC)")
+    dc_channel_arguments(s)
     s.set_defaults(cmd="whois")
     s = sub.add_parser("group", help="group messaging with keys no server knows (through the daemon)")
     gsub = s.add_subparsers(dest="group_cmd", required=True, metavar="{create,invite,invitations,accept,decline,leave,remove,members,send,recv}")

@@ -13,7 +13,9 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from daemon import keystore, service
+import aiohttp
+
+from daemon import keystore, service, tlspin
 from node import control, cs_client, daemon, mailbox, netcheck, state, status_view, stream_cli
 from node.agent import local_addrs_towards
 from node.dc_client import DcClient, DcError, dc_url
@@ -21,8 +23,8 @@ from node.daemon_streams import parse_local_target
 from node.dc_session import DcSilent
 from node.output import FAILED, NO_DAEMON, UNREACHABLE, USAGE, CliError, event, out, show_id
 from node.peers import PeerBook, PeerBookError
-from ntm import consent, keys, messages, record, routes, seal, vaddr
-from ntm.errors import KeystoreError, NtmError
+from ntm import consent, keys, messages, record, routes, seal, tls_binding, vaddr
+from ntm.errors import KeystoreError, NtmError, SignatureError
 from ntm.packet import MAX_PAYLOAD
 from ntm.registration import RegistrationRequest
 
@@ -113,6 +115,40 @@ def pick_dc(args, base: Path, st: dict) -> str:
         raise CliError(str(exc), USAGE) from None
 
 
+def dc_pin(args, base: Path, st: dict, url: str) -> bytes | None:
+    """The chain address the DC at `url` must prove (§5): --dc-address, else ours if it is our DC,
+    else the one `ntm devnet` wrote for it. Plain http:// only with --insecure-plain-http."""
+    if url.startswith("http://"):
+        if not getattr(args, "insecure_plain_http", False):
+            raise CliError(f"{url} is plain HTTP: anyone on the path could read and rewrite it; use https:// "
+                           f"(the default) or, for development only, {tlspin.INSECURE_FLAG}", USAGE)
+        tlspin.warn_plain(f"the DC at {url}")
+    if getattr(args, "dc_address", None):
+        return node_arg(args.dc_address)
+    if st.get("dc") and st.get("dc_url") == url:
+        return keys.parse_node_id(st["dc"])
+    known = state.devnet_dc_address(base, url)
+    return keys.parse_node_id(known) if known else None
+
+
+async def unknown_dc(url: str, timeout: float) -> CliError:
+    """Why we cannot use a DC we have no chain address for, naming the address it claims (its
+    binding's signer): a node cannot read the chain itself, so the user confirms it."""
+    try:
+        async with aiohttp.ClientSession() as http:
+            der, info = await tlspin.presented(http, url, timeout)
+        claim = keys.checksum(tls_binding.signer(info.tls, der)) if info.tls else None
+    except tlspin.ChannelError as exc:
+        if exc.code == "unreachable":
+            raise DcError("unreachable", f"cannot reach DC at {url}: {exc}") from None
+        claim = None
+    except SignatureError:
+        claim = None
+    said = f"it says it is DC {claim}" if claim else "it proves no chain key"
+    return CliError(f"the DC at {url} is not known to this node ({said}); check its address with its operator "
+                    f"(or on the chain's DC list) and repeat with --dc-address ADDRESS", USAGE)
+
+
 async def cmd_keygen(args, base: Path) -> None:
     path = base / state.KEY_FILE
     if path.exists() and not args.force:
@@ -136,7 +172,10 @@ async def sign_and_register(args, base: Path, revoked: bool) -> None:
     if st.get("revoked"):
         raise CliError("this node ID is revoked; create a new one with `ntm keygen --force`")
     url = pick_dc(args, base, st)
-    async with DcClient(url, args.timeout) as dc:
+    pin = dc_pin(args, base, st, url)
+    if pin is None and url.startswith("https://"):
+        raise await unknown_dc(url, args.timeout)
+    async with DcClient(url, args.timeout, pin=pin) as dc:
         info = await dc.info()
         if st.get("chain_id") and (st["chain_id"], st["registry"]) != (info.chain_id, info.registry):
             raise CliError(
@@ -181,7 +220,7 @@ async def cmd_status(args, base: Path) -> None:
     if not st:
         out(args, data, f"node ID {data['node']}\nnot registered (run `ntm register --dc HOST`)")
         return
-    async with DcClient(st["dc_url"], args.timeout) as dc:
+    async with DcClient(st["dc_url"], args.timeout, pin=keys.parse_node_id(st["dc"])) as dc:
         try:
             data.update(status_view.record_fields(messages.encode(await dc.whois(nid))))
         except DcError as exc:
@@ -196,8 +235,12 @@ async def cmd_status(args, base: Path) -> None:
 
 async def cmd_whois(args, base: Path) -> None:
     nid = node_arg(args.node)
-    url = pick_dc(args, base, state.read_state(base))
-    async with DcClient(url, args.timeout) as dc:
+    st = state.read_state(base)
+    url = pick_dc(args, base, st)
+    pin = dc_pin(args, base, st, url)
+    if pin is None and url.startswith("https://"):
+        raise await unknown_dc(url, args.timeout)
+    async with DcClient(url, args.timeout, pin=pin) as dc:
         info = await dc.whois(nid)
     flags = "revoked" if info.revoked else ("online" if info.online else "offline")
     out(args, messages.encode(info), f"{info.node}: home DC {info.home_dc}, {flags}"
@@ -364,7 +407,7 @@ async def send_offline(args, base: Path) -> None:
     st = need_registration(base)
     try:
         res = await cs_client.leave_sealed(key, st["dc_url"], peers, meta, source, content_len,
-                                           int(time.time() * 1000), args.timeout)
+                                           int(time.time() * 1000), args.timeout, keys.parse_node_id(st["dc"]))
     except ValueError as exc:
         raise CliError(str(exc), USAGE) from None
     out(args, {**res, "recipients": [keys.checksum(p) for p in peers]},
@@ -380,7 +423,7 @@ async def cmd_inbox(args, base: Path) -> None:
     key = load_key(args, base)
     st = need_registration(base)
     waiting = []
-    for url in await mailbox.federation_cs_urls(st["dc_url"], args.timeout):
+    for url in await mailbox.federation_cs_urls(st["dc_url"], args.timeout, keys.parse_node_id(st["dc"])):
         async with cs_client.CsClient(key, url) as cs:
             waiting += [{"cs": url, **{k: e[k] for k in ("item", "sender", "size", "created", "expires")}}
                         for e in await cs.inbox()]
@@ -414,7 +457,7 @@ async def cmd_fetch(args, base: Path) -> None:
     st = need_registration(base)
     out_dir = Path(args.out) if args.out else base / daemon.INBOX_DIR
     got, failed = [], []
-    for url in await mailbox.federation_cs_urls(st["dc_url"], args.timeout):
+    for url in await mailbox.federation_cs_urls(st["dc_url"], args.timeout, keys.parse_node_id(st["dc"])):
         async with cs_client.CsClient(key, url) as cs:
             for entry in await cs.inbox():
                 if args.items and entry["item"] not in args.items:

@@ -137,14 +137,16 @@ class CsClient:
 
 
 async def leave_sealed(key: coincurve.PrivateKey, dc_url: str, peers: list[bytes], meta: seal.Meta,
-                       source: AsyncIterator[bytes], content_len: int, now_ms: int, timeout: float) -> dict:
+                       source: AsyncIterator[bytes], content_len: int, now_ms: int, timeout: float,
+                       dc_pin: bytes | None = None) -> dict:
     """Store-and-forward: seal `source` for `peers` (their keys as the DC federation knows them)
-    and upload it to the Cache Server of our DC (`dc_url`); the CS's answer plus {"cs": url}.
+    and upload it to the Cache Server of our DC (`dc_url`, whose TLS must be bound to `dc_pin`, or
+    to a key this process already checked for it); the CS's answer plus {"cs": url}.
     CsClientError: no CS, a revoked recipient, or the CS refused; ValueError: bad `meta`."""
     from node.dc_client import DcClient  # the DC client is needed only here
 
     seal.check_meta(meta)
-    async with DcClient(dc_url, timeout) as dc:
+    async with DcClient(dc_url, timeout, pin=dc_pin) as dc:
         info = await dc.info()
         if not info.cs:
             raise CsClientError("no_cs", f"DC {dc_url} has no Cache Server (its operator starts one with ntm-cs and --cs)")

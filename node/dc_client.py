@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import ssl
 from typing import TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
 import coincurve
 
+from daemon import tlspin
 from node import state
-from ntm import keys, messages, session_auth, tls_binding
-from ntm.errors import CodedError, ParseError, SignatureError
+from ntm import keys, messages, session_auth
+from ntm.errors import CodedError, ParseError
 from ntm.registration import RegistrationRequest
 
 DEFAULT_DC_PORT = 8330
@@ -31,7 +30,7 @@ class DcError(CodedError):
 def dc_url(spec: str) -> str:
     """`host`, `host:port` or a full URL → base URL of the DC's HTTP API."""
     if "://" not in spec:
-        spec = "http://" + spec
+        spec = "https://" + spec  # plain http:// only when asked for by name (development, §5)
     parts = urlsplit(spec)
     if not parts.hostname:
         raise ValueError(f"{spec!r} is not a DC address")
@@ -49,6 +48,7 @@ class DcClient:
         self.timeout = timeout
         self.pin = pin
         self._tls: aiohttp.Fingerprint | bool = True  # the pinned certificate, once checked
+        self._checking = asyncio.Lock()  # concurrent first requests check the binding once
         self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout))
         self.session_dc: bytes | None = None  # the DC address its session challenge named (signed by us)
 
@@ -62,28 +62,20 @@ class DcClient:
         await self._http.close()
 
     async def _authenticate(self) -> None:
-        """Check the DC's TLS binding once (a pinned https:// DC): its certificate must be the one
-        its chain key vouches for; from then on only that certificate is accepted."""
-        if self.pin is None or not self.base.startswith("https://") or self._tls is not True:
-            return
-        parts = urlsplit(self.base)
-        anyone = ssl.create_default_context()
-        anyone.check_hostname, anyone.verify_mode = False, ssl.CERT_NONE  # checked by its binding instead
-        try:
-            _, writer = await asyncio.wait_for(asyncio.open_connection(parts.hostname, parts.port or 443, ssl=anyone),
-                                               self.timeout)
-            der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
-            writer.close()
-            seen = aiohttp.Fingerprint(hashlib.sha256(der).digest())  # /v1/info must come from that certificate
-            async with self._http.get(self.base + "/v1/info", ssl=seen) as resp:
-                text = await resp.text()
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            raise DcError("unreachable", f"cannot reach DC at {self.base}: {str(exc) or type(exc).__name__}") from None
-        try:
-            pinned = tls_binding.check(messages.decode(messages.DcInfoReply, text).tls, der, self.pin)
-        except (ParseError, SignatureError) as exc:
-            raise DcError("dc_unauthenticated", f"{self.base} is not DC {keys.checksum(self.pin)}: {exc}") from None
-        self._tls = aiohttp.Fingerprint(pinned)
+        """Check the DC's TLS binding once (an https:// DC): its certificate must be the one its
+        chain key (`pin`) vouches for; from then on only that certificate is accepted."""
+        async with self._checking:
+            if self._tls is not True:
+                return
+            try:
+                self._tls = await tlspin.ssl_for(self._http, self.base, self.pin, self.timeout)
+            except tlspin.ChannelError as exc:
+                raise DcError(exc.code, str(exc)) from None
+
+    def _not_pinned(self) -> DcError:
+        tlspin.forget(self.base)  # a rotated certificate is checked afresh next time
+        self._tls = True
+        return DcError("dc_unauthenticated", f"{self.base} presented another certificate than the pinned one")
 
     async def _call(self, method: str, path: str, answer: type[T], body: dict | None = None,
                     timeout: float | None = None) -> T:
@@ -94,7 +86,7 @@ class DcClient:
                                           timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
                 text = await resp.text()
         except aiohttp.ServerFingerprintMismatch:
-            raise DcError("dc_unauthenticated", f"{self.base} presented another certificate than the pinned one") from None
+            raise self._not_pinned() from None
         except TimeoutError:
             raise DcError("unreachable", f"DC at {self.base} did not answer within {timeout:g} s") from None
         except (aiohttp.ClientError, OSError) as exc:
@@ -135,6 +127,8 @@ class DcClient:
         await self._authenticate()
         try:
             ws = await self._http.ws_connect(self.base + "/v1/session", heartbeat=heartbeat, ssl=self._tls)
+        except aiohttp.ServerFingerprintMismatch:
+            raise self._not_pinned() from None
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise DcError("unreachable", f"cannot open a session at {self.base}: {exc}") from None
         try:

@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import coincurve
 
+from daemon import tlspin
 from daemon.service import ROUTE_PROBES, BackgroundTasks, LogLimiter, source_address
 from node import liveness
 from node.dc_client import DcClient, DcError
@@ -202,10 +203,18 @@ class DcSession:
             info = await self.dc.info()
             self.chain = (info.chain_id, info.registry)
             self.dc_address = keys.parse_node_id(info.dc)
-            self.known_dcs = await self.dc.dcs()
+            await self._read_dcs()
             self._dcs_read_at = self.clock.now()
         except DcError as exc:
             log.info("could not refresh the DC list from %s: %s", self.dc_url, exc)
+
+    async def _read_dcs(self) -> None:
+        """The active DCs (failover, who may direct us), each also a known host: the chain address
+        its certificate must be bound to, for any client of ours naming none (the GMS, §5)."""
+        self.known_dcs = await self.dc.dcs()
+        for d in self.known_dcs:
+            if d.endpoint:
+                tlspin.expect(d.endpoint, keys.parse_node_id(d.dc))
 
     async def _session_loop(self) -> None:
         """Keep a session open: wait for the current one to end, then reconnect with backoff;
@@ -267,6 +276,8 @@ class DcSession:
             url = d.endpoint.rstrip("/")
             if not url or url == self.dc_url.rstrip("/") or keys.parse_node_id(d.dc) == self.dc_address:
                 continue  # the DC we are leaving, by URL or (reached by name) by its address
+            if url.startswith("http://") and self.dc_url.startswith("https://"):
+                continue  # no downgrade: a DC we reach only in clear is not one to fail over to (§5)
             old_url, old_dc, old_address = self.dc_url, self.dc, self.dc_address
             self._set_dc(url, keys.parse_node_id(d.dc))
             try:
@@ -350,7 +361,7 @@ class DcSession:
             return ok()
         self._dcs_read_at = now
         try:
-            self.known_dcs = await self.dc.dcs()
+            await self._read_dcs()
         except DcError as exc:
             log.info("could not refresh the DC list from %s: %s", self.dc_url, exc)
             return False

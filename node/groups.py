@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import coincurve
 
+from daemon import tlspin
 from daemon.service import BackgroundTasks
 from node import state
 from ntm import consent, envelope, group, keys
@@ -194,10 +195,11 @@ class Groups:
     async def _gms(self, url: str, kind: str, body: dict) -> dict:
         assert self.http is not None, "Groups.start() first"
         env = envelope.seal(self.key, kind, body, int(time.time() * 1000))
-        try:
-            async with self.http.post(url + "/v1/groups", json=env) as r:
+        try:  # the GMS is a DC: over TLS pinned to its chain address (known from the DC list, §5)
+            tls = await tlspin.ssl_for(self.http, url.rstrip("/"), None, GMS_TIMEOUT_S)
+            async with self.http.post(url + "/v1/groups", json=env, ssl=tls) as r:
                 answer = await r.json(content_type=None)
-        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError, tlspin.ChannelError) as exc:
             raise GroupError("gms_unreachable", f"cannot reach the GMS at {url}: {str(exc) or type(exc).__name__}") from None
         if r.status != 200:
             err = answer if isinstance(answer, dict) else {}

@@ -37,17 +37,18 @@ RECENT = 100
 CS_LIST_REFRESH_S = 30.0
 
 
-async def federation_cs_urls(dc_url: str, timeout: float = REQUEST_TIMEOUT_S) -> list[str]:
-    """The Cache Server of every active DC (asked of each DC's /v1/info), ours first."""
+async def federation_cs_urls(dc_url: str, timeout: float = REQUEST_TIMEOUT_S, pin: bytes | None = None) -> list[str]:
+    """The Cache Server of every active DC (asked of each DC's /v1/info), ours first. `pin`: our
+    DC's chain address (none: the one this process already checked at that URL)."""
     urls: list[str] = []
-    async with DcClient(dc_url, timeout) as dc:
+    async with DcClient(dc_url, timeout, pin=pin) as dc:
         own = (await dc.info()).cs
         entries = await dc.dcs()
     if own:
         urls.append(own)
     for entry in entries:
         try:
-            async with DcClient(entry.endpoint, timeout) as other:
+            async with DcClient(entry.endpoint, timeout, pin=keys.parse_node_id(entry.dc)) as other:
                 cs = (await other.info()).cs
         except DcError:
             continue

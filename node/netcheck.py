@@ -16,7 +16,9 @@ from dataclasses import asdict, dataclass
 
 import aiohttp
 
+from daemon import tlspin
 from node.relay_stream import stream_tls_context
+from ntm import keys
 from ntm.addr import family
 from ntm.route import Reach
 
@@ -37,16 +39,18 @@ async def _timed(target: str, attempt) -> Probe:
     t0 = time.monotonic()
     try:
         await asyncio.wait_for(attempt, PROBE_TIMEOUT_S)
-    except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+    except (aiohttp.ClientError, OSError, asyncio.TimeoutError, tlspin.ChannelError) as exc:
         reason = "no answer within %.0f s" % PROBE_TIMEOUT_S if isinstance(exc, asyncio.TimeoutError) else str(exc)
         return Probe(target, False, None, reason or type(exc).__name__)
     return Probe(target, True, round((time.monotonic() - t0) * 1000, 2))
 
 
-async def probe_dc(http: aiohttp.ClientSession, url: str) -> Probe:
-    """One HTTP round trip to a DC (GET /healthz; any answer counts: it is reachable)."""
+async def probe_dc(http: aiohttp.ClientSession, url: str, dc: bytes | None) -> Probe:
+    """One HTTP round trip to a DC (GET /healthz; any answer counts: it is reachable), over TLS
+    pinned to its chain address `dc` (the first time, the binding check is part of the time)."""
     async def get() -> None:
-        async with http.get(url.rstrip("/") + "/healthz") as r:
+        tls = await tlspin.ssl_for(http, url.rstrip("/"), dc, PROBE_TIMEOUT_S)
+        async with http.get(url.rstrip("/") + "/healthz", ssl=tls) as r:
             await r.read()
     return await _timed(url, get())
 
@@ -86,13 +90,16 @@ def report(udp: bool | None, local: list[str], observed: str | None, observed_al
 
 async def run(session, peers: list[dict]) -> dict:
     """Measure and report; `session` is the node's DcSession (node/dc_session.py)."""
-    dc_urls = list(dict.fromkeys([session.dc_url] + [d.endpoint for d in session.known_dcs if d.endpoint]))
+    dc_urls = {session.dc_url.rstrip("/"): session.dc_address}  # ours first, then each by its chain address
+    for d in session.known_dcs:
+        if d.endpoint:
+            dc_urls.setdefault(d.endpoint.rstrip("/"), keys.parse_node_id(d.dc))
     async with aiohttp.ClientSession() as http:
         try:
             streams = (await asyncio.wait_for(session.dc.info(), PROBE_TIMEOUT_S)).relay_streams
         except Exception:  # noqa: BLE001 - no DC answer: the DC probes below say why
             streams = []
-        dcs, relays = await asyncio.gather(asyncio.gather(*(probe_dc(http, u) for u in dc_urls)),
+        dcs, relays = await asyncio.gather(asyncio.gather(*(probe_dc(http, u, a) for u, a in dc_urls.items())),
                                            asyncio.gather(*(probe_stream(http, u) for u in streams)))
     return report(session.udp, session.local_addrs(), session.observed, session.observed_alt,
                   list(dcs), list(relays), peers)

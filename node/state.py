@@ -78,3 +78,8 @@ def default_dc(base: Path) -> str | None:
     if not (isinstance(dcs, list) and all(isinstance(d, str) for d in dcs)):
         raise BadFile(f"{path}: \"dcs\" must be a list of DC URLs: fix it, or remove it (`ntm devnet` writes it)")
     return dcs[0] if dcs else None
+
+
+def devnet_dc_address(base: Path, url: str) -> str | None:
+    """The chain address `ntm devnet` wrote for its DC at `url` (it admitted that key itself)."""
+    return read_json(base / NETWORK_FILE).get("dc_addresses", {}).get(url.rstrip("/"))

@@ -35,14 +35,20 @@ def bind(key: coincurve.PrivateKey, cert_der: bytes) -> messages.TlsBinding:
     return messages.TlsBinding(h.hex(), keys.sign_digest(key, digest(h)).hex())
 
 
+def signer(binding: messages.TlsBinding, presented_der: bytes) -> bytes:
+    """The chain address that vouches for the certificate presented (not yet a DC: the caller
+    compares it with the one it expects); SignatureError if the binding is for another certificate."""
+    h = hashlib.sha256(presented_der).digest()
+    if bytes.fromhex(binding.cert_sha256) != h:
+        raise SignatureError("the TLS certificate presented is not the one the DC's key vouches for")
+    return keys.recover_node_id(digest(h), bytes.fromhex(binding.sig))
+
+
 def check(binding: messages.TlsBinding | None, presented_der: bytes, dc: bytes) -> bytes:
     """The pinned certificate hash if `binding` is DC `dc`'s for the certificate presented;
     SignatureError otherwise (no binding, another certificate, another signer)."""
     if binding is None:
         raise SignatureError("the DC sent no TLS binding")
-    h = hashlib.sha256(presented_der).digest()
-    if bytes.fromhex(binding.cert_sha256) != h:
-        raise SignatureError("the TLS certificate presented is not the one the DC's key vouches for")
-    if keys.recover_node_id(digest(h), bytes.fromhex(binding.sig)) != dc:
+    if signer(binding, presented_der) != dc:
         raise SignatureError(f"the TLS binding is not signed by DC {keys.checksum(dc)}")
-    return h
+    return hashlib.sha256(presented_der).digest()

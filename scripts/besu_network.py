@@ -119,7 +119,7 @@ def generate(out: Path, n_dcs: int, chain_id: int = CHAIN_ID, block_period: int 
         raise FileExistsError(f"{out}/genesis.json exists: a network is already generated there (use --add, or "
                               "another --out)")
     validators = [make_validator(out, i) for i in range(1, n_dcs + 1)]
-    dcs = [{"name": f"dc{i}", "address": make_account(out, f"dc{i}"), "endpoint": f"http://dc{i}:{DC_HTTP_PORT}",
+    dcs = [{"name": f"dc{i}", "address": make_account(out, f"dc{i}"), "endpoint": f"https://dc{i}:{DC_HTTP_PORT}",
             "validator": f"v{i}"} for i in range(1, n_dcs + 1)]
     deployer = make_account(out, "deployer")
     genesis = {
@@ -148,7 +148,7 @@ def add(out: Path) -> dict:
     i = len(network["validators"]) + 1
     v = make_validator(out, i)
     (out / v.name / "config.toml").write_text(besu_config(v, [x["enode"] for x in network["validators"]] + [v.enode]))
-    dc = {"name": f"dc{i}", "address": make_account(out, f"dc{i}"), "endpoint": f"http://dc{i}:{DC_HTTP_PORT}",
+    dc = {"name": f"dc{i}", "address": make_account(out, f"dc{i}"), "endpoint": f"https://dc{i}:{DC_HTTP_PORT}",
           "validator": v.name}
     network["validators"].append(v.__dict__)
     network["dcs"].append(dc)

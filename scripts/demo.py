@@ -107,7 +107,8 @@ class Demo:
         table = read_until(self.devnet, b"Ctrl-C stops everything", 45.0)
         print(indent(table), flush=True)
         net = json.loads((self.homes["alice"] / "network.json").read_text())
-        dc1, dc2 = (u.removeprefix("http://") for u in net["dcs"])
+        dc1, dc2 = (u.removeprefix("https://") for u in net["dcs"])
+        dc2_address = net["dc_addresses"][net["dcs"][1]]  # bob's home has no network.json: he is told
 
         heading(2, "Two nodes, each with its own key (NTM_HOME=alice/ and bob/): node ID = keccak(pubkey)[12:]")
         alice = json.loads(self._quiet("alice", "--json", "keygen"))["node"]
@@ -119,7 +120,7 @@ class Demo:
 
         heading(3, "alice registers at dc1, bob at dc2 (signed Node Transactions, confirmed on chain)")
         self.ntm("alice", "register", "--dc", dc1, expect=("status: confirmed",))
-        self.ntm("bob", "register", "--dc", dc2, expect=("status: confirmed",))
+        self.ntm("bob", "register", "--dc", dc2, "--dc-address", dc2_address, expect=("status: confirmed",))
 
         heading(4, "Both run the node daemon (`ntm up`; as root it also makes a TUN interface, here not)")
         self.daemons = {}

@@ -183,7 +183,7 @@ class Devnet:
         return self.chain_url or f"http://{self.host}:{self.ports.chain}"
 
     def dc_urls(self) -> list[str]:
-        return [f"http://{self.host}:{p}" for p in (self.ports.dc1, self.ports.dc2)]
+        return [f"https://{self.host}:{p}" for p in (self.ports.dc1, self.ports.dc2)]
 
     def children(self) -> dict[str, int]:
         pids = {}
@@ -263,7 +263,7 @@ class Devnet:
                              http_host=self.host, udp_host=self.host, die_with_parent=True)
             self.dcs.append(child)
             self._child_start(child, name)
-            cs = Child("cs", ["--dc", f"http://{self.host}:{http}", "--key-file", str(key_path),
+            cs = Child("cs", ["--dc", child.ready["http"], "--key-file", str(key_path),
                               "--data-dir", str(self.data_dir / f"{name}-cs"), "--http-host", self.host,
                               "--http-port", str(getattr(self.ports, f"{name}_cs"))],
                        self.data_dir / f"{name}-cs.log", prefix=_setsid(), die_with_parent=True)
@@ -281,6 +281,8 @@ class Devnet:
     def write_network(self) -> Path:
         path = self.home / state.NETWORK_FILE
         state.write_json(path, {"dcs": self.dc_urls(), "chain_id": self.deployment["chain_id"],
+                                # each DC's chain address: `ntm register` pins its TLS certificate to it (§5)
+                                "dc_addresses": {url: dc.ready["dc"] for url, dc in zip(self.dc_urls(), self.dcs)},
                                 "registry": self.deployment["registry"], "rpc_url": self.rpc_url,
                                 "relays": [self.rs.ready["http"]] if self.rs else [],
                                 "devnet": str(self.data_dir.resolve())})
@@ -358,7 +360,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="deployer keystore for --chain (passphrase from $NTM_KEY_PASSPHRASE; "
                    f"or a hex key in ${DEPLOYER_KEY_ENV})")
     p.add_argument("--dc-endpoint", action="append", metavar="URL", type=startup.http_url,
-                   help="endpoint to admit for dc1, dc2 on chain (repeat twice; default http://127.0.0.1:PORT)")
+                   help="endpoint to admit for dc1, dc2 on chain (repeat twice; default https://127.0.0.1:PORT)")
     p.add_argument("--deploy-only", action="store_true",
                    help="keys, funding and deployment file only, then exit (the docker-compose deploy job)")
 

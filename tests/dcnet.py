@@ -14,7 +14,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from daemon import keystore
+from daemon import keystore, tlspin
 from node.dc_client import DcClient
 from ntm import keys
 from ntm.registration import RegistrationRequest
@@ -39,9 +39,12 @@ class DcNet:
     cs_ports: list[int] = field(default_factory=list)  # each DC's Cache Server (with_cache_servers)
     css: list[Child | None] = field(default_factory=list)
 
+    tls: bool = True  # False: every DC with --insecure-plain-http (development mode)
+
     @property
     def urls(self) -> list[str]:
-        return [f"http://127.0.0.1:{p}" for p in self.ports]
+        scheme = "https" if self.tls else "http"
+        return [f"{scheme}://127.0.0.1:{p}" for p in self.ports]
 
     async def deploy(self, n_dcs: int) -> None:
         reg = await Registry.deploy(self.chain.url, DEV_KEYS[0])
@@ -51,18 +54,26 @@ class DcNet:
             self.dc_keys.append(key)
             keystore.save_keystore(key, self.workdir / f"dc{i + 1}.key.json")
             self.ports.append(free_port())
-            await reg.admit_dc(keys.node_id_of(key), f"dc{i + 1}", f"http://127.0.0.1:{self.ports[-1]}")
+            await reg.admit_dc(keys.node_id_of(key), f"dc{i + 1}", self.urls[-1])
+            tlspin.expect(self.urls[-1], keys.node_id_of(key))  # this process's clients pin it to its chain key
         self.deployment = self.workdir / "deployment.json"
         self.deployment.write_text(json.dumps({"chain_id": reg.chain_id, "registry": keys.checksum(reg.address),
                                                "block": 0}))
         await reg.close()
         self.dcs = [None] * n_dcs
 
+    def dc_args(self, i: int) -> list[str]:
+        """`ntm register`'s flags for DC i: its URL and the chain address its certificate is bound
+        to (or, in development mode, the flag that allows plain HTTP)."""
+        return ["--dc", self.urls[i], *(["--dc-address", keys.checksum(keys.node_id_of(self.dc_keys[i]))]
+                                        if self.tls else [tlspin.INSECURE_FLAG])]
+
     def start_dc(self, i: int, extra: tuple[str, ...] = (), timeout: float = READY_TIMEOUT_S) -> Child:
         """`timeout`: for its ready line (a DC is ready once it has read the whole registry)."""
         cs = ["--cs", self.cs_url(i)] if i < len(self.cs_ports) else []
+        plain = [] if self.tls else [tlspin.INSECURE_FLAG]
         child = dc_child(self.workdir, f"dc{i + 1}", self.workdir / f"dc{i + 1}.key.json", self.chain.url,
-                         self.deployment, self.ports[i], relays=self.relays, extra=[*cs, *extra]).start(timeout)
+                         self.deployment, self.ports[i], relays=self.relays, extra=[*cs, *plain, *extra]).start(timeout)
         self.dcs[i] = child
         return child
 
@@ -128,6 +139,12 @@ async def cs_federation(workdir: Path, cs_args: tuple[str, ...] = ()):
             yield net
         finally:
             net.stop()
+
+
+def raw_http() -> aiohttp.ClientSession:
+    """A client that checks no certificate: for tests that poke a DC's handlers with raw requests
+    (what its channel authenticates is tested in tests/test_dc_tls.py)."""
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=False))
 
 
 @contextlib.asynccontextmanager

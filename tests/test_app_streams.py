@@ -231,7 +231,7 @@ async def test_readme_example_runs_between_two_node_directories(net, tmp_path):
     for i in range(2):  # node directories as a user makes them
         home = tmp_path / f"home{i}"
         ids.append(ntm(home, "keygen")["node"])
-        ntm(home, "register", "--dc", net.urls[i])
+        ntm(home, "register", *net.dc_args(i))
         homes.append(home)
     ntm(homes[0], "allow", ids[1])
 

@@ -8,7 +8,6 @@ import asyncio
 import shutil
 import time
 
-import aiohttp
 
 from node.dc_client import DcClient, DcError
 from ntm import keys
@@ -16,7 +15,7 @@ from ntm.record import DC_ACCEPT_FUTURE_MS, MAX_FUTURE_MS
 from ntm.registration import RegistrationRequest
 from scripts.anvil import Anvil
 from scripts.procs import dc_child, free_port
-from tests.dcnet import DcNet, register, stateful_net, until
+from tests.dcnet import DcNet, raw_http, register, stateful_net, until
 from tests.test_dc_crash import all_on_chain, register_many
 
 IDLE_S = 1200  # the chain's latest block is this old: twice the contract's future window
@@ -34,13 +33,13 @@ async def register_at(url: str, timestamp_ms: int) -> tuple[bytes, str]:
 
 
 async def metric(url: str, name: str) -> float:
-    async with aiohttp.ClientSession() as http, http.get(url + "/metrics") as r:
+    async with raw_http() as http, http.get(url + "/metrics") as r:
         text = await r.text()
     return next(float(line.split()[1]) for line in text.splitlines() if line.split()[:1] == [name])
 
 
 async def health(url: str) -> tuple[int, dict]:
-    async with aiohttp.ClientSession() as http, http.get(url + "/healthz") as r:
+    async with raw_http() as http, http.get(url + "/healthz") as r:
         return r.status, await r.json()
 
 

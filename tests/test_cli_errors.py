@@ -29,11 +29,12 @@ BAD_CHECKSUM = "0x1A642f0E3c3aF545E7AcBD38b07251B3990914F1"  # one letter's case
 
 @pytest.fixture(scope="module")
 def silent_dc():
-    """Accepts TCP connections (the kernel's backlog) and never answers: a hung DC."""
+    """Accepts TCP connections (the kernel's backlog) and never answers, not even the TLS
+    handshake: a hung DC."""
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     s.listen(128)
-    yield f"http://127.0.0.1:{s.getsockname()[1]}"
+    yield f"https://127.0.0.1:{s.getsockname()[1]}"
     s.close()
 
 

@@ -58,7 +58,7 @@ def stop(proc: subprocess.Popen) -> str:
 def registered(tmp_path, net, name: str, dc: int) -> tuple:
     home = tmp_path / name
     nid = ntm(home, "keygen")["node"]
-    ntm(home, "register", "--dc", net.urls[dc])
+    ntm(home, "register", *net.dc_args(dc))
     return home, nid
 
 

@@ -192,7 +192,7 @@ def test_generated_genesis_matches_the_compose_file(network):
     funded = {a.lower() for a in genesis["alloc"]}
     for dc in net["dcs"]:
         assert dc["address"][2:].lower() in funded
-        assert dc["endpoint"] == f"http://{dc['name']}:8330" and dc["name"] in BESU_DCS
+        assert dc["endpoint"] == f"https://{dc['name']}:8330" and dc["name"] in BESU_DCS
     assert net["deployer"][2:].lower() in funded
     # nothing well known: no anvil dev key among the generated accounts
     from scripts.anvil import DEV_KEYS

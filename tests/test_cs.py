@@ -24,7 +24,7 @@ from node.agent import Node, NodeError
 from node.api import AppNode
 from node.cs_client import CsClient, CsClientError, bytes_chunks
 from ntm import envelope, keys, messages, seal
-from tests.dcnet import DcNet, cs_federation, register, revoke, until
+from tests.dcnet import DcNet, cs_federation, raw_http, register, revoke, until
 
 MARKER = b"PLAINTEXT-MARKER-7f3a9c"  # appears in every test's content: must never appear at a CS
 
@@ -339,7 +339,7 @@ async def test_the_cli_sends_offline_lists_and_fetches(fed, tmp_path):
     alice, bob = tmp_path / "alice", tmp_path / "bob"
     for home, i in ((alice, 0), (bob, 1)):
         assert ntm(home, "keygen").returncode == 0
-        reg = await asyncio.to_thread(ntm, home, "register", "--dc", fed.urls[i])
+        reg = await asyncio.to_thread(ntm, home, "register", *fed.dc_args(i))
         assert reg.returncode == 0, reg.stderr
     bob_id = json.loads(ntm(bob, "id").stdout)["node"]
     (tmp_path / "note.txt").write_bytes(MARKER + b" in a file")
@@ -382,7 +382,7 @@ async def test_a_strangers_invitation_and_items_wait_a_friends_land(fed, tmp_pat
     and bob can still fetch the stranger's items when he asks, printed with control characters escaped."""
     bob_home = tmp_path / "bob"
     assert ntm(bob_home, "keygen").returncode == 0
-    assert (await asyncio.to_thread(ntm, bob_home, "register", "--dc", fed.urls[1])).returncode == 0
+    assert (await asyncio.to_thread(ntm, bob_home, "register", *fed.dc_args(1))).returncode == 0
     bob_id = keys.parse_node_id(json.loads(ntm(bob_home, "id").stdout)["node"])
     mallory, friend = await registered(fed, 0), await registered(fed, 0)
     assert ntm(bob_home, "allow", keys.checksum(keys.node_id_of(friend))).returncode == 0
@@ -391,7 +391,7 @@ async def test_a_strangers_invitation_and_items_wait_a_friends_land(fed, tmp_pat
     try:
         line = await asyncio.wait_for(asyncio.to_thread(daemon.stdout.readline), 30)
         assert json.loads(line)["event"] == "up"
-        async with aiohttp.ClientSession() as http, http.get(f"{fed.urls[1]}/v1/nodes/{keys.checksum(bob_id)}") as r:
+        async with raw_http() as http, http.get(f"{fed.urls[1]}/v1/nodes/{keys.checksum(bob_id)}") as r:
             bob_pub = bytes.fromhex((await r.json())["pubkey"])
 
         async def put(sender, meta: seal.Meta, content: bytes) -> str:
@@ -455,7 +455,7 @@ async def test_a_notice_not_signed_by_an_active_dc_is_refused(fed):
             return next(float(ln.split()[1]) for ln in (await r.text()).splitlines()
                         if ln.startswith("ntm_dc_cs_notices_refused_total "))
 
-    async with aiohttp.ClientSession() as http:
+    async with raw_http() as http:
         before = await refused(http)
         forged = envelope.seal(keys.generate(), messages.CS_NOTICE, body, int(time.time() * 1000))
         async with http.post(fed.urls[1] + "/v1/federation/cs-notice", json=forged) as r:

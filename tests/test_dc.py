@@ -20,7 +20,7 @@ from ntm import envelope, keepalive, keys
 from ntm.record import Domain, NodeTransaction
 from ntm.registration import RegistrationRequest
 from scripts.anvil import Anvil
-from tests.dcnet import CountingRpc, DcNet, metric, until
+from tests.dcnet import CountingRpc, DcNet, metric, raw_http, until
 
 
 def ntm(home, *args, check=True):
@@ -42,8 +42,8 @@ def make_node(tmp_path, name):
 async def test_two_dcs_federation(net, tmp_path):
     a_home, a = make_node(tmp_path, "a")
     b_home, b = make_node(tmp_path, "b")
-    ra = ntm(a_home, "register", "--dc", net.urls[0], "--addr", "10.1.0.2:4330")
-    rb = ntm(b_home, "register", "--dc", net.urls[1], "--addr", "10.2.0.2:4330")
+    ra = ntm(a_home, "register", *net.dc_args(0), "--addr", "10.1.0.2:4330")
+    rb = ntm(b_home, "register", *net.dc_args(1), "--addr", "10.2.0.2:4330")
     assert ra["status"] == rb["status"] == "confirmed"
 
     async with DcClient(net.urls[0]) as dc1:
@@ -68,7 +68,7 @@ async def test_two_dcs_federation(net, tmp_path):
     good = envelope.seal(net.dc_keys[0], "ntm-info-request",
                         {"node": keys.checksum(b), "to": keys.checksum(keys.node_id_of(net.dc_keys[1]))},
                         int(time.time() * 1000))
-    async with aiohttp.ClientSession() as http:
+    async with raw_http() as http:
         first = await http.post(net.urls[1] + "/v1/federation/ntm-info", json=good)
         again = await http.post(net.urls[1] + "/v1/federation/ntm-info", json=good)
         assert first.status == 200 and again.status == 403
@@ -85,8 +85,8 @@ async def _whois_or_none(dc, node):
 
 async def test_node_moves_between_dcs_within_one_block(net, tmp_path):
     home, n = make_node(tmp_path, "m")
-    ntm(home, "register", "--dc", net.urls[0])
-    moved = ntm(home, "register", "--dc", net.urls[1])
+    ntm(home, "register", *net.dc_args(0))
+    moved = ntm(home, "register", *net.dc_args(1))
     assert moved["status"] == "confirmed"
     dc2 = keys.checksum(keys.node_id_of(net.dc_keys[1]))
     reg = await net.registry()
@@ -117,7 +117,7 @@ async def test_bad_input_is_refused_and_changes_nothing(net, tmp_path):
             sig = keys.sign_digest(signer, rec.digest(domain))
             return RegistrationRequest(rec, sig, keys.public_bytes(key), ())
 
-        async with aiohttp.ClientSession() as http:
+        async with raw_http() as http:
             async def post(body, raw=False):
                 data = body if raw else json.dumps(body)
                 async with http.post(url + "/v1/register", data=data) as r:
@@ -149,7 +149,7 @@ async def test_bad_input_is_refused_and_changes_nothing(net, tmp_path):
 
     # The CLI says so in words.
     home, _ = make_node(tmp_path, "r")
-    ntm(home, "register", "--dc", url)
+    ntm(home, "register", *net.dc_args(0))
     ntm(home, "revoke", "--dc", url, "--yes")
     proc = ntm(home, "register", "--dc", url, check=False)
     assert proc.returncode == 1 and "revoked" in proc.stderr
@@ -157,7 +157,7 @@ async def test_bad_input_is_refused_and_changes_nothing(net, tmp_path):
 
 async def test_session_and_keepalive_token(net, tmp_path):
     home, n = make_node(tmp_path, "k")
-    ntm(home, "register", "--dc", net.urls[0])
+    ntm(home, "register", *net.dc_args(0))
     key = keystore.load_keystore(home / "key.json")
     async with DcClient(net.urls[0]) as client:
         ws, welcome = await client.open_session(key)
@@ -196,7 +196,7 @@ async def test_a_silent_node_session_is_dropped_by_the_dc_heartbeat(net, tmp_pat
 
     (silent_home, silent), (live_home, live) = make_node(tmp_path, "hs"), make_node(tmp_path, "hl")
     for home in (silent_home, live_home):
-        ntm(home, "register", "--dc", net.urls[0])
+        ntm(home, "register", *net.dc_args(0))
     async with DcClient(net.urls[0]) as a, DcClient(net.urls[0]) as b:
         ws_silent, _ = await a.open_session(keystore.load_keystore(silent_home / "key.json"))
         ws_live, _ = await b.open_session(keystore.load_keystore(live_home / "key.json"))
@@ -223,7 +223,7 @@ async def test_one_live_session_per_node_and_revocation_ends_it(net, tmp_path):
     """A key thief's earlier session does not survive the owner reconnecting, and a revocation
     (durable at the DC, before the chain confirms) ends the live session at once."""
     home, n = make_node(tmp_path, "s")
-    ntm(home, "register", "--dc", net.urls[0])
+    ntm(home, "register", *net.dc_args(0))
     key = keystore.load_keystore(home / "key.json")
     async with DcClient(net.urls[0]) as thief, DcClient(net.urls[0]) as owner:
         ws_thief, _ = await thief.open_session(key)
@@ -264,7 +264,7 @@ async def test_stalled_http_connections_are_closed_and_sessions_stay(tmp_path):
         net.start_dc(0, extra=("--http-idle-timeout", "1"))
         try:
             home, _ = make_node(tmp_path, "w")
-            ntm(home, "register", "--dc", net.urls[0])
+            ntm(home, "register", *net.dc_args(0))
             port = int(net.urls[0].rsplit(":", 1)[1])
             socks = []
             for i in range(200):
@@ -316,7 +316,7 @@ async def test_register_exits_1_when_the_chain_refuses_the_record(tmp_path):
     async with local_app(app) as url:
         home = tmp_path / "n"
         ntm(home, "keygen")
-        proc = await asyncio.to_thread(ntm, home, "register", "--dc", url, check=False)
+        proc = await asyncio.to_thread(ntm, home, "register", "--dc", url, "--insecure-plain-http", check=False)
         assert proc.returncode == 1, proc
         assert "the chain refused the record" in proc.stderr and "stale timestamp" in proc.stderr
         assert "Traceback" not in proc.stderr and not (home / "state.json").exists()
@@ -331,7 +331,7 @@ async def test_route_offer_travels_in_node_info_and_a_forged_one_is_refused(net,
     from ntm.routes import parse_prefixes, sign_offer, verify_offer
 
     home, n = make_node(tmp_path, "router")
-    ntm(home, "register", "--dc", net.urls[1])
+    ntm(home, "register", *net.dc_args(1))
     key = keystore.load_keystore(home / "key.json")
     offer = sign_offer(key, parse_prefixes("10.77.0.0/24"), False, int(time.time() * 1000))
     async with DcClient(net.urls[1]) as dc2, DcClient(net.urls[0]) as dc1:

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import aiohttp
 
 from node.dc_client import DcClient
 from ntm import keys, messages
-from tests.dcnet import metric, register
+from tests.dcnet import metric, raw_http, register
 
 FLOOD = 2000
 #: What the DC may grow by while answering the flood (interpreter noise, caches warming).
@@ -52,7 +51,7 @@ async def test_a_direction_flood_is_answered_without_growing_the_dc(net):
     assert sum(codes.values()) == FLOOD and codes.get("rate_limited", 0) >= FLOOD - 100
     assert "served" not in codes  # the peer is offline: nothing proceeds, nothing is booked
     assert grown <= RSS_BOUND_MB
-    async with aiohttp.ClientSession() as http, http.get(net.urls[0] + "/metrics") as r:
+    async with raw_http() as http, http.get(net.urls[0] + "/metrics") as r:
         text = await r.text()
     assert metric(text, "ntm_dc_relay_bookings_total") == 0
     limited = metric(text, "ntm_dc_directions_rate_limited_total")

@@ -8,7 +8,6 @@ import socket
 import sqlite3
 import time
 
-import aiohttp
 import pytest
 
 from ntm import keys
@@ -16,12 +15,12 @@ from ntm.record import Domain, NodeTransaction
 from ntm.registration import RegistrationRequest
 from scripts.anvil import Anvil
 from scripts.procs import dc_child, free_port
-from tests.dcnet import DcNet, stateful_net, until
+from tests.dcnet import DcNet, raw_http, stateful_net, until
 
 
 async def register_many(url: str, n: int) -> list[bytes]:
     """n fresh nodes register concurrently, not waiting for the chain; all must be acknowledged."""
-    async with aiohttp.ClientSession() as http:
+    async with raw_http() as http:
         async with http.get(url + "/v1/info") as r:
             info = await r.json()
         domain = Domain(info["chain_id"], keys.parse_node_id(info["registry"]))

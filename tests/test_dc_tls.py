@@ -4,8 +4,13 @@ chain processes on loopback; the attacker is a TLS endpoint of its own on the pa
 
 from __future__ import annotations
 
+import asyncio
+import os
 import ssl
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -21,6 +26,12 @@ from tests.dcnet import DcNet
 from tests.test_rs_stream import self_signed
 
 
+async def cli(home: Path, *args: str) -> subprocess.CompletedProcess:
+    return await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "node.cli", "--home", str(home), "--json", *args],
+                                   capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+                                   env={**os.environ, "NTM_PASSPHRASE": "pw"})
+
+
 def test_binding_vector():
     """Test vector (docs/PROTOCOL.md §5): dev key 1 binding the DER bytes b"cert"."""
     key = keys.private_key(bytes.fromhex("59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d"))
@@ -29,6 +40,7 @@ def test_binding_vector():
         "cert_sha256": "06298432e8066b29e2223bcc23aa9504b56ae508fabf3435508869b9c3190e22",
         "sig": "4f818cb900dd5945e6bdd75c1379267023e3614fea9c835aeafee2b4f29c92b5"
                "6aa9e6a58eccb2a106f34e7ca3ef85ce641b06664d20a349247eb7cc5a2c55ed1c"}
+    assert keys.checksum(tls_binding.signer(b, b"cert")) == "0x70997970C51812dc3A010C7d01b50e0d17dc79C8"
     assert tls_binding.check(b, b"cert", keys.node_id_of(key)).hex() == b.cert_sha256
     with pytest.raises(SignatureError):
         tls_binding.check(b, b"other cert", keys.node_id_of(key))
@@ -66,6 +78,24 @@ async def test_a_pinned_client_reaches_its_dc_over_tls_and_refuses_an_impostor(t
                 with pytest.raises(DcError) as exc:
                     await dc.info()
                 assert exc.value.code == "dc_unauthenticated"
+            async with DcClient(url.replace("127.0.0.1", "localhost")) as dc:  # no address known to check it against
+                with pytest.raises(DcError) as exc:
+                    await dc.info()
+                assert exc.value.code == "dc_unauthenticated"
+
+            # The first registration from the CLI: no address known → refused, naming the one the DC
+            # claims; another DC's address → refused; the right one → registered and pinned.
+            home = tmp_path / "cli"
+            assert (await cli(home, "keygen")).returncode == 0
+            proc = await cli(home, "register", "--dc", url)
+            assert proc.returncode == 2 and keys.checksum(dc1) in proc.stderr and "--dc-address" in proc.stderr
+            proc = await cli(home, "register", "--dc", url, "--dc-address", keys.checksum(dc2))
+            assert proc.returncode != 0 and "dc_unauthenticated" in proc.stderr, proc.stderr
+            assert not (home / "state.json").exists()
+            assert (await cli(home, "register", "--dc", url, "--dc-address", keys.checksum(dc1))).returncode == 0
+            plain = "http" + url.removeprefix("https")
+            proc = await cli(home, "register", "--dc", plain)
+            assert proc.returncode == 2 and "--insecure-plain-http" in proc.stderr
 
             seen: list[str] = []
 

@@ -26,7 +26,7 @@ from node.peers import PeerBook
 from node.groups import CONTROL, GROUP_APP, MSG
 from ntm import envelope, group, keys, seal
 from ntm.group import GroupError, GroupMessage
-from tests.dcnet import DcNet, cs_federation, register, until
+from tests.dcnet import DcNet, cs_federation, raw_http, register, until
 from tests.test_cli_tunnel import read_json_line, stop
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -82,7 +82,7 @@ async def fed(tmp_path_factory):
         async def member(i: int, name: str) -> Member:
             home = workdir / name
             nid = json.loads((await asyncio.to_thread(run, home, "--json", "keygen")).stdout)["node"]
-            reg = await asyncio.to_thread(run, home, "register", "--dc", net.urls[i // 2])
+            reg = await asyncio.to_thread(run, home, "register", *net.dc_args(i // 2))
             assert reg.returncode == 0, reg.stderr
             return Member(name, home, nid)
 
@@ -292,8 +292,7 @@ async def test_impersonation_replay_and_non_members_are_refused(fed):
     assert texts.count("honest bob") == 1 and "carol says pay bob" not in texts and "let me in" not in texts
 
     # eve at the GMS: no acceptance without an invitation, no state, no invitations of her own
-    import aiohttp
-    async with aiohttp.ClientSession() as http:
+    async with raw_http() as http:
         for kind, body in (("group.accept", {"gid": gid}), ("group.state", {"gid": gid}),
                            ("group.invite", {"gid": gid, "node": keys.checksum(keys.node_id_of(eve))})):
             env = envelope.seal(eve, kind, body, int(time.time() * 1000))

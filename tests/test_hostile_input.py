@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import time
 
-import aiohttp
 
 from ntm import envelope, keys
-from tests.dcnet import cs_federation, register
+from tests.dcnet import cs_federation, raw_http, register
 
 DEEP = "[" * 5000 + "]" * 5000  # 10 kB, within the body caps; Python's parser gives up near 1,000 levels
 HUGE = 2**64  # one past uint64: the record timestamp that gave a 500
@@ -46,7 +45,7 @@ async def test_out_of_range_integers_and_deep_json_are_refused_with_400_and_no_t
             ("PUT", cs + "/v1/items", "x", {"X-NTM-Auth": "[" * 4000 + "]" * 4000}),
         ]
         got = []
-        async with aiohttp.ClientSession() as http:
+        async with raw_http() as http:
             for method, url, body, headers in cases:
                 async with http.request(method, url, data=body.encode(),
                                         headers={"Content-Type": "application/json", **headers}) as r:

@@ -16,12 +16,11 @@ import struct
 import time
 from pathlib import Path
 
-import aiohttp
 from aiohttp import web
 
 from node.agent import Node
 from ntm import envelope, keepalive, keys, messages
-from tests.dcnet import local_app, register, until
+from tests.dcnet import local_app, raw_http, register, until
 
 
 class OnPath:
@@ -36,7 +35,7 @@ class OnPath:
     async def http(self, request: web.Request) -> web.StreamResponse:
         if request.path == "/v1/session":
             return await self.session(request)
-        async with aiohttp.ClientSession() as http, http.request(
+        async with raw_http() as http, http.request(
                 request.method, self.upstream + request.path_qs, data=await request.read(),
                 headers={"Content-Type": request.content_type}) as r:
             return web.Response(status=r.status, body=await r.read(), content_type=r.content_type)
@@ -44,7 +43,7 @@ class OnPath:
     async def session(self, request: web.Request) -> web.WebSocketResponse:
         down = web.WebSocketResponse()
         await down.prepare(request)
-        async with aiohttp.ClientSession() as http, http.ws_connect(self.upstream + "/v1/session") as up:
+        async with raw_http() as http, http.ws_connect(self.upstream + "/v1/session") as up:
             self.to_node.append(down)
 
             async def dc_to_node() -> None:

@@ -10,14 +10,13 @@ import asyncio
 import json
 import time
 
-import aiohttp
 import pytest
 from aiohttp import web
 
 from node.agent import Node, NodeError
 from ntm.tunnel import TunnelError
 from ntm import envelope, keys
-from tests.dcnet import local_app, metric, register, until
+from tests.dcnet import local_app, metric, raw_http, register, until
 
 SECRET = b"attack at dawn: the plaintext the relay must never see"
 
@@ -42,7 +41,7 @@ async def test_direct_tunnel_across_two_dcs(pair):
 
 
 async def scrape(url: str) -> str:
-    async with aiohttp.ClientSession() as http, http.get(url + "/metrics") as r:
+    async with raw_http() as http, http.get(url + "/metrics") as r:
         assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain")
         return await r.text()
 
@@ -68,7 +67,7 @@ async def test_metrics_say_what_happened(pair, net):
     assert metric(dc1, "ntm_dc_sessions") >= 1 and metric(dc1, "ntm_dc_chain_ok") == 1
     assert metric(dc1, "ntm_dc_gas_balance_wei") > 0 and metric(dc1, "ntm_dc_outbox", state="pending") == 0
     assert metric(rs, "ntm_rs_directions_accepted_total") >= 1
-    async with aiohttp.ClientSession() as http:  # a refusal is counted by route and reason
+    async with raw_http() as http:  # a refusal is counted by route and reason
         async with http.post(net.urls[0] + "/v1/register", data=b"{not json") as r:
             assert r.status == 400
     assert metric(await scrape(net.urls[0]), "ntm_dc_refusals_total", what="/v1/register", reason="malformed") >= 1
@@ -105,7 +104,7 @@ async def test_roaming_needs_no_new_direction(pair, net):
 
 
 async def directions_served(dc_url: str) -> int:
-    async with aiohttp.ClientSession() as http, http.get(dc_url + "/metrics") as r:
+    async with raw_http() as http, http.get(dc_url + "/metrics") as r:
         text = await r.text()
     return int(metric(text, "ntm_dc_directions_served_total"))
 
@@ -133,12 +132,12 @@ async def test_unknown_revoked_offline_peers_fail_fast(pair, net, tmp_path):
 
 
 async def _known(net, key):
-    async with aiohttp.ClientSession() as http, http.get(f"{net.urls[0]}/v1/nodes/{keys.checksum(keys.node_id_of(key))}") as r:
+    async with raw_http() as http, http.get(f"{net.urls[0]}/v1/nodes/{keys.checksum(keys.node_id_of(key))}") as r:
         return r.status == 200
 
 
 async def _revoked_seen(net, key):
-    async with aiohttp.ClientSession() as http, http.get(f"{net.urls[0]}/v1/nodes/{keys.checksum(keys.node_id_of(key))}") as r:
+    async with raw_http() as http, http.get(f"{net.urls[0]}/v1/nodes/{keys.checksum(keys.node_id_of(key))}") as r:
         return r.status == 200 and (await r.json()).get("revoked")
 
 

@@ -29,7 +29,8 @@ import threading
 import time
 from pathlib import Path
 
-from scripts.anvil import anvil_binary
+from ntm import keys
+from scripts.anvil import DEV_KEYS, anvil_binary
 from scripts.procs import Child, dc_child
 
 from .topology import Host, Lab
@@ -109,15 +110,23 @@ def grid_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def url_of(ip: str, port: int) -> str:
-    return f"http://[{ip}]:{port}" if ":" in ip else f"http://{ip}:{port}"
+def url_of(ip: str, port: int, scheme: str = "https") -> str:
+    return f"{scheme}://[{ip}]:{port}" if ":" in ip else f"{scheme}://{ip}:{port}"
+
+
+def dc_address(i: int) -> str:
+    """DC i's chain address (fedsetup gives DC i dev key i + 1): what nodes pin its certificate to."""
+    return keys.checksum(keys.node_id_of(keys.private_key(DEV_KEYS[1 + i])))
 
 
 class Federation:
     """anvil + registry + DCs + RS inside ``lab.server``; `node()` starts a node driver."""
 
-    def __init__(self, lab: Lab, workdir: Path, n_dcs: int = 2, keepalive_s: float = 2.0) -> None:
-        self.lab, self.workdir, self.keepalive_s = lab, Path(workdir), keepalive_s
+    def __init__(self, lab: Lab, workdir: Path, n_dcs: int = 2, keepalive_s: float = 2.0,
+                 plain: tuple[int, ...] = ()) -> None:
+        """`plain`: DCs served over plain HTTP (--insecure-plain-http), the others over TLS bound
+        to their chain key (§5)."""
+        self.lab, self.workdir, self.keepalive_s, self.plain = lab, Path(workdir), keepalive_s, plain
         self.srv = lab.server
         self.prefix = ["ip", "netns", "exec", self.srv.ns]
         self.env = {"PYTHONPATH": str(ROOT)}
@@ -129,7 +138,8 @@ class Federation:
                              stdout=open(self.workdir / "anvil.log", "wb"), stderr=subprocess.STDOUT, text=False)
         r = lab.exec(self.srv, [sys.executable, "-m", "tests.lab.fedsetup", "--rpc", self.rpc, "--workdir",
                                 str(self.workdir), "--dcs", str(n_dcs), "--host", self.srv.addr4,
-                                "--base-port", str(DC_BASE_PORT)], cwd=str(ROOT), timeout=60,
+                                "--base-port", str(DC_BASE_PORT), *(f"--plain-dc={i}" for i in plain)],
+                     cwd=str(ROOT), timeout=60,
                      env={**os.environ, **self.env})
         if r.returncode != 0:
             raise RuntimeError(f"deploy in the lab failed:\n{r.stdout}\n{r.stderr}")
@@ -152,12 +162,19 @@ class Federation:
         return DC_BASE_PORT + i
 
     def dc_url(self, i: int, family: int = 4) -> str:
-        return url_of(self.srv.addr6 if family == 6 else self.srv.addr4, self.dc_port(i))
+        return url_of(self.srv.addr6 if family == 6 else self.srv.addr4, self.dc_port(i), self.scheme(i))
+
+    def scheme(self, i: int) -> str:
+        return "http" if i in self.plain else "https"
+
+    def dc_flags(self, i: int) -> list[str]:
+        """`ntm register`'s flags that authenticate DC i (or allow it plain)."""
+        return ["--insecure-plain-http"] if i in self.plain else ["--dc-address", dc_address(i)]
 
     def start_dc(self, i: int) -> Child:
         child = dc_child(self.workdir, f"dc{i + 1}", self.workdir / f"dc{i + 1}.key.json", self.rpc, self.deployment,
                          self.dc_port(i), relays=[f"http://127.0.0.1:{RS_HTTP_PORT}"], prefix=self.prefix,
-                         http_host="", udp_host="::")
+                         http_host="", udp_host="::", extra=["--insecure-plain-http"] if i in self.plain else [])
         child.env.update(self.env)
         self.dcs[i] = child.start()
         return child
@@ -170,7 +187,8 @@ class Federation:
         """A node driver in `host`'s namespace, registered at DC `dc` (over IPv6 if the host has
         no IPv4)."""
         family = 4 if host.addr4 else 6
-        argv = [str(NODECTL), "--dc", self.dc_url(dc, family), "--keepalive", str(keepalive_s or self.keepalive_s),
+        argv = [str(NODECTL), "--dc", self.dc_url(dc, family), *self.dc_flags(dc),
+                "--keepalive", str(keepalive_s or self.keepalive_s),
                 "--name", name or host.name]
         proc = self.lab.python(host, *argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                stderr=open(self.workdir / f"node-{name or host.name}.log", "ab"), cwd=str(ROOT),

@@ -3,7 +3,7 @@
     python -m tests.lab.fedsetup --rpc URL --workdir DIR --dcs N --host IP --base-port P
 
 Waits for anvil, deploys NodeRegistry, admits DC i (anvil dev key 1+i, keystore DIR/dc<i>.key.json)
-with endpoint http://IP:(P+i), writes DIR/deployment.json.
+with endpoint https://IP:(P+i) (http:// for a --plain-dc), writes DIR/deployment.json.
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ async def deploy(a) -> None:
     for i in range(a.dcs):
         key = keys.private_key(DEV_KEYS[1 + i])
         keystore.save_keystore(key, workdir / f"dc{i + 1}.key.json")
-        await reg.admit_dc(keys.node_id_of(key), f"dc{i + 1}", f"http://{a.host}:{a.base_port + i}")
+        scheme = "http" if i in a.plain_dc else "https"  # TLS bound to the DC's key unless in development mode
+        await reg.admit_dc(keys.node_id_of(key), f"dc{i + 1}", f"{scheme}://{a.host}:{a.base_port + i}")
     (workdir / "deployment.json").write_text(json.dumps({"chain_id": reg.chain_id, "registry": keys.checksum(reg.address),
                                                          "block": 0}))
     await reg.close()
@@ -52,6 +53,7 @@ def main() -> None:
     p.add_argument("--rpc", required=True)
     p.add_argument("--workdir", required=True)
     p.add_argument("--dcs", type=int, default=2)
+    p.add_argument("--plain-dc", type=int, action="append", default=[], help="DC index served over plain HTTP")
     p.add_argument("--host", required=True)
     p.add_argument("--base-port", type=int, required=True)
     a = p.parse_args()

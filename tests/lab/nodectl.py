@@ -224,6 +224,9 @@ class Driver:
             return {}
         if cmd == "status":
             return self.node.status()
+        if cmd == "secrets":  # what an on-path reader must never see (tests/lab/test_lab_onpath.py)
+            return {"token": self.node.session.token.hex(),
+                    "relay_keys": [s.relay.token.hex() for s in self.node.endpoint.sessions.values() if s.relay]}
         if cmd == "close":
             await app.t.channel.close()
             self.apps.pop(m["tunnel"], None)
@@ -238,8 +241,8 @@ class Driver:
             emit({"id": m.get("id"), "ok": False, "error": f"{type(exc).__name__}: {exc}"})
 
 
-async def register(key, dc_url: str) -> None:
-    async with DcClient(dc_url) as dc:
+async def register(key, dc_url: str, pin: bytes | None) -> None:
+    async with DcClient(dc_url, pin=pin) as dc:
         info = await dc.info()
         host = dc_url.split("//")[1].rsplit(":", 1)[0].strip("[]")
         await dc.register(RegistrationRequest.signed(key, info, int(time.time() * 1000),
@@ -249,12 +252,15 @@ async def register(key, dc_url: str) -> None:
 async def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--dc", required=True)
+    p.add_argument("--dc-address", help="the DC's chain address, its TLS certificate's pin (https://)")
+    p.add_argument("--insecure-plain-http", action="store_true", help="the DC is plain http:// (development)")
     p.add_argument("--keepalive", type=float, default=2.0)
     p.add_argument("--name", default="node")
     a = p.parse_args()
     key = keys.generate()
-    await register(key, a.dc)
-    node = await Node.start(key, a.dc, host=None, port=0, keepalive_interval=a.keepalive)
+    pin = keys.parse_node_id(a.dc_address) if a.dc_address else None
+    await register(key, a.dc, pin)
+    node = await Node.start(key, a.dc, host=None, port=0, keepalive_interval=a.keepalive, dc_pin=pin)
     driver = Driver(node)
     emit({"event": "ready", "node": keys.checksum(node.id), "observed": node.observed, "local": node.local_addrs()})
     acceptor = asyncio.create_task(driver.accept_loop())

@@ -31,7 +31,7 @@ def app_home(fed: Federation, host: Host, dc: int) -> tuple[Path, str]:
         return json.loads(r.stdout)
 
     node = cli("keygen")["node"]
-    cli("register", "--dc", f"http://{DC_NAME.format(dc + 1)}:{fed.dc_port(dc)}")
+    cli("register", "--dc", f"{fed.scheme(dc)}://{DC_NAME.format(dc + 1)}:{fed.dc_port(dc)}", *fed.dc_flags(dc))
     return home, node
 
 

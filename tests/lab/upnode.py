@@ -34,7 +34,8 @@ class UpNode:
                            nameserver="100.64.0.1")
         self.home = fed.workdir / f"home-{host.name}"
         self.id = self.cli("keygen")["node"]
-        self.cli("register", "--dc", f"http://{DC_NAME.format(dc + 1)}:{dc_port or fed.dc_port(dc)}")
+        self.cli("register", "--dc", f"{fed.scheme(dc)}://{DC_NAME.format(dc + 1)}:{dc_port or fed.dc_port(dc)}",
+                 *fed.dc_flags(dc))
         self.log = open(fed.workdir / f"up-{host.name}.log", "ab")
         self.up_args = up_args
         self.start()

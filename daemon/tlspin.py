@@ -1,0 +1,170 @@
+"""TLS bound to a chain key, the I/O half (the pure half is ntm/tls_binding.py; spec: docs/PROTOCOL.md
+§5 "Channel authenticated to the chain").
+
+Server side: `ensure_certificate` makes a DC's self-signed certificate once (no CA: the DC's
+chain key vouches for it in /v1/info), `server_context` loads it. Client side: `pin` learns,
+once per URL and expected chain address, the certificate a server presents, checks its binding,
+and hands back an aiohttp fingerprint that every later request and WebSocket must match.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import hashlib
+import logging
+import os
+import ssl
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import aiohttp
+from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from ntm import keys, messages, tls_binding
+from ntm.errors import CodedError, ParseError, SignatureError
+
+log = logging.getLogger("ntm.tls")
+
+# The certificate's own validity is not what makes it trusted (the binding is), so it is long:
+# rotating means deleting the files; clients re-check the binding when the pin fails.
+CERT_VALID_DAYS = 3650
+# Plain HTTP is for development only; every process that allows it says so with this flag.
+INSECURE_FLAG = "--insecure-plain-http"
+
+
+class ChannelError(CodedError):
+    """`unreachable`, or `dc_unauthenticated`: the server is not the chain key we expected."""
+
+
+def ensure_certificate(cert: Path, key_path: Path, name: str) -> tuple[Path, Path]:
+    """The certificate and key at these paths, made (P-256, self-signed, key file 0600) if absent."""
+    if cert.exists() and key_path.exists():
+        return cert, key_path
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    der = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+           .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+           .not_valid_after(now + datetime.timedelta(days=CERT_VALID_DAYS)).sign(key, hashes.SHA256()))
+    cert.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
+    cert.write_bytes(der.public_bytes(serialization.Encoding.PEM))
+    log.info("made a TLS certificate in %s (bound to the chain key in /v1/info)", cert)
+    return cert, key_path
+
+
+def server_context(cert: Path, key: Path) -> tuple[ssl.SSLContext, bytes]:
+    """The server TLS context and the DER of the leaf certificate it presents (what the binding signs)."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    pem = cert.read_text()
+    end = "-----END CERTIFICATE-----"
+    return ctx, ssl.PEM_cert_to_DER_cert(pem[:pem.index(end) + len(end)])  # the leaf: first of the chain
+
+
+class TcpSite(web.TCPSite):
+    """web.TCPSite whose TLS handshakes must finish within `handshake_timeout` (asyncio's default,
+    60 s, would hold a connection that never starts one past the server's idle timeout)."""
+
+    def __init__(self, *args, handshake_timeout: float, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._handshake_timeout = handshake_timeout
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)  # TCPSite.start without its create_server
+        self._server = await asyncio.get_running_loop().create_server(
+            self._runner.server, self._host, self._port, ssl=self._ssl_context,
+            ssl_handshake_timeout=self._handshake_timeout if self._ssl_context else None,
+            backlog=self._backlog, reuse_address=self._reuse_address, reuse_port=self._reuse_port)
+        self._bound_port = self._server.sockets[0].getsockname()[1]
+
+
+def _anyone() -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE  # checked by its binding instead
+    return ctx
+
+
+# base URL → (chain address, fingerprint): a certificate checked once is pinned for every client
+# of this process that expects the same key at that URL (the session's DcClient, the mailbox's).
+_PINNED: dict[str, tuple[bytes, aiohttp.Fingerprint]] = {}
+_EXPECTED: dict[str, bytes] = {}  # base URL → chain address, for clients that name none (expect())
+
+
+async def presented(http: aiohttp.ClientSession, base: str, timeout: float) -> tuple[bytes, messages.DcInfoReply]:
+    """The certificate `base` presents and the /v1/info it serves over a connection presenting that
+    same certificate (unchecked: the caller checks the binding)."""
+    parts = urlsplit(base)
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(parts.hostname, parts.port or 443, ssl=_anyone()),
+                                           timeout)
+        der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        writer.close()
+        seen = aiohttp.Fingerprint(hashlib.sha256(der).digest())
+        async with http.get(base + "/v1/info", ssl=seen, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+            text = await resp.text()
+    except aiohttp.ServerFingerprintMismatch:
+        raise ChannelError("dc_unauthenticated", f"{base} presented two certificates") from None
+    except TimeoutError:
+        raise ChannelError("unreachable", f"{base} did not answer within {timeout:g} s") from None
+    except (aiohttp.ClientError, OSError, ssl.SSLError) as exc:
+        raise ChannelError("unreachable", f"cannot reach {base}: {str(exc) or type(exc).__name__}") from None
+    try:
+        return der, messages.decode(messages.DcInfoReply, text)
+    except ParseError as exc:
+        raise ChannelError("dc_unauthenticated", f"{base} sent no DC info: {exc}") from None
+
+
+async def pin(http: aiohttp.ClientSession, base: str, address: bytes, timeout: float) -> aiohttp.Fingerprint:
+    """The fingerprint to require of `base` (an https:// URL), once its certificate is shown to be
+    bound to chain address `address`; ChannelError otherwise."""
+    known = _PINNED.get(base)
+    if known and known[0] == address:
+        return known[1]
+    der, info = await presented(http, base, timeout)
+    try:
+        h = tls_binding.check(info.tls, der, address)
+    except SignatureError as exc:
+        raise ChannelError("dc_unauthenticated", f"{base} is not DC {keys.checksum(address)}: {exc}") from None
+    _PINNED[base] = (address, aiohttp.Fingerprint(h))
+    return _PINNED[base][1]
+
+
+def expect(base: str, address: bytes) -> None:
+    """Known hosts: the DC at `base` is `address` for every client in this process that names no
+    address of its own (a program that starts its DCs, as `ntm devnet` and the tests do)."""
+    _EXPECTED[base.rstrip("/")] = address
+
+
+def forget(base: str) -> None:
+    """Drop a pin that failed (a rotated certificate): the next call checks the binding again."""
+    _PINNED.pop(base, None)
+
+
+async def ssl_for(http: aiohttp.ClientSession, base: str, address: bytes | None, timeout: float
+                  ) -> aiohttp.Fingerprint | bool:
+    """What aiohttp's `ssl=` must be for `base`: its pinned fingerprint (https://, `address`
+    known, or None and already pinned in this process), True for plain http:// (no TLS at all:
+    development only). An https:// URL with no address to check it against is refused: there is
+    no CA to fall back on."""
+    if not base.startswith("https://"):
+        return True
+    address = address or _EXPECTED.get(base)
+    if address is None and base in _PINNED:
+        return _PINNED[base][1]
+    if address is None:
+        raise ChannelError("dc_unauthenticated", f"no chain address to check {base}'s certificate against")
+    return await pin(http, base, address, timeout)
+
+
+def warn_plain(what: str) -> None:
+    log.warning("%s uses plain HTTP (%s): anyone on the path reads and rewrites it; development only",
+                what, INSECURE_FLAG)
