@@ -70,8 +70,8 @@ def server_context(cert: Path, key: Path) -> tuple[ssl.SSLContext, bytes]:
     return ctx, ssl.PEM_cert_to_DER_cert(pem[:pem.index(end) + len(end)])  # the leaf: first of the chain
 
 
-class TcpSite(web.TCPSite):
-    """web.TCPSite whose TLS handshakes must finish within `handshake_timeout` (asyncio's default,
+class TlsSockSite(web.SockSite):
+    """web.SockSite whose TLS handshakes must finish within `handshake_timeout` (asyncio's default,
     60 s, would hold a connection that never starts one past the server's idle timeout)."""
 
     def __init__(self, *args, handshake_timeout: float, **kwargs) -> None:
@@ -79,12 +79,10 @@ class TcpSite(web.TCPSite):
         self._handshake_timeout = handshake_timeout
 
     async def start(self) -> None:
-        await web.BaseSite.start(self)  # TCPSite.start without its create_server
+        await web.BaseSite.start(self)  # SockSite.start without its create_server
         self._server = await asyncio.get_running_loop().create_server(
-            self._runner.server, self._host, self._port, ssl=self._ssl_context,
-            ssl_handshake_timeout=self._handshake_timeout if self._ssl_context else None,
-            backlog=self._backlog, reuse_address=self._reuse_address, reuse_port=self._reuse_port)
-        self._bound_port = self._server.sockets[0].getsockname()[1]
+            self._runner.server, sock=self._sock, ssl=self._ssl_context,
+            ssl_handshake_timeout=self._handshake_timeout if self._ssl_context else None, backlog=self._backlog)
 
 
 def _anyone() -> ssl.SSLContext:

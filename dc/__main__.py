@@ -72,7 +72,8 @@ async def serve(cfg: dc_config.DcConfig, stop: asyncio.Event) -> None:
                            keepalive_timeout=cfg.http_idle_timeout)
     await runner.setup()
     tls = tls_context(cfg, key, coord)
-    site = tlspin.TcpSite(runner, cfg.http_host, cfg.http_port, ssl_context=tls, handshake_timeout=cfg.http_idle_timeout)
+    site = tlspin.TlsSockSite(runner, http_listener(cfg.http_host, cfg.http_port), ssl_context=tls,
+                              handshake_timeout=cfg.http_idle_timeout)
     await site.start()
     http_port = site._server.sockets[0].getsockname()[1]
     pending = store.count_outbox("pending")

@@ -48,7 +48,9 @@ def test_the_several_machines_guide_runs_verbatim(lab_env, lab, tmp_path):
         host, d = machines[name], dirs[name]
         if "$ALICE" in block or "$BOB" in block:  # the IDs the machines told each other (`ntm id`)
             for who in ("alice", "bob"):
-                ids.setdefault(who.upper(), node_id(lab, machines[who], dirs[who]))
+                ids.setdefault(who.upper(), node_id(lab, machines[who], dirs[who] / ".ntm"))
+        if "$DC1" in block and name != "server":  # the DC's chain address, told by the server's operator
+            ids.setdefault("DC1", node_id(lab, machines["server"], dirs["server"] / "fed" / "dc1-key"))
         env = {k: v for k, v in os.environ.items() if not k.startswith("NTM_")}
         env.update(HOME=str(d), PYTHONPATH=str(ROOT), **ids)
         script = d / "block.sh"
@@ -63,7 +65,7 @@ def test_the_several_machines_guide_runs_verbatim(lab_env, lab, tmp_path):
             print(f"\nalice → bob.ntm:\n{out}")
 
 
-def node_id(lab, host, d: Path) -> str:
-    r = lab.exec(host, [sys.executable, "-m", "node.cli", "--home", str(d / ".ntm"), "--json", "id"], cwd=str(ROOT))
+def node_id(lab, host, home: Path) -> str:
+    r = lab.exec(host, [sys.executable, "-m", "node.cli", "--home", str(home), "--json", "id"], cwd=str(ROOT))
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)["node"]
