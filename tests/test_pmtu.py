@@ -123,6 +123,9 @@ def test_the_kernels_mtu_is_used_from_the_first_packet():
         seen = path.run(pm, PROBE_ROUND_S * (MAX_PROBES + 1))
         assert pm.mtu == path_mtu and max(seen[:1]) == start and min(seen) == start, (start, path_mtu)
     assert PathMtu(0.0, start=1600).mtu == 1500 and PathMtu(0.0, start=576).mtu == BASE_MTU
+    pm = PathMtu(0.0)  # the kernel refused a send for size (EMSGSIZE) before the first round ended:
+    pm.hint(1400, 0.01)  # the next batches are built to fit what it accepts
+    assert pm.mtu == 1400 and pm.phase is Phase.SEARCH
 
 
 def test_probe_round_follows_the_paths_rtt():
