@@ -211,7 +211,8 @@ class PathMtu:
 
     def round_s(self) -> float:
         """How long a round waits for its answers: PROBE_ROUND_RTTS round trips of the path,
-        within [MIN_PROBE_ROUND_S, PROBE_ROUND_S]; PROBE_ROUND_S once an answer came late."""
+        within [MIN_PROBE_ROUND_S, PROBE_ROUND_S]; PROBE_ROUND_S once an answer came late or a
+        round went unanswered in this search."""
         if self.rtt is None or self._late:
             return PROBE_ROUND_S
         return min(max(PROBE_ROUND_RTTS * self.rtt, MIN_PROBE_ROUND_S), PROBE_ROUND_S)
@@ -219,6 +220,7 @@ class PathMtu:
     def _end_round(self, now: float) -> None:
         if not self._answered:  # nothing came back: a dead path or heavy loss, not a small one
             self._void += 1
+            self._late = True  # full rounds from now on: MAX_VOID_ROUNDS is a time, not a count of short rounds
             if self._void >= MAX_VOID_ROUNDS:
                 self._done(now)
             else:

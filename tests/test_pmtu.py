@@ -155,6 +155,21 @@ def test_answers_later_than_the_round_still_count():
     assert pm.mtu == 1400 and pm.phase is Phase.DONE
 
 
+def test_a_path_silent_for_a_moment_after_a_move_is_still_searched():
+    """Hostile condition: right after a move nothing gets through for half a second (a new NAT
+    mapping, a link coming up). Short RTT-based rounds must not use up the dead-path budget in
+    that time: unanswered rounds fall back to PROBE_ROUND_S, and the search finds the new MTU
+    when the path comes back, not only the next confirmation CONFIRM_S later."""
+    path = FakePath(1400)
+    pm = PathMtu(0.0)
+    pm.rtt = 0.001  # rounds of MIN_PROBE_ROUND_S
+    path.loss = 1.0
+    path.run(pm, 0.6)
+    path.loss = 0.0
+    path.run(pm, 1.2)
+    assert path.now < CONFIRM_S and pm.mtu == 1400
+
+
 def test_mtu_grows_back_after_a_move():
     """A move to a smaller network and back: each move restarts the search (the endpoint calls
     restart on a new address), and the MTU follows both ways."""
