@@ -115,8 +115,9 @@ class PathMtu:
 
     def hint(self, mtu: int | None, now: float) -> None:
         """The kernel's MTU towards the path (ICMP-learned, or the local route's). Below the MTU in
-        use and new, it starts a search with it as a candidate: an ICMP that lies costs one search,
-        never a smaller MTU than the probes confirm."""
+        use and new, it starts a search with it as a candidate, used until that search's first
+        round settles: an ICMP that lies costs one search and at most one round at its value, never
+        a smaller MTU once the probes have answered."""
         if mtu is None or mtu == self._hint:
             return
         self._hint = mtu
