@@ -46,32 +46,11 @@ def _peer_row(node: UpNode) -> dict:
 
 class MtuPair:
     """A behind an EIM NAT whose uplink has MTU `mtu` (its router's ICMP "fragmentation needed"
-    dropped unless `icmp`), B behind a normal EIM NAT, both running `ntm up`; B calls A "a".
-    With `warm`, B pings A first so the tunnel is up and its path MTU found before a transfer;
-    without, the first transfer's SYN opens the tunnel (its start includes the search)."""
+    dropped unless `icmp`), B behind a normal EIM NAT, both running `ntm up`; B calls A "a". No
+    tunnel until the first transfer, whose SYN opens it (its start includes the search)."""
 
-    def __init__(self, fed: Federation, tag: str, mtu: int, icmp: bool, warm: bool = True) -> None:
-        self._prepare(fed, tag, mtu, icmp)
-        self._start(warm)
-
-    @classmethod
-    def many(cls, fed: Federation, specs: list[tuple[str, int, bool]], workers: int = 4) -> list[MtuPair]:
-        """Pairs for `specs` (tag, mtu, icmp), not warm: their sites one by one (the lab is not
-        thread-safe), their nodes' registrations and daemons `workers` pairs at once (most of a
-        pair's setup is waiting for processes to start)."""
-        pairs = [cls.__new__(cls) for _ in specs]
-        for pair, (tag, mtu, icmp) in zip(pairs, specs):
-            pair._prepare(fed, tag, mtu, icmp)
-        with ThreadPoolExecutor(workers) as pool:
-            errors = [f.exception() for f in [pool.submit(pair._start, False) for pair in pairs]]
-        failed = next((e for e in errors if e is not None), None)
-        if failed is not None:
-            for pair in pairs:
-                pair.stop()
-            raise failed
-        return pairs
-
-    def _prepare(self, fed: Federation, tag: str, mtu: int, icmp: bool) -> None:
+    def __init__(self, fed: Federation, tag: str, mtu: int, icmp: bool) -> None:
+        """The sites only (the lab is not thread-safe); `start` brings up the nodes."""
         lab = fed.lab
         self.fed, self.mtu, self.icmp = fed, mtu, icmp
         self.a_host = lab.add_site(f"{tag}a", "eim").host
@@ -82,14 +61,26 @@ class MtuPair:
         self.a: UpNode | None = None
         self.b: UpNode | None = None
 
-    def _start(self, warm: bool) -> None:
+    @classmethod
+    def many(cls, fed: Federation, specs: list[tuple[str, int, bool]], workers: int = 4) -> list[MtuPair]:
+        """Pairs for `specs` (tag, mtu, icmp), started: their sites one by one, their nodes'
+        registrations and daemons `workers` pairs at once (most of a pair's setup is waiting for
+        processes to start)."""
+        pairs = [cls(fed, tag, mtu, icmp) for tag, mtu, icmp in specs]
+        with ThreadPoolExecutor(workers) as pool:
+            errors = [f.exception() for f in [pool.submit(pair.start) for pair in pairs]]
+        failed = next((e for e in errors if e is not None), None)
+        if failed is not None:
+            for pair in pairs:
+                pair.stop()
+            raise failed
+        return pairs
+
+    def start(self) -> None:
         try:
             a = self.a = UpNode(self.fed, self.a_host, 0, "--accept-any")
             b = self.b = UpNode(self.fed, self.b_host, 1, "--accept-any")
             b.cli("alias", "a", a.id)
-            if warm:
-                r = b.run("ping", "-6", "-c", "2", "-W", "5", "a.ntm")
-                assert r.returncode == 0, r.stdout + r.stderr
         except BaseException:
             self.stop()
             raise
