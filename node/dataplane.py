@@ -113,17 +113,22 @@ class DataPlane:
         t = self.by_peer.get(peer)
         if t is not None and not t.channel.closed:
             try:
-                if len(pkt) > t.channel.inner_mtu:
-                    self._too_big(peer, t, pkt)
-                else:
-                    t.channel.send_nowait(clamp_mss(pkt, t.channel.inner_mtu) if len(pkt) <= SYN_MAX_LEN else pkt)
+                self._to_tunnel(t, pkt)
                 return
             except NtmError:
                 pass  # keys exhausted or the tunnel just ended: queue and reopen
         self._queue(peer, pkt)
         self.ensure_open(peer)
 
-    def _too_big(self, peer: bytes, t: Tunnel, pkt: bytes) -> None:
+    def _to_tunnel(self, t: Tunnel, pkt: bytes) -> None:
+        """An IP packet from TUN into `t`: a TCP SYN announces segments that fit the peer's path,
+        a packet longer than the path carries is answered or split (§10.4)."""
+        if len(pkt) > t.channel.inner_mtu:
+            self._too_big(t, pkt)
+        else:
+            t.channel.send_nowait(clamp_mss(pkt, t.channel.inner_mtu) if len(pkt) <= SYN_MAX_LEN else pkt)
+
+    def _too_big(self, t: Tunnel, pkt: bytes) -> None:
         """An inner packet longer than the peer's path carries: answered as a router would (ICMP
         "too big" into TUN, so the sender's PMTUD follows this peer's path), or fragmented (§10.4)."""
         self.stats["too_big"] += 1
@@ -195,9 +200,9 @@ class DataPlane:
             return
         self.by_peer[peer] = t
         t.channel.set_receiver(lambda payload: self._from_tunnel(peer, t, payload))
-        for pkt in self.pending.pop(peer, ()):
+        for pkt in self.pending.pop(peer, ()):  # typically the SYN that opened the tunnel
             try:
-                t.channel.send_nowait(pkt)
+                self._to_tunnel(t, pkt)
             except NtmError:
                 break
 

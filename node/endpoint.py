@@ -33,7 +33,7 @@ from ntm.addr import Addr, for_socket
 from ntm.clock import SYSTEM, Clock
 from ntm.handshake import Rand
 from ntm.packet import KNOWN_TYPES, PREFIX_LEN
-from ntm.pmtu import CONTROL, MAX_MTU, PathMtu, Phase
+from ntm.pmtu import CONTROL, MAX_MTU, PathMtu
 from ntm.tunnel import (Data, EndpointChanged, HandshakeDone, PeerClosed, Pong, ProbeAck, RelayInfo, Session, Standby,
                         TunnelConfig, TunnelError)
 from ntm.vaddr import inner_mtu
@@ -584,7 +584,7 @@ class Endpoint:
             elif type(ev) is HandshakeDone:
                 ch.handshake_done(ev)
                 if not ev.rekey:
-                    self.pmtu[pid] = PathMtu(self.now())
+                    self.pmtu[pid] = PathMtu(self.now(), start=self._kernel_mtu(s))
                 self._kick()
             elif type(ev) is ProbeAck:
                 pm = self.pmtu.get(pid)
@@ -603,9 +603,11 @@ class Endpoint:
 
     # --- path MTU (§7 "Path MTU") ----------------------------------------------------------------
     def inner_mtu(self, s: Session) -> int:
-        """The largest inner packet that crosses this session's path in one datagram."""
+        """The largest inner packet that crosses this session's path in one datagram. On a relay
+        reached over a stream the path is the relay's UDP leg to the peer (the stream carries any
+        size): its probes cross it as over UDP, sized for the relay address's family (§8.4)."""
         pm = self.pmtu.get(s.path_id)
-        if pm is None or s.peer_addr is None or self.transport(s) == "tcp":
+        if pm is None or s.peer_addr is None:
             return inner_mtu(MAX_MTU, ipv6=True)
         return inner_mtu(pm.mtu, ipv6=_is_v6(s.peer_addr))
 
@@ -629,17 +631,26 @@ class Endpoint:
 
     def _path_changed(self, pid: bytes) -> None:
         pm = self.pmtu.get(pid)
-        if pm is not None:
-            pm.restart(self.now())
+        s = self.sessions.get(pid)
+        if pm is not None and s is not None:
+            pm.restart(self.now(), hint=self._kernel_mtu(s))
             self._kick()
 
-    def _refused_for_size(self, addr: Addr) -> None:
-        """The kernel refused a datagram to `addr` for size: the paths there have a smaller MTU."""
+    def _kernel_mtu(self, s: Session) -> int | None:
+        """The kernel's MTU towards the session's peer over UDP (the local route's, or what ICMP
+        taught it); None on a stream or a bind that cannot tell."""
         route_mtu = getattr(self.bind, "route_mtu", None)
+        if route_mtu is None or s.peer_addr is None or self.transport(s) != "udp":
+            return None
+        return route_mtu(s.peer_addr)
+
+    def _refused_for_size(self, addr: Addr) -> None:
+        """The kernel refused a datagram to `addr` for size: the paths there have a smaller MTU,
+        used at once (until the probes settle) so the next batches fit and go out whole again."""
         for pid, s in self.sessions.items():
             pm = self.pmtu.get(pid)
-            if pm is not None and pm.phase is not Phase.SEARCH and s.peer_addr == addr and route_mtu is not None:
-                pm.hint(route_mtu(addr), self.now())  # (a search under way reads it each round anyway)
+            if pm is not None and s.peer_addr == addr:
+                pm.hint(self._kernel_mtu(s), self.now())
         self._kick()
 
     def _poll_pmtu(self, pid: bytes, pm: PathMtu, now: float) -> float | None:
@@ -650,9 +661,8 @@ class Endpoint:
         if t is None or t > now or s is None or s.peer_addr is None or not s.established:
             return t
         addr = s.peer_addr
-        route_mtu = getattr(self.bind, "route_mtu", None)
-        if route_mtu is not None and self.transport(s) == "udp":
-            pm.hint(route_mtu(addr), now)
+        pm.rtt = s.rtt
+        pm.hint(self._kernel_mtu(s), now)
         send = getattr(self.bind, "send_probe", None) if self.transport(s) == "udp" else None
         header = (40 if _is_v6(addr) else 20) + 8  # outer IP + UDP
         for probe_id, size in pm.poll(now, s.tx_data):

@@ -67,8 +67,9 @@ METRICS: dict[str, tuple[str, ...]] = {
                              for m, unit in (("setup", "ms"), ("goodput", "mbps"))),
             "grid_pairs", "grid_pairs_ok", "handover_s", "handover_redirect_s", "subnet_route_tcp_mbps", "exit_tcp_mbps",
             "exit_handover_stall_s", "failover_s"),
-    "mtu": ("tcp_mbps_mtu1500", "tcp_mbps_mtu1400_icmp", "tcp_mbps_mtu1400_noicmp", "tcp_mbps_mtu1280",
-            "pmtu_discovery_s", "pmtu_move_stall_s"),
+    "mtu": (*(f"tcp_{first}{m}_mtu{case}" for first in ("", "first_") for m, cases in
+              (("mbps", ("1500", "1400_icmp", "1400_noicmp", "1280")), ("ratio", ("1400_icmp", "1400_noicmp", "1280")))
+              for case in cases), "pmtu_discovery_s", "pmtu_move_stall_s"),
     "roam": ("udp_blocked_setup_s", "tcp_transport_mbps", "udp_back_stall_s", "dc_link_loss_failover_s",
              "dc_link_loss_new_tunnel_s", "nat_rebind_unreachable_s", "make_before_break_lost_packets",
              "setup_direct_share_loss5", "setup_p90_s_loss20"),

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import random
 
-from ntm.pmtu import BASE_MTU, CONFIRM_S, CONTROL, MAX_PROBES, MAX_VOID_ROUNDS, PROBE_ROUND_S, PathMtu, Phase
+from ntm.pmtu import (BASE_MTU, CONFIRM_S, CONTROL, MAX_PROBES, MAX_VOID_ROUNDS, MIN_PROBE_ROUND_S, PROBE_ROUND_RTTS,
+                      PROBE_ROUND_S, PathMtu, Phase)
 
 STEP_S = 0.005
 RTT_S = 0.05
@@ -14,8 +15,9 @@ RTT_S = 0.05
 class FakePath:
     """A path of MTU `mtu` that loses probes with probability `loss` and carries data (tx grows)."""
 
-    def __init__(self, mtu: int, loss: float = 0.0, seed: int = 1) -> None:
+    def __init__(self, mtu: int, loss: float = 0.0, seed: int = 1, rtt: float = RTT_S) -> None:
         self.mtu = mtu
+        self.rtt = rtt
         self.loss = loss
         self.rng = random.Random(seed)
         self.now = 0.0
@@ -33,7 +35,7 @@ class FakePath:
             for pid, size in pm.poll(self.now, self.tx):
                 self.sent.append(size)
                 if (size == CONTROL or size <= self.mtu) and self.rng.random() >= self.loss:
-                    self.in_flight.append((self.now + RTT_S, pid))
+                    self.in_flight.append((self.now + self.rtt, pid))
             for due, pid in [f for f in self.in_flight if f[0] <= self.now]:
                 self.in_flight.remove((due, pid))
                 pm.ack(pid, self.now)
@@ -74,7 +76,9 @@ def test_probe_loss_never_ends_below_the_path_mtu():
 
 def test_lying_icmp_costs_one_search_not_a_smaller_mtu():
     """Hostile condition: an ICMP "fragmentation needed" (or a local route) claims 1300, even 600,
-    on a path that carries 1500: the probes decide."""
+    on a path that carries 1500: the probes decide. Until the search's first round answers, the
+    kernel's value is used (the kernel fragments our larger sends anyway), never below the base:
+    here one round trip, as the 1500 probe comes back."""
     path = FakePath(1500)
     pm = PathMtu(0.0)
     path.run(pm, 0.2)
@@ -82,7 +86,8 @@ def test_lying_icmp_costs_one_search_not_a_smaller_mtu():
         pm.hint(lie, path.now)
         assert pm.phase is Phase.SEARCH
         seen = path.run(pm, 1.0)
-        assert pm.mtu == 1500 and min(seen) == 1500
+        assert pm.mtu == 1500 and min(seen) == max(lie, BASE_MTU)
+        assert sum(m < 1500 for m in seen) * STEP_S <= RTT_S + 2 * STEP_S
     searches = pm.searches
     pm.hint(600, path.now)  # the kernel keeps saying it: nothing new, no new search
     assert pm.searches == searches
@@ -104,6 +109,65 @@ def test_a_hint_during_a_search_is_asked_in_its_next_round():
     pm.hint(1372, 0.0)  # before the first round went out: asked in it
     path.run(pm, PROBE_ROUND_S + 0.1)
     assert pm.mtu == 1372
+
+
+def test_the_kernels_mtu_is_used_from_the_first_packet():
+    """A node whose own uplink is small (PPPoE, a VPN) knows it before any probe: its kernel's MTU
+    towards the peer is the MTU in use from the handshake on, so a TCP SYN that opens the tunnel
+    is clamped to segments that fit (no "too big" round trip, no segments split below 1280).
+    Where the kernel's value is stale (a path that grew back), the first round raises it."""
+    for start, path_mtu in ((1400, 1400), (1280, 1280), (1400, 1500)):
+        path = FakePath(path_mtu)
+        pm = PathMtu(0.0, start=start)
+        assert pm.mtu == start
+        seen = path.run(pm, PROBE_ROUND_S * (MAX_PROBES + 1))
+        assert pm.mtu == path_mtu and max(seen[:1]) == start and min(seen) == start, (start, path_mtu)
+    assert PathMtu(0.0, start=1600).mtu == 1500 and PathMtu(0.0, start=576).mtu == BASE_MTU
+    pm = PathMtu(0.0)  # the kernel refused a send for size (EMSGSIZE) before the first round ended:
+    pm.hint(1400, 0.01)  # the next batches are built to fit what it accepts
+    assert pm.mtu == 1400 and pm.phase is Phase.SEARCH
+
+
+def test_probe_round_follows_the_paths_rtt():
+    """A shrunk path stalls its traffic for one round: the round is PROBE_ROUND_RTTS round trips
+    of the path, within [MIN_PROBE_ROUND_S, PROBE_ROUND_S], so a fast path is found sooner."""
+    pm = PathMtu(0.0)
+    assert pm.round_s() == PROBE_ROUND_S  # RTT not measured yet
+    for rtt, want in ((0.0005, MIN_PROBE_ROUND_S), (0.05, PROBE_ROUND_RTTS * 0.05), (1.0, PROBE_ROUND_S)):
+        pm.rtt = rtt
+        assert pm.round_s() == want
+    path = FakePath(1400)
+    pm = PathMtu(0.0)
+    pm.rtt = RTT_S
+    path.run(pm, 1.0)
+    assert pm.mtu == 1400 and pm.settled_s is not None
+    assert pm.settled_s <= PROBE_ROUND_RTTS * RTT_S + 2 * STEP_S < PROBE_ROUND_S
+
+
+def test_answers_later_than_the_round_still_count():
+    """Hostile condition: a loaded peer answers after the round ended (its RTT looked shorter than
+    it is now). The first round settles low, but the late answers and the retries find the MTU,
+    and late answers never count as misses."""
+    path = FakePath(1400, rtt=0.15)
+    pm = PathMtu(0.0)
+    pm.rtt = 0.001  # measured when idle: rounds of MIN_PROBE_ROUND_S
+    path.run(pm, 2.0)
+    assert pm.mtu == 1400 and pm.phase is Phase.DONE
+
+
+def test_a_path_silent_for_a_moment_after_a_move_is_still_searched():
+    """Hostile condition: right after a move nothing gets through for half a second (a new NAT
+    mapping, a link coming up). Short RTT-based rounds must not use up the dead-path budget in
+    that time: unanswered rounds fall back to PROBE_ROUND_S, and the search finds the new MTU
+    when the path comes back, not only the next confirmation CONFIRM_S later."""
+    path = FakePath(1400)
+    pm = PathMtu(0.0)
+    pm.rtt = 0.001  # rounds of MIN_PROBE_ROUND_S
+    path.loss = 1.0
+    path.run(pm, 0.6)
+    path.loss = 0.0
+    path.run(pm, 1.2)
+    assert path.now < CONFIRM_S and pm.mtu == 1400
 
 
 def test_mtu_grows_back_after_a_move():

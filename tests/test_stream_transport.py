@@ -112,3 +112,35 @@ async def test_no_udp_comes_up_relays_over_tcp_then_moves_to_udp(blocked_pair, n
     # The second tunnel too is on UDP now (relayed or direct, as the DCs decide).
     assert transport_of(a, ta2.id) == "udp"
     await roundtrip(tb2, ta2, b"over udp")
+
+
+async def test_stream_tunnel_fits_the_relays_leg_to_a_small_peer(net):
+    """Hostile condition: A's network lets no UDP out, and B's uplink carries no IP packet over
+    1400 bytes and says nothing (ICMP filtered). A's tunnel runs over the stream to the relay,
+    which carries any size, then over UDP to B: its path MTU is that leg's, found by the probes
+    crossing the relay, and A's inner MTU must follow it (the stream's own 1500-based 1419 would
+    be lost on B's uplink). A packet of the inner MTU crosses whole."""
+    from ntm.pmtu import MAX_PROBES, PROBE_ROUND_S
+
+    ka, kb = keys.generate(), keys.generate()
+    await register(net.urls[0], ka)
+    await register(net.urls[1], kb)
+    fw = Firewall()
+
+    async def small_uplink(host, port, receive, on_error):
+        return await UdpBind.open(host, port, lambda d, addr: len(d) + 28 <= 1400 and receive(d, addr), on_error)
+
+    a = await Node.start(ka, net.urls[0], host="127.0.0.1", port=0, binder=fw.binder, keepalive_interval=KEEPALIVE_S)
+    b = await Node.start(kb, net.urls[1], host="127.0.0.1", port=0, binder=small_uplink, keepalive_interval=KEEPALIVE_S)
+    try:
+        ta = await a.connect(b.id)
+        tb = await asyncio.wait_for(b.accept(), 5)
+        assert transport_of(a, ta.id) == "tcp"
+        await until(lambda: a.endpoint.mtu_status(ta.channel.current.session)["path_mtu"] == 1400,
+                    PROBE_ROUND_S * (MAX_PROBES + 2))
+        assert ta.channel.inner_mtu == 1400 - 28 - 33  # what `ntm status` shows: 1400/1339
+        await roundtrip(ta, tb, os.urandom(ta.channel.inner_mtu))
+        assert transport_of(a, ta.id) == "tcp"
+    finally:
+        await a.close()
+        await b.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import struct
+from collections import deque
 
 from ntm.overlay import ipv4_checksum
 from ntm.toobig import REASM_MAX, REASM_TIMEOUT_S, Reassembly, fragment_v4, icmp6_packet_too_big, split, too_big
@@ -157,3 +158,23 @@ def test_syn_mss_is_clamped_to_the_path_with_a_valid_checksum():
     broken = tcp("v6", 0x02, bytes([5, 0, 0, 0]) + MSS_1360)  # an option of length 0
     assert clamp_mss(broken, 1219) == broken
     assert clamp_mss(b"", 1219) == b"" and clamp_mss(v6(b"x"), 1219) == v6(b"x")
+
+
+async def test_packets_that_waited_for_the_tunnel_are_clamped_and_fitted():
+    """The SYN that opens a tunnel waits while it comes up; when it goes out it must announce an
+    MSS that fits the new tunnel's path (known at once where the node's own uplink is small), and
+    a waiting packet longer than the path carries is answered as from TUN, not sent to be lost."""
+    from types import SimpleNamespace
+
+    from node.dataplane import DataPlane
+
+    sent: list[bytes] = []
+    channel = SimpleNamespace(inner_mtu=1219, closed=False, send_nowait=sent.append, set_receiver=lambda f: None)
+    peer = bytes(20)
+    dp = DataPlane(node=None, overlay=SimpleNamespace(addresses=lambda p: None), tun=None)  # type: ignore[arg-type]
+    syn = tcp("v6", 0x02, MSS_1360 + OTHER_OPTS)
+    dp.pending[peer] = deque([syn, v6(b"x" * 1300)])
+    dp.attach(SimpleNamespace(peer=peer, channel=channel))  # type: ignore[arg-type]
+    assert len(sent) == 1 and tcp_ok(sent[0])
+    assert struct.unpack("!H", sent[0][60 + 2:60 + 4])[0] == 1219 - 60
+    assert dp.stats["too_big"] == 1

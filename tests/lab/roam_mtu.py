@@ -11,6 +11,7 @@ do). Node B is behind a normal EIM NAT. Both run `ntm up` with TUN; a TCP transf
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from .fed import Federation
 from .topology import Host, Lab
@@ -43,31 +44,74 @@ def _peer_row(node: UpNode) -> dict:
     return node.status()["peers"][0]
 
 
-def mtu_transfer(fed: Federation, tag: str, mtu: int, icmp: bool, nbytes: int) -> dict:
-    """A 20 MB-class TCP download B → A with A's uplink MTU `mtu`. Returns the throughput
-    (`mbps`), whether the bytes arrived intact, the longest stall, and each side's path MTU."""
-    lab = fed.lab
-    a_host = lab.add_site(f"{tag}a", "eim").host
-    b_host = lab.add_site(f"{tag}b", "eim").host
-    set_uplink_mtu(lab, a_host, mtu)
-    if not icmp:
-        drop_icmp_too_big(lab, a_host)
-    a = UpNode(fed, a_host, 0, "--accept-any")
-    b = UpNode(fed, b_host, 1, "--accept-any")
-    try:
-        b.cli("alias", "a", a.id)
-        r = b.run("ping", "-6", "-c", "2", "-W", "5", "a.ntm")
-        assert r.returncode == 0, r.stdout + r.stderr
+class MtuPair:
+    """A behind an EIM NAT whose uplink has MTU `mtu` (its router's ICMP "fragmentation needed"
+    dropped unless `icmp`), B behind a normal EIM NAT, both running `ntm up`; B calls A "a". No
+    tunnel until the first transfer, whose SYN opens it (its start includes the search)."""
+
+    def __init__(self, fed: Federation, tag: str, mtu: int, icmp: bool) -> None:
+        """The sites only (the lab is not thread-safe); `start` brings up the nodes."""
+        lab = fed.lab
+        self.fed, self.mtu, self.icmp = fed, mtu, icmp
+        self.a_host = lab.add_site(f"{tag}a", "eim").host
+        self.b_host = lab.add_site(f"{tag}b", "eim").host
+        set_uplink_mtu(lab, self.a_host, mtu)
+        if not icmp:
+            drop_icmp_too_big(lab, self.a_host)
+        self.a: UpNode | None = None
+        self.b: UpNode | None = None
+
+    @classmethod
+    def many(cls, fed: Federation, specs: list[tuple[str, int, bool]], workers: int = 4) -> list[MtuPair]:
+        """Pairs for `specs` (tag, mtu, icmp), started: their sites one by one, their nodes'
+        registrations and daemons `workers` pairs at once (most of a pair's setup is waiting for
+        processes to start)."""
+        pairs = [cls(fed, tag, mtu, icmp) for tag, mtu, icmp in specs]
+        with ThreadPoolExecutor(workers) as pool:
+            errors = [f.exception() for f in [pool.submit(pair.start) for pair in pairs]]
+        failed = next((e for e in errors if e is not None), None)
+        if failed is not None:
+            for pair in pairs:
+                pair.stop()
+            raise failed
+        return pairs
+
+    def start(self) -> None:
+        try:
+            a = self.a = UpNode(self.fed, self.a_host, 0, "--accept-any")
+            b = self.b = UpNode(self.fed, self.b_host, 1, "--accept-any")
+            b.cli("alias", "a", a.id)
+        except BaseException:
+            self.stop()
+            raise
+
+    def transfer(self, nbytes: int) -> dict:
+        """A TCP download of `nbytes` B → A: the throughput (`mbps`), whether the bytes arrived
+        intact, the longest stall, B's TCP retransmissions, B's inner packets answered "too big" or
+        split so far (`b_too_big`), and each side's path MTU."""
+        a, b = self.a, self.b
+        assert a is not None and b is not None, "stopped"
+        retrans0 = _tcp_retransmits(b)
         sent, got = transfer(b, a, a.v6, a.v6, nbytes)
-        b_row, a_row = _peer_row(b), _peer_row(a)
-        return {"mtu": mtu, "icmp": icmp, "bytes": got["bytes"], "intact": got["sha256"] == sent["sha256"]
-                and got["bytes"] == nbytes, "mbps": round(got["bytes"] / got["elapsed_s"] / MBIT, 1),
-                "max_stall_s": got["max_stall_s"], "elapsed_s": got["elapsed_s"],
-                "b_to_a_path_mtu": b_row["path_mtu"], "a_to_b_path_mtu": a_row["path_mtu"],
-                "route": b_row["route"]}
-    finally:
-        a.stop()
-        b.stop()
+        b_status = b.status()
+        b_row, a_row = b_status["peers"][0], _peer_row(a)
+        return {"mtu": self.mtu, "b_too_big": b_status["counters"]["too_big"], "icmp": self.icmp, "bytes": got["bytes"],
+                "intact": got["sha256"] == sent["sha256"] and got["bytes"] == nbytes,
+                "mbps": round(got["bytes"] / got["elapsed_s"] / MBIT, 1), "max_stall_s": got["max_stall_s"],
+                "elapsed_s": got["elapsed_s"], "retransmits": _tcp_retransmits(b) - retrans0,
+                "b_to_a_path_mtu": b_row["path_mtu"], "a_to_b_path_mtu": a_row["path_mtu"], "route": b_row["route"]}
+
+    def stop(self) -> None:
+        for node in (self.a, self.b):
+            if node is not None:
+                node.stop()
+        self.a = self.b = None
+
+
+def _tcp_retransmits(node: UpNode) -> int:
+    """TCP segments retransmitted so far in `node`'s namespace (/proc/net/snmp is per namespace)."""
+    rows = [line.split() for line in node.run("cat", "/proc/net/snmp").stdout.splitlines() if line.startswith("Tcp:")]
+    return int(dict(zip(rows[0][1:], rows[1][1:]))["RetransSegs"])
 
 
 def mtu_move(fed: Federation, tag: str, nbytes: int, rate: float, before_s: float = 2.0, inner: int = 6) -> dict:
