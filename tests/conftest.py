@@ -63,10 +63,10 @@ async def net(tmp_path):
     with Anvil() as chain:
         net = DcNet(tmp_path, chain)
         await net.deploy(2)
-        net.start_rs()
-        net.start_dc(0)
-        net.start_dc(1)
-        try:
+        try:  # a DC that fails to start must not leave the relay (or the other DC) running
+            net.start_rs()
+            net.start_dc(0)
+            net.start_dc(1)
             yield net
         finally:
             net.stop()
