@@ -42,12 +42,14 @@ apt:
 demo: setup
 	$(PY) -m scripts.demo
 
-# Two pytest-xdist workers (most tests wait on timers, chains and subprocesses, not on the CPU);
-# tests/conftest.py keeps each module on one worker. TEST_WORKERS=0 runs everything in one process.
+# Two pytest-xdist workers (most tests wait on timers, chains and subprocesses, not on the CPU),
+# each test module whole on one worker (--dist loadscope), so its module fixtures (a federation, a
+# lab) are built once; two workers never run more than two tests at once, which the lab's timing
+# bounds allow for. TEST_WORKERS=0 runs everything in one process.
 # pytest exit code 5 means "no tests collected": not a failure for CI.
 TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadgroup --durations=25; rc=$$?; \
+	$(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadscope --durations=25; rc=$$?; \
 	if [ $$rc -eq 5 ]; then exit 0; fi; exit $$rc
 
 # The linter alone (make test runs it too, as tests/test_lint.py).

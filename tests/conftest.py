@@ -3,25 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
 from chain.registry import Registry
 from ntm import keys
 from scripts.anvil import Anvil
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def pytest_collection_modifyitems(config, items):
-    """Group tests for pytest-xdist (`make test` runs two workers with `--dist loadgroup`): a module
-    runs whole on one worker, so its module-scoped fixtures (a federation, a lab) are built once;
-    each bench's quick mode is a group of its own, so the benches spread over both workers. Two
-    workers never run more than two tests at once, which the lab's timing bounds allow for."""
-    for item in items:
-        group = item.name if item.path.stem == "test_benches" else str(item.path.relative_to(ROOT))
-        item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session")
