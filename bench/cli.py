@@ -52,7 +52,7 @@ async def status_with_daemon(home: Path, rounds: int) -> float:
         net.start_dc(0)
         daemon = None
         try:
-            ntm(home, "register", "--dc", net.urls[0])
+            ntm(home, "register", *net.dc_args(0))
             daemon = subprocess.Popen([sys.executable, "-m", "node.cli", "--home", str(home), "up", "--no-tun",
                                        "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                       stdin=subprocess.DEVNULL, text=True)

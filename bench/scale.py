@@ -52,7 +52,7 @@ from ntm import keepalive, keys, messages  # noqa: E402
 from ntm.record import Domain, NodeTransaction  # noqa: E402
 from ntm.registration import RegistrationRequest  # noqa: E402
 from scripts.anvil import Anvil  # noqa: E402
-from tests.dcnet import DcNet  # noqa: E402
+from tests.dcnet import DcNet, raw_http  # noqa: E402
 from tests.seed import seed  # noqa: E402
 from tests.test_chain_robust import metric  # noqa: E402
 
@@ -220,7 +220,7 @@ async def run(tmp: Path, records: int, registrations: int, peers: int, duration:
             print(f"dc_rss_mb_100k: {rss_kb(net.dcs[0].pid) / 1024:.0f}")
             net.dcs[0].stop()  # clean: it writes its snapshot
             print(f"cold_start_s_100k_snapshot: {await timed(lambda: start(0)):.2f}")
-            async with aiohttp.ClientSession() as http:
+            async with raw_http() as http:
                 for path, name in (("/v1/dashboard", "dashboard_ms_100k"), ("/metrics", "metrics_ms_100k")):
                     ms = []
                     for _ in range(DASHBOARD_SAMPLES):

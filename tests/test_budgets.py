@@ -25,7 +25,7 @@ from node.dc_client import DcClient, DcError
 from ntm import keepalive, keys, messages
 from ntm.registration import RegistrationRequest
 from scripts.anvil import Anvil
-from tests.dcnet import DcNet, metric
+from tests.dcnet import DcNet, metric, raw_http
 
 ADMIN = "127.0.0.1"
 DC_ARGS = ("--admin-allow", f"{ADMIN}/32")
@@ -75,7 +75,7 @@ async def sybil_burst(url: str, sources: int = SYBIL_SOURCES, each: int = SYBIL_
 
 async def new_node_budget(url: str) -> float:
     """The DC's gas budget for new identities, as its operator reads it."""
-    async with aiohttp.ClientSession() as http, http.get(url + "/metrics") as r:
+    async with raw_http() as http, http.get(url + "/metrics") as r:
         value = metric(await r.text(), "ntm_dc_new_node_budget")
     assert value is not None
     return value
@@ -237,7 +237,7 @@ async def test_unauthenticated_websockets_are_capped_per_address(net):
     node = keys.generate()
     assert await register_from(net.urls[0], ADMIN, node) == "durable"
     ip = outsider(60)
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=(ip, 0))) as http:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=(ip, 0), ssl=False)) as http:
         async def hold():
             try:
                 ws = await http.ws_connect(net.urls[0] + "/v1/session")

@@ -108,7 +108,7 @@ BAD_INPUT = [  # (args, what the one line says)
     (("send", PEER, "hi", "--wait-reply", "-1"), "--wait-reply"),
     (("send", PEER), "nothing to send"),
     (("send", PEER, "--offline", "--file", "/nonexistent"), "not a readable file"),
-    (("inbox", "x"), "unrecognized"),
+    (("inbox", "x"), "invalid choice"),
     (("fetch", "--out"), "expected one argument"),
     (("recv", "--wait", "-1"), "--wait"),
     (("alias", "bob", "0xnothex"), "not hex"),

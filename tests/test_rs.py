@@ -251,7 +251,7 @@ async def test_bad_arguments_exit_nonzero(tmp_path):
                  tmp_path / "bad.log")
     with pytest.raises(RuntimeError, match="did not start"):
         proc.start(timeout=10)
-    assert proc.proc.returncode == 1
+    assert proc.proc.returncode == 2  # a missing file is a usage error, refused before any work
     assert "deployment file" in proc.log_tail()
 
 

@@ -17,7 +17,7 @@ from aiohttp import web
 from ntm import keys
 from scripts.anvil import Anvil
 from scripts.procs import Child, dc_child, free_port
-from tests.dcnet import DcNet
+from tests.dcnet import DcNet, raw_http
 from tests.seed import seed
 from tests.test_chain_robust import metric, register_at
 
@@ -92,7 +92,7 @@ async def test_a_dc_is_unhealthy_and_says_catching_up_until_it_has_read_the_whol
             node, status = await register_at(net.urls[1], int(time.time() * 1000))
             assert status == "confirmed"
             healths, lookups = [], []
-            async with LogsProxy(chain.url, SLOW_LOGS_S).running() as proxy, aiohttp.ClientSession() as http:
+            async with LogsProxy(chain.url, SLOW_LOGS_S).running() as proxy, raw_http() as http:
                 starting = asyncio.create_task(asyncio.to_thread(dc1_via(net, proxy.url).start, START_TIMEOUT_S))
                 while not starting.done():
                     try:

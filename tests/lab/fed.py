@@ -119,6 +119,12 @@ def dc_address(i: int) -> str:
     return keys.checksum(keys.node_id_of(keys.private_key(DEV_KEYS[1 + i])))
 
 
+# Every lab NAT's public address is in one /24 (and one /56), which a DC charges as one source
+# network for new identities (§5: a rising cost, ~4 at once); a lab module registers dozens of
+# nodes, so the lab's networks are the DCs' operator networks, exempt as an operator's are.
+LAB_OPERATOR = ("--admin-allow", "198.18.0.0/15", "--admin-allow", "2001:db8::/32")
+
+
 class Federation:
     """anvil + registry + DCs + RS inside ``lab.server``; `node()` starts a node driver."""
 
@@ -174,7 +180,7 @@ class Federation:
     def start_dc(self, i: int) -> Child:
         child = dc_child(self.workdir, f"dc{i + 1}", self.workdir / f"dc{i + 1}.key.json", self.rpc, self.deployment,
                          self.dc_port(i), relays=[f"http://127.0.0.1:{RS_HTTP_PORT}"], prefix=self.prefix,
-                         http_host="", udp_host="::", extra=["--insecure-plain-http"] if i in self.plain else [])
+                         http_host="", udp_host="::", extra=[*LAB_OPERATOR, *(["--insecure-plain-http"] if i in self.plain else [])])
         child.env.update(self.env)
         self.dcs[i] = child.start()
         return child

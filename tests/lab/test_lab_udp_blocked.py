@@ -45,7 +45,7 @@ def check_netcheck(r: dict, fed) -> None:
     assert blocked["udp"] is False and blocked["nat"] == "unknown" and blocked["ipv4"] is True
     assert blocked["tcp_relay_ok"] and blocked["relay_tcp"][0]["target"].endswith(":443/v1/stream")
     by_url = {p["target"]: p for p in blocked["dcs"]}
-    assert by_url["http://dc1.lab:80"]["ok"]  # the DC on the web port answers
+    assert by_url[f"{fed.scheme(0)}://dc1.lab:80"]["ok"]  # the DC on the web port answers
     assert not by_url[fed.dc_url(1)]["ok"]  # DC2 on its own port: the firewall drops it
     assert [p["transport"] for p in blocked["peers"]] == ["tcp"] and "no UDP" in blocked["peers"][0]["reason"]
     assert free["udp"] is True and free["nat"] == "eim" and free["observed"]
