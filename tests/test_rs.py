@@ -252,7 +252,7 @@ async def test_bad_arguments_exit_nonzero(tmp_path):
     with pytest.raises(RuntimeError, match="did not start"):
         proc.start(timeout=10)
     assert proc.proc.returncode == 2  # a missing file is a usage error, refused before any work
-    assert "deployment file" in proc.log_tail()
+    assert "--deployment: expected a readable file" in proc.log_tail()
 
 
 async def test_ipv4_only_socket_and_default_advertise(tmp_path):
