@@ -16,6 +16,7 @@ only if the daemon admits them (its allow list, §10.6).
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import ipaddress
 import logging
@@ -23,6 +24,7 @@ from typing import Callable
 
 from aiohttp import WSMsgType, web
 
+from daemon import startup
 from node.control import MAX_SOCKET_MESSAGE, ControlError
 from node.dataplane import DataPlane
 from node.streams import NO_SERVICE, NOT_ALLOWED, Handler, PeerGone, StreamHub, StreamRefused
@@ -40,13 +42,11 @@ LOCAL_CONNECT_TIMEOUT_S = 5.0
 
 
 def parse_port(text: str | None) -> int:
+    """A port in a request (the servers' flag check, daemon/startup.py), or ControlError."""
     try:
-        port = int(text or "")
-    except ValueError:
-        raise ControlError("bad_request", f"port {text!r} is not a number") from None
-    if not 0 <= port <= 0xFFFF:
-        raise ControlError("bad_request", f"port {port} is not 0..65535")
-    return port
+        return startup.port(text or "")
+    except argparse.ArgumentTypeError as exc:
+        raise ControlError("bad_request", str(exc)) from None
 
 
 def parse_local_target(text: str | None) -> tuple[str, int]:
