@@ -344,6 +344,113 @@ class RegisterResult(Message):
     reason: str | None = None
 
 
+# --- groups (§13): GMS requests and answers, control notes between members --------------------
+GROUP_MAX_MEMBERS = 1000  # members per group (§13.3): the GMS refuses more, so no answer lists more
+GROUP_MAX_INVITES = 1000  # open invitations per group (§13.3)
+GROUP_EPOCHS_PER_ANSWER = 16  # a GMS answer carries at most this many (newest) epochs
+Hex81 = Annotated[str, Meta(pattern=r"^[0-9a-fA-F]{162}$")]  # an RN2 wrapped to one member (§13.1)
+GroupName = Annotated[str, Meta(max_length=64)]  # checked further by ntm.group.check_name
+Epoch32 = Annotated[int, Meta(ge=0, le=2**32 - 1)]  # epochs and RN1 generations: u32 on the wire (§13.2)
+GmsUrl = Annotated[str, Meta(max_length=200)]  # checked further by ntm.groupstate.check_gms_url
+GroupMembers = Annotated[list[NodeId], Meta(max_length=GROUP_MAX_MEMBERS)]
+
+
+class GroupCreate(Message):
+    """Body of `group.create`."""
+
+    gid: Hex16
+    name: GroupName
+
+
+class GroupRef(Message):
+    """Body of `group.accept` and `group.leave`."""
+
+    gid: Hex16
+
+
+class GroupInvite(Message):
+    """Body of `group.invite`."""
+
+    gid: Hex16
+    node: NodeId
+
+
+class GroupRemove(Message):
+    """Body of `group.remove`: `rn1_gen` is the generation the admin hands the others."""
+
+    gid: Hex16
+    node: NodeId
+    rn1_gen: Epoch32
+
+
+class GroupStateQuery(Message):
+    """Body of `group.state`: epochs from `since` on."""
+
+    gid: Hex16
+    since: Epoch32 = 0
+
+
+class GmsEpoch(Message):
+    """One epoch in a GMS answer, its RN2 wrapped to the member asking."""
+
+    epoch: Epoch32
+    rn1_gen: Epoch32
+    members: GroupMembers
+    rn2: Hex81
+
+
+class GmsView(Message):
+    """A GMS answer: the group as the signer may see it."""
+
+    gid: Hex16
+    name: GroupName
+    admin: NodeId
+    epoch: Epoch32
+    rn1_gen: Epoch32
+    members: GroupMembers
+    invited: Annotated[list[NodeId], Meta(max_length=GROUP_MAX_INVITES)]
+    epochs: Annotated[list[GmsEpoch], Meta(max_length=GROUP_EPOCHS_PER_ANSWER)]
+
+
+class GmsLeft(Message):
+    """The GMS's answer to `group.leave`."""
+
+    gid: Hex16
+    left: bool
+
+
+class InviteNote(Message, tag="invite", tag_field="t"):
+    """Admin → invitee: a request the user answers; admits nobody (§12.1)."""
+
+    gid: Hex16
+    name: GroupName
+    admin: NodeId
+    gms: GmsUrl
+
+
+class Rn1Note(Message, tag="rn1", tag_field="t"):
+    """Admin → member: RN1 generation `gen`."""
+
+    gid: Hex16
+    gen: Epoch32
+    rn1: Hex32
+
+
+class JoinedNote(Message, tag="joined", tag_field="t"):
+    """Member → admin: look at the GMS now."""
+
+    gid: Hex16
+
+
+class LeftNote(Message, tag="left", tag_field="t"):
+    """Member → admin: look at the GMS now."""
+
+    gid: Hex16
+
+
+ControlNote = Union[InviteNote, Rn1Note, JoinedNote, LeftNote]
+
+
 # --- one parser, one encoder ------------------------------------------------------------------
 T = TypeVar("T")
 
