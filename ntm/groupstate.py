@@ -264,7 +264,7 @@ class GroupBook:
         return self._forget(g)
 
     def _forget(self, g: GroupState) -> list[Action]:
-        self.groups.pop(g.gid, None)
+        del self.groups[g.gid]
         return [Forget(g)]
 
     # --- catching up with the GMS ---------------------------------------------------------------
@@ -394,7 +394,7 @@ class GroupBook:
                 if g.status == "invited"]
         verdict = consent.invitation_verdict(held, admin, self.admits(admin))
         if not verdict.keep:
-            raise GroupError(verdict.refusal or "refused", f"invitation to {name} from {keys.checksum(admin)} not kept")
+            raise GroupError(str(verdict.refusal), f"invitation to {name} from {keys.checksum(admin)} not kept")
         out = self._forget(self.groups[verdict.evict]) if verdict.evict is not None else []
         g = GroupState(gid, name, admin, gms, "invited")
         self.groups[gid] = g
