@@ -37,7 +37,7 @@ from ntm.groupstate import (CONTROL, MSG, Action, CatchUp, Deliver, Forget, Grou
 log = logging.getLogger("ntm.node.groups")
 
 GROUP_APP = "ntm-group"  # the app_id of Cache Server items that carry group traffic
-__all__ = ["CONTROL", "GROUP_APP", "MSG", "Groups", "Transport"]
+__all__ = ["CONTROL", "GROUP_APP", "MSG", "Groups", "Transport"]  # CONTROL, MSG: from the core, for callers
 # A member that has not acknowledged a message over its tunnel by then gets it from a Cache
 # Server (tunnel set-up included: a direct path opens in well under a second).
 FANOUT_ACK_S = 3.0
