@@ -202,9 +202,9 @@ def test_gms_membership_epochs_and_wraps(gms):
     v = gms.ask(admin, "group.create", gid=gid, name="team")
     assert (v["epoch"], v["rn1_gen"], v["members"]) == (1, 1, ["0x" + nid(admin).hex()])
     rn2_1 = group.unwrap_secret(admin, bytes.fromhex(v["epochs"][0]["rn2"]), gid, 1)
-    gms.ask(admin, "group.invite", gid=gid, node=nid(bob))
+    assert gms.ask(admin, "group.invite", gid=gid, node=nid(bob))["invited"] == ["0x" + nid(bob).hex()]
     v = gms.ask(bob, "group.accept", gid=gid)
-    assert v["epoch"] == 2 and [e["epoch"] for e in v["epochs"]] == [2]  # nothing from before it joined
+    assert v["epoch"] == 2 and v["invited"] == [] and [e["epoch"] for e in v["epochs"]] == [2]  # nothing from before it joined
     rn2_2 = group.unwrap_secret(bob, bytes.fromhex(v["epochs"][0]["rn2"]), gid, 2)
     assert rn2_2 != rn2_1
     assert gms.ask(bob, "group.accept", gid=gid)["epoch"] == 2  # again (answer lost): same epoch
