@@ -131,8 +131,9 @@ class GroupService:
         return self.view(admin, self._group(gid))
 
     def invite(self, admin: bytes, g: core.GmsGroup, node: bytes) -> dict:
+        change = core.gms_invite(g, admin, node)  # the admin's alone, before anything is looked up
         self._registered(node)
-        self._commit(g, core.gms_invite(g, admin, node))
+        self._commit(g, change)
         return self.view(admin, self._group(g.gid))
 
     def accept(self, node: bytes, pubkey: bytes, g: core.GmsGroup) -> dict:

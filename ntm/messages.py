@@ -345,7 +345,9 @@ class RegisterResult(Message):
 
 
 # --- groups (§13): GMS requests and answers, control notes between members --------------------
-GROUP_MAX_MEMBERS = 1000  # members per group (§13.3): the GMS refuses more, so no answer lists more
+# Members per group (§13.3): every change is O(members) for the admin (a new RN1 to each) and the
+# answer lists them; beyond a thousand a tree scheme (MLS) is the better tool.
+GROUP_MAX_MEMBERS = 1000
 GROUP_MAX_INVITES = 1000  # open invitations per group (§13.3)
 GROUP_EPOCHS_PER_ANSWER = 16  # a GMS answer carries at most this many (newest) epochs
 Hex81 = Annotated[str, Meta(pattern=r"^[0-9a-fA-F]{162}$")]  # an RN2 wrapped to one member (§13.1)
