@@ -21,7 +21,7 @@ from aiohttp import web
 from cs.dclink import DcLink
 from cs.server import CacheServer, Limits, make_app
 from cs.store import Store
-from daemon import keystore, service, startup
+from daemon import httpapp, keystore, service, startup
 from ntm import keys
 
 DEFAULT_HTTP_PORT = 8350  # next to the DC's 8330 and the relay's 8340
@@ -63,8 +63,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
     port = sock.getsockname()[1]
     url = args.public_url or f"http://{args.http_host}:{port}"
     cs = CacheServer(store, link, url, limits, args.http_idle_timeout or service.HTTP_IDLE_TIMEOUT_S)
-    runner = web.AppRunner(make_app(cs, tuple(args.admin_allow or ())), access_log=None,
-                           keepalive_timeout=cs.idle_timeout_s)  # slowloris headers: as the DC and RS
+    runner = httpapp.runner(make_app(cs, tuple(args.admin_allow or ())), cs.idle_timeout_s)
     try:
         await runner.setup()
         await web.SockSite(runner, sock).start()

@@ -19,7 +19,8 @@ from tenacity import AsyncRetrying, stop_after_attempt, wait_exponential
 
 from daemon import tlspin
 from ntm import envelope, keys, messages
-from ntm.errors import CodedError, NtmError
+from cs.errors import CsError
+from ntm.errors import NtmError
 
 log = logging.getLogger("ntm.cs.dc")
 
@@ -33,10 +34,6 @@ DC_LIST_TTL_S = 60.0
 NOTIFY_ATTEMPTS = 5
 NOTIFY_RETRY_S = 0.5
 HTTP_TIMEOUT_S = 10.0
-
-
-class CsError(CodedError):
-    """A refusal by the Cache Server; `code` maps to an HTTP status in cs/server.py."""
 
 
 class DcLink:

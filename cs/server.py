@@ -16,13 +16,14 @@ from dataclasses import dataclass
 
 from aiohttp import StreamReader, web
 
-from cs.dclink import CsError, DcLink
+from cs.dclink import DcLink
+from cs.errors import CsError
 from cs.quota import Caps, Ledger, Stored
 from cs.store import Store
-from daemon import service
+from daemon import httpapp, service
 from daemon.metrics import CONTENT_TYPE, Metrics
 from ntm import envelope, keys, messages, seal
-from ntm.errors import NtmError, ParseError, SignatureError
+from ntm.errors import ParseError
 from ntm.ratelimit import source_prefix
 
 log = logging.getLogger("ntm.cs")
@@ -50,10 +51,6 @@ class Limits:
     def caps(self) -> Caps:
         return Caps(self.sender_items, self.sender_bytes, self.recipient_bytes, self.total_bytes)
 
-
-STATUS = {"unregistered": 403, "revoked": 403, "not_sender": 403, "too_large": 413, "over_quota": 429,
-          "exists": 409, "incomplete": 400, "not_found": 404, "bad_recipient": 400, "dc_unreachable": 503,
-          "busy": 409, "cs_full": 507, "stalled": 408}
 
 CS = web.AppKey("cs", object)
 METRICS = web.AppKey("metrics", Metrics)
@@ -107,28 +104,9 @@ def _item_id(text: str) -> bytes:
     return item
 
 
-def _refusal(exc: Exception) -> tuple[int, str]:
-    if isinstance(exc, CsError):
-        return STATUS.get(exc.code, 400), exc.code
-    if isinstance(exc, seal.SealError):
-        return 400, "bad_item"
-    if isinstance(exc, ParseError):
-        return 400, "malformed"
-    if isinstance(exc, SignatureError):
-        return 403, "forbidden"  # forged, stale or replayed
-    return 400, "refused"
-
-
-@web.middleware
-async def errors_middleware(request: web.Request, handler):
-    """The project's exceptions become one JSON error each; anything else propagates (a bug)."""
-    try:
-        return await handler(request)
-    except NtmError as exc:
-        status, code = _refusal(exc)
-        request.app[CS].counters["refused"] += 1
-        log.info("refused %s %s: %s %s", request.method, request.path, code, exc)
-        return web.json_response(messages.encode(messages.ErrorBody(code, str(exc))), status=status)
+def note_refusal(request: web.Request, exc: Exception, code: str) -> None:
+    request.app[CS].counters["refused"] += 1
+    log.info("refused %s %s: %s %s", request.method, request.path, code, exc)
 
 
 ROUTES = web.RouteTableDef()
@@ -279,7 +257,7 @@ def cs_metrics(cs: CacheServer) -> Metrics:
 
 
 def make_app(cs: CacheServer, admin_allow: tuple = ()) -> web.Application:
-    app = web.Application(middlewares=[errors_middleware], client_max_size=MAX_JSON_BODY)
+    app = httpapp.make_app(MAX_JSON_BODY, note_refusal)
     app[CS] = cs
     app[METRICS] = cs_metrics(cs)
     app[service.ADMIN_ALLOW] = tuple(admin_allow)
