@@ -77,6 +77,7 @@ def test_refused_uploads_reserve_nothing(core):
     quota, a CS that is full, and a network with too many uploads at once. Each refusal leaves
     the core as it was."""
     assert code(lambda: core.offer(put_env(core, LIMITS.max_item_bytes + 1))) == "too_large"
+    assert core.offer(put_env(core, LIMITS.max_item_bytes)).size == LIMITS.max_item_bytes  # the limit itself is taken
     assert code(lambda: core.offer(put_env(core, 10, by=EVE))) == "not_sender"
     with pytest.raises(ParseError):
         core.offer(put_env(core, 0))
