@@ -8,6 +8,7 @@ bug: the client gets 500 and a body that says nothing of it, the log one line na
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import traceback
 from typing import Callable
@@ -48,7 +49,8 @@ def _where(exc: BaseException) -> str:
 @web.middleware
 async def refusals(request: web.Request, handler):
     """The project's errors become their JSON refusal; a bug becomes a bare 500 and one log line.
-    aiohttp's own answers (404, 405, ...) and a client gone mid-request pass through."""
+    aiohttp's own answers (404, 405, ...; 504 for a timeout), a client gone mid-request and a bug
+    after the answer has begun (a WebSocket's: no other answer can be sent) pass through."""
     try:
         return await handler(request)
     except (web.HTTPRequestEntityTooLarge, NtmError) as exc:
@@ -57,9 +59,11 @@ async def refusals(request: web.Request, handler):
         if on_refusal is not None:
             on_refusal(request, exc, body["error"])
         return web.json_response(body, status=status)
-    except (web.HTTPException, ConnectionError):
+    except (web.HTTPException, ConnectionError, asyncio.TimeoutError):
         raise
     except Exception as exc:  # noqa: BLE001 - a bug: answered without its details, logged in one line
+        if request.writer.output_size > 0:
+            raise
         log.error("%s %s failed: %s: %s at %s", request.method, request.path, type(exc).__name__, exc, _where(exc))
         return web.json_response(messages.encode(INTERNAL), status=500)
 
