@@ -73,6 +73,16 @@ def admit(node: bytes, info: messages.NodeInfo | None) -> messages.NodeInfo:
     return info
 
 
+def notice_target(info: messages.NodeInfo, active_dcs: dict[bytes, str]) -> tuple[bytes, str]:
+    """Where a notice for the node of `info` goes: its home DC (address, endpoint), if that DC is
+    active (on our DC's list): a notice to anyone else would be refused or lost."""
+    home = keys.parse_node_id(info.home_dc)
+    endpoint = active_dcs.get(home)
+    if endpoint is None:
+        raise CsError("home_dc_unknown", f"home DC {info.home_dc} is not active")
+    return home, endpoint.rstrip("/")
+
+
 def bad_recipient(refusal: CsError) -> CsError:
     """A recipient that may not use this CS refuses the whole upload: nobody could fetch it."""
     return CsError("bad_recipient", f"recipient: {refusal}")

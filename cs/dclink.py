@@ -16,7 +16,7 @@ import coincurve
 from cachetools import TTLCache
 from tenacity import AsyncRetrying, stop_after_attempt, wait_exponential
 
-from cs.core import admit
+from cs.core import admit, notice_target
 from cs.errors import CsError
 from daemon import tlspin
 from ntm import envelope, keys, messages
@@ -84,23 +84,20 @@ class DcLink:
         """The node's record if it may use this CS; CsError otherwise (cs/core.py admit)."""
         return admit(node, await self.whois(node))
 
-    async def _home_endpoint(self, home: bytes) -> str | None:
+    async def _active_dcs(self) -> dict[bytes, str]:
+        """Active DCs (address -> endpoint), as our DC lists them."""
         if "dcs" not in self._dcs:
             listing = await self._get("/v1/dcs", messages.DcList)
             self._dcs["dcs"] = {keys.parse_node_id(d.dc): d.endpoint for d in listing.dcs}
-        return self._dcs["dcs"].get(home)
+        return self._dcs["dcs"]
 
     async def _notify_once(self, notice: messages.CsNotice) -> None:
         node = keys.parse_node_id(notice.node)
         try:
-            info = await self.check(node)
-            home = keys.parse_node_id(info.home_dc)
-            endpoint = await self._home_endpoint(home)
-            if endpoint is None:
-                raise CsError("home_dc_unknown", f"home DC {info.home_dc} is not active")
+            home, endpoint = notice_target(await self.check(node), await self._active_dcs())
             body = envelope.seal(self.key, messages.CS_NOTICE, messages.encode(notice), self.clock.wall_ms())
-            tls = await tlspin.ssl_for(self.http, endpoint.rstrip("/"), home, HTTP_TIMEOUT_S)
-            async with self.http.post(endpoint.rstrip("/") + "/v1/federation/cs-notice", json=body, ssl=tls) as r:
+            tls = await tlspin.ssl_for(self.http, endpoint, home, HTTP_TIMEOUT_S)
+            async with self.http.post(endpoint + "/v1/federation/cs-notice", json=body, ssl=tls) as r:
                 if r.status != 200:
                     raise CsError("notice_refused", f"{r.status} {await r.text()}")
         except (NtmError, aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from cs.core import MIN_UPLOAD_BYTES_PER_S, CacheCore, Limits, admit, bad_recipient
+from cs.core import MIN_UPLOAD_BYTES_PER_S, CacheCore, Limits, admit, bad_recipient, notice_target
 from cs.errors import CsError
 from cs.quota import SOURCE_UPLOADS_AT_ONCE, Stored
 from ntm import envelope, keys, messages, seal
@@ -166,3 +166,13 @@ def test_who_may_use_the_cs(core, clock):
         admit(node(EVE), None)
     assert bad_recipient(exc.value).code == "bad_recipient"
     assert bad_recipient(exc.value).refusal() == (400, "bad_recipient")
+
+
+def test_a_notice_goes_to_the_recipients_active_home_dc_only():
+    """Hostile condition: a recipient whose home DC is no longer active (revoked from the
+    federation): no notice is sent anywhere, the item still waits for `ntm inbox`."""
+    home, other = node(CAROL), node(EVE)
+    info = messages.NodeInfo(node=keys.checksum(node(BOB)), home_dc=keys.checksum(home), timestamp=1,
+                             pubkey=keys.public_bytes(BOB).hex(), revoked=False, online=True)
+    assert notice_target(info, {home: "https://dc2.test:8330/", other: "https://x"}) == (home, "https://dc2.test:8330")
+    assert code(lambda: notice_target(info, {other: "https://x"})) == "home_dc_unknown"
