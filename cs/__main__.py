@@ -19,10 +19,12 @@ from pathlib import Path
 from aiohttp import web
 
 from cs.dclink import DcLink
-from cs.server import CacheServer, Limits, make_app
+from cs.core import Limits
+from cs.server import CacheServer, make_app
 from cs.store import Store
-from daemon import keystore, service, startup
+from daemon import httpapp, keystore, service, startup
 from ntm import keys
+from ntm.clock import Clock
 
 DEFAULT_HTTP_PORT = 8350  # next to the DC's 8330 and the relay's 8340
 PASSPHRASE_ENV = "NTM_DC_PASSPHRASE"
@@ -58,13 +60,13 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
     limits = Limits(int(args.max_item_mb * MB), int(args.sender_quota_mb * MB), args.sender_items,
                     int(args.recipient_quota_mb * MB), int(args.ttl_hours * 3_600_000), int(args.total_gb * (1 << 30)))
     store = Store(args.data_dir)
-    link = DcLink(args.dc, key)
+    clock = Clock()  # the real clock, built here and passed to the parts that read time
+    link = DcLink(args.dc, key, clock)
     sock = socket.create_server((args.http_host, args.http_port))  # the port first: the URL may name it
     port = sock.getsockname()[1]
     url = args.public_url or f"http://{args.http_host}:{port}"
-    cs = CacheServer(store, link, url, limits, args.http_idle_timeout or service.HTTP_IDLE_TIMEOUT_S)
-    runner = web.AppRunner(make_app(cs, tuple(args.admin_allow or ())), access_log=None,
-                           keepalive_timeout=cs.idle_timeout_s)  # slowloris headers: as the DC and RS
+    cs = CacheServer(store, link, url, limits, args.http_idle_timeout or service.HTTP_IDLE_TIMEOUT_S, clock)
+    runner = httpapp.runner(make_app(cs, tuple(args.admin_allow or ())), cs.idle_timeout_s)
     try:
         await runner.setup()
         await web.SockSite(runner, sock).start()

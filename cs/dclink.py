@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from typing import Any
 
 import aiohttp
@@ -17,9 +16,12 @@ import coincurve
 from cachetools import TTLCache
 from tenacity import AsyncRetrying, stop_after_attempt, wait_exponential
 
+from cs.core import admit, notice_target
+from cs.errors import CsError
 from daemon import tlspin
 from ntm import envelope, keys, messages
-from ntm.errors import CodedError, NtmError
+from ntm.clock import SYSTEM, Clock
+from ntm.errors import NtmError
 
 log = logging.getLogger("ntm.cs.dc")
 
@@ -35,19 +37,15 @@ NOTIFY_RETRY_S = 0.5
 HTTP_TIMEOUT_S = 10.0
 
 
-class CsError(CodedError):
-    """A refusal by the Cache Server; `code` maps to an HTTP status in cs/server.py."""
-
-
 class DcLink:
-    def __init__(self, dc_url: str, dc_key: coincurve.PrivateKey, clock_ms=lambda: int(time.time() * 1000)) -> None:
+    def __init__(self, dc_url: str, dc_key: coincurve.PrivateKey, clock: Clock = SYSTEM) -> None:
         self.dc_url = dc_url.rstrip("/")
         self.key = dc_key
-        self.clock_ms = clock_ms
+        self.clock = clock
         self._http: aiohttp.ClientSession | None = None
         # expiring LRU caches: a verdict lives VERDICT_TTL_S, the oldest goes first when full
-        self._verdicts: TTLCache[bytes, messages.NodeInfo | None] = TTLCache(VERDICTS_KEPT, VERDICT_TTL_S)
-        self._dcs: TTLCache[str, dict[bytes, str]] = TTLCache(1, DC_LIST_TTL_S)
+        self._verdicts: TTLCache[bytes, messages.NodeInfo | None] = TTLCache(VERDICTS_KEPT, VERDICT_TTL_S, timer=clock.now)
+        self._dcs: TTLCache[str, dict[bytes, str]] = TTLCache(1, DC_LIST_TTL_S, timer=clock.now)
         self.counters = {"notices_sent": 0, "notices_failed": 0, "whois": 0}
 
     @property
@@ -83,31 +81,23 @@ class DcLink:
         return info
 
     async def check(self, node: bytes) -> messages.NodeInfo:
-        """The node's record if it may use this CS; CsError otherwise."""
-        info = await self.whois(node)
-        if info is None:
-            raise CsError("unregistered", f"{keys.checksum(node)} is not a registered node")
-        if info.revoked:
-            raise CsError("revoked", f"{keys.checksum(node)} is revoked")
-        return info
+        """The node's record if it may use this CS; CsError otherwise (cs/core.py admit)."""
+        return admit(node, await self.whois(node))
 
-    async def _home_endpoint(self, home: bytes) -> str | None:
+    async def _active_dcs(self) -> dict[bytes, str]:
+        """Active DCs (address -> endpoint), as our DC lists them."""
         if "dcs" not in self._dcs:
             listing = await self._get("/v1/dcs", messages.DcList)
             self._dcs["dcs"] = {keys.parse_node_id(d.dc): d.endpoint for d in listing.dcs}
-        return self._dcs["dcs"].get(home)
+        return self._dcs["dcs"]
 
     async def _notify_once(self, notice: messages.CsNotice) -> None:
         node = keys.parse_node_id(notice.node)
         try:
-            info = await self.check(node)
-            home = keys.parse_node_id(info.home_dc)
-            endpoint = await self._home_endpoint(home)
-            if endpoint is None:
-                raise CsError("home_dc_unknown", f"home DC {info.home_dc} is not active")
-            body = envelope.seal(self.key, messages.CS_NOTICE, messages.encode(notice), self.clock_ms())
-            tls = await tlspin.ssl_for(self.http, endpoint.rstrip("/"), home, HTTP_TIMEOUT_S)
-            async with self.http.post(endpoint.rstrip("/") + "/v1/federation/cs-notice", json=body, ssl=tls) as r:
+            home, endpoint = notice_target(await self.check(node), await self._active_dcs())
+            body = envelope.seal(self.key, messages.CS_NOTICE, messages.encode(notice), self.clock.wall_ms())
+            tls = await tlspin.ssl_for(self.http, endpoint, home, HTTP_TIMEOUT_S)
+            async with self.http.post(endpoint + "/v1/federation/cs-notice", json=body, ssl=tls) as r:
                 if r.status != 200:
                     raise CsError("notice_refused", f"{r.status} {await r.text()}")
         except (NtmError, aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:

@@ -11,7 +11,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Hashable
 
-from cs.dclink import CsError
+from cs.errors import CsError
 from ntm.ratelimit import Buckets, Concurrency
 
 # Uploads one source network may have streaming in at once: a node sends a few items in parallel.

@@ -4,6 +4,7 @@ offline, hand them to their recipients, forget them once every recipient has con
 Every request is a node-signed envelope (ntm/envelope.py; for uploads and downloads it rides in
 the X-NTM-Auth header, the body being the item's ciphertext): fresh, never seen before, from a
 registered, unrevoked node. Uploads and downloads stream; an upload is acknowledged once durable.
+This is the edge: what to accept and refuse is decided by the pure core (cs/core.py).
 """
 
 from __future__ import annotations
@@ -11,18 +12,20 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
-from dataclasses import dataclass
+from typing import Callable
 
 from aiohttp import StreamReader, web
 
-from cs.dclink import CsError, DcLink
-from cs.quota import Caps, Ledger, Stored
-from cs.store import Store
-from daemon import service
+from cs.core import MIN_UPLOAD_BYTES_PER_S, Accepted, CacheCore, Limits, Upload, bad_recipient
+from cs.dclink import DcLink
+from cs.errors import CsError
+from cs.quota import Stored
+from cs.store import Store, StoredItem
+from daemon import httpapp, service
 from daemon.metrics import CONTENT_TYPE, Metrics
 from ntm import envelope, keys, messages, seal
-from ntm.errors import NtmError, ParseError, SignatureError
+from ntm.clock import SYSTEM, Clock
+from ntm.errors import ParseError
 from ntm.ratelimit import source_prefix
 
 log = logging.getLogger("ntm.cs")
@@ -31,29 +34,6 @@ AUTH_HEADER = "X-NTM-Auth"
 ITEM_HEADER = "X-NTM-Header"  # the sealed item's public header, on downloads
 READ_CHUNK = 1 << 20  # bytes read from an upload at a time: memory stays flat for any item size
 MAX_JSON_BODY = 16 * 1024  # list and ack requests are small envelopes
-# Slowest upload taken: 16 KiB/s (128 kbit/s, a poor mobile uplink) on average; a 256 MiB item then
-# has 4.5 h. A trickle below it would hold a socket and a quota reservation for nothing.
-MIN_UPLOAD_BYTES_PER_S = 16 * 1024
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Per-CS limits; every refusal names the one it hit."""
-
-    max_item_bytes: int = 256 << 20  # one item: a large file, not a backup
-    sender_bytes: int = 1 << 30  # stored for one sender, across its items
-    sender_items: int = 1000
-    recipient_bytes: int = 1 << 30  # waiting for one recipient
-    ttl_ms: int = 7 * 24 * 3600 * 1000  # an undelivered item is deleted after a week
-    total_bytes: int = 50 << 30  # stored in all: many identities together cannot fill the disk
-
-    def caps(self) -> Caps:
-        return Caps(self.sender_items, self.sender_bytes, self.recipient_bytes, self.total_bytes)
-
-
-STATUS = {"unregistered": 403, "revoked": 403, "not_sender": 403, "too_large": 413, "over_quota": 429,
-          "exists": 409, "incomplete": 400, "not_found": 404, "bad_recipient": 400, "dc_unreachable": 503,
-          "busy": 409, "cs_full": 507, "stalled": 408}
 
 CS = web.AppKey("cs", object)
 METRICS = web.AppKey("metrics", Metrics)
@@ -61,26 +41,24 @@ METRICS = web.AppKey("metrics", Metrics)
 
 class CacheServer:
     def __init__(self, store: Store, link: DcLink, public_url: str, limits: Limits = Limits(),
-                 idle_timeout_s: float = service.HTTP_IDLE_TIMEOUT_S) -> None:
+                 idle_timeout_s: float = service.HTTP_IDLE_TIMEOUT_S, clock: Clock = SYSTEM) -> None:
         """`idle_timeout_s`: how long an upload may pause (and an HTTP connection idle)."""
-        self.store, self.link, self.url, self.limits = store, link, public_url.rstrip("/"), limits
+        self.store, self.link, self.url = store, link, public_url.rstrip("/")
         self.idle_timeout_s = idle_timeout_s
-        self.guard = envelope.ReplayGuard()
+        self.core = CacheCore(self.url, limits, clock, idle_timeout_s)
         self.tasks = service.BackgroundTasks()
-        self.uploading: set[bytes] = set()  # item IDs streaming in now (a second upload of one is refused)
-        self.ledger = Ledger(limits.caps())  # what the uploads in flight have reserved
         self.counters = {"uploads": 0, "downloads": 0, "confirmations": 0, "expired": 0, "refused": 0,
                          "bytes_in": 0, "bytes_out": 0}
 
     async def authorize(self, obj: object, kind: str) -> envelope.Envelope:
         """A node-signed envelope of `kind`: signature, freshness, no replay, then registered and not revoked."""
-        env = envelope.open_envelope(obj, kind, int(time.time() * 1000), lambda _: True, self.guard)
+        env = self.core.open(obj, kind)
         await self.link.check(env.sender)
         return env
 
     async def expire_loop(self, every_s: float = 60.0) -> None:
         while True:
-            self.counters["expired"] += self.store.expire(int(time.time() * 1000))
+            self.counters["expired"] += self.store.expire(self.core.now_ms())
             await asyncio.sleep(every_s)
 
 
@@ -107,28 +85,9 @@ def _item_id(text: str) -> bytes:
     return item
 
 
-def _refusal(exc: Exception) -> tuple[int, str]:
-    if isinstance(exc, CsError):
-        return STATUS.get(exc.code, 400), exc.code
-    if isinstance(exc, seal.SealError):
-        return 400, "bad_item"
-    if isinstance(exc, ParseError):
-        return 400, "malformed"
-    if isinstance(exc, SignatureError):
-        return 403, "forbidden"  # forged, stale or replayed
-    return 400, "refused"
-
-
-@web.middleware
-async def errors_middleware(request: web.Request, handler):
-    """The project's exceptions become one JSON error each; anything else propagates (a bug)."""
-    try:
-        return await handler(request)
-    except NtmError as exc:
-        status, code = _refusal(exc)
-        request.app[CS].counters["refused"] += 1
-        log.info("refused %s %s: %s %s", request.method, request.path, code, exc)
-        return web.json_response(messages.encode(messages.ErrorBody(code, str(exc))), status=status)
+def note_refusal(request: web.Request, exc: Exception, code: str) -> None:
+    request.app[CS].counters["refused"] += 1
+    log.info("refused %s %s: %s %s", request.method, request.path, code, exc)
 
 
 ROUTES = web.RouteTableDef()
@@ -138,71 +97,64 @@ ROUTES = web.RouteTableDef()
 async def handle_put(request: web.Request) -> web.Response:
     cs: CacheServer = request.app[CS]
     env = await cs.authorize(_header_envelope(request), messages.CS_PUT)
-    header = seal.Header.from_json(env.body.get("header"))
-    size = env.body.get("size")
-    if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
-        raise ParseError("size must be a positive integer")
-    if header.sender != env.sender:
-        raise CsError("not_sender", "an item is uploaded by the node that sealed it")
-    lim = cs.limits
-    if size > lim.max_item_bytes:
-        raise CsError("too_large", f"item of {size} bytes; this CS takes at most {lim.max_item_bytes}")
-    for r in header.wraps:
+    offer = cs.core.offer(env)
+    for r in offer.header.wraps:
         try:
             await cs.link.check(r)
         except CsError as exc:
-            raise CsError("bad_recipient", f"recipient: {exc}") from None
-    if header.item in cs.uploading or cs.store.exists(header.item):
-        raise CsError("exists", f"item {header.item.hex()} is already stored or being uploaded")
+            raise bad_recipient(exc) from None
     # Reserved before a byte is stored, with nothing awaited between the usage read and the
     # reservation: concurrent uploads are checked against each other (issue 29 item 6).
-    n, used = cs.store.sender_usage(env.sender)
-    stored = Stored(n, used, {r: cs.store.recipient_usage(r) for r in header.wraps}, cs.store.count()[1])
+    item, wraps = offer.header.item, offer.header.wraps
+    n, used = cs.store.sender_usage(offer.sender)
+    stored = Stored(n, used, {r: cs.store.recipient_usage(r) for r in wraps}, cs.store.count()[1])
     source = None if service.from_admin(request) else source_prefix(request.remote or "")
-    reservation = cs.ledger.reserve(env.sender, tuple(header.wraps), source, size, stored, time.monotonic())
-    cs.uploading.add(header.item)
-    part = cs.store.partial(header.item)
+    upload = cs.core.reserve(offer, stored, cs.store.exists(item), source)
+    try:
+        accepted = await receive(cs, request.content, upload)
+    finally:
+        cs.core.end(upload)  # indexed (the store counts it) or failed (nothing kept)
+    cs.counters["uploads"] += 1
+    cs.counters["bytes_in"] += offer.size
+    log.info("stored item %s from %s: %d bytes for %d recipients", item.hex(), keys.checksum(offer.sender),
+             offer.size, len(wraps))
+    for notice in accepted.notices:
+        cs.tasks.spawn(cs.link.notify(notice))
+    return web.json_response({"item": item.hex(), "size": offer.size, "expires": accepted.expires_ms}, status=201)
+
+
+async def receive(cs: CacheServer, content: StreamReader, upload: Upload) -> Accepted:
+    """Stream an upload into its partial file, make it durable, index it; on any failure nothing
+    of it is kept (it was never acknowledged)."""
+    item = upload.offer.header.item
+    part = cs.store.partial(item)
     try:
         got = 0
         with open(part, "wb") as fh:
-            async for chunk in body_chunks(request.content, size, cs.idle_timeout_s):
+            async for chunk in body_chunks(content, upload.deadline, cs.core.clock.now, cs.idle_timeout_s):
                 got += len(chunk)
-                if got > size:
-                    raise CsError("incomplete", f"more than the announced {size} bytes")
+                cs.core.received(upload, got, done=False)
                 fh.write(chunk)
-        if got != size:
-            raise CsError("incomplete", f"got {got} of the announced {size} bytes")
-        await asyncio.to_thread(cs.store.persist, header.item)
-        now = int(time.time() * 1000)
-        cs.store.index(header.item, env.sender, header.to_json(), list(header.wraps), size, now, now + lim.ttl_ms)
+        cs.core.received(upload, got, done=True)
+        await asyncio.to_thread(cs.store.persist, item)
+        accepted = cs.core.accept(upload)
+        cs.store.index(item, upload.offer.sender, upload.offer.header.to_json(), list(upload.offer.header.wraps),
+                       upload.offer.size, accepted.created_ms, accepted.expires_ms)
     except BaseException:
         part.unlink(missing_ok=True)
-        cs.store.blob(header.item).unlink(missing_ok=True)  # persisted but not indexed: never acknowledged
+        cs.store.blob(item).unlink(missing_ok=True)  # persisted but not indexed: never acknowledged
         raise
-    finally:
-        cs.uploading.discard(header.item)
-        cs.ledger.release(reservation)  # indexed (the store counts it) or failed (nothing kept)
-    cs.counters["uploads"] += 1
-    cs.counters["bytes_in"] += size
-    log.info("stored item %s from %s: %d bytes for %d recipients", header.item.hex(), keys.checksum(env.sender),
-             size, len(header.wraps))
-    for r in header.wraps:
-        notice = messages.CsNotice(node=keys.checksum(r), item=header.item.hex(), cs=cs.url,
-                                   sender=keys.checksum(env.sender), size=size, created=now)
-        cs.tasks.spawn(cs.link.notify(notice))
-    return web.json_response({"item": header.item.hex(), "size": size, "expires": now + lim.ttl_ms}, status=201)
+    return accepted
 
 
-async def body_chunks(content: StreamReader, size: int, idle_s: float):
+async def body_chunks(content: StreamReader, deadline: float, now: Callable[[], float], idle_s: float):
     """An upload's body, READ_CHUNK at a time. It must never pause for `idle_s` (the DC's and RS's
-    HTTP idle limit) and must be all in by that plus `size` at MIN_UPLOAD_BYTES_PER_S, else it is
-    refused `stalled`: a slow or trickling upload cannot hold a socket, a reservation and a file
-    for long."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + idle_s + size / MIN_UPLOAD_BYTES_PER_S
+    HTTP idle limit) and must be all in by `deadline` (on the clock `now`; CacheCore.reserve sets it
+    from the size at MIN_UPLOAD_BYTES_PER_S), else it is refused `stalled`: a slow or trickling
+    upload cannot hold a socket, a reservation and a file for long."""
     while True:
         try:
-            chunk = await asyncio.wait_for(content.read(READ_CHUNK), min(idle_s, deadline - loop.time()))
+            chunk = await asyncio.wait_for(content.read(READ_CHUNK), min(idle_s, deadline - now()))
         except asyncio.TimeoutError:
             raise CsError("stalled", f"the upload stalled (a pause of {idle_s:g} s, or under "
                           f"{MIN_UPLOAD_BYTES_PER_S} bytes/s)") from None
@@ -220,8 +172,17 @@ def _listing(item) -> dict:
 async def handle_inbox(request: web.Request) -> web.Response:
     cs: CacheServer = request.app[CS]
     env = await cs.authorize(await _json_envelope(request), messages.CS_LIST)
-    items = cs.store.inbox(env.sender, int(time.time() * 1000))
+    items = cs.store.inbox(env.sender, cs.core.now_ms())
     return web.json_response({"cs": cs.url, "items": [_listing(i) for i in items]})
+
+
+def _addressed(cs: CacheServer, env: envelope.Envelope, item: bytes) -> StoredItem:
+    """The stored item, if `env` may fetch or confirm it (CacheCore.may_fetch decides)."""
+    stored = cs.store.get(item)
+    cs.core.may_fetch(env.sender, item, messages.decode(messages.CsItemRef, env.body),
+                      None if stored is None else stored.expires_ms, cs.store.waiting_for(env.sender, item))
+    assert stored is not None  # refused above otherwise
+    return stored
 
 
 @ROUTES.get("/v1/items/{item}")
@@ -229,10 +190,7 @@ async def handle_get(request: web.Request) -> web.StreamResponse:
     cs: CacheServer = request.app[CS]
     item = _item_id(request.match_info["item"])
     env = await cs.authorize(_header_envelope(request), messages.CS_GET)
-    stored = cs.store.get(item)
-    # the same answer whether the item does not exist or is someone else's: no probing
-    if env.body.get("item") != item.hex() or stored is None or not cs.store.waiting_for(env.sender, item):
-        raise CsError("not_found", f"no item {item.hex()} for {keys.checksum(env.sender)}")
+    stored = _addressed(cs, env, item)
     cs.counters["downloads"] += 1
     cs.counters["bytes_out"] += stored.size
     return web.FileResponse(cs.store.blob(item), chunk_size=READ_CHUNK,
@@ -245,8 +203,7 @@ async def handle_ack(request: web.Request) -> web.Response:
     cs: CacheServer = request.app[CS]
     item = _item_id(request.match_info["item"])
     env = await cs.authorize(await _json_envelope(request), messages.CS_ACK)
-    if env.body.get("item") != item.hex() or not cs.store.waiting_for(env.sender, item):
-        raise CsError("not_found", f"no item {item.hex()} for {keys.checksum(env.sender)}")
+    _addressed(cs, env, item)
     deleted = cs.store.confirm(item, env.sender)
     cs.counters["confirmations"] += 1
     return web.json_response({"item": item.hex(), "deleted": deleted})
@@ -279,7 +236,7 @@ def cs_metrics(cs: CacheServer) -> Metrics:
 
 
 def make_app(cs: CacheServer, admin_allow: tuple = ()) -> web.Application:
-    app = web.Application(middlewares=[errors_middleware], client_max_size=MAX_JSON_BODY)
+    app = httpapp.make_app(MAX_JSON_BODY, note_refusal)
     app[CS] = cs
     app[METRICS] = cs_metrics(cs)
     app[service.ADMIN_ALLOW] = tuple(admin_allow)

@@ -76,7 +76,7 @@ def admin_only(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
 async def read_json(request: web.Request):
     """A request's JSON body; ParseError if it is not JSON, nests too deep or holds an integer
     beyond 64 bits (messages.loads); the app's client_max_size still raises
-    HTTPRequestEntityTooLarge, for the caller to map."""
+    HTTPRequestEntityTooLarge, which daemon/httpapp.py answers 413."""
     return messages.loads(await request.read())
 
 

@@ -17,8 +17,6 @@ import ssl
 import sys
 from typing import Awaitable
 
-from aiohttp import web
-
 from dc import config as dc_config, snapshot
 from dc.cache import REMEMBERED_BLOCKS, RegistryCache
 from dc.chainstatus import ChainStatus
@@ -28,7 +26,7 @@ from dc.presence import KeepaliveProtocol
 from dc.server import make_app
 from dc.store import PRUNE_EVERY_S, Store
 from chain.registry import BATCH_GAS_PER_RECORD, connect_registry
-from daemon import keystore, service, startup, tlspin
+from daemon import httpapp, keystore, service, startup, tlspin
 from daemon.service import udp_socket
 from ntm import keys, tls_binding
 from ntm.errors import NtmError
@@ -68,8 +66,7 @@ async def serve(cfg: dc_config.DcConfig, stop: asyncio.Event) -> None:
              asyncio.create_task(prune_outbox(store, cache, cfg.confirmations), name="outbox-prune")]
     probe = FederationProbe(coord)
     tasks.append(asyncio.create_task(probe.run(), name="federation-probe"))
-    runner = web.AppRunner(make_app(coord, chain_status, tuple(cfg.admin_allow), probe), access_log=None,
-                           keepalive_timeout=cfg.http_idle_timeout)
+    runner = httpapp.runner(make_app(coord, chain_status, tuple(cfg.admin_allow), probe), cfg.http_idle_timeout)
     await runner.setup()
     tls = tls_context(cfg, key, coord)
     site = tlspin.TlsSockSite(runner, http_listener(cfg.http_host, cfg.http_port), ssl_context=tls,

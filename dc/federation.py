@@ -33,6 +33,8 @@ class FederationError(NtmError):
     """A peer DC or relay could not be reached or gave an answer that does not verify. `code` is
     the peer's error code when it answered with one, `status` its HTTP status (0: no answer)."""
 
+    CODE, DEFAULT_STATUS = "federation", 502  # our refusal when a peer fails us
+
     def __init__(self, message: str, code: str | None = None, status: int = 0) -> None:
         super().__init__(message)
         self.code = code

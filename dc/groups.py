@@ -31,7 +31,7 @@ from ntm.clock import Clock
 from ntm.errors import ParseError
 from ntm.groupstate import EPOCHS_KEPT, GmsRefused as GroupRefused
 
-__all__ = ["EPOCHS_KEPT", "GroupRefused", "GroupService", "STATUS"]
+__all__ = ["EPOCHS_KEPT", "GroupRefused", "GroupService"]
 
 log = logging.getLogger("ntm.dc.groups")
 
@@ -72,9 +72,6 @@ CREATE TABLE IF NOT EXISTS group_epochs (
 KINDS: dict[str, type[messages.Message]] = {
     "group.create": messages.GroupCreate, "group.invite": messages.GroupInvite, "group.accept": messages.GroupRef,
     "group.leave": messages.GroupRef, "group.remove": messages.GroupRemove, "group.state": messages.GroupStateQuery}
-
-STATUS = {"unknown_group": 404, "exists": 409, "not_admin": 403, "not_member": 403, "not_invited": 403,
-          "unregistered": 403, "revoked": 403, "too_many": 429, "bad_request": 400}
 
 
 class GroupService:

@@ -14,18 +14,16 @@ from typing import Callable
 
 from aiohttp import WSMsgType, web
 
-from daemon import service
+from daemon import httpapp, service
 from daemon.metrics import CONTENT_TYPE
 from dc import dashboard
 from dc.chainstatus import ChainStatus
 from dc.coordinator import Coordinator
-from dc.errors import DirectionError, NodeLookupError, SourceLimited
-from dc.federation import FederationError
-from dc.groups import STATUS as GROUP_STATUS, GroupRefused
+from dc.errors import DirectionError, SourceLimited
 from ntm import keys, messages, routes, session_auth
 from ntm.addr import format_endpoint, parse_endpoint
-from ntm.errors import NtmError, ParseError, SignatureError
-from ntm.registration import RegistrationError, parse_request
+from ntm.errors import NtmError, ParseError
+from ntm.registration import parse_request
 from ntm.routes import RouteError
 
 log = logging.getLogger("ntm.dc.http")
@@ -48,59 +46,20 @@ STARTED = web.AppKey("started", float)
 ROUTES = web.RouteTableDef()
 
 
-def error(status: int, code: str, message: str) -> web.Response:
-    return reply(messages.ErrorBody(code, message), status)
-
-
 def reply(msg: messages.Message, status: int = 200) -> web.Response:
     return web.json_response(messages.encode(msg), status=status)
 
 
 def error_for(exc: Exception) -> tuple[int, dict]:
-    """The HTTP status and JSON error body for one of the project's exceptions (one mapping, used
-    by the middleware and by the in-process federation of the fast tests). Others propagate."""
-    if isinstance(exc, web.HTTPRequestEntityTooLarge):
-        status, code, message = 413, "too_large", f"request body exceeds {MAX_BODY} bytes"
-    elif isinstance(exc, ParseError):
-        status, code, message = 400, "malformed", str(exc)
-    elif isinstance(exc, RegistrationError):
-        status = {"revoked": 403, "stale": 409, "dc_inactive": 503, "rate_limited": 429,
-                  "over_budget": 503}.get(exc.code, 400)
-        code = exc.code
-        message = str(exc)
-    elif isinstance(exc, SignatureError):
-        status, code, message = 403, "forbidden", str(exc)
-    elif isinstance(exc, NodeLookupError):
-        status = {"unknown_node": 404, "wrong_dc": 409, "too_many_notices": 429, "catching_up": 503}.get(exc.code, 502)
-        code, message = exc.code, str(exc)
-    elif isinstance(exc, SourceLimited):
-        status, code, message = 429, exc.code, str(exc)
-    elif isinstance(exc, FederationError):
-        status, code, message = 502, "federation", str(exc)
-    elif isinstance(exc, GroupRefused):
-        status, code, message = GROUP_STATUS.get(exc.code, 400), exc.code, str(exc)
-    elif isinstance(exc, DirectionError):
-        status = {"rate_limited": 429, "peer_busy": 429, "not_allowed": 403, "dc_busy": 503, "catching_up": 503,
-                  "peer_unresponsive": 504}.get(exc.code, 404)
-        code, message = exc.code, str(exc)
-    elif isinstance(exc, NtmError):  # e.g. the chain is unreachable for a cache miss
-        status, code, message = 503, "unavailable", str(exc)
-    else:
-        raise exc
-    return status, messages.encode(messages.ErrorBody(code, message))
+    """The HTTP status and JSON error body for one of the project's exceptions (daemon/httpapp.py;
+    the in-process federation of the fast tests answers with it too). Others propagate."""
+    return httpapp.refusal(exc, MAX_BODY)
 
 
-@web.middleware
-async def errors_middleware(request: web.Request, handler):
-    """Map the project's exceptions to JSON errors in one place; count each refusal by what was
-    asked (the route) and why."""
-    try:
-        return await handler(request)
-    except (web.HTTPRequestEntityTooLarge, NtmError) as exc:
-        status, body = error_for(exc)
-        route = request.match_info.route.resource
-        request.app[COORDINATOR].metrics.refusals.labels(route.canonical if route else "other", body["error"]).inc()
-        return web.json_response(body, status=status)
+def count_refusal(request: web.Request, exc: Exception, code: str) -> None:
+    """Count each refusal by what was asked (the route) and why."""
+    route = request.match_info.route.resource
+    request.app[COORDINATOR].metrics.refusals.labels(route.canonical if route else "other", code).inc()
 
 
 @ROUTES.get("/v1/info")
@@ -300,12 +259,12 @@ async def direction_request(c: Coordinator, send, node: bytes, req: messages.Dir
         route = await c.signaling.request(node, keys.parse_node_id(req.peer), force_relay=req.route == "relay", direct_only=req.route == "direct",
                                           resume=resume)
         result = messages.DirectionResult(req.id, route=route)
-    except DirectionError as exc:
-        c.metrics.refusals.labels("direction", exc.code).inc()
-        result = messages.DirectionResult(req.id, error=messages.ErrorBody(exc.code, str(exc)),
-                                          abandoned=exc.abandoned.hex() if exc.abandoned is not None else None)
-    except NtmError as exc:
-        result = messages.DirectionResult(req.id, error=messages.ErrorBody("bad_request", str(exc)))
+    except NtmError as exc:  # the WebSocket form of a refusal: the code its HTTP answer would carry
+        code = exc.refusal()[1]
+        c.metrics.refusals.labels("direction", code).inc()
+        abandoned = exc.abandoned if isinstance(exc, DirectionError) else None
+        result = messages.DirectionResult(req.id, error=messages.ErrorBody(code, str(exc)),
+                                          abandoned=abandoned.hex() if abandoned is not None else None)
     try:
         await send(result)
     except ConnectionError:
@@ -316,7 +275,7 @@ def make_app(coordinator: Coordinator, chain_status: ChainStatus, admin_allow: t
              probe: dashboard.FederationProbe | None = None) -> web.Application:
     """`admin_allow`: networks that may read /metrics and the dashboard (empty: loopback only).
     `probe`: the running federation probe the dashboard reports (none: DCs show as not probed)."""
-    app = web.Application(client_max_size=MAX_BODY, middlewares=[errors_middleware])
+    app = httpapp.make_app(MAX_BODY, count_refusal)
     app[COORDINATOR] = coordinator
     app[CHAIN_STATUS] = chain_status
     app[PROBE] = probe or dashboard.FederationProbe(coordinator)

@@ -406,6 +406,9 @@ class GmsRefused(CodedError):
     """unknown_group, exists, not_admin, not_member, not_invited, unregistered, revoked, too_many,
     bad_request."""
 
+    STATUS = {"unknown_group": 404, "exists": 409, "not_admin": 403, "not_member": 403, "not_invited": 403,
+              "unregistered": 403, "revoked": 403, "too_many": 429, "bad_request": 400}
+
 
 @dataclass(frozen=True)
 class GmsGroup:

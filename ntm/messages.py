@@ -197,6 +197,20 @@ CS_NOTICE = "cs-notice"  # Cache Server -> a recipient's home DC
 # Node-signed Cache Server requests (envelopes signed by a node key; §12)
 CS_PUT, CS_LIST, CS_GET, CS_ACK = "cs.put", "cs.list", "cs.get", "cs.ack"
 
+
+class CsPut(Message):
+    """The body of a CS_PUT envelope: the sealed item's public header (ntm/seal.py checks it,
+    refusing with its own error) and its ciphertext size."""
+
+    header: Any
+    size: Annotated[int, Meta(gt=0, le=INT_MAX)]
+
+
+class CsItemRef(Message):
+    """The body of a CS_GET or CS_ACK envelope: the item asked for (the one in the URL)."""
+
+    item: Hex16
+
 Role = Literal["initiate", "wait", "punch"]
 
 

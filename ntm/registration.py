@@ -25,6 +25,8 @@ MAX_LOCAL_ADDRS = messages.MAX_ENDPOINTS
 class RegistrationError(CodedError):
     """A Registration Request the DC refuses; `code` is a stable machine-readable reason."""
 
+    STATUS = {"revoked": 403, "stale": 409, "dc_inactive": 503, "rate_limited": 429, "over_budget": 503}
+
 
 @dataclass(frozen=True)
 class RegistrationRequest:

@@ -56,6 +56,9 @@ WRAP_INFO = b"ntm-cs-wrap-v1"
 class SealError(NtmError):
     """An item that cannot be opened: not for us, tampered with, truncated, or badly signed."""
 
+    CODE = "bad_item"
+    DEFAULT_STATUS = 400
+
 
 class Meta(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """What the item is for (the seed's fields), encrypted with the content."""

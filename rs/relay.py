@@ -64,6 +64,9 @@ DROP_REASONS = (
 class PathError(CodedError):
     """`add_path` refused: code "conflict" (path ID taken with another token/owner) or "full"."""
 
+    STATUS = {"conflict": 409}
+    DEFAULT_STATUS = 503
+
 
 @dataclass
 class RelayPath:

@@ -20,7 +20,7 @@ from typing import Callable
 
 from aiohttp import web
 
-from daemon import service
+from daemon import httpapp, service
 from daemon.metrics import CONTENT_TYPE, Metrics
 from ntm import envelope, keys, messages
 from ntm.addr import display, for_socket, format_endpoint, parse_endpoint
@@ -209,7 +209,7 @@ async def handle_direction(request: web.Request) -> web.Response:
             bytes.fromhex(d.path), bytes.fromhex(d.token), now + (d.expires_ms - now_ms) / 1000, d.max_bytes, now,
             owner=env.sender, nodes=tuple(keys.parse_node_id(n) for n in d.nodes))
     except PathError as exc:
-        return relay.refuse(409 if exc.code == "conflict" else 503, exc.code, str(exc))
+        return relay.refuse(*exc.refusal(), str(exc))
     relay.directions["accepted"] += 1
     relay.log_events()
     return web.json_response(messages.encode(messages.RelayBooking(
@@ -260,7 +260,7 @@ async def handle_metrics(request: web.Request) -> web.Response:
 
 def make_stream_app(relay: Relay) -> web.Application:
     """The public stream listener (§8.4): only GET /v1/stream, nothing of the control API."""
-    app = web.Application(client_max_size=MAX_BODY)
+    app = httpapp.make_app(MAX_BODY)
     app.router.add_get(STREAM_PATH, relay.streams.handle)
     return app
 
@@ -274,7 +274,7 @@ def stream_urls(advertise: list[str], port: int, tls: bool) -> list[str]:
 
 def make_app(relay: Relay, admin_allow: tuple = ()) -> web.Application:
     """`admin_allow`: networks that may read /metrics and /v1/paths (empty: loopback only)."""
-    app = web.Application(client_max_size=MAX_BODY)
+    app = httpapp.make_app(MAX_BODY)
     app[RELAY] = relay
     app[METRICS] = relay_metrics(relay)
     app[service.ADMIN_ALLOW] = tuple(admin_allow)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cs.dclink import CsError
+from cs.errors import CsError
 from cs.quota import SOURCE_BYTES_PER_HOUR, SOURCE_UPLOADS_AT_ONCE, Caps, Ledger, Stored
 
 SENDER, OTHER, BOB, CAROL = b"s" * 20, b"o" * 20, b"b" * 20, b"c" * 20

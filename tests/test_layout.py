@@ -104,3 +104,14 @@ def test_no_import_cycles():
         if n not in state:
             visit(n, [n])
     assert not cycles, cycles
+
+
+# Pure cores outside ntm/ (issue 26): they import only ntm/ and each other, never an I/O library.
+PURE_CORES = {"cs.core", "cs.quota", "cs.errors"}
+
+
+def test_pure_cores_import_only_ntm_and_each_other():
+    bad = [f"{name} imports {d}" for name, deps in graph().items() if name in PURE_CORES
+           for d in deps if d.split(".")[0] in PACKAGES and d.split(".")[0] != "ntm" and d not in PURE_CORES
+           or d.split(".")[0] in IO_MODULES]
+    assert not bad, bad
