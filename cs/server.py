@@ -231,6 +231,7 @@ def cs_metrics(cs: CacheServer) -> Metrics:
     m = Metrics("ntm_cs")
     m.gauge("items", "items stored", lambda: cs.store.count()[0])
     m.gauge("bytes", "bytes stored", lambda: cs.store.count()[1])
+    m.gauge("uploading_bytes", "bytes reserved by uploads in flight", lambda: cs.core.ledger.total_bytes)
     m.counters(lambda: {**cs.counters, **cs.link.counters}, COUNTER_DOCS)
     return m
 

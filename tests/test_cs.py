@@ -193,6 +193,20 @@ async def strict_cs(fed: DcNet):
         fed.start_cs(0)
 
 
+async def until_uploading(url: str, reserved: int, within_s: float = 30.0) -> None:
+    """Wait until the CS's uploads in flight have reserved `reserved` bytes (its operator gauge)."""
+    deadline = time.monotonic() + within_s
+    async with aiohttp.ClientSession() as http:
+        while time.monotonic() < deadline:
+            async with http.get(url + "/metrics") as r:
+                text = await r.text()
+            if any(ln == f"ntm_cs_uploading_bytes {reserved}" or ln == f"ntm_cs_uploading_bytes {float(reserved)}"
+                   for ln in text.splitlines()):
+                return
+            await asyncio.sleep(0.05)
+    raise AssertionError(f"the CS never held {reserved} bytes of uploads in flight:\n{text}")
+
+
 def sender_bytes(net: DcNet, i: int, sender) -> int:
     with sqlite3.connect(net.cs_dir(i) / "cs.sqlite") as db:
         return db.execute("SELECT coalesce(sum(size), 0) FROM items WHERE sender=?",
@@ -299,14 +313,14 @@ async def test_one_network_has_four_uploads_at_once(fed):
 
         async def trickle():
             yield b"\0" * 1000
-            await asyncio.sleep(IDLE_S / 2)  # within the idle limit: the upload stays open a while
+            await asyncio.sleep(IDLE_S * 0.9)  # within the idle limit: the upload stays open a while
 
         def from_ip(ip: str) -> aiohttp.ClientSession:
             return aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=(ip, 0)))
 
         async with from_ip("127.77.0.1") as a, from_ip("127.77.0.2") as b, from_ip("127.78.0.1") as other:
             held = [put(a if i % 2 else b, s, trickle()) for i, s in enumerate(senders[:4])]
-            await asyncio.sleep(0.5)
+            await until_uploading(url, 4 * 10_000)  # the four hold their reservations (a loaded machine is slow)
             assert await put(a, senders[4], b"\0" * 10_000) == 409  # busy: the network's 4 are open
             assert await put(other, senders[4], b"\0" * 10_000) == 201  # another network: stored
             await asyncio.gather(*held)
