@@ -103,9 +103,9 @@ class DcNet:
                                "--udp-port", str(port), "--http-port", "0", "--stream-port", "0",
                                "--advertise", f"127.0.0.1:{port}",
                                *(["--advertise", f"[::1]:{port}"] if has_ipv6_loopback() else []),
-                               "--capture", str(self.workdir / "relay-capture.hex")],
+                               "--capture", str(self.workdir / "relay-capture.hex"), "--data-dir", str(self.workdir)],
                         self.workdir / "rs.log").start()
-        self.relays = [self.rs.ready["http"]]
+        self.relays = [self.rs.ready["control"]]  # its URL and its certificate's pin
         return self.rs
 
     def stop(self) -> None:
