@@ -147,6 +147,33 @@ def raw_http() -> aiohttp.ClientSession:
     return aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=False))
 
 
+class RecordingProxy:
+    """A TCP proxy on 127.0.0.1 that keeps every byte it passes, both ways: an on-path observer
+    (`start()` gives its port; `seen` what crossed)."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream, self.seen = upstream, bytearray()
+
+    async def pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                self.seen += data
+                writer.write(data)
+                await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_r, up_w = await asyncio.open_connection(*self.upstream)
+        await asyncio.gather(self.pipe(reader, up_w), self.pipe(up_r, writer))
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
+        return self.server.sockets[0].getsockname()[1]
+
+
 @contextlib.asynccontextmanager
 async def local_app(app: web.Application):
     """Serve an aiohttp app on 127.0.0.1 and a free port; yields its base URL (a stub DC, a proxy)."""

@@ -29,35 +29,9 @@ from rs.__main__ import main as rs_main
 from rs.server import seen_advertise
 from scripts.anvil import DEV_KEYS, Anvil
 from scripts.procs import Child
-from tests.dcnet import local_app
+from tests.dcnet import RecordingProxy, local_app
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
-
-
-class Recorder:
-    """A TCP proxy on 127.0.0.1 that keeps every byte it passes, both ways (the on-path observer)."""
-
-    def __init__(self, upstream: tuple[str, int]) -> None:
-        self.upstream, self.seen = upstream, bytearray()
-
-    async def pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while data := await reader.read(65536):
-                self.seen += data
-                writer.write(data)
-                await writer.drain()
-        except OSError:
-            pass
-        finally:
-            writer.close()
-
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_r, up_w = await asyncio.open_connection(*self.upstream)
-        await asyncio.gather(self.pipe(reader, up_w), self.pipe(up_r, writer))
-
-    async def start(self) -> int:
-        self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
-        return self.server.sockets[0].getsockname()[1]
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -146,7 +120,7 @@ async def test_an_on_path_observer_sees_no_path_token(relay):
     appears; the control, the same proxy before a plain HTTP listener, records the hex token
     (so the recording would see it)."""
     port = int(relay.rs.ready["http"].rsplit(":", 1)[1])
-    observer = Recorder(("127.0.0.1", port))
+    observer = RecordingProxy(("127.0.0.1", port))
     fed = federation(relay.dc_key)
     token = os.urandom(32)
     try:
@@ -155,7 +129,7 @@ async def test_an_on_path_observer_sees_no_path_token(relay):
         assert booking.created and len(observer.seen) > 1000
         assert token not in observer.seen and token.hex().encode() not in observer.seen
         async with local_app(web.Application()) as plain:  # the control: a plain listener, 404 to all
-            control = Recorder(("127.0.0.1", int(plain.rsplit(":", 1)[1])))
+            control = RecordingProxy(("127.0.0.1", int(plain.rsplit(":", 1)[1])))
             with pytest.raises(FederationError):
                 await fed.book_relay(f"http://127.0.0.1:{await control.start()}", direction(token))
             assert token.hex().encode() in control.seen
