@@ -13,6 +13,7 @@ import struct
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -255,15 +256,21 @@ async def test_bad_arguments_exit_nonzero(tmp_path):
     assert "--deployment: expected a readable file" in proc.log_tail()
 
 
+async def one_dc(chain_url: str, tmp: Path):
+    """The registry deployed with DEV_KEYS[1] admitted as a DC: (its key, the deployment file)."""
+    owner = await Registry.deploy(chain_url, DEV_KEYS[0])
+    dc_key = keys.private_key(DEV_KEYS[1])
+    await owner.admit_dc(keys.node_id_of(dc_key), "dc1", "https://127.0.0.1:1")
+    deployment = tmp / "deployment.json"
+    deployment.write_text(json.dumps({"chain_id": owner.chain_id, "registry": keys.checksum(owner.address)}))
+    await owner.close()
+    return dc_key, deployment
+
+
 async def test_ipv4_only_socket_and_default_advertise(tmp_path):
     """--udp-host 0.0.0.0 (machines without IPv6): IPv4 socket, advertised endpoints derived."""
     with Anvil() as chain:
-        owner = await Registry.deploy(chain.url, DEV_KEYS[0])
-        dc_key = keys.private_key(DEV_KEYS[1])
-        await owner.admit_dc(keys.node_id_of(dc_key), "dc1", "http://127.0.0.1:1")
-        deployment = tmp_path / "deployment.json"
-        deployment.write_text(json.dumps({"chain_id": owner.chain_id, "registry": keys.checksum(owner.address)}))
-        await owner.close()
+        dc_key, deployment = await one_dc(chain.url, tmp_path)
         rs = Child("rs", ["--rpc-url", chain.url, "--deployment", str(deployment), "--udp-host", "0.0.0.0",
                           "--udp-port", "0", "--http-port", "0", "--stream-port", "0", "--data-dir", str(tmp_path)],
                    tmp_path / "rs4.log").start()

@@ -9,7 +9,6 @@ names, and an on-path observer (a recording TCP proxy) between the DC and the re
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import socket
@@ -19,7 +18,6 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
-from chain.registry import Registry
 from daemon import tlspin
 from dc.federation import FederationClient, FederationError
 from dc.signaling import Signaling
@@ -27,9 +25,10 @@ from ntm import envelope, keys, messages
 from ntm.clock import SYSTEM
 from rs.__main__ import main as rs_main
 from rs.server import seen_advertise
-from scripts.anvil import DEV_KEYS, Anvil
+from scripts.anvil import Anvil
 from scripts.procs import Child
 from tests.dcnet import RecordingProxy, local_app
+from tests.test_rs import one_dc
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -39,12 +38,7 @@ async def relay(tmp_path_factory):
     """anvil with one admitted DC, a real relay (its certificate made in its data dir)."""
     tmp = tmp_path_factory.mktemp("rstls")
     with Anvil() as chain:
-        owner = await Registry.deploy(chain.url, DEV_KEYS[0])
-        dc_key = keys.private_key(DEV_KEYS[1])
-        await owner.admit_dc(keys.node_id_of(dc_key), "dc1", "https://127.0.0.1:1")
-        deployment = tmp / "deployment.json"
-        deployment.write_text(json.dumps({"chain_id": owner.chain_id, "registry": keys.checksum(owner.address)}))
-        await owner.close()
+        dc_key, deployment = await one_dc(chain.url, tmp)
         rs = await asyncio.to_thread(Child("rs", [
             "--rpc-url", chain.url, "--deployment", str(deployment), "--udp-host", "::", "--udp-port", "0",
             "--http-port", "0", "--stream-port", "0", "--data-dir", str(tmp / "rs")], tmp / "rs.log").start)
