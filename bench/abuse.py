@@ -25,6 +25,9 @@
                                       to a victim 64 admitted identities flood with directions
   cs_bytes_over_quota_concurrent      bytes a real Cache Server stores beyond one sender's 1 MB quota
                                       when it starts 12 uploads of 300 kB at once (target 0; was 2 MB)
+  relay_tokens_in_clear               Relay Directions' path tokens (raw or hex) a recording proxy between
+                                      the DC side and a real RS reads, of 100 (target 0; was every one
+                                      while DC → RS was plain HTTP)
   secrets_in_clear                    keepalive token and relay side key occurrences an on-path
                                       attacker (a proxy in the node's NAT router, tests/lab/onpath.py)
                                       finds in what it relayed of the node↔DC channel (target 0;
@@ -41,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -54,7 +58,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-from dc.federation import FederationClient  # noqa: E402
+from dc.federation import FederationClient, FederationError  # noqa: E402
 from dc.presence import Presence  # noqa: E402
 from node.agent import Node  # noqa: E402
 from node.dc_client import DcClient, DcError  # noqa: E402
@@ -63,7 +67,7 @@ from ntm.handshake import Initiator  # noqa: E402
 from ntm.tunnel import Session  # noqa: E402
 from scripts.anvil import Anvil  # noqa: E402
 from scripts.procs import Child  # noqa: E402
-from tests.dcnet import CountingRpc, DcNet, raw_http, register  # noqa: E402
+from tests.dcnet import CountingRpc, DcNet, RecordingProxy, raw_http, register  # noqa: E402
 from tests.test_budgets import (FLOODERS, SYBIL_EACH, SYBIL_SOURCES, dc_for_outsiders,  # noqa: E402
                                 legit_connects_under_flood, new_node_budget, sybil_burst)
 from tests.test_cs import STRICT_CS, concurrent_uploads  # noqa: E402
@@ -129,15 +133,21 @@ def keepalive_log_lines() -> int:
     return len(lines)
 
 
-async def chain_calls(tmp: Path, lookups: int = LOOKUPS) -> tuple[float, float]:
-    """eth_call per random whois at a real DC, and per fresh-key relay direction at a real RS."""
+async def chain_calls(tmp: Path, lookups: int = LOOKUPS) -> tuple[float, float, int]:
+    """eth_call per random whois at a real DC, and per fresh-key relay direction at a real RS; and
+    how many of those directions' path tokens a recording proxy between the DC side and the RS
+    read (its control channel is TLS pinned by the relay's certificate, §5)."""
     with Anvil() as chain:
         async with CountingRpc(chain.url) as rpc:
             net = DcNet(tmp, types.SimpleNamespace(url=rpc.url))
             await net.deploy(1)
             await asyncio.to_thread(net.start_dc, 0)
             rs = await asyncio.to_thread(Child("rs", ["--rpc-url", rpc.url, "--deployment", str(net.deployment),
-                                                      "--udp-port", "0", "--http-port", "0"], tmp / "rs.log").start)
+                                                      "--udp-port", "0", "--http-port", "0", "--data-dir", str(tmp)],
+                                                     tmp / "rs.log").start)
+            observer = RecordingProxy(("127.0.0.1", int(rs.ready["http"].rsplit(":", 1)[1])))
+            relay_url = f"https://127.0.0.1:{await observer.start()}#{rs.ready['pin']}"
+            tokens = [os.urandom(32) for _ in range(lookups)]
             try:
                 async with DcClient(net.urls[0]) as dc, raw_http() as http:
                     before = rpc.calls["eth_call"]
@@ -147,19 +157,19 @@ async def chain_calls(tmp: Path, lookups: int = LOOKUPS) -> tuple[float, float]:
                     whois = (rpc.calls["eth_call"] - before) / lookups
                     before = rpc.calls["eth_call"]
                     ids = [keys.checksum(keys.node_id_of(keys.generate())) for _ in range(2)]
-                    for _ in range(lookups):
+                    for token in tokens:
                         fed = FederationClient(keys.generate(), lambda _a: True, envelope.ReplayGuard(), http=http)
-                        body = messages.RelayDirection(os.urandom(8).hex(), os.urandom(32).hex(), ids,
+                        body = messages.RelayDirection(os.urandom(8).hex(), token.hex(), ids,
                                                        time.time_ns() // 1_000_000 + 60_000, 1000)
-                        try:
-                            await fed.book_relay(rs.ready["http"], body)
-                        except Exception:  # noqa: BLE001 - refused, as expected
-                            pass
+                        with contextlib.suppress(FederationError):  # refused (untrusted_dc), as expected
+                            await fed.book_relay(relay_url, body)
                     directions = (rpc.calls["eth_call"] - before) / lookups
+                    assert rs.log_tail(200).count("untrusted_dc") >= lookups, "the directions did not reach the relay"
+                    in_clear = sum(t in observer.seen or t.hex().encode() in observer.seen for t in tokens)
             finally:
                 await asyncio.to_thread(rs.stop)
                 await asyncio.to_thread(net.stop)
-    return whois, directions
+    return whois, directions, in_clear
 
 
 LIES = 7  # third-party addresses the attacker announces as its own
@@ -306,9 +316,10 @@ def main() -> None:
     print(f"replayed_handshake_cpu_us: {replayed:.1f}")
     print(f"junk_datagram_cpu_us: {junk:.1f}")
     with tempfile.TemporaryDirectory() as tmp:
-        whois, directions = asyncio.run(chain_calls(Path(tmp), lookups))
+        whois, directions, relay_tokens = asyncio.run(chain_calls(Path(tmp), lookups))
     print(f"chain_calls_per_random_whois: {whois:g}")
     print(f"chain_calls_per_fresh_key_direction: {directions:g}")
+    print(f"relay_tokens_in_clear: {relay_tokens}")
     print(f"keepalive_log_lines_per_1000_forged: {keepalive_log_lines()}")
     with tempfile.TemporaryDirectory() as tmp:
         found = asyncio.run(at_one_dc(Path(tmp), sizes))

@@ -5,7 +5,7 @@
                         windows of WINDOW datagrams (next window when the previous arrived or
                         after LOSS_WAIT), IPv4 sender to IPv6 receiver through the dual-stack socket
   relay_pps             datagrams per second delivered in the same run
-  direction_ms_p50      POST /v1/relay-directions round trip (signature + cached trust check)
+  direction_ms_p50      POST /v1/relay-directions round trip over the pinned TLS channel (signature + cached trust check)
 
 usage: python bench/relay.py [--seconds 2.5] [--payload 1200] [--quick]
 `--quick`: 0.3 s per measurement and 5 directions: the same code paths (make test).
@@ -75,7 +75,8 @@ async def through_process(seconds: float, payload: int, directions: int = 50) ->
         dep = Path(tmp) / "deployment.json"
         dep.write_text(json.dumps({"chain_id": owner.chain_id, "registry": keys.checksum(owner.address)}))
         await owner.close()
-        rs = Child("rs", ["--rpc-url", chain.url, "--deployment", str(dep), "--udp-port", "0", "--http-port", "0"],
+        rs = Child("rs", ["--rpc-url", chain.url, "--deployment", str(dep), "--udp-port", "0", "--http-port", "0",
+                          "--data-dir", tmp],
                    Path(tmp) / "rs.log").start()
         try:
             port = rs.ready["udp_port"]
@@ -90,10 +91,10 @@ async def through_process(seconds: float, payload: int, directions: int = 50) ->
                 fed = FederationClient(dc_key, lambda _a: True, envelope.ReplayGuard(), http=http)
                 for _ in range(directions):
                     t0 = time.perf_counter()
-                    await fed.book_relay(rs.ready["http"], direction(os.urandom(8), os.urandom(32)))
+                    await fed.book_relay(rs.ready["control"], direction(os.urandom(8), os.urandom(32)))
                     times.append((time.perf_counter() - t0) * 1000)
                 path, token = os.urandom(8), os.urandom(32)
-                await fed.book_relay(rs.ready["http"], direction(path, token))
+                await fed.book_relay(rs.ready["control"], direction(path, token))
             out["direction_ms_p50"] = statistics.median(times[1:])
             a = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             a.bind(("127.0.0.1", 0))

@@ -5,6 +5,10 @@ Server side: `ensure_certificate` makes a DC's self-signed certificate once (no 
 chain key vouches for it in /v1/info), `server_context` loads it. Client side: `pin` learns,
 once per URL and expected chain address, the certificate a server presents, checks its binding,
 and hands back an aiohttp fingerprint that every later request and WebSocket must match.
+
+A relay has no chain key: it makes its certificate the same way and its operator hands the DCs
+its pin (`pin_of`, `ntm-rs --print-pin`) in the relay's URL, `https://host:port#sha256=<hex>`
+(`relay_target`; §5 "The relay's control channel").
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import hashlib
 import logging
 import os
 import ssl
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -35,6 +40,9 @@ log = logging.getLogger("ntm.tls")
 CERT_VALID_DAYS = 3650
 # Plain HTTP is for development only; every process that allows it says so with this flag.
 INSECURE_FLAG = "--insecure-plain-http"
+# A relay's pin, after `#` in its URL: the SHA-256 of its certificate (DER), what aiohttp's
+# Fingerprint checks. The whole certificate, not its key: rotating it is deleting the files.
+PIN_HASH = "sha256"
 
 
 class ChannelError(CodedError):
@@ -57,7 +65,7 @@ def ensure_certificate(cert: Path, key_path: Path, name: str) -> tuple[Path, Pat
         f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                   serialization.NoEncryption()))
     cert.write_bytes(der.public_bytes(serialization.Encoding.PEM))
-    log.info("made a TLS certificate in %s (bound to the chain key in /v1/info)", cert)
+    log.info("made a TLS certificate in %s", cert)
     return cert, key_path
 
 
@@ -65,9 +73,67 @@ def server_context(cert: Path, key: Path) -> tuple[ssl.SSLContext, bytes]:
     """The server TLS context and the DER of the leaf certificate it presents (what the binding signs)."""
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.load_cert_chain(cert, key)
+    return ctx, leaf_der(cert)
+
+
+def leaf_der(cert: Path) -> bytes:
+    """The DER of the first (leaf) certificate of a PEM file; ValueError if it holds none."""
     pem = cert.read_text()
     end = "-----END CERTIFICATE-----"
-    return ctx, ssl.PEM_cert_to_DER_cert(pem[:pem.index(end) + len(end)])  # the leaf: first of the chain
+    if end not in pem:
+        raise ValueError(f"{cert} holds no PEM certificate")
+    return ssl.PEM_cert_to_DER_cert(pem[:pem.index(end) + len(end)])
+
+
+def pin_of(der: bytes) -> str:
+    """A relay certificate's pin as operators write it after `#` in a relay URL: sha256=<hex>."""
+    return f"{PIN_HASH}={hashlib.sha256(der).hexdigest()}"
+
+
+@dataclass(frozen=True)
+class RelayTarget:
+    """A relay's control API as a DC names it: `base` (scheme://host:port) and what its TLS
+    certificate must hash to (`sha256`), or the file holding that certificate (`cert`, e.g. the
+    relay's own on a shared volume); neither for plain http:// (development only)."""
+
+    base: str
+    sha256: bytes | None = None
+    cert: Path | None = None
+
+    @property
+    def plain(self) -> bool:
+        return self.sha256 is None and self.cert is None
+
+    def ssl(self) -> aiohttp.Fingerprint | bool:
+        """aiohttp's `ssl=`: the pinned fingerprint, or True for plain http:// (no TLS at all).
+        ValueError if the certificate file named is unreadable or holds no certificate."""
+        if self.cert is not None:
+            try:
+                return aiohttp.Fingerprint(hashlib.sha256(leaf_der(self.cert)).digest())
+            except OSError as exc:
+                raise ValueError(f"cannot read the relay certificate {self.cert}: {exc.strerror or exc}") from None
+        return True if self.plain else aiohttp.Fingerprint(self.sha256)
+
+
+def relay_target(url: str) -> RelayTarget:
+    """Parse a relay URL: `https://host:port#sha256=<64 hex>` (the pin `ntm-rs --print-pin` shows)
+    or `https://host:port#cert=<PEM file>`, or `http://host:port` (plain: development only).
+    ValueError, saying what is expected, for anything else (reads no file)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"relay {url!r}: expected https://HOST:PORT#{PIN_HASH}=PIN")
+    base = f"{parts.scheme}://{parts.netloc}"
+    name, _, value = parts.fragment.partition("=")
+    if parts.scheme == "http":
+        if parts.fragment:
+            raise ValueError(f"relay {url!r}: a pin needs https://")
+        return RelayTarget(base)
+    if name == PIN_HASH and len(value) == 64 and all(c in "0123456789abcdefABCDEF" for c in value):
+        return RelayTarget(base, sha256=bytes.fromhex(value))
+    if name == "cert" and value:
+        return RelayTarget(base, cert=Path(value))
+    raise ValueError(f"relay {url!r}: expected its pin after '#', {PIN_HASH}=<64 hex digits> (`ntm-rs --print-pin` "
+                     "on the relay's machine) or cert=<its certificate file>")
 
 
 class TlsSockSite(web.SockSite):

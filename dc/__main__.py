@@ -156,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     service.setup_logging(args.verbose)
     try:
         cfg = dc_config.load(args)
+        for url in cfg.relays:  # a relay pinned by its certificate file: the file is readable now
+            dc_config.relay_target(url, True).ssl()
     except ValueError as exc:
         print(f"ntm-dc: {exc}", file=sys.stderr)
         return 2

@@ -9,7 +9,7 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from daemon import startup
+from daemon import startup, tlspin
 from daemon.service import HTTP_IDLE_TIMEOUT_S, daemon_parser
 from dc.coordinator import NEW_NODES_PER_HOUR
 
@@ -61,7 +61,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--db", type=startup.creatable_path, help="SQLite file (default dc.sqlite)")
     p.add_argument("--cs", metavar="URL", type=startup.http_url, help="this DC's Cache Server (ntm-cs), as nodes reach it")
     p.add_argument("--relay", dest="relays", action="append", metavar="URL", type=startup.http_url,
-                   help="a relay's control API (ntm-rs --http-host/--http-port), e.g. http://127.0.0.1:8340 (repeatable)")
+                   help="a relay's control API and its certificate's pin (`ntm-rs --print-pin`), e.g. "
+                   "https://127.0.0.1:8340#sha256=<hex>, or #cert=<the relay's certificate file> (repeatable; "
+                   "http:// only with --insecure-plain-http)")
     p.add_argument("--new-nodes-per-hour", type=startup.positive, metavar="N",
                    help=f"gas budget: new nodes registered per hour, a fifth of it at once (default {NEW_NODES_PER_HOUR:.0f})")
     p.add_argument("--confirmations", type=startup.positive_int, metavar="N",
@@ -126,6 +128,19 @@ def load(args: argparse.Namespace) -> DcConfig:
             startup.http_url(str(url))
     except argparse.ArgumentTypeError as exc:
         raise ValueError(f"{exc}") from None
+    for url in values.get("relays", []):
+        relay_target(str(url), bool(values.get("insecure_plain_http")))
     if int(values.get("confirmations", 1)) < 1:
         raise ValueError("confirmations must be at least 1")
     return DcConfig(**values)
+
+
+def relay_target(url: str, plain_allowed: bool) -> tlspin.RelayTarget:
+    """A --relay URL checked (ValueError): pinned https://, or http:// with --insecure-plain-http,
+    as a Relay Direction's path token (both nodes' relay keys) crosses this channel (§5)."""
+    target = tlspin.relay_target(url)
+    if target.plain and not plain_allowed:
+        raise ValueError(f"relay {url}: plain http:// would carry relay path tokens in clear; name it as "
+                         f"https://HOST:PORT#{tlspin.PIN_HASH}=PIN (`ntm-rs --print-pin`), or for development "
+                         f"only add {tlspin.INSECURE_FLAG}")
+    return target

@@ -70,7 +70,8 @@ class FederationProbe:
     async def _relay(self, http: aiohttp.ClientSession, url: str) -> None:
         """Learn a relay's stream URLs (its /v1/info), for /v1/info's relay_streams."""
         try:
-            async with http.get(url.rstrip("/") + "/v1/info") as r:
+            target = tlspin.relay_target(url)  # over TLS pinned by --relay, as bookings are
+            async with http.get(target.base + "/v1/info", ssl=target.ssl()) as r:
                 info = await r.json()
             self.c.relay_streams[url] = messages.decode(messages.StreamUrls, info.get("streams", []))
         except (aiohttp.ClientError, OSError, TimeoutError, ValueError, AttributeError, ParseError):

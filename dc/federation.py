@@ -70,24 +70,32 @@ class FederationClient:
         """`body` signed by this DC as an envelope of `kind`."""
         return envelope.seal(self.key, kind, messages.encode(body), self.clock.wall_ms())
 
-    async def _http_post(self, url: str, body: dict, peer: bytes | None) -> tuple[int, Any]:
-        """POST over TLS pinned to `peer`'s chain key (https://; daemon/tlspin.py), or plain http://."""
+    async def _http_post(self, url: str, body: dict, peer: bytes | None, pinned: aiohttp.Fingerprint | None
+                         ) -> tuple[int, Any]:
+        """POST over TLS pinned to `peer`'s chain key (https://; daemon/tlspin.py) or to the
+        fingerprint `pinned` (a relay's), or plain http://."""
         parts = urlsplit(url)
         base = f"{parts.scheme}://{parts.netloc}"
-        tls = await tlspin.ssl_for(self.http, base, peer, FEDERATION_TIMEOUT_S)
+        tls = pinned or await tlspin.ssl_for(self.http, base, peer, FEDERATION_TIMEOUT_S)
         try:
             async with self.http.post(url, json=body, ssl=tls) as resp:
                 return resp.status, await resp.json(content_type=None)
         except aiohttp.ServerFingerprintMismatch:
+            if pinned:  # the operator's pin, not a binding to learn again: an impostor (or a new certificate)
+                raise tlspin.ChannelError("relay_unauthenticated",
+                                          f"{base} presented a certificate that is not its pin") from None
             tlspin.forget(base)  # a rotated certificate is checked afresh next time
             raise
 
-    async def post(self, url: str, body: dict, who: str, answer: type[T] = dict, peer: bytes | None = None) -> T:
+    async def post(self, url: str, body: dict, who: str, answer: type[T] = dict, peer: bytes | None = None,
+                   pinned: aiohttp.Fingerprint | None = None) -> T:
         """POST JSON to a peer (DC or relay); FederationError unless it answers 200 with `answer`.
-        `peer`: its chain address, which an https:// peer's certificate must be bound to."""
+        `peer`: its chain address, which an https:// peer's certificate must be bound to; `pinned`:
+        the fingerprint its certificate must have instead (a relay's)."""
         call = urlsplit(url).path
         try:
-            status, data = await (self.transport(url, body) if self.transport else self._http_post(url, body, peer))
+            status, data = await (self.transport(url, body) if self.transport
+                                  else self._http_post(url, body, peer, pinned))
         except tlspin.ChannelError as exc:
             self.count(call, "unreachable")
             raise FederationError(f"{who}: {exc}", exc.code) from None
@@ -120,7 +128,14 @@ class FederationClient:
                         f"home DC {keys.checksum(home_dc)}", peer=home_dc)
 
     async def book_relay(self, url: str, direction: messages.RelayDirection) -> messages.RelayBooking:
-        """Send a signed Relay Direction to the RS at `url` (its control API). Idempotent for the
-        same path and token; FederationError (with the RS's code and status) if refused."""
-        return await self.post(f"{url.rstrip('/')}/v1/relay-directions", self.seal(messages.RELAY_DIRECTION, direction),
-                               f"relay {url}", messages.RelayBooking)
+        """Send a signed Relay Direction to the RS at `url` (its control API and pin, as --relay
+        names it). Idempotent for the same path and token; FederationError (with the RS's code and
+        status; `relay_unauthenticated`: it presented another certificate) if refused."""
+        try:
+            target = tlspin.relay_target(url)
+            tls = target.ssl()
+        except ValueError as exc:  # its certificate file went missing since the start
+            raise FederationError(f"relay {url}: {exc}", "relay_unauthenticated") from None
+        return await self.post(f"{target.base}/v1/relay-directions", self.seal(messages.RELAY_DIRECTION, direction),
+                               f"relay {target.base}", messages.RelayBooking,
+                               pinned=tls if isinstance(tls, aiohttp.Fingerprint) else None)

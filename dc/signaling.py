@@ -96,6 +96,7 @@ class Signaling:
         self.rate = Buckets(*DIRECTIONS_PER_NODE, max_keys=RATE_NODES_KEPT)
         # (node, path) → the push waiting for that node's DirectionAck: the node's refusal or None
         self._acks: dict[tuple[bytes, bytes], asyncio.Future[str | None]] = {}
+        self.impostors: set[str] = set()  # relays whose certificate is not their pin, logged once each
 
     async def peer_info(self, peer: bytes) -> tuple[messages.NodeInfo, bytes]:
         """The peer's verified info and its home DC; DirectionError if it cannot be reached."""
@@ -118,9 +119,14 @@ class Signaling:
             try:
                 answer = await self.c.federation.book_relay(url, body)
             except FederationError as exc:
-                log.warning("relay %s refused path: %s", url, exc)
                 self.counters["relay_booking_failures"] += 1
+                if exc.code != "relay_unauthenticated":
+                    log.warning("relay %s refused path: %s", url, exc)
+                elif url not in self.impostors:  # once: every booking tries it again, as for a relay down
+                    self.impostors.add(url)
+                    log.error("%s: treated as down (§5 \"The relay's control channel\")", exc)
                 continue
+            self.impostors.discard(url)
             self.counters["relay_bookings"] += 1
             self.c.relay_streams[url] = list(answer.streams)
             return token, list(answer.relay), list(answer.streams)

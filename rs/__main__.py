@@ -1,7 +1,8 @@
 """`ntm-rs` / `python -m rs`: run a Relay Server until SIGINT/SIGTERM.
 
-On start it prints one JSON line on stdout ({"event": "ready", "udp_port", "http", "relay", "pid", ...})
-for scripts and tests; everything else is logged to stderr, one line per event (path added,
+On start it prints one JSON line on stdout ({"event": "ready", "udp_port", "http", "pin", "control",
+"relay", "pid", ...}) for scripts and tests (`control` is what a DC's --relay names: the control
+API's URL and its certificate's pin); everything else is logged to stderr, one line per event (path added,
 side bound or moved, path removed, direction refused).
 """
 
@@ -15,11 +16,12 @@ import logging
 import os
 import ssl
 import sys
+from pathlib import Path
 
 from aiohttp import web
 
 from chain.registry import connect_registry
-from daemon import service, startup
+from daemon import service, startup, tlspin
 from ntm import keys, messages
 from ntm.errors import NtmError, ParseError
 from daemon.service import udp_socket
@@ -64,16 +66,24 @@ def _stream_url(text: str) -> str:
 def parser() -> argparse.ArgumentParser:
     p = service.daemon_parser("ntm-rs", "Run a Relay Server: relays tunnel datagrams between two nodes on paths "
                               "that active DCs (checked on chain) ask for; never holds a tunnel key.",
-                              chain_required=True)
+                              chain_required=False)  # required unless --print-pin (main)
     p.add_argument("--udp-host", default="::",
                    help="relay UDP listen address (default '::', dual-stack: IPv4 and IPv6 nodes on one port; "
                    "'0.0.0.0' on machines without IPv6)")
     p.add_argument("--udp-port", type=startup.port, default=DEFAULT_UDP_PORT, help=f"relay UDP port (default {DEFAULT_UDP_PORT}; 0 = any)")
     p.add_argument("--http-host", default="127.0.0.1", help="control API listen address (default 127.0.0.1)")
     p.add_argument("--http-port", type=startup.port, default=DEFAULT_HTTP_PORT, help=f"control API port (default {DEFAULT_HTTP_PORT}; 0 = any)")
+    p.add_argument("--data-dir", type=startup.creatable_path, default=Path("."), metavar="DIR",
+                   help="where the control API's TLS certificate and key are made at first start and kept "
+                   "(default: the current directory)")
+    p.add_argument("--print-pin", action="store_true",
+                   help="print the certificate's pin (made if absent) and exit: DCs name this relay as "
+                   "--relay https://HOST:PORT#<pin>")
+    p.add_argument(tlspin.INSECURE_FLAG, action="store_true",
+                   help="serve the control API in plain HTTP (development only: relay path tokens cross in clear)")
     p.add_argument("--advertise", action="append", metavar="IP:PORT", type=_endpoint,
                    help="relay endpoint told to DCs and nodes (repeatable; '[v6]:port' for IPv6; "
-                   "default: derived from the bound address)")
+                   "default: the address each DC reached the control API at, else guessed from the bound address)")
     p.add_argument("--stream-host", default="",
                    help="stream listener address (tunnel packets over a WebSocket on TCP, for nodes whose network "
                    "blocks UDP; default: every address, IPv4 and IPv6)")
@@ -93,8 +103,23 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _http_url(host: str, port: int) -> str:
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+def _http_url(scheme: str, host: str, port: int) -> str:
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+
+
+def control_tls(args: argparse.Namespace) -> tuple[ssl.SSLContext | None, str | None]:
+    """The control API's TLS context and its pin (its certificate, made in --data-dir at first
+    start); (None, None) with --insecure-plain-http. A relay has no chain key, so DCs pin it by
+    the certificate's hash (§5 "The relay's control channel")."""
+    if args.insecure_plain_http:
+        tlspin.warn_plain("the relay's control API")
+        return None, None
+    try:
+        ctx, der = tlspin.server_context(*tlspin.ensure_certificate(
+            args.data_dir / "rs-tls-cert.pem", args.data_dir / "rs-tls-key.pem", "ntm-rs"))
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        raise NtmError(f"cannot make or load the control API's TLS certificate in {args.data_dir}: {exc}") from None
+    return ctx, tlspin.pin_of(der)
 
 
 async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
@@ -104,13 +129,17 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
         trust = DcTrust()
         await trust.load(registry)
         follower = asyncio.create_task(trust.follow(registry, dep["block"]), name="dc-events")
+        tls, pin = control_tls(args)
         sock = udp_socket(args.udp_host, args.udp_port)
         udp_port = sock.getsockname()[1]
         advertise = args.advertise or default_advertise(sock)
-        if not args.advertise and sock.getsockname()[0] in ("::", "0.0.0.0"):
-            logging.warning("no --advertise given: telling DCs %s (guessed from routes)", ", ".join(advertise))
+        guessed = not args.advertise and sock.getsockname()[0] in ("::", "0.0.0.0")
+        if guessed:
+            logging.warning("no --advertise given: telling each DC the address it reached the control API at, "
+                            "else %s (guessed from routes)", ", ".join(advertise))
         relay = Relay(RelayTable(max_paths=args.max_paths), trust, advertise, udp_port,
-                      chain_id=registry.chain_id, registry=registry.address, family=sock.family, capture=args.capture)
+                      chain_id=registry.chain_id, registry=registry.address, family=sock.family, capture=args.capture,
+                      advertise_guessed=guessed)
         if args.capture:
             logging.warning("--capture %s: every forwarded datagram is written to disk (debug only)", args.capture)
         loop = asyncio.get_running_loop()
@@ -122,17 +151,19 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
         await runner.setup()
         await stream_runner.setup()
         try:
-            site = web.TCPSite(runner, args.http_host, args.http_port)
+            site = tlspin.TlsSockSite(runner, service.tcp_listener(args.http_host, args.http_port), ssl_context=tls,
+                                      handshake_timeout=args.http_idle_timeout or service.HTTP_IDLE_TIMEOUT_S)
             await site.start()
             http_port = site._server.sockets[0].getsockname()[1]
+            http = _http_url("https" if tls else "http", args.http_host, http_port)
             if args.stream_port != "off":
                 relay.streams_advertise = await _start_stream(stream_runner, args, advertise)
-            ready = {"event": "ready", "udp_port": udp_port, "http": _http_url(args.http_host, http_port),
-                     "relay": advertise, "streams": relay.streams_advertise, "chain_id": registry.chain_id,
+            ready = {"event": "ready", "udp_port": udp_port, "http": http, "pin": pin,
+                     "control": f"{http}#{pin}" if pin else http, "relay": advertise, "streams": relay.streams_advertise, "chain_id": registry.chain_id,
                      "registry": keys.checksum(registry.address), "pid": os.getpid()}
             print(json.dumps(ready), flush=True)
             logging.info("relay serving udp %s port %d (advertised %s), control %s", args.udp_host, udp_port,
-                         ", ".join(advertise), ready["http"])
+                         ", ".join(advertise), ready["control"])
             await stop.wait()
         finally:
             logging.info("shutting down (%d paths)", len(relay.table.paths))
@@ -178,6 +209,16 @@ async def _start_stream(runner: web.AppRunner, args: argparse.Namespace, adverti
 def main(argv: list[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)
+    if args.print_pin:
+        service.setup_logging(args.verbose)
+        try:
+            print(control_tls(args)[1])
+        except NtmError as exc:
+            print(f"ntm-rs: {exc}", file=sys.stderr)
+            return startup.USAGE
+        return 0
+    if not (args.rpc_url and args.deployment):
+        p.error("--rpc-url and --deployment are required (unless --print-pin)")
     startup.check_paths(p, args)
     service.setup_logging(args.verbose)
     return service.run("ntm-rs", lambda stop: serve(args, stop))

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -56,6 +57,24 @@ def default_advertise(sock: socket.socket) -> list[str]:
     return found or [format_endpoint(lo, port) for lo in ("127.0.0.1", "::1")[:len(versions)]]
 
 
+def seen_advertise(guessed: list[str], seen_host: str, udp_port: int, family: int) -> list[str]:
+    """The endpoints to tell a DC that reached the control API at `seen_host` (the host of its
+    URL, from the Host header) when no --advertise was given (§8.2 "Where the relay is"): that
+    address with the relay's UDP port, in place of the guesses of its IP version; the guesses alone
+    if it says nothing about where nodes reach us (a name, loopback, link-local, a version the
+    UDP socket does not serve). Behind TLS pinned by the DC the address is one the DC verified
+    reaches this relay, as it sees it (a host with a 1:1 NAT included, which the guess misses)."""
+    try:
+        ip = ipaddress.ip_address(seen_host.strip("[]"))
+    except ValueError:
+        return guessed
+    if (ip.is_loopback or ip.is_link_local or ip.is_unspecified or ip.is_multicast
+            or (ip.version == 6 and family != socket.AF_INET6)):
+        return guessed
+    others = [e for e in guessed if ipaddress.ip_address(parse_endpoint(e)[0]).version != ip.version]
+    return [format_endpoint(str(ip), udp_port), *others]
+
+
 # ---------------------------------------------------------------------- relay state
 
 
@@ -72,6 +91,7 @@ class Relay:
     registry: bytes = b""
     family: int = socket.AF_INET6
     capture: Path | None = None
+    advertise_guessed: bool = False  # no --advertise: each DC is told the address it reached us at
     guard: envelope.ReplayGuard = field(default_factory=envelope.ReplayGuard)
     clock: Callable[[], float] = time.monotonic  # the table's clock (monotonic seconds)
     wall_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000
@@ -111,6 +131,12 @@ class Relay:
         except OSError as exc:
             self.udp_errors += 1
             log.debug("send to %s failed: %s", display(dest), exc)
+
+    def advertise_to(self, request: web.Request) -> list[str]:
+        """The UDP endpoints to answer this DC's booking with (--advertise, else seen_advertise)."""
+        if not self.advertise_guessed:
+            return self.advertise
+        return seen_advertise(self.advertise, urlsplit(f"//{request.host}").hostname or "", self.udp_port, self.family)
 
     def refuse(self, status: int, code: str, message: str) -> web.Response:
         self.directions["refused"] += 1
@@ -213,7 +239,7 @@ async def handle_direction(request: web.Request) -> web.Response:
     relay.directions["accepted"] += 1
     relay.log_events()
     return web.json_response(messages.encode(messages.RelayBooking(
-        path.path_id.hex(), relay.advertise, created, now_ms + int((path.expires_at - now) * 1000), path.max_bytes,
+        path.path_id.hex(), relay.advertise_to(request), created, now_ms + int((path.expires_at - now) * 1000), path.max_bytes,
         relay.streams_advertise)))
 
 

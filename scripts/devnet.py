@@ -248,12 +248,12 @@ class Devnet:
         rs_args = ["--rpc-url", self.rpc_url, "--deployment", str(dep_path),
                    "--udp-host", "::" if v6 else "0.0.0.0", "--udp-port", str(self.ports.rs_udp),
                    "--http-host", self.host, "--http-port", str(self.ports.rs_http),
-                   "--stream-port", "0"]
+                   "--stream-port", "0", "--data-dir", str(self.data_dir)]
         for a in advertise:
             rs_args += ["--advertise", a]
         self.rs = Child("rs", rs_args, self.data_dir / "rs.log", prefix=_setsid(), die_with_parent=True)
         self._child_start(self.rs, "rs")
-        relays = [self.rs.ready["http"]]
+        relays = [self.rs.ready["control"]]  # its URL and its certificate's pin
         for i, (name, (key_path, _)) in enumerate(zip(names, dc_keys)):
             http = getattr(self.ports, name)
             udp = getattr(self.ports, f"{name}_udp")

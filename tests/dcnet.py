@@ -103,9 +103,9 @@ class DcNet:
                                "--udp-port", str(port), "--http-port", "0", "--stream-port", "0",
                                "--advertise", f"127.0.0.1:{port}",
                                *(["--advertise", f"[::1]:{port}"] if has_ipv6_loopback() else []),
-                               "--capture", str(self.workdir / "relay-capture.hex")],
+                               "--capture", str(self.workdir / "relay-capture.hex"), "--data-dir", str(self.workdir)],
                         self.workdir / "rs.log").start()
-        self.relays = [self.rs.ready["http"]]
+        self.relays = [self.rs.ready["control"]]  # its URL and its certificate's pin
         return self.rs
 
     def stop(self) -> None:
@@ -145,6 +145,33 @@ def raw_http() -> aiohttp.ClientSession:
     """A client that checks no certificate: for tests that poke a DC's handlers with raw requests
     (what its channel authenticates is tested in tests/test_dc_tls.py)."""
     return aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=False))
+
+
+class RecordingProxy:
+    """A TCP proxy on 127.0.0.1 that keeps every byte it passes, both ways: an on-path observer
+    (`start()` gives its port; `seen` what crossed)."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream, self.seen = upstream, bytearray()
+
+    async def pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                self.seen += data
+                writer.write(data)
+                await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_r, up_w = await asyncio.open_connection(*self.upstream)
+        await asyncio.gather(self.pipe(reader, up_w), self.pipe(up_r, writer))
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
+        return self.server.sockets[0].getsockname()[1]
 
 
 @contextlib.asynccontextmanager

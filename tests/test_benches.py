@@ -37,7 +37,7 @@ NUMBER = re.compile(r"^-?\d+(\.\d+)?([eE][-+]?\d+)?$")
 # What each bench documents and must print (in quick mode: groups measures n = 10 only).
 METRICS: dict[str, tuple[str, ...]] = {
     "abuse": ("forged_handshake_cpu_us", "replayed_handshake_cpu_us", "junk_datagram_cpu_us",
-              "chain_calls_per_random_whois", "chain_calls_per_fresh_key_direction",
+              "chain_calls_per_random_whois", "chain_calls_per_fresh_key_direction", "relay_tokens_in_clear",
               "keepalive_log_lines_per_1000_forged", "reflection_amplification", "reflection_amplification_shared_ip",
               "direction_flood_rss_growth_mb", "direction_flood_refused_share",
               "newcomer_registrations_left_after_sybil", "connect_p99_ms_under_flood", "cs_bytes_over_quota_concurrent"),

@@ -292,7 +292,7 @@ def test_ctrl_c_while_a_server_starts_is_one_line_and_exit_130(tmp_path, silent_
         "ntm-dc": ["-m", "dc", "--key-file", str(key), "--rpc-url", chain, "--deployment", str(deployment),
                    "--db", str(tmp_path / "dc.sqlite"), "--http-port", "0", "--udp-port", "0"],
         "ntm-rs": ["-m", "rs", "--rpc-url", chain, "--deployment", str(deployment), "--udp-port", "0",
-                   "--http-port", "0", "--stream-port", "off"],
+                   "--http-port", "0", "--stream-port", "off", "--data-dir", str(tmp_path / "rs")],
         "ntm-cs": ["-m", "cs", "--dc", silent_dc, "--key-file", str(key), "--data-dir", str(tmp_path / "cs"),
                    "--http-port", "0"],
         "ntm-deploy": ["-m", "scripts.deploy", "--rpc", chain, "--key", "11" * 32, "--out", str(tmp_path / "d.json")],

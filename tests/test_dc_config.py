@@ -6,6 +6,8 @@ import pytest
 
 from dc import config
 
+PIN = "sha256=" + "ab" * 32
+
 
 def load(argv):
     return config.load(config.parser().parse_args(argv))
@@ -14,11 +16,34 @@ def load(argv):
 def test_file_and_flags(tmp_path):
     f = tmp_path / "dc.toml"
     f.write_text('key_file = "k.json"\nrpc_url = "http://chain:8545"\ndeployment = "d.json"\n'
-                 'hostname = "dc1"\nhttp_port = 9000\nrelays = ["http://rs:8340"]\n')
-    cfg = load(["--config", str(f), "--http-port", "9100", "--relay", "http://rs2:8340"])
+                 f'hostname = "dc1"\nhttp_port = 9000\nrelays = ["https://rs:8340#{PIN}"]\n')
+    cfg = load(["--config", str(f), "--http-port", "9100", "--relay", f"https://rs2:8340#{PIN}"])
     assert cfg.key_file == Path("k.json") and cfg.hostname == "dc1"
-    assert cfg.http_port == 9100 and cfg.relays == ["http://rs2:8340"]
+    assert cfg.http_port == 9100 and cfg.relays == [f"https://rs2:8340#{PIN}"]
     assert cfg.udp_port == config.DEFAULT_UDP_PORT and cfg.db == Path("dc.sqlite")
+
+
+def test_relay_urls_are_pinned_or_plain_only_for_development(tmp_path, capsys):
+    """The DC → RS channel carries Relay Directions' path tokens (both nodes' relay keys): an
+    operator naming a relay without its pin, or by plain http:// without the development flag,
+    is refused at start in one line (exit 2), before anything listens."""
+    base = ["--key-file", "k", "--rpc-url", "http://c:8545", "--deployment", "d"]
+    assert load([*base, "--relay", f"https://[2001:db8::1]:8340#{PIN}"]).relays == [f"https://[2001:db8::1]:8340#{PIN}"]
+    assert load([*base, "--relay", "https://rs:8340#cert=/rs/rs-tls-cert.pem"])  # a file read at start, not here
+    assert load([*base, "--relay", "http://rs:8340", "--insecure-plain-http"]).relays == ["http://rs:8340"]
+    for url, why in (("http://rs:8340", "plain http:// would carry relay path tokens in clear"),
+                     ("https://rs:8340", "expected its pin"), ("https://rs:8340#sha256=abcd", "expected its pin"),
+                     (f"https://rs:8340#sha1={'0' * 64}", "expected its pin"), (f"http://rs:8340#{PIN}", "needs https")):
+        with pytest.raises(ValueError, match=why):
+            load([*base, "--relay", url])
+    from dc.__main__ import main
+    for name in ("k", "d"):
+        (tmp_path / name).write_text("{}")
+    argv = ["--key-file", str(tmp_path / "k"), "--rpc-url", "http://c:8545", "--deployment", str(tmp_path / "d")]
+    assert main([*argv, "--relay", "http://rs:8340"]) == 2
+    assert main([*argv, "--relay", f"https://rs:8340#cert={tmp_path / 'none.pem'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "--insecure-plain-http" in err[0] and "cannot read the relay certificate" in err[1]
 
 
 def test_errors(tmp_path):

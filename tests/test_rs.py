@@ -13,8 +13,8 @@ import struct
 import subprocess
 import sys
 import time
+from pathlib import Path
 
-import aiohttp
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -23,7 +23,7 @@ from chain.registry import Registry
 from dc.federation import FederationClient, FederationError as RelayDirectionError
 from scripts.anvil import DEV_KEYS, Anvil
 from scripts.procs import Child, free_port, has_ipv6_loopback
-from tests.dcnet import CountingRpc, metric
+from tests.dcnet import CountingRpc, metric, raw_http
 
 PLAINTEXT = b"attack at dawn: the relay must never see this sentence"
 
@@ -52,11 +52,12 @@ async def net(tmp_path):
         udp_port = free_port(socket.SOCK_DGRAM)
         rs = Child("rs", ["--rpc-url", chain.url, "--deployment", str(deployment), "--udp-host", "::",
                           "--udp-port", str(udp_port), "--http-port", "0", "--stream-port", "0", "--capture", str(capture),
-                          "--advertise", f"127.0.0.1:{udp_port}", "--advertise", f"[::1]:{udp_port}"],
+                          "--advertise", f"127.0.0.1:{udp_port}", "--advertise", f"[::1]:{udp_port}",
+                          "--data-dir", str(tmp_path)],
                    tmp_path / "rs.log").start()
         try:
-            async with aiohttp.ClientSession() as http:
-                yield type("Net", (), dict(rs=rs, url=rs.ready["http"], udp_port=udp_port, http=http, dc_key=dc_key,
+            async with raw_http() as http:
+                yield type("Net", (), dict(rs=rs, url=rs.ready["http"], control=rs.ready["control"], udp_port=udp_port, http=http, dc_key=dc_key,
                                            removed_key=removed_key, capture=capture, tmp=tmp_path))
         finally:
             rs.stop()
@@ -96,24 +97,24 @@ def future_ms(s: float = 600) -> int:
 async def test_directions_trust_replay_conflict(net):
     path, token = os.urandom(8), os.urandom(32)
     nodes = node_ids()
-    ans = await send_relay_direction(net.http, net.url, net.dc_key, path, token, nodes, future_ms(), 10**6)
+    ans = await send_relay_direction(net.http, net.control, net.dc_key, path, token, nodes, future_ms(), 10**6)
     assert ans["path"] == path.hex() and ans["created"] is True
     assert ans["relay"] == [f"127.0.0.1:{net.udp_port}", f"[::1]:{net.udp_port}"]
     assert ans["max_bytes"] == 10**6
 
     # same path, same token, same DC: idempotent
-    again = await send_relay_direction(net.http, net.url, net.dc_key, path, token, nodes, future_ms(), 10**6)
+    again = await send_relay_direction(net.http, net.control, net.dc_key, path, token, nodes, future_ms(), 10**6)
     assert again["created"] is False and again["path"] == path.hex()
 
     # another token for an existing path: conflict
     with pytest.raises(RelayDirectionError) as e:
-        await send_relay_direction(net.http, net.url, net.dc_key, path, os.urandom(32), nodes, future_ms(), 10**6)
+        await send_relay_direction(net.http, net.control, net.dc_key, path, os.urandom(32), nodes, future_ms(), 10**6)
     assert e.value.status == 409 and e.value.code == "conflict"
 
     # a key that was never admitted, and a DC removed on chain: 403 with a clear error
     for key in (keys.generate(), net.removed_key):
         with pytest.raises(RelayDirectionError) as e:
-            await send_relay_direction(net.http, net.url, key, os.urandom(8), token, nodes, future_ms(), 10**6)
+            await send_relay_direction(net.http, net.control, key, os.urandom(8), token, nodes, future_ms(), 10**6)
         assert e.value.status == 403 and e.value.code == "untrusted_dc"
         assert keys.checksum(keys.node_id_of(key)) in str(e.value)
 
@@ -166,7 +167,7 @@ async def test_ipv4_ipv6_bridge_with_real_handshake(net):
     key_a, key_b = keys.generate(), keys.generate()
     id_a, id_b = keys.node_id_of(key_a), keys.node_id_of(key_b)
     path, token = os.urandom(8), os.urandom(32)
-    ans = await send_relay_direction(net.http, net.url, net.dc_key, path, token, [id_a, id_b], future_ms(), 10**6)
+    ans = await send_relay_direction(net.http, net.control, net.dc_key, path, token, [id_a, id_b], future_ms(), 10**6)
     assert ans["created"] and ans["path"] == path.hex()
     relay_v4 = ("127.0.0.1", net.udp_port)
     relay_v6 = ("::1", net.udp_port)
@@ -255,23 +256,30 @@ async def test_bad_arguments_exit_nonzero(tmp_path):
     assert "--deployment: expected a readable file" in proc.log_tail()
 
 
+async def one_dc(chain_url: str, tmp: Path):
+    """The registry deployed with DEV_KEYS[1] admitted as a DC: (its key, the deployment file)."""
+    owner = await Registry.deploy(chain_url, DEV_KEYS[0])
+    dc_key = keys.private_key(DEV_KEYS[1])
+    await owner.admit_dc(keys.node_id_of(dc_key), "dc1", "https://127.0.0.1:1")
+    deployment = tmp / "deployment.json"
+    deployment.write_text(json.dumps({"chain_id": owner.chain_id, "registry": keys.checksum(owner.address)}))
+    await owner.close()
+    return dc_key, deployment
+
+
 async def test_ipv4_only_socket_and_default_advertise(tmp_path):
     """--udp-host 0.0.0.0 (machines without IPv6): IPv4 socket, advertised endpoints derived."""
     with Anvil() as chain:
-        owner = await Registry.deploy(chain.url, DEV_KEYS[0])
-        dc_key = keys.private_key(DEV_KEYS[1])
-        await owner.admit_dc(keys.node_id_of(dc_key), "dc1", "http://127.0.0.1:1")
-        deployment = tmp_path / "deployment.json"
-        deployment.write_text(json.dumps({"chain_id": owner.chain_id, "registry": keys.checksum(owner.address)}))
-        await owner.close()
+        dc_key, deployment = await one_dc(chain.url, tmp_path)
         rs = Child("rs", ["--rpc-url", chain.url, "--deployment", str(deployment), "--udp-host", "0.0.0.0",
-                          "--udp-port", "0", "--http-port", "0", "--stream-port", "0"], tmp_path / "rs4.log").start()
+                          "--udp-port", "0", "--http-port", "0", "--stream-port", "0", "--data-dir", str(tmp_path)],
+                   tmp_path / "rs4.log").start()
         try:
             port = rs.ready["udp_port"]
             assert rs.ready["relay"] and all(e.endswith(f":{port}") for e in rs.ready["relay"])
             path, token = os.urandom(8), os.urandom(32)
-            async with aiohttp.ClientSession() as http:
-                ans = await send_relay_direction(http, rs.ready["http"], dc_key, path, token, node_ids(), future_ms(), 10**6)
+            async with raw_http() as http:
+                ans = await send_relay_direction(http, rs.ready["control"], dc_key, path, token, node_ids(), future_ms(), 10**6)
             assert ans["relay"] == rs.ready["relay"]
             a, b = udp(socket.AF_INET, "127.0.0.1"), udp(socket.AF_INET, "127.0.0.1")
             try:
@@ -301,16 +309,17 @@ async def test_directions_from_fresh_keys_cost_no_chain_call(tmp_path):
             await owner.close()
             rs = await asyncio.to_thread(Child("rs", ["--rpc-url", rpc.url, "--deployment", str(deployment),
                                                       "--udp-port", "0", "--http-port", "0", "--stream-port", "0",
-                                                      "--admin-allow", "192.0.2.0/24"], tmp_path / "rs.log").start)
+                                                      "--admin-allow", "192.0.2.0/24", "--data-dir", str(tmp_path)],
+                                                     tmp_path / "rs.log").start)
             try:
-                async with aiohttp.ClientSession() as http:
+                async with raw_http() as http:
                     before = rpc.calls["eth_call"]
                     refusals = await asyncio.gather(*(
-                        send_relay_direction(http, rs.ready["http"], keys.generate(), os.urandom(8), os.urandom(32),
+                        send_relay_direction(http, rs.ready["control"], keys.generate(), os.urandom(8), os.urandom(32),
                                              node_ids(), future_ms(), 1000) for _ in range(100)), return_exceptions=True)
                     assert all(isinstance(r, RelayDirectionError) and r.code == "untrusted_dc" for r in refusals)
                     assert rpc.calls["eth_call"] - before == 0
-                    ok = await send_relay_direction(http, rs.ready["http"], keys.private_key(DEV_KEYS[1]), os.urandom(8),
+                    ok = await send_relay_direction(http, rs.ready["control"], keys.private_key(DEV_KEYS[1]), os.urandom(8),
                                                     os.urandom(32), node_ids(), future_ms(), 1000)
                     assert ok["created"]
                     # operator endpoints only for the admin network (here not loopback): 403, nothing shown
@@ -337,7 +346,8 @@ async def test_stream_port_taken_is_one_line_and_exit_1(tmp_path):
         try:
             r = await asyncio.to_thread(subprocess.run, [
                 sys.executable, "-m", "rs", "--rpc-url", chain.url, "--deployment", str(deployment), "--udp-port", "0",
-                "--http-port", "0", "--stream-host", "127.0.0.1", "--stream-port", str(busy.getsockname()[1])],
+                "--http-port", "0", "--stream-host", "127.0.0.1", "--stream-port", str(busy.getsockname()[1]),
+                "--data-dir", str(tmp_path)],
                 capture_output=True, text=True, timeout=60)
         finally:
             busy.close()

@@ -155,7 +155,7 @@ class Federation:
                                "--http-port", str(RS_HTTP_PORT),
                                "--stream-port", str(RS_STREAM_PORT),
                                "--advertise", f"{self.srv.addr4}:{RS_UDP_PORT}",
-                               "--advertise", f"[{self.srv.addr6}]:{RS_UDP_PORT}"],
+                               "--advertise", f"[{self.srv.addr6}]:{RS_UDP_PORT}", "--data-dir", str(self.workdir)],
                         self.workdir / "rs.log", env=self.env, prefix=self.prefix).start()
         for i in range(n_dcs):
             self.start_dc(i)
@@ -179,7 +179,7 @@ class Federation:
 
     def start_dc(self, i: int) -> Child:
         child = dc_child(self.workdir, f"dc{i + 1}", self.workdir / f"dc{i + 1}.key.json", self.rpc, self.deployment,
-                         self.dc_port(i), relays=[f"http://127.0.0.1:{RS_HTTP_PORT}"], prefix=self.prefix,
+                         self.dc_port(i), relays=[self.rs.ready["control"]], prefix=self.prefix,
                          http_host="", udp_host="::", extra=[*LAB_OPERATOR, *(["--insecure-plain-http"] if i in self.plain else [])])
         child.env.update(self.env)
         self.dcs[i] = child.start()
