@@ -6,7 +6,6 @@ library only: no key is opened and nothing heavy imported, so the answer takes a
 
 from __future__ import annotations
 
-import http.client
 import json
 import socket
 from pathlib import Path
@@ -20,28 +19,20 @@ SOCKET_FILE = "ntm.sock"  # node/control.py's, which imports aiohttp: not import
 FAST_STATUS_TIMEOUT_S = 5.0
 
 
-class _UnixHTTP(http.client.HTTPConnection):
-    """HTTP over the daemon's Unix socket."""
-
-    def __init__(self, path: Path, timeout: float) -> None:
-        super().__init__("ntm", timeout=timeout)
-        self.unix_path = path
-
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(str(self.unix_path))
-
-
 def ask_daemon(base: Path, name: str, timeout: float) -> dict:
     """One control request (POST /v1/<name>, body {}); OSError or ValueError if no daemon answers
-    it with a JSON object."""
-    conn = _UnixHTTP(base / SOCKET_FILE, timeout)
-    try:
-        conn.request("POST", f"/v1/{name}", body=b"{}", headers={"Content-Type": "application/json"})
-        data = json.loads(conn.getresponse().read())
-    finally:
-        conn.close()
+    it with a JSON object. HTTP/1.0 by hand (the daemon's aiohttp answers it with a length and
+    closes): importing http.client would cost this fast path a third of its time."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(base / SOCKET_FILE))
+        sock.sendall(f"POST /v1/{name} HTTP/1.0\r\nHost: ntm\r\nContent-Type: application/json\r\n"
+                     "Content-Length: 2\r\n\r\n{}".encode())
+        answer = b"".join(iter(lambda: sock.recv(65536), b""))  # to the end: HTTP/1.0 closes
+    head, _, body = answer.partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/"):
+        raise ValueError(f"the daemon's answer to {name} is not HTTP")
+    data = json.loads(body)
     if not isinstance(data, dict) or "error" in data:
         raise ValueError(f"the daemon refused {name}")
     return data
