@@ -100,22 +100,31 @@ def routes_lines(r: dict) -> list[str]:
     return lines
 
 
+# IPv4 overlay addresses differ per machine (§10.2): said under the table, so that logs compare.
+VIEW_NOTE = ("  IPv4 is per machine: VIRTUAL is the peer here, SEES YOU AS is this node there (as the peer says); "
+             "IPv6 is the same on every node")
+
+
 def peers_table(rows: list[dict]) -> str:
     """The daemon's open tunnels, one peer per line (like `wg show`)."""
     if not rows:
         return "peers     none"
-    head = ("PEER", "VIRTUAL", "ROUTE", "OVER", "ENDPOINT", "MTU", "HANDSHAKE", "RX", "TX", "RTT")
+    head = ("PEER", "VIRTUAL", "SEES YOU AS", "ROUTE", "OVER", "ENDPOINT", "MTU", "HANDSHAKE", "RX", "TX", "RTT")
     table, why = [head], []
     for r in rows:
         name = ",".join(r["names"]) or r["peer"][:12] + "…"
-        table.append((name, f"{r['ipv6']} {r['ipv4']}", r["route"], r["transport"], r["endpoint"] or "-", mtu_text(r),
+        seen = (r.get("sees_you_as") or {}).get("ipv4")  # None: not told yet (or a daemon from before VIEW)
+        table.append((name, f"{r['ipv6']} {r['ipv4']}", seen or "-", r["route"], r["transport"], r["endpoint"] or "-",
+                      mtu_text(r),
                       f"{r['last_handshake_s']:.0f} s ago" if r["last_handshake_s"] is not None else "-",
                       human_bytes(r["rx_bytes"]), human_bytes(r["tx_bytes"]),
                       f"{r['rtt_ms']:.2f} ms" if r["rtt_ms"] is not None else "-"))
         if r["route"] == "relay" and r["reason"]:
             why.append(f"  {name} is relayed: {r['reason']}")
     widths = [max(len(str(row[i])) for row in table) for i in range(len(head))]
-    return "\n".join(["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in table] + why)
+    return "\n".join(["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in table] + why
+                     + [VIEW_NOTE])
+
 
 
 def mtu_text(r: dict) -> str:

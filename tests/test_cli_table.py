@@ -284,3 +284,20 @@ async def test_the_status_fast_path_reads_the_daemons_answer_and_its_refusal(tmp
         await server.close()
     with pytest.raises(OSError):
         status_view.ask_daemon(tmp_path, "status", 5)
+
+
+def test_status_says_where_each_peer_sees_this_node():
+    """IPv4 overlay addresses are per machine (§10.2): a user comparing two machines' logs must be
+    told which address the peer uses for this node, under its own column and with a note. A row
+    from a daemon that has not heard the peer's VIEW (or predates it) shows "-", never fails."""
+    from node import status_view
+
+    row = {"peer": PEER, "names": ["bob"], "ipv6": "fd6e:746d::2", "ipv4": "100.64.0.2", "route": "direct",
+           "transport": "udp", "endpoint": "192.0.2.1:4330", "last_handshake_s": 3.0, "rx_bytes": 10, "tx_bytes": 20,
+           "rtt_ms": 1.5, "reason": "", "sees_you_as": {"ipv6": "fd6e:746d::1", "ipv4": "100.64.0.7"}}
+    head, bob, note = status_view.peers_table([row]).splitlines()
+    assert head.index("SEES YOU AS") == bob.index("100.64.0.7") and bob.startswith("bob ")
+    assert "IPv4 is per machine" in note
+    older = {k: v for k, v in row.items() if k != "sees_you_as"}
+    head, bob, _ = status_view.peers_table([older]).splitlines()
+    assert bob[head.index("SEES YOU AS"):].startswith("- ")
