@@ -16,11 +16,8 @@ import sys
 import threading
 from pathlib import Path
 
-from daemon import startup
 from node import state
 from node.output import INTERNAL, INTERRUPTED, USAGE, CliError, fail, show_id
-from ntm.keepalive import KEEPALIVE_INTERVAL_S
-from ntm.vaddr import PATH_MTU, V4_NET
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -84,19 +81,52 @@ def dc_channel_arguments(s: argparse.ArgumentParser) -> None:
                    help="allow a plain http:// DC (development only: tokens and keys cross in clear)")
 
 
-def parser() -> Parser:
-    p = Parser(prog="ntm", description="NTMobile node: identity, registration, tunnels, groups.",
-               epilog="--json may go anywhere on the line. Exit codes: 0 ok, 1 refused or failed, 2 usage or local "
-                      "files, 3 no daemon, 4 DC unreachable or silent, 70 internal error, 130 interrupted.")
+class LazyVersion(argparse._VersionAction):
+    """--version, looked up only when asked: importlib.metadata costs every other command ~20 ms."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        self.version = f"%(prog)s {version()}"
+        super().__call__(parser, namespace, values, option_string)
+
+
+def global_options(p: Parser) -> None:
+    """The options before the command (parser() and status_args() alike)."""
     p.add_argument("--home", type=Path, help="node directory (default $NTM_HOME or ~/.ntm)")
     p.add_argument("--json", action="store_true", help="machine-readable output (anywhere on the line; errors too)")
-    p.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     p.add_argument("-v", "--verbose", action="store_true", help="log what happens (debug level) on stderr")
     p.add_argument("--log-level", choices=LOG_LEVELS, help="log level on stderr (default: warning; `ntm up`: info)")
     p.add_argument("--timeout", type=positive, default=state.DC_TIMEOUT_S, metavar="S",
                    help=f"how long to wait for a DC's answer (default {state.DC_TIMEOUT_S:.0f})")
     p.add_argument("--password-file", type=Path, metavar="PATH",
                    help=f"read the key's passphrase from this file (else ${state.PASSPHRASE_ENV}, else a prompt on a terminal)")
+
+
+def status_args(argv: list[str]) -> argparse.Namespace | None:
+    """A plain `ntm [OPTIONS] status` line, read without building every subcommand (parser() costs
+    the status fast path most of its time: argparse's gettext look-ups, the defaults' imports);
+    None for any other line, which parser() then reads. The same options without abbreviations or
+    --help/--version, so whatever this accepts parser() reads the same way."""
+    p = Parser(prog="ntm", add_help=False, allow_abbrev=False)
+    global_options(p)
+    p.add_subparsers(dest="command", required=True).add_parser("status", add_help=False).set_defaults(cmd="status")
+    try:
+        args, rest = p.parse_known_args(argv)
+    except CliError:
+        return None
+    return None if rest else args
+
+
+def parser() -> Parser:
+    """Every command. The subcommands' defaults are imported here: `ntm status` never builds this."""
+    from daemon import startup
+    from ntm.keepalive import KEEPALIVE_INTERVAL_S
+    from ntm.vaddr import PATH_MTU, V4_NET
+
+    p = Parser(prog="ntm", description="NTMobile node: identity, registration, tunnels, groups.",
+               epilog="--json may go anywhere on the line. Exit codes: 0 ok, 1 refused or failed, 2 usage or local "
+                      "files, 3 no daemon, 4 DC unreachable or silent, 70 internal error, 130 interrupted.")
+    global_options(p)
+    p.add_argument("--version", action=LazyVersion)
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("keygen", help="create this node's key (passphrase: --password-file, $NTM_PASSPHRASE or a prompt)")
     s.add_argument("--force", action="store_true", help="replace an existing key")
@@ -284,6 +314,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on, Ctrl-C is a KeyboardInterrupt
+        fast = status_args(argv)
+        if fast is not None:
+            from node import status_view  # only here: `ntm --help` and `ntm id` stay lean
+            fast.json = as_json
+            if status_view.from_daemon(fast, fast.home or state.home()):
+                return 0
         p = parser()
         args, rest = p.parse_known_args(argv)
         args.json = as_json
@@ -298,10 +334,6 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.cmd == "id" and fast_id(args, base):
             return 0
-        if args.cmd == "status":
-            from node import status_view  # only here: `ntm --help` and `ntm id` stay lean
-            if status_view.from_daemon(args, base):
-                return 0
         return load_commands().run(args, base)
     except CliError as exc:
         return fail(exc, as_json)

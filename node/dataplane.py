@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from ipaddress import IPv4Address, IPv6Address
 from typing import Callable
 
 from daemon.service import BackgroundTasks
@@ -26,8 +27,8 @@ from ntm import keys
 from ntm.addr import display
 from ntm.errors import NtmError
 from ntm.offload import VNET_HDR_LEN, OffloadError, VnetHdr, coalesce, split
-from ntm.overlay import (KIND_APP, KIND_FRAG, KIND_GROUP, KIND_GROUP_ACK, KIND_IPV6, KIND_JUNK, Overlay, frame_app,
-                         frame_group, group_ack, kind_of)
+from ntm.overlay import (KIND_APP, KIND_FRAG, KIND_GROUP, KIND_GROUP_ACK, KIND_IPV6, KIND_JUNK, KIND_VIEW, Overlay,
+                         frame_app, frame_group, frame_view, group_ack, kind_of, parse_view)
 from ntm.overlay import QUIC_TO_CLIENT, QUIC_TO_SERVER  # stream packets (node/daemon_streams.py)
 from ntm.toobig import SYN_MAX_LEN, Reassembly, clamp_mss, pieces, too_big
 from ntm.vaddr import AddressError
@@ -70,6 +71,8 @@ class DataPlane:
         self._acks: dict[tuple[bytes, bytes], asyncio.Future] = {}
         # QUIC packets of streams (node/daemon_streams.py): handed to on_quic(peer, payload)
         self.on_quic: Callable[[bytes, bytes], None] | None = None
+        # the IPv4 address each peer with a tunnel says it gives this node (VIEW, §10.2): `ntm status`
+        self.seen_as: dict[bytes, IPv4Address] = {}
 
     def start(self) -> None:
         if self.tun is not None:
@@ -205,12 +208,17 @@ class DataPlane:
                 self._to_tunnel(t, pkt)
             except NtmError:
                 break
+        self.seen_as.pop(peer, None)  # a new tunnel: the peer may have restarted with another view
+        self._tell_view(peer, t, ask=True)
 
     def _from_tunnel(self, peer: bytes, t: Tunnel, payload: bytes) -> None:
         if payload and payload[0] in (QUIC_TO_SERVER, QUIC_TO_CLIENT) and self.on_quic is not None:
             self.on_quic(peer, payload)
             return
         kind = kind_of(payload)
+        if kind == KIND_VIEW:
+            self._view(peer, t, payload)
+            return
         if kind == KIND_GROUP and self.on_group is not None:
             self.on_group(peer, payload[1:])  # durable (or refused for good) before we acknowledge
             try:
@@ -257,6 +265,31 @@ class DataPlane:
             if not self._to_write:
                 asyncio.get_running_loop().call_soon(self._write_coalesced)
             self._to_write.append(pkt)
+
+    def _view(self, peer: bytes, t: Tunnel, payload: bytes) -> None:
+        """The peer says where it sees this node (§10.2); it gets ours back if it asks."""
+        view = parse_view(payload)
+        if view is None:
+            self.stats["junk_rx"] += 1
+            return
+        self.seen_as[peer], ask = view
+        if ask:
+            self._tell_view(peer, t, ask=False)
+
+    def _tell_view(self, peer: bytes, t: Tunnel, ask: bool) -> None:
+        """Tell the peer its IPv4 address in this node's view (a VIEW; asking for its view of us)."""
+        try:
+            t.channel.send_nowait(frame_view(self.overlay.addresses(peer)[1], ask))
+        except NtmError:
+            pass  # the tunnel just ended, or no address: status shows the view as unknown
+
+    def view_of(self, peer: bytes, t: Tunnel) -> dict[str, str | None]:
+        """Where `peer` sees this node: IPv6 as every node does, IPv4 as the peer said (None until
+        it has; asked again then, in case a VIEW was lost)."""
+        seen = self.seen_as.get(peer)
+        if seen is None:
+            self._tell_view(peer, t, ask=True)
+        return {"ipv6": str(IPv6Address(self.overlay.my_v6)), "ipv4": str(seen) if seen else None}
 
     def _write_coalesced(self) -> None:
         """Write what arrived in this event-loop turn (the socket drained, up to RECV_BATCH GRO
@@ -328,12 +361,14 @@ class DataPlane:
             if t.channel.closed:
                 del self.by_peer[peer]
                 self._reasm.pop(peer, None)
+                self.seen_as.pop(peer, None)
                 continue
             ch = t.channel
             v6, v4 = self.overlay.addresses(peer)
             hs = ch.current.session.last_handshake
             rows.append({
                 "peer": keys.checksum(peer), "names": names_of(peer), "ipv6": str(v6), "ipv4": str(v4),
+                "sees_you_as": self.view_of(peer, t),
                 "route": route_name(t), "endpoint": display(ch.peer_addr) if ch.peer_addr else None,
                 "transport": self.node.endpoint.transport(ch.current.session), "reason": t.reason,
                 "last_handshake_s": round(now - hs, 1) if hs is not None else None,

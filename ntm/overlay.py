@@ -34,9 +34,13 @@ FRAG = 0x03
 #: A QUIC packet of the inner stream protocol (node/streams.py), to the connection's server side
 #: (the peer that accepted it) or to its client side (the peer that opened it).
 QUIC_TO_SERVER, QUIC_TO_CLIENT = 0x04, 0x05
+#: "I see you as ADDRESS": VIEW || flags (1) || IPv4 (4), the address the sender gave the receiver
+#: in its own IPv4 view (§10.2), which the receiver cannot compute; flag VIEW_ASK asks for the
+#: receiver's in return. Only for `ntm status`: nothing routes by it.
+VIEW, VIEW_ASK, VIEW_LEN = 0x06, 0x01, 6
 ACK_DIGEST_LEN = 16
 KIND_APP, KIND_IPV4, KIND_IPV6, KIND_JUNK = "app", "ipv4", "ipv6", "junk"
-KIND_GROUP, KIND_GROUP_ACK, KIND_FRAG = "group", "group_ack", "frag"
+KIND_GROUP, KIND_GROUP_ACK, KIND_FRAG, KIND_VIEW = "group", "group_ack", "frag", "view"
 
 IPV4_MIN_HEADER = 20
 IPV6_HEADER = 40
@@ -62,6 +66,17 @@ def group_ack(framed: bytes) -> bytes:
     return bytes((GROUP_ACK,)) + hashlib.sha256(framed).digest()[:ACK_DIGEST_LEN]
 
 
+def frame_view(addr: IPv4Address, ask: bool) -> bytes:
+    return bytes((VIEW, VIEW_ASK if ask else 0)) + addr.packed
+
+
+def parse_view(payload: bytes) -> tuple[IPv4Address, bool] | None:
+    """A VIEW payload's (address, ask), or None if it is not one (other flag bits are ignored)."""
+    if len(payload) != VIEW_LEN or payload[0] != VIEW:
+        return None
+    return IPv4Address(payload[2:]), bool(payload[1] & VIEW_ASK)
+
+
 def kind_of(payload: bytes) -> str:
     if not payload:
         return KIND_JUNK
@@ -74,6 +89,8 @@ def kind_of(payload: bytes) -> str:
         return KIND_GROUP_ACK
     if first == FRAG:
         return KIND_FRAG
+    if first == VIEW:
+        return KIND_VIEW
     version = first >> 4
     return KIND_IPV4 if version == 4 else KIND_IPV6 if version == 6 else KIND_JUNK
 

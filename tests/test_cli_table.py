@@ -237,3 +237,67 @@ def test_a_damaged_network_json_is_refused_naming_the_file(home, capsys, content
     (home / state.NETWORK_FILE).write_text(content)
     for argv in (("register",), ("whois", PEER)):
         assert_one_line(ntm(home, capsys, *argv), USAGE, str(home / state.NETWORK_FILE), what=" ".join(argv))
+
+
+@pytest.mark.parametrize("argv, taken", [
+    (["status"], True),
+    (["--home", "/x", "-v", "--timeout", "3", "--log-level", "debug", "--password-file", "pw", "status"], True),
+    (["--home", "status", "status"], True),
+    (["status", "--help"], False), (["--version", "status"], False), (["--hom", "/x", "status"], False),
+    (["status", "extra"], False), (["--timeout", "0", "status"], False), (["id"], False), ([], False),
+    (["-vv", "status"], True), (["status", "--dc", "x"], False),
+])
+def test_the_status_fast_reader_takes_only_what_the_full_parser_reads_the_same(argv, taken):
+    """`ntm status` is read by a small parser that skips building every subcommand (cli.status_args).
+    The hostile case is a line it reads differently from the full parser (an abbreviation, --help, a
+    stray word): the fast path would then act on options the user did not give, or hide an error.
+    What it takes must parse to the same values in parser(); the rest goes to parser()."""
+    fast = cli.status_args(argv)
+    assert (fast is not None) == taken
+    if fast is not None:
+        full = cli.parser().parse_args(argv)
+        assert vars(fast) == {k: v for k, v in vars(full).items() if k in vars(fast)}
+
+
+async def test_the_status_fast_path_reads_the_daemons_answer_and_its_refusal(tmp_path):
+    """status_view.ask_daemon speaks HTTP/1.0 by hand to the real control server (aiohttp): an
+    answer is read whole, and a refusal (a daemon that answers {"error": ...}) is no answer, so
+    `ntm status` falls back to the full path that says why."""
+    import asyncio
+
+    from node import control, status_view
+
+    big = {"peers": ["p" * 100] * 2000}  # more than one read from the socket
+
+    async def refuse(body: dict) -> dict:
+        raise control.ControlError("busy", "not now")
+
+    async def answer(body: dict) -> dict:
+        return big
+
+    server = await control.ControlServer.start(tmp_path, {"status": answer, "netcheck": refuse})
+    try:
+        assert await asyncio.to_thread(status_view.ask_daemon, tmp_path, "status", 5) == big
+        with pytest.raises(ValueError, match="refused"):
+            await asyncio.to_thread(status_view.ask_daemon, tmp_path, "netcheck", 5)
+    finally:
+        await server.close()
+    with pytest.raises(OSError):
+        status_view.ask_daemon(tmp_path, "status", 5)
+
+
+def test_status_says_where_each_peer_sees_this_node():
+    """IPv4 overlay addresses are per machine (§10.2): a user comparing two machines' logs must be
+    told which address the peer uses for this node, under its own column and with a note. A row
+    from a daemon that has not heard the peer's VIEW (or predates it) shows "-", never fails."""
+    from node import status_view
+
+    row = {"peer": PEER, "names": ["bob"], "ipv6": "fd6e:746d::2", "ipv4": "100.64.0.2", "route": "direct",
+           "transport": "udp", "endpoint": "192.0.2.1:4330", "last_handshake_s": 3.0, "rx_bytes": 10, "tx_bytes": 20,
+           "rtt_ms": 1.5, "reason": "", "sees_you_as": {"ipv6": "fd6e:746d::1", "ipv4": "100.64.0.7"}}
+    head, bob, note = status_view.peers_table([row]).splitlines()
+    assert head.index("SEES YOU AS") == bob.index("100.64.0.7") and bob.startswith("bob ")
+    assert "IPv4 is per machine" in note
+    older = {k: v for k, v in row.items() if k != "sees_you_as"}
+    head, bob, _ = status_view.peers_table([older]).splitlines()
+    assert bob[head.index("SEES YOU AS"):].startswith("- ")

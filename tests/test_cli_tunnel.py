@@ -17,6 +17,7 @@ import pytest
 
 from node import state
 from ntm import keys
+from ntm.overlay import VIEW_LEN
 from tests.dcnet import until
 from tests.test_dc import ntm
 
@@ -87,7 +88,9 @@ async def test_up_ping_send_recv_status_down(net, tmp_path, daemons):
     assert row["peer"] == b_id and row["route"] == "relay" and row["ipv4"] == "100.64.0.2"
     assert row["ipv6"].startswith("fd6e:746d:") and row["last_handshake_s"] is not None
     assert row["path_mtu"] == 1500 and row["inner_mtu"] == 1500 - 28 - 33  # probed on loopback (§7 "Path MTU")
-    assert row["rx_bytes"] == row["tx_bytes"] == 1 + len("hello over the tunnel")  # APP byte + text
+    # APP byte + text, and each side's VIEW (its question at attach, its answer to the other's; §10.2)
+    assert row["rx_bytes"] == row["tx_bytes"] == 1 + len("hello over the tunnel") + 2 * VIEW_LEN
+    assert row["sees_you_as"] == {"ipv6": d["ipv6"], "ipv4": ntm(b, "status")["daemon"]["peers"][0]["ipv4"]}
     # A second daemon for the same home is refused; the first keeps running.
     again = ntm(a, "up", "--no-tun", "--port", "0", check=False)
     assert again.returncode == 1 and "already runs" in again.stderr

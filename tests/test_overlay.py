@@ -15,8 +15,8 @@ from hypothesis import given, strategies as st
 from node.dns import answer, from_this_node
 from node.peers import PeerBook, PeerBookError
 from ntm import keys
-from ntm.overlay import (APP, KIND_APP, KIND_IPV4, KIND_IPV6, KIND_JUNK, Overlay, adjust_checksum, frame_app,
-                         ipv4_checksum, kind_of, rewrite_v4)
+from ntm.overlay import (APP, KIND_APP, KIND_IPV4, KIND_IPV6, KIND_JUNK, KIND_VIEW, Overlay, adjust_checksum,
+                         frame_app, frame_view, ipv4_checksum, kind_of, parse_view, rewrite_v4)
 from ntm.vaddr import AddressError, V4Book, tun_mtu, v6_of
 
 ID_A = bytes.fromhex("f4f9ae416f3d3c274fc181e3b957cbdf5a13b1c5")
@@ -121,6 +121,69 @@ def test_payload_kinds():
     assert kind_of(b"\x45rest") == KIND_IPV4 and kind_of(b"\x60rest") == KIND_IPV6
     assert kind_of(b"") == KIND_JUNK
     assert kind_of(b"\x15") == KIND_JUNK
+
+
+def test_view_payload_vector_and_junk():
+    """PROTOCOL §10.2 VIEW: 0x06 || flags || IPv4. A malformed one is not a view (it is counted as
+    junk by the receiver), and unknown flag bits are ignored."""
+    assert frame_view(ipaddress.IPv4Address("100.64.0.7"), ask=True).hex() == "060164400007"
+    assert frame_view(ipaddress.IPv4Address("100.64.0.7"), ask=False).hex() == "060064400007"
+    assert kind_of(bytes.fromhex("060164400007")) == KIND_VIEW
+    assert parse_view(bytes.fromhex("060164400007")) == (ipaddress.IPv4Address("100.64.0.7"), True)
+    assert parse_view(bytes.fromhex("06fe64400007")) == (ipaddress.IPv4Address("100.64.0.7"), False)
+    for bad in ("0601644000", "06016440000700", "06", "050164400007"):
+        assert parse_view(bytes.fromhex(bad)) is None, bad
+
+
+class Pipe:
+    """One end of a tunnel between two data planes, in memory: what one sends, the other's receiver
+    gets (queued until it attaches, as node/channel.py's Inbox does); `lose` drops what is sent."""
+
+    def __init__(self) -> None:
+        self.closed, self.lose, self.sent = False, False, []
+        self.other: Pipe | None = None
+        self.receiver = None
+        self.queue: list[bytes] = []
+
+    def set_receiver(self, callback) -> None:
+        self.receiver = callback
+        while self.queue:
+            callback(self.queue.pop(0))
+
+    def send_nowait(self, data: bytes) -> None:
+        self.sent.append(data)
+        if not self.lose:
+            self.other.receiver(data) if self.other.receiver else self.other.queue.append(data)
+
+
+def test_each_node_learns_the_ipv4_address_its_peer_gives_it():
+    """IPv4 addresses are per machine (§10.2), so `ntm status` shows where each peer sees this
+    node, as the peer says over the tunnel (VIEW). A and B give each other different addresses;
+    each learns the other's choice, a lost VIEW is asked for again when status looks, and a peer
+    sending garbage as a VIEW changes nothing (counted as junk)."""
+    from types import SimpleNamespace
+
+    from node.dataplane import DataPlane
+
+    ov_a, ov_b = Overlay(ID_A, V4Book()), Overlay(ID_B, V4Book())
+    ov_b.addresses(ID_C)  # B met C first: A is B's second peer
+    a, b = DataPlane(None, ov_a, None), DataPlane(None, ov_b, None)  # type: ignore[arg-type]
+    pa, pb = Pipe(), Pipe()
+    pa.other, pb.other = pb, pa
+    pa.lose = True  # A's first VIEW (with its question) is lost
+    ta, tb = SimpleNamespace(peer=ID_B, channel=pa), SimpleNamespace(peer=ID_A, channel=pb)
+    a.attach(ta)  # type: ignore[arg-type]
+    b.attach(tb)  # type: ignore[arg-type]
+    assert str(ov_a.book.by_peer[ID_B]) == "100.64.0.2" and str(ov_b.book.by_peer[ID_A]) == "100.64.0.3"
+    assert a.seen_as == {ID_B: ipaddress.IPv4Address("100.64.0.3")}  # B asked and A answered... into the loss
+    assert b.seen_as == {}
+    pa.lose = False
+    assert a.view_of(ID_B, ta)["ipv4"] == "100.64.0.3"  # known: nothing sent
+    assert b.view_of(ID_A, tb) == {"ipv6": str(v6_of(ID_B)), "ipv4": None}  # unknown: asked again
+    assert b.view_of(ID_A, tb) == {"ipv6": str(v6_of(ID_B)), "ipv4": "100.64.0.2"}
+    assert len(pb.sent) == 2  # its question at attach, and once more when status looked
+    pa.send_nowait(b"\x06\x01\x0a")
+    assert b.seen_as[ID_A] == ipaddress.IPv4Address("100.64.0.2") and b.stats["junk_rx"] == 1
 
 
 # --- routing -----------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import os
 import struct
 from collections import deque
 
-from ntm.overlay import ipv4_checksum
+from ntm.overlay import frame_view, ipv4_checksum
 from ntm.toobig import REASM_MAX, REASM_TIMEOUT_S, Reassembly, fragment_v4, icmp6_packet_too_big, split, too_big
 
 SRC4, DST4 = ipaddress.IPv4Address("100.64.0.1").packed, ipaddress.IPv4Address("100.64.0.2").packed
@@ -171,10 +171,11 @@ async def test_packets_that_waited_for_the_tunnel_are_clamped_and_fitted():
     sent: list[bytes] = []
     channel = SimpleNamespace(inner_mtu=1219, closed=False, send_nowait=sent.append, set_receiver=lambda f: None)
     peer = bytes(20)
-    dp = DataPlane(node=None, overlay=SimpleNamespace(addresses=lambda p: None), tun=None)  # type: ignore[arg-type]
+    view = (None, ipaddress.IPv4Address("100.64.0.2"))  # the overlay's addresses for the peer: the VIEW sent after the packets
+    dp = DataPlane(node=None, overlay=SimpleNamespace(addresses=lambda p: view), tun=None)  # type: ignore[arg-type]
     syn = tcp("v6", 0x02, MSS_1360 + OTHER_OPTS)
     dp.pending[peer] = deque([syn, v6(b"x" * 1300)])
     dp.attach(SimpleNamespace(peer=peer, channel=channel))  # type: ignore[arg-type]
-    assert len(sent) == 1 and tcp_ok(sent[0])
+    assert len(sent) == 2 and tcp_ok(sent[0]) and sent[1] == frame_view(view[1], ask=True)
     assert struct.unpack("!H", sent[0][60 + 2:60 + 4])[0] == 1219 - 60
     assert dp.stats["too_big"] == 1

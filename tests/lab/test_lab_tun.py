@@ -32,7 +32,9 @@ def fed(lab_shared, tmp_path_factory):
 def test_ping_dns_tcp_direct_and_allow_list(fed):
     """A and B behind two NATs (punched path). B accepts only A. Names, ping -6, ping (IPv4),
     20 MB over TCP with TUN offloads on both ends (A reads super-packets: far fewer reads than
-    segments); C (not allowed) is refused; DNS refuses what it does not serve."""
+    segments); C (not allowed) is refused; DNS refuses what it does not serve. IPv4 addresses are
+    per machine, so `ntm status --json` says where each peer sees this node, as the peer told it
+    over the tunnel: B gave C an address first, so the two views differ and a swap would show."""
     lab = fed.lab
     b = UpNode(fed, lab.add_site("tb", "eim").host, 1, "--offload")
     a = UpNode(fed, lab.add_site("ta", "eim").host, 0, "--accept-any", "--offload")
@@ -40,6 +42,7 @@ def test_ping_dns_tcp_direct_and_allow_list(fed):
     b.cli("allow", a.id)
     a.cli("alias", "bob", b.id)
     try:
+        assert b.resolve(f"{c.id.lower()}.ntm", "A") == ("NOERROR", ["100.64.0.2"])  # C is .2 on B: A will be .3
         assert a.ready["offload"] and b.ready["offload"]  # the lab's kernel has TUN offloads
         rcode, v6 = a.resolve("bob.ntm", "AAAA")
         assert rcode == "NOERROR" and v6 == [b.v6]
@@ -60,6 +63,7 @@ def test_ping_dns_tcp_direct_and_allow_list(fed):
         [row] = a.status()["peers"]
         assert row["peer"] == b.id and row["route"] == "punched" and row["names"] == ["bob"]
         assert row["tx_bytes"] > TRANSFER_BYTES
+        assert row["ipv4"] == "100.64.0.2" and row["sees_you_as"] == {"ipv6": a.v6, "ipv4": "100.64.0.3"}
         reads = a.status()["counters"]["tun_rx_packets"]
         assert reads < TRANSFER_BYTES / 1400 / 4, reads  # ~15,000 segments left in super-packets
         print(f"TCP 20 MB direct (punched, IPv6 inner): {got['elapsed_s']:.2f} s, "
@@ -71,6 +75,8 @@ def test_ping_dns_tcp_direct_and_allow_list(fed):
         sb = b.status()
         assert sb["counters"]["refused_tunnels"] >= 1
         assert [r["peer"] for r in sb["peers"]] == [a.id]
+        assert sb["peers"][0]["ipv4"] == "100.64.0.3" and sb["peers"][0]["sees_you_as"] == {"ipv6": b.v6,
+                                                                                           "ipv4": "100.64.0.2"}
     finally:
         for n in (a, b, c):
             n.stop()
