@@ -1,0 +1,135 @@
+"""The RS exit's decisions (rs/exit_policy.py, docs/PROTOCOL.md §10.12): who a DC may book, the
+caps one booked node is held to, and the inner-source rule, on fakes (no sockets, no TUN)."""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+
+import pytest
+
+from ntm import keys, messages
+from ntm.errors import ParseError
+from ntm.vaddr import v6_of
+from rs.exit_policy import (EXIT_V4_NET, FLOW_IDLE_S, Caps, ExitPolicy, ExitRefused, ExitTable, Meter, exit_overlay,
+                            flow_of)
+from tests.test_overlay import ipv6, tcp
+
+NODE_KEY = keys.private_key(b"\x11" * 32)
+NODE = keys.node_id_of(NODE_KEY)
+OTHER_KEY = keys.private_key(b"\x22" * 32)
+OTHER = keys.node_id_of(OTHER_KEY)
+EXIT_ID = keys.node_id_of(keys.private_key(b"\x33" * 32))
+NOW_MS = 1_764_633_600_000
+
+
+def booking(key=NODE_KEY, path: str = "01" * 8, max_bytes: int = 10**6, expires_in_ms: int = 60_000,
+            pub: bytes | None = None) -> messages.ExitBooking:
+    return messages.ExitBooking(path, keys.checksum(keys.node_id_of(key)),
+                                (pub or keys.public_bytes(key)).hex(), NOW_MS + expires_in_ms, max_bytes)
+
+
+def test_policy_admits_nobody_by_default_and_only_listed_nodes():
+    """Adversary: a node the operator did not name, booked by a (legitimate) DC."""
+    with pytest.raises(ExitRefused) as e:
+        ExitPolicy.parse([]).check(NODE)
+    assert e.value.code == "not_allowed" and "--exit-allow" in str(e.value)
+    listed = ExitPolicy.parse([f"{keys.checksum(NODE)},{keys.checksum(EXIT_ID)}"])
+    listed.check(NODE)
+    with pytest.raises(ExitRefused):
+        listed.check(OTHER)
+    ExitPolicy.parse(["all-registered"]).check(OTHER)
+    with pytest.raises(ValueError):
+        ExitPolicy.parse(["all-registered", keys.checksum(NODE)])
+    with pytest.raises(ValueError):
+        ExitPolicy.parse(["0x1234"])
+
+
+def test_booking_refusals_change_nothing():
+    """Adversary: a booking for a node not allowed, with another node's key, for a path another
+    node holds, or beyond the table's room: each refused with a code, the table unchanged."""
+    t = ExitTable(ExitPolicy.parse([keys.checksum(NODE), keys.checksum(OTHER)]), max_nodes=1)
+    cases = [(booking(keys.private_key(b"\x44" * 32)), "not_allowed"),
+             (booking(pub=keys.public_bytes(OTHER_KEY)), "malformed"),
+             (booking(expires_in_ms=-1), "malformed")]
+    for b, code in cases:
+        with pytest.raises(ExitRefused) as e:
+            t.book(b, NOW_MS, 100.0)
+        assert e.value.code == code
+        assert not t.nodes and not t.by_path
+    entry, created = t.book(booking(), NOW_MS, 100.0)
+    assert created and entry.node == NODE and entry.expires_at == pytest.approx(160.0)
+    for b, code in [(booking(OTHER_KEY), "conflict"), (booking(OTHER_KEY, path="02" * 8), "full")]:
+        with pytest.raises(ExitRefused) as e:
+            t.book(b, NOW_MS, 100.0)
+        assert e.value.code == code
+    assert list(t.nodes) == [NODE] and list(t.by_path) == [b"\x01" * 8]
+
+
+def test_a_node_keeps_its_meter_across_paths_and_expires_whole():
+    """A node that moved books a new path: same meter (flows, inner address), budget renewed."""
+    t = ExitTable(ExitPolicy(everyone=True), Caps(rate_bps=10**9, max_bytes=5000, max_flows=4))
+    first, _ = t.book(booking(max_bytes=10**9), NOW_MS, 0.0)
+    assert first.meter.caps.max_bytes == 5000  # the operator's cap wins over the DC's ask
+    assert first.meter.charge(b"\x45" + bytes(3999), 0.0) is None
+    again, created = t.book(booking(), NOW_MS, 0.0)
+    assert not created and again.meter.caps.max_bytes == 5000  # the same path again: no new budget
+    moved, created = t.book(booking(path="02" * 8), NOW_MS, 1.0)
+    assert created and moved is first and moved.meter.caps.max_bytes == 4000 + 5000
+    assert t.expire(59.0) == [] and sorted(t.expire(61.0)) == [b"\x01" * 8, b"\x02" * 8] and not t.nodes
+
+
+def test_meter_caps_flows_rate_and_bytes():
+    """Adversary: a booked node scanning ports (new flows), flooding (rate), or outlasting its
+    booking's budget (bytes): the packet over the cap is dropped with its reason, others pass."""
+    m = Meter(Caps(rate_bps=10_000, max_bytes=30_000, max_flows=2), 0.0)
+    a, b, c = (tcp("100.64.0.1", f"203.0.113.{i}", b"x") for i in (1, 2, 3))
+    assert m.charge(a, 0.0) is None and m.charge(b, 0.0) is None
+    assert m.charge(c, 0.0) == "flow_cap" and m.charge(a, 0.0) is None  # known flows go on
+    assert m.charge(c, FLOW_IDLE_S + 1) is None  # idle flows no longer count
+    m = Meter(Caps(rate_bps=1000, max_bytes=10**6, max_flows=10), 0.0)
+    big = a + bytes(900)
+    assert m.charge(big, 0.0) is None and m.charge(big, 0.0) == "rate" and m.charge(big, 1.0) is None
+    m = Meter(Caps(rate_bps=10**6, max_bytes=2000, max_flows=10), 0.0)
+    assert m.charge(big, 0.0) is None and m.charge(big, 0.0, outbound=False) is None
+    assert m.charge(big, 0.0) == "byte_cap" and m.used == 2 * len(big)
+
+
+def test_flow_of_reads_ports_only_where_they_are():
+    pkt = tcp("100.64.0.1", "203.0.113.9", b"")
+    assert flow_of(pkt) == (4, 6, ipaddress.IPv4Address("203.0.113.9").packed, 40000, 22)
+    frag = bytearray(pkt)
+    frag[6:8] = struct.pack("!H", 5)
+    assert flow_of(bytes(frag))[3:] == (0, 0)
+    assert flow_of(b"") is None and flow_of(b"\x45") is None and flow_of(b"\x15" * 40) is None
+
+
+def test_exit_overlay_rewrites_ipv4_sources_and_drops_spoofed_ipv6_ones():
+    """Adversary: a booked node sending inner packets from another node's overlay address (to
+    have the exit forward them as that node): dropped and counted. IPv4 sources cannot be chosen
+    at all: the exit replaces them by the node's own address in its view."""
+    ov = exit_overlay(EXIT_ID)
+    ov.addresses(NODE)
+    ov.addresses(OTHER)
+    out = ov.inbound(NODE, tcp("100.64.0.1", "203.0.113.9", b"hi"))
+    mine = out[12:16]
+    assert ipaddress.IPv4Address(mine) in EXIT_V4_NET and out[16:20] == ipaddress.IPv4Address("203.0.113.9").packed
+    assert ov.inbound(NODE, tcp("100.100.0.3", "203.0.113.9", b"hi"))[12:16] == mine
+    reply = tcp("203.0.113.9", str(ipaddress.IPv4Address(mine)), b"ok")
+    assert ov.outbound(reply) == NODE  # the server's answer goes back to the node
+    server6 = ipaddress.IPv6Address("2001:db8::9").packed
+    assert ov.inbound(NODE, ipv6(v6_of(NODE).packed, server6)) is not None
+    assert ov.inbound(NODE, ipv6(v6_of(OTHER).packed, server6)) is None
+    assert ov.inbound(NODE, ipv6(ipaddress.IPv6Address("2001:db8::66").packed, server6)) is None
+    assert ov.stats["rx_spoofed_source"] == 2
+
+
+def test_exit_messages_are_checked_when_decoded():
+    offer = messages.RouteOffer(keys.checksum(EXIT_ID), 1, "00" * 65, [], True)
+    grant = messages.ExitGrant("01" * 8, ["192.0.2.1:4341", "[2001:db8::1]:4341"], keys.checksum(EXIT_ID),
+                               "02" * 33, offer, NOW_MS, 10, 10, 10)
+    assert messages.decode(messages.ExitGrant, messages.encode(grant)) == grant
+    with pytest.raises(ParseError):
+        messages.decode(messages.ExitGrant, {**messages.encode(grant), "exit": []})
+    with pytest.raises(ParseError):
+        messages.decode(messages.ExitBooking, {**messages.encode(booking()), "max_bytes": 0})
