@@ -19,7 +19,9 @@ from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Any
 
+from daemon.forwarding import Forwarding, ForwardingError, forwarding_rules
 from daemon.service import LOG_FORMAT, BackgroundTasks, LockHeld, hold_lock, stop_on_signals
+from daemon.tun import Tun, tun_unavailable
 from node import control, netcheck, state
 from node.agent import Node
 from node.control import ControlError, ControlServer
@@ -33,8 +35,7 @@ from node.netwatch import follow_addresses
 from node.splitdns import LOOPBACK_DNS, SplitDns
 from node.peers import PeerBook, PeerBookError
 from node.standby import StandbyPaths
-from node.subnet import EXIT_ROUTES, Forwarding, ForwardingError, RouteSync, forwarding_rules
-from node.tun import Tun, tun_unavailable
+from node.subnet import EXIT_ROUTES, RouteSync
 from ntm import keys, messages
 from ntm.addr import display
 from ntm.errors import NtmError
