@@ -17,6 +17,7 @@ from aiohttp import WSMsgType, web
 from daemon import service
 from daemon.metrics import CONTENT_TYPE
 from dc import dashboard
+from dc import exit as dc_exit
 from dc.chainstatus import ChainStatus
 from dc.coordinator import Coordinator
 from dc.errors import DirectionError, NodeLookupError, SourceLimited
@@ -164,6 +165,16 @@ async def handle_cs_notice(request: web.Request) -> web.Response:
 async def handle_groups(request: web.Request) -> web.Response:
     """The Group Management Server (dc/groups.py): one node-signed envelope per request."""
     return web.json_response(request.app[COORDINATOR].groups.handle(await service.read_json(request)))
+
+
+@ROUTES.post("/v1/exit-bookings")
+async def handle_exit_booking(request: web.Request) -> web.Response:
+    """A node asks for an exit at a relay (dc/exit.py, §10.12): the relay's grant, or its refusal."""
+    try:
+        grant = await dc_exit.book_exit(request.app[COORDINATOR], await service.read_json(request))
+    except dc_exit.ExitError as exc:
+        return reply(messages.ErrorBody(exc.code, str(exc)), exc.status)
+    return reply(grant)
 
 
 @ROUTES.get("/healthz")

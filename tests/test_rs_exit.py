@@ -8,11 +8,14 @@ import struct
 
 import pytest
 
-from ntm import keys, messages
+from ntm import envelope, keys, messages
 from ntm.errors import ParseError
+from ntm.tunnel import Data, Session
 from ntm.vaddr import v6_of
+from rs.exit import RelayExit
 from rs.exit_policy import (EXIT_V4_NET, FLOW_IDLE_S, Caps, ExitPolicy, ExitRefused, ExitTable, Meter, exit_overlay,
                             flow_of)
+from rs.trust import DcTrust
 from tests.test_overlay import ipv6, tcp
 
 NODE_KEY = keys.private_key(b"\x11" * 32)
@@ -133,3 +136,86 @@ def test_exit_messages_are_checked_when_decoded():
         messages.decode(messages.ExitGrant, {**messages.encode(grant), "exit": []})
     with pytest.raises(ParseError):
         messages.decode(messages.ExitBooking, {**messages.encode(booking()), "max_bytes": 0})
+
+
+# --- the exit's adapter on fakes: a booking, a real handshake, packets both ways -----------------
+DC_KEY = keys.private_key(b"\x55" * 32)
+NODE_ADDR = ("::ffff:198.51.100.7", 40000)
+
+
+class FakeUdp:
+    def __init__(self) -> None:
+        self.sent: list[tuple[bytes, tuple]] = []
+
+    def sendto(self, data: bytes, addr) -> None:
+        self.sent.append((data, addr))
+
+
+class FakeTun:
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+
+    def write(self, pkt: bytes) -> None:
+        self.written.append(pkt)
+
+
+def running_exit(policy: ExitPolicy, caps: Caps = Caps()):
+    trust = DcTrust()
+    trust.active.add(keys.node_id_of(DC_KEY))
+    now = [100.0]
+    ex = RelayExit(policy, caps, ["192.0.2.1:4341"], trust, clock=lambda: now[0], wall_ms=lambda: NOW_MS)
+    ex.udp, ex.tun = FakeUdp(), FakeTun()
+    return ex, now
+
+
+def signed(b: messages.ExitBooking, key=DC_KEY) -> dict:
+    return envelope.seal(key, messages.EXIT_BOOKING, messages.encode(b), NOW_MS)
+
+
+def test_exit_books_only_for_active_dcs_and_allowed_nodes():
+    """Adversaries: a booking signed by a key that is no active DC, a replayed one, one for a
+    node the operator did not allow: refused with their codes, no path opened."""
+    ex, _ = running_exit(ExitPolicy.parse([keys.checksum(NODE)]))
+    assert ex.book(signed(booking(), keys.private_key(b"\x66" * 32)))[1]["error"] == "untrusted_dc"
+    assert ex.book(signed(booking(OTHER_KEY)))[1]["error"] == "not_allowed"
+    assert ex.book({"kind": "exit-booking"})[0] == 400
+    env = signed(booking())
+    status, grant = ex.book(env)
+    assert status == 200 and grant["exit_node"] == keys.checksum(ex.id) and grant["offer"]["exit"]
+    assert ex.book(env) == (403, {"error": "replayed", "message": "envelope replayed"})
+    assert list(ex.sessions) == [b"\x01" * 8] and ex.refused == {"untrusted_dc": 1, "not_allowed": 1,
+                                                                   "malformed": 1, "replayed": 1}
+
+
+def test_exit_carries_a_booked_nodes_tunnel_both_ways_and_drops_what_it_must():
+    """A booked node's handshake and packets through the exit: its IPv4 leaves with the exit's
+    address for it, the server's answer comes back through the tunnel. Adversaries: the node's
+    packet from another node's IPv6 address (dropped, counted `spoofed_source`) and a stranger's
+    datagram on an unbooked path (dropped, `unknown_path`)."""
+    ex, now = running_exit(ExitPolicy(everyone=True), Caps(max_flows=1))
+    _, grant = ex.book(signed(booking()))
+    node = Session(NODE_KEY, ex.id, ex.pub, b"\x01" * 8, role="initiate", candidates=[("192.0.2.1", 4341)])
+    node.start(now[0])
+    for dg, _ in node.poll(now[0]):
+        ex.on_datagram(dg, NODE_ADDR)
+    events = [ev for dg, addr in ex.udp.sent for ev in node.receive(dg, ("192.0.2.1", 4341), now[0])]
+    assert node.established and events
+    ex.udp.sent.clear()
+    node.datagrams_to_send()
+
+    ex.on_datagram(node.encrypt(tcp("100.64.0.1", "203.0.113.9", b"hi"), now[0]), NODE_ADDR)
+    [out] = ex.tun.written
+    inner = out[12:16]
+    assert ipaddress.IPv4Address(inner) in EXIT_V4_NET and out[16:20] == ipaddress.IPv4Address("203.0.113.9").packed
+    ex.from_tun(tcp("203.0.113.9", str(ipaddress.IPv4Address(inner)), b"ok"))
+    [(dg, addr)] = ex.udp.sent
+    assert addr == NODE_ADDR
+    [answer] = [ev for ev in node.receive(dg, ("192.0.2.1", 4341), now[0]) if isinstance(ev, Data)]
+    assert answer.payload[12:16] == ipaddress.IPv4Address("203.0.113.9").packed
+
+    ex.on_datagram(node.encrypt(ipv6(v6_of(OTHER).packed, ipaddress.IPv6Address("2001:db8::9").packed), now[0]),
+                   NODE_ADDR)
+    ex.on_datagram(node.encrypt(tcp("100.64.0.1", "203.0.113.10", b"2nd flow"), now[0]), NODE_ADDR)
+    ex.on_datagram(b"\x03" + b"\x09" * 8 + bytes(40), ("::ffff:192.0.2.99", 1))
+    st = ex.status()["dropped"]
+    assert len(ex.tun.written) == 1 and st["spoofed_source"] == 1 and st["flow_cap"] == 1 and st["unknown_path"] == 1

@@ -1,0 +1,57 @@
+"""A DC books a relay's exit for one of its nodes (docs/PROTOCOL.md §10.12).
+
+The node asks with a node-signed envelope (`exit.request`); the DC checks it has a live session
+with that node, then asks its relays in turn with a DC-signed Exit Booking (the relay admits only
+booked nodes its operator allows) and hands the first grant to the node.
+
+    grant = await book_exit(coordinator, envelope_json)     # ExitError with the refusal if none
+"""
+
+from __future__ import annotations
+
+import os
+
+from dc.coordinator import Coordinator
+from dc.federation import FederationError
+from ntm import envelope, keys, messages
+from ntm.errors import CodedError
+
+#: How long one booking lasts: the node books again after it (or after a move to a new path).
+EXIT_BOOKING_S = 3600
+#: What the DC asks for one booking; the relay's own cap (--exit-max-bytes) may grant less.
+EXIT_BOOKING_BYTES = 4 * 1024**3
+PATH_ID_LEN = 8
+
+
+class ExitError(CodedError):
+    """No exit for this node: `code` and the HTTP `status` to answer with."""
+
+    def __init__(self, code: str, message: str, status: int) -> None:
+        super().__init__(code, message)
+        self.status = status
+
+
+async def book_exit(c: Coordinator, obj: object) -> messages.ExitGrant:
+    """The grant of the first relay that books an exit for the (signed, live) requesting node.
+    ParseError / SignatureError for a bad envelope; ExitError when no relay grants one."""
+    now_ms = c.clock.wall_ms()
+    env = envelope.open_envelope(obj, messages.EXIT_REQUEST, now_ms, lambda _n: True, c.guard)
+    messages.decode(messages.ExitRequest, env.body)
+    node = env.sender
+    if not c.presence.online(node):
+        raise ExitError("no_session", f"{keys.checksum(node)} has no session with this DC: open one first", 403)
+    if not c.relays:
+        raise ExitError("no_exit", "this DC knows no relay to book an exit at", 503)
+    pub = keys.recover(env.digest(), bytes.fromhex(obj["sig"])).format(compressed=False)  # type: ignore[index]
+    booking = messages.ExitBooking(os.urandom(PATH_ID_LEN).hex(), keys.checksum(node), pub.hex(),
+                                   now_ms + EXIT_BOOKING_S * 1000, EXIT_BOOKING_BYTES)
+    last: FederationError | None = None
+    for url in c.relays:
+        try:
+            return await c.federation.post(f"{url.rstrip('/')}/v1/exit-bookings",
+                                           c.federation.seal(messages.EXIT_BOOKING, booking), f"relay {url}",
+                                           messages.ExitGrant)
+        except FederationError as exc:
+            last = exc
+    assert last is not None
+    raise ExitError(last.code or "unavailable", str(last), last.status if last.code else 503)
