@@ -3,13 +3,21 @@ caps one booked node is held to, and the inner-source rule, on fakes (no sockets
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import struct
+from types import SimpleNamespace
 
 import pytest
 
+from dc.exit import ExitError, book_exit
+from dc.federation import FederationError
+from node.exit_relay import ExitRelay, ExitRelayError
+from node.subnet import RouteSync
 from ntm import envelope, keys, messages
-from ntm.errors import ParseError
+from ntm.clock import Clock
+from ntm.errors import ParseError, SignatureError
+from ntm.routes import RouteTable, sign_offer
 from ntm.tunnel import Data, Session
 from ntm.vaddr import v6_of
 from rs.exit import RelayExit
@@ -219,3 +227,76 @@ def test_exit_carries_a_booked_nodes_tunnel_both_ways_and_drops_what_it_must():
     ex.on_datagram(b"\x03" + b"\x09" * 8 + bytes(40), ("::ffff:192.0.2.99", 1))
     st = ex.status()["dropped"]
     assert len(ex.tun.written) == 1 and st["spoofed_source"] == 1 and st["flow_cap"] == 1 and st["unknown_path"] == 1
+
+
+# --- the DC's booking and the node's check of the grant, on fakes --------------------------------
+class FakeFederation:
+    """Relays as the DC's federation client sees them: each answers a grant or refuses."""
+
+    def __init__(self, answers: list) -> None:
+        self.answers, self.asked = answers, []
+
+    def seal(self, kind: str, body: messages.Message) -> dict:
+        return envelope.seal(DC_KEY, kind, messages.encode(body), NOW_MS)
+
+    async def post(self, url: str, body: dict, who: str, answer: type):
+        self.asked.append((url, body))
+        a = self.answers[len(self.asked) - 1]
+        if isinstance(a, Exception):
+            raise a
+        return a
+
+
+def fake_dc(online: set[bytes], answers: list) -> SimpleNamespace:
+    return SimpleNamespace(clock=Clock(wall=lambda: NOW_MS / 1000), guard=envelope.ReplayGuard(),
+                           presence=SimpleNamespace(online=lambda n: n in online),
+                           relays=["http://rs1:8340", "http://rs2:8340"], federation=FakeFederation(answers))
+
+
+def a_grant(ex_key=keys.private_key(b"\x33" * 32), offer_key=None, exit_flag=True) -> messages.ExitGrant:
+    offer = sign_offer(offer_key or ex_key, [], exit_flag, NOW_MS)
+    return messages.ExitGrant("01" * 8, ["192.0.2.1:4341"], keys.checksum(keys.node_id_of(ex_key)),
+                              keys.public_bytes(ex_key).hex(), offer, NOW_MS + 1000, 10, 10, 10)
+
+
+def test_dc_books_for_its_live_signed_nodes_and_passes_the_relays_refusal_on():
+    """Adversaries: a node without a session at this DC, a replayed request; and a relay that
+    refuses the node (its code and status reach the node). The DC asks the next relay when one
+    is down, and books with the key the node signed with."""
+    dc = fake_dc({NODE}, [FederationError("relay http://rs1:8340 unreachable"), a_grant()])
+    req = envelope.seal(NODE_KEY, messages.EXIT_REQUEST, {}, NOW_MS)
+    assert asyncio.run(book_exit(dc, req)) == a_grant()
+    url, body = dc.federation.asked[1]
+    sent = messages.decode(messages.ExitBooking, body["body"])
+    assert url == "http://rs2:8340/v1/exit-bookings" and sent.node == keys.checksum(NODE)
+    assert keys.node_id(bytes.fromhex(sent.node_pubkey)) == NODE
+    with pytest.raises(SignatureError):
+        asyncio.run(book_exit(dc, req))  # replayed
+    with pytest.raises(ExitError) as e:
+        asyncio.run(book_exit(dc, envelope.seal(OTHER_KEY, messages.EXIT_REQUEST, {}, NOW_MS)))
+    assert (e.value.code, e.value.status) == ("no_session", 403)
+    refusing = fake_dc({NODE}, [FederationError("relay http://rs1:8340 refused: not on its --exit-allow list",
+                                                "not_allowed", 403)] * 2)
+    with pytest.raises(ExitError) as e:
+        asyncio.run(book_exit(refusing, envelope.seal(NODE_KEY, messages.EXIT_REQUEST, {}, NOW_MS)))
+    assert (e.value.code, e.value.status) == ("not_allowed", 403) and "--exit-allow" in str(e.value)
+
+
+@pytest.mark.parametrize("grant, why", [
+    (a_grant(offer_key=keys.private_key(b"\x44" * 32)), "do not match"),  # offer signed by another key
+    (a_grant(exit_flag=False), "do not match"),  # an offer without the exit
+    (messages.ExitGrant(**{**messages.encode(a_grant()), "exit_pubkey": keys.public_bytes(OTHER_KEY).hex(),
+                           "offer": a_grant().offer}), "do not match"),  # the key is not the exit's node ID
+])
+def test_node_refuses_a_grant_that_does_not_verify(grant, why):
+    """Adversary: a DC (or whoever answers for it) handing the node an exit whose key, node ID and
+    signed exit offer do not belong together: refused before any packet is sent."""
+    async def book():
+        return grant
+
+    opened = []
+    node = SimpleNamespace(endpoint=SimpleNamespace(open=lambda *a, **k: opened.append(a)))
+    relay = ExitRelay(node, None, RouteSync(RouteTable(), None, None), book)
+    with pytest.raises(ExitRelayError) as e:
+        asyncio.run(relay.start())
+    assert e.value.code == "bad_grant" and why in str(e.value) and not opened

@@ -9,18 +9,16 @@ Real anvil, DCs, relay, `ntm up` with TUN.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 import time
 
 import pytest
 
-from ntm import keys
-
 from .fed import Federation
 from .fed import RS_HTTP_PORT
-from .subnet import EXIT_ROUTES, EXIT_TABLE, H_ADDR, LAN, exit_pair, exit_user, subnet_router, wait_for_route
+from .subnet import (EXIT_ROUTES, H_ADDR, LAN, exit_pair, exit_user, relay_exit_args, relay_exit_user, subnet_router,
+                     wait_for_route)
 from .upnode import UpNode, transfer
 
 pytestmark = pytest.mark.lab
@@ -41,16 +39,10 @@ for _ in range(5):
 """
 
 
-#: The one node the relay's exit admits (its ID must be on the relay's --exit-allow at start).
-RELAY_EXIT_USER = keys.private_key(hashlib.sha256(b"lab relay exit user").digest())
-
-
 @pytest.fixture(scope="module")
 def fed(lab_shared, tmp_path_factory):
-    state = tmp_path_factory.mktemp("rsexit")
     with Federation(lab_shared, tmp_path_factory.mktemp("routefed"), n_dcs=2, keepalive_s=KEEPALIVE_S,
-                    rs_args=("--exit", "--exit-allow", keys.checksum(keys.node_id_of(RELAY_EXIT_USER)),
-                             "--exit-state", str(state))) as f:
+                    rs_args=relay_exit_args(tmp_path_factory.mktemp("rsexit"))) as f:
         yield f
 
 
@@ -177,13 +169,10 @@ def test_tcp_to_a_plain_server_through_the_relays_exit_survives_moves(fed):
     lab.add_site("rxm2", "eim")
     lab.add_site("rxv6", "ipv6only")
     s = lab.add_public_host("rxs")
-    m = UpNode(fed, lab.add_site("rxm", "eim").host, 1, "--exit-relay", key=RELAY_EXIT_USER)
+    m = relay_exit_user(fed, lab.add_site("rxm", "eim").host, s.addr4, s.addr6)
     try:
         exit_id = relay_exit_status(fed)["exit_node"]
         assert m.status()["routes"]["accepted"] == {exit_id: EXIT_ROUTES}
-        for fam, addr in (("-4", s.addr4), ("-6", s.addr6)):
-            r = m.run("ip", fam, "rule", "add", "to", addr, "lookup", EXIT_TABLE)
-            assert r.returncode == 0, r.stderr
 
         # Adversary: M sends from an overlay address that is not its own (another node's).
         fake = "fd6e:746d::dead"
