@@ -43,6 +43,7 @@ AUTH_TIMEOUT_S = 10.0
 NODE_HEARTBEAT_S = 10.0
 
 COORDINATOR = web.AppKey("coordinator", Coordinator)
+EXIT_BOOKER = web.AppKey("exit_booker", dc_exit.ExitBooker)
 CHAIN_STATUS = web.AppKey("chain_status", ChainStatus)
 PROBE = web.AppKey("probe", dashboard.FederationProbe)
 STARTED = web.AppKey("started", float)
@@ -171,7 +172,7 @@ async def handle_groups(request: web.Request) -> web.Response:
 async def handle_exit_booking(request: web.Request) -> web.Response:
     """A node asks for an exit at a relay (dc/exit.py, §10.12): the relay's grant, or its refusal."""
     try:
-        grant = await dc_exit.book_exit(request.app[COORDINATOR], await service.read_json(request))
+        grant = await request.app[EXIT_BOOKER].book(await service.read_json(request))
     except dc_exit.ExitError as exc:
         return reply(messages.ErrorBody(exc.code, str(exc)), exc.status)
     return reply(grant)
@@ -332,6 +333,7 @@ def make_app(coordinator: Coordinator, chain_status: ChainStatus, admin_allow: t
     app[CHAIN_STATUS] = chain_status
     app[PROBE] = probe or dashboard.FederationProbe(coordinator)
     app[STARTED] = time.monotonic()
+    app[EXIT_BOOKER] = dc_exit.ExitBooker(coordinator)
     coordinator.metrics.watch(coordinator, chain_status)
     app[service.ADMIN_ALLOW] = tuple(admin_allow)
     app.add_routes(ROUTES)

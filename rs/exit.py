@@ -98,7 +98,7 @@ class RelayExit:
             except SignatureError as exc:
                 raise ExitRefused("replayed", str(exc)) from None
             b = messages.decode(messages.ExitBooking, env.body)
-            booked, created = self.table.book(b, now_ms, self.clock())
+            booked, created, evicted = self.table.book(b, now_ms, self.clock())
             self.overlay.addresses(booked.node)  # its inner IPv4 in the exit's view, for as long as it runs
         except ParseError as exc:
             return self._refuse(400, "malformed", str(exc))
@@ -111,6 +111,8 @@ class RelayExit:
                       "full": 503}.get(exc.code, 400)
             return self._refuse(status, exc.code, str(exc))
         path = bytes.fromhex(b.path)
+        for old in evicted:
+            self.sessions.pop(old, None)
         if created:
             s = Session(self.key, booked.node, booked.pubkey, path, role="wait", config=self.config)
             s.start(self.clock())

@@ -40,8 +40,11 @@ EXIT_MAX_BYTES = 4 * 1024**3
 EXIT_MAX_FLOWS = 256
 #: A flow that carried nothing this long no longer counts (the kernel's conntrack keeps UDP 120 s).
 FLOW_IDLE_S = 120.0
-#: Nodes booked at once (memory bound: one tunnel session and one meter each).
+#: Nodes booked at once (memory bound: one meter each, and their paths' sessions).
 EXIT_MAX_NODES = 4096
+#: Paths one node keeps (a new booking after each move); beyond, its oldest path is closed: a node
+#: whose DC books for it again and again holds at most this many sessions here.
+EXIT_PATHS_PER_NODE = 8
 
 _PORTS = struct.Struct("!HH")
 PROTO_TCP, PROTO_UDP = 6, 17
@@ -168,7 +171,7 @@ class Booked:
     pubkey: bytes
     meter: Meter
     expires_at: float  # monotonic
-    paths: set[bytes] = field(default_factory=set)
+    paths: list[bytes] = field(default_factory=list)  # oldest first
 
 
 class ExitTable:
@@ -180,9 +183,10 @@ class ExitTable:
         self.nodes: dict[bytes, Booked] = {}
         self.by_path: dict[bytes, bytes] = {}
 
-    def book(self, b: ExitBooking, now_ms: int, now: float) -> tuple[Booked, bool]:
+    def book(self, b: ExitBooking, now_ms: int, now: float) -> tuple[Booked, bool, list[bytes]]:
         """Admit booking `b` (already checked as signed by an active DC); (the node's entry,
-        whether the path is new). ExitRefused, changing nothing, if the policy or room forbids it."""
+        whether the path is new, the node's old paths closed to make room: EXIT_PATHS_PER_NODE).
+        ExitRefused, changing nothing, if the policy or room forbids it."""
         node, path = keys.parse_node_id(b.node), bytes.fromhex(b.path)
         self.policy.check(node)
         try:
@@ -206,9 +210,14 @@ class ExitTable:
         elif owner is None:
             booked.meter.extend(budget)
         booked.expires_at = max(booked.expires_at, now + (b.expires_ms - now_ms) / 1000)
-        booked.paths.add(path)
-        self.by_path[path] = node
-        return booked, owner is None
+        evicted = []
+        if owner is None:
+            booked.paths.append(path)
+            self.by_path[path] = node
+            while len(booked.paths) > EXIT_PATHS_PER_NODE:
+                evicted.append(booked.paths.pop(0))
+                del self.by_path[evicted[-1]]
+        return booked, owner is None, evicted
 
     def expire(self, now: float) -> list[bytes]:
         """Forget the nodes whose bookings ran out; the paths to close."""

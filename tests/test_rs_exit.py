@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from dc.exit import ExitError, book_exit
+from dc.exit import EXIT_BOOKINGS_BURST, ExitBooker, ExitError
 from dc.federation import FederationError
 from node.exit_relay import ExitRelay, ExitRelayError
 from node.subnet import RouteSync
@@ -21,7 +21,7 @@ from ntm.routes import RouteTable, sign_offer
 from ntm.tunnel import Data, Session
 from ntm.vaddr import v6_of
 from rs.exit import RelayExit
-from rs.exit_policy import (EXIT_V4_NET, FLOW_IDLE_S, Caps, ExitPolicy, ExitRefused, ExitTable, Meter, exit_overlay,
+from rs.exit_policy import (EXIT_PATHS_PER_NODE, EXIT_V4_NET, FLOW_IDLE_S, Caps, ExitPolicy, ExitRefused, ExitTable, Meter, exit_overlay,
                             flow_of)
 from rs.trust import DcTrust
 from tests.test_overlay import ipv6, tcp
@@ -68,7 +68,7 @@ def test_booking_refusals_change_nothing():
             t.book(b, NOW_MS, 100.0)
         assert e.value.code == code
         assert not t.nodes and not t.by_path
-    entry, created = t.book(booking(), NOW_MS, 100.0)
+    entry, created, _ = t.book(booking(), NOW_MS, 100.0)
     assert created and entry.node == NODE and entry.expires_at == pytest.approx(160.0)
     for b, code in [(booking(OTHER_KEY), "conflict"), (booking(OTHER_KEY, path="02" * 8), "full")]:
         with pytest.raises(ExitRefused) as e:
@@ -80,14 +80,25 @@ def test_booking_refusals_change_nothing():
 def test_a_node_keeps_its_meter_across_paths_and_expires_whole():
     """A node that moved books a new path: same meter (flows, inner address), budget renewed."""
     t = ExitTable(ExitPolicy(everyone=True), Caps(rate_bps=10**9, max_bytes=5000, max_flows=4))
-    first, _ = t.book(booking(max_bytes=10**9), NOW_MS, 0.0)
+    first, *_ = t.book(booking(max_bytes=10**9), NOW_MS, 0.0)
     assert first.meter.caps.max_bytes == 5000  # the operator's cap wins over the DC's ask
     assert first.meter.charge(b"\x45" + bytes(3999), 0.0) is None
-    again, created = t.book(booking(), NOW_MS, 0.0)
+    again, created, _ = t.book(booking(), NOW_MS, 0.0)
     assert not created and again.meter.caps.max_bytes == 5000  # the same path again: no new budget
-    moved, created = t.book(booking(path="02" * 8), NOW_MS, 1.0)
+    moved, created, _ = t.book(booking(path="02" * 8), NOW_MS, 1.0)
     assert created and moved is first and moved.meter.caps.max_bytes == 4000 + 5000
     assert t.expire(59.0) == [] and sorted(t.expire(61.0)) == [b"\x01" * 8, b"\x02" * 8] and not t.nodes
+
+
+def test_a_node_booked_again_and_again_holds_a_bounded_number_of_paths():
+    """Adversary: an allowed node (or its DC) booking path after path: its oldest paths are
+    closed, so it never holds more than EXIT_PATHS_PER_NODE sessions at the exit."""
+    t = ExitTable(ExitPolicy(everyone=True))
+    closed = []
+    for i in range(EXIT_PATHS_PER_NODE + 3):
+        closed += t.book(booking(path=f"{i:016x}"), NOW_MS, 0.0)[2]
+    assert closed == [bytes.fromhex(f"{i:016x}") for i in range(3)]
+    assert len(t.by_path) == len(t.nodes[NODE].paths) == EXIT_PATHS_PER_NODE
 
 
 def test_meter_caps_flows_rate_and_bytes():
@@ -241,7 +252,7 @@ class FakeFederation:
 
     async def post(self, url: str, body: dict, who: str, answer: type):
         self.asked.append((url, body))
-        a = self.answers[len(self.asked) - 1]
+        a = self.answers[min(len(self.asked), len(self.answers)) - 1]  # the last one from then on
         if isinstance(a, Exception):
             raise a
         return a
@@ -260,25 +271,37 @@ def a_grant(ex_key=keys.private_key(b"\x33" * 32), offer_key=None, exit_flag=Tru
 
 
 def test_dc_books_for_its_live_signed_nodes_and_passes_the_relays_refusal_on():
-    """Adversaries: a node without a session at this DC, a replayed request; and a relay that
-    refuses the node (its code and status reach the node). The DC asks the next relay when one
-    is down, and books with the key the node signed with."""
+    """Adversaries: a node without a session at this DC, a replayed request, a node asking
+    again and again (each booking costs the DC a request to a relay); and a relay that refuses
+    the node (its code and status reach the node). The DC asks the next relay when one is down,
+    and books with the key the node signed with."""
     dc = fake_dc({NODE}, [FederationError("relay http://rs1:8340 unreachable"), a_grant()])
+    booker = ExitBooker(dc)
+
+    def ask(key=NODE_KEY, b: ExitBooker = booker):
+        return asyncio.run(b.book(envelope.seal(key, messages.EXIT_REQUEST, {}, NOW_MS)))
+
     req = envelope.seal(NODE_KEY, messages.EXIT_REQUEST, {}, NOW_MS)
-    assert asyncio.run(book_exit(dc, req)) == a_grant()
+    assert asyncio.run(booker.book(req)) == a_grant()
     url, body = dc.federation.asked[1]
     sent = messages.decode(messages.ExitBooking, body["body"])
     assert url == "http://rs2:8340/v1/exit-bookings" and sent.node == keys.checksum(NODE)
     assert keys.node_id(bytes.fromhex(sent.node_pubkey)) == NODE
     with pytest.raises(SignatureError):
-        asyncio.run(book_exit(dc, req))  # replayed
+        asyncio.run(booker.book(req))  # replayed
     with pytest.raises(ExitError) as e:
-        asyncio.run(book_exit(dc, envelope.seal(OTHER_KEY, messages.EXIT_REQUEST, {}, NOW_MS)))
+        ask(OTHER_KEY)
     assert (e.value.code, e.value.status) == ("no_session", 403)
-    refusing = fake_dc({NODE}, [FederationError("relay http://rs1:8340 refused: not on its --exit-allow list",
-                                                "not_allowed", 403)] * 2)
+    for _ in range(EXIT_BOOKINGS_BURST - 1):
+        ask()
+    asked = len(dc.federation.asked)
     with pytest.raises(ExitError) as e:
-        asyncio.run(book_exit(refusing, envelope.seal(NODE_KEY, messages.EXIT_REQUEST, {}, NOW_MS)))
+        ask()
+    assert (e.value.code, e.value.status) == ("rate_limited", 429) and len(dc.federation.asked) == asked
+    refusing = fake_dc({NODE}, [FederationError("relay http://rs1:8340 refused: not on its --exit-allow list",
+                                                "not_allowed", 403)])
+    with pytest.raises(ExitError) as e:
+        ask(b=ExitBooker(refusing))
     assert (e.value.code, e.value.status) == ("not_allowed", 403) and "--exit-allow" in str(e.value)
 
 
