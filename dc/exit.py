@@ -71,9 +71,7 @@ async def book_exit(c: Coordinator, env: envelope.Envelope, obj: dict) -> messag
     last: FederationError | None = None
     for url in c.relays:
         try:
-            return await c.federation.post(f"{url.rstrip('/')}/v1/exit-bookings",
-                                           c.federation.seal(messages.EXIT_BOOKING, booking), f"relay {url}",
-                                           messages.ExitGrant)
+            return await c.federation.book_exit(url, booking)
         except FederationError as exc:
             last = exc
     assert last is not None

@@ -122,3 +122,9 @@ class FederationClient:
         same path and token; FederationError (with the RS's code and status) if refused."""
         return await self.post(f"{url.rstrip('/')}/v1/relay-directions", self.seal(messages.RELAY_DIRECTION, direction),
                                f"relay {url}", messages.RelayBooking)
+
+    async def book_exit(self, url: str, booking: messages.ExitBooking) -> messages.ExitGrant:
+        """Send a signed Exit Booking to the RS at `url` (§10.12); FederationError (with the RS's
+        code and status) if refused."""
+        return await self.post(f"{url.rstrip('/')}/v1/exit-bookings", self.seal(messages.EXIT_BOOKING, booking),
+                               f"relay {url}", messages.ExitGrant)

@@ -45,11 +45,12 @@ DEFAULT_EXIT_TUN = "ntmx0"
 DEFAULT_EXIT_STATE = "/var/lib/ntm-rs"
 #: The iptables comment on the exit's rules, so an operator can tell them apart.
 EXIT_COMMENT = "ntm-relay-exit"
-#: How often the sessions' timers run (keepalives, rekeys, key expiry; the exit only answers
-#: handshakes, so nothing here needs a finer grain) and expired bookings are swept.
-TICK_S = 0.25
+#: How often the sessions' timers run: the exit only answers handshakes, so its timers are
+#: keepalives (25 s), its own rekeys (130 s, retransmitted every 1 s) and key expiry; a finer
+#: grain would cost every booked session a poll more often for nothing.
+TICK_S = 1.0
 #: Expired bookings are swept every this many ticks (5 s; a booking lasts an hour).
-SWEEP_TICKS = 20
+SWEEP_TICKS = 5
 
 
 @dataclass

@@ -247,11 +247,8 @@ class FakeFederation:
     def __init__(self, answers: list) -> None:
         self.answers, self.asked = answers, []
 
-    def seal(self, kind: str, body: messages.Message) -> dict:
-        return envelope.seal(DC_KEY, kind, messages.encode(body), NOW_MS)
-
-    async def post(self, url: str, body: dict, who: str, answer: type):
-        self.asked.append((url, body))
+    async def book_exit(self, url: str, booking: messages.ExitBooking) -> messages.ExitGrant:
+        self.asked.append((url, booking))
         a = self.answers[min(len(self.asked), len(self.answers)) - 1]  # the last one from then on
         if isinstance(a, Exception):
             raise a
@@ -283,9 +280,8 @@ def test_dc_books_for_its_live_signed_nodes_and_passes_the_relays_refusal_on():
 
     req = envelope.seal(NODE_KEY, messages.EXIT_REQUEST, {}, NOW_MS)
     assert asyncio.run(booker.book(req)) == a_grant()
-    url, body = dc.federation.asked[1]
-    sent = messages.decode(messages.ExitBooking, body["body"])
-    assert url == "http://rs2:8340/v1/exit-bookings" and sent.node == keys.checksum(NODE)
+    url, sent = dc.federation.asked[1]
+    assert url == "http://rs2:8340" and sent.node == keys.checksum(NODE)
     assert keys.node_id(bytes.fromhex(sent.node_pubkey)) == NODE
     with pytest.raises(SignatureError):
         asyncio.run(booker.book(req))  # replayed

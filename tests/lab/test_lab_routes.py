@@ -112,6 +112,21 @@ def test_subnet_router_moves_and_only_accepted_routes_reach_its_lan(fed):
     assert not (r.home / "forwarding.json").exists()
 
 
+def transfer_while_moving(m: UpNode, s, nat2: str, v6only: str) -> dict:
+    """20 MB over TCP from M to the plain server S, paced at 2 MB/s, while M moves to the NAT site
+    `nat2` and then to the IPv6-only site `v6only`: S's result, once checked intact and M on IPv6 only."""
+    def moves() -> None:
+        time.sleep(2.0)
+        m.lab.move(m.host, nat2)
+        time.sleep(3.0)
+        m.lab.move(m.host, v6only)
+
+    sent, got = transfer(m, s, s.addr4, "0.0.0.0", TRANSFER_BYTES, rate=2e6, during=moves)
+    assert got["bytes"] == sent["bytes"] == TRANSFER_BYTES and got["sha256"] == sent["sha256"]
+    assert m.host.addr4 is None  # M ended on an IPv6-only network
+    return got
+
+
 def test_tcp_to_a_plain_server_through_an_exit_node_survives_moves(fed):
     """Issue 24 (b, c) with an exit node: M sends its traffic for the plain public server S (no
     NTMobile) through exit node E behind a NAT. M moves NAT → NAT, then to an IPv6-only network,
@@ -124,16 +139,8 @@ def test_tcp_to_a_plain_server_through_an_exit_node_survives_moves(fed):
     s = lab.add_public_host("exs")
     e, m = exit_pair(fed, "ex", s.addr4)
     try:
-        def moves() -> None:
-            time.sleep(2.0)
-            lab.move(m.host, "exm2")
-            time.sleep(3.0)
-            lab.move(m.host, "exv6")
-
-        sent, got = transfer(m, s, s.addr4, "0.0.0.0", TRANSFER_BYTES, rate=2e6, during=moves)
-        assert got["bytes"] == sent["bytes"] == TRANSFER_BYTES and got["sha256"] == sent["sha256"]
+        got = transfer_while_moving(m, s, "exm2", "exv6")
         assert got["peer"] == e.host.public4  # the exit's NAT, not M's
-        assert m.host.addr4 is None  # M ended on an IPv6-only network
         print(f"\nexit node, M moves NAT → NAT → IPv6-only mid-transfer: TCP 20 MB intact, S saw {got['peer']} "
               f"only, stall {got['max_stall_s']:.2f} s, {got['elapsed_s']:.1f} s (paced at 2 MB/s)")
 
@@ -173,6 +180,8 @@ def test_tcp_to_a_plain_server_through_the_relays_exit_survives_moves(fed):
     try:
         exit_id = relay_exit_status(fed)["exit_node"]
         assert m.status()["routes"]["accepted"] == {exit_id: EXIT_ROUTES}
+        nat = lab.exec(fed.srv, ["iptables", "-w", "-t", "nat", "-S"], timeout=20).stdout
+        assert "ntm-relay-exit" in nat and "100.100.0.0/16" in nat  # the relay's masquerade, tagged
 
         # Adversary: M sends from an overlay address that is not its own (another node's).
         fake = "fd6e:746d::dead"
@@ -184,16 +193,8 @@ def test_tcp_to_a_plain_server_through_the_relays_exit_survives_moves(fed):
         assert relay_exit_status(fed)["dropped"]["spoofed_source"] - before >= 5
         assert m.run("ping", "-c", "2", "-W", "5", s.addr4).returncode == 0  # its own source passes
 
-        def moves() -> None:
-            time.sleep(2.0)
-            lab.move(m.host, "rxm2")
-            time.sleep(3.0)
-            lab.move(m.host, "rxv6")
-
-        sent, got = transfer(m, s, s.addr4, "0.0.0.0", TRANSFER_BYTES, rate=2e6, during=moves)
-        assert got["bytes"] == sent["bytes"] == TRANSFER_BYTES and got["sha256"] == sent["sha256"]
+        got = transfer_while_moving(m, s, "rxm2", "rxv6")
         assert got["peer"] == fed.srv.addr4  # the relay's address, never M's NATs'
-        assert m.host.addr4 is None  # M ended on an IPv6-only network
         st = relay_exit_status(fed)
         print(f"\nrelay exit, M moves NAT → NAT → IPv6-only mid-transfer: TCP 20 MB intact, S saw {got['peer']} "
               f"only, stall {got['max_stall_s']:.2f} s, {got['elapsed_s']:.1f} s (paced at 2 MB/s); "
