@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -51,6 +52,10 @@ EXIT_COMMENT = "ntm-relay-exit"
 TICK_S = 1.0
 #: Expired bookings are swept every this many ticks (5 s; a booking lasts an hour).
 SWEEP_TICKS = 5
+#: Datagrams read per wake-up of the exit's socket (asyncio's datagram transport reads one per
+#: wake-up): a TCP window's burst costs one event-loop turn per 64 packets, and the TUN gets its turn.
+RECV_BATCH = 64
+MAX_DATAGRAM = 65535
 
 
 @dataclass
@@ -81,7 +86,7 @@ class RelayExit:
         self.dropped: Counter[str] = Counter()
         self.refused: Counter[str] = Counter()
         self.counters = ExitCounters()
-        self.udp: asyncio.DatagramTransport | None = None
+        self.udp: socket.socket | None = None  # non-blocking: a full buffer loses the datagram (send_error)
         self.family = 0
         self.tun: Tun | None = None
         self.config = TunnelConfig()
@@ -238,20 +243,6 @@ class RelayExit:
                    ("exit_refused", "reason"))
 
 
-class ExitProtocol(asyncio.DatagramProtocol):
-    def __init__(self, exit: RelayExit) -> None:
-        self.exit = exit
-
-    def connection_made(self, transport) -> None:
-        self.exit.udp = transport
-
-    def datagram_received(self, data: bytes, addr) -> None:
-        self.exit.on_datagram(data, for_socket(addr, self.exit.family))
-
-    def error_received(self, exc: Exception) -> None:
-        self.exit.dropped["udp_error"] += 1
-
-
 EXIT = web.AppKey("exit", RelayExit)
 
 
@@ -288,7 +279,7 @@ class ExitRunner:
     def __init__(self, exit: RelayExit, tun_name: str, state: Path, udp_host: str, udp_port: int) -> None:
         self.exit, self.tun_name, self.udp_host, self.udp_port = exit, tun_name, udp_host, udp_port
         self.forwarding = Forwarding(state)
-        self.transport: asyncio.DatagramTransport | None = None
+        self.sock: socket.socket | None = None
         self.ticker: asyncio.Task | None = None
 
     async def start(self) -> int:
@@ -300,16 +291,28 @@ class ExitRunner:
             ex.tun = Tun.open(self.tun_name, tun_mtu(), v6_of(ex.id), V6_PREFIX, ex.overlay.book.own, EXIT_V4_NET,
                               offload=False)
             self.forwarding.apply(forwarding_rules(ex.tun.name, EXIT_V4_NET, list(EXIT_ROUTES), EXIT_COMMENT), {4, 6})
-            sock = service.udp_socket(self.udp_host, self.udp_port)
+            self.sock = service.udp_socket(self.udp_host, self.udp_port, service.SOCKET_BUFFER)
         except (OSError, NtmError) as exc:
             self.close()
             raise NtmError(f"cannot run the exit (--exit needs root: TUN, forwarding, masquerade): {exc}") from None
-        ex.family = sock.family
-        loop = asyncio.get_running_loop()
-        self.transport, _ = await loop.create_datagram_endpoint(lambda: ExitProtocol(ex), sock=sock)
+        self.sock.setblocking(False)
+        ex.udp, ex.family = self.sock, self.sock.family
+        asyncio.get_running_loop().add_reader(self.sock.fileno(), self._readable)
         ex.tun.start(ex.from_tun, lambda: None)
         self.ticker = asyncio.create_task(self._tick(), name="exit-timers")
-        return sock.getsockname()[1]
+        return self.sock.getsockname()[1]
+
+    def _readable(self) -> None:
+        recv, ex = self.sock.recvfrom, self.exit
+        for _ in range(RECV_BATCH):
+            try:
+                data, addr = recv(MAX_DATAGRAM)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # an ICMP error for an earlier send (a node that left): not fatal
+                ex.dropped["udp_error"] += 1
+                continue
+            ex.on_datagram(data, for_socket(addr, ex.family))
 
     async def _tick(self) -> None:
         n = 0
@@ -323,8 +326,10 @@ class ExitRunner:
     def close(self) -> None:
         if self.ticker is not None:
             self.ticker.cancel()
-        if self.transport is not None:
-            self.transport.close()
+        if self.sock is not None:
+            asyncio.get_running_loop().remove_reader(self.sock.fileno())
+            self.sock.close()
+            self.sock = None
         if self.exit.tun is not None:
             self.exit.tun.close()
             self.exit.tun = None

@@ -199,6 +199,9 @@ def test_tcp_to_a_plain_server_through_the_relays_exit_survives_moves(fed):
         print(f"\nrelay exit, M moves NAT → NAT → IPv6-only mid-transfer: TCP 20 MB intact, S saw {got['peer']} "
               f"only, stall {got['max_stall_s']:.2f} s, {got['elapsed_s']:.1f} s (paced at 2 MB/s); "
               f"relay exit dropped {st['dropped']}")
+        fast, fgot = transfer(m, s, s.addr4, "0.0.0.0", TRANSFER_BYTES)
+        assert fgot["sha256"] == fast["sha256"]
+        print(f"relay exit TCP 20 MB unpaced (M on IPv6 only): {TRANSFER_BYTES * 8 / fgot['elapsed_s'] / 1e6:.0f} Mbit/s")
 
         # Adversary: Y, registered, not on the relay's --exit-allow list.
         y = UpNode(fed, lab.add_site("rxy", "eim").host, 1)
