@@ -60,6 +60,8 @@ MAX_DATAGRAM = 65535
 
 @dataclass
 class ExitCounters:
+    """What the exit carried (its drops are counted by reason in RelayExit.dropped)."""
+
     forwarded_out: int = 0  # packets from nodes written to TUN
     forwarded_in: int = 0  # packets from TUN sent to nodes
     bookings: int = 0
