@@ -171,7 +171,8 @@ def test_tcp_to_a_plain_server_through_the_relays_exit_survives_moves(fed):
     a 20 MB TCP transfer: the same connection completes intact and S saw one source address, the
     relay's. Adversaries: M sending from another overlay address (dropped and counted at the
     relay); Y, a registered node the relay does not allow, asking for the exit (a clear refusal,
-    exit code 1, nothing booked or forwarded for it)."""
+    exit code 1, nothing booked or forwarded for it); the relay SIGKILLed (its next start removes
+    the rules it left)."""
     lab = fed.lab
     lab.add_site("rxm2", "eim")
     lab.add_site("rxv6", "ipv6only")
@@ -214,5 +215,20 @@ def test_tcp_to_a_plain_server_through_the_relays_exit_survives_moves(fed):
             assert st["refused"].get("not_allowed", 0) >= 1 and list(st["booked"]) == [m.id]
         finally:
             y.stop()
+
+        # Hostile condition: the relay is SIGKILLed. Its masquerade and forward rules stay
+        # (nothing ran to remove them); its next start removes them from its state file before
+        # adding its own again (the module's last test: the federation stops it cleanly after).
+        def exit_rules() -> list[str]:
+            out = "".join(lab.exec(fed.srv, [cmd, "-w", "-t", t, "-S"], timeout=20).stdout
+                          for cmd in ("iptables", "ip6tables") for t in ("filter", "nat"))
+            return [ln for ln in out.splitlines() if "ntm-relay-exit" in ln]
+
+        ours = exit_rules()
+        assert len(ours) == 6  # FORWARD in, FORWARD back, MASQUERADE; IPv4 and IPv6
+        fed.rs.kill()
+        assert exit_rules() == ours
+        fed.rs.start()
+        assert exit_rules() == ours  # not twice
     finally:
         m.stop()
