@@ -16,9 +16,11 @@
                           --advertise-routes / --use-routes, TUN; issue 24)
   exit_tcp_mbps           TCP goodput (SUBNET_BYTES, unpaced) from M behind a NAT to a plain public
                           server S through exit node E behind another NAT (--advertise-exit /
-                          --exit-node; the RS as exit is not built)
+                          --exit-node)
   exit_handover_stall_s   longest receive gap at S of a paced TCP transfer through E while M moves
                           NAT → NAT
+  rs_exit_tcp_mbps        the same through the relay's exit (`ntm-rs --exit`, `ntm up --exit-relay`;
+  rs_exit_handover_stall_s  §10.13): M's DC books it, S sees the relay's address
   grid_pairs              ordered NAT-kind pairs tried (16)
   grid_pairs_ok           ... whose route and carrying path match the table
                           (the grid itself is printed as `#` lines)
@@ -41,7 +43,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.lab.fed import KINDS, Federation, grid_rows, grid_table  # noqa: E402
-from tests.lab.subnet import H_ADDR, exit_pair, subnet_router, wait_for_route  # noqa: E402
+from tests.lab.subnet import (H_ADDR, exit_pair, relay_exit_args, relay_exit_user, subnet_router,  # noqa: E402
+                              wait_for_route)
 from tests.lab.topology import Lab, lab_available, sweep_stale  # noqa: E402
 from tests.lab.upnode import transfer  # noqa: E402
 
@@ -121,22 +124,38 @@ def subnet_route(fed, nbytes: int) -> float:
         r.stop()
 
 
+def exit_transfers(lab, m, s, move_to: str, nbytes: int) -> tuple[float, float]:
+    """(Mbit/s unpaced, the longest stall while M moves to site `move_to`) of TCP M → S."""
+    sent, got = transfer(m, s, s.addr4, "0.0.0.0", nbytes)
+    assert got["sha256"] == sent["sha256"], "transfer corrupted"
+    rate = nbytes / EXIT_MOVE_S  # paced to last EXIT_MOVE_S, the move in its middle
+    sent, moved = transfer(m, s, s.addr4, "0.0.0.0", nbytes, rate=rate,
+                           during=lambda: (time.sleep(EXIT_MOVE_S / 2), lab.move(m.host, move_to)))
+    assert moved["sha256"] == sent["sha256"], "transfer corrupted"
+    return nbytes * 8 / got["elapsed_s"] / 1e6, moved["max_stall_s"]
+
+
 def exit_node(fed, lab, nbytes: int) -> tuple[float, float]:
-    """(Mbit/s unpaced, the longest stall while M moves NAT → NAT) of TCP M → S through exit E."""
+    """exit_transfers through exit node E, M moving NAT → NAT."""
     lab.add_site("xm2", "eim")
     s = lab.add_public_host("xs")
     e, m = exit_pair(fed, "xe", s.addr4)
     try:
-        sent, got = transfer(m, s, s.addr4, "0.0.0.0", nbytes)
-        assert got["sha256"] == sent["sha256"], "transfer corrupted"
-        rate = nbytes / EXIT_MOVE_S  # paced to last EXIT_MOVE_S, the move in its middle
-        sent, moved = transfer(m, s, s.addr4, "0.0.0.0", nbytes, rate=rate,
-                               during=lambda: (time.sleep(EXIT_MOVE_S / 2), lab.move(m.host, "xm2")))
-        assert moved["sha256"] == sent["sha256"], "transfer corrupted"
-        return nbytes * 8 / got["elapsed_s"] / 1e6, moved["max_stall_s"]
+        return exit_transfers(lab, m, s, "xm2", nbytes)
     finally:
         m.stop()
         e.stop()
+
+
+def relay_exit(fed, lab, nbytes: int) -> tuple[float, float]:
+    """exit_transfers through the relay's exit, M moving NAT → NAT."""
+    lab.add_site("rxm2", "eim")
+    s = lab.add_public_host("rxs")
+    m = relay_exit_user(fed, lab.add_site("rxm", "eim").host, s.addr4)
+    try:
+        return exit_transfers(lab, m, s, "rxm2", nbytes)
+    finally:
+        m.stop()
 
 
 def main() -> int:
@@ -154,7 +173,8 @@ def main() -> int:
     sweep_stale()
     t_start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="ntm-bench-lab-") as tmp, Lab() as lab:
-        fed = Federation(lab, Path(tmp), n_dcs=3, keepalive_s=KEEPALIVE_S)
+        fed = Federation(lab, Path(tmp), n_dcs=3, keepalive_s=KEEPALIVE_S,
+                         rs_args=relay_exit_args(Path(tmp) / "rs-exit"))
         try:
             metric("keepalive_s", KEEPALIVE_S)
             pub1 = fed.node(lab.add_site("pub1", "public").host, dc=0)
@@ -192,6 +212,9 @@ def main() -> int:
             mbps, stall = exit_node(fed, lab, SUBNET_BYTES // (20 if args.quick else 1))
             metric("exit_tcp_mbps", round(mbps, 1))
             metric("exit_handover_stall_s", round(stall, 3))
+            mbps, stall = relay_exit(fed, lab, SUBNET_BYTES // (20 if args.quick else 1))
+            metric("rs_exit_tcp_mbps", round(mbps, 1))
+            metric("rs_exit_handover_stall_s", round(stall, 3))
             metric("failover_s", round(failover(fed, lab), 3))
         finally:
             fed.stop()

@@ -209,6 +209,11 @@ def run(name: str, serve: Callable[[asyncio.Event], Awaitable[None]]) -> int:
     return 0
 
 
+#: Buffers of a tunnel socket (a node's, a relay exit's): large enough to absorb a burst of ~1000
+#: full-size datagrams.
+SOCKET_BUFFER = 4 * 1024 * 1024
+
+
 def udp_socket(host: str | None, port: int, buffer: int | None = None) -> socket.socket:
     """A bound UDP socket. `host` "::" is dual-stack (IPV6_V6ONLY=0) so IPv4-only and IPv6-only
     hosts reach the same port; None is the same, falling back to IPv4 on a host without IPv6; an

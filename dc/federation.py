@@ -131,11 +131,21 @@ class FederationClient:
         """Send a signed Relay Direction to the RS at `url` (its control API and pin, as --relay
         names it). Idempotent for the same path and token; FederationError (with the RS's code and
         status; `relay_unauthenticated`: it presented another certificate) if refused."""
+        return await self._to_relay(url, "/v1/relay-directions", self.seal(messages.RELAY_DIRECTION, direction),
+                                    messages.RelayBooking)
+
+    async def book_exit(self, url: str, booking: messages.ExitBooking) -> messages.ExitGrant:
+        """Send a signed Exit Booking to the RS at `url` (§10.13); FederationError (with the RS's
+        code and status) if refused."""
+        return await self._to_relay(url, "/v1/exit-bookings", self.seal(messages.EXIT_BOOKING, booking),
+                                    messages.ExitGrant)
+
+    async def _to_relay(self, url: str, path: str, body: dict, reply: type[T]) -> T:
+        """POST to the relay's control API at `url`, holding it to the pin --relay names."""
         try:
             target = tlspin.relay_target(url)
             tls = target.ssl()
         except ValueError as exc:  # its certificate file went missing since the start
             raise FederationError(f"relay {url}: {exc}", "relay_unauthenticated") from None
-        return await self.post(f"{target.base}/v1/relay-directions", self.seal(messages.RELAY_DIRECTION, direction),
-                               f"relay {target.base}", messages.RelayBooking,
+        return await self.post(f"{target.base}{path}", body, f"relay {target.base}", reply,
                                pinned=tls if isinstance(tls, aiohttp.Fingerprint) else None)

@@ -17,6 +17,7 @@ from aiohttp import WSMsgType, web
 from daemon import httpapp, service
 from daemon.metrics import CONTENT_TYPE
 from dc import dashboard
+from dc import exit as dc_exit
 from dc.chainstatus import ChainStatus
 from dc.coordinator import Coordinator
 from dc.errors import DirectionError, SourceLimited
@@ -40,6 +41,7 @@ AUTH_TIMEOUT_S = 10.0
 NODE_HEARTBEAT_S = 10.0
 
 COORDINATOR = web.AppKey("coordinator", Coordinator)
+EXIT_BOOKER = web.AppKey("exit_booker", dc_exit.ExitBooker)
 CHAIN_STATUS = web.AppKey("chain_status", ChainStatus)
 PROBE = web.AppKey("probe", dashboard.FederationProbe)
 STARTED = web.AppKey("started", float)
@@ -123,6 +125,16 @@ async def handle_cs_notice(request: web.Request) -> web.Response:
 async def handle_groups(request: web.Request) -> web.Response:
     """The Group Management Server (dc/groups.py): one node-signed envelope per request."""
     return web.json_response(request.app[COORDINATOR].groups.handle(await service.read_json(request)))
+
+
+@ROUTES.post("/v1/exit-bookings")
+async def handle_exit_booking(request: web.Request) -> web.Response:
+    """A node asks for an exit at a relay (dc/exit.py, §10.13): the relay's grant, or its refusal."""
+    try:
+        grant = await request.app[EXIT_BOOKER].book(await service.read_json(request))
+    except dc_exit.ExitError as exc:
+        return reply(messages.ErrorBody(exc.code, str(exc)), exc.status)
+    return reply(grant)
 
 
 @ROUTES.get("/healthz")
@@ -280,6 +292,7 @@ def make_app(coordinator: Coordinator, chain_status: ChainStatus, admin_allow: t
     app[CHAIN_STATUS] = chain_status
     app[PROBE] = probe or dashboard.FederationProbe(coordinator)
     app[STARTED] = time.monotonic()
+    app[EXIT_BOOKER] = dc_exit.ExitBooker(coordinator)
     coordinator.metrics.watch(coordinator, chain_status)
     app[service.ADMIN_ALLOW] = tuple(admin_allow)
     app.add_routes(ROUTES)

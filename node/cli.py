@@ -171,6 +171,9 @@ def parser() -> Parser:
                    help="use the routes PEER offers (all, or only CIDR); never automatic (repeatable)")
     s.add_argument("--exit-node", metavar="PEER",
                    help="use PEER's exit: its default routes go to routing table 4330 (node/subnet.py), for your `ip rule`s")
+    s.add_argument("--exit-relay", action="store_true",
+                   help="use a relay's exit, booked by your DC (servers see the relay's address while you move); "
+                   "its default routes go to routing table 4330, for your `ip rule`s")
     s.set_defaults(cmd="up")
     sub.add_parser("down", help="stop the running daemon").set_defaults(cmd="down")
 

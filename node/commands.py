@@ -260,7 +260,7 @@ def up_options(args) -> daemon.UpOptions:
         v4_net=args.v4_net, path_mtu=args.path_mtu, dns=args.dns, accept_any=args.accept_any,
         echo=args.echo, host=args.host, port=args.port, keepalive=args.keepalive, offload=args.offload,
         advertise_routes=advertised(args.advertise_routes), advertise_exit=args.advertise_exit,
-        use_routes=args.use_routes, exit_node=args.exit_node)
+        use_routes=args.use_routes, exit_node=args.exit_node, exit_relay=args.exit_relay)
 
 
 def advertised(text: str) -> list:
@@ -281,6 +281,8 @@ async def cmd_up(args, base: Path) -> None:
         vaddr.tun_mtu(opts.path_mtu)
     except vaddr.AddressError as exc:
         raise CliError(str(exc), USAGE) from None
+    if opts.exit_node and opts.exit_relay:
+        raise CliError("--exit-node and --exit-relay both choose the exit: give one", USAGE)
     if not 0 < opts.keepalive <= 3600 or not 0 <= opts.port < 65536:
         raise CliError("--keepalive must be in (0, 3600] seconds and --port in 0..65535", USAGE)
 

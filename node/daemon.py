@@ -19,7 +19,9 @@ from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Any
 
+from daemon.forwarding import Forwarding, ForwardingError, forwarding_rules
 from daemon.service import LOG_FORMAT, BackgroundTasks, LockHeld, hold_lock, stop_on_signals
+from daemon.tun import Tun, tun_unavailable
 from node import control, netcheck, state
 from node.agent import Node
 from node.control import ControlError, ControlServer
@@ -27,14 +29,14 @@ from node.daemon_streams import DaemonStreams
 from node.dataplane import DataPlane
 from node.dc_client import DcError
 from node.dns import DnsServer
+from node.exit_relay import ExitRelay
 from node.group_link import GroupLink, take_inbox, take_item
 from node.groups import Groups
 from node.netwatch import follow_addresses
 from node.splitdns import LOOPBACK_DNS, SplitDns
 from node.peers import PeerBook, PeerBookError
 from node.standby import StandbyPaths
-from node.subnet import EXIT_ROUTES, Forwarding, ForwardingError, RouteSync, forwarding_rules
-from node.tun import Tun, tun_unavailable
+from node.subnet import EXIT_ROUTES, RouteSync
 from ntm import keys, messages
 from ntm.addr import display
 from ntm.errors import NtmError
@@ -99,6 +101,7 @@ class UpOptions:
     advertise_exit: bool = False
     use_routes: list[str] = field(default_factory=list)  # "PEER" or "PEER:PREFIX" items (--use-routes)
     exit_node: str | None = None
+    exit_relay: bool = False  # use a relay's exit, booked by the DC (--exit-relay, §10.13)
 
 
 class Daemon:
@@ -116,6 +119,7 @@ class Daemon:
         self.streams = DaemonStreams(plane, self.admit, lambda peer: self._peer({"peer": peer}))
         self.routes = RouteSync(overlay.routes, lambda peer: node.session.dc.whois(peer), plane.tun.name if plane.tun else None)
         self.forwarding = Forwarding(base)
+        self.exit_relay: ExitRelay | None = None
         self.tasks = BackgroundTasks()
         self.started = time.time()
 
@@ -315,6 +319,16 @@ class Daemon:
         self.tasks.spawn(self.standby.run())
         if self.overlay.routes.peers():
             self.tasks.spawn(self.routes.loop())
+        if self.opts.exit_relay:
+            await self.use_exit_relay()
+
+    async def use_exit_relay(self) -> None:
+        """--exit-relay: book a relay's exit through the DC and route table 4330 into it (§10.13)."""
+        if self.plane.tun is None:
+            raise DaemonError("--exit-relay needs the TUN interface (root)")
+        self.exit_relay = ExitRelay(self.node, self.plane, self.routes,
+                                    lambda: self.node.session.dc.book_exit(self.node.key))
+        await self.exit_relay.start()
 
     async def _watch_addresses(self) -> None:
         await follow_addresses(self.node.local_addrs, self.node.network_changed, ADDRESS_POLL_S)

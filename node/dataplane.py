@@ -6,7 +6,7 @@ on a tunnel is either an IP packet (checked and translated by the overlay, then 
 or an application datagram (`ntm send`), kept for `ntm recv`. Without TUN (no root) only
 application datagrams flow.
 
-With TUN offloads (node/tun.py), a read may be a super-packet: it is split into segments no longer
+With TUN offloads (daemon/tun.py), a read may be a super-packet: it is split into segments no longer
 than the peer's path carries, each sent as its own tunnel packet (the endpoint batches them into
 UDP GSO sends). What arrives is collected until the socket is drained (one event-loop turn),
 coalesced per TCP flow (ntm/offload.py) and written once per run.
@@ -22,7 +22,7 @@ from typing import Callable
 
 from daemon.service import BackgroundTasks
 from node.agent import Node, NodeError, Tunnel
-from node.tun import Tun
+from daemon.tun import Tun
 from ntm import keys
 from ntm.addr import display
 from ntm.errors import NtmError

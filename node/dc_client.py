@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import TypeVar
 from urllib.parse import urlsplit
 
@@ -11,7 +12,7 @@ import coincurve
 
 from daemon import tlspin
 from node import state
-from ntm import keys, messages, session_auth
+from ntm import envelope, keys, messages, session_auth
 from ntm.errors import CodedError, ParseError
 from ntm.registration import RegistrationRequest
 
@@ -115,6 +116,11 @@ class DcClient:
 
     async def whois(self, node: bytes) -> messages.NodeInfo:
         return await self._call("GET", f"/v1/nodes/{keys.checksum(node)}", messages.NodeInfo)
+
+    async def book_exit(self, key: coincurve.PrivateKey) -> messages.ExitGrant:
+        """Ask the DC for an exit at a relay (§10.13), signed with the node's key: the relay's grant."""
+        body = envelope.seal(key, messages.EXIT_REQUEST, {}, time.time_ns() // 1_000_000)
+        return await self._call("POST", "/v1/exit-bookings", messages.ExitGrant, body)
 
     async def open_session(self, key: coincurve.PrivateKey, local_addrs: list[str] | None = None,
                            heartbeat: float | None = None, routes: messages.RouteOffer | None = None

@@ -25,7 +25,7 @@ from typing import Awaitable, Callable, Protocol, Sequence
 
 import coincurve
 
-from daemon.service import udp_socket
+from daemon.service import SOCKET_BUFFER, udp_socket
 from node.channel import Channel
 from node.relay_stream import RelayStream
 from node.state import TUNNEL_PORT
@@ -41,8 +41,6 @@ from ntm.vaddr import inner_mtu
 DEFAULT_PORT = TUNNEL_PORT
 #: Default time open() waits for a handshake (direct attempts, then the relay from 1.5 s on).
 OPEN_TIMEOUT = 10.0
-#: Socket buffers: large enough to absorb a burst of ~1000 full-size datagrams.
-SOCKET_BUFFER = 4 * 1024 * 1024
 #: Longest sleep of the timer task (it is also woken whenever a session is added).
 MAX_TIMER_SLEEP = 1.0
 

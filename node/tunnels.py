@@ -93,6 +93,8 @@ class Tunnel:
     resumed_at: float = 0.0  # when it was last used again after an idle spell (monotonic)
     recovering: asyncio.Task | None = field(default=None, repr=False)
     upgrading: asyncio.Task | None = field(default=None, repr=False)
+    # How a silent tunnel gets a new path when no DC directs it (the relay's exit, node/exit_relay.py)
+    repair: Callable[["Tunnel"], Awaitable[None]] | None = field(default=None, repr=False)
 
     def status(self, state: str) -> dict:
         ch = self.channel
@@ -293,6 +295,11 @@ class Tunnels:
         t.pinned_relay = force_relay
         return t
 
+    def adopt(self, t: Tunnel) -> None:
+        """A tunnel opened without a Route Direction (`t.repair` gives it new paths): watched,
+        probed and shown like the others."""
+        self.table[t.id] = t
+
     def working(self, peer: bytes, pinned_relay: bool) -> Tunnel | None:
         """The newest tunnel to `peer` (opened by either end) whose path works: handshake done,
         not closed, not being repaired; pinned to the relay exactly when `pinned_relay`."""
@@ -335,7 +342,7 @@ class Tunnels:
         heard = liveness.silent_since(link.last_heard, t.resumed_at)
         action = liveness.link_action(now, link.last_app, heard, t.recovering is not None)
         if action is liveness.LinkAction.REDIRECT:
-            t.recovering = self.tasks.spawn(self._redirect(t))
+            t.recovering = self.tasks.spawn(t.repair(t) if t.repair is not None else self._redirect(t))
         elif action is liveness.LinkAction.PROBE:
             self.probe(t)
         elif liveness.direct_retry_due(now, t.direct_tried_at, link.via == "relay" and not t.pinned_relay,

@@ -270,6 +270,43 @@ class RelayBooking(Message):
     streams: StreamUrls = []
 
 
+# --- the relay as exit for ordinary servers (§10.13) ---------------------------------------------
+EXIT_REQUEST = "exit.request"  # node → its DC: book me an exit at a relay (node-signed)
+EXIT_BOOKING = "exit-booking"  # DC → RS: admit this node to the RS exit (DC-signed)
+
+
+class ExitRequest(Message):
+    """A node asks its DC for an exit at a relay; the body is empty (the envelope says who)."""
+
+
+class ExitBooking(Message):
+    """A DC books the RS exit for `node` on path `path` (§10.13): the RS admits only booked nodes."""
+
+    path: Hex8
+    node: NodeId
+    node_pubkey: PubKeyHex
+    expires_ms: Ms
+    max_bytes: Annotated[int, Meta(gt=0)]
+
+
+class ExitGrant(Message):
+    """The RS's answer to an Exit Booking, handed on to the node: where the exit's tunnel
+    responder listens, its key, its signed exit offer and the caps it applies to this node."""
+
+    path: Hex8
+    exit: Annotated[list[Endpoint], Meta(min_length=1, max_length=MAX_ENDPOINTS)]
+    exit_node: NodeId
+    exit_pubkey: PubKeyHex
+    offer: RouteOffer
+    expires_ms: Ms
+    max_bytes: int
+    rate_bps: int
+    max_flows: int
+
+    def __post_init__(self) -> None:
+        _check_endpoints(self.exit)
+
+
 class InfoRequest(Message):
     """NTM Information Request: one DC asks `to` (the node's home DC) about `node`."""
 

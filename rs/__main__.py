@@ -27,8 +27,10 @@ from ntm.errors import NtmError, ParseError
 from daemon.service import udp_socket
 from rs.relay import MAX_PATHS, RelayTable
 from ntm.addr import format_endpoint, parse_endpoint
-from rs.server import Relay, RelayProtocol, default_advertise, housekeeping, make_app, make_stream_app, stream_urls
+from rs.server import METRICS, Relay, RelayProtocol, default_advertise, housekeeping, make_app, make_stream_app, stream_urls
 from rs.trust import DcTrust
+from rs import exit as relay_exit
+from rs.exit_policy import EXIT_MAX_BYTES, EXIT_MAX_FLOWS, EXIT_RATE_BPS, Caps, ExitPolicy
 
 DEFAULT_UDP_PORT = 4340  # next to the tunnel port 4330
 DEFAULT_HTTP_PORT = 8340  # control API; the DC's is 8330
@@ -100,6 +102,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--capture", type=startup.creatable_path, metavar="FILE",
                    help="DEBUG ONLY: append every forwarded datagram, hex, one per line, to FILE "
                    "(used by tests to show the relay only ever sees ciphertext)")
+    _exit_flags(p)
     return p
 
 
@@ -120,6 +123,60 @@ def control_tls(args: argparse.Namespace) -> tuple[ssl.SSLContext | None, str | 
     except (OSError, ssl.SSLError, ValueError) as exc:
         raise NtmError(f"cannot make or load the control API's TLS certificate in {args.data_dir}: {exc}") from None
     return ctx, tlspin.pin_of(der)
+
+
+def _exit_policy(text: str) -> str:
+    try:
+        ExitPolicy.parse([text])
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _exit_flags(p: argparse.ArgumentParser) -> None:
+    """The exit for ordinary servers (docs/PROTOCOL.md §10.13): off unless --exit."""
+    g = p.add_argument_group("exit", "the relay as exit for ordinary servers (needs root: a TUN interface, "
+                             "IP forwarding, masquerade); it sees the traffic it forwards, as any exit does")
+    g.add_argument("--exit", action="store_true",
+                   help="NAT booked nodes' traffic to ordinary servers (off by default)")
+    g.add_argument("--exit-allow", action="append", default=[], metavar="NODE[,NODE]|all-registered", type=_exit_policy,
+                   help="nodes a DC may book at the exit (repeatable); 'all-registered': any node an active DC "
+                   "books (default: nobody)")
+    g.add_argument("--exit-port", type=startup.port, default=relay_exit.DEFAULT_EXIT_PORT,
+                   help=f"the exit's tunnel UDP port (default {relay_exit.DEFAULT_EXIT_PORT}; 0 = any)")
+    g.add_argument("--exit-advertise", action="append", metavar="IP:PORT", type=_endpoint,
+                   help="the exit's endpoint told to nodes (repeatable; default: each --advertise host, exit port)")
+    g.add_argument("--exit-rate", type=startup.positive_int, default=EXIT_RATE_BPS, metavar="BYTES_PER_S",
+                   help=f"per-node cap, both directions (default {EXIT_RATE_BPS})")
+    g.add_argument("--exit-max-bytes", type=startup.positive_int, default=EXIT_MAX_BYTES, metavar="BYTES",
+                   help=f"per-booking cap, both directions (default {EXIT_MAX_BYTES})")
+    g.add_argument("--exit-max-flows", type=startup.positive_int, default=EXIT_MAX_FLOWS, metavar="N",
+                   help=f"concurrent flows per node (default {EXIT_MAX_FLOWS})")
+    g.add_argument("--exit-tun", default=relay_exit.DEFAULT_EXIT_TUN, metavar="NAME",
+                   help=f"the exit's TUN interface (default {relay_exit.DEFAULT_EXIT_TUN})")
+    g.add_argument("--exit-state", default=relay_exit.DEFAULT_EXIT_STATE, metavar="DIR",
+                   help="where the exit records the forwarding rules it adds, so the next start removes what "
+                   f"a crashed one left (default {relay_exit.DEFAULT_EXIT_STATE})")
+
+
+async def _start_exit(args: argparse.Namespace, relay: Relay, app: web.Application,
+                      metrics) -> "relay_exit.ExitRunner | None":
+    """The exit, if --exit: up and its routes on the control API, or NtmError naming what failed."""
+    if not args.exit:
+        return None
+    policy = ExitPolicy.parse(args.exit_allow)
+    ex = relay_exit.RelayExit(policy, Caps(args.exit_rate, args.exit_max_bytes, args.exit_max_flows), [],
+                              relay.trust)
+    runner = relay_exit.ExitRunner(ex, args.exit_tun, Path(args.exit_state), args.udp_host, args.exit_port)
+    port = await runner.start()
+    ex.advertise = args.exit_advertise or relay_exit.exit_advertise(relay.advertise, port)
+    relay_exit.add_routes(app, ex)
+    ex.metrics(metrics)
+    if not policy.everyone and not policy.allowed:
+        logging.warning("--exit without --exit-allow: no node may use the exit")
+    logging.info("exit %s on udp port %d (advertised %s), tun %s, allowed: %s", keys.checksum(ex.id), port,
+                 ", ".join(ex.advertise), ex.tun.name, policy.describe())
+    return runner
 
 
 async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
@@ -145,7 +202,9 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
         transport, _ = await loop.create_datagram_endpoint(lambda: RelayProtocol(relay), sock=sock)
         sweeper = asyncio.create_task(housekeeping(relay), name="housekeeping")
-        runner = web.AppRunner(make_app(relay, tuple(args.admin_allow or ())), access_log=None,
+        app = make_app(relay, tuple(args.admin_allow or ()))
+        exit_runner = await _start_exit(args, relay, app, app[METRICS])
+        runner = web.AppRunner(app, access_log=None,
                                keepalive_timeout=args.http_idle_timeout or service.HTTP_IDLE_TIMEOUT_S)
         stream_runner = web.AppRunner(make_stream_app(relay), access_log=None)
         await runner.setup()
@@ -161,6 +220,9 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
             ready = {"event": "ready", "udp_port": udp_port, "http": http, "pin": pin,
                      "control": f"{http}#{pin}" if pin else http, "relay": advertise, "streams": relay.streams_advertise, "chain_id": registry.chain_id,
                      "registry": keys.checksum(registry.address), "pid": os.getpid()}
+            if exit_runner is not None:
+                ready["exit"] = {"node": keys.checksum(exit_runner.exit.id), "endpoints": exit_runner.exit.advertise,
+                                 "tun": exit_runner.exit.tun.name}
             print(json.dumps(ready), flush=True)
             logging.info("relay serving udp %s port %d (advertised %s), control %s", args.udp_host, udp_port,
                          ", ".join(advertise), ready["control"])
@@ -173,6 +235,8 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
             await runner.cleanup()
             transport.close()
             relay.close()
+            if exit_runner is not None:
+                exit_runner.close()
     finally:
         if follower is not None:
             follower.cancel()

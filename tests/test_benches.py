@@ -66,7 +66,7 @@ METRICS: dict[str, tuple[str, ...]] = {
     "lab": ("keepalive_s", *(f"{m}_{route}_{unit}" for route in ("direct", "nat_initiates", "punch", "relay")
                              for m, unit in (("setup", "ms"), ("goodput", "mbps"))),
             "grid_pairs", "grid_pairs_ok", "handover_s", "handover_redirect_s", "subnet_route_tcp_mbps", "exit_tcp_mbps",
-            "exit_handover_stall_s", "failover_s"),
+            "exit_handover_stall_s", "rs_exit_tcp_mbps", "rs_exit_handover_stall_s", "failover_s"),
     "mtu": (*(f"tcp_{first}{m}_mtu{case}" for first in ("", "first_") for m, cases in
               (("mbps", ("1500", "1400_icmp", "1400_noicmp", "1280")), ("ratio", ("1400_icmp", "1400_noicmp", "1280")))
               for case in cases), "pmtu_discovery_s", "pmtu_move_stall_s"),

@@ -38,6 +38,8 @@ async def test_out_of_range_integers_and_deep_json_are_refused_with_400_and_no_t
             ("POST", dc + "/v1/register", DEEP, {}),
             ("POST", dc + "/v1/federation/ntm-info", DEEP, {}),
             ("POST", dc + "/v1/federation/route-direction", '{"ts": %d}' % HUGE, {}),
+            ("POST", dc + "/v1/exit-bookings", DEEP, {}),
+            ("POST", dc + "/v1/exit-bookings", big_ts, {}),
             ("POST", rs_url + "/v1/relay-directions", DEEP, {}),
             ("POST", rs_url + "/v1/relay-directions", big_ts, {}),
             ("POST", cs + "/v1/inbox", DEEP, {}),

@@ -304,7 +304,7 @@ def test_vnet_header_layout():
 def test_tun_falls_back_to_a_plain_tun_when_the_kernel_refuses_offloads(monkeypatch):
     """An old kernel (no TUNSETOFFLOAD, or no USO): the TUN opens anyway, plain or TCP-only, and
     the refused descriptor is closed; --no-offload never asks."""
-    from node import tun
+    from daemon import tun
 
     calls: list[tuple[str, int]] = []
     closed: list[int] = []

@@ -10,7 +10,8 @@ from ipaddress import IPv4Network, ip_address
 import msgspec
 import pytest
 
-from node.subnet import EXIT_TABLE, STATE_FILE, Forwarding, ForwardingError, RouteSync, forwarding_rules
+from daemon.forwarding import STATE_FILE, Forwarding, ForwardingError, forwarding_rules
+from node.subnet import EXIT_TABLE, RouteSync
 from ntm import keys, messages
 from ntm.overlay import Overlay
 from ntm.routes import EXIT_ROUTES, RouteError, RouteTable, offer_digest, parse_choice, parse_prefixes, sign_offer, verify_offer

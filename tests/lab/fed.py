@@ -129,9 +129,9 @@ class Federation:
     """anvil + registry + DCs + RS inside ``lab.server``; `node()` starts a node driver."""
 
     def __init__(self, lab: Lab, workdir: Path, n_dcs: int = 2, keepalive_s: float = 2.0,
-                 plain: tuple[int, ...] = ()) -> None:
+                 plain: tuple[int, ...] = (), rs_args: tuple[str, ...] = ()) -> None:
         """`plain`: DCs served over plain HTTP (--insecure-plain-http), the others over TLS bound
-        to their chain key (§5)."""
+        to their chain key (§5). `rs_args`: more `ntm-rs` flags (e.g. its exit, §10.13)."""
         self.lab, self.workdir, self.keepalive_s, self.plain = lab, Path(workdir), keepalive_s, plain
         self.srv = lab.server
         self.prefix = ["ip", "netns", "exec", self.srv.ns]
@@ -155,7 +155,7 @@ class Federation:
                                "--http-port", str(RS_HTTP_PORT),
                                "--stream-port", str(RS_STREAM_PORT),
                                "--advertise", f"{self.srv.addr4}:{RS_UDP_PORT}",
-                               "--advertise", f"[{self.srv.addr6}]:{RS_UDP_PORT}", "--data-dir", str(self.workdir)],
+                               "--advertise", f"[{self.srv.addr6}]:{RS_UDP_PORT}", "--data-dir", str(self.workdir), *rs_args],
                         self.workdir / "rs.log", env=self.env, prefix=self.prefix).start()
         for i in range(n_dcs):
             self.start_dc(i)

@@ -5,12 +5,18 @@ the overlay) sits; node N behind another NAT uses R's routes.
     r, h, n = subnet_router(fed, "rt")     # sites rt1 (R), rtn (N); H at H_ADDR
     wait_for_route(n, r)                   # N learned and accepted R's offer
     e, m = exit_pair(fed, "ex", s.addr4)   # M sends what it sends to S through exit node E
+    Federation(..., rs_args=relay_exit_args(dir))   # a relay whose exit admits RELAY_EXIT_USER
+    m = relay_exit_user(fed, host, s.addr4)         # M sends what it sends to S through the relay's exit
 """
 
 from __future__ import annotations
 
+import hashlib
+import ipaddress
 import time
+from pathlib import Path
 
+from ntm import keys
 from .fed import Federation
 from .topology import Host
 from .upnode import UpNode
@@ -64,4 +70,24 @@ def exit_user(fed: Federation, e: UpNode, host: Host, server4: str) -> UpNode:
     assert routes["accepted"] == {e.id: EXIT_ROUTES}, routes
     r = m.run("ip", "rule", "add", "to", f"{server4}/32", "lookup", EXIT_TABLE)
     assert r.returncode == 0, r.stderr
+    return m
+
+
+#: The one node the relay's exit admits in the lab (§10.13): its ID must be on the relay's
+#: --exit-allow when the relay starts, before the node exists, so its key is fixed.
+RELAY_EXIT_USER = keys.private_key(hashlib.sha256(b"lab relay exit user").digest())
+
+
+def relay_exit_args(state: Path) -> tuple[str, ...]:
+    """`ntm-rs` flags of a relay whose exit admits RELAY_EXIT_USER only (rules recorded in `state`)."""
+    return ("--exit", "--exit-allow", keys.checksum(keys.node_id_of(RELAY_EXIT_USER)), "--exit-state", str(state))
+
+
+def relay_exit_user(fed: Federation, host: Host, *servers: str) -> UpNode:
+    """RELAY_EXIT_USER (home DC 1) on `host` with `ntm up --exit-relay`, its traffic to `servers`
+    going through the relay's exit (the user's `ip rule`s for table 4330)."""
+    m = UpNode(fed, host, 1, "--exit-relay", key=RELAY_EXIT_USER)
+    for addr in servers:
+        r = m.run("ip", f"-{ipaddress.ip_address(addr).version}", "rule", "add", "to", addr, "lookup", EXIT_TABLE)
+        assert r.returncode == 0, r.stderr
     return m

@@ -13,6 +13,10 @@ import sys
 import time
 from pathlib import Path
 
+import coincurve
+
+from daemon import keystore
+from node import state
 from .fed import Federation
 from .topology import Host, expect
 
@@ -25,15 +29,22 @@ XFER_PORT = 5001
 class UpNode:
     """A node home registered from inside `host`, running `ntm up` with a TUN interface."""
 
-    def __init__(self, fed: Federation, host: Host, dc: int, *up_args: str, dc_port: int | None = None) -> None:
+    def __init__(self, fed: Federation, host: Host, dc: int, *up_args: str, dc_port: int | None = None,
+                 key: coincurve.PrivateKey | None = None) -> None:
         """Register at DC `dc` (at `dc_port` if given: a port forwarded to it) and start `ntm up`
-        (keepalive: the federation's) with `up_args`."""
+        (keepalive: the federation's) with `up_args`. `key`: the node's key (default: `ntm keygen`),
+        for a node whose ID must be known before it exists (a relay's --exit-allow)."""
         self.fed, self.lab, self.host = fed, fed.lab, host
         srv = fed.srv
         self.lab.set_hosts(host, {DC_NAME.format(i + 1): [srv.addr4, srv.addr6] for i in range(len(fed.dcs))},
                            nameserver="100.64.0.1")
         self.home = fed.workdir / f"home-{host.name}"
-        self.id = self.cli("keygen")["node"]
+        if key is None:
+            self.id = self.cli("keygen")["node"]
+        else:
+            self.home.mkdir(parents=True, exist_ok=True)
+            keystore.save_keystore(key, self.home / state.KEY_FILE)
+            self.id = self.cli("id")["node"]
         self.cli("register", "--dc", f"{fed.scheme(dc)}://{DC_NAME.format(dc + 1)}:{dc_port or fed.dc_port(dc)}",
                  *fed.dc_flags(dc))
         self.log = open(fed.workdir / f"up-{host.name}.log", "ab")
