@@ -32,11 +32,17 @@ EXIT_RATE_NODES = 10_000
 
 
 class ExitError(CodedError):
-    """No exit for this node: `code` and the HTTP `status` to answer with."""
+    """No exit for this node: our own refusals by code, or a relay's refusal passed on with the
+    relay's `status`."""
 
-    def __init__(self, code: str, message: str, status: int) -> None:
+    STATUS = {"no_session": 403, "rate_limited": 429, "no_exit": 503}
+
+    def __init__(self, code: str, message: str, status: int = 0) -> None:
         super().__init__(code, message)
         self.status = status
+
+    def refusal(self) -> tuple[int, str]:
+        return (self.status, self.code) if self.status else super().refusal()
 
 
 class ExitBooker:
@@ -54,9 +60,9 @@ class ExitBooker:
         messages.decode(messages.ExitRequest, env.body)
         node = env.sender
         if not c.presence.online(node):
-            raise ExitError("no_session", f"{keys.checksum(node)} has no session with this DC: open one first", 403)
+            raise ExitError("no_session", f"{keys.checksum(node)} has no session with this DC: open one first")
         if not self.rate.take(node, c.clock.now()):
-            raise ExitError("rate_limited", "too many exit bookings from this node; retry in a few seconds", 429)
+            raise ExitError("rate_limited", "too many exit bookings from this node; retry in a few seconds")
         return await book_exit(c, env, obj)
 
 
@@ -64,7 +70,7 @@ async def book_exit(c: Coordinator, env: envelope.Envelope, obj: dict) -> messag
     """Ask the relays in turn to book their exit for `env`'s signer (checked by the caller)."""
     node, now_ms = env.sender, c.clock.wall_ms()
     if not c.relays:
-        raise ExitError("no_exit", "this DC knows no relay to book an exit at", 503)
+        raise ExitError("no_exit", "this DC knows no relay to book an exit at")
     pub = keys.recover(env.digest(), bytes.fromhex(obj["sig"])).format(compressed=False)
     booking = messages.ExitBooking(os.urandom(PATH_ID_LEN).hex(), keys.checksum(node), pub.hex(),
                                    now_ms + EXIT_BOOKING_S * 1000, EXIT_BOOKING_BYTES)
@@ -75,4 +81,4 @@ async def book_exit(c: Coordinator, env: envelope.Envelope, obj: dict) -> messag
         except FederationError as exc:
             last = exc
     assert last is not None
-    raise ExitError(last.code or "unavailable", str(last), last.status if last.code else 503)
+    raise ExitError(last.code, str(last), last.status) if last.code else ExitError("no_exit", str(last))

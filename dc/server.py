@@ -130,11 +130,7 @@ async def handle_groups(request: web.Request) -> web.Response:
 @ROUTES.post("/v1/exit-bookings")
 async def handle_exit_booking(request: web.Request) -> web.Response:
     """A node asks for an exit at a relay (dc/exit.py, §10.13): the relay's grant, or its refusal."""
-    try:
-        grant = await request.app[EXIT_BOOKER].book(await service.read_json(request))
-    except dc_exit.ExitError as exc:
-        return reply(messages.ErrorBody(exc.code, str(exc)), exc.status)
-    return reply(grant)
+    return reply(await request.app[EXIT_BOOKER].book(await service.read_json(request)))
 
 
 @ROUTES.get("/healthz")

@@ -108,16 +108,10 @@ class RelayExit:
             b = messages.decode(messages.ExitBooking, env.body)
             booked, created, evicted = self.table.book(b, now_ms, self.clock())
             self.overlay.addresses(booked.node)  # its inner IPv4 in the exit's view, for as long as it runs
-        except ParseError as exc:
-            return self._refuse(400, "malformed", str(exc))
-        except SignatureError as exc:
-            return self._refuse(403, "forbidden", str(exc))
         except AddressError as exc:  # the exit's IPv4 view is full (65,533 nodes since it started)
-            return self._refuse(503, "full", str(exc))
-        except ExitRefused as exc:
-            status = {"not_allowed": 403, "untrusted_dc": 403, "replayed": 403, "conflict": 409,
-                      "full": 503}.get(exc.code, 400)
-            return self._refuse(status, exc.code, str(exc))
+            return self._refuse(ExitRefused("full", str(exc)))
+        except (ParseError, SignatureError, ExitRefused) as exc:
+            return self._refuse(exc)
         path = bytes.fromhex(b.path)
         for old in evicted:
             self.sessions.pop(old, None)
@@ -134,10 +128,11 @@ class RelayExit:
                                    caps.max_bytes - booked.meter.used, caps.rate_bps, caps.max_flows)
         return 200, messages.encode(grant)
 
-    def _refuse(self, status: int, code: str, message: str) -> tuple[int, dict]:
+    def _refuse(self, exc: NtmError) -> tuple[int, dict]:
+        status, code = exc.refusal()
         self.refused[code] += 1
-        log.info("exit booking refused (%s): %s", code, message)
-        return status, {"error": code, "message": message}
+        log.info("exit booking refused (%s): %s", code, exc)
+        return status, {"error": code, "message": str(exc)}
 
     def expire(self) -> None:
         for path in self.table.expire(self.clock()):

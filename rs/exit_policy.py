@@ -51,7 +51,11 @@ PROTO_TCP, PROTO_UDP = 6, 17
 
 
 class ExitRefused(CodedError):
-    """A booking the RS exit does not take (`code`: not_allowed, full, malformed)."""
+    """A booking the RS exit does not take (`code`: not_allowed, untrusted_dc, replayed, conflict,
+    full, malformed)."""
+
+    STATUS = {"not_allowed": 403, "untrusted_dc": 403, "replayed": 403, "conflict": 409, "full": 503}
+    DEFAULT_STATUS = 400
 
 
 @dataclass(frozen=True)
