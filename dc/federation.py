@@ -1,7 +1,8 @@
 """DC-to-DC and DC-to-RS requests, each a DC-signed envelope (ntm/envelope.py) over HTTP.
 
-An NTM Information Request asks a node's home DC for its key and addresses; a Route Direction is
-handed to a node's home DC for delivery; a Relay Direction books a relayed path at an RS. Each
+An NTM Information Request asks a node's home DC for its key and addresses; a Direction Offer asks
+it to direct its node in one call (a Direction Request's lookup, route and push); a Route Direction
+is handed to a node's home DC for delivery; a Relay Direction books a relayed path at an RS. Each
 receiver accepts only envelopes from DCs active in its registry, so an unknown or removed DC
 learns nothing. Message bodies: ntm/messages.py; spec: docs/PROTOCOL.md §4, §8.
 """
@@ -111,6 +112,21 @@ class FederationClient:
         if env.sender != home_dc or keys.parse_node_id(info.node) != node:
             raise FederationError("NTM information response is from the wrong DC or about another node")
         return info
+
+    async def direction_offer(self, endpoint: str, offer: messages.DirectionOffer) -> messages.DirectionAnswer:
+        """Send a Direction Offer to the peer's home DC `offer.to` (at `endpoint`): it decides the
+        route, books the relay and pushes its node's direction; its verified answer (§8.5)."""
+        home_dc, peer = keys.parse_node_id(offer.to), keys.parse_node_id(offer.peer)
+        data = await self.post(f"{endpoint.rstrip('/')}/v1/federation/direction-offer",
+                               self.seal(messages.DIRECTION_OFFER, offer),
+                               f"home DC {keys.checksum(home_dc)} at {endpoint}", peer=home_dc)
+        env = envelope.open_envelope(data, messages.DIRECTION_ANSWER, self.clock.wall_ms(), self.is_trusted, self.guard)
+        answer = messages.decode(messages.DirectionAnswer, env.body)
+        if env.sender != home_dc or keys.parse_node_id(answer.peer.node) != peer or answer.path != offer.path:
+            raise FederationError("direction answer is from the wrong DC or about another node or path")
+        if answer.peer.pubkey is None or keys.node_id(bytes.fromhex(answer.peer.pubkey)) != peer:
+            raise FederationError("the home DC returned a public key that is not the node's", "bad_pubkey")
+        return answer
 
     async def deliver_direction(self, endpoint: str, home_dc: bytes, direction: dict) -> None:
         """Hand a signed Route Direction to the node's home DC, which pushes it on its session."""
