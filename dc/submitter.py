@@ -31,6 +31,7 @@ import time
 from collections import defaultdict
 from typing import Callable
 
+from chain.registry import BATCH_GAS_BASE, BATCH_GAS_PER_RECORD
 from dc.cache import RegistryCache
 from dc.store import OutboxItem, Store
 from ntm.errors import NtmError
@@ -38,11 +39,15 @@ from ntm.registry import RegistryError, RegistryView
 
 log = logging.getLogger("ntm.dc.submitter")
 
-# Records per transaction: 200 × ~30k gas = 6M gas, well inside a 30M block gas limit.
-BATCH_MAX = 200
-# registerBatch transactions in flight at once (consecutive nonces): 4 × 200 records fill ~24M
-# of a 30M-gas block, so one DC can put ~800 records in each block instead of 200 (issue 30).
+# registerBatch transactions in flight at once (consecutive nonces): together they fill one block,
+# so a DC puts ~660 records in each 30M-gas block instead of 200 (issue 30); more in flight would
+# only wait for the next block.
 PIPELINE_DEPTH = 4
+# Records per transaction: as many as PIPELINE_DEPTH transactions' gas limits (BATCH_GAS_BASE +
+# BATCH_GAS_PER_RECORD each, chain/registry.py) fit in the latest block's gas limit (165 at 30M);
+# BATCH_MAX while the head is not known, and at most BATCH_CAP (a receipt's logs to parse).
+BATCH_MAX = 200
+BATCH_CAP = 1000
 # Retry delays after an RPC failure: quick first retry, capped so a dead chain is not hammered.
 RETRY_MIN_S, RETRY_MAX_S = 0.1, 5.0
 # A record the chain found "too far in the future" is sent again after this (validator clock lag).
@@ -52,6 +57,14 @@ FUTURE_REASON = "NodeRegistry: timestamp too far in future"
 DEPTH_POLL_S = 0.05
 
 Outcome = tuple[OutboxItem, str, str | None, int | None, str | None]
+
+
+def batch_size(block_gas_limit: int) -> int:
+    """Records per registerBatch so that PIPELINE_DEPTH of them fit one block (0: not known)."""
+    if block_gas_limit <= 0:
+        return BATCH_MAX
+    per_tx = block_gas_limit // PIPELINE_DEPTH - BATCH_GAS_BASE
+    return max(1, min(BATCH_CAP, per_tx // BATCH_GAS_PER_RECORD))
 
 
 class Submitter:
@@ -115,10 +128,11 @@ class Submitter:
             batches = {t for t in batches if not t.done()}
 
     def _next_batch(self) -> list[OutboxItem]:
-        """Up to BATCH_MAX pending rows, none of a node with a batch in flight (its rows in flight
-        are still pending in the store: looked past, at most PIPELINE_DEPTH × BATCH_MAX of them)."""
-        rows = self.store.pending(BATCH_MAX + self._in_flight_rows)
-        return [i for i in rows if i.record.node not in self._in_flight][:BATCH_MAX]
+        """Up to batch_size() pending rows, none of a node with a batch in flight (its rows in
+        flight are still pending in the store: looked past, at most PIPELINE_DEPTH × BATCH_CAP)."""
+        size = batch_size(self.cache.head.gas_limit if self.cache.head else 0)
+        rows = self.store.pending(size + self._in_flight_rows)
+        return [i for i in rows if i.record.node not in self._in_flight][:size]
 
     async def _send(self, items: list[OutboxItem]) -> None:
         """One batch: submit and settle it, or on failure back off (shared by the pipeline: a dead
