@@ -210,38 +210,3 @@ async def test_confirmed_means_n_blocks_deep(tmp_path):
         finally:
             net.stop()
 
-
-async def test_batches_in_flight_together_all_land_through_a_kill_9(tmp_path):
-    """Issue 30 item 5, pipelined submissions on real anvil (a block every 2 s): 300 registrations
-    go out as several registerBatch transactions in flight at once (consecutive nonces), so one
-    block carries more than one of the DC's transactions (one at a time could not). Hostile
-    condition: the DC is killed (-9) with transactions in the chain's pool and rows pending; the
-    restarted DC sends what it has not seen confirmed: every record lands and the outbox empties."""
-    with Anvil(block_time=2) as chain:
-        net = DcNet(tmp_path, chain)
-        await net.deploy(1)
-        extra = ("--new-nodes-per-hour", "1e9")  # the pipeline is measured, not the gas budget
-        net.start_dc(0, extra)
-        try:
-            nodes = await register_many(net.urls[0], 300)
-            await asyncio.sleep(0.5)  # batches sent, not yet mined
-            net.dcs[0].kill()
-            reg = await net.registry()
-            unconfirmed = [n for n in nodes if await reg.lookup(n) is None]
-            await reg.close()
-            assert unconfirmed, "the chain confirmed before the crash; the test proves nothing"
-            net.start_dc(0, extra)
-            dc = keys.node_id_of(net.dc_keys[0])
-            await until(lambda: metric_below(net.urls[0], "ntm_dc_outbox_pending", 1), timeout=60, interval=0.2)
-            await all_on_chain(net, nodes, dc)
-            ours = []
-            for number in range(1, int(chain.rpc("eth_blockNumber"), 16) + 1):
-                block = chain.rpc("eth_getBlockByNumber", [hex(number), True])
-                ours.append(sum(1 for tx in block["transactions"] if keys.parse_node_id(tx["from"]) == dc))
-            assert max(ours) >= 2, ours  # several of the DC's transactions in one block
-        finally:
-            net.stop()
-
-
-async def metric_below(url: str, name: str, limit: float) -> bool:
-    return await metric(url, name) < limit
