@@ -23,6 +23,10 @@ from ntm.errors import NtmError, ParseError
 # A peer DC on loopback or a LAN answers in milliseconds; 3 s marks it as down without stalling a
 # node's request for long. A relay answers from memory after at most one chain call.
 FEDERATION_TIMEOUT_S = 3.0
+# A Direction Offer is answered only after the peer's home DC booked a relay (a dead relay costs it
+# FEDERATION_TIMEOUT_S) and its node acknowledged (signaling.DIRECTION_ACK_TIMEOUT_S, 2 s): room
+# for both and a loaded host, inside the node's own 8 s wait for its Direction Request.
+OFFER_TIMEOUT_S = 6.0
 
 T = TypeVar("T")
 # How a request leaves: POST JSON to a URL, get (HTTP status, decoded JSON). aiohttp by default;
@@ -69,24 +73,28 @@ class FederationClient:
         """`body` signed by this DC as an envelope of `kind`."""
         return envelope.seal(self.key, kind, messages.encode(body), self.clock.wall_ms())
 
-    async def _http_post(self, url: str, body: dict, peer: bytes | None) -> tuple[int, Any]:
+    async def _http_post(self, url: str, body: dict, peer: bytes | None,
+                         timeout: float = FEDERATION_TIMEOUT_S) -> tuple[int, Any]:
         """POST over TLS pinned to `peer`'s chain key (https://; daemon/tlspin.py), or plain http://."""
         parts = urlsplit(url)
         base = f"{parts.scheme}://{parts.netloc}"
         tls = await tlspin.ssl_for(self.http, base, peer, FEDERATION_TIMEOUT_S)
         try:
-            async with self.http.post(url, json=body, ssl=tls) as resp:
+            async with self.http.post(url, json=body, ssl=tls, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
                 return resp.status, await resp.json(content_type=None)
         except aiohttp.ServerFingerprintMismatch:
             tlspin.forget(base)  # a rotated certificate is checked afresh next time
             raise
 
-    async def post(self, url: str, body: dict, who: str, answer: type[T] = dict, peer: bytes | None = None) -> T:
-        """POST JSON to a peer (DC or relay); FederationError unless it answers 200 with `answer`.
-        `peer`: its chain address, which an https:// peer's certificate must be bound to."""
+    async def post(self, url: str, body: dict, who: str, answer: type[T] = dict, peer: bytes | None = None,
+                   timeout: float = FEDERATION_TIMEOUT_S) -> T:
+        """POST JSON to a peer (DC or relay); FederationError unless it answers 200 with `answer`
+        within `timeout` s. `peer`: its chain address, which an https:// peer's certificate must be
+        bound to."""
         call = urlsplit(url).path
         try:
-            status, data = await (self.transport(url, body) if self.transport else self._http_post(url, body, peer))
+            status, data = await (self.transport(url, body) if self.transport
+                                  else self._http_post(url, body, peer, timeout))
         except tlspin.ChannelError as exc:
             self.count(call, "unreachable")
             raise FederationError(f"{who}: {exc}", exc.code) from None
@@ -119,7 +127,7 @@ class FederationClient:
         home_dc, peer = keys.parse_node_id(offer.to), keys.parse_node_id(offer.peer)
         data = await self.post(f"{endpoint.rstrip('/')}/v1/federation/direction-offer",
                                self.seal(messages.DIRECTION_OFFER, offer),
-                               f"home DC {keys.checksum(home_dc)} at {endpoint}", peer=home_dc)
+                               f"home DC {keys.checksum(home_dc)} at {endpoint}", peer=home_dc, timeout=OFFER_TIMEOUT_S)
         env = envelope.open_envelope(data, messages.DIRECTION_ANSWER, self.clock.wall_ms(), self.is_trusted, self.guard)
         answer = messages.decode(messages.DirectionAnswer, env.body)
         if env.sender != home_dc or keys.parse_node_id(answer.peer.node) != peer or answer.path != offer.path:
