@@ -460,7 +460,7 @@ class Registry:
 
     @staticmethod
     def _ref(block: dict) -> BlockRef:
-        return BlockRef(block["number"], bytes(block["hash"]), block["timestamp"])
+        return BlockRef(block["number"], bytes(block["hash"]), block["timestamp"], block.get("gasLimit", 0))
 
     async def head(self) -> BlockRef:
         return self._ref(await self._rpc("eth_getBlockByNumber", self.w3.eth.get_block("latest")))

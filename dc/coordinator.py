@@ -231,33 +231,42 @@ class Coordinator:
         self.counters["federation_requests_served"] += 1
         return self.federation.seal(messages.INFO_RESPONSE, info)
 
-    async def lookup(self, node: bytes) -> tuple[messages.NodeInfo, bytes]:
-        """Where `node` lives and what its home DC knows of it: from here if we are its home (or
-        hold a newer record than the chain), else by an NTM Information Request to its home DC.
-        Returns (info, home DC address). A revoked record is returned with revoked=True; a node
-        nobody can answer for raises NodeLookupError (catching_up while the cache is incomplete)."""
+    async def locate(self, node: bytes) -> tuple[bytes, messages.NodeInfo | None]:
+        """Where `node` lives: (this DC, its info) if we are its home (or hold a newer record than
+        the chain); (its home DC, a revoked info) for a revoked chain record; else (its active home
+        DC, None): only that DC knows more. NodeLookupError as lookup()."""
         onchain = await self.cache.resolve(node)
         stored = self.store.node(node)
         if stored and (onchain is None or stored.timestamp >= onchain.timestamp):
             info = self.local_info(node)
             assert info is not None
             info.confirmed = bool(onchain and onchain.timestamp == stored.timestamp)
-            return info, self.address
+            return self.address, info
         if onchain is None and not self.cache.caught_up:  # it may be in the logs not read yet
             raise NodeLookupError("catching_up", "this DC is still reading the registry from the chain; retry shortly")
         if onchain is None:
             raise NodeLookupError("unknown_node", f"{keys.checksum(node)} is not registered")
         if onchain.revoked:
-            return messages.NodeInfo(node=keys.checksum(node), home_dc=keys.checksum(onchain.dc),
-                                     timestamp=onchain.timestamp, revoked=True, online=False, confirmed=True), onchain.dc
+            return onchain.dc, messages.NodeInfo(node=keys.checksum(node), home_dc=keys.checksum(onchain.dc),
+                                                 timestamp=onchain.timestamp, revoked=True, online=False, confirmed=True)
         home = self.cache.dcs.get(onchain.dc)
         if home is None or not home.active:
             raise NodeLookupError("home_dc_inactive", f"home DC {keys.checksum(onchain.dc)} is not active")
+        return onchain.dc, None
+
+    async def lookup(self, node: bytes) -> tuple[messages.NodeInfo, bytes]:
+        """Where `node` lives and what its home DC knows of it: from here if we are its home (or
+        hold a newer record than the chain), else by an NTM Information Request to its home DC.
+        Returns (info, home DC address). A revoked record is returned with revoked=True; a node
+        nobody can answer for raises NodeLookupError (catching_up while the cache is incomplete)."""
+        home, info = await self.locate(node)
+        if info is not None:
+            return info, home
         try:
-            info = await self.federation.ntm_info(home.endpoint, onchain.dc, node)
+            info = await self.federation.ntm_info(self.cache.dcs[home].endpoint, home, node)
         except FederationError as exc:
             raise NodeLookupError("home_dc_unreachable", str(exc)) from None
         if info.pubkey is None or keys.node_id(bytes.fromhex(info.pubkey)) != node:
             raise NodeLookupError("bad_pubkey", "the home DC returned a public key that is not the node's")
         info.confirmed = True
-        return info, onchain.dc
+        return info, home

@@ -1,7 +1,8 @@
 """DC-to-DC and DC-to-RS requests, each a DC-signed envelope (ntm/envelope.py) over HTTP.
 
-An NTM Information Request asks a node's home DC for its key and addresses; a Route Direction is
-handed to a node's home DC for delivery; a Relay Direction books a relayed path at an RS. Each
+An NTM Information Request asks a node's home DC for its key and addresses; a Direction Offer asks
+it to direct its node in one call (a Direction Request's lookup, route and push); a Route Direction
+is handed to a node's home DC for delivery; a Relay Direction books a relayed path at an RS. Each
 receiver accepts only envelopes from DCs active in its registry, so an unknown or removed DC
 learns nothing. Message bodies: ntm/messages.py; spec: docs/PROTOCOL.md §4, §8.
 """
@@ -22,6 +23,10 @@ from ntm.errors import NtmError, ParseError
 # A peer DC on loopback or a LAN answers in milliseconds; 3 s marks it as down without stalling a
 # node's request for long. A relay answers from memory after at most one chain call.
 FEDERATION_TIMEOUT_S = 3.0
+# A Direction Offer is answered only after the peer's home DC booked a relay (a dead relay costs it
+# FEDERATION_TIMEOUT_S) and its node acknowledged (signaling.DIRECTION_ACK_TIMEOUT_S, 2 s): room
+# for both and a loaded host, inside the node's own 8 s wait for its Direction Request.
+OFFER_TIMEOUT_S = 6.0
 
 T = TypeVar("T")
 # How a request leaves: POST JSON to a URL, get (HTTP status, decoded JSON). aiohttp by default;
@@ -70,15 +75,15 @@ class FederationClient:
         """`body` signed by this DC as an envelope of `kind`."""
         return envelope.seal(self.key, kind, messages.encode(body), self.clock.wall_ms())
 
-    async def _http_post(self, url: str, body: dict, peer: bytes | None, pinned: aiohttp.Fingerprint | None
-                         ) -> tuple[int, Any]:
+    async def _http_post(self, url: str, body: dict, peer: bytes | None, pinned: aiohttp.Fingerprint | None,
+                         timeout: float = FEDERATION_TIMEOUT_S) -> tuple[int, Any]:
         """POST over TLS pinned to `peer`'s chain key (https://; daemon/tlspin.py) or to the
         fingerprint `pinned` (a relay's), or plain http://."""
         parts = urlsplit(url)
         base = f"{parts.scheme}://{parts.netloc}"
         tls = pinned or await tlspin.ssl_for(self.http, base, peer, FEDERATION_TIMEOUT_S)
         try:
-            async with self.http.post(url, json=body, ssl=tls) as resp:
+            async with self.http.post(url, json=body, ssl=tls, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
                 return resp.status, await resp.json(content_type=None)
         except aiohttp.ServerFingerprintMismatch:
             if pinned:  # the operator's pin, not a binding to learn again: an impostor (or a new certificate)
@@ -88,14 +93,14 @@ class FederationClient:
             raise
 
     async def post(self, url: str, body: dict, who: str, answer: type[T] = dict, peer: bytes | None = None,
-                   pinned: aiohttp.Fingerprint | None = None) -> T:
-        """POST JSON to a peer (DC or relay); FederationError unless it answers 200 with `answer`.
-        `peer`: its chain address, which an https:// peer's certificate must be bound to; `pinned`:
-        the fingerprint its certificate must have instead (a relay's)."""
+                   pinned: aiohttp.Fingerprint | None = None, timeout: float = FEDERATION_TIMEOUT_S) -> T:
+        """POST JSON to a peer (DC or relay); FederationError unless it answers 200 with `answer`
+        within `timeout` s. `peer`: its chain address, which an https:// peer's certificate must be
+        bound to; `pinned`: the fingerprint its certificate must have instead (a relay's)."""
         call = urlsplit(url).path
         try:
             status, data = await (self.transport(url, body) if self.transport
-                                  else self._http_post(url, body, peer, pinned))
+                                  else self._http_post(url, body, peer, pinned, timeout))
         except tlspin.ChannelError as exc:
             self.count(call, "unreachable")
             raise FederationError(f"{who}: {exc}", exc.code) from None
@@ -121,6 +126,21 @@ class FederationClient:
         if env.sender != home_dc or keys.parse_node_id(info.node) != node:
             raise FederationError("NTM information response is from the wrong DC or about another node")
         return info
+
+    async def direction_offer(self, endpoint: str, offer: messages.DirectionOffer) -> messages.DirectionAnswer:
+        """Send a Direction Offer to the peer's home DC `offer.to` (at `endpoint`): it decides the
+        route, books the relay and pushes its node's direction; its verified answer (§8.5)."""
+        home_dc, peer = keys.parse_node_id(offer.to), keys.parse_node_id(offer.peer)
+        data = await self.post(f"{endpoint.rstrip('/')}/v1/federation/direction-offer",
+                               self.seal(messages.DIRECTION_OFFER, offer),
+                               f"home DC {keys.checksum(home_dc)} at {endpoint}", peer=home_dc, timeout=OFFER_TIMEOUT_S)
+        env = envelope.open_envelope(data, messages.DIRECTION_ANSWER, self.clock.wall_ms(), self.is_trusted, self.guard)
+        answer = messages.decode(messages.DirectionAnswer, env.body)
+        if env.sender != home_dc or keys.parse_node_id(answer.peer.node) != peer or answer.path != offer.path:
+            raise FederationError("direction answer is from the wrong DC or about another node or path")
+        if answer.peer.pubkey is None or keys.node_id(bytes.fromhex(answer.peer.pubkey)) != peer:
+            raise FederationError("the home DC returned a public key that is not the node's", "bad_pubkey")
+        return answer
 
     async def deliver_direction(self, endpoint: str, home_dc: bytes, direction: dict) -> None:
         """Hand a signed Route Direction to the node's home DC, which pushes it on its session."""

@@ -20,6 +20,7 @@ COUNTER_DOCS = {
     "directions_delivered": "Route Directions pushed to nodes with a session here",
     "directions_refused_by_peer": "pushed Route Directions the node refused (allow list, its rates)",
     "directions_unacknowledged": "pushed Route Directions the node did not acknowledge in time",
+    "directions_offered": "Direction Offers from other DCs served: our node directed in one call",
     "relay_bookings": "relay paths booked at a relay server",
     "relay_booking_failures": "relay booking attempts a relay refused or did not answer",
     "cs_notices_accepted": "Cache Server notices stored for our nodes",

@@ -116,6 +116,11 @@ async def handle_route_direction(request: web.Request) -> web.Response:
     return web.json_response(await request.app[COORDINATOR].signaling.accept_delivery(await service.read_json(request)))
 
 
+@ROUTES.post("/v1/federation/direction-offer")
+async def handle_direction_offer(request: web.Request) -> web.Response:
+    return web.json_response(await request.app[COORDINATOR].signaling.accept_offer(await service.read_json(request)))
+
+
 @ROUTES.post("/v1/federation/cs-notice")
 async def handle_cs_notice(request: web.Request) -> web.Response:
     return web.json_response(await request.app[COORDINATOR].notices.accept(await service.read_json(request)))

@@ -68,6 +68,19 @@ ROLES = {  # route kind and initiator → (requester's role, peer's role)
 RelayBooking = tuple[bytes, list[str], list[str]]  # (path token, the relay's UDP endpoints, its stream URLs)
 
 
+def relay_grant(relay: RelayBooking | None, side: int, reach: Reach) -> messages.RelayGrant | None:
+    """One end's grant on a booked relay path: the relay's endpoints and stream URLs this end can
+    use (by IP family; all if none fits) and only its own side's key: it cannot bind as the other
+    side (§8.2)."""
+    if relay is None:
+        return None
+    token, endpoints, streams = relay
+    fams = reach.families()
+    usable = [e for e in endpoints if family(e) in fams] or endpoints
+    usable_streams = [u for u in streams if url_family(u) in fams | {None}] or streams
+    return messages.RelayGrant(usable, relay_side_key(token, side).hex(), side, usable_streams)  # type: ignore[arg-type]
+
+
 class Directory(Protocol):
     """What signaling needs from its DC (dc/coordinator.py's Coordinator)."""
 
@@ -84,7 +97,7 @@ class Directory(Protocol):
 
     def latest(self, node: bytes) -> tuple[int, bool]: ...
 
-    async def lookup(self, node: bytes) -> tuple[messages.NodeInfo, bytes]: ...
+    async def locate(self, node: bytes) -> tuple[bytes, messages.NodeInfo | None]: ...
 
 
 class Signaling:
@@ -92,23 +105,19 @@ class Signaling:
         self.c = coordinator
         self.counters = {"directions_served": 0, "directions_failed": 0, "directions_delivered": 0,
                          "directions_rate_limited": 0, "directions_refused_by_peer": 0,
-                         "directions_unacknowledged": 0, "relay_bookings": 0, "relay_booking_failures": 0}
+                         "directions_unacknowledged": 0, "directions_offered": 0, "relay_bookings": 0, "relay_booking_failures": 0}
         self.rate = Buckets(*DIRECTIONS_PER_NODE, max_keys=RATE_NODES_KEPT)
         # (node, path) → the push waiting for that node's DirectionAck: the node's refusal or None
         self._acks: dict[tuple[bytes, bytes], asyncio.Future[str | None]] = {}
         self.impostors: set[str] = set()  # relays whose certificate is not their pin, logged once each
 
-    async def peer_info(self, peer: bytes) -> tuple[messages.NodeInfo, bytes]:
-        """The peer's verified info and its home DC; DirectionError if it cannot be reached."""
-        try:
-            info, home = await self.c.lookup(peer)
-        except NodeLookupError as exc:
-            raise DirectionError(exc.code, str(exc)) from None
-        if info.revoked or self.c.latest(peer)[1]:  # its home DC's view, or ours (chain, pending)
+    def check_peer(self, peer: bytes, info: messages.NodeInfo) -> None:
+        """DirectionError unless `peer` may be directed: not revoked (its home DC's view, or ours:
+        chain, pending) and online."""
+        if info.revoked or self.c.latest(peer)[1]:
             raise DirectionError("revoked", f"{keys.checksum(peer)} is revoked")
         if not info.online:
             raise DirectionError("offline", f"{keys.checksum(peer)} is offline (no session at its DC)")
-        return info, home
 
     async def book_relay(self, path: bytes, nodes: list[bytes]) -> RelayBooking | None:
         """Book a relay path at the first relay that accepts; (token, UDP endpoints, stream URLs) or None."""
@@ -133,19 +142,9 @@ class Signaling:
         return None
 
     def direction(self, path: bytes, route: Route, role: str, me: bytes, home: bytes, peer: bytes, peer_pub: str,
-                  candidates: tuple[list[str], list[str]], relay: RelayBooking | None, side: int, my_reach: Reach,
-                  requester: bytes,
+                  candidates: tuple[list[str], list[str]], grant: messages.RelayGrant | None, requester: bytes,
                   resume: bytes | None = None) -> dict:
         """The signed Route Direction for `me` (one end of the path), to be pushed by DC `home`."""
-        grant = None
-        if relay is not None:
-            token, endpoints, streams = relay
-            fams = my_reach.families()
-            usable = [e for e in endpoints if family(e) in fams] or endpoints
-            usable_streams = [u for u in streams if url_family(u) in fams | {None}] or streams
-            # Each node gets only its own side's key: it cannot bind as the other side (§8.2).
-            grant = messages.RelayGrant(usable, relay_side_key(token, side).hex(), side,  # type: ignore[arg-type]
-                                        usable_streams)
         body = messages.RouteDirection(
             path=path.hex(), kind=route.kind, reason=route.reason, role=role,  # type: ignore[arg-type]
             node=keys.checksum(me), home_dc=keys.checksum(home), peer=keys.checksum(peer), peer_pubkey=peer_pub,
@@ -162,7 +161,8 @@ class Signaling:
         a direct path or nothing, no relay booked (a relayed tunnel trying to move off the relay,
         §8.3). `resume`: the
         path ID of a tunnel between the two that stopped working; both directions carry it so
-        both nodes move that tunnel onto the new path (§8.3)."""
+        both nodes move that tunnel onto the new path (§8.3). A peer at another DC costs one
+        federation call, a Direction Offer: its home DC decides and directs its end (§8.5)."""
         c = self.c
         started = c.clock.now()
         if not self.rate.take(requester, c.clock.now()):
@@ -177,31 +177,30 @@ class Signaling:
             if me.revoked:  # local_info counts the chain's and the pending records (latest)
                 raise DirectionError("revoked", "the requester is revoked")
             path = os.urandom(PATH_ID_LEN)
-            info, home = await self.peer_info(peer)
-            ra, rb = reach_of(me), reach_of(info)
-            route = Route("relay", None, "relay requested by the node") if force_relay else decide(ra, rb)
-            if direct_only and route.kind == "relay":
-                raise DirectionError("no_direct", f"no direct path: {route.reason}")
-            # Booked only for a direction that proceeds (every route but direct-only gets the relay
-            # as its fallback); an unused path is released by the RS (§8.2).
-            relay = None if direct_only else await self.book_relay(path, [requester, peer])
-            if route.kind == "relay" and relay is None:
-                raise DirectionError("no_relay", f"route needs a relay ({route.reason}) and none is available")
-            role_a, role_b = ROLES[(route.kind, route.initiator)]
-            assert me.pubkey is not None and info.pubkey is not None
-            dir_b = self.direction(path, route, role_b, peer, home, requester, me.pubkey, ra.verified_candidates(rb), relay, 1,
-                                   rb, requester, resume)
-            dir_a = self.direction(path, route, role_a, requester, c.address, peer, info.pubkey, rb.verified_candidates(ra),
-                                   relay, 0, ra, requester, resume)
-            if role_b == "initiate":  # the peer starts the handshake: the requester listens first
+            try:
+                home, info = await c.locate(peer)
+            except NodeLookupError as exc:
+                raise DirectionError(exc.code, str(exc)) from None
+            mode = "relay" if force_relay else "direct" if direct_only else None
+            if info is None:  # the peer's home DC directs its end
+                if c.latest(peer)[1]:  # a revocation we hold (pending here) that its home DC may not
+                    raise DirectionError("revoked", f"{keys.checksum(peer)} is revoked")
+                answer = await self.offer(home, path, me, peer, mode, resume)
+                info, later = answer.peer, answer.deliver
+                route, role_a, grant_a = Route(answer.kind, None, answer.reason), answer.role, answer.relay
+            else:
+                route, role_a, grant_a, later = await self.direct_peer(path, me, info, mode, resume)
+            assert info.pubkey is not None
+            dir_a = self.direction(path, route, role_a, requester, c.address, peer, info.pubkey,
+                                   reach_of(info).verified_candidates(reach_of(me)), grant_a, requester, resume)
+            if later is not None:  # the peer starts the handshake: the requester listens first
                 await self.push(requester, dir_a, path)
                 try:
-                    await self.deliver_to(home, peer, dir_b, path)
+                    await self.deliver_to(home, peer, later, path)
                 except DirectionError as exc:
                     exc.abandoned = path  # the requester follows it already: its node drops it
                     raise
-            else:  # the requester starts (or both punch): the peer listens first
-                await self.deliver_to(home, peer, dir_b, path)
+            else:  # the peer listens already (it acknowledged its direction)
                 await self.push(requester, dir_a)  # no ack needed: the result follows on its session
         except DirectionError as exc:
             self.counters["directions_failed"] += 1
@@ -214,6 +213,70 @@ class Signaling:
         log.info("route %s → %s: %s (%s), path %s", keys.checksum(requester), keys.checksum(peer),
                  route.kind, route.reason, path.hex())
         return messages.RouteChoice(path.hex(), route.kind, route.reason, role_a)
+
+    async def direct_peer(self, path: bytes, me: messages.NodeInfo, info: messages.NodeInfo, mode: str | None,
+                          resume: bytes | None) -> tuple[Route, str, messages.RelayGrant | None, dict | None]:
+        """Direct our node `info` towards requester `me` on `path`: decide the route (`mode`:
+        "relay" forced, "direct" only), book the relay, sign the peer's Route Direction and push it
+        (waiting for its ack), unless the peer initiates: then it is returned, to be delivered
+        once the requester listens. (route, requester's role, its relay grant, that direction)."""
+        requester, peer = keys.parse_node_id(me.node), keys.parse_node_id(info.node)
+        self.check_peer(peer, info)
+        ra, rb = reach_of(me), reach_of(info)
+        route = Route("relay", None, "relay requested by the node") if mode == "relay" else decide(ra, rb)
+        if mode == "direct" and route.kind == "relay":
+            raise DirectionError("no_direct", f"no direct path: {route.reason}")
+        # Booked only for a direction that proceeds (every route but direct-only gets the relay
+        # as its fallback); an unused path is released by the RS (§8.2).
+        relay = None if mode == "direct" else await self.book_relay(path, [requester, peer])
+        if route.kind == "relay" and relay is None:
+            raise DirectionError("no_relay", f"route needs a relay ({route.reason}) and none is available")
+        role_a, role_b = ROLES[(route.kind, route.initiator)]
+        assert me.pubkey is not None
+        dir_b = self.direction(path, route, role_b, peer, self.c.address, requester, me.pubkey,
+                               ra.verified_candidates(rb), relay_grant(relay, 1, rb), requester, resume)
+        if role_b == "initiate":
+            return route, role_a, relay_grant(relay, 0, ra), dir_b
+        await self.push(peer, dir_b, path)
+        return route, role_a, relay_grant(relay, 0, ra), None
+
+    async def offer(self, home: bytes, path: bytes, me: messages.NodeInfo, peer: bytes, mode: str | None,
+                    resume: bytes | None) -> messages.DirectionAnswer:
+        """The Direction Offer to `peer`'s home DC `home`; its answer, or DirectionError with its
+        refusal (or home_dc_unreachable)."""
+        offer = messages.DirectionOffer(path.hex(), keys.checksum(home), keys.checksum(peer), me, mode,  # type: ignore[arg-type]
+                                        resume.hex() if resume is not None else None)
+        try:
+            return await self.c.federation.direction_offer(self.c.cache.dcs[home].endpoint, offer)
+        except FederationError as exc:
+            raise DirectionError(exc.code or "home_dc_unreachable", str(exc)) from None
+
+    async def accept_offer(self, obj: dict) -> dict:
+        """A peer DC's Direction Offer for one of our nodes (§8.5): verify it, direct our node,
+        and answer (signed) with what the requester's DC needs to direct its own node."""
+        c = self.c
+        env = envelope.open_envelope(obj, messages.DIRECTION_OFFER, c.clock.wall_ms(), c.cache.is_active_dc, c.guard)
+        offer = messages.decode(messages.DirectionOffer, env.body)
+        if keys.parse_node_id(offer.to) != c.address:
+            raise NodeLookupError("wrong_dc", f"direction offer is for DC {offer.to}, not this one")
+        me = offer.requester
+        requester = keys.parse_node_id(me.node)
+        if keys.parse_node_id(me.home_dc) != env.sender:  # a DC directs only towards its own nodes
+            raise DirectionError("not_home", "the requester's info is not from its home DC")
+        if me.pubkey is None or keys.node_id(bytes.fromhex(me.pubkey)) != requester:
+            raise DirectionError("bad_pubkey", "the requester's public key is not the node's")
+        if me.revoked or c.latest(requester)[1]:
+            raise DirectionError("revoked", "the requester is revoked")
+        peer = keys.parse_node_id(offer.peer)
+        info = c.local_info(peer)
+        if info is None:
+            raise NodeLookupError("unknown_node", f"{offer.peer} is not registered at this DC")
+        path = bytes.fromhex(offer.path)
+        resume = bytes.fromhex(offer.resume) if offer.resume is not None else None
+        route, role_a, grant_a, later = await self.direct_peer(path, me, info, offer.route, resume)
+        self.counters["directions_offered"] += 1
+        return c.federation.seal(messages.DIRECTION_ANSWER, messages.DirectionAnswer(
+            offer.path, info, route.kind, route.reason, role_a, grant_a, later))  # type: ignore[arg-type]
 
     async def push(self, node: bytes, direction: dict, path: bytes | None = None) -> None:
         """Push a Route Direction on `node`'s session. With `path` (the direction's), wait for the

@@ -1,7 +1,10 @@
-"""Drains the outbox onto the chain: one transaction at a time, carrying everything pending.
+"""Drains the outbox onto the chain: up to PIPELINE_DEPTH transactions in flight, each carrying
+what is pending.
 
-While one transaction is in flight, new registrations pile up in the outbox and go together in
-the next one, so batching follows the chain's speed with no timer to tune.
+While transactions are in flight, new registrations pile up in the outbox and go together in
+the next one, so batching follows the chain's speed with no timer to tune. The transactions
+carry consecutive nonces (chain/registry.py); one whose nonce is lost behind a gap or a rollback
+fails like a dropped one, and its rows, still pending, go in a later batch.
 
 Only the chain decides, in a mined block: records go in `registerBatch` with a fixed gas limit, no
 simulation first (on an idle chain a simulation runs against an old block and refuses what the
@@ -28,6 +31,7 @@ import time
 from collections import defaultdict
 from typing import Callable
 
+from chain.registry import BATCH_GAS_BASE, BATCH_GAS_PER_RECORD
 from dc.cache import RegistryCache
 from dc.store import OutboxItem, Store
 from ntm.errors import NtmError
@@ -35,8 +39,15 @@ from ntm.registry import RegistryError, RegistryView
 
 log = logging.getLogger("ntm.dc.submitter")
 
-# Records per transaction: 200 × ~30k gas = 6M gas, well inside a 30M block gas limit.
+# registerBatch transactions in flight at once (consecutive nonces): together they fill one block,
+# so a DC puts ~660 records in each 30M-gas block instead of 200 (issue 30); more in flight would
+# only wait for the next block.
+PIPELINE_DEPTH = 4
+# Records per transaction: as many as PIPELINE_DEPTH transactions' gas limits (BATCH_GAS_BASE +
+# BATCH_GAS_PER_RECORD each, chain/registry.py) fit in the latest block's gas limit (165 at 30M);
+# BATCH_MAX while the head is not known, and at most BATCH_CAP (a receipt's logs to parse).
 BATCH_MAX = 200
+BATCH_CAP = 1000
 # Retry delays after an RPC failure: quick first retry, capped so a dead chain is not hammered.
 RETRY_MIN_S, RETRY_MAX_S = 0.1, 5.0
 # A record the chain found "too far in the future" is sent again after this (validator clock lag).
@@ -46,6 +57,14 @@ FUTURE_REASON = "NodeRegistry: timestamp too far in future"
 DEPTH_POLL_S = 0.05
 
 Outcome = tuple[OutboxItem, str, str | None, int | None, str | None]
+
+
+def batch_size(block_gas_limit: int) -> int:
+    """Records per registerBatch so that PIPELINE_DEPTH of them fit one block (0: not known)."""
+    if block_gas_limit <= 0:
+        return BATCH_MAX
+    per_tx = block_gas_limit // PIPELINE_DEPTH - BATCH_GAS_BASE
+    return max(1, min(BATCH_CAP, per_tx // BATCH_GAS_PER_RECORD))
 
 
 class Submitter:
@@ -66,6 +85,9 @@ class Submitter:
         self.sent_tx = 0
         self.failures = 0
         self.reopened = 0  # confirmed rows sent again after a rollback
+        self._in_flight: set[bytes] = set()  # nodes with rows in a batch in flight
+        self._in_flight_rows = 0
+        self._delay = RETRY_MIN_S  # the next backoff after a failed submission
 
     def note_durable(self, node: bytes, timestamp: int) -> None:
         self.durable_at[(node, timestamp)] = self.now()
@@ -83,22 +105,50 @@ class Submitter:
         return await fut
 
     async def run(self) -> None:
-        delay = RETRY_MIN_S
+        """Keep up to PIPELINE_DEPTH batches in flight (consecutive nonces, chain/registry.py):
+        a new batch takes pending rows of nodes with nothing in flight, so one node's records
+        reach the chain in order, each batch carrying what piled up meanwhile."""
+        batches: set[asyncio.Task] = set()
         while True:
-            items = self.store.pending(BATCH_MAX)
-            if not items:
-                self._wake.clear()
-                await self._wake.wait()
+            items = self._next_batch() if len(batches) < PIPELINE_DEPTH else []
+            if items:
+                self._in_flight.update(i.record.node for i in items)
+                batches.add(asyncio.create_task(self._send(items)))
                 continue
+            self._wake.clear()
+            wake = asyncio.create_task(self._wake.wait())
+            try:
+                await asyncio.wait({wake, *batches}, return_when=asyncio.FIRST_COMPLETED)
+            except asyncio.CancelledError:
+                for t in batches:
+                    t.cancel()
+                raise
+            finally:
+                wake.cancel()
+            batches = {t for t in batches if not t.done()}
+
+    def _next_batch(self) -> list[OutboxItem]:
+        """Up to batch_size() pending rows, none of a node with a batch in flight (its rows in
+        flight are still pending in the store: looked past, at most PIPELINE_DEPTH × BATCH_CAP)."""
+        size = batch_size(self.cache.head.gas_limit if self.cache.head else 0)
+        rows = self.store.pending(size + self._in_flight_rows)
+        return [i for i in rows if i.record.node not in self._in_flight][:size]
+
+    async def _send(self, items: list[OutboxItem]) -> None:
+        """One batch: submit and settle it, or on failure back off (shared by the pipeline: a dead
+        chain is retried at RETRY_MAX_S at most PIPELINE_DEPTH times over); its rows free again
+        (pending ones to be sent anew) once it is done."""
+        self._in_flight_rows += len(items)
+        try:
             try:
                 results, deferred = await self._submit(items)
             except (NtmError, OSError, asyncio.TimeoutError) as exc:
                 self.failures += 1
-                log.warning("chain submission failed (%s); retrying in %.1fs", exc, delay)
+                log.warning("chain submission failed (%s); retrying in %.1fs", exc, self._delay)
+                delay, self._delay = self._delay, min(self._delay * 2, RETRY_MAX_S)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, RETRY_MAX_S)
-                continue
-            delay = RETRY_MIN_S
+                return
+            self._delay = RETRY_MIN_S
             self.store.settle(results)
             for item, state, tx, block, reason in results:
                 for fut in self._waiters.pop((item.record.node, item.record.timestamp), []):
@@ -108,6 +158,10 @@ class Submitter:
                 log.warning("%d records refused as too far in the future (a validator clock behind?); "
                             "sending again in %.0f s", deferred, FUTURE_RETRY_S)
                 await asyncio.sleep(FUTURE_RETRY_S)
+        finally:
+            self._in_flight_rows -= len(items)
+            self._in_flight.difference_update(i.record.node for i in items)
+            self.wake()
 
     async def _submit(self, items: list[OutboxItem]) -> tuple[list[Outcome], int]:
         """Send `items`, wait for the depth, and judge each: (settled outcomes, how many deferred)."""

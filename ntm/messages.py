@@ -193,6 +193,8 @@ ROUTE_DIRECTION = "route-direction"
 RELAY_DIRECTION = "relay-direction"
 INFO_REQUEST = "ntm-info-request"
 INFO_RESPONSE = "ntm-info-response"
+DIRECTION_OFFER = "direction-offer"  # requester's DC -> the peer's home DC (§8.5)
+DIRECTION_ANSWER = "direction-answer"  # ... and its answer
 CS_NOTICE = "cs-notice"  # Cache Server -> a recipient's home DC
 # Node-signed Cache Server requests (envelopes signed by a node key; §12)
 CS_PUT, CS_LIST, CS_GET, CS_ACK = "cs.put", "cs.list", "cs.get", "cs.ack"
@@ -328,6 +330,32 @@ class NodeInfo(Message, kw_only=True):
     observed_alt: Endpoint | None = None  # ... and by its second port (differs: symmetric NAT)
     confirmed: bool | None = None  # whois only: the DC's record is the chain's
     routes: RouteOffer | None = None  # the node's signed route offer from its live session (§10.10)
+
+
+class DirectionOffer(Message):
+    """A requester's DC asks the peer's home DC `to` to direct its node `peer` towards `requester`
+    (the requester's DC's own NodeInfo of it) in one call: lookup, route, relay, push (§8.5)."""
+
+    path: Hex8
+    to: NodeId
+    peer: NodeId
+    requester: NodeInfo
+    route: Literal["relay", "direct"] | None = None  # as the node's DirectionRequest asked
+    resume: Hex8 | None = None
+
+
+class DirectionAnswer(Message):
+    """The peer's home DC's answer to a DirectionOffer: the peer's info, the route it decided, the
+    requester's role and relay grant, and the peer's Route Direction when the peer initiates (the
+    requester's DC delivers it once its node listens); otherwise the peer has it already."""
+
+    path: Hex8
+    peer: NodeInfo
+    kind: Literal["direct", "nat_initiates", "punch", "relay"]
+    reason: str
+    role: Role
+    relay: RelayGrant | None = None
+    deliver: dict[str, Any] | None = None  # a ROUTE_DIRECTION envelope signed by the peer's home DC
 
 
 # --- HTTP -------------------------------------------------------------------------------------

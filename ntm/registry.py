@@ -54,6 +54,7 @@ class BlockRef:
     number: int
     hash: bytes
     timestamp: int  # seconds
+    gas_limit: int = field(default=0, compare=False)  # the block's gas limit (0: not known)
 
 
 @dataclass(frozen=True)

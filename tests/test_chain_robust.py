@@ -209,3 +209,4 @@ async def test_confirmed_means_n_blocks_deep(tmp_path):
             assert res.status == "confirmed" and head >= res.block + 2, (res, head)
         finally:
             net.stop()
+

@@ -79,6 +79,9 @@ async def test_the_dashboard_shows_the_federation_chain_nodes_directions_and_rel
     assert f"{a_id} {b_id} {t.kind}" in seen["directions"]
     assert a_id in seen["nodes"] and "online" in seen["nodes"] and b_id not in seen["nodes"]  # b is dc2's
     assert "registered here\n1" in seen["nodes-summary"] and "in the registry\n2" in seen["nodes-summary"]
-    assert "paths booked\n1" in seen["relay"] or "paths booked\n2" in seen["relay"]
+    # b's home DC booked the relay (it directs its node's end, §8.5): dc2's dashboard counts it
+    assert "paths booked" in seen["relay"] and net.relays[0] in seen["relay"]
+    async with raw_http() as http, http.get(net.urls[1] + "/v1/dashboard") as r:
+        assert (await r.json())["relay"]["bookings"] >= 1
     png = (ARTIFACTS / "dashboard.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000

@@ -56,6 +56,7 @@ async def fed(tmp_path):
 
         router.route(url + "/v1/federation/ntm-info", ntm_info)
         router.route(url + "/v1/federation/route-direction", c.signaling.accept_delivery)
+        router.route(url + "/v1/federation/direction-offer", c.signaling.accept_offer)
         f.tasks += [asyncio.create_task(cache.run()), asyncio.create_task(c.submitter.run())]
         f.dcs.append(c)
 
@@ -151,6 +152,71 @@ async def test_cross_dc_direction_between_two_nats_is_a_punch(fed):
     assert da.relay.endpoints == [RS_ENDPOINT]
 
 
+async def test_a_cross_dc_direction_is_one_federation_call_and_the_peer_initiating_two(fed):
+    """Issue 30 item 1 (§8.5): the requester's DC makes one call (a Direction Offer); the peer's
+    home DC books the relay and signs its node's direction. When the peer initiates, the
+    requester is directed first and the peer's direction follows in a second call."""
+    dc1, dc2 = "http://dc1.test:8330", "http://dc2.test:8330"
+    a, b = await register(fed, fed.dcs[0]), await register(fed, fed.dcs[1])
+    go_online(fed.dcs[0], a, "10.1.0.2:4330", ("198.18.1.1", 50000))
+    go_online(fed.dcs[1], b, "10.2.0.2:4330", ("198.18.2.1", 50001))
+    calls = len(fed.router.calls)
+    result = await fed.dcs[0].signaling.request(a.id, b.id)
+    assert fed.router.calls[calls:] == [dc2 + "/v1/federation/direction-offer", RS_URL + "/v1/relay-directions"]
+    signers = [envelope.open_envelope(n.pushed[-1]["direction"], messages.ROUTE_DIRECTION, fed.clock.wall_ms(),
+                                      lambda dc: True).sender for n in (a, b)]
+    assert signers == [fed.dcs[0].address, fed.dcs[1].address] and result.kind == "punch"
+    p = await register(fed, fed.dcs[0])  # public: its observed address is its own
+    go_online(fed.dcs[0], p, "198.18.9.9:4330", ("198.18.9.9", 4330))
+    b_send, seen_first = b.send, []
+
+    async def send(msg: dict) -> None:
+        seen_first.append(len(p.directions()))  # what the requester had when the peer was directed
+        await b_send(msg)
+
+    fed.dcs[1].presence.sessions[b.id].send = send
+    calls = len(fed.router.calls)
+    result = await fed.dcs[0].signaling.request(p.id, b.id)
+    assert (result.kind, result.role) == ("nat_initiates", "wait") and seen_first == [1]
+    assert fed.router.calls[calls:] == [dc2 + "/v1/federation/direction-offer", RS_URL + "/v1/relay-directions",
+                                        dc2 + "/v1/federation/route-direction"]
+    assert dc1 not in "".join(fed.router.calls)
+
+
+async def test_a_forged_or_misaddressed_direction_offer_directs_nobody(fed):
+    """A hostile DC-to-DC request (§8.5): an offer signed by a stranger, one naming another DC's
+    node as the requester, one whose requester key is not the node's, one addressed to another
+    DC: each is refused before any relay booking or push."""
+    import msgspec
+
+    from ntm.errors import SignatureError
+
+    a, b = await register(fed, fed.dcs[0]), await register(fed, fed.dcs[1])
+    go_online(fed.dcs[0], a, "10.1.0.2:4330", ("198.18.1.1", 50000))
+    go_online(fed.dcs[1], b, "10.2.0.2:4330", ("198.18.2.1", 50001))
+    me = fed.dcs[0].local_info(a.id)
+    dc2 = keys.checksum(fed.dcs[1].address)
+    good = messages.DirectionOffer("11" * 8, dc2, keys.checksum(b.id), me)
+    stranger = FederationClient(keys.generate(), lambda dc: True, envelope.ReplayGuard(), fed.clock)
+    c = await register(fed, fed.dcs[1])
+    cases = [
+        (stranger, good, SignatureError, None),
+        (fed.dcs[0].federation, msgspec.structs.replace(good, requester=fed.dcs[1].local_info(c.id)),
+         DirectionError, "not_home"),
+        (fed.dcs[0].federation, msgspec.structs.replace(good, requester=msgspec.structs.replace(
+            me, pubkey=keys.public_bytes(c.key).hex())), DirectionError, "bad_pubkey"),
+        (fed.dcs[0].federation, msgspec.structs.replace(good, to=keys.checksum(fed.dcs[0].address)),
+         NodeLookupError, "wrong_dc"),
+    ]
+    for client, offer, error, code in cases:
+        with pytest.raises(error) as exc:
+            await fed.dcs[1].signaling.accept_offer(client.seal(messages.DIRECTION_OFFER, offer))
+        assert code is None or exc.value.code == code
+    assert b.directions() == [] and fed.dcs[1].signaling.counters["relay_bookings"] == 0
+    answer = await fed.dcs[1].signaling.accept_offer(fed.dcs[0].federation.seal(messages.DIRECTION_OFFER, good))
+    assert len(b.directions()) == 1 and answer["body"]["path"] == "11" * 8  # the genuine one goes through
+
+
 async def test_symmetric_nat_gets_the_relay_and_no_candidates(fed):
     a, b = await register(fed, fed.dcs[0]), await register(fed, fed.dcs[1])
     go_online(fed.dcs[0], a, "10.1.0.2:4330", ("198.18.1.1", 50000))
@@ -212,11 +278,16 @@ async def test_a_direction_flood_is_rate_limited_and_books_no_relay_for_refusals
     burst = int(DIRECTIONS_PER_NODE[1])
     assert codes == ["offline"] * burst + ["rate_limited"] * (200 - burst)
     sig = fed.dcs[0].signaling
-    assert sig.counters["relay_bookings"] == 0 and sig.counters["directions_rate_limited"] == 200 - burst
+    assert bookings(fed) == 0 and sig.counters["directions_rate_limited"] == 200 - burst
     fed.clock.advance(1.0)  # the bucket refills: the node is served again
     go_online(fed.dcs[1], b, "10.2.0.2:4330", ("198.18.2.1", 50001))
     await sig.request(a.id, b.id)
-    assert sig.counters["relay_bookings"] == 1
+    assert bookings(fed) == 1  # by the peer's home DC, which directs its end (§8.5)
+
+
+def bookings(fed: Fed) -> int:
+    """Relay paths booked by all the federation's DCs."""
+    return sum(c.signaling.counters["relay_bookings"] for c in fed.dcs)
 
 
 async def test_registrations_are_limited_per_source_and_by_the_gas_budget(fed):

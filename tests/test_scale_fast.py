@@ -303,3 +303,19 @@ async def test_logs_are_sliced_from_the_raw_answer_and_garbage_from_a_chain_node
         answers.append(garbage)
         with pytest.raises(RegistryError):
             await reg.get_events(0, 5)
+
+
+def test_a_batch_is_sized_so_the_pipeline_fits_one_block():
+    """Issue 30 item 5: PIPELINE_DEPTH batches' gas limits fit the block's gas limit (more would
+    wait for the next block, or never fit one); an unknown head keeps the old size."""
+    from chain.registry import BATCH_GAS_BASE, BATCH_GAS_PER_RECORD
+    from dc.submitter import BATCH_CAP, BATCH_MAX, PIPELINE_DEPTH, batch_size
+
+    def gas(n: int) -> int:
+        return PIPELINE_DEPTH * (BATCH_GAS_BASE + BATCH_GAS_PER_RECORD * n)
+
+    for limit in (30_000_000, 36_000_000, 8_000_000):
+        n = batch_size(limit)
+        assert gas(n) <= limit < gas(n + 1), limit
+    assert batch_size(30_000_000) == 165  # anvil's default: 660 records a block instead of 200
+    assert batch_size(0) == BATCH_MAX and batch_size(100_000) == 1 and batch_size(10**12) == BATCH_CAP

@@ -62,8 +62,8 @@ async def test_metrics_say_what_happened(pair, net):
     assert metric(dc1, "ntm_dc_chain_submit_lag_seconds_count") >= 1
     assert metric(dc1, "ntm_dc_direction_seconds_count", route="direct") >= 1
     assert metric(dc1, "ntm_dc_routes_total", route="direct") >= 1
-    assert metric(dc1, "ntm_dc_federation_calls_total", call="/v1/federation/ntm-info", outcome="ok") >= 1
-    assert metric(dc1, "ntm_dc_relay_bookings_total") >= 1  # the fallback booked for every direction
+    assert metric(dc1, "ntm_dc_federation_calls_total", call="/v1/federation/direction-offer", outcome="ok") >= 1
+    assert metric(dc2, "ntm_dc_relay_bookings_total") >= 1  # the fallback, booked by the peer's DC (§8.5)
     assert metric(dc1, "ntm_dc_sessions") >= 1 and metric(dc1, "ntm_dc_chain_ok") == 1
     assert metric(dc1, "ntm_dc_gas_balance_wei") > 0 and metric(dc1, "ntm_dc_outbox", state="pending") == 0
     assert metric(rs, "ntm_rs_directions_accepted_total") >= 1
