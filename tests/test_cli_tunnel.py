@@ -17,7 +17,7 @@ import pytest
 
 from node import state
 from ntm import keys
-from tests.dcnet import until
+from labkit.dcnet import until
 from tests.test_dc import ntm
 
 

@@ -9,7 +9,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("ntm", "chain", "daemon", "dc", "rs", "cs", "node", "scripts")
+PACKAGES = ("ntm", "chain", "daemon", "dc", "rs", "cs", "node", "scripts", "labkit")
 # package → packages of this project it may import (besides itself)
 ALLOWED = {
     "ntm": set(),
@@ -20,6 +20,9 @@ ALLOWED = {
     "cs": {"ntm", "daemon"},  # the registry through its DC, not the chain
     "node": {"ntm", "daemon"},
     "scripts": {"ntm", "chain", "daemon", "dc", "rs", "cs", "node"},
+    # real parts for tests and benches (a loopback federation, the NAT lab); nothing imports it but
+    # tests/ and bench/
+    "labkit": {"ntm", "chain", "daemon", "dc", "rs", "cs", "node", "scripts"},
 }
 # ntm/ is the sans-I/O core: bytes in, events/bytes out. These would bring I/O into it.
 IO_MODULES = {"asyncio", "aiohttp", "web3", "sqlite3", "subprocess", "pathlib", "eth_account", "selectors"}
@@ -104,3 +107,14 @@ def test_no_import_cycles():
         if n not in state:
             visit(n, [n])
     assert not cycles, cycles
+
+
+def test_benches_and_labkit_import_no_test_module():
+    """A bench that imports a test module breaks when the test is edited (bench/tunnel.py did):
+    what benches share with tests lives in labkit/."""
+    known = set(modules())
+    bad = [f"{path.relative_to(ROOT)} imports {d}"
+           for path in [*(ROOT / "bench").glob("*.py"), *(ROOT / "labkit").rglob("*.py")]
+           for d in imports_of(path, ".".join(path.relative_to(ROOT).with_suffix("").parts), known)
+           if d.split(".")[0] == "tests"]
+    assert not bad, bad

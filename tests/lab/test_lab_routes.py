@@ -12,9 +12,9 @@ import time
 
 import pytest
 
-from .fed import Federation
-from .subnet import H_ADDR, LAN, exit_pair, exit_user, subnet_router, wait_for_route
-from .upnode import UpNode, transfer
+from labkit.lab.fed import Federation
+from labkit.lab.subnet import H_ADDR, LAN, exit_pair, exit_user, subnet_router, wait_for_route
+from labkit.lab.upnode import UpNode, transfer
 
 pytestmark = pytest.mark.lab
 
