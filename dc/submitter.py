@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import defaultdict
 from typing import Callable
 
 from dc.cache import RegistryCache
 from dc.store import OutboxItem, Store
+from ntm.clock import SYSTEM, Clock
 from ntm.errors import NtmError
 from ntm.registry import RegistryError, RegistryView
 
@@ -50,10 +50,10 @@ Outcome = tuple[OutboxItem, str, str | None, int | None, str | None]
 
 class Submitter:
     def __init__(self, store: Store, registry: RegistryView, cache: RegistryCache, confirmations: int = 1,
-                 now: Callable[[], float] = time.monotonic, observe_lag: Callable[[float], None] = lambda s: None
+                 clock: Clock = SYSTEM, observe_lag: Callable[[float], None] = lambda s: None
                  ) -> None:
         """`observe_lag(seconds)`: each confirmed record's time from durable to confirmed."""
-        self.now, self.observe_lag = now, observe_lag
+        self.clock, self.observe_lag = clock, observe_lag
         self.durable_at: dict[tuple[bytes, int], float] = {}  # records made durable since this process started
         if confirmations < 1:
             raise ValueError("confirmations must be at least 1")
@@ -68,7 +68,7 @@ class Submitter:
         self.reopened = 0  # confirmed rows sent again after a rollback
 
     def note_durable(self, node: bytes, timestamp: int) -> None:
-        self.durable_at[(node, timestamp)] = self.now()
+        self.durable_at[(node, timestamp)] = self.clock.now()
 
     def wake(self) -> None:
         self._wake.set()
@@ -136,7 +136,7 @@ class Submitter:
         for item, state, *_ in results:
             since = self.durable_at.pop((item.record.node, item.record.timestamp), None)
             if since is not None and state == "confirmed":
-                self.observe_lag(self.now() - since)
+                self.observe_lag(self.clock.now() - since)
         return results, deferred
 
     async def _wait_depth(self, tx_hash: bytes, block: int) -> None:
