@@ -145,7 +145,8 @@ def tls_context(cfg: dc_config.DcConfig, key, coord: Coordinator) -> ssl.SSLCont
         tlspin.warn_plain(f"DC {keys.checksum(coord.address)}")
         return None
     cert, cert_key = (cfg.tls_cert, cfg.tls_key) if cfg.tls_cert else tlspin.ensure_certificate(
-        cfg.db.with_name(cfg.db.stem + "-tls-cert.pem"), cfg.db.with_name(cfg.db.stem + "-tls-key.pem"), cfg.hostname, coord.clock)
+        cfg.db.with_name(cfg.db.stem + "-tls-cert.pem"), cfg.db.with_name(cfg.db.stem + "-tls-key.pem"), cfg.hostname,
+        coord.clock)
     try:
         ctx, der = tlspin.server_context(cert, cert_key)
     except (OSError, ssl.SSLError, ValueError) as exc:

@@ -171,7 +171,8 @@ class Daemon:
     async def h_status(self, body: dict[str, Any]) -> dict[str, Any]:
         tun = self.plane.tun
         return {
-            "node": keys.checksum(self.node.id), "pid": os.getpid(), "uptime_s": round(self.node.session.clock.now() - self.started, 1),
+            "node": keys.checksum(self.node.id), "pid": os.getpid(),
+            "uptime_s": round(self.node.session.clock.now() - self.started, 1),
             **self.node.session.status(), "local": display(self.node.endpoint.local_addr),
             "tun": tun.name if tun else None, "ipv6": str(v6_of(self.node.id)), "ipv4": str(self.overlay.book.own),
             "dns": [f"{h}:{p}" for h, p in self.dns.bound] if self.dns else [], "dns_route": self.dns_route,
@@ -299,7 +300,8 @@ class Daemon:
         system_dns = self.opts.dns is None and self.plane.tun is not None  # our TUN, our default DNS: tell the system
         if binds:
             self.dns = await DnsServer.start(binds, self.resolve, {str(self.overlay.book.own), str(v6_of(self.node.id))},
-                                             optional=[LOOPBACK_DNS] if system_dns else [], clock=self.node.session.clock)
+                                             optional=[LOOPBACK_DNS] if system_dns else [],
+                                             clock=self.node.session.clock)
         if system_dns and self.plane.tun is not None:
             self.split = SplitDns(self.plane.tun.name, [h for h, _ in binds])
             self.dns_route = await asyncio.to_thread(self.split.register)

@@ -99,8 +99,9 @@ async def run(session, peers: list[dict]) -> dict:
             streams = (await asyncio.wait_for(session.dc.info(), PROBE_TIMEOUT_S)).relay_streams
         except Exception:  # noqa: BLE001 - no DC answer: the DC probes below say why
             streams = []
-        dcs, relays = await asyncio.gather(asyncio.gather(*(probe_dc(http, u, a, session.clock) for u, a in dc_urls.items())),
-                                           asyncio.gather(*(probe_stream(http, u, session.clock) for u in streams)))
+        clock = session.clock
+        dcs, relays = await asyncio.gather(asyncio.gather(*(probe_dc(http, u, a, clock) for u, a in dc_urls.items())),
+                                           asyncio.gather(*(probe_stream(http, u, clock) for u in streams)))
     return report(session.udp, session.local_addrs(), session.observed, session.observed_alt,
                   list(dcs), list(relays), peers)
 
