@@ -29,7 +29,7 @@
                                       the DC side and a real RS reads, of 100 (target 0; was every one
                                       while DC → RS was plain HTTP)
   secrets_in_clear                    keepalive token and relay side key occurrences an on-path
-                                      attacker (a proxy in the node's NAT router, tests/lab/onpath.py)
+                                      attacker (a proxy in the node's NAT router, labkit/lab/onpath.py)
                                       finds in what it relayed of the node↔DC channel (target 0;
                                       needs root and network namespaces, else not printed)
   injected_directions_acted_on        Tunnel Requests the node sent to the address a Route Direction
@@ -67,11 +67,10 @@ from ntm.handshake import Initiator  # noqa: E402
 from ntm.tunnel import Session  # noqa: E402
 from scripts.anvil import Anvil  # noqa: E402
 from scripts.procs import Child  # noqa: E402
-from tests.dcnet import CountingRpc, DcNet, RecordingProxy, raw_http, register  # noqa: E402
-from tests.test_budgets import (FLOODERS, SYBIL_EACH, SYBIL_SOURCES, dc_for_outsiders,  # noqa: E402
-                                legit_connects_under_flood, new_node_budget, sybil_burst)
-from tests.test_cs import STRICT_CS, concurrent_uploads  # noqa: E402
-from tests.test_dc_abuse import flood, rss_mb  # noqa: E402
+from labkit.dcnet import CountingRpc, DcNet, RecordingProxy, raw_http, register  # noqa: E402
+from labkit.budgets import (FLOODERS, SYBIL_EACH, SYBIL_SOURCES, dc_for_outsiders,  # noqa: E402
+                            legit_connects_under_flood, new_node_budget, sybil_burst)
+from labkit.load import STRICT_CS, concurrent_uploads, flood, rss_mb  # noqa: E402
 
 PATH = bytes(8)
 N = 2000  # datagrams per timing round
@@ -288,10 +287,10 @@ async def at_one_dc(tmp: Path, sizes: types.SimpleNamespace) -> dict[str, float]
 
 
 def on_path(tmp: Path, quick: bool) -> dict | None:
-    """tests/lab/onpath.py's scenario (an attacker in the node's NAT router); None without the lab."""
-    from tests.lab.fed import Federation
-    from tests.lab.onpath import on_path as scenario
-    from tests.lab.topology import Lab, lab_available, sweep_stale
+    """labkit/lab/onpath.py's scenario (an attacker in the node's NAT router); None without the lab."""
+    from labkit.lab.fed import Federation
+    from labkit.lab.onpath import on_path as scenario
+    from labkit.lab.topology import Lab, lab_available, sweep_stale
     reason = lab_available()
     if reason:
         print(f"on-path lab scenario skipped: {reason}", file=sys.stderr)

@@ -27,9 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ntm import keys  # noqa: E402
 from scripts.anvil import Anvil  # noqa: E402
 from scripts.procs import dc_child, free_port  # noqa: E402
-from tests.dcnet import DcNet, stateful_net  # noqa: E402
-from tests.test_chain_robust import register_at  # noqa: E402
-from tests.test_dc_crash import all_on_chain, register_many  # noqa: E402
+from labkit.dcnet import DcNet, stateful_net  # noqa: E402
+from labkit.load import all_on_chain, register_at, register_many  # noqa: E402
 
 IDLE_S = 1200
 ROUNDS = 10

@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from scripts.anvil import Anvil  # noqa: E402
-from tests.dcnet import DcNet  # noqa: E402
+from labkit.dcnet import DcNet  # noqa: E402
 
 ROUNDS = 5
 

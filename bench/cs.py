@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from node.agent import Node  # noqa: E402
 from node.cs_client import CsClient, bytes_chunks, file_chunks  # noqa: E402
 from ntm import keys, seal  # noqa: E402
-from tests.dcnet import cs_federation, register  # noqa: E402
+from labkit.dcnet import cs_federation, register  # noqa: E402
 
 ROUNDS = 5
 NOTIFY_ROUNDS = 10

@@ -38,7 +38,7 @@ from node import control  # noqa: E402
 from node.peers import PeerBook  # noqa: E402
 from ntm import envelope, group, keys  # noqa: E402
 from ntm.clock import SYSTEM  # noqa: E402
-from tests.dcnet import cs_federation  # noqa: E402
+from labkit.dcnet import cs_federation  # noqa: E402
 
 SIZES = (10, 100, 1000)
 REKEY_ROUNDS = 3

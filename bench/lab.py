@@ -42,11 +42,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.lab.fed import KINDS, Federation, grid_rows, grid_table  # noqa: E402
-from tests.lab.subnet import (H_ADDR, exit_pair, relay_exit_args, relay_exit_user, subnet_router,  # noqa: E402
-                              wait_for_route)
-from tests.lab.topology import Lab, lab_available, sweep_stale  # noqa: E402
-from tests.lab.upnode import transfer  # noqa: E402
+from labkit.lab.fed import KINDS, Federation, grid_rows, grid_table  # noqa: E402
+from labkit.lab.subnet import (H_ADDR, exit_pair, relay_exit_args, relay_exit_user, subnet_router,  # noqa: E402
+                               wait_for_route)
+from labkit.lab.topology import Lab, lab_available, sweep_stale  # noqa: E402
+from labkit.lab.upnode import transfer  # noqa: E402
 
 KEEPALIVE_S = 2.0
 SUBNET_BYTES = 20 * 1024 * 1024  # as the lab test; --quick sends 1/20 of it
@@ -111,7 +111,7 @@ def failover(fed, lab) -> float:
 
 
 def subnet_route(fed, nbytes: int) -> float:
-    """Mbit/s of one TCP transfer N → H through R's subnet route (tests/lab/subnet.py)."""
+    """Mbit/s of one TCP transfer N → H through R's subnet route (labkit/lab/subnet.py)."""
     r, h, n = subnet_router(fed, "sr")
     try:
         routes = wait_for_route(n, r)

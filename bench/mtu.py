@@ -35,9 +35,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.lab.fed import Federation  # noqa: E402
-from tests.lab.roam_mtu import MtuPair, mtu_move  # noqa: E402
-from tests.lab.topology import Lab, lab_available, sweep_stale  # noqa: E402
+from labkit.lab.fed import Federation  # noqa: E402
+from labkit.lab.roam_mtu import MtuPair, mtu_move  # noqa: E402
+from labkit.lab.topology import Lab, lab_available, sweep_stale  # noqa: E402
 
 KEEPALIVE_S = 2.0  # as the lab tests
 #: The move's download is paced so that it still runs when A moves (2 s in).

@@ -25,7 +25,7 @@ from ntm import keys  # noqa: E402
 from ntm.record import Domain, NodeTransaction  # noqa: E402
 from ntm.registration import RegistrationRequest  # noqa: E402
 from scripts.anvil import Anvil  # noqa: E402
-from tests.dcnet import DcNet, raw_http  # noqa: E402
+from labkit.dcnet import DcNet, raw_http  # noqa: E402
 
 LATENCY_SAMPLES = 100
 THROUGHPUT_NODES = 1000

@@ -36,12 +36,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from node.agent import KEEPALIVE_INTERVAL_S  # noqa: E402
-from tests.lab.fed import Federation  # noqa: E402
-from tests.lab.roam_deadpath import CUT_TRANSFER_BYTES, dc_link_loss_failover, nat_rebind_unreachable  # noqa: E402
-from tests.lab.roam_loss import bench_numbers  # noqa: E402
-from tests.lab.roam_mbb import make_before_break  # noqa: E402
-from tests.lab.roam_udp import udp_blocked  # noqa: E402
-from tests.lab.topology import Lab, lab_available, sweep_stale  # noqa: E402
+from labkit.lab.fed import Federation  # noqa: E402
+from labkit.lab.roam_deadpath import CUT_TRANSFER_BYTES, dc_link_loss_failover, nat_rebind_unreachable  # noqa: E402
+from labkit.lab.roam_loss import bench_numbers  # noqa: E402
+from labkit.lab.roam_mbb import make_before_break  # noqa: E402
+from labkit.lab.roam_udp import udp_blocked  # noqa: E402
+from labkit.lab.topology import Lab, lab_available, sweep_stale  # noqa: E402
 
 KEEPALIVE_S = 2.0  # as most lab tests: NAT timeouts there are short
 # --quick: the failover is measured under a shorter transfer (it need not outlast the failover).

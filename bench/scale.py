@@ -2,7 +2,7 @@
 the load driven from this separate process. Prints `metric: value`:
 
   records                       node records on chain (seeded in registerBatch transactions by a
-                                seeding DC, tests/seed.py) before the DCs start
+                                seeding DC, labkit/seed.py) before the DCs start
   dc_import_s                   a Python process importing the DC, for scale: part of every start below
   cold_start_s_100k             a DC with an empty database: process start → ready line (every record read)
   cold_start_s_100k_snapshot    the same DC restarted after a clean stop: from its registry snapshot
@@ -56,9 +56,9 @@ from ntm import keepalive, keys, messages  # noqa: E402
 from ntm.record import Domain, NodeTransaction  # noqa: E402
 from ntm.registration import RegistrationRequest  # noqa: E402
 from scripts.anvil import Anvil  # noqa: E402
-from tests.dcnet import DcNet, raw_http  # noqa: E402
-from tests.seed import seed  # noqa: E402
-from tests.test_chain_robust import metric  # noqa: E402
+from labkit.dcnet import DcNet, raw_http  # noqa: E402
+from labkit.seed import seed  # noqa: E402
+from labkit.load import read_metric  # noqa: E402
 
 RECORDS = 30_000
 REGISTRATIONS = 1000  # at DC 1: the registration rate, then one session each (RSS per session, requesters)
@@ -122,7 +122,7 @@ async def register(http: aiohttp.ClientSession, url: str, n: int) -> tuple[list,
 
     start = time.perf_counter()
     await asyncio.gather(*(post(b) for b in bodies))
-    while await metric(url, "ntm_dc_outbox_pending") > 0:
+    while await read_metric(url, "ntm_dc_outbox_pending") > 0:
         await asyncio.sleep(0.05)
     return node_keys, time.perf_counter() - start
 

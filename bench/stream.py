@@ -1,5 +1,5 @@
 """Stream benchmark: QUIC streams inside tunnels (node/api.py) between two embedded nodes on
-loopback, with real DCs, an RS and anvil (tests/dcnet.py); prints `metric: value` lines.
+loopback, with real DCs, an RS and anvil (labkit/dcnet.py); prints `metric: value` lines.
 
   stream_mbps               one stream, one direction, over a direct tunnel (payload Mbit/s)
   stream_relay_mbps         the same through the relay (a tunnel pinned to the RS)
@@ -33,7 +33,7 @@ from bench.tunnel import bench_tunnel  # noqa: E402
 from node.api import AppNode  # noqa: E402
 from ntm import keys  # noqa: E402
 from scripts.anvil import Anvil  # noqa: E402
-from tests.dcnet import DcNet, register  # noqa: E402
+from labkit.dcnet import DcNet, register  # noqa: E402
 
 #: The writer's chunk: large enough that Python's per-call cost does not dominate.
 CHUNK_BYTES = 1 << 16

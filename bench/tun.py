@@ -42,9 +42,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.lab.fed import Federation  # noqa: E402
-from tests.lab.topology import Lab, lab_available, sweep_stale  # noqa: E402
-from tests.lab.upnode import UpNode, transfer  # noqa: E402
+from labkit.lab.fed import Federation  # noqa: E402
+from labkit.lab.topology import Lab, lab_available, sweep_stale  # noqa: E402
+from labkit.lab.upnode import UpNode, transfer  # noqa: E402
 
 KEEPALIVE_S = 2.0
 WG_NET = "10.77.0.{}"

@@ -176,7 +176,7 @@ async def bench_signaling(n_requesters: int = REQUESTERS, n_peers: int = PEERS) 
 
     from node.agent import Node
     from scripts.anvil import Anvil
-    from tests.dcnet import DcNet, register
+    from labkit.dcnet import DcNet, register
 
     with tempfile.TemporaryDirectory() as tmp, Anvil() as chain:
         net = DcNet(Path(tmp), chain)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 
 from importlib import resources
 from pathlib import Path
@@ -37,6 +36,7 @@ from web3 import AsyncWeb3
 from web3.exceptions import BlockNotFound, ContractLogicError, TransactionNotFound, Web3Exception, Web3RPCError
 
 from ntm import record
+from ntm.clock import SYSTEM, Clock
 from ntm.errors import NtmError
 from chain.rpc import TRANSPORT_ERRORS, FailoverHTTPProvider
 from ntm.registry import BlockRef, DcInfo, OnChainRecord, RegistryError, RegistryEvent, SubmitResult
@@ -161,8 +161,9 @@ def _revert_reason(exc: ContractLogicError) -> str:
 class Registry:
     """One NodeRegistry deployment, seen through one RPC endpoint, optionally with a sending key."""
 
-    def __init__(self, w3: AsyncWeb3, address: bytes, chain_id: int, key: bytes | None, artifact: dict) -> None:
-        self.w3 = w3
+    def __init__(self, w3: AsyncWeb3, address: bytes, chain_id: int, key: bytes | None, artifact: dict,
+                 clock: Clock = SYSTEM) -> None:
+        self.w3, self.clock = w3, clock
         self.address = address
         self.chain_id = chain_id
         self.deploy_block: int | None = None  # set by deploy()
@@ -181,9 +182,9 @@ class Registry:
         return self.w3.provider.url
 
     @staticmethod
-    def _w3(rpc_urls: str | Sequence[str]) -> AsyncWeb3:
+    def _w3(rpc_urls: str | Sequence[str], clock: Clock = SYSTEM) -> AsyncWeb3:
         urls = [rpc_urls] if isinstance(rpc_urls, str) else list(rpc_urls)
-        return AsyncWeb3(FailoverHTTPProvider(urls), middleware=[])
+        return AsyncWeb3(FailoverHTTPProvider(urls, clock=clock), middleware=[])
 
     @classmethod
     async def _chain_id(cls, w3: AsyncWeb3) -> int:
@@ -194,13 +195,14 @@ class Registry:
             raise RegistryError(f"cannot reach the chain RPC at {', '.join(w3.provider.urls)}: {exc}") from None
 
     @classmethod
-    async def deploy(cls, rpc_url: str | Sequence[str], deployer_key: bytes, artifact: dict | None = None) -> "Registry":
+    async def deploy(cls, rpc_url: str | Sequence[str], deployer_key: bytes, artifact: dict | None = None,
+                     clock: Clock = SYSTEM) -> "Registry":
         """Deploy a fresh NodeRegistry; the deployer becomes its owner. `artifact`: another
         compilation of the same contract (bench/gas.py compares EVM targets), else the committed one."""
         artifact = artifact or load_artifact()
-        w3 = cls._w3(rpc_url)
+        w3 = cls._w3(rpc_url, clock)
         chain_id = await cls._chain_id(w3)
-        reg = cls(w3, b"\0" * 20, chain_id, deployer_key, artifact)
+        reg = cls(w3, b"\0" * 20, chain_id, deployer_key, artifact, clock)
         try:
             receipt = await reg._transact(bytes.fromhex(artifact["bytecode"][2:]), to=None)
         except BaseException:
@@ -211,14 +213,15 @@ class Registry:
         return reg
 
     @classmethod
-    async def connect(cls, rpc_url: str | Sequence[str], address: bytes | str, key: bytes | None = None) -> "Registry":
+    async def connect(cls, rpc_url: str | Sequence[str], address: bytes | str, key: bytes | None = None,
+                      clock: Clock = SYSTEM) -> "Registry":
         """Attach to an existing deployment; checks that a NodeRegistry with our EIP-712 domain is
         there. Several URLs: the first is preferred, the others are fallbacks (chain/rpc.py)."""
         artifact = load_artifact()
         address = _addr(address)
-        w3 = cls._w3(rpc_url)
+        w3 = cls._w3(rpc_url, clock)
         chain_id = await cls._chain_id(w3)
-        reg = cls(w3, address, chain_id, key, artifact)
+        reg = cls(w3, address, chain_id, key, artifact, clock)
         try:
             code = await w3.eth.get_code(_cs(address))
             if not code:
@@ -274,7 +277,7 @@ class Registry:
         return self._abi.decode(fn, bytes(out))
 
     async def _gas_price(self) -> int:
-        now = time.monotonic()
+        now = self.clock.now()
         if self._fee is None or now - self._fee[0] > 2.0:
             self._fee = (now, await self.w3.eth.gas_price)
         return self._fee[1]
@@ -327,7 +330,7 @@ class Registry:
         found in DB" for a moment after inclusion). A transaction that cannot mine (the node no
         longer has it, or its nonce is past the chain's: a restart or rollback lost our earlier
         ones) is given up: the nonce is re-read and RegistryError says so; the caller sends again."""
-        delay, start = 0.002, time.monotonic()
+        delay, start = 0.002, self.clock.now()
         next_check = start + DROP_CHECK_S
         while True:
             try:
@@ -336,7 +339,7 @@ class Registry:
                 pass
             except RPC_ERRORS:
                 pass  # transient: the next poll (possibly through another URL) decides
-            now = time.monotonic()
+            now = self.clock.now()
             if now > next_check:
                 next_check = now + DROP_CHECK_S
                 if not await self._can_mine(tx_hash, nonce):
@@ -570,10 +573,11 @@ def load_deployment(path: Path) -> dict:
         raise NtmError(f"deployment file {path} is invalid: {exc}") from None
 
 
-async def connect_registry(rpc_url: str | Sequence[str], deployment: Path, key: bytes | None = None) -> tuple[Registry, dict]:
+async def connect_registry(rpc_url: str | Sequence[str], deployment: Path, key: bytes | None = None,
+                           clock: Clock = SYSTEM) -> tuple[Registry, dict]:
     """The registry of a deployment, refusing a chain whose id differs from the deployment's."""
     dep = load_deployment(deployment)
-    registry = await Registry.connect(rpc_url, dep["registry"], key)
+    registry = await Registry.connect(rpc_url, dep["registry"], key, clock)
     if registry.chain_id != dep["chain_id"]:
         await registry.close()
         raise NtmError(f"chain at {registry.url} has id {registry.chain_id}, deployment says {dep['chain_id']}")

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from typing import Sequence
 
 import aiohttp
 from web3 import AsyncHTTPProvider
+
+from ntm.clock import SYSTEM, Clock
 
 log = logging.getLogger("ntm.chain.rpc")
 
@@ -31,12 +32,13 @@ TRANSPORT_ERRORS = (aiohttp.ClientError, OSError, asyncio.TimeoutError)
 
 
 class FailoverHTTPProvider(AsyncHTTPProvider):
-    def __init__(self, urls: Sequence[str], timeout: float = REQUEST_TIMEOUT_S) -> None:
+    def __init__(self, urls: Sequence[str], timeout: float = REQUEST_TIMEOUT_S, clock: Clock = SYSTEM) -> None:
         if not urls:
             raise ValueError("at least one JSON-RPC URL is needed")
         self.urls = list(urls)
         self._current = 0
         self._failed_at = 0.0
+        self.clock = clock
         super().__init__(self.urls[0], exception_retry_configuration=None,
                          request_kwargs={"timeout": aiohttp.ClientTimeout(total=timeout)})
 
@@ -51,7 +53,7 @@ class FailoverHTTPProvider(AsyncHTTPProvider):
         self.endpoint_uri = self.urls[index]
 
     async def _make_request(self, method, request_data: bytes) -> bytes:
-        if self._current and time.monotonic() - self._failed_at > PRIMARY_RETRY_S:
+        if self._current and self.clock.now() - self._failed_at > PRIMARY_RETRY_S:
             self._select(0)
         last: BaseException | None = None
         for step in range(len(self.urls)):
@@ -63,6 +65,6 @@ class FailoverHTTPProvider(AsyncHTTPProvider):
             except TRANSPORT_ERRORS as exc:
                 last = exc
                 if index == 0:
-                    self._failed_at = time.monotonic()
+                    self._failed_at = self.clock.now()
         assert last is not None
         raise last

@@ -26,6 +26,7 @@ from daemon import startup
 from daemon.startup import INTERRUPTED
 from ntm import messages
 from ntm.addr import unmapped
+from ntm.clock import Clock
 from ntm.errors import NtmError
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -290,14 +291,14 @@ class LogLimiter:
     """Counts events an outsider can trigger at will (forged packets) and logs them as one summary
     line per `interval` seconds at most, so a flood costs the attacker more than our log."""
 
-    def __init__(self, logger: logging.Logger, what: str, interval: float, clock: Callable[[], float]) -> None:
+    def __init__(self, logger: logging.Logger, what: str, interval: float, clock: Clock) -> None:
         self.logger, self.what, self.interval, self.clock = logger, what, interval, clock
         self.pending: Counter[str] = Counter()
         self._last = -interval
 
     def note(self, reason: str) -> None:
         self.pending[reason] += 1
-        now = self.clock()
+        now = self.clock.now()
         if now - self._last >= self.interval:
             self._last = now
             summary = ", ".join(f"{n} {r}" for r, n in sorted(self.pending.items()))

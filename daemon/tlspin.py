@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from ntm import keys, messages, tls_binding
+from ntm.clock import Clock
 from ntm.errors import CodedError, ParseError, SignatureError
 
 log = logging.getLogger("ntm.tls")
@@ -49,13 +50,13 @@ class ChannelError(CodedError):
     """`unreachable`, or `dc_unauthenticated`: the server is not the chain key we expected."""
 
 
-def ensure_certificate(cert: Path, key_path: Path, name: str) -> tuple[Path, Path]:
+def ensure_certificate(cert: Path, key_path: Path, name: str, clock: Clock) -> tuple[Path, Path]:
     """The certificate and key at these paths, made (P-256, self-signed, key file 0600) if absent."""
     if cert.exists() and key_path.exists():
         return cert, key_path
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = clock.utc()
     der = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
            .not_valid_after(now + datetime.timedelta(days=CERT_VALID_DAYS)).sign(key, hashes.SHA256()))

@@ -29,6 +29,7 @@ from chain.registry import BATCH_GAS_PER_RECORD, connect_registry
 from daemon import httpapp, keystore, service, startup, tlspin
 from daemon.service import udp_socket
 from ntm import keys, tls_binding
+from ntm.clock import SYSTEM
 from ntm.errors import NtmError
 
 
@@ -40,7 +41,8 @@ async def serve(cfg: dc_config.DcConfig, stop: asyncio.Event) -> None:
     key = keystore.load_keystore(cfg.key_file, keystore.passphrase(dc_config.PASSPHRASE_ENV, cfg.passphrase_file))
     registry, dep = await connect_registry(cfg.rpc_url, cfg.deployment, key.secret)
     store = Store(cfg.db, keys.node_id_of(key))
-    cache = RegistryCache(registry, dep["block"])
+    clock = SYSTEM  # the real clock: every part of the DC is given it from here
+    cache = RegistryCache(registry, dep["block"], clock)
     snap_path = cfg.db.with_name(cfg.db.name + ".snapshot")  # the registry cache at a block (dc/snapshot.py)
     snap = snapshot.read(snap_path, registry.chain_id, registry.address, dep["block"])
     if snap is not None:
@@ -52,8 +54,8 @@ async def serve(cfg: dc_config.DcConfig, stop: asyncio.Event) -> None:
     ports = (socks[0].getsockname()[1], socks[1].getsockname()[1])
     coord = Coordinator(key, registry, store, cache, cfg.hostname, cfg.relays, ports,
                         new_nodes_per_hour=cfg.new_nodes_per_hour, new_nodes_burst=cfg.new_nodes_per_hour / 5,
-                        confirmations=cfg.confirmations, cs=cfg.cs)
-    chain_status = ChainStatus(cache, registry, BATCH_GAS_PER_RECORD, cfg.max_block_age)
+                        confirmations=cfg.confirmations, cs=cfg.cs, clock=clock)
+    chain_status = ChainStatus(cache, registry, BATCH_GAS_PER_RECORD, cfg.max_block_age, clock)
     if not cache.is_active_dc(coord.address):
         logging.warning("DC %s is not active in the registry: registrations will be refused until it is admitted",
                         keys.checksum(coord.address))
@@ -140,7 +142,8 @@ def tls_context(cfg: dc_config.DcConfig, key, coord: Coordinator) -> ssl.SSLCont
         tlspin.warn_plain(f"DC {keys.checksum(coord.address)}")
         return None
     cert, cert_key = (cfg.tls_cert, cfg.tls_key) if cfg.tls_cert else tlspin.ensure_certificate(
-        cfg.db.with_name(cfg.db.stem + "-tls-cert.pem"), cfg.db.with_name(cfg.db.stem + "-tls-key.pem"), cfg.hostname)
+        cfg.db.with_name(cfg.db.stem + "-tls-cert.pem"), cfg.db.with_name(cfg.db.stem + "-tls-key.pem"), cfg.hostname,
+        coord.clock)
     try:
         ctx, der = tlspin.server_context(cert, cert_key)
     except (OSError, ssl.SSLError, ValueError) as exc:

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from pathlib import Path
 from typing import Awaitable, Callable
 
 from dc import snapshot
 from dc.snapshot import Snapshot
+from ntm.clock import SYSTEM, Clock
 from ntm.errors import NtmError
 from ntm.registry import BlockRef, DcInfo, OnChainRecord, RegistryEvent, RegistryView
 
@@ -53,8 +53,8 @@ REMEMBERED_BLOCKS = 1024
 
 
 class RegistryCache:
-    def __init__(self, registry: RegistryView, from_block: int = 0) -> None:
-        self.registry = registry
+    def __init__(self, registry: RegistryView, from_block: int = 0, clock: Clock = SYSTEM) -> None:
+        self.registry, self.clock = registry, clock
         self.from_block = from_block
         self.nodes: dict[bytes, OnChainRecord] = {}
         self.dcs: dict[bytes, DcInfo] = {}
@@ -62,7 +62,7 @@ class RegistryCache:
         self.live_per_dc: dict[bytes, int] = {}
         self.block = from_block - 1  # read up to here
         self.head: BlockRef | None = None  # the chain's latest block at the last successful poll
-        self.head_seen_at: float | None = None  # time.monotonic() of the last poll the chain answered
+        self.head_seen_at: float | None = None  # clock.now() of the last poll the chain answered
         self._head_read_at = 0.0
         self.rollbacks = 0
         self.ready = asyncio.Event()  # set once read up to the head: a miss then means "not registered"
@@ -154,7 +154,7 @@ class RegistryCache:
         """One step: read the head, handle a rollback, apply the next chunk of events.
         Returns True when caught up with the head."""
         number = await self.registry.block_number()
-        now = time.monotonic()
+        now = self.clock.now()
         if self.head is not None and number == self.head.number == self.block and now - self._head_read_at < HEAD_REFRESH_S:
             self.head_seen_at = now
             return True

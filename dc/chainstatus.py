@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from dataclasses import dataclass
 
 from dc.cache import RegistryCache
+from ntm.clock import SYSTEM, Clock
 from ntm.errors import NtmError
 from ntm.registry import RegistryView
 
@@ -37,6 +37,7 @@ class ChainStatus:
     registry: RegistryView
     gas_per_record: int
     max_block_age_s: float = 0.0  # 0: the chain makes blocks only on demand (anvil): age means nothing
+    clock: Clock = SYSTEM
     balance_wei: int | None = None
     gas_price_wei: int | None = None
 
@@ -51,10 +52,9 @@ class ChainStatus:
     def low_gas_threshold(self) -> int | None:
         return None if self.gas_price_wei is None else LOW_GAS_RECORDS * self.gas_per_record * self.gas_price_wei
 
-    def report(self, now: float | None = None, wall: float | None = None) -> dict:
+    def report(self) -> dict:
         """{"chain": "ok"|"down"|"catching_up"|"behind", "gas": "ok"|"low"|"unknown", and the figures behind them}."""
-        now = time.monotonic() if now is None else now
-        wall = time.time() if wall is None else wall
+        now, wall = self.clock.now(), self.clock.wall()
         head, seen = self.cache.head, self.cache.head_seen_at
         age = None if head is None else max(0.0, wall - head.timestamp)
         if head is None or seen is None or now - seen > CHAIN_DOWN_S:

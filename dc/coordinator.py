@@ -90,10 +90,10 @@ class Coordinator:
         self.relay_streams: dict[str, list[str]] = {}  # relay control URL → its stream URLs (§8.4)
         self.keepalive_ports = keepalive_ports
         self.clock = clock
-        self.presence = Presence(clock.now)
+        self.presence = Presence(clock)
         self.metrics = DcMetrics()
-        self.directions = Directions()  # the latest ones, for the dashboard
-        self.submitter = Submitter(store, registry, cache, confirmations, clock.now, self.metrics.submit_lag.observe)
+        self.directions = Directions(clock)  # the latest ones, for the dashboard
+        self.submitter = Submitter(store, registry, cache, confirmations, clock, self.metrics.submit_lag.observe)
         cache.on_rollback = self.submitter.recheck
         self.guard = envelope.ReplayGuard()
         self.federation = FederationClient(key, cache.is_active_dc, self.guard, clock, transport=transport,

@@ -12,7 +12,6 @@ and per home DC across the registry); the latest directions with their route kin
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ import aiohttp
 
 from daemon import tlspin
 from ntm import keys, messages
+from ntm.clock import Clock
 from ntm.errors import ParseError
 
 PAGE = Path(__file__).with_name("dashboard.html")
@@ -44,11 +44,12 @@ class Probe:
 class Directions:
     """The latest Direction Requests this DC served or refused (for the page; metrics count them all)."""
 
-    def __init__(self, size: int = RECENT_DIRECTIONS) -> None:
+    def __init__(self, clock: Clock, size: int = RECENT_DIRECTIONS) -> None:
+        self.clock = clock
         self.recent: deque[dict] = deque(maxlen=size)
 
     def add(self, requester: bytes, peer: bytes, route: str, reason: str, ms: float) -> None:
-        self.recent.appendleft({"at": int(time.time() * 1000), "requester": keys.checksum(requester),
+        self.recent.appendleft({"at": self.clock.wall_ms(), "requester": keys.checksum(requester),
                                 "peer": keys.checksum(peer), "route": route, "reason": reason, "ms": round(ms, 1)})
 
 
@@ -78,14 +79,15 @@ class FederationProbe:
             pass  # unreachable or not a relay: what bookings told us stays
 
     async def _probe(self, http: aiohttp.ClientSession, dc: bytes, endpoint: str) -> None:
-        t0 = time.monotonic()
+        clock = self.c.clock
+        t0 = clock.now()
         try:
             tls = await tlspin.ssl_for(http, endpoint.rstrip("/"), dc, PROBE_TIMEOUT_S)  # pinned to its chain key
             async with http.get(endpoint.rstrip("/") + "/healthz", ssl=tls) as r:
                 healthy = r.status == 200
-            self.results[dc] = Probe(True, healthy, (time.monotonic() - t0) * 1000, time.time())
+            self.results[dc] = Probe(True, healthy, (clock.now() - t0) * 1000, clock.wall())
         except (aiohttp.ClientError, OSError, TimeoutError, tlspin.ChannelError) as exc:
-            self.results[dc] = Probe(False, False, None, time.time(), str(exc) or type(exc).__name__)
+            self.results[dc] = Probe(False, False, None, clock.wall(), str(exc) or type(exc).__name__)
 
 
 def snapshot(c: Any, chain: Any, probe: FederationProbe, started: float) -> dict:
@@ -108,7 +110,7 @@ def snapshot(c: Any, chain: Any, probe: FederationProbe, started: float) -> dict
                       "online": session is not None, "observed": session.observed if session else None})
     sig = c.signaling.counters
     return {
-        "dc": {"dc": keys.checksum(c.address), "hostname": c.hostname, "uptime_s": round(time.monotonic() - started),
+        "dc": {"dc": keys.checksum(c.address), "hostname": c.hostname, "uptime_s": round(c.clock.now() - started),
                "active": c.cache.is_active_dc(c.address), "cs": c.cs},
         "federation": dcs,
         "chain": {**report, "outbox": {s: c.store.count_outbox(s) for s in ("pending", "confirmed", "rejected")},

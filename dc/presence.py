@@ -12,13 +12,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from daemon.service import LogLimiter
 from ntm import keepalive, keys
+from ntm.clock import SYSTEM, Clock
 from ntm.errors import ParseError
 from ntm.addr import format_endpoint
 from ntm.messages import RouteOffer
@@ -48,7 +48,7 @@ REFUSED_LOG_INTERVAL_S = 10.0
 
 
 class Presence:
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, clock: Clock = SYSTEM) -> None:
         self.sessions: dict[bytes, Session] = {}
         self.dropped: Counter[str] = Counter()  # refused keepalives by reason
         self._refused_log = LogLimiter(log, "keepalives", REFUSED_LOG_INTERVAL_S, clock)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import time
 from typing import Callable
 
 from aiohttp import WSMsgType, web
@@ -292,7 +291,7 @@ def make_app(coordinator: Coordinator, chain_status: ChainStatus, admin_allow: t
     app[COORDINATOR] = coordinator
     app[CHAIN_STATUS] = chain_status
     app[PROBE] = probe or dashboard.FederationProbe(coordinator)
-    app[STARTED] = time.monotonic()
+    app[STARTED] = coordinator.clock.now()
     app[EXIT_BOOKER] = dc_exit.ExitBooker(coordinator)
     coordinator.metrics.watch(coordinator, chain_status)
     app[service.ADMIN_ALLOW] = tuple(admin_allow)

@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import defaultdict
 from typing import Callable
 
 from chain.registry import BATCH_GAS_BASE, BATCH_GAS_PER_RECORD
 from dc.cache import RegistryCache
 from dc.store import OutboxItem, Store
+from ntm.clock import SYSTEM, Clock
 from ntm.errors import NtmError
 from ntm.registry import RegistryError, RegistryView
 
@@ -69,10 +69,10 @@ def batch_size(block_gas_limit: int) -> int:
 
 class Submitter:
     def __init__(self, store: Store, registry: RegistryView, cache: RegistryCache, confirmations: int = 1,
-                 now: Callable[[], float] = time.monotonic, observe_lag: Callable[[float], None] = lambda s: None
+                 clock: Clock = SYSTEM, observe_lag: Callable[[float], None] = lambda s: None
                  ) -> None:
         """`observe_lag(seconds)`: each confirmed record's time from durable to confirmed."""
-        self.now, self.observe_lag = now, observe_lag
+        self.clock, self.observe_lag = clock, observe_lag
         self.durable_at: dict[tuple[bytes, int], float] = {}  # records made durable since this process started
         if confirmations < 1:
             raise ValueError("confirmations must be at least 1")
@@ -90,7 +90,7 @@ class Submitter:
         self._delay = RETRY_MIN_S  # the next backoff after a failed submission
 
     def note_durable(self, node: bytes, timestamp: int) -> None:
-        self.durable_at[(node, timestamp)] = self.now()
+        self.durable_at[(node, timestamp)] = self.clock.now()
 
     def wake(self) -> None:
         self._wake.set()
@@ -190,7 +190,7 @@ class Submitter:
         for item, state, *_ in results:
             since = self.durable_at.pop((item.record.node, item.record.timestamp), None)
             if since is not None and state == "confirmed":
-                self.observe_lag(self.now() - since)
+                self.observe_lag(self.clock.now() - since)
         return results, deferred
 
     async def _wait_depth(self, tx_hash: bytes, block: int) -> None:

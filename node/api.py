@@ -103,7 +103,8 @@ class AppNode:
         self._via: dict[bytes, str | None] = {}  # each peer's path as last reported
         self._piece_id = 0  # numbers QUIC packets sent in pieces (FRAG, §10.9)
         self._reassembly: dict[bytes, Reassembly] = {}
-        self.streams = StreamHub(node.id, self._send_payload, self._serve, node.endpoint.hold, node.endpoint.flush)
+        self.streams = StreamHub(node.id, self._send_payload, self._serve, node.endpoint.hold, node.endpoint.flush,
+                                 node.session.clock)
         self.tasks = BackgroundTasks()
         self.tasks.spawn(self._accept_loop())
         self.tasks.spawn(self._watch_loop())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Callable, Protocol
 
+from ntm.clock import Clock
 from ntm.tunnel import Addr, HandshakeDone, Session, TunnelError
 
 Receiver = Callable[[bytes], None]
@@ -188,15 +189,15 @@ class Link:
     """A tunnel to one peer that survives the agent swapping the path under it.
 
     Sends go to the current path; what arrives on any attached path ends up in one Inbox.
-    `clock` is monotonic (the agent's): `last_app` and `switched_at` feed liveness decisions.
+    `clock` is the agent's: `last_app` and `switched_at` (its monotonic time) feed liveness decisions.
     """
 
-    def __init__(self, channel: Channel, clock: Callable[[], float]) -> None:
+    def __init__(self, channel: Channel, clock: Clock) -> None:
         self.clock = clock
         self.channels: list[Channel] = []
         self.current: Channel = channel
         self.inbox = Inbox()
-        self.last_app = clock()  # last application send or receive (liveness: "in use")
+        self.last_app = clock.now()  # last application send or receive (liveness: "in use")
         self.switched_at = 0.0
         self.closed = False
         self.attach(channel)
@@ -208,7 +209,7 @@ class Link:
         if channel not in self.channels:
             self.channels.append(channel)
         self.current = channel
-        self.switched_at = self.clock()
+        self.switched_at = self.clock.now()
 
     def detach(self, channel: Channel) -> None:
         if channel in self.channels and channel is not self.current:
@@ -232,7 +233,7 @@ class Link:
     def send_nowait(self, data: bytes) -> None:
         if self.closed:
             raise TunnelError("tunnel is closed")
-        self.last_app = self.clock()
+        self.last_app = self.clock.now()
         self.current.send_nowait(data)
 
     async def send(self, data: bytes) -> None:
@@ -258,5 +259,5 @@ class Link:
         self.inbox.wake()
 
     def _deliver(self, payload: bytes) -> None:
-        self.last_app = self.clock()
+        self.last_app = self.clock.now()
         self.inbox.deliver(payload)

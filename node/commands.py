@@ -9,7 +9,6 @@ import getpass
 import json
 import os
 import sys
-import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -24,6 +23,7 @@ from node.dc_session import DcSilent
 from node.output import FAILED, NO_DAEMON, UNREACHABLE, USAGE, CliError, event, out, show_id
 from node.peers import PeerBook, PeerBookError
 from ntm import consent, keys, messages, record, routes, seal, tls_binding, vaddr
+from ntm.clock import SYSTEM
 from ntm.errors import KeystoreError, NtmError, SignatureError
 from ntm.packet import MAX_PAYLOAD
 from ntm.registration import RegistrationRequest
@@ -182,7 +182,7 @@ async def sign_and_register(args, base: Path, revoked: bool) -> None:
                 f"DC at {url} is on chain {info.chain_id} registry {info.registry}, but this node is "
                 f"registered on chain {st['chain_id']} registry {st['registry']}"
             )
-        ts = record.next_timestamp(int(time.time() * 1000), st.get("timestamp", 0))
+        ts = record.next_timestamp(SYSTEM.wall_ms(), st.get("timestamp", 0))
         req = RegistrationRequest.signed(key, info, ts, args.addr or local_addrs_towards(urlsplit(url).hostname, state.TUNNEL_PORT),
                                          revoked)
         res = await dc.register(req, wait_confirmed=not args.no_wait)
@@ -409,7 +409,7 @@ async def send_offline(args, base: Path) -> None:
     st = need_registration(base)
     try:
         res = await cs_client.leave_sealed(key, st["dc_url"], peers, meta, source, content_len,
-                                           int(time.time() * 1000), args.timeout, keys.parse_node_id(st["dc"]))
+                                           SYSTEM.wall_ms(), args.timeout, keys.parse_node_id(st["dc"]))
     except ValueError as exc:
         raise CliError(str(exc), USAGE) from None
     out(args, {**res, "recipients": [keys.checksum(p) for p in peers]},

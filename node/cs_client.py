@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator
@@ -19,6 +18,7 @@ import aiohttp
 import coincurve
 
 from ntm import envelope, keys, messages, seal
+from ntm.clock import SYSTEM, Clock
 from ntm.errors import CodedError, ParseError
 
 READ_CHUNK = 1 << 20  # bytes read from a file or the network at a time
@@ -47,8 +47,8 @@ class Received:
 
 
 class CsClient:
-    def __init__(self, key: coincurve.PrivateKey, url: str) -> None:
-        self.key, self.url = key, url.rstrip("/")
+    def __init__(self, key: coincurve.PrivateKey, url: str, clock: Clock = SYSTEM) -> None:
+        self.key, self.url, self.clock = key, url.rstrip("/"), clock
         self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=HTTP_TIMEOUT_S))
 
     async def close(self) -> None:
@@ -61,7 +61,7 @@ class CsClient:
         await self.close()
 
     def _auth(self, kind: str, body: dict) -> dict:
-        return envelope.seal(self.key, kind, body, int(time.time() * 1000))
+        return envelope.seal(self.key, kind, body, self.clock.wall_ms())
 
     async def _check(self, r: aiohttp.ClientResponse) -> None:
         if r.status // 100 != 2:

@@ -13,7 +13,6 @@ import asyncio
 import logging
 import logging.handlers
 import os
-import time
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network
 from pathlib import Path
@@ -39,6 +38,7 @@ from node.standby import StandbyPaths
 from node.subnet import EXIT_ROUTES, RouteSync
 from ntm import keys, messages
 from ntm.addr import display
+from ntm.clock import SYSTEM, Clock
 from ntm.errors import NtmError
 from ntm.overlay import Overlay
 from ntm.routes import RouteError, RouteTable, parse_choice, sign_offer
@@ -121,7 +121,7 @@ class Daemon:
         self.forwarding = Forwarding(base)
         self.exit_relay: ExitRelay | None = None
         self.tasks = BackgroundTasks()
-        self.started = time.time()
+        self.started = node.session.clock.now()
 
     # --- policy and names ----------------------------------------------------------------------
     def admit(self, peer: bytes) -> bool:
@@ -175,7 +175,8 @@ class Daemon:
     async def h_status(self, body: dict[str, Any]) -> dict[str, Any]:
         tun = self.plane.tun
         return {
-            "node": keys.checksum(self.node.id), "pid": os.getpid(), "uptime_s": round(time.time() - self.started, 1),
+            "node": keys.checksum(self.node.id), "pid": os.getpid(),
+            "uptime_s": round(self.node.session.clock.now() - self.started, 1),
             **self.node.session.status(), "local": display(self.node.endpoint.local_addr),
             "tun": tun.name if tun else None, "ipv6": str(v6_of(self.node.id)), "ipv4": str(self.overlay.book.own),
             "dns": [f"{h}:{p}" for h, p in self.dns.bound] if self.dns else [], "dns_route": self.dns_route,
@@ -303,7 +304,8 @@ class Daemon:
         system_dns = self.opts.dns is None and self.plane.tun is not None  # our TUN, our default DNS: tell the system
         if binds:
             self.dns = await DnsServer.start(binds, self.resolve, {str(self.overlay.book.own), str(v6_of(self.node.id))},
-                                             optional=[LOOPBACK_DNS] if system_dns else [])
+                                             optional=[LOOPBACK_DNS] if system_dns else [],
+                                             clock=self.node.session.clock)
         if system_dns and self.plane.tun is not None:
             self.split = SplitDns(self.plane.tun.name, [h for h, _ in binds])
             self.dns_route = await asyncio.to_thread(self.split.register)
@@ -327,7 +329,7 @@ class Daemon:
         if self.plane.tun is None:
             raise DaemonError("--exit-relay needs the TUN interface (root)")
         self.exit_relay = ExitRelay(self.node, self.plane, self.routes,
-                                    lambda: self.node.session.dc.book_exit(self.node.key))
+                                    lambda: self.node.session.dc.book_exit(self.node.key, self.node.session.clock.wall_ms()))
         await self.exit_relay.start()
 
     async def _watch_addresses(self) -> None:
@@ -356,7 +358,7 @@ class Daemon:
         await self.node.close()
 
 
-def route_table(key, book: PeerBook, opts: UpOptions) -> tuple[RouteTable, messages.RouteOffer | None]:
+def route_table(key, book: PeerBook, opts: UpOptions, clock: Clock) -> tuple[RouteTable, messages.RouteOffer | None]:
     """The routes this node advertises (and its signed offer, None if none) and the peers' routes
     its user chose to use; DaemonError naming what is wrong."""
     try:
@@ -370,7 +372,7 @@ def route_table(key, book: PeerBook, opts: UpOptions) -> tuple[RouteTable, messa
         raise DaemonError(str(exc)) from None
     if not opts.advertise_routes and not opts.advertise_exit:
         return table, None
-    return table, sign_offer(key, list(opts.advertise_routes), opts.advertise_exit, int(time.time() * 1000))
+    return table, sign_offer(key, list(opts.advertise_routes), opts.advertise_exit, clock.wall_ms())
 
 
 def open_tun(node_id: bytes, book: V4Book, opts: UpOptions) -> Tun | None:
@@ -387,6 +389,7 @@ def open_tun(node_id: bytes, book: V4Book, opts: UpOptions) -> Tun | None:
 async def up(base: Path, key, st: dict, opts: UpOptions, ready) -> None:
     """Run the daemon until stopped; `ready(info)` is called once everything listens."""
     lock = take_lock(base)
+    clock = SYSTEM  # the real clock: the daemon's parts are given it from here
     try:
         try:
             book = PeerBook.load(base)
@@ -398,7 +401,7 @@ async def up(base: Path, key, st: dict, opts: UpOptions, ready) -> None:
             log.warning("virtual IPv4 addresses start afresh (%s)", exc)
             v4 = V4Book(opts.v4_net)
         node_id = keys.node_id_of(key)
-        table, offer = route_table(key, book, opts)
+        table, offer = route_table(key, book, opts, clock)
         overlay = Overlay(node_id, v4, table)
         tun = open_tun(node_id, v4, opts)
         if offer is not None and tun is None:
@@ -411,7 +414,7 @@ async def up(base: Path, key, st: dict, opts: UpOptions, ready) -> None:
                                     inbox=base / INBOX_DIR,
                                     take_item=lambda item: daemon is not None and take_item(daemon.groups, item),
                                     dc_pin=keys.parse_node_id(st["dc"]) if st.get("dc") else None,
-                                    route_offer=offer)
+                                    route_offer=offer, clock=clock)
         except BaseException:
             if tun is not None:
                 tun.close()

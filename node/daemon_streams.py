@@ -93,7 +93,8 @@ class DaemonStreams:
         self.admit = admit
         self.resolve = resolve  # a peer as the user names it (alias or 0x…) → node ID, or ControlError
         endpoint = plane.node.endpoint
-        self.hub = StreamHub(plane.node.id, plane.send_quic, self._serve, endpoint.hold, endpoint.flush)
+        self.hub = StreamHub(plane.node.id, plane.send_quic, self._serve, endpoint.hold, endpoint.flush,
+                             plane.node.session.clock)
         self.served: dict[int, Handler] = {}
         plane.on_quic = self.hub.on_payload
 

@@ -338,17 +338,17 @@ class DataPlane:
     async def recv_app(self, timeout: float, peer: bytes | None = None) -> list[tuple[bytes, bytes]]:
         """Application datagrams received (from `peer` only, if given), waiting up to `timeout` for
         the first; they are taken out of the inbox."""
-        loop = asyncio.get_running_loop()
-        end = loop.time() + timeout
+        clock = self.node.session.clock
+        end = clock.now() + timeout
         while True:
             got = [m for m in self.inbox if peer is None or m[0] == peer]
-            if got or loop.time() >= end:
+            if got or clock.now() >= end:
                 for m in got:
                     self.inbox.remove(m)
                 return got
             self._inbox_event.clear()
             try:
-                await asyncio.wait_for(self._inbox_event.wait(), end - loop.time())
+                await asyncio.wait_for(self._inbox_event.wait(), end - clock.now())
             except asyncio.TimeoutError:
                 pass
 

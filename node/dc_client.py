@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import TypeVar
 from urllib.parse import urlsplit
 
@@ -117,9 +116,10 @@ class DcClient:
     async def whois(self, node: bytes) -> messages.NodeInfo:
         return await self._call("GET", f"/v1/nodes/{keys.checksum(node)}", messages.NodeInfo)
 
-    async def book_exit(self, key: coincurve.PrivateKey) -> messages.ExitGrant:
-        """Ask the DC for an exit at a relay (§10.13), signed with the node's key: the relay's grant."""
-        body = envelope.seal(key, messages.EXIT_REQUEST, {}, time.time_ns() // 1_000_000)
+    async def book_exit(self, key: coincurve.PrivateKey, now_ms: int) -> messages.ExitGrant:
+        """Ask the DC for an exit at a relay (§10.13), signed with the node's key at `now_ms`: the
+        relay's grant."""
+        body = envelope.seal(key, messages.EXIT_REQUEST, {}, now_ms)
         return await self._call("POST", "/v1/exit-bookings", messages.ExitGrant, body)
 
     async def open_session(self, key: coincurve.PrivateKey, local_addrs: list[str] | None = None,

@@ -115,7 +115,7 @@ class DcSession:
         self._status: asyncio.Future[messages.StatusReply] | None = None  # our status query, answered
         self._confirming: asyncio.Task | None = None  # a new public address being confirmed
         self._restarted_for: str | None = None  # a new address the session was reopened for, unconfirmed
-        self._bad_replies = LogLimiter(log, "keepalive replies", 10.0, clock.now)
+        self._bad_replies = LogLimiter(log, "keepalive replies", 10.0, clock)
         self._last_reply_at = clock.now()
         self._req_ids = itertools.count(1)
         self._results: dict[int, asyncio.Future[messages.DirectionResult]] = {}

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-import time
 from ipaddress import IPv4Address, IPv6Address
 from typing import Callable, Collection
 
@@ -28,6 +27,7 @@ import dns.rrset
 
 from daemon.service import LogLimiter
 from ntm.addr import unmapped
+from ntm.clock import SYSTEM, Clock
 
 log = logging.getLogger("ntm.node")
 
@@ -115,19 +115,19 @@ class _Proto(asyncio.DatagramProtocol):
 class DnsServer:
     """UDP DNS on the given (host, port) pairs."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Clock = SYSTEM) -> None:
         self.transports: list[asyncio.DatagramTransport] = []
         self.bound: list[tuple[str, int]] = []  # where it answers
         self.refused = 0  # queries not from this node, dropped
-        self.refusals = LogLimiter(log, "DNS queries", 10.0, time.monotonic)
+        self.refusals = LogLimiter(log, "DNS queries", 10.0, clock)
 
     @classmethod
     async def start(cls, binds: list[tuple[str, int]], resolve: Resolve, own: Collection[str],
-                    optional: list[tuple[str, int]] = ()) -> DnsServer:
+                    optional: list[tuple[str, int]] = (), clock: Clock = SYSTEM) -> DnsServer:
         """Answer on `binds` (and on `optional` ones that can be bound: a warning for the others)
         queries from loopback or from `own` (this node's overlay addresses)."""
         loop = asyncio.get_running_loop()
-        server = cls()
+        server = cls(clock)
         try:
             for host, port in [*binds, *optional]:
                 try:

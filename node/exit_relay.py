@@ -8,7 +8,7 @@ like an exit node's (§10.10): its default routes go to routing table 4330, for 
 The tunnel table watches the tunnel like any other; when it falls silent in use (this node moved
 where the exit's old address does not reach) it is repaired here, with a new booking and path.
 
-    relay = ExitRelay(node, plane, routes, lambda: node.session.dc.book_exit(node.key))
+    relay = ExitRelay(node, plane, routes, lambda: node.session.dc.book_exit(node.key, node.session.clock.wall_ms()))
     await relay.start()          # ExitRelayError (the DC's or relay's refusal) if not booked
 """
 

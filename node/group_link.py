@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 
 import coincurve
@@ -42,10 +41,11 @@ class GroupLink:
                     pubs[p] = bytes.fromhex(who.pubkey)
         stored: list[bytes] = []
         batch = list(pubs.items())
-        async with CsClient(self.key, cs) as client:
+        clock = self.plane.node.session.clock
+        async with CsClient(self.key, cs, clock) as client:
             for i in range(0, len(batch), seal.MAX_RECIPIENTS):
                 part = dict(batch[i:i + seal.MAX_RECIPIENTS])
-                sealer = seal.Sealer(self.key, part, seal.Meta(GROUP_APP, notice="group"), int(time.time() * 1000))
+                sealer = seal.Sealer(self.key, part, seal.Meta(GROUP_APP, notice="group"), clock.wall_ms())
                 await client.put(sealer, bytes_chunks(payload), len(payload))
                 stored += list(part)
         return stored

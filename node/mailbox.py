@@ -84,7 +84,7 @@ class Mailbox:
         self.known_cs: set[str] = set()  # Cache Server URLs the federation's DCs announce
         self._cs_read_at = float("-inf")
         self.refused = 0  # notices for another node or naming a CS no DC announces: ignored
-        self._refusals = LogLimiter(log, "Cache Server notices", 10.0, clock.now)
+        self._refusals = LogLimiter(log, "Cache Server notices", 10.0, clock)
         self.take = take
         self.directory = directory
         self.ack_notice = ack_notice
@@ -138,7 +138,7 @@ class Mailbox:
         self._cs_read_at = self.clock.now()
         for url in urls:
             try:
-                async with CsClient(self.key, url) as cs:
+                async with CsClient(self.key, url, self.clock) as cs:
                     waiting = await cs.inbox()
             except CsClientError as exc:
                 log.info("inbox at %s: %s", url, exc)
@@ -166,7 +166,7 @@ class Mailbox:
         done: list[dict] = []
         for url in await federation_cs_urls(dc_url):
             try:
-                async with CsClient(self.key, url) as cs:
+                async with CsClient(self.key, url, self.clock) as cs:
                     waiting = [e for e in await cs.inbox() if e["item"] in wanted - {d["item"] for d in done}]
             except CsClientError as exc:
                 log.info("inbox at %s: %s", url, exc)
@@ -187,7 +187,7 @@ class Mailbox:
             return False
         self._busy.add(item)
         try:
-            async with CsClient(self.key, url) as cs:
+            async with CsClient(self.key, url, self.clock) as cs:
                 got = await cs.fetch(item, self.directory)
         except CsClientError as exc:
             # not_found: fetched already (a notice pushed again) or expired; the rest is worth a warning

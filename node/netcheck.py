@@ -11,7 +11,6 @@ it as text or JSON.
 from __future__ import annotations
 
 import asyncio
-import time
 from dataclasses import asdict, dataclass
 
 import aiohttp
@@ -20,6 +19,7 @@ from daemon import tlspin
 from node.relay_stream import stream_tls_context
 from ntm import keys
 from ntm.addr import family
+from ntm.clock import Clock
 from ntm.route import Reach
 
 # One probe (an HTTP round trip to a DC, a WebSocket opened to a relay) may take this long before
@@ -35,32 +35,32 @@ class Probe:
     error: str | None = None
 
 
-async def _timed(target: str, attempt) -> Probe:
-    t0 = time.monotonic()
+async def _timed(target: str, attempt, clock: Clock) -> Probe:
+    t0 = clock.now()
     try:
         await asyncio.wait_for(attempt, PROBE_TIMEOUT_S)
     except (aiohttp.ClientError, OSError, asyncio.TimeoutError, tlspin.ChannelError) as exc:
         reason = "no answer within %.0f s" % PROBE_TIMEOUT_S if isinstance(exc, asyncio.TimeoutError) else str(exc)
         return Probe(target, False, None, reason or type(exc).__name__)
-    return Probe(target, True, round((time.monotonic() - t0) * 1000, 2))
+    return Probe(target, True, round((clock.now() - t0) * 1000, 2))
 
 
-async def probe_dc(http: aiohttp.ClientSession, url: str, dc: bytes | None) -> Probe:
+async def probe_dc(http: aiohttp.ClientSession, url: str, dc: bytes | None, clock: Clock) -> Probe:
     """One HTTP round trip to a DC (GET /healthz; any answer counts: it is reachable), over TLS
     pinned to its chain address `dc` (the first time, the binding check is part of the time)."""
     async def get() -> None:
         tls = await tlspin.ssl_for(http, url.rstrip("/"), dc, PROBE_TIMEOUT_S)
         async with http.get(url.rstrip("/") + "/healthz", ssl=tls) as r:
             await r.read()
-    return await _timed(url, get())
+    return await _timed(url, get(), clock)
 
 
-async def probe_stream(http: aiohttp.ClientSession, url: str) -> Probe:
+async def probe_stream(http: aiohttp.ClientSession, url: str, clock: Clock) -> Probe:
     """Open and close a relay stream: TCP, the WebSocket upgrade (and TLS for wss://)."""
     async def open_close() -> None:
         ws = await http.ws_connect(url, ssl=False if url.startswith("ws:") else stream_tls_context())
         await ws.close()
-    return await _timed(url, open_close())
+    return await _timed(url, open_close(), clock)
 
 
 def nat_kind(udp: bool | None, local: list[str], observed: str | None, observed_alt: str | None) -> str:
@@ -99,8 +99,9 @@ async def run(session, peers: list[dict]) -> dict:
             streams = (await asyncio.wait_for(session.dc.info(), PROBE_TIMEOUT_S)).relay_streams
         except Exception:  # noqa: BLE001 - no DC answer: the DC probes below say why
             streams = []
-        dcs, relays = await asyncio.gather(asyncio.gather(*(probe_dc(http, u, a) for u, a in dc_urls.items())),
-                                           asyncio.gather(*(probe_stream(http, u) for u in streams)))
+        clock = session.clock
+        dcs, relays = await asyncio.gather(asyncio.gather(*(probe_dc(http, u, a, clock) for u, a in dc_urls.items())),
+                                           asyncio.gather(*(probe_stream(http, u, clock) for u in streams)))
     return report(session.udp, session.local_addrs(), session.observed, session.observed_alt,
                   list(dcs), list(relays), peers)
 

@@ -38,6 +38,7 @@ from cryptography.x509.oid import NameOID
 
 from daemon.service import BackgroundTasks
 from ntm import keys
+from ntm.clock import SYSTEM, Clock
 from ntm.overlay import QUIC_TO_CLIENT, QUIC_TO_SERVER
 
 log = logging.getLogger("ntm.streams")
@@ -93,11 +94,11 @@ class PeerGone(ConnectionResetError):
     """The stream's peer went away (closed its node, reset the stream, or stopped answering)."""
 
 
-def self_signed(node_id: bytes) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+def self_signed(node_id: bytes, clock: Clock) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     """A throwaway certificate for the inner TLS server (P-256, named after the node ID)."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, keys.checksum(node_id))])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = clock.utc()
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
             .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
             .not_valid_after(now + CERT_LIFETIME).sign(key, hashes.SHA256()))
@@ -283,11 +284,11 @@ class StreamHub:
     """This node's QUIC connections, at most two per peer (ours as client, theirs as server)."""
 
     def __init__(self, my_id: bytes, send: SendPayload, serve: Serve, hold: Callable[[], None] = lambda: None,
-                 flush: Callable[[], None] = lambda: None) -> None:
+                 flush: Callable[[], None] = lambda: None, clock: Clock = SYSTEM) -> None:
         self.send = send
         self.serve = serve
         self.hold, self.flush = hold, flush  # batch the sends of one transmit (Endpoint.hold/flush)
-        self.cert, self.key = self_signed(my_id)
+        self.cert, self.key = self_signed(my_id, clock)
         self.clients: dict[bytes, PeerQuic] = {}
         self.servers: dict[bytes, PeerQuic] = {}
         self._server_dcid: dict[bytes, bytes] = {}

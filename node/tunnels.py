@@ -119,14 +119,14 @@ class Tunnels:
         self.my_id = my_id
         self.trust_dc = trust_dc
         self.forged_directions = 0  # directions not from our DCs, not for us, or replayed: ignored
-        self._forgeries = LogLimiter(log, "route directions", 10.0, clock.now)
+        self._forgeries = LogLimiter(log, "route directions", 10.0, clock)
         self._guard = envelope.ReplayGuard()
         self._asking: Counter[bytes] = Counter()  # peers we have a Direction Request out for
         self.admit = admit
         self.udp_ok = udp_ok  # False: our network lets no UDP out, reach relays over TCP (§8.4)
         self.refused = 0  # directions from peers the policy does not admit, or beyond the rates
         self._rate = FairShare(PEER_DIRECTIONS, ALL_DIRECTIONS, DIRECTIONS_CAP, DIRECTIONS_ACTIVE_S, RATE_PEERS_KEPT)
-        self._refusals = LogLimiter(log, "tunnels from peers", 10.0, clock.now)
+        self._refusals = LogLimiter(log, "tunnels from peers", 10.0, clock)
         self.endpoint = endpoint
         self.clock = clock
         self.ask = ask
@@ -254,7 +254,7 @@ class Tunnels:
             log.info("tunnel %s to %s moved to path %s: %s via %s", old.id.hex(), keys.checksum(peer),
                      path.hex(), d.kind, ch.via)
             return old
-        tunnel = Tunnel(peer, Link(ch, self.clock.now), d.kind, d.role, self.clock.wall(), id=path,
+        tunnel = Tunnel(peer, Link(ch, self.clock), d.kind, d.role, self.clock.wall(), id=path,
                         reason=d.reason, direct_tried_at=self.clock.now())
         self.table[path] = tunnel
         log.info("tunnel to %s up: %s via %s", keys.checksum(peer), d.kind, ch.via)

@@ -7,6 +7,7 @@ across machines and restarts (handshake timestamps, record timestamps, envelope 
 
 from __future__ import annotations
 
+import datetime
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -20,6 +21,10 @@ class Clock:
     def wall_ms(self) -> int:
         """Wall time in integer milliseconds (record and envelope timestamps)."""
         return int(self.wall() * 1000)
+
+    def utc(self) -> datetime.datetime:
+        """Wall time as an aware UTC datetime (certificate validity)."""
+        return datetime.datetime.fromtimestamp(self.wall(), datetime.timezone.utc)
 
 
 SYSTEM = Clock()

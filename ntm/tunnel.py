@@ -22,7 +22,6 @@ from __future__ import annotations
 import enum
 import os
 import struct
-import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -31,6 +30,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ntm.addr import Addr
+from ntm.clock import SYSTEM
 from ntm.errors import NtmError, ParseError
 from ntm.handshake import (
     MAX_PENDING_ATTEMPTS,
@@ -303,7 +303,7 @@ class Session:
     def __init__(self, static_key: coincurve.PrivateKey, peer_id: bytes, peer_pub: bytes, path_id: bytes, *,
                  role: str = "initiate", candidates: Sequence[Addr] = (), relay: RelayInfo | None = None,
                  config: TunnelConfig | None = None, rand: Rand = os.urandom,
-                 wall: Callable[[], float] = time.time, unverified: Sequence[Addr] = ()) -> None:
+                 wall: Callable[[], float] = SYSTEM.wall, unverified: Sequence[Addr] = ()) -> None:
         if role not in ("initiate", "wait", "punch"):
             raise ValueError(f"role must be initiate, wait or punch, not {role!r}")
         self.config = config or TunnelConfig()

@@ -27,6 +27,7 @@ from ntm.errors import NtmError, ParseError
 from daemon.service import udp_socket
 from rs.relay import MAX_PATHS, RelayTable
 from ntm.addr import format_endpoint, parse_endpoint
+from ntm.clock import SYSTEM
 from rs.server import METRICS, Relay, RelayProtocol, default_advertise, housekeeping, make_app, make_stream_app, stream_urls
 from rs.trust import DcTrust
 from rs import exit as relay_exit
@@ -196,7 +197,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
                             "else %s (guessed from routes)", ", ".join(advertise))
         relay = Relay(RelayTable(max_paths=args.max_paths), trust, advertise, udp_port,
                       chain_id=registry.chain_id, registry=registry.address, family=sock.family, capture=args.capture,
-                      advertise_guessed=guessed)
+                      advertise_guessed=guessed, clock=SYSTEM)
         if args.capture:
             logging.warning("--capture %s: every forwarded datagram is written to disk (debug only)", args.capture)
         loop = asyncio.get_running_loop()

@@ -16,11 +16,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import coincurve
 from aiohttp import web
@@ -30,6 +28,7 @@ from daemon.forwarding import Forwarding, forwarding_rules
 from daemon.metrics import Metrics
 from daemon.tun import Tun
 from ntm import envelope, keys, messages
+from ntm.clock import SYSTEM, Clock
 from ntm.addr import Addr, for_socket, format_endpoint, parse_endpoint
 from ntm.errors import NtmError, ParseError, SignatureError
 from ntm.overlay import KIND_IPV4, KIND_IPV6, kind_of
@@ -71,8 +70,7 @@ class RelayExit:
     """The exit's state: key, bookings, sessions, the overlay rules, TUN and UDP."""
 
     def __init__(self, policy: ExitPolicy, caps: Caps, advertise: list[str], trust: DcTrust,
-                 key: coincurve.PrivateKey | None = None, clock: Callable[[], float] = time.monotonic,
-                 wall_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000) -> None:
+                 key: coincurve.PrivateKey | None = None, clock: Clock = SYSTEM) -> None:
         self.key = key or keys.generate()
         self.id = keys.node_id_of(self.key)
         self.pub = keys.public_bytes(self.key)
@@ -80,8 +78,8 @@ class RelayExit:
         self.overlay = exit_overlay(self.id)
         self.advertise = advertise
         self.trust = trust
-        self.clock, self.wall_ms = clock, wall_ms
-        self.offer = sign_offer(self.key, [], True, wall_ms())
+        self.clock = clock
+        self.offer = sign_offer(self.key, [], True, clock.wall_ms())
         self.sessions: dict[bytes, Session] = {}
         self.current: dict[bytes, bytes] = {}  # node → the path it last sent on (where answers go)
         self.guard = envelope.ReplayGuard()
@@ -96,7 +94,7 @@ class RelayExit:
     # --- bookings -------------------------------------------------------------------------------
     def book(self, obj: object) -> tuple[int, dict]:
         """One Exit Booking envelope: (HTTP status, JSON body). Refusals change nothing."""
-        now_ms = self.wall_ms()
+        now_ms = self.clock.wall_ms()
         try:
             env = envelope.open_envelope(obj, messages.EXIT_BOOKING, now_ms, lambda _a: True, None)
             if not self.trust.is_active(env.sender):
@@ -106,7 +104,7 @@ class RelayExit:
             except SignatureError as exc:
                 raise ExitRefused("replayed", str(exc)) from None
             b = messages.decode(messages.ExitBooking, env.body)
-            booked, created, evicted = self.table.book(b, now_ms, self.clock())
+            booked, created, evicted = self.table.book(b, now_ms, self.clock.now())
             self.overlay.addresses(booked.node)  # its inner IPv4 in the exit's view, for as long as it runs
         except AddressError as exc:  # the exit's IPv4 view is full (65,533 nodes since it started)
             return self._refuse(ExitRefused("full", str(exc)))
@@ -117,14 +115,14 @@ class RelayExit:
             self.sessions.pop(old, None)
         if created:
             s = Session(self.key, booked.node, booked.pubkey, path, role="wait", config=self.config)
-            s.start(self.clock())
+            s.start(self.clock.now())
             self.sessions[path] = s
             self.counters.bookings += 1
             log.info("exit booked for %s on path %s by DC %s", keys.checksum(booked.node), path.hex(),
                      keys.checksum(env.sender))
         caps = booked.meter.caps
         grant = messages.ExitGrant(b.path, self.advertise, keys.checksum(self.id), self.pub.hex(), self.offer,
-                                   now_ms + int((booked.expires_at - self.clock()) * 1000),
+                                   now_ms + int((booked.expires_at - self.clock.now()) * 1000),
                                    caps.max_bytes - booked.meter.used, caps.rate_bps, caps.max_flows)
         return 200, messages.encode(grant)
 
@@ -135,7 +133,7 @@ class RelayExit:
         return status, {"error": code, "message": str(exc)}
 
     def expire(self) -> None:
-        for path in self.table.expire(self.clock()):
+        for path in self.table.expire(self.clock.now()):
             self.sessions.pop(path, None)
         for node in [n for n in self.current if n not in self.table.nodes]:
             del self.current[node]
@@ -148,7 +146,7 @@ class RelayExit:
         if s is None:
             self.dropped["unknown_path"] += 1
             return
-        now = self.clock()
+        now = self.clock.now()
         events = s.receive(data, addr, now)
         self._flush(s)
         for ev in events:
@@ -183,7 +181,7 @@ class RelayExit:
         if s is None or s.peer_addr is None:
             self.dropped["no_node"] += 1
             return
-        now = self.clock()
+        now = self.clock.now()
         why = booked.meter.charge(pkt, now, outbound=False)
         if why is not None:
             self.dropped[why] += 1
@@ -208,7 +206,7 @@ class RelayExit:
             self.dropped["send_error"] += 1
 
     def tick(self) -> None:
-        now = self.clock()
+        now = self.clock.now()
         for s in list(self.sessions.values()):
             for dg, dest in s.poll(now):
                 self._send(dg, dest)

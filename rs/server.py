@@ -13,10 +13,8 @@ import asyncio
 import ipaddress
 import logging
 import socket
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -25,6 +23,7 @@ from daemon import httpapp, service
 from daemon.metrics import CONTENT_TYPE, Metrics
 from ntm import envelope, keys, messages
 from ntm.addr import display, for_socket, format_endpoint, parse_endpoint
+from ntm.clock import SYSTEM, Clock
 from ntm.errors import ParseError, SignatureError
 from rs.relay import PathError, RelayTable
 from rs.stream import STREAM_PATH, StreamAddr, StreamHub
@@ -93,9 +92,7 @@ class Relay:
     capture: Path | None = None
     advertise_guessed: bool = False  # no --advertise: each DC is told the address it reached us at
     guard: envelope.ReplayGuard = field(default_factory=envelope.ReplayGuard)
-    clock: Callable[[], float] = time.monotonic  # the table's clock (monotonic seconds)
-    wall_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000
-    started: float = field(default_factory=time.monotonic)
+    clock: Clock = SYSTEM  # monotonic for the table and streams, wall ms for directions' freshness
     directions: dict = field(default_factory=lambda: {"accepted": 0, "refused": 0})
     refused: dict = field(default_factory=dict)
     udp_received: int = 0
@@ -109,7 +106,7 @@ class Relay:
 
     def on_packet(self, data: bytes, addr) -> None:
         """One tunnel packet from a UDP address or a stream: run the table, send what it answers."""
-        out = self.table.on_datagram(data, addr, self.clock())
+        out = self.table.on_datagram(data, addr, self.clock.now())
         for payload, dest in out:
             if payload is data:  # forwarded (not a bind answer)
                 if self.capture is not None:
@@ -208,7 +205,7 @@ async def handle_direction(request: web.Request) -> web.Response:
         return relay.refuse(413, "too_large", f"request body exceeds {MAX_BODY} bytes")
     except ParseError as exc:
         return relay.refuse(400, "malformed", str(exc))
-    now_ms = relay.wall_ms()
+    now_ms = relay.clock.wall_ms()
     try:
         # Kind, signature and freshness first; then the signer against the DCs the relay knows
         # from chain events (no chain call); the nonce is remembered only for trusted envelopes.
@@ -229,7 +226,7 @@ async def handle_direction(request: web.Request) -> web.Response:
             raise ParseError("malformed relay direction: expires_ms is in the past")
     except ParseError as exc:
         return relay.refuse(400, "malformed", str(exc))
-    now = relay.clock()
+    now = relay.clock.now()
     try:
         path, created = relay.table.add_path(
             bytes.fromhex(d.path), bytes.fromhex(d.token), now + (d.expires_ms - now_ms) / 1000, d.max_bytes, now,
@@ -335,6 +332,6 @@ class RelayProtocol(asyncio.DatagramProtocol):
 async def housekeeping(relay: Relay) -> None:
     while True:
         await asyncio.sleep(HOUSEKEEPING_S)
-        relay.table.expire(relay.clock())
+        relay.table.expire(relay.clock.now())
         relay.streams.expire()
         relay.log_events()

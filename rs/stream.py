@@ -23,6 +23,7 @@ from aiohttp import WSMsgType, web
 
 from daemon.service import BackgroundTasks
 from ntm import packet
+from ntm.clock import Clock
 
 log = logging.getLogger("ntm.rs.stream")
 
@@ -72,7 +73,7 @@ class StreamHub:
     """The stream connections of one relay. `deliver(packet, addr)` hands a received packet to
     the relay (which answers through `send`)."""
 
-    def __init__(self, deliver: Callable[[bytes, StreamAddr], None], clock: Callable[[], float],
+    def __init__(self, deliver: Callable[[bytes, StreamAddr], None], clock: Clock,
                  max_streams: int = MAX_STREAMS) -> None:
         self.deliver = deliver
         self.clock = clock
@@ -98,11 +99,11 @@ class StreamHub:
         """The table forwarded a packet from or to this connection: it carries a path."""
         conn = self.conns.get(addr)
         if conn is not None:
-            conn.last_forwarded = self.clock()
+            conn.last_forwarded = self.clock.now()
 
     def expire(self) -> int:
         """Close connections that carry nothing (see STREAM_FIRST_TRAFFIC_S, STREAM_IDLE_S)."""
-        now = self.clock()
+        now = self.clock.now()
         idle = [c for c in self.conns.values()
                 if (c.last_forwarded is None and now - c.opened > STREAM_FIRST_TRAFFIC_S)
                 or (c.last_forwarded is not None and now - c.last_forwarded > STREAM_IDLE_S)]
@@ -126,7 +127,7 @@ class StreamHub:
         ws = web.WebSocketResponse(heartbeat=STREAM_HEARTBEAT_S, max_msg_size=packet.MAX_DATAGRAM)
         await ws.prepare(request)
         addr = StreamAddr(next(self._ids), f"{source}:{peer[1]}" if peer else "?")
-        conn = StreamConn(addr, ws, self.clock())
+        conn = StreamConn(addr, ws, self.clock.now())
         conn.writer = asyncio.create_task(self._write(conn))
         self.conns[addr] = conn
         self.per_source[source] += 1

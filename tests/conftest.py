@@ -44,8 +44,8 @@ async def registry_net(anvil):
 
 @pytest.fixture
 async def net(tmp_path):
-    """Real processes on loopback: a fresh anvil, the registry, one RS, DC1 and DC2 (tests/dcnet.py)."""
-    from tests.dcnet import DcNet
+    """Real processes on loopback: a fresh anvil, the registry, one RS, DC1 and DC2 (labkit/dcnet.py)."""
+    from labkit.dcnet import DcNet
 
     with Anvil() as chain:
         net = DcNet(tmp_path, chain)
@@ -63,7 +63,7 @@ async def net(tmp_path):
 async def pair(net):
     """Node A at DC1 and node B at DC2, both online (in-process Nodes)."""
     from node.agent import Node
-    from tests.dcnet import register
+    from labkit.dcnet import register
 
     ka, kb = keys.generate(), keys.generate()
     await register(net.urls[0], ka)

@@ -1,5 +1,5 @@
 """The application module (node/api.py) end to end: two embedded nodes, no root, real DCs, relay
-and chain on loopback (tests/dcnet.py); reliable streams over QUIC inside the tunnel."""
+and chain on loopback (labkit/dcnet.py); reliable streams over QUIC inside the tunnel."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 
 from node.api import AppNode, Event, PeerGone, StreamRefused
 from ntm import keys
-from tests.dcnet import register, until
+from labkit.dcnet import register, until
 
 #: Generous bound for a loaded 2-core machine: the peer going away must not hang a reader.
 GONE_WITHIN_S = 5.0

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.lab.topology import lab_available
+from labkit.lab.topology import lab_available
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = ROOT / "bench"

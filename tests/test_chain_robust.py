@@ -9,33 +9,15 @@ import shutil
 import time
 
 
-from node.dc_client import DcClient, DcError
+from node.dc_client import DcClient
 from ntm import keys
 from ntm.record import DC_ACCEPT_FUTURE_MS, MAX_FUTURE_MS
-from ntm.registration import RegistrationRequest
 from scripts.anvil import Anvil
 from scripts.procs import dc_child, free_port
-from tests.dcnet import DcNet, raw_http, register, stateful_net, until
-from tests.test_dc_crash import all_on_chain, register_many
+from labkit.dcnet import DcNet, raw_http, register, stateful_net, until
+from labkit.load import all_on_chain, read_metric, register_at, register_many
 
 IDLE_S = 1200  # the chain's latest block is this old: twice the contract's future window
-
-
-async def register_at(url: str, timestamp_ms: int) -> tuple[bytes, str]:
-    """A fresh node registers with a chosen timestamp; (node, "confirmed"/"durable"/... or the DC's refusal code)."""
-    key = keys.generate()
-    async with DcClient(url) as dc:
-        req = RegistrationRequest.signed(key, await dc.info(), timestamp_ms)
-        try:
-            return keys.node_id_of(key), (await dc.register(req)).status
-        except DcError as exc:
-            return keys.node_id_of(key), f"refused:{exc.code}"
-
-
-async def metric(url: str, name: str) -> float:
-    async with raw_http() as http, http.get(url + "/metrics") as r:
-        text = await r.text()
-    return next(float(line.split()[1]) for line in text.splitlines() if line.split()[:1] == [name])
 
 
 async def health(url: str) -> tuple[int, dict]:
@@ -87,8 +69,8 @@ async def test_a_chain_restarted_from_an_older_state_gets_every_confirmed_record
         assert len(confirmed) == 4
         net.restart_chain(tmp_path / "chain-old.json")  # a crash that lost the last blocks
         await all_on_chain(net, confirmed, dc_addr, timeout=60)  # the DC sent them again by itself
-        assert await metric(net.urls[0], "ntm_dc_outbox_reopened_total") == 4  # they were lost, not kept
-        assert await metric(net.urls[0], "ntm_dc_chain_rollbacks_total") == 1
+        assert await read_metric(net.urls[0], "ntm_dc_outbox_reopened_total") == 4  # they were lost, not kept
+        assert await read_metric(net.urls[0], "ntm_dc_chain_rollbacks_total") == 1
         # ... and the DC's nonce is the chain's again: later registrations confirm
         later = await register_at(net.urls[0], int(time.time() * 1000))
         assert later[1] == "confirmed"
@@ -97,7 +79,7 @@ async def test_a_chain_restarted_from_an_older_state_gets_every_confirmed_record
         net.restart_chain(tmp_path / "chain-older.json")
         net.start_dc(0)
         await all_on_chain(net, confirmed + [later[0]], dc_addr, timeout=60)
-        assert await metric(net.urls[0], "ntm_dc_outbox_reopened_total") == 5
+        assert await read_metric(net.urls[0], "ntm_dc_outbox_reopened_total") == 5
 
 
 async def test_chain_down_then_back_durable_then_confirmed_and_health_says_so(tmp_path):

@@ -17,8 +17,8 @@ import pytest
 
 from node import state
 from ntm import keys
+from labkit.dcnet import until
 from ntm.overlay import VIEW_LEN
-from tests.dcnet import until
 from tests.test_dc import ntm
 
 

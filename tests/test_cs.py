@@ -11,7 +11,6 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import aiohttp
@@ -24,7 +23,8 @@ from node.agent import Node, NodeError
 from node.api import AppNode
 from node.cs_client import CsClient, CsClientError, bytes_chunks
 from ntm import envelope, keys, messages, seal
-from tests.dcnet import DcNet, cs_federation, raw_http, register, revoke, until
+from labkit.dcnet import DcNet, cs_federation, raw_http, register, revoke, until
+from labkit.load import IDLE_S, STRICT_CS, concurrent_uploads, registered, upload
 
 MARKER = b"PLAINTEXT-MARKER-7f3a9c"  # appears in every test's content: must never appear at a CS
 
@@ -39,20 +39,6 @@ async def fed(tmp_path_factory):
     """anvil, two DCs each with its Cache Server."""
     async with cs_federation(tmp_path_factory.mktemp("cs-fed")) as net:
         yield net
-
-
-async def registered(net: DcNet, i: int):
-    key = keys.generate()
-    await register(net.urls[i], key)
-    return key
-
-
-async def upload(net: DcNet, cs: int, sender, recipients: list, content: bytes, notice: str = "hi") -> str:
-    pubs = {keys.node_id_of(k): keys.public_bytes(k) for k in recipients}
-    sealer = seal.Sealer(sender, pubs, seal.Meta("test", "svc", "1", notice), int(time.time() * 1000))
-    async with CsClient(sender, net.cs_url(cs)) as c:
-        res = await c.put(sealer, bytes_chunks(content), len(content))
-    return res["item"]
 
 
 def cs_files_contain(net: DcNet, i: int, needle: bytes) -> bool:
@@ -173,12 +159,6 @@ async def test_oversized_and_over_quota_uploads(fed):
 
 
 # --- limits that hold (issue 29 item 6) -------------------------------------------------------
-IDLE_S = 2.0  # the restarted CS's --http-idle-timeout: the hostile-socket tests wait this, not 15 s
-
-
-# 127.0.0.1 is the operator (exempt from the per-network limits); other loopback addresses are not
-STRICT_CS = ("--sender-quota-mb", "1", "--recipient-quota-mb", "100", "--http-idle-timeout", str(IDLE_S),
-             "--admin-allow", "127.0.0.1/32")
 
 
 @contextlib.asynccontextmanager
@@ -205,28 +185,6 @@ async def until_uploading(url: str, reserved: int, within_s: float = 30.0) -> No
                 return
             await asyncio.sleep(0.05)
     raise AssertionError(f"the CS never held {reserved} bytes of uploads in flight:\n{text}")
-
-
-def sender_bytes(net: DcNet, i: int, sender) -> int:
-    with sqlite3.connect(net.cs_dir(i) / "cs.sqlite") as db:
-        return db.execute("SELECT coalesce(sum(size), 0) FROM items WHERE sender=?",
-                          (keys.node_id_of(sender),)).fetchone()[0]
-
-
-async def concurrent_uploads(fed: DcNet, n: int = 12, size: int = 300_000) -> tuple[int, Counter]:
-    """One sender starts `n` uploads of `size` bytes at once at CS 0 (quota 1 MB): the bytes it
-    then has stored, and the uploads' outcomes."""
-    sender, bob = await registered(fed, 0), await registered(fed, 0)
-
-    async def one() -> str:
-        try:
-            await upload(fed, 0, sender, [bob], os.urandom(size))
-            return "stored"
-        except CsClientError as exc:
-            return exc.code
-
-    outcomes = Counter(await asyncio.gather(*(one() for _ in range(n))))
-    return sender_bytes(fed, 0, sender), outcomes
 
 
 async def test_concurrent_uploads_by_one_sender_stay_within_its_quota(fed):

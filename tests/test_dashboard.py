@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from ntm import keys
-from tests.dcnet import raw_http
+from labkit.dcnet import raw_http
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = Path(os.environ.get("NTM_TEST_ARTIFACTS", ROOT / "test-artifacts"))

@@ -20,7 +20,7 @@ from ntm import envelope, keepalive, keys
 from ntm.record import Domain, NodeTransaction
 from ntm.registration import RegistrationRequest
 from scripts.anvil import Anvil
-from tests.dcnet import CountingRpc, DcNet, metric, raw_http, until
+from labkit.dcnet import CountingRpc, DcNet, metric, raw_http, until
 
 
 def ntm(home, *args, check=True):
@@ -298,7 +298,7 @@ async def test_register_exits_1_when_the_chain_refuses_the_record(tmp_path):
     and remembers nothing of it (no "registered", no state file)."""
     from aiohttp import web
     from ntm import messages as m
-    from tests.dcnet import local_app
+    from labkit.dcnet import local_app
 
     async def info(request):
         return web.json_response(m.encode(m.DcInfoReply("0x" + "11" * 20, "dcx", 31337, "0x" + "22" * 20, [4331, 4332],

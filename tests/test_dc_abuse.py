@@ -4,38 +4,15 @@ paths for what it is refused."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 
-from node.dc_client import DcClient
-from ntm import keys, messages
-from tests.dcnet import metric, raw_http, register
+from ntm import keys
+from labkit.dcnet import metric, raw_http, register
+from labkit.load import flood, rss_mb
 
 FLOOD = 2000
 #: What the DC may grow by while answering the flood (interpreter noise, caches warming).
 RSS_BOUND_MB = 8.0
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
-
-
-async def flood(url: str, attacker, peer: bytes, n: int) -> dict[str, int]:
-    """n Direction Requests on one session, all in flight at once; the answers' codes counted."""
-    codes: dict[str, int] = {}
-    async with DcClient(url) as dc:
-        ws, _ = await dc.open_session(attacker, [])
-        for i in range(n):
-            await ws.send_json(messages.encode(messages.DirectionRequest(i + 1, keys.checksum(peer))))
-        for _ in range(n):
-            res = messages.decode(messages.DcToNode, await ws.receive_str(timeout=30))
-            code = res.error.error if res.error else "served"
-            codes[code] = codes.get(code, 0) + 1
-        await ws.close()
-    return codes
 
 
 async def test_a_direction_flood_is_answered_without_growing_the_dc(net):

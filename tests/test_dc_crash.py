@@ -6,52 +6,14 @@ import asyncio
 import json
 import socket
 import sqlite3
-import time
 
 import pytest
 
 from ntm import keys
-from ntm.record import Domain, NodeTransaction
-from ntm.registration import RegistrationRequest
 from scripts.anvil import Anvil
 from scripts.procs import dc_child, free_port
-from tests.dcnet import DcNet, raw_http, stateful_net, until
-
-
-async def register_many(url: str, n: int) -> list[bytes]:
-    """n fresh nodes register concurrently, not waiting for the chain; all must be acknowledged."""
-    async with raw_http() as http:
-        async with http.get(url + "/v1/info") as r:
-            info = await r.json()
-        domain = Domain(info["chain_id"], keys.parse_node_id(info["registry"]))
-        dc = keys.parse_node_id(info["dc"])
-        now = int(time.time() * 1000)
-        bodies, nodes = [], []
-        for _ in range(n):
-            key = keys.generate()
-            rec = NodeTransaction(keys.node_id_of(key), dc, now)
-            bodies.append(RegistrationRequest(rec, rec.sign(key, domain), keys.public_bytes(key), ()).to_json())
-            nodes.append(rec.node)
-
-        async def post(body):
-            async with http.post(url + "/v1/register", json=body) as r:
-                assert r.status == 200, await r.text()
-                return (await r.json())["status"]
-
-        statuses = await asyncio.gather(*(post(b) for b in bodies))
-    assert set(statuses) == {"durable"}
-    return nodes
-
-
-async def all_on_chain(net: DcNet, nodes: list[bytes], dc: bytes, timeout: float = 30) -> None:
-    reg = await net.registry()
-    try:
-        async def check():
-            records = [await reg.lookup(n) for n in nodes]
-            return all(r is not None and r.dc == dc for r in records)
-        await until(check, timeout=timeout, interval=0.5)
-    finally:
-        await reg.close()
+from labkit.dcnet import DcNet, stateful_net, until
+from labkit.load import all_on_chain, register_many
 
 
 async def test_kill9_after_ack_before_confirmation(tmp_path):

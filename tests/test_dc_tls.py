@@ -22,7 +22,7 @@ from ntm import keys, messages, tls_binding
 from ntm.errors import SignatureError
 from ntm.registration import RegistrationRequest
 from scripts.anvil import Anvil
-from tests.dcnet import DcNet
+from labkit.dcnet import DcNet
 from tests.test_rs_stream import self_signed
 
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-import time
 
 import pytest
 
 from node.channel import Link
 from node.endpoint import Endpoint, UdpBind
 from ntm.addr import for_socket
+from ntm.clock import SYSTEM
 from ntm import keys
 from ntm.handshake import PeerIdentityError
 from ntm.packet import FORWARDED_TYPES, NO_COOKIE, TYPE_RELAY_BIND, RelayBind, RelayBindAck, relay_side_key
@@ -211,7 +211,7 @@ async def test_data_before_set_receiver_reaches_the_receiver(wrap):
     ea, eb = await endpoints()
     try:
         ca, cb = await open_pair(ea, eb)
-        app = cb if wrap == "channel" else Link(cb, time.monotonic)
+        app = cb if wrap == "channel" else Link(cb, SYSTEM)
         for i in range(3):
             await ca.send(b"early%d" % i)
         await asyncio.wait_for(_until(lambda: cb.stats["rx_data"] == 3), 3)

@@ -26,7 +26,7 @@ from node.peers import PeerBook
 from node.groups import CONTROL, GROUP_APP, MSG
 from ntm import envelope, group, keys, seal
 from ntm.group import GroupError, GroupMessage
-from tests.dcnet import DcNet, cs_federation, raw_http, register, until
+from labkit.dcnet import DcNet, cs_federation, raw_http, register, until
 from tests.test_cli_tunnel import read_json_line, stop
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")

@@ -7,7 +7,7 @@ import time
 
 
 from ntm import envelope, keys
-from tests.dcnet import cs_federation, raw_http, register
+from labkit.dcnet import cs_federation, raw_http, register
 
 DEEP = "[" * 5000 + "]" * 5000  # 10 kB, within the body caps; Python's parser gives up near 1,000 levels
 HUGE = 2**64  # one past uint64: the record timestamp that gave a 500

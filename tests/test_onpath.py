@@ -20,7 +20,7 @@ from aiohttp import web
 
 from node.agent import Node
 from ntm import envelope, keepalive, keys, messages
-from tests.dcnet import local_app, raw_http, register, until
+from labkit.dcnet import local_app, raw_http, register, until
 
 
 class OnPath:
@@ -78,7 +78,7 @@ async def injected_directions(net, workdir: Path) -> dict:
     A's Tunnel Requests at the attacker's socket, a Cache Server notice naming its own URL, and a
     genuine direction replayed; A then connects to B through the same attacker. Returns what the
     attacker got (Tunnel Requests at its socket, requests at its URL) and what A counted.
-    (bench/abuse.py can run it on a tests.dcnet.DcNet with an RS and two DCs.)"""
+    (bench/abuse.py can run it on a labkit.dcnet.DcNet with an RS and two DCs.)"""
     ka, kb, mallory = keys.generate(), keys.generate(), keys.generate()
     await register(net.urls[0], ka)
     await register(net.urls[1], kb)

@@ -15,7 +15,7 @@ import time
 from node.agent import Node, NodeError
 from node.tunnels import PEER_DIRECTIONS, TUNNEL_TIMEOUT_S
 from ntm import keys
-from tests.dcnet import register, until
+from labkit.dcnet import register, until
 
 CONNECTS = 40
 # Every connect ends well inside the tunnel timeout: loopback answers take milliseconds, this

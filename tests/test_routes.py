@@ -17,6 +17,7 @@ from ntm.overlay import Overlay
 from ntm.routes import EXIT_ROUTES, RouteError, RouteTable, offer_digest, parse_choice, parse_prefixes, sign_offer, verify_offer
 from ntm.vaddr import V4Book, v6_of
 
+from tests.fakes import FakeClock
 from tests.test_overlay import ipv4, ipv6, l4_checksum
 
 KEY_R = keys.private_key(bytes.fromhex("11" * 32))
@@ -346,15 +347,16 @@ def test_the_daemons_route_options_are_checked_before_anything_starts():
 
     book = PeerBook()
     book.set_alias("car", ID_R)
+    clock = FakeClock()
 
     def opts(**kw) -> UpOptions:
         return UpOptions(tun="ntm0", require_tun=False, v4_net=IPv4Network("100.64.0.0/10"), path_mtu=1500, dns=None,
                          accept_any=False, echo=False, host=None, port=0, keepalive=25.0, **kw)
 
     with pytest.raises(DaemonError, match="overlaps the virtual network"):
-        route_table(KEY_S, book, opts(advertise_routes=parse_prefixes("100.64.8.0/24")))
+        route_table(KEY_S, book, opts(advertise_routes=parse_prefixes("100.64.8.0/24")), clock)
     with pytest.raises(DaemonError, match="nobody"):
-        route_table(KEY_S, book, opts(use_routes=["nobody"]))
-    table, signed = route_table(KEY_S, book, opts(advertise_routes=parse_prefixes(LAN), use_routes=["car"]))
+        route_table(KEY_S, book, opts(use_routes=["nobody"]), clock)
+    table, signed = route_table(KEY_S, book, opts(advertise_routes=parse_prefixes(LAN), use_routes=["car"]), clock)
     assert verify_offer(signed).routes == tuple(parse_prefixes(LAN)) and table.peers() == {ID_R}
-    assert route_table(KEY_S, book, opts(exit_node="car"))[1] is None  # uses an exit, offers nothing
+    assert route_table(KEY_S, book, opts(exit_node="car"), clock)[1] is None  # uses an exit, offers nothing

@@ -23,7 +23,7 @@ from chain.registry import Registry
 from dc.federation import FederationClient, FederationError as RelayDirectionError
 from scripts.anvil import DEV_KEYS, Anvil
 from scripts.procs import Child, free_port, has_ipv6_loopback
-from tests.dcnet import CountingRpc, metric, raw_http
+from labkit.dcnet import CountingRpc, metric, raw_http
 
 PLAINTEXT = b"attack at dawn: the relay must never see this sentence"
 

@@ -182,7 +182,7 @@ def running_exit(policy: ExitPolicy, caps: Caps = Caps()):
     trust = DcTrust()
     trust.active.add(keys.node_id_of(DC_KEY))
     now = [100.0]
-    ex = RelayExit(policy, caps, ["192.0.2.1:4341"], trust, clock=lambda: now[0], wall_ms=lambda: NOW_MS)
+    ex = RelayExit(policy, caps, ["192.0.2.1:4341"], trust, clock=Clock(lambda: now[0], lambda: NOW_MS / 1000))
     ex.udp, ex.tun = FakeUdp(), FakeTun()
     return ex, now
 

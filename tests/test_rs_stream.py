@@ -31,18 +31,11 @@ from rs import stream as rs_stream
 from rs.relay import RelayTable
 from rs.server import Relay, RelayProtocol, make_stream_app
 from rs.trust import DcTrust
+from tests.fakes import FakeClock
 
 PATH, TOKEN = os.urandom(8), os.urandom(32)
 KEYS = (packet.relay_side_key(TOKEN, 0), packet.relay_side_key(TOKEN, 1))
 _counters = itertools.count(1)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 def data_packet(payload: bytes) -> bytes:
@@ -56,9 +49,9 @@ def bind(side: int, cookie: bytes = packet.NO_COOKIE, key: bytes | None = None) 
 
 @pytest.fixture
 async def relay():
-    clock = Clock()
+    clock = FakeClock()
     r = Relay(RelayTable(), DcTrust(), ["127.0.0.1:1"], 0, clock=clock)
-    r.table.add_path(PATH, TOKEN, clock() + 3600, 1 << 30, clock())
+    r.table.add_path(PATH, TOKEN, clock.now() + 3600, 1 << 30, clock.now())
     loop = asyncio.get_running_loop()
     transport, _ = await loop.create_datagram_endpoint(lambda: RelayProtocol(r), local_addr=("127.0.0.1", 0))
     server = TestServer(make_stream_app(r), host="127.0.0.1")
@@ -136,10 +129,10 @@ async def test_idle_stranger_streams_are_closed(relay):
     await stream_bind(other, 1)
     await busy.send_bytes(data_packet(b"x"))
     await other.receive(timeout=2)
-    relay.clock.t += rs_stream.STREAM_FIRST_TRAFFIC_S + 1
+    relay.clock.advance(rs_stream.STREAM_FIRST_TRAFFIC_S + 1)
     assert relay.streams.expire() == 1
     assert (await idle.receive(timeout=2)).type is aiohttp.WSMsgType.CLOSE
-    relay.clock.t += rs_stream.STREAM_IDLE_S
+    relay.clock.advance(rs_stream.STREAM_IDLE_S)
     assert relay.streams.expire() == 2
     for ws in (busy, other):
         assert (await ws.receive(timeout=2)).type is aiohttp.WSMsgType.CLOSE

@@ -27,7 +27,7 @@ from rs.__main__ import main as rs_main
 from rs.server import seen_advertise
 from scripts.anvil import Anvil
 from scripts.procs import Child
-from tests.dcnet import RecordingProxy, local_app
+from labkit.dcnet import RecordingProxy, local_app
 from tests.test_rs import one_dc
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")

@@ -1,7 +1,7 @@
 """A DC on a big registry, with real anvil and real DC processes: ready means ready (it says
 healthy and prints its ready line only once it holds every record), and a restart starts from
 its registry snapshot unless the chain no longer has the snapshot's block. Seeded fast by
-tests/seed.py; the fast tests of the same decisions on fakes are in tests/test_scale_fast.py."""
+labkit/seed.py; the fast tests of the same decisions on fakes are in tests/test_scale_fast.py."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from aiohttp import web
 from ntm import keys
 from scripts.anvil import Anvil
 from scripts.procs import Child, dc_child, free_port
-from tests.dcnet import DcNet, raw_http
-from tests.seed import seed
-from tests.test_chain_robust import metric, register_at
+from labkit.dcnet import DcNet, raw_http
+from labkit.seed import seed
+from labkit.load import read_metric, register_at
 
 SEEDED = 3000
 # The chain node answers eth_getLogs this much later: a slow chain node (Besu reading a long log
@@ -136,7 +136,7 @@ async def test_a_restarted_dc_reads_only_new_logs_from_its_snapshot_and_discards
             proxy.reads.clear()
             await asyncio.to_thread(dc.start, START_TIMEOUT_S)
             try:
-                assert await metric(net.urls[0], "ntm_dc_registry_nodes") == 800
+                assert await read_metric(net.urls[0], "ntm_dc_registry_nodes") == 800
                 assert proxy.reads and min(proxy.reads) == snap_block + 1, (proxy.reads, snap_block)
             finally:
                 dc.stop()  # its snapshot is now at a block of the branch about to be lost
@@ -145,7 +145,7 @@ async def test_a_restarted_dc_reads_only_new_logs_from_its_snapshot_and_discards
             proxy.reads.clear()
             await asyncio.to_thread(dc.start, START_TIMEOUT_S)
             try:
-                assert await metric(net.urls[0], "ntm_dc_registry_nodes") == 700
+                assert await read_metric(net.urls[0], "ntm_dc_registry_nodes") == 700
                 assert min(proxy.reads) == 0, proxy.reads
             finally:
                 dc.stop()

@@ -17,7 +17,7 @@ import pytest
 from node.agent import Node
 from node.endpoint import UdpBind
 from ntm import keys
-from tests.dcnet import register, until
+from labkit.dcnet import register, until
 
 KEEPALIVE_S = 0.5  # short, so the node notices quickly that UDP works again
 

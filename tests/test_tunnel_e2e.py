@@ -16,7 +16,7 @@ from aiohttp import web
 from node.agent import Node, NodeError
 from ntm.tunnel import TunnelError
 from ntm import envelope, keys
-from tests.dcnet import local_app, metric, raw_http, register, until
+from labkit.dcnet import local_app, metric, raw_http, register, until
 
 SECRET = b"attack at dawn: the plaintext the relay must never see"
 
@@ -122,7 +122,7 @@ async def test_unknown_revoked_offline_peers_fail_fast(pair, net, tmp_path):
     with pytest.raises(NodeError) as exc:
         await a.connect(keys.node_id_of(offline))
     assert exc.value.code == "offline" and "offline" in str(exc.value)
-    from tests.dcnet import revoke
+    from labkit.dcnet import revoke
     await revoke(net.urls[1], offline)
     await until(lambda: _revoked_seen(net, offline))
     with pytest.raises(NodeError) as exc:

@@ -7,7 +7,7 @@
   down after the test, pass or fail.  Building takes ~0.1 s plus ~0.05 s per site.
 * ``lab_shared`` (module): one Lab for a whole test module (for expensive setups such as a
   chain + DCs); tests must then not depend on each other's sites.
-* ``probe``: a function ``probe(ns, *args, **popen_kw)`` starting ``tests/lab/probe.py`` in a
+* ``probe``: a function ``probe(ns, *args, **popen_kw)`` starting ``labkit/lab/probe.py`` in a
   namespace with the venv interpreter.
 """
 
@@ -20,9 +20,10 @@ import threading
 
 import pytest
 
-from .topology import Lab, lab_available, sweep_stale
+import labkit.lab
+from labkit.lab.topology import Lab, lab_available, sweep_stale
 
-PROBE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "probe.py")
+PROBE = os.path.join(os.path.dirname(labkit.lab.__file__), "probe.py")
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 

@@ -1,6 +1,6 @@
 """Dead-path detection and roaming that tells peers at once (issue 22 items 2, 3): real anvil, DCs,
 relay and `ntm up` daemons with TUN behind real NATs, default keepalive (25 s). The scenarios
-and their measurements live in tests/lab/roam_deadpath.py (bench/roam.py reuses them).
+and their measurements live in labkit/lab/roam_deadpath.py (bench/roam.py reuses them).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from node.dc_session import SESSION_OPEN_TIMEOUT_S
 from node.netwatch import SETTLE_S
 from ntm.tunnel import RELAY_FALLBACK_AFTER
 
-from .fed import Federation
-from .roam_deadpath import dc_link_loss_failover, direct_path_loss_outage, idle_move_tells_peer, nat_rebind_unreachable
+from labkit.lab.fed import Federation
+from labkit.lab.roam_deadpath import dc_link_loss_failover, direct_path_loss_outage, idle_move_tells_peer, nat_rebind_unreachable
 
 pytestmark = pytest.mark.lab
 

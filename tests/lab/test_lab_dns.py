@@ -18,9 +18,10 @@ import pytest
 
 from node.splitdns import LOOPBACK_DNS
 
-from .topology import NETNS_ETC
+import labkit.lab
+from labkit.lab.topology import NETNS_ETC
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+LAB_DIR = os.path.dirname(labkit.lab.__file__)
 UPSTREAM = "127.0.0.54"
 TIMEOUT_S = 3  # resolv.conf `timeout:` for every case: a lookup that waits for it is a hang
 FAST_S = 1.5  # a lookup answered or refused at once, with headroom for a loaded machine
@@ -53,9 +54,9 @@ def resolv_conf(host, *nameservers: str) -> None:
 
 def test_other_names_resolve_while_the_daemon_runs_and_after_it_dies(lab, host):
     resolv_conf(host, LOOPBACK_DNS[0], UPSTREAM)  # the README's fallback, before the previous nameserver
-    upstream = lab.python(host, os.path.join(HERE, "dnsfallback.py"), "upstream", "--listen", UPSTREAM)
+    upstream = lab.python(host, os.path.join(LAB_DIR, "dnsfallback.py"), "upstream", "--listen", UPSTREAM)
     ready(upstream)
-    daemon = lab.python(host, os.path.join(HERE, "dnsfallback.py"), "daemon")
+    daemon = lab.python(host, os.path.join(LAB_DIR, "dnsfallback.py"), "daemon")
     ready(daemon)
 
     code, out, took = lookup(host, "bob.ntm")
@@ -74,7 +75,7 @@ def test_other_names_resolve_while_the_daemon_runs_and_after_it_dies(lab, host):
 def test_control_a_tun_address_as_nameserver_makes_lookups_wait(lab, host):
     """The old advice (`nameserver 100.64.0.1`) with no daemon: the query is routed out and lost."""
     resolv_conf(host, "100.64.0.1", UPSTREAM)
-    upstream = lab.python(host, os.path.join(HERE, "dnsfallback.py"), "upstream", "--listen", UPSTREAM)
+    upstream = lab.python(host, os.path.join(LAB_DIR, "dnsfallback.py"), "upstream", "--listen", UPSTREAM)
     ready(upstream)
     code, out, took = lookup(host, "example.test")
     assert code == 0 and "192.0.2.7" in out and took >= TIMEOUT_S * 0.9, (out, took)

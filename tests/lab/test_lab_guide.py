@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from .topology import NETNS_ETC
+from labkit.lab.topology import NETNS_ETC
 
 pytestmark = pytest.mark.lab
 

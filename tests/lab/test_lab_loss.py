@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from .fed import Federation
-from .roam_loss import late_direct, loss_run, loss_sites, summary
+from labkit.lab.fed import Federation
+from labkit.lab.roam_loss import late_direct, loss_run, loss_sites, summary
 
 pytestmark = pytest.mark.lab
 

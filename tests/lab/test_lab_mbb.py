@@ -1,12 +1,12 @@
 """Make-before-break with two uplinks (issue 22 item 4, lab test (d)): real NATs, DCs, relay and
-`ntm up` daemons with TUN; the scenario is tests/lab/roam_mbb.py's (bench/roam.py reuses it)."""
+`ntm up` daemons with TUN; the scenario is labkit/lab/roam_mbb.py's (bench/roam.py reuses it)."""
 
 from __future__ import annotations
 
 import pytest
 
-from .fed import Federation
-from .roam_mbb import make_before_break
+from labkit.lab.fed import Federation
+from labkit.lab.roam_mbb import make_before_break
 
 pytestmark = pytest.mark.lab
 

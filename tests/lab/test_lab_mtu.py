@@ -1,13 +1,13 @@
 """Any link, any MTU (issue 28): real NATs, DCs, relay and `ntm up` daemons with TUN; A's uplink
 has a small MTU and its router answers oversize packets with ICMP or drops them silently. The
-scenarios are tests/lab/roam_mtu.py's (bench/mtu.py reuses them)."""
+scenarios are labkit/lab/roam_mtu.py's (bench/mtu.py reuses them)."""
 
 from __future__ import annotations
 
 import pytest
 
-from .fed import Federation
-from .roam_mtu import MtuPair, mtu_move
+from labkit.lab.fed import Federation
+from labkit.lab.roam_mtu import MtuPair, mtu_move
 
 pytestmark = pytest.mark.lab
 

@@ -1,6 +1,6 @@
 """Self-tests of the NAT lab: each site kind behaves as its name says.
 
-Probes are tests/lab/probe.py run inside the namespaces; every probe has bounded loops.
+Probes are labkit/lab/probe.py run inside the namespaces; every probe has bounded loops.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import time
 import pytest
 
 from .conftest import PROBE
-from .topology import Lab, expect, lines_of
+from labkit.lab.topology import Lab, expect, lines_of
 
 pytestmark = pytest.mark.lab
 

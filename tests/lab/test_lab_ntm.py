@@ -1,8 +1,8 @@
 """NTMobile through real NATs (issue #5): the NAT-type grid, IPv4/IPv6 relay, mobility, DC
 failover and NAT-table keepalives, with the real DC, RS and node agent in network namespaces.
 
-One federation for the module (anvil, DC1..DC3, RS in lab.server: tests/lab/fed.py); every node
-is a long-lived driver process (tests/lab/nodectl.py) in its own namespace. Keepalive interval in
+One federation for the module (anvil, DC1..DC3, RS in lab.server: labkit/lab/fed.py); every node
+is a long-lived driver process (labkit/lab/nodectl.py) in its own namespace. Keepalive interval in
 the lab: KEEPALIVE_S (the agent's default is 25 s). Run with -s to see the tables.
 """
 
@@ -15,7 +15,7 @@ import pytest
 
 from ntm.pmtu import CONFIRM_S, PROBE_ROUND_S
 
-from .fed import KINDS, Federation, grid_rows, grid_table, ip_of, open_tunnel
+from labkit.lab.fed import KINDS, Federation, grid_rows, grid_table, ip_of, open_tunnel
 
 pytestmark = pytest.mark.lab
 

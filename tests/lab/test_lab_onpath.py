@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from .fed import Federation
-from .onpath import on_path
+from labkit.lab.fed import Federation
+from labkit.lab.onpath import on_path
 
 pytestmark = pytest.mark.lab
 

@@ -15,11 +15,10 @@ import time
 
 import pytest
 
-from .fed import Federation
-from .fed import RS_HTTP_PORT
-from .subnet import (EXIT_ROUTES, H_ADDR, LAN, exit_pair, exit_user, relay_exit_args, relay_exit_user, subnet_router,
-                     wait_for_route)
-from .upnode import UpNode, transfer
+from labkit.lab.fed import RS_HTTP_PORT, Federation
+from labkit.lab.subnet import (EXIT_ROUTES, H_ADDR, LAN, exit_pair, exit_user, relay_exit_args, relay_exit_user,
+                               subnet_router, wait_for_route)
+from labkit.lab.upnode import UpNode, transfer
 
 pytestmark = pytest.mark.lab
 

@@ -1,5 +1,5 @@
 """Issue 29 in the NAT lab: who the node daemon's DNS responder answers, and what a lookup costs
-it. Real anvil, DCs, relay and `ntm up` daemons with TUN in network namespaces (tests/lab/upnode.py).
+it. Real anvil, DCs, relay and `ntm up` daemons with TUN in network namespaces (labkit/lab/upnode.py).
 """
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from .fed import Federation
-from .upnode import UpNode
+from labkit.lab.fed import Federation
+from labkit.lab.upnode import UpNode
 
 pytestmark = pytest.mark.lab
 

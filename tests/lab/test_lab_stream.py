@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from .fed import Federation
-from .roam_stream import stream_move
+from labkit.lab.fed import Federation
+from labkit.lab.roam_stream import stream_move
 
 KEEPALIVE_S = 2.0
 MOVE_BYTES = 8_000_000

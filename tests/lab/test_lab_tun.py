@@ -2,7 +2,7 @@
 between virtual addresses and `.ntm` names, directly and through the relay; cryptokey routing;
 the allow list; the DNS responder; TCP connections that survive a move to another NAT and from
 IPv4-only to IPv6-only. Real anvil, DCs, relay and `ntm` processes in network namespaces.
-Nodes are tests/lab/upnode.py's: registered from their namespace, reaching their DC by name.
+Nodes are labkit/lab/upnode.py's: registered from their namespace, reaching their DC by name.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from .fed import Federation
-from .upnode import UpNode, transfer
+from labkit.lab.fed import Federation
+from labkit.lab.upnode import UpNode, transfer
 
 pytestmark = pytest.mark.lab
 
@@ -201,8 +201,8 @@ def test_names_through_the_resolv_conf_fallback_while_up_and_after_down(fed):
     stopping (or dying) while resolv.conf still names it must not break or stall other names."""
     from node.splitdns import LOOPBACK_DNS
 
-    from .dnsfallback import UPSTREAM_ANSWER
-    from .topology import NETNS_ETC, expect
+    from labkit.lab.dnsfallback import UPSTREAM_ANSWER
+    from labkit.lab.topology import NETNS_ETC, expect
 
     lab = fed.lab
     n = UpNode(fed, lab.add_site("dnsf", "eim").host, 0)

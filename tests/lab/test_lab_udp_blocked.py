@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from .fed import Federation
-from .roam_udp import udp_blocked
+from labkit.lab.fed import Federation
+from labkit.lab.roam_udp import udp_blocked
 
 pytestmark = pytest.mark.lab
 

@@ -55,7 +55,7 @@ Mobility
   starts sending from the new address (an unconnected socket; connect()ed sockets break).
   ``lab.add_uplink(host, site)`` gives a host a second uplink (``eth1`` on a NAT site, default
   route of a higher metric) and ``lab.set_link(host, "eth0", False)`` takes the first one down:
-  make-before-break (tests/lab/roam_mbb.py).
+  make-before-break (labkit/lab/roam_mbb.py).
 
 Typical use::
 

@@ -3,8 +3,8 @@ tests/lab/test_lab_mbb.py and bench/roam.py.
 
 The mover M has two uplinks, each behind its own EIM NAT with the home-router firewall (eth0 on
 site `<tag>1`, eth1 on site `<tag>2`, eth1's default route has a higher metric); the peer P is
-behind a third EIM NAT. Both run `ntm up` with TUN (tests/lab/upnode.py). A UDP sequence stream
-(tests/lab/udpseq.py) runs at `rate` packets/s each way between their overlay addresses; `before_s`
+behind a third EIM NAT. Both run `ntm up` with TUN (labkit/lab/upnode.py). A UDP sequence stream
+(labkit/lab/udpseq.py) runs at `rate` packets/s each way between their overlay addresses; `before_s`
 into it M's eth0 goes down (`ip link set eth0 down`: the kernel drops its routes at once and eth1's
 default route takes over). The numbers are the packets lost each way.
 """

@@ -1,6 +1,6 @@
 """Deploy the registry and admit the DCs, run inside the lab's server namespace (where anvil is).
 
-    python -m tests.lab.fedsetup --rpc URL --workdir DIR --dcs N --host IP --base-port P
+    python -m labkit.lab.fedsetup --rpc URL --workdir DIR --dcs N --host IP --base-port P
 
 Waits for anvil, deploys NodeRegistry, admits DC i (anvil dev key 1+i, keystore DIR/dc<i>.key.json)
 with endpoint https://IP:(P+i) (http:// for a --plain-dc), writes DIR/deployment.json.

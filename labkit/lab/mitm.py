@@ -1,7 +1,7 @@
 """An attacker on the path: a transparent TCP proxy run in a NAT router's namespace, where an
-iptables REDIRECT sends it the site's connections to the DCs (tests/lab/onpath.py sets it up).
+iptables REDIRECT sends it the site's connections to the DCs (labkit/lab/onpath.py sets it up).
 
-    python -m tests.lab.mitm --port P --lure-port U
+    python -m labkit.lab.mitm --port P --lure-port U
 
 It connects each redirected connection on to its original destination (SO_ORIGINAL_DST), keeps
 every byte it relays, and obeys JSON commands on stdin, one answer line on stdout each:

@@ -1,5 +1,5 @@
 """The whole system inside a NAT lab: anvil, DCs and a relay in the server namespace, and node
-driver processes (tests/lab/nodectl.py) in the node namespaces.
+driver processes (labkit/lab/nodectl.py) in the node namespaces.
 
     with Lab() as lab:
         fed = Federation(lab, workdir, n_dcs=3)        # anvil + deploy + DC1..3 + RS in lab.server
@@ -142,7 +142,7 @@ class Federation:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.anvil = lab.run(self.srv, [str(anvil_binary()), "--host", "127.0.0.1", "--port", str(ANVIL_PORT)],
                              stdout=open(self.workdir / "anvil.log", "wb"), stderr=subprocess.STDOUT, text=False)
-        r = lab.exec(self.srv, [sys.executable, "-m", "tests.lab.fedsetup", "--rpc", self.rpc, "--workdir",
+        r = lab.exec(self.srv, [sys.executable, "-m", "labkit.lab.fedsetup", "--rpc", self.rpc, "--workdir",
                                 str(self.workdir), "--dcs", str(n_dcs), "--host", self.srv.addr4,
                                 "--base-port", str(DC_BASE_PORT), *(f"--plain-dc={i}" for i in plain)],
                      cwd=str(ROOT), timeout=60,

@@ -11,7 +11,7 @@ numbers (tests/lab/test_lab_deadpath.py asserts on them; bench/roam.py prints th
   * idle_move_tells_peer(): a node moves to another NAT while its tunnel to a public peer is
     idle; how soon it notices (rtnetlink) and whether the peer already follows it, unasked.
 
-Nodes are real `ntm up` daemons with TUN (tests/lab/upnode.py) behind real NATs.
+Nodes are real `ntm up` daemons with TUN (labkit/lab/upnode.py) behind real NATs.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 "Threat model per channel"), used by tests/lab/test_lab_onpath.py and bench/abuse.py.
 
 Site A's NAT router is the attacker's: an iptables REDIRECT hands every TCP connection from A's
-LAN to a DC port to a transparent proxy there (tests/lab/mitm.py) that keeps what it relays,
+LAN to a DC port to a transparent proxy there (labkit/lab/mitm.py) that keeps what it relays,
 injects bytes and rewrites a bit. A (at DC1: TLS bound to DC1's chain key, the default) and C
 (at DC2, started with --insecure-plain-http: the control, showing that the attacker does read
 what is sent in clear) both sit behind it; B sits at another site. A opens a relayed tunnel to B
@@ -23,7 +23,7 @@ import sys
 import time
 
 from ntm import envelope, keys, messages
-from tests.lab.topology import expect
+from labkit.lab.topology import expect
 
 from .fed import DC_BASE_PORT, ROOT, Federation, dc_address
 from .roam_udp import wait_for
@@ -56,7 +56,7 @@ class Attacker:
         self.lab, self.site = fed.lab, site
         for i in range(len(fed.dcs)):
             self.lab.redirect_port(site, DC_BASE_PORT + i, MITM_PORT)
-        self.proc = self.lab.run(site, [sys.executable, "-m", "tests.lab.mitm", "--port", str(MITM_PORT),
+        self.proc = self.lab.run(site, [sys.executable, "-m", "labkit.lab.mitm", "--port", str(MITM_PORT),
                                         "--lure-port", str(LURE_PORT)], stdin=subprocess.PIPE, cwd=str(ROOT),
                                  stderr=open(fed.workdir / "mitm.log", "ab"))
         expect(self.proc, r'"event": "ready"', timeout=15)
