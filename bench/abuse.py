@@ -68,8 +68,15 @@ from ntm.tunnel import Session  # noqa: E402
 from scripts.anvil import Anvil  # noqa: E402
 from scripts.procs import Child  # noqa: E402
 from labkit.dcnet import CountingRpc, DcNet, RecordingProxy, raw_http, register  # noqa: E402
-from labkit.budgets import (FLOODERS, SYBIL_EACH, SYBIL_SOURCES, dc_for_outsiders,  # noqa: E402
-                            legit_connects_under_flood, new_node_budget, sybil_burst)
+from labkit.budgets import (
+    FLOODERS,
+    SYBIL_EACH,
+    SYBIL_SOURCES,
+    dc_for_outsiders,  # noqa: E402
+    legit_connects_under_flood,
+    new_node_budget,
+    sybil_burst,
+)
 from labkit.load import STRICT_CS, concurrent_uploads, flood, rss_mb  # noqa: E402
 
 PATH = bytes(8)
@@ -141,9 +148,24 @@ async def chain_calls(tmp: Path, lookups: int = LOOKUPS) -> tuple[float, float, 
             net = DcNet(tmp, types.SimpleNamespace(url=rpc.url))
             await net.deploy(1)
             await asyncio.to_thread(net.start_dc, 0)
-            rs = await asyncio.to_thread(Child("rs", ["--rpc-url", rpc.url, "--deployment", str(net.deployment),
-                                                      "--udp-port", "0", "--http-port", "0", "--data-dir", str(tmp)],
-                                                     tmp / "rs.log").start)
+            rs = await asyncio.to_thread(
+                Child(
+                    "rs",
+                    [
+                        "--rpc-url",
+                        rpc.url,
+                        "--deployment",
+                        str(net.deployment),
+                        "--udp-port",
+                        "0",
+                        "--http-port",
+                        "0",
+                        "--data-dir",
+                        str(tmp),
+                    ],
+                    tmp / "rs.log",
+                ).start
+            )
             observer = RecordingProxy(("127.0.0.1", int(rs.ready["http"].rsplit(":", 1)[1])))
             relay_url = f"https://127.0.0.1:{await observer.start()}#{rs.ready['pin']}"
             tokens = [os.urandom(32) for _ in range(lookups)]
@@ -151,15 +173,17 @@ async def chain_calls(tmp: Path, lookups: int = LOOKUPS) -> tuple[float, float, 
                 async with DcClient(net.urls[0]) as dc, raw_http() as http:
                     before = rpc.calls["eth_call"]
                     answers = await asyncio.gather(
-                        *(dc.whois(keys.node_id_of(keys.generate())) for _ in range(lookups)), return_exceptions=True)
+                        *(dc.whois(keys.node_id_of(keys.generate())) for _ in range(lookups)), return_exceptions=True
+                    )
                     assert all(isinstance(a, DcError) for a in answers)
                     whois = (rpc.calls["eth_call"] - before) / lookups
                     before = rpc.calls["eth_call"]
                     ids = [keys.checksum(keys.node_id_of(keys.generate())) for _ in range(2)]
                     for token in tokens:
                         fed = FederationClient(keys.generate(), lambda _a: True, envelope.ReplayGuard(), http=http)
-                        body = messages.RelayDirection(os.urandom(8).hex(), token.hex(), ids,
-                                                       time.time_ns() // 1_000_000 + 60_000, 1000)
+                        body = messages.RelayDirection(
+                            os.urandom(8).hex(), token.hex(), ids, time.time_ns() // 1_000_000 + 60_000, 1000
+                        )
                         with contextlib.suppress(FederationError):  # refused (untrusted_dc), as expected
                             await fed.book_relay(relay_url, body)
                     directions = (rpc.calls["eth_call"] - before) / lookups
@@ -190,8 +214,7 @@ async def reflection(url: str, attacks: int = ATTACKS, watch_s: float = WATCH_S)
 
     # Distinct loopback IPs: victim 127.0.0.1, first attacker 127.0.0.9 (the second shares
     # 127.0.0.1 with the victim), third parties 127.0.0.2-8.
-    thirds = [(await loop.create_datagram_endpoint(Count, local_addr=(f"127.0.0.{2 + i}", 0)))[0]
-              for i in range(LIES)]
+    thirds = [(await loop.create_datagram_endpoint(Count, local_addr=(f"127.0.0.{2 + i}", 0)))[0] for i in range(LIES)]
     lies = [f"127.0.0.{2 + i}:{t.get_extra_info('sockname')[1]}" for i, t in enumerate(thirds)]
     logging.getLogger("ntm.node").setLevel(logging.ERROR)  # the victim's failed handshakes are expected
     victim_key = keys.generate()
@@ -224,8 +247,10 @@ async def attack(url: str, victim: bytes, ip: str, lies: list[str], attacks: int
             ws, welcome = await dc.open_session(attacker, [own_addr, *lies])
             for seq in (1, 2):  # keepalives from its own socket: the DC observes it as public
                 for port in welcome.keepalive_ports:
-                    own.sendto(keepalive.encode_request(keys.node_id_of(attacker), seq,
-                                                        bytes.fromhex(welcome.token)), ("127.0.0.1", port))
+                    own.sendto(
+                        keepalive.encode_request(keys.node_id_of(attacker), seq, bytes.fromhex(welcome.token)),
+                        ("127.0.0.1", port),
+                    )
             await asyncio.sleep(0.3)
             sent = 0
             for i in range(attacks):
@@ -280,10 +305,15 @@ async def at_one_dc(tmp: Path, sizes: types.SimpleNamespace) -> dict[str, float]
         own_ip, shared_ip = await reflection(url, sizes.attacks, sizes.watch_s)
         grown, refused = await direction_flood(url, net.dcs[0].proc.pid, sizes.flood)
         left, p99 = await budgets(url, sizes.legit, sizes.flooders, sizes.sybil)
-    return {"reflection_amplification": own_ip, "reflection_amplification_shared_ip": shared_ip,
-            "direction_flood_rss_growth_mb": grown, "direction_flood_refused_share": refused,
-            "newcomer_registrations_left_after_sybil": left, "connect_p99_ms_under_flood": p99,
-            "cs_bytes_over_quota_concurrent": max(0, stored - (1 << 20))}
+    return {
+        "reflection_amplification": own_ip,
+        "reflection_amplification_shared_ip": shared_ip,
+        "direction_flood_rss_growth_mb": grown,
+        "direction_flood_refused_share": refused,
+        "newcomer_registrations_left_after_sybil": left,
+        "connect_p99_ms_under_flood": p99,
+        "cs_bytes_over_quota_concurrent": max(0, stored - (1 << 20)),
+    }
 
 
 def on_path(tmp: Path, quick: bool) -> dict | None:
@@ -291,6 +321,7 @@ def on_path(tmp: Path, quick: bool) -> dict | None:
     from labkit.lab.fed import Federation
     from labkit.lab.onpath import on_path as scenario
     from labkit.lab.topology import Lab, lab_available, sweep_stale
+
     reason = lab_available()
     if reason:
         print(f"on-path lab scenario skipped: {reason}", file=sys.stderr)
@@ -306,8 +337,9 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="tiny sizes, same code paths (CI)")
     args = p.parse_args()
     rounds, lookups = (1, 10) if args.quick else (args.rounds, LOOKUPS)
-    sizes = types.SimpleNamespace(attacks=ATTACKS, watch_s=WATCH_S, flood=FLOOD, legit=LEGIT, flooders=FLOODERS,
-                                  sybil=(SYBIL_SOURCES, SYBIL_EACH))
+    sizes = types.SimpleNamespace(
+        attacks=ATTACKS, watch_s=WATCH_S, flood=FLOOD, legit=LEGIT, flooders=FLOODERS, sybil=(SYBIL_SOURCES, SYBIL_EACH)
+    )
     if args.quick:
         sizes = types.SimpleNamespace(attacks=1, watch_s=1.5, flood=200, legit=2, flooders=16, sybil=(5, 6))
     forged, replayed, junk = handshake_costs(rounds)
@@ -329,6 +361,7 @@ def main() -> None:
     if seen is not None:
         print(f"secrets_in_clear: {seen['secrets_in_clear']}")
         print(f"injected_directions_acted_on: {seen['injected_directions_acted_on']}")
+
 
 if __name__ == "__main__":
     main()

@@ -49,13 +49,21 @@ async def idle_and_dead_url(tmp: Path, rounds: int = ROUNDS) -> dict[str, float]
         await net.deploy(2)
         chain.rpc("evm_increaseTime", [IDLE_S])
         net.start_dc(0)
-        net.dcs[1] = dc_child(tmp, "dc2", tmp / "dc2.key.json", f"http://127.0.0.1:{free_port()}", net.deployment,
-                              net.ports[1], extra=["--rpc-url", chain.url]).start()
+        net.dcs[1] = dc_child(
+            tmp,
+            "dc2",
+            tmp / "dc2.key.json",
+            f"http://127.0.0.1:{free_port()}",
+            net.deployment,
+            net.ports[1],
+            extra=["--rpc-url", chain.url],
+        ).start()
         try:
             out["idle_chain_confirmed_ms"] = await confirm_ms(net.urls[0])
             out["confirmed_p50_ms"] = statistics.median([await confirm_ms(net.urls[0]) for _ in range(rounds)])
             out["dead_first_rpc_confirmed_p50_ms"] = statistics.median(
-                [await confirm_ms(net.urls[1]) for _ in range(rounds)])
+                [await confirm_ms(net.urls[1]) for _ in range(rounds)]
+            )
         finally:
             net.stop()
     return out

@@ -33,15 +33,23 @@ def seconds(*args: str, home: Path, rounds: int) -> float:
     runs = []
     for _ in range(rounds):
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "node.cli", "--home", str(home), *args], check=True,
-                       stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+        subprocess.run(
+            [sys.executable, "-m", "node.cli", "--home", str(home), *args],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+        )
         runs.append(time.perf_counter() - t0)
     return statistics.median(runs)
 
 
 def ntm(home: Path, *args: str) -> None:
-    subprocess.run([sys.executable, "-m", "node.cli", "--home", str(home), *args], check=True,
-                   stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, "-m", "node.cli", "--home", str(home), *args],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 async def status_with_daemon(home: Path, rounds: int) -> float:
@@ -53,9 +61,13 @@ async def status_with_daemon(home: Path, rounds: int) -> float:
         daemon = None
         try:
             ntm(home, "register", *net.dc_args(0))
-            daemon = subprocess.Popen([sys.executable, "-m", "node.cli", "--home", str(home), "up", "--no-tun",
-                                       "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                      stdin=subprocess.DEVNULL, text=True)
+            daemon = subprocess.Popen(
+                [sys.executable, "-m", "node.cli", "--home", str(home), "up", "--no-tun", "--port", "0"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                stdin=subprocess.DEVNULL,
+                text=True,
+            )
             assert daemon.stdout is not None and daemon.stdout.readline().startswith("up as "), "ntm up failed"
             seconds("status", home=home, rounds=1)  # warm: the daemon's first whois opens its connection
             return seconds("status", home=home, rounds=rounds)

@@ -35,8 +35,9 @@ BIG = 100 * 1000 * 1000
 
 
 def sealer(sender, recipient) -> seal.Sealer:
-    return seal.Sealer(sender, {keys.node_id_of(recipient): keys.public_bytes(recipient)}, seal.Meta("bench"),
-                       int(time.time() * 1000))
+    return seal.Sealer(
+        sender, {keys.node_id_of(recipient): keys.public_bytes(recipient)}, seal.Meta("bench"), int(time.time() * 1000)
+    )
 
 
 def mbps(size: int, seconds: float) -> float:
@@ -63,17 +64,21 @@ async def transfer(cs_url: str, sender, recipient, source, size: int, out: Path)
     return t1 - t0, t2 - t1
 
 
-async def run(tmp: Path, rounds: int = ROUNDS, big_size: int = BIG,
-              notify_rounds: int = NOTIFY_ROUNDS) -> dict[str, float]:
+async def run(
+    tmp: Path, rounds: int = ROUNDS, big_size: int = BIG, notify_rounds: int = NOTIFY_ROUNDS
+) -> dict[str, float]:
     out: dict[str, float] = {}
-    async with cs_federation(tmp, ("--max-item-mb", "200", "--sender-quota-mb", "1000",
-                                   "--recipient-quota-mb", "1000")) as net:
+    async with cs_federation(
+        tmp, ("--max-item-mb", "200", "--sender-quota-mb", "1000", "--recipient-quota-mb", "1000")
+    ) as net:
         alice, bob = keys.generate(), keys.generate()
         await register(net.urls[0], alice)
         await register(net.urls[1], bob)
         small = os.urandom(1_000_000)
-        times = [await transfer(net.cs_url(0), alice, bob, bytes_chunks(small), len(small), tmp / "in")
-                 for _ in range(rounds)]
+        times = [
+            await transfer(net.cs_url(0), alice, bob, bytes_chunks(small), len(small), tmp / "in")
+            for _ in range(rounds)
+        ]
         out["cs_upload_mbps_1mb"] = mbps(len(small), statistics.median(t[0] for t in times))
         out["cs_download_mbps_1mb"] = mbps(len(small), statistics.median(t[1] for t in times))
         big = tmp / "big.bin"

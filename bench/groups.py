@@ -73,8 +73,9 @@ def rekey_ms(n: int, workdir: Path, rounds: int = REKEY_ROUNDS) -> tuple[float, 
         t0 = time.perf_counter()
         gen += 1
         rn1 = group.new_rn()
-        view = svc.handle(signed(admin, "group.remove", gid=gid.hex(), node=keys.checksum(keys.node_id_of(leaving)),
-                                 rn1_gen=gen))
+        view = svc.handle(
+            signed(admin, "group.remove", gid=gid.hex(), node=keys.checksum(keys.node_id_of(leaving)), rn1_gen=gen)
+        )
         epoch = view["epoch"]
         gms = 0.0
         for m in members:
@@ -93,8 +94,13 @@ def rekey_ms(n: int, workdir: Path, rounds: int = REKEY_ROUNDS) -> tuple[float, 
 
 
 def ntm(home: Path, *args: str) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "node.cli", "--home", str(home), "--json", *args],
-                          capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    proc = subprocess.run(
+        [sys.executable, "-m", "node.cli", "--home", str(home), "--json", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
     if proc.returncode:
         raise SystemExit(f"ntm {' '.join(args)}: {proc.stderr}")
     return json.loads(proc.stdout)
@@ -114,9 +120,29 @@ async def fanout(workdir: Path, members: int = FANOUT_MEMBERS, sends: int = FANO
             book = PeerBook.load(h)
             book.allow.add(keys.parse_node_id(ids[0]))
             book.save(h)
-        procs = [subprocess.Popen([sys.executable, "-m", "node.cli", "--home", str(h), "--json", "up", "--no-tun",
-                                   "--host", "127.0.0.1", "--port", "0"], stdout=subprocess.PIPE,
-                                  stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True) for h in homes]
+        procs = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "node.cli",
+                    "--home",
+                    str(h),
+                    "--json",
+                    "up",
+                    "--no-tun",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    "0",
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                stdin=subprocess.DEVNULL,
+                text=True,
+            )
+            for h in homes
+        ]
         try:
             for p in procs:
                 json.loads(await asyncio.to_thread(p.stdout.readline))

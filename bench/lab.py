@@ -43,8 +43,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from labkit.lab.fed import KINDS, Federation, grid_rows, grid_table  # noqa: E402
-from labkit.lab.subnet import (H_ADDR, exit_pair, relay_exit_args, relay_exit_user, subnet_router,  # noqa: E402
-                               wait_for_route)
+from labkit.lab.subnet import (
+    H_ADDR,
+    exit_pair,
+    relay_exit_args,
+    relay_exit_user,
+    subnet_router,  # noqa: E402
+    wait_for_route,
+)
 from labkit.lab.topology import Lab, lab_available, sweep_stale  # noqa: E402
 from labkit.lab.upnode import transfer  # noqa: E402
 
@@ -129,8 +135,15 @@ def exit_transfers(lab, m, s, move_to: str, nbytes: int) -> tuple[float, float]:
     sent, got = transfer(m, s, s.addr4, "0.0.0.0", nbytes)
     assert got["sha256"] == sent["sha256"], "transfer corrupted"
     rate = nbytes / EXIT_MOVE_S  # paced to last EXIT_MOVE_S, the move in its middle
-    sent, moved = transfer(m, s, s.addr4, "0.0.0.0", nbytes, rate=rate,
-                           during=lambda: (time.sleep(EXIT_MOVE_S / 2), lab.move(m.host, move_to)))
+    sent, moved = transfer(
+        m,
+        s,
+        s.addr4,
+        "0.0.0.0",
+        nbytes,
+        rate=rate,
+        during=lambda: (time.sleep(EXIT_MOVE_S / 2), lab.move(m.host, move_to)),
+    )
     assert moved["sha256"] == sent["sha256"], "transfer corrupted"
     return nbytes * 8 / got["elapsed_s"] / 1e6, moved["max_stall_s"]
 
@@ -173,8 +186,9 @@ def main() -> int:
     sweep_stale()
     t_start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="ntm-bench-lab-") as tmp, Lab() as lab:
-        fed = Federation(lab, Path(tmp), n_dcs=3, keepalive_s=KEEPALIVE_S,
-                         rs_args=relay_exit_args(Path(tmp) / "rs-exit"))
+        fed = Federation(
+            lab, Path(tmp), n_dcs=3, keepalive_s=KEEPALIVE_S, rs_args=relay_exit_args(Path(tmp) / "rs-exit")
+        )
         try:
             metric("keepalive_s", KEEPALIVE_S)
             pub1 = fed.node(lab.add_site("pub1", "public").host, dc=0)
@@ -189,8 +203,16 @@ def main() -> int:
             setup_and_goodput(sym1, sym2, "relay", args.rounds, args.blast)
             v61 = fed.node(lab.add_site("v61", "ipv6only").host, dc=0)
             v62 = fed.node(lab.add_site("v62", "ipv6only").host, dc=1)
-            nodes = {("public", 1): pub1, ("public", 2): pub2, ("eim", 1): eim1, ("eim", 2): eim2,
-                     ("symmetric", 1): sym1, ("symmetric", 2): sym2, ("ipv6only", 1): v61, ("ipv6only", 2): v62}
+            nodes = {
+                ("public", 1): pub1,
+                ("public", 2): pub2,
+                ("eim", 1): eim1,
+                ("eim", 2): eim2,
+                ("symmetric", 1): sym1,
+                ("symmetric", 2): sym2,
+                ("ipv6only", 1): v61,
+                ("ipv6only", 2): v62,
+            }
             rows = grid_rows(fed, nodes, 1)
             print("# NAT-type grid (one tunnel per ordered pair; tests/lab runs 5):")
             print("\n".join("# " + line for line in grid_table(rows).splitlines()), flush=True)
@@ -201,8 +223,9 @@ def main() -> int:
             lab.add_site("mna", "eim")
             lab.add_site("mnb", "eim")
             mob = fed.node(lab.add_host("mob1", "mna"), dc=0)
-            gap = handover(fed, lab, mob, pub2, [(0.8, lambda: lab.move("mob1", None)),
-                                                 (1.6, lambda: lab.move("mob1", "mnb"))])
+            gap = handover(
+                fed, lab, mob, pub2, [(0.8, lambda: lab.move("mob1", None)), (1.6, lambda: lab.move("mob1", "mnb"))]
+            )
             metric("handover_s", round(gap, 3))
             lab.add_site("mnc", "eim")
             mob2 = fed.node(lab.add_public_host("mob2"), dc=0)
@@ -218,8 +241,11 @@ def main() -> int:
             metric("failover_s", round(failover(fed, lab), 3))
         finally:
             fed.stop()
-    print(f"# lab bench took {time.monotonic() - t_start:.1f} s; namespaces left: "
-          f"{sum(1 for _ in os.popen('ip netns list'))}", flush=True)
+    print(
+        f"# lab bench took {time.monotonic() - t_start:.1f} s; namespaces left: "
+        f"{sum(1 for _ in os.popen('ip netns list'))}",
+        flush=True,
+    )
     return 0
 
 

@@ -44,8 +44,12 @@ KEEPALIVE_S = 2.0  # as the lab tests
 MOVE_RATE = 4e6
 #: Rounds of interleaved downloads after the first: enough for a median on a loaded machine.
 ROUNDS = 5
-CASES = (("mtu1500", 1500, True), ("mtu1400_icmp", 1400, True), ("mtu1400_noicmp", 1400, False),
-         ("mtu1280", 1280, False))
+CASES = (
+    ("mtu1500", 1500, True),
+    ("mtu1400_icmp", 1400, True),
+    ("mtu1400_noicmp", 1400, False),
+    ("mtu1280", 1280, False),
+)
 
 
 def metric(name: str, value) -> None:
@@ -75,20 +79,27 @@ def main() -> int:
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="ntm-bench-mtu-") as tmp:
         with Lab() as lab, Federation(lab, Path(tmp) / "mtu", n_dcs=2, keepalive_s=KEEPALIVE_S) as fed:
-            pairs = dict(zip((name for name, *_ in CASES), MtuPair.many(
-                fed, [(f"b{mtu}{'i' if icmp else 'n'}", mtu, icmp) for _, mtu, icmp in CASES])))
+            pairs = dict(
+                zip(
+                    (name for name, *_ in CASES),
+                    MtuPair.many(fed, [(f"b{mtu}{'i' if icmp else 'n'}", mtu, icmp) for _, mtu, icmp in CASES]),
+                )
+            )
             try:
                 results: list[dict[str, float]] = []
                 for i in range(rounds + 1):  # round 0: the first download of each pair
-                    order = CASES[i % len(CASES):] + CASES[:i % len(CASES)]
+                    order = CASES[i % len(CASES) :] + CASES[: i % len(CASES)]
                     results.append({})
                     for name, *_ in order:
                         r = pairs[name].transfer(nbytes)
                         if not r["intact"]:
                             print(f"# {name}: the transfer did not arrive intact: {r}", flush=True)
-                        print(f"# round {i} {name}: {r['mbps']} Mbit/s, {r['retransmits']} TCP retransmissions, "
-                              f"longest stall {r['max_stall_s']} s, {r['b_too_big']} too big so far, "
-                              f"path MTU {r['b_to_a_path_mtu']}", flush=True)
+                        print(
+                            f"# round {i} {name}: {r['mbps']} Mbit/s, {r['retransmits']} TCP retransmissions, "
+                            f"longest stall {r['max_stall_s']} s, {r['b_too_big']} too big so far, "
+                            f"path MTU {r['b_to_a_path_mtu']}",
+                            flush=True,
+                        )
                         results[i][name] = r["mbps"]
             finally:
                 for pair in pairs.values():

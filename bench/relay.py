@@ -75,9 +75,22 @@ async def through_process(seconds: float, payload: int, directions: int = 50) ->
         dep = Path(tmp) / "deployment.json"
         dep.write_text(json.dumps({"chain_id": owner.chain_id, "registry": keys.checksum(owner.address)}))
         await owner.close()
-        rs = Child("rs", ["--rpc-url", chain.url, "--deployment", str(dep), "--udp-port", "0", "--http-port", "0",
-                          "--data-dir", tmp],
-                   Path(tmp) / "rs.log").start()
+        rs = Child(
+            "rs",
+            [
+                "--rpc-url",
+                chain.url,
+                "--deployment",
+                str(dep),
+                "--udp-port",
+                "0",
+                "--http-port",
+                "0",
+                "--data-dir",
+                tmp,
+            ],
+            Path(tmp) / "rs.log",
+        ).start()
         try:
             port = rs.ready["udp_port"]
             nodes = [keys.node_id_of(keys.generate()) for _ in range(2)]
@@ -85,7 +98,9 @@ async def through_process(seconds: float, payload: int, directions: int = 50) ->
             ids = [keys.checksum(n) for n in nodes]
 
             def direction(path: bytes, token: bytes) -> messages.RelayDirection:
-                return messages.RelayDirection(path.hex(), token.hex(), ids, time.time_ns() // 1_000_000 + 600_000, 1 << 40)
+                return messages.RelayDirection(
+                    path.hex(), token.hex(), ids, time.time_ns() // 1_000_000 + 600_000, 1 << 40
+                )
 
             async with aiohttp.ClientSession() as http:
                 fed = FederationClient(dc_key, lambda _a: True, envelope.ReplayGuard(), http=http)

@@ -108,12 +108,18 @@ async def register(http: aiohttp.ClientSession, url: str, n: int) -> tuple[list,
     """`n` fresh nodes registered at `url` (not waiting for the chain); (keys, s until all confirmed)."""
     async with http.get(url + "/v1/info") as r:
         info = messages.decode(messages.DcInfoReply, await r.read())
-    domain, dc, now = Domain(info.chain_id, keys.parse_node_id(info.registry)), keys.parse_node_id(info.dc), int(time.time() * 1000)
+    domain, dc, now = (
+        Domain(info.chain_id, keys.parse_node_id(info.registry)),
+        keys.parse_node_id(info.dc),
+        int(time.time() * 1000),
+    )
     node_keys = [keys.generate() for _ in range(n)]
     bodies = []
     for k in node_keys:
         rec = NodeTransaction(keys.node_id_of(k), dc, now)
-        bodies.append(RegistrationRequest(rec, keys.sign_digest(k, rec.digest(domain)), keys.public_bytes(k), ()).to_json())
+        bodies.append(
+            RegistrationRequest(rec, keys.sign_digest(k, rec.digest(domain)), keys.public_bytes(k), ()).to_json()
+        )
     gate = asyncio.Semaphore(REGISTER_CONCURRENCY)
 
     async def post(body: dict) -> None:
@@ -171,13 +177,15 @@ async def sessions(url: str, node_keys: list) -> tuple[list[LoadNode], list[DcCl
     nodes = [LoadNode(k) for k in node_keys]
     clients = [DcClient(url, timeout=SESSION_OPEN_TIMEOUT_S) for _ in range(0, len(nodes), SESSIONS_PER_CLIENT)]
     for i in range(0, len(nodes), SESSIONS_AT_ONCE):
-        await asyncio.gather(*(n.open(clients[(i + j) // SESSIONS_PER_CLIENT])
-                               for j, n in enumerate(nodes[i:i + SESSIONS_AT_ONCE])))
+        await asyncio.gather(
+            *(n.open(clients[(i + j) // SESSIONS_PER_CLIENT]) for j, n in enumerate(nodes[i : i + SESSIONS_AT_ONCE]))
+        )
     return nodes, clients
 
 
-async def directions(requesters: list[LoadNode], peers: list[LoadNode], duration: float, limit: int
-                     ) -> tuple[float, list[float], dict[str, int]]:
+async def directions(
+    requesters: list[LoadNode], peers: list[LoadNode], duration: float, limit: int
+) -> tuple[float, list[float], dict[str, int]]:
     """IN_FLIGHT workers send Direction Requests for `duration` s (or `limit` in all); each
     requester asks at most RATE_PER_NODE per second. (rate, latencies ms, outcome counts)."""
     latencies: list[float] = []
@@ -197,8 +205,9 @@ async def directions(requesters: list[LoadNode], peers: list[LoadNode], duration
             latencies.append((time.perf_counter() - t0) * 1000)
             key = "ok" if res.route is not None else res.error.error
             outcomes[key] = outcomes.get(key, 0) + 1
-            asyncio.get_running_loop().call_later(max(0.0, 1 / RATE_PER_NODE - (time.perf_counter() - t0)),
-                                                  ready.put_nowait, node)
+            asyncio.get_running_loop().call_later(
+                max(0.0, 1 / RATE_PER_NODE - (time.perf_counter() - t0)), ready.put_nowait, node
+            )
 
     await asyncio.gather(*(worker() for _ in range(IN_FLIGHT)))
     return len(latencies) / (time.perf_counter() - start), latencies, outcomes

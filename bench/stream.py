@@ -79,7 +79,9 @@ async def send_stream(a: AppNode, b: AppNode, sink: Sink, nbytes: int, move_at: 
     while sent < nbytes:
         if not moved and sent >= nbytes * move_at:
             sink.mark()
-            await a.node.endpoint.rebind("127.0.0.2" if a.node.endpoint.local_addr[0] != "127.0.0.2" else "127.0.0.1", 0)
+            await a.node.endpoint.rebind(
+                "127.0.0.2" if a.node.endpoint.local_addr[0] != "127.0.0.2" else "127.0.0.1", 0
+            )
             moved = True
         writer.write(chunk)
         sent += len(chunk)
@@ -113,6 +115,7 @@ async def bench_streams(nbytes: int, rounds: int, tunnel_s: float) -> dict[str, 
         net.start_dc(1)
         apps: list[AppNode] = []
         try:
+
             async def start(url: str) -> AppNode:
                 key = keys.generate()
                 await register(url, key)
@@ -138,13 +141,15 @@ async def bench_streams(nbytes: int, rounds: int, tunnel_s: float) -> dict[str, 
             for app in apps:
                 await app.close()
             net.stop()
-    return {"stream_mbps": statistics.median(m for m, _ in direct),
-            "stream_relay_mbps": statistics.median(relay),
-            "stream_handover_stall_s": statistics.median(stalls),
-            "tunnel_goodput_mbps": statistics.median(m for m, _ in tunnel),
-            "stream_vs_tunnel_ratio": statistics.median(s[0] / t[0] for s, t in zip(direct, tunnel)),
-            "stream_cpu_ms_per_mbit": statistics.median(c for _, c in direct),
-            "tunnel_cpu_ms_per_mbit": statistics.median(c for _, c in tunnel)}
+    return {
+        "stream_mbps": statistics.median(m for m, _ in direct),
+        "stream_relay_mbps": statistics.median(relay),
+        "stream_handover_stall_s": statistics.median(stalls),
+        "tunnel_goodput_mbps": statistics.median(m for m, _ in tunnel),
+        "stream_vs_tunnel_ratio": statistics.median(s[0] / t[0] for s, t in zip(direct, tunnel)),
+        "stream_cpu_ms_per_mbit": statistics.median(c for _, c in direct),
+        "tunnel_cpu_ms_per_mbit": statistics.median(c for _, c in tunnel),
+    }
 
 
 async def tunnel_mbps(seconds: float) -> float:

@@ -66,8 +66,12 @@ def install_missing() -> None:
         print(f"# installing {' '.join(missing)}", flush=True)
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         subprocess.run(["apt-get", "update", "-qq"], env=env, check=True, capture_output=True)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing], env=env, check=True,
-                       capture_output=True)
+        subprocess.run(
+            ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing],
+            env=env,
+            check=True,
+            capture_output=True,
+        )
 
 
 def cpu_s(pid: int) -> float:
@@ -86,7 +90,9 @@ class WireGuard:
         keys = []
         for _ in hosts:
             priv = subprocess.run(["wg", "genkey"], capture_output=True, text=True, check=True).stdout.strip()
-            pub = subprocess.run(["wg", "pubkey"], input=priv, capture_output=True, text=True, check=True).stdout.strip()
+            pub = subprocess.run(
+                ["wg", "pubkey"], input=priv, capture_output=True, text=True, check=True
+            ).stdout.strip()
             keys.append((priv, pub))
         self.dir = Path(tempfile.mkdtemp(prefix="ntm-bench-wg-"))
         try:
@@ -99,8 +105,15 @@ class WireGuard:
         lab, hosts = self.lab, self.hosts
         names = [f"ntmwg{i}" for i in range(len(hosts))]
         for name, h in zip(names, hosts):
-            self.procs.append(lab.run(h, ["wireguard-go", "-f", name], stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL, env={**os.environ, "LOG_LEVEL": "error"}))
+            self.procs.append(
+                lab.run(
+                    h,
+                    ["wireguard-go", "-f", name],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    env={**os.environ, "LOG_LEVEL": "error"},
+                )
+            )
         for i, h in enumerate(hosts):
             dev = names[i]
             for _ in range(100):  # wireguard-go creates the interface right after it starts
@@ -112,9 +125,22 @@ class WireGuard:
             key_file = self.dir / f"wg{i}.key"
             key_file.write_text(keys[i][0])
             other = hosts[1 - i]
-            self._do(h, "wg", "set", dev, "private-key", str(key_file), "listen-port", str(WG_PORT),
-                     "peer", keys[1 - i][1], "endpoint", f"{other.addr4}:{WG_PORT}",
-                     "allowed-ips", WG_NET.format(2 - i) + "/32")
+            self._do(
+                h,
+                "wg",
+                "set",
+                dev,
+                "private-key",
+                str(key_file),
+                "listen-port",
+                str(WG_PORT),
+                "peer",
+                keys[1 - i][1],
+                "endpoint",
+                f"{other.addr4}:{WG_PORT}",
+                "allowed-ips",
+                WG_NET.format(2 - i) + "/32",
+            )
             self._do(h, "ip", "addr", "add", WG_NET.format(i + 1) + "/24", "dev", dev)
             self._do(h, "ip", "link", "set", dev, "up")
 
@@ -133,8 +159,11 @@ def iperf(lab: Lab, client, server_addr: str, seconds: float, streams: int = 1) 
     """Mbit/s received by the server in a TCP test of `streams` parallel streams (asked again
     while the server still winds down the previous test)."""
     for _ in range(20):
-        r = lab.exec(client, ["iperf3", "-c", server_addr, "-p", str(IPERF_PORT), "-t", str(seconds), "-P",
-                              str(streams), "-J"], timeout=seconds + 30)
+        r = lab.exec(
+            client,
+            ["iperf3", "-c", server_addr, "-p", str(IPERF_PORT), "-t", str(seconds), "-P", str(streams), "-J"],
+            timeout=seconds + 30,
+        )
         data = json.loads(r.stdout)
         if "busy" not in data.get("error", ""):
             break
@@ -199,8 +228,12 @@ def main() -> int:
             rb = UpNode(fed, lab.add_site("rlyb", "eim").host, 0, "--accept-any")  # symmetric ↔ NAT: relayed
             r = UpNode(fed, lab.add_site("rly", "symmetric").host, 0, "--accept-any")
             wg = WireGuard(lab, [ha, hb])
-            iperf_srvs = [lab.run(h, ["iperf3", "-s", "-p", str(IPERF_PORT)], stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL) for h in (hb, hd, rb.host)]
+            iperf_srvs = [
+                lab.run(
+                    h, ["iperf3", "-s", "-p", str(IPERF_PORT)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+                )
+                for h in (hb, hd, rb.host)
+            ]
             time.sleep(0.3)
             ntm_pids, plain_pids = [a.proc.pid, b.proc.pid], [c.proc.pid, d.proc.pid]
             wg_pids = [pr.pid for pr in wg.procs]
@@ -209,8 +242,21 @@ def main() -> int:
                 open_tunnel(lab, node.host, peer.v6)
             metric("tun_rtt_ms_p50", round(ping_p50(lab, ha, b.v6), 3))
             metric("wireguard_go_rtt_ms_p50", round(ping_p50(lab, ha, WG_NET.format(2)), 3))
-            rows: dict[str, list[float]] = {k: [] for k in ("ours", "plain", "wg", "ratio", "offload_ratio", "cpu_ours",
-                                                           "cpu_plain", "cpu_wg", "p4", "veth")}
+            rows: dict[str, list[float]] = {
+                k: []
+                for k in (
+                    "ours",
+                    "plain",
+                    "wg",
+                    "ratio",
+                    "offload_ratio",
+                    "cpu_ours",
+                    "cpu_plain",
+                    "cpu_wg",
+                    "p4",
+                    "veth",
+                )
+            }
             for n in range(args.rounds):
                 m1, c1 = measure(lab, ha, b.v6, ntm_pids, args.seconds)
                 m0, c0 = measure(lab, hc, d.v6, plain_pids, args.seconds)
@@ -219,8 +265,11 @@ def main() -> int:
                 veth = iperf(lab, ha, hb.addr4, args.seconds)
                 for k, v in zip(rows, (m1, m0, m2, m1 / m2, m1 / m0, c1, c0, c2, p4, veth)):
                     rows[k].append(v)
-                print(f"# round {n + 1}: ntm {m1:.0f} Mbit/s ({c1:.1f} CPU-s/GB), no offload {m0:.0f} ({c0:.1f}), "
-                      f"wireguard-go {m2:.0f} ({c2:.1f}), ntm -P 4 {p4:.0f}, veth {veth:.0f}", flush=True)
+                print(
+                    f"# round {n + 1}: ntm {m1:.0f} Mbit/s ({c1:.1f} CPU-s/GB), no offload {m0:.0f} ({c0:.1f}), "
+                    f"wireguard-go {m2:.0f} ({c2:.1f}), ntm -P 4 {p4:.0f}, veth {veth:.0f}",
+                    flush=True,
+                )
             med = {k: statistics.median(v) for k, v in rows.items()}
             metric("tun_tcp_mbps", round(med["ours"], 1))
             metric("tun_tcp_mbps_no_offload", round(med["plain"], 1))

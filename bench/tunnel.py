@@ -186,6 +186,7 @@ async def bench_signaling(n_requesters: int = REQUESTERS, n_peers: int = PEERS) 
         net.start_dc(1)
         nodes: list[Node] = []
         try:
+
             async def start(url: str) -> Node:
                 key = keys.generate()
                 await register(url, key)
@@ -195,8 +196,11 @@ async def bench_signaling(n_requesters: int = REQUESTERS, n_peers: int = PEERS) 
 
             home = [net.urls[0]] * (n_requesters + n_peers) + [net.urls[1]] * n_peers
             started = await asyncio.gather(*(start(url) for url in home))
-            requesters, same_dc, cross_dc = (started[:n_requesters], started[n_requesters:n_requesters + n_peers],
-                                             started[n_requesters + n_peers:])
+            requesters, same_dc, cross_dc = (
+                started[:n_requesters],
+                started[n_requesters : n_requesters + n_peers],
+                started[n_requesters + n_peers :],
+            )
 
             async def first_byte(a: Node, peer: Node, force_relay: bool = False) -> float:
                 t0 = time.perf_counter()

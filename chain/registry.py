@@ -81,7 +81,9 @@ def load_artifact() -> dict:
     try:
         text = resources.files("chain").joinpath("artifacts", ARTIFACT_NAME).read_text()
     except FileNotFoundError:
-        raise RegistryError(f"contract artifact chain/artifacts/{ARTIFACT_NAME} is missing: run `python -m scripts.compile`") from None
+        raise RegistryError(
+            f"contract artifact chain/artifacts/{ARTIFACT_NAME} is missing: run `python -m scripts.compile`"
+        ) from None
     return json.loads(text)
 
 
@@ -161,8 +163,9 @@ def _revert_reason(exc: ContractLogicError) -> str:
 class Registry:
     """One NodeRegistry deployment, seen through one RPC endpoint, optionally with a sending key."""
 
-    def __init__(self, w3: AsyncWeb3, address: bytes, chain_id: int, key: bytes | None, artifact: dict,
-                 clock: Clock = SYSTEM) -> None:
+    def __init__(
+        self, w3: AsyncWeb3, address: bytes, chain_id: int, key: bytes | None, artifact: dict, clock: Clock = SYSTEM
+    ) -> None:
         self.w3, self.clock = w3, clock
         self.address = address
         self.chain_id = chain_id
@@ -195,8 +198,9 @@ class Registry:
             raise RegistryError(f"cannot reach the chain RPC at {', '.join(w3.provider.urls)}: {exc}") from None
 
     @classmethod
-    async def deploy(cls, rpc_url: str | Sequence[str], deployer_key: bytes, artifact: dict | None = None,
-                     clock: Clock = SYSTEM) -> "Registry":
+    async def deploy(
+        cls, rpc_url: str | Sequence[str], deployer_key: bytes, artifact: dict | None = None, clock: Clock = SYSTEM
+    ) -> "Registry":
         """Deploy a fresh NodeRegistry; the deployer becomes its owner. `artifact`: another
         compilation of the same contract (bench/gas.py compares EVM targets), else the committed one."""
         artifact = artifact or load_artifact()
@@ -213,8 +217,9 @@ class Registry:
         return reg
 
     @classmethod
-    async def connect(cls, rpc_url: str | Sequence[str], address: bytes | str, key: bytes | None = None,
-                      clock: Clock = SYSTEM) -> "Registry":
+    async def connect(
+        cls, rpc_url: str | Sequence[str], address: bytes | str, key: bytes | None = None, clock: Clock = SYSTEM
+    ) -> "Registry":
         """Attach to an existing deployment; checks that a NodeRegistry with our EIP-712 domain is
         there. Several URLs: the first is preferred, the others are fallbacks (chain/rpc.py)."""
         artifact = load_artifact()
@@ -231,7 +236,9 @@ class Registry:
             except RegistryError:
                 sep = (None,)
             if sep[0] != reg.domain.separator():
-                raise RegistryError(f"the contract at {_cs(address)} on chain {chain_id} is not a compatible NodeRegistry")
+                raise RegistryError(
+                    f"the contract at {_cs(address)} on chain {chain_id} is not a compatible NodeRegistry"
+                )
         except BaseException:
             await reg.close()
             raise
@@ -282,8 +289,9 @@ class Registry:
             self._fee = (now, await self.w3.eth.gas_price)
         return self._fee[1]
 
-    async def _transact(self, data: bytes, to: bytes | None, what: str = "transaction",
-                        gas_limit: int | None = None) -> dict:
+    async def _transact(
+        self, data: bytes, to: bytes | None, what: str = "transaction", gas_limit: int | None = None
+    ) -> dict:
         """Estimate (surfacing a revert reason without spending gas), sign, send, wait for the receipt.
 
         With `gas_limit` the estimate is skipped: registerBatch never reverts for a bad record (it
@@ -344,8 +352,10 @@ class Registry:
                 next_check = now + DROP_CHECK_S
                 if not await self._can_mine(tx_hash, nonce):
                     self.forget_nonce()
-                    raise RegistryError(f"transaction 0x{tx_hash.hex()} (nonce {nonce}) cannot be mined: dropped "
-                                        "by the chain node or behind a nonce gap; sending again with a fresh nonce")
+                    raise RegistryError(
+                        f"transaction 0x{tx_hash.hex()} (nonce {nonce}) cannot be mined: dropped "
+                        "by the chain node or behind a nonce gap; sending again with a fresh nonce"
+                    )
             if now - start > timeout:
                 self.forget_nonce()
                 raise RegistryError(f"transaction 0x{tx_hash.hex()} not mined within {timeout} s")
@@ -413,8 +423,9 @@ class Registry:
         if not items:
             raise ValueError("nothing to register")
         data = self._abi.encode("registerBatch", [self.encode_record(rec, sig) for rec, sig in items])
-        receipt = await self._transact(data, self.address, "registerBatch",
-                                       BATCH_GAS_BASE + BATCH_GAS_PER_RECORD * len(items))
+        receipt = await self._transact(
+            data, self.address, "registerBatch", BATCH_GAS_BASE + BATCH_GAS_PER_RECORD * len(items)
+        )
         rejected, reasons = [], []
         topic = self._abi.topics["RecordRejected"]
         for log in receipt["logs"]:
@@ -422,8 +433,15 @@ class Registry:
                 _, vals = self._abi.decode_log(log)
                 rejected.append(_addr(vals["node"]))
                 reasons.append(REJECT_REASONS.get(vals["reason"], f"reason {vals['reason']}"))
-        return SubmitResult(bytes(receipt["transactionHash"]), receipt["blockNumber"], receipt["gasUsed"],
-                            len(items) - len(rejected), rejected, reasons, bytes(receipt["blockHash"]))
+        return SubmitResult(
+            bytes(receipt["transactionHash"]),
+            receipt["blockNumber"],
+            receipt["gasUsed"],
+            len(items) - len(rejected),
+            rejected,
+            reasons,
+            bytes(receipt["blockHash"]),
+        )
 
     # ------------------------------------------------------------------ reads
 
@@ -499,20 +517,34 @@ class Registry:
         kind, v = decoded
         node = _addr(v["node"]) if "node" in v else None
         dc = _addr(v["dc"]) if "dc" in v else None
-        return RegistryEvent(kind=kind, block=log["blockNumber"], log_index=log["logIndex"],
-                             tx_hash=bytes(log["transactionHash"]), node=node, dc=dc,
-                             timestamp=v.get("timestamp"), hostname=v.get("hostname"),
-                             endpoint=v.get("endpoint"), reason=v.get("reason"))
+        return RegistryEvent(
+            kind=kind,
+            block=log["blockNumber"],
+            log_index=log["logIndex"],
+            tx_hash=bytes(log["transactionHash"]),
+            node=node,
+            dc=dc,
+            timestamp=v.get("timestamp"),
+            hostname=v.get("hostname"),
+            endpoint=v.get("endpoint"),
+            reason=v.get("reason"),
+        )
 
-    async def get_events(self, from_block: int, to_block: int, kinds: Iterable[str] = EVENT_KINDS) -> list[RegistryEvent]:
+    async def get_events(
+        self, from_block: int, to_block: int, kinds: Iterable[str] = EVENT_KINDS
+    ) -> list[RegistryEvent]:
         """Events of the given kinds in [from_block, to_block], in chain order.
 
         The logs are read as the raw JSON-RPC answer, not through web3's result formatters: a
         DC's catch-up reads every record of the registry, and formatting plus ABI-decoding each
         log was most of its ~80 µs per record (issue 30). Node events (two indexed addresses and
         one uint64) are sliced out of their hex; the rare DC events go through the ABI decoder."""
-        params = {"address": _cs(self.address), "fromBlock": hex(from_block), "toBlock": hex(to_block),
-                  "topics": [["0x" + self._abi.topics[k].hex() for k in kinds]]}
+        params = {
+            "address": _cs(self.address),
+            "fromBlock": hex(from_block),
+            "toBlock": hex(to_block),
+            "topics": [["0x" + self._abi.topics[k].hex() for k in kinds]],
+        }
         answer = await self._rpc("eth_getLogs", self.w3.provider.make_request("eth_getLogs", [params]))
         if not isinstance(answer, dict) or not isinstance(answer.get("result"), list):
             err = answer.get("error") if isinstance(answer, dict) else None
@@ -530,15 +562,33 @@ class Registry:
         topics = log["topics"]
         kind = self._abi.events.get(bytes.fromhex(topics[0][2:]), ("",))[0] if topics else ""
         if kind in ("NodeRegistered", "NodeRevoked") and len(topics) == 3 and len(log["data"]) == 66:
-            return RegistryEvent(kind=kind, block=int(log["blockNumber"], 16), log_index=int(log["logIndex"], 16),
-                                 tx_hash=bytes.fromhex(log["transactionHash"][2:]), node=bytes.fromhex(topics[1][-40:]),
-                                 dc=bytes.fromhex(topics[2][-40:]), timestamp=int(log["data"], 16))
-        return self.parse_log({"topics": [bytes.fromhex(t[2:]) for t in topics], "data": bytes.fromhex(log["data"][2:]),
-                               "blockNumber": int(log["blockNumber"], 16), "logIndex": int(log["logIndex"], 16),
-                               "transactionHash": bytes.fromhex(log["transactionHash"][2:])})
+            return RegistryEvent(
+                kind=kind,
+                block=int(log["blockNumber"], 16),
+                log_index=int(log["logIndex"], 16),
+                tx_hash=bytes.fromhex(log["transactionHash"][2:]),
+                node=bytes.fromhex(topics[1][-40:]),
+                dc=bytes.fromhex(topics[2][-40:]),
+                timestamp=int(log["data"], 16),
+            )
+        return self.parse_log(
+            {
+                "topics": [bytes.fromhex(t[2:]) for t in topics],
+                "data": bytes.fromhex(log["data"][2:]),
+                "blockNumber": int(log["blockNumber"], 16),
+                "logIndex": int(log["logIndex"], 16),
+                "transactionHash": bytes.fromhex(log["transactionHash"][2:]),
+            }
+        )
 
-    async def events(self, from_block: int, poll_interval: float = 0.05, kinds: Iterable[str] = EVENT_KINDS,
-                     chunk: int = 2000, max_backoff: float = 5.0) -> AsyncIterator[RegistryEvent]:
+    async def events(
+        self,
+        from_block: int,
+        poll_interval: float = 0.05,
+        kinds: Iterable[str] = EVENT_KINDS,
+        chunk: int = 2000,
+        max_backoff: float = 5.0,
+    ) -> AsyncIterator[RegistryEvent]:
         """Every event of `kinds` from `from_block` on, forever, in order. Polls eth_getLogs when
         the head moves; an RPC error is retried with backoff on the same block range (no gaps)."""
         kinds = tuple(kinds)
@@ -573,8 +623,9 @@ def load_deployment(path: Path) -> dict:
         raise NtmError(f"deployment file {path} is invalid: {exc}") from None
 
 
-async def connect_registry(rpc_url: str | Sequence[str], deployment: Path, key: bytes | None = None,
-                           clock: Clock = SYSTEM) -> tuple[Registry, dict]:
+async def connect_registry(
+    rpc_url: str | Sequence[str], deployment: Path, key: bytes | None = None, clock: Clock = SYSTEM
+) -> tuple[Registry, dict]:
     """The registry of a deployment, refusing a chain whose id differs from the deployment's."""
     dep = load_deployment(deployment)
     registry = await Registry.connect(rpc_url, dep["registry"], key, clock)

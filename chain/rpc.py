@@ -39,8 +39,11 @@ class FailoverHTTPProvider(AsyncHTTPProvider):
         self._current = 0
         self._failed_at = 0.0
         self.clock = clock
-        super().__init__(self.urls[0], exception_retry_configuration=None,
-                         request_kwargs={"timeout": aiohttp.ClientTimeout(total=timeout)})
+        super().__init__(
+            self.urls[0],
+            exception_retry_configuration=None,
+            request_kwargs={"timeout": aiohttp.ClientTimeout(total=timeout)},
+        )
 
     @property
     def url(self) -> str:
@@ -61,7 +64,8 @@ class FailoverHTTPProvider(AsyncHTTPProvider):
             self._select(index)
             try:
                 return await self._request_session_manager.async_make_post_request(
-                    self.urls[index], request_data, **self.get_request_kwargs())
+                    self.urls[index], request_data, **self.get_request_kwargs()
+                )
             except TRANSPORT_ERRORS as exc:
                 last = exc
                 if index == 0:

@@ -33,23 +33,58 @@ MB = 1 << 20
 
 def parser() -> argparse.ArgumentParser:
     lim = Limits()
-    p = startup.OneLineParser(prog="ntm-cs", description="Run a Cache Server: stores end-to-end sealed items "
-                                "for nodes that are offline, beside a DC.")
-    p.add_argument("--dc", required=True, metavar="URL", type=startup.http_url, help="this CS's DC (HTTP), e.g. http://127.0.0.1:8330")
-    p.add_argument("--key-file", type=startup.readable_file, required=True, help=f"the DC's key (keystore; passphrase ${PASSPHRASE_ENV})")
-    p.add_argument("--passphrase-file", type=startup.readable_file, metavar="FILE", help="the keystore passphrase, from a file")
-    p.add_argument("--data-dir", type=startup.creatable_path, default=Path("cs-data"), help="SQLite index and blobs (default ./cs-data)")
+    p = startup.OneLineParser(
+        prog="ntm-cs",
+        description="Run a Cache Server: stores end-to-end sealed items for nodes that are offline, beside a DC.",
+    )
+    p.add_argument(
+        "--dc",
+        required=True,
+        metavar="URL",
+        type=startup.http_url,
+        help="this CS's DC (HTTP), e.g. http://127.0.0.1:8330",
+    )
+    p.add_argument(
+        "--key-file",
+        type=startup.readable_file,
+        required=True,
+        help=f"the DC's key (keystore; passphrase ${PASSPHRASE_ENV})",
+    )
+    p.add_argument(
+        "--passphrase-file", type=startup.readable_file, metavar="FILE", help="the keystore passphrase, from a file"
+    )
+    p.add_argument(
+        "--data-dir",
+        type=startup.creatable_path,
+        default=Path("cs-data"),
+        help="SQLite index and blobs (default ./cs-data)",
+    )
     p.add_argument("--http-host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
-    p.add_argument("--http-port", type=startup.port, default=DEFAULT_HTTP_PORT, help=f"default {DEFAULT_HTTP_PORT}; 0 = any")
-    p.add_argument("--public-url", type=startup.http_url, help="the URL nodes reach this CS at (default http://HOST:PORT)")
+    p.add_argument(
+        "--http-port", type=startup.port, default=DEFAULT_HTTP_PORT, help=f"default {DEFAULT_HTTP_PORT}; 0 = any"
+    )
+    p.add_argument(
+        "--public-url", type=startup.http_url, help="the URL nodes reach this CS at (default http://HOST:PORT)"
+    )
     p.add_argument("--max-item-mb", type=startup.positive, default=lim.max_item_bytes / MB, help="largest item")
     p.add_argument("--sender-quota-mb", type=startup.positive, default=lim.sender_bytes / MB, help="stored per sender")
-    p.add_argument("--sender-items", type=startup.positive_int, default=lim.sender_items, help="items stored per sender")
-    p.add_argument("--recipient-quota-mb", type=startup.positive, default=lim.recipient_bytes / MB, help="waiting per recipient")
+    p.add_argument(
+        "--sender-items", type=startup.positive_int, default=lim.sender_items, help="items stored per sender"
+    )
+    p.add_argument(
+        "--recipient-quota-mb", type=startup.positive, default=lim.recipient_bytes / MB, help="waiting per recipient"
+    )
     p.add_argument("--total-gb", type=startup.positive, default=lim.total_bytes / (1 << 30), help="stored in all")
-    p.add_argument("--ttl-hours", type=startup.positive, default=lim.ttl_ms / 3_600_000, help="undelivered items are deleted after")
-    p.add_argument("--admin-allow", action="append", type=service.network, metavar="CIDR",
-                   help="network allowed to read /metrics (default loopback)")
+    p.add_argument(
+        "--ttl-hours", type=startup.positive, default=lim.ttl_ms / 3_600_000, help="undelivered items are deleted after"
+    )
+    p.add_argument(
+        "--admin-allow",
+        action="append",
+        type=service.network,
+        metavar="CIDR",
+        help="network allowed to read /metrics (default loopback)",
+    )
     service.idle_timeout_arg(p)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
@@ -57,8 +92,14 @@ def parser() -> argparse.ArgumentParser:
 
 async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
     key = keystore.load_keystore(args.key_file, keystore.passphrase(PASSPHRASE_ENV, args.passphrase_file))
-    limits = Limits(int(args.max_item_mb * MB), int(args.sender_quota_mb * MB), args.sender_items,
-                    int(args.recipient_quota_mb * MB), int(args.ttl_hours * 3_600_000), int(args.total_gb * (1 << 30)))
+    limits = Limits(
+        int(args.max_item_mb * MB),
+        int(args.sender_quota_mb * MB),
+        args.sender_items,
+        int(args.recipient_quota_mb * MB),
+        int(args.ttl_hours * 3_600_000),
+        int(args.total_gb * (1 << 30)),
+    )
     store = Store(args.data_dir)
     clock = Clock()  # the real clock, built here and passed to the parts that read time
     link = DcLink(args.dc, key, clock)
@@ -71,9 +112,19 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
         await runner.setup()
         await web.SockSite(runner, sock).start()
         janitor = asyncio.create_task(cs.expire_loop())
-        print(json.dumps({"event": "ready", "http": f"http://{args.http_host}:{port}", "url": url,
-                          "dc": keys.checksum(keys.node_id_of(key)), "data_dir": str(args.data_dir),
-                          "pid": os.getpid()}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "event": "ready",
+                    "http": f"http://{args.http_host}:{port}",
+                    "url": url,
+                    "dc": keys.checksum(keys.node_id_of(key)),
+                    "data_dir": str(args.data_dir),
+                    "pid": os.getpid(),
+                }
+            ),
+            flush=True,
+        )
         await stop.wait()
         janitor.cancel()
         await cs.tasks.cancel()

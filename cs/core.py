@@ -92,8 +92,7 @@ class CacheCore:
     """The Cache Server's state besides its store: uploads streaming in, their reservations, and
     the envelopes already seen (replays)."""
 
-    def __init__(self, url: str, limits: Limits = Limits(), clock: Clock = SYSTEM,
-                 idle_s: float = 15.0) -> None:
+    def __init__(self, url: str, limits: Limits = Limits(), clock: Clock = SYSTEM, idle_s: float = 15.0) -> None:
         """`idle_s`: the longest pause in an upload (the HTTP idle limit)."""
         self.url, self.limits, self.clock, self.idle_s = url, limits, clock, idle_s
         self.guard = envelope.ReplayGuard()
@@ -143,9 +142,17 @@ class CacheCore:
     def accept(self, upload: Upload) -> Accepted:
         """The upload is complete and durable: when it expires, and a notice for each recipient."""
         o, now = upload.offer, self.now_ms()
-        notices = tuple(messages.CsNotice(node=keys.checksum(r), item=o.header.item.hex(), cs=self.url,
-                                          sender=keys.checksum(o.sender), size=o.size, created=now)
-                        for r in o.header.wraps)
+        notices = tuple(
+            messages.CsNotice(
+                node=keys.checksum(r),
+                item=o.header.item.hex(),
+                cs=self.url,
+                sender=keys.checksum(o.sender),
+                size=o.size,
+                created=now,
+            )
+            for r in o.header.wraps
+        )
         return Accepted(now, now + self.limits.ttl_ms, notices)
 
     def end(self, upload: Upload) -> None:
@@ -153,8 +160,9 @@ class CacheCore:
         self.uploading.discard(upload.offer.header.item)
         self.ledger.release(upload.reservation)
 
-    def may_fetch(self, node: bytes, item: bytes, ref: messages.CsItemRef, expires_ms: int | None,
-                  waiting: bool) -> None:
+    def may_fetch(
+        self, node: bytes, item: bytes, ref: messages.CsItemRef, expires_ms: int | None, waiting: bool
+    ) -> None:
         """A CS_GET or CS_ACK of `item` (the URL's) by `node`: the signed request names that item,
         it exists (`expires_ms` not None) and has not expired, and `node` is a recipient that has
         not confirmed it (`waiting`). Every refusal is the same `not_found`, whether the item does

@@ -44,7 +44,9 @@ class DcLink:
         self.clock = clock
         self._http: aiohttp.ClientSession | None = None
         # expiring LRU caches: a verdict lives VERDICT_TTL_S, the oldest goes first when full
-        self._verdicts: TTLCache[bytes, messages.NodeInfo | None] = TTLCache(VERDICTS_KEPT, VERDICT_TTL_S, timer=clock.now)
+        self._verdicts: TTLCache[bytes, messages.NodeInfo | None] = TTLCache(
+            VERDICTS_KEPT, VERDICT_TTL_S, timer=clock.now
+        )
         self._dcs: TTLCache[str, dict[bytes, str]] = TTLCache(1, DC_LIST_TTL_S, timer=clock.now)
         self.counters = {"notices_sent": 0, "notices_failed": 0, "whois": 0}
 
@@ -65,7 +67,9 @@ class DcLink:
                 text = await r.text()
                 status = r.status
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError, tlspin.ChannelError) as exc:
-            raise CsError("dc_unreachable", f"cannot reach this CS's DC at {self.dc_url}: {str(exc) or type(exc).__name__}") from None
+            raise CsError(
+                "dc_unreachable", f"cannot reach this CS's DC at {self.dc_url}: {str(exc) or type(exc).__name__}"
+            ) from None
         if status == 404:
             return None
         if status != 200:
@@ -109,8 +113,11 @@ class DcLink:
         """Tell the recipient's home DC, retried NOTIFY_ATTEMPTS times with a doubling delay from
         NOTIFY_RETRY_S (tenacity); False if it never took it."""
         try:
-            async for attempt in AsyncRetrying(stop=stop_after_attempt(NOTIFY_ATTEMPTS),
-                                               wait=wait_exponential(multiplier=NOTIFY_RETRY_S, max=60), reraise=True):
+            async for attempt in AsyncRetrying(
+                stop=stop_after_attempt(NOTIFY_ATTEMPTS),
+                wait=wait_exponential(multiplier=NOTIFY_RETRY_S, max=60),
+                reraise=True,
+            ):
                 with attempt:
                     await self._notify_once(notice)
         except (NtmError, aiohttp.ClientError, OSError, asyncio.TimeoutError):

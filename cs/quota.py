@@ -59,11 +59,19 @@ class Ledger:
     recipient_bytes: Counter = field(default_factory=Counter)
     total_bytes: int = 0
     uploads: Concurrency = field(default_factory=lambda: Concurrency(SOURCE_UPLOADS_AT_ONCE))
-    source_bytes: Buckets = field(default_factory=lambda: Buckets(SOURCE_BYTES_PER_HOUR / 3600, SOURCE_BYTES_PER_HOUR,
-                                                                  SOURCES_KEPT))
+    source_bytes: Buckets = field(
+        default_factory=lambda: Buckets(SOURCE_BYTES_PER_HOUR / 3600, SOURCE_BYTES_PER_HOUR, SOURCES_KEPT)
+    )
 
-    def reserve(self, sender: bytes, recipients: tuple[bytes, ...], source: Hashable | None, size: int,
-                stored: Stored, now: float) -> Reservation:
+    def reserve(
+        self,
+        sender: bytes,
+        recipients: tuple[bytes, ...],
+        source: Hashable | None,
+        size: int,
+        stored: Stored,
+        now: float,
+    ) -> Reservation:
         """Reserve `size` bytes for an upload, or raise; `source` None is exempt from the source limits."""
         c = self.caps
         if stored.total_bytes + self.total_bytes + size > c.total_bytes:
@@ -71,8 +79,11 @@ class Ledger:
         items = stored.sender_items + self.sender_items[sender] + 1
         used = stored.sender_bytes + self.sender_bytes[sender]
         if items > c.sender_items or used + size > c.sender_bytes:
-            raise CsError("over_quota", f"sender quota: {items - 1} items, {used} bytes stored or uploading of "
-                          f"{c.sender_items} items, {c.sender_bytes} bytes")
+            raise CsError(
+                "over_quota",
+                f"sender quota: {items - 1} items, {used} bytes stored or uploading of "
+                f"{c.sender_items} items, {c.sender_bytes} bytes",
+            )
         for r in recipients:
             if stored.recipient_bytes.get(r, 0) + self.recipient_bytes[r] + size > c.recipient_bytes:
                 raise CsError("over_quota", f"recipient {r.hex()} already has {c.recipient_bytes} bytes waiting")

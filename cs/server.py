@@ -40,15 +40,29 @@ METRICS = web.AppKey("metrics", Metrics)
 
 
 class CacheServer:
-    def __init__(self, store: Store, link: DcLink, public_url: str, limits: Limits = Limits(),
-                 idle_timeout_s: float = service.HTTP_IDLE_TIMEOUT_S, clock: Clock = SYSTEM) -> None:
+    def __init__(
+        self,
+        store: Store,
+        link: DcLink,
+        public_url: str,
+        limits: Limits = Limits(),
+        idle_timeout_s: float = service.HTTP_IDLE_TIMEOUT_S,
+        clock: Clock = SYSTEM,
+    ) -> None:
         """`idle_timeout_s`: how long an upload may pause (and an HTTP connection idle)."""
         self.store, self.link, self.url = store, link, public_url.rstrip("/")
         self.idle_timeout_s = idle_timeout_s
         self.core = CacheCore(self.url, limits, clock, idle_timeout_s)
         self.tasks = service.BackgroundTasks()
-        self.counters = {"uploads": 0, "downloads": 0, "confirmations": 0, "expired": 0, "refused": 0,
-                         "bytes_in": 0, "bytes_out": 0}
+        self.counters = {
+            "uploads": 0,
+            "downloads": 0,
+            "confirmations": 0,
+            "expired": 0,
+            "refused": 0,
+            "bytes_in": 0,
+            "bytes_out": 0,
+        }
 
     async def authorize(self, obj: object, kind: str) -> envelope.Envelope:
         """A node-signed envelope of `kind`: signature, freshness, no replay, then registered and not revoked."""
@@ -116,8 +130,13 @@ async def handle_put(request: web.Request) -> web.Response:
         cs.core.end(upload)  # indexed (the store counts it) or failed (nothing kept)
     cs.counters["uploads"] += 1
     cs.counters["bytes_in"] += offer.size
-    log.info("stored item %s from %s: %d bytes for %d recipients", item.hex(), keys.checksum(offer.sender),
-             offer.size, len(wraps))
+    log.info(
+        "stored item %s from %s: %d bytes for %d recipients",
+        item.hex(),
+        keys.checksum(offer.sender),
+        offer.size,
+        len(wraps),
+    )
     for notice in accepted.notices:
         cs.tasks.spawn(cs.link.notify(notice))
     return web.json_response({"item": item.hex(), "size": offer.size, "expires": accepted.expires_ms}, status=201)
@@ -138,8 +157,15 @@ async def receive(cs: CacheServer, content: StreamReader, upload: Upload) -> Acc
         cs.core.received(upload, got, done=True)
         await asyncio.to_thread(cs.store.persist, item)
         accepted = cs.core.accept(upload)
-        cs.store.index(item, upload.offer.sender, upload.offer.header.to_json(), list(upload.offer.header.wraps),
-                       upload.offer.size, accepted.created_ms, accepted.expires_ms)
+        cs.store.index(
+            item,
+            upload.offer.sender,
+            upload.offer.header.to_json(),
+            list(upload.offer.header.wraps),
+            upload.offer.size,
+            accepted.created_ms,
+            accepted.expires_ms,
+        )
     except BaseException:
         part.unlink(missing_ok=True)
         cs.store.blob(item).unlink(missing_ok=True)  # persisted but not indexed: never acknowledged
@@ -156,16 +182,23 @@ async def body_chunks(content: StreamReader, deadline: float, now: Callable[[], 
         try:
             chunk = await asyncio.wait_for(content.read(READ_CHUNK), min(idle_s, deadline - now()))
         except asyncio.TimeoutError:
-            raise CsError("stalled", f"the upload stalled (a pause of {idle_s:g} s, or under "
-                          f"{MIN_UPLOAD_BYTES_PER_S} bytes/s)") from None
+            raise CsError(
+                "stalled", f"the upload stalled (a pause of {idle_s:g} s, or under {MIN_UPLOAD_BYTES_PER_S} bytes/s)"
+            ) from None
         if not chunk:
             return
         yield chunk
 
 
 def _listing(item) -> dict:
-    return {"item": item.item.hex(), "sender": keys.checksum(item.sender), "size": item.size,
-            "created": item.created_ms, "expires": item.expires_ms, "header": item.header}
+    return {
+        "item": item.item.hex(),
+        "sender": keys.checksum(item.sender),
+        "size": item.size,
+        "created": item.created_ms,
+        "expires": item.expires_ms,
+        "header": item.header,
+    }
 
 
 @ROUTES.post("/v1/inbox")
@@ -179,8 +212,13 @@ async def handle_inbox(request: web.Request) -> web.Response:
 def _addressed(cs: CacheServer, env: envelope.Envelope, item: bytes) -> StoredItem:
     """The stored item, if `env` may fetch or confirm it (CacheCore.may_fetch decides)."""
     stored = cs.store.get(item)
-    cs.core.may_fetch(env.sender, item, messages.decode(messages.CsItemRef, env.body),
-                      None if stored is None else stored.expires_ms, cs.store.waiting_for(env.sender, item))
+    cs.core.may_fetch(
+        env.sender,
+        item,
+        messages.decode(messages.CsItemRef, env.body),
+        None if stored is None else stored.expires_ms,
+        cs.store.waiting_for(env.sender, item),
+    )
     assert stored is not None  # refused above otherwise
     return stored
 
@@ -193,9 +231,14 @@ async def handle_get(request: web.Request) -> web.StreamResponse:
     stored = _addressed(cs, env, item)
     cs.counters["downloads"] += 1
     cs.counters["bytes_out"] += stored.size
-    return web.FileResponse(cs.store.blob(item), chunk_size=READ_CHUNK,
-                            headers={ITEM_HEADER: json.dumps(stored.header, separators=(",", ":")),
-                                     "Content-Type": "application/octet-stream"})
+    return web.FileResponse(
+        cs.store.blob(item),
+        chunk_size=READ_CHUNK,
+        headers={
+            ITEM_HEADER: json.dumps(stored.header, separators=(",", ":")),
+            "Content-Type": "application/octet-stream",
+        },
+    )
 
 
 @ROUTES.post("/v1/items/{item}/ack")
@@ -220,11 +263,18 @@ async def handle_metrics(request: web.Request) -> web.Response:
     return web.Response(body=request.app[METRICS].render(), headers={"Content-Type": CONTENT_TYPE})
 
 
-COUNTER_DOCS = {"uploads": "items stored", "downloads": "items served to a recipient",
-                "confirmations": "recipients' confirmations", "expired": "items deleted unfetched after their TTL",
-                "refused": "requests refused", "bytes_in": "item bytes stored", "bytes_out": "item bytes served",
-                "notices_sent": "notices delivered to recipients' home DCs", "notices_failed": "notices given up on",
-                "whois": "registration checks asked of our DC (not cached)"}
+COUNTER_DOCS = {
+    "uploads": "items stored",
+    "downloads": "items served to a recipient",
+    "confirmations": "recipients' confirmations",
+    "expired": "items deleted unfetched after their TTL",
+    "refused": "requests refused",
+    "bytes_in": "item bytes stored",
+    "bytes_out": "item bytes served",
+    "notices_sent": "notices delivered to recipients' home DCs",
+    "notices_failed": "notices given up on",
+    "whois": "registration checks asked of our DC (not cached)",
+}
 
 
 def cs_metrics(cs: CacheServer) -> Metrics:

@@ -79,22 +79,34 @@ class Store:
         finally:
             os.close(dir_fd)
 
-    def index(self, item: bytes, sender: bytes, header: dict, recipients: list[bytes], size: int,
-              created_ms: int, expires_ms: int) -> None:
+    def index(
+        self,
+        item: bytes,
+        sender: bytes,
+        header: dict,
+        recipients: list[bytes],
+        size: int,
+        created_ms: int,
+        expires_ms: int,
+    ) -> None:
         """Index a persisted blob: from this commit on the item exists (and is acknowledged)."""
         with self.db:
             self.db.execute("BEGIN")
-            self.db.execute("INSERT INTO items VALUES (?,?,?,?,?,?)",
-                            (item, sender, json.dumps(header), size, created_ms, expires_ms))
-            self.db.executemany("INSERT INTO recipients (item, recipient) VALUES (?,?)",
-                                [(item, r) for r in recipients])
+            self.db.execute(
+                "INSERT INTO items VALUES (?,?,?,?,?,?)",
+                (item, sender, json.dumps(header), size, created_ms, expires_ms),
+            )
+            self.db.executemany(
+                "INSERT INTO recipients (item, recipient) VALUES (?,?)", [(item, r) for r in recipients]
+            )
 
     def _item(self, row) -> StoredItem:
         return StoredItem(row[0], row[1], json.loads(row[2]), row[3], row[4], row[5])
 
     def get(self, item: bytes) -> StoredItem | None:
-        row = self.db.execute("SELECT item, sender, header, size, created_ms, expires_ms FROM items WHERE item=?",
-                              (item,)).fetchone()
+        row = self.db.execute(
+            "SELECT item, sender, header, size, created_ms, expires_ms FROM items WHERE item=?", (item,)
+        ).fetchone()
         return self._item(row) if row else None
 
     def exists(self, item: bytes) -> bool:
@@ -102,27 +114,36 @@ class Store:
 
     def waiting_for(self, recipient: bytes, item: bytes) -> bool:
         """Whether `recipient` is a recipient of `item` that has not confirmed it yet."""
-        return self.db.execute("SELECT 1 FROM recipients WHERE item=? AND recipient=? AND confirmed=0",
-                               (item, recipient)).fetchone() is not None
+        return (
+            self.db.execute(
+                "SELECT 1 FROM recipients WHERE item=? AND recipient=? AND confirmed=0", (item, recipient)
+            ).fetchone()
+            is not None
+        )
 
     def inbox(self, recipient: bytes, now_ms: int) -> list[StoredItem]:
         rows = self.db.execute(
             "SELECT i.item, i.sender, i.header, i.size, i.created_ms, i.expires_ms FROM items i "
             "JOIN recipients r ON r.item = i.item WHERE r.recipient=? AND r.confirmed=0 AND i.expires_ms > ? "
-            "ORDER BY i.created_ms", (recipient, now_ms)).fetchall()
+            "ORDER BY i.created_ms",
+            (recipient, now_ms),
+        ).fetchall()
         return [self._item(r) for r in rows]
 
     def sender_usage(self, sender: bytes) -> tuple[int, int]:
         """(items, bytes) a sender has stored here."""
-        n, size = self.db.execute("SELECT count(*), coalesce(sum(size), 0) FROM items WHERE sender=?",
-                                  (sender,)).fetchone()
+        n, size = self.db.execute(
+            "SELECT count(*), coalesce(sum(size), 0) FROM items WHERE sender=?", (sender,)
+        ).fetchone()
         return n, size
 
     def recipient_usage(self, recipient: bytes) -> int:
         """Bytes waiting for a recipient."""
         return self.db.execute(
             "SELECT coalesce(sum(i.size), 0) FROM items i JOIN recipients r ON r.item = i.item "
-            "WHERE r.recipient=? AND r.confirmed=0", (recipient,)).fetchone()[0]
+            "WHERE r.recipient=? AND r.confirmed=0",
+            (recipient,),
+        ).fetchone()[0]
 
     def confirm(self, item: bytes, recipient: bytes) -> bool:
         """Mark delivered to `recipient`; delete the item once every recipient has it. Returns
@@ -130,8 +151,9 @@ class Store:
         with self.db:
             self.db.execute("BEGIN")
             self.db.execute("UPDATE recipients SET confirmed=1 WHERE item=? AND recipient=?", (item, recipient))
-            left = self.db.execute("SELECT count(*) FROM recipients WHERE item=? AND confirmed=0",
-                                   (item,)).fetchone()[0]
+            left = self.db.execute("SELECT count(*) FROM recipients WHERE item=? AND confirmed=0", (item,)).fetchone()[
+                0
+            ]
             if left == 0:
                 self.db.execute("DELETE FROM items WHERE item=?", (item,))
         if left == 0:

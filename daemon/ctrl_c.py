@@ -11,8 +11,13 @@ import signal
 import sys
 
 INTERRUPTED = 130  # the README's exit code for Ctrl-C
-PROGRAMS = {"node/cli.py": "ntm", "dc/__main__.py": "ntm-dc", "rs/__main__.py": "ntm-rs",
-            "cs/__main__.py": "ntm-cs", "scripts/deploy.py": "ntm-deploy"}  # main module → console script
+PROGRAMS = {
+    "node/cli.py": "ntm",
+    "dc/__main__.py": "ntm-dc",
+    "rs/__main__.py": "ntm-rs",
+    "cs/__main__.py": "ntm-cs",
+    "scripts/deploy.py": "ntm-deploy",
+}  # main module → console script
 
 
 def program(argv0: str) -> str | None:

@@ -57,11 +57,29 @@ def forwarding_rules(tun: str, v4_net: IPv4Network, prefixes: list[Net], comment
     for net in prefixes:
         cmd, src = ("iptables", str(v4_net)) if net.version == 4 else ("ip6tables", str(V6_PREFIX))
         tag = ["-m", "comment", "--comment", comment]
-        rules += [[cmd, "-t", "filter", "FORWARD", "-i", tun, "-s", src, "-d", str(net), *tag, "-j", "ACCEPT"],
-                  [cmd, "-t", "filter", "FORWARD", "-o", tun, "-s", str(net), "-d", src,
-                   "-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", *tag, "-j", "ACCEPT"],
-                  [cmd, "-t", "nat", "POSTROUTING", "-s", src, "-d", str(net), "!", "-o", tun, *tag,
-                   "-j", "MASQUERADE"]]
+        rules += [
+            [cmd, "-t", "filter", "FORWARD", "-i", tun, "-s", src, "-d", str(net), *tag, "-j", "ACCEPT"],
+            [
+                cmd,
+                "-t",
+                "filter",
+                "FORWARD",
+                "-o",
+                tun,
+                "-s",
+                str(net),
+                "-d",
+                src,
+                "-m",
+                "conntrack",
+                "--ctstate",
+                "RELATED,ESTABLISHED",
+                *tag,
+                "-j",
+                "ACCEPT",
+            ],
+            [cmd, "-t", "nat", "POSTROUTING", "-s", src, "-d", str(net), "!", "-o", tun, *tag, "-j", "MASQUERADE"],
+        ]
     return rules
 
 

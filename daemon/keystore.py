@@ -65,8 +65,9 @@ def decrypt(blob: dict, passphrase: str) -> bytes | None:
     params, pw = crypto["kdfparams"], passphrase.encode()
     salt = bytes.fromhex(params["salt"])
     if crypto["kdf"] == "scrypt":
-        derived = hashlib.scrypt(pw, salt=salt, n=params["n"], r=params["r"], p=params["p"], dklen=params["dklen"],
-                                 maxmem=SCRYPT_MAXMEM)
+        derived = hashlib.scrypt(
+            pw, salt=salt, n=params["n"], r=params["r"], p=params["p"], dklen=params["dklen"], maxmem=SCRYPT_MAXMEM
+        )
     elif crypto["kdf"] == "pbkdf2" and params.get("prf") == "hmac-sha256":
         derived = hashlib.pbkdf2_hmac("sha256", pw, salt, params["c"], params["dklen"])
     else:

@@ -40,12 +40,14 @@ class Metrics:
 
     def gauge(self, name: str, doc: str, read: Callable[[], float | None]) -> None:
         """A value read at scrape time (None: not known yet, the series is left out)."""
+
         def collect() -> Iterable[Metric]:
             value = read()
             if value is not None:
                 family = GaugeMetricFamily(f"{self.prefix}_{name}", doc)
                 family.add_metric([], value)
                 yield family
+
         self._readouts.append(collect)
 
     def labelled_gauge(self, name: str, doc: str, label: str, read: Callable[[], dict[str, float]]) -> None:
@@ -54,12 +56,15 @@ class Metrics:
             for key, value in sorted(read().items()):
                 family.add_metric([key], value)
             yield family
+
         self._readouts.append(collect)
 
-    def counters(self, read: Callable[[], dict[str, int]], docs: dict[str, str], label: tuple[str, str] | None = None
-                 ) -> None:
+    def counters(
+        self, read: Callable[[], dict[str, int]], docs: dict[str, str], label: tuple[str, str] | None = None
+    ) -> None:
         """Counters the code keeps in a dict: one series per key documented in `docs` (name: help),
         or, with `label` = (series name, label name), one labelled series over all keys."""
+
         def collect() -> Iterable[Metric]:
             values = read()
             if label is not None:
@@ -71,6 +76,7 @@ class Metrics:
             for key, doc in docs.items():
                 if key in values:
                     yield CounterMetricFamily(f"{self.prefix}_{key}", doc, value=values[key])
+
         self._readouts.append(collect)
 
     def collect(self) -> Iterable[Metric]:

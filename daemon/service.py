@@ -67,8 +67,9 @@ def admin_only(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
 
     async def guarded(request: web.Request) -> web.StreamResponse:
         if not from_admin(request):
-            return web.json_response({"error": "forbidden", "message": "operator endpoint: not for this address"},
-                                     status=403)
+            return web.json_response(
+                {"error": "forbidden", "message": "operator endpoint: not for this address"}, status=403
+            )
         return await handler(request)
 
     return guarded
@@ -85,13 +86,28 @@ def daemon_parser(prog: str, description: str, chain_required: bool) -> argparse
     """The flags every daemon shares: where the chain is, which deployment, who may read the
     operator endpoints, and -v."""
     p = startup.OneLineParser(prog=prog, description=description)
-    p.add_argument("--admin-allow", action="append", type=network, metavar="CIDR",
-                   help="network allowed to read /metrics and other operator endpoints (repeatable; "
-                   "default: loopback only)")
-    p.add_argument("--rpc-url", action="append", required=chain_required, metavar="URL", type=startup.ws_or_http_url,
-                   help="Ethereum JSON-RPC URL of the chain; repeat for fallbacks (the first, your own node, "
-                   "is preferred; the next is used when it fails)")
-    p.add_argument("--deployment", type=startup.readable_file, required=chain_required, help="deployment JSON written by scripts/deploy.py")
+    p.add_argument(
+        "--admin-allow",
+        action="append",
+        type=network,
+        metavar="CIDR",
+        help="network allowed to read /metrics and other operator endpoints (repeatable; default: loopback only)",
+    )
+    p.add_argument(
+        "--rpc-url",
+        action="append",
+        required=chain_required,
+        metavar="URL",
+        type=startup.ws_or_http_url,
+        help="Ethereum JSON-RPC URL of the chain; repeat for fallbacks (the first, your own node, "
+        "is preferred; the next is used when it fails)",
+    )
+    p.add_argument(
+        "--deployment",
+        type=startup.readable_file,
+        required=chain_required,
+        help="deployment JSON written by scripts/deploy.py",
+    )
     idle_timeout_arg(p)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
@@ -99,8 +115,12 @@ def daemon_parser(prog: str, description: str, chain_required: bool) -> argparse
 
 def idle_timeout_arg(p: argparse.ArgumentParser) -> None:
     """--http-idle-timeout, for every HTTP daemon (the CS has a parser of its own)."""
-    p.add_argument("--http-idle-timeout", type=startup.positive, metavar="S",
-                   help=f"close HTTP connections idle or stalled this long (default {HTTP_IDLE_TIMEOUT_S:.0f} s)")
+    p.add_argument(
+        "--http-idle-timeout",
+        type=startup.positive,
+        metavar="S",
+        help=f"close HTTP connections idle or stalled this long (default {HTTP_IDLE_TIMEOUT_S:.0f} s)",
+    )
 
 
 class LockHeld(NtmError):

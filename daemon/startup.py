@@ -120,7 +120,10 @@ def creatable_path(text: str) -> Path:
     return Path(text)
 
 
-PATH_CHECKS = {readable_file: (_file, "a readable file"), creatable_path: (_in_a_directory, "a path in an existing directory")}
+PATH_CHECKS = {
+    readable_file: (_file, "a readable file"),
+    creatable_path: (_in_a_directory, "a path in an existing directory"),
+}
 
 
 def check_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

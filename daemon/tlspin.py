@@ -57,14 +57,24 @@ def ensure_certificate(cert: Path, key_path: Path, name: str, clock: Clock) -> t
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     now = clock.utc()
-    der = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
-           .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
-           .not_valid_after(now + datetime.timedelta(days=CERT_VALID_DAYS)).sign(key, hashes.SHA256()))
+    der = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=CERT_VALID_DAYS))
+        .sign(key, hashes.SHA256())
+    )
     cert.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
-        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                  serialization.NoEncryption()))
+        f.write(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
     cert.write_bytes(der.public_bytes(serialization.Encoding.PEM))
     log.info("made a TLS certificate in %s", cert)
     return cert, key_path
@@ -83,7 +93,7 @@ def leaf_der(cert: Path) -> bytes:
     end = "-----END CERTIFICATE-----"
     if end not in pem:
         raise ValueError(f"{cert} holds no PEM certificate")
-    return ssl.PEM_cert_to_DER_cert(pem[:pem.index(end) + len(end)])
+    return ssl.PEM_cert_to_DER_cert(pem[: pem.index(end) + len(end)])
 
 
 def pin_of(der: bytes) -> str:
@@ -133,8 +143,10 @@ def relay_target(url: str) -> RelayTarget:
         return RelayTarget(base, sha256=bytes.fromhex(value))
     if name == "cert" and value:
         return RelayTarget(base, cert=Path(value))
-    raise ValueError(f"relay {url!r}: expected its pin after '#', {PIN_HASH}=<64 hex digits> (`ntm-rs --print-pin` "
-                     "on the relay's machine) or cert=<its certificate file>")
+    raise ValueError(
+        f"relay {url!r}: expected its pin after '#', {PIN_HASH}=<64 hex digits> (`ntm-rs --print-pin` "
+        "on the relay's machine) or cert=<its certificate file>"
+    )
 
 
 class TlsSockSite(web.SockSite):
@@ -148,8 +160,12 @@ class TlsSockSite(web.SockSite):
     async def start(self) -> None:
         await web.BaseSite.start(self)  # SockSite.start without its create_server
         self._server = await asyncio.get_running_loop().create_server(
-            self._runner.server, sock=self._sock, ssl=self._ssl_context,
-            ssl_handshake_timeout=self._handshake_timeout if self._ssl_context else None, backlog=self._backlog)
+            self._runner.server,
+            sock=self._sock,
+            ssl=self._ssl_context,
+            ssl_handshake_timeout=self._handshake_timeout if self._ssl_context else None,
+            backlog=self._backlog,
+        )
 
 
 def _anyone() -> ssl.SSLContext:
@@ -169,8 +185,9 @@ async def presented(http: aiohttp.ClientSession, base: str, timeout: float) -> t
     same certificate (unchecked: the caller checks the binding)."""
     parts = urlsplit(base)
     try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(parts.hostname, parts.port or 443, ssl=_anyone()),
-                                           timeout)
+        _, writer = await asyncio.wait_for(
+            asyncio.open_connection(parts.hostname, parts.port or 443, ssl=_anyone()), timeout
+        )
         der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
         writer.close()
         seen = aiohttp.Fingerprint(hashlib.sha256(der).digest())
@@ -214,8 +231,9 @@ def forget(base: str) -> None:
     _PINNED.pop(base, None)
 
 
-async def ssl_for(http: aiohttp.ClientSession, base: str, address: bytes | None, timeout: float
-                  ) -> aiohttp.Fingerprint | bool:
+async def ssl_for(
+    http: aiohttp.ClientSession, base: str, address: bytes | None, timeout: float
+) -> aiohttp.Fingerprint | bool:
     """What aiohttp's `ssl=` must be for `base`: its pinned fingerprint (https://, `address`
     known, or None and already pinned in this process), True for plain http:// (no TLS at all:
     development only). An https:// URL with no address to check it against is refused: there is
@@ -231,5 +249,6 @@ async def ssl_for(http: aiohttp.ClientSession, base: str, address: bytes | None,
 
 
 def warn_plain(what: str) -> None:
-    log.warning("%s uses plain HTTP (%s): anyone on the path reads and rewrites it; development only",
-                what, INSECURE_FLAG)
+    log.warning(
+        "%s uses plain HTTP (%s): anyone on the path reads and rewrites it; development only", what, INSECURE_FLAG
+    )

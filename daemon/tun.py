@@ -112,8 +112,16 @@ class Tun:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @classmethod
-    def open(cls, name: str, mtu: int, v6: IPv6Address, v6_net: IPv6Network, v4: IPv4Address,
-             v4_net: IPv4Network, offload: bool = True) -> Tun:
+    def open(
+        cls,
+        name: str,
+        mtu: int,
+        v6: IPv6Address,
+        v6_net: IPv6Network,
+        v4: IPv4Address,
+        v4_net: IPv4Network,
+        offload: bool = True,
+    ) -> Tun:
         """Create `name` with our addresses; the overlay prefixes route into it. `offload`: use
         the kernel's TUN offloads if it has them (False: the one-packet-per-read path)."""
         if not name or len(name.encode()) >= IFNAMSIZ or "/" in name or " " in name:
@@ -185,5 +193,9 @@ class Tun:
         os.close(self.fd)
 
     def stats(self) -> dict[str, int]:
-        return {"rx_packets": self.rx_packets, "tx_packets": self.tx_packets, "write_errors": self.write_errors,
-                "offload": int(self.vnet) + int(self.uso)}
+        return {
+            "rx_packets": self.rx_packets,
+            "tx_packets": self.tx_packets,
+            "write_errors": self.write_errors,
+            "offload": int(self.vnet) + int(self.uso),
+        }

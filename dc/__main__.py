@@ -52,27 +52,46 @@ async def serve(cfg: dc_config.DcConfig, stop: asyncio.Event) -> None:
         cache.remember(number, block_hash)
     socks = (udp_socket(cfg.udp_host, cfg.udp_port), udp_socket(cfg.udp_host, cfg.udp_alt_port))
     ports = (socks[0].getsockname()[1], socks[1].getsockname()[1])
-    coord = Coordinator(key, registry, store, cache, cfg.hostname, cfg.relays, ports,
-                        new_nodes_per_hour=cfg.new_nodes_per_hour, new_nodes_burst=cfg.new_nodes_per_hour / 5,
-                        confirmations=cfg.confirmations, cs=cfg.cs, clock=clock)
+    coord = Coordinator(
+        key,
+        registry,
+        store,
+        cache,
+        cfg.hostname,
+        cfg.relays,
+        ports,
+        new_nodes_per_hour=cfg.new_nodes_per_hour,
+        new_nodes_burst=cfg.new_nodes_per_hour / 5,
+        confirmations=cfg.confirmations,
+        cs=cfg.cs,
+        clock=clock,
+    )
     chain_status = ChainStatus(cache, registry, BATCH_GAS_PER_RECORD, cfg.max_block_age, clock)
     if not cache.is_active_dc(coord.address):
-        logging.warning("DC %s is not active in the registry: registrations will be refused until it is admitted",
-                        keys.checksum(coord.address))
+        logging.warning(
+            "DC %s is not active in the registry: registrations will be refused until it is admitted",
+            keys.checksum(coord.address),
+        )
     loop = asyncio.get_running_loop()
-    transports = [(await loop.create_datagram_endpoint(lambda alt=alt: KeepaliveProtocol(coord.presence, alt),
-                                                       sock=sock))[0] for alt, sock in ((False, socks[0]), (True, socks[1]))]
-    tasks = [asyncio.create_task(cache.run(), name="cache"), asyncio.create_task(coord.submitter.run(), name="submitter"),
-             asyncio.create_task(chain_status.run(), name="chain-status"),
-             asyncio.create_task(cache.keep_snapshot(snap_path), name="snapshot"),
-             asyncio.create_task(prune_outbox(store, cache, cfg.confirmations), name="outbox-prune")]
+    transports = [
+        (await loop.create_datagram_endpoint(lambda alt=alt: KeepaliveProtocol(coord.presence, alt), sock=sock))[0]
+        for alt, sock in ((False, socks[0]), (True, socks[1]))
+    ]
+    tasks = [
+        asyncio.create_task(cache.run(), name="cache"),
+        asyncio.create_task(coord.submitter.run(), name="submitter"),
+        asyncio.create_task(chain_status.run(), name="chain-status"),
+        asyncio.create_task(cache.keep_snapshot(snap_path), name="snapshot"),
+        asyncio.create_task(prune_outbox(store, cache, cfg.confirmations), name="outbox-prune"),
+    ]
     probe = FederationProbe(coord)
     tasks.append(asyncio.create_task(probe.run(), name="federation-probe"))
     runner = httpapp.runner(make_app(coord, chain_status, tuple(cfg.admin_allow), probe), cfg.http_idle_timeout)
     await runner.setup()
     tls = tls_context(cfg, key, coord)
-    site = tlspin.TlsSockSite(runner, http_listener(cfg.http_host, cfg.http_port), ssl_context=tls,
-                              handshake_timeout=cfg.http_idle_timeout)
+    site = tlspin.TlsSockSite(
+        runner, http_listener(cfg.http_host, cfg.http_port), ssl_context=tls, handshake_timeout=cfg.http_idle_timeout
+    )
     await site.start()
     http_port = site._server.sockets[0].getsockname()[1]
     pending = store.count_outbox("pending")
@@ -83,9 +102,16 @@ async def serve(cfg: dc_config.DcConfig, stop: asyncio.Event) -> None:
         # Serving already (/healthz says 503 catching_up, lookups of unknown nodes say catching_up),
         # but ready only once the registry is read up to the head (unless the stop comes first).
         if await first(cache.ready.wait(), stop.wait()):
-            ready = {"event": "ready", "dc": keys.checksum(coord.address), "hostname": cfg.hostname,
-                     "http": f"{'https' if tls else 'http'}://{cfg.http_host}:{http_port}", "udp_ports": list(ports),
-                     "chain_id": registry.chain_id, "registry": keys.checksum(registry.address), "pid": os.getpid()}
+            ready = {
+                "event": "ready",
+                "dc": keys.checksum(coord.address),
+                "hostname": cfg.hostname,
+                "http": f"{'https' if tls else 'http'}://{cfg.http_host}:{http_port}",
+                "udp_ports": list(ports),
+                "chain_id": registry.chain_id,
+                "registry": keys.checksum(registry.address),
+                "pid": os.getpid(),
+            }
             print(json.dumps(ready), flush=True)
             logging.info("DC %s serving on %s (keepalive udp %d, %d)", ready["dc"], ready["http"], *ports)
             await stop.wait()
@@ -141,9 +167,16 @@ def tls_context(cfg: dc_config.DcConfig, key, coord: Coordinator) -> ssl.SSLCont
     if cfg.insecure_plain_http:
         tlspin.warn_plain(f"DC {keys.checksum(coord.address)}")
         return None
-    cert, cert_key = (cfg.tls_cert, cfg.tls_key) if cfg.tls_cert else tlspin.ensure_certificate(
-        cfg.db.with_name(cfg.db.stem + "-tls-cert.pem"), cfg.db.with_name(cfg.db.stem + "-tls-key.pem"), cfg.hostname,
-        coord.clock)
+    cert, cert_key = (
+        (cfg.tls_cert, cfg.tls_key)
+        if cfg.tls_cert
+        else tlspin.ensure_certificate(
+            cfg.db.with_name(cfg.db.stem + "-tls-cert.pem"),
+            cfg.db.with_name(cfg.db.stem + "-tls-key.pem"),
+            cfg.hostname,
+            coord.clock,
+        )
+    )
     try:
         ctx, der = tlspin.server_context(cert, cert_key)
     except (OSError, ssl.SSLError, ValueError) as exc:

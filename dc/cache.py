@@ -85,9 +85,12 @@ class RegistryCache:
         then reads only the logs after it. False (and the cache unchanged) if it does not."""
         now = await self.registry.block(snap.block)
         if now is None or now.hash != snap.block_hash:
-            log.warning("registry snapshot at block %d discarded: %s; reading the registry from block %d",
-                        snap.block, "the chain is shorter" if now is None else "the chain has another block there",
-                        self.from_block)
+            log.warning(
+                "registry snapshot at block %d discarded: %s; reading the registry from block %d",
+                snap.block,
+                "the chain is shorter" if now is None else "the chain has another block there",
+                self.from_block,
+            )
             return False
         self.nodes, self.dcs, self.live_per_dc = snap.nodes, snap.dcs, {}
         for rec in self.nodes.values():  # once per start
@@ -100,8 +103,15 @@ class RegistryCache:
         """The cache as it is now (copied: the follower goes on), or None before the first catch-up."""
         if not self.caught_up or self.block not in self._hashes:
             return None
-        return Snapshot(self.registry.chain_id, self.registry.address, self.from_block, self.block,
-                        self._hashes[self.block], dict(self.nodes), dict(self.dcs))
+        return Snapshot(
+            self.registry.chain_id,
+            self.registry.address,
+            self.from_block,
+            self.block,
+            self._hashes[self.block],
+            dict(self.nodes),
+            dict(self.dcs),
+        )
 
     async def keep_snapshot(self, path: Path) -> None:
         """Write the snapshot every SNAPSHOT_EVERY_S when the cache has read new blocks."""
@@ -155,7 +165,11 @@ class RegistryCache:
         Returns True when caught up with the head."""
         number = await self.registry.block_number()
         now = self.clock.now()
-        if self.head is not None and number == self.head.number == self.block and now - self._head_read_at < HEAD_REFRESH_S:
+        if (
+            self.head is not None
+            and number == self.head.number == self.block
+            and now - self._head_read_at < HEAD_REFRESH_S
+        ):
             self.head_seen_at = now
             return True
         head = await self.registry.head()
@@ -184,7 +198,9 @@ class RegistryCache:
 
     def _at_head(self) -> bool:
         if not self.caught_up:
-            log.info("registry cache caught up at block %d: %d nodes, %d DCs", self.block, len(self.nodes), len(self.dcs))
+            log.info(
+                "registry cache caught up at block %d: %d nodes, %d DCs", self.block, len(self.nodes), len(self.dcs)
+            )
             self.ready.set()
         return True
 
@@ -231,8 +247,12 @@ class RegistryCache:
 
     async def _rebuild(self, head: BlockRef, fork: int) -> None:
         """Replace the cache with the chain's state at `head` (read first, swapped at once)."""
-        log.warning("chain rollback: blocks from %d changed (head now %d, had read up to %d); rebuilding the "
-                    "registry cache", fork, head.number, self.block)
+        log.warning(
+            "chain rollback: blocks from %d changed (head now %d, had read up to %d); rebuilding the registry cache",
+            fork,
+            head.number,
+            self.block,
+        )
         dcs = await self.registry.dcs()
         events: list[RegistryEvent] = []
         for start in range(self.from_block, head.number + 1, LOG_CHUNK):

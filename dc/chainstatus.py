@@ -62,7 +62,8 @@ class ChainStatus:
         elif not self.cache.caught_up:  # the first full read of the registry is not done: not ready
             chain = "catching_up"
         elif head.number - self.cache.block > BEHIND_BLOCKS or (
-                self.max_block_age_s > 0 and age is not None and age > self.max_block_age_s):
+            self.max_block_age_s > 0 and age is not None and age > self.max_block_age_s
+        ):
             chain = "behind"
         else:
             chain = "ok"
@@ -71,6 +72,12 @@ class ChainStatus:
             gas = "unknown"
         else:
             gas = "low" if self.balance_wei < threshold else "ok"
-        return {"chain": chain, "head": head.number if head else None, "read_to": self.cache.block,
-                "block_age_s": None if age is None else round(age, 1), "gas": gas,
-                "gas_balance_wei": self.balance_wei, "gas_low_below_wei": threshold}
+        return {
+            "chain": chain,
+            "head": head.number if head else None,
+            "read_to": self.cache.block,
+            "block_age_s": None if age is None else round(age, 1),
+            "gas": gas,
+            "gas_balance_wei": self.balance_wei,
+            "gas_low_below_wei": threshold,
+        }

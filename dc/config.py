@@ -44,41 +44,85 @@ class DcConfig:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = daemon_parser("ntm-dc", "Run a Direction Coordinator: registers nodes on the shared chain registry, "
-                      "answers peer DCs, keeps node sessions.", chain_required=False)
+    p = daemon_parser(
+        "ntm-dc",
+        "Run a Direction Coordinator: registers nodes on the shared chain registry, "
+        "answers peer DCs, keeps node sessions.",
+        chain_required=False,
+    )
     p.add_argument("--config", type=startup.readable_file, help="TOML file with any of the options below (flags win)")
-    p.add_argument("--key-file", type=startup.readable_file, help=f"DC chain key (keystore JSON; passphrase from ${PASSPHRASE_ENV})")
-    p.add_argument("--passphrase-file", type=startup.readable_file, metavar="FILE",
-                   help=f"read the key's passphrase from this file instead of ${PASSPHRASE_ENV}")
+    p.add_argument(
+        "--key-file",
+        type=startup.readable_file,
+        help=f"DC chain key (keystore JSON; passphrase from ${PASSPHRASE_ENV})",
+    )
+    p.add_argument(
+        "--passphrase-file",
+        type=startup.readable_file,
+        metavar="FILE",
+        help=f"read the key's passphrase from this file instead of ${PASSPHRASE_ENV}",
+    )
     p.add_argument("--hostname", help="name this DC is known by (as admitted on chain)")
-    p.add_argument("--http-host", help="HTTP listen address (default 127.0.0.1; 0.0.0.0 or :: = every address, IPv4 and IPv6)")
+    p.add_argument(
+        "--http-host", help="HTTP listen address (default 127.0.0.1; 0.0.0.0 or :: = every address, IPv4 and IPv6)"
+    )
     p.add_argument("--http-port", type=startup.port, help=f"HTTP port (default {DEFAULT_HTTP_PORT}; 0 = any)")
     p.add_argument("--udp-host", help="keepalive UDP listen address (default 0.0.0.0; '::' for dual-stack)")
     p.add_argument("--udp-port", type=startup.port, help=f"keepalive UDP port (default {DEFAULT_UDP_PORT}; 0 = any)")
-    p.add_argument("--udp-alt-port", type=startup.port,
-                   help="second keepalive UDP port, for NAT-type detection (default 0 = any; fix it to publish it "
-                   "from a container)")
+    p.add_argument(
+        "--udp-alt-port",
+        type=startup.port,
+        help="second keepalive UDP port, for NAT-type detection (default 0 = any; fix it to publish it "
+        "from a container)",
+    )
     p.add_argument("--db", type=startup.creatable_path, help="SQLite file (default dc.sqlite)")
-    p.add_argument("--cs", metavar="URL", type=startup.http_url, help="this DC's Cache Server (ntm-cs), as nodes reach it")
-    p.add_argument("--relay", dest="relays", action="append", metavar="URL", type=startup.http_url,
-                   help="a relay's control API and its certificate's pin (`ntm-rs --print-pin`), e.g. "
-                   "https://127.0.0.1:8340#sha256=<hex>, or #cert=<the relay's certificate file> (repeatable; "
-                   "http:// only with --insecure-plain-http)")
-    p.add_argument("--new-nodes-per-hour", type=startup.positive, metavar="N",
-                   help=f"gas budget: new nodes registered per hour, a fifth of it at once (default {NEW_NODES_PER_HOUR:.0f})")
-    p.add_argument("--confirmations", type=startup.positive_int, metavar="N",
-                   help="blocks deep before a registration is confirmed (default 1: anvil, QBFT; more on a "
-                   "chain that can reorganise)")
-    p.add_argument("--max-block-age", type=startup.not_negative, metavar="S",
-                   help="health says the chain is behind when its newest block is older than this (default 0 = "
-                   "off, for chains that mine on demand; set ~10 block periods for Besu/geth)")
-    p.add_argument("--tls-cert", type=Path, metavar="PEM",
-                   help="serve HTTPS/WSS with this certificate (any, e.g. self-signed: /v1/info binds it to the DC's "
-                   "chain key; default: one made at first start beside --db); with --tls-key")
+    p.add_argument(
+        "--cs", metavar="URL", type=startup.http_url, help="this DC's Cache Server (ntm-cs), as nodes reach it"
+    )
+    p.add_argument(
+        "--relay",
+        dest="relays",
+        action="append",
+        metavar="URL",
+        type=startup.http_url,
+        help="a relay's control API and its certificate's pin (`ntm-rs --print-pin`), e.g. "
+        "https://127.0.0.1:8340#sha256=<hex>, or #cert=<the relay's certificate file> (repeatable; "
+        "http:// only with --insecure-plain-http)",
+    )
+    p.add_argument(
+        "--new-nodes-per-hour",
+        type=startup.positive,
+        metavar="N",
+        help=f"gas budget: new nodes registered per hour, a fifth of it at once (default {NEW_NODES_PER_HOUR:.0f})",
+    )
+    p.add_argument(
+        "--confirmations",
+        type=startup.positive_int,
+        metavar="N",
+        help="blocks deep before a registration is confirmed (default 1: anvil, QBFT; more on a "
+        "chain that can reorganise)",
+    )
+    p.add_argument(
+        "--max-block-age",
+        type=startup.not_negative,
+        metavar="S",
+        help="health says the chain is behind when its newest block is older than this (default 0 = "
+        "off, for chains that mine on demand; set ~10 block periods for Besu/geth)",
+    )
+    p.add_argument(
+        "--tls-cert",
+        type=Path,
+        metavar="PEM",
+        help="serve HTTPS/WSS with this certificate (any, e.g. self-signed: /v1/info binds it to the DC's "
+        "chain key; default: one made at first start beside --db); with --tls-key",
+    )
     p.add_argument("--tls-key", type=Path, metavar="PEM", help="the TLS certificate's private key")
-    p.add_argument("--insecure-plain-http", action="store_true", default=None,
-                   help="serve plain HTTP/WebSocket, no TLS (development only: keepalive tokens and relay keys "
-                   "cross in clear)")
+    p.add_argument(
+        "--insecure-plain-http",
+        action="store_true",
+        default=None,
+        help="serve plain HTTP/WebSocket, no TLS (development only: keepalive tokens and relay keys cross in clear)",
+    )
     return p
 
 
@@ -140,7 +184,9 @@ def relay_target(url: str, plain_allowed: bool) -> tlspin.RelayTarget:
     as a Relay Direction's path token (both nodes' relay keys) crosses this channel (§5)."""
     target = tlspin.relay_target(url)
     if target.plain and not plain_allowed:
-        raise ValueError(f"relay {url}: plain http:// would carry relay path tokens in clear; name it as "
-                         f"https://HOST:PORT#{tlspin.PIN_HASH}=PIN (`ntm-rs --print-pin`), or for development "
-                         f"only add {tlspin.INSECURE_FLAG}")
+        raise ValueError(
+            f"relay {url}: plain http:// would carry relay path tokens in clear; name it as "
+            f"https://HOST:PORT#{tlspin.PIN_HASH}=PIN (`ntm-rs --print-pin`), or for development "
+            f"only add {tlspin.INSECURE_FLAG}"
+        )
     return target

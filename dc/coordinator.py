@@ -96,8 +96,14 @@ class Coordinator:
         self.submitter = Submitter(store, registry, cache, confirmations, clock, self.metrics.submit_lag.observe)
         cache.on_rollback = self.submitter.recheck
         self.guard = envelope.ReplayGuard()
-        self.federation = FederationClient(key, cache.is_active_dc, self.guard, clock, transport=transport,
-                                           count=lambda call, outcome: self.metrics.federation_calls.labels(call, outcome).inc())
+        self.federation = FederationClient(
+            key,
+            cache.is_active_dc,
+            self.guard,
+            clock,
+            transport=transport,
+            count=lambda call, outcome: self.metrics.federation_calls.labels(call, outcome).inc(),
+        )
         self.signaling = Signaling(self)
         self.notices = Notices(store, self.presence, cache.is_active_dc, self.guard, clock)
         self.groups = GroupService(store.db, self.latest, clock)
@@ -106,20 +112,34 @@ class Coordinator:
         cache.on_revoked = self.presence.revoke  # a revocation from the chain ends the session here
         self.source_rate = Buckets(*REGISTRATIONS_PER_SOURCE, max_keys=RATE_SOURCES_KEPT)
         self.new_node_budget = TokenBucket(new_nodes_per_hour / 3600, new_nodes_burst)
-        self.new_node_cost = RisingCost(NEW_NODE_TOKENS_PER_SOURCE / 3600, NEW_NODE_TOKENS_PER_SOURCE,
-                                        NEW_NODE_COST_HALF_LIFE_S, RATE_SOURCES_KEPT)
+        self.new_node_cost = RisingCost(
+            NEW_NODE_TOKENS_PER_SOURCE / 3600, NEW_NODE_TOKENS_PER_SOURCE, NEW_NODE_COST_HALF_LIFE_S, RATE_SOURCES_KEPT
+        )
         self.whois_rate = Buckets(*WHOIS_PER_SOURCE, max_keys=RATE_SOURCES_KEPT)
         self.unauthenticated = Concurrency(SESSIONS_UNAUTHENTICATED_PER_SOURCE)
         self._node_locks: dict[bytes, asyncio.Lock] = {}
         self._node_users: dict[bytes, int] = {}
-        self.counters = {"registrations_accepted": 0, "registrations_refused": 0, "registrations_rate_limited": 0,
-                         "federation_requests_served": 0, "federation_requests_refused": 0}
+        self.counters = {
+            "registrations_accepted": 0,
+            "registrations_refused": 0,
+            "registrations_rate_limited": 0,
+            "federation_requests_served": 0,
+            "federation_requests_refused": 0,
+        }
 
     def info(self) -> messages.DcInfoReply:
-        return messages.DcInfoReply(keys.checksum(self.address), self.hostname, self.registry.chain_id,
-                                    keys.checksum(self.registry.address), list(self.keepalive_ports), self.relays,
-                                    self.cache.is_active_dc(self.address), self.cs,
-                                    [u for url in self.relays for u in self.relay_streams.get(url, [])], self.tls)
+        return messages.DcInfoReply(
+            keys.checksum(self.address),
+            self.hostname,
+            self.registry.chain_id,
+            keys.checksum(self.registry.address),
+            list(self.keepalive_ports),
+            self.relays,
+            self.cache.is_active_dc(self.address),
+            self.cs,
+            [u for url in self.relays for u in self.relay_streams.get(url, [])],
+            self.tls,
+        )
 
     def latest(self, node: bytes) -> tuple[int, bool]:
         """Newest timestamp and revoked flag of `node` known here, on chain or still pending."""
@@ -144,8 +164,9 @@ class Coordinator:
             if not self._node_users[node]:
                 del self._node_users[node], self._node_locks[node]
 
-    async def register(self, req: RegistrationRequest, wait_confirmed: bool,
-                       source: str | None = None) -> messages.RegisterResult:
+    async def register(
+        self, req: RegistrationRequest, wait_confirmed: bool, source: str | None = None
+    ) -> messages.RegisterResult:
         """Validate, store durably, queue for the chain; optionally wait for confirmation.
         `source`: the client's address, for the per-source rate limit."""
         started = self.clock.now()
@@ -162,8 +183,13 @@ class Coordinator:
                     self._charge_new_node(source)
             except RegistrationError as exc:
                 self.counters["registrations_refused"] += 1
-                log.info("registration of %s (ts %d) refused: %s: %s", keys.checksum(req.record.node),
-                         req.record.timestamp, exc.code, exc)
+                log.info(
+                    "registration of %s (ts %d) refused: %s: %s",
+                    keys.checksum(req.record.node),
+                    req.record.timestamp,
+                    exc.code,
+                    exc,
+                )
                 raise
             await self.store.add(req)
         self.submitter.note_durable(req.record.node, req.record.timestamp)
@@ -173,13 +199,18 @@ class Coordinator:
             self.presence.revoke(req.record.node)
         self.submitter.wake()
         rec = req.record
-        log.info("%s %s (ts %d): durable", "revocation" if rec.revoked else "registration",
-                 keys.checksum(rec.node), rec.timestamp)
+        log.info(
+            "%s %s (ts %d): durable",
+            "revocation" if rec.revoked else "registration",
+            keys.checksum(rec.node),
+            rec.timestamp,
+        )
         result = messages.RegisterResult(keys.checksum(rec.node), keys.checksum(self.address), rec.timestamp, "durable")
         if wait_confirmed:
             try:
                 state, tx, block, reason = await asyncio.wait_for(
-                    self.submitter.confirmed(rec.node, rec.timestamp), CONFIRM_WAIT_S)
+                    self.submitter.confirmed(rec.node, rec.timestamp), CONFIRM_WAIT_S
+                )
             except asyncio.TimeoutError:
                 return result
             result = messages.RegisterResult(result.node, result.dc, result.timestamp, state, tx, block, reason)  # type: ignore[arg-type]
@@ -192,11 +223,14 @@ class Coordinator:
         unit of the DC's shared gas budget; refused with rate_limited or over_budget."""
         now = self.clock.now()
         if source is not None and not self.new_node_cost.take(source_prefix(source), now):
-            raise RegistrationError("rate_limited", "too many new identities from this network; retry in an hour "
-                                    "or register at another DC")
+            raise RegistrationError(
+                "rate_limited", "too many new identities from this network; retry in an hour or register at another DC"
+            )
         if not self.new_node_budget.take(now):
-            raise RegistrationError("over_budget", "this DC's gas budget for new nodes is spent for now; "
-                                    "retry later or register at another DC")
+            raise RegistrationError(
+                "over_budget",
+                "this DC's gas budget for new nodes is spent for now; retry later or register at another DC",
+            )
 
     def local_info(self, node: bytes) -> messages.NodeInfo | None:
         """What this DC knows of a node it is home to (for federation answers and whois)."""
@@ -206,19 +240,26 @@ class Coordinator:
         session = self.presence.sessions.get(node)
         observed, observed_alt = self.presence.observed(node)
         return messages.NodeInfo(
-            node=keys.checksum(node), home_dc=keys.checksum(self.address), timestamp=stored.timestamp,
+            node=keys.checksum(node),
+            home_dc=keys.checksum(self.address),
+            timestamp=stored.timestamp,
             # the chain's outcome counts too: a revocation that landed (here or through another DC)
             # is final even if a newer record of ours is still in the table
             revoked=self.latest(node)[1],
-            online=self.presence.online(node), pubkey=stored.pubkey.hex(),
+            online=self.presence.online(node),
+            pubkey=stored.pubkey.hex(),
             local_addrs=list(session.local_addrs if session and session.local_addrs else stored.local_addrs),
-            observed=observed, observed_alt=observed_alt, routes=session.routes if session else None)
+            observed=observed,
+            observed_alt=observed_alt,
+            routes=session.routes if session else None,
+        )
 
     def answer_ntm_info(self, request: dict) -> dict:
         """Serve a signed NTM Information Request from a peer DC; returns the signed response."""
         try:
-            env = envelope.open_envelope(request, messages.INFO_REQUEST, self.clock.wall_ms(), self.cache.is_active_dc,
-                                         self.guard)
+            env = envelope.open_envelope(
+                request, messages.INFO_REQUEST, self.clock.wall_ms(), self.cache.is_active_dc, self.guard
+            )
             req = messages.decode(messages.InfoRequest, env.body)
             if keys.parse_node_id(req.to) != self.address:
                 raise NodeLookupError("wrong_dc", "request is addressed to another DC")
@@ -247,8 +288,14 @@ class Coordinator:
         if onchain is None:
             raise NodeLookupError("unknown_node", f"{keys.checksum(node)} is not registered")
         if onchain.revoked:
-            return onchain.dc, messages.NodeInfo(node=keys.checksum(node), home_dc=keys.checksum(onchain.dc),
-                                                 timestamp=onchain.timestamp, revoked=True, online=False, confirmed=True)
+            return onchain.dc, messages.NodeInfo(
+                node=keys.checksum(node),
+                home_dc=keys.checksum(onchain.dc),
+                timestamp=onchain.timestamp,
+                revoked=True,
+                online=False,
+                confirmed=True,
+            )
         home = self.cache.dcs.get(onchain.dc)
         if home is None or not home.active:
             raise NodeLookupError("home_dc_inactive", f"home DC {keys.checksum(onchain.dc)} is not active")

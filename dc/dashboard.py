@@ -49,8 +49,16 @@ class Directions:
         self.recent: deque[dict] = deque(maxlen=size)
 
     def add(self, requester: bytes, peer: bytes, route: str, reason: str, ms: float) -> None:
-        self.recent.appendleft({"at": self.clock.wall_ms(), "requester": keys.checksum(requester),
-                                "peer": keys.checksum(peer), "route": route, "reason": reason, "ms": round(ms, 1)})
+        self.recent.appendleft(
+            {
+                "at": self.clock.wall_ms(),
+                "requester": keys.checksum(requester),
+                "peer": keys.checksum(peer),
+                "route": route,
+                "reason": reason,
+                "ms": round(ms, 1),
+            }
+        )
 
 
 class FederationProbe:
@@ -64,8 +72,10 @@ class FederationProbe:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT_S)) as http:
             while True:
                 others = [d for d in self.c.cache.dcs.values() if d.active and d.address != self.c.address]
-                await asyncio.gather(*(self._probe(http, d.address, d.endpoint) for d in others),
-                                     *(self._relay(http, url) for url in self.c.relays))
+                await asyncio.gather(
+                    *(self._probe(http, d.address, d.endpoint) for d in others),
+                    *(self._relay(http, url) for url in self.c.relays),
+                )
                 await asyncio.sleep(PROBE_S)
 
     async def _relay(self, http: aiohttp.ClientSession, url: str) -> None:
@@ -99,26 +109,59 @@ def snapshot(c: Any, chain: Any, probe: FederationProbe, started: float) -> dict
     for d in sorted(c.cache.dcs.values(), key=lambda d: d.hostname):
         p = probe.results.get(d.address)
         me = d.address == c.address
-        dcs.append({"dc": keys.checksum(d.address), "hostname": d.hostname, "endpoint": d.endpoint, "active": d.active,
-                    "self": me, "reachable": True if me else (p.reachable if p else None),
-                    "healthy": None if me or p is None else p.healthy, "rtt_ms": round(p.ms, 1) if p and p.ms else None,
-                    "error": p.error if p else "", "nodes": per_dc.get(d.address, 0)})
+        dcs.append(
+            {
+                "dc": keys.checksum(d.address),
+                "hostname": d.hostname,
+                "endpoint": d.endpoint,
+                "active": d.active,
+                "self": me,
+                "reachable": True if me else (p.reachable if p else None),
+                "healthy": None if me or p is None else p.healthy,
+                "rtt_ms": round(p.ms, 1) if p and p.ms else None,
+                "error": p.error if p else "",
+                "nodes": per_dc.get(d.address, 0),
+            }
+        )
     nodes = []
     for n in c.store.recent_nodes(NODES_LISTED):
         session = c.presence.sessions.get(n.node)
-        nodes.append({"node": keys.checksum(n.node), "registered_ms": n.timestamp, "revoked": n.revoked,
-                      "online": session is not None, "observed": session.observed if session else None})
+        nodes.append(
+            {
+                "node": keys.checksum(n.node),
+                "registered_ms": n.timestamp,
+                "revoked": n.revoked,
+                "online": session is not None,
+                "observed": session.observed if session else None,
+            }
+        )
     sig = c.signaling.counters
     return {
-        "dc": {"dc": keys.checksum(c.address), "hostname": c.hostname, "uptime_s": round(c.clock.now() - started),
-               "active": c.cache.is_active_dc(c.address), "cs": c.cs},
+        "dc": {
+            "dc": keys.checksum(c.address),
+            "hostname": c.hostname,
+            "uptime_s": round(c.clock.now() - started),
+            "active": c.cache.is_active_dc(c.address),
+            "cs": c.cs,
+        },
         "federation": dcs,
-        "chain": {**report, "outbox": {s: c.store.count_outbox(s) for s in ("pending", "confirmed", "rejected")},
-                  "chain_id": c.registry.chain_id, "registry": keys.checksum(c.registry.address)},
-        "nodes": {"registered": c.store.node_count(), "online": len(c.presence.sessions),
-                  "in_registry": sum(per_dc.values()), "list": nodes},
-        "directions": {"served": sig["directions_served"], "failed": sig["directions_failed"],
-                       "recent": list(c.directions.recent)},
+        "chain": {
+            **report,
+            "outbox": {s: c.store.count_outbox(s) for s in ("pending", "confirmed", "rejected")},
+            "chain_id": c.registry.chain_id,
+            "registry": keys.checksum(c.registry.address),
+        },
+        "nodes": {
+            "registered": c.store.node_count(),
+            "online": len(c.presence.sessions),
+            "in_registry": sum(per_dc.values()),
+            "list": nodes,
+        },
+        "directions": {
+            "served": sig["directions_served"],
+            "failed": sig["directions_failed"],
+            "recent": list(c.directions.recent),
+        },
         "relay": {"relays": c.relays, "bookings": sig["relay_bookings"], "failures": sig["relay_booking_failures"]},
         "refresh_s": DASHBOARD_REFRESH_S,
     }

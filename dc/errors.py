@@ -22,8 +22,14 @@ class DirectionError(CodedError):
     `abandoned`: the path ID already pushed to the requester when the request failed after that;
     its node stops following it."""
 
-    STATUS = {"rate_limited": 429, "peer_busy": 429, "not_allowed": 403, "dc_busy": 503, "catching_up": 503,
-              "peer_unresponsive": 504}
+    STATUS = {
+        "rate_limited": 429,
+        "peer_busy": 429,
+        "not_allowed": 403,
+        "dc_busy": 503,
+        "catching_up": 503,
+        "peer_unresponsive": 504,
+    }
     DEFAULT_STATUS = 404
     abandoned: bytes | None = None
 

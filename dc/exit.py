@@ -72,8 +72,13 @@ async def book_exit(c: Coordinator, env: envelope.Envelope, obj: dict) -> messag
     if not c.relays:
         raise ExitError("no_exit", "this DC knows no relay to book an exit at")
     pub = keys.recover(env.digest(), bytes.fromhex(obj["sig"])).format(compressed=False)
-    booking = messages.ExitBooking(os.urandom(PATH_ID_LEN).hex(), keys.checksum(node), pub.hex(),
-                                   now_ms + EXIT_BOOKING_S * 1000, EXIT_BOOKING_BYTES)
+    booking = messages.ExitBooking(
+        os.urandom(PATH_ID_LEN).hex(),
+        keys.checksum(node),
+        pub.hex(),
+        now_ms + EXIT_BOOKING_S * 1000,
+        EXIT_BOOKING_BYTES,
+    )
     last: FederationError | None = None
     for url in c.relays:
         try:

@@ -47,10 +47,16 @@ class FederationError(NtmError):
 
 
 class FederationClient:
-    def __init__(self, key: coincurve.PrivateKey, is_trusted: Callable[[bytes], bool], guard: envelope.ReplayGuard,
-                 clock: Clock = SYSTEM, http: aiohttp.ClientSession | None = None,
-                 transport: Transport | None = None, count: Callable[[str, str], None] = lambda call, outcome: None
-                 ) -> None:
+    def __init__(
+        self,
+        key: coincurve.PrivateKey,
+        is_trusted: Callable[[bytes], bool],
+        guard: envelope.ReplayGuard,
+        clock: Clock = SYSTEM,
+        http: aiohttp.ClientSession | None = None,
+        transport: Transport | None = None,
+        count: Callable[[str, str], None] = lambda call, outcome: None,
+    ) -> None:
         """`count(call, outcome)`: each request, by URL path and ok/refused/unreachable (metrics)."""
         self.count = count
         self.key = key
@@ -75,8 +81,14 @@ class FederationClient:
         """`body` signed by this DC as an envelope of `kind`."""
         return envelope.seal(self.key, kind, messages.encode(body), self.clock.wall_ms())
 
-    async def _http_post(self, url: str, body: dict, peer: bytes | None, pinned: aiohttp.Fingerprint | None,
-                         timeout: float = FEDERATION_TIMEOUT_S) -> tuple[int, Any]:
+    async def _http_post(
+        self,
+        url: str,
+        body: dict,
+        peer: bytes | None,
+        pinned: aiohttp.Fingerprint | None,
+        timeout: float = FEDERATION_TIMEOUT_S,
+    ) -> tuple[int, Any]:
         """POST over TLS pinned to `peer`'s chain key (https://; daemon/tlspin.py) or to the
         fingerprint `pinned` (a relay's), or plain http://."""
         parts = urlsplit(url)
@@ -87,20 +99,30 @@ class FederationClient:
                 return resp.status, await resp.json(content_type=None)
         except aiohttp.ServerFingerprintMismatch:
             if pinned:  # the operator's pin, not a binding to learn again: an impostor (or a new certificate)
-                raise tlspin.ChannelError("relay_unauthenticated",
-                                          f"{base} presented a certificate that is not its pin") from None
+                raise tlspin.ChannelError(
+                    "relay_unauthenticated", f"{base} presented a certificate that is not its pin"
+                ) from None
             tlspin.forget(base)  # a rotated certificate is checked afresh next time
             raise
 
-    async def post(self, url: str, body: dict, who: str, answer: type[T] = dict, peer: bytes | None = None,
-                   pinned: aiohttp.Fingerprint | None = None, timeout: float = FEDERATION_TIMEOUT_S) -> T:
+    async def post(
+        self,
+        url: str,
+        body: dict,
+        who: str,
+        answer: type[T] = dict,
+        peer: bytes | None = None,
+        pinned: aiohttp.Fingerprint | None = None,
+        timeout: float = FEDERATION_TIMEOUT_S,
+    ) -> T:
         """POST JSON to a peer (DC or relay); FederationError unless it answers 200 with `answer`
         within `timeout` s. `peer`: its chain address, which an https:// peer's certificate must be
         bound to; `pinned`: the fingerprint its certificate must have instead (a relay's)."""
         call = urlsplit(url).path
         try:
-            status, data = await (self.transport(url, body) if self.transport
-                                  else self._http_post(url, body, peer, pinned, timeout))
+            status, data = await (
+                self.transport(url, body) if self.transport else self._http_post(url, body, peer, pinned, timeout)
+            )
         except tlspin.ChannelError as exc:
             self.count(call, "unreachable")
             raise FederationError(f"{who}: {exc}", exc.code) from None
@@ -119,8 +141,12 @@ class FederationClient:
     async def ntm_info(self, endpoint: str, home_dc: bytes, node: bytes) -> messages.NodeInfo:
         """Ask `home_dc` (at HTTP base URL `endpoint`) about `node`; the verified response body."""
         req = self.seal(messages.INFO_REQUEST, messages.InfoRequest(keys.checksum(node), keys.checksum(home_dc)))
-        data = await self.post(f"{endpoint.rstrip('/')}/v1/federation/ntm-info", req,
-                               f"home DC {keys.checksum(home_dc)} at {endpoint}", peer=home_dc)
+        data = await self.post(
+            f"{endpoint.rstrip('/')}/v1/federation/ntm-info",
+            req,
+            f"home DC {keys.checksum(home_dc)} at {endpoint}",
+            peer=home_dc,
+        )
         env = envelope.open_envelope(data, messages.INFO_RESPONSE, self.clock.wall_ms(), self.is_trusted, self.guard)
         info = messages.decode(messages.NodeInfo, env.body)
         if env.sender != home_dc or keys.parse_node_id(info.node) != node:
@@ -131,9 +157,13 @@ class FederationClient:
         """Send a Direction Offer to the peer's home DC `offer.to` (at `endpoint`): it decides the
         route, books the relay and pushes its node's direction; its verified answer (§8.5)."""
         home_dc, peer = keys.parse_node_id(offer.to), keys.parse_node_id(offer.peer)
-        data = await self.post(f"{endpoint.rstrip('/')}/v1/federation/direction-offer",
-                               self.seal(messages.DIRECTION_OFFER, offer),
-                               f"home DC {keys.checksum(home_dc)} at {endpoint}", peer=home_dc, timeout=OFFER_TIMEOUT_S)
+        data = await self.post(
+            f"{endpoint.rstrip('/')}/v1/federation/direction-offer",
+            self.seal(messages.DIRECTION_OFFER, offer),
+            f"home DC {keys.checksum(home_dc)} at {endpoint}",
+            peer=home_dc,
+            timeout=OFFER_TIMEOUT_S,
+        )
         env = envelope.open_envelope(data, messages.DIRECTION_ANSWER, self.clock.wall_ms(), self.is_trusted, self.guard)
         answer = messages.decode(messages.DirectionAnswer, env.body)
         if env.sender != home_dc or keys.parse_node_id(answer.peer.node) != peer or answer.path != offer.path:
@@ -144,21 +174,27 @@ class FederationClient:
 
     async def deliver_direction(self, endpoint: str, home_dc: bytes, direction: dict) -> None:
         """Hand a signed Route Direction to the node's home DC, which pushes it on its session."""
-        await self.post(f"{endpoint.rstrip('/')}/v1/federation/route-direction", direction,
-                        f"home DC {keys.checksum(home_dc)}", peer=home_dc)
+        await self.post(
+            f"{endpoint.rstrip('/')}/v1/federation/route-direction",
+            direction,
+            f"home DC {keys.checksum(home_dc)}",
+            peer=home_dc,
+        )
 
     async def book_relay(self, url: str, direction: messages.RelayDirection) -> messages.RelayBooking:
         """Send a signed Relay Direction to the RS at `url` (its control API and pin, as --relay
         names it). Idempotent for the same path and token; FederationError (with the RS's code and
         status; `relay_unauthenticated`: it presented another certificate) if refused."""
-        return await self._to_relay(url, "/v1/relay-directions", self.seal(messages.RELAY_DIRECTION, direction),
-                                    messages.RelayBooking)
+        return await self._to_relay(
+            url, "/v1/relay-directions", self.seal(messages.RELAY_DIRECTION, direction), messages.RelayBooking
+        )
 
     async def book_exit(self, url: str, booking: messages.ExitBooking) -> messages.ExitGrant:
         """Send a signed Exit Booking to the RS at `url` (§10.13); FederationError (with the RS's
         code and status) if refused."""
-        return await self._to_relay(url, "/v1/exit-bookings", self.seal(messages.EXIT_BOOKING, booking),
-                                    messages.ExitGrant)
+        return await self._to_relay(
+            url, "/v1/exit-bookings", self.seal(messages.EXIT_BOOKING, booking), messages.ExitGrant
+        )
 
     async def _to_relay(self, url: str, path: str, body: dict, reply: type[T]) -> T:
         """POST to the relay's control API at `url`, holding it to the pin --relay names."""
@@ -167,5 +203,10 @@ class FederationClient:
             tls = target.ssl()
         except ValueError as exc:  # its certificate file went missing since the start
             raise FederationError(f"relay {url}: {exc}", "relay_unauthenticated") from None
-        return await self.post(f"{target.base}{path}", body, f"relay {target.base}", reply,
-                               pinned=tls if isinstance(tls, aiohttp.Fingerprint) else None)
+        return await self.post(
+            f"{target.base}{path}",
+            body,
+            f"relay {target.base}",
+            reply,
+            pinned=tls if isinstance(tls, aiohttp.Fingerprint) else None,
+        )

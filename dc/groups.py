@@ -70,8 +70,13 @@ CREATE TABLE IF NOT EXISTS group_epochs (
 
 # Each request's body (§13.3), by envelope kind.
 KINDS: dict[str, type[messages.Message]] = {
-    "group.create": messages.GroupCreate, "group.invite": messages.GroupInvite, "group.accept": messages.GroupRef,
-    "group.leave": messages.GroupRef, "group.remove": messages.GroupRemove, "group.state": messages.GroupStateQuery}
+    "group.create": messages.GroupCreate,
+    "group.invite": messages.GroupInvite,
+    "group.accept": messages.GroupRef,
+    "group.leave": messages.GroupRef,
+    "group.remove": messages.GroupRemove,
+    "group.state": messages.GroupStateQuery,
+}
 
 
 class GroupService:
@@ -153,17 +158,30 @@ class GroupService:
         pub = self.db.execute("SELECT pubkey FROM group_members WHERE gid=? AND node=?", (g.gid, node)).fetchone()[0]
         rows = self.db.execute(
             "SELECT epoch, rn2, rn1_gen, members FROM group_epochs WHERE gid=? AND epoch>=? ORDER BY epoch DESC LIMIT ?",
-            (g.gid, max(since, 1), messages.GROUP_EPOCHS_PER_ANSWER)).fetchall()
+            (g.gid, max(since, 1), messages.GROUP_EPOCHS_PER_ANSWER),
+        ).fetchall()
         epochs = []
         for epoch, rn2, rn1_gen, members in reversed(rows):
             ids = json.loads(members)
             if node.hex() in set(ids):
-                epochs.append(messages.GmsEpoch(epoch, rn1_gen, ["0x" + m for m in ids],
-                                                group.wrap_secret(rn2, pub, g.gid, epoch).hex()))
+                epochs.append(
+                    messages.GmsEpoch(
+                        epoch, rn1_gen, ["0x" + m for m in ids], group.wrap_secret(rn2, pub, g.gid, epoch).hex()
+                    )
+                )
         # member lists as lower-case hex: a thousand EIP-55 checksums per answer cost more than the rest
-        return messages.encode(messages.GmsView(
-            g.gid.hex(), g.name, keys.checksum(g.admin), g.epoch, g.rn1_gen, ["0x" + m.hex() for m in g.members],
-            ["0x" + m.hex() for m in sorted(g.invited)], epochs))
+        return messages.encode(
+            messages.GmsView(
+                g.gid.hex(),
+                g.name,
+                keys.checksum(g.admin),
+                g.epoch,
+                g.rn1_gen,
+                ["0x" + m.hex() for m in g.members],
+                ["0x" + m.hex() for m in sorted(g.invited)],
+                epochs,
+            )
+        )
 
     # --- storage -------------------------------------------------------------------------------
     def _commit(self, g: core.GmsGroup, change: core.Change | None, pubkey: bytes = b"") -> None:
@@ -187,12 +205,15 @@ class GroupService:
         if change.members is not None:
             log.info("group %s: %s, epoch %d, RN1 generation %d", g.gid.hex(), change.why, epoch, change.rn1_gen)
 
-    def _new_epoch(self, gid: bytes, epoch: int, rn1_gen: int, members: list[bytes], why: str,
-                   now: int | None = None) -> None:
+    def _new_epoch(
+        self, gid: bytes, epoch: int, rn1_gen: int, members: list[bytes], why: str, now: int | None = None
+    ) -> None:
         """Inside the caller's transaction: a fresh RN2 for `epoch`, the oldest epochs forgotten."""
         now = self.clock.wall_ms() if now is None else now
-        self.db.execute("INSERT INTO group_epochs VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        (gid, epoch, group.new_rn(), rn1_gen, json.dumps([m.hex() for m in members]), why, now))
+        self.db.execute(
+            "INSERT INTO group_epochs VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (gid, epoch, group.new_rn(), rn1_gen, json.dumps([m.hex() for m in members]), why, now),
+        )
         self.db.execute("UPDATE groups SET epoch=?, rn1_gen=? WHERE gid=?", (epoch, rn1_gen, gid))
         self.db.execute("DELETE FROM group_epochs WHERE gid=? AND epoch<=?", (gid, epoch - EPOCHS_KEPT))
         self.counters["group_rekeys"] += 1
@@ -201,8 +222,9 @@ class GroupService:
         row = self.db.execute("SELECT gid, name, admin, epoch, rn1_gen FROM groups WHERE gid=?", (gid,)).fetchone()
         if row is None:
             raise GroupRefused("unknown_group", f"no group {gid.hex()} at this DC")
-        members = tuple(r[0] for r in self.db.execute(
-            "SELECT node FROM group_members WHERE gid=? ORDER BY joined, node", (gid,)))
+        members = tuple(
+            r[0] for r in self.db.execute("SELECT node FROM group_members WHERE gid=? ORDER BY joined, node", (gid,))
+        )
         invited = frozenset(r[0] for r in self.db.execute("SELECT node FROM group_invites WHERE gid=?", (gid,)))
         return core.GmsGroup(*row, members, invited)
 

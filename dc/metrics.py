@@ -41,17 +41,23 @@ class DcMetrics(Metrics):
     def __init__(self) -> None:
         super().__init__("ntm_dc")
         self.registration_durable = self.histogram(
-            "registration_durable_seconds", "Registration Request received → durable in SQLite (acknowledged)")
+            "registration_durable_seconds", "Registration Request received → durable in SQLite (acknowledged)"
+        )
         self.registration_confirmed = self.histogram(
-            "registration_confirmed_seconds", "Registration Request received → confirmed on chain, for requests that wait")
+            "registration_confirmed_seconds",
+            "Registration Request received → confirmed on chain, for requests that wait",
+        )
         self.submit_lag = self.histogram(
-            "chain_submit_lag_seconds", "a record durable here → confirmed on chain (the outbox's lag)")
+            "chain_submit_lag_seconds", "a record durable here → confirmed on chain (the outbox's lag)"
+        )
         self.direction = self.histogram(
-            "direction_seconds", "Direction Request → both Route Directions sent, by route kind", ("route",))
+            "direction_seconds", "Direction Request → both Route Directions sent, by route kind", ("route",)
+        )
         self.routes = self.counter("routes", "routes decided, by kind (direct, nat, punch, relay)", ("route",))
         self.refusals = self.counter("refusals", "requests refused, by what was asked and why", ("what", "reason"))
         self.federation_calls = self.counter(
-            "federation_calls", "requests to other DCs and relays, by call and outcome", ("call", "outcome"))
+            "federation_calls", "requests to other DCs and relays, by call and outcome", ("call", "outcome")
+        )
 
     def watch(self, c: Any, chain: Any) -> None:
         """The state read at each scrape: `c` the Coordinator (which holds these metrics: hence no
@@ -60,20 +66,38 @@ class DcMetrics(Metrics):
         self.gauge("sessions", "nodes with a session (online) at this DC", lambda: len(c.presence.sessions))
         self.gauge("nodes_stored", "nodes this DC is home to", c.store.node_count)
         self.gauge("registry_nodes", "nodes in the registry cache (every DC's)", lambda: len(c.cache.nodes))
-        self.labelled_gauge("outbox", "outbox records by state", "state",
-                            lambda: {s: c.store.count_outbox(s) for s in ("pending", "confirmed", "rejected")})
+        self.labelled_gauge(
+            "outbox",
+            "outbox records by state",
+            "state",
+            lambda: {s: c.store.count_outbox(s) for s in ("pending", "confirmed", "rejected")},
+        )
         self.gauge("outbox_pending", "records waiting for the chain", lambda: c.store.count_outbox("pending"))
         self.gauge("chain_head", "newest block seen", lambda: c.cache.head.number if c.cache.head else None)
         self.gauge("registry_block", "registry events read up to this block", lambda: c.cache.block)
         self.gauge("block_age_seconds", "age of the newest block (wall clock)", lambda: report()["block_age_s"])
-        self.gauge("gas_balance_wei", "the DC's balance for registerBatch transactions",
-                   lambda: chain.balance_wei)
+        self.gauge("gas_balance_wei", "the DC's balance for registerBatch transactions", lambda: chain.balance_wei)
         self.gauge("gas_low_below_wei", "balance under which health says gas low", chain.low_gas_threshold)
         self.gauge("chain_ok", "1 when the chain is reachable and caught up", lambda: int(report()["chain"] == "ok"))
-        self.gauge("dc_active", "1 when this DC is active in the registry", lambda: int(c.cache.is_active_dc(c.address)))
-        self.gauge("new_node_budget", "new identities the gas budget allows right now (over all sources)",
-                   lambda: int(c.new_node_budget.available(c.clock.now())))
-        self.counters(lambda: {**c.counters, **c.signaling.counters, **c.notices.counters, **c.groups.counters,
-                               "chain_tx_sent": c.submitter.sent_tx, "chain_failures": c.submitter.failures,
-                               "outbox_reopened": c.submitter.reopened, "chain_rollbacks": c.cache.rollbacks,
-                               "keepalives_dropped": c.presence.dropped_keepalives}, COUNTER_DOCS)
+        self.gauge(
+            "dc_active", "1 when this DC is active in the registry", lambda: int(c.cache.is_active_dc(c.address))
+        )
+        self.gauge(
+            "new_node_budget",
+            "new identities the gas budget allows right now (over all sources)",
+            lambda: int(c.new_node_budget.available(c.clock.now())),
+        )
+        self.counters(
+            lambda: {
+                **c.counters,
+                **c.signaling.counters,
+                **c.notices.counters,
+                **c.groups.counters,
+                "chain_tx_sent": c.submitter.sent_tx,
+                "chain_failures": c.submitter.failures,
+                "outbox_reopened": c.submitter.reopened,
+                "chain_rollbacks": c.cache.rollbacks,
+                "keepalives_dropped": c.presence.dropped_keepalives,
+            },
+            COUNTER_DOCS,
+        )

@@ -30,16 +30,29 @@ MAX_NOTICES_PER_NODE = 1000
 
 
 class Notices:
-    def __init__(self, store: Store, presence: Presence, is_active_dc: Callable[[bytes], bool],
-                 guard: envelope.ReplayGuard, clock: Clock) -> None:
-        self.store, self.presence, self.is_active_dc, self.guard, self.clock = store, presence, is_active_dc, guard, clock
+    def __init__(
+        self,
+        store: Store,
+        presence: Presence,
+        is_active_dc: Callable[[bytes], bool],
+        guard: envelope.ReplayGuard,
+        clock: Clock,
+    ) -> None:
+        self.store, self.presence, self.is_active_dc, self.guard, self.clock = (
+            store,
+            presence,
+            is_active_dc,
+            guard,
+            clock,
+        )
         self.counters = {"cs_notices_accepted": 0, "cs_notices_pushed": 0, "cs_notices_refused": 0}
 
     async def accept(self, request: dict) -> dict:
         """A CS_NOTICE envelope from a Cache Server (signed with an active DC's key)."""
         try:
-            env = envelope.open_envelope(request, messages.CS_NOTICE, self.clock.wall_ms(), self.is_active_dc,
-                                         self.guard)
+            env = envelope.open_envelope(
+                request, messages.CS_NOTICE, self.clock.wall_ms(), self.is_active_dc, self.guard
+            )
             notice = messages.decode(messages.CsNotice, env.body)
             node = keys.parse_node_id(notice.node)
             if self.store.node(node) is None:
@@ -50,8 +63,9 @@ class Notices:
         if self.store.notice_count(node) >= MAX_NOTICES_PER_NODE:
             self.counters["cs_notices_refused"] += 1
             raise NodeLookupError("too_many_notices", f"{notice.node} has {MAX_NOTICES_PER_NODE} notices waiting")
-        self.store.add_notice(node, bytes.fromhex(notice.item), messages.encode(notice),
-                                self.clock.wall_ms() + NOTICE_TTL_MS)
+        self.store.add_notice(
+            node, bytes.fromhex(notice.item), messages.encode(notice), self.clock.wall_ms() + NOTICE_TTL_MS
+        )
         self.counters["cs_notices_accepted"] += 1
         await self.push(node, [notice])
         return {"ok": True}
@@ -71,8 +85,7 @@ class Notices:
 
     async def on_session(self, node: bytes) -> None:
         """A session opened: push what waits for the node."""
-        waiting = [messages.decode(messages.CsNotice, body)
-                   for body in self.store.notices(node, self.clock.wall_ms())]
+        waiting = [messages.decode(messages.CsNotice, body) for body in self.store.notices(node, self.clock.wall_ms())]
         await self.push(node, waiting)
 
     def ack(self, node: bytes, item: str) -> None:

@@ -61,8 +61,14 @@ class Presence:
         self.dropped[reason] += 1
         self._refused_log.note(reason)
 
-    def open(self, node: bytes, send: Callable[[dict], Any], local_addrs: tuple[str, ...] = (),
-             end: Callable[[str], None] | None = None, routes: RouteOffer | None = None) -> Session:
+    def open(
+        self,
+        node: bytes,
+        send: Callable[[dict], Any],
+        local_addrs: tuple[str, ...] = (),
+        end: Callable[[str], None] | None = None,
+        routes: RouteOffer | None = None,
+    ) -> Session:
         """A new authenticated session replaces the node's previous one, which the DC ends: one
         live session per node, so whoever held the old one (a thief of an earlier connection,
         or the node's own dead TCP connection) loses its authority at once."""

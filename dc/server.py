@@ -72,8 +72,15 @@ async def handle_info(request: web.Request) -> web.Response:
 async def handle_dcs(request: web.Request) -> web.Response:
     """Active DCs from the registry cache: where a node may re-register if its DC fails."""
     c = request.app[COORDINATOR]
-    return reply(messages.DcList([messages.DcEntry(keys.checksum(d.address), d.hostname, d.endpoint)
-                                  for d in c.cache.dcs.values() if d.active]))
+    return reply(
+        messages.DcList(
+            [
+                messages.DcEntry(keys.checksum(d.address), d.hostname, d.endpoint)
+                for d in c.cache.dcs.values()
+                if d.active
+            ]
+        )
+    )
 
 
 @ROUTES.post("/v1/register")
@@ -142,8 +149,11 @@ async def handle_health(request: web.Request) -> web.Response:
     """200 only when this DC can do all its work: admitted, chain reachable and caught up, gas to
     pay for registrations. Otherwise 503 and why (it still serves what it can: degraded mode)."""
     c = request.app[COORDINATOR]
-    report = {"dc_active": c.cache.is_active_dc(c.address), **request.app[CHAIN_STATUS].report(),
-              "outbox_pending": c.store.count_outbox("pending")}
+    report = {
+        "dc_active": c.cache.is_active_dc(c.address),
+        **request.app[CHAIN_STATUS].report(),
+        "outbox_pending": c.store.count_outbox("pending"),
+    }
     ok = report["dc_active"] and report["chain"] == "ok" and report["gas"] != "low"
     return web.json_response({"ok": ok, **report}, status=200 if ok else 503)
 
@@ -152,16 +162,25 @@ async def handle_health(request: web.Request) -> web.Response:
 @service.admin_only
 async def handle_dashboard(request: web.Request) -> web.Response:
     """The operator's page (dc/dashboard.py): static HTML that polls /v1/dashboard."""
-    return web.Response(text=dashboard.PAGE.read_text(), content_type="text/html",
-                        headers={"Content-Security-Policy": "default-src 'self'; style-src 'self' 'unsafe-inline'; "
-                                 "script-src 'self' 'unsafe-inline'", "Cache-Control": "no-store"})
+    return web.Response(
+        text=dashboard.PAGE.read_text(),
+        content_type="text/html",
+        headers={
+            "Content-Security-Policy": "default-src 'self'; style-src 'self' 'unsafe-inline'; "
+            "script-src 'self' 'unsafe-inline'",
+            "Cache-Control": "no-store",
+        },
+    )
 
 
 @ROUTES.get("/v1/dashboard")
 @service.admin_only
 async def handle_dashboard_data(request: web.Request) -> web.Response:
-    return web.json_response(dashboard.snapshot(request.app[COORDINATOR], request.app[CHAIN_STATUS],
-                                                request.app[PROBE], request.app[STARTED]))
+    return web.json_response(
+        dashboard.snapshot(
+            request.app[COORDINATOR], request.app[CHAIN_STATUS], request.app[PROBE], request.app[STARTED]
+        )
+    )
 
 
 @ROUTES.get("/metrics")
@@ -218,7 +237,9 @@ async def session(request: web.Request, c: Coordinator, authenticated: Callable[
         return ws
     _, revoked = c.latest(node)
     if revoked or c.store.node(node) is None:
-        await send(messages.SessionError("not_home", "node is revoked" if revoked else "node is not registered at this DC"))
+        await send(
+            messages.SessionError("not_home", "node is revoked" if revoked else "node is not registered at this DC")
+        )
         await ws.close()
         return ws
     tasks = service.BackgroundTasks()
@@ -231,8 +252,9 @@ async def session(request: web.Request, c: Coordinator, authenticated: Callable[
             pass
         await ws.close()
 
-    session = c.presence.open(node, ws.send_json, local, end=lambda reason: tasks.spawn(end_session(reason)),
-                              routes=auth.routes)
+    session = c.presence.open(
+        node, ws.send_json, local, end=lambda reason: tasks.spawn(end_session(reason)), routes=auth.routes
+    )
     log.info("session open: %s", keys.checksum(node))
     await send(messages.Welcome(session.token.hex(), list(c.keepalive_ports)))
     tasks.spawn(c.notices.on_session(node))
@@ -268,23 +290,35 @@ async def direction_request(c: Coordinator, send, node: bytes, req: messages.Dir
     """Serve one Direction Request from a session; the answer carries the request's id."""
     try:
         resume = bytes.fromhex(req.resume) if req.resume is not None else None
-        route = await c.signaling.request(node, keys.parse_node_id(req.peer), force_relay=req.route == "relay", direct_only=req.route == "direct",
-                                          resume=resume)
+        route = await c.signaling.request(
+            node,
+            keys.parse_node_id(req.peer),
+            force_relay=req.route == "relay",
+            direct_only=req.route == "direct",
+            resume=resume,
+        )
         result = messages.DirectionResult(req.id, route=route)
     except NtmError as exc:  # the WebSocket form of a refusal: the code its HTTP answer would carry
         code = exc.refusal()[1]
         c.metrics.refusals.labels("direction", code).inc()
         abandoned = exc.abandoned if isinstance(exc, DirectionError) else None
-        result = messages.DirectionResult(req.id, error=messages.ErrorBody(code, str(exc)),
-                                          abandoned=abandoned.hex() if abandoned is not None else None)
+        result = messages.DirectionResult(
+            req.id,
+            error=messages.ErrorBody(code, str(exc)),
+            abandoned=abandoned.hex() if abandoned is not None else None,
+        )
     try:
         await send(result)
     except ConnectionError:
         pass  # the session ended meanwhile
 
 
-def make_app(coordinator: Coordinator, chain_status: ChainStatus, admin_allow: tuple = (),
-             probe: dashboard.FederationProbe | None = None) -> web.Application:
+def make_app(
+    coordinator: Coordinator,
+    chain_status: ChainStatus,
+    admin_allow: tuple = (),
+    probe: dashboard.FederationProbe | None = None,
+) -> web.Application:
     """`admin_allow`: networks that may read /metrics and the dashboard (empty: loopback only).
     `probe`: the running federation probe the dashboard reports (none: DCs show as not probed)."""
     app = httpapp.make_app(MAX_BODY, count_refusal)

@@ -103,9 +103,17 @@ class Directory(Protocol):
 class Signaling:
     def __init__(self, coordinator: Directory) -> None:
         self.c = coordinator
-        self.counters = {"directions_served": 0, "directions_failed": 0, "directions_delivered": 0,
-                         "directions_rate_limited": 0, "directions_refused_by_peer": 0,
-                         "directions_unacknowledged": 0, "directions_offered": 0, "relay_bookings": 0, "relay_booking_failures": 0}
+        self.counters = {
+            "directions_served": 0,
+            "directions_failed": 0,
+            "directions_delivered": 0,
+            "directions_rate_limited": 0,
+            "directions_refused_by_peer": 0,
+            "directions_unacknowledged": 0,
+            "directions_offered": 0,
+            "relay_bookings": 0,
+            "relay_booking_failures": 0,
+        }
         self.rate = Buckets(*DIRECTIONS_PER_NODE, max_keys=RATE_NODES_KEPT)
         # (node, path) → the push waiting for that node's DirectionAck: the node's refusal or None
         self._acks: dict[tuple[bytes, bytes], asyncio.Future[str | None]] = {}
@@ -122,8 +130,13 @@ class Signaling:
     async def book_relay(self, path: bytes, nodes: list[bytes]) -> RelayBooking | None:
         """Book a relay path at the first relay that accepts; (token, UDP endpoints, stream URLs) or None."""
         token = os.urandom(RELAY_TOKEN_LEN)
-        body = messages.RelayDirection(path.hex(), token.hex(), [keys.checksum(n) for n in nodes],
-                                       self.c.clock.wall_ms() + RELAY_LIFETIME_MS, RELAY_MAX_BYTES)
+        body = messages.RelayDirection(
+            path.hex(),
+            token.hex(),
+            [keys.checksum(n) for n in nodes],
+            self.c.clock.wall_ms() + RELAY_LIFETIME_MS,
+            RELAY_MAX_BYTES,
+        )
         for url in self.c.relays:
             try:
                 answer = await self.c.federation.book_relay(url, body)
@@ -133,7 +146,7 @@ class Signaling:
                     log.warning("relay %s refused path: %s", url, exc)
                 elif url not in self.impostors:  # once: every booking tries it again, as for a relay down
                     self.impostors.add(url)
-                    log.error("%s: treated as down (§5 \"The relay's control channel\")", exc)
+                    log.error('%s: treated as down (§5 "The relay\'s control channel")', exc)
                 continue
             self.impostors.discard(url)
             self.counters["relay_bookings"] += 1
@@ -141,21 +154,46 @@ class Signaling:
             return token, list(answer.relay), list(answer.streams)
         return None
 
-    def direction(self, path: bytes, route: Route, role: str, me: bytes, home: bytes, peer: bytes, peer_pub: str,
-                  candidates: tuple[list[str], list[str]], grant: messages.RelayGrant | None, requester: bytes,
-                  resume: bytes | None = None) -> dict:
+    def direction(
+        self,
+        path: bytes,
+        route: Route,
+        role: str,
+        me: bytes,
+        home: bytes,
+        peer: bytes,
+        peer_pub: str,
+        candidates: tuple[list[str], list[str]],
+        grant: messages.RelayGrant | None,
+        requester: bytes,
+        resume: bytes | None = None,
+    ) -> dict:
         """The signed Route Direction for `me` (one end of the path), to be pushed by DC `home`."""
         body = messages.RouteDirection(
-            path=path.hex(), kind=route.kind, reason=route.reason, role=role,  # type: ignore[arg-type]
-            node=keys.checksum(me), home_dc=keys.checksum(home), peer=keys.checksum(peer), peer_pubkey=peer_pub,
+            path=path.hex(),
+            kind=route.kind,
+            reason=route.reason,
+            role=role,  # type: ignore[arg-type]
+            node=keys.checksum(me),
+            home_dc=keys.checksum(home),
+            peer=keys.checksum(peer),
+            peer_pubkey=peer_pub,
             requester=keys.checksum(requester),
             candidates=[] if route.kind == "relay" else candidates[0],
-            unverified=[] if route.kind == "relay" else candidates[1], relay=grant,
-            resume=resume.hex() if resume is not None else None)
+            unverified=[] if route.kind == "relay" else candidates[1],
+            relay=grant,
+            resume=resume.hex() if resume is not None else None,
+        )
         return self.c.federation.seal(messages.ROUTE_DIRECTION, body)
 
-    async def request(self, requester: bytes, peer: bytes, force_relay: bool = False,
-                      resume: bytes | None = None, direct_only: bool = False) -> messages.RouteChoice:
+    async def request(
+        self,
+        requester: bytes,
+        peer: bytes,
+        force_relay: bool = False,
+        resume: bytes | None = None,
+        direct_only: bool = False,
+    ) -> messages.RouteChoice:
         """Serve a Direction Request from `requester` (who holds a session here). `force_relay`:
         the node asks for the relay (e.g. it knows its network blocks direct UDP). `direct_only`:
         a direct path or nothing, no relay booked (a relayed tunnel trying to move off the relay,
@@ -191,8 +229,19 @@ class Signaling:
             else:
                 route, role_a, grant_a, later = await self.direct_peer(path, me, info, mode, resume)
             assert info.pubkey is not None
-            dir_a = self.direction(path, route, role_a, requester, c.address, peer, info.pubkey,
-                                   reach_of(info).verified_candidates(reach_of(me)), grant_a, requester, resume)
+            dir_a = self.direction(
+                path,
+                route,
+                role_a,
+                requester,
+                c.address,
+                peer,
+                info.pubkey,
+                reach_of(info).verified_candidates(reach_of(me)),
+                grant_a,
+                requester,
+                resume,
+            )
             if later is not None:  # the peer starts the handshake: the requester listens first
                 await self.push(requester, dir_a, path)
                 try:
@@ -210,12 +259,19 @@ class Signaling:
         c.metrics.routes.labels(route.kind).inc()
         c.metrics.direction.labels(route.kind).observe(c.clock.now() - started)
         c.directions.add(requester, peer, route.kind, route.reason, (c.clock.now() - started) * 1000)
-        log.info("route %s → %s: %s (%s), path %s", keys.checksum(requester), keys.checksum(peer),
-                 route.kind, route.reason, path.hex())
+        log.info(
+            "route %s → %s: %s (%s), path %s",
+            keys.checksum(requester),
+            keys.checksum(peer),
+            route.kind,
+            route.reason,
+            path.hex(),
+        )
         return messages.RouteChoice(path.hex(), route.kind, route.reason, role_a)
 
-    async def direct_peer(self, path: bytes, me: messages.NodeInfo, info: messages.NodeInfo, mode: str | None,
-                          resume: bytes | None) -> tuple[Route, str, messages.RelayGrant | None, dict | None]:
+    async def direct_peer(
+        self, path: bytes, me: messages.NodeInfo, info: messages.NodeInfo, mode: str | None, resume: bytes | None
+    ) -> tuple[Route, str, messages.RelayGrant | None, dict | None]:
         """Direct our node `info` towards requester `me` on `path`: decide the route (`mode`:
         "relay" forced, "direct" only), book the relay, sign the peer's Route Direction and push it
         (waiting for its ack), unless the peer initiates: then it is returned, to be delivered
@@ -233,19 +289,37 @@ class Signaling:
             raise DirectionError("no_relay", f"route needs a relay ({route.reason}) and none is available")
         role_a, role_b = ROLES[(route.kind, route.initiator)]
         assert me.pubkey is not None
-        dir_b = self.direction(path, route, role_b, peer, self.c.address, requester, me.pubkey,
-                               ra.verified_candidates(rb), relay_grant(relay, 1, rb), requester, resume)
+        dir_b = self.direction(
+            path,
+            route,
+            role_b,
+            peer,
+            self.c.address,
+            requester,
+            me.pubkey,
+            ra.verified_candidates(rb),
+            relay_grant(relay, 1, rb),
+            requester,
+            resume,
+        )
         if role_b == "initiate":
             return route, role_a, relay_grant(relay, 0, ra), dir_b
         await self.push(peer, dir_b, path)
         return route, role_a, relay_grant(relay, 0, ra), None
 
-    async def offer(self, home: bytes, path: bytes, me: messages.NodeInfo, peer: bytes, mode: str | None,
-                    resume: bytes | None) -> messages.DirectionAnswer:
+    async def offer(
+        self, home: bytes, path: bytes, me: messages.NodeInfo, peer: bytes, mode: str | None, resume: bytes | None
+    ) -> messages.DirectionAnswer:
         """The Direction Offer to `peer`'s home DC `home`; its answer, or DirectionError with its
         refusal (or home_dc_unreachable)."""
-        offer = messages.DirectionOffer(path.hex(), keys.checksum(home), keys.checksum(peer), me, mode,  # type: ignore[arg-type]
-                                        resume.hex() if resume is not None else None)
+        offer = messages.DirectionOffer(
+            path.hex(),
+            keys.checksum(home),
+            keys.checksum(peer),
+            me,
+            mode,  # type: ignore[arg-type]
+            resume.hex() if resume is not None else None,
+        )
         try:
             return await self.c.federation.direction_offer(self.c.cache.dcs[home].endpoint, offer)
         except FederationError as exc:
@@ -275,8 +349,10 @@ class Signaling:
         resume = bytes.fromhex(offer.resume) if offer.resume is not None else None
         route, role_a, grant_a, later = await self.direct_peer(path, me, info, offer.route, resume)
         self.counters["directions_offered"] += 1
-        return c.federation.seal(messages.DIRECTION_ANSWER, messages.DirectionAnswer(
-            offer.path, info, route.kind, route.reason, role_a, grant_a, later))  # type: ignore[arg-type]
+        return c.federation.seal(
+            messages.DIRECTION_ANSWER,
+            messages.DirectionAnswer(offer.path, info, route.kind, route.reason, role_a, grant_a, later),
+        )  # type: ignore[arg-type]
 
     async def push(self, node: bytes, direction: dict, path: bytes | None = None) -> None:
         """Push a Route Direction on `node`'s session. With `path` (the direction's), wait for the
@@ -298,8 +374,11 @@ class Signaling:
             refused = await asyncio.wait_for(ack, DIRECTION_ACK_TIMEOUT_S)
         except asyncio.TimeoutError:
             self.counters["directions_unacknowledged"] += 1
-            raise DirectionError("peer_unresponsive", f"{keys.checksum(node)} did not acknowledge the direction "
-                                 f"within {DIRECTION_ACK_TIMEOUT_S:g} s (its session may be dead)") from None
+            raise DirectionError(
+                "peer_unresponsive",
+                f"{keys.checksum(node)} did not acknowledge the direction "
+                f"within {DIRECTION_ACK_TIMEOUT_S:g} s (its session may be dead)",
+            ) from None
         finally:
             self._acks.pop(key, None)
         if refused is not None:
@@ -328,8 +407,9 @@ class Signaling:
     async def accept_delivery(self, obj: dict) -> dict:
         """A peer DC hands us a Route Direction for one of our nodes: verify, push it, and answer
         once the node acknowledged it (its refusal as the error)."""
-        env = envelope.open_envelope(obj, messages.ROUTE_DIRECTION, self.c.clock.wall_ms(), self.c.cache.is_active_dc,
-                                     self.c.guard)
+        env = envelope.open_envelope(
+            obj, messages.ROUTE_DIRECTION, self.c.clock.wall_ms(), self.c.cache.is_active_dc, self.c.guard
+        )
         body = messages.decode(messages.RouteDirection, env.body)
         if keys.parse_node_id(body.home_dc) != self.c.address:
             raise NodeLookupError("wrong_dc", f"route direction is for DC {body.home_dc}, not this one")

@@ -53,10 +53,16 @@ class SnapshotError(ValueError):
 
 def encode(snap: Snapshot) -> bytes:
     body = b"".join(RECORD.pack(node, r.dc, r.timestamp, r.revoked) for node, r in snap.nodes.items())
-    header = {"chain_id": snap.chain_id, "registry": snap.registry.hex(), "from_block": snap.from_block,
-              "block": snap.block, "hash": snap.block_hash.hex(), "nodes": len(snap.nodes),
-              "dcs": [[d.address.hex(), d.active, d.hostname, d.endpoint] for d in snap.dcs.values()],
-              "sha256": hashlib.sha256(body).hexdigest()}
+    header = {
+        "chain_id": snap.chain_id,
+        "registry": snap.registry.hex(),
+        "from_block": snap.from_block,
+        "block": snap.block,
+        "hash": snap.block_hash.hex(),
+        "nodes": len(snap.nodes),
+        "dcs": [[d.address.hex(), d.active, d.hostname, d.endpoint] for d in snap.dcs.values()],
+        "sha256": hashlib.sha256(body).hexdigest(),
+    }
     return MAGIC + json.dumps(header).encode() + b"\n" + body
 
 
@@ -69,21 +75,25 @@ def decode(data: bytes, chain_id: int, registry: bytes, from_block: int) -> Snap
     if end < 0:
         raise SnapshotError("no header")
     try:
-        h = json.loads(data[len(MAGIC):end])
+        h = json.loads(data[len(MAGIC) : end])
         mine = (h["chain_id"], h["registry"], h["from_block"])
         block, block_hash, count, digest = int(h["block"]), bytes.fromhex(h["hash"]), int(h["nodes"]), h["sha256"]
-        dcs = {bytes.fromhex(a): DcInfo(bytes.fromhex(a), bool(act), str(host), str(ep)) for a, act, host, ep in h["dcs"]}
+        dcs = {
+            bytes.fromhex(a): DcInfo(bytes.fromhex(a), bool(act), str(host), str(ep)) for a, act, host, ep in h["dcs"]
+        }
     except (ValueError, KeyError, TypeError) as exc:
         raise SnapshotError(f"bad header: {exc}") from None
     if mine != (chain_id, registry.hex(), from_block):
-        raise SnapshotError(f"of another chain or registry (chain {mine[0]}, registry 0x{mine[1]}, "
-                            f"deployed at block {mine[2]})")
-    body = memoryview(data)[end + 1:]
+        raise SnapshotError(
+            f"of another chain or registry (chain {mine[0]}, registry 0x{mine[1]}, deployed at block {mine[2]})"
+        )
+    body = memoryview(data)[end + 1 :]
     if len(body) != count * RECORD.size or hashlib.sha256(body).hexdigest() != digest:
         raise SnapshotError("damaged (length or checksum)")
     homes: dict[bytes, bytes] = {}  # one bytes object per home DC, not one per record
-    nodes = {node: OnChainRecord(homes.setdefault(dc, dc), ts, revoked)
-             for node, dc, ts, revoked in RECORD.iter_unpack(body)}
+    nodes = {
+        node: OnChainRecord(homes.setdefault(dc, dc), ts, revoked) for node, dc, ts, revoked in RECORD.iter_unpack(body)
+    }
     return Snapshot(chain_id, registry, from_block, block, block_hash, nodes, dcs)
 
 

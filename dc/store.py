@@ -175,8 +175,7 @@ class Store:
 
     def pending(self, limit: int) -> list[OutboxItem]:
         rows = self.db.execute(
-            "SELECT node, timestamp, revoked, signature FROM outbox WHERE state='pending' "
-            "ORDER BY timestamp LIMIT ?",
+            "SELECT node, timestamp, revoked, signature FROM outbox WHERE state='pending' ORDER BY timestamp LIMIT ?",
             (limit,),
         ).fetchall()
         return self._items(rows)
@@ -188,7 +187,9 @@ class Store:
         """Outbox rows confirmed in block `block` or later (what a rollback from there may undo)."""
         rows = self.db.execute(
             "SELECT node, timestamp, revoked, signature FROM outbox WHERE state='confirmed' AND block>=? "
-            "ORDER BY timestamp", (block,)).fetchall()
+            "ORDER BY timestamp",
+            (block,),
+        ).fetchall()
         return self._items(rows)
 
     def reopen(self, items: list[OutboxItem]) -> None:
@@ -196,8 +197,10 @@ class Store:
         with self.db:
             self.db.execute("BEGIN")
             for item in items:
-                self.db.execute("UPDATE outbox SET state='pending', tx=NULL, block=NULL, reason=NULL "
-                                "WHERE node=? AND timestamp=?", (item.record.node, item.record.timestamp))
+                self.db.execute(
+                    "UPDATE outbox SET state='pending', tx=NULL, block=NULL, reason=NULL WHERE node=? AND timestamp=?",
+                    (item.record.node, item.record.timestamp),
+                )
 
     def outbox_state(self, node: bytes, timestamp: int) -> tuple[str, str | None, int | None, str | None] | None:
         row = self.db.execute(
@@ -217,14 +220,17 @@ class Store:
 
     def add_notice(self, node: bytes, item: bytes, body: dict, expires_ms: int) -> None:
         with self.db:
-            self.db.execute("INSERT OR REPLACE INTO notices VALUES (?,?,?,?)", (node, item, json.dumps(body), expires_ms))
+            self.db.execute(
+                "INSERT OR REPLACE INTO notices VALUES (?,?,?,?)", (node, item, json.dumps(body), expires_ms)
+            )
 
     def notices(self, node: bytes, now_ms: int) -> list[dict]:
         """Unexpired notices for `node`, oldest first (expired ones are deleted on the way)."""
         with self.db:
             self.db.execute("DELETE FROM notices WHERE expires_ms <= ?", (now_ms,))
-        return [json.loads(r[0]) for r in self.db.execute(
-            "SELECT body FROM notices WHERE node=? ORDER BY rowid", (node,))]
+        return [
+            json.loads(r[0]) for r in self.db.execute("SELECT body FROM notices WHERE node=? ORDER BY rowid", (node,))
+        ]
 
     def notice_count(self, node: bytes) -> int:
         return self.db.execute("SELECT count(*) FROM notices WHERE node=?", (node,)).fetchone()[0]

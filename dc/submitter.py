@@ -68,9 +68,15 @@ def batch_size(block_gas_limit: int) -> int:
 
 
 class Submitter:
-    def __init__(self, store: Store, registry: RegistryView, cache: RegistryCache, confirmations: int = 1,
-                 clock: Clock = SYSTEM, observe_lag: Callable[[float], None] = lambda s: None
-                 ) -> None:
+    def __init__(
+        self,
+        store: Store,
+        registry: RegistryView,
+        cache: RegistryCache,
+        confirmations: int = 1,
+        clock: Clock = SYSTEM,
+        observe_lag: Callable[[float], None] = lambda s: None,
+    ) -> None:
         """`observe_lag(seconds)`: each confirmed record's time from durable to confirmed."""
         self.clock, self.observe_lag = clock, observe_lag
         self.durable_at: dict[tuple[bytes, int], float] = {}  # records made durable since this process started
@@ -155,8 +161,11 @@ class Submitter:
                     if not fut.done():
                         fut.set_result((state, tx, block, reason))
             if deferred:
-                log.warning("%d records refused as too far in the future (a validator clock behind?); "
-                            "sending again in %.0f s", deferred, FUTURE_RETRY_S)
+                log.warning(
+                    "%d records refused as too far in the future (a validator clock behind?); sending again in %.0f s",
+                    deferred,
+                    FUTURE_RETRY_S,
+                )
                 await asyncio.sleep(FUTURE_RETRY_S)
         finally:
             self._in_flight_rows -= len(items)
@@ -212,11 +221,17 @@ class Submitter:
         (the rebuilt cache) no longer holds go back to pending; the registry forgets its nonce."""
         self.registry.forget_nonce()
         self.store.forget_blocks(fork)  # hashes of the lost blocks: a restart would see this rollback again
-        gone = [item for item in self.store.confirmed_since(fork)
-                if (rec := self.cache.home_of(item.record.node)) is None or rec.timestamp < item.record.timestamp]
+        gone = [
+            item
+            for item in self.store.confirmed_since(fork)
+            if (rec := self.cache.home_of(item.record.node)) is None or rec.timestamp < item.record.timestamp
+        ]
         if gone:
             self.store.reopen(gone)
             self.reopened += len(gone)
-            log.warning("rollback from block %d: %d confirmed records are no longer on chain; sending them again",
-                        fork, len(gone))
+            log.warning(
+                "rollback from block %d: %d confirmed records are no longer on chain; sending them again",
+                fork,
+                len(gone),
+            )
             self.wake()

@@ -42,8 +42,9 @@ async def client_from(url: str, ip: str):
     """A DcClient whose connections leave from `ip`."""
     dc = DcClient(url)
     await dc.close()
-    dc._http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=(ip, 0)),
-                                     timeout=aiohttp.ClientTimeout(total=dc.timeout))
+    dc._http = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(local_addr=(ip, 0)), timeout=aiohttp.ClientTimeout(total=dc.timeout)
+    )
     try:
         yield dc
     finally:
@@ -62,8 +63,9 @@ async def register_from(url: str, ip: str, key) -> str:
 
 async def sybil_burst(url: str, sources: int = SYBIL_SOURCES, each: int = SYBIL_EACH) -> Counter[str]:
     """`each` fresh identities from each of `sources` networks, all at once; outcomes counted."""
-    answers = await asyncio.gather(*(register_from(url, outsider(s), keys.generate())
-                                     for s in range(sources) for _ in range(each)))
+    answers = await asyncio.gather(
+        *(register_from(url, outsider(s), keys.generate()) for s in range(sources) for _ in range(each))
+    )
     return Counter(answers)
 
 
@@ -82,8 +84,9 @@ async def keepalives(key, welcome: messages.Welcome) -> None:
     sock, _ = await loop.create_datagram_endpoint(asyncio.DatagramProtocol, local_addr=("127.0.0.1", 0))
     for seq in (1, 2):
         for port in welcome.keepalive_ports:
-            sock.sendto(keepalive.encode_request(keys.node_id_of(key), seq, bytes.fromhex(welcome.token)),
-                        ("127.0.0.1", port))
+            sock.sendto(
+                keepalive.encode_request(keys.node_id_of(key), seq, bytes.fromhex(welcome.token)), ("127.0.0.1", port)
+            )
     await asyncio.sleep(0.2)
     sock.close()
 
@@ -106,8 +109,7 @@ async def dc_for_outsiders(tmp, cs_args: tuple[str, ...] | None = None):
             await asyncio.to_thread(net.stop)
 
 
-async def flood(url: str, victim: bytes, stop: asyncio.Event,
-                n: int = FLOODERS) -> tuple[Counter[str], asyncio.Future]:
+async def flood(url: str, victim: bytes, stop: asyncio.Event, n: int = FLOODERS) -> tuple[Counter[str], asyncio.Future]:
     """`n` fresh admitted identities, each with a session, ask for directions to `victim` every
     FLOOD_INTERVAL_S until `stop`; they never answer the handshakes. Returns once all sessions
     are open: their answers (counted as they come) and the task to await after `stop`."""
@@ -150,8 +152,9 @@ async def flood(url: str, victim: bytes, stop: asyncio.Event,
     return codes, task
 
 
-async def legit_connects_under_flood(url: str, legit: int, flooders: int = FLOODERS,
-                                     warmup_s: float = 2.0) -> tuple[list[float], Counter[str], Counter[str]]:
+async def legit_connects_under_flood(
+    url: str, legit: int, flooders: int = FLOODERS, warmup_s: float = 2.0
+) -> tuple[list[float], Counter[str], Counter[str]]:
     """A victim node flooded by `flooders` identities; `legit` legitimate peers (online before)
     each connect once, one after another, once the flood runs, retrying a refusal after RETRY_S as an application
     would. Returns their connect times (s, retries included), the refusals they got by code, and

@@ -57,23 +57,39 @@ class DcNet:
             await reg.admit_dc(keys.node_id_of(key), f"dc{i + 1}", self.urls[-1])
             tlspin.expect(self.urls[-1], keys.node_id_of(key))  # this process's clients pin it to its chain key
         self.deployment = self.workdir / "deployment.json"
-        self.deployment.write_text(json.dumps({"chain_id": reg.chain_id, "registry": keys.checksum(reg.address),
-                                               "block": 0}))
+        self.deployment.write_text(
+            json.dumps({"chain_id": reg.chain_id, "registry": keys.checksum(reg.address), "block": 0})
+        )
         await reg.close()
         self.dcs = [None] * n_dcs
 
     def dc_args(self, i: int) -> list[str]:
         """`ntm register`'s flags for DC i: its URL and the chain address its certificate is bound
         to (or, in development mode, the flag that allows plain HTTP)."""
-        return ["--dc", self.urls[i], *(["--dc-address", keys.checksum(keys.node_id_of(self.dc_keys[i]))]
-                                        if self.tls else [tlspin.INSECURE_FLAG])]
+        return [
+            "--dc",
+            self.urls[i],
+            *(
+                ["--dc-address", keys.checksum(keys.node_id_of(self.dc_keys[i]))]
+                if self.tls
+                else [tlspin.INSECURE_FLAG]
+            ),
+        ]
 
     def start_dc(self, i: int, extra: tuple[str, ...] = (), timeout: float = READY_TIMEOUT_S) -> Child:
         """`timeout`: for its ready line (a DC is ready once it has read the whole registry)."""
         cs = ["--cs", self.cs_url(i)] if i < len(self.cs_ports) else []
         plain = [] if self.tls else [tlspin.INSECURE_FLAG]
-        child = dc_child(self.workdir, f"dc{i + 1}", self.workdir / f"dc{i + 1}.key.json", self.chain.url,
-                         self.deployment, self.ports[i], relays=self.relays, extra=[*cs, *plain, *extra]).start(timeout)
+        child = dc_child(
+            self.workdir,
+            f"dc{i + 1}",
+            self.workdir / f"dc{i + 1}.key.json",
+            self.chain.url,
+            self.deployment,
+            self.ports[i],
+            relays=self.relays,
+            extra=[*cs, *plain, *extra],
+        ).start(timeout)
         self.dcs[i] = child
         return child
 
@@ -87,9 +103,21 @@ class DcNet:
 
     def start_cs(self, i: int, extra: tuple[str, ...] = ()) -> Child:
         """DC i's Cache Server (data in workdir/dc<i>-cs), signing notices with DC i's key."""
-        child = Child("cs", ["--dc", self.urls[i], "--key-file", str(self.workdir / f"dc{i + 1}.key.json"),
-                             "--data-dir", str(self.cs_dir(i)), "--http-port", str(self.cs_ports[i]), *extra],
-                      self.workdir / f"dc{i + 1}-cs.log").start()
+        child = Child(
+            "cs",
+            [
+                "--dc",
+                self.urls[i],
+                "--key-file",
+                str(self.workdir / f"dc{i + 1}.key.json"),
+                "--data-dir",
+                str(self.cs_dir(i)),
+                "--http-port",
+                str(self.cs_ports[i]),
+                *extra,
+            ],
+            self.workdir / f"dc{i + 1}-cs.log",
+        ).start()
         self.css[i] = child
         return child
 
@@ -99,12 +127,29 @@ class DcNet:
     def start_rs(self) -> Child:
         """A relay on 127.0.0.1 + ::1 that records what it forwards (to prove it sees only ciphertext)."""
         port = free_port(socket.SOCK_DGRAM)
-        self.rs = Child("rs", ["--rpc-url", self.chain.url, "--deployment", str(self.deployment),
-                               "--udp-port", str(port), "--http-port", "0", "--stream-port", "0",
-                               "--advertise", f"127.0.0.1:{port}",
-                               *(["--advertise", f"[::1]:{port}"] if has_ipv6_loopback() else []),
-                               "--capture", str(self.workdir / "relay-capture.hex"), "--data-dir", str(self.workdir)],
-                        self.workdir / "rs.log").start()
+        self.rs = Child(
+            "rs",
+            [
+                "--rpc-url",
+                self.chain.url,
+                "--deployment",
+                str(self.deployment),
+                "--udp-port",
+                str(port),
+                "--http-port",
+                "0",
+                "--stream-port",
+                "0",
+                "--advertise",
+                f"127.0.0.1:{port}",
+                *(["--advertise", f"[::1]:{port}"] if has_ipv6_loopback() else []),
+                "--capture",
+                str(self.workdir / "relay-capture.hex"),
+                "--data-dir",
+                str(self.workdir),
+            ],
+            self.workdir / "rs.log",
+        ).start()
         self.relays = [self.rs.ready["control"]]  # its URL and its certificate's pin
         return self.rs
 
@@ -237,8 +282,10 @@ class CountingRpc:
         msg = json.loads(body)
         for m in msg if isinstance(msg, list) else [msg]:
             self.calls[m.get("method")] += 1
-        async with aiohttp.ClientSession() as http, http.post(self.upstream, data=body,
-                                                               headers={"Content-Type": "application/json"}) as r:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(self.upstream, data=body, headers={"Content-Type": "application/json"}) as r,
+        ):
             return web.Response(body=await r.read(), content_type="application/json")
 
     async def __aenter__(self) -> "CountingRpc":
@@ -255,6 +302,7 @@ class CountingRpc:
 def metric(text: str, name: str, **labels: str) -> float | None:
     """The value of one sample in Prometheus text (None if absent), parsed by prometheus_client."""
     from prometheus_client.parser import text_string_to_metric_families
+
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):

@@ -22,6 +22,7 @@ from labkit.dcnet import DcNet, raw_http, register, until
 
 # --- a Direction Request flood (tests/test_dc_abuse.py) ----------------------------------------
 
+
 def rss_mb(pid: int) -> float:
     """The resident memory of process `pid` (MB), from /proc."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -46,6 +47,7 @@ async def flood(url: str, attacker, peer: bytes, n: int) -> dict[str, int]:
 
 
 # --- registration storms and the chain (tests/test_dc_crash.py, test_chain_robust.py) ------
+
 
 async def register_many(url: str, n: int) -> list[bytes]:
     """n fresh nodes register concurrently, not waiting for the chain; all must be acknowledged."""
@@ -75,9 +77,11 @@ async def register_many(url: str, n: int) -> list[bytes]:
 async def all_on_chain(net: DcNet, nodes: list[bytes], dc: bytes, timeout: float = 30) -> None:
     reg = await net.registry()
     try:
+
         async def check():
             records = [await reg.lookup(n) for n in nodes]
             return all(r is not None and r.dc == dc for r in records)
+
         await until(check, timeout=timeout, interval=0.5)
     finally:
         await reg.close()
@@ -103,6 +107,7 @@ async def read_metric(url: str, name: str) -> float:
 
 # --- one sender's uploads to a Cache Server (tests/test_cs.py) ----------------------------
 
+
 async def registered(net: DcNet, i: int):
     key = keys.generate()
     await register(net.urls[i], key)
@@ -121,14 +126,23 @@ IDLE_S = 2.0  # the restarted CS's --http-idle-timeout: the hostile-socket tests
 
 
 # 127.0.0.1 is the operator (exempt from the per-network limits); other loopback addresses are not
-STRICT_CS = ("--sender-quota-mb", "1", "--recipient-quota-mb", "100", "--http-idle-timeout", str(IDLE_S),
-             "--admin-allow", "127.0.0.1/32")
+STRICT_CS = (
+    "--sender-quota-mb",
+    "1",
+    "--recipient-quota-mb",
+    "100",
+    "--http-idle-timeout",
+    str(IDLE_S),
+    "--admin-allow",
+    "127.0.0.1/32",
+)
 
 
 def sender_bytes(net: DcNet, i: int, sender) -> int:
     with sqlite3.connect(net.cs_dir(i) / "cs.sqlite") as db:
-        return db.execute("SELECT coalesce(sum(size), 0) FROM items WHERE sender=?",
-                          (keys.node_id_of(sender),)).fetchone()[0]
+        return db.execute(
+            "SELECT coalesce(sum(size), 0) FROM items WHERE sender=?", (keys.node_id_of(sender),)
+        ).fetchone()[0]
 
 
 async def concurrent_uploads(fed: DcNet, n: int = 12, size: int = 300_000) -> tuple[int, Counter]:

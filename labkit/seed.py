@@ -38,8 +38,8 @@ async def seed(rpc_url: str, registry_address: bytes, n: int, per_tx: int = RECO
             await owner.admit_dc(seeder, "seed", "http://127.0.0.1:9")
     async with await Registry.connect(rpc_url, registry_address, SEED_KEY) as reg:
         items = signed_records(n, seeder, reg.domain, int(time.time() * 1000))
-        batches = [items[i:i + per_tx] for i in range(0, n, per_tx)]
+        batches = [items[i : i + per_tx] for i in range(0, n, per_tx)]
         for start in range(0, len(batches), TX_IN_FLIGHT):
-            results = await asyncio.gather(*(reg.submit(b) for b in batches[start:start + TX_IN_FLIGHT]))
+            results = await asyncio.gather(*(reg.submit(b) for b in batches[start : start + TX_IN_FLIGHT]))
             assert all(not r.rejected for r in results), [r.reasons[:3] for r in results]
     return seeder

@@ -40,32 +40,69 @@ __all__ = ["Node", "NodeError", "Tunnel", "local_addrs_towards"]
 
 
 class Node:
-    def __init__(self, key: coincurve.PrivateKey, dc_url: str, endpoint: Endpoint, clock: Clock = SYSTEM,
-                 keepalive_interval: float = KEEPALIVE_INTERVAL_S, local_addrs: list[str] | None = None,
-                 admit: Admit = lambda peer: True, inbox: Path | None = None,
-                 take_item: Callable[[Received], bool] = lambda item: False, dc_pin: bytes | None = None) -> None:
+    def __init__(
+        self,
+        key: coincurve.PrivateKey,
+        dc_url: str,
+        endpoint: Endpoint,
+        clock: Clock = SYSTEM,
+        keepalive_interval: float = KEEPALIVE_INTERVAL_S,
+        local_addrs: list[str] | None = None,
+        admit: Admit = lambda peer: True,
+        inbox: Path | None = None,
+        take_item: Callable[[Received], bool] = lambda item: False,
+        dc_pin: bytes | None = None,
+    ) -> None:
         self.key = key
         self.id = keys.node_id_of(key)
         self.endpoint = endpoint
-        self.session = DcSession(key, dc_url, endpoint, clock, keepalive_interval, local_addrs,
-                                 on_direction=self._on_direction, on_moved=self._on_moved, on_notice=self._on_notice,
-                                 dc_pin=dc_pin)
+        self.session = DcSession(
+            key,
+            dc_url,
+            endpoint,
+            clock,
+            keepalive_interval,
+            local_addrs,
+            on_direction=self._on_direction,
+            on_moved=self._on_moved,
+            on_notice=self._on_notice,
+            dc_pin=dc_pin,
+        )
         # Cache Server items: fetched into `inbox` on the DC's notice (and at start), if given
-        self.mailbox = (Mailbox(key, inbox, self.session.ack_notice, take_item, lambda: self.session.dc_url, clock,
-                                admit)
-                        if inbox is not None else None)
-        self.tunnel_table = Tunnels(self.id, endpoint, clock, self.session.direction, self.session.check_address,
-                                    admit, udp_ok=lambda: self.session.udp is not False,
-                                    trust_dc=self.session.may_direct)
+        self.mailbox = (
+            Mailbox(key, inbox, self.session.ack_notice, take_item, lambda: self.session.dc_url, clock, admit)
+            if inbox is not None
+            else None
+        )
+        self.tunnel_table = Tunnels(
+            self.id,
+            endpoint,
+            clock,
+            self.session.direction,
+            self.session.check_address,
+            admit,
+            udp_ok=lambda: self.session.udp is not False,
+            trust_dc=self.session.may_direct,
+        )
 
     @classmethod
-    async def start(cls, key: coincurve.PrivateKey, dc_url: str, host: str | None = None,
-                    port: int = DEFAULT_PORT, local_addrs: list[str] | None = None,
-                    keepalive_interval: float = KEEPALIVE_INTERVAL_S, clock: Clock = SYSTEM,
-                    binder: Binder = UdpBind.open, last_timestamp: int = 0,
-                    admit: Admit = lambda peer: True, inbox: Path | None = None,
-                    take_item: Callable[[Received], bool] = lambda item: False,
-                    dc_pin: bytes | None = None, route_offer: RouteOffer | None = None) -> "Node":
+    async def start(
+        cls,
+        key: coincurve.PrivateKey,
+        dc_url: str,
+        host: str | None = None,
+        port: int = DEFAULT_PORT,
+        local_addrs: list[str] | None = None,
+        keepalive_interval: float = KEEPALIVE_INTERVAL_S,
+        clock: Clock = SYSTEM,
+        binder: Binder = UdpBind.open,
+        last_timestamp: int = 0,
+        admit: Admit = lambda peer: True,
+        inbox: Path | None = None,
+        take_item: Callable[[Received], bool] = lambda item: False,
+        dc_pin: bytes | None = None,
+        route_offer: RouteOffer | None = None,
+    ) -> "Node":
         """Bind the tunnel socket, open the DC session, start keepalives; ready to connect/accept.
 
         `keepalive_interval` paces both the DC keepalives and idle-tunnel keepalives: it must stay
@@ -76,8 +113,9 @@ class Node:
         an item from next_item() (the daemon's group traffic). `dc_pin`: the DC's on-chain address,
         checked against its TLS certificate's binding when `dc_url` is https:// (§5). `route_offer`:
         the routes this node offers, signed, announced to every DC session (§10.10)."""
-        ep = await Endpoint.create(key, host, port, config=TunnelConfig(keepalive_interval=keepalive_interval),
-                                   clock=clock, binder=binder)
+        ep = await Endpoint.create(
+            key, host, port, config=TunnelConfig(keepalive_interval=keepalive_interval), clock=clock, binder=binder
+        )
         node = cls(key, dc_url, ep, clock, keepalive_interval, local_addrs, admit, inbox, take_item, dc_pin)
         node.session.last_timestamp = last_timestamp
         node.session.route_offer = route_offer
@@ -148,13 +186,22 @@ class Node:
         return self.session.local_addrs()
 
     def status(self) -> dict:
-        return {"node": keys.checksum(self.id), **self.session.status(),
-                "local": format_endpoint(*self.endpoint.local_addr[:2]), "tunnels": self.tunnel_table.status(),
-                **self.inbox_status()}
+        return {
+            "node": keys.checksum(self.id),
+            **self.session.status(),
+            "local": format_endpoint(*self.endpoint.local_addr[:2]),
+            "tunnels": self.tunnel_table.status(),
+            **self.inbox_status(),
+        }
 
     def inbox_status(self) -> dict:
         """{"inbox": notices seen, items received} when the node fetches Cache Server items."""
         if self.mailbox is None:
             return {}
-        return {"inbox": {"notices": len(self.mailbox.notices), "received": [r.describe() for r in self.mailbox.received],
-                          "held": dict(self.mailbox.held)}}
+        return {
+            "inbox": {
+                "notices": len(self.mailbox.notices),
+                "received": [r.describe() for r in self.mailbox.received],
+                "held": dict(self.mailbox.held),
+            }
+        }

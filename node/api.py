@@ -103,8 +103,9 @@ class AppNode:
         self._via: dict[bytes, str | None] = {}  # each peer's path as last reported
         self._piece_id = 0  # numbers QUIC packets sent in pieces (FRAG, §10.9)
         self._reassembly: dict[bytes, Reassembly] = {}
-        self.streams = StreamHub(node.id, self._send_payload, self._serve, node.endpoint.hold, node.endpoint.flush,
-                                 node.session.clock)
+        self.streams = StreamHub(
+            node.id, self._send_payload, self._serve, node.endpoint.hold, node.endpoint.flush, node.session.clock
+        )
         self.tasks = BackgroundTasks()
         self.tasks.spawn(self._accept_loop())
         self.tasks.spawn(self._watch_loop())
@@ -112,9 +113,17 @@ class AppNode:
         self.tasks.spawn(follow_addresses(node.local_addrs, self._address_changed, ADDRESS_POLL_S))
 
     @classmethod
-    async def start(cls, key: coincurve.PrivateKey | None = None, dc_url: str | None = None, *,
-                    home: Path | None = None, allow: Collection[bytes] | None = None,
-                    host: str | None = None, port: int = DEFAULT_PORT, **node_options) -> AppNode:
+    async def start(
+        cls,
+        key: coincurve.PrivateKey | None = None,
+        dc_url: str | None = None,
+        *,
+        home: Path | None = None,
+        allow: Collection[bytes] | None = None,
+        host: str | None = None,
+        port: int = DEFAULT_PORT,
+        **node_options,
+    ) -> AppNode:
         """Start a node from `key` and `dc_url`, or from a node directory (`home`, or $NTM_HOME
         when no key is given: its key, passphrase from $NTM_PASSPHRASE, DC, aliases and allow
         list). `allow`: the peers that may open streams and tunnels to us; None: the home's allow
@@ -130,14 +139,17 @@ class AppNode:
             dc_url = dc_url or st.get("dc_url") or state.default_dc(home)
             node_options.setdefault("last_timestamp", st.get("timestamp", 0))
             pin = st.get("dc") if st.get("dc_url") == dc_url else state.devnet_dc_address(home, dc_url)
-            node_options.setdefault("dc_pin", keys.parse_node_id(pin) if pin else None)  # its TLS certificate's key (§5)
+            node_options.setdefault(
+                "dc_pin", keys.parse_node_id(pin) if pin else None
+            )  # its TLS certificate's key (§5)
             if allow is None:
                 allow = book.allow
         if dc_url is None:
             raise NodeError("no_dc", "no DC given and none in the node directory (`ntm register` first)")
         admitted = frozenset(allow) if allow is not None else None
-        node = await Node.start(key, dc_url, host=host, port=port,
-                                admit=lambda peer: admitted is None or peer in admitted, **node_options)
+        node = await Node.start(
+            key, dc_url, host=host, port=port, admit=lambda peer: admitted is None or peer in admitted, **node_options
+        )
         return cls(node, admitted, book)
 
     @property
@@ -188,17 +200,31 @@ class AppNode:
         """The next peer up/down, route or address change (oldest first)."""
         return await self._events.get()
 
-    async def send_offline(self, peers: bytes | str | Collection[bytes | str], data: bytes, *, app: str = "ntm",
-                           notice: str = "", name: str = "") -> str:
+    async def send_offline(
+        self,
+        peers: bytes | str | Collection[bytes | str],
+        data: bytes,
+        *,
+        app: str = "ntm",
+        notice: str = "",
+        name: str = "",
+    ) -> str:
         """Leave `data` sealed for `peers` (one, or several) at our DC's Cache Server, for when they
         are next online; the item ID. Only they can open it (§11); `app` says which application
         it is for, `notice` is what their DC tells them. NodeError if it cannot be stored."""
         targets = [peers] if isinstance(peers, (bytes, str)) else list(peers)
         meta = seal.Meta(app, notice=notice, name=name)
         try:
-            res = await cs_client.leave_sealed(self.node.key, self.node.dc_url, [self.resolve(p) for p in targets],
-                                               meta, cs_client.bytes_chunks(data), len(data),
-                                               self.node.session.clock.wall_ms(), OFFLINE_TIMEOUT_S)
+            res = await cs_client.leave_sealed(
+                self.node.key,
+                self.node.dc_url,
+                [self.resolve(p) for p in targets],
+                meta,
+                cs_client.bytes_chunks(data),
+                len(data),
+                self.node.session.clock.wall_ms(),
+                OFFLINE_TIMEOUT_S,
+            )
         except CodedError as exc:
             raise NodeError(exc.code, str(exc)) from None
         return res["item"]

@@ -144,8 +144,9 @@ class Channel:
 
     async def recv(self) -> bytes:
         """Next payload received (in arrival order)."""
-        return await self.inbox.recv(self.closed, "the peer closed the tunnel" if self.closed_by_peer
-                                     else "channel is closed")
+        return await self.inbox.recv(
+            self.closed, "the peer closed the tunnel" if self.closed_by_peer else "channel is closed"
+        )
 
     def set_receiver(self, callback: Receiver | None) -> None:
         """Deliver payloads to `callback` instead of the recv() queue (fast path)."""

@@ -43,6 +43,7 @@ class Parser(argparse.ArgumentParser):
 
 def version() -> str:
     from importlib.metadata import PackageNotFoundError, version as dist_version
+
     try:
         return dist_version("ntmobile")
     except PackageNotFoundError:
@@ -74,11 +75,17 @@ def dns_bind(text: str) -> tuple[str, int]:
 
 def dc_channel_arguments(s: argparse.ArgumentParser) -> None:
     """How a DC given by --dc is authenticated (docs/PROTOCOL.md §5)."""
-    s.add_argument("--dc-address", metavar="ADDRESS",
-                   help="the DC's chain address, which its TLS certificate must be bound to (needed for a DC this "
-                   "node does not know yet; ask its operator)")
-    s.add_argument("--insecure-plain-http", action="store_true",
-                   help="allow a plain http:// DC (development only: tokens and keys cross in clear)")
+    s.add_argument(
+        "--dc-address",
+        metavar="ADDRESS",
+        help="the DC's chain address, which its TLS certificate must be bound to (needed for a DC this "
+        "node does not know yet; ask its operator)",
+    )
+    s.add_argument(
+        "--insecure-plain-http",
+        action="store_true",
+        help="allow a plain http:// DC (development only: tokens and keys cross in clear)",
+    )
 
 
 class LazyVersion(argparse._VersionAction):
@@ -95,10 +102,19 @@ def global_options(p: Parser) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output (anywhere on the line; errors too)")
     p.add_argument("-v", "--verbose", action="store_true", help="log what happens (debug level) on stderr")
     p.add_argument("--log-level", choices=LOG_LEVELS, help="log level on stderr (default: warning; `ntm up`: info)")
-    p.add_argument("--timeout", type=positive, default=state.DC_TIMEOUT_S, metavar="S",
-                   help=f"how long to wait for a DC's answer (default {state.DC_TIMEOUT_S:.0f})")
-    p.add_argument("--password-file", type=Path, metavar="PATH",
-                   help=f"read the key's passphrase from this file (else ${state.PASSPHRASE_ENV}, else a prompt on a terminal)")
+    p.add_argument(
+        "--timeout",
+        type=positive,
+        default=state.DC_TIMEOUT_S,
+        metavar="S",
+        help=f"how long to wait for a DC's answer (default {state.DC_TIMEOUT_S:.0f})",
+    )
+    p.add_argument(
+        "--password-file",
+        type=Path,
+        metavar="PATH",
+        help=f"read the key's passphrase from this file (else ${state.PASSPHRASE_ENV}, else a prompt on a terminal)",
+    )
 
 
 def status_args(argv: list[str]) -> argparse.Namespace | None:
@@ -122,58 +138,110 @@ def parser() -> Parser:
     from ntm.keepalive import KEEPALIVE_INTERVAL_S
     from ntm.vaddr import PATH_MTU, V4_NET
 
-    p = Parser(prog="ntm", description="NTMobile node: identity, registration, tunnels, groups.",
-               epilog="--json may go anywhere on the line. Exit codes: 0 ok, 1 refused or failed, 2 usage or local "
-                      "files, 3 no daemon, 4 DC unreachable or silent, 70 internal error, 130 interrupted.")
+    p = Parser(
+        prog="ntm",
+        description="NTMobile node: identity, registration, tunnels, groups.",
+        epilog="--json may go anywhere on the line. Exit codes: 0 ok, 1 refused or failed, 2 usage or local "
+        "files, 3 no daemon, 4 DC unreachable or silent, 70 internal error, 130 interrupted.",
+    )
     global_options(p)
     p.add_argument("--version", action=LazyVersion)
     sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("keygen", help="create this node's key (passphrase: --password-file, $NTM_PASSPHRASE or a prompt)")
+    s = sub.add_parser(
+        "keygen", help="create this node's key (passphrase: --password-file, $NTM_PASSPHRASE or a prompt)"
+    )
     s.add_argument("--force", action="store_true", help="replace an existing key")
     s.set_defaults(cmd="keygen")
     sub.add_parser("id", help="print this node's ID and public key").set_defaults(cmd="id")
-    for name, func, hlp in (("register", "register", "register (or move) this node at a DC"),
-                            ("revoke", "revoke", "revoke this node ID network-wide (permanent)")):
+    for name, func, hlp in (
+        ("register", "register", "register (or move) this node at a DC"),
+        ("revoke", "revoke", "revoke this node ID network-wide (permanent)"),
+    ):
         s = sub.add_parser(name, help=hlp)
         s.add_argument("--dc", help="DC as HOST[:PORT] or URL (default: the current DC or the devnet's)")
         dc_channel_arguments(s)
         s.add_argument("--addr", action="append", help="local tunnel endpoint ip:port to announce (repeatable)")
-        s.add_argument("--no-wait", action="store_true", help="return once durable at the DC, before the chain confirms")
+        s.add_argument(
+            "--no-wait", action="store_true", help="return once durable at the DC, before the chain confirms"
+        )
         if name == "revoke":
             s.add_argument("--yes", action="store_true", help="confirm the permanent revocation")
         s.set_defaults(cmd=func)
     sub.add_parser("status", help="registration state, and the daemon's peers if it runs").set_defaults(cmd="status")
-    sub.add_parser("netcheck", help="what the network gives this node: UDP, NAT kind, IPv4/IPv6, DC and relay "
-                   "reachability and latency, why peers are relayed (asks the running daemon)"
-                   ).set_defaults(cmd="netcheck")
+    sub.add_parser(
+        "netcheck",
+        help="what the network gives this node: UDP, NAT kind, IPv4/IPv6, DC and relay "
+        "reachability and latency, why peers are relayed (asks the running daemon)",
+    ).set_defaults(cmd="netcheck")
     s = sub.add_parser("up", help="run the node daemon (DC session, tunnels, TUN, DNS) until Ctrl-C or `ntm down`")
     s.add_argument("--tun", metavar="NAME", help="TUN interface name (default ntm0; given: fail if no TUN)")
     s.add_argument("--no-tun", action="store_true", help="no TUN interface: datagram mode (no root needed)")
-    s.add_argument("--offload", action=argparse.BooleanOptionalAction, default=False,
-                   help="TUN offloads (super-packets cut and joined here) where the kernel has them; off by default: "
-                   "5-13%% slower than without on this Python data path (docs/PROTOCOL.md §10.10)")
-    s.add_argument("--v4-net", type=ipaddress.IPv4Network, default=V4_NET, metavar="CIDR",
-                   help=f"virtual IPv4 network; this node is its first address (default {V4_NET})")
-    s.add_argument("--path-mtu", type=int, default=PATH_MTU, metavar="BYTES",
-                   help=f"outer path MTU; the TUN MTU is this minus the tunnel overhead (default {PATH_MTU})")
-    s.add_argument("--dns", type=dns_bind, action="append", metavar="IP:PORT",
-                   help="where to answer DNS for .ntm names (repeatable; default: the TUN addresses, port 53)")
-    s.add_argument("--accept-any", action="store_true", help="accept tunnels from any node (demos; default: `ntm allow` list)")
+    s.add_argument(
+        "--offload",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="TUN offloads (super-packets cut and joined here) where the kernel has them; off by default: "
+        "5-13%% slower than without on this Python data path (docs/PROTOCOL.md §10.10)",
+    )
+    s.add_argument(
+        "--v4-net",
+        type=ipaddress.IPv4Network,
+        default=V4_NET,
+        metavar="CIDR",
+        help=f"virtual IPv4 network; this node is its first address (default {V4_NET})",
+    )
+    s.add_argument(
+        "--path-mtu",
+        type=int,
+        default=PATH_MTU,
+        metavar="BYTES",
+        help=f"outer path MTU; the TUN MTU is this minus the tunnel overhead (default {PATH_MTU})",
+    )
+    s.add_argument(
+        "--dns",
+        type=dns_bind,
+        action="append",
+        metavar="IP:PORT",
+        help="where to answer DNS for .ntm names (repeatable; default: the TUN addresses, port 53)",
+    )
+    s.add_argument(
+        "--accept-any", action="store_true", help="accept tunnels from any node (demos; default: `ntm allow` list)"
+    )
     s.add_argument("--echo", action="store_true", help="send every application datagram back (tests, demos)")
     s.add_argument("--host", help="local address for the tunnel socket (default: all, dual-stack)")
     s.add_argument("--port", type=int, default=state.TUNNEL_PORT, help=f"tunnel UDP port (default {state.TUNNEL_PORT})")
-    s.add_argument("--keepalive", type=float, default=KEEPALIVE_INTERVAL_S, metavar="S",
-                   help=f"keepalive period; below the shortest NAT UDP timeout on the way (default {KEEPALIVE_INTERVAL_S:.0f})")
-    s.add_argument("--advertise-routes", metavar="CIDR,...", default="",
-                   help="offer to forward for these subnets behind this node (a subnet router; needs TUN)")
+    s.add_argument(
+        "--keepalive",
+        type=float,
+        default=KEEPALIVE_INTERVAL_S,
+        metavar="S",
+        help=f"keepalive period; below the shortest NAT UDP timeout on the way (default {KEEPALIVE_INTERVAL_S:.0f})",
+    )
+    s.add_argument(
+        "--advertise-routes",
+        metavar="CIDR,...",
+        default="",
+        help="offer to forward for these subnets behind this node (a subnet router; needs TUN)",
+    )
     s.add_argument("--advertise-exit", action="store_true", help="offer to forward to anywhere (an exit node)")
-    s.add_argument("--use-routes", action="append", default=[], metavar="PEER[:CIDR],...",
-                   help="use the routes PEER offers (all, or only CIDR); never automatic (repeatable)")
-    s.add_argument("--exit-node", metavar="PEER",
-                   help="use PEER's exit: its default routes go to routing table 4330 (node/subnet.py), for your `ip rule`s")
-    s.add_argument("--exit-relay", action="store_true",
-                   help="use a relay's exit, booked by your DC (servers see the relay's address while you move); "
-                   "its default routes go to routing table 4330, for your `ip rule`s")
+    s.add_argument(
+        "--use-routes",
+        action="append",
+        default=[],
+        metavar="PEER[:CIDR],...",
+        help="use the routes PEER offers (all, or only CIDR); never automatic (repeatable)",
+    )
+    s.add_argument(
+        "--exit-node",
+        metavar="PEER",
+        help="use PEER's exit: its default routes go to routing table 4330 (node/subnet.py), for your `ip rule`s",
+    )
+    s.add_argument(
+        "--exit-relay",
+        action="store_true",
+        help="use a relay's exit, booked by your DC (servers see the relay's address while you move); "
+        "its default routes go to routing table 4330, for your `ip rule`s",
+    )
     s.set_defaults(cmd="up")
     sub.add_parser("down", help="stop the running daemon").set_defaults(cmd="down")
 
@@ -187,28 +255,45 @@ def parser() -> Parser:
     s = peer_cmd("ping", "ping", "measure round trips over a tunnel to a node (through the daemon)")
     s.add_argument("-c", "--count", type=int, default=4, help="pings to send (default 4)")
     s.add_argument("-i", "--interval", type=float, default=0.2, help="seconds between pings (default 0.2)")
-    s = peer_cmd("send", "send", "send one datagram over a tunnel and print the reply (through the daemon); "
-                 "--offline: leave it, sealed, at a Cache Server for peers that are offline")
+    s = peer_cmd(
+        "send",
+        "send",
+        "send one datagram over a tunnel and print the reply (through the daemon); "
+        "--offline: leave it, sealed, at a Cache Server for peers that are offline",
+    )
     s.add_argument("message", nargs="?", help="text to send")
     s.add_argument("--wait-reply", type=float, default=2.0, help="seconds to wait for a reply (0: none)")
-    s.add_argument("--offline", action="store_true",
-                   help="store-and-forward: seal for NODE (comma-separated: several) and upload to our DC's Cache Server")
+    s.add_argument(
+        "--offline",
+        action="store_true",
+        help="store-and-forward: seal for NODE (comma-separated: several) and upload to our DC's Cache Server",
+    )
     s.add_argument("--file", metavar="PATH", help="with --offline: send this file instead of MESSAGE")
     s.add_argument("--app", default="ntm", help="with --offline: the application ID the item is for (default ntm)")
     s.add_argument("--notice", help="with --offline: the notification text (default: the message or file name)")
-    s = sub.add_parser("nc", help="a netcat over the overlay: stdin and stdout to a stream to PORT on a node, "
-                       "until the node ends it (through the daemon)")
+    s = sub.add_parser(
+        "nc",
+        help="a netcat over the overlay: stdin and stdout to a stream to PORT on a node, "
+        "until the node ends it (through the daemon)",
+    )
     s.add_argument("node", help="peer node ID (0x…) or alias")
     s.add_argument("port", type=startup.port, help="a port the node serves (`ntm serve` there)")
     s.set_defaults(cmd="nc")
-    s = sub.add_parser("serve", help="let allowed nodes reach a TCP service on this machine at PORT, until Ctrl-C "
-                       "(through the daemon; no root needed)")
+    s = sub.add_parser(
+        "serve",
+        help="let allowed nodes reach a TCP service on this machine at PORT, until Ctrl-C "
+        "(through the daemon; no root needed)",
+    )
     s.add_argument("port", type=startup.port, help="the port nodes ask for (`ntm nc NODE PORT`)")
-    s.add_argument("--to", required=True, metavar="HOST:PORT",
-                   help="the local service, on loopback only (e.g. 127.0.0.1:8080)")
+    s.add_argument(
+        "--to", required=True, metavar="HOST:PORT", help="the local service, on loopback only (e.g. 127.0.0.1:8080)"
+    )
     s.set_defaults(cmd="serve")
-    s = sub.add_parser("inbox", help="items waiting for this node at the federation's Cache Servers, and those fetched; "
-                                     "`inbox fetch ITEM...` fetches waiting ones (strangers' wait for that)")
+    s = sub.add_parser(
+        "inbox",
+        help="items waiting for this node at the federation's Cache Servers, and those fetched; "
+        "`inbox fetch ITEM...` fetches waiting ones (strangers' wait for that)",
+    )
     s.add_argument("action", nargs="?", choices=["fetch"], help="fetch the items named")
     s.add_argument("items", nargs="*", metavar="ITEM", help="with fetch: item IDs")
     s.set_defaults(cmd="inbox")
@@ -219,7 +304,9 @@ def parser() -> Parser:
     s = sub.add_parser("recv", help="datagrams peers sent to this node (through the daemon)")
     s.add_argument("--wait", type=float, default=0.0, help="seconds to wait for the first one")
     s.set_defaults(cmd="recv")
-    s = sub.add_parser("alias", help="name a node: NAME.ntm in DNS and NAME in commands (no NODE: remove; no args: list)")
+    s = sub.add_parser(
+        "alias", help="name a node: NAME.ntm in DNS and NAME in commands (no NODE: remove; no args: list)"
+    )
     s.add_argument("name", nargs="?", help="alias (one DNS label)")
     s.add_argument("node", nargs="?", help="node ID (0x…)")
     s.set_defaults(cmd="alias")
@@ -233,7 +320,11 @@ def parser() -> Parser:
     dc_channel_arguments(s)
     s.set_defaults(cmd="whois")
     s = sub.add_parser("group", help="group messaging with keys no server knows (through the daemon)")
-    gsub = s.add_subparsers(dest="group_cmd", required=True, metavar="{create,invite,invitations,accept,decline,leave,remove,members,send,recv}")
+    gsub = s.add_subparsers(
+        dest="group_cmd",
+        required=True,
+        metavar="{create,invite,invitations,accept,decline,leave,remove,members,send,recv}",
+    )
     s.set_defaults(cmd="group")
 
     def group_cmd(name: str, hlp: str, *positional: tuple[str, str]) -> argparse.ArgumentParser:
@@ -249,20 +340,26 @@ def parser() -> Parser:
     group_cmd("accept", "accept an invitation", GROUP)
     group_cmd("decline", "decline an invitation (forgotten here; the admin is not told)", GROUP)
     group_cmd("leave", "leave a group", GROUP)
-    group_cmd("remove", "remove a member or withdraw an invitation (admin); the others get new keys", GROUP,
-              ("node", "node ID (0x…) or alias"))
+    group_cmd(
+        "remove",
+        "remove a member or withdraw an invitation (admin); the others get new keys",
+        GROUP,
+        ("node", "node ID (0x…) or alias"),
+    )
     gp = group_cmd("members", "a group's members and epoch (no GROUP: every group here)")
     gp.add_argument("group", nargs="?", help="group ID or name")
     group_cmd("send", "send a message to every member", GROUP, ("text", "the message (at most 1024 bytes)"))
     gp = group_cmd("recv", "group messages received since the last recv")
     gp.add_argument("group", nargs="?", help="group ID or name (default: all)")
     gp.add_argument("--wait", type=float, default=0.0, help="seconds to wait for the first one")
-    s = sub.add_parser("completion", help="print a shell completion script: eval \"$(ntm completion bash)\"")
+    s = sub.add_parser("completion", help='print a shell completion script: eval "$(ntm completion bash)"')
     s.add_argument("shell", choices=("bash", "zsh", "tcsh"))
     s.set_defaults(cmd="completion")
-    sub.add_parser("devnet", add_help=False,
-                   help="run a local federation (anvil chain, 2 DCs, 1 relay) until Ctrl-C (--help: its flags)"
-                   ).set_defaults(cmd="devnet")
+    sub.add_parser(
+        "devnet",
+        add_help=False,
+        help="run a local federation (anvil chain, 2 DCs, 1 relay) until Ctrl-C (--help: its flags)",
+    ).set_defaults(cmd="devnet")
     return p
 
 
@@ -270,8 +367,10 @@ def exec_devnet(args, base: Path, devnet_args: list[str]) -> None:
     """`ntm devnet ...` is scripts/devnet.py, a separate program (the node's CLI does not import
     the developer scripts): replace this process with it, so signals and output are its own."""
     argv = ["--home", str(base), *(["--json"] if args.json else []), *devnet_args]
-    code = ("import sys; from daemon.ctrl_c import exit_on_interrupt; exit_on_interrupt('ntm devnet'); "
-            "from scripts.devnet import main; sys.exit(main(sys.argv[1:], prog='ntm devnet'))")
+    code = (
+        "import sys; from daemon.ctrl_c import exit_on_interrupt; exit_on_interrupt('ntm devnet'); "
+        "from scripts.devnet import main; sys.exit(main(sys.argv[1:], prog='ntm devnet'))"
+    )
     os.execv(sys.executable, [sys.executable, "-c", code, *argv])
 
 
@@ -320,6 +419,7 @@ def main(argv: list[str] | None = None) -> int:
         fast = status_args(argv)
         if fast is not None:
             from node import status_view  # only here: `ntm --help` and `ntm id` stay lean
+
             fast.json = as_json
             if status_view.from_daemon(fast, fast.home or state.home()):
                 return 0
@@ -333,6 +433,7 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"unrecognized arguments: {' '.join(rest)}")
         if args.cmd == "completion":
             import shtab
+
             print(shtab.complete(p, args.shell))
             return 0
         if args.cmd == "id" and fast_id(args, base):
@@ -346,8 +447,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug: still one line, unless asked for the traceback
         if "-v" in argv or "--verbose" in argv:
             raise
-        return fail(CliError(f"internal error: {type(exc).__name__}: {exc} (run with -v for the traceback)",
-                             INTERNAL), as_json)
+        return fail(
+            CliError(f"internal error: {type(exc).__name__}: {exc} (run with -v for the traceback)", INTERNAL), as_json
+        )
 
 
 def entry() -> None:

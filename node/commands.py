@@ -40,8 +40,9 @@ def run(args, base: Path) -> int:
         raise
     except DcError as exc:
         hint = {"revoked": " (this node ID can never register again; `ntm keygen --force` makes a new one)"}
-        raise CliError(f"{exc}{hint.get(exc.code, '')}", UNREACHABLE if exc.code == "unreachable" else FAILED,
-                       exc.code) from None
+        raise CliError(
+            f"{exc}{hint.get(exc.code, '')}", UNREACHABLE if exc.code == "unreachable" else FAILED, exc.code
+        ) from None
     except control.ControlError as exc:
         raise CliError(str(exc), NO_DAEMON if exc.code == "no_daemon" else FAILED, exc.code) from None
     except KeystoreError as exc:
@@ -98,10 +99,9 @@ def node_arg(text: str) -> bytes:
     except ValueError as exc:
         raise CliError(str(exc), USAGE) from None
     body = keys.checksum(nid)[2:]  # what parse_node_id read, in EIP-55 case
-    typed = text[-len(body):]
+    typed = text[-len(body) :]
     if typed != typed.lower() and typed != typed.upper() and typed != body:
-        raise CliError(f"node ID {text!r} has a wrong EIP-55 checksum (a typo?); "
-                       f"all lower-case skips the check", USAGE)
+        raise CliError(f"node ID {text!r} has a wrong EIP-55 checksum (a typo?); all lower-case skips the check", USAGE)
     return nid
 
 
@@ -120,8 +120,11 @@ def dc_pin(args, base: Path, st: dict, url: str) -> bytes | None:
     else the one `ntm devnet` wrote for it. Plain http:// only with --insecure-plain-http."""
     if url.startswith("http://"):
         if not getattr(args, "insecure_plain_http", False):
-            raise CliError(f"{url} is plain HTTP: anyone on the path could read and rewrite it; use https:// "
-                           f"(the default) or, for development only, {tlspin.INSECURE_FLAG}", USAGE)
+            raise CliError(
+                f"{url} is plain HTTP: anyone on the path could read and rewrite it; use https:// "
+                f"(the default) or, for development only, {tlspin.INSECURE_FLAG}",
+                USAGE,
+            )
         tlspin.warn_plain(f"the DC at {url}")
     if getattr(args, "dc_address", None):
         return node_arg(args.dc_address)
@@ -145,8 +148,11 @@ async def unknown_dc(url: str, timeout: float) -> CliError:
     except SignatureError:
         claim = None
     said = f"it says it is DC {claim}" if claim else "it proves no chain key"
-    return CliError(f"the DC at {url} is not known to this node ({said}); check its address with its operator "
-                    f"(or on the chain's DC list) and repeat with --dc-address ADDRESS", USAGE)
+    return CliError(
+        f"the DC at {url} is not known to this node ({said}); check its address with its operator "
+        f"(or on the chain's DC list) and repeat with --dc-address ADDRESS",
+        USAGE,
+    )
 
 
 async def cmd_keygen(args, base: Path) -> None:
@@ -183,21 +189,34 @@ async def sign_and_register(args, base: Path, revoked: bool) -> None:
                 f"registered on chain {st['chain_id']} registry {st['registry']}"
             )
         ts = record.next_timestamp(SYSTEM.wall_ms(), st.get("timestamp", 0))
-        req = RegistrationRequest.signed(key, info, ts, args.addr or local_addrs_towards(urlsplit(url).hostname, state.TUNNEL_PORT),
-                                         revoked)
+        req = RegistrationRequest.signed(
+            key, info, ts, args.addr or local_addrs_towards(urlsplit(url).hostname, state.TUNNEL_PORT), revoked
+        )
         res = await dc.register(req, wait_confirmed=not args.no_wait)
     if res.status == "rejected":  # the chain's verdict in a mined block: nothing to remember
         raise CliError(f"the chain refused the record of {res.node}: {res.reason or 'no reason given'}", 1)
-    state.write_json(base / state.STATE_FILE, {
-        "dc_url": url, "dc": info.dc, "hostname": info.hostname, "chain_id": info.chain_id,
-        "registry": info.registry, "timestamp": ts, "revoked": revoked, "status": res.status,
-        "block": res.block, "tx": res.tx,
-    })
+    state.write_json(
+        base / state.STATE_FILE,
+        {
+            "dc_url": url,
+            "dc": info.dc,
+            "hostname": info.hostname,
+            "chain_id": info.chain_id,
+            "registry": info.registry,
+            "timestamp": ts,
+            "revoked": revoked,
+            "status": res.status,
+            "block": res.block,
+            "tx": res.tx,
+        },
+    )
     what = "revoked" if revoked else "registered"
     where = f"block {res.block}" if res.block is not None else "chain confirmation pending"
-    out(args, {**messages.encode(res), "dc_url": url, "hostname": info.hostname},
-        f"{what} {res.node} at DC {info.hostname} ({info.dc}, {url})\n"
-        f"status: {res.status} ({where})")
+    out(
+        args,
+        {**messages.encode(res), "dc_url": url, "hostname": info.hostname},
+        f"{what} {res.node} at DC {info.hostname} ({info.dc}, {url})\nstatus: {res.status} ({where})",
+    )
 
 
 async def cmd_register(args, base: Path) -> None:
@@ -243,8 +262,11 @@ async def cmd_whois(args, base: Path) -> None:
     async with DcClient(url, args.timeout, pin=pin) as dc:
         info = await dc.whois(nid)
     flags = "revoked" if info.revoked else ("online" if info.online else "offline")
-    out(args, messages.encode(info), f"{info.node}: home DC {info.home_dc}, {flags}"
-        + (f"\npublic key {info.pubkey}" if info.pubkey else ""))
+    out(
+        args,
+        messages.encode(info),
+        f"{info.node}: home DC {info.home_dc}, {flags}" + (f"\npublic key {info.pubkey}" if info.pubkey else ""),
+    )
 
 
 def need_registration(base: Path) -> dict:
@@ -256,11 +278,23 @@ def need_registration(base: Path) -> dict:
 
 def up_options(args) -> daemon.UpOptions:
     return daemon.UpOptions(
-        tun=None if args.no_tun else (args.tun or "ntm0"), require_tun=args.tun is not None,
-        v4_net=args.v4_net, path_mtu=args.path_mtu, dns=args.dns, accept_any=args.accept_any,
-        echo=args.echo, host=args.host, port=args.port, keepalive=args.keepalive, offload=args.offload,
-        advertise_routes=advertised(args.advertise_routes), advertise_exit=args.advertise_exit,
-        use_routes=args.use_routes, exit_node=args.exit_node, exit_relay=args.exit_relay)
+        tun=None if args.no_tun else (args.tun or "ntm0"),
+        require_tun=args.tun is not None,
+        v4_net=args.v4_net,
+        path_mtu=args.path_mtu,
+        dns=args.dns,
+        accept_any=args.accept_any,
+        echo=args.echo,
+        host=args.host,
+        port=args.port,
+        keepalive=args.keepalive,
+        offload=args.offload,
+        advertise_routes=advertised(args.advertise_routes),
+        advertise_exit=args.advertise_exit,
+        use_routes=args.use_routes,
+        exit_node=args.exit_node,
+        exit_relay=args.exit_relay,
+    )
 
 
 def advertised(text: str) -> list:
@@ -288,17 +322,22 @@ async def cmd_up(args, base: Path) -> None:
 
     def ready(info: dict) -> None:
         where = f"TUN {info['tun']} (MTU {info['mtu']})" if info["tun"] else "no TUN (datagram mode)"
-        event(args, {"event": "up", **info},
+        event(
+            args,
+            {"event": "up", **info},
             f"up as {info['node']} at {info['dc']} (public address {info['observed']})\n"
             f"{where}, virtual addresses {info['ipv6']} and {info['ipv4']}"
-            + (f", DNS on {', '.join(info['dns'])}" if info["dns"] else "") + f"\ncontrol socket {info['socket']}")
+            + (f", DNS on {', '.join(info['dns'])}" if info["dns"] else "")
+            + f"\ncontrol socket {info['socket']}",
+        )
         service.sd_notify("READY=1")  # under systemd (packaging/systemd/ntm.service, Type=notify)
 
     try:
         await daemon.up(base, key, st, opts, ready)
     except (asyncio.TimeoutError, DcSilent):
-        raise CliError(f"the DC at {st['dc_url']} did not open a session in time (is it up and answering?)",
-                       UNREACHABLE) from None
+        raise CliError(
+            f"the DC at {st['dc_url']} did not open a session in time (is it up and answering?)", UNREACHABLE
+        ) from None
     except OSError as exc:
         raise CliError(f"could not start the node at {st['dc_url']}: {exc.strerror or exc}", USAGE) from None
     event(args, {"event": "down"}, "stopped")
@@ -342,8 +381,9 @@ async def cmd_ping(args, base: Path) -> None:
 
     def summary() -> None:
         got = [r for r in rtts if r is not None]
-        line = f"{len(got)}/{len(rtts)} replies" + (f", rtt min/avg/max {min(got):.2f}/{sum(got) / len(got):.2f}/"
-                                                    f"{max(got):.2f} ms" if got else "")
+        line = f"{len(got)}/{len(rtts)} replies" + (
+            f", rtt min/avg/max {min(got):.2f}/{sum(got) / len(got):.2f}/{max(got):.2f} ms" if got else ""
+        )
         out(args, {**res, "rtt_ms": rtts, "sent": len(rtts), "received": len(got)}, line)
 
     try:
@@ -351,8 +391,12 @@ async def cmd_ping(args, base: Path) -> None:
             if i:
                 await asyncio.sleep(args.interval)
             # the first request opens the tunnel (relayed if asked); the others use it
-            res = await ask(base, "ping", {"peer": peer, "count": 1, "interval": 0, "relay": args.relay and i == 0},
-                            timeout=30 if i == 0 else 10)
+            res = await ask(
+                base,
+                "ping",
+                {"peer": peer, "count": 1, "interval": 0, "relay": args.relay and i == 0},
+                timeout=30 if i == 0 else 10,
+            )
             rtts.append(res["rtt_ms"][0])
             if not args.json:
                 if i == 0:
@@ -376,11 +420,18 @@ async def cmd_send(args, base: Path) -> None:
         raise CliError("--wait-reply must be >= 0", USAGE)
     size = len(args.message.encode())
     if size > MAX_SEND_BYTES:
-        raise CliError(f"the message is {size} bytes; one datagram carries at most {MAX_SEND_BYTES} "
-                       "(`ntm send NODE --offline --file PATH` takes any size)", USAGE)
+        raise CliError(
+            f"the message is {size} bytes; one datagram carries at most {MAX_SEND_BYTES} "
+            "(`ntm send NODE --offline --file PATH` takes any size)",
+            USAGE,
+        )
     peer = peer_arg(base, args.node)
-    res = await ask(base, "send", {"peer": peer, "text": args.message, "wait_reply": args.wait_reply,
-                                   "relay": args.relay}, timeout=30 + args.wait_reply)
+    res = await ask(
+        base,
+        "send",
+        {"peer": peer, "text": args.message, "wait_reply": args.wait_reply, "relay": args.relay},
+        timeout=30 + args.wait_reply,
+    )
     out(args, res, f"sent {res['sent']} bytes" + (f"\nreply: {res['reply']}" if res["reply"] is not None else ""))
 
 
@@ -400,21 +451,34 @@ async def send_offline(args, base: Path) -> None:
     else:
         raise CliError("nothing to send: give a MESSAGE or --file PATH", USAGE)
     try:  # bad input is refused before the key is opened
-        meta = seal.Meta(args.app, notice=args.notice if args.notice is not None else (args.message or name)[:140],
-                         name=name)
+        meta = seal.Meta(
+            args.app, notice=args.notice if args.notice is not None else (args.message or name)[:140], name=name
+        )
         seal.check_meta(meta)
     except ValueError as exc:
         raise CliError(str(exc), USAGE) from None
     key = load_key(args, base)
     st = need_registration(base)
     try:
-        res = await cs_client.leave_sealed(key, st["dc_url"], peers, meta, source, content_len,
-                                           SYSTEM.wall_ms(), args.timeout, keys.parse_node_id(st["dc"]))
+        res = await cs_client.leave_sealed(
+            key,
+            st["dc_url"],
+            peers,
+            meta,
+            source,
+            content_len,
+            SYSTEM.wall_ms(),
+            args.timeout,
+            keys.parse_node_id(st["dc"]),
+        )
     except ValueError as exc:
         raise CliError(str(exc), USAGE) from None
-    out(args, {**res, "recipients": [keys.checksum(p) for p in peers]},
+    out(
+        args,
+        {**res, "recipients": [keys.checksum(p) for p in peers]},
         f"stored item {res['item']} ({res['size']} bytes, sealed) at {res['cs']} for {len(peers)} recipient(s); "
-        "each gets it when next online")
+        "each gets it when next online",
+    )
 
 
 async def cmd_inbox(args, base: Path) -> None:
@@ -427,13 +491,19 @@ async def cmd_inbox(args, base: Path) -> None:
     waiting = []
     for url in await mailbox.federation_cs_urls(st["dc_url"], args.timeout, keys.parse_node_id(st["dc"])):
         async with cs_client.CsClient(key, url) as cs:
-            waiting += [{"cs": url, **{k: e[k] for k in ("item", "sender", "size", "created", "expires")}}
-                        for e in await cs.inbox()]
+            waiting += [
+                {"cs": url, **{k: e[k] for k in ("item", "sender", "size", "created", "expires")}}
+                for e in await cs.inbox()
+            ]
     local = [json.loads(p.read_text()) for p in sorted((base / daemon.INBOX_DIR).glob("*.json"))]
     esc = consent.escape
-    lines = [f"waiting: {esc(w['item'])} from {esc(w['sender'])}, {w['size']} bytes, at {esc(w['cs'])}" for w in waiting]
-    lines += [f"received: {r['item']} from {r['sender']}, {esc(r['app_id'])}: {esc(r['notice'] or r['name'])} -> {r['path']}"
-              for r in local]
+    lines = [
+        f"waiting: {esc(w['item'])} from {esc(w['sender'])}, {w['size']} bytes, at {esc(w['cs'])}" for w in waiting
+    ]
+    lines += [
+        f"received: {r['item']} from {r['sender']}, {esc(r['app_id'])}: {esc(r['notice'] or r['name'])} -> {r['path']}"
+        for r in local
+    ]
     out(args, {"waiting": waiting, "received": local}, "\n".join(lines) or "(nothing)")
 
 
@@ -465,7 +535,9 @@ async def cmd_fetch(args, base: Path) -> None:
                 if args.items and entry["item"] not in args.items:
                     continue
                 if args.out is None and (full := consent.inbox_room(entry["size"], mailbox.inbox_bytes(out_dir))):
-                    failed.append({"item": entry["item"], "error": full, "message": mailbox.inbox_full_message(entry["size"])})
+                    failed.append(
+                        {"item": entry["item"], "error": full, "message": mailbox.inbox_full_message(entry["size"])}
+                    )
                     continue
                 try:
                     got.append((await cs.fetch(entry["item"], out_dir)).describe())
@@ -476,8 +548,10 @@ async def cmd_fetch(args, base: Path) -> None:
 
 def fetch_report(args, got: list[dict], failed: list[dict]) -> None:
     esc = consent.escape
-    lines = [f"{g['item']} from {g['sender']} ({esc(g['app_id'])}): {esc(g['notice'] or g['name'])} -> {g['path']}"
-             for g in got]
+    lines = [
+        f"{g['item']} from {g['sender']} ({esc(g['app_id'])}): {esc(g['notice'] or g['name'])} -> {g['path']}"
+        for g in got
+    ]
     lines += [f"{esc(f['item'])}: refused: {f['message']}" for f in failed]
     out(args, {"fetched": got, "failed": failed}, "\n".join(lines) or "(nothing waiting)")
     if failed:
@@ -514,8 +588,15 @@ async def cmd_recv(args, base: Path) -> None:
 
 async def cmd_group(args, base: Path) -> None:
     """`ntm group ...`: through the daemon, which holds the group keys and receives group traffic."""
-    body: dict = {k: v for k, v in (("group", getattr(args, "group", None)), ("name", getattr(args, "name", None)),
-                                    ("text", getattr(args, "text", None))) if v is not None}
+    body: dict = {
+        k: v
+        for k, v in (
+            ("group", getattr(args, "group", None)),
+            ("name", getattr(args, "name", None)),
+            ("text", getattr(args, "text", None)),
+        )
+        if v is not None
+    }
     if getattr(args, "node", None) is not None:
         body["node"] = peer_arg(base, args.node)
     if args.group_cmd == "send" and len(args.text.encode()) > 1024:
@@ -533,27 +614,39 @@ def group_text(cmd: str, r: dict) -> str:
 
     def line(g: dict) -> str:
         key = "key ready" if g["has_key"] else "waiting for the admin's RN1"
-        return (f"{esc(g['name'])}  {g['gid']}  {g['status']}, epoch {g['epoch']}, {len(g['members'])} members, {key}"
-                f"{' (you are its admin)' if g['admin'] == g['you'] else ''}")
+        return (
+            f"{esc(g['name'])}  {g['gid']}  {g['status']}, epoch {g['epoch']}, {len(g['members'])} members, {key}"
+            f"{' (you are its admin)' if g['admin'] == g['you'] else ''}"
+        )
 
     if cmd == "recv":
         return "\n".join(f"[{esc(m['group'])}] {m['sender']}: {esc(m['text'])}" for m in r["messages"]) or "(nothing)"
     if cmd == "invitations":
-        return "\n".join(f"{esc(g['name'])}  {g['gid']}  from {g['admin']}{'' if g['admitted'] else ' (not on your allow list)'}"
-                         f"  at {esc(g['gms'])}" for g in r["invitations"]) or "(no invitations)"
+        return (
+            "\n".join(
+                f"{esc(g['name'])}  {g['gid']}  from {g['admin']}{'' if g['admitted'] else ' (not on your allow list)'}"
+                f"  at {esc(g['gms'])}"
+                for g in r["invitations"]
+            )
+            or "(no invitations)"
+        )
     if cmd == "decline":
         return f"declined the invitation to {esc(r['name'])} ({r['gid']}) from {r['admin']}"
     if cmd == "members" and "groups" in r:
         return "\n".join(line(g) for g in r["groups"]) or "(no groups)"
     if cmd == "send":
-        return (f"sent to {r['name']} (epoch {r['epoch']}): {len(r['tunnel'])} over tunnels, {len(r['cs'])} left at "
-                f"a Cache Server, {len(r['failed'])} failed" + (f"\nwarning: {r['gms_unreachable']}" if "gms_unreachable" in r else ""))
+        return (
+            f"sent to {r['name']} (epoch {r['epoch']}): {len(r['tunnel'])} over tunnels, {len(r['cs'])} left at "
+            f"a Cache Server, {len(r['failed'])} failed"
+            + (f"\nwarning: {r['gms_unreachable']}" if "gms_unreachable" in r else "")
+        )
     text = line(r)
     if cmd == "invite":
         text += f"\ninvited {r['invited']} (invitation {'sent over a tunnel' if r['via'] == 'tunnel' else 'left at a Cache Server' if r['via'] == 'cs' else 'not delivered'})"
     if cmd == "members":
-        text += "\n" + "\n".join(f"  {m}{'  (admin)' if m == r['admin'] else ''}{'  (you)' if m == r['you'] else ''}"
-                                  for m in r["members"])
+        text += "\n" + "\n".join(
+            f"  {m}{'  (admin)' if m == r['admin'] else ''}{'  (you)' if m == r['you'] else ''}" for m in r["members"]
+        )
     return text
 
 
@@ -575,8 +668,11 @@ async def edit_peers(args, base: Path, change) -> PeerBook:
 async def cmd_alias(args, base: Path) -> None:
     if args.name is None:
         book = PeerBook.load(base)
-        out(args, {"aliases": {n: keys.checksum(i) for n, i in book.aliases.items()}},
-            "\n".join(f"{n}.ntm  {keys.checksum(i)}" for n, i in sorted(book.aliases.items())) or "(no aliases)")
+        out(
+            args,
+            {"aliases": {n: keys.checksum(i) for n, i in book.aliases.items()}},
+            "\n".join(f"{n}.ntm  {keys.checksum(i)}" for n, i in sorted(book.aliases.items())) or "(no aliases)",
+        )
         return
     if args.node is None:
         await edit_peers(args, base, lambda b: b.aliases.pop(args.name.lower(), None))
@@ -584,15 +680,21 @@ async def cmd_alias(args, base: Path) -> None:
         return
     nid = node_arg(args.node)
     await edit_peers(args, base, lambda b: b.set_alias(args.name, nid))
-    out(args, {"alias": args.name.lower(), "node": keys.checksum(nid)},
-        f"{args.name.lower()}.ntm is {keys.checksum(nid)}")
+    out(
+        args,
+        {"alias": args.name.lower(), "node": keys.checksum(nid)},
+        f"{args.name.lower()}.ntm is {keys.checksum(nid)}",
+    )
 
 
 async def cmd_allow(args, base: Path) -> None:
     if args.node is None:
         book = PeerBook.load(base)
-        out(args, {"allow": sorted(keys.checksum(i) for i in book.allow)},
-            "\n".join(keys.checksum(i) for i in sorted(book.allow)) or "(nobody: only outbound tunnels)")
+        out(
+            args,
+            {"allow": sorted(keys.checksum(i) for i in book.allow)},
+            "\n".join(keys.checksum(i) for i in sorted(book.allow)) or "(nobody: only outbound tunnels)",
+        )
         return
     nid = keys.parse_node_id(peer_arg(base, args.node))
     if args.remove:

@@ -44,8 +44,9 @@ class ControlError(Exception):
 def socket_path(base: Path) -> Path:
     path = base / SOCKET_FILE
     if len(os.fsencode(path)) > MAX_SOCKET_PATH:
-        raise ControlError("bad_home", f"{path} is too long for a Unix socket ({MAX_SOCKET_PATH} bytes at most); "
-                           "use a shorter --home")
+        raise ControlError(
+            "bad_home", f"{path} is too long for a Unix socket ({MAX_SOCKET_PATH} bytes at most); use a shorter --home"
+        )
     return path
 
 
@@ -57,8 +58,9 @@ class ControlServer:
         self.path = path
 
     @classmethod
-    async def start(cls, base: Path, handlers: dict[str, Handler],
-                    sockets: dict[str, SocketHandler] | None = None) -> ControlServer:
+    async def start(
+        cls, base: Path, handlers: dict[str, Handler], sockets: dict[str, SocketHandler] | None = None
+    ) -> ControlServer:
         app = web.Application(client_max_size=MAX_REQUEST)
         for name, handler in handlers.items():
             app.router.add_post(f"/v1/{name}", _wrap(handler))
@@ -121,8 +123,9 @@ async def call(base: Path, name: str, body: dict[str, Any] | None = None, timeou
                 try:
                     data = await resp.json()
                 except (aiohttp.ContentTypeError, ValueError):  # aiohttp's own refusal (e.g. 413), not JSON
-                    raise ControlError("refused", f"the daemon refused the request: HTTP {resp.status} "
-                                       f"{resp.reason}") from None
+                    raise ControlError(
+                        "refused", f"the daemon refused the request: HTTP {resp.status} {resp.reason}"
+                    ) from None
     except (aiohttp.ClientConnectionError, FileNotFoundError, ConnectionRefusedError):
         raise _no_daemon(path) from None
     except asyncio.TimeoutError:
@@ -138,10 +141,13 @@ async def open_socket(base: Path, name: str, query: dict[str, str]) -> AsyncIter
     Its first message is the daemon's JSON answer: {"ok": true, ...} or {"error", "message"}."""
     path = daemon_socket(base)
     conn = aiohttp.UnixConnector(path=str(path))
-    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(sock_connect=CONNECT_TIMEOUT_S)) as http:
+    async with aiohttp.ClientSession(
+        connector=conn, timeout=aiohttp.ClientTimeout(sock_connect=CONNECT_TIMEOUT_S)
+    ) as http:
         try:
-            ws = await http.ws_connect(f"http://ntm/v1/{name}", params=query, max_msg_size=MAX_SOCKET_MESSAGE,
-                                       heartbeat=None)
+            ws = await http.ws_connect(
+                f"http://ntm/v1/{name}", params=query, max_msg_size=MAX_SOCKET_MESSAGE, heartbeat=None
+            )
         except (aiohttp.ClientConnectionError, FileNotFoundError, ConnectionRefusedError):
             raise _no_daemon(path) from None
         async with ws:

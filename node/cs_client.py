@@ -41,9 +41,17 @@ class Received:
     size: int
 
     def describe(self) -> dict:
-        return {"item": self.item, "sender": keys.checksum(self.sender), "size": self.size, "path": str(self.path),
-                "app_id": self.meta.app_id, "service_id": self.meta.service_id,
-                "service_item_id": self.meta.service_item_id, "notice": self.meta.notice, "name": self.meta.name}
+        return {
+            "item": self.item,
+            "sender": keys.checksum(self.sender),
+            "size": self.size,
+            "path": str(self.path),
+            "app_id": self.meta.app_id,
+            "service_id": self.meta.service_id,
+            "service_item_id": self.meta.service_item_id,
+            "notice": self.meta.notice,
+            "name": self.meta.name,
+        }
 
 
 class CsClient:
@@ -69,7 +77,9 @@ class CsClient:
             try:
                 err = messages.decode(messages.ErrorBody, text)
             except ParseError:  # not our JSON (a proxy?): say what came back
-                raise CsClientError("bad_response", f"Cache Server {self.url} answered {r.status}: {text[:200]}") from None
+                raise CsClientError(
+                    "bad_response", f"Cache Server {self.url} answered {r.status}: {text[:200]}"
+                ) from None
             raise CsClientError(err.error, f"Cache Server {self.url}: {err.message}")
 
     async def _request(self, method: str, path: str, **kw) -> dict:
@@ -78,7 +88,9 @@ class CsClient:
                 await self._check(r)
                 return await r.json()
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            raise CsClientError("unreachable", f"cannot reach Cache Server {self.url}: {str(exc) or type(exc).__name__}") from None
+            raise CsClientError(
+                "unreachable", f"cannot reach Cache Server {self.url}: {str(exc) or type(exc).__name__}"
+            ) from None
 
     async def put(self, sealer: seal.Sealer, source: AsyncIterator[bytes], content_len: int) -> dict:
         """Upload: seal `source` (content_len bytes) as it streams out."""
@@ -92,9 +104,12 @@ class CsClient:
             yield sealer.finish()
 
         auth = self._auth(messages.CS_PUT, {"header": sealer.header.to_json(), "size": size})
-        return await self._request("PUT", "/v1/items", data=body(),
-                                   headers={AUTH_HEADER: json.dumps(auth, separators=(",", ":")),
-                                            "Content-Type": "application/octet-stream"})
+        return await self._request(
+            "PUT",
+            "/v1/items",
+            data=body(),
+            headers={AUTH_HEADER: json.dumps(auth, separators=(",", ":")), "Content-Type": "application/octet-stream"},
+        )
 
     async def inbox(self) -> list[dict]:
         return (await self._request("POST", "/v1/inbox", json=self._auth(messages.CS_LIST, {})))["items"]
@@ -105,8 +120,9 @@ class CsClient:
         out_dir.mkdir(parents=True, exist_ok=True)
         part, final = out_dir / f".{item}.part", out_dir / item
         try:
-            async with self.http.get(f"{self.url}/v1/items/{item}",
-                                     headers={AUTH_HEADER: json.dumps(auth, separators=(",", ":"))}) as r:
+            async with self.http.get(
+                f"{self.url}/v1/items/{item}", headers={AUTH_HEADER: json.dumps(auth, separators=(",", ":"))}
+            ) as r:
                 await self._check(r)
                 try:
                     header = seal.Header.from_json(json.loads(r.headers.get(ITEM_HEADER, "null")))
@@ -121,7 +137,9 @@ class CsClient:
                     raise CsClientError("bad_item", f"item {item} refused: {exc}") from None
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             part.unlink(missing_ok=True)
-            raise CsClientError("unreachable", f"cannot fetch {item} from {self.url}: {str(exc) or type(exc).__name__}") from None
+            raise CsClientError(
+                "unreachable", f"cannot fetch {item} from {self.url}: {str(exc) or type(exc).__name__}"
+            ) from None
         except BaseException:
             part.unlink(missing_ok=True)
             raise
@@ -136,9 +154,17 @@ class CsClient:
         return await self._request("POST", f"/v1/items/{item}/ack", json=self._auth(messages.CS_ACK, {"item": item}))
 
 
-async def leave_sealed(key: coincurve.PrivateKey, dc_url: str, peers: list[bytes], meta: seal.Meta,
-                       source: AsyncIterator[bytes], content_len: int, now_ms: int, timeout: float,
-                       dc_pin: bytes | None = None) -> dict:
+async def leave_sealed(
+    key: coincurve.PrivateKey,
+    dc_url: str,
+    peers: list[bytes],
+    meta: seal.Meta,
+    source: AsyncIterator[bytes],
+    content_len: int,
+    now_ms: int,
+    timeout: float,
+    dc_pin: bytes | None = None,
+) -> dict:
     """Store-and-forward: seal `source` for `peers` (their keys as the DC federation knows them)
     and upload it to the Cache Server of our DC (`dc_url`, whose TLS must be bound to `dc_pin`, or
     to a key this process already checked for it); the CS's answer plus {"cs": url}.
@@ -149,7 +175,9 @@ async def leave_sealed(key: coincurve.PrivateKey, dc_url: str, peers: list[bytes
     async with DcClient(dc_url, timeout, pin=dc_pin) as dc:
         info = await dc.info()
         if not info.cs:
-            raise CsClientError("no_cs", f"DC {dc_url} has no Cache Server (its operator starts one with ntm-cs and --cs)")
+            raise CsClientError(
+                "no_cs", f"DC {dc_url} has no Cache Server (its operator starts one with ntm-cs and --cs)"
+            )
         recipients = {}
         for peer in peers:
             who = await dc.whois(peer)
@@ -169,4 +197,4 @@ async def file_chunks(path: Path) -> AsyncIterator[bytes]:
 
 async def bytes_chunks(data: bytes) -> AsyncIterator[bytes]:
     for i in range(0, len(data), READ_CHUNK):
-        yield data[i:i + READ_CHUNK]
+        yield data[i : i + READ_CHUNK]

@@ -105,8 +105,9 @@ class UpOptions:
 
 
 class Daemon:
-    def __init__(self, base: Path, node: Node, book: PeerBook, overlay: Overlay, plane: DataPlane,
-                 opts: UpOptions) -> None:
+    def __init__(
+        self, base: Path, node: Node, book: PeerBook, overlay: Overlay, plane: DataPlane, opts: UpOptions
+    ) -> None:
         self.base, self.node, self.book, self.overlay, self.plane, self.opts = base, node, book, overlay, plane, opts
         self.groups = Groups(base, node.key, lambda: node.dc_url, GroupLink(node.key, plane), self.allows)
         plane.on_group = lambda peer, data: self.groups.on_payload(peer, data, "tunnel")
@@ -117,7 +118,9 @@ class Daemon:
         self.control: ControlServer | None = None
         self.standby = StandbyPaths(node)  # make-before-break over a second uplink
         self.streams = DaemonStreams(plane, self.admit, lambda peer: self._peer({"peer": peer}))
-        self.routes = RouteSync(overlay.routes, lambda peer: node.session.dc.whois(peer), plane.tun.name if plane.tun else None)
+        self.routes = RouteSync(
+            overlay.routes, lambda peer: node.session.dc.whois(peer), plane.tun.name if plane.tun else None
+        )
         self.forwarding = Forwarding(base)
         self.exit_relay: ExitRelay | None = None
         self.tasks = BackgroundTasks()
@@ -175,20 +178,34 @@ class Daemon:
     async def h_status(self, body: dict[str, Any]) -> dict[str, Any]:
         tun = self.plane.tun
         return {
-            "node": keys.checksum(self.node.id), "pid": os.getpid(),
+            "node": keys.checksum(self.node.id),
+            "pid": os.getpid(),
             "uptime_s": round(self.node.session.clock.now() - self.started, 1),
-            **self.node.session.status(), "local": display(self.node.endpoint.local_addr),
-            "tun": tun.name if tun else None, "ipv6": str(v6_of(self.node.id)), "ipv4": str(self.overlay.book.own),
-            "dns": [f"{h}:{p}" for h, p in self.dns.bound] if self.dns else [], "dns_route": self.dns_route,
-            "accept_any": self.opts.accept_any, "allowed": len(self.book.allow),
-            "peers": self.standby.annotate(self.plane.peers(self.book.names_of),
-                                           {keys.checksum(p): t.channel.path_id for p, t in self.plane.by_peer.items()}),
+            **self.node.session.status(),
+            "local": display(self.node.endpoint.local_addr),
+            "tun": tun.name if tun else None,
+            "ipv6": str(v6_of(self.node.id)),
+            "ipv4": str(self.overlay.book.own),
+            "dns": [f"{h}:{p}" for h, p in self.dns.bound] if self.dns else [],
+            "dns_route": self.dns_route,
+            "accept_any": self.opts.accept_any,
+            "allowed": len(self.book.allow),
+            "peers": self.standby.annotate(
+                self.plane.peers(self.book.names_of),
+                {keys.checksum(p): t.channel.path_id for p, t in self.plane.by_peer.items()},
+            ),
             **self.node.inbox_status(),
-            "groups": self.groups.list(), "group_refusals": dict(self.groups.refused), "routes": self.routes.status(),
+            "groups": self.groups.list(),
+            "group_refusals": dict(self.groups.refused),
+            "routes": self.routes.status(),
             "record": await self._record(),
-            "counters": {**self.overlay.stats, **self.plane.stats, "refused_tunnels": self.node.tunnel_table.refused,
-                         "dns_refused": self.dns.refused if self.dns else 0,
-                         **({f"tun_{k}": v for k, v in tun.stats().items()} if tun else {})},
+            "counters": {
+                **self.overlay.stats,
+                **self.plane.stats,
+                "refused_tunnels": self.node.tunnel_table.refused,
+                "dns_refused": self.dns.refused if self.dns else 0,
+                **({f"tun_{k}": v for k, v in tun.stats().items()} if tun else {}),
+            },
         }
 
     async def _record(self) -> dict[str, Any]:
@@ -223,8 +240,13 @@ class Daemon:
         t = await self._guard(self.plane.send_app(peer, data, bool(body.get("relay"))))
         wait = float(body.get("wait_reply", 0))
         got = await self.plane.recv_app(wait, peer) if wait > 0 else []
-        return {"peer": keys.checksum(peer), "route": t.kind, "via": t.channel.via, "sent": len(data),
-                "reply": got[0][1].decode(errors="replace") if got else None}
+        return {
+            "peer": keys.checksum(peer),
+            "route": t.kind,
+            "via": t.channel.via,
+            "sent": len(data),
+            "reply": got[0][1].decode(errors="replace") if got else None,
+        }
 
     async def h_recv(self, body: dict[str, Any]) -> dict[str, Any]:
         got = await self.plane.recv_app(float(body.get("wait", 0)))
@@ -237,12 +259,23 @@ class Daemon:
         def node_of(body: dict) -> bytes:
             return self._peer({"peer": body.get("node", "")})
 
-        async def create(b): return await self._guard(G.create(str(b.get("name", ""))))
-        async def invite(b): return await self._guard(G.invite(str(b.get("group", "")), node_of(b)))
-        async def accept(b): return await self._guard(G.accept(str(b.get("group", ""))))
-        async def leave(b): return await self._guard(G.leave(str(b.get("group", ""))))
-        async def remove(b): return await self._guard(G.remove(str(b.get("group", "")), node_of(b)))
-        async def send(b): return await self._guard(G.send(str(b.get("group", "")), str(b.get("text", "")).encode()))
+        async def create(b):
+            return await self._guard(G.create(str(b.get("name", ""))))
+
+        async def invite(b):
+            return await self._guard(G.invite(str(b.get("group", "")), node_of(b)))
+
+        async def accept(b):
+            return await self._guard(G.accept(str(b.get("group", ""))))
+
+        async def leave(b):
+            return await self._guard(G.leave(str(b.get("group", ""))))
+
+        async def remove(b):
+            return await self._guard(G.remove(str(b.get("group", "")), node_of(b)))
+
+        async def send(b):
+            return await self._guard(G.send(str(b.get("group", "")), str(b.get("text", "")).encode()))
 
         async def members(b):
             if not b.get("group"):
@@ -253,11 +286,16 @@ class Daemon:
             ref = str(b["group"]) if b.get("group") else None
             return {"messages": await self._guard(G.wait_messages(ref, float(b.get("wait", 0))))}
 
-        async def invitations(b): return {"invitations": G.invitations()}
-        async def decline(b): return await self._guard(G.decline(str(b.get("group", ""))))
+        async def invitations(b):
+            return {"invitations": G.invitations()}
 
-        return {f"group.{f.__name__}": f for f in (create, invite, accept, leave, remove, send, members, recv,
-                                                    invitations, decline)}
+        async def decline(b):
+            return await self._guard(G.decline(str(b.get("group", ""))))
+
+        return {
+            f"group.{f.__name__}": f
+            for f in (create, invite, accept, leave, remove, send, members, recv, invitations, decline)
+        }
 
     async def h_inbox_fetch(self, body: dict[str, Any]) -> dict[str, Any]:
         """`ntm inbox fetch ITEM...`: the user fetches items the daemon left at their Cache Server."""
@@ -294,8 +332,9 @@ class Daemon:
         t = self.overlay.routes
         nets = list(t.advertised) + (list(EXIT_ROUTES) if t.exit_offered else [])
         if nets and self.plane.tun is not None:
-            self.forwarding.apply(forwarding_rules(self.plane.tun.name, self.overlay.book.net, nets),
-                                  {n.version for n in nets})
+            self.forwarding.apply(
+                forwarding_rules(self.plane.tun.name, self.overlay.book.net, nets), {n.version for n in nets}
+            )
 
     async def serve(self) -> None:
         self.learn_book()
@@ -303,16 +342,31 @@ class Daemon:
         binds = self.dns_binds()
         system_dns = self.opts.dns is None and self.plane.tun is not None  # our TUN, our default DNS: tell the system
         if binds:
-            self.dns = await DnsServer.start(binds, self.resolve, {str(self.overlay.book.own), str(v6_of(self.node.id))},
-                                             optional=[LOOPBACK_DNS] if system_dns else [],
-                                             clock=self.node.session.clock)
+            self.dns = await DnsServer.start(
+                binds,
+                self.resolve,
+                {str(self.overlay.book.own), str(v6_of(self.node.id))},
+                optional=[LOOPBACK_DNS] if system_dns else [],
+                clock=self.node.session.clock,
+            )
         if system_dns and self.plane.tun is not None:
             self.split = SplitDns(self.plane.tun.name, [h for h, _ in binds])
             self.dns_route = await asyncio.to_thread(self.split.register)
-        self.control = await ControlServer.start(self.base, {
-            "status": self.h_status, "netcheck": self.h_netcheck, "ping": self.h_ping, "send": self.h_send, "recv": self.h_recv,
-            "inbox.fetch": self.h_inbox_fetch,
-            "reload": self.h_reload, "down": self.h_down, **self._group_handlers()}, self.streams.sockets())
+        self.control = await ControlServer.start(
+            self.base,
+            {
+                "status": self.h_status,
+                "netcheck": self.h_netcheck,
+                "ping": self.h_ping,
+                "send": self.h_send,
+                "recv": self.h_recv,
+                "inbox.fetch": self.h_inbox_fetch,
+                "reload": self.h_reload,
+                "down": self.h_down,
+                **self._group_handlers(),
+            },
+            self.streams.sockets(),
+        )
         self.groups.start()
         take_inbox(self.groups, self.base / INBOX_DIR)
         self.plane.start()
@@ -328,8 +382,12 @@ class Daemon:
         """--exit-relay: book a relay's exit through the DC and route table 4330 into it (§10.13)."""
         if self.plane.tun is None:
             raise DaemonError("--exit-relay needs the TUN interface (root)")
-        self.exit_relay = ExitRelay(self.node, self.plane, self.routes,
-                                    lambda: self.node.session.dc.book_exit(self.node.key, self.node.session.clock.wall_ms()))
+        self.exit_relay = ExitRelay(
+            self.node,
+            self.plane,
+            self.routes,
+            lambda: self.node.session.dc.book_exit(self.node.key, self.node.session.clock.wall_ms()),
+        )
         await self.exit_relay.start()
 
     async def _watch_addresses(self) -> None:
@@ -382,8 +440,9 @@ def open_tun(node_id: bytes, book: V4Book, opts: UpOptions) -> Tun | None:
     if why and not opts.require_tun:
         log.info("no TUN interface (%s): datagram mode only (`ntm send`, `ntm ping`)", why)
         return None
-    return Tun.open(opts.tun, tun_mtu(opts.path_mtu), v6_of(node_id), V6_PREFIX, book.own, book.net,
-                    offload=opts.offload)
+    return Tun.open(
+        opts.tun, tun_mtu(opts.path_mtu), v6_of(node_id), V6_PREFIX, book.own, book.net, offload=opts.offload
+    )
 
 
 async def up(base: Path, key, st: dict, opts: UpOptions, ready) -> None:
@@ -408,13 +467,20 @@ async def up(base: Path, key, st: dict, opts: UpOptions, ready) -> None:
             raise DaemonError("--advertise-routes/--advertise-exit need the TUN interface (root)")
         daemon: Daemon | None = None
         try:
-            node = await Node.start(key, st["dc_url"], host=opts.host, port=opts.port,
-                                    last_timestamp=st.get("timestamp", 0), keepalive_interval=opts.keepalive,
-                                    admit=lambda peer: daemon is not None and daemon.admit(peer),
-                                    inbox=base / INBOX_DIR,
-                                    take_item=lambda item: daemon is not None and take_item(daemon.groups, item),
-                                    dc_pin=keys.parse_node_id(st["dc"]) if st.get("dc") else None,
-                                    route_offer=offer, clock=clock)
+            node = await Node.start(
+                key,
+                st["dc_url"],
+                host=opts.host,
+                port=opts.port,
+                last_timestamp=st.get("timestamp", 0),
+                keepalive_interval=opts.keepalive,
+                admit=lambda peer: daemon is not None and daemon.admit(peer),
+                inbox=base / INBOX_DIR,
+                take_item=lambda item: daemon is not None and take_item(daemon.groups, item),
+                dc_pin=keys.parse_node_id(st["dc"]) if st.get("dc") else None,
+                route_offer=offer,
+                clock=clock,
+            )
         except BaseException:
             if tun is not None:
                 tun.close()
@@ -428,11 +494,21 @@ async def up(base: Path, key, st: dict, opts: UpOptions, ready) -> None:
             except ForwardingError as exc:
                 raise DaemonError(str(exc)) from None
             stop = stop_on_signals()
-            ready({"node": keys.checksum(node_id), "dc": node.dc_url, "observed": node.observed,
-                   "tun": tun.name if tun else None, "ipv6": str(v6_of(node_id)), "ipv4": str(v4.own),
-                   "mtu": tun_mtu(opts.path_mtu) if tun else None, "offload": bool(tun and tun.vnet),
-                   "socket": str(control.socket_path(base)),
-                   "dns": [f"{h}:{p}" for h, p in daemon.dns.bound] if daemon.dns else [], "dns_route": daemon.dns_route})
+            ready(
+                {
+                    "node": keys.checksum(node_id),
+                    "dc": node.dc_url,
+                    "observed": node.observed,
+                    "tun": tun.name if tun else None,
+                    "ipv6": str(v6_of(node_id)),
+                    "ipv4": str(v4.own),
+                    "mtu": tun_mtu(opts.path_mtu) if tun else None,
+                    "offload": bool(tun and tun.vnet),
+                    "socket": str(control.socket_path(base)),
+                    "dns": [f"{h}:{p}" for h, p in daemon.dns.bound] if daemon.dns else [],
+                    "dns_route": daemon.dns_route,
+                }
+            )
             waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(daemon.stop.wait())]
             await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
             for w in waiters:

@@ -75,8 +75,9 @@ async def copy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> No
         writer.write_eof()
 
 
-async def splice(a: tuple[asyncio.StreamReader, asyncio.StreamWriter],
-                 b: tuple[asyncio.StreamReader, asyncio.StreamWriter]) -> None:
+async def splice(
+    a: tuple[asyncio.StreamReader, asyncio.StreamWriter], b: tuple[asyncio.StreamReader, asyncio.StreamWriter]
+) -> None:
     """Both directions until both ended (or one failed: then both are closed)."""
     try:
         await asyncio.gather(copy(a[0], b[1]), copy(b[0], a[1]))
@@ -93,8 +94,9 @@ class DaemonStreams:
         self.admit = admit
         self.resolve = resolve  # a peer as the user names it (alias or 0x…) → node ID, or ControlError
         endpoint = plane.node.endpoint
-        self.hub = StreamHub(plane.node.id, plane.send_quic, self._serve, endpoint.hold, endpoint.flush,
-                             plane.node.session.clock)
+        self.hub = StreamHub(
+            plane.node.id, plane.send_quic, self._serve, endpoint.hold, endpoint.flush, plane.node.session.clock
+        )
         self.served: dict[int, Handler] = {}
         plane.on_quic = self.hub.on_payload
 
@@ -127,10 +129,12 @@ class DaemonStreams:
         await self._splice_socket(ws, reader, writer)
         return ws
 
-    async def _splice_socket(self, ws: web.WebSocketResponse, reader: asyncio.StreamReader,
-                             writer: asyncio.StreamWriter) -> None:
+    async def _splice_socket(
+        self, ws: web.WebSocketResponse, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         """Stream → socket until the peer's EOF (then "eof"); socket → stream until "eof". A
         socket closed before its "eof" (the command was interrupted) resets the stream."""
+
         async def to_socket() -> None:
             try:
                 while data := await reader.read(SPLICE_CHUNK_BYTES):

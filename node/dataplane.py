@@ -27,8 +27,22 @@ from ntm import keys
 from ntm.addr import display
 from ntm.errors import NtmError
 from ntm.offload import VNET_HDR_LEN, OffloadError, VnetHdr, coalesce, split
-from ntm.overlay import (KIND_APP, KIND_FRAG, KIND_GROUP, KIND_GROUP_ACK, KIND_IPV6, KIND_JUNK, KIND_VIEW, Overlay,
-                         frame_app, frame_group, frame_view, group_ack, kind_of, parse_view)
+from ntm.overlay import (
+    KIND_APP,
+    KIND_FRAG,
+    KIND_GROUP,
+    KIND_GROUP_ACK,
+    KIND_IPV6,
+    KIND_JUNK,
+    KIND_VIEW,
+    Overlay,
+    frame_app,
+    frame_group,
+    frame_view,
+    group_ack,
+    kind_of,
+    parse_view,
+)
 from ntm.overlay import QUIC_TO_CLIENT, QUIC_TO_SERVER  # stream packets (node/daemon_streams.py)
 from ntm.toobig import SYN_MAX_LEN, Reassembly, clamp_mss, pieces, too_big
 from ntm.vaddr import AddressError
@@ -59,8 +73,9 @@ class DataPlane:
         self.failed_at: dict[bytes, float] = {}
         self.inbox: deque[tuple[bytes, bytes]] = deque(maxlen=APP_INBOX)
         self._inbox_event = asyncio.Event()
-        self.stats = dict.fromkeys(("queued", "queue_drops", "open_failures", "opens", "app_rx", "junk_rx",
-                                    "too_big", "offload_errors"), 0)
+        self.stats = dict.fromkeys(
+            ("queued", "queue_drops", "open_failures", "opens", "app_rx", "junk_rx", "too_big", "offload_errors"), 0
+        )
         self._to_write: list[bytes] = []  # packets for TUN, coalesced once the socket is drained
         self._frag_id = 0  # numbers the packets split: IPv6 for a path below 1280 (§10.4), QUIC (§10.9)
         self._reasm: dict[bytes, Reassembly] = {}
@@ -366,16 +381,25 @@ class DataPlane:
             ch = t.channel
             v6, v4 = self.overlay.addresses(peer)
             hs = ch.current.session.last_handshake
-            rows.append({
-                "peer": keys.checksum(peer), "names": names_of(peer), "ipv6": str(v6), "ipv4": str(v4),
-                "sees_you_as": self.view_of(peer, t),
-                "route": route_name(t), "endpoint": display(ch.peer_addr) if ch.peer_addr else None,
-                "transport": self.node.endpoint.transport(ch.current.session), "reason": t.reason,
-                "last_handshake_s": round(now - hs, 1) if hs is not None else None,
-                "rx_bytes": ch.stats.get("rx_bytes", 0), "tx_bytes": ch.stats.get("tx_bytes", 0),
-                "rtt_ms": round(ch.rtt * 1000, 2) if ch.rtt else None, "redirects": t.redirects,
-                **self.node.endpoint.mtu_status(ch.current.session),
-            })
+            rows.append(
+                {
+                    "peer": keys.checksum(peer),
+                    "names": names_of(peer),
+                    "ipv6": str(v6),
+                    "ipv4": str(v4),
+                    "sees_you_as": self.view_of(peer, t),
+                    "route": route_name(t),
+                    "endpoint": display(ch.peer_addr) if ch.peer_addr else None,
+                    "transport": self.node.endpoint.transport(ch.current.session),
+                    "reason": t.reason,
+                    "last_handshake_s": round(now - hs, 1) if hs is not None else None,
+                    "rx_bytes": ch.stats.get("rx_bytes", 0),
+                    "tx_bytes": ch.stats.get("tx_bytes", 0),
+                    "rtt_ms": round(ch.rtt * 1000, 2) if ch.rtt else None,
+                    "redirects": t.redirects,
+                    **self.node.endpoint.mtu_status(ch.current.session),
+                }
+            )
         return rows
 
 

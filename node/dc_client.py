@@ -77,13 +77,15 @@ class DcClient:
         self._tls = True
         return DcError("dc_unauthenticated", f"{self.base} presented another certificate than the pinned one")
 
-    async def _call(self, method: str, path: str, answer: type[T], body: dict | None = None,
-                    timeout: float | None = None) -> T:
+    async def _call(
+        self, method: str, path: str, answer: type[T], body: dict | None = None, timeout: float | None = None
+    ) -> T:
         timeout = timeout or self.timeout
         await self._authenticate()
         try:
-            async with self._http.request(method, self.base + path, json=body, ssl=self._tls,
-                                          timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+            async with self._http.request(
+                method, self.base + path, json=body, ssl=self._tls, timeout=aiohttp.ClientTimeout(total=timeout)
+            ) as resp:
                 text = await resp.text()
         except aiohttp.ServerFingerprintMismatch:
             raise self._not_pinned() from None
@@ -106,8 +108,13 @@ class DcClient:
         body = req.to_json()
         if wait_confirmed:
             body["wait"] = "confirmed"
-        return await self._call("POST", "/v1/register", messages.RegisterResult, body,
-                                max(self.timeout, REGISTER_WAIT_S) if wait_confirmed else None)
+        return await self._call(
+            "POST",
+            "/v1/register",
+            messages.RegisterResult,
+            body,
+            max(self.timeout, REGISTER_WAIT_S) if wait_confirmed else None,
+        )
 
     async def dcs(self) -> list[messages.DcEntry]:
         """The active DCs on chain, for failover."""
@@ -122,9 +129,13 @@ class DcClient:
         body = envelope.seal(key, messages.EXIT_REQUEST, {}, now_ms)
         return await self._call("POST", "/v1/exit-bookings", messages.ExitGrant, body)
 
-    async def open_session(self, key: coincurve.PrivateKey, local_addrs: list[str] | None = None,
-                           heartbeat: float | None = None, routes: messages.RouteOffer | None = None
-                           ) -> tuple[aiohttp.ClientWebSocketResponse, messages.Welcome]:
+    async def open_session(
+        self,
+        key: coincurve.PrivateKey,
+        local_addrs: list[str] | None = None,
+        heartbeat: float | None = None,
+        routes: messages.RouteOffer | None = None,
+    ) -> tuple[aiohttp.ClientWebSocketResponse, messages.Welcome]:
         """Authenticated session WebSocket and the DC's welcome (keepalive token and ports).
         `local_addrs`: the tunnel socket's addresses, announced with the answer. `heartbeat`: ping
         the DC after this long without a frame from it; no pong within half of it closes the
@@ -140,8 +151,12 @@ class DcClient:
         try:
             hello = messages.decode(messages.Challenge, await ws.receive_str())
             dc, challenge = keys.parse_node_id(hello.dc), bytes.fromhex(hello.challenge)
-            auth = messages.Auth(keys.checksum(keys.node_id_of(key)),
-                                 session_auth.answer(key, dc, challenge).hex(), list(local_addrs or []), routes)
+            auth = messages.Auth(
+                keys.checksum(keys.node_id_of(key)),
+                session_auth.answer(key, dc, challenge).hex(),
+                list(local_addrs or []),
+                routes,
+            )
             await ws.send_json(messages.encode(auth))
             welcome = messages.decode(messages.DcToNode, await ws.receive_str())
         except (ParseError, TypeError, aiohttp.ClientError) as exc:

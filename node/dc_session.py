@@ -76,12 +76,19 @@ class DcSilent(NodeError):
 
 
 class DcSession:
-    def __init__(self, key: coincurve.PrivateKey, dc_url: str, endpoint: Endpoint, clock: Clock,
-                 keepalive_interval: float, local_addrs: list[str] | None,
-                 on_direction: Callable[[dict[str, Any]], Awaitable[messages.DirectionAck | None]],
-                 on_moved: Callable[[], None],
-                 on_notice: Callable[[messages.CsNotice], None] = lambda notice: None,
-                 dc_pin: bytes | None = None) -> None:
+    def __init__(
+        self,
+        key: coincurve.PrivateKey,
+        dc_url: str,
+        endpoint: Endpoint,
+        clock: Clock,
+        keepalive_interval: float,
+        local_addrs: list[str] | None,
+        on_direction: Callable[[dict[str, Any]], Awaitable[messages.DirectionAck | None]],
+        on_moved: Callable[[], None],
+        on_notice: Callable[[messages.CsNotice], None] = lambda notice: None,
+        dc_pin: bytes | None = None,
+    ) -> None:
         """`dc_pin`: the DC's on-chain address; an https:// DC must present a certificate bound to
         it (§5, DcClient), and a DC failed over to is pinned to its address on the DC list."""
         self.key = key
@@ -107,8 +114,14 @@ class DcSession:
         self._dcs_read_at = float("-inf")  # when known_dcs was last read (monotonic)
         self.home: dict | None = None  # set by a failover: the new registration, for the CLI's state
         self.last_timestamp = 0  # of our newest record: a failover's record must be newer
-        self.counters = {"sessions": 0, "session_drops": 0, "dc_silences": 0, "failovers": 0,
-                         "address_changes": 0, "refused_replies": 0}
+        self.counters = {
+            "sessions": 0,
+            "session_drops": 0,
+            "dc_silences": 0,
+            "failovers": 0,
+            "address_changes": 0,
+            "refused_replies": 0,
+        }
         self._seq = itertools.count(clock.wall_ms())  # keepalive seq is on the wire: grows across restarts
         self._last_reply_seq = 0
         self._last_sent_seq = 0  # a reply for a later seq answers nothing we sent: refused
@@ -166,7 +179,8 @@ class DcSession:
         try:
             ws, welcome = await asyncio.wait_for(
                 self.dc.open_session(self.key, self.local_addrs(), liveness.SESSION_HEARTBEAT_S, self.route_offer),
-                SESSION_OPEN_TIMEOUT_S)
+                SESSION_OPEN_TIMEOUT_S,
+            )
         except asyncio.TimeoutError:
             raise DcSilent("dc_silent", f"{self.dc_url} did not answer within {SESSION_OPEN_TIMEOUT_S:g} s") from None
         self.ws = ws
@@ -188,8 +202,12 @@ class DcSession:
             await asyncio.wait_for(self._observed_event.wait(), UDP_PROBE_TIMEOUT_S)
         except asyncio.TimeoutError:  # the quick keepalives go on: a late reply still means UDP
             if self.udp is not False:
-                log.warning("no keepalive reply from %s within %.1f s: UDP looks blocked here; tunnels go "
-                            "through relays over TCP until it works", self.dc_url, UDP_PROBE_TIMEOUT_S)
+                log.warning(
+                    "no keepalive reply from %s within %.1f s: UDP looks blocked here; tunnels go "
+                    "through relays over TCP until it works",
+                    self.dc_url,
+                    UDP_PROBE_TIMEOUT_S,
+                )
             self.udp = False
         except BaseException:
             quick.cancel()
@@ -230,8 +248,11 @@ class DcSession:
                 self.counters["session_drops"] += 1
                 silences = int(ws is not None and isinstance(ws.exception(), aiohttp.ServerTimeoutError))
                 self.counters["dc_silences"] += silences
-                log.info("session with %s ended%s; reconnecting", self.dc_url,
-                         " (no pong: the DC went silent)" if silences else "")
+                log.info(
+                    "session with %s ended%s; reconnecting",
+                    self.dc_url,
+                    " (no pong: the DC went silent)" if silences else "",
+                )
             try:
                 await self._open_session()
                 failures = silences = 0
@@ -288,8 +309,13 @@ class DcSession:
                 req = RegistrationRequest.signed(self.key, info, ts, self.local_addrs())
                 await self.dc.register(req, wait_confirmed=True)
                 self.last_timestamp = ts
-                self.home = {"dc_url": url, "dc": info.dc, "hostname": info.hostname,
-                             "timestamp": req.record.timestamp, "status": "confirmed"}
+                self.home = {
+                    "dc_url": url,
+                    "dc": info.dc,
+                    "hostname": info.hostname,
+                    "timestamp": req.record.timestamp,
+                    "status": "confirmed",
+                }
                 await self._open_session()
                 self.dc_address = keys.parse_node_id(info.dc)
             except Exception as exc:  # noqa: BLE001 - try the next DC whatever went wrong here
@@ -352,6 +378,7 @@ class DcSession:
     async def may_direct(self, signer: bytes, home_dc: bytes, ours: bool) -> bool:
         """May a Route Direction signed by `signer`, pushed by `home_dc`, direct us (§8.1)? A
         signer not on our list of active DCs makes us re-read the list once per DC_LIST_REFRESH_S."""
+
         def ok() -> bool:
             active = {keys.parse_node_id(d.dc) for d in self.known_dcs}
             return direction_signer_ok(signer, home_dc, ours, self.dc_address, active)
@@ -489,8 +516,12 @@ class DcSession:
         rid = next(self._req_ids)
         fut: asyncio.Future[messages.DirectionResult] = asyncio.get_running_loop().create_future()
         self._results[rid] = fut
-        req = messages.DirectionRequest(rid, keys.checksum(peer), route,  # type: ignore[arg-type]
-                                        resume.hex() if resume is not None else None)
+        req = messages.DirectionRequest(
+            rid,
+            keys.checksum(peer),
+            route,  # type: ignore[arg-type]
+            resume.hex() if resume is not None else None,
+        )
         try:
             await self.ws.send_json(messages.encode(req))  # type: ignore[union-attr]
             res = await asyncio.wait_for(fut, DIRECTION_TIMEOUT_S)
@@ -511,8 +542,9 @@ class DcSession:
         return {"dc": self.dc_url, "observed": self.observed, "udp": self.udp, **self.counters}
 
 
-def direction_signer_ok(signer: bytes, home_dc: bytes, ours: bool, session_dc: bytes | None,
-                        active: set[bytes]) -> bool:
+def direction_signer_ok(
+    signer: bytes, home_dc: bytes, ours: bool, session_dc: bytes | None, active: set[bytes]
+) -> bool:
     """Who may direct this node (§8.1): the direction names as its deliverer (`home_dc`) the DC our
     session is with; the requester's DC signs it, so a direction for our own request is signed by
     our session's DC, and one a peer asked for by an active DC (ours, or one on its /v1/dcs list)."""

@@ -122,8 +122,14 @@ class DnsServer:
         self.refusals = LogLimiter(log, "DNS queries", 10.0, clock)
 
     @classmethod
-    async def start(cls, binds: list[tuple[str, int]], resolve: Resolve, own: Collection[str],
-                    optional: list[tuple[str, int]] = (), clock: Clock = SYSTEM) -> DnsServer:
+    async def start(
+        cls,
+        binds: list[tuple[str, int]],
+        resolve: Resolve,
+        own: Collection[str],
+        optional: list[tuple[str, int]] = (),
+        clock: Clock = SYSTEM,
+    ) -> DnsServer:
         """Answer on `binds` (and on `optional` ones that can be bound: a warning for the others)
         queries from loopback or from `own` (this node's overlay addresses)."""
         loop = asyncio.get_running_loop()
@@ -131,8 +137,9 @@ class DnsServer:
         try:
             for host, port in [*binds, *optional]:
                 try:
-                    t, _ = await loop.create_datagram_endpoint(lambda: _Proto(resolve, own, server),
-                                                               local_addr=(host, port))
+                    t, _ = await loop.create_datagram_endpoint(
+                        lambda: _Proto(resolve, own, server), local_addr=(host, port)
+                    )
                 except OSError as exc:
                     if (host, port) not in optional:
                         raise

@@ -34,8 +34,19 @@ from ntm.clock import SYSTEM, Clock
 from ntm.handshake import Rand
 from ntm.packet import KNOWN_TYPES, PREFIX_LEN
 from ntm.pmtu import CONTROL, MAX_MTU, PathMtu
-from ntm.tunnel import (Data, EndpointChanged, HandshakeDone, PeerClosed, Pong, ProbeAck, RelayInfo, Session, Standby,
-                        TunnelConfig, TunnelError)
+from ntm.tunnel import (
+    Data,
+    EndpointChanged,
+    HandshakeDone,
+    PeerClosed,
+    Pong,
+    ProbeAck,
+    RelayInfo,
+    Session,
+    Standby,
+    TunnelConfig,
+    TunnelError,
+)
 from ntm.vaddr import inner_mtu
 
 DEFAULT_PORT = TUNNEL_PORT
@@ -159,8 +170,11 @@ class UdpBind:
         search then finds the size that fits)."""
         self.emsgsize += 1
         if self.emsgsize == 1:
-            log.warning("datagrams to %s are longer than the route's MTU (EMSGSIZE): batches go out one "
-                        "datagram at a time and the tunnel's path MTU is searched again", addr[0])
+            log.warning(
+                "datagrams to %s are longer than the route's MTU (EMSGSIZE): batches go out one "
+                "datagram at a time and the tunnel's path MTU is searched again",
+                addr[0],
+            )
         if self.on_too_big is not None:
             self.on_too_big(addr)
 
@@ -187,9 +201,15 @@ class UdpBind:
             data, addr = items[i]
             size = len(data)
             j, total = i + 1, size
-            while (j < n and self.gso and j - i < GSO_MAX_SEGMENTS and items[j][1] == addr
-                   and len(items[j - 1][0]) == size and len(items[j][0]) <= size
-                   and total + len(items[j][0]) <= GSO_MAX_BYTES):
+            while (
+                j < n
+                and self.gso
+                and j - i < GSO_MAX_SEGMENTS
+                and items[j][1] == addr
+                and len(items[j - 1][0]) == size
+                and len(items[j][0]) <= size
+                and total + len(items[j][0]) <= GSO_MAX_BYTES
+            ):
                 total += len(items[j][0])
                 j += 1
             if j - i == 1:
@@ -231,7 +251,7 @@ class UdpBind:
                     seg = int.from_bytes(cdata[:4], sys.byteorder)
             if seg and n > seg:
                 for off in range(0, n, seg):
-                    receive(bytes(view[off:min(off + seg, n)]), addr)
+                    receive(bytes(view[off : min(off + seg, n)]), addr)
             else:
                 receive(bytes(view[:n]), addr)
 
@@ -269,8 +289,15 @@ class Endpoint:
         self.channels: dict[bytes, Channel] = {}
         self.pmtu: dict[bytes, PathMtu] = {}  # path MTU of each established path (§7 "Path MTU")
         self._stats: dict[str, int] = dict.fromkeys(
-            ("tx_control", "drop_short", "drop_unknown_type", "drop_unknown_path",
-             "socket_errors", "send_errors", "rebinds"),
+            (
+                "tx_control",
+                "drop_short",
+                "drop_unknown_type",
+                "drop_unknown_path",
+                "socket_errors",
+                "send_errors",
+                "rebinds",
+            ),
             0,
         )
         self.rx_datagrams = 0  # hot counter, merged into `stats`
@@ -332,6 +359,7 @@ class Endpoint:
                 udp(data, addr)
             else:
                 stream.send(data)
+
         self._sendto_raw = send
 
     def _use_stream(self, relay: Addr, urls: list[str]) -> None:
@@ -427,9 +455,17 @@ class Endpoint:
         if path_id in self.sessions:
             raise TunnelError(f"path {path_id.hex()} is already open")
         s = Session(
-            self.static_key, peer_id, peer_pub, path_id, role=role, candidates=list(candidates),
+            self.static_key,
+            peer_id,
+            peer_pub,
+            path_id,
+            role=role,
+            candidates=list(candidates),
             unverified=list(unverified),
-            relay=relay, config=self.config, rand=self.rand, wall=self.clock.wall,
+            relay=relay,
+            config=self.config,
+            rand=self.rand,
+            wall=self.clock.wall,
         )
         self._renormalize(s)
         if relay_stream and s.relay is not None:

@@ -67,10 +67,18 @@ class ExitRelay:
         self.exit_id = exit_id
         if self.routes.table.learn(offer):
             self.routes.sync_kernel()
-        ch = await self.node.endpoint.open(bytes.fromhex(grant.path), exit_id, pub, candidates, "initiate",
-                                           timeout=TUNNEL_TIMEOUT_S)
-        log.info("exit %s: path %s via %s (caps: %d B/s, %d flows, %d bytes)", keys.checksum(exit_id), grant.path,
-                 ch.via, grant.rate_bps, grant.max_flows, grant.max_bytes)
+        ch = await self.node.endpoint.open(
+            bytes.fromhex(grant.path), exit_id, pub, candidates, "initiate", timeout=TUNNEL_TIMEOUT_S
+        )
+        log.info(
+            "exit %s: path %s via %s (caps: %d B/s, %d flows, %d bytes)",
+            keys.checksum(exit_id),
+            grant.path,
+            ch.via,
+            grant.rate_bps,
+            grant.max_flows,
+            grant.max_bytes,
+        )
         return ch
 
     async def start(self) -> None:
@@ -82,8 +90,16 @@ class ExitRelay:
                 raise
             raise ExitRelayError("tunnel_failed", f"no tunnel to the relay's exit: {exc}") from None
         clock = self.node.session.clock
-        t = Tunnel(ch.peer_id, Link(ch, clock.now), "exit", "initiate", clock.wall(), id=ch.path_id,
-                   reason="the relay's exit (--exit-relay)", repair=self.repair)
+        t = Tunnel(
+            ch.peer_id,
+            Link(ch, clock.now),
+            "exit",
+            "initiate",
+            clock.wall(),
+            id=ch.path_id,
+            reason="the relay's exit (--exit-relay)",
+            repair=self.repair,
+        )
         table = self.routes.table
         table.choose(dict(table.wanted), ch.peer_id)
         self.routes.sync_kernel()

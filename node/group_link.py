@@ -44,7 +44,7 @@ class GroupLink:
         clock = self.plane.node.session.clock
         async with CsClient(self.key, cs, clock) as client:
             for i in range(0, len(batch), seal.MAX_RECIPIENTS):
-                part = dict(batch[i:i + seal.MAX_RECIPIENTS])
+                part = dict(batch[i : i + seal.MAX_RECIPIENTS])
                 sealer = seal.Sealer(self.key, part, seal.Meta(GROUP_APP, notice="group"), clock.wall_ms())
                 await client.put(sealer, bytes_chunks(payload), len(payload))
                 stored += list(part)
@@ -71,7 +71,9 @@ def take_inbox(groups: Groups, inbox: Path) -> int:
     for meta_file in sorted(inbox.glob("*.json")) if inbox.is_dir() else []:
         try:
             d = json.loads(meta_file.read_text())
-            item = Received(d["item"], keys.parse_node_id(d["sender"]), seal.Meta(d["app_id"]), Path(d["path"]), d["size"])
+            item = Received(
+                d["item"], keys.parse_node_id(d["sender"]), seal.Meta(d["app_id"]), Path(d["path"]), d["size"]
+            )
         except (ValueError, KeyError, TypeError, NtmError):
             continue
         count += take_item(groups, item)

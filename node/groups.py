@@ -31,8 +31,23 @@ from ntm import envelope, group, keys, messages
 from ntm.clock import SYSTEM, Clock
 from ntm.errors import NtmError
 from ntm.group import GroupError
-from ntm.groupstate import (CONTROL, MSG, Action, CatchUp, Deliver, Forget, GroupBook, GroupState, Save,
-                            apply_view, check_gms_url, decode_view, encode_note, rn1_lacking, stage_removal)
+from ntm.groupstate import (
+    CONTROL,
+    MSG,
+    Action,
+    CatchUp,
+    Deliver,
+    Forget,
+    GroupBook,
+    GroupState,
+    Save,
+    apply_view,
+    check_gms_url,
+    decode_view,
+    encode_note,
+    rn1_lacking,
+    stage_removal,
+)
 
 log = logging.getLogger("ntm.node.groups")
 
@@ -56,8 +71,15 @@ class Transport(Protocol):
 
 
 class Groups:
-    def __init__(self, base: Path, key: coincurve.PrivateKey, dc_url: Callable[[], str], transport: Transport,
-                 admits: Callable[[bytes], bool] = lambda peer: False, clock: Clock = SYSTEM) -> None:
+    def __init__(
+        self,
+        base: Path,
+        key: coincurve.PrivateKey,
+        dc_url: Callable[[], str],
+        transport: Transport,
+        admits: Callable[[bytes], bool] = lambda peer: False,
+        clock: Clock = SYSTEM,
+    ) -> None:
         """`admits(peer)`: the node's own policy (allow list), which decides whose invitations are
         held first (ntm/consent.py); an invitation itself admits nobody."""
         self.dir = base / "groups"
@@ -70,8 +92,12 @@ class Groups:
             except (ValueError, KeyError, TypeError) as exc:
                 log.error("group state %s unreadable, left aside: %s", path, exc)
         self.groups, self.refused = self.book.groups, self.book.refused
-        self.find, self.knows, self.describe, self.invitations = (self.book.find, self.book.knows, self.book.describe,
-                                                                  self.book.invitations)
+        self.find, self.knows, self.describe, self.invitations = (
+            self.book.find,
+            self.book.knows,
+            self.book.describe,
+            self.book.invitations,
+        )
         self.tasks = BackgroundTasks()
         self._arrived = asyncio.Event()
         self._locks: dict[bytes, asyncio.Lock] = {}
@@ -122,7 +148,9 @@ class Groups:
             async with self.http.post(url + "/v1/groups", json=env, ssl=tls) as r:
                 answer = await r.json(content_type=None)
         except (aiohttp.ClientError, OSError, TimeoutError, ValueError, tlspin.ChannelError) as exc:
-            raise GroupError("gms_unreachable", f"cannot reach the GMS at {url}: {str(exc) or type(exc).__name__}") from None
+            raise GroupError(
+                "gms_unreachable", f"cannot reach the GMS at {url}: {str(exc) or type(exc).__name__}"
+            ) from None
         if r.status != 200:
             err = answer if isinstance(answer, dict) else {}
             raise GroupError(str(err.get("error", "gms_refused")), f"GMS {url}: {err.get('message', r.status)}")
@@ -280,11 +308,16 @@ class Groups:
             msg = group.seal_message(self.key, gk, g.gid, g.epoch, counter, text)
             others = sorted(g.members() - {self.me})
         how = await self._fanout(others, MSG + msg.encode())
-        return {"gid": g.gid.hex(), "name": g.name, "epoch": g.epoch, "counter": counter,
-                "tunnel": [keys.checksum(p) for p in others if how.get(p) == "tunnel"],
-                "cs": [keys.checksum(p) for p in others if how.get(p) == "cs"],
-                "failed": [keys.checksum(p) for p in others if p not in how],
-                **({"gms_unreachable": stale} if stale else {})}
+        return {
+            "gid": g.gid.hex(),
+            "name": g.name,
+            "epoch": g.epoch,
+            "counter": counter,
+            "tunnel": [keys.checksum(p) for p in others if how.get(p) == "tunnel"],
+            "cs": [keys.checksum(p) for p in others if how.get(p) == "cs"],
+            "failed": [keys.checksum(p) for p in others if p not in how],
+            **({"gms_unreachable": stale} if stale else {}),
+        }
 
     def recv(self, ref: str | None) -> list[dict]:
         """Messages not handed out before (of one group or all), oldest first."""
@@ -293,7 +326,7 @@ class Groups:
             path = self._log_path(g)
             lines = path.read_text().splitlines() if path.exists() else []
             if len(lines) > g.read:
-                out += [json.loads(line) for line in lines[g.read:]]
+                out += [json.loads(line) for line in lines[g.read :]]
                 g.read = len(lines)
                 self.save(g)
         return out
@@ -316,6 +349,7 @@ class Groups:
     # --- delivery --------------------------------------------------------------------------------
     async def _fanout(self, peers: list[bytes], payload: bytes) -> dict[bytes, str]:
         """Each peer over its tunnel; those that did not acknowledge, sealed at a Cache Server."""
+
         async def one(peer: bytes) -> bool:
             try:
                 return await asyncio.wait_for(self.transport.deliver(peer, payload), FANOUT_ACK_S)

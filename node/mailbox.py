@@ -59,20 +59,31 @@ async def federation_cs_urls(dc_url: str, timeout: float = REQUEST_TIMEOUT_S, pi
 
 def inbox_bytes(directory: Path) -> int:
     """What the fetched items take in `directory` (their metadata files are small and not counted)."""
-    return sum(p.stat().st_size for p in directory.iterdir() if p.is_file() and p.suffix != ".json") \
-        if directory.is_dir() else 0
+    return (
+        sum(p.stat().st_size for p in directory.iterdir() if p.is_file() and p.suffix != ".json")
+        if directory.is_dir()
+        else 0
+    )
 
 
 def inbox_full_message(size: int) -> str:
-    return (f"the inbox is full ({consent.MAX_INBOX_BYTES} bytes): an item of {size} bytes stays at its Cache Server; "
-            "move or delete fetched items from $NTM_HOME/inbox first")
+    return (
+        f"the inbox is full ({consent.MAX_INBOX_BYTES} bytes): an item of {size} bytes stays at its Cache Server; "
+        "move or delete fetched items from $NTM_HOME/inbox first"
+    )
 
 
 class Mailbox:
-    def __init__(self, key: coincurve.PrivateKey, directory: Path, ack_notice: Callable[[str], Awaitable[None]],
-                 take: Callable[[Received], bool] = lambda item: False,
-                 dc_url: Callable[[], str | None] = lambda: None, clock: Clock = SYSTEM,
-                 admits: Callable[[bytes], bool] = lambda sender: True) -> None:
+    def __init__(
+        self,
+        key: coincurve.PrivateKey,
+        directory: Path,
+        ack_notice: Callable[[str], Awaitable[None]],
+        take: Callable[[Received], bool] = lambda item: False,
+        dc_url: Callable[[], str | None] = lambda: None,
+        clock: Clock = SYSTEM,
+        admits: Callable[[bytes], bool] = lambda sender: True,
+    ) -> None:
         """`take(item)`: a consumer inside the node (group traffic) that keeps an item from the queue.
         `dc_url()`: our DC now, asked for the Cache Servers the DCs announce (the only ones a
         notice may send us to). `admits(sender)`: whose items are fetched without asking."""
@@ -144,7 +155,9 @@ class Mailbox:
                 log.info("inbox at %s: %s", url, exc)
                 continue
             for entry in waiting:
-                if self._may_fetch(entry["item"], entry["sender"], entry["size"]) and await self._fetch(url, entry["item"]):
+                if self._may_fetch(entry["item"], entry["sender"], entry["size"]) and await self._fetch(
+                    url, entry["item"]
+                ):
                     count += 1
         return count
 
@@ -179,8 +192,10 @@ class Mailbox:
                     done.append(self.received[-1].describe())
                 else:
                     done.append({"item": entry["item"], "error": "not_fetched", "message": "see the daemon's log"})
-        return done + [{"item": i, "error": "not_found", "message": "no such item waits for this node"}
-                       for i in sorted(wanted - {d["item"] for d in done})]
+        return done + [
+            {"item": i, "error": "not_found", "message": "no such item waits for this node"}
+            for i in sorted(wanted - {d["item"] for d in done})
+        ]
 
     async def _fetch(self, url: str, item: str) -> bool:
         if item in self._busy or any(r.item == item for r in self.received):
@@ -191,8 +206,13 @@ class Mailbox:
                 got = await cs.fetch(item, self.directory)
         except CsClientError as exc:
             # not_found: fetched already (a notice pushed again) or expired; the rest is worth a warning
-            log.log(logging.INFO if exc.code == "not_found" else logging.WARNING, "item %s at %s not fetched: %s",
-                    item, url, exc)
+            log.log(
+                logging.INFO if exc.code == "not_found" else logging.WARNING,
+                "item %s at %s not fetched: %s",
+                item,
+                url,
+                exc,
+            )
             if exc.code in ("not_found", "bad_item"):
                 await self.ack_notice(item)  # gone, or refused for good: the DC need not push it again
             return False

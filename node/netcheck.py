@@ -48,18 +48,22 @@ async def _timed(target: str, attempt, clock: Clock) -> Probe:
 async def probe_dc(http: aiohttp.ClientSession, url: str, dc: bytes | None, clock: Clock) -> Probe:
     """One HTTP round trip to a DC (GET /healthz; any answer counts: it is reachable), over TLS
     pinned to its chain address `dc` (the first time, the binding check is part of the time)."""
+
     async def get() -> None:
         tls = await tlspin.ssl_for(http, url.rstrip("/"), dc, PROBE_TIMEOUT_S)
         async with http.get(url.rstrip("/") + "/healthz", ssl=tls) as r:
             await r.read()
+
     return await _timed(url, get(), clock)
 
 
 async def probe_stream(http: aiohttp.ClientSession, url: str, clock: Clock) -> Probe:
     """Open and close a relay stream: TCP, the WebSocket upgrade (and TLS for wss://)."""
+
     async def open_close() -> None:
         ws = await http.ws_connect(url, ssl=False if url.startswith("ws:") else stream_tls_context())
         await ws.close()
+
     return await _timed(url, open_close(), clock)
 
 
@@ -71,20 +75,40 @@ def nat_kind(udp: bool | None, local: list[str], observed: str | None, observed_
     return Reach(tuple(local), observed, observed_alt).nat
 
 
-def report(udp: bool | None, local: list[str], observed: str | None, observed_alt: str | None,
-           dcs: list[Probe], relays: list[Probe], peers: list[dict]) -> dict:
+def report(
+    udp: bool | None,
+    local: list[str],
+    observed: str | None,
+    observed_alt: str | None,
+    dcs: list[Probe],
+    relays: list[Probe],
+    peers: list[dict],
+) -> dict:
     """The netcheck answer, from what was measured."""
     fams = {family(e) for e in local + ([observed] if observed else [])}
     return {
-        "udp": bool(udp), "nat": nat_kind(udp, local, observed, observed_alt),
-        "observed": observed, "observed_alt": observed_alt,
-        "ipv4": 4 in fams, "ipv6": 6 in fams, "local": local,
+        "udp": bool(udp),
+        "nat": nat_kind(udp, local, observed, observed_alt),
+        "observed": observed,
+        "observed_alt": observed_alt,
+        "ipv4": 4 in fams,
+        "ipv6": 6 in fams,
+        "local": local,
         "dcs": [asdict(p) for p in dcs],
         "relay_tcp": [asdict(p) for p in relays],
         "tcp_relay_ok": any(p.ok for p in relays),
-        "peers": [{"peer": r["peer"], "names": r.get("names", []), "route": r["route"],
-                   "transport": r["transport"], "reason": r["reason"], "path_mtu": r.get("path_mtu"),
-                   "inner_mtu": r.get("inner_mtu")} for r in peers],
+        "peers": [
+            {
+                "peer": r["peer"],
+                "names": r.get("names", []),
+                "route": r["route"],
+                "transport": r["transport"],
+                "reason": r["reason"],
+                "path_mtu": r.get("path_mtu"),
+                "inner_mtu": r.get("inner_mtu"),
+            }
+            for r in peers
+        ],
     }
 
 
@@ -100,20 +124,34 @@ async def run(session, peers: list[dict]) -> dict:
         except Exception:  # noqa: BLE001 - no DC answer: the DC probes below say why
             streams = []
         clock = session.clock
-        dcs, relays = await asyncio.gather(asyncio.gather(*(probe_dc(http, u, a, clock) for u, a in dc_urls.items())),
-                                           asyncio.gather(*(probe_stream(http, u, clock) for u in streams)))
-    return report(session.udp, session.local_addrs(), session.observed, session.observed_alt,
-                  list(dcs), list(relays), peers)
+        dcs, relays = await asyncio.gather(
+            asyncio.gather(*(probe_dc(http, u, a, clock) for u, a in dc_urls.items())),
+            asyncio.gather(*(probe_stream(http, u, clock) for u in streams)),
+        )
+    return report(
+        session.udp, session.local_addrs(), session.observed, session.observed_alt, list(dcs), list(relays), peers
+    )
 
 
 def text(r: dict) -> str:
     """The report for people."""
-    lines = [f"UDP       {'yes' if r['udp'] else 'no (blocked: tunnels go through relays over TCP)'}",
-             f"NAT       {r['nat']}" + (f" (the DC sees {r['observed']}" + (
-                 f", its second port {r['observed_alt']}" if r["observed_alt"] and r["observed_alt"] != r["observed"]
-                 else "") + ")" if r["observed"] else ""),
-             f"IPv4      {'yes' if r['ipv4'] else 'no'}",
-             f"IPv6      {'yes' if r['ipv6'] else 'no'}"]
+    lines = [
+        f"UDP       {'yes' if r['udp'] else 'no (blocked: tunnels go through relays over TCP)'}",
+        f"NAT       {r['nat']}"
+        + (
+            f" (the DC sees {r['observed']}"
+            + (
+                f", its second port {r['observed_alt']}"
+                if r["observed_alt"] and r["observed_alt"] != r["observed"]
+                else ""
+            )
+            + ")"
+            if r["observed"]
+            else ""
+        ),
+        f"IPv4      {'yes' if r['ipv4'] else 'no'}",
+        f"IPv6      {'yes' if r['ipv6'] else 'no'}",
+    ]
     for p in r["dcs"]:
         lines.append(f"DC        {p['target']}  " + (f"{p['ms']:.1f} ms" if p["ok"] else f"unreachable: {p['error']}"))
     if not r["relay_tcp"]:

@@ -78,8 +78,7 @@ class NetWatch:
             self._sock = None
 
 
-async def follow_addresses(local_addrs: Callable[[], list[str]], changed: Callable[[str], None],
-                           poll_s: float) -> None:
+async def follow_addresses(local_addrs: Callable[[], list[str]], changed: Callable[[str], None], poll_s: float) -> None:
     """Call `changed(why)` whenever `local_addrs()` differs from the last time it was read:
     checked on every rtnetlink change and at least every `poll_s` (the daemon's and an embedded
     node's move detection)."""

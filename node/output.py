@@ -25,8 +25,14 @@ class CliError(Exception):
     def __init__(self, message: str, code: int = FAILED, error: str | None = None) -> None:
         super().__init__(message)
         self.code = code
-        self.error = error or {FAILED: "failed", USAGE: "usage", NO_DAEMON: "no_daemon", UNREACHABLE: "unreachable",
-                               INTERNAL: "internal", INTERRUPTED: "interrupted"}.get(code, "failed")
+        self.error = error or {
+            FAILED: "failed",
+            USAGE: "usage",
+            NO_DAEMON: "no_daemon",
+            UNREACHABLE: "unreachable",
+            INTERNAL: "internal",
+            INTERRUPTED: "interrupted",
+        }.get(code, "failed")
 
 
 def out(args, data: dict, text: str) -> None:

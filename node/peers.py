@@ -33,18 +33,23 @@ class PeerBook:
     def load(cls, base: Path) -> PeerBook:
         try:
             raw = state.read_json(base / PEERS_FILE)
-            return cls({name: keys.parse_node_id(nid) for name, nid in raw.get("aliases", {}).items()},
-                       {keys.parse_node_id(nid) for nid in raw.get("allow", [])},
-                       {str(p): str(a) for p, a in raw.get("v4", {}).items()})
+            return cls(
+                {name: keys.parse_node_id(nid) for name, nid in raw.get("aliases", {}).items()},
+                {keys.parse_node_id(nid) for nid in raw.get("allow", [])},
+                {str(p): str(a) for p, a in raw.get("v4", {}).items()},
+            )
         except (ValueError, TypeError, AttributeError) as exc:
             raise PeerBookError(f"{base / PEERS_FILE} is damaged: {exc}") from None
 
     def save(self, base: Path) -> None:
-        state.write_json(base / PEERS_FILE, {
-            "aliases": {n: keys.checksum(i) for n, i in sorted(self.aliases.items())},
-            "allow": sorted(keys.checksum(i) for i in self.allow),
-            "v4": self.v4,
-        })
+        state.write_json(
+            base / PEERS_FILE,
+            {
+                "aliases": {n: keys.checksum(i) for n, i in sorted(self.aliases.items())},
+                "allow": sorted(keys.checksum(i) for i in self.allow),
+                "v4": self.v4,
+            },
+        )
 
     def resolve(self, name: str) -> bytes:
         """A node ID (0x…, checksummed or not) or an alias → node ID; PeerBookError if neither."""

@@ -73,9 +73,12 @@ class RelayStream:
                 self.url = self.urls[attempt % len(self.urls)]
                 tls = stream_tls_context() if self.url.startswith("wss:") else False
                 try:
-                    ws = await asyncio.wait_for(http.ws_connect(
-                        self.url, heartbeat=STREAM_HEARTBEAT_S, ssl=tls, max_msg_size=packet.MAX_DATAGRAM),
-                        STREAM_CONNECT_TIMEOUT_S)
+                    ws = await asyncio.wait_for(
+                        http.ws_connect(
+                            self.url, heartbeat=STREAM_HEARTBEAT_S, ssl=tls, max_msg_size=packet.MAX_DATAGRAM
+                        ),
+                        STREAM_CONNECT_TIMEOUT_S,
+                    )
                 except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
                     delay = STREAM_RETRY_S[min(attempt, len(STREAM_RETRY_S) - 1)]
                     attempt += 1

@@ -51,9 +51,11 @@ def revert_commands(link: str) -> list[list[str]]:
 
 def fallback_hint() -> str:
     """What the log says when systemd-resolved is not running."""
-    return (f"no systemd-resolved: .ntm names answer on {LOOPBACK_DNS[0]}; to use them, put `nameserver "
-            f"{LOOPBACK_DNS[0]}` first in /etc/resolv.conf (other names go on to the next nameserver, also "
-            "while the daemon is down; README \"Names\")")
+    return (
+        f"no systemd-resolved: .ntm names answer on {LOOPBACK_DNS[0]}; to use them, put `nameserver "
+        f"{LOOPBACK_DNS[0]}` first in /etc/resolv.conf (other names go on to the next nameserver, also "
+        'while the daemon is down; README "Names")'
+    )
 
 
 def resolvectl(argv: list[str]) -> None:
@@ -73,7 +75,9 @@ def resolved_running(resolved_dir: Path = RESOLVED_DIR) -> bool:
 class SplitDns:
     """The system side of the daemon's DNS, set up by `register` and undone by `revert`."""
 
-    def __init__(self, link: str, servers: list[str], runner: Runner = resolvectl, resolved: bool | None = None) -> None:
+    def __init__(
+        self, link: str, servers: list[str], runner: Runner = resolvectl, resolved: bool | None = None
+    ) -> None:
         self.link, self.servers, self.runner = link, servers, runner
         self.resolved = resolved_running() if resolved is None else resolved
         self.registered = False

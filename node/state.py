@@ -19,8 +19,16 @@ DC_TIMEOUT_S = 10.0  # a DC answers in milliseconds; this long means it is stuck
 # state.json's fields and the JSON types they must have (registration writes them; a hand edit or
 # a disk fault may not): anything else is refused naming the file, never a crash deep in a command.
 STATE_FIELDS: dict[str, tuple[type, ...]] = {
-    "dc_url": (str,), "dc": (str,), "hostname": (str,), "chain_id": (int,), "registry": (str,),
-    "timestamp": (int,), "revoked": (bool,), "status": (str,), "block": (int, type(None)), "tx": (str, type(None)),
+    "dc_url": (str,),
+    "dc": (str,),
+    "hostname": (str,),
+    "chain_id": (int,),
+    "registry": (str,),
+    "timestamp": (int,),
+    "revoked": (bool,),
+    "status": (str,),
+    "block": (int, type(None)),
+    "tx": (str, type(None)),
 }
 STATE_REQUIRED = ("dc_url", "dc", "hostname", "chain_id", "registry")  # what every command reads from a registration
 
@@ -61,12 +69,16 @@ def read_state(base: Path) -> dict:
     missing or of the wrong type."""
     path = base / STATE_FILE
     st = read_json(path)
-    wrong = [k for k, types in STATE_FIELDS.items()
-             if k in st and (not isinstance(st[k], types) or (isinstance(st[k], bool) and bool not in types))]
+    wrong = [
+        k
+        for k, types in STATE_FIELDS.items()
+        if k in st and (not isinstance(st[k], types) or (isinstance(st[k], bool) and bool not in types))
+    ]
     missing = [k for k in STATE_REQUIRED if k not in st] if st else []
     if wrong or missing:
-        what = "; ".join(filter(None, [wrong and "wrong type: " + ", ".join(wrong),
-                                       missing and "missing: " + ", ".join(missing)]))
+        what = "; ".join(
+            filter(None, [wrong and "wrong type: " + ", ".join(wrong), missing and "missing: " + ", ".join(missing)])
+        )
         raise BadFile(f"{path} is not a registration state ({what}): fix it, or remove it and `ntm register` again")
     return st
 
@@ -76,7 +88,7 @@ def default_dc(base: Path) -> str | None:
     path = base / NETWORK_FILE
     dcs = read_json(path).get("dcs", [])
     if not (isinstance(dcs, list) and all(isinstance(d, str) for d in dcs)):
-        raise BadFile(f"{path}: \"dcs\" must be a list of DC URLs: fix it, or remove it (`ntm devnet` writes it)")
+        raise BadFile(f'{path}: "dcs" must be a list of DC URLs: fix it, or remove it (`ntm devnet` writes it)')
     return dcs[0] if dcs else None
 
 

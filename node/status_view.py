@@ -26,8 +26,10 @@ def ask_daemon(base: Path, name: str, timeout: float) -> dict:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.connect(str(base / SOCKET_FILE))
-        sock.sendall(f"POST /v1/{name} HTTP/1.0\r\nHost: ntm\r\nContent-Type: application/json\r\n"
-                     "Content-Length: 2\r\n\r\n{}".encode())
+        sock.sendall(
+            f"POST /v1/{name} HTTP/1.0\r\nHost: ntm\r\nContent-Type: application/json\r\n"
+            "Content-Length: 2\r\n\r\n{}".encode()
+        )
         answer = b"".join(iter(lambda: sock.recv(65536), b""))  # to the end: HTTP/1.0 closes
     head, _, body = answer.partition(b"\r\n\r\n")
     if not head.startswith(b"HTTP/"):
@@ -59,17 +61,24 @@ def record_fields(record: dict) -> dict:
         return {"dc_reachable": not record.get("unreachable"), "dc_error": record["dc_error"]}
     if not record:
         return {}
-    return {"dc_reachable": True, "confirmed": record["confirmed"], "online": record["online"],
-            "revoked": record["revoked"], "home_dc": record["home_dc"]}
+    return {
+        "dc_reachable": True,
+        "confirmed": record["confirmed"],
+        "online": record["online"],
+        "revoked": record["revoked"],
+        "home_dc": record["home_dc"],
+    }
 
 
 def status_text(data: dict, st: dict, d: dict | None, daemon_error: tuple[str, str] | None) -> str:
     """The lines of `ntm status` for a registered node: `d` is the daemon's status, else
     `daemon_error` is (code, message) of why there is none."""
-    lines = [f"node ID   {data['node']}",
-             f"DC        {st['hostname']} {st['dc']} at {st['dc_url']}"
-             + ("" if data.get("dc_reachable") else "  (unreachable)"),
-             f"chain     id {st['chain_id']}, registry {st['registry']}"]
+    lines = [
+        f"node ID   {data['node']}",
+        f"DC        {st['hostname']} {st['dc']} at {st['dc_url']}"
+        + ("" if data.get("dc_reachable") else "  (unreachable)"),
+        f"chain     id {st['chain_id']}, registry {st['registry']}",
+    ]
     if "home_dc" in data:
         state_word = "revoked" if data["revoked"] else ("confirmed on chain" if data["confirmed"] else "pending")
         lines.append(f"record    {state_word}, home DC {data['home_dc']}, online: {'yes' if data['online'] else 'no'}")
@@ -77,14 +86,21 @@ def status_text(data: dict, st: dict, d: dict | None, daemon_error: tuple[str, s
         lines.append(f"record    unknown ({data['dc_error']})")
     if d is None:
         code, message = daemon_error or ("no_daemon", "")
-        lines.append(f"daemon    not running ({message})" if code != "no_daemon" else
-                     "daemon    not running (`ntm up` keeps the node online)")
+        lines.append(
+            f"daemon    not running ({message})"
+            if code != "no_daemon"
+            else "daemon    not running (`ntm up` keeps the node online)"
+        )
         return "\n".join(lines)
-    lines.append(f"daemon    pid {d['pid']}, up {d['uptime_s']:.0f} s, tunnel socket {d['local']}, "
-                 + (f"public {d['observed']}" if d.get("udp") is not False else
-                    "no UDP out (tunnels through relays over TCP)"))
-    lines.append(f"overlay   {d['ipv6']}  {d['ipv4']}  " + (f"on {d['tun']}" if d["tun"] else "(no TUN)")
-                 + (f", DNS {', '.join(d['dns'])}" if d["dns"] else ""))
+    lines.append(
+        f"daemon    pid {d['pid']}, up {d['uptime_s']:.0f} s, tunnel socket {d['local']}, "
+        + (f"public {d['observed']}" if d.get("udp") is not False else "no UDP out (tunnels through relays over TCP)")
+    )
+    lines.append(
+        f"overlay   {d['ipv6']}  {d['ipv4']}  "
+        + (f"on {d['tun']}" if d["tun"] else "(no TUN)")
+        + (f", DNS {', '.join(d['dns'])}" if d["dns"] else "")
+    )
     lines += routes_lines(d["routes"])
     lines.append(peers_table(d["peers"]))
     return "\n".join(lines)
@@ -101,8 +117,10 @@ def routes_lines(r: dict) -> list[str]:
 
 
 # IPv4 overlay addresses differ per machine (§10.2): said under the table, so that logs compare.
-VIEW_NOTE = ("  IPv4 is per machine: VIRTUAL is the peer here, SEES YOU AS is this node there (as the peer says); "
-             "IPv6 is the same on every node")
+VIEW_NOTE = (
+    "  IPv4 is per machine: VIRTUAL is the peer here, SEES YOU AS is this node there (as the peer says); "
+    "IPv6 is the same on every node"
+)
 
 
 def peers_table(rows: list[dict]) -> str:
@@ -114,17 +132,27 @@ def peers_table(rows: list[dict]) -> str:
     for r in rows:
         name = ",".join(r["names"]) or r["peer"][:12] + "…"
         seen = (r.get("sees_you_as") or {}).get("ipv4")  # None: not told yet (or a daemon from before VIEW)
-        table.append((name, f"{r['ipv6']} {r['ipv4']}", seen or "-", r["route"], r["transport"], r["endpoint"] or "-",
-                      mtu_text(r),
-                      f"{r['last_handshake_s']:.0f} s ago" if r["last_handshake_s"] is not None else "-",
-                      human_bytes(r["rx_bytes"]), human_bytes(r["tx_bytes"]),
-                      f"{r['rtt_ms']:.2f} ms" if r["rtt_ms"] is not None else "-"))
+        table.append(
+            (
+                name,
+                f"{r['ipv6']} {r['ipv4']}",
+                seen or "-",
+                r["route"],
+                r["transport"],
+                r["endpoint"] or "-",
+                mtu_text(r),
+                f"{r['last_handshake_s']:.0f} s ago" if r["last_handshake_s"] is not None else "-",
+                human_bytes(r["rx_bytes"]),
+                human_bytes(r["tx_bytes"]),
+                f"{r['rtt_ms']:.2f} ms" if r["rtt_ms"] is not None else "-",
+            )
+        )
         if r["route"] == "relay" and r["reason"]:
             why.append(f"  {name} is relayed: {r['reason']}")
     widths = [max(len(str(row[i])) for row in table) for i in range(len(head))]
-    return "\n".join(["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in table] + why
-                     + [VIEW_NOTE])
-
+    return "\n".join(
+        ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in table] + why + [VIEW_NOTE]
+    )
 
 
 def mtu_text(r: dict) -> str:

@@ -70,8 +70,10 @@ STREAM_OPEN_TIMEOUT_S = 10.0
 PORT_HEADER = struct.Struct("!H")
 STREAM_OK = 0
 #: Refusal codes of the status byte and the reason an opener is given.
-REFUSALS = {1: ("no_service", "the peer serves nothing on that port"),
-            2: ("not_allowed", "the peer's allow list does not admit us")}
+REFUSALS = {
+    1: ("no_service", "the peer serves nothing on that port"),
+    2: ("not_allowed", "the peer's allow list does not admit us"),
+}
 NO_SERVICE, NOT_ALLOWED = 1, 2
 #: A certificate the inner TLS needs but nobody checks (the tunnel authenticates the peer).
 CERT_LIFETIME = datetime.timedelta(days=3650)
@@ -99,17 +101,29 @@ def self_signed(node_id: bytes, clock: Clock) -> tuple[x509.Certificate, ec.Elli
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, keys.checksum(node_id))])
     now = clock.utc()
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + CERT_LIFETIME).sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + CERT_LIFETIME)
+        .sign(key, hashes.SHA256())
+    )
     return cert, key
 
 
 def quic_config(is_client: bool, cert=None, key=None) -> QuicConfiguration:
-    config = QuicConfiguration(is_client=is_client, alpn_protocols=[STREAM_ALPN],
-                               max_datagram_size=QUIC_DATAGRAM_BYTES, idle_timeout=STREAM_IDLE_TIMEOUT_S,
-                               max_data=CONNECTION_WINDOW_BYTES, max_stream_data=STREAM_WINDOW_BYTES,
-                               verify_mode=ssl.CERT_NONE)
+    config = QuicConfiguration(
+        is_client=is_client,
+        alpn_protocols=[STREAM_ALPN],
+        max_datagram_size=QUIC_DATAGRAM_BYTES,
+        idle_timeout=STREAM_IDLE_TIMEOUT_S,
+        max_data=CONNECTION_WINDOW_BYTES,
+        max_stream_data=STREAM_WINDOW_BYTES,
+        verify_mode=ssl.CERT_NONE,
+    )
     if not is_client:
         config.certificate, config.private_key = cert, key
     return config
@@ -127,8 +141,11 @@ class _WindowedQuic(QuicConnection):
 
     def _write_stream_limits(self, builder, space, stream) -> None:
         received = stream.receiver.highest_offset
-        if (stream.max_stream_data_local and stream.stream_id not in self.paused
-                and received + STREAM_WINDOW_BYTES // 2 > stream.max_stream_data_local):
+        if (
+            stream.max_stream_data_local
+            and stream.stream_id not in self.paused
+            and received + STREAM_WINDOW_BYTES // 2 > stream.max_stream_data_local
+        ):
             stream.max_stream_data_local = received + STREAM_WINDOW_BYTES
         stream.receiver.highest_offset = 0  # keeps aioquic's own doubling rule off; it only sends the frame
         try:
@@ -274,8 +291,13 @@ class PeerQuic(QuicConnectionProtocol):
         the reader keeps its buffered data, and aioquic ignores frames of finished streams."""
         adapter = self.streams.get(stream_id)
         reader = self._stream_readers.get(stream_id)
-        if (adapter is not None and reader is not None and reader._eof and adapter.is_closing()
-                and adapter.unacked() == 0):
+        if (
+            adapter is not None
+            and reader is not None
+            and reader._eof
+            and adapter.is_closing()
+            and adapter.unacked() == 0
+        ):
             self.streams.pop(stream_id, None)
             self._stream_readers.pop(stream_id, None)
 
@@ -283,8 +305,15 @@ class PeerQuic(QuicConnectionProtocol):
 class StreamHub:
     """This node's QUIC connections, at most two per peer (ours as client, theirs as server)."""
 
-    def __init__(self, my_id: bytes, send: SendPayload, serve: Serve, hold: Callable[[], None] = lambda: None,
-                 flush: Callable[[], None] = lambda: None, clock: Clock = SYSTEM) -> None:
+    def __init__(
+        self,
+        my_id: bytes,
+        send: SendPayload,
+        serve: Serve,
+        hold: Callable[[], None] = lambda: None,
+        flush: Callable[[], None] = lambda: None,
+        clock: Clock = SYSTEM,
+    ) -> None:
         self.send = send
         self.serve = serve
         self.hold, self.flush = hold, flush  # batch the sends of one transmit (Endpoint.hold/flush)
@@ -314,12 +343,16 @@ class StreamHub:
         except (ValueError, BufferReadError):
             return None
         conn = self.servers.get(peer)
-        if header.packet_type != QuicPacketType.INITIAL or (conn is not None and self._knows(peer, conn, header.destination_cid)):
+        if header.packet_type != QuicPacketType.INITIAL or (
+            conn is not None and self._knows(peer, conn, header.destination_cid)
+        ):
             return conn
         if conn is not None:
             conn.end(PeerGone(f"{keys.checksum(peer)} started a new connection"))
-        quic = _WindowedQuic(configuration=quic_config(False, self.cert, self.key),
-                              original_destination_connection_id=header.destination_cid)
+        quic = _WindowedQuic(
+            configuration=quic_config(False, self.cert, self.key),
+            original_destination_connection_id=header.destination_cid,
+        )
         conn = self._attach(peer, quic, QUIC_TO_CLIENT)
         self.servers[peer], self._server_dcid[peer] = conn, header.destination_cid
         return conn

@@ -31,12 +31,18 @@ RETRY_S = 3.0
 #: user's own `ip rule` decides what uses it (a LAN behind this node, a user), never the daemon's sockets.
 EXIT_TABLE = 4330
 
+
 class RouteSync:
     """Keeps the table's peers' offers fresh (from the DC, verified here) and the accepted routes
     in the kernel, pointing into TUN."""
 
-    def __init__(self, table: RouteTable, whois: Callable[[bytes], Awaitable[messages.NodeInfo]],
-                 tun: str | None, run: Runner = run) -> None:
+    def __init__(
+        self,
+        table: RouteTable,
+        whois: Callable[[bytes], Awaitable[messages.NodeInfo]],
+        tun: str | None,
+        run: Runner = run,
+    ) -> None:
         self.table, self.whois, self.tun, self.run = table, whois, tun, run
         self.installed: set[Net] = set()
         self.errors: dict[str, str] = {}  # peer → why its offer is not known
@@ -90,6 +96,10 @@ class RouteSync:
 
     def status(self) -> dict:
         t = self.table
-        return {"advertised": [str(n) for n in t.advertised], "exit_offered": t.exit_offered,
-                "accepted": {keys.checksum(p): [str(n) for n in ns] for p, ns in t.accepted.items()},
-                "refused": t.refused, "unknown": self.errors}
+        return {
+            "advertised": [str(n) for n in t.advertised],
+            "exit_offered": t.exit_offered,
+            "accepted": {keys.checksum(p): [str(n) for n in ns] for p, ns in t.accepted.items()},
+            "refused": t.refused,
+            "unknown": self.errors,
+        }

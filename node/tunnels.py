@@ -98,10 +98,18 @@ class Tunnel:
 
     def status(self, state: str) -> dict:
         ch = self.channel
-        return {"peer": keys.checksum(self.peer), "id": self.id.hex(), "path": ch.path_id.hex(), "state": state,
-                "route": self.kind, "via": ch.via, "redirects": self.redirects,
-                "direct_attempts": self.direct_attempts,
-                "rtt_ms": round(ch.rtt * 1000, 2) if ch.rtt else None, **ch.stats}
+        return {
+            "peer": keys.checksum(self.peer),
+            "id": self.id.hex(),
+            "path": ch.path_id.hex(),
+            "state": state,
+            "route": self.kind,
+            "via": ch.via,
+            "redirects": self.redirects,
+            "direct_attempts": self.direct_attempts,
+            "rtt_ms": round(ch.rtt * 1000, 2) if ch.rtt else None,
+            **ch.stats,
+        }
 
 
 def open_direction(obj: Any, now_ms: int) -> tuple[envelope.Envelope, messages.RouteDirection]:
@@ -113,9 +121,17 @@ def open_direction(obj: Any, now_ms: int) -> tuple[envelope.Envelope, messages.R
 
 
 class Tunnels:
-    def __init__(self, my_id: bytes, endpoint: Endpoint, clock: Clock, ask: AskDirection,
-                 check_address: Callable[[], Awaitable[bool]], admit: Admit = lambda peer: True,
-                 udp_ok: Callable[[], bool] = lambda: True, trust_dc: TrustDc = trust_no_dc) -> None:
+    def __init__(
+        self,
+        my_id: bytes,
+        endpoint: Endpoint,
+        clock: Clock,
+        ask: AskDirection,
+        check_address: Callable[[], Awaitable[bool]],
+        admit: Admit = lambda peer: True,
+        udp_ok: Callable[[], bool] = lambda: True,
+        trust_dc: TrustDc = trust_no_dc,
+    ) -> None:
         self.my_id = my_id
         self.trust_dc = trust_dc
         self.forged_directions = 0  # directions not from our DCs, not for us, or replayed: ignored
@@ -193,8 +209,17 @@ class Tunnels:
             return
         fut = self._opening_future(path) if ours else None  # connect() waits on it
         try:
-            ch = await self.endpoint.open(path, peer, bytes.fromhex(d.peer_pubkey), candidates, d.role, relay,
-                                          TUNNEL_TIMEOUT_S, unverified=unverified, relay_stream=streams)
+            ch = await self.endpoint.open(
+                path,
+                peer,
+                bytes.fromhex(d.peer_pubkey),
+                candidates,
+                d.role,
+                relay,
+                TUNNEL_TIMEOUT_S,
+                unverified=unverified,
+                relay_stream=streams,
+            )
         except NtmError as exc:  # includes PeerIdentityError: the key is not the peer's
             log.warning("tunnel to %s failed: %s", keys.checksum(peer), exc)
             if fut is not None and not fut.done():
@@ -207,8 +232,9 @@ class Tunnels:
         elif tunnel.id == path:
             self._incoming.put_nowait(tunnel)
 
-    async def _directed_by_dc(self, env: envelope.Envelope, d: messages.RouteDirection, peer: bytes,
-                              ours: bool) -> bool:
+    async def _directed_by_dc(
+        self, env: envelope.Envelope, d: messages.RouteDirection, peer: bytes, ours: bool
+    ) -> bool:
         """§8.1: a direction we follow names us, answers a Direction Request we have out (ours) or
         comes from a peer (then _refusal decides), is signed by a DC that may direct us, and was not
         seen before. Decided before anything is sent, so an injected direction sends nothing."""
@@ -243,19 +269,32 @@ class Tunnels:
         self._refusals.note(why)
         return code
 
-    def _place(self, ch: Channel, d: messages.RouteDirection, path: bytes, peer: bytes,
-               resume: bytes | None) -> Tunnel:
+    def _place(self, ch: Channel, d: messages.RouteDirection, path: bytes, peer: bytes, resume: bytes | None) -> Tunnel:
         """Attach a new path to the tunnel it resumes, or make it a new tunnel."""
         old = self.table.get(resume) if resume is not None else None
         if old is not None and old.peer == peer and not old.channel.closed:
             old.channel.attach(ch)
             old.kind, old.role, old.reason = d.kind, d.role, d.reason
             old.redirects += 1
-            log.info("tunnel %s to %s moved to path %s: %s via %s", old.id.hex(), keys.checksum(peer),
-                     path.hex(), d.kind, ch.via)
+            log.info(
+                "tunnel %s to %s moved to path %s: %s via %s",
+                old.id.hex(),
+                keys.checksum(peer),
+                path.hex(),
+                d.kind,
+                ch.via,
+            )
             return old
-        tunnel = Tunnel(peer, Link(ch, self.clock), d.kind, d.role, self.clock.wall(), id=path,
-                        reason=d.reason, direct_tried_at=self.clock.now())
+        tunnel = Tunnel(
+            peer,
+            Link(ch, self.clock),
+            d.kind,
+            d.role,
+            self.clock.wall(),
+            id=path,
+            reason=d.reason,
+            direct_tried_at=self.clock.now(),
+        )
         self.table[path] = tunnel
         log.info("tunnel to %s up: %s via %s", keys.checksum(peer), d.kind, ch.via)
         return tunnel
@@ -305,8 +344,14 @@ class Tunnels:
         not closed, not being repaired; pinned to the relay exactly when `pinned_relay`."""
         for t in reversed(self.table.values()):
             link = t.channel
-            if (t.peer == peer and t.pinned_relay == pinned_relay and not link.closed
-                    and not link.current.closed and link.established and t.recovering is None):
+            if (
+                t.peer == peer
+                and t.pinned_relay == pinned_relay
+                and not link.closed
+                and not link.current.closed
+                and link.established
+                and t.recovering is None
+            ):
                 return t
         return None
 
@@ -345,8 +390,12 @@ class Tunnels:
             t.recovering = self.tasks.spawn(t.repair(t) if t.repair is not None else self._redirect(t))
         elif action is liveness.LinkAction.PROBE:
             self.probe(t)
-        elif liveness.direct_retry_due(now, t.direct_tried_at, link.via == "relay" and not t.pinned_relay,
-                                       t.recovering is not None or t.upgrading is not None):
+        elif liveness.direct_retry_due(
+            now,
+            t.direct_tried_at,
+            link.via == "relay" and not t.pinned_relay,
+            t.recovering is not None or t.upgrading is not None,
+        ):
             t.direct_tried_at = now
             t.upgrading = self.tasks.spawn(self._try_direct(t))
 
@@ -376,8 +425,7 @@ class Tunnels:
         self.probe(t)
         if not await self.check_address():
             return False
-        log.info("tunnel %s to %s: our public address changed; re-directing from here", t.id.hex(),
-                 keys.checksum(peer))
+        log.info("tunnel %s to %s: our public address changed; re-directing from here", t.id.hex(), keys.checksum(peer))
         if t.recovering is None:
             t.recovering = self.tasks.spawn(self._redirect(t, address_checked=True))
         return True
@@ -425,5 +473,7 @@ class Tunnels:
             t.recovering = None
 
     def status(self) -> list[dict]:
-        return ([{**t.status("open"), "transport": self.endpoint.transport(t.channel.current.session)}
-                 for t in self.table.values()] + list(self.ended))
+        return [
+            {**t.status("open"), "transport": self.endpoint.transport(t.channel.current.session)}
+            for t in self.table.values()
+        ] + list(self.ended)

@@ -82,7 +82,7 @@ def _unpack_addrs(data: bytes, at: int) -> tuple[list[str], int]:
         at += _ADDR_HEAD.size
         if size is None or at + size > len(data) or port == 0:
             raise ParseError("bad address in standby payload")
-        out.append(format_endpoint(str(ipaddress.ip_address(data[at:at + size])), port))
+        out.append(format_endpoint(str(ipaddress.ip_address(data[at : at + size])), port))
         at += size
     return out, at
 
@@ -264,14 +264,18 @@ class Standby:
         mine = self.mappings()
         heard = self._heard(t, now)
         payload = encode_payload(0, mine, heard)
-        out: list[Action] = [SendStandby(path, t.peer_addr, i, payload) for i, m in self.mine.items()
-                             if m.mapping is not None]
+        out: list[Action] = [
+            SendStandby(path, t.peer_addr, i, payload) for i, m in self.mine.items() if m.mapping is not None
+        ]
         out.append(SendStandby(path, t.peer_addr, None, payload))
         return out
 
     def _heard(self, t: _Tunnel, now: float) -> list[str]:
-        return [ep for ep, th in t.theirs.items() if th.heard_at is not None
-                and now - th.heard_at <= EXPIRE_ROUNDS * self.interval]
+        return [
+            ep
+            for ep, th in t.theirs.items()
+            if th.heard_at is not None and now - th.heard_at <= EXPIRE_ROUNDS * self.interval
+        ]
 
     def _to_theirs(self, path: bytes, t: _Tunnel, now: float) -> list[Action]:
         out: list[Action] = []
@@ -302,7 +306,12 @@ class Standby:
         t = self.tunnels.get(path)
         if t is None:
             return {}
-        mine = [{"uplink": m.uplink.ifname, "mapping": m.mapping, "heard": m.mapping in t.heard_mine}
-                for m in self.mine.values()]
-        return {"uplinks": mine, "ready": bool(mine) and all(u["heard"] for u in mine),
-                "peer_standby": self._heard(t, now)}
+        mine = [
+            {"uplink": m.uplink.ifname, "mapping": m.mapping, "heard": m.mapping in t.heard_mine}
+            for m in self.mine.values()
+        ]
+        return {
+            "uplinks": mine,
+            "ready": bool(mine) and all(u["heard"] for u in mine),
+            "peer_standby": self._heard(t, now),
+        }

@@ -77,7 +77,13 @@ def escape(text: object) -> str:
         if ch == "\\":
             out.append("\\\\")
         elif unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp"):
-            out.append(f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}" if ord(ch) < 0x10000 else f"\\U{ord(ch):08x}")
+            out.append(
+                f"\\x{ord(ch):02x}"
+                if ord(ch) < 0x100
+                else f"\\u{ord(ch):04x}"
+                if ord(ch) < 0x10000
+                else f"\\U{ord(ch):08x}"
+            )
         else:
             out.append(ch)
     return "".join(out)

@@ -101,8 +101,9 @@ def _wrap_key(shared: bytes, gid: bytes, epoch: int, eph: bytes, recipient: byte
     return _hkdf(shared, gid, WRAP_INFO + struct.pack("!I", epoch) + eph + recipient)
 
 
-def wrap_secret(secret: bytes, recipient_pub: bytes, gid: bytes, epoch: int,
-                eph: coincurve.PrivateKey | None = None) -> bytes:
+def wrap_secret(
+    secret: bytes, recipient_pub: bytes, gid: bytes, epoch: int, eph: coincurve.PrivateKey | None = None
+) -> bytes:
     """`secret` (RN2) for one member only: ephemeral-static ECDH with its key, as §11's wraps."""
     eph = eph or keys.generate()
     eph_pub = eph.public_key.format(compressed=True)
@@ -120,7 +121,9 @@ def unwrap_secret(key: coincurve.PrivateKey, wrapped: bytes, gid: bytes, epoch: 
         kek = _wrap_key(keys.ecdh(key, eph_pub), gid, epoch, eph_pub, me)
         return AESGCM(kek).decrypt(bytes(12), box, gid + struct.pack("!I", epoch) + me)
     except (InvalidTag, ValueError) as exc:
-        raise GroupError("bad_wrap", f"the wrapped secret does not open for this node: {str(exc) or 'tag mismatch'}") from None
+        raise GroupError(
+            "bad_wrap", f"the wrapped secret does not open for this node: {str(exc) or 'tag mismatch'}"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -146,8 +149,11 @@ class GroupMessage:
     def decode(cls, data: bytes) -> "GroupMessage":
         """Structure only (nothing verified yet); GroupError if it is not a group message."""
         if len(data) < HEADER_LEN + TAG_LEN + SIG_LEN or len(data) > HEADER_LEN + MAX_TEXT + TAG_LEN + SIG_LEN:
-            raise GroupError("malformed", f"a group message is {HEADER_LEN + TAG_LEN + SIG_LEN}.."
-                             f"{HEADER_LEN + MAX_TEXT + TAG_LEN + SIG_LEN} bytes, got {len(data)}")
+            raise GroupError(
+                "malformed",
+                f"a group message is {HEADER_LEN + TAG_LEN + SIG_LEN}.."
+                f"{HEADER_LEN + MAX_TEXT + TAG_LEN + SIG_LEN} bytes, got {len(data)}",
+            )
         version, gid, epoch, sender, counter = _HEADER.unpack_from(data)
         if version != VERSION:
             raise GroupError("malformed", f"group message version {version}, expected {VERSION}")
@@ -160,8 +166,10 @@ class GroupMessage:
         except SignatureError as exc:
             raise GroupError("bad_signature", f"group message signature: {exc}") from None
         if signer != self.sender:
-            raise GroupError("impersonation", f"message claims to be from {keys.checksum(self.sender)} "
-                             f"but was signed by {keys.checksum(signer)}")
+            raise GroupError(
+                "impersonation",
+                f"message claims to be from {keys.checksum(self.sender)} but was signed by {keys.checksum(signer)}",
+            )
 
     def decrypt(self, gk: bytes) -> bytes:
         try:
@@ -177,16 +185,20 @@ def check_still_member(members: dict[int, set[bytes]], epoch: int, sender: bytes
     `members` maps each epoch the receiver knows to that epoch's members."""
     gone = [e for e, who in members.items() if e > epoch and sender not in who]
     if gone:
-        raise GroupError("removed", f"{keys.checksum(sender)} is no member of epoch {min(gone)}, after epoch {epoch}: "
-                         "removed or departed, its messages are refused")
+        raise GroupError(
+            "removed",
+            f"{keys.checksum(sender)} is no member of epoch {min(gone)}, after epoch {epoch}: "
+            "removed or departed, its messages are refused",
+        )
 
 
 def _nonce(counter: int) -> bytes:
     return bytes(4) + struct.pack("!Q", counter)
 
 
-def seal_message(key: coincurve.PrivateKey, gk: bytes, gid: bytes, epoch: int, counter: int,
-                 text: bytes) -> GroupMessage:
+def seal_message(
+    key: coincurve.PrivateKey, gk: bytes, gid: bytes, epoch: int, counter: int, text: bytes
+) -> GroupMessage:
     """Encrypt under the epoch's key (the sender's MK) and sign; the caller never reuses `counter`."""
     if len(text) > MAX_TEXT:
         raise ValueError(f"a group message is at most {MAX_TEXT} bytes (larger content: a Cache Server item)")
@@ -207,8 +219,9 @@ class Replay:
         w = self.windows.get((msg.epoch, msg.sender))
         why = w.check(msg.counter) if w is not None else None
         if why is not None:
-            raise GroupError("replay", f"message {msg.counter} of {keys.checksum(msg.sender)} in epoch "
-                             f"{msg.epoch}: {why}")
+            raise GroupError(
+                "replay", f"message {msg.counter} of {keys.checksum(msg.sender)} in epoch {msg.epoch}: {why}"
+            )
 
     def update(self, msg: GroupMessage) -> None:
         """After the message checked out (signature, decryption)."""

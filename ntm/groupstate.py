@@ -79,30 +79,58 @@ class GroupState:
         return ep.members if ep else set()
 
     def to_json(self) -> dict:
-        return {"gid": self.gid.hex(), "name": self.name, "admin": keys.checksum(self.admin), "gms": self.gms,
-                "status": self.status, "epoch": self.epoch, "joined": self.joined,
-                "rn1": {str(g): v.hex() for g, v in self.rn1.items()},
-                "epochs": {str(e): {"rn2": ep.rn2.hex(), "rn1_gen": ep.rn1_gen,
-                                    "members": sorted(keys.checksum(m) for m in ep.members)}
-                           for e, ep in self.epochs.items()},
-                "counter": self.counter, "replay": self.replay.dump(),
-                "rn1_sent": {keys.checksum(m): g for m, g in self.rn1_sent.items()},
-                "pending_remove": [keys.checksum(self.pending_remove[0]), self.pending_remove[1]]
-                if self.pending_remove else None,
-                "parked": [p.hex() for p in self.parked], "read": self.read,
-                "invited": sorted(keys.checksum(m) for m in self.invited)}
+        return {
+            "gid": self.gid.hex(),
+            "name": self.name,
+            "admin": keys.checksum(self.admin),
+            "gms": self.gms,
+            "status": self.status,
+            "epoch": self.epoch,
+            "joined": self.joined,
+            "rn1": {str(g): v.hex() for g, v in self.rn1.items()},
+            "epochs": {
+                str(e): {
+                    "rn2": ep.rn2.hex(),
+                    "rn1_gen": ep.rn1_gen,
+                    "members": sorted(keys.checksum(m) for m in ep.members),
+                }
+                for e, ep in self.epochs.items()
+            },
+            "counter": self.counter,
+            "replay": self.replay.dump(),
+            "rn1_sent": {keys.checksum(m): g for m, g in self.rn1_sent.items()},
+            "pending_remove": [keys.checksum(self.pending_remove[0]), self.pending_remove[1]]
+            if self.pending_remove
+            else None,
+            "parked": [p.hex() for p in self.parked],
+            "read": self.read,
+            "invited": sorted(keys.checksum(m) for m in self.invited),
+        }
 
     @classmethod
     def from_json(cls, d: dict) -> "GroupState":
         pr = d.get("pending_remove")
-        return cls(bytes.fromhex(d["gid"]), d["name"], keys.parse_node_id(d["admin"]), d["gms"], d["status"],
-                   d["epoch"], d["joined"], {int(g): bytes.fromhex(v) for g, v in d["rn1"].items()},
-                   {int(e): Epoch(bytes.fromhex(v["rn2"]), v["rn1_gen"], {keys.parse_node_id(m) for m in v["members"]})
-                    for e, v in d["epochs"].items()},
-                   d["counter"], group.Replay.load(d["replay"]),
-                   {keys.parse_node_id(m): g for m, g in d["rn1_sent"].items()},
-                   (keys.parse_node_id(pr[0]), pr[1]) if pr else None,
-                   [bytes.fromhex(p) for p in d["parked"]], d["read"], {keys.parse_node_id(m) for m in d["invited"]})
+        return cls(
+            bytes.fromhex(d["gid"]),
+            d["name"],
+            keys.parse_node_id(d["admin"]),
+            d["gms"],
+            d["status"],
+            d["epoch"],
+            d["joined"],
+            {int(g): bytes.fromhex(v) for g, v in d["rn1"].items()},
+            {
+                int(e): Epoch(bytes.fromhex(v["rn2"]), v["rn1_gen"], {keys.parse_node_id(m) for m in v["members"]})
+                for e, v in d["epochs"].items()
+            },
+            d["counter"],
+            group.Replay.load(d["replay"]),
+            {keys.parse_node_id(m): g for m, g in d["rn1_sent"].items()},
+            (keys.parse_node_id(pr[0]), pr[1]) if pr else None,
+            [bytes.fromhex(p) for p in d["parked"]],
+            d["read"],
+            {keys.parse_node_id(m) for m in d["invited"]},
+        )
 
 
 # --- actions out ---------------------------------------------------------------------------------
@@ -178,8 +206,14 @@ def apply_view(g: GroupState, view: messages.GmsView, key: coincurve.PrivateKey)
         name = group.check_name(view.name)
     except ValueError as exc:
         raise GroupError("malformed", f"GMS answer: {exc}") from None
-    epochs = {e.epoch: Epoch(group.unwrap_secret(key, bytes.fromhex(e.rn2), gid, e.epoch), e.rn1_gen,
-                             {keys.parse_node_id(m) for m in e.members}) for e in view.epochs}
+    epochs = {
+        e.epoch: Epoch(
+            group.unwrap_secret(key, bytes.fromhex(e.rn2), gid, e.epoch),
+            e.rn1_gen,
+            {keys.parse_node_id(m) for m in e.members},
+        )
+        for e in view.epochs
+    }
     g.name, g.admin, g.status = name, keys.parse_node_id(view.admin), "member"
     g.epochs.update(epochs)
     if epochs:
@@ -213,8 +247,9 @@ def rn1_lacking(g: GroupState, me: bytes) -> tuple[messages.Rn1Note, list[bytes]
 class GroupBook:
     """One node's groups and every decision on what arrives for them."""
 
-    def __init__(self, key: coincurve.PrivateKey, clock: Clock,
-                 admits: Callable[[bytes], bool] = lambda peer: False) -> None:
+    def __init__(
+        self, key: coincurve.PrivateKey, clock: Clock, admits: Callable[[bytes], bool] = lambda peer: False
+    ) -> None:
         """`admits(peer)`: the node's own policy (allow list), which decides whose invitations are
         held first (ntm/consent.py); an invitation itself admits nobody."""
         self.key, self.me, self.clock, self.admits = key, keys.node_id_of(key), clock, admits
@@ -231,26 +266,42 @@ class GroupBook:
         named = [g for g in self.groups.values() if g.name.lower() == ref]
         if len(named) == 1:
             return named[0]
-        raise GroupError("unknown_group", f"no group {ref!r} here" if not named else
-                         f"{len(named)} groups are named {ref!r}: use the group ID")
+        raise GroupError(
+            "unknown_group",
+            f"no group {ref!r} here" if not named else f"{len(named)} groups are named {ref!r}: use the group ID",
+        )
 
     def knows(self, peer: bytes) -> bool:
         """Peers whose tunnels we accept for the groups: members of the groups we belong to, and (an
         admin) the nodes it invited. Not who invited us: an invitation is a request, not an admission."""
-        return any(peer == g.admin or peer in g.members() or peer in g.invited for g in self.groups.values()
-                   if g.status == "member")
+        return any(
+            peer == g.admin or peer in g.members() or peer in g.invited
+            for g in self.groups.values()
+            if g.status == "member"
+        )
 
     def describe(self, g: GroupState) -> dict:
-        return {"gid": g.gid.hex(), "name": g.name, "admin": keys.checksum(g.admin), "gms": g.gms, "status": g.status,
-                "epoch": g.epoch, "rn1_gen": g.epochs[g.epoch].rn1_gen if g.epoch in g.epochs else None,
-                "has_key": g.key(g.epoch) is not None,
-                "members": sorted(keys.checksum(m) for m in g.members()), "you": keys.checksum(self.me),
-                "pending_removal": keys.checksum(g.pending_remove[0]) if g.pending_remove else None}
+        return {
+            "gid": g.gid.hex(),
+            "name": g.name,
+            "admin": keys.checksum(g.admin),
+            "gms": g.gms,
+            "status": g.status,
+            "epoch": g.epoch,
+            "rn1_gen": g.epochs[g.epoch].rn1_gen if g.epoch in g.epochs else None,
+            "has_key": g.key(g.epoch) is not None,
+            "members": sorted(keys.checksum(m) for m in g.members()),
+            "you": keys.checksum(self.me),
+            "pending_removal": keys.checksum(g.pending_remove[0]) if g.pending_remove else None,
+        }
 
     def invitations(self) -> list[dict]:
         """Invitations waiting for the user's answer, oldest first."""
-        return [{**self.describe(g), "admitted": self.admits(g.admin)} for g in self.groups.values()
-                if g.status == "invited"]
+        return [
+            {**self.describe(g), "admitted": self.admits(g.admin)}
+            for g in self.groups.values()
+            if g.status == "invited"
+        ]
 
     def need_admin(self, g: GroupState) -> None:
         if g.admin != self.me:
@@ -356,9 +407,17 @@ class GroupBook:
         assert gk is not None
         text = msg.decrypt(gk)
         g.replay.update(msg)
-        entry = {"gid": g.gid.hex(), "group": g.name, "epoch": msg.epoch, "sender": keys.checksum(msg.sender),
-                 "counter": msg.counter, "text": text.decode(errors="replace"), "via": via,
-                 "received": self.clock.wall_ms(), "wire": msg.encode().hex()}
+        entry = {
+            "gid": g.gid.hex(),
+            "group": g.name,
+            "epoch": msg.epoch,
+            "sender": keys.checksum(msg.sender),
+            "counter": msg.counter,
+            "text": text.decode(errors="replace"),
+            "via": via,
+            "received": self.clock.wall_ms(),
+            "wire": msg.encode().hex(),
+        }
         return [Deliver(g, entry), Save(g)]
 
     def on_note(self, sender: bytes, note: messages.ControlNote) -> list[Action]:
@@ -390,8 +449,11 @@ class GroupBook:
             raise GroupError("not_admin", f"an invitation to {name} signed by {keys.checksum(sender)}, not its admin")
         if gid in self.groups and self.groups[gid].status in ("member", "invited"):
             return []  # a member already, or invited already: the first invitation stands
-        held = [consent.HeldInvite(g.gid, g.admin, self.admits(g.admin)) for g in self.groups.values()
-                if g.status == "invited"]
+        held = [
+            consent.HeldInvite(g.gid, g.admin, self.admits(g.admin))
+            for g in self.groups.values()
+            if g.status == "invited"
+        ]
         verdict = consent.invitation_verdict(held, admin, self.admits(admin))
         if not verdict.keep:
             raise GroupError(str(verdict.refusal), f"invitation to {name} from {keys.checksum(admin)} not kept")
@@ -406,8 +468,17 @@ class GmsRefused(CodedError):
     """unknown_group, exists, not_admin, not_member, not_invited, unregistered, revoked, too_many,
     bad_request."""
 
-    STATUS = {"unknown_group": 404, "exists": 409, "not_admin": 403, "not_member": 403, "not_invited": 403,
-              "unregistered": 403, "revoked": 403, "too_many": 429, "bad_request": 400}
+    STATUS = {
+        "unknown_group": 404,
+        "exists": 409,
+        "not_admin": 403,
+        "not_member": 403,
+        "not_invited": 403,
+        "unregistered": 403,
+        "revoked": 403,
+        "too_many": 429,
+        "bad_request": 400,
+    }
 
 
 @dataclass(frozen=True)

@@ -146,9 +146,7 @@ def _checked_peer(peer_id: bytes, peer_pub: bytes) -> bytes:
         raise PeerIdentityError(f"peer public key is invalid: {exc}") from None
     got = keys.node_id(point)
     if got != bytes(peer_id):
-        raise PeerIdentityError(
-            f"peer key belongs to {keys.checksum(got)}, expected {keys.checksum(bytes(peer_id))}"
-        )
+        raise PeerIdentityError(f"peer key belongs to {keys.checksum(got)}, expected {keys.checksum(bytes(peer_id))}")
     return point.format(False)
 
 
@@ -195,8 +193,15 @@ class _Party:
 
     INITIATOR: ClassVar[bool]
 
-    def __init__(self, static_key: coincurve.PrivateKey, peer_id: bytes, peer_pub: bytes, path_id: bytes, *,
-                 rand: Rand = os.urandom) -> None:
+    def __init__(
+        self,
+        static_key: coincurve.PrivateKey,
+        peer_id: bytes,
+        peer_pub: bytes,
+        path_id: bytes,
+        *,
+        rand: Rand = os.urandom,
+    ) -> None:
         self.path_id = _check_path(path_id)
         self.static_key = static_key
         self.local_pub = keys.public_bytes(static_key)
@@ -216,7 +221,7 @@ class _Party:
         data = bytes(data)
         if len(data) != kind.LEN or data[0] != kind.TYPE:
             raise HandshakeError(f"malformed {kind.NAME}: {len(data)} bytes or wrong type")
-        if data[1:PATH_ID_LEN + 1] != self.path_id:
+        if data[1 : PATH_ID_LEN + 1] != self.path_id:
             raise UnknownPathError(f"{kind.NAME} for path {data[1:9].hex()}, expected {self.path_id.hex()}")
         if not hmac.compare_digest(data[-MAC1_LEN:], mac1(self._mac1_key, data[:-MAC1_LEN])):
             raise HandshakeMacError(f"{kind.NAME} mac1 does not verify")
@@ -340,7 +345,9 @@ class Responder(_Party):
         try:
             (ts,) = struct.unpack("!Q", st.decrypt_and_hash(msg.sealed))
         except HandshakeAuthError:
-            raise HandshakeAuthError("Tunnel Request failed authentication (tampered, or not from the expected peer)") from None
+            raise HandshakeAuthError(
+                "Tunnel Request failed authentication (tampered, or not from the expected peer)"
+            ) from None
         if ts <= self.last_timestamp:
             raise HandshakeReplayError(f"Tunnel Request timestamp {ts} is not newer than {self.last_timestamp}")
         if self.last_accepted is not None and 0 <= now - self.last_accepted < HANDSHAKE_MIN_INTERVAL:

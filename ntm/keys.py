@@ -125,9 +125,7 @@ def recover(digest: bytes, signature: bytes) -> coincurve.PublicKey:
     if s > HALF_N:
         raise SignatureError("signature has high s (malleable form refused)")
     try:
-        return coincurve.PublicKey.from_signature_and_message(
-            signature[:64] + bytes([v - 27]), digest, hasher=None
-        )
+        return coincurve.PublicKey.from_signature_and_message(signature[:64] + bytes([v - 27]), digest, hasher=None)
     except ValueError as exc:
         raise SignatureError(f"signature does not recover: {exc}") from None
 

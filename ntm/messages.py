@@ -213,6 +213,7 @@ class CsItemRef(Message):
 
     item: Hex16
 
+
 Role = Literal["initiate", "wait", "punch"]
 
 
@@ -576,8 +577,11 @@ def loads(raw: str | bytes | bytearray | memoryview) -> Any:
     with an integer outside the signed 64-bit range, or NaN/Infinity; never another exception."""
     check_depth(raw)
     try:
-        return json.loads(bytes(raw) if isinstance(raw, (bytearray, memoryview)) else raw,
-                          parse_int=_bounded_int, parse_constant=_no_constant)
+        return json.loads(
+            bytes(raw) if isinstance(raw, (bytearray, memoryview)) else raw,
+            parse_int=_bounded_int,
+            parse_constant=_no_constant,
+        )
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise ParseError(f"not JSON: {exc}") from None
 

@@ -136,15 +136,15 @@ def _cut(pkt: bytes, v6: bool, l4: int, hl: int, tcp: bool, size: int) -> list[b
     segment's payload (one big-integer reduction each: 2**16 ≡ 1 mod 0xFFFF)."""
     at = l4 + (TCP_CSUM_AT if tcp else UDP_CSUM_AT)
     base = bytearray(pkt[:hl])
-    base[at:at + 2] = b"\0\0"
+    base[at : at + 2] = b"\0\0"
     flags = base[l4 + 13] if tcp else 0
     if tcp:
         seq0 = _I.unpack_from(base, l4 + 4)[0]
-        base[l4 + 4:l4 + 8] = bytes(4)
+        base[l4 + 4 : l4 + 8] = bytes(4)
         base[l4 + 13] = 0
     else:
         seq0 = 0
-        base[l4 + 4:l4 + 6] = b"\0\0"
+        base[l4 + 4 : l4 + 6] = b"\0\0"
     ip_sum = id0 = 0
     if v6:
         base[4:6] = b"\0\0"
@@ -154,8 +154,11 @@ def _cut(pkt: bytes, v6: bool, l4: int, hl: int, tcp: bool, size: int) -> list[b
         base[10:12] = b"\0\0"
         ip_sum = int.from_bytes(base[:l4], "big") % 0xFFFF
     # The pseudo-header (addresses, protocol) and the transport header's unchanging words.
-    l4_sum = (int.from_bytes(pkt[8:40] if v6 else pkt[12:20], "big") + (PROTO_TCP if tcp else PROTO_UDP)
-              + int.from_bytes(base[l4:], "big")) % 0xFFFF
+    l4_sum = (
+        int.from_bytes(pkt[8:40] if v6 else pkt[12:20], "big")
+        + (PROTO_TCP if tcp else PROTO_UDP)
+        + int.from_bytes(base[l4:], "big")
+    ) % 0xFFFF
     # FIN and PSH on the last segment only, CWR on the first only (as tcp_gso_segment).
     cut_flags = flags & ~(TCP_FIN | TCP_PSH)
     view = memoryview(pkt)
@@ -207,15 +210,16 @@ def complete_checksum(pkt: bytes, csum_start: int, csum_offset: int) -> bytes:
         raise OffloadError(f"checksum at {at} outside the {len(pkt)}-byte packet")
     initial = _H.unpack_from(pkt, at)[0]
     out = bytearray(pkt)
-    out[at:at + 2] = b"\0\0"
+    out[at : at + 2] = b"\0\0"
     c = 0xFFFF - csum_sum(memoryview(out)[csum_start:], initial)
     if c == 0 and pkt[9 if pkt[0] >> 4 == 4 else 6] == PROTO_UDP:
         c = 0xFFFF
-    out[at:at + 2] = _H.pack(c)
+    out[at : at + 2] = _H.pack(c)
     return bytes(out)
 
 
 # --- coalescing (GRO) ---------------------------------------------------------------------------
+
 
 class _Run:
     """Segments of one TCP flow joined so far."""
@@ -237,13 +241,20 @@ class _Run:
         would: same headers but for lengths, ID, sequence and checksum; no longer than the first."""
         hl, l4, head = self.hl, self.l4, self.head
         size = len(pkt) - hl
-        if (self.ended or size > self.size or len(self.parts[-1]) < self.size
-                or self.length + size > MAX_COALESCED + (40 if self.v6 else 0)):
+        if (
+            self.ended
+            or size > self.size
+            or len(self.parts[-1]) < self.size
+            or self.length + size > MAX_COALESCED + (40 if self.v6 else 0)
+        ):
             return False
-        if (_I.unpack_from(pkt, l4 + 4)[0] != self.next_seq or pkt[l4 + 12] != head[l4 + 12]
-                or pkt[l4 + 14:l4 + 16] != head[l4 + 14:l4 + 16]):
+        if (
+            _I.unpack_from(pkt, l4 + 4)[0] != self.next_seq
+            or pkt[l4 + 12] != head[l4 + 12]
+            or pkt[l4 + 14 : l4 + 16] != head[l4 + 14 : l4 + 16]
+        ):
             return False  # out of order, or another window
-        if pkt[l4 + 8:l4 + 12] != head[l4 + 8:l4 + 12] or pkt[l4 + 18:hl] != head[l4 + 18:hl]:
+        if pkt[l4 + 8 : l4 + 12] != head[l4 + 8 : l4 + 12] or pkt[l4 + 18 : hl] != head[l4 + 18 : hl]:
             return False  # another ack, urgent pointer or options
         if self.v6:
             if pkt[:4] != head[:4] or pkt[6:8] != head[6:8]:
@@ -276,7 +287,7 @@ class _Run:
         head = bytearray(self.head)
         _ip_fix(head, v6, l4, self.length, 0)
         partial = csum_sum(b"", _pseudo(head, v6, PROTO_TCP, self.length - l4))
-        head[l4 + TCP_CSUM_AT:l4 + TCP_CSUM_AT + 2] = _H.pack(partial)
+        head[l4 + TCP_CSUM_AT : l4 + TCP_CSUM_AT + 2] = _H.pack(partial)
         hdr = VnetHdr(F_NEEDS_CSUM, GSO_TCPV6 if v6 else GSO_TCPV4, self.hl, self.size, l4, TCP_CSUM_AT)
         return hdr.pack(), bytes(head) + b"".join(self.parts)
 
@@ -291,7 +302,7 @@ def _tcp_flow(pkt: bytes) -> tuple[bytes, int, bool] | None:
         l4 = (pkt[0] & 0x0F) * 4
         if pkt[9] != PROTO_TCP or l4 < 20 or n < l4 + 20:
             return None
-        return pkt[12:20] + pkt[l4:l4 + 4], l4, False
+        return pkt[12:20] + pkt[l4 : l4 + 4], l4, False
     if version == 6 and n >= 60 and pkt[6] == PROTO_TCP:
         return pkt[8:40] + pkt[40:44], 40, True
     return None

@@ -49,8 +49,17 @@ PROTO_TCP, PROTO_UDP = 6, 17
 L4_CHECKSUM_AT = {PROTO_TCP: 16, PROTO_UDP: 6}
 _H = struct.Struct("!H")
 
-COUNTERS = ("tx_no_route", "tx_malformed", "rx_ipv4", "rx_ipv6", "rx_app", "rx_spoofed_source",
-            "rx_wrong_destination", "rx_malformed", "addr_collisions")
+COUNTERS = (
+    "tx_no_route",
+    "tx_malformed",
+    "rx_ipv4",
+    "rx_ipv6",
+    "rx_app",
+    "rx_spoofed_source",
+    "rx_wrong_destination",
+    "rx_malformed",
+    "addr_collisions",
+)
 
 
 def frame_app(data: bytes) -> bytes:
@@ -140,7 +149,7 @@ def rewrite_v4(pkt: bytes, src: bytes, dst: bytes) -> bytes | None:
             c = adjust_checksum(c, old, new)
             if out[9] == PROTO_UDP and c == 0:
                 c = 0xFFFF
-            out[ihl + at:ihl + at + 2] = _H.pack(c)
+            out[ihl + at : ihl + at + 2] = _H.pack(c)
     return bytes(out)
 
 

@@ -46,12 +46,22 @@ RELAY_RESERVED = range(0x12, 0x20)
 
 #: Types carried by a relay unchanged between the two bound endpoints of a path.
 FORWARDED_TYPES = frozenset(
-    {TYPE_HANDSHAKE_REQUEST, TYPE_HANDSHAKE_RESPONSE, TYPE_DATA, TYPE_KEEPALIVE, TYPE_PING, TYPE_PONG, TYPE_CLOSE,
-     TYPE_PROBE, TYPE_PROBE_ACK}
+    {
+        TYPE_HANDSHAKE_REQUEST,
+        TYPE_HANDSHAKE_RESPONSE,
+        TYPE_DATA,
+        TYPE_KEEPALIVE,
+        TYPE_PING,
+        TYPE_PONG,
+        TYPE_CLOSE,
+        TYPE_PROBE,
+        TYPE_PROBE_ACK,
+    }
 )
 #: Types whose body is `counter (8) || AEAD ciphertext` (transport packets).
-TRANSPORT_TYPES = frozenset({TYPE_DATA, TYPE_KEEPALIVE, TYPE_PING, TYPE_PONG, TYPE_CLOSE, TYPE_STANDBY, TYPE_PROBE,
-                             TYPE_PROBE_ACK})
+TRANSPORT_TYPES = frozenset(
+    {TYPE_DATA, TYPE_KEEPALIVE, TYPE_PING, TYPE_PONG, TYPE_CLOSE, TYPE_STANDBY, TYPE_PROBE, TYPE_PROBE_ACK}
+)
 #: STANDBY is not forwarded by relays: a standby path is a direct one by definition.
 KNOWN_TYPES = FORWARDED_TYPES | {TYPE_RELAY_BIND, TYPE_RELAY_BIND_ACK, TYPE_STANDBY}
 
@@ -232,14 +242,18 @@ class RelayBind:
     mac: bytes = bytes(BIND_MAC_LEN)
 
     def signed_part(self) -> bytes:
-        return (bytes([TYPE_RELAY_BIND]) + self.path_id + bytes([self.side]) + self.counter.to_bytes(COUNTER_LEN, "big")
-                + self.cookie)
+        return (
+            bytes([TYPE_RELAY_BIND])
+            + self.path_id
+            + bytes([self.side])
+            + self.counter.to_bytes(COUNTER_LEN, "big")
+            + self.cookie
+        )
 
     @classmethod
     def make(cls, path_id: bytes, side: int, counter: int, cookie: bytes, side_key: bytes) -> RelayBind:
         """A bind MAC'd with `side_key` (relay_side_key)."""
-        if len(path_id) != PATH_ID_LEN or side not in (0, 1) or len(cookie) != COOKIE_LEN \
-                or not 0 <= counter < 1 << 64:
+        if len(path_id) != PATH_ID_LEN or side not in (0, 1) or len(cookie) != COOKIE_LEN or not 0 <= counter < 1 << 64:
             raise ValueError("relay bind needs an 8-byte path ID, side 0 or 1, a 64-bit counter, a 16-byte cookie")
         unsigned = cls(path_id, side, counter, cookie)
         return cls(path_id, side, counter, cookie, relay_bind_mac(side_key, unsigned.signed_part()))
@@ -254,8 +268,13 @@ class RelayBind:
     def parse(cls, data: bytes) -> RelayBind:
         data = _exact(data, TYPE_RELAY_BIND, RELAY_BIND_LEN, "relay bind")
         at = PREFIX_LEN + 1
-        return cls(data[1:PREFIX_LEN], _side(data, "relay bind"), int.from_bytes(data[at:at + COUNTER_LEN], "big"),
-                   data[at + COUNTER_LEN:at + COUNTER_LEN + COOKIE_LEN], data[at + COUNTER_LEN + COOKIE_LEN:])
+        return cls(
+            data[1:PREFIX_LEN],
+            _side(data, "relay bind"),
+            int.from_bytes(data[at : at + COUNTER_LEN], "big"),
+            data[at + COUNTER_LEN : at + COUNTER_LEN + COOKIE_LEN],
+            data[at + COUNTER_LEN + COOKIE_LEN :],
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,8 +291,13 @@ class RelayBindAck:
     def encode(self) -> bytes:
         if len(self.path_id) != PATH_ID_LEN or self.side not in (0, 1) or len(self.cookie) != COOKIE_LEN:
             raise ValueError("relay bind ack needs an 8-byte path ID, side 0 or 1 and a 16-byte cookie")
-        return (bytes([TYPE_RELAY_BIND_ACK]) + self.path_id + bytes([self.side, int(self.bound)])
-                + self.counter.to_bytes(COUNTER_LEN, "big") + self.cookie)
+        return (
+            bytes([TYPE_RELAY_BIND_ACK])
+            + self.path_id
+            + bytes([self.side, int(self.bound)])
+            + self.counter.to_bytes(COUNTER_LEN, "big")
+            + self.cookie
+        )
 
     @classmethod
     def parse(cls, data: bytes) -> RelayBindAck:
@@ -281,8 +305,13 @@ class RelayBindAck:
         if data[PREFIX_LEN + 1] not in (0, 1):
             raise ParseError("relay bind ack: bound flag must be 0 or 1")
         at = PREFIX_LEN + 2
-        return cls(data[1:PREFIX_LEN], _side(data, "relay bind ack"), bool(data[PREFIX_LEN + 1]),
-                   int.from_bytes(data[at:at + COUNTER_LEN], "big"), data[at + COUNTER_LEN:])
+        return cls(
+            data[1:PREFIX_LEN],
+            _side(data, "relay bind ack"),
+            bool(data[PREFIX_LEN + 1]),
+            int.from_bytes(data[at : at + COUNTER_LEN], "big"),
+            data[at + COUNTER_LEN :],
+        )
 
 
 Packet = HandshakeRequest | HandshakeResponse | TransportPacket | RelayBind | RelayBindAck

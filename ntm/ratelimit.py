@@ -55,8 +55,7 @@ class Buckets:
         self.rate, self.burst, self.max_keys = rate, burst, max_keys
         self._buckets: OrderedDict[Hashable, TokenBucket] = OrderedDict()
 
-    def take(self, key: Hashable, now: float, cost: float = 1.0,
-             limits: tuple[float, float] | None = None) -> bool:
+    def take(self, key: Hashable, now: float, cost: float = 1.0, limits: tuple[float, float] | None = None) -> bool:
         """`limits`: (rate, burst) for this key from now on, instead of the default (FairShare)."""
         b = self._buckets.get(key)
         if b is None:
@@ -83,8 +82,14 @@ class FairShare:
     once still finds a token in its own bucket; `cap` (rate, burst) is a hard ceiling over all keys
     (CPU), set above `total` so that the crowd's shares never reach it."""
 
-    def __init__(self, per_key: tuple[float, float], total: tuple[float, float], cap: tuple[float, float],
-                 active_s: float, max_keys: int) -> None:
+    def __init__(
+        self,
+        per_key: tuple[float, float],
+        total: tuple[float, float],
+        cap: tuple[float, float],
+        active_s: float,
+        max_keys: int,
+    ) -> None:
         self.per_key, self.total, self.active_s = per_key, total, active_s
         self.keys = Buckets(*per_key, max_keys=max_keys)
         self.cap = TokenBucket(*cap)

@@ -89,11 +89,7 @@ class NodeTransaction:
 
     def struct_hash(self) -> bytes:
         return keccak(
-            RECORD_TYPEHASH
-            + _word(self.node)
-            + _word(self.dc)
-            + _word(self.timestamp)
-            + _word(int(self.revoked))
+            RECORD_TYPEHASH + _word(self.node) + _word(self.dc) + _word(self.timestamp) + _word(int(self.revoked))
         )
 
     def digest(self, domain: Domain) -> bytes:

@@ -36,8 +36,14 @@ class RegistrationRequest:
     local_addrs: tuple[str, ...]
 
     @classmethod
-    def signed(cls, key: coincurve.PrivateKey, info: messages.DcInfoReply, timestamp: int,
-               local_addrs: Sequence[str] = (), revoked: bool = False) -> "RegistrationRequest":
+    def signed(
+        cls,
+        key: coincurve.PrivateKey,
+        info: messages.DcInfoReply,
+        timestamp: int,
+        local_addrs: Sequence[str] = (),
+        revoked: bool = False,
+    ) -> "RegistrationRequest":
         """A request signed by the node `key`, naming the DC that `info` (its GET /v1/info) describes."""
         domain = Domain(info.chain_id, keys.parse_node_id(info.registry))
         rec = NodeTransaction(keys.node_id_of(key), keys.parse_node_id(info.dc), timestamp, revoked)
@@ -82,9 +88,7 @@ def check_request(
     except SignatureError:
         raise RegistrationError("bad_pubkey", "public key is not a secp256k1 point") from None
     if rec.dc != dc:
-        raise RegistrationError(
-            "wrong_dc", f"record names DC {keys.checksum(rec.dc)}, this DC is {keys.checksum(dc)}"
-        )
+        raise RegistrationError("wrong_dc", f"record names DC {keys.checksum(rec.dc)}, this DC is {keys.checksum(dc)}")
     try:
         rec.verify(req.signature, domain)
     except SignatureError as exc:

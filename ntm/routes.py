@@ -37,9 +37,17 @@ OFFER_DOMAIN = b"ntm-route-offer/1"
 EXIT_ROUTES: tuple[Net, ...] = (IPv4Network("0.0.0.0/0"), IPv6Network("::/0"))
 #: Never offered nor accepted: the overlay's own prefix (its addresses are self-certifying, §10.1),
 #: and addresses that are not forwarded by any router (loopback, link-local, multicast, "this network").
-FORBIDDEN: tuple[Net, ...] = (V6_PREFIX, IPv4Network("127.0.0.0/8"), IPv4Network("169.254.0.0/16"),
-                              IPv4Network("224.0.0.0/4"), IPv4Network("0.0.0.0/8"), IPv6Network("::1/128"),
-                              IPv6Network("fe80::/10"), IPv6Network("ff00::/8"), IPv6Network("::/128"))
+FORBIDDEN: tuple[Net, ...] = (
+    V6_PREFIX,
+    IPv4Network("127.0.0.0/8"),
+    IPv4Network("169.254.0.0/16"),
+    IPv4Network("224.0.0.0/4"),
+    IPv4Network("0.0.0.0/8"),
+    IPv6Network("::1/128"),
+    IPv6Network("fe80::/10"),
+    IPv6Network("ff00::/8"),
+    IPv6Network("::/128"),
+)
 
 
 class RouteError(NtmError):
@@ -49,7 +57,7 @@ class RouteError(NtmError):
 
 
 def parse_prefixes(text: str | list[str]) -> list[Net]:
-    """"10.1.0.0/24,fd00:1::/64" (or a list) → networks; RouteError naming the bad one. A prefix
+    """ "10.1.0.0/24,fd00:1::/64" (or a list) → networks; RouteError naming the bad one. A prefix
     with host bits set, /0 (that is `--advertise-exit`), or one touching FORBIDDEN is refused."""
     items = [p.strip() for p in (text.split(",") if isinstance(text, str) else text)]
     nets: list[Net] = []
@@ -134,7 +142,9 @@ class RouteTable:
     """This node's advertised routes and the routes it accepted from peers' verified offers.
     Accepted = what the user chose ∩ what the peer's newest offer contains; nothing else."""
 
-    def __init__(self, advertised: list[Net] | None = None, exit_offered: bool = False, local: Net | None = None) -> None:
+    def __init__(
+        self, advertised: list[Net] | None = None, exit_offered: bool = False, local: Net | None = None
+    ) -> None:
         """`local`: this node's own virtual IPv4 network: a route overlapping it is never accepted."""
         self.advertised = tuple(advertised or ())
         self.exit_offered = exit_offered
@@ -190,8 +200,9 @@ class RouteTable:
                 accepted.setdefault(peer, []).append(n)
         self.accepted = {p: tuple(ns) for p, ns in accepted.items()}
         self._routes = _entries(taken)
-        self._claims = _entries({n: p for n, p in {**taken, **dict.fromkeys(self.advertised, b"")}.items()
-                                 if n.prefixlen})
+        self._claims = _entries(
+            {n: p for n, p in {**taken, **dict.fromkeys(self.advertised, b"")}.items() if n.prefixlen}
+        )
 
     def _conflict(self, net: Net, taken: dict[Net, bytes]) -> str:
         if net in taken:
@@ -218,8 +229,7 @@ class RouteTable:
     def forwards(self, dst: bytes) -> bool:
         """This node forwards packets to `dst`: its advertised routes, or anything outside its own
         virtual network as an exit."""
-        return (bool(self._own) and _contains(self._own, dst) is not None
-                and _contains(self._local, dst) is None)
+        return bool(self._own) and _contains(self._own, dst) is not None and _contains(self._local, dst) is None
 
 
 def parse_choice(items: list[str], resolve: Callable[[str], bytes]) -> dict[bytes, frozenset[Net] | None]:

@@ -81,9 +81,14 @@ class Header:
     created_ms: int
 
     def to_json(self) -> dict:
-        return {"v": VERSION, "item": self.item.hex(), "sender": keys.checksum(self.sender), "eph": self.eph.hex(),
-                "wraps": {keys.checksum(r): w.hex() for r, w in sorted(self.wraps.items())},
-                "created": self.created_ms}
+        return {
+            "v": VERSION,
+            "item": self.item.hex(),
+            "sender": keys.checksum(self.sender),
+            "eph": self.eph.hex(),
+            "wraps": {keys.checksum(r): w.hex() for r, w in sorted(self.wraps.items())},
+            "created": self.created_ms,
+        }
 
     @classmethod
     def from_json(cls, obj: object) -> "Header":
@@ -137,8 +142,17 @@ def check_meta(meta: Meta) -> bytes:
 class Sealer:
     """Encrypts one item for `recipients` (node ID -> 65-byte public key) as it is fed."""
 
-    def __init__(self, sender: coincurve.PrivateKey, recipients: dict[bytes, bytes], meta: Meta, created_ms: int, *,
-                 item: bytes | None = None, eph: coincurve.PrivateKey | None = None, dk: bytes | None = None) -> None:
+    def __init__(
+        self,
+        sender: coincurve.PrivateKey,
+        recipients: dict[bytes, bytes],
+        meta: Meta,
+        created_ms: int,
+        *,
+        item: bytes | None = None,
+        eph: coincurve.PrivateKey | None = None,
+        dk: bytes | None = None,
+    ) -> None:
         """`item`, `eph`, `dk` are random unless given (test vectors only)."""
         if not 1 <= len(recipients) <= MAX_RECIPIENTS:
             raise ValueError(f"an item has 1 to {MAX_RECIPIENTS} recipients")
@@ -151,8 +165,10 @@ class Sealer:
         item = item or os.urandom(ITEM_ID_LEN)
         eph = eph or keys.generate()
         eph_pub = eph.public_key.format(True)
-        wraps = {rid: AESGCM(_kek(keys.ecdh(eph, pub), item, eph_pub, rid)).encrypt(bytes(12), self._dk, item + rid)
-                 for rid, pub in recipients.items()}
+        wraps = {
+            rid: AESGCM(_kek(keys.ecdh(eph, pub), item, eph_pub, rid)).encrypt(bytes(12), self._dk, item + rid)
+            for rid, pub in recipients.items()
+        }
         self.header = Header(item, keys.node_id_of(sender), eph_pub, wraps, created_ms)
         self._hash = self.header.digest()
         self._aead = AESGCM(self._dk)
@@ -203,7 +219,8 @@ class Opener:
             raise SealError(f"item {header.item.hex()} is not addressed to {keys.checksum(me)}")
         try:
             dk = AESGCM(_kek(keys.ecdh(key, header.eph), header.item, header.eph, me)).decrypt(
-                bytes(12), wrap, header.item + me)
+                bytes(12), wrap, header.item + me
+            )
         except (InvalidTag, SignatureError):
             raise SealError("the item's key does not unwrap: not for this key, or tampered with") from None
         self.header = header
@@ -221,8 +238,9 @@ class Opener:
         try:
             self._plain += self._aead.decrypt(_nonce(self._index, final), data, self._hash)
         except InvalidTag:
-            raise SealError(f"chunk {self._index} of item {self.header.item.hex()} is tampered with or "
-                            "truncated") from None
+            raise SealError(
+                f"chunk {self._index} of item {self.header.item.hex()} is tampered with or truncated"
+            ) from None
         self._index += 1
 
     def _release(self) -> bytes:
@@ -231,13 +249,13 @@ class Opener:
             if self._meta_len > MAX_META_BYTES:
                 raise SealError("item metadata is too large")
         if self.meta is None and self._meta_len is not None and len(self._plain) >= 4 + self._meta_len:
-            raw = bytes(self._plain[4:4 + self._meta_len])
+            raw = bytes(self._plain[4 : 4 + self._meta_len])
             try:
                 self.meta = msgspec.json.decode(raw, type=Meta)
             except msgspec.DecodeError as exc:
                 raise SealError(f"item metadata is malformed: {exc}") from None
             self._content.update(raw)
-            del self._plain[:4 + self._meta_len]
+            del self._plain[: 4 + self._meta_len]
         if self.meta is None or len(self._plain) <= SIG_LEN:
             return b""
         out = bytes(self._plain[:-SIG_LEN])
@@ -251,8 +269,8 @@ class Opener:
             raise SealError("data after the end of the item")
         self._ct += data
         while len(self._ct) > CHUNK + TAG_LEN:
-            self._open(bytes(self._ct[:CHUNK + TAG_LEN]), False)
-            del self._ct[:CHUNK + TAG_LEN]
+            self._open(bytes(self._ct[: CHUNK + TAG_LEN]), False)
+            del self._ct[: CHUNK + TAG_LEN]
         return self._release()
 
     def finish(self) -> tuple[bytes, Meta]:

@@ -65,8 +65,21 @@ def icmp4_frag_needed(pkt: bytes, mtu: int) -> bytes:
     """ICMP type 3 code 4 (RFC 1191) from `pkt`'s destination to its source, next-hop MTU `mtu`."""
     body = struct.pack("!BBHHH", 3, 4, 0, 0, mtu) + pkt[:ICMP4_QUOTE]
     body = body[:2] + _H.pack(_checksum(body)) + body[4:]
-    header = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, IPV4_MIN_HEADER + len(body), 0, 0, HOP_LIMIT,
-                                   PROTO_ICMP, 0, pkt[16:20], pkt[12:16]))
+    header = bytearray(
+        struct.pack(
+            "!BBHHHBBH4s4s",
+            0x45,
+            0,
+            IPV4_MIN_HEADER + len(body),
+            0,
+            0,
+            HOP_LIMIT,
+            PROTO_ICMP,
+            0,
+            pkt[16:20],
+            pkt[12:16],
+        )
+    )
     header[10:12] = _H.pack(ipv4_checksum(bytes(header)))
     return bytes(header) + body
 
@@ -92,7 +105,7 @@ def fragment_v4(pkt: bytes, mtu: int) -> list[bytes]:
     step = max((mtu - ihl) // 8 * 8, 8)
     out = []
     for start in range(ihl, total, step):
-        chunk = pkt[start:min(start + step, total)]
+        chunk = pkt[start : min(start + step, total)]
         last = start + step >= total
         header = bytearray(pkt[:ihl])
         header[2:4] = _H.pack(ihl + len(chunk))
@@ -124,14 +137,14 @@ def clamp_mss(pkt: bytes, mtu: int) -> bytes:
             continue
         if pkt[i] == TCP_OPT_MSS and pkt[i + 1] == 4 and i + 4 <= end:
             limit = mtu - ip_len - TCP_HEADER
-            old = pkt[i + 2:i + 4]
+            old = pkt[i + 2 : i + 4]
             if _H.unpack(old)[0] <= limit or limit <= 0:
                 return pkt
             new = _H.pack(limit)
             at = ip_len + 16  # the TCP checksum
             odd = (i - ip_len) % 2  # a value at an odd offset adds to the sum byte-swapped
             csum = adjust_checksum(_H.unpack_from(pkt, at)[0], old[::-1] if odd else old, new[::-1] if odd else new)
-            return pkt[:at] + _H.pack(csum) + pkt[at + 2:i + 2] + new + pkt[i + 4:]
+            return pkt[:at] + _H.pack(csum) + pkt[at + 2 : i + 2] + new + pkt[i + 4 :]
         if pkt[i + 1] < 2:
             return pkt  # a malformed option: leave the packet as it is
         i += pkt[i + 1]
@@ -142,8 +155,11 @@ def split(pkt: bytes, mtu: int, ident: int) -> list[bytes]:
     """`pkt` as FRAG payloads of at most `mtu` bytes each (at most 128 pieces)."""
     step = max(mtu - FRAG_HEADER.size, (len(pkt) + 127) // 128)
     starts = range(0, len(pkt), step)
-    return [FRAG_HEADER.pack(FRAG, ident & 0xFFFFFFFF, i | (FRAG_LAST if start + step >= len(pkt) else 0))
-            + pkt[start:start + step] for i, start in enumerate(starts)]
+    return [
+        FRAG_HEADER.pack(FRAG, ident & 0xFFFFFFFF, i | (FRAG_LAST if start + step >= len(pkt) else 0))
+        + pkt[start : start + step]
+        for i, start in enumerate(starts)
+    ]
 
 
 class Reassembly:
@@ -171,7 +187,7 @@ class Reassembly:
                 self.dropped += 1
             entry = self.pending[ident] = [now, {}, None]
         parts = entry[1]
-        parts[index & ~FRAG_LAST] = piece[FRAG_HEADER.size:]
+        parts[index & ~FRAG_LAST] = piece[FRAG_HEADER.size :]
         if index & FRAG_LAST:
             entry[2] = (index & ~FRAG_LAST) + 1
         count = entry[2]

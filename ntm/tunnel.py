@@ -255,8 +255,19 @@ class ReplayWindow:
 
 
 class _KeyPair:
-    __slots__ = ("send", "recv", "counter", "window", "created", "initiator", "expires", "send_ok",
-                 "reject_time", "soft_limit", "rekey_time")
+    __slots__ = (
+        "send",
+        "recv",
+        "counter",
+        "window",
+        "created",
+        "initiator",
+        "expires",
+        "send_ok",
+        "reject_time",
+        "soft_limit",
+        "rekey_time",
+    )
 
     def __init__(self, k: Keys, now: float, window: int, cfg: TunnelConfig | None = None) -> None:
         cfg = cfg or TunnelConfig()
@@ -274,13 +285,32 @@ class _KeyPair:
 
 
 STAT_KEYS = (
-    "rx_keepalive", "tx_keepalive", "rx_standby",
-    "handshakes", "rekeys", "requests_sent", "responses_sent", "confirms_sent", "endpoint_changes",
+    "rx_keepalive",
+    "tx_keepalive",
+    "rx_standby",
+    "handshakes",
+    "rekeys",
+    "requests_sent",
+    "responses_sent",
+    "confirms_sent",
+    "endpoint_changes",
     "relay_binds_sent",
-    "relay_acks", "drop_truncated", "drop_unknown_type", "drop_unknown_path", "drop_replay", "drop_too_old",
-    "drop_bad_tag", "drop_no_keys", "drop_expired_key", "drop_handshake_malformed", "drop_handshake_auth",
+    "relay_acks",
+    "drop_truncated",
+    "drop_unknown_type",
+    "drop_unknown_path",
+    "drop_replay",
+    "drop_too_old",
+    "drop_bad_tag",
+    "drop_no_keys",
+    "drop_expired_key",
+    "drop_handshake_malformed",
+    "drop_handshake_auth",
     "drop_handshake_mac",
-    "drop_handshake_replay", "drop_handshake_rate", "drop_handshake_collision", "drop_unexpected_response",
+    "drop_handshake_replay",
+    "drop_handshake_rate",
+    "drop_handshake_collision",
+    "drop_unexpected_response",
     "drop_malformed",
 )
 
@@ -300,10 +330,21 @@ class Session:
     simultaneous rekeys.
     """
 
-    def __init__(self, static_key: coincurve.PrivateKey, peer_id: bytes, peer_pub: bytes, path_id: bytes, *,
-                 role: str = "initiate", candidates: Sequence[Addr] = (), relay: RelayInfo | None = None,
-                 config: TunnelConfig | None = None, rand: Rand = os.urandom,
-                 wall: Callable[[], float] = SYSTEM.wall, unverified: Sequence[Addr] = ()) -> None:
+    def __init__(
+        self,
+        static_key: coincurve.PrivateKey,
+        peer_id: bytes,
+        peer_pub: bytes,
+        path_id: bytes,
+        *,
+        role: str = "initiate",
+        candidates: Sequence[Addr] = (),
+        relay: RelayInfo | None = None,
+        config: TunnelConfig | None = None,
+        rand: Rand = os.urandom,
+        wall: Callable[[], float] = SYSTEM.wall,
+        unverified: Sequence[Addr] = (),
+    ) -> None:
         if role not in ("initiate", "wait", "punch"):
             raise ValueError(f"role must be initiate, wait or punch, not {role!r}")
         self.config = config or TunnelConfig()
@@ -394,7 +435,7 @@ class Session:
         if self._unverified_rounds < self.config.unverified_attempts:
             targets = list(self.candidates)
         else:
-            targets = self.candidates[:self.verified]
+            targets = self.candidates[: self.verified]
         if self.peer_addr is not None and self.peer_addr not in targets:
             targets.insert(0, self.peer_addr)
         if self.relay_active and self.relay is not None:
@@ -444,8 +485,12 @@ class Session:
         (every relayed setup waited one, measured in the NAT lab). Once per bind the relay
         acknowledged: no more than the binds we send."""
         relay = self.relay
-        if (self.phase is Phase.HANDSHAKE and relay is not None and self._last_request is not None
-                and relay.addr in self._request_sent_to):
+        if (
+            self.phase is Phase.HANDSHAKE
+            and relay is not None
+            and self._last_request is not None
+            and relay.addr in self._request_sent_to
+        ):
             self._outbox.append((self._last_request, relay.addr))
             self._stats["requests_sent"] += 1
 
@@ -580,7 +625,7 @@ class Session:
             return
         self._direct_sent = now
         if self._hs_next is None:  # a rekey under way sends its own Requests
-            self._emit_request(self.candidates[:self.verified], now)
+            self._emit_request(self.candidates[: self.verified], now)
 
     def _due_keepalive(self) -> float | None:
         if self.phase is not Phase.ESTABLISHED or self.peer_addr is None:
@@ -735,8 +780,13 @@ class Session:
             ack = RelayBindAck.parse(datagram)
         except ParseError:
             ack = None
-        if (ack is None or self.relay is None or addr != self.relay.addr or ack.side != self.relay.side
-                or ack.counter != self._bind_counter):
+        if (
+            ack is None
+            or self.relay is None
+            or addr != self.relay.addr
+            or ack.side != self.relay.side
+            or ack.counter != self._bind_counter
+        ):
             self._stats["drop_malformed"] += 1
             return []
         if ack.bound:
@@ -804,7 +854,7 @@ class Session:
         events = self._set_peer(addr)
         if self.next is not None:
             kept = [*self._answered, self.next]
-            self._answered = kept[max(0, len(kept) - ANSWERED_KEPT):]
+            self._answered = kept[max(0, len(kept) - ANSWERED_KEPT) :]
         self.next = _KeyPair(k, now, self.config.replay_window, self.config)
         self._outbox.append((resp, addr))
         self._stats["responses_sent"] += 1

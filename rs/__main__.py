@@ -28,7 +28,16 @@ from daemon.service import udp_socket
 from rs.relay import MAX_PATHS, RelayTable
 from ntm.addr import format_endpoint, parse_endpoint
 from ntm.clock import SYSTEM
-from rs.server import METRICS, Relay, RelayProtocol, default_advertise, housekeeping, make_app, make_stream_app, stream_urls
+from rs.server import (
+    METRICS,
+    Relay,
+    RelayProtocol,
+    default_advertise,
+    housekeeping,
+    make_app,
+    make_stream_app,
+    stream_urls,
+)
 from rs.trust import DcTrust
 from rs import exit as relay_exit
 from rs.exit_policy import EXIT_MAX_BYTES, EXIT_MAX_FLOWS, EXIT_RATE_BPS, Caps, ExitPolicy
@@ -67,42 +76,99 @@ def _stream_url(text: str) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = service.daemon_parser("ntm-rs", "Run a Relay Server: relays tunnel datagrams between two nodes on paths "
-                              "that active DCs (checked on chain) ask for; never holds a tunnel key.",
-                              chain_required=False)  # required unless --print-pin (main)
-    p.add_argument("--udp-host", default="::",
-                   help="relay UDP listen address (default '::', dual-stack: IPv4 and IPv6 nodes on one port; "
-                   "'0.0.0.0' on machines without IPv6)")
-    p.add_argument("--udp-port", type=startup.port, default=DEFAULT_UDP_PORT, help=f"relay UDP port (default {DEFAULT_UDP_PORT}; 0 = any)")
+    p = service.daemon_parser(
+        "ntm-rs",
+        "Run a Relay Server: relays tunnel datagrams between two nodes on paths "
+        "that active DCs (checked on chain) ask for; never holds a tunnel key.",
+        chain_required=False,
+    )  # required unless --print-pin (main)
+    p.add_argument(
+        "--udp-host",
+        default="::",
+        help="relay UDP listen address (default '::', dual-stack: IPv4 and IPv6 nodes on one port; "
+        "'0.0.0.0' on machines without IPv6)",
+    )
+    p.add_argument(
+        "--udp-port",
+        type=startup.port,
+        default=DEFAULT_UDP_PORT,
+        help=f"relay UDP port (default {DEFAULT_UDP_PORT}; 0 = any)",
+    )
     p.add_argument("--http-host", default="127.0.0.1", help="control API listen address (default 127.0.0.1)")
-    p.add_argument("--http-port", type=startup.port, default=DEFAULT_HTTP_PORT, help=f"control API port (default {DEFAULT_HTTP_PORT}; 0 = any)")
-    p.add_argument("--data-dir", type=startup.creatable_path, default=Path("."), metavar="DIR",
-                   help="where the control API's TLS certificate and key are made at first start and kept "
-                   "(default: the current directory)")
-    p.add_argument("--print-pin", action="store_true",
-                   help="print the certificate's pin (made if absent) and exit: DCs name this relay as "
-                   "--relay https://HOST:PORT#<pin>")
-    p.add_argument(tlspin.INSECURE_FLAG, action="store_true",
-                   help="serve the control API in plain HTTP (development only: relay path tokens cross in clear)")
-    p.add_argument("--advertise", action="append", metavar="IP:PORT", type=_endpoint,
-                   help="relay endpoint told to DCs and nodes (repeatable; '[v6]:port' for IPv6; "
-                   "default: the address each DC reached the control API at, else guessed from the bound address)")
-    p.add_argument("--stream-host", default="",
-                   help="stream listener address (tunnel packets over a WebSocket on TCP, for nodes whose network "
-                   "blocks UDP; default: every address, IPv4 and IPv6)")
-    p.add_argument("--stream-port", type=_stream_port,
-                   help=f"stream listener port (default {DEFAULT_STREAM_PORT}, as HTTPS, if it can be bound: a "
-                   "warning if not, e.g. without root; given: must be bound; 0 = any; 'off' = none)")
-    p.add_argument("--stream-advertise", action="append", metavar="URL", type=_stream_url,
-                   help="stream URL told to DCs and nodes (repeatable; default: ws[s]://<each advertised host>:<port>"
-                   "/v1/stream)")
-    p.add_argument("--stream-tls-cert", type=startup.readable_file, metavar="PEM",
-                   help="serve the stream over TLS (wss://) with this certificate chain (with --stream-tls-key)")
-    p.add_argument("--stream-tls-key", type=startup.readable_file, metavar="PEM", help="the TLS certificate's private key")
-    p.add_argument("--max-paths", type=startup.positive_int, default=MAX_PATHS, help=f"bound on simultaneous paths (default {MAX_PATHS})")
-    p.add_argument("--capture", type=startup.creatable_path, metavar="FILE",
-                   help="DEBUG ONLY: append every forwarded datagram, hex, one per line, to FILE "
-                   "(used by tests to show the relay only ever sees ciphertext)")
+    p.add_argument(
+        "--http-port",
+        type=startup.port,
+        default=DEFAULT_HTTP_PORT,
+        help=f"control API port (default {DEFAULT_HTTP_PORT}; 0 = any)",
+    )
+    p.add_argument(
+        "--data-dir",
+        type=startup.creatable_path,
+        default=Path("."),
+        metavar="DIR",
+        help="where the control API's TLS certificate and key are made at first start and kept "
+        "(default: the current directory)",
+    )
+    p.add_argument(
+        "--print-pin",
+        action="store_true",
+        help="print the certificate's pin (made if absent) and exit: DCs name this relay as "
+        "--relay https://HOST:PORT#<pin>",
+    )
+    p.add_argument(
+        tlspin.INSECURE_FLAG,
+        action="store_true",
+        help="serve the control API in plain HTTP (development only: relay path tokens cross in clear)",
+    )
+    p.add_argument(
+        "--advertise",
+        action="append",
+        metavar="IP:PORT",
+        type=_endpoint,
+        help="relay endpoint told to DCs and nodes (repeatable; '[v6]:port' for IPv6; "
+        "default: the address each DC reached the control API at, else guessed from the bound address)",
+    )
+    p.add_argument(
+        "--stream-host",
+        default="",
+        help="stream listener address (tunnel packets over a WebSocket on TCP, for nodes whose network "
+        "blocks UDP; default: every address, IPv4 and IPv6)",
+    )
+    p.add_argument(
+        "--stream-port",
+        type=_stream_port,
+        help=f"stream listener port (default {DEFAULT_STREAM_PORT}, as HTTPS, if it can be bound: a "
+        "warning if not, e.g. without root; given: must be bound; 0 = any; 'off' = none)",
+    )
+    p.add_argument(
+        "--stream-advertise",
+        action="append",
+        metavar="URL",
+        type=_stream_url,
+        help="stream URL told to DCs and nodes (repeatable; default: ws[s]://<each advertised host>:<port>/v1/stream)",
+    )
+    p.add_argument(
+        "--stream-tls-cert",
+        type=startup.readable_file,
+        metavar="PEM",
+        help="serve the stream over TLS (wss://) with this certificate chain (with --stream-tls-key)",
+    )
+    p.add_argument(
+        "--stream-tls-key", type=startup.readable_file, metavar="PEM", help="the TLS certificate's private key"
+    )
+    p.add_argument(
+        "--max-paths",
+        type=startup.positive_int,
+        default=MAX_PATHS,
+        help=f"bound on simultaneous paths (default {MAX_PATHS})",
+    )
+    p.add_argument(
+        "--capture",
+        type=startup.creatable_path,
+        metavar="FILE",
+        help="DEBUG ONLY: append every forwarded datagram, hex, one per line, to FILE "
+        "(used by tests to show the relay only ever sees ciphertext)",
+    )
     _exit_flags(p)
     return p
 
@@ -119,8 +185,9 @@ def control_tls(args: argparse.Namespace) -> tuple[ssl.SSLContext | None, str | 
         tlspin.warn_plain("the relay's control API")
         return None, None
     try:
-        ctx, der = tlspin.server_context(*tlspin.ensure_certificate(
-            args.data_dir / "rs-tls-cert.pem", args.data_dir / "rs-tls-key.pem", "ntm-rs"))
+        ctx, der = tlspin.server_context(
+            *tlspin.ensure_certificate(args.data_dir / "rs-tls-cert.pem", args.data_dir / "rs-tls-key.pem", "ntm-rs")
+        )
     except (OSError, ssl.SSLError, ValueError) as exc:
         raise NtmError(f"cannot make or load the control API's TLS certificate in {args.data_dir}: {exc}") from None
     return ctx, tlspin.pin_of(der)
@@ -136,38 +203,78 @@ def _exit_policy(text: str) -> str:
 
 def _exit_flags(p: argparse.ArgumentParser) -> None:
     """The exit for ordinary servers (docs/PROTOCOL.md §10.13): off unless --exit."""
-    g = p.add_argument_group("exit", "the relay as exit for ordinary servers (needs root: a TUN interface, "
-                             "IP forwarding, masquerade); it sees the traffic it forwards, as any exit does")
-    g.add_argument("--exit", action="store_true",
-                   help="NAT booked nodes' traffic to ordinary servers (off by default)")
-    g.add_argument("--exit-allow", action="append", default=[], metavar="NODE[,NODE]|all-registered", type=_exit_policy,
-                   help="nodes a DC may book at the exit (repeatable); 'all-registered': any node an active DC "
-                   "books (default: nobody)")
-    g.add_argument("--exit-port", type=startup.port, default=relay_exit.DEFAULT_EXIT_PORT,
-                   help=f"the exit's tunnel UDP port (default {relay_exit.DEFAULT_EXIT_PORT}; 0 = any)")
-    g.add_argument("--exit-advertise", action="append", metavar="IP:PORT", type=_endpoint,
-                   help="the exit's endpoint told to nodes (repeatable; default: each --advertise host, exit port)")
-    g.add_argument("--exit-rate", type=startup.positive_int, default=EXIT_RATE_BPS, metavar="BYTES_PER_S",
-                   help=f"per-node cap, both directions (default {EXIT_RATE_BPS})")
-    g.add_argument("--exit-max-bytes", type=startup.positive_int, default=EXIT_MAX_BYTES, metavar="BYTES",
-                   help=f"per-booking cap, both directions (default {EXIT_MAX_BYTES})")
-    g.add_argument("--exit-max-flows", type=startup.positive_int, default=EXIT_MAX_FLOWS, metavar="N",
-                   help=f"concurrent flows per node (default {EXIT_MAX_FLOWS})")
-    g.add_argument("--exit-tun", default=relay_exit.DEFAULT_EXIT_TUN, metavar="NAME",
-                   help=f"the exit's TUN interface (default {relay_exit.DEFAULT_EXIT_TUN})")
-    g.add_argument("--exit-state", default=relay_exit.DEFAULT_EXIT_STATE, metavar="DIR",
-                   help="where the exit records the forwarding rules it adds, so the next start removes what "
-                   f"a crashed one left (default {relay_exit.DEFAULT_EXIT_STATE})")
+    g = p.add_argument_group(
+        "exit",
+        "the relay as exit for ordinary servers (needs root: a TUN interface, "
+        "IP forwarding, masquerade); it sees the traffic it forwards, as any exit does",
+    )
+    g.add_argument("--exit", action="store_true", help="NAT booked nodes' traffic to ordinary servers (off by default)")
+    g.add_argument(
+        "--exit-allow",
+        action="append",
+        default=[],
+        metavar="NODE[,NODE]|all-registered",
+        type=_exit_policy,
+        help="nodes a DC may book at the exit (repeatable); 'all-registered': any node an active DC "
+        "books (default: nobody)",
+    )
+    g.add_argument(
+        "--exit-port",
+        type=startup.port,
+        default=relay_exit.DEFAULT_EXIT_PORT,
+        help=f"the exit's tunnel UDP port (default {relay_exit.DEFAULT_EXIT_PORT}; 0 = any)",
+    )
+    g.add_argument(
+        "--exit-advertise",
+        action="append",
+        metavar="IP:PORT",
+        type=_endpoint,
+        help="the exit's endpoint told to nodes (repeatable; default: each --advertise host, exit port)",
+    )
+    g.add_argument(
+        "--exit-rate",
+        type=startup.positive_int,
+        default=EXIT_RATE_BPS,
+        metavar="BYTES_PER_S",
+        help=f"per-node cap, both directions (default {EXIT_RATE_BPS})",
+    )
+    g.add_argument(
+        "--exit-max-bytes",
+        type=startup.positive_int,
+        default=EXIT_MAX_BYTES,
+        metavar="BYTES",
+        help=f"per-booking cap, both directions (default {EXIT_MAX_BYTES})",
+    )
+    g.add_argument(
+        "--exit-max-flows",
+        type=startup.positive_int,
+        default=EXIT_MAX_FLOWS,
+        metavar="N",
+        help=f"concurrent flows per node (default {EXIT_MAX_FLOWS})",
+    )
+    g.add_argument(
+        "--exit-tun",
+        default=relay_exit.DEFAULT_EXIT_TUN,
+        metavar="NAME",
+        help=f"the exit's TUN interface (default {relay_exit.DEFAULT_EXIT_TUN})",
+    )
+    g.add_argument(
+        "--exit-state",
+        default=relay_exit.DEFAULT_EXIT_STATE,
+        metavar="DIR",
+        help="where the exit records the forwarding rules it adds, so the next start removes what "
+        f"a crashed one left (default {relay_exit.DEFAULT_EXIT_STATE})",
+    )
 
 
-async def _start_exit(args: argparse.Namespace, relay: Relay, app: web.Application,
-                      metrics) -> "relay_exit.ExitRunner | None":
+async def _start_exit(
+    args: argparse.Namespace, relay: Relay, app: web.Application, metrics
+) -> "relay_exit.ExitRunner | None":
     """The exit, if --exit: up and its routes on the control API, or NtmError naming what failed."""
     if not args.exit:
         return None
     policy = ExitPolicy.parse(args.exit_allow)
-    ex = relay_exit.RelayExit(policy, Caps(args.exit_rate, args.exit_max_bytes, args.exit_max_flows), [],
-                              relay.trust)
+    ex = relay_exit.RelayExit(policy, Caps(args.exit_rate, args.exit_max_bytes, args.exit_max_flows), [], relay.trust)
     runner = relay_exit.ExitRunner(ex, args.exit_tun, Path(args.exit_state), args.udp_host, args.exit_port)
     port = await runner.start()
     ex.advertise = args.exit_advertise or relay_exit.exit_advertise(relay.advertise, port)
@@ -175,8 +282,14 @@ async def _start_exit(args: argparse.Namespace, relay: Relay, app: web.Applicati
     ex.metrics(metrics)
     if not policy.everyone and not policy.allowed:
         logging.warning("--exit without --exit-allow: no node may use the exit")
-    logging.info("exit %s on udp port %d (advertised %s), tun %s, allowed: %s", keys.checksum(ex.id), port,
-                 ", ".join(ex.advertise), ex.tun.name, policy.describe())
+    logging.info(
+        "exit %s on udp port %d (advertised %s), tun %s, allowed: %s",
+        keys.checksum(ex.id),
+        port,
+        ", ".join(ex.advertise),
+        ex.tun.name,
+        policy.describe(),
+    )
     return runner
 
 
@@ -193,11 +306,23 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
         advertise = args.advertise or default_advertise(sock)
         guessed = not args.advertise and sock.getsockname()[0] in ("::", "0.0.0.0")
         if guessed:
-            logging.warning("no --advertise given: telling each DC the address it reached the control API at, "
-                            "else %s (guessed from routes)", ", ".join(advertise))
-        relay = Relay(RelayTable(max_paths=args.max_paths), trust, advertise, udp_port,
-                      chain_id=registry.chain_id, registry=registry.address, family=sock.family, capture=args.capture,
-                      advertise_guessed=guessed, clock=SYSTEM)
+            logging.warning(
+                "no --advertise given: telling each DC the address it reached the control API at, "
+                "else %s (guessed from routes)",
+                ", ".join(advertise),
+            )
+        relay = Relay(
+            RelayTable(max_paths=args.max_paths),
+            trust,
+            advertise,
+            udp_port,
+            chain_id=registry.chain_id,
+            registry=registry.address,
+            family=sock.family,
+            capture=args.capture,
+            advertise_guessed=guessed,
+            clock=SYSTEM,
+        )
         if args.capture:
             logging.warning("--capture %s: every forwarded datagram is written to disk (debug only)", args.capture)
         loop = asyncio.get_running_loop()
@@ -205,28 +330,50 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
         sweeper = asyncio.create_task(housekeeping(relay), name="housekeeping")
         app = make_app(relay, tuple(args.admin_allow or ()))
         exit_runner = await _start_exit(args, relay, app, app[METRICS])
-        runner = web.AppRunner(app, access_log=None,
-                               keepalive_timeout=args.http_idle_timeout or service.HTTP_IDLE_TIMEOUT_S)
+        runner = web.AppRunner(
+            app, access_log=None, keepalive_timeout=args.http_idle_timeout or service.HTTP_IDLE_TIMEOUT_S
+        )
         stream_runner = web.AppRunner(make_stream_app(relay), access_log=None)
         await runner.setup()
         await stream_runner.setup()
         try:
-            site = tlspin.TlsSockSite(runner, service.tcp_listener(args.http_host, args.http_port), ssl_context=tls,
-                                      handshake_timeout=args.http_idle_timeout or service.HTTP_IDLE_TIMEOUT_S)
+            site = tlspin.TlsSockSite(
+                runner,
+                service.tcp_listener(args.http_host, args.http_port),
+                ssl_context=tls,
+                handshake_timeout=args.http_idle_timeout or service.HTTP_IDLE_TIMEOUT_S,
+            )
             await site.start()
             http_port = site._server.sockets[0].getsockname()[1]
             http = _http_url("https" if tls else "http", args.http_host, http_port)
             if args.stream_port != "off":
                 relay.streams_advertise = await _start_stream(stream_runner, args, advertise)
-            ready = {"event": "ready", "udp_port": udp_port, "http": http, "pin": pin,
-                     "control": f"{http}#{pin}" if pin else http, "relay": advertise, "streams": relay.streams_advertise, "chain_id": registry.chain_id,
-                     "registry": keys.checksum(registry.address), "pid": os.getpid()}
+            ready = {
+                "event": "ready",
+                "udp_port": udp_port,
+                "http": http,
+                "pin": pin,
+                "control": f"{http}#{pin}" if pin else http,
+                "relay": advertise,
+                "streams": relay.streams_advertise,
+                "chain_id": registry.chain_id,
+                "registry": keys.checksum(registry.address),
+                "pid": os.getpid(),
+            }
             if exit_runner is not None:
-                ready["exit"] = {"node": keys.checksum(exit_runner.exit.id), "endpoints": exit_runner.exit.advertise,
-                                 "tun": exit_runner.exit.tun.name}
+                ready["exit"] = {
+                    "node": keys.checksum(exit_runner.exit.id),
+                    "endpoints": exit_runner.exit.advertise,
+                    "tun": exit_runner.exit.tun.name,
+                }
             print(json.dumps(ready), flush=True)
-            logging.info("relay serving udp %s port %d (advertised %s), control %s", args.udp_host, udp_port,
-                         ", ".join(advertise), ready["control"])
+            logging.info(
+                "relay serving udp %s port %d (advertised %s), control %s",
+                args.udp_host,
+                udp_port,
+                ", ".join(advertise),
+                ready["control"],
+            )
             await stop.wait()
         finally:
             logging.info("shutting down (%d paths)", len(relay.table.paths))
@@ -261,8 +408,11 @@ async def _start_stream(runner: web.AppRunner, args: argparse.Namespace, adverti
     except OSError as exc:
         if args.stream_port is not None:
             raise NtmError(f"{exc.strerror or exc}: no stream listener (--stream-port PORT, or 'off')") from None
-        logging.warning("%s: no stream listener, so nodes without UDP cannot use this relay (run as root or "
-                        "give --stream-port PORT)", exc.strerror or exc)
+        logging.warning(
+            "%s: no stream listener, so nodes without UDP cannot use this relay (run as root or "
+            "give --stream-port PORT)",
+            exc.strerror or exc,
+        )
         return []
     await web.SockSite(runner, sock, ssl_context=tls).start()
     port = sock.getsockname()[1]

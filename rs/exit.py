@@ -69,8 +69,15 @@ class ExitCounters:
 class RelayExit:
     """The exit's state: key, bookings, sessions, the overlay rules, TUN and UDP."""
 
-    def __init__(self, policy: ExitPolicy, caps: Caps, advertise: list[str], trust: DcTrust,
-                 key: coincurve.PrivateKey | None = None, clock: Clock = SYSTEM) -> None:
+    def __init__(
+        self,
+        policy: ExitPolicy,
+        caps: Caps,
+        advertise: list[str],
+        trust: DcTrust,
+        key: coincurve.PrivateKey | None = None,
+        clock: Clock = SYSTEM,
+    ) -> None:
         self.key = key or keys.generate()
         self.id = keys.node_id_of(self.key)
         self.pub = keys.public_bytes(self.key)
@@ -118,12 +125,24 @@ class RelayExit:
             s.start(self.clock.now())
             self.sessions[path] = s
             self.counters.bookings += 1
-            log.info("exit booked for %s on path %s by DC %s", keys.checksum(booked.node), path.hex(),
-                     keys.checksum(env.sender))
+            log.info(
+                "exit booked for %s on path %s by DC %s",
+                keys.checksum(booked.node),
+                path.hex(),
+                keys.checksum(env.sender),
+            )
         caps = booked.meter.caps
-        grant = messages.ExitGrant(b.path, self.advertise, keys.checksum(self.id), self.pub.hex(), self.offer,
-                                   now_ms + int((booked.expires_at - self.clock.now()) * 1000),
-                                   caps.max_bytes - booked.meter.used, caps.rate_bps, caps.max_flows)
+        grant = messages.ExitGrant(
+            b.path,
+            self.advertise,
+            keys.checksum(self.id),
+            self.pub.hex(),
+            self.offer,
+            now_ms + int((booked.expires_at - self.clock.now()) * 1000),
+            caps.max_bytes - booked.meter.used,
+            caps.rate_bps,
+            caps.max_flows,
+        )
         return 200, messages.encode(grant)
 
     def _refuse(self, exc: NtmError) -> tuple[int, dict]:
@@ -214,28 +233,55 @@ class RelayExit:
     # --- status -----------------------------------------------------------------------------------
     def status(self) -> dict:
         ov = self.overlay.stats
-        return {"exit_node": keys.checksum(self.id), "exit": self.advertise, "nodes": len(self.table.nodes),
-                "paths": len(self.sessions), "policy": self.table.policy.describe(),
-                "forwarded_out": self.counters.forwarded_out, "forwarded_in": self.counters.forwarded_in,
-                "bookings": self.counters.bookings, "refused": dict(self.refused),
-                "dropped": {**self.dropped, "spoofed_source": ov["rx_spoofed_source"],
-                            "wrong_destination": ov["rx_wrong_destination"], "malformed": ov["rx_malformed"]},
-                "booked": {keys.checksum(n): {"inner_v4": str(self.overlay.book.by_peer.get(n, "")),
-                                              "used_bytes": b.meter.used, "flows": len(b.meter.flows)}
-                           for n, b in self.table.nodes.items()}}
+        return {
+            "exit_node": keys.checksum(self.id),
+            "exit": self.advertise,
+            "nodes": len(self.table.nodes),
+            "paths": len(self.sessions),
+            "policy": self.table.policy.describe(),
+            "forwarded_out": self.counters.forwarded_out,
+            "forwarded_in": self.counters.forwarded_in,
+            "bookings": self.counters.bookings,
+            "refused": dict(self.refused),
+            "dropped": {
+                **self.dropped,
+                "spoofed_source": ov["rx_spoofed_source"],
+                "wrong_destination": ov["rx_wrong_destination"],
+                "malformed": ov["rx_malformed"],
+            },
+            "booked": {
+                keys.checksum(n): {
+                    "inner_v4": str(self.overlay.book.by_peer.get(n, "")),
+                    "used_bytes": b.meter.used,
+                    "flows": len(b.meter.flows),
+                }
+                for n, b in self.table.nodes.items()
+            },
+        }
 
     def metrics(self, m: Metrics) -> None:
         """The exit's counters on the relay's /metrics."""
         m.gauge("exit_nodes", "nodes booked at the exit", lambda: len(self.table.nodes))
-        m.counters(lambda: {"exit_forwarded_out": self.counters.forwarded_out,
-                            "exit_forwarded_in": self.counters.forwarded_in, "exit_bookings": self.counters.bookings},
-                   {"exit_forwarded_out": "packets from nodes sent on to servers",
-                    "exit_forwarded_in": "packets from servers sent to nodes",
-                    "exit_bookings": "exit paths booked by DCs"})
-        m.counters(lambda: self.status()["dropped"], {"exit_dropped": "exit packets dropped, by reason"},
-                   ("exit_dropped", "reason"))
-        m.counters(lambda: dict(self.refused), {"exit_refused": "exit bookings refused, by reason"},
-                   ("exit_refused", "reason"))
+        m.counters(
+            lambda: {
+                "exit_forwarded_out": self.counters.forwarded_out,
+                "exit_forwarded_in": self.counters.forwarded_in,
+                "exit_bookings": self.counters.bookings,
+            },
+            {
+                "exit_forwarded_out": "packets from nodes sent on to servers",
+                "exit_forwarded_in": "packets from servers sent to nodes",
+                "exit_bookings": "exit paths booked by DCs",
+            },
+        )
+        m.counters(
+            lambda: self.status()["dropped"],
+            {"exit_dropped": "exit packets dropped, by reason"},
+            ("exit_dropped", "reason"),
+        )
+        m.counters(
+            lambda: dict(self.refused), {"exit_refused": "exit bookings refused, by reason"}, ("exit_refused", "reason")
+        )
 
 
 EXIT = web.AppKey("exit", RelayExit)
@@ -283,8 +329,9 @@ class ExitRunner:
         try:
             self.forwarding.base.mkdir(parents=True, exist_ok=True)
             self.forwarding.recover()
-            ex.tun = Tun.open(self.tun_name, tun_mtu(), v6_of(ex.id), V6_PREFIX, ex.overlay.book.own, EXIT_V4_NET,
-                              offload=False)
+            ex.tun = Tun.open(
+                self.tun_name, tun_mtu(), v6_of(ex.id), V6_PREFIX, ex.overlay.book.own, EXIT_V4_NET, offload=False
+            )
             self.forwarding.apply(forwarding_rules(ex.tun.name, EXIT_V4_NET, list(EXIT_ROUTES), EXIT_COMMENT), {4, 6})
             self.sock = service.udp_socket(self.udp_host, self.udp_port, service.SOCKET_BUFFER)
         except (OSError, NtmError) as exc:

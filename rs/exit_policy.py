@@ -79,8 +79,9 @@ class ExitPolicy:
 
     def check(self, node: bytes) -> None:
         if not (self.everyone or node in self.allowed):
-            raise ExitRefused("not_allowed", f"{keys.checksum(node)} may not use this relay's exit "
-                              "(not on its --exit-allow list)")
+            raise ExitRefused(
+                "not_allowed", f"{keys.checksum(node)} may not use this relay's exit (not on its --exit-allow list)"
+            )
 
     def describe(self) -> str:
         return ALL_REGISTERED if self.everyone else f"{len(self.allowed)} listed node(s)"

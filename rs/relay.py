@@ -129,8 +129,16 @@ class RelayTable:
 
     # ------------------------------------------------------------------ control plane
 
-    def add_path(self, path_id: bytes, token: bytes, expires_at: float, max_bytes: int, now: float,
-                 owner: bytes | None = None, nodes: tuple = ()) -> tuple[RelayPath, bool]:
+    def add_path(
+        self,
+        path_id: bytes,
+        token: bytes,
+        expires_at: float,
+        max_bytes: int,
+        now: float,
+        owner: bytes | None = None,
+        nodes: tuple = (),
+    ) -> tuple[RelayPath, bool]:
         """Create a path; returns (path, created). The same path ID with the same token (and
         owner) again is idempotent: the existing path is returned unchanged except that its
         lifetime and byte budget are raised to the new values if larger (a DC extending it).
@@ -155,8 +163,17 @@ class RelayTable:
             self.expire(now)
             if len(self.paths) >= self.max_paths:
                 raise PathError("full", f"relay table is full ({self.max_paths} paths)")
-        path = RelayPath(path_id, bytes(token), expires_at, max_bytes, now, owner, tuple(nodes), last_active=now,
-                         side_keys=(packet.relay_side_key(token, 0), packet.relay_side_key(token, 1)))
+        path = RelayPath(
+            path_id,
+            bytes(token),
+            expires_at,
+            max_bytes,
+            now,
+            owner,
+            tuple(nodes),
+            last_active=now,
+            side_keys=(packet.relay_side_key(token, 0), packet.relay_side_key(token, 1)),
+        )
         self.paths[path_id] = path
         self.paths_added += 1
         self.events.append(Event("added", path_id))
@@ -174,8 +191,11 @@ class RelayTable:
         return "lifetime" if now >= path.expires_at else "unbound" if path.binds == 0 else "idle"
 
     def _gone(self, path: RelayPath, now: float) -> bool:
-        return (now >= path.expires_at or now - path.last_active >= self.idle_s
-                or (path.binds == 0 and now - path.created >= UNBOUND_S))
+        return (
+            now >= path.expires_at
+            or now - path.last_active >= self.idle_s
+            or (path.binds == 0 and now - path.created >= UNBOUND_S)
+        )
 
     def _remove(self, path: RelayPath, reason: str) -> None:
         del self.paths[path.path_id]
@@ -227,7 +247,7 @@ class RelayTable:
     def cookie(self, path_id: bytes, side: int, addr: Addr) -> bytes:
         """What a bind from `addr` must carry to bind there: HMAC(relay secret, path | side | addr)."""
         msg = path_id + bytes([side]) + repr(addr).encode()
-        return hmac.new(self.secret, msg, hashlib.sha256).digest()[:packet.COOKIE_LEN]
+        return hmac.new(self.secret, msg, hashlib.sha256).digest()[: packet.COOKIE_LEN]
 
     def _bind(self, path: RelayPath, data: bytes, addr: Addr, now: float) -> list[tuple[bytes, Addr]]:
         try:

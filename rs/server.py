@@ -51,9 +51,12 @@ def default_advertise(sock: socket.socket) -> list[str]:
     if not ipaddress.ip_address(host).is_unspecified:
         return [format_endpoint(host, port)]
     versions = (4, 6) if sock.family == socket.AF_INET6 else (4,)
-    found = [format_endpoint(ip, port) for ip in map(service.source_address, (service.ROUTE_PROBES[v] for v in versions))
-             if ip is not None]
-    return found or [format_endpoint(lo, port) for lo in ("127.0.0.1", "::1")[:len(versions)]]
+    found = [
+        format_endpoint(ip, port)
+        for ip in map(service.source_address, (service.ROUTE_PROBES[v] for v in versions))
+        if ip is not None
+    ]
+    return found or [format_endpoint(lo, port) for lo in ("127.0.0.1", "::1")[: len(versions)]]
 
 
 def seen_advertise(guessed: list[str], seen_host: str, udp_port: int, family: int) -> list[str]:
@@ -67,8 +70,13 @@ def seen_advertise(guessed: list[str], seen_host: str, udp_port: int, family: in
         ip = ipaddress.ip_address(seen_host.strip("[]"))
     except ValueError:
         return guessed
-    if (ip.is_loopback or ip.is_link_local or ip.is_unspecified or ip.is_multicast
-            or (ip.version == 6 and family != socket.AF_INET6)):
+    if (
+        ip.is_loopback
+        or ip.is_link_local
+        or ip.is_unspecified
+        or ip.is_multicast
+        or (ip.version == 6 and family != socket.AF_INET6)
+    ):
         return guessed
     others = [e for e in guessed if ipaddress.ip_address(parse_endpoint(e)[0]).version != ip.version]
     return [format_endpoint(str(ip), udp_port), *others]
@@ -167,6 +175,7 @@ class Relay:
 
 # ---------------------------------------------------------------------- HTTP
 
+
 def relay_metrics(relay: Relay) -> Metrics:
     """The relay's /metrics: paths, forwarding, refusals."""
     m = Metrics("ntm_rs")
@@ -174,20 +183,39 @@ def relay_metrics(relay: Relay) -> Metrics:
     m.gauge("paths", "relay paths booked and not expired", lambda: len(t.paths))
     m.gauge("paths_bound", "paths with both sides bound (carrying a tunnel)", t.bound_paths)
     m.gauge("trusted_dcs", "active DCs on chain (who may book paths)", lambda: len(relay.trust.active))
-    m.counters(lambda: {"paths_added": t.paths_added, "binds": t.binds, "forwarded_packets": t.forwarded_packets,
-                        "forwarded_bytes": t.forwarded_bytes, "udp_received": relay.udp_received,
-                        "udp_send_errors": relay.udp_errors, "directions_accepted": relay.directions["accepted"]},
-               {"paths_added": "paths booked by DCs", "binds": "path sides bound by a node's first datagram",
-                "forwarded_packets": "datagrams forwarded", "forwarded_bytes": "bytes forwarded",
-                "udp_received": "datagrams received", "udp_send_errors": "datagrams the OS refused to send",
-                "directions_accepted": "relay directions (bookings) accepted"})
+    m.counters(
+        lambda: {
+            "paths_added": t.paths_added,
+            "binds": t.binds,
+            "forwarded_packets": t.forwarded_packets,
+            "forwarded_bytes": t.forwarded_bytes,
+            "udp_received": relay.udp_received,
+            "udp_send_errors": relay.udp_errors,
+            "directions_accepted": relay.directions["accepted"],
+        },
+        {
+            "paths_added": "paths booked by DCs",
+            "binds": "path sides bound by a node's first datagram",
+            "forwarded_packets": "datagrams forwarded",
+            "forwarded_bytes": "bytes forwarded",
+            "udp_received": "datagrams received",
+            "udp_send_errors": "datagrams the OS refused to send",
+            "directions_accepted": "relay directions (bookings) accepted",
+        },
+    )
     m.gauge("streams", "open stream (TCP/WebSocket) connections", lambda: len(relay.streams.conns))
-    m.counters(lambda: dict(relay.streams.counters), {"stream": "stream connections and packets, by event"},
-               ("stream", "event"))
+    m.counters(
+        lambda: dict(relay.streams.counters),
+        {"stream": "stream connections and packets, by event"},
+        ("stream", "event"),
+    )
     m.counters(lambda: dict(t.dropped), {"dropped": "datagrams dropped, by reason"}, ("dropped", "reason"))
     m.counters(lambda: dict(t.removed), {"paths_removed": "paths removed, by reason"}, ("paths_removed", "reason"))
-    m.counters(lambda: dict(relay.refused), {"directions_refused": "relay directions refused, by reason"},
-               ("directions_refused", "reason"))
+    m.counters(
+        lambda: dict(relay.refused),
+        {"directions_refused": "relay directions refused, by reason"},
+        ("directions_refused", "reason"),
+    )
     return m
 
 
@@ -229,15 +257,30 @@ async def handle_direction(request: web.Request) -> web.Response:
     now = relay.clock.now()
     try:
         path, created = relay.table.add_path(
-            bytes.fromhex(d.path), bytes.fromhex(d.token), now + (d.expires_ms - now_ms) / 1000, d.max_bytes, now,
-            owner=env.sender, nodes=tuple(keys.parse_node_id(n) for n in d.nodes))
+            bytes.fromhex(d.path),
+            bytes.fromhex(d.token),
+            now + (d.expires_ms - now_ms) / 1000,
+            d.max_bytes,
+            now,
+            owner=env.sender,
+            nodes=tuple(keys.parse_node_id(n) for n in d.nodes),
+        )
     except PathError as exc:
         return relay.refuse(*exc.refusal(), str(exc))
     relay.directions["accepted"] += 1
     relay.log_events()
-    return web.json_response(messages.encode(messages.RelayBooking(
-        path.path_id.hex(), relay.advertise_to(request), created, now_ms + int((path.expires_at - now) * 1000), path.max_bytes,
-        relay.streams_advertise)))
+    return web.json_response(
+        messages.encode(
+            messages.RelayBooking(
+                path.path_id.hex(),
+                relay.advertise_to(request),
+                created,
+                now_ms + int((path.expires_at - now) * 1000),
+                path.max_bytes,
+                relay.streams_advertise,
+            )
+        )
+    )
 
 
 @ROUTES.get("/v1/paths/{path}")
@@ -257,16 +300,18 @@ async def handle_path(request: web.Request) -> web.Response:
 @ROUTES.get("/v1/info")
 async def handle_info(request: web.Request) -> web.Response:
     relay = request.app[RELAY]
-    return web.json_response({
-        "relay": relay.advertise,
-        "udp_port": relay.udp_port,
-        "streams": relay.streams_advertise,
-        "paths": len(relay.table.paths),
-        "max_paths": relay.table.max_paths,
-        "idle_s": relay.table.idle_s,
-        "chain_id": relay.chain_id,
-        "registry": keys.checksum(relay.registry) if relay.registry else None,
-    })
+    return web.json_response(
+        {
+            "relay": relay.advertise,
+            "udp_port": relay.udp_port,
+            "streams": relay.streams_advertise,
+            "paths": len(relay.table.paths),
+            "max_paths": relay.table.max_paths,
+            "idle_s": relay.table.idle_s,
+            "chain_id": relay.chain_id,
+            "registry": keys.checksum(relay.registry) if relay.registry else None,
+        }
+    )
 
 
 @ROUTES.get("/healthz")

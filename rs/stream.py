@@ -73,8 +73,9 @@ class StreamHub:
     """The stream connections of one relay. `deliver(packet, addr)` hands a received packet to
     the relay (which answers through `send`)."""
 
-    def __init__(self, deliver: Callable[[bytes, StreamAddr], None], clock: Clock,
-                 max_streams: int = MAX_STREAMS) -> None:
+    def __init__(
+        self, deliver: Callable[[bytes, StreamAddr], None], clock: Clock, max_streams: int = MAX_STREAMS
+    ) -> None:
         self.deliver = deliver
         self.clock = clock
         self.max_streams = max_streams
@@ -104,9 +105,12 @@ class StreamHub:
     def expire(self) -> int:
         """Close connections that carry nothing (see STREAM_FIRST_TRAFFIC_S, STREAM_IDLE_S)."""
         now = self.clock.now()
-        idle = [c for c in self.conns.values()
-                if (c.last_forwarded is None and now - c.opened > STREAM_FIRST_TRAFFIC_S)
-                or (c.last_forwarded is not None and now - c.last_forwarded > STREAM_IDLE_S)]
+        idle = [
+            c
+            for c in self.conns.values()
+            if (c.last_forwarded is None and now - c.opened > STREAM_FIRST_TRAFFIC_S)
+            or (c.last_forwarded is not None and now - c.last_forwarded > STREAM_IDLE_S)
+        ]
         for c in idle:
             self.counters["closed_idle"] += 1
             self.tasks.spawn(c.ws.close(message=b"idle"))
@@ -118,12 +122,12 @@ class StreamHub:
         source = peer[0] if peer else "?"
         if len(self.conns) >= self.max_streams:
             self.counters["refused_full"] += 1
-            return web.json_response({"error": "full", "message": f"relay has {self.max_streams} streams open"},
-                                     status=503)
+            return web.json_response(
+                {"error": "full", "message": f"relay has {self.max_streams} streams open"}, status=503
+            )
         if self.per_source[source] >= MAX_STREAMS_PER_SOURCE:
             self.counters["refused_source"] += 1
-            return web.json_response({"error": "too_many", "message": "too many streams from this address"},
-                                     status=429)
+            return web.json_response({"error": "too_many", "message": "too many streams from this address"}, status=429)
         ws = web.WebSocketResponse(heartbeat=STREAM_HEARTBEAT_S, max_msg_size=packet.MAX_DATAGRAM)
         await ws.prepare(request)
         addr = StreamAddr(next(self._ids), f"{source}:{peer[1]}" if peer else "?")

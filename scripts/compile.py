@@ -37,7 +37,8 @@ EVM_VERSION = "london"
 
 SETTINGS = {
     "optimizer": {"enabled": True, "runs": 10000},
-    "evmVersion": EVM_VERSION, "viaIR": True,
+    "evmVersion": EVM_VERSION,
+    "viaIR": True,
     "metadata": {"bytecodeHash": "none"},
     "outputSelection": {"*": {"*": ["abi", "evm.bytecode.object", "evm.deployedBytecode.object"]}},
 }

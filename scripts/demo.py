@@ -84,8 +84,15 @@ class Demo:
     def ntm(self, who: str, *args: str, expect: tuple[str, ...] = ()) -> str:
         show_cmd(who, list(args))
         env = {**os.environ, "NTM_HOME": str(self.homes[who])}
-        proc = subprocess.run([*NTM, *args], capture_output=True, text=True, env=env, cwd=ROOT,
-                              timeout=STEP_TIMEOUT_S, stdin=subprocess.DEVNULL)
+        proc = subprocess.run(
+            [*NTM, *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=ROOT,
+            timeout=STEP_TIMEOUT_S,
+            stdin=subprocess.DEVNULL,
+        )
         output = proc.stdout + proc.stderr
         print(indent(output), flush=True)
         if proc.returncode != 0:
@@ -101,9 +108,14 @@ class Demo:
         heading(1, "A local federation: anvil chain, NodeRegistry, two DCs, one relay server")
         args = ["devnet", "--data-dir", str(data), "--free-ports"]
         show_cmd("", args, "   # free ports, so a devnet you already run is left alone")
-        self.devnet = subprocess.Popen([*NTM, "--home", str(self.homes["alice"]), *args], cwd=ROOT,
-                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                                       start_new_session=True)
+        self.devnet = subprocess.Popen(
+            [*NTM, "--home", str(self.homes["alice"]), *args],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         table = read_until(self.devnet, b"Ctrl-C stops everything", 45.0)
         print(indent(table), flush=True)
         net = json.loads((self.homes["alice"] / "network.json").read_text())
@@ -127,9 +139,15 @@ class Demo:
         for who, extra in (("alice", ["--accept-any", "--echo"]), ("bob", [])):
             up = ["up", "--no-tun", "--port", str(free_udp_port()), *extra]
             show_cmd(who, up, " &")
-            self.daemons[who] = subprocess.Popen([*NTM, *up], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                                 stdin=subprocess.DEVNULL, start_new_session=True,
-                                                 env={**os.environ, "NTM_HOME": str(self.homes[who])})
+            self.daemons[who] = subprocess.Popen(
+                [*NTM, *up],
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                env={**os.environ, "NTM_HOME": str(self.homes[who])},
+            )
             print(indent(read_until(self.daemons[who], b"control socket", 30.0)), flush=True)
 
         heading(5, "bob finds alice through his own DC (dc2 reads her home DC, dc1, from the registry)")
@@ -160,13 +178,23 @@ class Demo:
         print(indent(rest), flush=True)
         if "stopped" not in rest:
             raise DemoFailed("the devnet did not report a clean stop")
-        print(f"\n{BOLD}Demo OK{RESET} in {time.monotonic() - t0:.1f} s: registration on a shared chain, "
-              "lookup across DCs, direct and relayed encrypted tunnels.", flush=True)
+        print(
+            f"\n{BOLD}Demo OK{RESET} in {time.monotonic() - t0:.1f} s: registration on a shared chain, "
+            "lookup across DCs, direct and relayed encrypted tunnels.",
+            flush=True,
+        )
 
     def _quiet(self, who: str, *args: str) -> str:
         env = {**os.environ, "NTM_HOME": str(self.homes[who])}
-        proc = subprocess.run([*NTM, *args], capture_output=True, text=True, env=env, cwd=ROOT,
-                              timeout=STEP_TIMEOUT_S, stdin=subprocess.DEVNULL)
+        proc = subprocess.run(
+            [*NTM, *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=ROOT,
+            timeout=STEP_TIMEOUT_S,
+            stdin=subprocess.DEVNULL,
+        )
         if proc.returncode != 0:
             raise DemoFailed(f"`ntm {' '.join(args)}` failed: {proc.stderr.strip()}")
         return proc.stdout

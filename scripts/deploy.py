@@ -48,7 +48,9 @@ def parse_dc(spec: str) -> tuple[bytes, str, str]:
     return address, parts[1].strip(), parts[2].strip()
 
 
-def load_key(hex_key: str | None = None, key_file: str | Path | None = None, passphrase_file: Path | None = None) -> bytes:
+def load_key(
+    hex_key: str | None = None, key_file: str | Path | None = None, passphrase_file: Path | None = None
+) -> bytes:
     """The deployer key from hex, or from a keystore (passphrase from the file, else $NTM_KEY_PASSPHRASE)."""
     if hex_key:
         raw = hex_key[2:] if hex_key[:2] in ("0x", "0X") else hex_key
@@ -65,8 +67,10 @@ def load_key(hex_key: str | None = None, key_file: str | Path | None = None, pas
 def dcs_from(network: Path) -> list[tuple[bytes, str, str]]:
     """The DCs of a network.json written by scripts/besu_network.py (address, hostname, endpoint)."""
     try:
-        return [(keys.parse_node_id(d["address"]), d["name"], d["endpoint"])
-                for d in json.loads(Path(network).read_text())["dcs"]]
+        return [
+            (keys.parse_node_id(d["address"]), d["name"], d["endpoint"])
+            for d in json.loads(Path(network).read_text())["dcs"]
+        ]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DeployError(f"cannot read DCs from {network}: {exc}") from None
 
@@ -121,8 +125,9 @@ async def _existing(out: Path, rpc: str, key: bytes) -> tuple[Registry, int] | N
     return reg, block
 
 
-async def deploy(rpc: str, key: bytes, out: Path, dcs: list[tuple[bytes, str, str]],
-                 report: Callable[[str], None] = print) -> dict:
+async def deploy(
+    rpc: str, key: bytes, out: Path, dcs: list[tuple[bytes, str, str]], report: Callable[[str], None] = print
+) -> dict:
     """Deploy the registry (or reuse the live one named in `out`), admit or update `dcs`
     (address, hostname, endpoint), write `out`. Returns the deployment, with "action" saying
     whether the registry was "deployed" or "reused". Progress lines go to `report`."""
@@ -162,8 +167,9 @@ async def deploy(rpc: str, key: bytes, out: Path, dcs: list[tuple[bytes, str, st
             "registry": keys.checksum(reg.address),
             "block": block,
             "deployer": deployer,
-            "dcs": [{"address": keys.checksum(d.address), "hostname": d.hostname, "endpoint": d.endpoint}
-                    for d in all_dcs],
+            "dcs": [
+                {"address": keys.checksum(d.address), "hostname": d.hostname, "endpoint": d.endpoint} for d in all_dcs
+            ],
         }
     finally:
         await reg.close()
@@ -187,8 +193,15 @@ async def fund(rpc: str, deployer_key: bytes, addresses: list[bytes], amount: in
             if balance >= amount // 10:
                 continue
             price = await w3.eth.gas_price
-            tx = {"from": acct.address, "to": to, "value": amount - balance, "gas": 21_000, "chainId": chain_id,
-                  **fee_fields(price), "nonce": await w3.eth.get_transaction_count(acct.address, "pending")}
+            tx = {
+                "from": acct.address,
+                "to": to,
+                "value": amount - balance,
+                "gas": 21_000,
+                "chainId": chain_id,
+                **fee_fields(price),
+                "nonce": await w3.eth.get_transaction_count(acct.address, "pending"),
+            }
             tx_hash = await w3.eth.send_raw_transaction(acct.sign_transaction(tx).raw_transaction)
             receipt = await w3.eth.wait_for_transaction_receipt(tx_hash, timeout=120)
             if receipt["status"] != 1:
@@ -209,17 +222,34 @@ def parser() -> argparse.ArgumentParser:
     who = ap.add_mutually_exclusive_group(required=True)
     who.add_argument("--key", help="deployer private key (hex)")
     who.add_argument("--key-file", help="deployer keystore (passphrase from $NTM_KEY_PASSPHRASE)")
-    ap.add_argument("--dc", action="append", default=[], metavar="ADDRESS,HOSTNAME,ENDPOINT",
-                    help="admit this DC (repeatable)")
-    ap.add_argument("--passphrase-file", type=startup.readable_file, metavar="FILE", help="the keystore's passphrase, from a file")
-    ap.add_argument("--dcs-from", type=startup.readable_file, metavar="NETWORK_JSON",
-                    help="admit every DC listed in this network.json (scripts/besu_network.py)")
-    ap.add_argument("--wait", type=startup.not_negative, default=0, metavar="S",
-                    help="wait up to S seconds for the chain to answer and make its first block")
+    ap.add_argument(
+        "--dc", action="append", default=[], metavar="ADDRESS,HOSTNAME,ENDPOINT", help="admit this DC (repeatable)"
+    )
+    ap.add_argument(
+        "--passphrase-file", type=startup.readable_file, metavar="FILE", help="the keystore's passphrase, from a file"
+    )
+    ap.add_argument(
+        "--dcs-from",
+        type=startup.readable_file,
+        metavar="NETWORK_JSON",
+        help="admit every DC listed in this network.json (scripts/besu_network.py)",
+    )
+    ap.add_argument(
+        "--wait",
+        type=startup.not_negative,
+        default=0,
+        metavar="S",
+        help="wait up to S seconds for the chain to answer and make its first block",
+    )
     ap.add_argument("--out", default="deployment.json", help="deployment file (reused if live)")
-    ap.add_argument("--fund", type=startup.not_negative, default=0.0, metavar="ETH",
-                    help="top up every DC given to ETH from the deployer (when it holds less than a tenth): "
-                         "a DC pays gas for its nodes' records")
+    ap.add_argument(
+        "--fund",
+        type=startup.not_negative,
+        default=0.0,
+        metavar="ETH",
+        help="top up every DC given to ETH from the deployer (when it holds less than a tenth): "
+        "a DC pays gas for its nodes' records",
+    )
     return ap
 
 

@@ -69,22 +69,31 @@ class Ports:
     dc2_cs: int = 8351
 
     UDP = ("dc1_udp", "dc2_udp", "rs_udp")
-    ROLE = {"chain": "chain JSON-RPC", "dc1": "dc1 HTTP", "dc2": "dc2 HTTP", "dc1_udp": "dc1 keepalive UDP",
-            "dc2_udp": "dc2 keepalive UDP", "rs_udp": "relay UDP", "rs_http": "relay control HTTP",
-            "dc1_cs": "dc1's Cache Server HTTP", "dc2_cs": "dc2's Cache Server HTTP"}
+    ROLE = {
+        "chain": "chain JSON-RPC",
+        "dc1": "dc1 HTTP",
+        "dc2": "dc2 HTTP",
+        "dc1_udp": "dc1 keepalive UDP",
+        "dc2_udp": "dc2 keepalive UDP",
+        "rs_udp": "relay UDP",
+        "rs_http": "relay control HTTP",
+        "dc1_cs": "dc1's Cache Server HTTP",
+        "dc2_cs": "dc2's Cache Server HTTP",
+    }
 
     @classmethod
     def offset(cls, n: int) -> "Ports":
         ports = cls(**{k: v + n for k, v in asdict(cls()).items()})
         if not all(0 < p < 65536 for p in asdict(ports).values()):
-            raise DevnetError(f"--port-offset {n} puts ports outside 1..65535 (the defaults span "
-                              f"{min(asdict(cls()).values())}..{max(asdict(cls()).values())})")
+            raise DevnetError(
+                f"--port-offset {n} puts ports outside 1..65535 (the defaults span "
+                f"{min(asdict(cls()).values())}..{max(asdict(cls()).values())})"
+            )
         return ports
 
     @classmethod
     def free(cls) -> "Ports":
-        return cls(**{k: free_port(socket.SOCK_DGRAM if k in cls.UDP else socket.SOCK_STREAM)
-                      for k in asdict(cls())})
+        return cls(**{k: free_port(socket.SOCK_DGRAM if k in cls.UDP else socket.SOCK_STREAM) for k in asdict(cls())})
 
     def in_use(self, host: str, skip: tuple[str, ...] = ()) -> list[str]:
         """Ports among ours that something else holds right now, as 'role port' strings."""
@@ -136,6 +145,7 @@ def reset(data_dir: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------- chain work
 
+
 def dc_key(data_dir: Path, name: str):
     """The DC's chain key from its keystore in the data dir, created on first use."""
     path = data_dir / f"{name}.key.json"
@@ -151,8 +161,9 @@ async def deploy_and_fund(rpc: str, deployer_key: bytes, data_dir: Path, dcs: li
     out = data_dir / "deployment.json"
     before = json.loads(out.read_text())["registry"] if out.exists() else None
     log: list[str] = []
-    dep = await deploy_mod.deploy(rpc, deployer_key, out, [(addr, name, endpoint) for name, addr, endpoint in dcs],
-                                  report=log.append)
+    dep = await deploy_mod.deploy(
+        rpc, deployer_key, out, [(addr, name, endpoint) for name, addr, endpoint in dcs], report=log.append
+    )
     if before and before != dep["registry"]:
         for name, _, _ in dcs:
             (data_dir / f"{name}.sqlite").unlink(missing_ok=True)
@@ -162,10 +173,18 @@ async def deploy_and_fund(rpc: str, deployer_key: bytes, data_dir: Path, dcs: li
 
 # ---------------------------------------------------------------------------------------------- devnet
 
+
 class Devnet:
-    def __init__(self, data_dir: Path, home: Path, ports: Ports, chain_url: str | None = None,
-                 deployer_key: bytes | None = None, dc_endpoints: list[str] | None = None,
-                 host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        home: Path,
+        ports: Ports,
+        chain_url: str | None = None,
+        deployer_key: bytes | None = None,
+        dc_endpoints: list[str] | None = None,
+        host: str = "127.0.0.1",
+    ) -> None:
         self.data_dir, self.home, self.ports, self.host = Path(data_dir), Path(home), ports, host
         self.chain_url = chain_url
         self.deployer_key = deployer_key if deployer_key is not None else DEV_KEYS[0]
@@ -204,8 +223,10 @@ class Devnet:
         try:
             self._lock = hold_lock(self.data_dir / LOCK_FILE)
         except LockHeld as exc:
-            raise DevnetError(f"a devnet (pid {exc.pid or '?'}) already runs with data dir {self.data_dir}; "
-                              f"stop it first or use another --data-dir") from None
+            raise DevnetError(
+                f"a devnet (pid {exc.pid or '?'}) already runs with data dir {self.data_dir}; "
+                f"stop it first or use another --data-dir"
+            ) from None
 
     def start(self, deploy_only: bool = False) -> "Devnet":
         self._claim()
@@ -222,11 +243,14 @@ class Devnet:
         if not deploy_only:
             busy = self.ports.in_use(self.host, skip=("chain",) if self.chain_url else ())
             if busy:
-                raise DevnetError(f"port(s) in use: {', '.join(busy)} — is another devnet running? "
-                                  f"stop it, or use --port-offset N / --free-ports")
+                raise DevnetError(
+                    f"port(s) in use: {', '.join(busy)} — is another devnet running? "
+                    f"stop it, or use --port-offset N / --free-ports"
+                )
         if self.chain_url is None:
-            self.anvil = _Anvil(state_path=self.data_dir / "chain.json", chain_id=CHAIN_ID, host=self.host,
-                                port=self.ports.chain)
+            self.anvil = _Anvil(
+                state_path=self.data_dir / "chain.json", chain_id=CHAIN_ID, host=self.host, port=self.ports.chain
+            )
             self.anvil.preexec = dying_with_parent()  # SIGTERM: anvil dumps its state, then exits
             try:
                 self.anvil.start()
@@ -237,18 +261,41 @@ class Devnet:
         dc_keys = [dc_key(self.data_dir, name) for name in names]
         specs = [(name, keys.node_id_of(k), endpoints[i]) for i, (name, (_, k)) in enumerate(zip(names, dc_keys))]
         self.deployment = _run_async(deploy_and_fund(self.rpc_url, self.deployer_key, self.data_dir, specs))
-        marker.write_text(json.dumps({"ports": asdict(self.ports), "chain": self.chain_url or "anvil",
-                                      "chain_id": self.deployment["chain_id"],
-                                      "registry": self.deployment["registry"]}, indent=2) + "\n")
+        marker.write_text(
+            json.dumps(
+                {
+                    "ports": asdict(self.ports),
+                    "chain": self.chain_url or "anvil",
+                    "chain_id": self.deployment["chain_id"],
+                    "registry": self.deployment["registry"],
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         if deploy_only:
             return
         dep_path = self.data_dir / "deployment.json"
         v6 = has_ipv6_loopback()
         advertise = [f"127.0.0.1:{self.ports.rs_udp}"] + ([f"[::1]:{self.ports.rs_udp}"] if v6 else [])
-        rs_args = ["--rpc-url", self.rpc_url, "--deployment", str(dep_path),
-                   "--udp-host", "::" if v6 else "0.0.0.0", "--udp-port", str(self.ports.rs_udp),
-                   "--http-host", self.host, "--http-port", str(self.ports.rs_http),
-                   "--stream-port", "0", "--data-dir", str(self.data_dir)]
+        rs_args = [
+            "--rpc-url",
+            self.rpc_url,
+            "--deployment",
+            str(dep_path),
+            "--udp-host",
+            "::" if v6 else "0.0.0.0",
+            "--udp-port",
+            str(self.ports.rs_udp),
+            "--http-host",
+            self.host,
+            "--http-port",
+            str(self.ports.rs_http),
+            "--stream-port",
+            "0",
+            "--data-dir",
+            str(self.data_dir),
+        ]
         for a in advertise:
             rs_args += ["--advertise", a]
         self.rs = Child("rs", rs_args, self.data_dir / "rs.log", prefix=_setsid(), die_with_parent=True)
@@ -258,15 +305,40 @@ class Devnet:
             http = getattr(self.ports, name)
             udp = getattr(self.ports, f"{name}_udp")
             cs_url = f"http://{self.host}:{getattr(self.ports, f'{name}_cs')}"
-            child = dc_child(self.data_dir, name, key_path, self.rpc_url, dep_path, http, relays=relays,
-                             extra=["--udp-port", str(udp), "--cs", cs_url], prefix=_setsid(),
-                             http_host=self.host, udp_host=self.host, die_with_parent=True)
+            child = dc_child(
+                self.data_dir,
+                name,
+                key_path,
+                self.rpc_url,
+                dep_path,
+                http,
+                relays=relays,
+                extra=["--udp-port", str(udp), "--cs", cs_url],
+                prefix=_setsid(),
+                http_host=self.host,
+                udp_host=self.host,
+                die_with_parent=True,
+            )
             self.dcs.append(child)
             self._child_start(child, name)
-            cs = Child("cs", ["--dc", child.ready["http"], "--key-file", str(key_path),
-                              "--data-dir", str(self.data_dir / f"{name}-cs"), "--http-host", self.host,
-                              "--http-port", str(getattr(self.ports, f"{name}_cs"))],
-                       self.data_dir / f"{name}-cs.log", prefix=_setsid(), die_with_parent=True)
+            cs = Child(
+                "cs",
+                [
+                    "--dc",
+                    child.ready["http"],
+                    "--key-file",
+                    str(key_path),
+                    "--data-dir",
+                    str(self.data_dir / f"{name}-cs"),
+                    "--http-host",
+                    self.host,
+                    "--http-port",
+                    str(getattr(self.ports, f"{name}_cs")),
+                ],
+                self.data_dir / f"{name}-cs.log",
+                prefix=_setsid(),
+                die_with_parent=True,
+            )
             self.css.append(cs)
             self._child_start(cs, f"{name}'s Cache Server")
         self.write_network()
@@ -280,12 +352,19 @@ class Devnet:
 
     def write_network(self) -> Path:
         path = self.home / state.NETWORK_FILE
-        state.write_json(path, {"dcs": self.dc_urls(), "chain_id": self.deployment["chain_id"],
-                                # each DC's chain address: `ntm register` pins its TLS certificate to it (§5)
-                                "dc_addresses": {url: dc.ready["dc"] for url, dc in zip(self.dc_urls(), self.dcs)},
-                                "registry": self.deployment["registry"], "rpc_url": self.rpc_url,
-                                "relays": [self.rs.ready["http"]] if self.rs else [],
-                                "devnet": str(self.data_dir.resolve())})
+        state.write_json(
+            path,
+            {
+                "dcs": self.dc_urls(),
+                "chain_id": self.deployment["chain_id"],
+                # each DC's chain address: `ntm register` pins its TLS certificate to it (§5)
+                "dc_addresses": {url: dc.ready["dc"] for url, dc in zip(self.dc_urls(), self.dcs)},
+                "registry": self.deployment["registry"],
+                "rpc_url": self.rpc_url,
+                "relays": [self.rs.ready["http"]] if self.rs else [],
+                "devnet": str(self.data_dir.resolve()),
+            },
+        )
         return path
 
     def dead(self) -> list[str]:
@@ -293,8 +372,11 @@ class Devnet:
         out = []
         if self.anvil is not None and self.anvil.proc is not None and self.anvil.proc.poll() is not None:
             out.append("anvil")
-        for name, child in [("rs", self.rs), *((f"dc{i + 1}", c) for i, c in enumerate(self.dcs)),
-                            *((f"dc{i + 1}-cs", c) for i, c in enumerate(self.css))]:
+        for name, child in [
+            ("rs", self.rs),
+            *((f"dc{i + 1}", c) for i, c in enumerate(self.dcs)),
+            *((f"dc{i + 1}-cs", c) for i, c in enumerate(self.css)),
+        ]:
             if child is not None and child.proc is not None and child.proc.poll() is not None:
                 out.append(name)
         return out
@@ -311,58 +393,112 @@ class Devnet:
             self._lock = None
 
     def info(self) -> dict:
-        return {"event": "ready", "data_dir": str(self.data_dir), "resumed": self.resumed,
-                "rpc_url": self.rpc_url, "chain_id": self.deployment.get("chain_id"),
-                "registry": self.deployment.get("registry"), "registry_action": self.deployment.get("action"),
-                "dcs": [{"name": f"dc{i + 1}", "url": url, "address": dc.ready.get("dc"),
-                         "udp_ports": dc.ready.get("udp_ports"), "cs": cs.ready.get("url")}
-                        for i, (url, dc, cs) in enumerate(zip(self.dc_urls(), self.dcs, self.css))],
-                "rs": {"udp_port": self.rs.ready["udp_port"], "http": self.rs.ready["http"],
-                       "relay": self.rs.ready["relay"]} if self.rs else None,
-                "network_file": str(self.home / "network.json"), "pids": self.children(), "pid": os.getpid()}
+        return {
+            "event": "ready",
+            "data_dir": str(self.data_dir),
+            "resumed": self.resumed,
+            "rpc_url": self.rpc_url,
+            "chain_id": self.deployment.get("chain_id"),
+            "registry": self.deployment.get("registry"),
+            "registry_action": self.deployment.get("action"),
+            "dcs": [
+                {
+                    "name": f"dc{i + 1}",
+                    "url": url,
+                    "address": dc.ready.get("dc"),
+                    "udp_ports": dc.ready.get("udp_ports"),
+                    "cs": cs.ready.get("url"),
+                }
+                for i, (url, dc, cs) in enumerate(zip(self.dc_urls(), self.dcs, self.css))
+            ],
+            "rs": {
+                "udp_port": self.rs.ready["udp_port"],
+                "http": self.rs.ready["http"],
+                "relay": self.rs.ready["relay"],
+            }
+            if self.rs
+            else None,
+            "network_file": str(self.home / "network.json"),
+            "pids": self.children(),
+            "pid": os.getpid(),
+        }
 
     def table(self) -> str:
         i = self.info()
-        chain = (f"anvil pid {self.anvil.pid}, chain id {i['chain_id']}, state {self.data_dir / 'chain.json'}"
-                 if self.anvil else f"external chain, id {i['chain_id']}")
-        rows = [("chain", i["rpc_url"], chain),
-                ("registry", i["registry"], f"{i['registry_action']} (block {self.deployment.get('block')})")]
+        chain = (
+            f"anvil pid {self.anvil.pid}, chain id {i['chain_id']}, state {self.data_dir / 'chain.json'}"
+            if self.anvil
+            else f"external chain, id {i['chain_id']}"
+        )
+        rows = [
+            ("chain", i["rpc_url"], chain),
+            ("registry", i["registry"], f"{i['registry_action']} (block {self.deployment.get('block')})"),
+        ]
         for d, dc in zip(i["dcs"], self.dcs):
             rows.append((d["name"], d["url"], f"{d['address']}  keepalive udp {d['udp_ports'][0]}  pid {dc.pid}"))
             rows.append((f"{d['name']} CS", d["cs"], "Cache Server (store-and-forward for offline nodes)"))
         rows.append(("rs", f"udp {', '.join(i['rs']['relay'])}", f"control {i['rs']['http']}  pid {self.rs.pid}"))
         w0, w1 = max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)
         head = f"NTMobile devnet {'resumed' if self.resumed else 'started'} (data {self.data_dir})"
-        lines = [head, ""] + [f"  {a:<{w0}}  {b:<{w1}}  {c}" for a, b, c in rows] + [
-            "",
-            f"  network config for `ntm`: {i['network_file']} (default DC: dc1)",
-            f"  logs: {self.data_dir}/{{dc1,dc2,rs,dc1-cs,dc2-cs}}.log",
-            "",
-            "Try:  ntm keygen && ntm register && ntm status",
-            "Ctrl-C stops everything; the next start resumes (--reset starts afresh).",
-        ]
+        lines = (
+            [head, ""]
+            + [f"  {a:<{w0}}  {b:<{w1}}  {c}" for a, b, c in rows]
+            + [
+                "",
+                f"  network config for `ntm`: {i['network_file']} (default DC: dc1)",
+                f"  logs: {self.data_dir}/{{dc1,dc2,rs,dc1-cs,dc2-cs}}.log",
+                "",
+                "Try:  ntm keygen && ntm register && ntm status",
+                "Ctrl-C stops everything; the next start resumes (--reset starts afresh).",
+            ]
+        )
         return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------- CLI
 
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The devnet's flags (shared by `ntm devnet` and `python -m scripts.devnet`)."""
-    p.add_argument("--data-dir", type=Path,
-                   help=f"chain state, DC keys and databases, logs (default ${DATA_DIR_ENV} or ./{DEFAULT_DATA_DIR})")
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        help=f"chain state, DC keys and databases, logs (default ${DATA_DIR_ENV} or ./{DEFAULT_DATA_DIR})",
+    )
     p.add_argument("--reset", action="store_true", help="wipe the data dir first (new chain, registry and DC keys)")
-    p.add_argument("--port-offset", type=int, default=0, metavar="N",
-                   help="add N to every default port (8545, 8330-8331, 4331-4332, 4340, 8340)")
-    p.add_argument("--free-ports", action="store_true",
-                   help="use any free ports (remembered in the data dir, reused on restart while free)")
-    p.add_argument("--chain", metavar="URL", type=startup.ws_or_http_url, help="use this JSON-RPC chain instead of starting anvil")
-    p.add_argument("--deployer-key-file", type=Path,
-                   help="deployer keystore for --chain (passphrase from $NTM_KEY_PASSPHRASE; "
-                   f"or a hex key in ${DEPLOYER_KEY_ENV})")
-    p.add_argument("--dc-endpoint", action="append", metavar="URL", type=startup.http_url,
-                   help="endpoint to admit for dc1, dc2 on chain (repeat twice; default https://127.0.0.1:PORT)")
-    p.add_argument("--deploy-only", action="store_true",
-                   help="keys, funding and deployment file only, then exit (the docker-compose deploy job)")
+    p.add_argument(
+        "--port-offset",
+        type=int,
+        default=0,
+        metavar="N",
+        help="add N to every default port (8545, 8330-8331, 4331-4332, 4340, 8340)",
+    )
+    p.add_argument(
+        "--free-ports",
+        action="store_true",
+        help="use any free ports (remembered in the data dir, reused on restart while free)",
+    )
+    p.add_argument(
+        "--chain", metavar="URL", type=startup.ws_or_http_url, help="use this JSON-RPC chain instead of starting anvil"
+    )
+    p.add_argument(
+        "--deployer-key-file",
+        type=Path,
+        help="deployer keystore for --chain (passphrase from $NTM_KEY_PASSPHRASE; "
+        f"or a hex key in ${DEPLOYER_KEY_ENV})",
+    )
+    p.add_argument(
+        "--dc-endpoint",
+        action="append",
+        metavar="URL",
+        type=startup.http_url,
+        help="endpoint to admit for dc1, dc2 on chain (repeat twice; default https://127.0.0.1:PORT)",
+    )
+    p.add_argument(
+        "--deploy-only",
+        action="store_true",
+        help="keys, funding and deployment file only, then exit (the docker-compose deploy job)",
+    )
 
 
 def _ports(args, data_dir: Path) -> Ports:
@@ -396,8 +532,14 @@ def run(args: argparse.Namespace, home: Path) -> None:
         raise DevnetError(f"--dc-endpoint: give it {N_DCS} times (dc1, dc2) or not at all")
     if args.reset:
         reset(data_dir)
-    net = Devnet(data_dir, home, _ports(args, data_dir), chain_url=args.chain, deployer_key=_deployer_key(args),
-                 dc_endpoints=args.dc_endpoint)
+    net = Devnet(
+        data_dir,
+        home,
+        _ports(args, data_dir),
+        chain_url=args.chain,
+        deployer_key=_deployer_key(args),
+        dc_endpoints=args.dc_endpoint,
+    )
     stop = {"sig": None}
 
     def on_signal(signum, _frame):
@@ -411,11 +553,20 @@ def run(args: argparse.Namespace, home: Path) -> None:
             raise DevnetError(str(exc)) from None
         if args.deploy_only:
             d = net.deployment
-            print(json.dumps({"event": "deployed", **{k: d[k] for k in ("chain_id", "registry", "block", "dcs")},
-                              "action": d["action"]}) if args.json else
-                  f"registry {d['registry']} on chain {d['chain_id']}: {d['action']}\n"
-                  + "".join(f"DC {x['hostname']} {x['address']} at {x['endpoint']}\n" for x in d["dcs"])
-                  + f"wrote {data_dir / 'deployment.json'}", flush=True)
+            print(
+                json.dumps(
+                    {
+                        "event": "deployed",
+                        **{k: d[k] for k in ("chain_id", "registry", "block", "dcs")},
+                        "action": d["action"],
+                    }
+                )
+                if args.json
+                else f"registry {d['registry']} on chain {d['chain_id']}: {d['action']}\n"
+                + "".join(f"DC {x['hostname']} {x['address']} at {x['endpoint']}\n" for x in d["dcs"])
+                + f"wrote {data_dir / 'deployment.json'}",
+                flush=True,
+            )
             return
         print(json.dumps(net.info()) if args.json else net.table(), flush=True)
         while stop["sig"] is None:

@@ -33,16 +33,22 @@ def run_mutmut(children: int, log: Path) -> None:
     changed); its progress spinner goes to `log`, not the terminal."""
     shutil.rmtree(ROOT / "mutants", ignore_errors=True)
     with open(log, "w") as fh:
-        proc = subprocess.run([*MUTMUT, "run", "--max-children", str(children)], cwd=ROOT, stdout=fh,
-                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        proc = subprocess.run(
+            [*MUTMUT, "run", "--max-children", str(children)],
+            cwd=ROOT,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
     if proc.returncode not in (0, 1):  # 1: some mutants survived, the normal case
         sys.exit(f"mutmut run failed (exit {proc.returncode}); see {log}")
 
 
 def results() -> dict[str, str]:
     """Every mutant's status by name ("killed", "survived", "no tests", "timeout", ...)."""
-    out = subprocess.run([*MUTMUT, "results", "--all", "true"], cwd=ROOT, capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        [*MUTMUT, "results", "--all", "true"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
     return {m.group(1): m.group(2) for line in out.splitlines() if (m := RESULT.match(line))}
 
 
@@ -50,8 +56,11 @@ def functions(path: Path) -> dict[str, str]:
     """Source of every top-level function and method in a mutmut-generated file, by name."""
     src = path.read_text()
     lines = src.splitlines()
-    return {node.name: "\n".join(lines[node.lineno - 1:node.end_lineno]) for node in ast.walk(ast.parse(src))
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    return {
+        node.name: "\n".join(lines[node.lineno - 1 : node.end_lineno])
+        for node in ast.walk(ast.parse(src))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+    }
 
 
 def diff(name: str, cache: dict[Path, dict[str, str]]) -> list[str]:
@@ -67,8 +76,11 @@ def diff(name: str, cache: dict[Path, dict[str, str]]) -> list[str]:
         return ["    (source not found)"]
     a = funcs[orig].splitlines()[1:]
     b = funcs[mutant].splitlines()[1:]
-    return ["    " + line for line in difflib.unified_diff(a, b, lineterm="", n=0) if line[:1] in "+-"
-            and not line.startswith(("+++", "---"))]
+    return [
+        "    " + line
+        for line in difflib.unified_diff(a, b, lineterm="", n=0)
+        if line[:1] in "+-" and not line.startswith(("+++", "---"))
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:

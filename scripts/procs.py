@@ -70,8 +70,15 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
 class Child:
     """A Python module run as a child process that announces readiness with a JSON line."""
 
-    def __init__(self, module: str, args: list[str], log_path: Path, env: dict | None = None,
-                 prefix: list[str] | None = None, die_with_parent: bool = False) -> None:
+    def __init__(
+        self,
+        module: str,
+        args: list[str],
+        log_path: Path,
+        env: dict | None = None,
+        prefix: list[str] | None = None,
+        die_with_parent: bool = False,
+    ) -> None:
         self.module, self.args, self.log_path = module, args, Path(log_path)
         self.env = {**os.environ, **(env or {})}
         self.prefix = prefix or []  # e.g. ["ip", "netns", "exec", "ns1"] to run inside a namespace
@@ -84,7 +91,10 @@ class Child:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [*self.prefix, sys.executable, "-m", self.module, *self.args],
-            stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+            env=self.env,
             preexec_fn=dying_with_parent() if self.die_with_parent else None,
         )
         log.close()
@@ -130,12 +140,41 @@ class Child:
             self.proc.wait()
 
 
-def dc_child(workdir: Path, name: str, key_file: Path, rpc_url: str, deployment: Path, http_port: int,
-             relays: list[str] = (), extra: list[str] = (), prefix: list[str] | None = None,
-             http_host: str = "127.0.0.1", udp_host: str = "127.0.0.1", die_with_parent: bool = False) -> Child:
-    args = ["--key-file", str(key_file), "--rpc-url", rpc_url, "--deployment", str(deployment),
-            "--hostname", name, "--http-host", http_host, "--http-port", str(http_port),
-            "--udp-host", udp_host, "--udp-port", "0", "--db", str(workdir / f"{name}.sqlite"), *extra]
+def dc_child(
+    workdir: Path,
+    name: str,
+    key_file: Path,
+    rpc_url: str,
+    deployment: Path,
+    http_port: int,
+    relays: list[str] = (),
+    extra: list[str] = (),
+    prefix: list[str] | None = None,
+    http_host: str = "127.0.0.1",
+    udp_host: str = "127.0.0.1",
+    die_with_parent: bool = False,
+) -> Child:
+    args = [
+        "--key-file",
+        str(key_file),
+        "--rpc-url",
+        rpc_url,
+        "--deployment",
+        str(deployment),
+        "--hostname",
+        name,
+        "--http-host",
+        http_host,
+        "--http-port",
+        str(http_port),
+        "--udp-host",
+        udp_host,
+        "--udp-port",
+        "0",
+        "--db",
+        str(workdir / f"{name}.sqlite"),
+        *extra,
+    ]
     for r in relays:
         args += ["--relay", r]
     return Child("dc", args, workdir / f"{name}.log", prefix=prefix, die_with_parent=die_with_parent)

@@ -94,10 +94,21 @@ class FakeChain:
                 reasons.append(why)
                 continue
             self.nodes[rec.node] = OnChainRecord(rec.dc, rec.timestamp, rec.revoked)
-            self._emit(kind="NodeRevoked" if rec.revoked else "NodeRegistered", node=rec.node, dc=rec.dc,
-                       timestamp=rec.timestamp)
-        return SubmitResult(bytes([self.block % 256]) * 32, self.block, 30_000 * len(items), len(items) - len(rejected),
-                            rejected, reasons, self.hashes[self.block])
+            self._emit(
+                kind="NodeRevoked" if rec.revoked else "NodeRegistered",
+                node=rec.node,
+                dc=rec.dc,
+                timestamp=rec.timestamp,
+            )
+        return SubmitResult(
+            bytes([self.block % 256]) * 32,
+            self.block,
+            30_000 * len(items),
+            len(items) - len(rejected),
+            rejected,
+            reasons,
+            self.hashes[self.block],
+        )
 
 
 class FakeRegistry:

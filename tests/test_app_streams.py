@@ -92,7 +92,7 @@ async def digest_of(reader: asyncio.StreamReader) -> tuple[str, int]:
 async def write_all(writer: asyncio.StreamWriter, blob: bytes, chunk: int = 1 << 16) -> None:
     view = memoryview(blob)
     for i in range(0, len(blob), chunk):
-        writer.write(view[i:i + chunk])
+        writer.write(view[i : i + chunk])
         await writer.drain()
     writer.write_eof()
 
@@ -192,9 +192,9 @@ async def test_stream_survives_relay_to_direct_switch_and_a_move(apps):
     await write_all_no_eof(writer, blob[:third])
     t.pinned_relay, t.direct_tried_at = False, float("-inf")  # let the tunnel try a direct path now
     await until(lambda: t.channel.via != "relay", timeout=20)
-    await write_all_no_eof(writer, blob[third:2 * third])
+    await write_all_no_eof(writer, blob[third : 2 * third])
     await a.node.endpoint.rebind("127.0.0.2", 0)  # A roams: new address and port
-    await write_all(writer, blob[2 * third:])
+    await write_all(writer, blob[2 * third :])
     assert await asyncio.wait_for(got, 120) == (hashlib.sha256(blob).hexdigest(), len(blob))
     assert t.channel.via != "relay" and t.direct_attempts == 1
     events = []
@@ -207,7 +207,7 @@ async def test_stream_survives_relay_to_direct_switch_and_a_move(apps):
 
 async def write_all_no_eof(writer: asyncio.StreamWriter, blob: bytes) -> None:
     for i in range(0, len(blob), 1 << 16):
-        writer.write(blob[i:i + (1 << 16)])
+        writer.write(blob[i : i + (1 << 16)])
         await writer.drain()
 
 
@@ -236,16 +236,21 @@ async def test_readme_example_runs_between_two_node_directories(net, tmp_path):
     ntm(homes[0], "allow", ids[1])
 
     def env(home: Path) -> dict:
-        return {**{k: v for k, v in os.environ.items() if not k.startswith("NTM_")},
-                "NTM_HOME": str(home), "PYTHONPATH": str(root)}
+        return {
+            **{k: v for k, v in os.environ.items() if not k.startswith("NTM_")},
+            "NTM_HOME": str(home),
+            "PYTHONPATH": str(root),
+        }
 
-    server = await asyncio.create_subprocess_exec(sys.executable, str(script), env=env(homes[0]),
-                                                  stdout=subprocess.PIPE)
+    server = await asyncio.create_subprocess_exec(
+        sys.executable, str(script), env=env(homes[0]), stdout=subprocess.PIPE
+    )
     try:
         line = (await asyncio.wait_for(server.stdout.readline(), 60)).decode()
         assert line.startswith("serving "), line
-        client = await asyncio.create_subprocess_exec(sys.executable, str(script), "0x" + line.split()[1],
-                                                      env=env(homes[1]), stdout=subprocess.PIPE)
+        client = await asyncio.create_subprocess_exec(
+            sys.executable, str(script), "0x" + line.split()[1], env=env(homes[1]), stdout=subprocess.PIPE
+        )
         out, _ = await asyncio.wait_for(client.communicate(), 60)
         assert client.returncode == 0 and out.decode().strip() == "hello over the overlay"
     finally:

@@ -36,47 +36,157 @@ NUMBER = re.compile(r"^-?\d+(\.\d+)?([eE][-+]?\d+)?$")
 
 # What each bench documents and must print (in quick mode: groups measures n = 10 only).
 METRICS: dict[str, tuple[str, ...]] = {
-    "abuse": ("forged_handshake_cpu_us", "replayed_handshake_cpu_us", "junk_datagram_cpu_us",
-              "chain_calls_per_random_whois", "chain_calls_per_fresh_key_direction", "relay_tokens_in_clear",
-              "keepalive_log_lines_per_1000_forged", "reflection_amplification", "reflection_amplification_shared_ip",
-              "direction_flood_rss_growth_mb", "direction_flood_refused_share",
-              "newcomer_registrations_left_after_sybil", "connect_p99_ms_under_flood", "cs_bytes_over_quota_concurrent"),
-    "chain": ("confirmed_p50_ms", "idle_chain_confirmed_ms", "dead_first_rpc_confirmed_p50_ms", "rollback_recovery_s",
-              "chain_return_confirm_s"),
+    "abuse": (
+        "forged_handshake_cpu_us",
+        "replayed_handshake_cpu_us",
+        "junk_datagram_cpu_us",
+        "chain_calls_per_random_whois",
+        "chain_calls_per_fresh_key_direction",
+        "relay_tokens_in_clear",
+        "keepalive_log_lines_per_1000_forged",
+        "reflection_amplification",
+        "reflection_amplification_shared_ip",
+        "direction_flood_rss_growth_mb",
+        "direction_flood_refused_share",
+        "newcomer_registrations_left_after_sybil",
+        "connect_p99_ms_under_flood",
+        "cs_bytes_over_quota_concurrent",
+    ),
+    "chain": (
+        "confirmed_p50_ms",
+        "idle_chain_confirmed_ms",
+        "dead_first_rpc_confirmed_p50_ms",
+        "rollback_recovery_s",
+        "chain_return_confirm_s",
+    ),
     "cli": ("cli_help_s", "cli_id_s", "cli_status_s", "ntm_status_s"),
-    "cs": ("cs_upload_mbps_1mb", "cs_download_mbps_1mb", "cs_upload_mbps_100mb", "cs_download_mbps_100mb",
-           "cs_notify_ms_p50", "cs_rss_mb_100mb_item"),
-    "gas": ("gas_first_registration", "gas_update", "gas_revoke", "gas_batch1_per_record", "gas_batch10_per_record",
-            "gas_batch50_per_record", "gas_first_registration_cancun", "gas_batch50_per_record_cancun",
-            "gas_london_extra_per_record"),
+    "cs": (
+        "cs_upload_mbps_1mb",
+        "cs_download_mbps_1mb",
+        "cs_upload_mbps_100mb",
+        "cs_download_mbps_100mb",
+        "cs_notify_ms_p50",
+        "cs_rss_mb_100mb_item",
+    ),
+    "gas": (
+        "gas_first_registration",
+        "gas_update",
+        "gas_revoke",
+        "gas_batch1_per_record",
+        "gas_batch10_per_record",
+        "gas_batch50_per_record",
+        "gas_first_registration_cancun",
+        "gas_batch50_per_record_cancun",
+        "gas_london_extra_per_record",
+    ),
     "groups": ("group_rekey_ms_10", "group_rekey_gms_ms_10", "group_send_fanout_ms_p50", "group_send_fanout_ms_p90"),
-    "register": ("register_durable_p50_ms", "register_durable_p95_ms", "register_confirmed_p50_ms",
-                 "register_confirmed_p95_ms", "registrations_per_s", "registrations_confirmed_blocks_for_1000"),
+    "register": (
+        "register_durable_p50_ms",
+        "register_durable_p95_ms",
+        "register_confirmed_p50_ms",
+        "register_confirmed_p95_ms",
+        "registrations_per_s",
+        "registrations_confirmed_blocks_for_1000",
+    ),
     "relay": ("table_ops_per_s", "relay_goodput_mbps", "relay_pps", "direction_ms_p50"),
-    "scale": ("records", "dc_import_s", "cold_start_s_100k", "dc_rss_mb_100k", "cold_start_s_100k_snapshot",
-              "dashboard_ms_100k", "metrics_ms_100k", "registrations_per_s_100k", "sessions_rss_kb_each",
-              "directions_per_s_64", "direction_p50_ms_64", "direction_p99_ms_64", "direction_cpu_ms_requester_dc",
-              "direction_cpu_ms_peer_dc"),
-    "stream": ("stream_mbps", "stream_relay_mbps", "stream_handover_stall_s", "tunnel_goodput_mbps",
-               "stream_vs_tunnel_ratio", "stream_cpu_ms_per_mbit", "tunnel_cpu_ms_per_mbit"),
-    "tunnel": ("payload_bytes", "udp_goodput_mbps", "udp_pps", "tunnel_goodput_mbps", "tunnel_pps",
-               "tunnel_goodput_ratio_vs_udp", "handshake_ms_p50", "signal_same_dc_p50_ms", "signal_cross_dc_p50_ms",
-               "signal_cross_dc_p95_ms", "relay_rtt_overhead_ms"),
+    "scale": (
+        "records",
+        "dc_import_s",
+        "cold_start_s_100k",
+        "dc_rss_mb_100k",
+        "cold_start_s_100k_snapshot",
+        "dashboard_ms_100k",
+        "metrics_ms_100k",
+        "registrations_per_s_100k",
+        "sessions_rss_kb_each",
+        "directions_per_s_64",
+        "direction_p50_ms_64",
+        "direction_p99_ms_64",
+        "direction_cpu_ms_requester_dc",
+        "direction_cpu_ms_peer_dc",
+    ),
+    "stream": (
+        "stream_mbps",
+        "stream_relay_mbps",
+        "stream_handover_stall_s",
+        "tunnel_goodput_mbps",
+        "stream_vs_tunnel_ratio",
+        "stream_cpu_ms_per_mbit",
+        "tunnel_cpu_ms_per_mbit",
+    ),
+    "tunnel": (
+        "payload_bytes",
+        "udp_goodput_mbps",
+        "udp_pps",
+        "tunnel_goodput_mbps",
+        "tunnel_pps",
+        "tunnel_goodput_ratio_vs_udp",
+        "handshake_ms_p50",
+        "signal_same_dc_p50_ms",
+        "signal_cross_dc_p50_ms",
+        "signal_cross_dc_p95_ms",
+        "relay_rtt_overhead_ms",
+    ),
     # lab benches
-    "lab": ("keepalive_s", *(f"{m}_{route}_{unit}" for route in ("direct", "nat_initiates", "punch", "relay")
-                             for m, unit in (("setup", "ms"), ("goodput", "mbps"))),
-            "grid_pairs", "grid_pairs_ok", "handover_s", "handover_redirect_s", "subnet_route_tcp_mbps", "exit_tcp_mbps",
-            "exit_handover_stall_s", "rs_exit_tcp_mbps", "rs_exit_handover_stall_s", "failover_s"),
-    "mtu": (*(f"tcp_{first}{m}_mtu{case}" for first in ("", "first_") for m, cases in
-              (("mbps", ("1500", "1400_icmp", "1400_noicmp", "1280")), ("ratio", ("1400_icmp", "1400_noicmp", "1280")))
-              for case in cases), "pmtu_discovery_s", "pmtu_move_stall_s"),
-    "roam": ("udp_blocked_setup_s", "tcp_transport_mbps", "udp_back_stall_s", "dc_link_loss_failover_s",
-             "dc_link_loss_new_tunnel_s", "nat_rebind_unreachable_s", "make_before_break_lost_packets",
-             "setup_direct_share_loss5", "setup_p90_s_loss20"),
-    "tun": ("tun_rtt_ms_p50", "wireguard_go_rtt_ms_p50", "tun_tcp_mbps", "tun_tcp_mbps_no_offload",
-            "wireguard_go_tcp_mbps", "tun_tcp_ratio_vs_wireguard_go", "tun_tcp_offload_ratio", "tun_tcp_p4_mbps",
-            "veth_tcp_mbps", "tun_tcp_ratio_vs_veth", "tun_cpu_s_per_gb", "tun_cpu_s_per_gb_no_offload",
-            "wireguard_go_cpu_s_per_gb", "tun_relay_tcp_mbps", "handover_tcp_stall_s"),
+    "lab": (
+        "keepalive_s",
+        *(
+            f"{m}_{route}_{unit}"
+            for route in ("direct", "nat_initiates", "punch", "relay")
+            for m, unit in (("setup", "ms"), ("goodput", "mbps"))
+        ),
+        "grid_pairs",
+        "grid_pairs_ok",
+        "handover_s",
+        "handover_redirect_s",
+        "subnet_route_tcp_mbps",
+        "exit_tcp_mbps",
+        "exit_handover_stall_s",
+        "rs_exit_tcp_mbps",
+        "rs_exit_handover_stall_s",
+        "failover_s",
+    ),
+    "mtu": (
+        *(
+            f"tcp_{first}{m}_mtu{case}"
+            for first in ("", "first_")
+            for m, cases in (
+                ("mbps", ("1500", "1400_icmp", "1400_noicmp", "1280")),
+                ("ratio", ("1400_icmp", "1400_noicmp", "1280")),
+            )
+            for case in cases
+        ),
+        "pmtu_discovery_s",
+        "pmtu_move_stall_s",
+    ),
+    "roam": (
+        "udp_blocked_setup_s",
+        "tcp_transport_mbps",
+        "udp_back_stall_s",
+        "dc_link_loss_failover_s",
+        "dc_link_loss_new_tunnel_s",
+        "nat_rebind_unreachable_s",
+        "make_before_break_lost_packets",
+        "setup_direct_share_loss5",
+        "setup_p90_s_loss20",
+    ),
+    "tun": (
+        "tun_rtt_ms_p50",
+        "wireguard_go_rtt_ms_p50",
+        "tun_tcp_mbps",
+        "tun_tcp_mbps_no_offload",
+        "wireguard_go_tcp_mbps",
+        "tun_tcp_ratio_vs_wireguard_go",
+        "tun_tcp_offload_ratio",
+        "tun_tcp_p4_mbps",
+        "veth_tcp_mbps",
+        "tun_tcp_ratio_vs_veth",
+        "tun_cpu_s_per_gb",
+        "tun_cpu_s_per_gb_no_offload",
+        "wireguard_go_cpu_s_per_gb",
+        "tun_relay_tcp_mbps",
+        "handover_tcp_stall_s",
+    ),
 }
 # Metrics a loopback bench prints only where the lab runs (root, namespaces): its lab scenario.
 LAB_METRICS: dict[str, tuple[str, ...]] = {"abuse": ("secrets_in_clear", "injected_directions_acted_on")}
@@ -110,9 +220,15 @@ class Runs:
 def run_bench(name: str) -> tuple[subprocess.CompletedProcess, float]:
     t0 = time.monotonic()
     try:
-        proc = subprocess.run([sys.executable, str(BENCH_DIR / f"{name}.py"), "--quick"], cwd=ROOT,
-                              capture_output=True, text=True, timeout=BENCH_TIMEOUT_S, stdin=subprocess.DEVNULL,
-                              env={**os.environ, "NTM_PASSPHRASE": ""})
+        proc = subprocess.run(
+            [sys.executable, str(BENCH_DIR / f"{name}.py"), "--quick"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=BENCH_TIMEOUT_S,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, "NTM_PASSPHRASE": ""},
+        )
     except subprocess.TimeoutExpired as exc:
         proc = subprocess.CompletedProcess(exc.cmd, -1, exc.stdout or "", f"timed out after {BENCH_TIMEOUT_S} s")
     return proc, time.monotonic() - t0
@@ -121,8 +237,11 @@ def run_bench(name: str) -> tuple[subprocess.CompletedProcess, float]:
 @pytest.fixture(scope="module")
 def runs(request):
     here = request.module.__name__
-    selected = [item.callspec.params["bench"] for item in request.session.items
-                if item.module.__name__ == here and hasattr(item, "callspec")]
+    selected = [
+        item.callspec.params["bench"]
+        for item in request.session.items
+        if item.module.__name__ == here and hasattr(item, "callspec")
+    ]
     r = Runs(selected, lab_reason() is None)
     yield r
     r.close()

@@ -20,8 +20,17 @@ import pytest_asyncio
 from node.tunnels import TUNNEL_TIMEOUT_S
 from node.dc_client import DcError
 from ntm import keys
-from labkit.budgets import (ADMIN, SYBIL_SOURCES, client_from, dc_for_outsiders, legit_connects_under_flood,
-                            new_node_budget, outsider, register_from, sybil_burst)
+from labkit.budgets import (
+    ADMIN,
+    SYBIL_SOURCES,
+    client_from,
+    dc_for_outsiders,
+    legit_connects_under_flood,
+    new_node_budget,
+    outsider,
+    register_from,
+    sybil_burst,
+)
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -49,6 +58,7 @@ async def test_whois_is_limited_per_source_and_the_operator_is_not(net):
     """Adversary: one address sending 80 unsigned whois at once for random nodes (each may cost
     a federation call). The first 50 are answered (404), the rest refused 429 before any lookup;
     another address and the operator are still answered."""
+
     async def whois(ip: str) -> str:
         async with client_from(net.urls[0], ip) as dc:
             try:
@@ -71,6 +81,7 @@ async def test_unauthenticated_websockets_are_capped_per_address(net):
     assert await register_from(net.urls[0], ADMIN, node) == "durable"
     ip = outsider(60)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=(ip, 0), ssl=False)) as http:
+
         async def hold():
             try:
                 ws = await http.ws_connect(net.urls[0] + "/v1/session")
@@ -108,8 +119,10 @@ async def test_a_crowd_of_identities_cannot_starve_a_victims_legitimate_peers(ne
     were refused. Now each asking peer gets its fair share of it: 4 legitimate peers each connect
     at the first try."""
     times, refusals, codes = await legit_connects_under_flood(net.urls[0], legit=4)
-    print(f"\nlegit connects under flood: {[round(t, 3) for t in times]} s, refused {dict(refusals)}; "
-          f"flooders got {dict(codes)}")
+    print(
+        f"\nlegit connects under flood: {[round(t, 3) for t in times]} s, refused {dict(refusals)}; "
+        f"flooders got {dict(codes)}"
+    )
     assert codes["peer_busy"] > 0  # the flood did hit the victim's limits
     # never refused for the victim's budget, never the 8 s tunnel timeout (measured 0.01-0.1 s idle,
     # 1.4 s at load average 21; a machine that loaded can also time out an ack: retried)

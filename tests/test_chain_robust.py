@@ -45,8 +45,12 @@ async def test_a_lone_registration_confirms_on_a_chain_idle_longer_than_the_wind
             outcomes = {}
             for offset in (DC_ACCEPT_FUTURE_MS + 2000, MAX_FUTURE_MS - 1000, MAX_FUTURE_MS + 1000, 0):
                 outcomes[offset] = (await register_at(url, int(time.time() * 1000) + offset))[1]
-            assert outcomes == {DC_ACCEPT_FUTURE_MS + 2000: "refused:future", MAX_FUTURE_MS - 1000: "refused:future",
-                                MAX_FUTURE_MS + 1000: "refused:future", 0: "confirmed"}
+            assert outcomes == {
+                DC_ACCEPT_FUTURE_MS + 2000: "refused:future",
+                MAX_FUTURE_MS - 1000: "refused:future",
+                MAX_FUTURE_MS + 1000: "refused:future",
+                0: "confirmed",
+            }
             reg = await net.registry()
             try:
                 assert (await reg.lookup(edge)).dc == keys.node_id_of(net.dc_keys[0])
@@ -64,8 +68,11 @@ async def test_a_chain_restarted_from_an_older_state_gets_every_confirmed_record
         net.restart_chain()
         net.start_dc(0)
         dc_addr = keys.node_id_of(net.dc_keys[0])
-        confirmed = [n for n, s in [await register_at(net.urls[0], int(time.time() * 1000)) for _ in range(4)]
-                     if s == "confirmed"]
+        confirmed = [
+            n
+            for n, s in [await register_at(net.urls[0], int(time.time() * 1000)) for _ in range(4)]
+            if s == "confirmed"
+        ]
         assert len(confirmed) == 4
         net.restart_chain(tmp_path / "chain-old.json")  # a crash that lost the last blocks
         await all_on_chain(net, confirmed, dc_addr, timeout=60)  # the DC sent them again by itself
@@ -154,15 +161,28 @@ async def test_a_dc_carries_on_when_one_of_its_rpc_urls_is_dead(tmp_path):
         dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
 
         def start(i: int, urls: list[str]) -> None:
-            net.dcs[i] = dc_child(tmp_path, f"dc{i + 1}", tmp_path / f"dc{i + 1}.key.json", urls[0], net.deployment,
-                                  net.ports[i], extra=[a for u in urls[1:] for a in ("--rpc-url", u)]).start()
+            net.dcs[i] = dc_child(
+                tmp_path,
+                f"dc{i + 1}",
+                tmp_path / f"dc{i + 1}.key.json",
+                urls[0],
+                net.deployment,
+                net.ports[i],
+                extra=[a for u in urls[1:] for a in ("--rpc-url", u)],
+            ).start()
 
         # dc3's key is nearly broke: it serves, but its health says gas is low
         chain.rpc("anvil_setBalance", [keys.checksum(keys.node_id_of(net.dc_keys[2])), hex(10**12)])
         try:
-            await asyncio.gather(*(asyncio.to_thread(start, i, urls) for i, urls in
-                                   enumerate([[dead, chain.url], [proxy_url, chain.url], [chain.url]])))
-            assert (await register_at(net.urls[0], int(time.time() * 1000)))[1] == "confirmed"  # own node dead from the start
+            await asyncio.gather(
+                *(
+                    asyncio.to_thread(start, i, urls)
+                    for i, urls in enumerate([[dead, chain.url], [proxy_url, chain.url], [chain.url]])
+                )
+            )
+            assert (await register_at(net.urls[0], int(time.time() * 1000)))[
+                1
+            ] == "confirmed"  # own node dead from the start
             assert (await register_at(net.urls[1], int(time.time() * 1000)))[1] == "confirmed"
             await proxy.kill()  # dc2's own node goes down mid-run
             assert (await register_at(net.urls[1], int(time.time() * 1000)))[1] == "confirmed"
@@ -174,7 +194,6 @@ async def test_a_dc_carries_on_when_one_of_its_rpc_urls_is_dead(tmp_path):
         finally:
             net.stop()
             await proxy.kill()
-
 
 
 async def test_confirmed_means_n_blocks_deep(tmp_path):
@@ -191,4 +210,3 @@ async def test_confirmed_means_n_blocks_deep(tmp_path):
             assert res.status == "confirmed" and head >= res.block + 2, (res, head)
         finally:
             net.stop()
-

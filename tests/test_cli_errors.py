@@ -48,8 +48,10 @@ def homes(tmp_path_factory, silent_dc):
     for name in ("ok", "silentd"):
         home = root / name
         keystore.save_keystore(key, home / state.KEY_FILE, "pw")
-        state.write_json(home / state.STATE_FILE, {"dc_url": silent_dc, "dc": PEER, "hostname": "dc1",
-                                                   "chain_id": 31337, "registry": PEER, "timestamp": 1})
+        state.write_json(
+            home / state.STATE_FILE,
+            {"dc_url": silent_dc, "dc": PEER, "hostname": "dc1", "chain_id": 31337, "registry": PEER, "timestamp": 1},
+        )
         made[name] = home
     made["nokey"] = root / "nokey"
     made["nokey"].mkdir()
@@ -61,14 +63,21 @@ def homes(tmp_path_factory, silent_dc):
     daemon_sock.close()
 
 
-def ntm(home: Path, *args: str, passphrase: str | None = "pw", interrupt_after: float | None = None,
-        as_json: bool = False, interrupt_once: Callable[[], bool] | None = None) -> subprocess.CompletedProcess:
+def ntm(
+    home: Path,
+    *args: str,
+    passphrase: str | None = "pw",
+    interrupt_after: float | None = None,
+    as_json: bool = False,
+    interrupt_once: Callable[[], bool] | None = None,
+) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "NTM_PASSPHRASE"}
     if passphrase is not None:
         env["NTM_PASSPHRASE"] = passphrase
     argv = [sys.executable, "-m", "node.cli", "--home", str(home), *args, *(["--json"] if as_json else [])]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                            text=True, env=env)
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=env
+    )
     if interrupt_after is not None:
         time.sleep(interrupt_after)
         proc.send_signal(signal.SIGINT)  # Ctrl-C
@@ -133,15 +142,25 @@ def test_bad_input_is_one_line_with_exit_2_before_any_network_work(homes):
 
 
 def test_errors_are_json_with_json_anywhere(homes):
-    for args in (("--json", "ping", PEER, "-c", "0"), ("ping", "--json", PEER, "-c", "0"), ("ping", PEER, "-c", "0", "--json")):
+    for args in (
+        ("--json", "ping", PEER, "-c", "0"),
+        ("ping", "--json", PEER, "-c", "0"),
+        ("ping", PEER, "-c", "0", "--json"),
+    ):
         proc = ntm(homes["ok"], *args)
         assert proc.returncode == USAGE and proc.stdout == ""
         err = json.loads(proc.stderr)
         assert err["error"] == "usage" and err["exit"] == USAGE and "--count" in err["message"]
 
 
-DC_COMMANDS = [("register",), ("revoke", "--yes"), ("whois", PEER), ("inbox",), ("fetch",),
-               ("send", PEER, "hi", "--offline")]
+DC_COMMANDS = [
+    ("register",),
+    ("revoke", "--yes"),
+    ("whois", PEER),
+    ("inbox",),
+    ("fetch",),
+    ("send", PEER, "hi", "--offline"),
+]
 
 
 def test_a_silent_dc_gives_a_real_reason_and_exit_4(homes):
@@ -155,8 +174,16 @@ def test_a_silent_dc_gives_a_real_reason_and_exit_4(homes):
     assert status.returncode == 0 and "did not answer within 1 s" in json.loads(status.stdout)["dc_error"]
 
 
-KEY_COMMANDS = [("register",), ("revoke", "--yes"), ("status",), ("up", "--no-tun"), ("inbox",), ("fetch",),
-                ("send", PEER, "hi", "--offline"), ("id",)]
+KEY_COMMANDS = [
+    ("register",),
+    ("revoke", "--yes"),
+    ("status",),
+    ("up", "--no-tun"),
+    ("inbox",),
+    ("fetch",),
+    ("send", PEER, "hi", "--offline"),
+    ("id",),
+]
 
 
 @pytest.mark.parametrize("which", ["nokey", "wrong_passphrase"])
@@ -172,8 +199,16 @@ def test_no_key_and_a_wrong_passphrase(homes, which):
         one_line(proc, USAGE, needle)
 
 
-DAEMON_COMMANDS = [("ping", PEER), ("send", PEER, "hi"), ("recv", "--wait", "30"), ("down",), ("netcheck",),
-                   ("group", "members"), ("group", "send", "team", "hi"), ("group", "recv", "--wait", "30")]
+DAEMON_COMMANDS = [
+    ("ping", PEER),
+    ("send", PEER, "hi"),
+    ("recv", "--wait", "30"),
+    ("down",),
+    ("netcheck",),
+    ("group", "members"),
+    ("group", "send", "team", "hi"),
+    ("group", "recv", "--wait", "30"),
+]
 
 
 def test_without_a_daemon_exit_3_and_say_how_to_start_one(homes):
@@ -182,7 +217,10 @@ def test_without_a_daemon_exit_3_and_say_how_to_start_one(homes):
 
 
 def test_ctrl_c_anywhere_is_one_line_and_exit_130(homes):
-    cases = [(homes["ok"], ("--timeout", "30", *args)) for args in DC_COMMANDS + [("status",), ("up", "--no-tun", "--port", "0")]]
+    cases = [
+        (homes["ok"], ("--timeout", "30", *args))
+        for args in DC_COMMANDS + [("status",), ("up", "--no-tun", "--port", "0")]
+    ]
     cases += [(homes["silentd"], args) for args in DAEMON_COMMANDS]
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(lambda c: (c, ntm(c[0], *c[1], interrupt_after=2.0)), cases))
@@ -251,9 +289,16 @@ def test_the_passphrase_is_asked_on_a_terminal_and_read_from_a_file(tmp_path):
 
     env = {k: v for k, v in os.environ.items() if k != "NTM_PASSPHRASE"}
     home = tmp_path / "tty"
-    proc = subprocess.Popen([sys.executable, "-m", "node.cli", "--home", str(home), "keygen"], stdin=slave,
-                            stdout=slave, stderr=slave, env=env, preexec_fn=controlling_tty, close_fds=True,
-                            pass_fds=(slave,))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "node.cli", "--home", str(home), "keygen"],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        env=env,
+        preexec_fn=controlling_tty,
+        close_fds=True,
+        pass_fds=(slave,),
+    )
     os.close(slave)
     seen = b""
     for prompt in (b"passphrase for the node key: ", b"again: "):
@@ -289,20 +334,64 @@ def test_ctrl_c_while_a_server_starts_is_one_line_and_exit_130(tmp_path, silent_
     deployment.write_text(json.dumps({"chain_id": 31337, "registry": PEER, "block": 0}))
     chain = silent_dc  # a chain that accepts connections and never answers
     servers = {
-        "ntm-dc": ["-m", "dc", "--key-file", str(key), "--rpc-url", chain, "--deployment", str(deployment),
-                   "--db", str(tmp_path / "dc.sqlite"), "--http-port", "0", "--udp-port", "0"],
-        "ntm-rs": ["-m", "rs", "--rpc-url", chain, "--deployment", str(deployment), "--udp-port", "0",
-                   "--http-port", "0", "--stream-port", "off", "--data-dir", str(tmp_path / "rs")],
-        "ntm-cs": ["-m", "cs", "--dc", silent_dc, "--key-file", str(key), "--data-dir", str(tmp_path / "cs"),
-                   "--http-port", "0"],
+        "ntm-dc": [
+            "-m",
+            "dc",
+            "--key-file",
+            str(key),
+            "--rpc-url",
+            chain,
+            "--deployment",
+            str(deployment),
+            "--db",
+            str(tmp_path / "dc.sqlite"),
+            "--http-port",
+            "0",
+            "--udp-port",
+            "0",
+        ],
+        "ntm-rs": [
+            "-m",
+            "rs",
+            "--rpc-url",
+            chain,
+            "--deployment",
+            str(deployment),
+            "--udp-port",
+            "0",
+            "--http-port",
+            "0",
+            "--stream-port",
+            "off",
+            "--data-dir",
+            str(tmp_path / "rs"),
+        ],
+        "ntm-cs": [
+            "-m",
+            "cs",
+            "--dc",
+            silent_dc,
+            "--key-file",
+            str(key),
+            "--data-dir",
+            str(tmp_path / "cs"),
+            "--http-port",
+            "0",
+        ],
         "ntm-deploy": ["-m", "scripts.deploy", "--rpc", chain, "--key", "11" * 32, "--out", str(tmp_path / "d.json")],
     }
 
     def interrupt(case: tuple[str, float]) -> tuple[str, float, subprocess.CompletedProcess]:
         name, delay = case
         env = {k: v for k, v in os.environ.items() if not k.startswith("NTM_")}
-        proc = subprocess.Popen([sys.executable, *servers[name]], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                stdin=subprocess.DEVNULL, text=True, env=env)
+        proc = subprocess.Popen(
+            [sys.executable, *servers[name]],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            env=env,
+        )
         deadline = time.monotonic() + 30
         while not started_importing(proc.pid) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.005)

@@ -17,14 +17,22 @@ from tests.test_dc import ntm
 
 
 def nc(home, peer: str, port: int, data: bytes) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "node.cli", "--home", str(home), "nc", peer, str(port)],
-                          input=data, capture_output=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "node.cli", "--home", str(home), "nc", peer, str(port)],
+        input=data,
+        capture_output=True,
+        timeout=60,
+    )
 
 
 def web_server(root) -> tuple[subprocess.Popen, int]:
     """A plain HTTP server on loopback that knows nothing of NTMobile."""
-    proc = subprocess.Popen([sys.executable, "-u", "-m", "http.server", "0", "--bind", "127.0.0.1", "--directory",
-                             str(root)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-u", "-m", "http.server", "0", "--bind", "127.0.0.1", "--directory", str(root)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     port = int(re.search(r"port (\d+)", proc.stdout.readline()).group(1))
     return proc, port
 
@@ -47,9 +55,24 @@ async def test_nc_fetches_a_page_that_serve_exposes_and_refusals_say_why(net, tm
     try:
         for home in (a, b, stranger):
             start_up(daemons, home)
-        serve = subprocess.Popen([sys.executable, "-m", "node.cli", "--home", str(b), "--json", "serve", "8080",
-                                  "--to", f"127.0.0.1:{http_port}"],
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+        serve = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "node.cli",
+                "--home",
+                str(b),
+                "--json",
+                "serve",
+                "8080",
+                "--to",
+                f"127.0.0.1:{http_port}",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+        )
         assert read_json_line(serve) == {"ok": True, "port": 8080, "to": f"127.0.0.1:{http_port}"}
 
         got = nc(a, b_id, 8080, b"GET /big.bin HTTP/1.0\r\n\r\n")

@@ -87,9 +87,11 @@ def required(prog: str, tmp: Path) -> list[str]:
     is seen only once the rest parses). A chain or DC that is not there: nothing starts."""
     some_file = tmp / "some.json"
     some_file.write_text("{}")
-    return {"ntm-rs": ["--rpc-url", "http://127.0.0.1:9", "--deployment", str(some_file)],
-            "ntm-cs": ["--dc", "http://127.0.0.1:9", "--key-file", str(some_file)],
-            "ntm-deploy": ["--rpc", "http://127.0.0.1:9", "--key", "00"]}.get(prog, [])
+    return {
+        "ntm-rs": ["--rpc-url", "http://127.0.0.1:9", "--deployment", str(some_file)],
+        "ntm-cs": ["--dc", "http://127.0.0.1:9", "--key-file", str(some_file)],
+        "ntm-deploy": ["--rpc", "http://127.0.0.1:9", "--key", "00"],
+    }.get(prog, [])
 
 
 @pytest.mark.parametrize("prog", sorted(SERVERS))
@@ -137,14 +139,19 @@ def test_server_bad_values_are_refused_at_start(capsys):
 def test_a_dc_config_file_is_checked_like_the_flags(tmp_path, capsys):
     key = tmp_path / "key.json"
     key.write_text("{}")
-    for body, needle in (('relays = ["notaurl"]', "notaurl"), ('cs = "nope"', "nope"),
-                         ('http_port = "abc"', "http_port"), ("not toml [", "config file")):
+    for body, needle in (
+        ('relays = ["notaurl"]', "notaurl"),
+        ('cs = "nope"', "nope"),
+        ('http_port = "abc"', "http_port"),
+        ("not toml [", "config file"),
+    ):
         conf = tmp_path / "dc.toml"
         conf.write_text(f'key_file = "{key}"\nrpc_url = "http://127.0.0.1:1"\ndeployment = "{key}"\n{body}\n')
         assert_one_line(run_main(dc_main.main, ["--config", str(conf)], capsys), USAGE, needle, what=body)
 
 
 # ------------------------------------------------------------------------------------------ ntm
+
 
 @pytest.fixture(scope="module")
 def key_file(tmp_path_factory) -> Path:
@@ -186,16 +193,21 @@ def test_every_typed_ntm_flag_refuses_garbage(home, capsys):
         for flag in typed_options(parser):
             if words == ("devnet",):
                 continue
-            positional = [PEER if a.dest == "node" else "x" for a in parser._actions
-                          if not a.option_strings and a.nargs is None]
-            assert_one_line(ntm(home, capsys, *words, *positional, flag, GARBAGE), USAGE, flag,
-                            what=f"{' '.join(words)} {flag}")
+            positional = [
+                PEER if a.dest == "node" else "x" for a in parser._actions if not a.option_strings and a.nargs is None
+            ]
+            assert_one_line(
+                ntm(home, capsys, *words, *positional, flag, GARBAGE), USAGE, flag, what=f"{' '.join(words)} {flag}"
+            )
 
 
 def test_options_go_anywhere_on_the_line(home, capsys):
     """The README's `ntm send bob --offline "see you tomorrow"`: the options before the text."""
-    for argv in (("send", PEER, "--offline", "see you tomorrow"), ("send", "--offline", PEER, "see you tomorrow"),
-                 ("send", PEER, "see you tomorrow", "--offline")):
+    for argv in (
+        ("send", PEER, "--offline", "see you tomorrow"),
+        ("send", "--offline", PEER, "see you tomorrow"),
+        ("send", PEER, "see you tomorrow", "--offline"),
+    ):
         assert_one_line(ntm(home, capsys, *argv), USAGE, "not registered", what=" ".join(argv))
     assert_one_line(ntm(home, capsys, "send", PEER, "--relay", "hi"), 3, "ntm up")  # parsed: no daemon
 
@@ -217,18 +229,29 @@ def test_a_garbage_id_json_is_a_cache_and_is_rebuilt(home, capsys):
         assert_one_line(ntm(home, capsys, "register"), USAGE, "no DC given")  # id.json did not block it
 
 
-@pytest.mark.parametrize("content, needle", [
-    ('{"dc_url": 5}', "wrong type: dc_url"),
-    ('{"dc_url": "http://127.0.0.1:1", "dc": "x", "hostname": "dc1", "chain_id": "31337", "registry": "x"}',
-     "wrong type: chain_id"),
-    ('{"dc_url": "http://127.0.0.1:1"}', "missing: dc, hostname"),
-    ("[1, 2]", "not a JSON object"),
-    ("{", "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        ('{"dc_url": 5}', "wrong type: dc_url"),
+        (
+            '{"dc_url": "http://127.0.0.1:1", "dc": "x", "hostname": "dc1", "chain_id": "31337", "registry": "x"}',
+            "wrong type: chain_id",
+        ),
+        ('{"dc_url": "http://127.0.0.1:1"}', "missing: dc, hostname"),
+        ("[1, 2]", "not a JSON object"),
+        ("{", "not valid JSON"),
+    ],
+)
 def test_a_damaged_state_json_is_refused_naming_the_file(home, capsys, content, needle):
     (home / state.STATE_FILE).write_text(content)
-    for argv in (("status",), ("register",), ("up", "--no-tun"), ("whois", PEER), ("inbox",),
-                 ("send", PEER, "hi", "--offline")):
+    for argv in (
+        ("status",),
+        ("register",),
+        ("up", "--no-tun"),
+        ("whois", PEER),
+        ("inbox",),
+        ("send", PEER, "hi", "--offline"),
+    ):
         assert_one_line(ntm(home, capsys, *argv), USAGE, str(home / state.STATE_FILE), needle, what=" ".join(argv))
 
 
@@ -239,14 +262,23 @@ def test_a_damaged_network_json_is_refused_naming_the_file(home, capsys, content
         assert_one_line(ntm(home, capsys, *argv), USAGE, str(home / state.NETWORK_FILE), what=" ".join(argv))
 
 
-@pytest.mark.parametrize("argv, taken", [
-    (["status"], True),
-    (["--home", "/x", "-v", "--timeout", "3", "--log-level", "debug", "--password-file", "pw", "status"], True),
-    (["--home", "status", "status"], True),
-    (["status", "--help"], False), (["--version", "status"], False), (["--hom", "/x", "status"], False),
-    (["status", "extra"], False), (["--timeout", "0", "status"], False), (["id"], False), ([], False),
-    (["-vv", "status"], True), (["status", "--dc", "x"], False),
-])
+@pytest.mark.parametrize(
+    "argv, taken",
+    [
+        (["status"], True),
+        (["--home", "/x", "-v", "--timeout", "3", "--log-level", "debug", "--password-file", "pw", "status"], True),
+        (["--home", "status", "status"], True),
+        (["status", "--help"], False),
+        (["--version", "status"], False),
+        (["--hom", "/x", "status"], False),
+        (["status", "extra"], False),
+        (["--timeout", "0", "status"], False),
+        (["id"], False),
+        ([], False),
+        (["-vv", "status"], True),
+        (["status", "--dc", "x"], False),
+    ],
+)
 def test_the_status_fast_reader_takes_only_what_the_full_parser_reads_the_same(argv, taken):
     """`ntm status` is read by a small parser that skips building every subcommand (cli.status_args).
     The hostile case is a line it reads differently from the full parser (an abbreviation, --help, a
@@ -292,12 +324,24 @@ def test_status_says_where_each_peer_sees_this_node():
     from a daemon that has not heard the peer's VIEW (or predates it) shows "-", never fails."""
     from node import status_view
 
-    row = {"peer": PEER, "names": ["bob"], "ipv6": "fd6e:746d::2", "ipv4": "100.64.0.2", "route": "direct",
-           "transport": "udp", "endpoint": "192.0.2.1:4330", "last_handshake_s": 3.0, "rx_bytes": 10, "tx_bytes": 20,
-           "rtt_ms": 1.5, "reason": "", "sees_you_as": {"ipv6": "fd6e:746d::1", "ipv4": "100.64.0.7"}}
+    row = {
+        "peer": PEER,
+        "names": ["bob"],
+        "ipv6": "fd6e:746d::2",
+        "ipv4": "100.64.0.2",
+        "route": "direct",
+        "transport": "udp",
+        "endpoint": "192.0.2.1:4330",
+        "last_handshake_s": 3.0,
+        "rx_bytes": 10,
+        "tx_bytes": 20,
+        "rtt_ms": 1.5,
+        "reason": "",
+        "sees_you_as": {"ipv6": "fd6e:746d::1", "ipv4": "100.64.0.7"},
+    }
     head, bob, note = status_view.peers_table([row]).splitlines()
     assert head.index("SEES YOU AS") == bob.index("100.64.0.7") and bob.startswith("bob ")
     assert "IPv4 is per machine" in note
     older = {k: v for k, v in row.items() if k != "sees_you_as"}
     head, bob, _ = status_view.peers_table([older]).splitlines()
-    assert bob[head.index("SEES YOU AS"):].startswith("- ")
+    assert bob[head.index("SEES YOU AS") :].startswith("- ")

@@ -40,9 +40,26 @@ def daemons():
 
 def start_up(procs: list, home, *extra: str) -> subprocess.Popen:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "node.cli", "--home", str(home), "--json", "up", "--no-tun", "--host", "127.0.0.1",
-         "--port", "0", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+        [
+            sys.executable,
+            "-m",
+            "node.cli",
+            "--home",
+            str(home),
+            "--json",
+            "up",
+            "--no-tun",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
     procs.append(proc)
     ready = read_json_line(proc)
     assert ready["event"] == "up" and ready["tun"] is None, ready
@@ -76,8 +93,9 @@ async def test_up_ping_send_recv_status_down(net, tmp_path, daemons):
     ntm(b, "alias", "alice", a_id)
     sent = ntm(b, "send", "alice", "hello over the tunnel", "--relay")
     assert sent["reply"] == "hello over the tunnel" and sent["route"] == "relay"
-    assert ntm(a, "recv")["messages"] == [{"peer": keys.checksum(keys.parse_node_id(b_id)),
-                                           "text": "hello over the tunnel"}]
+    assert ntm(a, "recv")["messages"] == [
+        {"peer": keys.checksum(keys.parse_node_id(b_id)), "text": "hello over the tunnel"}
+    ]
     for _ in range(3):
         status = ntm(a, "status")
     d = status["daemon"]

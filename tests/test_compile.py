@@ -6,8 +6,9 @@ import pytest
 
 from scripts import compile as solc
 
-pytestmark = pytest.mark.skipif(not solc.SOLCJS.exists() and solc._native_solc() is None,
-                                reason="no solc: run `make setup`")
+pytestmark = pytest.mark.skipif(
+    not solc.SOLCJS.exists() and solc._native_solc() is None, reason="no solc: run `make setup`"
+)
 
 
 def opcodes(code: bytes) -> set[int]:
@@ -32,10 +33,26 @@ def test_artifact_contents():
     assert art["bytecode"].startswith("0x60") and len(art["deployedBytecode"]) > 1000
     # london: runs on every private-network client; no Shanghai+ opcode in the code
     assert art["settings"]["evmVersion"] == solc.EVM_VERSION == "london"
-    assert not {0x5F, 0x5C, 0x5D, 0x5E} & opcodes(bytes.fromhex(art["deployedBytecode"][2:]))  # PUSH0, TLOAD/TSTORE, MCOPY
+    assert not {0x5F, 0x5C, 0x5D, 0x5E} & opcodes(
+        bytes.fromhex(art["deployedBytecode"][2:])
+    )  # PUSH0, TLOAD/TSTORE, MCOPY
     names = {i.get("name") for i in art["abi"]}
-    assert {"register", "registerBatch", "lookup", "digest", "domainSeparator", "admitDC", "updateDC", "removeDC",
-            "dcList", "getDC", "transferOwnership", "NodeRegistered", "NodeRevoked", "RecordRejected"} <= names
+    assert {
+        "register",
+        "registerBatch",
+        "lookup",
+        "digest",
+        "domainSeparator",
+        "admitDC",
+        "updateDC",
+        "removeDC",
+        "dcList",
+        "getDC",
+        "transferOwnership",
+        "NodeRegistered",
+        "NodeRevoked",
+        "RecordRejected",
+    } <= names
 
 
 def test_check_detects_stale_source(tmp_path, monkeypatch):

@@ -63,20 +63,25 @@ def parse_with_real_parser(cmd: list[str]):
         prog, args = "ntm-devnet", args[2:]
     if prog == "ntm-dc":
         from dc import config
+
         return config.load(config.parser().parse_args(args))
     if prog == "ntm-rs":
         from rs.__main__ import parser
+
         return parser().parse_args(args)
     if prog == "ntm-cs":
         from cs.__main__ import parser
+
         return parser().parse_args(args)
     if prog == "ntm" and args == ["--help"]:
         return None
     if prog == "ntm-devnet":
         from scripts.devnet import parser
+
         return parser().parse_args(args)
     if prog == "ntm-deploy":
         from scripts.deploy import parser
+
         return parser().parse_args(args)
     if prog == "anvil":
         return None
@@ -92,22 +97,37 @@ def network(tmp_path_factory) -> tuple[Path, dict]:
 
 # --- the file as a whole ---------------------------------------------------------------------
 
+
 def test_compose_spec_schema():
     exe = shutil.which("check-jsonschema", path=str(Path(sys.executable).parent))
     assert exe, "check-jsonschema is a dev dependency: run `make setup`"
-    proc = subprocess.run([exe, "--builtin-schema", "vendor.compose-spec", str(ROOT / "docker-compose.yml")],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [exe, "--builtin-schema", "vendor.compose-spec", str(ROOT / "docker-compose.yml")],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-@pytest.mark.skipif(shutil.which("docker-compose") is None,
-                    reason="Debian's docker-compose is not installed (make setup installs it as root)")
+@pytest.mark.skipif(
+    shutil.which("docker-compose") is None,
+    reason="Debian's docker-compose is not installed (make setup installs it as root)",
+)
 @pytest.mark.parametrize("profile", [None, "anvil", "node"])
 def test_debian_docker_compose_parses_it(profile, tmp_path):
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "NTM_PUBLIC_IP": "203.0.113.7",
-           **({"COMPOSE_PROFILES": profile} if profile else {})}
-    proc = subprocess.run(["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "config"],
-                          capture_output=True, text=True, env=env, cwd=tmp_path)
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "NTM_PUBLIC_IP": "203.0.113.7",
+        **({"COMPOSE_PROFILES": profile} if profile else {}),
+    }
+    proc = subprocess.run(
+        ["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "config"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     resolved = yaml.safe_load(proc.stdout)
     assert "203.0.113.7:4340" in resolved["services"]["rs"]["command"]  # the variable is substituted
@@ -153,6 +173,7 @@ def test_command_is_ours_and_parses(name):
 
 # --- the Besu network ------------------------------------------------------------------------
 
+
 def network_paths(name: str) -> list[str]:
     """Every /network/... path in a service's command, and in its Besu config file."""
     return [a.split("=", 1)[-1] for a in command(name) if "/network/" in a]
@@ -184,7 +205,9 @@ def test_generated_genesis_matches_the_compose_file(network):
     assert len(validators) == len(BESU_DCS) == len(net["dcs"])
     for i, v in enumerate(VALIDATORS):
         secret = bytes.fromhex((out / v / "key").read_text().strip().removeprefix("0x"))
-        assert keys.checksum(keys.node_id_of(keys.private_key(secret))) == validators[i] == net["validators"][i]["address"]
+        assert (
+            keys.checksum(keys.node_id_of(keys.private_key(secret))) == validators[i] == net["validators"][i]["address"]
+        )
         assert (out / v / "key").stat().st_mode & 0o077 == 0, "node keys are secret"
     assert genesis["config"]["chainId"] == net["chain_id"] == besu_network.CHAIN_ID
     assert genesis["config"]["qbft"]["blockperiodseconds"] == net["block_period_s"] == besu_network.BLOCK_PERIOD_S
@@ -196,6 +219,7 @@ def test_generated_genesis_matches_the_compose_file(network):
     assert net["deployer"][2:].lower() in funded
     # nothing well known: no anvil dev key among the generated accounts
     from scripts.anvil import DEV_KEYS
+
     dev = {keys.checksum(keys.node_id_of(keys.private_key(k))) for k in DEV_KEYS}
     assert not dev & {*validators, net["deployer"], *(d["address"] for d in net["dcs"])}
 
@@ -233,10 +257,13 @@ def test_the_generator_refuses_too_few_validators_and_an_existing_network(tmp_pa
         besu_network.generate(tmp_path / "n", 4)
     added = besu_network.add(tmp_path / "n")
     net = json.loads((tmp_path / "n" / "network.json").read_text())
-    assert added["validator"]["name"] == "v5" and len(net["dcs"]) == 5 and (tmp_path / "n" / "dc5" / "key.json").exists()
+    assert (
+        added["validator"]["name"] == "v5" and len(net["dcs"]) == 5 and (tmp_path / "n" / "dc5" / "key.json").exists()
+    )
 
 
 # --- ports, addresses, identities ------------------------------------------------------------
+
 
 def published(svc: dict) -> list[tuple[str | None, str, str, str]]:
     """(host ip, host port, container port, proto) of each port mapping."""
@@ -259,7 +286,11 @@ def test_ports_and_volumes_well_formed():
     host_ports = []
     for name, svc in SERVICES.items():
         cmd = command(name)
-        listening = {flag(cmd, f) for f in ("--port", "--http-port", "--udp-port", "--udp-alt-port", "--stream-port") if flag(cmd, f)}
+        listening = {
+            flag(cmd, f)
+            for f in ("--port", "--http-port", "--udp-port", "--udp-alt-port", "--stream-port")
+            if flag(cmd, f)
+        }
         if name in VALIDATORS:
             listening = {"8545"}
         for ip, host, container, proto in published(svc):
@@ -293,23 +324,30 @@ def test_every_compose_run_node_can_be_its_own_identity():
 
 # --- the image -------------------------------------------------------------------------------
 
+
 def _dockerignore() -> list[str]:
-    return [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
-            if line.strip() and not line.startswith("#")]
+    return [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
 
 
 def test_dockerfile_is_multi_stage_pinned_and_without_nodejs_at_run_time():
-    lines = [ln.strip() for ln in (ROOT / "Dockerfile").read_text().replace("\\\n", " ").splitlines()
-             if ln.strip() and not ln.strip().startswith("#")]
+    lines = [
+        ln.strip()
+        for ln in (ROOT / "Dockerfile").read_text().replace("\\\n", " ").splitlines()
+        if ln.strip() and not ln.strip().startswith("#")
+    ]
     froms = [i for i, ln in enumerate(lines) if ln.startswith("FROM ")]
     assert len(froms) == 2, "build stage (npm) + runtime stage"
     for i in froms:
         image = lines[i].split()[1]
         assert re.fullmatch(r"[a-z0-9./-]+:\d+\.\d+\.\d+[-a-z0-9.]*", image), f"floating base image {image}"
-    runtime = lines[froms[1]:]
+    runtime = lines[froms[1] :]
     run = " ".join(ln for ln in runtime if ln.startswith("RUN "))
     assert "nodejs" not in run and "npm" not in run and "apt-get" not in run
-    assert "npm ci" in " ".join(lines[:froms[1]])
+    assert "npm ci" in " ".join(lines[: froms[1]])
     assert any(ln.startswith("COPY --from=") and ln.endswith("/usr/local/bin/anvil") for ln in runtime)
     ignored = _dockerignore()
     copies = [ln.split()[1:] for ln in runtime if ln.startswith("COPY ") and not ln.startswith("COPY --from")]
@@ -340,7 +378,9 @@ def test_each_dc_announces_its_cache_server_and_the_cs_signs_with_that_dcs_key()
         assert announced.startswith("http://${NTM_PUBLIC_IP")  # as nodes reach it, not the container
         assert flag(command(cs, raw=True), "--public-url") == announced
         port = urlsplit(command(dc)[command(dc).index("--cs") + 1]).port
-        assert any(host == str(port) and container == flag(command(cs), "--http-port")
-                   for _, host, container, _ in published(SERVICES[cs]))
+        assert any(
+            host == str(port) and container == flag(command(cs), "--http-port")
+            for _, host, container, _ in published(SERVICES[cs])
+        )
         assert urlsplit(flag(command(cs), "--dc")).hostname == dc
         assert flag(command(cs), "--key-file") == flag(command(dc), "--key-file")

@@ -32,7 +32,9 @@ def test_a_stranger_keeps_its_first_few_invitations_and_never_evicts_anyones():
         if v.keep:
             held.append(HeldInvite(gid(1000 + n), sybil, False))
     assert len(held) == MAX_INVITES_HELD
-    assert consent.invitation_verdict(held, ids(1, 999)[0], False) == consent.InviteVerdict(False, refusal="invitations_full")
+    assert consent.invitation_verdict(held, ids(1, 999)[0], False) == consent.InviteVerdict(
+        False, refusal="invitations_full"
+    )
     # the genuine inviter still lands: the oldest stranger's invitation makes room
     v = consent.invitation_verdict(held, friend, admitted=True)
     assert v.keep and v.evict == held[0].gid
@@ -55,7 +57,7 @@ def test_peer_text_cannot_drive_the_terminal_or_forge_lines():
     """Adversary: a peer's message, group name or notice text with escape sequences."""
     hostile = "hi\x1b]0;pwned\x07\x1b[2J\r\nroot# \u202egnp.exe\x9b\\x41\U000e0041"
     shown = consent.escape(hostile)
-    assert all(ord(c) >= 0x20 and c != "\x7f" and not 0x80 <= ord(c) < 0xa0 for c in shown)
+    assert all(ord(c) >= 0x20 and c != "\x7f" and not 0x80 <= ord(c) < 0xA0 for c in shown)
     assert "\u202e" not in shown and "\n" not in shown and "\r" not in shown
     assert shown == ("hi\\x1b]0;pwned\\x07\\x1b[2J\\x0d\\x0aroot# \\u202egnp.exe\\x9b\\\\x41\\U000e0041")
     assert consent.escape("plain text, ünïcode ✓") == "plain text, ünïcode ✓"
@@ -73,20 +75,40 @@ async def test_an_invitation_admits_nobody_and_one_stranger_holds_only_its_share
     mallory, friend = ids(2)
 
     def invite(admin: bytes, n: int) -> bytes:
-        return CONTROL + json.dumps({"t": "invite", "gid": gid(n).hex(), "name": f"g{n}", "admin": keys.checksum(admin),
-                                     "gms": "http://dc.test:8330"}).encode()
+        return (
+            CONTROL
+            + json.dumps(
+                {
+                    "t": "invite",
+                    "gid": gid(n).hex(),
+                    "name": f"g{n}",
+                    "admin": keys.checksum(admin),
+                    "gms": "http://dc.test:8330",
+                }
+            ).encode()
+        )
 
-    groups = Groups(tmp_path, keys.generate(), lambda: "http://dc.test:8330", transport=None,  # type: ignore[arg-type]
-                    admits=lambda peer: peer == friend)
+    groups = Groups(
+        tmp_path,
+        keys.generate(),
+        lambda: "http://dc.test:8330",
+        transport=None,  # type: ignore[arg-type]
+        admits=lambda peer: peer == friend,
+    )
     for n in range(MAX_INVITES_PER_STRANGER + 3):
         groups.on_payload(mallory, invite(mallory, n), "cs")
     groups.on_payload(friend, invite(friend, 99), "tunnel")
     held = groups.invitations()
-    assert [(g["name"], g["admitted"]) for g in held] == [(f"g{n}", False) for n in range(MAX_INVITES_PER_STRANGER)] + [("g99", True)]
+    assert [(g["name"], g["admitted"]) for g in held] == [(f"g{n}", False) for n in range(MAX_INVITES_PER_STRANGER)] + [
+        ("g99", True)
+    ]
     assert groups.refused["too_many_from_sender"] == 3
     assert not groups.knows(mallory) and not groups.knows(friend)  # invited is not admitted, either way
     await groups.decline("g0")
-    assert "g0" not in [g["name"] for g in groups.invitations()] and not (tmp_path / "groups" / f"{gid(0).hex()}.json").exists()
+    assert (
+        "g0" not in [g["name"] for g in groups.invitations()]
+        and not (tmp_path / "groups" / f"{gid(0).hex()}.json").exists()
+    )
     # after a restart the held invitations are still there, still admitting nobody
     again = Groups(tmp_path, keys.generate(), lambda: "http://dc.test:8330", transport=None)  # type: ignore[arg-type]
     assert len(again.invitations()) == MAX_INVITES_PER_STRANGER and not again.knows(mallory)

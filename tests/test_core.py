@@ -64,12 +64,15 @@ class TestRegistrationCheck:
     def test_good_request_passes(self):
         self.check(signed(self.key))
 
-    @pytest.mark.parametrize("code,make", [
-        ("bad_signature", lambda k: signed(k, domain=Domain(1, b"\x11" * 20))),
-        ("bad_signature", lambda k: signed(k, domain=Domain(31337, b"\x12" * 20))),
-        ("wrong_dc", lambda k: signed(k, dc=b"\x33" * 20)),
-        ("future", lambda k: signed(k, ts=NOW + DC_ACCEPT_FUTURE_MS + 1)),
-    ])
+    @pytest.mark.parametrize(
+        "code,make",
+        [
+            ("bad_signature", lambda k: signed(k, domain=Domain(1, b"\x11" * 20))),
+            ("bad_signature", lambda k: signed(k, domain=Domain(31337, b"\x12" * 20))),
+            ("wrong_dc", lambda k: signed(k, dc=b"\x33" * 20)),
+            ("future", lambda k: signed(k, ts=NOW + DC_ACCEPT_FUTURE_MS + 1)),
+        ],
+    )
     def test_refusals(self, code, make):
         with pytest.raises(RegistrationError) as exc:
             self.check(make(self.key))
@@ -101,9 +104,13 @@ class TestRegistrationCheck:
         req = signed(self.key)
         assert parse_request(req.to_json()) == (req, False)
         assert parse_request({**req.to_json(), "wait": "confirmed"}) == (req, True)
-        for bad in ([], {"record": {}}, {**req.to_json(), "local_addrs": ["nothost:1"]},
-                    {**req.to_json(), "local_addrs": ["1.2.3.4:5"] * 9},
-                    {**req.to_json(), "signature": "zz"}):
+        for bad in (
+            [],
+            {"record": {}},
+            {**req.to_json(), "local_addrs": ["nothost:1"]},
+            {**req.to_json(), "local_addrs": ["1.2.3.4:5"] * 9},
+            {**req.to_json(), "signature": "zz"},
+        ):
             with pytest.raises(ParseError):
                 parse_request(bad)
 
@@ -162,7 +169,9 @@ def test_keepalive_roundtrip_and_mac():
     assert keepalive.parse_reply(reply, token) == (7, "198.18.0.11", 40000)
     assert keepalive.parse_reply(keepalive.encode_reply(1, "2001:db8::5", 1, token), token) == (1, "2001:db8::5", 1)
     assert keepalive.parse_reply(keepalive.encode_reply(1, "::ffff:10.0.0.1", 9, token), token)[1] == "10.0.0.1"
-    assert len(reply) < len(pkt) and len(keepalive.encode_reply(1, "2001:db8::5", 1, token)) < len(pkt)  # no amplification
+    assert len(reply) < len(pkt) and len(keepalive.encode_reply(1, "2001:db8::5", 1, token)) < len(
+        pkt
+    )  # no amplification
 
 
 def test_a_forged_keepalive_reply_is_refused():
@@ -170,11 +179,13 @@ def test_a_forged_keepalive_reply_is_refused():
     token, or flips the address or seq of a genuine reply (seq 2^64-1 to poison the window)."""
     token = b"t" * 32
     genuine = keepalive.encode_reply(7, "198.18.0.11", 40000, token)
-    forgeries = [keepalive.encode_reply(7, "203.0.113.66", 1, b"x" * 32),
-                 keepalive.encode_reply(2**64 - 1, "198.18.0.11", 40000, b"\0" * 32),
-                 genuine[:1] + b"\xff" * 8 + genuine[9:],  # seq rewritten
-                 genuine[:12] + bytes([203, 0, 113, 66]) + genuine[16:],  # address rewritten
-                 genuine[:-1]]
+    forgeries = [
+        keepalive.encode_reply(7, "203.0.113.66", 1, b"x" * 32),
+        keepalive.encode_reply(2**64 - 1, "198.18.0.11", 40000, b"\0" * 32),
+        genuine[:1] + b"\xff" * 8 + genuine[9:],  # seq rewritten
+        genuine[:12] + bytes([203, 0, 113, 66]) + genuine[16:],  # address rewritten
+        genuine[:-1],
+    ]
     for forged in forgeries:
         with pytest.raises(ParseError):
             keepalive.parse_reply(forged, token)
@@ -182,6 +193,7 @@ def test_a_forged_keepalive_reply_is_refused():
 
 def test_presence_refuses_wrong_token_and_replay():
     from dc.presence import Presence
+
     p = Presence()
     s = p.open(b"n" * 20, lambda m: None)
     assert p.on_keepalive(keepalive.encode_request(b"n" * 20, 1, b"x" * 32), ("1.1.1.1", 5)) is None
@@ -201,6 +213,7 @@ def test_standby_probe_is_answered_and_changes_nothing():
     or replayed, gets no answer; a keepalive cannot be passed off as a probe (the MAC covers the
     kind)."""
     from dc.presence import Presence
+
     p = Presence()
     s = p.open(b"n" * 20, lambda m: None)
     assert p.on_keepalive(keepalive.encode_request(b"n" * 20, 5, s.token), ("198.18.0.11", 5))
@@ -211,8 +224,10 @@ def test_standby_probe_is_answered_and_changes_nothing():
         keepalive.parse_reply(reply, s.token)
     assert p.observed(b"n" * 20) == ("198.18.0.11:5", None)
     assert p.on_keepalive(probe, ("198.18.0.66", 6)) is None  # replayed
-    assert p.on_keepalive(keepalive.encode_request(b"n" * 20, 2, b"x" * 32, keepalive.STANDBY_PROBE),
-                          ("198.18.0.12", 9)) is None
+    assert (
+        p.on_keepalive(keepalive.encode_request(b"n" * 20, 2, b"x" * 32, keepalive.STANDBY_PROBE), ("198.18.0.12", 9))
+        is None
+    )
     forged = bytearray(keepalive.encode_request(b"n" * 20, 9, s.token))
     forged[0] = keepalive.STANDBY_PROBE
     assert p.on_keepalive(bytes(forged), ("198.18.0.12", 9)) is None
@@ -228,9 +243,13 @@ def test_keepalive_parsers_raise_only_parse_error(data):
             pass
 
 
-@given(st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=70),
-                    lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=12), c, max_size=6),
-                    max_leaves=20))
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.text(max_size=70),
+        lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=12), c, max_size=6),
+        max_leaves=20,
+    )
+)
 def test_json_parsers_raise_only_parse_error(obj):
     for parse in (parse_request, envelope.parse):
         try:

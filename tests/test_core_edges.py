@@ -34,17 +34,26 @@ def test_key_encodings_are_the_ethereum_ones():
     assert keys.checksum(NODE) == "0x1a642f0E3c3aF545E7AcBD38b07251B3990914F1"
 
 
-@pytest.mark.parametrize("text", ["0x1a642f0e3c3af545e7acbd38b07251b3990914f1", "0X1A642F0E3C3AF545E7ACBD38B07251B3990914F1",
-                                  "1a642f0e3c3af545e7acbd38b07251b3990914f1"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "0x1a642f0e3c3af545e7acbd38b07251b3990914f1",
+        "0X1A642F0E3C3AF545E7ACBD38B07251B3990914F1",
+        "1a642f0e3c3af545e7acbd38b07251b3990914f1",
+    ],
+)
 def test_node_ids_parse_in_any_case_with_or_without_0x(text):
     assert keys.parse_node_id(text) == NODE
 
 
-@pytest.mark.parametrize("text, message", [
-    ("0xzz", "node ID '0xzz' is not hex"),
-    ("0x" + "00" * 19, "node ID '0x" + "00" * 19 + "' is 19 bytes, expected 20"),
-    ("0x00" + "00" * 20, "node ID '0x00" + "00" * 20 + "' is 21 bytes, expected 20"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("0xzz", "node ID '0xzz' is not hex"),
+        ("0x" + "00" * 19, "node ID '0x" + "00" * 19 + "' is 19 bytes, expected 20"),
+        ("0x00" + "00" * 20, "node ID '0x00" + "00" * 20 + "' is 21 bytes, expected 20"),
+    ],
+)
 def test_bad_node_ids_say_what_is_wrong(text, message):
     with raises(ValueError, message):
         keys.parse_node_id(text)
@@ -59,15 +68,18 @@ def _sig(r: int, s: int, v: int = 27) -> bytes:
     return r.to_bytes(32) + s.to_bytes(32) + bytes([v])
 
 
-@pytest.mark.parametrize("sig, message", [
-    (b"\x00" * 64, "signature is 64 bytes, expected 65"),
-    (_sig(1, 1, 26), "signature v is 26, expected 27 or 28"),
-    (_sig(0, 5), "signature r or s out of range"),
-    (_sig(5, 0), "signature r or s out of range"),
-    (_sig(keys.SECP256K1_N, 5), "signature r or s out of range"),
-    (_sig(5, keys.SECP256K1_N), "signature r or s out of range"),
-    (_sig(5, keys.HALF_N + 1), "signature has high s (malleable form refused)"),
-])
+@pytest.mark.parametrize(
+    "sig, message",
+    [
+        (b"\x00" * 64, "signature is 64 bytes, expected 65"),
+        (_sig(1, 1, 26), "signature v is 26, expected 27 or 28"),
+        (_sig(0, 5), "signature r or s out of range"),
+        (_sig(5, 0), "signature r or s out of range"),
+        (_sig(keys.SECP256K1_N, 5), "signature r or s out of range"),
+        (_sig(5, keys.SECP256K1_N), "signature r or s out of range"),
+        (_sig(5, keys.HALF_N + 1), "signature has high s (malleable form refused)"),
+    ],
+)
 def test_signature_refusals(sig, message):
     with raises(SignatureError, message):
         keys.recover(os.urandom(32), sig)
@@ -109,12 +121,15 @@ def test_next_timestamp_is_now_but_always_newer():
     assert record.next_timestamp(NOW_MS, NOW_MS + 5) == NOW_MS + 6
 
 
-@pytest.mark.parametrize("node, dc, ts, message", [
-    (NODE[:19], DC, 1, "node and dc must be 20-byte addresses"),
-    (NODE, DC[:19], 1, "node and dc must be 20-byte addresses"),
-    (NODE, DC, -1, "timestamp must fit in uint64"),
-    (NODE, DC, record.UINT64_MAX + 1, "timestamp must fit in uint64"),
-])
+@pytest.mark.parametrize(
+    "node, dc, ts, message",
+    [
+        (NODE[:19], DC, 1, "node and dc must be 20-byte addresses"),
+        (NODE, DC[:19], 1, "node and dc must be 20-byte addresses"),
+        (NODE, DC, -1, "timestamp must fit in uint64"),
+        (NODE, DC, record.UINT64_MAX + 1, "timestamp must fit in uint64"),
+    ],
+)
 def test_records_out_of_the_contract_types_are_refused(node, dc, ts, message):
     with raises(ValueError, message):
         record.NodeTransaction(node, dc, ts)
@@ -150,8 +165,12 @@ def test_compact_form_of_both_parities_and_refusals():
 
 def test_record_fields_change_the_digest():
     base = record.NodeTransaction(NODE, DC, NOW_MS)
-    others = [record.NodeTransaction(DC, DC, NOW_MS), record.NodeTransaction(NODE, NODE, NOW_MS),
-              record.NodeTransaction(NODE, DC, NOW_MS + 1), record.NodeTransaction(NODE, DC, NOW_MS, True)]
+    others = [
+        record.NodeTransaction(DC, DC, NOW_MS),
+        record.NodeTransaction(NODE, NODE, NOW_MS),
+        record.NodeTransaction(NODE, DC, NOW_MS + 1),
+        record.NodeTransaction(NODE, DC, NOW_MS, True),
+    ]
     digests = {r.digest(DOMAIN) for r in [base, *others]}
     digests |= {base.digest(record.Domain(1, DOMAIN.registry)), base.digest(record.Domain(31337, DC))}
     assert len(digests) == 7
@@ -176,15 +195,18 @@ def _check(req, dc=DC, latest=0, revoked=False, now=NOW_MS):
     check_request(req, dc, DOMAIN, now, latest, revoked)
 
 
-@pytest.mark.parametrize("case, code, message", [
-    ("pubkey", "bad_pubkey", "public key does not hash to the record's node ID"),
-    ("not_a_point", "bad_pubkey", "public key is not a secp256k1 point"),
-    ("dc", "wrong_dc", f"record names DC {keys.checksum(DC)}, this DC is {keys.checksum(OTHER_DC)}"),
-    ("sig", "bad_signature", "bad signature: record is not signed by its node"),
-    ("revoked", "revoked", "node is revoked; a revoked node ID can never register again"),
-    ("stale", "stale", f"record timestamp {NOW_MS} is not newer than {NOW_MS} (replay?)"),
-    ("future", "future", "record timestamp is too far in the future (check the clock)"),
-])
+@pytest.mark.parametrize(
+    "case, code, message",
+    [
+        ("pubkey", "bad_pubkey", "public key does not hash to the record's node ID"),
+        ("not_a_point", "bad_pubkey", "public key is not a secp256k1 point"),
+        ("dc", "wrong_dc", f"record names DC {keys.checksum(DC)}, this DC is {keys.checksum(OTHER_DC)}"),
+        ("sig", "bad_signature", "bad signature: record is not signed by its node"),
+        ("revoked", "revoked", "node is revoked; a revoked node ID can never register again"),
+        ("stale", "stale", f"record timestamp {NOW_MS} is not newer than {NOW_MS} (replay?)"),
+        ("future", "future", "record timestamp is too far in the future (check the clock)"),
+    ],
+)
 def test_registration_refusals_say_why(case, code, message):
     req = RegistrationRequest.signed(KEY, INFO, NOW_MS)
     kw = {}
@@ -220,14 +242,20 @@ DC_ID = keys.node_id_of(DC_KEY)
 
 def test_canonical_json_vector():
     """What every DC signs: sorted keys, no spaces, UTF-8 (not \\u escapes)."""
-    assert envelope.canonical({"b": [1, {"d": 2, "c": "é"}], "a": None}) == \
-        '{"a":null,"b":[1,{"c":"é","d":2}]}'.encode()
+    assert (
+        envelope.canonical({"b": [1, {"d": 2, "c": "é"}], "a": None}) == '{"a":null,"b":[1,{"c":"é","d":2}]}'.encode()
+    )
 
 
 def test_envelope_vector():
     env = envelope.seal(KEY, "k", {"x": 1}, NOW_MS, nonce=bytes(16))
     assert {k: env[k] for k in ("kind", "from", "ts", "nonce", "body")} == {
-        "kind": "k", "from": keys.checksum(NODE), "ts": NOW_MS, "nonce": "00" * 16, "body": {"x": 1}}
+        "kind": "k",
+        "from": keys.checksum(NODE),
+        "ts": NOW_MS,
+        "nonce": "00" * 16,
+        "body": {"x": 1},
+    }
     parsed, sig = envelope.parse(env)
     assert parsed.digest() == keys.keccak(envelope.DOMAIN_TAG + envelope.canonical(parsed.signed_part()))
     assert keys.recover_node_id(parsed.digest(), sig) == NODE and sig.hex() == env["sig"]
@@ -236,15 +264,21 @@ def test_envelope_vector():
 GOOD = envelope.seal(DC_KEY, "k", {"x": 1}, NOW_MS)
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda e: {**e, "extra": 1}, "envelope must have exactly kind, from, ts, nonce, body, sig"),
-    (lambda e: {k: v for k, v in e.items() if k != "sig"}, "envelope must have exactly kind, from, ts, nonce, body, sig"),
-    (lambda e: {**e, "kind": 5}, "kind must be a string and body an object"),
-    (lambda e: {**e, "body": []}, "kind must be a string and body an object"),
-    (lambda e: {**e, "ts": "1"}, "ts must be an integer"),
-    (lambda e: {**e, "ts": True}, "ts must be an integer"),
-    (lambda e: {**e, "nonce": "00" * 15}, "nonce must be 16 bytes"),
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda e: {**e, "extra": 1}, "envelope must have exactly kind, from, ts, nonce, body, sig"),
+        (
+            lambda e: {k: v for k, v in e.items() if k != "sig"},
+            "envelope must have exactly kind, from, ts, nonce, body, sig",
+        ),
+        (lambda e: {**e, "kind": 5}, "kind must be a string and body an object"),
+        (lambda e: {**e, "body": []}, "kind must be a string and body an object"),
+        (lambda e: {**e, "ts": "1"}, "ts must be an integer"),
+        (lambda e: {**e, "ts": True}, "ts must be an integer"),
+        (lambda e: {**e, "nonce": "00" * 15}, "nonce must be 16 bytes"),
+    ],
+)
 def test_malformed_envelopes_say_what_is_wrong(mutate, message):
     with raises(ParseError, "malformed envelope: " + message):
         envelope.parse(mutate(GOOD))
@@ -291,17 +325,30 @@ def test_replay_guard_remembers_each_sender_nonce_pair_and_stays_bounded():
 # --- handshake -----------------------------------------------------------------------------------
 from ntm import handshake  # noqa: E402
 from ntm.handshake import (  # noqa: E402
-    HANDSHAKE_MIN_INTERVAL, HandshakeAuthError, HandshakeError, HandshakeMacError, HandshakeRateError,
-    HandshakeReplayError, Initiator, NoPendingHandshakeError, PeerIdentityError, Responder, UnknownPathError, mac1,
-    mac1_key)
+    HANDSHAKE_MIN_INTERVAL,
+    HandshakeAuthError,
+    HandshakeError,
+    HandshakeMacError,
+    HandshakeRateError,
+    HandshakeReplayError,
+    Initiator,
+    NoPendingHandshakeError,
+    PeerIdentityError,
+    Responder,
+    UnknownPathError,
+    mac1,
+    mac1_key,
+)
 
 KB = keys.generate()
 PATH = b"\x01" * 8
 
 
 def _pair(path: bytes = PATH) -> tuple[Initiator, Responder]:
-    return (Initiator(KEY, keys.node_id_of(KB), keys.public_bytes(KB), path),
-            Responder(KB, NODE, keys.public_bytes(KEY), path))
+    return (
+        Initiator(KEY, keys.node_id_of(KB), keys.public_bytes(KB), path),
+        Responder(KB, NODE, keys.public_bytes(KEY), path),
+    )
 
 
 def test_request_timestamp_is_the_wall_clock_and_always_grows():
@@ -415,13 +462,22 @@ def test_relay_table_accounts_for_everything_exactly():
     assert bind(1, B, 1.0) == ack(1, B, 4)
     assert bind(1, C, 2.0) == ack(1, C, 6)  # side 1 roamed
     assert [(e.kind, e.path_id, e.side, e.addr) for e in t.pop_events()] == [
-        ("bound", PATH, 0, A), ("bound", PATH, 1, B), ("moved", PATH, 1, C)]
+        ("bound", PATH, 0, A),
+        ("bound", PATH, 1, B),
+        ("moved", PATH, 1, C),
+    ]
     assert (t.binds, path.binds, t.bound_paths()) == (3, 3, 1)
     pkt = TransportPacket(TYPE_DATA, PATH, 1, b"\x00" * 100).encode()
     assert t.on_datagram(pkt, A, 3.0) == [(pkt, C)] and t.on_datagram(pkt, C, 3.0) == [(pkt, A)]
     assert (t.forwarded_packets, t.forwarded_bytes) == (2, 2 * len(pkt))
-    assert path.stats() == {"path": PATH.hex(), "bound": [True, True], "bytes": [len(pkt), len(pkt)],
-                            "packets": [1, 1], "binds": 3, "max_bytes": 1000}
+    assert path.stats() == {
+        "path": PATH.hex(),
+        "bound": [True, True],
+        "bytes": [len(pkt), len(pkt)],
+        "packets": [1, 1],
+        "binds": 3,
+        "max_bytes": 1000,
+    }
     assert path.last_active == 3.0
     # the budget: what fits is forwarded, the packet that would pass it removes the path
     rest = 1000 - 2 * len(pkt)

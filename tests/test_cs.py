@@ -180,8 +180,10 @@ async def until_uploading(url: str, reserved: int, within_s: float = 30.0) -> No
         while time.monotonic() < deadline:
             async with http.get(url + "/metrics") as r:
                 text = await r.text()
-            if any(ln == f"ntm_cs_uploading_bytes {reserved}" or ln == f"ntm_cs_uploading_bytes {float(reserved)}"
-                   for ln in text.splitlines()):
+            if any(
+                ln == f"ntm_cs_uploading_bytes {reserved}" or ln == f"ntm_cs_uploading_bytes {float(reserved)}"
+                for ln in text.splitlines()
+            ):
                 return
             await asyncio.sleep(0.05)
     raise AssertionError(f"the CS never held {reserved} bytes of uploads in flight:\n{text}")
@@ -205,10 +207,15 @@ async def test_slow_bodies_and_slowloris_headers_are_cut_off(fed):
     then uploads its whole quota."""
     async with strict_cs(fed) as url:
         sender, bob = await registered(fed, 0), await registered(fed, 1)
-        sealer = seal.Sealer(sender, {keys.node_id_of(bob): keys.public_bytes(bob)}, seal.Meta("t", "s", "1", "n"),
-                             int(time.time() * 1000))
-        auth = envelope.seal(sender, messages.CS_PUT, {"header": sealer.header.to_json(), "size": 900_000},
-                             int(time.time() * 1000))
+        sealer = seal.Sealer(
+            sender,
+            {keys.node_id_of(bob): keys.public_bytes(bob)},
+            seal.Meta("t", "s", "1", "n"),
+            int(time.time() * 1000),
+        )
+        auth = envelope.seal(
+            sender, messages.CS_PUT, {"header": sealer.header.to_json(), "size": 900_000}, int(time.time() * 1000)
+        )
 
         async def trickle():
             yield b"\0" * 1000
@@ -217,8 +224,7 @@ async def test_slow_bodies_and_slowloris_headers_are_cut_off(fed):
         t0 = time.monotonic()
         async with aiohttp.ClientSession() as http:
             try:
-                async with http.put(url + "/v1/items", data=trickle(),
-                                    headers={"X-NTM-Auth": json.dumps(auth)}) as r:
+                async with http.put(url + "/v1/items", data=trickle(), headers={"X-NTM-Auth": json.dumps(auth)}) as r:
                     status = r.status
             except aiohttp.ClientError:
                 status = 0  # cut off before an answer could be read: as good
@@ -256,10 +262,15 @@ async def test_one_network_has_four_uploads_at_once(fed):
         senders = [await registered(fed, 0) for _ in range(5)]
 
         def put(http: aiohttp.ClientSession, sender, body) -> asyncio.Task:
-            sealer = seal.Sealer(sender, {keys.node_id_of(bob): keys.public_bytes(bob)},
-                                 seal.Meta("t", "s", "1", "n"), int(time.time() * 1000))
-            auth = envelope.seal(sender, messages.CS_PUT, {"header": sealer.header.to_json(), "size": 10_000},
-                                 int(time.time() * 1000))
+            sealer = seal.Sealer(
+                sender,
+                {keys.node_id_of(bob): keys.public_bytes(bob)},
+                seal.Meta("t", "s", "1", "n"),
+                int(time.time() * 1000),
+            )
+            auth = envelope.seal(
+                sender, messages.CS_PUT, {"header": sealer.header.to_json(), "size": 10_000}, int(time.time() * 1000)
+            )
 
             async def go() -> int:
                 try:
@@ -267,6 +278,7 @@ async def test_one_network_has_four_uploads_at_once(fed):
                         return r.status
                 except aiohttp.ClientError:
                     return 0
+
             return asyncio.create_task(go())
 
         async def trickle():
@@ -297,14 +309,24 @@ async def test_an_acknowledged_item_survives_kill_9_of_the_cs(fed, tmp_path):
 
 
 def ntm(home: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "node.cli", "--home", str(home), "--json", *args],
-                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [sys.executable, "-m", "node.cli", "--home", str(home), "--json", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def ntm_text(home: Path, *args: str) -> subprocess.CompletedProcess:
     """The CLI's human output (what reaches a terminal)."""
-    return subprocess.run([sys.executable, "-m", "node.cli", "--home", str(home), *args],
-                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [sys.executable, "-m", "node.cli", "--home", str(home), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 async def test_the_cli_sends_offline_lists_and_fetches(fed, tmp_path):
@@ -315,8 +337,9 @@ async def test_the_cli_sends_offline_lists_and_fetches(fed, tmp_path):
         assert reg.returncode == 0, reg.stderr
     bob_id = json.loads(ntm(bob, "id").stdout)["node"]
     (tmp_path / "note.txt").write_bytes(MARKER + b" in a file")
-    sent = await asyncio.to_thread(ntm, alice, "send", bob_id, "--offline", "--file", str(tmp_path / "note.txt"),
-                                   "--app", "notes")
+    sent = await asyncio.to_thread(
+        ntm, alice, "send", bob_id, "--offline", "--file", str(tmp_path / "note.txt"), "--app", "notes"
+    )
     assert sent.returncode == 0, sent.stderr
     item = json.loads(sent.stdout)["item"]
     inbox = json.loads((await asyncio.to_thread(ntm, bob, "inbox")).stdout)
@@ -329,8 +352,11 @@ async def test_the_cli_sends_offline_lists_and_fetches(fed, tmp_path):
     again = json.loads((await asyncio.to_thread(ntm, bob, "inbox")).stdout)
     assert again["waiting"] == [] and [r["item"] for r in again["received"]] == [item]
     # bad input is refused before any network work, in one line
-    for args, code in ((("send", bob_id, "--offline"), 2), (("send", bob_id, "--offline", "--file", "/nonexistent"), 2),
-                       (("send", bob_id, "x", "--offline", "--notice", "n" * 141), 2)):
+    for args, code in (
+        (("send", bob_id, "--offline"), 2),
+        (("send", bob_id, "--offline", "--file", "/nonexistent"), 2),
+        (("send", bob_id, "x", "--offline", "--notice", "n" * 141), 2),
+    ):
         bad = ntm(alice, *args)
         assert bad.returncode == code and "Traceback" not in bad.stderr and len(bad.stderr.splitlines()) == 1, bad
 
@@ -358,8 +384,12 @@ async def test_a_strangers_invitation_and_items_wait_a_friends_land(fed, tmp_pat
     bob_id = keys.parse_node_id(json.loads(ntm(bob_home, "id").stdout)["node"])
     mallory, friend = await registered(fed, 0), await registered(fed, 0)
     assert ntm(bob_home, "allow", keys.checksum(keys.node_id_of(friend))).returncode == 0
-    daemon = subprocess.Popen([sys.executable, "-m", "node.cli", "--home", str(bob_home), "--json", "up", "--no-tun",
-                               "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "node.cli", "--home", str(bob_home), "--json", "up", "--no-tun", "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
     try:
         line = await asyncio.wait_for(asyncio.to_thread(daemon.stdout.readline), 30)
         assert json.loads(line)["event"] == "up"
@@ -372,10 +402,23 @@ async def test_a_strangers_invitation_and_items_wait_a_friends_land(fed, tmp_pat
                 return (await c.put(sealer, bytes_chunks(content), len(content)))["item"]
 
         def invitation(admin, name: str) -> bytes:
-            return b"C" + json.dumps({"t": "invite", "gid": os.urandom(16).hex(), "name": name,
-                                      "admin": keys.checksum(keys.node_id_of(admin)), "gms": fed.urls[0]}).encode()
+            return (
+                b"C"
+                + json.dumps(
+                    {
+                        "t": "invite",
+                        "gid": os.urandom(16).hex(),
+                        "name": name,
+                        "admin": keys.checksum(keys.node_id_of(admin)),
+                        "gms": fed.urls[0],
+                    }
+                ).encode()
+            )
 
-        big = [await put(mallory, seal.Meta("test", notice="fill the disk"), MARKER + os.urandom(1 << 20)) for _ in range(2)]
+        big = [
+            await put(mallory, seal.Meta("test", notice="fill the disk"), MARKER + os.urandom(1 << 20))
+            for _ in range(2)
+        ]
         hostile = await put(mallory, seal.Meta("test", notice="\x1b]0;pwned\x07\x1b[2Jlooks legit"), MARKER)
         strange_invite = await put(mallory, seal.Meta("ntm-group"), invitation(mallory, "free-stuff"))
         kept = await put(friend, seal.Meta("test", notice="from a friend"), MARKER)
@@ -383,9 +426,12 @@ async def test_a_strangers_invitation_and_items_wait_a_friends_land(fed, tmp_pat
 
         async def invitations() -> list[dict]:
             return (await control.call(bob_home, "group.invitations", {}))["invitations"]
+
         await until(lambda: (bob_home / "inbox" / kept).exists(), timeout=20)
         got = await until(invitations, timeout=20)
-        assert [(g["name"], g["admin"], g["admitted"]) for g in got] == [("friends", keys.checksum(keys.node_id_of(friend)), True)]
+        assert [(g["name"], g["admin"], g["admitted"]) for g in got] == [
+            ("friends", keys.checksum(keys.node_id_of(friend)), True)
+        ]
         # the stranger's items: not fetched, still at the Cache Server (on its quota), listed with sender and size
         strangers = [*big, hostile, strange_invite]
         assert not any((bob_home / "inbox" / i).exists() for i in strangers)
@@ -418,14 +464,24 @@ async def test_a_strangers_invitation_and_items_wait_a_friends_land(fed, tmp_pat
 
 async def test_a_notice_not_signed_by_an_active_dc_is_refused(fed):
     bob = await registered(fed, 1)
-    body = messages.encode(messages.CsNotice(node=keys.checksum(keys.node_id_of(bob)), item="00" * 16,
-                                             cs="http://evil.example", sender=keys.checksum(bytes(20)), size=1,
-                                             created=1))
+    body = messages.encode(
+        messages.CsNotice(
+            node=keys.checksum(keys.node_id_of(bob)),
+            item="00" * 16,
+            cs="http://evil.example",
+            sender=keys.checksum(bytes(20)),
+            size=1,
+            created=1,
+        )
+    )
 
     async def refused(http) -> float:
         async with http.get(fed.urls[1] + "/metrics") as r:
-            return next(float(ln.split()[1]) for ln in (await r.text()).splitlines()
-                        if ln.startswith("ntm_dc_cs_notices_refused_total "))
+            return next(
+                float(ln.split()[1])
+                for ln in (await r.text()).splitlines()
+                if ln.startswith("ntm_dc_cs_notices_refused_total ")
+            )
 
     async with raw_http() as http:
         before = await refused(http)
@@ -450,5 +506,10 @@ async def test_an_embedded_node_leaves_an_item_for_an_offline_peer(fed, tmp_path
     assert is_stored(fed, 0, item) and not cs_files_contain(fed, 0, MARKER)
     async with await AppNode.start(bob, fed.urls[1], host="127.0.0.1", port=0, inbox=tmp_path / "bob") as b:
         got = await asyncio.wait_for(b.next_item(), 20)
-    assert (got.item, got.sender, got.meta.app_id, got.meta.notice) == (item, keys.node_id_of(alice), "chat", "from alice")
+    assert (got.item, got.sender, got.meta.app_id, got.meta.notice) == (
+        item,
+        keys.node_id_of(alice),
+        "chat",
+        "from alice",
+    )
     assert got.path.read_bytes() == content

@@ -13,8 +13,9 @@ from ntm.errors import ParseError, SignatureError
 from tests.fakes import FakeClock
 
 SENDER, BOB, CAROL, EVE = (keys.private_key(bytes([i]) * 32) for i in (1, 2, 3, 4))
-LIMITS = Limits(max_item_bytes=1000, sender_bytes=1500, sender_items=10, recipient_bytes=2500, ttl_ms=60_000,
-                total_bytes=4000)
+LIMITS = Limits(
+    max_item_bytes=1000, sender_bytes=1500, sender_items=10, recipient_bytes=2500, ttl_ms=60_000, total_bytes=4000
+)
 NOTHING = Stored(0, 0, {}, 0)
 URL = "http://cs.test:8350"
 SOURCE = "198.51.100.0/24"
@@ -42,8 +43,9 @@ def core(clock) -> CacheCore:
 
 def put_env(core: CacheCore, size: int, to=(BOB,), by=SENDER, sealed_by=SENDER) -> envelope.Envelope:
     """A CS_PUT request, opened as the edge opens it."""
-    header = seal.Sealer(sealed_by, {node(k): keys.public_bytes(k) for k in to}, seal.Meta("file", "f", "1", "x"),
-                         core.now_ms()).header
+    header = seal.Sealer(
+        sealed_by, {node(k): keys.public_bytes(k) for k in to}, seal.Meta("file", "f", "1", "x"), core.now_ms()
+    ).header
     body = {"header": header.to_json(), "size": size}
     return core.open(envelope.seal(by, messages.CS_PUT, body, core.now_ms()), messages.CS_PUT)
 
@@ -66,7 +68,8 @@ def test_an_upload_is_reserved_received_accepted_and_announced(core, clock):
     assert accepted.created_ms == core.now_ms() and accepted.expires_ms == accepted.created_ms + LIMITS.ttl_ms
     assert sorted(n.node for n in accepted.notices) == sorted(keys.checksum(node(k)) for k in (BOB, CAROL))
     assert {(n.item, n.cs, n.sender, n.size, n.created) for n in accepted.notices} == {
-        (offer.header.item.hex(), URL, keys.checksum(node(SENDER)), 600, accepted.created_ms)}
+        (offer.header.item.hex(), URL, keys.checksum(node(SENDER)), 600, accepted.created_ms)
+    }
     core.end(upload)
     assert core.uploading == set() and core.ledger.total_bytes == 0 and not core.ledger.sender_bytes
 
@@ -156,8 +159,14 @@ def test_who_may_use_the_cs(core, clock):
     clock.step_wall(envelope.MAX_SKEW_MS / 1000 + 1)
     with pytest.raises(SignatureError):
         core.open(stale, messages.CS_LIST)
-    info = messages.NodeInfo(node=keys.checksum(node(BOB)), home_dc=keys.checksum(node(CAROL)), timestamp=1,
-                             pubkey=keys.public_bytes(BOB).hex(), revoked=False, online=False)
+    info = messages.NodeInfo(
+        node=keys.checksum(node(BOB)),
+        home_dc=keys.checksum(node(CAROL)),
+        timestamp=1,
+        pubkey=keys.public_bytes(BOB).hex(),
+        revoked=False,
+        online=False,
+    )
     assert admit(node(BOB), info) is info
     assert code(lambda: admit(node(BOB), None)) == "unregistered"
     gone = messages.NodeInfo(**{f: getattr(info, f) for f in info.__struct_fields__ if f != "revoked"}, revoked=True)
@@ -172,7 +181,13 @@ def test_a_notice_goes_to_the_recipients_active_home_dc_only():
     """Hostile condition: a recipient whose home DC is no longer active (revoked from the
     federation): no notice is sent anywhere, the item still waits for `ntm inbox`."""
     home, other = node(CAROL), node(EVE)
-    info = messages.NodeInfo(node=keys.checksum(node(BOB)), home_dc=keys.checksum(home), timestamp=1,
-                             pubkey=keys.public_bytes(BOB).hex(), revoked=False, online=True)
+    info = messages.NodeInfo(
+        node=keys.checksum(node(BOB)),
+        home_dc=keys.checksum(home),
+        timestamp=1,
+        pubkey=keys.public_bytes(BOB).hex(),
+        revoked=False,
+        online=True,
+    )
     assert notice_target(info, {home: "https://dc2.test:8330/", other: "https://x"}) == (home, "https://dc2.test:8330")
     assert code(lambda: notice_target(info, {other: "https://x"})) == "home_dc_unknown"

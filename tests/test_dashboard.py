@@ -28,16 +28,25 @@ except ImportError:  # pragma: no cover - `make setup` installs it
 
 needs_browser = pytest.mark.skipif(
     webdriver is None or not CHROMIUM or not CHROMEDRIVER,
-    reason="needs selenium and Debian's chromium + chromium-driver (`make setup` installs them when root)")
+    reason="needs selenium and Debian's chromium + chromium-driver (`make setup` installs them when root)",
+)
 
 
 def browser():
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--ignore-certificate-errors",  # the DC's certificate is bound to its chain key, not a CA
-                 "--window-size=1400,1100"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--ignore-certificate-errors",  # the DC's certificate is bound to its chain key, not a CA
+        "--window-size=1400,1100",
+    ):
         opts.add_argument(flag)
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
 
@@ -62,8 +71,10 @@ async def test_the_dashboard_shows_the_federation_chain_nodes_directions_and_rel
             # live: it fetched, rendered, and dc2 has been probed and answered
             wait.until(lambda drv: "live" in drv.find_element(By.ID, "status").text)
             wait.until(lambda drv: "yes" in drv.find_element(By.ID, "federation").text.split("dc2", 1)[-1])
-            seen = {name: driver.find_element(By.ID, name).text
-                    for name in ("hostname", "chain", "federation", "directions", "nodes", "relay", "nodes-summary")}
+            seen = {
+                name: driver.find_element(By.ID, name).text
+                for name in ("hostname", "chain", "federation", "directions", "nodes", "relay", "nodes-summary")
+            }
             ARTIFACTS.mkdir(parents=True, exist_ok=True)
             driver.save_screenshot(str(ARTIFACTS / "dashboard.png"))
             return seen

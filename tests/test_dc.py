@@ -25,8 +25,13 @@ from labkit.dcnet import CountingRpc, DcNet, metric, raw_http, until
 
 def ntm(home, *args, check=True):
     """Run the real CLI; returns parsed --json output (or the CompletedProcess when check=False)."""
-    proc = subprocess.run([sys.executable, "-m", "node.cli", "--home", str(home), "--json", *args],
-                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    proc = subprocess.run(
+        [sys.executable, "-m", "node.cli", "--home", str(home), "--json", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
     if not check:
         return proc
     assert proc.returncode == 0, proc.stderr
@@ -65,9 +70,12 @@ async def test_two_dcs_federation(net, tmp_path):
     with pytest.raises(FederationError, match="not an active DC"):
         await stranger.ntm_info(net.urls[1], keys.node_id_of(net.dc_keys[1]), b)
     await stranger.close()
-    good = envelope.seal(net.dc_keys[0], "ntm-info-request",
-                        {"node": keys.checksum(b), "to": keys.checksum(keys.node_id_of(net.dc_keys[1]))},
-                        int(time.time() * 1000))
+    good = envelope.seal(
+        net.dc_keys[0],
+        "ntm-info-request",
+        {"node": keys.checksum(b), "to": keys.checksum(keys.node_id_of(net.dc_keys[1]))},
+        int(time.time() * 1000),
+    )
     async with raw_http() as http:
         first = await http.post(net.urls[1] + "/v1/federation/ntm-info", json=good)
         again = await http.post(net.urls[1] + "/v1/federation/ntm-info", json=good)
@@ -118,6 +126,7 @@ async def test_bad_input_is_refused_and_changes_nothing(net, tmp_path):
             return RegistrationRequest(rec, sig, keys.public_bytes(key), ())
 
         async with raw_http() as http:
+
             async def post(body, raw=False):
                 data = body if raw else json.dumps(body)
                 async with http.post(url + "/v1/register", data=data) as r:
@@ -181,8 +190,12 @@ async def test_cli_errors_are_readable(net, tmp_path):
     home, _ = make_node(tmp_path, "e")
     proc = ntm(home, "register", "--dc", "127.0.0.1:1", check=False)
     assert proc.returncode == 4 and "cannot reach DC" in proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "node.cli", "--home", str(home), "status"],
-                          capture_output=True, text=True, env={"NTM_PASSPHRASE": "wrong", "PATH": ""})
+    proc = subprocess.run(
+        [sys.executable, "-m", "node.cli", "--home", str(home), "status"],
+        capture_output=True,
+        text=True,
+        env={"NTM_PASSPHRASE": "wrong", "PATH": ""},
+    )
     assert proc.returncode == 2 and "wrong passphrase" in proc.stderr
     proc = ntm(tmp_path / "nobody", "id", check=False)
     assert proc.returncode == 2 and "ntm keygen" in proc.stderr
@@ -228,8 +241,11 @@ async def test_one_live_session_per_node_and_revocation_ends_it(net, tmp_path):
     async with DcClient(net.urls[0]) as thief, DcClient(net.urls[0]) as owner:
         ws_thief, _ = await thief.open_session(key)
         ws_owner, _ = await owner.open_session(key)
-        assert await _ended(ws_thief) == {"type": "error", "error": "session_ended",
-                                          "message": "superseded by a newer session of this node"}
+        assert await _ended(ws_thief) == {
+            "type": "error",
+            "error": "session_ended",
+            "message": "superseded by a newer session of this node",
+        }
         ntm(home, "revoke", "--dc", net.urls[0], "--yes", "--no-wait")
         assert await _ended(ws_owner) == {"type": "error", "error": "session_ended", "message": "node revoked"}
         with pytest.raises(DcError, match="revoked"):
@@ -247,8 +263,9 @@ async def test_random_whois_costs_no_chain_call(tmp_path):
             try:
                 async with DcClient(net.urls[0]) as dc:
                     before = rpc.calls["eth_call"]
-                    answers = await asyncio.gather(*(dc.whois(keys.node_id_of(keys.generate())) for _ in range(100)),
-                                                   return_exceptions=True)
+                    answers = await asyncio.gather(
+                        *(dc.whois(keys.node_id_of(keys.generate())) for _ in range(100)), return_exceptions=True
+                    )
                     assert all(isinstance(a, DcError) and a.code == "unknown_node" for a in answers)
                     assert rpc.calls["eth_call"] - before == 0
             finally:
@@ -301,14 +318,21 @@ async def test_register_exits_1_when_the_chain_refuses_the_record(tmp_path):
     from labkit.dcnet import local_app
 
     async def info(request):
-        return web.json_response(m.encode(m.DcInfoReply("0x" + "11" * 20, "dcx", 31337, "0x" + "22" * 20, [4331, 4332],
-                                                        [], True)))
+        return web.json_response(
+            m.encode(m.DcInfoReply("0x" + "11" * 20, "dcx", 31337, "0x" + "22" * 20, [4331, 4332], [], True))
+        )
 
     async def register(request):
         body = await request.json()
-        return web.json_response({"node": body["record"]["node"], "dc": "0x" + "11" * 20,
-                                  "timestamp": body["record"]["timestamp"], "status": "rejected",
-                                  "reason": "NodeRegistry: stale timestamp"})
+        return web.json_response(
+            {
+                "node": body["record"]["node"],
+                "dc": "0x" + "11" * 20,
+                "timestamp": body["record"]["timestamp"],
+                "status": "rejected",
+                "reason": "NodeRegistry: stale timestamp",
+            }
+        )
 
     app = web.Application()
     app.router.add_get("/v1/info", info)
@@ -335,8 +359,10 @@ async def test_route_offer_travels_in_node_info_and_a_forged_one_is_refused(net,
     key = keystore.load_keystore(home / "key.json")
     offer = sign_offer(key, parse_prefixes("10.77.0.0/24"), False, int(time.time() * 1000))
     async with DcClient(net.urls[1]) as dc2, DcClient(net.urls[0]) as dc1:
-        for bad in (msgspec.structs.replace(offer, routes=["10.0.0.0/8"]),
-                    sign_offer(keys.generate(), parse_prefixes("10.77.0.0/24"), False, offer.seq)):
+        for bad in (
+            msgspec.structs.replace(offer, routes=["10.0.0.0/8"]),
+            sign_offer(keys.generate(), parse_prefixes("10.77.0.0/24"), False, offer.seq),
+        ):
             with pytest.raises(DcError, match="route offer"):
                 await dc2.open_session(key, routes=bad)
         ws, _ = await dc2.open_session(key, routes=offer)

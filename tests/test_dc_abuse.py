@@ -5,7 +5,6 @@ paths for what it is refused."""
 from __future__ import annotations
 
 
-
 from ntm import keys
 from labkit.dcnet import metric, raw_http, register
 from labkit.load import flood, rss_mb

@@ -15,8 +15,10 @@ def load(argv):
 
 def test_file_and_flags(tmp_path):
     f = tmp_path / "dc.toml"
-    f.write_text('key_file = "k.json"\nrpc_url = "http://chain:8545"\ndeployment = "d.json"\n'
-                 f'hostname = "dc1"\nhttp_port = 9000\nrelays = ["https://rs:8340#{PIN}"]\n')
+    f.write_text(
+        'key_file = "k.json"\nrpc_url = "http://chain:8545"\ndeployment = "d.json"\n'
+        f'hostname = "dc1"\nhttp_port = 9000\nrelays = ["https://rs:8340#{PIN}"]\n'
+    )
     cfg = load(["--config", str(f), "--http-port", "9100", "--relay", f"https://rs2:8340#{PIN}"])
     assert cfg.key_file == Path("k.json") and cfg.hostname == "dc1"
     assert cfg.http_port == 9100 and cfg.relays == [f"https://rs2:8340#{PIN}"]
@@ -31,12 +33,17 @@ def test_relay_urls_are_pinned_or_plain_only_for_development(tmp_path, capsys):
     assert load([*base, "--relay", f"https://[2001:db8::1]:8340#{PIN}"]).relays == [f"https://[2001:db8::1]:8340#{PIN}"]
     assert load([*base, "--relay", "https://rs:8340#cert=/rs/rs-tls-cert.pem"])  # a file read at start, not here
     assert load([*base, "--relay", "http://rs:8340", "--insecure-plain-http"]).relays == ["http://rs:8340"]
-    for url, why in (("http://rs:8340", "plain http:// would carry relay path tokens in clear"),
-                     ("https://rs:8340", "expected its pin"), ("https://rs:8340#sha256=abcd", "expected its pin"),
-                     (f"https://rs:8340#sha1={'0' * 64}", "expected its pin"), (f"http://rs:8340#{PIN}", "needs https")):
+    for url, why in (
+        ("http://rs:8340", "plain http:// would carry relay path tokens in clear"),
+        ("https://rs:8340", "expected its pin"),
+        ("https://rs:8340#sha256=abcd", "expected its pin"),
+        (f"https://rs:8340#sha1={'0' * 64}", "expected its pin"),
+        (f"http://rs:8340#{PIN}", "needs https"),
+    ):
         with pytest.raises(ValueError, match=why):
             load([*base, "--relay", url])
     from dc.__main__ import main
+
     for name in ("k", "d"):
         (tmp_path / name).write_text("{}")
     argv = ["--key-file", str(tmp_path / "k"), "--rpc-url", "http://c:8545", "--deployment", str(tmp_path / "d")]
@@ -57,9 +64,13 @@ def test_errors(tmp_path):
     with pytest.raises(ValueError, match="config file"):
         load(["--config", str(f)])
     base = 'key_file = "k"\nrpc_url = "u"\ndeployment = "d"\n'
-    for line, why in (('http_port = "abc"', "http_port must be an integer, got 'abc'"),
-                      ("udp_port = 70000", "udp_port must be in 0..65535"), ("hostname = 5", "hostname must be a string"),
-                      ("max_block_age = true", "max_block_age must be a number"), ("confirmations = 1.5", "an integer")):
+    for line, why in (
+        ('http_port = "abc"', "http_port must be an integer, got 'abc'"),
+        ("udp_port = 70000", "udp_port must be in 0..65535"),
+        ("hostname = 5", "hostname must be a string"),
+        ("max_block_age = true", "max_block_age must be a number"),
+        ("confirmations = 1.5", "an integer"),
+    ):
         f.write_text(base + line + "\n")
         with pytest.raises(ValueError, match=why):
             load(["--config", str(f)])
@@ -67,6 +78,7 @@ def test_errors(tmp_path):
 
 def test_cli_exits_2_with_a_readable_line(capsys):
     from dc.__main__ import main
+
     assert main([]) == 2
     assert "ntm-dc: missing: --key-file" in capsys.readouterr().err
 
@@ -89,6 +101,7 @@ def test_several_rpc_urls_own_node_first(tmp_path):
 def test_passphrase_from_a_file_or_the_environment(tmp_path, monkeypatch):
     from daemon import keystore
     from ntm.errors import KeystoreError
+
     secret = tmp_path / "passphrase"
     secret.write_text("correct horse\n")
     monkeypatch.setenv("NTM_DC_PASSPHRASE", "from env")

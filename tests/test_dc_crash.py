@@ -86,8 +86,11 @@ async def test_kill9_of_the_chain_mid_storm_every_acknowledged_record_ends_confi
         lost = 0
         try:
             for _ in range(3):  # a kill right after a state dump loses nothing: kill again
-                await until(lambda n=len(acked): outbox_count(net, "state='confirmed'") >= 24 and len(acked) >= n + 24,
-                            timeout=20, interval=0.05)
+                await until(
+                    lambda n=len(acked): outbox_count(net, "state='confirmed'") >= 24 and len(acked) >= n + 24,
+                    timeout=20,
+                    interval=0.05,
+                )
                 net.chain.kill()
                 dumped = json.loads(net.chain.state_path.read_text())["best_block_number"]
                 lost = outbox_count(net, "state='confirmed' AND block > ?", dumped)  # "confirmed", now gone

@@ -27,9 +27,15 @@ from tests.test_rs_stream import self_signed
 
 
 async def cli(home: Path, *args: str) -> subprocess.CompletedProcess:
-    return await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "node.cli", "--home", str(home), "--json", *args],
-                                   capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
-                                   env={**os.environ, "NTM_PASSPHRASE": "pw"})
+    return await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "node.cli", "--home", str(home), "--json", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, "NTM_PASSPHRASE": "pw"},
+    )
 
 
 def test_binding_vector():
@@ -39,7 +45,8 @@ def test_binding_vector():
     assert messages.encode(b) == {
         "cert_sha256": "06298432e8066b29e2223bcc23aa9504b56ae508fabf3435508869b9c3190e22",
         "sig": "4f818cb900dd5945e6bdd75c1379267023e3614fea9c835aeafee2b4f29c92b5"
-               "6aa9e6a58eccb2a106f34e7ca3ef85ce641b06664d20a349247eb7cc5a2c55ed1c"}
+        "6aa9e6a58eccb2a106f34e7ca3ef85ce641b06664d20a349247eb7cc5a2c55ed1c",
+    }
     assert keys.checksum(tls_binding.signer(b, b"cert")) == "0x70997970C51812dc3A010C7d01b50e0d17dc79C8"
     assert tls_binding.check(b, b"cert", keys.node_id_of(key)).hex() == b.cert_sha256
     with pytest.raises(SignatureError):

@@ -14,15 +14,26 @@ DC2 = Account.from_key(bytes.fromhex("5de4111afa1a4b94908f83103eb1f1706367c2e68c
 
 
 def deploy(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "scripts.deploy", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "scripts.deploy", *args], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
 
 
 def test_deploy_admit_and_rerun(anvil, tmp_path):
     out = tmp_path / "deployment.json"
     key = anvil.keys[0].hex()
-    args = ["--rpc", anvil.url, "--key", key, "--out", str(out),
-            "--dc", f"{DC1},dc1.test,http://127.0.0.1:9001", "--dc", f"{DC2},dc2.test,http://127.0.0.1:9002"]
+    args = [
+        "--rpc",
+        anvil.url,
+        "--key",
+        key,
+        "--out",
+        str(out),
+        "--dc",
+        f"{DC1},dc1.test,http://127.0.0.1:9001",
+        "--dc",
+        f"{DC2},dc2.test,http://127.0.0.1:9002",
+    ]
     first = deploy(*args)
     assert first.returncode == 0, first.stderr
     dep = json.loads(out.read_text())
@@ -54,19 +65,32 @@ def test_deploy_a_generated_besu_network_with_its_own_keys(anvil, tmp_path):
     """What the compose deploy job runs, against anvil standing in for the validators: the deployer
     keystore and passphrase file, and the DCs of network.json (scripts/besu_network.py)."""
     from scripts import besu_network
+
     net = besu_network.generate(tmp_path / "network", 4)
     anvil.rpc("anvil_setBalance", [net["deployer"], hex(10**20)])  # the genesis alloc does this on Besu
     out = tmp_path / "deployment.json"
-    args = ["--rpc", anvil.url, "--key-file", str(tmp_path / "network/deployer/key.json"), "--out", str(out),
-            "--passphrase-file", str(tmp_path / "network/deployer/passphrase"),
-            "--dcs-from", str(tmp_path / "network/network.json"), "--wait", "10"]
+    args = [
+        "--rpc",
+        anvil.url,
+        "--key-file",
+        str(tmp_path / "network/deployer/key.json"),
+        "--out",
+        str(out),
+        "--passphrase-file",
+        str(tmp_path / "network/deployer/passphrase"),
+        "--dcs-from",
+        str(tmp_path / "network/network.json"),
+        "--wait",
+        "10",
+    ]
     anvil.rpc("evm_mine")  # --wait waits for a first block
     run = deploy(*args)
     assert run.returncode == 0, run.stderr
     dep = json.loads(out.read_text())
     assert dep["deployer"] == net["deployer"]
-    assert [(d["address"], d["hostname"], d["endpoint"]) for d in dep["dcs"]] == \
-        [(d["address"], d["name"], d["endpoint"]) for d in net["dcs"]]
+    assert [(d["address"], d["hostname"], d["endpoint"]) for d in dep["dcs"]] == [
+        (d["address"], d["name"], d["endpoint"]) for d in net["dcs"]
+    ]
     wrong = tmp_path / "wrong"
     wrong.write_text("not the passphrase\n")
     refused = deploy(*args[:-6], "--passphrase-file", str(wrong), "--dcs-from", str(tmp_path / "network/network.json"))

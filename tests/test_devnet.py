@@ -18,16 +18,38 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def ntm(home: Path, *args: str) -> dict:
     """The real CLI with --json; asserts success."""
-    proc = subprocess.run([sys.executable, "-m", "node.cli", "--home", str(home), "--json", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    proc = subprocess.run(
+        [sys.executable, "-m", "node.cli", "--home", str(home), "--json", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
 
 
 def start(data: Path, home: Path, *extra: str) -> tuple[subprocess.Popen, dict]:
-    proc = subprocess.Popen([sys.executable, "-m", "node.cli", "--home", str(home), "--json", "devnet",
-                             "--data-dir", str(data), "--free-ports", *extra],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "node.cli",
+            "--home",
+            str(home),
+            "--json",
+            "devnet",
+            "--data-dir",
+            str(data),
+            "--free-ports",
+            *extra,
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
     if not select.select([proc.stdout], [], [], 45)[0]:
         proc.kill()
         raise AssertionError("devnet printed nothing in 45 s")
@@ -105,7 +127,11 @@ def test_sigkill_of_the_devnet_takes_its_children_and_its_lock(tmp_path):
     assert not [name for name, pid in ready["pids"].items() if _alive(pid)], "children outlived a SIGKILLed devnet"
     again, ready2 = start(data, tmp_path / "home")  # the same data dir starts afresh, not beside a ghost
     try:
-        assert ready2["event"] == "ready" and ready2["resumed"] and set(ready2["pids"].values()).isdisjoint(ready["pids"].values())
+        assert (
+            ready2["event"] == "ready"
+            and ready2["resumed"]
+            and set(ready2["pids"].values()).isdisjoint(ready["pids"].values())
+        )
     finally:
         stop(again, ready2)
 
@@ -115,9 +141,22 @@ def test_devnet_errors(tmp_path):
     data = tmp_path / "devnet"
     proc, ready = start(data, tmp_path / "home")
     try:
-        again = subprocess.run([sys.executable, "-m", "scripts.devnet", "--home", str(tmp_path / "h2"),
-                                "--data-dir", str(data), "--free-ports"], cwd=ROOT, capture_output=True, text=True,
-                               timeout=30)
+        again = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "scripts.devnet",
+                "--home",
+                str(tmp_path / "h2"),
+                "--data-dir",
+                str(data),
+                "--free-ports",
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert again.returncode == 1 and "already runs" in again.stderr and "Traceback" not in again.stderr
     finally:
         stop(proc, ready)
@@ -127,36 +166,83 @@ def test_devnet_errors(tmp_path):
         s.listen()
         taken = s.getsockname()[1]
         offset = taken - 8545
-        busy = subprocess.run([sys.executable, "-m", "scripts.devnet", "--home", str(tmp_path / "h3"),
-                               "--data-dir", str(tmp_path / "d3"), "--port-offset", str(offset)],
-                              cwd=ROOT, capture_output=True, text=True, timeout=30)
+        busy = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "scripts.devnet",
+                "--home",
+                str(tmp_path / "h3"),
+                "--data-dir",
+                str(tmp_path / "d3"),
+                "--port-offset",
+                str(offset),
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
     assert busy.returncode == 1 and f"chain JSON-RPC {taken}" in busy.stderr and "in use" in busy.stderr
     # ports beyond 65535, a data dir that cannot be one: one line each
-    far = subprocess.run([sys.executable, "-m", "scripts.devnet", "--data-dir", str(tmp_path / "d5"), "--port-offset",
-                          "70000"], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    far = subprocess.run(
+        [sys.executable, "-m", "scripts.devnet", "--data-dir", str(tmp_path / "d5"), "--port-offset", "70000"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert far.returncode == 1 and "outside 1..65535" in far.stderr and "Traceback" not in far.stderr
     (tmp_path / "afile").write_text("x")
-    nodir = subprocess.run([sys.executable, "-m", "scripts.devnet", "--data-dir", str(tmp_path / "afile" / "d")],
-                           cwd=ROOT, capture_output=True, text=True, timeout=30)
+    nodir = subprocess.run(
+        [sys.executable, "-m", "scripts.devnet", "--data-dir", str(tmp_path / "afile" / "d")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert nodir.returncode == 1 and "Not a directory" in nodir.stderr and "Traceback" not in nodir.stderr
     # --reset refuses a directory that is not a devnet's
     other = tmp_path / "precious"
     other.mkdir()
     (other / "thesis.tex").write_text("x")
-    wipe = subprocess.run([sys.executable, "-m", "scripts.devnet", "--data-dir", str(other), "--reset"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=30)
+    wipe = subprocess.run(
+        [sys.executable, "-m", "scripts.devnet", "--data-dir", str(other), "--reset"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert wipe.returncode == 1 and "refusing to wipe" in wipe.stderr and (other / "thesis.tex").exists()
     # --chain without a deployer key
-    nokey = subprocess.run([sys.executable, "-m", "scripts.devnet", "--data-dir", str(tmp_path / "d4"),
-                            "--chain", "http://127.0.0.1:1"], cwd=ROOT, capture_output=True, text=True, timeout=30,
-                           env={k: v for k, v in os.environ.items() if k != "NTM_DEPLOYER_KEY"})
+    nokey = subprocess.run(
+        [sys.executable, "-m", "scripts.devnet", "--data-dir", str(tmp_path / "d4"), "--chain", "http://127.0.0.1:1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={k: v for k, v in os.environ.items() if k != "NTM_DEPLOYER_KEY"},
+    )
     assert nokey.returncode == 1 and "deployer key" in nokey.stderr
 
 
 def test_deploy_only_on_existing_chain(anvil, tmp_path):
     """The docker-compose deploy job: --chain + --deploy-only + --dc-endpoint, idempotent."""
-    args = [sys.executable, "-m", "scripts.devnet", "--json", "--data-dir", str(tmp_path), "--chain", anvil.url,
-            "--deploy-only", "--dc-endpoint", "http://dc1:8330", "--dc-endpoint", "http://dc2:8330"]
+    args = [
+        sys.executable,
+        "-m",
+        "scripts.devnet",
+        "--json",
+        "--data-dir",
+        str(tmp_path),
+        "--chain",
+        anvil.url,
+        "--deploy-only",
+        "--dc-endpoint",
+        "http://dc1:8330",
+        "--dc-endpoint",
+        "http://dc2:8330",
+    ]
     env = {**os.environ, "NTM_DEPLOYER_KEY": anvil.keys[0].hex()}
     first = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
     assert first.returncode == 0, first.stderr

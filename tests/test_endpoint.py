@@ -177,8 +177,12 @@ async def test_relay_fallback_when_direct_fails():
     try:
         t0 = loop.time()
         ca, cb = await open_pair(
-            ea, eb, path, cands_a=[blackhole.getsockname()],
-            relay_a=RelayInfo(raddr, relay_side_key(token, 0), 0), relay_b=RelayInfo(raddr, relay_side_key(token, 1), 1),
+            ea,
+            eb,
+            path,
+            cands_a=[blackhole.getsockname()],
+            relay_a=RelayInfo(raddr, relay_side_key(token, 0), 0),
+            relay_b=RelayInfo(raddr, relay_side_key(token, 1), 1),
         )
         assert loop.time() - t0 >= 0.3
         assert ca.via == "relay" and cb.via == "relay"
@@ -309,8 +313,14 @@ def test_gso_batch_longer_than_route_mtu_is_resent_not_dropped():
     import json
     import subprocess
     import sys
-    r = subprocess.run(["unshare", "-n", sys.executable, "-c", _EMSGSIZE_CHILD], capture_output=True, text=True,
-                       timeout=60, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+    r = subprocess.run(
+        ["unshare", "-n", sys.executable, "-c", _EMSGSIZE_CHILD],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
     print(out)

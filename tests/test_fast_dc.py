@@ -47,8 +47,17 @@ async def fed(tmp_path):
         reg = FakeRegistry(chain, addr)
         cache = RegistryCache(reg)
         await cache.load()
-        c = Coordinator(k, reg, Store(tmp_path / f"dc{i + 1}.sqlite", addr), cache, f"dc{i + 1}", [RS_URL],
-                        (4331, 4332), clock=clock, transport=router.post)
+        c = Coordinator(
+            k,
+            reg,
+            Store(tmp_path / f"dc{i + 1}.sqlite", addr),
+            cache,
+            f"dc{i + 1}",
+            [RS_URL],
+            (4331, 4332),
+            clock=clock,
+            transport=router.post,
+        )
         url = f"http://dc{i + 1}.test:8330"
 
         async def ntm_info(body: dict, c: Coordinator = c) -> dict:
@@ -61,8 +70,9 @@ async def fed(tmp_path):
         f.dcs.append(c)
 
     async def relay(body: dict) -> dict:  # an RS that trusts the chain's active DCs
-        env = envelope.open_envelope(body, messages.RELAY_DIRECTION, clock.wall_ms(),
-                                     lambda a: a in chain.dcs and chain.dcs[a].active)
+        env = envelope.open_envelope(
+            body, messages.RELAY_DIRECTION, clock.wall_ms(), lambda a: a in chain.dcs and chain.dcs[a].active
+        )
         d = messages.decode(messages.RelayDirection, env.body)
         return messages.encode(messages.RelayBooking(d.path, [RS_ENDPOINT], True, d.expires_ms, d.max_bytes))
 
@@ -92,12 +102,16 @@ class FakeNode:
             self.signaling.on_ack(self.id, messages.DirectionAck(msg["direction"]["body"]["path"], self.refuse))
 
     def directions(self) -> list[messages.RouteDirection]:
-        return [messages.decode(messages.RouteDirection, m["direction"]["body"]) for m in self.pushed
-                if m.get("type") == "direction"]
+        return [
+            messages.decode(messages.RouteDirection, m["direction"]["body"])
+            for m in self.pushed
+            if m.get("type") == "direction"
+        ]
 
 
-async def register(fed: Fed, dc: Coordinator, local: str = "10.0.0.2:4330", revoked: bool = False,
-                   node: FakeNode | None = None) -> FakeNode:
+async def register(
+    fed: Fed, dc: Coordinator, local: str = "10.0.0.2:4330", revoked: bool = False, node: FakeNode | None = None
+) -> FakeNode:
     n = node or FakeNode(*(lambda k: (k, keys.node_id_of(k)))(keys.generate()))
     fed.clock.advance(0.01)
     req = RegistrationRequest.signed(n.key, dc.info(), fed.clock.wall_ms(), (local,), revoked)
@@ -105,12 +119,14 @@ async def register(fed: Fed, dc: Coordinator, local: str = "10.0.0.2:4330", revo
     assert res.status == "confirmed", res
     for other in fed.dcs:  # every DC's cache follows the chain's events (polled)
         assert await other.cache.wait_for(
-            lambda: (r := other.cache.nodes.get(n.id)) is not None and r.timestamp >= res.timestamp, 2)
+            lambda: (r := other.cache.nodes.get(n.id)) is not None and r.timestamp >= res.timestamp, 2
+        )
     return n
 
 
-def go_online(dc: Coordinator, n: FakeNode, local: str, observed: tuple[str, int],
-              observed_alt: tuple[str, int] | None = None) -> None:
+def go_online(
+    dc: Coordinator, n: FakeNode, local: str, observed: tuple[str, int], observed_alt: tuple[str, int] | None = None
+) -> None:
     """A session (pushes land in n.pushed) and keepalives from `observed` (and `observed_alt`)."""
     s = dc.presence.open(n.id, n.send, (local,))
     n.signaling = dc.signaling
@@ -163,8 +179,12 @@ async def test_a_cross_dc_direction_is_one_federation_call_and_the_peer_initiati
     calls = len(fed.router.calls)
     result = await fed.dcs[0].signaling.request(a.id, b.id)
     assert fed.router.calls[calls:] == [dc2 + "/v1/federation/direction-offer", RS_URL + "/v1/relay-directions"]
-    signers = [envelope.open_envelope(n.pushed[-1]["direction"], messages.ROUTE_DIRECTION, fed.clock.wall_ms(),
-                                      lambda dc: True).sender for n in (a, b)]
+    signers = [
+        envelope.open_envelope(
+            n.pushed[-1]["direction"], messages.ROUTE_DIRECTION, fed.clock.wall_ms(), lambda dc: True
+        ).sender
+        for n in (a, b)
+    ]
     assert signers == [fed.dcs[0].address, fed.dcs[1].address] and result.kind == "punch"
     p = await register(fed, fed.dcs[0])  # public: its observed address is its own
     go_online(fed.dcs[0], p, "198.18.9.9:4330", ("198.18.9.9", 4330))
@@ -178,8 +198,11 @@ async def test_a_cross_dc_direction_is_one_federation_call_and_the_peer_initiati
     calls = len(fed.router.calls)
     result = await fed.dcs[0].signaling.request(p.id, b.id)
     assert (result.kind, result.role) == ("nat_initiates", "wait") and seen_first == [1]
-    assert fed.router.calls[calls:] == [dc2 + "/v1/federation/direction-offer", RS_URL + "/v1/relay-directions",
-                                        dc2 + "/v1/federation/route-direction"]
+    assert fed.router.calls[calls:] == [
+        dc2 + "/v1/federation/direction-offer",
+        RS_URL + "/v1/relay-directions",
+        dc2 + "/v1/federation/route-direction",
+    ]
     assert dc1 not in "".join(fed.router.calls)
 
 
@@ -201,12 +224,24 @@ async def test_a_forged_or_misaddressed_direction_offer_directs_nobody(fed):
     c = await register(fed, fed.dcs[1])
     cases = [
         (stranger, good, SignatureError, None),
-        (fed.dcs[0].federation, msgspec.structs.replace(good, requester=fed.dcs[1].local_info(c.id)),
-         DirectionError, "not_home"),
-        (fed.dcs[0].federation, msgspec.structs.replace(good, requester=msgspec.structs.replace(
-            me, pubkey=keys.public_bytes(c.key).hex())), DirectionError, "bad_pubkey"),
-        (fed.dcs[0].federation, msgspec.structs.replace(good, to=keys.checksum(fed.dcs[0].address)),
-         NodeLookupError, "wrong_dc"),
+        (
+            fed.dcs[0].federation,
+            msgspec.structs.replace(good, requester=fed.dcs[1].local_info(c.id)),
+            DirectionError,
+            "not_home",
+        ),
+        (
+            fed.dcs[0].federation,
+            msgspec.structs.replace(good, requester=msgspec.structs.replace(me, pubkey=keys.public_bytes(c.key).hex())),
+            DirectionError,
+            "bad_pubkey",
+        ),
+        (
+            fed.dcs[0].federation,
+            msgspec.structs.replace(good, to=keys.checksum(fed.dcs[0].address)),
+            NodeLookupError,
+            "wrong_dc",
+        ),
     ]
     for client, offer, error, code in cases:
         with pytest.raises(error) as exc:
@@ -317,8 +352,9 @@ async def test_registrations_are_limited_per_source_and_by_the_gas_budget(fed):
             fed.clock.advance(0.01)
             key = known[i % len(known)] if known else keys.generate()
             try:
-                await dc.register(RegistrationRequest.signed(key, dc.info(), fed.clock.wall_ms(), ()), False,
-                                  source=source)
+                await dc.register(
+                    RegistrationRequest.signed(key, dc.info(), fed.clock.wall_ms(), ()), False, source=source
+                )
                 out.append("ok")
             except RegistrationError as exc:
                 out.append(exc.code)
@@ -327,7 +363,9 @@ async def test_registrations_are_limited_per_source_and_by_the_gas_budget(fed):
     # any registration: a burst per source address, then its rate
     assert await codes("203.0.113.9", keys_[:3], burst + 5) == ["ok"] * burst + ["rate_limited"] * 5
     # new identities: 1, 2, 4, 8 tokens of the source network's 16 (another address of it shares them)
-    assert await codes("198.51.100.1", None, 3) + await codes("198.51.100.2", None, 3) == ["ok"] * 4 + ["rate_limited"] * 2
+    assert (
+        await codes("198.51.100.1", None, 3) + await codes("198.51.100.2", None, 3) == ["ok"] * 4 + ["rate_limited"] * 2
+    )
     assert await codes("192.0.2.1", None, 1) == ["ok"]  # another network is not affected
 
 
@@ -350,17 +388,21 @@ async def test_direction_refusals(fed, case):
 async def test_federation_refuses_strangers_and_replays(fed):
     b = await register(fed, fed.dcs[1])
     home = fed.dcs[1].address
-    stranger = FederationClient(keys.generate(), lambda _a: True, envelope.ReplayGuard(), fed.clock,
-                                transport=fed.router.post)
+    stranger = FederationClient(
+        keys.generate(), lambda _a: True, envelope.ReplayGuard(), fed.clock, transport=fed.router.post
+    )
     with pytest.raises(FederationError, match="not an active DC") as exc:
         await stranger.ntm_info("http://dc2.test:8330", home, b.id)
     assert exc.value.status == 403
-    req = fed.dcs[0].federation.seal(messages.INFO_REQUEST, messages.InfoRequest(keys.checksum(b.id), keys.checksum(home)))
+    req = fed.dcs[0].federation.seal(
+        messages.INFO_REQUEST, messages.InfoRequest(keys.checksum(b.id), keys.checksum(home))
+    )
     assert fed.dcs[1].answer_ntm_info(req)
     with pytest.raises(Exception, match="replayed"):
         fed.dcs[1].answer_ntm_info(req)
-    wrong = fed.dcs[0].federation.seal(messages.INFO_REQUEST,
-                                       messages.InfoRequest(keys.checksum(b.id), keys.checksum(fed.dcs[0].address)))
+    wrong = fed.dcs[0].federation.seal(
+        messages.INFO_REQUEST, messages.InfoRequest(keys.checksum(b.id), keys.checksum(fed.dcs[0].address))
+    )
     with pytest.raises(NodeLookupError) as lookup:
         fed.dcs[1].answer_ntm_info(wrong)
     assert lookup.value.code == "wrong_dc"
@@ -420,8 +462,9 @@ async def test_a_revoked_requester_gets_no_direction_and_its_peer_no_push(fed):
     go_online(fed.dcs[0], a, "10.1.0.2:4330", ("198.18.1.1", 50000))
     go_online(fed.dcs[1], b, "10.2.0.2:4330", ("198.18.2.1", 50001))
     # the revocation is on chain (dc1's cache has it) but dc1's own row still says "not revoked"
-    fed.chain.nodes[a.id] = type(fed.chain.nodes[a.id])(fed.chain.nodes[a.id].dc, fed.chain.nodes[a.id].timestamp + 1,
-                                                         True)
+    fed.chain.nodes[a.id] = type(fed.chain.nodes[a.id])(
+        fed.chain.nodes[a.id].dc, fed.chain.nodes[a.id].timestamp + 1, True
+    )
     fed.dcs[0].cache.nodes[a.id] = fed.chain.nodes[a.id]
     with pytest.raises(DirectionError) as exc:
         await fed.dcs[0].signaling.request(a.id, b.id)
@@ -456,7 +499,9 @@ async def test_forged_keepalives_are_counted_not_logged_one_by_one(fed, caplog):
         forged = keepalive.encode_request(a.id, 100 + i, b"\x00" * 32)  # a token nobody was given
         assert presence.on_keepalive(forged, ("203.0.113.9", 1000 + i)) is None
     presence.on_keepalive(b"junk", ("203.0.113.9", 1))
-    presence.on_keepalive(keepalive.encode_request(keys.node_id_of(keys.generate()), 1, b"\x00" * 32), ("203.0.113.9", 2))
+    presence.on_keepalive(
+        keepalive.encode_request(keys.node_id_of(keys.generate()), 1, b"\x00" * 32), ("203.0.113.9", 2)
+    )
     assert presence.dropped == {"bad_mac": 1000, "malformed": 1, "no_session": 1}
     assert len([r for r in caplog.records if "refused" in r.getMessage()]) == 1
     fed.clock.advance(10.0)
@@ -490,8 +535,11 @@ async def test_a_racing_revocation_and_newer_registration_are_not_both_accepted(
     t1 = fed.clock.wall_ms() + 10
     revoke = RegistrationRequest.signed(a.key, fed.dcs[0].info(), t1, (), revoked=True)
     newer = RegistrationRequest.signed(a.key, fed.dcs[0].info(), t1 + 5, ("10.0.0.9:4330",))
-    results = await asyncio.gather(fed.dcs[0].register(revoke, wait_confirmed=True),
-                                   fed.dcs[0].register(newer, wait_confirmed=True), return_exceptions=True)
+    results = await asyncio.gather(
+        fed.dcs[0].register(revoke, wait_confirmed=True),
+        fed.dcs[0].register(newer, wait_confirmed=True),
+        return_exceptions=True,
+    )
     assert results[0].status == "confirmed"
     assert isinstance(results[1], RegistrationError) and results[1].code == "revoked"
     assert fed.chain.nodes[a.id].revoked
@@ -549,7 +597,9 @@ async def test_a_height_mined_again_after_a_chain_restart_is_a_rollback(fed):
     async def confirmed(clock_step: float = 0.01) -> tuple[bytes, int, int]:
         key = keys.generate()
         fed.clock.advance(clock_step)
-        res = await dc.register(RegistrationRequest.signed(key, dc.info(), fed.clock.wall_ms(), ()), wait_confirmed=True)
+        res = await dc.register(
+            RegistrationRequest.signed(key, dc.info(), fed.clock.wall_ms(), ()), wait_confirmed=True
+        )
         assert res.status == "confirmed"
         return keys.node_id_of(key), res.timestamp, res.block
 

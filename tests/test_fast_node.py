@@ -22,13 +22,16 @@ DC_KEY = keys.generate()
 DC_ID = keys.node_id_of(DC_KEY)
 
 
-@pytest.mark.parametrize("now, last_app, last_heard, recovering, want", [
-    (10.0, 9.9, 9.95, False, LinkAction.NONE),  # in use, heard just now
-    (10.0, 9.9, 9.8, False, LinkAction.PROBE),  # in use, silent 0.2 s
-    (10.0, 9.9, 9.5, False, LinkAction.REDIRECT),  # in use, silent 0.5 s
-    (10.0, 8.5, 1.0, False, LinkAction.NONE),  # idle: keepalives keep it, no probing
-    (10.0, 9.9, 1.0, True, LinkAction.NONE),  # already recovering
-])
+@pytest.mark.parametrize(
+    "now, last_app, last_heard, recovering, want",
+    [
+        (10.0, 9.9, 9.95, False, LinkAction.NONE),  # in use, heard just now
+        (10.0, 9.9, 9.8, False, LinkAction.PROBE),  # in use, silent 0.2 s
+        (10.0, 9.9, 9.5, False, LinkAction.REDIRECT),  # in use, silent 0.5 s
+        (10.0, 8.5, 1.0, False, LinkAction.NONE),  # idle: keepalives keep it, no probing
+        (10.0, 9.9, 1.0, True, LinkAction.NONE),  # already recovering
+    ],
+)
 def test_link_action(now, last_app, last_heard, recovering, want):
     assert liveness.link_action(now, last_app, last_heard, recovering) is want
 
@@ -88,10 +91,19 @@ class FakeDcs:
         _, peer_addr, peer_pub = self.ends[peer]
         if self.forge_peer_key:
             peer_pub = keys.public_bytes(keys.generate())
-        body = messages.RouteDirection(path.hex(), "direct", "test", role, keys.checksum(me), keys.checksum(DC_ID),  # type: ignore[arg-type]
-                                       keys.checksum(peer),
-                                       peer_pub.hex(), keys.checksum(requester), [f"{peer_addr[0]}:{peer_addr[1]}"],
-                                       resume=resume.hex() if resume else None)
+        body = messages.RouteDirection(
+            path.hex(),
+            "direct",
+            "test",
+            role,
+            keys.checksum(me),
+            keys.checksum(DC_ID),  # type: ignore[arg-type]
+            keys.checksum(peer),
+            peer_pub.hex(),
+            keys.checksum(requester),
+            [f"{peer_addr[0]}:{peer_addr[1]}"],
+            resume=resume.hex() if resume else None,
+        )
         sealed = envelope.seal(DC_KEY, messages.ROUTE_DIRECTION, messages.encode(body), self.clock.wall_ms())
         self.pushed.setdefault(me, []).append(sealed)
         return sealed
@@ -118,6 +130,7 @@ class FakeDcs:
                 exc.abandoned = path if self.requester_first else None
                 raise exc
             return path
+
         return ask
 
 
@@ -196,13 +209,28 @@ async def test_injected_directions_send_nothing(pair):
     a = await asyncio.wait_for(ta.connect(idb), 2)
     b = await asyncio.wait_for(tb.accept(), 2)
     sent = len(net.sent)
-    body = messages.encode(messages.RouteDirection(
-        os.urandom(8).hex(), "direct", "lure", "initiate", keys.checksum(ida), keys.checksum(DC_ID),  # type: ignore[arg-type]
-        keys.checksum(idb), dcs.ends[idb][2].hex(), keys.checksum(idb), ["203.0.113.7:4330"]))
+    body = messages.encode(
+        messages.RouteDirection(
+            os.urandom(8).hex(),
+            "direct",
+            "lure",
+            "initiate",
+            keys.checksum(ida),
+            keys.checksum(DC_ID),  # type: ignore[arg-type]
+            keys.checksum(idb),
+            dcs.ends[idb][2].hex(),
+            keys.checksum(idb),
+            ["203.0.113.7:4330"],
+        )
+    )
     for signer in (keys.generate(), keys.generate()):
         assert await ta.on_direction(envelope.seal(signer, messages.ROUTE_DIRECTION, body, clock.wall_ms())) is None
-    assert await ta.on_direction(envelope.seal(DC_KEY, messages.ROUTE_DIRECTION, {**body, "requester": keys.checksum(ida)},
-                                            clock.wall_ms())) is None  # "ours", but A asked for nothing
+    assert (
+        await ta.on_direction(
+            envelope.seal(DC_KEY, messages.ROUTE_DIRECTION, {**body, "requester": keys.checksum(ida)}, clock.wall_ms())
+        )
+        is None
+    )  # "ours", but A asked for nothing
     assert await ta.on_direction(dcs.pushed[ida][-1]) is None  # the genuine direction of the connect, replayed
     assert ta.forged_directions == 4 and len(net.sent) == sent
     assert ta.table.keys() == {a.id}

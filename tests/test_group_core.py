@@ -26,23 +26,31 @@ GK = bytes.fromhex("5e5a3a787a407dd4554d48acd2838a6a73446b65fcba3601c6d9354ecdd7
 def test_vector():
     """The values docs/PROTOCOL.md §13 prints."""
     assert group.group_key(RN1, RN2, GID, "team", 3) == GK
-    assert group.message_key(GK, keys.node_id_of(SENDER)).hex() == \
-        "187d0f838a10f5f6af2da8a3daceb9a47433dc7d7bd51748e9c96ba440308ffb"
+    assert (
+        group.message_key(GK, keys.node_id_of(SENDER)).hex()
+        == "187d0f838a10f5f6af2da8a3daceb9a47433dc7d7bd51748e9c96ba440308ffb"
+    )
     wire = group.seal_message(SENDER, GK, GID, 3, 7, b"hello, group").encode()
     assert len(wire) == 142
     assert hashlib.sha256(wire).hexdigest() == "308ffff9816cb83a0f6d11fd0943e43a20efb42c931ba4d87a07375f17cd6a77"
     wrapped = group.wrap_secret(RN2, keys.public_bytes(RECIPIENT), GID, 3, EPH)
-    assert wrapped.hex() == ("02531fe6068134503d2723133227c867ac8fa6c83c537e9a44c3c5bdbdcb1fe337"
-                             "04f8b6e84d1aad68f7267505b9fb0edf9adf7b5e63632a35d6bc93e2aa04cb95"
-                             "48908257087710149276d1e302876124")
+    assert wrapped.hex() == (
+        "02531fe6068134503d2723133227c867ac8fa6c83c537e9a44c3c5bdbdcb1fe337"
+        "04f8b6e84d1aad68f7267505b9fb0edf9adf7b5e63632a35d6bc93e2aa04cb95"
+        "48908257087710149276d1e302876124"
+    )
     assert group.unwrap_secret(RECIPIENT, wrapped, GID, 3) == RN2
 
 
 def test_every_input_changes_the_key():
     base = group.group_key(RN1, RN2, GID, "team", 3)
-    others = [group.group_key(bytes(32), RN2, GID, "team", 3), group.group_key(RN1, bytes(32), GID, "team", 3),
-              group.group_key(RN1, RN2, bytes(16), "team", 3), group.group_key(RN1, RN2, GID, "teams", 3),
-              group.group_key(RN1, RN2, GID, "team", 4)]
+    others = [
+        group.group_key(bytes(32), RN2, GID, "team", 3),
+        group.group_key(RN1, bytes(32), GID, "team", 3),
+        group.group_key(RN1, RN2, bytes(16), "team", 3),
+        group.group_key(RN1, RN2, GID, "teams", 3),
+        group.group_key(RN1, RN2, GID, "team", 4),
+    ]
     assert len({base, *others}) == 6
     with pytest.raises(ValueError):
         group.group_key(RN1[:31], RN2, GID, "team", 3)
@@ -81,8 +89,11 @@ def test_a_member_cannot_speak_as_another():
     real = group.seal_message(mallory, GK, GID, 3, 1, b"pay mallory")
     forged = GroupMessage(GID, 3, bob, 1, b"", b"")
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
     body = AESGCM(group.message_key(GK, bob)).encrypt(bytes(4) + (1).to_bytes(8, "big"), b"pay mallory", forged.header)
-    forged = GroupMessage(GID, 3, bob, 1, body, keys.sign_digest(mallory, GroupMessage(GID, 3, bob, 1, body, b"").digest()))
+    forged = GroupMessage(
+        GID, 3, bob, 1, body, keys.sign_digest(mallory, GroupMessage(GID, 3, bob, 1, body, b"").digest())
+    )
     with pytest.raises(GroupError) as e:
         GroupMessage.decode(forged.encode()).check_signature()
     assert e.value.code == "impersonation"
@@ -180,8 +191,10 @@ class Gms:
         return k
 
     def ask(self, key, kind: str, **body) -> dict:
-        body = {k: (keys.checksum(v) if isinstance(v, bytes) and len(v) == 20 else v.hex() if isinstance(v, bytes) else v)
-                for k, v in body.items()}
+        body = {
+            k: (keys.checksum(v) if isinstance(v, bytes) and len(v) == 20 else v.hex() if isinstance(v, bytes) else v)
+            for k, v in body.items()
+        }
         return self.svc.handle(envelope.seal(key, kind, body, self.clock.wall_ms()))
 
 
@@ -204,7 +217,9 @@ def test_gms_membership_epochs_and_wraps(gms):
     rn2_1 = group.unwrap_secret(admin, bytes.fromhex(v["epochs"][0]["rn2"]), gid, 1)
     assert gms.ask(admin, "group.invite", gid=gid, node=nid(bob))["invited"] == ["0x" + nid(bob).hex()]
     v = gms.ask(bob, "group.accept", gid=gid)
-    assert v["epoch"] == 2 and v["invited"] == [] and [e["epoch"] for e in v["epochs"]] == [2]  # nothing from before it joined
+    assert (
+        v["epoch"] == 2 and v["invited"] == [] and [e["epoch"] for e in v["epochs"]] == [2]
+    )  # nothing from before it joined
     rn2_2 = group.unwrap_secret(bob, bytes.fromhex(v["epochs"][0]["rn2"]), gid, 2)
     assert rn2_2 != rn2_1
     assert gms.ask(bob, "group.accept", gid=gid)["epoch"] == 2  # again (answer lost): same epoch
@@ -258,7 +273,10 @@ def test_gms_refusals_change_nothing(gms):
     gms.svc.handle(env)
     with pytest.raises(SignatureError, match="replayed"):
         gms.svc.handle(env)
-    forged = {**envelope.seal(admin, "group.state", {"gid": gid.hex()}, gms.clock.wall_ms()), "from": keys.checksum(nid(bob))}
+    forged = {
+        **envelope.seal(admin, "group.state", {"gid": gid.hex()}, gms.clock.wall_ms()),
+        "from": keys.checksum(nid(bob)),
+    }
     with pytest.raises(SignatureError):
         gms.svc.handle(forged)
     assert gms.db.execute("SELECT epoch FROM groups").fetchone()[0] == 2  # only bob's accepted join moved it
@@ -309,10 +327,18 @@ def test_edges_of_every_field():
     refused("malformed", "got 1155", GroupMessage.decode, bytes(1155))
     refused("malformed", "version 2, expected 1", GroupMessage.decode, b"\x02" + good[1:])
     refused("bad_wrap", "is 81 bytes, got 80", group.unwrap_secret, RECIPIENT, wrapped[:-1], GID, top_epoch)
-    refused("bad_wrap", "does not open for this node: tag mismatch", group.unwrap_secret, SENDER, wrapped, GID, top_epoch)
+    refused(
+        "bad_wrap", "does not open for this node: tag mismatch", group.unwrap_secret, SENDER, wrapped, GID, top_epoch
+    )
     refused("undecryptable", "of epoch 3", GroupMessage.decode(good).decrypt, bytes(32))
     impostor = GroupMessage.decode(good)
-    refused("impersonation", "message claims to be from 0x0000000000000000000000000000000000000000 but was signed by 0x",
-            GroupMessage(GID, 3, bytes(20), 1, impostor.body, impostor.sig).check_signature)
-    refused("bad_signature", "group message signature: signature v is 0",
-            GroupMessage(GID, 3, impostor.sender, 1, impostor.body, bytes(65)).check_signature)
+    refused(
+        "impersonation",
+        "message claims to be from 0x0000000000000000000000000000000000000000 but was signed by 0x",
+        GroupMessage(GID, 3, bytes(20), 1, impostor.body, impostor.sig).check_signature,
+    )
+    refused(
+        "bad_signature",
+        "group message signature: signature v is 0",
+        GroupMessage(GID, 3, impostor.sender, 1, impostor.body, bytes(65)).check_signature,
+    )

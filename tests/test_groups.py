@@ -51,8 +51,13 @@ class Member:
 
 
 def run(home: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "node.cli", "--home", str(home), *args],
-                          capture_output=True, text=True, timeout=90, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [sys.executable, "-m", "node.cli", "--home", str(home), *args],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 async def cli(m: Member, *args: str) -> dict:
@@ -79,6 +84,7 @@ async def fed(tmp_path_factory):
     """anvil, two DCs with Cache Servers, and four members up: alice and bob at dc1, carol and dave at dc2."""
     workdir = tmp_path_factory.mktemp("groups")
     async with cs_federation(workdir) as net:
+
         async def member(i: int, name: str) -> Member:
             home = workdir / name
             nid = json.loads((await asyncio.to_thread(run, home, "--json", "keygen")).stdout)["node"]
@@ -108,8 +114,10 @@ async def group_with(admin: Member, name: str, others: list[Member], gid: str | 
         assert inv["invited"] == m.id and inv["via"] in ("tunnel", "cs")
 
     for m in others:  # the invitation reaches each (over a tunnel or through a Cache Server)
+
         async def invited(m=m):
             return any(g["gid"] == gid for g in (await ctl(m, "members"))["groups"])
+
         await until(invited, timeout=30, interval=0.2)
         joined = await ctl(m, "accept", group=gid)
         assert joined["status"] == "member"
@@ -118,8 +126,10 @@ async def group_with(admin: Member, name: str, others: list[Member], gid: str | 
 
 async def received(m: Member, gid: str, text: str) -> dict:
     """Wait until `m` has received `text` in group `gid`."""
+
     async def got():
         return next((e for e in m.log(gid) if e["text"] == text), None)
+
     return await until(got, timeout=30, interval=0.2)
 
 
@@ -149,7 +159,9 @@ async def put_item(net: DcNet, sender_key, recipient: Member, payload: bytes) ->
     """Hand `recipient` a group payload through a Cache Server, as any registered node can; a
     sender it does not admit waits there until fetched (`fetch_held`)."""
     pub = bytes.fromhex(recipient_pub(recipient))
-    sealer = seal.Sealer(sender_key, {keys.parse_node_id(recipient.id): pub}, seal.Meta(GROUP_APP), int(time.time() * 1000))
+    sealer = seal.Sealer(
+        sender_key, {keys.parse_node_id(recipient.id): pub}, seal.Meta(GROUP_APP), int(time.time() * 1000)
+    )
     async with CsClient(sender_key, net.cs_url(0)) as c:
         return (await c.put(sealer, bytes_chunks(payload), len(payload)))["item"]
 
@@ -216,12 +228,15 @@ async def test_four_members_across_two_dcs_join_leave_and_keys(fed):
     # bob still holds epoch 4's key and writes under it after his removal: carol refuses it
     st = bob.state(gid)
     ep4 = st["epochs"]["4"]
-    gk4 = group.group_key(bytes.fromhex(st["rn1"][str(ep4["rn1_gen"])]), bytes.fromhex(ep4["rn2"]), bytes.fromhex(gid),
-                          st["name"], 4)
+    gk4 = group.group_key(
+        bytes.fromhex(st["rn1"][str(ep4["rn1_gen"])]), bytes.fromhex(ep4["rn2"]), bytes.fromhex(gid), st["name"], 4
+    )
     late = group.seal_message(bob.key(), gk4, bytes.fromhex(gid), 4, st["counter"] + 100, b"bob, removed, writes")
     await put_item(net, bob.key(), carol, MSG + late.encode())
+
     async def carol_refused_bob():
         return (await refusals(carol)).get("removed", 0) >= 1
+
     await until(carol_refused_bob, timeout=30, interval=0.3)
     assert "bob, removed, writes" not in [e["text"] for e in carol.log(gid)]
     # a removed member's comeback is refused by the GMS
@@ -235,8 +250,11 @@ async def test_four_members_across_two_dcs_join_leave_and_keys(fed):
             needles.add(bytes.fromhex(rn1))
             for e, ep in st["epochs"].items():
                 if str(ep["rn1_gen"]) == gen:
-                    needles.add(group.group_key(bytes.fromhex(rn1), bytes.fromhex(ep["rn2"]), bytes.fromhex(gid),
-                                                st["name"], int(e)))
+                    needles.add(
+                        group.group_key(
+                            bytes.fromhex(rn1), bytes.fromhex(ep["rn2"]), bytes.fromhex(gid), st["name"], int(e)
+                        )
+                    )
     assert len(needles) >= 2 + 3  # two RN1 generations, keys of epochs 3, 4, 5 at least
     for path in net.workdir.glob("dc*.sqlite*"):
         blob = path.read_bytes()
@@ -252,15 +270,18 @@ async def test_impersonation_replay_and_non_members_are_refused(fed):
     st = bob.state(gid)
     epoch = st["epoch"]
     ep = st["epochs"][str(epoch)]
-    gk = group.group_key(bytes.fromhex(st["rn1"][str(ep["rn1_gen"])]), bytes.fromhex(ep["rn2"]), bytes.fromhex(gid),
-                         st["name"], epoch)
+    gk = group.group_key(
+        bytes.fromhex(st["rn1"][str(ep["rn1_gen"])]), bytes.fromhex(ep["rn2"]), bytes.fromhex(gid), st["name"], epoch
+    )
     bob_key = bob.key()
     # bob (a member, he knows GK) writes as carol: the signature gives him away
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
     carol_id = keys.parse_node_id(carol.id)
     unsigned = GroupMessage(bytes.fromhex(gid), epoch, carol_id, 99, b"", b"")
-    body = AESGCM(group.message_key(gk, carol_id)).encrypt(bytes(4) + (99).to_bytes(8, "big"), b"carol says pay bob",
-                                                            unsigned.header)
+    body = AESGCM(group.message_key(gk, carol_id)).encrypt(
+        bytes(4) + (99).to_bytes(8, "big"), b"carol says pay bob", unsigned.header
+    )
     forged = GroupMessage(bytes.fromhex(gid), epoch, carol_id, 99, body, b"")
     forged = GroupMessage(forged.gid, epoch, carol_id, 99, body, keys.sign_digest(bob_key, forged.digest()))
     await put_item(net, bob_key, alice, MSG + forged.encode())
@@ -272,20 +293,28 @@ async def test_impersonation_replay_and_non_members_are_refused(fed):
     eve_msg = group.seal_message(eve, group.new_rn(), bytes.fromhex(gid), epoch, 0, b"let me in")
     await fetch_held(alice, await put_item(net, eve, alice, MSG + eve_msg.encode()))
     # and eve's invitation "from the admin", and RN1 "from the admin"
-    await fetch_held(carol, await put_item(net, eve, carol, CONTROL + json.dumps({"t": "rn1", "gid": gid, "gen": 9,
-                                                                                  "rn1": "00" * 32}).encode()))
+    await fetch_held(
+        carol,
+        await put_item(
+            net, eve, carol, CONTROL + json.dumps({"t": "rn1", "gid": gid, "gen": 9, "rn1": "00" * 32}).encode()
+        ),
+    )
 
     async def all_refused():
         r = await refusals(alice)
         return r.get("impersonation", 0) >= 1 and r.get("replay", 0) >= 1 and r.get("not_member", 0) >= 1
+
     await until(all_refused, timeout=30, interval=0.5)
 
     # and an RN1 message from the admin that does not parse: refused, the daemon carries on
-    await put_item(net, alice.key(), carol, CONTROL + json.dumps({"t": "rn1", "gid": gid, "gen": "x", "rn1": "zz"}).encode())
+    await put_item(
+        net, alice.key(), carol, CONTROL + json.dumps({"t": "rn1", "gid": gid, "gen": "x", "rn1": "zz"}).encode()
+    )
 
     async def carol_refused():
         r = await refusals(carol)
         return r.get("not_admin", 0) >= 1 and r.get("malformed", 0) >= 1
+
     await until(carol_refused, timeout=30, interval=0.5)
     assert "9" not in carol.state(gid)["rn1"] and carol.proc.poll() is None
     texts = [e["text"] for e in alice.log(gid)]
@@ -293,8 +322,11 @@ async def test_impersonation_replay_and_non_members_are_refused(fed):
 
     # eve at the GMS: no acceptance without an invitation, no state, no invitations of her own
     async with raw_http() as http:
-        for kind, body in (("group.accept", {"gid": gid}), ("group.state", {"gid": gid}),
-                           ("group.invite", {"gid": gid, "node": keys.checksum(keys.node_id_of(eve))})):
+        for kind, body in (
+            ("group.accept", {"gid": gid}),
+            ("group.state", {"gid": gid}),
+            ("group.invite", {"gid": gid, "node": keys.checksum(keys.node_id_of(eve))}),
+        ):
             env = envelope.seal(eve, kind, body, int(time.time() * 1000))
             async with http.post(net.urls[0] + "/v1/groups", json=env) as r:
                 assert r.status == 403, await r.text()
@@ -310,8 +342,13 @@ async def test_kill9_of_the_gms_during_a_rekey_converges(fed):
     # (SIGSTOP), so the request is surely under way when SIGKILL comes
     gms = net.dcs[0]
     os.kill(gms.pid, signal.SIGSTOP)
-    remove = subprocess.Popen([sys.executable, "-m", "node.cli", "--home", str(alice.home), "group", "remove", gid,
-                               dave.id], stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    remove = subprocess.Popen(
+        [sys.executable, "-m", "node.cli", "--home", str(alice.home), "group", "remove", gid, dave.id],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
     await until(lambda: alice.state(gid)["pending_remove"] is not None, timeout=30, interval=0.05)
     await asyncio.sleep(0.3)
     gms.kill()
@@ -324,8 +361,14 @@ async def test_kill9_of_the_gms_during_a_rekey_converges(fed):
         views = [await ctl(m, "members", group=gid) for m in (alice, bob, carol)]
         epochs = {v["epoch"] for v in views}
         gms_epoch = max(r[0] for r in gms_rows(net, gid))
-        return len(epochs) == 1 and epochs == {gms_epoch} and views[0]["pending_removal"] is None \
-            and all(v["has_key"] for v in views) and views
+        return (
+            len(epochs) == 1
+            and epochs == {gms_epoch}
+            and views[0]["pending_removal"] is None
+            and all(v["has_key"] for v in views)
+            and views
+        )
+
     views = await until(converged, timeout=60, interval=1.0)
     assert views[0]["epoch"] == before + 1 and dave.id not in views[0]["members"]
     assert (await ctl(dave, "members", group=gid))["status"] == "removed"
@@ -337,8 +380,25 @@ async def test_kill9_of_the_gms_during_a_rekey_converges(fed):
 
 def start_daemon(m: Member) -> None:
     m.proc = subprocess.Popen(
-        [sys.executable, "-m", "node.cli", "--home", str(m.home), "--json", "up", "--no-tun", "--host", "127.0.0.1",
-         "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+        [
+            sys.executable,
+            "-m",
+            "node.cli",
+            "--home",
+            str(m.home),
+            "--json",
+            "up",
+            "--no-tun",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
     assert read_json_line(m.proc, timeout=60)["event"] == "up"  # four start at once: headroom for a loaded machine
 
 

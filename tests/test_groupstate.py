@@ -27,15 +27,22 @@ def hexid(n: bytes) -> str:
     return "0x" + n.hex()
 
 
-def view(epochs: list[tuple[int, int, list[bytes]]], me: keys.coincurve.PrivateKey = ME, gid: bytes = GID,
-         invited: tuple[bytes, ...] = ()) -> messages.GmsView:
+def view(
+    epochs: list[tuple[int, int, list[bytes]]],
+    me: keys.coincurve.PrivateKey = ME,
+    gid: bytes = GID,
+    invited: tuple[bytes, ...] = (),
+) -> messages.GmsView:
     """A GMS answer for `me`: (epoch, rn1_gen, members) each, RN2 wrapped to `me`."""
     pub = keys.public_bytes(me)
-    eps = [messages.GmsEpoch(e, gen, [hexid(m) for m in who], group.wrap_secret(RN2[e], pub, gid, e).hex())
-           for e, gen, who in epochs]
+    eps = [
+        messages.GmsEpoch(e, gen, [hexid(m) for m in who], group.wrap_secret(RN2[e], pub, gid, e).hex())
+        for e, gen, who in epochs
+    ]
     e, gen, who = epochs[-1]
-    return messages.GmsView(gid.hex(), "team", keys.checksum(A), e, gen, [hexid(m) for m in who],
-                            [hexid(m) for m in invited], eps)
+    return messages.GmsView(
+        gid.hex(), "team", keys.checksum(A), e, gen, [hexid(m) for m in who], [hexid(m) for m in invited], eps
+    )
 
 
 def member_book(epochs=((2, 1, [A, M, B]),), rn1=(1,)) -> tuple[GroupBook, GroupState, FakeClock]:
@@ -82,8 +89,10 @@ def test_control_notes_keep_their_bytes():
     understand each other."""
     g = GID.hex()
     cases = [
-        (messages.InviteNote(g, "team", keys.checksum(A), GMS), {"t": "invite", "gid": g, "name": "team",
-                                                                  "admin": keys.checksum(A), "gms": GMS}),
+        (
+            messages.InviteNote(g, "team", keys.checksum(A), GMS),
+            {"t": "invite", "gid": g, "name": "team", "admin": keys.checksum(A), "gms": GMS},
+        ),
         (messages.Rn1Note(g, 7, RN1[1].hex()), {"t": "rn1", "gid": g, "gen": 7, "rn1": RN1[1].hex()}),
         (messages.JoinedNote(g), {"t": "joined", "gid": g}),
         (messages.LeftNote(g), {"t": "left", "gid": g}),
@@ -94,16 +103,28 @@ def test_control_notes_keep_their_bytes():
         assert gs.decode_note(wire[1:]) == typed
 
 
-@pytest.mark.parametrize("payload", [
-    b"", b"Z{}", CONTROL + b"not json", CONTROL + b"[]", note(t="frobnicate", gid=GID.hex()),
-    note(t="joined"), note(t="joined", gid=GID.hex()[:-2]), note(t="joined", gid=GID.hex(), extra=1),
-    note(t="rn1", gid=GID.hex(), gen="1", rn1=RN1[1].hex()), note(t="rn1", gid=GID.hex(), gen=1, rn1="00" * 31),
-    note(t="rn1", gid=GID.hex(), gen=-1, rn1=RN1[1].hex()), note(t="rn1", gid=GID.hex(), gen=2**32, rn1=RN1[1].hex()),
-    note(t="invite", gid=GID.hex(), name="bad name", admin=keys.checksum(A), gms=GMS),
-    note(t="invite", gid=GID.hex(), name="x", admin=keys.checksum(A), gms="ftp://dc.test"),
-    note(t="invite", gid=GID.hex(), name="x", admin="0x12", gms=GMS),
-    CONTROL + b"[" * 100 + b"]" * 100, MSG + b"\x01" * 40,
-])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"",
+        b"Z{}",
+        CONTROL + b"not json",
+        CONTROL + b"[]",
+        note(t="frobnicate", gid=GID.hex()),
+        note(t="joined"),
+        note(t="joined", gid=GID.hex()[:-2]),
+        note(t="joined", gid=GID.hex(), extra=1),
+        note(t="rn1", gid=GID.hex(), gen="1", rn1=RN1[1].hex()),
+        note(t="rn1", gid=GID.hex(), gen=1, rn1="00" * 31),
+        note(t="rn1", gid=GID.hex(), gen=-1, rn1=RN1[1].hex()),
+        note(t="rn1", gid=GID.hex(), gen=2**32, rn1=RN1[1].hex()),
+        note(t="invite", gid=GID.hex(), name="bad name", admin=keys.checksum(A), gms=GMS),
+        note(t="invite", gid=GID.hex(), name="x", admin=keys.checksum(A), gms="ftp://dc.test"),
+        note(t="invite", gid=GID.hex(), name="x", admin="0x12", gms=GMS),
+        CONTROL + b"[" * 100 + b"]" * 100,
+        MSG + b"\x01" * 40,
+    ],
+)
 def test_malformed_payloads_are_refused(payload):
     """Adversary: a member or a stranger sending bytes that are no group payload: one `malformed`
     refusal each, never another exception, nothing changed."""
@@ -121,8 +142,22 @@ def test_messages_in_any_order_are_delivered_once():
     book, g, clock = member_book()
     first, second = msg(counter=1, text=b"one"), msg(counter=0, text=b"\xffzero")
     assert book.receive(B, first, "tunnel") == [
-        Deliver(g, {"gid": GID.hex(), "group": "team", "epoch": 2, "sender": keys.checksum(B), "counter": 1,
-                    "text": "one", "via": "tunnel", "received": clock.wall_ms(), "wire": first[1:].hex()}), Save(g)]
+        Deliver(
+            g,
+            {
+                "gid": GID.hex(),
+                "group": "team",
+                "epoch": 2,
+                "sender": keys.checksum(B),
+                "counter": 1,
+                "text": "one",
+                "via": "tunnel",
+                "received": clock.wall_ms(),
+                "wire": first[1:].hex(),
+            },
+        ),
+        Save(g),
+    ]
     assert delivered(book.receive(B, second, "cs")) == ["\ufffdzero"]  # bytes that are no UTF-8: replaced
     refused(book, "replay", B, first)
     refused(book, "replay", B, second)
@@ -171,7 +206,9 @@ def test_a_message_of_an_unknown_epoch_waits_for_its_key():
     gs.apply_view(g, view([(3, 2, [A, M, B])]), ME)  # epoch 3 needs RN1 generation 2, not here yet
     out = book.receive(B, msg(epoch=3, gen=2, text=b"later"), "tunnel")
     assert len(g.parked) == 1 and [type(a) for a in out] == [Save, CatchUp] and out[1].delay_s == 0.0
-    assert book.receive(B, msg(epoch=3, gen=2, counter=1, text=b"later too"), "tunnel") == [Save(g)]  # one catch-up at a time
+    assert book.receive(B, msg(epoch=3, gen=2, counter=1, text=b"later too"), "tunnel") == [
+        Save(g)
+    ]  # one catch-up at a time
     refused(book, "not_admin", B, note(t="rn1", gid=GID.hex(), gen=2, rn1=RN1[2].hex()))  # only the admin hands out RN1
     out = book.receive(A, note(t="rn1", gid=GID.hex(), gen=2, rn1=RN1[2].hex()), "tunnel")
     assert delivered(out) == ["later", "later too"] and g.parked == [] and g.rn1[2] == RN1[2]
@@ -297,8 +334,14 @@ def test_decode_view_refuses_nonsense():
     typed = view([(2, 1, [A, M])])
     good = messages.encode(typed)
     assert gs.decode_view(good) == typed
-    for bad in ({**good, "epoch": -1}, {**good, "members": ["0x12"]}, {**good, "more": 1}, [], "x",
-                {**good, "epochs": [good["epochs"][0]] * (messages.GROUP_EPOCHS_PER_ANSWER + 1)}):
+    for bad in (
+        {**good, "epoch": -1},
+        {**good, "members": ["0x12"]},
+        {**good, "more": 1},
+        [],
+        "x",
+        {**good, "epochs": [good["epochs"][0]] * (messages.GROUP_EPOCHS_PER_ANSWER + 1)},
+    ):
         with pytest.raises(GroupError, match="^GMS answer: malformed GmsView") as e:
             gs.decode_view(bad)
         assert e.value.code == "malformed"
@@ -340,9 +383,18 @@ def test_describe_and_find():
     """What `ntm group members`/`list` show, and groups found by ID (any case, 0x or not) or name."""
     book, g, _ = member_book()
     assert book.describe(g) == {
-        "gid": GID.hex(), "name": "team", "admin": keys.checksum(A), "gms": GMS, "status": "member", "epoch": 2,
-        "rn1_gen": 1, "has_key": True, "members": sorted(keys.checksum(m) for m in (A, M, B)),
-        "you": keys.checksum(M), "pending_removal": None}
+        "gid": GID.hex(),
+        "name": "team",
+        "admin": keys.checksum(A),
+        "gms": GMS,
+        "status": "member",
+        "epoch": 2,
+        "rn1_gen": 1,
+        "has_key": True,
+        "members": sorted(keys.checksum(m) for m in (A, M, B)),
+        "you": keys.checksum(M),
+        "pending_removal": None,
+    }
     g.pending_remove, g.epoch = (B, 2), 3
     d = book.describe(g)
     assert (d["rn1_gen"], d["has_key"], d["members"], d["pending_removal"]) == (None, False, [], keys.checksum(B))

@@ -40,11 +40,13 @@ NOW = 1700000000.0
 # The §6 test vector (docs/PROTOCOL.md).
 VEC_REQUEST = bytes.fromhex(
     "010102030405060708034f355bdcb7cc0af728ef3cceb9615d90684bb5b2ca5f859ab0f0b704075871aa"
-    "5122f53e5c52809239d6e9b32a02276a4290a07edec6200f" "a4ea433047dd0e0538c122d4fc3da497"  # mac1
+    "5122f53e5c52809239d6e9b32a02276a4290a07edec6200f"
+    "a4ea433047dd0e0538c122d4fc3da497"  # mac1
 )
 VEC_RESPONSE = bytes.fromhex(
     "02010203040506070802466d7fcae563e5cb09a0d1870bb580344804617879a14949cf22285f1bae3f27"
-    "df8860a6f54e5da223c9108025729672" "743f6d9386b5e0491a3395aed7a68f7f"  # mac1
+    "df8860a6f54e5da223c9108025729672"
+    "743f6d9386b5e0491a3395aed7a68f7f"  # mac1
 )
 VEC_I2R = bytes.fromhex("52bf7f6219ffc12f2830cc8d008cae3c5e0aaa938588ce5e4c3bd48fc747457d")
 VEC_R2I = bytes.fromhex("83ae489ef0f4ca9a1bc358084a2f2e52eea169debca270bc340420123d8a20e7")
@@ -96,16 +98,20 @@ def test_vector_independent_derivation():
     er = keys.private_key(bytes([0x22]) * 32)
     ei_pub, er_pub = ei.public_key.format(), er.public_key.format()
     h = mix(h, ei_pub)
-    out = _hkdf(ck, keys.ecdh(ei, PB), b"ntm1 es"); ck = out[:32]  # noqa: E702
-    out = _hkdf(ck, keys.ecdh(A, PB), b"ntm1 ss"); ck, k = out[:32], out[32:]  # noqa: E702
+    out = _hkdf(ck, keys.ecdh(ei, PB), b"ntm1 es")
+    ck = out[:32]  # noqa: E702
+    out = _hkdf(ck, keys.ecdh(A, PB), b"ntm1 ss")
+    ck, k = out[:32], out[32:]  # noqa: E702
     c = AESGCM(k).encrypt(bytes(12), struct.pack("!Q", 1_700_000_000_000_000_000), h)
     mac1_key = hashlib.sha256(b"ntm mac1" + keys.ecdh(A, PB) + PATH).digest()
     mac = lambda body: body + hmac.new(mac1_key, body, hashlib.sha256).digest()[:16]  # noqa: E731
     assert mac(bytes([1]) + PATH + ei_pub + c) == VEC_REQUEST
     h = mix(h, c)
     h = mix(h, er_pub)
-    out = _hkdf(ck, keys.ecdh(er, ei_pub), b"ntm1 ee"); ck = out[:32]  # noqa: E702
-    out = _hkdf(ck, keys.ecdh(er, PA), b"ntm1 se"); ck, k = out[:32], out[32:]  # noqa: E702
+    out = _hkdf(ck, keys.ecdh(er, ei_pub), b"ntm1 ee")
+    ck = out[:32]  # noqa: E702
+    out = _hkdf(ck, keys.ecdh(er, PA), b"ntm1 se")
+    ck, k = out[:32], out[32:]  # noqa: E702
     c = AESGCM(k).encrypt(bytes(12), b"", h)
     assert mac(bytes([2]) + PATH + er_pub + c) == VEC_RESPONSE
     h = mix(h, c)

@@ -17,8 +17,10 @@ def register_body(timestamp: int) -> str:
     """A Registration Request shaped like a real one, with `timestamp` as given (JSON text:
     the integer is written out whatever its size)."""
     node = keys.checksum(keys.node_id_of(keys.generate()))
-    return ('{"record": {"node": "%s", "dc": "%s", "timestamp": %d, "revoked": false}, "signature": "%s", '
-            '"pubkey": "%s", "local_addrs": []}' % (node, node, timestamp, "00" * 65, "04" + "00" * 64))
+    return (
+        '{"record": {"node": "%s", "dc": "%s", "timestamp": %d, "revoked": false}, "signature": "%s", '
+        '"pubkey": "%s", "local_addrs": []}' % (node, node, timestamp, "00" * 65, "04" + "00" * 64)
+    )
 
 
 async def test_out_of_range_integers_and_deep_json_are_refused_with_400_and_no_traceback(tmp_path):
@@ -49,8 +51,9 @@ async def test_out_of_range_integers_and_deep_json_are_refused_with_400_and_no_t
         got = []
         async with raw_http() as http:
             for method, url, body, headers in cases:
-                async with http.request(method, url, data=body.encode(),
-                                        headers={"Content-Type": "application/json", **headers}) as r:
+                async with http.request(
+                    method, url, data=body.encode(), headers={"Content-Type": "application/json", **headers}
+                ) as r:
                     answer = await r.json()
                     got.append((r.status, answer["error"]))
             async with http.ws_connect(dc + "/v1/session") as ws:

@@ -38,8 +38,13 @@ def test_damaged_files_are_refused(tmp_path):
     good = json.loads((tmp_path / "k.json").read_text())
     bad_mac = json.loads(json.dumps(good))
     bad_mac["crypto"]["ciphertext"] = "00" * 32
-    cases = {"[]": "invalid", "{}": "invalid", "not json": "unreadable",
-             json.dumps({**good, "version": 4}): "invalid", json.dumps(bad_mac): "wrong passphrase"}
+    cases = {
+        "[]": "invalid",
+        "{}": "invalid",
+        "not json": "unreadable",
+        json.dumps({**good, "version": 4}): "invalid",
+        json.dumps(bad_mac): "wrong passphrase",
+    }
     for text, what in cases.items():
         (tmp_path / "bad.json").write_text(text)
         with pytest.raises(KeystoreError, match=what):

@@ -83,8 +83,13 @@ def test_packages_import_only_their_layers():
 
 
 def test_ntm_is_free_of_io():
-    bad = [f"{name} imports {d}" for name, deps in graph().items() if name.split(".")[0] == "ntm"
-           for d in deps if d.split(".")[0] in IO_MODULES]
+    bad = [
+        f"{name} imports {d}"
+        for name, deps in graph().items()
+        if name.split(".")[0] == "ntm"
+        for d in deps
+        if d.split(".")[0] in IO_MODULES
+    ]
     assert not bad, bad
 
 
@@ -98,7 +103,7 @@ def test_no_import_cycles():
         state[n] = 1
         for d in sorted(g[n]):
             if state.get(d) == 1:
-                cycles.append(stack[stack.index(d):] + [d])
+                cycles.append(stack[stack.index(d) :] + [d])
             elif d not in state:
                 visit(d, [*stack, d])
         state[n] = 2
@@ -114,9 +119,16 @@ PURE_CORES = {"cs.core", "cs.quota", "cs.errors"}
 
 
 def test_pure_cores_import_only_ntm_and_each_other():
-    bad = [f"{name} imports {d}" for name, deps in graph().items() if name in PURE_CORES
-           for d in deps if d.split(".")[0] in PACKAGES and d.split(".")[0] != "ntm" and d not in PURE_CORES
-           or d.split(".")[0] in IO_MODULES]
+    bad = [
+        f"{name} imports {d}"
+        for name, deps in graph().items()
+        if name in PURE_CORES
+        for d in deps
+        if d.split(".")[0] in PACKAGES
+        and d.split(".")[0] != "ntm"
+        and d not in PURE_CORES
+        or d.split(".")[0] in IO_MODULES
+    ]
     assert not bad, bad
 
 
@@ -124,10 +136,12 @@ def test_benches_and_labkit_import_no_test_module():
     """A bench that imports a test module breaks when the test is edited (bench/tunnel.py did):
     what benches share with tests lives in labkit/."""
     known = set(modules())
-    bad = [f"{path.relative_to(ROOT)} imports {d}"
-           for path in [*(ROOT / "bench").glob("*.py"), *(ROOT / "labkit").rglob("*.py")]
-           for d in imports_of(path, ".".join(path.relative_to(ROOT).with_suffix("").parts), known)
-           if d.split(".")[0] == "tests"]
+    bad = [
+        f"{path.relative_to(ROOT)} imports {d}"
+        for path in [*(ROOT / "bench").glob("*.py"), *(ROOT / "labkit").rglob("*.py")]
+        for d in imports_of(path, ".".join(path.relative_to(ROOT).with_suffix("").parts), known)
+        if d.split(".")[0] == "tests"
+    ]
     assert not bad, bad
 
 
@@ -152,13 +166,23 @@ def raw_clock_reads(source: str) -> list[str]:
         if isinstance(node, ast.Attribute):
             base = node.value
             name = base.id if isinstance(base, ast.Name) else base.attr if isinstance(base, ast.Attribute) else ""
-            if (name == "time" and node.attr in RAW_TIME) or (name in ("datetime", "date") and node.attr in RAW_DATETIME):
+            if (name == "time" and node.attr in RAW_TIME) or (
+                name in ("datetime", "date") and node.attr in RAW_DATETIME
+            ):
                 found.append(f"line {node.lineno}: {name}.{node.attr}")
         elif isinstance(node, ast.ImportFrom) and node.module in ("time", "datetime"):
-            found += [f"line {node.lineno}: from {node.module} import {a.name}" for a in node.names
-                      if a.name in RAW_TIME | {"datetime", "date"}]
-        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "time"
-              and not node.args and not node.keywords):
+            found += [
+                f"line {node.lineno}: from {node.module} import {a.name}"
+                for a in node.names
+                if a.name in RAW_TIME | {"datetime", "date"}
+            ]
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "time"
+            and not node.args
+            and not node.keywords
+        ):
             found.append(f"line {node.lineno}: .time()")
     return found
 
@@ -181,8 +205,16 @@ def test_time_is_read_only_through_the_injected_clock():
 
 def test_the_clock_rule_sees_every_shape_of_read():
     """The rule above can fail: each shape of raw read is caught, the injected clock is not."""
-    shapes = ["t = time.time()", "t = time.monotonic()", "f(now=time.monotonic)", "from time import monotonic",
-              "t = loop.time()", "t = asyncio.get_running_loop().time()", "d = datetime.datetime.now(tz)",
-              "d = datetime.utcnow()", "t = time.time_ns() // 1000"]
+    shapes = [
+        "t = time.time()",
+        "t = time.monotonic()",
+        "f(now=time.monotonic)",
+        "from time import monotonic",
+        "t = loop.time()",
+        "t = asyncio.get_running_loop().time()",
+        "d = datetime.datetime.now(tz)",
+        "d = datetime.utcnow()",
+        "t = time.time_ns() // 1000",
+    ]
     assert all(raw_clock_reads(s) for s in shapes)
     assert not raw_clock_reads("t = clock.now(); w = clock.wall_ms(); time.sleep(1); d = clock.utc()")

@@ -30,7 +30,8 @@ def _small_r_signature(digest: bytes) -> bytes:
     for r in range(1, 200):
         try:
             coincurve.PublicKey.from_signature_and_message(
-                r.to_bytes(32, "big") + s.to_bytes(32, "big") + b"\x02", digest, hasher=None)
+                r.to_bytes(32, "big") + s.to_bytes(32, "big") + b"\x02", digest, hasher=None
+            )
         except ValueError:
             continue
         return r.to_bytes(32, "big") + s.to_bytes(32, "big")
@@ -58,8 +59,10 @@ DC = keys.generate()
 TRUSTED = staticmethod(lambda a: a == keys.node_id_of(DC))
 
 
-@pytest.mark.parametrize("offset_ms, fresh", [(envelope.MAX_SKEW_MS + 1, False), (envelope.MAX_SKEW_MS, True),
-                                              (-envelope.MAX_SKEW_MS - 1, False)])
+@pytest.mark.parametrize(
+    "offset_ms, fresh",
+    [(envelope.MAX_SKEW_MS + 1, False), (envelope.MAX_SKEW_MS, True), (-envelope.MAX_SKEW_MS - 1, False)],
+)
 def test_an_envelope_dated_too_far_ahead_or_behind_is_refused(offset_ms, fresh):
     env = envelope.seal(DC, "k", {}, NOW_MS + offset_ms)
     if fresh:
@@ -161,11 +164,13 @@ def test_data_events_are_plain_payloads():
 def _remac(session_key, peer_pub, msg: bytes) -> bytes:
     """`msg` with a valid mac1 again (after tampering with the body): what only a peer could send."""
     from ntm.handshake import mac1, mac1_key
+
     return msg[:-16] + mac1(mac1_key(keys.ecdh(session_key, peer_pub), PATH), msg[:-16])
 
 
 def test_a_peer_built_request_with_a_bad_tag_is_counted_as_auth():
     from tests.test_tunnel import IDA, KB, PA
+
     a = Session(KA, IDB, PB, PATH, candidates=[ADDR_B])
     b = Session(KB, IDA, PA, PATH, role="wait")
     a.start(T0)
@@ -179,6 +184,7 @@ def test_a_peer_built_request_with_a_bad_tag_is_counted_as_auth():
 def test_a_request_with_a_reused_timestamp_is_a_replay_even_with_a_new_ephemeral():
     from ntm.handshake import HandshakeReplayError, Initiator, Responder
     from tests.test_tunnel import IDA, KB, PA
+
     i, r = Initiator(KA, IDB, PB, PATH), Responder(KB, IDA, PA, PATH)
     r.respond(i.request(T0), T0)
     i.last_timestamp -= 1  # an initiator whose clock went back: same timestamp, fresh ephemeral
@@ -189,6 +195,7 @@ def test_a_request_with_a_reused_timestamp_is_a_replay_even_with_a_new_ephemeral
 def test_the_valid_mac1_rate_refusal_and_the_duplicate_memory_are_bounded():
     from ntm.handshake import MAC1_VALID_PER_S, RECENT_MAC1S, HandshakeRateError, Initiator, Responder
     from tests.test_tunnel import IDA, KB, PA
+
     i, r = Initiator(KA, IDB, PB, PATH), Responder(KB, IDA, PA, PATH)
     for _ in range(int(MAC1_VALID_PER_S[0])):
         try:

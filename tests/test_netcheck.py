@@ -8,8 +8,13 @@ import json
 from node.netcheck import Probe, nat_kind, report, text
 
 LOCAL = ["10.2.0.2:4330"]
-PEER = {"peer": "0x" + "ab" * 20, "names": ["bob"], "route": "relay", "transport": "tcp",
-        "reason": "A has no UDP (no keepalive reached its DC): relay over TCP"}
+PEER = {
+    "peer": "0x" + "ab" * 20,
+    "names": ["bob"],
+    "route": "relay",
+    "transport": "tcp",
+    "reason": "A has no UDP (no keepalive reached its DC): relay over TCP",
+}
 
 
 def test_nat_kinds_as_the_dc_ports_see_them():
@@ -21,9 +26,15 @@ def test_nat_kinds_as_the_dc_ports_see_them():
 
 
 def test_blocked_network_report_says_why_and_what_works():
-    r = report(False, LOCAL, None, None,
-               [Probe("http://dc1:80", True, 2.5), Probe("http://dc2:8332", False, None, "no answer within 3 s")],
-               [Probe("ws://198.18.0.10:443/v1/stream", True, 6.1)], [PEER])
+    r = report(
+        False,
+        LOCAL,
+        None,
+        None,
+        [Probe("http://dc1:80", True, 2.5), Probe("http://dc2:8332", False, None, "no answer within 3 s")],
+        [Probe("ws://198.18.0.10:443/v1/stream", True, 6.1)],
+        [PEER],
+    )
     assert json.loads(json.dumps(r)) == r  # JSON as it is
     assert (r["udp"], r["nat"], r["ipv4"], r["ipv6"], r["tcp_relay_ok"]) == (False, "unknown", True, False, True)
     out = text(r)

@@ -17,8 +17,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ntm.offload import (F_NEEDS_CSUM, GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4, NO_OFFLOAD, OffloadError, VnetHdr, coalesce,
-                         csum_sum, split)
+from ntm.offload import (
+    F_NEEDS_CSUM,
+    GSO_TCPV4,
+    GSO_TCPV6,
+    GSO_UDP_L4,
+    NO_OFFLOAD,
+    OffloadError,
+    VnetHdr,
+    coalesce,
+    csum_sum,
+    split,
+)
 from ntm.overlay import rewrite_v4
 
 FIN, PSH, ACK, URG, CWR = 0x01, 0x08, 0x10, 0x20, 0x80
@@ -55,10 +65,28 @@ class Flow:
 
     def ip_header(self, l4_len: int, proto: int, i: int) -> bytes:
         if self.v6:
-            return struct.pack("!IHBB", (6 << 28) | (self.tos << 20) | 0x12345, l4_len, proto, self.ttl) + self.src + self.dst
+            return (
+                struct.pack("!IHBB", (6 << 28) | (self.tos << 20) | 0x12345, l4_len, proto, self.ttl)
+                + self.src
+                + self.dst
+            )
         ihl = 20 + len(self.ip_opts)
-        h = bytearray(struct.pack("!BBHHHBBH4s4s", 0x40 | ihl // 4, self.tos, ihl + l4_len, (self.ip_id + i) & 0xFFFF,
-                                  0x4000, self.ttl, proto, 0, self.src, self.dst) + self.ip_opts)
+        h = bytearray(
+            struct.pack(
+                "!BBHHHBBH4s4s",
+                0x40 | ihl // 4,
+                self.tos,
+                ihl + l4_len,
+                (self.ip_id + i) & 0xFFFF,
+                0x4000,
+                self.ttl,
+                proto,
+                0,
+                self.src,
+                self.dst,
+            )
+            + self.ip_opts
+        )
         h[10:12] = struct.pack("!H", 0xFFFF - word_sum(bytes(h)))
         return bytes(h)
 
@@ -69,8 +97,12 @@ class Flow:
 
     def tcp_header(self, seq: int, flags: int, check: int) -> bytes:
         off = (20 + len(self.options)) // 4
-        return struct.pack("!HHIIBBHHH", self.sport, self.dport, seq & 0xFFFFFFFF, self.ack, off << 4, flags,
-                           self.window, check, 0) + self.options
+        return (
+            struct.pack(
+                "!HHIIBBHHH", self.sport, self.dport, seq & 0xFFFFFFFF, self.ack, off << 4, flags, self.window, check, 0
+            )
+            + self.options
+        )
 
     def segment(self, i: int, seq: int, flags: int, payload: bytes) -> bytes:
         l4_len = 20 + len(self.options) + len(payload)
@@ -79,7 +111,7 @@ class Flow:
         return self.ip_header(l4_len, 6, i) + self.tcp_header(seq, flags, check) + payload
 
     def kernel_segments(self, payload: bytes, mss: int) -> list[bytes]:
-        chunks = [payload[o:o + mss] for o in range(0, len(payload), mss)]
+        chunks = [payload[o : o + mss] for o in range(0, len(payload), mss)]
         out = []
         for i, c in enumerate(chunks):
             flags = ACK | (self.first_flags if i == 0 else 0) | (self.last_flags if i == len(chunks) - 1 else 0)
@@ -91,15 +123,18 @@ class Flow:
         th = 20 + len(self.options)
         l4_len = th + len(payload)
         partial = word_sum(self.pseudo(6, l4_len))
-        pkt = (self.ip_header(l4_len, 6, 0) + self.tcp_header(self.seq, ACK | self.first_flags | self.last_flags,
-                                                               partial) + payload)
+        pkt = (
+            self.ip_header(l4_len, 6, 0)
+            + self.tcp_header(self.seq, ACK | self.first_flags | self.last_flags, partial)
+            + payload
+        )
         l3 = 40 if self.v6 else 20 + len(self.ip_opts)
         return VnetHdr(F_NEEDS_CSUM, GSO_TCPV6 if self.v6 else GSO_TCPV4, l3 + th, mss, l3, 16), pkt
 
     def udp_datagrams(self, payload: bytes, size: int) -> list[bytes]:
         out = []
         for i, o in enumerate(range(0, len(payload), size)):
-            c = payload[o:o + size]
+            c = payload[o : o + size]
             bare = struct.pack("!HHHH", self.sport, self.dport, 8 + len(c), 0) + c
             check = 0xFFFF - word_sum(self.pseudo(17, 8 + len(c)) + bare)
             out.append(self.ip_header(8 + len(c), 17, i) + bare[:6] + struct.pack("!H", check or 0xFFFF) + c)
@@ -108,8 +143,11 @@ class Flow:
 
 def options() -> st.SearchStrategy[bytes]:
     """TCP options as a sender puts them: NOPs and a timestamp, or any bytes padded to 4."""
-    ts = st.builds(lambda a, b: b"\x01\x01\x08\x0a" + struct.pack("!II", a, b), st.integers(0, 2**32 - 1),
-                   st.integers(0, 2**32 - 1))
+    ts = st.builds(
+        lambda a, b: b"\x01\x01\x08\x0a" + struct.pack("!II", a, b),
+        st.integers(0, 2**32 - 1),
+        st.integers(0, 2**32 - 1),
+    )
     return st.one_of(st.just(b""), ts, st.integers(1, 10).flatmap(lambda n: st.binary(min_size=4 * n, max_size=4 * n)))
 
 
@@ -117,19 +155,30 @@ def options() -> st.SearchStrategy[bytes]:
 def flows(draw, v6: bool | None = None, ip_opts: bool = True) -> Flow:
     v6 = draw(st.booleans()) if v6 is None else v6
     n = 16 if v6 else 4
-    return Flow(v6, draw(st.binary(min_size=n, max_size=n)), draw(st.binary(min_size=n, max_size=n)),
-                draw(st.integers(0, 65535)), draw(st.integers(0, 65535)), draw(st.integers(0, 2**32 - 1)),
-                draw(st.integers(0, 2**32 - 1)), draw(st.integers(0, 65535)), draw(options()),
-                draw(st.integers(0, 65535)),
-                b"" if v6 or not ip_opts else draw(st.sampled_from([b"", b"\x01\x01\x01\x00", bytes(8)])),
-                draw(st.integers(1, 255)), draw(st.integers(0, 255)),
-                draw(st.sampled_from([0, PSH, FIN, PSH | FIN])), draw(st.sampled_from([0, 0, CWR])))
+    return Flow(
+        v6,
+        draw(st.binary(min_size=n, max_size=n)),
+        draw(st.binary(min_size=n, max_size=n)),
+        draw(st.integers(0, 65535)),
+        draw(st.integers(0, 65535)),
+        draw(st.integers(0, 2**32 - 1)),
+        draw(st.integers(0, 2**32 - 1)),
+        draw(st.integers(0, 65535)),
+        draw(options()),
+        draw(st.integers(0, 65535)),
+        b"" if v6 or not ip_opts else draw(st.sampled_from([b"", b"\x01\x01\x01\x00", bytes(8)])),
+        draw(st.integers(1, 255)),
+        draw(st.integers(0, 255)),
+        draw(st.sampled_from([0, PSH, FIN, PSH | FIN])),
+        draw(st.sampled_from([0, 0, CWR])),
+    )
 
 
 def trains(**kw):
     """A flow, its payload (one to ~45 segments) and the kernel's MSS."""
     return st.tuples(flows(**kw), st.integers(1, 40000), st.integers(536, 1460)).map(
-        lambda t: (t[0], bytes((i * 7 + t[0].sport) & 0xFF for i in range(t[1])), t[2]))
+        lambda t: (t[0], bytes((i * 7 + t[0].sport) & 0xFF for i in range(t[1])), t[2])
+    )
 
 
 @settings(max_examples=150, deadline=None)
@@ -174,7 +223,7 @@ def test_split_to_a_smaller_path_mtu_keeps_the_stream(train, shrink):
         l3 = 40 if flow.v6 else (s[0] & 0xF) * 4
         assert word_sum(flow.pseudo(6, len(s) - l3) + s[l3:]) == 0xFFFF
         assert struct.unpack_from("!I", s, l3 + 4)[0] == (flow.seq + len(got)) & 0xFFFFFFFF
-        got += s[hdr.hdr_len:]
+        got += s[hdr.hdr_len :]
     assert got == payload
     if not flow.ip_opts:
         assert [x for raw, p in coalesce(segs) for x in split(VnetHdr.unpack(raw), p, max_len)] == segs
@@ -186,7 +235,9 @@ def test_udp_super_packet_splits_into_the_kernels_datagrams(flow, length, size):
     payload = bytes(i & 0xFF for i in range(length))
     l3 = 40 if flow.v6 else 20 + len(flow.ip_opts)
     partial = word_sum(flow.pseudo(17, 8 + length))
-    pkt = flow.ip_header(8 + length, 17, 0) + struct.pack("!HHHH", flow.sport, flow.dport, 8 + length, partial) + payload
+    pkt = (
+        flow.ip_header(8 + length, 17, 0) + struct.pack("!HHHH", flow.sport, flow.dport, 8 + length, partial) + payload
+    )
     hdr = VnetHdr(F_NEEDS_CSUM, GSO_UDP_L4, l3 + 8, size, l3, 6)
     assert split(hdr, pkt, 1280) == flow.udp_datagrams(payload, size)
 
@@ -216,7 +267,9 @@ def test_checksum_sum_matches_rfc1071(data, initial):
 
 def simple_flow(v6: bool = False) -> Flow:
     n = 16 if v6 else 4
-    return Flow(v6, bytes(range(1, n + 1)), bytes(range(2, n + 2)), 40000, 5201, 1000, 77, 512, b"", 9, b"", 64, 0, 0, 0)
+    return Flow(
+        v6, bytes(range(1, n + 1)), bytes(range(2, n + 2)), 40000, 5201, 1000, 77, 512, b"", 9, b"", 64, 0, 0, 0
+    )
 
 
 def test_interleaved_flows_coalesce_apart_and_in_order():
@@ -274,15 +327,18 @@ def test_gso_none_with_a_partial_checksum_is_completed():
     assert split(VnetHdr(), seg, 1280) == [seg]
 
 
-@pytest.mark.parametrize("hdr, pkt, why", [
-    (VnetHdr(F_NEEDS_CSUM, GSO_TCPV4, 40, 0, 20, 16), None, "gso_size 0"),
-    (VnetHdr(F_NEEDS_CSUM, GSO_TCPV4, 40, 1000, 5000, 16), None, "outside"),
-    (VnetHdr(F_NEEDS_CSUM, GSO_TCPV6, 40, 1000, 20, 16), None, "IP version"),
-    (VnetHdr(F_NEEDS_CSUM, 0x83, 40, 1000, 20, 16), None, "unsupported"),
-    (VnetHdr(F_NEEDS_CSUM, GSO_TCPV4, 40, 1000, 20, 16), b"\x00" * 60, "not an IP packet"),
-    (VnetHdr(F_NEEDS_CSUM, 0, 0, 0, 20, 5000), None, "outside"),
-    (VnetHdr(F_NEEDS_CSUM, GSO_TCPV4, 40, 1000, 20, 16), b"", "empty"),
-])
+@pytest.mark.parametrize(
+    "hdr, pkt, why",
+    [
+        (VnetHdr(F_NEEDS_CSUM, GSO_TCPV4, 40, 0, 20, 16), None, "gso_size 0"),
+        (VnetHdr(F_NEEDS_CSUM, GSO_TCPV4, 40, 1000, 5000, 16), None, "outside"),
+        (VnetHdr(F_NEEDS_CSUM, GSO_TCPV6, 40, 1000, 20, 16), None, "IP version"),
+        (VnetHdr(F_NEEDS_CSUM, 0x83, 40, 1000, 20, 16), None, "unsupported"),
+        (VnetHdr(F_NEEDS_CSUM, GSO_TCPV4, 40, 1000, 20, 16), b"\x00" * 60, "not an IP packet"),
+        (VnetHdr(F_NEEDS_CSUM, 0, 0, 0, 20, 5000), None, "outside"),
+        (VnetHdr(F_NEEDS_CSUM, GSO_TCPV4, 40, 1000, 20, 16), b"", "empty"),
+    ],
+)
 def test_headers_that_do_not_describe_their_packet_are_refused(hdr, pkt, why):
     """A header the kernel would never send: a clear error, no exception of another kind."""
     if pkt is None:
@@ -328,8 +384,11 @@ def test_tun_falls_back_to_a_plain_tun_when_the_kernel_refuses_offloads(monkeypa
     calls.clear()
     fd, _, vnet, uso = tun._create("ntm9", True)
     assert (vnet, uso) == (False, False) and closed == [fd - 1]  # the offloading descriptor went
-    assert calls == [("iff", tun.IFF_TUN | tun.IFF_NO_PI | tun.IFF_VNET_HDR), ("offload", tun.TCP_OFFLOADS),
-                     ("iff", tun.IFF_TUN | tun.IFF_NO_PI)]
+    assert calls == [
+        ("iff", tun.IFF_TUN | tun.IFF_NO_PI | tun.IFF_VNET_HDR),
+        ("offload", tun.TCP_OFFLOADS),
+        ("iff", tun.IFF_TUN | tun.IFF_NO_PI),
+    ]
     calls.clear()
     assert tun._create("ntm9", False)[2:] == (False, False)
     assert calls == [("iff", tun.IFF_TUN | tun.IFF_NO_PI)]  # --no-offload: plain flags, no offload request

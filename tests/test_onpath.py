@@ -35,9 +35,15 @@ class OnPath:
     async def http(self, request: web.Request) -> web.StreamResponse:
         if request.path == "/v1/session":
             return await self.session(request)
-        async with raw_http() as http, http.request(
-                request.method, self.upstream + request.path_qs, data=await request.read(),
-                headers={"Content-Type": request.content_type}) as r:
+        async with (
+            raw_http() as http,
+            http.request(
+                request.method,
+                self.upstream + request.path_qs,
+                data=await request.read(),
+                headers={"Content-Type": request.content_type},
+            ) as r,
+        ):
             return web.Response(status=r.status, body=await r.read(), content_type=r.content_type)
 
     async def session(self, request: web.Request) -> web.WebSocketResponse:
@@ -103,15 +109,41 @@ async def injected_directions(net, workdir: Path) -> dict:
             b = await Node.start(kb, net.urls[1], host="127.0.0.1", port=0)
             try:
                 dc1 = keys.checksum(keys.node_id_of(net.dc_keys[0]))
-                body = messages.encode(messages.RouteDirection(
-                    "ab" * 8, "direct", "lure", "initiate", keys.checksum(a.id), dc1,  # type: ignore[arg-type]
-                    keys.checksum(b.id), keys.public_bytes(kb).hex(), keys.checksum(b.id), [lure_addr]))
+                body = messages.encode(
+                    messages.RouteDirection(
+                        "ab" * 8,
+                        "direct",
+                        "lure",
+                        "initiate",
+                        keys.checksum(a.id),
+                        dc1,  # type: ignore[arg-type]
+                        keys.checksum(b.id),
+                        keys.public_bytes(kb).hex(),
+                        keys.checksum(b.id),
+                        [lure_addr],
+                    )
+                )
                 for signer in (keys.generate(), mallory):
-                    await proxy.inject({"type": "direction", "direction": envelope.seal(
-                        signer, messages.ROUTE_DIRECTION, body, int(time.time() * 1000))})
-                await proxy.inject(messages.encode(messages.CsNoticePush(messages.CsNotice(
-                    node=keys.checksum(a.id), item="cd" * 16, cs=evil, sender=keys.checksum(keys.node_id_of(mallory)), size=1,
-                    created=int(time.time() * 1000)))))
+                    await proxy.inject(
+                        {
+                            "type": "direction",
+                            "direction": envelope.seal(signer, messages.ROUTE_DIRECTION, body, int(time.time() * 1000)),
+                        }
+                    )
+                await proxy.inject(
+                    messages.encode(
+                        messages.CsNoticePush(
+                            messages.CsNotice(
+                                node=keys.checksum(a.id),
+                                item="cd" * 16,
+                                cs=evil,
+                                sender=keys.checksum(keys.node_id_of(mallory)),
+                                size=1,
+                                created=int(time.time() * 1000),
+                            )
+                        )
+                    )
+                )
                 await until(lambda: a.tunnel_table.forged_directions == 2 and a.mailbox.refused == 1, timeout=5)
 
                 ta = await a.connect(b.id)  # the genuine path, through the same attacker
@@ -122,16 +154,18 @@ async def injected_directions(net, workdir: Path) -> dict:
                 await proxy.inject({"type": "direction", "direction": genuine})  # replayed
                 await until(lambda: a.tunnel_table.forged_directions == 3, timeout=5)
                 await asyncio.sleep(0.5)  # anything sent because of the injections has arrived by now
-                return {"injected_directions_acted_on": lure.got, "ssrf_requests": len(hits),
-                        "forged_directions_counted": a.tunnel_table.forged_directions,
-                        "notices_refused": a.mailbox.refused, "tunnels": len(a.tunnels)}
+                return {
+                    "injected_directions_acted_on": lure.got,
+                    "ssrf_requests": len(hits),
+                    "forged_directions_counted": a.tunnel_table.forged_directions,
+                    "notices_refused": a.mailbox.refused,
+                    "tunnels": len(a.tunnels),
+                }
             finally:
                 await a.close()
                 await b.close()
     finally:
         lure_t.close()
-
-
 
 
 async def test_directions_and_notices_injected_on_the_session_are_ignored(net, tmp_path):
@@ -150,8 +184,19 @@ async def test_directions_and_notices_injected_on_the_session_are_ignored(net, t
 def spoof_udp(src: tuple[str, int], dst: tuple[str, int], payload: bytes) -> None:
     """Send `payload` over IPv4 UDP with a forged source address and port (raw socket, root)."""
     udp_len = 8 + len(payload)
-    header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + udp_len, 0, 0, 64, socket.IPPROTO_UDP, 0,
-                         socket.inet_aton(src[0]), socket.inet_aton(dst[0]))
+    header = struct.pack(
+        "!BBHHHBBH4s4s",
+        0x45,
+        0,
+        20 + udp_len,
+        0,
+        0,
+        64,
+        socket.IPPROTO_UDP,
+        0,
+        socket.inet_aton(src[0]),
+        socket.inet_aton(dst[0]),
+    )
     udp = struct.pack("!HHHH", src[1], dst[1], udp_len, 0) + payload  # checksum 0: none (IPv4)
     with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW) as s:
         s.sendto(header + udp, (dst[0], 0))
@@ -177,15 +222,19 @@ async def test_spoofed_keepalive_replies_change_nothing(net):
         before = state()
         dc = (s.dc_ip, s.keepalive_ports[0])
         me = ("127.0.0.1", a.endpoint.local_addr[1])
-        forged = [keepalive.encode_reply(s._last_sent_seq, "203.0.113.66", 4444, os.urandom(32)),
-                  keepalive.encode_reply(2**64 - 1, "203.0.113.66", 4444, os.urandom(32)),
-                  keepalive.encode_reply(2**64 - 1, "127.0.0.1", me[1], os.urandom(32))]
+        forged = [
+            keepalive.encode_reply(s._last_sent_seq, "203.0.113.66", 4444, os.urandom(32)),
+            keepalive.encode_reply(2**64 - 1, "203.0.113.66", 4444, os.urandom(32)),
+            keepalive.encode_reply(2**64 - 1, "127.0.0.1", me[1], os.urandom(32)),
+        ]
         for pkt in forged:
             spoof_udp(dc, me, pkt)
         await until(lambda: s.counters["refused_replies"] == 3, timeout=5)
         assert state() == before and s._last_reply_seq < 2**64 - 1
-        print(f"\noff-path spoofed replies: {len(forged)}, address changes: {s.counters['address_changes']}, "
-              f"sessions: {s.counters['sessions']}")
+        print(
+            f"\noff-path spoofed replies: {len(forged)}, address changes: {s.counters['address_changes']}, "
+            f"sessions: {s.counters['sessions']}"
+        )
         # on-path: the token was read off the session; the DC does not confirm the "move"
         spoof_udp(dc, me, keepalive.encode_reply(s._last_sent_seq, "203.0.113.66", 4444, s.token))
         await until(lambda: s.counters["refused_replies"] == 4, timeout=8)

@@ -15,8 +15,22 @@ from hypothesis import given, strategies as st
 from node.dns import answer, from_this_node
 from node.peers import PeerBook, PeerBookError
 from ntm import keys
-from ntm.overlay import (APP, KIND_APP, KIND_IPV4, KIND_IPV6, KIND_JUNK, KIND_VIEW, Overlay, adjust_checksum,
-                         frame_app, frame_view, ipv4_checksum, kind_of, parse_view, rewrite_v4)
+from ntm.overlay import (
+    APP,
+    KIND_APP,
+    KIND_IPV4,
+    KIND_IPV6,
+    KIND_JUNK,
+    KIND_VIEW,
+    Overlay,
+    adjust_checksum,
+    frame_app,
+    frame_view,
+    ipv4_checksum,
+    kind_of,
+    parse_view,
+    rewrite_v4,
+)
 from ntm.vaddr import AddressError, V4Book, tun_mtu, v6_of
 
 ID_A = bytes.fromhex("f4f9ae416f3d3c274fc181e3b957cbdf5a13b1c5")
@@ -59,8 +73,21 @@ def test_v4_book_is_injective_stable_and_bounded():
 # --- packets -----------------------------------------------------------------------------------
 def ipv4(src: str, dst: str, proto: int, l4: bytes, frag: int = 0) -> bytes:
     total = 20 + len(l4)
-    hdr = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, total, 1, frag, 64, proto, 0,
-                                ipaddress.IPv4Address(src).packed, ipaddress.IPv4Address(dst).packed))
+    hdr = bytearray(
+        struct.pack(
+            "!BBHHHBBH4s4s",
+            0x45,
+            0,
+            total,
+            1,
+            frag,
+            64,
+            proto,
+            0,
+            ipaddress.IPv4Address(src).packed,
+            ipaddress.IPv4Address(dst).packed,
+        )
+    )
     hdr[10:12] = struct.pack("!H", ipv4_checksum(bytes(hdr)))
     return bytes(hdr) + l4
 
@@ -110,8 +137,9 @@ def test_adjust_checksum_rfc1624_vector():
     assert adjust_checksum(0xDD2F, b"\x55\x55", b"\x32\x85") == 0x0000
 
 
-@pytest.mark.parametrize("bad", [b"", b"\x45" + b"\0" * 10, ipv4("1.1.1.1", "2.2.2.2", 6, b"")[:19],
-                                 b"\x4f" + b"\0" * 40])
+@pytest.mark.parametrize(
+    "bad", [b"", b"\x45" + b"\0" * 10, ipv4("1.1.1.1", "2.2.2.2", 6, b"")[:19], b"\x4f" + b"\0" * 40]
+)
 def test_rewrite_refuses_malformed(bad):
     assert rewrite_v4(bad, b"\0" * 4, b"\0" * 4) is None
 
@@ -279,10 +307,14 @@ def test_dns_answers_only_this_nodes_own_applications():
     (its overlay source), gets nothing; loopback and our own overlay addresses (what the kernel
     picks when an application here asks the TUN address) are answered."""
     own = {"100.64.0.1", str(v6_of(ID_A))}
-    assert all(from_this_node(ip, own) for ip in ("127.0.0.1", "127.0.0.53", "::1", "100.64.0.1",
-                                                    str(v6_of(ID_A)), "::ffff:127.0.0.1"))
-    assert not any(from_this_node(ip, own) for ip in ("192.168.1.20", "100.64.0.2", str(v6_of(ID_B)),
-                                                        "fe80::1%eth0", "not an address"))
+    assert all(
+        from_this_node(ip, own)
+        for ip in ("127.0.0.1", "127.0.0.53", "::1", "100.64.0.1", str(v6_of(ID_A)), "::ffff:127.0.0.1")
+    )
+    assert not any(
+        from_this_node(ip, own)
+        for ip in ("192.168.1.20", "100.64.0.2", str(v6_of(ID_B)), "fe80::1%eth0", "not an address")
+    )
 
 
 def test_a_name_lookup_persists_nothing_and_is_bounded():
@@ -290,6 +322,7 @@ def test_a_name_lookup_persists_nothing_and_is_bounded():
     grow), at most LOOKED_UP_MAX of them; a peer later heard from (assign that keeps) is
     persisted then."""
     from ntm import vaddr
+
     book, told = V4Book(), []
     book.on_assign = lambda peer, addr: told.append(peer)
     ov = Overlay(ID_A, book)

@@ -23,8 +23,13 @@ T0 = 1700000000.0
 SETTINGS = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 PARSERS = [
-    packet.parse, packet.peek, packet.HandshakeRequest.parse, packet.HandshakeResponse.parse,
-    packet.TransportPacket.parse, packet.RelayBind.parse, packet.RelayBindAck.parse,
+    packet.parse,
+    packet.peek,
+    packet.HandshakeRequest.parse,
+    packet.HandshakeResponse.parse,
+    packet.TransportPacket.parse,
+    packet.RelayBind.parse,
+    packet.RelayBindAck.parse,
 ]
 
 
@@ -117,10 +122,9 @@ def test_relay_bind_vectors_and_roundtrip():
     assert k1.hex() == "6f3ecd71ca1d7f1ececf7568dcd817b133ee4d2c45388136449701b7caf3e1ac"
     bind = packet.RelayBind.make(path, 1, 0x0102030405060708, b"\x11" * 16, k1)
     raw = bind.encode()
-    assert raw.hex() == ("10" "0102030405060708" "01" "0102030405060708" + "11" * 16
-                         + "32c5fe8a451ed41e95dd03216b43899a")
+    assert raw.hex() == ("100102030405060708010102030405060708" + "11" * 16 + "32c5fe8a451ed41e95dd03216b43899a")
     assert packet.RelayBind.parse(raw) == bind and bind.verify(k1) and not bind.verify(packet.relay_side_key(token, 0))
     assert packet.peek(raw) == (packet.TYPE_RELAY_BIND, path)
     ack = packet.RelayBindAck(path, 1, True, 0x0102030405060708, b"\x22" * 16)
-    assert ack.encode().hex() == "11" "0102030405060708" "01" "01" "0102030405060708" + "22" * 16
+    assert ack.encode().hex() == "11010203040506070801010102030405060708" + "22" * 16
     assert packet.RelayBindAck.parse(ack.encode()) == ack

@@ -5,8 +5,18 @@ from __future__ import annotations
 
 import random
 
-from ntm.pmtu import (BASE_MTU, CONFIRM_S, CONTROL, MAX_PROBES, MAX_VOID_ROUNDS, MIN_PROBE_ROUND_S, PROBE_ROUND_RTTS,
-                      PROBE_ROUND_S, PathMtu, Phase)
+from ntm.pmtu import (
+    BASE_MTU,
+    CONFIRM_S,
+    CONTROL,
+    MAX_PROBES,
+    MAX_VOID_ROUNDS,
+    MIN_PROBE_ROUND_S,
+    PROBE_ROUND_RTTS,
+    PROBE_ROUND_S,
+    PathMtu,
+    Phase,
+)
 
 STEP_S = 0.005
 RTT_S = 0.05
@@ -250,7 +260,8 @@ async def test_endpoints_find_each_direction_and_follow_a_move():
         pa, pb = keys.public_bytes(ka), keys.public_bytes(kb)
         cb, ca = await asyncio.gather(
             eb.open(path, keys.node_id(pa), pa, role="wait"),
-            ea.open(path, keys.node_id(pb), pb, candidates=[eb.local_addr]))
+            ea.open(path, keys.node_id(pb), pb, candidates=[eb.local_addr]),
+        )
         await asyncio.sleep(PROBE_ROUND_S * (MAX_PROBES + 1) + 0.3)
         assert ea.mtu_status(ca.session)["path_mtu"] == 1400 and ea.inner_mtu(ca.session) == 1400 - 28 - 33
         assert eb.mtu_status(cb.session)["path_mtu"] == 1500
@@ -264,8 +275,10 @@ async def test_endpoints_find_each_direction_and_follow_a_move():
 
 
 # --- wire format (docs/PROTOCOL.md §7 "Path MTU") --------------------------------------------------
-PROBE_VECTOR = ("091111111111111111000000000000000598a1c262c3be954c685249f145f755e21b0427f6717b346d28df6d2206bf5a"
-                "5e8aa2480079124f6f3e4733db74d857")
+PROBE_VECTOR = (
+    "091111111111111111000000000000000598a1c262c3be954c685249f145f755e21b0427f6717b346d28df6d2206bf5a"
+    "5e8aa2480079124f6f3e4733db74d857"
+)
 PROBE_ACK_VECTOR = "0a11111111111111110000000000000007e06d131f17175efbfba2190c786151a994b73474629d7f14"
 
 
@@ -282,8 +295,10 @@ def test_probe_wire_vectors_and_session_answers():
     from tests.test_tunnel import ADDR_A, ADDR_B, T0, connect
 
     key, path = bytes(range(32)), b"\x11" * 8
-    for vector, kind, counter, plain in ((PROBE_VECTOR, 0x09, 5, (1).to_bytes(8, "big") + bytes(23)),
-                                         (PROBE_ACK_VECTOR, 0x0A, 7, (1).to_bytes(8, "big"))):
+    for vector, kind, counter, plain in (
+        (PROBE_VECTOR, 0x09, 5, (1).to_bytes(8, "big") + bytes(23)),
+        (PROBE_ACK_VECTOR, 0x0A, 7, (1).to_bytes(8, "big")),
+    ):
         header = struct.pack("!B8sQ", kind, path, counter)
         pkt = header + AESGCM(key).encrypt(bytes(4) + struct.pack("!Q", counter), plain, header)
         assert pkt.hex() == vector

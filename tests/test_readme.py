@@ -36,8 +36,15 @@ def test_the_by_hand_walk_through_runs_verbatim(tmp_path):
     script.write_text("set -e\n" + walk_through())
     env = {k: v for k, v in os.environ.items() if not k.startswith("NTM_")}
     env["PYTHONPATH"] = str(ROOT)  # this checkout's code, whichever one the shared venv was installed from
-    proc = subprocess.Popen(["bash", str(script)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        ["bash", str(script)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     left: list[str] = []
     try:
         out, err = proc.communicate(timeout=180)

@@ -44,9 +44,24 @@ ALIASES = ("alice", "bob", "carol", "car")
 # 0 ok; 2 usage or local files (here: no DC known, the node is not registered); 3 no daemon; 4 DC
 # unreachable (a DC given on the line that is not there).
 EXPECTED = {
-    "keygen": 0, "id": 0, "alias": 0, "allow": 0, "status": 0, "completion": 0,
-    "register": 2, "whois": 2, "revoke": 2, "inbox": 2, "fetch": 2,
-    "ping": 3, "send": 3, "recv": 3, "nc": 3, "serve": 3, "down": 3, "group": 3,
+    "keygen": 0,
+    "id": 0,
+    "alias": 0,
+    "allow": 0,
+    "status": 0,
+    "completion": 0,
+    "register": 2,
+    "whois": 2,
+    "revoke": 2,
+    "inbox": 2,
+    "fetch": 2,
+    "ping": 3,
+    "send": 3,
+    "recv": 3,
+    "nc": 3,
+    "serve": 3,
+    "down": 3,
+    "group": 3,
 }
 # `ntm send --offline` goes to our DC's Cache Server, not through the daemon: no DC known is 2.
 EXPECTED_OFFLINE_SEND = 2
@@ -57,7 +72,7 @@ def fenced_blocks(text: str) -> list[str]:
     """The README's fenced blocks, without those other tests run verbatim."""
     blocks = []
     for m in re.finditer(r"^```[^\n]*\n(.*?)^```", text, re.S | re.M):
-        if not VERBATIM.search(text[max(0, m.start() - 80):m.start() + 4]):
+        if not VERBATIM.search(text[max(0, m.start() - 80) : m.start() + 4]):
             blocks.append(m.group(1))
     return blocks
 
@@ -101,11 +116,18 @@ README_EXAMPLES = examples((ROOT / "README.md").read_text())
 
 def test_the_rule_finds_the_readmes_examples():
     """The extraction itself: two machines side by side, prompts, chains, comments, placeholders."""
-    text = ("```\n# on alice                 # on bob\nntm up &                   ntm alias alice 0xALICE...\n"
-            "bob$ ntm keygen && ntm id > id.txt   # comment\nntm-dc --relay http://x \\\n    --hostname dc1 &\n```\n"
-            "<!-- by-hand: begin -->\n```bash\nntm skipped\n```\n")
-    assert examples(text) == [["ntm", "up"], ["ntm", "alias", "alice", NODE], ["ntm", "keygen"], ["ntm", "id"],
-                              ["ntm-dc", "--relay", "http://x", "--hostname", "dc1"]]
+    text = (
+        "```\n# on alice                 # on bob\nntm up &                   ntm alias alice 0xALICE...\n"
+        "bob$ ntm keygen && ntm id > id.txt   # comment\nntm-dc --relay http://x \\\n    --hostname dc1 &\n```\n"
+        "<!-- by-hand: begin -->\n```bash\nntm skipped\n```\n"
+    )
+    assert examples(text) == [
+        ["ntm", "up"],
+        ["ntm", "alias", "alice", NODE],
+        ["ntm", "keygen"],
+        ["ntm", "id"],
+        ["ntm-dc", "--relay", "http://x", "--hostname", "dc1"],
+    ]
     assert len(README_EXAMPLES) > 30
     assert {a[1] for a in README_EXAMPLES if a[0] == "ntm"} >= {"send", "group", "inbox", "status", "up"}
 

@@ -45,8 +45,14 @@ def raised_codes(classes: dict[str, type]) -> set[tuple[str, str]]:
     for pkg in SERVED:
         for path in (ROOT / pkg).glob("*.py"):
             for node in ast.walk(ast.parse(path.read_text())):
-                if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in classes
-                        and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+                if (
+                    isinstance(node, ast.Call)
+                    and isinstance(node.func, ast.Name)
+                    and node.func.id in classes
+                    and node.args
+                    and isinstance(node.args[0], ast.Constant)
+                    and isinstance(node.args[0].value, str)
+                ):
                     out.add((node.func.id, node.args[0].value))
     return out
 
@@ -55,10 +61,18 @@ def test_every_coded_error_of_the_servers_has_a_status():
     """A new refusal class or code must not reach a client with a status nobody chose: each class
     states its own table or default, and every code raised maps to a 4xx/5xx that it carries."""
     classes = coded_classes()
-    assert {"CsError", "DirectionError", "NodeLookupError", "RegistrationError", "PathError", "GmsRefused",
-            "SourceLimited"} <= set(classes)
-    unstated = [n for n, c in classes.items() if n not in NOT_SERVED
-                and not ({"STATUS", "DEFAULT_STATUS"} & set(vars(c)))]
+    assert {
+        "CsError",
+        "DirectionError",
+        "NodeLookupError",
+        "RegistrationError",
+        "PathError",
+        "GmsRefused",
+        "SourceLimited",
+    } <= set(classes)
+    unstated = [
+        n for n, c in classes.items() if n not in NOT_SERVED and not ({"STATUS", "DEFAULT_STATUS"} & set(vars(c)))
+    ]
     assert not unstated, f"coded errors without a status of their own: {unstated}"
     codes = raised_codes(classes)
     assert len(codes) > 40
@@ -69,9 +83,16 @@ def test_every_coded_error_of_the_servers_has_a_status():
         assert all(400 <= s < 600 for s in cls.STATUS.values())
 
 
-@pytest.mark.parametrize("exc, status, code", [
-    (CsError("over_quota", "m"), 429, "over_quota"), (CsError("cs_full", "m"), 507, "cs_full"),
-    (ParseError("m"), 400, "malformed"), (SignatureError("m"), 403, "forbidden"), (NtmError("m"), 503, "unavailable")])
+@pytest.mark.parametrize(
+    "exc, status, code",
+    [
+        (CsError("over_quota", "m"), 429, "over_quota"),
+        (CsError("cs_full", "m"), 507, "cs_full"),
+        (ParseError("m"), 400, "malformed"),
+        (SignatureError("m"), 403, "forbidden"),
+        (NtmError("m"), 503, "unavailable"),
+    ],
+)
 def test_the_status_belongs_to_the_error(exc, status, code):
     assert exc.refusal() == (status, code)
     assert httpapp.refusal(exc, 1) == (status, {"error": code, "message": "m"})

@@ -58,8 +58,10 @@ async def test_forty_connects_to_one_peer_never_wait_for_nothing(pair):
             await t.channel.close()
         times.append(time.monotonic() - t0)
     counts = {k: outcomes.count(k) for k in sorted(set(outcomes))}
-    print(f"{CONNECTS} connects, each a new path: {counts}; slowest {max(times):.3f} s, "
-          f"median {sorted(times)[len(times) // 2] * 1000:.1f} ms")
+    print(
+        f"{CONNECTS} connects, each a new path: {counts}; slowest {max(times):.3f} s, "
+        f"median {sorted(times)[len(times) // 2] * 1000:.1f} ms"
+    )
     assert max(times) < FAST_S, times
     # the rest of the peer's burst (the first tunnel took one direction) is served
     assert outcomes[0] == "ok" and outcomes.count("ok") >= PEER_DIRECTIONS[1] - 1
@@ -76,8 +78,9 @@ async def test_a_peer_whose_allow_list_refuses_us_says_so_at_once(net):
     await register(net.urls[0], ka)
     await register(net.urls[1], kb)
     a = await Node.start(ka, net.urls[0], host="127.0.0.1", port=0)
-    b = await Node.start(kb, net.urls[1], host="127.0.0.1", port=0, local_addrs=["10.99.0.2:4330"],
-                         admit=lambda peer: False)
+    b = await Node.start(
+        kb, net.urls[1], host="127.0.0.1", port=0, local_addrs=["10.99.0.2:4330"], admit=lambda peer: False
+    )
     try:
         t0 = time.monotonic()
         try:

@@ -73,13 +73,19 @@ async def test_rejections_leave_state_unchanged(registry_net):
     await expect_revert(dc1, signed(key, dc1.sender, dc1.domain, ts), "stale timestamp", nid, stored)
     await expect_revert(dc1, signed(key, dc1.sender, dc1.domain, ts - 1), "stale timestamp", nid, stored)
     # too far ahead of chain time (10 min + margin)
-    await expect_revert(dc1, signed(key, dc1.sender, dc1.domain, ts + 660_000), "timestamp too far in future",
-                        nid, stored)
+    await expect_revert(
+        dc1, signed(key, dc1.sender, dc1.domain, ts + 660_000), "timestamp too far in future", nid, stored
+    )
     # a record naming DC2 submitted by DC1: the digest uses msg.sender, so the signature fails
     await expect_revert(dc1, signed(key, dc2.sender, dc1.domain, ts + 1), "bad signature", nid, stored)
     # a DC that is not (or no longer) active
-    await expect_revert(registry_net.outsider, signed(key, registry_net.outsider.sender, dc1.domain, ts + 1),
-                        "not an active DC", nid, stored)
+    await expect_revert(
+        registry_net.outsider,
+        signed(key, registry_net.outsider.sender, dc1.domain, ts + 1),
+        "not an active DC",
+        nid,
+        stored,
+    )
     await registry_net.owner.remove_dc(dc2.sender)
     await expect_revert(dc2, signed(key, dc2.sender, dc1.domain, ts + 1), "not an active DC", nid, stored)
 
@@ -166,8 +172,13 @@ async def test_batch_mixed_reports_rejects(registry_net):
     res = await dc1.register(items)
     assert res.accepted == 3
     assert res.rejected == [keys.node_id_of(k) for k in (stale, revoked, forged, future, other_dc)]
-    assert res.reasons == ["NodeRegistry: stale timestamp", "NodeRegistry: node revoked", "NodeRegistry: bad signature",
-                           "NodeRegistry: timestamp too far in future", "NodeRegistry: bad signature"]
+    assert res.reasons == [
+        "NodeRegistry: stale timestamp",
+        "NodeRegistry: node revoked",
+        "NodeRegistry: bad signature",
+        "NodeRegistry: timestamp too far in future",
+        "NodeRegistry: bad signature",
+    ]
     for k in good:
         assert (await dc1.lookup(keys.node_id_of(k))).dc == dc1.sender
     assert (await dc1.lookup(keys.node_id_of(stale))) == OnChainRecord(dc2.sender, ts + 10, False)
@@ -194,8 +205,10 @@ async def test_concurrent_submissions_share_nonce_space(registry_net):
 
 async def test_dc_membership(registry_net):
     owner, dc1, dc2, out = registry_net.owner, registry_net.dc1, registry_net.dc2, registry_net.outsider
-    assert await owner.dcs() == [DcInfo(dc1.sender, True, "dc1.test", "http://127.0.0.1:9001"),
-                                 DcInfo(dc2.sender, True, "dc2.test", "http://127.0.0.1:9002")]
+    assert await owner.dcs() == [
+        DcInfo(dc1.sender, True, "dc1.test", "http://127.0.0.1:9001"),
+        DcInfo(dc2.sender, True, "dc2.test", "http://127.0.0.1:9002"),
+    ]
     await dc1.update_dc("dc1.moved", "http://127.0.0.1:9101")  # a DC updates itself
     assert await owner.dc(dc1.sender) == DcInfo(dc1.sender, True, "dc1.moved", "http://127.0.0.1:9101")
     with pytest.raises(RegistryError, match="not owner"):
@@ -236,8 +249,14 @@ async def test_events_iterator(registry_net):
                 return
 
     await asyncio.wait_for(collect(), 10)
-    assert [e.kind for e in got] == ["DCAdmitted", "DCAdmitted", "NodeRegistered", "NodeRevoked", "DCUpdated",
-                                     "DCRemoved"]
+    assert [e.kind for e in got] == [
+        "DCAdmitted",
+        "DCAdmitted",
+        "NodeRegistered",
+        "NodeRevoked",
+        "DCUpdated",
+        "DCRemoved",
+    ]
     assert (got[0].dc, got[0].hostname, got[0].endpoint) == (dc1.sender, "dc1.test", "http://127.0.0.1:9001")
     assert (got[2].node, got[2].dc, got[2].timestamp) == (nid, dc1.sender, ts)
     assert (got[3].node, got[3].dc, got[3].timestamp) == (nid, dc1.sender, ts + 1)

@@ -30,11 +30,13 @@ T0 = 1000.0
 _counters = itertools.count(1)
 
 
-def bind(side: int, token: bytes = TOKEN, path: bytes = PATH, cookie: bytes = packet.NO_COOKIE,
-         counter: int | None = None) -> bytes:
+def bind(
+    side: int, token: bytes = TOKEN, path: bytes = PATH, cookie: bytes = packet.NO_COOKIE, counter: int | None = None
+) -> bytes:
     """A RELAY_BIND for `side`, MAC'd with that side's key of `token`, with a fresh counter."""
-    return packet.RelayBind.make(path, side, counter or next(_counters), cookie,
-                                 packet.relay_side_key(token, side)).encode()
+    return packet.RelayBind.make(
+        path, side, counter or next(_counters), cookie, packet.relay_side_key(token, side)
+    ).encode()
 
 
 def bind_at(t: RelayTable, side: int, addr, now: float, token: bytes = TOKEN) -> list:

@@ -14,7 +14,16 @@ from daemon.forwarding import STATE_FILE, Forwarding, ForwardingError, forwardin
 from node.subnet import EXIT_TABLE, RouteSync
 from ntm import keys, messages
 from ntm.overlay import Overlay
-from ntm.routes import EXIT_ROUTES, RouteError, RouteTable, offer_digest, parse_choice, parse_prefixes, sign_offer, verify_offer
+from ntm.routes import (
+    EXIT_ROUTES,
+    RouteError,
+    RouteTable,
+    offer_digest,
+    parse_choice,
+    parse_prefixes,
+    sign_offer,
+    verify_offer,
+)
 from ntm.vaddr import V4Book, v6_of
 
 from tests.fakes import FakeClock
@@ -40,39 +49,48 @@ def offer(key=KEY_R, routes: str = LAN, exit: bool = False, seq: int = SEQ) -> m
 def test_offer_vector():
     """PROTOCOL §10.10 vector: key 0x11…11 offers 10.77.0.0/24 and fd00:77::/64 at seq 1764633600000."""
     nets = parse_prefixes("10.77.0.0/24,fd00:77::/64")
-    assert offer_digest(ID_R, SEQ, nets, False).hex() == \
-        "3d906e8ae3e3f92227646e77cd58e3b9c64ff4c1083c6b15a8a7452f0d17b475"
+    assert (
+        offer_digest(ID_R, SEQ, nets, False).hex() == "3d906e8ae3e3f92227646e77cd58e3b9c64ff4c1083c6b15a8a7452f0d17b475"
+    )
     o = sign_offer(KEY_R, nets, False, SEQ)
-    assert o.sig == ("6088185dc27a8e78b47fca58a305aaafbca6df094661383e35eb4d8c56943ee1"
-                     "003077d71f03da76102ca848ba0b9493529587979032de32002d3e5a3350c0691b")
+    assert o.sig == (
+        "6088185dc27a8e78b47fca58a305aaafbca6df094661383e35eb4d8c56943ee1"
+        "003077d71f03da76102ca848ba0b9493529587979032de32002d3e5a3350c0691b"
+    )
     v = verify_offer(messages.decode(messages.RouteOffer, msgspec.json.encode(o)))
     assert v.node == ID_R and v.routes == tuple(nets) and not v.exit
 
 
-@pytest.mark.parametrize("change", [
-    {"routes": ["10.0.0.0/8"]},  # widened by whoever carried it (the DC)
-    {"exit": True},  # turned into an exit offer
-    {"seq": SEQ + 1},  # replayed as newer
-    {"node": keys.checksum(ID_S)},  # claimed for another node
-])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"routes": ["10.0.0.0/8"]},  # widened by whoever carried it (the DC)
+        {"exit": True},  # turned into an exit offer
+        {"seq": SEQ + 1},  # replayed as newer
+        {"node": keys.checksum(ID_S)},  # claimed for another node
+    ],
+)
 def test_a_tampered_offer_is_refused(change):
     """Adversary: the DC (or anyone on the way) alters a node's offer; the signature no longer holds."""
     with pytest.raises(RouteError):
         verify_offer(msgspec.structs.replace(offer(), **change))
 
 
-@pytest.mark.parametrize("text, why", [
-    ("10.77.0.1/24", "host bits"),
-    ("0.0.0.0/0", "advertise-exit"),
-    ("fd6e:746d::/48", "never routed"),  # the overlay's own addresses
-    ("127.0.0.0/8", "never routed"),
-    ("169.254.0.0/16", "never routed"),
-    ("fe80::/64", "never routed"),
-    ("224.0.0.0/8", "never routed"),
-    ("10.0.0.0/33", "route"),
-    ("banana", "route"),
-    (",".join(f"10.{i}.0.0/16" for i in range(17)), "at most 16"),
-])
+@pytest.mark.parametrize(
+    "text, why",
+    [
+        ("10.77.0.1/24", "host bits"),
+        ("0.0.0.0/0", "advertise-exit"),
+        ("fd6e:746d::/48", "never routed"),  # the overlay's own addresses
+        ("127.0.0.0/8", "never routed"),
+        ("169.254.0.0/16", "never routed"),
+        ("fe80::/64", "never routed"),
+        ("224.0.0.0/8", "never routed"),
+        ("10.0.0.0/33", "route"),
+        ("banana", "route"),
+        (",".join(f"10.{i}.0.0/16" for i in range(17)), "at most 16"),
+    ],
+)
 def test_bad_prefixes_are_refused_with_a_reason(text, why):
     with pytest.raises(RouteError, match=why):
         parse_prefixes(text)
@@ -114,8 +132,11 @@ def test_longest_prefix_and_only_accepted_routes():
 
 def test_routes_not_chosen_or_not_offered_are_not_used():
     """The user chose only R's 10.77.0.0/24; R offers more, and S offers something nobody chose."""
-    t = table_with(offer(KEY_R, LAN + ",10.9.0.0/24", exit=True), offer(KEY_S, "10.50.0.0/24"),
-                   wanted={ID_R: frozenset(parse_prefixes(LAN + ",10.60.0.0/24"))})
+    t = table_with(
+        offer(KEY_R, LAN + ",10.9.0.0/24", exit=True),
+        offer(KEY_S, "10.50.0.0/24"),
+        wanted={ID_R: frozenset(parse_prefixes(LAN + ",10.60.0.0/24"))},
+    )
     assert t.accepted == {ID_R: tuple(parse_prefixes(LAN))}
     assert t.lookup(a("10.9.0.1")) is None  # offered, not chosen
     assert t.lookup(a("10.50.0.1")) is None  # S is not a peer whose routes we use
@@ -143,8 +164,12 @@ def test_newer_offer_replaces_older_and_a_replay_changes_nothing():
 def test_conflicts_are_refused_and_reported():
     """Two peers offer the same prefix (one is used, the same one every time); a peer offers our
     own LAN or something inside our virtual network: not accepted."""
-    t = table_with(offer(KEY_R, LAN + ",100.64.0.0/24,10.1.0.0/24"), offer(KEY_S, LAN),
-                   wanted={ID_R: None, ID_S: None}, advertised="10.1.0.0/16")
+    t = table_with(
+        offer(KEY_R, LAN + ",100.64.0.0/24,10.1.0.0/24"),
+        offer(KEY_S, LAN),
+        wanted={ID_R: None, ID_S: None},
+        advertised="10.1.0.0/16",
+    )
     owner = min(ID_R, ID_S)
     assert t.lookup(a("10.77.0.1")) == owner
     assert set(t.refused) == {LAN, "100.64.0.0/24", "10.1.0.0/24"}
@@ -167,8 +192,9 @@ def udp(src: str, dst: str) -> bytes:
 
 def node_n() -> Overlay:
     """N uses R's 10.77.0.0/24 and S's 10.50.0.0/24; knows R, S and a third peer C."""
-    ov = Overlay(ID_N, V4Book(), table_with(offer(KEY_R), offer(KEY_S, "10.50.0.0/24"),
-                                            wanted={ID_R: None, ID_S: None}))
+    ov = Overlay(
+        ID_N, V4Book(), table_with(offer(KEY_R), offer(KEY_S, "10.50.0.0/24"), wanted={ID_R: None, ID_S: None})
+    )
     for p in (ID_R, ID_S, bytes(20)):
         ov.addresses(p)
     return ov
@@ -298,8 +324,14 @@ async def test_route_sync_learns_verified_offers_and_installs_routes():
     answers = {ID_R: offer(KEY_R, LAN, exit=True)}
 
     async def whois(peer: bytes) -> messages.NodeInfo:
-        return messages.NodeInfo(node=keys.checksum(peer), home_dc=keys.checksum(ID_S), timestamp=1, revoked=False,
-                                 online=True, routes=answers.get(peer))
+        return messages.NodeInfo(
+            node=keys.checksum(peer),
+            home_dc=keys.checksum(ID_S),
+            timestamp=1,
+            revoked=False,
+            online=True,
+            routes=answers.get(peer),
+        )
 
     table = RouteTable(local=IPv4Network("100.64.0.0/10"))
     table.choose({ID_R: None}, exit_node=ID_R)
@@ -332,7 +364,9 @@ def test_use_routes_choice_parsing():
         return names[name]
 
     assert parse_choice(["r", "s:10.9.0.0/24,s:10.8.0.0/24"], resolve) == {
-        ID_R: None, ID_S: frozenset(parse_prefixes("10.9.0.0/24,10.8.0.0/24"))}
+        ID_R: None,
+        ID_S: frozenset(parse_prefixes("10.9.0.0/24,10.8.0.0/24")),
+    }
     assert parse_choice(["r:10.9.0.0/24", "r"], resolve) == {ID_R: None}  # all of it wins
     for bad in (["x"], ["r:10.9.0.1/24"], ["r:0.0.0.0/0"]):
         with pytest.raises(RouteError):
@@ -350,8 +384,19 @@ def test_the_daemons_route_options_are_checked_before_anything_starts():
     clock = FakeClock()
 
     def opts(**kw) -> UpOptions:
-        return UpOptions(tun="ntm0", require_tun=False, v4_net=IPv4Network("100.64.0.0/10"), path_mtu=1500, dns=None,
-                         accept_any=False, echo=False, host=None, port=0, keepalive=25.0, **kw)
+        return UpOptions(
+            tun="ntm0",
+            require_tun=False,
+            v4_net=IPv4Network("100.64.0.0/10"),
+            path_mtu=1500,
+            dns=None,
+            accept_any=False,
+            echo=False,
+            host=None,
+            port=0,
+            keepalive=25.0,
+            **kw,
+        )
 
     with pytest.raises(DaemonError, match="overlaps the virtual network"):
         route_table(KEY_S, book, opts(advertise_routes=parse_prefixes("100.64.8.0/24")), clock)

@@ -28,8 +28,9 @@ from labkit.dcnet import CountingRpc, metric, raw_http
 PLAINTEXT = b"attack at dawn: the relay must never see this sentence"
 
 
-async def send_relay_direction(http, url: str, dc_key, path: bytes, token: bytes, nodes, expires_ms: int,
-                               max_bytes: int) -> dict:
+async def send_relay_direction(
+    http, url: str, dc_key, path: bytes, token: bytes, nodes, expires_ms: int, max_bytes: int
+) -> dict:
     """The DC's booking call (dc/federation.py) against the relay under test."""
     fed = FederationClient(dc_key, lambda _a: True, envelope.ReplayGuard(), http=http)
     body = messages.RelayDirection(path.hex(), token.hex(), [keys.checksum(n) for n in nodes], expires_ms, max_bytes)
@@ -46,19 +47,55 @@ async def net(tmp_path):
         await owner.admit_dc(keys.node_id_of(removed_key), "dc2", "http://127.0.0.1:2")
         await owner.remove_dc(keys.node_id_of(removed_key))
         deployment = tmp_path / "deployment.json"
-        deployment.write_text(json.dumps({"chain_id": owner.chain_id, "registry": keys.checksum(owner.address), "block": 0}))
+        deployment.write_text(
+            json.dumps({"chain_id": owner.chain_id, "registry": keys.checksum(owner.address), "block": 0})
+        )
         await owner.close()
         capture = tmp_path / "capture.hex"
         udp_port = free_port(socket.SOCK_DGRAM)
-        rs = Child("rs", ["--rpc-url", chain.url, "--deployment", str(deployment), "--udp-host", "::",
-                          "--udp-port", str(udp_port), "--http-port", "0", "--stream-port", "0", "--capture", str(capture),
-                          "--advertise", f"127.0.0.1:{udp_port}", "--advertise", f"[::1]:{udp_port}",
-                          "--data-dir", str(tmp_path)],
-                   tmp_path / "rs.log").start()
+        rs = Child(
+            "rs",
+            [
+                "--rpc-url",
+                chain.url,
+                "--deployment",
+                str(deployment),
+                "--udp-host",
+                "::",
+                "--udp-port",
+                str(udp_port),
+                "--http-port",
+                "0",
+                "--stream-port",
+                "0",
+                "--capture",
+                str(capture),
+                "--advertise",
+                f"127.0.0.1:{udp_port}",
+                "--advertise",
+                f"[::1]:{udp_port}",
+                "--data-dir",
+                str(tmp_path),
+            ],
+            tmp_path / "rs.log",
+        ).start()
         try:
             async with raw_http() as http:
-                yield type("Net", (), dict(rs=rs, url=rs.ready["http"], control=rs.ready["control"], udp_port=udp_port, http=http, dc_key=dc_key,
-                                           removed_key=removed_key, capture=capture, tmp=tmp_path))
+                yield type(
+                    "Net",
+                    (),
+                    dict(
+                        rs=rs,
+                        url=rs.ready["http"],
+                        control=rs.ready["control"],
+                        udp_port=udp_port,
+                        http=http,
+                        dc_key=dc_key,
+                        removed_key=removed_key,
+                        capture=capture,
+                        tmp=tmp_path,
+                    ),
+                )
         finally:
             rs.stop()
             assert rs.proc.returncode == 0, rs.log_tail()
@@ -119,8 +156,13 @@ async def test_directions_trust_replay_conflict(net):
         assert keys.checksum(keys.node_id_of(key)) in str(e.value)
 
     # the exact same envelope twice: the second is a replay
-    body = {"path": os.urandom(8).hex(), "token": token.hex(), "nodes": [keys.checksum(n) for n in nodes],
-            "expires_ms": future_ms(), "max_bytes": 1000}
+    body = {
+        "path": os.urandom(8).hex(),
+        "token": token.hex(),
+        "nodes": [keys.checksum(n) for n in nodes],
+        "expires_ms": future_ms(),
+        "max_bytes": 1000,
+    }
     env = envelope.seal(net.dc_key, "relay-direction", body, time.time_ns() // 1_000_000)
     assert (await post(net, env))[0] == 200
     status, err = await post(net, env)
@@ -248,8 +290,9 @@ async def test_ipv4_ipv6_bridge_with_real_handshake(net):
 
 
 async def test_bad_arguments_exit_nonzero(tmp_path):
-    proc = Child("rs", ["--rpc-url", "http://127.0.0.1:1", "--deployment", str(tmp_path / "missing.json")],
-                 tmp_path / "bad.log")
+    proc = Child(
+        "rs", ["--rpc-url", "http://127.0.0.1:1", "--deployment", str(tmp_path / "missing.json")], tmp_path / "bad.log"
+    )
     with pytest.raises(RuntimeError, match="did not start"):
         proc.start(timeout=10)
     assert proc.proc.returncode == 2  # a missing file is a usage error, refused before any work
@@ -271,15 +314,34 @@ async def test_ipv4_only_socket_and_default_advertise(tmp_path):
     """--udp-host 0.0.0.0 (machines without IPv6): IPv4 socket, advertised endpoints derived."""
     with Anvil() as chain:
         dc_key, deployment = await one_dc(chain.url, tmp_path)
-        rs = Child("rs", ["--rpc-url", chain.url, "--deployment", str(deployment), "--udp-host", "0.0.0.0",
-                          "--udp-port", "0", "--http-port", "0", "--stream-port", "0", "--data-dir", str(tmp_path)],
-                   tmp_path / "rs4.log").start()
+        rs = Child(
+            "rs",
+            [
+                "--rpc-url",
+                chain.url,
+                "--deployment",
+                str(deployment),
+                "--udp-host",
+                "0.0.0.0",
+                "--udp-port",
+                "0",
+                "--http-port",
+                "0",
+                "--stream-port",
+                "0",
+                "--data-dir",
+                str(tmp_path),
+            ],
+            tmp_path / "rs4.log",
+        ).start()
         try:
             port = rs.ready["udp_port"]
             assert rs.ready["relay"] and all(e.endswith(f":{port}") for e in rs.ready["relay"])
             path, token = os.urandom(8), os.urandom(32)
             async with raw_http() as http:
-                ans = await send_relay_direction(http, rs.ready["control"], dc_key, path, token, node_ids(), future_ms(), 10**6)
+                ans = await send_relay_direction(
+                    http, rs.ready["control"], dc_key, path, token, node_ids(), future_ms(), 10**6
+                )
             assert ans["relay"] == rs.ready["relay"]
             a, b = udp(socket.AF_INET, "127.0.0.1"), udp(socket.AF_INET, "127.0.0.1")
             try:
@@ -307,20 +369,59 @@ async def test_directions_from_fresh_keys_cost_no_chain_call(tmp_path):
             deployment = tmp_path / "deployment.json"
             deployment.write_text(json.dumps({"chain_id": owner.chain_id, "registry": keys.checksum(owner.address)}))
             await owner.close()
-            rs = await asyncio.to_thread(Child("rs", ["--rpc-url", rpc.url, "--deployment", str(deployment),
-                                                      "--udp-port", "0", "--http-port", "0", "--stream-port", "0",
-                                                      "--admin-allow", "192.0.2.0/24", "--data-dir", str(tmp_path)],
-                                                     tmp_path / "rs.log").start)
+            rs = await asyncio.to_thread(
+                Child(
+                    "rs",
+                    [
+                        "--rpc-url",
+                        rpc.url,
+                        "--deployment",
+                        str(deployment),
+                        "--udp-port",
+                        "0",
+                        "--http-port",
+                        "0",
+                        "--stream-port",
+                        "0",
+                        "--admin-allow",
+                        "192.0.2.0/24",
+                        "--data-dir",
+                        str(tmp_path),
+                    ],
+                    tmp_path / "rs.log",
+                ).start
+            )
             try:
                 async with raw_http() as http:
                     before = rpc.calls["eth_call"]
-                    refusals = await asyncio.gather(*(
-                        send_relay_direction(http, rs.ready["control"], keys.generate(), os.urandom(8), os.urandom(32),
-                                             node_ids(), future_ms(), 1000) for _ in range(100)), return_exceptions=True)
+                    refusals = await asyncio.gather(
+                        *(
+                            send_relay_direction(
+                                http,
+                                rs.ready["control"],
+                                keys.generate(),
+                                os.urandom(8),
+                                os.urandom(32),
+                                node_ids(),
+                                future_ms(),
+                                1000,
+                            )
+                            for _ in range(100)
+                        ),
+                        return_exceptions=True,
+                    )
                     assert all(isinstance(r, RelayDirectionError) and r.code == "untrusted_dc" for r in refusals)
                     assert rpc.calls["eth_call"] - before == 0
-                    ok = await send_relay_direction(http, rs.ready["control"], keys.private_key(DEV_KEYS[1]), os.urandom(8),
-                                                    os.urandom(32), node_ids(), future_ms(), 1000)
+                    ok = await send_relay_direction(
+                        http,
+                        rs.ready["control"],
+                        keys.private_key(DEV_KEYS[1]),
+                        os.urandom(8),
+                        os.urandom(32),
+                        node_ids(),
+                        future_ms(),
+                        1000,
+                    )
                     assert ok["created"]
                     # operator endpoints only for the admin network (here not loopback): 403, nothing shown
                     for path in ("/metrics", f"/v1/paths/{'00' * 8}"):
@@ -344,11 +445,31 @@ async def test_stream_port_taken_is_one_line_and_exit_1(tmp_path):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         try:
-            r = await asyncio.to_thread(subprocess.run, [
-                sys.executable, "-m", "rs", "--rpc-url", chain.url, "--deployment", str(deployment), "--udp-port", "0",
-                "--http-port", "0", "--stream-host", "127.0.0.1", "--stream-port", str(busy.getsockname()[1]),
-                "--data-dir", str(tmp_path)],
-                capture_output=True, text=True, timeout=60)
+            r = await asyncio.to_thread(
+                subprocess.run,
+                [
+                    sys.executable,
+                    "-m",
+                    "rs",
+                    "--rpc-url",
+                    chain.url,
+                    "--deployment",
+                    str(deployment),
+                    "--udp-port",
+                    "0",
+                    "--http-port",
+                    "0",
+                    "--stream-host",
+                    "127.0.0.1",
+                    "--stream-port",
+                    str(busy.getsockname()[1]),
+                    "--data-dir",
+                    str(tmp_path),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
         finally:
             busy.close()
     assert r.returncode == 1, r.stderr

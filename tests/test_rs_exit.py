@@ -21,8 +21,18 @@ from ntm.routes import RouteTable, sign_offer
 from ntm.tunnel import Data, Session
 from ntm.vaddr import v6_of
 from rs.exit import RelayExit
-from rs.exit_policy import (EXIT_PATHS_PER_NODE, EXIT_V4_NET, FLOW_IDLE_S, Caps, ExitPolicy, ExitRefused, ExitTable, Meter, exit_overlay,
-                            flow_of)
+from rs.exit_policy import (
+    EXIT_PATHS_PER_NODE,
+    EXIT_V4_NET,
+    FLOW_IDLE_S,
+    Caps,
+    ExitPolicy,
+    ExitRefused,
+    ExitTable,
+    Meter,
+    exit_overlay,
+    flow_of,
+)
 from rs.trust import DcTrust
 from tests.test_overlay import ipv6, tcp
 
@@ -34,10 +44,16 @@ EXIT_ID = keys.node_id_of(keys.private_key(b"\x33" * 32))
 NOW_MS = 1_764_633_600_000
 
 
-def booking(key=NODE_KEY, path: str = "01" * 8, max_bytes: int = 10**6, expires_in_ms: int = 60_000,
-            pub: bytes | None = None) -> messages.ExitBooking:
-    return messages.ExitBooking(path, keys.checksum(keys.node_id_of(key)),
-                                (pub or keys.public_bytes(key)).hex(), NOW_MS + expires_in_ms, max_bytes)
+def booking(
+    key=NODE_KEY, path: str = "01" * 8, max_bytes: int = 10**6, expires_in_ms: int = 60_000, pub: bytes | None = None
+) -> messages.ExitBooking:
+    return messages.ExitBooking(
+        path,
+        keys.checksum(keys.node_id_of(key)),
+        (pub or keys.public_bytes(key)).hex(),
+        NOW_MS + expires_in_ms,
+        max_bytes,
+    )
 
 
 def test_policy_admits_nobody_by_default_and_only_listed_nodes():
@@ -60,9 +76,11 @@ def test_booking_refusals_change_nothing():
     """Adversary: a booking for a node not allowed, with another node's key, for a path another
     node holds, or beyond the table's room: each refused with a code, the table unchanged."""
     t = ExitTable(ExitPolicy.parse([keys.checksum(NODE), keys.checksum(OTHER)]), max_nodes=1)
-    cases = [(booking(keys.private_key(b"\x44" * 32)), "not_allowed"),
-             (booking(pub=keys.public_bytes(OTHER_KEY)), "malformed"),
-             (booking(expires_in_ms=-1), "malformed")]
+    cases = [
+        (booking(keys.private_key(b"\x44" * 32)), "not_allowed"),
+        (booking(pub=keys.public_bytes(OTHER_KEY)), "malformed"),
+        (booking(expires_in_ms=-1), "malformed"),
+    ]
     for b, code in cases:
         with pytest.raises(ExitRefused) as e:
             t.book(b, NOW_MS, 100.0)
@@ -148,8 +166,9 @@ def test_exit_overlay_rewrites_ipv4_sources_and_drops_spoofed_ipv6_ones():
 
 def test_exit_messages_are_checked_when_decoded():
     offer = messages.RouteOffer(keys.checksum(EXIT_ID), 1, "00" * 65, [], True)
-    grant = messages.ExitGrant("01" * 8, ["192.0.2.1:4341", "[2001:db8::1]:4341"], keys.checksum(EXIT_ID),
-                               "02" * 33, offer, NOW_MS, 10, 10, 10)
+    grant = messages.ExitGrant(
+        "01" * 8, ["192.0.2.1:4341", "[2001:db8::1]:4341"], keys.checksum(EXIT_ID), "02" * 33, offer, NOW_MS, 10, 10, 10
+    )
     assert messages.decode(messages.ExitGrant, messages.encode(grant)) == grant
     with pytest.raises(ParseError):
         messages.decode(messages.ExitGrant, {**messages.encode(grant), "exit": []})
@@ -202,8 +221,12 @@ def test_exit_books_only_for_active_dcs_and_allowed_nodes():
     status, grant = ex.book(env)
     assert status == 200 and grant["exit_node"] == keys.checksum(ex.id) and grant["offer"]["exit"]
     assert ex.book(env) == (403, {"error": "replayed", "message": "envelope replayed"})
-    assert list(ex.sessions) == [b"\x01" * 8] and ex.refused == {"untrusted_dc": 1, "not_allowed": 1,
-                                                                   "malformed": 1, "replayed": 1}
+    assert list(ex.sessions) == [b"\x01" * 8] and ex.refused == {
+        "untrusted_dc": 1,
+        "not_allowed": 1,
+        "malformed": 1,
+        "replayed": 1,
+    }
 
 
 def test_exit_carries_a_booked_nodes_tunnel_both_ways_and_drops_what_it_must():
@@ -232,8 +255,9 @@ def test_exit_carries_a_booked_nodes_tunnel_both_ways_and_drops_what_it_must():
     [answer] = [ev for ev in node.receive(dg, ("192.0.2.1", 4341), now[0]) if isinstance(ev, Data)]
     assert answer.payload[12:16] == ipaddress.IPv4Address("203.0.113.9").packed
 
-    ex.on_datagram(node.encrypt(ipv6(v6_of(OTHER).packed, ipaddress.IPv6Address("2001:db8::9").packed), now[0]),
-                   NODE_ADDR)
+    ex.on_datagram(
+        node.encrypt(ipv6(v6_of(OTHER).packed, ipaddress.IPv6Address("2001:db8::9").packed), now[0]), NODE_ADDR
+    )
     ex.on_datagram(node.encrypt(tcp("100.64.0.1", "203.0.113.10", b"2nd flow"), now[0]), NODE_ADDR)
     ex.on_datagram(b"\x03" + b"\x09" * 8 + bytes(40), ("::ffff:192.0.2.99", 1))
     st = ex.status()["dropped"]
@@ -256,15 +280,28 @@ class FakeFederation:
 
 
 def fake_dc(online: set[bytes], answers: list) -> SimpleNamespace:
-    return SimpleNamespace(clock=Clock(wall=lambda: NOW_MS / 1000), guard=envelope.ReplayGuard(),
-                           presence=SimpleNamespace(online=lambda n: n in online),
-                           relays=["http://rs1:8340", "http://rs2:8340"], federation=FakeFederation(answers))
+    return SimpleNamespace(
+        clock=Clock(wall=lambda: NOW_MS / 1000),
+        guard=envelope.ReplayGuard(),
+        presence=SimpleNamespace(online=lambda n: n in online),
+        relays=["http://rs1:8340", "http://rs2:8340"],
+        federation=FakeFederation(answers),
+    )
 
 
 def a_grant(ex_key=keys.private_key(b"\x33" * 32), offer_key=None, exit_flag=True) -> messages.ExitGrant:
     offer = sign_offer(offer_key or ex_key, [], exit_flag, NOW_MS)
-    return messages.ExitGrant("01" * 8, ["192.0.2.1:4341"], keys.checksum(keys.node_id_of(ex_key)),
-                              keys.public_bytes(ex_key).hex(), offer, NOW_MS + 1000, 10, 10, 10)
+    return messages.ExitGrant(
+        "01" * 8,
+        ["192.0.2.1:4341"],
+        keys.checksum(keys.node_id_of(ex_key)),
+        keys.public_bytes(ex_key).hex(),
+        offer,
+        NOW_MS + 1000,
+        10,
+        10,
+        10,
+    )
 
 
 def test_dc_books_for_its_live_signed_nodes_and_passes_the_relays_refusal_on():
@@ -294,22 +331,35 @@ def test_dc_books_for_its_live_signed_nodes_and_passes_the_relays_refusal_on():
     with pytest.raises(ExitError) as e:
         ask()
     assert e.value.refusal()[::-1] == ("rate_limited", 429) and len(dc.federation.asked) == asked
-    refusing = fake_dc({NODE}, [FederationError("relay http://rs1:8340 refused: not on its --exit-allow list",
-                                                "not_allowed", 403)])
+    refusing = fake_dc(
+        {NODE}, [FederationError("relay http://rs1:8340 refused: not on its --exit-allow list", "not_allowed", 403)]
+    )
     with pytest.raises(ExitError) as e:
         ask(b=ExitBooker(refusing))
     assert e.value.refusal()[::-1] == ("not_allowed", 403) and "--exit-allow" in str(e.value)
 
 
-@pytest.mark.parametrize("grant, why", [
-    (a_grant(offer_key=keys.private_key(b"\x44" * 32)), "do not match"),  # offer signed by another key
-    (a_grant(exit_flag=False), "do not match"),  # an offer without the exit
-    (messages.ExitGrant(**{**messages.encode(a_grant()), "exit_pubkey": keys.public_bytes(OTHER_KEY).hex(),
-                           "offer": a_grant().offer}), "do not match"),  # the key is not the exit's node ID
-])
+@pytest.mark.parametrize(
+    "grant, why",
+    [
+        (a_grant(offer_key=keys.private_key(b"\x44" * 32)), "do not match"),  # offer signed by another key
+        (a_grant(exit_flag=False), "do not match"),  # an offer without the exit
+        (
+            messages.ExitGrant(
+                **{
+                    **messages.encode(a_grant()),
+                    "exit_pubkey": keys.public_bytes(OTHER_KEY).hex(),
+                    "offer": a_grant().offer,
+                }
+            ),
+            "do not match",
+        ),  # the key is not the exit's node ID
+    ],
+)
 def test_node_refuses_a_grant_that_does_not_verify(grant, why):
     """Adversary: a DC (or whoever answers for it) handing the node an exit whose key, node ID and
     signed exit offer do not belong together: refused before any packet is sent."""
+
     async def book():
         return grant
 

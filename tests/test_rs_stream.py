@@ -174,12 +174,20 @@ def self_signed(tmp_path):
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "relay.test")])
     now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
-            .sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
     (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (tmp_path / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                         serialization.NoEncryption()))
+    (tmp_path / "key.pem").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     return tmp_path / "cert.pem", tmp_path / "key.pem"
 
 
@@ -196,8 +204,11 @@ async def test_node_stream_over_tls_binds_and_carries_packets(relay, tmp_path):
     await web.SockSite(runner, sock, ssl_context=tls).start()
     got: asyncio.Queue = asyncio.Queue()
     relay_addr = ("127.0.0.1", 9)  # the relay's UDP endpoint as the node's sessions know it
-    st = RelayStream(relay_addr, [f"wss://127.0.0.1:{sock.getsockname()[1]}/v1/stream"],
-                     lambda data, addr: got.put_nowait((data, addr)))
+    st = RelayStream(
+        relay_addr,
+        [f"wss://127.0.0.1:{sock.getsockname()[1]}/v1/stream"],
+        lambda data, addr: got.put_nowait((data, addr)),
+    )
     udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     udp.bind(("127.0.0.1", 0))
     try:

@@ -39,9 +39,28 @@ async def relay(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("rstls")
     with Anvil() as chain:
         dc_key, deployment = await one_dc(chain.url, tmp)
-        rs = await asyncio.to_thread(Child("rs", [
-            "--rpc-url", chain.url, "--deployment", str(deployment), "--udp-host", "::", "--udp-port", "0",
-            "--http-port", "0", "--stream-port", "0", "--data-dir", str(tmp / "rs")], tmp / "rs.log").start)
+        rs = await asyncio.to_thread(
+            Child(
+                "rs",
+                [
+                    "--rpc-url",
+                    chain.url,
+                    "--deployment",
+                    str(deployment),
+                    "--udp-host",
+                    "::",
+                    "--udp-port",
+                    "0",
+                    "--http-port",
+                    "0",
+                    "--stream-port",
+                    "0",
+                    "--data-dir",
+                    str(tmp / "rs"),
+                ],
+                tmp / "rs.log",
+            ).start
+        )
         try:
             yield SimpleNamespace(rs=rs, dc_key=dc_key, tmp=tmp)
         finally:
@@ -82,7 +101,9 @@ async def test_an_impostor_relay_gets_no_direction_and_bookings_fall_back(relay,
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", anything)
-    ctx, _ = tlspin.server_context(*tlspin.ensure_certificate(relay.tmp / "imp-cert.pem", relay.tmp / "imp-key.pem", "x"))
+    ctx, _ = tlspin.server_context(
+        *tlspin.ensure_certificate(relay.tmp / "imp-cert.pem", relay.tmp / "imp-key.pem", "x")
+    )
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx)
@@ -93,7 +114,9 @@ async def test_an_impostor_relay_gets_no_direction_and_bookings_fall_back(relay,
         with pytest.raises(FederationError) as exc:
             await fed.book_relay(impostor, direction(os.urandom(32)))
         assert exc.value.code == "relay_unauthenticated" and "not its pin" in str(exc.value)
-        c = SimpleNamespace(relays=[impostor, relay.rs.ready["control"]], clock=SYSTEM, federation=fed, relay_streams={})
+        c = SimpleNamespace(
+            relays=[impostor, relay.rs.ready["control"]], clock=SYSTEM, federation=fed, relay_streams={}
+        )
         sig = Signaling(c)
         with caplog.at_level(logging.WARNING, logger="ntm.dc.signaling"):
             for _ in range(3):

@@ -43,6 +43,7 @@ class LogsProxy:
     @contextlib.asynccontextmanager
     async def running(self):
         async with aiohttp.ClientSession() as http:
+
             async def forward(request: web.Request) -> web.Response:
                 body = await request.read()
                 call = json.loads(body)

@@ -53,8 +53,16 @@ def coordinator(tmp_path, chain: FakeChain, name: str = "dc") -> Coordinator:
     addr = keys.node_id_of(key)
     chain.admit(addr, name, DC_ENDPOINT)
     reg = FakeRegistry(chain, addr)
-    return Coordinator(key, reg, Store(tmp_path / f"{name}.sqlite", addr), RegistryCache(reg), name, [], (4331, 4332),
-                       clock=chain.clock)
+    return Coordinator(
+        key,
+        reg,
+        Store(tmp_path / f"{name}.sqlite", addr),
+        RegistryCache(reg),
+        name,
+        [],
+        (4331, 4332),
+        clock=chain.clock,
+    )
 
 
 async def test_before_the_first_catch_up_a_missing_node_is_catching_up_not_unknown(tmp_path, chain):
@@ -134,8 +142,11 @@ async def test_a_snapshot_of_another_chain_or_of_a_block_the_chain_no_longer_has
     path = tmp_path / "dc.sqlite.snapshot"
     snapshot.write(path, data)
     assert snapshot.read(path, chain.chain_id, chain.address, 0) is not None
-    for chain_id, registry, from_block in ((chain.chain_id + 1, chain.address, 0), (chain.chain_id, b"\x77" * 20, 0),
-                                           (chain.chain_id, chain.address, 3)):
+    for chain_id, registry, from_block in (
+        (chain.chain_id + 1, chain.address, 0),
+        (chain.chain_id, b"\x77" * 20, 0),
+        (chain.chain_id, chain.address, 3),
+    ):
         assert snapshot.read(path, chain_id, registry, from_block) is None
         with pytest.raises(snapshot.SnapshotError, match="another chain"):
             snapshot.decode(data, chain_id, registry, from_block)
@@ -195,12 +206,17 @@ async def test_metrics_and_the_dashboard_do_not_walk_the_nodes(tmp_path, chain):
     for n in (2 * NODES_LISTED + 100, 20 * NODES_LISTED + 1000):  # half in the store: more than it lists
         more = n - len(c.cache.nodes) - c.store.node_count()
         seed_chain(chain, b"\x01" * 20, more // 2)
-        reqs = [RegistrationRequest.signed(keys.generate(), c.info(), chain.clock.wall_ms()) for _ in range(more - more // 2)]
+        reqs = [
+            RegistrationRequest.signed(keys.generate(), c.info(), chain.clock.wall_ms())
+            for _ in range(more - more // 2)
+        ]
         await asyncio.gather(*(c.store.add(r) for r in reqs))
         while not await c.cache.poll():
             pass
         assert len(c.cache.nodes) + c.store.node_count() == n
-        costs.append((cost(c.store.db, c.metrics.render), cost(c.store.db, lambda: dashboard.snapshot(c, status, probe, 0.0))))
+        costs.append(
+            (cost(c.store.db, c.metrics.render), cost(c.store.db, lambda: dashboard.snapshot(c, status, probe, 0.0)))
+        )
     (small_metrics, small_dash), (big_metrics, big_dash) = costs
     for small, big in ((small_metrics, big_metrics), (small_dash, big_dash)):
         assert big[0] <= small[0] * 1.05 and big[1] <= small[1] * 1.05, costs
@@ -214,22 +230,32 @@ async def test_the_kept_counts_follow_every_change_of_the_store(tmp_path, chain)
     await asyncio.gather(*(c.store.add(r) for r in reqs))
     await c.store.add(RegistrationRequest.signed(keys.generate(), c.info(), chain.clock.wall_ms() + 1))
     items = c.store.pending(20)
-    c.store.settle([(i, "confirmed", "0x01", 1, None) for i in items[:15]] + [(i, "rejected", None, None, "x")
-                                                                             for i in items[15:]])
+    c.store.settle(
+        [(i, "confirmed", "0x01", 1, None) for i in items[:15]] + [(i, "rejected", None, None, "x") for i in items[15:]]
+    )
     c.store.reopen(items[:3])
 
     def truth() -> dict:
         db = c.store.db
-        return {"nodes": db.execute("SELECT count(*) FROM nodes").fetchone()[0],
-                **{s: db.execute("SELECT count(*) FROM outbox WHERE state=?", (s,)).fetchone()[0]
-                   for s in ("pending", "confirmed", "rejected")}}
+        return {
+            "nodes": db.execute("SELECT count(*) FROM nodes").fetchone()[0],
+            **{
+                s: db.execute("SELECT count(*) FROM outbox WHERE state=?", (s,)).fetchone()[0]
+                for s in ("pending", "confirmed", "rejected")
+            },
+        }
 
     def kept() -> dict:
-        return {"nodes": c.store.node_count(), **{s: c.store.count_outbox(s) for s in ("pending", "confirmed", "rejected")}}
+        return {
+            "nodes": c.store.node_count(),
+            **{s: c.store.count_outbox(s) for s in ("pending", "confirmed", "rejected")},
+        }
 
     assert kept() == truth() == {"nodes": 31, "pending": 14, "confirmed": 12, "rejected": 5}
-    c.store.db.executescript("DROP TABLE counts; DROP TRIGGER nodes_added; DROP TRIGGER nodes_removed; "
-                             "DROP TRIGGER outbox_added; DROP TRIGGER outbox_removed; DROP TRIGGER outbox_moved;")
+    c.store.db.executescript(
+        "DROP TABLE counts; DROP TRIGGER nodes_added; DROP TRIGGER nodes_removed; "
+        "DROP TRIGGER outbox_added; DROP TRIGGER outbox_removed; DROP TRIGGER outbox_moved;"
+    )
     c.store.close()
     c.store = Store(tmp_path / "dc.sqlite", c.address)
     assert kept() == truth()
@@ -240,8 +266,9 @@ async def test_a_node_asks_again_while_its_dc_is_catching_up_and_not_after_a_fin
     ask again until the direction timeout, but take unknown_node (final) at once."""
     monkeypatch.setattr(dc_session, "CATCHING_UP_RETRY_S", 0.01)
     monkeypatch.setattr(dc_session, "DIRECTION_TIMEOUT_S", 0.5)
-    session = dc_session.DcSession(keys.generate(), "http://dc.test:8330", None, Clock(), 25.0, [],
-                                   on_direction=None, on_moved=lambda: None)
+    session = dc_session.DcSession(
+        keys.generate(), "http://dc.test:8330", None, Clock(), 25.0, [], on_direction=None, on_moved=lambda: None
+    )
     answers: list = []
 
     async def once(peer, route, resume):
@@ -270,8 +297,14 @@ async def test_confirmed_outbox_rows_deeper_than_the_rollback_horizon_are_pruned
     reqs = [RegistrationRequest.signed(keys.generate(), c.info(), chain.clock.wall_ms()) for _ in range(6)]
     await asyncio.gather(*(c.store.add(r) for r in reqs))
     items = c.store.pending(6)
-    c.store.settle([(items[0], "confirmed", "0x01", 10, None), (items[1], "confirmed", "0x02", 2000, None),
-                    (items[2], "rejected", None, None, "stale"), (items[3], "confirmed", "0x03", 11, None)])
+    c.store.settle(
+        [
+            (items[0], "confirmed", "0x01", 10, None),
+            (items[1], "confirmed", "0x02", 2000, None),
+            (items[2], "rejected", None, None, "stale"),
+            (items[3], "confirmed", "0x03", 11, None),
+        ]
+    )
     assert c.store.prune_confirmed(1000) == 2
     assert c.store.outbox_state(items[0].record.node, items[0].record.timestamp) is None
     assert c.store.outbox_state(items[1].record.node, items[1].record.timestamp)[0] == "confirmed"
@@ -292,14 +325,30 @@ async def test_logs_are_sliced_from_the_raw_answer_and_garbage_from_a_chain_node
 
     reg.w3 = types.SimpleNamespace(provider=types.SimpleNamespace(make_request=make_request))
     topic = "0x" + reg._abi.topics["NodeRegistered"].hex()
-    log = {"topics": [topic, "0x" + "00" * 12 + "11" * 20, "0x" + "00" * 12 + "22" * 20], "data": "0x" + "%064x" % 123,
-           "blockNumber": "0x5", "logIndex": "0x1", "transactionHash": "0x" + "33" * 32}
+    log = {
+        "topics": [topic, "0x" + "00" * 12 + "11" * 20, "0x" + "00" * 12 + "22" * 20],
+        "data": "0x" + "%064x" % 123,
+        "blockNumber": "0x5",
+        "logIndex": "0x1",
+        "transactionHash": "0x" + "33" * 32,
+    }
     answers.append({"result": [log]})
     (ev,) = await reg.get_events(0, 5)
-    assert (ev.kind, ev.node, ev.dc, ev.timestamp, ev.block, ev.log_index) == ("NodeRegistered", b"\x11" * 20,
-                                                                               b"\x22" * 20, 123, 5, 1)
-    for garbage in ({"result": [{**log, "topics": [topic, "0xzz", "0x00"]}]}, {"result": [{"topics": [topic]}]},
-                    {"result": [{**log, "blockNumber": None}]}, {"error": {"message": "range too large"}}, ["x"]):
+    assert (ev.kind, ev.node, ev.dc, ev.timestamp, ev.block, ev.log_index) == (
+        "NodeRegistered",
+        b"\x11" * 20,
+        b"\x22" * 20,
+        123,
+        5,
+        1,
+    )
+    for garbage in (
+        {"result": [{**log, "topics": [topic, "0xzz", "0x00"]}]},
+        {"result": [{"topics": [topic]}]},
+        {"result": [{**log, "blockNumber": None}]},
+        {"error": {"message": "range too large"}},
+        ["x"],
+    ):
         answers.append(garbage)
         with pytest.raises(RegistryError):
             await reg.get_events(0, 5)

@@ -23,13 +23,13 @@ def recipients(*ks) -> dict[bytes, bytes]:
 def sealed(content: bytes, *to, meta: seal.Meta = META, pieces: int = 1) -> tuple[seal.Header, bytes]:
     s = seal.Sealer(SENDER, recipients(*(to or (R1,))), meta, 1_700_000_000_000)
     step = max(1, len(content) // pieces)
-    ct = b"".join(s.feed(content[i:i + step]) for i in range(0, len(content), step)) + s.finish()
+    ct = b"".join(s.feed(content[i : i + step]) for i in range(0, len(content), step)) + s.finish()
     return seal.Header.from_json(s.header.to_json()), ct  # through JSON, as the CS stores it
 
 
 def opened(key, header: seal.Header, ct: bytes, step: int = 1 << 30) -> tuple[bytes, seal.Meta]:
     o = seal.Opener(key, header)
-    out = b"".join(o.feed(ct[i:i + step]) for i in range(0, len(ct), step))
+    out = b"".join(o.feed(ct[i : i + step]) for i in range(0, len(ct), step))
     tail, meta = o.finish()
     return out + tail, meta
 
@@ -42,7 +42,8 @@ def test_vector():
     assert keys.checksum(keys.node_id_of(R1)) == "0x5050A4F4b3f9338C3472dcC01A87C76A144b3c9c"
     assert h.eph.hex() == "02531fe6068134503d2723133227c867ac8fa6c83c537e9a44c3c5bdbdcb1fe337"
     assert h.wraps[keys.node_id_of(R1)].hex() == (
-        "ffd429de3ffc2e1821652a6bee08d94507803d4be80384bc10598a3d137490f068d79093f07a5db457f38fb3791045c1")
+        "ffd429de3ffc2e1821652a6bee08d94507803d4be80384bc10598a3d137490f068d79093f07a5db457f38fb3791045c1"
+    )
     assert h.digest().hex() == "24508497a92c9d1b742c6301c8ebcb7af0d5e9fade604b0a8d9193a16f1d388d"
     assert len(ct) == 203
     assert hashlib.sha256(ct).hexdigest() == "d26304e397c8c4405aaaa21284281044ac119666684fbd6974df71f4089cf8f6"
@@ -53,7 +54,9 @@ def test_vector():
 def test_round_trip_at_chunk_edges(size):
     content = os.urandom(size)
     header, ct = sealed(content, pieces=7)
-    meta_len = len(b'{"app_id":"chat","service_id":"msg","service_item_id":"42","notice":"hello from 0x1a64","name":""}')
+    meta_len = len(
+        b'{"app_id":"chat","service_id":"msg","service_item_id":"42","notice":"hello from 0x1a64","name":""}'
+    )
     assert len(ct) == seal.sealed_size(4 + meta_len + size + seal.SIG_LEN)
     assert opened(R1, header, ct, step=4096) == (content, META)
 
@@ -86,7 +89,7 @@ def test_a_swapped_wrap_does_not_unwrap():
 def test_a_flipped_byte_anywhere_is_refused(where):
     header, ct = sealed(os.urandom(2 * seal.CHUNK + 10))
     i = {"first": 3, "middle": seal.CHUNK + 20, "last": len(ct) - 30, "tag": len(ct) - 1}[where]
-    bad = ct[:i] + bytes([ct[i] ^ 1]) + ct[i + 1:]
+    bad = ct[:i] + bytes([ct[i] ^ 1]) + ct[i + 1 :]
     with pytest.raises(seal.SealError, match="tampered"):
         opened(R1, header, bad)
 
@@ -94,10 +97,12 @@ def test_a_flipped_byte_anywhere_is_refused(where):
 def test_truncation_reordering_and_appending_are_refused():
     header, ct = sealed(os.urandom(2 * seal.CHUNK + 10))
     n = seal.CHUNK + seal.TAG_LEN
-    for bad in (ct[:2 * n],  # the final chunk dropped: the last one kept was not final
-                ct[:n] + ct[2 * n:],  # a middle chunk dropped
-                ct[n:2 * n] + ct[:n] + ct[2 * n:],  # two chunks swapped
-                ct + b"\0" * 20):  # bytes appended
+    for bad in (
+        ct[: 2 * n],  # the final chunk dropped: the last one kept was not final
+        ct[:n] + ct[2 * n :],  # a middle chunk dropped
+        ct[n : 2 * n] + ct[:n] + ct[2 * n :],  # two chunks swapped
+        ct + b"\0" * 20,
+    ):  # bytes appended
         with pytest.raises(seal.SealError):
             opened(R1, header, bad)
 
@@ -123,9 +128,16 @@ def test_a_sender_signing_with_another_key_is_refused(monkeypatch):
 def test_bad_headers_and_metadata_are_refused():
     header, _ = sealed(b"x")
     obj = header.to_json()
-    for bad in ({**obj, "v": 2}, {**obj, "item": "00"}, {**obj, "eph": "02" + "00" * 32}, {**obj, "wraps": {}},
-                {**obj, "extra": 1}, {k: v for k, v in obj.items() if k != "created"}, "not a dict",
-                {**obj, "wraps": {keys.checksum(bytes(20)): "00" * 47}}):
+    for bad in (
+        {**obj, "v": 2},
+        {**obj, "item": "00"},
+        {**obj, "eph": "02" + "00" * 32},
+        {**obj, "wraps": {}},
+        {**obj, "extra": 1},
+        {k: v for k, v in obj.items() if k != "created"},
+        "not a dict",
+        {**obj, "wraps": {keys.checksum(bytes(20)): "00" * 47}},
+    ):
         with pytest.raises(seal.SealError, match="malformed item header"):
             seal.Header.from_json(bad)
     with pytest.raises(ValueError, match="notice"):
@@ -142,8 +154,10 @@ def test_bad_headers_and_metadata_are_refused():
 META_RAW = len(seal.check_meta(META))
 
 
-@pytest.mark.parametrize("plain", [seal.CHUNK, 2 * seal.CHUNK, seal.CHUNK - 10, 2 * seal.CHUNK - 1,
-                                   seal.CHUNK + 55, seal.CHUNK + seal.SIG_LEN])
+@pytest.mark.parametrize(
+    "plain",
+    [seal.CHUNK, 2 * seal.CHUNK, seal.CHUNK - 10, 2 * seal.CHUNK - 1, seal.CHUNK + 55, seal.CHUNK + seal.SIG_LEN],
+)
 def test_chunk_edges_of_the_whole_plaintext_stream(plain):
     """The plaintext stream (length, meta, content, signature) ends exactly at a chunk edge, or the
     signature spills into a chunk of its own; opened in one piece and byte by byte-ish."""
@@ -173,12 +187,17 @@ def test_sixteen_recipients_is_the_limit_on_both_sides():
         seal.Header.from_json(obj)
 
 
-@pytest.mark.parametrize("field,value,why", [
-    ("created", True, "bad item id, ephemeral key or created time"),
-    ("created", "1", "bad item id, ephemeral key or created time"),
-    ("item", "00" * 15, "bad item id"), ("eph", "02" * 32, "bad item id"),
-    ("v", 2, "unknown version 2"), ("wraps", {}, "1 to 16 recipients"),
-])
+@pytest.mark.parametrize(
+    "field,value,why",
+    [
+        ("created", True, "bad item id, ephemeral key or created time"),
+        ("created", "1", "bad item id, ephemeral key or created time"),
+        ("item", "00" * 15, "bad item id"),
+        ("eph", "02" * 32, "bad item id"),
+        ("v", 2, "unknown version 2"),
+        ("wraps", {}, "1 to 16 recipients"),
+    ],
+)
 def test_header_fields_are_checked_one_by_one(field, value, why):
     obj = sealed(b"x")[0].to_json()
     with pytest.raises(seal.SealError, match=why):
@@ -197,7 +216,7 @@ def test_each_refusal_says_what_it_is():
     with pytest.raises(seal.SealError, match="data after the end of the item"):
         o.feed(b"more")
     o = seal.Opener(R1, header)
-    o.feed(ct[:-seal.TAG_LEN - 1])
+    o.feed(ct[: -seal.TAG_LEN - 1])
     with pytest.raises(seal.SealError, match="chunk 0 of item .* is tampered with or truncated"):
         o.finish()
 

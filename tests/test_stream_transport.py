@@ -35,6 +35,7 @@ class Firewall:
                 self.dropped += 1
             else:
                 receive(data, addr)
+
         bind = await UdpBind.open(host, port, inbound, on_error)
         send, batch = bind.sendto, bind.send_batch
 
@@ -49,6 +50,7 @@ class Firewall:
                 self.dropped += len(items)
             else:
                 batch(items)
+
         bind.sendto, bind.send_batch = sendto, send_batch
         return bind
 
@@ -136,8 +138,10 @@ async def test_stream_tunnel_fits_the_relays_leg_to_a_small_peer(net):
         ta = await a.connect(b.id)
         tb = await asyncio.wait_for(b.accept(), 5)
         assert transport_of(a, ta.id) == "tcp"
-        await until(lambda: a.endpoint.mtu_status(ta.channel.current.session)["path_mtu"] == 1400,
-                    PROBE_ROUND_S * (MAX_PROBES + 2))
+        await until(
+            lambda: a.endpoint.mtu_status(ta.channel.current.session)["path_mtu"] == 1400,
+            PROBE_ROUND_S * (MAX_PROBES + 2),
+        )
         assert ta.channel.inner_mtu == 1400 - 28 - 33  # what `ntm status` shows: 1400/1339
         await roundtrip(ta, tb, os.urandom(ta.channel.inner_mtu))
         assert transport_of(a, ta.id) == "tcp"

@@ -54,7 +54,7 @@ async def test_a_reader_that_does_not_read_holds_the_writer_back():
         async def write_all() -> None:
             nonlocal written
             for i in range(0, TOTAL_BYTES, CHUNK_BYTES):
-                writer.write(data[i:i + CHUNK_BYTES])
+                writer.write(data[i : i + CHUNK_BYTES])
                 written += CHUNK_BYTES
                 await writer.drain()
             writer.write_eof()

@@ -26,7 +26,9 @@ INSTALLED_BIN = "/usr/local/bin/"  # where the units expect `pip install .` to p
 
 
 def unit_lines(path: Path) -> dict[str, str]:
-    return dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line and not line.startswith("#"))
+    return dict(
+        line.split("=", 1) for line in path.read_text().splitlines() if "=" in line and not line.startswith("#")
+    )
 
 
 def test_one_unit_per_role_each_notify_and_a_clean_stop():
@@ -37,7 +39,7 @@ def test_one_unit_per_role_each_notify_and_a_clean_stop():
         assert keys["Type"] == "notify" and keys["NotifyAccess"] == "main", unit.name
         assert keys["KillSignal"] == "SIGTERM" and keys["Restart"] == "on-failure", unit.name
         program = keys["ExecStart"].split()[0]
-        assert program.startswith(INSTALLED_BIN) and program[len(INSTALLED_BIN):] in scripts, unit.name
+        assert program.startswith(INSTALLED_BIN) and program[len(INSTALLED_BIN) :] in scripts, unit.name
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed here")
@@ -45,16 +47,22 @@ def test_systemd_analyze_verify_accepts_every_unit_without_a_warning(tmp_path):
     venv_bin = Path(sys.executable).parent  # the console scripts, where this checkout installed them
     for unit in UNITS:  # verify checks that ExecStart's program exists: point it at this venv's
         (tmp_path / unit.name).write_text(unit.read_text().replace(INSTALLED_BIN, f"{venv_bin}/"))
-    proc = subprocess.run(["systemd-analyze", "verify", "--man=no", *sorted(map(str, tmp_path.glob("*.service")))],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", *sorted(map(str, tmp_path.glob("*.service")))],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0 and proc.stdout + proc.stderr == "", proc.stdout + proc.stderr
 
 
 def test_sd_notify_reaches_a_path_and_an_abstract_socket(tmp_path, monkeypatch):
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
     assert sd_notify("READY=1") is False  # not under systemd: nothing to tell
-    for where, address in ((str(tmp_path / "notify"), str(tmp_path / "notify")),
-                           (f"@ntm-test-{os.getpid()}", f"\0ntm-test-{os.getpid()}")):
+    for where, address in (
+        (str(tmp_path / "notify"), str(tmp_path / "notify")),
+        (f"@ntm-test-{os.getpid()}", f"\0ntm-test-{os.getpid()}"),
+    ):
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
             sock.bind(address)
             monkeypatch.setenv("NOTIFY_SOCKET", where)
@@ -77,9 +85,27 @@ def test_a_server_tells_systemd_it_is_ready_then_stopping(tmp_path):
         sock.bind(str(path))
         sock.settimeout(60)
         env = {**os.environ, "NOTIFY_SOCKET": str(path)}
-        proc = subprocess.Popen([sys.executable, "-m", "cs", "--dc", "http://127.0.0.1:9", "--key-file", str(key),
-                                 "--data-dir", str(tmp_path / "cs"), "--http-port", "0"], env=env, cwd=ROOT,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "cs",
+                "--dc",
+                "http://127.0.0.1:9",
+                "--key-file",
+                str(key),
+                "--data-dir",
+                str(tmp_path / "cs"),
+                "--http-port",
+                "0",
+            ],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+        )
         try:
             assert sock.recv(64) == b"READY=1"
             assert proc.stdout is not None and json.loads(proc.stdout.readline())["event"] == "ready"

@@ -17,8 +17,9 @@ DST6 = ipaddress.IPv6Address("fd6e:746d:2::2").packed
 
 
 def v4(payload: bytes, df: bool, proto: int = 6, ident: int = 0x1234) -> bytes:
-    header = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), ident, 0x4000 if df else 0, 64,
-                                   proto, 0, SRC4, DST4))
+    header = bytearray(
+        struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), ident, 0x4000 if df else 0, 64, proto, 0, SRC4, DST4)
+    )
     header[10:12] = struct.pack("!H", ipv4_checksum(bytes(header)))
     return bytes(header) + payload
 
@@ -86,8 +87,7 @@ def test_ipv6_up_to_1280_is_split_where_the_path_is_smaller_and_joined_in_any_or
     assert r.add(pieces[1], 0.0) is None
     assert r.add(pieces[0], 0.1) == pkt and not r.pending
     # Wire vector (docs/PROTOCOL.md §10.4): kind 0x03, id u32, index (bit 7: last), then the bytes
-    assert [p.hex() for p in split(bytes(range(6)), 10, 0x01020304)] == [
-        "03010203040000010203", "0301020304810405"]
+    assert [p.hex() for p in split(bytes(range(6)), 10, 0x01020304)] == ["03010203040000010203", "0301020304810405"]
 
 
 def test_reassembly_is_bounded_and_refuses_garbage():
@@ -148,7 +148,7 @@ def test_syn_mss_is_clamped_to_the_path_with_a_valid_checksum():
             assert tcp_ok(syn)
             out = clamp_mss(syn, 1219)
             at = (40 if ip == "v6" else 20) + 20 + opts.index(MSS_1360) + 2
-            assert struct.unpack("!H", out[at:at + 2])[0] == limit and tcp_ok(out), (ip, opts)
+            assert struct.unpack("!H", out[at : at + 2])[0] == limit and tcp_ok(out), (ip, opts)
             assert len(out) == len(syn)
         synack = tcp(ip, 0x12, MSS_1360 + OTHER_OPTS)
         assert tcp_ok(clamp_mss(synack, 1219)) and clamp_mss(synack, 1219) != synack
@@ -171,11 +171,14 @@ async def test_packets_that_waited_for_the_tunnel_are_clamped_and_fitted():
     sent: list[bytes] = []
     channel = SimpleNamespace(inner_mtu=1219, closed=False, send_nowait=sent.append, set_receiver=lambda f: None)
     peer = bytes(20)
-    view = (None, ipaddress.IPv4Address("100.64.0.2"))  # the overlay's addresses for the peer: the VIEW sent after the packets
+    view = (
+        None,
+        ipaddress.IPv4Address("100.64.0.2"),
+    )  # the overlay's addresses for the peer: the VIEW sent after the packets
     dp = DataPlane(node=None, overlay=SimpleNamespace(addresses=lambda p: view), tun=None)  # type: ignore[arg-type]
     syn = tcp("v6", 0x02, MSS_1360 + OTHER_OPTS)
     dp.pending[peer] = deque([syn, v6(b"x" * 1300)])
     dp.attach(SimpleNamespace(peer=peer, channel=channel))  # type: ignore[arg-type]
     assert len(sent) == 2 and tcp_ok(sent[0]) and sent[1] == frame_view(view[1], ask=True)
-    assert struct.unpack("!H", sent[0][60 + 2:60 + 4])[0] == 1219 - 60
+    assert struct.unpack("!H", sent[0][60 + 2 : 60 + 4])[0] == 1219 - 60
     assert dp.stats["too_big"] == 1

@@ -116,19 +116,19 @@ def test_responder_waits_for_confirmation_before_sending():
     b = Session(KB, IDA, PA, PATH, role="wait")
     a.start(T0)
     b.start(T0)
-    (req, _), = a.poll(T0)
+    ((req, _),) = a.poll(T0)
     b.receive(req, ADDR_A, T0)
     assert not b.established  # response may be lost: do not send on unconfirmed keys
     with pytest.raises(TunnelError):
         b.encrypt(b"x", T0)
     assert b.close_packet(T0) is None
-    (resp, _), = b.poll(T0)
+    ((resp, _),) = b.poll(T0)
     assert a.receive(resp, ADDR_B, T0)[-1].rekey is False
     out = a.poll(T0)
     assert [d[0] for d, _ in out] == [TYPE_PING]  # immediate key confirmation, answered
     b.receive(out[0][0], ADDR_A, T0)
     assert b.established
-    (pong, _), = b.poll(T0)
+    ((pong, _),) = b.poll(T0)
     assert pong[0] == TYPE_PONG and a.receive(pong, ADDR_B, T0) == []  # no Pong event: not the app's
     assert a.poll(T0 + 1) == [] and a.stats["confirms_sent"] == 1
 
@@ -199,7 +199,7 @@ def test_unknown_path_dropped():
     pkt[1:9] = b"\x00" * 8
     assert b.receive(bytes(pkt), ADDR_A, T0) == []
     other.start(T0)
-    (req, _), = other.poll(T0)
+    ((req, _),) = other.poll(T0)
     assert b.receive(req, ADDR_A, T0) == []  # Request for a path this session does not serve
     assert b.stats["drop_unknown_path"] == 2
 
@@ -305,7 +305,7 @@ def test_replayed_handshake_request_from_new_address_does_not_move():
     a.start(T0)
     b.start(T0)
     net = Net(a, b)
-    (req, _), = a.poll(T0)
+    ((req, _),) = a.poll(T0)
     b.receive(req, ADDR_A, T0)
     for d, _ in b.poll(T0):
         a.receive(d, ADDR_B, T0)
@@ -331,7 +331,7 @@ def test_ping_pong_rtt():
     a, b, _ = connect()
     ping = a.ping(T0)
     b.receive(ping, ADDR_A, T0 + 0.010)
-    (pong, dst), = b.poll(T0 + 0.010)
+    ((pong, dst),) = b.poll(T0 + 0.010)
     assert dst == ADDR_A
     ev = a.receive(pong, ADDR_B, T0 + 0.020)
     assert ev == [Pong(pytest.approx(0.020))]

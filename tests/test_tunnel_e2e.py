@@ -79,7 +79,7 @@ async def test_forced_relay_sees_only_ciphertext(pair, net):
     assert ta.kind == "relay" and ta.channel.via == "relay"
     for i in range(20):
         await ta.channel.send(SECRET + bytes([i]))
-    capture = (net.workdir / "relay-capture.hex")
+    capture = net.workdir / "relay-capture.hex"
     await until(lambda: capture.exists() and len(capture.read_text().splitlines()) >= 20)
     forwarded = [bytes.fromhex(line.split()[-1]) for line in capture.read_text().splitlines() if line.strip()]
     assert len(forwarded) >= 20
@@ -123,6 +123,7 @@ async def test_unknown_revoked_offline_peers_fail_fast(pair, net, tmp_path):
         await a.connect(keys.node_id_of(offline))
     assert exc.value.code == "offline" and "offline" in str(exc.value)
     from labkit.dcnet import revoke
+
     await revoke(net.urls[1], offline)
     await until(lambda: _revoked_seen(net, offline))
     with pytest.raises(NodeError) as exc:
@@ -155,14 +156,32 @@ async def test_a_lying_dc_cannot_substitute_the_peers_key(tmp_path):
         async for msg in ws:
             req = json.loads(msg.data)
             if req.get("type") == "direction-request":
-                body = {"path": "ab" * 8, "kind": "direct", "reason": "lie", "role": "initiate",
-                        "node": keys.checksum(keys.node_id_of(key_a)), "home_dc": keys.checksum(keys.node_id_of(dc_key)),
-                        "peer": keys.checksum(b_id),
-                        "peer_pubkey": keys.public_bytes(mallory).hex(), "requester": keys.checksum(keys.node_id_of(key_a)),
-                        "candidates": ["127.0.0.1:9"], "relay": None}
-                await ws.send_json({"type": "direction", "direction": envelope.seal(dc_key, "route-direction", body, int(time.time() * 1000))})
-                await ws.send_json({"type": "direction-result", "id": req["id"], "route": {
-                    "path": "ab" * 8, "kind": "direct", "reason": "lie", "role": "initiate"}})
+                body = {
+                    "path": "ab" * 8,
+                    "kind": "direct",
+                    "reason": "lie",
+                    "role": "initiate",
+                    "node": keys.checksum(keys.node_id_of(key_a)),
+                    "home_dc": keys.checksum(keys.node_id_of(dc_key)),
+                    "peer": keys.checksum(b_id),
+                    "peer_pubkey": keys.public_bytes(mallory).hex(),
+                    "requester": keys.checksum(keys.node_id_of(key_a)),
+                    "candidates": ["127.0.0.1:9"],
+                    "relay": None,
+                }
+                await ws.send_json(
+                    {
+                        "type": "direction",
+                        "direction": envelope.seal(dc_key, "route-direction", body, int(time.time() * 1000)),
+                    }
+                )
+                await ws.send_json(
+                    {
+                        "type": "direction-result",
+                        "id": req["id"],
+                        "route": {"path": "ab" * 8, "kind": "direct", "reason": "lie", "role": "initiate"},
+                    }
+                )
         return ws
 
     class Echo(asyncio.DatagramProtocol):  # answers keepalives like a DC would
@@ -171,6 +190,7 @@ async def test_a_lying_dc_cannot_substitute_the_peers_key(tmp_path):
 
         def datagram_received(self, data, addr):
             from ntm import keepalive
+
             self.t.sendto(keepalive.encode_reply(1, addr[0], addr[1], bytes.fromhex("11" * 32)), addr)
 
     loop = asyncio.get_running_loop()

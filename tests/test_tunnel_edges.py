@@ -252,8 +252,9 @@ def test_data_after_the_keys_expired_is_dropped_not_raised():
 def test_during_a_second_rekey_two_generations_of_keys_are_tried():
     """B holds current keys, unconfirmed next keys (it answered a new Request) and previous keys
     in their grace period: a packet on the previous keys still decrypts."""
-    a, b, _, [held] = rekeyed(TunnelConfig(rekey_after_time=10.0, rekey_after_messages=30, previous_key_grace=5.0),
-                              held=1)
+    a, b, _, [held] = rekeyed(
+        TunnelConfig(rekey_after_time=10.0, rekey_after_messages=30, previous_key_grace=5.0), held=1
+    )
     t = T0 + 10.5
     while not a.has_output:  # a count rekey: a sends a new Request from the send path
         b.receive(a.encrypt(b"n", t), ADDR_A, t)

@@ -52,10 +52,21 @@ class LossyNet:
     """Two punching nodes, their NATs and a relay. `block_direct` drops every direct datagram
     (both ways) until that time: a path that only starts working later."""
 
-    def __init__(self, a_key, b_key, loss_a: float, loss_b: float = 0.0, seed: int = 0, *,
-                 block_direct: float = 0.0, config: TunnelConfig | None = None, relay: bool = True,
-                 drop: set[tuple[str, int, int]] | None = None, latency: float = LATENCY_S,
-                 b_later: float = 0.0) -> None:
+    def __init__(
+        self,
+        a_key,
+        b_key,
+        loss_a: float,
+        loss_b: float = 0.0,
+        seed: int = 0,
+        *,
+        block_direct: float = 0.0,
+        config: TunnelConfig | None = None,
+        relay: bool = True,
+        drop: set[tuple[str, int, int]] | None = None,
+        latency: float = LATENCY_S,
+        b_later: float = 0.0,
+    ) -> None:
         ids = {"a": keys.node_id(keys.public_bytes(a_key)), "b": keys.node_id(keys.public_bytes(b_key))}
         pubs = {"a": keys.public_bytes(a_key), "b": keys.public_bytes(b_key)}
         self.rng = random.Random(seed)
@@ -64,9 +75,17 @@ class LossyNet:
         self.block_direct = T0 + block_direct
         self.nodes: dict[str, Node] = {}
         for me, other, key, loss, side in (("a", "b", a_key, loss_a, 0), ("b", "a", b_key, loss_b, 1)):
-            s = Session(key, ids[other], pubs[other], PATH, role="punch", candidates=[PUB[other]],
-                        relay=RelayInfo(RELAY, TOKEN, side) if relay else None, config=config,
-                        wall=lambda: self.now)
+            s = Session(
+                key,
+                ids[other],
+                pubs[other],
+                PATH,
+                role="punch",
+                candidates=[PUB[other]],
+                relay=RelayInfo(RELAY, TOKEN, side) if relay else None,
+                config=config,
+                wall=lambda: self.now,
+            )
             self.nodes[me] = Node(me, s, loss)
         self.bound: set[str] = set()  # relay sides that sent a bind
         self.queue: list = []
@@ -164,15 +183,15 @@ def test_a_collided_request_makes_the_winner_resend_once_and_only_to_the_peer():
     loser = Session(HIGH, ida, keys.public_bytes(LOW), PATH, role="punch", candidates=[PUB["a"]])
     w.start(T0)
     loser.start(T0)
-    (ours, _), = w.poll(T0)
-    (theirs, _), = loser.poll(T0)
+    ((ours, _),) = w.poll(T0)
+    ((theirs, _),) = loser.poll(T0)
     forged = theirs[:-1] + bytes([theirs[-1] ^ 1])
     assert w.receive(forged, PUB["b"], T0) == [] and w.datagrams_to_send() == []
     assert w.receive(theirs, ("203.0.113.66", 1), T0) == [] and w.datagrams_to_send() == []  # not where ours went
     for _ in range(5):
         w.receive(theirs, PUB["b"], T0)
     assert w.datagrams_to_send() == [(ours, PUB["b"])]  # the same bytes, once
-    (again, _), = w.poll(T0 + HANDSHAKE_RETRANSMIT)  # the next round may be resent once more
+    ((again, _),) = w.poll(T0 + HANDSHAKE_RETRANSMIT)  # the next round may be resent once more
     w.receive(theirs, PUB["b"], T0 + HANDSHAKE_RETRANSMIT)
     assert w.datagrams_to_send() == [(again, PUB["b"])]
     assert w.stats["drop_handshake_collision"] == 8
@@ -267,10 +286,15 @@ def test_direct_attempts_on_the_relay_end_with_their_window():
     net = LossyNet(LOW, HIGH, 0.0, block_direct=1e9, config=cfg)
     net.run(cfg.direct_upgrade_for + 5.0)
     assert net.a.via == net.b.via == "relay"
-    late = [t for t, _, kind, dst in net.sent if kind == TYPE_HANDSHAKE_REQUEST and dst != RELAY
-            and t > T0 + cfg.direct_upgrade_for]
+    late = [
+        t
+        for t, _, kind, dst in net.sent
+        if kind == TYPE_HANDSHAKE_REQUEST and dst != RELAY and t > T0 + cfg.direct_upgrade_for
+    ]
     assert late == []
-    per_node = sum(1 for _, who, kind, dst in net.sent if who == "a" and kind == TYPE_HANDSHAKE_REQUEST and dst != RELAY)
+    per_node = sum(
+        1 for _, who, kind, dst in net.sent if who == "a" and kind == TYPE_HANDSHAKE_REQUEST and dst != RELAY
+    )
     assert per_node <= cfg.direct_upgrade_for / cfg.handshake_retransmit + 2
     assert not net.a.initiator.pending and not net.b.initiator.pending
 

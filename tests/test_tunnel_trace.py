@@ -38,13 +38,28 @@ KA, KB = keys.private_key(b"\x0a" * 32), keys.private_key(b"\x0b" * 32)
 PA, PB = keys.public_bytes(KA), keys.public_bytes(KB)
 IDA, IDB = keys.node_id(PA), keys.node_id(PB)
 PATH, OTHER_PATH = bytes(range(8)), bytes(range(8, 16))
-A, A2, B, RELAY, EVIL = ("198.18.1.1", 1), ("198.18.1.9", 9), ("198.18.2.2", 2), ("198.18.0.100", 4340), ("203.0.113.6", 6)
+A, A2, B, RELAY, EVIL = (
+    ("198.18.1.1", 1),
+    ("198.18.1.9", 9),
+    ("198.18.2.2", 2),
+    ("198.18.0.100", 4340),
+    ("203.0.113.6", 6),
+)
 TOKEN = b"\x0c" * 32
 T0 = 1000.0
-CFG = TunnelConfig(replay_window=64, rekey_after_time=30.0, rekey_responder_extra=5.0, reject_after_time=45.0,
-                   rekey_after_messages=150, reject_after_messages=180, previous_key_grace=3.0,
-                   keepalive_interval=10.0, handshake_retransmit=0.25, rekey_retransmit=1.0,
-                   relay_fallback_after=1.5)
+CFG = TunnelConfig(
+    replay_window=64,
+    rekey_after_time=30.0,
+    rekey_responder_extra=5.0,
+    reject_after_time=45.0,
+    rekey_after_messages=150,
+    reject_after_messages=180,
+    previous_key_grace=3.0,
+    keepalive_interval=10.0,
+    handshake_retransmit=0.25,
+    rekey_retransmit=1.0,
+    relay_fallback_after=1.5,
+)
 
 
 class Clock:
@@ -63,17 +78,38 @@ def rand_from(seed: int):
 def keypair(kp) -> dict | None:
     if kp is None:
         return None
-    return {"counter": kp.counter, "created": kp.created, "initiator": kp.initiator, "expires": kp.expires,
-            "send_ok": kp.send_ok, "reject": kp.reject_time, "rekey": kp.rekey_time, "soft": kp.soft_limit,
-            "top": kp.window.top, "bits": hex(kp.window.bits), "size": kp.window.size}
+    return {
+        "counter": kp.counter,
+        "created": kp.created,
+        "initiator": kp.initiator,
+        "expires": kp.expires,
+        "send_ok": kp.send_ok,
+        "reject": kp.reject_time,
+        "rekey": kp.rekey_time,
+        "soft": kp.soft_limit,
+        "top": kp.window.top,
+        "bits": hex(kp.window.bits),
+        "size": kp.window.size,
+    }
 
 
 def state(s: Session) -> dict:
-    return {"phase": s.phase.value, "established": s.established, "via": s.via, "rtt": s.rtt, "peer": s.peer_addr,
-            "relay_active": s.relay_active, "deadlines": s.deadlines(), "next_timer": s.next_timer(),
-            "last_sent": s.last_sent, "last_received": s.last_received, "stats": s.stats,
-            "wins": s.wins_collisions, "candidates": s.candidates,
-            "keys": {"current": keypair(s.current), "previous": keypair(s.previous), "next": keypair(s.next)}}
+    return {
+        "phase": s.phase.value,
+        "established": s.established,
+        "via": s.via,
+        "rtt": s.rtt,
+        "peer": s.peer_addr,
+        "relay_active": s.relay_active,
+        "deadlines": s.deadlines(),
+        "next_timer": s.next_timer(),
+        "last_sent": s.last_sent,
+        "last_received": s.last_received,
+        "stats": s.stats,
+        "wins": s.wins_collisions,
+        "candidates": s.candidates,
+        "keys": {"current": keypair(s.current), "previous": keypair(s.previous), "next": keypair(s.next)},
+    }
 
 
 def sent(out) -> list:
@@ -85,18 +121,31 @@ class Trace:
         self.steps: list = []
 
     def step(self, name: str, *sessions: Session, **extra) -> None:
-        self.steps.append(json.loads(json.dumps({"step": name, **extra, "sessions": [state(s) for s in sessions]},
-                                                default=repr)))
+        self.steps.append(
+            json.loads(json.dumps({"step": name, **extra, "sessions": [state(s) for s in sessions]}, default=repr))
+        )
 
 
-def pair(trace: Trace, clock: Clock, role_a="initiate", role_b="wait", relay=False, cands_a=(B,), cands_b=(),
-         seed=1, cfg=CFG):
+def pair(
+    trace: Trace, clock: Clock, role_a="initiate", role_b="wait", relay=False, cands_a=(B,), cands_b=(), seed=1, cfg=CFG
+):
     ra = RelayInfo(RELAY, TOKEN, 0) if relay else None
     rb = RelayInfo(RELAY, TOKEN, 1) if relay else None
-    a = Session(KA, IDB, PB, PATH, role=role_a, candidates=list(cands_a), relay=ra, config=cfg,
-                rand=rand_from(seed), wall=clock)
-    b = Session(KB, IDA, PA, PATH, role=role_b, candidates=list(cands_b), relay=rb, config=cfg,
-                rand=rand_from(seed + 1), wall=clock)
+    a = Session(
+        KA, IDB, PB, PATH, role=role_a, candidates=list(cands_a), relay=ra, config=cfg, rand=rand_from(seed), wall=clock
+    )
+    b = Session(
+        KB,
+        IDA,
+        PA,
+        PATH,
+        role=role_b,
+        candidates=list(cands_b),
+        relay=rb,
+        config=cfg,
+        rand=rand_from(seed + 1),
+        wall=clock,
+    )
     trace.step("new", a, b)
     return a, b
 

@@ -36,8 +36,14 @@ def test_payload_roundtrip_and_malformed():
     p = encode_payload(FLAG_ECHO, [MINE, "[2001:db8::7]:9"], [PEER])
     assert parse_payload(p) == (FLAG_ECHO, [MINE, "[2001:db8::7]:9"], [PEER])
     assert parse_payload(encode_payload(0, [], [])) == (0, [], [])
-    for bad in (b"", p[:-1], p + b"x", bytes([0, MAX_ADDRS + 1]) + p[2:], bytes([0, 1, 5, 0, 1]) + bytes(4) + b"\0",
-                bytes([0, 1, 4, 0, 0]) + bytes(4) + b"\0"):  # truncated, trailing, too many, family 5, port 0
+    for bad in (
+        b"",
+        p[:-1],
+        p + b"x",
+        bytes([0, MAX_ADDRS + 1]) + p[2:],
+        bytes([0, 1, 5, 0, 1]) + bytes(4) + b"\0",
+        bytes([0, 1, 4, 0, 0]) + bytes(4) + b"\0",
+    ):  # truncated, trailing, too many, family 5, port 0
         with pytest.raises(ParseError):
             parse_payload(bad)
 
@@ -74,8 +80,11 @@ def test_rounds_go_out_of_the_standby_uplink_and_announce_on_the_path():
     assert s.status(PATH, clock.now())["ready"] is False
     # the peer says it hears our mapping: the standby path is ready
     s.on_standby(PATH, PEER, encode_payload(0, [], [MINE]), clock.now())
-    assert s.status(PATH, clock.now()) == {"uplinks": [{"uplink": "eth1", "mapping": MINE, "heard": True}],
-                                           "ready": True, "peer_standby": []}
+    assert s.status(PATH, clock.now()) == {
+        "uplinks": [{"uplink": "eth1", "mapping": MINE, "heard": True}],
+        "ready": True,
+        "peer_standby": [],
+    }
 
 
 def test_losing_the_primary_is_reported_at_once_and_rounds_stop():
@@ -138,7 +147,7 @@ def test_a_lying_peer_gets_a_few_packets_sent_to_strangers_ever():
     victims = [f"192.0.2.{i}:53" for i in range(1, 10)]
     sent: list[str] = []
     for i in range(50):
-        s.on_standby(PATH, PEER, encode_payload(0, [PEER, *victims[i % 3 * 3:][:MAX_ADDRS]], []), clock.now())
+        s.on_standby(PATH, PEER, encode_payload(0, [PEER, *victims[i % 3 * 3 :][:MAX_ADDRS]], []), clock.now())
         sent += [a.to for a in s.tick(clock.now()) if isinstance(a, SendStandby)]
         clock.advance(INTERVAL)
     assert PEER not in sent
@@ -162,15 +171,19 @@ def test_default_routes_from_the_kernel_tables(tmp_path):
     interface, IPv6's "unreachable" default routes ignored; a missing table is no uplinks. (The
     interface is "lo" here because the name must exist in the test's namespace.)"""
     r4 = tmp_path / "route"
-    r4.write_text("Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n"
-                  "lo\t00000000\t0100020A\t0003\t0\t0\t200\t00000000\t0\t0\t0\n"
-                  "lo\t00000000\t0100010A\t0003\t0\t0\t0\t00000000\t0\t0\t0\n"
-                  "lo\t0000010A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n")
+    r4.write_text(
+        "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n"
+        "lo\t00000000\t0100020A\t0003\t0\t0\t200\t00000000\t0\t0\t0\n"
+        "lo\t00000000\t0100010A\t0003\t0\t0\t0\t00000000\t0\t0\t0\n"
+        "lo\t0000010A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n"
+    )
     r6 = tmp_path / "ipv6_route"
     zero = "0" * 32
-    r6.write_text(f"{zero} 00 {zero} 00 {zero} 00000400 00000001 00000000 00000003 lo\n"
-                  f"{zero} 00 {zero} 00 {zero} ffffffff 00000001 00000000 00200200 lo\n"
-                  f"fe80{zero[4:]} 40 {zero} 00 {zero} 00000100 00000001 00000000 00000001 lo\n")
+    r6.write_text(
+        f"{zero} 00 {zero} 00 {zero} 00000400 00000001 00000000 00000003 lo\n"
+        f"{zero} 00 {zero} 00 {zero} ffffffff 00000001 00000000 00200200 lo\n"
+        f"fe80{zero[4:]} 40 {zero} 00 {zero} 00000100 00000001 00000000 00000001 lo\n"
+    )
     assert default_routes(4, r4, r6) == [Uplink("lo", 1, 0)]
     assert default_routes(6, r4, r6) == [Uplink("lo", 1, 0x400)]
     assert default_routes(4, tmp_path / "none", r6) == []

@@ -35,23 +35,37 @@ def test_node_transaction_vector():
 
 def test_digest_matches_eth_account_eip712():
     """An independent EIP-712 implementation computes the same digest and signature."""
-    msg = encode_typed_data(full_message={
-        "types": {
-            "EIP712Domain": [
-                {"name": "name", "type": "string"}, {"name": "version", "type": "string"},
-                {"name": "chainId", "type": "uint256"}, {"name": "verifyingContract", "type": "address"},
-            ],
-            "NodeTransaction": [
-                {"name": "node", "type": "address"}, {"name": "dc", "type": "address"},
-                {"name": "timestamp", "type": "uint64"}, {"name": "revoked", "type": "bool"},
-            ],
-        },
-        "primaryType": "NodeTransaction",
-        "domain": {"name": record.DOMAIN_NAME, "version": record.DOMAIN_VERSION, "chainId": 31337,
-                   "verifyingContract": keys.checksum(DOMAIN.registry)},
-        "message": {"node": keys.checksum(REC.node), "dc": keys.checksum(DC),
-                    "timestamp": REC.timestamp, "revoked": REC.revoked},
-    })
+    msg = encode_typed_data(
+        full_message={
+            "types": {
+                "EIP712Domain": [
+                    {"name": "name", "type": "string"},
+                    {"name": "version", "type": "string"},
+                    {"name": "chainId", "type": "uint256"},
+                    {"name": "verifyingContract", "type": "address"},
+                ],
+                "NodeTransaction": [
+                    {"name": "node", "type": "address"},
+                    {"name": "dc", "type": "address"},
+                    {"name": "timestamp", "type": "uint64"},
+                    {"name": "revoked", "type": "bool"},
+                ],
+            },
+            "primaryType": "NodeTransaction",
+            "domain": {
+                "name": record.DOMAIN_NAME,
+                "version": record.DOMAIN_VERSION,
+                "chainId": 31337,
+                "verifyingContract": keys.checksum(DOMAIN.registry),
+            },
+            "message": {
+                "node": keys.checksum(REC.node),
+                "dc": keys.checksum(DC),
+                "timestamp": REC.timestamp,
+                "revoked": REC.revoked,
+            },
+        }
+    )
     signed = Account.sign_message(msg, KEY.secret)
     assert bytes(signed.message_hash) == REC.digest(DOMAIN)
     assert bytes(signed.signature) == REC.sign(KEY, DOMAIN)

@@ -41,8 +41,14 @@ async def serve(a) -> None:
             h.update(data)
             n += len(data)
         writer.write_eof()
-        done.set_result({"bytes": n, "sha256": h.hexdigest(), "max_stall_s": round(stall, 3),
-                         "elapsed_s": round(time.monotonic() - t0, 3)})
+        done.set_result(
+            {
+                "bytes": n,
+                "sha256": h.hexdigest(),
+                "max_stall_s": round(stall, 3),
+                "elapsed_s": round(time.monotonic() - t0, 3),
+            }
+        )
 
     async with await AppNode.start(home=Path(a.home), allow=[keys.parse_node_id(a.allow)]) as node:
         await node.start_server(sink, a.port)
@@ -65,8 +71,10 @@ async def send(a) -> None:
                 await asyncio.sleep(max(0.0, t0 + sent / a.rate - time.monotonic()))
         writer.write_eof()
         await asyncio.wait_for(reader.read(), 120)  # the receiver's half-close: it has everything
-        print(json.dumps({"bytes": sent, "sha256": h.hexdigest(), "elapsed_s": round(time.monotonic() - t0, 3)}),
-              flush=True)
+        print(
+            json.dumps({"bytes": sent, "sha256": h.hexdigest(), "elapsed_s": round(time.monotonic() - t0, 3)}),
+            flush=True,
+        )
 
 
 def main() -> None:

@@ -50,13 +50,20 @@ KINDS = ("public", "eim", "symmetric", "ipv6only")
 # share no family and meet at the dual-stack relay.
 EXPECTED = {
     ("public", "public"): "direct",
-    ("public", "eim"): "nat_initiates", ("eim", "public"): "nat_initiates",
-    ("public", "symmetric"): "nat_initiates", ("symmetric", "public"): "nat_initiates",
-    ("public", "ipv6only"): "direct", ("ipv6only", "public"): "direct",
+    ("public", "eim"): "nat_initiates",
+    ("eim", "public"): "nat_initiates",
+    ("public", "symmetric"): "nat_initiates",
+    ("symmetric", "public"): "nat_initiates",
+    ("public", "ipv6only"): "direct",
+    ("ipv6only", "public"): "direct",
     ("eim", "eim"): "punch",
-    ("eim", "symmetric"): "relay", ("symmetric", "eim"): "relay", ("symmetric", "symmetric"): "relay",
-    ("eim", "ipv6only"): "relay", ("ipv6only", "eim"): "relay",
-    ("symmetric", "ipv6only"): "relay", ("ipv6only", "symmetric"): "relay",
+    ("eim", "symmetric"): "relay",
+    ("symmetric", "eim"): "relay",
+    ("symmetric", "symmetric"): "relay",
+    ("eim", "ipv6only"): "relay",
+    ("ipv6only", "eim"): "relay",
+    ("symmetric", "ipv6only"): "relay",
+    ("ipv6only", "symmetric"): "relay",
     ("ipv6only", "ipv6only"): "direct",
 }
 
@@ -91,22 +98,37 @@ def grid_rows(fed: "Federation", nodes: dict, rounds: int) -> list[dict]:
                 ok = ok and ta["via"] == "relay" and ip_of(ex_a["peer_addr"]) in fed.relay_ips
             else:
                 ok = ok and ta["via"] != "relay" and ip_of(ex_a["peer_addr"]) in peer_ips
-            rows.append({"a": ka, "b": kb, "kind": ta["kind"], "via": ta["via"], "b_via": tb["via"],
-                         "peer_addr": ex_a["peer_addr"], "setup_ms": ta["setup_ms"],
-                         "rtt_ms": ex_a["rtt_ms"][-1], "ok": ok, "a_answer": ta})
+            rows.append(
+                {
+                    "a": ka,
+                    "b": kb,
+                    "kind": ta["kind"],
+                    "via": ta["via"],
+                    "b_via": tb["via"],
+                    "peer_addr": ex_a["peer_addr"],
+                    "setup_ms": ta["setup_ms"],
+                    "rtt_ms": ex_a["rtt_ms"][-1],
+                    "ok": ok,
+                    "a_answer": ta,
+                }
+            )
             a.call("close", tunnel=ta["tunnel"])
             b.call("close", tunnel=tb["tunnel"])
     return rows
 
 
 def grid_table(rows: list[dict]) -> str:
-    lines = [f"{'A (requester)':14} {'B (peer)':10} {'route':14} {'via (A)':12} {'path A→B':28} "
-             f"{'setup ms med/max':>17} {'ok':>4}"]
+    lines = [
+        f"{'A (requester)':14} {'B (peer)':10} {'route':14} {'via (A)':12} {'path A→B':28} "
+        f"{'setup ms med/max':>17} {'ok':>4}"
+    ]
     for (ka, kb), group in itertools.groupby(rows, key=lambda r: (r["a"], r["b"])):
         g = list(group)
         setups = sorted(r["setup_ms"] for r in g)
-        lines.append(f"{ka:14} {kb:10} {g[0]['kind']:14} {g[0]['via']:12} {g[0]['peer_addr']:28} "
-                     f"{setups[len(setups) // 2]:8.1f}/{setups[-1]:<8.1f} {sum(r['ok'] for r in g)}/{len(g)}")
+        lines.append(
+            f"{ka:14} {kb:10} {g[0]['kind']:14} {g[0]['via']:12} {g[0]['peer_addr']:28} "
+            f"{setups[len(setups) // 2]:8.1f}/{setups[-1]:<8.1f} {sum(r['ok'] for r in g)}/{len(g)}"
+        )
     return "\n".join(lines)
 
 
@@ -128,8 +150,15 @@ LAB_OPERATOR = ("--admin-allow", "198.18.0.0/15", "--admin-allow", "2001:db8::/3
 class Federation:
     """anvil + registry + DCs + RS inside ``lab.server``; `node()` starts a node driver."""
 
-    def __init__(self, lab: Lab, workdir: Path, n_dcs: int = 2, keepalive_s: float = 2.0,
-                 plain: tuple[int, ...] = (), rs_args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        lab: Lab,
+        workdir: Path,
+        n_dcs: int = 2,
+        keepalive_s: float = 2.0,
+        plain: tuple[int, ...] = (),
+        rs_args: tuple[str, ...] = (),
+    ) -> None:
         """`plain`: DCs served over plain HTTP (--insecure-plain-http), the others over TLS bound
         to their chain key (§5). `rs_args`: more `ntm-rs` flags (e.g. its exit, §10.13)."""
         self.lab, self.workdir, self.keepalive_s, self.plain = lab, Path(workdir), keepalive_s, plain
@@ -140,23 +169,67 @@ class Federation:
         self.dcs: list[Child | None] = [None] * n_dcs
         self.nodes: list[NodeProc] = []
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.anvil = lab.run(self.srv, [str(anvil_binary()), "--host", "127.0.0.1", "--port", str(ANVIL_PORT)],
-                             stdout=open(self.workdir / "anvil.log", "wb"), stderr=subprocess.STDOUT, text=False)
-        r = lab.exec(self.srv, [sys.executable, "-m", "labkit.lab.fedsetup", "--rpc", self.rpc, "--workdir",
-                                str(self.workdir), "--dcs", str(n_dcs), "--host", self.srv.addr4,
-                                "--base-port", str(DC_BASE_PORT), *(f"--plain-dc={i}" for i in plain)],
-                     cwd=str(ROOT), timeout=60,
-                     env={**os.environ, **self.env})
+        self.anvil = lab.run(
+            self.srv,
+            [str(anvil_binary()), "--host", "127.0.0.1", "--port", str(ANVIL_PORT)],
+            stdout=open(self.workdir / "anvil.log", "wb"),
+            stderr=subprocess.STDOUT,
+            text=False,
+        )
+        r = lab.exec(
+            self.srv,
+            [
+                sys.executable,
+                "-m",
+                "labkit.lab.fedsetup",
+                "--rpc",
+                self.rpc,
+                "--workdir",
+                str(self.workdir),
+                "--dcs",
+                str(n_dcs),
+                "--host",
+                self.srv.addr4,
+                "--base-port",
+                str(DC_BASE_PORT),
+                *(f"--plain-dc={i}" for i in plain),
+            ],
+            cwd=str(ROOT),
+            timeout=60,
+            env={**os.environ, **self.env},
+        )
         if r.returncode != 0:
             raise RuntimeError(f"deploy in the lab failed:\n{r.stdout}\n{r.stderr}")
         self.deployment = self.workdir / "deployment.json"
-        self.rs = Child("rs", ["--rpc-url", self.rpc, "--deployment", str(self.deployment), "--udp-host", "::",
-                               "--udp-port", str(RS_UDP_PORT), "--http-host", "127.0.0.1",
-                               "--http-port", str(RS_HTTP_PORT),
-                               "--stream-port", str(RS_STREAM_PORT),
-                               "--advertise", f"{self.srv.addr4}:{RS_UDP_PORT}",
-                               "--advertise", f"[{self.srv.addr6}]:{RS_UDP_PORT}", "--data-dir", str(self.workdir), *rs_args],
-                        self.workdir / "rs.log", env=self.env, prefix=self.prefix).start()
+        self.rs = Child(
+            "rs",
+            [
+                "--rpc-url",
+                self.rpc,
+                "--deployment",
+                str(self.deployment),
+                "--udp-host",
+                "::",
+                "--udp-port",
+                str(RS_UDP_PORT),
+                "--http-host",
+                "127.0.0.1",
+                "--http-port",
+                str(RS_HTTP_PORT),
+                "--stream-port",
+                str(RS_STREAM_PORT),
+                "--advertise",
+                f"{self.srv.addr4}:{RS_UDP_PORT}",
+                "--advertise",
+                f"[{self.srv.addr6}]:{RS_UDP_PORT}",
+                "--data-dir",
+                str(self.workdir),
+                *rs_args,
+            ],
+            self.workdir / "rs.log",
+            env=self.env,
+            prefix=self.prefix,
+        ).start()
         for i in range(n_dcs):
             self.start_dc(i)
 
@@ -178,9 +251,19 @@ class Federation:
         return ["--insecure-plain-http"] if i in self.plain else ["--dc-address", dc_address(i)]
 
     def start_dc(self, i: int) -> Child:
-        child = dc_child(self.workdir, f"dc{i + 1}", self.workdir / f"dc{i + 1}.key.json", self.rpc, self.deployment,
-                         self.dc_port(i), relays=[self.rs.ready["control"]], prefix=self.prefix,
-                         http_host="", udp_host="::", extra=[*LAB_OPERATOR, *(["--insecure-plain-http"] if i in self.plain else [])])
+        child = dc_child(
+            self.workdir,
+            f"dc{i + 1}",
+            self.workdir / f"dc{i + 1}.key.json",
+            self.rpc,
+            self.deployment,
+            self.dc_port(i),
+            relays=[self.rs.ready["control"]],
+            prefix=self.prefix,
+            http_host="",
+            udp_host="::",
+            extra=[*LAB_OPERATOR, *(["--insecure-plain-http"] if i in self.plain else [])],
+        )
         child.env.update(self.env)
         self.dcs[i] = child.start()
         return child
@@ -193,12 +276,26 @@ class Federation:
         """A node driver in `host`'s namespace, registered at DC `dc` (over IPv6 if the host has
         no IPv4)."""
         family = 4 if host.addr4 else 6
-        argv = [str(NODECTL), "--dc", self.dc_url(dc, family), *self.dc_flags(dc),
-                "--keepalive", str(keepalive_s or self.keepalive_s),
-                "--name", name or host.name]
-        proc = self.lab.python(host, *argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                               stderr=open(self.workdir / f"node-{name or host.name}.log", "ab"), cwd=str(ROOT),
-                               env={**os.environ, **self.env}, text=False)
+        argv = [
+            str(NODECTL),
+            "--dc",
+            self.dc_url(dc, family),
+            *self.dc_flags(dc),
+            "--keepalive",
+            str(keepalive_s or self.keepalive_s),
+            "--name",
+            name or host.name,
+        ]
+        proc = self.lab.python(
+            host,
+            *argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=open(self.workdir / f"node-{name or host.name}.log", "ab"),
+            cwd=str(ROOT),
+            env={**os.environ, **self.env},
+            text=False,
+        )
         node = NodeProc(proc, name or host.name, host)
         self.nodes.append(node)
         return node
@@ -259,7 +356,9 @@ class NodeProc:
             try:
                 ev = self.events.get(timeout=max(0.01, end - time.monotonic()))
             except queue.Empty:
-                raise TimeoutError(f"{self.name}: no {kind!r} event in {timeout} s; output {self._lines[-10:]}") from None
+                raise TimeoutError(
+                    f"{self.name}: no {kind!r} event in {timeout} s; output {self._lines[-10:]}"
+                ) from None
             if ev.get("event") == kind and all(ev.get(k) == v for k, v in match.items()):
                 return ev
             if ev.get("event") == "eof":

@@ -43,8 +43,9 @@ async def deploy(a) -> None:
         keystore.save_keystore(key, workdir / f"dc{i + 1}.key.json")
         scheme = "http" if i in a.plain_dc else "https"  # TLS bound to the DC's key unless in development mode
         await reg.admit_dc(keys.node_id_of(key), f"dc{i + 1}", f"{scheme}://{a.host}:{a.base_port + i}")
-    (workdir / "deployment.json").write_text(json.dumps({"chain_id": reg.chain_id, "registry": keys.checksum(reg.address),
-                                                         "block": 0}))
+    (workdir / "deployment.json").write_text(
+        json.dumps({"chain_id": reg.chain_id, "registry": keys.checksum(reg.address), "block": 0})
+    )
     await reg.close()
 
 

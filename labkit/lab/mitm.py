@@ -68,8 +68,13 @@ class Mitm:
             for s in m["secrets"]:
                 raw = bytes.fromhex(s)
                 found[s] = sum(self.seen.count(form) for form in (raw, s.lower().encode(), s.upper().encode()))
-            return {"found": found, "bytes": len(self.seen), "connections": self.connections, "lured": self.lured,
-                    "flipped": self.flipped}
+            return {
+                "found": found,
+                "bytes": len(self.seen),
+                "connections": self.connections,
+                "lured": self.lured,
+                "flipped": self.flipped,
+            }
         if m["cmd"] == "inject":
             targets = [w for port, w in self.to_node if port == m["port"]]
             for w in targets:
@@ -99,6 +104,7 @@ async def main() -> None:
             except BlockingIOError:
                 return
             mitm.lured += 1
+
     print(json.dumps({"event": "ready"}), flush=True)
     loop = asyncio.get_running_loop()
     loop.add_reader(lure.fileno(), count)

@@ -94,7 +94,7 @@ class App:
             seq, total = SEQ.unpack_from(body)
             self.rx_total = total
             if seq not in self.rx:
-                self.rx[seq] = body[SEQ.size:]
+                self.rx[seq] = body[SEQ.size :]
                 self.rx_times.append(time.monotonic())
             self.send(b"A" + ACK.pack(seq))
         elif kind == b"A":
@@ -134,23 +134,34 @@ class App:
                 elif now - ts > RTO_S:
                     retransmits += 1
                     sent_at[seq] = now
-                    self.send(b"D" + SEQ.pack(seq, chunks) + data[seq * size:(seq + 1) * size])
+                    self.send(b"D" + SEQ.pack(seq, chunks) + data[seq * size : (seq + 1) * size])
             due = int((now - t0) * rate) + 1
             while nxt < chunks and nxt < due and len(sent_at) < WINDOW:
                 sent_at[nxt] = now
-                self.send(b"D" + SEQ.pack(nxt, chunks) + data[nxt * size:(nxt + 1) * size])
+                self.send(b"D" + SEQ.pack(nxt, chunks) + data[nxt * size : (nxt + 1) * size])
                 nxt += 1
             await asyncio.sleep(0.005)
         gaps = [b - a for a, b in zip(ack_times, ack_times[1:])]
-        return {"sha256": hashlib.sha256(data).hexdigest(), "chunks": chunks, "retransmits": retransmits,
-                "elapsed": time.monotonic() - t0, "max_ack_gap": max(gaps, default=0.0)}
+        return {
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "chunks": chunks,
+            "retransmits": retransmits,
+            "elapsed": time.monotonic() - t0,
+            "max_ack_gap": max(gaps, default=0.0),
+        }
 
     def received(self) -> dict:
         done = self.rx_total is not None and len(self.rx) == self.rx_total
         gaps = [(b - a, a) for a, b in zip(self.rx_times, self.rx_times[1:])]
         gap, at = max(gaps, default=(0.0, 0.0))
-        out = {"chunks": len(self.rx), "total": self.rx_total, "done": done, "max_gap": gap,
-               "blast_bytes": self.blast_bytes, "blast_s": self.blast_last - self.blast_first}
+        out = {
+            "chunks": len(self.rx),
+            "total": self.rx_total,
+            "done": done,
+            "max_gap": gap,
+            "blast_bytes": self.blast_bytes,
+            "blast_s": self.blast_last - self.blast_first,
+        }
         if done:
             out["sha256"] = hashlib.sha256(b"".join(self.rx[i] for i in range(self.rx_total))).hexdigest()
         return out
@@ -172,9 +183,17 @@ class Driver:
         self.apps: dict[str, App] = {}
 
     def describe(self, t: Tunnel) -> dict:
-        return {"tunnel": t.id.hex(), "peer": keys.checksum(t.peer), "kind": t.kind, "role": t.role,
-                "via": t.channel.via, "peer_addr": fmt_addr(t.channel.peer_addr), "path": t.channel.path_id.hex(),
-                "redirects": t.redirects, "probes": t.probes}
+        return {
+            "tunnel": t.id.hex(),
+            "peer": keys.checksum(t.peer),
+            "kind": t.kind,
+            "role": t.role,
+            "via": t.channel.via,
+            "peer_addr": fmt_addr(t.channel.peer_addr),
+            "path": t.channel.path_id.hex(),
+            "redirects": t.redirects,
+            "probes": t.probes,
+        }
 
     def adopt(self, t: Tunnel) -> App:
         app = App(t)
@@ -192,8 +211,9 @@ class Driver:
         app = self.apps.get(m.get("tunnel", ""))
         if cmd == "connect":
             t0 = time.monotonic()
-            t = await self.node.connect(keys.parse_node_id(m["peer"]), force_relay=m.get("relay", False),
-                                        fresh=True)  # the lab measures new tunnels
+            t = await self.node.connect(
+                keys.parse_node_id(m["peer"]), force_relay=m.get("relay", False), fresh=True
+            )  # the lab measures new tunnels
             setup = (time.monotonic() - t0) * 1000
             self.adopt(t)
             return {**self.describe(t), "setup_ms": round(setup, 2)}
@@ -207,7 +227,11 @@ class Driver:
             return {"rtt_ms": rtts, **self.describe(app.t)}
         if cmd == "echo_once":
             rtt = await app.echo(m.get("timeout", 2.0))
-            return {"echo": rtt is not None, "ms": None if rtt is None else round(rtt * 1000, 2), **self.describe(app.t)}
+            return {
+                "echo": rtt is not None,
+                "ms": None if rtt is None else round(rtt * 1000, 2),
+                **self.describe(app.t),
+            }
         if cmd == "info":
             return self.describe(app.t)
         if cmd == "transfer":
@@ -225,8 +249,10 @@ class Driver:
         if cmd == "status":
             return self.node.status()
         if cmd == "secrets":  # what an on-path reader must never see (tests/lab/test_lab_onpath.py)
-            return {"token": self.node.session.token.hex(),
-                    "relay_keys": [s.relay.token.hex() for s in self.node.endpoint.sessions.values() if s.relay]}
+            return {
+                "token": self.node.session.token.hex(),
+                "relay_keys": [s.relay.token.hex() for s in self.node.endpoint.sessions.values() if s.relay],
+            }
         if cmd == "close":
             await app.t.channel.close()
             self.apps.pop(m["tunnel"], None)
@@ -245,8 +271,9 @@ async def register(key, dc_url: str, pin: bytes | None) -> None:
     async with DcClient(dc_url, pin=pin) as dc:
         info = await dc.info()
         host = dc_url.split("//")[1].rsplit(":", 1)[0].strip("[]")
-        await dc.register(RegistrationRequest.signed(key, info, int(time.time() * 1000),
-                                                     local_addrs_towards(host, 4330, (4, 6))))
+        await dc.register(
+            RegistrationRequest.signed(key, info, int(time.time() * 1000), local_addrs_towards(host, 4330, (4, 6)))
+        )
 
 
 async def main() -> None:
@@ -282,5 +309,6 @@ async def main() -> None:
 
 if __name__ == "__main__":
     import logging
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     asyncio.run(main())

@@ -43,10 +43,15 @@ def ws_text_frame(obj: dict) -> bytes:
 def forged_direction(victim: str, peer: str, peer_pubkey: str, lure: str) -> dict:
     """A session frame with a Route Direction aiming `victim`'s Tunnel Requests at `lure`, signed
     by a key of the attacker's own (no DC key: that it cannot have)."""
-    body = messages.encode(messages.RouteDirection(
-        "ab" * 8, "direct", "lure", "initiate", victim, dc_address(0), peer, peer_pubkey, peer, [lure]))  # type: ignore[arg-type]
-    return {"type": "direction", "direction": envelope.seal(keys.generate(), messages.ROUTE_DIRECTION, body,
-                                                            int(time.time() * 1000))}
+    body = messages.encode(
+        messages.RouteDirection(
+            "ab" * 8, "direct", "lure", "initiate", victim, dc_address(0), peer, peer_pubkey, peer, [lure]
+        )
+    )  # type: ignore[arg-type]
+    return {
+        "type": "direction",
+        "direction": envelope.seal(keys.generate(), messages.ROUTE_DIRECTION, body, int(time.time() * 1000)),
+    }
 
 
 class Attacker:
@@ -56,9 +61,13 @@ class Attacker:
         self.lab, self.site = fed.lab, site
         for i in range(len(fed.dcs)):
             self.lab.redirect_port(site, DC_BASE_PORT + i, MITM_PORT)
-        self.proc = self.lab.run(site, [sys.executable, "-m", "labkit.lab.mitm", "--port", str(MITM_PORT),
-                                        "--lure-port", str(LURE_PORT)], stdin=subprocess.PIPE, cwd=str(ROOT),
-                                 stderr=open(fed.workdir / "mitm.log", "ab"))
+        self.proc = self.lab.run(
+            site,
+            [sys.executable, "-m", "labkit.lab.mitm", "--port", str(MITM_PORT), "--lure-port", str(LURE_PORT)],
+            stdin=subprocess.PIPE,
+            cwd=str(ROOT),
+            stderr=open(fed.workdir / "mitm.log", "ab"),
+        )
         expect(self.proc, r'"event": "ready"', timeout=15)
 
     def call(self, **m) -> dict:
@@ -94,15 +103,21 @@ def on_path(fed: Federation, quick: bool = False) -> dict:
         secrets = [sa["token"], *sa["relay_keys"]]
         control = [sc["token"]]
         seen = attacker.call(cmd="search", secrets=secrets + control)
-        r = {"relayed_bytes": seen["bytes"], "connections": seen["connections"], "relay_keys": len(sa["relay_keys"]),
-             "secrets_in_clear": sum(seen["found"][s] for s in secrets),
-             "plain_control_secrets_seen": sum(seen["found"][s] for s in control)}
+        r = {
+            "relayed_bytes": seen["bytes"],
+            "connections": seen["connections"],
+            "relay_keys": len(sa["relay_keys"]),
+            "secrets_in_clear": sum(seen["found"][s] for s in secrets),
+            "plain_control_secrets_seen": sum(seen["found"][s] for s in control),
+        }
 
         before = sessions(a)
         pub_b = keys.public_bytes(keys.generate()).hex()  # any key: the signer is what is refused first
         for port, victim in ((DC_BASE_PORT, a), (DC_BASE_PORT + 1, c)):
             frame = ws_text_frame(forged_direction(victim.id, b.id, pub_b, attacker.lure))
-            r[f"injected_into_{victim.name}"] = attacker.call(cmd="inject", port=port, payload=frame.hex())["injected_into"]
+            r[f"injected_into_{victim.name}"] = attacker.call(cmd="inject", port=port, payload=frame.hex())[
+                "injected_into"
+            ]
         r["session_back_after_injection"] = bool(wait_for(lambda: sessions(a) > before, SESSION_BACK_S))
         if not quick:
             before = sessions(a)

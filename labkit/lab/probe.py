@@ -153,7 +153,7 @@ def send(a) -> int:
 def rendezvous(a) -> int:
     s = server_socket(a.port)
     out(f"RDV listening {a.port}")
-    waiting: dict = {}                  # name -> (addr, peer)
+    waiting: dict = {}  # name -> (addr, peer)
     end = time.monotonic() + a.secs
     while time.monotonic() < end:
         if not readable(s, 1.0):
@@ -169,7 +169,7 @@ def rendezvous(a) -> int:
             waiting.pop(name)
             ip1, p1 = norm(addr)
             ip2, p2 = norm(pa)
-            s.sendto(f"PEER {ip2} {p2}".encode(), addr)     # tell both at the same moment
+            s.sendto(f"PEER {ip2} {p2}".encode(), addr)  # tell both at the same moment
             s.sendto(f"PEER {ip1} {p1}".encode(), pa)
             out(f"INTRO {name} {ip1}:{p1} <-> {peer} {ip2}:{p2}")
     return 0
@@ -274,7 +274,7 @@ def relay_client(a) -> int:
 # ---------------------------------------------------------------------------- mobility
 def stream(a) -> int:
     d = parse_ep(a.to)
-    s = client_socket([d])                     # wildcard-bound, never connect()ed
+    s = client_socket([d])  # wildcard-bound, never connect()ed
     out(f"LOCAL {s.getsockname()[1]}")
     t0 = time.monotonic()
     seq = sent = recv = 0
@@ -343,8 +343,16 @@ def main(argv=None) -> int:
     st.add_argument("--secs", type=float, default=5)
     st.add_argument("--interval", type=float, default=0.05)
     a = p.parse_args(argv)
-    fn = {"echo": echo, "query": query, "send": send, "rendezvous": rendezvous, "punch": punch,
-          "relay": relay, "relay-client": relay_client, "stream": stream}[a.cmd]
+    fn = {
+        "echo": echo,
+        "query": query,
+        "send": send,
+        "rendezvous": rendezvous,
+        "punch": punch,
+        "relay": relay,
+        "relay-client": relay_client,
+        "stream": stream,
+    }[a.cmd]
     return fn(a)
 
 

@@ -78,8 +78,10 @@ def cut_dc_link(fed: Federation, i: int) -> list[list[str]]:
     a pulled cable, no RST. Returns the rules (for restore_dc_link)."""
     rules = []
     for proto, port in [("tcp", fed.dc_port(i)), *(("udp", p) for p in udp_ports_of(fed, fed.dcs[i].pid))]:
-        rules += [["INPUT", "-p", proto, "--dport", str(port), "-j", "DROP"],
-                  ["OUTPUT", "-p", proto, "--sport", str(port), "-j", "DROP"]]
+        rules += [
+            ["INPUT", "-p", proto, "--dport", str(port), "-j", "DROP"],
+            ["OUTPUT", "-p", proto, "--sport", str(port), "-j", "DROP"],
+        ]
     for cmd in ("iptables", "ip6tables"):
         for r in rules:
             fed.lab.exec(fed.srv, [cmd, "-I", *r], check=True)
@@ -108,16 +110,18 @@ def ping_stream(node: UpNode, to: str, seconds: float, during=None) -> tuple[flo
     `during()` runs; returns (wall time the stream started, [(reply wall time, icmp_seq)])."""
     count = int(seconds / PING_INTERVAL_S)
     t0 = time.time()
-    proc = node.lab.run(node.host, ["ping", "-6", "-n", "-D", "-i", str(PING_INTERVAL_S), "-c", str(count),
-                                    "-W", "1", to])
+    proc = node.lab.run(
+        node.host, ["ping", "-6", "-n", "-D", "-i", str(PING_INTERVAL_S), "-c", str(count), "-W", "1", to]
+    )
     if during is not None:
         during()
     out, _ = proc.communicate(timeout=seconds + 15)
     return t0, [(float(m.group(1)), int(m.group(2))) for m in map(PING_REPLY.match, out.splitlines()) if m]
 
 
-def dc_link_loss_failover(fed: Federation, x_host: Host, y_host: Host, z_host: Host,
-                          nbytes: int = CUT_TRANSFER_BYTES) -> dict:
+def dc_link_loss_failover(
+    fed: Federation, x_host: Host, y_host: Host, z_host: Host, nbytes: int = CUT_TRANSFER_BYTES
+) -> dict:
     """X (home DC 0) sends a paced TCP transfer of `nbytes` to Y (home DC 1); DC 0's link is cut. Measures
     `failover_s` (cut → X's log says it failed over), `new_tunnel_s` (cut → the first ping of a
     third node Z (home DC 1), sent once X failed over, answered through a new tunnel), and checks
@@ -143,9 +147,13 @@ def dc_link_loss_failover(fed: Federation, x_host: Host, y_host: Host, z_host: H
 
         sent, got = transfer(x, y, y.v6, y.v6, nbytes, rate=CUT_TRANSFER_RATE, during=cut_and_measure)
         st = x.status()
-        out.update(intact=got["sha256"] == sent["sha256"] and got["bytes"] == nbytes,
-                   max_stall_s=got["max_stall_s"], x_dc=st["dc"], failovers=st["failovers"],
-                   dc_silences=st["dc_silences"])
+        out.update(
+            intact=got["sha256"] == sent["sha256"] and got["bytes"] == nbytes,
+            max_stall_s=got["max_stall_s"],
+            x_dc=st["dc"],
+            failovers=st["failovers"],
+            dc_silences=st["dc_silences"],
+        )
         return out
     finally:
         restore_dc_link(fed, rules)
@@ -161,8 +169,11 @@ def rebind_nat(fed: Federation, site: Site) -> str:
     new = f"198.18.0.{REBIND_BASE + int(r.lan_net.network_address.packed[1])}"
     lab = fed.lab
     lab.exec(r.ns, ["ip", "addr", "add", f"{new}/24", "dev", "wan"], check=True)
-    lab.exec(r.ns, ["iptables", "-t", "nat", "-I", "POSTROUTING", "1", "-o", "wan", "-p", "udp",
-                    "-j", "SNAT", "--to-source", new], check=True)
+    lab.exec(
+        r.ns,
+        ["iptables", "-t", "nat", "-I", "POSTROUTING", "1", "-o", "wan", "-p", "udp", "-j", "SNAT", "--to-source", new],
+        check=True,
+    )
     lab.exec(r.ns, ["conntrack", "-D", "-p", "udp"])
     return new
 
@@ -185,14 +196,20 @@ def nat_rebind_unreachable(fed: Federation, node_site: Site, peer_site: Site) ->
             raise AssertionError("no ping reply after the rebind")
         time.sleep(0.5)  # let both ends settle before reading their status
         after_p, after_n = p.status()["peers"][0], n.status()["peers"][0]
-        return {"unreachable_s": round(replies[0][0] - t0, 3), "lost": replies[0][1] - 1,
-                "replies": len(replies), "sent": int(REBIND_PING_S / PING_INTERVAL_S), "new_public": new_ip,
-                "peer_endpoint_before": before["endpoint"], "peer_endpoint_after": after_p["endpoint"],
-                "route_after": after_p["route"], "redirects": (after_p["redirects"], after_n["redirects"])}
+        return {
+            "unreachable_s": round(replies[0][0] - t0, 3),
+            "lost": replies[0][1] - 1,
+            "replies": len(replies),
+            "sent": int(REBIND_PING_S / PING_INTERVAL_S),
+            "new_public": new_ip,
+            "peer_endpoint_before": before["endpoint"],
+            "peer_endpoint_after": after_p["endpoint"],
+            "route_after": after_p["route"],
+            "redirects": (after_p["redirects"], after_n["redirects"]),
+        }
     finally:
         for x in (n, p):
             x.stop()
-
 
 
 def direct_path_loss_outage(fed: Federation, node_site: Site, peer_site: Site) -> dict:
@@ -201,8 +218,11 @@ def direct_path_loss_outage(fed: Federation, node_site: Site, peer_site: Site) -
     reachable). `outage_s`: the longest gap between replies; also the route afterwards."""
     p = UpNode(fed, peer_site.host, 1, "--accept-any")
     n = UpNode(fed, node_site.host, 0, "--accept-any")
-    rules = [[chain, "-p", "udp", flag, peer_site.public4, "-j", "DROP"]
-             for chain in ("FORWARD", "INPUT", "OUTPUT") for flag in ("-s", "-d")]
+    rules = [
+        [chain, "-p", "udp", flag, peer_site.public4, "-j", "DROP"]
+        for chain in ("FORWARD", "INPUT", "OUTPUT")
+        for flag in ("-s", "-d")
+    ]
     try:
         p.cli("alias", "n", n.id)
         assert p.run("ping", "-6", "-c", "1", "-W", "5", n.v6).returncode == 0
@@ -217,10 +237,14 @@ def direct_path_loss_outage(fed: Federation, node_site: Site, peer_site: Site) -
         times = [t0] + [t for t, _ in replies]
         gaps = [b - a for a, b in zip(times, times[1:])]
         after_p, after_n = p.status()["peers"][0], n.status()["peers"][0]
-        return {"outage_s": round(max(gaps), 3), "replies": len(replies),
-                "sent": int(PATH_LOSS_PING_S / PING_INTERVAL_S), "route_before": route_before,
-                "route_after": (after_p["route"], after_n["route"]),
-                "redirects": (after_p["redirects"], after_n["redirects"])}
+        return {
+            "outage_s": round(max(gaps), 3),
+            "replies": len(replies),
+            "sent": int(PATH_LOSS_PING_S / PING_INTERVAL_S),
+            "route_before": route_before,
+            "route_after": (after_p["route"], after_n["route"]),
+            "redirects": (after_p["redirects"], after_n["redirects"]),
+        }
     finally:
         for x in (n, p):
             x.stop()
@@ -244,10 +268,15 @@ def idle_move_tells_peer(fed: Federation, mover_site: Site, to_site: Site, peer_
         t_noticed = wait_log(Path(m.log.name), "local addresses changed", t_move, 10)
         after = p.status()["peers"][0]["endpoint"]
         t0, replies = ping_stream(p, m.v6, 1.0)
-        return {"noticed_s": round(t_noticed - t_move, 3), "move_cmds_s": round(moved_s, 3),
-                "peer_endpoint_before": before, "peer_endpoint_after": after, "new_public": to_site.public4,
-                "first_reply_seq": replies[0][1] if replies else None,
-                "first_reply_s": round(replies[0][0] - t0, 3) if replies else None}
+        return {
+            "noticed_s": round(t_noticed - t_move, 3),
+            "move_cmds_s": round(moved_s, 3),
+            "peer_endpoint_before": before,
+            "peer_endpoint_after": after,
+            "new_public": to_site.public4,
+            "first_reply_seq": replies[0][1] if replies else None,
+            "first_reply_s": round(replies[0][0] - t0, 3) if replies else None,
+        }
     finally:
         for x in (m, p):
             x.stop()

@@ -75,8 +75,12 @@ def dropped(lab: Lab, site) -> int:
 def _direct(answer: dict, peer: NodeProc, relay_ips: set[str]) -> bool:
     """The tunnel sends to the peer's own (public) address, not to the relay."""
     addr = answer.get("peer_addr")
-    return (answer.get("via") != "relay" and addr is not None and ip_of(addr) not in relay_ips
-            and ip_of(addr) in {peer.host.public4, peer.host.public6} - {None})
+    return (
+        answer.get("via") != "relay"
+        and addr is not None
+        and ip_of(addr) not in relay_ips
+        and ip_of(addr) in {peer.host.public4, peer.host.public6} - {None}
+    )
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -101,14 +105,29 @@ def setup_under_loss(fed, pairs: list[tuple[NodeProc, NodeProc]], n: int = 20) -
             time.sleep(SETTLE_S)
             ia, ib = a.call("info", tunnel=ta["tunnel"]), b.call("info", tunnel=ta["tunnel"])
         direct = _direct(ia, b, fed.relay_ips) and _direct(ib, a, fed.relay_ips)
-        rows.append({"setup_ms": ta["setup_ms"], "via": ta["via"], "b_via": tb["via"], "first_direct": first,
-                     "direct": direct, "peer_addr": ia["peer_addr"], "b_peer_addr": ib["peer_addr"]})
+        rows.append(
+            {
+                "setup_ms": ta["setup_ms"],
+                "via": ta["via"],
+                "b_via": tb["via"],
+                "first_direct": first,
+                "direct": direct,
+                "peer_addr": ia["peer_addr"],
+                "b_peer_addr": ib["peer_addr"],
+            }
+        )
         a.call("close", tunnel=ta["tunnel"])
         b.call("close", tunnel=ta["tunnel"])
     setups = [r["setup_ms"] / 1000 for r in rows]
-    return {"n": n, "direct": sum(r["direct"] for r in rows), "first_direct": sum(r["first_direct"] for r in rows),
-            "setup_ms": [r["setup_ms"] for r in rows], "p50_s": percentile(setups, 0.5),
-            "p90_s": percentile(setups, 0.9), "rows": rows}
+    return {
+        "n": n,
+        "direct": sum(r["direct"] for r in rows),
+        "first_direct": sum(r["first_direct"] for r in rows),
+        "setup_ms": [r["setup_ms"] for r in rows],
+        "p50_s": percentile(setups, 0.5),
+        "p90_s": percentile(setups, 0.9),
+        "rows": rows,
+    }
 
 
 def loss_run(fed, lossy: list, pairs: list[tuple[NodeProc, NodeProc]], probability: float, n: int = 20) -> dict:
@@ -156,8 +175,14 @@ def late_direct(fed, a: NodeProc, b: NodeProc, site, block_s: float) -> dict:
             time.sleep(POLL_S)
     a.call("close", tunnel=ta["tunnel"])
     b.call("close", tunnel=ta["tunnel"])
-    return {"setup_ms": ta["setup_ms"], "via_at_setup": ta["via"], "b_via_at_setup": tb["via"], "moved_s": moved,
-            "via": ia["via"], "b_via": ib["via"]}
+    return {
+        "setup_ms": ta["setup_ms"],
+        "via_at_setup": ta["via"],
+        "b_via_at_setup": tb["via"],
+        "moved_s": moved,
+        "via": ia["via"],
+        "b_via": ib["via"],
+    }
 
 
 def bench_numbers(fed, n: int = 20) -> dict:
@@ -165,12 +190,17 @@ def bench_numbers(fed, n: int = 20) -> dict:
     one NAT's uplink, and the p90 setup time at 20%."""
     la, _, pairs = loss_sites(fed, prefix="bl")
     five, twenty = loss_run(fed, [la], pairs, 0.05, n), loss_run(fed, [la], pairs, 0.20, n)
-    return {"setup_direct_share_loss5": five["direct"] / five["n"], "setup_p90_s_loss20": twenty["p90_s"],
-            "runs": [five, twenty]}
+    return {
+        "setup_direct_share_loss5": five["direct"] / five["n"],
+        "setup_p90_s_loss20": twenty["p90_s"],
+        "runs": [five, twenty],
+    }
 
 
 def summary(res: dict) -> str:
     """One line for the test output and the bench."""
-    return (f"loss {res['loss']:.0%}: {res['direct']}/{res['n']} direct ({res['first_direct']} direct at once), "
-            f"setup p50 {res['p50_s'] * 1000:.0f} ms p90 {res['p90_s'] * 1000:.0f} ms, "
-            f"{res['dropped']} datagrams dropped; setups ms {sorted(res['setup_ms'])}")
+    return (
+        f"loss {res['loss']:.0%}: {res['direct']}/{res['n']} direct ({res['first_direct']} direct at once), "
+        f"setup p50 {res['p50_s'] * 1000:.0f} ms p90 {res['p90_s'] * 1000:.0f} ms, "
+        f"{res['dropped']} datagrams dropped; setups ms {sorted(res['setup_ms'])}"
+    )

@@ -47,9 +47,24 @@ def stream_both_ways(a: UpNode, b: UpNode, rate: float, seconds: float, during) 
     lab = a.lab
     procs = []
     for me, peer in ((a, b), (b, a)):
-        p = lab.run(me.host, [sys.executable, str(UDPSEQ), "--bind", me.v6, "--to", peer.v6,
-                              "--port", str(STREAM_PORT), "--rate", str(rate), "--seconds", str(seconds)],
-                    stdin=subprocess.PIPE)
+        p = lab.run(
+            me.host,
+            [
+                sys.executable,
+                str(UDPSEQ),
+                "--bind",
+                me.v6,
+                "--to",
+                peer.v6,
+                "--port",
+                str(STREAM_PORT),
+                "--rate",
+                str(rate),
+                "--seconds",
+                str(seconds),
+            ],
+            stdin=subprocess.PIPE,
+        )
         expect(p, '"ready"')
         procs.append(p)
     for p in procs:  # both bound: go
@@ -60,8 +75,9 @@ def stream_both_ways(a: UpNode, b: UpNode, rate: float, seconds: float, during) 
     return out[0], out[1]
 
 
-def make_before_break(fed: Federation, tag: str = "mbb", rate: float = 100.0, before_s: float = 3.0,
-                      after_s: float = 3.0) -> dict:
+def make_before_break(
+    fed: Federation, tag: str = "mbb", rate: float = 100.0, before_s: float = 3.0, after_s: float = 3.0
+) -> dict:
     """Build the scenario in `fed`'s lab (site names start with `tag`), switch M's uplink under the
     stream, and return the measured numbers: `lost_m_to_p`, `lost_p_to_m`, the larger of the two as
     `make_before_break_lost_packets`, the stream reports, how long the standby took to be ready, and
@@ -77,17 +93,25 @@ def make_before_break(fed: Federation, tag: str = "mbb", rate: float = 100.0, be
         r = m.run("ping", "-6", "-c", "2", "-W", "5", "peer.ntm")
         assert r.returncode == 0, r.stdout + r.stderr
         ready_s = standby_ready(m)
-        m_rep, p_rep = stream_both_ways(m, p, rate, before_s + after_s,
-                                        lambda: (time.sleep(before_s), lab.set_link(m_host, "eth0", False)))
+        m_rep, p_rep = stream_both_ways(
+            m, p, rate, before_s + after_s, lambda: (time.sleep(before_s), lab.set_link(m_host, "eth0", False))
+        )
         row = m.status()["peers"][0]
         p_sees_m = p.status()["peers"][0]["endpoint"]
         lost_m_to_p = m_rep["sent"] - p_rep["received"]
         lost_p_to_m = p_rep["sent"] - m_rep["received"]
-        return {"make_before_break_lost_packets": max(lost_m_to_p, lost_p_to_m),
-                "lost_m_to_p": lost_m_to_p, "lost_p_to_m": lost_p_to_m, "rate_pps": rate,
-                "standby_ready_s": round(ready_s, 2), "m_stream": m_rep, "p_stream": p_rep,
-                "route_after": row["route"], "p_sees_m": p_sees_m,
-                "second_nat": f"{lab.sites[f'{tag}2'].public4}:{TUNNEL_PORT}"}
+        return {
+            "make_before_break_lost_packets": max(lost_m_to_p, lost_p_to_m),
+            "lost_m_to_p": lost_m_to_p,
+            "lost_p_to_m": lost_p_to_m,
+            "rate_pps": rate,
+            "standby_ready_s": round(ready_s, 2),
+            "m_stream": m_rep,
+            "p_stream": p_rep,
+            "route_after": row["route"],
+            "p_sees_m": p_sees_m,
+            "second_nat": f"{lab.sites[f'{tag}2'].public4}:{TUNNEL_PORT}",
+        }
     finally:
         m.stop()
         p.stop()

@@ -36,8 +36,9 @@ def set_uplink_mtu(lab: Lab, host: Host, mtu: int) -> None:
 def drop_icmp_too_big(lab: Lab, host: Host) -> None:
     """The router of `host`'s site sends no ICMP "fragmentation needed": oversize packets towards
     the host vanish (a black hole, as behind a firewall that filters ICMP)."""
-    lab._iptables(host.site.router.ns, "-A", "OUTPUT", "-p", "icmp", "--icmp-type", "fragmentation-needed",
-                  "-j", "DROP")
+    lab._iptables(
+        host.site.router.ns, "-A", "OUTPUT", "-p", "icmp", "--icmp-type", "fragmentation-needed", "-j", "DROP"
+    )
 
 
 def _peer_row(node: UpNode) -> dict:
@@ -95,11 +96,20 @@ class MtuPair:
         sent, got = transfer(b, a, a.v6, a.v6, nbytes)
         b_status = b.status()
         b_row, a_row = b_status["peers"][0], _peer_row(a)
-        return {"mtu": self.mtu, "b_too_big": b_status["counters"]["too_big"], "icmp": self.icmp, "bytes": got["bytes"],
-                "intact": got["sha256"] == sent["sha256"] and got["bytes"] == nbytes,
-                "mbps": round(got["bytes"] / got["elapsed_s"] / MBIT, 1), "max_stall_s": got["max_stall_s"],
-                "elapsed_s": got["elapsed_s"], "retransmits": _tcp_retransmits(b) - retrans0,
-                "b_to_a_path_mtu": b_row["path_mtu"], "a_to_b_path_mtu": a_row["path_mtu"], "route": b_row["route"]}
+        return {
+            "mtu": self.mtu,
+            "b_too_big": b_status["counters"]["too_big"],
+            "icmp": self.icmp,
+            "bytes": got["bytes"],
+            "intact": got["sha256"] == sent["sha256"] and got["bytes"] == nbytes,
+            "mbps": round(got["bytes"] / got["elapsed_s"] / MBIT, 1),
+            "max_stall_s": got["max_stall_s"],
+            "elapsed_s": got["elapsed_s"],
+            "retransmits": _tcp_retransmits(b) - retrans0,
+            "b_to_a_path_mtu": b_row["path_mtu"],
+            "a_to_b_path_mtu": a_row["path_mtu"],
+            "route": b_row["route"],
+        }
 
     def stop(self) -> None:
         for node in (self.a, self.b):
@@ -151,9 +161,14 @@ def mtu_move(fed: Federation, tag: str, nbytes: int, rate: float, before_s: floa
         # IPv4 inside: B sees A as the first address of its book, A is itself the pool's first host
         to, bind = (a.v6, a.v6) if inner == 6 else ("100.64.0.2", "100.64.0.1")
         sent, got = transfer(b, a, to, bind, nbytes, rate=rate, during=move)
-        return {"intact": got["sha256"] == sent["sha256"] and got["bytes"] == nbytes, "bytes": got["bytes"],
-                "max_stall_s": got["max_stall_s"], "pmtu_discovery_s": found.get("pmtu_discovery_s"),
-                "b_to_a_path_mtu": _peer_row(b)["path_mtu"], "mtu_search_s": found.get("b_row", {}).get("mtu_search_s")}
+        return {
+            "intact": got["sha256"] == sent["sha256"] and got["bytes"] == nbytes,
+            "bytes": got["bytes"],
+            "max_stall_s": got["max_stall_s"],
+            "pmtu_discovery_s": found.get("pmtu_discovery_s"),
+            "b_to_a_path_mtu": _peer_row(b)["path_mtu"],
+            "mtu_search_s": found.get("b_row", {}).get("mtu_search_s"),
+        }
     finally:
         a.stop()
         b.stop()

@@ -25,8 +25,9 @@ def app_home(fed: Federation, host: Host, dc: int) -> tuple[Path, str]:
     home = fed.workdir / f"apphome-{host.name}"
 
     def cli(*args: str) -> dict:
-        r = fed.lab.exec(host, [sys.executable, "-m", "node.cli", "--home", str(home), "--json", *args],
-                         cwd=str(ROOT), timeout=60)
+        r = fed.lab.exec(
+            host, [sys.executable, "-m", "node.cli", "--home", str(home), "--json", *args], cwd=str(ROOT), timeout=60
+        )
         assert r.returncode == 0, r.stderr
         return json.loads(r.stdout)
 
@@ -41,14 +42,38 @@ def stream_move(fed: Federation, mover: Host, peer: Host, to_site: str, nbytes: 
     lab = fed.lab
     m_home, m_id = app_home(fed, mover, 0)
     p_home, p_id = app_home(fed, peer, 1)
-    srv = lab.run(peer, [sys.executable, str(APPXFER), "serve", "--home", str(p_home), "--port", str(STREAM_PORT),
-                         "--allow", m_id], cwd=str(ROOT))
+    srv = lab.run(
+        peer,
+        [sys.executable, str(APPXFER), "serve", "--home", str(p_home), "--port", str(STREAM_PORT), "--allow", m_id],
+        cwd=str(ROOT),
+    )
     expect(srv, "listening", timeout=60)
-    cli = lab.run(mover, [sys.executable, str(APPXFER), "send", "--home", str(m_home), "--to", p_id, "--port",
-                          str(STREAM_PORT), "--bytes", str(nbytes), "--rate", str(RATE_BYTES_S)], cwd=str(ROOT))
+    cli = lab.run(
+        mover,
+        [
+            sys.executable,
+            str(APPXFER),
+            "send",
+            "--home",
+            str(m_home),
+            "--to",
+            p_id,
+            "--port",
+            str(STREAM_PORT),
+            "--bytes",
+            str(nbytes),
+            "--rate",
+            str(RATE_BYTES_S),
+        ],
+        cwd=str(ROOT),
+    )
     time.sleep(MOVE_AFTER_S)
     lab.move(mover, to_site)
     sent = json.loads(expect(cli, r'"sha256"', timeout=180).string)
     got = json.loads(expect(srv, r'"sha256"', timeout=30).string)
-    return {"intact": sent["sha256"] == got["sha256"] and sent["bytes"] == got["bytes"] == nbytes,
-            "bytes": got["bytes"], "max_stall_s": got["max_stall_s"], "elapsed_s": got["elapsed_s"]}
+    return {
+        "intact": sent["sha256"] == got["sha256"] and sent["bytes"] == got["bytes"] == nbytes,
+        "bytes": got["bytes"],
+        "max_stall_s": got["max_stall_s"],
+        "elapsed_s": got["elapsed_s"],
+    }

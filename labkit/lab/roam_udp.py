@@ -48,26 +48,36 @@ def udp_blocked(fed: Federation, nbytes: int, tag: str = "u") -> dict:
         ready_s = time.monotonic() - a.started
         a.cli("alias", "peer", b.id)
         pinged = wait_for(lambda: a.run("ping", "-6", "-c", "1", "-W", "2", "peer.ntm").returncode == 0, 30, 0)
-        out = {"setup_s": time.monotonic() - a.started, "ready_s": ready_s, "pinged": pinged,
-               "udp": a.status().get("udp")}
+        out = {
+            "setup_s": time.monotonic() - a.started,
+            "ready_s": ready_s,
+            "pinged": pinged,
+            "udp": a.status().get("udp"),
+        }
         out["blocked_row"] = peer_row(a)
         out["netcheck_blocked"] = a.cli("netcheck")
         sent, got = transfer(a, b, b.v6, b.v6, nbytes)
-        out["tcp"] = {"intact": got["sha256"] == sent["sha256"] and got["bytes"] == nbytes,
-                      "elapsed_s": got["elapsed_s"], "mbps": nbytes * 8 / got["elapsed_s"] / 1e6}
+        out["tcp"] = {
+            "intact": got["sha256"] == sent["sha256"] and got["bytes"] == nbytes,
+            "elapsed_s": got["elapsed_s"],
+            "mbps": nbytes * 8 / got["elapsed_s"] / 1e6,
+        }
 
         def unblock() -> None:
             time.sleep(UNBLOCK_AFTER_S)
             lab.restrict_egress(site, False)
             t0 = time.monotonic()
-            row = wait_for(lambda: (r := peer_row(a)) and r["transport"] == "udp" and r["route"] != "relay" and r,
-                           MOVE_TIMEOUT_S)
+            row = wait_for(
+                lambda: (r := peer_row(a)) and r["transport"] == "udp" and r["route"] != "relay" and r, MOVE_TIMEOUT_S
+            )
             out["moved_after_s"] = time.monotonic() - t0 if row else None
             out["udp_row"] = row
 
         sent, got = transfer(a, b, b.v6, b.v6, nbytes, rate=PACED_RATE, during=unblock)
-        out["move"] = {"intact": got["sha256"] == sent["sha256"] and got["bytes"] == nbytes,
-                       "stall_s": got["max_stall_s"]}
+        out["move"] = {
+            "intact": got["sha256"] == sent["sha256"] and got["bytes"] == nbytes,
+            "stall_s": got["max_stall_s"],
+        }
         out["netcheck_udp"] = a.cli("netcheck")
         return out
     finally:

@@ -42,8 +42,18 @@ def serve(a) -> None:
         h.update(data)
         n += len(data)
     conn.close()
-    print(json.dumps({"bytes": n, "sha256": h.hexdigest(), "max_stall_s": round(stall, 3),
-                      "elapsed_s": round(time.monotonic() - t0, 3), "peer": peer[0]}), flush=True)
+    print(
+        json.dumps(
+            {
+                "bytes": n,
+                "sha256": h.hexdigest(),
+                "max_stall_s": round(stall, 3),
+                "elapsed_s": round(time.monotonic() - t0, 3),
+                "peer": peer[0],
+            }
+        ),
+        flush=True,
+    )
 
 
 def send(a) -> None:
@@ -64,8 +74,9 @@ def send(a) -> None:
                 time.sleep(ahead)
     s.shutdown(socket.SHUT_WR)
     s.recv(1)  # wait for the receiver to close: everything arrived
-    print(json.dumps({"bytes": sent, "sha256": h.hexdigest(), "elapsed_s": round(time.monotonic() - t0, 3)}),
-          flush=True)
+    print(
+        json.dumps({"bytes": sent, "sha256": h.hexdigest(), "elapsed_s": round(time.monotonic() - t0, 3)}), flush=True
+    )
 
 
 def main() -> None:

@@ -91,11 +91,21 @@ from typing import Sequence
 from scripts.procs import pid_alive
 
 __all__ = [
-    "Lab", "Host", "Site", "Router", "LabError", "expect", "lab_available",
-    "sweep_stale", "lines_of", "INET4", "INET6", "NS_PREFIX",
+    "Lab",
+    "Host",
+    "Site",
+    "Router",
+    "LabError",
+    "expect",
+    "lab_available",
+    "sweep_stale",
+    "lines_of",
+    "INET4",
+    "INET6",
+    "NS_PREFIX",
 ]
 
-NS_PREFIX = "ntl"                       # every namespace: ntl<pid>-<n>-<role>-<name>
+NS_PREFIX = "ntl"  # every namespace: ntl<pid>-<n>-<role>-<name>
 INET4 = ipaddress.ip_network("198.18.0.0/24")
 INET6 = ipaddress.ip_network("2001:db8:0:1::/64")
 GW4 = "198.18.0.1"
@@ -156,10 +166,16 @@ def _detect_iptables(ns: str) -> str | None:
         if shutil.which(cmd) is None:
             continue
         x = ["ip", "netns", "exec", ns, cmd]
-        ok = (_run(x + ["-t", "nat", "-A", "POSTROUTING", "-o", "lo", "-j", "MASQUERADE", "--random"],
-                   check=False).returncode == 0
-              and _run(x + ["-A", "INPUT", "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED",
-                            "-j", "ACCEPT"], check=False).returncode == 0)
+        ok = (
+            _run(
+                x + ["-t", "nat", "-A", "POSTROUTING", "-o", "lo", "-j", "MASQUERADE", "--random"], check=False
+            ).returncode
+            == 0
+            and _run(
+                x + ["-A", "INPUT", "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"], check=False
+            ).returncode
+            == 0
+        )
         _run(x + ["-t", "nat", "-F"], check=False)
         _run(x + ["-F"], check=False)
         if ok:
@@ -203,11 +219,12 @@ def sweep_stale() -> list[str]:
 @dataclass(eq=False)
 class Router:
     """A NAT router namespace: ``wan`` on the internet bridge, bridge ``lan`` for its site."""
+
     name: str
     ns: str
     wan4: str
     lan_net: ipaddress.IPv4Network
-    kind: str                     # "eim" | "symmetric"
+    kind: str  # "eim" | "symmetric"
     firewall: bool = True
 
     @property
@@ -223,11 +240,12 @@ class Site:
     WAN address for "eim"/"symmetric", the first host's own address for "public"/"ipv6only"
     (every host of a public site has its own public address).
     """
+
     name: str
     kind: str
     router: Router | None = None
-    hosts: list["Host"] = field(default_factory=list)   # hosts attached right now
-    first: "Host | None" = None                           # the host made with the site
+    hosts: list["Host"] = field(default_factory=list)  # hosts attached right now
+    first: "Host | None" = None  # the host made with the site
 
     @property
     def host(self) -> "Host":
@@ -258,13 +276,14 @@ class Host:
     ``addr4``/``addr6`` are the host's *own* current addresses (private 10.x for NATed hosts,
     None when absent); ``public4`` is what a public server sees (NAT WAN or own address).
     """
+
     lab: "Lab"
     name: str
     ns: str
     site: Site | None = None
     addr4: str | None = None
     addr6: str | None = None
-    pub_index: int | None = None   # N of 198.18.0.N / ::N when on the internet
+    pub_index: int | None = None  # N of 198.18.0.N / ::N when on the internet
     uplinks: dict[str, str] = field(default_factory=dict)  # extra uplinks (add_uplink): ifname -> addr
 
     @property
@@ -356,8 +375,7 @@ class Lab:
     def _plug(self, ns: str, ifname: str, bridge_ns: str, bridge: str) -> None:
         """veth ``ifname`` in ``ns`` <-> fresh port enslaved to ``bridge`` in ``bridge_ns``."""
         port = self._port_name()
-        _run(["ip", "link", "add", ifname, "netns", ns, "type", "veth",
-              "peer", "name", port, "netns", bridge_ns])
+        _run(["ip", "link", "add", ifname, "netns", ns, "type", "veth", "peer", "name", port, "netns", bridge_ns])
         self._ip(bridge_ns, "link", "set", port, "master", bridge, "up")
         self._ip(ns, "link", "set", ifname, "up")
 
@@ -401,7 +419,7 @@ class Lab:
 
     def _attach(self, host: Host, site: Site | None, v4: bool = True, v6: bool = True) -> None:
         """(Re)create ``eth0`` of ``host`` on ``site`` (None = plain public host)."""
-        self._ip(host.ns, "link", "del", "eth0", check=False)   # also removes the old peer
+        self._ip(host.ns, "link", "del", "eth0", check=False)  # also removes the old peer
         host.addr4 = host.addr6 = None
         if host.site is not None and host in host.site.hosts:
             host.site.hosts.remove(host)
@@ -457,8 +475,13 @@ class Lab:
             if i > 99:
                 raise LabError("out of NAT routers")
             self._next_router += 1
-            r = Router(name, self._add_ns("r", name), str(INET4.network_address + ROUTER_BASE + i),
-                       ipaddress.ip_network(f"10.{i}.0.0/24"), kind)
+            r = Router(
+                name,
+                self._add_ns("r", name),
+                str(INET4.network_address + ROUTER_BASE + i),
+                ipaddress.ip_network(f"10.{i}.0.0/24"),
+                kind,
+            )
             self.routers[name] = r
             site.router = r
             self._plug(r.ns, "wan", self.inet, "br0")
@@ -508,8 +531,11 @@ class Lab:
         if r is None:
             raise ValueError("a second uplink goes to a NAT site")
         taken = {a for h in self.hosts.values() for a in h.uplinks.values()}
-        addr = next(str(r.lan_net.network_address + n) for n in range(200, 254)
-                    if str(r.lan_net.network_address + n) not in taken)
+        addr = next(
+            str(r.lan_net.network_address + n)
+            for n in range(200, 254)
+            if str(r.lan_net.network_address + n) not in taken
+        )
         self._plug(host.ns, ifname, r.ns, "lan")
         self._ip(host.ns, "addr", "add", f"{addr}/{r.lan_net.prefixlen}", "dev", ifname)
         self._ip(host.ns, "route", "add", "default", "via", r.gw4, "dev", ifname, "metric", str(metric))
@@ -561,8 +587,19 @@ class Lab:
         for chain in ("INPUT", "FORWARD"):
             self._iptables(r.ns, "-F", chain)
             if on:
-                self._iptables(r.ns, "-A", chain, "-i", "wan", "-m", "conntrack",
-                               "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT")
+                self._iptables(
+                    r.ns,
+                    "-A",
+                    chain,
+                    "-i",
+                    "wan",
+                    "-m",
+                    "conntrack",
+                    "--ctstate",
+                    "ESTABLISHED,RELATED",
+                    "-j",
+                    "ACCEPT",
+                )
                 self._iptables(r.ns, "-A", chain, "-i", "wan", "-j", "DROP")
         r.firewall = on
 
@@ -575,8 +612,12 @@ class Lab:
         if on:
             self._nsx(r.ns, self.ipt, "-w", "-N", "EGRESS", check=False)
             self._iptables(r.ns, "-F", "EGRESS")
-            for rule in (("-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED"), ("-p", "udp", "--dport", "53"),
-                         ("-p", "tcp", "--dport", "53"), ("-p", "tcp", "-m", "multiport", "--dports", "80,443")):
+            for rule in (
+                ("-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED"),
+                ("-p", "udp", "--dport", "53"),
+                ("-p", "tcp", "--dport", "53"),
+                ("-p", "tcp", "-m", "multiport", "--dports", "80,443"),
+            ):
                 self._iptables(r.ns, "-A", "EGRESS", *rule, "-j", "RETURN")
             self._iptables(r.ns, "-A", "EGRESS", "-j", "DROP")
             self._iptables(r.ns, "-I", *jump[:1], "1", *jump[1:])
@@ -586,8 +627,21 @@ class Lab:
     def redirect_port(self, ns, port: int, to_port: int) -> None:
         """Incoming TCP to `port` on `ns`'s IPv4 addresses goes to `to_port` (a service published on
         a web port, as behind a reverse proxy)."""
-        self._iptables(self._ns_of(ns), "-t", "nat", "-A", "PREROUTING", "-p", "tcp", "--dport", str(port),
-                       "-j", "REDIRECT", "--to-ports", str(to_port))
+        self._iptables(
+            self._ns_of(ns),
+            "-t",
+            "nat",
+            "-A",
+            "PREROUTING",
+            "-p",
+            "tcp",
+            "--dport",
+            str(port),
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            str(to_port),
+        )
 
     def set_udp_timeout(self, router_or_all=None, seconds: int = 30) -> None:
         """Set net.netfilter.nf_conntrack_udp_timeout and ..._udp_timeout_stream in NAT routers.
@@ -597,8 +651,11 @@ class Lab:
         until their next packet.
         """
         for r in self._routers(router_or_all):
-            self._sysctl(r.ns, net__netfilter__nf_conntrack_udp_timeout=int(seconds),
-                         net__netfilter__nf_conntrack_udp_timeout_stream=int(seconds))
+            self._sysctl(
+                r.ns,
+                net__netfilter__nf_conntrack_udp_timeout=int(seconds),
+                net__netfilter__nf_conntrack_udp_timeout_stream=int(seconds),
+            )
 
     def flush_conntrack(self, router_or_all=None) -> None:
         """Forget every NAT mapping (``conntrack -F``) in the given routers (default: all)."""
@@ -657,13 +714,13 @@ class Lab:
         self.procs.append(p)
         return p
 
-    def exec(self, ns, argv: Sequence[str], check: bool = False, timeout: float = 30,
-             **kw) -> subprocess.CompletedProcess:
+    def exec(
+        self, ns, argv: Sequence[str], check: bool = False, timeout: float = 30, **kw
+    ) -> subprocess.CompletedProcess:
         """Run ``argv`` inside a namespace to completion; returns CompletedProcess (text)."""
         kw.setdefault("capture_output", True)
         kw.setdefault("text", True)
-        return subprocess.run(["ip", "netns", "exec", self._ns_of(ns), *argv],
-                              check=check, timeout=timeout, **kw)
+        return subprocess.run(["ip", "netns", "exec", self._ns_of(ns), *argv], check=check, timeout=timeout, **kw)
 
     def python(self, ns, *args: str, **popen_kw) -> subprocess.Popen:
         """``run(ns, [sys.executable, *args])`` — the venv interpreter, inside the namespace."""

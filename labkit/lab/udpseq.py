@@ -74,8 +74,19 @@ def main() -> None:
         runs += cur == 1
         longest = max(longest, cur)
         prev = m
-    print(json.dumps({"sent": sent, "received": len(got), "lost_runs": runs, "longest_run": longest,
-                      "first_lost": missing[0] if missing else None, "duplicates": dups}), flush=True)
+    print(
+        json.dumps(
+            {
+                "sent": sent,
+                "received": len(got),
+                "lost_runs": runs,
+                "longest_run": longest,
+                "first_lost": missing[0] if missing else None,
+                "duplicates": dups,
+            }
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

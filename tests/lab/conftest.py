@@ -42,10 +42,11 @@ def lab_env():
     # SIGTERM (CI timeout, kill PID) would skip atexit: turn it into KeyboardInterrupt so the
     # fixtures' finally blocks tear the namespaces down.
     old = None
-    if threading.current_thread() is threading.main_thread() and \
-            signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+
         def _term(signum, frame):
             raise KeyboardInterrupt("SIGTERM")
+
         old = signal.signal(signal.SIGTERM, _term)
     yield True
     if old is not None:
@@ -74,4 +75,5 @@ def lab_shared(lab_env):
 def probe(lab):
     def start(ns, *args, **popen_kw):
         return lab.run(ns, [sys.executable, PROBE, *map(str, args)], **popen_kw)
+
     return start

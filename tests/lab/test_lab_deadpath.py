@@ -14,7 +14,12 @@ from node.netwatch import SETTLE_S
 from ntm.tunnel import RELAY_FALLBACK_AFTER
 
 from labkit.lab.fed import Federation
-from labkit.lab.roam_deadpath import dc_link_loss_failover, direct_path_loss_outage, idle_move_tells_peer, nat_rebind_unreachable
+from labkit.lab.roam_deadpath import (
+    dc_link_loss_failover,
+    direct_path_loss_outage,
+    idle_move_tells_peer,
+    nat_rebind_unreachable,
+)
 
 pytestmark = pytest.mark.lab
 
@@ -38,8 +43,7 @@ MOVE_NOTICED_BOUND_S = SETTLE_S + 0.45
 
 @pytest.fixture(scope="module")
 def fed(lab_shared, tmp_path_factory):
-    with Federation(lab_shared, tmp_path_factory.mktemp("deadpath"), n_dcs=2,
-                    keepalive_s=KEEPALIVE_INTERVAL_S) as f:
+    with Federation(lab_shared, tmp_path_factory.mktemp("deadpath"), n_dcs=2, keepalive_s=KEEPALIVE_INTERVAL_S) as f:
         yield f
 
 
@@ -49,11 +53,14 @@ def test_home_dc_link_cut_without_rst_fails_over_within_the_bound(fed):
     WebSocket heartbeat, fails over to DC 2 within the bound, a third node Z opens a new tunnel
     to X, and the transfer (end to end, not through the DC) finishes intact."""
     lab = fed.lab
-    r = dc_link_loss_failover(fed, lab.add_site("dlx", "eim").host, lab.add_site("dly", "eim").host,
-                              lab.add_site("dlz", "eim").host)
-    print(f"\nhome DC link cut (no RST): failover {r['failover_s']:.2f} s (bound {FAILOVER_BOUND_S:.1f} s), "
-          f"new tunnel from a third node {r['new_tunnel_s']:.2f} s; transfer intact {r['intact']}, "
-          f"max stall {r['max_stall_s']:.2f} s; {r}")
+    r = dc_link_loss_failover(
+        fed, lab.add_site("dlx", "eim").host, lab.add_site("dly", "eim").host, lab.add_site("dlz", "eim").host
+    )
+    print(
+        f"\nhome DC link cut (no RST): failover {r['failover_s']:.2f} s (bound {FAILOVER_BOUND_S:.1f} s), "
+        f"new tunnel from a third node {r['new_tunnel_s']:.2f} s; transfer intact {r['intact']}, "
+        f"max stall {r['max_stall_s']:.2f} s; {r}"
+    )
     assert r["intact"]
     assert r["failovers"] == 1 and r["x_dc"] == fed.dc_url(1) and r["dc_silences"] >= 2
     assert r["failover_s"] <= FAILOVER_BOUND_S
@@ -68,8 +75,10 @@ def test_nat_rebinding_while_idle_is_repaired_within_a_second(fed):
     direction from its new mapping; both ends move onto it, directly."""
     lab = fed.lab
     r = nat_rebind_unreachable(fed, lab.add_site("rbn", "eim"), lab.add_site("rbp", "eim"))
-    print(f"\nNAT rebinding while idle: unreachable {r['unreachable_s']:.3f} s "
-          f"({r['lost']} pings lost, {r['replies']}/{r['sent']} answered); {r}")
+    print(
+        f"\nNAT rebinding while idle: unreachable {r['unreachable_s']:.3f} s "
+        f"({r['lost']} pings lost, {r['replies']}/{r['sent']} answered); {r}"
+    )
     assert r["unreachable_s"] <= REBIND_BOUND_S
     assert r["peer_endpoint_after"].startswith(r["new_public"] + ":")  # P now sends to N's new mapping
     assert r["route_after"] == "punched"  # directly, not moved to the relay
@@ -92,10 +101,11 @@ def test_a_move_while_idle_is_told_to_the_peer_at_once(fed):
     (rtnetlink, not the 1 s poll) and PINGs P from its new address; P follows M there before it
     sends anything, so P's very first ping afterwards is answered."""
     lab = fed.lab
-    r = idle_move_tells_peer(fed, lab.add_site("imm", "eim"), lab.add_site("imt", "eim"),
-                             lab.add_public_host("imp"))
-    print(f"\nidle move: noticed {r['noticed_s']:.3f} s after the move started (its commands took "
-          f"{r['move_cmds_s']:.3f} s); {r}")
+    r = idle_move_tells_peer(fed, lab.add_site("imm", "eim"), lab.add_site("imt", "eim"), lab.add_public_host("imp"))
+    print(
+        f"\nidle move: noticed {r['noticed_s']:.3f} s after the move started (its commands took "
+        f"{r['move_cmds_s']:.3f} s); {r}"
+    )
     assert r["noticed_s"] <= MOVE_NOTICED_BOUND_S
     assert r["peer_endpoint_after"].startswith(r["new_public"] + ":")
     assert r["first_reply_seq"] == 1

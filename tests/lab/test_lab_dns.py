@@ -48,8 +48,9 @@ def host(lab_env, lab):
 def resolv_conf(host, *nameservers: str) -> None:
     d = NETNS_ETC / host.ns
     d.mkdir(parents=True, exist_ok=True)
-    (d / "resolv.conf").write_text("".join(f"nameserver {n}\n" for n in nameservers)
-                                   + f"options timeout:{TIMEOUT_S} attempts:1\n")
+    (d / "resolv.conf").write_text(
+        "".join(f"nameserver {n}\n" for n in nameservers) + f"options timeout:{TIMEOUT_S} attempts:1\n"
+    )
 
 
 def test_other_names_resolve_while_the_daemon_runs_and_after_it_dies(lab, host):

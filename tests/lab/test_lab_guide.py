@@ -33,8 +33,11 @@ def guide() -> list[tuple[str, str]]:
 
 
 def test_the_several_machines_guide_runs_verbatim(lab_env, lab, tmp_path):
-    machines = {"server": lab.server, "alice": lab.add_site("gal", "eim").host,
-                "bob": lab.add_site("gbob", "ipv6only").host}
+    machines = {
+        "server": lab.server,
+        "alice": lab.add_site("gal", "eim").host,
+        "bob": lab.add_site("gbob", "ipv6only").host,
+    }
     assert lab.server.addr4 == "198.18.0.10" and lab.server.addr6 == "2001:db8:0:1::10"  # as the guide says
     dirs = {}
     for name, host in machines.items():

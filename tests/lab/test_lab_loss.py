@@ -59,8 +59,10 @@ def test_a_direct_path_that_works_later_wins_over_the_relay(fed, sites):
     la, _, pairs = sites
     a, b = pairs[4]
     res = late_direct(fed, a, b, la, 3.0)
-    print(f"\nrelay first (A via {res['via_at_setup']}, B via {res['b_via_at_setup']}, setup {res['setup_ms']:.0f} ms), "
-          f"direct {res['moved_s'] and round(res['moved_s'] * 1000)} ms after the path works (A via {res['via']})")
+    print(
+        f"\nrelay first (A via {res['via_at_setup']}, B via {res['b_via_at_setup']}, setup {res['setup_ms']:.0f} ms), "
+        f"direct {res['moved_s'] and round(res['moved_s'] * 1000)} ms after the path works (A via {res['via']})"
+    )
     assert res["via_at_setup"] == res["b_via_at_setup"] == "relay"
     assert res["moved_s"] is not None and res["moved_s"] < 1.5, res
     assert res["via"] != "relay" and res["b_via"] != "relay"

@@ -29,9 +29,11 @@ def test_make_before_break_two_uplinks_behind_eim_nats(fed):
     any address its host never sent to, so the peer can only hear M's second uplink if a standby
     path was punched before. Both directions must lose (almost) nothing."""
     r = make_before_break(fed)
-    print(f"\nmake-before-break at {r['rate_pps']:.0f} pkt/s: lost M→P {r['lost_m_to_p']}, "
-          f"P→M {r['lost_p_to_m']} (standby ready after {r['standby_ready_s']} s; "
-          f"P now sees M at {r['p_sees_m']}, {r['route_after']})")
+    print(
+        f"\nmake-before-break at {r['rate_pps']:.0f} pkt/s: lost M→P {r['lost_m_to_p']}, "
+        f"P→M {r['lost_p_to_m']} (standby ready after {r['standby_ready_s']} s; "
+        f"P now sees M at {r['p_sees_m']}, {r['route_after']})"
+    )
     assert r["m_stream"]["sent"] == r["p_stream"]["sent"] > 0
     assert r["standby_ready_s"] != float("inf"), "no standby path on the second uplink"
     assert r["p_sees_m"] == r["second_nat"], r  # the tunnel really moved to the second uplink

@@ -52,9 +52,11 @@ def test_tcp_download_over_a_small_uplink_arrives_intact(pairs, mtu, icmp):
     full-size tunnel packets towards A vanish silently. 20 MB of TCP, whose SYN opens the tunnel,
     must arrive intact, and the peer's tunnel must have found the path MTU by probing."""
     r = pairs[(mtu, icmp)].transfer(TRANSFER_BYTES)
-    print(f"\nuplink MTU {mtu}, ICMP {'allowed' if icmp else 'dropped'}: {r['mbps']} Mbit/s, "
-          f"longest stall {r['max_stall_s']} s, {r['retransmits']} TCP retransmissions, {r['b_too_big']} too big, "
-          f"path MTU B→A {r['b_to_a_path_mtu']}, A→B {r['a_to_b_path_mtu']}")
+    print(
+        f"\nuplink MTU {mtu}, ICMP {'allowed' if icmp else 'dropped'}: {r['mbps']} Mbit/s, "
+        f"longest stall {r['max_stall_s']} s, {r['retransmits']} TCP retransmissions, {r['b_too_big']} too big, "
+        f"path MTU B→A {r['b_to_a_path_mtu']}, A→B {r['a_to_b_path_mtu']}"
+    )
     assert r["intact"], r
     assert r["b_to_a_path_mtu"] == mtu and r["a_to_b_path_mtu"] == mtu, r
 
@@ -67,9 +69,11 @@ def test_tcp_survives_a_move_to_a_smaller_network_without_icmp(fed, inner):
     "too big" / "fragmentation needed" B's node answers with. It must survive, intact, with a
     bounded stall."""
     r = mtu_move(fed, f"mv{inner}", MOVE_BYTES, MOVE_RATE, inner=inner)
-    print(f"\nmove 1500 → 1400 (ICMP dropped) mid-transfer, IPv{inner} inside: stall {r['max_stall_s']} s, "
-          f"new MTU in use after {r['pmtu_discovery_s']} s (search {r['mtu_search_s']} s), "
-          f"path MTU B→A {r['b_to_a_path_mtu']}")
+    print(
+        f"\nmove 1500 → 1400 (ICMP dropped) mid-transfer, IPv{inner} inside: stall {r['max_stall_s']} s, "
+        f"new MTU in use after {r['pmtu_discovery_s']} s (search {r['mtu_search_s']} s), "
+        f"path MTU B→A {r['b_to_a_path_mtu']}"
+    )
     assert r["intact"], r
     assert r["b_to_a_path_mtu"] == 1400, r
     assert r["max_stall_s"] <= MAX_MOVE_STALL_S, r

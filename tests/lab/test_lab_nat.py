@@ -55,9 +55,9 @@ def test_public_to_public_both_ways(lab, probe):
         for fam in ("addr4", "addr6"):
             rc, lines = finish(probe(src, "query", "--to", ep(getattr(dst, fam), ECHO)))
             assert rc == 0, lines
-            (ip, port), = mapped(lines).values()
+            ((ip, port),) = mapped(lines).values()
             local = int(next(ln.split()[1] for ln in lines if ln.startswith("LOCAL")))
-            assert (ip, port) == (getattr(src, fam), local), lines   # no translation at all
+            assert (ip, port) == (getattr(src, fam), local), lines  # no translation at all
 
 
 def test_eim_nat_maps_endpoint_independently(lab, probe):
@@ -65,8 +65,9 @@ def test_eim_nat_maps_endpoint_independently(lab, probe):
     pub2 = lab.add_public_host("pub2")
     start_echo(probe, lab.server)
     start_echo(probe, pub2)
-    rc, lines = finish(probe(a.host, "query", "--port", 40001,
-                             "--to", ep(lab.server.addr4, ECHO), "--to", ep(pub2.addr4, ECHO)))
+    rc, lines = finish(
+        probe(a.host, "query", "--port", 40001, "--to", ep(lab.server.addr4, ECHO), "--to", ep(pub2.addr4, ECHO))
+    )
     assert rc == 0, lines
     m = list(mapped(lines).values())
     assert len(m) == 2
@@ -80,8 +81,9 @@ def test_symmetric_nat_maps_per_destination(lab, probe):
     pub2 = lab.add_public_host("pub2")
     start_echo(probe, lab.server)
     start_echo(probe, pub2)
-    rc, lines = finish(probe(b.host, "query", "--port", 40001,
-                             "--to", ep(lab.server.addr4, ECHO), "--to", ep(pub2.addr4, ECHO)))
+    rc, lines = finish(
+        probe(b.host, "query", "--port", 40001, "--to", ep(lab.server.addr4, ECHO), "--to", ep(pub2.addr4, ECHO))
+    )
     assert rc == 0, lines
     m = list(mapped(lines).values())
     assert {ip for ip, _ in m} == {b.public4}
@@ -96,8 +98,9 @@ def test_unsolicited_inbound_is_dropped(lab, probe):
     m = expect(q, r"^MAPPED \S+ (\S+) (\d+)", 5)
     pub_ip, pub_port = m.group(1), int(m.group(2))
     assert pub_ip == a.public4
-    rc = lab.exec(third, [sys.executable, PROBE, "send", "--to", ep(pub_ip, pub_port),
-                          "--count", "5", "--data", "INTRUDER"])
+    rc = lab.exec(
+        third, [sys.executable, PROBE, "send", "--to", ep(pub_ip, pub_port), "--count", "5", "--data", "INTRUDER"]
+    )
     assert rc.returncode == 0, rc.stderr
     rc, lines = finish(q)
     assert rc == 0, lines
@@ -111,10 +114,8 @@ def test_unsolicited_inbound_is_dropped(lab, probe):
 
 
 def punch_pair(lab, probe, a, b, wait):
-    pa = probe(a.host, "punch", "--name", "a", "--peer", "b", "--rdv", ep(lab.server.addr4, 3478),
-               "--wait", wait)
-    pb = probe(b.host, "punch", "--name", "b", "--peer", "a", "--rdv", ep(lab.server.addr4, 3478),
-               "--wait", wait)
+    pa = probe(a.host, "punch", "--name", "a", "--peer", "b", "--rdv", ep(lab.server.addr4, 3478), "--wait", wait)
+    pb = probe(b.host, "punch", "--name", "b", "--peer", "a", "--rdv", ep(lab.server.addr4, 3478), "--wait", wait)
     return finish(pa), finish(pb)
 
 
@@ -140,7 +141,7 @@ def test_hole_punch_eim_to_symmetric_fails(lab, probe):
     for _ in range(2):
         lab.flush_conntrack()
         (ra, la), (rb, lb) = punch_pair(lab, probe, a, b, wait=1.5)
-        assert any(ln.startswith("INTRO") for ln in la), la     # the rendezvous worked
+        assert any(ln.startswith("INTRO") for ln in la), la  # the rendezvous worked
         assert ra != 0 and rb != 0, (la, lb)
 
 
@@ -158,10 +159,8 @@ def test_ipv6only_host_and_dual_stack_relay(lab, probe):
     # dual-stack relay socket on [::] (IPV6_V6ONLY=0) bridges IPv6-only and NATed IPv4-only
     relay = probe(lab.server, "relay", "--port", 3479, "--secs", 60)
     expect(relay, r"^RELAY listening", 5)
-    c6 = probe(six, "relay-client", "--name", "six", "--session", "s1",
-               "--relay", ep(lab.server.addr6, 3479))
-    c4 = probe(a.host, "relay-client", "--name", "a", "--session", "s1",
-               "--relay", ep(lab.server.addr4, 3479))
+    c6 = probe(six, "relay-client", "--name", "six", "--session", "s1", "--relay", ep(lab.server.addr6, 3479))
+    c4 = probe(a.host, "relay-client", "--name", "a", "--session", "s1", "--relay", ep(lab.server.addr4, 3479))
     (r6, l6), (r4, l4) = finish(c6), finish(c4)
     assert r6 == 0 and r4 == 0, (l6, l4)
     members = {expect(relay, r"^MEMBER s1 (\S+)", 2).group(1) for _ in range(2)}
@@ -177,21 +176,23 @@ def test_move_keeps_socket_and_server_sees_new_address(lab, probe):
     lab.move(host, b)
     assert host.site is b and host.addr4.startswith("10.2.0.") and host.public4 == b.public4
     expect(s, rf"^SEEN \S+ {re.escape(b.public4)} ", 3)
-    lab.move(host, None)                                    # straight onto the internet
+    lab.move(host, None)  # straight onto the internet
     assert host.site is None and host.addr4.startswith("198.18.0.")
     m = expect(s, rf"^SEEN \S+ {re.escape(host.addr4)} (\d+)", 3)
     local = int(next(ln.split()[1] for ln in s._lab_reader.lines if ln.startswith("LOCAL")))
-    assert int(m.group(1)) == local                          # same socket, no NAT any more
-    assert s.poll() is None                                  # the process survived both moves
+    assert int(m.group(1)) == local  # same socket, no NAT any more
+    assert s.poll() is None  # the process survived both moves
     rc, lines = finish(s, 10)
     assert rc == 0 and lines[-1].startswith("END"), lines
 
 
 def test_shortened_udp_timeout_expires_mapping(lab, probe):
     a, b = lab.add_site("a", "eim"), lab.add_site("b", "eim")
-    lab.set_udp_timeout(a, 2)                               # b keeps the kernel default (30 s)
-    out = lab.exec(a.router, ["sysctl", "-n", "net.netfilter.nf_conntrack_udp_timeout",
-                              "net.netfilter.nf_conntrack_udp_timeout_stream"]).stdout.split()
+    lab.set_udp_timeout(a, 2)  # b keeps the kernel default (30 s)
+    out = lab.exec(
+        a.router,
+        ["sysctl", "-n", "net.netfilter.nf_conntrack_udp_timeout", "net.netfilter.nf_conntrack_udp_timeout_stream"],
+    ).stdout.split()
     assert out == ["2", "2"]
     start_echo(probe, lab.server)
     # server answers at once, again after 0.5 s (refreshes the entry) and after 3.5 s idle
@@ -203,8 +204,8 @@ def test_shortened_udp_timeout_expires_mapping(lab, probe):
         return sorted(int(ln.split()[5]) for ln in lines if ln.startswith("RECV") and " LATE " in ln)
 
     assert ra == 0 and rb == 0, (la, lb)
-    assert late(lb) == [0, 1], lb                          # default timeout: mapping still there
-    assert late(la) == [0], la                             # 2 s timeout: old mapping gone, dropped
+    assert late(lb) == [0, 1], lb  # default timeout: mapping still there
+    assert late(la) == [0], la  # 2 s timeout: old mapping gone, dropped
     assert f"dport={ECHO}" not in lab.conntrack(a, "-p", "udp")
 
 
@@ -229,7 +230,7 @@ def test_teardown_is_complete_and_idempotent(lab_env):
         lab2.teardown()
     assert proc.poll() is not None
     assert ours(lab2.prefix) == []
-    lab2.teardown()                                         # idempotent
+    lab2.teardown()  # idempotent
 
     # partial build: a failure half-way through add_site still tears down cleanly
     lab3 = Lab()

@@ -21,6 +21,8 @@ pytestmark = pytest.mark.lab
 
 KEEPALIVE_S = 2.0
 N_PER_PAIR = 5
+
+
 @pytest.fixture(scope="module")
 def fed(lab_shared, tmp_path_factory):
     with Federation(lab_shared, tmp_path_factory.mktemp("federation"), n_dcs=3, keepalive_s=KEEPALIVE_S) as f:
@@ -100,11 +102,18 @@ def test_mobility_roaming_nat_public_nat(fed, results):
     p = fed.node(lab.add_site("mpub", "public").host, dc=1)
     ta, tb = open_tunnel(m, p)
     assert ta["kind"] == "nat_initiates"
-    res, rx = run_transfer(m, p, ta["tunnel"], tb["tunnel"],
-                           [(0.8, lambda: lab.move("mob1", None)), (1.8, lambda: lab.move("mob1", "mnb"))])
+    res, rx = run_transfer(
+        m,
+        p,
+        ta["tunnel"],
+        tb["tunnel"],
+        [(0.8, lambda: lab.move("mob1", None)), (1.8, lambda: lab.move("mob1", "mnb"))],
+    )
     info_p = p.call("info", tunnel=tb["tunnel"])
-    line = (f"roaming handover (NAT A → public → NAT B, peer public): max gap {rx['max_gap'] * 1000:.0f} ms, "
-            f"{res['retransmits']} retransmits, redirects {info_p['redirects']}, peer now sees M at {info_p['peer_addr']}")
+    line = (
+        f"roaming handover (NAT A → public → NAT B, peer public): max gap {rx['max_gap'] * 1000:.0f} ms, "
+        f"{res['retransmits']} retransmits, redirects {info_p['redirects']}, peer now sees M at {info_p['peer_addr']}"
+    )
     print("\n" + line)
     (results / "mobility.txt").open("a").write(line + "\n")
     assert rx["done"] and rx["sha256"] == res["sha256"]
@@ -126,8 +135,10 @@ def test_mobility_peer_behind_firewall_needs_redirection(fed, results):
     assert ta["kind"] == "nat_initiates"
     res, rx = run_transfer(m, q, ta["tunnel"], tb["tunnel"], [(1.0, lambda: lab.move("mob2", "mnc"))])
     info_m = m.call("info", tunnel=ta["tunnel"])
-    line = (f"re-direction handover (public → NAT, peer behind NAT+firewall): max gap {rx['max_gap'] * 1000:.0f} ms, "
-            f"{res['retransmits']} retransmits, redirects {info_m['redirects']}, new route {info_m['kind']} via {info_m['via']}")
+    line = (
+        f"re-direction handover (public → NAT, peer behind NAT+firewall): max gap {rx['max_gap'] * 1000:.0f} ms, "
+        f"{res['retransmits']} retransmits, redirects {info_m['redirects']}, new route {info_m['kind']} via {info_m['via']}"
+    )
     print("\n" + line)
     (results / "mobility.txt").open("a").write(line + "\n")
     assert rx["done"] and rx["sha256"] == res["sha256"]
@@ -153,8 +164,10 @@ def test_mobility_both_ends_move(fed, results):
 
     res, rx = run_transfer(x, y, ta["tunnel"], tb["tunnel"], [(1.0, move_both)])
     info_x, info_y = x.call("info", tunnel=ta["tunnel"]), y.call("info", tunnel=tb["tunnel"])
-    line = (f"both ends move (NAT → NAT each): max gap {rx['max_gap'] * 1000:.0f} ms, {res['retransmits']} retransmits, "
-            f"redirects {info_x['redirects']}/{info_y['redirects']}, route {info_x['kind']} via {info_x['via']}")
+    line = (
+        f"both ends move (NAT → NAT each): max gap {rx['max_gap'] * 1000:.0f} ms, {res['retransmits']} retransmits, "
+        f"redirects {info_x['redirects']}/{info_y['redirects']}, route {info_x['kind']} via {info_x['via']}"
+    )
     print("\n" + line)
     (results / "mobility.txt").open("a").write(line + "\n")
     assert rx["done"] and rx["sha256"] == res["sha256"]
@@ -189,8 +202,10 @@ def test_keepalive_keeps_idle_tunnel_through_nat(fed, results):
     first packet only gets through after a new direction."""
     kept = idle_then_echo(fed, "kal", keepalive_s=1.0, nat_timeout=NAT_TIMEOUT_S, idle_s=IDLE_S)
     control = idle_then_echo(fed, "kac", keepalive_s=30.0, nat_timeout=NAT_TIMEOUT_S, idle_s=IDLE_S)
-    line = (f"keepalive 1 s, NAT timeout 3 s, idle {IDLE_S:.1f} s: echo {kept['ms']} ms, redirects {kept['redirects']}; "
-            f"control (keepalive 30 s): echo {control['ms']} ms, redirects {control['redirects']}")
+    line = (
+        f"keepalive 1 s, NAT timeout 3 s, idle {IDLE_S:.1f} s: echo {kept['ms']} ms, redirects {kept['redirects']}; "
+        f"control (keepalive 30 s): echo {control['ms']} ms, redirects {control['redirects']}"
+    )
     print("\n" + line)
     (results / "keepalive.txt").write_text(line + "\n")
     assert kept["echo"] and kept["redirects"] == 0 and kept["ms"] < 100
@@ -226,9 +241,11 @@ def test_dc_failover(fed, results):
     rx = p.call("received", tunnel=tb["tunnel"])
     st = f.call("status")
     info = f.call("info", tunnel=ta["tunnel"])
-    line = (f"DC failover: reachable again after {reached:.2f} s ({reached / KEEPALIVE_S:.2f} × keepalive "
-            f"{KEEPALIVE_S} s, {attempts} connect attempts); F now at {st['dc']} (failovers {st['failovers']}); "
-            f"running transfer: max gap {rx['max_gap'] * 1000:.0f} ms, {res['retransmits']} retransmits")
+    line = (
+        f"DC failover: reachable again after {reached:.2f} s ({reached / KEEPALIVE_S:.2f} × keepalive "
+        f"{KEEPALIVE_S} s, {attempts} connect attempts); F now at {st['dc']} (failovers {st['failovers']}); "
+        f"running transfer: max gap {rx['max_gap'] * 1000:.0f} ms, {res['retransmits']} retransmits"
+    )
     print("\n" + line)
     (results / "failover.txt").write_text(line + "\n")
     assert st["failovers"] == 1 and st["dc"] != fed.dc_url(2)

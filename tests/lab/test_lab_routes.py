@@ -16,8 +16,17 @@ import time
 import pytest
 
 from labkit.lab.fed import RS_HTTP_PORT, Federation
-from labkit.lab.subnet import (EXIT_ROUTES, H_ADDR, LAN, exit_pair, exit_user, relay_exit_args, relay_exit_user,
-                               subnet_router, wait_for_route)
+from labkit.lab.subnet import (
+    EXIT_ROUTES,
+    H_ADDR,
+    LAN,
+    exit_pair,
+    exit_user,
+    relay_exit_args,
+    relay_exit_user,
+    subnet_router,
+    wait_for_route,
+)
 from labkit.lab.upnode import UpNode, transfer
 
 pytestmark = pytest.mark.lab
@@ -40,8 +49,13 @@ for _ in range(5):
 
 @pytest.fixture(scope="module")
 def fed(lab_shared, tmp_path_factory):
-    with Federation(lab_shared, tmp_path_factory.mktemp("routefed"), n_dcs=2, keepalive_s=KEEPALIVE_S,
-                    rs_args=relay_exit_args(tmp_path_factory.mktemp("rsexit"))) as f:
+    with Federation(
+        lab_shared,
+        tmp_path_factory.mktemp("routefed"),
+        n_dcs=2,
+        keepalive_s=KEEPALIVE_S,
+        rs_args=relay_exit_args(tmp_path_factory.mktemp("rsexit")),
+    ) as f:
         yield f
 
 
@@ -74,8 +88,10 @@ def test_subnet_router_moves_and_only_accepted_routes_reach_its_lan(fed):
         sent, got = transfer(n, h, H_ADDR, "0.0.0.0", TRANSFER_BYTES, rate=4e6, during=move)
         assert got["bytes"] == sent["bytes"] == TRANSFER_BYTES and got["sha256"] == sent["sha256"]
         assert got["peer"] == "10.77.0.1"  # H saw R's LAN address only (masquerade): it needs no route back
-        print(f"\nsubnet route, router moves NAT → NAT mid-transfer: TCP 20 MB intact, stall {got['max_stall_s']:.2f} s, "
-              f"{got['elapsed_s']:.1f} s (paced at 4 MB/s)")
+        print(
+            f"\nsubnet route, router moves NAT → NAT mid-transfer: TCP 20 MB intact, stall {got['max_stall_s']:.2f} s, "
+            f"{got['elapsed_s']:.1f} s (paced at 4 MB/s)"
+        )
         fast, fgot = transfer(n, h, H_ADDR, "0.0.0.0", TRANSFER_BYTES)
         assert fgot["sha256"] == fast["sha256"]
         print(f"subnet route TCP 20 MB unpaced: {TRANSFER_BYTES * 8 / fgot['elapsed_s'] / 1e6:.0f} Mbit/s")
@@ -114,6 +130,7 @@ def test_subnet_router_moves_and_only_accepted_routes_reach_its_lan(fed):
 def transfer_while_moving(m: UpNode, s, nat2: str, v6only: str) -> dict:
     """20 MB over TCP from M to the plain server S, paced at 2 MB/s, while M moves to the NAT site
     `nat2` and then to the IPv6-only site `v6only`: S's result, once checked intact and M on IPv6 only."""
+
     def moves() -> None:
         time.sleep(2.0)
         m.lab.move(m.host, nat2)
@@ -140,8 +157,10 @@ def test_tcp_to_a_plain_server_through_an_exit_node_survives_moves(fed):
     try:
         got = transfer_while_moving(m, s, "exm2", "exv6")
         assert got["peer"] == e.host.public4  # the exit's NAT, not M's
-        print(f"\nexit node, M moves NAT → NAT → IPv6-only mid-transfer: TCP 20 MB intact, S saw {got['peer']} "
-              f"only, stall {got['max_stall_s']:.2f} s, {got['elapsed_s']:.1f} s (paced at 2 MB/s)")
+        print(
+            f"\nexit node, M moves NAT → NAT → IPv6-only mid-transfer: TCP 20 MB intact, S saw {got['peer']} "
+            f"only, stall {got['max_stall_s']:.2f} s, {got['elapsed_s']:.1f} s (paced at 2 MB/s)"
+        )
 
         y = exit_user(fed, e, lab.add_site("exy", "eim").host, s.addr4)
         try:
@@ -196,12 +215,16 @@ def test_tcp_to_a_plain_server_through_the_relays_exit_survives_moves(fed):
         got = transfer_while_moving(m, s, "rxm2", "rxv6")
         assert got["peer"] == fed.srv.addr4  # the relay's address, never M's NATs'
         st = relay_exit_status(fed)
-        print(f"\nrelay exit, M moves NAT → NAT → IPv6-only mid-transfer: TCP 20 MB intact, S saw {got['peer']} "
-              f"only, stall {got['max_stall_s']:.2f} s, {got['elapsed_s']:.1f} s (paced at 2 MB/s); "
-              f"relay exit dropped {st['dropped']}")
+        print(
+            f"\nrelay exit, M moves NAT → NAT → IPv6-only mid-transfer: TCP 20 MB intact, S saw {got['peer']} "
+            f"only, stall {got['max_stall_s']:.2f} s, {got['elapsed_s']:.1f} s (paced at 2 MB/s); "
+            f"relay exit dropped {st['dropped']}"
+        )
         fast, fgot = transfer(m, s, s.addr4, "0.0.0.0", TRANSFER_BYTES)
         assert fgot["sha256"] == fast["sha256"]
-        print(f"relay exit TCP 20 MB unpaced (M on IPv6 only): {TRANSFER_BYTES * 8 / fgot['elapsed_s'] / 1e6:.0f} Mbit/s")
+        print(
+            f"relay exit TCP 20 MB unpaced (M on IPv6 only): {TRANSFER_BYTES * 8 / fgot['elapsed_s'] / 1e6:.0f} Mbit/s"
+        )
 
         # Adversary: Y, registered, not on the relay's --exit-allow list.
         y = UpNode(fed, lab.add_site("rxy", "eim").host, 1)
@@ -219,8 +242,11 @@ def test_tcp_to_a_plain_server_through_the_relays_exit_survives_moves(fed):
         # (nothing ran to remove them); its next start removes them from its state file before
         # adding its own again (the module's last test: the federation stops it cleanly after).
         def exit_rules() -> list[str]:
-            out = "".join(lab.exec(fed.srv, [cmd, "-w", "-t", t, "-S"], timeout=20).stdout
-                          for cmd in ("iptables", "ip6tables") for t in ("filter", "nat"))
+            out = "".join(
+                lab.exec(fed.srv, [cmd, "-w", "-t", t, "-S"], timeout=20).stdout
+                for cmd in ("iptables", "ip6tables")
+                for t in ("filter", "nat")
+            )
             return [ln for ln in out.splitlines() if "ntm-relay-exit" in ln]
 
         ours = exit_rules()

@@ -37,8 +37,11 @@ def fed(lab_shared, tmp_path_factory):
 
 
 def ask(node_or_host, server: str, *names: str) -> list[str]:
-    r = node_or_host.run(sys.executable, "-c", ASK, server, *names) if isinstance(node_or_host, UpNode) else \
-        node_or_host.exec([sys.executable, "-c", ASK, server, *names], timeout=120)
+    r = (
+        node_or_host.run(sys.executable, "-c", ASK, server, *names)
+        if isinstance(node_or_host, UpNode)
+        else node_or_host.exec([sys.executable, "-c", ASK, server, *names], timeout=120)
+    )
     assert r.returncode == 0, r.stderr
     return r.stdout.split()
 
@@ -76,8 +79,10 @@ def test_dns_answers_only_this_nodes_applications_and_persists_nothing(fed):
         answers = ask(a, "100.64.0.1", *names)
         assert answers == ["NOERROR"] * LOOKUPS
         size_after = book.stat().st_size
-        print(f"\nDNS: LAN neighbour refused {from_lan}/2, peer through the tunnel refused {from_peer}/4; "
-              f"{LOOKUPS} random lookups from A answered, peers.json {size_before} B -> {size_after} B")
+        print(
+            f"\nDNS: LAN neighbour refused {from_lan}/2, peer through the tunnel refused {from_peer}/4; "
+            f"{LOOKUPS} random lookups from A answered, peers.json {size_before} B -> {size_after} B"
+        )
         assert size_after == size_before
     finally:
         for n in (a, b):

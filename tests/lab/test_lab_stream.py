@@ -26,7 +26,9 @@ def test_a_stream_survives_a_move_nat_to_nat(fed):
     lab = fed.lab
     lab.add_site("sm2", "eim")
     r = stream_move(fed, lab.add_site("sm1", "eim").host, lab.add_site("smp", "eim").host, "sm2", MOVE_BYTES)
-    print(f"\nstream across a move NAT → NAT: intact {r['intact']}, stall {r['max_stall_s']:.2f} s, "
-          f"{r['bytes']} bytes in {r['elapsed_s']:.1f} s")
+    print(
+        f"\nstream across a move NAT → NAT: intact {r['intact']}, stall {r['max_stall_s']:.2f} s, "
+        f"{r['bytes']} bytes in {r['elapsed_s']:.1f} s"
+    )
     assert r["intact"]
     assert r["max_stall_s"] < STALL_BOUND_S

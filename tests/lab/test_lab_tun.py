@@ -66,8 +66,10 @@ def test_ping_dns_tcp_direct_and_allow_list(fed):
         assert row["ipv4"] == "100.64.0.2" and row["sees_you_as"] == {"ipv6": a.v6, "ipv4": "100.64.0.3"}
         reads = a.status()["counters"]["tun_rx_packets"]
         assert reads < TRANSFER_BYTES / 1400 / 4, reads  # ~15,000 segments left in super-packets
-        print(f"TCP 20 MB direct (punched, IPv6 inner): {got['elapsed_s']:.2f} s, "
-              f"{TRANSFER_BYTES * 8 / got['elapsed_s'] / 1e6:.0f} Mbit/s")
+        print(
+            f"TCP 20 MB direct (punched, IPv6 inner): {got['elapsed_s']:.2f} s, "
+            f"{TRANSFER_BYTES * 8 / got['elapsed_s'] / 1e6:.0f} Mbit/s"
+        )
 
         # C is not on B's allow list: its packets never get a tunnel; B counts the refusal.
         refused = c.run("ping", "-6", "-c", "2", "-W", "2", f"{b.id}.ntm")
@@ -75,8 +77,10 @@ def test_ping_dns_tcp_direct_and_allow_list(fed):
         sb = b.status()
         assert sb["counters"]["refused_tunnels"] >= 1
         assert [r["peer"] for r in sb["peers"]] == [a.id]
-        assert sb["peers"][0]["ipv4"] == "100.64.0.3" and sb["peers"][0]["sees_you_as"] == {"ipv6": b.v6,
-                                                                                           "ipv4": "100.64.0.2"}
+        assert sb["peers"][0]["ipv4"] == "100.64.0.3" and sb["peers"][0]["sees_you_as"] == {
+            "ipv6": b.v6,
+            "ipv4": "100.64.0.2",
+        }
     finally:
         for n in (a, b, c):
             n.stop()
@@ -111,8 +115,10 @@ def test_inner_source_spoofing_is_dropped_and_relay_tcp(fed):
         assert got["bytes"] == sent["bytes"] == TRANSFER_BYTES and got["sha256"] == sent["sha256"]
         [row] = a.status()["peers"]
         assert row["route"] == "relay"
-        print(f"\nTCP 20 MB through the relay (IPv4 inner, translated): {got['elapsed_s']:.2f} s, "
-              f"{TRANSFER_BYTES * 8 / got['elapsed_s'] / 1e6:.0f} Mbit/s")
+        print(
+            f"\nTCP 20 MB through the relay (IPv4 inner, translated): {got['elapsed_s']:.2f} s, "
+            f"{TRANSFER_BYTES * 8 / got['elapsed_s'] / 1e6:.0f} Mbit/s"
+        )
 
         before = b.status()["counters"]
         r = a.run(sys.executable, "-c", SPOOF, c.v6, b.v6)
@@ -137,8 +143,10 @@ def moving_transfer(fed, mover: UpNode, peer: UpNode, to_site: str, label: str) 
         lab.move(mover.host, to_site)
 
     sent, got = transfer(mover, peer, peer.v6, peer.v6, TRANSFER_BYTES, rate=4e6, during=move)
-    line = (f"{label}: TCP stall {got['max_stall_s']:.2f} s, transfer {got['elapsed_s']:.1f} s, "
-            f"intact: {got['sha256'] == sent['sha256']}")
+    line = (
+        f"{label}: TCP stall {got['max_stall_s']:.2f} s, transfer {got['elapsed_s']:.1f} s, "
+        f"intact: {got['sha256'] == sent['sha256']}"
+    )
     print("\n" + line)
     (fed.workdir / "handover.txt").open("a").write(line + "\n")
     assert got["bytes"] == sent["bytes"] == TRANSFER_BYTES and got["sha256"] == sent["sha256"]
@@ -209,7 +217,8 @@ def test_names_through_the_resolv_conf_fallback_while_up_and_after_down(fed):
     upstream = lab.python(n.host, str(ROOT_LAB / "dnsfallback.py"), "upstream", "--listen", "127.0.0.54")
     expect(upstream, "READY")
     (NETNS_ETC / n.host.ns / "resolv.conf").write_text(
-        f"nameserver {LOOPBACK_DNS[0]}\nnameserver 127.0.0.54\noptions timeout:3 attempts:1\n")
+        f"nameserver {LOOPBACK_DNS[0]}\nnameserver 127.0.0.54\noptions timeout:3 attempts:1\n"
+    )
     peer = "0x1a642f0e3c3af545e7acbd38b07251b3990914f1"  # any node ID has a name: no tunnel needed
 
     def getent(name: str) -> tuple[int, str, float]:

@@ -28,9 +28,11 @@ def test_no_udp_network_relays_over_tcp_then_moves_to_udp(fed):
     r = udp_blocked(fed, TRANSFER_BYTES)
     check_netcheck(r, fed)
     row = r["blocked_row"]
-    print(f"\nUDP blocked: up in {r['ready_s']:.2f} s, first ping answered at {r['setup_s']:.2f} s; 20 MB over the relay's TCP stream "
-          f"in {r['tcp']['elapsed_s']:.2f} s ({r['tcp']['mbps']:.0f} Mbit/s); UDP back: tunnel on UDP "
-          f"{r['moved_after_s']} s later, TCP stall {r['move']['stall_s']:.2f} s")
+    print(
+        f"\nUDP blocked: up in {r['ready_s']:.2f} s, first ping answered at {r['setup_s']:.2f} s; 20 MB over the relay's TCP stream "
+        f"in {r['tcp']['elapsed_s']:.2f} s ({r['tcp']['mbps']:.0f} Mbit/s); UDP back: tunnel on UDP "
+        f"{r['moved_after_s']} s later, TCP stall {r['move']['stall_s']:.2f} s"
+    )
     assert r["pinged"] and r["udp"] is False
     assert row["route"] == "relay" and row["transport"] == "tcp" and "no UDP" in row["reason"], row
     assert r["tcp"]["intact"]
