@@ -52,9 +52,10 @@ test: setup
 	$(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadscope --durations=25; rc=$$?; \
 	if [ $$rc -eq 5 ]; then exit 0; fi; exit $$rc
 
-# The linter alone (make test runs it too, as tests/test_lint.py).
+# The linter and the formatter's check alone (make test runs them too, as tests/test_lint.py).
 lint: setup
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 bench: setup
 	@for f in bench/*.py; do echo "== $$f"; $(PY) $$f || exit $$?; done
