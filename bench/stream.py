@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,9 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.tunnel import bench_tunnel  # noqa: E402
 from node.api import AppNode  # noqa: E402
-from ntm import keys  # noqa: E402
-from scripts.anvil import Anvil  # noqa: E402
-from labkit.dcnet import DcNet, register  # noqa: E402
+from labkit.dcnet import node_federation  # noqa: E402
 
 #: The writer's chunk: large enough that Python's per-call cost does not dominate.
 CHUNK_BYTES = 1 << 16
@@ -107,40 +104,21 @@ async def measured(coro) -> tuple[float, float]:
 async def bench_streams(nbytes: int, rounds: int, tunnel_s: float) -> dict[str, float]:
     """Two pairs of embedded nodes (one direct, one pinned to the relay) on a loopback federation;
     each direct round is followed by a tunnel datagram round (bench/tunnel.py) for the ratio."""
-    with tempfile.TemporaryDirectory() as tmp, Anvil() as chain:
-        net = DcNet(Path(tmp), chain)
-        await net.deploy(2)
-        net.start_rs()
-        net.start_dc(0)
-        net.start_dc(1)
-        apps: list[AppNode] = []
-        try:
-
-            async def start(url: str) -> AppNode:
-                key = keys.generate()
-                await register(url, key)
-                app = await AppNode.start(key, url, host="127.0.0.1", port=0)
-                apps.append(app)
-                return app
-
-            a, b, c, d = [await start(net.urls[i % 2]) for i in range(4)]
-            sinks = [Sink(), Sink()]
-            await b.start_server(sinks[0], SINK_PORT)
-            await d.start_server(sinks[1], SINK_PORT)
-            await c.lookup(d.id, force_relay=True)
-            direct, tunnel = [], []
-            for _ in range(rounds):
-                direct.append(await measured(send_stream(a, b, sinks[0], nbytes)))
-                tunnel.append(await measured(tunnel_mbps(tunnel_s)))
-            relay = [await send_stream(c, d, sinks[1], nbytes) for _ in range(rounds)]
-            stalls = []
-            for _ in range(rounds):
-                await send_stream(a, b, sinks[0], nbytes, move_at=0.5)
-                stalls.append(sinks[0].max_gap)
-        finally:
-            for app in apps:
-                await app.close()
-            net.stop()
+    async with node_federation(AppNode) as (net, start):
+        a, b, c, d = [await start(net.urls[i % 2]) for i in range(4)]
+        sinks = [Sink(), Sink()]
+        await b.start_server(sinks[0], SINK_PORT)
+        await d.start_server(sinks[1], SINK_PORT)
+        await c.lookup(d.id, force_relay=True)
+        direct, tunnel = [], []
+        for _ in range(rounds):
+            direct.append(await measured(send_stream(a, b, sinks[0], nbytes)))
+            tunnel.append(await measured(tunnel_mbps(tunnel_s)))
+        relay = [await send_stream(c, d, sinks[1], nbytes) for _ in range(rounds)]
+        stalls = []
+        for _ in range(rounds):
+            await send_stream(a, b, sinks[0], nbytes, move_at=0.5)
+            stalls.append(sinks[0].max_gap)
     return {
         "stream_mbps": statistics.median(m for m, _ in direct),
         "stream_relay_mbps": statistics.median(relay),

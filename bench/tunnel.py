@@ -172,55 +172,34 @@ REQUESTERS, PEERS = 6, 5
 async def bench_signaling(n_requesters: int = REQUESTERS, n_peers: int = PEERS) -> dict[str, float]:
     """Direction Request → first decrypted byte, through real DCs; and the relay's RTT cost."""
     import itertools
-    import tempfile
 
     from node.agent import Node
-    from scripts.anvil import Anvil
-    from labkit.dcnet import DcNet, register
+    from labkit.dcnet import node_federation
 
-    with tempfile.TemporaryDirectory() as tmp, Anvil() as chain:
-        net = DcNet(Path(tmp), chain)
-        await net.deploy(2)
-        net.start_rs()
-        net.start_dc(0)
-        net.start_dc(1)
-        nodes: list[Node] = []
-        try:
+    async with node_federation(Node) as (net, start):
+        home = [net.urls[0]] * (n_requesters + n_peers) + [net.urls[1]] * n_peers
+        started = await asyncio.gather(*(start(url) for url in home))
+        requesters, same_dc, cross_dc = (
+            started[:n_requesters],
+            started[n_requesters : n_requesters + n_peers],
+            started[n_requesters + n_peers :],
+        )
 
-            async def start(url: str) -> Node:
-                key = keys.generate()
-                await register(url, key)
-                node = await Node.start(key, url, host="127.0.0.1", port=0)
-                nodes.append(node)
-                return node
+        async def first_byte(a: Node, peer: Node, force_relay: bool = False) -> float:
+            t0 = time.perf_counter()
+            tunnel = await a.connect(peer.id, force_relay=force_relay)
+            await tunnel.channel.send(b"x")
+            incoming = await peer.accept()
+            await incoming.channel.recv()
+            return (time.perf_counter() - t0) * 1000, tunnel
 
-            home = [net.urls[0]] * (n_requesters + n_peers) + [net.urls[1]] * n_peers
-            started = await asyncio.gather(*(start(url) for url in home))
-            requesters, same_dc, cross_dc = (
-                started[:n_requesters],
-                started[n_requesters : n_requesters + n_peers],
-                started[n_requesters + n_peers :],
-            )
-
-            async def first_byte(a: Node, peer: Node, force_relay: bool = False) -> float:
-                t0 = time.perf_counter()
-                tunnel = await a.connect(peer.id, force_relay=force_relay)
-                await tunnel.channel.send(b"x")
-                incoming = await peer.accept()
-                await incoming.channel.recv()
-                return (time.perf_counter() - t0) * 1000, tunnel
-
-            same = [(await first_byte(a, p))[0] for a, p in itertools.product(requesters, same_dc)]
-            cross = [(await first_byte(a, p))[0] for a, p in itertools.product(requesters, cross_dc)]
-            a, b = requesters[0], cross_dc[0]
-            direct = await a.connect(b.id)  # the working tunnel of the first cross-DC sample
-            _, relayed = await first_byte(a, b, force_relay=True)
-            rtt_direct = statistics.median([await direct.channel.ping() for _ in range(20)]) * 1000
-            rtt_relay = statistics.median([await relayed.channel.ping() for _ in range(20)]) * 1000
-        finally:
-            for n in nodes:
-                await n.close()
-            net.stop()
+        same = [(await first_byte(a, p))[0] for a, p in itertools.product(requesters, same_dc)]
+        cross = [(await first_byte(a, p))[0] for a, p in itertools.product(requesters, cross_dc)]
+        a, b = requesters[0], cross_dc[0]
+        direct = await a.connect(b.id)  # the working tunnel of the first cross-DC sample
+        _, relayed = await first_byte(a, b, force_relay=True)
+        rtt_direct = statistics.median([await direct.channel.ping() for _ in range(20)]) * 1000
+        rtt_relay = statistics.median([await relayed.channel.ping() for _ in range(20)]) * 1000
     return {
         "signal_same_dc_p50_ms": statistics.median(same),
         "signal_cross_dc_p50_ms": statistics.median(cross),

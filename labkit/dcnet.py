@@ -7,6 +7,7 @@ import collections
 import contextlib
 import json
 import socket
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -184,6 +185,44 @@ async def cs_federation(workdir: Path, cs_args: tuple[str, ...] = ()):
             yield net
         finally:
             net.stop()
+
+
+@contextlib.asynccontextmanager
+async def relay_federation(workdir: Path):
+    """anvil, the registry, one RS, DC1 and DC2 on loopback; all stopped on exit (a DC that fails
+    to start leaves nothing running)."""
+    with Anvil() as chain:
+        net = DcNet(workdir, chain)
+        await net.deploy(2)
+        try:
+            net.start_rs()
+            net.start_dc(0)
+            net.start_dc(1)
+            yield net
+        finally:
+            net.stop()
+
+
+@contextlib.asynccontextmanager
+async def node_federation(node_cls):
+    """A relay_federation in a scratch directory and `start(url)`: a freshly registered node of
+    `node_cls` (node.agent.Node or node.api.AppNode) homed at that DC; every node closed on exit."""
+    started: list = []
+
+    async def start(url: str):
+        key = keys.generate()
+        await register(url, key)
+        node = await node_cls.start(key, url, host="127.0.0.1", port=0)
+        started.append(node)
+        return node
+
+    with tempfile.TemporaryDirectory() as tmp:
+        async with relay_federation(Path(tmp)) as net:
+            try:
+                yield net, start
+            finally:
+                for node in started:
+                    await node.close()
 
 
 def raw_http() -> aiohttp.ClientSession:

@@ -92,7 +92,7 @@ class ExitRelay:
         clock = self.node.session.clock
         t = Tunnel(
             ch.peer_id,
-            Link(ch, clock.now),
+            Link(ch, clock),
             "exit",
             "initiate",
             clock.wall(),

@@ -45,18 +45,10 @@ async def registry_net(anvil):
 @pytest.fixture
 async def net(tmp_path):
     """Real processes on loopback: a fresh anvil, the registry, one RS, DC1 and DC2 (labkit/dcnet.py)."""
-    from labkit.dcnet import DcNet
+    from labkit.dcnet import relay_federation
 
-    with Anvil() as chain:
-        net = DcNet(tmp_path, chain)
-        await net.deploy(2)
-        try:  # a DC that fails to start must not leave the relay (or the other DC) running
-            net.start_rs()
-            net.start_dc(0)
-            net.start_dc(1)
-            yield net
-        finally:
-            net.stop()
+    async with relay_federation(tmp_path) as net:
+        yield net
 
 
 @pytest.fixture

@@ -102,7 +102,7 @@ async def test_an_impostor_relay_gets_no_direction_and_bookings_fall_back(relay,
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", anything)
     ctx, _ = tlspin.server_context(
-        *tlspin.ensure_certificate(relay.tmp / "imp-cert.pem", relay.tmp / "imp-key.pem", "x")
+        *tlspin.ensure_certificate(relay.tmp / "imp-cert.pem", relay.tmp / "imp-key.pem", "x", SYSTEM)
     )
     runner = web.AppRunner(app)
     await runner.setup()
