@@ -13,13 +13,14 @@ from pathlib import Path
 
 import pytest
 
+import labkit.lab
 from labkit.lab.fed import Federation
 from labkit.lab.upnode import UpNode, transfer
 
 pytestmark = pytest.mark.lab
 
 KEEPALIVE_S = 2.0
-ROOT_LAB = Path(__file__).resolve().parent
+ROOT_LAB = Path(labkit.lab.__file__).resolve().parent  # the lab helpers run inside namespaces
 TRANSFER_BYTES = 20 * 1024 * 1024
 
 
