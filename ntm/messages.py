@@ -21,6 +21,7 @@ import msgspec
 from msgspec import Meta, Struct
 
 from ntm import addr, keys
+from ntm.route import RouteKind
 from ntm.errors import ParseError
 
 # Limits that keep one message small: at most this many endpoints in any list.
@@ -126,13 +127,17 @@ class DirectionRequest(Message, tag="direction-request", tag_field="type"):
     resume: Hex8 | None = None  # the tunnel (first path ID) a re-direction repairs
 
 
+# A node's part in building a path (§8.1): it sends first, listens first, or both at once.
+Role = Literal["initiate", "wait", "punch"]
+
+
 class RouteChoice(Message):
     """What the DC decided for a Direction Request: the new path, its kind, the requester's role."""
 
     path: Hex8
-    kind: str
+    kind: RouteKind
     reason: str
-    role: str
+    role: Role
 
 
 class DirectionResult(Message, tag="direction-result", tag_field="type"):
@@ -214,9 +219,6 @@ class CsItemRef(Message):
     item: Hex16
 
 
-Role = Literal["initiate", "wait", "punch"]
-
-
 class RelayGrant(Message):
     """Where and how a node binds at the relay: its side (0/1) and the path token."""
 
@@ -233,7 +235,7 @@ class RouteDirection(Message):
     """A DC tells `node` how to build path `path` to `peer` (§8.1)."""
 
     path: Hex8
-    kind: Literal["direct", "nat_initiates", "punch", "relay"]
+    kind: RouteKind
     reason: str
     role: Role
     node: NodeId
@@ -352,7 +354,7 @@ class DirectionAnswer(Message):
 
     path: Hex8
     peer: NodeInfo
-    kind: Literal["direct", "nat_initiates", "punch", "relay"]
+    kind: RouteKind
     reason: str
     role: Role
     relay: RelayGrant | None = None
