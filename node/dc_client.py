@@ -105,14 +105,11 @@ class DcClient:
         return await self._call("GET", "/v1/info", messages.DcInfoReply)
 
     async def register(self, req: RegistrationRequest, wait_confirmed: bool = True) -> messages.RegisterResult:
-        body = req.to_json()
-        if wait_confirmed:
-            body["wait"] = "confirmed"
         return await self._call(
             "POST",
             "/v1/register",
             messages.RegisterResult,
-            body,
+            messages.encode(req.body(wait_confirmed)),
             max(self.timeout, REGISTER_WAIT_S) if wait_confirmed else None,
         )
 
