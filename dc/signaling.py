@@ -329,8 +329,9 @@ class Signaling:
         """A peer DC's Direction Offer for one of our nodes (§8.5): verify it, direct our node,
         and answer (signed) with what the requester's DC needs to direct its own node."""
         c = self.c
-        env = envelope.open_envelope(obj, messages.DIRECTION_OFFER, c.clock.wall_ms(), c.cache.is_active_dc, c.guard)
-        offer = messages.decode(messages.DirectionOffer, env.body)
+        env, offer = envelope.open_body(
+            obj, messages.DIRECTION_OFFER, messages.DirectionOffer, c.clock.wall_ms(), c.cache.is_active_dc, c.guard
+        )
         if keys.parse_node_id(offer.to) != c.address:
             raise NodeLookupError("wrong_dc", f"direction offer is for DC {offer.to}, not this one")
         me = offer.requester
@@ -407,10 +408,14 @@ class Signaling:
     async def accept_delivery(self, obj: dict) -> dict:
         """A peer DC hands us a Route Direction for one of our nodes: verify, push it, and answer
         once the node acknowledged it (its refusal as the error)."""
-        env = envelope.open_envelope(
-            obj, messages.ROUTE_DIRECTION, self.c.clock.wall_ms(), self.c.cache.is_active_dc, self.c.guard
+        env, body = envelope.open_body(
+            obj,
+            messages.ROUTE_DIRECTION,
+            messages.RouteDirection,
+            self.c.clock.wall_ms(),
+            self.c.cache.is_active_dc,
+            self.c.guard,
         )
-        body = messages.decode(messages.RouteDirection, env.body)
         if keys.parse_node_id(body.home_dc) != self.c.address:
             raise NodeLookupError("wrong_dc", f"route direction is for DC {body.home_dc}, not this one")
         await self.push(keys.parse_node_id(body.node), obj, bytes.fromhex(body.path))

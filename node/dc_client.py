@@ -123,7 +123,7 @@ class DcClient:
     async def book_exit(self, key: coincurve.PrivateKey, now_ms: int) -> messages.ExitGrant:
         """Ask the DC for an exit at a relay (§10.13), signed with the node's key at `now_ms`: the
         relay's grant."""
-        body = envelope.seal(key, messages.EXIT_REQUEST, {}, now_ms)
+        body = envelope.seal_body(key, messages.EXIT_REQUEST, messages.ExitRequest(), now_ms)
         return await self._call("POST", "/v1/exit-bookings", messages.ExitGrant, body)
 
     async def open_session(

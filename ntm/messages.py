@@ -535,6 +535,34 @@ class LeftNote(Message, tag="left", tag_field="t"):
 ControlNote = Union[InviteNote, Rn1Note, JoinedNote, LeftNote]
 
 
+class CsListRequest(Message):
+    """The body of a CS_LIST envelope: empty (the envelope's signer is the recipient asking)."""
+
+
+# --- every envelope's body, by kind (ntm/envelope.py seal_body / open_body) ----------------------
+BODY_OF: dict[str, type[Message]] = {
+    ROUTE_DIRECTION: RouteDirection,
+    RELAY_DIRECTION: RelayDirection,
+    INFO_REQUEST: InfoRequest,
+    INFO_RESPONSE: NodeInfo,
+    DIRECTION_OFFER: DirectionOffer,
+    DIRECTION_ANSWER: DirectionAnswer,
+    CS_NOTICE: CsNotice,
+    CS_PUT: CsPut,
+    CS_LIST: CsListRequest,
+    CS_GET: CsItemRef,
+    CS_ACK: CsItemRef,
+    EXIT_REQUEST: ExitRequest,
+    EXIT_BOOKING: ExitBooking,
+    "group.create": GroupCreate,  # node → GMS requests (§13.3)
+    "group.invite": GroupInvite,
+    "group.accept": GroupRef,
+    "group.leave": GroupRef,
+    "group.remove": GroupRemove,
+    "group.state": GroupStateQuery,
+}
+
+
 # --- one parser, one encoder ------------------------------------------------------------------
 T = TypeVar("T")
 
