@@ -174,11 +174,11 @@ class FederationClient:
             raise FederationError("the home DC returned a public key that is not the node's", "bad_pubkey")
         return answer
 
-    async def deliver_direction(self, endpoint: str, home_dc: bytes, direction: dict) -> None:
+    async def deliver_direction(self, endpoint: str, home_dc: bytes, direction: messages.SignedEnvelope) -> None:
         """Hand a signed Route Direction to the node's home DC, which pushes it on its session."""
         await self.post(
             f"{endpoint.rstrip('/')}/v1/federation/route-direction",
-            direction,
+            messages.encode(direction),
             f"home DC {keys.checksum(home_dc)}",
             peer=home_dc,
         )

@@ -167,7 +167,7 @@ class Signaling:
         grant: messages.RelayGrant | None,
         requester: bytes,
         resume: bytes | None = None,
-    ) -> dict:
+    ) -> messages.SignedEnvelope:
         """The signed Route Direction for `me` (one end of the path), to be pushed by DC `home`."""
         body = messages.RouteDirection(
             path=path.hex(),
@@ -184,7 +184,7 @@ class Signaling:
             relay=grant,
             resume=resume.hex() if resume is not None else None,
         )
-        return self.c.federation.seal(messages.ROUTE_DIRECTION, body)
+        return envelope.signed(self.c.federation.seal(messages.ROUTE_DIRECTION, body))
 
     async def request(
         self,
@@ -355,7 +355,7 @@ class Signaling:
             messages.DirectionAnswer(offer.path, info, route.kind, route.reason, role_a, grant_a, later),
         )  # type: ignore[arg-type]
 
-    async def push(self, node: bytes, direction: dict, path: bytes | None = None) -> None:
+    async def push(self, node: bytes, direction: messages.SignedEnvelope, path: bytes | None = None) -> None:
         """Push a Route Direction on `node`'s session. With `path` (the direction's), wait for the
         node's ack: DirectionError with its refusal, or peer_unresponsive without an answer."""
         session = self.c.presence.sessions.get(node)
@@ -393,7 +393,7 @@ class Signaling:
         if waiting is not None and not waiting.done():
             waiting.set_result(ack.refused)
 
-    async def deliver_to(self, home: bytes, node: bytes, direction: dict, path: bytes) -> None:
+    async def deliver_to(self, home: bytes, node: bytes, direction: messages.SignedEnvelope, path: bytes) -> None:
         """Hand Route Direction `path` to `node`: directly if its home is here, else via its home DC;
         either way once the node acknowledged it (its refusal comes back as a DirectionError)."""
         if home == self.c.address:
@@ -418,5 +418,5 @@ class Signaling:
         )
         if keys.parse_node_id(body.home_dc) != self.c.address:
             raise NodeLookupError("wrong_dc", f"route direction is for DC {body.home_dc}, not this one")
-        await self.push(keys.parse_node_id(body.node), obj, bytes.fromhex(body.path))
+        await self.push(keys.parse_node_id(body.node), envelope.signed(obj), bytes.fromhex(body.path))
         return {"delivered": True}

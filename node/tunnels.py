@@ -165,7 +165,7 @@ class Tunnels:
             self._opening[path] = asyncio.get_running_loop().create_future()
         return self._opening[path]
 
-    async def on_direction(self, obj: dict[str, Any]) -> messages.DirectionAck | None:
+    async def on_direction(self, obj: messages.SignedEnvelope) -> messages.DirectionAck | None:
         """A Route Direction pushed by the DC: check at once who directs us (§8.1) and whether we
         serve it (the DC waits for this answer to tell the requester), and open its path in the
         background. None (no answer) for a direction that is malformed, forged or replayed."""

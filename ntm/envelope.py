@@ -81,8 +81,15 @@ def body_of(env: Envelope, body: type[T]) -> T:
     return messages.decode(body, env.body)
 
 
+def signed(obj: dict) -> messages.SignedEnvelope:
+    """A sealed envelope (seal's dict) as the struct that carries it inside other messages."""
+    return messages.decode(messages.SignedEnvelope, obj)
+
+
 def parse(obj: Any) -> tuple[Envelope, bytes]:
-    """Envelope and signature from JSON; ParseError for anything malformed."""
+    """Envelope and signature from JSON (or a SignedEnvelope); ParseError for anything malformed."""
+    if isinstance(obj, messages.SignedEnvelope):
+        obj = messages.encode(obj)
     try:
         if not isinstance(obj, dict) or set(obj) != {"kind", "from", "ts", "nonce", "body", "sig"}:
             raise ValueError("envelope must have exactly kind, from, ts, nonce, body, sig")

@@ -151,8 +151,21 @@ class DirectionResult(Message, tag="direction-result", tag_field="type"):
     abandoned: Hex8 | None = None
 
 
+class SignedEnvelope(Message):
+    """A signed envelope (ntm/envelope.py) carried inside another message: its shape is checked
+    here, its signature, kind, freshness and body by envelope.open_body; `body` stays the signed
+    JSON object, so the signature still verifies over exactly what was signed."""
+
+    kind: str
+    from_: str = msgspec.field(name="from")
+    ts: int
+    nonce: str
+    body: dict[str, Any]
+    sig: str
+
+
 class DirectionPush(Message, tag="direction", tag_field="type"):
-    direction: dict[str, Any]  # a DC-signed envelope of kind ROUTE_DIRECTION
+    direction: SignedEnvelope  # of kind ROUTE_DIRECTION
 
 
 # Why a node does not serve a direction a peer asked for (§8.1): its allow list, or its rates.
@@ -358,7 +371,7 @@ class DirectionAnswer(Message):
     reason: str
     role: Role
     relay: RelayGrant | None = None
-    deliver: dict[str, Any] | None = None  # a ROUTE_DIRECTION envelope signed by the peer's home DC
+    deliver: SignedEnvelope | None = None  # a ROUTE_DIRECTION envelope signed by the peer's home DC
 
 
 # --- HTTP -------------------------------------------------------------------------------------

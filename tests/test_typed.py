@@ -98,3 +98,17 @@ def test_a_signed_envelope_with_a_malformed_body_is_refused_naming_the_field():
     sealed = envelope.seal(keys.generate(), messages.CS_GET, {"item": "not hex"}, NOW_MS)
     with pytest.raises(ParseError, match="item"):
         envelope.open_body(sealed, messages.CS_GET, messages.CsItemRef, NOW_MS, lambda _: True)
+
+
+def test_a_signed_direction_travels_as_a_struct_and_still_verifies():
+    """The direction a DC pushes is a SignedEnvelope inside DirectionPush: re-encoded it is the
+    very object that was signed (so the node verifies the signature), and a push whose envelope
+    lacks its signature is refused when the session message is decoded."""
+    body = messages.CsItemRef("cd" * 16)
+    sealed = envelope.seal_body(keys.generate(), messages.CS_GET, body, NOW_MS)
+    push = messages.decode(messages.DcToNode, messages.encode(messages.DirectionPush(envelope.signed(sealed))))
+    assert isinstance(push.direction, messages.SignedEnvelope) and messages.encode(push.direction) == sealed
+    assert envelope.open_body(push.direction, messages.CS_GET, messages.CsItemRef, NOW_MS, lambda _: True)[1] == body
+    unsigned = {k: v for k, v in sealed.items() if k != "sig"}
+    with pytest.raises(ParseError, match="sig"):
+        messages.decode(messages.DcToNode, {"type": "direction", "direction": unsigned})
