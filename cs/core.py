@@ -110,7 +110,7 @@ class CacheCore:
 
     def offer(self, env: envelope.Envelope) -> Offer:
         """A CS_PUT request: a sealed item's header, sealed by the uploader, within the item limit."""
-        put = messages.decode(messages.CsPut, env.body)
+        put = envelope.body_of(env, messages.CsPut)
         header = seal.Header.from_json(put.header)
         if header.sender != env.sender:
             raise CsError("not_sender", "an item is uploaded by the node that sealed it")

@@ -99,7 +99,7 @@ class DcLink:
         node = keys.parse_node_id(notice.node)
         try:
             home, endpoint = notice_target(await self.check(node), await self._active_dcs())
-            body = envelope.seal(self.key, messages.CS_NOTICE, messages.encode(notice), self.clock.wall_ms())
+            body = envelope.seal_body(self.key, messages.CS_NOTICE, notice, self.clock.wall_ms())
             tls = await tlspin.ssl_for(self.http, endpoint, home, HTTP_TIMEOUT_S)
             async with self.http.post(endpoint + "/v1/federation/cs-notice", json=body, ssl=tls) as r:
                 if r.status != 200:

@@ -215,7 +215,7 @@ def _addressed(cs: CacheServer, env: envelope.Envelope, item: bytes) -> StoredIt
     cs.core.may_fetch(
         env.sender,
         item,
-        messages.decode(messages.CsItemRef, env.body),
+        envelope.body_of(env, messages.CsItemRef),
         None if stored is None else stored.expires_ms,
         cs.store.waiting_for(env.sender, item),
     )

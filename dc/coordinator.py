@@ -257,10 +257,14 @@ class Coordinator:
     def answer_ntm_info(self, request: dict) -> dict:
         """Serve a signed NTM Information Request from a peer DC; returns the signed response."""
         try:
-            env = envelope.open_envelope(
-                request, messages.INFO_REQUEST, self.clock.wall_ms(), self.cache.is_active_dc, self.guard
+            _, req = envelope.open_body(
+                request,
+                messages.INFO_REQUEST,
+                messages.InfoRequest,
+                self.clock.wall_ms(),
+                self.cache.is_active_dc,
+                self.guard,
             )
-            req = messages.decode(messages.InfoRequest, env.body)
             if keys.parse_node_id(req.to) != self.address:
                 raise NodeLookupError("wrong_dc", "request is addressed to another DC")
         except NtmError:

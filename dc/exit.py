@@ -56,8 +56,9 @@ class ExitBooker:
         """The grant of the first relay that books an exit for the (signed, live) requesting node.
         ParseError / SignatureError for a bad envelope; ExitError when no relay grants one."""
         c = self.c
-        env = envelope.open_envelope(obj, messages.EXIT_REQUEST, c.clock.wall_ms(), lambda _n: True, c.guard)
-        messages.decode(messages.ExitRequest, env.body)
+        env, _ = envelope.open_body(
+            obj, messages.EXIT_REQUEST, messages.ExitRequest, c.clock.wall_ms(), lambda _n: True, c.guard
+        )
         node = env.sender
         if not c.presence.online(node):
             raise ExitError("no_session", f"{keys.checksum(node)} has no session with this DC: open one first")

@@ -79,7 +79,7 @@ class FederationClient:
 
     def seal(self, kind: str, body: messages.Message) -> dict:
         """`body` signed by this DC as an envelope of `kind`."""
-        return envelope.seal(self.key, kind, messages.encode(body), self.clock.wall_ms())
+        return envelope.seal_body(self.key, kind, body, self.clock.wall_ms())
 
     async def _http_post(
         self,
@@ -147,8 +147,9 @@ class FederationClient:
             f"home DC {keys.checksum(home_dc)} at {endpoint}",
             peer=home_dc,
         )
-        env = envelope.open_envelope(data, messages.INFO_RESPONSE, self.clock.wall_ms(), self.is_trusted, self.guard)
-        info = messages.decode(messages.NodeInfo, env.body)
+        env, info = envelope.open_body(
+            data, messages.INFO_RESPONSE, messages.NodeInfo, self.clock.wall_ms(), self.is_trusted, self.guard
+        )
         if env.sender != home_dc or keys.parse_node_id(info.node) != node:
             raise FederationError("NTM information response is from the wrong DC or about another node")
         return info
@@ -164,19 +165,20 @@ class FederationClient:
             peer=home_dc,
             timeout=OFFER_TIMEOUT_S,
         )
-        env = envelope.open_envelope(data, messages.DIRECTION_ANSWER, self.clock.wall_ms(), self.is_trusted, self.guard)
-        answer = messages.decode(messages.DirectionAnswer, env.body)
+        env, answer = envelope.open_body(
+            data, messages.DIRECTION_ANSWER, messages.DirectionAnswer, self.clock.wall_ms(), self.is_trusted, self.guard
+        )
         if env.sender != home_dc or keys.parse_node_id(answer.peer.node) != peer or answer.path != offer.path:
             raise FederationError("direction answer is from the wrong DC or about another node or path")
         if answer.peer.pubkey is None or keys.node_id(bytes.fromhex(answer.peer.pubkey)) != peer:
             raise FederationError("the home DC returned a public key that is not the node's", "bad_pubkey")
         return answer
 
-    async def deliver_direction(self, endpoint: str, home_dc: bytes, direction: dict) -> None:
+    async def deliver_direction(self, endpoint: str, home_dc: bytes, direction: messages.SignedEnvelope) -> None:
         """Hand a signed Route Direction to the node's home DC, which pushes it on its session."""
         await self.post(
             f"{endpoint.rstrip('/')}/v1/federation/route-direction",
-            direction,
+            messages.encode(direction),
             f"home DC {keys.checksum(home_dc)}",
             peer=home_dc,
         )

@@ -69,14 +69,7 @@ CREATE TABLE IF NOT EXISTS group_epochs (
 """
 
 # Each request's body (§13.3), by envelope kind.
-KINDS: dict[str, type[messages.Message]] = {
-    "group.create": messages.GroupCreate,
-    "group.invite": messages.GroupInvite,
-    "group.accept": messages.GroupRef,
-    "group.leave": messages.GroupRef,
-    "group.remove": messages.GroupRemove,
-    "group.state": messages.GroupStateQuery,
-}
+KINDS = {kind: body for kind, body in messages.BODY_OF.items() if kind.startswith("group.")}
 
 
 class GroupService:
@@ -104,7 +97,7 @@ class GroupService:
         env = envelope.open_envelope(obj, kind, self.clock.wall_ms(), lambda _: True, self.guard)
         node = env.sender
         self._registered(node)
-        body = messages.decode(KINDS[kind], env.body)
+        body = envelope.body_of(env, KINDS[kind])
         gid = bytes.fromhex(body.gid)
         if isinstance(body, messages.GroupCreate):
             return self.create(node, _signer_key(env, obj), gid, _name(body.name))

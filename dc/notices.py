@@ -50,10 +50,9 @@ class Notices:
     async def accept(self, request: dict) -> dict:
         """A CS_NOTICE envelope from a Cache Server (signed with an active DC's key)."""
         try:
-            env = envelope.open_envelope(
-                request, messages.CS_NOTICE, self.clock.wall_ms(), self.is_active_dc, self.guard
+            env, notice = envelope.open_body(
+                request, messages.CS_NOTICE, messages.CsNotice, self.clock.wall_ms(), self.is_active_dc, self.guard
             )
-            notice = messages.decode(messages.CsNotice, env.body)
             node = keys.parse_node_id(notice.node)
             if self.store.node(node) is None:
                 raise NodeLookupError("wrong_dc", f"{notice.node} is not registered at this DC")

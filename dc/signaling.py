@@ -167,7 +167,7 @@ class Signaling:
         grant: messages.RelayGrant | None,
         requester: bytes,
         resume: bytes | None = None,
-    ) -> dict:
+    ) -> messages.SignedEnvelope:
         """The signed Route Direction for `me` (one end of the path), to be pushed by DC `home`."""
         body = messages.RouteDirection(
             path=path.hex(),
@@ -184,7 +184,7 @@ class Signaling:
             relay=grant,
             resume=resume.hex() if resume is not None else None,
         )
-        return self.c.federation.seal(messages.ROUTE_DIRECTION, body)
+        return envelope.signed(self.c.federation.seal(messages.ROUTE_DIRECTION, body))
 
     async def request(
         self,
@@ -329,8 +329,9 @@ class Signaling:
         """A peer DC's Direction Offer for one of our nodes (§8.5): verify it, direct our node,
         and answer (signed) with what the requester's DC needs to direct its own node."""
         c = self.c
-        env = envelope.open_envelope(obj, messages.DIRECTION_OFFER, c.clock.wall_ms(), c.cache.is_active_dc, c.guard)
-        offer = messages.decode(messages.DirectionOffer, env.body)
+        env, offer = envelope.open_body(
+            obj, messages.DIRECTION_OFFER, messages.DirectionOffer, c.clock.wall_ms(), c.cache.is_active_dc, c.guard
+        )
         if keys.parse_node_id(offer.to) != c.address:
             raise NodeLookupError("wrong_dc", f"direction offer is for DC {offer.to}, not this one")
         me = offer.requester
@@ -354,7 +355,7 @@ class Signaling:
             messages.DirectionAnswer(offer.path, info, route.kind, route.reason, role_a, grant_a, later),
         )  # type: ignore[arg-type]
 
-    async def push(self, node: bytes, direction: dict, path: bytes | None = None) -> None:
+    async def push(self, node: bytes, direction: messages.SignedEnvelope, path: bytes | None = None) -> None:
         """Push a Route Direction on `node`'s session. With `path` (the direction's), wait for the
         node's ack: DirectionError with its refusal, or peer_unresponsive without an answer."""
         session = self.c.presence.sessions.get(node)
@@ -392,7 +393,7 @@ class Signaling:
         if waiting is not None and not waiting.done():
             waiting.set_result(ack.refused)
 
-    async def deliver_to(self, home: bytes, node: bytes, direction: dict, path: bytes) -> None:
+    async def deliver_to(self, home: bytes, node: bytes, direction: messages.SignedEnvelope, path: bytes) -> None:
         """Hand Route Direction `path` to `node`: directly if its home is here, else via its home DC;
         either way once the node acknowledged it (its refusal comes back as a DirectionError)."""
         if home == self.c.address:
@@ -407,11 +408,15 @@ class Signaling:
     async def accept_delivery(self, obj: dict) -> dict:
         """A peer DC hands us a Route Direction for one of our nodes: verify, push it, and answer
         once the node acknowledged it (its refusal as the error)."""
-        env = envelope.open_envelope(
-            obj, messages.ROUTE_DIRECTION, self.c.clock.wall_ms(), self.c.cache.is_active_dc, self.c.guard
+        env, body = envelope.open_body(
+            obj,
+            messages.ROUTE_DIRECTION,
+            messages.RouteDirection,
+            self.c.clock.wall_ms(),
+            self.c.cache.is_active_dc,
+            self.c.guard,
         )
-        body = messages.decode(messages.RouteDirection, env.body)
         if keys.parse_node_id(body.home_dc) != self.c.address:
             raise NodeLookupError("wrong_dc", f"route direction is for DC {body.home_dc}, not this one")
-        await self.push(keys.parse_node_id(body.node), obj, bytes.fromhex(body.path))
+        await self.push(keys.parse_node_id(body.node), envelope.signed(obj), bytes.fromhex(body.path))
         return {"delivered": True}

@@ -68,8 +68,8 @@ class CsClient:
     async def __aexit__(self, *exc) -> None:
         await self.close()
 
-    def _auth(self, kind: str, body: dict) -> dict:
-        return envelope.seal(self.key, kind, body, self.clock.wall_ms())
+    def _auth(self, kind: str, body: messages.Message) -> dict:
+        return envelope.seal_body(self.key, kind, body, self.clock.wall_ms())
 
     async def _check(self, r: aiohttp.ClientResponse) -> None:
         if r.status // 100 != 2:
@@ -103,7 +103,7 @@ class CsClient:
                     yield out
             yield sealer.finish()
 
-        auth = self._auth(messages.CS_PUT, {"header": sealer.header.to_json(), "size": size})
+        auth = self._auth(messages.CS_PUT, messages.CsPut(sealer.header.to_json(), size))
         return await self._request(
             "PUT",
             "/v1/items",
@@ -112,11 +112,13 @@ class CsClient:
         )
 
     async def inbox(self) -> list[dict]:
-        return (await self._request("POST", "/v1/inbox", json=self._auth(messages.CS_LIST, {})))["items"]
+        return (await self._request("POST", "/v1/inbox", json=self._auth(messages.CS_LIST, messages.CsListRequest())))[
+            "items"
+        ]
 
     async def fetch(self, item: str, out_dir: Path) -> Received:
         """Download, open and confirm one item; it is written to out_dir/<item> only if it opens."""
-        auth = self._auth(messages.CS_GET, {"item": item})
+        auth = self._auth(messages.CS_GET, messages.CsItemRef(item))
         out_dir.mkdir(parents=True, exist_ok=True)
         part, final = out_dir / f".{item}.part", out_dir / item
         try:
@@ -151,7 +153,9 @@ class CsClient:
 
     async def ack(self, item: str) -> dict:
         """We have it: the CS forgets it once every recipient has said so."""
-        return await self._request("POST", f"/v1/items/{item}/ack", json=self._auth(messages.CS_ACK, {"item": item}))
+        return await self._request(
+            "POST", f"/v1/items/{item}/ack", json=self._auth(messages.CS_ACK, messages.CsItemRef(item))
+        )
 
 
 async def leave_sealed(

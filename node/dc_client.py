@@ -105,14 +105,11 @@ class DcClient:
         return await self._call("GET", "/v1/info", messages.DcInfoReply)
 
     async def register(self, req: RegistrationRequest, wait_confirmed: bool = True) -> messages.RegisterResult:
-        body = req.to_json()
-        if wait_confirmed:
-            body["wait"] = "confirmed"
         return await self._call(
             "POST",
             "/v1/register",
             messages.RegisterResult,
-            body,
+            messages.encode(req.body(wait_confirmed)),
             max(self.timeout, REGISTER_WAIT_S) if wait_confirmed else None,
         )
 
@@ -126,7 +123,7 @@ class DcClient:
     async def book_exit(self, key: coincurve.PrivateKey, now_ms: int) -> messages.ExitGrant:
         """Ask the DC for an exit at a relay (§10.13), signed with the node's key at `now_ms`: the
         relay's grant."""
-        body = envelope.seal(key, messages.EXIT_REQUEST, {}, now_ms)
+        body = envelope.seal_body(key, messages.EXIT_REQUEST, messages.ExitRequest(), now_ms)
         return await self._call("POST", "/v1/exit-bookings", messages.ExitGrant, body)
 
     async def open_session(

@@ -19,7 +19,7 @@ import ipaddress
 import itertools
 import logging
 import socket
-from typing import Any, Awaitable, Callable
+from typing import Awaitable, Callable
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -84,7 +84,7 @@ class DcSession:
         clock: Clock,
         keepalive_interval: float,
         local_addrs: list[str] | None,
-        on_direction: Callable[[dict[str, Any]], Awaitable[messages.DirectionAck | None]],
+        on_direction: Callable[[messages.SignedEnvelope], Awaitable[messages.DirectionAck | None]],
         on_moved: Callable[[], None],
         on_notice: Callable[[messages.CsNotice], None] = lambda notice: None,
         dc_pin: bytes | None = None,
@@ -356,7 +356,7 @@ class DcSession:
                 fut.set_exception(NodeError("dc_lost", f"session with DC {self.dc_url} closed"))
         self._results.clear()
 
-    async def _answer_direction(self, ws: aiohttp.ClientWebSocketResponse, direction: dict[str, Any]) -> None:
+    async def _answer_direction(self, ws: aiohttp.ClientWebSocketResponse, direction: messages.SignedEnvelope) -> None:
         ack = await self.on_direction(direction)
         if ack is not None:
             await self._send_quietly(ws, ack)

@@ -142,7 +142,7 @@ class Groups:
     # --- the GMS ---------------------------------------------------------------------------------
     async def _gms(self, url: str, kind: str, body: messages.Message) -> object:
         assert self.http is not None, "Groups.start() first"
-        env = envelope.seal(self.key, kind, messages.encode(body), self.clock.wall_ms())
+        env = envelope.seal_body(self.key, kind, body, self.clock.wall_ms())
         try:  # the GMS is a DC: over TLS pinned to its chain address (known from the DC list, §5)
             tls = await tlspin.ssl_for(self.http, url.rstrip("/"), None, GMS_TIMEOUT_S)
             async with self.http.post(url + "/v1/groups", json=env, ssl=tls) as r:

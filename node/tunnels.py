@@ -116,8 +116,7 @@ def open_direction(obj: Any, now_ms: int) -> tuple[envelope.Envelope, messages.R
     """A Route Direction envelope, signed by its `from` and fresh, and its body; ParseError if
     malformed, SignatureError if forged or stale. Whether its signer may direct us is the
     caller's check (Tunnels._directed_by_dc): anyone can sign an envelope with some key."""
-    env = envelope.open_envelope(obj, messages.ROUTE_DIRECTION, now_ms, lambda dc: True)
-    return env, messages.decode(messages.RouteDirection, env.body)
+    return envelope.open_body(obj, messages.ROUTE_DIRECTION, messages.RouteDirection, now_ms, lambda dc: True)
 
 
 class Tunnels:
@@ -166,7 +165,7 @@ class Tunnels:
             self._opening[path] = asyncio.get_running_loop().create_future()
         return self._opening[path]
 
-    async def on_direction(self, obj: dict[str, Any]) -> messages.DirectionAck | None:
+    async def on_direction(self, obj: messages.SignedEnvelope) -> messages.DirectionAck | None:
         """A Route Direction pushed by the DC: check at once who directs us (§8.1) and whether we
         serve it (the DC waits for this answer to tell the requester), and open its path in the
         background. None (no answer) for a direction that is malformed, forged or replayed."""

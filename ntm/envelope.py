@@ -12,11 +12,11 @@ import json
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import coincurve
 
-from ntm import keys
+from ntm import keys, messages
 from ntm.errors import ParseError, SignatureError
 
 DOMAIN_TAG = b"NTM-DC-ENVELOPE-v1\x00"
@@ -27,6 +27,8 @@ MAX_SKEW_MS = 60_000
 # but a DC that busy evicts the oldest, which are about to expire anyway.
 REPLAY_CACHE_SIZE = 100_000
 NONCE_LEN = 16
+
+T = TypeVar("T", bound=messages.Message)
 
 
 def canonical(obj: Any) -> bytes:
@@ -61,8 +63,33 @@ def seal(key: coincurve.PrivateKey, kind: str, body: dict, now_ms: int, nonce: b
     return {**env.signed_part(), "sig": keys.sign_digest(key, env.digest()).hex()}
 
 
+def seal_body(
+    key: coincurve.PrivateKey, kind: str, body: messages.Message, now_ms: int, nonce: bytes | None = None
+) -> dict:
+    """seal() of a struct: TypeError (a bug, not input) unless it is the body messages.BODY_OF names
+    for `kind`, so no envelope leaves with a body its receiver cannot decode."""
+    if type(body) is not messages.BODY_OF.get(kind):
+        raise TypeError(f"a {kind!r} envelope carries a {messages.BODY_OF.get(kind)}, not {type(body).__name__}")
+    return seal(key, kind, messages.encode(body), now_ms, nonce)
+
+
+def body_of(env: Envelope, body: type[T]) -> T:
+    """The envelope's body decoded as `body`, the struct messages.BODY_OF names for its kind
+    (TypeError if the caller asked for another); ParseError naming the field if malformed."""
+    if messages.BODY_OF.get(env.kind) is not body:
+        raise TypeError(f"a {env.kind!r} envelope carries a {messages.BODY_OF.get(env.kind)}, not {body.__name__}")
+    return messages.decode(body, env.body)
+
+
+def signed(obj: dict) -> messages.SignedEnvelope:
+    """A sealed envelope (seal's dict) as the struct that carries it inside other messages."""
+    return messages.decode(messages.SignedEnvelope, obj)
+
+
 def parse(obj: Any) -> tuple[Envelope, bytes]:
-    """Envelope and signature from JSON; ParseError for anything malformed."""
+    """Envelope and signature from JSON (or a SignedEnvelope); ParseError for anything malformed."""
+    if isinstance(obj, messages.SignedEnvelope):
+        obj = messages.encode(obj)
     try:
         if not isinstance(obj, dict) or set(obj) != {"kind", "from", "ts", "nonce", "body", "sig"}:
             raise ValueError("envelope must have exactly kind, from, ts, nonce, body, sig")
@@ -121,3 +148,17 @@ def open_envelope(
     if guard is not None:
         guard.check_and_add(env, now_ms)
     return env
+
+
+def open_body(
+    obj: Any,
+    kind: str,
+    body: type[T],
+    now_ms: int,
+    is_trusted: Callable[[bytes], bool],
+    guard: ReplayGuard | None = None,
+) -> tuple[Envelope, T]:
+    """open_envelope(), then its body as the struct `body` (body_of): one call where a receiver
+    used to check the kind and decode the dict by hand."""
+    env = open_envelope(obj, kind, now_ms, is_trusted, guard)
+    return env, body_of(env, body)

@@ -21,6 +21,7 @@ import msgspec
 from msgspec import Meta, Struct
 
 from ntm import addr, keys
+from ntm.route import RouteKind
 from ntm.errors import ParseError
 
 # Limits that keep one message small: at most this many endpoints in any list.
@@ -126,13 +127,17 @@ class DirectionRequest(Message, tag="direction-request", tag_field="type"):
     resume: Hex8 | None = None  # the tunnel (first path ID) a re-direction repairs
 
 
+# A node's part in building a path (§8.1): it sends first, listens first, or both at once.
+Role = Literal["initiate", "wait", "punch"]
+
+
 class RouteChoice(Message):
     """What the DC decided for a Direction Request: the new path, its kind, the requester's role."""
 
     path: Hex8
-    kind: str
+    kind: RouteKind
     reason: str
-    role: str
+    role: Role
 
 
 class DirectionResult(Message, tag="direction-result", tag_field="type"):
@@ -146,8 +151,21 @@ class DirectionResult(Message, tag="direction-result", tag_field="type"):
     abandoned: Hex8 | None = None
 
 
+class SignedEnvelope(Message):
+    """A signed envelope (ntm/envelope.py) carried inside another message: its shape is checked
+    here, its signature, kind, freshness and body by envelope.open_body; `body` stays the signed
+    JSON object, so the signature still verifies over exactly what was signed."""
+
+    kind: str
+    from_: str = msgspec.field(name="from")
+    ts: int
+    nonce: str
+    body: dict[str, Any]
+    sig: str
+
+
 class DirectionPush(Message, tag="direction", tag_field="type"):
-    direction: dict[str, Any]  # a DC-signed envelope of kind ROUTE_DIRECTION
+    direction: SignedEnvelope  # of kind ROUTE_DIRECTION
 
 
 # Why a node does not serve a direction a peer asked for (§8.1): its allow list, or its rates.
@@ -214,9 +232,6 @@ class CsItemRef(Message):
     item: Hex16
 
 
-Role = Literal["initiate", "wait", "punch"]
-
-
 class RelayGrant(Message):
     """Where and how a node binds at the relay: its side (0/1) and the path token."""
 
@@ -233,7 +248,7 @@ class RouteDirection(Message):
     """A DC tells `node` how to build path `path` to `peer` (§8.1)."""
 
     path: Hex8
-    kind: Literal["direct", "nat_initiates", "punch", "relay"]
+    kind: RouteKind
     reason: str
     role: Role
     node: NodeId
@@ -352,11 +367,11 @@ class DirectionAnswer(Message):
 
     path: Hex8
     peer: NodeInfo
-    kind: Literal["direct", "nat_initiates", "punch", "relay"]
+    kind: RouteKind
     reason: str
     role: Role
     relay: RelayGrant | None = None
-    deliver: dict[str, Any] | None = None  # a ROUTE_DIRECTION envelope signed by the peer's home DC
+    deliver: SignedEnvelope | None = None  # a ROUTE_DIRECTION envelope signed by the peer's home DC
 
 
 # --- HTTP -------------------------------------------------------------------------------------
@@ -531,6 +546,34 @@ class LeftNote(Message, tag="left", tag_field="t"):
 
 
 ControlNote = Union[InviteNote, Rn1Note, JoinedNote, LeftNote]
+
+
+class CsListRequest(Message):
+    """The body of a CS_LIST envelope: empty (the envelope's signer is the recipient asking)."""
+
+
+# --- every envelope's body, by kind (ntm/envelope.py seal_body / open_body) ----------------------
+BODY_OF: dict[str, type[Message]] = {
+    ROUTE_DIRECTION: RouteDirection,
+    RELAY_DIRECTION: RelayDirection,
+    INFO_REQUEST: InfoRequest,
+    INFO_RESPONSE: NodeInfo,
+    DIRECTION_OFFER: DirectionOffer,
+    DIRECTION_ANSWER: DirectionAnswer,
+    CS_NOTICE: CsNotice,
+    CS_PUT: CsPut,
+    CS_LIST: CsListRequest,
+    CS_GET: CsItemRef,
+    CS_ACK: CsItemRef,
+    EXIT_REQUEST: ExitRequest,
+    EXIT_BOOKING: ExitBooking,
+    "group.create": GroupCreate,  # node → GMS requests (§13.3)
+    "group.invite": GroupInvite,
+    "group.accept": GroupRef,
+    "group.leave": GroupRef,
+    "group.remove": GroupRemove,
+    "group.state": GroupStateQuery,
+}
 
 
 # --- one parser, one encoder ------------------------------------------------------------------

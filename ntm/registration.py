@@ -49,13 +49,19 @@ class RegistrationRequest:
         rec = NodeTransaction(keys.node_id_of(key), keys.parse_node_id(info.dc), timestamp, revoked)
         return cls(rec, rec.sign(key, domain), keys.public_bytes(key), tuple(local_addrs))
 
+    def body(self, wait_confirmed: bool = False) -> messages.RegisterBody:
+        """The request as the struct the DC decodes (parse_request), so both ends share one shape."""
+        r = self.record
+        return messages.RegisterBody(
+            messages.RecordJson(keys.checksum(r.node), keys.checksum(r.dc), r.timestamp, r.revoked),
+            self.signature.hex(),
+            self.pubkey.hex(),
+            list(self.local_addrs),
+            "confirmed" if wait_confirmed else None,
+        )
+
     def to_json(self) -> dict:
-        return {
-            "record": self.record.to_json(),
-            "signature": self.signature.hex(),
-            "pubkey": self.pubkey.hex(),
-            "local_addrs": list(self.local_addrs),
-        }
+        return messages.encode(self.body())
 
 
 def parse_request(obj: Any) -> tuple[RegistrationRequest, bool]:

@@ -110,7 +110,7 @@ class RelayExit:
                 self.guard.check_and_add(env, now_ms)
             except SignatureError as exc:
                 raise ExitRefused("replayed", str(exc)) from None
-            b = messages.decode(messages.ExitBooking, env.body)
+            b = envelope.body_of(env, messages.ExitBooking)
             booked, created, evicted = self.table.book(b, now_ms, self.clock.now())
             self.overlay.addresses(booked.node)  # its inner IPv4 in the exit's view, for as long as it runs
         except AddressError as exc:  # the exit's IPv4 view is full (65,533 nodes since it started)

@@ -249,7 +249,7 @@ async def handle_direction(request: web.Request) -> web.Response:
     except SignatureError as exc:
         return relay.refuse(403, "replayed", str(exc))
     try:
-        d = messages.decode(messages.RelayDirection, env.body)
+        d = envelope.body_of(env, messages.RelayDirection)
         if d.expires_ms <= now_ms:
             raise ParseError("malformed relay direction: expires_ms is in the past")
     except ParseError as exc:
