@@ -186,7 +186,9 @@ def control_tls(args: argparse.Namespace) -> tuple[ssl.SSLContext | None, str | 
         return None, None
     try:
         ctx, der = tlspin.server_context(
-            *tlspin.ensure_certificate(args.data_dir / "rs-tls-cert.pem", args.data_dir / "rs-tls-key.pem", "ntm-rs")
+            *tlspin.ensure_certificate(
+                args.data_dir / "rs-tls-cert.pem", args.data_dir / "rs-tls-key.pem", "ntm-rs", SYSTEM
+            )
         )
     except (OSError, ssl.SSLError, ValueError) as exc:
         raise NtmError(f"cannot make or load the control API's TLS certificate in {args.data_dir}: {exc}") from None
