@@ -25,7 +25,7 @@ from ntm.clock import Clock
 from ntm.record import NodeTransaction
 from ntm.registration import RegistrationRequest
 from ntm.registry import RegistryError
-from tests.fakes import FakeChain, FakeClock, FakeRegistry
+from tests.fakes import FakeChain, FakeClock, FakeRegistry, fake_dc
 
 DC_ENDPOINT = "http://dc.test:8330"
 
@@ -50,19 +50,8 @@ def chain() -> FakeChain:
 
 def coordinator(tmp_path, chain: FakeChain, name: str = "dc") -> Coordinator:
     key = keys.generate()
-    addr = keys.node_id_of(key)
-    chain.admit(addr, name, DC_ENDPOINT)
-    reg = FakeRegistry(chain, addr)
-    return Coordinator(
-        key,
-        reg,
-        Store(tmp_path / f"{name}.sqlite", addr),
-        RegistryCache(reg),
-        name,
-        [],
-        (4331, 4332),
-        clock=chain.clock,
-    )
+    chain.admit(keys.node_id_of(key), name, DC_ENDPOINT)
+    return fake_dc(chain, key, tmp_path, name, [])
 
 
 async def test_before_the_first_catch_up_a_missing_node_is_catching_up_not_unknown(tmp_path, chain):
