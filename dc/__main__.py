@@ -17,7 +17,7 @@ import ssl
 import sys
 from typing import Awaitable
 
-from dc import config as dc_config, snapshot
+from dc import config as dc_config, snapshot, wiring
 from dc.cache import REMEMBERED_BLOCKS, RegistryCache
 from dc.chainstatus import ChainStatus
 from dc.coordinator import Coordinator
@@ -52,7 +52,7 @@ async def serve(cfg: dc_config.DcConfig, stop: asyncio.Event) -> None:
         cache.remember(number, block_hash)
     socks = (udp_socket(cfg.udp_host, cfg.udp_port), udp_socket(cfg.udp_host, cfg.udp_alt_port))
     ports = (socks[0].getsockname()[1], socks[1].getsockname()[1])
-    coord = Coordinator(
+    coord = wiring.build(
         key,
         registry,
         store,

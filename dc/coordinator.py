@@ -10,12 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from dataclasses import dataclass
 
 import coincurve
 
 from dc.cache import RegistryCache
 from dc.errors import NodeLookupError
-from dc.federation import FederationClient, FederationError, Transport
+from dc.federation import FederationClient, FederationError
 from dc.dashboard import Directions
 from dc.groups import GroupService
 from dc.metrics import DcMetrics
@@ -25,7 +26,7 @@ from dc.signaling import Signaling
 from dc.store import Store
 from dc.submitter import Submitter
 from ntm import envelope, keys, messages
-from ntm.clock import SYSTEM, Clock
+from ntm.clock import Clock
 from ntm.errors import NtmError
 from ntm.ratelimit import Buckets, Concurrency, RisingCost, TokenBucket, source_prefix
 from ntm.registration import RegistrationError, RegistrationRequest, check_request
@@ -58,28 +59,53 @@ WHOIS_PER_SOURCE = (5.0, 50.0)
 SESSIONS_UNAUTHENTICATED_PER_SOURCE = 8
 
 
+@dataclass(frozen=True)
+class Parts:
+    """The Coordinator's collaborators, built and hooked together by dc/wiring.py (the wiring
+    root), so each can be built alone, faked or replaced in a test."""
+
+    clock: Clock
+    presence: Presence
+    metrics: DcMetrics
+    directions: Directions  # the latest ones, for the dashboard
+    submitter: Submitter
+    guard: envelope.ReplayGuard  # one for all envelopes this DC opens
+    federation: FederationClient
+    notices: Notices
+    limits: Limits
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What outsiders may cost this DC: its rate limiters and its gas budget for new nodes."""
+
+    registrations: Buckets  # per source address
+    new_node_budget: TokenBucket
+    new_node_cost: RisingCost  # per source network
+    whois: Buckets  # per source address
+    unauthenticated: Concurrency  # session WebSockets per source before they authenticate
+
+
 class Coordinator:
+    """One DC's state and decisions. Built by dc/wiring.py's build(), which also gives it its
+    `signaling` and `groups` (they call back into it)."""
+
+    signaling: Signaling
+    groups: GroupService
+
     def __init__(
         self,
         key: coincurve.PrivateKey,
         registry: RegistryView,
         store: Store,
         cache: RegistryCache,
+        parts: Parts,
         hostname: str,
         relays: list[str],
         keepalive_ports: tuple[int, int],
-        *,
-        clock: Clock = SYSTEM,
-        transport: Transport | None = None,
-        new_nodes_per_hour: float = NEW_NODES_PER_HOUR,
-        new_nodes_burst: float = NEW_NODES_BURST,
-        confirmations: int = 1,
         cs: str | None = None,
     ) -> None:
-        """`transport`: how federation requests leave (HTTP unless a test routes them in-process).
-        `new_nodes_*`: the gas budget for registering nodes this DC has never seen.
-        `confirmations`: blocks deep before a record counts as confirmed (1 on anvil).
-        `cs`: the URL of this DC's Cache Server, announced in /v1/info."""
+        """`cs`: the URL of this DC's Cache Server, announced in /v1/info."""
         self.key = key
         self.address = keys.node_id_of(key)
         self.registry = registry
@@ -89,34 +115,21 @@ class Coordinator:
         self.relays = relays
         self.relay_streams: dict[str, list[str]] = {}  # relay control URL → its stream URLs (§8.4)
         self.keepalive_ports = keepalive_ports
-        self.clock = clock
-        self.presence = Presence(clock)
-        self.metrics = DcMetrics()
-        self.directions = Directions(clock)  # the latest ones, for the dashboard
-        self.submitter = Submitter(store, registry, cache, confirmations, clock, self.metrics.submit_lag.observe)
-        cache.on_rollback = self.submitter.recheck
-        self.guard = envelope.ReplayGuard()
-        self.federation = FederationClient(
-            key,
-            cache.is_active_dc,
-            self.guard,
-            clock,
-            transport=transport,
-            count=lambda call, outcome: self.metrics.federation_calls.labels(call, outcome).inc(),
-        )
-        self.signaling = Signaling(self)
-        self.notices = Notices(store, self.presence, cache.is_active_dc, self.guard, clock)
-        self.groups = GroupService(store.db, self.latest, clock)
+        self.clock = parts.clock
+        self.presence = parts.presence
+        self.metrics = parts.metrics
+        self.directions = parts.directions
+        self.submitter = parts.submitter
+        self.guard = parts.guard
+        self.federation = parts.federation
+        self.notices = parts.notices
         self.cs = cs
         self.tls: messages.TlsBinding | None = None  # set when serving over TLS: /v1/info hands it out
-        cache.on_revoked = self.presence.revoke  # a revocation from the chain ends the session here
-        self.source_rate = Buckets(*REGISTRATIONS_PER_SOURCE, max_keys=RATE_SOURCES_KEPT)
-        self.new_node_budget = TokenBucket(new_nodes_per_hour / 3600, new_nodes_burst)
-        self.new_node_cost = RisingCost(
-            NEW_NODE_TOKENS_PER_SOURCE / 3600, NEW_NODE_TOKENS_PER_SOURCE, NEW_NODE_COST_HALF_LIFE_S, RATE_SOURCES_KEPT
-        )
-        self.whois_rate = Buckets(*WHOIS_PER_SOURCE, max_keys=RATE_SOURCES_KEPT)
-        self.unauthenticated = Concurrency(SESSIONS_UNAUTHENTICATED_PER_SOURCE)
+        self.source_rate = parts.limits.registrations
+        self.new_node_budget = parts.limits.new_node_budget
+        self.new_node_cost = parts.limits.new_node_cost
+        self.whois_rate = parts.limits.whois
+        self.unauthenticated = parts.limits.unauthenticated
         self._node_locks: dict[bytes, asyncio.Lock] = {}
         self._node_users: dict[bytes, int] = {}
         self.counters = {

@@ -20,6 +20,7 @@ from typing import Any
 import aiohttp
 
 from daemon import tlspin
+from dc import status
 from ntm import keys, messages
 from ntm.clock import Clock
 from ntm.errors import ParseError
@@ -101,14 +102,13 @@ class FederationProbe:
 
 
 def snapshot(c: Any, chain: Any, probe: FederationProbe, started: float) -> dict:
-    """Everything the page shows, from the coordinator's state (no chain call, no network), in
-    work independent of the number of nodes: counts kept incrementally (cache, SQLite triggers)."""
-    report = chain.report()
-    per_dc = c.cache.live_per_dc  # kept as events arrive: nothing here walks the nodes
+    """Everything the page shows: the DC's status (dc/status.py; no chain call, no network, work
+    independent of the number of nodes) and the federation probe's results."""
+    st = status.read(c, chain, NODES_LISTED)
     dcs = []
-    for d in sorted(c.cache.dcs.values(), key=lambda d: d.hostname):
+    for d in sorted(st.dcs, key=lambda d: d.hostname):
         p = probe.results.get(d.address)
-        me = d.address == c.address
+        me = d.address == st.dc
         dcs.append(
             {
                 "dc": keys.checksum(d.address),
@@ -120,48 +120,50 @@ def snapshot(c: Any, chain: Any, probe: FederationProbe, started: float) -> dict
                 "healthy": None if me or p is None else p.healthy,
                 "rtt_ms": round(p.ms, 1) if p and p.ms else None,
                 "error": p.error if p else "",
-                "nodes": per_dc.get(d.address, 0),
+                "nodes": st.live_per_dc.get(d.address, 0),
             }
         )
-    nodes = []
-    for n in c.store.recent_nodes(NODES_LISTED):
-        session = c.presence.sessions.get(n.node)
-        nodes.append(
-            {
-                "node": keys.checksum(n.node),
-                "registered_ms": n.timestamp,
-                "revoked": n.revoked,
-                "online": session is not None,
-                "observed": session.observed if session else None,
-            }
-        )
-    sig = c.signaling.counters
+    nodes = [
+        {
+            "node": keys.checksum(n.node),
+            "registered_ms": n.registered_ms,
+            "revoked": n.revoked,
+            "online": n.online,
+            "observed": n.observed,
+        }
+        for n in st.nodes
+    ]
+    counted = st.counters
     return {
         "dc": {
-            "dc": keys.checksum(c.address),
-            "hostname": c.hostname,
-            "uptime_s": round(c.clock.now() - started),
-            "active": c.cache.is_active_dc(c.address),
-            "cs": c.cs,
+            "dc": keys.checksum(st.dc),
+            "hostname": st.hostname,
+            "uptime_s": round(st.now_s - started),
+            "active": st.active,
+            "cs": st.cs,
         },
         "federation": dcs,
         "chain": {
-            **report,
-            "outbox": {s: c.store.count_outbox(s) for s in ("pending", "confirmed", "rejected")},
-            "chain_id": c.registry.chain_id,
-            "registry": keys.checksum(c.registry.address),
+            **st.chain,
+            "outbox": st.outbox,
+            "chain_id": st.chain_id,
+            "registry": keys.checksum(st.registry),
         },
         "nodes": {
-            "registered": c.store.node_count(),
-            "online": len(c.presence.sessions),
-            "in_registry": sum(per_dc.values()),
+            "registered": st.nodes_stored,
+            "online": st.sessions,
+            "in_registry": sum(st.live_per_dc.values()),
             "list": nodes,
         },
         "directions": {
-            "served": sig["directions_served"],
-            "failed": sig["directions_failed"],
-            "recent": list(c.directions.recent),
+            "served": counted["directions_served"],
+            "failed": counted["directions_failed"],
+            "recent": st.recent_directions,
         },
-        "relay": {"relays": c.relays, "bookings": sig["relay_bookings"], "failures": sig["relay_booking_failures"]},
+        "relay": {
+            "relays": st.relays,
+            "bookings": counted["relay_bookings"],
+            "failures": counted["relay_booking_failures"],
+        },
         "refresh_s": DASHBOARD_REFRESH_S,
     }

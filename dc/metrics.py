@@ -4,9 +4,12 @@ parts' counters with their meaning, and the state an operator watches (chain, ga
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
+
+from prometheus_client.core import Metric
 
 from daemon.metrics import Metrics
+from dc import status
 
 COUNTER_DOCS = {
     "registrations_accepted": "Registration Requests accepted (durable)",
@@ -40,6 +43,7 @@ COUNTER_DOCS = {
 class DcMetrics(Metrics):
     def __init__(self) -> None:
         super().__init__("ntm_dc")
+        self._status: status.DcStatus | None = None  # this scrape's, shared by its gauges
         self.registration_durable = self.histogram(
             "registration_durable_seconds", "Registration Request received → durable in SQLite (acknowledged)"
         )
@@ -59,45 +63,39 @@ class DcMetrics(Metrics):
             "federation_calls", "requests to other DCs and relays, by call and outcome", ("call", "outcome")
         )
 
+    def collect(self) -> Iterable[Metric]:
+        self._status = None  # read afresh at each scrape, once
+        yield from super().collect()
+
     def watch(self, c: Any, chain: Any) -> None:
-        """The state read at each scrape: `c` the Coordinator (which holds these metrics: hence no
-        type here, to keep the import graph acyclic), `chain` its ChainStatus."""
-        report = chain.report
-        self.gauge("sessions", "nodes with a session (online) at this DC", lambda: len(c.presence.sessions))
-        self.gauge("nodes_stored", "nodes this DC is home to", c.store.node_count)
-        self.gauge("registry_nodes", "nodes in the registry cache (every DC's)", lambda: len(c.cache.nodes))
-        self.labelled_gauge(
-            "outbox",
-            "outbox records by state",
-            "state",
-            lambda: {s: c.store.count_outbox(s) for s in ("pending", "confirmed", "rejected")},
-        )
-        self.gauge("outbox_pending", "records waiting for the chain", lambda: c.store.count_outbox("pending"))
-        self.gauge("chain_head", "newest block seen", lambda: c.cache.head.number if c.cache.head else None)
-        self.gauge("registry_block", "registry events read up to this block", lambda: c.cache.block)
-        self.gauge("block_age_seconds", "age of the newest block (wall clock)", lambda: report()["block_age_s"])
-        self.gauge("gas_balance_wei", "the DC's balance for registerBatch transactions", lambda: chain.balance_wei)
-        self.gauge("gas_low_below_wei", "balance under which health says gas low", chain.low_gas_threshold)
-        self.gauge("chain_ok", "1 when the chain is reachable and caught up", lambda: int(report()["chain"] == "ok"))
+        """The state read at each scrape, as one DcStatus (dc/status.py) shared by the scrape's
+        gauges: `c` the Coordinator (which holds these metrics: hence no type here, to keep the
+        import graph acyclic), `chain` its ChainStatus."""
+
+        def now() -> status.DcStatus:
+            if self._status is None:
+                self._status = status.read(c, chain)
+            return self._status
+
+        self.gauge("sessions", "nodes with a session (online) at this DC", lambda: now().sessions)
+        self.gauge("nodes_stored", "nodes this DC is home to", lambda: now().nodes_stored)
+        self.gauge("registry_nodes", "nodes in the registry cache (every DC's)", lambda: now().registry_nodes)
+        self.labelled_gauge("outbox", "outbox records by state", "state", lambda: now().outbox)
+        self.gauge("outbox_pending", "records waiting for the chain", lambda: now().outbox["pending"])
+        self.gauge("chain_head", "newest block seen", lambda: now().chain["head"])
+        self.gauge("registry_block", "registry events read up to this block", lambda: now().chain["read_to"])
+        self.gauge("block_age_seconds", "age of the newest block (wall clock)", lambda: now().chain["block_age_s"])
         self.gauge(
-            "dc_active", "1 when this DC is active in the registry", lambda: int(c.cache.is_active_dc(c.address))
+            "gas_balance_wei", "the DC's balance for registerBatch transactions", lambda: now().chain["gas_balance_wei"]
         )
+        self.gauge(
+            "gas_low_below_wei", "balance under which health says gas low", lambda: now().chain["gas_low_below_wei"]
+        )
+        self.gauge("chain_ok", "1 when the chain is reachable and caught up", lambda: int(now().chain["chain"] == "ok"))
+        self.gauge("dc_active", "1 when this DC is active in the registry", lambda: int(now().active))
         self.gauge(
             "new_node_budget",
             "new identities the gas budget allows right now (over all sources)",
-            lambda: int(c.new_node_budget.available(c.clock.now())),
+            lambda: now().new_node_budget,
         )
-        self.counters(
-            lambda: {
-                **c.counters,
-                **c.signaling.counters,
-                **c.notices.counters,
-                **c.groups.counters,
-                "chain_tx_sent": c.submitter.sent_tx,
-                "chain_failures": c.submitter.failures,
-                "outbox_reopened": c.submitter.reopened,
-                "chain_rollbacks": c.cache.rollbacks,
-                "keepalives_dropped": c.presence.dropped_keepalives,
-            },
-            COUNTER_DOCS,
-        )
+        self.counters(lambda: now().counters, COUNTER_DOCS)

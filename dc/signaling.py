@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from dataclasses import dataclass
 from typing import Protocol
 
 from dc.cache import RegistryCache
@@ -55,6 +56,30 @@ PEER_REFUSALS = {
 
 def reach_of(info: messages.NodeInfo) -> Reach:
     return Reach(tuple(info.local_addrs), info.observed, info.observed_alt)
+
+
+@dataclass(frozen=True)
+class End:
+    """One end of a path: the node, the DC that directs it, its key and where it is reachable."""
+
+    node: bytes
+    home_dc: bytes
+    pubkey: str | None  # None only for a revoked record, which is never directed
+    reach: Reach
+
+    @classmethod
+    def of(cls, info: messages.NodeInfo, home_dc: bytes) -> End:
+        return cls(keys.parse_node_id(info.node), home_dc, info.pubkey, reach_of(info))
+
+
+@dataclass(frozen=True)
+class PathFacts:
+    """What the two Route Directions of one path share."""
+
+    path: bytes
+    route: Route
+    requester: bytes
+    resume: bytes | None
 
 
 ROLES = {  # route kind and initiator → (requester's role, peer's role)
@@ -154,35 +179,26 @@ class Signaling:
             return token, list(answer.relay), list(answer.streams)
         return None
 
-    def direction(
-        self,
-        path: bytes,
-        route: Route,
-        role: str,
-        me: bytes,
-        home: bytes,
-        peer: bytes,
-        peer_pub: str,
-        candidates: tuple[list[str], list[str]],
-        grant: messages.RelayGrant | None,
-        requester: bytes,
-        resume: bytes | None = None,
-    ) -> messages.SignedEnvelope:
-        """The signed Route Direction for `me` (one end of the path), to be pushed by DC `home`."""
+    def direction(self, facts: PathFacts, to: End, role: str, grant: messages.RelayGrant | None, peer: End) -> messages.SignedEnvelope:
+        """The signed Route Direction for end `to` of the path (towards `peer`), to be pushed by
+        `to`'s home DC. The two ends' directions are this, mirrored."""
+        assert peer.pubkey is not None
+        candidates = peer.reach.verified_candidates(to.reach)
+        relayed = facts.route.kind == "relay"
         body = messages.RouteDirection(
-            path=path.hex(),
-            kind=route.kind,
-            reason=route.reason,
+            path=facts.path.hex(),
+            kind=facts.route.kind,
+            reason=facts.route.reason,
             role=role,  # type: ignore[arg-type]
-            node=keys.checksum(me),
-            home_dc=keys.checksum(home),
-            peer=keys.checksum(peer),
-            peer_pubkey=peer_pub,
-            requester=keys.checksum(requester),
-            candidates=[] if route.kind == "relay" else candidates[0],
-            unverified=[] if route.kind == "relay" else candidates[1],
+            node=keys.checksum(to.node),
+            home_dc=keys.checksum(to.home_dc),
+            peer=keys.checksum(peer.node),
+            peer_pubkey=peer.pubkey,
+            requester=keys.checksum(facts.requester),
+            candidates=[] if relayed else candidates[0],
+            unverified=[] if relayed else candidates[1],
             relay=grant,
-            resume=resume.hex() if resume is not None else None,
+            resume=facts.resume.hex() if facts.resume is not None else None,
         )
         return envelope.signed(self.c.federation.seal(messages.ROUTE_DIRECTION, body))
 
@@ -228,20 +244,8 @@ class Signaling:
                 route, role_a, grant_a = Route(answer.kind, None, answer.reason), answer.role, answer.relay
             else:
                 route, role_a, grant_a, later = await self.direct_peer(path, me, info, mode, resume)
-            assert info.pubkey is not None
-            dir_a = self.direction(
-                path,
-                route,
-                role_a,
-                requester,
-                c.address,
-                peer,
-                info.pubkey,
-                reach_of(info).verified_candidates(reach_of(me)),
-                grant_a,
-                requester,
-                resume,
-            )
+            facts = PathFacts(path, route, requester, resume)
+            dir_a = self.direction(facts, End.of(me, c.address), role_a, grant_a, End.of(info, home))
             if later is not None:  # the peer starts the handshake: the requester listens first
                 await self.push(requester, dir_a, path)
                 try:
@@ -276,9 +280,9 @@ class Signaling:
         "relay" forced, "direct" only), book the relay, sign the peer's Route Direction and push it
         (waiting for its ack), unless the peer initiates: then it is returned, to be delivered
         once the requester listens. (route, requester's role, its relay grant, that direction)."""
-        requester, peer = keys.parse_node_id(me.node), keys.parse_node_id(info.node)
+        a, b = End.of(me, keys.parse_node_id(me.home_dc)), End.of(info, self.c.address)
+        requester, peer, ra, rb = a.node, b.node, a.reach, b.reach
         self.check_peer(peer, info)
-        ra, rb = reach_of(me), reach_of(info)
         route = Route("relay", None, "relay requested by the node") if mode == "relay" else decide(ra, rb)
         if mode == "direct" and route.kind == "relay":
             raise DirectionError("no_direct", f"no direct path: {route.reason}")
@@ -288,20 +292,7 @@ class Signaling:
         if route.kind == "relay" and relay is None:
             raise DirectionError("no_relay", f"route needs a relay ({route.reason}) and none is available")
         role_a, role_b = ROLES[(route.kind, route.initiator)]
-        assert me.pubkey is not None
-        dir_b = self.direction(
-            path,
-            route,
-            role_b,
-            peer,
-            self.c.address,
-            requester,
-            me.pubkey,
-            ra.verified_candidates(rb),
-            relay_grant(relay, 1, rb),
-            requester,
-            resume,
-        )
+        dir_b = self.direction(PathFacts(path, route, requester, resume), b, role_b, relay_grant(relay, 1, rb), a)
         if role_b == "initiate":
             return route, role_a, relay_grant(relay, 0, ra), dir_b
         await self.push(peer, dir_b, path)

@@ -4,6 +4,7 @@
   MemoryNetwork              datagram delivery between Binds (node.endpoint.Bind), no sockets
   FakeClock                  monotonic and wall time that tests move by hand (ntm.clock.Clock)
   FederationRouter           DC-to-DC/RS requests delivered to in-process handlers, no HTTP
+  fake_dc                    a Coordinator wired by dc/wiring.py on a FakeChain and a real Store
 
 The real-process tests stay the reference; these make the logic around them testable in ms.
 """
@@ -15,8 +16,14 @@ import copy
 import os
 import socket
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable
 
+from dc import wiring
+from dc.cache import RegistryCache
+from dc.coordinator import Coordinator
+from dc.federation import Transport
+from dc.store import Store
 from ntm import keys, record
 from ntm.clock import Clock
 from ntm.errors import SignatureError
@@ -289,3 +296,16 @@ class FederationRouter:
 def node_key_and_id() -> tuple[Any, bytes]:
     k = keys.generate()
     return k, keys.node_id_of(k)
+
+
+def fake_dc(
+    chain: FakeChain, key: Any, db_dir: Path, name: str, relays: list[str], transport: Transport | None = None
+) -> Coordinator:
+    """DC `name` (key `key`, already admitted on `chain`) on the chain's clock, its SQLite store
+    in `db_dir`; its registry cache not loaded yet."""
+    addr = keys.node_id_of(key)
+    reg = FakeRegistry(chain, addr)
+    store = Store(db_dir / f"{name}.sqlite", addr)
+    return wiring.build(
+        key, reg, store, RegistryCache(reg), name, relays, (4331, 4332), clock=chain.clock, transport=transport
+    )

@@ -10,15 +10,13 @@ from typing import Any
 
 import pytest
 
-from dc.cache import RegistryCache
 from dc.coordinator import Coordinator
 from dc.errors import DirectionError, NodeLookupError
 from dc.federation import FederationClient, FederationError
 from dc.server import error_for
-from dc.store import Store
 from ntm import envelope, keepalive, keys, messages
 from ntm.registration import RegistrationError, RegistrationRequest
-from tests.fakes import FakeChain, FakeClock, FakeRegistry, FederationRouter
+from tests.fakes import FakeChain, FakeClock, FederationRouter, fake_dc
 
 RS_URL = "http://rs.test:8340"
 RS_ENDPOINT = "198.18.0.100:4340"
@@ -43,21 +41,9 @@ async def fed(tmp_path):
         chain.admit(keys.node_id_of(k), f"dc{i + 1}", f"http://dc{i + 1}.test:8330")
     f = Fed(clock, chain, router, [])
     for i, k in enumerate(dc_keys):
-        addr = keys.node_id_of(k)
-        reg = FakeRegistry(chain, addr)
-        cache = RegistryCache(reg)
+        c = fake_dc(chain, k, tmp_path, f"dc{i + 1}", [RS_URL], router.post)
+        cache = c.cache
         await cache.load()
-        c = Coordinator(
-            k,
-            reg,
-            Store(tmp_path / f"dc{i + 1}.sqlite", addr),
-            cache,
-            f"dc{i + 1}",
-            [RS_URL],
-            (4331, 4332),
-            clock=clock,
-            transport=router.post,
-        )
         url = f"http://dc{i + 1}.test:8330"
 
         async def ntm_info(body: dict, c: Coordinator = c) -> dict:

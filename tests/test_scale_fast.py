@@ -13,6 +13,7 @@ import pytest
 
 from chain.registry import Registry, _Abi, load_artifact
 from dc import dashboard, snapshot
+from dc import status as dc_status
 from dc.cache import LOG_CHUNK, RegistryCache
 from dc.chainstatus import ChainStatus
 from dc.coordinator import Coordinator
@@ -25,9 +26,10 @@ from ntm.clock import Clock
 from ntm.record import NodeTransaction
 from ntm.registration import RegistrationRequest
 from ntm.registry import RegistryError
-from tests.fakes import FakeChain, FakeClock, FakeRegistry
+from tests.fakes import FakeChain, FakeClock, FakeRegistry, fake_dc
 
 DC_ENDPOINT = "http://dc.test:8330"
+real_read = dc_status.read
 
 
 def seed_chain(chain: FakeChain, dc: bytes, n: int) -> list[bytes]:
@@ -50,19 +52,8 @@ def chain() -> FakeChain:
 
 def coordinator(tmp_path, chain: FakeChain, name: str = "dc") -> Coordinator:
     key = keys.generate()
-    addr = keys.node_id_of(key)
-    chain.admit(addr, name, DC_ENDPOINT)
-    reg = FakeRegistry(chain, addr)
-    return Coordinator(
-        key,
-        reg,
-        Store(tmp_path / f"{name}.sqlite", addr),
-        RegistryCache(reg),
-        name,
-        [],
-        (4331, 4332),
-        clock=chain.clock,
-    )
+    chain.admit(keys.node_id_of(key), name, DC_ENDPOINT)
+    return fake_dc(chain, key, tmp_path, name, [])
 
 
 async def test_before_the_first_catch_up_a_missing_node_is_catching_up_not_unknown(tmp_path, chain):
@@ -368,3 +359,16 @@ def test_a_batch_is_sized_so_the_pipeline_fits_one_block():
         assert gas(n) <= limit < gas(n + 1), limit
     assert batch_size(30_000_000) == 165  # anvil's default: 660 records a block instead of 200
     assert batch_size(0) == BATCH_MAX and batch_size(100_000) == 1 and batch_size(10**12) == BATCH_CAP
+
+
+async def test_a_scrape_reads_the_status_once_and_the_next_scrape_afresh(tmp_path, chain, monkeypatch):
+    """Hostile condition: an operator's monitoring scraping /metrics right after a change (a node
+    registered between two scrapes). One scrape's gauges share one status read (not one per
+    gauge), yet the next scrape must show the change, however soon it comes."""
+    c = coordinator(tmp_path, chain)
+    c.metrics.watch(c, ChainStatus(c.cache, c.registry, 45_000))
+    reads = []
+    monkeypatch.setattr(dc_status, "read", lambda *a: reads.append(1) or real_read(*a))
+    assert b"ntm_dc_nodes_stored 0.0" in c.metrics.render() and len(reads) == 1
+    await c.store.add(RegistrationRequest.signed(keys.generate(), c.info(), chain.clock.wall_ms()))
+    assert b"ntm_dc_nodes_stored 1.0" in c.metrics.render() and len(reads) == 2
