@@ -179,7 +179,9 @@ class Signaling:
             return token, list(answer.relay), list(answer.streams)
         return None
 
-    def direction(self, facts: PathFacts, to: End, role: str, grant: messages.RelayGrant | None, peer: End) -> messages.SignedEnvelope:
+    def direction(
+        self, facts: PathFacts, to: End, role: str, grant: messages.RelayGrant | None, peer: End
+    ) -> messages.SignedEnvelope:
         """The signed Route Direction for end `to` of the path (towards `peer`), to be pushed by
         `to`'s home DC. The two ends' directions are this, mirrored."""
         assert peer.pubkey is not None
