@@ -261,7 +261,7 @@ async def attack(url: str, victim: bytes, ip: str, lies: list[str], attacks: int
                     # stops before directing the victim); acks are not counted as its cost
                     m = messages.decode(messages.DcToNode, await ws.receive_str(timeout=10))
                     if isinstance(m, messages.DirectionPush):
-                        await ws.send_json(messages.encode(messages.DirectionAck(m.direction["body"]["path"])))
+                        await ws.send_json(messages.encode(messages.DirectionAck(m.direction.body["path"])))
                     elif isinstance(m, messages.DirectionResult):
                         break
             return sent

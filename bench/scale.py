@@ -155,7 +155,7 @@ class LoadNode:
         async for msg in self.ws:
             m = messages.decode(messages.DcToNode, msg.data)
             if isinstance(m, messages.DirectionPush):
-                await self.ws.send_json(messages.encode(messages.DirectionAck(m.direction["body"]["path"])))
+                await self.ws.send_json(messages.encode(messages.DirectionAck(m.direction.body["path"])))
             elif isinstance(m, messages.DirectionResult) and m.id in self.results:
                 self.results.pop(m.id).set_result(m)
 
