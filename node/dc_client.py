@@ -83,10 +83,15 @@ class DcClient:
         timeout = timeout or self.timeout
         await self._authenticate()
         try:
-            async with self._http.request(
-                method, self.base + path, json=body, ssl=self._tls, timeout=aiohttp.ClientTimeout(total=timeout)
-            ) as resp:
-                text = await resp.text()
+            try:
+                resp, text = await self._request(method, path, body, timeout)
+            except aiohttp.ServerFingerprintMismatch:
+                # The DC rotated its certificate since it was pinned (here or by another client of
+                # this process): check the new one's binding once, then retry; a second mismatch is
+                # an impostor or a DC flapping between certificates.
+                self._not_pinned()
+                await self._authenticate()
+                resp, text = await self._request(method, path, body, timeout)
         except aiohttp.ServerFingerprintMismatch:
             raise self._not_pinned() from None
         except TimeoutError:
@@ -100,6 +105,14 @@ class DcClient:
             return messages.decode(answer, text)
         except ParseError as exc:
             raise DcError("bad_response", f"DC at {self.base} answered {resp.status}: {exc}") from None
+
+    async def _request(
+        self, method: str, path: str, body: dict | None, timeout: float
+    ) -> tuple[aiohttp.ClientResponse, str]:
+        async with self._http.request(
+            method, self.base + path, json=body, ssl=self._tls, timeout=aiohttp.ClientTimeout(total=timeout)
+        ) as resp:
+            return resp, await resp.text()
 
     async def info(self) -> messages.DcInfoReply:
         return await self._call("GET", "/v1/info", messages.DcInfoReply)

@@ -130,3 +130,29 @@ async def test_a_pinned_client_reaches_its_dc_over_tls_and_refuses_an_impostor(t
                 await runner.cleanup()
         finally:
             net.stop()
+
+
+async def test_a_dc_that_rotates_its_certificate_is_checked_afresh_not_refused(tmp_path):
+    """A DC restarted with a new certificate (bound to the same chain key) at the same URL: the
+    client that pinned the old one checks the new binding once and goes on, in the same call; a
+    new client of the process (the shared pin cache still holds the old one) does too. Without
+    this a rotation failed each client's next request (seen in CI when a port came back with a
+    fresh DC of the same dev key)."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first, second = self_signed(tmp_path / "a"), self_signed(tmp_path / "b")
+    with Anvil() as chain:
+        net = DcNet(tmp_path, chain)
+        await net.deploy(1)
+        try:
+            url = net.start_dc(0, ("--tls-cert", str(first[0]), "--tls-key", str(first[1]))).ready["http"]
+            dc1 = keys.node_id_of(net.dc_keys[0])
+            async with DcClient(url, pin=dc1) as held:
+                assert (await held.info()).dc == keys.checksum(dc1)
+                net.dcs[0].stop()
+                net.start_dc(0, ("--tls-cert", str(second[0]), "--tls-key", str(second[1])))
+                assert (await held.info()).dc == keys.checksum(dc1)
+            async with DcClient(url, pin=dc1) as fresh:
+                assert (await fresh.info()).dc == keys.checksum(dc1)
+        finally:
+            net.stop()
