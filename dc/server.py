@@ -290,14 +290,15 @@ async def direction_request(c: Coordinator, send, node: bytes, req: messages.Dir
     """Serve one Direction Request from a session; the answer carries the request's id."""
     try:
         resume = bytes.fromhex(req.resume) if req.resume is not None else None
-        route = await c.signaling.request(
+        route, direction = await c.signaling.request(
             node,
             keys.parse_node_id(req.peer),
             force_relay=req.route == "relay",
             direct_only=req.route == "direct",
             resume=resume,
+            inline=req.inline,
         )
-        result = messages.DirectionResult(req.id, route=route)
+        result = messages.DirectionResult(req.id, route=route, direction=direction)
     except NtmError as exc:  # the WebSocket form of a refusal: the code its HTTP answer would carry
         code = exc.refusal()[1]
         c.metrics.refusals.labels("direction", code).inc()

@@ -211,14 +211,17 @@ class Signaling:
         force_relay: bool = False,
         resume: bytes | None = None,
         direct_only: bool = False,
-    ) -> messages.RouteChoice:
+        inline: bool = False,
+    ) -> tuple[messages.RouteChoice, messages.SignedEnvelope | None]:
         """Serve a Direction Request from `requester` (who holds a session here). `force_relay`:
         the node asks for the relay (e.g. it knows its network blocks direct UDP). `direct_only`:
         a direct path or nothing, no relay booked (a relayed tunnel trying to move off the relay,
         §8.3). `resume`: the
         path ID of a tunnel between the two that stopped working; both directions carry it so
         both nodes move that tunnel onto the new path (§8.3). A peer at another DC costs one
-        federation call, a Direction Offer: its home DC decides and directs its end (§8.5)."""
+        federation call, a Direction Offer: its home DC decides and directs its end (§8.5).
+        `inline`: the one-reply form, the requester's Route Direction is returned (for the result)
+        once the peer has accepted its own; otherwise it is pushed (the old pair) and None returned."""
         c = self.c
         started = c.clock.now()
         if not self.rate.take(requester, c.clock.now()):
@@ -248,7 +251,10 @@ class Signaling:
                 route, role_a, grant_a, later = await self.direct_peer(path, me, info, mode, resume)
             facts = PathFacts(path, route, requester, resume)
             dir_a = self.direction(facts, End.of(me, c.address), role_a, grant_a, End.of(info, home))
-            if later is not None:  # the peer starts the handshake: the requester listens first
+            if inline:  # one reply: the requester's direction goes in it, once the peer accepted its own
+                if later is not None:  # the peer starts; the requester's node keeps its early Requests (§8.1)
+                    await self.deliver_to(home, peer, later, path)
+            elif later is not None:  # the old pair; the peer starts the handshake: the requester listens first
                 await self.push(requester, dir_a, path)
                 try:
                     await self.deliver_to(home, peer, later, path)
@@ -273,7 +279,7 @@ class Signaling:
             route.reason,
             path.hex(),
         )
-        return messages.RouteChoice(path.hex(), route.kind, route.reason, role_a)
+        return messages.RouteChoice(path.hex(), route.kind, route.reason, role_a), dir_a if inline else None
 
     async def direct_peer(
         self, path: bytes, me: messages.NodeInfo, info: messages.NodeInfo, mode: str | None, resume: bytes | None

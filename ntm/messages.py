@@ -125,6 +125,9 @@ class DirectionRequest(Message, tag="direction-request", tag_field="type"):
     # booked (a tunnel on the relay trying to move off it, §8.3)
     route: Literal["relay", "direct"] | None = None
     resume: Hex8 | None = None  # the tunnel (first path ID) a re-direction repairs
+    # True: the requester's Route Direction comes in the DirectionResult (one reply, §8.1). Absent:
+    # the old pair (pushed direction, then the result), for nodes from before this field.
+    inline: bool = False
 
 
 # A node's part in building a path (§8.1): it sends first, listens first, or both at once.
@@ -148,7 +151,10 @@ class DirectionResult(Message, tag="direction-result", tag_field="type"):
     error: ErrorBody | None = None
     # A failed request whose Route Direction had already been pushed to the requester (the peer
     # initiates, so the requester listens first): the requester stops following that path.
+    # Old pair only: in the one-reply form nothing reaches the requester before the outcome is known.
     abandoned: Hex8 | None = None
+    # The one-reply form (the request was `inline`): the requester's signed Route Direction, with `route`.
+    direction: SignedEnvelope | None = None
 
 
 class SignedEnvelope(Message):

@@ -143,7 +143,7 @@ async def test_cross_dc_direction_between_two_nats_is_a_punch(fed):
     a, b = await register(fed, fed.dcs[0]), await register(fed, fed.dcs[1])
     go_online(fed.dcs[0], a, "10.1.0.2:4330", ("198.18.1.1", 50000))
     go_online(fed.dcs[1], b, "10.2.0.2:4330", ("198.18.2.1", 50001))
-    result = await fed.dcs[0].signaling.request(a.id, b.id)
+    result, _ = await fed.dcs[0].signaling.request(a.id, b.id)
     assert (result.kind, result.role) == ("punch", "punch")
     [da], [db] = a.directions(), b.directions()  # B's went through its home DC (dc2)
     assert da.path == db.path == result.path
@@ -163,7 +163,7 @@ async def test_a_cross_dc_direction_is_one_federation_call_and_the_peer_initiati
     go_online(fed.dcs[0], a, "10.1.0.2:4330", ("198.18.1.1", 50000))
     go_online(fed.dcs[1], b, "10.2.0.2:4330", ("198.18.2.1", 50001))
     calls = len(fed.router.calls)
-    result = await fed.dcs[0].signaling.request(a.id, b.id)
+    result, _ = await fed.dcs[0].signaling.request(a.id, b.id)
     assert fed.router.calls[calls:] == [dc2 + "/v1/federation/direction-offer", RS_URL + "/v1/relay-directions"]
     signers = [
         envelope.open_envelope(
@@ -182,7 +182,7 @@ async def test_a_cross_dc_direction_is_one_federation_call_and_the_peer_initiati
 
     fed.dcs[1].presence.sessions[b.id].send = send
     calls = len(fed.router.calls)
-    result = await fed.dcs[0].signaling.request(p.id, b.id)
+    result, _ = await fed.dcs[0].signaling.request(p.id, b.id)
     assert (result.kind, result.role) == ("nat_initiates", "wait") and seen_first == [1]
     assert fed.router.calls[calls:] == [
         dc2 + "/v1/federation/direction-offer",
@@ -242,7 +242,7 @@ async def test_symmetric_nat_gets_the_relay_and_no_candidates(fed):
     a, b = await register(fed, fed.dcs[0]), await register(fed, fed.dcs[1])
     go_online(fed.dcs[0], a, "10.1.0.2:4330", ("198.18.1.1", 50000))
     go_online(fed.dcs[1], b, "10.2.0.2:4330", ("198.18.2.1", 50001), observed_alt=("198.18.2.1", 50999))
-    result = await fed.dcs[0].signaling.request(a.id, b.id)
+    result, _ = await fed.dcs[0].signaling.request(a.id, b.id)
     assert result.kind == "relay"
     assert a.directions()[0].candidates == [] and b.directions()[0].candidates == []
 
@@ -254,7 +254,7 @@ async def test_a_direct_only_request_books_no_relay_and_is_refused_when_only_the
     go_online(fed.dcs[0], a, "10.1.0.2:4330", ("198.18.1.1", 50000))
     go_online(fed.dcs[1], b, "10.2.0.2:4330", ("198.18.2.1", 50001))
     calls = len(fed.router.calls)
-    result = await fed.dcs[0].signaling.request(a.id, b.id, direct_only=True, resume=b"\x01" * 8)
+    result, _ = await fed.dcs[0].signaling.request(a.id, b.id, direct_only=True, resume=b"\x01" * 8)
     assert result.kind == "punch"
     assert a.directions()[0].relay is None and b.directions()[0].relay is None
     assert a.directions()[0].resume == "01" * 8
@@ -673,3 +673,107 @@ async def test_a_peer_that_never_answers_fails_the_request_within_the_ack_deadli
     sig.on_ack(b.id, messages.DirectionAck(db.path, "not_allowed"))  # late: nobody waits
     sig.on_ack(b.id, messages.DirectionAck("00" * 8))  # a path nobody pushed
     assert sig._acks == {}
+
+
+# --- one reply per Direction Request (issue 26 item 5, docs/PROTOCOL.md §8.1) -------------------
+def opened(direction: messages.SignedEnvelope) -> tuple[bytes, messages.RouteDirection]:
+    """The signer and body of a Route Direction handed back in a result."""
+    env = envelope.open_envelope(messages.encode(direction), messages.ROUTE_DIRECTION, direction.ts, lambda dc: True)
+    return env.sender, messages.decode(messages.RouteDirection, env.body)
+
+
+@pytest.mark.parametrize("peer_dc", [0, 1])
+@pytest.mark.parametrize("requester_public", [False, True])
+async def test_the_requester_gets_its_direction_in_the_one_reply(fed, peer_dc, requester_public):
+    """Same DC and across DCs, the peer listening (punch) or starting (a public requester, the peer
+    behind a NAT): the requester's Route Direction, signed by its DC, comes back with the route and
+    nothing is pushed to it; the peer got (and accepted) its own before the reply was made."""
+    local, seen = (
+        ("198.18.1.1:50000", ("198.18.1.1", 50000)) if requester_public else ("10.1.0.2:4330", ("198.18.1.1", 50000))
+    )
+    a, b = await register(fed, fed.dcs[0], local), await register(fed, fed.dcs[peer_dc])
+    go_online(fed.dcs[0], a, local, seen)
+    go_online(fed.dcs[peer_dc], b, "10.2.0.2:4330", ("198.18.2.1", 50001))
+    route, direction = await fed.dcs[0].signaling.request(a.id, b.id, inline=True)
+    assert direction is not None and a.pushed == []
+    signer, da = opened(direction)
+    [db] = b.directions()
+    assert signer == fed.dcs[0].address and da.node == keys.checksum(a.id) and da.requester == keys.checksum(a.id)
+    assert (
+        (da.path, da.kind, da.role, da.reason)
+        == (route.path, route.kind, route.role, route.reason)
+        == (
+            db.path,
+            db.kind,
+            route.role,
+            db.reason,
+        )
+    )
+    assert (da.kind, da.role, db.role) == (
+        ("nat_initiates", "wait", "initiate") if requester_public else ("punch", "punch", "punch")
+    )
+    assert da.relay.side == 0 and db.relay.side == 1 and da.peer_pubkey == keys.public_bytes(b.key).hex()
+
+
+@pytest.mark.parametrize(
+    "refusal, peer_dc, requester_public",
+    # each refusal at the requester's DC and across DCs, with the peer initiating in one of the two
+    [(r, 0, True) for r in ("not_allowed", "offline")]
+    + [(r, 1, False) for r in ("not_allowed", "offline")]
+    + [(r, 0, False) for r in ("peer_busy", "silent")]
+    + [(r, 1, True) for r in ("peer_busy", "silent")],
+)
+async def test_a_refused_one_reply_request_gives_the_requester_nothing_to_follow(
+    fed, monkeypatch, peer_dc, requester_public, refusal
+):
+    """Adversary: a peer that refuses us (allow list, its rates), never answers (a dead session its
+    DC has not noticed), or is offline, in either order of directing and at either DC. The request
+    fails with the peer's reason and the requester was handed no direction (no half-opened path to
+    abandon, so the error names none)."""
+    from dc import signaling
+
+    monkeypatch.setattr(signaling, "DIRECTION_ACK_TIMEOUT_S", 0.2)
+    local, seen = (
+        ("198.18.1.1:50000", ("198.18.1.1", 50000)) if requester_public else ("10.1.0.2:4330", ("198.18.1.1", 50000))
+    )
+    a, b = await register(fed, fed.dcs[0], local), await register(fed, fed.dcs[peer_dc])
+    go_online(fed.dcs[0], a, local, seen)
+    if refusal != "offline":
+        go_online(fed.dcs[peer_dc], b, "10.2.0.2:4330", ("198.18.2.1", 50001))
+    b.refuse, b.silent = (refusal, False) if refusal in ("not_allowed", "peer_busy") else (None, refusal == "silent")
+    with pytest.raises(DirectionError) as exc:
+        await fed.dcs[0].signaling.request(a.id, b.id, inline=True)
+    want = {"silent": "peer_unresponsive"}.get(refusal, refusal)
+    assert exc.value.code == want and exc.value.abandoned is None and a.pushed == []
+
+
+async def test_the_session_answers_one_reply_or_the_old_pair_as_the_request_asks(fed):
+    """The session handler: an `inline` request gets one message (the result with the direction); a
+    request without it (a node from before) the old pair, its direction pushed then the result; a
+    refusal carries the code and no direction; a session that dropped before the answer costs nothing."""
+    from dc.server import direction_request
+
+    a, b = await register(fed, fed.dcs[0]), await register(fed, fed.dcs[1])
+    go_online(fed.dcs[0], a, "10.1.0.2:4330", ("198.18.1.1", 50000))
+    go_online(fed.dcs[1], b, "10.2.0.2:4330", ("198.18.2.1", 50001))
+    sent: list[messages.Message] = []
+
+    async def send(msg: messages.Message) -> None:
+        sent.append(msg)
+
+    async def gone(msg: messages.Message) -> None:
+        raise ConnectionError("session closed")
+
+    peer = keys.checksum(b.id)
+    await direction_request(fed.dcs[0], send, a.id, messages.DirectionRequest(1, peer, inline=True))
+    [one] = sent
+    assert one.id == 1 and one.direction is not None and opened(one.direction)[1].path == one.route.path
+    assert a.pushed == []
+    await direction_request(fed.dcs[0], send, a.id, messages.DirectionRequest(2, peer))
+    assert sent[1].id == 2 and sent[1].direction is None and a.directions()[0].path == sent[1].route.path
+    b.refuse = "not_allowed"
+    await direction_request(fed.dcs[0], send, a.id, messages.DirectionRequest(3, peer, inline=True))
+    assert (sent[2].error.error, sent[2].direction, sent[2].route) == ("not_allowed", None, None)
+    b.refuse = None
+    await direction_request(fed.dcs[0], gone, a.id, messages.DirectionRequest(4, peer, inline=True))
+    assert len(sent) == 3 and len(a.pushed) == 1
