@@ -254,16 +254,11 @@ async def attack(url: str, victim: bytes, ip: str, lies: list[str], attacks: int
             await asyncio.sleep(0.3)
             sent = 0
             for i in range(attacks):
-                req = messages.encode(messages.DirectionRequest(i + 1, keys.checksum(victim)))
+                req = messages.encode(messages.DirectionRequest(i + 1, keys.checksum(victim), inline=True))
                 sent += len(json.dumps(req).encode()) + 6  # + the WebSocket frame header
                 await ws.send_json(req)
-                while True:  # it acknowledges its own direction as a node does (else the DC
-                    # stops before directing the victim); acks are not counted as its cost
-                    m = messages.decode(messages.DcToNode, await ws.receive_str(timeout=10))
-                    if isinstance(m, messages.DirectionPush):
-                        await ws.send_json(messages.encode(messages.DirectionAck(m.direction.body["path"])))
-                    elif isinstance(m, messages.DirectionResult):
-                        break
+                # one reply (§8.1): the victim was directed before it; its own direction in it
+                messages.decode(messages.DirectionResult, await ws.receive_str(timeout=10))
             return sent
     finally:
         own.close()

@@ -154,7 +154,7 @@ class LoadNode:
     async def _read(self) -> None:
         async for msg in self.ws:
             m = messages.decode(messages.DcToNode, msg.data)
-            if isinstance(m, messages.DirectionPush):
+            if isinstance(m, messages.DirectionPush):  # as a peer: accept every direction
                 await self.ws.send_json(messages.encode(messages.DirectionAck(m.direction.body["path"])))
             elif isinstance(m, messages.DirectionResult) and m.id in self.results:
                 self.results.pop(m.id).set_result(m)
@@ -162,7 +162,7 @@ class LoadNode:
     async def direction(self, peer: bytes) -> messages.DirectionResult:
         rid = next(self.ids)
         fut = self.results[rid] = asyncio.get_running_loop().create_future()
-        await self.ws.send_json(messages.encode(messages.DirectionRequest(rid, keys.checksum(peer))))
+        await self.ws.send_json(messages.encode(messages.DirectionRequest(rid, keys.checksum(peer), inline=True)))
         return await asyncio.wait_for(fut, 10)
 
     async def close(self) -> None:
@@ -203,7 +203,7 @@ async def directions(
             t0 = time.perf_counter()
             res = await node.direction(random.choice(peers).id)
             latencies.append((time.perf_counter() - t0) * 1000)
-            key = "ok" if res.route is not None else res.error.error
+            key = "ok" if res.direction is not None else res.error.error
             outcomes[key] = outcomes.get(key, 0) + 1
             asyncio.get_running_loop().call_later(
                 max(0.0, 1 / RATE_PER_NODE - (time.perf_counter() - t0)), ready.put_nowait, node

@@ -137,7 +137,7 @@ async def flood(url: str, victim: bytes, stop: asyncio.Event, n: int = FLOODERS)
             i = 0
             while not stop.is_set():
                 i += 1
-                await ws.send_json(messages.encode(messages.DirectionRequest(i, keys.checksum(victim))))
+                await ws.send_json(messages.encode(messages.DirectionRequest(i, keys.checksum(victim), inline=True)))
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(stop.wait(), FLOOD_INTERVAL_S)
             reader.cancel()

@@ -37,7 +37,7 @@ async def flood(url: str, attacker, peer: bytes, n: int) -> dict[str, int]:
     async with DcClient(url) as dc:
         ws, _ = await dc.open_session(attacker, [])
         for i in range(n):
-            await ws.send_json(messages.encode(messages.DirectionRequest(i + 1, keys.checksum(peer))))
+            await ws.send_json(messages.encode(messages.DirectionRequest(i + 1, keys.checksum(peer), inline=True)))
         for _ in range(n):
             res = messages.decode(messages.DcToNode, await ws.receive_str(timeout=30))
             code = res.error.error if res.error else "served"

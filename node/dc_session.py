@@ -8,8 +8,9 @@ ask for directions, and keep the session alive across moves and DC failures (§5
   * when the home DC stays unreachable, the node signs a newer Node Transaction naming another
     DC from the list it keeps (`GET /v1/dcs`), registers there and opens its session there.
 
-Route Directions pushed by the DC go to `on_direction`, whose answer (follow or refuse) goes back
-to the DC at once; an address change goes to `on_moved`.
+Route Directions pushed by the DC (peers' requests) go to `on_direction`, whose answer (follow or
+refuse) goes back to the DC at once; our own requests' directions come in their one reply
+(`direction`); an address change goes to `on_moved`.
 """
 
 from __future__ import annotations
@@ -65,10 +66,7 @@ MOVE_CONFIRM_TIMEOUT_S = 1.0
 
 
 class NodeError(CodedError):
-    """A connection the node could not make; `code` is the DC's reason when it gave one.
-    `abandoned`: a path the DC had already directed us onto before the request failed."""
-
-    abandoned: bytes | None = None
+    """A connection the node could not make; `code` is the DC's reason when it gave one."""
 
 
 class DcSilent(NodeError):
@@ -351,9 +349,21 @@ class DcSession:
                 fut = self._results.pop(m.id, None)
                 if fut is not None and not fut.done():
                     fut.set_result(m)
+            elif isinstance(m, messages.SessionError) and m.error == "malformed":
+                self._refused_as_malformed(m)
         for fut in self._results.values():
             if not fut.done():
                 fut.set_exception(NodeError("dc_lost", f"session with DC {self.dc_url} closed"))
+        self._results.clear()
+
+    def _refused_as_malformed(self, m: messages.SessionError) -> None:
+        """The DC could not parse a message of ours. What we send on a session other than Direction
+        Requests has not changed for years, so this is a DC older than the one-reply form (§8.1):
+        fail the requests waiting at once, saying so, rather than after the direction timeout."""
+        log.warning("the DC %s refused a message of ours as malformed (an older DC? §8.1): %s", self.dc_url, m.message)
+        for fut in self._results.values():
+            if not fut.done():
+                fut.set_exception(NodeError("malformed", f"the DC refused the direction request: {m.message}"))
         self._results.clear()
 
     async def _answer_direction(self, ws: aiohttp.ClientWebSocketResponse, direction: messages.SignedEnvelope) -> None:
@@ -494,9 +504,12 @@ class DcSession:
         self.on_moved()
 
     # --- Direction Requests -------------------------------------------------------------------
-    async def direction(self, peer: bytes, route: str | None = None, resume: bytes | None = None) -> bytes:
+    async def direction(
+        self, peer: bytes, route: str | None = None, resume: bytes | None = None
+    ) -> messages.SignedEnvelope:
         """Send a Direction Request on the session (waiting for one if it is being reopened);
-        returns the new path ID once the DC has directed both ends. `route`: None (the DC
+        returns our signed Route Direction, the DC's one reply once the peer has its own
+        (whether to follow it is the tunnel table's check, §8.1). `route`: None (the DC
         decides), "relay" or "direct" (a direct path or a refusal, §8.3). A DC still reading the
         registry (catching_up) is asked again, within DIRECTION_TIMEOUT_S."""
         deadline = self.clock.now() + DIRECTION_TIMEOUT_S
@@ -508,7 +521,7 @@ class DcSession:
                     raise
             await asyncio.sleep(CATCHING_UP_RETRY_S)
 
-    async def _direction_once(self, peer: bytes, route: str | None, resume: bytes | None) -> bytes:
+    async def _direction_once(self, peer: bytes, route: str | None, resume: bytes | None) -> messages.SignedEnvelope:
         try:
             await asyncio.wait_for(self._session_up.wait(), DIRECTION_TIMEOUT_S)
         except asyncio.TimeoutError:
@@ -521,6 +534,7 @@ class DcSession:
             keys.checksum(peer),
             route,  # type: ignore[arg-type]
             resume.hex() if resume is not None else None,
+            inline=True,
         )
         try:
             await self.ws.send_json(messages.encode(req))  # type: ignore[union-attr]
@@ -531,12 +545,10 @@ class DcSession:
             raise NodeError("dc_lost", f"session with DC {self.dc_url} lost: {exc}") from None
         finally:
             self._results.pop(rid, None)
-        if res.route is None:
+        if res.direction is None:
             err = res.error or messages.ErrorBody("refused", "direction refused")
-            exc = NodeError(err.error, err.message)
-            exc.abandoned = bytes.fromhex(res.abandoned) if res.abandoned is not None else None
-            raise exc
-        return bytes.fromhex(res.route.path)
+            raise NodeError(err.error, err.message)
+        return res.direction
 
     def status(self) -> dict:
         return {"dc": self.dc_url, "observed": self.observed, "udp": self.udp, **self.counters}

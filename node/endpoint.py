@@ -32,7 +32,7 @@ from node.state import TUNNEL_PORT
 from ntm.addr import Addr, for_socket
 from ntm.clock import SYSTEM, Clock
 from ntm.handshake import Rand
-from ntm.packet import KNOWN_TYPES, PREFIX_LEN
+from ntm.packet import KNOWN_TYPES, PREFIX_LEN, TYPE_HANDSHAKE_REQUEST
 from ntm.pmtu import CONTROL, MAX_MTU, PathMtu
 from ntm.tunnel import (
     Data,
@@ -54,6 +54,14 @@ DEFAULT_PORT = TUNNEL_PORT
 OPEN_TIMEOUT = 10.0
 #: Longest sleep of the timer task (it is also woken whenever a session is added).
 MAX_TIMER_SLEEP = 1.0
+# A Tunnel Request may arrive for a path we have not opened yet: a peer that initiates is directed
+# before our DC's reply reaches us (§8.1 one reply), and its Request travels one hop, our reply
+# two. The latest Request per unknown path is kept this long and answered when the path opens, so
+# no 250 ms retransmission is lost; a DC's reply takes milliseconds, 1 s is a loaded host's.
+EARLY_REQUEST_S = 1.0
+# ... for at most this many paths (oldest dropped first): strangers' Requests for random paths can
+# only push a genuine one out, which costs its peer one retransmission. Nothing is decrypted early.
+EARLY_REQUESTS_MAX = 64
 
 Receive = Callable[[bytes, Addr], None]
 log = logging.getLogger("ntm.node")
@@ -288,12 +296,14 @@ class Endpoint:
         self.sessions: dict[bytes, Session] = {}
         self.channels: dict[bytes, Channel] = {}
         self.pmtu: dict[bytes, PathMtu] = {}  # path MTU of each established path (§7 "Path MTU")
+        self._early: dict[bytes, tuple[float, bytes, Addr]] = {}  # path → (when, Request, from): EARLY_REQUEST_S
         self._stats: dict[str, int] = dict.fromkeys(
             (
                 "tx_control",
                 "drop_short",
                 "drop_unknown_type",
                 "drop_unknown_path",
+                "early_requests",
                 "socket_errors",
                 "send_errors",
                 "rebinds",
@@ -475,6 +485,10 @@ class Endpoint:
         self.channels[path_id] = ch
         s.start(self.now())
         self._flush(s.poll(self.now()))
+        early = self._early.pop(path_id, None)
+        if early is not None and self.now() - early[0] <= EARLY_REQUEST_S:
+            self._stats["early_requests"] += 1
+            self._on_datagram(early[1], early[2])
         self._kick()
         try:
             await asyncio.wait_for(asyncio.shield(ch.ready), timeout)
@@ -596,6 +610,8 @@ class Endpoint:
                 self.control_taps[data[0]](data, addr[:2])
             elif data[0] not in KNOWN_TYPES and self.on_control is not None:
                 self.on_control(data, addr[:2])  # not a tunnel packet: e.g. the DC's keepalive reply
+            elif data[0] == TYPE_HANDSHAKE_REQUEST:
+                self._keep_early(bytes(pid), bytes(data), addr[:2])
             else:
                 self._stats["drop_unknown_type" if data[0] not in KNOWN_TYPES else "drop_unknown_path"] += 1
             return
@@ -634,6 +650,14 @@ class Endpoint:
             elif type(ev) is Standby and self.on_standby is not None:
                 self.on_standby(pid, ev)
             # RelayBound: visible in session.peer_addr and stats
+
+    def _keep_early(self, pid: bytes, data: bytes, addr: Addr) -> None:
+        """A Tunnel Request for a path not open (yet): kept for open() (EARLY_REQUEST_S), bounded."""
+        self._stats["drop_unknown_path"] += 1  # as before, unless open() takes it
+        self._early.pop(pid, None)
+        if len(self._early) >= EARLY_REQUESTS_MAX:
+            del self._early[next(iter(self._early))]
+        self._early[pid] = (self.now(), data, addr)
 
     # --- path MTU (§7 "Path MTU") ----------------------------------------------------------------
     def inner_mtu(self, s: Session) -> int:

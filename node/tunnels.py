@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import Counter, deque
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
@@ -41,9 +41,9 @@ LIVENESS_TICK_S = 0.05
 # backing off after refusals: liveness.repair_retry_delay) for at most this long.
 RECOVERY_GIVE_UP_S = 60.0
 
-# Asks the DCs for a path to a peer: (peer, route wish None/"relay"/"direct", resume) → new path
-# ID (DcSession.direction).
-AskDirection = Callable[[bytes, "str | None", "bytes | None"], Awaitable[bytes]]
+# Asks the DCs for a path to a peer: (peer, route wish None/"relay"/"direct", resume) → our signed
+# Route Direction, once the peer has its own (DcSession.direction: the request's one reply).
+AskDirection = Callable[[bytes, "str | None", "bytes | None"], Awaitable[messages.SignedEnvelope]]
 # Directions a node serves for tunnels peers ask for (the peer's DC may be told to send many):
 # per peer a burst of 8 then one per 2 s (a few tunnels and their repairs), and 64 then 16/s in
 # all, shared fairly. Beyond that a direction is refused (peer_busy) before any handshake
@@ -136,7 +136,6 @@ class Tunnels:
         self.forged_directions = 0  # directions not from our DCs, not for us, or replayed: ignored
         self._forgeries = LogLimiter(log, "route directions", 10.0, clock)
         self._guard = envelope.ReplayGuard()
-        self._asking: Counter[bytes] = Counter()  # peers we have a Direction Request out for
         self.admit = admit
         self.udp_ok = udp_ok  # False: our network lets no UDP out, reach relays over TCP (§8.4)
         self.refused = 0  # directions from peers the policy does not admit, or beyond the rates
@@ -148,8 +147,6 @@ class Tunnels:
         self.check_address = check_address
         self.table: dict[bytes, Tunnel] = {}  # by tunnel ID
         self.ended: deque[dict] = deque(maxlen=ENDED_TUNNELS_KEPT)  # for status output
-        self._opening: dict[bytes, asyncio.Future[Tunnel]] = {}
-        self._following: dict[bytes, asyncio.Task] = {}  # our own directions being opened, by path
         self._incoming: asyncio.Queue[Tunnel] = asyncio.Queue()
         self.tasks = BackgroundTasks()
 
@@ -160,36 +157,64 @@ class Tunnels:
         await self.tasks.cancel()
 
     # --- opening ------------------------------------------------------------------------------
-    def _opening_future(self, path: bytes) -> asyncio.Future[Tunnel]:
-        if path not in self._opening:
-            self._opening[path] = asyncio.get_running_loop().create_future()
-        return self._opening[path]
-
-    async def on_direction(self, obj: messages.SignedEnvelope) -> messages.DirectionAck | None:
-        """A Route Direction pushed by the DC: check at once who directs us (§8.1) and whether we
-        serve it (the DC waits for this answer to tell the requester), and open its path in the
-        background. None (no answer) for a direction that is malformed, forged or replayed."""
+    async def _opened(
+        self, obj: messages.SignedEnvelope
+    ) -> tuple[envelope.Envelope, messages.RouteDirection, bool] | None:
+        """A Route Direction that names us, is signed by a DC that may direct us and was not seen
+        before (§8.1), and whether it answers our own request; None (counted) for anything else.
+        Decided before anything is sent, so an injected direction sends nothing."""
         try:
             env, d = open_direction(obj, self.clock.wall_ms())
-            path, peer = bytes.fromhex(d.path), keys.parse_node_id(d.peer)
             ours = keys.parse_node_id(d.requester) == self.my_id
-        except (ParseError, SignatureError, ValueError) as exc:
+            if keys.parse_node_id(d.node) != self.my_id:
+                why = "for another node"
+            elif not await self.trust_dc(env.sender, keys.parse_node_id(d.home_dc), ours):
+                why = "not signed by a DC that may direct us"
+            else:
+                self._guard.check_and_add(env, self.clock.wall_ms())
+                return env, d, ours
+        except SignatureError as exc:
+            why = f"forged or replayed ({exc})"
+        except (ParseError, ValueError) as exc:
+            why = f"malformed ({exc})"
+        self.forged_directions += 1
+        self._forgeries.note(why)
+        return None
+
+    async def on_direction(self, obj: messages.SignedEnvelope) -> messages.DirectionAck | None:
+        """A Route Direction pushed by the DC for a peer's request: check at once who directs us
+        (§8.1) and whether we serve it (the DC waits for this answer to tell the requester), and
+        open its path in the background. None (no answer) for a direction that is malformed,
+        forged, replayed, or our own (ours come in the reply to our request, never pushed)."""
+        opened = await self._opened(obj)
+        if opened is None:
+            return None
+        _, d, ours = opened
+        if ours:
             self.forged_directions += 1
-            self._forgeries.note(f"malformed or forged ({exc})")
+            self._forgeries.note("our own, pushed (ours answer our request)")
             return None
-        if not await self._directed_by_dc(env, d, peer, ours):
-            return None
-        refused = None if ours else self._refusal(peer)
+        refused = self._refusal(keys.parse_node_id(d.peer))
         if refused is None:
-            task = self.tasks.spawn(self.follow(d))
-            if ours:  # connect() calls it off if the DC abandons the request (_directed)
-                self._following[path] = task
-                task.add_done_callback(lambda _: self._following.pop(path, None))
+            self.tasks.spawn(self.follow(d))
         return messages.DirectionAck(d.path, refused)
 
     async def follow(self, d: messages.RouteDirection) -> None:
-        """Open the tunnel a Route Direction describes; hand it to connect(), accept(), or (with
+        """Open the tunnel a peer's Route Direction describes; hand it to accept() or (with
         "resume") to the existing tunnel it repairs."""
+        resume = bytes.fromhex(d.resume) if d.resume else None
+        if resume is not None and await self._rebound(resume, keys.parse_node_id(d.peer)):
+            return
+        try:
+            tunnel = await self._open(d)
+        except NodeError:
+            return  # logged by _open
+        if tunnel.id == bytes.fromhex(d.path):
+            self._incoming.put_nowait(tunnel)
+
+    async def _open(self, d: messages.RouteDirection) -> Tunnel:
+        """Open the path a Route Direction describes: a new tunnel, or attached to the one it resumes;
+        NodeError if it is malformed or no handshake completes."""
         try:
             path, peer = bytes.fromhex(d.path), keys.parse_node_id(d.peer)
             relay, streams = None, []
@@ -202,11 +227,7 @@ class Tunnels:
             resume = bytes.fromhex(d.resume) if d.resume else None
         except ValueError as exc:
             log.warning("ignoring malformed route direction: %s", exc)
-            return
-        ours = keys.parse_node_id(d.requester) == self.my_id
-        if resume is not None and not ours and await self._rebound(resume, peer):
-            return
-        fut = self._opening_future(path) if ours else None  # connect() waits on it
+            raise NodeError("malformed", f"malformed route direction: {exc}") from None
         try:
             ch = await self.endpoint.open(
                 path,
@@ -221,37 +242,8 @@ class Tunnels:
             )
         except NtmError as exc:  # includes PeerIdentityError: the key is not the peer's
             log.warning("tunnel to %s failed: %s", keys.checksum(peer), exc)
-            if fut is not None and not fut.done():
-                fut.set_exception(NodeError("tunnel_failed", f"tunnel to {keys.checksum(peer)} failed: {exc}"))
-            return
-        tunnel = self._place(ch, d, path, peer, resume)
-        if fut is not None:
-            if not fut.done():
-                fut.set_result(tunnel)
-        elif tunnel.id == path:
-            self._incoming.put_nowait(tunnel)
-
-    async def _directed_by_dc(
-        self, env: envelope.Envelope, d: messages.RouteDirection, peer: bytes, ours: bool
-    ) -> bool:
-        """§8.1: a direction we follow names us, answers a Direction Request we have out (ours) or
-        comes from a peer (then _refusal decides), is signed by a DC that may direct us, and was not
-        seen before. Decided before anything is sent, so an injected direction sends nothing."""
-        if keys.parse_node_id(d.node) != self.my_id:
-            why = "for another node"
-        elif ours and not self._asking[peer]:
-            why = "for a request we did not make"
-        elif not await self.trust_dc(env.sender, keys.parse_node_id(d.home_dc), ours):
-            why = "not signed by a DC that may direct us"
-        else:
-            try:
-                self._guard.check_and_add(env, self.clock.wall_ms())
-                return True
-            except SignatureError:
-                why = "replayed"
-        self.forged_directions += 1
-        self._forgeries.note(why)
-        return False
+            raise NodeError("tunnel_failed", f"tunnel to {keys.checksum(peer)} failed: {exc}") from None
+        return self._place(ch, d, path, peer, resume)
 
     def _refusal(self, peer: bytes) -> messages.Refusal | None:
         """Why we do not serve a direction a peer asked for (None: we do): not on the allow list,
@@ -299,28 +291,14 @@ class Tunnels:
         return tunnel
 
     async def _directed(self, peer: bytes, route: str | None, resume: bytes | None) -> Tunnel:
-        self._asking[peer] += 1  # before asking: the DC pushes our direction before it answers
-        path = b""
-        try:
-            try:
-                path = await self.ask(peer, route, resume)
-            except NodeError as exc:
-                if exc.abandoned is not None:  # we were directed first (the peer initiates), then it failed
-                    self._abandon(exc.abandoned)
-                raise
-            return await asyncio.wait_for(self._opening_future(path), TUNNEL_TIMEOUT_S + 2)
-        finally:
-            self._opening.pop(path, None)
-            self._asking[peer] -= 1
-            if not self._asking[peer]:
-                del self._asking[peer]
-
-    def _abandon(self, path: bytes) -> None:
-        """Stop opening our own direction `path` (no handshake will come: the peer refused)."""
-        task = self._following.pop(path, None)
-        if task is not None:
-            task.cancel()  # Endpoint.open forgets the path
-        self._opening.pop(path, None)
+        """Ask for a direction to `peer` and open the path it describes: the DC's one reply carries
+        our Route Direction, checked as a pushed one is (§8.1) and that it answers this request."""
+        opened = await self._opened(await self.ask(peer, route, resume))
+        if opened is None or not opened[2] or keys.parse_node_id(opened[1].peer) != peer:
+            raise NodeError(
+                "forged_direction", f"the DC's answer for {keys.checksum(peer)} is not a direction to follow"
+            )
+        return await self._open(opened[1])
 
     async def connect(self, peer: bytes, force_relay: bool = False, fresh: bool = False) -> Tunnel:
         """The working tunnel to `peer` if there is one (reused: no new path), else ask the DC for

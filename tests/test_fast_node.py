@@ -76,14 +76,15 @@ def test_a_repair_backs_off_on_refusals_and_stays_fast_after_a_path_loss():
 
 class FakeDcs:
     """Plays the DCs for two tunnel tables: a Direction Request becomes one signed Route Direction
-    for each end (peer first, or the requester first when the peer initiates), with each other's
-    in-memory address as the candidate; the peer's refusal fails the request as the DCs do."""
+    for each end, with each other's in-memory address as the candidate: the peer's pushed first
+    (it waits, or it initiates), the requester's as the one reply; the peer's refusal fails the
+    request as the DCs do, and the requester then gets no direction."""
 
     def __init__(self, clock: FakeClock) -> None:
         self.clock = clock
         self.ends: dict[bytes, tuple[Tunnels, tuple[str, int], bytes]] = {}
         self.forge_peer_key = False
-        self.requester_first = False  # the peer initiates: the requester is directed first
+        self.peer_initiates = False  # its Tunnel Requests may come before the requester has its reply
         self.requests = 0
         self.pushed: dict[bytes, list[dict]] = {}  # directions given to each node
 
@@ -116,20 +117,14 @@ class FakeDcs:
         async def ask(peer: bytes, route: str | None, resume: bytes | None) -> bytes:
             self.requests += 1
             path = os.urandom(8)
-            mine, theirs = self.ends[me][0], self.ends[peer][0]
-            if self.requester_first:
-                await mine.on_direction(self.direction(me, peer, path, "wait", me, resume))
-                ack = await theirs.on_direction(self.direction(peer, me, path, "initiate", me, resume))
-            else:
-                ack = await theirs.on_direction(self.direction(peer, me, path, "wait", me, resume))
-                if ack is not None and ack.refused is None:
-                    await mine.on_direction(self.direction(me, peer, path, "initiate", me, resume))
+            theirs, mine = ("initiate", "wait") if self.peer_initiates else ("wait", "initiate")
+            ack = await self.ends[peer][0].on_direction(self.direction(peer, me, path, theirs, me, resume))
             assert ack is not None and ack.path == path.hex()
             if ack.refused is not None:
-                exc = NodeError(ack.refused, "the peer refused")
-                exc.abandoned = path if self.requester_first else None
-                raise exc
-            return path
+                raise NodeError(ack.refused, "the peer refused")
+            if self.peer_initiates:
+                await asyncio.sleep(0.05)  # the peer's first Tunnel Request is there before our reply
+            return envelope.signed(self.direction(me, peer, path, mine, me, resume))
 
         return ask
 
@@ -315,18 +310,38 @@ async def test_a_peer_that_does_not_admit_us_refuses_at_once_with_its_reason(pai
     assert not ta.table and not tb.table and not net.sent
 
 
-async def test_a_refusal_after_we_were_directed_stops_our_half_opened_path(pair):
-    """The peer initiates, so we are directed (and listen) first; then the peer refuses. The DC's
-    error names the path: connect() fails at once and the path is forgotten, not kept listening
-    (or binding at the relay) until the handshake timeout."""
+async def test_a_peer_that_initiates_and_refuses_leaves_us_nothing_half_opened(pair):
+    """The peer initiates (we wait) and refuses: the DC asked it before answering us, so connect()
+    fails at once with its reason and we never opened a path to listen on (or bind at the relay)."""
     clock, net, dcs, [(ta, ea, _), (tb, _, idb)] = pair
-    dcs.requester_first = True
+    dcs.peer_initiates = True
     tb.admit = lambda peer: False
     with pytest.raises(NodeError) as exc:
         await asyncio.wait_for(ta.connect(idb), 0.5)
-    assert exc.value.code == "not_allowed" and exc.value.abandoned is not None
+    assert exc.value.code == "not_allowed"
     await asyncio.sleep(0.05)
-    assert not ea.sessions and not ta._opening and not ta._following
+    assert not ea.sessions and not ta.table and not net.sent
+
+
+async def test_a_tunnel_request_that_arrives_before_our_reply_is_answered_at_once(pair):
+    """One reply (§8.1): the peer initiates as soon as it is directed, so its first Tunnel Request
+    reaches us before the DC's reply does. The endpoint keeps it and answers it when the path
+    opens: the tunnel is up without waiting for the peer's 250 ms retransmission. A stranger's
+    Requests for random paths fill the bounded store, pushing out the oldest, and are never answered."""
+    from node import endpoint
+
+    clock, net, dcs, [(ta, ea, _), (tb, _, idb)] = pair
+    dcs.peer_initiates = True
+    a = await asyncio.wait_for(ta.connect(idb), 2)
+    assert ea.stats["early_requests"] == 1 and a.channel.established
+    b = await asyncio.wait_for(tb.accept(), 1)
+    requests_from_b = [d for src, dst, d in net.sent if dst == ea.local_addr and d[0] == 0x01]
+    assert len(requests_from_b) == 1 and b.channel.established  # answered: no retransmission needed
+    sent = len(net.sent)
+    for i in range(endpoint.EARLY_REQUESTS_MAX + 10):
+        ea._on_datagram(b"\x01" + i.to_bytes(8, "big") + b"junk" * 20, ("203.0.113.9", 4330))
+    assert len(ea._early) == endpoint.EARLY_REQUESTS_MAX and (10).to_bytes(8, "big") in ea._early
+    assert len(net.sent) == sent  # nothing answered, nothing decrypted
 
 
 async def test_connect_reuses_a_working_tunnel_and_keeps_relay_pinning(pair):

@@ -150,7 +150,7 @@ async def injected_directions(net, workdir: Path) -> dict:
                 tb = await asyncio.wait_for(b.accept(), 5)
                 await ta.channel.send(b"genuine")
                 assert await asyncio.wait_for(tb.channel.recv(), 5) == b"genuine"
-                genuine = next(m["direction"] for m in proxy.seen if m.get("type") == "direction")
+                genuine = next(m["direction"] for m in proxy.seen if m.get("direction"))  # in A's one reply
                 await proxy.inject({"type": "direction", "direction": genuine})  # replayed
                 await until(lambda: a.tunnel_table.forged_directions == 3, timeout=5)
                 await asyncio.sleep(0.5)  # anything sent because of the injections has arrived by now

@@ -171,15 +171,10 @@ async def test_a_lying_dc_cannot_substitute_the_peers_key(tmp_path):
                 }
                 await ws.send_json(
                     {
-                        "type": "direction",
-                        "direction": envelope.seal(dc_key, "route-direction", body, int(time.time() * 1000)),
-                    }
-                )
-                await ws.send_json(
-                    {
                         "type": "direction-result",
                         "id": req["id"],
                         "route": {"path": "ab" * 8, "kind": "direct", "reason": "lie", "role": "initiate"},
+                        "direction": envelope.seal(dc_key, "route-direction", body, int(time.time() * 1000)),
                     }
                 )
         return ws
