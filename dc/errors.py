@@ -19,8 +19,8 @@ class DirectionError(CodedError):
     """A Direction Request that cannot be served: the lookup codes, plus revoked, offline, self,
     not_home, no_relay, and the peer's answer: not_allowed, peer_busy, peer_unresponsive.
 
-    `abandoned`: the path ID already pushed to the requester when the request failed after that;
-    its node stops following it."""
+    `abandoned` (the old two-message form only, §8.1): the path ID already pushed to the requester
+    when the request failed after that; its node stops following it."""
 
     STATUS = {
         "rate_limited": 429,

@@ -1,10 +1,11 @@
 """Direction Requests: a node asks its DC for a route to a peer; the DC directs both ends.
 
 The requester's DC gets the peer's key and addresses (locally or by an NTM Information Request
-to the peer's home DC), decides the route (ntm/route.py), books a relay path as fallback, and sends
-a signed Route Direction to each node: the peer's through the peer's home DC, first, so the peer
-is listening before the requester starts. Each node acknowledges its push (it follows the path, or
-refuses it: allow list, rate), so a refusal reaches the requester at once. docs/PROTOCOL.md §8.
+to the peer's home DC), decides the route (ntm/route.py), books a relay path as fallback, and signs
+a Route Direction for each node: the peer's is pushed (through the peer's home DC) first and
+acknowledged (it follows the path, or refuses it: allow list, rate), then the requester's goes in
+the one reply to its request, so a refusal reaches the requester at once and hands it nothing to
+follow (nodes from before that get the old pair: pushed, then the result). docs/PROTOCOL.md §8.
 """
 
 from __future__ import annotations

@@ -6,8 +6,11 @@ tests/lab/."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+from types import SimpleNamespace
 
+import aiohttp
 import pytest
 
 from node import liveness
@@ -379,3 +382,53 @@ async def test_a_refused_repair_waits_before_asking_again(pair):
     await asyncio.sleep(0.7)
     assert dcs.requests == 2 and not a.recovering.done()  # connect, one refused repair; still waiting
     a.recovering.cancel()
+
+
+class ScriptedSession:
+    """The node's side of a DC session whose DC answers each frame with `answer(frame)`."""
+
+    def __init__(self, answer) -> None:
+        self.answer, self.sent, self.inbox = answer, [], asyncio.Queue()
+
+    async def send_json(self, obj: dict) -> None:
+        self.sent.append(obj)
+        self.inbox.put_nowait(SimpleNamespace(type=aiohttp.WSMsgType.TEXT, data=json.dumps(self.answer(obj))))
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        return await self.inbox.get()
+
+
+@pytest.mark.parametrize("dc", ["new", "old", "no_direction"])
+async def test_a_direction_request_is_answered_by_one_reply_or_fails_at_once(dc):
+    """One reply per Direction Request (§8.1): the node asks `inline` and returns the direction
+    in the result. Mixed versions: a DC older than that refuses the unknown field with a session
+    error that names no request: the waiting request fails at once (malformed), not after the 8 s
+    timeout; a result without a direction is a refusal, never an empty success."""
+    from node.dc_session import DcSession
+
+    direction = envelope.signed(envelope.seal(DC_KEY, messages.ROUTE_DIRECTION, {"path": "ab" * 8}, 1))
+
+    def answer(req: dict) -> dict:
+        if dc == "old":
+            return {"type": "error", "error": "malformed", "message": "Object contains unknown field `inline`"}
+        route = messages.RouteChoice("ab" * 8, "direct", "test", "initiate")
+        got = direction if dc == "new" else None
+        return messages.encode(messages.DirectionResult(req["id"], route=route, direction=got))
+
+    session = DcSession(keys.generate(), "http://dc.test:8330", None, FakeClock(), 25.0, [], None, lambda: None)
+    session.ws = ws = ScriptedSession(answer)
+    session._session_up.set()
+    reader = asyncio.create_task(session._read_session(ws))
+    try:
+        if dc == "new":
+            assert await asyncio.wait_for(session.direction(b"\x02" * 20), 1) == direction
+        else:
+            with pytest.raises(NodeError) as exc:
+                await asyncio.wait_for(session.direction(b"\x02" * 20), 1)
+            assert exc.value.code == ("malformed" if dc == "old" else "refused")
+        assert [m["inline"] for m in ws.sent] == [True] and not session._results
+    finally:
+        reader.cancel()
