@@ -385,33 +385,43 @@ async def test_a_refused_repair_waits_before_asking_again(pair):
 
 
 class ScriptedSession:
-    """The node's side of a DC session whose DC answers each frame with `answer(frame)`."""
+    """The node's side of a DC session whose DC answers each frame with `answer(frame)` (None: the
+    session drops instead)."""
 
     def __init__(self, answer) -> None:
         self.answer, self.sent, self.inbox = answer, [], asyncio.Queue()
 
     async def send_json(self, obj: dict) -> None:
         self.sent.append(obj)
-        self.inbox.put_nowait(SimpleNamespace(type=aiohttp.WSMsgType.TEXT, data=json.dumps(self.answer(obj))))
+        got = self.answer(obj)
+        self.inbox.put_nowait(got and SimpleNamespace(type=aiohttp.WSMsgType.TEXT, data=json.dumps(got)))
 
     def __aiter__(self):
         return self
 
     async def __anext__(self):
-        return await self.inbox.get()
+        msg = await self.inbox.get()
+        if msg is None:
+            raise StopAsyncIteration
+        return msg
 
 
-@pytest.mark.parametrize("dc", ["new", "old", "no_direction"])
-async def test_a_direction_request_is_answered_by_one_reply_or_fails_at_once(dc):
+@pytest.mark.parametrize(
+    "dc, code", [("new", None), ("old", "malformed"), ("no_direction", "refused"), ("drops", "dc_lost")]
+)
+async def test_a_direction_request_is_answered_by_one_reply_or_fails_at_once(dc, code):
     """One reply per Direction Request (§8.1): the node asks `inline` and returns the direction
     in the result. Mixed versions: a DC older than that refuses the unknown field with a session
     error that names no request: the waiting request fails at once (malformed), not after the 8 s
-    timeout; a result without a direction is a refusal, never an empty success."""
+    timeout; a result without a direction is a refusal, never an empty success; a session that
+    drops between request and reply fails it at once (dc_lost: the caller's repair asks again)."""
     from node.dc_session import DcSession
 
     direction = envelope.signed(envelope.seal(DC_KEY, messages.ROUTE_DIRECTION, {"path": "ab" * 8}, 1))
 
-    def answer(req: dict) -> dict:
+    def answer(req: dict) -> dict | None:
+        if dc == "drops":
+            return None
         if dc == "old":
             return {"type": "error", "error": "malformed", "message": "Object contains unknown field `inline`"}
         route = messages.RouteChoice("ab" * 8, "direct", "test", "initiate")
@@ -428,7 +438,7 @@ async def test_a_direction_request_is_answered_by_one_reply_or_fails_at_once(dc)
         else:
             with pytest.raises(NodeError) as exc:
                 await asyncio.wait_for(session.direction(b"\x02" * 20), 1)
-            assert exc.value.code == ("malformed" if dc == "old" else "refused")
+            assert exc.value.code == code
         assert [m["inline"] for m in ws.sent] == [True] and not session._results
     finally:
         reader.cancel()
