@@ -40,14 +40,19 @@ def save_keystore(key: coincurve.PrivateKey, path: Path, passphrase: str = "") -
     os.replace(tmp, path)
 
 
-def load_keystore(path: Path, passphrase: str = "") -> coincurve.PrivateKey:
-    """Read a keystore; KeystoreError for a missing/corrupt file or a wrong passphrase."""
+def read_blob(path: Path) -> dict:
+    """The keystore's JSON, unopened (no passphrase needed); KeystoreError for a missing/corrupt file."""
     try:
-        blob = json.loads(Path(path).read_text())
+        return json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise KeystoreError(f"no key file at {path} (create one with `ntm keygen`)") from None
     except (OSError, ValueError) as exc:
         raise KeystoreError(f"key file {path} is unreadable: {exc}") from None
+
+
+def load_keystore(path: Path, passphrase: str = "") -> coincurve.PrivateKey:
+    """Read a keystore; KeystoreError for a missing/corrupt file or a wrong passphrase."""
+    blob = read_blob(path)
     try:
         secret = decrypt(blob, passphrase)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
