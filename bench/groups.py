@@ -34,6 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dc.groups import GroupService  # noqa: E402
+from labkit import nodeproc  # noqa: E402
 from node import control  # noqa: E402
 from node.peers import PeerBook  # noqa: E402
 from ntm import envelope, group, keys  # noqa: E402
@@ -120,29 +121,7 @@ async def fanout(workdir: Path, members: int = FANOUT_MEMBERS, sends: int = FANO
             book = PeerBook.load(h)
             book.allow.add(keys.parse_node_id(ids[0]))
             book.save(h)
-        procs = [
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "node.cli",
-                    "--home",
-                    str(h),
-                    "--json",
-                    "up",
-                    "--no-tun",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    "0",
-                ],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL,
-                stdin=subprocess.DEVNULL,
-                text=True,
-            )
-            for h in homes
-        ]
+        procs = [nodeproc.start_up(h, stderr=subprocess.DEVNULL) for h in homes]
         try:
             for p in procs:
                 json.loads(await asyncio.to_thread(p.stdout.readline))
