@@ -303,13 +303,10 @@ def on_path(tmp: Path, quick: bool) -> dict | None:
     """labkit/lab/onpath.py's scenario (an attacker in the node's NAT router); None without the lab."""
     from labkit.lab.fed import Federation
     from labkit.lab.onpath import on_path as scenario
-    from labkit.lab.topology import Lab, lab_available, sweep_stale
+    from labkit.lab.topology import Lab, lab_ready
 
-    reason = lab_available()
-    if reason:
-        print(f"on-path lab scenario skipped: {reason}", file=sys.stderr)
+    if not lab_ready("on-path lab scenario"):
         return None
-    sweep_stale()
     with Lab() as lab, Federation(lab, tmp, n_dcs=2, plain=(1,)) as fed:
         return scenario(fed, quick)
 
