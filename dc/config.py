@@ -9,7 +9,7 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from daemon import startup, tlspin
+from daemon import keystore, startup, tlspin
 from daemon.service import HTTP_IDLE_TIMEOUT_S, daemon_parser
 from dc.coordinator import NEW_NODES_PER_HOUR
 
@@ -56,12 +56,7 @@ def parser() -> argparse.ArgumentParser:
         type=startup.readable_file,
         help=f"DC chain key (keystore JSON; passphrase from ${PASSPHRASE_ENV})",
     )
-    p.add_argument(
-        "--passphrase-file",
-        type=startup.readable_file,
-        metavar="FILE",
-        help=f"read the key's passphrase from this file instead of ${PASSPHRASE_ENV}",
-    )
+    keystore.passphrase_file_arg(p, PASSPHRASE_ENV)
     p.add_argument("--hostname", help="name this DC is known by (as admitted on chain)")
     p.add_argument(
         "--http-host", help="HTTP listen address (default 127.0.0.1; 0.0.0.0 or :: = every address, IPv4 and IPv6)"
