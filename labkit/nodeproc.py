@@ -9,6 +9,23 @@ import sys
 from pathlib import Path
 
 
+def ntm(home: Path, *args: str, check: bool = True, timeout: float = 60.0):
+    """`ntm --json ARGS` for the node in `home`: its parsed output; with check=False the
+    CompletedProcess, whatever its exit code."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "node.cli", "--home", str(home), "--json", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+    if not check:
+        return proc
+    if proc.returncode:
+        raise RuntimeError(f"ntm {' '.join(args)}: exit {proc.returncode}: {proc.stderr}")
+    return json.loads(proc.stdout)
+
+
 def start_up(home: Path, *extra: str, stderr: int = subprocess.PIPE) -> subprocess.Popen:
     """The daemon of the node in `home`, datagram mode (no TUN, no root) on an ephemeral loopback port;
     its stdout carries one JSON line per event (read the first with `read_json_line`)."""
