@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from daemon.startup import INSECURE_FLAG
 from ntm import keys, messages, tls_binding
 from ntm.clock import Clock
 from ntm.errors import CodedError, ParseError, SignatureError
@@ -39,8 +40,6 @@ log = logging.getLogger("ntm.tls")
 # The certificate's own validity is not what makes it trusted (the binding is), so it is long:
 # rotating means deleting the files; clients re-check the binding when the pin fails.
 CERT_VALID_DAYS = 3650
-# Plain HTTP is for development only; every process that allows it says so with this flag.
-INSECURE_FLAG = "--insecure-plain-http"
 # A relay's pin, after `#` in its URL: the SHA-256 of its certificate (DER), what aiohttp's
 # Fingerprint checks. The whole certificate, not its key: rotating it is deleting the files.
 PIN_HASH = "sha256"

@@ -112,12 +112,7 @@ def parser() -> argparse.ArgumentParser:
         "chain key; default: one made at first start beside --db); with --tls-key",
     )
     p.add_argument("--tls-key", type=Path, metavar="PEM", help="the TLS certificate's private key")
-    p.add_argument(
-        "--insecure-plain-http",
-        action="store_true",
-        default=None,
-        help="serve plain HTTP/WebSocket, no TLS (development only: keepalive tokens and relay keys cross in clear)",
-    )
+    startup.insecure_arg(p, "serve plain HTTP/WebSocket, no TLS", "keepalive tokens and relay keys", default=None)
     return p
 
 

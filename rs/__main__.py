@@ -109,11 +109,7 @@ def parser() -> argparse.ArgumentParser:
         help="print the certificate's pin (made if absent) and exit: DCs name this relay as "
         "--relay https://HOST:PORT#<pin>",
     )
-    p.add_argument(
-        tlspin.INSECURE_FLAG,
-        action="store_true",
-        help="serve the control API in plain HTTP (development only: relay path tokens cross in clear)",
-    )
+    startup.insecure_arg(p, "serve the control API in plain HTTP", "relay path tokens")
     p.add_argument(
         "--advertise",
         action="append",
