@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from labkit.lab.tcpxfer import CHUNK, Tally, payload  # noqa: E402
+from labkit.lab.tcpxfer import CHUNK, Tally, payload, send_parser  # noqa: E402
 from node.api import AppNode  # noqa: E402
 from ntm import keys  # noqa: E402
 
@@ -61,12 +61,7 @@ def main() -> None:
     s.add_argument("--home", required=True)
     s.add_argument("--port", type=int, required=True)
     s.add_argument("--allow", required=True)
-    c = sub.add_parser("send")
-    c.add_argument("--home", required=True)
-    c.add_argument("--to", required=True)
-    c.add_argument("--port", type=int, required=True)
-    c.add_argument("--bytes", type=int, required=True)
-    c.add_argument("--rate", type=float, default=0.0)
+    send_parser(sub).add_argument("--home", required=True)
     a = ap.parse_args()
     asyncio.run(serve(a) if a.cmd == "serve" else send(a))
 

@@ -87,17 +87,24 @@ def send(a) -> None:
     print(json.dumps(t.report(received=False)), flush=True)
 
 
+def send_parser(sub) -> argparse.ArgumentParser:
+    """The `send` subcommand's flags, alike for every transfer script: to whom, which port, how
+    many bytes, at what rate (bytes/s; 0: as fast as it goes)."""
+    s = sub.add_parser("send")
+    s.add_argument("--to", required=True)
+    s.add_argument("--port", type=int, required=True)
+    s.add_argument("--bytes", type=int, required=True)
+    s.add_argument("--rate", type=float, default=0.0)
+    return s
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("serve")
     s.add_argument("--bind", required=True)
     s.add_argument("--port", type=int, required=True)
-    s = sub.add_parser("send")
-    s.add_argument("--to", required=True)
-    s.add_argument("--port", type=int, required=True)
-    s.add_argument("--bytes", type=int, required=True)
-    s.add_argument("--rate", type=float, default=0.0)
+    send_parser(sub)
     a = p.parse_args()
     {"serve": serve, "send": send}[a.cmd](a)
 
