@@ -66,7 +66,7 @@ from ntm import envelope, keepalive, keys, messages  # noqa: E402
 from ntm.handshake import Initiator  # noqa: E402
 from ntm.tunnel import Session  # noqa: E402
 from scripts.anvil import Anvil  # noqa: E402
-from scripts.procs import Child  # noqa: E402
+from scripts.procs import rs_child  # noqa: E402
 from labkit.dcnet import CountingRpc, DcNet, RecordingProxy, raw_http, register  # noqa: E402
 from labkit.budgets import (
     FLOODERS,
@@ -148,24 +148,7 @@ async def chain_calls(tmp: Path, lookups: int = LOOKUPS) -> tuple[float, float, 
             net = DcNet(tmp, types.SimpleNamespace(url=rpc.url))
             await net.deploy(1)
             await asyncio.to_thread(net.start_dc, 0)
-            rs = await asyncio.to_thread(
-                Child(
-                    "rs",
-                    [
-                        "--rpc-url",
-                        rpc.url,
-                        "--deployment",
-                        str(net.deployment),
-                        "--udp-port",
-                        "0",
-                        "--http-port",
-                        "0",
-                        "--data-dir",
-                        str(tmp),
-                    ],
-                    tmp / "rs.log",
-                ).start
-            )
+            rs = await asyncio.to_thread(rs_child(rpc.url, net.deployment, tmp).start)
             observer = RecordingProxy(("127.0.0.1", int(rs.ready["http"].rsplit(":", 1)[1])))
             relay_url = f"https://127.0.0.1:{await observer.start()}#{rs.ready['pin']}"
             tokens = [os.urandom(32) for _ in range(lookups)]
@@ -315,13 +298,10 @@ def on_path(tmp: Path, quick: bool) -> dict | None:
     """labkit/lab/onpath.py's scenario (an attacker in the node's NAT router); None without the lab."""
     from labkit.lab.fed import Federation
     from labkit.lab.onpath import on_path as scenario
-    from labkit.lab.topology import Lab, lab_available, sweep_stale
+    from labkit.lab.topology import Lab, lab_ready
 
-    reason = lab_available()
-    if reason:
-        print(f"on-path lab scenario skipped: {reason}", file=sys.stderr)
+    if not lab_ready("on-path lab scenario"):
         return None
-    sweep_stale()
     with Lab() as lab, Federation(lab, tmp, n_dcs=2, plain=(1,)) as fed:
         return scenario(fed, quick)
 

@@ -34,6 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dc.groups import GroupService  # noqa: E402
+from labkit import nodeproc  # noqa: E402
 from node import control  # noqa: E402
 from node.peers import PeerBook  # noqa: E402
 from ntm import envelope, group, keys  # noqa: E402
@@ -93,26 +94,13 @@ def rekey_ms(n: int, workdir: Path, rounds: int = REKEY_ROUNDS) -> tuple[float, 
     return statistics.median(totals), statistics.median(gms_parts)
 
 
-def ntm(home: Path, *args: str) -> dict:
-    proc = subprocess.run(
-        [sys.executable, "-m", "node.cli", "--home", str(home), "--json", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        stdin=subprocess.DEVNULL,
-    )
-    if proc.returncode:
-        raise SystemExit(f"ntm {' '.join(args)}: {proc.stderr}")
-    return json.loads(proc.stdout)
-
-
 async def fanout(workdir: Path, members: int = FANOUT_MEMBERS, sends: int = FANOUT_SENDS) -> list[float]:
     async with cs_federation(workdir) as net:
         homes = [workdir / f"m{i}" for i in range(members)]
 
         async def member(home: Path) -> str:
-            nid = (await asyncio.to_thread(ntm, home, "keygen"))["node"]
-            await asyncio.to_thread(ntm, home, "register", *net.dc_args(0))
+            nid = (await asyncio.to_thread(nodeproc.ntm, home, "keygen", timeout=120))["node"]
+            await asyncio.to_thread(nodeproc.ntm, home, "register", *net.dc_args(0), timeout=120)
             return nid
 
         ids = await asyncio.gather(*(member(h) for h in homes))
@@ -120,29 +108,7 @@ async def fanout(workdir: Path, members: int = FANOUT_MEMBERS, sends: int = FANO
             book = PeerBook.load(h)
             book.allow.add(keys.parse_node_id(ids[0]))
             book.save(h)
-        procs = [
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "node.cli",
-                    "--home",
-                    str(h),
-                    "--json",
-                    "up",
-                    "--no-tun",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    "0",
-                ],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL,
-                stdin=subprocess.DEVNULL,
-                text=True,
-            )
-            for h in homes
-        ]
+        procs = [nodeproc.start_up(h, stderr=subprocess.DEVNULL) for h in homes]
         try:
             for p in procs:
                 json.loads(await asyncio.to_thread(p.stdout.readline))

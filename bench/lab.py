@@ -51,7 +51,7 @@ from labkit.lab.subnet import (
     subnet_router,  # noqa: E402
     wait_for_route,
 )
-from labkit.lab.topology import Lab, lab_available, sweep_stale  # noqa: E402
+from labkit.lab.topology import Lab, lab_ready  # noqa: E402
 from labkit.lab.upnode import transfer  # noqa: E402
 
 KEEPALIVE_S = 2.0
@@ -179,11 +179,8 @@ def main() -> int:
     args = ap.parse_args()
     if args.quick:
         args.rounds, args.blast = 1, 0.2
-    reason = lab_available()
-    if reason:
-        print(f"bench/lab.py skipped: {reason}")
+    if not lab_ready("bench/lab.py"):
         return 0
-    sweep_stale()
     t_start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="ntm-bench-lab-") as tmp, Lab() as lab:
         fed = Federation(

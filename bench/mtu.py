@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from labkit.lab.fed import Federation  # noqa: E402
 from labkit.lab.roam_mtu import MtuPair, mtu_move  # noqa: E402
-from labkit.lab.topology import Lab, lab_available, sweep_stale  # noqa: E402
+from labkit.lab.topology import Lab, lab_ready  # noqa: E402
 
 KEEPALIVE_S = 2.0  # as the lab tests
 #: The move's download is paced so that it still runs when A moves (2 s in).
@@ -69,11 +69,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny sizes, same code paths (CI)")
     args = ap.parse_args()
-    reason = lab_available()
-    if reason:
-        print(f"bench/mtu.py skipped: {reason}")
+    if not lab_ready("bench/mtu.py"):
         return 0
-    sweep_stale()
     nbytes = (2 if args.quick else 20) * 1_000_000
     rounds = 1 if args.quick else ROUNDS
     t0 = time.monotonic()

@@ -34,7 +34,7 @@ from chain.registry import Registry  # noqa: E402
 from dc.federation import FederationClient  # noqa: E402
 from rs.relay import RelayTable  # noqa: E402
 from scripts.anvil import DEV_KEYS, Anvil  # noqa: E402
-from scripts.procs import Child  # noqa: E402
+from scripts.procs import rs_child  # noqa: E402
 
 WINDOW = 64
 LOSS_WAIT = 0.05
@@ -75,22 +75,7 @@ async def through_process(seconds: float, payload: int, directions: int = 50) ->
         dep = Path(tmp) / "deployment.json"
         dep.write_text(json.dumps({"chain_id": owner.chain_id, "registry": keys.checksum(owner.address)}))
         await owner.close()
-        rs = Child(
-            "rs",
-            [
-                "--rpc-url",
-                chain.url,
-                "--deployment",
-                str(dep),
-                "--udp-port",
-                "0",
-                "--http-port",
-                "0",
-                "--data-dir",
-                tmp,
-            ],
-            Path(tmp) / "rs.log",
-        ).start()
+        rs = rs_child(chain.url, dep, Path(tmp)).start()
         try:
             port = rs.ready["udp_port"]
             nodes = [keys.node_id_of(keys.generate()) for _ in range(2)]

@@ -41,7 +41,7 @@ from labkit.lab.roam_deadpath import CUT_TRANSFER_BYTES, dc_link_loss_failover, 
 from labkit.lab.roam_loss import bench_numbers  # noqa: E402
 from labkit.lab.roam_mbb import make_before_break  # noqa: E402
 from labkit.lab.roam_udp import udp_blocked  # noqa: E402
-from labkit.lab.topology import Lab, lab_available, sweep_stale  # noqa: E402
+from labkit.lab.topology import Lab, lab_ready  # noqa: E402
 
 KEEPALIVE_S = 2.0  # as most lab tests: NAT timeouts there are short
 # --quick: the failover is measured under a shorter transfer (it need not outlast the failover).
@@ -93,11 +93,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny sizes, same code paths (CI)")
     args = ap.parse_args()
-    reason = lab_available()
-    if reason:
-        print(f"bench/roam.py skipped: {reason}")
+    if not lab_ready("bench/roam.py"):
         return 0
-    sweep_stale()
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="ntm-bench-roam-") as tmp:
         if args.quick:  # one federation for all: starting one takes ~17 s on a loaded 2-core machine

@@ -50,19 +50,14 @@ def parser() -> argparse.ArgumentParser:
         required=True,
         help=f"the DC's key (keystore; passphrase ${PASSPHRASE_ENV})",
     )
-    p.add_argument(
-        "--passphrase-file", type=startup.readable_file, metavar="FILE", help="the keystore passphrase, from a file"
-    )
+    keystore.passphrase_file_arg(p, PASSPHRASE_ENV)
     p.add_argument(
         "--data-dir",
         type=startup.creatable_path,
         default=Path("cs-data"),
         help="SQLite index and blobs (default ./cs-data)",
     )
-    p.add_argument("--http-host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
-    p.add_argument(
-        "--http-port", type=startup.port, default=DEFAULT_HTTP_PORT, help=f"default {DEFAULT_HTTP_PORT}; 0 = any"
-    )
+    service.http_listen_args(p, "HTTP", DEFAULT_HTTP_PORT)
     p.add_argument(
         "--public-url", type=startup.http_url, help="the URL nodes reach this CS at (default http://HOST:PORT)"
     )

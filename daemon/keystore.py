@@ -8,6 +8,7 @@ pairing library) on every command that opens a key. tests/test_keystore.py check
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import hmac
 import json
@@ -18,6 +19,7 @@ import coincurve
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from eth_utils import keccak
 
+from daemon import startup
 from ntm.errors import KeystoreError
 
 # hashlib.scrypt refuses more than maxmem; eth-account's default (n = 2^18, r = 8) needs 256 MiB.
@@ -40,14 +42,19 @@ def save_keystore(key: coincurve.PrivateKey, path: Path, passphrase: str = "") -
     os.replace(tmp, path)
 
 
-def load_keystore(path: Path, passphrase: str = "") -> coincurve.PrivateKey:
-    """Read a keystore; KeystoreError for a missing/corrupt file or a wrong passphrase."""
+def read_blob(path: Path) -> dict:
+    """The keystore's JSON, unopened (no passphrase needed); KeystoreError for a missing/corrupt file."""
     try:
-        blob = json.loads(Path(path).read_text())
+        return json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise KeystoreError(f"no key file at {path} (create one with `ntm keygen`)") from None
     except (OSError, ValueError) as exc:
         raise KeystoreError(f"key file {path} is unreadable: {exc}") from None
+
+
+def load_keystore(path: Path, passphrase: str = "") -> coincurve.PrivateKey:
+    """Read a keystore; KeystoreError for a missing/corrupt file or a wrong passphrase."""
+    blob = read_blob(path)
     try:
         secret = decrypt(blob, passphrase)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -80,6 +87,16 @@ def decrypt(blob: dict, passphrase: str) -> bytes | None:
     iv = bytes.fromhex(crypto["cipherparams"]["iv"])
     dec = Cipher(algorithms.AES(derived[:16]), modes.CTR(iv)).decryptor()
     return dec.update(ciphertext) + dec.finalize()
+
+
+def passphrase_file_arg(p: argparse.ArgumentParser, env: str) -> None:
+    """--passphrase-file, for `passphrase(env, args.passphrase_file)`: every server's key file opens the same way."""
+    p.add_argument(
+        "--passphrase-file",
+        type=startup.readable_file,
+        metavar="FILE",
+        help=f"read the key's passphrase from this file instead of ${env}",
+    )
 
 
 def passphrase(env: str, file: Path | None = None) -> str:

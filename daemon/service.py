@@ -113,6 +113,12 @@ def daemon_parser(prog: str, description: str, chain_required: bool) -> argparse
     return p
 
 
+def http_listen_args(p: argparse.ArgumentParser, what: str, port: int) -> None:
+    """--http-host (loopback by default: opening a server to others is a choice) and --http-port."""
+    p.add_argument("--http-host", default="127.0.0.1", help=f"{what} listen address (default 127.0.0.1)")
+    p.add_argument("--http-port", type=startup.port, default=port, help=f"{what} port (default {port}; 0 = any)")
+
+
 def idle_timeout_arg(p: argparse.ArgumentParser) -> None:
     """--http-idle-timeout, for every HTTP daemon (the CS has a parser of its own)."""
     p.add_argument(

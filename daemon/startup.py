@@ -13,10 +13,23 @@ from typing import Callable, NoReturn
 from urllib.parse import urlsplit
 
 USAGE, INTERRUPTED = 2, 130  # the exit codes of the README's table
+# Plain HTTP is for development only; every process that allows it says so with this flag.
+INSECURE_FLAG = "--insecure-plain-http"
 
 
 class Refused(ValueError):
     """A value refused for a reason worth printing beside what was expected."""
+
+
+def insecure_arg(p: argparse.ArgumentParser, allows: str, exposed: str, default: bool | None = False) -> None:
+    """The flag that allows plain HTTP, said alike by every program: what it `allows`, and what is
+    then `exposed` in clear. `default` None: a config file may set it (ntm-dc)."""
+    p.add_argument(
+        INSECURE_FLAG,
+        action="store_true",
+        default=default,
+        help=f"{allows} (development only: {exposed} cross in clear)",
+    )
 
 
 class OneLineParser(argparse.ArgumentParser):

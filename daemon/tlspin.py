@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from daemon.startup import INSECURE_FLAG
 from ntm import keys, messages, tls_binding
 from ntm.clock import Clock
 from ntm.errors import CodedError, ParseError, SignatureError
@@ -39,8 +40,6 @@ log = logging.getLogger("ntm.tls")
 # The certificate's own validity is not what makes it trusted (the binding is), so it is long:
 # rotating means deleting the files; clients re-check the binding when the pin fails.
 CERT_VALID_DAYS = 3650
-# Plain HTTP is for development only; every process that allows it says so with this flag.
-INSECURE_FLAG = "--insecure-plain-http"
 # A relay's pin, after `#` in its URL: the SHA-256 of its certificate (DER), what aiohttp's
 # Fingerprint checks. The whole certificate, not its key: rotating it is deleting the files.
 PIN_HASH = "sha256"
@@ -50,14 +49,13 @@ class ChannelError(CodedError):
     """`unreachable`, or `dc_unauthenticated`: the server is not the chain key we expected."""
 
 
-def ensure_certificate(cert: Path, key_path: Path, name: str, clock: Clock) -> tuple[Path, Path]:
-    """The certificate and key at these paths, made (P-256, self-signed, key file 0600) if absent."""
-    if cert.exists() and key_path.exists():
-        return cert, key_path
+def self_signed(name: str, clock: Clock) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A fresh P-256 key and a certificate for it named `name`, signed by itself, valid from a day
+    ago (a peer's clock may be behind) for CERT_VALID_DAYS: trust comes from a pin, not from it."""
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     now = clock.utc()
-    der = (
+    cert = (
         x509.CertificateBuilder()
         .subject_name(subject)
         .issuer_name(subject)
@@ -67,6 +65,14 @@ def ensure_certificate(cert: Path, key_path: Path, name: str, clock: Clock) -> t
         .not_valid_after(now + datetime.timedelta(days=CERT_VALID_DAYS))
         .sign(key, hashes.SHA256())
     )
+    return cert, key
+
+
+def ensure_certificate(cert: Path, key_path: Path, name: str, clock: Clock) -> tuple[Path, Path]:
+    """The certificate and key at these paths, made (P-256, self-signed, key file 0600) if absent."""
+    if cert.exists() and key_path.exists():
+        return cert, key_path
+    der, key = self_signed(name, clock)
     cert.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:

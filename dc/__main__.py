@@ -21,7 +21,6 @@ from dc import config as dc_config, snapshot, wiring
 from dc.cache import REMEMBERED_BLOCKS, RegistryCache
 from dc.chainstatus import ChainStatus
 from dc.coordinator import Coordinator
-from dc.dashboard import FederationProbe
 from dc.presence import KeepaliveProtocol
 from dc.server import make_app
 from dc.store import PRUNE_EVERY_S, Store
@@ -84,7 +83,7 @@ async def serve(cfg: dc_config.DcConfig, stop: asyncio.Event) -> None:
         asyncio.create_task(cache.keep_snapshot(snap_path), name="snapshot"),
         asyncio.create_task(prune_outbox(store, cache, cfg.confirmations), name="outbox-prune"),
     ]
-    probe = FederationProbe(coord)
+    probe = wiring.probe(coord)
     tasks.append(asyncio.create_task(probe.run(), name="federation-probe"))
     runner = httpapp.runner(make_app(coord, chain_status, tuple(cfg.admin_allow), probe), cfg.http_idle_timeout)
     await runner.setup()

@@ -9,7 +9,7 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from daemon import startup, tlspin
+from daemon import keystore, startup, tlspin
 from daemon.service import HTTP_IDLE_TIMEOUT_S, daemon_parser
 from dc.coordinator import NEW_NODES_PER_HOUR
 
@@ -56,12 +56,7 @@ def parser() -> argparse.ArgumentParser:
         type=startup.readable_file,
         help=f"DC chain key (keystore JSON; passphrase from ${PASSPHRASE_ENV})",
     )
-    p.add_argument(
-        "--passphrase-file",
-        type=startup.readable_file,
-        metavar="FILE",
-        help=f"read the key's passphrase from this file instead of ${PASSPHRASE_ENV}",
-    )
+    keystore.passphrase_file_arg(p, PASSPHRASE_ENV)
     p.add_argument("--hostname", help="name this DC is known by (as admitted on chain)")
     p.add_argument(
         "--http-host", help="HTTP listen address (default 127.0.0.1; 0.0.0.0 or :: = every address, IPv4 and IPv6)"
@@ -117,12 +112,7 @@ def parser() -> argparse.ArgumentParser:
         "chain key; default: one made at first start beside --db); with --tls-key",
     )
     p.add_argument("--tls-key", type=Path, metavar="PEM", help="the TLS certificate's private key")
-    p.add_argument(
-        "--insecure-plain-http",
-        action="store_true",
-        default=None,
-        help="serve plain HTTP/WebSocket, no TLS (development only: keepalive tokens and relay keys cross in clear)",
-    )
+    startup.insecure_arg(p, "serve plain HTTP/WebSocket, no TLS", "keepalive tokens and relay keys", default=None)
     return p
 
 

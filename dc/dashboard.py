@@ -21,6 +21,7 @@ import aiohttp
 
 from daemon import tlspin
 from dc import status
+from dc.cache import RegistryCache
 from ntm import keys, messages
 from ntm.clock import Clock
 from ntm.errors import ParseError
@@ -63,19 +64,22 @@ class Directions:
 
 
 class FederationProbe:
-    """Asks every other active DC's /healthz every PROBE_S: reachable, healthy, round trip."""
+    """Asks every other active DC's /healthz every PROBE_S: reachable, healthy, round trip; and each
+    relay's /v1/info for its stream URLs. Given the parts it reads and writes (dc/wiring.py's probe)."""
 
-    def __init__(self, c: Any) -> None:
-        self.c = c
+    def __init__(
+        self, me: bytes, cache: RegistryCache, relays: list[str], relay_streams: dict[str, list[str]], clock: Clock
+    ) -> None:
+        self.me, self.cache, self.relays, self.relay_streams, self.clock = me, cache, relays, relay_streams, clock
         self.results: dict[bytes, Probe] = {}
 
     async def run(self) -> None:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT_S)) as http:
             while True:
-                others = [d for d in self.c.cache.dcs.values() if d.active and d.address != self.c.address]
+                others = [d for d in self.cache.dcs.values() if d.active and d.address != self.me]
                 await asyncio.gather(
                     *(self._probe(http, d.address, d.endpoint) for d in others),
-                    *(self._relay(http, url) for url in self.c.relays),
+                    *(self._relay(http, url) for url in self.relays),
                 )
                 await asyncio.sleep(PROBE_S)
 
@@ -85,12 +89,12 @@ class FederationProbe:
             target = tlspin.relay_target(url)  # over TLS pinned by --relay, as bookings are
             async with http.get(target.base + "/v1/info", ssl=target.ssl()) as r:
                 info = await r.json()
-            self.c.relay_streams[url] = messages.decode(messages.StreamUrls, info.get("streams", []))
+            self.relay_streams[url] = messages.decode(messages.StreamUrls, info.get("streams", []))
         except (aiohttp.ClientError, OSError, TimeoutError, ValueError, AttributeError, ParseError):
             pass  # unreachable or not a relay: what bookings told us stays
 
     async def _probe(self, http: aiohttp.ClientSession, dc: bytes, endpoint: str) -> None:
-        clock = self.c.clock
+        clock = self.clock
         t0 = clock.now()
         try:
             tls = await tlspin.ssl_for(http, endpoint.rstrip("/"), dc, PROBE_TIMEOUT_S)  # pinned to its chain key

@@ -15,7 +15,7 @@ from aiohttp import WSMsgType, web
 
 from daemon import httpapp, service
 from daemon.metrics import CONTENT_TYPE
-from dc import dashboard
+from dc import dashboard, wiring
 from dc import exit as dc_exit
 from dc.chainstatus import ChainStatus
 from dc.coordinator import Coordinator
@@ -325,7 +325,7 @@ def make_app(
     app = httpapp.make_app(MAX_BODY, count_refusal)
     app[COORDINATOR] = coordinator
     app[CHAIN_STATUS] = chain_status
-    app[PROBE] = probe or dashboard.FederationProbe(coordinator)
+    app[PROBE] = probe or wiring.probe(coordinator)
     app[STARTED] = coordinator.clock.now()
     app[EXIT_BOOKER] = dc_exit.ExitBooker(coordinator)
     coordinator.metrics.watch(coordinator, chain_status)

@@ -19,7 +19,7 @@ from dc.coordinator import (
     Limits,
     Parts,
 )
-from dc.dashboard import Directions
+from dc.dashboard import Directions, FederationProbe
 from dc.federation import FederationClient, Transport
 from dc.groups import GroupService
 from dc.metrics import DcMetrics
@@ -85,3 +85,8 @@ def build(
     cache.on_rollback = submitter.recheck  # a rolled-back record is submitted again
     cache.on_revoked = presence.revoke  # a revocation from the chain ends the session here
     return coord
+
+
+def probe(coord: Coordinator) -> FederationProbe:
+    """The dashboard's federation probe over this Coordinator's registry cache, relays and clock."""
+    return FederationProbe(coord.address, coord.cache, coord.relays, coord.relay_streams, coord.clock)

@@ -21,7 +21,7 @@ from ntm import keys
 from ntm.registration import RegistrationRequest
 from chain.registry import Registry
 from scripts.anvil import DEV_KEYS, Anvil
-from scripts.procs import READY_TIMEOUT_S, Child, dc_child, free_port, has_ipv6_loopback
+from scripts.procs import READY_TIMEOUT_S, Child, dc_child, free_port, has_ipv6_loopback, rs_child
 
 
 @dataclass
@@ -128,28 +128,13 @@ class DcNet:
     def start_rs(self) -> Child:
         """A relay on 127.0.0.1 + ::1 that records what it forwards (to prove it sees only ciphertext)."""
         port = free_port(socket.SOCK_DGRAM)
-        self.rs = Child(
-            "rs",
-            [
-                "--rpc-url",
-                self.chain.url,
-                "--deployment",
-                str(self.deployment),
-                "--udp-port",
-                str(port),
-                "--http-port",
-                "0",
-                "--stream-port",
-                "0",
-                "--advertise",
-                f"127.0.0.1:{port}",
-                *(["--advertise", f"[::1]:{port}"] if has_ipv6_loopback() else []),
-                "--capture",
-                str(self.workdir / "relay-capture.hex"),
-                "--data-dir",
-                str(self.workdir),
-            ],
-            self.workdir / "rs.log",
+        v6 = ["--advertise", f"[::1]:{port}"] if has_ipv6_loopback() else []
+        self.rs = rs_child(
+            self.chain.url,
+            self.deployment,
+            self.workdir,
+            *["--advertise", f"127.0.0.1:{port}", *v6, "--capture", str(self.workdir / "relay-capture.hex")],
+            udp_port=port,
         ).start()
         self.relays = [self.rs.ready["control"]]  # its URL and its certificate's pin
         return self.rs

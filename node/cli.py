@@ -16,6 +16,7 @@ import sys
 import threading
 from pathlib import Path
 
+from daemon import startup
 from node import state
 from node.output import INTERNAL, INTERRUPTED, USAGE, CliError, fail, show_id
 
@@ -81,11 +82,7 @@ def dc_channel_arguments(s: argparse.ArgumentParser) -> None:
         help="the DC's chain address, which its TLS certificate must be bound to (needed for a DC this "
         "node does not know yet; ask its operator)",
     )
-    s.add_argument(
-        "--insecure-plain-http",
-        action="store_true",
-        help="allow a plain http:// DC (development only: tokens and keys cross in clear)",
-    )
+    startup.insecure_arg(s, "allow a plain http:// DC", "tokens and keys")
 
 
 class LazyVersion(argparse._VersionAction):

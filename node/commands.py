@@ -173,7 +173,9 @@ async def cmd_id(args, base: Path) -> None:
 
 
 async def sign_and_register(args, base: Path, revoked: bool) -> None:
-    key = load_key(args, base)
+    """The DC is checked before the key is opened: a bad --dc is told without a passphrase prompt
+    (a missing key file first: that needs no passphrase either)."""
+    keystore.read_blob(base / state.KEY_FILE)
     st = state.read_state(base)
     if st.get("revoked"):
         raise CliError("this node ID is revoked; create a new one with `ntm keygen --force`")
@@ -181,6 +183,7 @@ async def sign_and_register(args, base: Path, revoked: bool) -> None:
     pin = dc_pin(args, base, st, url)
     if pin is None and url.startswith("https://"):
         raise await unknown_dc(url, args.timeout)
+    key = load_key(args, base)
     async with DcClient(url, args.timeout, pin=pin) as dc:
         info = await dc.info()
         if st.get("chain_id") and (st["chain_id"], st["registry"]) != (info.chain_id, info.registry):

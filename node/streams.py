@@ -19,7 +19,6 @@ any data, so a refused stream fails at once with a reason.
 from __future__ import annotations
 
 import asyncio
-import datetime
 import logging
 import ssl
 import struct
@@ -32,10 +31,9 @@ from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.packet import QuicPacketType, pull_quic_header
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
+from daemon import tlspin
 from daemon.service import BackgroundTasks
 from ntm import keys
 from ntm.clock import SYSTEM, Clock
@@ -75,8 +73,6 @@ REFUSALS = {
     2: ("not_allowed", "the peer's allow list does not admit us"),
 }
 NO_SERVICE, NOT_ALLOWED = 1, 2
-#: A certificate the inner TLS needs but nobody checks (the tunnel authenticates the peer).
-CERT_LIFETIME = datetime.timedelta(days=3650)
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None] | None]
 # For an incoming stream (peer, port): the handler to run, or a refusal code.
@@ -97,21 +93,9 @@ class PeerGone(ConnectionResetError):
 
 
 def self_signed(node_id: bytes, clock: Clock) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    """A throwaway certificate for the inner TLS server (P-256, named after the node ID)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, keys.checksum(node_id))])
-    now = clock.utc()
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + CERT_LIFETIME)
-        .sign(key, hashes.SHA256())
-    )
-    return cert, key
+    """A throwaway certificate for the inner TLS server, named after the node ID: the inner TLS needs
+    one but nobody checks it (the tunnel authenticates the peer)."""
+    return tlspin.self_signed(keys.checksum(node_id), clock)
 
 
 def quic_config(is_client: bool, cert=None, key=None) -> QuicConfiguration:

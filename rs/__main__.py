@@ -94,13 +94,7 @@ def parser() -> argparse.ArgumentParser:
         default=DEFAULT_UDP_PORT,
         help=f"relay UDP port (default {DEFAULT_UDP_PORT}; 0 = any)",
     )
-    p.add_argument("--http-host", default="127.0.0.1", help="control API listen address (default 127.0.0.1)")
-    p.add_argument(
-        "--http-port",
-        type=startup.port,
-        default=DEFAULT_HTTP_PORT,
-        help=f"control API port (default {DEFAULT_HTTP_PORT}; 0 = any)",
-    )
+    service.http_listen_args(p, "control API", DEFAULT_HTTP_PORT)
     p.add_argument(
         "--data-dir",
         type=startup.creatable_path,
@@ -115,11 +109,7 @@ def parser() -> argparse.ArgumentParser:
         help="print the certificate's pin (made if absent) and exit: DCs name this relay as "
         "--relay https://HOST:PORT#<pin>",
     )
-    p.add_argument(
-        tlspin.INSECURE_FLAG,
-        action="store_true",
-        help="serve the control API in plain HTTP (development only: relay path tokens cross in clear)",
-    )
+    startup.insecure_arg(p, "serve the control API in plain HTTP", "relay path tokens")
     p.add_argument(
         "--advertise",
         action="append",

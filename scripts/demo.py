@@ -83,16 +83,7 @@ class Demo:
 
     def ntm(self, who: str, *args: str, expect: tuple[str, ...] = ()) -> str:
         show_cmd(who, list(args))
-        env = {**os.environ, "NTM_HOME": str(self.homes[who])}
-        proc = subprocess.run(
-            [*NTM, *args],
-            capture_output=True,
-            text=True,
-            env=env,
-            cwd=ROOT,
-            timeout=STEP_TIMEOUT_S,
-            stdin=subprocess.DEVNULL,
-        )
+        proc = self._run(who, *args)
         output = proc.stdout + proc.stderr
         print(indent(output), flush=True)
         if proc.returncode != 0:
@@ -184,17 +175,16 @@ class Demo:
             flush=True,
         )
 
-    def _quiet(self, who: str, *args: str) -> str:
+    def _run(self, who: str, *args: str) -> subprocess.CompletedProcess:
+        """`ntm ARGS` as `who` (their NTM_HOME), its output captured."""
         env = {**os.environ, "NTM_HOME": str(self.homes[who])}
-        proc = subprocess.run(
-            [*NTM, *args],
-            capture_output=True,
-            text=True,
-            env=env,
-            cwd=ROOT,
-            timeout=STEP_TIMEOUT_S,
-            stdin=subprocess.DEVNULL,
+        cmd = [*NTM, *args]
+        return subprocess.run(
+            cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=STEP_TIMEOUT_S, stdin=subprocess.DEVNULL
         )
+
+    def _quiet(self, who: str, *args: str) -> str:
+        proc = self._run(who, *args)
         if proc.returncode != 0:
             raise DemoFailed(f"`ntm {' '.join(args)}` failed: {proc.stderr.strip()}")
         return proc.stdout

@@ -28,6 +28,8 @@ from ntm import keys
 from ntm.errors import NtmError
 from chain.registry import Registry, RegistryError, fee_fields, load_artifact
 
+KEY_PASSPHRASE_ENV = "NTM_KEY_PASSPHRASE"  # the deployer keystore's, apart from a DC's: another key
+
 
 class DeployError(NtmError):
     pass
@@ -61,7 +63,7 @@ def load_key(
         if len(key) != 32:
             raise DeployError(f"--key is {len(key)} bytes, expected 32")
         return key
-    return keystore.load_keystore(Path(key_file), keystore.passphrase("NTM_KEY_PASSPHRASE", passphrase_file)).secret  # type: ignore[arg-type]
+    return keystore.load_keystore(Path(key_file), keystore.passphrase(KEY_PASSPHRASE_ENV, passphrase_file)).secret  # type: ignore[arg-type]
 
 
 def dcs_from(network: Path) -> list[tuple[bytes, str, str]]:
@@ -221,13 +223,11 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--rpc", required=True, type=startup.ws_or_http_url, help="chain JSON-RPC URL")
     who = ap.add_mutually_exclusive_group(required=True)
     who.add_argument("--key", help="deployer private key (hex)")
-    who.add_argument("--key-file", help="deployer keystore (passphrase from $NTM_KEY_PASSPHRASE)")
+    who.add_argument("--key-file", help=f"deployer keystore (passphrase from ${KEY_PASSPHRASE_ENV})")
     ap.add_argument(
         "--dc", action="append", default=[], metavar="ADDRESS,HOSTNAME,ENDPOINT", help="admit this DC (repeatable)"
     )
-    ap.add_argument(
-        "--passphrase-file", type=startup.readable_file, metavar="FILE", help="the keystore's passphrase, from a file"
-    )
+    keystore.passphrase_file_arg(ap, KEY_PASSPHRASE_ENV)
     ap.add_argument(
         "--dcs-from",
         type=startup.readable_file,

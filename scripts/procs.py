@@ -178,3 +178,14 @@ def dc_child(
     for r in relays:
         args += ["--relay", r]
     return Child("dc", args, workdir / f"{name}.log", prefix=prefix, die_with_parent=die_with_parent)
+
+
+def rs_child(
+    rpc_url: str, deployment: Path, data_dir: Path, *extra: str, udp_port: int = 0, log: str = "rs.log"
+) -> Child:
+    """A relay on loopback, every port but the UDP one ephemeral; its certificate made and kept in
+    `data_dir`, its log there too. `extra`: more flags (--udp-host, --advertise, --capture ...)."""
+    args = ["--rpc-url", rpc_url, "--deployment", str(deployment), "--udp-port", str(udp_port)]
+    args += ["--http-port", "0", "--stream-port", "0", "--data-dir", str(data_dir), *extra]
+    data_dir.mkdir(parents=True, exist_ok=True)
+    return Child("rs", args, data_dir / log)

@@ -199,6 +199,13 @@ def test_no_key_and_a_wrong_passphrase(homes, which):
         one_line(proc, USAGE, needle)
 
 
+def test_a_bad_dc_is_told_before_the_key_is_opened(homes):
+    """A user typing a plain-http DC (an on-path attacker could rewrite it) learns that first: the
+    key is not opened, so the wrong passphrase is not what the one line says (no prompt either)."""
+    for cmd in (("register",), ("revoke", "--yes")):
+        one_line(ntm(homes["ok"], *cmd, "--dc", "http://127.0.0.1:1", passphrase="wrong"), USAGE, "plain HTTP")
+
+
 DAEMON_COMMANDS = [
     ("ping", PEER),
     ("send", PEER, "hi"),

@@ -6,27 +6,20 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import select
 import signal
 import stat
 import subprocess
-import sys
 import time
 
 import pytest
 
 from node import state
 from ntm import keys
+from labkit import nodeproc
 from labkit.dcnet import until
+from labkit.nodeproc import read_json_line
 from ntm.overlay import VIEW_LEN
 from tests.test_dc import ntm
-
-
-def read_json_line(proc: subprocess.Popen, timeout: float = 20.0) -> dict:
-    """First line only: later lines may sit in the text wrapper's buffer where select cannot see them."""
-    if not select.select([proc.stdout], [], [], timeout)[0]:
-        raise AssertionError(f"no output from ntm up: {proc.stderr.read() if proc.poll() is not None else ''}")
-    return json.loads(proc.stdout.readline())
 
 
 @pytest.fixture
@@ -39,27 +32,7 @@ def daemons():
 
 
 def start_up(procs: list, home, *extra: str) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "node.cli",
-            "--home",
-            str(home),
-            "--json",
-            "up",
-            "--no-tun",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            *extra,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        text=True,
-    )
+    proc = nodeproc.start_up(home, *extra)
     procs.append(proc)
     ready = read_json_line(proc)
     assert ready["event"] == "up" and ready["tun"] is None, ready

@@ -21,21 +21,7 @@ from ntm.record import Domain, NodeTransaction
 from ntm.registration import RegistrationRequest
 from scripts.anvil import Anvil
 from labkit.dcnet import CountingRpc, DcNet, metric, raw_http, until
-
-
-def ntm(home, *args, check=True):
-    """Run the real CLI; returns parsed --json output (or the CompletedProcess when check=False)."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "node.cli", "--home", str(home), "--json", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
-    )
-    if not check:
-        return proc
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
+from labkit.nodeproc import ntm
 
 
 def make_node(tmp_path, name):

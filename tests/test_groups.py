@@ -27,7 +27,9 @@ from node.groups import CONTROL, GROUP_APP, MSG
 from ntm import envelope, group, keys, seal
 from ntm.group import GroupError, GroupMessage
 from labkit.dcnet import DcNet, cs_federation, raw_http, register, until
-from tests.test_cli_tunnel import read_json_line, stop
+from labkit import nodeproc
+from labkit.nodeproc import read_json_line
+from tests.test_cli_tunnel import stop
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -379,26 +381,7 @@ async def test_kill9_of_the_gms_during_a_rekey_converges(fed):
 
 
 def start_daemon(m: Member) -> None:
-    m.proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "node.cli",
-            "--home",
-            str(m.home),
-            "--json",
-            "up",
-            "--no-tun",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        text=True,
-    )
+    m.proc = nodeproc.start_up(m.home)
     assert read_json_line(m.proc, timeout=60)["event"] == "up"  # four start at once: headroom for a loaded machine
 
 

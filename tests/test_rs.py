@@ -22,7 +22,7 @@ from ntm import envelope, handshake, keys, messages, packet
 from chain.registry import Registry
 from dc.federation import FederationClient, FederationError as RelayDirectionError
 from scripts.anvil import DEV_KEYS, Anvil
-from scripts.procs import Child, free_port, has_ipv6_loopback
+from scripts.procs import Child, free_port, has_ipv6_loopback, rs_child
 from labkit.dcnet import CountingRpc, metric, raw_http
 
 PLAINTEXT = b"attack at dawn: the relay must never see this sentence"
@@ -53,31 +53,13 @@ async def net(tmp_path):
         await owner.close()
         capture = tmp_path / "capture.hex"
         udp_port = free_port(socket.SOCK_DGRAM)
-        rs = Child(
-            "rs",
-            [
-                "--rpc-url",
-                chain.url,
-                "--deployment",
-                str(deployment),
-                "--udp-host",
-                "::",
-                "--udp-port",
-                str(udp_port),
-                "--http-port",
-                "0",
-                "--stream-port",
-                "0",
-                "--capture",
-                str(capture),
-                "--advertise",
-                f"127.0.0.1:{udp_port}",
-                "--advertise",
-                f"[::1]:{udp_port}",
-                "--data-dir",
-                str(tmp_path),
-            ],
-            tmp_path / "rs.log",
+        rs = rs_child(
+            chain.url,
+            deployment,
+            tmp_path,
+            *["--udp-host", "::", "--capture", str(capture)],
+            *["--advertise", f"127.0.0.1:{udp_port}", "--advertise", f"[::1]:{udp_port}"],
+            udp_port=udp_port,
         ).start()
         try:
             async with raw_http() as http:
@@ -314,25 +296,13 @@ async def test_ipv4_only_socket_and_default_advertise(tmp_path):
     """--udp-host 0.0.0.0 (machines without IPv6): IPv4 socket, advertised endpoints derived."""
     with Anvil() as chain:
         dc_key, deployment = await one_dc(chain.url, tmp_path)
-        rs = Child(
-            "rs",
-            [
-                "--rpc-url",
-                chain.url,
-                "--deployment",
-                str(deployment),
-                "--udp-host",
-                "0.0.0.0",
-                "--udp-port",
-                "0",
-                "--http-port",
-                "0",
-                "--stream-port",
-                "0",
-                "--data-dir",
-                str(tmp_path),
-            ],
-            tmp_path / "rs4.log",
+        rs = rs_child(
+            chain.url,
+            deployment,
+            tmp_path,
+            "--udp-host",
+            "0.0.0.0",
+            log="rs4.log",
         ).start()
         try:
             port = rs.ready["udp_port"]
@@ -369,28 +339,7 @@ async def test_directions_from_fresh_keys_cost_no_chain_call(tmp_path):
             deployment = tmp_path / "deployment.json"
             deployment.write_text(json.dumps({"chain_id": owner.chain_id, "registry": keys.checksum(owner.address)}))
             await owner.close()
-            rs = await asyncio.to_thread(
-                Child(
-                    "rs",
-                    [
-                        "--rpc-url",
-                        rpc.url,
-                        "--deployment",
-                        str(deployment),
-                        "--udp-port",
-                        "0",
-                        "--http-port",
-                        "0",
-                        "--stream-port",
-                        "0",
-                        "--admin-allow",
-                        "192.0.2.0/24",
-                        "--data-dir",
-                        str(tmp_path),
-                    ],
-                    tmp_path / "rs.log",
-                ).start
-            )
+            rs = await asyncio.to_thread(rs_child(rpc.url, deployment, tmp_path, "--admin-allow", "192.0.2.0/24").start)
             try:
                 async with raw_http() as http:
                     before = rpc.calls["eth_call"]

@@ -9,7 +9,6 @@ relay holds; a stream without the side key tries to take a bound side.
 from __future__ import annotations
 
 import asyncio
-import datetime
 import itertools
 import os
 import socket
@@ -19,14 +18,12 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
+from daemon import tlspin
 from daemon.service import tcp_listener
 from node.relay_stream import RelayStream
 from ntm import packet
+from ntm.clock import SYSTEM
 from rs import stream as rs_stream
 from rs.relay import RelayTable
 from rs.server import Relay, RelayProtocol, make_stream_app
@@ -170,25 +167,8 @@ async def test_more_streams_than_the_relay_holds_are_refused(relay, monkeypatch)
 
 
 def self_signed(tmp_path):
-    """A throwaway certificate for the relay's TLS listener."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "relay.test")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (tmp_path / "key.pem").write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return tmp_path / "cert.pem", tmp_path / "key.pem"
+    """A throwaway certificate for the relay's TLS listener: (its file, its key's file)."""
+    return tlspin.ensure_certificate(tmp_path / "cert.pem", tmp_path / "key.pem", "relay.test", SYSTEM)
 
 
 async def test_node_stream_over_tls_binds_and_carries_packets(relay, tmp_path):

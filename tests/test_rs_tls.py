@@ -26,7 +26,7 @@ from ntm.clock import SYSTEM
 from rs.__main__ import main as rs_main
 from rs.server import seen_advertise
 from scripts.anvil import Anvil
-from scripts.procs import Child
+from scripts.procs import rs_child
 from labkit.dcnet import RecordingProxy, local_app
 from tests.test_rs import one_dc
 
@@ -40,25 +40,12 @@ async def relay(tmp_path_factory):
     with Anvil() as chain:
         dc_key, deployment = await one_dc(chain.url, tmp)
         rs = await asyncio.to_thread(
-            Child(
-                "rs",
-                [
-                    "--rpc-url",
-                    chain.url,
-                    "--deployment",
-                    str(deployment),
-                    "--udp-host",
-                    "::",
-                    "--udp-port",
-                    "0",
-                    "--http-port",
-                    "0",
-                    "--stream-port",
-                    "0",
-                    "--data-dir",
-                    str(tmp / "rs"),
-                ],
-                tmp / "rs.log",
+            rs_child(
+                chain.url,
+                deployment,
+                tmp / "rs",
+                "--udp-host",
+                "::",
             ).start
         )
         try:

@@ -12,7 +12,7 @@ from typing import Callable
 import pytest
 
 from chain.registry import Registry, _Abi, load_artifact
-from dc import dashboard, snapshot
+from dc import dashboard, snapshot, wiring
 from dc import status as dc_status
 from dc.cache import LOG_CHUNK, RegistryCache
 from dc.chainstatus import ChainStatus
@@ -192,7 +192,7 @@ async def test_metrics_and_the_dashboard_do_not_walk_the_nodes(tmp_path, chain):
     c = coordinator(tmp_path, chain)
     status = ChainStatus(c.cache, c.registry, 45_000)
     c.metrics.watch(c, status)
-    probe = dashboard.FederationProbe(c)
+    probe = wiring.probe(c)
     costs = []
     for n in (2 * NODES_LISTED + 100, 20 * NODES_LISTED + 1000):  # half in the store: more than it lists
         more = n - len(c.cache.nodes) - c.store.node_count()

@@ -13,42 +13,26 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import json
-import random
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from labkit.lab.tcpxfer import CHUNK, Tally, payload, send_parser  # noqa: E402
 from node.api import AppNode  # noqa: E402
 from ntm import keys  # noqa: E402
-
-CHUNK = 64 * 1024
 
 
 async def serve(a) -> None:
     done: asyncio.Future[dict] = asyncio.get_running_loop().create_future()
 
     async def sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        h, n, t0, last, stall = hashlib.sha256(), 0, time.monotonic(), None, 0.0
+        t = Tally()
         while data := await reader.read(CHUNK):
-            now = time.monotonic()
-            if last is not None:
-                stall = max(stall, now - last)
-            last = now
-            h.update(data)
-            n += len(data)
+            t.add(data)
         writer.write_eof()
-        done.set_result(
-            {
-                "bytes": n,
-                "sha256": h.hexdigest(),
-                "max_stall_s": round(stall, 3),
-                "elapsed_s": round(time.monotonic() - t0, 3),
-            }
-        )
+        done.set_result(t.report(received=True))
 
     async with await AppNode.start(home=Path(a.home), allow=[keys.parse_node_id(a.allow)]) as node:
         await node.start_server(sink, a.port)
@@ -57,24 +41,17 @@ async def serve(a) -> None:
 
 
 async def send(a) -> None:
-    rng = random.Random(7)
     async with await AppNode.start(home=Path(a.home)) as node:
         reader, writer = await node.open_connection(a.to, a.port)
-        h, sent, t0 = hashlib.sha256(), 0, time.monotonic()
-        while sent < a.bytes:
-            chunk = rng.randbytes(min(CHUNK, a.bytes - sent))
+        t = Tally()
+        for chunk in payload(a.bytes):
             writer.write(chunk)
             await writer.drain()
-            h.update(chunk)
-            sent += len(chunk)
-            if a.rate:
-                await asyncio.sleep(max(0.0, t0 + sent / a.rate - time.monotonic()))
+            t.add(chunk)
+            await asyncio.sleep(t.ahead_s(a.rate))
         writer.write_eof()
         await asyncio.wait_for(reader.read(), 120)  # the receiver's half-close: it has everything
-        print(
-            json.dumps({"bytes": sent, "sha256": h.hexdigest(), "elapsed_s": round(time.monotonic() - t0, 3)}),
-            flush=True,
-        )
+        print(json.dumps(t.report(received=False)), flush=True)
 
 
 def main() -> None:
@@ -84,12 +61,7 @@ def main() -> None:
     s.add_argument("--home", required=True)
     s.add_argument("--port", type=int, required=True)
     s.add_argument("--allow", required=True)
-    c = sub.add_parser("send")
-    c.add_argument("--home", required=True)
-    c.add_argument("--to", required=True)
-    c.add_argument("--port", type=int, required=True)
-    c.add_argument("--bytes", type=int, required=True)
-    c.add_argument("--rate", type=float, default=0.0)
+    send_parser(sub).add_argument("--home", required=True)
     a = ap.parse_args()
     asyncio.run(serve(a) if a.cmd == "serve" else send(a))
 

@@ -22,6 +22,41 @@ import time
 CHUNK = 64 * 1024
 
 
+class Tally:
+    """Bytes through one end of a transfer: count, SHA-256, and the longest gap between two reads
+    after the first (`max_stall_s`: what an application notices of a handover)."""
+
+    def __init__(self) -> None:
+        self.h, self.n, self.t0, self.last, self.stall = hashlib.sha256(), 0, time.monotonic(), None, 0.0
+
+    def add(self, data: bytes) -> None:
+        now = time.monotonic()
+        if self.last is not None:
+            self.stall = max(self.stall, now - self.last)
+        self.last = now
+        self.h.update(data)
+        self.n += len(data)
+
+    def ahead_s(self, rate: float) -> float:
+        """How long to wait to keep to `rate` bytes/s (0: no cap)."""
+        return max(0.0, self.n / rate - (time.monotonic() - self.t0)) if rate else 0.0
+
+    def report(self, received: bool) -> dict:
+        out = {"bytes": self.n, "sha256": self.h.hexdigest()}
+        if received:
+            out["max_stall_s"] = round(self.stall, 3)
+        return {**out, "elapsed_s": round(time.monotonic() - self.t0, 3)}
+
+
+def payload(total: int):
+    """`total` seeded pseudo-random bytes in CHUNK pieces (the same for every run)."""
+    rng, sent = random.Random(7), 0
+    while sent < total:
+        chunk = rng.randbytes(min(CHUNK, total - sent))
+        sent += len(chunk)
+        yield chunk
+
+
 def serve(a) -> None:
     fam = socket.AF_INET6 if ":" in a.bind else socket.AF_INET
     srv = socket.socket(fam, socket.SOCK_STREAM)
@@ -30,53 +65,37 @@ def serve(a) -> None:
     srv.listen(1)
     print(json.dumps({"event": "listening"}), flush=True)
     conn, peer = srv.accept()
-    h, n, t0, last, stall = hashlib.sha256(), 0, time.monotonic(), None, 0.0
-    while True:
-        data = conn.recv(CHUNK)
-        if not data:
-            break
-        now = time.monotonic()
-        if last is not None:
-            stall = max(stall, now - last)
-        last = now
-        h.update(data)
-        n += len(data)
+    t = Tally()
+    while data := conn.recv(CHUNK):
+        t.add(data)
     conn.close()
-    print(
-        json.dumps(
-            {
-                "bytes": n,
-                "sha256": h.hexdigest(),
-                "max_stall_s": round(stall, 3),
-                "elapsed_s": round(time.monotonic() - t0, 3),
-                "peer": peer[0],
-            }
-        ),
-        flush=True,
-    )
+    print(json.dumps({**t.report(received=True), "peer": peer[0]}), flush=True)
 
 
 def send(a) -> None:
-    rng = random.Random(7)
     fam = socket.AF_INET6 if ":" in a.to else socket.AF_INET
     s = socket.socket(fam, socket.SOCK_STREAM)
     s.settimeout(60)
     s.connect((a.to, a.port))
-    h, sent, t0 = hashlib.sha256(), 0, time.monotonic()
-    while sent < a.bytes:
-        chunk = rng.randbytes(min(CHUNK, a.bytes - sent))
+    t = Tally()
+    for chunk in payload(a.bytes):
         s.sendall(chunk)
-        h.update(chunk)
-        sent += len(chunk)
-        if a.rate:
-            ahead = sent / a.rate - (time.monotonic() - t0)
-            if ahead > 0:
-                time.sleep(ahead)
+        t.add(chunk)
+        time.sleep(t.ahead_s(a.rate))
     s.shutdown(socket.SHUT_WR)
     s.recv(1)  # wait for the receiver to close: everything arrived
-    print(
-        json.dumps({"bytes": sent, "sha256": h.hexdigest(), "elapsed_s": round(time.monotonic() - t0, 3)}), flush=True
-    )
+    print(json.dumps(t.report(received=False)), flush=True)
+
+
+def send_parser(sub) -> argparse.ArgumentParser:
+    """The `send` subcommand's flags, alike for every transfer script: to whom, which port, how
+    many bytes, at what rate (bytes/s; 0: as fast as it goes)."""
+    s = sub.add_parser("send")
+    s.add_argument("--to", required=True)
+    s.add_argument("--port", type=int, required=True)
+    s.add_argument("--bytes", type=int, required=True)
+    s.add_argument("--rate", type=float, default=0.0)
+    return s
 
 
 def main() -> None:
@@ -85,11 +104,7 @@ def main() -> None:
     s = sub.add_parser("serve")
     s.add_argument("--bind", required=True)
     s.add_argument("--port", type=int, required=True)
-    s = sub.add_parser("send")
-    s.add_argument("--to", required=True)
-    s.add_argument("--port", type=int, required=True)
-    s.add_argument("--bytes", type=int, required=True)
-    s.add_argument("--rate", type=float, default=0.0)
+    send_parser(sub)
     a = p.parse_args()
     {"serve": serve, "send": send}[a.cmd](a)
 

@@ -199,6 +199,17 @@ def _kill_ns_pids(ns: str) -> None:
             pass
 
 
+def lab_ready(who: str) -> bool:
+    """For a bench that needs the lab: False, having printed why `who` is skipped, where the lab
+    cannot run; else True, with the namespaces that dead runs left removed."""
+    reason = lab_available()
+    if reason:
+        print(f"{who} skipped: {reason}", flush=True)
+        return False
+    sweep_stale()
+    return True
+
+
 def sweep_stale() -> list[str]:
     """Delete lab namespaces left by a dead process (name carries the creator's PID).
 
