@@ -213,7 +213,7 @@ def test_each_refusal_says_what_it_is():
     o.finish()
     with pytest.raises(seal.SealError, match="^item already finished$"):
         o.finish()
-    with pytest.raises(seal.SealError, match="data after the end of the item"):
+    with pytest.raises(seal.SealError, match="^data after the end of the item$"):
         o.feed(b"more")
     o = seal.Opener(R1, header)
     o.feed(ct[: -seal.TAG_LEN - 1])
@@ -232,7 +232,7 @@ def test_metadata_at_and_over_its_limit(monkeypatch):
     # a sender that skips the check: the opener refuses on its own
     monkeypatch.setattr(seal, "check_meta", lambda meta: b'{"app_id":"a","name":"' + b"n" * 3000 + b'"}')
     header, ct = sealed(b"x")
-    with pytest.raises(seal.SealError, match="item metadata is too large"):
+    with pytest.raises(seal.SealError, match="^item metadata is too large$"):
         opened(R1, header, ct)
     monkeypatch.setattr(seal, "check_meta", lambda meta: b"not json")
     header, ct = sealed(b"x")
@@ -246,3 +246,29 @@ def test_a_short_signature_is_a_truncated_item(monkeypatch):
     monkeypatch.undo()
     with pytest.raises(seal.SealError, match="^item is truncated$"):
         opened(R1, header, ct)
+
+
+def test_chunk_nonces_are_the_documented_layout():
+    """docs/PROTOCOL.md §11: chunk i is sealed under the nonce i (11 bytes, big-endian) || final
+    (0/1), AAD the header hash. Another implementation holding DK opens each chunk with exactly that
+    nonce; a flag set on every chunk (or a nonce of another shape) would still round-trip with our
+    own Opener, so only the layout itself tells them apart."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    dk = bytes([4]) * 32
+    s = seal.Sealer(SENDER, recipients(R1), META, 1_700_000_000_000, dk=dk)
+    ct = s.feed(os.urandom(seal.CHUNK + 10)) + s.finish()
+    first, last = ct[: seal.CHUNK + seal.TAG_LEN], ct[seal.CHUNK + seal.TAG_LEN :]
+    aad = s.header.digest()
+    assert len(AESGCM(dk).decrypt((0).to_bytes(11, "big") + b"\x00", first, aad)) == seal.CHUNK
+    AESGCM(dk).decrypt((1).to_bytes(11, "big") + b"\x01", last, aad)
+
+
+def test_a_metadata_length_past_2_gib_is_too_large_not_negative():
+    """Adversary: a sender whose own Sealer claims a metadata length with the top bit set (read as
+    signed it would be negative and pass the size check)."""
+    s = seal.Sealer(SENDER, recipients(R1), META, 1_700_000_000_000)
+    s._buf[:4] = (1 << 31).to_bytes(4, "big")
+    ct = s.feed(b"x") + s.finish()
+    with pytest.raises(seal.SealError, match="^item metadata is too large$"):
+        opened(R1, seal.Header.from_json(s.header.to_json()), ct)
