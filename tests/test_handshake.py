@@ -320,3 +320,16 @@ def test_malformed_messages():
     for bad in (b"", VEC_RESPONSE[:-1], VEC_REQUEST):
         with pytest.raises(HandshakeError):
             i.response(bad)
+
+
+def test_from_peer_is_true_only_for_the_peers_mac1():
+    """Adversary: anyone sending Request-shaped bytes (a flipped mac1, a Request for another path)
+    to make a node resend its own Request early (tunnel._resend_on_collision): only a Request whose
+    mac1 verifies counts, and asking changes nothing (the Request still answers afterwards)."""
+    r = Responder(B, IDA, PA, PATH)
+    req = Initiator(A, IDB, PB, PATH).request(NOW)
+    assert r.from_peer(req)
+    assert not r.from_peer(req[:-1] + bytes([req[-1] ^ 1]))
+    assert not r.from_peer(Initiator(A, IDB, PB, b"\x09" * 8).request(NOW))
+    assert not r.from_peer(req[:-1])
+    r.respond(req, NOW)

@@ -9,7 +9,7 @@ import os
 import pytest
 
 from ntm import keys
-from ntm.packet import MAX_PAYLOAD, TYPE_HANDSHAKE_REQUEST, TYPE_KEEPALIVE, RelayBindAck
+from ntm.packet import MAX_PAYLOAD, MIN_TRANSPORT_LEN, TYPE_CLOSE, TYPE_HANDSHAKE_REQUEST, TYPE_KEEPALIVE, RelayBindAck
 from ntm.tunnel import RelayInfo, Session, TunnelConfig, TunnelError
 from tests.test_tunnel import ADDR_A, ADDR_A2, ADDR_B, IDA, IDB, KA, KB, PA, PATH, PB, T0, connect, data_of, rekeyed
 
@@ -202,6 +202,21 @@ def test_moving_tells_only_those_who_should_hear():
     c.peer_addr = ADDR_B
     c.local_address_changed(T0)  # no keys yet: nothing to authenticate a keepalive with
     assert c.datagrams_to_send() == []
+    before = a.stats["tx_keepalive"]
+    a.local_address_changed(T0 + 1)
+    a.local_address_changed(T0 + 2)  # moved twice: two keepalives, each counted
+    assert a.stats["tx_keepalive"] == before + 2
+
+
+def test_a_close_is_the_empty_33_byte_packet_and_needs_an_address():
+    """docs/PROTOCOL.md §7: CLOSE is counter and tag only (33 bytes, empty payload). A session
+    that knows no address of its peer has nowhere to send one: none is made (a CLOSE sealed
+    anyway would spend a counter and go nowhere)."""
+    a, b, _ = connect()
+    close = a.close_packet(T0)
+    assert close[0] == TYPE_CLOSE and len(close) == MIN_TRANSPORT_LEN
+    a.peer_addr = None
+    assert a.close_packet(T0) is None
 
 
 @pytest.mark.parametrize("token, side", [(b"\x00" * 31, 0), (b"\x00" * 32, 2)])
