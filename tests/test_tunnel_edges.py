@@ -9,8 +9,17 @@ import os
 import pytest
 
 from ntm import keys
-from ntm.packet import MAX_PAYLOAD, MIN_TRANSPORT_LEN, TYPE_CLOSE, TYPE_HANDSHAKE_REQUEST, TYPE_KEEPALIVE, RelayBindAck
-from ntm.tunnel import RelayInfo, Session, TunnelConfig, TunnelError
+from ntm.packet import (
+    HEADER,
+    MAX_PAYLOAD,
+    MIN_TRANSPORT_LEN,
+    TYPE_CLOSE,
+    TYPE_DATA,
+    TYPE_HANDSHAKE_REQUEST,
+    TYPE_KEEPALIVE,
+    RelayBindAck,
+)
+from ntm.tunnel import NONCE_PREFIX, RelayInfo, Session, TunnelConfig, TunnelError
 from tests.test_tunnel import ADDR_A, ADDR_A2, ADDR_B, IDA, IDB, KA, KB, PA, PATH, PB, T0, connect, data_of, rekeyed
 
 RELAY = ("192.0.2.1", 4340)
@@ -290,3 +299,25 @@ def test_handshake_rate_drops_are_counted_each_time():
     b.receive(reqs[1], ADDR_A, T0 + 1.001)
     b.receive(reqs[2], ADDR_A, T0 + 1.002)
     assert b.stats["drop_handshake_rate"] == 2
+
+
+def test_the_fast_paths_keep_the_key_limits_exactly():
+    """Adversary: the peer (or anyone replaying its packets) relying on the fast send and receive
+    paths skipping a check the slow paths make: no DATA is sent at or after the keys' reject time
+    (also when it coincides with the rekey time), and a packet with the counter at the message
+    limit is dropped as too old, the one before it still accepted."""
+    cfg = TunnelConfig(rekey_after_time=5.0, reject_after_time=5.0, reject_after_messages=1 << 20)
+    a, b, _ = connect(cfg)
+    with pytest.raises(TunnelError, match="^tunnel keys exhausted; waiting for a rekey$"):
+        a.encrypt(b"x", a.current.reject_time)
+    a, b, _ = connect(TunnelConfig(reject_after_messages=1 << 20))
+    with pytest.raises(TunnelError):
+        a.encrypt(b"x", a.current.reject_time)
+
+    def sealed_at(counter: int) -> bytes:
+        header = HEADER.pack(TYPE_DATA, PATH, counter)
+        return header + a.current.send.encrypt(NONCE_PREFIX + header[9:], b"late", header)
+
+    limit = a.config.reject_after_messages
+    assert b.receive(sealed_at(limit), ADDR_A, T0) == [] and b.stats["drop_too_old"] == 1
+    assert data_of(b.receive(sealed_at(limit - 1), ADDR_A, T0)) == [b"late"]
