@@ -321,3 +321,23 @@ def test_the_fast_paths_keep_the_key_limits_exactly():
     limit = a.config.reject_after_messages
     assert b.receive(sealed_at(limit), ADDR_A, T0) == [] and b.stats["drop_too_old"] == 1
     assert data_of(b.receive(sealed_at(limit - 1), ADDR_A, T0)) == [b"late"]
+
+
+def test_a_bind_acknowledged_after_the_handshake_resends_no_request():
+    """Hostile condition: the relay acknowledges a bind refresh while the tunnel already runs
+    through it. The Request that went there during the handshake is answered: sending it again
+    would only make the peer spend a handshake (once per refresh)."""
+    token = os.urandom(32)
+    a = Session(KA, IDB, PB, PATH, relay=RelayInfo(RELAY, token, 0), wall=lambda: 1.0)
+    b = Session(KB, IDA, PA, PATH, role="wait", relay=RelayInfo(RELAY, token, 1))
+    a.start(T0)
+    b.start(T0)
+    (req,) = [d for d, dst in a.poll(T0) if d[0] == TYPE_HANDSHAKE_REQUEST and dst == RELAY]
+    b.receive(req, RELAY, T0)
+    for d, _ in b.poll(T0):
+        a.receive(d, RELAY, T0)
+    assert a.established
+    a.datagrams_to_send()
+    a.receive(RelayBindAck(PATH, 0, True, 1_000_000, bytes(16)).encode(), RELAY, T0 + 0.01)
+    assert a.stats["relay_acks"] == 1
+    assert [d[0] for d, _ in a.datagrams_to_send()] == []
