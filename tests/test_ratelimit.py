@@ -81,6 +81,7 @@ def test_concurrency_per_key_and_forgets_idle_keys():
     assert held.acquire("b")
     held.release("a")
     assert held.acquire("a") and not held.acquire("a")
+    assert (held.held("a"), held.held("b"), held.held("c")) == (2, 1, 0)
     for key in ("a", "a", "b"):
         held.release(key)
     assert held.held("a") == 0 and not held._held
