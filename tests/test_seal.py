@@ -272,3 +272,20 @@ def test_a_metadata_length_past_2_gib_is_too_large_not_negative():
     ct = s.feed(b"x") + s.finish()
     with pytest.raises(seal.SealError, match="^item metadata is too large$"):
         opened(R1, seal.Header.from_json(s.header.to_json()), ct)
+
+
+@pytest.mark.parametrize(
+    "extra, why",
+    [(0, "^item metadata is malformed: "), (1, "^item is truncated$"), (10, "^item is truncated$")],
+)
+def test_a_metadata_length_that_swallows_the_item_is_refused_for_what_it_is(extra, why):
+    """Adversary: a sender whose own Sealer claims a metadata length reaching exactly to the end
+    of the item (its content and signature read as metadata: malformed), or past it (the
+    metadata never completes: truncated). Neither is taken for metadata followed by content."""
+    s = seal.Sealer(SENDER, recipients(R1), META, 1_700_000_000_000)
+    content = b"content"
+    claim = len(s._buf) - 4 + len(content) + seal.SIG_LEN + extra
+    s._buf[:4] = claim.to_bytes(4, "big")
+    ct = s.feed(content) + s.finish()
+    with pytest.raises(seal.SealError, match=why):
+        opened(R1, seal.Header.from_json(s.header.to_json()), ct)
