@@ -24,7 +24,9 @@ def test_a_stranger_keeps_its_first_few_invitations_and_never_evicts_anyones():
         if v.keep:
             held.append(HeldInvite(gid(i), mallory, False))
     assert len(held) == MAX_INVITES_PER_STRANGER
-    assert consent.invitation_verdict(held, mallory, False).refusal == "too_many_from_sender"
+    assert consent.invitation_verdict(held, mallory, False) == consent.InviteVerdict(
+        False, refusal="too_many_from_sender"
+    )
     crowd = ids(MAX_INVITES_HELD, start=100)
     for n, sybil in enumerate(crowd):
         v = consent.invitation_verdict(held, sybil, admitted=False)

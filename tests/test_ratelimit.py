@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ntm.ratelimit import Concurrency, FairShare, RisingCost, TokenBucket, source_prefix
+from ntm.ratelimit import Buckets, Concurrency, FairShare, RisingCost, TokenBucket, source_prefix
 from tests.fakes import FakeClock
 
 
@@ -122,9 +122,18 @@ def test_rising_cost_forgets_the_least_recently_seen_key():
 
 def test_fair_share_divides_the_total_among_exactly_the_keys_remembered():
     """One key alone gets the whole total (within its own cap); the asks kept are bounded at
-    max_keys × 8, and every one of them still counts."""
+    max_keys × 8 (a ninth forgets the oldest), and every one of them still counts."""
     f = FairShare(per_key=(100.0, 100.0), total=(8.0, 8.0), cap=(1000.0, 1000.0), active_s=100.0, max_keys=1)
     assert f.share(0.0) == (8.0, 8.0)
-    for i in range(8):
+    for i in range(9):
         f.take(i, 1.0)
-    assert f.share(1.0) == (1.0, 1.0)
+    assert f.share(1.0) == (1.0, 1.0) and 0 not in f._active
+
+
+def test_buckets_remember_the_newest_key_and_forget_the_oldest():
+    """Adversary: keys rotating to get fresh bursts: the key that just took keeps its (empty)
+    bucket; only the least recently used one is forgotten."""
+    b = Buckets(rate=0.0, burst=1.0, max_keys=1)
+    assert b.take("a", 0.0) and b.take("b", 0.0)  # b's bucket pushes a's out
+    assert not b.take("b", 0.0) and len(b) == 1
+    assert b.take("a", 0.0)  # a was forgotten: a fresh burst (the documented cost of the bound)

@@ -42,6 +42,13 @@ def test_nat_kinds():
     assert [r.nat for r in (PUB_A, EIM_A, SYM_A, UNKNOWN)] == ["none", "eim", "symmetric", "unknown"]
 
 
+def test_families_count_the_observed_address_too():
+    """A dual-stack node announcing only its IPv6 address but seen over IPv4 can be reached over
+    both; a node never observed has only the families it announced."""
+    assert Reach(("[2001:db8::1]:4330",), "198.18.0.11:4330").families() == {4, 6}
+    assert UNKNOWN.families() == {4}
+
+
 def test_candidates_prefer_lan_behind_the_same_nat():
     a = Reach(("10.1.0.2:4330",), "198.18.0.11:5000")
     b = Reach(("10.1.0.3:4330",), "198.18.0.11:6000")
