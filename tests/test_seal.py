@@ -289,3 +289,11 @@ def test_a_metadata_length_that_swallows_the_item_is_refused_for_what_it_is(extr
     ct = s.feed(content) + s.finish()
     with pytest.raises(seal.SealError, match=why):
         opened(R1, seal.Header.from_json(s.header.to_json()), ct)
+
+
+def test_several_chunks_fed_at_once_all_come_out():
+    """Content of several chunks in one feed: every complete chunk comes out of that feed, in
+    order (none overwritten by the next)."""
+    content = os.urandom(3 * seal.CHUNK + 5)
+    header, ct = sealed(content)
+    assert opened(R1, header, ct) == (content, META)

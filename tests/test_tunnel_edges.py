@@ -119,6 +119,15 @@ def test_every_drop_is_counted_each_time():
     assert relay.stats["relay_acks"] == 2
 
 
+def test_a_datagram_of_just_type_and_path_is_read_not_truncated():
+    """The shortest datagram a demultiplexer can read (type and path ID, 9 bytes) is read as
+    one: an unknown type is counted as such, only a shorter one as truncated."""
+    a = Session(KA, IDB, PB, PATH)
+    a.start(T0)
+    assert a.receive(b"\xee" + PATH, ADDR_B, T0) == [] and a.stats["drop_unknown_type"] == 1
+    assert a.receive(b"\xee" + PATH[:7], ADDR_B, T0) == [] and a.stats["drop_truncated"] == 1
+
+
 def test_handshake_drops_are_counted_each_time():
     cfg = TunnelConfig()
     a = Session(KA, IDB, PB, PATH, candidates=[ADDR_B], config=cfg)
