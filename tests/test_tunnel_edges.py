@@ -19,7 +19,7 @@ from ntm.packet import (
     TYPE_KEEPALIVE,
     RelayBindAck,
 )
-from ntm.tunnel import NONCE_PREFIX, RelayInfo, Session, TunnelConfig, TunnelError
+from ntm.tunnel import NONCE_PREFIX, RelayInfo, ReplayWindow, Session, TunnelConfig, TunnelError
 from tests.test_tunnel import ADDR_A, ADDR_A2, ADDR_B, IDA, IDB, KA, KB, PA, PATH, PB, T0, connect, data_of, rekeyed
 
 RELAY = ("192.0.2.1", 4340)
@@ -350,3 +350,38 @@ def test_a_bind_acknowledged_after_the_handshake_resends_no_request():
     a.receive(RelayBindAck(PATH, 0, True, 1_000_000, bytes(16)).encode(), RELAY, T0 + 0.01)
     assert a.stats["relay_acks"] == 1
     assert [d[0] for d, _ in a.datagrams_to_send()] == []
+
+
+def test_a_counter_jumping_to_the_top_costs_no_memory():
+    """Adversary: a peer jumping its counter by 2**62 in one packet (valid on its keys): the replay
+    window resets to that one counter instead of shifting its bitmap that far (which would try to
+    allocate 2**62 bits)."""
+    w = ReplayWindow(64)
+    w.update(5)
+    assert w.update(2**62) and (w.top, w.bits) == (2**62, 1)
+    assert w.check(5) is not None and w.check(2**62 - 1) is None
+
+
+def test_via_follows_a_move_onto_the_relay_but_not_a_roam():
+    """The peer's packets arrive through the relay (its direct path died): `via` says "relay". A
+    roam from one direct address to another keeps the `via` the handshake named."""
+    a, b, _ = connect()
+    a.relay = RelayInfo(RELAY, os.urandom(32), 0)
+    via = a.via
+    assert via != "relay"
+    pkts = [b.encrypt(b"%d" % i, T0) for i in range(2)]
+    a.receive(pkts[0], ADDR_A2, T0)
+    assert a.peer_addr == ADDR_A2 and a.via == via
+    a.receive(pkts[1], RELAY, T0)
+    assert a.peer_addr == RELAY and a.via == "relay"
+
+
+def test_a_rekey_by_count_starts_on_exactly_the_packet_that_reaches_it_on_the_slow_path():
+    """Pings, keepalives and probes go through the slow send path: it too starts the rekey on the
+    rekey_after_messages-th packet on the keys, not one before."""
+    a, b, _ = connect(TunnelConfig(rekey_after_messages=20))
+    for _ in range(20 - 1 - a.current.counter):
+        a.ping(T0)
+    assert not a.has_output
+    a.ping(T0)  # counter 19: the 20th packet on these keys
+    assert [d[0] for d, _ in a.datagrams_to_send()] == [TYPE_HANDSHAKE_REQUEST]
