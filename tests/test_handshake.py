@@ -333,3 +333,14 @@ def test_from_peer_is_true_only_for_the_peers_mac1():
     assert not r.from_peer(Initiator(A, IDB, PB, b"\x09" * 8).request(NOW))
     assert not r.from_peer(req[:-1])
     r.respond(req, NOW)
+
+
+def test_a_refused_request_says_what_was_wrong_with_it():
+    """The drop counters and the debug log name why a Request was refused: too short, or for
+    another path (and which)."""
+    r = Responder(B, IDA, PA, PATH)
+    with pytest.raises(HandshakeError, match="^malformed Tunnel Request: "):
+        r.respond(Initiator(A, IDB, PB, PATH).request(NOW)[:-1], NOW)
+    other = b"\x09" * 8
+    with pytest.raises(UnknownPathError, match=f"^Tunnel Request for path {other.hex()}, expected {PATH.hex()}$"):
+        r.respond(Initiator(A, IDB, PB, other).request(NOW), NOW)
