@@ -344,3 +344,9 @@ def test_a_refused_request_says_what_was_wrong_with_it():
     other = b"\x09" * 8
     with pytest.raises(UnknownPathError, match=f"^Tunnel Request for path {other.hex()}, expected {PATH.hex()}$"):
         r.respond(Initiator(A, IDB, PB, other).request(NOW), NOW)
+    # the peer itself (the only other holder of the mac1 key) sending an ephemeral key off the curve
+    req = Initiator(A, IDB, PB, PATH).request(NOW)
+    body = req[:9] + b"\x02" + b"\xff" * 32 + req[42:-16]
+    bad = body + mac1(mac1_key(keys.ecdh(A, PB), PATH), body)
+    with pytest.raises(HandshakeError, match="^malformed Tunnel Request: "):
+        r.respond(bad, NOW + 1)
