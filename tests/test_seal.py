@@ -200,10 +200,23 @@ def test_sixteen_recipients_is_the_limit_on_both_sides():
 )
 def test_header_fields_are_checked_one_by_one(field, value, why):
     obj = sealed(b"x")[0].to_json()
-    with pytest.raises(seal.SealError, match=why):
+    with pytest.raises(seal.SealError, match=f"^malformed item header: {why}"):
         seal.Header.from_json({**obj, field: value})
-    with pytest.raises(seal.SealError, match="exactly v, item, sender, eph, wraps, created"):
+    with pytest.raises(
+        seal.SealError, match="^malformed item header: header must have exactly v, item, sender, eph, wraps, created$"
+    ):
         seal.Header.from_json({**obj, "x": 1})
+
+
+def test_metadata_fields_at_and_over_their_limits():
+    """Every ID field and the notice may be exactly as long as its limit, not one character more
+    (each checked on its own: a long service ID hidden behind a short app ID is refused)."""
+    at, over = "i" * seal.MAX_FIELD_CHARS, "i" * (seal.MAX_FIELD_CHARS + 1)
+    for field in ("app_id", "service_id", "service_item_id"):
+        seal.check_meta(seal.Meta(**{"app_id": "a", field: at}))
+        with pytest.raises(ValueError, match="IDs are at most"):
+            seal.check_meta(seal.Meta(**{"app_id": "a", field: over}))
+    seal.check_meta(seal.Meta("a", notice="n" * seal.MAX_NOTICE_CHARS))
 
 
 def test_each_refusal_says_what_it_is():
