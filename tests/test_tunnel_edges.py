@@ -385,3 +385,18 @@ def test_a_rekey_by_count_starts_on_exactly_the_packet_that_reaches_it_on_the_sl
     assert not a.has_output
     a.ping(T0)  # counter 19: the 20th packet on these keys
     assert [d[0] for d, _ in a.datagrams_to_send()] == [TYPE_HANDSHAKE_REQUEST]
+
+
+def test_the_fast_receive_path_survives_a_counter_jump_and_counts_each_keepalive():
+    """Adversary: the peer (valid keys) jumping its counter by 2**61 on a DATA packet: the fast
+    receive path resets its window instead of shifting the bitmap that far. Keepalives and
+    standby packets are each counted."""
+    a, b, _ = connect(TunnelConfig(reject_after_messages=1 << 62))
+    header = HEADER.pack(TYPE_DATA, PATH, 1 << 61)
+    jump = header + a.current.send.encrypt(NONCE_PREFIX + header[9:], b"far", header)
+    assert data_of(b.receive(jump, ADDR_A, T0)) == [b"far"] and b.current.window.top == 1 << 61
+    a2, b2, _ = connect()
+    for _ in range(2):
+        b2.receive(a2._seal(TYPE_KEEPALIVE, b"", T0), ADDR_A, T0)
+        b2.receive(a2.standby(b"s", T0), ADDR_A2, T0)
+    assert (b2.stats["rx_keepalive"], b2.stats["rx_standby"]) == (2, 2)
