@@ -15,7 +15,7 @@ from typing import Hashable
 from cs.errors import CsError
 from cs.quota import Caps, Ledger, Reservation, Stored
 from ntm import envelope, keys, messages, seal
-from ntm.clock import SYSTEM, Clock
+from ntm.clock import Clock
 
 # Slowest upload taken: 16 KiB/s (128 kbit/s, a poor mobile uplink) on average; a 256 MiB item then
 # has 4.5 h. A trickle below it would hold a socket and a quota reservation for nothing.
@@ -92,7 +92,7 @@ class CacheCore:
     """The Cache Server's state besides its store: uploads streaming in, their reservations, and
     the envelopes already seen (replays)."""
 
-    def __init__(self, url: str, limits: Limits = Limits(), clock: Clock = SYSTEM, idle_s: float = 15.0) -> None:
+    def __init__(self, url: str, limits: Limits, clock: Clock, idle_s: float) -> None:
         """`idle_s`: the longest pause in an upload (the HTTP idle limit)."""
         self.url, self.limits, self.clock, self.idle_s = url, limits, clock, idle_s
         self.guard = envelope.ReplayGuard()

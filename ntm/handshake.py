@@ -227,14 +227,12 @@ class _Party:
             raise HandshakeMacError(f"{kind.NAME} mac1 does not verify")
 
     def _parse(self, kind: type[M], data: bytes) -> M:
-        """The message if well-formed and for this path; HandshakeError otherwise."""
+        """The message, once _check_mac1 passed (length, type and path are checked there);
+        HandshakeError if its contents do not parse (an ephemeral key off the curve)."""
         try:
-            msg = kind.parse(data)
+            return kind.parse(data)
         except ParseError as exc:
             raise HandshakeError(f"malformed {kind.NAME}: {exc}") from None
-        if msg.path_id != self.path_id:
-            raise UnknownPathError(f"{kind.NAME} for path {msg.path_id.hex()}, expected {self.path_id.hex()}")
-        return msg
 
 
 class Initiator(_Party):

@@ -186,27 +186,27 @@ class Sealer:
         self._index += 1
         return out
 
-    def feed(self, data: bytes) -> bytes:
-        """Content in; the ciphertext chunks now complete out (a chunk is held back until more follows)."""
-        self._content.update(data)
-        self._buf += data
+    def _full_chunks(self) -> bytes:
+        """Every chunk of the buffer that more bytes follow (a chunk is held back until they do)."""
         out = bytearray()
         while len(self._buf) > CHUNK:
             out += self._chunk(bytes(self._buf[:CHUNK]), False)
             del self._buf[:CHUNK]
         return bytes(out)
 
+    def feed(self, data: bytes) -> bytes:
+        """Content in; the ciphertext chunks now complete out."""
+        self._content.update(data)
+        self._buf += data
+        return self._full_chunks()
+
     def finish(self) -> bytes:
         """The rest: the signature goes in, the final chunk(s) come out."""
         digest = hashlib.sha256(ITEM_TAG + self._hash + self._content.digest()).digest()
         self._buf += keys.sign_digest(self._key, digest)
-        out = bytearray()
-        while len(self._buf) > CHUNK:
-            out += self._chunk(bytes(self._buf[:CHUNK]), False)
-            del self._buf[:CHUNK]
-        out += self._chunk(bytes(self._buf), True)
+        out = self._full_chunks() + self._chunk(bytes(self._buf), True)
         self._buf.clear()
-        return bytes(out)
+        return out
 
 
 class Opener:

@@ -113,9 +113,8 @@ class Event:
 
 
 class RelayTable:
-    def __init__(self, max_paths: int = MAX_PATHS, idle_s: float = RELAY_IDLE_S, secret: bytes | None = None) -> None:
-        """`secret`: keys the address cookies (random per relay process unless given)."""
-        self.secret = secret if secret is not None else os.urandom(32)
+    def __init__(self, max_paths: int = MAX_PATHS, idle_s: float = RELAY_IDLE_S) -> None:
+        self.secret = os.urandom(32)  # keys the address cookies: random per relay process
         self.paths: dict[bytes, RelayPath] = {}
         self.max_paths = max_paths
         self.idle_s = idle_s

@@ -24,7 +24,9 @@ def test_a_stranger_keeps_its_first_few_invitations_and_never_evicts_anyones():
         if v.keep:
             held.append(HeldInvite(gid(i), mallory, False))
     assert len(held) == MAX_INVITES_PER_STRANGER
-    assert consent.invitation_verdict(held, mallory, False).refusal == "too_many_from_sender"
+    assert consent.invitation_verdict(held, mallory, False) == consent.InviteVerdict(
+        False, refusal="too_many_from_sender"
+    )
     crowd = ids(MAX_INVITES_HELD, start=100)
     for n, sybil in enumerate(crowd):
         v = consent.invitation_verdict(held, sybil, admitted=False)
@@ -51,6 +53,8 @@ def test_items_are_fetched_by_themselves_only_from_admitted_senders_and_while_th
     assert consent.fetch_verdict(True, 1000, MAX_INBOX_BYTES - 999) == "inbox_full"
     assert consent.fetch_verdict(True, 1000, MAX_INBOX_BYTES - 1000) is None
     assert consent.inbox_room(MAX_INBOX_BYTES + 1, 0) == "inbox_full"
+    assert consent.inbox_room(0, MAX_INBOX_BYTES) is None  # an empty item still fits a full inbox
+    assert consent.inbox_room(-5, MAX_INBOX_BYTES) is None  # a negative size frees nothing
 
 
 def test_peer_text_cannot_drive_the_terminal_or_forge_lines():
@@ -61,6 +65,8 @@ def test_peer_text_cannot_drive_the_terminal_or_forge_lines():
     assert "\u202e" not in shown and "\n" not in shown and "\r" not in shown
     assert shown == ("hi\\x1b]0;pwned\\x07\\x1b[2J\\x0d\\x0aroot# \\u202egnp.exe\\x9b\\\\x41\\U000e0041")
     assert consent.escape("plain text, ünïcode ✓") == "plain text, ünïcode ✓"
+    # Unicode's own line and paragraph separators (Zl, Zp) break a terminal line as a newline does
+    assert consent.escape("a\u2028b\u2029c") == "a\\u2028b\\u2029c"
 
 
 async def test_an_invitation_admits_nobody_and_one_stranger_holds_only_its_share(tmp_path):

@@ -562,3 +562,10 @@ def test_the_handshake_rate_limit_boundary_is_exact():
     r.respond(i.request(0.0), 0.0)
     r.respond(i.request(0.02), 0.02)  # exactly HANDSHAKE_MIN_INTERVAL later: accepted
     assert HANDSHAKE_MIN_INTERVAL == 0.02
+
+
+def test_checksum_of_a_mutable_buffer_is_the_same_and_not_cached():
+    """A node ID held in a bytearray or memoryview (a parser's buffer) checksums like its bytes;
+    it cannot be a cache key (unhashable, and it may change), so it bypasses the cache."""
+    nid = bytes(range(20))
+    assert keys.checksum(bytearray(nid)) == keys.checksum(memoryview(nid)) == keys.checksum(nid)

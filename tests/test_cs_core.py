@@ -50,6 +50,18 @@ def put_env(core: CacheCore, size: int, to=(BOB,), by=SENDER, sealed_by=SENDER) 
     return core.open(envelope.seal(by, messages.CS_PUT, body, core.now_ms()), messages.CS_PUT)
 
 
+def node_info(k, home, revoked: bool = False) -> messages.NodeInfo:
+    """The DC's record of the node of key `k`, homed at the DC of key `home`."""
+    return messages.NodeInfo(
+        node=keys.checksum(node(k)),
+        home_dc=keys.checksum(node(home)),
+        timestamp=1,
+        pubkey=keys.public_bytes(k).hex(),
+        revoked=revoked,
+        online=False,
+    )
+
+
 def ref(item: bytes) -> messages.CsItemRef:
     return messages.CsItemRef(item.hex())
 
@@ -159,18 +171,10 @@ def test_who_may_use_the_cs(core, clock):
     clock.step_wall(envelope.MAX_SKEW_MS / 1000 + 1)
     with pytest.raises(SignatureError):
         core.open(stale, messages.CS_LIST)
-    info = messages.NodeInfo(
-        node=keys.checksum(node(BOB)),
-        home_dc=keys.checksum(node(CAROL)),
-        timestamp=1,
-        pubkey=keys.public_bytes(BOB).hex(),
-        revoked=False,
-        online=False,
-    )
+    info = node_info(BOB, home=CAROL)
     assert admit(node(BOB), info) is info
     assert code(lambda: admit(node(BOB), None)) == "unregistered"
-    gone = messages.NodeInfo(**{f: getattr(info, f) for f in info.__struct_fields__ if f != "revoked"}, revoked=True)
-    assert code(lambda: admit(node(BOB), gone)) == "revoked"
+    assert code(lambda: admit(node(BOB), node_info(BOB, home=CAROL, revoked=True))) == "revoked"
     with pytest.raises(CsError) as exc:
         admit(node(EVE), None)
     assert bad_recipient(exc.value).code == "bad_recipient"
@@ -181,13 +185,53 @@ def test_a_notice_goes_to_the_recipients_active_home_dc_only():
     """Hostile condition: a recipient whose home DC is no longer active (revoked from the
     federation): no notice is sent anywhere, the item still waits for `ntm inbox`."""
     home, other = node(CAROL), node(EVE)
-    info = messages.NodeInfo(
-        node=keys.checksum(node(BOB)),
-        home_dc=keys.checksum(home),
-        timestamp=1,
-        pubkey=keys.public_bytes(BOB).hex(),
-        revoked=False,
-        online=True,
-    )
+    info = node_info(BOB, home=CAROL)
     assert notice_target(info, {home: "https://dc2.test:8330/", other: "https://x"}) == (home, "https://dc2.test:8330")
+    assert notice_target(info, {home: "https://DC-X/"}) == (home, "https://DC-X")  # only the slash goes
     assert code(lambda: notice_target(info, {other: "https://x"})) == "home_dc_unknown"
+
+
+def refused(fn) -> str:
+    """The message of the CsError `fn` raises (what the user or the operator's log reads)."""
+    with pytest.raises(CsError) as exc:
+        fn()
+    return str(exc.value)
+
+
+def test_each_refusal_names_the_party_item_or_size_it_refused(core):
+    """Hostile condition: a refusal the user cannot act on (which node, which item, which size,
+    which limit) reads like a bug; each one names what it refused."""
+    bob, eve = node(BOB), node(EVE)
+    info = node_info(BOB, home=CAROL)
+    assert refused(lambda: admit(eve, None)) == f"{keys.checksum(eve)} is not a registered node"
+    assert refused(lambda: admit(bob, node_info(BOB, home=CAROL, revoked=True))) == f"{keys.checksum(bob)} is revoked"
+    assert refused(lambda: notice_target(info, {})) == f"home DC {info.home_dc} is not active"
+    with pytest.raises(CsError) as unregistered:
+        admit(eve, None)
+    assert str(bad_recipient(unregistered.value)) == f"recipient: {keys.checksum(eve)} is not a registered node"
+    too_large = LIMITS.max_item_bytes + 1
+    assert refused(lambda: core.offer(put_env(core, too_large))) == (
+        f"item of {too_large} bytes; this CS takes at most {LIMITS.max_item_bytes}"
+    )
+    assert refused(lambda: core.offer(put_env(core, 10, by=EVE))) == "an item is uploaded by the node that sealed it"
+    offer = core.offer(put_env(core, 100))
+    item = offer.header.item.hex()
+    assert (
+        refused(lambda: core.reserve(offer, NOTHING, True, None)) == f"item {item} is already stored or being uploaded"
+    )
+    upload = core.reserve(offer, NOTHING, False, None)
+    assert refused(lambda: core.received(upload, 101, False)) == "more than the announced 100 bytes"
+    assert refused(lambda: core.received(upload, 60, True)) == "got 60 of the announced 100 bytes"
+    assert refused(lambda: core.may_fetch(eve, offer.header.item, ref(offer.header.item), None, False)) == (
+        f"no item {item} for {keys.checksum(eve)}"
+    )
+
+
+def test_each_sender_has_its_own_quota_in_flight(core):
+    """Adversary: one sender holding uploads in flight up to its quota: another sender's upload is
+    still taken (the reservation is the sender's, not a pool shared with everyone)."""
+    mine = core.reserve(core.offer(put_env(core, 900)), NOTHING, False, None)
+    theirs = core.offer(put_env(core, 900, by=CAROL, sealed_by=CAROL))
+    assert core.reserve(theirs, NOTHING, False, None)
+    assert core.ledger.sender_bytes == {node(SENDER): 900, node(CAROL): 900}
+    core.end(mine)

@@ -377,6 +377,8 @@ def test_admin_bookkeeping():
     back = GroupState.from_json(json.loads(json.dumps(g.to_json())))
     assert back.to_json() == g.to_json() and back.pending_remove == (B, 2)
     assert (back.parked, back.invited, back.rn1, back.epochs) == ([b"\x01\x02"], {X}, g.rn1, g.epochs)
+    plain = GroupState(GID, "t", A, GMS, "member")  # a member's state: no removal pending, as most are
+    assert GroupState.from_json(json.loads(json.dumps(plain.to_json()))).pending_remove is None
 
 
 def test_describe_and_find():

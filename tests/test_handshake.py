@@ -320,3 +320,33 @@ def test_malformed_messages():
     for bad in (b"", VEC_RESPONSE[:-1], VEC_REQUEST):
         with pytest.raises(HandshakeError):
             i.response(bad)
+
+
+def test_from_peer_is_true_only_for_the_peers_mac1():
+    """Adversary: anyone sending Request-shaped bytes (a flipped mac1, a Request for another path)
+    to make a node resend its own Request early (tunnel._resend_on_collision): only a Request whose
+    mac1 verifies counts, and asking changes nothing (the Request still answers afterwards)."""
+    r = Responder(B, IDA, PA, PATH)
+    req = Initiator(A, IDB, PB, PATH).request(NOW)
+    assert r.from_peer(req)
+    assert not r.from_peer(req[:-1] + bytes([req[-1] ^ 1]))
+    assert not r.from_peer(Initiator(A, IDB, PB, b"\x09" * 8).request(NOW))
+    assert not r.from_peer(req[:-1])
+    r.respond(req, NOW)
+
+
+def test_a_refused_request_says_what_was_wrong_with_it():
+    """The drop counters and the debug log name why a Request was refused: too short, or for
+    another path (and which)."""
+    r = Responder(B, IDA, PA, PATH)
+    with pytest.raises(HandshakeError, match="^malformed Tunnel Request: "):
+        r.respond(Initiator(A, IDB, PB, PATH).request(NOW)[:-1], NOW)
+    other = b"\x09" * 8
+    with pytest.raises(UnknownPathError, match=f"^Tunnel Request for path {other.hex()}, expected {PATH.hex()}$"):
+        r.respond(Initiator(A, IDB, PB, other).request(NOW), NOW)
+    # the peer itself (the only other holder of the mac1 key) sending an ephemeral key off the curve
+    req = Initiator(A, IDB, PB, PATH).request(NOW)
+    body = req[:9] + b"\x02" + b"\xff" * 32 + req[42:-16]
+    bad = body + mac1(mac1_key(keys.ecdh(A, PB), PATH), body)
+    with pytest.raises(HandshakeError, match="^malformed Tunnel Request: "):
+        r.respond(bad, NOW + 1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ntm.ratelimit import Concurrency, FairShare, RisingCost, TokenBucket, source_prefix
+from ntm.ratelimit import Buckets, Concurrency, FairShare, RisingCost, TokenBucket, source_prefix
 from tests.fakes import FakeClock
 
 
@@ -81,6 +81,7 @@ def test_concurrency_per_key_and_forgets_idle_keys():
     assert held.acquire("b")
     held.release("a")
     assert held.acquire("a") and not held.acquire("a")
+    assert (held.held("a"), held.held("b"), held.held("c")) == (2, 1, 0)
     for key in ("a", "a", "b"):
         held.release(key)
     assert held.held("a") == 0 and not held._held
@@ -96,3 +97,43 @@ def test_source_prefix_groups_a_network():
     assert source_prefix("::ffff:203.0.113.7") == "203.0.113.0/24"
     assert source_prefix("2001:db8:1:2ff::1") == "2001:db8:1:200::/56"
     assert source_prefix("not an ip") == "not an ip"
+
+
+def test_rising_cost_halves_per_whole_half_life_since_it_last_counted():
+    """Adversary: a source pacing its new identities around the half-life to make its count decay
+    faster than it should. The count halves once per whole half-life, measured from where the
+    last halving left it (not from zero, nor from the first take), at any clock offset."""
+    hl, t0 = 3600.0, 50_000.0
+    cost = RisingCost(rate=1.0, burst=1000.0, half_life_s=hl, max_keys=100)
+    assert all(cost.take("src", t0) for _ in range(4))
+    assert cost.cost("src", t0 + 1.5 * hl) == 4  # 4 → 2 after one whole half-life
+    assert cost.take("src", t0 + 1.5 * hl)  # now 3, counted from t0 + hl
+    assert cost.cost("src", t0 + 2.1 * hl) == 2  # one more whole half-life since t0 + hl: 3 → 1
+
+
+def test_rising_cost_forgets_the_least_recently_seen_key():
+    """Adversary: many fresh keys pushing a busy source's count out of memory: the one forgotten
+    is the key seen least recently, never the one that just took."""
+    cost = RisingCost(rate=1.0, burst=1000.0, half_life_s=3600.0, max_keys=2)
+    for key in ("a", "b", "a", "c"):
+        assert cost.take(key, 0.0)
+    assert (cost.cost("a", 0.0), cost.cost("b", 0.0), cost.cost("c", 0.0)) == (4, 1, 2)
+
+
+def test_fair_share_divides_the_total_among_exactly_the_keys_remembered():
+    """One key alone gets the whole total (within its own cap); the asks kept are bounded at
+    max_keys × 8 (a ninth forgets the oldest), and every one of them still counts."""
+    f = FairShare(per_key=(100.0, 100.0), total=(8.0, 8.0), cap=(1000.0, 1000.0), active_s=100.0, max_keys=1)
+    assert f.share(0.0) == (8.0, 8.0)
+    for i in range(9):
+        f.take(i, 1.0)
+    assert f.share(1.0) == (1.0, 1.0) and 0 not in f._active
+
+
+def test_buckets_remember_the_newest_key_and_forget_the_oldest():
+    """Adversary: keys rotating to get fresh bursts: the key that just took keeps its (empty)
+    bucket; only the least recently used one is forgotten."""
+    b = Buckets(rate=0.0, burst=1.0, max_keys=1)
+    assert b.take("a", 0.0) and b.take("b", 0.0)  # b's bucket pushes a's out
+    assert not b.take("b", 0.0) and len(b) == 1
+    assert b.take("a", 0.0)  # a was forgotten: a fresh burst (the documented cost of the bound)

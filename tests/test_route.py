@@ -42,6 +42,13 @@ def test_nat_kinds():
     assert [r.nat for r in (PUB_A, EIM_A, SYM_A, UNKNOWN)] == ["none", "eim", "symmetric", "unknown"]
 
 
+def test_families_count_the_observed_address_too():
+    """A dual-stack node announcing only its IPv6 address but seen over IPv4 can be reached over
+    both; a node never observed has only the families it announced."""
+    assert Reach(("[2001:db8::1]:4330",), "198.18.0.11:4330").families() == {4, 6}
+    assert UNKNOWN.families() == {4}
+
+
 def test_candidates_prefer_lan_behind_the_same_nat():
     a = Reach(("10.1.0.2:4330",), "198.18.0.11:5000")
     b = Reach(("10.1.0.3:4330",), "198.18.0.11:6000")
@@ -66,3 +73,24 @@ def test_only_observed_addresses_are_verified_even_behind_a_shared_public_ip():
     dual = Reach(("198.18.0.20:4330", "[2001:db8:0:1::40]:4330"), "198.18.0.20:4330")
     assert dual.verified_candidates(V6_B) == ([], ["[2001:db8:0:1::40]:4330"])  # unobserved family
     assert Reach(("10.3.0.2:4330",)).verified_candidates(EIM_B) == ([], ["10.3.0.2:4330"])
+
+
+def test_each_route_says_why():
+    """The reason travels in the Route Choice to the requester and into the DC's direction log:
+    an operator reading why a tunnel went through the relay must see which side lacked what."""
+    why = "no keepalive reached its DC): relay over TCP"
+    assert [decide(a, b).reason for a, b, _, _ in TABLE if (a, b) != (V6_A, V6_B)] == [
+        "both public",
+        "B is public, A is behind a eim NAT",
+        "A is public, B is behind a eim NAT",
+        "B is public, A is behind a symmetric NAT",
+        "A is public, B is behind a symmetric NAT",
+        "both behind NATs (eim, eim): simultaneous hole punch",
+        "symmetric NAT on one side and a NAT on the other: no punch possible",
+        "symmetric NAT on one side and a NAT on the other: no punch possible",
+        "symmetric NAT on one side and a NAT on the other: no punch possible",
+        "no common address family (IPv4-only vs IPv6-only)",
+        "no common address family (IPv4-only vs IPv6-only)",
+        f"A has no UDP ({why}",
+        f"B has no UDP ({why}",
+    ]

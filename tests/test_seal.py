@@ -200,10 +200,23 @@ def test_sixteen_recipients_is_the_limit_on_both_sides():
 )
 def test_header_fields_are_checked_one_by_one(field, value, why):
     obj = sealed(b"x")[0].to_json()
-    with pytest.raises(seal.SealError, match=why):
+    with pytest.raises(seal.SealError, match=f"^malformed item header: {why}"):
         seal.Header.from_json({**obj, field: value})
-    with pytest.raises(seal.SealError, match="exactly v, item, sender, eph, wraps, created"):
+    with pytest.raises(
+        seal.SealError, match="^malformed item header: header must have exactly v, item, sender, eph, wraps, created$"
+    ):
         seal.Header.from_json({**obj, "x": 1})
+
+
+def test_metadata_fields_at_and_over_their_limits():
+    """Every ID field and the notice may be exactly as long as its limit, not one character more
+    (each checked on its own: a long service ID hidden behind a short app ID is refused)."""
+    at, over = "i" * seal.MAX_FIELD_CHARS, "i" * (seal.MAX_FIELD_CHARS + 1)
+    for field in ("app_id", "service_id", "service_item_id"):
+        seal.check_meta(seal.Meta(**{"app_id": "a", field: at}))
+        with pytest.raises(ValueError, match="IDs are at most"):
+            seal.check_meta(seal.Meta(**{"app_id": "a", field: over}))
+    seal.check_meta(seal.Meta("a", notice="n" * seal.MAX_NOTICE_CHARS))
 
 
 def test_each_refusal_says_what_it_is():
@@ -213,7 +226,7 @@ def test_each_refusal_says_what_it_is():
     o.finish()
     with pytest.raises(seal.SealError, match="^item already finished$"):
         o.finish()
-    with pytest.raises(seal.SealError, match="data after the end of the item"):
+    with pytest.raises(seal.SealError, match="^data after the end of the item$"):
         o.feed(b"more")
     o = seal.Opener(R1, header)
     o.feed(ct[: -seal.TAG_LEN - 1])
@@ -232,7 +245,7 @@ def test_metadata_at_and_over_its_limit(monkeypatch):
     # a sender that skips the check: the opener refuses on its own
     monkeypatch.setattr(seal, "check_meta", lambda meta: b'{"app_id":"a","name":"' + b"n" * 3000 + b'"}')
     header, ct = sealed(b"x")
-    with pytest.raises(seal.SealError, match="item metadata is too large"):
+    with pytest.raises(seal.SealError, match="^item metadata is too large$"):
         opened(R1, header, ct)
     monkeypatch.setattr(seal, "check_meta", lambda meta: b"not json")
     header, ct = sealed(b"x")
@@ -246,3 +259,54 @@ def test_a_short_signature_is_a_truncated_item(monkeypatch):
     monkeypatch.undo()
     with pytest.raises(seal.SealError, match="^item is truncated$"):
         opened(R1, header, ct)
+
+
+def test_chunk_nonces_are_the_documented_layout():
+    """docs/PROTOCOL.md §11: chunk i is sealed under the nonce i (11 bytes, big-endian) || final
+    (0/1), AAD the header hash. Another implementation holding DK opens each chunk with exactly that
+    nonce; a flag set on every chunk (or a nonce of another shape) would still round-trip with our
+    own Opener, so only the layout itself tells them apart."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    dk = bytes([4]) * 32
+    s = seal.Sealer(SENDER, recipients(R1), META, 1_700_000_000_000, dk=dk)
+    ct = s.feed(os.urandom(seal.CHUNK + 10)) + s.finish()
+    first, last = ct[: seal.CHUNK + seal.TAG_LEN], ct[seal.CHUNK + seal.TAG_LEN :]
+    aad = s.header.digest()
+    assert len(AESGCM(dk).decrypt((0).to_bytes(11, "big") + b"\x00", first, aad)) == seal.CHUNK
+    AESGCM(dk).decrypt((1).to_bytes(11, "big") + b"\x01", last, aad)
+
+
+def test_a_metadata_length_past_2_gib_is_too_large_not_negative():
+    """Adversary: a sender whose own Sealer claims a metadata length with the top bit set (read as
+    signed it would be negative and pass the size check)."""
+    s = seal.Sealer(SENDER, recipients(R1), META, 1_700_000_000_000)
+    s._buf[:4] = (1 << 31).to_bytes(4, "big")
+    ct = s.feed(b"x") + s.finish()
+    with pytest.raises(seal.SealError, match="^item metadata is too large$"):
+        opened(R1, seal.Header.from_json(s.header.to_json()), ct)
+
+
+@pytest.mark.parametrize(
+    "extra, why",
+    [(0, "^item metadata is malformed: "), (1, "^item is truncated$"), (10, "^item is truncated$")],
+)
+def test_a_metadata_length_that_swallows_the_item_is_refused_for_what_it_is(extra, why):
+    """Adversary: a sender whose own Sealer claims a metadata length reaching exactly to the end
+    of the item (its content and signature read as metadata: malformed), or past it (the
+    metadata never completes: truncated). Neither is taken for metadata followed by content."""
+    s = seal.Sealer(SENDER, recipients(R1), META, 1_700_000_000_000)
+    content = b"content"
+    claim = len(s._buf) - 4 + len(content) + seal.SIG_LEN + extra
+    s._buf[:4] = claim.to_bytes(4, "big")
+    ct = s.feed(content) + s.finish()
+    with pytest.raises(seal.SealError, match=why):
+        opened(R1, seal.Header.from_json(s.header.to_json()), ct)
+
+
+def test_several_chunks_fed_at_once_all_come_out():
+    """Content of several chunks in one feed: every complete chunk comes out of that feed, in
+    order (none overwritten by the next)."""
+    content = os.urandom(3 * seal.CHUNK + 5)
+    header, ct = sealed(content)
+    assert opened(R1, header, ct) == (content, META)

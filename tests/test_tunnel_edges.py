@@ -9,8 +9,17 @@ import os
 import pytest
 
 from ntm import keys
-from ntm.packet import MAX_PAYLOAD, TYPE_HANDSHAKE_REQUEST, TYPE_KEEPALIVE, RelayBindAck
-from ntm.tunnel import RelayInfo, Session, TunnelConfig, TunnelError
+from ntm.packet import (
+    HEADER,
+    MAX_PAYLOAD,
+    MIN_TRANSPORT_LEN,
+    TYPE_CLOSE,
+    TYPE_DATA,
+    TYPE_HANDSHAKE_REQUEST,
+    TYPE_KEEPALIVE,
+    RelayBindAck,
+)
+from ntm.tunnel import NONCE_PREFIX, RelayInfo, ReplayWindow, Session, TunnelConfig, TunnelError
 from tests.test_tunnel import ADDR_A, ADDR_A2, ADDR_B, IDA, IDB, KA, KB, PA, PATH, PB, T0, connect, data_of, rekeyed
 
 RELAY = ("192.0.2.1", 4340)
@@ -110,6 +119,15 @@ def test_every_drop_is_counted_each_time():
     assert relay.stats["relay_acks"] == 2
 
 
+def test_a_datagram_of_just_type_and_path_is_read_not_truncated():
+    """The shortest datagram a demultiplexer can read (type and path ID, 9 bytes) is read as
+    one: an unknown type is counted as such, only a shorter one as truncated."""
+    a = Session(KA, IDB, PB, PATH)
+    a.start(T0)
+    assert a.receive(b"\xee" + PATH, ADDR_B, T0) == [] and a.stats["drop_unknown_type"] == 1
+    assert a.receive(b"\xee" + PATH[:7], ADDR_B, T0) == [] and a.stats["drop_truncated"] == 1
+
+
 def test_handshake_drops_are_counted_each_time():
     cfg = TunnelConfig()
     a = Session(KA, IDB, PB, PATH, candidates=[ADDR_B], config=cfg)
@@ -202,6 +220,21 @@ def test_moving_tells_only_those_who_should_hear():
     c.peer_addr = ADDR_B
     c.local_address_changed(T0)  # no keys yet: nothing to authenticate a keepalive with
     assert c.datagrams_to_send() == []
+    before = a.stats["tx_keepalive"]
+    a.local_address_changed(T0 + 1)
+    a.local_address_changed(T0 + 2)  # moved twice: two keepalives, each counted
+    assert a.stats["tx_keepalive"] == before + 2
+
+
+def test_a_close_is_the_empty_33_byte_packet_and_needs_an_address():
+    """docs/PROTOCOL.md §7: CLOSE is counter and tag only (33 bytes, empty payload). A session
+    that knows no address of its peer has nowhere to send one: none is made (a CLOSE sealed
+    anyway would spend a counter and go nowhere)."""
+    a, b, _ = connect()
+    close = a.close_packet(T0)
+    assert close[0] == TYPE_CLOSE and len(close) == MIN_TRANSPORT_LEN
+    a.peer_addr = None
+    assert a.close_packet(T0) is None
 
 
 @pytest.mark.parametrize("token, side", [(b"\x00" * 31, 0), (b"\x00" * 32, 2)])
@@ -275,3 +308,95 @@ def test_handshake_rate_drops_are_counted_each_time():
     b.receive(reqs[1], ADDR_A, T0 + 1.001)
     b.receive(reqs[2], ADDR_A, T0 + 1.002)
     assert b.stats["drop_handshake_rate"] == 2
+
+
+def test_the_fast_paths_keep_the_key_limits_exactly():
+    """Adversary: the peer (or anyone replaying its packets) relying on the fast send and receive
+    paths skipping a check the slow paths make: no DATA is sent at or after the keys' reject time
+    (also when it coincides with the rekey time), and a packet with the counter at the message
+    limit is dropped as too old, the one before it still accepted."""
+    cfg = TunnelConfig(rekey_after_time=5.0, reject_after_time=5.0, reject_after_messages=1 << 20)
+    a, b, _ = connect(cfg)
+    with pytest.raises(TunnelError, match="^tunnel keys exhausted; waiting for a rekey$"):
+        a.encrypt(b"x", a.current.reject_time)
+    a, b, _ = connect(TunnelConfig(reject_after_messages=1 << 20))
+    with pytest.raises(TunnelError):
+        a.encrypt(b"x", a.current.reject_time)
+
+    def sealed_at(counter: int) -> bytes:
+        header = HEADER.pack(TYPE_DATA, PATH, counter)
+        return header + a.current.send.encrypt(NONCE_PREFIX + header[9:], b"late", header)
+
+    limit = a.config.reject_after_messages
+    assert b.receive(sealed_at(limit), ADDR_A, T0) == [] and b.stats["drop_too_old"] == 1
+    assert data_of(b.receive(sealed_at(limit - 1), ADDR_A, T0)) == [b"late"]
+
+
+def test_a_bind_acknowledged_after_the_handshake_resends_no_request():
+    """Hostile condition: the relay acknowledges a bind refresh while the tunnel already runs
+    through it. The Request that went there during the handshake is answered: sending it again
+    would only make the peer spend a handshake (once per refresh)."""
+    token = os.urandom(32)
+    a = Session(KA, IDB, PB, PATH, relay=RelayInfo(RELAY, token, 0), wall=lambda: 1.0)
+    b = Session(KB, IDA, PA, PATH, role="wait", relay=RelayInfo(RELAY, token, 1))
+    a.start(T0)
+    b.start(T0)
+    (req,) = [d for d, dst in a.poll(T0) if d[0] == TYPE_HANDSHAKE_REQUEST and dst == RELAY]
+    b.receive(req, RELAY, T0)
+    for d, _ in b.poll(T0):
+        a.receive(d, RELAY, T0)
+    assert a.established
+    a.datagrams_to_send()
+    a.receive(RelayBindAck(PATH, 0, True, 1_000_000, bytes(16)).encode(), RELAY, T0 + 0.01)
+    assert a.stats["relay_acks"] == 1
+    assert [d[0] for d, _ in a.datagrams_to_send()] == []
+
+
+def test_a_counter_jumping_to_the_top_costs_no_memory():
+    """Adversary: a peer jumping its counter by 2**62 in one packet (valid on its keys): the replay
+    window resets to that one counter instead of shifting its bitmap that far (which would try to
+    allocate 2**62 bits)."""
+    w = ReplayWindow(64)
+    w.update(5)
+    assert w.update(2**62) and (w.top, w.bits) == (2**62, 1)
+    assert w.check(5) is not None and w.check(2**62 - 1) is None
+
+
+def test_via_follows_a_move_onto_the_relay_but_not_a_roam():
+    """The peer's packets arrive through the relay (its direct path died): `via` says "relay". A
+    roam from one direct address to another keeps the `via` the handshake named."""
+    a, b, _ = connect()
+    a.relay = RelayInfo(RELAY, os.urandom(32), 0)
+    via = a.via
+    assert via != "relay"
+    pkts = [b.encrypt(b"%d" % i, T0) for i in range(2)]
+    a.receive(pkts[0], ADDR_A2, T0)
+    assert a.peer_addr == ADDR_A2 and a.via == via
+    a.receive(pkts[1], RELAY, T0)
+    assert a.peer_addr == RELAY and a.via == "relay"
+
+
+def test_a_rekey_by_count_starts_on_exactly_the_packet_that_reaches_it_on_the_slow_path():
+    """Pings, keepalives and probes go through the slow send path: it too starts the rekey on the
+    rekey_after_messages-th packet on the keys, not one before."""
+    a, b, _ = connect(TunnelConfig(rekey_after_messages=20))
+    for _ in range(20 - 1 - a.current.counter):
+        a.ping(T0)
+    assert not a.has_output
+    a.ping(T0)  # counter 19: the 20th packet on these keys
+    assert [d[0] for d, _ in a.datagrams_to_send()] == [TYPE_HANDSHAKE_REQUEST]
+
+
+def test_the_fast_receive_path_survives_a_counter_jump_and_counts_each_keepalive():
+    """Adversary: the peer (valid keys) jumping its counter by 2**61 on a DATA packet: the fast
+    receive path resets its window instead of shifting the bitmap that far. Keepalives and
+    standby packets are each counted."""
+    a, b, _ = connect(TunnelConfig(reject_after_messages=1 << 62))
+    header = HEADER.pack(TYPE_DATA, PATH, 1 << 61)
+    jump = header + a.current.send.encrypt(NONCE_PREFIX + header[9:], b"far", header)
+    assert data_of(b.receive(jump, ADDR_A, T0)) == [b"far"] and b.current.window.top == 1 << 61
+    a2, b2, _ = connect()
+    for _ in range(2):
+        b2.receive(a2._seal(TYPE_KEEPALIVE, b"", T0), ADDR_A, T0)
+        b2.receive(a2.standby(b"s", T0), ADDR_A2, T0)
+    assert (b2.stats["rx_keepalive"], b2.stats["rx_standby"]) == (2, 2)

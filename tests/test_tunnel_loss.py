@@ -289,7 +289,7 @@ def test_direct_attempts_on_the_relay_end_with_their_window():
     late = [
         t
         for t, _, kind, dst in net.sent
-        if kind == TYPE_HANDSHAKE_REQUEST and dst != RELAY and t > T0 + cfg.direct_upgrade_for
+        if kind == TYPE_HANDSHAKE_REQUEST and dst != RELAY and t >= T0 + cfg.direct_upgrade_for  # the end included
     ]
     assert late == []
     per_node = sum(

@@ -7,7 +7,7 @@ import pytest
 
 from dc import groups as dc_groups
 from ntm import envelope, keys, messages
-from ntm.errors import ParseError
+from ntm.errors import ParseError, SignatureError
 from ntm.registration import RegistrationRequest, parse_request
 
 PATH = "0a" * 8
@@ -112,3 +112,38 @@ def test_a_signed_direction_travels_as_a_struct_and_still_verifies():
     unsigned = {k: v for k, v in sealed.items() if k != "sig"}
     with pytest.raises(ParseError, match="sig"):
         messages.decode(messages.DcToNode, {"type": "direction", "direction": unsigned})
+
+
+def test_open_body_makes_every_check_open_envelope_makes():
+    """Adversaries: a replayed, stale, untrusted or relabelled envelope reaching a receiver that
+    opens it with open_body: each is refused as open_envelope refuses it (the one-call form must
+    not drop a check), and seal_body keeps the nonce it is given."""
+    key = keys.generate()
+    ref = messages.CsItemRef("ab" * 16)
+    sealed = envelope.seal_body(key, messages.CS_GET, ref, NOW_MS, nonce=bytes(range(16)))
+    assert sealed["nonce"] == bytes(range(16)).hex()
+    guard = envelope.ReplayGuard()
+    env, body = envelope.open_body(sealed, messages.CS_GET, messages.CsItemRef, NOW_MS, lambda _: True, guard)
+    assert (env.sender, env.kind, body) == (keys.node_id_of(key), messages.CS_GET, ref)
+    with pytest.raises(SignatureError, match="^envelope replayed$"):
+        envelope.open_body(sealed, messages.CS_GET, messages.CsItemRef, NOW_MS, lambda _: True, guard)
+    with pytest.raises(SignatureError, match="is not an active DC$"):
+        envelope.open_body(sealed, messages.CS_GET, messages.CsItemRef, NOW_MS, lambda _: False)
+    with pytest.raises(SignatureError, match="freshness window"):
+        envelope.open_body(
+            sealed, messages.CS_GET, messages.CsItemRef, NOW_MS + envelope.MAX_SKEW_MS + 1, lambda _: True
+        )
+    with pytest.raises(ParseError, match="^expected a 'cs\\.list' envelope, got 'cs\\.get'$"):
+        envelope.open_body(sealed, messages.CS_LIST, messages.CsListRequest, NOW_MS, lambda _: True)
+
+
+def test_a_wrong_struct_names_the_kind_and_both_structs():
+    """A bug sealing or asking for the wrong struct says which kind, which struct it carries and
+    which was given, so the wrong call site is found at once."""
+    key = keys.generate()
+    with pytest.raises(TypeError, match=r"^a 'cs\.get' envelope carries a <class '.*CsItemRef'>, not CsListRequest$"):
+        envelope.seal_body(key, messages.CS_GET, messages.CsListRequest(), NOW_MS)
+    sealed = envelope.seal_body(key, messages.CS_GET, messages.CsItemRef("ab" * 16), NOW_MS)
+    env = envelope.open_envelope(sealed, messages.CS_GET, NOW_MS, lambda _: True)
+    with pytest.raises(TypeError, match=r"^a 'cs\.get' envelope carries a <class '.*CsItemRef'>, not CsPut$"):
+        envelope.body_of(env, messages.CsPut)
