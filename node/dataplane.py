@@ -26,7 +26,7 @@ from daemon.tun import Tun
 from ntm import keys
 from ntm.addr import display
 from ntm.errors import NtmError
-from ntm.offload import VNET_HDR_LEN, OffloadError, VnetHdr, coalesce, split
+from ntm.offload import GSO_TCPV4, GSO_TCPV6, VNET_HDR_LEN, OffloadError, VnetHdr, coalesce, split
 from ntm.overlay import (
     KIND_APP,
     KIND_FRAG,
@@ -35,6 +35,7 @@ from ntm.overlay import (
     KIND_IPV6,
     KIND_JUNK,
     KIND_VIEW,
+    VIEW_CSUM,
     Overlay,
     frame_app,
     frame_group,
@@ -88,6 +89,9 @@ class DataPlane:
         self.on_quic: Callable[[bytes, bytes], None] | None = None
         # the IPv4 address each peer with a tunnel says it gives this node (VIEW, §10.2): `ntm status`
         self.seen_as: dict[bytes, IPv4Address] = {}
+        # peers whose tunnel said (VIEW_CSUM) that they finish TCP/UDP checksums: segments to them
+        # carry partial ones, and nothing here sums a payload (§10.11)
+        self.csum_partial: set[bytes] = set()
 
     def start(self) -> None:
         if self.tun is not None:
@@ -116,14 +120,23 @@ class DataPlane:
         if peer is None:
             return
         t = self.by_peer.get(peer)
+        if t is not None and t.channel.closed:
+            t = None
         # No tunnel yet: the kernel's own segment size (the packets wait for the tunnel whole).
-        max_len = t.channel.inner_mtu if t is not None and not t.channel.closed else 65535
+        max_len = t.channel.inner_mtu if t is not None else 65535
         try:
-            segments = split(VnetHdr.unpack(buf), pkt, max_len)
+            hdr = VnetHdr.unpack(buf)
+            segments = split(hdr, pkt, max_len, peer in self.csum_partial)
         except OffloadError as exc:
             self.stats["offload_errors"] += 1  # the kernel never sends these: count, never raise
             log.debug("TUN read dropped: %s", exc)
             return
+        if t is not None and hdr.gso_type in (GSO_TCPV4, GSO_TCPV6):
+            try:  # a TCP super-packet's segments: each fits the path, none is a SYN (no MSS clamp)
+                t.channel.send_many(segments)
+                return
+            except NtmError:
+                pass  # keys exhausted or the tunnel just ended: all queued and reopened (TCP drops duplicates)
         for seg in segments:
             self._to_peer(peer, seg)
 
@@ -224,6 +237,7 @@ class DataPlane:
             except NtmError:
                 break
         self.seen_as.pop(peer, None)  # a new tunnel: the peer may have restarted with another view
+        self.csum_partial.discard(peer)  # ... or without offloads: complete checksums until it says
         self._tell_view(peer, t, ask=True)
 
     def _from_tunnel(self, peer: bytes, t: Tunnel, payload: bytes) -> None:
@@ -288,13 +302,18 @@ class DataPlane:
             self.stats["junk_rx"] += 1
             return
         self.seen_as[peer], ask = view
+        if payload[1] & VIEW_CSUM:
+            self.csum_partial.add(peer)
+        else:
+            self.csum_partial.discard(peer)
         if ask:
             self._tell_view(peer, t, ask=False)
 
     def _tell_view(self, peer: bytes, t: Tunnel, ask: bool) -> None:
         """Tell the peer its IPv4 address in this node's view (a VIEW; asking for its view of us)."""
         try:
-            t.channel.send_nowait(frame_view(self.overlay.addresses(peer)[1], ask))
+            csum = self.tun is not None and self.tun.vnet  # coalesce() finishes every checksum
+            t.channel.send_nowait(frame_view(self.overlay.addresses(peer)[1], ask, csum))
         except NtmError:
             pass  # the tunnel just ended, or no address: status shows the view as unknown
 
@@ -377,6 +396,7 @@ class DataPlane:
                 del self.by_peer[peer]
                 self._reasm.pop(peer, None)
                 self.seen_as.pop(peer, None)
+                self.csum_partial.discard(peer)
                 continue
             ch = t.channel
             v6, v4 = self.overlay.addresses(peer)
