@@ -26,7 +26,7 @@ from daemon.tun import Tun
 from ntm import keys
 from ntm.addr import display
 from ntm.errors import NtmError
-from ntm.offload import GSO_TCPV4, GSO_TCPV6, VNET_HDR_LEN, OffloadError, VnetHdr, coalesce, split
+from ntm.offload import GSO_TCPV4, GSO_TCPV6, VNET_HDR_LEN, OffloadError, VnetHdr, coalesce_buffers, split
 from ntm.overlay import (
     KIND_APP,
     KIND_FRAG,
@@ -330,8 +330,8 @@ class DataPlane:
         reads), consecutive segments of each TCP flow as one GSO super-packet."""
         pkts, self._to_write = self._to_write, []
         if self.tun is not None:
-            for hdr, pkt in coalesce(pkts):
-                self.tun.write_vnet(hdr, pkt)
+            for bufs in coalesce_buffers(pkts):
+                self.tun.write_buffers(bufs)
 
     def send_quic(self, peer: bytes, payload: bytes) -> None:
         """A stream's QUIC packet: on the peer's tunnel, or lost while one opens (QUIC resends)."""

@@ -274,7 +274,7 @@ class _Run:
 
     def __init__(self, pkt: bytes, l4: int, hl: int, v6: bool) -> None:
         self.head = pkt[:hl]
-        self.parts = [pkt[hl:]]
+        self.parts = [memoryview(pkt)[hl:]]  # payloads, not copied until the write
         self.l4, self.hl, self.v6 = l4, hl, v6
         self.size = len(pkt) - hl
         self.next_seq = (_I.unpack_from(pkt, l4 + 4)[0] + self.size) & 0xFFFFFFFF
@@ -315,7 +315,7 @@ class _Run:
                 self.id_step = step
             elif step != self.id_step * len(self.parts) & 0xFFFF:
                 return False
-        self.parts.append(pkt[hl:])
+        self.parts.append(memoryview(pkt)[hl:])
         self.next_seq = (self.next_seq + size) & 0xFFFFFFFF
         self.length += size
         self.ended = bool(pkt[l4 + 13] & TCP_PSH)
@@ -325,17 +325,17 @@ class _Run:
             self.head = bytes(head)
         return True
 
-    def packet(self) -> tuple[bytes, bytes]:
-        """The virtio-net header and packet to write for this run."""
+    def buffers(self) -> list[bytes | memoryview]:
+        """The virtio-net header and the packet to write for this run, in pieces (one writev)."""
         if len(self.parts) == 1:
-            return finish_later(self.head + self.parts[0])
+            return list(finish_later(self.head + self.parts[0]))
         l4, v6 = self.l4, self.v6
         head = bytearray(self.head)
         _ip_fix(head, v6, l4, self.length, 0)
         partial = csum_sum(b"", _pseudo(head, v6, PROTO_TCP, self.length - l4))
         head[l4 + TCP_CSUM_AT : l4 + TCP_CSUM_AT + 2] = _H.pack(partial)
         hdr = VnetHdr(F_NEEDS_CSUM, GSO_TCPV6 if v6 else GSO_TCPV4, self.hl, self.size, l4, TCP_CSUM_AT)
-        return hdr.pack(), bytes(head) + b"".join(self.parts)
+        return [hdr.pack(), bytes(head), *self.parts]
 
 
 def _tcp_flow(pkt: bytes) -> tuple[bytes, int, bool] | None:
@@ -374,11 +374,16 @@ def _can_join(pkt: bytes, l4: int, v6: bool) -> int:
 
 
 def coalesce(pkts: list[bytes]) -> list[tuple[bytes, bytes]]:
-    """(virtio-net header, packet) pairs to write for `pkts`, in order within each flow: runs of
+    """(virtio-net header, packet) pairs to write for `pkts`: coalesce_buffers' writes, joined."""
+    return [(bufs[0], b"".join(bufs[1:])) for bufs in coalesce_buffers(pkts)]
+
+
+def coalesce_buffers(pkts: list[bytes]) -> list[list[bytes | memoryview]]:
+    """The writes for `pkts` (each a virtio-net header and the packet's pieces), in order within each flow: runs of
     consecutive in-order segments of one TCP flow become one GSO packet; anything else (other
     protocols, out of order, SYN/FIN/RST/URG) goes alone (finish_later: the kernel completes
     TCP/UDP checksums, so a peer may leave them partial)."""
-    out: list[_Run | tuple[bytes, bytes]] = []
+    out: list[_Run | list[bytes | memoryview]] = []
     open_runs: dict[bytes, _Run] = {}
     for pkt in pkts:
         flow = _tcp_flow(pkt)
@@ -386,7 +391,7 @@ def coalesce(pkts: list[bytes]) -> list[tuple[bytes, bytes]]:
         if flow is None or not hl:
             if flow:
                 open_runs.pop(flow[0], None)  # nothing of its flow may overtake it
-            out.append(finish_later(pkt))
+            out.append(list(finish_later(pkt)))
             continue
         key, l4, v6 = flow
         run = open_runs.get(key)
@@ -394,4 +399,4 @@ def coalesce(pkts: list[bytes]) -> list[tuple[bytes, bytes]]:
             continue
         run = open_runs[key] = _Run(pkt, l4, hl, v6)
         out.append(run)
-    return [item.packet() if isinstance(item, _Run) else item for item in out]
+    return [item.buffers() if isinstance(item, _Run) else item for item in out]
