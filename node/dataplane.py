@@ -241,6 +241,9 @@ class DataPlane:
         self._tell_view(peer, t, ask=True)
 
     def _from_tunnel(self, peer: bytes, t: Tunnel, payload: bytes) -> None:
+        if payload and payload[0] >> 4 in (4, 6) and self.tun is not None:
+            self._to_tun(peer, t, payload)  # the common case first: an IP packet for TUN
+            return
         if payload and payload[0] in (QUIC_TO_SERVER, QUIC_TO_CLIENT) and self.on_quic is not None:
             self.on_quic(peer, payload)
             return
@@ -284,6 +287,12 @@ class DataPlane:
         if kind == KIND_JUNK or self.tun is None:
             self.stats["junk_rx"] += 1
             return
+        self._to_tun(peer, t, payload)
+
+    def _to_tun(self, peer: bytes, t: Tunnel, payload: bytes) -> None:
+        """An IP packet from `peer`'s tunnel: checked and translated (overlay), then written to TUN
+        (with offloads: collected until the socket is drained, then coalesced)."""
+        assert self.tun is not None
         pkt = self.overlay.inbound(peer, payload)
         if pkt is not None:
             # A SYN from the peer says how long our segments to it may be: no longer than our path allows.

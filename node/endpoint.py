@@ -220,7 +220,8 @@ class UdpBind:
 
     def _send_gso(self, datagrams: list[bytes], size: int, addr: Addr) -> None:
         try:
-            self.sock.sendmsg([b"".join(datagrams)], [(SOL_UDP, UDP_SEGMENT, size.to_bytes(2, "little"))], 0, addr)
+            # One iovec per datagram: the kernel gathers them (no 64 KB join here).
+            self.sock.sendmsg(datagrams, [(SOL_UDP, UDP_SEGMENT, size.to_bytes(2, "little"))], 0, addr)
         except OSError as exc:
             if exc.errno == errno.EMSGSIZE:
                 # A segment longer than the route's MTU (ICMP taught the kernel a smaller path MTU,

@@ -10,6 +10,7 @@ first segment, the flags of all, the pseudo-header sum in the checksum field, NE
 
 from __future__ import annotations
 
+import ipaddress
 import struct
 from dataclasses import dataclass
 
@@ -487,3 +488,44 @@ def test_tun_falls_back_to_a_plain_tun_when_the_kernel_refuses_offloads(monkeypa
     calls.clear()
     assert tun._create("ntm9", False)[2:] == (False, False)
     assert calls == [("iff", tun.IFF_TUN | tun.IFF_NO_PI)]  # --no-offload: plain flags, no offload request
+
+
+def test_partial_checksums_only_to_a_peer_that_said_it_finishes_them():
+    """The hostile condition is a receiver without offloads (or from before VIEW_CSUM): its kernel
+    drops a TCP segment whose checksum is partial. Segments to a peer are partial only after its
+    VIEW on the current tunnel had CSUM; a VIEW without it, or a new tunnel, brings complete ones
+    back. This node's own VIEW says CSUM exactly when its TUN offloads."""
+    from types import SimpleNamespace
+
+    from node.dataplane import DataPlane
+    from ntm.overlay import VIEW_CSUM, frame_view
+
+    f = simple_flow(v6=True)
+    hdr, pkt = f.kernel_super(bytes(range(256)) * 12, 1000)
+    full = split(hdr, pkt, BIG)
+    sent: list[bytes] = []
+    peer, v4 = bytes(20), ipaddress.IPv4Address("100.64.0.2")
+    channel = SimpleNamespace(
+        inner_mtu=1400, closed=False, send_nowait=sent.append, send_many=sent.extend, set_receiver=lambda f: None
+    )
+    overlay = SimpleNamespace(addresses=lambda p: (None, v4), outbound=lambda p: peer)
+    node = SimpleNamespace(endpoint=SimpleNamespace(hold=lambda: None))
+    dp = DataPlane(node=node, overlay=overlay, tun=SimpleNamespace(vnet=True))  # type: ignore[arg-type]
+    tunnel = SimpleNamespace(peer=peer, channel=channel)
+    dp.attach(tunnel)  # type: ignore[arg-type]
+    assert sent == [frame_view(v4, ask=True, csum=True)] and sent[0][1] == 1 | VIEW_CSUM
+
+    def segments_after(view: bytes | None) -> list[bytes]:
+        if view is not None:
+            dp._from_tunnel(peer, tunnel, view)  # type: ignore[arg-type]
+        sent.clear()
+        dp.from_tun_vnet(hdr.pack() + pkt)
+        return list(sent)
+
+    assert segments_after(None) == full  # no VIEW yet
+    partial = segments_after(frame_view(v4, ask=False, csum=True))
+    assert partial != full and [finished(p) for p in partial] == full
+    assert segments_after(frame_view(v4, ask=False)) == full
+    segments_after(frame_view(v4, ask=False, csum=True))
+    dp.attach(tunnel)  # type: ignore[arg-type]  # a new tunnel: the peer may have restarted without offloads
+    assert segments_after(None) == full
