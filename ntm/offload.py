@@ -325,6 +325,20 @@ class _Run:
             self.head = bytes(head)
         return True
 
+    def continued_by(self, pkt: bytes) -> bool:
+        """take(pkt) for a packet of this run's flow (addresses, ports) that coalesce may join
+        (_can_join), checked in one pass: the common case, a run's next segment, skips the flow
+        lookup."""
+        n, l4, head = len(pkt), self.l4, self.head
+        if n <= self.hl or pkt[l4 + 13] & ~TCP_PSH != TCP_ACK:
+            return False
+        if self.v6:
+            if _H.unpack_from(pkt, 4)[0] != n - 40 or pkt[8:44] != head[8:44]:
+                return False
+        elif _H.unpack_from(pkt, 2)[0] != n or pkt[12:24] != head[12:24]:
+            return False  # (IPv4 flags, fragment offset and header length: compared in take)
+        return self.take(pkt)
+
     def buffers(self) -> list[bytes | memoryview]:
         """The virtio-net header and the packet to write for this run, in pieces (one writev)."""
         if len(self.parts) == 1:
@@ -385,7 +399,11 @@ def coalesce_buffers(pkts: list[bytes]) -> list[list[bytes | memoryview]]:
     TCP/UDP checksums, so a peer may leave them partial)."""
     out: list[_Run | list[bytes | memoryview]] = []
     open_runs: dict[bytes, _Run] = {}
+    last: _Run | None = None  # the run the previous packet joined or started
     for pkt in pkts:
+        if last is not None and last.continued_by(pkt):
+            continue
+        last = None
         flow = _tcp_flow(pkt)
         hl = _can_join(pkt, flow[1], flow[2]) if flow is not None else 0
         if flow is None or not hl:
@@ -396,7 +414,8 @@ def coalesce_buffers(pkts: list[bytes]) -> list[list[bytes | memoryview]]:
         key, l4, v6 = flow
         run = open_runs.get(key)
         if run is not None and run.hl == hl and run.take(pkt):
+            last = run
             continue
-        run = open_runs[key] = _Run(pkt, l4, hl, v6)
+        run = last = open_runs[key] = _Run(pkt, l4, hl, v6)
         out.append(run)
     return [item.buffers() if isinstance(item, _Run) else item for item in out]
