@@ -311,7 +311,7 @@ class DataPlane:
             self.stats["junk_rx"] += 1
             return
         self.seen_as[peer], ask = view
-        if payload[1] & VIEW_CSUM:
+        if payload[1] & VIEW_CSUM and self.by_peer.get(peer) is t:  # said on the tunnel in use
             self.csum_partial.add(peer)
         else:
             self.csum_partial.discard(peer)
@@ -321,7 +321,7 @@ class DataPlane:
     def _tell_view(self, peer: bytes, t: Tunnel, ask: bool) -> None:
         """Tell the peer its IPv4 address in this node's view (a VIEW; asking for its view of us)."""
         try:
-            csum = self.tun is not None and self.tun.vnet  # coalesce() finishes every checksum
+            csum = self.tun is not None and self.tun.vnet  # coalesce_buffers() finishes every checksum
             t.channel.send_nowait(frame_view(self.overlay.addresses(peer)[1], ask, csum))
         except NtmError:
             pass  # the tunnel just ended, or no address: status shows the view as unknown

@@ -527,5 +527,8 @@ def test_partial_checksums_only_to_a_peer_that_said_it_finishes_them():
     assert partial != full and [finished(p) for p in partial] == full
     assert segments_after(frame_view(v4, ask=False)) == full
     segments_after(frame_view(v4, ask=False, csum=True))
+    old, tunnel = tunnel, SimpleNamespace(peer=peer, channel=channel)
     dp.attach(tunnel)  # type: ignore[arg-type]  # a new tunnel: the peer may have restarted without offloads
+    assert segments_after(None) == full
+    dp._from_tunnel(peer, old, frame_view(v4, ask=False, csum=True))  # type: ignore[arg-type]  # late, on the old one
     assert segments_after(None) == full
