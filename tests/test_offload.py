@@ -514,6 +514,7 @@ def test_partial_checksums_only_to_a_peer_that_said_it_finishes_them():
     tunnel = SimpleNamespace(peer=peer, channel=channel)
     dp.attach(tunnel)  # type: ignore[arg-type]
     assert sent == [frame_view(v4, ask=True, csum=True)] and sent[0][1] == 1 | VIEW_CSUM
+    assert sent[0].hex() == "060364400002"  # the vector of PROTOCOL §10.12
 
     def segments_after(view: bytes | None) -> list[bytes]:
         if view is not None:
