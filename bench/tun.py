@@ -18,6 +18,8 @@ TEST_S seconds each, so machine noise hits all alike.
   tun_rtt_ms_p50 / wireguard_go_rtt_ms_p50     ping through each overlay (20 pings, 50 ms apart)
   tun_cpu_s_per_gb (…_no_offload) /            CPU seconds of both ends' daemons per GB carried
     wireguard_go_cpu_s_per_gb                  (target ≤ 5 with offloads)
+  tun_cpu_kernel_share                         the part of tun_cpu_s_per_gb spent in the kernel
+                                               (system time: I/O and the stack work it runs)
   handover_tcp_stall_s                         longest stall of a paced TCP transfer while one
                                                node moves to another NAT (the same connection)
 Needs root; installs iperf3, wireguard-go and wireguard-tools with apt when missing.
@@ -74,10 +76,11 @@ def install_missing() -> None:
         )
 
 
-def cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process so far."""
+def cpu_s(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tck = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tck, int(fields[12]) / tck
 
 
 class WireGuard:
@@ -189,13 +192,16 @@ def ping_p50(lab: Lab, host, addr: str) -> float:
     return statistics.median(rtts)
 
 
-def measure(lab: Lab, a, target: str, pids: list[int], seconds: float, streams: int = 1) -> tuple[float, float]:
-    """(Mbit/s, CPU s per GB of both ends' daemons) of one iperf3 run."""
-    before = sum(cpu_s(p) for p in pids)
+def measure(lab: Lab, a, target: str, pids: list[int], seconds: float, streams: int = 1) -> tuple[float, float, float]:
+    """(Mbit/s, CPU s per GB of both ends' daemons, the share of that CPU spent in the kernel:
+    TUN and socket I/O, and the network stack work those system calls run) of one iperf3 run."""
+    before = [cpu_s(p) for p in pids]
     mbps = iperf(lab, a, target, seconds, streams)
-    used = sum(cpu_s(p) for p in pids) - before
+    after = [cpu_s(p) for p in pids]
+    user = sum(x[0] - y[0] for x, y in zip(after, before))
+    system = sum(x[1] - y[1] for x, y in zip(after, before))
     gb = mbps * 1e6 * seconds / 8 / 1e9
-    return mbps, used / gb if gb else float("nan")
+    return mbps, (user + system) / gb if gb else float("nan"), system / (user + system or 1)
 
 
 def main() -> int:
@@ -255,18 +261,19 @@ def main() -> int:
                     "cpu_wg",
                     "p4",
                     "veth",
+                    "sys_ours",
                 )
             }
             for n in range(args.rounds):
-                m1, c1 = measure(lab, ha, b.v6, ntm_pids, args.seconds)
-                m0, c0 = measure(lab, hc, d.v6, plain_pids, args.seconds)
-                m2, c2 = measure(lab, ha, WG_NET.format(2), wg_pids, args.seconds)
-                p4, _ = measure(lab, ha, b.v6, ntm_pids, args.seconds, streams=4)
+                m1, c1, k1 = measure(lab, ha, b.v6, ntm_pids, args.seconds)
+                m0, c0, _ = measure(lab, hc, d.v6, plain_pids, args.seconds)
+                m2, c2, _ = measure(lab, ha, WG_NET.format(2), wg_pids, args.seconds)
+                p4, _, _ = measure(lab, ha, b.v6, ntm_pids, args.seconds, streams=4)
                 veth = iperf(lab, ha, hb.addr4, args.seconds)
-                for k, v in zip(rows, (m1, m0, m2, m1 / m2, m1 / m0, c1, c0, c2, p4, veth)):
+                for k, v in zip(rows, (m1, m0, m2, m1 / m2, m1 / m0, c1, c0, c2, p4, veth, k1)):
                     rows[k].append(v)
                 print(
-                    f"# round {n + 1}: ntm {m1:.0f} Mbit/s ({c1:.1f} CPU-s/GB), no offload {m0:.0f} ({c0:.1f}), "
+                    f"# round {n + 1}: ntm {m1:.0f} Mbit/s ({c1:.1f} CPU-s/GB, {k1:.0%} in the kernel), no offload {m0:.0f} ({c0:.1f}), "
                     f"wireguard-go {m2:.0f} ({c2:.1f}), ntm -P 4 {p4:.0f}, veth {veth:.0f}",
                     flush=True,
                 )
@@ -281,6 +288,7 @@ def main() -> int:
             metric("tun_tcp_ratio_vs_veth", round(med["ours"] / med["veth"], 4))
             metric("tun_cpu_s_per_gb", round(med["cpu_ours"], 2))
             metric("tun_cpu_s_per_gb_no_offload", round(med["cpu_plain"], 2))
+            metric("tun_cpu_kernel_share", round(med["sys_ours"], 3))
             metric("wireguard_go_cpu_s_per_gb", round(med["cpu_wg"], 2))
             metric("tun_relay_tcp_mbps", round(iperf(lab, r.host, rb.v6, args.seconds), 1))
             if r.status()["peers"][0]["route"] != "relay":

@@ -9,7 +9,7 @@ for TCP, ≥ 6.2 for UDP), every read starts with a virtio-net header and may be
 super-packet of up to 64 KB, and writes may be one (ntm/offload.py splits and coalesces them).
 
     tun = Tun.open("ntm0", mtu=1419, v6=..., v4=..., v4_net=..., offload=True)
-    tun.start(on_packet, on_drained); tun.write(pkt); tun.write_vnet(hdr, pkt); tun.close()
+    tun.start(on_packet, on_drained); tun.write(pkt); tun.write_buffers([hdr, *pieces]); tun.close()
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import shutil
 import struct
 import subprocess
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
-from typing import Callable
+from typing import Callable, Sequence
 
 from ntm.errors import NtmError
 from ntm.offload import NO_OFFLOAD, VNET_HDR_LEN
@@ -169,7 +169,7 @@ class Tun:
     def write(self, pkt: bytes) -> None:
         """Write one whole packet (checksums complete)."""
         if self.vnet:
-            self.write_vnet(NO_OFFLOAD, pkt)
+            self.write_buffers((NO_OFFLOAD, pkt))
             return
         try:
             os.write(self.fd, pkt)
@@ -177,11 +177,12 @@ class Tun:
         except OSError:
             self.write_errors += 1  # full queue or a packet the kernel refuses: like a drop
 
-    def write_vnet(self, hdr: bytes, pkt: bytes) -> None:
-        """Write a packet with its virtio-net header (offloads on): a GSO super-packet the kernel
-        takes as the segments it stands for, or NO_OFFLOAD and one whole packet."""
+    def write_buffers(self, bufs: Sequence[bytes | memoryview]) -> None:
+        """Write a virtio-net header and a packet given in pieces (offloads on; one writev, so a
+        coalesced run's payloads are never joined in Python): a GSO super-packet the kernel takes
+        as the segments it stands for, or NO_OFFLOAD and one whole packet."""
         try:
-            os.writev(self.fd, (hdr, pkt))
+            os.writev(self.fd, bufs)
             self.tx_packets += 1
         except OSError:
             self.write_errors += 1

@@ -26,6 +26,7 @@ class PathSender(Protocol):
     """What a Channel asks of its endpoint (node/endpoint.py's Endpoint)."""
 
     def send_data(self, s: Session, data: bytes) -> None: ...
+    def send_many(self, s: Session, datas: list[bytes]) -> None: ...
     def send_ping(self, s: Session) -> None: ...
     def send_close(self, s: Session) -> None: ...
     def remove(self, path_id: bytes) -> None: ...
@@ -53,6 +54,7 @@ class TunnelChannel(Protocol):
     def inner_mtu(self) -> int: ...
 
     def send_nowait(self, data: bytes) -> None: ...
+    def send_many(self, datas: list[bytes]) -> None: ...
     async def send(self, data: bytes) -> None: ...
     async def recv(self) -> bytes: ...
     def set_receiver(self, callback: Receiver | None) -> None: ...
@@ -138,6 +140,12 @@ class Channel:
         if self.closed:
             raise TunnelError("channel is closed")
         self.endpoint.send_data(self.session, data)
+
+    def send_many(self, datas: list[bytes]) -> None:
+        """send_nowait for each of `datas` in one call (a TUN super-packet's segments)."""
+        if self.closed:
+            raise TunnelError("channel is closed")
+        self.endpoint.send_many(self.session, datas)
 
     async def send(self, data: bytes) -> None:
         self.send_nowait(data)
@@ -236,6 +244,12 @@ class Link:
             raise TunnelError("tunnel is closed")
         self.last_app = self.clock.now()
         self.current.send_nowait(data)
+
+    def send_many(self, datas: list[bytes]) -> None:
+        if self.closed:
+            raise TunnelError("tunnel is closed")
+        self.last_app = self.clock.now()
+        self.current.send_many(datas)
 
     async def send(self, data: bytes) -> None:
         self.send_nowait(data)

@@ -176,9 +176,10 @@ def parser() -> Parser:
     s.add_argument(
         "--offload",
         action=argparse.BooleanOptionalAction,
-        default=False,
-        help="TUN offloads (super-packets cut and joined here) where the kernel has them; off by default: "
-        "5-13%% slower than without on this Python data path (docs/PROTOCOL.md §10.10)",
+        default=True,
+        help="TUN offloads where the kernel has them (default): 64 KB super-packets cut and joined here, "
+        "checksums left to the kernels; --no-offload forces one packet per TUN read and write "
+        "(docs/PROTOCOL.md §10.11)",
     )
     s.add_argument(
         "--v4-net",

@@ -96,7 +96,7 @@ class UpOptions:
     host: str | None
     port: int
     keepalive: float
-    offload: bool = False  # TUN offloads (super-packets) where the kernel has them (--offload): slower today, §10.11
+    offload: bool = True  # TUN offloads (super-packets) where the kernel has them (--no-offload: never), §10.11
     advertise_routes: list = field(default_factory=list)  # subnets this node forwards for (§10.10)
     advertise_exit: bool = False
     use_routes: list[str] = field(default_factory=list)  # "PEER" or "PEER:PREFIX" items (--use-routes)

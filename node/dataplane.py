@@ -26,7 +26,7 @@ from daemon.tun import Tun
 from ntm import keys
 from ntm.addr import display
 from ntm.errors import NtmError
-from ntm.offload import VNET_HDR_LEN, OffloadError, VnetHdr, coalesce, split
+from ntm.offload import GSO_TCPV4, GSO_TCPV6, VNET_HDR_LEN, OffloadError, VnetHdr, coalesce_buffers, split
 from ntm.overlay import (
     KIND_APP,
     KIND_FRAG,
@@ -35,6 +35,7 @@ from ntm.overlay import (
     KIND_IPV6,
     KIND_JUNK,
     KIND_VIEW,
+    VIEW_CSUM,
     Overlay,
     frame_app,
     frame_group,
@@ -88,6 +89,9 @@ class DataPlane:
         self.on_quic: Callable[[bytes, bytes], None] | None = None
         # the IPv4 address each peer with a tunnel says it gives this node (VIEW, §10.2): `ntm status`
         self.seen_as: dict[bytes, IPv4Address] = {}
+        # peers whose tunnel said (VIEW_CSUM) that they finish TCP/UDP checksums: segments to them
+        # carry partial ones, and nothing here sums a payload (§10.11)
+        self.csum_partial: set[bytes] = set()
 
     def start(self) -> None:
         if self.tun is not None:
@@ -116,14 +120,23 @@ class DataPlane:
         if peer is None:
             return
         t = self.by_peer.get(peer)
+        if t is not None and t.channel.closed:
+            t = None
         # No tunnel yet: the kernel's own segment size (the packets wait for the tunnel whole).
-        max_len = t.channel.inner_mtu if t is not None and not t.channel.closed else 65535
+        max_len = t.channel.inner_mtu if t is not None else 65535
         try:
-            segments = split(VnetHdr.unpack(buf), pkt, max_len)
+            hdr = VnetHdr.unpack(buf)
+            segments = split(hdr, pkt, max_len, peer in self.csum_partial)
         except OffloadError as exc:
             self.stats["offload_errors"] += 1  # the kernel never sends these: count, never raise
             log.debug("TUN read dropped: %s", exc)
             return
+        if t is not None and hdr.gso_type in (GSO_TCPV4, GSO_TCPV6):
+            try:  # a TCP super-packet's segments: each fits the path, none is a SYN (no MSS clamp)
+                t.channel.send_many(segments)
+                return
+            except NtmError:
+                pass  # keys exhausted or the tunnel just ended: all queued and reopened (TCP drops duplicates)
         for seg in segments:
             self._to_peer(peer, seg)
 
@@ -224,9 +237,13 @@ class DataPlane:
             except NtmError:
                 break
         self.seen_as.pop(peer, None)  # a new tunnel: the peer may have restarted with another view
+        self.csum_partial.discard(peer)  # ... or without offloads: complete checksums until it says
         self._tell_view(peer, t, ask=True)
 
     def _from_tunnel(self, peer: bytes, t: Tunnel, payload: bytes) -> None:
+        if payload and payload[0] >> 4 in (4, 6) and self.tun is not None:
+            self._to_tun(peer, t, payload)  # the common case first: an IP packet for TUN
+            return
         if payload and payload[0] in (QUIC_TO_SERVER, QUIC_TO_CLIENT) and self.on_quic is not None:
             self.on_quic(peer, payload)
             return
@@ -270,6 +287,12 @@ class DataPlane:
         if kind == KIND_JUNK or self.tun is None:
             self.stats["junk_rx"] += 1
             return
+        self._to_tun(peer, t, payload)
+
+    def _to_tun(self, peer: bytes, t: Tunnel, payload: bytes) -> None:
+        """An IP packet from `peer`'s tunnel: checked and translated (overlay), then written to TUN
+        (with offloads: collected until the socket is drained, then coalesced)."""
+        assert self.tun is not None
         pkt = self.overlay.inbound(peer, payload)
         if pkt is not None:
             # A SYN from the peer says how long our segments to it may be: no longer than our path allows.
@@ -288,13 +311,18 @@ class DataPlane:
             self.stats["junk_rx"] += 1
             return
         self.seen_as[peer], ask = view
+        if payload[1] & VIEW_CSUM and self.by_peer.get(peer) is t:  # said on the tunnel in use
+            self.csum_partial.add(peer)
+        else:
+            self.csum_partial.discard(peer)
         if ask:
             self._tell_view(peer, t, ask=False)
 
     def _tell_view(self, peer: bytes, t: Tunnel, ask: bool) -> None:
         """Tell the peer its IPv4 address in this node's view (a VIEW; asking for its view of us)."""
         try:
-            t.channel.send_nowait(frame_view(self.overlay.addresses(peer)[1], ask))
+            csum = self.tun is not None and self.tun.vnet  # coalesce_buffers() finishes every checksum
+            t.channel.send_nowait(frame_view(self.overlay.addresses(peer)[1], ask, csum))
         except NtmError:
             pass  # the tunnel just ended, or no address: status shows the view as unknown
 
@@ -311,8 +339,8 @@ class DataPlane:
         reads), consecutive segments of each TCP flow as one GSO super-packet."""
         pkts, self._to_write = self._to_write, []
         if self.tun is not None:
-            for hdr, pkt in coalesce(pkts):
-                self.tun.write_vnet(hdr, pkt)
+            for bufs in coalesce_buffers(pkts):
+                self.tun.write_buffers(bufs)
 
     def send_quic(self, peer: bytes, payload: bytes) -> None:
         """A stream's QUIC packet: on the peer's tunnel, or lost while one opens (QUIC resends)."""
@@ -377,6 +405,7 @@ class DataPlane:
                 del self.by_peer[peer]
                 self._reasm.pop(peer, None)
                 self.seen_as.pop(peer, None)
+                self.csum_partial.discard(peer)
                 continue
             ch = t.channel
             v6, v4 = self.overlay.addresses(peer)

@@ -228,7 +228,8 @@ class UdpBind:
 
     def _send_gso(self, datagrams: list[bytes], size: int, addr: Addr) -> None:
         try:
-            self.sock.sendmsg([b"".join(datagrams)], [(SOL_UDP, UDP_SEGMENT, size.to_bytes(2, "little"))], 0, addr)
+            # One iovec per datagram: the kernel gathers them (no 64 KB join here).
+            self.sock.sendmsg(datagrams, [(SOL_UDP, UDP_SEGMENT, size.to_bytes(2, "little"))], 0, addr)
         except OSError as exc:
             if exc.errno == errno.EMSGSIZE:
                 # A segment longer than the route's MTU (ICMP taught the kernel a smaller path MTU,
@@ -550,6 +551,21 @@ class Endpoint:
             self._sendto_raw(pkt, s.peer_addr)
         if s.has_output:  # a count-triggered rekey Request
             self._flush(s.datagrams_to_send())
+
+    def send_many(self, s: Session, datas: list[bytes]) -> None:
+        """send_data for each of `datas`, held for one flush if a caller holds (TunnelError from
+        the first that cannot go: the ones before it still go)."""
+        now, encrypt, addr = self.now(), s.encrypt, s.peer_addr
+        batch = self._batch if self._batch is not None else []
+        try:
+            for data in datas:
+                batch.append((encrypt(data, now), addr))
+        finally:
+            if self._batch is None:
+                for pkt, to in batch:
+                    self._sendto_raw(pkt, to)
+            if s.has_output:  # a count-triggered rekey Request
+                self._flush(s.datagrams_to_send())
 
     def send_ping(self, s: Session) -> None:
         self._sendto(s.ping(self.now()), s.peer_addr)

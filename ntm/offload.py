@@ -98,14 +98,17 @@ def _ip_fix(head: bytearray, v6: bool, l3: int, total: int, id_step: int) -> Non
     head[10:12] = _H.pack(0xFFFF - csum_sum(memoryview(head)[:l3]))
 
 
-def split(hdr: VnetHdr, pkt: bytes, max_len: int) -> list[bytes]:
+def split(hdr: VnetHdr, pkt: bytes, max_len: int, partial: bool = False) -> list[bytes]:
     """The packets `pkt` stands for, as the kernel's GSO would send them, each with complete
     checksums: TCP cut into segments of at most `max_len` bytes (and no longer than the header's
     gso_size), sequence numbers advancing, IPv4 IDs counting up, FIN/PSH on the last only, CWR
     on the first only; UDP
-    cut at gso_size (datagram boundaries are the application's: `max_len` cannot move them)."""
+    cut at gso_size (datagram boundaries are the application's: `max_len` cannot move them).
+
+    `partial` (the peer's TUN finishes checksums, §10.11): each TCP/UDP checksum field holds only
+    its pseudo-header sum, as the kernel's own partial checksums do; nothing sums the payload."""
     if hdr.gso_type == GSO_NONE:
-        if hdr.flags & F_NEEDS_CSUM:
+        if hdr.flags & F_NEEDS_CSUM and not (partial and csum_at(pkt) == hdr.csum_start + hdr.csum_offset):
             return [complete_checksum(pkt, hdr.csum_start, hdr.csum_offset)]
         return [pkt]
     if hdr.gso_type & GSO_ECN or hdr.gso_type not in (GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4):
@@ -127,13 +130,14 @@ def split(hdr: VnetHdr, pkt: bytes, max_len: int) -> list[bytes]:
         size = min(size, max_len - hl)
         if size <= 0:
             raise OffloadError(f"headers ({hl} bytes) do not fit in {max_len}")
-    return _cut(pkt, v6, l4, hl, tcp, size)
+    return _cut(pkt, v6, l4, hl, tcp, size, partial and l4 == (40 if v6 else (pkt[0] & 0x0F) * 4))
 
 
-def _cut(pkt: bytes, v6: bool, l4: int, hl: int, tcp: bool, size: int) -> list[bytes]:
+def _cut(pkt: bytes, v6: bool, l4: int, hl: int, tcp: bool, size: int, partial: bool) -> list[bytes]:
     """split's loop, kept lean (it runs once per segment sent): the checksums are the sums of what
     every segment shares, computed once, plus what changes (length, sequence, flags, ID) and the
-    segment's payload (one big-integer reduction each: 2**16 ≡ 1 mod 0xFFFF)."""
+    segment's payload (one big-integer reduction each: 2**16 ≡ 1 mod 0xFFFF); `partial`: the
+    pseudo-header sum only (addresses and protocol once, plus the segment's length)."""
     at = l4 + (TCP_CSUM_AT if tcp else UDP_CSUM_AT)
     base = bytearray(pkt[:hl])
     base[at : at + 2] = b"\0\0"
@@ -154,11 +158,9 @@ def _cut(pkt: bytes, v6: bool, l4: int, hl: int, tcp: bool, size: int) -> list[b
         base[10:12] = b"\0\0"
         ip_sum = int.from_bytes(base[:l4], "big") % 0xFFFF
     # The pseudo-header (addresses, protocol) and the transport header's unchanging words.
-    l4_sum = (
-        int.from_bytes(pkt[8:40] if v6 else pkt[12:20], "big")
-        + (PROTO_TCP if tcp else PROTO_UDP)
-        + int.from_bytes(base[l4:], "big")
-    ) % 0xFFFF
+    pseudo = int.from_bytes(pkt[8:40] if v6 else pkt[12:20], "big") + (PROTO_TCP if tcp else PROTO_UDP)
+    l4_sum = (pseudo + int.from_bytes(base[l4:], "big")) % 0xFFFF
+    pseudo %= 0xFFFF
     # FIN and PSH on the last segment only, CWR on the first only (as tcp_gso_segment).
     cut_flags = flags & ~(TCP_FIN | TCP_PSH)
     view = memoryview(pkt)
@@ -173,23 +175,28 @@ def _cut(pkt: bytes, v6: bool, l4: int, hl: int, tcp: bool, size: int) -> list[b
         total = hl + end - off
         l4_len = total - l4
         payload = view[off:end]
-        x = from_bytes(payload, "big")
-        if (end - off) & 1:
-            x <<= 8  # an odd last byte is the high half of a word padded with zero
         head = bytearray(base)
+        if partial:
+            pack_into("!H", head, at, (pseudo + l4_len) % 0xFFFF or 0xFFFF)
+        else:
+            x = from_bytes(payload, "big")
+            if (end - off) & 1:
+                x <<= 8  # an odd last byte is the high half of a word padded with zero
         if tcp:
             seq = (seq0 + off - hl) & 0xFFFFFFFF
             f = cut_flags if end < n else flags
             if i:
                 f &= ~TCP_CWR
-            s = (l4_sum + x + l4_len + (seq >> 16) + (seq & 0xFFFF) + f) % 0xFFFF
             pack_into("!I", head, l4 + 4, seq)
             head[l4 + 13] = f
-            pack_into("!H", head, at, 0xFFFF - (s or 0xFFFF))
+            if not partial:
+                s = (l4_sum + x + l4_len + (seq >> 16) + (seq & 0xFFFF) + f) % 0xFFFF
+                pack_into("!H", head, at, 0xFFFF - (s or 0xFFFF))
         else:
-            s = (l4_sum + x + 2 * l4_len) % 0xFFFF
             pack_into("!H", head, l4 + 4, l4_len)
-            pack_into("!H", head, at, (0xFFFF - (s or 0xFFFF)) or 0xFFFF)
+            if not partial:
+                s = (l4_sum + x + 2 * l4_len) % 0xFFFF
+                pack_into("!H", head, at, (0xFFFF - (s or 0xFFFF)) or 0xFFFF)
         if v6:
             pack_into("!H", head, 4, l4_len if l4 == 40 else total - 40)
         else:
@@ -218,6 +225,45 @@ def complete_checksum(pkt: bytes, csum_start: int, csum_offset: int) -> bytes:
     return bytes(out)
 
 
+def csum_at(pkt: bytes) -> int:
+    """Where the TCP or UDP checksum of a packet that a receiver may finish is (an unfragmented
+    IPv4 packet, or IPv6 without extension headers, whose length field matches; not IPv4 UDP
+    without a checksum), else 0."""
+    n = len(pkt)
+    if n < 28:
+        return 0
+    version = pkt[0] >> 4
+    if version == 4:
+        l4 = (pkt[0] & 0x0F) * 4
+        if l4 < 20 or pkt[6] & 0x3F or pkt[7] or _H.unpack_from(pkt, 2)[0] != n:
+            return 0
+        proto = pkt[9]
+    elif version == 6 and n >= 48 and _H.unpack_from(pkt, 4)[0] == n - 40:
+        l4, proto = 40, pkt[6]
+    else:
+        return 0
+    at = l4 + (TCP_CSUM_AT if proto == PROTO_TCP else UDP_CSUM_AT if proto == PROTO_UDP else n)
+    if at + 2 > n or (version == 4 and proto == PROTO_UDP and pkt[at : at + 2] == b"\0\0"):
+        return 0
+    return at
+
+
+def finish_later(pkt: bytes) -> tuple[bytes, bytes]:
+    """(virtio-net header, packet) to write `pkt` alone to an offloading TUN. A TCP or UDP packet
+    gets the pseudo-header sum in its checksum field and NEEDS_CSUM: the kernel's checksum is
+    right whatever the field held (complete, or partial from a peer that leaves checksums to this
+    node, §10.11). Anything else (see csum_at) goes as it is."""
+    at = csum_at(pkt)
+    if not at:
+        return NO_OFFLOAD, pkt
+    v6 = pkt[0] >> 4 == 6
+    l4 = 40 if v6 else (pkt[0] & 0x0F) * 4
+    proto = pkt[6] if v6 else pkt[9]
+    out = bytearray(pkt)
+    out[at : at + 2] = _H.pack(csum_sum(b"", _pseudo(pkt, v6, proto, len(pkt) - l4)))
+    return VnetHdr(F_NEEDS_CSUM, GSO_NONE, 0, 0, l4, at - l4).pack(), bytes(out)
+
+
 # --- coalescing (GRO) ---------------------------------------------------------------------------
 
 
@@ -228,7 +274,7 @@ class _Run:
 
     def __init__(self, pkt: bytes, l4: int, hl: int, v6: bool) -> None:
         self.head = pkt[:hl]
-        self.parts = [pkt[hl:]]
+        self.parts = [memoryview(pkt)[hl:]]  # payloads, not copied until the write
         self.l4, self.hl, self.v6 = l4, hl, v6
         self.size = len(pkt) - hl
         self.next_seq = (_I.unpack_from(pkt, l4 + 4)[0] + self.size) & 0xFFFFFFFF
@@ -269,7 +315,7 @@ class _Run:
                 self.id_step = step
             elif step != self.id_step * len(self.parts) & 0xFFFF:
                 return False
-        self.parts.append(pkt[hl:])
+        self.parts.append(memoryview(pkt)[hl:])
         self.next_seq = (self.next_seq + size) & 0xFFFFFFFF
         self.length += size
         self.ended = bool(pkt[l4 + 13] & TCP_PSH)
@@ -279,17 +325,31 @@ class _Run:
             self.head = bytes(head)
         return True
 
-    def packet(self) -> tuple[bytes, bytes]:
-        """The virtio-net header and packet to write for this run."""
+    def continued_by(self, pkt: bytes) -> bool:
+        """take(pkt) for a packet of this run's flow (addresses, ports) that coalesce may join
+        (_can_join), checked in one pass: the common case, a run's next segment, skips the flow
+        lookup."""
+        n, l4, head = len(pkt), self.l4, self.head
+        if n <= self.hl or pkt[l4 + 13] & ~TCP_PSH != TCP_ACK:
+            return False
+        if self.v6:
+            if _H.unpack_from(pkt, 4)[0] != n - 40 or pkt[8:44] != head[8:44]:
+                return False
+        elif _H.unpack_from(pkt, 2)[0] != n or pkt[12:24] != head[12:24]:
+            return False  # (IPv4 flags, fragment offset and header length: compared in take)
+        return self.take(pkt)
+
+    def buffers(self) -> list[bytes | memoryview]:
+        """The virtio-net header and the packet to write for this run, in pieces (one writev)."""
         if len(self.parts) == 1:
-            return NO_OFFLOAD, self.head + self.parts[0]
+            return list(finish_later(self.head + self.parts[0]))
         l4, v6 = self.l4, self.v6
         head = bytearray(self.head)
         _ip_fix(head, v6, l4, self.length, 0)
         partial = csum_sum(b"", _pseudo(head, v6, PROTO_TCP, self.length - l4))
         head[l4 + TCP_CSUM_AT : l4 + TCP_CSUM_AT + 2] = _H.pack(partial)
         hdr = VnetHdr(F_NEEDS_CSUM, GSO_TCPV6 if v6 else GSO_TCPV4, self.hl, self.size, l4, TCP_CSUM_AT)
-        return hdr.pack(), bytes(head) + b"".join(self.parts)
+        return [hdr.pack(), bytes(head), *self.parts]
 
 
 def _tcp_flow(pkt: bytes) -> tuple[bytes, int, bool] | None:
@@ -328,23 +388,34 @@ def _can_join(pkt: bytes, l4: int, v6: bool) -> int:
 
 
 def coalesce(pkts: list[bytes]) -> list[tuple[bytes, bytes]]:
-    """(virtio-net header, packet) pairs to write for `pkts`, in order within each flow: runs of
+    """(virtio-net header, packet) pairs to write for `pkts`: coalesce_buffers' writes, joined."""
+    return [(bufs[0], b"".join(bufs[1:])) for bufs in coalesce_buffers(pkts)]
+
+
+def coalesce_buffers(pkts: list[bytes]) -> list[list[bytes | memoryview]]:
+    """The writes for `pkts` (each a virtio-net header and the packet's pieces), in order within each flow: runs of
     consecutive in-order segments of one TCP flow become one GSO packet; anything else (other
-    protocols, out of order, SYN/FIN/RST/URG) goes as it is."""
-    out: list[_Run | tuple[bytes, bytes]] = []
+    protocols, out of order, SYN/FIN/RST/URG) goes alone (finish_later: the kernel completes
+    TCP/UDP checksums, so a peer may leave them partial)."""
+    out: list[_Run | list[bytes | memoryview]] = []
     open_runs: dict[bytes, _Run] = {}
+    last: _Run | None = None  # the run the previous packet joined or started
     for pkt in pkts:
+        if last is not None and last.continued_by(pkt):
+            continue
+        last = None
         flow = _tcp_flow(pkt)
         hl = _can_join(pkt, flow[1], flow[2]) if flow is not None else 0
         if flow is None or not hl:
             if flow:
                 open_runs.pop(flow[0], None)  # nothing of its flow may overtake it
-            out.append((NO_OFFLOAD, pkt))
+            out.append(list(finish_later(pkt)))
             continue
         key, l4, v6 = flow
         run = open_runs.get(key)
         if run is not None and run.hl == hl and run.take(pkt):
+            last = run
             continue
-        run = open_runs[key] = _Run(pkt, l4, hl, v6)
+        run = last = open_runs[key] = _Run(pkt, l4, hl, v6)
         out.append(run)
-    return [item.packet() if isinstance(item, _Run) else item for item in out]
+    return [item.buffers() if isinstance(item, _Run) else item for item in out]

@@ -36,8 +36,10 @@ FRAG = 0x03
 QUIC_TO_SERVER, QUIC_TO_CLIENT = 0x04, 0x05
 #: "I see you as ADDRESS": VIEW || flags (1) || IPv4 (4), the address the sender gave the receiver
 #: in its own IPv4 view (§10.2), which the receiver cannot compute; flag VIEW_ASK asks for the
-#: receiver's in return. Only for `ntm status`: nothing routes by it.
-VIEW, VIEW_ASK, VIEW_LEN = 0x06, 0x01, 6
+#: receiver's in return. Only for `ntm status`: nothing routes by it. Flag VIEW_CSUM: the sender
+#: finishes TCP/UDP checksums of what it receives (an offloading TUN, §10.11), so packets to it may
+#: carry partial ones.
+VIEW, VIEW_ASK, VIEW_CSUM, VIEW_LEN = 0x06, 0x01, 0x02, 6
 ACK_DIGEST_LEN = 16
 KIND_APP, KIND_IPV4, KIND_IPV6, KIND_JUNK = "app", "ipv4", "ipv6", "junk"
 KIND_GROUP, KIND_GROUP_ACK, KIND_FRAG, KIND_VIEW = "group", "group_ack", "frag", "view"
@@ -75,8 +77,8 @@ def group_ack(framed: bytes) -> bytes:
     return bytes((GROUP_ACK,)) + hashlib.sha256(framed).digest()[:ACK_DIGEST_LEN]
 
 
-def frame_view(addr: IPv4Address, ask: bool) -> bytes:
-    return bytes((VIEW, VIEW_ASK if ask else 0)) + addr.packed
+def frame_view(addr: IPv4Address, ask: bool, csum: bool = False) -> bytes:
+    return bytes((VIEW, (VIEW_ASK if ask else 0) | (VIEW_CSUM if csum else 0))) + addr.packed
 
 
 def parse_view(payload: bytes) -> tuple[IPv4Address, bool] | None:

@@ -183,6 +183,7 @@ METRICS: dict[str, tuple[str, ...]] = {
         "tun_tcp_ratio_vs_veth",
         "tun_cpu_s_per_gb",
         "tun_cpu_s_per_gb_no_offload",
+        "tun_cpu_kernel_share",
         "wireguard_go_cpu_s_per_gb",
         "tun_relay_tcp_mbps",
         "handover_tcp_stall_s",

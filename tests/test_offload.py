@@ -10,6 +10,7 @@ first segment, the flags of all, the pseudo-header sum in the checksum field, NE
 
 from __future__ import annotations
 
+import ipaddress
 import struct
 from dataclasses import dataclass
 
@@ -26,7 +27,10 @@ from ntm.offload import (
     OffloadError,
     VnetHdr,
     coalesce,
+    complete_checksum,
+    csum_at,
     csum_sum,
+    finish_later,
     split,
 )
 from ntm.overlay import rewrite_v4
@@ -202,8 +206,9 @@ def test_coalesce_then_split_gives_the_same_segments(train):
     again = []
     for raw, pkt in out:
         hdr = VnetHdr.unpack(raw)
-        if raw != NO_OFFLOAD:
-            assert hdr.flags == F_NEEDS_CSUM and hdr.gso_size == mss and hdr.gso_type in (GSO_TCPV4, GSO_TCPV6)
+        assert hdr.flags == F_NEEDS_CSUM  # the kernel finishes every checksum: a peer may leave them partial
+        if hdr.gso_type:
+            assert hdr.gso_size == mss and hdr.gso_type in (GSO_TCPV4, GSO_TCPV6)
         again += split(hdr, pkt, BIG)
     assert again == segs
 
@@ -288,18 +293,108 @@ def test_what_cannot_be_coalesced_goes_as_it_is():
     non-TCP packet: each is written alone (the kernel judges it), nothing of its flow overtakes it."""
     f = simple_flow()
     segs = f.kernel_segments(bytes(5000), 1000)
-    assert coalesce([segs[1], segs[0]]) == [(NO_OFFLOAD, segs[1]), (NO_OFFLOAD, segs[0])]
+    assert coalesce([segs[1], segs[0]]) == [finish_later(segs[1]), finish_later(segs[0])]
     assert [len(split(VnetHdr.unpack(r), p, BIG)) for r, p in coalesce([segs[0], segs[2], segs[3]])] == [1, 2]
     syn = f.segment(0, f.seq, 0x02 | ACK, b"x")
     urg = f.segment(1, f.seq + 1000, URG | ACK, bytes(1000))
-    assert [p for _, p in coalesce([segs[0], urg])] == [segs[0], urg]
-    assert coalesce([syn]) == [(NO_OFFLOAD, syn)]
+    assert written(coalesce([segs[0], urg])) == [segs[0], urg]
+    assert coalesce([syn]) == [finish_later(syn)]
     pure_ack = f.segment(0, f.seq, ACK, b"")
-    out = coalesce([segs[0], pure_ack, segs[1]])
-    assert [p for _, p in out] == [segs[0], pure_ack, segs[1]]
+    assert written(coalesce([segs[0], pure_ack, segs[1]])) == [segs[0], pure_ack, segs[1]]
     udp = f.udp_datagrams(bytes(100), 100)[0]
-    assert coalesce([udp]) == [(NO_OFFLOAD, udp)]
+    assert coalesce([udp]) == [finish_later(udp)]
     assert coalesce([b"", b"\x45"]) == [(NO_OFFLOAD, b""), (NO_OFFLOAD, b"\x45")]
+
+
+def written(out: list[tuple[bytes, bytes]]) -> list[bytes]:
+    """The packets the receiving kernel makes of what coalesce writes (checksums finished)."""
+    return [seg for raw, pkt in out for seg in split(VnetHdr.unpack(raw), pkt, BIG)]
+
+
+def finished(pkt: bytes) -> bytes:
+    """`pkt` with a partial TCP/UDP checksum completed, as the receiving kernel does (NEEDS_CSUM)."""
+    at = csum_at(pkt)
+    l4 = 40 if pkt[0] >> 4 == 6 else (pkt[0] & 0x0F) * 4
+    return complete_checksum(pkt, l4, at - l4)
+
+
+@settings(max_examples=150, deadline=None)
+@given(trains(), st.integers(0, 900))
+def test_partial_segments_finished_by_the_receiver_are_the_kernels(train, shrink):
+    """A peer that finishes checksums (VIEW_CSUM) gets segments whose checksum field holds the
+    pseudo-header sum only: completed (by its kernel, NEEDS_CSUM) they are the full-checksum
+    segments byte for byte, at the kernel's MSS and at a smaller path's."""
+    flow, payload, mss = train
+    hdr, pkt = flow.kernel_super(payload, mss)
+    max_len = hdr.hdr_len + max(mss - shrink, 300)
+    partial = split(hdr, pkt, max_len, partial=True)
+    full = split(hdr, pkt, max_len)
+    l3 = 40 if flow.v6 else 20 + len(flow.ip_opts)
+    for p, f in zip(partial, full, strict=True):
+        assert struct.unpack_from("!H", p, l3 + 16)[0] == word_sum(flow.pseudo(6, len(p) - l3))
+        assert finished(p) == f
+        assert written([finish_later(p)]) == [f] == written([finish_later(f)])
+    if not flow.ip_opts:
+        assert written(coalesce(partial)) == full
+
+
+@settings(max_examples=60, deadline=None)
+@given(flows(), st.integers(1, 8000), st.integers(100, 1472))
+def test_partial_udp_datagrams_finished_by_the_receiver_are_the_kernels(flow, length, size):
+    payload = bytes(i & 0xFF for i in range(length))
+    l3 = 40 if flow.v6 else 20 + len(flow.ip_opts)
+    pkt = (
+        flow.ip_header(8 + length, 17, 0)
+        + struct.pack("!HHHH", flow.sport, flow.dport, 8 + length, word_sum(flow.pseudo(17, 8 + length)))
+        + payload
+    )
+    hdr = VnetHdr(F_NEEDS_CSUM, GSO_UDP_L4, l3 + 8, size, l3, 6)
+    assert [finished(p) for p in split(hdr, pkt, 1500, partial=True)] == flow.udp_datagrams(payload, size)
+
+
+@settings(max_examples=100, deadline=None)
+@given(trains(v6=False, ip_opts=False), st.binary(min_size=4, max_size=4), st.binary(min_size=4, max_size=4))
+def test_ipv4_translation_of_partial_segments_is_finished_right(train, src, dst):
+    """The receiver translates a partial segment (rewrite_v4 adjusts a field that is no checksum
+    yet): what it writes still completes to the translation of the full-checksum segment."""
+    flow, payload, mss = train
+    hdr, pkt = flow.kernel_super(payload, mss)
+    partial, full = split(hdr, pkt, BIG, partial=True), split(hdr, pkt, BIG)
+    assert written(coalesce([rewrite_v4(p, src, dst) for p in partial])) == [rewrite_v4(f, src, dst) for f in full]
+
+
+def test_partial_checksum_vector():
+    """docs/PROTOCOL.md §10.11: an IPv6 TCP segment (fd00::1 → fd00::2, 4 payload bytes) as a peer
+    that finishes checksums receives it, and the complete checksum its kernel computes."""
+    pkt = bytes.fromhex(
+        "60000000001806 40".replace(" ", "")
+        + "fd000000000000000000000000000001"
+        + "fd000000000000000000000000000002"
+        + "04d2145100000001000000025018ffff"
+        + "fa220000"
+        + "74657374"
+    )
+    assert csum_at(pkt) == 56 and word_sum(pkt[8:40] + bytes.fromhex("0000001800000006")) == 0xFA22
+    assert finished(pkt).hex()[112:116] == "b4c4"
+    assert finish_later(pkt) == (VnetHdr(F_NEEDS_CSUM, 0, 0, 0, 40, 16).pack(), pkt)
+
+
+def test_what_is_not_tcp_or_udp_or_has_no_checksum_is_written_as_it_is():
+    """ICMP, fragments, IPv6 extension headers, IPv4 UDP without a checksum, lengths that do not
+    match: the receiver cannot finish those, so it writes them whole (and a sender never leaves
+    their checksums partial)."""
+    f = simple_flow()
+    seg = f.kernel_segments(b"hello", 1000)[0]
+    frag = bytearray(seg)
+    frag[6] = 0x20  # more fragments
+    icmp = bytearray(seg)
+    icmp[9] = 1
+    udp0 = bytearray(f.udp_datagrams(bytes(10), 10)[0])
+    udp0[26:28] = b"\0\0"
+    for pkt in (bytes(frag), bytes(icmp), bytes(udp0), seg + b"x", seg[:-1]):
+        assert finish_later(pkt) == (NO_OFFLOAD, pkt)
+        hdr = VnetHdr(F_NEEDS_CSUM, 0, 0, 0, 20, 6 if pkt[9] == 17 else 16)
+        assert split(hdr, pkt, 1280, partial=True) == split(hdr, pkt, 1280)
 
 
 def test_fixed_ipv4_ids_with_df_coalesce_counting_ids_do_not_mix():
@@ -324,6 +419,7 @@ def test_gso_none_with_a_partial_checksum_is_completed():
     partial = bytearray(seg)
     partial[36:38] = struct.pack("!H", word_sum(f.pseudo(6, 25)))
     assert split(VnetHdr(F_NEEDS_CSUM, 0, 0, 0, 20, 16), bytes(partial), 1280) == [seg]
+    assert split(VnetHdr(F_NEEDS_CSUM, 0, 0, 0, 20, 16), bytes(partial), 1280, partial=True) == [bytes(partial)]
     assert split(VnetHdr(), seg, 1280) == [seg]
 
 
@@ -392,3 +488,48 @@ def test_tun_falls_back_to_a_plain_tun_when_the_kernel_refuses_offloads(monkeypa
     calls.clear()
     assert tun._create("ntm9", False)[2:] == (False, False)
     assert calls == [("iff", tun.IFF_TUN | tun.IFF_NO_PI)]  # --no-offload: plain flags, no offload request
+
+
+def test_partial_checksums_only_to_a_peer_that_said_it_finishes_them():
+    """The hostile condition is a receiver without offloads (or from before VIEW_CSUM): its kernel
+    drops a TCP segment whose checksum is partial. Segments to a peer are partial only after its
+    VIEW on the current tunnel had CSUM; a VIEW without it, or a new tunnel, brings complete ones
+    back. This node's own VIEW says CSUM exactly when its TUN offloads."""
+    from types import SimpleNamespace
+
+    from node.dataplane import DataPlane
+    from ntm.overlay import VIEW_CSUM, frame_view
+
+    f = simple_flow(v6=True)
+    hdr, pkt = f.kernel_super(bytes(range(256)) * 12, 1000)
+    full = split(hdr, pkt, BIG)
+    sent: list[bytes] = []
+    peer, v4 = bytes(20), ipaddress.IPv4Address("100.64.0.2")
+    channel = SimpleNamespace(
+        inner_mtu=1400, closed=False, send_nowait=sent.append, send_many=sent.extend, set_receiver=lambda f: None
+    )
+    overlay = SimpleNamespace(addresses=lambda p: (None, v4), outbound=lambda p: peer)
+    node = SimpleNamespace(endpoint=SimpleNamespace(hold=lambda: None))
+    dp = DataPlane(node=node, overlay=overlay, tun=SimpleNamespace(vnet=True))  # type: ignore[arg-type]
+    tunnel = SimpleNamespace(peer=peer, channel=channel)
+    dp.attach(tunnel)  # type: ignore[arg-type]
+    assert sent == [frame_view(v4, ask=True, csum=True)] and sent[0][1] == 1 | VIEW_CSUM
+    assert sent[0].hex() == "060364400002"  # the vector of PROTOCOL §10.12
+
+    def segments_after(view: bytes | None) -> list[bytes]:
+        if view is not None:
+            dp._from_tunnel(peer, tunnel, view)  # type: ignore[arg-type]
+        sent.clear()
+        dp.from_tun_vnet(hdr.pack() + pkt)
+        return list(sent)
+
+    assert segments_after(None) == full  # no VIEW yet
+    partial = segments_after(frame_view(v4, ask=False, csum=True))
+    assert partial != full and [finished(p) for p in partial] == full
+    assert segments_after(frame_view(v4, ask=False)) == full
+    segments_after(frame_view(v4, ask=False, csum=True))
+    old, tunnel = tunnel, SimpleNamespace(peer=peer, channel=channel)
+    dp.attach(tunnel)  # type: ignore[arg-type]  # a new tunnel: the peer may have restarted without offloads
+    assert segments_after(None) == full
+    dp._from_tunnel(peer, old, frame_view(v4, ask=False, csum=True))  # type: ignore[arg-type]  # late, on the old one
+    assert segments_after(None) == full
