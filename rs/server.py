@@ -37,6 +37,9 @@ MAX_BODY = 16 * 1024
 # Reads per event-loop wake-up before other work gets a turn: 64 reads of up to 64 KiB GRO runs
 # is ≤ 4 MiB, about the socket's receive buffer, at which the loop still answers HTTP promptly.
 RECV_BATCH = 64
+# Sender addresses whose normalised form is remembered: the peers of ~2,000 busy paths; a dict of
+# 4,096 short tuples is ~1 MB, and emptying it when full bounds what a spray of new sources costs.
+ADDR_CACHE = 4096
 # How often idle and expired paths are swept (they are also dropped lazily on their next packet).
 HOUSEKEEPING_S = 5.0
 
@@ -392,6 +395,7 @@ class RelayUdp:
         self.gro = offload and udpgso.enable_gro(sock)
         self.gso = self.gro  # until the kernel refuses a GSO send
         self._view = memoryview(bytearray(udpgso.RECV_BUFFER))
+        self._addrs: dict[tuple, tuple] = {}  # raw source address → for_socket's form
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(sock.fileno(), self._readable)
         relay.udp = self
@@ -417,7 +421,7 @@ class RelayUdp:
             self.relay.send(run[off : off + seg], dest)
 
     def _readable(self) -> None:
-        relay, view, family = self.relay, self._view, self.relay.family
+        relay, view = self.relay, self._view
         for _ in range(RECV_BATCH):
             try:
                 n, anc, _flags, addr = self.sock.recvmsg_into([view], udpgso.GRO_CMSG_SPACE)
@@ -427,12 +431,23 @@ class RelayUdp:
                 relay.udp_errors += 1
                 log.debug("udp error: %s", exc)
                 return
-            seg = udpgso.gro_segment(anc)
+            seg, addr = udpgso.gro_segment(anc), self._addr(addr)
             if 0 < seg < n:
-                relay.on_run(bytes(view[:n]), seg, for_socket(addr, family))
+                relay.on_run(bytes(view[:n]), seg, addr)
             else:
                 relay.udp_received += 1
-                relay.on_packet(bytes(view[:n]), for_socket(addr, family))
+                relay.on_packet(bytes(view[:n]), addr)
+
+    def _addr(self, raw: tuple) -> tuple:
+        """The table's form of a sender's address (for_socket), remembered: parsing it costs more
+        than the rest of a datagram's decision. Emptied when full, so a spray from ever new source
+        addresses costs one parse each, as without it, and bounded memory."""
+        addr = self._addrs.get(raw)
+        if addr is None:
+            if len(self._addrs) >= ADDR_CACHE:
+                self._addrs.clear()
+            addr = self._addrs[raw] = for_socket(raw, self.relay.family)
+        return addr
 
     def close(self) -> None:
         if self.sock.fileno() >= 0:

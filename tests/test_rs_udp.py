@@ -15,6 +15,8 @@ import pytest
 from daemon import udpgso
 from daemon.service import udp_socket
 from ntm import packet
+from ntm.addr import for_socket
+from rs import server
 from rs.relay import RelayTable
 from rs.server import Relay, RelayUdp
 from rs.trust import DcTrust
@@ -89,3 +91,14 @@ async def test_a_kernel_that_refuses_gso_sends_gets_the_run_one_datagram_at_a_ti
         monkeypatch.setattr(udpgso, "send_gso", refuse)
         assert [await recv(b) for _ in range(10)] == run
         assert relay.udp_runs == 1 and not udp.gso and relay.udp_errors == 0
+
+
+async def test_a_spray_from_ever_new_source_addresses_keeps_the_address_memory_bounded(monkeypatch):
+    """Adversary: a stranger sends from ever new (spoofed) source addresses. Each is parsed once,
+    as without the memory, and the memory never holds more than ADDR_CACHE of them."""
+    monkeypatch.setattr(server, "ADDR_CACHE", 4)
+    async with bound_relay(True) as (relay, udp, _a, _b):
+        for port in range(1000, 1010):
+            raw = ("::ffff:198.51.100.7", port, 0, 0)
+            assert udp._addr(raw) == for_socket(raw, socket.AF_INET) == ("198.51.100.7", port)
+            assert len(udp._addrs) <= 4
