@@ -415,7 +415,7 @@ class RelayUdp:
                     self.gso = False
                     log.info("no UDP GSO towards %s (%s): sending one datagram at a time", display(dest), exc)
                 elif exc.errno != errno.EMSGSIZE:
-                    self.relay.udp_errors += 1
+                    self.relay.udp_errors += -(-len(run) // seg)  # each datagram of the run was refused
                     return
         for off in range(0, len(run), seg):
             self.relay.send(run[off : off + seg], dest)
