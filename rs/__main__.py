@@ -31,7 +31,7 @@ from ntm.clock import SYSTEM
 from rs.server import (
     METRICS,
     Relay,
-    RelayProtocol,
+    RelayUdp,
     default_advertise,
     housekeeping,
     make_app,
@@ -93,6 +93,12 @@ def parser() -> argparse.ArgumentParser:
         type=startup.port,
         default=DEFAULT_UDP_PORT,
         help=f"relay UDP port (default {DEFAULT_UDP_PORT}; 0 = any)",
+    )
+    p.add_argument(
+        "--no-udp-offload",
+        action="store_true",
+        help="read, decide and send every datagram on its own even where the kernel has UDP GRO/GSO "
+        "(which otherwise carry a run of one sender's datagrams in one syscall each way)",
     )
     service.http_listen_args(p, "control API", DEFAULT_HTTP_PORT)
     p.add_argument(
@@ -317,8 +323,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
         )
         if args.capture:
             logging.warning("--capture %s: every forwarded datagram is written to disk (debug only)", args.capture)
-        loop = asyncio.get_running_loop()
-        transport, _ = await loop.create_datagram_endpoint(lambda: RelayProtocol(relay), sock=sock)
+        udp = RelayUdp(relay, sock, offload=not args.no_udp_offload)
         sweeper = asyncio.create_task(housekeeping(relay), name="housekeeping")
         app = make_app(relay, tuple(args.admin_allow or ()))
         exit_runner = await _start_exit(args, relay, app, app[METRICS])
@@ -373,7 +378,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
             await relay.streams.close()
             await stream_runner.cleanup()
             await runner.cleanup()
-            transport.close()
+            udp.close()
             relay.close()
             if exit_runner is not None:
                 exit_runner.close()

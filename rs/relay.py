@@ -60,6 +60,37 @@ DROP_REASONS = (
     "expired",  # the path outlived its lifetime or went idle (the path is removed)
 )
 
+#: The forwarded types as bytes: a run's type bytes less these is empty iff all are forwarded.
+_FORWARDED = bytes(sorted(packet.FORWARDED_TYPES))
+_KNOWN = bytes(sorted(packet.KNOWN_TYPES))
+
+
+def gso_batches(items: list[tuple[bytes, Addr]]) -> list[tuple[bytes, int, Addr]]:
+    """Consecutive datagrams to one destination joined for one GSO send: (batch, segment size,
+    destination), all of the segment size but the last, which may be shorter (as UDP GSO wants)."""
+    out: list[tuple[bytes, int, Addr]] = []
+    parts: list[bytes] = []
+    seg, to = 0, None
+    for payload, dest in items:
+        if parts and dest == to and len(parts[-1]) == seg and len(payload) <= seg:
+            parts.append(payload)
+            continue
+        if parts:
+            out.append((b"".join(parts), seg, to))
+        parts, seg, to = [payload], len(payload), dest
+    if parts:
+        out.append((b"".join(parts), seg, to))
+    return out
+
+
+def _side_of(path: RelayPath, addr: Addr) -> int | None:
+    """The side of `path` bound to `addr`, or None."""
+    if addr == path.addrs[0]:
+        return 0
+    if addr == path.addrs[1]:
+        return 1
+    return None
+
 
 class PathError(CodedError):
     """`add_path` refused: code "conflict" (path ID taken with another token/owner) or "full"."""
@@ -223,25 +254,73 @@ class RelayTable:
             return self._bind(path, data, addr, now)
         if kind not in packet.FORWARDED_TYPES:
             return self._drop("unexpected_type")
-        if addr == path.addrs[0]:
-            side = 0
-        elif addr == path.addrs[1]:
-            side = 1
-        else:
+        side = _side_of(path, addr)
+        if side is None:
             return self._drop("unknown_sender")
         dest = path.addrs[1 - side]
         if dest is None:
             return self._drop("peer_unbound")
-        size = len(data)
-        if path.total_bytes + size > path.max_bytes:
+        if path.total_bytes + len(data) > path.max_bytes:
             self._remove(path, "byte_cap")
             return self._drop("byte_cap")
-        path.bytes[side] += size
-        path.packets[side] += 1
-        path.last_active = now
-        self.forwarded_packets += 1
-        self.forwarded_bytes += size
+        self._forwarded(path, side, len(data), 1, now)
         return [(data, dest)]
+
+    def _forwarded(self, path: RelayPath, side: int, size: int, count: int, now: float) -> None:
+        """Account `count` datagrams of `size` bytes in all forwarded from `side` of `path`."""
+        path.bytes[side] += size
+        path.packets[side] += count
+        path.last_active = now
+        self.forwarded_packets += count
+        self.forwarded_bytes += size
+
+    def on_run(self, run: bytes, seg: int, addr: Addr, now: float) -> list[tuple[bytes, int, Addr]]:
+        """A GRO run from `addr`: datagrams of `seg` bytes back to back (the last may be shorter).
+        Returns (batch, segment size, destination) triples, each batch datagrams of that size back to
+        back (the last may be shorter), for one GSO send. Every datagram gets exactly the verdict
+        and accounting `on_datagram` would give it in turn; the common case, one path's forwarded
+        packets from its bound side within its budget, is decided once for the run."""
+        if not 0 < seg < len(run):
+            return gso_batches(self.on_datagram(run, addr, now))
+        count = -(-len(run) // seg)
+        whole = self._whole_run(run, seg, count, addr, now)
+        if whole is not None:
+            return whole
+        out: list[tuple[bytes, Addr]] = []
+        for off in range(0, len(run), seg):
+            out += self.on_datagram(run[off : off + seg], addr, now)
+        return gso_batches(out)
+
+    def _whole_run(self, run: bytes, seg: int, count: int, addr: Addr, now: float) -> list | None:
+        """The run's verdict when one holds for all its datagrams: forwarded packets of one live
+        path from its bound side to its bound other side within the budget (all forwarded), or
+        dropped for a reason all share (a stranger's spray costs one decision per run); else None."""
+        if len(run) - (count - 1) * seg < packet.PREFIX_LEN:
+            return None
+        types = run[0::seg]
+        if types.translate(None, _KNOWN):
+            return None
+        # The path ID of every datagram, one byte position at a time (C loops, not Python ones).
+        if any(run[i::seg] != run[i : i + 1] * count for i in range(1, packet.PREFIX_LEN)):
+            return None
+        path = self.paths.get(run[1 : packet.PREFIX_LEN])
+        if path is None:
+            self.dropped["unknown_path"] += count
+            return []
+        if types.translate(None, _FORWARDED) or self._gone(path, now):
+            return None
+        side = _side_of(path, addr)
+        if side is None:
+            self.dropped["unknown_sender"] += count
+            return []
+        dest = path.addrs[1 - side]
+        if dest is None:
+            self.dropped["peer_unbound"] += count
+            return []
+        if path.total_bytes + len(run) > path.max_bytes:
+            return None
+        self._forwarded(path, side, len(run), count, now)
+        return [(run, seg, dest)]
 
     def cookie(self, path_id: bytes, side: int, addr: Addr) -> bytes:
         """What a bind from `addr` must carry to bind there: HMAC(relay secret, path | side | addr)."""

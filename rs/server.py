@@ -10,6 +10,7 @@ Every refusal is a JSON body {"error": code, "message": text} and changes nothin
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import logging
 import socket
@@ -19,7 +20,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from daemon import httpapp, service
+from daemon import httpapp, service, udpgso
 from daemon.metrics import CONTENT_TYPE, Metrics
 from ntm import envelope, keys, messages
 from ntm.addr import display, for_socket, format_endpoint, parse_endpoint
@@ -33,6 +34,12 @@ log = logging.getLogger("ntm.rs")
 
 # A Relay Direction is ~700 bytes; 16 KiB leaves room while a flood of big bodies cannot hurt.
 MAX_BODY = 16 * 1024
+# Reads per event-loop wake-up before other work gets a turn: 64 reads of up to 64 KiB GRO runs
+# is ≤ 4 MiB, about the socket's receive buffer, at which the loop still answers HTTP promptly.
+RECV_BATCH = 64
+# Sender addresses whose normalised form is remembered: the peers of ~2,000 busy paths; a dict of
+# 4,096 short tuples is ~1 MB, and emptying it when full bounds what a spray of new sources costs.
+ADDR_CACHE = 4096
 # How often idle and expired paths are swept (they are also dropped lazily on their next packet).
 HOUSEKEEPING_S = 5.0
 
@@ -104,8 +111,9 @@ class Relay:
     directions: dict = field(default_factory=lambda: {"accepted": 0, "refused": 0})
     refused: dict = field(default_factory=dict)
     udp_received: int = 0
+    udp_runs: int = 0  # GRO runs received (each several datagrams in one read)
     udp_errors: int = 0
-    udp: asyncio.DatagramTransport | None = None
+    udp: RelayUdp | None = None
     streams: StreamHub | None = None
     _capture_fh: object = None
 
@@ -124,6 +132,25 @@ class Relay:
                 if isinstance(dest, StreamAddr):
                     self.streams.forwarded(dest)
             self.send(payload, dest)
+        if self.table.events:
+            self.log_events()
+
+    def on_run(self, run: bytes, seg: int, addr) -> None:
+        """A GRO run from a UDP address (datagrams of `seg` bytes back to back): the table decides
+        it as a run, each forwarded batch leaves in one GSO send (one by one to a stream)."""
+        self.udp_runs += 1
+        self.udp_received += -(-len(run) // seg)
+        if self.capture is not None:  # debug aid: every datagram through on_packet, to be written
+            for off in range(0, len(run), seg):
+                self.on_packet(run[off : off + seg], addr)
+            return
+        for batch, size, dest in self.table.on_run(run, seg, addr, self.clock.now()):
+            if isinstance(dest, StreamAddr):  # only forwarded packets go to a stream (acks go back)
+                for off in range(0, len(batch), size):
+                    self.streams.forwarded(dest)
+                    self.streams.send(batch[off : off + size], dest)
+            else:
+                self.udp.send_run(batch, size, dest)
         if self.table.events:
             self.log_events()
 
@@ -190,6 +217,7 @@ def relay_metrics(relay: Relay) -> Metrics:
             "forwarded_packets": t.forwarded_packets,
             "forwarded_bytes": t.forwarded_bytes,
             "udp_received": relay.udp_received,
+            "udp_gro_runs": relay.udp_runs,
             "udp_send_errors": relay.udp_errors,
             "directions_accepted": relay.directions["accepted"],
         },
@@ -199,6 +227,7 @@ def relay_metrics(relay: Relay) -> Metrics:
             "forwarded_packets": "datagrams forwarded",
             "forwarded_bytes": "bytes forwarded",
             "udp_received": "datagrams received",
+            "udp_gro_runs": "runs of datagrams received in one read (UDP GRO), decided and sent as one",
             "udp_send_errors": "datagrams the OS refused to send",
             "directions_accepted": "relay directions (bookings) accepted",
         },
@@ -353,25 +382,77 @@ def make_app(relay: Relay, admin_allow: tuple = ()) -> web.Application:
 # ---------------------------------------------------------------------- UDP
 
 
-class RelayProtocol(asyncio.DatagramProtocol):
-    """Feeds every datagram to the table and sends what it answers."""
+class RelayUdp:
+    """The relay's UDP socket, read from the event loop up to RECV_BATCH times per wake-up. With
+    `offload` and a kernel that has UDP GRO/GSO, a run of datagrams from one sender arrives in one
+    read, is decided by the table as a run, and leaves in one GSO send per destination; without,
+    each datagram is read, decided and sent on its own (the same verdicts)."""
 
-    def __init__(self, relay: Relay) -> None:
+    def __init__(self, relay: Relay, sock: socket.socket, offload: bool = True) -> None:
         self.relay = relay
-        self.transport: asyncio.DatagramTransport | None = None
+        self.sock = sock
+        sock.setblocking(False)
+        self.gro = offload and udpgso.enable_gro(sock)
+        self.gso = self.gro  # until the kernel refuses a GSO send
+        self._view = memoryview(bytearray(udpgso.RECV_BUFFER))
+        self._addrs: dict[tuple, tuple] = {}  # raw source address → for_socket's form
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(sock.fileno(), self._readable)
+        relay.udp = self
 
-    def connection_made(self, transport) -> None:
-        self.transport = transport
-        self.relay.udp = transport
+    def sendto(self, payload: bytes, dest) -> None:
+        self.sock.sendto(payload, dest)
 
-    def datagram_received(self, data: bytes, addr) -> None:
-        self.relay.udp_received += 1
-        self.relay.on_packet(data, for_socket(addr, self.relay.family))
+    def send_run(self, run: bytes, seg: int, dest) -> None:
+        """Datagrams of `seg` bytes back to back (the last may be shorter): one GSO send, else
+        one send each (no GSO here, or longer than the route's MTU allows in one piece)."""
+        if self.gso and len(run) > seg:
+            try:
+                udpgso.send_gso(self.sock, run, seg, dest)
+                return
+            except OSError as exc:
+                if exc.errno in udpgso.NO_GSO_ERRNOS:
+                    self.gso = False
+                    log.info("no UDP GSO towards %s (%s): sending one datagram at a time", display(dest), exc)
+                elif exc.errno != errno.EMSGSIZE:
+                    self.relay.udp_errors += -(-len(run) // seg)  # each datagram of the run was refused
+                    return
+        for off in range(0, len(run), seg):
+            self.relay.send(run[off : off + seg], dest)
 
-    def error_received(self, exc: Exception) -> None:
-        # ICMP unreachable from a departed peer: not fatal for a relay.
-        self.relay.udp_errors += 1
-        log.debug("udp error: %s", exc)
+    def _readable(self) -> None:
+        relay, view = self.relay, self._view
+        for _ in range(RECV_BATCH):
+            try:
+                n, anc, _flags, addr = self.sock.recvmsg_into([view], udpgso.GRO_CMSG_SPACE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # ICMP unreachable from a departed peer: not fatal for a relay
+                relay.udp_errors += 1
+                log.debug("udp error: %s", exc)
+                return
+            seg, addr = udpgso.gro_segment(anc), self._addr(addr)
+            if 0 < seg < n:
+                relay.on_run(bytes(view[:n]), seg, addr)
+            else:
+                relay.udp_received += 1
+                relay.on_packet(bytes(view[:n]), addr)
+
+    def _addr(self, raw: tuple) -> tuple:
+        """The table's form of a sender's address (for_socket), remembered: parsing it costs more
+        than the rest of a datagram's decision. Emptied when full, so a spray from ever new source
+        addresses costs one parse each, as without it, and bounded memory."""
+        addr = self._addrs.get(raw)
+        if addr is None:
+            if len(self._addrs) >= ADDR_CACHE:
+                self._addrs.clear()
+            addr = self._addrs[raw] = for_socket(raw, self.relay.family)
+        return addr
+
+    def close(self) -> None:
+        if self.sock.fileno() >= 0:
+            self._loop.remove_reader(self.sock.fileno())
+            self.sock.close()
 
 
 async def housekeeping(relay: Relay) -> None:

@@ -88,7 +88,22 @@ METRICS: dict[str, tuple[str, ...]] = {
         "registrations_per_s",
         "registrations_confirmed_blocks_for_1000",
     ),
-    "relay": ("table_ops_per_s", "relay_goodput_mbps", "relay_pps", "direction_ms_p50"),
+    "relay": (
+        "table_ops_per_s",
+        "direction_ms_p50",
+        *(
+            f"{m}{mode}"
+            for m in (
+                "relay_goodput_mbps",
+                "relay_pps",
+                "relay_cpu_s_per_gb",
+                "relay_pps_per_cpu_s",
+                "relay_stranger_cpu_us",
+            )
+            for mode in ("", "_no_offload")
+        ),
+        "relay_offload_pps_ratio",
+    ),
     "scale": (
         "records",
         "dc_import_s",

@@ -26,7 +26,8 @@ from ntm import packet
 from ntm.clock import SYSTEM
 from rs import stream as rs_stream
 from rs.relay import RelayTable
-from rs.server import Relay, RelayProtocol, make_stream_app
+from daemon.service import udp_socket
+from rs.server import Relay, RelayUdp, make_stream_app
 from rs.trust import DcTrust
 from tests.fakes import FakeClock
 
@@ -49,18 +50,17 @@ async def relay():
     clock = FakeClock()
     r = Relay(RelayTable(), DcTrust(), ["127.0.0.1:1"], 0, clock=clock)
     r.table.add_path(PATH, TOKEN, clock.now() + 3600, 1 << 30, clock.now())
-    loop = asyncio.get_running_loop()
-    transport, _ = await loop.create_datagram_endpoint(lambda: RelayProtocol(r), local_addr=("127.0.0.1", 0))
+    udp = RelayUdp(r, udp_socket("127.0.0.1", 0))
     server = TestServer(make_stream_app(r), host="127.0.0.1")
     await server.start_server()
     r.test_url = str(server.make_url(rs_stream.STREAM_PATH))  # type: ignore[attr-defined]
-    r.test_udp = transport.get_extra_info("sockname")  # type: ignore[attr-defined]
+    r.test_udp = udp.sock.getsockname()  # type: ignore[attr-defined]
     async with aiohttp.ClientSession() as http:
         r.http = http  # type: ignore[attr-defined]
         yield r
     await r.streams.close()
     await server.close()
-    transport.close()
+    udp.close()
 
 
 async def stream_bind(ws, side: int) -> None:

@@ -147,6 +147,13 @@ def dc_address(i: int) -> str:
 LAB_OPERATOR = ("--admin-allow", "198.18.0.0/15", "--admin-allow", "2001:db8::/32")
 
 
+# Reads a URL of the relay's control API (TLS with its own certificate: nothing to pin here).
+_READ_METRICS = (
+    "import ssl, sys, urllib.request; "
+    "print(urllib.request.urlopen(sys.argv[1], context=ssl._create_unverified_context(), timeout=10).read().decode())"
+)
+
+
 class Federation:
     """anvil + registry + DCs + RS inside ``lab.server``; `node()` starts a node driver."""
 
@@ -236,6 +243,14 @@ class Federation:
     @property
     def relay_ips(self) -> set[str]:
         return {self.srv.addr4, self.srv.addr6}
+
+    def relay_counter(self, name: str) -> float:
+        """One counter of the relay's /metrics (e.g. "udp_gro_runs"), read from its namespace."""
+        r = self.srv.exec([sys.executable, "-c", _READ_METRICS, self.rs.ready["http"] + "/metrics"], check=True)
+        for line in r.stdout.splitlines():
+            if line.startswith(f"ntm_rs_{name}_total "):
+                return float(line.split()[1])
+        raise KeyError(f"the relay has no counter {name}")
 
     def dc_port(self, i: int) -> int:
         return DC_BASE_PORT + i

@@ -112,10 +112,12 @@ def test_inner_source_spoofing_is_dropped_and_relay_tcp(fed):
         a.cli("alias", "bob", b.id)
         assert a.ready["offload"] and not b.ready["offload"]
         assert a.resolve("bob.ntm", "A") == ("NOERROR", ["100.64.0.2"])
+        runs = fed.relay_counter("udp_gro_runs")
         sent, got = transfer(a, b, "100.64.0.2", "100.64.0.1", TRANSFER_BYTES)
         assert got["bytes"] == sent["bytes"] == TRANSFER_BYTES and got["sha256"] == sent["sha256"]
         [row] = a.status()["peers"]
         assert row["route"] == "relay"
+        assert fed.relay_counter("udp_gro_runs") > runs  # A's GSO sends crossed the relay as runs (GRO/GSO)
         print(
             f"\nTCP 20 MB through the relay (IPv4 inner, translated): {got['elapsed_s']:.2f} s, "
             f"{TRANSFER_BYTES * 8 / got['elapsed_s'] / 1e6:.0f} Mbit/s"
