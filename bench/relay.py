@@ -90,7 +90,18 @@ def cpu_s(pid: int) -> float:
 
 def start_relay(chain: Anvil, dep: Path, tmp: str, mode: str, baseline: str | None) -> Child:
     """The relay of `mode`; "baseline" is the default relay of the checkout at `baseline`."""
-    args = ["--rpc-url", chain.url, "--deployment", str(dep), "--udp-port", "0", "--http-port", "0", "--stream-port", "0"]
+    args = [
+        "--rpc-url",
+        chain.url,
+        "--deployment",
+        str(dep),
+        "--udp-port",
+        "0",
+        "--http-port",
+        "0",
+        "--stream-port",
+        "0",
+    ]
     prefix = ["env", "-C", baseline] if mode == "baseline" else None  # `python -m rs` from that tree
     log = Path(tmp) / f"rs-{mode}.log"
     return Child("rs", [*args, "--data-dir", f"{tmp}/{mode}", *MODES.get(mode, [])], log, prefix=prefix).start()
@@ -122,7 +133,7 @@ class Pair:
         got, cpu0, start = 0, cpu_s(self.rs.pid), time.perf_counter()
         while time.perf_counter() - start < seconds:
             for _ in range(WINDOW // GSO_BURST):
-                udpgso.send_gso(self.a, burst, len(dgram), self.dst)
+                udpgso.send_gso(self.a, [burst], len(dgram), self.dst)
             want = got + WINDOW
             while got < want:
                 try:

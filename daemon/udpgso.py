@@ -7,10 +7,15 @@ from __future__ import annotations
 import errno
 import socket
 import sys
+from typing import Sequence
 
 SOL_UDP = 17
 UDP_SEGMENT = 103
 UDP_GRO = 104
+#: The kernel's UDP_MAX_SEGMENTS: datagrams one GSO send may carry.
+GSO_MAX_SEGMENTS = 64
+#: Bytes one GSO send may carry (a UDP datagram's payload limit, IPv6 header room kept).
+GSO_MAX_BYTES = 65000
 #: One recvmsg's buffer: a GRO run is at most one 64 KiB super-datagram.
 RECV_BUFFER = 65536
 #: Ancillary room for the UDP_GRO cmsg (an int).
@@ -36,7 +41,8 @@ def gro_segment(ancdata: list) -> int:
     return 0
 
 
-def send_gso(sock: socket.socket, run: bytes, seg: int, addr: tuple) -> None:
-    """Send `run` as datagrams of `seg` bytes (the last may be shorter) in one sendmsg; raises
-    OSError as sendmsg does (errno in NO_GSO_ERRNOS: no GSO here, send one by one)."""
-    sock.sendmsg([run], [(SOL_UDP, UDP_SEGMENT, seg.to_bytes(2, sys.byteorder))], 0, addr)
+def send_gso(sock: socket.socket, buffers: Sequence[bytes], seg: int, addr: tuple) -> None:
+    """Send the bytes of `buffers` (one run, or one buffer per datagram: the kernel gathers them)
+    as datagrams of `seg` bytes (the last may be shorter) in one sendmsg; raises OSError as sendmsg
+    does (errno in NO_GSO_ERRNOS: no GSO here, send one by one)."""
+    sock.sendmsg(buffers, [(SOL_UDP, UDP_SEGMENT, seg.to_bytes(2, sys.byteorder))], 0, addr)

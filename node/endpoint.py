@@ -25,6 +25,7 @@ from typing import Awaitable, Callable, Protocol, Sequence
 
 import coincurve
 
+from daemon import udpgso
 from daemon.service import SOCKET_BUFFER, udp_socket
 from node.channel import Channel
 from node.relay_stream import RelayStream
@@ -81,20 +82,8 @@ class Bind(Protocol):
 Binder = Callable[[str | None, int, Receive, Callable[[], None]], Awaitable[Bind]]
 
 
-# Linux UDP offloads (include/uapi/linux/udp.h): one sendmsg carries many equal-size datagrams
-# (GSO), one recvmsg returns many datagrams of one sender (GRO). Python does not name them.
-SOL_UDP = 17
-UDP_SEGMENT = 103
-UDP_GRO = 104
-#: The kernel's UDP_MAX_SEGMENTS: datagrams one GSO send may carry.
-GSO_MAX_SEGMENTS = 64
-#: Bytes one GSO send may carry (a UDP datagram's payload limit, IPv6 header room kept).
-GSO_MAX_BYTES = 65000
-#: Receive buffer of one recvmsg: a GRO batch is at most one 64 KiB super-datagram.
-RECV_BUFFER = 65536
 #: Datagrams (or GRO batches) read per wake-up before yielding to the event loop.
 RECV_BATCH = 64
-_GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
 IP_PKTINFO = 8  # include/uapi/linux/in.h; Python does not name it
 # Path MTU discovery modes (include/uapi/linux/in.h, in6.h): data may be fragmented by the kernel
 # to a path MTU it learned (WANT, the default); a probe must not be (PROBE: DF set, learned MTU ignored).
@@ -117,12 +106,8 @@ class UdpBind:
         self.emsgsize = 0  # sends the kernel refused for size (EMSGSIZE), §7 "Path MTU"
         # Told the destination of every such send: the path MTU there is smaller than we thought.
         self.on_too_big: Callable[[Addr], None] | None = None
-        try:
-            sock.setsockopt(SOL_UDP, UDP_GRO, 1)
-            self.gro = True
-        except OSError:
-            self.gro = False
-        self._buf = bytearray(RECV_BUFFER)
+        self.gro = udpgso.enable_gro(sock)
+        self._buf = bytearray(udpgso.RECV_BUFFER)
         self._view = memoryview(self._buf)
         self._loop = asyncio.get_running_loop()
         self._fd = sock.fileno()
@@ -212,11 +197,11 @@ class UdpBind:
             while (
                 j < n
                 and self.gso
-                and j - i < GSO_MAX_SEGMENTS
+                and j - i < udpgso.GSO_MAX_SEGMENTS
                 and items[j][1] == addr
                 and len(items[j - 1][0]) == size
                 and len(items[j][0]) <= size
-                and total + len(items[j][0]) <= GSO_MAX_BYTES
+                and total + len(items[j][0]) <= udpgso.GSO_MAX_BYTES
             ):
                 total += len(items[j][0])
                 j += 1
@@ -229,7 +214,7 @@ class UdpBind:
     def _send_gso(self, datagrams: list[bytes], size: int, addr: Addr) -> None:
         try:
             # One iovec per datagram: the kernel gathers them (no 64 KB join here).
-            self.sock.sendmsg(datagrams, [(SOL_UDP, UDP_SEGMENT, size.to_bytes(2, "little"))], 0, addr)
+            udpgso.send_gso(self.sock, datagrams, size, addr)
         except OSError as exc:
             if exc.errno == errno.EMSGSIZE:
                 # A segment longer than the route's MTU (ICMP taught the kernel a smaller path MTU,
@@ -237,7 +222,7 @@ class UdpBind:
                 self._too_big(addr)
                 for d in datagrams:
                     self.sendto(d, addr)
-            elif exc.errno in (errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP):
+            elif exc.errno in udpgso.NO_GSO_ERRNOS:
                 self.gso = False  # no UDP GSO on this kernel or path: one sendto each from now on
                 for d in datagrams:
                     self.sendto(d, addr)
@@ -248,16 +233,13 @@ class UdpBind:
         recv_into, view, receive = self.sock.recvmsg_into, self._view, self.receive
         for _ in range(RECV_BATCH):
             try:
-                n, anc, _flags, addr = recv_into([view], _GRO_CMSG_SPACE)
+                n, anc, _flags, addr = recv_into([view], udpgso.GRO_CMSG_SPACE)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
                 self.on_error()
                 return
-            seg = 0
-            for level, kind, cdata in anc:
-                if level == SOL_UDP and kind == UDP_GRO:
-                    seg = int.from_bytes(cdata[:4], sys.byteorder)
+            seg = udpgso.gro_segment(anc)
             if seg and n > seg:
                 for off in range(0, n, seg):
                     receive(bytes(view[off : min(off + seg, n)]), addr)

@@ -408,7 +408,7 @@ class RelayUdp:
         one send each (no GSO here, or longer than the route's MTU allows in one piece)."""
         if self.gso and len(run) > seg:
             try:
-                udpgso.send_gso(self.sock, run, seg, dest)
+                udpgso.send_gso(self.sock, [run], seg, dest)
                 return
             except OSError as exc:
                 if exc.errno in udpgso.NO_GSO_ERRNOS:

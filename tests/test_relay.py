@@ -60,8 +60,10 @@ def data(payload: bytes = b"x" * 40, path: bytes = PATH, counter: int = 0) -> by
     return packet.TransportPacket(packet.TYPE_DATA, path, counter, payload + b"\0" * 16).encode()
 
 
-def table_with_path(max_bytes: int = 10**6, lifetime: float = 600.0, **kw) -> RelayTable:
+def table_with_path(max_bytes: int = 10**6, lifetime: float = 600.0, secret: bytes = b"", **kw) -> RelayTable:
+    """A table with PATH booked; `secret` fixes its cookie key (twins that must agree)."""
     t = RelayTable(**kw)
+    t.secret = secret or t.secret
     t.add_path(PATH, TOKEN, T0 + lifetime, max_bytes, T0)
     return t
 

@@ -69,7 +69,7 @@ async def test_a_gso_send_is_forwarded_in_order_less_the_foreign_datagram(offloa
         assert udp.gro == offload
         run = [dgram(i) for i in range(20)]
         run[7] = dgram(7, os.urandom(8))
-        udpgso.send_gso(a, b"".join(run), SIZE, udp.sock.getsockname())
+        udpgso.send_gso(a, [b"".join(run)], SIZE, udp.sock.getsockname())
         got = [await recv(b) for _ in range(19)]
         assert got == run[:7] + run[8:]
         assert relay.table.dropped == {"unknown_path": 1}
@@ -91,7 +91,7 @@ async def test_a_refused_gso_send(code, monkeypatch):
 
         real = udpgso.send_gso
         monkeypatch.setattr(udpgso, "send_gso", refuse)
-        real(a, b"".join(run), SIZE, udp.sock.getsockname())
+        real(a, [b"".join(run)], SIZE, udp.sock.getsockname())
         if code == errno.EIO:
             assert [await recv(b) for _ in range(10)] == run
             assert relay.udp_runs == 1 and not udp.gso and relay.udp_errors == 0
