@@ -4,11 +4,15 @@ An NTM Information Request asks a node's home DC for its key and addresses; a Di
 it to direct its node in one call (a Direction Request's lookup, route and push); a Route Direction
 is handed to a node's home DC for delivery; a Relay Direction books a relayed path at an RS. Each
 receiver accepts only envelopes from DCs active in its registry, so an unknown or removed DC
-learns nothing. Message bodies: ntm/messages.py; spec: docs/PROTOCOL.md §4, §8.
+learns nothing. Calls to a peer DC travel on one kept WebSocket to it (a Channel, §8.6): an HTTP
+request each cost both DCs ~4x the CPU of a frame. Message bodies: ntm/messages.py; spec:
+docs/PROTOCOL.md §4, §8.
 """
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 from typing import Any, Awaitable, Callable, TypeVar
 from urllib.parse import urlsplit
 
@@ -27,6 +31,15 @@ FEDERATION_TIMEOUT_S = 3.0
 # FEDERATION_TIMEOUT_S) and its node acknowledged (signaling.DIRECTION_ACK_TIMEOUT_S, 2 s): room
 # for both and a loaded host, inside the node's own 8 s wait for its Direction Request.
 OFFER_TIMEOUT_S = 6.0
+# A kept channel to a peer DC is pinged this often; without a pong within half of it the channel is
+# dropped and its calls fail at once (a peer gone without a FIN or RST), well inside OFFER_TIMEOUT_S.
+CHANNEL_HEARTBEAT_S = 4.0
+CHANNEL_PATH = "/v1/federation/channel"
+# A peer DC without the channel (an older version: 404) gets plain HTTP requests; it is asked
+# again after this long (it may have been upgraded meanwhile).
+NO_CHANNEL_RETRY_S = 60.0
+# Largest reply frame: a Direction Answer with the peer's Route Direction is ~2 KB.
+CHANNEL_MAX_MSG = 64 * 1024
 
 T = TypeVar("T")
 # How a request leaves: POST JSON to a URL, get (HTTP status, decoded JSON). aiohttp by default;
@@ -44,6 +57,54 @@ class FederationError(NtmError):
         super().__init__(message)
         self.code = code
         self.status = status
+
+
+class Channel:
+    """One kept WebSocket to a peer DC carrying many federation calls at once: each call a frame
+    with an id, each reply a frame naming it. When the channel ends (the peer died, restarted, or
+    missed a heartbeat), every call waiting on it fails at once rather than at its timeout."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self.ws = ws
+        self.ids = itertools.count(1)
+        self.waiting: dict[int, asyncio.Future[tuple[int, Any]]] = {}
+        self.reader = asyncio.create_task(self._read())
+
+    @property
+    def open(self) -> bool:
+        return not self.ws.closed and not self.reader.done()
+
+    async def _read(self) -> None:
+        try:
+            async for msg in self.ws:
+                if msg.type != aiohttp.WSMsgType.TEXT:
+                    continue
+                reply = messages.decode(messages.ChannelReply, msg.data)
+                call = self.waiting.get(reply.id)
+                if call is not None and not call.done():
+                    call.set_result((reply.status, reply.body))
+        except ParseError:
+            pass  # a peer that answers garbage: the channel ends, its calls fail
+        finally:
+            await self.ws.close()
+            for call in self.waiting.values():
+                if not call.done():
+                    call.set_exception(ConnectionResetError("the channel to the peer DC closed"))
+
+    async def call(self, path: str, body: dict, timeout: float) -> tuple[int, Any]:
+        """(HTTP status, JSON body) of the call; ConnectionError if the channel ends first,
+        TimeoutError after `timeout` s."""
+        call_id = next(self.ids)
+        self.waiting[call_id] = reply = asyncio.get_running_loop().create_future()
+        try:
+            await self.ws.send_json(messages.encode(messages.ChannelCall(call_id, path, body)))
+            return await asyncio.wait_for(reply, timeout)
+        finally:
+            del self.waiting[call_id]
+
+    async def close(self) -> None:
+        await self.ws.close()
+        await asyncio.gather(self.reader, return_exceptions=True)
 
 
 class FederationClient:
@@ -66,10 +127,38 @@ class FederationClient:
         self._http = http
         self._own_http = http is None
         self.transport: Transport | None = transport
+        self._channels: dict[str, Channel] = {}  # base URL → the kept channel to that peer DC
+        self._opening: dict[str, asyncio.Lock] = {}  # one handshake per peer, however many calls wait
+        self._no_channel: dict[str, float] = {}  # base URL → when it answered the channel with 404
 
     async def close(self) -> None:
+        for channel in list(self._channels.values()):
+            await channel.close()
         if self._http is not None and self._own_http:
             await self._http.close()
+
+    async def _channel(self, base: str, tls: aiohttp.Fingerprint | bool) -> Channel | None:
+        """The open channel to the peer DC at `base` (opened if need be), or None if it has none."""
+        channel = self._channels.get(base)
+        if channel is not None and channel.open:
+            return channel
+        if self.clock.now() - self._no_channel.get(base, -NO_CHANNEL_RETRY_S) < NO_CHANNEL_RETRY_S:
+            return None
+        async with self._opening.setdefault(base, asyncio.Lock()):
+            channel = self._channels.get(base)
+            if channel is not None and channel.open:
+                return channel
+            try:
+                ws = await self.http.ws_connect(
+                    base + CHANNEL_PATH, ssl=tls, heartbeat=CHANNEL_HEARTBEAT_S, max_msg_size=CHANNEL_MAX_MSG
+                )
+            except aiohttp.WSServerHandshakeError as exc:
+                if exc.status != 404:
+                    raise
+                self._no_channel[base] = self.clock.now()
+                return None
+            self._channels[base] = channel = Channel(ws)
+            return channel
 
     @property
     def http(self) -> aiohttp.ClientSession:
@@ -90,11 +179,14 @@ class FederationClient:
         timeout: float = FEDERATION_TIMEOUT_S,
     ) -> tuple[int, Any]:
         """POST over TLS pinned to `peer`'s chain key (https://; daemon/tlspin.py) or to the
-        fingerprint `pinned` (a relay's), or plain http://."""
+        fingerprint `pinned` (a relay's), or plain http://. A peer DC's call goes on its channel."""
         parts = urlsplit(url)
         base = f"{parts.scheme}://{parts.netloc}"
         tls = pinned or await tlspin.ssl_for(self.http, base, peer, FEDERATION_TIMEOUT_S)
         try:
+            channel = await self._channel(base, tls) if peer is not None else None
+            if channel is not None:
+                return await channel.call(parts.path, body, timeout)
             async with self.http.post(url, json=body, ssl=tls, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
                 return resp.status, await resp.json(content_type=None)
         except aiohttp.ServerFingerprintMismatch:
