@@ -20,6 +20,7 @@ import aiohttp
 import coincurve
 
 from daemon import tlspin
+from daemon.channel import PATH as CHANNEL_PATH
 from ntm import envelope, keys, messages
 from ntm.clock import SYSTEM, Clock
 from ntm.errors import NtmError, ParseError
@@ -34,7 +35,6 @@ OFFER_TIMEOUT_S = 6.0
 # A kept channel to a peer DC is pinged this often; without a pong within half of it the channel is
 # dropped and its calls fail at once (a peer gone without a FIN or RST), well inside OFFER_TIMEOUT_S.
 CHANNEL_HEARTBEAT_S = 4.0
-CHANNEL_PATH = "/v1/federation/channel"
 # A peer DC without the channel (an older version: 404) gets plain HTTP requests; it is asked
 # again after this long (it may have been upgraded meanwhile).
 NO_CHANNEL_RETRY_S = 60.0
@@ -163,7 +163,11 @@ class FederationClient:
     @property
     def http(self) -> aiohttp.ClientSession:
         if self._http is None:
-            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=FEDERATION_TIMEOUT_S))
+            # No pool limit: each kept channel holds a connection for good, and aiohttp's default
+            # (100) would let a federation of 100 DCs and relays starve every other call.
+            self._http = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=FEDERATION_TIMEOUT_S), connector=aiohttp.TCPConnector(limit=0)
+            )
         return self._http
 
     def seal(self, kind: str, body: messages.Message) -> dict:
@@ -177,14 +181,16 @@ class FederationClient:
         peer: bytes | None,
         pinned: aiohttp.Fingerprint | None,
         timeout: float = FEDERATION_TIMEOUT_S,
+        kept: bool = False,
     ) -> tuple[int, Any]:
         """POST over TLS pinned to `peer`'s chain key (https://; daemon/tlspin.py) or to the
-        fingerprint `pinned` (a relay's), or plain http://. A peer DC's call goes on its channel."""
+        fingerprint `pinned` (a relay's), or plain http://. A peer DC's call, or with `kept` a
+        relay's, goes on the channel to it."""
         parts = urlsplit(url)
         base = f"{parts.scheme}://{parts.netloc}"
         tls = pinned or await tlspin.ssl_for(self.http, base, peer, FEDERATION_TIMEOUT_S)
         try:
-            channel = await self._channel(base, tls) if peer is not None else None
+            channel = await self._channel(base, tls) if peer is not None or kept else None
             if channel is not None:
                 return await channel.call(parts.path, body, timeout)
             async with self.http.post(url, json=body, ssl=tls, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
@@ -206,14 +212,16 @@ class FederationClient:
         peer: bytes | None = None,
         pinned: aiohttp.Fingerprint | None = None,
         timeout: float = FEDERATION_TIMEOUT_S,
+        kept: bool = False,
     ) -> T:
         """POST JSON to a peer (DC or relay); FederationError unless it answers 200 with `answer`
         within `timeout` s. `peer`: its chain address, which an https:// peer's certificate must be
-        bound to; `pinned`: the fingerprint its certificate must have instead (a relay's)."""
+        bound to; `pinned`: the fingerprint its certificate must have instead (a relay's). `kept`:
+        on the kept channel to it (always for a DC)."""
         call = urlsplit(url).path
         try:
             status, data = await (
-                self.transport(url, body) if self.transport else self._http_post(url, body, peer, pinned, timeout)
+                self.transport(url, body) if self.transport else self._http_post(url, body, peer, pinned, timeout, kept)
             )
         except tlspin.ChannelError as exc:
             self.count(call, "unreachable")
@@ -280,7 +288,7 @@ class FederationClient:
         names it). Idempotent for the same path and token; FederationError (with the RS's code and
         status; `relay_unauthenticated`: it presented another certificate) if refused."""
         return await self._to_relay(
-            url, "/v1/relay-directions", self.seal(messages.RELAY_DIRECTION, direction), messages.RelayBooking
+            url, "/v1/relay-directions", self.seal(messages.RELAY_DIRECTION, direction), messages.RelayBooking, True
         )
 
     async def book_exit(self, url: str, booking: messages.ExitBooking) -> messages.ExitGrant:
@@ -290,8 +298,9 @@ class FederationClient:
             url, "/v1/exit-bookings", self.seal(messages.EXIT_BOOKING, booking), messages.ExitGrant
         )
 
-    async def _to_relay(self, url: str, path: str, body: dict, reply: type[T]) -> T:
-        """POST to the relay's control API at `url`, holding it to the pin --relay names."""
+    async def _to_relay(self, url: str, path: str, body: dict, reply: type[T], kept: bool = False) -> T:
+        """POST to the relay's control API at `url`, holding it to the pin --relay names (`kept`:
+        on the channel to it: a booking per direction)."""
         try:
             target = tlspin.relay_target(url)
             tls = target.ssl()
@@ -303,4 +312,5 @@ class FederationClient:
             f"relay {target.base}",
             reply,
             pinned=tls if isinstance(tls, aiohttp.Fingerprint) else None,
+            kept=kept,
         )

@@ -11,9 +11,9 @@ import logging
 import os
 from typing import Any, Awaitable, Callable
 
-from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp import WSMsgType, web
 
-from daemon import httpapp, service
+from daemon import channel, httpapp, service
 from daemon.metrics import CONTENT_TYPE
 from dc import dashboard
 from dc import exit as dc_exit
@@ -38,17 +38,12 @@ AUTH_TIMEOUT_S = 10.0
 # a node gone without a FIN is off the presence table within 15 s. A live node pings every 3 s
 # itself (node/liveness.SESSION_HEARTBEAT_S), which resets this timer, so the DC sends no pings.
 NODE_HEARTBEAT_S = 10.0
-# Calls one federation channel may have in flight: a peer DC under load has about as many as its
-# nodes have directions in flight (64 in bench/scale.py); beyond this a call is refused with
-# dc_busy at once, so one connection cannot hold unbounded tasks.
-CHANNEL_CALLS_MAX = 1024
 
 COORDINATOR = web.AppKey("coordinator", Coordinator)
 EXIT_BOOKER = web.AppKey("exit_booker", dc_exit.ExitBooker)
 CHAIN_STATUS = web.AppKey("chain_status", ChainStatus)
 PROBE = web.AppKey("probe", dashboard.FederationProbe)
 STARTED = web.AppKey("started", float)
-CHANNELS = web.AppKey("channels", set)  # peer DCs' open federation channels, closed when the DC stops
 ROUTES = web.RouteTableDef()
 
 
@@ -150,64 +145,25 @@ FEDERATION_CALLS: dict[str, Callable[[Coordinator, Any], Awaitable[dict]]] = {
 }
 
 
-@ROUTES.get("/v1/federation/channel")
+@ROUTES.get(channel.PATH)
 async def handle_federation_channel(request: web.Request) -> web.WebSocketResponse:
-    """A peer DC's kept WebSocket (§8.6): each frame one federation call, each answered by its id
-    with what its HTTP request would get; calls run concurrently. A frame that is not a call ends
-    the channel. Anyone may open one: every call's envelope is verified as over HTTP."""
+    """A peer DC's kept WebSocket (§8.6, daemon/channel.py): its federation calls as frames. Anyone
+    may open one: every call's envelope is verified as over HTTP."""
     c = request.app[COORDINATOR]
-    ws = web.WebSocketResponse(max_msg_size=MAX_BODY)
-    await ws.prepare(request)
-    calls = service.BackgroundTasks()
-    request.app[CHANNELS].add(ws)
-    try:
-        async for msg in ws:
-            if msg.type != WSMsgType.TEXT:
-                continue
-            try:
-                call = messages.decode(messages.ChannelCall, messages.loads(msg.data))
-            except ParseError as exc:
-                await ws.close(code=WSCloseCode.UNSUPPORTED_DATA, message=str(exc)[:120].encode())
-                break
-            if len(calls) >= CHANNEL_CALLS_MAX:
-                busy = DirectionError("dc_busy", "too many federation calls in flight on this channel; retry")
-                await channel_reply(ws, call.id, *error_for(busy))
-            else:
-                calls.spawn(channel_call(c, ws, call))
-    finally:
-        request.app[CHANNELS].discard(ws)
-    return ws  # calls still running finish; their replies go nowhere (as over HTTP)
 
+    async def answer(call: messages.ChannelCall) -> tuple[int, dict]:
+        """As its HTTP request would be answered; a refusal counted under its path."""
+        handler = FEDERATION_CALLS.get(call.path)
+        try:
+            if handler is None:
+                raise ParseError(f"no federation call {call.path!r}")
+            return 200, await handler(c, call.body)
+        except NtmError as exc:
+            status, body = error_for(exc)
+            c.metrics.refusals.labels(call.path if handler else "other", body["error"]).inc()
+            return status, body
 
-async def close_channels(app: web.Application) -> None:
-    """On stop: close the peer DCs' channels (their calls fail at once and they reconnect to our
-    successor); an open WebSocket would otherwise hold the server's cleanup for a minute."""
-    for ws in list(app[CHANNELS]):
-        await ws.close(code=WSCloseCode.GOING_AWAY, message=b"DC stopping")
-
-
-async def channel_call(c: Coordinator, ws: web.WebSocketResponse, call: messages.ChannelCall) -> None:
-    """One call on a federation channel, answered as its HTTP request would be (a refusal counted
-    under its path; a bug a bare 500 and one log line, as daemon/httpapp.py does)."""
-    handler = FEDERATION_CALLS.get(call.path)
-    try:
-        if handler is None:
-            raise ParseError(f"no federation call {call.path!r}")
-        status, body = 200, await handler(c, call.body)
-    except NtmError as exc:
-        status, body = error_for(exc)
-        c.metrics.refusals.labels(call.path if handler else "other", body["error"]).inc()
-    except Exception as exc:  # noqa: BLE001 - a bug: answered without its details, logged in one line
-        log.error("federation call %s failed: %s: %s", call.path, type(exc).__name__, exc)
-        status, body = 500, messages.encode(httpapp.INTERNAL)
-    await channel_reply(ws, call.id, status, body)
-
-
-async def channel_reply(ws: web.WebSocketResponse, call_id: int, status: int, body: dict) -> None:
-    try:
-        await ws.send_json(messages.encode(messages.ChannelReply(call_id, status, body)))
-    except ConnectionError:
-        pass  # the peer DC went away meanwhile
+    return await channel.serve(request, answer, MAX_BODY)
 
 
 @ROUTES.post("/v1/groups")
@@ -405,8 +361,7 @@ def make_app(
     app[PROBE] = probe or dashboard.FederationProbe(coordinator)
     app[STARTED] = coordinator.clock.now()
     app[EXIT_BOOKER] = dc_exit.ExitBooker(coordinator)
-    app[CHANNELS] = set()
-    app.on_shutdown.append(close_channels)
+    channel.enable(app)
     coordinator.metrics.watch(coordinator, chain_status)
     app[service.ADMIN_ALLOW] = tuple(admin_allow)
     app.add_routes(ROUTES)

@@ -15,6 +15,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from daemon import channel
 from dc import server
 from dc.federation import CHANNEL_PATH, FederationClient, FederationError
 from ntm import envelope, keys, messages
@@ -29,15 +30,14 @@ def channel_app(c) -> web.Application:
     """DC `c`'s channel endpoint, counting the channels opened."""
     app = web.Application()
     app[server.COORDINATOR] = c
-    app[server.CHANNELS] = set()
     app[OPENED] = []
-    app.on_shutdown.append(server.close_channels)
+    channel.enable(app)
 
-    async def channel(request: web.Request) -> web.WebSocketResponse:
+    async def opened(request: web.Request) -> web.WebSocketResponse:
         request.app[OPENED].append(1)
         return await server.handle_federation_channel(request)
 
-    app.router.add_get(CHANNEL_PATH, channel)
+    app.router.add_get(CHANNEL_PATH, opened)
     return app
 
 
@@ -91,7 +91,7 @@ async def test_a_peer_dc_dying_mid_call_fails_its_calls_at_once_and_the_next_rec
     A peer that hangs instead fails the call at its timeout."""
     mode = ["die"]
 
-    async def channel(request: web.Request) -> web.WebSocketResponse:
+    async def peer_channel(request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse()
         await ws.prepare(request)
         async for msg in ws:
@@ -103,7 +103,7 @@ async def test_a_peer_dc_dying_mid_call_fails_its_calls_at_once_and_the_next_rec
         return ws
 
     app = web.Application()
-    app.router.add_get(CHANNEL_PATH, channel)
+    app.router.add_get(CHANNEL_PATH, peer_channel)
     client = FederationClient(keys.generate(), lambda a: True, envelope.ReplayGuard())
     async with local_app(app) as url:
         try:
