@@ -305,6 +305,10 @@ class BackgroundTasks:
         task.add_done_callback(self._tasks.discard)
         return task
 
+    def __len__(self) -> int:
+        """Tasks still running."""
+        return len(self._tasks)
+
     async def cancel(self, *more: asyncio.Task | None) -> None:
         """Cancel every task still running (and `more`), and wait until they have ended."""
         tasks = [*self._tasks, *(t for t in more if t is not None)]

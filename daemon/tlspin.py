@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import functools
 import hashlib
 import logging
 import os
@@ -126,10 +127,22 @@ class RelayTarget:
         ValueError if the certificate file named is unreadable or holds no certificate."""
         if self.cert is not None:
             try:
-                return aiohttp.Fingerprint(hashlib.sha256(leaf_der(self.cert)).digest())
+                return fingerprint(hashlib.sha256(leaf_der(self.cert)).digest())
             except OSError as exc:
                 raise ValueError(f"cannot read the relay certificate {self.cert}: {exc.strerror or exc}") from None
-        return True if self.plain else aiohttp.Fingerprint(self.sha256)
+        return True if self.plain else fingerprint(self.sha256)
+
+
+# Relay pins a process holds at once (each --relay's, and a rotated one or two): a bound, not a tuning.
+FINGERPRINTS_KEPT = 64
+
+
+@functools.lru_cache(maxsize=FINGERPRINTS_KEPT)
+def fingerprint(sha256: bytes) -> aiohttp.Fingerprint:
+    """One aiohttp Fingerprint object per pin: aiohttp pools connections by the `ssl=` object
+    itself (Fingerprint has no equality), so a fresh one per request opened a new TLS connection
+    to the relay for every booking (a handshake on both sides, per direction)."""
+    return aiohttp.Fingerprint(sha256)
 
 
 def relay_target(url: str) -> RelayTarget:

@@ -4,11 +4,15 @@ An NTM Information Request asks a node's home DC for its key and addresses; a Di
 it to direct its node in one call (a Direction Request's lookup, route and push); a Route Direction
 is handed to a node's home DC for delivery; a Relay Direction books a relayed path at an RS. Each
 receiver accepts only envelopes from DCs active in its registry, so an unknown or removed DC
-learns nothing. Message bodies: ntm/messages.py; spec: docs/PROTOCOL.md §4, §8.
+learns nothing. Calls to a peer DC travel on one kept WebSocket to it (a Channel, §8.6): an HTTP
+request each cost both DCs ~4x the CPU of a frame. Message bodies: ntm/messages.py; spec:
+docs/PROTOCOL.md §4, §8.
 """
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 from typing import Any, Awaitable, Callable, TypeVar
 from urllib.parse import urlsplit
 
@@ -16,6 +20,7 @@ import aiohttp
 import coincurve
 
 from daemon import tlspin
+from daemon.channel import PATH as CHANNEL_PATH
 from ntm import envelope, keys, messages
 from ntm.clock import SYSTEM, Clock
 from ntm.errors import NtmError, ParseError
@@ -27,6 +32,14 @@ FEDERATION_TIMEOUT_S = 3.0
 # FEDERATION_TIMEOUT_S) and its node acknowledged (signaling.DIRECTION_ACK_TIMEOUT_S, 2 s): room
 # for both and a loaded host, inside the node's own 8 s wait for its Direction Request.
 OFFER_TIMEOUT_S = 6.0
+# A kept channel to a peer DC is pinged this often; without a pong within half of it the channel is
+# dropped and its calls fail at once (a peer gone without a FIN or RST), well inside OFFER_TIMEOUT_S.
+CHANNEL_HEARTBEAT_S = 4.0
+# A peer DC without the channel (an older version: 404) gets plain HTTP requests; it is asked
+# again after this long (it may have been upgraded meanwhile).
+NO_CHANNEL_RETRY_S = 60.0
+# Largest reply frame: a Direction Answer with the peer's Route Direction is ~2 KB.
+CHANNEL_MAX_MSG = 64 * 1024
 
 T = TypeVar("T")
 # How a request leaves: POST JSON to a URL, get (HTTP status, decoded JSON). aiohttp by default;
@@ -44,6 +57,54 @@ class FederationError(NtmError):
         super().__init__(message)
         self.code = code
         self.status = status
+
+
+class Channel:
+    """One kept WebSocket to a peer DC carrying many federation calls at once: each call a frame
+    with an id, each reply a frame naming it. When the channel ends (the peer died, restarted, or
+    missed a heartbeat), every call waiting on it fails at once rather than at its timeout."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self.ws = ws
+        self.ids = itertools.count(1)
+        self.waiting: dict[int, asyncio.Future[tuple[int, Any]]] = {}
+        self.reader = asyncio.create_task(self._read())
+
+    @property
+    def open(self) -> bool:
+        return not self.ws.closed and not self.reader.done()
+
+    async def _read(self) -> None:
+        try:
+            async for msg in self.ws:
+                if msg.type != aiohttp.WSMsgType.TEXT:
+                    continue
+                reply = messages.decode(messages.ChannelReply, msg.data)
+                call = self.waiting.get(reply.id)
+                if call is not None and not call.done():
+                    call.set_result((reply.status, reply.body))
+        except ParseError:
+            pass  # a peer that answers garbage: the channel ends, its calls fail
+        finally:
+            await self.ws.close()
+            for call in self.waiting.values():
+                if not call.done():
+                    call.set_exception(ConnectionResetError("the channel to the peer DC closed"))
+
+    async def call(self, path: str, body: dict, timeout: float) -> tuple[int, Any]:
+        """(HTTP status, JSON body) of the call; ConnectionError if the channel ends first,
+        TimeoutError after `timeout` s."""
+        call_id = next(self.ids)
+        self.waiting[call_id] = reply = asyncio.get_running_loop().create_future()
+        try:
+            await self.ws.send_json(messages.encode(messages.ChannelCall(call_id, path, body)))
+            return await asyncio.wait_for(reply, timeout)
+        finally:
+            del self.waiting[call_id]
+
+    async def close(self) -> None:
+        await self.ws.close()
+        await asyncio.gather(self.reader, return_exceptions=True)
 
 
 class FederationClient:
@@ -66,15 +127,47 @@ class FederationClient:
         self._http = http
         self._own_http = http is None
         self.transport: Transport | None = transport
+        self._channels: dict[str, Channel] = {}  # base URL → the kept channel to that peer DC
+        self._opening: dict[str, asyncio.Lock] = {}  # one handshake per peer, however many calls wait
+        self._no_channel: dict[str, float] = {}  # base URL → when it answered the channel with 404
 
     async def close(self) -> None:
+        for channel in list(self._channels.values()):
+            await channel.close()
         if self._http is not None and self._own_http:
             await self._http.close()
+
+    async def _channel(self, base: str, tls: aiohttp.Fingerprint | bool) -> Channel | None:
+        """The open channel to the peer DC at `base` (opened if need be), or None if it has none."""
+        channel = self._channels.get(base)
+        if channel is not None and channel.open:
+            return channel
+        if self.clock.now() - self._no_channel.get(base, -NO_CHANNEL_RETRY_S) < NO_CHANNEL_RETRY_S:
+            return None
+        async with self._opening.setdefault(base, asyncio.Lock()):
+            channel = self._channels.get(base)
+            if channel is not None and channel.open:
+                return channel
+            try:
+                ws = await self.http.ws_connect(
+                    base + CHANNEL_PATH, ssl=tls, heartbeat=CHANNEL_HEARTBEAT_S, max_msg_size=CHANNEL_MAX_MSG
+                )
+            except aiohttp.WSServerHandshakeError as exc:
+                if exc.status != 404:
+                    raise
+                self._no_channel[base] = self.clock.now()
+                return None
+            self._channels[base] = channel = Channel(ws)
+            return channel
 
     @property
     def http(self) -> aiohttp.ClientSession:
         if self._http is None:
-            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=FEDERATION_TIMEOUT_S))
+            # No pool limit: each kept channel holds a connection for good, and aiohttp's default
+            # (100) would let a federation of 100 DCs and relays starve every other call.
+            self._http = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=FEDERATION_TIMEOUT_S), connector=aiohttp.TCPConnector(limit=0)
+            )
         return self._http
 
     def seal(self, kind: str, body: messages.Message) -> dict:
@@ -88,13 +181,18 @@ class FederationClient:
         peer: bytes | None,
         pinned: aiohttp.Fingerprint | None,
         timeout: float = FEDERATION_TIMEOUT_S,
+        kept: bool = False,
     ) -> tuple[int, Any]:
         """POST over TLS pinned to `peer`'s chain key (https://; daemon/tlspin.py) or to the
-        fingerprint `pinned` (a relay's), or plain http://."""
+        fingerprint `pinned` (a relay's), or plain http://. A peer DC's call, or with `kept` a
+        relay's, goes on the channel to it."""
         parts = urlsplit(url)
         base = f"{parts.scheme}://{parts.netloc}"
         tls = pinned or await tlspin.ssl_for(self.http, base, peer, FEDERATION_TIMEOUT_S)
         try:
+            channel = await self._channel(base, tls) if peer is not None or kept else None
+            if channel is not None:
+                return await channel.call(parts.path, body, timeout)
             async with self.http.post(url, json=body, ssl=tls, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
                 return resp.status, await resp.json(content_type=None)
         except aiohttp.ServerFingerprintMismatch:
@@ -114,14 +212,16 @@ class FederationClient:
         peer: bytes | None = None,
         pinned: aiohttp.Fingerprint | None = None,
         timeout: float = FEDERATION_TIMEOUT_S,
+        kept: bool = False,
     ) -> T:
         """POST JSON to a peer (DC or relay); FederationError unless it answers 200 with `answer`
         within `timeout` s. `peer`: its chain address, which an https:// peer's certificate must be
-        bound to; `pinned`: the fingerprint its certificate must have instead (a relay's)."""
+        bound to; `pinned`: the fingerprint its certificate must have instead (a relay's). `kept`:
+        on the kept channel to it (always for a DC)."""
         call = urlsplit(url).path
         try:
             status, data = await (
-                self.transport(url, body) if self.transport else self._http_post(url, body, peer, pinned, timeout)
+                self.transport(url, body) if self.transport else self._http_post(url, body, peer, pinned, timeout, kept)
             )
         except tlspin.ChannelError as exc:
             self.count(call, "unreachable")
@@ -188,7 +288,7 @@ class FederationClient:
         names it). Idempotent for the same path and token; FederationError (with the RS's code and
         status; `relay_unauthenticated`: it presented another certificate) if refused."""
         return await self._to_relay(
-            url, "/v1/relay-directions", self.seal(messages.RELAY_DIRECTION, direction), messages.RelayBooking
+            url, "/v1/relay-directions", self.seal(messages.RELAY_DIRECTION, direction), messages.RelayBooking, True
         )
 
     async def book_exit(self, url: str, booking: messages.ExitBooking) -> messages.ExitGrant:
@@ -198,8 +298,9 @@ class FederationClient:
             url, "/v1/exit-bookings", self.seal(messages.EXIT_BOOKING, booking), messages.ExitGrant
         )
 
-    async def _to_relay(self, url: str, path: str, body: dict, reply: type[T]) -> T:
-        """POST to the relay's control API at `url`, holding it to the pin --relay names."""
+    async def _to_relay(self, url: str, path: str, body: dict, reply: type[T], kept: bool = False) -> T:
+        """POST to the relay's control API at `url`, holding it to the pin --relay names (`kept`:
+        on the channel to it: a booking per direction)."""
         try:
             target = tlspin.relay_target(url)
             tls = target.ssl()
@@ -211,4 +312,5 @@ class FederationClient:
             f"relay {target.base}",
             reply,
             pinned=tls if isinstance(tls, aiohttp.Fingerprint) else None,
+            kept=kept,
         )

@@ -9,11 +9,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from typing import Callable
+from typing import Any, Awaitable, Callable
 
 from aiohttp import WSMsgType, web
 
-from daemon import httpapp, service
+from daemon import channel, httpapp, service
 from daemon.metrics import CONTENT_TYPE
 from dc import dashboard, wiring
 from dc import exit as dc_exit
@@ -130,6 +130,40 @@ async def handle_direction_offer(request: web.Request) -> web.Response:
 @ROUTES.post("/v1/federation/cs-notice")
 async def handle_cs_notice(request: web.Request) -> web.Response:
     return web.json_response(await request.app[COORDINATOR].notices.accept(await service.read_json(request)))
+
+
+async def _ntm_info(c: Coordinator, obj: Any) -> dict:
+    return c.answer_ntm_info(obj)
+
+
+# The federation calls a peer DC may make on its channel (§8.6), by the HTTP path each stands for.
+FEDERATION_CALLS: dict[str, Callable[[Coordinator, Any], Awaitable[dict]]] = {
+    "/v1/federation/ntm-info": _ntm_info,
+    "/v1/federation/route-direction": lambda c, obj: c.signaling.accept_delivery(obj),
+    "/v1/federation/direction-offer": lambda c, obj: c.signaling.accept_offer(obj),
+    "/v1/federation/cs-notice": lambda c, obj: c.notices.accept(obj),
+}
+
+
+@ROUTES.get(channel.PATH)
+async def handle_federation_channel(request: web.Request) -> web.WebSocketResponse:
+    """A peer DC's kept WebSocket (§8.6, daemon/channel.py): its federation calls as frames. Anyone
+    may open one: every call's envelope is verified as over HTTP."""
+    c = request.app[COORDINATOR]
+
+    async def answer(call: messages.ChannelCall) -> tuple[int, dict]:
+        """As its HTTP request would be answered; a refusal counted under its path."""
+        handler = FEDERATION_CALLS.get(call.path)
+        try:
+            if handler is None:
+                raise ParseError(f"no federation call {call.path!r}")
+            return 200, await handler(c, call.body)
+        except NtmError as exc:
+            status, body = error_for(exc)
+            c.metrics.refusals.labels(call.path if handler else "other", body["error"]).inc()
+            return status, body
+
+    return await channel.serve(request, answer, MAX_BODY)
 
 
 @ROUTES.post("/v1/groups")
@@ -328,6 +362,7 @@ def make_app(
     app[PROBE] = probe or wiring.probe(coordinator)
     app[STARTED] = coordinator.clock.now()
     app[EXIT_BOOKER] = dc_exit.ExitBooker(coordinator)
+    channel.enable(app)
     coordinator.metrics.watch(coordinator, chain_status)
     app[service.ADMIN_ALLOW] = tuple(admin_allow)
     app.add_routes(ROUTES)

@@ -380,6 +380,24 @@ class DirectionAnswer(Message):
     deliver: SignedEnvelope | None = None  # a ROUTE_DIRECTION envelope signed by the peer's home DC
 
 
+class ChannelCall(Message):
+    """A federation call on a kept DC-to-DC WebSocket (§8.6): the HTTP path it stands for and that
+    request's body (a DC-signed envelope, checked by the same handler as over HTTP). The reply
+    names the call's `id`, so calls on one channel run concurrently."""
+
+    id: Annotated[int, Meta(ge=1, le=INT_MAX)]
+    path: Annotated[str, Meta(max_length=64)]
+    body: dict[str, Any]
+
+
+class ChannelReply(Message):
+    """The answer to ChannelCall `id`: what its HTTP answer would be (status, JSON body)."""
+
+    id: int
+    status: int
+    body: dict[str, Any]
+
+
 # --- HTTP -------------------------------------------------------------------------------------
 class TlsBinding(Message):
     """The DC's TLS certificate (SHA-256 of its DER) signed by its chain key (ntm/tls_binding.py)."""

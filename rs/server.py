@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from daemon import httpapp, service, udpgso
+from daemon import channel, httpapp, service, udpgso
 from daemon.metrics import CONTENT_TYPE, Metrics
 from ntm import envelope, keys, messages
 from ntm.addr import display, for_socket, format_endpoint, parse_endpoint
@@ -262,6 +262,27 @@ async def handle_direction(request: web.Request) -> web.Response:
         return relay.refuse(413, "too_large", f"request body exceeds {MAX_BODY} bytes")
     except ParseError as exc:
         return relay.refuse(400, "malformed", str(exc))
+    return book(relay, request, obj)
+
+
+@ROUTES.get(channel.PATH)
+async def handle_channel(request: web.Request) -> web.WebSocketResponse:
+    """A DC's kept WebSocket (§8.6, daemon/channel.py): its Relay Directions as frames, each
+    answered as its POST /v1/relay-directions would be (a DC books one per direction)."""
+    relay = request.app[RELAY]
+
+    async def answer(call: messages.ChannelCall) -> tuple[int, dict]:
+        if call.path != "/v1/relay-directions":
+            return 400, messages.encode(messages.ErrorBody("malformed", f"no call {call.path!r} at a relay"))
+        resp = book(relay, request, call.body)
+        return resp.status, messages.loads(resp.body)
+
+    return await channel.serve(request, answer, MAX_BODY)
+
+
+def book(relay: Relay, request: web.Request, obj: object) -> web.Response:
+    """A DC's Relay Direction (parsed JSON): the path booked, or the refusal. `request`: the one it
+    came on (its Host: the address the DC reached us at)."""
     now_ms = relay.clock.wall_ms()
     try:
         # Kind, signature and freshness first; then the signer against the DCs the relay knows
@@ -376,6 +397,7 @@ def make_app(relay: Relay, admin_allow: tuple = ()) -> web.Application:
     app[METRICS] = relay_metrics(relay)
     app[service.ADMIN_ALLOW] = tuple(admin_allow)
     app.add_routes(ROUTES)
+    channel.enable(app)
     return app
 
 

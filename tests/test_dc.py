@@ -16,7 +16,7 @@ import pytest
 from dc.federation import FederationClient, FederationError
 from node.dc_client import DcClient, DcError
 from daemon import keystore
-from ntm import envelope, keepalive, keys
+from ntm import envelope, keepalive, keys, messages
 from ntm.record import Domain, NodeTransaction
 from ntm.registration import RegistrationRequest
 from scripts.anvil import Anvil
@@ -357,3 +357,46 @@ async def test_route_offer_travels_in_node_info_and_a_forged_one_is_refused(net,
             assert seen.routes == offer and verify_offer(seen.routes).node == n
         finally:
             await ws.close()
+
+
+async def test_a_peer_dc_killed_mid_direction_answers_at_once_and_its_restart_is_reached(net):
+    """Adversary: the peer's home DC dies (SIGKILL) while it directs its node, the call on the
+    requester's DC's kept channel to it (§8.6). The requester is answered home_dc_unreachable at
+    once, not at the 6 s offer timeout; once the peer DC is back, the next direction reaches it on a
+    new channel."""
+    from labkit.dcnet import register
+
+    ka, kb = keys.generate(), keys.generate()
+    await register(net.urls[0], ka)
+    await register(net.urls[1], kb)
+
+    async def serve(ws, ack: bool):
+        """Acknowledge pushes on session `ws` until a result (or, `ack` False, a push) arrives; that message."""
+        while True:
+            m = messages.decode(messages.DcToNode, await ws.receive_str(timeout=10))
+            if isinstance(m, messages.DirectionResult) or (isinstance(m, messages.DirectionPush) and not ack):
+                return m
+            if isinstance(m, messages.DirectionPush):
+                await ws.send_json(messages.encode(messages.DirectionAck(m.direction.body["path"])))
+
+    for attempt in (1, 2):
+        async with DcClient(net.urls[0]) as dc1, DcClient(net.urls[1]) as dc2:
+            wa, _ = await dc1.open_session(ka, ["127.0.0.1:40001"])
+            wb, _ = await dc2.open_session(kb, ["127.0.0.1:40002"])
+            await wa.send_json(messages.encode(messages.DirectionRequest(attempt, keys.checksum(keys.node_id_of(kb)))))
+            requester = asyncio.create_task(serve(wa, True))
+            if attempt == 1:
+                assert isinstance(await serve(wb, False), messages.DirectionPush)  # B holds its ack
+                await asyncio.to_thread(net.dcs[1].kill)
+                killed = time.monotonic()
+                result = await requester
+                assert time.monotonic() - killed < 1.5
+                assert result.error is not None and result.error.error == "home_dc_unreachable", result
+                await asyncio.to_thread(net.start_dc, 1)
+            else:
+                peer = asyncio.create_task(serve(wb, True))
+                result = await requester
+                assert result.route is not None, result
+                peer.cancel()
+            await wa.close()
+            await wb.close()

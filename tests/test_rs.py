@@ -34,7 +34,10 @@ async def send_relay_direction(
     """The DC's booking call (dc/federation.py) against the relay under test."""
     fed = FederationClient(dc_key, lambda _a: True, envelope.ReplayGuard(), http=http)
     body = messages.RelayDirection(path.hex(), token.hex(), [keys.checksum(n) for n in nodes], expires_ms, max_bytes)
-    return messages.encode(await fed.book_relay(url, body))
+    try:
+        return messages.encode(await fed.book_relay(url, body))
+    finally:
+        await fed.close()  # its channel to the relay holds one of `http`'s connections
 
 
 @pytest.fixture

@@ -141,6 +141,32 @@ async def test_an_on_path_observer_sees_no_path_token(relay):
         await fed.close()
 
 
+async def test_bookings_share_one_tls_connection(relay):
+    """Hostile condition: a DC under direction load books a relay path per direction. Each booking
+    on a fresh TLS connection cost a handshake on both sides (half the peer DC's CPU per direction
+    in bench/scale.py); five bookings, pin given by hash or by certificate file, ride one kept
+    channel (§8.6). Adversary: a key that is no DC books on a channel too: refused as over HTTP."""
+    port = int(relay.rs.ready["http"].rsplit(":", 1)[1])
+    observer = RecordingProxy(("127.0.0.1", port))
+    connections = []
+    handle = observer.handle
+    observer.handle = lambda r, w: connections.append(1) or handle(r, w)
+    fed = federation(relay.dc_key)
+    try:
+        base = f"https://127.0.0.1:{await observer.start()}"
+        for pin in (relay.rs.ready["pin"], f"cert={relay.tmp / 'rs' / 'rs-tls-cert.pem'}"):
+            for _ in range(5):
+                assert (await fed.book_relay(f"{base}#{pin}", direction(os.urandom(32)))).created
+        assert len(connections) == 1 and fed._channels[base].open
+        stranger = federation(keys.generate())
+        with pytest.raises(FederationError) as refused:
+            await stranger.book_relay(f"{base}#{relay.rs.ready['pin']}", direction(os.urandom(32)))
+        assert (refused.value.code, refused.value.status) == ("untrusted_dc", 403) and stranger._channels[base].open
+        await stranger.close()
+    finally:
+        await fed.close()
+
+
 async def test_the_relay_tells_each_dc_the_address_it_reached_it_at():
     """No --advertise: the address a DC reached the control API at (over its pinned channel)
     replaces the guess of its IP version; names, loopback, link-local and a version the UDP
