@@ -8,6 +8,8 @@ the load driven from this separate process. Prints `metric: value`:
   dc_import_s                   a Python process importing the DC, for scale: part of every start below
   cold_start_s_100k             a DC with an empty database: process start → ready line (every record read)
   cold_start_s_100k_snapshot    the same DC restarted after a clean stop: from its registry snapshot
+  cold_start_cpu_s_100k(_snapshot) the CPU seconds the DC used for either start, whatever else loads
+                                the machine (wall time on 2 busy cores is several times this)
   dc_rss_mb_100k                its resident memory once caught up
   dashboard_ms_100k             GET /v1/dashboard, p50 of DASHBOARD_SAMPLES (metrics_ms_100k: /metrics)
   registrations_per_s_100k      REGISTRATIONS fresh nodes POSTed to one DC (200 in flight), until
@@ -230,9 +232,11 @@ async def run(tmp: Path, records: int, registrations: int, peers: int, duration:
         try:
             await asyncio.to_thread(start, 1)
             print(f"cold_start_s_100k: {await timed(lambda: start(0)):.2f}")
+            print(f"cold_start_cpu_s_100k: {cpu_s(net.dcs[0].pid):.2f}")
             print(f"dc_rss_mb_100k: {rss_kb(net.dcs[0].pid) / 1024:.0f}")
             net.dcs[0].stop()  # clean: it writes its snapshot
             print(f"cold_start_s_100k_snapshot: {await timed(lambda: start(0)):.2f}")
+            print(f"cold_start_cpu_s_100k_snapshot: {cpu_s(net.dcs[0].pid):.2f}")
             async with raw_http() as http:
                 for path, name in (("/v1/dashboard", "dashboard_ms_100k"), ("/metrics", "metrics_ms_100k")):
                     ms = []
