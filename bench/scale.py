@@ -11,7 +11,8 @@ the load driven from this separate process. Prints `metric: value`:
   cold_start_cpu_s_100k(_snapshot) the CPU seconds the DC used for either start, whatever else loads
                                 the machine (wall time on 2 busy cores is several times this)
   dc_rss_mb_100k                its resident memory once caught up
-  dashboard_ms_100k             GET /v1/dashboard, p50 of DASHBOARD_SAMPLES (metrics_ms_100k: /metrics)
+  dashboard_ms_100k             GET /v1/dashboard, p50 of DASHBOARD_SAMPLES (metrics_ms_100k: /metrics);
+                                dashboard_cpu_ms_100k, metrics_cpu_ms_100k: the DC's CPU ms per request
   registrations_per_s_100k      REGISTRATIONS fresh nodes POSTed to one DC (200 in flight), until
                                 all are confirmed on chain (its outbox empty)
   sessions_rss_kb_each          the DC's RSS growth per node session (WebSocket + keepalives), over
@@ -239,7 +240,7 @@ async def run(tmp: Path, records: int, registrations: int, peers: int, duration:
             print(f"cold_start_cpu_s_100k_snapshot: {cpu_s(net.dcs[0].pid):.2f}")
             async with raw_http() as http:
                 for path, name in (("/v1/dashboard", "dashboard_ms_100k"), ("/metrics", "metrics_ms_100k")):
-                    ms = []
+                    ms, cpu_before = [], cpu_s(net.dcs[0].pid)
                     for _ in range(DASHBOARD_SAMPLES):
                         t0 = time.perf_counter()
                         async with http.get(net.urls[0] + path) as r:
@@ -247,6 +248,8 @@ async def run(tmp: Path, records: int, registrations: int, peers: int, duration:
                             await r.read()
                         ms.append((time.perf_counter() - t0) * 1000)
                     print(f"{name}: {statistics.median(ms):.1f}")
+                    cpu_ms = (cpu_s(net.dcs[0].pid) - cpu_before) * 1000 / DASHBOARD_SAMPLES
+                    print(f"{name.replace('_ms_', '_cpu_ms_')}: {cpu_ms:.1f}")
                 requester_keys, took = await register(http, net.urls[0], registrations)
                 print(f"registrations_per_s_100k: {registrations / took:.0f}")
                 peer_keys, _ = await register(http, net.urls[1], peers)

@@ -100,6 +100,8 @@ METRICS: dict[str, tuple[str, ...]] = {
         "chain_ready_s",
         "dashboard_ms_100k",
         "metrics_ms_100k",
+        "dashboard_cpu_ms_100k",
+        "metrics_cpu_ms_100k",
         "registrations_per_s_100k",
         "sessions_rss_kb_each",
         "directions_per_s_64",
