@@ -9,12 +9,15 @@ the load driven from this separate process. Prints `metric: value`:
   cold_start_s_100k             a DC with an empty database: process start → ready line (every record read)
   cold_start_s_100k_snapshot    the same DC restarted after a clean stop: from its registry snapshot
   cold_start_cpu_s_100k(_snapshot) the CPU seconds the DC used for either start, whatever else loads
-                                the machine (wall time on 2 busy cores is several times this)
+                                the machine (wall time on 2 busy cores is several times this). From
+                                a snapshot at 100k, ~1.8 s: ~0.8 imports (py_ecc, pulled in by
+                                eth_account, ~0.4), ~0.7 the keystore's scrypt, ~0.2 the registry
   dc_rss_mb_100k                its resident memory once caught up
   dashboard_ms_100k             GET /v1/dashboard, p50 of DASHBOARD_SAMPLES (metrics_ms_100k: /metrics);
                                 dashboard_cpu_ms_100k, metrics_cpu_ms_100k: the DC's CPU ms per request
   registrations_per_s_100k      REGISTRATIONS fresh nodes POSTed to one DC (200 in flight), until
-                                all are confirmed on chain (its outbox empty)
+                                all are confirmed on chain (its outbox empty); registration_cpu_ms_100k:
+                                the DC's CPU ms per registration, until confirmed
   sessions_rss_kb_each          the DC's RSS growth per node session (WebSocket + keepalives), over
                                 REGISTRATIONS sessions
   directions_per_s_64           Direction Requests answered per second with IN_FLIGHT in flight, from
@@ -250,8 +253,10 @@ async def run(tmp: Path, records: int, registrations: int, peers: int, duration:
                     print(f"{name}: {statistics.median(ms):.1f}")
                     cpu_ms = (cpu_s(net.dcs[0].pid) - cpu_before) * 1000 / DASHBOARD_SAMPLES
                     print(f"{name.replace('_ms_', '_cpu_ms_')}: {cpu_ms:.1f}")
+                cpu_before = cpu_s(net.dcs[0].pid)
                 requester_keys, took = await register(http, net.urls[0], registrations)
                 print(f"registrations_per_s_100k: {registrations / took:.0f}")
+                print(f"registration_cpu_ms_100k: {(cpu_s(net.dcs[0].pid) - cpu_before) * 1000 / registrations:.2f}")
                 peer_keys, _ = await register(http, net.urls[1], peers)
             pid = net.dcs[0].pid
             await asyncio.sleep(0.5)

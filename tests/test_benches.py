@@ -103,6 +103,7 @@ METRICS: dict[str, tuple[str, ...]] = {
         "dashboard_cpu_ms_100k",
         "metrics_cpu_ms_100k",
         "registrations_per_s_100k",
+        "registration_cpu_ms_100k",
         "sessions_rss_kb_each",
         "directions_per_s_64",
         "direction_p50_ms_64",
