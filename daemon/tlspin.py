@@ -14,6 +14,7 @@ its pin (`pin_of`, `ntm-rs --print-pin`) in the relay's URL, `https://host:port#
 from __future__ import annotations
 
 import asyncio
+import asyncio.sslproto
 import datetime
 import functools
 import hashlib
@@ -168,9 +169,23 @@ def relay_target(url: str) -> RelayTarget:
     )
 
 
+# The ciphertext read buffer of each TLS connection a server holds. asyncio's own is 256 KiB per
+# connection, allocated up front: 264 KB of a DC's ~280 KB per node session at 1,000 sessions
+# (bench/scale.py; 18 KB over plain HTTP). Two full TLS records (16 KiB + overhead each) per read
+# keep a large upload to a few reads.
+TLS_READ_BUFFER_BYTES = 32 * 1024
+
+
+class _LeanTls(asyncio.sslproto.SSLProtocol):
+    """asyncio's TLS server protocol with a TLS_READ_BUFFER_BYTES read buffer."""
+
+    max_size = TLS_READ_BUFFER_BYTES
+
+
 class TlsSockSite(web.SockSite):
     """web.SockSite whose TLS handshakes must finish within `handshake_timeout` (asyncio's default,
-    60 s, would hold a connection that never starts one past the server's idle timeout)."""
+    60 s, would hold a connection that never starts one past the server's idle timeout), each TLS
+    connection with a small read buffer (TLS_READ_BUFFER_BYTES)."""
 
     def __init__(self, *args, handshake_timeout: float, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -178,13 +193,14 @@ class TlsSockSite(web.SockSite):
 
     async def start(self) -> None:
         await web.BaseSite.start(self)  # SockSite.start without its create_server
-        self._server = await asyncio.get_running_loop().create_server(
-            self._runner.server,
-            sock=self._sock,
-            ssl=self._ssl_context,
-            ssl_handshake_timeout=self._handshake_timeout if self._ssl_context else None,
-            backlog=self._backlog,
-        )
+        loop, ctx, app = asyncio.get_running_loop(), self._ssl_context, self._runner.server
+
+        def tls() -> asyncio.BaseProtocol:
+            """What loop.create_server(ssl=ctx) builds per connection, with _LeanTls: a failed
+            handshake closes the connection before the app sees it, as there."""
+            return _LeanTls(loop, app(), ctx, None, server_side=True, ssl_handshake_timeout=self._handshake_timeout)
+
+        self._server = await loop.create_server(app if ctx is None else tls, sock=self._sock, backlog=self._backlog)
 
 
 def _anyone() -> ssl.SSLContext:

@@ -47,8 +47,13 @@ class DcNet:
         scheme = "https" if self.tls else "http"
         return [f"{scheme}://127.0.0.1:{p}" for p in self.ports]
 
-    async def deploy(self, n_dcs: int) -> None:
-        reg = await Registry.deploy(self.chain.url, DEV_KEYS[0])
+    async def deploy(self, n_dcs: int, registry: bytes | None = None) -> None:
+        """A fresh registry with `n_dcs` DCs admitted; or, with `registry`, those DCs admitted to
+        that one, already on the chain (labkit/seed.py's cached chains: its owner is DEV_KEYS[0] too)."""
+        if registry is None:
+            reg = await Registry.deploy(self.chain.url, DEV_KEYS[0])
+        else:
+            reg = await Registry.connect(self.chain.url, registry, DEV_KEYS[0])
         self.registry_address = reg.address
         for i in range(n_dcs):
             key = keys.private_key(DEV_KEYS[1 + i])
