@@ -51,6 +51,7 @@ from labkit.lab.upnode import UpNode, transfer  # noqa: E402
 KEEPALIVE_S = 2.0
 WG_NET = "10.77.0.{}"
 WG_PORT = 51820
+WG_START_TRIES = 100  # x 50 ms: wireguard-go up and listening on its control socket (5 s)
 IPERF_PORT = 5201
 APT = {"iperf3": "iperf3", "wireguard-go": "wireguard-go", "wg": "wireguard-tools"}
 HANDOVER_BYTES = 12 * 1024 * 1024
@@ -119,16 +120,10 @@ class WireGuard:
             )
         for i, h in enumerate(hosts):
             dev = names[i]
-            for _ in range(100):  # wireguard-go creates the interface right after it starts
-                if Path(f"/var/run/wireguard/{dev}.sock").exists():
-                    break
-                time.sleep(0.05)
-            else:
-                raise RuntimeError(f"wireguard-go did not create {dev}")
             key_file = self.dir / f"wg{i}.key"
             key_file.write_text(keys[i][0])
             other = hosts[1 - i]
-            self._do(
+            self._when_up(
                 h,
                 "wg",
                 "set",
@@ -146,6 +141,16 @@ class WireGuard:
             )
             self._do(h, "ip", "addr", "add", WG_NET.format(i + 1) + "/24", "dev", dev)
             self._do(h, "ip", "link", "set", dev, "up")
+
+    def _when_up(self, h, *argv: str) -> None:
+        """`wg set`, retried while wireguard-go is still starting: its control socket appears at
+        bind, before it listens, and wg refused there tries the kernel module ("Protocol not
+        supported")."""
+        for _ in range(WG_START_TRIES):
+            if self.lab.exec(h, list(argv)).returncode == 0:
+                return
+            time.sleep(0.05)
+        self._do(h, *argv)
 
     def _do(self, h, *argv: str) -> None:
         r = self.lab.exec(h, list(argv))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import random
 import select
 import signal
 import socket
@@ -60,8 +61,24 @@ def has_ipv6_loopback() -> bool:
         return False
 
 
+#: Where free_port draws from: below Linux's default ephemeral range (32768-60999).
+FREE_PORT_RANGE = (20_000, 32_767)
+FREE_PORT_TRIES = 50  # bind attempts before falling back to a kernel-chosen port
+
+
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    """A port free right now on 127.0.0.1 (tiny race window; fine for tests and the devnet)."""
+    """A port free right now on 127.0.0.1, for a server started a little later (tests, the
+    devnet). Drawn below the kernel's ephemeral range, which outgoing connections and port-0 binds
+    use: a port the kernel just handed us is the likeliest to be handed to one of them before the
+    server binds it (seen: a DC's port taken by a connection in between)."""
+    for _ in range(FREE_PORT_TRIES):
+        port = random.randint(*FREE_PORT_RANGE)
+        with socket.socket(socket.AF_INET, kind) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, kind) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
