@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from ntm import packet
 from rs.relay import gso_batches
-from tests.test_relay import PATH, A, B, EVIL, T0, bind, bound_table, data
+from tests.test_relay import PATH, A, B, EVIL, T0, acked, bind, bind_at, bound_table, data, table_with_path
 
 SECRET = bytes(32)
 OTHER_PATH = PATH[:-1] + b"\xff"  # differs in the last byte only
@@ -121,3 +121,73 @@ def test_a_run_gets_exactly_the_verdicts_of_its_datagrams_one_by_one(kinds, addr
     want, twin = one_by_one(run, addr, T0 + dt, max_bytes=budget)
     assert split(out) == want
     same_state(t, twin)
+
+
+def decisions(t) -> list:
+    """Counts the table's per-datagram decisions (calls of on_datagram) from now on."""
+    calls: list = []
+    real = t.on_datagram
+    t.on_datagram = lambda *a: calls.append(a) or real(*a)
+    return calls
+
+
+def test_a_strangers_spray_costs_one_decision_per_run_and_every_datagram_is_counted():
+    """Adversary: a stranger sprays runs of 20 at the relay (an unknown path, a known path from an
+    address bound to neither side, or a path whose other side never bound). The relay decides each
+    run once (no per-datagram work) and counts all its datagrams, run after run."""
+    half = table_with_path()
+    assert acked(bind_at(half, 0, A, T0), 0, A)
+    for t, run, addr, reason in (
+        (bound_table(), [data(path=OTHER_PATH)] * 20, EVIL, "unknown_path"),
+        (bound_table(), [data()] * 20, EVIL, "unknown_sender"),
+        (half, [data()] * 20, A, "peer_unbound"),
+    ):
+        calls = decisions(t)
+        for _ in range(2):
+            assert t.on_run(b"".join(run), SEG, addr, T0 + 1) == []
+        assert t.dropped == {reason: 40} and not calls, reason
+
+
+def test_a_nodes_run_is_decided_once_even_with_mixed_packet_types_and_at_its_exact_budget():
+    """The common case costs one decision: DATA and KEEPALIVE of one path (a node's tunnel), and a
+    run that uses the path's byte budget exactly, are forwarded whole without per-datagram work; the
+    path's activity time is the run's."""
+    keepalive = bytes([packet.TYPE_KEEPALIVE]) + PATH + bytes(SEG - packet.PREFIX_LEN)
+    run = [data(counter=0), keepalive, data(counter=1), data(b"end", counter=2)]
+    t = bound_table(max_bytes=len(b"".join(run)))
+    calls = decisions(t)
+    assert t.on_run(b"".join(run), SEG, A, T0 + 7) == [(b"".join(run), SEG, B)]
+    assert not calls and t.paths[PATH].last_active == T0 + 7 and t.paths[PATH].packets == [4, 0]
+
+
+def test_a_datagram_whose_path_differs_in_its_first_byte_is_not_taken_for_the_runs_path():
+    """Adversary: a datagram naming a path that differs from the run's in one byte only, at either
+    end of the path ID."""
+    for other in (bytes([PATH[0] ^ 1]) + PATH[1:], OTHER_PATH):
+        run = [data(counter=i) for i in range(4)]
+        run[2] = data(path=other, counter=2)
+        out, t = as_run(run, A)
+        assert split(out) == [(d, B) for i, d in enumerate(run) if i != 2]
+        assert t.dropped == {"unknown_path": 1}
+
+
+def test_a_run_with_no_segment_size_is_decided_as_one_datagram():
+    """Hostile condition: the kernel reports no (zero) GRO segment size for a long read."""
+    run = data() * 3
+    t = bound_table()
+    assert t.on_run(run, 0, A, T0 + 1) == gso_batches(bound_table().on_datagram(run, A, T0 + 1))
+
+
+def test_a_run_of_one_byte_datagrams_counts_each_as_malformed():
+    """Adversary: a stranger sprays 1-byte datagrams, which GRO coalesces into one run."""
+    t = bound_table()
+    assert t.on_run(data(), 1, EVIL, T0 + 1) == [] and t.dropped == {"malformed": SEG}
+
+
+def test_a_run_ending_in_a_bare_header_is_still_decided_once():
+    """The shortest datagram a path's run can end with, type and path ID only (9 bytes), keeps the
+    run on the one-decision path (the relay reads no further than the path ID)."""
+    run = [data(counter=0), data(counter=1), data()[: packet.PREFIX_LEN]]
+    t = bound_table()
+    calls = decisions(t)
+    assert t.on_run(b"".join(run), SEG, A, T0 + 1) == [(b"".join(run), SEG, B)] and not calls
