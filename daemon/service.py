@@ -30,6 +30,7 @@ from ntm.clock import Clock
 from ntm.errors import NtmError
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+log = logging.getLogger("ntm.tasks")
 
 
 # An HTTP connection that has not completed a request within this many seconds is closed: a
@@ -302,8 +303,15 @@ class BackgroundTasks:
     def spawn(self, coro) -> asyncio.Task:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._ended)
         return task
+
+    def _ended(self, task: asyncio.Task) -> None:
+        """Forget `task`; one that died of an exception says so in one line (a loop that stops
+        silently, e.g. a watcher, is otherwise noticed only by what it no longer does)."""
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("background task %s ended: %s: %.200s", task.get_coro().__qualname__, type(exc).__name__, exc)
 
     def __len__(self) -> int:
         """Tasks still running."""
