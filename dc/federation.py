@@ -97,7 +97,7 @@ class Channel:
         call_id = next(self.ids)
         self.waiting[call_id] = reply = asyncio.get_running_loop().create_future()
         try:
-            await self.ws.send_json(messages.encode(messages.ChannelCall(call_id, path, body)))
+            await self.ws.send_str(messages.dumps(messages.ChannelCall(call_id, path, body)))
             return await asyncio.wait_for(reply, timeout)
         finally:
             del self.waiting[call_id]

@@ -271,7 +271,7 @@ async def test_ipv4_ipv6_bridge_with_real_handshake(net):
     assert PLAINTEXT not in captured and PLAINTEXT[:16] not in captured
     assert b"after intrusion" not in captured and b"new address" not in captured
     log = net.rs.log_path.read_text()
-    assert f"path {path.hex()} added" in log and f"path {path.hex()} side 0 moved" in log
+    assert f"path {path.hex()} side 0 bound" in log and f"path {path.hex()} side 0 moved" in log
 
 
 async def test_bad_arguments_exit_nonzero(tmp_path):
