@@ -17,7 +17,7 @@ import logging
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -305,8 +305,9 @@ async def handle_channel(request: web.Request) -> web.WebSocketResponse:
     return await channel.serve(request, answer, MAX_BODY)
 
 
-def opened(relay: Relay, obj: object, kind: str) -> envelope.Envelope | Answer:
-    """A DC's booking envelope of `kind`, checked (§8.2's order), or the refusal."""
+def checked(relay: Relay, obj: object, kind: str, then: Callable[[bytes, Any], Answer]) -> Answer:
+    """A DC's booking envelope of `kind` checked in §8.2's order, its body decoded, then
+    `then(its signer, its body)`; or the refusal, and nothing booked."""
     now_ms = relay.clock.wall_ms()
     try:
         # Kind, signature and freshness first; then the signer against the DCs the relay knows
@@ -322,36 +323,32 @@ def opened(relay: Relay, obj: object, kind: str) -> envelope.Envelope | Answer:
         relay.guard.check_and_add(env, now_ms)
     except SignatureError as exc:
         return relay.refuse(403, "replayed", str(exc))
-    return env
+    try:
+        body = envelope.body_of(env, messages.BODY_OF[kind])
+    except ParseError as exc:
+        return relay.refuse(400, "malformed", str(exc))
+    return then(env.sender, body)
 
 
 def book(relay: Relay, request: web.Request, obj: object) -> Answer:
     """A DC's Relay Direction (parsed JSON): (status, the booking or the refusal). `request`: the
     one it came on (its Host: the address the DC reached us at)."""
-    env = opened(relay, obj, messages.RELAY_DIRECTION)
-    if not isinstance(env, envelope.Envelope):
-        return env
-    try:
-        direction = envelope.body_of(env, messages.RelayDirection)
-    except ParseError as exc:
-        return relay.refuse(400, "malformed", str(exc))
-    return add_path(relay, env.sender, direction, relay.advertise_to(request))
+    return checked(
+        relay, obj, messages.RELAY_DIRECTION, lambda dc, d: add_path(relay, dc, d, relay.advertise_to(request))
+    )
 
 
 def book_batch(relay: Relay, request: web.Request, obj: object) -> Answer:
     """Several Relay Directions in one DC-signed envelope (§8.2 "Batches"): the envelope is checked
     once (a refusal refuses the whole batch and books nothing), then each direction is booked or
     refused on its own, as its own request would be."""
-    env = opened(relay, obj, messages.RELAY_DIRECTIONS)
-    if not isinstance(env, envelope.Envelope):
-        return env
-    try:
-        batch = envelope.body_of(env, messages.RelayDirections)
-    except ParseError as exc:
-        return relay.refuse(400, "malformed", str(exc))
-    advertise = relay.advertise_to(request)
-    outcomes = [messages.RelayOutcome(*add_path(relay, env.sender, d, advertise)) for d in batch.directions]
-    return 200, messages.encode(messages.RelayOutcomes(outcomes))
+
+    def each(dc: bytes, batch: messages.RelayDirections) -> Answer:
+        advertise = relay.advertise_to(request)
+        outcomes = [messages.RelayOutcome(*add_path(relay, dc, d, advertise)) for d in batch.directions]
+        return 200, messages.encode(messages.RelayOutcomes(outcomes))
+
+    return checked(relay, obj, messages.RELAY_DIRECTIONS, each)
 
 
 def add_path(relay: Relay, owner: bytes, d: messages.RelayDirection, advertise: list[str]) -> Answer:
