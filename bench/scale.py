@@ -24,8 +24,9 @@ the load driven from this separate process. Prints `metric: value`:
                                 requesters at DC 1 to peers at DC 2 (each push acknowledged as nodes do)
   direction_p99_ms_64           their latency, request sent → result, p99 (p50 printed too)
   direction_cpu_ms_requester_dc CPU time the requester's DC spent per direction (and the peer's
-                                DC: _peer_dc, the relay: _relay, this load generator: _load): the
-                                capacity of one core whatever else loads the machine
+                                DC: _peer_dc, the relay: _relay, the chain the DCs poll: _anvil, this
+                                load generator: _load): the capacity of one core whatever else loads
+                                the machine
   registrations_per_s_2s_blocks full mode only: BLOCK_REGISTRATIONS fresh nodes at a DC on a chain
                                 making a block every BLOCK_TIME_S (as QBFT), until all are confirmed:
                                 what the pipelined outbox carries per block (one transaction at a
@@ -304,10 +305,13 @@ async def direction_load(net: DcNet, requester_keys: list, peers: int, duration:
     print(f"sessions_rss_kb_each: {(rss_kb(pid) - before) / len(requesters):.1f}")
     targets, dc2 = await sessions(net.urls[1], peer_keys)
     await asyncio.sleep(0.3)  # keepalives seen: both ends have observed addresses
-    pids = {"requester_dc": net.dcs[0].pid, "peer_dc": net.dcs[1].pid, "relay": net.rs.pid, "load": os.getpid()}
+    pids = {
+        **{"requester_dc": net.dcs[0].pid, "peer_dc": net.dcs[1].pid, "relay": net.rs.pid},
+        **{"anvil": net.chain.pid, "load": os.getpid()},
+    }
     spy = os.environ.get("NTM_SCALE_SPY")
     try:
-        with spied({k: v for k, v in pids.items() if k != "load"}, Path(spy) if spy else None):
+        with spied({k: v for k, v in pids.items() if k not in ("anvil", "load")}, Path(spy) if spy else None):
             cpu_before = {name: cpu_s(p) for name, p in pids.items()}
             rate, ms, outcomes = await directions(requesters, targets, duration, limit)
             cpu = {name: cpu_s(p) - cpu_before[name] for name, p in pids.items()}
