@@ -298,7 +298,7 @@ class RelayBooking(Message):
 RELAY_DIRECTIONS = "relay-directions"
 RELAY_BATCH_PATH = "/v1/relay-direction-batches"  # the RS's POST (and channel call) for them
 # Relay Directions in one batch: ~250 bytes each, so a batch fits the relay's 16 KiB request body
-# (rs/server.py MAX_BODY) and its answer a channel frame; under load ~12 come in one event-loop turn.
+# (rs/server.py MAX_BODY) and its answer a channel frame; under load ~10 come in one event-loop turn.
 RELAY_BATCH_MAX = 32
 
 
