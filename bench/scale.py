@@ -24,7 +24,9 @@ the load driven from this separate process. Prints `metric: value`:
                                 requesters at DC 1 to peers at DC 2 (each push acknowledged as nodes do)
   direction_p99_ms_64           their latency, request sent → result, p99 (p50 printed too)
   direction_cpu_ms_requester_dc CPU time the requester's DC spent per direction (and the peer's
-                                DC: _peer_dc): the capacity of one core whatever else loads the machine
+                                DC: _peer_dc, the relay: _relay, the chain the DCs poll: _anvil, this
+                                load generator: _load): the capacity of one core whatever else loads
+                                the machine
   registrations_per_s_2s_blocks full mode only: BLOCK_REGISTRATIONS fresh nodes at a DC on a chain
                                 making a block every BLOCK_TIME_S (as QBFT), until all are confirmed:
                                 what the pipelined outbox carries per block (one transaction at a
@@ -34,16 +36,20 @@ The chain with RECORDS records is built once per machine (contract bytecode, anv
 count) and cached outside the repository: the records stay real blocks and logs that every DC reads
 from the chain as in production. `--records N` runs at any size.
 `--quick`: 2,000 records, 40 nodes, 200 directions: the same code paths (make test).
+`--directions`: only the direction load at full size on 2,000 records (profiling, A/B); with
+NTM_SCALE_SPY=DIR, py-spy samples the DCs and the relay meanwhile (collapsed stacks in DIR).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
 import random
+import signal
 import statistics
 import subprocess
 import sys
@@ -79,6 +85,8 @@ SESSION_OPEN_TIMEOUT_S = 30.0  # this machine runs other tests too (load average
 BLOCK_TIME_S = 2
 BLOCK_REGISTRATIONS = 2000
 RATE_PER_NODE = 2.0  # dc/signaling.DIRECTIONS_PER_NODE: requesters are picked so none is rate-limited
+EXTRA_DC_FLAGS = ("--new-nodes-per-hour", "1e9")  # the rate is measured, not the gas budget
+DIRECTIONS_RECORDS = 2000  # --directions: the registry's size does not enter a direction's cost
 
 
 def rss_kb(pid: int) -> int:
@@ -218,7 +226,113 @@ async def directions(
     return len(latencies) / (time.perf_counter() - start), latencies, outcomes
 
 
-async def run(tmp: Path, records: int, registrations: int, peers: int, duration: float, limit: int) -> None:
+async def operator_views(net: DcNet, registrations: int) -> None:
+    """Cold starts (empty database, then the snapshot), the operator endpoints and the registration
+    rate at DC 1: everything but the directions."""
+
+    def start(i: int) -> None:
+        net.start_dc(i, EXTRA_DC_FLAGS, timeout=START_TIMEOUT_S)
+
+    print(f"cold_start_s_100k: {await timed(lambda: start(0)):.2f}")
+    print(f"cold_start_cpu_s_100k: {cpu_s(net.dcs[0].pid):.2f}")
+    print(f"dc_rss_mb_100k: {rss_kb(net.dcs[0].pid) / 1024:.0f}")
+    net.dcs[0].stop()  # clean: it writes its snapshot
+    print(f"cold_start_s_100k_snapshot: {await timed(lambda: start(0)):.2f}")
+    print(f"cold_start_cpu_s_100k_snapshot: {cpu_s(net.dcs[0].pid):.2f}")
+    async with raw_http() as http:
+        for path, name in (("/v1/dashboard", "dashboard_ms_100k"), ("/metrics", "metrics_ms_100k")):
+            ms, cpu_before = [], cpu_s(net.dcs[0].pid)
+            for _ in range(DASHBOARD_SAMPLES):
+                t0 = time.perf_counter()
+                async with http.get(net.urls[0] + path) as r:
+                    assert r.status == 200
+                    await r.read()
+                ms.append((time.perf_counter() - t0) * 1000)
+            print(f"{name}: {statistics.median(ms):.1f}")
+            cpu_ms = (cpu_s(net.dcs[0].pid) - cpu_before) * 1000 / DASHBOARD_SAMPLES
+            print(f"{name.replace('_ms_', '_cpu_ms_')}: {cpu_ms:.1f}")
+
+
+@contextlib.contextmanager
+def spied(pids: dict[str, int], out: Path | None):
+    """With `out` (NTM_SCALE_SPY=dir): py-spy (NTM_PY_SPY, default /tmp/spy/bin/py-spy) samples
+    each Python process while the block runs, collapsed stacks in out/NAME.txt (profiling)."""
+    if out is None:
+        yield
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    spy = os.environ.get("NTM_PY_SPY", "/tmp/spy/bin/py-spy")
+    procs = [
+        subprocess.Popen(
+            [
+                spy,
+                "record",
+                "--pid",
+                str(pid),
+                "--format",
+                "raw",
+                "--rate",
+                "250",
+                "--nonblocking",
+                "--output",
+                str(out / f"{name}.txt"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for name, pid in pids.items()
+    ]
+    time.sleep(1.0)  # attached before the load starts
+    try:
+        yield
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGINT)
+        for proc in procs:
+            proc.wait(timeout=30)
+
+
+async def direction_load(net: DcNet, requester_keys: list, peers: int, duration: float, limit: int) -> None:
+    """Sessions (their memory at DC 1), then Direction Requests from DC 1's nodes to DC 2's: rate,
+    latency, and the CPU each process spent per direction."""
+    async with raw_http() as http:
+        peer_keys, _ = await register(http, net.urls[1], peers)
+    pid = net.dcs[0].pid
+    await asyncio.sleep(0.5)
+    before = rss_kb(pid)
+    requesters, dc1 = await sessions(net.urls[0], requester_keys)
+    await asyncio.sleep(0.5)
+    print(f"sessions_rss_kb_each: {(rss_kb(pid) - before) / len(requesters):.1f}")
+    targets, dc2 = await sessions(net.urls[1], peer_keys)
+    await asyncio.sleep(0.3)  # keepalives seen: both ends have observed addresses
+    pids = {
+        **{"requester_dc": net.dcs[0].pid, "peer_dc": net.dcs[1].pid, "relay": net.rs.pid},
+        **{"anvil": net.chain.pid, "load": os.getpid()},
+    }
+    spy = os.environ.get("NTM_SCALE_SPY")
+    try:
+        with spied({k: v for k, v in pids.items() if k not in ("anvil", "load")}, Path(spy) if spy else None):
+            cpu_before = {name: cpu_s(p) for name, p in pids.items()}
+            rate, ms, outcomes = await directions(requesters, targets, duration, limit)
+            cpu = {name: cpu_s(p) - cpu_before[name] for name, p in pids.items()}
+    finally:
+        for n in requesters + targets:
+            await n.close()
+        for client in dc1 + dc2:
+            await client.close()
+    assert outcomes.get("ok", 0) == sum(outcomes.values()), outcomes
+    print(f"directions_per_s_64: {rate:.0f}")
+    print(f"direction_p50_ms_64: {statistics.median(ms):.1f}")
+    print(f"direction_p99_ms_64: {pct(ms, 99):.1f}")
+    for name, used in cpu.items():
+        print(f"direction_cpu_ms_{name}: {used * 1000 / len(ms):.2f}")
+
+
+async def run(
+    tmp: Path, records: int, registrations: int, peers: int, duration: float, limit: int, everything: bool = True
+) -> None:
+    """`everything`: cold starts, operator views and registrations before the directions (else
+    only the directions: profiling, A/B)."""
     logging.getLogger("ntm.node").setLevel(logging.ERROR)
     start = time.perf_counter()
     async with seeded_chain(records) as (chain, registry):
@@ -226,62 +340,23 @@ async def run(tmp: Path, records: int, registrations: int, peers: int, duration:
         print(f"chain_ready_s: {time.perf_counter() - start:.1f}")
         net = DcNet(tmp, chain)
         await net.deploy(2, registry)
-        print(f"dc_import_s: {await timed(import_dc):.2f}")
+        if everything:
+            print(f"dc_import_s: {await timed(import_dc):.2f}")
         await asyncio.to_thread(net.start_rs)
-        extra = ("--new-nodes-per-hour", "1e9")  # the rate is measured, not the gas budget
-
-        def start(i: int) -> None:
-            net.start_dc(i, extra, timeout=START_TIMEOUT_S)
-
         try:
-            await asyncio.to_thread(start, 1)
-            print(f"cold_start_s_100k: {await timed(lambda: start(0)):.2f}")
-            print(f"cold_start_cpu_s_100k: {cpu_s(net.dcs[0].pid):.2f}")
-            print(f"dc_rss_mb_100k: {rss_kb(net.dcs[0].pid) / 1024:.0f}")
-            net.dcs[0].stop()  # clean: it writes its snapshot
-            print(f"cold_start_s_100k_snapshot: {await timed(lambda: start(0)):.2f}")
-            print(f"cold_start_cpu_s_100k_snapshot: {cpu_s(net.dcs[0].pid):.2f}")
+            await asyncio.to_thread(net.start_dc, 1, EXTRA_DC_FLAGS, START_TIMEOUT_S)
+            if everything:
+                await operator_views(net, registrations)
+            else:
+                await asyncio.to_thread(net.start_dc, 0, EXTRA_DC_FLAGS, START_TIMEOUT_S)
             async with raw_http() as http:
-                for path, name in (("/v1/dashboard", "dashboard_ms_100k"), ("/metrics", "metrics_ms_100k")):
-                    ms, cpu_before = [], cpu_s(net.dcs[0].pid)
-                    for _ in range(DASHBOARD_SAMPLES):
-                        t0 = time.perf_counter()
-                        async with http.get(net.urls[0] + path) as r:
-                            assert r.status == 200
-                            await r.read()
-                        ms.append((time.perf_counter() - t0) * 1000)
-                    print(f"{name}: {statistics.median(ms):.1f}")
-                    cpu_ms = (cpu_s(net.dcs[0].pid) - cpu_before) * 1000 / DASHBOARD_SAMPLES
-                    print(f"{name.replace('_ms_', '_cpu_ms_')}: {cpu_ms:.1f}")
                 cpu_before = cpu_s(net.dcs[0].pid)
                 requester_keys, took = await register(http, net.urls[0], registrations)
+            if everything:
                 print(f"registrations_per_s_100k: {registrations / took:.0f}")
-                print(f"registration_cpu_ms_100k: {(cpu_s(net.dcs[0].pid) - cpu_before) * 1000 / registrations:.2f}")
-                peer_keys, _ = await register(http, net.urls[1], peers)
-            pid = net.dcs[0].pid
-            await asyncio.sleep(0.5)
-            before = rss_kb(pid)
-            requesters, dc1 = await sessions(net.urls[0], requester_keys)
-            await asyncio.sleep(0.5)
-            print(f"sessions_rss_kb_each: {(rss_kb(pid) - before) / len(requesters):.1f}")
-            targets, dc2 = await sessions(net.urls[1], peer_keys)
-            await asyncio.sleep(0.3)  # keepalives seen: both ends have observed addresses
-            pids = (net.dcs[0].pid, net.dcs[1].pid)
-            cpu_before = [cpu_s(p) for p in pids]
-            try:
-                rate, ms, outcomes = await directions(requesters, targets, duration, limit)
-                cpu = [cpu_s(p) - before for p, before in zip(pids, cpu_before)]
-            finally:
-                for n in requesters + targets:
-                    await n.close()
-                for client in dc1 + dc2:
-                    await client.close()
-            assert outcomes.get("ok", 0) == sum(outcomes.values()), outcomes
-            print(f"directions_per_s_64: {rate:.0f}")
-            print(f"direction_p50_ms_64: {statistics.median(ms):.1f}")
-            print(f"direction_p99_ms_64: {pct(ms, 99):.1f}")
-            for name, used in zip(("requester", "peer"), cpu):
-                print(f"direction_cpu_ms_{name}_dc: {used * 1000 / len(ms):.2f}")
+                cpu_ms = (cpu_s(net.dcs[0].pid) - cpu_before) * 1000 / registrations
+                print(f"registration_cpu_ms_100k: {cpu_ms:.2f}")
+            await direction_load(net, requester_keys, peers, duration, limit)
         finally:
             await asyncio.to_thread(net.stop)
 
@@ -304,14 +379,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small sizes, same code paths (CI)")
     p.add_argument("--records", type=int, help=f"records seeded on chain (default {RECORDS})")
+    p.add_argument("--directions", action="store_true", help="only the direction load, full size (profiling, A/B)")
     args = p.parse_args()
     if args.quick:
         sizes = (args.records or 2000, 40, 8, 5.0, 200)
+    elif args.directions:
+        sizes = (args.records or DIRECTIONS_RECORDS, REGISTRATIONS, PEERS, DIRECTIONS_S, 10**9)
     else:
         sizes = (args.records or RECORDS, REGISTRATIONS, PEERS, DIRECTIONS_S, 10**9)
     with tempfile.TemporaryDirectory() as tmp:
-        asyncio.run(run(Path(tmp), *sizes))
-        if not args.quick:
+        asyncio.run(run(Path(tmp), *sizes, everything=not args.directions))
+        if not (args.quick or args.directions):
             rate = asyncio.run(registrations_on_slow_blocks(Path(tmp), BLOCK_REGISTRATIONS))
             print(f"registrations_per_s_{BLOCK_TIME_S}s_blocks: {rate:.0f}")
 

@@ -78,6 +78,6 @@ async def _call(ws: web.WebSocketResponse, call: messages.ChannelCall, answer: A
 
 async def reply(ws: web.WebSocketResponse, call_id: int, status: int, body: dict) -> None:
     try:
-        await ws.send_json(messages.encode(messages.ChannelReply(call_id, status, body)))
+        await ws.send_str(messages.dumps(messages.ChannelReply(call_id, status, body)))
     except ConnectionError:
         pass  # the caller went away meanwhile

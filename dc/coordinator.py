@@ -23,7 +23,7 @@ from dc.metrics import DcMetrics
 from dc.notices import Notices
 from dc.presence import Presence
 from dc.signaling import Signaling
-from dc.store import Store
+from dc.store import Store, StoredNode
 from dc.submitter import Submitter
 from ntm import envelope, keys, messages
 from ntm.clock import Clock
@@ -156,8 +156,11 @@ class Coordinator:
 
     def latest(self, node: bytes) -> tuple[int, bool]:
         """Newest timestamp and revoked flag of `node` known here, on chain or still pending."""
+        return self._latest(node, self.store.node(node))
+
+    def _latest(self, node: bytes, stored: StoredNode | None) -> tuple[int, bool]:
+        """latest() with `node`'s row already read (one SQLite query less per direction)."""
         onchain = self.cache.home_of(node)
-        stored = self.store.node(node)
         ts = max(onchain.timestamp if onchain else 0, stored.timestamp if stored else 0)
         revoked = bool((onchain and onchain.revoked) or (stored and stored.revoked))
         return ts, revoked
@@ -258,7 +261,7 @@ class Coordinator:
             timestamp=stored.timestamp,
             # the chain's outcome counts too: a revocation that landed (here or through another DC)
             # is final even if a newer record of ours is still in the table
-            revoked=self.latest(node)[1],
+            revoked=self._latest(node, stored)[1],
             online=self.presence.online(node),
             pubkey=stored.pubkey.hex(),
             local_addrs=list(session.local_addrs if session and session.local_addrs else stored.local_addrs),

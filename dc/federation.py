@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import coincurve
 
-from daemon import tlspin
+from daemon import service, tlspin
 from daemon.channel import PATH as CHANNEL_PATH
 from ntm import envelope, keys, messages
 from ntm.clock import SYSTEM, Clock
@@ -42,6 +42,8 @@ NO_CHANNEL_RETRY_S = 60.0
 CHANNEL_MAX_MSG = 64 * 1024
 
 T = TypeVar("T")
+# Relay Directions waiting to leave together, each with the future its booker awaits.
+Batch = list[tuple[messages.RelayDirection, "asyncio.Future[messages.RelayBooking]"]]
 # How a request leaves: POST JSON to a URL, get (HTTP status, decoded JSON). aiohttp by default;
 # the fast tests route it to in-process handlers (tests/fakes.py FederationRouter).
 Transport = Callable[[str, dict], Awaitable[tuple[int, Any]]]
@@ -57,6 +59,17 @@ class FederationError(NtmError):
         super().__init__(message)
         self.code = code
         self.status = status
+
+
+def answered(who: str, status: int, data: Any, answer: type[T]) -> T:
+    """`data` as `answer` if `who` answered 200; FederationError with its code and status otherwise."""
+    try:
+        if status != 200:
+            err = messages.decode(messages.ErrorBody, data)
+            raise FederationError(f"{who} refused: {err.message or err.error}", err.error, status)
+        return messages.decode(answer, data)
+    except ParseError as exc:
+        raise FederationError(f"{who} answered {status}: {exc}", None, status) from None
 
 
 class Channel:
@@ -97,7 +110,7 @@ class Channel:
         call_id = next(self.ids)
         self.waiting[call_id] = reply = asyncio.get_running_loop().create_future()
         try:
-            await self.ws.send_json(messages.encode(messages.ChannelCall(call_id, path, body)))
+            await self.ws.send_str(messages.dumps(messages.ChannelCall(call_id, path, body)))
             return await asyncio.wait_for(reply, timeout)
         finally:
             del self.waiting[call_id]
@@ -130,8 +143,12 @@ class FederationClient:
         self._channels: dict[str, Channel] = {}  # base URL → the kept channel to that peer DC
         self._opening: dict[str, asyncio.Lock] = {}  # one handshake per peer, however many calls wait
         self._no_channel: dict[str, float] = {}  # base URL → when it answered the channel with 404
+        self._batches: dict[str, Batch] = {}  # relay URL → this turn's Relay Directions to it, not yet sent
+        self._no_batches: dict[str, float] = {}  # relay URL → when it refused a batch (one from before them)
+        self._booking = service.BackgroundTasks()  # batches on their way
 
     async def close(self) -> None:
+        await self._booking.cancel()
         for channel in list(self._channels.values()):
             await channel.close()
         if self._http is not None and self._own_http:
@@ -230,13 +247,7 @@ class FederationClient:
             self.count(call, "unreachable")
             raise FederationError(f"{who} unreachable: {str(exc) or type(exc).__name__}") from None
         self.count(call, "ok" if status == 200 else "refused")
-        try:
-            if status != 200:
-                err = messages.decode(messages.ErrorBody, data)
-                raise FederationError(f"{who} refused: {err.message or err.error}", err.error, status)
-            return messages.decode(answer, data)
-        except ParseError as exc:
-            raise FederationError(f"{who} answered {status}: {exc}", None, status) from None
+        return answered(who, status, data, answer)
 
     async def ntm_info(self, endpoint: str, home_dc: bytes, node: bytes) -> messages.NodeInfo:
         """Ask `home_dc` (at HTTP base URL `endpoint`) about `node`; the verified response body."""
@@ -284,9 +295,73 @@ class FederationClient:
         )
 
     async def book_relay(self, url: str, direction: messages.RelayDirection) -> messages.RelayBooking:
-        """Send a signed Relay Direction to the RS at `url` (its control API and pin, as --relay
-        names it). Idempotent for the same path and token; FederationError (with the RS's code and
-        status; `relay_unauthenticated`: it presented another certificate) if refused."""
+        """Book a path at the RS at `url` (its control API and pin, as --relay names it). Idempotent
+        for the same path and token; FederationError (with the RS's code and status;
+        `relay_unauthenticated`: it presented another certificate) if refused. The bookings for
+        one relay made in one event-loop turn (a burst of Direction Offers) leave together at the
+        turn's end, as one batch (§8.2 "Batches"); one alone is a plain Relay Direction."""
+        batch = self._batches.get(url)
+        if batch is None or len(batch) >= messages.RELAY_BATCH_MAX:
+            batch = self._batches[url] = []
+            asyncio.get_running_loop().call_soon(self._send_batch, url, batch)
+        booked = asyncio.get_running_loop().create_future()
+        batch.append((direction, booked))
+        return await booked
+
+    def _send_batch(self, url: str, batch: Batch) -> None:
+        if self._batches.get(url) is batch:
+            del self._batches[url]
+        self._booking.spawn(self._book_all(url, batch))
+
+    async def _book_all(self, url: str, batch: Batch) -> None:
+        """Book `batch` at `url` and answer each of its waiters (a booking cancelled meanwhile is
+        booked anyway: the relay releases a path nobody binds)."""
+        outcomes: list[messages.RelayBooking | BaseException] = []
+        try:
+            outcomes = await self._book_many(url, [d for d, _ in batch])
+        except FederationError as exc:
+            outcomes = [FederationError(str(exc), exc.code, exc.status) for _ in batch]
+        finally:
+            for i, (_, booked) in enumerate(batch):
+                outcome = outcomes[i] if i < len(outcomes) else FederationError(f"relay {url}: booking abandoned")
+                if booked.done():
+                    continue
+                if isinstance(outcome, BaseException):
+                    booked.set_exception(outcome)
+                else:
+                    booked.set_result(outcome)
+
+    async def _book_many(
+        self, url: str, directions: list[messages.RelayDirection]
+    ) -> list[messages.RelayBooking | BaseException]:
+        """Each direction's booking or refusal: one Relay Direction, or one batch of them (each
+        alone to a relay that refused a batch within NO_CHANNEL_RETRY_S: one from before them)."""
+        if (
+            len(directions) == 1
+            or self.clock.now() - self._no_batches.get(url, -NO_CHANNEL_RETRY_S) < NO_CHANNEL_RETRY_S
+        ):
+            return await asyncio.gather(*(self._book_one(url, d) for d in directions), return_exceptions=True)
+        body = self.seal(messages.RELAY_DIRECTIONS, messages.RelayDirections(directions))
+        try:
+            answer = await self._to_relay(url, messages.RELAY_BATCH_PATH, body, messages.RelayOutcomes, True)
+        except FederationError as exc:
+            if exc.status not in (400, 404, 405):  # not a relay that knows no batches (400 on its channel)
+                raise
+            self._no_batches[url] = self.clock.now()
+            return await self._book_many(url, directions)
+        if len(answer.outcomes) != len(directions):
+            raise FederationError(f"relay {url} answered {len(directions)} directions with {len(answer.outcomes)}")
+        who = f"relay {tlspin.relay_target(url).base}"
+        outcomes: list[messages.RelayBooking | BaseException] = []
+        for outcome in answer.outcomes:
+            try:
+                outcomes.append(answered(who, outcome.status, outcome.body, messages.RelayBooking))
+            except FederationError as exc:
+                outcomes.append(exc)
+        return outcomes
+
+    async def _book_one(self, url: str, direction: messages.RelayDirection) -> messages.RelayBooking:
+        """One signed Relay Direction to the RS at `url`."""
         return await self._to_relay(
             url, "/v1/relay-directions", self.seal(messages.RELAY_DIRECTION, direction), messages.RelayBooking, True
         )

@@ -7,6 +7,7 @@ nothing: the handlers parse and validate before they touch the store.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 from typing import Any, Awaitable, Callable
@@ -250,7 +251,7 @@ async def session(request: web.Request, c: Coordinator, authenticated: Callable[
     await ws.prepare(request)
 
     async def send(msg: messages.Message) -> None:
-        await ws.send_json(messages.encode(msg))
+        await ws.send_str(messages.dumps(msg))
 
     challenge = os.urandom(session_auth.CHALLENGE_LEN)
     await send(messages.Challenge(keys.checksum(c.address), challenge.hex()))
@@ -287,7 +288,11 @@ async def session(request: web.Request, c: Coordinator, authenticated: Callable[
         await ws.close()
 
     session = c.presence.open(
-        node, ws.send_json, local, end=lambda reason: tasks.spawn(end_session(reason)), routes=auth.routes
+        node,
+        functools.partial(ws.send_json, dumps=messages.dumps),
+        local,
+        end=lambda reason: tasks.spawn(end_session(reason)),
+        routes=auth.routes,
     )
     log.info("session open: %s", keys.checksum(node))
     await send(messages.Welcome(session.token.hex(), list(c.keepalive_ports)))

@@ -146,9 +146,9 @@ class Signaling:
         self.impostors: set[str] = set()  # relays whose certificate is not their pin, logged once each
 
     def check_peer(self, peer: bytes, info: messages.NodeInfo) -> None:
-        """DirectionError unless `peer` may be directed: not revoked (its home DC's view, or ours:
-        chain, pending) and online."""
-        if info.revoked or self.c.latest(peer)[1]:
+        """DirectionError unless our node `peer` may be directed: not revoked (`info` is local_info's,
+        which counts the chain's and the pending records) and online."""
+        if info.revoked:
             raise DirectionError("revoked", f"{keys.checksum(peer)} is revoked")
         if not info.online:
             raise DirectionError("offline", f"{keys.checksum(peer)} is offline (no session at its DC)")

@@ -294,6 +294,33 @@ class RelayBooking(Message):
     streams: StreamUrls = []
 
 
+# --- several Relay Directions in one envelope (§8.2 "Batches") ---------------------------------
+RELAY_DIRECTIONS = "relay-directions"
+RELAY_BATCH_PATH = "/v1/relay-direction-batches"  # the RS's POST (and channel call) for them
+# Relay Directions in one batch: ~250 bytes each, so a batch fits the relay's 16 KiB request body
+# (rs/server.py MAX_BODY) and its answer a channel frame; under load ~10 come in one event-loop turn.
+RELAY_BATCH_MAX = 32
+
+
+class RelayDirections(Message):
+    """A DC books several relayed paths with one signature: each booked or refused on its own."""
+
+    directions: Annotated[list[RelayDirection], Meta(min_length=1, max_length=RELAY_BATCH_MAX)]
+
+
+class RelayOutcome(Message):
+    """One Relay Direction's answer in a batch: what its own request would get (status, body)."""
+
+    status: int
+    body: dict[str, Any]
+
+
+class RelayOutcomes(Message):
+    """The RS's answer to a batch, in the batch's order."""
+
+    outcomes: list[RelayOutcome]
+
+
 # --- the relay as exit for ordinary servers (§10.13) ---------------------------------------------
 EXIT_REQUEST = "exit.request"  # node → its DC: book me an exit at a relay (node-signed)
 EXIT_BOOKING = "exit-booking"  # DC → RS: admit this node to the RS exit (DC-signed)
@@ -580,6 +607,7 @@ class CsListRequest(Message):
 BODY_OF: dict[str, type[Message]] = {
     ROUTE_DIRECTION: RouteDirection,
     RELAY_DIRECTION: RelayDirection,
+    RELAY_DIRECTIONS: RelayDirections,
     INFO_REQUEST: InfoRequest,
     INFO_RESPONSE: NodeInfo,
     DIRECTION_OFFER: DirectionOffer,
@@ -668,6 +696,12 @@ def decode(kind: type[T] | Any, obj: Any) -> T:
 def encode(msg: Message) -> dict:
     """The JSON-ready dict of a message (tag included for session messages)."""
     return msgspec.to_builtins(msg)
+
+
+def dumps(obj: Any) -> str:
+    """JSON text of a message or of decoded JSON, for a WebSocket frame: msgspec's encoder, ~7x
+    json.dumps (aiohttp's send_json default), which every hop of a direction paid (issue 30)."""
+    return msgspec.json.encode(obj).decode()
 
 
 def node_id(text: str) -> bytes:

@@ -2,6 +2,7 @@
 
 HTTP (docs/PROTOCOL.md §8.2):
   POST /v1/relay-directions   DC-signed envelope of kind "relay-direction" → 200 {path, relay, ...}
+  POST /v1/relay-direction-batches  one of kind "relay-directions" → 200 {outcomes: [{status, body}]}
   GET  /v1/paths/{path}       byte/packet counters of one path (never its token)
   GET  /v1/info, /healthz, /metrics (Prometheus text)
 Every refusal is a JSON body {"error": code, "message": text} and changes nothing.
@@ -16,6 +17,7 @@ import logging
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -34,6 +36,8 @@ log = logging.getLogger("ntm.rs")
 
 # A Relay Direction is ~700 bytes; 16 KiB leaves room while a flood of big bodies cannot hurt.
 MAX_BODY = 16 * 1024
+Answer = tuple[int, dict]  # (HTTP status, JSON body): a booking, or its refusal ({"error", "message"})
+Booker = Callable[["Relay", web.Request, object], Answer]
 # Reads per event-loop wake-up before other work gets a turn: 64 reads of up to 64 KiB GRO runs
 # is ≤ 4 MiB, about the socket's receive buffer, at which the loop still answers HTTP promptly.
 RECV_BATCH = 64
@@ -170,23 +174,32 @@ class Relay:
             return self.advertise
         return seen_advertise(self.advertise, urlsplit(f"//{request.host}").hostname or "", self.udp_port, self.family)
 
-    def refuse(self, status: int, code: str, message: str) -> web.Response:
+    def refuse(self, status: int, code: str, message: str) -> Answer:
         self.directions["refused"] += 1
         self.refused[code] = self.refused.get(code, 0) + 1
         log.info("relay direction refused (%s): %s", code, message)
-        return error(status, code, message)
+        return status, {"error": code, "message": message}
 
     def log_events(self) -> None:
+        """One line per path event; a path booked (every direction's fallback) and one released
+        unbound (most of them: the direct path worked) only at debug: at 2,000 directions/s a line
+        each was a tenth of the relay's CPU and ~40 GB of log a day (issue 30)."""
         for ev in self.table.pop_events():
             if ev.kind == "added":
-                p = self.table.paths.get(ev.path_id)
-                who = ", ".join(keys.checksum(n) for n in p.nodes) if p and p.nodes else "?"
-                log.info("path %s added (nodes %s)", ev.path_id.hex(), who)
+                if log.isEnabledFor(logging.DEBUG):
+                    p = self.table.paths.get(ev.path_id)
+                    who = ", ".join(keys.checksum(n) for n in p.nodes) if p and p.nodes else "?"
+                    log.debug("path %s added (nodes %s)", ev.path_id.hex(), who)
             elif ev.kind in ("bound", "moved"):
                 where = str(ev.addr) if isinstance(ev.addr, StreamAddr) else display(ev.addr)
                 log.info("path %s side %d %s %s", ev.path_id.hex(), ev.side, ev.kind, where)
             else:
-                log.info("path %s removed (%s)", ev.path_id.hex(), ev.reason)
+                log.log(
+                    logging.DEBUG if ev.reason == "unbound" else logging.INFO,
+                    "path %s removed (%s)",
+                    ev.path_id.hex(),
+                    ev.reason,
+                )
 
     def captured(self, data: bytes) -> None:
         """Debug aid (--capture): append each forwarded datagram as one hex line."""
@@ -255,39 +268,51 @@ ROUTES = web.RouteTableDef()
 
 @ROUTES.post("/v1/relay-directions")
 async def handle_direction(request: web.Request) -> web.Response:
+    return await answer_post(request, book)
+
+
+@ROUTES.post(messages.RELAY_BATCH_PATH)
+async def handle_directions(request: web.Request) -> web.Response:
+    return await answer_post(request, book_batch)
+
+
+async def answer_post(request: web.Request, booker: Booker) -> web.Response:
+    """A DC's booking request over HTTP, answered by `booker` (book or book_batch)."""
     relay = request.app[RELAY]
     try:
         obj = await service.read_json(request)
     except web.HTTPRequestEntityTooLarge:
-        return relay.refuse(413, "too_large", f"request body exceeds {MAX_BODY} bytes")
+        status, body = relay.refuse(413, "too_large", f"request body exceeds {MAX_BODY} bytes")
     except ParseError as exc:
-        return relay.refuse(400, "malformed", str(exc))
-    return book(relay, request, obj)
+        status, body = relay.refuse(400, "malformed", str(exc))
+    else:
+        status, body = booker(relay, request, obj)
+    return web.json_response(body, status=status)
 
 
 @ROUTES.get(channel.PATH)
 async def handle_channel(request: web.Request) -> web.WebSocketResponse:
     """A DC's kept WebSocket (§8.6, daemon/channel.py): its Relay Directions as frames, each
-    answered as its POST /v1/relay-directions would be (a DC books one per direction)."""
+    answered as its POST (one Relay Direction, or a batch) would be."""
     relay = request.app[RELAY]
 
     async def answer(call: messages.ChannelCall) -> tuple[int, dict]:
-        if call.path != "/v1/relay-directions":
+        booker = BOOKERS.get(call.path)
+        if booker is None:
             return 400, messages.encode(messages.ErrorBody("malformed", f"no call {call.path!r} at a relay"))
-        resp = book(relay, request, call.body)
-        return resp.status, messages.loads(resp.body)
+        return booker(relay, request, call.body)
 
     return await channel.serve(request, answer, MAX_BODY)
 
 
-def book(relay: Relay, request: web.Request, obj: object) -> web.Response:
-    """A DC's Relay Direction (parsed JSON): the path booked, or the refusal. `request`: the one it
-    came on (its Host: the address the DC reached us at)."""
+def checked(relay: Relay, obj: object, kind: str, then: Callable[[bytes, Any], Answer]) -> Answer:
+    """A DC's booking envelope of `kind` checked in §8.2's order, its body decoded, then
+    `then(its signer, its body)`; or the refusal, and nothing booked."""
     now_ms = relay.clock.wall_ms()
     try:
         # Kind, signature and freshness first; then the signer against the DCs the relay knows
         # from chain events (no chain call); the nonce is remembered only for trusted envelopes.
-        env = envelope.open_envelope(obj, messages.RELAY_DIRECTION, now_ms, lambda _a: True, None)
+        env = envelope.open_envelope(obj, kind, now_ms, lambda _a: True, None)
     except ParseError as exc:
         return relay.refuse(400, "malformed", str(exc))
     except SignatureError as exc:
@@ -299,12 +324,38 @@ def book(relay: Relay, request: web.Request, obj: object) -> web.Response:
     except SignatureError as exc:
         return relay.refuse(403, "replayed", str(exc))
     try:
-        d = envelope.body_of(env, messages.RelayDirection)
-        if d.expires_ms <= now_ms:
-            raise ParseError("malformed relay direction: expires_ms is in the past")
+        body = envelope.body_of(env, messages.BODY_OF[kind])
     except ParseError as exc:
         return relay.refuse(400, "malformed", str(exc))
-    now = relay.clock.now()
+    return then(env.sender, body)
+
+
+def book(relay: Relay, request: web.Request, obj: object) -> Answer:
+    """A DC's Relay Direction (parsed JSON): (status, the booking or the refusal). `request`: the
+    one it came on (its Host: the address the DC reached us at)."""
+    return checked(
+        relay, obj, messages.RELAY_DIRECTION, lambda dc, d: add_path(relay, dc, d, relay.advertise_to(request))
+    )
+
+
+def book_batch(relay: Relay, request: web.Request, obj: object) -> Answer:
+    """Several Relay Directions in one DC-signed envelope (§8.2 "Batches"): the envelope is checked
+    once (a refusal refuses the whole batch and books nothing), then each direction is booked or
+    refused on its own, as its own request would be."""
+
+    def each(dc: bytes, batch: messages.RelayDirections) -> Answer:
+        advertise = relay.advertise_to(request)
+        outcomes = [messages.RelayOutcome(*add_path(relay, dc, d, advertise)) for d in batch.directions]
+        return 200, messages.encode(messages.RelayOutcomes(outcomes))
+
+    return checked(relay, obj, messages.RELAY_DIRECTIONS, each)
+
+
+def add_path(relay: Relay, owner: bytes, d: messages.RelayDirection, advertise: list[str]) -> Answer:
+    """Book DC `owner`'s checked Relay Direction `d`: (200, RelayBooking) or the refusal."""
+    now_ms, now = relay.clock.wall_ms(), relay.clock.now()
+    if d.expires_ms <= now_ms:
+        return relay.refuse(400, "malformed", "malformed relay direction: expires_ms is in the past")
     try:
         path, created = relay.table.add_path(
             bytes.fromhex(d.path),
@@ -312,25 +363,25 @@ def book(relay: Relay, request: web.Request, obj: object) -> web.Response:
             now + (d.expires_ms - now_ms) / 1000,
             d.max_bytes,
             now,
-            owner=env.sender,
+            owner=owner,
             nodes=tuple(keys.parse_node_id(n) for n in d.nodes),
         )
     except PathError as exc:
         return relay.refuse(*exc.refusal(), str(exc))
     relay.directions["accepted"] += 1
     relay.log_events()
-    return web.json_response(
-        messages.encode(
-            messages.RelayBooking(
-                path.path_id.hex(),
-                relay.advertise_to(request),
-                created,
-                now_ms + int((path.expires_at - now) * 1000),
-                path.max_bytes,
-                relay.streams_advertise,
-            )
-        )
+    booking = messages.RelayBooking(
+        path.path_id.hex(),
+        advertise,
+        created,
+        now_ms + int((path.expires_at - now) * 1000),
+        path.max_bytes,
+        relay.streams_advertise,
     )
+    return 200, messages.encode(booking)
+
+
+BOOKERS: dict[str, Booker] = {"/v1/relay-directions": book, messages.RELAY_BATCH_PATH: book_batch}
 
 
 @ROUTES.get("/v1/paths/{path}")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 
-from ntm import envelope, keys
+from ntm import envelope, keys, messages
 from labkit.dcnet import cs_federation, raw_http, register
 
 DEEP = "[" * 5000 + "]" * 5000  # 10 kB, within the body caps; Python's parser gives up near 1,000 levels
@@ -44,6 +44,8 @@ async def test_out_of_range_integers_and_deep_json_are_refused_with_400_and_no_t
             ("POST", dc + "/v1/exit-bookings", big_ts, {}),
             ("POST", rs_url + "/v1/relay-directions", DEEP, {}),
             ("POST", rs_url + "/v1/relay-directions", big_ts, {}),
+            ("POST", rs_url + messages.RELAY_BATCH_PATH, DEEP, {}),
+            ("POST", rs_url + messages.RELAY_BATCH_PATH, big_ts, {}),
             ("POST", cs + "/v1/inbox", DEEP, {}),
             ("POST", cs + "/v1/inbox", big_ts, {}),
             ("PUT", cs + "/v1/items", "x", {"X-NTM-Auth": "[" * 4000 + "]" * 4000}),

@@ -166,14 +166,34 @@ async def test_directions_trust_replay_conflict(net):
     async with net.http.post(net.url + "/v1/relay-directions", data=b"not json") as r:
         assert r.status == 400
 
+    # bookings made in one turn leave as one batch on the channel (§8.2 "Batches"), each answered
+    # on its own: the one for a path live with another token is refused, the others booked
+    fed = FederationClient(net.dc_key, lambda _a: True, envelope.ReplayGuard(), http=net.http)
+    try:
+        wanted = [(os.urandom(8), token) for _ in range(3)] + [(path, os.urandom(32))]
+        answers = await asyncio.gather(
+            *(
+                fed.book_relay(
+                    net.control,
+                    messages.RelayDirection(p.hex(), t.hex(), [keys.checksum(n) for n in nodes], future_ms(), 1000),
+                )
+                for p, t in wanted
+            ),
+            return_exceptions=True,
+        )
+    finally:
+        await fed.close()
+    assert [a.path for a in answers[:3]] == [p.hex() for p, _ in wanted[:3]] and all(a.created for a in answers[:3])
+    assert isinstance(answers[3], RelayDirectionError) and (answers[3].status, answers[3].code) == (409, "conflict")
+
     async with net.http.get(net.url + "/metrics") as r:
         text = await r.text()
-    assert metric(text, "ntm_rs_paths") == 2
+    assert metric(text, "ntm_rs_paths") == 5
     assert metric(text, "ntm_rs_directions_refused_total", reason="untrusted_dc") == 2
     assert metric(text, "ntm_rs_directions_refused_total", reason="replayed") == 1
     async with net.http.get(net.url + "/v1/info") as r:
         info = await r.json()
-    assert info["paths"] == 2 and info["udp_port"] == net.udp_port
+    assert info["paths"] == 5 and info["udp_port"] == net.udp_port
     async with net.http.get(net.url + "/healthz") as r:
         assert r.status == 200
 
@@ -271,7 +291,7 @@ async def test_ipv4_ipv6_bridge_with_real_handshake(net):
     assert PLAINTEXT not in captured and PLAINTEXT[:16] not in captured
     assert b"after intrusion" not in captured and b"new address" not in captured
     log = net.rs.log_path.read_text()
-    assert f"path {path.hex()} added" in log and f"path {path.hex()} side 0 moved" in log
+    assert f"path {path.hex()} side 0 bound" in log and f"path {path.hex()} side 0 moved" in log
 
 
 async def test_bad_arguments_exit_nonzero(tmp_path):
