@@ -506,7 +506,11 @@ def test_partial_checksums_only_to_a_peer_that_said_it_finishes_them():
     sent: list[bytes] = []
     peer, v4 = bytes(20), ipaddress.IPv4Address("100.64.0.2")
     channel = SimpleNamespace(
-        inner_mtu=1400, closed=False, send_nowait=sent.append, send_many=sent.extend, set_receiver=lambda f: None
+        inner_mtu=1400,
+        closed=False,
+        send_nowait=sent.append,
+        send_many=sent.extend,
+        set_receiver=lambda f, many=None: None,
     )
     overlay = SimpleNamespace(addresses=lambda p: (None, v4), outbound=lambda p: peer)
     node = SimpleNamespace(endpoint=SimpleNamespace(hold=lambda: None))
