@@ -306,6 +306,30 @@ def test_what_cannot_be_coalesced_goes_as_it_is():
     assert coalesce([b"", b"\x45"]) == [(NO_OFFLOAD, b""), (NO_OFFLOAD, b"\x45")]
 
 
+@pytest.mark.parametrize("v6", [False, True])
+def test_a_segment_that_differs_in_any_shared_header_byte_starts_a_new_write(v6):
+    """Hostile or unusual input: a segment in sequence whose headers differ from its run's in one
+    byte that every segment of a GSO packet shares (TOS or flow label, TTL, DF, addresses, ports,
+    ack, header length, window, urgent pointer, options), or whose length field lies: it is never
+    joined (the kernel would give it its run's header): it is written alone, and so is what follows."""
+    f = simple_flow(v6)
+    f.options = b"\x01\x01\x08\x0a" + bytes(range(8))
+    segs = f.kernel_segments(bytes(3000), 1000)
+    assert len(coalesce(segs)) == 1
+    l4 = 40 if v6 else 20
+    # the bytes a segment may change: IP length (and IPv4 ID, checksum), sequence, flags, checksum
+    varies = {4, 5} if v6 else {2, 3, 4, 5, 10, 11}
+    varies |= {l4 + 4, l4 + 5, l4 + 6, l4 + 7, l4 + 13, l4 + 16, l4 + 17}
+    for i in sorted(set(range(l4 + 20 + len(f.options))) - varies):
+        odd = bytearray(segs[1])
+        odd[i] ^= 0x04
+        assert len(coalesce([segs[0], bytes(odd), segs[2]])) == 3, i
+    for at in (4,) if v6 else (2,):
+        odd = bytearray(segs[1])
+        odd[at + 1] ^= 0x04
+        assert len(coalesce([segs[0], bytes(odd)])) == 2
+
+
 def written(out: list[tuple[bytes, bytes]]) -> list[bytes]:
     """The packets the receiving kernel makes of what coalesce writes (checksums finished)."""
     return [seg for raw, pkt in out for seg in split(VnetHdr.unpack(raw), pkt, BIG)]
