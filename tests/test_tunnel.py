@@ -492,10 +492,15 @@ _RUN_ITEMS = st.lists(
 
 
 @settings(max_examples=60, deadline=None)
-@given(runs=st.lists(st.tuples(_RUN_ITEMS, st.booleans(), st.booleans()), min_size=1, max_size=4))
+@given(
+    runs=st.lists(
+        st.tuples(_RUN_ITEMS, st.booleans(), st.sampled_from(["", "short", "runt", "stub"])), min_size=1, max_size=4
+    )
+)
 def test_receive_run_is_receive_per_datagram(runs):
     """Adversary: replays, forgeries, reordering and another path's packets inside one GRO run,
-    from the peer's address or a stranger's, the last maybe shorter. receive_run on the whole run gives the same
+    from the peer's address or a stranger's, the last maybe shorter (a short DATA packet, a runt of
+    ours too short for a transport header, a stub too short for a path ID). receive_run on the whole run gives the same
     payloads, events, drop counters, replay window and replies as receive() per datagram."""
     a, b1, b2 = _twin_receivers()
     sent: list[bytes] = []
@@ -522,8 +527,10 @@ def test_receive_run_is_receive_per_datagram(runs):
                 run += [sent[-1], held]
         size = len(run[0])
         assert all(len(d) == size for d in run)  # a GRO run: equal sizes, but for the last
-        if short_last:
+        if short_last == "short":
             run.append(a.encrypt(os.urandom(3), now))
+        elif short_last:
+            run.append(a.encrypt(b"", now)[: 20 if short_last == "runt" else 5])
         got1, got2 = [], []
         for d in run:
             if d[1:9] == PATH:  # the endpoint hands b1 only its own path's datagrams
