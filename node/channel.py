@@ -15,6 +15,8 @@ from ntm.clock import Clock
 from ntm.tunnel import Addr, HandshakeDone, Session, TunnelError
 
 Receiver = Callable[[bytes], None]
+#: Takes the payloads of one read (a GRO run) in one call: no per-packet call chain.
+ManyReceiver = Callable[[list[bytes]], None]
 
 
 def forward(to: str, name: str, doc: str | None = None) -> Any:
@@ -57,7 +59,7 @@ class TunnelChannel(Protocol):
     def send_many(self, datas: list[bytes]) -> None: ...
     async def send(self, data: bytes) -> None: ...
     async def recv(self) -> bytes: ...
-    def set_receiver(self, callback: Receiver | None) -> None: ...
+    def set_receiver(self, callback: Receiver | None, many: ManyReceiver | None = None) -> None: ...
     async def ping(self, timeout: float = 2.0) -> float: ...
     async def close(self) -> None: ...
 
@@ -68,11 +70,12 @@ class Inbox:
     A `None` in the queue is the wake-up for a recv() waiting when the tunnel ends.
     """
 
-    __slots__ = ("_queue", "_receiver")
+    __slots__ = ("_queue", "_receiver", "_many")
 
     def __init__(self) -> None:
         self._queue: asyncio.Queue[bytes | None] = asyncio.Queue()
         self._receiver: Receiver | None = None
+        self._many: ManyReceiver | None = None
 
     def deliver(self, payload: bytes) -> None:
         if self._receiver is not None:
@@ -80,10 +83,20 @@ class Inbox:
         else:
             self._queue.put_nowait(payload)
 
-    def set_receiver(self, callback: Receiver | None) -> None:
-        """Deliver to `callback` from now on. Payloads that arrived before it was set (the peer
-        may send the moment the handshake is done) are handed to it first, in order."""
+    def deliver_many(self, payloads: list[bytes]) -> None:
+        """deliver() each of `payloads`, in order (in one call to the receiver's `many` if it has one)."""
+        if self._many is not None:
+            self._many(payloads)
+        else:
+            for payload in payloads:
+                self.deliver(payload)
+
+    def set_receiver(self, callback: Receiver | None, many: ManyReceiver | None = None) -> None:
+        """Deliver to `callback` from now on (a run of payloads to `many`, if given: it must do
+        what `callback` does to each). Payloads that arrived before it was set (the peer may send
+        the moment the handshake is done) are handed to it first, in order."""
         self._receiver = callback
+        self._many = many if callback is not None else None
         while callback is not None and not self._queue.empty():
             payload = self._queue.get_nowait()
             if payload is not None:
@@ -156,9 +169,9 @@ class Channel:
             self.closed, "the peer closed the tunnel" if self.closed_by_peer else "channel is closed"
         )
 
-    def set_receiver(self, callback: Receiver | None) -> None:
-        """Deliver payloads to `callback` instead of the recv() queue (fast path)."""
-        self.inbox.set_receiver(callback)
+    def set_receiver(self, callback: Receiver | None, many: ManyReceiver | None = None) -> None:
+        """Deliver payloads to `callback` instead of the recv() queue (fast path; runs to `many`)."""
+        self.inbox.set_receiver(callback, many)
 
     async def ping(self, timeout: float = 2.0) -> float:
         """Send a PING and wait for its PONG; returns the RTT in seconds."""
@@ -214,7 +227,7 @@ class Link:
     # -- paths --
     def attach(self, channel: Channel) -> None:
         """Send on `channel` from now on; keep receiving on the older paths too."""
-        channel.set_receiver(self._deliver)
+        channel.set_receiver(self._deliver, self._deliver_many)
         if channel not in self.channels:
             self.channels.append(channel)
         self.current = channel
@@ -257,8 +270,8 @@ class Link:
     async def recv(self) -> bytes:
         return await self.inbox.recv(self.closed, "tunnel is closed")
 
-    def set_receiver(self, callback: Receiver | None) -> None:
-        self.inbox.set_receiver(callback)
+    def set_receiver(self, callback: Receiver | None, many: ManyReceiver | None = None) -> None:
+        self.inbox.set_receiver(callback, many)
 
     async def ping(self, timeout: float = 2.0) -> float:
         return await self.current.ping(timeout)
@@ -276,3 +289,7 @@ class Link:
     def _deliver(self, payload: bytes) -> None:
         self.last_app = self.clock.now()
         self.inbox.deliver(payload)
+
+    def _deliver_many(self, payloads: list[bytes]) -> None:
+        self.last_app = self.clock.now()  # one clock read per run
+        self.inbox.deliver_many(payloads)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from functools import partial
 from ipaddress import IPv4Address, IPv6Address
 from typing import Callable
 
@@ -230,7 +231,7 @@ class DataPlane:
             self.tasks.spawn(t.channel.close())
             return
         self.by_peer[peer] = t
-        t.channel.set_receiver(lambda payload: self._from_tunnel(peer, t, payload))
+        t.channel.set_receiver(partial(self._from_tunnel, peer, t), partial(self._from_tunnel_many, peer, t))
         for pkt in self.pending.pop(peer, ()):  # typically the SYN that opened the tunnel
             try:
                 self._to_tunnel(t, pkt)
@@ -288,6 +289,12 @@ class DataPlane:
             self.stats["junk_rx"] += 1
             return
         self._to_tun(peer, t, payload)
+
+    def _from_tunnel_many(self, peer: bytes, t: Tunnel, payloads: list[bytes]) -> None:
+        """The payloads of one read (a GRO run), in order: _from_tunnel's."""
+        from_tunnel = self._from_tunnel
+        for payload in payloads:
+            from_tunnel(peer, t, payload)
 
     def _to_tun(self, peer: bytes, t: Tunnel, payload: bytes) -> None:
         """An IP packet from `peer`'s tunnel: checked and translated (overlay), then written to TUN

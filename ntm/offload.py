@@ -15,6 +15,7 @@ byte order on x86 and arm64, which is little-endian).
 
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass
 
@@ -270,7 +271,7 @@ def finish_later(pkt: bytes) -> tuple[bytes, bytes]:
 class _Run:
     """Segments of one TCP flow joined so far."""
 
-    __slots__ = ("head", "parts", "l4", "hl", "v6", "size", "next_seq", "id_step", "length", "ended")
+    __slots__ = ("head", "parts", "l4", "hl", "v6", "size", "next_seq", "id_step", "length", "ended", "same", "vary")
 
     def __init__(self, pkt: bytes, l4: int, hl: int, v6: bool) -> None:
         self.head = pkt[:hl]
@@ -281,63 +282,53 @@ class _Run:
         self.id_step: int | None = None  # IPv4 IDs: counting up (1), or fixed with DF set (0)
         self.length = len(pkt)
         self.ended = bool(pkt[l4 + 13] & TCP_PSH)
+        same, self.vary = _shape(v6, hl)
+        self.same = (same, same.unpack_from(pkt))
 
     def take(self, pkt: bytes) -> bool:
-        """Append `pkt` if it is the next segment of this run and joins it as the kernel's GRO
-        would: same headers but for lengths, ID, sequence and checksum; no longer than the first."""
-        hl, l4, head = self.hl, self.l4, self.head
-        size = len(pkt) - hl
+        """Append `pkt` if it is the next segment of this run's flow and joins it as the kernel's
+        GRO would (what _can_join asks of a segment, checked here too): the same headers but for
+        lengths, ID, sequence, PSH and checksums; no longer than the first. Two struct reads
+        compare the headers (the common case, a run's next segment, costs no flow lookup)."""
+        n, hl = len(pkt), self.hl
+        size = n - hl
         if (
             self.ended
+            or size <= 0
             or size > self.size
             or len(self.parts[-1]) < self.size
             or self.length + size > MAX_COALESCED + (40 if self.v6 else 0)
         ):
             return False
-        if (
-            _I.unpack_from(pkt, l4 + 4)[0] != self.next_seq
-            or pkt[l4 + 12] != head[l4 + 12]
-            or pkt[l4 + 14 : l4 + 16] != head[l4 + 14 : l4 + 16]
-        ):
-            return False  # out of order, or another window
-        if pkt[l4 + 8 : l4 + 12] != head[l4 + 8 : l4 + 12] or pkt[l4 + 18 : hl] != head[l4 + 18 : hl]:
-            return False  # another ack, urgent pointer or options
+        same, fixed = self.same
+        if same.unpack_from(pkt) != fixed:
+            return False  # another flow, ack, window, options, TOS, TTL, DF...
         if self.v6:
-            if pkt[:4] != head[:4] or pkt[6:8] != head[6:8]:
+            length, seq, flags = self.vary.unpack_from(pkt)
+            if length != n - 40:
                 return False
         else:
-            if pkt[:2] != head[:2] or pkt[6:10] != head[6:10]:
+            length, ident, seq, flags = self.vary.unpack_from(pkt)
+            if length != n:
                 return False
-            step = (_H.unpack_from(pkt, 4)[0] - _H.unpack_from(head, 4)[0]) & 0xFFFF
+            step = (ident - _H.unpack_from(self.head, 4)[0]) & 0xFFFF
             if self.id_step is None:
                 if not (step == 1 or step == 0 and pkt[6] & 0x40):
                     return False
                 self.id_step = step
             elif step != self.id_step * len(self.parts) & 0xFFFF:
                 return False
+        if seq != self.next_seq or flags & ~TCP_PSH != TCP_ACK:
+            return False  # out of order, or SYN/FIN/RST/URG
         self.parts.append(memoryview(pkt)[hl:])
-        self.next_seq = (self.next_seq + size) & 0xFFFFFFFF
+        self.next_seq = (seq + size) & 0xFFFFFFFF
         self.length += size
-        self.ended = bool(pkt[l4 + 13] & TCP_PSH)
-        if self.ended:
-            head = bytearray(head)
-            head[l4 + 13] |= TCP_PSH
+        if flags & TCP_PSH:
+            self.ended = True
+            head = bytearray(self.head)
+            head[self.l4 + 13] |= TCP_PSH
             self.head = bytes(head)
         return True
-
-    def continued_by(self, pkt: bytes) -> bool:
-        """take(pkt) for a packet of this run's flow (addresses, ports) that coalesce may join
-        (_can_join), checked in one pass: the common case, a run's next segment, skips the flow
-        lookup."""
-        n, l4, head = len(pkt), self.l4, self.head
-        if n <= self.hl or pkt[l4 + 13] & ~TCP_PSH != TCP_ACK:
-            return False
-        if self.v6:
-            if _H.unpack_from(pkt, 4)[0] != n - 40 or pkt[8:44] != head[8:44]:
-                return False
-        elif _H.unpack_from(pkt, 2)[0] != n or pkt[12:24] != head[12:24]:
-            return False  # (IPv4 flags, fragment offset and header length: compared in take)
-        return self.take(pkt)
 
     def buffers(self) -> list[bytes | memoryview]:
         """The virtio-net header and the packet to write for this run, in pieces (one writev)."""
@@ -350,6 +341,17 @@ class _Run:
         head[l4 + TCP_CSUM_AT : l4 + TCP_CSUM_AT + 2] = _H.pack(partial)
         hdr = VnetHdr(F_NEEDS_CSUM, GSO_TCPV6 if v6 else GSO_TCPV4, self.hl, self.size, l4, TCP_CSUM_AT)
         return [hdr.pack(), bytes(head), *self.parts]
+
+
+@functools.cache
+def _shape(v6: bool, hl: int) -> tuple[struct.Struct, struct.Struct]:
+    """Two struct formats for the segments of a run with `hl` bytes of IP and TCP headers (IPv4:
+    no options): the fields every segment shares (a tuple compared once), and those it changes
+    (IP length, IPv4 ID, sequence, TCP flags). The checksums are neither."""
+    if v6:  # version..flow, [length], next header..ports, [seq], ack..offset, [flags], window, [csum], urgent..options
+        return struct.Struct(f"!4s2x38s4x5sx2s2x{hl - 58}s"), struct.Struct("!4xH38xI5xB")
+    # version..TOS, [length, ID], DF..protocol, [csum], addresses..ports, [seq], ack..offset, [flags], window, ...
+    return struct.Struct(f"!2s4x4s2x12s4x5sx2s2x{hl - 38}s"), struct.Struct("!2xHH18xI5xB")
 
 
 def _tcp_flow(pkt: bytes) -> tuple[bytes, int, bool] | None:
@@ -401,7 +403,7 @@ def coalesce_buffers(pkts: list[bytes]) -> list[list[bytes | memoryview]]:
     open_runs: dict[bytes, _Run] = {}
     last: _Run | None = None  # the run the previous packet joined or started
     for pkt in pkts:
-        if last is not None and last.continued_by(pkt):
+        if last is not None and last.take(pkt):
             continue
         last = None
         flow = _tcp_flow(pkt)

@@ -918,30 +918,76 @@ class Session:
         return None, None
 
     def _receive_transport(self, kind: int, datagram: bytes, addr: Addr, now: float) -> list[Event]:
-        # Fast path: DATA from the known peer on the current keys (same checks as below, inlined).
+        """One transport packet: receive_run's fast path, then the slow path (which counts drops)."""
+        plain, events, used = self.receive_run(datagram, 0, len(datagram), len(datagram), addr, now)
+        if plain:
+            return [Data(plain[0])]
+        return events if used else self._receive_transport_slow(kind, datagram, addr, now)
+
+    def receive_run(
+        self, buf: bytes | memoryview, off: int, end: int, seg: int, addr: Addr, now: float
+    ) -> tuple[list[bytes], list[Event], int]:
+        """receive() for the datagrams of one read from `addr` (a GRO run: `buf[off:end]` cut every
+        `seg` bytes, the last maybe shorter) while they carry this session's path ID. Returns the
+        payloads of the DATA packets decrypted in a row from `off`, the events of the first one that
+        took the slow path (after it, the caller dispatches again), and where the datagrams not
+        taken start. Checks, counters and replay window are exactly one receive() per datagram; the
+        fast path (DATA from the peer on the current keys) reads `buf` in place, never copying it."""
+        out: list[bytes] = []
         kp = self.current
-        if kind == TYPE_DATA and kp is not None and addr == self.peer_addr and len(datagram) >= MIN_TRANSPORT_LEN:
-            _, path, counter = _HEADER_UNPACK(datagram)
-            if path == self.path_id and counter < self._reject_msgs and now < kp.reject_time:
-                w = kp.window
-                top = w.top
-                if counter > top or (top - counter < w.size and not (w.bits >> (top - counter)) & 1):
+        fast = kp is not None and addr == self.peer_addr and now < kp.reject_time
+        if fast:
+            decrypt, w = kp.recv.decrypt, kp.window  # type: ignore[union-attr]
+            top, bits, size, mask = w.top, w.bits, w.size, w.mask
+        path_id, reject_msgs, nbytes, events = self.path_id, self._reject_msgs, 0, []
+        while off < end:
+            stop = min(off + seg, end)
+            if stop - off >= MIN_TRANSPORT_LEN:
+                kind, path, counter = _HEADER_UNPACK(buf, off)
+                if path != path_id:
+                    break  # another path's: the caller dispatches it
+                if (
+                    fast
+                    and kind == TYPE_DATA
+                    and counter < reject_msgs
+                    and (counter > top or (top - counter < size and not (bits >> (top - counter)) & 1))
+                ):
                     try:
-                        plain = kp.recv.decrypt(NONCE_PREFIX + datagram[9:17], datagram[17:], datagram[:17])
+                        plain = decrypt(
+                            NONCE_PREFIX + buf[off + 9 : off + 17], buf[off + 17 : stop], buf[off : off + 17]
+                        )
                     except InvalidTag:
                         pass  # the slow path counts it
                     else:
                         if counter > top:
                             shift = counter - top
-                            w.bits = 1 if shift >= w.size else ((w.bits << shift) | 1) & w.mask
-                            w.top = counter
+                            bits = 1 if shift >= size else ((bits << shift) | 1) & mask
+                            top = counter
                         else:
-                            w.bits |= 1 << (top - counter)
-                        self.last_received = now
-                        self.rx_data += 1
-                        self.rx_bytes += len(plain)
-                        return [Data(plain)]
-        return self._receive_transport_slow(kind, datagram, addr, now)
+                            bits |= 1 << (top - counter)
+                        out.append(plain)
+                        nbytes += len(plain)
+                        off = stop
+                        continue
+            elif stop - off < PREFIX_LEN or buf[off + 1 : off + PREFIX_LEN] != path_id:
+                break
+            if fast:  # the slow path reads the window: what the fast path accepted first
+                w.top, w.bits = top, bits
+                fast = False
+            datagram = bytes(buf[off:stop])
+            if datagram[0] in TRANSPORT_TYPES:
+                events = self._receive_transport_slow(datagram[0], datagram, addr, now)
+            else:
+                events = self.receive(datagram, addr, now)
+            off = stop
+            break
+        if fast:
+            w.top, w.bits = top, bits
+        if out:
+            self.last_received = now
+            self.rx_data += len(out)
+            self.rx_bytes += nbytes
+        return out, events, off
 
     def _receive_transport_slow(self, kind: int, datagram: bytes, addr: Addr, now: float) -> list[Event]:
         st = self._stats

@@ -10,6 +10,7 @@ first segment, the flags of all, the pseudo-header sum in the checksum field, NE
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import struct
 from dataclasses import dataclass
@@ -306,6 +307,30 @@ def test_what_cannot_be_coalesced_goes_as_it_is():
     assert coalesce([b"", b"\x45"]) == [(NO_OFFLOAD, b""), (NO_OFFLOAD, b"\x45")]
 
 
+@pytest.mark.parametrize("v6", [False, True])
+def test_a_segment_that_differs_in_any_shared_header_byte_starts_a_new_write(v6):
+    """Hostile or unusual input: a segment in sequence whose headers differ from its run's in one
+    byte that every segment of a GSO packet shares (TOS or flow label, TTL, DF, addresses, ports,
+    ack, header length, window, urgent pointer, options), or whose length field lies: it is never
+    joined (the kernel would give it its run's header): it is written alone, and so is what follows."""
+    f = simple_flow(v6)
+    f.options = b"\x01\x01\x08\x0a" + bytes(range(8))
+    segs = f.kernel_segments(bytes(3000), 1000)
+    assert len(coalesce(segs)) == 1
+    l4 = 40 if v6 else 20
+    # the bytes a segment may change: IP length (and IPv4 ID, checksum), sequence, flags, checksum
+    varies = {4, 5} if v6 else {2, 3, 4, 5, 10, 11}
+    varies |= {l4 + 4, l4 + 5, l4 + 6, l4 + 7, l4 + 13, l4 + 16, l4 + 17}
+    for i in sorted(set(range(l4 + 20 + len(f.options))) - varies):
+        odd = bytearray(segs[1])
+        odd[i] ^= 0x04
+        assert len(coalesce([segs[0], bytes(odd), segs[2]])) == 3, i
+    for at in (4,) if v6 else (2,):
+        odd = bytearray(segs[1])
+        odd[at + 1] ^= 0x04
+        assert len(coalesce([segs[0], bytes(odd)])) == 2
+
+
 def written(out: list[tuple[bytes, bytes]]) -> list[bytes]:
     """The packets the receiving kernel makes of what coalesce writes (checksums finished)."""
     return [seg for raw, pkt in out for seg in split(VnetHdr.unpack(raw), pkt, BIG)]
@@ -506,7 +531,11 @@ def test_partial_checksums_only_to_a_peer_that_said_it_finishes_them():
     sent: list[bytes] = []
     peer, v4 = bytes(20), ipaddress.IPv4Address("100.64.0.2")
     channel = SimpleNamespace(
-        inner_mtu=1400, closed=False, send_nowait=sent.append, send_many=sent.extend, set_receiver=lambda f: None
+        inner_mtu=1400,
+        closed=False,
+        send_nowait=sent.append,
+        send_many=sent.extend,
+        set_receiver=lambda f, many=None: None,
     )
     overlay = SimpleNamespace(addresses=lambda p: (None, v4), outbound=lambda p: peer)
     node = SimpleNamespace(endpoint=SimpleNamespace(hold=lambda: None))
@@ -533,3 +562,40 @@ def test_partial_checksums_only_to_a_peer_that_said_it_finishes_them():
     assert segments_after(None) == full
     dp._from_tunnel(peer, old, frame_view(v4, ask=False, csum=True))  # type: ignore[arg-type]  # late, on the old one
     assert segments_after(None) == full
+
+
+async def test_a_run_from_the_tunnel_is_checked_per_packet_and_written_coalesced():
+    """Adversary: a peer slips a packet with a source address not its own, and a VIEW, between
+    the segments of one GRO read. The read reaches the data plane in one call (the many-receiver
+    it gives its tunnel): every packet still goes through the overlay (the forged one is dropped
+    there), the VIEW is acted on, and the segments left reach TUN as one coalesced write."""
+    from types import SimpleNamespace
+
+    from node.dataplane import DataPlane
+    from ntm.overlay import frame_view
+
+    f = simple_flow(v6=True)
+    segs = f.kernel_segments(bytes(4000), 1000)
+    forged = bytearray(segs[1])
+    forged[8] ^= 1  # another source address
+    peer, v4 = bytes(20), ipaddress.IPv4Address("100.64.0.2")
+    receivers: list = []
+    channel = SimpleNamespace(
+        inner_mtu=1400, closed=False, send_nowait=lambda p: None, set_receiver=lambda f, m=None: receivers.append(m)
+    )
+    checked: list[bytes] = []
+
+    def inbound(p: bytes, pkt: bytes) -> bytes | None:
+        checked.append(pkt)
+        return pkt if pkt[8:24] == f.src else None
+
+    overlay = SimpleNamespace(addresses=lambda p: (None, v4), inbound=inbound)
+    writes: list[list] = []
+    tun = SimpleNamespace(vnet=True, write_buffers=lambda bufs: writes.append([bytes(b) for b in bufs]))
+    dp = DataPlane(node=SimpleNamespace(), overlay=overlay, tun=tun)  # type: ignore[arg-type]
+    dp.attach(SimpleNamespace(peer=peer, channel=channel))  # type: ignore[arg-type]
+    receivers[-1]([segs[0], frame_view(v4, ask=False), segs[1], bytes(forged), segs[2], segs[3]])
+    await asyncio.sleep(0)
+    assert checked == [segs[0], segs[1], bytes(forged), segs[2], segs[3]]
+    assert dp.seen_as[peer] == v4
+    assert len(writes) == 1 and written([(w[0], b"".join(w[1:])) for w in writes]) == segs

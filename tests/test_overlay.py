@@ -173,7 +173,7 @@ class Pipe:
         self.receiver = None
         self.queue: list[bytes] = []
 
-    def set_receiver(self, callback) -> None:
+    def set_receiver(self, callback, many=None) -> None:  # (one at a time: `many` unused)
         self.receiver = callback
         while self.queue:
             callback(self.queue.pop(0))

@@ -169,7 +169,9 @@ async def test_packets_that_waited_for_the_tunnel_are_clamped_and_fitted():
     from node.dataplane import DataPlane
 
     sent: list[bytes] = []
-    channel = SimpleNamespace(inner_mtu=1219, closed=False, send_nowait=sent.append, set_receiver=lambda f: None)
+    channel = SimpleNamespace(
+        inner_mtu=1219, closed=False, send_nowait=sent.append, set_receiver=lambda f, many=None: None
+    )
     peer = bytes(20)
     view = (
         None,
