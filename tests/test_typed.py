@@ -52,6 +52,7 @@ def test_registration_encodes_through_the_struct_the_dc_decodes():
 ENVELOPE_KINDS = {
     messages.ROUTE_DIRECTION,
     messages.RELAY_DIRECTION,
+    messages.RELAY_DIRECTIONS,
     messages.INFO_REQUEST,
     messages.INFO_RESPONSE,
     messages.DIRECTION_OFFER,
