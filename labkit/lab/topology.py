@@ -822,6 +822,17 @@ class _LineReader:
         self.q.put(None)
 
 
+def _ending_of(proc: subprocess.Popen) -> str:
+    """How an expected process ended: its exit status and the tail of its stderr (the reason a
+    failed lab test needs, which would otherwise stay in the pipe)."""
+    try:
+        rc = proc.wait(5)
+    except subprocess.TimeoutExpired:
+        return "stdout closed, process still running"
+    err = proc.stderr.read()[-2000:] if proc.stderr is not None and not proc.stderr.closed else ""
+    return f"exit {rc}; stderr: {err.strip() or '(empty)'}"
+
+
 def expect(proc: subprocess.Popen, pattern: str, timeout: float = 10.0) -> re.Match:
     """Wait until a stdout line of ``proc`` (started by ``Lab.run`` with stdout=PIPE, text)
     matches ``pattern`` (re.search); return the match.  Lines read so far are kept in
@@ -842,7 +853,9 @@ def expect(proc: subprocess.Popen, pattern: str, timeout: float = 10.0) -> re.Ma
             continue
         if line is None:
             rd.q.put(None)
-            raise EOFError(f"process ended before a line matching {pattern!r}; got {rd.lines[-20:]}")
+            raise EOFError(
+                f"process ended before a line matching {pattern!r}; got {rd.lines[-20:]}; {_ending_of(proc)}"
+            )
         rd.lines.append(line)
         m = rx.search(line)
         if m:
