@@ -10,6 +10,7 @@ from hypothesis import given, settings, strategies as st
 
 from ntm import keys
 from ntm.packet import (
+    PREFIX_LEN,
     TYPE_HANDSHAKE_REQUEST,
     TYPE_KEEPALIVE,
     TYPE_PING,
@@ -487,20 +488,26 @@ def _twin_receivers() -> tuple[Session, Session, Session]:
 # One datagram of a run: a fresh DATA packet, a replay of an earlier one, one with a flipped bit,
 # one of another path, a PING (transport but not DATA: the slow path), an old one (reordered).
 _RUN_ITEMS = st.lists(
-    st.sampled_from(["new", "new", "new", "replay", "flip", "other_path", "ping", "old"]), min_size=1, max_size=24
+    st.sampled_from(["new", "new", "new", "replay", "flip", "other_path", "ping", "old", "untyped"]),
+    min_size=1,
+    max_size=24,
 )
 
 
 @settings(max_examples=60, deadline=None)
 @given(
     runs=st.lists(
-        st.tuples(_RUN_ITEMS, st.booleans(), st.sampled_from(["", "short", "runt", "stub"])), min_size=1, max_size=4
+        st.tuples(_RUN_ITEMS, st.booleans(), st.sampled_from(["", "short", "runt", "stub", "bare", "other_runt"])),
+        min_size=1,
+        max_size=4,
     )
 )
 def test_receive_run_is_receive_per_datagram(runs):
     """Adversary: replays, forgeries, reordering and another path's packets inside one GRO run,
     from the peer's address or a stranger's, the last maybe shorter (a short DATA packet, a runt of
-    ours too short for a transport header, a stub too short for a path ID). receive_run on the whole run gives the same
+    ours too short for a transport header, a bare type and path ID, a stub too short for a path ID,
+    another path's runt), and datagrams of our path ID behind a type no transport packet has. receive_run on
+    the whole run gives the same
     payloads, events, drop counters, replay window and replies as receive() per datagram."""
     a, b1, b2 = _twin_receivers()
     sent: list[bytes] = []
@@ -521,6 +528,8 @@ def test_receive_run_is_receive_per_datagram(runs):
                 run.append(sent[-1][:1] + other + sent[-1][9:])
             elif item == "ping":
                 run.append(a.ping(now))
+            elif item == "untyped":  # our path ID behind a type that is no transport packet's
+                run.append(bytes([0x7F]) + PATH + os.urandom(len(sent[-1]) - PREFIX_LEN))
             else:  # old: a counter skipped so far (sent, held back, now late)
                 held = a.encrypt(os.urandom(8), now)
                 sent.append(a.encrypt(os.urandom(8), now))
@@ -529,8 +538,10 @@ def test_receive_run_is_receive_per_datagram(runs):
         assert all(len(d) == size for d in run)  # a GRO run: equal sizes, but for the last
         if short_last == "short":
             run.append(a.encrypt(os.urandom(3), now))
-        elif short_last:
-            run.append(a.encrypt(b"", now)[: 20 if short_last == "runt" else 5])
+        elif short_last == "other_runt":  # another path's, too short for a transport header
+            run.append(a.encrypt(b"", now)[:1] + other + bytes(11))
+        elif short_last:  # ours cut short: a runt, a bare type and path ID, a stub
+            run.append(a.encrypt(b"", now)[: {"runt": 20, "bare": PREFIX_LEN, "stub": 5}[short_last]])
         got1, got2 = [], []
         for d in run:
             if d[1:9] == PATH:  # the endpoint hands b1 only its own path's datagrams
@@ -549,3 +560,19 @@ def test_receive_run_is_receive_per_datagram(runs):
         assert (b2.peer_addr, b2.last_received) == (b1.peer_addr, b1.last_received)
         assert b2.poll(now) == b1.poll(now)  # PONGs: same keys and counters, same bytes
         now += 0.5
+
+
+@pytest.mark.parametrize("payload_len", [0, 8])
+def test_a_run_of_the_peers_data_is_decrypted_in_one_call_in_place(payload_len):
+    """The fast path (issue 23): fresh DATA from the peer, one packet reordered within the window,
+    all come out of one receive_run call as payloads (no slow-path events), the whole read taken,
+    and the replay window then refuses each of them again."""
+    a, b, _ = _twin_receivers()
+    held = a.encrypt(os.urandom(payload_len), T0 + 1)
+    run = [a.encrypt(os.urandom(payload_len), T0 + 1) for _ in range(5)] + [held]
+    run += [a.encrypt(os.urandom(payload_len), T0 + 1) for _ in range(3)]
+    buf = memoryview(bytearray(b"".join(run)))
+    payloads, events, stop = b.receive_run(buf, 0, len(buf), len(run[0]), ADDR_A, T0 + 1)
+    assert len(payloads) == len(run) and all(len(p) == payload_len for p in payloads)
+    assert events == [] and stop == len(buf) and b.rx_data == len(run)
+    assert b.receive_run(buf, 0, len(buf), len(run[0]), ADDR_A, T0 + 2)[0] == []  # replays, all
