@@ -114,7 +114,7 @@ SERVER_INDEX = 10
 ROUTER_BASE = 100
 KINDS = ("public", "eim", "symmetric", "ipv6only")
 _NAME_RE = re.compile(r"^[a-z0-9]{1,12}$")
-_STALE_RE = re.compile(rf"^{NS_PREFIX}(\d+)-\d+-")
+_STALE_RE = re.compile(rf"^{NS_PREFIX}(\d+)-")  # lab namespaces and the availability probe's (ntl<pid>-probe<n>)
 
 _counter = itertools.count()
 _live_labs: "set[Lab]" = set()
