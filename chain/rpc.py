@@ -7,6 +7,11 @@ at the transport (connection refused or reset, timeout, an HTTP error status) is
 a JSON-RPC error answer is a real answer and is returned as is. After a switch the first URL is
 tried again every PRIMARY_RETRY_S, because it is the DC's own node (nearest, and the one whose
 pool holds its transactions).
+
+Connections are kept: web3's own session closes each one after its request (`force_close`), which
+cost the DC a TCP connect and a TIME_WAIT socket per call of its 50 ms registry poll. A kept
+connection the chain node closed while idle fails on reuse; that request is sent once more on a
+fresh connection before the URL counts as down.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ class FailoverHTTPProvider(AsyncHTTPProvider):
         self._current = 0
         self._failed_at = 0.0
         self.clock = clock
+        self._session: aiohttp.ClientSession | None = None
         super().__init__(
             self.urls[0],
             exception_retry_configuration=None,
@@ -63,12 +69,31 @@ class FailoverHTTPProvider(AsyncHTTPProvider):
             index = (self._current + step) % len(self.urls)
             self._select(index)
             try:
-                return await self._request_session_manager.async_make_post_request(
-                    self.urls[index], request_data, **self.get_request_kwargs()
-                )
+                return await self._post(self.urls[index], request_data)
             except TRANSPORT_ERRORS as exc:
                 last = exc
                 if index == 0:
                     self._failed_at = self.clock.now()
         assert last is not None
         raise last
+
+    async def _post(self, url: str, request_data: bytes) -> bytes:
+        """One JSON-RPC POST on a kept connection; once more (on a fresh one) if the chain node had
+        closed the kept one."""
+        try:
+            return await self._post_once(url, request_data)
+        except aiohttp.ServerDisconnectedError:
+            return await self._post_once(url, request_data)
+
+    async def _post_once(self, url: str, request_data: bytes) -> bytes:
+        if self._session is None or self._session.closed:
+            # aiohttp's defaults: idle connections closed after 15 s, 100 at most
+            self._session = aiohttp.ClientSession(raise_for_status=True)
+        async with self._session.post(url, data=request_data, **self.get_request_kwargs()) as response:
+            return await response.read()
+
+    async def disconnect(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+        await super().disconnect()
