@@ -23,7 +23,7 @@ from daemon import service, tlspin
 from daemon.channel import PATH as CHANNEL_PATH
 from ntm import envelope, keys, messages
 from ntm.clock import SYSTEM, Clock
-from ntm.errors import NtmError, ParseError
+from ntm.errors import NtmError, ParseError, SignatureError
 
 # A peer DC on loopback or a LAN answers in milliseconds; 3 s marks it as down without stalling a
 # node's request for long. A relay answers from memory after at most one chain call.
@@ -72,13 +72,30 @@ def answered(who: str, status: int, data: Any, answer: type[T]) -> T:
         raise FederationError(f"{who} answered {status}: {exc}", None, status) from None
 
 
+class Unproven(Exception):
+    """A call meant for a proven channel (§8.6) has none to go on: the caller sends it signed instead."""
+
+
+def accept_hello(
+    obj: Any, me: bytes, is_trusted: Callable[[bytes], bool], guard: envelope.ReplayGuard, now_ms: int
+) -> bytes:
+    """The DC that a channel-hello `obj` proves opened this channel to us (`me`): its signer, if an
+    active DC, the envelope fresh and not replayed, and addressed to us (§8.6 "Proven channels")."""
+    env, hello = envelope.open_body(obj, messages.CHANNEL_HELLO, messages.ChannelHello, now_ms, is_trusted, guard)
+    if keys.parse_node_id(hello.to) != me:
+        raise SignatureError(f"channel hello is for DC {hello.to}, not this one")
+    return env.sender
+
+
 class Channel:
     """One kept WebSocket to a peer DC carrying many federation calls at once: each call a frame
     with an id, each reply a frame naming it. When the channel ends (the peer died, restarted, or
-    missed a heartbeat), every call waiting on it fails at once rather than at its timeout."""
+    missed a heartbeat), every call waiting on it fails at once rather than at its timeout.
+    `proven`: the peer accepted our channel-hello, so calls may go without envelopes (§8.6)."""
 
     def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         self.ws = ws
+        self.proven = False
         self.ids = itertools.count(1)
         self.waiting: dict[int, asyncio.Future[tuple[int, Any]]] = {}
         self.reader = asyncio.create_task(self._read())
@@ -154,8 +171,9 @@ class FederationClient:
         if self._http is not None and self._own_http:
             await self._http.close()
 
-    async def _channel(self, base: str, tls: aiohttp.Fingerprint | bool) -> Channel | None:
-        """The open channel to the peer DC at `base` (opened if need be), or None if it has none."""
+    async def _channel(self, base: str, tls: aiohttp.Fingerprint | bool, peer: bytes | None) -> Channel | None:
+        """The open channel to the peer DC at `base` (opened if need be), or None if it has none.
+        A new channel to DC `peer` over TLS pinned to its chain key is proven first (§8.6)."""
         channel = self._channels.get(base)
         if channel is not None and channel.open:
             return channel
@@ -175,6 +193,10 @@ class FederationClient:
                 self._no_channel[base] = self.clock.now()
                 return None
             self._channels[base] = channel = Channel(ws)
+            if peer is not None and isinstance(tls, aiohttp.Fingerprint):
+                hello = self.seal(messages.CHANNEL_HELLO, messages.ChannelHello(keys.checksum(peer)))
+                status, _ = await channel.call(messages.CHANNEL_HELLO_PATH, hello, FEDERATION_TIMEOUT_S)
+                channel.proven = status == 200  # an older DC: 400 (no such call), so signed calls
             return channel
 
     @property
@@ -199,15 +221,18 @@ class FederationClient:
         pinned: aiohttp.Fingerprint | None,
         timeout: float = FEDERATION_TIMEOUT_S,
         kept: bool = False,
+        proven: bool = False,
     ) -> tuple[int, Any]:
         """POST over TLS pinned to `peer`'s chain key (https://; daemon/tlspin.py) or to the
         fingerprint `pinned` (a relay's), or plain http://. A peer DC's call, or with `kept` a
-        relay's, goes on the channel to it."""
+        relay's, goes on the channel to it; a `proven` call only on a proven channel (else Unproven)."""
         parts = urlsplit(url)
         base = f"{parts.scheme}://{parts.netloc}"
         tls = pinned or await tlspin.ssl_for(self.http, base, peer, FEDERATION_TIMEOUT_S)
         try:
-            channel = await self._channel(base, tls) if peer is not None or kept else None
+            channel = await self._channel(base, tls, peer) if peer is not None or kept else None
+            if proven and (channel is None or not channel.proven):
+                raise Unproven(base)
             if channel is not None:
                 return await channel.call(parts.path, body, timeout)
             async with self.http.post(url, json=body, ssl=tls, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
@@ -230,15 +255,21 @@ class FederationClient:
         pinned: aiohttp.Fingerprint | None = None,
         timeout: float = FEDERATION_TIMEOUT_S,
         kept: bool = False,
+        proven: bool = False,
     ) -> T:
         """POST JSON to a peer (DC or relay); FederationError unless it answers 200 with `answer`
         within `timeout` s. `peer`: its chain address, which an https:// peer's certificate must be
         bound to; `pinned`: the fingerprint its certificate must have instead (a relay's). `kept`:
-        on the kept channel to it (always for a DC)."""
+        on the kept channel to it (always for a DC). `proven`: only on a proven channel to the DC
+        `peer`, else Unproven (nothing sent)."""
         call = urlsplit(url).path
+        if proven and self.transport:
+            raise Unproven(url)  # an in-process federation has no channels
         try:
             status, data = await (
-                self.transport(url, body) if self.transport else self._http_post(url, body, peer, pinned, timeout, kept)
+                self.transport(url, body)
+                if self.transport
+                else self._http_post(url, body, peer, pinned, timeout, kept, proven)
             )
         except tlspin.ChannelError as exc:
             self.count(call, "unreachable")
@@ -269,18 +300,37 @@ class FederationClient:
         """Send a Direction Offer to the peer's home DC `offer.to` (at `endpoint`): it decides the
         route, books the relay and pushes its node's direction; its verified answer (§8.5)."""
         home_dc, peer = keys.parse_node_id(offer.to), keys.parse_node_id(offer.peer)
-        data = await self.post(
-            f"{endpoint.rstrip('/')}/v1/federation/direction-offer",
-            self.seal(messages.DIRECTION_OFFER, offer),
-            f"home DC {keys.checksum(home_dc)} at {endpoint}",
-            peer=home_dc,
-            timeout=OFFER_TIMEOUT_S,
-        )
-        env, answer = envelope.open_body(
-            data, messages.DIRECTION_ANSWER, messages.DirectionAnswer, self.clock.wall_ms(), self.is_trusted, self.guard
-        )
-        if env.sender != home_dc or keys.parse_node_id(answer.peer.node) != peer or answer.path != offer.path:
-            raise FederationError("direction answer is from the wrong DC or about another node or path")
+        base, who = endpoint.rstrip("/"), f"home DC {keys.checksum(home_dc)} at {endpoint}"
+        try:  # bare on a proven channel: TLS pinned to home_dc's key stands for its signature
+            answer = await self.post(
+                base + messages.PROVEN_OFFER_PATH,
+                messages.encode(offer),
+                who,
+                messages.DirectionAnswer,
+                peer=home_dc,
+                timeout=OFFER_TIMEOUT_S,
+                proven=True,
+            )
+        except Unproven:
+            data = await self.post(
+                f"{base}/v1/federation/direction-offer",
+                self.seal(messages.DIRECTION_OFFER, offer),
+                who,
+                peer=home_dc,
+                timeout=OFFER_TIMEOUT_S,
+            )
+            env, answer = envelope.open_body(
+                data,
+                messages.DIRECTION_ANSWER,
+                messages.DirectionAnswer,
+                self.clock.wall_ms(),
+                self.is_trusted,
+                self.guard,
+            )
+            if env.sender != home_dc:
+                raise FederationError("direction answer is from the wrong DC")
+        if keys.parse_node_id(answer.peer.node) != peer or answer.path != offer.path:
+            raise FederationError("direction answer is about another node or path")
         if answer.peer.pubkey is None or keys.node_id(bytes.fromhex(answer.peer.pubkey)) != peer:
             raise FederationError("the home DC returned a public key that is not the node's", "bad_pubkey")
         return answer

@@ -21,9 +21,10 @@ from dc import exit as dc_exit
 from dc.chainstatus import ChainStatus
 from dc.coordinator import Coordinator
 from dc.errors import DirectionError, SourceLimited
+from dc.federation import accept_hello
 from ntm import keys, messages, routes, session_auth
 from ntm.addr import format_endpoint, parse_endpoint
-from ntm.errors import NtmError, ParseError
+from ntm.errors import NtmError, ParseError, SignatureError
 from ntm.registration import parse_request
 from ntm.routes import RouteError
 
@@ -146,22 +147,41 @@ FEDERATION_CALLS: dict[str, Callable[[Coordinator, Any], Awaitable[dict]]] = {
 }
 
 
+# Calls only a proven channel carries (§8.6 "Proven channels"): bare bodies from the DC that proved itself.
+PROVEN_CALLS: dict[str, Callable[[Coordinator, bytes, Any], Awaitable[dict]]] = {
+    messages.PROVEN_OFFER_PATH: lambda c, sender, obj: c.signaling.accept_proven_offer(sender, obj),
+}
+
+
 @ROUTES.get(channel.PATH)
 async def handle_federation_channel(request: web.Request) -> web.WebSocketResponse:
     """A peer DC's kept WebSocket (§8.6, daemon/channel.py): its federation calls as frames. Anyone
-    may open one: every call's envelope is verified as over HTTP."""
+    may open one: every call's envelope is verified as over HTTP, and bare calls are taken only
+    once the caller proved on this TLS connection which active DC it is (its channel-hello)."""
     c = request.app[COORDINATOR]
+    tls = request.transport is not None and request.transport.get_extra_info("ssl_object") is not None
+    proven: list[bytes] = []  # the DC that proved itself on this channel, once it has
 
     async def answer(call: messages.ChannelCall) -> tuple[int, dict]:
         """As its HTTP request would be answered; a refusal counted under its path."""
         handler = FEDERATION_CALLS.get(call.path)
+        known = handler is not None or call.path in PROVEN_CALLS or call.path == messages.CHANNEL_HELLO_PATH
         try:
+            if call.path == messages.CHANNEL_HELLO_PATH:
+                if not tls:  # plain HTTP: anyone on the path could add calls after the proof
+                    raise ParseError("a channel is proven only over TLS")
+                proven[:] = [accept_hello(call.body, c.address, c.cache.is_active_dc, c.guard, c.clock.wall_ms())]
+                return 200, {}
+            if call.path in PROVEN_CALLS:
+                if not proven:
+                    raise SignatureError(f"{call.path} only on a channel whose DC proved itself")
+                return 200, await PROVEN_CALLS[call.path](c, proven[0], call.body)
             if handler is None:
                 raise ParseError(f"no federation call {call.path!r}")
             return 200, await handler(c, call.body)
         except NtmError as exc:
             status, body = error_for(exc)
-            c.metrics.refusals.labels(call.path if handler else "other", body["error"]).inc()
+            c.metrics.refusals.labels(call.path if known else "other", body["error"]).inc()
             return status, body
 
     return await channel.serve(request, answer, MAX_BODY)

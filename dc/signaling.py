@@ -23,6 +23,7 @@ from dc.presence import Presence
 from ntm import envelope, keys, messages
 from ntm.addr import family, url_family
 from ntm.clock import Clock
+from ntm.errors import SignatureError
 from ntm.packet import relay_side_key
 from ntm.ratelimit import Buckets
 from ntm.route import Reach, Route, decide
@@ -327,17 +328,30 @@ class Signaling:
             raise DirectionError(exc.code or "home_dc_unreachable", str(exc)) from None
 
     async def accept_offer(self, obj: dict) -> dict:
-        """A peer DC's Direction Offer for one of our nodes (§8.5): verify it, direct our node,
-        and answer (signed) with what the requester's DC needs to direct its own node."""
+        """A peer DC's Direction Offer for one of our nodes (§8.5), a signed envelope: verify it,
+        direct our node, and answer (signed) with what the requester's DC needs to direct its own."""
         c = self.c
         env, offer = envelope.open_body(
             obj, messages.DIRECTION_OFFER, messages.DirectionOffer, c.clock.wall_ms(), c.cache.is_active_dc, c.guard
         )
+        return c.federation.seal(messages.DIRECTION_ANSWER, await self.direct_offer(env.sender, offer))
+
+    async def accept_proven_offer(self, sender: bytes, obj: dict) -> dict:
+        """A bare Direction Offer on a channel DC `sender` proved itself on (§8.6 "Proven channels"):
+        answered bare; every check of a signed offer but the signature's, which the channel's proof
+        and TLS stand for."""
+        if not self.c.cache.is_active_dc(sender):  # removed since it proved itself
+            raise SignatureError(f"{keys.checksum(sender)} is not an active DC")
+        return messages.encode(await self.direct_offer(sender, messages.decode(messages.DirectionOffer, obj)))
+
+    async def direct_offer(self, sender: bytes, offer: messages.DirectionOffer) -> messages.DirectionAnswer:
+        """Direct our node as DC `sender`'s `offer` asks, unless a refusal rule of §8.5 applies."""
+        c = self.c
         if keys.parse_node_id(offer.to) != c.address:
             raise NodeLookupError("wrong_dc", f"direction offer is for DC {offer.to}, not this one")
         me = offer.requester
         requester = keys.parse_node_id(me.node)
-        if keys.parse_node_id(me.home_dc) != env.sender:  # a DC directs only towards its own nodes
+        if keys.parse_node_id(me.home_dc) != sender:  # a DC directs only towards its own nodes
             raise DirectionError("not_home", "the requester's info is not from its home DC")
         if me.pubkey is None or keys.node_id(bytes.fromhex(me.pubkey)) != requester:
             raise DirectionError("bad_pubkey", "the requester's public key is not the node's")
@@ -351,10 +365,7 @@ class Signaling:
         resume = bytes.fromhex(offer.resume) if offer.resume is not None else None
         route, role_a, grant_a, later = await self.direct_peer(path, me, info, offer.route, resume)
         self.counters["directions_offered"] += 1
-        return c.federation.seal(
-            messages.DIRECTION_ANSWER,
-            messages.DirectionAnswer(offer.path, info, route.kind, route.reason, role_a, grant_a, later),
-        )  # type: ignore[arg-type]
+        return messages.DirectionAnswer(offer.path, info, route.kind, route.reason, role_a, grant_a, later)  # type: ignore[arg-type]
 
     async def push(self, node: bytes, direction: messages.SignedEnvelope, path: bytes | None = None) -> None:
         """Push a Route Direction on `node`'s session. With `path` (the direction's), wait for the

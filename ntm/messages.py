@@ -220,6 +220,9 @@ INFO_RESPONSE = "ntm-info-response"
 DIRECTION_OFFER = "direction-offer"  # requester's DC -> the peer's home DC (§8.5)
 DIRECTION_ANSWER = "direction-answer"  # ... and its answer
 CS_NOTICE = "cs-notice"  # Cache Server -> a recipient's home DC
+CHANNEL_HELLO = "channel-hello"  # a DC proves itself once on its kept channel to a peer DC (§8.6)
+CHANNEL_HELLO_PATH = "/v1/federation/channel-hello"  # channel calls only, never HTTP requests
+PROVEN_OFFER_PATH = "/v1/federation/proven/direction-offer"  # a bare DirectionOffer on a proven channel
 # Node-signed Cache Server requests (envelopes signed by a node key; §12)
 CS_PUT, CS_LIST, CS_GET, CS_ACK = "cs.put", "cs.list", "cs.get", "cs.ack"
 
@@ -405,6 +408,13 @@ class DirectionAnswer(Message):
     role: Role
     relay: RelayGrant | None = None
     deliver: SignedEnvelope | None = None  # a ROUTE_DIRECTION envelope signed by the peer's home DC
+
+
+class ChannelHello(Message):
+    """The body of a CHANNEL_HELLO envelope: its signer opened this channel to DC `to`, so the
+    calls that follow on it are that DC's without an envelope each (§8.6 "Proven channels")."""
+
+    to: NodeId
 
 
 class ChannelCall(Message):
@@ -612,6 +622,7 @@ BODY_OF: dict[str, type[Message]] = {
     INFO_RESPONSE: NodeInfo,
     DIRECTION_OFFER: DirectionOffer,
     DIRECTION_ANSWER: DirectionAnswer,
+    CHANNEL_HELLO: ChannelHello,
     CS_NOTICE: CsNotice,
     CS_PUT: CsPut,
     CS_LIST: CsListRequest,

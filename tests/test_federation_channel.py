@@ -9,18 +9,21 @@ channel, and an outsider sending frames that are not calls.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import aiohttp
+import msgspec
 import pytest
 from aiohttp import web
 
-from daemon import channel
+from daemon import channel, tlspin
 from dc import server
 from dc.federation import CHANNEL_PATH, FederationClient, FederationError
-from ntm import envelope, keys, messages
+from ntm import envelope, keys, messages, tls_binding
+from ntm.clock import SYSTEM
 from labkit.dcnet import local_app
-from tests.test_fast_dc import fed, register  # noqa: F401 (the in-process federation fixture)
+from tests.test_fast_dc import fed, go_online, register  # noqa: F401 (the in-process federation fixture)
 
 INFO = "/v1/federation/ntm-info"
 OPENED = web.AppKey("opened", list)
@@ -147,3 +150,97 @@ async def test_a_peer_dc_without_the_channel_gets_http_requests():
         assert posted == [{"x": 1}, {"x": 2}, {"x": 3}] and asked == [1]
     finally:
         await client.close()
+
+
+@contextlib.asynccontextmanager
+async def tls_dc(c, tmp_path, old: bool = False):
+    """DC `c`'s /v1/info and channel over TLS bound to its chain key, as dc/__main__.py serves them;
+    `old`: a channel from before proven channels (it knows only the signed calls). Its base URL."""
+    cert, key = tlspin.ensure_certificate(tmp_path / "cert.pem", tmp_path / "key.pem", "dc", SYSTEM)
+    ctx, der = tlspin.server_context(cert, key)
+    c.tls = tls_binding.bind(c.federation.key, der)
+
+    async def old_channel(request: web.Request) -> web.WebSocketResponse:
+        async def answer(call: messages.ChannelCall) -> tuple[int, dict]:
+            if call.path not in server.FEDERATION_CALLS:
+                return 400, {"error": "malformed", "message": f"no federation call {call.path!r}"}
+            return 200, await server.FEDERATION_CALLS[call.path](c, call.body)
+
+        return await channel.serve(request, answer, server.MAX_BODY)
+
+    app = web.Application()
+    app[server.COORDINATOR] = c
+    channel.enable(app)
+    app.router.add_get("/v1/info", server.handle_info)
+    app.router.add_get(CHANNEL_PATH, old_channel if old else server.handle_federation_channel)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx)
+    await site.start()
+    try:
+        yield f"https://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_proven_channel_carries_bare_offers_with_every_refusal_rule_kept(fed, tmp_path):  # noqa: F811
+    """§8.6 "Proven channels": a DC proves itself once per TLS channel, then its Direction Offers
+    and their answers travel without envelopes; the node is directed as before. Adversaries: a
+    stranger (not an active DC) whose hello is refused, so its offers are still checked (and
+    refused) as signed ones; an active DC's offer naming another DC's node (not_home) or another
+    DC (wrong_dc) on its own proven channel; an outsider sending a bare offer before any hello, a
+    hello for another DC, a replayed hello, or a hello over plain HTTP. An older peer (no hello)
+    gets signed offers."""
+    dc1, dc2 = fed.dcs
+    a, b, c = await register(fed, dc1), await register(fed, dc2), await register(fed, dc2)
+    go_online(dc1, a, "10.1.0.2:4330", ("198.18.1.1", 50000))
+    go_online(dc2, b, "10.2.0.2:4330", ("198.18.2.1", 50001))
+    calls: list[tuple[str, str]] = []
+    client = FederationClient(dc1.federation.key, dc1.cache.is_active_dc, envelope.ReplayGuard(), fed.clock)
+    client.count = lambda call, outcome: calls.append((call, outcome))
+    stranger = FederationClient(keys.generate(), lambda a: True, envelope.ReplayGuard(), fed.clock)
+    to, peer = keys.checksum(dc2.address), keys.checksum(b.id)
+    offer = messages.DirectionOffer("11" * 8, to, peer, dc1.local_info(a.id))
+    try:
+        async with tls_dc(dc2, tmp_path) as url:
+            answer = await client.direction_offer(url, offer)
+            assert answer.path == "11" * 8 and len(b.directions()) == 1
+            assert calls == [(messages.PROVEN_OFFER_PATH, "ok")]  # the hello is no call of its own
+            with pytest.raises(FederationError) as refused:
+                await client.direction_offer(url, msgspec.structs.replace(offer, requester=dc2.local_info(c.id)))
+            assert refused.value.code == "not_home"
+            with pytest.raises(FederationError, match="not an active DC") as forged:
+                await stranger.direction_offer(url, msgspec.structs.replace(offer, path="22" * 8))
+            assert forged.value.status == 403 and not stranger._channels[url].proven
+            assert len(b.directions()) == 1 and dc2.signaling.counters["relay_bookings"] == 1
+            hello = dc1.federation.seal(messages.CHANNEL_HELLO, messages.ChannelHello(to))
+            for_dc1 = dc1.federation.seal(messages.CHANNEL_HELLO, messages.ChannelHello(keys.checksum(dc1.address)))
+            misaddressed = messages.encode(msgspec.structs.replace(offer, to=keys.checksum(dc1.address)))
+            assert await raw_calls(url, [hello, misaddressed]) == [(200, None), (409, "wrong_dc")]
+            bare = messages.encode(offer)
+            refused = await raw_calls(url, [bare, for_dc1, bare, hello, bare])  # the last hello: a replay
+            assert refused == [(403, "forbidden"), (403, "forbidden")] * 2 + [(403, "forbidden")]
+        async with local_app(channel_app(dc2)) as plain:
+            fresh = dc1.federation.seal(messages.CHANNEL_HELLO, messages.ChannelHello(to))
+            assert await raw_calls(plain, [fresh, bare]) == [(400, "malformed"), (403, "forbidden")]
+        async with tls_dc(dc2, tmp_path, old=True) as url:
+            calls.clear()
+            answer = await client.direction_offer(url, msgspec.structs.replace(offer, path="33" * 8))
+            assert answer.path == "33" * 8 and calls == [("/v1/federation/direction-offer", "ok")]
+        assert len(b.directions()) == 2
+    finally:
+        await client.close()
+        await stranger.close()
+
+
+async def raw_calls(url: str, bodies: list[dict]) -> list[tuple[int, str | None]]:
+    """The status and error code of a hello (a channel-hello envelope) or a bare offer each, in order, on one
+    channel opened by hand (no certificate check: the outsider's view)."""
+    statuses = []
+    async with aiohttp.ClientSession() as http, http.ws_connect(url + CHANNEL_PATH, ssl=False) as ws:
+        for i, body in enumerate(bodies, 1):
+            path = messages.CHANNEL_HELLO_PATH if "sig" in body else messages.PROVEN_OFFER_PATH
+            await ws.send_json(messages.encode(messages.ChannelCall(i, path, body)))
+            reply = messages.decode(messages.ChannelReply, (await ws.receive(5)).data)
+            statuses.append((reply.status, reply.body.get("error")))
+    return statuses

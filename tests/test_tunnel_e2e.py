@@ -15,7 +15,7 @@ from aiohttp import web
 
 from node.agent import Node, NodeError
 from ntm.tunnel import TunnelError
-from ntm import envelope, keys
+from ntm import envelope, keys, messages
 from labkit.dcnet import local_app, metric, raw_http, register, until
 
 SECRET = b"attack at dawn: the plaintext the relay must never see"
@@ -62,7 +62,8 @@ async def test_metrics_say_what_happened(pair, net):
     assert metric(dc1, "ntm_dc_chain_submit_lag_seconds_count") >= 1
     assert metric(dc1, "ntm_dc_direction_seconds_count", route="direct") >= 1
     assert metric(dc1, "ntm_dc_routes_total", route="direct") >= 1
-    assert metric(dc1, "ntm_dc_federation_calls_total", call="/v1/federation/direction-offer", outcome="ok") >= 1
+    offers = metric(dc1, "ntm_dc_federation_calls_total", call=messages.PROVEN_OFFER_PATH, outcome="ok")
+    assert offers >= 1  # on the TLS channel that DC 1 proved itself on (§8.6)
     assert metric(dc2, "ntm_dc_relay_bookings_total") >= 1  # the fallback, booked by the peer's DC (§8.5)
     assert metric(dc1, "ntm_dc_sessions") >= 1 and metric(dc1, "ntm_dc_chain_ok") == 1
     assert metric(dc1, "ntm_dc_gas_balance_wei") > 0 and metric(dc1, "ntm_dc_outbox", state="pending") == 0

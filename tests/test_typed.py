@@ -58,6 +58,7 @@ ENVELOPE_KINDS = {
     messages.DIRECTION_OFFER,
     messages.DIRECTION_ANSWER,
     messages.CS_NOTICE,
+    messages.CHANNEL_HELLO,
     messages.CS_PUT,
     messages.CS_LIST,
     messages.CS_GET,
