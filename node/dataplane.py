@@ -27,8 +27,18 @@ from daemon.tun import Tun
 from ntm import keys
 from ntm.addr import display
 from ntm.errors import NtmError
-from ntm.offload import GSO_TCPV4, GSO_TCPV6, VNET_HDR_LEN, OffloadError, VnetHdr, coalesce_buffers, split
+from ntm.offload import (
+    GSO_TCPV4,
+    GSO_TCPV6,
+    VNET_HDR_LEN,
+    OffloadError,
+    VnetHdr,
+    coalesce_buffers,
+    split,
+    split_into,
+)
 from ntm.overlay import (
+    IPV6_HEADER,
     KIND_APP,
     KIND_FRAG,
     KIND_GROUP,
@@ -112,12 +122,13 @@ class DataPlane:
         if peer is not None:
             self._to_peer(peer, pkt)
 
-    def from_tun_vnet(self, buf: bytes) -> None:
+    def from_tun_vnet(self, buf: memoryview) -> None:
         """One read from an offloading TUN: a virtio-net header and a packet that may stand for
-        many (TSO/USO); its segments, no longer than the peer's path carries, go as from_tun's."""
+        many (TSO/USO); its segments, no longer than the peer's path carries, go as from_tun's. A
+        TCP super-packet to an open tunnel is cut in place in `buf` (the TUN's read buffer) and
+        sealed from there (split_into, send_segments): no bytes object per segment."""
         self.node.endpoint.hold()
-        pkt = buf[VNET_HDR_LEN:]
-        peer = self.overlay.outbound(pkt)
+        peer = self.overlay.outbound(bytes(buf[VNET_HDR_LEN : VNET_HDR_LEN + IPV6_HEADER]))  # reads the headers only
         if peer is None:
             return
         t = self.by_peer.get(peer)
@@ -127,19 +138,24 @@ class DataPlane:
         max_len = t.channel.inner_mtu if t is not None else 65535
         try:
             hdr = VnetHdr.unpack(buf)
-            segments = split(hdr, pkt, max_len, peer in self.csum_partial)
+            if t is not None and hdr.gso_type in (GSO_TCPV4, GSO_TCPV6):
+                # a TCP super-packet's segments: each fits the path, none is a SYN (no MSS clamp)
+                segments = split_into(hdr, buf, VNET_HDR_LEN, len(buf), max_len, peer in self.csum_partial)
+                try:
+                    t.channel.send_segments(buf, segments)
+                    return
+                except NtmError:
+                    # keys exhausted or the tunnel just ended: the rest queued, the tunnel reopened
+                    for a, b in segments:
+                        self._to_peer(peer, bytes(buf[a:b]))
+                    return
+            pkts = split(hdr, bytes(buf[VNET_HDR_LEN:]), max_len, peer in self.csum_partial)
         except OffloadError as exc:
             self.stats["offload_errors"] += 1  # the kernel never sends these: count, never raise
             log.debug("TUN read dropped: %s", exc)
             return
-        if t is not None and hdr.gso_type in (GSO_TCPV4, GSO_TCPV6):
-            try:  # a TCP super-packet's segments: each fits the path, none is a SYN (no MSS clamp)
-                t.channel.send_many(segments)
-                return
-            except NtmError:
-                pass  # keys exhausted or the tunnel just ended: all queued and reopened (TCP drops duplicates)
-        for seg in segments:
-            self._to_peer(peer, seg)
+        for pkt in pkts:
+            self._to_peer(peer, pkt)
 
     def _to_peer(self, peer: bytes, pkt: bytes) -> None:
         t = self.by_peer.get(peer)

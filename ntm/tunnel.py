@@ -23,7 +23,8 @@ import enum
 import os
 import struct
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from itertools import chain
+from typing import Callable, Iterable, Sequence
 
 import coincurve
 from cryptography.exceptions import InvalidTag
@@ -54,6 +55,7 @@ from ntm.packet import (
     PING_ID_LEN,
     PREFIX_LEN,
     PROBE_ID_LEN,
+    TAG_LEN,
     TOKEN_LEN,
     TRANSPORT_TYPES,
     TYPE_CLOSE,
@@ -711,6 +713,67 @@ class Session:
         self.tx_data += 1
         self.tx_bytes += len(payload)
         return header + k.send.encrypt(NONCE_PREFIX + ctr, payload, header)
+
+    def encrypt_segments(
+        self, segments: Iterable[tuple[int, int]], src: memoryview, out: memoryview, now: float
+    ) -> list[int]:
+        """encrypt() for each payload `src[a:b]` that `segments` yields, the DATA packets sealed one
+        after the other into `out` from its start (AES-GCM straight into place: no bytes object per
+        packet). Returns where each packet ends in `out`. A segment is sealed before the next is
+        asked for (ntm/offload.split_into rewrites the source in place). TunnelError when the first
+        cannot go (no keys, keys used up); on a later one, the run ends before it (that one is lost,
+        as on the network; the rest stay in `segments`)."""
+        k = self.current
+        if k is None or not k.send_ok or now >= k.rekey_time:
+            return self._encrypt_segments_slow(segments, src, out, 0, now)
+        seal, prefix, soft = k.send.encrypt_into, self._data_prefix, k.soft_limit
+        n = k.counter
+        pos, nbytes, ends, rest = 0, 0, [], None
+        try:
+            for a, b in segments:
+                size = b - a
+                if n >= soft or size > MAX_PAYLOAD:  # a rekey is due, or too long: encrypt() decides
+                    rest = (a, b)
+                    break
+                ctr = _Q.pack(n)
+                header = prefix + ctr
+                end = pos + HEADER_LEN + size + TAG_LEN
+                out[pos : pos + HEADER_LEN] = header
+                seal(NONCE_PREFIX + ctr, src[a:b], header, out[pos + HEADER_LEN : end])
+                n += 1
+                nbytes += size
+                ends.append(end)
+                pos = end
+        finally:
+            k.counter = n  # whatever happens (an `out` too short), a counter is never used twice
+            self._count_sent(len(ends), nbytes, now)
+        if rest is not None:
+            ends += self._encrypt_segments_slow(chain((rest,), segments), src, out, pos, now)
+        return ends
+
+    def _count_sent(self, packets: int, nbytes: int, now: float) -> None:
+        if packets:
+            self.last_sent = now
+            self.tx_data += packets
+            self.tx_bytes += nbytes
+
+    def _encrypt_segments_slow(
+        self, segments: Iterable[tuple[int, int]], src: memoryview, out: memoryview, pos: int, now: float
+    ) -> list[int]:
+        """encrypt_segments from `out[pos]` on, through encrypt() one by one (keys missing, expiring
+        or near their limit): its checks, counters and count-triggered rekey."""
+        ends: list[int] = []
+        for a, b in segments:
+            try:
+                pkt = self.encrypt(bytes(src[a:b]), now)
+            except TunnelError:
+                if ends or pos:
+                    return ends
+                raise
+            out[pos : pos + len(pkt)] = pkt
+            pos += len(pkt)
+            ends.append(pos)
+        return ends
 
     def _encrypt_slow(self, payload: bytes, now: float) -> bytes:
         if len(payload) > MAX_PAYLOAD:

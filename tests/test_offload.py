@@ -534,7 +534,7 @@ def test_partial_checksums_only_to_a_peer_that_said_it_finishes_them():
         inner_mtu=1400,
         closed=False,
         send_nowait=sent.append,
-        send_many=sent.extend,
+        send_segments=lambda buf, segments: sent.extend(bytes(buf[a:b]) for a, b in segments),
         set_receiver=lambda f, many=None: None,
     )
     overlay = SimpleNamespace(addresses=lambda p: (None, v4), outbound=lambda p: peer)
@@ -549,7 +549,7 @@ def test_partial_checksums_only_to_a_peer_that_said_it_finishes_them():
         if view is not None:
             dp._from_tunnel(peer, tunnel, view)  # type: ignore[arg-type]
         sent.clear()
-        dp.from_tun_vnet(hdr.pack() + pkt)
+        dp.from_tun_vnet(memoryview(bytearray(hdr.pack() + pkt)))
         return list(sent)
 
     assert segments_after(None) == full  # no VIEW yet
