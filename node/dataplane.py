@@ -32,8 +32,8 @@ from ntm.offload import (
     GSO_TCPV6,
     VNET_HDR_LEN,
     OffloadError,
+    Coalescer,
     VnetHdr,
-    coalesce_buffers,
     split,
     split_into,
 )
@@ -88,7 +88,8 @@ class DataPlane:
         self.stats = dict.fromkeys(
             ("queued", "queue_drops", "open_failures", "opens", "app_rx", "junk_rx", "too_big", "offload_errors"), 0
         )
-        self._to_write: list[bytes] = []  # packets for TUN, coalesced once the socket is drained
+        self._coalescer: Coalescer | None = None  # packets for TUN, written once the socket is drained
+        self._run_peer: bytes | None = None  # whose IPv6 packet the coalescer took last (see _from_tunnel_many)
         self._frag_id = 0  # numbers the packets split: IPv6 for a path below 1280 (§10.4), QUIC (§10.9)
         self._reasm: dict[bytes, Reassembly] = {}
         self.tasks = BackgroundTasks()
@@ -307,10 +308,19 @@ class DataPlane:
         self._to_tun(peer, t, payload)
 
     def _from_tunnel_many(self, peer: bytes, t: Tunnel, payloads: list[bytes]) -> None:
-        """The payloads of one read (a GRO run), in order: _from_tunnel's."""
-        from_tunnel = self._from_tunnel
+        """The payloads of one read (a GRO run), in order: _from_tunnel's. A segment that continues
+        the run of the same peer's previous IPv6 packet joins it at once: its addresses are that
+        run's first's (Coalescer.join compares them), which overlay.inbound passed for this peer,
+        so inbound would pass it too, unchanged (and count it: counted here)."""
+        from_tunnel, c, joined = self._from_tunnel, self._coalescer, 0
         for payload in payloads:
+            if c is not None and self._run_peer == peer and c.join(payload):
+                joined += 1
+                continue
             from_tunnel(peer, t, payload)
+            c = self._coalescer
+        if joined:
+            self.overlay.stats["rx_ipv6"] += joined
 
     def _to_tun(self, peer: bytes, t: Tunnel, payload: bytes) -> None:
         """An IP packet from `peer`'s tunnel: checked and translated (overlay), then written to TUN
@@ -323,9 +333,12 @@ class DataPlane:
             if not self.tun.vnet:
                 self.tun.write(pkt)
                 return
-            if not self._to_write:
+            c = self._coalescer
+            if c is None:
+                c = self._coalescer = Coalescer()
                 asyncio.get_running_loop().call_soon(self._write_coalesced)
-            self._to_write.append(pkt)
+            c.add(pkt)
+            self._run_peer = peer if pkt[0] >> 4 == 6 else None  # an IPv4 run holds translated headers
 
     def _view(self, peer: bytes, t: Tunnel, payload: bytes) -> None:
         """The peer says where it sees this node (§10.2); it gets ours back if it asks."""
@@ -360,9 +373,9 @@ class DataPlane:
     def _write_coalesced(self) -> None:
         """Write what arrived in this event-loop turn (the socket drained, up to RECV_BATCH GRO
         reads), consecutive segments of each TCP flow as one GSO super-packet."""
-        pkts, self._to_write = self._to_write, []
-        if self.tun is not None:
-            for bufs in coalesce_buffers(pkts):
+        c, self._coalescer = self._coalescer, None
+        if self.tun is not None and c is not None:
+            for bufs in c.writes():
                 self.tun.write_buffers(bufs)
 
     def send_quic(self, peer: bytes, payload: bytes) -> None:

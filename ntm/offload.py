@@ -287,7 +287,21 @@ def finish_later(pkt: bytes) -> tuple[bytes, bytes]:
 class _Run:
     """Segments of one TCP flow joined so far."""
 
-    __slots__ = ("head", "parts", "l4", "hl", "v6", "size", "next_seq", "id_step", "length", "ended", "same", "vary")
+    __slots__ = (
+        "head",
+        "parts",
+        "l4",
+        "hl",
+        "v6",
+        "size",
+        "next_seq",
+        "id_step",
+        "length",
+        "limit",
+        "ended",
+        "same",
+        "vary",
+    )
 
     def __init__(self, pkt: bytes, l4: int, hl: int, v6: bool) -> None:
         self.head = pkt[:hl]
@@ -297,9 +311,10 @@ class _Run:
         self.next_seq = (_I.unpack_from(pkt, l4 + 4)[0] + self.size) & 0xFFFFFFFF
         self.id_step: int | None = None  # IPv4 IDs: counting up (1), or fixed with DF set (0)
         self.length = len(pkt)
-        self.ended = bool(pkt[l4 + 13] & TCP_PSH)
+        self.limit = MAX_COALESCED + (40 if v6 else 0)  # IPv6's length field leaves out its header
+        self.ended = bool(pkt[l4 + 13] & TCP_PSH)  # (or, once taken, a segment shorter than the first)
         same, self.vary = _shape(v6, hl)
-        self.same = (same, same.unpack_from(pkt))
+        self.same = (same.unpack_from, same.unpack_from(pkt))
 
     def take(self, pkt: bytes) -> bool:
         """Append `pkt` if it is the next segment of this run's flow and joins it as the kernel's
@@ -308,16 +323,10 @@ class _Run:
         compare the headers (the common case, a run's next segment, costs no flow lookup)."""
         n, hl = len(pkt), self.hl
         size = n - hl
-        if (
-            self.ended
-            or size <= 0
-            or size > self.size
-            or len(self.parts[-1]) < self.size
-            or self.length + size > MAX_COALESCED + (40 if self.v6 else 0)
-        ):
+        if self.ended or size <= 0 or size > self.size or self.length + size > self.limit:
             return False
         same, fixed = self.same
-        if same.unpack_from(pkt) != fixed:
+        if same(pkt) != fixed:
             return False  # another flow, ack, window, options, TOS, TTL, DF...
         if self.v6:
             length, seq, flags = self.vary.unpack_from(pkt)
@@ -339,6 +348,8 @@ class _Run:
         self.parts.append(memoryview(pkt)[hl:])
         self.next_seq = (seq + size) & 0xFFFFFFFF
         self.length += size
+        if size < self.size:
+            self.ended = True  # a short segment is the last GSO may cut
         if flags & TCP_PSH:
             self.ended = True
             head = bytearray(self.head)
@@ -415,25 +426,48 @@ def coalesce_buffers(pkts: list[bytes]) -> list[list[bytes | memoryview]]:
     consecutive in-order segments of one TCP flow become one GSO packet; anything else (other
     protocols, out of order, SYN/FIN/RST/URG) goes alone (finish_later: the kernel completes
     TCP/UDP checksums, so a peer may leave them partial)."""
-    out: list[_Run | list[bytes | memoryview]] = []
-    open_runs: dict[bytes, _Run] = {}
-    last: _Run | None = None  # the run the previous packet joined or started
+    c = Coalescer()
     for pkt in pkts:
-        if last is not None and last.take(pkt):
-            continue
-        last = None
+        c.add(pkt)
+    return c.writes()
+
+
+class Coalescer:
+    """coalesce_buffers one packet at a time, as they arrive (the data plane adds what one
+    event-loop turn receives, then takes the writes)."""
+
+    __slots__ = ("out", "open_runs", "last")
+
+    def __init__(self) -> None:
+        self.out: list[_Run | list[bytes | memoryview]] = []
+        self.open_runs: dict[bytes, _Run] = {}
+        self.last: _Run | None = None  # the run the previous packet joined or started
+
+    def join(self, pkt: bytes) -> bool:
+        """Add `pkt` if it is the next segment of the run the previous packet joined or started
+        (its headers but for lengths, ID, sequence, PSH and checksums are that run's first's)."""
+        last = self.last
+        return last is not None and last.take(pkt)
+
+    def add(self, pkt: bytes) -> None:
+        if self.join(pkt):
+            return
+        self.last = None
         flow = _tcp_flow(pkt)
         hl = _can_join(pkt, flow[1], flow[2]) if flow is not None else 0
         if flow is None or not hl:
             if flow:
-                open_runs.pop(flow[0], None)  # nothing of its flow may overtake it
-            out.append(list(finish_later(pkt)))
-            continue
+                self.open_runs.pop(flow[0], None)  # nothing of its flow may overtake it
+            self.out.append(list(finish_later(pkt)))
+            return
         key, l4, v6 = flow
-        run = open_runs.get(key)
+        run = self.open_runs.get(key)
         if run is not None and run.hl == hl and run.take(pkt):
-            last = run
-            continue
-        run = last = open_runs[key] = _Run(pkt, l4, hl, v6)
-        out.append(run)
-    return [item.buffers() if isinstance(item, _Run) else item for item in out]
+            self.last = run
+            return
+        run = self.last = self.open_runs[key] = _Run(pkt, l4, hl, v6)
+        self.out.append(run)
+
+    def writes(self) -> list[list[bytes | memoryview]]:
+        """What to write, in order (each a virtio-net header and the packet's pieces, one writev)."""
+        return [item.buffers() if isinstance(item, _Run) else item for item in self.out]

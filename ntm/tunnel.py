@@ -123,6 +123,7 @@ UNVERIFIED_ATTEMPTS = 1
 NONCE_PREFIX = b"\x00\x00\x00\x00"
 _Q = struct.Struct("!Q")
 _HEADER_UNPACK = HEADER.unpack_from
+_NONCE = struct.Struct("!4xQ").pack  # NONCE_PREFIX + the 8-byte counter: the AES-GCM nonce (§7)
 
 
 class TunnelError(NtmError):
@@ -735,11 +736,10 @@ class Session:
                 if n >= soft or size > MAX_PAYLOAD:  # a rekey is due, or too long: encrypt() decides
                     rest = (a, b)
                     break
-                ctr = _Q.pack(n)
-                header = prefix + ctr
+                header = prefix + _Q.pack(n)
                 end = pos + HEADER_LEN + size + TAG_LEN
                 out[pos : pos + HEADER_LEN] = header
-                seal(NONCE_PREFIX + ctr, src[a:b], header, out[pos + HEADER_LEN : end])
+                seal(_NONCE(n), src[a:b], header, out[pos + HEADER_LEN : end])
                 n += 1
                 nbytes += size
                 ends.append(end)
@@ -1004,7 +1004,9 @@ class Session:
             top, bits, size, mask = w.top, w.bits, w.size, w.mask
         path_id, reject_msgs, nbytes, events = self.path_id, self._reject_msgs, 0, []
         while off < end:
-            stop = min(off + seg, end)
+            stop = off + seg
+            if stop > end:
+                stop = end
             if stop - off >= MIN_TRANSPORT_LEN:
                 kind, path, counter = _HEADER_UNPACK(buf, off)
                 if path != path_id:
@@ -1016,9 +1018,7 @@ class Session:
                     and (counter > top or (top - counter < size and not (bits >> (top - counter)) & 1))
                 ):
                     try:
-                        plain = decrypt(
-                            NONCE_PREFIX + buf[off + 9 : off + 17], buf[off + 17 : stop], buf[off : off + 17]
-                        )
+                        plain = decrypt(_NONCE(counter), buf[off + 17 : stop], buf[off : off + 17])
                     except InvalidTag:
                         pass  # the slow path counts it
                     else:
