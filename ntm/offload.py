@@ -186,13 +186,26 @@ def _cut(
     n = end - start
     i, off = 0, hl
     pack_into, from_bytes = struct.pack_into, int.from_bytes
+    mid = None  # partial: the headers of a full segment after the first; the next ones differ only in seq and ID
     while off < n:
         e = off + size
         if e >= n:
             e = n
+        h = start + off - hl  # this segment's headers go just ahead of its payload
+        if mid is not None and e < n:
+            view[h : h + hl] = mid
+            if tcp:
+                pack_into("!I", buf, h + l4 + 4, (seq0 + off - hl) & 0xFFFFFFFF)
+            if not v6:
+                ident = (id0 + i) & 0xFFFF
+                pack_into("!H", buf, h + 4, ident)
+                pack_into("!H", buf, h + 10, 0xFFFF - ((ip_sum + hl + size + ident) % 0xFFFF or 0xFFFF))
+            yield h, start + e
+            i += 1
+            off = e
+            continue
         total = hl + e - off
         l4_len = total - l4
-        h = start + off - hl  # this segment's headers go just ahead of its payload
         view[h : h + hl] = base
         if partial:
             pack_into("!H", buf, h + at, (pseudo + l4_len) % 0xFFFF or 0xFFFF)
@@ -221,6 +234,8 @@ def _cut(
             ident = (id0 + i) & 0xFFFF
             pack_into("!HH", buf, h + 2, total, ident)
             pack_into("!H", buf, h + 10, 0xFFFF - ((ip_sum + total + ident) % 0xFFFF or 0xFFFF))
+        if partial and i == 1 and e < n:
+            mid = bytes(view[h : h + hl])
         yield h, start + e
         i += 1
         off = e

@@ -123,6 +123,7 @@ UNVERIFIED_ATTEMPTS = 1
 NONCE_PREFIX = b"\x00\x00\x00\x00"
 _Q = struct.Struct("!Q")
 _HEADER_UNPACK = HEADER.unpack_from
+_HEADER_PACK_INTO = HEADER.pack_into
 _NONCE = struct.Struct("!4xQ").pack  # NONCE_PREFIX + the 8-byte counter: the AES-GCM nonce (§7)
 
 
@@ -727,7 +728,7 @@ class Session:
         k = self.current
         if k is None or not k.send_ok or now >= k.rekey_time:
             return self._encrypt_segments_slow(segments, src, out, 0, now)
-        seal, prefix, soft = k.send.encrypt_into, self._data_prefix, k.soft_limit
+        seal, path, soft = k.send.encrypt_into, self.path_id, k.soft_limit
         n = k.counter
         pos, nbytes, ends, rest = 0, 0, [], None
         try:
@@ -736,10 +737,9 @@ class Session:
                 if n >= soft or size > MAX_PAYLOAD:  # a rekey is due, or too long: encrypt() decides
                     rest = (a, b)
                     break
-                header = prefix + _Q.pack(n)
                 end = pos + HEADER_LEN + size + TAG_LEN
-                out[pos : pos + HEADER_LEN] = header
-                seal(_NONCE(n), src[a:b], header, out[pos + HEADER_LEN : end])
+                _HEADER_PACK_INTO(out, pos, TYPE_DATA, path, n)  # the header is the associated data
+                seal(_NONCE(n), src[a:b], out[pos : pos + HEADER_LEN], out[pos + HEADER_LEN : end])
                 n += 1
                 nbytes += size
                 ends.append(end)
