@@ -310,15 +310,17 @@ class DataPlane:
     def _from_tunnel_many(self, peer: bytes, t: Tunnel, payloads: list[bytes]) -> None:
         """The payloads of one read (a GRO run), in order: _from_tunnel's. A segment that continues
         the run of the same peer's previous IPv6 packet joins it at once: its addresses are that
-        run's first's (Coalescer.join compares them), which overlay.inbound passed for this peer,
+        run's first's (_Run.take compares them), which overlay.inbound passed for this peer,
         so inbound would pass it too, unchanged (and count it: counted here)."""
         from_tunnel, c, joined = self._from_tunnel, self._coalescer, 0
+        run = c.last if c is not None and self._run_peer == peer else None
         for payload in payloads:
-            if c is not None and self._run_peer == peer and c.join(payload):
+            if run is not None and run.take(payload):
                 joined += 1
                 continue
             from_tunnel(peer, t, payload)
             c = self._coalescer
+            run = c.last if c is not None and self._run_peer == peer else None
         if joined:
             self.overlay.stats["rx_ipv6"] += joined
 

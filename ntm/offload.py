@@ -458,14 +458,9 @@ class Coalescer:
         self.open_runs: dict[bytes, _Run] = {}
         self.last: _Run | None = None  # the run the previous packet joined or started
 
-    def join(self, pkt: bytes) -> bool:
-        """Add `pkt` if it is the next segment of the run the previous packet joined or started
-        (its headers but for lengths, ID, sequence, PSH and checksums are that run's first's)."""
-        last = self.last
-        return last is not None and last.take(pkt)
-
     def add(self, pkt: bytes) -> None:
-        if self.join(pkt):
+        last = self.last  # the run the previous packet joined or started: its next segment joins it
+        if last is not None and last.take(pkt):
             return
         self.last = None
         flow = _tcp_flow(pkt)

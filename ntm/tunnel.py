@@ -1024,7 +1024,7 @@ class Session:
                     else:
                         if counter > top:
                             shift = counter - top
-                            bits = 1 if shift >= size else ((bits << shift) | 1) & mask
+                            bits = 1 if shift >= size else (bits << shift) | 1  # masked once, at the end
                             top = counter
                         else:
                             bits |= 1 << (top - counter)
@@ -1035,7 +1035,7 @@ class Session:
             elif stop - off < PREFIX_LEN or buf[off + 1 : off + PREFIX_LEN] != path_id:
                 break
             if fast:  # the slow path reads the window: what the fast path accepted first
-                w.top, w.bits = top, bits
+                w.top, w.bits = top, bits & mask
                 fast = False
             datagram = bytes(buf[off:stop])
             if datagram[0] in TRANSPORT_TYPES:
@@ -1045,7 +1045,7 @@ class Session:
             off = stop
             break
         if fast:
-            w.top, w.bits = top, bits
+            w.top, w.bits = top, bits & mask
         if out:
             self.last_received = now
             self.rx_data += len(out)

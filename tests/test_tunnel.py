@@ -630,3 +630,18 @@ def test_encrypt_segments_refuses_without_keys_and_never_reuses_a_counter():
     with pytest.raises(ValueError):
         a.encrypt_segments(iter([(0, 10), (0, 100)]), big, memoryview(bytearray(100)), T0 + 1)
     assert a.current.counter == counter + 2 and a.tx_data == 2  # the first was sealed: its counter is gone
+
+
+def test_the_replay_window_keeps_its_size_over_a_long_run():
+    """Condition: one read longer than the replay window (2,100 packets, as a long-lived GRO
+    stream adds up), ended by a forgery (the slow path takes over the window and drops it). The
+    window written back is the 2,048-bit one receive() keeps: the oldest counters fall out of it
+    and come back as too old."""
+    a, b, _ = _twin_receivers()
+    run = [a.encrypt(b"", T0 + 1) for _ in range(REPLAY_WINDOW + 52)]
+    forged = a.encrypt(b"", T0 + 1)
+    buf = memoryview(bytearray(b"".join(run) + forged[:-1] + bytes([forged[-1] ^ 1])))
+    assert len(b.receive_run(buf, 0, len(buf), len(run[0]), ADDR_A, T0 + 1)[0]) == len(run)
+    assert b.stats["drop_bad_tag"] == 1
+    assert b.current.window.bits == (1 << REPLAY_WINDOW) - 1
+    assert b.receive(run[0], ADDR_A, T0 + 1) == [] and b.stats["drop_too_old"] == 1
