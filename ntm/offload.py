@@ -113,7 +113,7 @@ def split(hdr: VnetHdr, pkt: bytes, max_len: int, partial: bool = False) -> list
         if hdr.flags & F_NEEDS_CSUM and not (partial and csum_at(pkt) == hdr.csum_start + hdr.csum_offset):
             return [complete_checksum(pkt, hdr.csum_start, hdr.csum_offset)]
         return [pkt]
-    buf = bytearray(pkt)
+    buf = memoryview(bytearray(pkt))
     return [bytes(buf[a:b]) for a, b in split_into(hdr, buf, 0, len(buf), max_len, partial)]
 
 
