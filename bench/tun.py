@@ -24,7 +24,13 @@ TEST_S seconds each, so machine noise hits all alike.
                                                node moves to another NAT (the same connection)
 Needs root; installs iperf3, wireguard-go and wireguard-tools with apt when missing.
 
-usage: sudo .venv/bin/python bench/tun.py [--rounds 3] [--seconds 10] [--quick]
+Both ends share this machine: when the scheduler puts both daemons on one core, a round runs at
+about half the speed (issue 23: 59-94% of samples on one core -> 1.3-1.8 Gbit/s, 8-23% -> 2.4-2.7).
+`--pin` emulates two one-core machines for every overlay alike: the sending side's processes (its
+daemon or wireguard-go, iperf3's client) on CPU 0, the receiving side's on CPU 1 (the relay and
+the federation unpinned); the metrics then get a `_pinned` suffix.
+
+usage: sudo .venv/bin/python bench/tun.py [--rounds 3] [--seconds 10] [--quick] [--pin]
 `--quick`: one round of 1 s iperf3 tests and a 6 MB handover transfer: the same code paths (make test).
 """
 
@@ -59,8 +65,19 @@ QUICK_HANDOVER_BYTES = 6 * 1024 * 1024  # still running when the move comes at 1
 HANDOVER_RATE = 4e6  # bytes/s: a steady stream, so a stall is visible in the receiver's gaps
 
 
+#: CPUs of the sending and the receiving side under --pin (two one-core "machines").
+SEND_CPU, RECV_CPU = 0, 1
+#: Set by --pin: the metrics' suffix, and the sending side's CPU for iperf3's client.
+PINNED = {"suffix": "", "client": None}
+
+
 def metric(name: str, value) -> None:
-    print(f"{name}: {value}", flush=True)
+    print(f"{name}{PINNED['suffix']}: {value}", flush=True)
+
+
+def pin(pid: int, cpu: int) -> None:
+    """Run process `pid` and all its threads on `cpu` only (--pin)."""
+    subprocess.run(["taskset", "-a", "-p", "-c", str(cpu), str(pid)], check=True, capture_output=True)
 
 
 def install_missing() -> None:
@@ -167,9 +184,11 @@ def iperf(lab: Lab, client, server_addr: str, seconds: float, streams: int = 1) 
     """Mbit/s received by the server in a TCP test of `streams` parallel streams (asked again
     while the server still winds down the previous test)."""
     for _ in range(20):
+        cpu = PINNED["client"]
         r = lab.exec(
             client,
-            ["iperf3", "-c", server_addr, "-p", str(IPERF_PORT), "-t", str(seconds), "-P", str(streams), "-J"],
+            [*(["taskset", "-c", str(cpu)] if cpu is not None else []), "iperf3", "-c", server_addr]
+            + ["-p", str(IPERF_PORT), "-t", str(seconds), "-P", str(streams), "-J"],
             timeout=seconds + 30,
         )
         data = json.loads(r.stdout)
@@ -214,7 +233,10 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--quick", action="store_true", help="tiny sizes, same code paths (CI)")
+    p.add_argument("--pin", action="store_true", help="each side on its own CPU, for every overlay alike")
     args = p.parse_args()
+    if args.pin:
+        PINNED.update(suffix="_pinned", client=SEND_CPU)
     if args.quick:
         args.rounds, args.seconds = 1, 1.0
     handover_bytes = QUICK_HANDOVER_BYTES if args.quick else HANDOVER_BYTES
@@ -248,6 +270,12 @@ def main() -> int:
             time.sleep(0.3)
             ntm_pids, plain_pids = [a.proc.pid, b.proc.pid], [c.proc.pid, d.proc.pid]
             wg_pids = [pr.pid for pr in wg.procs]
+            if args.pin:  # senders (a, c, r, wireguard-go on ha) on one CPU, receivers on the other
+                for pids in (ntm_pids, plain_pids, wg_pids, [r.proc.pid, rb.proc.pid]):
+                    pin(pids[0], SEND_CPU)
+                    pin(pids[1], RECV_CPU)
+                for srv in iperf_srvs:
+                    pin(srv.pid, RECV_CPU)
             for node, peer in ((a, b), (c, d), (r, rb)):
                 node.cli("alias", "b", peer.id)  # the overlay learns the peer's address
                 open_tunnel(lab, node.host, peer.v6)

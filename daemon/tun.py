@@ -147,9 +147,19 @@ class Tun:
     def start(self, on_packet: Callable[[bytes], None], on_drained: Callable[[], None]) -> None:
         """Call `on_packet` for every packet the kernel routes into the interface, and
         `on_drained` after each batch (up to READ_BATCH packets read in one wake-up). With
-        offloads, each packet starts with its virtio-net header."""
+        offloads, each packet starts with its virtio-net header and is a writable view of one
+        reused read buffer, valid until `on_packet` returns (its segments are cut in place)."""
         self._loop = asyncio.get_running_loop()
-        fd, read = self.fd, os.read
+        fd = self.fd
+        if self.vnet:
+            buf = memoryview(bytearray(READ_SIZE))
+            readv, bufs = os.readv, [buf]
+
+            def read(fd: int, size: int) -> memoryview:
+                return buf[: readv(fd, bufs)]
+
+        else:
+            read = os.read
         batch = READ_BATCH_VNET if self.vnet else READ_BATCH
 
         def readable() -> None:

@@ -9,7 +9,7 @@ one `Inbox`, so a fix to delivery is made once.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 from ntm.clock import Clock
 from ntm.tunnel import Addr, HandshakeDone, Session, TunnelError
@@ -17,6 +17,8 @@ from ntm.tunnel import Addr, HandshakeDone, Session, TunnelError
 Receiver = Callable[[bytes], None]
 #: Takes the payloads of one read (a GRO run) in one call: no per-packet call chain.
 ManyReceiver = Callable[[list[bytes]], None]
+#: Where the packets of a buffer are, each valid until the next is asked for (ntm/offload.split_into).
+Segments = Iterator[tuple[int, int]]
 
 
 def forward(to: str, name: str, doc: str | None = None) -> Any:
@@ -28,7 +30,7 @@ class PathSender(Protocol):
     """What a Channel asks of its endpoint (node/endpoint.py's Endpoint)."""
 
     def send_data(self, s: Session, data: bytes) -> None: ...
-    def send_many(self, s: Session, datas: list[bytes]) -> None: ...
+    def send_segments(self, s: Session, buf: bytearray | memoryview, segments: Segments) -> None: ...
     def send_ping(self, s: Session) -> None: ...
     def send_close(self, s: Session) -> None: ...
     def remove(self, path_id: bytes) -> None: ...
@@ -56,7 +58,7 @@ class TunnelChannel(Protocol):
     def inner_mtu(self) -> int: ...
 
     def send_nowait(self, data: bytes) -> None: ...
-    def send_many(self, datas: list[bytes]) -> None: ...
+    def send_segments(self, buf: bytearray | memoryview, segments: Segments) -> None: ...
     async def send(self, data: bytes) -> None: ...
     async def recv(self) -> bytes: ...
     def set_receiver(self, callback: Receiver | None, many: ManyReceiver | None = None) -> None: ...
@@ -154,11 +156,12 @@ class Channel:
             raise TunnelError("channel is closed")
         self.endpoint.send_data(self.session, data)
 
-    def send_many(self, datas: list[bytes]) -> None:
-        """send_nowait for each of `datas` in one call (a TUN super-packet's segments)."""
+    def send_segments(self, buf: bytearray | memoryview, segments: Segments) -> None:
+        """send_nowait for each packet `buf[a:b]` that `segments` yields, in one call (a TUN
+        super-packet cut in place: Endpoint.send_segments)."""
         if self.closed:
             raise TunnelError("channel is closed")
-        self.endpoint.send_many(self.session, datas)
+        self.endpoint.send_segments(self.session, buf, segments)
 
     async def send(self, data: bytes) -> None:
         self.send_nowait(data)
@@ -258,11 +261,11 @@ class Link:
         self.last_app = self.clock.now()
         self.current.send_nowait(data)
 
-    def send_many(self, datas: list[bytes]) -> None:
+    def send_segments(self, buf: bytearray | memoryview, segments: Segments) -> None:
         if self.closed:
             raise TunnelError("tunnel is closed")
         self.last_app = self.clock.now()
-        self.current.send_many(datas)
+        self.current.send_segments(buf, segments)
 
     async def send(self, data: bytes) -> None:
         self.send_nowait(data)

@@ -27,8 +27,18 @@ from daemon.tun import Tun
 from ntm import keys
 from ntm.addr import display
 from ntm.errors import NtmError
-from ntm.offload import GSO_TCPV4, GSO_TCPV6, VNET_HDR_LEN, OffloadError, VnetHdr, coalesce_buffers, split
+from ntm.offload import (
+    GSO_TCPV4,
+    GSO_TCPV6,
+    VNET_HDR_LEN,
+    OffloadError,
+    Coalescer,
+    VnetHdr,
+    split,
+    split_into,
+)
 from ntm.overlay import (
+    IPV6_HEADER,
     KIND_APP,
     KIND_FRAG,
     KIND_GROUP,
@@ -78,7 +88,8 @@ class DataPlane:
         self.stats = dict.fromkeys(
             ("queued", "queue_drops", "open_failures", "opens", "app_rx", "junk_rx", "too_big", "offload_errors"), 0
         )
-        self._to_write: list[bytes] = []  # packets for TUN, coalesced once the socket is drained
+        self._coalescer: Coalescer | None = None  # packets for TUN, written once the socket is drained
+        self._run_peer: bytes | None = None  # whose IPv6 packet the coalescer took last (see _from_tunnel_many)
         self._frag_id = 0  # numbers the packets split: IPv6 for a path below 1280 (§10.4), QUIC (§10.9)
         self._reasm: dict[bytes, Reassembly] = {}
         self.tasks = BackgroundTasks()
@@ -112,12 +123,13 @@ class DataPlane:
         if peer is not None:
             self._to_peer(peer, pkt)
 
-    def from_tun_vnet(self, buf: bytes) -> None:
+    def from_tun_vnet(self, buf: memoryview) -> None:
         """One read from an offloading TUN: a virtio-net header and a packet that may stand for
-        many (TSO/USO); its segments, no longer than the peer's path carries, go as from_tun's."""
+        many (TSO/USO); its segments, no longer than the peer's path carries, go as from_tun's. A
+        TCP super-packet to an open tunnel is cut in place in `buf` (the TUN's read buffer) and
+        sealed from there (split_into, send_segments): no bytes object per segment."""
         self.node.endpoint.hold()
-        pkt = buf[VNET_HDR_LEN:]
-        peer = self.overlay.outbound(pkt)
+        peer = self.overlay.outbound(bytes(buf[VNET_HDR_LEN : VNET_HDR_LEN + IPV6_HEADER]))  # reads the headers only
         if peer is None:
             return
         t = self.by_peer.get(peer)
@@ -127,19 +139,24 @@ class DataPlane:
         max_len = t.channel.inner_mtu if t is not None else 65535
         try:
             hdr = VnetHdr.unpack(buf)
-            segments = split(hdr, pkt, max_len, peer in self.csum_partial)
+            if t is not None and hdr.gso_type in (GSO_TCPV4, GSO_TCPV6):
+                # a TCP super-packet's segments: each fits the path, none is a SYN (no MSS clamp)
+                segments = split_into(hdr, buf, VNET_HDR_LEN, len(buf), max_len, peer in self.csum_partial)
+                try:
+                    t.channel.send_segments(buf, segments)
+                    return
+                except NtmError:
+                    # keys exhausted or the tunnel just ended: the rest queued, the tunnel reopened
+                    for a, b in segments:
+                        self._to_peer(peer, bytes(buf[a:b]))
+                    return
+            pkts = split(hdr, bytes(buf[VNET_HDR_LEN:]), max_len, peer in self.csum_partial)
         except OffloadError as exc:
             self.stats["offload_errors"] += 1  # the kernel never sends these: count, never raise
             log.debug("TUN read dropped: %s", exc)
             return
-        if t is not None and hdr.gso_type in (GSO_TCPV4, GSO_TCPV6):
-            try:  # a TCP super-packet's segments: each fits the path, none is a SYN (no MSS clamp)
-                t.channel.send_many(segments)
-                return
-            except NtmError:
-                pass  # keys exhausted or the tunnel just ended: all queued and reopened (TCP drops duplicates)
-        for seg in segments:
-            self._to_peer(peer, seg)
+        for pkt in pkts:
+            self._to_peer(peer, pkt)
 
     def _to_peer(self, peer: bytes, pkt: bytes) -> None:
         t = self.by_peer.get(peer)
@@ -291,10 +308,21 @@ class DataPlane:
         self._to_tun(peer, t, payload)
 
     def _from_tunnel_many(self, peer: bytes, t: Tunnel, payloads: list[bytes]) -> None:
-        """The payloads of one read (a GRO run), in order: _from_tunnel's."""
-        from_tunnel = self._from_tunnel
+        """The payloads of one read (a GRO run), in order: _from_tunnel's. A segment that continues
+        the run of the same peer's previous IPv6 packet joins it at once: its addresses are that
+        run's first's (_Run.take compares them), which overlay.inbound passed for this peer,
+        so inbound would pass it too, unchanged (and count it: counted here)."""
+        from_tunnel, c, joined = self._from_tunnel, self._coalescer, 0
+        run = c.last if c is not None and self._run_peer == peer else None
         for payload in payloads:
+            if run is not None and run.take(payload):
+                joined += 1
+                continue
             from_tunnel(peer, t, payload)
+            c = self._coalescer
+            run = c.last if c is not None and self._run_peer == peer else None
+        if joined:
+            self.overlay.stats["rx_ipv6"] += joined
 
     def _to_tun(self, peer: bytes, t: Tunnel, payload: bytes) -> None:
         """An IP packet from `peer`'s tunnel: checked and translated (overlay), then written to TUN
@@ -307,9 +335,12 @@ class DataPlane:
             if not self.tun.vnet:
                 self.tun.write(pkt)
                 return
-            if not self._to_write:
+            c = self._coalescer
+            if c is None:
+                c = self._coalescer = Coalescer()
                 asyncio.get_running_loop().call_soon(self._write_coalesced)
-            self._to_write.append(pkt)
+            c.add(pkt)
+            self._run_peer = peer if pkt[0] >> 4 == 6 else None  # an IPv4 run holds translated headers
 
     def _view(self, peer: bytes, t: Tunnel, payload: bytes) -> None:
         """The peer says where it sees this node (§10.2); it gets ours back if it asks."""
@@ -344,9 +375,9 @@ class DataPlane:
     def _write_coalesced(self) -> None:
         """Write what arrived in this event-loop turn (the socket drained, up to RECV_BATCH GRO
         reads), consecutive segments of each TCP flow as one GSO super-packet."""
-        pkts, self._to_write = self._to_write, []
-        if self.tun is not None:
-            for bufs in coalesce_buffers(pkts):
+        c, self._coalescer = self._coalescer, None
+        if self.tun is not None and c is not None:
+            for bufs in c.writes():
                 self.tun.write_buffers(bufs)
 
     def send_quic(self, peer: bytes, payload: bytes) -> None:

@@ -21,7 +21,8 @@ import os
 import socket
 import sys
 from dataclasses import replace
-from typing import Awaitable, Callable, Protocol, Sequence
+from itertools import chain, islice
+from typing import Awaitable, Callable, Iterator, Protocol, Sequence
 
 import coincurve
 
@@ -33,7 +34,7 @@ from node.state import TUNNEL_PORT
 from ntm.addr import Addr, for_socket
 from ntm.clock import SYSTEM, Clock
 from ntm.handshake import Rand
-from ntm.packet import KNOWN_TYPES, PREFIX_LEN, TYPE_HANDSHAKE_REQUEST
+from ntm.packet import KNOWN_TYPES, MIN_TRANSPORT_LEN, PREFIX_LEN, TYPE_HANDSHAKE_REQUEST
 from ntm.pmtu import CONTROL, MAX_MTU, PathMtu
 from ntm.tunnel import (
     Data,
@@ -76,6 +77,7 @@ class Bind(Protocol):
     sendto: Callable[[bytes, Addr], None]
 
     def send_batch(self, items: list[tuple[bytes, Addr]]) -> None: ...
+    def send_run(self, buf: memoryview, ends: list[int], addr: Addr) -> None: ...
     def close(self) -> None: ...
 
 
@@ -213,23 +215,37 @@ class UdpBind:
                 self._send_gso([d for d, _ in items[i:j]], size, addr)
             i = j
 
+    def send_run(self, buf: memoryview, ends: list[int], addr: Addr) -> None:
+        """Send the datagrams laid one after the other in `buf`, ending at `ends` (all of one size
+        but the last, which may be shorter), in one GSO sendmsg straight from `buf`."""
+        if len(ends) == 1 or not self.gso or not self._gso([buf[: ends[-1]]], ends[0], addr):
+            start = 0
+            for end in ends:
+                self.sendto(buf[start:end], addr)
+                start = end
+
     def _send_gso(self, datagrams: list[bytes], size: int, addr: Addr) -> None:
+        # One iovec per datagram: the kernel gathers them (no 64 KB join here).
+        if not self._gso(datagrams, size, addr):
+            for d in datagrams:
+                self.sendto(d, addr)
+
+    def _gso(self, buffers: list, size: int, addr: Addr) -> bool:
+        """One GSO sendmsg of `buffers`, cut every `size` bytes; False if the datagrams must go
+        one by one instead (too long for the route's MTU, or no UDP GSO here)."""
         try:
-            # One iovec per datagram: the kernel gathers them (no 64 KB join here).
-            udpgso.send_gso(self.sock, datagrams, size, addr)
+            udpgso.send_gso(self.sock, buffers, size, addr)
         except OSError as exc:
             if exc.errno == errno.EMSGSIZE:
                 # A segment longer than the route's MTU (ICMP taught the kernel a smaller path MTU,
                 # or the uplink is smaller): never drop the batch, send it one datagram at a time.
                 self._too_big(addr)
-                for d in datagrams:
-                    self.sendto(d, addr)
-            elif exc.errno in udpgso.NO_GSO_ERRNOS:
+                return False
+            if exc.errno in udpgso.NO_GSO_ERRNOS:
                 self.gso = False  # no UDP GSO on this kernel or path: one sendto each from now on
-                for d in datagrams:
-                    self.sendto(d, addr)
-            else:
-                self.on_error()
+                return False
+            self.on_error()
+        return True
 
     def _readable(self) -> None:
         recv_into, view, receive, run = self.sock.recvmsg_into, self._view, self.receive, self.receive_run
@@ -303,6 +319,8 @@ class Endpoint:
         # Relays reached over a TCP stream instead of UDP (§8.4), by the relay's UDP address
         self.streams: dict[Addr, RelayStream] = {}
         self._batch: list[tuple[bytes, Addr]] | None = None  # data packets held by hold() until flush()
+        # send_segments seals a GSO run here: 64 KB holds the longest datagram, or a run of GSO_MAX_BYTES
+        self._out = memoryview(bytearray(udpgso.RECV_BUFFER))
         # Datagrams that are not tunnel packets (e.g. the DC's keepalive replies) go here.
         self.on_control: Callable[[bytes, Addr], None] | None = None
         # ... except those whose first byte is a key here (the standby probe replies: node/standby.py).
@@ -541,18 +559,28 @@ class Endpoint:
         if s.has_output:  # a count-triggered rekey Request
             self._flush(s.datagrams_to_send())
 
-    def send_many(self, s: Session, datas: list[bytes]) -> None:
-        """send_data for each of `datas`, held for one flush if a caller holds (TunnelError from
-        the first that cannot go: the ones before it still go)."""
-        now, encrypt, addr = self.now(), s.encrypt, s.peer_addr
-        batch = self._batch if self._batch is not None else []
-        try:
-            for data in datas:
-                batch.append((encrypt(data, now), addr))
-        finally:
-            if self._batch is None:
-                for pkt, to in batch:
-                    self._sendto_raw(pkt, to)
+    def send_segments(self, s: Session, buf: bytearray | memoryview, segments: Iterator[tuple[int, int]]) -> None:
+        """send_data for each packet `buf[a:b]` that `segments` yields (a TUN super-packet's, cut in
+        place by ntm/offload.split_into: all of one length but the last), sealed straight into one
+        send buffer and sent in runs of one GSO sendmsg each: no bytes object per packet. What a
+        caller holds goes first (the wire keeps the counters' order). TunnelError as
+        Session.encrypt_segments (the segments not sent stay in `segments`)."""
+        assert self.bind is not None
+        if self._batch:
+            self.flush()
+            self.hold()
+        src, out, addr, now = memoryview(buf), self._out, s.peer_addr, self.now()
+        stream = self.streams.get(addr) if self.streams else None  # type: ignore[arg-type]
+        for first in segments:
+            per_send = max(
+                1, min(udpgso.GSO_MAX_SEGMENTS, udpgso.GSO_MAX_BYTES // (first[1] - first[0] + MIN_TRANSPORT_LEN))
+            )
+            ends = s.encrypt_segments(chain((first,), islice(segments, per_send - 1)), src, out, now)
+            if stream is not None:  # a relay reached over a stream: one frame per datagram
+                for start, end in zip([0, *ends], ends):
+                    stream.send(bytes(out[start:end]))
+            elif ends:
+                self.bind.send_run(out, ends, addr)  # type: ignore[arg-type]
             if s.has_output:  # a count-triggered rekey Request
                 self._flush(s.datagrams_to_send())
 

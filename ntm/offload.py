@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import struct
 from dataclasses import dataclass
+from typing import Iterator
 
 from ntm.errors import NtmError
 
@@ -112,8 +113,22 @@ def split(hdr: VnetHdr, pkt: bytes, max_len: int, partial: bool = False) -> list
         if hdr.flags & F_NEEDS_CSUM and not (partial and csum_at(pkt) == hdr.csum_start + hdr.csum_offset):
             return [complete_checksum(pkt, hdr.csum_start, hdr.csum_offset)]
         return [pkt]
+    buf = memoryview(bytearray(pkt))
+    return [bytes(buf[a:b]) for a, b in split_into(hdr, buf, 0, len(buf), max_len, partial)]
+
+
+def split_into(
+    hdr: VnetHdr, buf: bytearray | memoryview, start: int, end: int, max_len: int, partial: bool = False
+) -> Iterator[tuple[int, int]]:
+    """split() of the GSO packet `buf[start:end]` done in place, as wireguard-go does: yields
+    (a, b) for each segment in turn, the segment being `buf[a:b]`, its headers written just ahead
+    of its payload, over the tail of the previous segment's payload. So a segment is valid only
+    until the next is asked for: the caller uses it (encrypts it elsewhere, copies it) first. All
+    segments but the last have one length (what UDP GSO needs); the last may be shorter.
+    OffloadError (before anything is written) for a header that does not describe its packet."""
     if hdr.gso_type & GSO_ECN or hdr.gso_type not in (GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4):
         raise OffloadError(f"unsupported GSO type {hdr.gso_type:#x}")
+    pkt = memoryview(buf)[start:end]
     v6 = _is_v6(pkt)
     l4 = hdr.csum_start
     tcp = hdr.gso_type != GSO_UDP_L4
@@ -131,16 +146,18 @@ def split(hdr: VnetHdr, pkt: bytes, max_len: int, partial: bool = False) -> list
         size = min(size, max_len - hl)
         if size <= 0:
             raise OffloadError(f"headers ({hl} bytes) do not fit in {max_len}")
-    return _cut(pkt, v6, l4, hl, tcp, size, partial and l4 == (40 if v6 else (pkt[0] & 0x0F) * 4))
+    return _cut(buf, start, end, v6, l4, hl, tcp, size, partial and l4 == (40 if v6 else (pkt[0] & 0x0F) * 4))
 
 
-def _cut(pkt: bytes, v6: bool, l4: int, hl: int, tcp: bool, size: int, partial: bool) -> list[bytes]:
-    """split's loop, kept lean (it runs once per segment sent): the checksums are the sums of what
-    every segment shares, computed once, plus what changes (length, sequence, flags, ID) and the
-    segment's payload (one big-integer reduction each: 2**16 ≡ 1 mod 0xFFFF); `partial`: the
+def _cut(
+    buf: bytearray | memoryview, start: int, end: int, v6: bool, l4: int, hl: int, tcp: bool, size: int, partial: bool
+) -> Iterator[tuple[int, int]]:
+    """split_into's loop, kept lean (it runs once per segment sent): the checksums are the sums of
+    what every segment shares, computed once, plus what changes (length, sequence, flags, ID) and
+    the segment's payload (one big-integer reduction each: 2**16 ≡ 1 mod 0xFFFF); `partial`: the
     pseudo-header sum only (addresses and protocol once, plus the segment's length)."""
     at = l4 + (TCP_CSUM_AT if tcp else UDP_CSUM_AT)
-    base = bytearray(pkt[:hl])
+    base = bytearray(buf[start : start + hl])
     base[at : at + 2] = b"\0\0"
     flags = base[l4 + 13] if tcp else 0
     if tcp:
@@ -159,55 +176,69 @@ def _cut(pkt: bytes, v6: bool, l4: int, hl: int, tcp: bool, size: int, partial: 
         base[10:12] = b"\0\0"
         ip_sum = int.from_bytes(base[:l4], "big") % 0xFFFF
     # The pseudo-header (addresses, protocol) and the transport header's unchanging words.
-    pseudo = int.from_bytes(pkt[8:40] if v6 else pkt[12:20], "big") + (PROTO_TCP if tcp else PROTO_UDP)
+    pseudo = int.from_bytes(base[8:40] if v6 else base[12:20], "big") + (PROTO_TCP if tcp else PROTO_UDP)
     l4_sum = (pseudo + int.from_bytes(base[l4:], "big")) % 0xFFFF
     pseudo %= 0xFFFF
     # FIN and PSH on the last segment only, CWR on the first only (as tcp_gso_segment).
     cut_flags = flags & ~(TCP_FIN | TCP_PSH)
-    view = memoryview(pkt)
-    n = len(pkt)
-    out = []
+    base = bytes(base)
+    view = memoryview(buf)
+    n = end - start
     i, off = 0, hl
     pack_into, from_bytes = struct.pack_into, int.from_bytes
+    mid = None  # partial: the headers of a full segment after the first; the next ones differ only in seq and ID
     while off < n:
-        end = off + size
-        if end >= n:
-            end = n
-        total = hl + end - off
+        e = off + size
+        if e >= n:
+            e = n
+        h = start + off - hl  # this segment's headers go just ahead of its payload
+        if mid is not None and e < n:
+            view[h : h + hl] = mid
+            if tcp:
+                pack_into("!I", buf, h + l4 + 4, (seq0 + off - hl) & 0xFFFFFFFF)
+            if not v6:
+                ident = (id0 + i) & 0xFFFF
+                pack_into("!H", buf, h + 4, ident)
+                pack_into("!H", buf, h + 10, 0xFFFF - ((ip_sum + hl + size + ident) % 0xFFFF or 0xFFFF))
+            yield h, start + e
+            i += 1
+            off = e
+            continue
+        total = hl + e - off
         l4_len = total - l4
-        payload = view[off:end]
-        head = bytearray(base)
+        view[h : h + hl] = base
         if partial:
-            pack_into("!H", head, at, (pseudo + l4_len) % 0xFFFF or 0xFFFF)
+            pack_into("!H", buf, h + at, (pseudo + l4_len) % 0xFFFF or 0xFFFF)
         else:
-            x = from_bytes(payload, "big")
-            if (end - off) & 1:
+            x = from_bytes(view[start + off : start + e], "big")
+            if (e - off) & 1:
                 x <<= 8  # an odd last byte is the high half of a word padded with zero
         if tcp:
             seq = (seq0 + off - hl) & 0xFFFFFFFF
-            f = cut_flags if end < n else flags
+            f = cut_flags if e < n else flags
             if i:
                 f &= ~TCP_CWR
-            pack_into("!I", head, l4 + 4, seq)
-            head[l4 + 13] = f
+            pack_into("!I", buf, h + l4 + 4, seq)
+            buf[h + l4 + 13] = f
             if not partial:
                 s = (l4_sum + x + l4_len + (seq >> 16) + (seq & 0xFFFF) + f) % 0xFFFF
-                pack_into("!H", head, at, 0xFFFF - (s or 0xFFFF))
+                pack_into("!H", buf, h + at, 0xFFFF - (s or 0xFFFF))
         else:
-            pack_into("!H", head, l4 + 4, l4_len)
+            pack_into("!H", buf, h + l4 + 4, l4_len)
             if not partial:
                 s = (l4_sum + x + 2 * l4_len) % 0xFFFF
-                pack_into("!H", head, at, (0xFFFF - (s or 0xFFFF)) or 0xFFFF)
+                pack_into("!H", buf, h + at, (0xFFFF - (s or 0xFFFF)) or 0xFFFF)
         if v6:
-            pack_into("!H", head, 4, l4_len if l4 == 40 else total - 40)
+            pack_into("!H", buf, h + 4, l4_len if l4 == 40 else total - 40)
         else:
             ident = (id0 + i) & 0xFFFF
-            pack_into("!HH", head, 2, total, ident)
-            pack_into("!H", head, 10, 0xFFFF - ((ip_sum + total + ident) % 0xFFFF or 0xFFFF))
-        out.append(bytes(head) + payload)
+            pack_into("!HH", buf, h + 2, total, ident)
+            pack_into("!H", buf, h + 10, 0xFFFF - ((ip_sum + total + ident) % 0xFFFF or 0xFFFF))
+        if partial and i == 1 and e < n:
+            mid = bytes(view[h : h + hl])
+        yield h, start + e
         i += 1
-        off = end
-    return out
+        off = e
 
 
 def complete_checksum(pkt: bytes, csum_start: int, csum_offset: int) -> bytes:
@@ -271,7 +302,21 @@ def finish_later(pkt: bytes) -> tuple[bytes, bytes]:
 class _Run:
     """Segments of one TCP flow joined so far."""
 
-    __slots__ = ("head", "parts", "l4", "hl", "v6", "size", "next_seq", "id_step", "length", "ended", "same", "vary")
+    __slots__ = (
+        "head",
+        "parts",
+        "l4",
+        "hl",
+        "v6",
+        "size",
+        "next_seq",
+        "id_step",
+        "length",
+        "limit",
+        "ended",
+        "same",
+        "vary",
+    )
 
     def __init__(self, pkt: bytes, l4: int, hl: int, v6: bool) -> None:
         self.head = pkt[:hl]
@@ -281,9 +326,10 @@ class _Run:
         self.next_seq = (_I.unpack_from(pkt, l4 + 4)[0] + self.size) & 0xFFFFFFFF
         self.id_step: int | None = None  # IPv4 IDs: counting up (1), or fixed with DF set (0)
         self.length = len(pkt)
-        self.ended = bool(pkt[l4 + 13] & TCP_PSH)
+        self.limit = MAX_COALESCED + (40 if v6 else 0)  # IPv6's length field leaves out its header
+        self.ended = bool(pkt[l4 + 13] & TCP_PSH)  # (or, once taken, a segment shorter than the first)
         same, self.vary = _shape(v6, hl)
-        self.same = (same, same.unpack_from(pkt))
+        self.same = (same.unpack_from, same.unpack_from(pkt))
 
     def take(self, pkt: bytes) -> bool:
         """Append `pkt` if it is the next segment of this run's flow and joins it as the kernel's
@@ -292,16 +338,10 @@ class _Run:
         compare the headers (the common case, a run's next segment, costs no flow lookup)."""
         n, hl = len(pkt), self.hl
         size = n - hl
-        if (
-            self.ended
-            or size <= 0
-            or size > self.size
-            or len(self.parts[-1]) < self.size
-            or self.length + size > MAX_COALESCED + (40 if self.v6 else 0)
-        ):
+        if self.ended or size <= 0 or size > self.size or self.length + size > self.limit:
             return False
         same, fixed = self.same
-        if same.unpack_from(pkt) != fixed:
+        if same(pkt) != fixed:
             return False  # another flow, ack, window, options, TOS, TTL, DF...
         if self.v6:
             length, seq, flags = self.vary.unpack_from(pkt)
@@ -323,6 +363,8 @@ class _Run:
         self.parts.append(memoryview(pkt)[hl:])
         self.next_seq = (seq + size) & 0xFFFFFFFF
         self.length += size
+        if size < self.size:
+            self.ended = True  # a short segment is the last GSO may cut
         if flags & TCP_PSH:
             self.ended = True
             head = bytearray(self.head)
@@ -399,25 +441,43 @@ def coalesce_buffers(pkts: list[bytes]) -> list[list[bytes | memoryview]]:
     consecutive in-order segments of one TCP flow become one GSO packet; anything else (other
     protocols, out of order, SYN/FIN/RST/URG) goes alone (finish_later: the kernel completes
     TCP/UDP checksums, so a peer may leave them partial)."""
-    out: list[_Run | list[bytes | memoryview]] = []
-    open_runs: dict[bytes, _Run] = {}
-    last: _Run | None = None  # the run the previous packet joined or started
+    c = Coalescer()
     for pkt in pkts:
+        c.add(pkt)
+    return c.writes()
+
+
+class Coalescer:
+    """coalesce_buffers one packet at a time, as they arrive (the data plane adds what one
+    event-loop turn receives, then takes the writes)."""
+
+    __slots__ = ("out", "open_runs", "last")
+
+    def __init__(self) -> None:
+        self.out: list[_Run | list[bytes | memoryview]] = []
+        self.open_runs: dict[bytes, _Run] = {}
+        self.last: _Run | None = None  # the run the previous packet joined or started
+
+    def add(self, pkt: bytes) -> None:
+        last = self.last  # the run the previous packet joined or started: its next segment joins it
         if last is not None and last.take(pkt):
-            continue
-        last = None
+            return
+        self.last = None
         flow = _tcp_flow(pkt)
         hl = _can_join(pkt, flow[1], flow[2]) if flow is not None else 0
         if flow is None or not hl:
             if flow:
-                open_runs.pop(flow[0], None)  # nothing of its flow may overtake it
-            out.append(list(finish_later(pkt)))
-            continue
+                self.open_runs.pop(flow[0], None)  # nothing of its flow may overtake it
+            self.out.append(list(finish_later(pkt)))
+            return
         key, l4, v6 = flow
-        run = open_runs.get(key)
+        run = self.open_runs.get(key)
         if run is not None and run.hl == hl and run.take(pkt):
-            last = run
-            continue
-        run = last = open_runs[key] = _Run(pkt, l4, hl, v6)
-        out.append(run)
-    return [item.buffers() if isinstance(item, _Run) else item for item in out]
+            self.last = run
+            return
+        run = self.last = self.open_runs[key] = _Run(pkt, l4, hl, v6)
+        self.out.append(run)
+
+    def writes(self) -> list[list[bytes | memoryview]]:
+        """What to write, in order (each a virtio-net header and the packet's pieces, one writev)."""
+        return [item.buffers() if isinstance(item, _Run) else item for item in self.out]

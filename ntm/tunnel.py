@@ -23,7 +23,8 @@ import enum
 import os
 import struct
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from itertools import chain
+from typing import Callable, Iterable, Sequence
 
 import coincurve
 from cryptography.exceptions import InvalidTag
@@ -54,6 +55,7 @@ from ntm.packet import (
     PING_ID_LEN,
     PREFIX_LEN,
     PROBE_ID_LEN,
+    TAG_LEN,
     TOKEN_LEN,
     TRANSPORT_TYPES,
     TYPE_CLOSE,
@@ -121,6 +123,8 @@ UNVERIFIED_ATTEMPTS = 1
 NONCE_PREFIX = b"\x00\x00\x00\x00"
 _Q = struct.Struct("!Q")
 _HEADER_UNPACK = HEADER.unpack_from
+_HEADER_PACK_INTO = HEADER.pack_into
+_NONCE = struct.Struct("!4xQ").pack  # NONCE_PREFIX + the 8-byte counter: the AES-GCM nonce (§7)
 
 
 class TunnelError(NtmError):
@@ -712,6 +716,65 @@ class Session:
         self.tx_bytes += len(payload)
         return header + k.send.encrypt(NONCE_PREFIX + ctr, payload, header)
 
+    def encrypt_segments(
+        self, segments: Iterable[tuple[int, int]], src: memoryview, out: memoryview, now: float
+    ) -> list[int]:
+        """encrypt() for each payload `src[a:b]` that `segments` yields, the DATA packets sealed one
+        after the other into `out` from its start (AES-GCM straight into place: no bytes object per
+        packet). Returns where each packet ends in `out`. A segment is sealed before the next is
+        asked for (ntm/offload.split_into rewrites the source in place). TunnelError when the first
+        cannot go (no keys, keys used up); on a later one, the run ends before it (that one is lost,
+        as on the network; the rest stay in `segments`)."""
+        k = self.current
+        if k is None or not k.send_ok or now >= k.rekey_time:
+            return self._encrypt_segments_slow(segments, src, out, 0, now)
+        seal, path, soft = k.send.encrypt_into, self.path_id, k.soft_limit
+        n = k.counter
+        pos, nbytes, ends, rest = 0, 0, [], None
+        try:
+            for a, b in segments:
+                size = b - a
+                if n >= soft or size > MAX_PAYLOAD:  # a rekey is due, or too long: encrypt() decides
+                    rest = (a, b)
+                    break
+                end = pos + HEADER_LEN + size + TAG_LEN
+                _HEADER_PACK_INTO(out, pos, TYPE_DATA, path, n)  # the header is the associated data
+                seal(_NONCE(n), src[a:b], out[pos : pos + HEADER_LEN], out[pos + HEADER_LEN : end])
+                n += 1
+                nbytes += size
+                ends.append(end)
+                pos = end
+        finally:
+            k.counter = n  # whatever happens (an `out` too short), a counter is never used twice
+            self._count_sent(len(ends), nbytes, now)
+        if rest is not None:
+            ends += self._encrypt_segments_slow(chain((rest,), segments), src, out, pos, now)
+        return ends
+
+    def _count_sent(self, packets: int, nbytes: int, now: float) -> None:
+        if packets:
+            self.last_sent = now
+            self.tx_data += packets
+            self.tx_bytes += nbytes
+
+    def _encrypt_segments_slow(
+        self, segments: Iterable[tuple[int, int]], src: memoryview, out: memoryview, pos: int, now: float
+    ) -> list[int]:
+        """encrypt_segments from `out[pos]` on, through encrypt() one by one (keys missing, expiring
+        or near their limit): its checks, counters and count-triggered rekey."""
+        ends: list[int] = []
+        for a, b in segments:
+            try:
+                pkt = self.encrypt(bytes(src[a:b]), now)
+            except TunnelError:
+                if ends or pos:
+                    return ends
+                raise
+            out[pos : pos + len(pkt)] = pkt
+            pos += len(pkt)
+            ends.append(pos)
+        return ends
+
     def _encrypt_slow(self, payload: bytes, now: float) -> bytes:
         if len(payload) > MAX_PAYLOAD:
             raise TunnelError(f"payload of {len(payload)} bytes does not fit one datagram")
@@ -941,7 +1004,9 @@ class Session:
             top, bits, size, mask = w.top, w.bits, w.size, w.mask
         path_id, reject_msgs, nbytes, events = self.path_id, self._reject_msgs, 0, []
         while off < end:
-            stop = min(off + seg, end)
+            stop = off + seg
+            if stop > end:
+                stop = end
             if stop - off >= MIN_TRANSPORT_LEN:
                 kind, path, counter = _HEADER_UNPACK(buf, off)
                 if path != path_id:
@@ -953,15 +1018,13 @@ class Session:
                     and (counter > top or (top - counter < size and not (bits >> (top - counter)) & 1))
                 ):
                     try:
-                        plain = decrypt(
-                            NONCE_PREFIX + buf[off + 9 : off + 17], buf[off + 17 : stop], buf[off : off + 17]
-                        )
+                        plain = decrypt(_NONCE(counter), buf[off + 17 : stop], buf[off : off + 17])
                     except InvalidTag:
                         pass  # the slow path counts it
                     else:
                         if counter > top:
                             shift = counter - top
-                            bits = 1 if shift >= size else ((bits << shift) | 1) & mask
+                            bits = 1 if shift >= size else (bits << shift) | 1  # masked once, at the end
                             top = counter
                         else:
                             bits |= 1 << (top - counter)
@@ -972,7 +1035,7 @@ class Session:
             elif stop - off < PREFIX_LEN or buf[off + 1 : off + PREFIX_LEN] != path_id:
                 break
             if fast:  # the slow path reads the window: what the fast path accepted first
-                w.top, w.bits = top, bits
+                w.top, w.bits = top, bits & mask
                 fast = False
             datagram = bytes(buf[off:stop])
             if datagram[0] in TRANSPORT_TYPES:
@@ -982,7 +1045,7 @@ class Session:
             off = stop
             break
         if fast:
-            w.top, w.bits = top, bits
+            w.top, w.bits = top, bits & mask
         if out:
             self.last_received = now
             self.rx_data += len(out)

@@ -206,6 +206,10 @@ class MemoryBind:
         for data, addr in items:
             self.sendto(data, addr)
 
+    def send_run(self, buf: memoryview, ends: list[int], addr: Any) -> None:
+        for start, end in zip([0, *ends], ends):
+            self.sendto(buf[start:end], addr)
+
     def close(self) -> None:
         self.closed = True
         self.net.binds.pop(self.local_addr, None)

@@ -231,10 +231,10 @@ async def test_data_before_set_receiver_reaches_the_receiver(wrap):
 
 @pytest.mark.parametrize("wrap", ["channel", "link", "one_by_one"])
 async def test_a_gso_burst_arrives_whole_in_order_in_few_calls(wrap):
-    """Condition: a burst of 40 packets sent as one GSO send (a TUN super-packet's segments) comes
-    back from the kernel as one GRO read. Every payload arrives, in order, each counted; a
-    receiver with a `many` gets the read's payloads in one call (on a kernel with UDP GRO), one
-    without gets them one by one."""
+    """Condition: a burst of 100 packets sealed in place from one buffer (a TUN super-packet's
+    segments, the last shorter) goes as GSO sends of at most 64 KB and comes back from the kernel
+    as GRO reads. Every payload arrives, in order, each counted; a receiver with a `many` gets a
+    read's payloads in one call (on a kernel with UDP GRO), one without gets them one by one."""
     ea, eb = await endpoints()
     try:
         ca, cb = await open_pair(ea, eb)
@@ -244,10 +244,11 @@ async def test_a_gso_burst_arrives_whole_in_order_in_few_calls(wrap):
             app.set_receiver(got.append)
         else:
             app.set_receiver(got.append, lambda ps: (calls.append(len(ps)), got.extend(ps)))
-        sent = [os.urandom(1000) for _ in range(40)]
+        sent = [os.urandom(1000) for _ in range(99)] + [os.urandom(500)]
+        buf = bytearray(b"".join(sent))
         before = eb.rx_datagrams
         ea.hold()
-        ca.send_many(sent)
+        ca.send_segments(buf, iter([(i * 1000, min(i * 1000 + 1000, len(buf))) for i in range(100)]))
         ea.flush()
         await asyncio.wait_for(_until(lambda: len(got) == len(sent)), 3)
         assert got == sent and eb.rx_datagrams - before >= len(sent)  # (and path MTU probes)

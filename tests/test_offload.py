@@ -534,7 +534,7 @@ def test_partial_checksums_only_to_a_peer_that_said_it_finishes_them():
         inner_mtu=1400,
         closed=False,
         send_nowait=sent.append,
-        send_many=sent.extend,
+        send_segments=lambda buf, segments: sent.extend(bytes(buf[a:b]) for a, b in segments),
         set_receiver=lambda f, many=None: None,
     )
     overlay = SimpleNamespace(addresses=lambda p: (None, v4), outbound=lambda p: peer)
@@ -549,7 +549,7 @@ def test_partial_checksums_only_to_a_peer_that_said_it_finishes_them():
         if view is not None:
             dp._from_tunnel(peer, tunnel, view)  # type: ignore[arg-type]
         sent.clear()
-        dp.from_tun_vnet(hdr.pack() + pkt)
+        dp.from_tun_vnet(memoryview(bytearray(hdr.pack() + pkt)))
         return list(sent)
 
     assert segments_after(None) == full  # no VIEW yet
@@ -566,19 +566,23 @@ def test_partial_checksums_only_to_a_peer_that_said_it_finishes_them():
 
 async def test_a_run_from_the_tunnel_is_checked_per_packet_and_written_coalesced():
     """Adversary: a peer slips a packet with a source address not its own, and a VIEW, between
-    the segments of one GRO read. The read reaches the data plane in one call (the many-receiver
-    it gives its tunnel): every packet still goes through the overlay (the forged one is dropped
-    there), the VIEW is acted on, and the segments left reach TUN as one coalesced write."""
+    the segments of one GRO read; another peer sends the next segment of the first peer's flow (its
+    addresses, in order). The read reaches the data plane in one call (the many-receiver it gives
+    its tunnel): the overlay sees the run's first segment and every packet that does not continue
+    it from the same peer (the forged one and the other peer's are dropped there); a segment that
+    continues it (the same addresses, which the overlay passed for this peer) joins without asking
+    again, and is counted as the overlay would. The VIEW is acted on, and the segments left reach
+    TUN as one coalesced write."""
     from types import SimpleNamespace
 
     from node.dataplane import DataPlane
     from ntm.overlay import frame_view
 
     f = simple_flow(v6=True)
-    segs = f.kernel_segments(bytes(4000), 1000)
+    segs = f.kernel_segments(bytes(5000), 1000)
     forged = bytearray(segs[1])
     forged[8] ^= 1  # another source address
-    peer, v4 = bytes(20), ipaddress.IPv4Address("100.64.0.2")
+    peer, other, v4 = bytes(20), bytes(19) + b"\1", ipaddress.IPv4Address("100.64.0.2")
     receivers: list = []
     channel = SimpleNamespace(
         inner_mtu=1400, closed=False, send_nowait=lambda p: None, set_receiver=lambda f, m=None: receivers.append(m)
@@ -587,15 +591,45 @@ async def test_a_run_from_the_tunnel_is_checked_per_packet_and_written_coalesced
 
     def inbound(p: bytes, pkt: bytes) -> bytes | None:
         checked.append(pkt)
-        return pkt if pkt[8:24] == f.src else None
+        return pkt if p == peer and pkt[8:24] == f.src else None
 
-    overlay = SimpleNamespace(addresses=lambda p: (None, v4), inbound=inbound)
+    overlay = SimpleNamespace(addresses=lambda p: (None, v4), inbound=inbound, stats={"rx_ipv6": 0})
     writes: list[list] = []
     tun = SimpleNamespace(vnet=True, write_buffers=lambda bufs: writes.append([bytes(b) for b in bufs]))
     dp = DataPlane(node=SimpleNamespace(), overlay=overlay, tun=tun)  # type: ignore[arg-type]
     dp.attach(SimpleNamespace(peer=peer, channel=channel))  # type: ignore[arg-type]
-    receivers[-1]([segs[0], frame_view(v4, ask=False), segs[1], bytes(forged), segs[2], segs[3]])
+    dp.attach(SimpleNamespace(peer=other, channel=channel))  # type: ignore[arg-type]
+    receivers[0]([segs[0], frame_view(v4, ask=False), segs[1], bytes(forged), segs[2], segs[3]])
+    receivers[1]([segs[4]])
     await asyncio.sleep(0)
-    assert checked == [segs[0], segs[1], bytes(forged), segs[2], segs[3]]
+    assert checked == [segs[0], bytes(forged), segs[4]] and overlay.stats["rx_ipv6"] == 3
     assert dp.seen_as[peer] == v4
+    assert len(writes) == 1 and written([(w[0], b"".join(w[1:])) for w in writes]) == segs[:4]
+
+
+async def test_ipv4_segments_from_the_tunnel_each_go_through_the_overlay():
+    """Condition: the IPv4 translation path (§10.2). A run of IPv4 holds translated headers, so its
+    segments never skip the overlay (which translates and counts each), even where translation
+    leaves the addresses as they were; they still reach TUN as one coalesced write."""
+    from types import SimpleNamespace
+
+    from node.dataplane import DataPlane
+
+    segs = simple_flow().kernel_segments(bytes(4000), 1000)
+    peer, v4 = bytes(20), ipaddress.IPv4Address("100.64.0.2")
+    receivers: list = []
+    channel = SimpleNamespace(
+        inner_mtu=1400, closed=False, send_nowait=lambda p: None, set_receiver=lambda f, m=None: receivers.append(m)
+    )
+    checked: list[bytes] = []
+    overlay = SimpleNamespace(
+        addresses=lambda p: (None, v4), inbound=lambda p, pkt: checked.append(pkt) or pkt, stats={}
+    )
+    writes: list[list] = []
+    tun = SimpleNamespace(vnet=True, write_buffers=lambda bufs: writes.append([bytes(b) for b in bufs]))
+    dp = DataPlane(node=SimpleNamespace(), overlay=overlay, tun=tun)  # type: ignore[arg-type]
+    dp.attach(SimpleNamespace(peer=peer, channel=channel))  # type: ignore[arg-type]
+    receivers[-1](segs)
+    await asyncio.sleep(0)
+    assert checked == segs and overlay.stats == {}
     assert len(writes) == 1 and written([(w[0], b"".join(w[1:])) for w in writes]) == segs

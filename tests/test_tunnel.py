@@ -467,22 +467,28 @@ def _twin_receivers() -> tuple[Session, Session, Session]:
     """A sender and two receivers holding the same keys (deterministic randomness and wall time,
     so both handshakes are the same bytes): one gets every datagram through receive(), the
     other whole runs through receive_run()."""
+    pairs = _twin_pairs()
+    return pairs[0][0], pairs[0][1], pairs[1][1]
+
+
+def _twin_pairs(config: TunnelConfig | None = None) -> list[tuple[Session, Session]]:
+    """Two connected pairs whose sessions hold the same keys, counters and state."""
     pairs = []
     for _ in range(2):
         seq = iter(range(1, 10**6))
 
-        def rand(n: int) -> bytes:
+        def rand(n: int, seq=seq) -> bytes:  # this pair's sequence, also after the loop
             return hashlib.shake_256(next(seq).to_bytes(8, "big")).digest(n)
 
-        a = Session(KA, IDB, PB, PATH, candidates=[ADDR_B], rand=rand, wall=lambda: T0)
-        b = Session(KB, IDA, PA, PATH, role="wait", rand=rand, wall=lambda: T0)
+        a = Session(KA, IDB, PB, PATH, candidates=[ADDR_B], rand=rand, wall=lambda: T0, config=config)
+        b = Session(KB, IDA, PA, PATH, role="wait", rand=rand, wall=lambda: T0, config=config)
         net = Net(a, b)
         a.start(T0)
         b.start(T0)
         net.pump(T0)
         assert a.established and b.established
         pairs.append((a, b))
-    return pairs[0][0], pairs[0][1], pairs[1][1]
+    return pairs
 
 
 # One datagram of a run: a fresh DATA packet, a replay of an earlier one, one with a flipped bit,
@@ -576,3 +582,66 @@ def test_a_run_of_the_peers_data_is_decrypted_in_one_call_in_place(payload_len):
     assert len(payloads) == len(run) and all(len(p) == payload_len for p in payloads)
     assert events == [] and stop == len(buf) and b.rx_data == len(run)
     assert b.receive_run(buf, 0, len(buf), len(run[0]), ADDR_A, T0 + 2)[0] == []  # replays, all
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    runs=st.lists(
+        st.tuples(st.lists(st.integers(0, 1500), min_size=1, max_size=12), st.sampled_from([1.0, 130.0])),
+        min_size=1,
+        max_size=5,
+    )
+)
+def test_encrypt_segments_is_encrypt_per_segment(runs):
+    """Condition: runs of segments sealed in place (issue 23) across a count-triggered rekey (every
+    7 packets) and with the keys past their rekey time. The datagrams, counters, stats and the
+    rekey Requests are byte for byte those of encrypt() per segment: no counter is used twice or
+    skipped, nothing on the wire changes."""
+    cfg = TunnelConfig(rekey_after_messages=7, rekey_after_time=120.0)
+    (a1, b1), (a2, b2) = _twin_pairs(cfg)
+    for sizes, dt in runs:
+        now = T0 + dt
+        src = os.urandom(sum(sizes))
+        cuts = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+        want = [a1.encrypt(src[x:y], now) for x, y in zip(cuts, cuts[1:])]
+        out = memoryview(bytearray(sum(map(len, want)) + 100))
+        ends = a2.encrypt_segments(iter(zip(cuts, cuts[1:])), memoryview(src), out, now)
+        assert [bytes(out[x:y]) for x, y in zip([0, *ends], ends)] == want
+        assert a2.stats == a1.stats and a2.current.counter == a1.current.counter
+        assert a2.poll(now) == a1.poll(now)  # the same rekey Requests
+        for d in want:  # the peer takes them (the rekeys complete)
+            b1.receive(d, ADDR_A, now)
+
+
+def test_encrypt_segments_refuses_without_keys_and_never_reuses_a_counter():
+    """Hostile conditions: no keys (the first segment is refused, nothing else taken), a segment
+    longer than a datagram carries (after the first: the run ends before it, the rest left), and a
+    send buffer too short (the error leaves the counter past every packet sealed)."""
+    a = Session(KA, IDB, PB, PATH, candidates=[ADDR_B])
+    segs = iter([(0, 10), (10, 20)])
+    with pytest.raises(TunnelError):
+        a.encrypt_segments(segs, memoryview(bytes(20)), memoryview(bytearray(100)), T0)
+    assert next(segs) == (10, 20)
+    a, _, _ = _twin_receivers()
+    big, counter = memoryview(bytes(70000)), a.current.counter
+    segs = iter([(0, 10), (0, 66000), (0, 20)])
+    assert a.encrypt_segments(segs, big, memoryview(bytearray(100)), T0 + 1) == [43]
+    assert list(segs) == [(0, 20)] and a.current.counter == counter + 1 and a.tx_data == 1
+    with pytest.raises(ValueError):
+        a.encrypt_segments(iter([(0, 10), (0, 100)]), big, memoryview(bytearray(100)), T0 + 1)
+    assert a.current.counter == counter + 2 and a.tx_data == 2  # the first was sealed: its counter is gone
+
+
+def test_the_replay_window_keeps_its_size_over_a_long_run():
+    """Condition: one read longer than the replay window (2,100 packets, as a long-lived GRO
+    stream adds up), ended by a forgery (the slow path takes over the window and drops it). The
+    window written back is the 2,048-bit one receive() keeps: the oldest counters fall out of it
+    and come back as too old."""
+    a, b, _ = _twin_receivers()
+    run = [a.encrypt(b"", T0 + 1) for _ in range(REPLAY_WINDOW + 52)]
+    forged = a.encrypt(b"", T0 + 1)
+    buf = memoryview(bytearray(b"".join(run) + forged[:-1] + bytes([forged[-1] ^ 1])))
+    assert len(b.receive_run(buf, 0, len(buf), len(run[0]), ADDR_A, T0 + 1)[0]) == len(run)
+    assert b.stats["drop_bad_tag"] == 1
+    assert b.current.window.bits == (1 << REPLAY_WINDOW) - 1
+    assert b.receive(run[0], ADDR_A, T0 + 1) == [] and b.stats["drop_too_old"] == 1
