@@ -19,6 +19,7 @@ from dc.chainstatus import ChainStatus
 from dc.coordinator import Coordinator
 from dc.errors import NodeLookupError
 from dc.dashboard import NODES_LISTED
+from dc import store as store_module
 from dc.store import Store
 from node import dc_session
 from ntm import keys
@@ -250,6 +251,28 @@ async def test_the_kept_counts_follow_every_change_of_the_store(tmp_path, chain)
     c.store.close()
     c.store = Store(tmp_path / "dc.sqlite", c.address)
     assert kept() == truth()
+
+
+async def test_the_node_read_cache_never_serves_a_row_the_store_changed(tmp_path, chain, monkeypatch):
+    """Store.node answers from memory: a registration (a new node, a newer record, a revocation)
+    must show at once, an older record must not replace a newer one, and a stranger asking about
+    many unknown IDs fills at most NODE_CACHE_MAX entries."""
+    monkeypatch.setattr(store_module, "NODE_CACHE_MAX", 8)
+    c = coordinator(tmp_path, chain)
+    key, now = keys.generate(), chain.clock.wall_ms()
+    node = keys.node_id_of(key)
+    assert c.store.node(node) is None  # read (and cached) before it registers
+    await c.store.add(RegistrationRequest.signed(key, c.info(), now, ["198.18.0.1:5000"]))
+    assert c.store.node(node).local_addrs == ("198.18.0.1:5000",)
+    await c.store.add(RegistrationRequest.signed(key, c.info(), now + 10, ["198.18.0.2:5000"], revoked=True))
+    assert (c.store.node(node).timestamp, c.store.node(node).revoked) == (now + 10, True)
+    await c.store.add(RegistrationRequest.signed(key, c.info(), now + 5, ["198.18.0.3:5000"]))  # older: ignored
+    assert c.store.node(node).timestamp == now + 10
+    assert c.store.node(node).local_addrs == ("198.18.0.2:5000",)
+    for i in range(100):
+        assert c.store.node(i.to_bytes(20, "big")) is None
+    assert len(c.store._nodes) <= 8
+    assert c.store.node(node).timestamp == now + 10  # dropped from memory: read again from the file
 
 
 async def test_a_node_asks_again_while_its_dc_is_catching_up_and_not_after_a_final_refusal(monkeypatch):
