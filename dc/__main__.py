@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import daemon.ctrl_c  # noqa: F401 (first: Ctrl-C during the imports below is one line, exit 130)
 import asyncio
-import gc
 import json
 import logging
 import os
@@ -112,7 +111,7 @@ async def serve(cfg: dc_config.DcConfig, stop: asyncio.Event) -> None:
                 "registry": keys.checksum(registry.address),
                 "pid": os.getpid(),
             }
-            settle_heap()
+            service.settle_heap()
             print(json.dumps(ready), flush=True)
             logging.info("DC %s serving on %s (keepalive udp %d, %d)", ready["dc"], ready["http"], *ports)
             await stop.wait()
@@ -137,21 +136,6 @@ async def prune_outbox(store: Store, cache: RegistryCache, confirmations: int) -
         await asyncio.sleep(PRUNE_EVERY_S)
         if cache.caught_up and (gone := store.prune_confirmed(cache.block - max(REMEMBERED_BLOCKS, confirmations))):
             logging.info("outbox: %d confirmed records pruned", gone)
-
-
-# Young collections every this many container allocations, not Python's 700: one direction allocates
-# hundreds, so under load the default ran one every direction or two (with the freeze below, 4 pairs
-# of bench/scale.py --directions: CPU per direction 0.285 -> 0.26 ms at the requester's DC, 0.30 ->
-# 0.28 at the peer's; p99 98 -> 60 ms); the garbage it lets wait is a few MB at most.
-GC_YOUNG_OBJECTS = 20_000
-
-
-def settle_heap() -> None:
-    """Once caught up: what is loaded by then (imports, the registry cache: most of the heap, kept
-    for the process's life) is frozen out of the collector's walks, so a full collection does not
-    walk every record while requests wait; young collections run every GC_YOUNG_OBJECTS."""
-    gc.freeze()
-    gc.set_threshold(GC_YOUNG_OBJECTS, *gc.get_threshold()[1:])
 
 
 async def first(ready: Awaitable, stop: Awaitable) -> bool:

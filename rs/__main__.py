@@ -363,6 +363,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
                     "endpoints": exit_runner.exit.advertise,
                     "tun": exit_runner.exit.tun.name,
                 }
+            service.settle_heap()
             print(json.dumps(ready), flush=True)
             logging.info(
                 "relay serving udp %s port %d (advertised %s), control %s",
