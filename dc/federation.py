@@ -192,11 +192,17 @@ class FederationClient:
                     raise
                 self._no_channel[base] = self.clock.now()
                 return None
-            self._channels[base] = channel = Channel(ws)
+            channel = Channel(ws)
             if peer is not None and isinstance(tls, aiohttp.Fingerprint):
+                # published once the hello is answered: callers meanwhile wait on the lock for the proof
                 hello = self.seal(messages.CHANNEL_HELLO, messages.ChannelHello(keys.checksum(peer)))
-                status, _ = await channel.call(messages.CHANNEL_HELLO_PATH, hello, FEDERATION_TIMEOUT_S)
+                try:
+                    status, _ = await channel.call(messages.CHANNEL_HELLO_PATH, hello, FEDERATION_TIMEOUT_S)
+                except BaseException:
+                    await channel.close()
+                    raise
                 channel.proven = status == 200  # an older DC: 400 (no such call), so signed calls
+            self._channels[base] = channel
             return channel
 
     @property
