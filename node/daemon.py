@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.forwarding import Forwarding, ForwardingError, forwarding_rules
-from daemon.service import LOG_FORMAT, BackgroundTasks, LockHeld, hold_lock, stop_on_signals
+from daemon.service import LOG_FORMAT, BackgroundTasks, LockHeld, hold_lock, settle_heap, stop_on_signals
 from daemon.tun import Tun, tun_unavailable
 from node import control, netcheck, state
 from node.agent import Node
@@ -494,6 +494,7 @@ async def up(base: Path, key, st: dict, opts: UpOptions, ready) -> None:
             except ForwardingError as exc:
                 raise DaemonError(str(exc)) from None
             stop = stop_on_signals()
+            settle_heap()  # the data plane allocates per packet: young collections stay rare and short
             ready(
                 {
                     "node": keys.checksum(node_id),
