@@ -24,6 +24,11 @@ GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
 NO_GSO_ERRNOS = frozenset({errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP})
 
 
+def segments_per_send(datagram_max: int) -> int:
+    """Datagrams of at most `datagram_max` bytes that one GSO send may carry (at least 1)."""
+    return max(1, min(GSO_MAX_SEGMENTS, GSO_MAX_BYTES // datagram_max))
+
+
 def enable_gro(sock: socket.socket) -> bool:
     """Ask for GRO runs on `sock`; False where the kernel has no UDP GRO."""
     try:

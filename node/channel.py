@@ -12,13 +12,14 @@ import asyncio
 from typing import Any, Callable, Iterator, Protocol
 
 from ntm.clock import Clock
+from ntm.offload import Stretch
 from ntm.tunnel import Addr, HandshakeDone, Session, TunnelError
 
 Receiver = Callable[[bytes], None]
 #: Takes the payloads of one read (a GRO run) in one call: no per-packet call chain.
 ManyReceiver = Callable[[list[bytes]], None]
 #: Where the packets of a buffer are, each valid until the next is asked for (ntm/offload.split_into).
-Segments = Iterator[tuple[int, int]]
+Segments = Iterator[tuple[int, int] | Stretch]
 
 
 def forward(to: str, name: str, doc: str | None = None) -> Any:
@@ -30,7 +31,7 @@ class PathSender(Protocol):
     """What a Channel asks of its endpoint (node/endpoint.py's Endpoint)."""
 
     def send_data(self, s: Session, data: bytes) -> None: ...
-    def send_segments(self, s: Session, buf: bytearray | memoryview, segments: Segments) -> None: ...
+    def send_segments(self, s: Session, buf: bytearray | memoryview, segments: Segments, per_send: int) -> None: ...
     def send_ping(self, s: Session) -> None: ...
     def send_close(self, s: Session) -> None: ...
     def remove(self, path_id: bytes) -> None: ...
@@ -156,12 +157,12 @@ class Channel:
             raise TunnelError("channel is closed")
         self.endpoint.send_data(self.session, data)
 
-    def send_segments(self, buf: bytearray | memoryview, segments: Segments) -> None:
+    def send_segments(self, buf: bytearray | memoryview, segments: Segments, per_send: int) -> None:
         """send_nowait for each packet `buf[a:b]` that `segments` yields, in one call (a TUN
         super-packet cut in place: Endpoint.send_segments)."""
         if self.closed:
             raise TunnelError("channel is closed")
-        self.endpoint.send_segments(self.session, buf, segments)
+        self.endpoint.send_segments(self.session, buf, segments, per_send)
 
     async def send(self, data: bytes) -> None:
         self.send_nowait(data)
@@ -261,11 +262,11 @@ class Link:
         self.last_app = self.clock.now()
         self.current.send_nowait(data)
 
-    def send_segments(self, buf: bytearray | memoryview, segments: Segments) -> None:
+    def send_segments(self, buf: bytearray | memoryview, segments: Segments, per_send: int) -> None:
         if self.closed:
             raise TunnelError("tunnel is closed")
         self.last_app = self.clock.now()
-        self.current.send_segments(buf, segments)
+        self.current.send_segments(buf, segments, per_send)
 
     async def send(self, data: bytes) -> None:
         self.send_nowait(data)

@@ -24,9 +24,11 @@ from typing import Callable
 from daemon.service import BackgroundTasks
 from node.agent import Node, NodeError, Tunnel
 from daemon.tun import Tun
+from daemon.udpgso import segments_per_send
 from ntm import keys
 from ntm.addr import display
 from ntm.errors import NtmError
+from ntm.packet import MIN_TRANSPORT_LEN
 from ntm.offload import (
     GSO_TCPV4,
     GSO_TCPV6,
@@ -34,6 +36,7 @@ from ntm.offload import (
     OffloadError,
     Coalescer,
     VnetHdr,
+    flatten,
     split,
     split_into,
 )
@@ -141,13 +144,15 @@ class DataPlane:
             hdr = VnetHdr.unpack(buf)
             if t is not None and hdr.gso_type in (GSO_TCPV4, GSO_TCPV6):
                 # a TCP super-packet's segments: each fits the path, none is a SYN (no MSS clamp)
-                segments = split_into(hdr, buf, VNET_HDR_LEN, len(buf), max_len, peer in self.csum_partial)
+                per_send = segments_per_send(max_len + MIN_TRANSPORT_LEN)
+                partial = peer in self.csum_partial
+                segments = split_into(hdr, buf, VNET_HDR_LEN, len(buf), max_len, partial, per_send)
                 try:
-                    t.channel.send_segments(buf, segments)
+                    t.channel.send_segments(buf, segments, per_send)
                     return
                 except NtmError:
                     # keys exhausted or the tunnel just ended: the rest queued, the tunnel reopened
-                    for a, b in segments:
+                    for a, b in flatten(segments, buf):
                         self._to_peer(peer, bytes(buf[a:b]))
                     return
             pkts = split(hdr, bytes(buf[VNET_HDR_LEN:]), max_len, peer in self.csum_partial)

@@ -21,20 +21,19 @@ import os
 import socket
 import sys
 from dataclasses import replace
-from itertools import chain, islice
-from typing import Awaitable, Callable, Iterator, Protocol, Sequence
+from typing import Awaitable, Callable, Protocol, Sequence
 
 import coincurve
 
 from daemon import udpgso
 from daemon.service import SOCKET_BUFFER, udp_socket
-from node.channel import Channel
+from node.channel import Channel, Segments
 from node.relay_stream import RelayStream
 from node.state import TUNNEL_PORT
 from ntm.addr import Addr, for_socket
 from ntm.clock import SYSTEM, Clock
 from ntm.handshake import Rand
-from ntm.packet import KNOWN_TYPES, MIN_TRANSPORT_LEN, PREFIX_LEN, TYPE_HANDSHAKE_REQUEST
+from ntm.packet import KNOWN_TYPES, PREFIX_LEN, TYPE_HANDSHAKE_REQUEST
 from ntm.pmtu import CONTROL, MAX_MTU, PathMtu
 from ntm.tunnel import (
     Data,
@@ -559,27 +558,27 @@ class Endpoint:
         if s.has_output:  # a count-triggered rekey Request
             self._flush(s.datagrams_to_send())
 
-    def send_segments(self, s: Session, buf: bytearray | memoryview, segments: Iterator[tuple[int, int]]) -> None:
+    def send_segments(self, s: Session, buf: bytearray | memoryview, segments: Segments, per_send: int) -> None:
         """send_data for each packet `buf[a:b]` that `segments` yields (a TUN super-packet's, cut in
-        place by ntm/offload.split_into: all of one length but the last), sealed straight into one
-        send buffer and sent in runs of one GSO sendmsg each: no bytes object per packet. What a
-        caller holds goes first (the wire keeps the counters' order). TunnelError as
-        Session.encrypt_segments (the segments not sent stay in `segments`)."""
+        place by ntm/offload.split_into: all of one length but the last, at most `per_send` of them
+        in a GSO send: udpgso.segments_per_send), sealed straight into one send buffer and sent in
+        runs of one GSO sendmsg each: no bytes object per packet. What a caller holds goes first (the
+        wire keeps the counters' order). TunnelError as Session.encrypt_segments (the segments not
+        sent stay in `segments`)."""
         assert self.bind is not None
         if self._batch:
             self.flush()
             self.hold()
         src, out, addr, now = memoryview(buf), self._out, s.peer_addr, self.now()
         stream = self.streams.get(addr) if self.streams else None  # type: ignore[arg-type]
-        for first in segments:
-            per_send = max(
-                1, min(udpgso.GSO_MAX_SEGMENTS, udpgso.GSO_MAX_BYTES // (first[1] - first[0] + MIN_TRANSPORT_LEN))
-            )
-            ends = s.encrypt_segments(chain((first,), islice(segments, per_send - 1)), src, out, now)
+        while True:
+            ends = s.encrypt_segments(segments, src, out, now, per_send)
+            if not ends:
+                return
             if stream is not None:  # a relay reached over a stream: one frame per datagram
                 for start, end in zip([0, *ends], ends):
                     stream.send(bytes(out[start:end]))
-            elif ends:
+            else:
                 self.bind.send_run(out, ends, addr)  # type: ignore[arg-type]
             if s.has_output:  # a count-triggered rekey Request
                 self._flush(s.datagrams_to_send())

@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import struct
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterable, Iterator, NamedTuple
 
 from ntm.errors import NtmError
 
@@ -117,15 +117,61 @@ def split(hdr: VnetHdr, pkt: bytes, max_len: int, partial: bool = False) -> list
     return [bytes(buf[a:b]) for a, b in split_into(hdr, buf, 0, len(buf), max_len, partial)]
 
 
+class Stretch(NamedTuple):
+    """`count` consecutive full segments of a split_into whose headers are all `head` but for the
+    TCP sequence number (big-endian at `seq_at` in `head`, `seq` for the first, growing by `size`):
+    IPv6 with partial checksums, where nothing else changes. Segment k is `buf[at + k * size :
+    at + (k + 1) * size + len(head)]` once `head` and its sequence number are written at its start
+    (`cut` does it); a caller that seals them in a loop of its own writes them the same way, each
+    only after the previous segment is sealed (its headers overwrite that segment's tail)."""
+
+    at: int
+    count: int
+    size: int
+    head: bytes
+    seq_at: int
+    seq: int
+
+    def cut(self, buf: bytearray | memoryview) -> Iterator[tuple[int, int]]:
+        """The stretch's segments as split_into yields them, headers written one at a time."""
+        at, hl, seq = self.at, len(self.head), self.seq
+        view = memoryview(buf)
+        for _ in range(self.count):
+            view[at : at + hl] = self.head
+            _I.pack_into(buf, at + self.seq_at, seq)
+            yield at, at + hl + self.size
+            at += self.size
+            seq = (seq + self.size) & 0xFFFFFFFF
+
+
+def flatten(segments: Iterable[tuple[int, int] | Stretch], buf: bytearray | memoryview) -> Iterator[tuple[int, int]]:
+    """split_into's segments with each Stretch cut as it comes: (a, b) pairs only."""
+    for item in segments:
+        if type(item) is Stretch:
+            yield from item.cut(buf)
+        else:
+            yield item  # type: ignore[misc]
+
+
 def split_into(
-    hdr: VnetHdr, buf: bytearray | memoryview, start: int, end: int, max_len: int, partial: bool = False
-) -> Iterator[tuple[int, int]]:
+    hdr: VnetHdr,
+    buf: bytearray | memoryview,
+    start: int,
+    end: int,
+    max_len: int,
+    partial: bool = False,
+    stretch: int = 0,
+) -> Iterator[tuple[int, int] | Stretch]:
     """split() of the GSO packet `buf[start:end]` done in place, as wireguard-go does: yields
     (a, b) for each segment in turn, the segment being `buf[a:b]`, its headers written just ahead
     of its payload, over the tail of the previous segment's payload. So a segment is valid only
     until the next is asked for: the caller uses it (encrypts it elsewhere, copies it) first. All
     segments but the last have one length (what UDP GSO needs); the last may be shorter.
-    OffloadError (before anything is written) for a header that does not describe its packet."""
+    OffloadError (before anything is written) for a header that does not describe its packet.
+
+    `stretch` (the segments one GSO send takes): IPv6 TCP segments with partial checksums that
+    differ only in their sequence numbers come as a Stretch instead, never across a multiple of
+    `stretch` segments (the caller's GSO runs), so its sealing loop writes them itself."""
     if hdr.gso_type & GSO_ECN or hdr.gso_type not in (GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4):
         raise OffloadError(f"unsupported GSO type {hdr.gso_type:#x}")
     pkt = memoryview(buf)[start:end]
@@ -146,12 +192,22 @@ def split_into(
         size = min(size, max_len - hl)
         if size <= 0:
             raise OffloadError(f"headers ({hl} bytes) do not fit in {max_len}")
-    return _cut(buf, start, end, v6, l4, hl, tcp, size, partial and l4 == (40 if v6 else (pkt[0] & 0x0F) * 4))
+    partial = partial and l4 == (40 if v6 else (pkt[0] & 0x0F) * 4)
+    return _cut(buf, start, end, v6, l4, hl, tcp, size, partial, stretch if v6 and tcp and partial else 0)
 
 
 def _cut(
-    buf: bytearray | memoryview, start: int, end: int, v6: bool, l4: int, hl: int, tcp: bool, size: int, partial: bool
-) -> Iterator[tuple[int, int]]:
+    buf: bytearray | memoryview,
+    start: int,
+    end: int,
+    v6: bool,
+    l4: int,
+    hl: int,
+    tcp: bool,
+    size: int,
+    partial: bool,
+    stretch: int,
+) -> Iterator[tuple[int, int] | Stretch]:
     """split_into's loop, kept lean (it runs once per segment sent): the checksums are the sums of
     what every segment shares, computed once, plus what changes (length, sequence, flags, ID) and
     the segment's payload (one big-integer reduction each: 2**16 ≡ 1 mod 0xFFFF); `partial`: the
@@ -192,6 +248,13 @@ def _cut(
         if e >= n:
             e = n
         h = start + off - hl  # this segment's headers go just ahead of its payload
+        if stretch and mid is not None and e < n:
+            count = min((n - 1 - off) // size, stretch - i % stretch)  # full segments, within this run
+            if count > 1:
+                yield Stretch(h, count, size, mid, l4 + 4, (seq0 + off - hl) & 0xFFFFFFFF)
+                i += count
+                off += count * size
+                continue
         if mid is not None and e < n:
             view[h : h + hl] = mid
             if tcp:

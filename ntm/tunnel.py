@@ -24,7 +24,7 @@ import os
 import struct
 from dataclasses import dataclass
 from itertools import chain
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import coincurve
 from cryptography.exceptions import InvalidTag
@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from ntm.addr import Addr
 from ntm.clock import SYSTEM
 from ntm.errors import NtmError, ParseError
+from ntm.offload import Stretch
 from ntm.handshake import (
     MAX_PENDING_ATTEMPTS,
     HandshakeAuthError,
@@ -125,6 +126,9 @@ _Q = struct.Struct("!Q")
 _HEADER_UNPACK = HEADER.unpack_from
 _HEADER_PACK_INTO = HEADER.pack_into
 _NONCE = struct.Struct("!4xQ").pack  # NONCE_PREFIX + the 8-byte counter: the AES-GCM nonce (§7)
+_SEQ_PACK_INTO = struct.Struct("!I").pack_into  # a Stretch's TCP sequence numbers (ntm/offload.py)
+#: encrypt_segments' default limit: packets one GSO send may carry (daemon/udpgso.py).
+MAX_SEGMENTS = 64
 
 
 class TunnelError(NtmError):
@@ -717,38 +721,68 @@ class Session:
         return header + k.send.encrypt(NONCE_PREFIX + ctr, payload, header)
 
     def encrypt_segments(
-        self, segments: Iterable[tuple[int, int]], src: memoryview, out: memoryview, now: float
+        self,
+        segments: Iterator[tuple[int, int] | Stretch],
+        src: memoryview,
+        out: memoryview,
+        now: float,
+        limit: int = MAX_SEGMENTS,
     ) -> list[int]:
         """encrypt() for each payload `src[a:b]` that `segments` yields, the DATA packets sealed one
         after the other into `out` from its start (AES-GCM straight into place: no bytes object per
-        packet). Returns where each packet ends in `out`. A segment is sealed before the next is
-        asked for (ntm/offload.split_into rewrites the source in place). TunnelError when the first
-        cannot go (no keys, keys used up); on a later one, the run ends before it (that one is lost,
-        as on the network; the rest stay in `segments`)."""
+        packet), until `limit` packets (one GSO send; a Stretch is never cut, see split_into).
+        Returns where each packet ends in `out`. A segment is sealed before the next is asked for
+        (ntm/offload.split_into rewrites the source in place; a Stretch's headers are written here,
+        each just before its segment is sealed). TunnelError when the first cannot go (no keys, keys
+        used up); on a later one, the run ends before it (that one is lost, as on the network; the
+        rest stay in `segments`)."""
         k = self.current
         if k is None or not k.send_ok or now >= k.rekey_time:
-            return self._encrypt_segments_slow(segments, src, out, 0, now)
+            return self._encrypt_segments_slow(segments, src, out, 0, now, limit)
         seal, path, soft = k.send.encrypt_into, self.path_id, k.soft_limit
         n = k.counter
         pos, nbytes, ends, rest = 0, 0, [], None
         try:
-            for a, b in segments:
-                size = b - a
-                if n >= soft or size > MAX_PAYLOAD:  # a rekey is due, or too long: encrypt() decides
-                    rest = (a, b)
+            for item in segments:
+                if type(item) is Stretch:
+                    at, count, size, head, seq_at, seq = item
+                    plain = len(head) + size
+                    if n + count >= soft or plain > MAX_PAYLOAD:
+                        rest = item
+                        break
+                    hl, dlen = len(head), HEADER_LEN + plain + TAG_LEN
+                    for _ in range(count):  # split_into's work for these segments, then the seal
+                        src[at : at + hl] = head
+                        _SEQ_PACK_INTO(src, at + seq_at, seq)
+                        end = pos + dlen
+                        _HEADER_PACK_INTO(out, pos, TYPE_DATA, path, n)
+                        seal(_NONCE(n), src[at : at + plain], out[pos : pos + HEADER_LEN], out[pos + HEADER_LEN : end])
+                        n += 1
+                        ends.append(end)
+                        pos = end
+                        at += size
+                        seq = (seq + size) & 0xFFFFFFFF
+                    nbytes += count * plain
+                else:
+                    a, b = item
+                    size = b - a
+                    if n >= soft or size > MAX_PAYLOAD:  # a rekey is due, or too long: encrypt() decides
+                        rest = item
+                        break
+                    end = pos + HEADER_LEN + size + TAG_LEN
+                    _HEADER_PACK_INTO(out, pos, TYPE_DATA, path, n)  # the header is the associated data
+                    seal(_NONCE(n), src[a:b], out[pos : pos + HEADER_LEN], out[pos + HEADER_LEN : end])
+                    n += 1
+                    nbytes += size
+                    ends.append(end)
+                    pos = end
+                if len(ends) >= limit:
                     break
-                end = pos + HEADER_LEN + size + TAG_LEN
-                _HEADER_PACK_INTO(out, pos, TYPE_DATA, path, n)  # the header is the associated data
-                seal(_NONCE(n), src[a:b], out[pos : pos + HEADER_LEN], out[pos + HEADER_LEN : end])
-                n += 1
-                nbytes += size
-                ends.append(end)
-                pos = end
         finally:
             k.counter = n  # whatever happens (an `out` too short), a counter is never used twice
             self._count_sent(len(ends), nbytes, now)
         if rest is not None:
-            ends += self._encrypt_segments_slow(chain((rest,), segments), src, out, pos, now)
+            ends += self._encrypt_segments_slow(chain((rest,), segments), src, out, pos, now, limit - len(ends))
         return ends
 
     def _count_sent(self, packets: int, nbytes: int, now: float) -> None:
@@ -758,21 +792,30 @@ class Session:
             self.tx_bytes += nbytes
 
     def _encrypt_segments_slow(
-        self, segments: Iterable[tuple[int, int]], src: memoryview, out: memoryview, pos: int, now: float
+        self,
+        segments: Iterator[tuple[int, int] | Stretch],
+        src: memoryview,
+        out: memoryview,
+        pos: int,
+        now: float,
+        limit: int,
     ) -> list[int]:
         """encrypt_segments from `out[pos]` on, through encrypt() one by one (keys missing, expiring
         or near their limit): its checks, counters and count-triggered rekey."""
         ends: list[int] = []
-        for a, b in segments:
-            try:
-                pkt = self.encrypt(bytes(src[a:b]), now)
-            except TunnelError:
-                if ends or pos:
-                    return ends
-                raise
-            out[pos : pos + len(pkt)] = pkt
-            pos += len(pkt)
-            ends.append(pos)
+        for item in segments:
+            for a, b in item.cut(src) if type(item) is Stretch else (item,):  # type: ignore[union-attr]
+                try:
+                    pkt = self.encrypt(bytes(src[a:b]), now)
+                except TunnelError:
+                    if ends or pos:
+                        return ends
+                    raise
+                out[pos : pos + len(pkt)] = pkt
+                pos += len(pkt)
+                ends.append(pos)
+            if len(ends) >= limit:
+                break
         return ends
 
     def _encrypt_slow(self, payload: bytes, now: float) -> bytes:
@@ -1002,7 +1045,10 @@ class Session:
         if fast:
             decrypt, w = kp.recv.decrypt, kp.window  # type: ignore[union-attr]
             top, bits, size, mask = w.top, w.bits, w.size, w.mask
-        path_id, reject_msgs, nbytes, events = self.path_id, self._reject_msgs, 0, []
+        # The window's bits are `bits` shifted left by `ahead`, with the `ahead` low bits set: the
+        # counters accepted in order (top + 1, each in turn) since, folded in at once (a 2048-bit
+        # shift per packet cost a tenth of this loop).
+        path_id, reject_msgs, events, ahead = self.path_id, self._reject_msgs, [], 0
         while off < end:
             stop = off + seg
             if stop > end:
@@ -1011,31 +1057,31 @@ class Session:
                 kind, path, counter = _HEADER_UNPACK(buf, off)
                 if path != path_id:
                     break  # another path's: the caller dispatches it
-                if (
-                    fast
-                    and kind == TYPE_DATA
-                    and counter < reject_msgs
-                    and (counter > top or (top - counter < size and not (bits >> (top - counter)) & 1))
-                ):
-                    try:
-                        plain = decrypt(_NONCE(counter), buf[off + 17 : stop], buf[off : off + 17])
-                    except InvalidTag:
-                        pass  # the slow path counts it
-                    else:
-                        if counter > top:
-                            shift = counter - top
-                            bits = 1 if shift >= size else (bits << shift) | 1  # masked once, at the end
-                            top = counter
+                if fast and kind == TYPE_DATA and counter < reject_msgs:
+                    if ahead and counter != top + 1:
+                        bits, ahead = (bits << ahead) | ((1 << ahead) - 1), 0
+                    if counter > top or (top - counter < size and not (bits >> (top - counter)) & 1):
+                        try:
+                            plain = decrypt(_NONCE(counter), buf[off + 17 : stop], buf[off : off + 17])
+                        except InvalidTag:
+                            pass  # the slow path counts it
                         else:
-                            bits |= 1 << (top - counter)
-                        out.append(plain)
-                        nbytes += len(plain)
-                        off = stop
-                        continue
+                            if counter == top + 1:
+                                ahead += 1
+                                top = counter
+                            elif counter > top:
+                                shift = counter - top
+                                bits = 1 if shift >= size else (bits << shift) | 1  # masked once, at the end
+                                top = counter
+                            else:
+                                bits |= 1 << (top - counter)
+                            out.append(plain)
+                            off = stop
+                            continue
             elif stop - off < PREFIX_LEN or buf[off + 1 : off + PREFIX_LEN] != path_id:
                 break
             if fast:  # the slow path reads the window: what the fast path accepted first
-                w.top, w.bits = top, bits & mask
+                w.top, w.bits = top, ((bits << ahead) | ((1 << ahead) - 1)) & mask
                 fast = False
             datagram = bytes(buf[off:stop])
             if datagram[0] in TRANSPORT_TYPES:
@@ -1045,11 +1091,11 @@ class Session:
             off = stop
             break
         if fast:
-            w.top, w.bits = top, bits & mask
+            w.top, w.bits = top, ((bits << ahead) | ((1 << ahead) - 1)) & mask
         if out:
             self.last_received = now
             self.rx_data += len(out)
-            self.rx_bytes += nbytes
+            self.rx_bytes += sum(map(len, out))
         return out, events, off
 
     def _receive_transport_slow(self, kind: int, datagram: bytes, addr: Addr, now: float) -> list[Event]:

@@ -248,7 +248,7 @@ async def test_a_gso_burst_arrives_whole_in_order_in_few_calls(wrap):
         buf = bytearray(b"".join(sent))
         before = eb.rx_datagrams
         ea.hold()
-        ca.send_segments(buf, iter([(i * 1000, min(i * 1000 + 1000, len(buf))) for i in range(100)]))
+        ca.send_segments(buf, iter([(i * 1000, min(i * 1000 + 1000, len(buf))) for i in range(100)]), 60)
         ea.flush()
         await asyncio.wait_for(_until(lambda: len(got) == len(sent)), 3)
         assert got == sent and eb.rx_datagrams - before >= len(sent)  # (and path MTU probes)

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from ntm import keys
+from ntm.offload import Stretch
 from ntm.packet import (
     PREFIX_LEN,
     TYPE_HANDSHAKE_REQUEST,
@@ -610,6 +611,58 @@ def test_encrypt_segments_is_encrypt_per_segment(runs):
         assert a2.stats == a1.stats and a2.current.counter == a1.current.counter
         assert a2.poll(now) == a1.poll(now)  # the same rekey Requests
         for d in want:  # the peer takes them (the rekeys complete)
+            b1.receive(d, ADDR_A, now)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    runs=st.lists(
+        st.tuples(
+            st.integers(1, 6),
+            st.integers(2, 12),
+            st.integers(0, 4),
+            st.integers(1, 1400),
+            st.sampled_from([1.0, 130.0]),
+        ),
+        min_size=1,
+        max_size=5,
+    ),
+    limit=st.integers(1, 20),
+)
+def test_encrypt_segments_seals_a_stretch_as_encrypt_per_segment(runs, limit):
+    """Condition: stretches (ntm/offload.Stretch: headers written by the sealing loop) between
+    plain segments, sealed in GSO runs of at most `limit` packets, across count-triggered rekeys
+    (every 7 packets: a stretch then goes through encrypt() one segment at a time) and keys past
+    their rekey time. The datagrams, counters, stats and rekey Requests are byte for byte those of
+    encrypt() per segment, the plaintexts the ones Stretch.cut writes."""
+    cfg = TunnelConfig(rekey_after_messages=7, rekey_after_time=120.0)
+    (a1, b1), (a2, b2) = _twin_pairs(cfg)
+    for hl, count, before, size, dt in runs:
+        now = T0 + dt
+        count = min(count, limit - before % limit)  # within a GSO run, as split_into cuts them
+        if count < 2:
+            continue
+        head = os.urandom(hl + 4)
+        stretch = Stretch(before * size + 3, count, size, head, hl, int.from_bytes(os.urandom(4), "big"))
+        src = bytearray(os.urandom(3 + (before + count) * size + len(head) + 5))
+        plain = [(3 + i * size, 3 + (i + 1) * size) for i in range(before)]  # a stretch's headers land on their tails
+        want_src = bytearray(src)
+        want = [a1.encrypt(bytes(want_src[x:y]), now) for x, y in plain]
+        for x, y in stretch.cut(want_src):
+            want.append(a1.encrypt(bytes(want_src[x:y]), now))
+        items = iter([*plain, stretch])
+        out = memoryview(bytearray(sum(map(len, want)) + 100))
+        got = []
+        while True:
+            ends = a2.encrypt_segments(items, memoryview(src), out, now, limit)
+            if not ends:
+                break
+            assert len(ends) <= limit
+            got += [bytes(out[x:y]) for x, y in zip([0, *ends], ends)]
+        assert got == want and src == want_src
+        assert a2.stats == a1.stats and a2.current.counter == a1.current.counter
+        assert a2.poll(now) == a1.poll(now)  # the same rekey Requests
+        for d in want:
             b1.receive(d, ADDR_A, now)
 
 
