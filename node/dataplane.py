@@ -317,15 +317,17 @@ class DataPlane:
         the run of the same peer's previous IPv6 packet joins it at once: its addresses are that
         run's first's (_Run.take compares them), which overlay.inbound passed for this peer,
         so inbound would pass it too, unchanged (and count it: counted here)."""
-        from_tunnel, c, joined = self._from_tunnel, self._coalescer, 0
-        run = c.last if c is not None and self._run_peer == peer else None
-        for payload in payloads:
-            if run is not None and run.take(payload):
-                joined += 1
-                continue
-            from_tunnel(peer, t, payload)
+        i, end, joined = 0, len(payloads), 0
+        while i < end:
             c = self._coalescer
-            run = c.last if c is not None and self._run_peer == peer else None
+            if c is not None and c.last is not None and self._run_peer == peer:
+                taken = c.last.take_many(payloads, i)
+                joined += taken - i
+                i = taken
+                if i == end:
+                    break
+            self._from_tunnel(peer, t, payloads[i])
+            i += 1
         if joined:
             self.overlay.stats["rx_ipv6"] += joined
 

@@ -379,6 +379,7 @@ class _Run:
         "ended",
         "same",
         "vary",
+        "twin",
     )
 
     def __init__(self, pkt: bytes, l4: int, hl: int, v6: bool) -> None:
@@ -393,6 +394,9 @@ class _Run:
         self.ended = bool(pkt[l4 + 13] & TCP_PSH)  # (or, once taken, a segment shorter than the first)
         same, self.vary = _shape(v6, hl)
         self.same = (same.unpack_from, same.unpack_from(pkt))
+        # IPv6: the headers before and after the sequence number, which a full segment of the flow
+        # repeats byte for byte when its checksum is partial (the common case: take_many)
+        self.twin = (pkt[: l4 + 4], pkt[l4 + 8 : hl], l4 + 4) if v6 else None
 
     def take(self, pkt: bytes) -> bool:
         """Append `pkt` if it is the next segment of this run's flow and joins it as the kernel's
@@ -434,6 +438,35 @@ class _Run:
             head[self.l4 + 13] |= TCP_PSH
             self.head = bytes(head)
         return True
+
+    def take_many(self, pkts: list[bytes], i: int) -> int:
+        """take() each of `pkts[i:]` in turn while it joins; returns the index of the first that
+        does not. A full segment whose headers are the first's but for the sequence number (its
+        twin: IPv6, partial checksums) is taken on two prefix comparisons, a strict case of take's
+        rules; anything else (the last segment, shorter; PSH; complete checksums) gets take's."""
+        end, twin = len(pkts), self.twin
+        if twin is not None and not self.ended:
+            pre, post, seq_at = twin
+            full, hl, size, limit = self.size + self.hl, self.hl, self.size, self.limit
+            seq, length, append = self.next_seq, self.length, self.parts.append
+            while i < end:
+                pkt = pkts[i]
+                if (
+                    len(pkt) != full
+                    or length + size > limit
+                    or not pkt.startswith(pre)
+                    or not pkt.startswith(post, seq_at + 4)
+                    or _I.unpack_from(pkt, seq_at)[0] != seq
+                ):
+                    break
+                append(memoryview(pkt)[hl:])
+                seq = (seq + size) & 0xFFFFFFFF
+                length += size
+                i += 1
+            self.next_seq, self.length = seq, length
+        while i < end and self.take(pkts[i]):
+            i += 1
+        return i
 
     def buffers(self) -> list[bytes | memoryview]:
         """The virtio-net header and the packet to write for this run, in pieces (one writev)."""

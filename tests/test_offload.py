@@ -304,6 +304,56 @@ def simple_flow(v6: bool = False) -> Flow:
     )
 
 
+# A change to one segment of a run: a header byte flipped (any, or one of the sequence number's),
+# two neighbours swapped, or the segment cut short or made longer with its headers unchanged.
+_CHANGES = st.one_of(
+    st.tuples(st.just("flip"), st.integers(0, 60), st.integers(0, 80), st.integers(1, 255)),
+    st.tuples(
+        st.just("flip"), st.integers(0, 60), st.sampled_from([44, 45, 46, 47, 24, 25, 26, 27]), st.integers(1, 255)
+    ),
+    st.tuples(st.just("swap"), st.integers(0, 60), st.just(0), st.just(0)),
+    st.tuples(st.just("cut"), st.integers(0, 60), st.integers(-8, 8).filter(bool), st.just(0)),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(trains(ip_opts=False), st.booleans(), st.lists(_CHANGES, max_size=3))
+def test_take_many_takes_what_take_takes_one_by_one(train, partial, changes):
+    """Adversary: a peer's run whose segments (partial checksums or complete ones) may carry a
+    changed header byte (another flow, source, window, flags, options, sequence number, length),
+    come swapped, or be cut short or made longer under unchanged headers. The run's quick path for
+    twins (_Run.take_many) stops where take() one by one stops, and leaves the run the same:
+    payloads, next sequence number, length, end."""
+    from ntm.offload import _Run, _can_join, _tcp_flow
+
+    flow, payload, mss = train
+    hdr, pkt = flow.kernel_super(payload, mss)
+    segs = split(hdr, pkt, BIG, partial)
+    for kind, index, at, xor in changes:
+        i = index % len(segs)
+        if kind == "swap" and i + 1 < len(segs):
+            segs[i], segs[i + 1] = segs[i + 1], segs[i]
+        elif kind == "flip":
+            seg = bytearray(segs[i])
+            seg[at % len(seg)] ^= xor
+            segs[i] = bytes(seg)
+        elif kind == "cut":
+            segs[i] = segs[i][:at] if at < 0 else segs[i] + bytes(at)
+    key = _tcp_flow(segs[0])
+    hl = _can_join(segs[0], key[1], key[2]) if key is not None else 0
+    if not hl:
+        return
+    one, many = _Run(segs[0], key[1], hl, key[2]), _Run(segs[0], key[1], hl, key[2])
+    stop = 1
+    while stop < len(segs) and one.take(segs[stop]):
+        stop += 1
+    assert many.take_many(segs, 1) == stop
+    state = lambda r: ([bytes(p) for p in r.parts], r.next_seq, r.length, r.ended, r.head)  # noqa: E731
+    assert state(many) == state(one)
+    if flow.v6 and partial and not changes and len(segs) > 2:
+        assert stop >= len(segs) - 1  # an honest run joins whole (FIN keeps the last apart)
+
+
 def test_interleaved_flows_coalesce_apart_and_in_order():
     """Two flows' segments arrive interleaved (two connections sharing the tunnel)."""
     a, b = simple_flow(), simple_flow()
@@ -462,6 +512,17 @@ def test_a_run_stops_at_the_coalesced_size_limit():
     out = coalesce(segs)
     assert len(out) == 2 and all(len(p) - 40 <= 65535 for _, p in out)
     assert [s for r, p in out for s in split(VnetHdr.unpack(r), p, BIG)] == segs
+    # the same from a peer's tunnel (partial checksums: the quick path for twins, _Run.take_many)
+    from ntm.offload import _Run
+
+    partial = []
+    for _ in range(2):  # two super-packets' segments in a row, one stream
+        hdr, pkt = f.kernel_super(bytes(1400 * 30), 1400)
+        partial += split(hdr, pkt, BIG, True)
+        f.seq += 1400 * 30
+    hl = len(partial[0]) - 1400
+    run = _Run(partial[0], 40, hl, True)
+    assert run.take_many(partial, 1) == (65535 + 40 - len(partial[0])) // 1400 + 1 and run.length - 40 <= 65535
 
 
 def test_gso_none_with_a_partial_checksum_is_completed():
