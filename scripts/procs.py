@@ -64,6 +64,21 @@ def has_ipv6_loopback() -> bool:
 #: Where free_port draws from: below Linux's default ephemeral range (32768-60999).
 FREE_PORT_RANGE = (20_000, 32_767)
 FREE_PORT_TRIES = 50  # bind attempts before falling back to a kernel-chosen port
+#: Slices of FREE_PORT_RANGE, one per pytest-xdist worker (and the processes it starts): a port
+#: one worker's devnet picked is not drawn by another worker's test during the seconds before the
+#: devnet binds it (seen once: dc2's port taken in between, "Address already in use").
+FREE_PORT_SLICES = 8
+
+
+def _free_port_range() -> tuple[int, int]:
+    """FREE_PORT_RANGE, or this pytest-xdist worker's slice of it (PYTEST_XDIST_WORKER=gwN)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not worker.startswith("gw") or not worker[2:].isdigit():
+        return FREE_PORT_RANGE
+    low, high = FREE_PORT_RANGE
+    width = (high - low + 1) // FREE_PORT_SLICES
+    start = low + int(worker[2:]) % FREE_PORT_SLICES * width
+    return start, start + width - 1
 
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
@@ -71,8 +86,9 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
     devnet). Drawn below the kernel's ephemeral range, which outgoing connections and port-0 binds
     use: a port the kernel just handed us is the likeliest to be handed to one of them before the
     server binds it (seen: a DC's port taken by a connection in between)."""
+    low, high = _free_port_range()
     for _ in range(FREE_PORT_TRIES):
-        port = random.randint(*FREE_PORT_RANGE)
+        port = random.randint(low, high)
         with socket.socket(socket.AF_INET, kind) as s:
             try:
                 s.bind(("127.0.0.1", port))
