@@ -144,6 +144,31 @@ class Stretch(NamedTuple):
             seq = (seq + self.size) & 0xFFFFFFFF
 
 
+class Cuts:
+    """split_into's items, one of which a consumer may give back: the rest of a Stretch whose
+    sealing stopped partway (keys used up), so the caller still has every segment not sent."""
+
+    __slots__ = ("_items", "_back")
+
+    def __init__(self, items: Iterator[tuple[int, int] | Stretch]) -> None:
+        self._items = items
+        self._back: tuple[int, int] | Stretch | None = None
+
+    def __iter__(self) -> Cuts:
+        return self
+
+    def __next__(self) -> tuple[int, int] | Stretch:
+        back = self._back
+        if back is not None:
+            self._back = None
+            return back
+        return next(self._items)
+
+    def give_back(self, item: tuple[int, int] | Stretch) -> None:
+        """`item` comes next (it was taken but not used; its segments are still intact)."""
+        self._back = item
+
+
 def flatten(segments: Iterable[tuple[int, int] | Stretch], buf: bytearray | memoryview) -> Iterator[tuple[int, int]]:
     """split_into's segments with each Stretch cut as it comes: (a, b) pairs only."""
     for item in segments:
@@ -161,7 +186,7 @@ def split_into(
     max_len: int,
     partial: bool = False,
     stretch: int = 0,
-) -> Iterator[tuple[int, int] | Stretch]:
+) -> Cuts:
     """split() of the GSO packet `buf[start:end]` done in place, as wireguard-go does: yields
     (a, b) for each segment in turn, the segment being `buf[a:b]`, its headers written just ahead
     of its payload, over the tail of the previous segment's payload. So a segment is valid only
@@ -193,7 +218,7 @@ def split_into(
         if size <= 0:
             raise OffloadError(f"headers ({hl} bytes) do not fit in {max_len}")
     partial = partial and l4 == (40 if v6 else (pkt[0] & 0x0F) * 4)
-    return _cut(buf, start, end, v6, l4, hl, tcp, size, partial, stretch if v6 and tcp and partial else 0)
+    return Cuts(_cut(buf, start, end, v6, l4, hl, tcp, size, partial, stretch if v6 and tcp and partial else 0))
 
 
 def _cut(

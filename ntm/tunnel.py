@@ -812,7 +812,7 @@ class Session:
             k.counter = n  # whatever happens (an `out` too short), a counter is never used twice
             self._count_sent(len(ends), nbytes, now)
         if rest is not None:
-            ends += self._encrypt_segments_slow(chain((rest,), segments), src, out, pos, now, limit - len(ends))
+            ends += self._encrypt_segments_slow(segments, src, out, pos, now, limit - len(ends), rest)
         return ends
 
     def _count_sent(self, packets: int, nbytes: int, now: float) -> None:
@@ -829,15 +829,22 @@ class Session:
         pos: int,
         now: float,
         limit: int,
+        first: tuple[int, int] | Stretch | None = None,
     ) -> list[int]:
-        """encrypt_segments from `out[pos]` on, through encrypt() one by one (keys missing, expiring
-        or near their limit): its checks, counters and count-triggered rekey."""
+        """encrypt_segments from `out[pos]` on (`first`, then `segments`), through encrypt() one by
+        one (keys missing, expiring or near their limit): its checks, counters and count-triggered
+        rekey. What cannot go is given back to `segments` if it takes it (ntm/offload.Cuts): a
+        Stretch from the segment that failed on."""
         ends: list[int] = []
-        for item in segments:
-            for a, b in item.cut(src) if type(item) is Stretch else (item,):  # type: ignore[union-attr]
+        for item in chain((first,), segments) if first is not None else segments:
+            for k, (a, b) in enumerate(item.cut(src) if type(item) is Stretch else (item,)):  # type: ignore[union-attr]
                 try:
                     pkt = self.encrypt(bytes(src[a:b]), now)
                 except TunnelError:
+                    give_back = getattr(segments, "give_back", None)
+                    if give_back is not None:  # what is left of the item, from the segment that failed
+                        seq = (item.seq + k * item.size) & 0xFFFFFFFF if k else 0  # type: ignore[union-attr]
+                        give_back(item._replace(at=a, count=item.count - k, seq=seq) if k else item)  # type: ignore[union-attr]
                     if ends or pos:
                         return ends
                     raise
@@ -1079,8 +1086,10 @@ class Session:
         # counters accepted in order (top + 1, each in turn) since, folded in at once (a 2048-bit
         # shift per packet cost a tenth of this loop).
         path_id, reject_msgs, events, ahead = self.path_id, self._reject_msgs, [], 0
-        # A receive buffer read again and again: the views of its full-size datagrams are made once.
-        slots = _slots(buf, seg) if fast and seg >= SLOT_MIN_LEN and type(buf) is memoryview and not off % seg else ()
+        # A receive buffer read again and again: the views of its full-size datagrams are made once,
+        # for a GRO run whose first datagram proved itself (a stranger's lengths never fill the cache).
+        slots: Sequence[tuple[memoryview, memoryview]] = ()
+        slotted = fast and seg >= SLOT_MIN_LEN and end - off > seg and type(buf) is memoryview and not off % seg
         while off < end:
             stop = off + seg
             if stop > end:
@@ -1113,6 +1122,8 @@ class Session:
                                 bits |= 1 << (top - counter)
                             out.append(plain)
                             off = stop
+                            if slotted:
+                                slots, slotted = _slots(buf, seg), False  # type: ignore[arg-type]
                             continue
             elif stop - off < PREFIX_LEN or buf[off + 1 : off + PREFIX_LEN] != path_id:
                 break

@@ -569,6 +569,28 @@ def test_receive_run_is_receive_per_datagram(runs):
         now += 0.5
 
 
+def test_receive_run_through_cached_slots_is_receive_per_datagram(monkeypatch):
+    """The same adversaries with every run's datagrams read through cached slots (tunnel._slots,
+    kept for full-size segments only: here for any length). Slots are made only once a datagram
+    of a GRO run authenticated: a stranger's run of any length never makes one."""
+    import ntm.tunnel as tunnel
+
+    made: list[int] = []
+    real = tunnel._slots
+    monkeypatch.setattr(tunnel, "SLOT_MIN_LEN", 0)
+    monkeypatch.setattr(tunnel, "_slots", lambda buf, seg: made.append(seg) or real(buf, seg))
+    test_receive_run_is_receive_per_datagram()
+    test_the_replay_window_keeps_its_size_over_a_long_run()
+    assert made
+    made.clear()
+    a, b, _ = _twin_receivers()
+    forged = [bytearray(a.encrypt(os.urandom(1200), T0 + 1)) for _ in range(4)]
+    for d in forged:
+        d[-1] ^= 1
+    buf = memoryview(bytearray(b"".join(forged)))
+    assert b.receive_run(buf, 0, len(buf), len(forged[0]), ADDR_A, T0 + 1)[0] == [] and made == []
+
+
 @pytest.mark.parametrize("payload_len", [0, 8])
 def test_a_run_of_the_peers_data_is_decrypted_in_one_call_in_place(payload_len):
     """The fast path (issue 23): fresh DATA from the peer, one packet reordered within the window,
@@ -664,6 +686,31 @@ def test_encrypt_segments_seals_a_stretch_as_encrypt_per_segment(runs, limit):
         assert a2.poll(now) == a1.poll(now)  # the same rekey Requests
         for d in want:
             b1.receive(d, ADDR_A, now)
+
+
+def test_keys_used_up_partway_through_a_stretch_lose_no_segment():
+    """Condition: the keys reach their hard limit (a rekey that never completed) in the middle of
+    a super-packet's stretch, sealed in GSO runs as Endpoint.send_segments does. Every segment is
+    either sealed, each counter once, or given back to the caller (ntm/offload.Cuts) with its bytes
+    intact, for the data plane to queue while the tunnel reopens: none is lost."""
+    from daemon import udpgso
+    from ntm.offload import flatten, split, split_into
+    from ntm.packet import MIN_TRANSPORT_LEN
+    from test_offload import simple_flow
+
+    a, b, _ = connect(TunnelConfig(rekey_after_messages=20, reject_after_messages=40))
+    hdr, pkt = simple_flow(v6=True).kernel_super(bytes(i & 0xFF for i in range(62000)), 1440)
+    want = split(hdr, pkt, 1000, True)
+    buf = bytearray(hdr.pack() + pkt)
+    per_send = udpgso.segments_per_send(1000 + MIN_TRANSPORT_LEN)
+    segments = split_into(hdr, buf, len(hdr.pack()), len(buf), 1000, True, per_send)
+    out, sent, first = memoryview(bytearray(udpgso.RECV_BUFFER)), [], a.current.counter
+    with pytest.raises(TunnelError):
+        while ends := a.encrypt_segments(segments, memoryview(buf), out, T0 + 0.5, per_send):
+            sent += [bytes(out[x:y]) for x, y in zip([0, *ends], ends)]
+    left = [bytes(buf[x:y]) for x, y in flatten(segments, buf)]
+    assert len(sent) == 40 - first and a.current.counter == 40  # up to the limit, each counter once
+    assert [b.receive(d, ADDR_A, T0 + 0.5)[0].payload for d in sent] + left == want
 
 
 def test_encrypt_segments_refuses_without_keys_and_never_reuses_a_counter():
