@@ -421,7 +421,7 @@ class _Run:
         self.same = (same.unpack_from, same.unpack_from(pkt))
         # IPv6: the headers before and after the sequence number, which a full segment of the flow
         # repeats byte for byte when its checksum is partial (the common case: take_many)
-        self.twin = (pkt[: l4 + 4], pkt[l4 + 8 : hl], l4 + 4) if v6 else None
+        self.twin = (pkt[: l4 + 4], pkt[l4 + 8 : hl]) if v6 else None
 
     def take(self, pkt: bytes) -> bool:
         """Append `pkt` if it is the next segment of this run's flow and joins it as the kernel's
@@ -471,7 +471,8 @@ class _Run:
         rules; anything else (the last segment, shorter; PSH; complete checksums) gets take's."""
         end, twin = len(pkts), self.twin
         if twin is not None and not self.ended:
-            pre, post, seq_at = twin
+            pre, post = twin
+            seq_at = self.l4 + 4
             full, hl, size, limit = self.size + self.hl, self.hl, self.size, self.limit
             seq, length, append = self.next_seq, self.length, self.parts.append
             while i < end:

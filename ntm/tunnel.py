@@ -150,9 +150,19 @@ def _slots(out: memoryview, dlen: int) -> list[tuple[memoryview, memoryview]]:
         return hit[1]
     if len(_SLOT_CACHE) >= SLOT_CACHE_MAX:
         _SLOT_CACHE.clear()
-    slots = [(out[x : x + HEADER_LEN], out[x + HEADER_LEN : x + dlen]) for x in range(0, len(out) - dlen + 1, dlen)]
+    slots = _slot_views(out, 0, (len(out) - dlen) // dlen + 1, dlen)
     _SLOT_CACHE[key] = (out, slots)
     return slots
+
+
+def _slot_views(out: memoryview, pos: int, count: int, dlen: int) -> list[tuple[memoryview, memoryview]]:
+    """(header, body) views of the `count` datagram slots of `dlen` bytes from `out[pos]` on."""
+    return [(out[x : x + HEADER_LEN], out[x + HEADER_LEN : x + dlen]) for x in range(pos, pos + count * dlen, dlen)]
+
+
+def _fold(bits: int, ahead: int) -> int:
+    """A replay bitmap with the `ahead` counters accepted in order since shifted in (receive_run)."""
+    return (bits << ahead) | ((1 << ahead) - 1)
 
 
 class TunnelError(NtmError):
@@ -778,10 +788,7 @@ class Session:
                     # the stretch's datagrams go in slots of `out` that every run of this length uses
                     slots = _slots(out, dlen)[first : first + count] if pos == first * dlen else ()
                     if len(slots) < count:
-                        slots = [
-                            (out[x : x + HEADER_LEN], out[x + HEADER_LEN : x + dlen])
-                            for x in range(pos, pos + count * dlen, dlen)
-                        ]
+                        slots = _slot_views(out, pos, count, dlen)
                     for aad, body in slots:
                         src[at : at + hl] = head  # split_into's work for this segment, then the seal
                         _SEQ_PACK_INTO(src, at + seq_at, seq)
@@ -843,8 +850,11 @@ class Session:
                 except TunnelError:
                     give_back = getattr(segments, "give_back", None)
                     if give_back is not None:  # what is left of the item, from the segment that failed
-                        seq = (item.seq + k * item.size) & 0xFFFFFFFF if k else 0  # type: ignore[union-attr]
-                        give_back(item._replace(at=a, count=item.count - k, seq=seq) if k else item)  # type: ignore[union-attr]
+                        if k:  # a Stretch, from segment k on
+                            item = item._replace(
+                                at=a, count=item.count - k, seq=(item.seq + k * item.size) & 0xFFFFFFFF
+                            )  # type: ignore[union-attr]
+                        give_back(item)
                     if ends or pos:
                         return ends
                     raise
@@ -1100,7 +1110,7 @@ class Session:
                     break  # another path's: the caller dispatches it
                 if fast and kind == TYPE_DATA and counter < reject_msgs:
                     if ahead and counter != top + 1:
-                        bits, ahead = (bits << ahead) | ((1 << ahead) - 1), 0
+                        bits, ahead = _fold(bits, ahead), 0
                     if counter > top or (top - counter < size and not (bits >> (top - counter)) & 1):
                         if slots and stop - off == seg:
                             aad, body = slots[off // seg]
@@ -1128,7 +1138,7 @@ class Session:
             elif stop - off < PREFIX_LEN or buf[off + 1 : off + PREFIX_LEN] != path_id:
                 break
             if fast:  # the slow path reads the window: what the fast path accepted first
-                w.top, w.bits = top, ((bits << ahead) | ((1 << ahead) - 1)) & mask
+                w.top, w.bits = top, _fold(bits, ahead) & mask
                 fast = False
             datagram = bytes(buf[off:stop])
             if datagram[0] in TRANSPORT_TYPES:
@@ -1138,7 +1148,7 @@ class Session:
             off = stop
             break
         if fast:
-            w.top, w.bits = top, ((bits << ahead) | ((1 << ahead) - 1)) & mask
+            w.top, w.bits = top, _fold(bits, ahead) & mask
         if out:
             self.last_received = now
             self.rx_data += len(out)
