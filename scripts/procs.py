@@ -66,8 +66,13 @@ FREE_PORT_RANGE = (20_000, 32_767)
 FREE_PORT_TRIES = 50  # bind attempts before falling back to a kernel-chosen port
 #: Slices of FREE_PORT_RANGE, one per pytest-xdist worker (and the processes it starts): a port
 #: one worker's devnet picked is not drawn by another worker's test during the seconds before the
-#: devnet binds it (seen once: dc2's port taken in between, "Address already in use").
+#: devnet binds it.
 FREE_PORT_SLICES = 8
+#: Ports this process's free_port returned: none is returned twice, so a caller drawing several
+#: before binding any (the devnet's nine) never gets one port for two servers (seen twice in CI:
+#: dc2 "Address already in use"; nine picks from a worker's slice of ~1,600 repeat one about 2% of
+#: the time).
+_handed_out: set[int] = set()
 
 
 def _free_port_range() -> tuple[int, int]:
@@ -87,14 +92,19 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
     use: a port the kernel just handed us is the likeliest to be handed to one of them before the
     server binds it (seen: a DC's port taken by a connection in between)."""
     low, high = _free_port_range()
+    if len(_handed_out) > high - low:
+        _handed_out.clear()  # all of the range handed out: the oldest picks are long bound or gone
     for _ in range(FREE_PORT_TRIES):
         port = random.randint(low, high)
+        if port in _handed_out:
+            continue
         with socket.socket(socket.AF_INET, kind) as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
-            return port
+        _handed_out.add(port)
+        return port
     with socket.socket(socket.AF_INET, kind) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
