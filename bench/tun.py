@@ -30,7 +30,7 @@ about half the speed (issue 23: 59-94% of samples on one core -> 1.3-1.8 Gbit/s,
 daemon or wireguard-go, iperf3's client) on CPU 0, the receiving side's on CPU 1 (the relay and
 the federation unpinned); the metrics then get a `_pinned` suffix.
 
-usage: sudo .venv/bin/python bench/tun.py [--rounds 3] [--seconds 10] [--quick] [--pin]
+usage: sudo .venv/bin/python bench/tun.py [--rounds 3] [--seconds 7] [--quick] [--pin]
 `--quick`: one round of 1 s iperf3 tests and a 6 MB handover transfer: the same code paths (make test).
 """
 
@@ -55,6 +55,10 @@ from labkit.lab.topology import Lab, lab_available, sweep_stale  # noqa: E402
 from labkit.lab.upnode import UpNode, transfer  # noqa: E402
 
 KEEPALIVE_S = 2.0
+ROUNDS = 3
+#: Seconds per iperf3 test: ROUNDS x 5 tests, the relay's test and the lab's setup take ~2.6 min
+#: (measured: 10 s tests 3.4 min, over the 3 minutes a bench may take; 8 s tests 2.9).
+TEST_S = 7.0
 WG_NET = "10.77.0.{}"
 WG_PORT = 51820
 WG_START_TRIES = 100  # x 50 ms: wireguard-go up and listening on its control socket (5 s)
@@ -230,8 +234,8 @@ def measure(lab: Lab, a, target: str, pids: list[int], seconds: float, streams: 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--rounds", type=int, default=ROUNDS)
+    p.add_argument("--seconds", type=float, default=TEST_S)
     p.add_argument("--quick", action="store_true", help="tiny sizes, same code paths (CI)")
     p.add_argument("--pin", action="store_true", help="each side on its own CPU, for every overlay alike")
     args = p.parse_args()
