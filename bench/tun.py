@@ -55,7 +55,7 @@ from labkit.lab.topology import Lab, lab_available, sweep_stale  # noqa: E402
 from labkit.lab.upnode import UpNode, transfer  # noqa: E402
 
 KEEPALIVE_S = 2.0
-ROUNDS = 3
+ROUNDS = 3  # interleaved rounds: a median one noisy round cannot move, inside the 3-minute budget
 #: Seconds per iperf3 test: ROUNDS x 5 tests, the relay's test and the lab's setup take ~2.6 min
 #: (measured: 10 s tests 3.4 min, over the 3 minutes a bench may take; 8 s tests 2.9).
 TEST_S = 7.0
