@@ -19,6 +19,7 @@ from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Callable
 
+from daemon import atomic_file
 from ntm.errors import NtmError
 from ntm.routes import Net
 from ntm.vaddr import V6_PREFIX
@@ -107,9 +108,7 @@ class Forwarding:
         return Path(path) if self.sysctl_dir is None else self.sysctl_dir / Path(path).name
 
     def _save(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"rules": self.rules, "sysctls": self.sysctls}))
-        tmp.replace(self.path)
+        atomic_file.replace_file(self.path, json.dumps({"rules": self.rules, "sysctls": self.sysctls}).encode())
 
     def recover(self) -> int:
         """Remove what a daemon that died without cleaning up had added (its state file); the

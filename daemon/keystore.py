@@ -19,7 +19,7 @@ import coincurve
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from eth_utils import keccak
 
-from daemon import startup
+from daemon import atomic_file, startup
 from ntm.errors import KeystoreError
 
 # hashlib.scrypt refuses more than maxmem; eth-account's default (n = 2^18, r = 8) needs 256 MiB.
@@ -31,15 +31,7 @@ def save_keystore(key: coincurve.PrivateKey, path: Path, passphrase: str = "") -
     from eth_account import Account  # only here: see the module's docstring
 
     blob = Account.encrypt(key.secret, passphrase)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(blob, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic_file.replace_file(Path(path), json.dumps(blob).encode(), atomic_file.SECRET_FILE_MODE)
 
 
 def read_blob(path: Path) -> dict:

@@ -18,11 +18,11 @@ import asyncio
 import hashlib
 import json
 import logging
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from daemon import atomic_file
 from ntm.registry import DcInfo, OnChainRecord
 
 log = logging.getLogger("ntm.dc.snapshot")
@@ -113,25 +113,10 @@ def read(path: Path, chain_id: int, registry: bytes, from_block: int) -> Snapsho
         return None
 
 
-def write(path: Path, data: bytes) -> None:
-    """Replace the file at `path` with `data` atomically: a crash leaves the old one or the new one."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 async def save(path: Path, snap: Snapshot) -> bool:
     """Encode and write in a worker thread (the event loop goes on serving); False if it failed."""
     try:
-        await asyncio.to_thread(lambda: write(path, encode(snap)))
+        await asyncio.to_thread(lambda: atomic_file.replace_file(path, encode(snap)))
     except OSError as exc:
         log.warning("cannot write the registry snapshot %s: %s", path, exc)
         return False

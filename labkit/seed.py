@@ -33,6 +33,7 @@ from pathlib import Path
 import aiohttp
 from eth_account import Account
 
+from daemon import atomic_file
 from chain.registry import BATCH_GAS_BASE, BATCH_GAS_PER_RECORD, Registry, fee_fields, load_artifact
 from ntm import keys
 from ntm.record import Domain, NodeTransaction, to_compact
@@ -169,13 +170,6 @@ async def _build(records: int) -> tuple[bytes, bytes]:
     return bytes.fromhex(state.removeprefix("0x")), address
 
 
-def _write_whole(path: Path, data: bytes) -> None:
-    """Whole files only: another run may be reading the cache (or building the same chain)."""
-    partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    partial.write_bytes(data)
-    os.replace(partial, path)
-
-
 @contextlib.asynccontextmanager
 async def seeded_chain(records: int) -> AsyncIterator[tuple[Anvil, bytes]]:
     """A running anvil holding a NodeRegistry (owned by DEV_KEYS[0]) and `records` seeded records,
@@ -185,8 +179,8 @@ async def seeded_chain(records: int) -> AsyncIterator[tuple[Anvil, bytes]]:
     cached, meta = CACHE_DIR / f"{key}.json.gz", CACHE_DIR / f"{key}.registry"
     if not (cached.exists() and meta.exists()):
         state, address = await _build(records)
-        _write_whole(meta, json.dumps({"registry": address.hex(), "records": records}).encode())
-        _write_whole(cached, state)
+        atomic_file.replace_file(meta, json.dumps({"registry": address.hex(), "records": records}).encode())
+        atomic_file.replace_file(cached, state)
     address = bytes.fromhex(json.loads(meta.read_text())["registry"])
     with tempfile.TemporaryDirectory(prefix="ntm-seeded-") as tmp:
         state_file = Path(tmp) / "state.json"  # anvil's --load-state reads plain JSON only

@@ -7,6 +7,8 @@ import json
 import os
 from pathlib import Path
 
+from daemon import atomic_file
+
 KEY_FILE = "key.json"
 ID_FILE = "id.json"  # the node ID and public key (public; `ntm id` reads it without the passphrase)
 STATE_FILE = "state.json"
@@ -57,11 +59,8 @@ def read_json(path: Path) -> dict:
 
 
 def write_json(path: Path, data: dict) -> None:
-    """Atomic replace, so a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    """Atomic replace, so a crash never leaves half a file and two commands may write at once."""
+    atomic_file.replace_file(path, (json.dumps(data, indent=2) + "\n").encode())
 
 
 def read_state(base: Path) -> dict:

@@ -16,12 +16,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from daemon import atomic_file
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE = ROOT / "contracts" / "NodeRegistry.sol"
@@ -119,10 +120,7 @@ def render(artifact: dict) -> str:
 
 
 def write_artifact(artifact: dict, path: Path = ARTIFACT) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(render(artifact))
-    os.replace(tmp, path)
+    atomic_file.replace_file(path, render(artifact).encode())
 
 
 def check(path: Path = ARTIFACT) -> list[str]:

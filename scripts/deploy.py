@@ -15,7 +15,6 @@ import daemon.ctrl_c  # noqa: F401 (first: Ctrl-C during the imports below is on
 import argparse
 import asyncio
 import json
-import os
 import signal
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Callable
 
 from eth_account import Account
 
-from daemon import keystore, startup
+from daemon import atomic_file, keystore, startup
 from ntm import keys
 from ntm.errors import NtmError
 from chain.registry import Registry, RegistryError, fee_fields, load_artifact
@@ -95,17 +94,6 @@ async def wait_for_chain(rpc: str, seconds: float) -> None:
         await asyncio.sleep(1.0)
 
 
-def write_atomic(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=2)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 async def _existing(out: Path, rpc: str, key: bytes) -> tuple[Registry, int] | None:
     """The registry named in an existing --out file, if it is live on this chain."""
     if not out.exists():
@@ -175,7 +163,7 @@ async def deploy(
         }
     finally:
         await reg.close()
-    write_atomic(out, deployment)
+    atomic_file.replace_file(out, (json.dumps(deployment, indent=2) + "\n").encode())
     report(f"wrote {out}")
     return {**deployment, "action": action}
 

@@ -19,7 +19,7 @@ from typing import Callable
 import pytest
 
 from daemon import keystore
-from node import state
+from node import commands, state
 from ntm import keys
 
 USAGE, FAILED, NO_DAEMON, UNREACHABLE, INTERRUPTED = 2, 1, 3, 4, 130
@@ -48,6 +48,7 @@ def homes(tmp_path_factory, silent_dc):
     for name in ("ok", "silentd"):
         home = root / name
         keystore.save_keystore(key, home / state.KEY_FILE, "pw")
+        commands.write_id(home, key)  # as `ntm keygen` leaves it: `ntm id` answers without the passphrase
         state.write_json(
             home / state.STATE_FILE,
             {"dc_url": silent_dc, "dc": PEER, "hostname": "dc1", "chain_id": 31337, "registry": PEER, "timestamp": 1},

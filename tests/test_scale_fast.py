@@ -12,6 +12,7 @@ from typing import Callable
 import pytest
 
 from chain.registry import Registry, _Abi, load_artifact
+from daemon import atomic_file
 from dc import dashboard, snapshot, wiring
 from dc import status as dc_status
 from dc.cache import LOG_CHUNK, RegistryCache
@@ -132,7 +133,7 @@ async def test_a_snapshot_of_another_chain_or_of_a_block_the_chain_no_longer_has
     cache = await caught_up_cache(chain)
     data = snapshot.encode(cache.snapshot())
     path = tmp_path / "dc.sqlite.snapshot"
-    snapshot.write(path, data)
+    atomic_file.replace_file(path, data)
     assert snapshot.read(path, chain.chain_id, chain.address, 0) is not None
     for chain_id, registry, from_block in (
         (chain.chain_id + 1, chain.address, 0),
