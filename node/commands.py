@@ -310,10 +310,7 @@ def advertised(text: str) -> list:
 
 async def cmd_up(args, base: Path) -> None:
     """Run the node daemon in the foreground until SIGINT/SIGTERM or `ntm down`."""
-    daemon.log_to_file(base)
-    key = load_key(args, base)
-    st = need_registration(base)
-    opts = up_options(args)
+    opts = up_options(args)  # the flags first: a typo is told before the passphrase is asked for
     try:
         vaddr.tun_mtu(opts.path_mtu)
     except vaddr.AddressError as exc:
@@ -322,6 +319,9 @@ async def cmd_up(args, base: Path) -> None:
         raise CliError("--exit-node and --exit-relay both choose the exit: give one", USAGE)
     if not 0 < opts.keepalive <= 3600 or not 0 <= opts.port < 65536:
         raise CliError("--keepalive must be in (0, 3600] seconds and --port in 0..65535", USAGE)
+    daemon.log_to_file(base)
+    key = load_key(args, base)
+    st = need_registration(base)
 
     def ready(info: dict) -> None:
         where = f"TUN {info['tun']} (MTU {info['mtu']})" if info["tun"] else "no TUN (datagram mode)"

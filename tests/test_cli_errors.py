@@ -207,6 +207,15 @@ def test_a_bad_dc_is_told_before_the_key_is_opened(homes):
         one_line(ntm(homes["ok"], *cmd, "--dc", "http://127.0.0.1:1", passphrase="wrong"), USAGE, "plain HTTP")
 
 
+def test_a_bad_up_flag_is_told_before_the_key_is_opened(homes):
+    """`ntm up` with a typo in a flag says so, not "wrong passphrase" (no prompt: the key is not
+    opened)."""
+    cases = [(args, needle) for args, needle in BAD_INPUT if args[0] == "up"]
+    assert len(cases) == 3
+    for args, needle in cases:
+        one_line(ntm(homes["ok"], *args, passphrase="wrong"), USAGE, needle)
+
+
 DAEMON_COMMANDS = [
     ("ping", PEER),
     ("send", PEER, "hi"),
