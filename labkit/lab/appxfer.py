@@ -3,7 +3,7 @@
     appxfer.py serve --home H --port P --allow ID      accept one stream, read to EOF
       -> {"event": "listening", "node": ID} then {"bytes", "sha256", "max_stall_s", "elapsed_s"}
     appxfer.py send --home H --to ID --port P --bytes N [--rate BYTES_PER_S]
-      -> {"bytes", "sha256", "elapsed_s"}
+      -> {"event": "streaming"} once the stream is open, then {"bytes", "sha256", "elapsed_s"}
 
 The data is seeded pseudo-random; `max_stall_s` is the longest time the receiver got no bytes
 (after the first): what an application notices of a move.
@@ -43,6 +43,7 @@ async def serve(a) -> None:
 async def send(a) -> None:
     async with await AppNode.start(home=Path(a.home)) as node:
         reader, writer = await node.open_connection(a.to, a.port)
+        print(json.dumps({"event": "streaming"}), flush=True)
         t = Tally()
         for chunk in payload(a.bytes):
             writer.write(chunk)

@@ -38,7 +38,9 @@ def app_home(fed: Federation, host: Host, dc: int) -> tuple[Path, str]:
 
 def stream_move(fed: Federation, mover: Host, peer: Host, to_site: str, nbytes: int) -> dict:
     """`nbytes` over one stream from `mover` to `peer` at RATE_BYTES_S; `mover` moves to `to_site`
-    MOVE_AFTER_S in. Returns {"intact", "bytes", "max_stall_s", "elapsed_s"}."""
+    MOVE_AFTER_S into the stream (counted from when it is open: a loaded machine may take seconds
+    to start the sender, and a move before its first DC session is not this scenario).
+    Returns {"intact", "bytes", "max_stall_s", "elapsed_s"}."""
     lab = fed.lab
     m_home, m_id = app_home(fed, mover, 0)
     p_home, p_id = app_home(fed, peer, 1)
@@ -67,6 +69,7 @@ def stream_move(fed: Federation, mover: Host, peer: Host, to_site: str, nbytes: 
         ],
         cwd=str(ROOT),
     )
+    expect(cli, r'"streaming"', timeout=60)
     time.sleep(MOVE_AFTER_S)
     lab.move(mover, to_site)
     sent = json.loads(expect(cli, r'"sha256"', timeout=180).string)
