@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -64,7 +65,13 @@ def main() -> None:
     s.add_argument("--allow", required=True)
     send_parser(sub).add_argument("--home", required=True)
     a = ap.parse_args()
-    asyncio.run(serve(a) if a.cmd == "serve" else send(a))
+    # The node's own account (tunnel up, path changes) on stderr, which a failed test shows the
+    # tail of; so a failure is one line after it, not a traceback that would push it out.
+    logging.basicConfig(level=logging.INFO, format="%(relativeCreated)6.0f ms %(name)s: %(message)s")
+    try:
+        asyncio.run(serve(a) if a.cmd == "serve" else send(a))
+    except Exception as exc:
+        sys.exit(f"appxfer {a.cmd}: {type(exc).__name__}: {exc}")
 
 
 if __name__ == "__main__":
